@@ -1,0 +1,303 @@
+"""The `edgeclf` command line. Commands are thin: parse, build a config, call one function, report.
+
+Only click and the error tree are imported at start-up so that `edgeclf --help` is instant; every
+command imports its heavy modules itself.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from typing import Any
+
+import click
+
+from edgeclf.errors import EdgeclfError
+
+log = logging.getLogger("edgeclf")
+_NO_ARGS_HELP = getattr(click.exceptions, "NoArgsIsHelpError", ())  # click >= 8.2
+
+
+def _emit(as_json: bool, doc: Any, human: Any = None) -> None:
+    """--json: exactly one JSON document on stdout. Otherwise a readable rendering."""
+    if as_json:
+        sys.stdout.write(json.dumps(doc, indent=2, default=str) + "\n")
+    elif callable(human):
+        human(doc)
+    else:
+        click.echo(human if human is not None else json.dumps(doc, indent=2, default=str))
+
+
+def _console():
+    from rich.console import Console
+
+    return Console()
+
+
+json_option = click.option("--json", "as_json", is_flag=True, help="Print one JSON document on stdout and nothing else there.")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.version_option(package_name="edgeclf")
+@click.option("-v", "--verbose", count=True, help="More log output on stderr (-v info, -vv debug).")
+def cli(verbose: int) -> None:
+    """edgeclf: medical image classifiers from the workstation to point-of-care devices.
+
+    Workstation: data synth, train, evaluate, export. Device: run, bundle verify/info.
+    Start with `edgeclf demo`: offline, a minute, no arguments.
+    """
+    logging.basicConfig(
+        level=[logging.WARNING, logging.INFO, logging.DEBUG][min(verbose, 2)],
+        format="%(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+# -- demo -------------------------------------------------------------------------------------------
+
+@cli.command()
+@click.option("--out", default="edgeclf-demo", show_default=True, help="Folder for every artifact of the demo.")
+@click.option("--seed", default=0, show_default=True, type=int)
+@json_option
+def demo(out: str, seed: int, as_json: bool) -> None:
+    """Synthesize data, train, export, verify and run a bundle on a cine loop, all offline."""
+    from edgeclf.demo import print_demo, run_demo
+
+    result = run_demo(out, seed=seed, progress=not as_json)
+    _emit(as_json, result, print_demo)
+
+
+# -- data -------------------------------------------------------------------------------------------
+
+@cli.group()
+def data() -> None:
+    """Data utilities."""
+
+
+@data.command("synth")
+@click.argument("kind", type=click.Choice(["ultrasound", "xray", "cine"]))
+@click.option("--out", required=True, help="Output folder (ultrasound: class folders of PNGs; xray: an .npz; cine: an .mp4 + timeline).")
+@click.option("--n", default=900, show_default=True, type=int, help="Images to generate (ultrasound, xray).")
+@click.option("--size", default=None, type=int, help="Image side in px [default: 128; cine 256].")
+@click.option("--seed", default=0, show_default=True, type=int)
+@json_option
+def data_synth(kind: str, out: str, n: int, size: int | None, seed: int, as_json: bool) -> None:
+    """Write seeded synthetic phantoms: B-mode ultrasound, multilabel chest X-ray, or a cine loop."""
+    from edgeclf.synth_cli import synth
+
+    _emit(as_json, synth(kind, out, n=n, size=size, seed=seed))
+
+
+# -- train / evaluate / export -------------------------------------------------------------------------
+
+@cli.command()
+@click.option("--data", "data_spec", required=True, help="Data spec: folder, MedMNIST .npz, or synthetic:ultrasound|xray.")
+@click.option("--model", default="compact", show_default=True, help="Model name (see the registry in the README).")
+@click.option("--out", required=True, help="Training folder to write.")
+@click.option("--size", type=int, default=None, help="Input side in px [default: the model's].")
+@click.option("--channels", type=click.Choice(["1", "3"]), default=None, help="Input channels [default: 1 for gray data].")
+@click.option("--pretrained", is_flag=True, help="Start from ImageNet weights (offline for efficientnet_lite0).")
+@click.option("--epochs", type=int, default=40, show_default=True)
+@click.option("--batch-size", type=int, default=64, show_default=True)
+@click.option("--lr", type=float, default=3e-3, show_default=True)
+@click.option("--patience", type=int, default=10, show_default=True, help="Early stopping on validation AUC.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--classes", default=None, help="Class map, e.g. covid19,pneumonia=bacterial_pneumonia+viral_pneumonia,regular.")
+@click.option("--positive", default=None, help="Binary tasks: the positive (clinically relevant) class.")
+@click.option("--target-sensitivity", type=float, default=0.9, show_default=True, help="Operating point fitted on validation data.")
+@click.option("--augment", type=click.Choice(["auto", "ultrasound", "xray", "generic", "none"]), default="auto", show_default=True)
+@click.option("--frames-per-clip", type=int, default=8, show_default=True, help="Clip data sets: frames sampled per clip.")
+@click.option("--threads", type=int, default=None, help="CPU threads [default: the cores available].")
+@json_option
+def train(data_spec: str, model: str, out: str, size, channels, pretrained, epochs, batch_size, lr, patience, seed, classes, positive,
+          target_sensitivity, augment, frames_per_clip, threads, as_json: bool) -> None:
+    """Train a classifier, calibrate it and fit its operating points on the validation split."""
+    from edgeclf.train import TrainConfig
+    from edgeclf.train import train as run_train
+
+    cfg = TrainConfig(data=data_spec, out=out, model=model, size=size, channels=int(channels) if channels else None,
+                      pretrained=pretrained, epochs=epochs, batch_size=batch_size, lr=lr, patience=patience, seed=seed,
+                      classes=classes, positive=positive, target_sensitivity=target_sensitivity, augment=augment,
+                      frames_per_clip=frames_per_clip, threads=threads)
+    from edgeclf.models import model_info
+
+    model_info(model)  # unknown names fail before any data is read
+    record = run_train(cfg, progress=not as_json)
+    _emit(as_json, record, lambda r: _print_metrics(r["metrics"], f"trained {model} -> {out} (best epoch {r['best_epoch']}, {r['seconds']} s)"))
+
+
+@cli.command()
+@click.option("--model", "target", required=True, help="A training folder or a bundle folder.")
+@click.option("--data", "data_spec", default=None, help="Data spec [default: the one the model records].")
+@click.option("--split", type=click.Choice(["test", "val", "train", "all"]), default="test", show_default=True)
+@click.option("--classes", default=None, help="Class map (as in train) [default: the recorded one].")
+@click.option("--precision", default="fp32", show_default=True, help="Bundle precision to evaluate.")
+@click.option("--out", default=None, help="Folder for metrics.json, roc.png, confusion.png.")
+@click.option("--threads", type=int, default=None)
+@json_option
+def evaluate(target: str, data_spec, split, classes, precision, out, threads, as_json: bool) -> None:
+    """Accuracy, balanced accuracy, ROC AUC with a 95% interval, sensitivity/specificity at the operating points, ECE."""
+    from edgeclf.evaluate import evaluate as run_eval
+
+    report = run_eval(target, data=data_spec, split=split, classes=classes, out=out, precision=precision, threads=threads)
+    _emit(as_json, report, lambda r: _print_metrics({split: r["metrics"]}, f"{r['target']} via {r['evaluated_with']}, {r['data']['n']} images"))
+
+
+@cli.command()
+@click.option("--model", default=None, help="A training folder written by `edgeclf train`.")
+@click.option("--from-onnx", default=None, help="Your own ONNX classifier (one input NCHW, one output of logits).")
+@click.option("--from-torch", default=None, help="Your own torch model as package.module:factory.")
+@click.option("--weights", default=None, help="With --from-torch: a .safetensors or tensors-only state dict.")
+@click.option("--data", "data_spec", default=None, help="Real images for parity, calibration and reference samples [default: the training data].")
+@click.option("--classes", default=None)
+@click.option("--split", default="val", show_default=True, type=click.Choice(["val", "test", "train", "all"]))
+@click.option("--out", required=True, help="Bundle folder to write.")
+@click.option("--no-samples", is_flag=True, help="Leave reference.npz out of the bundle.")
+@click.option("--labels", default=None, help="Imported models: comma-separated class names.")
+@click.option("--task", default=None, type=click.Choice(["binary", "multiclass", "multilabel"]))
+@click.option("--size", type=int, default=None, help="Imported models: input side in px.")
+@click.option("--channels", type=click.Choice(["1", "3"]), default=None)
+@click.option("--mean", default=None, help="Imported models: per-channel mean in [0,1] scale, e.g. 0.485,0.456,0.406.")
+@click.option("--std", default=None, help="Imported models: per-channel std in [0,1] scale.")
+@click.option("--target-sensitivity", type=float, default=0.9, show_default=True)
+@click.option("--positive", default=None, help="Imported binary models: the positive class.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing bundle at --out.")
+@json_option
+def export(model, from_onnx, from_torch, weights, data_spec, classes, split, out, no_samples, labels, task, size, channels, mean, std,
+           target_sensitivity, positive, overwrite, as_json: bool) -> None:
+    """Export ONNX (opset 17), check parity on real images, and write a verified bundle."""
+    from edgeclf.export.bundle_writer import ExportConfig, export_bundle
+
+    cfg = ExportConfig(out=out, model=model, from_onnx=from_onnx, from_torch=from_torch, weights=weights, data=data_spec,
+                       classes=classes, split=split, samples=not no_samples, labels=labels, task=task, size=size,
+                       channels=int(channels) if channels else None, mean=mean, std=std, target_sensitivity=target_sensitivity,
+                       positive=positive, overwrite=overwrite)
+    manifest = export_bundle(cfg)
+    p = manifest["parity"]
+    _emit(as_json, manifest, f"bundle written and verified: {out}\nparity on {p['n']} {p['split']} images: decisions agree "
+          f"{p['decision_agreement']:.1%}, max |logit diff| {p['max_abs_diff_logits']:.2e}, min cosine {p['min_cosine']:.6f}")
+
+
+# -- run ------------------------------------------------------------------------------------------------
+
+@cli.command()
+@click.option("--bundle", required=True, help="Bundle folder.")
+@click.option("--source", required=True, help="Video file, image folder or glob, camera index or /dev/videoN, synthetic:ultrasound.")
+@click.option("--out", default=None, help="Results as JSON lines (one per frame).")
+@click.option("--max-frames", type=int, default=None)
+@click.option("--backend", default="ort-cpu", show_default=True, help="ort-cpu, ort-cuda or ort-tensorrt.")
+@click.option("--threads", type=int, default=None, help="Inference threads [default: the cores available].")
+@json_option
+def run(bundle: str, source: str, out, max_frames, backend, threads, as_json: bool) -> None:
+    """Classify frames from a source with a verified bundle; one JSON line per frame."""
+    from edgeclf.runtime.app import run_bundle
+
+    summary = run_bundle(bundle, source, out=out, max_frames=max_frames, backend=backend, threads=threads)
+    _emit(as_json, summary, _print_run)
+
+
+# -- bundle -----------------------------------------------------------------------------------------------
+
+@cli.group()
+def bundle() -> None:
+    """Inspect and verify bundles."""
+
+
+@bundle.command("verify")
+@click.argument("path")
+@click.option("--parity/--no-parity", default=True, show_default=True, help="Also re-run reference.npz through ONNX Runtime.")
+@json_option
+def bundle_verify(path: str, parity: bool, as_json: bool) -> None:
+    """Re-check checksums, the manifest schema and (optionally) parity against reference.npz."""
+    from edgeclf.runtime.app import verify_bundle
+
+    result = verify_bundle(path, parity=parity)
+    _emit(as_json, result, lambda r: click.echo(f"OK {r['path']}: checksums match, manifest valid" + (
+        f", reference parity max |diff| {r['reference']['max_abs_diff']:.2e} on {r['reference']['n']} inputs" if r.get("reference") else "")))
+
+
+@bundle.command("info")
+@click.argument("path")
+@json_option
+def bundle_info(path: str, as_json: bool) -> None:
+    """Print a bundle's manifest readably."""
+    from edgeclf.runtime.bundle import load_bundle
+
+    b = load_bundle(path)
+    _emit(as_json, dict(b.manifest.raw), _print_info)
+
+
+# -- rendering ------------------------------------------------------------------------------------------------
+
+def _print_metrics(by_split: dict, title: str) -> None:
+    from rich.table import Table
+
+    t = Table(title=title)
+    for c in ("split", "n", "accuracy", "balanced acc", "AUC (95% CI)", "ECE"):
+        t.add_column(c)
+    for split, m in by_split.items():
+        lo, hi = m["auc"]["macro_ci95"]
+        t.add_row(split, str(m["n"]), f"{m['accuracy']:.3f}", f"{m['balanced_accuracy']:.3f}",
+                  f"{m['auc']['macro']:.3f} ({lo:.3f}-{hi:.3f})", f"{m['ece']:.3f}")
+    con = _console()
+    con.print(t)
+    for split, m in by_split.items():
+        pc = ", ".join(f"{k}: sens {v['sensitivity']:.2f} spec {v['specificity']:.2f}" for k, v in m["per_class"].items())
+        con.print(f"[{split}] at the recorded operating points: {pc}")
+
+
+def _print_run(s: dict) -> None:
+    from rich.table import Table
+
+    t = Table(title=f"{s['frames']} frames in {s['wall_s']} s ({s['fps']} fps), {s['written']} results written")
+    for c in ("stage", "median ms", "p90 ms", "p99 ms", "max ms"):
+        t.add_column(c)
+    for stage, st in s["stages_ms"].items():
+        t.add_row(stage, f"{st['median']:.2f}", f"{st['p90']:.2f}", f"{st['p99']:.2f}", f"{st['max']:.2f}")
+    con = _console()
+    con.print(t)
+    con.print("labels: " + ", ".join(f"{k} {v}" for k, v in sorted(s["label_counts"].items())))
+
+
+def _print_info(m: dict) -> None:
+    con = _console()
+    mod, pre, par = m["model"], m["preprocess"], m.get("parity") or {}
+    con.print(f"[bold]{m['name']}[/bold]  {m['task']}  labels: {', '.join(m['labels'])}")
+    con.print(f"model: {mod['file']} ({mod.get('architecture')}, {mod['precision']}, opset {mod['opset']}, IR {mod['ir_version']}), "
+              f"input {mod['input_shape']} -> {mod['output_shape']}")
+    con.print(f"preprocess: {pre['channels']} ch, {pre['size'][0]}x{pre['size'][1]} {pre['resize']}, mean {pre['mean']} std {pre['std']}")
+    d = m["postprocess"]["decision"]
+    con.print(f"postprocess: temperature {m['postprocess']['temperature']:.3f}, rule {d['kind']} thresholds {d['thresholds']}"
+              f" (target sensitivity {d.get('target_sensitivity')})")
+    if par:
+        con.print(f"parity: {par.get('n')} {par.get('split')} images, agreement {par.get('decision_agreement')}, "
+                  f"max |logit diff| {par.get('max_abs_diff_logits')}")
+    for name, met in (m.get("metrics") or {}).items():
+        con.print(f"metrics[{name}]: n {met['n']}, accuracy {met['accuracy']:.3f}, AUC {met['auc']['macro']:.3f} {met['auc']['macro_ci95']}")
+    prov = m["provenance"]
+    data = prov.get("data") or {}
+    con.print(f"provenance: {prov.get('source')}, exported {prov.get('exported_at')}, data {data.get('spec')} "
+              f"(sha256 {str(data.get('hash'))[:12]}..., licence {data.get('licence')})")
+
+
+def main(argv: list[str] | None = None) -> None:
+    try:
+        rv = cli.main(args=argv, prog_name="edgeclf", standalone_mode=False)
+    except EdgeclfError as exc:
+        click.echo(f"edgeclf: error: {exc}", err=True)
+        sys.exit(2)
+    except _NO_ARGS_HELP as exc:  # a group called without a command: show its help
+        click.echo(exc.ctx.get_help() if exc.ctx else str(exc), err=True)
+        sys.exit(2)
+    except click.ClickException as exc:
+        hint = f" (see `{exc.ctx.command_path} --help`)" if getattr(exc, "ctx", None) else ""
+        click.echo(f"edgeclf: error: {' '.join(exc.format_message().split())}{hint}", err=True)
+        sys.exit(2)
+    except click.exceptions.Abort:
+        click.echo("edgeclf: aborted", err=True)
+        sys.exit(130)
+    sys.exit(rv if isinstance(rv, int) else 0)
+
+
+if __name__ == "__main__":
+    main()

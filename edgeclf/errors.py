@@ -1,0 +1,69 @@
+"""The one error tree users can cause. The CLI maps EdgeclfError to one line and exit code 2.
+
+Kept Python 3.8 compatible: the device side (edgeclf.runtime, edgeclf.devices) imports it.
+"""
+from __future__ import annotations
+
+__all__ = [
+    "EdgeclfError",
+    "ConfigError",
+    "DataError",
+    "ModelError",
+    "BundleError",
+    "IntegrityError",
+    "SourceError",
+    "BackendError",
+    "MissingExtraError",
+    "require",
+]
+
+
+class EdgeclfError(Exception):
+    """An error the user can cause and fix. Its message is one line: what, what is allowed, the fix."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(" ".join(str(message).split()))
+
+
+class ConfigError(EdgeclfError):
+    """A bad option or configuration value."""
+
+
+class DataError(EdgeclfError):
+    """A data spec, file or array that cannot be used."""
+
+
+class ModelError(EdgeclfError):
+    """An unknown model name or weights that cannot be loaded."""
+
+
+class BundleError(EdgeclfError):
+    """A bundle folder or manifest that does not follow the contract."""
+
+
+class IntegrityError(BundleError):
+    """A bundle whose files do not match its checksums."""
+
+
+class SourceError(EdgeclfError):
+    """A frame source that cannot be opened or read."""
+
+
+class BackendError(EdgeclfError):
+    """An inference backend that cannot be created or run."""
+
+
+class MissingExtraError(EdgeclfError):
+    """An optional dependency is not installed."""
+
+
+def require(module: str, extra: str):  # type: ignore[no-untyped-def]
+    """Import `module`, or raise one line naming the pip extra that provides it."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        raise MissingExtraError(
+            f"{module} is not installed ({exc}); install it with: pip install 'edgeclf[{extra}]'"
+        ) from None

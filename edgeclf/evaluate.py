@@ -1,0 +1,85 @@
+"""`edgeclf evaluate`: the same metrics for a training folder (torch) and a bundle (ONNX Runtime)."""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgeclf.data import load_dataset
+from edgeclf.errors import ConfigError
+from edgeclf.runtime.bundle import MANIFEST_FILE, load_bundle
+from edgeclf.runtime.postprocess import probabilities
+from edgeclf.runtime.preprocess import Preprocessor
+
+__all__ = ["evaluate"]
+
+log = logging.getLogger(__name__)
+
+
+def evaluate(
+    target: str,
+    *,
+    data: str | None = None,
+    split: str = "test",
+    classes: str | None = None,
+    out: str | None = None,
+    precision: str = "fp32",
+    n_boot: int = 1000,
+    threads: int | None = None,
+) -> dict[str, Any]:
+    """Evaluate a training folder or a bundle on a data split; writes metrics.json and PNGs into `out`."""
+    from edgeclf.metrics import evaluate_predictions, plot_confusion, plot_roc
+
+    path = Path(target)
+    if (path / MANIFEST_FILE).is_file():
+        bundle = load_bundle(path)
+        m = bundle.manifest
+        if precision != m.raw["model"].get("precision", "fp32"):
+            have = [m.raw["model"]["precision"]] + [v.get("precision") for v in m.raw.get("variants", [])]
+            raise ConfigError(f"bundle {path} holds precision(s) {have}, not {precision!r}")
+        task, labels, spec, temperature, rule = m.task, list(m.labels), m.preprocess, m.temperature, m.decision
+        recorded = m.raw["provenance"].get("data") or {}
+        seed = ((m.raw["provenance"].get("training") or {}).get("config") or {}).get("seed", 0)
+        source = "bundle (onnxruntime, fp32)"
+
+        def infer(x: np.ndarray) -> np.ndarray:
+            from edgeclf.runtime.backends import OrtBackend
+
+            with OrtBackend(str(bundle.model_path), (spec.channels, *spec.size), m.num_outputs, threads=threads) as be:
+                return np.concatenate([be.infer(x[i : i + 64]) for i in range(0, len(x), 64)])
+    else:
+        from edgeclf.train import load_trained
+
+        tm = load_trained(path)
+        task, labels, spec, temperature, rule = tm.task, tm.labels, tm.preprocess, tm.temperature, tm.decision
+        recorded = tm.run.get("data", {})
+        seed = tm.run.get("config", {}).get("seed", 0)
+        source = "training folder (torch)"
+        infer = tm.logits
+    data_spec = data or recorded.get("spec")
+    if not data_spec:
+        raise ConfigError(f"{target} does not record its data; pass --data SPEC")
+    ds = load_dataset(data_spec, classes=classes if classes is not None else recorded.get("classes"), seed=seed)
+    if ds.labels != labels or ds.task != task:
+        raise ConfigError(f"data {data_spec} has {ds.task} labels {ds.labels}; the model has {task} labels {labels}; use --classes to map them")
+    sp = ds.split(split)
+    pre = Preprocessor(spec)
+    x = pre.normalize(np.stack([pre.geometry(im) for im in sp.images]))
+    probs = probabilities(infer(x), task, temperature)
+    report = {
+        "target": str(path),
+        "evaluated_with": source,
+        "data": {"spec": data_spec, "split": split, "n": len(sp), "hash": ds.data_hash},
+        "metrics": evaluate_predictions(probs, sp.labels, task, rule, labels, n_boot=n_boot, seed=0),
+    }
+    if out:
+        o = Path(out)
+        o.mkdir(parents=True, exist_ok=True)
+        (o / "metrics.json").write_text(json.dumps(report, indent=2))
+        plot_roc(probs, sp.labels, task, labels, o / "roc.png")
+        plot_confusion(report["metrics"]["confusion_matrix"], labels, o / "confusion.png", title=f"{path.name} on {split}")
+        report["files"] = [str(o / f) for f in ("metrics.json", "roc.png", "confusion.png")]
+    return report

@@ -1,0 +1,346 @@
+"""Training on the workstation: seeded, class-weighted, early-stopped on validation AUC, then
+calibrated (temperature) and given an explicit operating point per class on the validation split.
+
+The run folder holds `model.safetensors` (no pickle), `model.json` (everything needed to rebuild and
+export the model), `run.json` (config, data hash, split lists, history, metrics) and `splits/*.txt`.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import platform
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgeclf.data import Dataset, Split, load_dataset
+from edgeclf.errors import ConfigError, DataError, ModelError
+from edgeclf.runtime.postprocess import DecisionRule, probabilities
+from edgeclf.runtime.preprocess import PreprocessSpec, Preprocessor
+
+__all__ = ["TrainConfig", "train", "load_trained", "TrainedModel", "package_versions", "AUGMENTS"]
+
+log = logging.getLogger(__name__)
+AUGMENTS = ("auto", "ultrasound", "xray", "generic", "none")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    data: str
+    out: str
+    model: str = "compact"
+    size: int | None = None
+    channels: int | None = None
+    pretrained: bool = False
+    epochs: int = 40
+    batch_size: int = 64
+    lr: float = 3e-3
+    weight_decay: float = 1e-4
+    patience: int = 10
+    seed: int = 0
+    target_sensitivity: float = 0.9
+    classes: str | None = None
+    positive: str | None = None
+    augment: str = "auto"
+    frames_per_clip: int = 8
+    threads: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1 or self.batch_size < 1 or self.patience < 1:
+            raise ConfigError("epochs, batch-size and patience must be positive integers")
+        if not 0 < self.lr < 1:
+            raise ConfigError(f"lr is {self.lr}; expected a value in (0, 1), e.g. 3e-3")
+        if not 0 < self.target_sensitivity <= 1:
+            raise ConfigError(f"target-sensitivity is {self.target_sensitivity}; expected a value in (0, 1]")
+        if self.channels not in (None, 1, 3):
+            raise ConfigError(f"channels is {self.channels}; allowed: 1 or 3")
+        if self.augment not in AUGMENTS:
+            raise ConfigError(f"augment is {self.augment!r}; allowed: {', '.join(AUGMENTS)}")
+        if self.size is not None and not 16 <= self.size <= 1024:
+            raise ConfigError(f"size is {self.size}; expected 16..1024 pixels")
+
+
+def package_versions(*names: str) -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": platform.python_version()}
+    for n in names or ("edgeclf", "numpy", "torch", "torchvision", "timm", "onnx", "onnxruntime", "opencv-python-headless"):
+        try:
+            out[n] = version(n)
+        except PackageNotFoundError:
+            continue
+    return out
+
+
+def _num_outputs(task: str, labels: list[str]) -> int:
+    return 1 if task == "binary" else len(labels)
+
+
+def _positive_index(ds: Dataset, positive: str | None) -> int:
+    if ds.task != "binary":
+        if positive:
+            raise ConfigError("--positive applies to binary tasks only")
+        return 1
+    name = positive or ds.positive or ds.labels[1]
+    if name not in ds.labels:
+        raise ConfigError(f"--positive {name!r} is not a class; classes: {', '.join(ds.labels)}")
+    return ds.labels.index(name)
+
+
+def cache_split(split: Split, pre: Preprocessor) -> np.ndarray:
+    """Raw images -> (N, H, W, C) uint8 at the model's size, through the runtime's preprocessing."""
+    if len(split) == 0:
+        return np.zeros((0, *pre.spec.size, pre.spec.channels), np.uint8)
+    return np.stack([pre.geometry(im) for im in split.images])
+
+
+class TrainedModel:
+    """A training folder, loaded: the torch model in eval mode plus its recorded metadata."""
+
+    def __init__(self, folder: Path) -> None:
+        from safetensors.torch import load_file
+
+        from edgeclf.models import create_model
+
+        meta_path = folder / "model.json"
+        if not meta_path.is_file():
+            raise ModelError(f"{folder} is not a training folder (no model.json); give the --out folder of `edgeclf train`")
+        self.folder = folder
+        self.meta = json.loads(meta_path.read_text())
+        self.task: str = self.meta["task"]
+        self.labels: list[str] = self.meta["labels"]
+        self.preprocess = PreprocessSpec.from_dict(self.meta["preprocess"])
+        self.temperature = float(self.meta["temperature"])
+        self.decision = DecisionRule.from_dict(self.meta["decision"])
+        self.model = create_model(
+            self.meta["architecture"], num_outputs=self.meta["num_outputs"], in_chans=self.preprocess.channels, pretrained=False
+        )
+        self.model.load_state_dict(load_file(str(folder / "model.safetensors")))
+        self.model.eval()
+        run_path = folder / "run.json"
+        self.run = json.loads(run_path.read_text()) if run_path.is_file() else {}
+
+    def logits(self, x: np.ndarray, batch: int = 256) -> np.ndarray:
+        """(N, C, H, W) float32 -> (N, K) float32."""
+        import torch
+
+        outs = []
+        with torch.inference_mode():
+            for i in range(0, len(x), batch):
+                outs.append(self.model(torch.from_numpy(x[i : i + batch])).numpy())
+        return np.concatenate(outs) if outs else np.zeros((0, self.meta["num_outputs"]), np.float32)
+
+
+def load_trained(folder: str | Path) -> TrainedModel:
+    p = Path(folder)
+    if not p.is_dir():
+        raise ModelError(f"model folder {folder} does not exist; give the --out folder of `edgeclf train`")
+    return TrainedModel(p)
+
+
+def _augment(x, profile: str, gen):
+    """Batch augmentation on (N, C, H, W) float tensors in [0, 1] pixel scale."""
+    import torch
+    import torch.nn.functional as F
+
+    if profile == "none":
+        return x
+    n = x.shape[0]
+    dev = x.device
+
+    def u(lo, hi):
+        return torch.rand(n, generator=gen, device=dev) * (hi - lo) + lo
+
+    rot = {"ultrasound": 10.0, "xray": 7.0, "generic": 10.0}[profile] * np.pi / 180
+    angle = u(-rot, rot)
+    scale = u(0.9, 1.1)
+    tx, ty = u(-0.06, 0.06), u(-0.06, 0.06)
+    flip = torch.ones(n, device=dev)
+    if profile != "xray":  # left and right are anatomy on a chest film
+        flip = torch.where(torch.rand(n, generator=gen, device=dev) < 0.5, -flip, flip)
+    cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
+    theta = torch.stack([torch.stack([cos * flip, -sin, tx], 1), torch.stack([sin * flip, cos, ty], 1)], 1)
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    x = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    gain = u(0.8, 1.2).view(n, 1, 1, 1)
+    bias = u(-0.08, 0.08).view(n, 1, 1, 1)
+    x = x * gain + bias
+    if profile == "ultrasound":  # speckle-like multiplicative noise
+        x = x * (1 + 0.08 * torch.randn(x.shape, generator=gen, device=dev))
+    else:
+        gamma = u(0.8, 1.25).view(n, 1, 1, 1)
+        x = x.clamp(0, 1) ** gamma
+    return x.clamp(0, 1)
+
+
+def _macro_auc(probs: np.ndarray, labels: np.ndarray, task: str, positive: int) -> float:
+    from sklearn.metrics import roc_auc_score
+
+    try:
+        if task == "binary":
+            return float(roc_auc_score(labels == positive, probs[:, positive]))
+        if task == "multilabel":
+            cols = [k for k in range(labels.shape[1]) if 0 < labels[:, k].sum() < len(labels)]
+            return float(np.mean([roc_auc_score(labels[:, k], probs[:, k]) for k in cols])) if cols else float("nan")
+        present = [k for k in range(probs.shape[1]) if 0 < (labels == k).sum() < len(labels)]
+        return float(np.mean([roc_auc_score(labels == k, probs[:, k]) for k in present])) if present else float("nan")
+    except ValueError:
+        return float("nan")
+
+
+def train(cfg: TrainConfig, *, progress: bool = True) -> dict[str, Any]:
+    """Train, calibrate and record; returns the run record (also written to `<out>/run.json`)."""
+    import torch
+    from safetensors.torch import save_file
+
+    from edgeclf.calibration import fit_decision_rule, fit_temperature
+    from edgeclf.metrics import evaluate_predictions
+    from edgeclf.models import create_model, model_info, normalization
+    from edgeclf.runtime.backends import default_threads
+
+    t_start = time.time()
+    info = model_info(cfg.model)
+    ds = load_dataset(cfg.data, classes=cfg.classes, seed=cfg.seed, frames_per_clip=cfg.frames_per_clip)
+    for s in ("train", "val"):
+        if len(ds.splits.get(s, [])) == 0:
+            raise DataError(f"data set {cfg.data} has an empty {s} split; it needs train and val images")
+    positive = _positive_index(ds, cfg.positive)
+    channels = cfg.channels or ds.channels_hint
+    size = cfg.size or info.default_size
+    if size < info.min_size:
+        raise ConfigError(f"size {size} is below {cfg.model}'s minimum of {info.min_size} px; use --size {info.min_size} or more")
+    mean, std = normalization(cfg.model, channels, cfg.pretrained)
+    spec = PreprocessSpec(channels=channels, size=(size, size), mean=tuple(mean), std=tuple(std))
+    pre = Preprocessor(spec)
+    profile = cfg.augment if cfg.augment != "auto" else ds.modality if ds.modality in ("ultrasound", "xray") else "generic"
+
+    torch.manual_seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    threads = cfg.threads or default_threads()
+    torch.set_num_threads(threads)
+    n_out = _num_outputs(ds.task, ds.labels)
+    model = create_model(cfg.model, num_outputs=n_out, in_chans=channels, pretrained=cfg.pretrained)
+
+    xtr = torch.from_numpy(cache_split(ds.splits["train"], pre)).permute(0, 3, 1, 2).contiguous()
+    xva = pre.normalize(cache_split(ds.splits["val"], pre))
+    ytr_np, yva = ds.splits["train"].labels, ds.splits["val"].labels
+    mean_t = torch.tensor(spec.mean, dtype=torch.float32).view(1, -1, 1, 1)
+    std_t = torch.tensor(spec.std, dtype=torch.float32).view(1, -1, 1, 1)
+
+    # Class weighting: inverse frequency, normalised to mean 1 (pos_weight for sigmoid heads).
+    if ds.task == "multiclass":
+        counts = np.bincount(ytr_np, minlength=n_out).astype(np.float64)
+        if (counts == 0).any():
+            raise DataError(f"class(es) {[ds.labels[k] for k in np.flatnonzero(counts == 0)]} have no training images")
+        w = counts.sum() / (n_out * counts)
+        loss_fn = torch.nn.CrossEntropyLoss(weight=torch.tensor(w, dtype=torch.float32))
+        ytr = torch.from_numpy(ytr_np.astype(np.int64))
+    else:
+        y2 = (ytr_np == 1).astype(np.float32)[:, None] if ds.task == "binary" else ytr_np.astype(np.float32)
+        pos = y2.sum(0)
+        if ((pos == 0) | (pos == len(y2))).any():
+            raise DataError("a class or label has no positive or no negative training images; fix the split or --classes")
+        loss_fn = torch.nn.BCEWithLogitsLoss(pos_weight=torch.tensor((len(y2) - pos) / pos, dtype=torch.float32))
+        ytr = torch.from_numpy(y2)
+
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    steps_per_epoch = max(1, int(np.ceil(len(xtr) / cfg.batch_size)))
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.epochs * steps_per_epoch, pct_start=0.15)
+    gen = torch.Generator().manual_seed(cfg.seed)
+
+    def val_logits(m) -> np.ndarray:
+        m.eval()
+        with torch.inference_mode():
+            return np.concatenate([m(torch.from_numpy(xva[i : i + 256])).numpy() for i in range(0, len(xva), 256)])
+
+    history: list[dict[str, float]] = []
+    best = (-1.0, 0, copy.deepcopy(model.state_dict()))
+    prog = None
+    if progress:
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        prog = Progress(TextColumn("train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[status]}"),
+                        TimeElapsedColumn(), console=Console(stderr=True), transient=False)
+        prog.start()
+        bar = prog.add_task("train", total=cfg.epochs, status="")
+    try:
+        for epoch in range(cfg.epochs):
+            model.train()
+            perm = torch.randperm(len(xtr), generator=gen)
+            total = 0.0
+            for i in range(0, len(xtr), cfg.batch_size):
+                idx = perm[i : i + cfg.batch_size]
+                if len(idx) < 2:
+                    continue  # BatchNorm cannot train on one sample
+                xb = _augment(xtr[idx].float() * spec.scale, profile, gen)
+                xb = (xb - mean_t) / std_t
+                loss = loss_fn(model(xb), ytr[idx])
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                sched.step()
+                total += loss.item() * len(idx)
+            pv = probabilities(val_logits(model), ds.task)
+            auc = _macro_auc(pv, yva, ds.task, positive)
+            history.append({"epoch": epoch + 1, "loss": total / len(xtr), "val_auc": auc})
+            if auc > best[0] + 1e-4:
+                best = (auc, epoch + 1, copy.deepcopy(model.state_dict()))
+            if prog is not None:
+                prog.update(bar, advance=1, status=f"loss {total / len(xtr):.3f} val AUC {auc:.3f} (best {best[0]:.3f} @ {best[1]})")
+            if epoch + 1 - best[1] >= cfg.patience:
+                log.info("early stop at epoch %d (best val AUC %.4f at %d)", epoch + 1, best[0], best[1])
+                break
+    finally:
+        if prog is not None:
+            prog.stop()
+    model.load_state_dict(best[2])
+    model.eval()
+
+    lv = val_logits(model)
+    temperature = fit_temperature(lv, yva, ds.task)
+    pv = probabilities(lv, ds.task, temperature)
+    rule = fit_decision_rule(pv, yva, ds.task, target_sensitivity=cfg.target_sensitivity, positive=positive)
+    metrics = {"val": evaluate_predictions(pv, yva, ds.task, rule, ds.labels, n_boot=500, seed=cfg.seed)}
+    if len(ds.splits.get("test", [])):
+        xte = pre.normalize(cache_split(ds.splits["test"], pre))
+        with torch.inference_mode():
+            lt = np.concatenate([model(torch.from_numpy(xte[i : i + 256])).numpy() for i in range(0, len(xte), 256)])
+        metrics["test"] = evaluate_predictions(
+            probabilities(lt, ds.task, temperature), ds.splits["test"].labels, ds.task, rule, ds.labels, n_boot=1000, seed=cfg.seed
+        )
+
+    out = Path(cfg.out)
+    (out / "splits").mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out / "model.safetensors"))
+    for name, ids in ds.split_lists().items():
+        (out / "splits" / f"{name}.txt").write_text("".join(f"{i}\n" for i in ids))
+    meta = {
+        "architecture": cfg.model,
+        "num_outputs": n_out,
+        "task": ds.task,
+        "labels": ds.labels,
+        "preprocess": spec.to_dict(),
+        "temperature": temperature,
+        "decision": rule.to_dict(),
+        "pretrained": cfg.pretrained,
+    }
+    (out / "model.json").write_text(json.dumps(meta, indent=2))
+    record = {
+        "config": asdict(cfg),
+        "data": {"spec": ds.spec, "kind": ds.kind, "hash": ds.data_hash, "licence": ds.licence, "classes": cfg.classes,
+                 "sizes": {s: len(v) for s, v in ds.splits.items()}, "notes": ds.notes, "augment": profile},
+        "model": {**meta, "parameters": int(sum(p.numel() for p in model.parameters()))},
+        "best_epoch": best[1],
+        "history": history,
+        "metrics": metrics,
+        "threads": threads,
+        "seconds": round(time.time() - t_start, 1),
+        "packages": package_versions(),
+    }
+    (out / "run.json").write_text(json.dumps(record, indent=2))
+    return record

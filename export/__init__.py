@@ -1,0 +1,1 @@
+"""edgeclf.export: the workstation side of the bundle contract (ONNX export, parity, bundle writing)."""

@@ -1,0 +1,167 @@
+"""Inference backends. `Backend.infer` validates the input and times the call; subclasses implement `_infer`."""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+from numpy.typing import NDArray
+
+from edgeclf.errors import BackendError, require
+
+__all__ = ["Backend", "OrtBackend", "FakeBackend", "create_backend", "BACKENDS", "default_threads"]
+
+log = logging.getLogger(__name__)
+BACKENDS = ("ort-cpu", "ort-cuda", "ort-tensorrt")
+_PROVIDERS = {
+    "ort-cpu": ["CPUExecutionProvider"],
+    "ort-cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"],
+    "ort-tensorrt": ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"],
+}
+
+
+def default_threads() -> int:
+    """Threads for intra-op work: the cores this process may use (oversubscription costs 3-7x here)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+class Backend:
+    """Template: public `infer` checks shape and dtype, times the call; `_infer` does the work.
+
+    input_shape is (C, H, W); the batch axis is free.
+    """
+
+    name = "backend"
+
+    def __init__(self, input_shape: Tuple[int, int, int], num_outputs: int) -> None:
+        self.input_shape = tuple(int(v) for v in input_shape)
+        self.num_outputs = int(num_outputs)
+        self.last_ms = 0.0
+        self._closed = False
+
+    def infer(self, x: NDArray[np.float32]) -> NDArray[np.float32]:
+        """(N, C, H, W) float32 -> (N, K) float32 logits."""
+        if self._closed:
+            raise BackendError(f"{self.name} backend is closed")
+        if x.dtype != np.float32 or x.ndim != 4 or tuple(x.shape[1:]) != self.input_shape:
+            raise BackendError(
+                f"input {x.dtype}{tuple(x.shape)} does not match the model's float32(N, {', '.join(map(str, self.input_shape))})"
+            )
+        t0 = time.perf_counter()
+        out = self._infer(np.ascontiguousarray(x))
+        self.last_ms = (time.perf_counter() - t0) * 1000.0
+        if out.shape != (x.shape[0], self.num_outputs):
+            raise BackendError(f"{self.name} returned shape {out.shape}; expected {(x.shape[0], self.num_outputs)}")
+        return out
+
+    def _infer(self, x: NDArray[np.float32]) -> NDArray[np.float32]:
+        raise NotImplementedError
+
+    def _close(self) -> None:
+        pass
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._close()
+
+    def __enter__(self) -> Backend:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class OrtBackend(Backend):
+    """ONNX Runtime on any execution provider."""
+
+    name = "ort"
+
+    def __init__(
+        self,
+        model_path: str,
+        input_shape: Tuple[int, int, int],
+        num_outputs: int,
+        *,
+        backend: str = "ort-cpu",
+        threads: Optional[int] = None,
+        spinning: bool = False,
+    ) -> None:
+        super().__init__(input_shape, num_outputs)
+        ort: Any = require("onnxruntime", "ort")
+        if backend not in _PROVIDERS:
+            raise BackendError(f"backend {backend!r} is unknown; allowed: {', '.join(BACKENDS)}")
+        wanted = _PROVIDERS[backend]
+        available = ort.get_available_providers()
+        if wanted[0] not in available:
+            raise BackendError(
+                f"backend {backend} needs {wanted[0]}, which this onnxruntime does not have (it has {', '.join(available)}); "
+                "use --backend ort-cpu or install an onnxruntime build with that provider"
+            )
+        self.name = backend
+        so = ort.SessionOptions()
+        self.threads = int(threads) if threads else default_threads()
+        so.intra_op_num_threads = self.threads
+        so.inter_op_num_threads = 1
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        # Spinning workers steal the cores that capture and preprocessing threads need.
+        so.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
+        t0 = time.perf_counter()
+        try:
+            self._session = ort.InferenceSession(str(model_path), sess_options=so, providers=[p for p in wanted if p in available])
+        except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph types
+            raise BackendError(f"onnxruntime could not load {model_path}: {str(exc).splitlines()[0]}") from None
+        self.session_ms = (time.perf_counter() - t0) * 1000.0
+        self.providers: List[str] = list(self._session.get_providers())
+        self._input = self._session.get_inputs()[0].name
+        self._output = self._session.get_outputs()[0].name
+
+    def _infer(self, x: NDArray[np.float32]) -> NDArray[np.float32]:
+        out: NDArray[np.float32] = self._session.run([self._output], {self._input: x})[0]
+        return out
+
+    def _close(self) -> None:
+        del self._session
+
+
+class FakeBackend(Backend):
+    """A backend computing `fn(x)` in numpy, for hermetic tests of everything around inference."""
+
+    name = "fake"
+
+    def __init__(
+        self,
+        input_shape: Tuple[int, int, int],
+        num_outputs: int,
+        fn: Optional[Callable[[NDArray[np.float32]], NDArray[np.float32]]] = None,
+    ) -> None:
+        super().__init__(input_shape, num_outputs)
+        self._fn = fn
+
+    def _infer(self, x: NDArray[np.float32]) -> NDArray[np.float32]:
+        if self._fn is not None:
+            return self._fn(x)
+        # Deterministic logits from per-channel means, so tests can predict them.
+        means = x.mean(axis=(1, 2, 3)).astype(np.float32)
+        return np.stack([means * (k + 1) for k in range(self.num_outputs)], axis=1)
+
+
+def create_backend(
+    bundle_model_path: str,
+    input_shape: Sequence[int],
+    num_outputs: int,
+    *,
+    backend: str = "ort-cpu",
+    threads: Optional[int] = None,
+) -> Backend:
+    if backend not in BACKENDS:
+        raise BackendError(f"backend {backend!r} is unknown; allowed: {', '.join(BACKENDS)}")
+    c, h, w = (int(v) for v in input_shape)
+    return OrtBackend(bundle_model_path, (c, h, w), num_outputs, backend=backend, threads=threads)
+
+

@@ -1,0 +1,151 @@
+"""Preprocessing from the manifest: one implementation, shared by training, export and the runtime.
+
+Two steps so training can cache the geometry and augment before normalising:
+`geometry(image) -> (H, W, C) uint8` (channels, ROI crop, resize) and
+`normalize(batch) -> (N, C, H, W) float32`.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any, Dict, Mapping, Optional, Tuple
+
+import numpy as np
+from numpy.typing import NDArray
+
+from edgeclf.errors import ConfigError, require
+
+__all__ = ["PreprocessSpec", "Preprocessor", "RESIZE_MODES"]
+
+RESIZE_MODES = ("stretch", "letterbox")
+_KEYS = {"channels", "size", "resize", "roi", "scale", "mean", "std", "layout", "dtype"}
+
+
+@dataclass(frozen=True)
+class PreprocessSpec:
+    """The complete preprocessing a model expects; serialised into the manifest as-is."""
+
+    channels: int
+    size: Tuple[int, int]  # (height, width)
+    mean: Tuple[float, ...]
+    std: Tuple[float, ...]
+    resize: str = "stretch"
+    scale: float = 1.0 / 255.0
+    # Room for the runtime's ROI fields: {"mode": "fixed", "box": [x, y, w, h]} for now.
+    roi: Optional[Dict[str, Any]] = None
+    layout: str = "NCHW"
+    dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        where = "preprocess"
+        if self.channels not in (1, 3):
+            raise ConfigError(f"{where}.channels is {self.channels!r}; allowed: 1 or 3")
+        if len(self.size) != 2 or min(self.size) < 8 or max(self.size) > 4096:
+            raise ConfigError(f"{where}.size is {self.size!r}; expected [height, width] between 8 and 4096")
+        if len(self.mean) != self.channels or len(self.std) != self.channels:
+            raise ConfigError(f"{where}.mean/std need {self.channels} values (one per channel), got {self.mean!r}/{self.std!r}")
+        if any(s <= 0 for s in self.std):
+            raise ConfigError(f"{where}.std must be positive, got {self.std!r}")
+        if self.resize not in RESIZE_MODES:
+            raise ConfigError(f"{where}.resize is {self.resize!r}; allowed: {', '.join(RESIZE_MODES)}")
+        if self.layout != "NCHW" or self.dtype != "float32":
+            raise ConfigError(f"{where}.layout/dtype must be NCHW/float32, got {self.layout}/{self.dtype}")
+        if self.roi is not None:
+            box = self.roi.get("box")
+            if self.roi.get("mode") != "fixed" or not isinstance(box, (list, tuple)) or len(box) != 4:
+                raise ConfigError(f"{where}.roi is {self.roi!r}; allowed: null or {{\"mode\": \"fixed\", \"box\": [x, y, w, h]}}")
+
+    def to_dict(self) -> Dict[str, Any]:
+        d = asdict(self)
+        d["size"] = list(self.size)
+        d["mean"] = list(self.mean)
+        d["std"] = list(self.std)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> PreprocessSpec:
+        unknown = set(d) - _KEYS
+        if unknown:
+            raise ConfigError(f"preprocess has unknown field(s) {sorted(unknown)}; allowed: {sorted(_KEYS)}")
+        missing = {"channels", "size", "mean", "std"} - set(d)
+        if missing:
+            raise ConfigError(f"preprocess is missing field(s) {sorted(missing)}")
+        try:
+            return cls(
+                channels=int(d["channels"]),
+                size=(int(d["size"][0]), int(d["size"][1])),
+                mean=tuple(float(v) for v in d["mean"]),
+                std=tuple(float(v) for v in d["std"]),
+                resize=str(d.get("resize", "stretch")),
+                scale=float(d.get("scale", 1.0 / 255.0)),
+                roi=dict(d["roi"]) if d.get("roi") else None,
+                layout=str(d.get("layout", "NCHW")),
+                dtype=str(d.get("dtype", "float32")),
+            )
+        except (TypeError, ValueError, IndexError) as exc:
+            raise ConfigError(f"preprocess has a value of the wrong type ({exc})") from None
+
+
+class Preprocessor:
+    """Callable turning an RGB (H, W, 3) or gray (H, W) uint8 image into a (1, C, H, W) float32 input."""
+
+    def __init__(self, spec: PreprocessSpec) -> None:
+        self.spec = spec
+        self._cv2: Any = require("cv2", "cv")
+        # Fold scale, mean and std into one multiply-add per pixel.
+        std = np.asarray(spec.std, np.float32)
+        self._mul = (np.float32(spec.scale) / std).reshape(1, -1, 1, 1).astype(np.float32)
+        self._add = (-np.asarray(spec.mean, np.float32) / std).reshape(1, -1, 1, 1).astype(np.float32)
+
+    def geometry(self, image: NDArray[Any]) -> NDArray[np.uint8]:
+        """(H, W) or (H, W, 3|4) uint8/uint16 -> (h, w, C) uint8 at the model's size."""
+        cv2 = self._cv2
+        img = image
+        if img.dtype == np.uint16:
+            img = (img >> 8).astype(np.uint8)
+        elif img.dtype != np.uint8:
+            raise ConfigError(f"image dtype {img.dtype} is not supported; expected uint8 or uint16")
+        if img.ndim == 3 and img.shape[2] == 4:
+            img = img[:, :, :3]
+        if img.ndim == 3 and img.shape[2] == 1:
+            img = img[:, :, 0]
+        if img.ndim not in (2, 3) or (img.ndim == 3 and img.shape[2] != 3):
+            raise ConfigError(f"image shape {img.shape} is not supported; expected (H, W) or (H, W, 3)")
+        if self.spec.roi is not None:
+            x, y, w, h = (int(v) for v in self.spec.roi["box"])
+            img = img[max(y, 0) : y + h, max(x, 0) : x + w]
+            if img.size == 0:
+                raise ConfigError(f"preprocess.roi box {self.spec.roi['box']} lies outside the {image.shape[1]}x{image.shape[0]} frame")
+        if self.spec.channels == 1 and img.ndim == 3:
+            img = cv2.cvtColor(img, cv2.COLOR_RGB2GRAY)
+        elif self.spec.channels == 3 and img.ndim == 2:
+            img = cv2.cvtColor(img, cv2.COLOR_GRAY2RGB)
+        out_h, out_w = self.spec.size
+        h0, w0 = img.shape[:2]
+        if self.spec.resize == "letterbox":
+            s = min(out_h / h0, out_w / w0)
+            nh, nw = max(1, round(h0 * s)), max(1, round(w0 * s))
+            resized = self._resize(img, nw, nh)
+            canvas = np.zeros((out_h, out_w) + resized.shape[2:], np.uint8)
+            top, left = (out_h - nh) // 2, (out_w - nw) // 2
+            canvas[top : top + nh, left : left + nw] = resized
+            img = canvas
+        elif (h0, w0) != (out_h, out_w):
+            img = self._resize(img, out_w, out_h)
+        if img.ndim == 2:
+            img = img[:, :, None]
+        return np.ascontiguousarray(img, dtype=np.uint8)
+
+    def _resize(self, img: NDArray[np.uint8], w: int, h: int) -> NDArray[np.uint8]:
+        cv2 = self._cv2
+        shrink = w * h < img.shape[0] * img.shape[1]
+        out: NDArray[np.uint8] = cv2.resize(img, (w, h), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
+        return out
+
+    def normalize(self, batch: NDArray[np.uint8]) -> NDArray[np.float32]:
+        """(N, H, W, C) uint8 -> (N, C, H, W) float32."""
+        x = batch.transpose(0, 3, 1, 2).astype(np.float32)
+        out: NDArray[np.float32] = x * self._mul + self._add
+        return out
+
+    def __call__(self, image: NDArray[Any]) -> NDArray[np.float32]:
+        return self.normalize(self.geometry(image)[None])

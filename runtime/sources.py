@@ -1,0 +1,807 @@
+"""Frame sources: video files, image folders/globs, cameras and synthetic cines, behind one API.
+
+`open_source(uri)` picks the source from the URI; every source hands out `Frame`s whose image is
+uint8 (H, W) gray or (H, W, 3) **RGB** (OpenCV's BGR is converted here, at the boundary, and nowhere
+else). `read()` returns None at the end of a stream; iteration and `with` come from `BaseSource`.
+
+Rules kept here:
+- Python 3.8 compatible (JetPack 5); numpy at import time, OpenCV only inside the functions that
+  need it (through `edgeclf.errors.require`), never torch.
+- Frame.meta never carries file names (they may carry patient names): images are named by their
+  index in the folder, their extension and a short hash of the name.
+- A decode failure never silently ends or shortens a stream: video files log a WARNING with how
+  many frames were read against how many the container claims, images raise SourceError.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import logging
+import os
+import re
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import (
+    Any,
+    Callable,
+    Dict,
+    Iterator,
+    List,
+    Mapping,
+    Optional,
+    Protocol,
+    Tuple,
+    TypeVar,
+    Union,
+    runtime_checkable,
+)
+
+import numpy as np
+from numpy.typing import NDArray
+
+from edgeclf.errors import SourceError, require
+
+__all__ = [
+    "Frame",
+    "FrameSource",
+    "BaseSource",
+    "VideoFileSource",
+    "ImageSource",
+    "CameraSource",
+    "SyntheticSource",
+    "open_source",
+    "natural_key",
+    "VIDEO_EXTENSIONS",
+    "IMAGE_EXTENSIONS",
+]
+
+logger = logging.getLogger(__name__)
+
+VIDEO_EXTENSIONS: Tuple[str, ...] = (".mp4", ".avi", ".mov", ".mkv", ".mpeg", ".mpg", ".m4v", ".gif", ".webm")
+IMAGE_EXTENSIONS: Tuple[str, ...] = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+_LATER_SCHEMES: Tuple[str, ...] = ("rtsp://", "http://", "https://", "watch:")
+_DICOM_EXTENSIONS: Tuple[str, ...] = (".dcm", ".dicom")
+_SYNTHETIC_SCENARIOS: Tuple[str, ...] = ("ultrasound",)
+_SYNTHETIC_KEYS: Tuple[str, ...] = ("seed", "size", "fps", "frames")
+_SYNTHETIC_FPS = 30.0
+
+_SUPPORTED = (
+    "a video file ("
+    + " ".join(VIDEO_EXTENSIONS)
+    + "), a folder or glob of images ("
+    + " ".join(IMAGE_EXTENSIONS)
+    + "), a camera ('0' or /dev/videoN) or synthetic:ultrasound"
+)
+
+Image = NDArray[np.uint8]
+_S = TypeVar("_S", bound="BaseSource")
+Size = Tuple[int, int]
+
+
+@dataclass(frozen=True, eq=False)
+class Frame:
+    """One frame. eq=False: frames compare (and hash) by identity, since arrays have no truth value."""
+
+    image: Image  # (H, W) gray or (H, W, 3) RGB, uint8
+    index: int  # 0-based, counts every frame this source handed out (keeps counting across loops)
+    timestamp: float  # time.monotonic() when the frame was captured/decoded
+    meta: Mapping[str, Any] = field(default_factory=dict)  # no identifiers (no file names)
+
+
+@runtime_checkable
+class FrameSource(Protocol):
+    kind: str  # "video" | "images" | "camera" | "synthetic"
+    fps: Optional[float]
+    size: Optional[Size]  # (width, height)
+    frame_count: Optional[int]
+    live: bool
+
+    def read(self, timeout: Optional[float] = None) -> Optional[Frame]: ...
+
+    def __iter__(self) -> Iterator[Frame]: ...
+
+    def close(self) -> None: ...
+
+    def __enter__(self) -> FrameSource: ...
+
+    def __exit__(self, *exc: object) -> None: ...
+
+
+def _cv2() -> Any:
+    """OpenCV, or a one-line MissingExtraError naming the `cv` extra."""
+    load: Any = require  # `require` is untyped; calling it through Any keeps mypy --strict quiet
+    return load("cv2", "cv")
+
+
+def _short_hash(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8", "surrogateescape")).hexdigest()[:12]
+
+
+def natural_key(text: str) -> Tuple[Tuple[int, Union[int, str]], ...]:
+    """Sort key that puts 'img2' before 'img10' (digit runs compare as numbers, the rest case-folded)."""
+    parts = re.split(r"([0-9]+)", text)
+    key: List[Tuple[int, Union[int, str]]] = []
+    for i, part in enumerate(parts):
+        if i % 2:
+            key.append((0, int(part)))
+        else:
+            key.append((1, part.casefold()))
+    key.append((2, text))  # tie-break so that the order is total and stable
+    return tuple(key)
+
+
+class BaseSource:
+    """Iteration, context manager, idempotent close and thread-safe read on top of `_read`.
+
+    Subclasses implement `_read() -> Optional[Tuple[image, meta]]` and `_release()`. `read` after
+    `close` returns None (end of stream), so that closing from another thread stops a reader.
+    """
+
+    kind: str = ""
+
+    def __init__(
+        self,
+        *,
+        fps: Optional[float],
+        size: Optional[Size],
+        frame_count: Optional[int],
+        live: bool,
+        target_size: Optional[Size] = None,
+        source_id: str = "",
+    ) -> None:
+        self.fps = fps
+        self.size = target_size if target_size is not None else size
+        self.frame_count = frame_count
+        self.live = live
+        self.source_id = source_id  # short hash of the URI: names the source in logs and meta
+        self._target_size = target_size
+        self._next_index = 0
+        self._closed = False
+        self._lock = threading.Lock()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def read(self, timeout: Optional[float] = None) -> Optional[Frame]:
+        with self._lock:
+            if self._closed:
+                return None
+            got = self._read(timeout)
+            if got is None:
+                return None
+            image, meta = got
+            stamp = time.monotonic()
+            image = self._fit(image)
+            frame = Frame(image=image, index=self._next_index, timestamp=stamp, meta=meta)
+            self._next_index += 1
+        logger.debug("%s %s frame %d %s", self.kind, self.source_id, frame.index, image.shape)
+        return frame
+
+    def __iter__(self) -> Iterator[Frame]:
+        while True:
+            frame = self.read()
+            if frame is None:
+                return
+            yield frame
+
+    def close(self) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            self._release()
+        logger.debug("closed %s %s after %d frames", self.kind, self.source_id, self._next_index)
+
+    def __enter__(self: _S) -> _S:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return (
+            f"<{type(self).__name__} kind={self.kind} fps={self.fps} size={self.size} "
+            f"frame_count={self.frame_count} live={self.live}{' closed' if self._closed else ''}>"
+        )
+
+    # -- for subclasses
+    def _read(self, timeout: Optional[float]) -> Optional[Tuple[Image, Dict[str, Any]]]:
+        raise NotImplementedError
+
+    def _release(self) -> None:
+        pass
+
+    def _fit(self, image: Image) -> Image:
+        """Resize to the requested (width, height), if one was asked for and the frame differs."""
+        target = self._target_size
+        if target is None or (image.shape[1], image.shape[0]) == target:
+            return image
+        cv2 = _cv2()
+        out: Image = cv2.resize(image, target, interpolation=cv2.INTER_AREA)
+        return out
+
+
+def _bgr_to_rgb(image: Any) -> Image:
+    """OpenCV frame (gray, BGR or BGRA) -> uint8 (H, W) or (H, W, 3) RGB, contiguous."""
+    if image.ndim == 3 and image.shape[2] == 1:
+        image = image[:, :, 0]
+    if image.ndim == 2:
+        return np.ascontiguousarray(image)
+    cv2 = _cv2()
+    code = cv2.COLOR_BGRA2RGB if image.shape[2] == 4 else cv2.COLOR_BGR2RGB
+    out: Image = cv2.cvtColor(image, code)
+    return out
+
+
+# --------------------------------------------------------------------------------------------- video
+
+
+class VideoFileSource(BaseSource):
+    """A video file decoded with cv2.VideoCapture (FFMPEG backend first). Frames are always RGB.
+
+    `frame_count` is what the container claims, which can be wrong both ways (a QuickTime edit list
+    can hide samples the .mov still counts; MPEG-PS has no count and OpenCV estimates one from the
+    duration): the stream ends when decoding ends, never at the claimed count. A read that fails before the claimed count is retried once (grab); if that
+    fails too the stream ends with a WARNING saying how many frames were read against the claim.
+    `frames_read` counts decoded frames (over all passes when looping).
+    """
+
+    kind = "video"
+
+    def __init__(
+        self, path: str, *, loop: bool = False, size: Optional[Size] = None, source_id: str = ""
+    ) -> None:
+        cv2 = _cv2()
+        self._path = path
+        self._loop = loop
+        self._cap = self._open(path)
+        claimed = int(self._cap.get(cv2.CAP_PROP_FRAME_COUNT) or 0)
+        fps = float(self._cap.get(cv2.CAP_PROP_FPS) or 0.0)
+        width = int(self._cap.get(cv2.CAP_PROP_FRAME_WIDTH) or 0)
+        height = int(self._cap.get(cv2.CAP_PROP_FRAME_HEIGHT) or 0)
+        # Decode the first frame now, so that a file that opens but cannot be decoded fails here.
+        ok, first = self._cap.read()
+        if not ok or first is None:
+            self._cap.release()
+            raise SourceError(
+                f"video {path!r} opened but its first frame could not be decoded; supported: "
+                f"{' '.join(VIDEO_EXTENSIONS)} files that OpenCV/FFmpeg can decode; re-encode it, "
+                "e.g. `ffmpeg -i IN -c:v libx264 -pix_fmt yuv420p OUT.mp4`"
+            )
+        if width <= 0 or height <= 0:
+            height, width = first.shape[:2]
+        super().__init__(
+            fps=fps if fps > 0 else None,
+            size=(width, height),
+            frame_count=claimed if claimed > 0 else None,
+            live=False,
+            target_size=size,
+            source_id=source_id or _short_hash(path),
+        )
+        self.backend: str = str(self._cap.getBackendName())
+        self.frames_read = 1
+        self.passes = 1
+        self._pass_read = 1
+        self._pending: Optional[Any] = first
+        self._last_pos = -1.0
+        logger.info(
+            "opened video %s: %s frames claimed, %s fps, %dx%d, backend %s",
+            self.source_id,
+            self.frame_count,
+            self.fps,
+            width,
+            height,
+            self.backend,
+        )
+
+    @staticmethod
+    def _open(path: str) -> Any:
+        cv2 = _cv2()
+        cap = None
+        for api in (getattr(cv2, "CAP_FFMPEG", None), cv2.CAP_ANY):
+            if api is None:
+                continue
+            cap = cv2.VideoCapture(path, api)
+            if cap.isOpened():
+                return cap
+            cap.release()
+        raise SourceError(
+            f"video {path!r} could not be opened by OpenCV (not a video, damaged, or a codec it lacks); "
+            f"supported: {' '.join(VIDEO_EXTENSIONS)} files that OpenCV/FFmpeg can decode; check it with "
+            "`ffprobe` or re-encode it, e.g. `ffmpeg -i IN -c:v libx264 -pix_fmt yuv420p OUT.mp4`"
+        )
+
+    def _read(self, timeout: Optional[float]) -> Optional[Tuple[Image, Dict[str, Any]]]:
+        cv2 = _cv2()
+        if self._pending is not None:
+            raw, self._pending = self._pending, None
+        else:
+            raw = self._decode_next()
+            if raw is None:
+                if not self._loop or self._pass_read == 0:
+                    return None
+                self._restart()
+                raw = self._decode_next()
+                if raw is None:
+                    return None
+        pos: Optional[float] = float(self._cap.get(cv2.CAP_PROP_POS_MSEC))
+        if self._pass_read > 1 and pos is not None and pos <= self._last_pos:
+            # OpenCV reports 0.0 for a frame flushed from the decoder at the end of an MPEG-PS
+            # file (no pts): a position that does not advance is unknown, not a jump back.
+            pos = None
+        else:
+            self._last_pos = pos if pos is not None else self._last_pos
+        meta: Dict[str, Any] = {
+            "source": "video",
+            "source_id": self.source_id,
+            "pos_ms": pos,  # presentation time in the file, None where the backend does not know it
+            "file_frame": self._pass_read - 1,
+            "pass": self.passes - 1,
+        }
+        return _bgr_to_rgb(raw), meta
+
+    def _decode_next(self) -> Optional[Any]:
+        ok, raw = self._cap.read()
+        claimed = self.frame_count
+        if (not ok or raw is None) and claimed is not None and self._pass_read < claimed:
+            # Ended before the container's count: a damaged frame or a wrong claim. Try once more.
+            ok = bool(self._cap.grab())
+            if ok:
+                ok, raw = self._cap.retrieve()
+            log = logger.warning if self.passes == 1 else logger.debug  # once, not on every loop
+            if ok and raw is not None:
+                log(
+                    "video %s: frame %d could not be decoded and was skipped", self.source_id, self._pass_read
+                )
+            else:
+                log(
+                    "video %s: decoding ended after %d frames but the container claims %d "
+                    "(a damaged or cut file, or a count the container gets wrong, e.g. a QuickTime edit list)",
+                    self.source_id,
+                    self._pass_read,
+                    claimed,
+                )
+        if not ok or raw is None:
+            return None
+        self._pass_read += 1
+        self.frames_read += 1
+        return raw
+
+    def _restart(self) -> None:
+        self._cap.release()
+        self._cap = self._open(self._path)
+        self._pass_read = 0
+        self._last_pos = -1.0
+        self.passes += 1
+        logger.debug("video %s: looping, pass %d", self.source_id, self.passes)
+
+    def _release(self) -> None:
+        self._cap.release()
+
+
+# -------------------------------------------------------------------------------------------- images
+
+
+def _decode_image(path: str, index: int, count: int) -> Tuple[Image, int]:
+    """Read one image file as uint8 gray (H, W) or RGB (H, W, 3); returns it and its bit depth."""
+    cv2 = _cv2()
+    ext = os.path.splitext(path)[1].lower()
+    where = f"image {index} of {count} ({ext}, 0-based in natural sort order)"
+    try:
+        # np.fromfile + imdecode rather than imread: works with any file name on every OS.
+        buf = np.fromfile(path, dtype=np.uint8)
+        raw = cv2.imdecode(buf, cv2.IMREAD_UNCHANGED) if buf.size else None
+    except (OSError, cv2.error) as exc:
+        raise SourceError(
+            f"{where} could not be read ({type(exc).__name__}); check that the file is readable"
+        ) from None
+    if raw is None:
+        raise SourceError(
+            f"{where} could not be decoded; supported: {' '.join(IMAGE_EXTENSIONS)} images; "
+            "replace or remove that file"
+        )
+    if raw.dtype == np.uint16:
+        # Full-range scaling 0..65535 -> 0..255 (the same for every frame, never per-image windowing).
+        raw = ((raw.astype(np.uint32) * 255 + 32767) // 65535).astype(np.uint8)
+        depth = 16
+    elif raw.dtype == np.uint8:
+        depth = 8
+    else:
+        raise SourceError(
+            f"{where} has {raw.dtype} pixels; supported: 8- or 16-bit unsigned images; "
+            "convert it to 8- or 16-bit PNG"
+        )
+    if raw.ndim == 3 and raw.shape[2] not in (1, 3, 4):
+        raise SourceError(
+            f"{where} has {raw.shape[2]} channels; supported: gray, BGR/RGB or with alpha; convert it to PNG"
+        )
+    if raw.ndim == 3 and raw.shape[2] == 4:
+        raw = raw[:, :, :3]  # drop alpha; BGR -> RGB below
+    return _bgr_to_rgb(raw), depth
+
+
+class ImageSource(BaseSource):
+    """A sorted list of image files (a folder's images, a glob's matches, or one file).
+
+    Gray files stay (H, W); colour files become RGB; 16-bit files are scaled to 8-bit; alpha is
+    dropped. A file that cannot be decoded raises SourceError naming its index: a frame is never
+    skipped. `size` is the first image's (images may differ; frames are not resized unless a size
+    was requested).
+    """
+
+    kind = "images"
+
+    def __init__(
+        self, files: List[str], *, loop: bool = False, size: Optional[Size] = None, source_id: str = ""
+    ) -> None:
+        if not files:
+            raise SourceError("no image files to read; supported: " + " ".join(IMAGE_EXTENSIONS))
+        self._files = list(files)
+        self._loop = loop
+        self._pos = 0
+        self.passes = 1
+        first, depth = _decode_image(self._files[0], 0, len(self._files))
+        self._pending: Optional[Tuple[Image, int]] = (first, depth)
+        super().__init__(
+            fps=None,
+            size=(int(first.shape[1]), int(first.shape[0])),
+            frame_count=len(self._files),
+            live=False,
+            target_size=size,
+            source_id=source_id or _short_hash(self._files[0]),
+        )
+        logger.info(
+            "opened images %s: %d files, first %dx%d",
+            self.source_id,
+            len(self._files),
+            first.shape[1],
+            first.shape[0],
+        )
+
+    def _read(self, timeout: Optional[float]) -> Optional[Tuple[Image, Dict[str, Any]]]:
+        if self._pos >= len(self._files):
+            if not self._loop:
+                return None
+            self._pos = 0
+            self.passes += 1
+        i = self._pos
+        path = self._files[i]
+        if self._pending is not None and i == 0:
+            image, depth = self._pending
+        else:
+            image, depth = _decode_image(path, i, len(self._files))
+        self._pending = None
+        self._pos += 1
+        meta: Dict[str, Any] = {
+            "source": "images",
+            "source_id": self.source_id,
+            "file_index": i,
+            "ext": os.path.splitext(path)[1].lower(),
+            "name_hash": _short_hash(os.path.basename(path)),
+            "bit_depth": depth,
+            "pass": self.passes - 1,
+        }
+        return image, meta
+
+
+def _image_files_in(folder: str) -> List[str]:
+    names = [
+        n
+        for n in os.listdir(folder)
+        if not n.startswith(".")  # hidden files, e.g. macOS '._x.png' resource forks
+        and os.path.splitext(n)[1].lower() in IMAGE_EXTENSIONS
+        and os.path.isfile(os.path.join(folder, n))
+    ]
+    names.sort(key=natural_key)
+    return [os.path.join(folder, n) for n in names]
+
+
+# -------------------------------------------------------------------------------------------- camera
+
+
+class CameraSource(BaseSource):
+    """A live camera (cv2.VideoCapture; V4L2 for /dev paths on Linux), buffer of 1 frame, RGB out.
+
+    A read that gets no frame (unplugged, busy, or `timeout` seconds passed where the backend
+    supports a read timeout) raises SourceError: a live stream has no end.
+    """
+
+    kind = "camera"
+
+    def __init__(self, device: Union[int, str], *, size: Optional[Size] = None, source_id: str = "") -> None:
+        cv2 = _cv2()
+        self._device = device
+        label = str(device)
+        hint = (
+            f"camera {label} could not be opened: no such device or it is busy; "
+            "list devices with `v4l2-ctl --list-devices`"
+        )
+        if isinstance(device, str) and not os.path.exists(device):
+            raise SourceError(hint)
+        if isinstance(device, str) and sys.platform.startswith("linux"):
+            cap = cv2.VideoCapture(device, cv2.CAP_V4L2)
+        else:
+            cap = cv2.VideoCapture(device)
+        if not cap.isOpened():
+            cap.release()
+            raise SourceError(hint)
+        cap.set(cv2.CAP_PROP_BUFFERSIZE, 1)
+        if size is not None:
+            cap.set(cv2.CAP_PROP_FRAME_WIDTH, size[0])
+            cap.set(cv2.CAP_PROP_FRAME_HEIGHT, size[1])
+        self._cap = cap
+        self._timeout: Optional[float] = None
+        fps = float(cap.get(cv2.CAP_PROP_FPS) or 0.0)
+        width = int(cap.get(cv2.CAP_PROP_FRAME_WIDTH) or 0)
+        height = int(cap.get(cv2.CAP_PROP_FRAME_HEIGHT) or 0)
+        super().__init__(
+            fps=fps if fps > 0 else None,
+            size=(width, height) if width > 0 and height > 0 else None,
+            frame_count=None,
+            live=True,
+            target_size=size,
+            source_id=source_id or _short_hash(label),
+        )
+        self.frames_read = 0
+        logger.info("opened camera %s: %s fps, size %s", label, self.fps, self.size)
+
+    def _read(self, timeout: Optional[float]) -> Optional[Tuple[Image, Dict[str, Any]]]:
+        cv2 = _cv2()
+        if timeout != self._timeout and hasattr(cv2, "CAP_PROP_READ_TIMEOUT_MSEC"):
+            # Supported by some backends only (V4L2, FFMPEG); others keep their own timeout.
+            self._cap.set(cv2.CAP_PROP_READ_TIMEOUT_MSEC, -1 if timeout is None else timeout * 1000.0)
+            self._timeout = timeout
+        ok, raw = self._cap.read()
+        if not ok or raw is None:
+            raise SourceError(
+                f"camera {self._device} delivered no frame after {self.frames_read} frames "
+                "(unplugged, busy, or too slow for the timeout); check it with `v4l2-ctl --list-devices` "
+                "and reopen the source"
+            )
+        self.frames_read += 1
+        return _bgr_to_rgb(raw), {"source": "camera", "device": str(self._device)}
+
+    def _release(self) -> None:
+        self._cap.release()
+
+
+# ----------------------------------------------------------------------------------------- synthetic
+
+
+class SyntheticSource(BaseSource):
+    """Frames of `edgeclf.runtime.synthetic.UltrasoundCine` as gray (H, W), as fast as read.
+
+    `frames=N` hands out N frames (the cine repeats when N is longer than it); `loop` restarts at the
+    end. `fps` is nominal (no pacing here: a pipeline that wants real time paces itself).
+    """
+
+    kind = "synthetic"
+
+    def __init__(
+        self,
+        scenario: str = "ultrasound",
+        *,
+        seed: int = 0,
+        cine_size: int = 256,
+        fps: float = _SYNTHETIC_FPS,
+        frames: Optional[int] = None,
+        loop: bool = False,
+        size: Optional[Size] = None,
+        source_id: str = "",
+    ) -> None:
+        from edgeclf.runtime.synthetic import UltrasoundCine
+
+        from edgeclf.errors import ConfigError
+
+        try:
+            self._cine = UltrasoundCine(size=cine_size, seed=seed)
+        except ConfigError as exc:
+            raise SourceError(f"synthetic:{scenario} cannot be made: {exc}") from None
+        self._cine_len = len(self._cine)
+        count = self._cine_len if frames is None else frames
+        self._count = count
+        self._loop = loop
+        self._seed = seed
+        self._scenario = scenario
+        self._pos = 0
+        self.passes = 1
+        super().__init__(
+            fps=fps,
+            size=(cine_size, cine_size),
+            frame_count=count,
+            live=False,
+            target_size=size,
+            source_id=source_id or _short_hash(f"synthetic:{scenario}?seed={seed}"),
+        )
+
+    def _read(self, timeout: Optional[float]) -> Optional[Tuple[Image, Dict[str, Any]]]:
+        if self._pos >= self._count:
+            if not self._loop or self._count == 0:
+                return None
+            self._pos = 0
+            self.passes += 1
+        k = self._pos % self._cine_len if self._cine_len else 0
+        image = np.ascontiguousarray(self._cine.frame(k), dtype=np.uint8)
+        self._pos += 1
+        meta: Dict[str, Any] = {
+            "source": "synthetic",
+            "source_id": self.source_id,
+            "scenario": self._scenario,
+            "seed": self._seed,
+            "cine_frame": k,
+            "label": self._cine.label_at(k),  # ground-truth class index (synthetic only)
+            "pass": self.passes - 1,
+        }
+        return image, meta
+
+
+def _parse_synthetic(uri: str) -> Tuple[str, Dict[str, str]]:
+    rest = uri[len("synthetic:") :]
+    name, _, query = rest.partition("?")
+    if name not in _SYNTHETIC_SCENARIOS:
+        raise SourceError(
+            f"unknown synthetic source {name!r} in {uri!r}; supported: "
+            + ", ".join("synthetic:" + s for s in _SYNTHETIC_SCENARIOS)
+            + "; e.g. synthetic:ultrasound?seed=1&size=256&fps=30&frames=100"
+        )
+    params: Dict[str, str] = {}
+    for item in filter(None, query.split("&")):
+        key, eq, value = item.partition("=")
+        if key not in _SYNTHETIC_KEYS or not eq:
+            raise SourceError(
+                f"bad synthetic option {item!r} in {uri!r}; allowed: "
+                + ", ".join(k + "=N" for k in _SYNTHETIC_KEYS)
+                + "; e.g. synthetic:ultrasound?seed=1&frames=100"
+            )
+        params[key] = value
+    return name, params
+
+
+def _open_synthetic(uri: str, loop: bool, size: Optional[Size], source_id: str) -> SyntheticSource:
+    name, params = _parse_synthetic(uri)
+
+    def number(key: str, conv: Callable[[str], Any], low: float, default: Any) -> Any:
+        if key not in params:
+            return default
+        try:
+            value = conv(params[key])
+        except ValueError:
+            value = None
+        if value is None or value < low or value != value:
+            raise SourceError(
+                f"synthetic option {key}={params[key]!r} in {uri!r} is not valid; "
+                f"allowed: a {'whole ' if conv is int else ''}number >= {low:g}; fix it in the URI"
+            )
+        return value
+
+    seed = number("seed", int, 0, 0)
+    fps = number("fps", float, 1e-3, _SYNTHETIC_FPS)
+    frames = number("frames", int, 1, None)
+    cine_size = number("size", int, 1, None)
+    if cine_size is None:
+        # Without size= in the URI, a square requested size is generated directly (no resize).
+        cine_size = size[0] if size is not None and size[0] == size[1] else 256
+    return SyntheticSource(
+        name,
+        seed=seed,
+        cine_size=cine_size,
+        fps=fps,
+        frames=frames,
+        loop=loop,
+        size=size,
+        source_id=source_id,
+    )
+
+
+# ------------------------------------------------------------------------------------------ dispatch
+
+
+def _check_size(size: Optional[Size]) -> Optional[Size]:
+    if size is None:
+        return None
+    ok = (
+        isinstance(size, (tuple, list))
+        and len(size) == 2
+        and all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v > 0 for v in size)
+    )
+    if not ok:
+        raise SourceError(
+            f"size {size!r} is not valid; allowed: (width, height) as two positive integers, "
+            "or None to keep the source's size"
+        )
+    return (int(size[0]), int(size[1]))
+
+
+_CAMERA_PATH = re.compile(r"^/dev/(video[0-9]+|v4l/.+)$")
+_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.\-]+):")
+
+
+def open_source(uri: str, *, loop: bool = False, size: Optional[Size] = None) -> FrameSource:
+    """Open a frame source from a URI.
+
+    - "0", "1", ... or /dev/videoN (or /dev/v4l/...) -> camera (`loop` is ignored)
+    - an existing video file (.mp4 .avi .mov .mkv .mpeg .mpg .m4v .gif .webm) -> video, RGB frames
+    - an existing folder of images, a glob ("frames/*.png", natural sort) or one image -> images
+    - synthetic:ultrasound[?seed=1&size=256&fps=30&frames=N] -> synthetic gray frames
+    - rtsp://, http(s)://, watch: and DICOM (.dcm) are recognised and refused as not supported yet.
+
+    `loop` restarts file and synthetic sources at their end; `size` (width, height) asks a camera
+    for that size and resizes any frame that differs. Anything else raises a one-line SourceError.
+    """
+    if not isinstance(uri, str) or not uri.strip():
+        raise SourceError(f"source {uri!r} is empty or not a string; supported: {_SUPPORTED}")
+    target = _check_size(size)
+    text = uri.strip()
+    lower = text.lower()
+
+    sid = _short_hash(text)
+    if text.isdigit() and text.isascii():
+        return CameraSource(int(text), size=target, source_id=sid)
+    if _CAMERA_PATH.match(text):
+        return CameraSource(text, size=target, source_id=sid)
+    if lower.startswith("synthetic:"):
+        return _open_synthetic(text, loop, target, sid)
+    if any(lower.startswith(s) for s in _LATER_SCHEMES):
+        scheme = lower.split(":", 1)[0]
+        raise SourceError(
+            f"{scheme}: sources are not supported yet ({text!r}); supported now: {_SUPPORTED}; "
+            "save the stream to a file first, e.g. `ffmpeg -i URL -t 60 clip.mp4`"
+        )
+    return _open_path(text, loop, target, sid)
+
+
+_GLOB_MAGIC = re.compile(r"[*?[]")
+
+
+def _open_path(text: str, loop: bool, size: Optional[Size], sid: str) -> BaseSource:
+    path = os.path.expanduser(text)
+    ext = os.path.splitext(path)[1].lower()
+    if os.path.isdir(path):
+        files = _image_files_in(path)
+        if not files:
+            dicom = any(os.path.splitext(n)[1].lower() in _DICOM_EXTENSIONS for n in os.listdir(path))
+            what = "DICOM files, which are not supported yet" if dicom else "no image files"
+            raise SourceError(
+                f"folder {text!r} has {what}; supported: a folder of {' '.join(IMAGE_EXTENSIONS)} "
+                "images; point at the folder that holds the frames"
+            )
+        return ImageSource(files, loop=loop, size=size, source_id=sid)
+    if ext in _DICOM_EXTENSIONS:
+        raise SourceError(
+            f"DICOM ({text!r}) is not supported yet; supported now: {_SUPPORTED}; "
+            "export the frames as PNG or the cine as MP4 first"
+        )
+    if os.path.exists(path):
+        if not os.path.isfile(path):
+            raise SourceError(f"{text!r} is not a regular file or folder; supported: {_SUPPORTED}")
+        if ext in VIDEO_EXTENSIONS:
+            if os.path.getsize(path) == 0:
+                raise SourceError(
+                    f"video {text!r} is empty (0 bytes); supported: {_SUPPORTED}; copy it again"
+                )
+            return VideoFileSource(path, loop=loop, size=size, source_id=sid)
+        if ext in IMAGE_EXTENSIONS:
+            return ImageSource([path], loop=loop, size=size, source_id=sid)
+        raise SourceError(
+            f"{text!r} has an unsupported extension {ext or '(none)'!r}; supported: {_SUPPORTED}; "
+            "rename or convert it"
+        )
+    if _GLOB_MAGIC.search(path):
+        matches = [p for p in glob.glob(path, recursive=True) if os.path.isfile(p)]
+        files = [p for p in matches if os.path.splitext(p)[1].lower() in IMAGE_EXTENSIONS]
+        if not files:
+            found = f"{len(matches)} files but no images" if matches else "nothing"
+            raise SourceError(
+                f"pattern {text!r} matched {found}; supported: a glob of {' '.join(IMAGE_EXTENSIONS)} "
+                "images, e.g. 'frames/*.png'; check the pattern"
+            )
+        files.sort(key=natural_key)
+        return ImageSource(files, loop=loop, size=size, source_id=sid)
+    scheme = _SCHEME.match(text)
+    if scheme:
+        raise SourceError(f"unknown source scheme '{scheme.group(1)}:' in {text!r}; supported: {_SUPPORTED}")
+    raise SourceError(f"{text!r} does not exist; supported: {_SUPPORTED}; check the path")

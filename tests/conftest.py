@@ -1,0 +1,56 @@
+"""Shared fixtures: a tiny trained model and its bundle (built once per session), real-data paths."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("EDGECLF_SHARED_DATA", REPO.parent / "shared" / "data"))
+TINY_DATA = "synthetic:ultrasound?n=240&size=64&seed=3"
+
+
+def shared(*parts: str) -> Path:
+    """A path under ../shared/data, or skip the test with the reason."""
+    p = SHARED_DATA.joinpath(*parts)
+    if not p.exists():
+        pytest.skip(f"real data {p} is absent (it lives in ../shared/data beside a development checkout)")
+    return p
+
+
+def run_cli(*args: str, cwd: Path | None = None, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+    """Run `python -m edgeclf ARGS` in a fresh interpreter, as a user would."""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.run([sys.executable, "-m", "edgeclf", *args], capture_output=True, text=True, cwd=cwd or REPO,
+                          env=env, timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def trained_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    pytest.importorskip("torch")
+    from edgeclf.train import TrainConfig, train
+
+    out = tmp_path_factory.mktemp("trained")
+    train(TrainConfig(data=TINY_DATA, out=str(out), model="compact", size=32, epochs=3, patience=3, seed=0), progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def bundle_dir(trained_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from edgeclf.export.bundle_writer import ExportConfig, export_bundle
+
+    out = tmp_path_factory.mktemp("bundles") / "tiny"
+    export_bundle(ExportConfig(out=str(out), model=str(trained_dir)))
+    return out
+
+
+@pytest.fixture
+def bundle_copy(bundle_dir: Path, tmp_path: Path) -> Path:
+    import shutil
+
+    dst = tmp_path / "bundle"
+    shutil.copytree(bundle_dir, dst)
+    return dst

@@ -1,0 +1,58 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from edgeclf.errors import ConfigError
+from edgeclf.runtime.preprocess import PreprocessSpec, Preprocessor
+
+
+def spec(**kw):
+    base = dict(channels=1, size=(32, 48), mean=(0.5,), std=(0.25,))
+    base.update(kw)
+    return PreprocessSpec(**base)
+
+
+def test_gray_and_rgb_inputs_give_the_models_layout() -> None:
+    p = Preprocessor(spec())
+    gray = np.full((100, 80), 255, np.uint8)
+    rgb = np.zeros((100, 80, 3), np.uint8)
+    rgb[..., 0] = 255  # pure red -> luma 76
+    x = p(gray)
+    assert x.shape == (1, 1, 32, 48) and x.dtype == np.float32
+    assert np.allclose(x, (1.0 - 0.5) / 0.25)
+    assert np.allclose(p(rgb), (76 / 255 - 0.5) / 0.25, atol=1e-2)
+    p3 = Preprocessor(spec(channels=3, mean=(0.1, 0.2, 0.3), std=(0.5, 0.5, 0.5)))
+    x3 = p3(gray)
+    assert x3.shape == (1, 3, 32, 48)
+    assert np.allclose(x3[0, :, 0, 0], [(1 - 0.1) / 0.5, (1 - 0.2) / 0.5, (1 - 0.3) / 0.5])
+
+
+def test_letterbox_keeps_aspect_and_pads_black() -> None:
+    p = Preprocessor(spec(size=(32, 32), resize="letterbox"))
+    wide = np.full((50, 100), 200, np.uint8)
+    g = p.geometry(wide)[:, :, 0]
+    assert g.shape == (32, 32)
+    assert (g[:8] == 0).all() and (g[-8:] == 0).all() and (g[8:24] == 200).all()
+
+
+def test_fixed_roi_and_16_bit() -> None:
+    img = np.zeros((60, 60), np.uint16)
+    img[10:30, 20:40] = 65535
+    p = Preprocessor(spec(size=(20, 20), roi={"mode": "fixed", "box": [20, 10, 20, 20]}))
+    assert (p.geometry(img) == 255).all()
+    with pytest.raises(ConfigError, match="outside"):
+        Preprocessor(spec(roi={"mode": "fixed", "box": [100, 100, 5, 5]})).geometry(img)
+
+
+def test_spec_round_trip_and_validation() -> None:
+    s = spec(resize="letterbox")
+    assert PreprocessSpec.from_dict(s.to_dict()) == s
+    with pytest.raises(ConfigError, match="channels"):
+        spec(channels=2)
+    with pytest.raises(ConfigError, match="resize"):
+        spec(resize="crop")
+    with pytest.raises(ConfigError, match=r"unknown field\(s\) \['gamma'\]"):
+        PreprocessSpec.from_dict({**s.to_dict(), "gamma": 2})
+    with pytest.raises(ConfigError, match="mean/std"):
+        spec(mean=(0.5, 0.5))

@@ -1,0 +1,283 @@
+"""edgeclf.metrics: evaluation against scikit-learn and hand-computed values, bootstrap CI, ECE, plots."""
+
+from __future__ import annotations
+
+import json
+import time
+import warnings
+
+import numpy as np
+import pytest
+from edgeclf.runtime.postprocess import DecisionRule, decide, probabilities
+from sklearn.metrics import (
+    accuracy_score,
+    balanced_accuracy_score,
+    confusion_matrix,
+    multilabel_confusion_matrix,
+    recall_score,
+    roc_auc_score,
+)
+
+from edgeclf.errors import ConfigError, DataError
+from edgeclf.metrics import (
+    _weighted_auc,
+    evaluate_predictions,
+    expected_calibration_error,
+    plot_confusion,
+    plot_roc,
+)
+
+NAMES3 = ["normal", "benign", "malignant"]
+
+
+def _multiclass_case(n: int, seed: int, shift: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 3, n)
+    z = rng.normal(size=(n, 3))
+    z[np.arange(n), y] += shift
+    return probabilities(z, "multiclass"), y
+
+
+def _binary_probs(p_pos: list[float]) -> np.ndarray:
+    p = np.asarray(p_pos, dtype=float)
+    return np.stack([1 - p, p], axis=1)
+
+
+def test_binary_hand_computed() -> None:
+    probs = _binary_probs([0.9, 0.4, 0.6, 0.1])
+    y = np.array([1, 1, 0, 0])
+    rule = DecisionRule("threshold", (0.5,), positive=1)
+    m = evaluate_predictions(probs, y, "binary", rule, ["benign", "malignant"], n_boot=0)
+    # Pairs (pos, neg): 0.9>0.6, 0.9>0.1, 0.4<0.6, 0.4>0.1 -> AUC 3/4.
+    assert m["auc"]["macro"] == pytest.approx(0.75)
+    assert m["auc"]["per_class"] == {"malignant": pytest.approx(0.75)}
+    assert m["auc"]["macro_ci95"] is None and m["auc"]["n_boot_used"] == 0
+    # Decisions [1, 0, 1, 0] vs truth [1, 1, 0, 0].
+    assert m["accuracy"] == 0.5 and m["balanced_accuracy"] == 0.5
+    assert m["confusion_matrix"] == [[1, 1], [1, 1]]
+    assert m["per_class"]["malignant"] == {"sensitivity": 0.5, "specificity": 0.5, "support": 2}
+    assert m["per_class"]["benign"] == {"sensitivity": 0.5, "specificity": 0.5, "support": 2}
+    # Top-label confidences 0.9 0.6 0.6 0.9, correct T F F T: bins (0.8667, 0.9] and (0.5333, 0.6].
+    assert m["ece"] == pytest.approx(0.5 * abs(1 - 0.9) + 0.5 * abs(0 - 0.6))
+    assert m["operating_point"] == rule.to_dict()
+    assert m["n"] == 4 and m["task"] == "binary"
+
+
+def test_binary_with_positive_zero() -> None:
+    probs = _binary_probs([0.9, 0.4, 0.6, 0.1])  # p[:, 0] = 0.1 0.6 0.4 0.9
+    y = np.array([1, 1, 0, 0])
+    rule = DecisionRule("threshold", (0.5,), positive=0)
+    m = evaluate_predictions(probs, y, "binary", rule, ["benign", "malignant"], n_boot=0)
+    assert m["auc"]["per_class"] == {"benign": pytest.approx(0.75)}
+    assert decide(probs, rule).tolist() == [1, 0, 1, 0]
+
+
+def test_multiclass_matches_sklearn() -> None:
+    probs, y = _multiclass_case(600, seed=0)
+    rule = DecisionRule("max-ratio", (0.3, 0.35, 0.4))
+    pred = decide(probs, rule)
+    m = evaluate_predictions(probs, y, "multiclass", rule, NAMES3, n_boot=200)
+    assert m["accuracy"] == pytest.approx(accuracy_score(y, pred))
+    assert m["balanced_accuracy"] == pytest.approx(balanced_accuracy_score(y, pred))
+    assert m["confusion_matrix"] == confusion_matrix(y, pred).tolist()
+    sens = recall_score(y, pred, average=None)
+    cm = confusion_matrix(y, pred)
+    for k, name in enumerate(NAMES3):
+        tn = cm.sum() - cm[k, :].sum() - cm[:, k].sum() + cm[k, k]
+        fp = cm[:, k].sum() - cm[k, k]
+        assert m["per_class"][name]["sensitivity"] == pytest.approx(sens[k])
+        assert m["per_class"][name]["specificity"] == pytest.approx(tn / (tn + fp))
+        assert m["per_class"][name]["support"] == int((y == k).sum())
+        assert m["auc"]["per_class"][name] == pytest.approx(roc_auc_score(y == k, probs[:, k]))
+    assert m["auc"]["macro"] == pytest.approx(roc_auc_score(y, probs, multi_class="ovr", average="macro"))
+    lo, hi = m["auc"]["macro_ci95"]
+    assert lo < m["auc"]["macro"] < hi
+    assert m["auc"]["n_boot"] == 200 and m["auc"]["n_boot_used"] == 200
+    json.dumps(m, allow_nan=False)
+
+
+def test_multilabel_matches_sklearn_and_hand_values() -> None:
+    probs = np.array([[0.9, 0.2], [0.6, 0.7], [0.3, 0.8], [0.1, 0.4]])
+    y = np.array([[1, 0], [0, 1], [0, 1], [0, 0]])
+    rule = DecisionRule("multilabel", (0.5, 0.5))
+    m = evaluate_predictions(probs, y, "multilabel", rule, ["edema", "nodule"], n_boot=50)
+    # Decisions [[1,0],[1,1],[0,1],[0,0]]: rows 0, 2, 3 match exactly; 7 of 8 label decisions right.
+    assert m["accuracy"] == 0.75 and m["label_accuracy"] == 0.875
+    assert m["confusion_matrix"] == multilabel_confusion_matrix(y, decide(probs, rule).astype(int)).tolist()
+    assert m["confusion_matrix"][0] == [[2, 1], [0, 1]]
+    assert m["per_class"]["edema"] == {"sensitivity": 1.0, "specificity": pytest.approx(2 / 3), "support": 1}
+    assert m["balanced_accuracy"] == pytest.approx(((1 + 2 / 3) / 2 + 1.0) / 2)
+    assert m["auc"]["macro"] == pytest.approx(roc_auc_score(y, probs, average="macro"))
+    json.dumps(m, allow_nan=False)
+
+
+def test_weighted_auc_matches_sklearn_with_ties_and_repeats() -> None:
+    rng = np.random.default_rng(1)
+    scores = np.round(rng.random(300), 1)  # many ties
+    is_pos = rng.random(300) < 0.4
+    ones = np.ones((1, 300))
+    assert _weighted_auc(scores, is_pos, ones)[0] == pytest.approx(roc_auc_score(is_pos, scores))
+    counts = rng.integers(0, 4, size=(3, 300)).astype(float)
+    got = _weighted_auc(scores, is_pos, counts)
+    for b in range(3):
+        rep = np.repeat(np.arange(300), counts[b].astype(int))
+        assert got[b] == pytest.approx(roc_auc_score(is_pos[rep], scores[rep]))
+    assert np.isnan(_weighted_auc(scores, np.zeros(300, bool), ones)[0])
+
+
+def test_auc_ci_contains_estimate_and_narrows_with_n() -> None:
+    rule = DecisionRule("max-ratio", (0.5, 0.5, 0.5))
+    widths = []
+    for n in (150, 1500):
+        probs, y = _multiclass_case(n, seed=2)
+        m = evaluate_predictions(probs, y, "multiclass", rule, NAMES3, n_boot=300, seed=1)
+        lo, hi = m["auc"]["macro_ci95"]
+        assert lo <= m["auc"]["macro"] <= hi
+        widths.append(hi - lo)
+    assert widths[1] < 0.6 * widths[0]  # ~ 1 / sqrt(10) expected
+
+
+def test_bootstrap_skips_resamples_without_a_class() -> None:
+    # One positive in 60 samples: about (59/60)^60 = 36 % of resamples lack it and are skipped.
+    rng = np.random.default_rng(3)
+    y = np.zeros(60, dtype=int)
+    y[0] = 1
+    probs = _binary_probs(list(rng.random(60)))
+    m = evaluate_predictions(
+        probs, y, "binary", DecisionRule("threshold", (0.5,), positive=1), ["a", "b"], n_boot=500
+    )
+    used = m["auc"]["n_boot_used"]
+    assert 250 < used < 400
+    assert m["auc"]["macro_ci95"] is not None
+
+
+def test_bootstrap_is_seeded_and_fast() -> None:
+    probs, y = _multiclass_case(600, seed=4)
+    rule = DecisionRule("max-ratio", (0.5, 0.5, 0.5))
+    evaluate_predictions(probs[:10], y[:10], "multiclass", rule, NAMES3, n_boot=2)  # warm imports
+    start = time.perf_counter()
+    a = evaluate_predictions(probs, y, "multiclass", rule, NAMES3, n_boot=1000, seed=7)
+    elapsed = time.perf_counter() - start
+    b = evaluate_predictions(probs, y, "multiclass", rule, NAMES3, n_boot=1000, seed=7)
+    c = evaluate_predictions(probs, y, "multiclass", rule, NAMES3, n_boot=1000, seed=8)
+    assert a == b and a["auc"]["macro_ci95"] != c["auc"]["macro_ci95"]
+    assert elapsed < 5.0  # about 0.3 s on one core; generous for a shared machine
+
+
+def test_class_absent_from_evaluation_set() -> None:
+    probs, y = _multiclass_case(90, seed=5)
+    y[y == 2] = 0
+    rule = DecisionRule("max-ratio", (0.5, 0.5, 0.5))
+    m = evaluate_predictions(probs, y, "multiclass", rule, NAMES3, n_boot=100)
+    assert m["auc"]["per_class"]["malignant"] is None
+    expected = np.mean([roc_auc_score(y == k, probs[:, k]) for k in (0, 1)])
+    assert m["auc"]["macro"] == pytest.approx(expected)
+    assert m["per_class"]["malignant"]["sensitivity"] is None
+    assert m["per_class"]["malignant"]["support"] == 0
+    pred = decide(probs, rule)
+    with warnings.catch_warnings():  # sklearn warns about the absent class
+        warnings.simplefilter("ignore")
+        ref = balanced_accuracy_score(y, pred)
+    assert m["balanced_accuracy"] == pytest.approx(ref)
+    json.dumps(m, allow_nan=False)
+
+
+# ---------------------------------------------------------------- ECE
+
+
+def test_ece_small_for_calibrated_and_large_for_overconfident() -> None:
+    rng = np.random.default_rng(6)
+    z = rng.normal(scale=1.5, size=(20000, 3))
+    y = np.minimum((np.cumsum(probabilities(z, "multiclass"), axis=1) < rng.random((20000, 1))).sum(1), 2)
+    assert expected_calibration_error(probabilities(z, "multiclass"), y, "multiclass") < 0.02
+    assert expected_calibration_error(probabilities(4 * z, "multiclass"), y, "multiclass") > 0.1
+
+    zb = rng.normal(scale=2.0, size=(20000, 1))
+    yb = (rng.random(20000) < probabilities(zb, "binary")[:, 1]).astype(int)
+    assert expected_calibration_error(probabilities(zb, "binary"), yb, "binary") < 0.02
+    assert expected_calibration_error(probabilities(5 * zb, "binary"), yb, "binary") > 0.1
+
+    zl = rng.normal(scale=2.0, size=(20000, 2))
+    yl = (rng.random(zl.shape) < probabilities(zl, "multilabel")).astype(int)
+    assert expected_calibration_error(probabilities(zl, "multilabel"), yl, "multilabel") < 0.02
+    assert expected_calibration_error(probabilities(5 * zl, "multilabel"), yl, "multilabel") > 0.1
+
+
+def test_ece_hand_computed() -> None:
+    probs = np.array([[0.2, 0.8], [0.2, 0.8], [0.9, 0.1]])
+    y = np.array([1, 0, 0])
+    # Bin of 0.8: accuracy 1/2, confidence 0.8; bin of 0.9: accuracy 1, confidence 0.9.
+    assert expected_calibration_error(probs, y, "binary") == pytest.approx(2 / 3 * 0.3 + 1 / 3 * 0.1)
+    # One bin: mean accuracy 2/3 vs mean confidence 0.8333.
+    assert expected_calibration_error(probs, y, "binary", n_bins=1) == pytest.approx(abs(2 / 3 - 2.5 / 3))
+    # Multilabel is the mean of per-label binary ECEs.
+    pl = np.array([[0.8, 0.1], [0.8, 0.3], [0.1, 0.6]])
+    yl = np.array([[1, 0], [0, 0], [0, 1]])
+    per_label = [
+        expected_calibration_error(np.stack([1 - pl[:, j], pl[:, j]], axis=1), yl[:, j], "binary")
+        for j in range(2)
+    ]
+    assert expected_calibration_error(pl, yl, "multilabel") == pytest.approx(np.mean(per_label))
+
+
+# ---------------------------------------------------------------- errors
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        (
+            {"rule": DecisionRule("multilabel", (0.5, 0.5, 0.5))},
+            ConfigError,
+            "does not fit task 'multiclass'",
+        ),
+        (
+            {"rule": DecisionRule("max-ratio", (0.5, 0.5))},
+            ConfigError,
+            "2 thresholds but the predictions have 3",
+        ),
+        ({"label_names": ["a", "b"]}, ConfigError, "needs 3 label names"),
+        ({"label_names": ["a", "a", "b"]}, ConfigError, "unique"),
+        ({"n_boot": -1}, ConfigError, "n_boot"),
+        ({"labels": np.zeros(5, dtype=int)}, DataError, "shape"),
+        ({"probs": np.full((6, 3), 2.0)}, DataError, "in \\[0, 1\\]"),
+        ({"task": "segmentation"}, ConfigError, "unknown task"),
+    ],
+)
+def test_evaluate_errors(kwargs, error, match) -> None:  # type: ignore[no-untyped-def]
+    probs, y = _multiclass_case(6, seed=7)
+    args = {"probs": probs, "labels": y, "task": "multiclass", "rule": DecisionRule("max-ratio", (0.5,) * 3)}
+    args.update(label_names=NAMES3)
+    args.update(kwargs)
+    with pytest.raises(error, match=match):
+        evaluate_predictions(**args)
+
+
+# ---------------------------------------------------------------- plots
+
+
+def _is_png(path) -> bool:  # type: ignore[no-untyped-def]
+    data = path.read_bytes()
+    return len(data) > 1000 and data[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_plot_roc_writes_png(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    probs, y = _multiclass_case(120, seed=8)
+    plot_roc(probs, y, "multiclass", NAMES3, tmp_path / "mc" / "roc.png")
+    assert _is_png(tmp_path / "mc" / "roc.png")
+    plot_roc(_binary_probs([0.9, 0.4, 0.6, 0.1]), [1, 1, 0, 0], "binary", ["neg", "pos"], tmp_path / "b.png")
+    assert _is_png(tmp_path / "b.png")
+    plot_roc(
+        probs[:, :2], np.array([[1, 0], [0, 0]] * 60), "multilabel", ["x", "y"], str(tmp_path / "ml.png")
+    )
+    assert _is_png(tmp_path / "ml.png")  # label "y" has no positives: drawn as undefined
+
+
+def test_plot_confusion_writes_png(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    plot_confusion([[5, 1, 0], [2, 7, 1], [0, 3, 9]], NAMES3, tmp_path / "cm.png", title="test set")
+    assert _is_png(tmp_path / "cm.png")
+    plot_confusion([[[5, 1], [2, 3]], [[0, 0], [0, 0]]], ["a", "b"], tmp_path / "ml.png")
+    assert _is_png(tmp_path / "ml.png")
+    with pytest.raises(DataError, match="does not fit 2 label names"):
+        plot_confusion([[1, 2, 3], [4, 5, 6], [7, 8, 9]], ["a", "b"], tmp_path / "bad.png")
+    assert not (tmp_path / "bad.png").exists()
