@@ -42,7 +42,8 @@ from typing import (
 import numpy as np
 from numpy.typing import NDArray
 
-from edgeclf.errors import SourceError, require
+from edgeclf.errors import SourceError
+from edgeclf.runtime import _cv
 
 __all__ = [
     "Frame",
@@ -111,9 +112,8 @@ class FrameSource(Protocol):
 
 
 def _cv2() -> Any:
-    """OpenCV, or a one-line MissingExtraError naming the `cv` extra."""
-    load: Any = require  # `require` is untyped; calling it through Any keeps mypy --strict quiet
-    return load("cv2", "cv")
+    """OpenCV (quiet), or a one-line MissingExtraError naming the `cv` extra."""
+    return _cv.cv2()
 
 
 def _short_hash(text: str) -> str:
@@ -593,9 +593,8 @@ class SyntheticSource(BaseSource):
         size: Optional[Size] = None,
         source_id: str = "",
     ) -> None:
-        from edgeclf.runtime.synthetic import UltrasoundCine
-
         from edgeclf.errors import ConfigError
+        from edgeclf.runtime.synthetic import UltrasoundCine
 
         try:
             self._cine = UltrasoundCine(size=cine_size, seed=seed)
