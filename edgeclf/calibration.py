@@ -112,9 +112,10 @@ def fit_temperature(logits: npt.ArrayLike, labels: npt.ArrayLike, task: str) -> 
     Temperature scaling (Guo et al. 2017) rescales all logits by one scalar, so it changes confidence
     but never the ranking (AUC) or the argmax. The search is a bounded 1-D minimisation (scipy
     ``minimize_scalar``, method "bounded") over log T in log(TEMPERATURE_BOUNDS) = [log 0.05, log 20];
-    the NLL is convex in 1/T, so the minimum in the interval is the global one there. A result at a
-    bound (e.g. perfectly separated validation data drives T towards 0) is returned and logged as a
-    warning.
+    the NLL is convex in 1/T, so the minimum in the interval is the global one there. A result at the
+    lower bound means perfectly separated validation data (the NLL falls as T -> 0): then 1.0 is
+    returned with a warning rather than an overconfident T. A result at the upper bound is returned
+    and logged.
 
     Returns 1.0 (no scaling) on degenerate input, logging why: binary/multiclass labels with a single
     class present; multilabel labels where no label has both values. Raises DataError for empty or
@@ -157,14 +158,18 @@ def fit_temperature(logits: npt.ArrayLike, labels: npt.ArrayLike, task: str) -> 
     if after > before:  # cannot happen for a converged search on a convex objective; be safe anyway
         logger.warning("fit_temperature: search did not improve on T = 1 (NLL %.4f); keeping 1.0", before)
         return 1.0
-    if abs(float(res.x) - lo) < 1e-3 or abs(float(res.x) - hi) < 1e-3:
+    if abs(float(res.x) - lo) < 1e-3:
+        # Perfectly separated validation data: the NLL keeps falling as T -> 0, so the "fit" only says
+        # the set is too easy to calibrate on. Sharpening would make the model claim certainty on
+        # unseen images; leave the logits unscaled instead.
         logger.warning(
-            "fit_temperature: T = %.3g is at the edge of the search interval [%g, %g]%s",
-            t,
+            "fit_temperature: the validation set is perfectly separated (T runs to the lower bound %g); "
+            "keeping T = 1.0, since such a set cannot show how confident the model should be",
             TEMPERATURE_BOUNDS[0],
-            TEMPERATURE_BOUNDS[1],
-            " (the validation set is (nearly) perfectly separated)" if t < 1 else "",
         )
+        return 1.0
+    if abs(float(res.x) - hi) < 1e-3:
+        logger.warning("fit_temperature: T = %.3g is at the upper edge of the search interval [%g, %g]", t, *TEMPERATURE_BOUNDS)
     logger.info("fit_temperature: T = %.4f, validation NLL %.4f -> %.4f (n = %d)", t, before, after, n)
     return t
 
@@ -214,7 +219,8 @@ def fit_decision_rule(
         argmax_k p_k / t_k).
     multilabel: per label, the same; rule "multilabel" (label k present iff p_k >= t_k).
 
-    Thresholds are values of validation scores (floored at 1e-12 because a rule needs t > 0). Note that
+    Thresholds are midpoints between neighbouring validation scores (floored at 1e-12 because a rule
+    needs t > 0). Note that
     for "max-ratio" the per-class thresholds are fitted one-vs-rest: the argmax couples the classes,
     so the final per-class sensitivities are close to, not guaranteed at, the target.
 
