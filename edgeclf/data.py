@@ -20,7 +20,8 @@ from urllib.parse import parse_qsl
 
 import numpy as np
 
-from edgeclf.errors import DataError, require
+from edgeclf.errors import DataError
+from edgeclf.runtime import _cv
 
 __all__ = ["Dataset", "Split", "load_dataset", "parse_class_map", "SPLITS", "IMAGE_EXTS", "VIDEO_EXTS"]
 
@@ -132,6 +133,8 @@ def load_dataset(
     frames_per_clip: int = 8,
 ) -> Dataset:
     class_map = parse_class_map(classes)
+    if frames_per_clip < 1:
+        raise DataError(f"frames per clip is {frames_per_clip}; sample at least 1 frame per clip")
     if spec.startswith("synthetic:"):
         return _load_synthetic(spec, class_map)
     path = Path(spec).expanduser()
@@ -158,8 +161,8 @@ def _load_synthetic(spec: str, class_map) -> Dataset:
     if bad:
         raise DataError(f"data spec {spec!r} has unknown parameter(s) {sorted(bad)}; allowed: n, size, seed")
     n, size, seed = params.get("n", 900), params.get("size", 128), params.get("seed", 0)
-    if n < 30 or not 16 <= size <= 1024:
-        raise DataError(f"data spec {spec!r}: n must be >= 30 and size 16..1024")
+    if n < 30 or not 32 <= size <= 1024 or seed < 0:
+        raise DataError(f"data spec {spec!r}: n must be >= 30, size 32..1024 and seed >= 0")
     if kind == "ultrasound":
         images, labels = syn.make_ultrasound(n, size=size, seed=seed)
         names, task, modality = list(syn.ULTRASOUND_CLASSES), "multiclass", "ultrasound"
@@ -208,6 +211,9 @@ def _load_npz(path: Path, class_map) -> Dataset:
     given = [str(v) for v in arrays["label_names"]] if "label_names" in arrays else None
     if multilabel:
         n_lab = ys["train"].shape[1]
+        if any(not np.isin(y, (0, 1)).all() for y in ys.values()):
+            raise DataError(f"{path}: multilabel labels must be 0/1 multi-hot")
+        ys = {s: y.astype(np.uint8) for s, y in ys.items()}
         names, task, positive = given or [f"label{i}" for i in range(n_lab)], "multilabel", None
         if len(names) != n_lab:
             raise DataError(f"{path}: label_names has {len(names)} entries for {n_lab} label columns")
@@ -265,23 +271,29 @@ def _class_dirs(root: Path) -> list[Path]:
 
 
 def _files(d: Path, exts: set[str]) -> list[Path]:
-    return sorted((p for p in d.rglob("*") if p.is_file() and p.suffix.lower() in exts), key=lambda p: _natural_key(str(p)))
+    # Hidden files (macOS "._x.png" forks, editor droppings) are not images of the data set.
+    return sorted(
+        (p for p in d.rglob("*") if p.is_file() and p.suffix.lower() in exts and not p.name.startswith(".")),
+        key=lambda p: _natural_key(str(p)),
+    )
 
 
 def _read_image(path: Path) -> np.ndarray:
-    cv2 = require("cv2", "cv")
+    cv2 = _cv.cv2()
     img = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
     if img is None:
         raise DataError(f"image {path} could not be decoded; remove it or replace it with a PNG/JPEG")
     if img.dtype == np.uint16:
         img = (img >> 8).astype(np.uint8)
     if img.ndim == 3:
-        img = img[:, :, :3]
-        # Gray images saved as RGB stay 1-channel: a model should not need 3 for them.
-        if np.array_equal(img[:, :, 0], img[:, :, 1]) and np.array_equal(img[:, :, 1], img[:, :, 2]):
-            img = np.ascontiguousarray(img[:, :, 0])
-        else:
-            img = cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+        img = _gray_if_equal(cv2.cvtColor(img[:, :, :3], cv2.COLOR_BGR2RGB))
+    return img
+
+
+def _gray_if_equal(img: np.ndarray) -> np.ndarray:
+    """Gray images stored as RGB stay 1-channel: a model should not need 3 for them."""
+    if img.ndim == 3 and np.array_equal(img[:, :, 0], img[:, :, 1]) and np.array_equal(img[:, :, 1], img[:, :, 2]):
+        return np.ascontiguousarray(img[:, :, 0])
     return img
 
 
@@ -358,7 +370,7 @@ def _sample_clip(path: Path, k: int) -> list[np.ndarray]:
     if not frames:
         raise DataError(f"clip {path} has no decodable frames; remove or re-encode it")
     idx = np.unique(np.linspace(0, len(frames) - 1, num=min(k, len(frames))).round().astype(int))
-    return [frames[i] for i in idx]
+    return [_gray_if_equal(frames[i]) for i in idx]
 
 
 def _to_split(rows: list[tuple[str, str, int, list[np.ndarray]]]) -> Split:

@@ -1,0 +1,673 @@
+"""edgeclf.data: folder, clip, MedMNIST .npz and synthetic loaders; splits, class maps, one-line errors.
+
+Every data set here is built in tmp_path (cv2.imwrite, cv2.VideoWriter MJPG .avi, np.savez).
+"""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from edgeclf.data import SPLITS, Dataset, load_dataset, parse_class_map
+from edgeclf.errors import DataError, EdgeclfError
+
+cv2 = pytest.importorskip("cv2")
+
+
+# -- helpers -----------------------------------------------------------------------------------------
+
+
+def _one_line(exc: pytest.ExceptionInfo[BaseException]) -> str:
+    msg = str(exc.value)
+    assert isinstance(exc.value, EdgeclfError)
+    assert msg.strip() and "\n" not in msg and "\r" not in msg, repr(msg)
+    return msg
+
+
+def _gray(seed: int, h: int = 12, w: int = 16) -> np.ndarray:
+    """A gray image whose bytes are distinct per seed (pixel 0 carries the seed)."""
+    img = np.random.default_rng(seed).integers(0, 256, (h, w), dtype=np.uint8)
+    img[0, 0], img[0, 1] = seed % 256, seed // 256
+    return img
+
+
+def _write(path: Path, img: np.ndarray) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    assert cv2.imwrite(str(path), img), path
+    return path
+
+
+def _image_tree(
+    root: Path, counts: dict[str, int], *, seed0: int = 0, ext: str = ".png"
+) -> dict[str, list[Path]]:
+    """root/<class>/img<i><ext>, each image distinct; returns the files per class."""
+    out: dict[str, list[Path]] = {}
+    s = seed0
+    for cls, n in counts.items():
+        out[cls] = []
+        for i in range(n):
+            out[cls].append(_write(root / cls / f"img{i}{ext}", _gray(s)))
+            s += 1
+    return out
+
+
+def _write_clip(path: Path, n_frames: int, size: tuple[int, int] = (32, 24)) -> Path:
+    """MJPG .avi whose frame j is uniformly 20 + 20 * j (recoverable from the decoded mean)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    vw = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 10, size)
+    assert vw.isOpened()
+    for j in range(n_frames):
+        vw.write(np.full((size[1], size[0], 3), 20 + 20 * j, np.uint8))
+    vw.release()
+    return path
+
+
+def _split_of(ds: Dataset) -> dict[str, str]:
+    return {i: s for s, sp in ds.splits.items() for i in sp.ids}
+
+
+def _medmnist_arrays(n: dict[str, int], *, rgb: bool = False, n_classes: int = 2) -> dict[str, np.ndarray]:
+    arrays: dict[str, np.ndarray] = {}
+    k = 0
+    for s in SPLITS:
+        shape = (n[s], 8, 8, 3) if rgb else (n[s], 8, 8)
+        imgs = np.zeros(shape, np.uint8)
+        for i in range(n[s]):
+            imgs[i] = k  # each image carries a running index, so its origin can be checked
+            k += 1
+        arrays[f"{s}_images"] = imgs
+        arrays[f"{s}_labels"] = (np.arange(n[s]) % n_classes).astype(np.uint8).reshape(-1, 1)
+    return arrays
+
+
+# -- parse_class_map ---------------------------------------------------------------------------------
+
+
+def test_parse_class_map_result() -> None:
+    got = parse_class_map("covid19,pneumonia=bacterial_pneumonia+viral_pneumonia,regular")
+    assert got == [
+        ("covid19", ["covid19"]),
+        ("pneumonia", ["bacterial_pneumonia", "viral_pneumonia"]),
+        ("regular", ["regular"]),
+    ]
+    assert parse_class_map(" a , b = x + y ,") == [("a", ["a"]), ("b", ["x", "y"])]
+    assert parse_class_map(None) is None
+    assert parse_class_map("") is None
+
+
+@pytest.mark.parametrize("text", ["a,=b", "a,b=x+", "a,b=+y", "a", "a,a", "x=a,x=b", ",,"])
+def test_parse_class_map_malformed(text: str) -> None:
+    with pytest.raises(DataError) as exc:
+        parse_class_map(text)
+    assert "--classes" in _one_line(exc)
+
+
+# -- image tree without split folders ------------------------------------------------------------
+
+
+def test_image_tree_seeded_stratified_split(tmp_path: Path) -> None:
+    files = _image_tree(tmp_path, {"benign": 8, "malignant": 7, "normal": 6})
+    ds = load_dataset(str(tmp_path), seed=0)
+    assert ds.kind == "images" and ds.task == "multiclass" and ds.modality == "generic"
+    assert ds.labels == ["benign", "malignant", "normal"]
+    assert ds.positive is None and ds.channels_hint == 1 and ds.notes == []
+    assert set(ds.splits) == set(SPLITS)
+    # Every file exactly once, in one split.
+    all_ids = [i for sp in ds.splits.values() for i in sp.ids]
+    expected = {p.relative_to(tmp_path).as_posix() for fs in files.values() for p in fs}
+    assert len(all_ids) == len(expected) == 21 and set(all_ids) == expected
+    # Stratified: each class (>= 3 files) has files in every split; labels follow the folder.
+    for s, sp in ds.splits.items():
+        assert sp.labels.dtype == np.int64 and sp.labels.shape == (len(sp),)
+        assert set(sp.labels.tolist()) == {0, 1, 2}, s
+        for i, y in zip(sp.ids, sp.labels):
+            assert i.split("/")[0] == ds.labels[y]
+        for im in sp.images:
+            assert im.dtype == np.uint8 and im.shape == (12, 16)
+    # Train is the largest split for every class.
+    for c in range(3):
+        n = {s: int((ds.splits[s].labels == c).sum()) for s in SPLITS}
+        assert n["train"] > n["val"] and n["train"] > n["test"]
+
+    again = load_dataset(str(tmp_path), seed=0)
+    assert again.split_lists() == ds.split_lists()
+    assert again.data_hash == ds.data_hash
+    other = load_dataset(str(tmp_path), seed=1)
+    assert other.split_lists() != ds.split_lists()
+    assert sorted(i for v in other.split_lists().values() for i in v) == sorted(expected)
+
+
+def test_split_fractions_and_small_classes(tmp_path: Path) -> None:
+    _image_tree(tmp_path, {"a": 20, "b": 2})
+    ds = load_dataset(str(tmp_path), seed=3, val_frac=0.25, test_frac=0.25)
+    assert ds.task == "binary"
+    n_a = {s: int((ds.splits[s].labels == 0).sum()) for s in SPLITS}
+    assert n_a == {"train": 10, "val": 5, "test": 5}
+    # A class with fewer than 3 groups is not forced into val/test: 2 * 0.25 rounds to 0.
+    n_b = {s: int((ds.splits[s].labels == 1).sum()) for s in SPLITS}
+    assert n_b == {"train": 2, "val": 0, "test": 0}
+    for bad in [(0.0, 0.2), (0.5, 0.5), (0.2, 1.0)]:
+        with pytest.raises(DataError) as exc:
+            load_dataset(str(tmp_path), val_frac=bad[0], test_frac=bad[1])
+        assert "fractions" in _one_line(exc)
+
+
+def test_natural_sort_of_class_folders(tmp_path: Path) -> None:
+    _image_tree(tmp_path, {"grade10": 3, "grade2": 3, "Grade1": 3})
+    ds = load_dataset(str(tmp_path))
+    assert ds.labels == ["Grade1", "grade2", "grade10"]
+
+
+def test_exact_copies_land_in_one_split(tmp_path: Path) -> None:
+    files = _image_tree(tmp_path, {"a": 6, "b": 6})
+    src = files["a"][2]
+    copies = [tmp_path / "a" / f"copy{k}.png" for k in range(3)]
+    for c in copies:
+        shutil.copyfile(src, c)
+    dupe_ids = {p.relative_to(tmp_path).as_posix() for p in [src, *copies]}
+    for seed in range(8):
+        ds = load_dataset(str(tmp_path), seed=seed)
+        where = _split_of(ds)
+        assert len(where) == 15
+        assert len({where[i] for i in dupe_ids}) == 1, (seed, {i: where[i] for i in dupe_ids})
+        all_split = ds.split("all")
+        group = dict(zip(all_split.ids, all_split.groups))
+        assert len({group[i] for i in dupe_ids}) == 1
+        # Distinct files keep distinct groups.
+        assert len(set(all_split.groups)) == 15 - 3
+        assert ds.notes == ["3 exact duplicate file(s) grouped with their copies before splitting"]
+    # The copies are real bytes on disk: the data hash sees them.
+    before = load_dataset(str(tmp_path)).data_hash
+    copies[0].unlink()
+    assert load_dataset(str(tmp_path)).data_hash != before
+
+
+def test_split_lists_ids_are_relative_paths(tmp_path: Path) -> None:
+    _image_tree(tmp_path, {"a": 4, "b": 4})
+    _write(tmp_path / "b" / "nested" / "deep.png", _gray(99))
+    ds = load_dataset(str(tmp_path))
+    lists = ds.split_lists()
+    assert set(lists) == set(SPLITS)
+    assert lists == {s: ds.splits[s].ids for s in SPLITS}
+    flat = [i for v in lists.values() for i in v]
+    assert "b/nested/deep.png" in flat and len(flat) == 9
+    for i in flat:
+        assert not Path(i).is_absolute() and "\\" not in i and str(tmp_path) not in i
+        assert (tmp_path / i).is_file()
+    # A copy of the list, not the split's own list.
+    lists["train"].append("x")
+    assert "x" not in ds.splits["train"].ids
+
+
+def test_image_channels_and_bit_depth(tmp_path: Path) -> None:
+    g = _gray(1, 10, 14)
+    _write(tmp_path / "a" / "gray.png", g)
+    _write(tmp_path / "a" / "rgb_equal.png", np.dstack([g, g, g]))
+    _write(tmp_path / "a" / "rgb_equal.jpg", np.dstack([g, g, g]))
+    red = np.zeros((6, 7, 3), np.uint8)
+    red[:] = (0, 0, 255)  # BGR pure red
+    red[0, 0] = (255, 0, 0)  # BGR pure blue
+    _write(tmp_path / "a" / "red.png", red)
+    sixteen = (np.arange(10 * 14, dtype=np.uint16).reshape(10, 14) * 471).astype(np.uint16)
+    _write(tmp_path / "b" / "deep16.png", sixteen)
+    rgba = np.zeros((5, 5, 4), np.uint8)
+    rgba[..., :3], rgba[..., 3] = 90, 30
+    _write(tmp_path / "b" / "rgba_gray.png", rgba)
+    _write(tmp_path / "b" / "other.png", _gray(2))
+
+    ds = load_dataset(str(tmp_path))
+    allsp = ds.split("all")
+    by_id = dict(zip(allsp.ids, allsp.images))
+    assert len(by_id) == 7
+    for im in by_id.values():
+        assert im.dtype == np.uint8
+
+    assert by_id["a/gray.png"].shape == (10, 14)
+    np.testing.assert_array_equal(by_id["a/gray.png"], g)
+    assert by_id["a/rgb_equal.png"].shape == (10, 14)
+    np.testing.assert_array_equal(by_id["a/rgb_equal.png"], g)
+    assert by_id["a/rgb_equal.jpg"].ndim == 2  # gray saved as 3-channel JPEG stays 1-channel
+    assert by_id["b/rgba_gray.png"].shape == (5, 5) and (by_id["b/rgba_gray.png"] == 90).all()
+
+    r = by_id["a/red.png"]
+    assert r.shape == (6, 7, 3)
+    assert tuple(r[1, 1]) == (255, 0, 0)  # RGB order
+    assert tuple(r[0, 0]) == (0, 0, 255)
+
+    d = by_id["b/deep16.png"]
+    assert d.shape == (10, 14) and d.dtype == np.uint8
+    np.testing.assert_array_equal(d, (sixteen >> 8).astype(np.uint8))
+    assert d.max() > 200  # full 16-bit range maps onto the full 8-bit range
+
+    assert ds.channels_hint == 3  # one truly coloured image
+    (tmp_path / "a" / "red.png").unlink()
+    assert load_dataset(str(tmp_path)).channels_hint == 1  # only gray and gray-as-RGB left
+
+
+def test_split_all_concatenates(tmp_path: Path) -> None:
+    _image_tree(tmp_path, {"a": 7, "b": 7})
+    ds = load_dataset(str(tmp_path), seed=2)
+    allsp = ds.split("all")
+    parts = [ds.splits[s] for s in SPLITS]
+    assert len(allsp) == sum(len(p) for p in parts) == 14
+    assert allsp.ids == [i for p in parts for i in p.ids]
+    assert allsp.groups == [g for p in parts for g in p.groups]
+    np.testing.assert_array_equal(allsp.labels, np.concatenate([p.labels for p in parts]))
+    assert all(a is b for a, b in zip(allsp.images, [im for p in parts for im in p.images]))
+    assert ds.split("train") is ds.splits["train"]
+
+
+def test_missing_split_is_one_line_error(tmp_path: Path) -> None:
+    for s in ("train", "test"):
+        for c in ("a", "b"):
+            _write(tmp_path / s / c / "x.png", _gray(hash((s, c)) % 1000))
+    ds = load_dataset(str(tmp_path))
+    assert len(ds.splits["val"]) == 0
+    with pytest.raises(DataError) as exc:
+        ds.split("val")
+    msg = _one_line(exc)
+    assert "'val'" in msg and "train, test" in msg
+    with pytest.raises(DataError) as exc:
+        ds.split("validation")
+    assert "'validation'" in _one_line(exc)
+    assert len(ds.split("all")) == 4
+
+
+# -- split folders -------------------------------------------------------------------------------------
+
+
+def test_split_folders_used_as_given(tmp_path: Path) -> None:
+    layout = {"train": 5, "val": 2, "test": 3}
+    s0 = 0
+    for s, n in layout.items():
+        _image_tree(tmp_path / s, {"neg": n, "pos": n}, seed0=s0)
+        s0 += 100
+    # A byte-identical copy across given splits stays where the user put it.
+    shutil.copyfile(tmp_path / "train" / "neg" / "img0.png", tmp_path / "test" / "neg" / "copy.png")
+    ds = load_dataset(str(tmp_path), seed=0)
+    assert ds.kind == "images" and ds.task == "binary" and ds.labels == ["neg", "pos"]
+    for s, n in layout.items():
+        sp = ds.splits[s]
+        extra = 1 if s == "test" else 0
+        assert len(sp) == 2 * n + extra
+        assert all(i.startswith(f"{s}/") for i in sp.ids)
+        for i, y in zip(sp.ids, sp.labels):
+            assert i.split("/")[1] == ds.labels[y]
+    assert "test/neg/copy.png" in ds.splits["test"].ids
+    assert ds.notes == []  # no regrouping, no duplicate note
+    assert load_dataset(str(tmp_path), seed=7).split_lists() == ds.split_lists()
+
+
+def test_split_folders_without_train(tmp_path: Path) -> None:
+    for s in ("val", "test"):
+        _image_tree(tmp_path / s, {"a": 2, "b": 2})
+    with pytest.raises(DataError) as exc:
+        load_dataset(str(tmp_path))
+    msg = _one_line(exc)
+    assert "train/" in msg and "val" in msg and "test" in msg
+
+
+def test_split_folders_class_in_one_split_only(tmp_path: Path) -> None:
+    _image_tree(tmp_path / "train", {"a": 3, "b": 3})
+    _image_tree(tmp_path / "val", {"a": 1, "b": 1, "c": 1}, seed0=50)
+    ds = load_dataset(str(tmp_path))
+    assert ds.labels == ["a", "b", "c"]
+    assert sorted(ds.splits["val"].labels.tolist()) == [0, 1, 2]
+    assert len(ds.splits["test"]) == 0
+
+
+# -- class maps on folders --------------------------------------------------------------------------
+
+
+def test_class_map_merges_and_drops(tmp_path: Path) -> None:
+    _image_tree(tmp_path, {"bacterial_pneumonia": 4, "covid19": 4, "regular": 4, "viral_pneumonia": 3})
+    ds = load_dataset(str(tmp_path), classes="covid19,pneumonia=bacterial_pneumonia+viral_pneumonia")
+    assert ds.labels == ["covid19", "pneumonia"] and ds.task == "binary"
+    allsp = ds.split("all")
+    assert len(allsp) == 11
+    assert not any(i.startswith("regular/") for i in allsp.ids)
+    for i, y in zip(allsp.ids, allsp.labels):
+        assert y == (0 if i.startswith("covid19/") else 1)
+    # The map is part of the data hash.
+    plain = load_dataset(str(tmp_path))
+    assert plain.labels == ["bacterial_pneumonia", "covid19", "regular", "viral_pneumonia"]
+    assert plain.data_hash != ds.data_hash
+    # Order follows the map, not the folders.
+    rev = load_dataset(str(tmp_path), classes="regular,covid19")
+    assert rev.labels == ["regular", "covid19"]
+    rev_all = rev.split("all")
+    assert all((y == 0) == i.startswith("regular/") for i, y in zip(rev_all.ids, rev_all.labels))
+
+
+def test_class_map_unknown_or_twice(tmp_path: Path) -> None:
+    _image_tree(tmp_path, {"benign": 3, "malignant": 3})
+    with pytest.raises(DataError) as exc:
+        load_dataset(str(tmp_path), classes="benign,cancer")
+    msg = _one_line(exc)
+    assert "'cancer'" in msg and "benign, malignant" in msg
+    with pytest.raises(DataError) as exc:
+        load_dataset(str(tmp_path), classes="benign,x=benign+malignant")
+    assert "twice" in _one_line(exc)
+    with pytest.raises(DataError) as exc:
+        load_dataset(str(tmp_path), classes="benign=")  # fewer than 2 classes
+    _one_line(exc)
+
+
+# -- MedMNIST .npz -----------------------------------------------------------------------------------
+
+
+def test_medmnist_official_split(tmp_path: Path) -> None:
+    arrays = _medmnist_arrays({"train": 10, "val": 4, "test": 6})
+    path = tmp_path / "mydata.npz"
+    np.savez(path, **arrays)
+    ds = load_dataset(str(path), seed=5)
+    assert ds.kind == "medmnist" and ds.task == "binary"
+    assert ds.labels == ["0", "1"] and ds.positive is None and ds.licence is None
+    assert ds.channels_hint == 1 and ds.modality == "generic"
+    for s in SPLITS:
+        sp = ds.splits[s]
+        assert sp.labels.shape == (len(arrays[f"{s}_labels"]),) and sp.labels.dtype == np.int64
+        np.testing.assert_array_equal(sp.labels, arrays[f"{s}_labels"][:, 0])
+        assert sp.ids == [f"{s}/{i}" for i in range(len(sp))]
+        assert len(set(sp.groups)) == len(sp)
+        for im, ref in zip(sp.images, arrays[f"{s}_images"]):
+            assert im.shape == (8, 8)
+            np.testing.assert_array_equal(im, ref)
+    assert load_dataset(str(path), seed=9).data_hash == ds.data_hash
+
+
+@pytest.mark.parametrize("name", ["breastmnist.npz", "BreastMNIST_224.npz"])
+def test_medmnist_known_names(tmp_path: Path, name: str) -> None:
+    path = tmp_path / name
+    np.savez(path, **_medmnist_arrays({"train": 6, "val": 2, "test": 2}))
+    ds = load_dataset(str(path))
+    assert ds.labels == ["malignant", "normal_or_benign"]
+    assert ds.positive == "malignant" and ds.task == "binary"
+    assert ds.licence and "MedMNIST" in ds.licence
+    # A class map keeps the clinically positive class when it survives.
+    mapped = load_dataset(str(path), classes="benign=normal_or_benign,malignant")
+    assert mapped.labels == ["benign", "malignant"] and mapped.positive == "malignant"
+    np.testing.assert_array_equal(mapped.splits["train"].labels, 1 - ds.splits["train"].labels)
+    with pytest.raises(DataError) as exc:
+        load_dataset(str(path), classes="malignant,cancer")
+    assert "'cancer'" in _one_line(exc)
+
+
+def test_medmnist_multiclass_and_label_names(tmp_path: Path) -> None:
+    arrays = _medmnist_arrays({"train": 9, "val": 3, "test": 3}, rgb=True, n_classes=3)
+    path = tmp_path / "organs.npz"
+    np.savez(path, label_names=np.array(["liver", "kidney", "lung"]), **arrays)
+    ds = load_dataset(str(path))
+    assert ds.task == "multiclass" and ds.labels == ["liver", "kidney", "lung"]
+    assert ds.channels_hint == 3 and ds.splits["train"].images[0].shape == (8, 8, 3)
+
+
+def test_medmnist_missing_arrays(tmp_path: Path) -> None:
+    arrays = _medmnist_arrays({"train": 4, "val": 2, "test": 2})
+    del arrays["val_labels"]
+    path = tmp_path / "partial.npz"
+    np.savez(path, **arrays)
+    with pytest.raises(DataError) as exc:
+        load_dataset(str(path))
+    msg = _one_line(exc)
+    assert "'val_labels'" in msg and "'train_labels'" not in msg.split("(it has")[0]
+
+
+def test_medmnist_bad_arrays(tmp_path: Path) -> None:
+    arrays = _medmnist_arrays({"train": 4, "val": 2, "test": 2})
+    arrays["test_labels"] = np.full((2, 1), 5, np.uint8)
+    np.savez(tmp_path / "gap.npz", **arrays)
+    with pytest.raises(DataError) as exc:
+        load_dataset(str(tmp_path / "gap.npz"))
+    assert "0..K-1" in _one_line(exc)
+    arrays = _medmnist_arrays({"train": 4, "val": 2, "test": 2})
+    arrays["val_images"] = arrays["val_images"].astype(np.float32)
+    np.savez(tmp_path / "float.npz", **arrays)
+    with pytest.raises(DataError) as exc:
+        load_dataset(str(tmp_path / "float.npz"))
+    assert "val_images" in _one_line(exc)
+
+
+def test_corrupt_or_non_npz(tmp_path: Path) -> None:
+    junk = tmp_path / "junk.npz"
+    junk.write_bytes(b"\x00\x01 this is not a zip archive " * 10)
+    npy = tmp_path / "array.npz"
+    with open(npy, "wb") as f:
+        np.save(f, np.zeros(3))  # a .npy under an .npz name
+    truncated = tmp_path / "cut.npz"
+    np.savez(truncated, **_medmnist_arrays({"train": 4, "val": 2, "test": 2}))
+    truncated.write_bytes(truncated.read_bytes()[:100])
+    for p in (junk, npy, truncated):
+        with pytest.raises(DataError) as exc:
+            load_dataset(str(p))
+        assert "could not be read as an .npz" in _one_line(exc), p
+    txt = tmp_path / "labels.csv"
+    txt.write_text("a,b\n")
+    with pytest.raises(DataError) as exc:
+        load_dataset(str(txt))
+    assert "not a MedMNIST .npz" in _one_line(exc)
+
+
+def test_medmnist_multilabel(tmp_path: Path) -> None:
+    arrays = _medmnist_arrays({"train": 6, "val": 3, "test": 3})
+    rng = np.random.default_rng(0)
+    for s in SPLITS:
+        arrays[f"{s}_labels"] = rng.integers(0, 2, (len(arrays[f"{s}_images"]), 3)).astype(np.uint8)
+    path = tmp_path / "chest.npz"
+    np.savez(path, label_names=np.array(["effusion", "nodule", "mass"]), **arrays)
+    ds = load_dataset(str(path))
+    assert ds.task == "multilabel" and ds.labels == ["effusion", "nodule", "mass"] and ds.positive is None
+    assert ds.modality == "xray"
+    for s in SPLITS:
+        assert ds.splits[s].labels.shape == (len(arrays[f"{s}_images"]), 3)
+        np.testing.assert_array_equal(ds.splits[s].labels, arrays[f"{s}_labels"])
+    assert ds.split("all").labels.shape == (12, 3)
+    # Wrong number of names for the label columns.
+    np.savez(path, label_names=np.array(["effusion", "nodule"]), **arrays)
+    with pytest.raises(DataError) as exc:
+        load_dataset(str(path))
+    assert "label_names" in _one_line(exc)
+    # Without names: label0..label2.
+    np.savez(path, **arrays)
+    assert load_dataset(str(path)).labels == ["label0", "label1", "label2"]
+
+
+def test_medmnist_multilabel_labels_are_uint8(tmp_path: Path) -> None:
+    arrays = _medmnist_arrays({"train": 4, "val": 2, "test": 2})
+    for s in SPLITS:
+        arrays[f"{s}_labels"] = np.ones((len(arrays[f"{s}_images"]), 3), np.int64)
+    np.savez(tmp_path / "ml.npz", **arrays)
+    ds = load_dataset(str(tmp_path / "ml.npz"))
+    assert ds.task == "multilabel"
+    assert all(ds.splits[s].labels.dtype == np.uint8 for s in SPLITS)
+
+
+# -- clips -------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def clips_root(tmp_path: Path) -> Path:
+    root = tmp_path / "pocus"
+    lengths = {"covid": [10, 10, 10, 7], "pneumonia": [10, 10, 10], "regular": [10, 9, 10, 10]}
+    for cls, ns in lengths.items():
+        for k, n in enumerate(ns):
+            _write_clip(root / cls / f"clip{k}.avi", n)
+    return root
+
+
+def test_clips_detected_and_split_by_clip(clips_root: Path) -> None:
+    ds = load_dataset(str(clips_root), frames_per_clip=4, seed=0)
+    assert ds.kind == "clips" and ds.modality == "ultrasound" and ds.task == "multiclass"
+    assert ds.labels == ["covid", "pneumonia", "regular"]
+    assert ds.licence is None and ds.notes == []
+    allsp = ds.split("all")
+    assert len(allsp) == 11 * 4
+    where = _split_of(ds)
+    clip_split: dict[str, set[str]] = {}
+    for i, g in zip(allsp.ids, allsp.groups):
+        clip, _, j = i.partition("#")
+        assert g == clip and clip.endswith(".avi") and j.isdigit() and 0 <= int(j) < 4
+        assert (clips_root / clip).is_file()
+        clip_split.setdefault(clip, set()).add(where[i])
+    assert len(clip_split) == 11
+    assert all(len(v) == 1 for v in clip_split.values()), clip_split  # never split by frame
+    for s in SPLITS:  # >= 3 clips per class: every class in every split
+        assert set(ds.splits[s].labels.tolist()) == {0, 1, 2}, s
+        for i, y in zip(ds.splits[s].ids, ds.splits[s].labels):
+            assert i.split("/")[0] == ds.labels[y]
+    for im in allsp.images:
+        assert im.dtype == np.uint8 and im.shape[:2] == (24, 32)
+
+    # Same seed, same split; other seeds move clips.
+    assert load_dataset(str(clips_root), frames_per_clip=4, seed=0).split_lists() == ds.split_lists()
+    others = [load_dataset(str(clips_root), frames_per_clip=4, seed=s).split_lists() for s in (1, 2)]
+    assert any(o != ds.split_lists() for o in others)
+
+
+def test_clip_frames_evenly_spaced(clips_root: Path) -> None:
+    def frame_values(ds: Dataset, clip: str) -> list[int]:
+        allsp = ds.split("all")
+        return [
+            int(round((float(im.mean()) - 20) / 20))
+            for i, im in zip(allsp.ids, allsp.images)
+            if i.partition("#")[0] == clip
+        ]
+
+    ds = load_dataset(str(clips_root), frames_per_clip=4)
+    assert frame_values(ds, "covid/clip0.avi") == [0, 3, 6, 9]  # 10 frames -> 0, 3, 6, 9
+    assert frame_values(ds, "covid/clip3.avi") == [0, 2, 4, 6]  # 7 frames -> 0, 2, 4, 6
+    ids = [i for i in ds.split("all").ids if i.startswith("covid/clip0.avi")]
+    assert sorted(ids) == [f"covid/clip0.avi#{j}" for j in range(4)]
+    # More frames asked than a clip has: every frame once.
+    many = load_dataset(str(clips_root), frames_per_clip=50)
+    assert frame_values(many, "covid/clip0.avi") == list(range(10))
+    assert frame_values(many, "regular/clip1.avi") == list(range(9))
+    assert len(many.split("all")) == 10 * 9 + 7 + 9
+
+
+def test_clips_ignore_stray_images_and_read_licences(clips_root: Path) -> None:
+    _write(clips_root / "covid" / "poster.png", _gray(4))
+    (clips_root / "clips.csv").write_text(
+        "file,license\ncovid/clip0.avi,CC BY 4.0\nregular/clip0.avi,CC BY-NC 4.0\ncovid/clip1.avi,\n"
+    )
+    ds = load_dataset(str(clips_root), frames_per_clip=2)
+    assert ds.kind == "clips"
+    assert not any(i.endswith(".png") for i in ds.split("all").ids)
+    assert ds.notes == ["ignored 1 image file(s) in a clip data set"]
+    assert ds.licence == "per clip: CC BY 4.0; CC BY-NC 4.0"
+
+
+def test_corrupt_clip_is_one_line_error(clips_root: Path) -> None:
+    (clips_root / "covid" / "broken.avi").write_bytes(b"RIFF....AVI garbage" * 20)
+    with pytest.raises(DataError) as exc:
+        load_dataset(str(clips_root), frames_per_clip=2)
+    assert "broken.avi" in _one_line(exc)
+
+
+@pytest.mark.parametrize("k", [0, -1])
+def test_frames_per_clip_below_one_is_refused(clips_root: Path, k: int) -> None:
+    with pytest.raises(DataError):
+        load_dataset(str(clips_root), frames_per_clip=k)
+
+
+# -- synthetic -------------------------------------------------------------------------------------
+
+
+def test_synthetic_ultrasound_sizes_and_hash() -> None:
+    spec = "synthetic:ultrasound?n=60&size=32&seed=1"
+    ds = load_dataset(spec)
+    assert ds.kind == "synthetic" and ds.task == "multiclass" and ds.modality == "ultrasound"
+    assert ds.labels == ["normal", "cyst", "mass"]
+    assert {s: len(ds.splits[s]) for s in SPLITS} == {"train": 42, "val": 9, "test": 9}
+    allsp = ds.split("all")
+    assert len(set(allsp.ids)) == 60 and len(set(allsp.groups)) == 60
+    assert all(im.shape == (32, 32) and im.dtype == np.uint8 for im in allsp.images)
+    assert ds.splits["train"].labels.dtype == np.int64
+    assert set(allsp.labels.tolist()) == {0, 1, 2}
+    again = load_dataset(spec)
+    assert again.data_hash == ds.data_hash and again.split_lists() == ds.split_lists()
+    np.testing.assert_array_equal(again.splits["val"].images[0], ds.splits["val"].images[0])
+    assert load_dataset("synthetic:ultrasound?n=60&size=32&seed=2").data_hash != ds.data_hash
+
+
+def test_synthetic_xray_multilabel() -> None:
+    ds = load_dataset("synthetic:xray?n=30&size=32")
+    assert ds.task == "multilabel" and ds.labels == ["consolidation", "nodule", "effusion"]
+    # round(30 * 0.15) = round(4.5) = 4 (round half to even)
+    assert {s: len(ds.splits[s]) for s in SPLITS} == {"train": 22, "val": 4, "test": 4}
+    assert ds.splits["train"].labels.shape == (22, 3) and ds.splits["train"].labels.dtype == np.uint8
+
+
+@pytest.mark.parametrize(
+    "spec, words",
+    [
+        ("synthetic:ultrasound?n=60&colour=1", "unknown parameter"),
+        ("synthetic:ultrasound?n=abc", "malformed"),
+        ("synthetic:ultrasound?n", "malformed"),
+        ("synthetic:ultrasound?n=10", "n must be >= 30"),
+        ("synthetic:ultrasound?n=60&size=8", "size"),
+        ("synthetic:nope", "'nope' is unknown"),
+        ("synthetic:", "unknown"),
+    ],
+)
+def test_synthetic_bad_specs(spec: str, words: str) -> None:
+    with pytest.raises(DataError) as exc:
+        load_dataset(spec)
+    assert words in _one_line(exc)
+
+
+@pytest.mark.parametrize(
+    "spec", ["synthetic:ultrasound?n=30&size=16", "synthetic:xray?n=30&size=24", "synthetic:ultrasound?n=30&size=32&seed=-1"]
+)
+def test_synthetic_out_of_range_parameters_are_data_errors(spec: str) -> None:
+    # The generator draws at 32 px and more, and numpy seeds are non-negative: say so in one line.
+    with pytest.raises(DataError) as exc:
+        load_dataset(spec)
+    assert "size 32..1024 and seed >= 0" in _one_line(exc)
+
+
+def test_synthetic_refuses_class_map() -> None:
+    with pytest.raises(DataError) as exc:
+        load_dataset("synthetic:ultrasound?n=30&size=32", classes="normal,cyst")
+    assert "--classes" in _one_line(exc)
+
+
+# -- paths and folders that cannot be used ------------------------------------------------------------
+
+
+def test_missing_path(tmp_path: Path) -> None:
+    with pytest.raises(DataError) as exc:
+        load_dataset(str(tmp_path / "nowhere"))
+    assert "does not exist" in _one_line(exc)
+
+
+def test_one_class_folder(tmp_path: Path) -> None:
+    _image_tree(tmp_path, {"only": 5})
+    (tmp_path / ".hidden").mkdir()  # hidden folders are not classes
+    with pytest.raises(DataError) as exc:
+        load_dataset(str(tmp_path))
+    assert "1 class folder" in _one_line(exc)
+    empty = tmp_path / "empty_root"
+    empty.mkdir()
+    with pytest.raises(DataError) as exc:
+        load_dataset(str(empty))
+    assert "0 class folder" in _one_line(exc)
+
+
+def test_class_folders_without_images(tmp_path: Path) -> None:
+    for c in ("a", "b"):
+        (tmp_path / c).mkdir()
+        (tmp_path / c / "readme.txt").write_text("no images\n")
+    with pytest.raises(DataError) as exc:
+        load_dataset(str(tmp_path))
+    assert "no images" in _one_line(exc)
+
+
+def test_undecodable_image(tmp_path: Path) -> None:
+    _image_tree(tmp_path, {"a": 3, "b": 3})
+    (tmp_path / "b" / "broken.png").write_bytes(b"\x89PNG not really")
+    with pytest.raises(DataError) as exc:
+        load_dataset(str(tmp_path))
+    assert "broken.png" in _one_line(exc)
