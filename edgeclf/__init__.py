@@ -17,4 +17,4 @@ __version__ = "0.1.0"
 _here = _os.path.dirname(_os.path.abspath(__file__))
 _checkout = _os.path.dirname(_here)
 if not _os.path.isdir(_os.path.join(_here, "runtime")) and _os.path.isfile(_os.path.join(_checkout, "runtime", "__init__.py")):
-    __path__.append(_checkout)  # type: ignore[name-defined]
+    __path__.append(_checkout)

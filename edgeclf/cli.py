@@ -94,7 +94,7 @@ def data_synth(kind: str, out: str, n: int, size: int | None, seed: int, as_json
 @click.option("--data", "data_spec", required=True, help="Data spec: folder, MedMNIST .npz, or synthetic:ultrasound|xray.")
 @click.option("--model", default="compact", show_default=True, help="Model name (see the registry in the README).")
 @click.option("--out", required=True, help="Training folder to write.")
-@click.option("--size", type=int, default=None, help="Input side in px [default: the model's].")
+@click.option("--size", type=int, default=None, help="Input side in px [default: the model's, capped at the data's native size rounded up to 8].")
 @click.option("--channels", type=click.Choice(["1", "3"]), default=None, help="Input channels [default: 1 for gray data].")
 @click.option("--pretrained", is_flag=True, help="Start from ImageNet weights (offline for efficientnet_lite0).")
 @click.option("--epochs", type=int, default=40, show_default=True)
@@ -290,7 +290,8 @@ def main(argv: list[str] | None = None) -> None:
         click.echo(exc.ctx.get_help() if exc.ctx else str(exc), err=True)
         sys.exit(2)
     except click.ClickException as exc:
-        hint = f" (see `{exc.ctx.command_path} --help`)" if getattr(exc, "ctx", None) else ""
+        ctx = getattr(exc, "ctx", None)  # UsageError carries the command it was raised for
+        hint = f" (see `{ctx.command_path} --help`)" if ctx is not None else ""
         click.echo(f"edgeclf: error: {' '.join(exc.format_message().split())}{hint}", err=True)
         sys.exit(2)
     except click.exceptions.Abort:

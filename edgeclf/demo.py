@@ -81,7 +81,7 @@ def run_demo(out: str = "edgeclf-demo", *, seed: int = 0, progress: bool = True)
 
     t = time.perf_counter()
     record = train(
-        TrainConfig(data=data_spec, out=str(o / "model"), model="compact", size=64, epochs=12, patience=12, seed=seed),
+        TrainConfig(data=data_spec, out=str(o / "model"), model="compact", size=48, epochs=10, patience=10, seed=seed),
         progress=progress,
     )
     steps["train_s"] = time.perf_counter() - t

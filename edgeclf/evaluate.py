@@ -69,7 +69,7 @@ def evaluate(
     pre = Preprocessor(spec)
     x = pre.normalize(np.stack([pre.geometry(im) for im in sp.images]))
     probs = probabilities(infer(x), task, temperature)
-    report = {
+    report: dict[str, Any] = {
         "target": str(path),
         "evaluated_with": source,
         "data": {"spec": data_spec, "split": split, "n": len(sp), "hash": ds.data_hash},

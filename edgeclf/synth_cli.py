@@ -6,7 +6,8 @@ from typing import Any
 
 import numpy as np
 
-from edgeclf.errors import ConfigError, require
+from edgeclf.errors import ConfigError
+from edgeclf.runtime import _cv
 
 __all__ = ["synth"]
 
@@ -24,7 +25,7 @@ def synth(kind: str, out: str, *, n: int = 900, size: int | None = None, seed: i
         return {"kind": kind, "video": str(path), "timeline": str(path.with_suffix(".timeline.json")), "frames": timeline["frames"]}
     o.mkdir(parents=True, exist_ok=True)
     if kind == "ultrasound":
-        cv2 = require("cv2", "cv")
+        cv2 = _cv.cv2()
         images, labels = syn.make_ultrasound(n, size=size or 128, seed=seed)
         for c in syn.ULTRASOUND_CLASSES:
             (o / c).mkdir(exist_ok=True)

@@ -18,7 +18,7 @@ from edgeclf.errors import ConfigError, DataError, ModelError
 from edgeclf.export.onnx_export import INPUT_NAME, OPSET, OUTPUT_NAME, ExportError, export_onnx, parity_report
 from edgeclf.runtime.bundle import FORMAT, MANIFEST_FILE, SCHEMA_VERSION, load_bundle, write_checksums
 from edgeclf.runtime.postprocess import TASKS, probabilities
-from edgeclf.runtime.preprocess import PreprocessSpec, Preprocessor
+from edgeclf.runtime.preprocess import Preprocessor, PreprocessSpec
 
 __all__ = ["ExportConfig", "export_bundle"]
 
@@ -167,7 +167,8 @@ def export_bundle(cfg: ExportConfig) -> dict[str, Any]:
         if len(labels) < 2 and task != "multilabel" or (task == "binary" and len(labels) != 2):
             raise ConfigError(f"--labels {cfg.labels!r} does not fit a {task} task")
         ch = cfg.channels or 3
-        spec = PreprocessSpec(channels=ch, size=(int(cfg.size), int(cfg.size)), mean=_floats(cfg.mean, ch, 0.5), std=_floats(cfg.std, ch, 0.25))
+        side = int(cfg.size or 0)  # validated by ExportConfig
+        spec = PreprocessSpec(channels=ch, size=(side, side), mean=_floats(cfg.mean, ch, 0.5), std=_floats(cfg.std, ch, 0.25))
         data_spec, classes, seed = cfg.data, cfg.classes, 0
         arch = "user"
         temperature, rule = 1.0, None

@@ -1,7 +1,6 @@
 """ONNX export at opset 17 (what TensorRT 8.6 parses) and the torch-vs-ONNX Runtime parity check."""
 from __future__ import annotations
 
-import io
 import logging
 import warnings
 from pathlib import Path
@@ -33,13 +32,12 @@ def export_onnx(model: Any, example: np.ndarray, path: Path, *, opset: int = OPS
     import torch
 
     model = model.eval()
-    buf = io.BytesIO()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
         torch.onnx.export(
             model,
             (torch.from_numpy(example[:1]),),
-            buf,
+            str(path),
             opset_version=opset,
             dynamo=False,
             input_names=[INPUT_NAME],
@@ -47,12 +45,12 @@ def export_onnx(model: Any, example: np.ndarray, path: Path, *, opset: int = OPS
             dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
             do_constant_folding=True,
         )
-    proto = onnx.load_from_string(buf.getvalue())
+    # One self-contained file: the TorchScript exporter never writes external data for models < 2 GB.
+    proto = onnx.load(str(path), load_external_data=False)
     onnx.checker.check_model(proto, full_check=True)
     got = max((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), default=0)
     if got != opset:
         raise ExportError(f"the exporter wrote opset {got}, not the requested {opset}; this torch version cannot export for TensorRT 8.6")
-    path.write_bytes(buf.getvalue())
     return {"opset": got, "ir_version": int(proto.ir_version)}
 
 

@@ -77,7 +77,7 @@ def _bundle_files(root: Path) -> List[str]:
 def write_checksums(root: PathLike) -> str:
     """Write `checksums.sha256` (sha256sum format) over every file in the folder; returns its digest."""
     r = Path(root)
-    lines = ["{}  {}\n".format(sha256_file(r / f), f) for f in _bundle_files(r)]
+    lines = [f"{sha256_file(r / f)}  {f}\n" for f in _bundle_files(r)]
     (r / CHECKSUM_FILE).write_text("".join(lines), encoding="utf-8")
     return sha256_file(r / CHECKSUM_FILE)
 

@@ -12,7 +12,8 @@ from typing import Any, Dict, Mapping, Optional, Tuple
 import numpy as np
 from numpy.typing import NDArray
 
-from edgeclf.errors import ConfigError, require
+from edgeclf.errors import ConfigError
+from edgeclf.runtime import _cv
 
 __all__ = ["PreprocessSpec", "Preprocessor", "RESIZE_MODES"]
 
@@ -90,7 +91,7 @@ class Preprocessor:
 
     def __init__(self, spec: PreprocessSpec) -> None:
         self.spec = spec
-        self._cv2: Any = require("cv2", "cv")
+        self._cv2: Any = _cv.cv2()
         # Fold scale, mean and std into one multiply-add per pixel.
         std = np.asarray(spec.std, np.float32)
         self._mul = (np.float32(spec.scale) / std).reshape(1, -1, 1, 1).astype(np.float32)

@@ -29,14 +29,14 @@ class Sink:
 class JsonlSink(Sink):
     """One JSON object per line, flushed per line so a killed run leaves only whole lines."""
 
-    def __init__(self, path: Union[str, "os.PathLike[str]"], *, fsync: bool = False) -> None:
+    def __init__(self, path: Union[str, os.PathLike[str]], *, fsync: bool = False) -> None:
         self.path = os.fspath(path)
         self.fsync = fsync
         self.written = 0
         parent = os.path.dirname(os.path.abspath(self.path))
         try:
             os.makedirs(parent, exist_ok=True)
-            self._f: Optional[IO[str]] = open(self.path, "w", encoding="utf-8")
+            self._f: Optional[IO[str]] = open(self.path, "w", encoding="utf-8")  # noqa: SIM115 (held open across writes)
         except OSError as exc:
             raise EdgeclfError(f"cannot write results to {self.path}: {exc.strerror}; choose another --out") from None
 

@@ -8,7 +8,6 @@ import warnings
 
 import numpy as np
 import pytest
-from edgeclf.runtime.postprocess import DecisionRule, decide, probabilities
 from sklearn.metrics import (
     accuracy_score,
     balanced_accuracy_score,
@@ -26,6 +25,7 @@ from edgeclf.metrics import (
     plot_confusion,
     plot_roc,
 )
+from edgeclf.runtime.postprocess import DecisionRule, decide, probabilities
 
 NAMES3 = ["normal", "benign", "malignant"]
 

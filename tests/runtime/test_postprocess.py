@@ -8,9 +8,9 @@ import math
 
 import numpy as np
 import pytest
-from edgeclf.runtime.postprocess import TASKS, DecisionRule, decide, probabilities, rule_kind_for_task
 
 from edgeclf.errors import ConfigError, DataError
+from edgeclf.runtime.postprocess import TASKS, DecisionRule, decide, probabilities, rule_kind_for_task
 
 
 def _sig(x: float) -> float:

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from edgeclf.errors import ConfigError
-from edgeclf.runtime.preprocess import PreprocessSpec, Preprocessor
+from edgeclf.runtime.preprocess import Preprocessor, PreprocessSpec
 
 
 def spec(**kw):

@@ -14,6 +14,7 @@ import pytest
 
 cv2 = pytest.importorskip("cv2", reason="OpenCV (the 'cv' extra) is needed to read videos and images")
 
+from edgeclf.errors import SourceError  # noqa: E402
 from edgeclf.runtime.sources import (  # noqa: E402
     BaseSource,
     Frame,
@@ -22,8 +23,6 @@ from edgeclf.runtime.sources import (  # noqa: E402
     natural_key,
     open_source,
 )
-
-from edgeclf.errors import SourceError  # noqa: E402
 
 W, H = 64, 48
 RED_BGR = (0, 0, 255)

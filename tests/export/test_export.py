@@ -1,0 +1,85 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from edgeclf.errors import ConfigError, ModelError
+from edgeclf.evaluate import evaluate
+from edgeclf.export.bundle_writer import ExportConfig, export_bundle
+from edgeclf.runtime.bundle import load_bundle
+from tests.conftest import TINY_DATA
+
+
+def test_bundle_and_training_folder_evaluate_alike(trained_dir: Path, bundle_dir: Path, tmp_path: Path) -> None:
+    a = evaluate(str(trained_dir), split="test", n_boot=200)
+    b = evaluate(str(bundle_dir), split="test", n_boot=200, out=str(tmp_path / "ev"))
+    assert a["evaluated_with"].startswith("training") and b["evaluated_with"].startswith("bundle")
+    assert a["data"]["hash"] == b["data"]["hash"] and a["data"]["n"] == b["data"]["n"]
+    assert abs(a["metrics"]["auc"]["macro"] - b["metrics"]["auc"]["macro"]) < 0.005
+    assert a["metrics"]["confusion_matrix"] == b["metrics"]["confusion_matrix"]
+    for f in ("metrics.json", "roc.png", "confusion.png"):
+        assert (tmp_path / "ev" / f).stat().st_size > 500
+
+
+def test_reference_samples_hold_preprocessed_inputs_and_outputs(bundle_dir: Path) -> None:
+    m = load_bundle(bundle_dir).manifest
+    with np.load(bundle_dir / "reference.npz", allow_pickle=False) as z:
+        assert set(z.files) == {"inputs", "logits"}
+        assert z["inputs"].shape[1:] == (1, 32, 32) and z["logits"].shape == (len(z["inputs"]), 3)
+    assert m.raw["parity"]["max_abs_diff_logits"] < 1e-4 and m.raw["parity"]["min_cosine"] > 0.9999
+
+
+def test_no_samples_and_overwrite(trained_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "b"
+    export_bundle(ExportConfig(out=str(out), model=str(trained_dir), samples=False))
+    assert not (out / "reference.npz").exists() and load_bundle(out).manifest.raw["reference"] is None
+    with pytest.raises(ConfigError, match="not empty"):
+        export_bundle(ExportConfig(out=str(out), model=str(trained_dir)))
+    export_bundle(ExportConfig(out=str(out), model=str(trained_dir), overwrite=True))
+    assert (out / "reference.npz").exists()
+
+
+def test_from_torch_and_from_onnx(tmp_path: Path, bundle_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    torch = pytest.importorskip("torch")
+    pkg = tmp_path / "usermodels"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "net.py").write_text(
+        "import torch\n"
+        "def make():\n"
+        "    return torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),\n"
+        "                               torch.nn.Flatten(), torch.nn.Linear(4, 3))\n"
+    )
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    from usermodels.net import make
+
+    torch.manual_seed(0)
+    from safetensors.torch import save_file
+
+    save_file(make().state_dict(), str(tmp_path / "w.safetensors"))
+    common = dict(labels="normal,cyst,mass", task="multiclass", size=32, channels=3, data=TINY_DATA)
+    m = export_bundle(ExportConfig(out=str(tmp_path / "t"), from_torch="usermodels.net:make", weights=str(tmp_path / "w.safetensors"), **common))
+    assert m["provenance"]["source"] == "torch" and m["parity"]["decision_agreement"] == 1.0
+    assert m["postprocess"]["decision"]["kind"] == "max-ratio"  # fitted on the validation split, never a silent argmax
+    m2 = export_bundle(ExportConfig(out=str(tmp_path / "o"), from_onnx=str(tmp_path / "t" / "model.onnx"), **common))
+    assert m2["provenance"]["source"] == "onnx" and m2["model"]["opset"] == 17
+    with pytest.raises(ModelError, match="do not fit"):
+        bad = torch.nn.Linear(2, 2).state_dict()
+        save_file(bad, str(tmp_path / "bad.safetensors"))
+        export_bundle(ExportConfig(out=str(tmp_path / "x"), from_torch="usermodels.net:make", weights=str(tmp_path / "bad.safetensors"), **common))
+    assert not (tmp_path / "x").exists()  # no half-written bundle
+    with pytest.raises(ConfigError, match="exactly one"):
+        ExportConfig(out="o", model="a", from_onnx="b")
+
+
+def test_manifest_records_provenance(bundle_dir: Path, trained_dir: Path) -> None:
+    m = json.loads((bundle_dir / "manifest.json").read_text())
+    run = json.loads((trained_dir / "run.json").read_text())
+    assert m["provenance"]["data"]["hash"] == run["data"]["hash"]
+    assert m["provenance"]["training"]["config"]["model"] == "compact"
+    assert m["metrics"]["val_onnx_fp32"]["n"] == m["parity"]["n"]
+    assert m["postprocess"]["temperature"] == pytest.approx(run["model"]["temperature"])
