@@ -28,10 +28,11 @@ def _emit(as_json: bool, doc: Any, human: Any = None) -> None:
         click.echo(human if human is not None else json.dumps(doc, indent=2, default=str))
 
 
-def _console():
+def _console() -> Any:
     from rich.console import Console
 
-    return Console()
+    # Plain text: file names and keys such as "metrics[val]" must not be read as rich markup.
+    return Console(markup=False, highlight=False)
 
 
 json_option = click.option("--json", "as_json", is_flag=True, help="Print one JSON document on stdout and nothing else there.")
@@ -262,18 +263,20 @@ def _print_run(s: dict) -> None:
 def _print_info(m: dict) -> None:
     con = _console()
     mod, pre, par = m["model"], m["preprocess"], m.get("parity") or {}
-    con.print(f"[bold]{m['name']}[/bold]  {m['task']}  labels: {', '.join(m['labels'])}")
+    con.print(f"{m['name']}  {m['task']}  labels: {', '.join(m['labels'])}")
     con.print(f"model: {mod['file']} ({mod.get('architecture')}, {mod['precision']}, opset {mod['opset']}, IR {mod['ir_version']}), "
               f"input {mod['input_shape']} -> {mod['output_shape']}")
     con.print(f"preprocess: {pre['channels']} ch, {pre['size'][0]}x{pre['size'][1]} {pre['resize']}, mean {pre['mean']} std {pre['std']}")
     d = m["postprocess"]["decision"]
-    con.print(f"postprocess: temperature {m['postprocess']['temperature']:.3f}, rule {d['kind']} thresholds {d['thresholds']}"
+    con.print(f"postprocess: temperature {m['postprocess']['temperature']:.3f}, rule {d['kind']} thresholds "
+              f"{[round(t, 4) for t in d['thresholds']]}"
               f" (target sensitivity {d.get('target_sensitivity')})")
     if par:
         con.print(f"parity: {par.get('n')} {par.get('split')} images, agreement {par.get('decision_agreement')}, "
-                  f"max |logit diff| {par.get('max_abs_diff_logits')}")
+                  f"max |logit diff| {par.get('max_abs_diff_logits', 0):.2e}")
     for name, met in (m.get("metrics") or {}).items():
-        con.print(f"metrics[{name}]: n {met['n']}, accuracy {met['accuracy']:.3f}, AUC {met['auc']['macro']:.3f} {met['auc']['macro_ci95']}")
+        lo, hi = met["auc"]["macro_ci95"]
+        con.print(f"metrics[{name}]: n {met['n']}, accuracy {met['accuracy']:.3f}, AUC {met['auc']['macro']:.3f} ({lo:.3f}-{hi:.3f})")
     prov = m["provenance"]
     data = prov.get("data") or {}
     con.print(f"provenance: {prov.get('source')}, exported {prov.get('exported_at')}, data {data.get('spec')} "

@@ -267,7 +267,7 @@ def _new_figure(width: float, height: float) -> Any:
 def _save(fig: Any, path: str | os.PathLike[str]) -> None:
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(target, format="png")
+    fig.savefig(target, format="png", bbox_inches="tight")  # long class names must not be cut off
 
 
 def plot_roc(
