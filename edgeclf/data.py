@@ -137,7 +137,8 @@ def load_dataset(
         raise DataError(f"frames per clip is {frames_per_clip}; sample at least 1 frame per clip")
     if spec.startswith("synthetic:"):
         return _load_synthetic(spec, class_map)
-    path = Path(spec).expanduser()
+    # Recorded as an absolute path so that export and evaluate find the data from any folder.
+    path = Path(spec).expanduser().resolve()
     if not path.exists():
         raise DataError(f"data path {spec} does not exist; give an image folder, a clips folder, a MedMNIST .npz or synthetic:ultrasound|xray")
     if path.is_file():

@@ -59,7 +59,7 @@ def run_pipeline(
 ) -> RunSummary:
     """Classify every frame of `source`, writing one record per frame to each sink.
 
-    Record: {"frame", "timestamp", "label" (None for multilabel or abstain), "labels" (multilabel),
+    Record: {"frame", "timestamp" (monotonic capture time), "time" (wall clock), "label" (None for multilabel or abstain), "labels" (multilabel),
     "abstain", "probs", "latency_ms": {stage: ms, "total": capture-to-result}}.
     """
     m = bundle.manifest
@@ -78,7 +78,8 @@ def run_pipeline(
         t3 = time.perf_counter()
         probs = probabilities(logits, m.task, m.temperature)
         decision = decide(probs, m.decision)
-        record: Dict[str, Any] = {"frame": frame.index, "timestamp": round(frame.timestamp, 6)}
+        # timestamp: monotonic capture time (for latency); time: wall clock of the result (for people).
+        record: Dict[str, Any] = {"frame": frame.index, "timestamp": round(frame.timestamp, 6), "time": round(time.time(), 3)}
         if m.task == "multilabel":
             present = [m.labels[k] for k in np.flatnonzero(decision[0])]
             record.update(label=None, labels=present, abstain=False)

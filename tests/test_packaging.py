@@ -56,3 +56,14 @@ def test_missing_extra_is_named_in_one_line() -> None:
             "except Exception as e:\n    print(type(e).__name__, e)\n")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=60)
     assert r.stdout.startswith("MissingExtraError") and "pip install 'edgeclf[ort]'" in r.stdout, r.stdout + r.stderr
+
+
+def test_cli_names_the_extra_for_a_missing_workstation_module(tmp_path: Path) -> None:
+    # A device install ([ort,cv]) has no torch: `train` must say which extra brings it, in one line.
+    code = ("import sys; sys.modules['torch'] = None\n"
+            "from edgeclf.cli import main\n"
+            f"main(['train', '--data', 'synthetic:ultrasound?n=60&size=32', '--out', {str(tmp_path / 'o')!r}])\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.strip().splitlines() == ["edgeclf: error: this command needs torch, which is not installed; "
+                                             "install it with: pip install 'edgeclf[train]'"]
