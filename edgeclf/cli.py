@@ -5,10 +5,11 @@ command imports its heavy modules itself.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import sys
-from typing import Any
+from typing import Any, Callable, Iterator
 
 import click
 
@@ -69,10 +70,11 @@ def cli(verbose: int) -> None:
 @json_option
 def demo(out: str, seed: int, as_json: bool) -> None:
     """Synthesize data, train, export, verify and run a bundle on a cine loop, all offline."""
-    from edgeclf.demo import print_demo, run_demo
+    from edgeclf.demo import run_demo
 
-    result = run_demo(out, seed=seed, progress=not as_json)
-    _emit(as_json, result, print_demo)
+    with _train_progress(not as_json) as on_epoch:
+        result = run_demo(out, seed=seed, on_epoch=on_epoch)
+    _emit(as_json, result, _print_demo)
 
 
 # -- data -------------------------------------------------------------------------------------------
@@ -105,17 +107,17 @@ def data_synth(kind: str, out: str, n: int, size: int | None, seed: int, as_json
 @click.option("--size", type=int, default=None, help="Input side in px [default: the model's, capped at the data's native size rounded up to 8].")
 @click.option("--channels", type=click.Choice(["1", "3"]), default=None, help="Input channels [default: 1 for gray data].")
 @click.option("--pretrained", is_flag=True, help="Start from ImageNet weights (offline for efficientnet_lite0).")
-@click.option("--epochs", type=int, default=40, show_default=True)
-@click.option("--batch-size", type=int, default=64, show_default=True)
+@click.option("--epochs", type=click.IntRange(min=1), default=40, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=2), default=64, show_default=True, help="At least 2 (BatchNorm).")
 @click.option("--lr", type=float, default=3e-3, show_default=True)
-@click.option("--patience", type=int, default=10, show_default=True, help="Early stopping on validation AUC.")
+@click.option("--patience", type=click.IntRange(min=1), default=10, show_default=True, help="Early stopping on validation AUC.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--classes", default=None, help="Class map, e.g. covid19,pneumonia=bacterial_pneumonia+viral_pneumonia,regular.")
 @click.option("--positive", default=None, help="Binary tasks: the positive (clinically relevant) class.")
 @click.option("--target-sensitivity", type=float, default=0.9, show_default=True, help="Operating point fitted on validation data.")
 @click.option("--augment", type=click.Choice(["auto", "ultrasound", "xray", "generic", "none"]), default="auto", show_default=True)
-@click.option("--frames-per-clip", type=int, default=8, show_default=True, help="Clip data sets: frames sampled per clip.")
-@click.option("--threads", type=int, default=None, help="CPU threads [default: the cores available].")
+@click.option("--frames-per-clip", type=click.IntRange(min=1), default=8, show_default=True, help="Clip data sets: frames sampled per clip.")
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads [default: the cores available].")
 @json_option
 def train(data_spec: str, model: str, out: str, size, channels, pretrained, epochs, batch_size, lr, patience, seed, classes, positive,
           target_sensitivity, augment, frames_per_clip, threads, as_json: bool) -> None:
@@ -130,7 +132,8 @@ def train(data_spec: str, model: str, out: str, size, channels, pretrained, epoc
     from edgeclf.models import model_info
 
     model_info(model)  # unknown names fail before any data is read
-    record = run_train(cfg, progress=not as_json)
+    with _train_progress(not as_json) as on_epoch:
+        record = run_train(cfg, on_epoch=on_epoch)
     _emit(as_json, record, lambda r: _print_metrics(r["metrics"], f"trained {model} -> {out} (best epoch {r['best_epoch']}, {r['seconds']} s)"))
 
 
@@ -141,7 +144,7 @@ def train(data_spec: str, model: str, out: str, size, channels, pretrained, epoc
 @click.option("--classes", default=None, help="Class map (as in train) [default: the recorded one].")
 @click.option("--precision", default="fp32", show_default=True, help="Bundle precision to evaluate.")
 @click.option("--out", default=None, help="Folder for metrics.json, roc.png, confusion.png.")
-@click.option("--threads", type=int, default=None)
+@click.option("--threads", type=click.IntRange(min=1), default=None)
 @json_option
 def evaluate(target: str, data_spec, split, classes, precision, out, threads, as_json: bool) -> None:
     """Accuracy, balanced accuracy, ROC AUC with a 95% interval, sensitivity/specificity at the operating points, ECE."""
@@ -192,15 +195,18 @@ def export(model, from_onnx, from_torch, weights, data_spec, classes, split, out
 @click.option("--bundle", required=True, help="Bundle folder.")
 @click.option("--source", required=True, help="Video file, image folder or glob, camera index or /dev/videoN, synthetic:ultrasound.")
 @click.option("--out", default=None, help="Results as JSON lines (one per frame).")
-@click.option("--max-frames", type=int, default=None)
+@click.option("--max-frames", type=click.IntRange(min=1), default=None, help="Stop after this many frames.")
+@click.option("--min-confidence", type=click.FloatRange(0, 1, max_open=True), default=None,
+              help="Abstain when the top probability is below this [default: the bundle's, 0 = never].")
 @click.option("--backend", default="ort-cpu", show_default=True, help="ort-cpu, ort-cuda or ort-tensorrt.")
-@click.option("--threads", type=int, default=None, help="Inference threads [default: the cores available].")
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="Inference threads [default: the cores available].")
 @json_option
-def run(bundle: str, source: str, out, max_frames, backend, threads, as_json: bool) -> None:
+def run(bundle: str, source: str, out, max_frames, min_confidence, backend, threads, as_json: bool) -> None:
     """Classify frames from a source with a verified bundle; one JSON line per frame."""
     from edgeclf.runtime.app import run_bundle
 
-    summary = run_bundle(bundle, source, out=out, max_frames=max_frames, backend=backend, threads=threads)
+    summary = run_bundle(bundle, source, out=out, max_frames=max_frames, backend=backend, threads=threads,
+                         min_confidence=min_confidence)
     _emit(as_json, summary, _print_run)
 
 
@@ -213,13 +219,14 @@ def bundle() -> None:
 
 @bundle.command("verify")
 @click.argument("path")
-@click.option("--parity/--no-parity", default=True, show_default=True, help="Also re-run reference.npz through ONNX Runtime.")
+@click.option("--parity/--no-parity", default=True, show_default=True, help="Also re-run reference.npz on this device.")
+@click.option("--backend", default="ort-cpu", show_default=True, help="The backend `run` will use: ort-cpu, ort-cuda or ort-tensorrt.")
 @json_option
-def bundle_verify(path: str, parity: bool, as_json: bool) -> None:
+def bundle_verify(path: str, parity: bool, backend: str, as_json: bool) -> None:
     """Re-check checksums, the manifest schema and (optionally) parity against reference.npz."""
     from edgeclf.runtime.app import verify_bundle
 
-    result = verify_bundle(path, parity=parity)
+    result = verify_bundle(path, parity=parity, backend=backend)
     _emit(as_json, result, lambda r: click.echo(f"OK {r['path']}: checksums match, manifest valid" + (
         f", reference parity max |diff| {r['reference']['max_abs_diff']:.2e} on {r['reference']['n']} inputs" if r.get("reference") else "")))
 
@@ -237,22 +244,77 @@ def bundle_info(path: str, as_json: bool) -> None:
 
 # -- rendering ------------------------------------------------------------------------------------------------
 
+@contextlib.contextmanager
+def _train_progress(show: bool) -> Iterator[Callable[[dict[str, Any]], None] | None]:
+    """A progress bar on stderr fed by train()'s per-epoch callback (stdout stays clean for --json).
+
+    It appears at the first epoch, so an error in the data shows as one line with no bar above it.
+    """
+    if not show:
+        yield None
+        return
+    state: dict[str, Any] = {}
+
+    def on_epoch(e: dict[str, Any]) -> None:
+        if "prog" not in state:
+            from rich.console import Console
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+            state["prog"] = Progress(TextColumn("train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[status]}"),
+                                     TimeElapsedColumn(), console=Console(stderr=True))
+            state["prog"].start()
+            state["bar"] = state["prog"].add_task("train", total=e["epochs"], status="")
+        auc = "n/a" if e["val_auc"] is None else f"{e['val_auc']:.3f}"
+        state["prog"].update(state["bar"], completed=e["epoch"],
+                             status=f"loss {e['loss']:.3f} val AUC {auc} (best {e['best_val_auc']:.3f} @ {e['best_epoch']})")
+
+    try:
+        yield on_epoch
+    finally:
+        if "prog" in state:
+            state["prog"].stop()
+
+
+def _print_demo(r: dict[str, Any]) -> None:
+    ho, c = r["held_out_test"], r["cine"]
+    click.echo(_table(["class", "accuracy (sensitivity)"], [[k, f"{v:.3f}"] for k, v in ho["per_class_accuracy"].items()],
+                      f"held-out synthetic test frames (n={ho['n']}), bundle via ONNX Runtime"))
+    click.echo()
+    rows = [[i + 1, f"{s['start']}-{s['end'] - 1}", s["label"], s["majority"], f"{s['agreement']:.3f}"] for i, s in enumerate(c["segments"])]
+    click.echo(_table(["segment", "frames", "truth", "majority", "agreement"], rows,
+                      f"cine loop through OpenCV: {c['frames_predicted']} of {c['frames_in_timeline']} frames, agreement {c['agreement']:.3f}"))
+    click.echo()
+    rows = [[k, f"{v['median']:.2f}", f"{v['p90']:.2f}"] for k, v in r["runtime"]["stages_ms"].items()]
+    click.echo(_table(["stage", "median ms", "p90 ms"], rows, f"runtime latency per stage ({r['runtime']['fps']} fps end to end)"))
+    click.echo()
+    click.echo(f"artifacts in {r['out']}/: bundle/, model/, evaluation/ (roc.png, confusion.png), results.jsonl, timeline.png, demo.json")
+    click.echo(f"total {r['seconds']['total']} s: " + ", ".join(f"{k} {v}" for k, v in r["seconds"].items() if k != "total"))
+
+
+def _num(v: Any, spec: str = ".3f") -> str:
+    """Metrics may be None where they are undefined (one class present, a tiny split)."""
+    return "n/a" if v is None else format(v, spec)
+
+
+def _auc(auc: dict[str, Any]) -> str:
+    ci = auc.get("macro_ci95") or (None, None)
+    return f"{_num(auc.get('macro'))} ({_num(ci[0])}-{_num(ci[1])})"
+
+
 def _print_metrics(by_split: dict[str, Any], title: str) -> None:
     rows = []
     for split, m in by_split.items():
-        lo, hi = m["auc"]["macro_ci95"]
-        rows.append([split, m["n"], f"{m['accuracy']:.3f}", f"{m['balanced_accuracy']:.3f}",
-                     f"{m['auc']['macro']:.3f} ({lo:.3f}-{hi:.3f})", f"{m['ece']:.3f}"])
+        rows.append([split, m["n"], _num(m["accuracy"]), _num(m["balanced_accuracy"]), _auc(m["auc"]), _num(m["ece"])])
     click.echo(_table(["split", "n", "accuracy", "balanced acc", "AUC (95% CI)", "ECE"], rows, title))
     for split, m in by_split.items():
-        pc = ", ".join(f"{k}: sens {v['sensitivity']:.2f} spec {v['specificity']:.2f}" for k, v in m["per_class"].items())
+        pc = ", ".join(f"{k}: sens {_num(v['sensitivity'], '.2f')} spec {_num(v['specificity'], '.2f')}" for k, v in m["per_class"].items())
         click.echo(f"[{split}] at the recorded operating points: {pc}")
 
 
 def _print_run(s: dict[str, Any]) -> None:
     rows = [[stage, f"{st['median']:.2f}", f"{st['p90']:.2f}", f"{st['p99']:.2f}", f"{st['max']:.2f}"]
             for stage, st in s["stages_ms"].items()]
-    title = f"{s['frames']} frames in {s['wall_s']} s ({s['fps']} fps), {s['written']} results written"
+    title = f"{s['frames']} frames in {s['wall_s']} s ({s['fps']} fps), {s['written']} results written, {s['abstained']} abstained"
     click.echo(_table(["stage", "median ms", "p90 ms", "p99 ms", "max ms"], rows, title))
     click.echo("labels: " + ", ".join(f"{k} {v}" for k, v in sorted(s["label_counts"].items())))
 
@@ -273,9 +335,10 @@ def _print_info(m: dict[str, Any]) -> None:
     if par:
         lines.append(f"parity: {par.get('n')} {par.get('split')} images, agreement {par.get('decision_agreement')}, "
                      f"max |logit diff| {par.get('max_abs_diff_logits', 0):.2e}")
+    else:
+        lines.append("parity: not measured (no torch reference for an imported ONNX model)")
     for name, met in (m.get("metrics") or {}).items():
-        lo, hi = met["auc"]["macro_ci95"]
-        lines.append(f"metrics[{name}]: n {met['n']}, accuracy {met['accuracy']:.3f}, AUC {met['auc']['macro']:.3f} ({lo:.3f}-{hi:.3f})")
+        lines.append(f"metrics[{name}]: n {met['n']}, accuracy {_num(met['accuracy'])}, AUC {_auc(met['auc'])}")
     lines.append(f"provenance: {prov.get('source')}, exported {prov.get('exported_at')}, data {data.get('spec')} "
                  f"(sha256 {str(data.get('hash'))[:12]}..., licence {data.get('licence')})")
     click.echo("\n".join(lines))

@@ -11,24 +11,24 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import re
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Collection
 from urllib.parse import parse_qsl
 
 import numpy as np
 
-from edgeclf.errors import DataError
-from edgeclf.runtime import _cv
+from edgeclf.errors import DataError, SourceError
+from edgeclf.runtime.sources import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, decode_image, natural_key
 
 __all__ = ["Dataset", "Split", "load_dataset", "parse_class_map", "SPLITS", "IMAGE_EXTS", "VIDEO_EXTS"]
 
 log = logging.getLogger(__name__)
 SPLITS = ("train", "val", "test")
-IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
-VIDEO_EXTS = {".mp4", ".avi", ".mov", ".mkv", ".mpeg", ".mpg", ".m4v", ".gif", ".webm"}
+# The runtime sources' extensions: a data set reads exactly the files a device can be fed.
+IMAGE_EXTS = IMAGE_EXTENSIONS
+VIDEO_EXTS = VIDEO_EXTENSIONS
 # Known MedMNIST files: label names and the clinically positive class.
 _MEDMNIST = {
     "breastmnist": (["malignant", "normal_or_benign"], "malignant", "MedMNIST v2 (CC BY 4.0)"),
@@ -62,6 +62,14 @@ class Dataset:
     channels_hint: int = 1
     modality: str = "generic"  # ultrasound | xray | generic: picks the augmentation
     notes: list[str] = field(default_factory=list)
+
+    @property
+    def name(self) -> str:
+        """The spec without workstation paths, for provenance: `synthetic:...` as given, else the last
+        path component (`breastmnist.npz`, `pocus`). `spec` stays absolute for export and evaluate."""
+        if self.spec.startswith("synthetic:"):
+            return self.spec
+        return Path(self.spec).name or self.spec
 
     def split(self, name: str) -> Split:
         if name == "all":
@@ -210,6 +218,8 @@ def _load_npz(path: Path, class_map) -> Dataset:
     multilabel = arrays["train_labels"].ndim == 2 and arrays["train_labels"].shape[1] > 1
     ys = {s: arrays[f"{s}_labels"] for s in SPLITS}
     given = [str(v) for v in arrays["label_names"]] if "label_names" in arrays else None
+    if multilabel and class_map is not None:
+        raise DataError(f"--classes does not apply to multilabel data; {path} has {ys['train'].shape[1]} label columns, leave it out")
     if multilabel:
         n_lab = ys["train"].shape[1]
         if any(not np.isin(y, (0, 1)).all() for y in ys.values()):
@@ -238,7 +248,7 @@ def _load_npz(path: Path, class_map) -> Dataset:
         if len(imgs) != len(ys[s]):
             raise DataError(f"{path}: {s}_images has {len(imgs)} items but {s}_labels {len(ys[s])}")
         splits[s] = Split(images=list(imgs), labels=ys[s], ids=[f"{s}/{i}" for i in range(len(imgs))], groups=[f"{s}/{i}" for i in range(len(imgs))])
-    if class_map is not None and task != "multilabel":
+    if class_map is not None:
         new_names, lookup = _apply_class_map(names, class_map, str(path))
         for s, sp in splits.items():
             keep = [i for i, y in enumerate(sp.labels) if names[y] in lookup]
@@ -263,32 +273,25 @@ def _load_npz(path: Path, class_map) -> Dataset:
 
 # -- folders -------------------------------------------------------------------------------------
 
-def _natural_key(s: str) -> list[Any]:
-    return [int(t) if t.isdigit() else t.lower() for t in re.split(r"(\d+)", s)]
-
-
 def _class_dirs(root: Path) -> list[Path]:
-    return sorted((p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")), key=lambda p: _natural_key(p.name))
+    return sorted((p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")), key=lambda p: natural_key(p.name))
 
 
-def _files(d: Path, exts: set[str]) -> list[Path]:
+def _files(d: Path, exts: Collection[str]) -> list[Path]:
     # Hidden files (macOS "._x.png" forks, editor droppings) are not images of the data set.
     return sorted(
         (p for p in d.rglob("*") if p.is_file() and p.suffix.lower() in exts and not p.name.startswith(".")),
-        key=lambda p: _natural_key(str(p)),
+        key=lambda p: natural_key(str(p)),
     )
 
 
 def _read_image(path: Path) -> np.ndarray:
-    cv2 = _cv.cv2()
-    img = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
-    if img is None:
-        raise DataError(f"image {path} could not be decoded; remove it or replace it with a PNG/JPEG")
-    if img.dtype == np.uint16:
-        img = (img >> 8).astype(np.uint8)
-    if img.ndim == 3:
-        img = _gray_if_equal(cv2.cvtColor(img[:, :, :3], cv2.COLOR_BGR2RGB))
-    return img
+    """Decoded by the runtime's image source (16-bit scaling, alpha, RGB order), gray kept 1-channel."""
+    try:
+        img, _ = decode_image(str(path), where=f"image {path}")
+    except SourceError as exc:
+        raise DataError(str(exc)) from None
+    return _gray_if_equal(img)
 
 
 def _gray_if_equal(img: np.ndarray) -> np.ndarray:
@@ -310,7 +313,7 @@ def _load_folder(root: Path, class_map, *, seed: int, val_frac: float, test_frac
                 class_names.append(d.name)
     if len(class_names) < 2:
         raise DataError(f"{root} holds {len(class_names)} class folder(s); expected one folder per class (at least 2)")
-    all_files = {d: _files(d, IMAGE_EXTS | VIDEO_EXTS) for top in tops for d in _class_dirs(top)}
+    all_files = {d: _files(d, IMAGE_EXTS + VIDEO_EXTS) for top in tops for d in _class_dirs(top)}
     n_video = sum(1 for fs in all_files.values() for f in fs if f.suffix.lower() in VIDEO_EXTS)
     n_image = sum(1 for fs in all_files.values() for f in fs if f.suffix.lower() in IMAGE_EXTS)
     if n_video == 0 and n_image == 0:

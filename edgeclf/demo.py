@@ -9,11 +9,11 @@ import json
 import logging
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
-__all__ = ["run_demo", "print_demo", "timeline_agreement"]
+__all__ = ["run_demo", "timeline_agreement"]
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +65,7 @@ def _plot_timeline(predicted: list[str], timeline: dict[str, Any], classes: list
     plt.close(fig)
 
 
-def run_demo(out: str = "edgeclf-demo", *, seed: int = 0, progress: bool = True) -> dict[str, Any]:
+def run_demo(out: str = "edgeclf-demo", *, seed: int = 0, on_epoch: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
     from edgeclf.evaluate import evaluate
     from edgeclf.export.bundle_writer import ExportConfig, export_bundle
     from edgeclf.runtime.app import run_bundle, verify_bundle
@@ -82,7 +82,7 @@ def run_demo(out: str = "edgeclf-demo", *, seed: int = 0, progress: bool = True)
     t = time.perf_counter()
     record = train(
         TrainConfig(data=data_spec, out=str(o / "model"), model="compact", size=48, epochs=10, patience=10, seed=seed),
-        progress=progress,
+        on_epoch=on_epoch,
     )
     steps["train_s"] = time.perf_counter() - t
 
@@ -93,7 +93,7 @@ def run_demo(out: str = "edgeclf-demo", *, seed: int = 0, progress: bool = True)
     steps["export_verify_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    test_eval = evaluate(str(bundle_dir), split="test", out=str(o / "evaluation"))
+    test_eval = evaluate(str(bundle_dir), data=data_spec, split="test", out=str(o / "evaluation"))
     steps["evaluate_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -121,37 +121,8 @@ def run_demo(out: str = "edgeclf-demo", *, seed: int = 0, progress: bool = True)
         "runtime": {"frames": summary["frames"], "written": summary["written"], "fps": summary["fps"],
                     "stages_ms": {k: {"median": v["median"], "p90": v["p90"]} for k, v in summary["stages_ms"].items()}},
         "training": {"best_epoch": record["best_epoch"], "seconds": record["seconds"]},
-        "seconds": {k: round(v, 1) for k, v in steps.items()} | {"total": round(time.perf_counter() - t0, 1)},
+        "seconds": {**{k: round(v, 1) for k, v in steps.items()}, "total": round(time.perf_counter() - t0, 1)},
         "files": sorted(str(p.relative_to(o)) for p in o.rglob("*") if p.is_file()),
     }
     (o / "demo.json").write_text(json.dumps(result, indent=2))
     return result
-
-
-def print_demo(r: dict[str, Any]) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    con = Console()
-    ho = r["held_out_test"]
-    t = Table(title=f"held-out synthetic test frames (n={ho['n']}), bundle via ONNX Runtime")
-    t.add_column("class")
-    t.add_column("accuracy (sensitivity)")
-    for k, v in ho["per_class_accuracy"].items():
-        t.add_row(k, f"{v:.3f}")
-    con.print(t)
-    c = r["cine"]
-    t = Table(title=f"cine loop through OpenCV: {c['frames_predicted']} of {c['frames_in_timeline']} frames, agreement {c['agreement']:.3f}")
-    for col in ("segment", "frames", "truth", "majority", "agreement"):
-        t.add_column(col)
-    for i, s in enumerate(c["segments"]):
-        t.add_row(str(i + 1), f"{s['start']}-{s['end'] - 1}", s["label"], s["majority"], f"{s['agreement']:.3f}")
-    con.print(t)
-    t = Table(title=f"runtime latency per stage ({r['runtime']['fps']} fps end to end)")
-    for col in ("stage", "median ms", "p90 ms"):
-        t.add_column(col)
-    for k, v in r["runtime"]["stages_ms"].items():
-        t.add_row(k, f"{v['median']:.2f}", f"{v['p90']:.2f}")
-    con.print(t)
-    con.print(f"artifacts in {r['out']}/: bundle/, model/, evaluation/ (roc.png, confusion.png), results.jsonl, timeline.png, demo.json")
-    con.print(f"total {r['seconds']['total']} s " + ", ".join(f"{k} {v}" for k, v in r["seconds"].items() if k != "total"))

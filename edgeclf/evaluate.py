@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 
 from edgeclf.data import load_dataset
-from edgeclf.errors import ConfigError
+from edgeclf.errors import ConfigError, DataError
 from edgeclf.runtime.bundle import MANIFEST_FILE, load_bundle
 from edgeclf.runtime.postprocess import probabilities
 from edgeclf.runtime.preprocess import Preprocessor
@@ -59,10 +59,18 @@ def evaluate(
         seed = tm.run.get("config", {}).get("seed", 0)
         source = "training folder (torch)"
         infer = tm.logits
-    data_spec = data or recorded.get("spec")
+    # Bundles name their data without workstation paths: a synthetic spec is its own name.
+    data_spec = data or recorded.get("spec") or (recorded.get("name") if str(recorded.get("name", "")).startswith("synthetic:") else None)
     if not data_spec:
-        raise ConfigError(f"{target} does not record its data; pass --data SPEC")
+        raise ConfigError(f"{target} does not say where its data is (bundles keep no workstation paths); pass --data SPEC")
     ds = load_dataset(data_spec, classes=classes if classes is not None else recorded.get("classes"), seed=seed)
+    same_set = data is None or ds.name == (recorded.get("name") or Path(str(recorded.get("spec", ""))).name)
+    if same_set and recorded.get("hash") and ds.data_hash != recorded["hash"] and split != "all":
+        # Re-splitting changed data can move training images into the test split.
+        raise DataError(
+            f"data {ds.name} changed since the model was trained (its hash differs), so its {split} split is no longer the one "
+            "held out in training; evaluate with --split all on new data, or retrain"
+        )
     if ds.labels != labels or ds.task != task:
         raise ConfigError(f"data {data_spec} has {ds.task} labels {ds.labels}; the model has {task} labels {labels}; use --classes to map them")
     sp = ds.split(split)
@@ -79,7 +87,7 @@ def evaluate(
         o = Path(out)
         o.mkdir(parents=True, exist_ok=True)
         (o / "metrics.json").write_text(json.dumps(report, indent=2))
-        plot_roc(probs, sp.labels, task, labels, o / "roc.png")
+        plot_roc(probs, sp.labels, task, labels, o / "roc.png", positive=rule.positive if rule.positive is not None else 1)
         plot_confusion(report["metrics"]["confusion_matrix"], labels, o / "confusion.png", title=f"{path.name} on {split}")
         report["files"] = [str(o / f) for f in ("metrics.json", "roc.png", "confusion.png")]
     return report

@@ -293,7 +293,7 @@ def _torchvision_state_dict(name: str) -> Dict[str, Any]:
     cache = os.path.join(torch.hub.get_dir(), "checkpoints")
     filename = os.path.basename(weights.url)
     try:
-        return dict(weights.get_state_dict(progress=False, check_hash=True))
+        return dict(weights.get_state_dict(progress=False, check_hash=True, weights_only=True))  # never unpickle code
     except Exception as exc:  # urllib/socket/SSL errors, hash mismatch, unreadable file
         reason = " ".join(f"{type(exc).__name__}: {exc}".split())[:200]
         if os.path.isfile(os.path.join(cache, filename)):

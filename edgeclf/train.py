@@ -13,7 +13,7 @@ import platform
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -50,8 +50,12 @@ class TrainConfig:
     threads: int | None = None
 
     def __post_init__(self) -> None:
-        if self.epochs < 1 or self.batch_size < 1 or self.patience < 1:
-            raise ConfigError("epochs, batch-size and patience must be positive integers")
+        if self.epochs < 1 or self.patience < 1 or self.frames_per_clip < 1:
+            raise ConfigError("epochs, patience and frames-per-clip must be positive integers")
+        if self.batch_size < 2:
+            raise ConfigError(f"batch-size is {self.batch_size}; BatchNorm needs at least 2 images per batch")
+        if self.threads is not None and self.threads < 1:
+            raise ConfigError(f"threads is {self.threads}; give a positive number or leave it out")
         if not 0 < self.lr < 1:
             raise ConfigError(f"lr is {self.lr}; expected a value in (0, 1), e.g. 3e-3")
         if not 0 < self.target_sensitivity <= 1:
@@ -133,15 +137,19 @@ class TrainedModel:
         run_path = folder / "run.json"
         self.run = json.loads(run_path.read_text()) if run_path.is_file() else {}
 
-    def logits(self, x: np.ndarray, batch: int = 256) -> np.ndarray:
+    def logits(self, x: np.ndarray) -> np.ndarray:
         """(N, C, H, W) float32 -> (N, K) float32."""
-        import torch
+        return torch_logits(self.model, x)
 
-        outs = []
-        with torch.inference_mode():
-            for i in range(0, len(x), batch):
-                outs.append(self.model(torch.from_numpy(x[i : i + batch])).numpy())
-        return np.concatenate(outs) if outs else np.zeros((0, self.meta["num_outputs"]), np.float32)
+
+def torch_logits(model: Any, x: np.ndarray, batch: int = 256) -> np.ndarray:
+    """(N, C, H, W) float32 -> (N, K) float32 through a torch model in eval mode."""
+    import torch
+
+    model.eval()
+    with torch.inference_mode():
+        outs = [model(torch.from_numpy(x[i : i + batch])).numpy() for i in range(0, len(x), batch)]
+    return np.concatenate(outs) if outs else np.zeros((0, 0), np.float32)
 
 
 def load_trained(folder: str | Path) -> TrainedModel:
@@ -186,6 +194,20 @@ def _augment(x, profile: str, gen):
     return x.clamp(0, 1)
 
 
+def _require_every_class(ds: Dataset, split: str) -> None:
+    """Early stopping and operating points need every class in the split; say which one is missing."""
+    y = ds.splits[split].labels
+    if ds.task == "multilabel":
+        missing = [ds.labels[k] for k in range(y.shape[1]) if y[:, k].sum() == 0]
+    else:
+        missing = [ds.labels[k] for k in range(len(ds.labels)) if not (y == k).any()]
+    if missing:
+        raise DataError(
+            f"the {split} split of {ds.name} has no images of {', '.join(missing)}; "
+            "add images of every class (a class needs at least 3 images, or 3 distinct files, to reach every split)"
+        )
+
+
 def _macro_auc(probs: np.ndarray, labels: np.ndarray, task: str, positive: int) -> float:
     from sklearn.metrics import roc_auc_score
 
@@ -201,8 +223,12 @@ def _macro_auc(probs: np.ndarray, labels: np.ndarray, task: str, positive: int) 
         return float("nan")
 
 
-def train(cfg: TrainConfig, *, progress: bool = True) -> dict[str, Any]:
-    """Train, calibrate and record; returns the run record (also written to `<out>/run.json`)."""
+def train(cfg: TrainConfig, *, on_epoch: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """Train, calibrate and record; returns the run record (also written to `<out>/run.json`).
+
+    `on_epoch` receives each epoch's record plus the best so far (the CLI draws its progress bar
+    from it; the library itself never prints).
+    """
     import torch
     from safetensors.torch import save_file
 
@@ -218,6 +244,7 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> dict[str, Any]:
         if len(ds.splits.get(s, [])) == 0:
             raise DataError(f"data set {cfg.data} has an empty {s} split; it needs train and val images")
     positive = _positive_index(ds, cfg.positive)
+    _require_every_class(ds, "val")
     channels = cfg.channels or ds.channels_hint
     size = cfg.size or default_size(info.default_size, info.min_size, ds.splits["train"].images)
     if size < info.min_size:
@@ -261,62 +288,49 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> dict[str, Any]:
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.epochs * steps_per_epoch, pct_start=0.15)
     gen = torch.Generator().manual_seed(cfg.seed)
 
-    def val_logits(m) -> np.ndarray:
-        m.eval()
-        with torch.inference_mode():
-            return np.concatenate([m(torch.from_numpy(xva[i : i + 256])).numpy() for i in range(0, len(xva), 256)])
+    def val_logits(m: Any) -> np.ndarray:
+        return torch_logits(m, xva)
 
-    history: list[dict[str, float]] = []
+    history: list[dict[str, Any]] = []
     best = (-1.0, 0, copy.deepcopy(model.state_dict()))
     best_loss = float("inf")
     if ds.task == "multiclass":
         yva_t = torch.from_numpy(yva.astype(np.int64))
     else:
         yva_t = torch.from_numpy((yva == 1).astype(np.float32)[:, None] if ds.task == "binary" else yva.astype(np.float32))
-    prog = None
-    if progress:
-        from rich.console import Console
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-        prog = Progress(TextColumn("train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[status]}"),
-                        TimeElapsedColumn(), console=Console(stderr=True), transient=False)
-        prog.start()
-        bar = prog.add_task("train", total=cfg.epochs, status="")
-    try:
-        for epoch in range(cfg.epochs):
-            model.train()
-            perm = torch.randperm(len(xtr), generator=gen)
-            total = 0.0
-            for i in range(0, len(xtr), cfg.batch_size):
-                idx = perm[i : i + cfg.batch_size]
-                if len(idx) < 2:
-                    continue  # BatchNorm cannot train on one sample
-                xb = _augment(xtr[idx].float() * spec.scale, profile, gen)
-                xb = (xb - mean_t) / std_t
-                loss = loss_fn(model(xb), ytr[idx])
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-                sched.step()
-                total += loss.item() * len(idx)
-            lv_epoch = val_logits(model)
-            pv = probabilities(lv_epoch, ds.task)
-            auc = _macro_auc(pv, yva, ds.task, positive)
-            with torch.no_grad():
-                vloss = float(loss_fn(torch.from_numpy(lv_epoch), yva_t))
-            history.append({"epoch": epoch + 1, "loss": total / len(xtr), "val_auc": auc, "val_loss": vloss})
-            # Validation AUC decides; on a tie (small or easy sets saturate at 1.0) the lower validation loss.
-            if auc > best[0] + 1e-4 or (auc >= best[0] - 1e-4 and vloss < best_loss):
-                best = (max(auc, best[0]), epoch + 1, copy.deepcopy(model.state_dict()))
-                best_loss = vloss
-            if prog is not None:
-                prog.update(bar, advance=1, status=f"loss {total / len(xtr):.3f} val AUC {auc:.3f} (best {best[0]:.3f} @ {best[1]})")
-            if epoch + 1 - best[1] >= cfg.patience:
-                log.info("early stop at epoch %d (best val AUC %.4f at %d)", epoch + 1, best[0], best[1])
-                break
-    finally:
-        if prog is not None:
-            prog.stop()
+    for epoch in range(cfg.epochs):
+        model.train()
+        perm = torch.randperm(len(xtr), generator=gen)
+        total = 0.0
+        for i in range(0, len(xtr), cfg.batch_size):
+            idx = perm[i : i + cfg.batch_size]
+            if len(idx) < 2:
+                continue  # BatchNorm cannot train on one sample
+            xb = _augment(xtr[idx].float() * spec.scale, profile, gen)
+            xb = (xb - mean_t) / std_t
+            loss = loss_fn(model(xb), ytr[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+            total += loss.item() * len(idx)
+        lv_epoch = val_logits(model)
+        pv = probabilities(lv_epoch, ds.task)
+        auc = _macro_auc(pv, yva, ds.task, positive)
+        with torch.no_grad():
+            vloss = float(loss_fn(torch.from_numpy(lv_epoch), yva_t))
+        auc_or_none = None if np.isnan(auc) else auc
+        history.append({"epoch": epoch + 1, "loss": total / len(xtr), "val_auc": auc_or_none, "val_loss": vloss})
+        # Validation AUC decides; on a tie (small or easy sets saturate at 1.0) the lower validation loss.
+        auc_cmp = -1.0 if auc_or_none is None else auc
+        if auc_cmp > best[0] + 1e-4 or (auc_cmp >= best[0] - 1e-4 and vloss < best_loss):
+            best = (max(auc_cmp, best[0]), epoch + 1, copy.deepcopy(model.state_dict()))
+            best_loss = vloss
+        if on_epoch is not None:
+            on_epoch({**history[-1], "epochs": cfg.epochs, "best_epoch": best[1], "best_val_auc": best[0]})
+        if epoch + 1 - best[1] >= cfg.patience:
+            log.info("early stop at epoch %d (best val AUC %.4f at %d)", epoch + 1, best[0], best[1])
+            break
     model.load_state_dict(best[2])
     model.eval()
 
@@ -327,8 +341,7 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> dict[str, Any]:
     metrics = {"val": evaluate_predictions(pv, yva, ds.task, rule, ds.labels, n_boot=500, seed=cfg.seed)}
     if len(ds.splits.get("test", [])):
         xte = pre.normalize(cache_split(ds.splits["test"], pre))
-        with torch.inference_mode():
-            lt = np.concatenate([model(torch.from_numpy(xte[i : i + 256])).numpy() for i in range(0, len(xte), 256)])
+        lt = torch_logits(model, xte)
         metrics["test"] = evaluate_predictions(
             probabilities(lt, ds.task, temperature), ds.splits["test"].labels, ds.task, rule, ds.labels, n_boot=1000, seed=cfg.seed
         )

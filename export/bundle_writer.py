@@ -7,6 +7,7 @@ import json
 import logging
 import shutil
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,7 @@ import numpy as np
 from edgeclf.data import Dataset, load_dataset
 from edgeclf.errors import ConfigError, DataError, ModelError
 from edgeclf.export.onnx_export import INPUT_NAME, OPSET, OUTPUT_NAME, ExportError, export_onnx, parity_report
-from edgeclf.runtime.bundle import FORMAT, MANIFEST_FILE, SCHEMA_VERSION, load_bundle, write_checksums
+from edgeclf.runtime.bundle import FORMAT, MANIFEST_FILE, SCHEMA_VERSION, write_checksums
 from edgeclf.runtime.postprocess import TASKS, probabilities
 from edgeclf.runtime.preprocess import Preprocessor, PreprocessSpec
 
@@ -108,13 +109,6 @@ def _load_torch_factory(target: str, weights: str):
     return model.eval()
 
 
-def _torch_logits(model, x: np.ndarray) -> np.ndarray:
-    import torch
-
-    with torch.inference_mode():
-        return np.concatenate([model(torch.from_numpy(x[i : i + 256])).numpy() for i in range(0, len(x), 256)])
-
-
 def _ort_logits(path: Path, x: np.ndarray) -> np.ndarray:
     """Raw ONNX Runtime outputs, batched where the model's batch axis allows it."""
     import onnxruntime as ort
@@ -135,31 +129,48 @@ def _ort_logits(path: Path, x: np.ndarray) -> np.ndarray:
         raise ModelError(f"the ONNX model rejects inputs of shape {x.shape[1:]}: {str(exc).splitlines()[0]}; check --size/--channels") from None
 
 
+def _prepare(spec: PreprocessSpec, images: list[np.ndarray]) -> np.ndarray:
+    pre = Preprocessor(spec)
+    return pre.normalize(np.stack([pre.geometry(im) for im in images]))
+
+
+def _data_record(ds: Dataset, classes: str | None) -> dict[str, Any]:
+    """What a bundle says about its data: a name and a hash, never a workstation path."""
+    return {"name": ds.name, "kind": ds.kind, "hash": ds.data_hash, "licence": ds.licence, "classes": classes,
+            "sizes": {s: len(v) for s, v in ds.splits.items()}}
+
+
 def export_bundle(cfg: ExportConfig) -> dict[str, Any]:
-    """Write and verify a bundle; returns its manifest."""
+    """Write a bundle into a temporary sibling folder, verify it as a device would, then move it into place.
+
+    Returns the manifest. Nothing is left behind on failure, and an existing bundle replaced with
+    --overwrite survives a failed export.
+    """
     from edgeclf.calibration import fit_decision_rule, fit_temperature
     from edgeclf.metrics import evaluate_predictions
-    from edgeclf.train import load_trained, package_versions
+    from edgeclf.runtime.app import verify_bundle
+    from edgeclf.train import load_trained, package_versions, torch_logits
 
     out = Path(cfg.out)
-    if out.exists() and any(out.iterdir()):
-        if not cfg.overwrite or not (out / MANIFEST_FILE).is_file():
-            raise ConfigError(f"output folder {out} is not empty; choose a new --out or pass --overwrite to replace a bundle")
-        shutil.rmtree(out)
+    replaceable = cfg.overwrite and (out / MANIFEST_FILE).is_file()
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not replaceable:
+        raise ConfigError(f"output folder {out} is not empty; choose a new --out or pass --overwrite to replace a bundle")
     provenance: dict[str, Any] = {"exported_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
     torch_model = None
-    in_name = INPUT_NAME
+    train_metrics: dict[str, Any] = {}
     if cfg.model:
         tm = load_trained(cfg.model)
-        task, labels, spec = tm.task, tm.labels, tm.preprocess
+        task, labels, spec = tm.task, list(tm.labels), tm.preprocess
         temperature, rule = tm.temperature, tm.decision
         torch_model = tm.model
-        data_spec = cfg.data or tm.run.get("data", {}).get("spec")
-        classes = cfg.classes or tm.run.get("data", {}).get("classes")
+        recorded = tm.run.get("data", {})
+        data_spec = cfg.data or recorded.get("spec")
+        classes = cfg.classes or recorded.get("classes")
         seed = tm.run.get("config", {}).get("seed", 0)
         arch = tm.meta["architecture"]
-        provenance.update(source="trained", training={k: tm.run.get(k) for k in ("config", "best_epoch", "seconds", "packages")},
-                          data=tm.run.get("data"))
+        cfg_rec = dict(tm.run.get("config") or {})
+        cfg_rec.pop("data", None), cfg_rec.pop("out", None)  # workstation paths stay on the workstation
+        provenance.update(source="trained", training={"config": cfg_rec, **{k: tm.run.get(k) for k in ("best_epoch", "seconds", "packages")}})
         train_metrics = tm.run.get("metrics", {})
     else:
         task = str(cfg.task)
@@ -172,100 +183,134 @@ def export_bundle(cfg: ExportConfig) -> dict[str, Any]:
         data_spec, classes, seed = cfg.data, cfg.classes, 0
         arch = "user"
         temperature, rule = 1.0, None
-        train_metrics = {}
+        if cfg.positive is not None and cfg.positive not in labels:
+            raise ConfigError(f"--positive {cfg.positive!r} is not one of --labels {', '.join(labels)}")
         if cfg.from_torch:
             torch_model = _load_torch_factory(str(cfg.from_torch), str(cfg.weights))
             provenance.update(source="torch", factory=cfg.from_torch, weights=Path(str(cfg.weights)).name)
         else:
-            src = Path(str(cfg.from_onnx))
-            if not src.is_file():
-                raise ModelError(f"ONNX file {src} does not exist")
-            provenance.update(source="onnx", file=src.name)
+            if not Path(str(cfg.from_onnx)).is_file():
+                raise ModelError(f"ONNX file {cfg.from_onnx} does not exist")
+            provenance.update(source="onnx", file=Path(str(cfg.from_onnx)).name)
     if not data_spec:
         raise ConfigError("no --data given and the training folder does not record its data; pass --data SPEC")
     ds: Dataset = load_dataset(data_spec, classes=classes, seed=seed)
-    if ds.task != task or (cfg.model and ds.labels != labels):
-        raise DataError(f"data {data_spec} is a {ds.task} set with labels {ds.labels}; the model is {task} with {labels}")
-    split = ds.split(cfg.split)
-    pre = Preprocessor(spec)
-    x = pre.normalize(np.stack([pre.geometry(im) for im in split.images]))
-    y = split.labels
-    if cfg.model is None:
-        provenance["data"] = {"spec": ds.spec, "hash": ds.data_hash, "licence": ds.licence, "classes": classes}
+    if ds.task != task or ds.labels != labels:
+        raise DataError(f"data {ds.name} is a {ds.task} set with labels {ds.labels}; the model is {task} with labels {labels} "
+                        "(same names, same order); use --classes to map the data or fix --labels")
+    xv, yv = _prepare(spec, ds.split("val").images), ds.split("val").labels
+    xp, yp = (xv, yv) if cfg.split == "val" else (_prepare(spec, ds.split(cfg.split).images), ds.split(cfg.split).labels)
+    provenance["data"] = _data_record(ds, classes) if cfg.model is None else {
+        **{k: recorded.get(k) for k in ("kind", "hash", "licence", "classes", "sizes")}, "name": Path(str(recorded.get("spec"))).name
+        if not str(recorded.get("spec", "")).startswith("synthetic:") else recorded.get("spec")}
+    provenance["export_data"] = {"name": ds.name, "hash": ds.data_hash, "split": cfg.split}
 
-    out.mkdir(parents=True, exist_ok=True)
-    onnx_path = out / "model.onnx"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
+        onnx_path = stage / "model.onnx"
         if torch_model is not None:
-            info = export_onnx(torch_model, x, onnx_path)
-            ref = _torch_logits(torch_model, x)
+            try:
+                ref = torch_logits(torch_model, xp)
+            except RuntimeError as exc:
+                raise ModelError(f"the model rejects inputs of shape {xp.shape[1:]}: {str(exc).splitlines()[0]}; check --size/--channels") from None
+            info = export_onnx(torch_model, xp, onnx_path)
+            in_name, out_name = INPUT_NAME, OUTPUT_NAME
         else:
-            import onnx
-
-            proto = onnx.load(str(cfg.from_onnx))
-            onnx.checker.check_model(proto)
-            opset = max((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), default=0)
-            if len(proto.graph.input) != 1 or len(proto.graph.output) != 1:
-                raise ModelError("the ONNX model must have one input (N, C, H, W) and one output (N, K) of logits")
-            if opset > OPSET:
-                log.warning("ONNX opset %d is above %d: TensorRT 8.6 (JetPack 5) cannot parse it", opset, OPSET)
-            shutil.copyfile(str(cfg.from_onnx), onnx_path)
-            info = {"opset": opset, "ir_version": int(proto.ir_version)}
+            info, in_name, out_name = _copy_onnx(Path(str(cfg.from_onnx)), onnx_path)
             ref = None
-            in_name = proto.graph.input[0].name
-        onnx_logits = _ort_logits(onnx_path, x).astype(np.float32)
+        lv = _ort_logits(onnx_path, xv).astype(np.float32)
         n_out = 1 if task == "binary" else len(labels)
-        if onnx_logits.ndim != 2 or onnx_logits.shape[1] != n_out:
-            raise ModelError(f"the model outputs shape {onnx_logits.shape}; a {task} model with {len(labels)} labels must output (N, {n_out}) logits")
-        if rule is None:
+        if lv.ndim != 2 or lv.shape[1] != n_out:
+            raise ModelError(f"the model outputs shape {lv.shape}; a {task} model with {len(labels)} labels must output (N, {n_out}) logits")
+        if rule is None:  # imported models: calibrate on the validation split, whatever --split is
             positive = labels.index(cfg.positive) if cfg.positive else 1
-            temperature = fit_temperature(onnx_logits, y, task)
-            rule = fit_decision_rule(probabilities(onnx_logits, task, temperature), y, task,
+            temperature = fit_temperature(lv, yv, task)
+            rule = fit_decision_rule(probabilities(lv, task, temperature), yv, task,
                                      target_sensitivity=cfg.target_sensitivity, positive=positive)
-        parity = parity_report(ref if ref is not None else onnx_logits, onnx_logits, task, temperature, rule)
-        parity.update(reference="torch" if ref is not None else "none (source is ONNX)", split=cfg.split, precision="fp32")
-        if parity["decision_agreement"] < 1.0:
-            raise ExportError(
-                f"ONNX Runtime disagrees with torch on {round((1 - parity['decision_agreement']) * parity['n'])} of {parity['n']} "
-                f"{cfg.split} images (max logit diff {parity['max_abs_diff_logits']:.2e}); the export is not faithful, so no bundle was written"
-            )
-        probs = probabilities(onnx_logits, task, temperature)
-        metrics = {f"{cfg.split}_onnx_fp32": evaluate_predictions(probs, y, task, rule, labels, n_boot=500)}
+        lp = lv if cfg.split == "val" else _ort_logits(onnx_path, xp).astype(np.float32)
+        parity: dict[str, Any] | None = None
+        if ref is not None:
+            parity = parity_report(ref, lp, task, temperature, rule)
+            parity.update(reference="torch", split=cfg.split, precision="fp32")
+            if parity["decision_agreement"] < 1.0:
+                raise ExportError(
+                    f"ONNX Runtime disagrees with torch on {round((1 - parity['decision_agreement']) * parity['n'])} of {parity['n']} "
+                    f"{cfg.split} images (max logit diff {parity['max_abs_diff_logits']:.2e}); the export is not faithful, so no bundle was written"
+                )
+        else:
+            provenance["parity"] = "not measured: the source is ONNX, there is no torch reference to compare with"
+        metrics = {"val_onnx_fp32": evaluate_predictions(probabilities(lv, task, temperature), yv, task, rule, labels, n_boot=500)}
         if "test" in train_metrics:
             metrics["test_training"] = train_metrics["test"]
         reference = None
         if cfg.samples:
-            k = min(MAX_REFERENCE, len(x))
+            k = min(MAX_REFERENCE, len(xp))
             # Preprocessed tensors only: no file names, no metadata.
-            np.savez_compressed(out / "reference.npz", inputs=x[:k], logits=onnx_logits[:k])
+            np.savez_compressed(stage / "reference.npz", inputs=xp[:k], logits=lp[:k])
             reference = {"file": "reference.npz", "count": k, "split": cfg.split}
+        manifest = {
+            "schema_version": SCHEMA_VERSION,
+            "format": FORMAT,
+            "name": cfg.name or out.name,
+            "created": provenance["exported_at"],
+            "task": task,
+            "labels": list(labels),
+            "model": {
+                "file": "model.onnx", "architecture": arch, "precision": "fp32", "opset": info["opset"], "ir_version": info["ir_version"],
+                "input_name": in_name, "output_name": out_name,
+                "input_shape": [info.get("batch", "batch"), spec.channels, spec.size[0], spec.size[1]],
+                "output_shape": [info.get("batch", "batch"), n_out],
+            },
+            "variants": [],
+            "preprocess": spec.to_dict(),
+            "postprocess": {"temperature": temperature, "decision": rule.to_dict()},
+            "provenance": {**provenance, "packages": package_versions()},
+            "metrics": metrics,
+            "reference": reference,
+        }
+        if parity is not None:
+            manifest["parity"] = parity
+        (stage / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, allow_nan=False))
+        write_checksums(stage)
+        verify_bundle(str(stage))  # exactly what a device does: checksums, schema, reference outputs
+        _swap_into_place(stage, out)
     except BaseException:
-        shutil.rmtree(out, ignore_errors=True)  # never leave half a bundle behind
+        shutil.rmtree(stage, ignore_errors=True)
         raise
-    manifest = {
-        "schema_version": SCHEMA_VERSION,
-        "format": FORMAT,
-        "name": cfg.name or out.name,
-        "created": provenance["exported_at"],
-        "task": task,
-        "labels": list(labels),
-        "model": {
-            "file": "model.onnx", "architecture": arch, "precision": "fp32", "opset": info["opset"], "ir_version": info["ir_version"],
-            "input_name": in_name, "output_name": OUTPUT_NAME,
-            "input_shape": ["batch", spec.channels, spec.size[0], spec.size[1]],
-            "output_shape": ["batch", 1 if task == "binary" else len(labels)],
-        },
-        "variants": [],
-        "preprocess": spec.to_dict(),
-        "postprocess": {"temperature": temperature, "decision": rule.to_dict()},
-        "provenance": {**provenance, "packages": package_versions()},
-        "parity": parity,
-        "metrics": metrics,
-        "reference": reference,
-    }
-    (out / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2))
-    write_checksums(out)
-    load_bundle(out)  # the bundle we hand over must load exactly as a device would load it
     return manifest
 
 
+def _copy_onnx(src: Path, dst: Path) -> tuple[dict[str, Any], str, str]:
+    """Check a user's ONNX file and copy it; returns ({opset, ir_version[, batch]}, input name, output name)."""
+    import onnx
+
+    try:
+        proto = onnx.load(str(src))
+        onnx.checker.check_model(proto)
+    except Exception as exc:  # protobuf DecodeError, onnx ValidationError
+        raise ModelError(f"{src.name} is not a valid ONNX model ({str(exc).splitlines()[0][:200]})") from None
+    inputs = [i for i in proto.graph.input if i.name not in {t.name for t in proto.graph.initializer}]
+    if len(inputs) != 1 or len(proto.graph.output) != 1:
+        raise ModelError("the ONNX model must have one input (N, C, H, W) and one output (N, K) of logits")
+    opset = max((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), default=0)
+    if opset > OPSET:
+        log.warning("ONNX opset %d is above %d: TensorRT 8.6 (JetPack 5) cannot parse it", opset, OPSET)
+    info: dict[str, Any] = {"opset": opset, "ir_version": int(proto.ir_version)}
+    dim0 = inputs[0].type.tensor_type.shape.dim[0] if inputs[0].type.tensor_type.shape.dim else None
+    if dim0 is not None and dim0.HasField("dim_value"):
+        info["batch"] = int(dim0.dim_value)  # a fixed batch: the runtime feeds it exactly that many
+    shutil.copyfile(src, dst)
+    return info, inputs[0].name, proto.graph.output[0].name
+
+
+def _swap_into_place(stage: Path, out: Path) -> None:
+    """Replace `out` by `stage` with renames, so an old bundle is gone only once the new one is whole."""
+    old = None
+    if out.exists():
+        old = out.with_name(f".{out.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        out.rename(old)
+    stage.rename(out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

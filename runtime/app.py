@@ -7,7 +7,7 @@ from typing import Any, Dict, List, Optional
 
 import numpy as np
 
-from edgeclf.errors import IntegrityError
+from edgeclf.errors import ConfigError, IntegrityError
 from edgeclf.runtime.backends import create_backend
 from edgeclf.runtime.bundle import load_bundle
 from edgeclf.runtime.pipeline import run_pipeline
@@ -29,31 +29,37 @@ def run_bundle(
     max_frames: Optional[int] = None,
     backend: str = "ort-cpu",
     threads: Optional[int] = None,
+    min_confidence: Optional[float] = None,
     extra_sinks: Optional[List[Sink]] = None,
 ) -> Dict[str, Any]:
     """Verify and load the bundle, open the source, classify every frame; returns the run summary."""
+    if max_frames is not None and max_frames < 1:
+        raise ConfigError(f"max frames is {max_frames}; give a positive number or leave it out for the whole source")
+    if min_confidence is not None and not 0.0 <= min_confidence < 1.0:
+        raise ConfigError(f"min confidence is {min_confidence}; allowed: 0 (never abstain) up to below 1")
     b = load_bundle(bundle_path)
     m = b.manifest
     sinks: List[Sink] = list(extra_sinks or [])
-    if out:
-        sinks.append(JsonlSink(out))
-    try:
-        with create_backend(str(b.model_path), (m.preprocess.channels,) + tuple(m.preprocess.size), m.num_outputs,
-                            backend=backend, threads=threads) as be, open_source(source_uri) as src:
-            summary = run_pipeline(b, src, be, sinks, max_frames=max_frames)
-            result = summary.to_dict()
-            result.update(
-                bundle=str(b.path), bundle_checksum=b.checksum, source_kind=src.kind, backend=be.name,
-                frame_count_claimed=src.frame_count, out=out,
-            )
-    finally:
-        for s in sinks:
-            s.close()
+    # Source and backend first: a typo in --source must not truncate an earlier results file.
+    with create_backend(str(b.model_path), (m.preprocess.channels,) + tuple(m.preprocess.size), m.num_outputs,
+                        backend=backend, threads=threads) as be, open_source(source_uri) as src:
+        try:
+            if out:
+                sinks.append(JsonlSink(out))
+            summary = run_pipeline(b, src, be, sinks, max_frames=max_frames, min_confidence=min_confidence)
+        finally:
+            for s in sinks:
+                s.close()
+        result = summary.to_dict()
+        result.update(
+            bundle=str(b.path), bundle_checksum=b.checksum, source_kind=src.kind, backend=be.name,
+            frame_count_claimed=src.frame_count, out=out,
+        )
     return result
 
 
-def verify_bundle(bundle_path: str, *, parity: bool = True) -> Dict[str, Any]:
-    """Checksums and schema (load_bundle), then, if present, re-run reference.npz through ONNX Runtime."""
+def verify_bundle(bundle_path: str, *, parity: bool = True, backend: str = "ort-cpu") -> Dict[str, Any]:
+    """Checksums and schema (load_bundle), then, if present, re-run reference.npz on `backend`."""
     b = load_bundle(bundle_path)
     result: Dict[str, Any] = {"path": str(b.path), "checksum": b.checksum, "checksums": "ok", "manifest": "ok", "reference": None}
     ref = b.reference_path
@@ -61,10 +67,11 @@ def verify_bundle(bundle_path: str, *, parity: bool = True) -> Dict[str, Any]:
         m = b.manifest
         with np.load(str(ref), allow_pickle=False) as z:
             x, want = z["inputs"], z["logits"]
-        with create_backend(str(b.model_path), (m.preprocess.channels,) + tuple(m.preprocess.size), m.num_outputs) as be:
+        with create_backend(str(b.model_path), (m.preprocess.channels,) + tuple(m.preprocess.size), m.num_outputs,
+                            backend=backend) as be:
             got = be.infer(x)
         diff = float(np.abs(got.astype(np.float64) - want).max()) if len(x) else 0.0
-        result["reference"] = {"n": int(len(x)), "max_abs_diff": diff, "tolerance": PARITY_TOLERANCE}
+        result["reference"] = {"n": int(len(x)), "max_abs_diff": diff, "tolerance": PARITY_TOLERANCE, "backend": backend}
         if diff > PARITY_TOLERANCE:
             raise IntegrityError(
                 f"bundle {Path(bundle_path)}: this device's outputs differ from the exported reference by {diff:.2e} "

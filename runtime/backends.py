@@ -118,11 +118,23 @@ class OrtBackend(Backend):
             raise BackendError(f"onnxruntime could not load {model_path}: {str(exc).splitlines()[0]}") from None
         self.session_ms = (time.perf_counter() - t0) * 1000.0
         self.providers: List[str] = list(self._session.get_providers())
-        self._input = self._session.get_inputs()[0].name
+        inp = self._session.get_inputs()[0]
+        self._input = inp.name
         self._output = self._session.get_outputs()[0].name
+        # A model exported with a fixed batch takes exactly that many inputs per call.
+        self.fixed_batch: Optional[int] = inp.shape[0] if isinstance(inp.shape[0], int) and inp.shape[0] > 0 else None
 
     def _infer(self, x: NDArray[np.float32]) -> NDArray[np.float32]:
-        out: NDArray[np.float32] = self._session.run([self._output], {self._input: x})[0]
+        step = self.fixed_batch or len(x)
+        if self.fixed_batch is not None and len(x) % step:
+            raise BackendError(f"this model takes batches of exactly {step}; got {len(x)} inputs")
+        outs = []
+        for i in range(0, len(x), max(step, 1)):
+            try:
+                outs.append(self._session.run([self._output], {self._input: x[i : i + step]})[0])
+            except Exception as exc:  # onnxruntime's own error types: shape, type, provider failures
+                raise BackendError(f"onnxruntime failed on an input of shape {x[i : i + step].shape}: {str(exc).splitlines()[0]}") from None
+        out: NDArray[np.float32] = np.concatenate(outs) if len(outs) != 1 else outs[0]
         return out
 
     def _close(self) -> None:

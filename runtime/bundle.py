@@ -124,6 +124,7 @@ class Manifest:
     input_name: str
     output_name: str
     num_outputs: int
+    min_confidence: float = 0.0  # abstain below this top probability (binary/multiclass); 0 never abstains
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> Manifest:
@@ -169,6 +170,12 @@ class Manifest:
         temperature = post["temperature"]
         if not isinstance(temperature, (int, float)) or not temperature > 0:
             raise BundleError(f"manifest.postprocess.temperature is {temperature!r}; expected a positive number")
+        unknown_post = sorted(set(post) - {"temperature", "decision", "min_confidence"})
+        if unknown_post:
+            raise BundleError(f"manifest.postprocess has unknown field(s) {unknown_post}")
+        min_conf = post.get("min_confidence", 0.0)
+        if not isinstance(min_conf, (int, float)) or not 0.0 <= min_conf < 1.0:
+            raise BundleError(f"manifest.postprocess.min_confidence is {min_conf!r}; expected a number in [0, 1)")
         try:
             pre = PreprocessSpec.from_dict(d["preprocess"])
             rule = DecisionRule.from_dict(post["decision"])
@@ -188,6 +195,7 @@ class Manifest:
             input_name=str(model["input_name"]),
             output_name=str(model["output_name"]),
             num_outputs=num_outputs,
+            min_confidence=float(min_conf),
         )
 
 

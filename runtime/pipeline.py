@@ -34,6 +34,7 @@ def stage_stats(values_ms: Sequence[float]) -> Dict[str, float]:
 class RunSummary:
     frames: int = 0
     written: int = 0
+    abstained: int = 0
     wall_s: float = 0.0
     label_counts: Dict[str, int] = field(default_factory=dict)
     timings_ms: Dict[str, List[float]] = field(default_factory=lambda: {s: [] for s in STAGES + ("latency",)})
@@ -42,6 +43,7 @@ class RunSummary:
         return {
             "frames": self.frames,
             "written": self.written,
+            "abstained": self.abstained,
             "wall_s": round(self.wall_s, 3),
             "fps": round(self.frames / self.wall_s, 2) if self.wall_s > 0 else 0.0,
             "label_counts": dict(self.label_counts),
@@ -56,14 +58,16 @@ def run_pipeline(
     sinks: Sequence[Sink],
     *,
     max_frames: Optional[int] = None,
+    min_confidence: Optional[float] = None,
 ) -> RunSummary:
     """Classify every frame of `source`, writing one record per frame to each sink.
 
-    Record: {"frame", "timestamp" (monotonic capture time), "time" (wall clock), "label" (None for multilabel or abstain), "labels" (multilabel),
-    "abstain", "probs", "latency_ms": {stage: ms, "total": capture-to-result}}.
+    Record: {"frame", "timestamp" (monotonic capture time), "time" (wall clock), "label" (None for multilabel or abstain),
+    "labels" (multilabel), "abstain" (+ "abstain_reason": top probability below min_confidence), "probs", "latency_ms": {stage: ms, "total": capture-to-result}}.
     """
     m = bundle.manifest
     pre = Preprocessor(m.preprocess)
+    floor = m.min_confidence if min_confidence is None else float(min_confidence)
     summary = RunSummary()
     t_start = time.perf_counter()
     while max_frames is None or summary.frames < max_frames:
@@ -84,6 +88,11 @@ def run_pipeline(
             present = [m.labels[k] for k in np.flatnonzero(decision[0])]
             record.update(label=None, labels=present, abstain=False)
             key = "+".join(present) or "(none)"
+        elif float(probs[0].max()) < floor:
+            # Not confident enough to show a label: say so rather than guess.
+            record.update(label=None, abstain=True, abstain_reason="low_confidence")
+            key = "(abstain)"
+            summary.abstained += 1
         else:
             record.update(label=m.labels[int(decision[0])], abstain=False)
             key = str(record["label"])

@@ -14,6 +14,7 @@ from numpy.typing import NDArray
 
 from edgeclf.errors import ConfigError
 from edgeclf.runtime import _cv
+from edgeclf.runtime.sources import to_uint8
 
 __all__ = ["PreprocessSpec", "Preprocessor", "RESIZE_MODES"]
 
@@ -102,7 +103,7 @@ class Preprocessor:
         cv2 = self._cv2
         img = image
         if img.dtype == np.uint16:
-            img = (img >> 8).astype(np.uint8)
+            img = to_uint8(img)  # the sources' conversion: the same pixels as training and image files
         elif img.dtype != np.uint8:
             raise ConfigError(f"image dtype {img.dtype} is not supported; expected uint8 or uint16")
         if img.ndim == 3 and img.shape[2] == 4:

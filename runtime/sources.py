@@ -54,6 +54,8 @@ __all__ = [
     "CameraSource",
     "SyntheticSource",
     "open_source",
+    "decode_image",
+    "to_uint8",
     "natural_key",
     "VIDEO_EXTENSIONS",
     "IMAGE_EXTENSIONS",
@@ -386,11 +388,32 @@ class VideoFileSource(BaseSource):
 # -------------------------------------------------------------------------------------------- images
 
 
-def _decode_image(path: str, index: int, count: int) -> Tuple[Image, int]:
-    """Read one image file as uint8 gray (H, W) or RGB (H, W, 3); returns it and its bit depth."""
+def to_uint8(image: NDArray[Any]) -> Image:
+    """uint8 as is; uint16 scaled over the full range, 0..65535 -> 0..255, rounded to nearest.
+
+    The one 16-to-8-bit conversion: image sources, training data (edgeclf.data) and
+    Preprocessor.geometry all use it, so a 16-bit image gives the same pixels everywhere. The same
+    scale for every image, never per-image windowing. Other dtypes raise ValueError.
+    """
+    if image.dtype == np.uint8:
+        return image
+    if image.dtype != np.uint16:
+        raise ValueError(f"image dtype {image.dtype} is not supported; expected uint8 or uint16")
+    out: Image = ((image.astype(np.uint32) * 255 + 32767) // 65535).astype(np.uint8)
+    return out
+
+
+def decode_image(path: str, where: Optional[str] = None) -> Tuple[Image, int]:
+    """Read one image file as uint8 gray (H, W) or RGB (H, W, 3); returns it and its bit depth.
+
+    16-bit files go through `to_uint8`, alpha is dropped, BGR becomes RGB. A file that cannot be
+    read or decoded raises a one-line SourceError starting with `where` (default: "image (.ext)",
+    which does not name the file; a caller that may name it passes its own).
+    """
     cv2 = _cv2()
     ext = os.path.splitext(path)[1].lower()
-    where = f"image {index} of {count} ({ext}, 0-based in natural sort order)"
+    if where is None:
+        where = f"image ({ext})"
     try:
         # np.fromfile + imdecode rather than imread: works with any file name on every OS.
         buf = np.fromfile(path, dtype=np.uint8)
@@ -405,8 +428,7 @@ def _decode_image(path: str, index: int, count: int) -> Tuple[Image, int]:
             "replace or remove that file"
         )
     if raw.dtype == np.uint16:
-        # Full-range scaling 0..65535 -> 0..255 (the same for every frame, never per-image windowing).
-        raw = ((raw.astype(np.uint32) * 255 + 32767) // 65535).astype(np.uint8)
+        raw = to_uint8(raw)
         depth = 16
     elif raw.dtype == np.uint8:
         depth = 8
@@ -422,6 +444,12 @@ def _decode_image(path: str, index: int, count: int) -> Tuple[Image, int]:
     if raw.ndim == 3 and raw.shape[2] == 4:
         raw = raw[:, :, :3]  # drop alpha; BGR -> RGB below
     return _bgr_to_rgb(raw), depth
+
+
+def _decode_image(path: str, index: int, count: int) -> Tuple[Image, int]:
+    """`decode_image`, with errors naming the file by its index only (never by its name)."""
+    ext = os.path.splitext(path)[1].lower()
+    return decode_image(path, f"image {index} of {count} ({ext}, 0-based in natural sort order)")
 
 
 class ImageSource(BaseSource):

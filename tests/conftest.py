@@ -34,7 +34,7 @@ def trained_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from edgeclf.train import TrainConfig, train
 
     out = tmp_path_factory.mktemp("trained")
-    train(TrainConfig(data=TINY_DATA, out=str(out), model="compact", size=32, epochs=3, patience=3, seed=0), progress=False)
+    train(TrainConfig(data=TINY_DATA, out=str(out), model="compact", size=32, epochs=3, patience=3, seed=0))
     return out
 
 

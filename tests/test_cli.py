@@ -94,3 +94,40 @@ def test_data_synth_writes_loadable_sets(tmp_path: Path) -> None:
     doc = json.loads(r.stdout)
     tl = json.loads(Path(doc["timeline"]).read_text())
     assert Path(doc["video"]).is_file() and tl["frames"] == doc["frames"] == tl["segments"][-1]["end"]
+
+
+def test_human_output_renders_for_bundle_run_and_evaluate(bundle_dir: Path) -> None:
+    r = run_cli("bundle", "info", str(bundle_dir))
+    assert r.returncode == 0 and "parity:" in r.stdout and "metrics[val_onnx_fp32]" in r.stdout, r.stderr
+    r = run_cli("run", "--bundle", str(bundle_dir), "--source", "synthetic:ultrasound", "--max-frames", "7")
+    assert r.returncode == 0 and "7 frames" in r.stdout and "infer" in r.stdout, r.stderr
+    r = run_cli("evaluate", "--model", str(bundle_dir), "--split", "val")
+    assert r.returncode == 0 and "AUC (95% CI)" in r.stdout and "[val] at the recorded operating points" in r.stdout, r.stderr
+    r = run_cli("bundle", "verify", str(bundle_dir))
+    assert r.returncode == 0 and r.stdout.startswith("OK "), r.stderr
+
+
+def test_out_of_range_numbers_are_refused(bundle_dir: Path, tmp_path: Path) -> None:
+    _one_line_error(run_cli("run", "--bundle", str(bundle_dir), "--source", "synthetic:ultrasound", "--max-frames", "0"), "max-frames")
+    _one_line_error(run_cli("train", "--data", "synthetic:ultrasound", "--out", str(tmp_path), "--batch-size", "1"), "batch-size")
+    _one_line_error(run_cli("train", "--data", "synthetic:ultrasound", "--out", str(tmp_path), "--threads", "-1"), "threads")
+
+
+def test_low_confidence_frames_abstain_and_are_counted(bundle_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "r.jsonl"
+    r = run_cli("run", "--bundle", str(bundle_dir), "--source", "synthetic:ultrasound?frames=20", "--out", str(out),
+                "--min-confidence", "0.999999", "--json")
+    assert r.returncode == 0, r.stderr
+    doc = json.loads(r.stdout)
+    recs = [json.loads(ln) for ln in out.read_text().splitlines()]
+    abstained = [x for x in recs if x["abstain"]]
+    assert len(recs) == 20 and doc["abstained"] == len(abstained) > 0
+    assert all(x["label"] is None and x["abstain_reason"] == "low_confidence" for x in abstained)
+    assert all(max(x["probs"].values()) < 0.999999 for x in abstained)
+
+
+def test_a_bad_source_does_not_truncate_earlier_results(bundle_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "r.jsonl"
+    out.write_text('{"frame": 0}\n')
+    _one_line_error(run_cli("run", "--bundle", str(bundle_dir), "--source", str(tmp_path / "typo.mp4"), "--out", str(out)))
+    assert out.read_text() == '{"frame": 0}\n'

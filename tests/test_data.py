@@ -238,7 +238,7 @@ def test_image_channels_and_bit_depth(tmp_path: Path) -> None:
 
     d = by_id["b/deep16.png"]
     assert d.shape == (10, 14) and d.dtype == np.uint8
-    np.testing.assert_array_equal(d, (sixteen >> 8).astype(np.uint8))
+    np.testing.assert_array_equal(d, ((sixteen.astype(np.uint32) * 255 + 32767) // 65535).astype(np.uint8))
     assert d.max() > 200  # full 16-bit range maps onto the full 8-bit range
 
     assert ds.channels_hint == 3  # one truly coloured image
@@ -474,6 +474,16 @@ def test_medmnist_multilabel(tmp_path: Path) -> None:
     assert load_dataset(str(path)).labels == ["label0", "label1", "label2"]
 
 
+def test_medmnist_multilabel_refuses_class_map(tmp_path: Path) -> None:
+    arrays = _medmnist_arrays({"train": 4, "val": 2, "test": 2})
+    for s in SPLITS:
+        arrays[f"{s}_labels"] = np.ones((len(arrays[f"{s}_images"]), 3), np.uint8)
+    np.savez(tmp_path / "ml.npz", label_names=np.array(["a", "b", "c"]), **arrays)
+    with pytest.raises(DataError) as exc:
+        load_dataset(str(tmp_path / "ml.npz"), classes="a,b")
+    assert _one_line(exc).startswith("--classes does not apply to multilabel data; ")
+
+
 def test_medmnist_multilabel_labels_are_uint8(tmp_path: Path) -> None:
     arrays = _medmnist_arrays({"train": 4, "val": 2, "test": 2})
     for s in SPLITS:
@@ -668,6 +678,60 @@ def test_class_folders_without_images(tmp_path: Path) -> None:
 def test_undecodable_image(tmp_path: Path) -> None:
     _image_tree(tmp_path, {"a": 3, "b": 3})
     (tmp_path / "b" / "broken.png").write_bytes(b"\x89PNG not really")
+    with pytest.raises(DataError) as exc:  # a DataError (not the source's SourceError) naming the file
+        load_dataset(str(tmp_path))
+    assert type(exc.value) is DataError
+    assert str(tmp_path / "b" / "broken.png") in _one_line(exc)
+    (tmp_path / "b" / "broken.png").unlink()
+    _write(tmp_path / "b" / "float.tiff", np.full((4, 4), 0.5, np.float32))
     with pytest.raises(DataError) as exc:
         load_dataset(str(tmp_path))
-    assert "broken.png" in _one_line(exc)
+    assert "float.tiff" in _one_line(exc) and "float32" in str(exc.value)
+
+
+# -- one implementation shared with the runtime -------------------------------------------------------
+
+
+def test_16_bit_images_give_the_same_pixels_in_training_and_at_runtime(tmp_path: Path) -> None:
+    from edgeclf.runtime.preprocess import Preprocessor, PreprocessSpec
+    from edgeclf.runtime.sources import open_source, to_uint8
+
+    # Values where a shift (>> 8) and rounding disagree: 255 -> 0 vs 1, 65535 -> 255 either way.
+    edge = np.array([0, 128, 255, 257, 32767, 32768, 33023, 65407, 65535], np.uint16)
+    assert to_uint8(edge).tolist() == [0, 0, 1, 1, 127, 128, 128, 255, 255]
+    assert not np.array_equal(to_uint8(edge), edge >> 8)
+
+    rng = np.random.default_rng(0)
+    gray = rng.integers(0, 65536, (12, 16), dtype=np.uint16)
+    gray.flat[: edge.size] = edge
+    bgr = rng.integers(0, 65536, (12, 16, 3), dtype=np.uint16)
+    bgr.reshape(-1)[: edge.size] = edge
+    _write(tmp_path / "a" / "gray16.png", gray)
+    _write(tmp_path / "b" / "colour16.png", bgr)
+    _write(tmp_path / "b" / "other.png", _gray(3))
+
+    allsp = load_dataset(str(tmp_path)).split("all")
+    by_id = dict(zip(allsp.ids, allsp.images))
+    for rel, raw16, channels in (("a/gray16.png", gray, 1), ("b/colour16.png", bgr, 3)):
+        [frame] = list(open_source(str(tmp_path / rel)))
+        rgb16 = raw16 if raw16.ndim == 2 else np.ascontiguousarray(raw16[:, :, ::-1])
+        pre = Preprocessor(PreprocessSpec(channels=channels, size=raw16.shape[:2], mean=(0.5,) * channels, std=(0.25,) * channels))
+        geo = pre.geometry(rgb16)  # what a device does with a 16-bit frame handed to it directly
+        trained = by_id[rel]
+        assert trained.dtype == frame.image.dtype == geo.dtype == np.uint8
+        np.testing.assert_array_equal(trained, frame.image)
+        np.testing.assert_array_equal(geo.reshape(trained.shape), trained)
+        np.testing.assert_array_equal(trained, to_uint8(rgb16))
+
+
+def test_dataset_name_carries_no_workstation_path(tmp_path: Path) -> None:
+    assert load_dataset("synthetic:ultrasound?n=30&size=32").name == "synthetic:ultrasound?n=30&size=32"
+    path = tmp_path / "breastmnist.npz"
+    np.savez(path, **_medmnist_arrays({"train": 4, "val": 2, "test": 2}))
+    ds = load_dataset(str(path))
+    assert ds.spec == str(path.resolve()) and ds.name == "breastmnist.npz"
+    root = tmp_path / "pocus"
+    _image_tree(root, {"a": 3, "b": 3})
+    ds = load_dataset(str(root) + "/")
+    assert Path(ds.spec).is_absolute() and ds.name == "pocus"
+    assert str(tmp_path) not in ds.name

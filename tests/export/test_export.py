@@ -83,3 +83,63 @@ def test_manifest_records_provenance(bundle_dir: Path, trained_dir: Path) -> Non
     assert m["provenance"]["training"]["config"]["model"] == "compact"
     assert m["metrics"]["val_onnx_fp32"]["n"] == m["parity"]["n"]
     assert m["postprocess"]["temperature"] == pytest.approx(run["model"]["temperature"])
+
+
+def _user_model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A 3-class torch model exported by the user to ONNX (fixed batch of 1, output named 'scores')."""
+    torch = pytest.importorskip("torch")
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
+                              torch.nn.Linear(4, 3))
+    path = tmp_path / "user.onnx"
+    torch.onnx.export(net, (torch.zeros(1, 1, 32, 32),), str(path), opset_version=17, dynamo=False,
+                      input_names=["pixels"], output_names=["scores"])
+    return path
+
+
+def test_imported_onnx_with_fixed_batch_runs_and_is_honest_about_parity(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    src = _user_model(tmp_path, monkeypatch)
+    common = dict(labels="normal,cyst,mass", task="multiclass", size=32, channels=1, data=TINY_DATA)
+    m = export_bundle(ExportConfig(out=str(tmp_path / "b"), from_onnx=str(src), **common))
+    assert "parity" not in m and m["provenance"]["parity"].startswith("not measured")
+    assert m["model"]["input_name"] == "pixels" and m["model"]["output_name"] == "scores"
+    assert m["model"]["input_shape"][0] == 1  # the fixed batch is recorded, not claimed dynamic
+    r = evaluate(str(tmp_path / "b"), split="test", n_boot=50)  # batches of 64 fed one at a time
+    assert r["data"]["n"] > 1
+    # Calibration always uses the validation split, whatever split feeds parity and the samples.
+    m2 = export_bundle(ExportConfig(out=str(tmp_path / "b2"), from_onnx=str(src), split="test", **common))
+    assert m2["postprocess"] == m["postprocess"] and m2["reference"]["split"] == "test"
+
+
+def test_imported_labels_must_match_the_data_in_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from edgeclf.errors import DataError
+
+    src = _user_model(tmp_path, monkeypatch)
+    with pytest.raises(DataError, match="same order"):
+        export_bundle(ExportConfig(out=str(tmp_path / "b"), from_onnx=str(src), labels="mass,cyst,normal", task="multiclass",
+                                   size=32, channels=1, data=TINY_DATA))
+    with pytest.raises(ConfigError, match="--positive"):
+        export_bundle(ExportConfig(out=str(tmp_path / "b"), from_onnx=str(src), labels="normal,cyst,mass", task="multiclass",
+                                   size=32, channels=1, data=TINY_DATA, positive="tumour"))
+    (tmp_path / "junk.onnx").write_text("not a model")
+    with pytest.raises(ModelError, match="not a valid ONNX model"):
+        export_bundle(ExportConfig(out=str(tmp_path / "b"), from_onnx=str(tmp_path / "junk.onnx"), labels="normal,cyst,mass",
+                                   task="multiclass", size=32, channels=1, data=TINY_DATA))
+    assert not (tmp_path / "b").exists() and not list(tmp_path.glob(".b.*"))
+
+
+def test_failed_overwrite_keeps_the_old_bundle(trained_dir: Path, tmp_path: Path) -> None:
+    from edgeclf.errors import DataError
+
+    out = tmp_path / "b"
+    export_bundle(ExportConfig(out=str(out), model=str(trained_dir)))
+    before = (out / "checksums.sha256").read_text()
+    with pytest.raises(DataError):
+        export_bundle(ExportConfig(out=str(out), model=str(trained_dir), data=str(tmp_path / "missing"), overwrite=True))
+    assert (out / "checksums.sha256").read_text() == before
+    load_bundle(out)
+
+
+def test_bundle_carries_no_workstation_paths(bundle_dir: Path, trained_dir: Path) -> None:
+    text = (bundle_dir / "manifest.json").read_text()
+    assert str(trained_dir) not in text and str(Path.home()) + "/" not in text and "/tmp/" not in text

@@ -45,6 +45,18 @@ def test_fixed_roi_and_16_bit() -> None:
         Preprocessor(spec(roi={"mode": "fixed", "box": [100, 100, 5, 5]})).geometry(img)
 
 
+def test_16_bit_uses_the_sources_rounding_not_a_shift() -> None:
+    from edgeclf.runtime.sources import to_uint8
+
+    img = np.arange(0, 65536, 64, dtype=np.uint16).reshape(32, 32)
+    img[0, :2] = (255, 383)  # a shift gives 0 and 1, rounding 1 and 1
+    g = Preprocessor(spec(size=(32, 32))).geometry(img)[:, :, 0]
+    np.testing.assert_array_equal(g, to_uint8(img))
+    assert g[0, :2].tolist() == [1, 1]
+    with pytest.raises(ConfigError, match="float32"):
+        Preprocessor(spec()).geometry(img.astype(np.float32))
+
+
 def test_spec_round_trip_and_validation() -> None:
     s = spec(resize="letterbox")
     assert PreprocessSpec.from_dict(s.to_dict()) == s

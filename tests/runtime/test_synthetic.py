@@ -288,18 +288,6 @@ def test_cine_is_temporally_coherent_and_segments_differ():
     assert np.hypot(*(centres[0] - centres[1])) < 0.06 * 128
 
 
-def test_cine_frames_are_cheap():
-    import time
-
-    cine = UltrasoundCine(size=256, seed=1)
-    cine.frame(0)
-    t0 = time.perf_counter()
-    for i in range(40):
-        cine.frame(i)
-    per_frame = (time.perf_counter() - t0) / 40
-    assert per_frame < 0.025  # ~2-3 ms on a laptop; generous for shared CI runners
-
-
 def test_write_cine_roundtrip(tmp_path):
     tl = [(0, 6), (1, 8), (2, 7)]
     path = tmp_path / "demo.mp4"

@@ -1,0 +1,71 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from edgeclf.errors import ConfigError, DataError
+from edgeclf.train import TrainConfig, default_size, train
+
+pytest.importorskip("torch")
+
+
+def test_multilabel_end_to_end(tmp_path: Path) -> None:
+    from edgeclf.evaluate import evaluate
+    from edgeclf.export.bundle_writer import ExportConfig, export_bundle
+    from edgeclf.runtime.app import run_bundle
+    from edgeclf.runtime.sinks import ListSink
+
+    epochs: list[dict] = []
+    rec = train(TrainConfig(data="synthetic:xray?n=150&size=48&seed=2", out=str(tmp_path / "m"), size=32, epochs=2, patience=2),
+                on_epoch=epochs.append)
+    assert [e["epoch"] for e in epochs] == [1, 2] and rec["data"]["augment"] == "xray"
+    assert rec["model"]["decision"]["kind"] == "multilabel" and len(rec["model"]["decision"]["thresholds"]) == 3
+    m = export_bundle(ExportConfig(out=str(tmp_path / "b"), model=str(tmp_path / "m")))
+    assert m["task"] == "multilabel" and m["parity"]["decision_agreement"] == 1.0
+    ev = evaluate(str(tmp_path / "b"), split="test", n_boot=50)
+    assert set(ev["metrics"]["per_class"]) == {"consolidation", "nodule", "effusion"}
+    sink = ListSink()
+    run_bundle(str(tmp_path / "b"), "synthetic:ultrasound?frames=3", extra_sinks=[sink])
+    assert all(r["label"] is None and isinstance(r["labels"], list) for r in sink.records)
+
+
+def test_run_record_is_complete_and_loadable_without_pickle(trained_dir: Path) -> None:
+    run = json.loads((trained_dir / "run.json").read_text())
+    assert {"config", "data", "history", "metrics", "packages", "best_epoch"} <= set(run)
+    assert run["data"]["hash"] and run["data"]["sizes"]["train"] > 0
+    assert sorted(p.name for p in (trained_dir / "splits").iterdir()) == ["test.txt", "train.txt", "val.txt"]
+    head = (trained_dir / "model.safetensors").read_bytes()[:8]
+    assert int.from_bytes(head, "little") > 0  # safetensors header length, not a pickle opcode
+    assert not (trained_dir / "model.safetensors").read_bytes().startswith(b"\x80")
+
+
+def test_val_split_without_a_class_is_refused_before_training(tmp_path: Path) -> None:
+    cv2 = pytest.importorskip("cv2")
+    rng = np.random.default_rng(0)
+    for cls, n in (("common", 12), ("rare", 2)):  # 2 images: the rare class cannot reach val
+        (tmp_path / "d" / cls).mkdir(parents=True)
+        for i in range(n):
+            cv2.imwrite(str(tmp_path / "d" / cls / f"{i}.png"), rng.integers(0, 255, (32, 32), np.uint8))
+    with pytest.raises(DataError, match="no images of rare"):
+        train(TrainConfig(data=str(tmp_path / "d"), out=str(tmp_path / "o"), epochs=1))
+    assert not (tmp_path / "o").exists()
+
+
+def test_config_validation() -> None:
+    with pytest.raises(ConfigError, match="batch-size"):
+        TrainConfig(data="x", out="y", batch_size=1)
+    with pytest.raises(ConfigError, match="target-sensitivity"):
+        TrainConfig(data="x", out="y", target_sensitivity=0)
+    with pytest.raises(ConfigError, match="augment"):
+        TrainConfig(data="x", out="y", augment="mixup")
+
+
+def test_default_size_never_upsamples_past_the_data() -> None:
+    small = [np.zeros((28, 28), np.uint8)] * 5
+    big = [np.zeros((256, 300), np.uint8)] * 5
+    assert default_size(64, 28, small) == 32
+    assert default_size(224, 32, small) == 32
+    assert default_size(64, 28, big) == 64
