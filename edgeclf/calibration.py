@@ -17,7 +17,7 @@ import numpy.typing as npt
 from numpy.typing import NDArray
 
 from edgeclf.errors import ConfigError, DataError
-from edgeclf.runtime.postprocess import TASKS, DecisionRule, probabilities, rule_kind_for_task
+from edgeclf.runtime.postprocess import DecisionRule, _check_task, probabilities, rule_kind_for_task
 
 __all__ = ["fit_temperature", "fit_decision_rule", "TEMPERATURE_BOUNDS"]
 
@@ -27,11 +27,6 @@ logger = logging.getLogger(__name__)
 TEMPERATURE_BOUNDS = (0.05, 20.0)
 # The smallest threshold a fitted rule may hold (a DecisionRule needs thresholds > 0).
 _MIN_THRESHOLD = 1e-12
-
-
-def _check_task(task: object) -> None:
-    if task not in TASKS:
-        raise ConfigError(f"unknown task {task!r}; allowed: {', '.join(TASKS)}; fix the task in the config")
 
 
 def _as_labels(labels: npt.ArrayLike, task: str, n: int, k: int) -> NDArray[np.int64]:
