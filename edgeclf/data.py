@@ -22,7 +22,7 @@ import numpy as np
 from edgeclf.errors import DataError, SourceError
 from edgeclf.runtime.sources import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, decode_image, natural_key
 
-__all__ = ["Dataset", "Split", "load_dataset", "parse_class_map", "SPLITS", "IMAGE_EXTS", "VIDEO_EXTS"]
+__all__ = ["Dataset", "Split", "load_dataset", "parse_class_map", "spec_name", "SPLITS", "IMAGE_EXTS", "VIDEO_EXTS"]
 
 log = logging.getLogger(__name__)
 SPLITS = ("train", "val", "test")
@@ -65,11 +65,8 @@ class Dataset:
 
     @property
     def name(self) -> str:
-        """The spec without workstation paths, for provenance: `synthetic:...` as given, else the last
-        path component (`breastmnist.npz`, `pocus`). `spec` stays absolute for export and evaluate."""
-        if self.spec.startswith("synthetic:"):
-            return self.spec
-        return Path(self.spec).name or self.spec
+        """The spec without workstation paths (see `spec_name`); `spec` stays absolute for export and evaluate."""
+        return spec_name(self.spec)
 
     def split(self, name: str) -> Split:
         if name == "all":
@@ -87,6 +84,14 @@ class Dataset:
 
     def split_lists(self) -> dict[str, list[str]]:
         return {name: list(s.ids) for name, s in self.splits.items()}
+
+
+def spec_name(spec: str) -> str:
+    """A data spec without workstation paths, for provenance: `synthetic:...` as given, else the last
+    path component (`breastmnist.npz`, `pocus`)."""
+    if spec.startswith("synthetic:"):
+        return spec
+    return Path(spec).name or spec
 
 
 def parse_class_map(text: str | None) -> list[tuple[str, list[str]]] | None:

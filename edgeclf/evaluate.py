@@ -75,7 +75,7 @@ def evaluate(
         raise ConfigError(f"data {data_spec} has {ds.task} labels {ds.labels}; the model has {task} labels {labels}; use --classes to map them")
     sp = ds.split(split)
     pre = Preprocessor(spec)
-    x = pre.normalize(np.stack([pre.geometry(im) for im in sp.images]))
+    x = pre.batch(sp.images)
     probs = probabilities(infer(x), task, temperature)
     report: dict[str, Any] = {
         "target": str(path),

@@ -262,7 +262,7 @@ def train(cfg: TrainConfig, *, on_epoch: Callable[[dict[str, Any]], None] | None
     model = create_model(cfg.model, num_outputs=n_out, in_chans=channels, pretrained=cfg.pretrained)
 
     xtr = torch.from_numpy(cache_split(ds.splits["train"], pre)).permute(0, 3, 1, 2).contiguous()
-    xva = pre.normalize(cache_split(ds.splits["val"], pre))
+    xva = pre.batch(ds.splits["val"].images)
     ytr_np, yva = ds.splits["train"].labels, ds.splits["val"].labels
     mean_t = torch.tensor(spec.mean, dtype=torch.float32).view(1, -1, 1, 1)
     std_t = torch.tensor(spec.std, dtype=torch.float32).view(1, -1, 1, 1)
@@ -340,7 +340,7 @@ def train(cfg: TrainConfig, *, on_epoch: Callable[[dict[str, Any]], None] | None
     rule = fit_decision_rule(pv, yva, ds.task, target_sensitivity=cfg.target_sensitivity, positive=positive)
     metrics = {"val": evaluate_predictions(pv, yva, ds.task, rule, ds.labels, n_boot=500, seed=cfg.seed)}
     if len(ds.splits.get("test", [])):
-        xte = pre.normalize(cache_split(ds.splits["test"], pre))
+        xte = pre.batch(ds.splits["test"].images)
         lt = torch_logits(model, xte)
         metrics["test"] = evaluate_predictions(
             probabilities(lt, ds.task, temperature), ds.splits["test"].labels, ds.task, rule, ds.labels, n_boot=1000, seed=cfg.seed

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from edgeclf.data import Dataset, load_dataset
+from edgeclf.data import Dataset, load_dataset, spec_name
 from edgeclf.errors import ConfigError, DataError, ModelError
 from edgeclf.export.onnx_export import INPUT_NAME, OPSET, OUTPUT_NAME, ExportError, export_onnx, parity_report
 from edgeclf.runtime.bundle import FORMAT, MANIFEST_FILE, SCHEMA_VERSION, write_checksums
@@ -129,11 +129,6 @@ def _ort_logits(path: Path, x: np.ndarray) -> np.ndarray:
         raise ModelError(f"the ONNX model rejects inputs of shape {x.shape[1:]}: {str(exc).splitlines()[0]}; check --size/--channels") from None
 
 
-def _prepare(spec: PreprocessSpec, images: list[np.ndarray]) -> np.ndarray:
-    pre = Preprocessor(spec)
-    return pre.normalize(np.stack([pre.geometry(im) for im in images]))
-
-
 def _data_record(ds: Dataset, classes: str | None) -> dict[str, Any]:
     """What a bundle says about its data: a name and a hash, never a workstation path."""
     return {"name": ds.name, "kind": ds.kind, "hash": ds.data_hash, "licence": ds.licence, "classes": classes,
@@ -198,11 +193,14 @@ def export_bundle(cfg: ExportConfig) -> dict[str, Any]:
     if ds.task != task or ds.labels != labels:
         raise DataError(f"data {ds.name} is a {ds.task} set with labels {ds.labels}; the model is {task} with labels {labels} "
                         "(same names, same order); use --classes to map the data or fix --labels")
-    xv, yv = _prepare(spec, ds.split("val").images), ds.split("val").labels
-    xp, yp = (xv, yv) if cfg.split == "val" else (_prepare(spec, ds.split(cfg.split).images), ds.split(cfg.split).labels)
-    provenance["data"] = _data_record(ds, classes) if cfg.model is None else {
-        **{k: recorded.get(k) for k in ("kind", "hash", "licence", "classes", "sizes")}, "name": Path(str(recorded.get("spec"))).name
-        if not str(recorded.get("spec", "")).startswith("synthetic:") else recorded.get("spec")}
+    pre = Preprocessor(spec)
+    xv, yv = pre.batch(ds.split("val").images), ds.split("val").labels
+    xp = xv if cfg.split == "val" else pre.batch(ds.split(cfg.split).images)
+    if cfg.model is None:
+        provenance["data"] = _data_record(ds, classes)
+    else:  # the training data, as run.json recorded it, less its workstation path
+        provenance["data"] = {**{k: recorded.get(k) for k in ("kind", "hash", "licence", "classes", "sizes")},
+                              "name": spec_name(str(recorded.get("spec", "")))}
     provenance["export_data"] = {"name": ds.name, "hash": ds.data_hash, "split": cfg.split}
 
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -7,7 +7,7 @@ Two steps so training can cache the geometry and augment before normalising:
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Any, Dict, Mapping, Optional, Tuple
+from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 from numpy.typing import NDArray
@@ -148,6 +148,12 @@ class Preprocessor:
         x = batch.transpose(0, 3, 1, 2).astype(np.float32)
         out: NDArray[np.float32] = x * self._mul + self._add
         return out
+
+    def batch(self, images: Sequence[NDArray[Any]]) -> NDArray[np.float32]:
+        """A list of images (any sizes) -> (N, C, H, W) float32 model input."""
+        if not images:
+            return np.zeros((0, self.spec.channels) + tuple(self.spec.size), np.float32)
+        return self.normalize(np.stack([self.geometry(im) for im in images]))
 
     def __call__(self, image: NDArray[Any]) -> NDArray[np.float32]:
         return self.normalize(self.geometry(image)[None])
