@@ -1,0 +1,58 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from edgeclf.export.gate import gate_candidate
+from edgeclf.runtime.postprocess import DecisionRule
+
+RULE = DecisionRule("threshold", (0.5,), positive=1, target_sensitivity=0.9)
+
+
+def _binary(n: int = 200, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 2, n)
+    z = (y * 2.0 - 1.0) * 1.5 + rng.normal(size=n)
+    return z[:, None].astype(np.float32), y
+
+
+def test_identical_candidate_passes_with_zero_drop() -> None:
+    z, y = _binary()
+    g = gate_candidate(z, z.copy(), y, "binary", 1.0, RULE, ["neg", "pos"], max_drop=0.0)
+    assert g["passed"] and g["decision_agreement"] == 1.0 and g["disagreements"] == []
+    assert all(c["drop"] == 0 and c["drop_ci95"] == [0.0, 0.0] for c in g["checks"])
+
+
+def test_a_real_loss_fails_and_names_the_metric() -> None:
+    z, y = _binary()
+    noisy = z + np.random.default_rng(1).normal(scale=3.0, size=z.shape).astype(np.float32)
+    g = gate_candidate(z, noisy, y, "binary", 1.0, RULE, ["neg", "pos"], max_drop=0.0001)
+    auc = next(c for c in g["checks"] if c["metric"] == "auc_macro")
+    assert not g["passed"] and "auc_macro" in g["failed_on"]
+    assert auc["drop"] > 0.05 and auc["drop_ci95"][0] > 0
+    # A generous limit lets the same candidate through, with the same numbers reported.
+    assert gate_candidate(z, noisy, y, "binary", 1.0, RULE, ["neg", "pos"], max_drop=0.5)["passed"]
+
+
+def test_one_flipped_case_does_not_decide_alone() -> None:
+    y = np.array([1] * 20 + [0] * 20)
+    z = np.where(y == 1, 2.0, -2.0)[:, None].astype(np.float32)
+    cand = z.copy()
+    cand[0, 0] = -0.1  # one positive now falls below the threshold
+    g = gate_candidate(z, cand, y, "binary", 1.0, RULE, ["neg", "pos"], max_drop=0.01, ids=[f"img{i}" for i in range(40)])
+    sens = next(c for c in g["checks"] if c["metric"] == "sensitivity[pos]")
+    assert sens["drop"] == pytest.approx(1 / 20) and sens["drop_ci95"][0] <= 0
+    assert g["passed"] and g["disagreements"] == ["img0"] and g["decision_agreement"] == pytest.approx(39 / 40)
+
+
+def test_multiclass_and_multilabel_checks_cover_every_class() -> None:
+    rng = np.random.default_rng(3)
+    y = rng.integers(0, 3, 150)
+    z = rng.normal(size=(150, 3)).astype(np.float32)
+    z[np.arange(150), y] += 2
+    rule = DecisionRule("max-ratio", (0.3, 0.3, 0.3))
+    g = gate_candidate(z, z, y, "multiclass", 1.0, rule, ["a", "b", "c"], max_drop=0.0)
+    assert [c["metric"] for c in g["checks"]] == ["auc_macro", "sensitivity[a]", "sensitivity[b]", "sensitivity[c]"]
+    ym = (rng.random((150, 3)) < 0.4).astype(np.uint8)
+    g = gate_candidate(z, z, ym, "multilabel", 1.0, DecisionRule("multilabel", (0.5, 0.5, 0.5)), ["a", "b", "c"], max_drop=0.0)
+    assert g["passed"] and len(g["checks"]) == 4
