@@ -142,7 +142,8 @@ def train(data_spec: str, model: str, out: str, size, channels, pretrained, epoc
 @click.option("--data", "data_spec", default=None, help="Data spec [default: the one the model records].")
 @click.option("--split", type=click.Choice(["test", "val", "train", "all"]), default="test", show_default=True)
 @click.option("--classes", default=None, help="Class map (as in train) [default: the recorded one].")
-@click.option("--precision", default="fp32", show_default=True, help="Bundle precision to evaluate.")
+@click.option("--precision", type=click.Choice(["fp32", "fp16", "int8"]), default=None,
+              help="Bundle model to evaluate [default: the bundle's deploy choice].")
 @click.option("--out", default=None, help="Folder for metrics.json, roc.png, confusion.png.")
 @click.option("--threads", type=click.IntRange(min=1), default=None)
 @json_option
@@ -173,20 +174,26 @@ def evaluate(target: str, data_spec, split, classes, precision, out, threads, as
 @click.option("--target-sensitivity", type=float, default=0.9, show_default=True)
 @click.option("--positive", default=None, help="Imported binary models: the positive class.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing bundle at --out.")
+@click.option("--precision", type=click.Choice(["fp32", "fp16", "int8", "auto"]), default="fp32", show_default=True,
+              help="int8/fp16: add gated variants or refuse; auto: keep the fastest variant that passes, else fp32.")
+@click.option("--max-drop", type=click.FloatRange(0, 1, max_open=True), default=0.01, show_default=True,
+              help="Largest AUC or per-class sensitivity drop a variant may show against its fp32 parent.")
+@click.option("--calibration", type=click.Choice(["minmax", "entropy", "percentile"]), default="minmax", show_default=True,
+              help="INT8 calibration method (on a seeded, class-stratified sample of training images).")
+@click.option("--calibration-n", type=click.IntRange(min=1), default=128, show_default=True)
 @json_option
 def export(model, from_onnx, from_torch, weights, data_spec, classes, split, out, no_samples, labels, task, size, channels, mean, std,
-           target_sensitivity, positive, overwrite, as_json: bool) -> None:
+           target_sensitivity, positive, overwrite, precision, max_drop, calibration, calibration_n, as_json: bool) -> None:
     """Export ONNX (opset 17), check parity on real images, and write a verified bundle."""
     from edgeclf.export.bundle_writer import ExportConfig, export_bundle
 
     cfg = ExportConfig(out=out, model=model, from_onnx=from_onnx, from_torch=from_torch, weights=weights, data=data_spec,
                        classes=classes, split=split, samples=not no_samples, labels=labels, task=task, size=size,
                        channels=int(channels) if channels else None, mean=mean, std=std, target_sensitivity=target_sensitivity,
-                       positive=positive, overwrite=overwrite)
+                       positive=positive, overwrite=overwrite, precision=precision, max_drop=max_drop,
+                       calibration=calibration, calibration_n=calibration_n)
     manifest = export_bundle(cfg)
-    p = manifest["parity"]
-    _emit(as_json, manifest, f"bundle written and verified: {out}\nparity on {p['n']} {p['split']} images: decisions agree "
-          f"{p['decision_agreement']:.1%}, max |logit diff| {p['max_abs_diff_logits']:.2e}, min cosine {p['min_cosine']:.6f}")
+    _emit(as_json, manifest, _print_export)
 
 
 # -- run ------------------------------------------------------------------------------------------------
@@ -199,14 +206,16 @@ def export(model, from_onnx, from_torch, weights, data_spec, classes, split, out
 @click.option("--min-confidence", type=click.FloatRange(0, 1, max_open=True), default=None,
               help="Abstain when the top probability is below this [default: the bundle's, 0 = never].")
 @click.option("--backend", default="ort-cpu", show_default=True, help="ort-cpu, ort-cuda or ort-tensorrt.")
+@click.option("--precision", type=click.Choice(["fp32", "fp16", "int8"]), default=None,
+              help="Which model of the bundle to run [default: the bundle's deploy choice].")
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="Inference threads [default: the cores available].")
 @json_option
-def run(bundle: str, source: str, out, max_frames, min_confidence, backend, threads, as_json: bool) -> None:
+def run(bundle: str, source: str, out, max_frames, min_confidence, backend, precision, threads, as_json: bool) -> None:
     """Classify frames from a source with a verified bundle; one JSON line per frame."""
     from edgeclf.runtime.app import run_bundle
 
     summary = run_bundle(bundle, source, out=out, max_frames=max_frames, backend=backend, threads=threads,
-                         min_confidence=min_confidence)
+                         min_confidence=min_confidence, precision=precision)
     _emit(as_json, summary, _print_run)
 
 
@@ -273,6 +282,28 @@ def _train_progress(show: bool) -> Iterator[Callable[[dict[str, Any]], None] | N
     finally:
         if "prog" in state:
             state["prog"].stop()
+
+
+def _print_export(m: dict[str, Any]) -> None:
+    p = m.get("parity")
+    click.echo(f"bundle written and verified: {m['name']} ({m['model']['architecture']}, {m['task']})")
+    if p:
+        click.echo(f"parity on {p['n']} {p['split']} images: decisions agree {p['decision_agreement']:.1%}, "
+                   f"max |logit diff| {p['max_abs_diff_logits']:.2e}, min cosine {p['min_cosine']:.6f}")
+    else:
+        click.echo(f"parity: {m['provenance'].get('parity')}")
+    dep = m.get("deploy") or {}
+    rows = []
+    for c in dep.get("candidates", []):
+        lat = c.get("latency_ms") or {}
+        w = c["worst"]
+        rows.append([c["id"], "pass" if c["passed"] else "FAIL " + ",".join(c["failed_on"]), f"{c['decision_agreement']:.3f}",
+                     f"{w['metric']} {w['drop']:+.4f} ({_num(w['drop_ci95'][0], '+.4f')} to {_num(w['drop_ci95'][1], '+.4f')})",
+                     f"{c['size_bytes'] / 1e6:.2f}", _num(lat.get("median"), ".2f")])
+    if rows:
+        click.echo(_table(["variant", "gate", "agreement", "largest drop vs fp32 (paired 95% CI)", "MB", "median ms"], rows,
+                          f"compressed candidates on the validation split, max drop {m['deploy'].get('max_drop', '')}".rstrip()))
+    click.echo(f"deploy: {dep.get('precision', 'fp32')} ({dep.get('reason', 'fp32 requested')})")
 
 
 def _print_demo(r: dict[str, Any]) -> None:

@@ -26,7 +26,7 @@ def evaluate(
     split: str = "test",
     classes: str | None = None,
     out: str | None = None,
-    precision: str = "fp32",
+    precision: str | None = None,
     n_boot: int = 1000,
     threads: int | None = None,
 ) -> dict[str, Any]:
@@ -37,22 +37,22 @@ def evaluate(
     if (path / MANIFEST_FILE).is_file():
         bundle = load_bundle(path)
         m = bundle.manifest
-        if precision != m.raw["model"].get("precision", "fp32"):
-            have = [m.raw["model"]["precision"]] + [v.get("precision") for v in m.raw.get("variants", [])]
-            raise ConfigError(f"bundle {path} holds precision(s) {have}, not {precision!r}")
+        model_path, variant = bundle.select(precision, "ort-cpu")
         task, labels, spec, temperature, rule = m.task, list(m.labels), m.preprocess, m.temperature, m.decision
         recorded = m.raw["provenance"].get("data") or {}
         seed = ((m.raw["provenance"].get("training") or {}).get("config") or {}).get("seed", 0)
-        source = "bundle (onnxruntime, fp32)"
+        source = f"bundle (onnxruntime, {variant})"
 
         def infer(x: np.ndarray) -> np.ndarray:
             from edgeclf.runtime.backends import OrtBackend
 
-            with OrtBackend(str(bundle.model_path), (spec.channels, *spec.size), m.num_outputs, threads=threads) as be:
+            with OrtBackend(str(model_path), (spec.channels, *spec.size), m.num_outputs, threads=threads) as be:
                 return np.concatenate([be.infer(x[i : i + 64]) for i in range(0, len(x), 64)])
     else:
         from edgeclf.train import load_trained
 
+        if precision not in (None, "fp32"):
+            raise ConfigError(f"a training folder holds the fp32 torch model only; evaluate {precision} on the exported bundle")
         tm = load_trained(path)
         task, labels, spec, temperature, rule = tm.task, tm.labels, tm.preprocess, tm.temperature, tm.decision
         recorded = tm.run.get("data", {})

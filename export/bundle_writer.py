@@ -49,6 +49,11 @@ class ExportConfig:
     positive: str | None = None
     name: str | None = None
     overwrite: bool = False
+    # Compression (see export/compress.py).
+    precision: str = "fp32"
+    max_drop: float = 0.01
+    calibration: str = "minmax"
+    calibration_n: int = 128
 
     def __post_init__(self) -> None:
         sources = [s for s in (self.model, self.from_onnx, self.from_torch) if s]
@@ -58,6 +63,10 @@ class ExportConfig:
             raise ConfigError("--from-torch needs --weights FILE (a .safetensors or a tensors-only torch file)")
         if (self.from_onnx or self.from_torch) and not (self.labels and self.task and self.size and self.data):
             raise ConfigError("--from-onnx/--from-torch need --labels, --task, --size and --data (real validation images for parity and calibration)")
+        from edgeclf.export.compress import PRECISION_CHOICES
+
+        if self.precision not in PRECISION_CHOICES:
+            raise ConfigError(f"--precision {self.precision!r} is unknown; allowed: {', '.join(PRECISION_CHOICES)}")
         if self.task is not None and self.task not in TASKS:
             raise ConfigError(f"--task {self.task!r} is unknown; allowed: {', '.join(TASKS)}")
 
@@ -110,23 +119,12 @@ def _load_torch_factory(target: str, weights: str):
 
 
 def _ort_logits(path: Path, x: np.ndarray) -> np.ndarray:
-    """Raw ONNX Runtime outputs, batched where the model's batch axis allows it."""
-    import onnxruntime as ort
+    """Raw ONNX Runtime outputs (N, K) of any model file, through the runtime's own backend."""
+    from edgeclf.runtime.backends import OrtBackend
 
-    from edgeclf.runtime.backends import default_threads
-
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = default_threads()
-    try:
-        sess = ort.InferenceSession(str(path), sess_options=so, providers=["CPUExecutionProvider"])
-    except Exception as exc:  # onnxruntime's own exception types
-        raise ModelError(f"onnxruntime cannot load {path.name}: {str(exc).splitlines()[0]}") from None
-    inp = sess.get_inputs()[0]
-    step = 256 if not isinstance(inp.shape[0], int) else max(1, inp.shape[0])
-    try:
-        return np.concatenate([sess.run(None, {inp.name: x[i : i + step]})[0] for i in range(0, len(x), step)])
-    except Exception as exc:  # shape or type mismatch between the data and the model
-        raise ModelError(f"the ONNX model rejects inputs of shape {x.shape[1:]}: {str(exc).splitlines()[0]}; check --size/--channels") from None
+    with OrtBackend(str(path), (int(x.shape[1]), int(x.shape[2]), int(x.shape[3])), None) as be:
+        step = be.fixed_batch or 64
+        return np.concatenate([be.infer(x[i : i + step]) for i in range(0, len(x), step)])
 
 
 def _data_record(ds: Dataset, classes: str | None) -> dict[str, Any]:
@@ -241,11 +239,30 @@ def export_bundle(cfg: ExportConfig) -> dict[str, Any]:
         metrics = {"val_onnx_fp32": evaluate_predictions(probabilities(lv, task, temperature), yv, task, rule, labels, n_boot=500)}
         if "test" in train_metrics:
             metrics["test_training"] = train_metrics["test"]
+        compression: dict[str, Any] = {"variants": [], "deploy": {"precision": "fp32", "reason": "fp32 requested"}}
+        if cfg.precision != "fp32":
+            from edgeclf.export.compress import compress
+            from edgeclf.export.quantize import calibration_indices
+
+            tr = ds.split("train")
+            idx = calibration_indices(tr.labels, cfg.calibration_n, seed)
+            compression = compress(
+                stage, onnx_path, precision=cfg.precision, max_drop=cfg.max_drop,
+                calib_x=pre.batch([tr.images[i] for i in idx]), calib_method=cfg.calibration,
+                # Indices into the training folder's splits/val.txt, never file names.
+                val_x=xv, val_y=yv, val_ids=[f"val[{i}]" for i in range(len(yv))], parent_logits=lv,
+                task=task, temperature=temperature, rule=rule, labels=labels, seed=seed,
+            )
+            provenance["calibration"] = compression["calibration"]
+            compression["deploy"]["candidates"] = compression["candidates"]
         reference = None
         if cfg.samples:
             k = min(MAX_REFERENCE, len(xp))
-            # Preprocessed tensors only: no file names, no metadata.
-            np.savez_compressed(stage / "reference.npz", inputs=xp[:k], logits=lp[:k])
+            # Preprocessed tensors only: no file names, no metadata. Each variant's own outputs too,
+            # so a device re-checks every model it may run.
+            per_variant = {f"logits__{v['id']}": _ort_logits(stage / v["file"], xp[:k]) for v in compression["variants"]}
+            arrays: dict[str, Any] = {"inputs": xp[:k], "logits": lp[:k], **per_variant}
+            np.savez_compressed(stage / "reference.npz", **arrays)
             reference = {"file": "reference.npz", "count": k, "split": cfg.split}
         manifest = {
             "schema_version": SCHEMA_VERSION,
@@ -260,7 +277,8 @@ def export_bundle(cfg: ExportConfig) -> dict[str, Any]:
                 "input_shape": [info.get("batch", "batch"), spec.channels, spec.size[0], spec.size[1]],
                 "output_shape": [info.get("batch", "batch"), n_out],
             },
-            "variants": [],
+            "variants": compression["variants"],
+            "deploy": compression["deploy"],
             "preprocess": spec.to_dict(),
             "postprocess": {"temperature": temperature, "decision": rule.to_dict()},
             "provenance": {**provenance, "packages": package_versions()},

@@ -14,11 +14,12 @@ from edgeclf.runtime.pipeline import run_pipeline
 from edgeclf.runtime.sinks import JsonlSink, Sink
 from edgeclf.runtime.sources import open_source
 
-__all__ = ["run_bundle", "verify_bundle", "PARITY_TOLERANCE"]
+__all__ = ["run_bundle", "verify_bundle", "PARITY_TOLERANCE", "VARIANT_TOLERANCE"]
 
 log = logging.getLogger(__name__)
 # Same model, same inputs, another machine or ORT build: logits may differ by float rounding only.
 PARITY_TOLERANCE = 1e-3
+VARIANT_TOLERANCE = 0.05  # relative to the largest reference logit
 
 
 def run_bundle(
@@ -30,6 +31,7 @@ def run_bundle(
     backend: str = "ort-cpu",
     threads: Optional[int] = None,
     min_confidence: Optional[float] = None,
+    precision: Optional[str] = None,
     extra_sinks: Optional[List[Sink]] = None,
 ) -> Dict[str, Any]:
     """Verify and load the bundle, open the source, classify every frame; returns the run summary."""
@@ -41,7 +43,8 @@ def run_bundle(
     m = b.manifest
     sinks: List[Sink] = list(extra_sinks or [])
     # Source and backend first: a typo in --source must not truncate an earlier results file.
-    with create_backend(str(b.model_path), (m.preprocess.channels,) + tuple(m.preprocess.size), m.num_outputs,
+    model_path, variant = b.select(precision, backend)
+    with create_backend(str(model_path), (m.preprocess.channels,) + tuple(m.preprocess.size), m.num_outputs,
                         backend=backend, threads=threads) as be, open_source(source_uri) as src:
         try:
             if out:
@@ -52,29 +55,39 @@ def run_bundle(
                 s.close()
         result = summary.to_dict()
         result.update(
-            bundle=str(b.path), bundle_checksum=b.checksum, source_kind=src.kind, backend=be.name,
+            bundle=str(b.path), bundle_checksum=b.checksum, source_kind=src.kind, backend=be.name, model=variant,
             frame_count_claimed=src.frame_count, out=out,
         )
     return result
 
 
 def verify_bundle(bundle_path: str, *, parity: bool = True, backend: str = "ort-cpu") -> Dict[str, Any]:
-    """Checksums and schema (load_bundle), then, if present, re-run reference.npz on `backend`."""
+    """Checksums and schema (load_bundle), then, if present, re-run reference.npz on `backend` through
+    the fp32 model and every variant, each against the outputs it gave at export."""
     b = load_bundle(bundle_path)
     result: Dict[str, Any] = {"path": str(b.path), "checksum": b.checksum, "checksums": "ok", "manifest": "ok", "reference": None}
     ref = b.reference_path
     if parity and ref is not None:
         m = b.manifest
         with np.load(str(ref), allow_pickle=False) as z:
-            x, want = z["inputs"], z["logits"]
-        with create_backend(str(b.model_path), (m.preprocess.channels,) + tuple(m.preprocess.size), m.num_outputs,
-                            backend=backend) as be:
-            got = be.infer(x)
-        diff = float(np.abs(got.astype(np.float64) - want).max()) if len(x) else 0.0
-        result["reference"] = {"n": int(len(x)), "max_abs_diff": diff, "tolerance": PARITY_TOLERANCE, "backend": backend}
-        if diff > PARITY_TOLERANCE:
-            raise IntegrityError(
-                f"bundle {Path(bundle_path)}: this device's outputs differ from the exported reference by {diff:.2e} "
-                f"(> {PARITY_TOLERANCE}); this backend cannot be trusted with this model"
-            )
+            x = z["inputs"]
+            recorded = {k: z[k] for k in z.files if k.startswith("logits")}
+        models = [("fp32", b.model_path, "logits")] + [(v.id, b.path / v.file, f"logits__{v.id}") for v in m.variants]
+        checks = []
+        for vid, path, key in models:
+            if key not in recorded:
+                continue
+            with create_backend(str(path), (m.preprocess.channels,) + tuple(m.preprocess.size), m.num_outputs, backend=backend) as be:
+                got = be.infer(x).astype(np.float64)
+            want = recorded[key]
+            diff = float(np.abs(got - want).max()) if len(x) else 0.0
+            # Quantized kernels legitimately differ between CPUs (e.g. with or without VNNI).
+            tol = PARITY_TOLERANCE if vid == "fp32" else VARIANT_TOLERANCE * max(1.0, float(np.abs(want).max()) if len(x) else 1.0)
+            checks.append({"model": vid, "n": int(len(x)), "max_abs_diff": diff, "tolerance": tol})
+            if diff > tol:
+                raise IntegrityError(
+                    f"bundle {Path(bundle_path)}: model {vid} on {backend} differs from its exported reference outputs by "
+                    f"{diff:.2e} (> {tol:.1e}); this backend cannot be trusted with this model"
+                )
+        result["reference"] = {**checks[0], "backend": backend, "variants": checks[1:]} if checks else None
     return result

@@ -38,9 +38,10 @@ class Backend:
 
     name = "backend"
 
-    def __init__(self, input_shape: Tuple[int, int, int], num_outputs: int) -> None:
+    def __init__(self, input_shape: Tuple[int, int, int], num_outputs: Optional[int]) -> None:
         self.input_shape = tuple(int(v) for v in input_shape)
-        self.num_outputs = int(num_outputs)
+        # None: not known yet (an imported model being inspected); the output shape is then not checked.
+        self.num_outputs = None if num_outputs is None else int(num_outputs)
         self.last_ms = 0.0
         self._closed = False
 
@@ -55,7 +56,7 @@ class Backend:
         t0 = time.perf_counter()
         out = self._infer(np.ascontiguousarray(x))
         self.last_ms = (time.perf_counter() - t0) * 1000.0
-        if out.shape != (x.shape[0], self.num_outputs):
+        if self.num_outputs is not None and out.shape != (x.shape[0], self.num_outputs):
             raise BackendError(f"{self.name} returned shape {out.shape}; expected {(x.shape[0], self.num_outputs)}")
         return out
 
@@ -86,7 +87,7 @@ class OrtBackend(Backend):
         self,
         model_path: str,
         input_shape: Tuple[int, int, int],
-        num_outputs: int,
+        num_outputs: Optional[int],
         *,
         backend: str = "ort-cpu",
         threads: Optional[int] = None,

@@ -24,6 +24,8 @@ __all__ = [
     "MANIFEST_FILE",
     "Bundle",
     "Manifest",
+    "Variant",
+    "PRECISIONS",
     "load_bundle",
     "verify_checksums",
     "write_checksums",
@@ -54,7 +56,12 @@ _FIELDS: Dict[str, Tuple[bool, Tuple[type, ...]]] = {
     "parity": (False, (dict,)),
     "metrics": (False, (dict,)),
     "reference": (False, (dict, type(None))),
+    "deploy": (False, (dict,)),
 }
+PRECISIONS = ("fp32", "fp16", "int8")
+# Which INT8 form each backend needs: TensorRT parses only symmetric signed INT8 (zero point 0);
+# x86 CPUs without VNNI are fast only with unsigned activations and reduced range.
+INT8_FLAVOUR_FOR_BACKEND = {"ort-cpu": "cpu", "ort-cuda": "cpu", "ort-tensorrt": "tensorrt"}
 _MODEL_FIELDS = {"file", "opset", "ir_version", "input_name", "output_name", "input_shape", "output_shape", "precision"}
 
 
@@ -111,6 +118,29 @@ def verify_checksums(root: PathLike) -> str:
 
 
 @dataclass(frozen=True)
+class Variant:
+    """A model file in the bundle: the fp32 parent or a compressed variant of it."""
+
+    id: str  # "fp32", "fp16", "int8-cpu", "int8-tensorrt"
+    file: str
+    precision: str
+    flavour: Optional[str] = None  # INT8 only: "cpu" | "tensorrt"
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any], where: str) -> Variant:
+        for key in ("file", "precision"):
+            if not isinstance(d.get(key), str):
+                raise BundleError(f"{where}.{key} is missing or not a string")
+        precision, flavour = str(d["precision"]), d.get("flavour")
+        if precision not in PRECISIONS:
+            raise BundleError(f"{where}.precision is {precision!r}; allowed: {', '.join(PRECISIONS)}")
+        if precision == "int8" and flavour not in ("cpu", "tensorrt"):
+            raise BundleError(f"{where}.flavour is {flavour!r}; an int8 variant is 'cpu' or 'tensorrt'")
+        vid = precision if precision != "int8" else "int8-" + str(flavour)
+        return cls(id=vid, file=str(d["file"]), precision=precision, flavour=str(flavour) if flavour else None)
+
+
+@dataclass(frozen=True)
 class Manifest:
     """The validated manifest. `raw` keeps every field for reporting."""
 
@@ -125,6 +155,8 @@ class Manifest:
     output_name: str
     num_outputs: int
     min_confidence: float = 0.0  # abstain below this top probability (binary/multiclass); 0 never abstains
+    variants: Tuple[Variant, ...] = ()
+    deploy_precision: str = "fp32"  # what `run` uses unless told otherwise
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> Manifest:
@@ -184,6 +216,13 @@ class Manifest:
         in_shape = model["input_shape"]
         if not isinstance(in_shape, list) or len(in_shape) != 4 or list(in_shape[1:]) != [pre.channels, pre.size[0], pre.size[1]]:
             raise BundleError(f"manifest.model.input_shape {in_shape!r} disagrees with preprocess ({pre.channels}, {pre.size[0]}, {pre.size[1]})")
+        variants = tuple(Variant.from_dict(v, f"manifest.variants[{i}]") for i, v in enumerate(d.get("variants", [])))
+        ids = [v.id for v in variants]
+        if len(set(ids)) != len(ids) or "fp32" in ids:
+            raise BundleError(f"manifest.variants repeat a precision or list fp32 again: {ids}")
+        deploy = str((d.get("deploy") or {}).get("precision", "fp32"))
+        if deploy != "fp32" and deploy not in {v.precision for v in variants}:
+            raise BundleError(f"manifest.deploy.precision is {deploy!r} but the bundle holds no such variant")
         return cls(
             raw=d,
             task=task,
@@ -196,6 +235,8 @@ class Manifest:
             output_name=str(model["output_name"]),
             num_outputs=num_outputs,
             min_confidence=float(min_conf),
+            variants=variants,
+            deploy_precision=deploy,
         )
 
 
@@ -208,6 +249,28 @@ class Bundle:
     @property
     def model_path(self) -> Path:
         return self.path / self.manifest.model_file
+
+    def select(self, precision: Optional[str], backend: str) -> Tuple[Path, str]:
+        """The model file for a precision (default: the bundle's deploy choice) on a backend.
+
+        Returns (path, variant id). INT8 picks the flavour the backend needs.
+        """
+        m = self.manifest
+        want = precision or m.deploy_precision
+        if want == "fp32":
+            return self.model_path, "fp32"
+        flavour = INT8_FLAVOUR_FOR_BACKEND.get(backend, "cpu") if want == "int8" else None
+        for v in m.variants:
+            if v.precision == want and (v.flavour == flavour or want != "int8"):
+                return self.path / v.file, v.id
+        have = ["fp32"] + [v.id for v in m.variants]
+        if precision is None:  # the deploy choice lacks this backend's flavour: fall back, never guess
+            log.warning("bundle %s deploys %s but holds no %s variant for %s; using fp32", self.path.name, want, flavour, backend)
+            return self.model_path, "fp32"
+        raise BundleError(
+            f"bundle {self.path.name} holds {', '.join(have)}, not {want}{' (' + str(flavour) + ' flavour for ' + backend + ')' if flavour else ''}; "
+            "re-export it with that precision or choose another"
+        )
 
     @property
     def reference_path(self) -> Optional[Path]:
@@ -230,7 +293,8 @@ def load_bundle(path: PathLike, *, verify: bool = True) -> Bundle:
     except (ValueError, UnicodeDecodeError) as exc:
         raise BundleError(f"{root / MANIFEST_FILE} is not valid JSON ({exc}); re-export the bundle") from None
     manifest = Manifest.from_dict(raw)
-    if not (root / manifest.model_file).is_file():
-        raise BundleError(f"bundle {root} has no model file {manifest.model_file!r}; re-export the bundle")
+    for f in [manifest.model_file] + [v.file for v in manifest.variants]:
+        if not (root / f).is_file():
+            raise BundleError(f"bundle {root} has no model file {f!r}; re-export the bundle")
     log.info("loaded bundle %s (%s, %d labels)", root, manifest.task, len(manifest.labels))
     return Bundle(path=root, manifest=manifest, checksum=checksum)

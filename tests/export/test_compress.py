@@ -1,0 +1,97 @@
+"""Compressed variants at export: gated, recorded, re-checked on the device, chosen by the runtime."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from edgeclf.errors import BundleError
+from edgeclf.export.bundle_writer import ExportConfig, export_bundle
+from edgeclf.export.onnx_export import ExportError
+from edgeclf.export.quantize import calibration_indices
+from edgeclf.runtime.app import run_bundle, verify_bundle
+from edgeclf.runtime.bundle import load_bundle
+
+pytest.importorskip("onnxruntime.quantization")
+
+
+def test_int8_bundle_holds_both_flavours_each_rechecked_and_selectable(trained_dir: Path, tmp_path: Path) -> None:
+    from edgeclf.evaluate import evaluate
+
+    out = tmp_path / "b"
+    m = export_bundle(ExportConfig(out=str(out), model=str(trained_dir), precision="int8", max_drop=0.5))
+    assert [v["id"] for v in m["variants"]] == ["int8-cpu", "int8-tensorrt"]
+    assert m["deploy"]["precision"] == "int8"
+    cal = m["provenance"]["calibration"]
+    assert cal["split"] == "train" and cal["n"] > 0 and len(cal["sha256"]) == 64
+    for v in m["variants"]:
+        assert (out / v["file"]).is_file() and v["gate"]["passed"]
+        assert all(d.startswith("val[") for d in v["gate"]["disagreements"])  # indices, never file names
+    with np.load(out / "reference.npz") as z:
+        assert {"logits__int8-cpu", "logits__int8-tensorrt"} <= set(z.files)
+    r = verify_bundle(str(out))
+    assert [c["model"] for c in r["reference"]["variants"]] == ["int8-cpu", "int8-tensorrt"]
+    b = load_bundle(out)
+    assert b.select(None, "ort-cpu")[1] == "int8-cpu" and b.select(None, "ort-tensorrt")[1] == "int8-tensorrt"
+    assert b.select("fp32", "ort-cpu")[1] == "fp32"
+    with pytest.raises(BundleError, match="not fp16"):
+        b.select("fp16", "ort-cpu")
+    assert run_bundle(str(out), "synthetic:ultrasound?frames=4")["model"] == "int8-cpu"
+    assert evaluate(str(out), split="test", n_boot=50)["evaluated_with"].endswith("int8-cpu)")
+
+
+def _broken_quantizer(monkeypatch: pytest.MonkeyPatch, other_onnx: Path) -> None:
+    """Stand in for an INT8 conversion that ruins the model: it writes an unrelated network."""
+    import edgeclf.export.quantize as q
+
+    def fake(fp32_path, out_path, calib, *, flavour="cpu", method="minmax", **kw):
+        shutil.copyfile(other_onnx, out_path)
+        return {"precision": "int8", "flavour": flavour, "method": method}
+
+    monkeypatch.setattr(q, "quantize_int8", fake)
+
+
+@pytest.fixture
+def scrambled_onnx(tmp_path: Path) -> Path:
+    torch = pytest.importorskip("torch")
+    from edgeclf.export.onnx_export import export_onnx
+    from edgeclf.models import create_model
+
+    torch.manual_seed(123)
+    path = tmp_path / "other.onnx"
+    export_onnx(create_model("compact", num_outputs=3, in_chans=1), np.zeros((1, 1, 32, 32), np.float32), path)
+    return path
+
+
+def test_int8_that_loses_accuracy_is_refused_and_named(trained_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                        scrambled_onnx: Path) -> None:
+    _broken_quantizer(monkeypatch, scrambled_onnx)
+    with pytest.raises(ExportError, match=r"int8-cpu fails the gate: (auc_macro|sensitivity\[\w+\]) drops by") as info:
+        export_bundle(ExportConfig(out=str(tmp_path / "b"), model=str(trained_dir), precision="int8", max_drop=0.0001))
+    assert "\n" not in str(info.value)
+    assert not (tmp_path / "b").exists() and not list(tmp_path.glob(".b.*"))
+    # auto with the same limit falls back to fp32 and says why; nothing failing is shipped.
+    m = export_bundle(ExportConfig(out=str(tmp_path / "a"), model=str(trained_dir), precision="auto", max_drop=0.0001))
+    assert m["deploy"]["precision"] == "fp32" and "no INT8 candidate passed" in m["deploy"]["reason"]
+    assert m["variants"] == [] and all(not c["passed"] for c in m["deploy"]["candidates"])
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["checksums.sha256", "manifest.json", "model.onnx", "reference.npz"]
+
+
+def test_auto_records_latency_and_its_choice(trained_dir: Path, tmp_path: Path) -> None:
+    m = export_bundle(ExportConfig(out=str(tmp_path / "a"), model=str(trained_dir), precision="auto", max_drop=0.5))
+    dep = m["deploy"]
+    assert set(dep["latency_ms"]) == {"fp32", "int8-cpu"} and all(v["median"] > 0 for v in dep["latency_ms"].values())
+    faster = dep["latency_ms"]["int8-cpu"]["median"] * 1.05 < dep["latency_ms"]["fp32"]["median"]
+    assert dep["precision"] == ("int8" if faster else "fp32") and dep["reason"]
+    json.dumps(m, allow_nan=False)
+
+
+def test_calibration_indices_are_stratified_and_seeded() -> None:
+    y = np.array([0] * 80 + [1] * 20)
+    a, b = calibration_indices(y, 10, 0), calibration_indices(y, 10, 1)
+    assert len(a) == 10 and (y[a] == 1).sum() == 2 and not np.array_equal(np.sort(a), np.sort(b))
+    assert np.array_equal(a, calibration_indices(y, 10, 0))
+    assert np.array_equal(calibration_indices(y, 500, 0), np.arange(100))
