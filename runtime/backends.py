@@ -161,7 +161,7 @@ class FakeBackend(Backend):
             return self._fn(x)
         # Deterministic logits from per-channel means, so tests can predict them.
         means = x.mean(axis=(1, 2, 3)).astype(np.float32)
-        return np.stack([means * (k + 1) for k in range(self.num_outputs)], axis=1)
+        return np.stack([means * (k + 1) for k in range(self.num_outputs or 1)], axis=1)
 
 
 def create_backend(
