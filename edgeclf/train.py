@@ -129,10 +129,16 @@ class TrainedModel:
         self.preprocess = PreprocessSpec.from_dict(self.meta["preprocess"])
         self.temperature = float(self.meta["temperature"])
         self.decision = DecisionRule.from_dict(self.meta["decision"])
-        self.model = create_model(
+        base = create_model(
             self.meta["architecture"], num_outputs=self.meta["num_outputs"], in_chans=self.preprocess.channels, pretrained=False
         )
-        self.model.load_state_dict(load_file(str(folder / "model.safetensors")))
+        if (folder / "pruned.json").is_file():  # a pruned model: rebuild its channel structure first
+            from edgeclf.export.prune import load_pruned
+
+            self.model = load_pruned(base, folder)
+        else:
+            self.model = base
+            self.model.load_state_dict(load_file(str(folder / "model.safetensors")))
         self.model.eval()
         run_path = folder / "run.json"
         self.run = json.loads(run_path.read_text()) if run_path.is_file() else {}
@@ -223,6 +229,150 @@ def _macro_auc(probs: np.ndarray, labels: np.ndarray, task: str, positive: int) 
         return float("nan")
 
 
+@dataclass
+class _Prepared:
+    """A data set loaded and cached at the model's input size, ready for fitting."""
+
+    ds: Dataset
+    spec: PreprocessSpec
+    pre: Preprocessor
+    profile: str
+    positive: int
+    xtr: Any  # torch uint8 (N, C, H, W)
+    xva: np.ndarray  # (N, C, H, W) float32, normalised
+
+
+def _prepare(ds: Dataset, spec: PreprocessSpec, augment: str, positive: int) -> _Prepared:
+    import torch
+
+    pre = Preprocessor(spec)
+    profile = augment if augment != "auto" else ds.modality if ds.modality in ("ultrasound", "xray") else "generic"
+    xtr = torch.from_numpy(cache_split(ds.splits["train"], pre)).permute(0, 3, 1, 2).contiguous()
+    return _Prepared(ds, spec, pre, profile, positive, xtr, pre.batch(ds.splits["val"].images))
+
+
+def _targets(task: str, y: np.ndarray) -> Any:
+    import torch
+
+    if task == "multiclass":
+        return torch.from_numpy(y.astype(np.int64))
+    return torch.from_numpy((y == 1).astype(np.float32)[:, None] if task == "binary" else y.astype(np.float32))
+
+
+def _loss(p: _Prepared) -> Any:
+    """Class-weighted loss: inverse frequency normalised to mean 1 (pos_weight for sigmoid heads)."""
+    import torch
+
+    ds, y = p.ds, p.ds.splits["train"].labels
+    if ds.task == "multiclass":
+        counts = np.bincount(y, minlength=len(ds.labels)).astype(np.float64)
+        if (counts == 0).any():
+            raise DataError(f"class(es) {[ds.labels[k] for k in np.flatnonzero(counts == 0)]} have no training images")
+        return torch.nn.CrossEntropyLoss(weight=torch.tensor(counts.sum() / (len(counts) * counts), dtype=torch.float32))
+    y2 = _targets(ds.task, y).numpy()
+    pos = y2.sum(0)
+    if ((pos == 0) | (pos == len(y2))).any():
+        raise DataError("a class or label has no positive or no negative training images; fix the split or --classes")
+    return torch.nn.BCEWithLogitsLoss(pos_weight=torch.tensor((len(y2) - pos) / pos, dtype=torch.float32))
+
+
+def fit(
+    model: Any,
+    p: _Prepared,
+    *,
+    epochs: int,
+    lr: float,
+    batch_size: int = 64,
+    weight_decay: float = 1e-4,
+    patience: int = 10,
+    seed: int = 0,
+    on_epoch: Callable[[dict[str, Any]], None] | None = None,
+) -> tuple[list[dict[str, Any]], int]:
+    """Train `model` in place with early stopping on validation AUC (ties: validation loss); the best
+    epoch's weights are loaded at the end. Returns (history, best epoch). Also used to fine-tune
+    pruned models."""
+    import torch
+
+    ds, spec = p.ds, p.spec
+    loss_fn = _loss(p)  # the caller seeds torch; `seed` drives the batch order and augmentation
+    ytr, yva = _targets(ds.task, ds.splits["train"].labels), ds.splits["val"].labels
+    yva_t = _targets(ds.task, yva)
+    mean_t = torch.tensor(spec.mean, dtype=torch.float32).view(1, -1, 1, 1)
+    std_t = torch.tensor(spec.std, dtype=torch.float32).view(1, -1, 1, 1)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    steps_per_epoch = max(1, int(np.ceil(len(p.xtr) / batch_size)))
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=epochs * steps_per_epoch, pct_start=0.15)
+    gen = torch.Generator().manual_seed(seed)
+    history: list[dict[str, Any]] = []
+    best = (-1.0, 0, copy.deepcopy(model.state_dict()))
+    best_loss = float("inf")
+    for epoch in range(epochs):
+        model.train()
+        perm = torch.randperm(len(p.xtr), generator=gen)
+        total = 0.0
+        for i in range(0, len(p.xtr), batch_size):
+            idx = perm[i : i + batch_size]
+            if len(idx) < 2:
+                continue  # BatchNorm cannot train on one sample
+            xb = (_augment(p.xtr[idx].float() * spec.scale, p.profile, gen) - mean_t) / std_t
+            loss = loss_fn(model(xb), ytr[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+            total += loss.item() * len(idx)
+        lv = torch_logits(model, p.xva)
+        auc = _macro_auc(probabilities(lv, ds.task), yva, ds.task, p.positive)
+        with torch.no_grad():
+            vloss = float(loss_fn(torch.from_numpy(lv), yva_t))
+        auc_or_none = None if np.isnan(auc) else auc
+        history.append({"epoch": epoch + 1, "loss": total / len(p.xtr), "val_auc": auc_or_none, "val_loss": vloss})
+        # Validation AUC decides; on a tie (small or easy sets saturate at 1.0) the lower validation loss.
+        auc_cmp = -1.0 if auc_or_none is None else auc
+        if auc_cmp > best[0] + 1e-4 or (auc_cmp >= best[0] - 1e-4 and vloss < best_loss):
+            best = (max(auc_cmp, best[0]), epoch + 1, copy.deepcopy(model.state_dict()))
+            best_loss = vloss
+        if on_epoch is not None:
+            on_epoch({**history[-1], "epochs": epochs, "best_epoch": best[1], "best_val_auc": best[0]})
+        if epoch + 1 - best[1] >= patience:
+            log.info("early stop at epoch %d (best val AUC %.4f at %d)", epoch + 1, best[0], best[1])
+            break
+    model.load_state_dict(best[2])
+    model.eval()
+    return history, best[1]
+
+
+def calibrate_and_measure(model: Any, p: _Prepared, *, target_sensitivity: float, seed: int = 0) -> tuple[float, Any, dict[str, Any]]:
+    """Fit temperature and operating points on val; measure val (and test, if any). Returns (T, rule, metrics)."""
+    from edgeclf.calibration import fit_decision_rule, fit_temperature
+    from edgeclf.metrics import evaluate_predictions
+
+    ds, yva = p.ds, p.ds.splits["val"].labels
+    lv = torch_logits(model, p.xva)
+    temperature = fit_temperature(lv, yva, ds.task)
+    pv = probabilities(lv, ds.task, temperature)
+    rule = fit_decision_rule(pv, yva, ds.task, target_sensitivity=target_sensitivity, positive=p.positive)
+    metrics = {"val": evaluate_predictions(pv, yva, ds.task, rule, ds.labels, n_boot=500, seed=seed)}
+    if len(ds.splits.get("test", [])):
+        lt = torch_logits(model, p.pre.batch(ds.splits["test"].images))
+        metrics["test"] = evaluate_predictions(
+            probabilities(lt, ds.task, temperature), ds.splits["test"].labels, ds.task, rule, ds.labels, n_boot=1000, seed=seed
+        )
+    return temperature, rule, metrics
+
+
+def save_run(out: Path, model: Any, p: _Prepared, meta: dict[str, Any], record: dict[str, Any]) -> None:
+    """Write the run folder: weights (safetensors), model.json, run.json, split lists."""
+    from safetensors.torch import save_file
+
+    (out / "splits").mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out / "model.safetensors"))
+    for name, ids in p.ds.split_lists().items():
+        (out / "splits" / f"{name}.txt").write_text("".join(f"{i}\n" for i in ids))
+    (out / "model.json").write_text(json.dumps(meta, indent=2))
+    (out / "run.json").write_text(json.dumps(record, indent=2, allow_nan=False))
+
+
 def train(cfg: TrainConfig, *, on_epoch: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """Train, calibrate and record; returns the run record (also written to `<out>/run.json`).
 
@@ -230,10 +380,7 @@ def train(cfg: TrainConfig, *, on_epoch: Callable[[dict[str, Any]], None] | None
     from it; the library itself never prints).
     """
     import torch
-    from safetensors.torch import save_file
 
-    from edgeclf.calibration import fit_decision_rule, fit_temperature
-    from edgeclf.metrics import evaluate_predictions
     from edgeclf.models import create_model, model_info, normalization
     from edgeclf.runtime.backends import default_threads
 
@@ -251,106 +398,16 @@ def train(cfg: TrainConfig, *, on_epoch: Callable[[dict[str, Any]], None] | None
         raise ConfigError(f"size {size} is below {cfg.model}'s minimum of {info.min_size} px; use --size {info.min_size} or more")
     mean, std = normalization(cfg.model, channels, cfg.pretrained)
     spec = PreprocessSpec(channels=channels, size=(size, size), mean=tuple(mean), std=tuple(std))
-    pre = Preprocessor(spec)
-    profile = cfg.augment if cfg.augment != "auto" else ds.modality if ds.modality in ("ultrasound", "xray") else "generic"
-
-    torch.manual_seed(cfg.seed)
-    np.random.seed(cfg.seed)
     threads = cfg.threads or default_threads()
     torch.set_num_threads(threads)
+    torch.manual_seed(cfg.seed)
+    np.random.seed(cfg.seed)
     n_out = _num_outputs(ds.task, ds.labels)
     model = create_model(cfg.model, num_outputs=n_out, in_chans=channels, pretrained=cfg.pretrained)
-
-    xtr = torch.from_numpy(cache_split(ds.splits["train"], pre)).permute(0, 3, 1, 2).contiguous()
-    xva = pre.batch(ds.splits["val"].images)
-    ytr_np, yva = ds.splits["train"].labels, ds.splits["val"].labels
-    mean_t = torch.tensor(spec.mean, dtype=torch.float32).view(1, -1, 1, 1)
-    std_t = torch.tensor(spec.std, dtype=torch.float32).view(1, -1, 1, 1)
-
-    # Class weighting: inverse frequency, normalised to mean 1 (pos_weight for sigmoid heads).
-    if ds.task == "multiclass":
-        counts = np.bincount(ytr_np, minlength=n_out).astype(np.float64)
-        if (counts == 0).any():
-            raise DataError(f"class(es) {[ds.labels[k] for k in np.flatnonzero(counts == 0)]} have no training images")
-        w = counts.sum() / (n_out * counts)
-        loss_fn: torch.nn.Module = torch.nn.CrossEntropyLoss(weight=torch.tensor(w, dtype=torch.float32))
-        ytr = torch.from_numpy(ytr_np.astype(np.int64))
-    else:
-        y2 = (ytr_np == 1).astype(np.float32)[:, None] if ds.task == "binary" else ytr_np.astype(np.float32)
-        pos = y2.sum(0)
-        if ((pos == 0) | (pos == len(y2))).any():
-            raise DataError("a class or label has no positive or no negative training images; fix the split or --classes")
-        loss_fn = torch.nn.BCEWithLogitsLoss(pos_weight=torch.tensor((len(y2) - pos) / pos, dtype=torch.float32))
-        ytr = torch.from_numpy(y2)
-
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    steps_per_epoch = max(1, int(np.ceil(len(xtr) / cfg.batch_size)))
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.epochs * steps_per_epoch, pct_start=0.15)
-    gen = torch.Generator().manual_seed(cfg.seed)
-
-    def val_logits(m: Any) -> np.ndarray:
-        return torch_logits(m, xva)
-
-    history: list[dict[str, Any]] = []
-    best = (-1.0, 0, copy.deepcopy(model.state_dict()))
-    best_loss = float("inf")
-    if ds.task == "multiclass":
-        yva_t = torch.from_numpy(yva.astype(np.int64))
-    else:
-        yva_t = torch.from_numpy((yva == 1).astype(np.float32)[:, None] if ds.task == "binary" else yva.astype(np.float32))
-    for epoch in range(cfg.epochs):
-        model.train()
-        perm = torch.randperm(len(xtr), generator=gen)
-        total = 0.0
-        for i in range(0, len(xtr), cfg.batch_size):
-            idx = perm[i : i + cfg.batch_size]
-            if len(idx) < 2:
-                continue  # BatchNorm cannot train on one sample
-            xb = _augment(xtr[idx].float() * spec.scale, profile, gen)
-            xb = (xb - mean_t) / std_t
-            loss = loss_fn(model(xb), ytr[idx])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            sched.step()
-            total += loss.item() * len(idx)
-        lv_epoch = val_logits(model)
-        pv = probabilities(lv_epoch, ds.task)
-        auc = _macro_auc(pv, yva, ds.task, positive)
-        with torch.no_grad():
-            vloss = float(loss_fn(torch.from_numpy(lv_epoch), yva_t))
-        auc_or_none = None if np.isnan(auc) else auc
-        history.append({"epoch": epoch + 1, "loss": total / len(xtr), "val_auc": auc_or_none, "val_loss": vloss})
-        # Validation AUC decides; on a tie (small or easy sets saturate at 1.0) the lower validation loss.
-        auc_cmp = -1.0 if auc_or_none is None else auc
-        if auc_cmp > best[0] + 1e-4 or (auc_cmp >= best[0] - 1e-4 and vloss < best_loss):
-            best = (max(auc_cmp, best[0]), epoch + 1, copy.deepcopy(model.state_dict()))
-            best_loss = vloss
-        if on_epoch is not None:
-            on_epoch({**history[-1], "epochs": cfg.epochs, "best_epoch": best[1], "best_val_auc": best[0]})
-        if epoch + 1 - best[1] >= cfg.patience:
-            log.info("early stop at epoch %d (best val AUC %.4f at %d)", epoch + 1, best[0], best[1])
-            break
-    model.load_state_dict(best[2])
-    model.eval()
-
-    lv = val_logits(model)
-    temperature = fit_temperature(lv, yva, ds.task)
-    pv = probabilities(lv, ds.task, temperature)
-    rule = fit_decision_rule(pv, yva, ds.task, target_sensitivity=cfg.target_sensitivity, positive=positive)
-    metrics = {"val": evaluate_predictions(pv, yva, ds.task, rule, ds.labels, n_boot=500, seed=cfg.seed)}
-    if len(ds.splits.get("test", [])):
-        xte = pre.batch(ds.splits["test"].images)
-        lt = torch_logits(model, xte)
-        metrics["test"] = evaluate_predictions(
-            probabilities(lt, ds.task, temperature), ds.splits["test"].labels, ds.task, rule, ds.labels, n_boot=1000, seed=cfg.seed
-        )
-
-    out = Path(cfg.out)
-    (out / "splits").mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out / "model.safetensors"))
-    for name, ids in ds.split_lists().items():
-        (out / "splits" / f"{name}.txt").write_text("".join(f"{i}\n" for i in ids))
+    p = _prepare(ds, spec, cfg.augment, positive)
+    history, best_epoch = fit(model, p, epochs=cfg.epochs, lr=cfg.lr, batch_size=cfg.batch_size, weight_decay=cfg.weight_decay,
+                              patience=cfg.patience, seed=cfg.seed, on_epoch=on_epoch)
+    temperature, rule, metrics = calibrate_and_measure(model, p, target_sensitivity=cfg.target_sensitivity, seed=cfg.seed)
     meta = {
         "architecture": cfg.model,
         "num_outputs": n_out,
@@ -361,18 +418,17 @@ def train(cfg: TrainConfig, *, on_epoch: Callable[[dict[str, Any]], None] | None
         "decision": rule.to_dict(),
         "pretrained": cfg.pretrained,
     }
-    (out / "model.json").write_text(json.dumps(meta, indent=2))
     record = {
         "config": asdict(cfg),
         "data": {"spec": ds.spec, "kind": ds.kind, "hash": ds.data_hash, "licence": ds.licence, "classes": cfg.classes,
-                 "sizes": {s: len(v) for s, v in ds.splits.items()}, "notes": ds.notes, "augment": profile},
-        "model": {**meta, "parameters": int(sum(p.numel() for p in model.parameters()))},
-        "best_epoch": best[1],
+                 "sizes": {s: len(v) for s, v in ds.splits.items()}, "notes": ds.notes, "augment": p.profile},
+        "model": {**meta, "parameters": int(sum(t.numel() for t in model.parameters()))},
+        "best_epoch": best_epoch,
         "history": history,
         "metrics": metrics,
         "threads": threads,
         "seconds": round(time.time() - t_start, 1),
         "packages": package_versions(),
     }
-    (out / "run.json").write_text(json.dumps(record, indent=2))
+    save_run(Path(cfg.out), model, p, meta, record)
     return record
