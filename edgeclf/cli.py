@@ -52,7 +52,7 @@ json_option = click.option("--json", "as_json", is_flag=True, help="Print one JS
 def cli(verbose: int) -> None:
     """edgeclf: medical image classifiers from the workstation to point-of-care devices.
 
-    Workstation: data synth, train, evaluate, export. Device: run, bundle verify/info.
+    Workstation: data synth, train, prune, evaluate, export. Device: run, bundle verify/info.
     Start with `edgeclf demo`: offline, a minute, no arguments.
     """
     logging.basicConfig(
@@ -196,6 +196,26 @@ def export(model, from_onnx, from_torch, weights, data_spec, classes, split, out
     _emit(as_json, manifest, _print_export)
 
 
+@cli.command()
+@click.option("--model", required=True, help="A training folder written by `edgeclf train` (or an earlier prune).")
+@click.option("--out", required=True, help="The pruned training folder to write (export it like any other).")
+@click.option("--target-macs", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.5, show_default=True,
+              help="Fraction of the original MACs to keep.")
+@click.option("--steps", type=click.IntRange(min=1), default=3, show_default=True, help="Prune-then-fine-tune rounds.")
+@click.option("--finetune-epochs", type=click.IntRange(min=1), default=6, show_default=True)
+@click.option("--lr", type=float, default=1e-3, show_default=True, help="Fine-tuning learning rate.")
+@click.option("--data", "data_spec", default=None, help="Data spec [default: the one the model records].")
+@json_option
+def prune(model: str, out: str, target_macs: float, steps: int, finetune_epochs: int, lr: float, data_spec, as_json: bool) -> None:
+    """Structured channel pruning (Torch-Pruning) to a MAC budget, fine-tuned, recalibrated and timed."""
+    from edgeclf.export.prune import PruneConfig, prune_trained
+
+    cfg = PruneConfig(model=model, out=out, target_macs=target_macs, steps=steps, finetune_epochs=finetune_epochs, lr=lr, data=data_spec)
+    with _train_progress(not as_json) as on_epoch:
+        record = prune_trained(cfg, on_epoch=on_epoch)
+    _emit(as_json, record, _print_prune)
+
+
 # -- run ------------------------------------------------------------------------------------------------
 
 @cli.command()
@@ -304,6 +324,19 @@ def _print_export(m: dict[str, Any]) -> None:
         click.echo(_table(["variant", "gate", "agreement", "largest drop vs fp32 (paired 95% CI)", "MB", "median ms"], rows,
                           f"compressed candidates on the validation split, max drop {m['deploy'].get('max_drop', '')}".rstrip()))
     click.echo(f"deploy: {dep.get('precision', 'fp32')} ({dep.get('reason', 'fp32 requested')})")
+
+
+def _print_prune(r: dict[str, Any]) -> None:
+    pr = r["pruning"]
+    before, after = pr["metrics_before"], r["metrics"]
+    rows = [["MACs", f"{pr['macs']['before'] / 1e6:.1f} M", f"{pr['macs']['after'] / 1e6:.1f} M"],
+            ["parameters", f"{pr['params']['before'] / 1e6:.2f} M", f"{pr['params']['after'] / 1e6:.2f} M"],
+            ["ORT median ms (batch 1)", f"{pr['latency_ms']['before']['median']:.2f}", f"{pr['latency_ms']['after']['median']:.2f}"]]
+    for split in ("val", "test"):
+        if split in before and split in after:
+            rows.append([f"{split} AUC", _auc(before[split]["auc"]), _auc(after[split]["auc"])])
+    click.echo(_table(["", "before", "after"], rows, f"pruned {pr['parent']} to {pr['macs']['ratio']:.0%} of its MACs"))
+    click.echo(pr["verdict"])
 
 
 def _print_demo(r: dict[str, Any]) -> None:

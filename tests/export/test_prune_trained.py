@@ -1,0 +1,41 @@
+"""`edgeclf prune`: a training folder in, a smaller recalibrated training folder out, with the truth about time."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import run_cli
+
+pytest.importorskip("torch_pruning")
+
+
+def test_prune_fine_tune_record_and_export(trained_dir: Path, tmp_path: Path) -> None:
+    from edgeclf.export.bundle_writer import ExportConfig, export_bundle
+    from edgeclf.export.prune import PruneConfig, prune_trained
+    from edgeclf.train import load_trained
+
+    out = tmp_path / "pruned"
+    rec = prune_trained(PruneConfig(model=str(trained_dir), out=str(out), target_macs=0.5, steps=2, finetune_epochs=1))
+    pr = rec["pruning"]
+    assert pr["macs"]["ratio"] <= 0.5 and pr["params"]["after"] < pr["params"]["before"]
+    assert [s["step"] for s in pr["steps"]] == [1, 2] and pr["steps"][0]["macs_ratio"] > pr["steps"][1]["macs_ratio"]
+    lat = pr["latency_ms"]
+    assert lat["before"]["median"] > 0 and lat["after"]["median"] > 0 and lat["speedup"] == pytest.approx(
+        lat["before"]["median"] / lat["after"]["median"])
+    assert pr["pays"] == (lat["speedup"] >= 1.1) and ("saves MACs but not time" in pr["verdict"]) != pr["pays"]
+    assert {"val", "test"} <= set(pr["metrics_before"]) and {"val", "test"} <= set(rec["metrics"])
+    assert sorted(p.name for p in out.iterdir()) == ["model.json", "model.safetensors", "pruned.json", "run.json", "splits"]
+    tm = load_trained(out)  # rebuilt through pruned.json, recalibrated operating point
+    assert tm.meta["pruned"] and json.loads((out / "run.json").read_text())["pruning"]["target_macs"] == 0.5
+    m = export_bundle(ExportConfig(out=str(tmp_path / "b"), model=str(out)))
+    assert m["parity"]["decision_agreement"] == 1.0
+
+
+def test_prune_cli_reports_and_refuses_bad_targets(trained_dir: Path, tmp_path: Path) -> None:
+    r = run_cli("prune", "--model", str(trained_dir), "--out", str(tmp_path / "p"), "--steps", "1", "--finetune-epochs", "1")
+    assert r.returncode == 0, r.stderr
+    assert "of its MACs" in r.stdout and "ONNX Runtime" in r.stdout and "val AUC" in r.stdout
+    r = run_cli("prune", "--model", str(trained_dir), "--out", str(tmp_path / "q"), "--target-macs", "1.5")
+    assert r.returncode == 2 and "target-macs" in r.stderr and len(r.stderr.strip().splitlines()) == 1
