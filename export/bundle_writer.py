@@ -164,6 +164,9 @@ def export_bundle(cfg: ExportConfig) -> dict[str, Any]:
         cfg_rec = dict(tm.run.get("config") or {})
         cfg_rec.pop("data", None), cfg_rec.pop("out", None)  # workstation paths stay on the workstation
         provenance.update(source="trained", training={"config": cfg_rec, **{k: tm.run.get(k) for k in ("best_epoch", "seconds", "packages")}})
+        if tm.run.get("pruning"):
+            pr = tm.run["pruning"]
+            provenance["pruning"] = {k: pr.get(k) for k in ("target_macs", "macs", "params", "latency_ms", "pays", "verdict", "parent")}
         train_metrics = tm.run.get("metrics", {})
     else:
         task = str(cfg.task)

@@ -103,10 +103,13 @@ def compress(
     deploy: dict[str, Any] = {"precision": "fp32", "reason": "fp32 requested"}
     if precision in ("int8", "fp16"):
         deploy = {"precision": precision, "reason": f"{precision} requested and every {precision} variant passed the gate"}
+        if precision == "fp16":
+            deploy["reason"] += "; fp16 is for GPU backends: it brings no speed on a CPU, where run keeps fp32 unless asked"
     else:
         cpu = [c for c in passing if c["id"] == "int8-cpu"]
         if not cpu:
-            deploy["reason"] = "no INT8 candidate passed the gate" if failed else "no candidate"
+            deploy["reason"] = ("the int8-cpu candidate failed the gate" if any(c["id"] == "int8-cpu" for c in failed)
+                                else "no int8-cpu candidate")
         else:
             lat = measure_latency({"fp32": fp32_path, "int8-cpu": cpu[0]["_path"]}, val_x[:1])
             for c in candidates:

@@ -7,7 +7,7 @@ few dozen does not decide alone; the numbers are reported either way.
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -28,11 +28,20 @@ def _columns(probs: np.ndarray, labels: np.ndarray, task: str, rule: DecisionRul
     return [(k, probs[:, k], labels == k) for k in range(probs.shape[1])]
 
 
-def _hits(decisions: np.ndarray, labels: np.ndarray, task: str, k: int) -> np.ndarray:
-    """Per sample: 1 where a true member of class k was decided as k, else 0."""
+def _per_class(
+    dp: np.ndarray, dc: np.ndarray, labels: np.ndarray, task: str, names: Sequence[str]
+) -> Iterator[tuple[str, np.ndarray, np.ndarray, np.ndarray]]:
+    """(metric name, members of the class, parent hits, candidate hits) for each rate the gate checks."""
+    f = np.float64
     if task == "multilabel":
-        return (decisions[:, k] & (labels[:, k] == 1)).astype(np.float64)
-    return ((decisions == k) & (labels == k)).astype(np.float64)
+        for k, name in enumerate(names):
+            pos, neg = labels[:, k] == 1, labels[:, k] == 0
+            yield f"sensitivity[{name}]", pos, (dp[:, k] & pos).astype(f), (dc[:, k] & pos).astype(f)
+            yield f"specificity[{name}]", neg, (~dp[:, k] & neg).astype(f), (~dc[:, k] & neg).astype(f)
+        return
+    for k, name in enumerate(names):
+        member = labels == k
+        yield f"sensitivity[{name}]", member, ((dp == k) & member).astype(f), ((dc == k) & member).astype(f)
 
 
 def gate_candidate(
@@ -69,14 +78,15 @@ def gate_candidate(
     auc_p = np.nanmean(np.stack([_weighted_auc(s, y, counts) for _, s, y in cols_p], axis=1), axis=1)
     auc_c = np.nanmean(np.stack([_weighted_auc(s, y, counts) for _, s, y in cols_c], axis=1), axis=1)
     checks: list[dict[str, Any]] = [_drop("auc_macro", auc_p, auc_c, max_drop)]
-    for k, _, is_pos in cols_p:
-        if not is_pos.any():
+    # Every class's sensitivity (binary: both classes, so the negative class's sensitivity is the
+    # positive's specificity); multilabel: each label's sensitivity and specificity. A shifted
+    # candidate that calls everything positive keeps its AUC but fails here.
+    for name, member, hit_p, hit_c in _per_class(dp, dc, labels, task, label_names):
+        if not member.any():
             continue
-        support = counts @ is_pos.astype(np.float64)
+        support = counts @ member.astype(np.float64)
         with np.errstate(invalid="ignore", divide="ignore"):
-            sens_p = (counts @ _hits(dp, labels, task, k)) / support
-            sens_c = (counts @ _hits(dc, labels, task, k)) / support
-        checks.append(_drop(f"sensitivity[{label_names[k]}]", sens_p, sens_c, max_drop))
+            checks.append(_drop(name, (counts @ hit_p) / support, (counts @ hit_c) / support, max_drop))
     failed = [c["metric"] for c in checks if not c["passed"]]
     return {
         "max_drop": max_drop,
@@ -98,11 +108,12 @@ def _drop(metric: str, parent: np.ndarray, cand: np.ndarray, max_drop: float) ->
     lo, hi = (float(v) for v in np.percentile(boot, [2.5, 97.5])) if boot.size else (float("nan"), float("nan"))
     drop = float(d[0])
     significant = bool(boot.size) and lo > 0
+    undefined = not np.isfinite(drop)  # a figure the candidate cannot even produce is a failure
     return {
         "metric": metric,
         "parent": float(parent[0]),
         "candidate": float(cand[0]),
         "drop": drop,
         "drop_ci95": [lo, hi],
-        "passed": not (drop > max_drop and significant),
+        "passed": not undefined and not (drop > max_drop and significant),
     }

@@ -24,6 +24,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -482,6 +483,11 @@ class PruneConfig:
             raise ConfigError(f"--target-macs is {self.target_macs}; give the fraction of MACs to keep, e.g. 0.5")
         if self.steps < 1 or self.finetune_epochs < 1:
             raise ConfigError("--steps and --finetune-epochs must be at least 1")
+        out = Path(self.out)
+        if out.resolve() == Path(self.model).resolve():
+            raise ConfigError("--out is the --model folder; write the pruned model to a new folder so its parent survives")
+        if out.exists() and (not out.is_dir() or any(out.iterdir())):
+            raise ConfigError(f"--out {out} is not empty; choose a new folder")
 
 
 def prune_trained(cfg: PruneConfig, *, on_epoch: Optional[Callable[[Dict[str, Any]], None]] = None) -> Dict[str, Any]:
@@ -559,7 +565,17 @@ def prune_trained(cfg: PruneConfig, *, on_epoch: Optional[Callable[[Dict[str, An
         "seconds": round(time.time() - t0, 1),
         "packages": package_versions("edgeclf", "torch", "torch-pruning", "onnxruntime"),
     }
+    # Written whole into a temporary sibling and renamed: never half a training folder.
     out = Path(cfg.out)
-    save_run(out, model, p, meta, record)
-    save_pruned(model, out, record={k: pruning[k] for k in ("target_macs", "macs", "params")})
+    out.parent.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        save_run(stage, model, p, meta, record)
+        save_pruned(model, stage, record={k: pruning[k] for k in ("target_macs", "macs", "params")})
+        if out.exists():
+            out.rmdir()  # empty, checked above
+        stage.rename(out)
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
     return record

@@ -34,7 +34,8 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: `variants` and `deploy`
+READABLE_SCHEMAS = (1, 2)
 FORMAT = "edgeclf-bundle"
 MANIFEST_FILE = "manifest.json"
 CHECKSUM_FILE = "checksums.sha256"
@@ -131,6 +132,9 @@ class Variant:
         for key in ("file", "precision"):
             if not isinstance(d.get(key), str):
                 raise BundleError(f"{where}.{key} is missing or not a string")
+        name = str(d["file"])
+        if "/" in name or "\\" in name or name.startswith(".") or name == "model.onnx":
+            raise BundleError(f"{where}.file is {name!r}; a variant is a plain file name inside the bundle, not the fp32 model")
         precision, flavour = str(d["precision"]), d.get("flavour")
         if precision not in PRECISIONS:
             raise BundleError(f"{where}.precision is {precision!r}; allowed: {', '.join(PRECISIONS)}")
@@ -174,9 +178,9 @@ class Manifest:
                 raise BundleError(f"manifest field {key!r} has type {type(d[key]).__name__}; expected {'/'.join(t.__name__ for t in types)}")
         if d["format"] != FORMAT:
             raise BundleError(f"manifest format is {d['format']!r}; expected {FORMAT!r}")
-        if d["schema_version"] != SCHEMA_VERSION:
+        if d["schema_version"] not in READABLE_SCHEMAS:
             raise BundleError(
-                f"manifest schema_version {d['schema_version']} is not supported by this edgeclf (supports {SCHEMA_VERSION}); "
+                f"manifest schema_version {d['schema_version']} is not supported by this edgeclf (reads {READABLE_SCHEMAS}); "
                 "upgrade edgeclf or re-export the bundle"
             )
         task = d["task"]
@@ -257,6 +261,9 @@ class Bundle:
         """
         m = self.manifest
         want = precision or m.deploy_precision
+        if precision is None and want == "fp16" and backend == "ort-cpu":
+            log.info("fp16 brings no speed on a CPU: running the fp32 model")  # ask with --precision fp16 to force it
+            want = "fp32"
         if want == "fp32":
             return self.model_path, "fp32"
         flavour = INT8_FLAVOUR_FOR_BACKEND.get(backend, "cpu") if want == "int8" else None

@@ -75,7 +75,7 @@ def test_int8_that_loses_accuracy_is_refused_and_named(trained_dir: Path, tmp_pa
     assert not (tmp_path / "b").exists() and not list(tmp_path.glob(".b.*"))
     # auto with the same limit falls back to fp32 and says why; nothing failing is shipped.
     m = export_bundle(ExportConfig(out=str(tmp_path / "a"), model=str(trained_dir), precision="auto", max_drop=0.0001))
-    assert m["deploy"]["precision"] == "fp32" and "no INT8 candidate passed" in m["deploy"]["reason"]
+    assert m["deploy"]["precision"] == "fp32" and "int8-cpu candidate failed the gate" in m["deploy"]["reason"]
     assert m["variants"] == [] and all(not c["passed"] for c in m["deploy"]["candidates"])
     assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["checksums.sha256", "manifest.json", "model.onnx", "reference.npz"]
 

@@ -55,4 +55,13 @@ def test_multiclass_and_multilabel_checks_cover_every_class() -> None:
     assert [c["metric"] for c in g["checks"]] == ["auc_macro", "sensitivity[a]", "sensitivity[b]", "sensitivity[c]"]
     ym = (rng.random((150, 3)) < 0.4).astype(np.uint8)
     g = gate_candidate(z, z, ym, "multilabel", 1.0, DecisionRule("multilabel", (0.5, 0.5, 0.5)), ["a", "b", "c"], max_drop=0.0)
-    assert g["passed"] and len(g["checks"]) == 4
+    assert g["passed"] and [c["metric"] for c in g["checks"]][:3] == ["auc_macro", "sensitivity[a]", "specificity[a]"]
+    assert len(g["checks"]) == 7
+
+
+def test_a_candidate_that_calls_everything_positive_fails_on_the_negative_class() -> None:
+    # A constant shift keeps the AUC and raises sensitivity: only the other class's rate can catch it.
+    z, y = _binary()
+    g = gate_candidate(z, z + 3.0, y, "binary", 1.0, RULE, ["neg", "pos"], max_drop=0.01)
+    auc = next(c for c in g["checks"] if c["metric"] == "auc_macro")
+    assert abs(auc["drop"]) < 1e-12 and not g["passed"] and g["failed_on"] == ["sensitivity[neg]"]

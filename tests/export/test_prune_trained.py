@@ -39,3 +39,15 @@ def test_prune_cli_reports_and_refuses_bad_targets(trained_dir: Path, tmp_path: 
     assert "of its MACs" in r.stdout and "ONNX Runtime" in r.stdout and "val AUC" in r.stdout
     r = run_cli("prune", "--model", str(trained_dir), "--out", str(tmp_path / "q"), "--target-macs", "1.5")
     assert r.returncode == 2 and "target-macs" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_prune_never_overwrites_a_training_folder(trained_dir: Path, tmp_path: Path) -> None:
+    from edgeclf.errors import ConfigError
+    from edgeclf.export.prune import PruneConfig
+
+    with pytest.raises(ConfigError, match="parent survives"):
+        PruneConfig(model=str(trained_dir), out=str(trained_dir))
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "x").write_text("x")
+    with pytest.raises(ConfigError, match="not empty"):
+        PruneConfig(model=str(trained_dir), out=str(tmp_path / "busy"))

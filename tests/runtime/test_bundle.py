@@ -76,3 +76,17 @@ def test_not_a_bundle(tmp_path: Path) -> None:
         load_bundle(tmp_path / "nope")
     with pytest.raises(BundleError, match="no manifest.json"):
         load_bundle(tmp_path)
+
+
+def test_variant_files_must_be_plain_names_inside_the_bundle(bundle_copy: Path) -> None:
+    def add_variant(m):
+        m["variants"] = [{"file": "../elsewhere.onnx", "precision": "int8", "flavour": "cpu"}]
+
+    _rewrite_manifest(bundle_copy, add_variant)
+    with pytest.raises(BundleError, match="plain file name"):
+        load_bundle(bundle_copy)
+
+
+def test_schema_version_1_bundles_still_load(bundle_copy: Path) -> None:
+    _rewrite_manifest(bundle_copy, lambda m: (m.update(schema_version=1), m.pop("variants"), m.pop("deploy")))
+    assert load_bundle(bundle_copy).manifest.deploy_precision == "fp32"
