@@ -323,6 +323,10 @@ def _print_export(m: dict[str, Any]) -> None:
     if rows:
         click.echo(_table(["variant", "gate", "agreement", "largest drop vs fp32 (paired 95% CI)", "MB", "median ms"], rows,
                           f"compressed candidates on the validation split, max drop {m['deploy'].get('max_drop', '')}".rstrip()))
+    for c in dep.get("candidates", []):
+        if c.get("kept_float"):
+            click.echo(f"{c['id']}: plain INT8 failed the gate; passes with {len(c['kept_float'])} sensitive layer(s) kept in float: "
+                       + ", ".join(c["kept_float"]))
     click.echo(f"deploy: {dep.get('precision', 'fp32')} ({dep.get('reason', 'fp32 requested')})")
 
 

@@ -48,6 +48,47 @@ def measure_latency(paths: dict[str, Path], x1: np.ndarray, *, runs: int = 200, 
     return {k: {"median": float(np.median(v)), "p90": float(np.percentile(v, 90)), "runs": runs} for k, v in times.items()}
 
 
+MAX_LADDER_NODES = 64  # one quantization per layer: beyond this the analysis costs more than it saves
+
+
+def _float_fallback_ladder(fp32_path: Path, path: Path, calib_x: np.ndarray, flavour: str, method: str,
+                           gate: Any) -> dict[str, Any]:
+    """When plain INT8 fails the gate: quantize one layer at a time to find the harmful ones, then keep
+    the worst 1, 2, 4, ... layers in float until the gate passes (at most half the layers).
+
+    Returns {"passed", "sensitivity": [{node, worst_drop}], "rungs": [...], "kept_float", "record", "gate"};
+    on success `path` holds the passing model.
+    """
+    from edgeclf.export.quantize import quantizable_nodes, quantize_int8
+
+    nodes = quantizable_nodes(fp32_path)
+    if not nodes or len(nodes) > MAX_LADDER_NODES:
+        return {"passed": False, "skipped": f"{len(nodes)} quantizable layers (analysis runs for 1..{MAX_LADDER_NODES})"}
+    probe = path.with_name(path.stem + ".probe.onnx")
+    sensitivity = []
+    try:
+        for n in nodes:  # only layer n quantized
+            quantize_int8(fp32_path, probe, calib_x, flavour=flavour, method=method, nodes_to_exclude=[m for m in nodes if m != n])
+            g = gate(probe)
+            sensitivity.append({"node": n, "worst_drop": max(c["drop"] for c in g["checks"])})
+    finally:
+        probe.unlink(missing_ok=True)
+    order = [s["node"] for s in sorted(sensitivity, key=lambda s: -s["worst_drop"])]
+    rungs: list[dict[str, Any]] = []
+    k = 1
+    while k <= max(1, len(nodes) // 2):
+        keep = order[:k]
+        record = quantize_int8(fp32_path, path, calib_x, flavour=flavour, method=method, nodes_to_exclude=keep)
+        g = gate(path)
+        rungs.append({"kept_float": keep, "passed": g["passed"], "failed_on": g["failed_on"],
+                      "worst_drop": max(c["drop"] for c in g["checks"])})
+        if g["passed"]:
+            record["kept_float"] = keep
+            return {"passed": True, "sensitivity": sensitivity, "rungs": rungs, "kept_float": keep, "record": record, "gate": g}
+        k *= 2
+    return {"passed": False, "sensitivity": sensitivity, "rungs": rungs, "kept_float": []}
+
+
 def compress(
     stage: Path,
     fp32_path: Path,
@@ -70,6 +111,10 @@ def compress(
     from edgeclf.export.bundle_writer import _ort_logits
     from edgeclf.export.quantize import convert_fp16, quantize_int8
 
+    def gate(path: Path) -> dict[str, Any]:
+        logits = _ort_logits(path, val_x).astype(np.float32)
+        return gate_candidate(parent_logits, logits, val_y, task, temperature, rule, labels, max_drop=max_drop, ids=val_ids, seed=seed)
+
     if precision not in PRECISION_CHOICES:
         raise ConfigError(f"--precision {precision!r} is unknown; allowed: {', '.join(PRECISION_CHOICES)}")
     if not 0 <= max_drop < 1:
@@ -84,10 +129,16 @@ def compress(
             record = convert_fp16(fp32_path, path)
         else:
             record = quantize_int8(fp32_path, path, calib_x, flavour=vid.split("-", 1)[1], method=calib_method)
-        logits = _ort_logits(path, val_x).astype(np.float32)
-        gate = gate_candidate(parent_logits, logits, val_y, task, temperature, rule, labels, max_drop=max_drop, ids=val_ids, seed=seed)
+        g = gate(path)
+        ladder = None
+        if not g["passed"] and vid != "fp16":
+            ladder = _float_fallback_ladder(fp32_path, path, calib_x, vid.split("-", 1)[1], calib_method, gate)
+            if ladder["passed"]:
+                record, g = ladder.pop("record"), ladder.pop("gate")
+            else:
+                ladder.pop("record", None), ladder.pop("gate", None)
         candidates.append({"id": vid, "file": path.name, "precision": record["precision"], "flavour": record.get("flavour"),
-                           "quantization": record, "gate": gate, "size_bytes": path.stat().st_size, "_path": path})
+                           "quantization": record, "gate": g, "ladder": ladder, "size_bytes": path.stat().st_size, "_path": path})
     failed = [c for c in candidates if not c["gate"]["passed"]]
     if failed and precision != "auto":
         c = failed[0]
@@ -95,7 +146,9 @@ def compress(
         raise ExportError(
             f"{c['id']} fails the gate: {worst['metric']} drops by {worst['drop']:.4f} (paired 95% CI "
             f"{worst['drop_ci95'][0]:.4f} to {worst['drop_ci95'][1]:.4f}) against the fp32 parent, over --max-drop {max_drop}; "
-            "no bundle was written; raise --max-drop, try --calibration entropy or percentile, or export fp32"
+            + (f"even with up to {len(c['ladder']['rungs'][-1]['kept_float'])} of its most sensitive layers kept in float; "
+               if c.get("ladder") and c["ladder"].get("rungs") else "")
+            + "no bundle was written; raise --max-drop, try --calibration entropy or percentile, or export fp32"
         )
     for c in failed:
         c["_path"].unlink()
@@ -129,6 +182,6 @@ def compress(
         table.append({"id": c["id"], "passed": c["gate"]["passed"], "failed_on": c["gate"]["failed_on"],
                       "worst": {k: worst[k] for k in ("metric", "drop", "drop_ci95")},
                       "decision_agreement": c["gate"]["decision_agreement"], "size_bytes": c["size_bytes"],
-                      "latency_ms": c.get("latency_ms")})
+                      "kept_float": c["quantization"].get("kept_float", []), "latency_ms": c.get("latency_ms")})
     deploy["max_drop"] = max_drop
     return {"variants": variants, "deploy": deploy, "candidates": table, "calibration": calibration}

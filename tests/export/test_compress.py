@@ -95,3 +95,30 @@ def test_calibration_indices_are_stratified_and_seeded() -> None:
     assert len(a) == 10 and (y[a] == 1).sum() == 2 and not np.array_equal(np.sort(a), np.sort(b))
     assert np.array_equal(a, calibration_indices(y, 10, 0))
     assert np.array_equal(calibration_indices(y, 500, 0), np.arange(100))
+
+
+def test_ladder_keeps_the_one_harmful_layer_in_float(trained_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                      scrambled_onnx: Path) -> None:
+    """A quantizer that ruins the model only when one particular layer is quantized: the per-layer
+    analysis must find that layer, and the first rung (keep it in float) must pass."""
+    import edgeclf.export.quantize as q
+
+    real_nodes = q.quantizable_nodes
+    calls: list[list[str]] = []
+
+    def fake(fp32_path, out_path, calib, *, flavour="cpu", method="minmax", nodes_to_exclude=(), **kw):
+        bad = real_nodes(fp32_path)[1]
+        calls.append(list(nodes_to_exclude))
+        shutil.copyfile(fp32_path if bad in nodes_to_exclude else scrambled_onnx, out_path)
+        return {"precision": "int8", "flavour": flavour, "method": method}
+
+    monkeypatch.setattr(q, "quantize_int8", fake)
+    m = export_bundle(ExportConfig(out=str(tmp_path / "b"), model=str(trained_dir), precision="int8", max_drop=0.01))
+    bad = real_nodes(tmp_path / "b" / "model.onnx")[1]
+    for v in m["variants"]:
+        assert v["gate"]["passed"] and v["quantization"]["kept_float"] == [bad]
+        lad = v["ladder"]
+        assert lad["passed"] is True and lad["rungs"][0]["kept_float"] == [bad]
+        worst = max(lad["sensitivity"], key=lambda s: s["worst_drop"])
+        assert worst["node"] == bad and worst["worst_drop"] > 0.01
+    assert [c["kept_float"] for c in m["deploy"]["candidates"]] == [[bad], [bad]]
