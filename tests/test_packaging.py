@@ -39,12 +39,17 @@ def test_wheel_contains_every_module_and_profile(wheel: Path) -> None:
     assert "opencv-python-headless<5,>=4.8" in text.replace(" ", "") or "opencv-python-headless>=4.8,<5" in text.replace(" ", "")
 
 
-def test_help_is_fast_and_imports_nothing_heavy() -> None:
-    code = ("import sys, time; t = time.perf_counter(); from edgeclf.cli import main\n"
+def _python(code: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    """Run `code` in a fresh interpreter from the repo root."""
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=timeout)
+
+
+def test_help_imports_nothing_heavy() -> None:
+    code = ("import sys; from edgeclf.cli import main\n"
             "try:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
             "heavy = [m for m in ('torch', 'numpy', 'cv2', 'onnxruntime', 'sklearn', 'matplotlib', 'rich') if m in sys.modules]\n"
             "sys.stderr.write(repr(heavy)); sys.exit(1 if heavy else 0)")
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=60)
+    r = _python(code)
     assert r.returncode == 0, r.stderr
     assert "demo" in r.stdout and "export" in r.stdout
 
@@ -54,7 +59,7 @@ def test_missing_extra_is_named_in_one_line() -> None:
             "from edgeclf.runtime.backends import OrtBackend\n"
             "try:\n    OrtBackend('m.onnx', (1, 8, 8), 2)\n"
             "except Exception as e:\n    print(type(e).__name__, e)\n")
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=60)
+    r = _python(code)
     assert r.stdout.startswith("MissingExtraError") and "pip install 'edgeclf[ort]'" in r.stdout, r.stdout + r.stderr
 
 
@@ -63,7 +68,7 @@ def test_cli_names_the_extra_for_a_missing_workstation_module(tmp_path: Path) ->
     code = ("import sys; sys.modules['torch'] = None\n"
             "from edgeclf.cli import main\n"
             f"main(['train', '--data', 'synthetic:ultrasound?n=60&size=32', '--out', {str(tmp_path / 'o')!r}])\n")
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120)
+    r = _python(code, timeout=120)
     assert r.returncode == 2, r.stderr
     assert r.stderr.strip().splitlines() == ["edgeclf: error: this command needs torch, which is not installed; "
                                              "install it with: pip install 'edgeclf[train]'"]
