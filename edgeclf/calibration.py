@@ -196,6 +196,22 @@ def _operating_threshold(scores: NDArray[np.float64], is_pos: NDArray[np.bool_],
     return (floor + float(pos_in.min())) / 2.0 if pos_in.size else t_hi
 
 
+OBJECTIVES = ("sensitivity", "accuracy")
+
+
+def _accuracy_threshold(scores: NDArray[np.float64], is_pos: NDArray[np.bool_]) -> float:
+    """The threshold with the highest accuracy of `scores >= t` (midway between neighbouring scores);
+    among equally accurate ones, the one nearest 0.5 (calibrated probabilities: the Bayes cut)."""
+    s = np.unique(scores)
+    cuts = np.concatenate([[s[0] / 2.0], (s[:-1] + s[1:]) / 2.0, [(s[-1] + 1.0) / 2.0]])
+    pos = np.sort(scores[is_pos])
+    neg = np.sort(scores[~is_pos])
+    # correct = positives at or above t + negatives below t
+    correct = (len(pos) - np.searchsorted(pos, cuts, side="left")) + np.searchsorted(neg, cuts, side="left")
+    best = np.flatnonzero(correct == correct.max())
+    return float(cuts[best[np.argmin(np.abs(cuts[best] - 0.5))]])
+
+
 def fit_decision_rule(
     probs: npt.ArrayLike,
     labels: npt.ArrayLike,
@@ -204,6 +220,7 @@ def fit_decision_rule(
     target_sensitivity: float = 0.9,
     positive: int = 1,
     label_names: Sequence[str] | None = None,
+    objective: str = "sensitivity",
 ) -> DecisionRule:
     """Fit the operating point on validation probabilities for a target sensitivity.
 
@@ -219,11 +236,17 @@ def fit_decision_rule(
     for "max-ratio" the per-class thresholds are fitted one-vs-rest: the argmax couples the classes,
     so the final per-class sensitivities are close to, not guaranteed at, the target.
 
+    objective "accuracy" instead fits the most accurate operating point on validation: binary and
+    multilabel, the threshold with the highest validation accuracy (per label); multiclass, plain
+    argmax (equal thresholds). The rule then records no target sensitivity.
+
     Raises DataError naming a class (or label) that has no positives in the validation set (fix the
     split, e.g. stratify it), and ConfigError for a bad target, positive or task. `label_names`, if
     given, is only used in messages.
     """
     _check_task(task)
+    if objective not in OBJECTIVES:
+        raise ConfigError(f"operating point objective {objective!r} is unknown; allowed: {', '.join(OBJECTIVES)}")
     if isinstance(target_sensitivity, bool) or not isinstance(target_sensitivity, (int, float, np.floating)):
         raise ConfigError(f"target_sensitivity must be a number in (0, 1], got {target_sensitivity!r}")
     target = float(target_sensitivity)
@@ -241,6 +264,14 @@ def fit_decision_rule(
         columns = [(c, p[:, c], y == c) for c in range(k)]
     else:
         columns = [(c, p[:, c], y[:, c] == 1) for c in range(k)]
+
+    if objective == "accuracy":
+        if task == "multiclass":
+            thresholds_acc = [1.0 / k] * k
+        else:
+            thresholds_acc = [max(_MIN_THRESHOLD, _accuracy_threshold(scores, is_pos)) for _, scores, is_pos in columns]
+        return DecisionRule(kind=rule_kind_for_task(task), thresholds=tuple(thresholds_acc),
+                            positive=int(positive) if task == "binary" else None, target_sensitivity=None)
 
     thresholds = []
     what = "label" if task == "multilabel" else "class"

@@ -115,19 +115,22 @@ def data_synth(kind: str, out: str, n: int, size: int | None, seed: int, as_json
 @click.option("--classes", default=None, help="Class map, e.g. covid19,pneumonia=bacterial_pneumonia+viral_pneumonia,regular.")
 @click.option("--positive", default=None, help="Binary tasks: the positive (clinically relevant) class.")
 @click.option("--target-sensitivity", type=float, default=0.9, show_default=True, help="Operating point fitted on validation data.")
+@click.option("--operating-point", type=click.Choice(["sensitivity", "accuracy"]), default="sensitivity", show_default=True,
+              help="sensitivity: best specificity at --target-sensitivity; accuracy: the most accurate point on validation.")
 @click.option("--augment", type=click.Choice(["auto", "ultrasound", "xray", "generic", "none"]), default="auto", show_default=True)
 @click.option("--frames-per-clip", type=click.IntRange(min=1), default=8, show_default=True, help="Clip data sets: frames sampled per clip.")
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads [default: the cores available].")
 @json_option
 def train(data_spec: str, model: str, out: str, size, channels, pretrained, epochs, batch_size, lr, patience, seed, classes, positive,
-          target_sensitivity, augment, frames_per_clip, threads, as_json: bool) -> None:
+          target_sensitivity, operating_point, augment, frames_per_clip, threads, as_json: bool) -> None:
     """Train a classifier, calibrate it and fit its operating points on the validation split."""
     from edgeclf.train import TrainConfig
     from edgeclf.train import train as run_train
 
     cfg = TrainConfig(data=data_spec, out=out, model=model, size=size, channels=int(channels) if channels else None,
                       pretrained=pretrained, epochs=epochs, batch_size=batch_size, lr=lr, patience=patience, seed=seed,
-                      classes=classes, positive=positive, target_sensitivity=target_sensitivity, augment=augment,
+                      classes=classes, positive=positive, target_sensitivity=target_sensitivity,
+                      operating_point=operating_point, augment=augment,
                       frames_per_clip=frames_per_clip, threads=threads)
     from edgeclf.models import model_info
 
@@ -178,20 +181,27 @@ def evaluate(target: str, data_spec, split, classes, precision, out, threads, as
               help="int8/fp16: add gated variants or refuse; auto: keep the fastest variant that passes, else fp32.")
 @click.option("--max-drop", type=click.FloatRange(0, 1, max_open=True), default=0.01, show_default=True,
               help="Largest AUC or per-class sensitivity drop a variant may show against its fp32 parent.")
+@click.option("--min-agreement", type=click.FloatRange(0, 1), default=0.98, show_default=True,
+              help="Smallest share of validation decisions a variant must share with its fp32 parent.")
 @click.option("--calibration", type=click.Choice(["minmax", "entropy", "percentile"]), default="minmax", show_default=True,
               help="INT8 calibration method (on a seeded, class-stratified sample of training images).")
 @click.option("--calibration-n", type=click.IntRange(min=1), default=128, show_default=True)
+@click.option("--qat-epochs", type=click.IntRange(min=0), default=4, show_default=True,
+              help="Last INT8 rung: quantization-aware fine-tuning epochs when plain and partial INT8 fail the gate (0: off).")
+@click.option("--device", default=None, help="auto: choose for this device profile (x86-cpu, x86-nvidia-gpu) and its preferred backend "
+              "instead of timing on this machine.")
 @json_option
 def export(model, from_onnx, from_torch, weights, data_spec, classes, split, out, no_samples, labels, task, size, channels, mean, std,
-           target_sensitivity, positive, overwrite, precision, max_drop, calibration, calibration_n, as_json: bool) -> None:
+           target_sensitivity, positive, overwrite, precision, max_drop, min_agreement, calibration, calibration_n, qat_epochs, device,
+           as_json: bool) -> None:
     """Export ONNX (opset 17), check parity on real images, and write a verified bundle."""
     from edgeclf.export.bundle_writer import ExportConfig, export_bundle
 
     cfg = ExportConfig(out=out, model=model, from_onnx=from_onnx, from_torch=from_torch, weights=weights, data=data_spec,
                        classes=classes, split=split, samples=not no_samples, labels=labels, task=task, size=size,
                        channels=int(channels) if channels else None, mean=mean, std=std, target_sensitivity=target_sensitivity,
-                       positive=positive, overwrite=overwrite, precision=precision, max_drop=max_drop,
-                       calibration=calibration, calibration_n=calibration_n)
+                       positive=positive, overwrite=overwrite, precision=precision, max_drop=max_drop, min_agreement=min_agreement,
+                       calibration=calibration, calibration_n=calibration_n, qat_epochs=qat_epochs, device=device)
     manifest = export_bundle(cfg)
     _emit(as_json, manifest, _print_export)
 
@@ -205,12 +215,15 @@ def export(model, from_onnx, from_torch, weights, data_spec, classes, split, out
 @click.option("--finetune-epochs", type=click.IntRange(min=1), default=6, show_default=True)
 @click.option("--lr", type=float, default=1e-3, show_default=True, help="Fine-tuning learning rate.")
 @click.option("--data", "data_spec", default=None, help="Data spec [default: the one the model records].")
+@click.option("--no-distill", is_flag=True, help="Fine-tune on the labels only, without the unpruned parent as teacher.")
 @json_option
-def prune(model: str, out: str, target_macs: float, steps: int, finetune_epochs: int, lr: float, data_spec, as_json: bool) -> None:
+def prune(model: str, out: str, target_macs: float, steps: int, finetune_epochs: int, lr: float, data_spec, no_distill: bool,
+          as_json: bool) -> None:
     """Structured channel pruning (Torch-Pruning) to a MAC budget, fine-tuned, recalibrated and timed."""
     from edgeclf.export.prune import PruneConfig, prune_trained
 
-    cfg = PruneConfig(model=model, out=out, target_macs=target_macs, steps=steps, finetune_epochs=finetune_epochs, lr=lr, data=data_spec)
+    cfg = PruneConfig(model=model, out=out, target_macs=target_macs, steps=steps, finetune_epochs=finetune_epochs, lr=lr, data=data_spec,
+                      distill=not no_distill)
     with _train_progress(not as_json) as on_epoch:
         record = prune_trained(cfg, on_epoch=on_epoch)
     _emit(as_json, record, _print_prune)
@@ -324,6 +337,10 @@ def _print_export(m: dict[str, Any]) -> None:
         click.echo(_table(["variant", "gate", "agreement", "largest drop vs fp32 (paired 95% CI)", "MB", "median ms"], rows,
                           f"compressed candidates on the validation split, max drop {m['deploy'].get('max_drop', '')}".rstrip()))
     for c in dep.get("candidates", []):
+        if len(c.get("rungs") or []) > 1:
+            click.echo(f"{c['id']} ladder: " + " -> ".join(
+                f"{r['rung']} " + (f"skipped ({r['skipped']})" if r.get("skipped") else "pass" if r.get("passed") else "fail")
+                for r in c["rungs"]))
         if c.get("kept_float"):
             click.echo(f"{c['id']}: plain INT8 failed the gate; passes with {len(c['kept_float'])} sensitive layer(s) kept in float: "
                        + ", ".join(c["kept_float"]))
@@ -398,7 +415,8 @@ def _print_info(m: dict[str, Any]) -> None:
         f"input {mod['input_shape']} -> {mod['output_shape']}",
         f"preprocess: {pre['channels']} ch, {pre['size'][0]}x{pre['size'][1]} {pre['resize']}, mean {pre['mean']} std {pre['std']}",
         f"postprocess: temperature {m['postprocess']['temperature']:.3f}, rule {d['kind']} thresholds "
-        f"{[round(t, 4) for t in d['thresholds']]} (target sensitivity {d.get('target_sensitivity')})",
+        f"{[round(t, 4) for t in d['thresholds']]} ("
+        + (f"target sensitivity {d['target_sensitivity']})" if d.get("target_sensitivity") else "most accurate on validation)"),
     ]
     if par:
         lines.append(f"parity: {par.get('n')} {par.get('split')} images, agreement {par.get('decision_agreement')}, "

@@ -43,6 +43,8 @@ class TrainConfig:
     patience: int = 10
     seed: int = 0
     target_sensitivity: float = 0.9
+    # "sensitivity": best specificity at target_sensitivity; "accuracy": the most accurate point on val.
+    operating_point: str = "sensitivity"
     classes: str | None = None
     positive: str | None = None
     augment: str = "auto"
@@ -60,6 +62,8 @@ class TrainConfig:
             raise ConfigError(f"lr is {self.lr}; expected a value in (0, 1), e.g. 3e-3")
         if not 0 < self.target_sensitivity <= 1:
             raise ConfigError(f"target-sensitivity is {self.target_sensitivity}; expected a value in (0, 1]")
+        if self.operating_point not in ("sensitivity", "accuracy"):
+            raise ConfigError(f"operating-point is {self.operating_point!r}; allowed: sensitivity, accuracy")
         if self.channels not in (None, 1, 3):
             raise ConfigError(f"channels is {self.channels}; allowed: 1 or 3")
         if self.augment not in AUGMENTS:
@@ -276,6 +280,17 @@ def _loss(p: _Prepared) -> Any:
     return torch.nn.BCEWithLogitsLoss(pos_weight=torch.tensor((len(y2) - pos) / pos, dtype=torch.float32))
 
 
+def _distill(student: Any, teacher: Any, task: str, t: float) -> Any:
+    """Hinton distillation at temperature t (scaled by t^2): KL on softmax for multiclass heads,
+    binary cross-entropy against the teacher's soft sigmoid for binary and multilabel heads."""
+    import torch
+    import torch.nn.functional as F
+
+    if task == "multiclass":
+        return F.kl_div(F.log_softmax(student / t, 1), F.softmax(teacher / t, 1), reduction="batchmean") * t * t
+    return F.binary_cross_entropy_with_logits(student / t, torch.sigmoid(teacher / t)) * t * t
+
+
 def fit(
     model: Any,
     p: _Prepared,
@@ -287,13 +302,19 @@ def fit(
     patience: int = 10,
     seed: int = 0,
     on_epoch: Callable[[dict[str, Any]], None] | None = None,
+    teacher: Any | None = None,
+    kd_weight: float = 0.5,
+    kd_temperature: float = 4.0,
 ) -> tuple[list[dict[str, Any]], int]:
     """Train `model` in place with early stopping on validation AUC (ties: validation loss); the best
     epoch's weights are loaded at the end. Returns (history, best epoch). Also used to fine-tune
-    pruned models."""
+    pruned models: with `teacher` (their unpruned parent) the loss mixes in distillation, the usual
+    way to recover accuracy after pruning on a small data set."""
     import torch
 
     ds, spec = p.ds, p.spec
+    if teacher is not None:
+        teacher.eval()
     loss_fn = _loss(p)  # the caller seeds torch; `seed` drives the batch order and augmentation
     ytr, yva = _targets(ds.task, ds.splits["train"].labels), ds.splits["val"].labels
     yva_t = _targets(ds.task, yva)
@@ -315,7 +336,12 @@ def fit(
             if len(idx) < 2:
                 continue  # BatchNorm cannot train on one sample
             xb = (_augment(p.xtr[idx].float() * spec.scale, p.profile, gen) - mean_t) / std_t
-            loss = loss_fn(model(xb), ytr[idx])
+            out = model(xb)
+            loss = loss_fn(out, ytr[idx])
+            if teacher is not None:
+                with torch.no_grad():
+                    soft = teacher(xb)
+                loss = (1 - kd_weight) * loss + kd_weight * _distill(out, soft, ds.task, kd_temperature)
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -342,7 +368,8 @@ def fit(
     return history, best[1]
 
 
-def calibrate_and_measure(model: Any, p: _Prepared, *, target_sensitivity: float, seed: int = 0) -> tuple[float, Any, dict[str, Any]]:
+def calibrate_and_measure(model: Any, p: _Prepared, *, target_sensitivity: float, seed: int = 0,
+                          operating_point: str = "sensitivity") -> tuple[float, Any, dict[str, Any]]:
     """Fit temperature and operating points on val; measure val (and test, if any). Returns (T, rule, metrics)."""
     from edgeclf.calibration import fit_decision_rule, fit_temperature
     from edgeclf.metrics import evaluate_predictions
@@ -351,7 +378,7 @@ def calibrate_and_measure(model: Any, p: _Prepared, *, target_sensitivity: float
     lv = torch_logits(model, p.xva)
     temperature = fit_temperature(lv, yva, ds.task)
     pv = probabilities(lv, ds.task, temperature)
-    rule = fit_decision_rule(pv, yva, ds.task, target_sensitivity=target_sensitivity, positive=p.positive)
+    rule = fit_decision_rule(pv, yva, ds.task, target_sensitivity=target_sensitivity, positive=p.positive, objective=operating_point)
     metrics = {"val": evaluate_predictions(pv, yva, ds.task, rule, ds.labels, n_boot=500, seed=seed)}
     if len(ds.splits.get("test", [])):
         lt = torch_logits(model, p.pre.batch(ds.splits["test"].images))
@@ -407,7 +434,8 @@ def train(cfg: TrainConfig, *, on_epoch: Callable[[dict[str, Any]], None] | None
     p = _prepare(ds, spec, cfg.augment, positive)
     history, best_epoch = fit(model, p, epochs=cfg.epochs, lr=cfg.lr, batch_size=cfg.batch_size, weight_decay=cfg.weight_decay,
                               patience=cfg.patience, seed=cfg.seed, on_epoch=on_epoch)
-    temperature, rule, metrics = calibrate_and_measure(model, p, target_sensitivity=cfg.target_sensitivity, seed=cfg.seed)
+    temperature, rule, metrics = calibrate_and_measure(model, p, target_sensitivity=cfg.target_sensitivity, seed=cfg.seed,
+                                                       operating_point=cfg.operating_point)
     meta = {
         "architecture": cfg.model,
         "num_outputs": n_out,

@@ -475,6 +475,7 @@ class PruneConfig:
     lr: float = 1e-3
     data: Optional[str] = None
     round_to: int = 8
+    distill: bool = True  # fine-tune against the unpruned parent's soft outputs as well as the labels
     # A pruning that speeds ONNX Runtime up by less than this is reported as not paying.
     min_speedup: float = 1.1
 
@@ -529,7 +530,8 @@ def prune_trained(cfg: PruneConfig, *, on_epoch: Optional[Callable[[Dict[str, An
     parent = copy.deepcopy(model).eval()
     example = torch.zeros(1, tm.preprocess.channels, *tm.preprocess.size)
     macs0, params0 = count_macs(model, example)
-    _, _, before = calibrate_and_measure(parent, p, target_sensitivity=tm.decision.target_sensitivity or 0.9, seed=seed)
+    _, _, before = calibrate_and_measure(parent, p, target_sensitivity=tm.decision.target_sensitivity or 0.9, seed=seed,
+                                        operating_point=str(tcfg.get("operating_point", "sensitivity")))
     steps: List[Dict[str, Any]] = []
     history: List[Dict[str, Any]] = []
     for i in range(1, cfg.steps + 1):
@@ -537,11 +539,13 @@ def prune_trained(cfg: PruneConfig, *, on_epoch: Optional[Callable[[Dict[str, An
         macs_now, _ = count_macs(model, example)
         info = prune_step(model, example, target_macs_ratio=min(1.0 - 1e-6, goal * macs0 / macs_now), round_to=cfg.round_to)
         h, best = fit(model, p, epochs=cfg.finetune_epochs, lr=cfg.lr, batch_size=int(tcfg.get("batch_size", 64)),
-                      patience=cfg.finetune_epochs, seed=seed + i, on_epoch=on_epoch)
+                      patience=cfg.finetune_epochs, seed=seed + i, on_epoch=on_epoch,
+                      teacher=parent if cfg.distill else None)
         history += [{**e, "step": i} for e in h]
         steps.append({"step": i, "macs_ratio": count_macs(model, example)[0] / macs0, "best_epoch": best,
                       "val_auc": h[best - 1]["val_auc"] if best else None, **{k: info[k] for k in ("channel_ratio",)}})
-    temperature, rule, after = calibrate_and_measure(model, p, target_sensitivity=tm.decision.target_sensitivity or 0.9, seed=seed)
+    temperature, rule, after = calibrate_and_measure(model, p, target_sensitivity=tm.decision.target_sensitivity or 0.9, seed=seed,
+                                        operating_point=str(tcfg.get("operating_point", "sensitivity")))
     macs1, params1 = count_macs(model, example)
     lat = ort_latency(parent, model, (tm.preprocess.channels, *tm.preprocess.size))
     pays = lat["speedup"] >= cfg.min_speedup
@@ -549,6 +553,7 @@ def prune_trained(cfg: PruneConfig, *, on_epoch: Optional[Callable[[Dict[str, An
                + ("" if pays else f": it saves MACs but not time (below {cfg.min_speedup}x); keep the unpruned model"))
     pruning = {
         "target_macs": cfg.target_macs, "steps": steps, "round_to": cfg.round_to, "finetune_epochs": cfg.finetune_epochs, "lr": cfg.lr,
+        "distill": cfg.distill,
         "macs": {"before": macs0, "after": macs1, "ratio": macs1 / macs0},
         "params": {"before": params0, "after": params1, "ratio": params1 / params0},
         "latency_ms": lat, "pays": pays, "verdict": verdict,

@@ -353,3 +353,30 @@ def test_rule_applies_on_device() -> None:
     _check_operating_point(p[:, 1], y == 1, rule.thresholds[0], 0.85)
     assert np.mean(pred[y == 0] == 0) == _ovr_specificity(p[:, 1], y == 1, rule.thresholds[0])
     assert math.isclose(rule.target_sensitivity or 0, 0.85)
+
+
+def test_accuracy_objective_binary_picks_the_most_accurate_threshold():
+    # negatives 0.1..0.4, positives 0.35..0.9: the best cut keeps one error either side or less
+    neg = np.array([0.1, 0.2, 0.3, 0.4])
+    pos = np.array([0.35, 0.6, 0.7, 0.9])
+    p1 = np.concatenate([neg, pos])
+    probs = np.stack([1 - p1, p1], 1)
+    y = np.array([0] * 4 + [1] * 4)
+    rule = fit_decision_rule(probs, y, "binary", objective="accuracy")
+    t = rule.thresholds[0]
+    acc = np.mean((p1 >= t) == (y == 1))
+    best = max(np.mean((p1 >= c) == (y == 1)) for c in np.linspace(0, 1, 1001))
+    assert acc == best == 7 / 8
+    assert rule.target_sensitivity is None
+    assert 0.4 < t <= 0.6  # the tie nearest 0.5 among equally accurate cuts
+
+
+def test_accuracy_objective_multiclass_is_argmax():
+    probs = np.array([[0.5, 0.3, 0.2], [0.2, 0.45, 0.35], [0.1, 0.2, 0.7]])
+    rule = fit_decision_rule(probs, np.array([0, 1, 2]), "multiclass", objective="accuracy")
+    assert rule.thresholds == (1 / 3, 1 / 3, 1 / 3)
+
+
+def test_unknown_objective_is_a_config_error():
+    with pytest.raises(ConfigError, match="allowed: sensitivity, accuracy"):
+        fit_decision_rule(np.array([[0.5, 0.5]]), np.array([1]), "binary", objective="youden")
