@@ -52,8 +52,13 @@ class ExportConfig:
     # Compression (see export/compress.py).
     precision: str = "fp32"
     max_drop: float = 0.01
+    min_agreement: float = 0.98  # decisions a variant must share with its fp32 parent on validation
     calibration: str = "minmax"
     calibration_n: int = 128
+    # Last rung of the INT8 ladder: quantization-aware fine-tuning epochs (0: off). Needs a training folder.
+    qat_epochs: int = 4
+    # auto: choose for this device profile's preferred backend instead of timing on this machine.
+    device: str | None = None
 
     def __post_init__(self) -> None:
         sources = [s for s in (self.model, self.from_onnx, self.from_torch) if s]
@@ -69,6 +74,14 @@ class ExportConfig:
             raise ConfigError(f"--precision {self.precision!r} is unknown; allowed: {', '.join(PRECISION_CHOICES)}")
         if self.task is not None and self.task not in TASKS:
             raise ConfigError(f"--task {self.task!r} is unknown; allowed: {', '.join(TASKS)}")
+        if self.qat_epochs < 0:
+            raise ConfigError(f"--qat-epochs is {self.qat_epochs}; give 0 (off) or more")
+        if self.device is not None:
+            from edgeclf.devices import load_profile
+
+            load_profile(self.device)  # an unknown name: ConfigError listing the known ones
+            if self.precision != "auto":
+                raise ConfigError(f"--device {self.device} chooses among compressed candidates: give it with --precision auto")
 
 
 def _floats(text: str | None, n: int, default: float) -> tuple[float, ...]:
@@ -150,6 +163,7 @@ def export_bundle(cfg: ExportConfig) -> dict[str, Any]:
         raise ConfigError(f"output folder {out} is not empty; choose a new --out or pass --overwrite to replace a bundle")
     provenance: dict[str, Any] = {"exported_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
     torch_model = None
+    tm = None
     train_metrics: dict[str, Any] = {}
     if cfg.model:
         tm = load_trained(cfg.model)
@@ -249,12 +263,14 @@ def export_bundle(cfg: ExportConfig) -> dict[str, Any]:
 
             tr = ds.split("train")
             idx = calibration_indices(tr.labels, cfg.calibration_n, seed)
+            qat, qat_unavailable = _qat_rung(cfg, tm, ds)
             compression = compress(
-                stage, onnx_path, precision=cfg.precision, max_drop=cfg.max_drop,
+                stage, onnx_path, precision=cfg.precision, max_drop=cfg.max_drop, min_agreement=cfg.min_agreement,
                 calib_x=pre.batch([tr.images[i] for i in idx]), calib_method=cfg.calibration,
                 # Indices into the training folder's splits/val.txt, never file names.
                 val_x=xv, val_y=yv, val_ids=[f"val[{i}]" for i in range(len(yv))], parent_logits=lv,
                 task=task, temperature=temperature, rule=rule, labels=labels, seed=seed,
+                qat=qat, qat_epochs=cfg.qat_epochs, qat_unavailable=qat_unavailable, device=cfg.device,
             )
             provenance["calibration"] = compression["calibration"]
             compression["deploy"]["candidates"] = compression["candidates"]
@@ -298,6 +314,19 @@ def export_bundle(cfg: ExportConfig) -> dict[str, Any]:
         shutil.rmtree(stage, ignore_errors=True)
         raise
     return manifest
+
+
+def _qat_rung(cfg: ExportConfig, tm: Any, ds: Dataset) -> tuple[Any, str]:
+    """The INT8 ladder's last rung (export/qat.py) for compress(), or None and the reason it cannot run."""
+    if cfg.from_onnx:
+        return None, "the source is an ONNX file: there is no torch model to fine-tune"
+    if tm is None:
+        return None, "it needs a training folder (--model): a --from-torch model comes without its training recipe"
+    if cfg.qat_epochs < 1:
+        return None, "--qat-epochs is 0"
+    from edgeclf.export.qat import make_qat_rung
+
+    return make_qat_rung(tm, ds), ""
 
 
 def _copy_onnx(src: Path, dst: Path) -> tuple[dict[str, Any], str, str]:

@@ -2,7 +2,14 @@
 
 `--precision int8|fp16` builds what was asked and refuses (writing nothing) when any candidate fails
 the gate; `--precision auto` builds the candidates, keeps those that pass, measures their latency
-side by side on this machine and deploys the fastest, falling back to fp32 with the reason.
+side by side on this machine and deploys the fastest, falling back to fp32 with the reason. With a
+device profile (`--device`), auto builds the candidates that profile's first preferred backend needs
+and times them on that backend when this machine has it; otherwise it chooses by the profile's stated
+preference (int8, then fp16, then fp32) and says that latency was not measured.
+
+An INT8 candidate that fails the gate climbs a ladder, each rung recorded in the candidate's `rungs`:
+plain INT8 -> the most harmful layers kept in float -> quantization-aware fine-tuning (export/qat.py,
+needs the torch model and its training data) -> refused (int8) or left out (auto).
 """
 from __future__ import annotations
 
@@ -11,7 +18,7 @@ import logging
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Dict
 
 import numpy as np
 
@@ -20,20 +27,25 @@ from edgeclf.export.gate import gate_candidate
 from edgeclf.export.onnx_export import ExportError
 from edgeclf.runtime.postprocess import DecisionRule
 
-__all__ = ["PRECISION_CHOICES", "compress", "measure_latency"]
+__all__ = ["PRECISION_CHOICES", "DEVICE_CANDIDATES", "compress", "measure_latency", "device_plan"]
 
 log = logging.getLogger(__name__)
 PRECISION_CHOICES = ("fp32", "fp16", "int8", "auto")
 VARIANT_FILES = {"int8-cpu": "model.int8-cpu.onnx", "int8-tensorrt": "model.int8-tensorrt.onnx", "fp16": "model.fp16.onnx"}
+# What each backend can gain from, by the runtime's own choice of INT8 flavour (runtime/bundle.py:
+# INT8_FLAVOUR_FOR_BACKEND); fp16 only on GPUs.
+DEVICE_CANDIDATES = {"ort-cpu": ["int8-cpu"], "ort-cuda": ["int8-cpu", "fp16"], "ort-tensorrt": ["int8-tensorrt", "fp16"]}
+PREFERENCE = ("int8", "fp16")  # a device's stated preference among passing variants when latency cannot be measured
+QatRung = Callable[..., Dict[str, Any]]
 
 
 def measure_latency(paths: dict[str, Path], x1: np.ndarray, *, runs: int = 200, warmup: int = 20,
-                    threads: int | None = None) -> dict[str, dict[str, float]]:
+                    threads: int | None = None, backend: str = "ort-cpu") -> dict[str, dict[str, float]]:
     """Batch-1 ONNX Runtime latency of several models, interleaved (A B A B ...) so drift hits all alike."""
     from edgeclf.runtime.backends import OrtBackend
 
     shape = (int(x1.shape[1]), int(x1.shape[2]), int(x1.shape[3]))
-    backends = {k: OrtBackend(str(p), shape, None, threads=threads) for k, p in paths.items()}
+    backends = {k: OrtBackend(str(p), shape, None, threads=threads, backend=backend) for k, p in paths.items()}
     try:
         times: dict[str, list[float]] = {k: [] for k in paths}
         for i in range(warmup + runs):
@@ -49,6 +61,13 @@ def measure_latency(paths: dict[str, Path], x1: np.ndarray, *, runs: int = 200, 
 
 
 MAX_LADDER_NODES = 64  # one quantization per layer: beyond this the analysis costs more than it saves
+
+
+def _worst(g: dict[str, Any]) -> dict[str, Any]:
+    """The accuracy check (AUC or a class rate) with the largest drop: {metric, drop, drop_ci95}; decision
+    agreement has its own figure."""
+    w = max((ch for ch in g["checks"] if ch["metric"] != "decision_agreement"), key=lambda ch: ch["drop"])
+    return {k: w[k] for k in ("metric", "drop", "drop_ci95")}
 
 
 def _float_fallback_ladder(fp32_path: Path, path: Path, calib_x: np.ndarray, flavour: str, method: str,
@@ -81,12 +100,91 @@ def _float_fallback_ladder(fp32_path: Path, path: Path, calib_x: np.ndarray, fla
         record = quantize_int8(fp32_path, path, calib_x, flavour=flavour, method=method, nodes_to_exclude=keep)
         g = gate(path)
         rungs.append({"kept_float": keep, "passed": g["passed"], "failed_on": g["failed_on"],
-                      "worst_drop": max(c["drop"] for c in g["checks"])})
+                      "worst_drop": max(c["drop"] for c in g["checks"]), "worst": _worst(g)})
         if g["passed"]:
             record["kept_float"] = keep
             return {"passed": True, "sensitivity": sensitivity, "rungs": rungs, "kept_float": keep, "record": record, "gate": g}
         k *= 2
     return {"passed": False, "sensitivity": sensitivity, "rungs": rungs, "kept_float": []}
+
+
+def _qat_rung(qat: QatRung | None, unavailable: str, epochs: int, *, flavour: str, path: Path, calib_x: np.ndarray,
+              method: str, seed: int, gate: Any) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """Run the QAT rung if it can run. Returns (rung figures, {"record", "qat", "gate"} when it ran, else None);
+    on a pass `path` holds the QAT model."""
+    from edgeclf.errors import EdgeclfError
+
+    if qat is None:
+        return {"rung": "qat", "passed": False, "skipped": unavailable}, None
+    if epochs < 1:
+        return {"rung": "qat", "passed": False, "skipped": "--qat-epochs is 0"}, None
+    t0 = time.time()
+    try:
+        out = qat(flavour=flavour, out_path=path, calib_x=calib_x, calib_method=method, epochs=epochs, seed=seed)
+    except EdgeclfError as exc:  # data or model the fine-tuning cannot use: the rung failed, say why
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        log.warning("quantization-aware fine-tuning (%s) failed: %s", flavour, first)
+        return {"rung": "qat", "passed": False, "epochs": epochs, "error": first,
+                "seconds": round(time.time() - t0, 1)}, None
+    g = gate(path)
+    rec = out.get("qat", {})
+    figures = {
+        "rung": "qat", "passed": g["passed"], "failed_on": g["failed_on"], "worst": _worst(g),
+        "decision_agreement": g["decision_agreement"],
+        **{k: rec.get(k) for k in ("epochs", "lr", "best_epoch", "val_auc_fake_quant_before", "val_auc_fake_quant_best",
+                                   "layers")},
+        "seconds": round(time.time() - t0, 1),
+    }
+    return figures, {"record": out["record"], "qat": rec, "gate": g}
+
+
+def device_plan(device: str) -> dict[str, Any]:
+    """What auto does for a device profile: {"device", "accelerator", "backend" (its first preferred),
+    "candidates", "available" (whether this machine has that backend's execution provider), "provider"}."""
+    from edgeclf.devices import load_profile
+
+    prof = load_profile(device)  # ConfigError for an unknown name
+    backend = prof.preferred_backends[0] if prof.preferred_backends else "ort-cpu"
+    if backend not in DEVICE_CANDIDATES:
+        raise ConfigError(f"device profile {device!r} prefers backend {backend!r}; export knows {', '.join(DEVICE_CANDIDATES)}")
+    from edgeclf.runtime.backends import _PROVIDERS
+
+    provider = _PROVIDERS[backend][0]
+    try:
+        import onnxruntime as ort
+
+        available = provider in ort.get_available_providers()
+    except ImportError:
+        available = False
+    return {"device": prof.name, "accelerator": prof.accelerator, "backend": backend,
+            "candidates": list(DEVICE_CANDIDATES[backend]), "available": bool(available), "provider": provider}
+
+
+def _refusal(c: dict[str, Any], max_drop: float) -> str:
+    """One line: why --precision int8|fp16 wrote nothing, with the metric, the drop and the rungs tried."""
+    failing = [ch for ch in c["gate"]["checks"] if not ch["passed"]]
+    metrics = [ch for ch in failing if ch["metric"] != "decision_agreement"]
+    if metrics:
+        worst = max(metrics, key=lambda ch: ch["drop"])
+        text = (f"{c['id']} fails the gate: {worst['metric']} drops by {worst['drop']:.4f} (paired 95% CI "
+                f"{worst['drop_ci95'][0]:.4f} to {worst['drop_ci95'][1]:.4f}) against the fp32 parent, over --max-drop {max_drop}; ")
+    else:
+        worst = failing[0]
+        text = (f"{c['id']} fails the gate: decision_agreement with the fp32 parent is {worst['candidate']:.3f} of the "
+                f"validation images, under --min-agreement {worst['floor']}; ")
+    if c.get("ladder") and c["ladder"].get("rungs"):
+        text += f"even with up to {len(c['ladder']['rungs'][-1]['kept_float'])} of its most sensitive layers kept in float; "
+    qat = next((r for r in c.get("rungs", []) if r["rung"] == "qat"), None)
+    if qat is not None:
+        if qat.get("skipped"):
+            text += f"quantization-aware fine-tuning was not tried ({qat['skipped']}); "
+        elif qat.get("error"):
+            text += f"quantization-aware fine-tuning failed ({qat['error']}); "
+        else:
+            w = qat["worst"]
+            text += (f"and after {qat['epochs']} epoch(s) of quantization-aware fine-tuning {w['metric']} still drops by "
+                     f"{w['drop']:.4f}; ")
+    return text + "no bundle was written; raise --max-drop, try --calibration entropy or percentile, or export fp32"
 
 
 def compress(
@@ -96,6 +194,7 @@ def compress(
     precision: str,
     max_drop: float,
     calib_x: np.ndarray,
+    min_agreement: float = 0.98,
     calib_method: str,
     val_x: np.ndarray,
     val_y: np.ndarray,
@@ -106,20 +205,38 @@ def compress(
     rule: DecisionRule,
     labels: Sequence[str],
     seed: int = 0,
+    qat: QatRung | None = None,
+    qat_epochs: int = 0,
+    qat_unavailable: str = "no torch model and training data to fine-tune (an imported ONNX model)",
+    device: str | None = None,
 ) -> dict[str, Any]:
-    """Build, gate and (for auto) time the candidates; returns {"variants", "deploy", "candidates", "calibration"}."""
+    """Build, gate and (for auto) time the candidates; returns {"variants", "deploy", "candidates", "calibration"}.
+
+    qat: the last INT8 rung, a callable ``qat(flavour=, out_path=, calib_x=, calib_method=, epochs=, seed=)``
+    returning {"record": quantization record, "qat": fine-tuning record} (see export/qat.py::make_qat_rung);
+    None skips the rung with `qat_unavailable` as the reason. qat_epochs 0 turns it off.
+    device: a device profile name (auto only): build that profile's backend's candidates and choose for it.
+    """
     from edgeclf.export.bundle_writer import _ort_logits
     from edgeclf.export.quantize import convert_fp16, quantize_int8
 
     def gate(path: Path) -> dict[str, Any]:
         logits = _ort_logits(path, val_x).astype(np.float32)
-        return gate_candidate(parent_logits, logits, val_y, task, temperature, rule, labels, max_drop=max_drop, ids=val_ids, seed=seed)
+        return gate_candidate(parent_logits, logits, val_y, task, temperature, rule, labels, max_drop=max_drop,
+                              min_agreement=min_agreement, ids=val_ids, seed=seed)
 
     if precision not in PRECISION_CHOICES:
         raise ConfigError(f"--precision {precision!r} is unknown; allowed: {', '.join(PRECISION_CHOICES)}")
     if not 0 <= max_drop < 1:
         raise ConfigError(f"--max-drop is {max_drop}; give a fraction such as 0.01")
+    if not 0 <= min_agreement <= 1:
+        raise ConfigError(f"--min-agreement is {min_agreement}; give a fraction such as 0.98")
+    if device is not None and precision != "auto":
+        raise ConfigError(f"--device {device} chooses among compressed candidates: give it with --precision auto")
+    plan = device_plan(device) if device is not None else None
     wanted = {"int8": ["int8-cpu", "int8-tensorrt"], "fp16": ["fp16"], "auto": ["int8-cpu", "int8-tensorrt"]}[precision]
+    if plan is not None:
+        wanted = plan["candidates"]
     calibration = {"n": int(len(calib_x)), "method": calib_method, "split": "train", "seed": seed,
                    "sha256": hashlib.sha256(np.ascontiguousarray(calib_x).tobytes()).hexdigest()}
     candidates: list[dict[str, Any]] = []
@@ -130,58 +247,99 @@ def compress(
         else:
             record = quantize_int8(fp32_path, path, calib_x, flavour=vid.split("-", 1)[1], method=calib_method)
         g = gate(path)
+        rungs: list[dict[str, Any]] = [{"rung": "plain", "passed": g["passed"], "failed_on": g["failed_on"], "worst": _worst(g),
+                                        "decision_agreement": g["decision_agreement"]}]
         ladder = None
+        qat_record = None
         if not g["passed"] and vid != "fp16":
-            ladder = _float_fallback_ladder(fp32_path, path, calib_x, vid.split("-", 1)[1], calib_method, gate)
+            flavour = vid.split("-", 1)[1]
+            ladder = _float_fallback_ladder(fp32_path, path, calib_x, flavour, calib_method, gate)
+            if ladder.get("skipped"):
+                rungs.append({"rung": "float-fallback", "passed": False, "skipped": ladder["skipped"]})
+            else:
+                last = ladder["rungs"][-1] if ladder["rungs"] else {}
+                rungs.append({"rung": "float-fallback", "passed": ladder["passed"], "kept_float": last.get("kept_float", []),
+                              "tried": len(ladder["rungs"]), "worst": last.get("worst")})
             if ladder["passed"]:
                 record, g = ladder.pop("record"), ladder.pop("gate")
             else:
                 ladder.pop("record", None), ladder.pop("gate", None)
+                figures, ran = _qat_rung(qat, qat_unavailable, qat_epochs, flavour=flavour, path=path, calib_x=calib_x,
+                                         method=calib_method, seed=seed, gate=gate)
+                rungs.append(figures)
+                if ran is not None:
+                    qat_record = ran["qat"]
+                    if ran["gate"]["passed"]:
+                        record, g = ran["record"], ran["gate"]
         candidates.append({"id": vid, "file": path.name, "precision": record["precision"], "flavour": record.get("flavour"),
-                           "quantization": record, "gate": g, "ladder": ladder, "size_bytes": path.stat().st_size, "_path": path})
+                           "quantization": record, "gate": g, "ladder": ladder, "rungs": rungs, "qat": qat_record,
+                           "size_bytes": path.stat().st_size, "_path": path})
     failed = [c for c in candidates if not c["gate"]["passed"]]
     if failed and precision != "auto":
-        c = failed[0]
-        worst = max((ch for ch in c["gate"]["checks"] if not ch["passed"]), key=lambda ch: ch["drop"])
-        raise ExportError(
-            f"{c['id']} fails the gate: {worst['metric']} drops by {worst['drop']:.4f} (paired 95% CI "
-            f"{worst['drop_ci95'][0]:.4f} to {worst['drop_ci95'][1]:.4f}) against the fp32 parent, over --max-drop {max_drop}; "
-            + (f"even with up to {len(c['ladder']['rungs'][-1]['kept_float'])} of its most sensitive layers kept in float; "
-               if c.get("ladder") and c["ladder"].get("rungs") else "")
-            + "no bundle was written; raise --max-drop, try --calibration entropy or percentile, or export fp32"
-        )
+        raise ExportError(_refusal(failed[0], max_drop))
     for c in failed:
-        c["_path"].unlink()
+        c["_path"].unlink(missing_ok=True)
     passing = [c for c in candidates if c["gate"]["passed"]]
     deploy: dict[str, Any] = {"precision": "fp32", "reason": "fp32 requested"}
     if precision in ("int8", "fp16"):
         deploy = {"precision": precision, "reason": f"{precision} requested and every {precision} variant passed the gate"}
         if precision == "fp16":
             deploy["reason"] += "; fp16 is for GPU backends: it brings no speed on a CPU, where run keeps fp32 unless asked"
+    elif plan is not None:
+        deploy = _deploy_for_device(plan, candidates, passing, failed, fp32_path, val_x)
     else:
         cpu = [c for c in passing if c["id"] == "int8-cpu"]
         if not cpu:
             deploy["reason"] = ("the int8-cpu candidate failed the gate" if any(c["id"] == "int8-cpu" for c in failed)
                                 else "no int8-cpu candidate")
         else:
-            lat = measure_latency({"fp32": fp32_path, "int8-cpu": cpu[0]["_path"]}, val_x[:1])
-            for c in candidates:
-                c["latency_ms"] = lat.get(c["id"])
-            speedup = lat["fp32"]["median"] / lat["int8-cpu"]["median"]
-            if speedup > 1.05:
-                deploy = {"precision": "int8", "reason": f"int8 passed the gate and ran {speedup:.2f}x faster than fp32 here "
-                          f"({lat['int8-cpu']['median']:.2f} vs {lat['fp32']['median']:.2f} ms median, batch 1)"}
-            else:
-                deploy["reason"] = (f"int8 passed the gate but was not faster here ({lat['int8-cpu']['median']:.2f} vs "
-                                    f"{lat['fp32']['median']:.2f} ms median, batch 1): fp32 kept")
-            deploy["latency_ms"] = lat
+            deploy = _deploy_by_latency(candidates, cpu, fp32_path, val_x, "ort-cpu", "here")
     variants = [{k: v for k, v in c.items() if not k.startswith("_")} for c in passing]
     table = []
     for c in candidates:
-        worst = max(c["gate"]["checks"], key=lambda ch: ch["drop"])
         table.append({"id": c["id"], "passed": c["gate"]["passed"], "failed_on": c["gate"]["failed_on"],
-                      "worst": {k: worst[k] for k in ("metric", "drop", "drop_ci95")},
+                      "worst": _worst(c["gate"]),
                       "decision_agreement": c["gate"]["decision_agreement"], "size_bytes": c["size_bytes"],
-                      "kept_float": c["quantization"].get("kept_float", []), "latency_ms": c.get("latency_ms")})
+                      "kept_float": c["quantization"].get("kept_float", []), "qat": bool(c["quantization"].get("qat")),
+                      "rungs": c["rungs"], "latency_ms": c.get("latency_ms")})
     deploy["max_drop"] = max_drop
+    deploy["min_agreement"] = min_agreement
     return {"variants": variants, "deploy": deploy, "candidates": table, "calibration": calibration}
+
+
+def _deploy_by_latency(candidates: list[dict[str, Any]], passing: list[dict[str, Any]], fp32_path: Path, val_x: np.ndarray,
+                       backend: str, where: str) -> dict[str, Any]:
+    """Time fp32 and the passing candidates on `backend`; deploy the fastest if it beats fp32 by 5%."""
+    lat = measure_latency({"fp32": fp32_path, **{c["id"]: c["_path"] for c in passing}}, val_x[:1], backend=backend)
+    for c in candidates:
+        c["latency_ms"] = lat.get(c["id"])
+    best = min(passing, key=lambda c: lat[c["id"]]["median"])
+    b, f = lat[best["id"]]["median"], lat["fp32"]["median"]
+    speedup = f / b
+    prec = best["precision"]
+    if speedup > 1.05:
+        deploy = {"precision": prec, "reason": f"{prec} passed the gate and ran {speedup:.2f}x faster than fp32 {where} "
+                  f"({b:.2f} vs {f:.2f} ms median, batch 1)"}
+    else:
+        deploy = {"precision": "fp32", "reason": f"{prec} passed the gate but was not faster {where} ({b:.2f} vs "
+                  f"{f:.2f} ms median, batch 1): fp32 kept"}
+    deploy["latency_ms"] = lat
+    return deploy
+
+
+def _deploy_for_device(plan: dict[str, Any], candidates: list[dict[str, Any]], passing: list[dict[str, Any]],
+                       failed: list[dict[str, Any]], fp32_path: Path, val_x: np.ndarray) -> dict[str, Any]:
+    name, backend = plan["device"], plan["backend"]
+    dev = {"device": name, "backend": backend}
+    if not passing:
+        why = ", ".join(f"{c['id']} failed the gate" for c in failed) or "no candidate"
+        return {"precision": "fp32", "reason": f"for device {name} ({backend}): {why}", **dev, "latency_measured": False}
+    if plan["available"]:
+        d = _deploy_by_latency(candidates, passing, fp32_path, val_x, backend, f"on {backend} here")
+        return {**d, "reason": f"for device {name}: " + d["reason"], **dev, "latency_measured": True}
+    best = min(passing, key=lambda c: PREFERENCE.index(c["precision"]))
+    return {"precision": best["precision"],
+            "reason": (f"for device {name}: {best['id']} passed the gate and is its preferred precision among those that "
+                       f"passed ({', '.join(c['id'] for c in passing)}; int8 before fp16 before fp32); latency was not "
+                       f"measured because {backend} ({plan['provider']}) is not available on this machine"),
+            **dev, "latency_measured": False}

@@ -3,7 +3,8 @@
 Both models see the same validation inputs, so every comparison is paired: the bootstrap resamples
 images once and recomputes parent and candidate figures on the same resample. A drop counts only
 when it exceeds the limit *and* its paired 95% interval excludes zero, so one flipped case among a
-few dozen does not decide alone; the numbers are reported either way.
+few dozen does not decide alone; the numbers are reported either way. Decisions must also agree
+with the parent's on at least `min_agreement` of the images (a plain floor).
 """
 from __future__ import annotations
 
@@ -54,6 +55,7 @@ def gate_candidate(
     label_names: Sequence[str],
     *,
     max_drop: float,
+    min_agreement: float = 0.0,
     ids: Sequence[str] | None = None,
     n_boot: int = 1000,
     seed: int = 0,
@@ -87,6 +89,12 @@ def gate_candidate(
         support = counts @ member.astype(np.float64)
         with np.errstate(invalid="ignore", divide="ignore"):
             checks.append(_drop(name, (counts @ hit_p) / support, (counts @ hit_c) / support, max_drop))
+    # Decision-level parity: a point floor, not a significance test. On a few dozen validation images a
+    # candidate can flip a quarter of its decisions and still show no "significant" sensitivity drop.
+    agree = (counts @ same.astype(np.float64)) / n if n else np.ones(len(counts))
+    lo, hi = (float(v) for v in np.percentile(1.0 - agree[1:], [2.5, 97.5]))
+    checks.append({"metric": "decision_agreement", "parent": 1.0, "candidate": float(agree[0]), "drop": float(1.0 - agree[0]),
+                   "drop_ci95": [lo, hi], "floor": min_agreement, "passed": bool(agree[0] >= min_agreement - 1e-12)})
     failed = [c["metric"] for c in checks if not c["passed"]]
     return {
         "max_drop": max_drop,
@@ -96,7 +104,9 @@ def gate_candidate(
         "checks": checks,
         "passed": not failed,
         "failed_on": failed,
-        "rule": "fail when drop > max_drop and the paired bootstrap 95% interval of the drop excludes 0",
+        "min_agreement": min_agreement,
+        "rule": "fail when drop > max_drop and the paired bootstrap 95% interval of the drop excludes 0, "
+                "or when decision agreement with the parent is below min_agreement",
         "n_boot": n_boot,
     }
 

@@ -52,11 +52,12 @@ def test_multiclass_and_multilabel_checks_cover_every_class() -> None:
     z[np.arange(150), y] += 2
     rule = DecisionRule("max-ratio", (0.3, 0.3, 0.3))
     g = gate_candidate(z, z, y, "multiclass", 1.0, rule, ["a", "b", "c"], max_drop=0.0)
-    assert [c["metric"] for c in g["checks"]] == ["auc_macro", "sensitivity[a]", "sensitivity[b]", "sensitivity[c]"]
+    assert [c["metric"] for c in g["checks"]] == ["auc_macro", "sensitivity[a]", "sensitivity[b]", "sensitivity[c]",
+                                                  "decision_agreement"]
     ym = (rng.random((150, 3)) < 0.4).astype(np.uint8)
     g = gate_candidate(z, z, ym, "multilabel", 1.0, DecisionRule("multilabel", (0.5, 0.5, 0.5)), ["a", "b", "c"], max_drop=0.0)
     assert g["passed"] and [c["metric"] for c in g["checks"]][:3] == ["auc_macro", "sensitivity[a]", "specificity[a]"]
-    assert len(g["checks"]) == 7
+    assert len(g["checks"]) == 8 and g["checks"][-1]["metric"] == "decision_agreement"
 
 
 def test_a_candidate_that_calls_everything_positive_fails_on_the_negative_class() -> None:
@@ -65,3 +66,19 @@ def test_a_candidate_that_calls_everything_positive_fails_on_the_negative_class(
     g = gate_candidate(z, z + 3.0, y, "binary", 1.0, RULE, ["neg", "pos"], max_drop=0.01)
     auc = next(c for c in g["checks"] if c["metric"] == "auc_macro")
     assert abs(auc["drop"]) < 1e-12 and not g["passed"] and g["failed_on"] == ["sensitivity[neg]"]
+
+
+def test_agreement_floor_fails_a_candidate_whose_metrics_pass() -> None:
+    # 40 images, 4 decisions flipped both ways: no significant sensitivity drop, but 90% agreement.
+    rng = np.random.default_rng(5)
+    y = np.array([0, 1] * 20)
+    z = np.where(y[:, None] == np.arange(2), 2.0, -2.0).astype(np.float32) + rng.normal(0, 0.1, (40, 2)).astype(np.float32)
+    c = z.copy()
+    for i in (0, 1, 2, 3):  # swap the two logits: the decision flips
+        c[i] = c[i][::-1]
+    rule = DecisionRule("max-ratio", (0.5, 0.5))
+    g = gate_candidate(z, c, y, "multiclass", 1.0, rule, ["a", "b"], max_drop=0.5, min_agreement=0.98)
+    agree = g["checks"][-1]
+    assert agree["metric"] == "decision_agreement" and agree["candidate"] == pytest.approx(0.9)
+    assert not g["passed"] and g["failed_on"] == ["decision_agreement"]
+    assert gate_candidate(z, c, y, "multiclass", 1.0, rule, ["a", "b"], max_drop=0.5, min_agreement=0.9)["passed"]
