@@ -1,8 +1,13 @@
-"""Frame sources: video files, image folders/globs, cameras and synthetic cines, behind one API.
+"""Frame sources: video files, image folders/globs, cameras, network streams, GStreamer pipelines,
+DICOM files/series (`edgeclf.runtime.dicom`), watched folders (`edgeclf.runtime.watch`) and synthetic
+cines, behind one API.
 
 `open_source(uri)` picks the source from the URI; every source hands out `Frame`s whose image is
 uint8 (H, W) gray or (H, W, 3) **RGB** (OpenCV's BGR is converted here, at the boundary, and nowhere
 else). `read()` returns None at the end of a stream; iteration and `with` come from `BaseSource`.
+Live sources (`live=True`: cameras, streams, watched folders) never end on their own: cameras and
+streams raise SourceError when no frame comes (wrap them in `edgeclf.runtime.live.ReconnectingSource`
+to reopen them), a watched folder returns None from `read(timeout)` when the timeout passes.
 
 Rules kept here:
 - Python 3.8 compatible (JetPack 5); numpy at import time, OpenCV only inside the functions that
@@ -53,7 +58,12 @@ __all__ = [
     "ImageSource",
     "CameraSource",
     "SyntheticSource",
+    "StreamSource",
     "open_source",
+    "gstreamer_available",
+    "is_gstreamer_pipeline",
+    "redact_uri",
+    "GSTREAMER_ELEMENTS",
     "decode_image",
     "to_uint8",
     "natural_key",
@@ -65,8 +75,16 @@ logger = logging.getLogger(__name__)
 
 VIDEO_EXTENSIONS: Tuple[str, ...] = (".mp4", ".avi", ".mov", ".mkv", ".mpeg", ".mpg", ".m4v", ".gif", ".webm")
 IMAGE_EXTENSIONS: Tuple[str, ...] = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
-_LATER_SCHEMES: Tuple[str, ...] = ("rtsp://", "http://", "https://", "watch:")
+_STREAM_SCHEMES: Tuple[str, ...] = ("rtsp://", "rtsps://", "rtmp://", "http://", "https://")
 _DICOM_EXTENSIONS: Tuple[str, ...] = (".dcm", ".dicom")
+# First elements that make a string a GStreamer pipeline even without ' ! ' (e.g. 'v4l2src device=...').
+GSTREAMER_ELEMENTS: Tuple[str, ...] = (
+    "v4l2src", "nvarguscamerasrc", "nvv4l2camerasrc", "libcamerasrc", "filesrc", "rtspsrc", "udpsrc",
+    "souphttpsrc", "uridecodebin", "playbin", "videotestsrc", "appsink", "ksvideosrc", "avfvideosrc",
+    "mfvideosrc", "decodebin",
+)
+_STREAM_OPEN_TIMEOUT_S = 10.0
+_STREAM_READ_TIMEOUT_S = 5.0
 _SYNTHETIC_SCENARIOS: Tuple[str, ...] = ("ultrasound",)
 _SYNTHETIC_KEYS: Tuple[str, ...] = ("seed", "size", "fps", "frames")
 _SYNTHETIC_FPS = 30.0
@@ -76,7 +94,8 @@ _SUPPORTED = (
     + " ".join(VIDEO_EXTENSIONS)
     + "), a folder or glob of images ("
     + " ".join(IMAGE_EXTENSIONS)
-    + "), a camera ('0' or /dev/videoN) or synthetic:ultrasound"
+    + "), a DICOM file or folder (.dcm), a camera ('0' or /dev/videoN), rtsp:// or http(s):// streams, "
+    "a GStreamer pipeline ('... ! appsink'), watch:FOLDER or synthetic:ultrasound"
 )
 
 Image = NDArray[np.uint8]
@@ -96,7 +115,7 @@ class Frame:
 
 @runtime_checkable
 class FrameSource(Protocol):
-    kind: str  # "video" | "images" | "camera" | "synthetic"
+    kind: str  # "video" | "images" | "camera" | "stream" | "dicom" | "watch" | "synthetic"
     fps: Optional[float]
     size: Optional[Size]  # (width, height)
     frame_count: Optional[int]
@@ -516,6 +535,27 @@ class ImageSource(BaseSource):
         return image, meta
 
 
+def _dicom_marker(path: str) -> bool:
+    """The DICOM Part 10 'DICM' marker at byte 128 (files from modalities often have no extension)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(132)
+    except OSError:
+        return False
+    return head[128:132] == b"DICM"
+
+
+def _has_dicom(folder: str) -> bool:
+    """Whether a folder holds a .dcm/.dicom file or a file with the DICM marker (not hidden)."""
+    for name in sorted(os.listdir(folder)):
+        path = os.path.join(folder, name)
+        if name.startswith(".") or not os.path.isfile(path):
+            continue
+        if os.path.splitext(name)[1].lower() in _DICOM_EXTENSIONS or _dicom_marker(path):
+            return True
+    return False
+
+
 def _image_files_in(folder: str) -> List[str]:
     names = [
         n
@@ -536,11 +576,26 @@ class CameraSource(BaseSource):
 
     A read that gets no frame (unplugged, busy, or `timeout` seconds passed where the backend
     supports a read timeout) raises SourceError: a live stream has no end.
+    On V4L2 the camera is asked for `fourcc` (default MJPG: full size at full rate over USB 2; a
+    device without it keeps its own format; `fourcc` then says what it uses). None keeps the device's
+    format (e.g. uncompressed YUYV from a frame grabber, where JPEG artefacts are unwanted).
     """
 
     kind = "camera"
 
-    def __init__(self, device: Union[int, str], *, size: Optional[Size] = None, source_id: str = "") -> None:
+    def __init__(
+        self,
+        device: Union[int, str],
+        *,
+        size: Optional[Size] = None,
+        fourcc: Optional[str] = "MJPG",
+        source_id: str = "",
+    ) -> None:
+        if fourcc is not None and (not isinstance(fourcc, str) or len(fourcc) != 4):
+            raise SourceError(
+                f"fourcc {fourcc!r} is not valid; allowed: 4 characters, e.g. 'MJPG' or 'YUYV', or None to keep "
+                "the camera's own format"
+            )
         cv2 = _cv2()
         self._device = device
         label = str(device)
@@ -557,7 +612,16 @@ class CameraSource(BaseSource):
         if not cap.isOpened():
             cap.release()
             raise SourceError(hint)
-        cap.set(cv2.CAP_PROP_BUFFERSIZE, 1)
+        cap.set(cv2.CAP_PROP_BUFFERSIZE, 1)  # the newest frame, not one queued seconds ago
+        self.fourcc: Optional[str] = None
+        if fourcc and str(cap.getBackendName()).upper() == "V4L2":
+            # MJPG lets USB cameras and grabbers deliver full size at full rate; the driver refuses a
+            # format the device lacks (set() is False) and keeps its own. Set before the size (V4L2).
+            accepted = bool(cap.set(cv2.CAP_PROP_FOURCC, cv2.VideoWriter_fourcc(*fourcc)))
+            code = int(cap.get(cv2.CAP_PROP_FOURCC) or 0)
+            self.fourcc = "".join(chr((code >> (8 * i)) & 0xFF) for i in range(4)) if code else None
+            logger.info("camera %s: asked for %s, %s; format now %s", device, fourcc,
+                        "accepted" if accepted else "refused", self.fourcc)
         if size is not None:
             cap.set(cv2.CAP_PROP_FRAME_WIDTH, size[0])
             cap.set(cv2.CAP_PROP_FRAME_HEIGHT, size[1])
@@ -592,6 +656,109 @@ class CameraSource(BaseSource):
             )
         self.frames_read += 1
         return _bgr_to_rgb(raw), {"source": "camera", "device": str(self._device)}
+
+    def _release(self) -> None:
+        self._cap.release()
+
+
+# ------------------------------------------------------------------------------- streams, GStreamer
+
+_USERINFO = re.compile(r"^([A-Za-z][A-Za-z0-9+.\-]*://)[^/@]*@")
+
+
+def redact_uri(uri: str) -> str:
+    """The URI with any user:password@ replaced by ***@ (for logs and error messages)."""
+    return _USERINFO.sub(r"\1***@", uri)
+
+
+def gstreamer_available() -> bool:
+    """Whether this OpenCV was built with GStreamer (cv2.getBuildInformation() says 'GStreamer: YES')."""
+    cv2 = _cv2()
+    return bool(re.search(r"GStreamer:\s*YES", str(cv2.getBuildInformation())))
+
+
+def is_gstreamer_pipeline(text: str) -> bool:
+    """A GStreamer pipeline string: contains ' ! ' or starts with a known element (v4l2src, ...)."""
+    if " ! " in text:
+        return True
+    first = text.strip().split(None, 1)[0] if text.strip() else ""
+    return first.split("=", 1)[0].lower() in GSTREAMER_ELEMENTS
+
+
+class StreamSource(BaseSource):
+    """A network stream (rtsp://, http(s)://) through FFmpeg, or a GStreamer pipeline; live, RGB out.
+
+    `open_timeout` / `read_timeout` (seconds) are passed to OpenCV (CAP_PROP_OPEN/READ_TIMEOUT_MSEC;
+    FFmpeg honours both). A read that gets no frame raises SourceError, as a camera does: a live stream
+    has no end; `edgeclf.runtime.live.ReconnectingSource` reopens it. The URI's user:password never
+    appears in logs or errors. RTSP goes over FFmpeg's default transport; set
+    OPENCV_FFMPEG_CAPTURE_OPTIONS="rtsp_transport;tcp" before the first capture to force TCP.
+    """
+
+    kind = "stream"
+
+    def __init__(
+        self,
+        uri: str,
+        *,
+        gstreamer: bool = False,
+        size: Optional[Size] = None,
+        open_timeout: float = _STREAM_OPEN_TIMEOUT_S,
+        read_timeout: float = _STREAM_READ_TIMEOUT_S,
+        source_id: str = "",
+    ) -> None:
+        cv2 = _cv2()
+        shown = redact_uri(uri)
+        self._shown = shown
+        if gstreamer:
+            if not gstreamer_available():
+                raise SourceError(
+                    f"GStreamer pipeline {shown!r} cannot be opened: this OpenCV was built without GStreamer "
+                    "(pip wheels are); on Jetson use the system OpenCV from JetPack, or give a device path/URL instead"
+                )
+            if "appsink" not in uri:
+                raise SourceError(
+                    f"GStreamer pipeline {shown!r} has no appsink; OpenCV reads frames from one; end it with "
+                    "'! videoconvert ! video/x-raw,format=BGR ! appsink drop=true max-buffers=1'"
+                )
+            cap = cv2.VideoCapture(uri, cv2.CAP_GSTREAMER)
+            hint = "check it with `gst-launch-1.0` (replace appsink by fakesink)"
+        else:
+            params: List[int] = []
+            for name, seconds in (("CAP_PROP_OPEN_TIMEOUT_MSEC", open_timeout), ("CAP_PROP_READ_TIMEOUT_MSEC", read_timeout)):
+                if hasattr(cv2, name) and seconds and seconds > 0:
+                    params += [int(getattr(cv2, name)), int(seconds * 1000)]
+            cap = cv2.VideoCapture(uri, cv2.CAP_FFMPEG, params) if params else cv2.VideoCapture(uri, cv2.CAP_FFMPEG)
+            hint = "check the address, credentials and that the stream plays with `ffprobe URL`"
+        if not cap.isOpened():
+            cap.release()
+            raise SourceError(f"stream {shown!r} could not be opened (unreachable, refused, or a codec OpenCV lacks); {hint}")
+        self._cap = cap
+        self._uri = uri
+        fps = float(cap.get(cv2.CAP_PROP_FPS) or 0.0)
+        width = int(cap.get(cv2.CAP_PROP_FRAME_WIDTH) or 0)
+        height = int(cap.get(cv2.CAP_PROP_FRAME_HEIGHT) or 0)
+        super().__init__(
+            fps=fps if 0 < fps < 1000 else None,
+            size=(width, height) if width > 0 and height > 0 else None,
+            frame_count=None,
+            live=True,
+            target_size=size,
+            source_id=source_id or _short_hash(uri),
+        )
+        self.backend: str = str(cap.getBackendName())
+        self.frames_read = 0
+        logger.info("opened stream %s (%s): %s fps, size %s", self.source_id, self.backend, self.fps, self.size)
+
+    def _read(self, timeout: Optional[float]) -> Optional[Tuple[Image, Dict[str, Any]]]:
+        ok, raw = self._cap.read()
+        if not ok or raw is None:
+            raise SourceError(
+                f"stream {self._shown!r} delivered no frame after {self.frames_read} frames (ended, dropped, "
+                "or slower than the read timeout); reopen it, e.g. through edgeclf.runtime.live.ReconnectingSource"
+            )
+        self.frames_read += 1
+        return _bgr_to_rgb(raw), {"source": "stream", "source_id": self.source_id, "stream_frame": self.frames_read - 1}
 
     def _release(self) -> None:
         self._cap.release()
@@ -747,14 +914,21 @@ _CAMERA_PATH = re.compile(r"^/dev/(video[0-9]+|v4l/.+)$")
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.\-]+):")
 
 
-def open_source(uri: str, *, loop: bool = False, size: Optional[Size] = None) -> FrameSource:
+def open_source(
+    uri: str, *, loop: bool = False, size: Optional[Size] = None, fourcc: Optional[str] = "MJPG"
+) -> FrameSource:
     """Open a frame source from a URI.
 
-    - "0", "1", ... or /dev/videoN (or /dev/v4l/...) -> camera (`loop` is ignored)
+    - "0", "1", ... or /dev/videoN (or /dev/v4l/...) -> camera (`loop` is ignored; V4L2 cameras are
+      asked for `fourcc`, MJPG by default, None keeps the device's format)
+    - rtsp://, rtsps://, rtmp://, http(s):// -> network stream through FFmpeg (live)
+    - a GStreamer pipeline ('... ! appsink', or starting with v4l2src, nvarguscamerasrc, ...) -> stream
+      through CAP_GSTREAMER, where OpenCV was built with GStreamer (live)
+    - watch:FOLDER[?poll=0.5&idle_exit=S&state=PATH] -> WatchFolderSource (live; `ack` each frame)
     - an existing video file (.mp4 .avi .mov .mkv .mpeg .mpg .m4v .gif .webm) -> video, RGB frames
+    - a DICOM file (.dcm/.dicom or with the DICM marker) or a folder of them -> DicomSource
     - an existing folder of images, a glob ("frames/*.png", natural sort) or one image -> images
     - synthetic:ultrasound[?seed=1&size=256&fps=30&frames=N] -> synthetic gray frames
-    - rtsp://, http(s)://, watch: and DICOM (.dcm) are recognised and refused as not supported yet.
 
     `loop` restarts file and synthetic sources at their end; `size` (width, height) asks a camera
     for that size and resizes any frame that differs. Anything else raises a one-line SourceError.
@@ -767,17 +941,19 @@ def open_source(uri: str, *, loop: bool = False, size: Optional[Size] = None) ->
 
     sid = _short_hash(text)
     if text.isdigit() and text.isascii():
-        return CameraSource(int(text), size=target, source_id=sid)
+        return CameraSource(int(text), size=target, fourcc=fourcc, source_id=sid)
     if _CAMERA_PATH.match(text):
-        return CameraSource(text, size=target, source_id=sid)
+        return CameraSource(text, size=target, fourcc=fourcc, source_id=sid)
     if lower.startswith("synthetic:"):
         return _open_synthetic(text, loop, target, sid)
-    if any(lower.startswith(s) for s in _LATER_SCHEMES):
-        scheme = lower.split(":", 1)[0]
-        raise SourceError(
-            f"{scheme}: sources are not supported yet ({text!r}); supported now: {_SUPPORTED}; "
-            "save the stream to a file first, e.g. `ffmpeg -i URL -t 60 clip.mp4`"
-        )
+    if lower.startswith("watch:"):
+        from edgeclf.runtime.watch import open_watch
+
+        return open_watch(text, size=target, source_id=sid)
+    if any(lower.startswith(s) for s in _STREAM_SCHEMES):
+        return StreamSource(text, size=target, source_id=sid)
+    if is_gstreamer_pipeline(text) and not os.path.exists(os.path.expanduser(text)):
+        return StreamSource(text, gstreamer=True, size=target, source_id=sid)
     return _open_path(text, loop, target, sid)
 
 
@@ -790,18 +966,19 @@ def _open_path(text: str, loop: bool, size: Optional[Size], sid: str) -> BaseSou
     if os.path.isdir(path):
         files = _image_files_in(path)
         if not files:
-            dicom = any(os.path.splitext(n)[1].lower() in _DICOM_EXTENSIONS for n in os.listdir(path))
-            what = "DICOM files, which are not supported yet" if dicom else "no image files"
+            if _has_dicom(path):
+                from edgeclf.runtime.dicom import DicomSource
+
+                return DicomSource(path, loop=loop, size=size, source_id=sid)
             raise SourceError(
-                f"folder {text!r} has {what}; supported: a folder of {' '.join(IMAGE_EXTENSIONS)} "
-                "images; point at the folder that holds the frames"
+                f"folder {text!r} has no image or DICOM files; supported: a folder of {' '.join(IMAGE_EXTENSIONS)} "
+                "images or of DICOM files; point at the folder that holds the frames"
             )
         return ImageSource(files, loop=loop, size=size, source_id=sid)
-    if ext in _DICOM_EXTENSIONS:
-        raise SourceError(
-            f"DICOM ({text!r}) is not supported yet; supported now: {_SUPPORTED}; "
-            "export the frames as PNG or the cine as MP4 first"
-        )
+    if os.path.isfile(path) and (ext in _DICOM_EXTENSIONS or (ext not in VIDEO_EXTENSIONS + IMAGE_EXTENSIONS and _dicom_marker(path))):
+        from edgeclf.runtime.dicom import DicomSource
+
+        return DicomSource(path, loop=loop, size=size, source_id=sid)
     if os.path.exists(path):
         if not os.path.isfile(path):
             raise SourceError(f"{text!r} is not a regular file or folder; supported: {_SUPPORTED}")

@@ -1,0 +1,664 @@
+"""DICOM frames through pydicom: one file, a folder (a series) or a multi-frame cine, as uint8 frames.
+
+Every frame comes out uint8 (H, W) gray or (H, W, 3) RGB, like every other source. Per frame:
+
+- MONOCHROME1 / MONOCHROME2, BitsAllocated 8: the stored values as they are (display-ready, like the
+  video frames models are trained on); MONOCHROME1 is inverted (255 - v).
+- MONOCHROME1 / MONOCHROME2, more than 8 bits: Modality LUT or rescale (slope/intercept, also from
+  enhanced multi-frame functional groups), then the VOI: a VOI LUT (pydicom `apply_voi_lut`) or the
+  first WindowCenter/WindowWidth (DICOM LINEAR, LINEAR_EXACT or SIGMOID, straight to 0..255). Without a
+  VOI: min-max over **all frames of the file** (one scale per file, so that a cine does not flicker;
+  each file of a folder gets its own scale, since a folder's files need not share an acquisition).
+  MONOCHROME1 is inverted after the VOI.
+- RGB, YBR_FULL, YBR_FULL_422, YBR_RCT, YBR_ICT: RGB (pydicom 3 converts YBR_FULL*, pydicom 2 through
+  `convert_color_space`; the JPEG 2000 decoders undo RCT/ICT themselves); more than 8 bits is scaled
+  by 2**BitsStored - 1.
+- PALETTE COLOR: pydicom `apply_color_lut` -> RGB, 16-bit LUT entries scaled to 8 bits.
+
+Compressed transfer syntaxes decode where a decoder is installed (`edgeclf[dicom]` brings Pillow for
+JPEG baseline and pylibjpeg-openjpeg for JPEG 2000); otherwise the source refuses to open with a
+one-line SourceError naming the transfer syntax and the package that decodes it.
+
+Frame meta never carries names, IDs or dates: modality, photometric interpretation, bits, the frame's
+index in its file, the transfer syntax and a short sha256 of the SOPInstanceUID. Errors name files by
+their index in the series, never by name (file names may carry patient names).
+
+Python 3.8 compatible; pydicom (2.4 or 3.x) is imported inside the functions that need it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+from numpy.typing import NDArray
+
+from edgeclf.errors import SourceError, require
+from edgeclf.runtime.sources import BaseSource, Image, Size, _dicom_marker, _short_hash, natural_key
+
+__all__ = [
+    "DicomSource",
+    "DicomFile",
+    "is_dicom_file",
+    "DICOM_EXTENSIONS",
+]
+
+logger = logging.getLogger(__name__)
+
+DICOM_EXTENSIONS: Tuple[str, ...] = (".dcm", ".dicom")
+
+_MONO = ("MONOCHROME1", "MONOCHROME2")
+_RGB_LIKE = ("RGB", "YBR_FULL", "YBR_FULL_422", "YBR_RCT", "YBR_ICT")
+_SUPPORTED_PI = _MONO + _RGB_LIKE + ("PALETTE COLOR",)
+_UNCOMPRESSED = (
+    "1.2.840.10008.1.2",  # Implicit VR Little Endian
+    "1.2.840.10008.1.2.1",  # Explicit VR Little Endian
+    "1.2.840.10008.1.2.1.99",  # Deflated Explicit VR Little Endian
+    "1.2.840.10008.1.2.2",  # Explicit VR Big Endian
+)
+_J2K = "pylibjpeg pylibjpeg-openjpeg (part of edgeclf[dicom])"
+_LIBJPEG = "pylibjpeg pylibjpeg-libjpeg (GPL-3.0) or python-gdcm"
+_DECODER_PACKAGES: Dict[str, str] = {
+    "1.2.840.10008.1.2.4.50": "pillow (part of edgeclf[dicom])",
+    "1.2.840.10008.1.2.4.51": _LIBJPEG,
+    "1.2.840.10008.1.2.4.57": _LIBJPEG,
+    "1.2.840.10008.1.2.4.70": _LIBJPEG,
+    "1.2.840.10008.1.2.4.80": "pyjpegls, or " + _LIBJPEG,
+    "1.2.840.10008.1.2.4.81": "pyjpegls, or " + _LIBJPEG,
+    "1.2.840.10008.1.2.4.90": _J2K,
+    "1.2.840.10008.1.2.4.91": _J2K,
+    "1.2.840.10008.1.2.4.201": _J2K,
+    "1.2.840.10008.1.2.4.202": _J2K,
+    "1.2.840.10008.1.2.4.203": _J2K,
+    "1.2.840.10008.1.2.5": "pylibjpeg pylibjpeg-rle (pydicom >= 2.4 also decodes RLE with numpy alone)",
+}
+_VIDEO_SYNTAX_PREFIX = "1.2.840.10008.1.2.4.10"  # MPEG-2, MPEG-4 AVC/H.264, HEVC/H.265 (.100 - .108)
+
+
+def _pydicom() -> Any:
+    return require("pydicom", "dicom")
+
+
+def _major() -> int:
+    version = str(getattr(_pydicom(), "__version__", "2"))
+    try:
+        return int(version.split(".")[0])
+    except ValueError:
+        return 2
+
+
+def _uid_hash(uid: Any) -> Optional[str]:
+    if not uid:
+        return None
+    return hashlib.sha256(str(uid).encode("ascii", "replace")).hexdigest()[:12]
+
+
+def is_dicom_file(path: str) -> bool:
+    """True when `path` is a regular file with the DICOM Part 10 'DICM' marker at byte 128."""
+    return _dicom_marker(path)
+
+
+def _number(value: Any) -> Optional[float]:
+    """A DICOM DS/IS/US value (or the first of a multi-valued one) as float; None if absent or bad."""
+    if value is None:
+        return None
+    try:
+        if not isinstance(value, (str, bytes)) and hasattr(value, "__len__"):
+            if len(value) == 0:
+                return None
+            value = value[0]
+        out = float(value)
+    except (TypeError, ValueError):
+        return None
+    return out if np.isfinite(out) else None
+
+
+def _fps_of(ds: Any) -> Optional[float]:
+    """Frames per second from FrameTime (ms), FrameTimeVector, CineRate or RecommendedDisplayFrameRate."""
+    frame_time = _number(ds.get("FrameTime"))
+    if frame_time is not None and frame_time > 0:
+        return 1000.0 / frame_time
+    vector = ds.get("FrameTimeVector")
+    if vector is not None:
+        try:
+            steps = [float(v) for v in list(vector)[1:] if float(v) > 0]  # the first entry is 0
+        except (TypeError, ValueError):
+            steps = []
+        if steps:
+            return 1000.0 / (sum(steps) / len(steps))
+    for key in ("CineRate", "RecommendedDisplayFrameRate"):
+        rate = _number(ds.get(key))
+        if rate is not None and rate > 0:
+            return rate
+    return None
+
+
+def _syntax_name(uid: str) -> str:
+    try:
+        name = str(_pydicom().uid.UID(uid).name)
+    except Exception:  # noqa: BLE001 - a name is cosmetic
+        name = uid
+    return f"{name} ({uid})" if name != uid else uid
+
+
+def _decoder_problem(uid: str) -> Optional[str]:
+    """Why pixel data in transfer syntax `uid` cannot be decoded here, or None when it can."""
+    if uid in _UNCOMPRESSED:
+        return None
+    name = _syntax_name(uid)
+    if uid.startswith(_VIDEO_SYNTAX_PREFIX):
+        return (
+            f"transfer syntax {name} is a video stream that pydicom does not decode; "
+            "extract the encapsulated stream with a DICOM toolkit (e.g. GDCM's gdcmraw) and open the video file"
+        )
+    hint = _DECODER_PACKAGES.get(uid, "a decoder plugin for it (see pydicom's 'supported transfer syntaxes')")
+    pydicom = _pydicom()
+    if _major() >= 3:
+        try:
+            decoder = pydicom.pixels.get_decoder(uid)
+        except (NotImplementedError, ValueError):
+            return f"transfer syntax {name} is not supported by pydicom {pydicom.__version__}; install {hint}"
+        if decoder.is_available:
+            return None
+        return f"no installed decoder handles transfer syntax {name}; install {hint}"
+    handlers = getattr(pydicom.config, "pixel_data_handlers", [])
+    for handler in handlers:
+        try:
+            if not (handler.is_available() and handler.supports_transfer_syntax(uid)):
+                continue
+            if str(getattr(handler, "__name__", "")).endswith("pylibjpeg_handler"):
+                # pydicom 2 claims every pylibjpeg syntax once pylibjpeg is there; the plugin decides
+                for syntaxes, flag in (
+                    ("_LIBJPEG_SYNTAXES", "HAVE_LIBJPEG"),
+                    ("_OPENJPEG_SYNTAXES", "HAVE_OPENJPEG"),
+                    ("_RLE_SYNTAXES", "HAVE_RLE"),
+                ):
+                    if uid in getattr(handler, syntaxes, ()) and not getattr(handler, flag, True):
+                        break
+                else:
+                    return None
+                continue
+            return None
+        except Exception:  # noqa: BLE001 - a broken optional handler is just not available
+            continue
+    return f"no installed decoder handles transfer syntax {name}; install {hint}"
+
+
+def _fg_value(ds: Any, frame: int, sequence: str, keyword: str) -> Any:
+    """`keyword` from the top level, else from the enhanced multi-frame functional groups for `frame`."""
+    value = ds.get(keyword)
+    if value is not None and value != "":
+        return value
+    for groups_kw, i in (("PerFrameFunctionalGroupsSequence", frame), ("SharedFunctionalGroupsSequence", 0)):
+        groups = ds.get(groups_kw)
+        if groups is None or i >= len(groups):
+            continue
+        seq = groups[i].get(sequence)
+        if seq is None or len(seq) == 0:
+            continue
+        value = seq[0].get(keyword)
+        if value is not None and value != "":
+            return value
+    return None
+
+
+def _window(values: NDArray[np.float64], center: float, width: float, function: str) -> NDArray[np.float64]:
+    """DICOM VOI windowing (PS3.3 C.11.2.1.2) straight to the output range 0..255 (float)."""
+    if function == "SIGMOID":
+        out: NDArray[np.float64] = 255.0 / (1.0 + np.exp(-4.0 * (values - center) / width))
+        return out
+    if function == "LINEAR_EXACT":
+        return np.clip((values - center) / width + 0.5, 0.0, 1.0) * 255.0
+    # LINEAR (the default): width >= 1; width 1 is a threshold at center - 0.5
+    if width <= 1.0:
+        return np.where(values <= center - 0.5, 0.0, 255.0)
+    return np.clip((values - (center - 0.5)) / (width - 1.0) + 0.5, 0.0, 1.0) * 255.0
+
+
+def _to_u8(values: NDArray[Any]) -> Image:
+    out: Image = np.clip(np.rint(values), 0, 255).astype(np.uint8)
+    return out
+
+
+class DicomFile:
+    """One DICOM file's header facts (no pixels kept), and its frames decoded on demand.
+
+    `probe(path)` returns None for files that are not DICOM; it raises SourceError for DICOM files
+    that hold no image (no PixelData) or an image this module cannot turn into frames.
+    `iter_frames(start)` yields `(image, meta)` for frames start..frames-1.
+    """
+
+    def __init__(self, path: str, ds: Any, where: str) -> None:
+        self.path = path
+        self.where = where
+        meta = getattr(ds, "file_meta", None)
+        syntax = meta.get("TransferSyntaxUID") if meta is not None else None
+        self.transfer_syntax: str = str(syntax) if syntax else "1.2.840.10008.1.2"
+        self.frames: int = max(1, int(_number(ds.get("NumberOfFrames")) or 1))
+        self.rows: int = int(_number(ds.get("Rows")) or 0)
+        self.cols: int = int(_number(ds.get("Columns")) or 0)
+        self.samples: int = int(_number(ds.get("SamplesPerPixel")) or 1)
+        self.photometric: str = str(ds.get("PhotometricInterpretation", "") or "").strip().upper()
+        self.bits_allocated: int = int(_number(ds.get("BitsAllocated")) or 0)
+        self.bits_stored: int = int(_number(ds.get("BitsStored")) or self.bits_allocated)
+        self.signed: bool = int(_number(ds.get("PixelRepresentation")) or 0) == 1
+        self.modality: Optional[str] = str(ds.get("Modality")) if ds.get("Modality") else None
+        self.instance_number: Optional[int] = (
+            int(_number(ds.get("InstanceNumber")) or 0) if _number(ds.get("InstanceNumber")) is not None else None
+        )
+        self.sop_hash: Optional[str] = _uid_hash(ds.get("SOPInstanceUID"))
+        self.fps: Optional[float] = _fps_of(ds)
+
+    @property
+    def size(self) -> Size:
+        """(width, height)"""
+        return (self.cols, self.rows)
+
+    @classmethod
+    def probe(
+        cls, path: str, where: Optional[str] = None, *, force: bool = False, images_only: bool = False
+    ) -> Optional[DicomFile]:
+        """Read the header of `path` (pixel data stays on disk). None when it is not DICOM.
+
+        `force` also tries files without the Part 10 preamble (a .dcm file named as such by the user).
+        A DICOM file without pixel data (DICOMDIR, report) raises SourceError, or gives None with
+        `images_only` (folders, where such files are skipped). Unusable images raise SourceError.
+        """
+        pydicom = _pydicom()
+        where = where or "DICOM file"
+        if not force and not is_dicom_file(path):
+            return None
+        try:
+            # Values over 1 KiB (the pixel data) stay on disk: read later, frame by frame.
+            ds = pydicom.dcmread(path, defer_size=1024, force=force)
+        except OSError as exc:
+            raise SourceError(f"{where} could not be read ({type(exc).__name__}); check that it is readable") from None
+        except Exception:  # noqa: BLE001 - pydicom raises many types for a file that is not DICOM
+            return None
+        if not any(k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
+            if images_only or ("SOPClassUID" not in ds and "Rows" not in ds):
+                return None  # a DICOMDIR/report in a folder, or what a forced read makes of another file
+            raise SourceError(
+                f"{where} holds no image (no Pixel Data; e.g. a DICOMDIR, report or presentation state); "
+                "supported: DICOM images; point at the image files"
+            )
+        out = cls(path, ds, where)
+        out.check()
+        return out
+
+    def check(self) -> None:
+        """Raise SourceError when the frames cannot be produced here (photometric, bits, decoder)."""
+        where = self.where
+        if self.photometric not in _SUPPORTED_PI:
+            raise SourceError(
+                f"{where} has PhotometricInterpretation {self.photometric or '(none)'!r}; supported: "
+                + ", ".join(_SUPPORTED_PI)
+                + "; convert it with a DICOM toolkit"
+            )
+        if self.bits_allocated not in (1, 8, 16, 32) or self.rows <= 0 or self.cols <= 0:
+            raise SourceError(
+                f"{where} has {self.bits_allocated} bits allocated and {self.cols}x{self.rows} pixels; "
+                "supported: 8, 16 or 32 bits and a non-empty image; the file may be damaged"
+            )
+        problem = _decoder_problem(self.transfer_syntax)
+        if problem is not None:
+            raise SourceError(f"{where} cannot be decoded: {problem}")
+
+    def _meta(self, k: int, voi: str) -> Dict[str, Any]:
+        return {
+            "source": "dicom",
+            "file_frame": k,
+            "file_frames": self.frames,
+            "modality": self.modality,
+            "photometric": self.photometric,
+            "bits_allocated": self.bits_allocated,
+            "bits_stored": self.bits_stored,
+            "transfer_syntax": self.transfer_syntax,
+            "sop_uid_hash": self.sop_hash,
+            "voi": voi,
+        }
+
+    # ------------------------------------------------------------------------------------ decoding
+
+    def iter_frames(self, start: int = 0) -> Iterator[Tuple[Image, Dict[str, Any]]]:
+        """Frames start..frames-1 as (uint8 image, meta). Decode failures raise a one-line SourceError."""
+        pydicom = _pydicom()
+        try:
+            ds = pydicom.dcmread(self.path, stop_before_pixels=True, force=True)
+        except Exception as exc:  # noqa: BLE001
+            raise SourceError(f"{self.where} could not be read again ({type(exc).__name__}); was it changed?") from None
+        needs_range = self._mono_voi and not self._has_voi(ds)
+        lo_hi: Optional[Tuple[float, float]] = None
+        if needs_range:
+            lo, hi = np.inf, -np.inf
+            for i, raw in self._raw_frames(0):
+                values = self._modality(raw, ds, i)
+                lo, hi = min(lo, float(values.min())), max(hi, float(values.max()))
+            lo_hi = (lo, hi)
+        for i, raw in self._raw_frames(start):
+            try:
+                image, voi = self._display(raw, ds, i, lo_hi)
+            except SourceError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - LUT helpers raise ValueError, IndexError, ...
+                first = " ".join(str(exc).split())[:200]
+                raise SourceError(
+                    f"{self.where} frame {i} could not be converted to 8 bits ({type(exc).__name__}: {first}); "
+                    f"photometric {self.photometric}, {self.bits_stored} bits stored; the file's LUTs may be damaged"
+                ) from None
+            yield image, self._meta(i, voi)
+
+    @property
+    def _mono_voi(self) -> bool:
+        """Monochrome data that goes through modality LUT and VOI (more than 8 bits, or signed)."""
+        return self.photometric in _MONO and (self.bits_allocated > 8 or self.signed)
+
+    def _has_voi(self, ds: Any) -> bool:
+        if ds.get("VOILUTSequence"):
+            return True
+        for k in range(self.frames if ds.get("PerFrameFunctionalGroupsSequence") else 1):
+            center = _number(_fg_value(ds, k, "FrameVOILUTSequence", "WindowCenter"))
+            width = _number(_fg_value(ds, k, "FrameVOILUTSequence", "WindowWidth"))
+            if center is None or width is None or width <= 0:
+                return False
+        return True
+
+    def _raw_frames(self, start: int) -> Iterator[Tuple[int, NDArray[Any]]]:
+        """(index, decoded array) per frame, colour already RGB for RGB/YBR data."""
+        if start >= self.frames:
+            return
+        try:
+            if _major() >= 3:
+                gen: Any = _utils().iter_pixels(self._v3_source(), indices=range(start, self.frames), raw=False)
+                try:
+                    for k, arr in enumerate(gen):
+                        yield start + k, arr
+                finally:
+                    gen.close()
+                return
+            arr = self._v2_array()
+            for k in range(start, self.frames):
+                yield k, arr[k]
+        except SourceError:
+            raise
+        except GeneratorExit:
+            raise
+        except MemoryError:
+            raise SourceError(f"{self.where} is too large to decode in memory; split or downsample it") from None
+        except Exception as exc:  # noqa: BLE001 - decoder plugins raise anything
+            first = " ".join(str(exc).split())[:200]
+            raise SourceError(
+                f"{self.where} could not be decoded ({type(exc).__name__}: {first}); transfer syntax "
+                f"{_syntax_name(self.transfer_syntax)}; the file may be damaged or need another decoder"
+            ) from None
+
+    def _v3_source(self) -> Any:
+        """What pydicom 3 decodes from: the path (read frame by frame), or for a file without the
+        Part 10 header (a bare data set named .dcm) the data set with its transfer syntax filled in."""
+        if _dicom_marker(self.path):
+            return self.path
+        pydicom = _pydicom()
+        ds = pydicom.dcmread(self.path, force=True)
+        meta = getattr(ds, "file_meta", None)
+        if meta is None or "TransferSyntaxUID" not in meta:
+            implicit, little = getattr(ds, "original_encoding", (True, True))
+            uid = pydicom.uid
+            syntax = uid.ImplicitVRLittleEndian if implicit else (
+                uid.ExplicitVRLittleEndian if little else uid.ExplicitVRBigEndian
+            )
+            ds.file_meta = pydicom.dataset.FileMetaDataset()
+            ds.file_meta.TransferSyntaxUID = syntax
+        return ds
+
+    def _v2_array(self) -> NDArray[Any]:
+        """pydicom 2: every frame at once as (frames, rows, cols[, 3]), YBR_FULL* converted to RGB."""
+        pydicom = _pydicom()
+        from pydicom.pixel_data_handlers.util import convert_color_space
+
+        ds = pydicom.dcmread(self.path, force=True)
+        if "TransferSyntaxUID" not in getattr(ds, "file_meta", {}):  # a bare data set: what it was read as
+            ds.file_meta = pydicom.dataset.FileMetaDataset()
+            ds.file_meta.TransferSyntaxUID = (
+                pydicom.uid.ImplicitVRLittleEndian if ds.is_implicit_VR else pydicom.uid.ExplicitVRLittleEndian
+            )
+        arr: NDArray[Any] = ds.pixel_array
+        if self.frames == 1:
+            arr = arr[None]
+        if self.photometric in ("YBR_FULL", "YBR_FULL_422") and arr.ndim == 4:
+            arr = convert_color_space(arr, self.photometric, "RGB", per_frame=True)
+        return arr
+
+    def _modality(self, raw: NDArray[Any], ds: Any, k: int) -> NDArray[np.float64]:
+        """Stored values -> modality values (Modality LUT, or rescale slope/intercept), float64."""
+        if ds.get("ModalityLUTSequence"):
+            out: NDArray[np.float64] = np.asarray(_utils().apply_modality_lut(raw, ds), np.float64)
+            return out
+        slope = _number(_fg_value(ds, k, "PixelValueTransformationSequence", "RescaleSlope"))
+        intercept = _number(_fg_value(ds, k, "PixelValueTransformationSequence", "RescaleIntercept"))
+        values = raw.astype(np.float64)
+        if slope is not None and slope != 0:
+            values = values * slope
+        if intercept is not None:
+            values = values + intercept
+        return values
+
+    def _display(
+        self, raw: NDArray[Any], ds: Any, k: int, lo_hi: Optional[Tuple[float, float]]
+    ) -> Tuple[Image, str]:
+        pi = self.photometric
+        if pi in _MONO:
+            if raw.ndim != 2:
+                raw = raw.reshape(raw.shape[0], raw.shape[1])
+            if not self._mono_voi:
+                image = raw.astype(np.uint8)
+                if self.bits_allocated == 1 or raw.dtype == np.bool_:
+                    image = image * np.uint8(255)
+                voi = "none"
+            else:
+                image, voi = self._voi(raw, ds, k, lo_hi)
+            if pi == "MONOCHROME1":
+                image = 255 - image
+            return np.ascontiguousarray(image), voi
+        if pi == "PALETTE COLOR":
+            rgb = _utils().apply_color_lut(raw, ds)
+            bits = 16
+            desc = ds.get("RedPaletteColorLookupTableDescriptor")
+            if desc is not None and len(desc) == 3 and int(desc[2]) == 8:
+                bits = 8
+            if rgb.dtype == np.uint8 or bits == 8:
+                return np.ascontiguousarray(np.clip(rgb, 0, 255).astype(np.uint8)), "palette"
+            return _to_u8(rgb.astype(np.float64) * (255.0 / 65535.0)), "palette"
+        # RGB-like
+        if raw.ndim != 3 or raw.shape[2] != 3:
+            raise SourceError(
+                f"{self.where} frame {k} decoded to shape {raw.shape}; expected (rows, cols, 3) for {pi}; "
+                "the file may be damaged"
+            )
+        if raw.dtype == np.uint8:
+            return np.ascontiguousarray(raw), "none"
+        top = float(2 ** min(max(self.bits_stored, 1), 32) - 1)
+        return _to_u8(raw.astype(np.float64) * (255.0 / top)), "none"
+
+    def _voi(
+        self, raw: NDArray[Any], ds: Any, k: int, lo_hi: Optional[Tuple[float, float]]
+    ) -> Tuple[Image, str]:
+        values = self._modality(raw, ds, k)
+        if ds.get("VOILUTSequence"):
+            item = ds.VOILUTSequence[0]
+            lut_in = np.rint(values).astype(np.int64)  # a LUT is indexed by the (integer) modality value
+            out = np.asarray(_utils().apply_voi_lut(lut_in, ds, index=0, prefer_lut=True), np.float64)
+            desc = item.get("LUTDescriptor")
+            bits = int(desc[2]) if desc is not None and len(desc) == 3 else 16
+            top = float(2 ** max(1, min(bits, 16)) - 1)
+            return _to_u8(out * (255.0 / top)), "lut"
+        center = _number(_fg_value(ds, k, "FrameVOILUTSequence", "WindowCenter"))
+        width = _number(_fg_value(ds, k, "FrameVOILUTSequence", "WindowWidth"))
+        if center is not None and width is not None and width > 0:
+            function = str(_fg_value(ds, k, "FrameVOILUTSequence", "VOILUTFunction") or "LINEAR").strip().upper()
+            return _to_u8(_window(values, center, width, function)), "window"
+        lo, hi = lo_hi if lo_hi is not None else (float(values.min()), float(values.max()))
+        if hi <= lo:
+            return np.zeros(values.shape, np.uint8), "minmax"
+        return _to_u8((values - lo) * (255.0 / (hi - lo))), "minmax"
+
+
+def _utils() -> Any:
+    """pydicom's LUT helpers (pydicom.pixels in 3.x, pydicom.pixel_data_handlers.util in 2.x)."""
+    _pydicom()
+    if _major() >= 3:
+        import pydicom.pixels as px
+
+        return px
+    from pydicom.pixel_data_handlers import util
+
+    return util
+
+
+# -------------------------------------------------------------------------------------------- source
+
+
+def _series_files(folder: str) -> Tuple[List[str], int]:
+    """Candidate files of a folder (not hidden, regular) and how many were left out as hidden."""
+    names = []
+    hidden = 0
+    for name in os.listdir(folder):
+        path = os.path.join(folder, name)
+        if not os.path.isfile(path):
+            continue
+        if name.startswith("."):
+            hidden += 1
+            continue
+        names.append(path)
+    return names, hidden
+
+
+class DicomSource(BaseSource):
+    """A DICOM file or a folder of DICOM files (a series); every frame of every file, in order.
+
+    Folder: files sorted by InstanceNumber, then by name (natural sort); hidden files, files that are
+    not DICOM (no 'DICM' marker and not named .dcm/.dicom) and DICOM files without pixel data
+    (DICOMDIR, reports) are skipped and counted in `skipped`. A multi-frame file (cine) yields each frame. `frame_count` is the sum of
+    NumberOfFrames, `fps` the first file's FrameTime / CineRate / RecommendedDisplayFrameRate, `size`
+    the first file's (width, height). Every file is checked when the source opens (photometric
+    interpretation, bits, an installed decoder for its transfer syntax), so that an unusable file
+    fails at once with a one-line SourceError, not in the middle of a run.
+    """
+
+    kind = "dicom"
+
+    def __init__(
+        self,
+        path: Union[str, Sequence[str]],
+        *,
+        loop: bool = False,
+        size: Optional[Size] = None,
+        source_id: str = "",
+    ) -> None:
+        self.skipped = 0
+        files = self._collect(path)
+        self._files = files
+        self._loop = loop
+        self._file_pos = 0
+        self._frames: Optional[Iterator[Tuple[Image, Dict[str, Any]]]] = None
+        self.passes = 1
+        first = files[0]
+        super().__init__(
+            fps=first.fps,
+            size=first.size,
+            frame_count=sum(f.frames for f in files),
+            live=False,
+            target_size=size,
+            source_id=source_id or _short_hash(first.path),
+        )
+        logger.info(
+            "opened DICOM %s: %d files (%d skipped), %d frames, %s fps, %dx%d %s",
+            self.source_id,
+            len(files),
+            self.skipped,
+            self.frame_count,
+            self.fps,
+            first.cols,
+            first.rows,
+            first.photometric,
+        )
+
+    def _collect(self, path: Union[str, Sequence[str]]) -> List[DicomFile]:
+        if isinstance(path, str) and os.path.isdir(path):
+            candidates, hidden = _series_files(path)
+            self.skipped += hidden
+            explicit = False
+        elif isinstance(path, str):
+            if not os.path.isfile(path):
+                raise SourceError(f"DICOM file {path!r} does not exist; check the path")
+            candidates, explicit = [path], True
+        else:
+            candidates, explicit = list(path), True
+        found: List[Tuple[Tuple[Any, ...], DicomFile]] = []
+        count = len(candidates)
+        candidates.sort(key=lambda p: natural_key(os.path.basename(p)))
+        for i, p in enumerate(candidates):
+            ext = os.path.splitext(p)[1].lower()
+            where = f"DICOM file {i} of {count} ({ext or 'no extension'}, 0-based in name order)"
+            if count == 1:
+                where = "DICOM file"
+            force = explicit or ext in DICOM_EXTENSIONS
+            try:
+                df = DicomFile.probe(p, where, force=force, images_only=not explicit)
+            except SourceError:
+                raise
+            if df is None:
+                if explicit:
+                    raise SourceError(
+                        f"{where} is not a DICOM file (no 'DICM' marker and no readable data set); "
+                        "supported: DICOM Part 10 files; check the file"
+                    )
+                self.skipped += 1
+                logger.debug("skipped a file that is not DICOM (%s)", ext or "no extension")
+                continue
+            order = df.instance_number
+            found.append(((order is None, order if order is not None else 0, natural_key(os.path.basename(p))), df))
+        if not found:
+            raise SourceError(
+                f"folder {path!r} has no DICOM images ({self.skipped} files skipped: hidden, not DICOM or no pixel data); "
+                "supported: a folder of DICOM Part 10 image files (.dcm or with the 'DICM' marker); point at the series"
+            )
+        found.sort(key=lambda item: item[0])
+        ordered = [df for _, df in found]
+        for n, df in enumerate(ordered):
+            if len(ordered) > 1:
+                df.where = f"DICOM file {n} of {len(ordered)} (0-based in series order)"
+        return ordered
+
+    def _read(self, timeout: Optional[float]) -> Optional[Tuple[Image, Dict[str, Any]]]:
+        while True:
+            if self._frames is None:
+                if self._file_pos >= len(self._files):
+                    if not self._loop:
+                        return None
+                    self._file_pos = 0
+                    self.passes += 1
+                self._frames = self._files[self._file_pos].iter_frames()
+            try:
+                image, meta = next(self._frames)
+            except StopIteration:
+                self._frames = None
+                self._file_pos += 1
+                continue
+            except SourceError:
+                self._close_frames()
+                raise
+            meta["source_id"] = self.source_id
+            meta["file_index"] = self._file_pos
+            meta["pass"] = self.passes - 1
+            return image, meta
+
+    def _close_frames(self) -> None:
+        frames, self._frames = self._frames, None
+        if frames is not None and hasattr(frames, "close"):
+            frames.close()
+
+    def _release(self) -> None:
+        self._close_frames()

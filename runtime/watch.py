@@ -1,0 +1,588 @@
+"""A watched folder (portable X-ray, PACS drop folders): every new complete file classified exactly once.
+
+`WatchFolderSource(folder)` (or `open_source("watch:FOLDER?poll=0.5&idle_exit=10&state=PATH")`) polls the
+folder (no inotify: works on network shares and every OS) and hands out the frames of each new image
+(.png .jpg .jpeg .bmp .tif .tiff) or DICOM file (.dcm/.dicom or any file with the 'DICM' marker;
+multi-frame files give one frame each).
+
+When is a file new and complete?
+- Hidden files (dotfiles) and partial downloads (.part .partial .tmp .temp .crdownload .download
+  .filepart .swp, or a trailing ~) are never read. Writers that write to such a name and rename it
+  into place are picked up on the next poll after the rename.
+- Any other file is read once its size and mtime are the same on two consecutive polls (and it is
+  not empty). A file that still fails to decode (e.g. a writer that stalled longer than a poll) is
+  recorded as failed under its (size, mtime), so it is tried again only when it changes.
+
+Exactly once, across restarts: a state file (default FOLDER/.edgeclf-watch.json, or `state_path`)
+records each file's identity, a sha256 of name + size + mtime (never the name, never contents), with
+how many of its frames were acknowledged. A file counts as processed only when the consumer calls
+`ack(frame)` for its frames, after its result was written (sinks flushed). Frames handed out but not
+acknowledged before a crash are handed out again after a restart (at-least-once delivery); with the
+state's dedupe this is exactly once as long as the consumer writes the result before it acks. A crash
+between the write and the ack can repeat that one frame: records carry `meta["watch_key"]` and
+`meta["file_frame"]`, so a downstream consumer can drop such a repeat. The state is written atomically
+(temp file, fsync, os.replace) on every ack; a lock file keeps a second process off the same state.
+
+`read(timeout)` returns None when `timeout` passes without a frame (a live source); `ended` says
+whether the stream is over (closed, or `idle_exit` seconds passed with no new file and nothing being
+written). Iteration ends only then. Never wrap it in a reader that drops frames (see `needs_ack`).
+
+Python 3.8 compatible; pydicom and OpenCV are imported when a file of that kind shows up.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import IO, Any, Dict, Iterator, List, Optional, Set, Tuple
+
+from edgeclf.errors import SourceError
+from edgeclf.runtime.sources import (
+    IMAGE_EXTENSIONS,
+    Frame,
+    Image,
+    Size,
+    _dicom_marker,
+    _short_hash,
+    decode_image,
+    natural_key,
+)
+
+__all__ = ["WatchFolderSource", "open_watch", "STATE_NAME", "PARTIAL_SUFFIXES"]
+
+logger = logging.getLogger(__name__)
+
+STATE_NAME = ".edgeclf-watch.json"
+PARTIAL_SUFFIXES: Tuple[str, ...] = (
+    ".part", ".partial", ".tmp", ".temp", ".crdownload", ".download", ".filepart", ".swp", "~",
+)
+_DICOM_EXTENSIONS = (".dcm", ".dicom")
+_STATE_FORMAT = "edgeclf-watch-state"
+_STATE_VERSION = 1
+_OPTIONS = ("poll", "idle_exit", "state")
+
+
+def _identity(name: str, size: int, mtime_ns: int) -> str:
+    """A file's identity: sha256 of name, size and mtime (20 hex). Names never reach the state file."""
+    text = f"{name}\0{size}\0{mtime_ns}"
+    return hashlib.sha256(text.encode("utf-8", "surrogateescape")).hexdigest()[:20]
+
+
+@dataclass
+class _Entry:
+    key: str
+    path: str
+    ext: str
+    size: int
+    mtime_ns: int
+    kind: str  # "image" | "dicom"
+    frames: Optional[int] = None
+    start: int = 0
+    acked: Set[int] = field(default_factory=set)
+    exhausted: bool = False
+
+    def acked_prefix(self) -> int:
+        n = 0
+        while n in self.acked:
+            n += 1
+        return n
+
+
+class WatchFolderSource:
+    """Frames of each new complete file in `folder`, each file exactly once (with `ack`), see module doc.
+
+    - `poll`: seconds between folder listings (a file is read after two equal listings).
+    - `idle_exit`: end the stream after this many seconds with no new file and nothing half-written
+      (batch runs and tests); None (default) watches until closed.
+    - `state_path`: where to keep the state (default FOLDER/.edgeclf-watch.json); give one when the
+      folder is read-only or shared.
+    - `size`: (width, height) to resize every frame to (files in a folder often differ in size).
+    """
+
+    kind = "watch"
+    live = True
+    needs_ack = True  # frames must reach the consumer and be acked: never drop them
+    fps: Optional[float] = None
+    frame_count: Optional[int] = None
+
+    def __init__(
+        self,
+        folder: str,
+        *,
+        poll: float = 0.5,
+        idle_exit: Optional[float] = None,
+        state_path: Optional[str] = None,
+        size: Optional[Size] = None,
+        source_id: str = "",
+    ) -> None:
+        folder = os.path.expanduser(folder)
+        if not os.path.isdir(folder):
+            raise SourceError(
+                f"watch folder {folder!r} does not exist or is not a folder; create it or fix the path "
+                "(watch:FOLDER)"
+            )
+        if not (poll > 0) or (idle_exit is not None and not (idle_exit > 0)):
+            raise SourceError(
+                f"watch options poll={poll!r} idle_exit={idle_exit!r} are not valid; allowed: poll > 0 seconds, "
+                "idle_exit > 0 seconds or None; fix them"
+            )
+        self.folder = folder
+        self.poll = float(poll)
+        self.idle_exit = None if idle_exit is None else float(idle_exit)
+        self.state_path = os.path.abspath(os.path.expanduser(state_path or os.path.join(folder, STATE_NAME)))
+        self.size: Optional[Size] = size
+        self.source_id = source_id or _short_hash("watch:" + os.path.abspath(folder))
+        self._lock = threading.RLock()  # state, in-flight files, counters (read and ack may be two threads)
+        self._read_lock = threading.Lock()
+        self._stop = threading.Event()
+        self._closed = False
+        self._ended = False
+        self._seen: Dict[str, Tuple[int, int]] = {}
+        self._unstable = 0
+        self._queue: List[_Entry] = []
+        self._inflight: Dict[str, _Entry] = {}
+        self._ignored: Set[str] = set()
+        self._current: Optional[Tuple[_Entry, Iterator[Tuple[Image, Dict[str, Any]]]]] = None
+        self._next_index = 0
+        self._next_poll = 0.0
+        self._last_activity = time.monotonic()
+        self._counts: Dict[str, int] = dict.fromkeys(
+            ("files_seen", "files_done", "files_failed", "files_ignored", "frames_read", "frames_acked"), 0
+        )
+        self._lock_file: Optional[IO[str]] = None
+        self._take_lock()
+        try:
+            self._state: Dict[str, Dict[str, Any]] = self._load()
+            self._save()  # fails now, not at the first ack, when the state cannot be written
+        except BaseException:
+            self._release_lock()
+            raise
+        logger.info(
+            "watching %s: poll %.2fs, %d files already in the state, idle_exit %s",
+            self.source_id,
+            self.poll,
+            len(self._state),
+            self.idle_exit,
+        )
+
+    # ----------------------------------------------------------------------------------- public
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    @property
+    def ended(self) -> bool:
+        """True once the stream is over: closed, or idle for `idle_exit` seconds."""
+        return self._ended or self._closed
+
+    def read(self, timeout: Optional[float] = None) -> Optional[Frame]:
+        """The next frame; None when `timeout` seconds pass without one, or when the stream has ended.
+
+        One reader at a time; `close()` from another thread wakes a blocked read.
+        """
+        with self._read_lock:
+            try:
+                return self._read(timeout)
+            finally:
+                if self._closed:
+                    self._close_current()
+
+    def _read(self, timeout: Optional[float]) -> Optional[Frame]:
+        deadline = None if timeout is None else time.monotonic() + max(0.0, timeout)
+        while True:
+            if self.ended:
+                return None
+            frame = self._next_frame()
+            if frame is not None:
+                return frame
+            if self._queue:
+                self._start_next()
+                continue
+            now = time.monotonic()
+            if now >= self._next_poll:
+                self._scan()
+                self._next_poll = now + self.poll
+                if self._queue:
+                    continue
+            if (
+                self.idle_exit is not None
+                and self._unstable == 0
+                and now - self._last_activity >= self.idle_exit
+            ):
+                logger.info("watch %s: idle for %.1fs, ending", self.source_id, self.idle_exit)
+                self._ended = True
+                return None
+            wake = self._next_poll
+            if self.idle_exit is not None:
+                wake = min(wake, self._last_activity + self.idle_exit)
+            if deadline is not None:
+                if now >= deadline:
+                    return None
+                wake = min(wake, deadline)
+            self._stop.wait(max(0.0, wake - now))
+
+    def ack(self, frame: Frame) -> None:
+        """Record that `frame`'s result was written. Call it after the sinks wrote (and flushed) it.
+
+        Idempotent; frames of other sources are ignored, and so are acks after `close()` (such a
+        frame is handed out again after a restart). A file is done when all its frames are acked;
+        the state is written (atomically, fsynced) before this returns.
+        """
+        key = frame.meta.get("watch_key")
+        k = frame.meta.get("file_frame")
+        if not isinstance(key, str) or not isinstance(k, int):
+            return
+        with self._lock:
+            if self._closed:
+                logger.debug("watch %s: ack after close ignored", self.source_id)
+                return
+            entry = self._inflight.get(key)
+            if entry is None or k in entry.acked:
+                return
+            entry.acked.add(k)
+            self._counts["frames_acked"] += 1
+            prefix = entry.acked_prefix()
+            if entry.frames is not None and prefix >= entry.frames:
+                self._finish(entry, "done")
+            else:
+                self._state[key] = {"status": "partial", "frames": entry.frames, "acked": prefix}
+                self._save()
+
+    def stats(self) -> Dict[str, int]:
+        """files_seen, files_done, files_failed, files_ignored, frames_read, frames_acked, pending."""
+        with self._lock:
+            out = dict(self._counts)
+            out["pending"] = len(self._queue) + len(self._inflight) + self._unstable
+            return out
+
+    def __iter__(self) -> Iterator[Frame]:
+        while True:
+            frame = self.read()
+            if frame is None:
+                return
+            yield frame
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._stop.set()
+        if self._read_lock.acquire(blocking=False):  # else the reader cleans up as it returns
+            try:
+                self._close_current()
+            finally:
+                self._read_lock.release()
+        with self._lock:
+            self._release_lock()
+        logger.debug("closed watch %s: %s", self.source_id, self._counts)
+
+    def __enter__(self) -> WatchFolderSource:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<WatchFolderSource {self.source_id} poll={self.poll} idle_exit={self.idle_exit}{' closed' if self._closed else ''}>"
+
+    # ----------------------------------------------------------------------------------- folder
+
+    def _scan(self) -> None:
+        try:
+            entries = list(os.scandir(self.folder))
+        except OSError as exc:
+            logger.warning("watch %s: folder cannot be listed (%s); retrying", self.source_id, type(exc).__name__)
+            return
+        current: Dict[str, Tuple[int, int]] = {}
+        ready: List[_Entry] = []
+        unstable = 0
+        for e in entries:
+            name = e.name
+            low = name.lower()
+            if name.startswith(".") or low.endswith(PARTIAL_SUFFIXES):
+                continue
+            try:
+                if not e.is_file():
+                    continue
+                st = e.stat()
+            except OSError:
+                continue
+            ident = (int(st.st_size), int(st.st_mtime_ns))
+            current[name] = ident
+            key = _identity(name, ident[0], ident[1])
+            if self._known(key):
+                continue
+            if self._seen.get(name) != ident:
+                unstable += 1  # new or still changing: read it once two listings agree
+                continue
+            path = os.path.join(self.folder, name)
+            ext = os.path.splitext(low)[1]
+            kind = ""
+            if ident[0] > 0:
+                if ext in IMAGE_EXTENSIONS:
+                    kind = "image"
+                elif ext in _DICOM_EXTENSIONS or _dicom_marker(path):
+                    kind = "dicom"
+            if not kind:
+                self._ignored.add(key)
+                self._counts["files_ignored"] += 1
+                logger.info(
+                    "watch %s: ignoring file %s (%s, %d bytes): not an image or DICOM file",
+                    self.source_id, key, ext or "no extension", ident[0],
+                )
+                continue
+            ready.append(_Entry(key=key, path=path, ext=ext, size=ident[0], mtime_ns=ident[1], kind=kind))
+        self._seen = current
+        self._unstable = unstable
+        if unstable:
+            self._last_activity = time.monotonic()
+        if ready:
+            ready.sort(key=lambda en: (en.mtime_ns, natural_key(os.path.basename(en.path))))
+            self._queue.extend(ready)
+            self._counts["files_seen"] += len(ready)
+            self._last_activity = time.monotonic()
+
+    def _known(self, key: str) -> bool:
+        with self._lock:
+            if key in self._inflight or key in self._ignored or any(en.key == key for en in self._queue):
+                return True
+            status = self._state.get(key, {}).get("status")
+            return status in ("done", "failed")
+
+    # ----------------------------------------------------------------------------------- frames
+
+    def _start_next(self) -> None:
+        entry = self._queue.pop(0)
+        where = f"watched file {entry.key} ({entry.ext or 'no extension'})"
+        with self._lock:
+            saved = self._state.get(entry.key, {})
+            entry.start = int(saved.get("acked", 0)) if saved.get("status") == "partial" else 0
+        try:
+            frames = self._open_frames(entry, where)
+        except SourceError as exc:
+            logger.warning("watch %s: %s; it is skipped until it changes", self.source_id, exc)
+            with self._lock:
+                self._finish(entry, "failed")
+            return
+        except OSError as exc:  # vanished or unreadable between the listing and now
+            logger.info("watch %s: %s could not be read (%s); skipped", self.source_id, where, type(exc).__name__)
+            return
+        if frames is None:
+            with self._lock:
+                self._ignored.add(entry.key)
+                self._counts["files_ignored"] += 1
+            logger.info("watch %s: %s is not a DICOM image (not DICOM, or no pixel data); ignored", self.source_id, where)
+            return
+        entry.acked = set(range(entry.start))
+        with self._lock:
+            self._inflight[entry.key] = entry
+            if entry.frames is not None and entry.start >= entry.frames:
+                self._finish(entry, "done")
+                return
+        self._current = (entry, frames)
+        logger.info(
+            "watch %s: %s, %s frames%s", self.source_id, where, entry.frames,
+            f", resuming at frame {entry.start}" if entry.start else "",
+        )
+
+    def _open_frames(self, entry: _Entry, where: str) -> Optional[Iterator[Tuple[Image, Dict[str, Any]]]]:
+        if entry.kind == "image":
+            image, depth = decode_image(entry.path, where)
+            entry.frames = 1
+
+            def one() -> Iterator[Tuple[Image, Dict[str, Any]]]:
+                if entry.start == 0:
+                    yield image, {"format": "image", "bit_depth": depth, "file_frame": 0, "file_frames": 1}
+
+            return one()
+        from edgeclf.runtime.dicom import DicomFile
+
+        df = DicomFile.probe(entry.path, where, force=True, images_only=True)
+        if df is None:
+            return None
+        entry.frames = df.frames
+        return df.iter_frames(entry.start)
+
+    def _next_frame(self) -> Optional[Frame]:
+        if self._current is None:
+            return None
+        entry, frames = self._current
+        try:
+            image, meta = next(frames)
+        except StopIteration:
+            entry.exhausted = True
+            self._current = None
+            return None
+        except SourceError as exc:
+            self._current = None
+            logger.warning("watch %s: %s; the rest of the file is skipped until it changes", self.source_id, exc)
+            with self._lock:
+                self._finish(entry, "failed")
+            return None
+        if self.size is not None and (image.shape[1], image.shape[0]) != tuple(self.size):
+            from edgeclf.runtime import _cv
+
+            cv2 = _cv.cv2()
+            image = cv2.resize(image, tuple(self.size), interpolation=cv2.INTER_AREA)
+        out_meta: Dict[str, Any] = dict(meta)
+        out_meta.update(
+            {
+                "source": "watch",
+                "source_id": self.source_id,
+                "format": "dicom" if entry.kind == "dicom" else "image",
+                "ext": entry.ext,
+                "watch_key": entry.key,
+            }
+        )
+        frame = Frame(image=image, index=self._next_index, timestamp=time.monotonic(), meta=out_meta)
+        self._next_index += 1
+        self._last_activity = time.monotonic()
+        with self._lock:
+            self._counts["frames_read"] += 1
+        return frame
+
+    def _finish(self, entry: _Entry, status: str) -> None:
+        """Record a file as done or failed (caller holds the lock)."""
+        self._inflight.pop(entry.key, None)
+        self._state[entry.key] = {"status": status, "frames": entry.frames, "acked": entry.acked_prefix()}
+        self._counts["files_done" if status == "done" else "files_failed"] += 1
+        self._save()
+
+    def _close_current(self) -> None:
+        current, self._current = self._current, None
+        if current is not None:
+            close = getattr(current[1], "close", None)
+            if close is not None:
+                close()
+
+    # ------------------------------------------------------------------------------------ state
+
+    def _load(self) -> Dict[str, Dict[str, Any]]:
+        path = self.state_path
+        if not os.path.exists(path):
+            return {}
+        fix = f"move {path!r} away to classify every file in the folder again"
+        try:
+            with open(path, encoding="utf-8") as f:
+                data = json.load(f)
+        except (OSError, ValueError) as exc:
+            raise SourceError(f"watch state {path!r} cannot be read ({type(exc).__name__}); {fix}") from None
+        files = data.get("files") if isinstance(data, dict) else None
+        if not isinstance(data, dict) or data.get("format") != _STATE_FORMAT or not isinstance(files, dict):
+            raise SourceError(
+                f"watch state {path!r} is not an edgeclf watch state (format {_STATE_FORMAT!r}); {fix}"
+            )
+        if data.get("version") != _STATE_VERSION:
+            raise SourceError(
+                f"watch state {path!r} has version {data.get('version')!r}; supported: {_STATE_VERSION}; {fix}"
+            )
+        return {str(k): dict(v) for k, v in files.items() if isinstance(v, dict)}
+
+    def _save(self) -> None:
+        path = self.state_path
+        tmp = os.path.join(os.path.dirname(path), "." + os.path.basename(path).lstrip(".") + ".tmp")
+        data = {"format": _STATE_FORMAT, "version": _STATE_VERSION, "files": self._state}
+        try:
+            with open(tmp, "w", encoding="utf-8") as f:
+                json.dump(data, f, separators=(",", ":"), sort_keys=True)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+            _fsync_dir(os.path.dirname(path))
+        except OSError as exc:
+            raise SourceError(
+                f"watch state {path!r} cannot be written ({type(exc).__name__}: {exc.strerror}); "
+                "free space or fix permissions, or keep it elsewhere with watch:FOLDER?state=PATH"
+            ) from None
+
+    def _take_lock(self) -> None:
+        lock_path = os.path.join(
+            os.path.dirname(self.state_path), "." + os.path.basename(self.state_path).lstrip(".") + ".lock"
+        )
+        try:
+            f = open(lock_path, "a+", encoding="utf-8")  # noqa: SIM115 - held open until close()
+        except OSError as exc:
+            raise SourceError(
+                f"watch state folder {os.path.dirname(self.state_path)!r} is not writable ({type(exc).__name__}); "
+                "fix permissions, or keep the state elsewhere with watch:FOLDER?state=PATH"
+            ) from None
+        try:
+            import fcntl
+        except ImportError:  # Windows: no advisory lock; one watcher per folder is then up to the user
+            self._lock_file = f
+            return
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            f.close()
+            raise SourceError(
+                f"watch state {self.state_path!r} is in use by another edgeclf process; supported: one "
+                "watcher per folder; stop the other one or give this one its own state=PATH and folder"
+            ) from None
+        self._lock_file = f
+
+    def _release_lock(self) -> None:
+        f, self._lock_file = self._lock_file, None
+        if f is not None:
+            f.close()  # closing the descriptor releases the flock
+
+
+def _fsync_dir(folder: str) -> None:
+    """Make a rename durable (POSIX); a no-op where folders cannot be opened (Windows)."""
+    try:
+        fd = os.open(folder or ".", os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def open_watch(uri: str, *, size: Optional[Size] = None, source_id: str = "") -> WatchFolderSource:
+    """`watch:FOLDER[?poll=0.5&idle_exit=10&state=PATH]` -> WatchFolderSource."""
+    rest = uri[len("watch:") :]
+    folder, _, query = rest.partition("?")
+    if not folder:
+        raise SourceError(f"watch source {uri!r} names no folder; e.g. watch:/data/incoming?poll=0.5")
+    params: Dict[str, str] = {}
+    for item in filter(None, query.split("&")):
+        key, eq, value = item.partition("=")
+        if key not in _OPTIONS or not eq or not value:
+            raise SourceError(
+                f"bad watch option {item!r} in {uri!r}; allowed: poll=SECONDS, idle_exit=SECONDS, state=PATH; "
+                "e.g. watch:/data/incoming?poll=0.5&state=/var/lib/edgeclf/incoming.json"
+            )
+        params[key] = value
+
+    def seconds(key: str, default: Optional[float]) -> Optional[float]:
+        if key not in params:
+            return default
+        try:
+            value = float(params[key])
+        except ValueError:
+            value = float("nan")
+        if not (value > 0) or value == float("inf"):
+            raise SourceError(
+                f"watch option {key}={params[key]!r} in {uri!r} is not valid; allowed: a number of seconds > 0; "
+                "fix it in the URI"
+            )
+        return value
+
+    poll = seconds("poll", 0.5)
+    return WatchFolderSource(
+        folder,
+        poll=0.5 if poll is None else poll,
+        idle_exit=seconds("idle_exit", None),
+        state_path=params.get("state"),
+        size=size,
+        source_id=source_id,
+    )

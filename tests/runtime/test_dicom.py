@@ -1,0 +1,425 @@
+"""edgeclf.runtime.dicom: DICOM files made here with pydicom, and every file of ../shared/data/dicom."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import logging
+import os
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import numpy as np
+import pytest
+
+pydicom = pytest.importorskip("pydicom", reason="pydicom (the 'dicom' extra) is needed to read DICOM")
+
+from edgeclf.errors import SourceError  # noqa: E402
+from edgeclf.runtime.dicom import DicomFile, DicomSource, is_dicom_file  # noqa: E402
+from edgeclf.runtime.sources import open_source  # noqa: E402
+from tests.conftest import shared  # noqa: E402
+
+PYDICOM3 = int(pydicom.__version__.split(".")[0]) >= 3
+PATIENT = "DOE^JANE"
+PATIENT_ID = "PID-4242"
+
+
+def write_dicom(
+    path: Path,
+    pixels: np.ndarray,
+    *,
+    photometric: str = "MONOCHROME2",
+    bits_stored: Optional[int] = None,
+    signed: bool = False,
+    window: Optional[tuple] = None,
+    rescale: Optional[tuple] = None,
+    frame_time: Optional[float] = None,
+    cine_rate: Optional[float] = None,
+    instance: Optional[int] = None,
+    palette: Optional[Sequence[np.ndarray]] = None,
+    syntax: Any = None,
+    encapsulated: Optional[bytes] = None,
+    sop_uid: Optional[str] = None,
+    no_pixels: bool = False,
+    modality: str = "US",
+) -> Path:
+    """A small DICOM Part 10 file. `pixels`: (rows, cols[, 3]) or (frames, rows, cols[, 3])."""
+    from pydicom.dataset import Dataset, FileDataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    color = photometric not in ("MONOCHROME1", "MONOCHROME2", "PALETTE COLOR")
+    frames = pixels.shape[0] if pixels.ndim == (4 if color else 3) else 1
+    rows, cols = (pixels.shape[-3], pixels.shape[-2]) if color else (pixels.shape[-2], pixels.shape[-1])
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.7"  # secondary capture
+    uid = sop_uid or generate_uid()
+    meta.MediaStorageSOPInstanceUID = uid
+    meta.TransferSyntaxUID = syntax or ExplicitVRLittleEndian
+    ds = FileDataset(str(path), Dataset(), file_meta=meta, preamble=b"\0" * 128)
+    if not PYDICOM3:
+        ds.is_little_endian = True
+        ds.is_implicit_VR = False
+    ds.SOPClassUID = meta.MediaStorageSOPClassUID
+    ds.SOPInstanceUID = uid
+    ds.PatientName = PATIENT
+    ds.PatientID = PATIENT_ID
+    ds.StudyDate = "20240101"
+    ds.Modality = modality
+    if no_pixels:
+        _save(ds, path)
+        return path
+    ds.Rows, ds.Columns = rows, cols
+    ds.SamplesPerPixel = 3 if color else 1
+    ds.PhotometricInterpretation = photometric
+    if color:
+        ds.PlanarConfiguration = 0
+    bits = pixels.dtype.itemsize * 8
+    ds.BitsAllocated = bits
+    ds.BitsStored = bits_stored or bits
+    ds.HighBit = ds.BitsStored - 1
+    ds.PixelRepresentation = 1 if signed else 0
+    if frames > 1 or pixels.ndim == (4 if color else 3):
+        ds.NumberOfFrames = frames
+    if window is not None:
+        ds.WindowCenter, ds.WindowWidth = window
+    if rescale is not None:
+        ds.RescaleSlope, ds.RescaleIntercept = rescale
+    if frame_time is not None:
+        ds.FrameTime = frame_time
+    if cine_rate is not None:
+        ds.CineRate = cine_rate
+    if instance is not None:
+        ds.InstanceNumber = instance
+    if palette is not None:
+        for name, lut in zip(("Red", "Green", "Blue"), palette):
+            setattr(ds, f"{name}PaletteColorLookupTableDescriptor", [len(lut), 0, 16])
+            setattr(ds, f"{name}PaletteColorLookupTableData", np.asarray(lut, "<u2").tobytes())
+    if encapsulated is not None:
+        from pydicom.encaps import encapsulate
+
+        ds.PixelData = encapsulate([encapsulated])
+        ds["PixelData"].VR = "OB"
+        ds["PixelData"].is_undefined_length = True
+    else:
+        ds.PixelData = np.ascontiguousarray(pixels).tobytes()
+        ds["PixelData"].VR = "OW" if bits > 8 else "OB"
+    _save(ds, path)
+    return path
+
+
+def _save(ds: Any, path: Path) -> None:
+    if PYDICOM3:
+        ds.save_as(str(path), enforce_file_format=True)
+    else:
+        ds.save_as(str(path), write_like_original=False)
+
+
+def _frames(src: Any) -> list:
+    with src:
+        return list(src)
+
+
+def _no_identifiers(meta: dict) -> None:
+    text = repr(meta)
+    for secret in (PATIENT, PATIENT_ID, "20240101", "DOE"):
+        assert secret not in text
+
+
+# ------------------------------------------------------------------------------------ pixel handling
+
+
+def test_monochrome2_8bit_passes_through_and_meta_has_no_identifiers(tmp_path: Path) -> None:
+    img = np.arange(48 * 64, dtype=np.uint8).reshape(48, 64)
+    uid = "1.2.826.0.1.3680043.8.498.1"
+    path = write_dicom(tmp_path / "a.dcm", img, window=(10, 20), sop_uid=uid)  # 8-bit: window not applied
+    (frame,) = _frames(open_source(str(path)))
+    assert frame.image.dtype == np.uint8 and np.array_equal(frame.image, img)
+    m = frame.meta
+    assert m["source"] == "dicom" and m["modality"] == "US" and m["photometric"] == "MONOCHROME2"
+    assert m["bits_stored"] == 8 and m["file_frame"] == 0 and m["voi"] == "none"
+    assert m["sop_uid_hash"] == hashlib.sha256(uid.encode()).hexdigest()[:12]
+    _no_identifiers(dict(m))
+    assert "a.dcm" not in repr(dict(m))
+
+
+def test_monochrome1_is_inverted(tmp_path: Path) -> None:
+    img = np.array([[0, 10, 255]], np.uint8)
+    path = write_dicom(tmp_path / "m1.dcm", img, photometric="MONOCHROME1")
+    (frame,) = _frames(DicomSource(str(path)))
+    assert frame.image.tolist() == [[255, 245, 0]]
+
+
+def test_16bit_window_and_rescale(tmp_path: Path) -> None:
+    # stored 0..1000, rescale *2 - 100 -> -100..1900; window center 500 width 1001 (LINEAR):
+    # x <= -0.5 -> 0, x > 999.5 -> 255, else ((x + 0.5) / 1000) * 255
+    stored = np.array([[0, 50, 300, 550, 1000]], np.uint16)
+    path = write_dicom(tmp_path / "w.dcm", stored, bits_stored=12, window=(500, 1001), rescale=(2, -100),
+                       modality="CR")
+    (frame,) = _frames(DicomSource(str(path)))
+    values = stored.astype(float) * 2 - 100
+    expected = np.clip(np.rint(np.clip((values + 0.5) / 1000.0, 0, 1) * 255), 0, 255).astype(np.uint8)
+    assert frame.image.tolist() == expected.tolist() == [[0, 0, 128, 255, 255]]
+    assert frame.meta["voi"] == "window" and frame.meta["bits_stored"] == 12
+
+
+def test_16bit_monochrome1_window_inverts_after_voi(tmp_path: Path) -> None:
+    stored = np.array([[0, 512, 1023]], np.uint16)
+    path = write_dicom(tmp_path / "w1.dcm", stored, photometric="MONOCHROME1", bits_stored=10, window=(512, 1024))
+    (frame,) = _frames(DicomSource(str(path)))
+    assert frame.image[0, 0] == 255 and frame.image[0, 2] == 0 and 120 <= frame.image[0, 1] <= 135
+
+
+def test_16bit_without_voi_scales_min_max_over_the_whole_file(tmp_path: Path) -> None:
+    cine = np.zeros((3, 4, 4), np.uint16)
+    cine[0] = 100  # flat, darker frame
+    cine[1] = 100
+    cine[1, 3, 3] = 4000  # the file's extremes: 100 and 4000
+    cine[2] = 2050
+    path = write_dicom(tmp_path / "mm.dcm", cine, bits_stored=12, frame_time=50.0)
+    src = DicomSource(str(path))
+    assert src.frame_count == 3 and src.fps == pytest.approx(20.0)
+    frames = _frames(src)
+    assert [f.meta["voi"] for f in frames] == ["minmax"] * 3
+    assert frames[0].image.max() == 0  # 100 is the file's minimum, not the frame's own range
+    assert frames[1].image[0, 0] == 0 and frames[1].image[3, 3] == 255
+    assert frames[2].image[0, 0] == round((2050 - 100) * 255 / 3900)
+    # starting in the middle still uses the file's range
+    df = DicomFile.probe(str(path))
+    assert df is not None
+    (img, meta), = list(df.iter_frames(2))
+    assert meta["file_frame"] == 2 and img[0, 0] == frames[2].image[0, 0]
+
+
+def test_signed_16bit(tmp_path: Path) -> None:
+    stored = np.array([[-1000, 0, 1000]], np.int16)
+    path = write_dicom(tmp_path / "s.dcm", stored, signed=True, window=(0, 2001), modality="CT")
+    (frame,) = _frames(DicomSource(str(path)))
+    assert frame.image.tolist() == [[0, 128, 255]]
+
+
+def test_rgb_and_ybr_full_become_rgb(tmp_path: Path) -> None:
+    rgb = np.zeros((2, 3, 3), np.uint8)
+    rgb[0, 0] = (255, 0, 0)
+    rgb[1, 2] = (10, 200, 30)
+    (frame,) = _frames(DicomSource(str(write_dicom(tmp_path / "rgb.dcm", rgb, photometric="RGB"))))
+    assert frame.image.shape == (2, 3, 3) and np.array_equal(frame.image, rgb)
+    ybr = np.zeros((2, 2, 3), np.uint8)
+    ybr[..., 0] = [[16, 100], [200, 235]]
+    ybr[..., 1:] = 128  # no chroma: gray, R = G = B = Y
+    (frame,) = _frames(DicomSource(str(write_dicom(tmp_path / "ybr.dcm", ybr, photometric="YBR_FULL"))))
+    assert frame.image.shape == (2, 2, 3)
+    for c in range(3):
+        assert np.abs(frame.image[..., c].astype(int) - ybr[..., 0]).max() <= 1
+
+
+def test_palette_color(tmp_path: Path) -> None:
+    lut_r = np.zeros(256, np.uint16)
+    lut_g = np.zeros(256, np.uint16)
+    lut_b = np.zeros(256, np.uint16)
+    lut_r[1], lut_g[2], lut_b[3] = 65535, 65535, 32896  # index 3 -> half blue (128)
+    idx = np.array([[0, 1, 2, 3]], np.uint8)
+    path = write_dicom(tmp_path / "pal.dcm", idx, photometric="PALETTE COLOR", palette=(lut_r, lut_g, lut_b))
+    (frame,) = _frames(DicomSource(str(path)))
+    assert frame.image.tolist() == [[[0, 0, 0], [255, 0, 0], [0, 255, 0], [0, 0, 128]]]
+    assert frame.meta["voi"] == "palette"
+
+
+def test_cine_fps_from_cine_rate_and_frames(tmp_path: Path) -> None:
+    cine = np.stack([np.full((4, 5), i * 10, np.uint8) for i in range(6)])
+    src = DicomSource(str(write_dicom(tmp_path / "cine.dcm", cine, cine_rate=25)))
+    assert (src.fps, src.size, src.frame_count, src.live, src.kind) == (25.0, (5, 4), 6, False, "dicom")
+    frames = _frames(src)
+    assert [int(f.image[0, 0]) for f in frames] == [0, 10, 20, 30, 40, 50]
+    assert [f.meta["file_frame"] for f in frames] == list(range(6)) == [f.index for f in frames]
+
+
+# ------------------------------------------------------------------------------------------- folders
+
+
+def test_folder_sorted_by_instance_number_then_name_skipping_non_dicom(tmp_path: Path) -> None:
+    def img(v: int) -> np.ndarray:
+        return np.full((4, 4), v, np.uint8)
+
+    write_dicom(tmp_path / "b.dcm", img(3), instance=3)
+    write_dicom(tmp_path / "a.dcm", img(1), instance=1)
+    write_dicom(tmp_path / "IM10", img(20), instance=2)  # no extension, DICM marker
+    write_dicom(tmp_path / "IM9", img(19), instance=2)  # same InstanceNumber: name order (natural)
+    write_dicom(tmp_path / "z.dcm", img(99))  # no InstanceNumber: last
+    write_dicom(tmp_path / "DICOMDIR", img(0), no_pixels=True)  # DICOM without pixels
+    (tmp_path / "notes.txt").write_text("not dicom")
+    (tmp_path / "fake.dcm").write_bytes(b"\0" * 200)
+    (tmp_path / ".hidden.dcm").write_bytes(b"\0" * 10)
+    src = open_source(str(tmp_path))
+    assert isinstance(src, DicomSource)
+    assert src.skipped == 4 and src.frame_count == 5
+    values = [int(f.image[0, 0]) for f in _frames(src)]
+    assert values == [1, 19, 20, 3, 99]
+
+
+def test_folder_loop_and_indices(tmp_path: Path) -> None:
+    write_dicom(tmp_path / "1.dcm", np.stack([np.full((2, 2), v, np.uint8) for v in (1, 2)]), instance=1)
+    write_dicom(tmp_path / "2.dcm", np.full((2, 2), 3, np.uint8), instance=2)
+    src = open_source(str(tmp_path), loop=True)
+    got = [src.read() for _ in range(7)]
+    src.close()
+    assert [int(f.image[0, 0]) for f in got] == [1, 2, 3, 1, 2, 3, 1]
+    assert [f.index for f in got] == list(range(7))
+    assert [f.meta["pass"] for f in got] == [0, 0, 0, 1, 1, 1, 2]
+
+
+def test_resize_to_requested_size(tmp_path: Path) -> None:
+    pytest.importorskip("cv2")
+    path = write_dicom(tmp_path / "r.dcm", np.zeros((40, 60), np.uint8))
+    (frame,) = _frames(open_source(str(path), size=(30, 20)))
+    assert frame.image.shape == (20, 30)
+
+
+# -------------------------------------------------------------------------------------------- errors
+
+
+def _one_line(exc: pytest.ExceptionInfo) -> str:
+    msg = str(exc.value)
+    assert "\n" not in msg and msg.strip() == msg
+    return msg
+
+
+def test_missing_decoder_names_the_syntax_and_the_package(tmp_path: Path) -> None:
+    uid = "1.2.840.10008.1.2.4.70"  # JPEG Lossless SV1: no decoder in edgeclf[dicom] (libjpeg is GPL)
+    if PYDICOM3:
+        from pydicom.pixels import get_decoder
+
+        if get_decoder(uid).is_available:
+            pytest.skip("a JPEG Lossless decoder is installed here")
+    path = write_dicom(tmp_path / "jl.dcm", np.zeros((4, 4), np.uint8), syntax=uid, encapsulated=b"\xff\xd8junk")
+    with pytest.raises(SourceError) as exc:
+        DicomSource(str(path))
+    msg = _one_line(exc)
+    assert "JPEG Lossless" in msg and uid in msg and "pylibjpeg-libjpeg" in msg and "install" in msg
+    assert "jl.dcm" not in msg or str(path) not in msg
+
+
+def test_video_syntax_is_refused_with_a_way_out(tmp_path: Path) -> None:
+    path = write_dicom(tmp_path / "v.dcm", np.zeros((4, 4), np.uint8), syntax="1.2.840.10008.1.2.4.102",
+                       encapsulated=b"\0\0\1")
+    with pytest.raises(SourceError, match="video stream that pydicom does not decode") as exc:
+        DicomSource(str(path))
+    _one_line(exc)
+
+
+def test_damaged_pixel_data_is_a_one_line_error(tmp_path: Path) -> None:
+    path = write_dicom(tmp_path / "d.dcm", np.zeros((64, 64), np.uint16), window=(1, 2))
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) - 4000])  # cut the pixel data short
+    with pytest.raises(SourceError) as exc:
+        _frames(DicomSource(str(path)))
+    assert "DICOM file" in _one_line(exc)
+
+
+def test_no_pixels_and_not_dicom(tmp_path: Path) -> None:
+    path = write_dicom(tmp_path / "sr.dcm", np.zeros((2, 2), np.uint8), no_pixels=True)
+    with pytest.raises(SourceError, match="holds no image") as exc:
+        DicomSource(str(path))
+    _one_line(exc)
+    other = tmp_path / "x.dcm"
+    other.write_bytes(b"hello" * 50)
+    with pytest.raises(SourceError, match="not a DICOM file") as exc:
+        DicomSource(str(other))
+    _one_line(exc)
+    assert not is_dicom_file(str(other)) and is_dicom_file(str(path))
+
+
+def test_unsupported_photometric(tmp_path: Path) -> None:
+    path = write_dicom(tmp_path / "hsv.dcm", np.zeros((2, 2, 3), np.uint8), photometric="HSV")
+    with pytest.raises(SourceError, match="PhotometricInterpretation 'HSV'") as exc:
+        DicomSource(str(path))
+    _one_line(exc)
+
+
+def test_pydicom_imported_only_when_needed() -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, edgeclf.runtime.sources, edgeclf.runtime.dicom, edgeclf.runtime.watch, edgeclf.runtime.live;"
+        "print('pydicom' in sys.modules, 'cv2' in sys.modules, 'torch' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parents[2])
+    assert out.stdout.split() == ["False", "False", "False"]
+
+
+# ------------------------------------------------------------------------------ ../shared/data/dicom
+
+
+def _manifest() -> list:
+    root = shared("dicom")
+    with open(root / "MANIFEST.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _shared_rows() -> list:
+    root = Path(os.environ.get("EDGECLF_SHARED_DATA", Path(__file__).resolve().parents[3] / "shared" / "data"))
+    path = root / "dicom" / "MANIFEST.csv"
+    if not path.exists():
+        return [pytest.param(None, marks=pytest.mark.skip(reason=f"real data {path} is absent"))]
+    with open(path, newline="") as f:
+        return [pytest.param(row, id=row["file"]) for row in csv.DictReader(f)]
+
+
+@pytest.mark.shared_data
+@pytest.mark.parametrize("row", _shared_rows())
+def test_every_shared_dicom_file(row: dict, caplog: pytest.LogCaptureFixture) -> None:
+    path = shared("dicom", row["file"])
+    rows, cols, frames = int(row["rows"]), int(row["cols"]), int(row["frames"] or 1)
+    caplog.set_level(logging.DEBUG)
+    try:
+        src = open_source(str(path))
+    except SourceError as exc:  # only for a transfer syntax without an installed decoder
+        msg = str(exc)
+        assert "\n" not in msg and "no installed decoder" in msg and row["transfer_syntax"].split(" (")[0] in msg
+        pytest.skip(f"no decoder installed here: {msg}")
+    assert isinstance(src, DicomSource)
+    assert src.frame_count == frames and src.size == (cols, rows)
+    got = _frames(src)
+    assert len(got) == frames
+    color = row["photometric"] not in ("MONOCHROME1", "MONOCHROME2")
+    for k, f in enumerate(got):
+        assert f.image.dtype == np.uint8 and f.image.flags["C_CONTIGUOUS"]
+        assert f.image.shape == ((rows, cols, 3) if color else (rows, cols))
+        assert f.meta["file_frame"] == k and f.meta["photometric"] == row["photometric"]
+        assert f.image.max() > f.image.min()  # not blank
+    for record in caplog.records:  # nothing identifying in the logs either
+        assert row["file"] not in record.getMessage()
+
+
+@pytest.mark.shared_data
+@pytest.mark.parametrize(("compressed", "raw"), [("US1_J2KR.dcm", "US1_UNCR.dcm"), ("MR2_J2KR.dcm", "MR2_UNCR.dcm")])
+def test_lossless_jpeg2000_equals_uncompressed(compressed: str, raw: str) -> None:
+    try:
+        (a,) = _frames(DicomSource(str(shared("dicom", compressed))))
+    except SourceError as exc:
+        pytest.skip(str(exc))
+    (b,) = _frames(DicomSource(str(shared("dicom", raw))))
+    assert np.array_equal(a.image, b.image)
+
+
+def test_bare_data_set_without_part10_header(tmp_path: Path) -> None:
+    """A .dcm file that is only a data set (no preamble, no file meta: old ACR-NEMA style exports)."""
+    from pydicom.dataset import Dataset
+
+    ds = Dataset()
+    ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.7"
+    ds.SOPInstanceUID = "1.2.3.4"
+    ds.Rows, ds.Columns, ds.SamplesPerPixel = 2, 3, 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
+    ds.PixelData = np.arange(6, dtype=np.uint8).tobytes()
+    path = tmp_path / "bare.dcm"
+    if PYDICOM3:
+        ds.save_as(str(path), implicit_vr=True, little_endian=True)
+    else:
+        ds.is_little_endian, ds.is_implicit_VR = True, True
+        ds.save_as(str(path))
+    assert not is_dicom_file(str(path))
+    (frame,) = _frames(open_source(str(path)))
+    assert frame.image.tolist() == [[0, 1, 2], [3, 4, 5]]

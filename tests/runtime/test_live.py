@@ -1,0 +1,298 @@
+"""edgeclf.runtime.live: latest-frame-wins capture, realtime pacing, and reconnecting live sources.
+
+All with a test double (tiny frames, small timeouts): the whole file runs in a few seconds.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any, Dict, List, Optional
+
+import numpy as np
+import pytest
+
+from edgeclf.errors import SourceError
+from edgeclf.runtime.live import LatestFrameReader, ReconnectingSource, open_reconnecting, valid_frame
+from edgeclf.runtime.sources import Frame, SyntheticSource
+
+
+class _Shared:
+    """What survives a reconnect: the sequence the double delivers and what it did."""
+
+    def __init__(self, every: int, limit: int, corrupt_every: int = 0) -> None:
+        self.every = every
+        self.limit = limit
+        self.corrupt_every = corrupt_every
+        self.reads = 0
+        self.next_seq = 0
+        self.delivered: List[int] = []
+        self.failures: Dict[str, int] = {"raise": 0, "hang": 0, "none": 0}
+        self.corrupt = 0
+        self.opens = 0
+        self.lock = threading.Lock()
+
+
+class FlakyCamera:
+    """A live source double. Every `every`-th read fails, in turn by raising, hanging (until closed)
+    and returning None; every `corrupt_every`-th read returns a corrupt frame. After `limit` good
+    frames it hangs (a camera with nothing more to send). Good frames carry their sequence number."""
+
+    kind = "camera"
+    live = True
+    fps: Optional[float] = 1000.0
+    size = (3, 2)
+    frame_count = None
+    MODES = ("raise", "hang", "none")
+
+    def __init__(self, shared: _Shared) -> None:
+        self.shared = shared
+        self.closed = False
+        self._gone = threading.Event()
+        self._k = 0
+        shared.opens += 1
+
+    def read(self, timeout: Optional[float] = None) -> Optional[Frame]:
+        s = self.shared
+        if self.closed:
+            return None
+        with s.lock:
+            s.reads += 1
+            reads = s.reads
+            fail = reads % s.every == 0 and s.next_seq < s.limit
+            mode = self.MODES[sum(s.failures.values()) % 3] if fail else ""
+            if fail:
+                s.failures[mode] += 1
+        if mode == "raise":
+            raise SourceError("camera unplugged")
+        if mode == "hang" or s.next_seq >= s.limit:
+            self._gone.wait()
+            return None
+        if mode == "none":
+            return None
+        self._k += 1
+        if s.corrupt_every and reads % s.corrupt_every == 0:
+            s.corrupt += 1
+            bad = [np.zeros((0, 3), np.uint8), np.zeros((2, 3), np.float32), np.zeros((2, 3, 4), np.uint8)]
+            return Frame(image=bad[s.corrupt % 3], index=self._k, timestamp=time.monotonic())
+        with s.lock:
+            seq = s.next_seq
+            s.next_seq += 1
+            s.delivered.append(seq)
+        img = np.full((2, 3), seq % 256, np.uint8)
+        return Frame(image=img, index=self._k, timestamp=time.monotonic(), meta={"seq": seq})
+
+    def close(self) -> None:
+        self.closed = True
+        self._gone.set()
+
+
+def _fast(**kw: Any) -> Dict[str, Any]:
+    base: Dict[str, Any] = {"read_timeout": 0.05, "backoff_initial": 0.001, "backoff_max": 0.004}
+    base.update(kw)
+    return base
+
+
+# ------------------------------------------------------------------------------ ReconnectingSource
+
+
+def test_every_failure_is_recovered_and_no_frame_is_lost_or_repeated() -> None:
+    shared = _Shared(every=100, limit=1000, corrupt_every=37)
+    src = ReconnectingSource(lambda: FlakyCamera(shared), drop="none", **_fast())
+    got: List[Frame] = []
+    t0 = time.monotonic()
+    while len(got) < 1000:
+        frame = src.read(timeout=2.0)
+        assert frame is not None, f"stalled after {len(got)} frames: {src.stats()}"
+        got.append(frame)
+    stats = src.stats()
+    src.close()
+    assert time.monotonic() - t0 < 8.0
+    seqs = [f.meta["seq"] for f in got]
+    assert seqs == shared.delivered == list(range(1000))  # each delivered frame exactly once, in order
+    assert [f.index for f in got] == list(range(1000))  # indexes keep counting across reconnects
+    assert all(f.image[0, 0] == f.meta["seq"] % 256 for f in got)
+    failures = sum(shared.failures.values())
+    assert failures >= 9 and min(shared.failures.values()) >= 3, shared.failures
+    assert stats["errors"] == shared.failures["raise"]
+    assert stats["timeouts"] == shared.failures["hang"]
+    assert stats["empty"] == shared.failures["none"]
+    assert stats["reconnects"] == stats["disconnects"] == failures == shared.opens - 1
+    assert stats["skipped"] == shared.corrupt > 0
+    assert stats["delivered"] == 1000 and stats["dropped"] == 0
+    assert got[-1].meta["connection"] == shared.opens
+
+
+def test_latest_policy_drops_for_a_slow_consumer_and_still_recovers() -> None:
+    shared = _Shared(every=150, limit=10**9)
+    src = ReconnectingSource(lambda: FlakyCamera(shared), drop="latest", **_fast())
+    got = []
+    for _ in range(40):
+        frame = src.read(timeout=2.0)
+        assert frame is not None
+        got.append(frame.meta["seq"])
+        time.sleep(0.003)
+    stats = src.stats()
+    src.close()
+    assert got == sorted(set(got))  # newest first, never an older frame after a newer one
+    assert stats["dropped"] > 0 and stats["captured"] >= stats["delivered"] + stats["dropped"]
+
+
+def test_backoff_doubles_to_the_cap_with_an_injected_clock() -> None:
+    now = [100.0]
+    sleeps: List[float] = []
+
+    def sleep(s: float) -> None:
+        sleeps.append(round(s, 6))
+        now[0] += s
+
+    shared = _Shared(every=10**9, limit=10**9)
+    fails = [5]
+
+    def open_fn() -> FlakyCamera:
+        if fails[0]:
+            fails[0] -= 1
+            raise SourceError("no such device")
+        return FlakyCamera(shared)
+
+    src = ReconnectingSource(open_fn, connect_now=False, backoff_initial=0.1, backoff_max=0.5,
+                             clock=lambda: now[0], sleep=sleep, read_timeout=1.0)
+    frame = src.read()
+    assert frame is not None and frame.index == 0
+    assert sleeps == [0.1, 0.2, 0.4, 0.5, 0.5]
+    assert src.stats()["open_failures"] == 5 and src.stats()["reconnects"] == 0
+    src.close()
+
+
+def test_gives_up_after_max_retries_and_fails_fast_on_a_bad_first_open() -> None:
+    def never() -> FlakyCamera:
+        raise OSError("refused")
+
+    with pytest.raises(SourceError, match="could not be opened .OSError: refused.") as exc:
+        ReconnectingSource(never)
+    assert "\n" not in str(exc.value)
+    src = ReconnectingSource(never, connect_now=False, max_retries=3, sleep=lambda s: None, backoff_initial=0.001)
+    with pytest.raises(SourceError, match="after 4 attempts"):
+        src.read()
+    assert src.ended and src.read() is None and src.stats()["open_failures"] == 4
+
+
+def test_a_file_ends_normally_and_timeouts_return_none() -> None:
+    src = ReconnectingSource(lambda: SyntheticSource(cine_size=32, frames=5), drop="none", read_timeout=1.0)
+    frames = list(src)
+    assert [f.index for f in frames] == list(range(5)) and src.ended and src.stats()["reconnects"] == 0
+
+    shared = _Shared(every=10**9, limit=0)  # connected, but never sends a frame
+    live = ReconnectingSource(lambda: FlakyCamera(shared), read_timeout=10.0)
+    t0 = time.monotonic()
+    assert live.read(timeout=0.1) is None and not live.ended
+    assert time.monotonic() - t0 < 1.0
+    threading.Timer(0.1, live.close).start()
+    assert live.read() is None and live.ended  # close() from another thread wakes a blocked read
+
+
+def test_bad_settings() -> None:
+    for kw in ({"drop": "oldest"}, {"read_timeout": 0}, {"backoff_initial": 2.0, "backoff_max": 1.0},
+               {"backoff_factor": 0.5}, {"max_retries": -1}):
+        with pytest.raises(SourceError) as exc:
+            ReconnectingSource(lambda: SyntheticSource(cine_size=32), **kw)
+        assert "\n" not in str(exc.value)
+
+
+def test_open_reconnecting_over_open_source() -> None:
+    src = open_reconnecting("synthetic:ultrasound?size=32&frames=3", drop="none")
+    assert [f.index for f in src] == [0, 1, 2]
+    src.close()
+
+
+# -------------------------------------------------------------------------------- LatestFrameReader
+
+
+def test_latest_reader_keeps_only_the_newest_frame() -> None:
+    shared = _Shared(every=10**9, limit=10**9)
+    cam = FlakyCamera(shared)
+    with LatestFrameReader(cam) as reader:
+        got = []
+        for _ in range(15):
+            frame = reader.read(timeout=2.0)
+            assert frame is not None
+            got.append(frame)
+            time.sleep(0.005)  # a consumer slower than the camera
+        stats = reader.stats()
+    assert [f.meta["seq"] for f in got] == sorted({f.meta["seq"] for f in got})
+    assert stats["delivered"] == 15 and stats["dropped"] > 0
+    assert stats["captured"] >= stats["delivered"] + stats["dropped"]
+    assert cam.closed
+
+
+def test_latest_reader_none_policy_blocks_instead_of_dropping() -> None:
+    shared = _Shared(every=10**9, limit=200)
+    with LatestFrameReader(FlakyCamera(shared), drop="none") as reader:
+        got = [reader.read(timeout=2.0) for _ in range(200)]
+        stats = reader.stats()
+    assert [f.meta["seq"] for f in got if f is not None] == list(range(200))
+    assert stats["dropped"] == 0 and stats["delivered"] == 200
+
+
+def test_latest_reader_raises_the_source_error_after_the_frames_before_it() -> None:
+    shared = _Shared(every=5, limit=10**9)  # the 5th read raises
+    reader = LatestFrameReader(FlakyCamera(shared), drop="none")
+    seqs = [reader.read(timeout=2.0).meta["seq"] for _ in range(4)]  # type: ignore[union-attr]
+    with pytest.raises(SourceError, match="unplugged"):
+        reader.read(timeout=2.0)
+    assert seqs == [0, 1, 2, 3] and reader.ended and reader.read() is None
+    reader.close()
+
+
+def test_a_file_is_read_directly_or_paced_to_its_fps() -> None:
+    direct = LatestFrameReader(SyntheticSource(cine_size=32, frames=6))
+    assert direct._capture is None and not direct.live
+    assert [f.index for f in direct] == list(range(6))
+    assert direct.stats() == {"captured": 6, "delivered": 6, "dropped": 0}
+    direct.close()
+
+    paced = LatestFrameReader(SyntheticSource(cine_size=32, frames=10, fps=100.0), realtime=True, drop="none")
+    t0 = time.monotonic()
+    frames = list(paced)
+    took = time.monotonic() - t0
+    paced.close()
+    assert [f.index for f in frames] == list(range(10)) and paced.live
+    assert 0.08 <= took < 1.5
+    gaps = np.diff([f.timestamp for f in frames])
+    assert np.median(gaps) == pytest.approx(0.01, abs=0.005)
+
+    slow = LatestFrameReader(SyntheticSource(cine_size=32, frames=30, fps=200.0), realtime=True)
+    got = []
+    for frame in slow:
+        got.append(frame.index)
+        time.sleep(0.02)  # 50 fps consumer on a 200 fps file: most frames are dropped, as live
+    stats = slow.stats()
+    slow.close()
+    assert got == sorted(got) and stats["dropped"] > 10
+    assert stats["captured"] == 30 == stats["delivered"] + stats["dropped"]
+
+
+def test_realtime_needs_an_fps() -> None:
+    class NoFps:
+        kind = "images"
+        live = False
+        fps = None
+
+        def read(self, timeout: Optional[float] = None) -> Optional[Frame]:
+            return None
+
+        def close(self) -> None:
+            pass
+
+    with pytest.raises(SourceError, match="realtime pacing needs frames per second"):
+        LatestFrameReader(NoFps(), realtime=True)  # type: ignore[arg-type]
+    LatestFrameReader(NoFps(), realtime=True, fps=5.0).close()  # type: ignore[arg-type]
+
+
+def test_valid_frame() -> None:
+    ok = Frame(image=np.zeros((2, 2), np.uint8), index=0, timestamp=0.0)
+    assert valid_frame(ok) and valid_frame(Frame(image=np.zeros((2, 2, 3), np.uint8), index=0, timestamp=0.0))
+    for bad in (None, np.zeros((2, 2), np.uint8), Frame(image=np.zeros((0, 2), np.uint8), index=0, timestamp=0.0),
+                Frame(image=np.zeros((2, 2), np.float32), index=0, timestamp=0.0),
+                Frame(image=np.zeros((2, 2, 2), np.uint8), index=0, timestamp=0.0)):
+        assert not valid_frame(bad)

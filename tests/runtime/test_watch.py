@@ -1,0 +1,234 @@
+"""edgeclf.runtime.watch: a watched folder classifies each file exactly once, across restarts and crashes."""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import threading
+import time
+from pathlib import Path
+from typing import Any, List, Optional
+
+import numpy as np
+import pytest
+
+cv2 = pytest.importorskip("cv2", reason="OpenCV (the 'cv' extra) decodes the images")
+
+from edgeclf.errors import SourceError  # noqa: E402
+from edgeclf.runtime.sources import open_source  # noqa: E402
+from edgeclf.runtime.watch import STATE_NAME, WatchFolderSource  # noqa: E402
+
+POLL = 0.02
+IDLE = 0.4
+
+
+def _png(path: Path, value: int) -> Path:
+    """A tiny gray PNG whose pixel (0, 0) says which file it is."""
+    img = np.full((6, 8), 7, np.uint8)
+    img[0, 0] = value
+    ok, buf = cv2.imencode(".png", img)
+    assert ok
+    path.write_bytes(buf.tobytes())
+    return path
+
+
+def _dicom(path: Path, values: List[int]) -> Path:
+    pytest.importorskip("pydicom", reason="pydicom (the 'dicom' extra) reads DICOM")
+    from tests.runtime.test_dicom import write_dicom
+
+    frames = np.full((len(values), 6, 8), 7, np.uint8)
+    for k, v in enumerate(values):
+        frames[k, 0, 0] = v
+    return write_dicom(path, frames if len(values) > 1 else frames[0])
+
+
+def _consume(
+    folder: Path,
+    results: List[int],
+    *,
+    crash_after: Optional[int] = None,
+    idle_exit: float = IDLE,
+    state: Optional[str] = None,
+) -> WatchFolderSource:
+    """A pipeline stand-in: read, 'write' the result (append), then ack. `crash_after` acked results,
+    the next frame is read but never written nor acked (a crash between capture and sink)."""
+    src = WatchFolderSource(str(folder), poll=POLL, idle_exit=idle_exit, state_path=state)
+    done = 0
+    try:
+        for frame in src:
+            if crash_after is not None and done >= crash_after:
+                break
+            results.append(int(frame.image[0, 0]))
+            src.ack(frame)
+            done += 1
+    finally:
+        src.close()
+    return src
+
+
+def test_fifty_files_exactly_once_across_restarts_and_a_crash(tmp_path: Path) -> None:
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    results: List[int] = []
+
+    # run 1: 20 files dropped while stopped; runs until idle
+    for i in range(20):
+        _png(inbox / f"cr_{i:03d}.png", i)
+    _consume(inbox, results)
+    assert sorted(results) == list(range(20))
+
+    # run 2: 10 more dropped while stopped; the consumer crashes after 4 results
+    for i in range(20, 30):
+        _png(inbox / f"cr_{i:03d}.png", i)
+    _consume(inbox, results, crash_after=4)
+    assert len(results) == 24
+
+    # run 3 (restart 1): the other 6 are redone, 20 more arrive while it runs, in every way a writer may
+    def drop() -> None:
+        time.sleep(0.05)
+        for i in range(30, 40):  # written in place
+            _png(inbox / f"cr_{i:03d}.png", i)
+            time.sleep(0.005)
+        for i in range(40, 44):  # written to .part / dotfile, then renamed into place
+            tmp = _png(inbox / f"cr_{i:03d}.png.part", i) if i % 2 else _png(inbox / f".cr_{i:03d}.png", i)
+            time.sleep(3 * POLL)  # the partial name sits there for several polls: never read
+            os.replace(tmp, inbox / f"cr_{i:03d}.png")
+        slow = inbox / "cr_044.png"  # written slowly, in pieces
+        data = _png(tmp_path / "slow.png", 44).read_bytes()
+        with open(slow, "wb") as f:
+            for k in range(0, len(data), 16):
+                f.write(data[k : k + 16])
+                f.flush()
+                time.sleep(POLL / 4)
+        for i in range(45, 48):  # DICOM: .dcm, no extension
+            _dicom(inbox / (f"IM{i}" if i % 2 else f"img{i}.dcm"), [i])
+        _dicom(inbox / "cine.dcm", [48, 49])  # a 2-frame cine: 2 results
+        (inbox / "notes.txt").write_text("not an image")
+
+    dropper = threading.Thread(target=drop)
+    dropper.start()
+    src = _consume(inbox, results, idle_exit=1.0)
+    dropper.join()
+    # run 4 (restart 2): nothing new, nothing redone
+    _consume(inbox, results)
+    count = collections.Counter(results)
+    assert set(count) == set(range(50)), sorted(set(range(50)) - set(count))
+    assert all(n == 1 for n in count.values()), {k: n for k, n in count.items() if n != 1}
+    stats = src.stats()
+    assert stats["files_ignored"] == 1 and stats["pending"] == 0
+    # the state holds hashes only: no file names
+    text = (inbox / STATE_NAME).read_text()
+    state = json.loads(text)
+    assert state["format"] == "edgeclf-watch-state" and len(state["files"]) >= 49
+    assert "cr_" not in text and "png" not in text and "IM4" not in text
+
+
+def test_a_multi_frame_file_resumes_after_the_last_acked_frame(tmp_path: Path) -> None:
+    _dicom(tmp_path / "cine.dcm", [10, 11, 12, 13])
+    results: List[int] = []
+    _consume(tmp_path, results, crash_after=2)
+    assert results == [10, 11]
+    state = json.loads((tmp_path / STATE_NAME).read_text())
+    (entry,) = state["files"].values()
+    assert entry == {"status": "partial", "frames": 4, "acked": 2}
+    _consume(tmp_path, results)
+    assert results == [10, 11, 12, 13]
+    (entry,) = json.loads((tmp_path / STATE_NAME).read_text())["files"].values()
+    assert entry["status"] == "done"
+
+
+def test_frames_not_acked_are_redone_and_meta_names_no_file(tmp_path: Path) -> None:
+    _png(tmp_path / "patient_smith.png", 5)
+    with WatchFolderSource(str(tmp_path), poll=POLL, idle_exit=IDLE) as src:
+        frame = src.read(timeout=2.0)
+        assert frame is not None and frame.image[0, 0] == 5
+        assert "smith" not in repr(dict(frame.meta))
+        assert frame.meta["format"] == "image" and frame.meta["file_frame"] == 0
+        assert isinstance(frame.meta["watch_key"], str) and src.stats()["frames_read"] == 1
+    with WatchFolderSource(str(tmp_path), poll=POLL, idle_exit=IDLE) as src:
+        again = src.read(timeout=2.0)
+        assert again is not None and again.image[0, 0] == 5  # never acked: delivered again
+        src.ack(again)
+        src.ack(again)  # idempotent
+        assert src.stats()["files_done"] == 1 and src.stats()["frames_acked"] == 1
+        assert src.read(timeout=0.1) is None and not src.ended
+        assert list(src) == [] and src.ended
+
+
+def test_a_damaged_file_fails_once_and_is_retried_when_it_changes(tmp_path: Path, caplog: Any) -> None:
+    bad = tmp_path / "x.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 40)
+    results: List[int] = []
+    src = _consume(tmp_path, results)
+    assert results == [] and src.stats()["files_failed"] == 1
+    assert "could not be decoded" in caplog.text and "x.png" not in caplog.text
+    _consume(tmp_path, results)
+    assert results == []  # failed under this identity: not retried
+    time.sleep(0.01)
+    _png(bad, 9)  # rewritten: a new identity
+    _consume(tmp_path, results)
+    assert results == [9]
+
+
+def test_read_timeout_idle_exit_and_close_from_another_thread(tmp_path: Path) -> None:
+    src = WatchFolderSource(str(tmp_path), poll=POLL)
+    assert src.live and src.needs_ack and src.kind == "watch"
+    t0 = time.monotonic()
+    assert src.read(timeout=0.1) is None
+    assert 0.08 <= time.monotonic() - t0 < 1.0 and not src.ended
+    threading.Timer(0.1, src.close).start()
+    t0 = time.monotonic()
+    assert src.read() is None  # blocks until closed
+    assert time.monotonic() - t0 < 2.0 and src.ended and src.closed
+
+
+def test_one_watcher_per_state_and_state_elsewhere(tmp_path: Path) -> None:
+    with WatchFolderSource(str(tmp_path), poll=POLL), pytest.raises(SourceError, match="in use by another"):
+        WatchFolderSource(str(tmp_path), poll=POLL)
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    _png(ro / "a.png", 3)
+    state = tmp_path / "state" / "ro.json"
+    state.parent.mkdir()
+    results: List[int] = []
+    _consume(ro, results, state=str(state))
+    assert results == [3] and state.exists() and not (ro / STATE_NAME).exists()
+
+
+def test_bad_state_file(tmp_path: Path) -> None:
+    (tmp_path / STATE_NAME).write_text("{not json")
+    with pytest.raises(SourceError, match="cannot be read .* move .* away") as exc:
+        WatchFolderSource(str(tmp_path))
+    assert "\n" not in str(exc.value)
+    (tmp_path / STATE_NAME).write_text(json.dumps({"format": "other", "files": {}}))
+    with pytest.raises(SourceError, match="not an edgeclf watch state"):
+        WatchFolderSource(str(tmp_path))
+
+
+def test_open_source_watch_uri(tmp_path: Path) -> None:
+    _png(tmp_path / "a.png", 1)
+    src = open_source(f"watch:{tmp_path}?poll=0.02&idle_exit=0.3", size=(4, 3))
+    assert isinstance(src, WatchFolderSource) and src.live
+    frames = list(src)
+    src.close()
+    assert len(frames) == 1 and frames[0].image.shape == (3, 4)
+    for bad in (f"watch:{tmp_path}?poll=0", f"watch:{tmp_path}?every=1", "watch:", f"watch:{tmp_path}/nope"):
+        with pytest.raises(SourceError) as exc:
+            open_source(bad)
+        assert "\n" not in str(exc.value)
+
+
+def test_a_dropping_reader_is_refused(tmp_path: Path) -> None:
+    from edgeclf.runtime.live import LatestFrameReader
+
+    with WatchFolderSource(str(tmp_path), poll=POLL) as src:
+        with pytest.raises(SourceError, match="drop='none'"):
+            LatestFrameReader(src, drop="latest")
+        _png(tmp_path / "a.png", 2)
+        reader = LatestFrameReader(src, drop="none")
+        frame = reader.read(timeout=2.0)
+        assert frame is not None and frame.image[0, 0] == 2
+        reader.ack(frame)
+        assert src.stats()["files_done"] == 1
+        reader.close()
