@@ -1,19 +1,63 @@
-"""Where results go. Every sink counts what it wrote, so nothing is dropped without a count."""
+"""Where results go. Every sink counts what it wrote, so nothing is dropped without a count.
+
+The pipeline hands each sink one record per frame (see ``edgeclf.runtime.pipeline.run_pipeline``):
+``{"frame", "timestamp" (monotonic capture s), "time" (wall clock s), "label", "abstain", "abstain_reason",
+"probs" {label: p}, "latency_ms" {stage: ms, "total"}}``. Sinks that draw the frame (:class:`VideoRecorderSink`
+here, ``edgeclf.runtime.overlay.OverlayWindow``) have ``needs_image = True`` and are called as
+``sink.write(record, image=frame.image)`` with the frame's uint8 (H, W) gray or (H, W, 3) **RGB** image;
+the others are called as ``sink.write(record)``. A sink may set ``stop_requested`` to ask the pipeline to
+stop (the overlay window's q/Esc, a closed stdout pipe).
+
+Sinks are context managers; ``close()`` is idempotent.
+"""
 from __future__ import annotations
 
 import json
+import logging
+import math
 import os
-from typing import IO, Any, Dict, List, Optional, Union
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import IO, Any, Dict, List, Optional, Sequence, TextIO, Tuple, Union
 
-from edgeclf.errors import EdgeclfError
+import numpy as np
+from numpy.typing import NDArray
 
-__all__ = ["Sink", "JsonlSink", "ListSink"]
+from edgeclf.errors import ConfigError, DataError, EdgeclfError
+
+__all__ = [
+    "Sink",
+    "JsonlSink",
+    "ListSink",
+    "read_jsonl",
+    "VideoRecorderSink",
+    "VIDEO_FOURCC",
+    "ClipSummary",
+    "SummarySink",
+    "summarize",
+    "StdoutSink",
+]
+
+logger = logging.getLogger(__name__)
+
+#: Container extension -> the FourCC the recorder uses (pip OpenCV has no H.264 encoder).
+VIDEO_FOURCC: Dict[str, str] = {".mp4": "mp4v", ".m4v": "mp4v", ".mov": "mp4v", ".mkv": "mp4v", ".avi": "MJPG"}
 
 
 class Sink:
-    written = 0
+    """Base class. ``write(record, image=None)`` once per frame; ``written`` counts records handled.
 
-    def write(self, record: Dict[str, Any]) -> None:
+    needs_image: True when the sink needs the frame image (passed as ``image=``).
+    stop_requested: set by a sink that asks the pipeline to stop after this frame.
+    """
+
+    written = 0
+    needs_image = False
+    stop_requested = False
+
+    def write(self, record: Dict[str, Any], image: Optional[NDArray[np.uint8]] = None) -> None:
         raise NotImplementedError
 
     def close(self) -> None:
@@ -26,13 +70,35 @@ class Sink:
         self.close()
 
 
-class JsonlSink(Sink):
-    """One JSON object per line, flushed per line so a killed run leaves only whole lines."""
+# --------------------------------------------------------------------------------------------- JSONL
 
-    def __init__(self, path: Union[str, os.PathLike[str]], *, fsync: bool = False) -> None:
+
+class JsonlSink(Sink):
+    """One JSON object per line, written whole and flushed per line, so a killed run leaves only whole lines.
+
+    Flushing hands each line to the OS; surviving a power loss also needs fsync:
+    fsync_every: seconds between fsyncs (checked when a line is written) and one at close; 0 = after
+        every line; None (default) = never (the OS writes back within its own interval). ``fsync=True``
+        is the older spelling of ``fsync_every=0``. On a cart that may lose power, 1.0 costs one fsync
+        a second and loses at most about a second of results; :func:`read_jsonl` tolerates the torn
+        last line such a loss can leave.
+    Counts: ``written`` lines, ``fsyncs`` done, ``unsynced`` lines written since the last fsync.
+    """
+
+    def __init__(
+        self, path: Union[str, os.PathLike[str]], *, fsync: bool = False, fsync_every: Optional[float] = None,
+    ) -> None:
         self.path = os.fspath(path)
-        self.fsync = fsync
+        if fsync_every is not None and (isinstance(fsync_every, bool) or not isinstance(fsync_every, (int, float))
+                                        or not (fsync_every >= 0 and math.isfinite(fsync_every))):
+            raise ConfigError(f"fsync_every is {fsync_every!r}; allowed: seconds >= 0 (0 = every line) or None (never)")
+        self.fsync_every: Optional[float] = 0.0 if fsync else (None if fsync_every is None else float(fsync_every))
+        self.fsync = self.fsync_every == 0.0
         self.written = 0
+        self.fsyncs = 0
+        self._synced = 0
+        self._last_sync = time.monotonic()
+        self._dir_synced = False
         parent = os.path.dirname(os.path.abspath(self.path))
         try:
             os.makedirs(parent, exist_ok=True)
@@ -40,24 +106,114 @@ class JsonlSink(Sink):
         except OSError as exc:
             raise EdgeclfError(f"cannot write results to {self.path}: {exc.strerror}; choose another --out") from None
 
-    def write(self, record: Dict[str, Any]) -> None:
-        if self._f is None:
+    @property
+    def unsynced(self) -> int:
+        """Lines written since the last fsync (all of them when fsync is off)."""
+        return self.written - self._synced
+
+    def _sync(self, f: IO[str]) -> None:
+        os.fsync(f.fileno())
+        if not self._dir_synced:  # the new file's directory entry must survive too
+            self._dir_synced = True
+            try:
+                fd = os.open(os.path.dirname(os.path.abspath(self.path)), os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+            except OSError:  # not supported everywhere (e.g. Windows); the file's own fsync still holds
+                logger.debug("directory fsync not supported for %s", self.path)
+        self.fsyncs += 1
+        self._synced = self.written
+        self._last_sync = time.monotonic()
+
+    def write(self, record: Dict[str, Any], image: Optional[NDArray[np.uint8]] = None) -> None:
+        f = self._f
+        if f is None:
             raise EdgeclfError(f"results file {self.path} is already closed")
         try:
-            self._f.write(json.dumps(record, separators=(",", ":")) + "\n")
-            self._f.flush()
-            if self.fsync:
-                os.fsync(self._f.fileno())
+            f.write(json.dumps(record, separators=(",", ":")) + "\n")
+            f.flush()
         except OSError as exc:
             raise EdgeclfError(
-                f"writing result {self.written + 1} to {self.path} failed ({exc.strerror}); {self.written} results were written before it"
+                f"writing result {self.written + 1} to {self.path} failed ({exc.strerror}); "
+                f"{self.written} results were written before it"
             ) from None
         self.written += 1
+        every = self.fsync_every
+        if every is not None and (every == 0.0 or time.monotonic() - self._last_sync >= every):
+            try:
+                self._sync(f)
+            except OSError as exc:
+                raise EdgeclfError(
+                    f"syncing {self.path} to disk failed ({exc.strerror}); the last {self.unsynced} of "
+                    f"{self.written} results may not survive a power loss"
+                ) from None
 
     def close(self) -> None:
-        if self._f is not None:
-            self._f.close()
+        f = self._f
+        if f is None:
+            return
+        try:
+            f.flush()
+            if self.fsync_every is not None and self.unsynced:
+                self._sync(f)
+        except OSError as exc:
+            raise EdgeclfError(
+                f"finishing {self.path} failed ({exc.strerror}); the last {self.unsynced} of {self.written} "
+                "results may not be on disk"
+            ) from None
+        finally:
             self._f = None
+            f.close()
+
+
+def read_jsonl(path: Union[str, os.PathLike[str]]) -> Tuple[List[Dict[str, Any]], int]:
+    """Read a results file written by :class:`JsonlSink`: (records, torn).
+
+    A power loss can leave the last line cut short (or padded with NUL bytes): that line is skipped and
+    counted in `torn` (normally 0 or 1). A bad line anywhere else is not a torn write but a damaged file and raises
+    DataError naming the line. Blank lines are skipped.
+    """
+    p = os.fspath(path)
+    try:
+        with open(p, "rb") as f:
+            data = f.read()
+    except OSError as exc:
+        raise DataError(f"cannot read results file {p}: {exc.strerror}; check the path") from None
+    lines = data.split(b"\n")  # the last element is b"" when the file ends with a newline
+
+    def has_data(raw: bytes) -> bool:
+        return bool(raw.strip(b" \t\r\x00"))
+
+    last = max((i for i, ln in enumerate(lines) if has_data(ln)), default=-1)
+    records: List[Dict[str, Any]] = []
+    torn = 0
+    for i, raw in enumerate(lines):
+        if not raw.strip(b" \t\r"):
+            continue  # blank
+        if not has_data(raw):  # only NUL bytes: the size grew but the data never reached the disk
+            if i > last:
+                torn += 1
+                continue
+            raise DataError(f"results file {p} line {i + 1} holds only NUL bytes before the end; the file is damaged")
+        try:
+            rec = json.loads(raw.decode("utf-8"))
+            ok = isinstance(rec, dict)
+        except (UnicodeDecodeError, ValueError):
+            ok = False
+        if ok:
+            records.append(rec)
+        elif i == last and (i == len(lines) - 1 or b"\x00" in raw):
+            torn += 1
+        else:
+            raise DataError(
+                f"results file {p} line {i + 1} is not a JSON object and is not a torn last line; the file is "
+                "damaged (only a cut-short last line is tolerated)"
+            )
+    if torn:
+        logger.warning("results file %s: skipped %d torn line(s) at the end after %d records", p, torn, len(records))
+    return records, torn
 
 
 class ListSink(Sink):
@@ -67,6 +223,368 @@ class ListSink(Sink):
         self.records: List[Dict[str, Any]] = []
         self.written = 0
 
-    def write(self, record: Dict[str, Any]) -> None:
+    def write(self, record: Dict[str, Any], image: Optional[NDArray[np.uint8]] = None) -> None:
         self.records.append(record)
         self.written += 1
+
+
+# --------------------------------------------------------------------------------------------- video
+
+
+class VideoRecorderSink(Sink):
+    """Write the frames, annotated with the overlay, to a video file.
+
+    path: .mp4/.m4v/.mov/.mkv (FourCC mp4v) or .avi (MJPG); `fourcc` overrides.
+    fps: the frame rate stored in the file (the source's fps), > 0.
+    size: (width, height) of the video, each rounded down to an even number (the encoders need even
+        sizes and would otherwise crop); frames of another size are resized (counted in ``resized``).
+    annotate: draw the overlay (label, confidence bar, abstain reason, fps, latency); False = raw frames.
+
+    Called as ``write(record, image=frame_image)`` with uint8 (H, W) gray or (H, W, 3) RGB; ``written``
+    counts frames handed to the encoder. The file is complete after close().
+    """
+
+    needs_image = True
+
+    def __init__(
+        self, path: Union[str, os.PathLike[str]], fps: float, size: Tuple[int, int], *,
+        fourcc: Optional[str] = None, annotate: bool = True,
+    ) -> None:
+        from edgeclf.runtime import _cv
+        from edgeclf.runtime.overlay import FpsMeter
+
+        self.path = os.fspath(path)
+        ext = os.path.splitext(self.path)[1].lower()
+        if fourcc is None:
+            if ext not in VIDEO_FOURCC:
+                raise ConfigError(
+                    f"cannot record video to {self.path}: extension {ext or '(none)'!r} is not one of "
+                    f"{', '.join(VIDEO_FOURCC)}; name the file e.g. run.mp4 or run.avi"
+                )
+            fourcc = VIDEO_FOURCC[ext]
+        if not isinstance(fourcc, str) or len(fourcc) != 4:
+            raise ConfigError(f"video fourcc is {fourcc!r}; allowed: 4 characters, e.g. 'mp4v' or 'MJPG'")
+        if isinstance(fps, bool) or not isinstance(fps, (int, float)) or not (fps > 0 and math.isfinite(fps)):
+            raise ConfigError(
+                f"recording frame rate is {fps!r}; allowed: a number > 0; the source reports none, so give one "
+                "(e.g. 30)"
+            )
+        if (not isinstance(size, (tuple, list)) or len(size) != 2
+                or not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v > 0 for v in size)):
+            raise ConfigError(f"recording size is {size!r}; allowed: (width, height) in pixels, both > 0")
+        self.fps = float(fps)
+        if min(size) < 2:
+            raise ConfigError(f"recording size is {tuple(size)!r}; allowed: (width, height), both >= 2 pixels")
+        self.size: Tuple[int, int] = (int(size[0]) // 2 * 2, int(size[1]) // 2 * 2)
+        self.fourcc = fourcc
+        self.annotate = annotate
+        self.written = 0
+        self.resized = 0
+        self._meter = FpsMeter()
+        self._cv2 = _cv.cv2()
+        parent = os.path.dirname(os.path.abspath(self.path))
+        try:
+            os.makedirs(parent, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(f"cannot record video to {self.path}: {exc.strerror}; choose another --record") from None
+        cv2 = self._cv2
+        self._vw: Any = cv2.VideoWriter(self.path, cv2.VideoWriter_fourcc(*fourcc), self.fps, self.size, True)
+        if not self._vw.isOpened():
+            self._vw.release()
+            self._vw = None
+            raise ConfigError(
+                f"cannot record video to {self.path} with FourCC {fourcc!r}: OpenCV could not open a writer; "
+                "check the folder is writable, or use .avi (MJPG)"
+            )
+
+    def write(self, record: Dict[str, Any], image: Optional[NDArray[np.uint8]] = None) -> None:
+        if self._vw is None:
+            raise EdgeclfError(f"video {self.path} is already closed")
+        if image is None:
+            raise TypeError("VideoRecorderSink.write needs the frame: call write(record, image=frame.image)")
+        from edgeclf.runtime.overlay import draw_overlay, to_bgr
+
+        cv2 = self._cv2
+        img = np.asarray(image)
+        h, w = img.shape[:2]
+        if (w, h) != self.size:
+            if self.resized == 0:
+                logger.warning("recording %s: frames of %dx%d are resized to %dx%d", self.path, w, h, *self.size)
+            self.resized += 1
+            img = cv2.resize(img, self.size, interpolation=cv2.INTER_AREA)
+        fps = self._meter.update(record.get("timestamp"))
+        out = draw_overlay(img, record, fps=fps, order="bgr") if self.annotate else to_bgr(img)
+        self._vw.write(out)
+        self.written += 1
+
+    def close(self) -> None:
+        if self._vw is not None:
+            vw, self._vw = self._vw, None
+            vw.release()
+            logger.info("recorded %d frames to %s (%d resized)", self.written, self.path, self.resized)
+
+
+# --------------------------------------------------------------------------------------------- summary
+
+_ABSTAIN = "(abstain)"
+
+
+@dataclass
+class ClipSummary:
+    """What a clip showed, over all frames.
+
+    frames: records seen. label_frames: frames per label (multilabel: frames where the label is present).
+    share_frames: label_frames / frames. majority_label: most frames (ties: more time, then label order);
+        None when every frame abstained.
+    abstained, abstain_rate (of frames), abstain_reasons: {reason: frames}.
+    duration_s: summed frame durations from the capture timestamps (each frame lasts until the next one;
+        the last one the median interval); None with fewer than 2 timed frames. Intervals longer than
+        `max_gap_s` (a stalled or reconnecting source) give the frame the median interval and count the
+        rest as ``gap_s`` (``gaps`` of them). span_s: last - first timestamp.
+    label_time_s / share_time: per-label time and its share of duration_s (None without a duration);
+        abstain_share_time: the abstaining share.
+    untimed: records without a numeric "timestamp" (counted in frames, not in time). unlabeled: records
+        with neither a label, labels nor an abstain (not expected from the pipeline).
+    """
+
+    frames: int = 0
+    label_frames: Dict[str, int] = field(default_factory=dict)
+    share_frames: Dict[str, float] = field(default_factory=dict)
+    majority_label: Optional[str] = None
+    abstained: int = 0
+    abstain_rate: float = 0.0
+    abstain_reasons: Dict[str, int] = field(default_factory=dict)
+    duration_s: Optional[float] = None
+    span_s: Optional[float] = None
+    label_time_s: Optional[Dict[str, float]] = None
+    share_time: Optional[Dict[str, float]] = None
+    abstain_share_time: Optional[float] = None
+    gaps: int = 0
+    gap_s: float = 0.0
+    untimed: int = 0
+    unlabeled: int = 0
+
+    def to_dict(self) -> Dict[str, Any]:
+        def r(v: Optional[float]) -> Optional[float]:
+            return None if v is None else round(v, 6)
+
+        def rd(d: Optional[Dict[str, float]]) -> Optional[Dict[str, float]]:
+            return None if d is None else {k: round(v, 6) for k, v in d.items()}
+
+        return {
+            "frames": self.frames, "duration_s": r(self.duration_s), "span_s": r(self.span_s),
+            "majority_label": self.majority_label, "label_frames": dict(self.label_frames),
+            "share_frames": rd(self.share_frames), "label_time_s": rd(self.label_time_s),
+            "share_time": rd(self.share_time), "abstained": self.abstained, "abstain_rate": r(self.abstain_rate),
+            "abstain_share_time": r(self.abstain_share_time), "abstain_reasons": dict(self.abstain_reasons),
+            "gaps": self.gaps, "gap_s": r(self.gap_s), "untimed": self.untimed, "unlabeled": self.unlabeled,
+        }
+
+
+def _keys_of(record: Dict[str, Any]) -> Tuple[Tuple[str, ...], Optional[str]]:
+    """(labels shown, abstain reason or None) of one record."""
+    if record.get("abstain"):
+        return (), str(record.get("abstain_reason") or "unspecified")
+    label = record.get("label")
+    if label is not None:
+        return (str(label),), None
+    present = record.get("labels")
+    if isinstance(present, (list, tuple)):
+        return tuple(str(x) for x in present), None
+    return (), None
+
+
+def _timestamp(record: Dict[str, Any]) -> Optional[float]:
+    ts = record.get("timestamp")
+    if isinstance(ts, bool) or not isinstance(ts, (int, float)) or not math.isfinite(ts):
+        return None
+    return float(ts)
+
+
+def _summarize_rows(
+    rows: Sequence[Tuple[Optional[float], Tuple[str, ...], Optional[str], bool]],
+    labels: Optional[Sequence[str]], max_gap_s: float,
+) -> ClipSummary:
+    order: List[str] = [str(x) for x in labels] if labels else []
+    s = ClipSummary(frames=len(rows))
+    counts: Dict[str, int] = {k: 0 for k in order}
+    for _ts, keys, reason, unlabeled in rows:
+        if reason is not None:
+            s.abstained += 1
+            s.abstain_reasons[reason] = s.abstain_reasons.get(reason, 0) + 1
+        if unlabeled:
+            s.unlabeled += 1
+        for k in keys:
+            if k not in counts:
+                counts[k] = 0
+                order.append(k)
+            counts[k] += 1
+    s.label_frames = counts
+    n = max(s.frames, 1)
+    s.share_frames = {k: v / n for k, v in counts.items()}
+    s.abstain_rate = s.abstained / n if s.frames else 0.0
+
+    timed = [(ts, keys, reason) for ts, keys, reason, _ in rows if ts is not None]
+    s.untimed = s.frames - len(timed)
+    if len(timed) >= 2:
+        steps = [b[0] - a[0] for a, b in zip(timed, timed[1:])]
+        normal = [d for d in steps if 0.0 <= d <= max_gap_s]
+        typical = statistics.median(normal) if normal else 0.0
+        durations: List[float] = []
+        for d in steps:
+            if 0.0 <= d <= max_gap_s:
+                durations.append(d)
+            else:
+                s.gaps += 1
+                s.gap_s += max(d - typical, 0.0)
+                durations.append(typical)
+        durations.append(typical)
+        t_lab: Dict[str, float] = {k: 0.0 for k in counts}
+        t_abs = 0.0
+        for (_, keys, reason), d in zip(timed, durations):
+            if reason is not None:
+                t_abs += d
+            for k in keys:
+                t_lab[k] += d
+        total = float(sum(durations))
+        s.duration_s = total
+        s.span_s = timed[-1][0] - timed[0][0]
+        s.label_time_s = t_lab
+        s.share_time = {k: (v / total if total > 0 else 0.0) for k, v in t_lab.items()}
+        s.abstain_share_time = t_abs / total if total > 0 else 0.0
+    shown = [k for k in order if counts.get(k, 0) > 0]
+    if shown:
+        rank = {k: i for i, k in enumerate(order)}
+        times = s.label_time_s or {}
+        s.majority_label = max(shown, key=lambda k: (counts[k], times.get(k, 0.0), -rank[k]))
+    return s
+
+
+def summarize(
+    records: Sequence[Dict[str, Any]], labels: Optional[Sequence[str]] = None, *, max_gap_s: float = 1.0,
+) -> ClipSummary:
+    """A :class:`ClipSummary` of per-frame records (e.g. from :func:`read_jsonl`); `labels` (the bundle's)
+    lists every class, shown or not, in order."""
+    rows = []
+    for rec in records:
+        keys, reason = _keys_of(rec)
+        rows.append((_timestamp(rec), keys, reason, not keys and reason is None and "labels" not in rec))
+    return _summarize_rows(rows, labels, max_gap_s)
+
+
+class SummarySink(Sink):
+    """Collects a clip-level :class:`ClipSummary`; ``summary()`` at any time, and at close() it is written
+    as JSON to `path` when one is given (atomically: a temporary file renamed into place). `labels` (the
+    bundle's) keeps classes that never showed in the summary with 0."""
+
+    def __init__(
+        self, path: Union[str, os.PathLike[str], None] = None, *, labels: Optional[Sequence[str]] = None,
+        max_gap_s: float = 1.0,
+    ) -> None:
+        self.path = None if path is None else os.fspath(path)
+        self.labels = None if labels is None else tuple(str(x) for x in labels)
+        if isinstance(max_gap_s, bool) or not isinstance(max_gap_s, (int, float)) or not max_gap_s > 0:
+            raise ConfigError(f"summary max_gap_s is {max_gap_s!r}; allowed: seconds > 0, e.g. 1.0")
+        self.max_gap_s = float(max_gap_s)
+        self.written = 0
+        self._rows: List[Tuple[Optional[float], Tuple[str, ...], Optional[str], bool]] = []
+        self._closed = False
+        self.result: Optional[Dict[str, Any]] = None  # summary().to_dict(), set at close()
+
+    def write(self, record: Dict[str, Any], image: Optional[NDArray[np.uint8]] = None) -> None:
+        keys, reason = _keys_of(record)
+        self._rows.append((_timestamp(record), keys, reason, not keys and reason is None and "labels" not in record))
+        self.written += 1
+
+    def summary(self) -> ClipSummary:
+        return _summarize_rows(self._rows, self.labels, self.max_gap_s)
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self.result = self.summary().to_dict()
+        if self.path is not None:
+            tmp = self.path + ".tmp"
+            try:
+                os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+                with open(tmp, "w", encoding="utf-8") as f:
+                    json.dump(self.result, f, indent=2)
+                    f.write("\n")
+                os.replace(tmp, self.path)
+            except OSError as exc:
+                raise EdgeclfError(f"cannot write the clip summary to {self.path}: {exc.strerror}; choose another path") from None
+
+
+# --------------------------------------------------------------------------------------------- stdout
+
+
+class StdoutSink(Sink):
+    """One short line per result, for the CLI: ``frame  t  label  confidence  latency`` or the abstain reason.
+
+    stream: where to write (default: sys.stdout at the time of each write). only_changes: print only when
+    the shown label or abstain reason changes (``written`` still counts every record; ``lines`` counts
+    printed lines). A closed pipe (``| head``) sets ``stop_requested`` and ``lost`` counts the records
+    not printed.
+    """
+
+    def __init__(self, stream: Optional[TextIO] = None, *, only_changes: bool = False) -> None:
+        self.stream = stream
+        self.only_changes = only_changes
+        self.written = 0
+        self.lines = 0
+        self.lost = 0
+        self._t0: Optional[float] = None
+        self._last: Optional[Tuple[Any, ...]] = None
+
+    @staticmethod
+    def format(record: Dict[str, Any], t0: Optional[float] = None) -> str:
+        """The line for `record` (no newline); `t0` is the first timestamp (times are relative to it)."""
+        parts = [f"{record.get('frame', '?'):>6}"]
+        ts = _timestamp(record)
+        if ts is not None and t0 is not None:
+            parts.append(f"{ts - t0:8.2f}s")
+        if record.get("abstain"):
+            parts.append(f"abstain ({record.get('abstain_reason') or 'unspecified'})")
+        else:
+            label = record.get("label")
+            if label is None and isinstance(record.get("labels"), (list, tuple)):
+                parts.append("+".join(str(x) for x in record["labels"]) or "(none)")
+            else:
+                parts.append(f"{label!s:<14}")
+                conf = record.get("confidence")
+                if conf is None:
+                    probs = record.get("probs")
+                    conf = probs.get(label) if isinstance(probs, dict) else None
+                if isinstance(conf, (int, float)):
+                    parts.append(f"{100 * conf:5.1f}%")
+        lat = record.get("latency_ms")
+        total = lat.get("total") if isinstance(lat, dict) else None
+        if isinstance(total, (int, float)):
+            parts.append(f"{total:7.1f} ms")
+        return "  ".join(parts)
+
+    def write(self, record: Dict[str, Any], image: Optional[NDArray[np.uint8]] = None) -> None:
+        self.written += 1
+        ts = _timestamp(record)
+        if self._t0 is None and ts is not None:
+            self._t0 = ts
+        if self.only_changes:
+            state = (record.get("label"), tuple(record.get("labels") or ()), bool(record.get("abstain")),
+                     record.get("abstain_reason"))
+            if state == self._last:
+                return
+            self._last = state
+        if self.stop_requested:
+            self.lost += 1
+            return
+        stream = self.stream if self.stream is not None else sys.stdout
+        try:
+            stream.write(self.format(record, self._t0) + "\n")
+            stream.flush()
+        except BrokenPipeError:
+            self.stop_requested = True
+            self.lost += 1
+            logger.info("stdout was closed after %d lines; asking the pipeline to stop", self.lines)
+            return
+        self.lines += 1

@@ -1,0 +1,274 @@
+"""Draw the result onto a frame, and show it in a window when the machine has a display.
+
+:func:`draw_overlay` draws a banner across the top of a *copy* of the frame: the shown label and a
+confidence bar (or ``ABSTAIN: reason`` in amber), and on the right the frame rate and the capture-to-result
+latency. The banner darkens the image under it instead of hiding it. It costs well under a millisecond
+at 640x480 (plain OpenCV drawing: a copy, one darkened strip, a rectangle or two, three strings).
+
+:class:`OverlayWindow` is a sink that shows the annotated frames with ``cv2.imshow``; 'q' or Esc (or
+closing the window) sets ``stop_requested`` for the pipeline. Without a display, or with an OpenCV that
+has no GUI backend (pip ``opencv-python-headless``), it raises a one-line ConfigError at construction,
+before the run starts, that points to ``--record FILE``.
+
+Python 3.8 compatible; cv2 is imported inside the functions that use it (``edgeclf.runtime._cv``).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+from typing import Any, Dict, Optional, Tuple
+
+import numpy as np
+from numpy.typing import NDArray
+
+from edgeclf.errors import ConfigError, DataError
+from edgeclf.runtime import _cv
+from edgeclf.runtime.sinks import Sink
+
+__all__ = ["draw_overlay", "to_bgr", "FpsMeter", "OverlayWindow", "display_problem", "NO_DISPLAY"]
+
+logger = logging.getLogger(__name__)
+
+NO_DISPLAY = "no display/GUI-capable OpenCV"
+_FIX = "use --record FILE instead"
+# Colours as RGB; reversed for BGR output.
+_WHITE = (255, 255, 255)
+_AMBER = (255, 191, 0)
+_BAR = (0, 200, 255)
+_GREY = (200, 200, 200)
+_QUIT_KEYS = (ord("q"), ord("Q"), 27)
+
+
+def _check_image(image: Any) -> NDArray[np.uint8]:
+    img = np.asarray(image)
+    if img.dtype != np.uint8:
+        raise DataError(f"overlay needs a uint8 image, got {img.dtype}; convert the frame with to_uint8 first")
+    if img.ndim == 3 and img.shape[2] == 1:
+        img = img[:, :, 0]
+    if not (img.ndim == 2 or (img.ndim == 3 and img.shape[2] == 3)) or img.shape[0] < 1 or img.shape[1] < 1:
+        raise DataError(f"overlay needs an (H, W) gray or (H, W, 3) RGB image, got shape {img.shape}")
+    return img
+
+
+def to_bgr(image: NDArray[np.uint8]) -> NDArray[np.uint8]:
+    """A BGR copy, uint8 (H, W, 3), of a uint8 (H, W) gray or (H, W, 3) RGB frame (for cv2 writers/windows)."""
+    cv2 = _cv.cv2()
+    img = _check_image(image)
+    code = cv2.COLOR_GRAY2BGR if img.ndim == 2 else cv2.COLOR_RGB2BGR
+    out: NDArray[np.uint8] = cv2.cvtColor(np.ascontiguousarray(img), code)
+    return out
+
+
+def _number(x: Any) -> Optional[float]:
+    if isinstance(x, bool) or not isinstance(x, (int, float, np.floating, np.integer)):
+        return None
+    v = float(x)
+    return v if np.isfinite(v) else None
+
+
+def _confidence(record: Dict[str, Any], label: Any) -> Optional[float]:
+    conf = _number(record.get("confidence"))
+    if conf is None:
+        probs = record.get("probs")
+        if isinstance(probs, dict):
+            conf = _number(probs.get(label))
+    return None if conf is None else min(max(conf, 0.0), 1.0)
+
+
+def draw_overlay(
+    image: NDArray[np.uint8], record: Dict[str, Any], *, fps: Optional[float] = None, order: str = "rgb",
+) -> NDArray[np.uint8]:
+    """The frame with the result drawn on a banner across the top; `image` is not modified.
+
+    image: uint8 (H, W) gray or (H, W, 3) RGB (the pipeline's frame). record: a per-frame record; read are
+    "label" (or "labels" for multilabel), "abstain", "abstain_reason", "confidence" (else
+    probs[label]) and latency_ms["total"]. fps: shown when given. order: "rgb" or "bgr", the channel order
+    of the returned uint8 (H, W, 3) image ("bgr" for cv2.imshow / VideoWriter, saving a conversion).
+    """
+    if order not in ("rgb", "bgr"):
+        raise ConfigError(f"overlay order is {order!r}; allowed: 'rgb', 'bgr'")
+    cv2 = _cv.cv2()
+    img = _check_image(image)
+    bgr = order == "bgr"
+    if img.ndim == 2:
+        out: NDArray[np.uint8] = cv2.cvtColor(img, cv2.COLOR_GRAY2BGR if bgr else cv2.COLOR_GRAY2RGB)
+    elif bgr:
+        out = cv2.cvtColor(np.ascontiguousarray(img), cv2.COLOR_RGB2BGR)
+    else:
+        out = np.array(img, copy=True, order="C")
+
+    def col(rgb: Tuple[int, int, int]) -> Tuple[int, int, int]:
+        return (rgb[2], rgb[1], rgb[0]) if bgr else rgb
+
+    h, w = out.shape[:2]
+    bh = min(h, max(14, int(round(h * 0.075))))
+    banner = out[:bh]
+    np.right_shift(banner, 2, out=banner)  # darken to 1/4: the image stays visible under the text
+    font = cv2.FONT_HERSHEY_SIMPLEX
+    scale = max(0.3, bh / 58.0)
+    thick = 1 if scale < 0.9 else 2
+    pad = max(3, bh // 6)
+    y = int(round(bh * 0.5 + 9.5 * scale))  # text baseline: the cap height of HERSHEY_SIMPLEX is ~19 px at scale 1
+    line = cv2.LINE_AA
+
+    # right: fps and latency (drawn first so the left part can stop short of it)
+    right = []
+    if fps is not None and _number(fps) is not None:
+        right.append(f"{fps:.1f} fps")
+    lat = record.get("latency_ms")
+    total = _number(lat.get("total")) if isinstance(lat, dict) else None
+    if total is not None:
+        right.append(f"{total:.0f} ms")
+    x_right = w - pad
+    if right:
+        text = "  ".join(right)
+        (tw, _), _ = cv2.getTextSize(text, font, scale * 0.85, 1)
+        x_right = max(pad, w - pad - tw)
+        cv2.putText(out, text, (x_right, y), font, scale * 0.85, col(_GREY), 1, line)
+
+    # left: the label and its confidence bar, or the abstain reason
+    if record.get("abstain"):
+        text = f"ABSTAIN: {record.get('abstain_reason') or 'unspecified'}"
+        cv2.putText(out, text, (pad, y), font, scale, col(_AMBER), thick, line)
+        return out
+    label = record.get("label")
+    if label is None and isinstance(record.get("labels"), (list, tuple)):
+        text = "+".join(str(x) for x in record["labels"]) or "(none)"
+        conf = None
+    else:
+        text = str(label)
+        conf = _confidence(record, label)
+    (tw, _), _ = cv2.getTextSize(text, font, scale, thick)
+    cv2.putText(out, text, (pad, y), font, scale, col(_WHITE), thick, line)
+    if conf is not None:
+        x0 = pad * 3 + tw
+        bar_w = max(20, w // 6)
+        pct = f"{100 * conf:.0f}%"
+        (pw, _), _ = cv2.getTextSize(pct, font, scale * 0.85, 1)
+        if x0 + bar_w + pad + pw < x_right - pad:  # room for the bar: draw it, else leave it out
+            y0, y1 = int(bh * 0.3), int(bh * 0.7)
+            cv2.rectangle(out, (x0, y0), (x0 + bar_w, y1), col(_GREY), 1)
+            fill = int(round(conf * (bar_w - 2)))
+            if fill > 0:
+                cv2.rectangle(out, (x0 + 1, y0 + 1), (x0 + 1 + fill - 1, y1 - 1), col(_BAR), -1)
+            cv2.putText(out, pct, (x0 + bar_w + pad, y), font, scale * 0.85, col(_WHITE), 1, line)
+    return out
+
+
+class FpsMeter:
+    """Frame rate from successive timestamps (seconds), smoothed exponentially; None until two arrive."""
+
+    def __init__(self, smoothing: float = 0.1) -> None:
+        if not 0.0 < smoothing <= 1.0:
+            raise ConfigError(f"fps smoothing is {smoothing!r}; allowed: (0, 1]")
+        self.smoothing = float(smoothing)
+        self._last: Optional[float] = None
+        self._interval: Optional[float] = None
+
+    def update(self, timestamp: Any = None) -> Optional[float]:
+        """Add a frame captured at `timestamp` (seconds; None or not a number: now) and return the fps."""
+        t = _number(timestamp)
+        if t is None:
+            t = time.monotonic()
+        if self._last is not None:
+            d = t - self._last
+            if d > 0:
+                self._interval = d if self._interval is None else self._interval + self.smoothing * (d - self._interval)
+        self._last = t
+        return None if not self._interval else 1.0 / self._interval
+
+
+def _gui_backend(cv2: Any) -> Optional[str]:
+    """The "GUI:" entry of OpenCV's build information ("NONE" for headless builds), or None if absent."""
+    try:
+        info = str(cv2.getBuildInformation())
+    except Exception:  # an odd build: fall back to trying a window
+        return None
+    for ln in info.splitlines():
+        s = ln.strip()
+        if s.startswith("GUI:"):
+            return s[4:].strip() or None
+    return None
+
+
+def display_problem() -> Optional[str]:
+    """Why a window cannot be shown here (no display session, a headless OpenCV), or None if it may work."""
+    if sys.platform.startswith("linux") and not (os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")):
+        return "DISPLAY and WAYLAND_DISPLAY are not set (no desktop session, e.g. over ssh or as a service)"
+    cv2 = _cv.cv2()
+    if (_gui_backend(cv2) or "").upper() == "NONE":
+        return (f"this OpenCV {getattr(cv2, '__version__', '?')} has no GUI backend (pip opencv-python-headless "
+                "has none; a desktop needs opencv-python or the system OpenCV)")
+    return None
+
+
+def _short(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return text if len(text) <= 200 else text[:197] + "..."
+
+
+class OverlayWindow(Sink):
+    """Show each annotated frame in a window; 'q', Esc or closing the window sets ``stop_requested``.
+
+    Called as ``write(record, image=frame_image)`` (uint8 (H, W) gray or (H, W, 3) RGB); ``written``
+    counts frames shown. wait_ms: the cv2.waitKey wait per frame (>= 1; it also lets the window paint).
+    Raises ConfigError ("no display/GUI-capable OpenCV: ...; use --record FILE instead") at construction
+    when no window can be shown.
+    """
+
+    needs_image = True
+
+    def __init__(self, title: str = "edgeclf", *, wait_ms: int = 1) -> None:
+        if isinstance(wait_ms, bool) or not isinstance(wait_ms, int) or wait_ms < 1:
+            raise ConfigError(f"overlay wait_ms is {wait_ms!r}; allowed: a whole number of ms >= 1")
+        problem = display_problem()
+        if problem is not None:
+            raise ConfigError(f"{NO_DISPLAY}: {problem}; {_FIX}")
+        self.title = str(title)
+        self.wait_ms = wait_ms
+        self.written = 0
+        self.stop_requested = False
+        self.stop_reason: Optional[str] = None
+        self._meter = FpsMeter()
+        self._cv2 = _cv.cv2()
+        try:
+            self._cv2.namedWindow(self.title, self._cv2.WINDOW_NORMAL)
+        except self._cv2.error as exc:
+            raise ConfigError(f"{NO_DISPLAY}: cv2 cannot open a window ({_short(exc)}); {_FIX}") from None
+        self._open = True
+        self._visible_works: Optional[bool] = None
+
+    def write(self, record: Dict[str, Any], image: Optional[NDArray[np.uint8]] = None) -> None:
+        if not self._open:
+            raise ConfigError(f"overlay window {self.title!r} is already closed")
+        if image is None:
+            raise TypeError("OverlayWindow.write needs the frame: call write(record, image=frame.image)")
+        cv2 = self._cv2
+        shown = draw_overlay(image, record, fps=self._meter.update(record.get("timestamp")), order="bgr")
+        try:
+            cv2.imshow(self.title, shown)
+            key = int(cv2.waitKey(self.wait_ms)) & 0xFF
+            visible = float(cv2.getWindowProperty(self.title, cv2.WND_PROP_VISIBLE))
+        except cv2.error as exc:
+            raise ConfigError(f"{NO_DISPLAY}: cv2 cannot show the frame ({_short(exc)}); {_FIX}") from None
+        self.written += 1
+        if key in _QUIT_KEYS and not self.stop_requested:
+            self.stop_requested, self.stop_reason = True, "key " + ("Esc" if key == 27 else chr(key))
+            logger.info("overlay window: %s pressed after %d frames; asking the pipeline to stop", self.stop_reason,
+                        self.written)
+        if self._visible_works is None:  # some backends do not report visibility: then never infer a close
+            self._visible_works = visible >= 1
+        elif visible < 1 and self._visible_works and not self.stop_requested:
+            self.stop_requested, self.stop_reason = True, "window closed"
+            logger.info("overlay window closed after %d frames; asking the pipeline to stop", self.written)
+
+    def close(self) -> None:
+        if self._open:
+            self._open = False
+            try:
+                self._cv2.destroyWindow(self.title)
+                self._cv2.waitKey(1)
+            except self._cv2.error:  # already gone (closed by the user)
+                pass

@@ -1,0 +1,191 @@
+"""edgeclf.runtime.overlay: the banner draws on a copy, headless machines get a clear error, q/Esc stop."""
+
+from __future__ import annotations
+
+from typing import Any, Dict, List, Sequence
+
+import numpy as np
+import pytest
+
+from edgeclf.errors import ConfigError, DataError
+from edgeclf.runtime import overlay as overlay_mod
+from edgeclf.runtime.overlay import FpsMeter, OverlayWindow, display_problem, draw_overlay, to_bgr
+
+cv2 = pytest.importorskip("cv2")
+
+REC: Dict[str, Any] = {"frame": 3, "timestamp": 1.0, "label": "cyst", "abstain": False,
+                       "probs": {"normal": 0.1, "cyst": 0.9}, "latency_ms": {"total": 23.4}}
+ABSTAIN: Dict[str, Any] = {"frame": 4, "timestamp": 1.1, "label": None, "abstain": True,
+                           "abstain_reason": "low_confidence", "probs": {"normal": 0.5, "cyst": 0.5}}
+
+
+def _image(h: int = 480, w: int = 640, gray: bool = False) -> np.ndarray:
+    rng = np.random.default_rng(1)
+    return rng.integers(60, 200, size=(h, w) if gray else (h, w, 3), dtype=np.uint8)
+
+
+def _banner_rows(h: int) -> int:
+    return max(14, round(h * 0.075))
+
+
+def test_overlay_draws_in_the_banner_on_a_copy() -> None:
+    img = _image()
+    keep = img.copy()
+    out = draw_overlay(img, REC, fps=29.97)
+    assert out.shape == img.shape and out.dtype == np.uint8 and out is not img
+    np.testing.assert_array_equal(img, keep)  # the frame itself is untouched
+    bh = _banner_rows(480)
+    np.testing.assert_array_equal(out[bh:], img[bh:])  # below the banner: the image as it was
+    banner = out[:bh].astype(int)
+    assert np.mean(np.any(banner != img[:bh], axis=2)) > 0.9  # darkened and written on
+    assert np.any(np.all(banner > 240, axis=2))  # white label text
+    assert np.any((banner[..., 2] > 200) & (banner[..., 0] < 60))  # the confidence bar (RGB 0, 200, 255)
+
+
+def test_overlay_orders_gray_and_abstain() -> None:
+    img = _image()
+    rgb = draw_overlay(img, REC, fps=30.0)
+    bgr = draw_overlay(img, REC, fps=30.0, order="bgr")
+    np.testing.assert_array_equal(bgr, rgb[..., ::-1])
+    g = _image(gray=True)
+    out = draw_overlay(g, ABSTAIN)
+    assert out.shape == (480, 640, 3)
+    bh = _banner_rows(480)
+    np.testing.assert_array_equal(out[bh:], np.repeat(g[bh:, :, None], 3, axis=2))
+    amber = (out[:bh, :, 0] > 200) & (out[:bh, :, 1] > 140) & (out[:bh, :, 2] < 80)  # RGB 255, 191, 0
+    assert amber.sum() > 50
+    np.testing.assert_array_equal(to_bgr(g), np.repeat(g[:, :, None], 3, axis=2))
+
+
+def test_overlay_confidence_bar_follows_the_confidence() -> None:
+    img = np.full((480, 640, 3), 128, np.uint8)
+
+    def bar_pixels(conf: float) -> int:
+        out = draw_overlay(img, {**REC, "confidence": conf})
+        b = out[: _banner_rows(480)].astype(int)
+        return int(((b[..., 2] > 200) & (b[..., 0] < 60)).sum())
+
+    assert bar_pixels(0.0) == 0 < bar_pixels(0.3) < bar_pixels(0.9)
+
+
+@pytest.mark.parametrize("shape", [(32, 32), (32, 32, 1), (16, 200, 3), (1080, 1920, 3)])
+def test_overlay_any_frame_size(shape: tuple) -> None:  # type: ignore[type-arg]
+    img = np.full(shape, 100, np.uint8)
+    out = draw_overlay(img, REC, fps=25.0)
+    assert out.shape == shape[:2] + (3,)
+    multi = draw_overlay(img, {"label": None, "labels": ["a", "b"], "abstain": False})
+    assert multi.shape == shape[:2] + (3,)
+
+
+def test_overlay_bad_inputs() -> None:
+    with pytest.raises(DataError, match="uint8"):
+        draw_overlay(np.zeros((8, 8, 3), np.float32), REC)
+    with pytest.raises(DataError, match="shape"):
+        draw_overlay(np.zeros((8, 8, 4), np.uint8), REC)
+    with pytest.raises(ConfigError, match="order"):
+        draw_overlay(np.zeros((8, 8, 3), np.uint8), REC, order="hsv")
+
+
+def test_fps_meter() -> None:
+    m = FpsMeter()
+    assert m.update(0.0) is None
+    for i in range(1, 60):
+        fps = m.update(i / 30)
+    assert fps == pytest.approx(30.0, rel=1e-6)
+    assert m.update(None) is not None  # no timestamp: the meter uses the clock
+
+
+# ------------------------------------------------------------------------------------------- window
+
+
+def test_no_display_gives_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("DISPLAY", raising=False)
+    monkeypatch.delenv("WAYLAND_DISPLAY", raising=False)
+    monkeypatch.setattr(overlay_mod.sys, "platform", "linux")
+    with pytest.raises(ConfigError) as err:
+        OverlayWindow()
+    msg = str(err.value)
+    assert msg.startswith("no display/GUI-capable OpenCV: DISPLAY") and msg.endswith("use --record FILE instead")
+    assert "\n" not in msg
+
+
+def test_headless_opencv_gives_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    if overlay_mod._gui_backend(cv2) not in ("NONE", None):
+        pytest.skip("this OpenCV has a GUI backend")
+    monkeypatch.setenv("DISPLAY", ":99")
+    assert display_problem() is not None and "GUI backend" in str(display_problem())
+    with pytest.raises(ConfigError, match=r"^no display/GUI-capable OpenCV: .*GUI backend.*use --record FILE instead$"):
+        OverlayWindow()
+    # even if the build information were silent, the failing cv2 call becomes the same one-line error
+    monkeypatch.setattr(overlay_mod, "display_problem", lambda: None)
+    with pytest.raises(ConfigError, match=r"^no display/GUI-capable OpenCV: cv2 cannot open a window .*--record FILE"):
+        OverlayWindow()
+
+
+class _FakeGui:
+    """Real cv2 for drawing; window calls recorded, keys scripted."""
+
+    def __init__(self, keys: List[int], visible: Sequence[float] = (1.0,)) -> None:
+        self.keys = list(keys)
+        self.visible = list(visible)
+        self.shown: List[np.ndarray] = []
+        self.destroyed = 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(cv2, name)
+
+    def namedWindow(self, title: str, flags: int) -> None:  # noqa: N802 (cv2's names)
+        pass
+
+    def imshow(self, title: str, img: np.ndarray) -> None:
+        self.shown.append(img)
+
+    def waitKey(self, ms: int) -> int:  # noqa: N802
+        return self.keys.pop(0) if self.keys else -1
+
+    def getWindowProperty(self, title: str, prop: int) -> float:  # noqa: N802
+        return self.visible.pop(0) if len(self.visible) > 1 else self.visible[0]
+
+    def destroyWindow(self, title: str) -> None:  # noqa: N802
+        self.destroyed += 1
+
+
+@pytest.mark.parametrize("key, reason", [(ord("q"), "key q"), (27, "key Esc")])
+def test_window_shows_frames_and_stops_on_q_or_esc(monkeypatch: pytest.MonkeyPatch, key: int, reason: str) -> None:
+    fake = _FakeGui([-1, -1, key])
+    monkeypatch.setattr(overlay_mod._cv, "cv2", lambda: fake)
+    monkeypatch.setattr(overlay_mod, "display_problem", lambda: None)
+    with OverlayWindow("test") as win:
+        assert win.needs_image and not win.stop_requested
+        for i in range(3):
+            win.write({**REC, "frame": i, "timestamp": i / 30}, image=_image(120, 160))
+            assert win.stop_requested == (i == 2)
+    assert win.written == 3 and win.stop_reason == reason and fake.destroyed == 1
+    assert len(fake.shown) == 3 and fake.shown[0].shape == (120, 160, 3)
+    win.close()  # idempotent
+    assert fake.destroyed == 1
+    with pytest.raises(ConfigError, match="closed"):
+        win.write(REC, image=_image(8, 8))
+
+
+def test_window_closed_by_the_user_stops(monkeypatch: pytest.MonkeyPatch) -> None:
+    fake = _FakeGui([], visible=(1.0, 1.0, 0.0))
+    monkeypatch.setattr(overlay_mod._cv, "cv2", lambda: fake)
+    monkeypatch.setattr(overlay_mod, "display_problem", lambda: None)
+    win = OverlayWindow()
+    for _ in range(2):
+        win.write(REC, image=_image(64, 64))
+        assert not win.stop_requested
+    win.write(REC, image=_image(64, 64))
+    assert win.stop_requested and win.stop_reason == "window closed"
+    # a backend that never reports the window as visible is not taken as closed
+    blind = _FakeGui([], visible=(-1.0,))
+    monkeypatch.setattr(overlay_mod._cv, "cv2", lambda: blind)
+    other = OverlayWindow()
+    for _ in range(3):
+        other.write(REC, image=_image(64, 64))
+    assert not other.stop_requested
+    other.close()
+    with pytest.raises(TypeError, match="image="):
+        win.write(REC)
+    win.close()

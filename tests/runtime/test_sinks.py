@@ -1,0 +1,319 @@
+"""edgeclf.runtime.sinks: durable JSONL and its torn-line reader, the video recorder, clip summary, stdout."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+from pathlib import Path
+from typing import Any, Dict, List
+
+import numpy as np
+import pytest
+
+from edgeclf.errors import ConfigError, DataError, EdgeclfError
+from edgeclf.runtime import sinks as sinks_mod
+from edgeclf.runtime.sinks import (
+    JsonlSink,
+    ListSink,
+    Sink,
+    StdoutSink,
+    SummarySink,
+    VideoRecorderSink,
+    read_jsonl,
+    summarize,
+)
+
+
+def _rec(i: int, label: Any = "cyst", *, ts: float = 0.0, abstain: str = "", conf: float = 0.8) -> Dict[str, Any]:
+    r: Dict[str, Any] = {"frame": i, "timestamp": ts, "time": 1.7e9 + ts, "label": None if abstain else label,
+                         "abstain": bool(abstain), "probs": {"normal": 1 - conf, "cyst": conf},
+                         "latency_ms": {"capture": 1.0, "total": 12.5}}
+    if abstain:
+        r["abstain_reason"] = abstain
+    return r
+
+
+# ------------------------------------------------------------------------------------------- base
+
+
+def test_base_sink_defaults() -> None:
+    assert Sink.written == 0 and Sink.needs_image is False and Sink.stop_requested is False
+    assert VideoRecorderSink.needs_image is True and JsonlSink.needs_image is False
+    mem = ListSink()
+    mem.write({"a": 1})
+    mem.write({"a": 2}, image=np.zeros((2, 2), np.uint8))
+    assert mem.written == 2 and [r["a"] for r in mem.records] == [1, 2]
+
+
+# ------------------------------------------------------------------------------------------- JSONL
+
+
+def test_jsonl_lines_are_whole_and_flushed_while_open(tmp_path: Path) -> None:
+    out = tmp_path / "sub" / "r.jsonl"
+    with JsonlSink(out) as sink:
+        for i in range(5):
+            sink.write(_rec(i))
+            text = out.read_text()  # another reader sees every line, whole, before close
+            assert text.endswith("\n") and len(text.splitlines()) == i + 1
+    recs, torn = read_jsonl(out)
+    assert torn == 0 and [r["frame"] for r in recs] == list(range(5)) and sink.written == 5
+    sink.close()  # idempotent
+    with pytest.raises(EdgeclfError, match="already closed"):
+        sink.write(_rec(9))
+
+
+def test_jsonl_fsync_modes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: List[int] = []
+    real = os.fsync
+    monkeypatch.setattr(sinks_mod.os, "fsync", lambda fd: (calls.append(fd), real(fd))[1])
+    clock = [100.0]
+    monkeypatch.setattr(sinks_mod.time, "monotonic", lambda: clock[0])
+
+    every = JsonlSink(tmp_path / "a.jsonl", fsync_every=0)
+    for i in range(4):
+        every.write(_rec(i))
+    assert every.fsyncs == 4 and every.unsynced == 0
+    every.close()
+    assert every.fsyncs == 4  # nothing left to sync at close
+
+    legacy = JsonlSink(tmp_path / "b.jsonl", fsync=True)
+    legacy.write(_rec(0))
+    assert legacy.fsync_every == 0 and legacy.fsyncs == 1
+    legacy.close()
+
+    timed = JsonlSink(tmp_path / "c.jsonl", fsync_every=1.0)
+    for i in range(10):  # 0.25 s apart: a sync when a second has passed since the last one
+        timed.write(_rec(i))
+        clock[0] += 0.25
+    assert timed.fsyncs == 2 and timed.unsynced == 1  # synced after lines 5 (t=+1 s) and 9 (t=+2 s)
+    timed.close()
+    assert timed.fsyncs == 3 and timed.unsynced == 0
+
+    n = len(calls)
+    never = JsonlSink(tmp_path / "d.jsonl")
+    never.write(_rec(0))
+    never.close()
+    assert never.fsyncs == 0 and never.unsynced == 1 and len(calls) == n
+
+    with pytest.raises(ConfigError, match="fsync_every"):
+        JsonlSink(tmp_path / "e.jsonl", fsync_every=-1)
+
+
+def _write(path: Path, n: int) -> bytes:
+    with JsonlSink(path) as sink:
+        for i in range(n):
+            sink.write(_rec(i, ts=i / 30))
+    return path.read_bytes()
+
+
+def test_read_jsonl_skips_and_counts_a_torn_last_line(tmp_path: Path) -> None:
+    path = tmp_path / "r.jsonl"
+    data = _write(path, 10)
+    start_last = data.rstrip(b"\n").rfind(b"\n") + 1
+    for cut in range(start_last + 1, len(data) - 1):  # every cut inside the last line (power loss mid-write)
+        path.write_bytes(data[:cut])
+        recs, torn = read_jsonl(path)
+        assert torn == 1 and [r["frame"] for r in recs] == list(range(9)), cut
+    path.write_bytes(data[:start_last])  # cut at a line boundary: nothing torn
+    assert read_jsonl(path) == (json.loads("[" + data[:start_last].decode().strip().replace("\n", ",") + "]"), 0)
+    path.write_bytes(data[:-1])  # only the newline missing: the record is whole
+    recs, torn = read_jsonl(path)
+    assert torn == 0 and len(recs) == 10
+
+
+def test_read_jsonl_nul_padded_tail_is_torn(tmp_path: Path) -> None:
+    path = tmp_path / "r.jsonl"
+    data = _write(path, 6)
+    path.write_bytes(data + b"\x00" * 300)  # the size reached the disk, the data did not
+    recs, torn = read_jsonl(path)
+    assert torn == 1 and len(recs) == 6
+    path.write_bytes(data[:-40] + b"\x00" * 100 + b"\n")  # a half-written last line padded with NULs
+    recs, torn = read_jsonl(path)
+    assert torn == 1 and len(recs) == 5
+
+
+def test_read_jsonl_raises_on_a_corrupt_middle_line(tmp_path: Path) -> None:
+    path = tmp_path / "r.jsonl"
+    lines = _write(path, 8).decode().splitlines()
+    for bad in (lines[4][:-7], "[1, 2]", "\x00\x00\x00"):
+        damaged = lines[:4] + [bad] + lines[5:]
+        path.write_text("\n".join(damaged) + "\n")
+        with pytest.raises(DataError, match="line 5"):
+            read_jsonl(path)
+    # a bad, newline-terminated last line without NULs is damage too, not a torn write
+    path.write_text("\n".join(lines[:-1] + [lines[-1][:-5]]) + "\n")
+    with pytest.raises(DataError, match="line 8"):
+        read_jsonl(path)
+    path.write_text("\n".join(lines[:3]) + "\n\n" + "\n".join(lines[3:]) + "\n")  # blank lines are harmless
+    assert read_jsonl(path) == ([json.loads(x) for x in lines], 0)
+    with pytest.raises(DataError, match="cannot read"):
+        read_jsonl(tmp_path / "missing.jsonl")
+
+
+# ------------------------------------------------------------------------------------------- video
+
+
+def _frames(n: int, h: int = 48, w: int = 64, gray: bool = False) -> List[np.ndarray]:
+    rng = np.random.default_rng(0)
+    shape = (h, w) if gray else (h, w, 3)
+    return [np.clip(rng.normal(140, 20, size=shape), 0, 255).astype(np.uint8) for _ in range(n)]
+
+
+def _read_video(path: Path) -> List[np.ndarray]:
+    cv2 = pytest.importorskip("cv2")
+    cap = cv2.VideoCapture(str(path))
+    assert cap.isOpened()
+    frames = []
+    while True:
+        ok, img = cap.read()
+        if not ok:
+            break
+        frames.append(img)
+    cap.release()
+    return frames
+
+
+@pytest.mark.parametrize("name", ["run.mp4", "run.avi"])
+def test_recorder_writes_a_readable_video_with_every_frame(tmp_path: Path, name: str) -> None:
+    pytest.importorskip("cv2")
+    path = tmp_path / "rec" / name
+    with VideoRecorderSink(path, fps=30, size=(64, 48)) as rec:
+        for i, img in enumerate(_frames(17)):
+            rec.write(_rec(i, ts=i / 30, abstain="low_confidence" if i % 5 == 0 else ""), image=img)
+    assert rec.written == 17 and rec.resized == 0
+    back = _read_video(path)
+    assert len(back) == 17 and back[0].shape == (48, 64, 3)
+    # the banner darkens the top rows (annotated), the rest keeps the frame's brightness
+    assert back[3][:3].mean() < 0.6 * back[3][20:].mean()
+
+
+def test_recorder_resizes_gray_and_odd_frames_and_counts_them(tmp_path: Path) -> None:
+    pytest.importorskip("cv2")
+    path = tmp_path / "r.avi"
+    rec = VideoRecorderSink(path, fps=12.5, size=(65, 49), annotate=False)
+    assert rec.size == (64, 48)  # even sizes for the encoder
+    for i, img in enumerate(_frames(4, 48, 64, gray=True) + _frames(3, 100, 80)):
+        rec.write(_rec(i), image=img)
+    rec.close()
+    rec.close()
+    assert rec.written == 7 and rec.resized == 3
+    back = _read_video(path)
+    assert len(back) == 7 and all(f.shape == (48, 64, 3) for f in back)
+    with pytest.raises(EdgeclfError, match="already closed"):
+        rec.write(_rec(0), image=_frames(1)[0])
+
+
+def test_recorder_errors_are_one_line(tmp_path: Path) -> None:
+    pytest.importorskip("cv2")
+    with pytest.raises(ConfigError, match=r"extension '\.gif'"):
+        VideoRecorderSink(tmp_path / "a.gif", 30, (64, 48))
+    with pytest.raises(ConfigError, match="frame rate"):
+        VideoRecorderSink(tmp_path / "a.mp4", 0, (64, 48))
+    with pytest.raises(ConfigError, match="size"):
+        VideoRecorderSink(tmp_path / "a.mp4", 30, (64,))  # type: ignore[arg-type]
+    (tmp_path / "d.mp4").mkdir()
+    with pytest.raises(ConfigError, match="could not open a writer"):
+        VideoRecorderSink(tmp_path / "d.mp4", 30, (64, 48))
+    with VideoRecorderSink(tmp_path / "ok.mp4", 30, (64, 48)) as rec, pytest.raises(TypeError, match="image="):
+        rec.write(_rec(0))
+
+
+# ------------------------------------------------------------------------------------------- summary
+
+
+def test_summary_counts_frames_time_and_abstains(tmp_path: Path) -> None:
+    out = tmp_path / "summary.json"
+    sink = SummarySink(out, labels=("normal", "cyst", "mass"))
+    labels = ["cyst"] * 20 + ["normal"] * 6 + [""] * 4
+    reasons = ["low_confidence"] * 3 + ["too_dark"]
+    recs = []
+    for i, lab in enumerate(labels):
+        r = _rec(i, lab or None, ts=1000 + i / 30, abstain="" if lab else reasons[i - 26])
+        recs.append(r)
+        sink.write(r)
+    sink.close()
+    s = sink.result
+    assert s is not None and sink.written == 30
+    assert s["frames"] == 30 and s["majority_label"] == "cyst"
+    assert s["label_frames"] == {"normal": 6, "cyst": 20, "mass": 0}
+    assert s["share_frames"]["cyst"] == pytest.approx(20 / 30, abs=1e-6)
+    assert s["abstained"] == 4 and s["abstain_rate"] == pytest.approx(4 / 30, abs=1e-6)
+    assert s["abstain_reasons"] == {"low_confidence": 3, "too_dark": 1}
+    assert s["duration_s"] == pytest.approx(1.0, abs=1e-6) and s["span_s"] == pytest.approx(29 / 30, abs=1e-6)
+    assert s["share_time"]["cyst"] == pytest.approx(20 / 30, abs=1e-6)
+    assert s["abstain_share_time"] == pytest.approx(4 / 30, abs=1e-6)
+    assert json.loads(out.read_text()) == s and not (tmp_path / "summary.json.tmp").exists()
+    assert summarize(recs, ("normal", "cyst", "mass")).to_dict() == s
+    sink.close()  # idempotent
+
+
+def test_summary_time_share_follows_timestamps_not_frame_counts() -> None:
+    # 10 frames of "normal" at 10 fps, then 20 of "cyst" at 100 fps: cyst has more frames, normal more time
+    recs = [_rec(i, "normal", ts=i * 0.1) for i in range(10)]
+    recs += [_rec(10 + i, "cyst", ts=1.0 + i * 0.01) for i in range(20)]
+    s = summarize(recs)
+    assert s.majority_label == "cyst" and s.share_frames["cyst"] == pytest.approx(2 / 3)
+    assert s.label_time_s is not None and s.share_time is not None
+    assert s.label_time_s["normal"] == pytest.approx(1.0) and s.share_time["normal"] > 0.8
+    assert s.duration_s == pytest.approx(1.0 + 19 * 0.01 + 0.01 * 1, abs=0.05)
+
+
+def test_summary_gaps_are_not_credited_to_a_label() -> None:
+    recs = [_rec(i, "normal", ts=i * 0.1) for i in range(5)] + [_rec(5 + i, "cyst", ts=10.0 + i * 0.1) for i in range(5)]
+    s = summarize(recs, max_gap_s=1.0)
+    assert s.gaps == 1 and s.gap_s == pytest.approx(9.6 - 0.1, abs=1e-6)
+    assert s.duration_s == pytest.approx(1.0) and s.span_s == pytest.approx(10.4)
+    assert s.share_time == {"normal": pytest.approx(0.5), "cyst": pytest.approx(0.5)}
+
+
+def test_summary_edge_cases() -> None:
+    one = summarize([_rec(0, "normal", ts=5.0)])  # a single X-ray image
+    assert one.frames == 1 and one.majority_label == "normal" and one.duration_s is None and one.share_time is None
+    empty = SummarySink().summary()
+    assert empty.frames == 0 and empty.majority_label is None and empty.abstain_rate == 0.0
+    all_abstain = summarize([_rec(i, ts=i, abstain="low_confidence") for i in range(3)])
+    assert all_abstain.majority_label is None and all_abstain.abstain_rate == 1.0
+    tie = summarize([_rec(0, "b", ts=0), _rec(1, "a", ts=1), _rec(2, "a", ts=1.5), _rec(3, "b", ts=2.5)])
+    assert tie.majority_label == "b"  # equal frames: more time wins
+    untimed = summarize([{"frame": 0, "label": "x", "abstain": False}, {"frame": 1, "abstain": False}])
+    assert untimed.untimed == 2 and untimed.unlabeled == 1 and untimed.duration_s is None
+    ml = summarize([{"frame": i, "timestamp": i, "label": None, "labels": ["a", "b"][: i % 3], "abstain": False}
+                    for i in range(6)])
+    assert ml.label_frames == {"a": 4, "b": 2} and ml.unlabeled == 0
+    with pytest.raises(ConfigError, match="max_gap_s"):
+        SummarySink(max_gap_s=0)
+
+
+# ------------------------------------------------------------------------------------------- stdout
+
+
+def test_stdout_one_short_line_per_result() -> None:
+    buf = io.StringIO()
+    sink = StdoutSink(buf)
+    sink.write(_rec(0, "cyst", ts=50.0, conf=0.93))
+    sink.write(_rec(1, ts=50.5, abstain="too_dark"))
+    lines = buf.getvalue().splitlines()
+    assert len(lines) == 2 and sink.written == 2 and sink.lines == 2
+    assert "cyst" in lines[0] and "93.0%" in lines[0] and "12.5 ms" in lines[0] and "0.00s" in lines[0]
+    assert "abstain (too_dark)" in lines[1] and "0.50s" in lines[1]
+    assert all(len(ln) < 80 for ln in lines)
+
+
+def test_stdout_defaults_to_sys_stdout_and_can_print_only_changes(capsys: pytest.CaptureFixture[str]) -> None:
+    sink = StdoutSink(only_changes=True)
+    for i, lab in enumerate(["a", "a", "a", "b", "b", "a"]):
+        sink.write(_rec(i, lab, ts=i))
+    out = capsys.readouterr().out.splitlines()
+    assert len(out) == 3 and sink.written == 6 and sink.lines == 3
+
+
+def test_stdout_closed_pipe_asks_to_stop() -> None:
+    class Closed(io.StringIO):
+        def write(self, s: str) -> int:
+            raise BrokenPipeError(32, "Broken pipe")
+
+    sink = StdoutSink(Closed())  # type: ignore[arg-type]
+    sink.write(_rec(0))
+    sink.write(_rec(1))
+    assert sink.stop_requested and sink.written == 2 and sink.lines == 0 and sink.lost == 2

@@ -1,0 +1,247 @@
+"""edgeclf.runtime.smoothing: outliers never flip the label, sustained changes show, the operating point holds."""
+
+from __future__ import annotations
+
+import math
+from typing import List, Optional
+
+import numpy as np
+import pytest
+
+from edgeclf.errors import ConfigError, DataError
+from edgeclf.runtime.postprocess import DecisionRule, decide
+from edgeclf.runtime.smoothing import CINE, SINGLE_IMAGE, CineSmoother, SmoothingConfig, max_outlier_lead
+
+LABELS = ("normal", "cyst", "mass")
+
+
+def _steady(rng: np.random.Generator, k: int, cls: int, n: int, lead: float = 0.0) -> np.ndarray:
+    """(n, k) noisy probability rows in which `cls` always wins by at least `lead`."""
+    rows = rng.dirichlet(np.ones(k), size=n)
+    top = rows.max(axis=1)
+    rows[np.arange(n), cls] = np.maximum(rows[np.arange(n), cls], top + lead)
+    return rows / rows.sum(axis=1, keepdims=True)
+
+
+def _run(sm: CineSmoother, rows: np.ndarray) -> List[Optional[str]]:
+    return [sm.update(r).shown_label for r in rows]
+
+
+def test_cine_defaults_reject_any_single_frame_outlier() -> None:
+    assert CINE.min_dwell_frames > max_outlier_lead(CINE.alpha, CINE.hysteresis)
+    assert max_outlier_lead(0.3, 0.1) == 4 and max_outlier_lead(1.0, 0.0) == 1 and max_outlier_lead(0.05, 0.1) == 0
+
+
+@pytest.mark.parametrize("seed", range(60))
+def test_single_frame_outliers_never_flip_the_shown_label(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    k = int(rng.integers(2, 5))
+    labels = [f"c{i}" for i in range(k)]
+    steady = int(rng.integers(k))
+    # barely winning steady frames (the worst case for an outlier), with a 1-frame outlier every 12-30 frames
+    rows = _steady(rng, k, steady, 400, lead=float(rng.choice([0.0, 0.01, 0.2])))
+    at = 0 if seed % 2 else int(rng.integers(1, 12))  # odd seeds: the very first frame is an outlier
+    n_out = 0
+    while at < len(rows):
+        other = int(rng.choice([i for i in range(k) if i != steady]))
+        rows[at] = np.eye(k)[other]  # the most extreme outlier: probability 1 for another class
+        n_out += 1
+        at += int(rng.integers(12, 31))
+    sm = CineSmoother(labels)
+    shown = _run(sm, rows)
+    assert n_out > 10
+    assert set(shown) <= {labels[steady], None}
+    assert shown[-1] == labels[steady] and sm.counts["label_changes"] == 0
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_binary_single_frame_outliers_never_cross_the_operating_point(seed: int) -> None:
+    rng = np.random.default_rng(1000 + seed)
+    t, h = float(rng.uniform(0.05, 0.95)), CINE.hysteresis
+    positive = bool(seed % 2)
+    lo, hi = (t + h * (1 - t), 1.0) if positive else (0.0, t * (1 - h))
+    p = rng.uniform(lo, hi, size=300)
+    at = int(rng.integers(0, 3))
+    while at < len(p):
+        p[at] = 0.0 if positive else 1.0
+        at += int(rng.integers(12, 31))
+    rule = DecisionRule("threshold", (t,), positive=1)
+    sm = CineSmoother(("normal", "abnormal"), rule=rule)
+    shown = _run(sm, np.stack([1 - p, p], axis=1))
+    want = "abnormal" if positive else "normal"
+    assert set(shown) <= {want, None} and shown[-1] == want
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_a_sustained_change_shows_within_the_alpha_and_dwell_bound(seed: int) -> None:
+    rng = np.random.default_rng(100 + seed)
+    a, b = (int(x) for x in rng.choice(3, size=2, replace=False))
+    pa = np.full(3, 0.05)
+    pa[a] = 0.9
+    pb = np.full(3, 0.05)
+    pb[b] = 0.9
+    cfg = CINE
+    sm = CineSmoother(LABELS, config=cfg)
+    for _ in range(30):
+        r = sm.update(pa)
+    assert r.shown_label == LABELS[a] and not r.abstain
+    # excess of b over a starts at 0.05 - 0.9 and moves toward 0.85 by (1 - alpha) per frame; it must reach the
+    # hysteresis, then lead for min_dwell_frames frames.
+    e_old, e_new = pa[b] - pa[a], pb[b] - pb[a]
+    cross = math.ceil(math.log((e_new - cfg.hysteresis) / (e_new - e_old)) / math.log(1 - cfg.alpha))
+    bound = cross + cfg.min_dwell_frames - 1
+    results = [sm.update(pb) for _ in range(bound + 5)]
+    first = next(i for i, r in enumerate(results) if r.shown_label == LABELS[b])
+    assert first <= bound and first >= cfg.min_dwell_frames - 1
+    assert results[first].changed and not any(r.changed for r in results[first + 1:])
+    assert all(r.shown_label == LABELS[a] for r in results[:first])
+
+
+def test_hysteresis_stops_oscillation_between_two_close_classes() -> None:
+    rng = np.random.default_rng(7)
+    # two classes within a few points of each other, the lead switching every frame or two
+    p = 0.5 + rng.choice([-1, 1], size=600) * rng.uniform(0.0, 0.04, size=600)
+    rows = np.stack([p, 1 - p], axis=1)
+    flicker = CineSmoother(("a", "b"), alpha=1.0, hysteresis=0.0, min_dwell_frames=1)
+    raw = _run(flicker, rows)
+    changes_raw = sum(x != y for x, y in zip(raw, raw[1:]))
+    assert changes_raw > 100  # per-frame decisions flicker
+    for kwargs in ({"alpha": 1.0, "min_dwell_frames": 1, "hysteresis": 0.1}, {}):
+        sm = CineSmoother(("a", "b"), **kwargs)  # type: ignore[arg-type]
+        shown = _run(sm, rows)
+        assert sm.counts["label_changes"] == 0
+        assert sum(x != y for x, y in zip(shown, shown[1:])) <= 1  # at most the first appearance
+
+
+def test_hysteresis_band_is_in_probability_units() -> None:
+    sm = CineSmoother(("a", "b"), alpha=1.0, hysteresis=0.1, min_dwell_frames=1)
+    assert sm.update([0.9, 0.1]).shown_label == "a"
+    assert sm.update([0.46, 0.54]).shown_label == "a"  # b leads by 0.08 < 0.1
+    assert sm.update([0.44, 0.56]).shown_label == "b"  # by 0.12
+    assert sm.update([0.54, 0.46]).shown_label == "b"
+
+
+def test_quality_failed_frames_abstain_with_the_gates_reason_and_leave_the_state() -> None:
+    sm = CineSmoother(LABELS, min_dwell_frames=2)
+    sm.update([0.8, 0.1, 0.1])
+    r = sm.update([0.8, 0.1, 0.1])
+    assert r.shown_label == "normal"
+    before = r.smoothed_probs
+    bad = sm.update([0.0, 0.0, 1.0], quality_ok=False, reasons=["too_dark", "frozen"])
+    assert bad.abstain and bad.shown_label is None and bad.abstain_reason == "too_dark,frozen" and bad.changed
+    np.testing.assert_array_equal(bad.smoothed_probs, before)
+    assert sm.update([0, 0, 1], quality_ok=False, reasons="blank").abstain_reason == "blank"
+    assert sm.update(None, quality_ok=False).abstain_reason == "quality"  # inference skipped on a bad frame
+    back = sm.update([0.8, 0.1, 0.1])
+    assert back.shown_label == "normal" and back.changed and not back.abstain
+    np.testing.assert_allclose(back.smoothed_probs, 0.3 * np.array([0.8, 0.1, 0.1]) + 0.7 * before)
+    assert sm.counts["quality_failed"] == 3 and sm.counts["frames"] == 6
+
+
+def test_binary_shows_the_operating_point_not_argmax() -> None:
+    rule = DecisionRule("threshold", (0.2,), positive=1)
+    sm = CineSmoother(("normal", "abnormal"), rule=rule, config=SINGLE_IMAGE)
+    r = sm.update([0.7, 0.3])  # argmax says normal; the clinical operating point says abnormal
+    assert r.shown_label == "abnormal" and r.shown_confidence == pytest.approx(0.3)
+    assert sm.update([0.85, 0.15]).shown_label == "normal"
+    # cine: the smoothed probability crosses 0.2 + 0.1 * 0.8 = 0.28 to turn positive, < 0.18 to turn back
+    cine = CineSmoother(("normal", "abnormal"), rule=rule, alpha=1.0, min_dwell_frames=1, hysteresis=0.1)
+    assert [cine.update([1 - p, p]).shown_label for p in (0.1, 0.25, 0.27, 0.29, 0.19, 0.181, 0.179)] == [
+        "normal", "normal", "normal", "abnormal", "abnormal", "abnormal", "normal"]
+    # positive = 0 flips the roles
+    rule0 = DecisionRule("threshold", (0.2,), positive=0)
+    assert CineSmoother(("a", "b"), rule=rule0, config=SINGLE_IMAGE).update([0.25, 0.75]).shown_label == "a"
+
+
+def test_single_image_preset_equals_decide_per_image() -> None:
+    rng = np.random.default_rng(3)
+    th = (0.5, 0.3, 0.2)
+    rule = DecisionRule("max-ratio", th)
+    probs = rng.dirichlet(np.ones(3), size=300)
+    sm = CineSmoother(LABELS, rule=rule, config=SINGLE_IMAGE)
+    shown = [sm.update(p).shown_label for p in probs]
+    assert shown == [LABELS[i] for i in decide(probs, rule)]
+    brule = DecisionRule("threshold", (0.35,), positive=1)
+    pb = rng.uniform(size=300)
+    rows = np.stack([1 - pb, pb], axis=1)
+    bs = CineSmoother(("n", "p"), rule=brule, config=SINGLE_IMAGE)
+    assert [bs.update(r).shown_label for r in rows] == [("n", "p")[i] for i in decide(rows, brule)]
+
+
+def test_max_ratio_thresholds_pick_the_candidate() -> None:
+    rule = DecisionRule("max-ratio", (0.6, 0.2, 0.2))
+    sm = CineSmoother(LABELS, rule=rule, config=SINGLE_IMAGE)
+    assert sm.update([0.5, 0.3, 0.2]).shown_label == "cyst"  # 0.5/0.6 < 0.3/0.2
+
+
+def test_low_confidence_and_settling() -> None:
+    sm = CineSmoother(LABELS, min_confidence=0.6, min_dwell_frames=3)
+    r = sm.update([0.9, 0.05, 0.05])  # the average starts at the neutral point: 0.3 * 0.9 + 0.7 / 3 = 0.503
+    np.testing.assert_allclose(r.smoothed_probs, 0.3 * np.array([0.9, 0.05, 0.05]) + 0.7 / 3)
+    assert r.abstain and r.abstain_reason == "low_confidence" and r.shown_label is None and not r.changed
+    r = sm.update([0.9, 0.05, 0.05])
+    assert r.abstain and r.abstain_reason == "settling" and not r.changed
+    r = sm.update([0.9, 0.05, 0.05])
+    assert r.shown_label == "normal" and r.changed and r.shown_confidence == pytest.approx(0.9 - 0.7**3 * (0.9 - 1 / 3))
+    for _ in range(10):
+        r = sm.update([0.4, 0.35, 0.25])
+    assert r.abstain and r.abstain_reason == "low_confidence" and sm.committed_label == "normal"
+    assert sm.counts["settling"] == 1 and sm.counts["low_confidence"] >= 2
+
+
+def test_reset_forgets_everything() -> None:
+    sm = CineSmoother(LABELS, min_dwell_frames=2)
+    for _ in range(5):
+        sm.update([0.1, 0.8, 0.1])
+    assert sm.committed_label == "cyst"
+    sm.reset()
+    assert sm.committed_label is None and sm.counts["resets"] == 1
+    r = sm.update([0.8, 0.1, 0.1])
+    assert r.abstain_reason == "settling" and r.changed  # the display went from cyst to nothing
+    np.testing.assert_allclose(r.smoothed_probs, 0.3 * np.array([0.8, 0.1, 0.1]) + 0.7 / 3)  # no old average
+    assert sm.update([0.8, 0.1, 0.1]).shown_label == "normal"
+
+
+def test_record_fields_are_json_ready() -> None:
+    sm = CineSmoother(LABELS, config=SINGLE_IMAGE)
+    f = sm.record_fields(sm.update(np.array([[0.7, 0.2, 0.1]], np.float32)))
+    assert f["label"] == "normal" and f["abstain"] is False and "abstain_reason" not in f
+    assert f["confidence"] == pytest.approx(0.7) and set(f["smoothed_probs"]) == set(LABELS)
+
+
+def test_for_fps_scales_with_the_frame_rate_and_stays_outlier_safe() -> None:
+    for fps in (10, 15, 25, 30, 60):
+        cfg = SmoothingConfig.for_fps(fps)
+        assert cfg.min_dwell_frames > max_outlier_lead(cfg.alpha, cfg.hysteresis)
+    assert SmoothingConfig.for_fps(30).alpha < SmoothingConfig.for_fps(15).alpha
+    assert SmoothingConfig.for_fps(30, time_constant_s=0, dwell_s=0, hysteresis=0.0) == SINGLE_IMAGE
+
+
+@pytest.mark.parametrize(
+    "kwargs, key",
+    [({"alpha": 0.0}, "alpha"), ({"alpha": 1.5}, "alpha"), ({"hysteresis": 1.0}, "hysteresis"),
+     ({"min_dwell_frames": 0}, "min_dwell_frames"), ({"min_dwell_frames": 2.5}, "min_dwell_frames"),
+     ({"min_confidence": -0.1}, "min_confidence"), ({"alpha": True}, "alpha")],
+)
+def test_bad_settings_name_the_key(kwargs: dict, key: str) -> None:  # type: ignore[type-arg]
+    with pytest.raises(ConfigError, match=f"smoothing.{key}"):
+        CineSmoother(LABELS, **kwargs)
+
+
+def test_bad_inputs_are_one_line_errors() -> None:
+    with pytest.raises(ConfigError, match="multilabel"):
+        CineSmoother(LABELS, rule=DecisionRule("multilabel", (0.5, 0.5, 0.5)))
+    with pytest.raises(ConfigError, match="2 labels"):
+        CineSmoother(LABELS, rule=DecisionRule("threshold", (0.5,), positive=1))
+    with pytest.raises(ConfigError, match="thresholds"):
+        CineSmoother(LABELS, rule=DecisionRule("max-ratio", (0.5, 0.5)))
+    sm = CineSmoother(LABELS)
+    with pytest.raises(DataError, match=r"shape \(3,\)"):
+        sm.update([0.5, 0.5])
+    with pytest.raises(DataError, match="not logits"):
+        sm.update([2.0, -1.0, 0.5])
+    with pytest.raises(DataError):
+        sm.update([float("nan"), 0.5, 0.5])
+    with pytest.raises(DataError, match="no probabilities"):
+        sm.update(None)
+    assert sm.counts["frames"] == 0
