@@ -1,0 +1,245 @@
+"""Per-frame quality gate for ultrasound streams: frozen, blank, saturated and empty-sector frames.
+
+:class:`QualityGate` looks at every 4th pixel of every 4th row of a gray frame (160x120 of a 640x480
+frame, a strided view) inside the sector mask when one is given, and returns a
+:class:`QualityResult`: ``ok`` and the ``reasons`` a frame should not be classified, with the
+``figures`` behind them. It costs a few tens of microseconds per frame.
+
+Reasons (QUALITY_REASONS) and the default thresholds, calibrated on the 91 POCUS clips in
+``../shared/data/pocus`` (gray levels 0-255, on the sector):
+
+* ``"blank"``: the image is black: mean <= 10 and 99th percentile <= 40 (a frozen-to-black output,
+  a fade-in). Real clips reach these only on black frames.
+* ``"saturated"``: >= 20% of the pixels at >= 250 (gain far too high). Real clips stay below 2%.
+* ``"empty"`` (probe lifted, lost contact): not blank, but >= 90% of the pixels at <= 12, or the mean
+  absolute difference of horizontal neighbours ("texture") <= 1.0, or below 0.3x the median texture
+  of the last 32 accepted frames (refreshed every 8). Live speckle has a texture of 2-13 on these
+  clips and never fell below 0.37x its running median.
+* ``"frozen"``: the mean absolute difference to the previous frame stays <= 0.25 for >= 15
+  consecutive frames (not reported for blank frames). Re-encoded clips repeat frames: near-identical
+  runs (difference 0-0.1) of up to 9 frames occur in the 60 fps ``Cov_denault`` clips and up to 4 in
+  the ``prospective`` ones; new frames of slow, live clips differ by >= 0.2 (1st percentile ~0.3).
+  The GIF clips repeat no frame (their dithering alone changes >= 0.5 per frame).
+
+Pass the sector mask (see :mod:`edgeclf.runtime.sector`): without one the whole frame is used, and
+the black screen around a fan makes "empty" fire on a normal image.
+
+Python 3.8 compatible, numpy at import time, OpenCV inside the functions that use it, never torch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Deque, Dict, Mapping, Optional, Tuple
+
+import numpy as np
+from numpy.typing import NDArray
+
+from edgeclf.errors import ConfigError, DataError
+from edgeclf.runtime import _cv
+
+__all__ = ["QUALITY_REASONS", "QualityConfig", "QualityGate", "QualityResult"]
+
+logger = logging.getLogger(__name__)
+
+QUALITY_REASONS: Tuple[str, ...] = ("blank", "saturated", "empty", "frozen")
+_STEP = 4  # subsampling: every _STEP-th pixel of every _STEP-th row
+_BASELINE_FRAMES = 32
+_BASELINE_MIN = 8
+
+
+@dataclass(frozen=True)
+class QualityConfig:
+    """Thresholds of the quality gate (see the module docstring for how they were chosen)."""
+
+    frozen_frames: int = 15
+    frozen_diff: float = 0.25
+    blank_mean: float = 10.0
+    blank_p99: float = 40.0
+    saturated_level: int = 250
+    saturated_share: float = 0.20
+    dark_level: int = 12
+    empty_dark_share: float = 0.90
+    empty_texture: float = 1.0
+    empty_ratio: float = 0.30
+
+    def __post_init__(self) -> None:
+        def bad(name: str, allowed: str, example: str) -> ConfigError:
+            return ConfigError(f"quality.{name} is {getattr(self, name)!r}; allowed: {allowed}, e.g. {example}")
+
+        def num(name: str) -> float:
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)):
+                raise bad(name, "a number", str(getattr(QualityConfig, name)))
+            return float(v)
+
+        f = self.frozen_frames
+        if isinstance(f, bool) or not isinstance(f, (int, np.integer)) or not 1 <= int(f) <= 100_000:
+            raise bad("frozen_frames", "an int from 1 to 100000 (frames)", "15")
+        if not 0.0 <= num("frozen_diff") <= 255.0:
+            raise bad("frozen_diff", "a gray-level difference from 0 to 255", "0.25")
+        for name in ("blank_mean", "blank_p99"):
+            if not 0.0 <= num(name) <= 255.0:
+                raise bad(name, "a gray level from 0 to 255", str(getattr(QualityConfig, name)))
+        for name in ("saturated_level", "dark_level"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or not 0 <= int(v) <= 255:
+                raise bad(name, "an int gray level from 0 to 255", str(getattr(QualityConfig, name)))
+        for name in ("saturated_share", "empty_dark_share", "empty_ratio"):
+            if not 0.0 < num(name) <= 1.0:
+                raise bad(name, "a share in (0, 1]", str(getattr(QualityConfig, name)))
+        if not 0.0 <= num("empty_texture") <= 255.0:
+            raise bad("empty_texture", "a gray-level difference from 0 to 255", "1.0")
+
+    def to_dict(self) -> Dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> QualityConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ConfigError(f"quality has unknown field(s) {sorted(unknown)}; allowed: {sorted(known)}")
+        return cls(**dict(d))
+
+
+@dataclass(frozen=True)
+class QualityResult:
+    """``ok`` iff ``reasons`` is empty; ``reasons`` ordered as QUALITY_REASONS.
+
+    ``figures``: mean, p99 (computed only when the mean is <= blank_mean, else -1), saturated
+    (share), dark (share), texture, diff (to the previous frame; -1 for the first), frozen_run
+    (consecutive near-identical frames), baseline (running texture median; -1 until known).
+    """
+
+    ok: bool
+    reasons: Tuple[str, ...]
+    figures: Dict[str, float] = field(default_factory=dict)
+
+
+class QualityGate:
+    """Check frames one by one; keeps the previous frame and a texture baseline (one gate per stream).
+
+    ``check(gray, sector_mask)``: `gray` (H, W) uint8 (an (H, W, 3) RGB frame is converted after
+    subsampling); `sector_mask` (H, W) bool/uint8 or None for the whole frame. The mask is subsampled
+    once and cached while the same array object is passed.
+    """
+
+    def __init__(self, **thresholds: Any) -> None:
+        known = [f.name for f in dataclasses.fields(QualityConfig)]
+        unknown = sorted(set(thresholds) - set(known))
+        if unknown:
+            raise ConfigError(f"unknown quality threshold(s) {unknown}; allowed: {known}")
+        self.config = QualityConfig(**thresholds)
+        self._cv2: Any = _cv.cv2()  # once: the import helper touches os.environ on every call
+        self._clear()
+
+    @classmethod
+    def from_config(cls, config: QualityConfig) -> QualityGate:
+        return cls(**config.to_dict())
+
+    def _clear(self) -> None:
+        self._prev: Optional[NDArray[np.uint8]] = None
+        self._mask_src: Optional[NDArray[Any]] = None
+        self._mask: Optional[NDArray[np.uint8]] = None  # subsampled, 0/255
+        self._pairs: Optional[NDArray[np.uint8]] = None  # horizontal neighbours both inside
+        self._count = 1.0  # pixels in the subsampled mask
+        self._shape: Tuple[int, int] = (0, 0)
+        self._run = 0
+        self._textures: Deque[float] = deque(maxlen=_BASELINE_FRAMES)
+        self._baseline = -1.0  # median of _textures, refreshed every _BASELINE_MIN accepted frames
+        self._fresh = 0
+        self._counts: Dict[str, int] = {"frames": 0, "flagged": 0}
+        self._counts.update({r: 0 for r in QUALITY_REASONS})
+
+    def reset(self) -> None:
+        """Forget the previous frame and the baseline (a new stream or a new sector)."""
+        self._clear()
+
+    @property
+    def stats(self) -> Dict[str, int]:
+        """Frames checked, frames flagged, and frames per reason."""
+        return dict(self._counts)
+
+    def _masks(
+        self, sector_mask: Optional[NDArray[Any]], small_shape: Tuple[int, int], full: Tuple[int, int]
+    ) -> Tuple[NDArray[np.uint8], NDArray[np.uint8]]:
+        if sector_mask is not None and sector_mask.shape != full:
+            raise DataError(
+                f"sector mask of shape {sector_mask.shape} does not match the {full[1]}x{full[0]} frame; "
+                "pass the mask of the sector detected on this stream"
+            )
+        if self._mask is not None and self._pairs is not None and sector_mask is self._mask_src and self._shape == small_shape:
+            return self._mask, self._pairs
+        cv2 = self._cv2
+        if sector_mask is None:
+            m = np.full(small_shape, 255, np.uint8)
+        else:
+            m = np.ascontiguousarray(sector_mask[_STEP // 2 :: _STEP, _STEP // 2 :: _STEP] > 0).astype(np.uint8) * np.uint8(255)
+        if not m[:, 1:].any() or not np.any(m[:, 1:] & m[:, :-1]):
+            raise DataError("sector mask is empty (or thinner than 8 px); pass None to check the whole frame")
+        pairs: NDArray[np.uint8] = cv2.bitwise_and(m[:, 1:], m[:, :-1])
+        self._mask_src, self._mask, self._pairs, self._shape = sector_mask, m, pairs, small_shape
+        self._count = float(np.count_nonzero(m))
+        if self._prev is not None and self._prev.shape != small_shape:
+            self._prev = None
+        return m, pairs
+
+    def check(self, gray: NDArray[Any], sector_mask: Optional[NDArray[Any]] = None) -> QualityResult:
+        """Check one frame; see QualityResult."""
+        cv2 = self._cv2
+        cfg = self.config
+        if gray.dtype != np.uint8 or gray.ndim not in (2, 3):
+            raise DataError(f"frame of shape {gray.shape} and dtype {gray.dtype} is not supported; expected (H, W) uint8")
+        sub = gray[_STEP // 2 :: _STEP, _STEP // 2 :: _STEP]
+        if sub.ndim == 3:
+            sub = cv2.cvtColor(np.ascontiguousarray(sub[:, :, :3]), cv2.COLOR_RGB2GRAY) if sub.shape[2] >= 3 else sub[:, :, 0]
+        small: NDArray[np.uint8] = np.ascontiguousarray(sub)
+        mask, pairs = self._masks(sector_mask, (small.shape[0], small.shape[1]), (gray.shape[0], gray.shape[1]))
+
+        n = self._count
+        mean = float(cv2.mean(small, mask=mask)[0])
+        dark = cv2.countNonZero(cv2.bitwise_and(cv2.compare(small, cfg.dark_level, cv2.CMP_LE), mask)) / n
+        saturated = cv2.countNonZero(cv2.bitwise_and(cv2.compare(small, cfg.saturated_level, cv2.CMP_GE), mask)) / n
+        # The 99th percentile only matters for "blank", which needs a dark mean: skip it otherwise.
+        p99 = float(np.percentile(small[mask > 0], 99)) if mean <= cfg.blank_mean else -1.0
+        texture = float(cv2.mean(cv2.absdiff(small[:, 1:], small[:, :-1]), mask=pairs)[0])
+        if self._prev is None:
+            diff = -1.0
+            self._run = 0
+        else:
+            diff = float(cv2.mean(cv2.absdiff(small, self._prev), mask=mask)[0])
+            self._run = self._run + 1 if diff <= cfg.frozen_diff else 0
+        self._prev = small
+        baseline = self._baseline
+
+        blank = mean <= cfg.blank_mean and 0.0 <= p99 <= cfg.blank_p99
+        sat = saturated >= cfg.saturated_share
+        empty = not blank and not sat and (
+            dark >= cfg.empty_dark_share
+            or texture <= cfg.empty_texture
+            or (baseline > 0 and texture <= cfg.empty_ratio * baseline)
+        )
+        frozen = not blank and self._run >= cfg.frozen_frames
+        reasons = tuple(r for r, hit in zip(QUALITY_REASONS, (blank, sat, empty, frozen)) if hit)
+        if not reasons:
+            self._textures.append(texture)
+            self._fresh += 1
+            if self._fresh >= _BASELINE_MIN:  # a median every few frames keeps the check cheap
+                self._baseline = float(np.median(np.asarray(self._textures)))
+                self._fresh = 0
+        self._counts["frames"] += 1
+        if reasons:
+            self._counts["flagged"] += 1
+            for r in reasons:
+                self._counts[r] += 1
+        figures = {
+            "mean": mean, "p99": p99, "saturated": saturated, "dark": dark, "texture": texture,
+            "diff": diff, "frozen_run": float(self._run), "baseline": baseline,
+        }  # fmt: skip
+        if reasons:
+            logger.debug("frame flagged %s: %s", reasons, figures)
+        return QualityResult(not reasons, reasons, figures)

@@ -1,0 +1,158 @@
+"""edgeclf.runtime.quality: injected faults on a synthetic cine, and flag rates on the real POCUS clips."""
+
+from __future__ import annotations
+
+import csv
+import os
+from collections import Counter
+from typing import Dict, List, Optional
+
+import numpy as np
+import pytest
+
+cv2 = pytest.importorskip("cv2", reason="OpenCV (the 'cv' extra) is needed for the quality gate")
+
+from edgeclf.errors import ConfigError, DataError  # noqa: E402
+from edgeclf.runtime.quality import QUALITY_REASONS, QualityConfig, QualityGate  # noqa: E402
+from edgeclf.runtime.sector import SectorDetector  # noqa: E402
+from edgeclf.runtime.sources import open_source  # noqa: E402
+from edgeclf.runtime.synthetic import UltrasoundCine  # noqa: E402
+from tests.conftest import shared  # noqa: E402
+
+FROZEN = 15  # QualityConfig().frozen_frames
+
+
+def _inject(cine: UltrasoundCine) -> List[tuple]:
+    """(frame, expected reason or None) over the cine, with faults injected inside the fan."""
+    fan = cine._probe.fan  # the renderer's field of view
+    near = fan & (np.arange(cine.size)[:, None] < cine._probe.ay + cine._probe.r0 + 0.08 * cine.size)
+    frames = [cine.frame(i) for i in range(len(cine))]
+    out = []
+    for i, f in enumerate(frames):
+        f = f.copy()
+        want: Optional[str] = None
+        if 60 <= i < 85:  # the scanner froze: frame 60 repeated (the frame counter too)
+            f = frames[60].copy()
+            want = "frozen" if i - 60 >= FROZEN else None
+        elif 100 <= i < 106:  # black image, UI still drawn
+            f[fan] = 0
+            want = "blank"
+        elif 120 <= i < 126:  # gain far too high
+            f[fan] = np.clip(f[fan].astype(np.int32) * 6, 0, 255).astype(np.uint8)
+            want = "saturated"
+        elif 140 <= i < 150:  # probe lifted: near-field ring-down, faint noise, nothing else
+            rng = np.random.default_rng(i)
+            f[fan] = np.clip(rng.normal(3.0, 2.0, int(fan.sum())), 0, 255).astype(np.uint8)
+            f[near] = np.clip(rng.normal(110.0, 25.0, int(near.sum())), 0, 255).astype(np.uint8)
+            want = "empty"
+        out.append((f, want))
+    return out
+
+
+@pytest.mark.parametrize("seed", [3, 8])
+def test_injected_faults_are_flagged_with_the_right_reason(seed: int) -> None:
+    det = SectorDetector(warmup=8, recheck_every=30)
+    gate = QualityGate()
+    got: Dict[Optional[str], Counter] = {}
+    for f, want in _inject(UltrasoundCine(size=256, seed=seed)):
+        sector = det.update(f)
+        if not sector.locked:
+            continue
+        q = gate.check(f, sector.mask)
+        assert q.ok == (not q.reasons)
+        got.setdefault(want, Counter())[q.reasons] += 1
+        if want is None:
+            assert q.ok, f"a normal frame was flagged {q.reasons}: {q.figures}"
+        else:
+            assert q.reasons == (want,), f"expected ({want!r},), got {q.reasons}: {q.figures}"
+    assert got["frozen"][("frozen",)] == 25 - FROZEN
+    assert sum(got[None].values()) > 150
+    assert det.redetections == 0  # faults inside the fan are not a layout change
+    st = gate.stats
+    assert st["blank"] == 6 and st["saturated"] == 6 and st["empty"] == 10 and st["frozen"] == 10
+
+
+def test_frozen_needs_a_run_and_ends_with_a_new_frame() -> None:
+    cine = UltrasoundCine(size=128, seed=1, loop=True)
+    gate = QualityGate(frozen_frames=4)
+    mask = cine._probe.fan
+    f0 = cine.frame(0)
+    runs = [gate.check(f0, mask) for _ in range(7)]
+    assert [r.reasons for r in runs] == [()] * 4 + [("frozen",)] * 3
+    assert runs[-1].figures["frozen_run"] == 6 and runs[0].figures["diff"] == -1
+    nxt = gate.check(cine.frame(1), mask)
+    assert nxt.ok and nxt.figures["frozen_run"] == 0 and nxt.figures["diff"] > 0.25
+    # A black frame repeated is blank, not frozen.
+    black = np.zeros_like(f0)
+    assert all(gate.check(black, mask).reasons == ("blank",) for _ in range(8))
+
+
+def test_whole_frame_without_mask_and_rgb() -> None:
+    cine = UltrasoundCine(size=128, seed=2)
+    gate = QualityGate()
+    full = cine.frame(0)[30:90, 34:94]  # speckle everywhere: no mask needed
+    q = gate.check(np.ascontiguousarray(full))
+    assert q.ok and q.figures["texture"] > 2
+    rgb = cv2.cvtColor(cine.frame(1), cv2.COLOR_GRAY2RGB)
+    assert QualityGate().check(rgb, cine._probe.fan).ok
+    with pytest.raises(DataError, match="does not match"):
+        gate.check(cine.frame(0), np.ones((10, 10), bool))
+    with pytest.raises(DataError, match="empty"):
+        QualityGate().check(cine.frame(0), np.zeros((128, 128), bool))
+    with pytest.raises(DataError, match="not supported"):
+        gate.check(np.zeros((8, 8), np.float32))
+
+
+def test_config() -> None:
+    assert QualityGate().config == QualityConfig()
+    with pytest.raises(ConfigError, match="quality.frozen_frames"):
+        QualityGate(frozen_frames=0)
+    with pytest.raises(ConfigError, match="quality.saturated_share"):
+        QualityConfig(saturated_share=1.5)
+    with pytest.raises(ConfigError, match="unknown"):
+        QualityGate(frozen_seconds=1.0)
+    with pytest.raises(ConfigError, match="unknown"):
+        QualityConfig.from_dict({"blank": 3})
+    cfg = QualityConfig.from_dict({"frozen_frames": 30, "empty_ratio": 0.2})
+    assert QualityGate.from_config(cfg).config == cfg
+    assert set(QUALITY_REASONS) == {"blank", "saturated", "empty", "frozen"}
+
+
+# ----------------------------------------------------------------------------------------- real data
+
+# Clips whose flagged frames were looked at one by one: genuinely no image in the sector.
+KNOWN_EMPTY = {
+    # Frames 11-18: only the near field and a faint strip at the bottom; the probe is off the skin.
+    "bacterial_pneumonia/Pneu_northumbria_0409_set2_vid2.avi": 0.12,
+}
+
+
+@pytest.mark.shared_data
+@pytest.mark.slow
+def test_real_clips_are_mostly_not_flagged() -> None:
+    root = shared("pocus")
+    with open(root / "clips.csv", newline="", encoding="utf-8") as fh:
+        clips = [row["file"] for row in csv.DictReader(fh)]
+    reasons: Counter = Counter()
+    total = flagged_total = 0
+    rates = {}
+    for clip in clips:
+        det, gate = SectorDetector(warmup=8, recheck_every=30), QualityGate()
+        n = flagged = 0
+        with open_source(os.path.join(str(root), clip)) as src:
+            for frame in src:
+                gray = cv2.cvtColor(frame.image, cv2.COLOR_RGB2GRAY)
+                sector = det.update(gray)
+                if not sector.locked:
+                    continue  # the gate runs on the locked sector (after the warm-up)
+                q = gate.check(gray, sector.mask)
+                n += 1
+                flagged += not q.ok
+                reasons.update(q.reasons)
+        rates[clip] = flagged / max(1, n)
+        total, flagged_total = total + n, flagged_total + flagged
+    bad = {c: round(r, 3) for c, r in rates.items() if r >= KNOWN_EMPTY.get(c, 0.05)}
+    assert not bad, f"clips flagged too often: {bad}"
+    # No real clip is frozen (the GIFs repeat no frame; re-encoded clips repeat at most 9) or saturated.
+    assert reasons["frozen"] == 0 and reasons["saturated"] == 0, reasons
+    assert flagged_total / total < 0.005, (flagged_total, total, reasons)
