@@ -233,7 +233,9 @@ def prune(model: str, out: str, target_macs: float, steps: int, finetune_epochs:
 
 @cli.command()
 @click.option("--bundle", required=True, help="Bundle folder.")
-@click.option("--source", required=True, help="Video file, image folder or glob, camera index or /dev/videoN, synthetic:ultrasound.")
+@click.option("--source", required=True,
+              help="Video file, image folder or glob, watch:DIR, DICOM file or folder, camera index or /dev/videoN, "
+                   "rtsp:// or http(s):// stream, GStreamer pipeline, synthetic:ultrasound.")
 @click.option("--out", default=None, help="Results as JSON lines (one per frame).")
 @click.option("--max-frames", type=click.IntRange(min=1), default=None, help="Stop after this many frames.")
 @click.option("--min-confidence", type=click.FloatRange(0, 1, max_open=True), default=None,
@@ -242,13 +244,28 @@ def prune(model: str, out: str, target_macs: float, steps: int, finetune_epochs:
 @click.option("--precision", type=click.Choice(["fp32", "fp16", "int8"]), default=None,
               help="Which model of the bundle to run [default: the bundle's deploy choice].")
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="Inference threads [default: the cores available].")
+@click.option("--realtime", is_flag=True, help="Files: pace to the file's frame rate, dropping (and counting) late frames.")
+@click.option("--roi", default="none", show_default=True,
+              help="none, sector (ultrasound: detect and lock the fan, mask what is outside) or x0,y0,x1,y1.")
+@click.option("--smoothing", type=click.Choice(["auto", "cine", "off"]), default="auto", show_default=True,
+              help="cine: smoothed label with hysteresis and minimum dwell; auto: cine for video-like sources.")
+@click.option("--no-quality", is_flag=True, help="Skip the per-frame quality gate (frozen, dark, saturated, empty sector).")
+@click.option("--record", default=None, help="Write an annotated video (.mp4 mp4v or .avi MJPG).")
+@click.option("--show", is_flag=True, help="Live overlay window (needs a display and a GUI-capable OpenCV).")
+@click.option("--summary", "summary_path", default=None, help="Write the clip-level summary as JSON.")
+@click.option("--fsync-every", type=click.FloatRange(min=0), default=1.0, show_default=True,
+              help="Seconds between fsyncs of --out (0: every line); lines are flushed whole either way.")
 @json_option
-def run(bundle: str, source: str, out, max_frames, min_confidence, backend, precision, threads, as_json: bool) -> None:
+def run(bundle: str, source: str, out, max_frames, min_confidence, backend, precision, threads, realtime, roi, smoothing,
+        no_quality, record, show, summary_path, fsync_every, as_json: bool) -> None:
     """Classify frames from a source with a verified bundle; one JSON line per frame."""
     from edgeclf.runtime.app import run_bundle
+    from edgeclf.runtime.pipeline import RunOptions
 
+    opts = RunOptions(min_confidence=min_confidence, smoothing=smoothing, roi=roi, quality=not no_quality)
     summary = run_bundle(bundle, source, out=out, max_frames=max_frames, backend=backend, threads=threads,
-                         min_confidence=min_confidence, precision=precision)
+                         precision=precision, options=opts, realtime=realtime, record=record, show=show,
+                         summary_path=summary_path, fsync_every=fsync_every)
     _emit(as_json, summary, _print_run)
 
 
@@ -367,7 +384,9 @@ def _print_demo(r: dict[str, Any]) -> None:
     click.echo()
     rows = [[i + 1, f"{s['start']}-{s['end'] - 1}", s["label"], s["majority"], f"{s['agreement']:.3f}"] for i, s in enumerate(c["segments"])]
     click.echo(_table(["segment", "frames", "truth", "majority", "agreement"], rows,
-                      f"cine loop through OpenCV: {c['frames_predicted']} of {c['frames_in_timeline']} frames, agreement {c['agreement']:.3f}"))
+                      f"cine loop through OpenCV: {c['frames_predicted']} of {c['frames_in_timeline']} frames, per-frame agreement "
+                      f"{c['agreement']:.3f}; smoothed shown label {c.get('shown_label_agreement', float('nan')):.3f} "
+                      f"({c.get('abstained', 0)} frames settling or abstained)"))
     click.echo()
     rows = [[k, f"{v['median']:.2f}", f"{v['p90']:.2f}"] for k, v in r["runtime"]["stages_ms"].items()]
     click.echo(_table(["stage", "median ms", "p90 ms"], rows, f"runtime latency per stage ({r['runtime']['fps']} fps end to end)"))
@@ -402,6 +421,17 @@ def _print_run(s: dict[str, Any]) -> None:
     title = f"{s['frames']} frames in {s['wall_s']} s ({s['fps']} fps), {s['written']} results written, {s['abstained']} abstained"
     click.echo(_table(["stage", "median ms", "p90 ms", "p99 ms", "max ms"], rows, title))
     click.echo("labels: " + ", ".join(f"{k} {v}" for k, v in sorted(s["label_counts"].items())))
+    if s.get("abstain_reasons"):
+        click.echo("abstained because: " + ", ".join(f"{k} {v}" for k, v in sorted(s["abstain_reasons"].items())))
+    clip = s.get("clip") or {}
+    if clip.get("majority_label") is not None:
+        click.echo(f"clip: majority {clip['majority_label']}, abstain rate {clip.get('abstain_rate', 0):.3f}")
+    src = s.get("source_stats") or {}
+    lost = {k: v for k, v in src.items() if k in ("dropped", "skipped", "reconnects", "timeouts") and v}
+    if lost:
+        click.echo("source: " + ", ".join(f"{k} {v}" for k, v in lost.items()))
+    if s.get("stopped_by"):
+        click.echo(f"stopped by {s['stopped_by']}; everything before it was written")
 
 
 def _print_info(m: dict[str, Any]) -> None:

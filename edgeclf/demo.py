@@ -102,8 +102,13 @@ def run_demo(out: str = "edgeclf-demo", *, seed: int = 0, on_epoch: Callable[[di
     sink = ListSink()
     summary = run_bundle(str(bundle_dir), str(cine), out=str(o / "results.jsonl"), extra_sinks=[sink])
     steps["run_s"] = time.perf_counter() - t
-    predicted = [r["label"] for r in sink.records]
+    # Each frame's own decision is what is compared with the truth; the shown (smoothed) label lags
+    # a change by design, so its agreement is reported beside it.
+    predicted = [r["frame_label"] for r in sink.records]
     agreement = timeline_agreement(predicted, timeline)
+    shown = timeline_agreement([r["label"] or "(abstain)" for r in sink.records], timeline)
+    agreement["shown_label_agreement"] = shown["agreement"]
+    agreement["abstained"] = sum(1 for r in sink.records if r["abstain"])
     _plot_timeline(predicted, timeline, list(ULTRASOUND_CLASSES), o / "timeline.png")
 
     per_class = {k: v["sensitivity"] for k, v in test_eval["metrics"]["per_class"].items()}

@@ -2,17 +2,19 @@
 from __future__ import annotations
 
 import logging
+import signal
+import threading
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 import numpy as np
 
 from edgeclf.errors import ConfigError, IntegrityError
 from edgeclf.runtime.backends import create_backend
 from edgeclf.runtime.bundle import load_bundle
-from edgeclf.runtime.pipeline import run_pipeline
+from edgeclf.runtime.pipeline import RunOptions, run_pipeline
 from edgeclf.runtime.sinks import JsonlSink, Sink
-from edgeclf.runtime.sources import open_source
+from edgeclf.runtime.sources import FrameSource, open_source
 
 __all__ = ["run_bundle", "verify_bundle", "PARITY_TOLERANCE", "VARIANT_TOLERANCE"]
 
@@ -20,6 +22,48 @@ log = logging.getLogger(__name__)
 # Same model, same inputs, another machine or ORT build: logits may differ by float rounding only.
 PARITY_TOLERANCE = 1e-3
 VARIANT_TOLERANCE = 0.05  # relative to the largest reference logit
+
+
+def _install_stop_handlers(stop: threading.Event) -> Callable[[], None]:
+    """SIGINT/SIGTERM end the run after the current frame (summary written); returns the restorer."""
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+    previous = {}
+
+    def handler(signum: int, _frame: Any) -> None:
+        log.warning("signal %d: stopping after the current frame", signum)
+        stop.set()
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        previous[sig] = signal.signal(sig, handler)
+
+    def restore() -> None:
+        for sig, h in previous.items():
+            signal.signal(sig, h)
+
+    return restore
+
+
+def _open(uri: str, realtime: bool, reconnect: bool) -> FrameSource:
+    """The source, wrapped for live use: cameras and streams reconnect and keep only the newest frame;
+    files paced to their frame rate with `realtime` (late frames dropped and counted)."""
+    from edgeclf.runtime.live import LatestFrameReader, ReconnectingSource
+
+    src = open_source(uri)
+    kind = getattr(src, "kind", "")
+    if reconnect and kind in ("camera", "stream", "gstreamer"):
+        first = [src]
+
+        def reopen() -> FrameSource:
+            return first.pop() if first else open_source(uri)
+
+        return ReconnectingSource(reopen, drop="latest")
+    if realtime and not getattr(src, "live", False):
+        if not src.fps:
+            src.close()
+            raise ConfigError(f"--realtime needs a frame rate; source {kind} has none; leave --realtime out")
+        return LatestFrameReader(src, drop="latest", realtime=True)
+    return src
 
 
 def run_bundle(
@@ -33,30 +77,59 @@ def run_bundle(
     min_confidence: Optional[float] = None,
     precision: Optional[str] = None,
     extra_sinks: Optional[List[Sink]] = None,
+    options: Optional[RunOptions] = None,
+    realtime: bool = False,
+    reconnect: bool = True,
+    fsync_every: Optional[float] = 1.0,
+    record: Optional[str] = None,
+    show: bool = False,
+    summary_path: Optional[str] = None,
 ) -> Dict[str, Any]:
-    """Verify and load the bundle, open the source, classify every frame; returns the run summary."""
+    """Verify and load the bundle, open the source, classify every frame; returns the run summary.
+
+    Also a clip-level summary (per-class time share, majority label, abstain rate). `record` writes an
+    annotated video, `show` opens the overlay window (a clear error where there is no display).
+    SIGINT/SIGTERM end the run cleanly with the summary written.
+    """
+    from edgeclf.runtime.sinks import SummarySink
+
     if max_frames is not None and max_frames < 1:
         raise ConfigError(f"max frames is {max_frames}; give a positive number or leave it out for the whole source")
-    if min_confidence is not None and not 0.0 <= min_confidence < 1.0:
-        raise ConfigError(f"min confidence is {min_confidence}; allowed: 0 (never abstain) up to below 1")
+    opts = options or RunOptions(min_confidence=min_confidence)
+    if min_confidence is not None and opts.min_confidence is None:
+        opts = RunOptions(min_confidence=min_confidence, smoothing=opts.smoothing, roi=opts.roi, quality=opts.quality)
     b = load_bundle(bundle_path)
     m = b.manifest
     sinks: List[Sink] = list(extra_sinks or [])
+    clip = SummarySink(summary_path, labels=list(m.labels))
+    stop = threading.Event()
     # Source and backend first: a typo in --source must not truncate an earlier results file.
     model_path, variant = b.select(precision, backend)
     with create_backend(str(model_path), (m.preprocess.channels,) + tuple(m.preprocess.size), m.num_outputs,
-                        backend=backend, threads=threads) as be, open_source(source_uri) as src:
+                        backend=backend, threads=threads) as be, _open(source_uri, realtime, reconnect) as src:
+        restore = _install_stop_handlers(stop)
         try:
             if out:
-                sinks.append(JsonlSink(out))
-            summary = run_pipeline(b, src, be, sinks, max_frames=max_frames, min_confidence=min_confidence)
+                sinks.append(JsonlSink(out, fsync_every=fsync_every))
+            if show:
+                from edgeclf.runtime.overlay import OverlayWindow
+
+                sinks.append(OverlayWindow())
+            if record:
+                from edgeclf.runtime.sinks import VideoRecorderSink
+
+                size = src.size or (m.preprocess.size[0], m.preprocess.size[1])
+                sinks.append(VideoRecorderSink(record, float(src.fps or 15.0), size))
+            sinks.append(clip)
+            summary = run_pipeline(b, src, be, sinks, max_frames=max_frames, options=opts, stop=stop)
         finally:
+            restore()
             for s in sinks:
                 s.close()
         result = summary.to_dict()
         result.update(
             bundle=str(b.path), bundle_checksum=b.checksum, source_kind=src.kind, backend=be.name, model=variant,
-            frame_count_claimed=src.frame_count, out=out,
+            frame_count_claimed=src.frame_count, out=out, clip=clip.result, threads=getattr(be, "threads", threads),
         )
     return result
 

@@ -1,13 +1,20 @@
-"""The per-frame pipeline: source -> preprocess -> infer -> postprocess -> sinks, every stage timed."""
+"""The per-frame pipeline: source -> sector -> quality -> preprocess -> infer -> postprocess -> sinks.
+
+Every frame the source delivers gives exactly one result record, also when it is not classified (a
+frame failing the quality gate is recorded as an abstain with its reason, without inference).
+Every stage is timed; capture-to-result latency is measured from the frame's capture timestamp.
+"""
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from edgeclf.errors import ConfigError
 from edgeclf.runtime.backends import Backend
 from edgeclf.runtime.bundle import Bundle
 from edgeclf.runtime.postprocess import decide, probabilities
@@ -15,10 +22,11 @@ from edgeclf.runtime.preprocess import Preprocessor
 from edgeclf.runtime.sinks import Sink
 from edgeclf.runtime.sources import FrameSource
 
-__all__ = ["STAGES", "RunSummary", "run_pipeline", "stage_stats"]
+__all__ = ["STAGES", "RunOptions", "RunSummary", "run_pipeline", "stage_stats", "parse_roi"]
 
 log = logging.getLogger(__name__)
 STAGES = ("capture", "preprocess", "infer", "postprocess", "sink")
+SMOOTHING_CHOICES = ("auto", "cine", "off")
 
 
 def stage_stats(values_ms: Sequence[float]) -> Dict[str, float]:
@@ -30,25 +38,90 @@ def stage_stats(values_ms: Sequence[float]) -> Dict[str, float]:
     return {"n": int(a.size), "median": float(p50), "p90": float(p90), "p99": float(p99), "mean": float(a.mean()), "max": float(a.max())}
 
 
+def parse_roi(text: Optional[str]) -> Tuple[str, Optional[Tuple[int, int, int, int]]]:
+    """'none' | 'sector' | 'x0,y0,x1,y1' -> (mode, box)."""
+    t = (text or "none").strip().lower()
+    if t in ("none", "sector"):
+        return t, None
+    parts = t.split(",")
+    try:
+        box = tuple(int(p) for p in parts)
+    except ValueError:
+        box = ()
+    if len(box) != 4 or box[0] < 0 or box[1] < 0 or box[2] <= box[0] or box[3] <= box[1]:
+        raise ConfigError(f"roi {text!r} is not valid; allowed: none, sector, or x0,y0,x1,y1 in pixels with x1>x0, y1>y0")
+    return "fixed", (box[0], box[1], box[2], box[3])
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """How frames are treated between the source and the sinks.
+
+    min_confidence: abstain below this top probability (None: the bundle's).
+    smoothing: "cine" (exponential smoothing, hysteresis, minimum dwell before the shown label changes),
+        "off" (each frame shown as decided), "auto" (cine for video-like sources, off for images,
+        watched folders and single DICOM images).
+    roi: "none", "sector" (ultrasound: detect the fan or image area, lock it, mask and crop) or a fixed
+        "x0,y0,x1,y1" box.
+    quality: run the per-frame quality gate (frozen, dark, saturated, empty sector).
+    """
+
+    min_confidence: Optional[float] = None
+    smoothing: str = "auto"
+    roi: str = "none"
+    quality: bool = True
+
+    def __post_init__(self) -> None:
+        if self.smoothing not in SMOOTHING_CHOICES:
+            raise ConfigError(f"smoothing {self.smoothing!r} is unknown; allowed: {', '.join(SMOOTHING_CHOICES)}")
+        if self.min_confidence is not None and not 0.0 <= self.min_confidence < 1.0:
+            raise ConfigError(f"min confidence is {self.min_confidence}; allowed: 0 (never abstain) up to below 1")
+        parse_roi(self.roi)
+
+
 @dataclass
 class RunSummary:
     frames: int = 0
     written: int = 0
     abstained: int = 0
+    quality_flagged: int = 0
     wall_s: float = 0.0
+    stopped_by: Optional[str] = None
     label_counts: Dict[str, int] = field(default_factory=dict)
+    abstain_reasons: Dict[str, int] = field(default_factory=dict)
     timings_ms: Dict[str, List[float]] = field(default_factory=lambda: {s: [] for s in STAGES + ("latency",)})
+    extra: Dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> Dict[str, Any]:
         return {
             "frames": self.frames,
             "written": self.written,
             "abstained": self.abstained,
+            "abstain_reasons": dict(self.abstain_reasons),
+            "quality_flagged": self.quality_flagged,
             "wall_s": round(self.wall_s, 3),
             "fps": round(self.frames / self.wall_s, 2) if self.wall_s > 0 else 0.0,
+            "stopped_by": self.stopped_by,
             "label_counts": dict(self.label_counts),
             "stages_ms": {k: stage_stats(v) for k, v in self.timings_ms.items()},
+            **self.extra,
         }
+
+
+def _video_like(source: FrameSource) -> bool:
+    kind = getattr(source, "kind", "")
+    if kind == "dicom":
+        return bool((getattr(source, "frame_count", None) or 0) > 1)
+    return kind in ("video", "camera", "stream", "synthetic", "gstreamer")
+
+
+def _gray(image: np.ndarray) -> np.ndarray:
+    if image.ndim == 2:
+        return image
+    from edgeclf.runtime import _cv
+
+    cv2 = _cv.cv2()
+    return cv2.cvtColor(np.ascontiguousarray(image[:, :, :3]), cv2.COLOR_RGB2GRAY)  # type: ignore[no-any-return]
 
 
 def run_pipeline(
@@ -59,44 +132,97 @@ def run_pipeline(
     *,
     max_frames: Optional[int] = None,
     min_confidence: Optional[float] = None,
+    options: Optional[RunOptions] = None,
+    stop: Optional[threading.Event] = None,
 ) -> RunSummary:
     """Classify every frame of `source`, writing one record per frame to each sink.
 
-    Record: {"frame", "timestamp" (monotonic capture time), "time" (wall clock), "label" (None for multilabel or abstain),
-    "labels" (multilabel), "abstain" (+ "abstain_reason": top probability below min_confidence), "probs", "latency_ms": {stage: ms, "total": capture-to-result}}.
+    Record: {"frame", "timestamp" (monotonic capture time), "time" (wall clock), "label" (the shown label: smoothed
+    for cine; None on abstain or multilabel), "labels" (multilabel), "abstain", "abstain_reason" (quality reasons
+    joined by ",", "low_confidence" or "settling"), "confidence", "frame_label" (this frame's own decision, None
+    when not classified), "probs" (this frame's calibrated probabilities, None when not classified), "quality"
+    (list of reasons, empty when fine), "latency_ms": {stage: ms, "total": capture-to-result}}.
+    Sources with ``ack`` (watched folders) are acknowledged after every sink wrote the frame's record.
+    `stop` (set by a signal handler) or a sink's ``stop_requested`` ends the run after the current frame.
     """
+    opts = options or RunOptions(min_confidence=min_confidence)
+    if min_confidence is not None and options is not None and options.min_confidence is None:
+        opts = RunOptions(min_confidence=min_confidence, smoothing=options.smoothing, roi=options.roi, quality=options.quality)
     m = bundle.manifest
     pre = Preprocessor(m.preprocess)
-    floor = m.min_confidence if min_confidence is None else float(min_confidence)
+    floor = m.min_confidence if opts.min_confidence is None else float(opts.min_confidence)
+    multilabel = m.task == "multilabel"
+
+    roi_mode, roi_box = parse_roi(opts.roi)
+    detector = None
+    if roi_mode != "none":
+        from edgeclf.runtime.sector import SectorDetector, apply_sector
+
+        detector = SectorDetector(roi=roi_box)
+    gate = None
+    if opts.quality:
+        from edgeclf.runtime.quality import QualityGate
+
+        gate = QualityGate()
+    smoother = None
+    if not multilabel:
+        from edgeclf.runtime.smoothing import CINE, SINGLE_IMAGE, CineSmoother
+
+        cine = opts.smoothing == "cine" or (opts.smoothing == "auto" and _video_like(source))
+        smoother = CineSmoother.from_manifest(m, config=CINE if cine else SINGLE_IMAGE, min_confidence=floor)
+    ack = getattr(source, "ack", None)
+    live = bool(getattr(source, "live", False))
+
     summary = RunSummary()
+    summary.extra["smoothing"] = "cine" if smoother is not None and smoother.config.min_dwell_frames > 1 else "off"
     t_start = time.perf_counter()
     while max_frames is None or summary.frames < max_frames:
+        if stop is not None and stop.is_set():
+            summary.stopped_by = "signal"
+            break
         t0 = time.perf_counter()
-        frame = source.read()
+        # Live sources are read with a timeout so that a stop request is seen while no frame comes.
+        frame = source.read(0.5) if live else source.read()
         t1 = time.perf_counter()
         if frame is None:
+            if live and not (getattr(source, "ended", False) or getattr(source, "closed", False)):
+                continue  # nothing new yet (a watched folder, a stream reconnecting)
             break
-        x = pre(frame.image)
+        image = frame.image
+        mask = None
+        if detector is not None:
+            sector = detector.update(image)
+            mask = sector.mask if sector.kind != "full" else None
+            image = apply_sector(image, sector)
+        reasons: Tuple[str, ...] = ()
+        if gate is not None:
+            q = gate.check(_gray(frame.image), mask)
+            reasons = q.reasons
+        probs_row: Optional[np.ndarray] = None
+        decision = None
+        x = pre(image) if not reasons else None
         t2 = time.perf_counter()
-        logits = backend.infer(x)
+        if x is not None:
+            probs = probabilities(backend.infer(x), m.task, m.temperature)
+            probs_row = probs[0]
+            decision = decide(probs, m.decision)
         t3 = time.perf_counter()
-        probs = probabilities(logits, m.task, m.temperature)
-        decision = decide(probs, m.decision)
         # timestamp: monotonic capture time (for latency); time: wall clock of the result (for people).
         record: Dict[str, Any] = {"frame": frame.index, "timestamp": round(frame.timestamp, 6), "time": round(time.time(), 3)}
-        if m.task == "multilabel":
-            present = [m.labels[k] for k in np.flatnonzero(decision[0])]
-            record.update(label=None, labels=present, abstain=False)
-            key = "+".join(present) or "(none)"
-        elif float(probs[0].max()) < floor:
-            # Not confident enough to show a label: say so rather than guess.
-            record.update(label=None, abstain=True, abstain_reason="low_confidence")
-            key = "(abstain)"
-            summary.abstained += 1
+        if multilabel:
+            if decision is None:
+                record.update(label=None, labels=None, abstain=True, abstain_reason=",".join(reasons), confidence=None)
+            else:
+                present = [m.labels[k] for k in np.flatnonzero(decision[0])]
+                record.update(label=None, labels=present, abstain=False, abstain_reason=None, confidence=None)
+            record["frame_label"] = None
         else:
-            record.update(label=m.labels[int(decision[0])], abstain=False)
-            key = str(record["label"])
-        record["probs"] = {name: round(float(p), 6) for name, p in zip(m.labels, probs[0])}
+            assert smoother is not None
+            res = smoother.update(probs_row, quality_ok=not reasons, reasons=reasons)
+            record.update(smoother.record_fields(res))
+            record["frame_label"] = None if decision is None else m.labels[int(decision[0])]
+        record["probs"] = None if probs_row is None else {n: round(float(p), 6) for n, p in zip(m.labels, probs_row)}
+        record["quality"] = list(reasons)
         t4 = time.perf_counter()
         record["latency_ms"] = {
             "capture": round((t1 - t0) * 1e3, 3),
@@ -106,14 +232,44 @@ def run_pipeline(
             "total": round((time.monotonic() - frame.timestamp) * 1e3, 3),
         }
         for sink in sinks:
-            sink.write(record)
+            if sink.needs_image:
+                sink.write(record, image=frame.image)
+            else:
+                sink.write(record)
+        if ack is not None:
+            ack(frame)  # only after every sink holds the record: a crash before this redoes the frame
         t5 = time.perf_counter()
         summary.frames += 1
+        if record.get("abstain"):
+            summary.abstained += 1
+            why = str(record.get("abstain_reason") or "")
+            summary.abstain_reasons[why] = summary.abstain_reasons.get(why, 0) + 1
+            key = "(abstain)"
+        elif multilabel:
+            key = "+".join(record["labels"]) or "(none)"
+        else:
+            key = str(record["label"])
+        if reasons:
+            summary.quality_flagged += 1
         summary.label_counts[key] = summary.label_counts.get(key, 0) + 1
         for stage, ms in zip(STAGES, ((t1 - t0), (t2 - t1), (t3 - t2), (t4 - t3), (t5 - t4))):
             summary.timings_ms[stage].append(ms * 1e3)
         summary.timings_ms["latency"].append(record["latency_ms"]["total"])
         log.debug("frame %d -> %s", frame.index, key)
+        if any(s.stop_requested for s in sinks):
+            summary.stopped_by = "sink"
+            break
     summary.wall_s = time.perf_counter() - t_start
     summary.written = min((s.written for s in sinks), default=summary.frames)
+    if detector is not None:
+        sec = detector.sector
+        summary.extra["sector"] = {"stats": detector.stats, "kind": sec.kind if sec is not None else None,
+                                   "bbox": list(sec.bbox) if sec is not None else None}
+    if gate is not None:
+        summary.extra["quality"] = gate.stats
+    if smoother is not None:
+        summary.extra["smoother"] = dict(smoother.counts)
+    stats = getattr(source, "stats", None)
+    if callable(stats):
+        summary.extra["source_stats"] = stats()
     return summary

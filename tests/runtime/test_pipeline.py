@@ -29,7 +29,9 @@ def test_every_frame_gives_one_whole_record(bundle_dir: Path, tmp_path: Path) ->
     recs = [json.loads(ln) for ln in lines]
     assert [r["frame"] for r in recs] == list(range(25))
     for r in recs:
-        assert r["label"] in ("normal", "cyst", "mass") and r["abstain"] is False
+        # Cine smoothing: the shown label may wait ("settling") while each frame still has its own decision.
+        assert r["frame_label"] in ("normal", "cyst", "mass") and r["quality"] == []
+        assert r["label"] in ("normal", "cyst", "mass") or (r["abstain"] and r["abstain_reason"] == "settling")
         assert abs(sum(r["probs"].values()) - 1) < 1e-5
         assert set(r["latency_ms"]) == {"capture", "preprocess", "infer", "postprocess", "total"}
         assert r["latency_ms"]["total"] >= r["latency_ms"]["infer"]
@@ -44,7 +46,8 @@ def test_fake_backend_logits_drive_the_decision(bundle_dir: Path) -> None:
             open_source("synthetic:ultrasound?frames=5") as src:
         mem = ListSink()
         run_pipeline(b, src, be, [mem])
-    assert [r["label"] for r in mem.records] == ["mass"] * 5
+    assert [r["frame_label"] for r in mem.records] == ["mass"] * 5
+    assert {r["label"] for r in mem.records} <= {"mass", None}  # shown once the smoother settles
 
 
 def test_run_bundle_writes_as_many_lines_as_frames(bundle_dir: Path, tmp_path: Path) -> None:
@@ -75,3 +78,118 @@ def test_run_help_loads_no_torch() -> None:
             "sys.exit('torch' in sys.modules or 'onnxruntime' in sys.modules)")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
     assert r.returncode == 0 and "--bundle" in r.stdout, r.stderr
+
+
+def _const_backend(k: int = 2):
+    logits = np.full((1, 3), -9.0, np.float32)
+    logits[0, k] = 9.0
+    return FakeBackend((1, 32, 32), 3, fn=lambda x: np.tile(logits, (len(x), 1)))
+
+
+def test_single_images_show_their_own_decision(bundle_dir: Path, tmp_path: Path) -> None:
+    import cv2
+
+    from edgeclf.runtime.pipeline import RunOptions
+    from edgeclf.runtime.synthetic import make_ultrasound
+
+    images, _ = make_ultrasound(4, size=96, seed=1)
+    for i, im in enumerate(images):
+        cv2.imwrite(str(tmp_path / f"{i}.png"), im)
+    b = load_bundle(bundle_dir)
+    with _const_backend(2) as be, open_source(str(tmp_path)) as src:
+        mem = ListSink()
+        s = run_pipeline(b, src, be, [mem], options=RunOptions(smoothing="auto"))
+    assert s.extra["smoothing"] == "off" and [r["label"] for r in mem.records] == ["mass"] * 4
+
+
+def test_quality_failures_abstain_without_inference_and_keep_their_line(bundle_dir: Path) -> None:
+    from edgeclf.runtime.pipeline import RunOptions
+
+    b = load_bundle(bundle_dir)
+    calls = []
+
+    def fn(x: np.ndarray) -> np.ndarray:
+        calls.append(len(x))
+        return np.tile(np.array([[-9, -9, 9]], np.float32), (len(x), 1))
+
+    class Blackout:
+        """Synthetic cine with frames 20-24 black."""
+
+        def __init__(self, src) -> None:
+            self.src, self.kind, self.fps, self.size, self.frame_count, self.live = src, "video", 10.0, None, None, False
+
+        def read(self, timeout=None):
+            f = self.src.read()
+            if f is not None and 20 <= f.index < 25:
+                f.image[...] = 0
+            return f
+
+    with FakeBackend((1, 32, 32), 3, fn=fn) as be, open_source("synthetic:ultrasound?frames=40&size=96") as src:
+        mem = ListSink()
+        s = run_pipeline(b, Blackout(src), be, [mem], options=RunOptions(smoothing="cine"))
+    recs = mem.records
+    assert len(recs) == 40 and s.frames == 40 and len(calls) == 40 - 5
+    for r in recs[20:25]:
+        assert r["abstain"] and r["abstain_reason"] == "blank" and r["probs"] is None and r["quality"] == ["blank"]
+    assert s.quality_flagged == 5 and s.abstain_reasons
+
+
+def test_shown_label_never_flips_on_one_odd_frame(bundle_dir: Path) -> None:
+    from edgeclf.runtime.pipeline import RunOptions
+
+    b = load_bundle(bundle_dir)
+    odd = {15, 27, 33}
+
+    def fn(x: np.ndarray) -> np.ndarray:
+        fn.i += 1  # type: ignore[attr-defined]
+        k = 0 if fn.i in odd else 2  # type: ignore[attr-defined]
+        z = np.full((len(x), 3), -9.0, np.float32)
+        z[:, k] = 9.0
+        return z
+
+    fn.i = -1  # type: ignore[attr-defined]
+    with FakeBackend((1, 32, 32), 3, fn=fn) as be, open_source("synthetic:ultrasound?frames=40&size=96") as src:
+        mem = ListSink()
+        run_pipeline(b, src, be, [mem], options=RunOptions(smoothing="cine", quality=False))
+    shown = [r["label"] for r in mem.records if not r["abstain"]]
+    assert shown and set(shown) == {"mass"}
+    assert [r["frame_label"] for r in mem.records if r["frame"] in odd] == ["normal"] * 3
+
+
+def test_acks_follow_the_sink_write_and_stop_ends_cleanly(bundle_dir: Path) -> None:
+    import threading
+
+    b = load_bundle(bundle_dir)
+    order = []
+
+    class Acking:
+        def __init__(self, src) -> None:
+            self.src, self.kind, self.fps, self.size, self.frame_count, self.live = src, "images", None, None, None, False
+
+        def read(self, timeout=None):
+            return self.src.read()
+
+        def ack(self, frame) -> None:
+            order.append(("ack", frame.index))
+
+    class Recording(ListSink):
+        def write(self, record, image=None) -> None:
+            order.append(("write", record["frame"]))
+            super().write(record)
+            if record["frame"] == 6:
+                stop.set()
+
+    stop = threading.Event()
+    with _const_backend() as be, open_source("synthetic:ultrasound?frames=30&size=96") as src:
+        s = run_pipeline(b, Acking(src), be, [Recording()], stop=stop)
+    assert s.frames == 7 and s.stopped_by == "signal"
+    assert order == [(w, i) for i in range(7) for w in ("write", "ack")]
+
+
+def test_roi_option_is_checked() -> None:
+    from edgeclf.errors import ConfigError
+    from edgeclf.runtime.pipeline import RunOptions, parse_roi
+
+    assert parse_roi("10,20,110,220") == ("fixed", (10, 20, 110, 220)) and parse_roi("sector") == ("sector", None)
+    with pytest.raises(ConfigError, match="allowed: none, sector"):
+        RunOptions(roi="10,20,5,5")
