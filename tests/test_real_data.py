@@ -61,3 +61,25 @@ def test_brain_mri_exact_duplicates_never_straddle_splits() -> None:
             where.setdefault(g, set()).add(name)
     assert all(len(v) == 1 for v in where.values())
     assert len(where) == total - 207
+
+
+def test_run_on_every_dicom_file_writes_one_line_per_frame(bundle_dir: Path, tmp_path: Path) -> None:
+    pytest.importorskip("pydicom", reason="pydicom is not installed (pip install 'edgeclf[dicom]')")
+    import pydicom
+
+    from edgeclf.runtime.app import run_bundle
+
+    root = shared("dicom")
+    files = sorted(root.glob("*.dcm"))
+    assert len(files) >= 14
+    mismatches = []
+    for i, path in enumerate(files):
+        frames = int(getattr(pydicom.dcmread(str(path), stop_before_pixels=True), "NumberOfFrames", 1) or 1)
+        out = tmp_path / f"{i}.jsonl"
+        summary = run_bundle(str(bundle_dir), str(path), out=str(out))
+        lines = [json.loads(ln) for ln in out.read_text().splitlines()]
+        if not (len(lines) == summary["frames"] == summary["written"] == frames):
+            mismatches.append((path.name, frames, len(lines)))
+        # No identifiers in results: a result line carries no file name or DICOM UID.
+        assert not any(path.stem in json.dumps(r) for r in lines)
+    assert mismatches == []

@@ -193,3 +193,53 @@ def test_roi_option_is_checked() -> None:
     assert parse_roi("10,20,110,220") == ("fixed", (10, 20, 110, 220)) and parse_roi("sector") == ("sector", None)
     with pytest.raises(ConfigError, match="allowed: none, sector"):
         RunOptions(roi="10,20,5,5")
+
+
+def test_a_source_failing_every_100_frames_loses_no_result_line(bundle_dir: Path, tmp_path: Path) -> None:
+    from edgeclf.runtime.live import ReconnectingSource
+    from edgeclf.runtime.pipeline import RunOptions
+    from edgeclf.runtime.sinks import read_jsonl
+    from tests.runtime.test_live import FlakyCamera, _fast, _Shared
+
+    shared = _Shared(every=100, limit=1000, corrupt_every=37)
+    b = load_bundle(bundle_dir)
+    out = tmp_path / "r.jsonl"
+    with _const_backend() as be, ReconnectingSource(lambda: FlakyCamera(shared), drop="none", **_fast()) as src:
+        sink = JsonlSink(out)
+        s = run_pipeline(b, src, be, [sink], max_frames=1000, options=RunOptions(quality=False, smoothing="off"))
+        sink.close()
+        stats = src.stats()
+    records, torn = read_jsonl(out)
+    assert torn == 0 and s.frames == s.written == len(records) == len(shared.delivered) == 1000
+    assert sum(shared.failures.values()) >= 9 and stats["reconnects"] >= 9 and stats["skipped"] == shared.corrupt > 0
+    assert len({r["frame"] for r in records}) == 1000  # every delivered frame once
+
+
+def test_watched_folder_classifies_each_file_once_across_two_restarts(bundle_dir: Path, tmp_path: Path) -> None:
+    import cv2
+
+    from edgeclf.runtime.app import run_bundle
+    from edgeclf.runtime.sinks import read_jsonl
+
+    folder = tmp_path / "inbox"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+
+    def drop(n: int, start: int) -> None:
+        for i in range(start, start + n):
+            img = rng.integers(0, 255, (64, 64), dtype=np.uint8)
+            cv2.imwrite(str(folder / f".{i}.png"), img)
+            (folder / f".{i}.png").rename(folder / f"xr{i:03d}.png")  # complete files appear by rename
+
+    uri = f"watch:{folder}?poll=0.05&idle_exit=0.5"
+    drop(20, 0)  # dropped while the runtime is stopped
+    total = []
+    for run, new in enumerate((0, 25, 5)):
+        drop(new, 20 if run == 1 else 45)
+        out = tmp_path / f"run{run}.jsonl"
+        s = run_bundle(str(bundle_dir), uri, out=str(out))
+        records, torn = read_jsonl(out)
+        assert torn == 0 and s["frames"] == len(records)
+        total += records
+    assert len(total) == 50 and s["source_kind"] == "watch"
+    assert all("xr0" not in json.dumps(r) for r in total)  # no file names in results
