@@ -68,3 +68,15 @@ def test_spec_round_trip_and_validation() -> None:
         PreprocessSpec.from_dict({**s.to_dict(), "gamma": 2})
     with pytest.raises(ConfigError, match="mean/std"):
         spec(mean=(0.5, 0.5))
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_normalize_is_the_documented_formula_in_nchw(channels: int) -> None:
+    rng = np.random.default_rng(0)
+    mean, std = (0.485, 0.456, 0.406)[:channels], (0.229, 0.224, 0.225)[:channels]
+    pre = Preprocessor(PreprocessSpec(channels=channels, size=(24, 32), mean=mean, std=std))
+    batch = rng.integers(0, 256, (2, 24, 32, channels), dtype=np.uint8)
+    got = pre.normalize(batch)
+    want = ((batch / 255.0 - np.array(mean)) / np.array(std)).transpose(0, 3, 1, 2)
+    assert got.dtype == np.float32 and got.shape == (2, channels, 24, 32) and got.flags.c_contiguous
+    assert np.abs(got - want).max() < 1e-5

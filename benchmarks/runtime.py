@@ -1,0 +1,207 @@
+"""Runtime benchmark: the full pipeline against backend-only inference and a naive loop, interleaved.
+
+    python benchmarks/runtime.py                 # mobilenet_v3_small and resnet18 at 224 px, 640x480 video
+    python benchmarks/runtime.py --frames 60 --rounds 1   # a quick look
+
+For each model (an untrained-but-exported bundle at 224 px, 3 channels: speed does not depend on the
+weights), on a 640x480 mp4 of synthetic ultrasound with burned-in text:
+
+- backend only: ONNX Runtime `infer` on one preprocessed frame, over and over (the ceiling);
+- pipeline: `run_bundle` (prefetching decoder thread, preprocess, quality gate, infer, cine smoothing,
+  JSONL sink), its own frames/s over the loop and its per-stage medians;
+- naive: the loop a user would write: `cv2.VideoCapture.read`, numpy preprocessing, `session.run`
+  with ONNX Runtime's default settings, one thread of Python.
+
+Rounds interleave every mode (A B C A B C ...) so drift on this shared machine hits all alike; the
+figure is the median over rounds. Pipeline and backend-only run with 1 and 2 intra-op threads.
+Writes benchmarks/results/runtime.{json,md}. A benchmark, not a test: its figures describe this machine.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+MODELS = ("mobilenet_v3_small", "resnet18")
+
+
+def make_video(path: Path, frames: int) -> None:
+    """640x480 mp4: a 480x480 synthetic ultrasound cine centred, UI text on both sides."""
+    import cv2
+
+    from edgeclf.runtime.synthetic import write_cine
+
+    square = path.with_name("square.mp4")
+    write_cine(square, size=480, fps=30.0, seed=3, timeline=[(0, frames // 2), (2, frames - frames // 2)])
+    cap = cv2.VideoCapture(str(square))
+    vw = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), 30.0, (640, 480))
+    k = 0
+    while True:
+        ok, img = cap.read()
+        if not ok:
+            break
+        canvas = np.zeros((480, 640, 3), np.uint8)
+        canvas[:, 80:560] = img
+        cv2.putText(canvas, f"C5-1  {k:04d}", (4, 20), cv2.FONT_HERSHEY_SIMPLEX, 0.5, (200, 200, 200), 1)
+        cv2.putText(canvas, "MI 0.9 TIS 0.4", (565, 20), cv2.FONT_HERSHEY_SIMPLEX, 0.35, (200, 200, 200), 1)
+        vw.write(canvas)
+        k += 1
+    cap.release()
+    vw.release()
+
+
+def make_bundle(model: str, work: Path) -> Path:
+    from edgeclf.export.bundle_writer import ExportConfig, export_bundle
+    from edgeclf.train import TrainConfig, train
+
+    folder, bundle = work / model, work / f"{model}.bundle"
+    train(TrainConfig(data="synthetic:ultrasound?n=60&size=128", out=str(folder), model=model, size=224, channels=3,
+                      epochs=1, batch_size=16, patience=1))
+    export_bundle(ExportConfig(out=str(bundle), model=str(folder), overwrite=True))
+    return bundle
+
+
+def backend_only(bundle: Path, frames: int, threads: int) -> dict:
+    from edgeclf.runtime.backends import OrtBackend
+    from edgeclf.runtime.bundle import load_bundle
+    from edgeclf.runtime.preprocess import Preprocessor
+
+    m = load_bundle(bundle).manifest
+    x = Preprocessor(m.preprocess)(np.zeros((480, 640, 3), np.uint8))
+    with OrtBackend(str(bundle / m.raw["model"]["file"]), (3, 224, 224), m.num_outputs, threads=threads) as be:
+        for _ in range(5):
+            be.infer(x)
+        t0 = time.perf_counter()
+        for _ in range(frames):
+            be.infer(x)
+        wall = time.perf_counter() - t0
+    return {"fps": frames / wall, "ms_per_frame": wall / frames * 1e3}
+
+
+def pipeline(bundle: Path, video: Path, threads: int, out: Path) -> dict:
+    from edgeclf.runtime.app import run_bundle
+
+    s = run_bundle(str(bundle), str(video), out=str(out), threads=threads)
+    stages = {k: v["median"] for k, v in s["stages_ms"].items()}
+    overhead = stages["preprocess"] + stages["postprocess"] + stages["sink"]
+    return {"fps": s["fps"], "frames": s["frames"], "written": s["written"], "stages_ms": stages,
+            "pre_quality_post_sink_ms": overhead, "latency_p90_ms": s["stages_ms"]["latency"]["p90"]}
+
+
+def naive(bundle: Path, video: Path) -> dict:
+    """What a user would write first: read, numpy preprocess, session.run with ORT defaults."""
+    import cv2
+    import onnxruntime as ort
+
+    from edgeclf.runtime.bundle import load_bundle
+
+    m = load_bundle(bundle).manifest
+    mean = np.asarray(m.preprocess.mean, np.float32).reshape(1, 1, 3)
+    std = np.asarray(m.preprocess.std, np.float32).reshape(1, 1, 3)
+    sess = ort.InferenceSession(str(bundle / m.raw["model"]["file"]), providers=["CPUExecutionProvider"])
+    name = sess.get_inputs()[0].name
+    cap = cv2.VideoCapture(str(video))
+    n = 0
+    t0 = time.perf_counter()
+    while True:
+        ok, bgr = cap.read()
+        if not ok:
+            break
+        rgb = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+        x = cv2.resize(rgb, (224, 224)).astype(np.float32) / 255.0
+        x = ((x - mean) / std).transpose(2, 0, 1)[None]
+        logits = sess.run(None, {name: np.ascontiguousarray(x)})[0]
+        e = np.exp(logits - logits.max())
+        _ = e / e.sum()
+        n += 1
+    wall = time.perf_counter() - t0
+    cap.release()
+    return {"fps": n / wall, "frames": n}
+
+
+def machine() -> dict:
+    import cv2
+    import onnxruntime
+
+    cpu = ""
+    if Path("/proc/cpuinfo").is_file():
+        names = [ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines() if ln.startswith("model name")]
+        cpu = names[0] if names else ""
+    return {"cpu": cpu or platform.processor(), "cores": os.cpu_count(), "python": platform.python_version(),
+            "onnxruntime": onnxruntime.__version__, "opencv": cv2.__version__}
+
+
+def markdown(doc: dict) -> str:
+    info, res = doc["machine"], doc["results"]
+    lines = [f"Machine: {info['cpu']}, {info['cores']} cores, ONNX Runtime {info['onnxruntime']}, OpenCV {info['opencv']}, "
+             f"Python {info['python']}. {doc['frames']} frames of 640x480 mp4 per run, {doc['rounds']} interleaved rounds, "
+             "medians over rounds. Command: `python benchmarks/runtime.py`.", "",
+             "| model | mode | threads | frames/s | vs naive | vs backend only (same threads) | pre+quality+post+sink ms | "
+             "capture-to-result p90 ms |", "|---|---|---|---|---|---|---|---|"]
+    for model, r in res.items():
+        nv = r["naive"]["fps"]
+        lines.append(f"| {model} | naive loop | ORT default | {nv:.1f} | 1.00x | | | |")
+        for t in doc["threads"]:
+            bo = r[f"backend_t{t}"]["fps"]
+            pl = r[f"pipeline_t{t}"]
+            lines.append(f"| {model} | backend only | {t} | {bo:.1f} | {bo / nv:.2f}x | 1.00x | | |")
+            lines.append(f"| {model} | pipeline | {t} | {pl['fps']:.1f} | {pl['fps'] / nv:.2f}x | {pl['fps'] / bo:.2f}x | "
+                         f"{pl['pre_quality_post_sink_ms']:.3f} | {pl['latency_p90_ms']:.2f} |")
+    lines += ["", "Pipeline per-stage medians (ms):", "", "| model | threads | " + " | ".join(doc["stages"]) + " |",
+              "|---|---|" + "---|" * len(doc["stages"])]
+    for model, r in res.items():
+        for t in doc["threads"]:
+            st = r[f"pipeline_t{t}"]["stages_ms"]
+            lines.append(f"| {model} | {t} | " + " | ".join(f"{st[s]:.3f}" for s in doc["stages"]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _median(runs: list[dict]) -> dict:
+    out = dict(runs[int(np.argsort([r["fps"] for r in runs])[len(runs) // 2])])
+    out["fps"] = float(np.median([r["fps"] for r in runs]))
+    out["fps_runs"] = [round(r["fps"], 2) for r in runs]
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--frames", type=int, default=300)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--threads", default="1,2")
+    ap.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
+    args = ap.parse_args()
+    threads = [int(t) for t in args.threads.split(",")]
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        video = work / "us640x480.mp4"
+        make_video(video, args.frames)
+        bundles = {m: make_bundle(m, work) for m in MODELS}
+        runs: dict = {m: {} for m in MODELS}
+        for rnd in range(args.rounds):
+            for m, b in bundles.items():
+                runs[m].setdefault("naive", []).append(naive(b, video))
+                for t in threads:
+                    runs[m].setdefault(f"backend_t{t}", []).append(backend_only(b, args.frames, t))
+                    runs[m].setdefault(f"pipeline_t{t}", []).append(pipeline(b, video, t, work / "r.jsonl"))
+            print(f"round {rnd + 1}/{args.rounds} done", flush=True)
+    results = {m: {k: _median(v) for k, v in r.items()} for m, r in runs.items()}
+    from edgeclf.runtime.pipeline import STAGES
+
+    doc = {"machine": machine(), "frames": args.frames, "rounds": args.rounds, "threads": threads,
+           "stages": list(STAGES) + ["latency"], "results": results}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "runtime.json").write_text(json.dumps(doc, indent=2))
+    (out / "runtime.md").write_text(markdown(doc))
+    print(markdown(doc))
+
+
+if __name__ == "__main__":
+    main()
