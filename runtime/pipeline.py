@@ -10,7 +10,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -79,6 +79,37 @@ class RunOptions:
         parse_roi(self.roi)
 
 
+WINDOW = 8192  # frames whose stage times give the percentiles: bounded memory over hours
+
+
+class StageTimes:
+    """One stage's times in constant memory: count, mean and max over the whole run; median, p90 and
+    p99 over the last WINDOW frames (a ring buffer)."""
+
+    def __init__(self, window: int = WINDOW) -> None:
+        self._buf = np.zeros(window, np.float64)
+        self.count = 0
+        self._total = 0.0
+        self._max = 0.0
+
+    def append(self, ms: float) -> None:
+        self._buf[self.count % len(self._buf)] = ms
+        self.count += 1
+        self._total += ms
+        self._max = max(self._max, ms)
+
+    def __len__(self) -> int:
+        return self.count
+
+    def stats(self) -> Dict[str, float]:
+        if not self.count:
+            return stage_stats([])
+        a = self._buf[: min(self.count, len(self._buf))]
+        p50, p90, p99 = np.percentile(a, [50, 90, 99])
+        return {"n": int(self.count), "median": float(p50), "p90": float(p90), "p99": float(p99),
+                "mean": self._total / self.count, "max": self._max, "window": int(a.size)}
+
+
 @dataclass
 class RunSummary:
     frames: int = 0
@@ -89,7 +120,7 @@ class RunSummary:
     stopped_by: Optional[str] = None
     label_counts: Dict[str, int] = field(default_factory=dict)
     abstain_reasons: Dict[str, int] = field(default_factory=dict)
-    timings_ms: Dict[str, List[float]] = field(default_factory=lambda: {s: [] for s in STAGES + ("latency",)})
+    timings_ms: Dict[str, StageTimes] = field(default_factory=lambda: {s: StageTimes() for s in STAGES + ("latency",)})
     extra: Dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> Dict[str, Any]:
@@ -103,7 +134,7 @@ class RunSummary:
             "fps": round(self.frames / self.wall_s, 2) if self.wall_s > 0 else 0.0,
             "stopped_by": self.stopped_by,
             "label_counts": dict(self.label_counts),
-            "stages_ms": {k: stage_stats(v) for k, v in self.timings_ms.items()},
+            "stages_ms": {k: v.stats() for k, v in self.timings_ms.items()},
             **self.extra,
         }
 

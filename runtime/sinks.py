@@ -12,6 +12,7 @@ Sinks are context managers; ``close()`` is idempotent.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -19,8 +20,9 @@ import os
 import statistics
 import sys
 import time
+from collections import deque
 from dataclasses import dataclass, field
-from typing import IO, Any, Dict, List, Optional, Sequence, TextIO, Tuple, Union
+from typing import IO, Any, Deque, Dict, List, Optional, Sequence, TextIO, Tuple, Union
 
 import numpy as np
 from numpy.typing import NDArray
@@ -401,63 +403,94 @@ def _timestamp(record: Dict[str, Any]) -> Optional[float]:
     return float(ts)
 
 
-def _summarize_rows(
-    rows: Sequence[Tuple[Optional[float], Tuple[str, ...], Optional[str], bool]],
-    labels: Optional[Sequence[str]], max_gap_s: float,
-) -> ClipSummary:
-    order: List[str] = [str(x) for x in labels] if labels else []
-    s = ClipSummary(frames=len(rows))
-    counts: Dict[str, int] = {k: 0 for k in order}
-    for _ts, keys, reason, unlabeled in rows:
+_RECENT_STEPS = 256  # intervals kept for the "typical" frame interval: bounded memory over hours
+
+
+class _ClipAccumulator:
+    """The clip summary built frame by frame in constant memory (a cart runs for hours).
+
+    Each frame lasts until the next one; an interval longer than `max_gap_s` (a stalled or reconnecting
+    source) gives the frame the typical interval (the median of the last 256 normal ones) and counts
+    the rest as a gap; the last frame also gets the typical interval.
+    """
+
+    def __init__(self, labels: Optional[Sequence[str]], max_gap_s: float) -> None:
+        self.order: List[str] = [str(x) for x in labels] if labels else []
+        self.counts: Dict[str, int] = {k: 0 for k in self.order}
+        self.t_lab: Dict[str, float] = {k: 0.0 for k in self.order}
+        self.max_gap_s = max_gap_s
+        self.s = ClipSummary()
+        self.t_abs = 0.0
+        self.total = 0.0
+        self.first: Optional[float] = None
+        self.prev: Optional[Tuple[float, Tuple[str, ...], Optional[str]]] = None
+        self.recent: Deque[float] = deque(maxlen=_RECENT_STEPS)
+        self.timed = 0
+
+    def _typical(self) -> float:
+        return float(statistics.median(self.recent)) if self.recent else 0.0
+
+    def _credit(self, keys: Tuple[str, ...], reason: Optional[str], d: float) -> None:
+        self.total += d
+        if reason is not None:
+            self.t_abs += d
+        for k in keys:
+            self.t_lab[k] = self.t_lab.get(k, 0.0) + d
+
+    def add(self, ts: Optional[float], keys: Tuple[str, ...], reason: Optional[str], unlabeled: bool) -> None:
+        s = self.s
+        s.frames += 1
         if reason is not None:
             s.abstained += 1
             s.abstain_reasons[reason] = s.abstain_reasons.get(reason, 0) + 1
         if unlabeled:
             s.unlabeled += 1
         for k in keys:
-            if k not in counts:
-                counts[k] = 0
-                order.append(k)
-            counts[k] += 1
-    s.label_frames = counts
-    n = max(s.frames, 1)
-    s.share_frames = {k: v / n for k, v in counts.items()}
-    s.abstain_rate = s.abstained / n if s.frames else 0.0
-
-    timed = [(ts, keys, reason) for ts, keys, reason, _ in rows if ts is not None]
-    s.untimed = s.frames - len(timed)
-    if len(timed) >= 2:
-        steps = [b[0] - a[0] for a, b in zip(timed, timed[1:])]
-        normal = [d for d in steps if 0.0 <= d <= max_gap_s]
-        typical = statistics.median(normal) if normal else 0.0
-        durations: List[float] = []
-        for d in steps:
-            if 0.0 <= d <= max_gap_s:
-                durations.append(d)
+            if k not in self.counts:
+                self.counts[k] = 0
+                self.order.append(k)
+            self.counts[k] += 1
+        if ts is None:
+            s.untimed += 1
+            return
+        self.timed += 1
+        if self.first is None:
+            self.first = ts
+        if self.prev is not None:
+            d = ts - self.prev[0]
+            if 0.0 <= d <= self.max_gap_s:
+                self.recent.append(d)
             else:
                 s.gaps += 1
-                s.gap_s += max(d - typical, 0.0)
-                durations.append(typical)
-        durations.append(typical)
-        t_lab: Dict[str, float] = {k: 0.0 for k in counts}
-        t_abs = 0.0
-        for (_, keys, reason), d in zip(timed, durations):
-            if reason is not None:
-                t_abs += d
-            for k in keys:
-                t_lab[k] += d
-        total = float(sum(durations))
-        s.duration_s = total
-        s.span_s = timed[-1][0] - timed[0][0]
-        s.label_time_s = t_lab
-        s.share_time = {k: (v / total if total > 0 else 0.0) for k, v in t_lab.items()}
-        s.abstain_share_time = t_abs / total if total > 0 else 0.0
-    shown = [k for k in order if counts.get(k, 0) > 0]
-    if shown:
-        rank = {k: i for i, k in enumerate(order)}
-        times = s.label_time_s or {}
-        s.majority_label = max(shown, key=lambda k: (counts[k], times.get(k, 0.0), -rank[k]))
-    return s
+                s.gap_s += max(d - self._typical(), 0.0)
+                d = self._typical()
+            self._credit(self.prev[1], self.prev[2], d)
+        self.prev = (ts, keys, reason)
+
+    def result(self) -> ClipSummary:
+        s = dataclasses.replace(self.s, abstain_reasons=dict(self.s.abstain_reasons))
+        counts = dict(self.counts)
+        s.label_frames = counts
+        n = max(s.frames, 1)
+        s.share_frames = {k: v / n for k, v in counts.items()}
+        s.abstain_rate = s.abstained / n if s.frames else 0.0
+        if self.timed >= 2 and self.prev is not None and self.first is not None:
+            typical = self._typical()
+            total, t_abs = self.total + typical, self.t_abs + (typical if self.prev[2] is not None else 0.0)
+            t_lab = {k: self.t_lab.get(k, 0.0) for k in counts}
+            for k in self.prev[1]:
+                t_lab[k] += typical
+            s.duration_s = total
+            s.span_s = self.prev[0] - self.first
+            s.label_time_s = t_lab
+            s.share_time = {k: (v / total if total > 0 else 0.0) for k, v in t_lab.items()}
+            s.abstain_share_time = t_abs / total if total > 0 else 0.0
+        shown = [k for k in self.order if counts.get(k, 0) > 0]
+        if shown:
+            rank = {k: i for i, k in enumerate(self.order)}
+            times = s.label_time_s or {}
+            s.majority_label = max(shown, key=lambda k: (counts[k], times.get(k, 0.0), -rank[k]))
+        return s
 
 
 def summarize(
@@ -465,11 +498,11 @@ def summarize(
 ) -> ClipSummary:
     """A :class:`ClipSummary` of per-frame records (e.g. from :func:`read_jsonl`); `labels` (the bundle's)
     lists every class, shown or not, in order."""
-    rows = []
+    acc = _ClipAccumulator(labels, max_gap_s)
     for rec in records:
         keys, reason = _keys_of(rec)
-        rows.append((_timestamp(rec), keys, reason, not keys and reason is None and "labels" not in rec))
-    return _summarize_rows(rows, labels, max_gap_s)
+        acc.add(_timestamp(rec), keys, reason, not keys and reason is None and "labels" not in rec)
+    return acc.result()
 
 
 class SummarySink(Sink):
@@ -487,17 +520,17 @@ class SummarySink(Sink):
             raise ConfigError(f"summary max_gap_s is {max_gap_s!r}; allowed: seconds > 0, e.g. 1.0")
         self.max_gap_s = float(max_gap_s)
         self.written = 0
-        self._rows: List[Tuple[Optional[float], Tuple[str, ...], Optional[str], bool]] = []
+        self._acc = _ClipAccumulator(self.labels, self.max_gap_s)
         self._closed = False
         self.result: Optional[Dict[str, Any]] = None  # summary().to_dict(), set at close()
 
     def write(self, record: Dict[str, Any], image: Optional[NDArray[np.uint8]] = None) -> None:
         keys, reason = _keys_of(record)
-        self._rows.append((_timestamp(record), keys, reason, not keys and reason is None and "labels" not in record))
+        self._acc.add(_timestamp(record), keys, reason, not keys and reason is None and "labels" not in record)
         self.written += 1
 
     def summary(self) -> ClipSummary:
-        return _summarize_rows(self._rows, self.labels, self.max_gap_s)
+        return self._acc.result()
 
     def close(self) -> None:
         if self._closed:

@@ -243,3 +243,27 @@ def test_watched_folder_classifies_each_file_once_across_two_restarts(bundle_dir
         total += records
     assert len(total) == 50 and s["source_kind"] == "watch"
     assert all("xr0" not in json.dumps(r) for r in total)  # no file names in results
+
+
+def test_no_per_frame_memory_growth(bundle_dir: Path, tmp_path: Path) -> None:
+    import tracemalloc
+
+    from edgeclf.runtime.pipeline import RunOptions
+    from edgeclf.runtime.sinks import SummarySink
+
+    b = load_bundle(bundle_dir)
+
+    def run(frames: int) -> int:
+        with _const_backend() as be, open_source(f"synthetic:ultrasound?frames={frames}&size=64") as src:
+            sinks = [JsonlSink(tmp_path / "r.jsonl"), SummarySink(labels=list(b.manifest.labels))]
+            tracemalloc.start()
+            run_pipeline(b, src, be, sinks, options=RunOptions(smoothing="cine"))
+            peak = tracemalloc.get_traced_memory()[1]
+            tracemalloc.stop()
+            for s in sinks:
+                s.close()
+        return peak
+
+    small, large = run(300), run(3000)
+    # Ten times the frames: the peak may not grow with them (no per-frame lists kept anywhere).
+    assert large - small < 256 * 1024, (small, large)
