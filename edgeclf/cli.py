@@ -240,7 +240,8 @@ def prune(model: str, out: str, target_macs: float, steps: int, finetune_epochs:
 @click.option("--max-frames", type=click.IntRange(min=1), default=None, help="Stop after this many frames.")
 @click.option("--min-confidence", type=click.FloatRange(0, 1, max_open=True), default=None,
               help="Abstain when the top probability is below this [default: the bundle's, 0 = never].")
-@click.option("--backend", default="ort-cpu", show_default=True, help="ort-cpu, ort-cuda or ort-tensorrt.")
+@click.option("--backend", default=None, help="ort-cpu, ort-cuda or ort-tensorrt [default: the device profile's, else ort-cpu].")
+@click.option("--device", default=None, help="Device profile (x86-cpu, x86-nvidia-gpu): default backend and threads.")
 @click.option("--precision", type=click.Choice(["fp32", "fp16", "int8"]), default=None,
               help="Which model of the bundle to run [default: the bundle's deploy choice].")
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="Inference threads [default: the cores available].")
@@ -256,7 +257,7 @@ def prune(model: str, out: str, target_macs: float, steps: int, finetune_epochs:
 @click.option("--fsync-every", type=click.FloatRange(min=0), default=1.0, show_default=True,
               help="Seconds between fsyncs of --out (0: every line); lines are flushed whole either way.")
 @json_option
-def run(bundle: str, source: str, out, max_frames, min_confidence, backend, precision, threads, realtime, roi, smoothing,
+def run(bundle: str, source: str, out, max_frames, min_confidence, backend, device, precision, threads, realtime, roi, smoothing,
         no_quality, record, show, summary_path, fsync_every, as_json: bool) -> None:
     """Classify frames from a source with a verified bundle; one JSON line per frame."""
     from edgeclf.runtime.app import run_bundle
@@ -265,7 +266,7 @@ def run(bundle: str, source: str, out, max_frames, min_confidence, backend, prec
     opts = RunOptions(min_confidence=min_confidence, smoothing=smoothing, roi=roi, quality=not no_quality)
     summary = run_bundle(bundle, source, out=out, max_frames=max_frames, backend=backend, threads=threads,
                          precision=precision, options=opts, realtime=realtime, record=record, show=show,
-                         summary_path=summary_path, fsync_every=fsync_every)
+                         summary_path=summary_path, fsync_every=fsync_every, device=device)
     _emit(as_json, summary, _print_run)
 
 
@@ -432,6 +433,8 @@ def _print_run(s: dict[str, Any]) -> None:
         click.echo("source: " + ", ".join(f"{k} {v}" for k, v in lost.items()))
     if s.get("stopped_by"):
         click.echo(f"stopped by {s['stopped_by']}; everything before it was written")
+    if s.get("device"):
+        click.echo(f"backend {s['backend']} ({s['chosen_by']['backend']}), {s['threads']} threads ({s['chosen_by']['threads']})")
 
 
 def _print_info(m: dict[str, Any]) -> None:

@@ -74,12 +74,13 @@ def run_bundle(
     *,
     out: Optional[str] = None,
     max_frames: Optional[int] = None,
-    backend: str = "ort-cpu",
+    backend: Optional[str] = None,
     threads: Optional[int] = None,
     min_confidence: Optional[float] = None,
     precision: Optional[str] = None,
     extra_sinks: Optional[List[Sink]] = None,
     options: Optional[RunOptions] = None,
+    device: Optional[str] = None,
     realtime: bool = False,
     reconnect: bool = True,
     fsync_every: Optional[float] = 1.0,
@@ -101,6 +102,24 @@ def run_bundle(
     opts = options or RunOptions(min_confidence=min_confidence)
     if min_confidence is not None and opts.min_confidence is None:
         opts = RunOptions(min_confidence=min_confidence, smoothing=opts.smoothing, roi=opts.roi, quality=opts.quality)
+    # Precedence: defaults < device profile < explicit arguments (the CLI's flags).
+    chosen = {"backend": "argument" if backend else "default", "threads": "argument" if threads else "default"}
+    if device is not None:
+        from edgeclf.devices import load_profile
+        from edgeclf.runtime.backends import available_backends
+
+        prof = load_profile(device)
+        if backend is None:
+            have = available_backends()
+            usable = [bk for bk in prof.preferred_backends if bk in have]
+            if not usable:
+                raise ConfigError(f"device profile {device} prefers {', '.join(prof.preferred_backends)}, none of which this "
+                                  f"onnxruntime has ({', '.join(have)}); give --backend or install the right onnxruntime")
+            backend = usable[0]
+            chosen["backend"] = f"device profile {device} (first of {', '.join(prof.preferred_backends)} available here)"
+        if threads is None and prof.threads:
+            threads, chosen["threads"] = prof.threads, f"device profile {device}"
+    backend = backend or "ort-cpu"
     b = load_bundle(bundle_path)
     m = b.manifest
     sinks: List[Sink] = list(extra_sinks or [])
@@ -133,6 +152,7 @@ def run_bundle(
         result.update(
             bundle=str(b.path), bundle_checksum=b.checksum, source_kind=src.kind, backend=be.name, model=variant,
             frame_count_claimed=src.frame_count, out=out, clip=clip.result, threads=getattr(be, "threads", threads),
+            device=device, chosen_by=chosen,
         )
     return result
 

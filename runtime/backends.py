@@ -11,7 +11,7 @@ from numpy.typing import NDArray
 
 from edgeclf.errors import BackendError, require
 
-__all__ = ["Backend", "OrtBackend", "FakeBackend", "create_backend", "BACKENDS", "default_threads"]
+__all__ = ["Backend", "OrtBackend", "FakeBackend", "create_backend", "BACKENDS", "default_threads", "available_backends"]
 
 log = logging.getLogger(__name__)
 BACKENDS = ("ort-cpu", "ort-cuda", "ort-tensorrt")
@@ -162,6 +162,13 @@ class FakeBackend(Backend):
         # Deterministic logits from per-channel means, so tests can predict them.
         means = x.mean(axis=(1, 2, 3)).astype(np.float32)
         return np.stack([means * (k + 1) for k in range(self.num_outputs or 1)], axis=1)
+
+
+def available_backends() -> List[str]:
+    """The backends whose first execution provider this onnxruntime build has."""
+    ort: Any = require("onnxruntime", "ort")
+    have = set(ort.get_available_providers())
+    return [b for b, providers in _PROVIDERS.items() if providers[0] in have]
 
 
 def create_backend(

@@ -267,3 +267,14 @@ def test_no_per_frame_memory_growth(bundle_dir: Path, tmp_path: Path) -> None:
     small, large = run(300), run(3000)
     # Ten times the frames: the peak may not grow with them (no per-frame lists kept anywhere).
     assert large - small < 256 * 1024, (small, large)
+
+
+def test_device_profile_sets_backend_and_flags_win(bundle_dir: Path) -> None:
+    from edgeclf.errors import ConfigError
+
+    s = run_bundle(str(bundle_dir), "synthetic:ultrasound?frames=3&size=64", device="x86-cpu")
+    assert s["backend"] == "ort-cpu" and "device profile x86-cpu" in s["chosen_by"]["backend"]
+    s = run_bundle(str(bundle_dir), "synthetic:ultrasound?frames=3&size=64", device="x86-cpu", threads=1)
+    assert s["threads"] == 1 and s["chosen_by"]["threads"] == "argument"
+    with pytest.raises(ConfigError, match="unknown"):
+        run_bundle(str(bundle_dir), "synthetic:ultrasound?frames=3", device="no-such-board")
