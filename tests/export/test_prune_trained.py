@@ -51,3 +51,14 @@ def test_prune_never_overwrites_a_training_folder(trained_dir: Path, tmp_path: P
     (tmp_path / "busy" / "x").write_text("x")
     with pytest.raises(ConfigError, match="not empty"):
         PruneConfig(model=str(trained_dir), out=str(tmp_path / "busy"))
+
+
+def test_a_pruning_that_buys_no_time_says_so(trained_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import edgeclf.export.prune as prune_mod
+
+    # The measured latency is what decides: fake a machine where fewer MACs bought 2%.
+    flat = {"before": {"median": 1.0, "p90": 1.1, "runs": 1}, "after": {"median": 0.98, "p90": 1.08, "runs": 1}, "speedup": 1.0 / 0.98}
+    monkeypatch.setattr(prune_mod, "ort_latency", lambda *a, **k: flat)
+    rec = prune_mod.prune_trained(prune_mod.PruneConfig(model=str(trained_dir), out=str(tmp_path / "p"), steps=1, finetune_epochs=1))
+    pr = rec["pruning"]
+    assert pr["pays"] is False and "saves MACs but not time" in pr["verdict"] and "keep the unpruned model" in pr["verdict"]
