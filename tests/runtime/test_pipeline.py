@@ -65,7 +65,10 @@ def test_verify_bundle_rechecks_reference_outputs(bundle_dir: Path) -> None:
     assert r["reference"]["n"] > 0 and r["reference"]["max_abs_diff"] < 1e-4
 
 
-@pytest.mark.parametrize("module", ["edgeclf.runtime.app", "edgeclf.runtime.pipeline", "edgeclf.devices"])
+@pytest.mark.parametrize("module", ["edgeclf.runtime", "edgeclf.runtime.app", "edgeclf.runtime.pipeline", "edgeclf.runtime.sources",
+                                    "edgeclf.runtime.live", "edgeclf.runtime.watch", "edgeclf.runtime.dicom", "edgeclf.runtime.sector",
+                                    "edgeclf.runtime.quality", "edgeclf.runtime.smoothing", "edgeclf.runtime.sinks", "edgeclf.runtime.overlay",
+                                    "edgeclf.devices"])
 def test_runtime_never_imports_torch(module: str) -> None:
     code = f"import sys, {module}; bad = [m for m in ('torch', 'edgeclf.export', 'sklearn') if m in sys.modules]; print(bad); sys.exit(bool(bad))"
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
