@@ -19,7 +19,12 @@ from edgeclf.runtime.sources import to_uint8
 __all__ = ["PreprocessSpec", "Preprocessor", "RESIZE_MODES"]
 
 RESIZE_MODES = ("stretch", "letterbox")
-_KEYS = {"channels", "size", "resize", "roi", "scale", "mean", "std", "layout", "dtype"}
+# Shrinking: "area" is OpenCV's INTER_AREA (exact, but 3-6 ms for 640x480 -> 224 here, non-integer
+# factors take its slow path); "fast-area" averages by the largest integer factor with INTER_AREA's
+# fast path, then finishes with INTER_LINEAR (about 0.2-0.4 ms, still anti-aliased). Enlarging is
+# INTER_LINEAR either way. Manifests written before the field existed mean "area".
+INTERPOLATIONS = ("fast-area", "area")
+_KEYS = {"channels", "size", "resize", "roi", "scale", "mean", "std", "layout", "dtype", "interpolation"}
 
 
 @dataclass(frozen=True)
@@ -36,6 +41,7 @@ class PreprocessSpec:
     roi: Optional[Dict[str, Any]] = None
     layout: str = "NCHW"
     dtype: str = "float32"
+    interpolation: str = "fast-area"
 
     def __post_init__(self) -> None:
         where = "preprocess"
@@ -49,6 +55,8 @@ class PreprocessSpec:
             raise ConfigError(f"{where}.std must be positive, got {self.std!r}")
         if self.resize not in RESIZE_MODES:
             raise ConfigError(f"{where}.resize is {self.resize!r}; allowed: {', '.join(RESIZE_MODES)}")
+        if self.interpolation not in INTERPOLATIONS:
+            raise ConfigError(f"{where}.interpolation is {self.interpolation!r}; allowed: {', '.join(INTERPOLATIONS)}")
         if self.layout != "NCHW" or self.dtype != "float32":
             raise ConfigError(f"{where}.layout/dtype must be NCHW/float32, got {self.layout}/{self.dtype}")
         if self.roi is not None:
@@ -82,6 +90,7 @@ class PreprocessSpec:
                 roi=dict(d["roi"]) if d.get("roi") else None,
                 layout=str(d.get("layout", "NCHW")),
                 dtype=str(d.get("dtype", "float32")),
+                interpolation=str(d.get("interpolation", "area")),
             )
         except (TypeError, ValueError, IndexError) as exc:
             raise ConfigError(f"preprocess has a value of the wrong type ({exc})") from None
@@ -140,8 +149,17 @@ class Preprocessor:
 
     def _resize(self, img: NDArray[np.uint8], w: int, h: int) -> NDArray[np.uint8]:
         cv2 = self._cv2
-        shrink = w * h < img.shape[0] * img.shape[1]
-        out: NDArray[np.uint8] = cv2.resize(img, (w, h), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
+        h0, w0 = img.shape[:2]
+        shrink = w * h < h0 * w0
+        if shrink and self.spec.interpolation == "fast-area":
+            k = max(1, min(h0 // h, w0 // w))
+            if k > 1:
+                img = cv2.resize(img, (w0 // k, h0 // k), interpolation=cv2.INTER_AREA)  # integer factor: fast path
+            if img.shape[:2] == (h, w):
+                return img
+            out: NDArray[np.uint8] = cv2.resize(img, (w, h), interpolation=cv2.INTER_LINEAR)
+            return out
+        out = cv2.resize(img, (w, h), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
         return out
 
     def normalize(self, batch: NDArray[np.uint8]) -> NDArray[np.float32]:

@@ -80,3 +80,21 @@ def test_normalize_is_the_documented_formula_in_nchw(channels: int) -> None:
     want = ((batch / 255.0 - np.array(mean)) / np.array(std)).transpose(0, 3, 1, 2)
     assert got.dtype == np.float32 and got.shape == (2, channels, 24, 32) and got.flags.c_contiguous
     assert np.abs(got - want).max() < 1e-5
+
+
+def test_interpolation_is_recorded_and_old_manifests_keep_area() -> None:
+    spec = PreprocessSpec(channels=1, size=(32, 32), mean=(0.5,), std=(0.5,))
+    assert spec.interpolation == "fast-area" and spec.to_dict()["interpolation"] == "fast-area"
+    old = {k: v for k, v in spec.to_dict().items() if k != "interpolation"}
+    assert PreprocessSpec.from_dict(old).interpolation == "area"
+    with pytest.raises(ConfigError, match="interpolation"):
+        PreprocessSpec(channels=1, size=(32, 32), mean=(0.5,), std=(0.5,), interpolation="cubic")
+
+
+def test_fast_area_stays_close_to_area_on_a_smooth_image() -> None:
+    yy, xx = np.mgrid[0:480, 0:640]
+    img = ((np.sin(xx / 37.0) + np.cos(yy / 23.0)) * 60 + 128).astype(np.uint8)
+    fast = Preprocessor(PreprocessSpec(channels=1, size=(224, 224), mean=(0.5,), std=(0.5,))).geometry(img)
+    area = Preprocessor(PreprocessSpec(channels=1, size=(224, 224), mean=(0.5,), std=(0.5,), interpolation="area")).geometry(img)
+    assert fast.shape == area.shape == (224, 224, 1)
+    assert np.abs(fast.astype(int) - area.astype(int)).mean() < 1.5
