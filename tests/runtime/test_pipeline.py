@@ -281,3 +281,28 @@ def test_device_profile_sets_backend_and_flags_win(bundle_dir: Path) -> None:
     assert s["threads"] == 1 and s["chosen_by"]["threads"] == "argument"
     with pytest.raises(ConfigError, match="unknown"):
         run_bundle(str(bundle_dir), "synthetic:ultrasound?frames=3", device="no-such-board")
+
+
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+def test_a_signal_ends_the_run_cleanly_with_everything_written(bundle_dir: Path, tmp_path: Path, sig: str) -> None:
+    import os
+    import signal
+    import time
+
+    from edgeclf.runtime.sinks import read_jsonl
+
+    out, summary = tmp_path / "r.jsonl", tmp_path / "clip.json"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    p = subprocess.Popen([sys.executable, "-m", "edgeclf", "run", "--bundle", str(bundle_dir), "--source",
+                          "synthetic:ultrasound?frames=100000&size=64", "--out", str(out), "--summary", str(summary), "--json"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO)
+    deadline = time.time() + 60
+    while time.time() < deadline and (not out.exists() or len(out.read_text().splitlines()) < 20):
+        time.sleep(0.2)
+    p.send_signal(getattr(signal, sig))
+    stdout, stderr = p.communicate(timeout=60)
+    assert p.returncode == 0, stderr
+    result = json.loads(stdout)
+    records, torn = read_jsonl(out)
+    assert result["stopped_by"] == "signal" and torn == 0 and len(records) == result["frames"] == result["written"] >= 20
+    assert json.loads(summary.read_text())["frames"] == result["frames"]
