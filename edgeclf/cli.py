@@ -270,6 +270,129 @@ def run(bundle: str, source: str, out, max_frames, min_confidence, backend, devi
     _emit(as_json, summary, _print_run)
 
 
+# -- profile ------------------------------------------------------------------------------------------------
+
+@cli.group("profile", invoke_without_command=True)
+@click.option("--bundle", "bundles", multiple=True, help="Bundle folder; repeat to profile several side by side (interleaved).")
+@click.option("--source", default=None, help="Frame source URI [default: synthetic:ultrasound?frames=WARMUP+FRAMES, reopened at its end].")
+@click.option("--backend", "backends", multiple=True, help="ort-cpu, ort-cuda or ort-tensorrt; repeat to compare [default: ort-cpu].")
+@click.option("--precision", "precisions", multiple=True, type=click.Choice(["fp32", "fp16", "int8"]),
+              help="Model of the bundle; repeat to compare [default: the bundle's deploy choice].")
+@click.option("--frames", type=click.IntRange(min=1), default=500, show_default=True, help="Steady-state frames per target.")
+@click.option("--warmup", type=click.IntRange(min=0), default=50, show_default=True, help="Frames per target excluded as warm-up.")
+@click.option("--chunk", type=click.IntRange(min=1), default=50, show_default=True, help="Frames per turn when interleaving targets.")
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="Inference threads [default: the cores available].")
+@click.option("--bootstrap", type=click.IntRange(min=0), default=1000, show_default=True, help="Resamples for the 95% intervals (0: none).")
+@click.option("--no-quality", is_flag=True, help="Skip the per-frame quality gate (as `run --no-quality`).")
+@click.option("--report", "report_dir", default=None, help="Folder for report.md and PNG plots (needs matplotlib).")
+@json_option
+@click.pass_context
+def profile(ctx: click.Context, bundles, source, backends, precisions, frames, warmup, chunk, threads, bootstrap, no_quality,
+            report_dir, as_json: bool) -> None:
+    """Per-stage latency on this device (median, p90, p99 with 95% intervals), several targets side by side.
+
+    `edgeclf profile --bundle B [--bundle B2] [--precision fp32 --precision int8]`; then
+    `edgeclf profile compare OLD.json NEW.json` to gate on regressions.
+    """
+    import time
+
+    if ctx.invoked_subcommand is not None:
+        return
+    t_entry = time.time()
+    if not bundles:
+        raise click.UsageError("give at least one --bundle (or a subcommand: compare)", ctx=ctx)
+    from edgeclf.runtime.pipeline import RunOptions
+    from edgeclf.runtime.profile import ProfileOptions, ProfileTarget, profile_bundles, write_report
+
+    targets = [ProfileTarget(b, backend=bk, precision=p) for b in bundles for bk in (backends or ("ort-cpu",))
+               for p in (precisions or (None,))]
+    opts = ProfileOptions(source=source, frames=frames, warmup=warmup, chunk=chunk, threads=threads, bootstrap=bootstrap,
+                          run_options=RunOptions(quality=not no_quality))
+    result = profile_bundles(targets, opts, started_at=t_entry)
+    if report_dir:
+        result.doc["report"] = write_report(result, report_dir)
+    _emit(as_json, result.doc, _print_profile)
+
+
+@profile.command("compare")
+@click.argument("old")
+@click.argument("new")
+@click.option("--max-regression", type=click.FloatRange(min=0), default=0.1, show_default=True,
+              help="Largest allowed slow-down of any stage's median, as a fraction (0.1 = 10%).")
+@click.option("--min-delta-ms", type=click.FloatRange(min=0), default=0.0, show_default=True,
+              help="Ignore slow-downs smaller than this many ms (sub-millisecond stages are noisy).")
+@json_option
+@click.pass_context
+def profile_compare(ctx: click.Context, old: str, new: str, max_regression: float, min_delta_ms: float, as_json: bool) -> None:
+    """Compare two `profile --json` outputs; exit 1 when a stage's median got slower than allowed."""
+    from edgeclf.runtime.profile import compare_profiles, load_profile_json
+
+    result = compare_profiles(load_profile_json(old), load_profile_json(new), max_regression=max_regression,
+                              min_delta_ms=min_delta_ms)
+    _emit(as_json, result, _print_compare)
+    for r in result["regressions"]:
+        click.echo(f"REGRESSION {r['target']} {r['stage']}: median {r['old_median_ms']:.3f} -> {r['new_median_ms']:.3f} ms "
+                   f"({_ms(r['change'], '+.1%')} > {max_regression:.0%})", err=True)
+    if result["regressed"]:
+        ctx.exit(1)
+
+
+def _ms(v: Any, spec: str = ".3f") -> str:
+    return "n/a" if v is None else format(v, spec)
+
+
+def _print_profile(d: dict[str, Any]) -> None:
+    for t in d["targets"]:
+        rows = []
+        for stage, s in t["stages_ms"].items():
+            ci = s.get("ci95") or {}
+            r = (t.get("ratio_to_first") or {}).get(stage) or {}
+            rci = r.get("ci95")
+            ratio = _ms(r.get("median_ratio"), ".2f") + (f" ({rci[0]:.2f}-{rci[1]:.2f})" if rci else "")
+            med_ci = f" ({ci['median'][0]:.3f}-{ci['median'][1]:.3f})" if ci.get("median") else ""
+            p99_ci = f" ({ci['p99'][0]:.3f}-{ci['p99'][1]:.3f})" if ci.get("p99") else ""
+            rows.append([stage, _ms(s["median"]) + med_ci, _ms(s["p90"]), _ms(s["p99"]) + p99_ci, _ms(s["max"]), _ms(s["std"]),
+                         _ms(s["throughput_per_s"], ".1f"), ratio if t.get("ratio_to_first") else "-"])
+        title = (f"{t['name']} ({t['model']} on {t['backend']}): {t['frames']} steady frames, {_ms(t['fps'], '.1f')} fps; "
+                 f"ms per frame, 95% bootstrap intervals")
+        click.echo(_table(["stage", "median (95% CI)", "p90", "p99 (95% CI)", "max", "std", "per s", "ratio to first"], rows, title))
+        c, w = t["cold_start"], t["warmup"]["stages_ms"].get("latency") or {}
+        click.echo(f"cold start: bundle load {_ms(c['bundle_load_ms'], '.1f')} ms, backend {_ms(c['backend_create_ms'], '.1f')} ms "
+                   f"(session {_ms(c['session_ms'], '.1f')} ms), first result {_ms(c['time_to_first_result_ms'], '.1f')} ms; "
+                   f"warm-up ({t['warmup']['frames']} frames): first {_ms(w.get('first'))} ms, median {_ms(w.get('median'))} ms")
+        e = t["system"]["energy"]
+        click.echo("energy per inference: " + (f"{e['energy_per_inference_mj']:.2f} mJ ({e['source']})" if e["available"]
+                                                else f"not available ({e['reason']})"))
+        click.echo()
+    c, s = d["cold_start"], d["system"]
+    click.echo(f"process start to first result {_ms(c['process_start_to_first_result_ms'], '.0f')} ms, "
+               f"command start to first result {_ms(c['cli_entry_to_first_result_ms'], '.0f')} ms")
+    p = s["process"]
+    click.echo(f"process: CPU {_ms(p['cpu_percent_mean'], '.0f')}% mean, RSS {_ms(p['rss_mb_start'], '.1f')} -> {_ms(p['rss_mb_end'], '.1f')} MB, "
+               f"slope after warm-up {_ms(p['rss_slope_mb_per_10k_frames'], '.2f')} MB per 10,000 frames")
+    g = s["gpu"]
+    click.echo("GPU (NVML): " + (f"{g['name']}, utilisation {_ms(g.get('util_percent_mean'), '.0f')}% mean, "
+                                 f"memory max {_ms(g.get('memory_mb_max'), '.0f')} MB" if g["available"] else f"not available ({g['reason']})"))
+    tg = s["tegrastats"]
+    click.echo("tegrastats: " + (f"{tg['samples']} samples, GPU {_ms(tg.get('gpu_percent_mean'), '.0f')}% mean, "
+                                 f"power {_ms(tg.get('total_power_mw_mean'), '.0f')} mW mean" if tg["available"] else f"not available ({tg['reason']})"))
+    for k, v in (s.get("jetson") or {}).items():
+        val = v.get("mode") if k == "nvpmodel" else v.get("locked")
+        click.echo(f"{k}: " + (f"{val}" if v["available"] else f"not available ({v['reason']})"))
+    if d["warnings"]:
+        click.echo(f"{len(d['warnings'])} warning(s), logged above and in the JSON's \"warnings\"")
+    if d.get("report"):
+        click.echo("report: " + ", ".join(d["report"]))
+
+
+def _print_compare(r: dict[str, Any]) -> None:
+    rows = [[x["target"], x["stage"], f"{x['old_median_ms']:.3f}", f"{x['new_median_ms']:.3f}", _ms(x["change"], "+.1%"),
+             "REGRESSED" if x["regressed"] else "ok"] for x in r["rows"]]
+    click.echo(_table(["target", "stage", "old median ms", "new median ms", "change", ""], rows,
+                      f"steady-state medians, allowed slow-down {r['max_regression']:.0%}"))
+    click.echo(f"{len(r['regressions'])} stage(s) regressed" if r["regressed"] else "no regression")
+
+
 # -- bundle -----------------------------------------------------------------------------------------------
 
 @cli.group()

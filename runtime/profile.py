@@ -1,0 +1,943 @@
+"""Latency profiling on the device: per-stage timing through the real pipeline, side by side.
+
+`profile_bundles(targets, options)` runs each target (a bundle on a backend at a precision) through
+`run_pipeline` with a JSONL sink to a temporary file, and times inference alone (`backend.infer` on one
+preprocessed frame). Targets are interleaved in chunks (A B A B ...), so drift of the machine (clocks,
+heat, other load) falls on every target alike. The first `warmup` frames of each target are reported
+apart from the steady state; cold start (bundle load, session creation, time to the first result, and
+process start to the first result) on its own. Each record's per-stage times are kept in full (the
+pipeline's own StageTimes keeps only a window for its percentiles).
+
+While it runs, a background thread samples process CPU % and RSS (psutil, else /proc), GPU utilisation,
+memory and power through NVML (pynvml, optional) and, on a Jetson, tegrastats (power rails, temperatures).
+
+The result is one JSON document (`runtime/profile_schema.json`, schema_version 1); `compare_profiles`
+checks two of them for regressions and `write_report` writes report.md and PNG plots (matplotlib).
+
+Python 3.8 compatible; numpy at import; psutil, pynvml and matplotlib inside the functions that use them.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import platform
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from edgeclf.errors import ConfigError, MissingExtraError, SourceError
+from edgeclf.runtime.backends import Backend, create_backend
+from edgeclf.runtime.bundle import Bundle, load_bundle
+from edgeclf.runtime.pipeline import STAGES, RunOptions, run_pipeline
+from edgeclf.runtime.preprocess import Preprocessor
+from edgeclf.runtime.sinks import JsonlSink, Sink
+from edgeclf.runtime.sources import FrameSource, open_source
+
+__all__ = [
+    "SCHEMA_VERSION",
+    "PROFILE_STAGES",
+    "ProfileTarget",
+    "ProfileOptions",
+    "ProfileResult",
+    "BackendFactory",
+    "profile_bundles",
+    "latency_stats",
+    "bootstrap_ci",
+    "ratio_ci",
+    "rss_slope_mb_per_10k",
+    "compare_profiles",
+    "load_profile_json",
+    "profile_schema",
+    "build_figures",
+    "render_markdown",
+    "write_report",
+]
+
+log = logging.getLogger(__name__)
+SCHEMA_VERSION = 1
+#: Pipeline stages; frame: their sum (the pipeline's time per frame); latency: from the frame's capture
+#: timestamp (as its source sets it) to the result; infer_only: `backend.infer` alone on one preprocessed frame.
+PROFILE_STAGES: Tuple[str, ...] = STAGES + ("frame", "latency", "infer_only")
+_QUANTILES = (50.0, 90.0, 99.0)
+_QNAMES = ("median", "p90", "p99")
+
+BackendFactory = Callable[[Bundle, str, "ProfileTarget", Optional[int]], Backend]
+
+
+@dataclass(frozen=True)
+class ProfileTarget:
+    """One thing to profile: a bundle folder on a backend at a precision (None: the bundle's deploy choice)."""
+
+    bundle: str
+    backend: str = "ort-cpu"
+    precision: Optional[str] = None
+    label: Optional[str] = None
+
+    @property
+    def name(self) -> str:
+        if self.label:
+            return self.label
+        return f"{Path(self.bundle).name}:{self.backend}:{self.precision or 'deploy'}"
+
+
+@dataclass(frozen=True)
+class ProfileOptions:
+    """frames: steady-state frames per target (after `warmup`); chunk: frames per turn when interleaving;
+    source: a source URI (None: ``synthetic:ultrasound?frames=warmup+frames``, reopened at its end);
+    bootstrap: resamples for the 95% intervals (0: none); sample_interval_s: system sampling period."""
+
+    source: Optional[str] = None
+    frames: int = 500
+    warmup: int = 50
+    chunk: int = 50
+    threads: Optional[int] = None
+    bootstrap: int = 1000
+    seed: int = 0
+    sample_interval_s: float = 0.1
+    infer_only: bool = True
+    throttle_temp_c: float = 85.0
+    run_options: RunOptions = field(default_factory=RunOptions)
+
+    def __post_init__(self) -> None:
+        if self.frames < 1:
+            raise ConfigError(f"frames is {self.frames}; allowed: 1 or more steady-state frames per target")
+        if self.warmup < 0:
+            raise ConfigError(f"warmup is {self.warmup}; allowed: 0 or more frames")
+        if self.chunk < 1:
+            raise ConfigError(f"chunk is {self.chunk}; allowed: 1 or more frames per interleaved turn")
+        if self.bootstrap != 0 and self.bootstrap < 100:
+            raise ConfigError(f"bootstrap is {self.bootstrap}; allowed: 0 (no intervals) or at least 100 resamples")
+        if not self.sample_interval_s > 0:
+            raise ConfigError(f"sample interval is {self.sample_interval_s}; allowed: a positive number of seconds")
+
+
+@dataclass
+class ProfileResult:
+    """doc: the JSON document; series: per target, per stage, every frame's ms (warm-up first);
+    warmup: per target, how many leading values of each series are warm-up."""
+
+    doc: Dict[str, Any]
+    series: Dict[str, Dict[str, List[float]]]
+    warmup: Dict[str, int]
+
+
+# ---------------------------------------------------------------------------------------------- statistics
+
+def bootstrap_ci(values: Sequence[float], quantiles: Sequence[float] = _QUANTILES, *, n_boot: int = 1000,
+                 seed: int = 0) -> List[Tuple[float, float]]:
+    """95% percentile-bootstrap intervals of the given percentiles (0-100) of `values`."""
+    a = np.asarray(values, np.float64)
+    if a.size == 0 or n_boot <= 0:
+        return [(float("nan"), float("nan")) for _ in quantiles]
+    rng = np.random.default_rng(seed)
+    batch = max(1, min(n_boot, 2_000_000 // max(a.size, 1)))
+    est: List[np.ndarray] = []
+    done = 0
+    while done < n_boot:
+        b = min(batch, n_boot - done)
+        idx = rng.integers(0, a.size, size=(b, a.size))
+        est.append(np.percentile(a[idx], list(quantiles), axis=1))  # (Q, b)
+        done += b
+    q = np.concatenate(est, axis=1)
+    lo, hi = np.percentile(q, [2.5, 97.5], axis=1)
+    return [(float(x), float(y)) for x, y in zip(lo, hi)]
+
+
+def ratio_ci(base: Sequence[float], other: Sequence[float], *, n_boot: int = 1000, seed: int = 0) -> Dict[str, Any]:
+    """median(other) / median(base) with a 95% bootstrap interval (each resampled on its own)."""
+    a, b = np.asarray(base, np.float64), np.asarray(other, np.float64)
+    if a.size == 0 or b.size == 0:
+        return {"median_ratio": None, "ci95": None}
+    ma = float(np.median(a))
+    ratio = float(np.median(b)) / ma if ma > 0 else None
+    if n_boot <= 0 or ratio is None:
+        return {"median_ratio": ratio, "ci95": None}
+    rng = np.random.default_rng(seed)
+    ra, rb = _boot_medians(a, n_boot, rng), _boot_medians(b, n_boot, rng)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        r = rb / ra
+    r = r[np.isfinite(r)]
+    if not r.size:
+        return {"median_ratio": ratio, "ci95": None}
+    lo, hi = np.percentile(r, [2.5, 97.5])
+    return {"median_ratio": ratio, "ci95": [float(lo), float(hi)]}
+
+
+def _boot_medians(a: np.ndarray, n_boot: int, rng: np.random.Generator) -> np.ndarray:
+    """Medians of n_boot resamples of `a`, in batches of bounded memory."""
+    batch = max(1, min(n_boot, 2_000_000 // max(a.size, 1)))
+    parts = []
+    done = 0
+    while done < n_boot:
+        k = min(batch, n_boot - done)
+        parts.append(np.median(a[rng.integers(0, a.size, size=(k, a.size))], axis=1))
+        done += k
+    return np.concatenate(parts)
+
+
+def latency_stats(values_ms: Sequence[float], *, n_boot: int = 1000, seed: int = 0) -> Dict[str, Any]:
+    """n, mean, std, min, median, p90, p99 (each percentile with a 95% bootstrap interval), max and
+    throughput (1000 / mean: items per second were this stage alone) of a list of milliseconds."""
+    a = np.asarray(values_ms, np.float64)
+    if a.size == 0:
+        return {"n": 0, "mean": None, "std": None, "min": None, "median": None, "p90": None, "p99": None, "max": None,
+                "throughput_per_s": None, "ci95": None}
+    qs = np.percentile(a, list(_QUANTILES))
+    mean = float(a.mean())
+    out: Dict[str, Any] = {
+        "n": int(a.size), "mean": mean, "std": float(a.std(ddof=1)) if a.size > 1 else 0.0, "min": float(a.min()),
+        "median": float(qs[0]), "p90": float(qs[1]), "p99": float(qs[2]), "max": float(a.max()),
+        "throughput_per_s": 1000.0 / mean if mean > 0 else None, "ci95": None,
+    }
+    if n_boot > 0:
+        cis = bootstrap_ci(values_ms, _QUANTILES, n_boot=n_boot, seed=seed)
+        out["ci95"] = {k: [lo, hi] for k, (lo, hi) in zip(_QNAMES, cis)}
+    return out
+
+
+def _warmup_stats(values_ms: Sequence[float]) -> Dict[str, Any]:
+    a = np.asarray(values_ms, np.float64)
+    if a.size == 0:
+        return {"n": 0, "first": None, "median": None, "mean": None, "max": None}
+    return {"n": int(a.size), "first": float(a[0]), "median": float(np.median(a)), "mean": float(a.mean()), "max": float(a.max())}
+
+
+def rss_slope_mb_per_10k(frames: Sequence[float], rss_mb: Sequence[float]) -> Optional[float]:
+    """Least-squares slope of RSS (MB) against frames processed, in MB per 10,000 frames (None: fewer
+    than two distinct frame counts)."""
+    x, y = np.asarray(frames, np.float64), np.asarray(rss_mb, np.float64)
+    if x.size != y.size:
+        raise ValueError(f"{x.size} frame counts but {y.size} RSS values")
+    if x.size < 2 or float(np.ptp(x)) == 0.0:
+        return None
+    xm = x - x.mean()
+    slope = float((xm * (y - y.mean())).sum() / (xm * xm).sum())
+    return slope * 10_000.0
+
+
+# ------------------------------------------------------------------------------------------ system sampling
+
+def _process_start_time() -> Tuple[Optional[float], Optional[str]]:
+    """Wall-clock time this process started, and where it came from (psutil, or None)."""
+    try:
+        import psutil  # noqa: PLC0415
+
+        return float(psutil.Process().create_time()), "psutil"
+    except ImportError:
+        return None, None
+
+
+class _ProcessProbe:
+    """Process CPU % (of one core) and RSS in MB: psutil where installed, else stdlib and /proc."""
+
+    def __init__(self) -> None:
+        self.reason: Optional[str] = None
+        try:
+            import psutil  # noqa: PLC0415
+
+            self._ps: Any = psutil.Process()
+            self._ps.cpu_percent(None)
+            self.method = "psutil"
+        except ImportError:
+            self._ps = None
+            self.method = "stdlib"
+        self._last = (time.monotonic(), time.process_time())
+
+    def cpu_percent(self) -> Optional[float]:
+        if self._ps is not None:
+            return float(self._ps.cpu_percent(None))
+        now = (time.monotonic(), time.process_time())
+        dt = now[0] - self._last[0]
+        pct = 100.0 * (now[1] - self._last[1]) / dt if dt > 0 else None
+        self._last = now
+        return pct
+
+    def rss_mb(self) -> Optional[float]:
+        if self._ps is not None:
+            return float(self._ps.memory_info().rss) / 1e6
+        try:
+            with open("/proc/self/statm") as f:
+                pages = int(f.read().split()[1])
+            return pages * os.sysconf("SC_PAGE_SIZE") / 1e6
+        except (OSError, ValueError, IndexError, AttributeError):
+            self.reason = "RSS needs psutil or /proc (pip install psutil)"
+            return None
+
+
+class _Nvml:
+    """GPU 0 utilisation %, memory used (MB) and power (mW) through NVML, where pynvml is installed."""
+
+    def __init__(self) -> None:
+        self.handle: Any = None
+        self.name: Optional[str] = None
+        self.reason: Optional[str] = None
+        try:
+            import pynvml  # noqa: PLC0415
+        except ImportError:
+            self.reason = "pynvml is not installed (pip install nvidia-ml-py)"
+            return
+        try:
+            pynvml.nvmlInit()
+            self.handle = pynvml.nvmlDeviceGetHandleByIndex(0)
+            raw = pynvml.nvmlDeviceGetName(self.handle)
+            self.name = raw.decode() if isinstance(raw, bytes) else str(raw)
+            self._nv: Any = pynvml
+        except Exception as exc:  # pynvml raises NVMLError subclasses: no driver, no GPU
+            self.handle, self.reason = None, f"NVML is not usable here: {exc}"
+
+    @property
+    def available(self) -> bool:
+        return self.handle is not None
+
+    def sample(self) -> Dict[str, Optional[float]]:
+        out: Dict[str, Optional[float]] = {"gpu_util": None, "gpu_mem_mb": None, "gpu_power_mw": None}
+        if self.handle is None:
+            return out
+        nv = self._nv
+        try:
+            out["gpu_util"] = float(nv.nvmlDeviceGetUtilizationRates(self.handle).gpu)
+            out["gpu_mem_mb"] = float(nv.nvmlDeviceGetMemoryInfo(self.handle).used) / 1e6
+        except Exception:  # a transient NVML error loses one sample, not the run
+            pass
+        with contextlib.suppress(Exception):  # not every board reports power
+            out["gpu_power_mw"] = float(nv.nvmlDeviceGetPowerUsage(self.handle))
+        return out
+
+    def close(self) -> None:
+        if self.handle is not None:
+            with contextlib.suppress(Exception):  # shutting down a failed library is not the run's problem
+                self._nv.nvmlShutdown()
+            self.handle = None
+
+
+class _Sampler:
+    """Background thread: every `interval` s, one sample of process, GPU and the current target/phase."""
+
+    def __init__(self, interval: float, state: Callable[[], Tuple[int, Optional[int], str]]) -> None:
+        self.interval = interval
+        self._state = state
+        self.proc = _ProcessProbe()
+        self.nvml = _Nvml()
+        self.samples: List[Dict[str, Any]] = []
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._loop, name="profile-sampler", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def sample_now(self) -> None:
+        frames, target, phase = self._state()
+        s: Dict[str, Any] = {"t": time.monotonic(), "frames": frames, "target": target, "phase": phase,
+                             "cpu_percent": self.proc.cpu_percent(), "rss_mb": self.proc.rss_mb()}
+        s.update(self.nvml.sample())
+        with self._lock:
+            self.samples.append(s)
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.sample_now()
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=2)
+        self.nvml.close()
+
+
+# ------------------------------------------------------------------------------------------------ the run
+
+class _TimedSink(Sink):
+    """Wraps the real sink: times its write (the "sink" stage) and keeps every record's stage times."""
+
+    def __init__(self, inner: Sink, on_record: Callable[[Dict[str, float]], None]) -> None:
+        self.inner = inner
+        self._on_record = on_record
+
+    def write(self, record: Dict[str, Any], image: Optional[Any] = None) -> None:
+        t0 = time.perf_counter()
+        self.inner.write(record)
+        sink_ms = (time.perf_counter() - t0) * 1e3
+        lat = record["latency_ms"]
+        self.written += 1
+        stages = {"capture": float(lat["capture"]), "preprocess": float(lat["preprocess"]), "infer": float(lat["infer"]),
+                  "postprocess": float(lat["postprocess"]), "sink": sink_ms}
+        stages["frame"] = sum(stages.values())
+        stages["latency"] = float(lat["total"])
+        self._on_record(stages)
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+def _default_factory(bundle: Bundle, model_path: str, target: ProfileTarget, threads: Optional[int]) -> Backend:
+    m = bundle.manifest
+    return create_backend(model_path, (m.preprocess.channels,) + tuple(m.preprocess.size), m.num_outputs,
+                          backend=target.backend, threads=threads)
+
+
+class _TargetRun:
+    def __init__(self, target: ProfileTarget, index: int, uri: str, opts: ProfileOptions, tmp: str) -> None:
+        self.target, self.index, self.uri, self.opts = target, index, uri, opts
+        self.series: Dict[str, List[float]] = {s: [] for s in PROFILE_STAGES}
+        self.phase = "setup"
+        self.warm_n: Dict[str, int] = {}
+        self.first_result_wall: Optional[float] = None
+        self.first_result_perf: Optional[float] = None
+        self.steady_wall_s = 0.0
+        self.steady_frames = 0
+        self.infer_only_wall_s = 0.0
+        self.source: Optional[FrameSource] = None
+        self.reopened = 0
+        self.summary_check: Dict[str, Any] = {}
+        self.jsonl = os.path.join(tmp, f"target{index}.jsonl")
+        self.sink = _TimedSink(JsonlSink(self.jsonl, fsync_every=1.0), self._record)
+        self.backend: Optional[Backend] = None
+        self.x: Optional[np.ndarray] = None
+
+    def _record(self, stages: Dict[str, float]) -> None:
+        if self.first_result_wall is None:
+            self.first_result_wall, self.first_result_perf = time.time(), time.perf_counter()
+        for k, v in stages.items():
+            self.series[k].append(v)
+
+    def setup(self, factory: BackendFactory) -> None:
+        t0 = time.perf_counter()
+        self.setup_perf = t0
+        self.bundle = load_bundle(self.target.bundle)
+        t1 = time.perf_counter()
+        model_path, self.variant = self.bundle.select(self.target.precision, self.target.backend)
+        self.backend = factory(self.bundle, str(model_path), self.target, self.opts.threads)
+        t2 = time.perf_counter()
+        self.bundle_load_ms = (t1 - t0) * 1e3
+        self.backend_create_ms = (t2 - t1) * 1e3
+        sm = getattr(self.backend, "session_ms", None)
+        self.session_ms = float(sm) if isinstance(sm, (int, float)) else None
+        self.pre = Preprocessor(self.bundle.manifest.preprocess)
+
+    def _open(self) -> FrameSource:
+        if self.source is None:
+            self.source = open_source(self.uri)
+        return self.source
+
+    def run_frames(self, n: int) -> None:
+        """Exactly n frames through the pipeline, reopening the source at its end."""
+        assert self.backend is not None
+        left = n
+        empty_in_a_row = 0
+        while left > 0:
+            src = self._open()
+            t0 = time.perf_counter()
+            s = run_pipeline(self.bundle, src, self.backend, [self.sink], max_frames=left, options=self.opts.run_options)
+            if self.phase == "steady":
+                self.steady_wall_s += time.perf_counter() - t0
+                self.steady_frames += s.frames
+            left -= s.frames
+            self.summary_check = {"pipeline_sink_mean_ms": s.timings_ms["sink"].stats()["mean"]}
+            if left > 0:  # the source ended: rewind by reopening it
+                src.close()
+                self.source = None
+                self.reopened += 1
+                empty_in_a_row = empty_in_a_row + 1 if s.frames == 0 else 0
+                if empty_in_a_row >= 2:
+                    raise SourceError(f"source {self.uri} gives no frames; give a source with at least one frame")
+
+    def _input(self) -> np.ndarray:
+        if self.x is None:
+            with open_source(self.uri) as src:
+                frame = src.read()
+            if frame is None:
+                raise SourceError(f"source {self.uri} gives no frames; give a source with at least one frame")
+            self.x = self.pre(frame.image)
+        return self.x
+
+    def infer_only(self, n: int) -> None:
+        assert self.backend is not None
+        x = self._input()
+        out = self.series["infer_only"]
+        t_start = time.perf_counter()
+        for _ in range(n):
+            t0 = time.perf_counter()
+            self.backend.infer(x)
+            out.append((time.perf_counter() - t0) * 1e3)
+        if self.phase == "steady":
+            self.infer_only_wall_s += time.perf_counter() - t_start
+
+    def close(self) -> None:
+        if self.source is not None:
+            self.source.close()
+            self.source = None
+        self.sink.close()
+        if self.backend is not None:
+            self.backend.close()
+
+
+def _default_source(opts: ProfileOptions) -> str:
+    return f"synthetic:ultrasound?frames={opts.warmup + opts.frames}"
+
+
+def _version() -> str:
+    try:
+        from importlib.metadata import version  # noqa: PLC0415
+
+        return version("edgeclf")
+    except Exception:  # not installed (a source checkout on PYTHONPATH)
+        return "unknown"
+
+
+def profile_bundles(
+    targets: Sequence[ProfileTarget],
+    options: Optional[ProfileOptions] = None,
+    *,
+    backend_factory: Optional[BackendFactory] = None,
+    started_at: Optional[float] = None,
+    on_round: Optional[Callable[[int], None]] = None,
+) -> ProfileResult:
+    """Profile every target, interleaved in chunks; returns the JSON document and the per-frame series.
+
+    started_at: wall-clock time of the CLI's entry (for cold start: entry to first result).
+    backend_factory: builds the backend (tests pass FakeBackends); default: `create_backend`.
+    on_round: called with the round number after every interleaved round of steady chunks (a reference
+        timing can run its own chunk there, interleaved with the profile's).
+    """
+    if not targets:
+        raise ConfigError("no bundle to profile; give at least one --bundle")
+    opts = options or ProfileOptions()
+    names = [t.name for t in targets]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"targets repeat: {names}; give each bundle/backend/precision combination once")
+    uri = opts.source or _default_source(opts)
+    factory = backend_factory or _default_factory
+    runs: List[_TargetRun] = []
+    state: Dict[str, Any] = {"frames": 0, "target": None, "phase": "setup"}
+
+    def current() -> Tuple[int, Optional[int], str]:
+        return int(state["frames"]), state["target"], str(state["phase"])
+
+    from edgeclf.runtime.tegrastats import TegrastatsReader, jetson_settings  # noqa: PLC0415
+
+    sampler = _Sampler(opts.sample_interval_s, current)
+    tegra = TegrastatsReader(interval_ms=max(10, int(opts.sample_interval_s * 1000)))
+    t_wall0 = time.time()
+    with tempfile.TemporaryDirectory(prefix="edgeclf-profile-") as tmp:
+        try:
+            tegra.start()
+            sampler.start()
+            # Set-up and warm-up, one target after the other: the first target's first result is the cold start.
+            for i, t in enumerate(targets):
+                r = _TargetRun(t, i, uri, opts, tmp)
+                runs.append(r)
+                state.update(target=i, phase="setup")
+                r.setup(factory)
+                state.update(target=r.index, phase="warmup")
+                r.phase = "warmup"
+                if opts.warmup:
+                    r.run_frames(opts.warmup)
+                    if opts.infer_only:
+                        r.infer_only(opts.warmup)
+                r.warm_n = {k: len(v) for k, v in r.series.items()}
+                sampler.sample_now()
+            # Steady state, interleaved in chunks: A B A B ...
+            for r in runs:
+                r.phase = "steady"
+            left, rnd = opts.frames, 0
+            while left > 0:
+                n = min(opts.chunk, left)
+                for r in runs:
+                    state.update(target=r.index, phase="steady")
+                    r.run_frames(n)
+                    state["frames"] = int(state["frames"]) + n
+                    sampler.sample_now()
+                    if opts.infer_only:
+                        state["phase"] = "steady_infer_only"
+                        r.infer_only(n)
+                left -= n
+                if on_round is not None:
+                    state["phase"] = "external"
+                    on_round(rnd)
+                rnd += 1
+            state.update(target=None, phase="done")
+        finally:
+            sampler.close()
+            tegra.close()
+            for r in runs:
+                r.close()
+    doc = _document(runs, opts, uri, sampler, tegra, t_wall0, started_at)
+    doc["system"]["jetson"] = jetson_settings() if tegra.executable else {
+        "nvpmodel": {"available": False, "mode": None, "reason": "not a Jetson (no tegrastats)"},
+        "jetson_clocks": {"available": False, "locked": None, "reason": "not a Jetson (no tegrastats)"}}
+    _warn(doc)
+    series = {r.target.name: {k: list(v) for k, v in r.series.items()} for r in runs}
+    warm = {r.target.name: opts.warmup for r in runs}
+    return ProfileResult(doc=doc, series=series, warmup=warm)
+
+
+def _document(runs: List[_TargetRun], opts: ProfileOptions, uri: str, sampler: _Sampler, tegra: Any,
+              t_wall0: float, started_at: Optional[float]) -> Dict[str, Any]:
+    nb = opts.bootstrap
+    targets: List[Dict[str, Any]] = []
+    steady: List[Dict[str, List[float]]] = []
+    for r in runs:
+        st = {k: v[r.warm_n.get(k, 0):] for k, v in r.series.items()}
+        wu = {k: v[: r.warm_n.get(k, 0)] for k, v in r.series.items()}
+        steady.append(st)
+        first_ms = (r.first_result_perf - r.setup_perf) * 1e3 if r.first_result_perf is not None else None
+        targets.append({
+            "name": r.target.name,
+            "bundle": str(r.bundle.path),
+            "bundle_checksum": r.bundle.checksum,
+            "backend": getattr(r.backend, "name", r.target.backend),
+            "precision": r.target.precision,
+            "model": r.variant,
+            "threads": getattr(r.backend, "threads", opts.threads),
+            "frames": r.steady_frames,
+            "wall_s": r.steady_wall_s,
+            "fps": r.steady_frames / r.steady_wall_s if r.steady_wall_s > 0 else None,
+            "source_reopened": r.reopened,
+            "cold_start": {"bundle_load_ms": r.bundle_load_ms, "backend_create_ms": r.backend_create_ms,
+                           "session_ms": r.session_ms, "time_to_first_result_ms": first_ms},
+            "warmup": {"frames": opts.warmup, "stages_ms": {k: _warmup_stats(v) for k, v in wu.items() if k != "infer_only" or opts.infer_only}},
+            "stages_ms": {k: latency_stats(v, n_boot=nb, seed=opts.seed) for k, v in st.items() if k != "infer_only" or opts.infer_only},
+            "ratio_to_first": None,
+            "system": {},
+        })
+    for i in range(1, len(targets)):
+        targets[i]["ratio_to_first"] = {k: ratio_ci(steady[0][k], steady[i][k], n_boot=nb, seed=opts.seed)
+                                        for k in targets[i]["stages_ms"] if steady[0].get(k) and steady[i].get(k)}
+    first = runs[0] if runs else None
+    pstart, how = _process_start_time()
+    cold: Dict[str, Any] = {
+        "process_start_to_first_result_ms": (first.first_result_wall - pstart) * 1e3
+        if first is not None and first.first_result_wall is not None and pstart is not None else None,
+        "cli_entry_to_first_result_ms": (first.first_result_wall - started_at) * 1e3
+        if first is not None and first.first_result_wall is not None and started_at is not None else None,
+        "process_start_source": how,
+    }
+    system = _system_section(runs, targets, opts, sampler, tegra)
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "kind": "edgeclf-profile",
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(t_wall0)),
+        "host": {"edgeclf": _version(), "python": platform.python_version(), "platform": platform.platform(),
+                 "machine": platform.machine(), "cpu_count": os.cpu_count()},
+        "config": {"source": uri, "frames": opts.frames, "warmup": opts.warmup, "chunk": opts.chunk, "threads": opts.threads,
+                   "bootstrap": opts.bootstrap, "seed": opts.seed, "sample_interval_s": opts.sample_interval_s,
+                   "infer_only": opts.infer_only, "smoothing": opts.run_options.smoothing, "roi": opts.run_options.roi,
+                   "quality": opts.run_options.quality},
+        "cold_start": cold,
+        "targets": targets,
+        "system": system,
+        "warnings": [],
+    }
+
+
+def _mean(values: Sequence[Optional[float]]) -> Optional[float]:
+    v = [float(x) for x in values if x is not None]
+    return float(np.mean(v)) if v else None
+
+
+def _system_section(runs: List[_TargetRun], targets: List[Dict[str, Any]], opts: ProfileOptions, sampler: _Sampler,
+                    tegra: Any) -> Dict[str, Any]:
+    samples = list(sampler.samples)
+    steady = [s for s in samples if s["phase"] in ("steady", "steady_infer_only")]
+    rss_steady = [(s["frames"], s["rss_mb"]) for s in steady if s["rss_mb"] is not None]
+    rss_all = [s["rss_mb"] for s in samples if s["rss_mb"] is not None]
+    proc = {
+        "available": bool(rss_all),
+        "method": sampler.proc.method,
+        "reason": None if rss_all else (sampler.proc.reason or "no samples (the run was shorter than one sampling period)"),
+        "samples": len(samples),
+        "cpu_percent_mean": _mean([s["cpu_percent"] for s in steady]),
+        "cpu_percent_max": max((s["cpu_percent"] for s in steady if s["cpu_percent"] is not None), default=None),
+        "rss_mb_start": rss_all[0] if rss_all else None,
+        "rss_mb_end": rss_all[-1] if rss_all else None,
+        "rss_mb_max": max(rss_all) if rss_all else None,
+        "rss_slope_mb_per_10k_frames": rss_slope_mb_per_10k([f for f, _ in rss_steady], [m for _, m in rss_steady]),
+    }
+    gpu: Dict[str, Any] = {"available": sampler.nvml.available, "reason": sampler.nvml.reason, "name": sampler.nvml.name}
+    if sampler.nvml.available:
+        gpu.update(util_percent_mean=_mean([s["gpu_util"] for s in steady]),
+                   util_percent_max=max((s["gpu_util"] for s in steady if s["gpu_util"] is not None), default=None),
+                   memory_mb_max=max((s["gpu_mem_mb"] for s in samples if s["gpu_mem_mb"] is not None), default=None),
+                   power_mw_mean=_mean([s["gpu_power_mw"] for s in steady]))
+    # Per target: CPU %, GPU % and energy per inference from the samples taken while it ran its pipeline.
+    tsamples = tegra.snapshot() if tegra.available else []
+    ptimes = [(s["t"], s["target"], s["phase"]) for s in samples]
+    for r, t in zip(runs, targets):
+        mine = [s for s in samples if s["target"] == r.index and s["phase"] == "steady"]
+        energy: Dict[str, Any] = {"available": False, "source": None, "energy_per_inference_mj": None, "power_mw_mean": None,
+                                  "reason": "no power readings (needs tegrastats on a Jetson or NVML power on a GPU)"}
+        power = _target_power(tsamples, ptimes, r.index)
+        src = "tegrastats total input power"
+        if power is None and sampler.nvml.available:
+            power, src = _mean([s["gpu_power_mw"] for s in mine]), "NVML GPU board power"
+        fps = t["fps"]
+        if power is not None and fps:
+            energy = {"available": True, "source": src, "power_mw_mean": power, "energy_per_inference_mj": power / fps, "reason": None}
+        t["system"] = {"cpu_percent_mean": _mean([s["cpu_percent"] for s in mine]),
+                       "gpu_util_percent_mean": _mean([s["gpu_util"] for s in mine]), "energy": energy}
+    teg: Dict[str, Any] = {"available": bool(tegra.available), "reason": tegra.reason, "samples": len(tsamples)}
+    if tegra.available and not tsamples:
+        teg["reason"] = "tegrastats printed no parseable line during the run"
+    if tsamples:
+        from edgeclf.runtime.tegrastats import total_power_mw  # noqa: PLC0415
+
+        temps: Dict[str, float] = {}
+        for _, s in tsamples:
+            for k, v in s.temperatures_c.items():
+                temps[k] = max(v, temps.get(k, -1e9))
+        teg.update(
+            ram_used_mb_max=max((s.ram_used_mb for _, s in tsamples if s.ram_used_mb is not None), default=None),
+            gpu_percent_mean=_mean([s.gpu_percent for _, s in tsamples]),
+            emc_percent_mean=_mean([s.emc_percent for _, s in tsamples]),
+            cpu_percent_mean_per_core=[_mean([s.cpu_percent[i] if i < len(s.cpu_percent) else None for _, s in tsamples])
+                                       for i in range(max(len(s.cpu_percent) for _, s in tsamples))],
+            temperatures_c_max=temps,
+            total_power_mw_mean=_mean([total_power_mw(s) for _, s in tsamples]),
+            rails_mw_mean={k: _mean([s.rails_mw[k][0] if k in s.rails_mw else None for _, s in tsamples])
+                           for k in sorted({k for _, s in tsamples for k in s.rails_mw})},
+            last=tsamples[-1][1].to_dict(),
+        )
+    return {"process": proc, "gpu": gpu, "tegrastats": teg, "throttle_temp_c": opts.throttle_temp_c}
+
+
+def _target_power(tsamples: List[Any], ptimes: List[Tuple[float, Optional[int], str]], index: int) -> Optional[float]:
+    """Mean tegrastats input power over the samples taken while target `index` ran its steady pipeline chunks
+    (each tegrastats sample goes to the target and phase of the nearest earlier process sample)."""
+    if not tsamples or not ptimes:
+        return None
+    from edgeclf.runtime.tegrastats import total_power_mw  # noqa: PLC0415
+
+    times = np.asarray([t for t, _, _ in ptimes])
+    vals: List[Optional[float]] = []
+    for t, s in tsamples:
+        k = int(np.searchsorted(times, t, side="right")) - 1
+        if k >= 0 and ptimes[k][1] == index and ptimes[k][2] == "steady":
+            vals.append(total_power_mw(s))
+    return _mean(vals)
+
+
+def _warn(doc: Dict[str, Any]) -> None:
+    w: List[str] = doc["warnings"]
+    teg = doc["system"]["tegrastats"]
+    limit = doc["system"]["throttle_temp_c"]
+    for k, v in (teg.get("temperatures_c_max") or {}).items():
+        if v >= limit:
+            w.append(f"thermal: {k} reached {v:.1f} C (>= {limit:g} C): the SoC may be throttling; cool the device or "
+                     "check the timings for a downward drift")
+    locked = ((doc["system"].get("jetson") or {}).get("jetson_clocks") or {}).get("locked")
+    if locked is False:
+        w.append("clocks are not locked (jetson_clocks): timings vary with DVFS; run `sudo jetson_clocks` for stable figures")
+    slope = doc["system"]["process"].get("rss_slope_mb_per_10k_frames")
+    steady = sum(int(t["frames"]) for t in doc["targets"])
+    if slope is not None and slope > 10.0 and steady >= 2000:  # shorter runs: allocator noise, not a trend
+        w.append(f"memory: RSS grows {slope:.1f} MB per 10,000 frames after warm-up: a possible leak; profile a longer run")
+    for t in doc["targets"]:
+        lat = t["stages_ms"].get("latency") or {}
+        if lat.get("n") and lat["n"] < 100:
+            w.append(f"{t['name']}: only {lat['n']} steady frames: p99 and its interval are rough; raise --frames")
+            break
+    for msg in w:
+        log.warning("%s", msg)
+
+
+# ------------------------------------------------------------------------------------------------- schema, I/O
+
+def profile_schema() -> Dict[str, Any]:
+    """The JSON Schema of the profile document (package data)."""
+    path = Path(__file__).with_name("profile_schema.json")
+    schema: Dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
+    return schema
+
+
+def load_profile_json(path: str) -> Dict[str, Any]:
+    """Read a profile written by `edgeclf profile --json`; a ConfigError names what is wrong."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"profile {p} does not exist; give a file written by `edgeclf profile --json > FILE`")
+    try:
+        doc = json.loads(p.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"profile {p} is not JSON ({exc}); give a file written by `edgeclf profile --json > FILE`") from None
+    if not isinstance(doc, dict) or doc.get("kind") != "edgeclf-profile":
+        raise ConfigError(f"profile {p} is not an edgeclf profile; give a file written by `edgeclf profile --json > FILE`")
+    if doc.get("schema_version") != SCHEMA_VERSION:
+        raise ConfigError(f"profile {p} has schema_version {doc.get('schema_version')!r}; this edgeclf reads {SCHEMA_VERSION}; "
+                          "re-run the profile with this edgeclf")
+    return doc
+
+
+def compare_profiles(old: Dict[str, Any], new: Dict[str, Any], *, max_regression: float = 0.1,
+                     min_delta_ms: float = 0.0) -> Dict[str, Any]:
+    """Compare the steady-state medians of every stage of every target present in both (matched by name,
+    else by position when each holds one target). A stage regressed when its new median exceeds the old by
+    more than `max_regression` (a fraction) and by more than `min_delta_ms`."""
+    if not max_regression >= 0:
+        raise ConfigError(f"max regression is {max_regression}; allowed: a fraction >= 0 (0.1 = 10% slower)")
+    if not min_delta_ms >= 0:
+        raise ConfigError(f"min delta is {min_delta_ms} ms; allowed: 0 or more")
+    old_t = {t["name"]: t for t in old.get("targets", [])}
+    new_t = {t["name"]: t for t in new.get("targets", [])}
+    pairs = [(n, old_t[n], new_t[n]) for n in old_t if n in new_t]
+    if not pairs and len(old_t) == 1 and len(new_t) == 1:
+        (on, ot), (nn, nt) = next(iter(old_t.items())), next(iter(new_t.items()))
+        pairs = [(f"{on} -> {nn}", ot, nt)]
+    if not pairs:
+        raise ConfigError(f"the profiles share no target (old: {sorted(old_t)}, new: {sorted(new_t)}); "
+                          "profile the same bundle/backend/precision in both")
+    rows: List[Dict[str, Any]] = []
+    for name, ot, nt in pairs:
+        for stage in PROFILE_STAGES:
+            a = (ot.get("stages_ms") or {}).get(stage) or {}
+            b = (nt.get("stages_ms") or {}).get(stage) or {}
+            if a.get("median") is None or b.get("median") is None:
+                continue
+            om, nm = float(a["median"]), float(b["median"])
+            change: Optional[float] = (nm - om) / om if om > 0 else None  # None: nothing to scale by (0 ms before)
+            regressed = (nm - om) > min_delta_ms and (change is None and nm > om or change is not None and change > max_regression)
+            rows.append({"target": name, "stage": stage, "old_median_ms": om, "new_median_ms": nm, "change": change,
+                         "regressed": regressed})
+    regressions = [r for r in rows if r["regressed"]]
+    return {"max_regression": max_regression, "min_delta_ms": min_delta_ms, "rows": rows,
+            "regressions": regressions, "regressed": bool(regressions)}
+
+
+# --------------------------------------------------------------------------------------------------- report
+
+def _matplotlib_figure() -> Any:
+    try:
+        from matplotlib.figure import Figure  # noqa: PLC0415
+    except ImportError:
+        raise MissingExtraError("--report needs matplotlib, which is not installed; install it with: pip install matplotlib "
+                                "(or leave --report out)") from None
+    return Figure
+
+
+def _rolling(values: np.ndarray, window: int, q: float) -> np.ndarray:
+    out = np.empty(values.size)
+    for i in range(values.size):
+        out[i] = np.percentile(values[max(0, i - window + 1): i + 1], q)
+    return out
+
+
+def build_figures(result: ProfileResult) -> Dict[str, Any]:
+    """matplotlib Figures by file name: hist_<stage>.png (steady-state histogram per stage, every target)
+    and timeline.png (capture-to-result latency against frame index, warm-up shaded, rolling median and p90)."""
+    Figure = _matplotlib_figure()
+    figs: Dict[str, Any] = {}
+    for stage in PROFILE_STAGES:
+        data = {n: np.asarray(s.get(stage, [])[result.warmup.get(n, 0):], np.float64) for n, s in result.series.items()}
+        data = {n: v for n, v in data.items() if v.size}
+        if not data:
+            continue
+        fig = Figure(figsize=(7, 4), dpi=100)
+        ax = fig.add_subplot(1, 1, 1)
+        allv = np.concatenate(list(data.values()))
+        hi = float(np.percentile(allv, 99.5)) if allv.size > 1 else float(allv.max())
+        lo = float(allv.min())
+        bins = np.linspace(lo, hi if hi > lo else lo + 1e-3, 50)
+        for n, v in data.items():
+            ax.hist(np.clip(v, lo, bins[-1]), bins=bins, alpha=0.5, label=f"{n} (median {np.median(v):.3f} ms)")
+        title = "inference alone (backend.infer)" if stage == "infer_only" else (
+            "capture-to-result latency" if stage == "latency" else f"stage: {stage}")
+        ax.set_title(f"Steady-state {title}")
+        ax.set_xlabel("time per frame (ms)")
+        ax.set_ylabel("frames")
+        ax.legend(fontsize="small")
+        fig.tight_layout()
+        figs[f"hist_{stage}.png"] = fig
+    fig = Figure(figsize=(9, 4.5), dpi=100)
+    ax = fig.add_subplot(1, 1, 1)
+    warm = 0
+    for n, s in result.series.items():
+        v = np.asarray(s.get("latency", []), np.float64)
+        if not v.size:
+            continue
+        warm = max(warm, result.warmup.get(n, 0))
+        idx = np.arange(v.size)
+        dots = ax.plot(idx, v, ".", markersize=2, alpha=0.4, label=f"{n}: per frame")[0]
+        colour = dots.get_color()
+        ax.plot(idx, _rolling(v, 50, 50), linewidth=1.2, color=colour, label=f"{n}: rolling median (50)")
+        ax.plot(idx, _rolling(v, 50, 90), linewidth=0.8, linestyle="--", color=colour, label=f"{n}: rolling p90 (50), jitter")
+    if warm:
+        ax.axvspan(0, warm, color="orange", alpha=0.15, label="warm-up (excluded)")
+    ax.set_title("Capture-to-result latency over the run (warm-up shaded)")
+    ax.set_xlabel("frame index (per target)")
+    ax.set_ylabel("latency (ms)")
+    ax.legend(fontsize="x-small", loc="upper right")
+    fig.tight_layout()
+    figs["timeline.png"] = fig
+    return figs
+
+
+def _f(v: Any, spec: str = ".3f") -> str:
+    return "n/a" if v is None else format(v, spec)
+
+
+def render_markdown(doc: Dict[str, Any], images: Sequence[str] = ()) -> str:
+    lines = [f"# edgeclf latency profile ({doc['created']})", "",
+             f"Source `{doc['config']['source']}`, {doc['config']['frames']} steady frames per target after "
+             f"{doc['config']['warmup']} warm-up frames, interleaved in chunks of {doc['config']['chunk']}.",
+             f"Host: {doc['host']['platform']}, Python {doc['host']['python']}, edgeclf {doc['host']['edgeclf']}.", ""]
+    for t in doc["targets"]:
+        lines += [f"## {t['name']}", "", f"Model {t['model']} on {t['backend']}, {t['frames']} frames, {_f(t['fps'], '.1f')} fps.", "",
+                  "| stage | median ms (95% CI) | p90 ms | p99 ms (95% CI) | max ms | std ms | per s | ratio to first (95% CI) |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for stage, s in t["stages_ms"].items():
+            ci = s.get("ci95") or {}
+            r = (t.get("ratio_to_first") or {}).get(stage) or {}
+            rci = r.get("ci95")
+            lines.append(f"| {stage} | {_f(s['median'])} ({_f((ci.get('median') or [None])[0])}-{_f((ci.get('median') or [None, None])[1])}) | "
+                         f"{_f(s['p90'])} | {_f(s['p99'])} ({_f((ci.get('p99') or [None])[0])}-{_f((ci.get('p99') or [None, None])[1])}) | "
+                         f"{_f(s['max'])} | {_f(s['std'])} | {_f(s['throughput_per_s'], '.1f')} | "
+                         + ("-" if t.get("ratio_to_first") is None else f"{_f(r.get('median_ratio'))} ({_f(rci[0])}-{_f(rci[1])})"
+                            if rci else _f(r.get("median_ratio"))) + " |")
+        c = t["cold_start"]
+        lines += ["", f"Cold start: bundle load {_f(c['bundle_load_ms'], '.1f')} ms, backend {_f(c['backend_create_ms'], '.1f')} ms "
+                  f"(session {_f(c['session_ms'], '.1f')} ms), first result {_f(c['time_to_first_result_ms'], '.1f')} ms after setup began.",
+                  f"Warm-up: first frame latency {_f(t['warmup']['stages_ms'].get('latency', {}).get('first'))} ms, "
+                  f"warm-up median {_f(t['warmup']['stages_ms'].get('latency', {}).get('median'))} ms.",
+                  "Energy per inference: " + (f"{_f(t['system']['energy']['energy_per_inference_mj'])} mJ ({t['system']['energy']['source']})"
+                                               if t["system"]["energy"]["available"] else f"not available ({t['system']['energy']['reason']})"), ""]
+    sysd = doc["system"]
+    p = sysd["process"]
+    lines += ["## System", "", f"- Process ({p['method']}): CPU {_f(p['cpu_percent_mean'], '.0f')}% mean, RSS {_f(p['rss_mb_start'], '.1f')} -> "
+              f"{_f(p['rss_mb_end'], '.1f')} MB, slope after warm-up {_f(p['rss_slope_mb_per_10k_frames'], '.2f')} MB per 10,000 frames.",
+              "- GPU (NVML): " + (f"{sysd['gpu']['name']}, utilisation {_f(sysd['gpu'].get('util_percent_mean'), '.0f')}% mean"
+                                   if sysd["gpu"]["available"] else f"not available ({sysd['gpu']['reason']})"),
+              "- tegrastats: " + ("available" if sysd["tegrastats"]["available"] else f"not available ({sysd['tegrastats']['reason']})")]
+    for k, v in (sysd.get("jetson") or {}).items():
+        lines.append(f"- {k}: " + (json.dumps({kk: vv for kk, vv in v.items() if kk != 'reason'}) if v["available"] else f"not available ({v['reason']})"))
+    lines += ["", "## Warnings", ""] + ([f"- {w}" for w in doc["warnings"]] or ["none"]) + [""]
+    if images:
+        lines += ["## Plots", ""] + [f"![{name}]({name})" for name in images] + [""]
+    c = doc["cold_start"]
+    lines.insert(4, f"Cold start: process start to first result {_f(c['process_start_to_first_result_ms'], '.0f')} ms, "
+                    f"CLI entry to first result {_f(c['cli_entry_to_first_result_ms'], '.0f')} ms.")
+    return "\n".join(lines)
+
+
+def write_report(result: ProfileResult, out_dir: str) -> List[str]:
+    """report.md and the PNG plots in `out_dir` (created); returns the written paths."""
+    figs = build_figures(result)  # before anything is written: a missing matplotlib writes nothing
+    out = Path(out_dir)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"report folder {out} cannot be created ({exc}); give a writable --report folder") from None
+    written: List[str] = []
+    for name, fig in figs.items():
+        fig.savefig(str(out / name))
+        written.append(str(out / name))
+    md = out / "report.md"
+    md.write_text(render_markdown(result.doc, list(figs)), encoding="utf-8")
+    written.append(str(md))
+    return written
+

@@ -1,0 +1,207 @@
+"""`edgeclf profile`: the document's structure and schema, regression checks, the report, the statistics.
+
+Timing accuracy is not tested here (timings do not belong in tests): see benchmarks/profile_accuracy.py.
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Dict, Sequence
+
+import numpy as np
+import pytest
+
+from edgeclf.errors import ConfigError
+from edgeclf.runtime.backends import FakeBackend
+from edgeclf.runtime.profile import (
+    PROFILE_STAGES,
+    SCHEMA_VERSION,
+    ProfileOptions,
+    ProfileResult,
+    ProfileTarget,
+    build_figures,
+    compare_profiles,
+    latency_stats,
+    load_profile_json,
+    profile_bundles,
+    profile_schema,
+    ratio_ci,
+    rss_slope_mb_per_10k,
+    write_report,
+)
+from tests.conftest import REPO, run_cli
+
+SOURCE = "synthetic:ultrasound?frames=12&size=64"  # shorter than a target's frames: the source is reopened
+
+
+def _validate(doc: Dict[str, Any]) -> None:
+    """Against profile_schema.json with jsonschema where installed, else the required keys by hand."""
+    schema = profile_schema()
+    try:
+        import jsonschema
+    except ImportError:
+        jsonschema = None
+    if jsonschema is not None:
+        jsonschema.Draft202012Validator(schema).validate(doc)
+        return
+    for key in schema["required"]:  # pragma: no cover - only without jsonschema
+        assert key in doc, key
+    tdef = schema["$defs"]["target"]
+    for t in doc["targets"]:  # pragma: no cover
+        assert set(tdef["required"]) <= set(t)
+        for s in t["stages_ms"].values():
+            assert set(schema["$defs"]["stats"]["required"]) <= set(s)
+
+
+def _factory(delay_s: float = 0.0):  # type: ignore[no-untyped-def]
+    def fn(x: np.ndarray) -> np.ndarray:
+        if delay_s:
+            time.sleep(delay_s)
+        return np.tile(np.array([[0.1, 0.2, 0.3]], np.float32), (len(x), 1))
+
+    def make(bundle, path, target, threads):  # type: ignore[no-untyped-def]
+        return FakeBackend((1, 32, 32), 3, fn=fn)
+
+    return make
+
+
+def _profile(bundle_dir: Path, *, delay_s: float = 0.0, labels: Sequence[str] = ("a",), frames: int = 20,
+             bootstrap: int = 100) -> ProfileResult:
+    opts = ProfileOptions(source=SOURCE, frames=frames, warmup=4, chunk=8, bootstrap=bootstrap, sample_interval_s=0.02)
+    targets = [ProfileTarget(str(bundle_dir), label=lb) for lb in labels]
+    return profile_bundles(targets, opts, backend_factory=_factory(delay_s), started_at=time.time())
+
+
+def test_document_follows_the_schema_and_keeps_every_frame(bundle_dir: Path) -> None:
+    res = _profile(bundle_dir, labels=["a", "b"])
+    doc = json.loads(json.dumps(res.doc, allow_nan=False))  # strict JSON: no NaN or Infinity
+    _validate(doc)
+    assert doc["schema_version"] == SCHEMA_VERSION == 1
+    assert [t["name"] for t in doc["targets"]] == ["a", "b"]
+    for t in doc["targets"]:
+        assert t["frames"] == 20 and t["source_reopened"] >= 1
+        assert set(t["stages_ms"]) == set(PROFILE_STAGES)
+        assert all(s["n"] == 20 for s in t["stages_ms"].values())  # warm-up excluded
+        assert all(s["n"] == 4 for s in t["warmup"]["stages_ms"].values())
+        lat = t["stages_ms"]["latency"]
+        assert lat["min"] <= lat["median"] <= lat["p90"] <= lat["p99"] <= lat["max"]
+        assert lat["ci95"]["median"][0] <= lat["median"] <= lat["ci95"]["median"][1]
+        assert t["cold_start"]["session_ms"] is None  # a FakeBackend has no session
+        assert t["cold_start"]["time_to_first_result_ms"] > 0
+    assert doc["targets"][0]["ratio_to_first"] is None
+    assert set(doc["targets"][1]["ratio_to_first"]) == set(PROFILE_STAGES)
+    assert doc["cold_start"]["cli_entry_to_first_result_ms"] > 0
+    for name in ("a", "b"):  # every frame kept, warm-up first
+        assert all(len(res.series[name][s]) == 24 for s in PROFILE_STAGES)
+    proc = doc["system"]["process"]
+    assert proc["available"] and proc["rss_mb_max"] > 0
+    import shutil
+
+    if shutil.which("tegrastats") is None:
+        assert doc["system"]["tegrastats"]["available"] is False and "tegrastats" in doc["system"]["tegrastats"]["reason"]
+        assert doc["system"]["jetson"]["nvpmodel"]["available"] is False
+    if not doc["system"]["gpu"]["available"]:
+        assert doc["system"]["gpu"]["reason"]
+    assert doc["targets"][0]["system"]["energy"]["available"] in (True, False)
+
+
+def test_compare_catches_a_slowed_stage(bundle_dir: Path, tmp_path: Path) -> None:
+    old = _profile(bundle_dir, frames=12, bootstrap=0).doc
+    new = _profile(bundle_dir, frames=12, bootstrap=0, delay_s=0.004).doc  # 4 ms more in every infer call
+    r = compare_profiles(old, new, max_regression=0.1)
+    slowed = {x["stage"] for x in r["regressions"]}
+    assert r["regressed"] and {"infer", "infer_only", "latency"} <= slowed
+    assert not compare_profiles(old, old, max_regression=0.1)["regressed"]
+    assert not compare_profiles(new, old, max_regression=0.1, min_delta_ms=1.0)["regressed"]  # faster is fine
+
+    (tmp_path / "old.json").write_text(json.dumps(old))
+    (tmp_path / "new.json").write_text(json.dumps(new))
+    p = run_cli("profile", "compare", str(tmp_path / "old.json"), str(tmp_path / "new.json"), "--max-regression", "0.1", timeout=60)
+    assert p.returncode == 1, p.stderr
+    assert "REGRESSION" in p.stderr and " infer:" in p.stderr and "REGRESSED" in p.stdout
+    p = run_cli("profile", "compare", str(tmp_path / "old.json"), str(tmp_path / "old.json"), "--json", timeout=60)
+    assert p.returncode == 0 and json.loads(p.stdout)["regressed"] is False
+    (tmp_path / "bad.json").write_text("{}")
+    p = run_cli("profile", "compare", str(tmp_path / "bad.json"), str(tmp_path / "old.json"), timeout=60)
+    assert p.returncode == 2 and "not an edgeclf profile" in p.stderr
+
+
+def test_report_writes_labelled_plots_and_markdown(bundle_dir: Path, tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    res = _profile(bundle_dir, labels=["a", "b"], frames=16, bootstrap=0)
+    figs = build_figures(res)
+    assert set(figs) == {f"hist_{s}.png" for s in PROFILE_STAGES} | {"timeline.png"}
+    for name, fig in figs.items():
+        ax = fig.axes[0]
+        assert ax.get_title() and "(ms)" in (ax.get_xlabel() + ax.get_ylabel()), name
+    tl = figs["timeline.png"].axes[0]
+    assert tl.get_xlabel().startswith("frame index") and tl.get_ylabel() == "latency (ms)"
+    assert any("warm-up" in t.get_text() for t in tl.get_legend().get_texts())
+    written = write_report(res, str(tmp_path / "rep"))
+    pngs = sorted((tmp_path / "rep").glob("*.png"))
+    assert len(pngs) == len(figs) and all(p.stat().st_size > 5000 for p in pngs)
+    md = (tmp_path / "rep" / "report.md").read_text()
+    assert str(tmp_path / "rep" / "report.md") in written
+    assert "| infer |" in md and "![timeline.png](timeline.png)" in md and "not available" in md
+
+
+def test_rss_slope_from_a_synthetic_series() -> None:
+    frames = np.arange(0, 20_001, 500)
+    rss = 150.0 + 3e-4 * frames  # 3 MB per 10,000 frames
+    assert rss_slope_mb_per_10k(frames, rss) == pytest.approx(3.0)
+    noise = np.random.default_rng(0).normal(0, 0.05, frames.size)
+    assert rss_slope_mb_per_10k(frames, rss + noise) == pytest.approx(3.0, abs=0.1)
+    assert rss_slope_mb_per_10k(frames, np.full(frames.size, 150.0)) == pytest.approx(0.0)
+    assert rss_slope_mb_per_10k([5], [1.0]) is None and rss_slope_mb_per_10k([5, 5], [1.0, 2.0]) is None
+    with pytest.raises(ValueError):
+        rss_slope_mb_per_10k([1, 2], [1.0])
+
+
+def test_latency_stats_and_ratios() -> None:
+    v = np.arange(1.0, 101.0)
+    s = latency_stats(v, n_boot=200)
+    assert s["n"] == 100 and s["median"] == 50.5 and s["max"] == 100.0 and s["min"] == 1.0
+    assert s["p90"] == pytest.approx(np.percentile(v, 90)) and s["std"] == pytest.approx(np.std(v, ddof=1))
+    assert s["throughput_per_s"] == pytest.approx(1000 / 50.5)
+    for q in ("median", "p90", "p99"):
+        lo, hi = s["ci95"][q]
+        assert lo <= s[q] <= hi
+    assert latency_stats([])["n"] == 0 and latency_stats([], n_boot=0)["median"] is None
+    r = ratio_ci(v, 2 * v, n_boot=200)
+    assert r["median_ratio"] == pytest.approx(2.0) and r["ci95"][0] <= 2.0 <= r["ci95"][1]
+
+
+def test_bad_options_are_config_errors(bundle_dir: Path) -> None:
+    with pytest.raises(ConfigError, match="frames"):
+        ProfileOptions(frames=0)
+    with pytest.raises(ConfigError, match="bootstrap"):
+        ProfileOptions(bootstrap=5)
+    with pytest.raises(ConfigError, match="repeat"):
+        profile_bundles([ProfileTarget(str(bundle_dir)), ProfileTarget(str(bundle_dir))], ProfileOptions(frames=1))
+    with pytest.raises(ConfigError, match="schema_version"):
+        p = Path(bundle_dir).parent / "v9.json"
+        p.write_text(json.dumps({"kind": "edgeclf-profile", "schema_version": 9}))
+        load_profile_json(str(p))
+
+
+def test_cli_profile_json_on_onnx_runtime(bundle_dir: Path) -> None:
+    p = run_cli("profile", "--bundle", str(bundle_dir), "--frames", "12", "--warmup", "3", "--chunk", "6", "--threads", "1",
+                "--bootstrap", "100", "--source", SOURCE, "--json", timeout=120)
+    assert p.returncode == 0, p.stderr
+    doc = json.loads(p.stdout)  # stdout holds the one document and nothing else
+    _validate(doc)
+    t = doc["targets"][0]
+    assert t["backend"] == "ort-cpu" and t["threads"] == 1 and t["cold_start"]["session_ms"] > 0
+    assert doc["cold_start"]["process_start_to_first_result_ms"] >= doc["cold_start"]["cli_entry_to_first_result_ms"] > 0
+    p = run_cli("profile", timeout=60)
+    assert p.returncode == 2 and "--bundle" in p.stderr
+
+
+def test_profile_modules_import_no_torch() -> None:
+    code = ("import sys, edgeclf.runtime.profile, edgeclf.runtime.tegrastats; "
+            "bad = [m for m in ('torch', 'edgeclf.export', 'matplotlib', 'psutil') if m in sys.modules]; print(bad); sys.exit(bool(bad))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
+    assert r.returncode == 0, r.stdout + r.stderr
