@@ -149,7 +149,9 @@ def markdown(rows: list[dict], info: dict) -> str:
              "the unpruned parent. "
              "INT8: ONNX Runtime static QDQ, cpu flavour (per-channel weights, unsigned reduced-range activations), gated "
              "against its own fp32 parent on validation with --max-drop 0.01; `(deployed)` marks what `--precision auto` chose. "
-             "Brain MRI: exact copies are grouped before the split, near copies are not, so its figures may flatter.", "", head]
+             "Brain MRI: exact copies are grouped before the split, near copies are not, so its figures may flatter. "
+             "Row groups re-run with `--only` keep their own options (in compression.json); the brain MRI group ran after "
+             "preprocessing's shrink became 'fast-area', the others with exact 'area'.", "", head]
     for r in rows:
         pruned = "50% MACs" if r["pruned"] else "no"
         if "refused" in r:
