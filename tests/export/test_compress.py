@@ -133,3 +133,14 @@ def test_ladder_keeps_the_one_harmful_layer_in_float(trained_dir: Path, tmp_path
         worst = max(lad["sensitivity"], key=lambda s: s["worst_drop"])
         assert worst["node"] == bad and worst["worst_drop"] > 0.01
     assert [c["kept_float"] for c in m["deploy"]["candidates"]] == [[bad], [bad]]
+
+
+def test_cli_refusal_is_one_line_exit_2_and_writes_nothing(trained_dir: Path, tmp_path: Path) -> None:
+    from tests.conftest import run_cli
+
+    # The fixture's tiny model flips a few validation decisions under INT8: below the 0.98 agreement floor.
+    out = tmp_path / "b"
+    r = run_cli("export", "--model", str(trained_dir), "--out", str(out), "--precision", "int8", "--qat-epochs", "0")
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1 and "fails the gate" in lines[0] and "no bundle was written" in lines[0], r.stderr
+    assert not out.exists() and not list(tmp_path.glob(".b*"))
