@@ -1,6 +1,7 @@
 """Device-side entry points used by the CLI: run a bundle on a source, verify a bundle."""
 from __future__ import annotations
 
+import dataclasses
 import logging
 import signal
 import threading
@@ -10,6 +11,7 @@ from typing import Any, Callable, Dict, List, Optional
 import numpy as np
 
 from edgeclf.errors import ConfigError, IntegrityError
+from edgeclf.runtime import _cv
 from edgeclf.runtime.backends import create_backend
 from edgeclf.runtime.bundle import load_bundle
 from edgeclf.runtime.pipeline import RunOptions, run_pipeline
@@ -87,7 +89,7 @@ def run_bundle(
     record: Optional[str] = None,
     show: bool = False,
     summary_path: Optional[str] = None,
-    prefetch: bool = True,
+    prefetch: bool = False,
 ) -> Dict[str, Any]:
     """Verify and load the bundle, open the source, classify every frame; returns the run summary.
 
@@ -101,7 +103,7 @@ def run_bundle(
         raise ConfigError(f"max frames is {max_frames}; give a positive number or leave it out for the whole source")
     opts = options or RunOptions(min_confidence=min_confidence)
     if min_confidence is not None and opts.min_confidence is None:
-        opts = RunOptions(min_confidence=min_confidence, smoothing=opts.smoothing, roi=opts.roi, quality=opts.quality)
+        opts = dataclasses.replace(opts, min_confidence=min_confidence)
     # Precedence: defaults < device profile < explicit arguments (the CLI's flags).
     chosen = {"backend": "argument" if backend else "default", "threads": "argument" if threads else "default"}
     if device is not None:
@@ -130,6 +132,11 @@ def run_bundle(
     with create_backend(str(model_path), (m.preprocess.channels,) + tuple(m.preprocess.size), m.num_outputs,
                         backend=backend, threads=threads) as be, _open(source_uri, realtime, reconnect, prefetch) as src:
         restore = _install_stop_handlers(stop)
+        # OpenCV's own worker pool would put resize and colour conversion on every core, on top of the
+        # feeder thread and ONNX Runtime's threads: one OpenCV thread, the pipeline parallelises by stage.
+        cv2 = _cv.cv2()
+        cv_threads = cv2.getNumThreads()
+        cv2.setNumThreads(1)
         try:
             if out:
                 sinks.append(JsonlSink(out, fsync_every=fsync_every))
@@ -146,6 +153,7 @@ def run_bundle(
             summary = run_pipeline(b, src, be, sinks, max_frames=max_frames, options=opts, stop=stop)
         finally:
             restore()
+            cv2.setNumThreads(cv_threads)
             for s in sinks:
                 s.close()
         result = summary.to_dict()

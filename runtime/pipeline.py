@@ -6,11 +6,13 @@ Every stage is timed; capture-to-result latency is measured from the frame's cap
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
+import queue
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Dict, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -70,6 +72,8 @@ class RunOptions:
     smoothing: str = "auto"
     roi: str = "none"
     quality: bool = True
+    # Read and prepare the next frame in a feeder thread while this one is inferred.
+    pipelined: bool = True
 
     def __post_init__(self) -> None:
         if self.smoothing not in SMOOTHING_CHOICES:
@@ -139,6 +143,65 @@ class RunSummary:
         }
 
 
+_IDLE = object()
+
+
+class _Feeder:
+    """Runs `produce` in a thread, handing its results over through a bounded queue; an exception in
+    the thread is raised in the consumer's `get`, after the items before it."""
+
+    def __init__(self, produce: Callable[[], Any], depth: int) -> None:
+        self._produce = produce
+        self._q: queue.Queue[Tuple[str, Any]] = queue.Queue(maxsize=depth)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="edgeclf-feeder", daemon=True)
+        self._thread.start()
+
+    def _put(self, item: Tuple[str, Any]) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _run(self) -> None:
+        try:
+            while not self._stop.is_set():
+                item = self._produce()
+                if item is _IDLE:
+                    continue
+                if not self._put(("item", item)) or item is None:
+                    return
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the consumer
+            self._put(("error", exc))
+
+    def get(self, timeout: float) -> Any:
+        try:
+            kind, value = self._q.get(timeout=timeout)
+        except queue.Empty:
+            if not self._thread.is_alive() and self._q.empty():
+                return None
+            return _IDLE
+        if kind == "error":
+            raise value
+        return value
+
+    def close(self) -> int:
+        """Stop the thread; returns how many prepared frames were left unclassified."""
+        self._stop.set()
+        left = 0
+        while True:
+            try:
+                kind, value = self._q.get_nowait()
+            except queue.Empty:
+                break
+            left += int(kind == "item" and value is not None)
+        self._thread.join(timeout=2.0)
+        return left
+
+
 def _video_like(source: FrameSource) -> bool:
     kind = getattr(source, "kind", "")
     if kind == "dicom":
@@ -178,7 +241,7 @@ def run_pipeline(
     """
     opts = options or RunOptions(min_confidence=min_confidence)
     if min_confidence is not None and options is not None and options.min_confidence is None:
-        opts = RunOptions(min_confidence=min_confidence, smoothing=options.smoothing, roi=options.roi, quality=options.quality)
+        opts = dataclasses.replace(options, min_confidence=min_confidence)
     m = bundle.manifest
     pre = Preprocessor(m.preprocess)
     floor = m.min_confidence if opts.min_confidence is None else float(opts.min_confidence)
@@ -207,18 +270,17 @@ def run_pipeline(
     summary = RunSummary()
     summary.extra["smoothing"] = "cine" if smoother is not None and smoother.config.min_dwell_frames > 1 else "off"
     t_start = time.perf_counter()
-    while max_frames is None or summary.frames < max_frames:
-        if stop is not None and stop.is_set():
-            summary.stopped_by = "signal"
-            break
+    def produce() -> Any:
+        """Read one frame and prepare it: (frame, x or None, reasons, capture s, preprocess s), None at the
+        end of the source, or IDLE while a live source has nothing new."""
         t0 = time.perf_counter()
         # Live sources are read with a timeout so that a stop request is seen while no frame comes.
         frame = source.read(0.5) if live else source.read()
         t1 = time.perf_counter()
         if frame is None:
             if live and not (getattr(source, "ended", False) or getattr(source, "closed", False)):
-                continue  # nothing new yet (a watched folder, a stream reconnecting)
-            break
+                return _IDLE  # nothing new yet (a watched folder, a stream reconnecting)
+            return None
         image = frame.image
         mask = None
         if detector is not None:
@@ -227,71 +289,92 @@ def run_pipeline(
             image = apply_sector(image, sector)
         reasons: Tuple[str, ...] = ()
         if gate is not None:
-            q = gate.check(_gray(frame.image), mask)
-            reasons = q.reasons
-        probs_row: Optional[np.ndarray] = None
-        decision = None
+            reasons = gate.check(frame.image, mask).reasons  # the gate subsamples before any colour conversion
         x = pre(image) if not reasons else None
-        t2 = time.perf_counter()
-        if x is not None:
-            probs = probabilities(backend.infer(x), m.task, m.temperature)
-            probs_row = probs[0]
-            decision = decide(probs, m.decision)
-        t3 = time.perf_counter()
-        # timestamp: monotonic capture time (for latency); time: wall clock of the result (for people).
-        record: Dict[str, Any] = {"frame": frame.index, "timestamp": round(frame.timestamp, 6), "time": round(time.time(), 3)}
-        if multilabel:
-            if decision is None:
-                record.update(label=None, labels=None, abstain=True, abstain_reason=",".join(reasons), confidence=None)
+        return frame, x, reasons, t1 - t0, time.perf_counter() - t1
+
+    # Pipelined: a feeder thread reads and prepares frame n+1 while this thread infers frame n (OpenCV and
+    # numpy release the GIL). It holds at most 2 prepared frames, so a live frame waits at most that long.
+    feeder = _Feeder(produce, depth=2) if opts.pipelined else None
+    unprocessed = 0
+    try:
+        while max_frames is None or summary.frames < max_frames:
+            if stop is not None and stop.is_set():
+                summary.stopped_by = "signal"
+                break
+            item = feeder.get(0.5) if feeder is not None else produce()
+            if item is _IDLE:
+                continue
+            if item is None:
+                break
+            frame, x, reasons, cap_s, pre_s = item
+            t_main = time.perf_counter()
+            probs_row: Optional[np.ndarray] = None
+            decision = None
+            if x is not None:
+                probs = probabilities(backend.infer(x), m.task, m.temperature)
+                probs_row = probs[0]
+                decision = decide(probs, m.decision)
+            t3 = time.perf_counter()
+            # timestamp: monotonic capture time (for latency); time: wall clock of the result (for people).
+            record: Dict[str, Any] = {"frame": frame.index, "timestamp": round(frame.timestamp, 6), "time": round(time.time(), 3)}
+            if multilabel:
+                if decision is None:
+                    record.update(label=None, labels=None, abstain=True, abstain_reason=",".join(reasons), confidence=None)
+                else:
+                    present = [m.labels[k] for k in np.flatnonzero(decision[0])]
+                    record.update(label=None, labels=present, abstain=False, abstain_reason=None, confidence=None)
+                record["frame_label"] = None
             else:
-                present = [m.labels[k] for k in np.flatnonzero(decision[0])]
-                record.update(label=None, labels=present, abstain=False, abstain_reason=None, confidence=None)
-            record["frame_label"] = None
-        else:
-            assert smoother is not None
-            res = smoother.update(probs_row, quality_ok=not reasons, reasons=reasons)
-            record.update(smoother.record_fields(res))
-            record["frame_label"] = None if decision is None else m.labels[int(decision[0])]
-        record["probs"] = None if probs_row is None else {n: round(float(p), 6) for n, p in zip(m.labels, probs_row)}
-        record["quality"] = list(reasons)
-        t4 = time.perf_counter()
-        record["latency_ms"] = {
-            "capture": round((t1 - t0) * 1e3, 3),
-            "preprocess": round((t2 - t1) * 1e3, 3),
-            "infer": round((t3 - t2) * 1e3, 3),
-            "postprocess": round((t4 - t3) * 1e3, 3),
-            "total": round((time.monotonic() - frame.timestamp) * 1e3, 3),
-        }
-        for sink in sinks:
-            if sink.needs_image:
-                sink.write(record, image=frame.image)
+                assert smoother is not None
+                res = smoother.update(probs_row, quality_ok=not reasons, reasons=reasons)
+                record.update(smoother.record_fields(res))
+                record["frame_label"] = None if decision is None else m.labels[int(decision[0])]
+            record["probs"] = None if probs_row is None else {n: round(float(p), 6) for n, p in zip(m.labels, probs_row)}
+            record["quality"] = list(reasons)
+            t4 = time.perf_counter()
+            record["latency_ms"] = {
+                "capture": round(cap_s * 1e3, 3),
+                "preprocess": round(pre_s * 1e3, 3),
+                "infer": round((t3 - t_main) * 1e3, 3),
+                "postprocess": round((t4 - t3) * 1e3, 3),
+                "total": round((time.monotonic() - frame.timestamp) * 1e3, 3),
+            }
+            for sink in sinks:
+                if sink.needs_image:
+                    sink.write(record, image=frame.image)
+                else:
+                    sink.write(record)
+            if ack is not None:
+                ack(frame)  # only after every sink holds the record: a crash before this redoes the frame
+            t5 = time.perf_counter()
+            summary.frames += 1
+            if record.get("abstain"):
+                summary.abstained += 1
+                why = str(record.get("abstain_reason") or "")
+                summary.abstain_reasons[why] = summary.abstain_reasons.get(why, 0) + 1
+                key = "(abstain)"
+            elif multilabel:
+                key = "+".join(record["labels"]) or "(none)"
             else:
-                sink.write(record)
-        if ack is not None:
-            ack(frame)  # only after every sink holds the record: a crash before this redoes the frame
-        t5 = time.perf_counter()
-        summary.frames += 1
-        if record.get("abstain"):
-            summary.abstained += 1
-            why = str(record.get("abstain_reason") or "")
-            summary.abstain_reasons[why] = summary.abstain_reasons.get(why, 0) + 1
-            key = "(abstain)"
-        elif multilabel:
-            key = "+".join(record["labels"]) or "(none)"
-        else:
-            key = str(record["label"])
-        if reasons:
-            summary.quality_flagged += 1
-        summary.label_counts[key] = summary.label_counts.get(key, 0) + 1
-        for stage, ms in zip(STAGES, ((t1 - t0), (t2 - t1), (t3 - t2), (t4 - t3), (t5 - t4))):
-            summary.timings_ms[stage].append(ms * 1e3)
-        summary.timings_ms["latency"].append(record["latency_ms"]["total"])
-        log.debug("frame %d -> %s", frame.index, key)
-        if any(s.stop_requested for s in sinks):
-            summary.stopped_by = "sink"
-            break
+                key = str(record["label"])
+            if reasons:
+                summary.quality_flagged += 1
+            summary.label_counts[key] = summary.label_counts.get(key, 0) + 1
+            for stage, ms in zip(STAGES, (cap_s, pre_s, (t3 - t_main), (t4 - t3), (t5 - t4))):
+                summary.timings_ms[stage].append(ms * 1e3)
+            summary.timings_ms["latency"].append(record["latency_ms"]["total"])
+            log.debug("frame %d -> %s", frame.index, key)
+            if any(s.stop_requested for s in sinks):
+                summary.stopped_by = "sink"
+                break
+    finally:
+        if feeder is not None:
+            unprocessed = feeder.close()
     summary.wall_s = time.perf_counter() - t_start
     summary.written = min((s.written for s in sinks), default=summary.frames)
+    # Frames the feeder had read and prepared when the run stopped early (max frames, a signal): counted.
+    summary.extra["read_not_classified"] = unprocessed
     if detector is not None:
         sec = detector.sector
         summary.extra["sector"] = {"stats": detector.stats, "kind": sec.kind if sec is not None else None,
