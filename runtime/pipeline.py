@@ -152,7 +152,7 @@ class _Feeder:
 
     def __init__(self, produce: Callable[[], Any], depth: int) -> None:
         self._produce = produce
-        self._q: queue.Queue[Tuple[str, Any]] = queue.Queue(maxsize=depth)
+        self._q: "queue.Queue[Tuple[str, Any]]" = queue.Queue(maxsize=depth)  # noqa: UP037 (3.8: no generic at runtime)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="edgeclf-feeder", daemon=True)
         self._thread.start()
