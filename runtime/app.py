@@ -46,7 +46,7 @@ def _install_stop_handlers(stop: threading.Event) -> Callable[[], None]:
     return restore
 
 
-def _open(uri: str, realtime: bool, reconnect: bool, prefetch: bool = True) -> FrameSource:
+def _open(uri: str, realtime: bool, reconnect: bool) -> FrameSource:
     """The source, wrapped for live use: cameras and streams reconnect and keep only the newest frame;
     files paced to their frame rate with `realtime` (late frames dropped and counted)."""
     from edgeclf.runtime.live import LatestFrameReader, ReconnectingSource
@@ -65,8 +65,6 @@ def _open(uri: str, realtime: bool, reconnect: bool, prefetch: bool = True) -> F
             src.close()
             raise ConfigError(f"--realtime needs a frame rate; source {kind} has none; leave --realtime out")
         return LatestFrameReader(src, drop="latest", realtime=True)
-    if prefetch and not getattr(src, "live", False):
-        return LatestFrameReader(src, drop="none", prefetch=True)  # decoding overlaps inference
     return src
 
 
@@ -89,7 +87,6 @@ def run_bundle(
     record: Optional[str] = None,
     show: bool = False,
     summary_path: Optional[str] = None,
-    prefetch: bool = False,
 ) -> Dict[str, Any]:
     """Verify and load the bundle, open the source, classify every frame; returns the run summary.
 
@@ -130,7 +127,7 @@ def run_bundle(
     # Source and backend first: a typo in --source must not truncate an earlier results file.
     model_path, variant = b.select(precision, backend)
     with create_backend(str(model_path), (m.preprocess.channels,) + tuple(m.preprocess.size), m.num_outputs,
-                        backend=backend, threads=threads) as be, _open(source_uri, realtime, reconnect, prefetch) as src:
+                        backend=backend, threads=threads) as be, _open(source_uri, realtime, reconnect) as src:
         restore = _install_stop_handlers(stop)
         # OpenCV's own worker pool would put resize and colour conversion on every core, on top of the
         # feeder thread and ONNX Runtime's threads: one OpenCV thread, the pipeline parallelises by stage.

@@ -213,7 +213,7 @@ class LatestFrameReader:
     slow consumer never saw in `stats()["dropped"]`; "none" never drops (the capture waits).
     `realtime`: pace a file to `fps` (default: the source's fps) in a capture thread, as a camera
     would deliver it. A live source always gets a capture thread; a file without `realtime` is read
-    directly, or with `prefetch` (drop="none") in a capture thread so that decoding overlaps inference. Frames keep the source's index (a gap = dropped frames); with `realtime` their
+    directly. Frames keep the source's index (a gap = dropped frames); with `realtime` their
     timestamp is the time they were handed over (what a camera's capture time would be).
     Errors the source raises reach the consumer's `read` (after the frame before them).
     `read_timeout` is passed to a live source's `read` (None: block; closing the reader wakes it).
@@ -227,13 +227,9 @@ class LatestFrameReader:
         realtime: bool = False,
         fps: Optional[float] = None,
         read_timeout: Optional[float] = None,
-        prefetch: bool = False,
     ) -> None:
         self.source = source
         self.drop = _check_drop(drop)
-        live_source = bool(getattr(source, "live", False))
-        if prefetch and not (live_source or realtime) and drop != "none":
-            raise SourceError("prefetching a file must not drop frames; allowed: drop='none' with prefetch=True")
         if drop == "latest" and getattr(source, "needs_ack", False):
             raise SourceError(
                 f"a {getattr(source, 'kind', 'source')} source needs every frame acknowledged and cannot drop "
@@ -253,8 +249,7 @@ class LatestFrameReader:
         self.frame_count: Optional[int] = getattr(source, "frame_count", None)
         self.live: bool = bool(getattr(source, "live", False) or realtime)
         self.kind: str = getattr(source, "kind", "")
-        # prefetch: a file decoded in a capture thread, so decoding overlaps inference (never drops).
-        self._threaded = live_source or realtime or prefetch
+        self._threaded = bool(getattr(source, "live", False)) or realtime
         self._stop = threading.Event()
         self._closed = False
         self._ended = False
@@ -264,7 +259,7 @@ class LatestFrameReader:
         if self._threaded:
             self._capture = _Capture(
                 source, drop, read_timeout=read_timeout if source.live else None, pace_fps=pace, stop=self._stop,
-                none_means_end=not (live_source or realtime), name="edgeclf-latest",
+                name="edgeclf-latest",
             )
 
     @property

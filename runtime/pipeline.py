@@ -209,15 +209,6 @@ def _video_like(source: FrameSource) -> bool:
     return kind in ("video", "camera", "stream", "synthetic", "gstreamer")
 
 
-def _gray(image: np.ndarray) -> np.ndarray:
-    if image.ndim == 2:
-        return image
-    from edgeclf.runtime import _cv
-
-    cv2 = _cv.cv2()
-    return cv2.cvtColor(np.ascontiguousarray(image[:, :, :3]), cv2.COLOR_RGB2GRAY)  # type: ignore[no-any-return]
-
-
 def run_pipeline(
     bundle: Bundle,
     source: FrameSource,
