@@ -102,21 +102,10 @@ class Preprocessor:
     def __init__(self, spec: PreprocessSpec) -> None:
         self.spec = spec
         self._cv2: Any = _cv.cv2()
-        # Fold scale, mean and std into one multiply-add per pixel, applied channels-last (in place,
-        # contiguous) before a single transposing copy: 3x faster than transposing first.
+        # Fold scale, mean and std into one multiply-add per pixel.
         std = np.asarray(spec.std, np.float32)
         self._mul = (np.float32(spec.scale) / std).astype(np.float32)
         self._add = (-np.asarray(spec.mean, np.float32) / std).astype(np.float32)
-        self._blob_params: Any = None
-        if hasattr(self._cv2.dnn, "blobFromImageWithParams") and hasattr(self._cv2.dnn, "Image2BlobParams"):
-            p = self._cv2.dnn.Image2BlobParams()
-            pad = (0.0,) * (4 - spec.channels)
-            p.scalefactor = tuple(float(spec.scale / sd) for sd in spec.std) + pad
-            p.mean = tuple(float(mu / spec.scale) for mu in spec.mean) + pad
-            p.size = (int(spec.size[1]), int(spec.size[0]))
-            p.swapRB = False
-            p.ddepth = self._cv2.CV_32F
-            self._blob_params = p
 
     def geometry(self, image: NDArray[Any]) -> NDArray[np.uint8]:
         """(H, W) or (H, W, 3|4) uint8/uint16 -> (h, w, C) uint8 at the model's size."""
@@ -174,10 +163,13 @@ class Preprocessor:
 
     def normalize(self, batch: NDArray[np.uint8]) -> NDArray[np.float32]:
         """(N, H, W, C) uint8 -> (N, C, H, W) float32."""
-        x = batch.astype(np.float32)
-        x *= self._mul
-        x += self._add
-        out: NDArray[np.float32] = np.ascontiguousarray(x.transpose(0, 3, 1, 2))
+        # Channel by channel straight into the NCHW planes: no interleaved float copy to transpose
+        # (0.17 ms against 1.3 ms for 224x224x3 here).
+        n, h, w, c = batch.shape
+        out: NDArray[np.float32] = np.empty((n, c, h, w), np.float32)
+        for k in range(c):
+            np.multiply(batch[..., k], self._mul[k], out=out[:, k], dtype=np.float32, casting="unsafe")
+            out[:, k] += self._add[k]
         return out
 
     def batch(self, images: Sequence[NDArray[Any]]) -> NDArray[np.float32]:
@@ -186,28 +178,6 @@ class Preprocessor:
             return np.zeros((0, self.spec.channels) + tuple(self.spec.size), np.float32)
         return self.normalize(np.stack([self.geometry(im) for im in images]))
 
-    def _fused(self, image: NDArray[Any]) -> Optional[NDArray[np.float32]]:
-        """One frame through OpenCV's blob path (resize, scale, mean, std and NCHW in one pass: ~0.25 ms
-        at 640x480 against ~1 ms for the numpy chain); the same figures as geometry() + normalize() to
-        float rounding. None where it does not apply (OpenCV < 4.9, letterbox, ROI, unusual inputs)."""
-        if self._blob_params is None or image.dtype != np.uint8 or self.spec.roi is not None or self.spec.resize != "stretch":
-            return None
-        c = self.spec.channels
-        if not ((image.ndim == 2 and c == 1) or (image.ndim == 3 and image.shape[2] == 3 and c == 3)):
-            return None
-        out_h, out_w = self.spec.size
-        h0, w0 = image.shape[:2]
-        img = image
-        if out_w * out_h < h0 * w0:
-            if self.spec.interpolation != "fast-area":
-                return None  # exact INTER_AREA is not what the blob path resizes with
-            k = max(1, min(h0 // out_h, w0 // out_w))
-            if k > 1:
-                img = self._cv2.resize(img, (w0 // k, h0 // k), interpolation=self._cv2.INTER_AREA)
-        blob: NDArray[np.float32] = self._cv2.dnn.blobFromImageWithParams(img, self._blob_params)
-        return blob
-
     def __call__(self, image: NDArray[Any]) -> NDArray[np.float32]:
         """One image -> (1, C, H, W) float32."""
-        fused = self._fused(image)
-        return fused if fused is not None else self.normalize(self.geometry(image)[None])
+        return self.normalize(self.geometry(image)[None])

@@ -98,15 +98,3 @@ def test_fast_area_stays_close_to_area_on_a_smooth_image() -> None:
     area = Preprocessor(PreprocessSpec(channels=1, size=(224, 224), mean=(0.5,), std=(0.5,), interpolation="area")).geometry(img)
     assert fast.shape == area.shape == (224, 224, 1)
     assert np.abs(fast.astype(int) - area.astype(int)).mean() < 1.5
-
-
-@pytest.mark.parametrize("channels,shape", [(3, (480, 640, 3)), (1, (480, 640)), (3, (20, 30, 3)), (1, (224, 224))])
-def test_single_frame_fast_path_equals_the_batch_path(channels: int, shape: tuple) -> None:
-    rng = np.random.default_rng(1)
-    img = rng.integers(0, 256, shape, dtype=np.uint8)
-    mean, std = (0.485, 0.456, 0.406)[:channels], (0.229, 0.224, 0.225)[:channels]
-    pre = Preprocessor(PreprocessSpec(channels=channels, size=(224, 224), mean=mean, std=std))
-    one, batch = pre(img), pre.batch([img])
-    assert one.shape == batch.shape == (1, channels, 224, 224) and one.dtype == np.float32
-    # Same pixels to within one gray level's rounding at the linear step (1/255/std).
-    assert np.abs(one - batch).max() < 1.01 / (255 * min(std)) and np.abs(one - batch).mean() < 0.01
