@@ -54,3 +54,13 @@ def bundle_copy(bundle_dir: Path, tmp_path: Path) -> Path:
     dst = tmp_path / "bundle"
     shutil.copytree(bundle_dir, dst)
     return dst
+
+
+@pytest.fixture
+def one_torch_thread():
+    """Torch on one thread for the test: fine-tuning in tests is quicker without contention on a small, shared machine."""
+    torch = pytest.importorskip("torch")
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -18,13 +18,7 @@ pytest.importorskip("onnxruntime.quantization")
 
 from edgeclf.export.qat import fake_quant_spec, wrap_fake_quant  # noqa: E402
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _tiny() -> torch.nn.Module:

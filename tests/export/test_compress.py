@@ -18,14 +18,7 @@ from edgeclf.runtime.bundle import load_bundle
 pytest.importorskip("onnxruntime.quantization")
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """QAT fine-tunes in torch: one thread keeps these tests quick on a small, shared machine."""
-    torch = pytest.importorskip("torch")
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # QAT fine-tunes in torch
 
 
 def test_int8_bundle_holds_both_flavours_each_rechecked_and_selectable(trained_dir: Path, tmp_path: Path) -> None:

@@ -17,14 +17,7 @@ from tests.conftest import run_cli
 pytest.importorskip("onnxruntime.quantization")
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """QAT fine-tunes in torch: one thread keeps these tests quick on a small, shared machine."""
-    torch = pytest.importorskip("torch")
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # QAT fine-tunes in torch
 
 
 @pytest.fixture
