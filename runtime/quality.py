@@ -135,6 +135,7 @@ class QualityGate:
             raise ConfigError(f"unknown quality threshold(s) {unknown}; allowed: {known}")
         self.config = QualityConfig(**thresholds)
         self._cv2: Any = _cv.cv2()  # once: the import helper touches os.environ on every call
+        self._nearest_exact = getattr(self._cv2, "INTER_NEAREST_EXACT", None)  # OpenCV >= 4.5
         self._clear()
 
     @classmethod
@@ -188,16 +189,28 @@ class QualityGate:
             self._prev = None
         return m, pairs
 
+    def _subsample(self, image: NDArray[np.uint8]) -> NDArray[np.uint8]:
+        """Every _STEP-th pixel from offset _STEP // 2, in gray: (h, w) uint8, contiguous."""
+        cv2 = self._cv2
+        h, w = image.shape[:2]
+        c = image.shape[2] if image.ndim == 3 else 1
+        if self._nearest_exact is not None and h % _STEP == 0 and w % _STEP == 0 and c in (1, 3):
+            # INTER_NEAREST_EXACT at 1/_STEP picks source pixel _STEP * i + _STEP // 2: the same pixels as the
+            # strided slice, gathered by OpenCV in a fifth of the time of copying the strided view (tested).
+            sub = cv2.resize(image, (w // _STEP, h // _STEP), interpolation=self._nearest_exact)
+        else:
+            sub = np.ascontiguousarray(image[_STEP // 2 :: _STEP, _STEP // 2 :: _STEP])
+        if sub.ndim == 3:
+            sub = cv2.cvtColor(np.ascontiguousarray(sub[:, :, :3]), cv2.COLOR_RGB2GRAY) if sub.shape[2] >= 3 else sub[:, :, 0]
+        return np.ascontiguousarray(sub)
+
     def check(self, gray: NDArray[Any], sector_mask: Optional[NDArray[Any]] = None) -> QualityResult:
         """Check one frame; see QualityResult."""
         cv2 = self._cv2
         cfg = self.config
         if gray.dtype != np.uint8 or gray.ndim not in (2, 3):
             raise DataError(f"frame of shape {gray.shape} and dtype {gray.dtype} is not supported; expected (H, W) uint8")
-        sub = gray[_STEP // 2 :: _STEP, _STEP // 2 :: _STEP]
-        if sub.ndim == 3:
-            sub = cv2.cvtColor(np.ascontiguousarray(sub[:, :, :3]), cv2.COLOR_RGB2GRAY) if sub.shape[2] >= 3 else sub[:, :, 0]
-        small: NDArray[np.uint8] = np.ascontiguousarray(sub)
+        small = self._subsample(gray)
         mask, pairs = self._masks(sector_mask, (small.shape[0], small.shape[1]), (gray.shape[0], gray.shape[1]))
 
         n = self._count

@@ -98,3 +98,16 @@ def test_fast_area_stays_close_to_area_on_a_smooth_image() -> None:
     area = Preprocessor(PreprocessSpec(channels=1, size=(224, 224), mean=(0.5,), std=(0.5,), interpolation="area")).geometry(img)
     assert fast.shape == area.shape == (224, 224, 1)
     assert np.abs(fast.astype(int) - area.astype(int)).mean() < 1.5
+
+
+def test_normalize_table_is_bit_identical_to_float32_multiply_add() -> None:
+    # Every gray level in every channel, against the float32 chain it replaced (scale/std, then -mean/std).
+    spec = PreprocessSpec(channels=3, size=(16, 16), mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
+    pre = Preprocessor(spec)
+    levels = np.arange(256, dtype=np.uint8)
+    batch = np.stack([np.roll(levels, 7 * k) for k in range(3)], axis=-1).reshape(1, 16, 16, 3)
+    std = np.asarray(spec.std, np.float32)
+    mul = (np.float32(spec.scale) / std).astype(np.float32)
+    add = (-np.asarray(spec.mean, np.float32) / std).astype(np.float32)
+    want = batch.astype(np.float32) * mul + add
+    np.testing.assert_array_equal(pre.normalize(batch), want.transpose(0, 3, 1, 2))

@@ -156,3 +156,17 @@ def test_real_clips_are_mostly_not_flagged() -> None:
     # No real clip is frozen (the GIFs repeat no frame; re-encoded clips repeat at most 9) or saturated.
     assert reasons["frozen"] == 0 and reasons["saturated"] == 0, reasons
     assert flagged_total / total < 0.005, (flagged_total, total, reasons)
+
+
+@pytest.mark.parametrize("shape", [(480, 640, 3), (480, 640), (482, 641, 3), (120, 160, 4), (481, 640)])
+def test_subsample_takes_the_strided_pixels_whatever_the_path(shape) -> None:
+    # The fast path (OpenCV nearest-exact resize) must pick exactly the pixels of the strided slice.
+    import cv2
+
+    img = np.random.default_rng(sum(shape)).integers(0, 256, shape, np.uint8)
+    sub = img[2::4, 2::4]
+    if sub.ndim == 3:
+        sub = cv2.cvtColor(np.ascontiguousarray(sub[:, :, :3]), cv2.COLOR_RGB2GRAY)
+    got = QualityGate()._subsample(img)
+    assert got.flags.c_contiguous and got.dtype == np.uint8
+    np.testing.assert_array_equal(got, sub)
