@@ -52,7 +52,8 @@ json_option = click.option("--json", "as_json", is_flag=True, help="Print one JS
 def cli(verbose: int) -> None:
     """edgeclf: medical image classifiers from the workstation to point-of-care devices.
 
-    Workstation: data synth, train, prune, evaluate, export. Device: run, bundle verify/info.
+    Workstation: data synth, train, prune, evaluate, export. Device: devices, run, profile, build-engine,
+    bundle verify/check/info.
     Start with `edgeclf demo`: offline, a minute, no arguments.
     """
     logging.basicConfig(
@@ -240,8 +241,11 @@ def prune(model: str, out: str, target_macs: float, steps: int, finetune_epochs:
 @click.option("--max-frames", type=click.IntRange(min=1), default=None, help="Stop after this many frames.")
 @click.option("--min-confidence", type=click.FloatRange(0, 1, max_open=True), default=None,
               help="Abstain when the top probability is below this [default: the bundle's, 0 = never].")
-@click.option("--backend", default=None, help="ort-cpu, ort-cuda or ort-tensorrt [default: the device profile's, else ort-cpu].")
-@click.option("--device", default=None, help="Device profile (x86-cpu, x86-nvidia-gpu): default backend and threads.")
+@click.option("--backend", default=None, help="ort-cpu, ort-cuda, ort-tensorrt or trt (a TensorRT engine, built on first use) "
+              "[default: the device profile's first that can run here, else ort-cpu].")
+@click.option("--device", default=None, help="Device profile (`edgeclf devices list`): default backend, threads, engine settings.")
+@click.option("--dla", "dla_core", type=click.IntRange(min=0), default=None, help="trt, ort-tensorrt: run on this DLA core (Jetson), GPU fallback.")
+@click.option("--engine-cache", default=None, help="TensorRT engine folder [default: $EDGECLF_ENGINE_CACHE or ~/.cache/edgeclf/engines].")
 @click.option("--precision", type=click.Choice(["fp32", "fp16", "int8"]), default=None,
               help="Which model of the bundle to run [default: the bundle's deploy choice].")
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="Inference threads [default: the cores available].")
@@ -257,16 +261,22 @@ def prune(model: str, out: str, target_macs: float, steps: int, finetune_epochs:
 @click.option("--fsync-every", type=click.FloatRange(min=0), default=1.0, show_default=True,
               help="Seconds between fsyncs of --out (0: every line); lines are flushed whole either way.")
 @json_option
-def run(bundle: str, source: str, out, max_frames, min_confidence, backend, device, precision, threads, realtime, roi, smoothing,
-        no_quality, record, show, summary_path, fsync_every, as_json: bool) -> None:
-    """Classify frames from a source with a verified bundle; one JSON line per frame."""
+def run(bundle: str, source: str, out, max_frames, min_confidence, backend, device, dla_core, engine_cache, precision, threads, realtime,
+        roi, smoothing, no_quality, record, show, summary_path, fsync_every, as_json: bool) -> None:
+    """Classify frames from a source with a verified bundle; one JSON line per frame.
+
+    Under systemd (Type=notify, see devices/deploy/edgeclf-run.service) it reports ready and feeds the watchdog.
+    """
     from edgeclf.runtime.app import run_bundle
+    from edgeclf.runtime.backends import BackendOptions
     from edgeclf.runtime.pipeline import RunOptions
 
+    _check_backend_name(backend)
     opts = RunOptions(min_confidence=min_confidence, smoothing=smoothing, roi=roi, quality=not no_quality)
     summary = run_bundle(bundle, source, out=out, max_frames=max_frames, backend=backend, threads=threads,
                          precision=precision, options=opts, realtime=realtime, record=record, show=show,
-                         summary_path=summary_path, fsync_every=fsync_every, device=device)
+                         summary_path=summary_path, fsync_every=fsync_every, device=device,
+                         backend_options=BackendOptions(device=device, dla_core=dla_core, engine_cache=engine_cache))
     _emit(as_json, summary, _print_run)
 
 
@@ -275,7 +285,11 @@ def run(bundle: str, source: str, out, max_frames, min_confidence, backend, devi
 @cli.group("profile", invoke_without_command=True)
 @click.option("--bundle", "bundles", multiple=True, help="Bundle folder; repeat to profile several side by side (interleaved).")
 @click.option("--source", default=None, help="Frame source URI [default: synthetic:ultrasound?frames=WARMUP+FRAMES, reopened at its end].")
-@click.option("--backend", "backends", multiple=True, help="ort-cpu, ort-cuda or ort-tensorrt; repeat to compare [default: ort-cpu].")
+@click.option("--backend", "backends", multiple=True,
+              help="ort-cpu, ort-cuda, ort-tensorrt or trt; repeat to compare [default: the --device profile's first that can run here, "
+                   "else ort-cpu].")
+@click.option("--device", default=None, help="Device profile: default backend and engine settings (`edgeclf devices list`).")
+@click.option("--engine-cache", default=None, help="TensorRT engine folder [default: $EDGECLF_ENGINE_CACHE or ~/.cache/edgeclf/engines].")
 @click.option("--precision", "precisions", multiple=True, type=click.Choice(["fp32", "fp16", "int8"]),
               help="Model of the bundle; repeat to compare [default: the bundle's deploy choice].")
 @click.option("--frames", type=click.IntRange(min=1), default=500, show_default=True, help="Steady-state frames per target.")
@@ -287,8 +301,8 @@ def run(bundle: str, source: str, out, max_frames, min_confidence, backend, devi
 @click.option("--report", "report_dir", default=None, help="Folder for report.md and PNG plots (needs matplotlib).")
 @json_option
 @click.pass_context
-def profile(ctx: click.Context, bundles, source, backends, precisions, frames, warmup, chunk, threads, bootstrap, no_quality,
-            report_dir, as_json: bool) -> None:
+def profile(ctx: click.Context, bundles, source, backends, device, engine_cache, precisions, frames, warmup, chunk, threads, bootstrap,
+            no_quality, report_dir, as_json: bool) -> None:
     """Per-stage latency on this device (median, p90, p99 with 95% intervals), several targets side by side.
 
     `edgeclf profile --bundle B [--bundle B2] [--precision fp32 --precision int8]`; then
@@ -301,14 +315,24 @@ def profile(ctx: click.Context, bundles, source, backends, precisions, frames, w
     t_entry = time.time()
     if not bundles:
         raise click.UsageError("give at least one --bundle (or a subcommand: compare)", ctx=ctx)
+    from edgeclf.runtime.app import profile_backend_factory, resolve_backend
+    from edgeclf.runtime.backends import BackendOptions
     from edgeclf.runtime.pipeline import RunOptions
     from edgeclf.runtime.profile import ProfileOptions, ProfileTarget, profile_bundles, write_report
 
-    targets = [ProfileTarget(b, backend=bk, precision=p) for b in bundles for bk in (backends or ("ort-cpu",))
-               for p in (precisions or (None,))]
+    for bk in backends:
+        _check_backend_name(bk)
+    if not backends:
+        backends = (resolve_backend(None, device)[0],)  # the profile's first that can run here, fallbacks logged
+    if device is not None and threads is None:
+        from edgeclf.devices import load_profile
+
+        threads = load_profile(device).threads  # defaults < device profile < flags, as in `run`
+    targets = [ProfileTarget(b, backend=bk, precision=p) for b in bundles for bk in backends for p in (precisions or (None,))]
     opts = ProfileOptions(source=source, frames=frames, warmup=warmup, chunk=chunk, threads=threads, bootstrap=bootstrap,
                           run_options=RunOptions(quality=not no_quality))
-    result = profile_bundles(targets, opts, started_at=t_entry)
+    factory = profile_backend_factory(BackendOptions(device=device, engine_cache=engine_cache))
+    result = profile_bundles(targets, opts, started_at=t_entry, backend_factory=factory)
     if report_dir:
         result.doc["report"] = write_report(result, report_dir)
     _emit(as_json, result.doc, _print_profile)
@@ -393,6 +417,124 @@ def _print_compare(r: dict[str, Any]) -> None:
     click.echo(f"{len(r['regressions'])} stage(s) regressed" if r["regressed"] else "no regression")
 
 
+# -- devices ----------------------------------------------------------------------------------------------
+
+@cli.group()
+def devices() -> None:
+    """Device profiles: list them, show one, detect which fits this machine."""
+
+
+@devices.command("list")
+@json_option
+def devices_list(as_json: bool) -> None:
+    """The shipped device profiles, one line each."""
+    from edgeclf.devices import list_profiles, load_profile
+
+    profs = [load_profile(n) for n in list_profiles()]
+    rows = [[p.name, p.accelerator, p.compute_capability or "-", str(p.dla_cores), p.tensorrt or "-",
+             f"JetPack {p.jetpack}" if p.jetpack else "-", ", ".join(p.preferred_backends)] for p in profs]
+    _emit(as_json, [p.to_dict() for p in profs], _table(["profile", "accelerator", "compute", "DLA", "TensorRT", "written for", "backends"],
+                                                         rows, f"{len(rows)} device profiles (edgeclf devices show NAME)"))
+
+
+@devices.command("show")
+@click.argument("name")
+@json_option
+def devices_show(name: str, as_json: bool) -> None:
+    """One profile in full, with its capture pipelines filled in."""
+    from edgeclf.devices import load_profile
+
+    _emit(as_json, load_profile(name).to_dict(), _print_device)
+
+
+@devices.command("detect")
+@click.option("--root", default="/", show_default=True, help="Read the device files under this folder instead of / "
+              "(a copy of another machine's /proc/device-tree/model, /etc/nv_tegra_release, /proc/cpuinfo).")
+@json_option
+@click.pass_context
+def devices_detect(ctx: click.Context, root: str, as_json: bool) -> None:
+    """Which profile fits this machine, and the evidence for it. Exit 1 when none fits."""
+    from pathlib import Path
+
+    from edgeclf.devices.detect import Probe, detect
+
+    found = detect(Probe(root=Path(root)))
+    _emit(as_json, found.to_dict(), _print_detection)
+    if found.profile is None:
+        ctx.exit(1)
+
+
+def _detected_device(device: str | None) -> str:
+    """--device, else the detected profile (said on stderr), else one line asking for --device."""
+    if device:
+        return device
+    from edgeclf.devices.detect import detect
+    from edgeclf.errors import ConfigError
+
+    found = detect()
+    if found.profile is None:
+        raise ConfigError("no device profile fits this machine (" + "; ".join(found.reasons[-2:]) + "); give --device NAME "
+                          "(see `edgeclf devices list`)")
+    log.info("device profile %s (detected: %s)", found.profile, "; ".join(found.reasons))
+    return found.profile
+
+
+# edgeclf.runtime.backends.BACKENDS, spelled out so that checking a flag imports no numpy (a test keeps them equal).
+BACKEND_NAMES = ("ort-cpu", "ort-cuda", "ort-tensorrt", "trt")
+
+
+def _check_backend_name(backend: str | None) -> None:
+    from edgeclf.errors import ConfigError
+
+    if backend is not None and backend not in BACKEND_NAMES:
+        raise ConfigError(f"--backend {backend!r} is unknown; allowed: {', '.join(BACKEND_NAMES)}")
+
+
+# -- build-engine -----------------------------------------------------------------------------------------
+
+@cli.command("build-engine")
+@click.option("--bundle", "bundle_path", required=True, help="Bundle folder.")
+@click.option("--device", default=None, help="Device profile [default: detected on this machine].")
+@click.option("--precision", type=click.Choice(["fp32", "fp16", "int8", "auto"]), default="auto", show_default=True,
+              help="int8: from the bundle's symmetric QDQ variant (no calibrator); auto: int8 if the bundle has it, else fp16 where "
+                   "the profile runs it.")
+@click.option("--dla", "dla_core", type=click.IntRange(min=0), default=None, help="Build for this DLA core with GPU fallback (refused on "
+              "profiles without DLA).")
+@click.option("--workspace", "workspace_mb", type=click.IntRange(min=1), default=None, help="Builder workspace in MiB [default: the profile's].")
+@click.option("--max-batch", type=click.IntRange(min=1), default=8, show_default=True, help="Largest batch of the optimisation profile (min and opt 1).")
+@click.option("--cache", "cache", default=None, help="Engine folder [default: $EDGECLF_ENGINE_CACHE, else $XDG_CACHE_HOME/edgeclf/engines].")
+@click.option("--rebuild", is_flag=True, help="Build even when a valid engine is cached.")
+@click.option("--print-trtexec", is_flag=True, help="Print the equivalent trtexec command for the profile's TensorRT and build nothing.")
+@click.option("--trt-version", default=None, help="With --print-trtexec: the TensorRT version to write flags for [default: the profile's].")
+@json_option
+def build_engine(bundle_path: str, device, precision: str, dla_core, workspace_mb, max_batch: int, cache, rebuild: bool,
+                 print_trtexec: bool, trt_version, as_json: bool) -> None:
+    """Build (or reuse) a TensorRT engine for a bundle on this device, in the per-user engine cache.
+
+    Engines are keyed by device profile, TensorRT version, compute capability, precision, DLA core and the
+    bundle's checksum; one built for anything else is rebuilt, never loaded.
+    """
+    from edgeclf.runtime.engine import build_engine as run_build
+    from edgeclf.runtime.engine import trtexec_for
+
+    name = _detected_device(device)
+    if print_trtexec:
+        import shlex
+
+        doc = trtexec_for(bundle_path, device=name, precision=precision, dla_core=dla_core, workspace_mb=workspace_mb,
+                          max_batch=max_batch, cache=cache, tensorrt=trt_version)
+        _emit(as_json, doc, shlex.join(doc["command"]))
+        click.echo(f"# trtexec flags for TensorRT {doc['tensorrt']} ({'--trt-version' if trt_version else 'profile ' + name}); "
+                   f"{doc['precision']} ({doc['precision_reason']}). edgeclf keys its own engines by the TensorRT installed.", err=True)
+        return
+    record = run_build(bundle_path, device=name, precision=precision, dla_core=dla_core, workspace_mb=workspace_mb, cache=cache,
+                       max_batch=max_batch, rebuild=rebuild, progress=None if as_json else (lambda msg: click.echo(msg, err=True)))
+    doc = {"engine": str(record.path), "built": record.built, "reason": record.reason, "key": record.key.fields(),
+           "messages": list(record.messages), "metadata": record.meta}
+    _emit(as_json, doc, lambda d: click.echo(f"engine {'built' if d['built'] else 'cached, valid'}: {d['engine']} "
+                                             f"({d['key']['precision']} on {d['key']['device']}, TensorRT {d['key']['tensorrt']})"))
+
+
 # -- bundle -----------------------------------------------------------------------------------------------
 
 @cli.group()
@@ -403,15 +545,48 @@ def bundle() -> None:
 @bundle.command("verify")
 @click.argument("path")
 @click.option("--parity/--no-parity", default=True, show_default=True, help="Also re-run reference.npz on this device.")
-@click.option("--backend", default="ort-cpu", show_default=True, help="The backend `run` will use: ort-cpu, ort-cuda or ort-tensorrt.")
+@click.option("--backend", default="ort-cpu", show_default=True,
+              help="The backend `run` will use: ort-cpu, ort-cuda, ort-tensorrt or trt.")
 @json_option
 def bundle_verify(path: str, parity: bool, backend: str, as_json: bool) -> None:
     """Re-check checksums, the manifest schema and (optionally) parity against reference.npz."""
     from edgeclf.runtime.app import verify_bundle
 
+    _check_backend_name(backend)
     result = verify_bundle(path, parity=parity, backend=backend)
     _emit(as_json, result, lambda r: click.echo(f"OK {r['path']}: checksums match, manifest valid" + (
         f", reference parity max |diff| {r['reference']['max_abs_diff']:.2e} on {r['reference']['n']} inputs" if r.get("reference") else "")))
+
+
+@bundle.command("check")
+@click.argument("path")
+@click.option("--backend", default=None, help="ort-cpu, ort-cuda, ort-tensorrt or trt [default: the --device profile's first that can "
+              "run here, else ort-cpu].")
+@click.option("--device", default=None, help="Device profile (trt: which engine; default detected).")
+@click.option("--precision", type=click.Choice(["fp32", "fp16", "int8"]), default=None,
+              help="Check only this model [default: every model the backend runs; trt: the engine build-engine makes by default].")
+@click.option("--dla", "dla_core", type=click.IntRange(min=0), default=None, help="trt, ort-tensorrt: on this DLA core.")
+@click.option("--engine-cache", default=None, help="TensorRT engine folder [default: $EDGECLF_ENGINE_CACHE or ~/.cache/edgeclf/engines].")
+@json_option
+def bundle_check(path: str, backend, device, precision, dla_core, engine_cache, as_json: bool) -> None:
+    """Parity on this device: reference.npz through BACKEND, against the outputs recorded at export.
+
+    Reports max/mean absolute error and decision agreement per model, and against the fp32 outputs; fails
+    (exit 2) when a model is outside its tolerance. The same check a Jetson runs with --backend trt.
+    """
+    from edgeclf.runtime.app import resolve_backend, verify_bundle
+    from edgeclf.runtime.backends import BackendOptions
+
+    _check_backend_name(backend)
+    chosen, why, _ = resolve_backend(backend, device)
+    result = verify_bundle(path, parity=True, backend=chosen, precision=precision,
+                           options=BackendOptions(device=device, dla_core=dla_core, engine_cache=engine_cache))
+    if result["reference"] is None:
+        from edgeclf.errors import BundleError
+
+        raise BundleError(f"bundle {path} has no reference.npz, so there is nothing to check parity against; re-export it without --no-samples")
+    result["reference"]["chosen_by"] = why
+    _emit(as_json, result, _print_check)
 
 
 @bundle.command("info")
@@ -558,6 +733,48 @@ def _print_run(s: dict[str, Any]) -> None:
         click.echo(f"stopped by {s['stopped_by']}; everything before it was written")
     if s.get("device"):
         click.echo(f"backend {s['backend']} ({s['chosen_by']['backend']}), {s['threads']} threads ({s['chosen_by']['threads']})")
+
+
+def _print_check(r: dict[str, Any]) -> None:
+    ref = r["reference"]
+    rows = []
+    for c in [ref] + list(ref.get("variants") or []):
+        v = c["vs_fp32"]
+        rows.append([c["model"], c["n"], f"{c['max_abs_diff']:.2e}", f"{c['mean_abs_diff']:.2e}", f"{c['tolerance']:.1e}",
+                     f"{c['decision_agreement']:.3f}", f"{v['decision_agreement']:.3f}", f"{v['max_abs_diff']:.2e}"])
+    click.echo(_table(["model", "n", "max |diff|", "mean |diff|", "tolerance", "agreement", "agreement vs fp32", "max |diff| vs fp32"],
+                      rows, f"{r['path']} on {ref['backend']} ({ref.get('chosen_by', '')}): reference.npz against the outputs recorded at export"))
+    click.echo("PASS: every model within its tolerance (checksums match, manifest valid)")
+
+
+def _print_device(d: dict[str, Any]) -> None:
+    from edgeclf.devices import DeviceProfile
+
+    p = DeviceProfile.from_dict(d, d["name"])
+    soft = ", ".join(f"{k} {v}" for k, v in (("JetPack", p.jetpack), ("L4T", p.l4t), ("TensorRT", p.tensorrt)) if v) or "no TensorRT"
+    lines = [f"{p.name}: {p.description}",
+             f"accelerator {p.accelerator}" + (f", compute capability {p.compute_capability}" if p.compute_capability else "")
+             + f", {p.cpu_cores or 'all'} CPU cores, {p.dla_cores} DLA core(s)",
+             f"written for: {soft}; newest ONNX opset parsed: {p.max_onnx_opset}",
+             f"precisions: {', '.join(p.precisions)}; backends in order: {', '.join(p.preferred_backends)}",
+             f"threads: {p.threads or 'the cores available'}; engine workspace: {p.workspace_mb or '-'} MiB; "
+             f"memory budget: {p.memory_budget_mb or '-'} MB",
+             "power modes (sudo nvpmodel -m ID): " + (", ".join(f"{m.id} {m.name}" for m in p.power_modes) or "none (not a Jetson)")]
+    for kind in ("csi", "usb"):
+        if p.gstreamer.get(kind):
+            lines.append(f"{kind} capture (--source): {p.capture_pipeline(kind)}")
+    if p.notes:
+        lines.append(f"notes: {p.notes}")
+    click.echo("\n".join(lines))
+
+
+def _print_detection(d: dict[str, Any]) -> None:
+    click.echo(f"profile: {d['profile']}" if d["profile"] else "no device profile fits this machine")
+    click.echo("because:")
+    for r in d["reasons"]:
+        click.echo(f"  - {r}")
+    for w in d["warnings"]:
+        click.echo(f"  ! {w}")
 
 
 def _print_info(m: dict[str, Any]) -> None:

@@ -34,7 +34,8 @@ PRECISION_CHOICES = ("fp32", "fp16", "int8", "auto")
 VARIANT_FILES = {"int8-cpu": "model.int8-cpu.onnx", "int8-tensorrt": "model.int8-tensorrt.onnx", "fp16": "model.fp16.onnx"}
 # What each backend can gain from, by the runtime's own choice of INT8 flavour (runtime/bundle.py:
 # INT8_FLAVOUR_FOR_BACKEND); fp16 only on GPUs.
-DEVICE_CANDIDATES = {"ort-cpu": ["int8-cpu"], "ort-cuda": ["int8-cpu", "fp16"], "ort-tensorrt": ["int8-tensorrt", "fp16"]}
+DEVICE_CANDIDATES = {"ort-cpu": ["int8-cpu"], "ort-cuda": ["int8-cpu", "fp16"], "ort-tensorrt": ["int8-tensorrt", "fp16"],
+                     "trt": ["int8-tensorrt", "fp16"]}
 PREFERENCE = ("int8", "fp16")  # a device's stated preference among passing variants when latency cannot be measured
 QatRung = Callable[..., Dict[str, Any]]
 
@@ -147,6 +148,12 @@ def device_plan(device: str) -> dict[str, Any]:
     backend = prof.preferred_backends[0] if prof.preferred_backends else "ort-cpu"
     if backend not in DEVICE_CANDIDATES:
         raise ConfigError(f"device profile {device!r} prefers backend {backend!r}; export knows {', '.join(DEVICE_CANDIDATES)}")
+    if backend == "trt":  # the native TensorRT engine: no execution provider to ask for
+        from edgeclf.runtime.engine import tensorrt_missing
+
+        provider, available = "tensorrt (native engine)", tensorrt_missing() is None
+        return {"device": prof.name, "accelerator": prof.accelerator, "backend": backend,
+                "candidates": list(DEVICE_CANDIDATES[backend]), "available": bool(available), "provider": provider}
     from edgeclf.runtime.backends import _PROVIDERS
 
     provider = _PROVIDERS[backend][0]

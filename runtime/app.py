@@ -6,19 +6,21 @@ import logging
 import signal
 import threading
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 
-from edgeclf.errors import ConfigError, IntegrityError
+from edgeclf.errors import BundleError, ConfigError, IntegrityError
 from edgeclf.runtime import _cv
-from edgeclf.runtime.backends import create_backend
-from edgeclf.runtime.bundle import load_bundle
+from edgeclf.runtime.backends import Backend, BackendOptions, create_backend
+from edgeclf.runtime.bundle import Bundle, load_bundle
 from edgeclf.runtime.pipeline import RunOptions, run_pipeline
+from edgeclf.runtime.postprocess import decide, probabilities
 from edgeclf.runtime.sinks import JsonlSink, Sink
-from edgeclf.runtime.sources import FrameSource, open_source
+from edgeclf.runtime.sources import Frame, FrameSource, open_source
 
-__all__ = ["run_bundle", "verify_bundle", "PARITY_TOLERANCE", "VARIANT_TOLERANCE"]
+__all__ = ["run_bundle", "verify_bundle", "resolve_backend", "open_backend", "profile_backend_factory", "PARITY_TOLERANCE",
+           "VARIANT_TOLERANCE"]
 
 log = logging.getLogger(__name__)
 # Same model, same inputs, another machine or ORT build: logits may differ by float rounding only.
@@ -68,6 +70,89 @@ def _open(uri: str, realtime: bool, reconnect: bool) -> FrameSource:
     return src
 
 
+class _ProgressSource:
+    """Wraps a source so that every read tells `on_read` (the systemd watchdog) the frame loop is alive.
+
+    The pipeline reads ahead at most two frames, so reads stop when inference or a sink hangs, too.
+    Everything else is the wrapped source's."""
+
+    def __init__(self, src: FrameSource, on_read: Callable[[Optional[Frame]], None]) -> None:
+        self._src = src
+        self._on_read = on_read
+
+    def read(self, *args: Any, **kwargs: Any) -> Optional[Frame]:
+        frame = self._src.read(*args, **kwargs)
+        self._on_read(frame)
+        return frame
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._src, name)
+
+    def __iter__(self) -> Any:
+        return iter(self._src)
+
+    def close(self) -> None:
+        self._src.close()
+
+    def __enter__(self) -> _ProgressSource:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _watchdog_hook(notifier: Any, kind: str) -> Callable[[Optional[Frame]], None]:
+    """Ping on every frame; a watched folder (portable X-ray) also pings while it waits, since waiting is its job.
+    A camera or stream that delivers nothing stops the pings, and systemd restarts the service."""
+    idle_ok = kind == "watch"
+
+    def on_read(frame: Optional[Frame]) -> None:
+        if frame is not None or idle_ok:
+            notifier.ping()
+
+    return on_read
+
+
+def resolve_backend(backend: Optional[str], device: Optional[str]) -> Tuple[str, str, Optional[str]]:
+    """(backend, why it was chosen, device profile name). Precedence: --backend, else the profile's first
+    preferred backend that can run here (each one passed over logged as a WARNING with the reason), else ort-cpu."""
+    if backend:
+        return backend, "argument", device
+    if device is None:
+        return "ort-cpu", "default", None
+    from edgeclf.devices import load_profile
+    from edgeclf.runtime.backends import backend_availability, choose_backend
+
+    prof = load_profile(device)
+    chosen, skipped = choose_backend(prof.preferred_backends, backend_availability(), profile=device)
+    for line in skipped:
+        log.warning("device profile %s prefers %s, falling back: %s", device, line.split(":")[0], line)
+    why = f"device profile {device} (first of {', '.join(prof.preferred_backends)} available here"
+    return chosen, why + (f"; passed over {'; '.join(skipped)})" if skipped else ")"), device
+
+
+def open_backend(b: Bundle, backend: str, *, precision: Optional[str] = None, threads: Optional[int] = None,
+                 options: Optional[BackendOptions] = None) -> Tuple[Backend, str]:
+    """The backend for a loaded bundle and the model id it runs. trt: the engine for the device profile
+    (built into the per-user cache when missing or stale); precision None means auto, as `build-engine`."""
+    m = b.manifest
+    shape = (m.preprocess.channels,) + tuple(m.preprocess.size)
+    opts = options or BackendOptions()
+    if backend == "trt":
+        from edgeclf.runtime.trt import TrtBackend, open_trt_engine
+
+        # Only a build speaks (minutes on a Jetson: never silently); a valid cached engine loads without a word.
+        record = open_trt_engine(b, dataclasses.replace(opts, precision=precision or opts.precision),
+                                 progress=lambda msg: log.warning("TensorRT engine: %s", msg))
+        be = TrtBackend(str(record.path), (int(shape[0]), int(shape[1]), int(shape[2])), m.num_outputs,
+                        max_batch=opts.max_batch, record=record)
+        return be, f"trt-{record.key.precision}" + (f"-dla{record.key.dla_core}" if record.key.dla_core is not None else "")
+    model_path, variant = b.select(precision, backend)
+    vprec = "int8" if variant.startswith("int8") else variant
+    return create_backend(str(model_path), shape, m.num_outputs, backend=backend, threads=threads,
+                          options=dataclasses.replace(opts, precision=vprec)), variant
+
+
 def run_bundle(
     bundle_path: str,
     source_uri: str,
@@ -87,13 +172,18 @@ def run_bundle(
     record: Optional[str] = None,
     show: bool = False,
     summary_path: Optional[str] = None,
+    backend_options: Optional[BackendOptions] = None,
+    notifier: Any = None,
 ) -> Dict[str, Any]:
     """Verify and load the bundle, open the source, classify every frame; returns the run summary.
 
     Also a clip-level summary (per-class time share, majority label, abstain rate). `record` writes an
     annotated video, `show` opens the overlay window (a clear error where there is no display).
-    SIGINT/SIGTERM end the run cleanly with the summary written.
+    SIGINT/SIGTERM end the run cleanly with the summary written. Under systemd (NOTIFY_SOCKET set) it sends
+    READY=1 once bundle, backend and source are open, WATCHDOG=1 from the frame loop and STOPPING=1 at the end
+    (`notifier`: an edgeclf.devices.systemd.Notifier; default: one from the environment).
     """
+    from edgeclf.devices.systemd import Notifier
     from edgeclf.runtime.sinks import SummarySink
 
     if max_frames is not None and max_frames < 1:
@@ -103,32 +193,26 @@ def run_bundle(
         opts = dataclasses.replace(opts, min_confidence=min_confidence)
     # Precedence: defaults < device profile < explicit arguments (the CLI's flags).
     chosen = {"backend": "argument" if backend else "default", "threads": "argument" if threads else "default"}
+    backend, chosen["backend"], _ = resolve_backend(backend, device)
     if device is not None:
         from edgeclf.devices import load_profile
-        from edgeclf.runtime.backends import available_backends
 
         prof = load_profile(device)
-        if backend is None:
-            have = available_backends()
-            usable = [bk for bk in prof.preferred_backends if bk in have]
-            if not usable:
-                raise ConfigError(f"device profile {device} prefers {', '.join(prof.preferred_backends)}, none of which this "
-                                  f"onnxruntime has ({', '.join(have)}); give --backend or install the right onnxruntime")
-            backend = usable[0]
-            chosen["backend"] = f"device profile {device} (first of {', '.join(prof.preferred_backends)} available here)"
         if threads is None and prof.threads:
             threads, chosen["threads"] = prof.threads, f"device profile {device}"
-    backend = backend or "ort-cpu"
+    bopts = dataclasses.replace(backend_options or BackendOptions(), device=device or (backend_options.device if backend_options else None))
+    notify = notifier if notifier is not None else Notifier()
     b = load_bundle(bundle_path)
     m = b.manifest
     sinks: List[Sink] = list(extra_sinks or [])
     clip = SummarySink(summary_path, labels=list(m.labels))
     stop = threading.Event()
     # Source and backend first: a typo in --source must not truncate an earlier results file.
-    model_path, variant = b.select(precision, backend)
-    with create_backend(str(model_path), (m.preprocess.channels,) + tuple(m.preprocess.size), m.num_outputs,
-                        backend=backend, threads=threads) as be, _open(source_uri, realtime, reconnect) as src:
+    be, variant = open_backend(b, backend, precision=precision, threads=threads, options=bopts)
+    with be, _open(source_uri, realtime, reconnect) as opened:
+        src: Any = _ProgressSource(opened, _watchdog_hook(notify, getattr(opened, "kind", ""))) if notify.active else opened
         restore = _install_stop_handlers(stop)
+        notify.ready(f"classifying {source_uri} with {b.path.name} on {be.name}")
         # OpenCV's own worker pool would put resize and colour conversion on every core, on top of the
         # feeder thread and ONNX Runtime's threads: one OpenCV thread, the pipeline parallelises by stage.
         cv2 = _cv.cv2()
@@ -149,6 +233,7 @@ def run_bundle(
             sinks.append(clip)
             summary = run_pipeline(b, src, be, sinks, max_frames=max_frames, options=opts, stop=stop)
         finally:
+            notify.stopping()
             restore()
             cv2.setNumThreads(cv_threads)
             for s in sinks:
@@ -159,12 +244,32 @@ def run_bundle(
             frame_count_claimed=src.frame_count, out=out, clip=clip.result, threads=getattr(be, "threads", threads),
             device=device, chosen_by=chosen,
         )
+        if notify.active:
+            result["systemd"] = {"notify_socket": notify.socket_path, "watchdog_s": notify.watchdog_s, "pings": notify.pings}
+        engine = getattr(be, "record", None)
+        if engine is not None:
+            result["engine"] = {"path": str(engine.path), "built": engine.built, "key": engine.key.fields()}
     return result
 
 
-def verify_bundle(bundle_path: str, *, parity: bool = True, backend: str = "ort-cpu") -> Dict[str, Any]:
-    """Checksums and schema (load_bundle), then, if present, re-run reference.npz on `backend` through
-    the fp32 model and every variant, each against the outputs it gave at export."""
+def _decisions(m: Any, logits: np.ndarray) -> np.ndarray:
+    """(N, K) logits -> per-sample decisions (N,) or (N, K) for multilabel, with the bundle's temperature and rule."""
+    return np.asarray(decide(probabilities(np.asarray(logits, np.float64), m.task, m.temperature), m.decision))
+
+
+def _agreement(a: np.ndarray, b: np.ndarray) -> float:
+    if len(a) == 0:
+        return 1.0
+    same = a == b
+    return float(np.mean(np.all(same, axis=tuple(range(1, same.ndim))) if same.ndim > 1 else same))
+
+
+def verify_bundle(bundle_path: str, *, parity: bool = True, backend: str = "ort-cpu", precision: Optional[str] = None,
+                  options: Optional[BackendOptions] = None) -> Dict[str, Any]:
+    """Checksums and schema (load_bundle), then, if present, re-run reference.npz on `backend` through the fp32
+    model and every variant this backend runs (trt: the engine for the device profile), each against the outputs
+    it gave at export: max and mean absolute error, decision agreement; plus the same against the recorded fp32
+    outputs. Fails (IntegrityError) when a model's error exceeds its tolerance."""
     b = load_bundle(bundle_path)
     result: Dict[str, Any] = {"path": str(b.path), "checksum": b.checksum, "checksums": "ok", "manifest": "ok", "reference": None}
     ref = b.reference_path
@@ -173,24 +278,69 @@ def verify_bundle(bundle_path: str, *, parity: bool = True, backend: str = "ort-
         with np.load(str(ref), allow_pickle=False) as z:
             x = z["inputs"]
             recorded = {k: z[k] for k in z.files if k.startswith("logits")}
-        # TensorRT rejects the CPU INT8 form (unsigned activations): check what this backend may run.
-        runnable = [v for v in m.variants if not (backend == "ort-tensorrt" and v.id == "int8-cpu")]
-        models = [("fp32", b.model_path, "logits")] + [(v.id, b.path / v.file, f"logits__{v.id}") for v in runnable]
-        checks = []
-        for vid, path, key in models:
-            if key not in recorded:
-                raise IntegrityError(f"bundle {Path(bundle_path)}: reference.npz has no outputs for model {vid}; re-export the bundle")
-            with create_backend(str(path), (m.preprocess.channels,) + tuple(m.preprocess.size), m.num_outputs, backend=backend) as be:
+        if "logits" not in recorded:
+            raise IntegrityError(f"bundle {Path(bundle_path)}: reference.npz has no fp32 outputs; re-export the bundle")
+        fp32_want = recorded["logits"].astype(np.float64)
+        fp32_dec = _decisions(m, fp32_want)
+        if backend == "trt":
+            targets: List[Tuple[str, Optional[str]]] = [("engine", precision)]
+        else:
+            # TensorRT rejects the CPU INT8 form (unsigned activations): check what this backend may run.
+            runnable = [v for v in m.variants if not (backend == "ort-tensorrt" and v.id == "int8-cpu")]
+            if precision is not None:
+                runnable = [v for v in runnable if v.precision == precision]
+            fp32_target: List[Tuple[str, Optional[str]]] = [("fp32", "fp32")] if precision in (None, "fp32") else []
+            targets = fp32_target + [(v.id, v.precision) for v in runnable]
+        if not targets:
+            have = ", ".join(["fp32"] + [v.id for v in m.variants])
+            raise BundleError(f"bundle {b.path.name} holds {have}: nothing at precision {precision} for {backend}; choose another --precision")
+        checks: List[Dict[str, Any]] = []
+        for vid, prec in targets:
+            be: Backend
+            if backend == "trt":
+                be, model_id = open_backend(b, "trt", precision=prec, options=options)
+                # An engine is checked against what its source model gave at export (fp16 engines: the fp32 model).
+                key = "logits__int8-tensorrt" if "int8" in model_id else "logits"
+            else:
+                path = b.model_path if vid == "fp32" else b.path / next(v.file for v in m.variants if v.id == vid)
+                be = create_backend(str(path), (m.preprocess.channels,) + tuple(m.preprocess.size), m.num_outputs, backend=backend,
+                                    options=dataclasses.replace(options or BackendOptions(), precision=prec))
+                model_id, key = vid, ("logits" if vid == "fp32" else f"logits__{vid}")
+            with be:
                 got = be.infer(x).astype(np.float64)
-            want = recorded[key]
-            diff = float(np.abs(got - want).max()) if len(x) else 0.0
-            # Quantized kernels legitimately differ between CPUs (e.g. with or without VNNI).
-            tol = PARITY_TOLERANCE if vid == "fp32" else VARIANT_TOLERANCE * max(1.0, float(np.abs(want).max()) if len(x) else 1.0)
-            checks.append({"model": vid, "n": int(len(x)), "max_abs_diff": diff, "tolerance": tol})
+            if key not in recorded:
+                raise IntegrityError(f"bundle {Path(bundle_path)}: reference.npz has no outputs for model {model_id}; re-export the bundle")
+            want = recorded[key].astype(np.float64)
+            err = np.abs(got - want) if len(x) else np.zeros(1)
+            err32 = np.abs(got - fp32_want) if len(x) else np.zeros(1)
+            diff = float(err.max())
+            # Quantized kernels legitimately differ between CPUs (e.g. with or without VNNI); fp16 engines round.
+            exact = model_id == "fp32"
+            tol = PARITY_TOLERANCE if exact else VARIANT_TOLERANCE * max(1.0, float(np.abs(want).max()) if len(x) else 1.0)
+            dec = _decisions(m, got)
+            checks.append({"model": model_id, "n": int(len(x)), "max_abs_diff": diff, "mean_abs_diff": float(err.mean()),
+                           "tolerance": tol, "decision_agreement": _agreement(dec, _decisions(m, want)),
+                           "vs_fp32": {"max_abs_diff": float(err32.max()), "mean_abs_diff": float(err32.mean()),
+                                       "decision_agreement": _agreement(dec, fp32_dec)}})
             if diff > tol:
                 raise IntegrityError(
-                    f"bundle {Path(bundle_path)}: model {vid} on {backend} differs from its exported reference outputs by "
+                    f"bundle {Path(bundle_path)}: model {model_id} on {backend} differs from its exported reference outputs by "
                     f"{diff:.2e} (> {tol:.1e}); this backend cannot be trusted with this model"
                 )
         result["reference"] = {**checks[0], "backend": backend, "variants": checks[1:]} if checks else None
     return result
+
+
+def profile_backend_factory(options: Optional[BackendOptions] = None) -> Callable[..., Backend]:
+    """A `profile_bundles` backend factory that passes GPU options (device, DLA, engine cache) to every target;
+    ort-tensorrt gets the TensorRT EP options for the model's precision, trt builds or reuses its engine."""
+    base = options or BackendOptions()
+
+    def factory(bundle: Bundle, model_path: str, target: Any, threads: Optional[int]) -> Backend:
+        m = bundle.manifest
+        variant = next((v for v in m.variants if v.file == Path(model_path).name), None)
+        precision = None if target.backend == "trt" else (variant.precision if variant is not None else "fp32")
+        return create_backend(model_path, (m.preprocess.channels,) + tuple(m.preprocess.size), m.num_outputs,
+                              backend=target.backend, threads=threads, options=dataclasses.replace(base, precision=precision))
+
+    return factory

@@ -1,25 +1,44 @@
 """Inference backends. `Backend.infer` validates the input and times the call; subclasses implement `_infer`."""
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 import time
-from typing import Any, Callable, List, Optional, Sequence, Tuple
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 from numpy.typing import NDArray
 
 from edgeclf.errors import BackendError, require
 
-__all__ = ["Backend", "OrtBackend", "FakeBackend", "create_backend", "BACKENDS", "default_threads", "available_backends"]
+__all__ = ["Backend", "OrtBackend", "FakeBackend", "create_backend", "BACKENDS", "default_threads", "available_backends",
+           "BackendOptions", "backend_availability", "choose_backend", "ort_provider_options"]
 
 log = logging.getLogger(__name__)
-BACKENDS = ("ort-cpu", "ort-cuda", "ort-tensorrt")
+# trt: a native TensorRT engine (edgeclf.runtime.trt); the rest are ONNX Runtime execution providers.
+BACKENDS = ("ort-cpu", "ort-cuda", "ort-tensorrt", "trt")
 _PROVIDERS = {
     "ort-cpu": ["CPUExecutionProvider"],
     "ort-cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"],
     "ort-tensorrt": ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"],
 }
+
+
+@dataclass(frozen=True)
+class BackendOptions:
+    """What GPU backends need beyond the model file. device: the device profile (None: detected, for trt);
+    precision: what the model/engine runs ("fp32", "fp16", "int8"; None: the bundle's or engine's default);
+    dla_core: a DLA core (Jetson); workspace_mb: TensorRT builder workspace; engine_cache: the engine folder
+    (None: $EDGECLF_ENGINE_CACHE or ~/.cache/edgeclf/engines); max_batch: the engine's largest batch."""
+
+    device: Optional[str] = None
+    precision: Optional[str] = None
+    dla_core: Optional[int] = None
+    workspace_mb: Optional[int] = None
+    engine_cache: Optional[str] = None
+    max_batch: int = 8
 
 
 def default_threads() -> int:
@@ -92,11 +111,12 @@ class OrtBackend(Backend):
         backend: str = "ort-cpu",
         threads: Optional[int] = None,
         spinning: bool = False,
+        provider_options: Optional[Dict[str, str]] = None,
     ) -> None:
         super().__init__(input_shape, num_outputs)
         ort: Any = require("onnxruntime", "ort")
         if backend not in _PROVIDERS:
-            raise BackendError(f"backend {backend!r} is unknown; allowed: {', '.join(BACKENDS)}")
+            raise BackendError(f"backend {backend!r} is not an ONNX Runtime backend; allowed: {', '.join(_PROVIDERS)}")
         wanted = _PROVIDERS[backend]
         available = ort.get_available_providers()
         if wanted[0] not in available:
@@ -112,9 +132,13 @@ class OrtBackend(Backend):
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         # Spinning workers steal the cores that capture and preprocessing threads need.
         so.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
+        providers: List[Any] = [p for p in wanted if p in available]
+        if provider_options:
+            providers[0] = (providers[0], dict(provider_options))
+        self.provider_options = dict(provider_options or {})
         t0 = time.perf_counter()
         try:
-            self._session = ort.InferenceSession(str(model_path), sess_options=so, providers=[p for p in wanted if p in available])
+            self._session = ort.InferenceSession(str(model_path), sess_options=so, providers=providers)
         except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph types
             raise BackendError(f"onnxruntime could not load {model_path}: {str(exc).splitlines()[0]}") from None
         self.session_ms = (time.perf_counter() - t0) * 1000.0
@@ -164,11 +188,72 @@ class FakeBackend(Backend):
         return np.stack([means * (k + 1) for k in range(self.num_outputs or 1)], axis=1)
 
 
+def backend_availability() -> Dict[str, Optional[str]]:
+    """Every backend -> None when it can run here, else why not. Imports neither tensorrt nor polygraphy."""
+    from edgeclf.runtime.engine import tensorrt_missing
+
+    out: Dict[str, Optional[str]] = {}
+    if importlib.util.find_spec("onnxruntime") is None:
+        have: Optional[set] = None  # type: ignore[type-arg]
+    else:
+        import onnxruntime as ort
+
+        have = set(ort.get_available_providers())
+    for b, providers in _PROVIDERS.items():
+        if have is None:
+            out[b] = "onnxruntime is not installed (pip install 'edgeclf[ort]')"
+        else:
+            out[b] = None if providers[0] in have else f"this onnxruntime has no {providers[0]} (it has {', '.join(sorted(have))})"
+    missing = tensorrt_missing()
+    out["trt"] = None if missing is None else f"{missing} (TensorRT's Python bindings and polygraphy)"
+    return out
+
+
 def available_backends() -> List[str]:
-    """The backends whose first execution provider this onnxruntime build has."""
-    ort: Any = require("onnxruntime", "ort")
-    have = set(ort.get_available_providers())
-    return [b for b, providers in _PROVIDERS.items() if providers[0] in have]
+    """The backends that can run here: ONNX Runtime providers this build has, and trt where TensorRT is importable."""
+    return [b for b, why in backend_availability().items() if why is None]
+
+
+def choose_backend(preferred: Sequence[str], availability: Dict[str, Optional[str]], *, profile: str) -> Tuple[str, List[str]]:
+    """The first of a profile's preferred backends that can run here, and one line per backend passed over.
+
+    Raises ConfigError when none can run: the user gives --backend or installs what is missing.
+    """
+    from edgeclf.errors import ConfigError
+
+    skipped: List[str] = []
+    for b in preferred:
+        why = availability.get(b, "unknown backend")
+        if why is None:
+            return b, skipped
+        skipped.append(f"{b}: {why}")
+    raise ConfigError(f"device profile {profile} prefers {', '.join(preferred)}, none of which can run here ("
+                      + "; ".join(skipped) + "); give --backend or install what is missing")
+
+
+def ort_provider_options(backend: str, options: Optional[BackendOptions]) -> Optional[Dict[str, str]]:
+    """ONNX Runtime TensorRT execution provider options (onnxruntime.ai TensorRT-ExecutionProvider "Configurations"):
+    fp16/int8 (int8 for the bundle's explicit-QDQ variant: TensorRT 8.x needs the flag for Q/DQ), engine and timing
+    caches under the per-user engine folder, workspace, DLA. None for the other backends."""
+    if backend != "ort-tensorrt":
+        return None
+    from edgeclf.runtime.engine import cache_dir
+
+    o = options or BackendOptions()
+    folder = cache_dir(o.engine_cache) / "ort-tensorrt"
+    folder.mkdir(parents=True, exist_ok=True)
+    opts = {
+        "trt_fp16_enable": str(o.precision == "fp16"),
+        "trt_int8_enable": str(o.precision == "int8"),
+        "trt_engine_cache_enable": "True",
+        "trt_engine_cache_path": str(folder),
+        "trt_timing_cache_enable": "True",
+    }
+    if o.workspace_mb:
+        opts["trt_max_workspace_size"] = str(int(o.workspace_mb) << 20)
+    if o.dla_core is not None:
+        opts.update(trt_dla_enable="True", trt_dla_core=str(int(o.dla_core)))
+    return opts
 
 
 def create_backend(
@@ -178,10 +263,17 @@ def create_backend(
     *,
     backend: str = "ort-cpu",
     threads: Optional[int] = None,
+    options: Optional[BackendOptions] = None,
 ) -> Backend:
+    """A backend for a model file of a bundle. trt builds (or reuses) an engine in the per-user cache."""
     if backend not in BACKENDS:
         raise BackendError(f"backend {backend!r} is unknown; allowed: {', '.join(BACKENDS)}")
     c, h, w = (int(v) for v in input_shape)
-    return OrtBackend(bundle_model_path, (c, h, w), num_outputs, backend=backend, threads=threads)
+    if backend == "trt":
+        from edgeclf.runtime.trt import trt_backend_for_model
+
+        return trt_backend_for_model(bundle_model_path, (c, h, w), num_outputs, options)
+    return OrtBackend(bundle_model_path, (c, h, w), num_outputs, backend=backend, threads=threads,
+                      provider_options=ort_provider_options(backend, options))
 
 

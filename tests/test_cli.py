@@ -131,3 +131,120 @@ def test_a_bad_source_does_not_truncate_earlier_results(bundle_dir: Path, tmp_pa
     out.write_text('{"frame": 0}\n')
     _one_line_error(run_cli("run", "--bundle", str(bundle_dir), "--source", str(tmp_path / "typo.mp4"), "--out", str(out)))
     assert out.read_text() == '{"frame": 0}\n'
+
+
+# -- device side: profiles, detection, engines, parity on the device (no TensorRT here) -------------------------
+
+SAMPLES = Path(__file__).resolve().parent / "devices" / "samples"
+NEW_COMMANDS = [["devices"], ["devices", "list"], ["devices", "show"], ["devices", "detect"], ["build-engine"], ["bundle", "check"],
+                ["profile"]]
+
+
+@pytest.fixture
+def tiny_bundle(tmp_path: Path) -> Path:
+    from tests.runtime.tiny_bundle import make_tiny_bundle
+
+    return make_tiny_bundle(tmp_path / "tiny", variants=["int8-tensorrt"])
+
+
+def _no_tensorrt() -> None:
+    from edgeclf.runtime.engine import tensorrt_missing
+
+    if tensorrt_missing() is None:
+        pytest.skip("TensorRT is installed here: the missing-TensorRT error cannot be shown")
+
+
+@pytest.mark.parametrize("cmd", NEW_COMMANDS, ids=lambda c: " ".join(c))
+def test_help_on_device_commands(cmd: list[str]) -> None:
+    r = run_cli(*cmd, "--help")
+    assert r.returncode == 0 and "Usage:" in r.stdout, r.stderr
+
+
+def test_devices_list_and_show() -> None:
+    r = run_cli("devices", "list")
+    assert r.returncode == 0, r.stderr
+    for name in ("jetson-xavier-nx", "jetson-agx-xavier", "jetson-orin-nano", "jetson-orin-nx", "jetson-agx-orin", "x86-cpu", "x86-nvidia-gpu"):
+        assert name in r.stdout
+    doc = json.loads(run_cli("devices", "list", "--json").stdout)
+    assert {d["name"]: d["dla_cores"] for d in doc}["jetson-orin-nano"] == 0
+    r = run_cli("devices", "show", "jetson-xavier-nx")
+    assert r.returncode == 0 and "compute capability 7.2" in r.stdout and "8 MODE_20W_6CORE" in r.stdout, r.stderr
+    assert "csi capture (--source): nvarguscamerasrc sensor-id=0" in r.stdout
+    _one_line_error(run_cli("devices", "show", "jetson-tx2"), "jetson-tx2", "x86-cpu")
+
+
+def test_devices_detect_from_sample_files() -> None:
+    r = run_cli("devices", "detect", "--root", str(SAMPLES / "jetson-agx-orin"))
+    assert r.returncode == 0 and r.stdout.startswith("profile: jetson-agx-orin\nbecause:\n"), r.stderr
+    assert "'NVIDIA Jetson AGX Orin Developer Kit' -> jetson-agx-orin" in r.stdout
+    doc = json.loads(run_cli("devices", "detect", "--root", str(SAMPLES / "jetson-xavier-nx"), "--json").stdout)
+    assert doc["profile"] == "jetson-xavier-nx" and doc["facts"]["l4t"] == "35.4.1"
+    r = run_cli("devices", "detect", "--root", str(SAMPLES / "jetson-nano"))
+    assert r.returncode == 1 and r.stdout.startswith("no device profile fits this machine"), r.stderr
+
+
+def test_build_engine_prints_trtexec_for_the_profiles_tensorrt(tiny_bundle: Path) -> None:
+    r = run_cli("build-engine", "--bundle", str(tiny_bundle), "--device", "jetson-orin-nx", "--precision", "int8", "--dla", "1",
+                "--print-trtexec", "--cache", "/tmp/engines")
+    assert r.returncode == 0, r.stderr
+    (line,) = r.stdout.splitlines()
+    assert line.startswith(f"trtexec --onnx={tiny_bundle / 'model.int8-tensorrt.onnx'} --minShapes=input:1x1x8x8 ")
+    assert " --int8 --memPoolSize=workspace:2048M --useDLACore=1 --allowGPUFallback --saveEngine=/tmp/engines/jetson-orin-nx-int8-dla1-" in line
+    assert line.endswith("--timingCacheFile=/tmp/engines/timing-trt10.3-sm87.cache")
+    assert "TensorRT 10.3" in r.stderr
+    r = run_cli("build-engine", "--bundle", str(tiny_bundle), "--device", "jetson-xavier-nx", "--precision", "fp16", "--print-trtexec",
+                "--trt-version", "8.6", "--json")
+    doc = json.loads(r.stdout)
+    assert doc["tensorrt"] == "8.6" and "--fp16" in doc["command"] and "--memPoolSize=workspace:1024" in doc["command"]
+
+
+def test_build_engine_refuses_dla_on_orin_nano_in_one_line(tiny_bundle: Path) -> None:
+    _one_line_error(run_cli("build-engine", "--bundle", str(tiny_bundle), "--device", "jetson-orin-nano", "--dla", "0"),
+                    "jetson-orin-nano has no DLA cores", "leave --dla out")
+
+
+def test_build_engine_and_run_trt_without_tensorrt_name_what_to_install(tiny_bundle: Path) -> None:
+    _no_tensorrt()
+    _one_line_error(run_cli("build-engine", "--bundle", str(tiny_bundle), "--device", "jetson-orin-nx"),
+                    "TensorRT is not available here", "python3-libnvinfer", "pip install tensorrt", "polygraphy")
+    _one_line_error(run_cli("run", "--bundle", str(tiny_bundle), "--source", "synthetic:ultrasound", "--backend", "trt"),
+                    "TensorRT is not available here", "python3-libnvinfer", "polygraphy")
+    _one_line_error(run_cli("bundle", "check", str(tiny_bundle), "--backend", "trt", "--device", "jetson-orin-nano"),
+                    "python3-libnvinfer")
+
+
+def test_cli_backend_names_are_the_runtimes() -> None:
+    from edgeclf.cli import BACKEND_NAMES
+    from edgeclf.runtime.backends import BACKENDS
+
+    assert BACKEND_NAMES == BACKENDS
+
+
+def test_unknown_backend_is_one_line(tiny_bundle: Path) -> None:
+    _one_line_error(run_cli("run", "--bundle", str(tiny_bundle), "--source", "synthetic:ultrasound", "--backend", "tensorrt"),
+                    "'tensorrt'", "ort-cpu, ort-cuda, ort-tensorrt, trt")
+
+
+def test_bundle_check_on_ort_cpu(tiny_bundle: Path) -> None:
+    r = run_cli("bundle", "check", str(tiny_bundle), "--backend", "ort-cpu")
+    assert r.returncode == 0, r.stderr
+    assert "agreement vs fp32" in r.stdout and "int8-tensorrt" in r.stdout and r.stdout.rstrip().endswith("manifest valid)")
+    doc = json.loads(run_cli("bundle", "check", str(tiny_bundle), "--backend", "ort-cpu", "--json").stdout)
+    ref = doc["reference"]
+    assert ref["backend"] == "ort-cpu" and ref["chosen_by"] == "argument" and ref["decision_agreement"] == 1.0
+    assert ref["vs_fp32"]["max_abs_diff"] < 1e-4
+    r = run_cli("bundle", "verify", str(tiny_bundle))  # the older name keeps working
+    assert r.returncode == 0 and r.stdout.startswith("OK "), r.stderr
+
+
+def test_run_on_a_device_profile_falls_back_to_what_runs_here(tiny_bundle: Path) -> None:
+    from edgeclf.runtime.backends import available_backends
+
+    if set(available_backends()) & {"trt", "ort-tensorrt", "ort-cuda"}:
+        pytest.skip("this machine runs a GPU backend: no fallback to show")
+    r = run_cli("run", "--bundle", str(tiny_bundle), "--source", "synthetic:ultrasound?frames=3&size=64", "--device", "jetson-orin-nx",
+                "--json")
+    assert r.returncode == 0, r.stderr
+    doc = json.loads(r.stdout)
+    assert doc["backend"] == "ort-cpu" and doc["threads"] == 6 and "passed over trt" in doc["chosen_by"]["backend"]
+    assert "WARNING" in r.stderr and "prefers trt, falling back" in r.stderr

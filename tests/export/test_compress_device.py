@@ -115,3 +115,13 @@ def test_device_is_checked_before_any_work(trained_dir: Path, tmp_path: Path) ->
     lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
     assert r.returncode == 2 and len(lines) == 1 and "no-such-board" in lines[0] and r.stdout == "", r.stderr
     assert not (tmp_path / "c").exists()
+
+
+@pytest.mark.parametrize("board", ["jetson-orin-nx", "jetson-xavier-nx", "jetson-orin-nano"])
+def test_jetson_profiles_plan_tensorrt_candidates_and_say_it_is_missing_here(board: str) -> None:
+    from edgeclf.export.compress import device_plan
+    from edgeclf.runtime.engine import tensorrt_missing
+
+    plan = device_plan(board)
+    assert plan["backend"] == "trt" and plan["candidates"] == ["int8-tensorrt", "fp16"]
+    assert plan["available"] is (tensorrt_missing() is None)

@@ -1,0 +1,367 @@
+"""Engine cache keys and invalidation, precision/DLA choices, the trtexec command per TensorRT version, progress:
+all pure Python, tested without TensorRT. The build itself (Polygraphy) runs only where TensorRT is installed."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, Dict, List, Tuple
+
+import pytest
+
+from edgeclf.devices import load_profile
+from edgeclf.errors import BundleError, ConfigError, EdgeclfError, MissingExtraError
+from edgeclf.runtime.engine import (
+    ENGINE_CACHE_ENV,
+    EngineCache,
+    EngineKey,
+    EnginePlan,
+    Heartbeat,
+    cache_dir,
+    check_dla,
+    ensure_engine,
+    plan_engine,
+    require_tensorrt,
+    resolve_precision,
+    tensorrt_missing,
+    trtexec_command,
+)
+from tests.runtime.tiny_bundle import make_tiny_bundle
+
+REPO = Path(__file__).resolve().parents[2]
+KEY = EngineKey("jetson-orin-nx", "10.3.0", "8.7", "fp16", None, "ab" * 32)
+needs_tensorrt = pytest.mark.skipif(tensorrt_missing() is not None, reason=f"needs TensorRT and a GPU: {tensorrt_missing()}")
+
+
+# -- cache folder ------------------------------------------------------------------------------------------
+
+def test_cache_dir_precedence(tmp_path: Path):
+    env = {"HOME": str(tmp_path / "home")}
+    assert cache_dir(env=env) == tmp_path / "home" / ".cache" / "edgeclf" / "engines"
+    env["XDG_CACHE_HOME"] = str(tmp_path / "xdg")
+    assert cache_dir(env=env) == tmp_path / "xdg" / "edgeclf" / "engines"
+    env["XDG_CACHE_HOME"] = "relative/ignored"  # the XDG spec: relative paths are invalid and ignored
+    assert cache_dir(env=env) == tmp_path / "home" / ".cache" / "edgeclf" / "engines"
+    env[ENGINE_CACHE_ENV] = str(tmp_path / "env")
+    assert cache_dir(env=env) == tmp_path / "env"
+    assert cache_dir(str(tmp_path / "flag"), env=env) == tmp_path / "flag"
+
+
+# -- keys --------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("field,value", [("device", "jetson-agx-orin"), ("tensorrt", "10.3.1"), ("compute_capability", "8.6"),
+                                         ("precision", "int8"), ("dla_core", 0), ("bundle_checksum", "cd" * 32)])
+def test_every_key_part_changes_the_digest_and_the_file(field: str, value: Any):
+    other = dataclasses.replace(KEY, **{field: value})
+    assert other.digest() != KEY.digest()
+    cache = EngineCache(Path("/c"))
+    assert cache.paths(other)[0] != cache.paths(KEY)[0]
+    assert KEY.differences(other.fields()) == [f"{field}: {value!r} -> {getattr(KEY, field)!r}"]
+
+
+def test_key_digest_is_stable_and_the_stem_readable():
+    assert KEY.digest() == EngineKey(**KEY.fields()).digest()
+    assert KEY.stem.startswith("jetson-orin-nx-fp16-") and dataclasses.replace(KEY, dla_core=1).stem.startswith("jetson-orin-nx-fp16-dla1-")
+
+
+# -- lookup and invalidation -------------------------------------------------------------------------------
+
+def _store(cache: EngineCache, key: EngineKey = KEY, data: bytes = b"engine-bytes") -> Tuple[Path, Path]:
+    cache.store(key, data, {"build": {"seconds": 1}})
+    return cache.paths(key)
+
+
+def test_store_then_hit(tmp_path: Path):
+    cache = EngineCache(tmp_path)
+    assert cache.lookup(KEY).status == "missing"
+    engine, meta = _store(cache)
+    found = cache.lookup(KEY)
+    assert found.status == "hit" and found.engine_path == engine
+    recorded = json.loads(meta.read_text())
+    assert recorded["key"] == KEY.fields() and recorded["engine_bytes"] == len(b"engine-bytes")
+    assert not list(tmp_path.glob(".*.tmp"))  # atomic writes leave no temporaries
+
+
+def test_changed_engine_bytes_are_stale(tmp_path: Path):
+    cache = EngineCache(tmp_path)
+    engine, _ = _store(cache)
+    engine.write_bytes(b"engine-bytez")
+    found = cache.lookup(KEY)
+    assert found.status == "stale" and "not the recorded" in found.reason
+
+
+def test_metadata_for_another_key_is_stale(tmp_path: Path):
+    cache = EngineCache(tmp_path)
+    engine, meta = _store(cache)
+    doc = json.loads(meta.read_text())
+    doc["key"]["tensorrt"] = "8.6.2"  # e.g. copied over from another board
+    meta.write_text(json.dumps(doc))
+    found = cache.lookup(KEY)
+    assert found.status == "stale" and "tensorrt: '8.6.2' -> '10.3.0'" in found.reason
+
+
+@pytest.mark.parametrize("remove", ["engine", "meta"])
+def test_half_an_entry_is_stale(tmp_path: Path, remove: str):
+    cache = EngineCache(tmp_path)
+    engine, meta = _store(cache)
+    (engine if remove == "engine" else meta).unlink()
+    found = cache.lookup(KEY)
+    assert found.status == "stale" and ("missing" in found.reason)
+
+
+def test_garbled_metadata_is_stale(tmp_path: Path):
+    cache = EngineCache(tmp_path)
+    _, meta = _store(cache)
+    meta.write_text("{")
+    assert cache.lookup(KEY).status == "stale"
+
+
+def test_a_jetpack_upgrade_is_explained(tmp_path: Path):
+    cache = EngineCache(tmp_path)
+    old = dataclasses.replace(KEY, tensorrt="8.5.2")
+    _store(cache, old)
+    found = cache.lookup(KEY)
+    assert found.status == "missing" and "tensorrt: '8.5.2' -> '10.3.0'" in found.reason
+
+
+# -- ensure_engine with a stand-in builder (the cache logic; the real builder needs TensorRT) ---------------
+
+def _plan(tmp_path: Path, **kw: Any) -> EnginePlan:
+    onnx = tmp_path / "model.onnx"
+    onnx.write_bytes(b"onnx")
+    base = dict(device="jetson-orin-nx", onnx_path=onnx, source_model="fp32", input_name="input", input_shape=(1, 8, 8),
+                precision="fp16", precision_reason="requested", dla_core=None, workspace_mb=2048, max_batch=8, opt_batch=1,
+                bundle_path=tmp_path, bundle_name="tiny", bundle_checksum="ab" * 32)
+    base.update(kw)
+    return EnginePlan(**base)  # type: ignore[arg-type]
+
+
+class Builder:
+    def __init__(self, fallback: List[str] = ()) -> None:  # type: ignore[assignment]
+        self.calls = 0
+        self.fallback = list(fallback)
+
+    def __call__(self, plan: EnginePlan, timing: Path, say: Any) -> Tuple[bytes, Dict[str, Any]]:
+        self.calls += 1
+        timing.write_bytes(b"timing")
+        return f"engine-{self.calls}".encode(), {"dla_gpu_fallback_layers": self.fallback}
+
+
+def test_ensure_builds_once_then_reuses(tmp_path: Path):
+    cache, builder, said = EngineCache(tmp_path / "c"), Builder(), []
+    plan = _plan(tmp_path)
+    rec = ensure_engine(plan, cache, tensorrt="10.3.0", compute_capability="8.7", builder=builder, progress=said.append)
+    assert rec.built and builder.calls == 1 and rec.path.read_bytes() == b"engine-1"
+    assert any(m.startswith("building fp16 engine for jetson-orin-nx (TensorRT 10.3.0, compute 8.7)") for m in said)
+    meta = rec.meta
+    assert meta["source_model"]["variant"] == "fp32" and meta["build"]["shapes"]["max"] == [8, 1, 8, 8]
+    again = ensure_engine(plan, cache, tensorrt="10.3.0", compute_capability="8.7", builder=builder)
+    assert not again.built and builder.calls == 1 and again.path == rec.path
+
+
+def test_a_tampered_engine_is_rebuilt_with_a_message_never_loaded(tmp_path: Path, caplog: pytest.LogCaptureFixture):
+    cache, builder, said = EngineCache(tmp_path / "c"), Builder(), []
+    plan = _plan(tmp_path)
+    rec = ensure_engine(plan, cache, tensorrt="10.3.0", compute_capability="8.7", builder=builder)
+    rec.path.write_bytes(b"garbage")
+    again = ensure_engine(plan, cache, tensorrt="10.3.0", compute_capability="8.7", builder=builder, progress=said.append)
+    assert again.built and builder.calls == 2 and again.path.read_bytes() == b"engine-2"
+    assert said[0].startswith("rebuilding: ") and "hashes to" in said[0]
+    assert "rebuilding" in caplog.text
+
+
+@pytest.mark.parametrize("change", [{"tensorrt": "10.3.1"}, {"compute_capability": "8.6"}])
+def test_new_tensorrt_or_gpu_builds_a_new_engine(tmp_path: Path, change: Dict[str, str]):
+    cache, builder, said = EngineCache(tmp_path / "c"), Builder(), []
+    plan = _plan(tmp_path)
+    first = ensure_engine(plan, cache, tensorrt="10.3.0", compute_capability="8.7", builder=builder)
+    args = {"tensorrt": "10.3.0", "compute_capability": "8.7", **change}
+    second = ensure_engine(plan, cache, builder=builder, progress=said.append, **args)
+    assert second.built and second.path != first.path and builder.calls == 2
+    assert "does not fit" in said[0]
+
+
+def test_rebuild_flag_and_dla_fallback_report(tmp_path: Path):
+    cache, said = EngineCache(tmp_path / "c"), []
+    plan = _plan(tmp_path, dla_core=1)
+    rec = ensure_engine(plan, cache, tensorrt="10.3.0", compute_capability="8.7", builder=Builder(["Softmax_3", "Gemm_2"]),
+                        progress=said.append)
+    assert "DLA core 1: 2 layer(s) fell back to the GPU: Softmax_3, Gemm_2" in said
+    assert rec.meta["build"]["dla_gpu_fallback_layers"] == ["Softmax_3", "Gemm_2"] and rec.key.dla_core == 1
+    again = ensure_engine(plan, cache, tensorrt="10.3.0", compute_capability="8.7", builder=Builder(), rebuild=True,
+                          progress=said.append)
+    assert again.built and "rebuilding as asked (--rebuild)" in said and "DLA core 1: every layer runs on the DLA" in said
+
+
+def test_heartbeat_speaks_during_a_long_step():
+    said: List[str] = []
+    with Heartbeat(said.append, "building", every_s=0.02) as hb:
+        time.sleep(0.15)
+    assert hb.beats >= 2 and all(m.startswith("building: ") and m.endswith(" s so far") for m in said)
+    n = len(said)
+    time.sleep(0.06)
+    assert len(said) == n  # stopped
+
+
+# -- precision, DLA and the plan -------------------------------------------------------------------------------
+
+V_QDQ = SimpleNamespace(id="int8-tensorrt")
+V_CPU = SimpleNamespace(id="int8-cpu")
+
+
+@pytest.mark.parametrize(("requested", "variants", "profile", "want"), [
+    ("auto", [V_QDQ], "jetson-orin-nx", ("int8", "int8-tensorrt")),
+    ("auto", [V_CPU], "jetson-orin-nx", ("fp16", "fp32")),
+    ("auto", [], "jetson-xavier-nx", ("fp16", "fp32")),
+    ("fp16", [V_QDQ], "jetson-orin-nano", ("fp16", "fp32")),
+    ("fp32", [], "x86-nvidia-gpu", ("fp32", "fp32")),
+    ("int8", [V_QDQ, V_CPU], "jetson-agx-xavier", ("int8", "int8-tensorrt")),
+])
+def test_precision_choice(requested, variants, profile, want):
+    prec, source, reason = resolve_precision(requested, load_profile(profile), variants)
+    assert (prec, source) == want and reason
+
+
+def test_int8_needs_the_qdq_variant_not_a_calibrator():
+    with pytest.raises(BundleError, match="int8-tensorrt variant .*explicit QDQ.*edgeclf export --precision int8"):
+        resolve_precision("int8", load_profile("jetson-orin-nx"), [V_CPU])
+
+
+def test_precision_the_profile_does_not_run_is_refused():
+    with pytest.raises(ConfigError, match="runs fp32, int8"):
+        resolve_precision("fp16", load_profile("x86-cpu"), [])
+
+
+def test_dla_is_refused_without_dla_cores_and_out_of_range():
+    with pytest.raises(ConfigError) as info:
+        check_dla(load_profile("jetson-orin-nano"), 0)
+    assert str(info.value) == "--dla 0: device profile jetson-orin-nano has no DLA cores; leave --dla out to build for the GPU"
+    with pytest.raises(ConfigError, match="DLA cores 0-1"):
+        check_dla(load_profile("jetson-agx-orin"), 2)
+    check_dla(load_profile("jetson-agx-orin"), 1)
+    with pytest.raises(ConfigError, match="DLA runs fp16 or int8"):
+        resolve_precision("fp32", load_profile("jetson-agx-orin"), [], dla_core=0)
+
+
+def test_plan_from_a_real_bundle(tmp_path: Path):
+    from edgeclf.runtime.bundle import load_bundle
+
+    b = load_bundle(make_tiny_bundle(tmp_path / "b", variants=["int8-tensorrt"]))
+    plan = plan_engine(b, load_profile("jetson-orin-nx"), max_batch=4)
+    assert plan.precision == "int8" and plan.onnx_path.name == "model.int8-tensorrt.onnx"
+    assert plan.input_name == "input" and plan.shapes() == {"min": (1, 1, 8, 8), "opt": (1, 1, 8, 8), "max": (4, 1, 8, 8)}
+    assert plan.workspace_mb == 2048 and plan.bundle_checksum == b.checksum
+    fp16 = plan_engine(b, load_profile("jetson-orin-nx"), precision="fp16", workspace_mb=512, dla_core=1)
+    assert fp16.onnx_path.name == "model.onnx" and fp16.workspace_mb == 512 and fp16.dla_core == 1
+    with pytest.raises(ConfigError, match="no NVIDIA GPU"):
+        plan_engine(b, load_profile("x86-cpu"))
+    with pytest.raises(ConfigError, match="not ordered"):
+        plan_engine(b, load_profile("jetson-orin-nx"), max_batch=0)
+
+
+# -- trtexec: flags per TensorRT version (see trtexec_command's docstring for the documentation checked) ------
+
+def _cmd(version: str, **kw: Any) -> str:
+    plan = EnginePlan(  # fixed paths, no files: the command is only text
+        device="d", onnx_path=Path("/b/model.onnx"), source_model="fp32", input_name="input", input_shape=(3, 224, 224),
+        precision=kw.get("precision", "fp16"), precision_reason="", dla_core=kw.get("dla_core"), workspace_mb=1024, max_batch=8,
+        opt_batch=1, bundle_path=Path("/b"), bundle_name="b", bundle_checksum="x")
+    return " ".join(trtexec_command(plan, tensorrt=version, save_engine="/e/m.engine", timing_cache="/e/t.cache"))
+
+
+SHAPES = "--minShapes=input:1x3x224x224 --optShapes=input:1x3x224x224 --maxShapes=input:8x3x224x224"
+
+
+@pytest.mark.parametrize(("version", "kw", "want"), [
+    ("8.6", {"precision": "fp16"},
+     f"trtexec --onnx=/b/model.onnx {SHAPES} --fp16 --memPoolSize=workspace:1024 --saveEngine=/e/m.engine --timingCacheFile=/e/t.cache"),
+    ("8.6", {"precision": "int8"},
+     f"trtexec --onnx=/b/model.onnx {SHAPES} --int8 --memPoolSize=workspace:1024 --saveEngine=/e/m.engine --timingCacheFile=/e/t.cache"),
+    ("8.6", {"precision": "fp16", "dla_core": 1},
+     f"trtexec --onnx=/b/model.onnx {SHAPES} --fp16 --memPoolSize=workspace:1024 --useDLACore=1 --allowGPUFallback "
+     "--saveEngine=/e/m.engine --timingCacheFile=/e/t.cache"),
+    ("10.3", {"precision": "fp16"},
+     f"trtexec --onnx=/b/model.onnx {SHAPES} --fp16 --memPoolSize=workspace:1024M --saveEngine=/e/m.engine --timingCacheFile=/e/t.cache"),
+    ("10.3", {"precision": "int8"},
+     f"trtexec --onnx=/b/model.onnx {SHAPES} --int8 --memPoolSize=workspace:1024M --saveEngine=/e/m.engine --timingCacheFile=/e/t.cache"),
+    ("10.3.0", {"precision": "int8", "dla_core": 0},
+     f"trtexec --onnx=/b/model.onnx {SHAPES} --int8 --memPoolSize=workspace:1024M --useDLACore=0 --allowGPUFallback "
+     "--saveEngine=/e/m.engine --timingCacheFile=/e/t.cache"),
+    ("8.5.2", {"precision": "fp32"},
+     f"trtexec --onnx=/b/model.onnx {SHAPES} --memPoolSize=workspace:1024 --saveEngine=/e/m.engine --timingCacheFile=/e/t.cache"),
+])
+def test_trtexec_command(version: str, kw: Dict[str, Any], want: str):
+    assert _cmd(version, **kw) == want
+
+
+def test_trtexec_never_uses_the_removed_workspace_flag():
+    for v in ("8.5.2", "8.6", "10.0", "10.3"):
+        assert "--workspace=" not in _cmd(v)
+
+
+def test_trtexec_versions_outside_8_and_10_are_refused():
+    with pytest.raises(ConfigError, match="8.x and 10.x"):
+        _cmd("7.1")
+    with pytest.raises(ConfigError, match="not a version"):
+        _cmd("latest")
+
+
+# -- TensorRT absent ----------------------------------------------------------------------------------------
+
+def test_missing_tensorrt_is_one_line_naming_what_to_install(monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setitem(sys.modules, "tensorrt", None)
+    assert tensorrt_missing() is not None and "tensorrt" in str(tensorrt_missing())
+    with pytest.raises(MissingExtraError) as info:
+        require_tensorrt()
+    msg = str(info.value)
+    assert isinstance(info.value, EdgeclfError) and "\n" not in msg
+    assert "python3-libnvinfer" in msg and "pip install tensorrt" in msg and "polygraphy" in msg
+
+
+@pytest.mark.parametrize("module", ["edgeclf.runtime", "edgeclf.runtime.engine", "edgeclf.runtime.trt", "edgeclf.runtime.backends",
+                                    "edgeclf.runtime.app"])
+def test_runtime_imports_no_tensorrt_until_asked(module: str):
+    code = (f"import sys, {module}\n"
+            "from edgeclf.runtime.backends import available_backends; available_backends()\n"
+            "bad = [m for m in ('tensorrt', 'polygraphy', 'torch', 'pycuda', 'cuda') if m in sys.modules]\n"
+            "print(bad); sys.exit(bool(bad))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO,
+                       env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+@needs_tensorrt
+def test_build_and_check_an_engine_on_this_gpu(tmp_path: Path):  # pragma: no cover - needs TensorRT and a GPU
+    """Hardware: build an fp16 engine for the tiny bundle, reuse it, and pass `bundle check --backend trt`."""
+    from edgeclf.devices.detect import detect
+    from edgeclf.runtime.app import verify_bundle
+    from edgeclf.runtime.backends import BackendOptions
+    from edgeclf.runtime.engine import build_engine
+
+    device = detect().profile
+    if device in (None, "x86-cpu"):
+        pytest.skip(f"no GPU profile detected here ({device})")
+    bundle = make_tiny_bundle(tmp_path / "b")
+    rec = build_engine(str(bundle), device=str(device), precision="fp16", cache=str(tmp_path / "c"))
+    assert rec.built and rec.path.is_file()
+    assert not build_engine(str(bundle), device=str(device), precision="fp16", cache=str(tmp_path / "c")).built
+    r = verify_bundle(str(bundle), backend="trt", precision="fp16", options=BackendOptions(device=device, engine_cache=str(tmp_path / "c")))
+    assert r["reference"]["vs_fp32"]["decision_agreement"] == 1.0
+
+
+def test_trtexec_for_a_bundle_needs_no_tensorrt(tmp_path: Path):
+    from edgeclf.runtime.engine import trtexec_for
+
+    b = make_tiny_bundle(tmp_path / "b", variants=["int8-tensorrt"])
+    doc = trtexec_for(str(b), device="x86-nvidia-gpu", cache=str(tmp_path / "c"))
+    assert doc["tensorrt"] == "8.6" and doc["precision"] == "int8" and "--memPoolSize=workspace:4096" in doc["command"]
+    assert any(a.startswith(f"--saveEngine={tmp_path / 'c'}/x86-nvidia-gpu-int8-") for a in doc["command"])
+    assert f"--timingCacheFile={tmp_path / 'c' / 'timing-trt8.6-smunknown.cache'}" in doc["command"]
+    assert "--memPoolSize=workspace:4096M" in trtexec_for(str(b), device="x86-nvidia-gpu", tensorrt="10.7")["command"]
+    with pytest.raises(ConfigError, match="no NVIDIA GPU"):
+        trtexec_for(str(b), device="x86-cpu")
