@@ -155,6 +155,13 @@ def test_rss_slope_from_a_synthetic_series() -> None:
     noise = np.random.default_rng(0).normal(0, 0.05, frames.size)
     assert rss_slope_mb_per_10k(frames, rss + noise) == pytest.approx(3.0, abs=0.1)
     assert rss_slope_mb_per_10k(frames, np.full(frames.size, 150.0)) == pytest.approx(0.0)
+    # An allocator step (heap trimmed and regrown) near the end of a flat run is not a trend for the
+    # default estimator, while least squares reports it as one.
+    flat = np.full(frames.size, 138.0)
+    flat[-3:] = 150.0
+    assert rss_slope_mb_per_10k(frames, flat) == pytest.approx(0.0)
+    assert rss_slope_mb_per_10k(frames, flat, method="ls") > 1.0
+    assert rss_slope_mb_per_10k(frames, rss, method="ls") == pytest.approx(3.0)
     assert rss_slope_mb_per_10k([5], [1.0]) is None and rss_slope_mb_per_10k([5, 5], [1.0, 2.0]) is None
     with pytest.raises(ValueError):
         rss_slope_mb_per_10k([1, 2], [1.0])
