@@ -299,10 +299,13 @@ def run(bundle: str, source: str, out, max_frames, min_confidence, backend, devi
 @click.option("--bootstrap", type=click.IntRange(min=0), default=1000, show_default=True, help="Resamples for the 95% intervals (0: none).")
 @click.option("--no-quality", is_flag=True, help="Skip the per-frame quality gate (as `run --no-quality`).")
 @click.option("--report", "report_dir", default=None, help="Folder for report.md and PNG plots (needs matplotlib).")
+@click.option("--vs-torch", "vs_torch", default=None,
+              help="Training folder of the first bundle's model (workstation, `[train]` extra): adds that model in eager "
+                   "PyTorch to the comparison, after checking it gives the bundle's reference outputs.")
 @json_option
 @click.pass_context
 def profile(ctx: click.Context, bundles, source, backends, device, engine_cache, precisions, frames, warmup, chunk, threads, bootstrap,
-            no_quality, report_dir, as_json: bool) -> None:
+            no_quality, report_dir, vs_torch, as_json: bool) -> None:
     """Per-stage latency on this device (median, p90, p99 with 95% intervals), several targets side by side.
 
     `edgeclf profile --bundle B [--bundle B2] [--precision fp32 --precision int8]`; then
@@ -332,6 +335,20 @@ def profile(ctx: click.Context, bundles, source, backends, device, engine_cache,
     opts = ProfileOptions(source=source, frames=frames, warmup=warmup, chunk=chunk, threads=threads, bootstrap=bootstrap,
                           run_options=RunOptions(quality=not no_quality))
     factory = profile_backend_factory(BackendOptions(device=device, engine_cache=engine_cache))
+    if vs_torch:
+        from edgeclf.torch_backend import TORCH_BACKEND, TorchBackend
+
+        targets.append(ProfileTarget(bundles[0], backend=TORCH_BACKEND, precision="fp32"))
+        onnx_factory = factory
+
+        def factory(bundle, model_path, target, threads_):  # type: ignore[no-untyped-def]
+            if target.backend != TORCH_BACKEND:
+                return onnx_factory(bundle, model_path, target, threads_)
+            m = bundle.manifest
+            be = TorchBackend(vs_torch, (m.preprocess.channels,) + tuple(m.preprocess.size), m.num_outputs, threads=threads_)
+            be.check_matches(bundle)
+            return be
+
     result = profile_bundles(targets, opts, started_at=t_entry, backend_factory=factory)
     if report_dir:
         result.doc["report"] = write_report(result, report_dir)
