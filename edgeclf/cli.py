@@ -248,7 +248,7 @@ def prune(model: str, out: str, target_macs: float, steps: int, finetune_epochs:
 @click.option("--engine-cache", default=None, help="TensorRT engine folder [default: $EDGECLF_ENGINE_CACHE or ~/.cache/edgeclf/engines].")
 @click.option("--precision", type=click.Choice(["fp32", "fp16", "int8"]), default=None,
               help="Which model of the bundle to run [default: the bundle's deploy choice].")
-@click.option("--threads", type=click.IntRange(min=1), default=None, help="Inference threads [default: the cores available].")
+@click.option("--threads", type=click.IntRange(min=1, max=256), default=None, help="Inference threads [default: the cores available].")
 @click.option("--realtime", is_flag=True, help="Files: pace to the file's frame rate, dropping (and counting) late frames.")
 @click.option("--roi", default="none", show_default=True,
               help="none, sector (ultrasound: detect and lock the fan, mask what is outside) or x0,y0,x1,y1.")
@@ -260,9 +260,13 @@ def prune(model: str, out: str, target_macs: float, steps: int, finetune_epochs:
 @click.option("--summary", "summary_path", default=None, help="Write the clip-level summary as JSON.")
 @click.option("--fsync-every", type=click.FloatRange(min=0), default=1.0, show_default=True,
               help="Seconds between fsyncs of --out (0: every line); lines are flushed whole either way.")
+@click.option("--audit", "audit_path", default=None,
+              help="Hash-chained audit log: a new file, or a folder for audit-<UTC>-<id>.jsonl (`edgeclf audit verify`).")
+@click.option("--key", "trusted_key", default=None,
+              help="Ed25519 public key (PEM): refuse the bundle unless it is signed by it [default: $EDGECLF_TRUSTED_KEY].")
 @json_option
 def run(bundle: str, source: str, out, max_frames, min_confidence, backend, device, dla_core, engine_cache, precision, threads, realtime,
-        roi, smoothing, no_quality, record, show, summary_path, fsync_every, as_json: bool) -> None:
+        roi, smoothing, no_quality, record, show, summary_path, fsync_every, audit_path, trusted_key, as_json: bool) -> None:
     """Classify frames from a source with a verified bundle; one JSON line per frame.
 
     Under systemd (Type=notify, see devices/deploy/edgeclf-run.service) it reports ready and feeds the watchdog.
@@ -276,7 +280,8 @@ def run(bundle: str, source: str, out, max_frames, min_confidence, backend, devi
     summary = run_bundle(bundle, source, out=out, max_frames=max_frames, backend=backend, threads=threads,
                          precision=precision, options=opts, realtime=realtime, record=record, show=show,
                          summary_path=summary_path, fsync_every=fsync_every, device=device,
-                         backend_options=BackendOptions(device=device, dla_core=dla_core, engine_cache=engine_cache))
+                         backend_options=BackendOptions(device=device, dla_core=dla_core, engine_cache=engine_cache),
+                         audit=audit_path, trusted_key=trusted_key)
     _emit(as_json, summary, _print_run)
 
 
@@ -295,7 +300,7 @@ def run(bundle: str, source: str, out, max_frames, min_confidence, backend, devi
 @click.option("--frames", type=click.IntRange(min=1), default=500, show_default=True, help="Steady-state frames per target.")
 @click.option("--warmup", type=click.IntRange(min=0), default=50, show_default=True, help="Frames per target excluded as warm-up.")
 @click.option("--chunk", type=click.IntRange(min=1), default=50, show_default=True, help="Frames per turn when interleaving targets.")
-@click.option("--threads", type=click.IntRange(min=1), default=None, help="Inference threads [default: the cores available].")
+@click.option("--threads", type=click.IntRange(min=1, max=256), default=None, help="Inference threads [default: the cores available].")
 @click.option("--bootstrap", type=click.IntRange(min=0), default=1000, show_default=True, help="Resamples for the 95% intervals (0: none).")
 @click.option("--no-quality", is_flag=True, help="Skip the per-frame quality gate (as `run --no-quality`).")
 @click.option("--report", "report_dir", default=None, help="Folder for report.md and PNG plots (needs matplotlib).")
@@ -564,13 +569,15 @@ def bundle() -> None:
 @click.option("--parity/--no-parity", default=True, show_default=True, help="Also re-run reference.npz on this device.")
 @click.option("--backend", default="ort-cpu", show_default=True,
               help="The backend `run` will use: ort-cpu, ort-cuda, ort-tensorrt or trt.")
+@click.option("--key", "trusted_key", default=None,
+              help="Ed25519 public key (PEM): also require the bundle to be signed by it (`edgeclf bundle sign`).")
 @json_option
-def bundle_verify(path: str, parity: bool, backend: str, as_json: bool) -> None:
-    """Re-check checksums, the manifest schema and (optionally) parity against reference.npz."""
+def bundle_verify(path: str, parity: bool, backend: str, trusted_key, as_json: bool) -> None:
+    """Re-check checksums, the manifest schema, the signature (if any, or required with --key) and parity."""
     from edgeclf.runtime.app import verify_bundle
 
     _check_backend_name(backend)
-    result = verify_bundle(path, parity=parity, backend=backend)
+    result = verify_bundle(path, parity=parity, backend=backend, trusted_key=trusted_key)
     _emit(as_json, result, lambda r: click.echo(f"OK {r['path']}: checksums match, manifest valid" + (
         f", reference parity max |diff| {r['reference']['max_abs_diff']:.2e} on {r['reference']['n']} inputs" if r.get("reference") else "")))
 
@@ -818,6 +825,16 @@ def _print_info(m: dict[str, Any]) -> None:
     lines.append(f"provenance: {prov.get('source')}, exported {prov.get('exported_at')}, data {data.get('spec')} "
                  f"(sha256 {str(data.get('hash'))[:12]}..., licence {data.get('licence')})")
     click.echo("\n".join(lines))
+
+
+# -- integrity: bundle signing and the audit log (edgeclf/cli_integrity.py) ----------------------------------
+
+from edgeclf.cli_integrity import audit, bundle_keygen, bundle_sign, bundle_verify_signature  # noqa: E402
+
+cli.add_command(audit)
+bundle.add_command(bundle_sign)
+bundle.add_command(bundle_keygen)
+bundle.add_command(bundle_verify_signature)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -10,8 +10,9 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 
-from edgeclf.errors import BundleError, ConfigError, IntegrityError
+from edgeclf.errors import BundleError, ConfigError, EdgeclfError, IntegrityError
 from edgeclf.runtime import _cv
+from edgeclf.runtime.audit import AuditSink, source_fact
 from edgeclf.runtime.backends import Backend, BackendOptions, create_backend
 from edgeclf.runtime.bundle import Bundle, load_bundle
 from edgeclf.runtime.pipeline import RunOptions, run_pipeline
@@ -174,6 +175,9 @@ def run_bundle(
     summary_path: Optional[str] = None,
     backend_options: Optional[BackendOptions] = None,
     notifier: Any = None,
+    audit: Optional[str] = None,
+    audit_digest_every: int = 1000,
+    trusted_key: Optional[str] = None,
 ) -> Dict[str, Any]:
     """Verify and load the bundle, open the source, classify every frame; returns the run summary.
 
@@ -182,6 +186,10 @@ def run_bundle(
     SIGINT/SIGTERM end the run cleanly with the summary written. Under systemd (NOTIFY_SOCKET set) it sends
     READY=1 once bundle, backend and source are open, WATCHDOG=1 from the frame loop and STOPPING=1 at the end
     (`notifier`: an edgeclf.devices.systemd.Notifier; default: one from the environment).
+    `audit`: a hash-chained audit log (a new file, or a folder for a new one): start (bundle checksum, device
+    profile, config, package versions), digests of the results the results file holds, source and backend
+    faults and recoveries, and an end record with the run's status. `trusted_key`: an Ed25519 public key
+    (PEM) the bundle must be signed with (default: $EDGECLF_TRUSTED_KEY).
     """
     from edgeclf.devices.systemd import Notifier
     from edgeclf.runtime.sinks import SummarySink
@@ -202,17 +210,26 @@ def run_bundle(
             threads, chosen["threads"] = prof.threads, f"device profile {device}"
     bopts = dataclasses.replace(backend_options or BackendOptions(), device=device or (backend_options.device if backend_options else None))
     notify = notifier if notifier is not None else Notifier()
-    b = load_bundle(bundle_path)
+    b = load_bundle(bundle_path, trusted_key=trusted_key)
     m = b.manifest
     sinks: List[Sink] = list(extra_sinks or [])
     clip = SummarySink(summary_path, labels=list(m.labels))
     stop = threading.Event()
     # Source and backend first: a typo in --source must not truncate an earlier results file.
     be, variant = open_backend(b, backend, precision=precision, threads=threads, options=bopts)
+    alog = None
     with be, _open(source_uri, realtime, reconnect) as opened:
         src: Any = _ProgressSource(opened, _watchdog_hook(notify, getattr(opened, "kind", ""))) if notify.active else opened
+        if audit:
+            alog = _start_audit(audit, b, device, fsync_every, audit_digest_every, {
+                "source": source_fact(source_uri), "backend": be.name, "model": variant, "threads": getattr(be, "threads", threads),
+                "precision": precision, "max_frames": max_frames, "realtime": realtime, "fsync_every": fsync_every,
+                "options": dataclasses.asdict(opts), "chosen_by": chosen})
+            if hasattr(opened, "on_event"):  # a live source that reconnects: its disconnects and reopens go on record
+                opened.on_event = _audit_source_events(alog)
         restore = _install_stop_handlers(stop)
-        notify.ready(f"classifying {source_uri} with {b.path.name} on {be.name}")
+        # Never the URI: a file or folder name may carry a patient's name, and STATUS= lands in the journal.
+        notify.ready(f"classifying a {getattr(opened, 'kind', 'source')} source with {b.path.name} on {be.name}")
         # OpenCV's own worker pool would put resize and colour conversion on every core, on top of the
         # feeder thread and ONNX Runtime's threads: one OpenCV thread, the pipeline parallelises by stage.
         cv2 = _cv.cv2()
@@ -221,6 +238,8 @@ def run_bundle(
         try:
             if out:
                 sinks.append(JsonlSink(out, fsync_every=fsync_every))
+            if alog is not None:
+                sinks.append(AuditSink(alog))  # after the results file: digests cover only results it holds
             if show:
                 from edgeclf.runtime.overlay import OverlayWindow
 
@@ -231,13 +250,17 @@ def run_bundle(
                 size = src.size or (m.preprocess.size[0], m.preprocess.size[1])
                 sinks.append(VideoRecorderSink(record, float(src.fps or 15.0), size))
             sinks.append(clip)
-            summary = run_pipeline(b, src, be, sinks, max_frames=max_frames, options=opts, stop=stop)
+            on_fault = None if alog is None else _audit_pipeline_events(alog)
+            summary = run_pipeline(b, src, be, sinks, max_frames=max_frames, options=opts, stop=stop, on_event=on_fault)
+        except BaseException as exc:
+            if alog is not None:
+                _end_audit_on_error(alog, exc)
+            raise
         finally:
             notify.stopping()
             restore()
             cv2.setNumThreads(cv_threads)
-            for s in sinks:
-                s.close()
+            _close_all(sinks)
         result = summary.to_dict()
         result.update(
             bundle=str(b.path), bundle_checksum=b.checksum, source_kind=src.kind, backend=be.name, model=variant,
@@ -249,7 +272,73 @@ def run_bundle(
         engine = getattr(be, "record", None)
         if engine is not None:
             result["engine"] = {"path": str(engine.path), "built": engine.built, "key": engine.key.fields()}
+    if alog is not None:
+        alog.end("signal" if result.get("stopped_by") == "signal" else "ok",
+                 summary={k: result.get(k) for k in ("frames", "written", "abstained", "abstain_reasons", "backend_errors",
+                                                     "stopped_by", "source_stats", "read_not_classified")})
+        result["audit"] = {"path": alog.path, "head": alog.head, "records": alog.records}
+        alog.close()
     return result
+
+
+def _start_audit(path: str, b: Bundle, device: Optional[str], fsync_every: Optional[float], digest_every: int,
+                 config: Dict[str, Any]) -> Any:
+    from edgeclf.runtime.audit import AuditLog
+
+    profile = None
+    if device is not None:
+        from edgeclf.devices import load_profile
+
+        profile = load_profile(device).to_dict()
+    alog = AuditLog(path, fsync_every=fsync_every, digest_every=digest_every)
+    try:
+        alog.start(bundle_checksum=b.checksum, bundle_signature=b.signature, device_profile=profile, config=config)
+    except BaseException:
+        alog.close()
+        raise
+    return alog
+
+
+def _audit_source_events(alog: Any) -> Callable[[str, str, Dict[str, int]], None]:
+    def on_event(kind: str, message: str, counts: Dict[str, int]) -> None:
+        (alog.fault if kind == "fault" else alog.recovery)("source", message, counts=counts)
+
+    return on_event
+
+
+def _audit_pipeline_events(alog: Any) -> Callable[[str, str, Dict[str, Any]], None]:
+    def on_event(kind: str, message: str, details: Dict[str, Any]) -> None:
+        (alog.fault if kind == "fault" else alog.recovery)("backend", message, **details)
+
+    return on_event
+
+
+def _end_audit_on_error(alog: Any, exc: BaseException) -> None:
+    """The run failed: put the error and an end record on the log, then close it; the run's error is what
+    the caller sees, also when the log's own disk is what failed."""
+    status = "signal" if isinstance(exc, KeyboardInterrupt) else "error"
+    text = " ".join(str(exc).split())[:500] or type(exc).__name__
+    try:
+        alog.fault("run", text)
+        alog.end(status, error=text)
+    except EdgeclfError as log_exc:
+        log.error("the audit log could not record the run's end: %s", log_exc)
+    finally:
+        alog.close()
+
+
+def _close_all(sinks: List[Sink]) -> None:
+    """Close every sink, also when one fails to (the clip summary must still be written); the first
+    failure is raised after all were tried."""
+    first: Optional[BaseException] = None
+    for s in sinks:
+        try:
+            s.close()
+        except Exception as exc:  # noqa: BLE001 - re-raised below, after the other sinks closed
+            log.error("closing %s failed: %s", type(s).__name__, exc)
+            first = first or exc
+    if first is not None:
+        raise first
 
 
 def _decisions(m: Any, logits: np.ndarray) -> np.ndarray:
@@ -265,12 +354,13 @@ def _agreement(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def verify_bundle(bundle_path: str, *, parity: bool = True, backend: str = "ort-cpu", precision: Optional[str] = None,
-                  options: Optional[BackendOptions] = None) -> Dict[str, Any]:
+                  options: Optional[BackendOptions] = None, trusted_key: Optional[str] = None,
+                  require_signature: Optional[bool] = None) -> Dict[str, Any]:
     """Checksums and schema (load_bundle), then, if present, re-run reference.npz on `backend` through the fp32
     model and every variant this backend runs (trt: the engine for the device profile), each against the outputs
     it gave at export: max and mean absolute error, decision agreement; plus the same against the recorded fp32
     outputs. Fails (IntegrityError) when a model's error exceeds its tolerance."""
-    b = load_bundle(bundle_path)
+    b = load_bundle(bundle_path, trusted_key=trusted_key, require_signature=require_signature)
     result: Dict[str, Any] = {"path": str(b.path), "checksum": b.checksum, "checksums": "ok", "manifest": "ok", "reference": None}
     ref = b.reference_path
     if parity and ref is not None:

@@ -1,27 +1,46 @@
 """The bundle: the only contract between the workstation and the device.
 
-A folder with `model.onnx`, `manifest.json`, optionally `reference.npz`, and `checksums.sha256`
-covering every other file (the manifest included). Loading verifies checksums and the manifest schema
-before anything else touches the model.
+A folder with `model.onnx`, `manifest.json`, optionally `reference.npz` and compressed variants, and
+`checksums.sha256` (sha256sum format) covering every other file, the manifest included. Loading checks,
+in this order and before anything touches the model: the checksums (a changed byte, a missing or an
+extra file is refused, naming the file), the signature when one is present or required, then the
+manifest schema (unknown, missing or mistyped fields named by their dotted key).
+
+Signing (optional, Ed25519, `pip install 'edgeclf[sign]'`): `checksums.sha256.sig` signs the bytes of
+`checksums.sha256`, which names the digest of every other file, so one signature covers the whole bundle.
+The signature file is the only file the checksum file does not list (it is written after it); it is
+checked on its own: a canonical one-line JSON document (any edited byte breaks the form or the
+signature) holding the signer's public key, its key id, the signed file's sha256 and the signature.
+Without a trusted key a present signature is checked against the key it names (integrity: a damaged or
+stale signature is refused); with a trusted key (`trusted_key=`, or the environment variable
+EDGECLF_TRUSTED_KEY naming a public key PEM file) the bundle must be signed by exactly that key
+(authenticity), and an unsigned bundle is refused.
+
+Python 3.8 compatible; `cryptography` is imported only inside the functions that sign or verify.
 """
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import logging
 import os
+import re
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 
-from edgeclf.errors import BundleError, IntegrityError
-from edgeclf.runtime.postprocess import TASKS, DecisionRule
+from edgeclf.errors import BundleError, ConfigError, IntegrityError, MissingExtraError
+from edgeclf.runtime.postprocess import TASKS, DecisionRule, rule_kind_for_task
 from edgeclf.runtime.preprocess import PreprocessSpec
 
 __all__ = [
     "SCHEMA_VERSION",
     "CHECKSUM_FILE",
+    "SIGNATURE_FILE",
     "MANIFEST_FILE",
+    "TRUSTED_KEY_ENV",
     "Bundle",
     "Manifest",
     "Variant",
@@ -30,6 +49,10 @@ __all__ = [
     "verify_checksums",
     "write_checksums",
     "sha256_file",
+    "sign_bundle",
+    "verify_signature",
+    "generate_keypair",
+    "public_key_id",
 ]
 
 log = logging.getLogger(__name__)
@@ -39,10 +62,20 @@ READABLE_SCHEMAS = (1, 2)
 FORMAT = "edgeclf-bundle"
 MANIFEST_FILE = "manifest.json"
 CHECKSUM_FILE = "checksums.sha256"
+SIGNATURE_FILE = CHECKSUM_FILE + ".sig"
+TRUSTED_KEY_ENV = "EDGECLF_TRUSTED_KEY"
+SIGNATURE_FORMAT = "edgeclf-bundle-signature"
+SIGNATURE_VERSION = 1
+# Domain separation: a signature over a bundle can never be replayed as a signature over anything else.
+_SIGNED_PREFIX = b"edgeclf-bundle-signature-v1\0"
+_MAX_CHECKSUM_BYTES = 1 << 20  # a bundle lists a handful of files; more is not a checksum file
+_MAX_SIGNATURE_BYTES = 4096
 PathLike = Union[str, "os.PathLike[str]"]
+KeyLike = Union[str, bytes, "os.PathLike[str]"]
 
-# Top-level manifest fields: name -> (required, allowed JSON types).
-_FIELDS: Dict[str, Tuple[bool, Tuple[type, ...]]] = {
+# Field tables: name -> (required, allowed JSON types). Closed tables refuse unknown fields.
+_Spec = Dict[str, Tuple[bool, Tuple[type, ...]]]
+_FIELDS: _Spec = {
     "schema_version": (True, (int,)),
     "format": (True, (str,)),
     "name": (True, (str,)),
@@ -59,11 +92,66 @@ _FIELDS: Dict[str, Tuple[bool, Tuple[type, ...]]] = {
     "reference": (False, (dict, type(None))),
     "deploy": (False, (dict,)),
 }
+_MODEL_SPEC: _Spec = {
+    "file": (True, (str,)),
+    "architecture": (False, (str,)),
+    "precision": (True, (str,)),
+    "opset": (True, (int,)),
+    "ir_version": (True, (int,)),
+    "input_name": (True, (str,)),
+    "output_name": (True, (str,)),
+    "input_shape": (True, (list,)),
+    "output_shape": (True, (list,)),
+}
+_REFERENCE_SPEC: _Spec = {"file": (True, (str,)), "count": (True, (int,)), "split": (False, (str,))}
+_POSTPROCESS_SPEC: _Spec = {"temperature": (True, (int, float)), "decision": (True, (dict,)), "min_confidence": (False, (int, float))}
+# Open tables (compression results carry many informational fields): only these are checked.
+_VARIANT_SPEC: _Spec = {"file": (True, (str,)), "precision": (True, (str,)), "flavour": (False, (str, type(None)))}
+_DEPLOY_SPEC: _Spec = {"precision": (False, (str,)), "reason": (False, (str,))}
 PRECISIONS = ("fp32", "fp16", "int8")
 # Which INT8 form each backend needs: TensorRT parses only symmetric signed INT8 (zero point 0);
 # x86 CPUs without VNNI are fast only with unsigned activations and reduced range.
-INT8_FLAVOUR_FOR_BACKEND = {"ort-cpu": "cpu", "ort-cuda": "cpu", "ort-tensorrt": "tensorrt"}
-_MODEL_FIELDS = {"file", "opset", "ir_version", "input_name", "output_name", "input_shape", "output_shape", "precision"}
+INT8_FLAVOUR_FOR_BACKEND = {"ort-cpu": "cpu", "ort-cuda": "cpu", "ort-tensorrt": "tensorrt", "trt": "tensorrt"}
+_FLOAT32_MAX = 3.4028234663852886e38
+_CHECKSUM_LINE = re.compile(r"([0-9a-f]{64})  ([^\x00-\x1f\x7f]+)")
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    """repr of a value for an error message, cut short: a fuzzed or damaged manifest can hold anything."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _type_name(types: Tuple[type, ...]) -> str:
+    names = {int: "integer", float: "number", str: "string", list: "list", dict: "object", type(None): "null"}
+    return " or ".join(names.get(t, t.__name__) for t in types)
+
+
+def _check_fields(d: Any, spec: _Spec, where: str, *, closed: bool = True) -> Dict[str, Any]:
+    """Check one JSON object against a field table; BundleError names the dotted key."""
+    if not isinstance(d, dict):
+        raise BundleError(f"{where} is {type(d).__name__}; expected an object; re-export the bundle")
+    if closed:
+        unknown = sorted(str(k) for k in d if k not in spec)
+        if unknown:
+            raise BundleError(f"{where} has unknown field(s) {unknown}; allowed: {sorted(spec)}; re-export the bundle")
+    for key, (required, types) in spec.items():
+        if key not in d:
+            if required:
+                raise BundleError(f"{where} is missing the required field {key!r}; re-export the bundle")
+            continue
+        v = d[key]
+        if isinstance(v, bool) or not isinstance(v, types):  # JSON true/false is not a number here
+            raise BundleError(f"{where}.{key} is {_short(v)} ({type(v).__name__}); expected {_type_name(types)}")
+    return d
+
+
+def _plain_name(name: str, where: str) -> str:
+    """A file named by the manifest: a plain name inside the bundle folder, never a path out of it."""
+    if (not name or "/" in name or "\\" in name or name.startswith(".") or name in (CHECKSUM_FILE, SIGNATURE_FILE)
+            or any(ord(c) < 32 for c in name)):
+        raise BundleError(f"{where} is {_short(name)}; a bundle file is a plain file name inside the bundle folder")
+    return name
 
 
 def sha256_file(path: PathLike) -> str:
@@ -75,19 +163,73 @@ def sha256_file(path: PathLike) -> str:
 
 
 def _bundle_files(root: Path) -> List[str]:
+    """Every file of the bundle (relative posix names, sorted), except the checksum and signature files.
+
+    Symbolic links and special files (FIFOs, devices) are refused: they could point outside the bundle
+    or block the reader, and a copied bundle would not carry them.
+    """
     files = []
-    for p in sorted(root.rglob("*")):
-        if p.is_file() and p.name != CHECKSUM_FILE:
-            files.append(p.relative_to(root).as_posix())
-    return files
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
+        for name in sorted(dirnames + filenames):
+            full = os.path.join(dirpath, name)
+            rel = Path(full).relative_to(root).as_posix()
+            mode = os.lstat(full).st_mode
+            if stat.S_ISLNK(mode):
+                raise IntegrityError(f"bundle {root} holds {rel!r}, a symbolic link; a bundle holds regular files only; "
+                                     "remove it or re-export the bundle")
+            if stat.S_ISDIR(mode):
+                continue
+            if not stat.S_ISREG(mode):
+                raise IntegrityError(f"bundle {root} holds {rel!r}, which is not a regular file; remove it or re-export the bundle")
+            if rel not in (CHECKSUM_FILE, SIGNATURE_FILE):
+                files.append(rel)
+    return sorted(files)
 
 
 def write_checksums(root: PathLike) -> str:
-    """Write `checksums.sha256` (sha256sum format) over every file in the folder; returns its digest."""
+    """Write `checksums.sha256` (sha256sum format) over every file in the folder; returns its digest.
+
+    Every file but the checksum file itself and its signature; a signature made before is now stale
+    (it signs other bytes) and is refused on load until the bundle is signed again.
+    """
     r = Path(root)
     lines = [f"{sha256_file(r / f)}  {f}\n" for f in _bundle_files(r)]
     (r / CHECKSUM_FILE).write_text("".join(lines), encoding="utf-8")
     return sha256_file(r / CHECKSUM_FILE)
+
+
+def _listed_name_ok(name: str) -> bool:
+    parts = name.split("/")
+    return (not name.startswith("/") and "\\" not in name and all(p not in ("", ".", "..") for p in parts)
+            and name not in (CHECKSUM_FILE, SIGNATURE_FILE))
+
+
+def _read_checksums(r: Path) -> Tuple[Dict[str, str], bytes]:
+    """Parse `checksums.sha256` strictly: one `<64 lowercase hex>  <name>` per line, each ending in a
+    newline, no blank or repeated lines. Anything else is an edited file, not a different spelling."""
+    sums = r / CHECKSUM_FILE
+    if sums.is_symlink() or not sums.is_file():
+        raise IntegrityError(f"bundle {r} has no {CHECKSUM_FILE}; re-export it with `edgeclf export`")
+    try:
+        if sums.stat().st_size > _MAX_CHECKSUM_BYTES:
+            raise IntegrityError(f"{CHECKSUM_FILE} of bundle {r} is over {_MAX_CHECKSUM_BYTES} bytes; the bundle was edited, re-export it")
+        raw = sums.read_bytes()
+    except OSError as exc:
+        raise BundleError(f"{CHECKSUM_FILE} of bundle {r} cannot be read ({exc.strerror or type(exc).__name__}); check its "
+                          "permissions and the disk") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise IntegrityError(f"{CHECKSUM_FILE} of bundle {r} is not UTF-8 text; the bundle was edited, re-export it") from None
+    if not text.endswith("\n"):
+        raise IntegrityError(f"{CHECKSUM_FILE} of bundle {r} does not end with a newline (cut short or edited); re-export the bundle")
+    listed: Dict[str, str] = {}
+    for n, line in enumerate(text[:-1].split("\n"), 1):
+        m = _CHECKSUM_LINE.fullmatch(line)
+        if m is None or not _listed_name_ok(m.group(2)) or m.group(2) in listed:
+            raise IntegrityError(f"{CHECKSUM_FILE} line {n} is malformed; the bundle was edited, re-export it")
+        listed[m.group(2)] = m.group(1)
+    return listed, raw
 
 
 def verify_checksums(root: PathLike) -> str:
@@ -96,26 +238,261 @@ def verify_checksums(root: PathLike) -> str:
     Raises IntegrityError naming the first file that is changed, missing or not listed.
     """
     r = Path(root)
-    sums = r / CHECKSUM_FILE
-    if not sums.is_file():
-        raise IntegrityError(f"bundle {r} has no {CHECKSUM_FILE}; re-export it with `edgeclf export`")
-    listed: Dict[str, str] = {}
-    for n, line in enumerate(sums.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
-        parts = line.split("  ", 1)
-        if len(parts) != 2 or len(parts[0]) != 64:
-            raise IntegrityError(f"{CHECKSUM_FILE} line {n} is malformed; the bundle was edited, re-export it")
-        listed[parts[1]] = parts[0]
+    listed, raw = _read_checksums(r)
     present = set(_bundle_files(r))
     for name in sorted(present - set(listed)):
         raise IntegrityError(f"bundle file {name!r} is not covered by {CHECKSUM_FILE}; remove it or re-export the bundle")
     for name, digest in sorted(listed.items()):
         if name not in present:
             raise IntegrityError(f"bundle file {name!r} listed in {CHECKSUM_FILE} is missing; re-export the bundle")
-        if sha256_file(r / name) != digest:
+        try:
+            actual = sha256_file(r / name)
+        except OSError as exc:
+            raise BundleError(f"bundle file {name!r} cannot be read ({exc.strerror or type(exc).__name__}); check its "
+                              "permissions and the disk") from None
+        if actual != digest:
             raise IntegrityError(
                 f"bundle file {name!r} does not match its entry in {CHECKSUM_FILE}: one of them was changed after export; re-export the bundle"
             )
-    return sha256_file(sums)
+    return hashlib.sha256(raw).hexdigest()
+
+
+# ------------------------------------------------------------------------------------------ signing
+
+
+def _crypto() -> Any:
+    """cryptography's Ed25519 and serialization modules, or a one-line error naming the extra."""
+    try:
+        from cryptography.hazmat.primitives import serialization
+        from cryptography.hazmat.primitives.asymmetric import ed25519
+    except ImportError as exc:
+        raise MissingExtraError(
+            f"signing and signature checks need cryptography ({exc}); install it with: pip install 'edgeclf[sign]'"
+        ) from None
+
+    class _Mods:
+        pass
+
+    mods = _Mods()
+    mods.serialization = serialization  # type: ignore[attr-defined]
+    mods.ed25519 = ed25519  # type: ignore[attr-defined]
+    return mods
+
+
+def public_key_id(raw_public_key: bytes) -> str:
+    """A key's short id: the first 16 hex digits of the sha256 of its 32 raw bytes."""
+    return hashlib.sha256(raw_public_key).hexdigest()[:16]
+
+
+def _read_key_text(key: KeyLike, what: str) -> Tuple[bytes, str]:
+    """(PEM bytes, a name for messages) from PEM bytes or a path to a PEM file."""
+    if isinstance(key, bytes):
+        return key, f"the given {what}"
+    path = os.fspath(key)
+    try:
+        with open(path, "rb") as f:
+            data = f.read(65536)
+    except OSError as exc:
+        raise ConfigError(f"cannot read the {what} {path}: {exc.strerror}; give a PEM file (see `edgeclf bundle keygen`)") from None
+    return data, f"{what} {path}"
+
+
+def _raw_public(pub: Any) -> bytes:
+    crypto = _crypto()
+    enc = crypto.serialization.Encoding.Raw
+    fmt = crypto.serialization.PublicFormat.Raw
+    out: bytes = pub.public_bytes(enc, fmt)
+    return out
+
+
+def _load_public_key(key: KeyLike) -> Any:
+    """An Ed25519 public key from a PEM file or PEM bytes; a private key is refused (it stays off devices)."""
+    crypto = _crypto()
+    data, name = _read_key_text(key, "trusted public key")
+    if b"PRIVATE KEY" in data:
+        raise ConfigError(f"{name} is a private key; give the public key (the .pub.pem from `edgeclf bundle keygen`) and keep "
+                          "the private key off the device")
+    try:
+        pub = crypto.serialization.load_pem_public_key(data)
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(f"{name} is not a PEM public key ({type(exc).__name__}); give the .pub.pem written by "
+                          "`edgeclf bundle keygen`") from None
+    except Exception as exc:  # noqa: BLE001 - UnsupportedAlgorithm and kin
+        raise ConfigError(f"{name} could not be read as a public key ({type(exc).__name__}); give an Ed25519 .pub.pem") from None
+    if not isinstance(pub, crypto.ed25519.Ed25519PublicKey):
+        raise ConfigError(f"{name} is a {type(pub).__name__}, not an Ed25519 key; bundles are signed with Ed25519 "
+                          "(`edgeclf bundle keygen`)")
+    return pub
+
+
+def _load_private_key(key: KeyLike, passphrase: Optional[bytes]) -> Any:
+    crypto = _crypto()
+    data, name = _read_key_text(key, "private key")
+    try:
+        priv = crypto.serialization.load_pem_private_key(data, password=passphrase)
+    except TypeError:
+        hint = "it is encrypted: give its passphrase" if passphrase is None else "it is not encrypted: give no passphrase"
+        raise ConfigError(f"{name} could not be opened: {hint}") from None
+    except ValueError:
+        raise ConfigError(f"{name} is not a PEM private key, or the passphrase is wrong; give the key written by "
+                          "`edgeclf bundle keygen`") from None
+    except Exception as exc:  # noqa: BLE001 - UnsupportedAlgorithm and kin
+        raise ConfigError(f"{name} could not be read as a private key ({type(exc).__name__})") from None
+    if not isinstance(priv, crypto.ed25519.Ed25519PrivateKey):
+        raise ConfigError(f"{name} is a {type(priv).__name__}, not an Ed25519 key; make one with `edgeclf bundle keygen`")
+    return priv
+
+
+def _signature_doc(doc: Mapping[str, Any]) -> bytes:
+    """The one canonical spelling of a signature document (sorted keys, no spaces, one line)."""
+    return (json.dumps(dict(doc), sort_keys=True, separators=(",", ":")) + "\n").encode("ascii")
+
+
+def _write_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    fd = os.open(str(tmp), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(str(tmp), str(path))
+
+
+def generate_keypair(private_path: PathLike, public_path: PathLike, *, passphrase: Optional[bytes] = None) -> str:
+    """Write a new Ed25519 key pair as PEM (the private key readable by its owner only, PKCS#8, encrypted
+    when a passphrase is given); returns the key id. Existing files are never overwritten."""
+    crypto = _crypto()
+    priv_p, pub_p = Path(private_path), Path(public_path)
+    if priv_p.resolve() == pub_p.resolve():
+        raise ConfigError("the private and public key paths are the same; give two files")
+    for p in (priv_p, pub_p):
+        if p.exists():
+            raise ConfigError(f"{p} exists; keys are never overwritten: choose another path or remove it yourself")
+    ser = crypto.serialization
+    priv = crypto.ed25519.Ed25519PrivateKey.generate()
+    enc = ser.BestAvailableEncryption(passphrase) if passphrase else ser.NoEncryption()
+    priv_pem = priv.private_bytes(ser.Encoding.PEM, ser.PrivateFormat.PKCS8, enc)
+    pub_pem = priv.public_key().public_bytes(ser.Encoding.PEM, ser.PublicFormat.SubjectPublicKeyInfo)
+    for p, data, mode in ((priv_p, priv_pem, 0o600), (pub_p, pub_pem, 0o644)):
+        try:
+            if p.parent and not p.parent.exists():
+                p.parent.mkdir(parents=True)
+            fd = os.open(str(p), os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+        except OSError as exc:
+            raise ConfigError(f"cannot write the key {p}: {exc.strerror}; choose another path") from None
+        try:
+            os.write(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    return public_key_id(_raw_public(priv.public_key()))
+
+
+def sign_bundle(path: PathLike, private_key: KeyLike, *, passphrase: Optional[bytes] = None) -> Dict[str, Any]:
+    """Sign a bundle's `checksums.sha256` with an Ed25519 private key, writing `checksums.sha256.sig`.
+
+    The bundle is verified first (checksums and manifest schema): a damaged bundle is never signed.
+    Replaces an earlier signature. Returns {"path", "key_id", "signed_sha256", "signature_file"}.
+    """
+    root = Path(path)
+    _check_folder(root)
+    digest = verify_checksums(root)
+    _parse_manifest(root)
+    priv = _load_private_key(private_key, passphrase)
+    raw_sums = (root / CHECKSUM_FILE).read_bytes()
+    if hashlib.sha256(raw_sums).hexdigest() != digest:
+        raise IntegrityError(f"{CHECKSUM_FILE} of bundle {root} changed while it was being signed; sign it again")
+    raw_pub = _raw_public(priv.public_key())
+    doc = {
+        "format": SIGNATURE_FORMAT,
+        "version": SIGNATURE_VERSION,
+        "algorithm": "ed25519",
+        "signed_file": CHECKSUM_FILE,
+        "signed_sha256": digest,
+        "public_key": base64.b64encode(raw_pub).decode("ascii"),
+        "key_id": public_key_id(raw_pub),
+        "signature": base64.b64encode(priv.sign(_SIGNED_PREFIX + raw_sums)).decode("ascii"),
+    }
+    _write_atomic(root / SIGNATURE_FILE, _signature_doc(doc))
+    log.info("signed bundle %s with key %s", root, doc["key_id"])
+    return {"path": str(root), "key_id": doc["key_id"], "signed_sha256": digest, "signature_file": SIGNATURE_FILE}
+
+
+_SIG_KEYS = ("algorithm", "format", "key_id", "public_key", "signature", "signed_file", "signed_sha256", "version")
+
+
+def _b64(text: Any, size: int, what: str) -> bytes:
+    try:
+        out = base64.b64decode(str(text).encode("ascii"), validate=True)
+    except (ValueError, UnicodeEncodeError):
+        out = b""
+    if len(out) != size or base64.b64encode(out).decode("ascii") != text:
+        raise IntegrityError(f"{SIGNATURE_FILE}: {what} is not {size} bytes of canonical base64; the signature file was "
+                             "edited, sign the bundle again")
+    return out
+
+
+def verify_signature(path: PathLike, trusted_key: Optional[KeyLike] = None) -> Dict[str, Any]:
+    """Check `checksums.sha256.sig` against the bundle's `checksums.sha256` (call verify_checksums first).
+
+    Without `trusted_key`, the signature is checked against the public key it names (a damaged or stale
+    signature is refused; anyone could have made it); where cryptography is not installed that check is
+    skipped with a warning and "checked": False. With `trusted_key` (a public key PEM file or bytes) the
+    signer must be exactly that key. Returns {"key_id", "checked", "trusted"}; raises IntegrityError.
+    """
+    root = Path(path)
+    sig = root / SIGNATURE_FILE
+    if sig.is_symlink() or not sig.is_file():
+        raise IntegrityError(f"bundle {root} is not signed (no {SIGNATURE_FILE}); sign it with `edgeclf bundle sign`")
+    try:
+        with open(sig, "rb") as f:
+            data = f.read(_MAX_SIGNATURE_BYTES + 1)
+        raw_sums = (root / CHECKSUM_FILE).read_bytes()
+    except OSError as exc:
+        raise BundleError(f"{SIGNATURE_FILE} of bundle {root} cannot be read ({exc.strerror or type(exc).__name__})") from None
+    bad = f"{SIGNATURE_FILE} of bundle {root} is not a valid signature document; it was edited or damaged, sign the bundle again"
+    if len(data) > _MAX_SIGNATURE_BYTES:
+        raise IntegrityError(bad)
+    try:
+        doc = json.loads(data.decode("ascii"))
+    except (UnicodeDecodeError, ValueError):
+        raise IntegrityError(bad) from None
+    if not isinstance(doc, dict) or tuple(sorted(doc)) != _SIG_KEYS or _signature_doc(doc) != data:
+        raise IntegrityError(bad)
+    if (doc["format"] != SIGNATURE_FORMAT or doc["version"] != SIGNATURE_VERSION or doc["algorithm"] != "ed25519"
+            or doc["signed_file"] != CHECKSUM_FILE):
+        raise IntegrityError(f"{SIGNATURE_FILE} of bundle {root} is not an edgeclf Ed25519 signature (version {SIGNATURE_VERSION}) "
+                             f"of {CHECKSUM_FILE}; sign the bundle again")
+    if doc["signed_sha256"] != hashlib.sha256(raw_sums).hexdigest():
+        raise IntegrityError(f"{SIGNATURE_FILE} of bundle {root} signs another {CHECKSUM_FILE}: the bundle changed after it was "
+                             "signed; re-export or sign it again")
+    raw_pub = _b64(doc["public_key"], 32, "public_key")
+    signature = _b64(doc["signature"], 64, "signature")
+    key_id = public_key_id(raw_pub)
+    if doc["key_id"] != key_id:
+        raise IntegrityError(f"{SIGNATURE_FILE} of bundle {root}: key_id does not match its public key; the signature file was "
+                             "edited, sign the bundle again")
+    if trusted_key is None:
+        try:
+            crypto = _crypto()
+        except MissingExtraError:
+            log.warning("bundle %s is signed by key %s but cryptography is not installed: signature not checked "
+                        "(pip install 'edgeclf[sign]')", root, key_id)
+            return {"key_id": key_id, "checked": False, "trusted": False}
+        pub = crypto.ed25519.Ed25519PublicKey.from_public_bytes(raw_pub)
+    else:
+        pub = _load_public_key(trusted_key)
+        want = public_key_id(_raw_public(pub))
+        if want != key_id:
+            raise IntegrityError(f"bundle {root} is signed by key {key_id}, not by the trusted key {want}; use a bundle signed "
+                                 "with the trusted key or change the trusted key")
+    try:
+        pub.verify(signature, _SIGNED_PREFIX + raw_sums)
+    except Exception:  # noqa: BLE001 - cryptography's InvalidSignature
+        raise IntegrityError(f"{SIGNATURE_FILE} of bundle {root}: the signature does not verify against {CHECKSUM_FILE}; "
+                             "the bundle or its signature was changed, re-export or sign it again") from None
+    return {"key_id": key_id, "checked": True, "trusted": trusted_key is not None}
 
 
 @dataclass(frozen=True)
@@ -129,17 +506,15 @@ class Variant:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any], where: str) -> Variant:
-        for key in ("file", "precision"):
-            if not isinstance(d.get(key), str):
-                raise BundleError(f"{where}.{key} is missing or not a string")
+        _check_fields(d, _VARIANT_SPEC, where, closed=False)
         name = str(d["file"])
-        if "/" in name or "\\" in name or name.startswith(".") or name == "model.onnx":
-            raise BundleError(f"{where}.file is {name!r}; a variant is a plain file name inside the bundle, not the fp32 model")
+        if "/" in name or "\\" in name or name.startswith(".") or name == "model.onnx" or not name or any(ord(c) < 32 for c in name):
+            raise BundleError(f"{where}.file is {_short(name)}; a variant is a plain file name inside the bundle, not the fp32 model")
         precision, flavour = str(d["precision"]), d.get("flavour")
         if precision not in PRECISIONS:
-            raise BundleError(f"{where}.precision is {precision!r}; allowed: {', '.join(PRECISIONS)}")
+            raise BundleError(f"{where}.precision is {_short(precision)}; allowed: {', '.join(PRECISIONS)}")
         if precision == "int8" and flavour not in ("cpu", "tensorrt"):
-            raise BundleError(f"{where}.flavour is {flavour!r}; an int8 variant is 'cpu' or 'tensorrt'")
+            raise BundleError(f"{where}.flavour is {_short(flavour)}; an int8 variant is 'cpu' or 'tensorrt'")
         vid = precision if precision != "int8" else "int8-" + str(flavour)
         return cls(id=vid, file=str(d["file"]), precision=precision, flavour=str(flavour) if flavour else None)
 
@@ -164,9 +539,23 @@ class Manifest:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> Manifest:
+        """Validate a parsed manifest.json; BundleError names the first bad field by its dotted key."""
         if not isinstance(d, dict):
             raise BundleError("manifest.json must hold a JSON object")
-        unknown = sorted(set(d) - set(_FIELDS))
+        # The version first: a newer bundle is told to upgrade, not that its new fields are unknown.
+        version = d.get("schema_version")
+        if "schema_version" not in d:
+            raise BundleError("manifest is missing the required field 'schema_version'; re-export the bundle")
+        if isinstance(version, bool) or not isinstance(version, int):
+            raise BundleError(f"manifest.schema_version is {_short(version)}; expected an integer")
+        if version not in READABLE_SCHEMAS:
+            raise BundleError(
+                f"manifest schema_version {version} is not supported by this edgeclf (reads {READABLE_SCHEMAS}); "
+                "upgrade edgeclf or re-export the bundle"
+            )
+        if d.get("format") != FORMAT:
+            raise BundleError(f"manifest format is {_short(d.get('format'))}; expected {FORMAT!r}")
+        unknown = sorted(str(k) for k in d if k not in _FIELDS)
         if unknown:
             raise BundleError(f"manifest has unknown field(s) {unknown}; allowed: {sorted(_FIELDS)}")
         for key, (required, types) in _FIELDS.items():
@@ -176,57 +565,68 @@ class Manifest:
                 continue
             if not isinstance(d[key], types) or (types == (int,) and isinstance(d[key], bool)):
                 raise BundleError(f"manifest field {key!r} has type {type(d[key]).__name__}; expected {'/'.join(t.__name__ for t in types)}")
-        if d["format"] != FORMAT:
-            raise BundleError(f"manifest format is {d['format']!r}; expected {FORMAT!r}")
-        if d["schema_version"] not in READABLE_SCHEMAS:
-            raise BundleError(
-                f"manifest schema_version {d['schema_version']} is not supported by this edgeclf (reads {READABLE_SCHEMAS}); "
-                "upgrade edgeclf or re-export the bundle"
-            )
         task = d["task"]
         if task not in TASKS:
-            raise BundleError(f"manifest.task is {task!r}; allowed: {', '.join(TASKS)}")
-        labels = tuple(str(x) for x in d["labels"])
+            raise BundleError(f"manifest.task is {_short(task)}; allowed: {', '.join(TASKS)}")
+        raw_labels = d["labels"]
+        if not all(isinstance(x, str) and x.strip() for x in raw_labels):
+            raise BundleError(f"manifest.labels is {_short(raw_labels)}; expected a list of non-empty strings")
+        labels = tuple(raw_labels)
+        if len(set(labels)) != len(labels):
+            raise BundleError(f"manifest.labels repeats a label: {_short(list(labels))}; each class is named once")
         if len(labels) < 2 and task != "multilabel" or len(labels) < 1:
             raise BundleError(f"manifest.labels has {len(labels)} entries; a {task} model needs at least 2")
         if task == "binary" and len(labels) != 2:
             raise BundleError(f"manifest.labels has {len(labels)} entries; a binary model has exactly 2")
-        model = d["model"]
-        missing = sorted(_MODEL_FIELDS - set(model))
-        if missing:
-            raise BundleError(f"manifest.model is missing field(s) {missing}")
+        model = _check_fields(d["model"], _MODEL_SPEC, "manifest.model")
+        model_file = _plain_name(model["file"], "manifest.model.file")
         num_outputs = 1 if task == "binary" else len(labels)
         out_shape = model["output_shape"]
-        if not isinstance(out_shape, list) or len(out_shape) != 2 or out_shape[1] != num_outputs:
-            raise BundleError(f"manifest.model.output_shape is {out_shape!r}; a {task} model with {len(labels)} labels has [batch, {num_outputs}]")
-        post = d["postprocess"]
-        for key in ("temperature", "decision"):
-            if key not in post:
-                raise BundleError(f"manifest.postprocess is missing {key!r}")
+        if len(out_shape) != 2 or out_shape[1] != num_outputs or isinstance(out_shape[1], bool):
+            raise BundleError(f"manifest.model.output_shape is {_short(out_shape)}; a {task} model with {len(labels)} labels has [batch, {num_outputs}]")
+        post = _check_fields(d["postprocess"], _POSTPROCESS_SPEC, "manifest.postprocess")
         temperature = post["temperature"]
-        if not isinstance(temperature, (int, float)) or not temperature > 0:
-            raise BundleError(f"manifest.postprocess.temperature is {temperature!r}; expected a positive number")
-        unknown_post = sorted(set(post) - {"temperature", "decision", "min_confidence"})
-        if unknown_post:
-            raise BundleError(f"manifest.postprocess has unknown field(s) {unknown_post}")
+        if not (temperature > 0 and temperature < float("inf")):
+            raise BundleError(f"manifest.postprocess.temperature is {_short(temperature)}; expected a positive number")
         min_conf = post.get("min_confidence", 0.0)
-        if not isinstance(min_conf, (int, float)) or not 0.0 <= min_conf < 1.0:
-            raise BundleError(f"manifest.postprocess.min_confidence is {min_conf!r}; expected a number in [0, 1)")
+        if not 0.0 <= min_conf < 1.0:
+            raise BundleError(f"manifest.postprocess.min_confidence is {_short(min_conf)}; expected a number in [0, 1)")
         try:
             pre = PreprocessSpec.from_dict(d["preprocess"])
             rule = DecisionRule.from_dict(post["decision"])
         except Exception as exc:  # ConfigError from the nested validators, re-labelled as a bundle problem
             raise BundleError(f"manifest: {exc}") from None
+        # The device normalises in float32 (x * scale / std - mean / std): values beyond it (or NaN) would turn
+        # every pixel into inf or NaN.
+        folded = [pre.scale / sd for sd in pre.std] + [m / sd for m, sd in zip(pre.mean, pre.std)]
+        if not pre.scale > 0 or not all(abs(v) <= _FLOAT32_MAX for v in list(pre.mean) + list(pre.std) + [pre.scale] + folded):
+            raise BundleError(f"manifest.preprocess has scale {_short(pre.scale)}, mean {_short(list(pre.mean))}, std "
+                              f"{_short(list(pre.std))}; expected scale > 0 and values whose ratios stay finite in float32")
+        if rule.kind != rule_kind_for_task(task):
+            raise BundleError(f"manifest.postprocess.decision.kind is {rule.kind!r}; a {task} model uses {rule_kind_for_task(task)!r}")
+        if rule.kind != "threshold" and len(rule.thresholds) != len(labels):
+            raise BundleError(f"manifest.postprocess.decision has {len(rule.thresholds)} thresholds for {len(labels)} labels; "
+                              "give one per label")
         in_shape = model["input_shape"]
-        if not isinstance(in_shape, list) or len(in_shape) != 4 or list(in_shape[1:]) != [pre.channels, pre.size[0], pre.size[1]]:
-            raise BundleError(f"manifest.model.input_shape {in_shape!r} disagrees with preprocess ({pre.channels}, {pre.size[0]}, {pre.size[1]})")
-        variants = tuple(Variant.from_dict(v, f"manifest.variants[{i}]") for i, v in enumerate(d.get("variants", [])))
+        if len(in_shape) != 4 or list(in_shape[1:]) != [pre.channels, pre.size[0], pre.size[1]] or any(isinstance(v, bool) for v in in_shape):
+            raise BundleError(f"manifest.model.input_shape {_short(in_shape)} disagrees with preprocess ({pre.channels}, {pre.size[0]}, {pre.size[1]})")
+        raw_variants = d.get("variants", [])
+        variants = tuple(Variant.from_dict(v, f"manifest.variants[{i}]") for i, v in enumerate(raw_variants))
         ids = [v.id for v in variants]
         if len(set(ids)) != len(ids) or "fp32" in ids:
             raise BundleError(f"manifest.variants repeat a precision or list fp32 again: {ids}")
-        deploy = str((d.get("deploy") or {}).get("precision", "fp32"))
+        if model_file in {v.file for v in variants} or len({v.file for v in variants}) != len(variants):
+            raise BundleError("manifest.variants name the same file twice, or the fp32 model's file; each model has its own file")
+        deploy_d = _check_fields(d.get("deploy") or {}, _DEPLOY_SPEC, "manifest.deploy", closed=False)
+        deploy = str(deploy_d.get("precision", "fp32"))
         if deploy != "fp32" and deploy not in {v.precision for v in variants}:
-            raise BundleError(f"manifest.deploy.precision is {deploy!r} but the bundle holds no such variant")
+            raise BundleError(f"manifest.deploy.precision is {_short(deploy)} but the bundle holds no such variant")
+        ref = d.get("reference")
+        if ref is not None:
+            _check_fields(ref, _REFERENCE_SPEC, "manifest.reference")
+            _plain_name(ref["file"], "manifest.reference.file")
+            if ref["count"] < 0:
+                raise BundleError(f"manifest.reference.count is {ref['count']}; expected 0 or more")
         return cls(
             raw=d,
             task=task,
@@ -234,7 +634,7 @@ class Manifest:
             preprocess=pre,
             temperature=float(temperature),
             decision=rule,
-            model_file=str(model["file"]),
+            model_file=model_file,
             input_name=str(model["input_name"]),
             output_name=str(model["output_name"]),
             num_outputs=num_outputs,
@@ -249,6 +649,7 @@ class Bundle:
     path: Path
     manifest: Manifest
     checksum: str  # sha256 of checksums.sha256: identifies the whole bundle
+    signature: Optional[Dict[str, Any]] = None  # {"key_id", "checked", "trusted"} when signed, else None
 
     @property
     def model_path(self) -> Path:
@@ -285,23 +686,74 @@ class Bundle:
         return self.path / str(ref["file"]) if ref else None
 
 
-def load_bundle(path: PathLike, *, verify: bool = True) -> Bundle:
-    """Load a bundle folder; with verify (the default) every checksum is checked first."""
-    root = Path(path)
+def _check_folder(root: Path) -> None:
     if not root.exists():
         raise BundleError(f"bundle {root} does not exist; give the folder written by `edgeclf export`")
     if not root.is_dir():
         raise BundleError(f"bundle {root} is not a folder; a bundle is the folder written by `edgeclf export`")
     if not (root / MANIFEST_FILE).is_file():
         raise BundleError(f"{root} has no {MANIFEST_FILE}, so it is not an edgeclf bundle; give the folder written by `edgeclf export`")
-    checksum = verify_checksums(root) if verify else ""
+
+
+def _parse_manifest(root: Path) -> Manifest:
     try:
         raw = json.loads((root / MANIFEST_FILE).read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise BundleError(f"{root / MANIFEST_FILE} cannot be read ({exc.strerror or type(exc).__name__}); check its permissions") from None
     except (ValueError, UnicodeDecodeError) as exc:
         raise BundleError(f"{root / MANIFEST_FILE} is not valid JSON ({exc}); re-export the bundle") from None
-    manifest = Manifest.from_dict(raw)
+    except RecursionError:  # nesting deep enough to exhaust the parser: not a manifest
+        raise BundleError(f"{root / MANIFEST_FILE} is nested too deeply to be a manifest; re-export the bundle") from None
+    return Manifest.from_dict(raw)
+
+
+def _trusted_key_from_env() -> Optional[str]:
+    value = os.environ.get(TRUSTED_KEY_ENV, "").strip()
+    return value or None
+
+
+def load_bundle(
+    path: PathLike,
+    *,
+    verify: bool = True,
+    trusted_key: Optional[KeyLike] = None,
+    require_signature: Optional[bool] = None,
+) -> Bundle:
+    """Load a bundle folder; with verify (the default) every checksum is checked first.
+
+    trusted_key: an Ed25519 public key (PEM file path or PEM bytes) the bundle must be signed with;
+        default: the file named by the environment variable EDGECLF_TRUSTED_KEY, if set.
+    require_signature: refuse unsigned bundles; default True exactly when a trusted key is in effect
+        (False with a trusted key: a signature, where present, must be by that key; unsigned is allowed).
+    Order: checksums, signature, then the manifest: nothing reads the model before all of them pass.
+    """
+    root = Path(path)
+    _check_folder(root)
+    key = trusted_key if trusted_key is not None else _trusted_key_from_env()
+    required = (key is not None) if require_signature is None else bool(require_signature)
+    if required and key is None:
+        raise ConfigError(f"a signed bundle is required but no trusted key is set; pass the public key or set {TRUSTED_KEY_ENV}="
+                          "/path/to/public.pem")
+    if not verify and key is not None:
+        raise ConfigError(f"a trusted key is set ({TRUSTED_KEY_ENV} or trusted_key), so the bundle must be verified; "
+                          "do not skip verification")
+    checksum = ""
+    signature: Optional[Dict[str, Any]] = None
+    if verify:
+        checksum = verify_checksums(root)
+        sig = root / SIGNATURE_FILE
+        if sig.exists() or sig.is_symlink():
+            signature = verify_signature(root, key)
+        elif required:
+            raise IntegrityError(f"bundle {root} is not signed (no {SIGNATURE_FILE}) but a signature by the trusted key is "
+                                 "required; sign it with `edgeclf bundle sign`")
+    manifest = _parse_manifest(root)
     for f in [manifest.model_file] + [v.file for v in manifest.variants]:
         if not (root / f).is_file():
             raise BundleError(f"bundle {root} has no model file {f!r}; re-export the bundle")
-    log.info("loaded bundle %s (%s, %d labels)", root, manifest.task, len(manifest.labels))
-    return Bundle(path=root, manifest=manifest, checksum=checksum)
+    ref = manifest.raw.get("reference")
+    if ref and not (root / str(ref["file"])).is_file():
+        raise BundleError(f"bundle {root} has no reference file {ref['file']!r}; re-export the bundle")
+    log.info("loaded bundle %s (%s, %d labels%s)", root, manifest.task, len(manifest.labels),
+             f", signed by {signature['key_id']}" if signature else "")
+    return Bundle(path=root, manifest=manifest, checksum=checksum, signature=signature)

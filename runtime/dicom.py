@@ -19,9 +19,12 @@ Compressed transfer syntaxes decode where a decoder is installed (`edgeclf[dicom
 JPEG baseline and pylibjpeg-openjpeg for JPEG 2000); otherwise the source refuses to open with a
 one-line SourceError naming the transfer syntax and the package that decodes it.
 
-Frame meta never carries names, IDs or dates: modality, photometric interpretation, bits, the frame's
-index in its file, the transfer syntax and a short sha256 of the SOPInstanceUID. Errors name files by
-their index in the series, never by name (file names may carry patient names).
+Frame meta never carries names, IDs or dates: it is built from a whitelist (`META_KEYS`): modality,
+photometric interpretation, bits, the frame's index in its file, the transfer syntax and a short sha256
+of the SOPInstanceUID. Header values are copied only when they have the form their VR allows (a
+Modality that is not a short code, a transfer syntax that is not a UID, becomes None), so that a
+misfiled value (a name typed into the wrong field) cannot ride along. Errors name files by their index
+in the series, never by name (file names may carry patient names).
 
 Python 3.8 compatible; pydicom (2.4 or 3.x) is imported inside the functions that need it.
 """
@@ -31,6 +34,8 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import re
+import warnings
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
@@ -44,12 +49,20 @@ __all__ = [
     "DicomFile",
     "is_dicom_file",
     "DICOM_EXTENSIONS",
+    "META_KEYS",
 ]
 
 logger = logging.getLogger(__name__)
 
 DICOM_EXTENSIONS: Tuple[str, ...] = (".dcm", ".dicom")
 
+# Everything a DICOM frame's meta may hold: no names, IDs, dates or raw UIDs (a UID only as a short hash).
+META_KEYS: Tuple[str, ...] = (
+    "source", "source_id", "file_index", "pass", "file_frame", "file_frames", "modality", "photometric",
+    "bits_allocated", "bits_stored", "transfer_syntax", "sop_uid_hash", "voi",
+)
+_UID_FORM = re.compile(r"[0-9]+(\.[0-9]+)*")
+_CODE_FORM = re.compile(r"[A-Z0-9_ ]{1,16}")  # DICOM CS (e.g. Modality "US", "CR", "MR")
 _MONO = ("MONOCHROME1", "MONOCHROME2")
 _RGB_LIKE = ("RGB", "YBR_FULL", "YBR_FULL_422", "YBR_RCT", "YBR_ICT")
 _SUPPORTED_PI = _MONO + _RGB_LIKE + ("PALETTE COLOR",)
@@ -78,8 +91,35 @@ _DECODER_PACKAGES: Dict[str, str] = {
 _VIDEO_SYNTAX_PREFIX = "1.2.840.10008.1.2.4.10"  # MPEG-2, MPEG-4 AVC/H.264, HEVC/H.265 (.100 - .108)
 
 
+class _WithholdValues(logging.Filter):
+    """pydicom quotes header values it finds invalid ("Invalid value for VR IS: 'DOE^JOHN'"): the record
+    is kept, the value is not (a name typed into the wrong field must not reach a log)."""
+
+    _INVALID = re.compile(r"(Invalid value for VR \w*: ).*?(\. Please see|$)", re.S)
+    _QUOTED = re.compile(r"'(?:[^'\\]|\\.)*'|\"(?:[^\"\\]|\\.)*\"")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            msg = record.getMessage()
+        except Exception:  # noqa: BLE001 - a malformed record is left to logging itself
+            return True
+        out = self._QUOTED.sub("'<withheld>'", self._INVALID.sub(r"\1<withheld>\2", msg))
+        if out != msg:
+            record.msg, record.args = out, None
+        return True
+
+
+_HYGIENE: List[bool] = []
+
+
 def _pydicom() -> Any:
-    return require("pydicom", "dicom")
+    mod = require("pydicom", "dicom")
+    if not _HYGIENE:  # once per process, at the first DICOM file
+        _HYGIENE.append(True)
+        logging.getLogger("pydicom").addFilter(_WithholdValues())
+        # The same complaint as a warning would print the value to stderr: the log record (above) is enough.
+        warnings.filterwarnings("ignore", message=r"Invalid value for VR", category=UserWarning, module=r"pydicom\.")
+    return mod
 
 
 def _major() -> int:
@@ -136,7 +176,25 @@ def _fps_of(ds: Any) -> Optional[float]:
     return None
 
 
+def _uid_or_none(value: Any) -> Optional[str]:
+    """A UID as text when it has the form of one (digits and dots, at most 64), else None."""
+    text = str(value).strip() if value is not None else ""
+    return text if len(text) <= 64 and _UID_FORM.fullmatch(text) else None
+
+
+def _code_or_none(value: Any) -> Optional[str]:
+    """A coded string (CS) when it looks like one, else None: free text never reaches the meta."""
+    text = str(value).strip() if value is not None else ""
+    return text if _CODE_FORM.fullmatch(text) else None
+
+
+def _whitelisted(meta: Dict[str, Any]) -> Dict[str, Any]:
+    return {k: v for k, v in meta.items() if k in META_KEYS}
+
+
 def _syntax_name(uid: str) -> str:
+    if _uid_or_none(uid) is None:
+        return "(not a valid UID)"  # a damaged header's text is never echoed: it could hold anything
     try:
         name = str(_pydicom().uid.UID(uid).name)
     except Exception:  # noqa: BLE001 - a name is cosmetic
@@ -218,6 +276,13 @@ def _window(values: NDArray[np.float64], center: float, width: float, function: 
     return np.clip((values - (center - 0.5)) / (width - 1.0) + 0.5, 0.0, 1.0) * 255.0
 
 
+def _damaged_header(where: str, exc: BaseException) -> SourceError:
+    """A header element pydicom cannot convert (a damaged VR or value). Only the error's type is named:
+    pydicom's message may quote the element's value."""
+    return SourceError(f"{where} has a damaged header element ({type(exc).__name__}); the file may be damaged; "
+                       "check it with a DICOM toolkit (e.g. dcmdump) or export it again")
+
+
 def _to_u8(values: NDArray[Any]) -> Image:
     out: Image = np.clip(np.rint(values), 0, 255).astype(np.uint8)
     return out
@@ -236,7 +301,7 @@ class DicomFile:
         self.where = where
         meta = getattr(ds, "file_meta", None)
         syntax = meta.get("TransferSyntaxUID") if meta is not None else None
-        self.transfer_syntax: str = str(syntax) if syntax else "1.2.840.10008.1.2"
+        self.transfer_syntax: str = str(syntax).strip() if syntax else "1.2.840.10008.1.2"
         self.frames: int = max(1, int(_number(ds.get("NumberOfFrames")) or 1))
         self.rows: int = int(_number(ds.get("Rows")) or 0)
         self.cols: int = int(_number(ds.get("Columns")) or 0)
@@ -245,7 +310,7 @@ class DicomFile:
         self.bits_allocated: int = int(_number(ds.get("BitsAllocated")) or 0)
         self.bits_stored: int = int(_number(ds.get("BitsStored")) or self.bits_allocated)
         self.signed: bool = int(_number(ds.get("PixelRepresentation")) or 0) == 1
-        self.modality: Optional[str] = str(ds.get("Modality")) if ds.get("Modality") else None
+        self.modality: Optional[str] = _code_or_none(ds.get("Modality"))
         self.instance_number: Optional[int] = (
             int(_number(ds.get("InstanceNumber")) or 0) if _number(ds.get("InstanceNumber")) is not None else None
         )
@@ -278,14 +343,19 @@ class DicomFile:
             raise SourceError(f"{where} could not be read ({type(exc).__name__}); check that it is readable") from None
         except Exception:  # noqa: BLE001 - pydicom raises many types for a file that is not DICOM
             return None
-        if not any(k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
-            if images_only or ("SOPClassUID" not in ds and "Rows" not in ds):
-                return None  # a DICOMDIR/report in a folder, or what a forced read makes of another file
-            raise SourceError(
-                f"{where} holds no image (no Pixel Data; e.g. a DICOMDIR, report or presentation state); "
-                "supported: DICOM images; point at the image files"
-            )
-        out = cls(path, ds, where)
+        try:
+            if not any(k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
+                if images_only or ("SOPClassUID" not in ds and "Rows" not in ds):
+                    return None  # a DICOMDIR/report in a folder, or what a forced read makes of another file
+                raise SourceError(
+                    f"{where} holds no image (no Pixel Data; e.g. a DICOMDIR, report or presentation state); "
+                    "supported: DICOM images; point at the image files"
+                )
+            out = cls(path, ds, where)
+        except SourceError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - pydicom converts values lazily: a damaged element fails here
+            raise _damaged_header(where, exc) from None
         out.check()
         return out
 
@@ -308,7 +378,7 @@ class DicomFile:
             raise SourceError(f"{where} cannot be decoded: {problem}")
 
     def _meta(self, k: int, voi: str) -> Dict[str, Any]:
-        return {
+        return _whitelisted({
             "source": "dicom",
             "file_frame": k,
             "file_frames": self.frames,
@@ -316,10 +386,10 @@ class DicomFile:
             "photometric": self.photometric,
             "bits_allocated": self.bits_allocated,
             "bits_stored": self.bits_stored,
-            "transfer_syntax": self.transfer_syntax,
+            "transfer_syntax": _uid_or_none(self.transfer_syntax),
             "sop_uid_hash": self.sop_hash,
             "voi": voi,
-        }
+        })
 
     # ------------------------------------------------------------------------------------ decoding
 
@@ -330,14 +400,18 @@ class DicomFile:
             ds = pydicom.dcmread(self.path, stop_before_pixels=True, force=True)
         except Exception as exc:  # noqa: BLE001
             raise SourceError(f"{self.where} could not be read again ({type(exc).__name__}); was it changed?") from None
-        needs_range = self._mono_voi and not self._has_voi(ds)
         lo_hi: Optional[Tuple[float, float]] = None
-        if needs_range:
-            lo, hi = np.inf, -np.inf
-            for i, raw in self._raw_frames(0):
-                values = self._modality(raw, ds, i)
-                lo, hi = min(lo, float(values.min())), max(hi, float(values.max()))
-            lo_hi = (lo, hi)
+        try:
+            if self._mono_voi and not self._has_voi(ds):
+                lo, hi = np.inf, -np.inf
+                for i, raw in self._raw_frames(0):
+                    values = self._modality(raw, ds, i)
+                    lo, hi = min(lo, float(values.min())), max(hi, float(values.max()))
+                lo_hi = (lo, hi)
+        except SourceError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - a damaged element met while reading the value range
+            raise _damaged_header(self.where, exc) from None
         for i, raw in self._raw_frames(start):
             try:
                 image, voi = self._display(raw, ds, i, lo_hi)
@@ -653,7 +727,7 @@ class DicomSource(BaseSource):
             meta["source_id"] = self.source_id
             meta["file_index"] = self._file_pos
             meta["pass"] = self.passes - 1
-            return image, meta
+            return image, _whitelisted(meta)
 
     def _close_frames(self) -> None:
         frames, self._frames = self._frames, None

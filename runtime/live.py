@@ -411,6 +411,8 @@ class ReconnectingSource:
         self._backoff = self._backoff_initial
         self._next_attempt = clock()
         self._failures = 0  # consecutive failed opens
+        # on_event(kind, message, counts): called on each disconnect ("fault") and reopen ("recovery").
+        self.on_event: Optional[Callable[[str, str, Dict[str, int]], None]] = None
         self._next_index = 0
         self._connection = 0
         self._opened_once = False
@@ -580,6 +582,12 @@ class ReconnectingSource:
         )
         if self._connection > 1:
             logger.info("%s: reconnected (connection %d)", self._label(), self._connection)
+            self._emit("recovery", f"reconnected (connection {self._connection})")
+
+    def _emit(self, kind: str, message: str) -> None:
+        """Tell `on_event` (the audit log) of a disconnect ("fault") or a reopen ("recovery")."""
+        if self.on_event is not None:
+            self.on_event(kind, message, dict(self._counts))
 
     def _disconnect(self, why: str) -> None:
         cap = self._capture
@@ -587,6 +595,7 @@ class ReconnectingSource:
             return
         self._counts["disconnects"] += 1
         logger.warning("%s: disconnected: %s; reopening in %.2fs", self._label(), why, self._backoff)
+        self._emit("fault", why)
         self._drop_capture(cap)
         self._next_attempt = self._clock() + self._backoff
         self._backoff = min(self._backoff * self._backoff_factor, self._backoff_max)

@@ -29,6 +29,8 @@ __all__ = ["STAGES", "RunOptions", "RunSummary", "run_pipeline", "stage_stats", 
 log = logging.getLogger(__name__)
 STAGES = ("capture", "preprocess", "infer", "postprocess", "sink")
 SMOOTHING_CHOICES = ("auto", "cine", "off")
+BACKEND_ERROR = "backend_error"  # abstain reason of a frame whose inference raised
+MAX_BACKEND_ERRORS = 5  # failures in a row that end the run: a backend that is gone, not a hiccup
 
 
 def stage_stats(values_ms: Sequence[float]) -> Dict[str, float]:
@@ -219,6 +221,7 @@ def run_pipeline(
     min_confidence: Optional[float] = None,
     options: Optional[RunOptions] = None,
     stop: Optional[threading.Event] = None,
+    on_event: Optional[Callable[[str, str, Dict[str, Any]], None]] = None,
 ) -> RunSummary:
     """Classify every frame of `source`, writing one record per frame to each sink.
 
@@ -229,6 +232,9 @@ def run_pipeline(
     (list of reasons, empty when fine), "latency_ms": {stage: ms, "total": capture-to-result}}.
     Sources with ``ack`` (watched folders) are acknowledged after every sink wrote the frame's record.
     `stop` (set by a signal handler) or a sink's ``stop_requested`` ends the run after the current frame.
+    A backend error on a frame (a GPU hiccup) does not end the run: that frame's record abstains with reason
+    "backend_error", the summary counts it, and `on_event("fault" | "recovery", message, details)` is told
+    (the audit log); MAX_BACKEND_ERRORS failures in a row end the run with the last error.
     """
     opts = options or RunOptions(min_confidence=min_confidence)
     if min_confidence is not None and options is not None and options.min_confidence is None:
@@ -288,6 +294,7 @@ def run_pipeline(
     # numpy release the GIL). It holds at most 2 prepared frames, so a live frame waits at most that long.
     feeder = _Feeder(produce, depth=2) if opts.pipelined else None
     unprocessed = 0
+    backend_errors = errors_in_a_row = 0
     try:
         while max_frames is None or summary.frames < max_frames:
             if stop is not None and stop.is_set():
@@ -303,9 +310,25 @@ def run_pipeline(
             probs_row: Optional[np.ndarray] = None
             decision = None
             if x is not None:
-                probs = probabilities(backend.infer(x), m.task, m.temperature)
-                probs_row = probs[0]
-                decision = decide(probs, m.decision)
+                try:
+                    logits = backend.infer(x)
+                except Exception as exc:  # noqa: BLE001 - recorded on the frame, counted, re-raised when it persists
+                    backend_errors += 1
+                    errors_in_a_row += 1
+                    text = f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}"
+                    log.warning("frame %d: inference failed (%s); the frame abstains", frame.index, text)
+                    if on_event is not None:
+                        on_event("fault", text, {"frame": frame.index, "in_a_row": errors_in_a_row})
+                    if errors_in_a_row >= MAX_BACKEND_ERRORS:
+                        raise
+                    reasons = (BACKEND_ERROR,)
+                else:
+                    if errors_in_a_row and on_event is not None:
+                        on_event("recovery", f"inference works again after {errors_in_a_row} failed frame(s)", {"frame": frame.index})
+                    errors_in_a_row = 0
+                    probs = probabilities(logits, m.task, m.temperature)
+                    probs_row = probs[0]
+                    decision = decide(probs, m.decision)
             t3 = time.perf_counter()
             # timestamp: monotonic capture time (for latency); time: wall clock of the result (for people).
             record: Dict[str, Any] = {"frame": frame.index, "timestamp": round(frame.timestamp, 6), "time": round(time.time(), 3)}
@@ -322,7 +345,7 @@ def run_pipeline(
                 record.update(smoother.record_fields(res))
                 record["frame_label"] = None if decision is None else m.labels[int(decision[0])]
             record["probs"] = None if probs_row is None else {n: round(float(p), 6) for n, p in zip(m.labels, probs_row)}
-            record["quality"] = list(reasons)
+            record["quality"] = [r for r in reasons if r != BACKEND_ERROR]
             t4 = time.perf_counter()
             record["latency_ms"] = {
                 "capture": round(cap_s * 1e3, 3),
@@ -349,7 +372,7 @@ def run_pipeline(
                 key = "+".join(record["labels"]) or "(none)"
             else:
                 key = str(record["label"])
-            if reasons:
+            if reasons and reasons != (BACKEND_ERROR,):
                 summary.quality_flagged += 1
             summary.label_counts[key] = summary.label_counts.get(key, 0) + 1
             for stage, ms in zip(STAGES, (cap_s, pre_s, (t3 - t_main), (t4 - t3), (t5 - t4))):
@@ -366,6 +389,7 @@ def run_pipeline(
     summary.written = min((s.written for s in sinks), default=summary.frames)
     # Frames the feeder had read and prepared when the run stopped early (max frames, a signal): counted.
     summary.extra["read_not_classified"] = unprocessed
+    summary.extra["backend_errors"] = backend_errors
     if detector is not None:
         sec = detector.sector
         summary.extra["sector"] = {"stats": detector.stats, "kind": sec.kind if sec is not None else None,

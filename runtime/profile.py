@@ -620,6 +620,15 @@ def profile_bundles(
     return ProfileResult(doc=doc, series=series, warmup=warm)
 
 
+def _source_text(uri: str) -> str:
+    """The source as the report names it: synthetic URIs as they are, anything else by kind and a hash (a file
+    or folder name may carry a patient's name; a stream address may carry credentials)."""
+    from edgeclf.runtime.audit import source_fact  # noqa: PLC0415
+
+    fact = source_fact(uri)
+    return uri if fact["kind"] == "synthetic" else f"{fact['kind']}:sha256:{fact['uri_sha256']}"
+
+
 def _document(runs: List[_TargetRun], opts: ProfileOptions, uri: str, sampler: _Sampler, tegra: Any,
               t_wall0: float, started_at: Optional[float]) -> Dict[str, Any]:
     nb = opts.bootstrap
@@ -668,7 +677,7 @@ def _document(runs: List[_TargetRun], opts: ProfileOptions, uri: str, sampler: _
         "created": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(t_wall0)),
         "host": {"edgeclf": _version(), "python": platform.python_version(), "platform": platform.platform(),
                  "machine": platform.machine(), "cpu_count": os.cpu_count()},
-        "config": {"source": uri, "frames": opts.frames, "warmup": opts.warmup, "chunk": opts.chunk, "threads": opts.threads,
+        "config": {"source": _source_text(uri), "frames": opts.frames, "warmup": opts.warmup, "chunk": opts.chunk, "threads": opts.threads,
                    "bootstrap": opts.bootstrap, "seed": opts.seed, "sample_interval_s": opts.sample_interval_s,
                    "infer_only": opts.infer_only, "smoothing": opts.run_options.smoothing, "roi": opts.run_options.roi,
                    "quality": opts.run_options.quality},

@@ -13,6 +13,7 @@ Sinks are context managers; ``close()`` is idempotent.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import logging
 import math
@@ -22,7 +23,7 @@ import sys
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import IO, Any, Deque, Dict, List, Optional, Sequence, TextIO, Tuple, Union
+from typing import Any, Deque, Dict, List, Optional, Sequence, TextIO, Tuple, Union
 
 import numpy as np
 from numpy.typing import NDArray
@@ -78,12 +79,17 @@ class Sink:
 class JsonlSink(Sink):
     """One JSON object per line, written whole and flushed per line, so a killed run leaves only whole lines.
 
-    Flushing hands each line to the OS; surviving a power loss also needs fsync:
+    Each line goes to the OS in one unbuffered write (nothing waits in a Python buffer). Surviving a
+    power loss also needs fsync:
     fsync_every: seconds between fsyncs (checked when a line is written) and one at close; 0 = after
         every line; None (default) = never (the OS writes back within its own interval). ``fsync=True``
         is the older spelling of ``fsync_every=0``. On a cart that may lose power, 1.0 costs one fsync
         a second and loses at most about a second of results; :func:`read_jsonl` tolerates the torn
         last line such a loss can leave.
+    A write or fsync that fails (a full disk: ENOSPC, a failing one: EIO) is never skipped: the partial
+    line is cut off again (the file keeps whole lines only), the sink remembers the failure (``failed``)
+    and raises EdgeclfError naming the file and how many results it holds against how many were
+    produced; every later write raises the same, and close() does not raise it a second time.
     Counts: ``written`` lines, ``fsyncs`` done, ``unsynced`` lines written since the last fsync.
     """
 
@@ -98,13 +104,16 @@ class JsonlSink(Sink):
         self.fsync = self.fsync_every == 0.0
         self.written = 0
         self.fsyncs = 0
+        self.failed: Optional[str] = None  # the error message once a write or fsync failed
         self._synced = 0
+        self._bytes = 0  # size of the whole lines written: where a failed write is cut back to
         self._last_sync = time.monotonic()
         self._dir_synced = False
         parent = os.path.dirname(os.path.abspath(self.path))
         try:
             os.makedirs(parent, exist_ok=True)
-            self._f: Optional[IO[str]] = open(self.path, "w", encoding="utf-8")  # noqa: SIM115 (held open across writes)
+            # Unbuffered: a line is in the OS or not at all, never half in a Python buffer.
+            self._f: Optional[Any] = open(self.path, "wb", buffering=0)  # noqa: SIM115 (held open across writes)
         except OSError as exc:
             raise EdgeclfError(f"cannot write results to {self.path}: {exc.strerror}; choose another --out") from None
 
@@ -113,7 +122,7 @@ class JsonlSink(Sink):
         """Lines written since the last fsync (all of them when fsync is off)."""
         return self.written - self._synced
 
-    def _sync(self, f: IO[str]) -> None:
+    def _sync(self, f: Any) -> None:
         os.fsync(f.fileno())
         if not self._dir_synced:  # the new file's directory entry must survive too
             self._dir_synced = True
@@ -129,45 +138,70 @@ class JsonlSink(Sink):
         self._synced = self.written
         self._last_sync = time.monotonic()
 
+    def _fail(self, f: Any, exc: OSError, doing: str) -> None:
+        """Cut a partly written line off, remember the failure and raise it as one line."""
+        try:
+            f.truncate(self._bytes)
+        except (OSError, ValueError, AttributeError):  # /dev/full and pipes cannot be truncated
+            logger.debug("could not cut a partial line from %s", self.path)
+        why = exc.strerror or str(exc) or type(exc).__name__
+        if doing == "write":
+            self.failed = (
+                f"writing result {self.written + 1} to {self.path} failed ({why}); the file holds {self.written} "
+                f"whole results of the {self.written + 1} produced so far and the run stopped there; free space "
+                "or choose another --out"
+            )
+        else:
+            self.failed = (
+                f"syncing {self.path} to disk failed ({why}); {self.written} results were written but the last "
+                f"{self.unsynced} may not survive a power loss; the run stopped there; check the disk"
+            )
+        raise EdgeclfError(self.failed)
+
     def write(self, record: Dict[str, Any], image: Optional[NDArray[np.uint8]] = None) -> None:
+        if self.failed is not None:
+            raise EdgeclfError(self.failed)
         f = self._f
         if f is None:
             raise EdgeclfError(f"results file {self.path} is already closed")
+        data = (json.dumps(record, separators=(",", ":")) + "\n").encode("utf-8")
         try:
-            f.write(json.dumps(record, separators=(",", ":")) + "\n")
-            f.flush()
+            view = memoryview(data)
+            while view:
+                n = f.write(view)
+                if not n:  # a raw write that takes nothing (a non-blocking pipe): not a whole line
+                    raise OSError(errno.EIO, "the file took no bytes")
+                view = view[n:]
         except OSError as exc:
-            raise EdgeclfError(
-                f"writing result {self.written + 1} to {self.path} failed ({exc.strerror}); "
-                f"{self.written} results were written before it"
-            ) from None
+            self._fail(f, exc, "write")
+        self._bytes += len(data)
         self.written += 1
         every = self.fsync_every
         if every is not None and (every == 0.0 or time.monotonic() - self._last_sync >= every):
             try:
                 self._sync(f)
             except OSError as exc:
-                raise EdgeclfError(
-                    f"syncing {self.path} to disk failed ({exc.strerror}); the last {self.unsynced} of "
-                    f"{self.written} results may not survive a power loss"
-                ) from None
+                self._fail(f, exc, "sync")
 
     def close(self) -> None:
         f = self._f
         if f is None:
             return
+        self._f = None
         try:
-            f.flush()
-            if self.fsync_every is not None and self.unsynced:
+            if self.failed is None and self.fsync_every is not None and self.unsynced:
                 self._sync(f)
         except OSError as exc:
-            raise EdgeclfError(
+            self.failed = (
                 f"finishing {self.path} failed ({exc.strerror}); the last {self.unsynced} of {self.written} "
                 "results may not be on disk"
-            ) from None
+            )
+            raise EdgeclfError(self.failed) from None
         finally:
-            self._f = None
-            f.close()
+            try:
+                f.close()
+            except OSError:  # nothing is buffered; a close error changes nothing that was written
+                logger.debug("closing %s failed", self.path)
 
 
 def read_jsonl(path: Union[str, os.PathLike[str]]) -> Tuple[List[Dict[str, Any]], int]:

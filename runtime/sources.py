@@ -13,7 +13,9 @@ Rules kept here:
 - Python 3.8 compatible (JetPack 5); numpy at import time, OpenCV only inside the functions that
   need it (through `edgeclf.errors.require`), never torch.
 - Frame.meta never carries file names (they may carry patient names): images are named by their
-  index in the folder, their extension and a short hash of the name.
+  index in the folder, their extension and a short hash of the name; with the environment variable
+  EDGECLF_SOURCE_NAMES=index by their index alone (a short unsalted hash of a guessable name can be
+  matched against a list of names).
 - A decode failure never silently ends or shortens a stream: video files log a WARNING with how
   many frames were read against how many the container claims, images raise SourceError.
 """
@@ -69,6 +71,8 @@ __all__ = [
     "natural_key",
     "VIDEO_EXTENSIONS",
     "IMAGE_EXTENSIONS",
+    "SOURCE_NAMES_ENV",
+    "source_name_policy",
 ]
 
 logger = logging.getLogger(__name__)
@@ -135,6 +139,21 @@ class FrameSource(Protocol):
 def _cv2() -> Any:
     """OpenCV (quiet), or a one-line MissingExtraError naming the `cv` extra."""
     return _cv.cv2()
+
+
+SOURCE_NAMES_ENV = "EDGECLF_SOURCE_NAMES"
+_NAME_POLICIES = ("hash", "index")
+
+
+def source_name_policy() -> str:
+    """How frame meta names source files: "hash" (index, extension and a short hash of the name; the
+    default) or "index" (index and extension only), from the environment variable EDGECLF_SOURCE_NAMES.
+    Never the name itself."""
+    value = os.environ.get(SOURCE_NAMES_ENV, "").strip().lower() or "hash"
+    if value not in _NAME_POLICIES:
+        raise SourceError(f"{SOURCE_NAMES_ENV} is {value[:20]!r}; allowed: {', '.join(_NAME_POLICIES)}; "
+                          "fix or unset the environment variable")
+    return value
 
 
 def _short_hash(text: str) -> str:
@@ -491,6 +510,7 @@ class ImageSource(BaseSource):
         self._loop = loop
         self._pos = 0
         self.passes = 1
+        self._hash_names = source_name_policy() == "hash"
         first, depth = _decode_image(self._files[0], 0, len(self._files))
         self._pending: Optional[Tuple[Image, int]] = (first, depth)
         super().__init__(
@@ -527,11 +547,12 @@ class ImageSource(BaseSource):
             "source": "images",
             "source_id": self.source_id,
             "file_index": i,
-            "ext": os.path.splitext(path)[1].lower(),
-            "name_hash": _short_hash(os.path.basename(path)),
+            "ext": os.path.splitext(path)[1].lower()[:10],
             "bit_depth": depth,
             "pass": self.passes - 1,
         }
+        if self._hash_names:
+            meta["name_hash"] = _short_hash(os.path.basename(path))
         return image, meta
 
 

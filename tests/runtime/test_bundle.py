@@ -1,12 +1,20 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
 
-from edgeclf.errors import BundleError, IntegrityError
-from edgeclf.runtime.bundle import CHECKSUM_FILE, load_bundle, verify_checksums, write_checksums
+from edgeclf.errors import BundleError, ConfigError, IntegrityError
+from edgeclf.runtime.bundle import (
+    CHECKSUM_FILE,
+    SIGNATURE_FILE,
+    TRUSTED_KEY_ENV,
+    load_bundle,
+    verify_checksums,
+    write_checksums,
+)
 
 
 def test_exported_bundle_loads_and_matches_contract(bundle_dir: Path) -> None:
@@ -90,3 +98,274 @@ def test_variant_files_must_be_plain_names_inside_the_bundle(bundle_copy: Path) 
 def test_schema_version_1_bundles_still_load(bundle_copy: Path) -> None:
     _rewrite_manifest(bundle_copy, lambda m: (m.update(schema_version=1), m.pop("variants"), m.pop("deploy")))
     assert load_bundle(bundle_copy).manifest.deploy_precision == "fp32"
+
+
+# ------------------------------------------------------------------------------ integrity, every file
+
+
+
+def _files(bundle: Path) -> list:
+    return sorted(p.relative_to(bundle).as_posix() for p in bundle.rglob("*") if p.is_file())
+
+
+def _keys(tmp_path: Path, name: str = "k") -> tuple:
+    pytest.importorskip("cryptography")
+    from edgeclf.runtime.bundle import generate_keypair
+
+    priv, pub = tmp_path / f"{name}.pem", tmp_path / f"{name}.pub.pem"
+    generate_keypair(priv, pub)
+    return priv, pub
+
+
+@pytest.fixture
+def signed_copy(bundle_copy: Path, tmp_path: Path) -> tuple:
+    from edgeclf.runtime.bundle import sign_bundle
+
+    priv, pub = _keys(tmp_path)
+    sign_bundle(bundle_copy, priv)
+    return bundle_copy, pub
+
+
+def _flip_each_byte_position(p: Path) -> list:
+    size = p.stat().st_size
+    return sorted({0, 1, size // 3, size // 2, size - 2, size - 1} & set(range(size)))
+
+
+def test_every_file_is_covered_and_one_flipped_byte_anywhere_is_refused(signed_copy: tuple) -> None:
+    bundle, pub = signed_copy
+    names = _files(bundle)
+    assert set(names) == {"manifest.json", "model.onnx", "reference.npz", CHECKSUM_FILE, SIGNATURE_FILE}
+    assert load_bundle(bundle, trusted_key=pub).signature == {"key_id": load_bundle(bundle).signature["key_id"],
+                                                              "checked": True, "trusted": True}
+    for name in names:
+        p = bundle / name
+        original = p.read_bytes()
+        for pos in _flip_each_byte_position(p):
+            for mask in (0x01, 0x20, 0x80):
+                data = bytearray(original)
+                data[pos] ^= mask
+                p.write_bytes(bytes(data))
+                for key in (None, pub):  # with and without a trusted key: refused either way
+                    with pytest.raises(IntegrityError) as info:
+                        load_bundle(bundle, trusted_key=key)
+                    msg = str(info.value)
+                    assert "\n" not in msg and name in msg, (name, pos, mask, msg)
+        p.write_bytes(original)
+    assert load_bundle(bundle, trusted_key=pub).checksum
+
+
+def test_each_file_removed_is_refused_naming_it(signed_copy: tuple) -> None:
+    bundle, pub = signed_copy
+    for name in _files(bundle):
+        p = bundle / name
+        original = p.read_bytes()
+        p.unlink()
+        if name == SIGNATURE_FILE:  # unsigned is allowed only without a trusted key
+            assert load_bundle(bundle).signature is None
+            with pytest.raises(IntegrityError, match="not signed"):
+                load_bundle(bundle, trusted_key=pub)
+        else:
+            with pytest.raises(BundleError) as info:
+                load_bundle(bundle)
+            assert name in str(info.value)
+        p.write_bytes(original)
+    load_bundle(bundle, trusted_key=pub)
+
+
+@pytest.mark.parametrize("extra", ["engine.plan", ".DS_Store", "sub/notes.txt", "link.onnx", "fifo"])
+def test_an_extra_file_of_any_kind_is_refused_naming_it(bundle_copy: Path, extra: str) -> None:
+    p = bundle_copy / extra
+    if extra == "link.onnx":
+        p.symlink_to(bundle_copy / "model.onnx")
+    elif extra == "fifo":
+        os.mkfifo(p)  # hashing it would block forever: refused without opening it
+    else:
+        p.parent.mkdir(exist_ok=True)
+        p.write_bytes(b"x")
+    with pytest.raises(IntegrityError) as info:
+        load_bundle(bundle_copy)
+    assert extra in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("edit", "match"),
+    [
+        (lambda t: t.replace("\n", "\r\n"), "line 1 is malformed"),
+        (lambda t: t[:-1], "does not end with a newline"),
+        (lambda t: t + t.splitlines(keepends=True)[0], "malformed"),
+        (lambda t: t + "0" * 64 + "  ../outside.txt\n", "malformed"),
+        (lambda t: t + "0" * 64 + "  /etc/passwd\n", "malformed"),
+        (lambda t: t + "\n", "malformed"),
+        (lambda t: t.upper(), "malformed"),
+    ],
+)
+def test_checksum_file_is_parsed_strictly(bundle_copy: Path, edit, match: str) -> None:
+    p = bundle_copy / CHECKSUM_FILE
+    p.write_text(edit(p.read_text()))
+    with pytest.raises(IntegrityError, match=match):
+        load_bundle(bundle_copy)
+
+
+def test_checksums_are_checked_before_any_session_is_created(bundle_copy: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from edgeclf.runtime import app
+
+    def no_session(*a, **k):
+        raise AssertionError("a backend session was created for a bundle that failed verification")
+
+    monkeypatch.setattr(app, "create_backend", no_session)
+    data = bytearray((bundle_copy / "model.onnx").read_bytes())
+    data[-1] ^= 1
+    (bundle_copy / "model.onnx").write_bytes(bytes(data))
+    for call in (lambda: app.run_bundle(str(bundle_copy), "synthetic:ultrasound?frames=2&size=64"),
+                 lambda: app.verify_bundle(str(bundle_copy))):
+        with pytest.raises(IntegrityError, match="model.onnx"):
+            call()
+
+
+@pytest.mark.parametrize(
+    ("edit", "match"),
+    [
+        (lambda m: m["model"].update(extra=1), r"manifest.model has unknown field\(s\) \['extra'\]"),
+        (lambda m: m["model"].pop("opset"), "manifest.model is missing the required field 'opset'"),
+        (lambda m: m["model"].update(opset="17"), "manifest.model.opset is '17'"),
+        (lambda m: m["model"].update(file="../model.onnx"), "manifest.model.file"),
+        (lambda m: m["reference"].update(file="/etc/passwd"), "manifest.reference.file"),
+        (lambda m: m["reference"].pop("count"), "manifest.reference is missing the required field 'count'"),
+        (lambda m: m["postprocess"].update(temperature=float("nan")), "temperature"),
+        (lambda m: m["postprocess"].update(temperature=True), "temperature"),
+        (lambda m: m.update(schema_version=True), "schema_version"),
+        (lambda m: m.update(labels=["normal", "cyst", "cyst"]), "repeats a label"),
+        (lambda m: m.update(labels=["normal", 3, "mass"]), "non-empty strings"),
+        (lambda m: m.update(variants=["int8"]), r"manifest.variants\[0\] is str"),
+        (lambda m: m["postprocess"]["decision"].update(thresholds=[0.5, 0.5]), "2 thresholds for 3 labels"),
+        (lambda m: m["postprocess"]["decision"].update(kind="multilabel"), "multiclass model uses 'max-ratio'"),
+        (lambda m: m.update(schema_version=3, colour="red"), "schema_version 3 is not supported"),
+    ],
+)
+def test_manifest_schema_names_the_bad_nested_field(bundle_copy: Path, edit, match: str) -> None:
+    _rewrite_manifest(bundle_copy, edit)
+    with pytest.raises(BundleError, match=match) as info:
+        load_bundle(bundle_copy)
+    assert "\n" not in str(info.value)
+
+
+# ------------------------------------------------------------------------------------------ signing
+
+
+def test_signed_bundle_loads_with_its_key_and_is_refused_with_another(signed_copy: tuple, tmp_path: Path) -> None:
+    bundle, pub = signed_copy
+    b = load_bundle(bundle, trusted_key=pub)
+    assert b.signature is not None and b.signature["trusted"] and len(b.signature["key_id"]) == 16
+    _, other = _keys(tmp_path, "other")
+    with pytest.raises(IntegrityError, match=f"signed by key {b.signature['key_id']}, not by the trusted key"):
+        load_bundle(bundle, trusted_key=other)
+    with pytest.raises(IntegrityError, match="signed by key"):
+        load_bundle(bundle, trusted_key=other.read_bytes())  # PEM bytes work like a path
+
+
+def test_trusted_key_from_the_environment_refuses_unsigned_bundles(bundle_copy: Path, tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    from edgeclf.runtime.app import run_bundle
+    from edgeclf.runtime.bundle import sign_bundle
+
+    priv, pub = _keys(tmp_path)
+    monkeypatch.setenv(TRUSTED_KEY_ENV, str(pub))
+    with pytest.raises(IntegrityError, match="not signed"):
+        load_bundle(bundle_copy)
+    with pytest.raises(IntegrityError, match="not signed"):
+        run_bundle(str(bundle_copy), "synthetic:ultrasound?frames=2&size=64")
+    sign_bundle(bundle_copy, priv)
+    assert run_bundle(str(bundle_copy), "synthetic:ultrasound?frames=2&size=64")["frames"] == 2
+    assert load_bundle(bundle_copy, require_signature=False).signature["trusted"]
+    with pytest.raises(ConfigError, match="must be verified"):
+        load_bundle(bundle_copy, verify=False)
+    monkeypatch.setenv(TRUSTED_KEY_ENV, str(priv))
+    with pytest.raises(ConfigError, match="private key"):
+        load_bundle(bundle_copy)
+    monkeypatch.setenv(TRUSTED_KEY_ENV, str(tmp_path / "missing.pem"))
+    with pytest.raises(ConfigError, match="cannot read the trusted public key"):
+        load_bundle(bundle_copy)
+    monkeypatch.delenv(TRUSTED_KEY_ENV)
+    with pytest.raises(ConfigError, match="no trusted key"):
+        load_bundle(bundle_copy, require_signature=True)
+
+
+def test_a_signature_goes_stale_when_the_bundle_is_re_checksummed(signed_copy: tuple) -> None:
+    bundle, pub = signed_copy
+    _rewrite_manifest(bundle, lambda m: m.update(name="renamed"))  # someone edits and re-checksums
+    with pytest.raises(IntegrityError, match="changed after it was signed"):
+        load_bundle(bundle)
+    with pytest.raises(IntegrityError, match="changed after it was signed"):
+        load_bundle(bundle, trusted_key=pub)
+
+
+def test_signing_refuses_a_damaged_bundle_and_handles_encrypted_keys(bundle_copy: Path, tmp_path: Path) -> None:
+    pytest.importorskip("cryptography")
+    from edgeclf.runtime.bundle import generate_keypair, sign_bundle
+
+    priv, pub = tmp_path / "enc.pem", tmp_path / "enc.pub.pem"
+    generate_keypair(priv, pub, passphrase=b"correct horse")
+    assert oct(priv.stat().st_mode & 0o777) == "0o600" and b"ENCRYPTED" in priv.read_bytes()
+    with pytest.raises(ConfigError, match="exists"):
+        generate_keypair(priv, tmp_path / "x.pub.pem")
+    with pytest.raises(ConfigError, match="encrypted: give its passphrase"):
+        sign_bundle(bundle_copy, priv)
+    with pytest.raises(ConfigError, match="passphrase is wrong"):
+        sign_bundle(bundle_copy, priv, passphrase=b"wrong")
+    with pytest.raises(ConfigError, match="not a PEM private key"):
+        sign_bundle(bundle_copy, pub)
+    (bundle_copy / "extra.txt").write_text("x")
+    with pytest.raises(IntegrityError, match="extra.txt"):
+        sign_bundle(bundle_copy, priv, passphrase=b"correct horse")
+    assert not (bundle_copy / SIGNATURE_FILE).exists()
+    (bundle_copy / "extra.txt").unlink()
+    sign_bundle(bundle_copy, priv, passphrase=b"correct horse")
+    assert load_bundle(bundle_copy, trusted_key=pub).signature["trusted"]
+
+
+def test_cli_keygen_sign_and_verify_signature(bundle_copy: Path, tmp_path: Path) -> None:
+    pytest.importorskip("cryptography")
+    from click.testing import CliRunner
+
+    from edgeclf.cli_integrity import integrity
+
+    runner = CliRunner()
+    priv = tmp_path / "k.pem"
+    res = runner.invoke(integrity, ["keygen", "--private", str(priv), "--json"])
+    assert res.exit_code == 0, res.output
+    doc = json.loads(res.output)
+    assert doc["public"] == str(tmp_path / "k.pub.pem") and Path(doc["public"]).is_file()
+    res = runner.invoke(integrity, ["verify-signature", str(bundle_copy), "--key", doc["public"]])
+    assert isinstance(res.exception, IntegrityError) and "not signed" in str(res.exception)
+    res = runner.invoke(integrity, ["sign", str(bundle_copy), "--key", str(priv)])
+    assert res.exit_code == 0 and doc["key_id"] in res.output
+    res = runner.invoke(integrity, ["verify-signature", str(bundle_copy), "--key", doc["public"], "--json"])
+    assert res.exit_code == 0 and json.loads(res.output)["signature"]["key_id"] == doc["key_id"]
+    res = runner.invoke(integrity, ["sign", str(bundle_copy), "--key", str(priv), "--passphrase-env", "EDGECLF_NO_SUCH_VAR"])
+    assert isinstance(res.exception, ConfigError)
+    res = runner.invoke(integrity, ["verify-signature", str(bundle_copy)], env={TRUSTED_KEY_ENV: ""})
+    assert isinstance(res.exception, ConfigError) and "no trusted key" in str(res.exception)
+
+
+def test_an_unreadable_file_is_one_line_naming_it(bundle_copy: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import errno
+
+    from edgeclf.runtime import bundle as bundle_mod
+
+    real = bundle_mod.sha256_file
+
+    def denied(path):
+        if Path(path).name == "model.onnx":
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+        return real(path)
+
+    monkeypatch.setattr(bundle_mod, "sha256_file", denied)
+    with pytest.raises(BundleError, match="'model.onnx' cannot be read \\(Permission denied\\)"):
+        load_bundle(bundle_copy)
+
+
+@pytest.mark.parametrize(("key", "value"), [("mean", [1e300]), ("std", [1e-300]), ("std", [float("inf")]), ("scale", 0.0)])
+def test_preprocessing_that_overflows_float32_is_refused(bundle_copy: Path, key: str, value) -> None:
+    _rewrite_manifest(bundle_copy, lambda m: m["preprocess"].update({key: value}))
+    with pytest.raises(BundleError, match="finite in float32"):
+        load_bundle(bundle_copy)

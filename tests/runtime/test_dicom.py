@@ -423,3 +423,16 @@ def test_bare_data_set_without_part10_header(tmp_path: Path) -> None:
     assert not is_dicom_file(str(path))
     (frame,) = _frames(open_source(str(path)))
     assert frame.image.tolist() == [[0, 1, 2], [3, 4, 5]]
+
+
+def test_a_damaged_header_element_is_one_line_not_a_traceback(tmp_path: Path) -> None:
+    """pydicom converts values lazily: a flipped VR (Rows 'US' -> 'TS') fails at first access, inside the
+    runtime; found by tests/test_fuzz_sources.py."""
+    path = write_dicom(tmp_path / "x.dcm", np.zeros((8, 8), np.uint8))
+    data = path.read_bytes()
+    rows = b"\x28\x00\x10\x00US"
+    assert data.count(rows) == 1
+    path.write_bytes(data.replace(rows, b"\x28\x00\x10\x00TS"))
+    with pytest.raises(SourceError, match="damaged header element") as info:
+        open_source(str(path))
+    assert "\n" not in str(info.value)

@@ -296,3 +296,21 @@ def test_valid_frame() -> None:
                 Frame(image=np.zeros((2, 2), np.float32), index=0, timestamp=0.0),
                 Frame(image=np.zeros((2, 2, 2), np.uint8), index=0, timestamp=0.0)):
         assert not valid_frame(bad)
+
+
+def test_each_disconnect_and_reopen_is_reported_to_on_event() -> None:
+    # What the audit log receives: one fault per disconnect, one recovery per reopen, in order.
+    shared = _Shared(every=50, limit=300)
+    src = ReconnectingSource(lambda: FlakyCamera(shared), drop="none", **_fast())
+    events: List[Any] = []
+    src.on_event = lambda kind, msg, counts: events.append((kind, msg, counts["disconnects"]))
+    got = 0
+    while got < 300:
+        assert src.read(timeout=2.0) is not None, src.stats()
+        got += 1
+    stats = src.stats()
+    src.close()
+    kinds = [k for k, _, _ in events]
+    assert kinds == ["fault", "recovery"] * stats["disconnects"] and stats["disconnects"] >= 5
+    assert "camera unplugged" in " ".join(m for _, m, _ in events)
+    assert [n for k, _, n in events if k == "fault"] == list(range(1, stats["disconnects"] + 1))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import io
 import json
 import os
@@ -317,3 +318,104 @@ def test_stdout_closed_pipe_asks_to_stop() -> None:
     sink.write(_rec(0))
     sink.write(_rec(1))
     assert sink.stop_requested and sink.written == 2 and sink.lines == 0 and sink.lost == 2
+
+
+# ------------------------------------------------------------------------------------------- full disk
+
+
+class _FailingFile:
+    """A real unbuffered file whose write fails with `err` after `ok` writes, the failing write half done
+    (what a disk filling up mid-line does)."""
+
+    def __init__(self, real: Any, ok: int, err: int = errno.ENOSPC) -> None:
+        self.real, self.ok, self.err = real, ok, err
+
+    def write(self, data: Any) -> int:
+        if self.ok <= 0:
+            self.real.write(bytes(data[: len(data) // 2]))
+            raise OSError(self.err, os.strerror(self.err))
+        self.ok -= 1
+        return int(self.real.write(data))
+
+    def fileno(self) -> int:
+        return int(self.real.fileno())
+
+    def truncate(self, n: int) -> int:
+        return int(self.real.truncate(n))
+
+    def close(self) -> None:
+        self.real.close()
+
+
+@pytest.mark.parametrize("err", [errno.ENOSPC, errno.EIO])
+def test_a_full_disk_stops_the_sink_with_whole_lines_and_the_counts(tmp_path: Path, err: int) -> None:
+    out = tmp_path / "r.jsonl"
+    sink = JsonlSink(out, fsync_every=0)
+    sink._f = _FailingFile(sink._f, ok=3, err=err)
+    for i in range(3):
+        sink.write(_rec(i))
+    with pytest.raises(EdgeclfError) as info:
+        sink.write(_rec(3))
+    msg = str(info.value)
+    assert str(out) in msg and os.strerror(err) in msg and "holds 3 whole results of the 4 produced" in msg
+    assert "\n" not in msg and sink.failed == msg
+    with pytest.raises(EdgeclfError, match="holds 3 whole results"):  # never silently resumed
+        sink.write(_rec(4))
+    sink.close()  # the failure was reported once: close does not raise it again
+    sink.close()
+    recs, torn = read_jsonl(out)
+    assert torn == 0 and [r["frame"] for r in recs] == [0, 1, 2]  # the half line was cut off again
+
+
+def test_a_failing_fsync_is_reported_not_ignored(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    out = tmp_path / "r.jsonl"
+    sink = JsonlSink(out, fsync_every=0)
+
+    def failing_fsync(fd: int) -> None:
+        raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+    monkeypatch.setattr(sinks_mod.os, "fsync", failing_fsync)
+    with pytest.raises(EdgeclfError, match=r"syncing .*r.jsonl to disk failed .*1 results were written"):
+        sink.write(_rec(0))
+    sink.close()
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="/dev/full is Linux-only")
+def test_dev_full_is_reported_on_the_first_line() -> None:
+    sink = JsonlSink("/dev/full")
+    with pytest.raises(EdgeclfError, match="writing result 1 to /dev/full failed .*holds 0 whole results of the 1 produced"):
+        sink.write(_rec(0))
+    sink.close()
+
+
+def test_a_full_disk_mid_run_stops_the_run_cleanly(bundle_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Through run_bundle: the run stops at the failing line with one clear error, the results file keeps
+    every line written before it, and the other sinks (the clip summary) are closed and written."""
+    from edgeclf.runtime.app import run_bundle
+
+    out, summary = tmp_path / "r.jsonl", tmp_path / "clip.json"
+    real_open = open
+
+    def open_filling_up(path: Any, *args: Any, **kwargs: Any) -> Any:
+        f = real_open(path, *args, **kwargs)
+        return _FailingFile(f, ok=25) if os.fspath(path) == str(out) else f
+
+    monkeypatch.setattr(sinks_mod, "open", open_filling_up, raising=False)
+    with pytest.raises(EdgeclfError) as info:
+        run_bundle(str(bundle_dir), "synthetic:ultrasound?frames=200&size=64", out=str(out), summary_path=str(summary))
+    assert "holds 25 whole results of the 26 produced" in str(info.value)
+    monkeypatch.undo()
+    recs, torn = read_jsonl(out)
+    assert torn == 0 and [r["frame"] for r in recs] == list(range(25))
+    assert json.loads(summary.read_text())["frames"] == 25
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="/dev/full is Linux-only")
+def test_cli_reports_a_full_disk_in_one_line(bundle_dir: Path) -> None:
+    from tests.conftest import run_cli
+
+    p = run_cli("run", "--bundle", str(bundle_dir), "--source", "synthetic:ultrasound?frames=20&size=64", "--out", "/dev/full",
+                timeout=120)
+    assert p.returncode == 2, p.stderr
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and "/dev/full" in lines[0] and "No space left on device" in lines[0], p.stderr

@@ -1,0 +1,101 @@
+"""`run --audit`: the run's own hash-chained record, and a backend that fails on a frame without ending the run."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, List
+
+import numpy as np
+import pytest
+
+from edgeclf.errors import BackendError
+from edgeclf.runtime import app
+from edgeclf.runtime.audit import verify_audit
+from edgeclf.runtime.backends import FakeBackend
+from edgeclf.runtime.bundle import load_bundle
+from edgeclf.runtime.pipeline import MAX_BACKEND_ERRORS, RunOptions, run_pipeline
+from edgeclf.runtime.sinks import JsonlSink
+from edgeclf.runtime.sources import open_source
+from tests.conftest import run_cli
+from tests.runtime.tiny_bundle import make_tiny_bundle
+
+pytest.importorskip("cv2")
+pytest.importorskip("onnxruntime")
+SRC = "synthetic:ultrasound?frames=12&size=64"
+
+
+def _lines(path: Path) -> List[dict]:
+    return [json.loads(ln) for ln in path.read_text().splitlines()]
+
+
+def test_cli_run_writes_an_intact_audit_log_that_matches_the_results(tmp_path: Path) -> None:
+    bundle = make_tiny_bundle(tmp_path / "b")
+    out, log = tmp_path / "r.jsonl", tmp_path / "audit.jsonl"
+    r = run_cli("run", "--bundle", str(bundle), "--source", SRC, "--out", str(out), "--audit", str(log), "--json")
+    assert r.returncode == 0, r.stderr
+    s = json.loads(r.stdout)
+    assert s["audit"]["path"] == str(log) and s["audit"]["records"] >= 3
+    rep = verify_audit(log, results=out)
+    assert rep.state == "intact" and rep.results == 12
+    assert rep.results_check is not None and rep.results_check["state"] == "match" and rep.results_check["checked"] == 12
+    recs = [json.loads(ln) for ln in log.read_text().splitlines()]
+    assert recs[0]["type"] == "start" and recs[-1]["type"] == "end" and recs[-1]["payload"]["status"] == "ok"
+    assert recs[0]["payload"]["bundle_checksum"] == s["bundle_checksum"]
+    assert "ultrasound?frames" not in log.read_text()  # the source by kind and hash only
+    v = run_cli("audit", "verify", str(log))
+    assert v.returncode == 0 and "intact" in v.stdout
+
+
+def test_a_backend_that_fails_once_costs_one_frame_which_is_recorded_and_audited(tmp_path: Path) -> None:
+    bundle = make_tiny_bundle(tmp_path / "b")
+    b = load_bundle(bundle)
+    calls = {"n": 0}
+
+    def flaky(x: np.ndarray) -> np.ndarray:
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        return np.zeros((x.shape[0], 3), np.float32)
+
+    be = FakeBackend((1, 8, 8), 3, fn=flaky)
+    events: List[Any] = []
+    out = tmp_path / "r.jsonl"
+    with open_source(SRC) as src, JsonlSink(str(out)) as sink:
+        s = run_pipeline(b, src, be, [sink], options=RunOptions(quality=False),
+                         on_event=lambda kind, msg, d: events.append((kind, msg, d)))
+    recs = _lines(out)
+    assert s.frames == len(recs) == 12 and s.extra["backend_errors"] == 1
+    bad = [r for r in recs if r["abstain_reason"] == "backend_error"]
+    assert len(bad) == 1 and bad[0]["frame"] == 3 and bad[0]["probs"] is None and bad[0]["quality"] == []
+    assert [e[0] for e in events] == ["fault", "recovery"] and "illegal memory access" in events[0][1]
+
+
+def test_a_backend_that_keeps_failing_ends_the_run_with_its_error(tmp_path: Path) -> None:
+    b = load_bundle(make_tiny_bundle(tmp_path / "b"))
+
+    def broken(x: np.ndarray) -> np.ndarray:
+        raise BackendError("device lost")
+
+    out = tmp_path / "r.jsonl"
+    with open_source(SRC) as src, JsonlSink(str(out)) as sink:
+        with pytest.raises(BackendError, match="device lost"):
+            run_pipeline(b, src, FakeBackend((1, 8, 8), 3, fn=broken), [sink], options=RunOptions(quality=False))
+    recs = _lines(out)  # the frames before the last failure are on record, each an abstain
+    assert len(recs) == MAX_BACKEND_ERRORS - 1 and all(r["abstain_reason"] == "backend_error" for r in recs)
+
+
+def test_a_failed_run_ends_its_audit_log_with_the_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    bundle = make_tiny_bundle(tmp_path / "b")
+
+    def broken(*a: Any, **k: Any) -> Any:
+        raise BackendError("device lost")
+
+    monkeypatch.setattr(FakeBackend, "_infer", broken)
+    monkeypatch.setattr(app, "open_backend", lambda b, *a, **k: (FakeBackend((1, 8, 8), 3), "fake"))
+    log = tmp_path / "audit.jsonl"
+    with pytest.raises(BackendError):
+        app.run_bundle(str(bundle), SRC, out=str(tmp_path / "r.jsonl"), audit=str(log), reconnect=False)
+    rep = verify_audit(log)
+    recs = [json.loads(ln) for ln in log.read_text().splitlines()]
+    assert rep.state == "intact" and recs[-1]["type"] == "end" and recs[-1]["payload"]["status"] == "error"
+    assert "device lost" in recs[-1]["payload"]["error"] and rep.faults >= MAX_BACKEND_ERRORS
