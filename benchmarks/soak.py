@@ -106,6 +106,14 @@ def slope_mb_per_10k(samples: List[Dict[str, Any]], warmup: int) -> Optional[flo
     return sxy / sxx * 10_000
 
 
+def _theil_sen(samples: List[Dict[str, Any]], warmup: int) -> Optional[float]:
+    """The estimator `edgeclf profile` reports (median of pairwise slopes: allocator steps are not a trend)."""
+    from edgeclf.runtime.profile import rss_slope_mb_per_10k
+
+    pts = [(s["frames"], s["rss_mb"]) for s in samples if s["frames"] >= warmup]
+    return rss_slope_mb_per_10k([x for x, _ in pts], [y for _, y in pts]) if len(pts) >= 3 else None
+
+
 def count_results(path: Path) -> Dict[str, Any]:
     """Stream the results file: whole lines, torn lines, and whether frames run 0..n-1 without a gap."""
     lines = torn = 0
@@ -155,6 +163,7 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
         "rss_start_mb": probe.samples[0]["rss_mb"], "rss_after_warmup_mb": steady[0]["rss_mb"] if steady else None,
         "rss_end_mb": probe.samples[-1]["rss_mb"], "rss_max_mb": max(s["rss_mb"] for s in probe.samples),
         "rss_slope_mb_per_10k_frames": slope_mb_per_10k(probe.samples, warmup), "warmup_frames": warmup,
+        "rss_slope_theil_sen_mb_per_10k_frames": _theil_sen(probe.samples, warmup),
         "fds_start": probe.samples[0]["fds"], "fds_end": probe.samples[-1]["fds"],
         "threads_start": probe.samples[0]["threads"], "threads_end": probe.samples[-1]["threads"],
         "audit": {"state": audit.state, "records": audit.records, "results": audit.results,
@@ -196,7 +205,8 @@ def render(r: Dict[str, Any]) -> str:
         f"| wall time | {r['wall_s']} s, mean {r['fps_mean']} frames/s (intervals {r['fps_min_interval']} - {r['fps_max_interval']}) |",
         f"| RSS | start {r['rss_start_mb']:.1f} MB, after warm-up ({r['warmup_frames']} frames) "
         f"{r['rss_after_warmup_mb'] if r['rss_after_warmup_mb'] is None else round(r['rss_after_warmup_mb'], 1)} MB, end {r['rss_end_mb']:.1f} MB, max {r['rss_max_mb']:.1f} MB |",
-        f"| RSS slope after warm-up | {verdict} |",
+        f"| RSS slope after warm-up | {verdict} (least squares); Theil-Sen "
+        f"{'n/a' if r.get('rss_slope_theil_sen_mb_per_10k_frames') is None else format(r['rss_slope_theil_sen_mb_per_10k_frames'], '+.3f')} MB |",
         f"| open files / threads | {r['fds_start']} -> {r['fds_end']} / {r['threads_start']} -> {r['threads_end']} |",
         "",
         "RSS and throughput over the run (every sample up to 25 rows, evenly spaced):",

@@ -169,6 +169,11 @@ class AuditLog:
             raise ConfigError(f"audit digest_every is {digest_every!r}; allowed: an integer >= 1 (results per digest)")
         self.session = uuid.uuid4().hex
         target = os.fspath(path)
+        if target.endswith(("/", os.sep)):  # "logs/": a folder, made if missing
+            try:
+                os.makedirs(target, exist_ok=True)
+            except OSError as exc:
+                raise EdgeclfError(f"cannot create the audit folder {target}: {exc.strerror}; choose another path") from None
         if os.path.isdir(target):
             stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
             target = os.path.join(target, f"audit-{stamp}-{self.session[:8]}.jsonl")

@@ -351,3 +351,14 @@ def test_attached_to_the_main_cli_the_exit_codes_survive(tmp_path: Path) -> None
     assert p.returncode == 4 and p.stdout.startswith("tampered:")
     p = run("audit", "verify", str(tmp_path / "missing.jsonl"))
     assert p.returncode == 2 and p.stderr.startswith("edgeclf: error: cannot read audit log") and p.stderr.count("\n") == 1
+
+
+def test_a_path_ending_in_a_slash_is_a_folder_made_if_missing(tmp_path) -> None:
+    from edgeclf.runtime.audit import AuditLog
+
+    folder = tmp_path / "logs" / "cart1"
+    with AuditLog(str(folder) + "/") as log:
+        log.start(bundle_checksum="0" * 64, device_profile=None, config={})
+        log.end()
+    made = list(folder.glob("audit-*.jsonl"))
+    assert len(made) == 1 and made[0] == __import__("pathlib").Path(log.path)
