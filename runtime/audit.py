@@ -50,6 +50,7 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, Iterator, List, Mapping, NoReturn, Optional, Tuple, Union
 
 from edgeclf.errors import ConfigError, DataError, EdgeclfError
+from edgeclf.runtime.sinks import Sink
 
 __all__ = [
     "AUDIT_FORMAT",
@@ -415,13 +416,10 @@ class AuditLog:
             self.close()
 
 
-class AuditSink:
+class AuditSink(Sink):
     """A results sink (edgeclf.runtime.sinks.Sink protocol) that folds every result into an AuditLog's
     digests. Put it after the JSONL sink: it then records only results the results file holds.
     Closing it does not end the log (the run does, with its status)."""
-
-    needs_image = False
-    stop_requested = False
 
     def __init__(self, log: AuditLog) -> None:
         self.log = log
@@ -435,11 +433,6 @@ class AuditSink:
         if self.log.failed is None and self.log.records and not self.log.ended and self.log._fd is not None:
             self.log.digest()  # results so far are on record even if the run dies before end()
 
-    def __enter__(self) -> AuditSink:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 # ----------------------------------------------------------------------------------------------- verify

@@ -77,9 +77,8 @@ def test_a_backend_that_keeps_failing_ends_the_run_with_its_error(tmp_path: Path
         raise BackendError("device lost")
 
     out = tmp_path / "r.jsonl"
-    with open_source(SRC) as src, JsonlSink(str(out)) as sink:
-        with pytest.raises(BackendError, match="device lost"):
-            run_pipeline(b, src, FakeBackend((1, 8, 8), 3, fn=broken), [sink], options=RunOptions(quality=False))
+    with open_source(SRC) as src, JsonlSink(str(out)) as sink, pytest.raises(BackendError, match="device lost"):
+        run_pipeline(b, src, FakeBackend((1, 8, 8), 3, fn=broken), [sink], options=RunOptions(quality=False))
     recs = _lines(out)  # the frames before the last failure are on record, each an abstain
     assert len(recs) == MAX_BACKEND_ERRORS - 1 and all(r["abstain_reason"] == "backend_error" for r in recs)
 
