@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from edgeclf.errors import BundleError, ConfigError, MissingExtraError
+from edgeclf.runtime.bundle import sha256_file
 
 __all__ = [
     "ENGINE_CACHE_ENV", "EngineKey", "EngineCache", "Lookup", "EnginePlan", "EngineRecord", "Heartbeat",
@@ -113,14 +114,6 @@ class EngineKey:
         return f"{self.device}-{self.precision}{dla}-{self.digest()[:20]}"
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 @dataclass(frozen=True)
 class Lookup:
     """status: "hit" (use it), "missing" (build), "stale" (rebuild: `reason` says why)."""
@@ -165,7 +158,7 @@ class EngineCache:
         diffs = key.differences(recorded)
         if diffs:
             return Lookup("stale", engine, meta_path, f"{engine.name} was built for another key ({'; '.join(diffs)})", meta)
-        digest = _sha256(engine)
+        digest = sha256_file(engine)
         if digest != meta.get("engine_sha256"):
             return Lookup("stale", engine, meta_path,
                           f"{engine.name} hashes to {digest[:12]}..., not the recorded {str(meta.get('engine_sha256'))[:12]}... "
@@ -405,7 +398,7 @@ def ensure_engine(plan: EnginePlan, cache: EngineCache, *, tensorrt: str, comput
     seconds = round(time.perf_counter() - t0, 1)
     info = {
         "bundle": {"path": str(plan.bundle_path), "name": plan.bundle_name, "checksum": plan.bundle_checksum},
-        "source_model": {"file": plan.onnx_path.name, "variant": plan.source_model, "sha256": _sha256(plan.onnx_path)},
+        "source_model": {"file": plan.onnx_path.name, "variant": plan.source_model, "sha256": sha256_file(plan.onnx_path)},
         "build": {"seconds": seconds, "precision_reason": plan.precision_reason, "workspace_mb": plan.workspace_mb,
                   "input": plan.input_name, "shapes": {k: list(v) for k, v in plan.shapes().items()},
                   "timing_cache": str(timing), **report},
