@@ -121,24 +121,52 @@ def data_synth(kind: str, out: str, n: int, size: int | None, seed: int, as_json
 @click.option("--augment", type=click.Choice(["auto", "ultrasound", "xray", "generic", "none"]), default="auto", show_default=True)
 @click.option("--frames-per-clip", type=click.IntRange(min=1), default=8, show_default=True, help="Clip data sets: frames sampled per clip.")
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads [default: the cores available].")
+@click.option("--recipe", default=None, help="A recipe (edgeclf/recipe_files/NAME.toml, or a .toml path): its settings, overridden by "
+              "any flag given here.")
+@click.option("--folds", type=click.IntRange(min=0, max=20), default=0, show_default=True,
+              help="K-fold cross-validation over a folder data set (0: one train/val/test split); writes OUT/fold-i and OUT/cv.json.")
+@click.option("--group", type=click.Choice(["site", "source", "clip"]), default="source", show_default=True,
+              help="--folds: keep in one fold each site (clips.csv original_source reduced to its contributor or web site), "
+                   "each source as written, or only each clip (or copy group).")
 @json_option
-def train(data_spec: str, model: str, out: str, size, channels, pretrained, epochs, batch_size, lr, patience, seed, classes, positive,
-          target_sensitivity, operating_point, augment, frames_per_clip, threads, as_json: bool) -> None:
-    """Train a classifier, calibrate it and fit its operating points on the validation split."""
-    from edgeclf.train import TrainConfig
+@click.pass_context
+def train(ctx: click.Context, data_spec: str, model: str, out: str, size, channels, pretrained, epochs, batch_size, lr, patience, seed,
+          classes, positive, target_sensitivity, operating_point, augment, frames_per_clip, threads, recipe, folds, group,
+          as_json: bool) -> None:
+    """Train a classifier, calibrate it and fit its operating points on the validation split.
+
+    Runs unchanged under torchrun (one process per shard, gloo on CPU, NCCL on GPU; rank 0 writes)."""
+    from click.core import ParameterSource
+
+    from edgeclf.train import TrainConfig, dist_info
     from edgeclf.train import train as run_train
 
-    cfg = TrainConfig(data=data_spec, out=out, model=model, size=size, channels=int(channels) if channels else None,
-                      pretrained=pretrained, epochs=epochs, batch_size=batch_size, lr=lr, patience=patience, seed=seed,
-                      classes=classes, positive=positive, target_sensitivity=target_sensitivity,
-                      operating_point=operating_point, augment=augment,
-                      frames_per_clip=frames_per_clip, threads=threads)
+    values = dict(model=model, size=size, channels=int(channels) if channels else None, pretrained=pretrained, epochs=epochs,
+                  batch_size=batch_size, lr=lr, patience=patience, seed=seed, classes=classes, positive=positive,
+                  target_sensitivity=target_sensitivity, operating_point=operating_point, augment=augment,
+                  frames_per_clip=frames_per_clip, threads=threads, folds=folds, group=group)
+    record_recipe = None
+    if recipe:
+        from edgeclf.recipes import load_recipe, resolve_recipe
+
+        # Precedence: defaults < recipe < flags given on this command line.
+        given = {k: v for k, v in values.items() if ctx.get_parameter_source(k) == ParameterSource.COMMANDLINE}
+        kwargs, data_spec, record_recipe = resolve_recipe(load_recipe(recipe), data_spec, given)
+        values = {**values, **kwargs}
+        values["recipe"] = record_recipe["name"]
+    cfg = TrainConfig(data=data_spec, out=out, **values)
     from edgeclf.models import model_info
 
-    model_info(model)  # unknown names fail before any data is read
-    with _train_progress(not as_json) as on_epoch:
-        record = run_train(cfg, on_epoch=on_epoch)
-    _emit(as_json, record, lambda r: _print_metrics(r["metrics"], f"trained {model} -> {out} (best epoch {r['best_epoch']}, {r['seconds']} s)"))
+    model_info(cfg.model)  # unknown names fail before any data is read
+    rank = dist_info()[0] if not cfg.folds else 0
+    with _train_progress(not as_json and rank == 0) as on_epoch:
+        record = run_train(cfg, on_epoch=on_epoch, recipe=record_recipe)
+    if rank != 0:
+        return  # torchrun: rank 0 reports
+    if cfg.folds:
+        _emit(as_json, record, _print_cv)
+        return
+    _emit(as_json, record, lambda r: _print_metrics(r["metrics"], f"trained {cfg.model} -> {out} (best epoch {r['best_epoch']}, {r['seconds']} s)"))
 
 
 @cli.command()
@@ -152,11 +180,20 @@ def train(data_spec: str, model: str, out: str, size, channels, pretrained, epoc
 @click.option("--threads", type=click.IntRange(min=1), default=None)
 @json_option
 def evaluate(target: str, data_spec, split, classes, precision, out, threads, as_json: bool) -> None:
-    """Accuracy, balanced accuracy, ROC AUC with a 95% interval, sensitivity/specificity at the operating points, ECE."""
+    """Accuracy, balanced accuracy, ROC AUC with a 95% interval, sensitivity/specificity at the operating points, ECE.
+
+    On a clips data set also clip-level figures: frame predictions aggregated per clip (mean probability and
+    majority vote, abstained frames excluded), beside the frame-level ones."""
     from edgeclf.evaluate import evaluate as run_eval
 
     report = run_eval(target, data=data_spec, split=split, classes=classes, out=out, precision=precision, threads=threads)
-    _emit(as_json, report, lambda r: _print_metrics({split: r["metrics"]}, f"{r['target']} via {r['evaluated_with']}, {r['data']['n']} images"))
+
+    def human(r: dict[str, Any]) -> None:
+        _print_metrics({split: r["metrics"]}, f"{r['target']} via {r['evaluated_with']}, {r['data']['n']} images")
+        if r.get("clips"):
+            _print_clips(r["clips"])
+
+    _emit(as_json, report, human)
 
 
 @cli.command()
@@ -736,6 +773,34 @@ def _print_metrics(by_split: dict[str, Any], title: str) -> None:
     for split, m in by_split.items():
         pc = ", ".join(f"{k}: sens {_num(v['sensitivity'], '.2f')} spec {_num(v['specificity'], '.2f')}" for k, v in m["per_class"].items())
         click.echo(f"[{split}] at the recorded operating points: {pc}")
+
+
+def _ci(m: dict[str, Any], key: str) -> str:
+    v, ci = m.get(key), m.get(f"{key}_ci95")
+    return _num(v) + (f" ({ci[0]:.3f}-{ci[1]:.3f})" if ci else "")
+
+
+def _print_clips(c: dict[str, Any], title: str = "") -> None:
+    rows = []
+    for name, key in (("clip, mean probability", "clip_mean"), ("clip, majority vote", "clip_vote"), ("frame", "frame")):
+        m = c[key]
+        sens = ", ".join(f"{k} {_num(v['sensitivity'], '.2f')}" for k, v in m.get("per_class", {}).items())
+        rows.append([name, m["n"], _ci(m, "accuracy"), _ci(m, "balanced_accuracy"), sens])
+    click.echo(_table(["level", "n", "accuracy (95% CI)", "balanced acc (95% CI)", "sensitivity"], rows,
+                      title or f"{c['clips']} clips, {c['frames']} frames (intervals: bootstrap over clips)"))
+
+
+def _print_cv(r: dict[str, Any]) -> None:
+    pooled = r["pooled_out_of_fold"]
+    rows = [[f["fold"], f["test_items"], f.get("test_clips"), _num(f["test"].get("accuracy")),
+             _num(f["test"].get("balanced_accuracy")), ", ".join(f.get("test_sources") or [])[:60]] for f in r["folds"]]
+    click.echo(_table(["fold", "test items", "clips", "accuracy", "balanced acc", "held-out sources"], rows,
+                      f"{len(r['folds'])}-fold cross-validation grouped by {r['data']['grouped_by']} ({r['seconds']} s)"))
+    if "clip_mean" in pooled:
+        _print_clips(pooled, f"pooled out-of-fold: {pooled['clips']} clips, {pooled['frames']} frames (bootstrap over clips)")
+    else:
+        m = pooled["decisions"]
+        click.echo(f"pooled out-of-fold: accuracy {_ci(m, 'accuracy')}, balanced accuracy {_ci(m, 'balanced_accuracy')}")
 
 
 def _print_run(s: dict[str, Any]) -> None:

@@ -6,6 +6,11 @@ Specs:
 - a class-per-folder image tree, with optional `train/ val/ test/` folders; otherwise a seeded,
   stratified split in which byte-identical files are grouped so copies never straddle splits.
 - a class-per-folder tree of video clips: clip-level labels, frames sampled per clip, split by clip.
+
+Folder specs take options as a query, so that a training run's recorded spec rebuilds exactly its split
+everywhere (evaluate, export, prune): `DIR?dedup=near&test=0.2&val=0.1`, `DIR?split=brain-mri` (a
+committed split list), `DIR?roi=sector&frames=16` (clips), `DIR?folds=5&fold=2&group=source`. See
+`FolderOptions`.
 """
 from __future__ import annotations
 
@@ -22,7 +27,8 @@ import numpy as np
 from edgeclf.errors import DataError, SourceError
 from edgeclf.runtime.sources import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, decode_image, natural_key
 
-__all__ = ["Dataset", "Split", "load_dataset", "parse_class_map", "spec_name", "SPLITS", "IMAGE_EXTS", "VIDEO_EXTS"]
+__all__ = ["Dataset", "Split", "load_dataset", "load_folds", "make_split_list", "read_split_list", "with_options", "parse_class_map", "spec_name", "split_spec", "FolderOptions",
+           "near_hash", "SPLITS", "IMAGE_EXTS", "VIDEO_EXTS"]
 
 log = logging.getLogger(__name__)
 SPLITS = ("train", "val", "test")
@@ -62,6 +68,8 @@ class Dataset:
     channels_hint: int = 1
     modality: str = "generic"  # ultrasound | xray | generic: picks the augmentation
     notes: list[str] = field(default_factory=list)
+    # clips: clip id -> where it came from (clips.csv original_source, reduced to its site)
+    sources: dict[str, str] = field(default_factory=dict)
 
     @property
     def name(self) -> str:
@@ -91,7 +99,9 @@ def spec_name(spec: str) -> str:
     path component (`breastmnist.npz`, `pocus`)."""
     if spec.startswith("synthetic:"):
         return spec
-    return Path(spec).name or spec
+    base, _, query = spec.partition("?")
+    name = Path(base).name or base
+    return f"{name}?{query}" if query else name
 
 
 def parse_class_map(text: str | None) -> list[tuple[str, list[str]]] | None:
@@ -150,15 +160,19 @@ def load_dataset(
         raise DataError(f"frames per clip is {frames_per_clip}; sample at least 1 frame per clip")
     if spec.startswith("synthetic:"):
         return _load_synthetic(spec, class_map)
+    base, opts = split_spec(spec)
     # Recorded as an absolute path so that export and evaluate find the data from any folder.
-    path = Path(spec).expanduser().resolve()
+    path = Path(base).expanduser().resolve()
     if not path.exists():
         raise DataError(f"data path {spec} does not exist; give an image folder, a clips folder, a MedMNIST .npz or synthetic:ultrasound|xray")
     if path.is_file():
+        if opts != _DEFAULT_OPTIONS:
+            raise DataError(f"data spec {spec!r}: options (?...) apply to folders; an .npz keeps its own split")
         if path.suffix.lower() != ".npz":
             raise DataError(f"data file {spec} is not a MedMNIST .npz; give an .npz, a folder, or synthetic:ultrasound|xray")
         return _load_npz(path, class_map)
-    return _load_folder(path, class_map, seed=seed, val_frac=val_frac, test_frac=test_frac, frames_per_clip=frames_per_clip)
+    return _load_folder(path, class_map, seed=seed, val_frac=val_frac, test_frac=test_frac, frames_per_clip=frames_per_clip,
+                        opts=opts)
 
 
 # -- synthetic ---------------------------------------------------------------------------------
@@ -306,10 +320,210 @@ def _gray_if_equal(img: np.ndarray) -> np.ndarray:
     return img
 
 
-def _load_folder(root: Path, class_map, *, seed: int, val_frac: float, test_frac: float, frames_per_clip: int) -> Dataset:
+@dataclass(frozen=True)
+class FolderOptions:
+    """Options of a folder spec, given as its query (`DIR?dedup=near&test=0.2`); the defaults are the
+    plain folder's behaviour, and a spec with only defaults records no query.
+
+    split: a committed split list (a name under `edgeclf/recipe_files/splits/`, or a .csv path) that assigns
+        every file to train/val/test (or marks it a duplicate); files it does not list are left out.
+    dedup: exact (copies grouped, all kept) | near (exact copies dropped, near copies grouped: `near_hash`
+        within `near` bits) | none.
+    test, val: held-out fractions (seeded, stratified over groups) when there is no list and no folds.
+    frames: clips, frames sampled per clip (overrides the caller's frames_per_clip).
+    roi: clips, `sector` crops every frame with the runtime's own sector detector (`edgeclf run --roi sector`).
+    folds, fold, group: cross-validation: the test split is fold `fold` of `folds`, grouped by clip, by
+        source (`original_source` in clips.csv as written) or by site (that source reduced to its contributor
+        or web site: `_site`); val is drawn from the rest by group.
+    """
+
+    split: str | None = None
+    dedup: str = "exact"
+    near: int = 24
+    test: float | None = None
+    val: float | None = None
+    frames: int | None = None
+    roi: str = "none"
+    folds: int = 0
+    fold: int = 0
+    group: str = "clip"
+
+    def __post_init__(self) -> None:
+        if self.dedup not in ("none", "exact", "near"):
+            raise DataError(f"data option dedup={self.dedup!r} is unknown; allowed: none, exact, near")
+        if not 0 <= self.near <= 64:
+            raise DataError(f"data option near={self.near} is out of range; give a Hamming distance 0..64 (bits of 256)")
+        if self.roi not in ("none", "sector"):
+            raise DataError(f"data option roi={self.roi!r} is unknown; allowed: none, sector")
+        if self.group not in ("clip", "source", "site"):
+            raise DataError(f"data option group={self.group!r} is unknown; allowed: clip, source, site")
+        if self.folds == 1 or self.folds < 0 or (self.folds and not 0 <= self.fold < self.folds):
+            raise DataError(f"data options folds={self.folds} fold={self.fold}: give folds >= 2 and 0 <= fold < folds")
+        if self.frames is not None and self.frames < 1:
+            raise DataError(f"data option frames={self.frames}; sample at least 1 frame per clip")
+        if self.split is not None and self.folds:
+            raise DataError("data options split and folds exclude each other; a split list fixes the test split, folds rotate it")
+
+    def query(self) -> str:
+        """The canonical query ('' when every option is the default)."""
+        out = []
+        for f in ("split", "dedup", "near", "test", "val", "frames", "roi", "folds", "fold", "group"):
+            v = getattr(self, f)
+            if f in ("fold", "group") and self.folds:
+                out.append(f"{f}={v}")  # always named with folds: the spec says which fold it is
+            elif v != getattr(_DEFAULT_OPTIONS, f) and not (f == "near" and self.dedup != "near") \
+                    and f not in ("fold", "group"):
+                out.append(f"{f}={v}")
+        return "&".join(out)
+
+
+_DEFAULT_OPTIONS = FolderOptions()
+_OPTION_TYPES = {"split": str, "dedup": str, "near": int, "test": float, "val": float, "frames": int, "roi": str,
+                 "folds": int, "fold": int, "group": str}
+
+
+def _parse_options(query: str, spec: str) -> FolderOptions:
+    try:
+        pairs = parse_qsl(query, strict_parsing=True, keep_blank_values=False)
+    except ValueError:
+        raise DataError(f"data spec {spec!r} has a malformed query; use e.g. DIR?dedup=near&test=0.2") from None
+    bad = sorted({k for k, _ in pairs} - set(_OPTION_TYPES))
+    if bad:
+        raise DataError(f"data spec {spec!r} has unknown option(s) {bad}; allowed: {', '.join(_OPTION_TYPES)}")
+    kw = {}
+    for k, v in pairs:
+        try:
+            kw[k] = _OPTION_TYPES[k](v)
+        except ValueError:
+            raise DataError(f"data spec {spec!r}: option {k}={v!r} is not a {_OPTION_TYPES[k].__name__}") from None
+    return FolderOptions(**kw)
+
+
+def split_spec(spec: str) -> tuple[str, FolderOptions]:
+    """`DIR?opts` -> (DIR, options). Specs without a query get the defaults."""
+    if spec.startswith("synthetic:") or "?" not in spec:
+        return spec, _DEFAULT_OPTIONS
+    base, _, query = spec.partition("?")
+    return base, _parse_options(query, spec)
+
+
+def with_options(spec: str, **changes) -> str:
+    """The spec with options changed (`with_options("d?dedup=near", fold=2)`); canonical query order."""
+    base, opts = split_spec(spec)
+    import dataclasses
+
+    q = dataclasses.replace(opts, **changes).query()
+    return f"{base}?{q}" if q else base
+
+
+def _site(source: str) -> str:
+    """A clip's `original_source` reduced to where it came from: the contributor before the first comma
+    ("Data contributed by X, file.avi" -> x), a URL's host without www., else the text itself."""
+    import re
+
+    s = source.strip()
+    low = s.lower()
+    if low.startswith("data contributed by"):
+        return s[len("data contributed by"):].split(",")[0].strip().lower() or "unknown"
+    m = re.match(r"https?://([^/\s]+)", low)
+    if m:
+        host = m.group(1)
+        return host[4:] if host.startswith("www.") else host
+    return low or "unknown"
+
+
+def _clip_sources(root: Path) -> dict[str, str]:
+    """clips.csv `file` -> `original_source` as written (whitespace collapsed); {} without a clips.csv."""
+    import csv
+
+    csv_path = root / "clips.csv"
+    if not csv_path.is_file():
+        return {}
+    with open(csv_path, newline="", encoding="utf-8") as f:
+        return {row["file"]: " ".join((row.get("original_source") or "").split()) or "unknown"
+                for row in csv.DictReader(f) if row.get("file")}
+
+
+def near_hash(img: np.ndarray) -> bytes:
+    """A 256-bit difference hash of a 17x16 gray thumbnail (INTER_AREA), 32 bytes: near copies (re-encoded,
+    re-cropped, rescaled, re-windowed) differ in a few bits, different images in about half. Measured on
+    BUSI and the brain MRI set: pairs within 24 bits were the same image or the neighbouring slice of the
+    same scan; distinct BUSI images sit 80-95 bits apart."""
+    import cv2
+
+    g = img if img.ndim == 2 else cv2.cvtColor(img, cv2.COLOR_RGB2GRAY)
+    t = cv2.resize(g, (17, 16), interpolation=cv2.INTER_AREA).astype(np.int16)
+    return np.packbits((t[:, 1:] > t[:, :-1]).reshape(-1)).tobytes()
+
+
+def _near_groups(hashes: list[bytes], threshold: int) -> list[int]:
+    """Single-linkage groups of items within `threshold` bits (union-find); each item's root index."""
+    parent = list(range(len(hashes)))
+
+    def find(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    if not hashes:
+        return []
+    h = np.frombuffer(b"".join(hashes), np.uint8).reshape(len(hashes), -1)
+    table = np.array([bin(i).count("1") for i in range(256)], np.uint8)
+    for i in range(len(h) - 1):
+        dist = table[np.bitwise_xor(h[i + 1 :], h[i])].sum(1, dtype=np.int32)
+        for j in np.flatnonzero(dist <= threshold):
+            a, b = find(i), find(i + 1 + int(j))
+            if a != b:
+                parent[max(a, b)] = min(a, b)
+    return [find(i) for i in range(len(h))]
+
+
+def _split_list_path(name: str) -> Path:
+    p = Path(name).expanduser()
+    if p.suffix == ".csv" and p.is_file():
+        return p
+    packaged = Path(__file__).resolve().parent / "recipe_files" / "splits" / f"{name}.csv"
+    if packaged.is_file():
+        return packaged
+    have = sorted(q.stem for q in packaged.parent.glob("*.csv")) if packaged.parent.is_dir() else []
+    raise DataError(f"split list {name!r} is neither a .csv file nor a committed list; committed: {', '.join(have) or 'none'}")
+
+
+def read_split_list(name: str) -> dict[str, tuple[str, str, str]]:
+    """A committed split list: rel path -> (sha256 prefix, split, group)."""
+    import csv
+
+    path = _split_list_path(name)
+    with open(path, newline="", encoding="utf-8") as f:
+        rows = [r for r in csv.DictReader(line for line in f if not line.startswith("#"))]
+    if not rows or not {"path", "sha256", "split", "group"} <= set(rows[0]):
+        raise DataError(f"split list {path} lacks the columns path, sha256, split, group; regenerate it with python -m edgeclf.recipes splits")
+    return {r["path"]: (r["sha256"], r["split"], r["group"]) for r in rows}
+
+
+# (relative id, group key, label, frames)
+_Row = tuple[str, str, int, list[np.ndarray]]
+
+
+@dataclass
+class _Scan:
+    rows: list[_Row]
+    names: list[str]
+    is_clips: bool
+    file_hash: str
+    assigned: dict[str, str]
+    notes: list[str]
+    split_dirs: bool
+    sources: dict[str, str]
+
+
+def _scan_folder(root: Path, class_map, opts: FolderOptions, frames_per_clip: int) -> _Scan:
     split_dirs = [root / s for s in SPLITS if (root / s).is_dir()]
     if split_dirs and not (root / "train").is_dir():
         raise DataError(f"{root} has {', '.join(p.name for p in split_dirs)} but no train/ folder; add it or remove the split folders")
+    if split_dirs and (opts.split or opts.folds):
+        raise DataError(f"{root} has train/ val/ test/ folders, which fix the split; leave out the split and folds options")
     tops = split_dirs or [root]
     class_names: list[str] = []
     for top in tops:
@@ -324,11 +538,15 @@ def _load_folder(root: Path, class_map, *, seed: int, val_frac: float, test_frac
     if n_video == 0 and n_image == 0:
         raise DataError(f"{root} has class folders but no images ({', '.join(sorted(IMAGE_EXTS))}) or videos in them")
     is_clips = n_video > n_image
+    if not is_clips and (opts.roi != "none" or opts.frames is not None):
+        raise DataError(f"data options roi and frames apply to clip data sets; {root} holds images")
+    k = opts.frames or frames_per_clip
     names, lookup = _apply_class_map(class_names, class_map, str(root))
-    # (relative id, group key, label, loader)
-    items: dict[str, list[tuple[str, str, int, list[np.ndarray]]]] = defaultdict(list)
+    listed = read_split_list(opts.split) if opts.split else None
+    rows: list[_Row] = []
+    assigned: dict[str, str] = {}  # rel -> split, from split folders or the list
     digest = hashlib.sha256(repr(class_map).encode())
-    skipped = 0
+    skipped = unlisted = 0
     for top in tops:
         split_name = top.name if split_dirs else "pool"
         for d in _class_dirs(top):
@@ -343,32 +561,171 @@ def _load_folder(root: Path, class_map, *, seed: int, val_frac: float, test_frac
                 raw = f.read_bytes()
                 h = _hash_bytes(raw)
                 digest.update(f"{rel}:{h}:{d.name}\n".encode())
-                frames = _sample_clip(f, frames_per_clip) if is_clips else [_read_image(f)]
+                if listed is not None:
+                    entry = listed.get(rel)
+                    if entry is None:
+                        unlisted += 1
+                        continue
+                    if not h.startswith(entry[0]):
+                        raise DataError(f"{rel} changed since split list {opts.split!r} was written (its sha256 differs); "
+                                        "restore the file or regenerate the list (python -m edgeclf.recipes splits)")
+                    if entry[1] not in SPLITS:
+                        continue  # a duplicate the list dropped
+                    split_name = entry[1]
+                frames = _sample_clip(f, k, roi=opts.roi) if is_clips else [_read_image(f)]
                 # Exact copies share a group so that they land on one side of the split.
-                group = rel if is_clips else h
-                items[split_name].append((rel, group, lookup[d.name], frames))
+                group = rel if is_clips else (listed[rel][2] if listed is not None else h)
+                rows.append((rel, group, lookup[d.name], frames))
+                assigned[rel] = split_name
     notes = []
     if skipped:
         notes.append(f"ignored {skipped} {'image' if is_clips else 'video'} file(s) in a {'clip' if is_clips else 'image'} data set")
         log.warning(notes[-1])
-    if split_dirs:
-        splits = {s: _to_split(items.get(s, [])) for s in SPLITS}
-    else:
-        splits = _grouped_split(items["pool"], len(names), seed=seed, val_frac=val_frac, test_frac=test_frac)
-        n_dupes = len(items["pool"]) - len({g for _, g, _, _ in items["pool"]})
+    if unlisted:
+        notes.append(f"left out {unlisted} file(s) that split list {opts.split!r} does not name (new files are never trained on silently)")
+        log.warning(notes[-1])
+    if listed is not None:
+        missing = len([r for r, e in listed.items() if e[1] in SPLITS and r.split("/", 1)[0] in lookup]) - len(rows)
+        if missing > 0:
+            notes.append(f"{missing} file(s) named by split list {opts.split!r} are absent")
+            log.warning(notes[-1])
+    sources = _clip_sources(root) if is_clips else {}
+    return _Scan(rows, names, is_clips, digest.hexdigest(), assigned, notes, bool(split_dirs), sources)
+
+
+def _dedup(scan: _Scan, opts: FolderOptions) -> tuple[list[_Row], list[str]]:
+    """Apply `opts.dedup` to an image scan without a split list: returns (rows, notes)."""
+    rows: list[_Row] = scan.rows
+    notes: list[str] = []
+    if scan.is_clips or opts.split:
+        return rows, notes
+    if opts.dedup == "none":
+        return [(rel, rel, y, fr) for rel, _, y, fr in rows], notes
+    n_dupes = len(rows) - len({g for _, g, _, _ in rows})
+    if opts.dedup == "exact":
         if n_dupes:
             notes.append(f"{n_dupes} exact duplicate file(s) grouped with their copies before splitting")
-    licence = _clip_licences(root) if is_clips else None
+        return rows, notes
+    seen: set[str] = set()
+    kept = []
+    for r in rows:
+        if r[1] in seen:
+            continue
+        seen.add(r[1])
+        kept.append(r)
+    roots = _near_groups([near_hash(r[3][0]) for r in kept], opts.near)
+    out = [(rel, kept[roots[i]][0], y, fr) for i, (rel, _, y, fr) in enumerate(kept)]
+    n_groups = len(set(roots))
+    notes.append(f"dropped {n_dupes} exact duplicate file(s); grouped {len(kept) - n_groups} near copies "
+                 f"(difference hash within {opts.near} bits) into {n_groups} groups before splitting")
+    return out, notes
+
+
+def _fold_split(rows: list[_Row], n_classes: int, opts: FolderOptions, sources: dict[str, str], *, seed: int,
+                val_frac: float) -> dict[str, Split]:
+    """Test = fold `opts.fold` of `opts.folds` (stratified, grouped by clip or source); val by group from the rest."""
+    from sklearn.model_selection import StratifiedGroupKFold
+
+    if opts.group == "site":
+        keys = [_site(sources[r[0]]) if r[0] in sources else r[1] for r in rows]
+    else:
+        keys = [sources.get(r[0], r[1]) if opts.group == "source" else r[1] for r in rows]
+    uniq = sorted(set(keys))
+    if len(uniq) < opts.folds:
+        raise DataError(f"{len(uniq)} {opts.group} group(s) cannot fill {opts.folds} folds; use fewer folds or group=clip")
+    y = np.array([r[2] for r in rows])
+    g = np.array([uniq.index(k) for k in keys])
+    cv = StratifiedGroupKFold(n_splits=opts.folds, shuffle=True, random_state=seed)
+    folds = list(cv.split(np.zeros(len(rows)), y, g))
+    test_idx = set(folds[opts.fold][1].tolist())
+    rest = [r for i, r in enumerate(rows) if i not in test_idx]
+    parts = _grouped_split(rest, n_classes, seed=seed, val_frac=val_frac, test_frac=0.0)
+    parts["test"] = _to_split([r for i, r in enumerate(rows) if i in test_idx])
+    return parts
+
+
+def _load_folder(root: Path, class_map, *, seed: int, val_frac: float, test_frac: float, frames_per_clip: int,
+                 opts: FolderOptions = _DEFAULT_OPTIONS, scan: _Scan | None = None) -> Dataset:
+    scan = scan or _scan_folder(root, class_map, opts, frames_per_clip)
+    names, notes = scan.names, list(scan.notes)
+    val_frac = opts.val if opts.val is not None else val_frac
+    test_frac = opts.test if opts.test is not None else test_frac
+    if scan.split_dirs or opts.split:
+        parts: dict[str, list] = {s: [] for s in SPLITS}
+        for row in scan.rows:
+            parts[scan.assigned[row[0]]].append(row)
+        splits = {s: _to_split(parts[s]) for s in SPLITS}
+    else:
+        rows, more = _dedup(scan, opts)
+        notes += more
+        if opts.folds:
+            splits = _fold_split(rows, len(names), opts, scan.sources, seed=seed, val_frac=val_frac)
+        else:
+            splits = _grouped_split(rows, len(names), seed=seed, val_frac=val_frac, test_frac=test_frac)
+    licence = _clip_licences(root) if scan.is_clips else None
     channels = 3 if any(im.ndim == 3 for s in splits.values() for im in s.images[:200]) else 1
+    q = opts.query()
+    # Options change the split, so they are part of the data's identity; plain folders keep their old hash.
+    data_hash = scan.file_hash if not q else _hash_bytes(scan.file_hash.encode(), q.encode())
     return Dataset(
-        spec=str(root), kind="clips" if is_clips else "images", task="binary" if len(names) == 2 else "multiclass",
-        labels=names, splits=splits, data_hash=digest.hexdigest(), licence=licence, channels_hint=channels,
-        modality="ultrasound" if is_clips else "generic", notes=notes,
+        spec=f"{root}?{q}" if q else str(root), kind="clips" if scan.is_clips else "images",
+        task="binary" if len(names) == 2 else "multiclass",
+        labels=names, splits=splits, data_hash=data_hash, licence=licence, channels_hint=channels,
+        modality="ultrasound" if scan.is_clips else "generic", notes=notes,
+        sources={r[0]: _site(scan.sources[r[0]]) if r[0] in scan.sources else r[0] for r in scan.rows} if scan.is_clips else {},
     )
 
 
-def _sample_clip(path: Path, k: int) -> list[np.ndarray]:
-    """k frames evenly spaced over the clip, decoded through the runtime's own video source."""
+def make_split_list(spec: str, *, seed: int = 0) -> tuple[list[tuple[str, str, str, str]], list[str]]:
+    """Split an image folder once, with the spec's options (e.g. `DIR?dedup=near&near=24&test=0.2&val=0.1`),
+    into rows (path, sha256 prefix, split, group) to commit as a split list: exact copies dropped ("duplicate",
+    with their kept copy's group), near copies grouped. Returns (rows sorted by path, notes)."""
+    base, opts = split_spec(spec)
+    root = Path(base).expanduser().resolve()
+    if not root.is_dir() or opts.split or opts.folds:
+        raise DataError(f"a split list is made from an image folder without split or folds options; got {spec}")
+    scan = _scan_folder(root, None, opts, 1)
+    if scan.is_clips or scan.split_dirs:
+        raise DataError(f"{root} holds clips or split folders; split lists are for image folders without train/ val/ test/")
+    sha = {rel: g for rel, g, _, _ in scan.rows}
+    rows, notes = _dedup(scan, opts)
+    parts = _grouped_split(rows, len(scan.names), seed=seed, val_frac=opts.val if opts.val is not None else 0.15,
+                           test_frac=opts.test if opts.test is not None else 0.15)
+    out, group_of_sha = [], {}
+    for name in SPLITS:
+        for rid, grp in zip(parts[name].ids, parts[name].groups):
+            g = sha.get(grp, grp)[:12]
+            out.append((rid, sha[rid][:16], name, g))
+            group_of_sha[sha[rid]] = g
+    kept = {r[0] for r in out}
+    out += [(rel, h[:16], "duplicate", group_of_sha.get(h, h[:12])) for rel, h in sha.items() if rel not in kept]
+    return sorted(out, key=lambda r: natural_key(r[0])), notes
+
+
+def load_folds(spec: str, folds: int, *, classes: str | None = None, seed: int = 0, val_frac: float = 0.15,
+               frames_per_clip: int = 8, group: str = "clip") -> list[Dataset]:
+    """The K data sets of a cross-validation over a folder, decoded once; each one's `spec` is the
+    query spec (`...?folds=K&fold=i`) that rebuilds it alone with `load_dataset`."""
+    base, opts = split_spec(spec)
+    import dataclasses
+
+    path = Path(base).expanduser().resolve()
+    if not path.is_dir():
+        raise DataError(f"--folds needs a folder data set (images or clips); {spec} is not a folder")
+    opts = dataclasses.replace(opts, folds=folds, fold=0, group=group if opts.folds == 0 else opts.group)
+    class_map = parse_class_map(classes)
+    scan = _scan_folder(path, class_map, opts, frames_per_clip)
+    return [
+        _load_folder(path, class_map, seed=seed, val_frac=val_frac, test_frac=0.15, frames_per_clip=frames_per_clip,
+                     opts=dataclasses.replace(opts, fold=i), scan=scan)
+        for i in range(folds)
+    ]
+
+
+def _sample_clip(path: Path, k: int, roi: str = "none") -> list[np.ndarray]:
+    """k frames evenly spaced over the clip, decoded through the runtime's own video source. With
+    roi="sector" every frame goes through the runtime's SectorDetector as `edgeclf run --roi sector` feeds it,
+    and the frames are sampled from the first lock on (before it the runtime shows the whole screen)."""
     from edgeclf.runtime.sources import open_source
 
     try:
@@ -378,8 +735,22 @@ def _sample_clip(path: Path, k: int) -> list[np.ndarray]:
         raise DataError(f"clip {path} could not be decoded ({exc}); remove or re-encode it") from None
     if not frames:
         raise DataError(f"clip {path} has no decodable frames; remove or re-encode it")
-    idx = np.unique(np.linspace(0, len(frames) - 1, num=min(k, len(frames))).round().astype(int))
-    return [_gray_if_equal(frames[i]) for i in idx]
+    start, sectors = 0, None
+    if roi == "sector":
+        from edgeclf.runtime.sector import SectorDetector
+
+        det = SectorDetector()
+        sectors = [det.update(f) for f in frames]
+        first = next((i for i, s in enumerate(sectors) if s.locked), None)
+        if first is None:
+            log.warning("clip %s: no sector found; its frames stay whole", path.name)
+        start = first or 0
+    idx = start + np.unique(np.linspace(0, len(frames) - 1 - start, num=min(k, len(frames) - start)).round().astype(int))
+    if sectors is None:
+        return [_gray_if_equal(frames[i]) for i in idx]
+    from edgeclf.runtime.sector import apply_sector
+
+    return [_gray_if_equal(np.ascontiguousarray(apply_sector(frames[i], sectors[i]))) for i in idx]
 
 
 def _to_split(rows: list[tuple[str, str, int, list[np.ndarray]]]) -> Split:
@@ -395,7 +766,7 @@ def _to_split(rows: list[tuple[str, str, int, list[np.ndarray]]]) -> Split:
 
 def _grouped_split(rows, n_classes: int, *, seed: int, val_frac: float, test_frac: float) -> dict[str, Split]:
     """Stratified by class over groups (duplicate sets or clips), seeded."""
-    if not 0 < val_frac < 1 or not 0 < test_frac < 1 or val_frac + test_frac >= 1:
+    if not 0 < val_frac < 1 or not 0 <= test_frac < 1 or val_frac + test_frac >= 1:
         raise DataError(f"split fractions val={val_frac} test={test_frac} must be in (0, 1) and sum below 1")
     rng = np.random.default_rng(seed)
     by_group: dict[str, list[int]] = defaultdict(list)
@@ -411,7 +782,7 @@ def _grouped_split(rows, n_classes: int, *, seed: int, val_frac: float, test_fra
         n_test = int(round(len(gs) * test_frac))
         n_val = int(round(len(gs) * val_frac))
         if len(gs) >= 3:
-            n_test, n_val = max(n_test, 1), max(n_val, 1)
+            n_test, n_val = max(n_test, 1 if test_frac > 0 else 0), max(n_val, 1)
         for j, g in enumerate(order):
             assign[g] = "test" if j < n_test else "val" if j < n_test + n_val else "train"
     parts: dict[str, list] = {s: [] for s in SPLITS}

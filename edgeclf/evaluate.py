@@ -19,6 +19,19 @@ __all__ = ["evaluate"]
 log = logging.getLogger(__name__)
 
 
+def _with_recorded_options(data_spec: str, recorded: dict[str, Any]) -> str:
+    """A bundle or folder trained on `DIR?options` (a split list, dedup, folds, sector crop) evaluated with a
+    plain `--data DIR` of the same name gets the recorded options, so that its test split is the held-out one."""
+    rec = str(recorded.get("name") or Path(str(recorded.get("spec", "")).partition("?")[0]).name + (
+        "?" + str(recorded.get("spec", "")).partition("?")[2] if "?" in str(recorded.get("spec", "")) else ""))
+    base, _, query = rec.partition("?")
+    if not query or "?" in data_spec or data_spec.startswith("synthetic:"):
+        return data_spec
+    if Path(data_spec.rstrip("/")).name != base:
+        return data_spec
+    return f"{data_spec.rstrip('/')}?{query}"
+
+
 def evaluate(
     target: str,
     *,
@@ -40,7 +53,9 @@ def evaluate(
         model_path, variant = bundle.select(precision, "ort-cpu")
         task, labels, spec, temperature, rule = m.task, list(m.labels), m.preprocess, m.temperature, m.decision
         recorded = m.raw["provenance"].get("data") or {}
-        seed = ((m.raw["provenance"].get("training") or {}).get("config") or {}).get("seed", 0)
+        train_cfg = (m.raw["provenance"].get("training") or {}).get("config") or {}
+        seed = train_cfg.get("seed", 0)
+        min_confidence = float(getattr(m, "min_confidence", 0.0) or 0.0)
         source = f"bundle (onnxruntime, {variant})"
 
         def infer(x: np.ndarray) -> np.ndarray:
@@ -56,14 +71,18 @@ def evaluate(
         tm = load_trained(path)
         task, labels, spec, temperature, rule = tm.task, tm.labels, tm.preprocess, tm.temperature, tm.decision
         recorded = tm.run.get("data", {})
-        seed = tm.run.get("config", {}).get("seed", 0)
+        train_cfg = tm.run.get("config", {}) or {}
+        seed = train_cfg.get("seed", 0)
+        min_confidence = 0.0
         source = "training folder (torch)"
         infer = tm.logits
     # Bundles name their data without workstation paths: a synthetic spec is its own name.
     data_spec = data or recorded.get("spec") or (recorded.get("name") if str(recorded.get("name", "")).startswith("synthetic:") else None)
     if not data_spec:
         raise ConfigError(f"{target} does not say where its data is (bundles keep no workstation paths); pass --data SPEC")
-    ds = load_dataset(data_spec, classes=classes if classes is not None else recorded.get("classes"), seed=seed)
+    data_spec = _with_recorded_options(data_spec, recorded)
+    ds = load_dataset(data_spec, classes=classes if classes is not None else recorded.get("classes"), seed=seed,
+                      frames_per_clip=int(train_cfg.get("frames_per_clip", 8)))
     same_set = data is None or ds.name == (recorded.get("name") or Path(str(recorded.get("spec", ""))).name)
     if same_set and recorded.get("hash") and ds.data_hash != recorded["hash"] and split != "all":
         # Re-splitting changed data can move training images into the test split.
@@ -83,6 +102,11 @@ def evaluate(
         "data": {"spec": data_spec, "split": split, "n": len(sp), "hash": ds.data_hash},
         "metrics": evaluate_predictions(probs, sp.labels, task, rule, labels, n_boot=n_boot, seed=0),
     }
+    if ds.kind == "clips" and task != "multilabel":
+        from edgeclf.metrics import clip_metrics
+
+        # Clip-level figures: the aggregation `edgeclf run` applies at the end of a clip (edgeclf.runtime.clips).
+        report["clips"] = clip_metrics(probs, sp.labels, sp.ids, rule, labels, min_confidence=min_confidence, n_boot=n_boot, seed=0)
     if out:
         o = Path(out)
         o.mkdir(parents=True, exist_ok=True)

@@ -21,7 +21,8 @@ from edgeclf.calibration import _as_labels, _as_probs, _check_task
 from edgeclf.errors import ConfigError, DataError
 from edgeclf.runtime.postprocess import DecisionRule, decide, rule_kind_for_task
 
-__all__ = ["evaluate_predictions", "expected_calibration_error", "plot_roc", "plot_confusion", "ECE_BINS"]
+__all__ = ["evaluate_predictions", "expected_calibration_error", "plot_roc", "plot_confusion", "ECE_BINS", "decision_metrics",
+           "clip_metrics"]
 
 logger = logging.getLogger(__name__)
 
@@ -252,6 +253,121 @@ def evaluate_predictions(
     out["ece"] = expected_calibration_error(p, y, task)
     out["operating_point"] = rule.to_dict()
     return out
+
+
+def _balanced(y: NDArray[np.int64], pred: NDArray[np.int64], k: int) -> float:
+    sens = [np.mean(pred[y == c] == c) for c in range(k) if (y == c).any()]
+    return float(np.mean(sens)) if sens else float("nan")
+
+
+def decision_metrics(
+    labels: npt.ArrayLike,
+    decisions: npt.ArrayLike,
+    label_names: Sequence[str],
+    *,
+    groups: Sequence[str] | None = None,
+    n_boot: int = 1000,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Accuracy, balanced accuracy, per-class sensitivity and the confusion matrix of class decisions
+    (N,) int against labels (N,) int; a decision of -1 is an abstention (counted, left out of the figures).
+
+    The 95% intervals are percentile bootstraps over `groups` when given (a cluster bootstrap: frames of one
+    clip are not independent), else over items.
+    """
+    y = np.asarray(labels, dtype=np.int64).reshape(-1)
+    d = np.asarray(decisions, dtype=np.int64).reshape(-1)
+    if y.shape != d.shape:
+        raise ConfigError(f"{y.shape[0]} labels but {d.shape[0]} decisions; give one decision per item")
+    names = [str(n) for n in label_names]
+    k = len(names)
+    g = np.asarray(groups if groups is not None else np.arange(len(y)).astype(str))
+    keep = d >= 0
+    y, d, g = y[keep], d[keep], g[keep]
+    out: dict[str, Any] = {"n": int(len(y)), "abstained": int((~keep).sum())}
+    if len(y) == 0:
+        return {**out, "accuracy": None, "balanced_accuracy": None, "per_class": {}, "confusion_matrix": []}
+    cm = np.zeros((k, k), np.int64)
+    np.add.at(cm, (y, d), 1)
+    out["accuracy"] = float(np.mean(y == d))
+    out["balanced_accuracy"] = _balanced(y, d, k)
+    out["per_class"] = {
+        names[c]: {"sensitivity": _ratio(cm[c, c], cm[c].sum()), "precision": _ratio(cm[c, c], cm[:, c].sum()),
+                   "support": int(cm[c].sum())}
+        for c in range(k)
+    }
+    out["confusion_matrix"] = cm.tolist()
+    if n_boot > 0:
+        rng = np.random.default_rng(seed)
+        uniq, inv = np.unique(g, return_inverse=True)
+        members = [np.flatnonzero(inv == j) for j in range(len(uniq))]
+        acc, bal = [], []
+        for _ in range(n_boot):
+            idx = np.concatenate([members[j] for j in rng.integers(0, len(uniq), len(uniq))])
+            acc.append(np.mean(y[idx] == d[idx]))
+            bal.append(_balanced(y[idx], d[idx], k))
+        out["accuracy_ci95"] = [float(np.quantile(acc, 0.025)), float(np.quantile(acc, 0.975))]
+        out["balanced_accuracy_ci95"] = [float(np.nanquantile(bal, 0.025)), float(np.nanquantile(bal, 0.975))]
+        out["n_boot"] = int(n_boot)
+        out["bootstrap_unit"] = "group" if groups is not None else "item"
+    return out
+
+
+def clip_metrics(
+    probs: npt.ArrayLike,
+    labels: npt.ArrayLike,
+    frame_ids: Sequence[str],
+    rules: DecisionRule | Sequence[DecisionRule],
+    label_names: Sequence[str],
+    *,
+    folds: Sequence[int] | None = None,
+    min_confidence: float = 0.0,
+    n_boot: int = 1000,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Clip-level figures from frame probabilities (N, K) and frame ids `clip#j`, aggregated by
+    `edgeclf.runtime.clips.aggregate_clip` (mean probability and majority vote, abstained frames excluded),
+    with frame-level figures beside them (bootstrapped over clips). Pooled out-of-fold predictions pass
+    one rule per fold and each frame's fold in `folds`."""
+    from edgeclf.runtime.clips import aggregate_clip, group_frames
+
+    p = np.asarray(probs, dtype=np.float64)
+    y = np.asarray(labels, dtype=np.int64).reshape(-1)
+    rule_list = [rules] if isinstance(rules, DecisionRule) else list(rules)
+    fold = np.zeros(len(y), np.int64) if folds is None else np.asarray(folds, np.int64)
+    frame_dec = np.full(len(y), -1, np.int64)
+    for f, rule in enumerate(rule_list):
+        sel = fold == f
+        if sel.any():
+            frame_dec[sel] = decide(p[sel], rule)
+    if min_confidence > 0:
+        frame_dec[p.max(1) < min_confidence] = -1
+    clips = group_frames(frame_ids)
+    clip_ids = [str(i).split("#", 1)[0] for i in frame_ids]
+    per_clip, cy, cmean, cvote = [], [], [], []
+    for cid, rows in clips.items():
+        labs = set(y[rows].tolist())
+        if len(labs) != 1:
+            raise DataError(f"clip {cid} has frames of several classes {sorted(labs)}; clip labels must be one class")
+        res = aggregate_clip(list(p[rows]), rule=rule_list[int(fold[rows[0]])], min_confidence=min_confidence)
+        cy.append(int(y[rows[0]]))
+        cmean.append(-1 if res.mean is None else res.mean)
+        cvote.append(-1 if res.vote is None else res.vote)
+        per_clip.append({"clip": cid, "label": str(label_names[cy[-1]]),
+                         "mean": None if res.mean is None else str(label_names[res.mean]),
+                         "vote": None if res.vote is None else str(label_names[res.vote]),
+                         "frames": res.frames, "used": res.used,
+                         "mean_probs": None if res.mean_probs is None else [round(v, 4) for v in res.mean_probs],
+                         **({"fold": int(fold[rows[0]])} if folds is not None else {})})
+    return {
+        "clips": len(per_clip),
+        "frames": int(len(y)),
+        "aggregation": "mean probability (the decision rule on the mean) and majority vote; abstained frames excluded",
+        "clip_mean": decision_metrics(cy, cmean, label_names, n_boot=n_boot, seed=seed),
+        "clip_vote": decision_metrics(cy, cvote, label_names, n_boot=n_boot, seed=seed),
+        "frame": decision_metrics(y, frame_dec, label_names, groups=clip_ids, n_boot=n_boot, seed=seed),
+        "per_clip": per_clip,
+    }
 
 
 def _new_figure(width: float, height: float) -> Any:

@@ -22,7 +22,8 @@ from edgeclf.errors import ConfigError, DataError, ModelError
 from edgeclf.runtime.postprocess import DecisionRule, probabilities
 from edgeclf.runtime.preprocess import Preprocessor, PreprocessSpec
 
-__all__ = ["TrainConfig", "train", "default_size", "load_trained", "TrainedModel", "package_versions", "AUGMENTS"]
+__all__ = ["TrainConfig", "train", "cross_validate", "default_size", "load_trained", "TrainedModel", "package_versions", "AUGMENTS",
+           "dist_info"]
 
 log = logging.getLogger(__name__)
 AUGMENTS = ("auto", "ultrasound", "xray", "generic", "none")
@@ -50,6 +51,12 @@ class TrainConfig:
     augment: str = "auto"
     frames_per_clip: int = 8
     threads: int | None = None
+    # Cross-validation: K folds (0 = one train/val/test split), grouped by `group`: clip, source (clips.csv
+    # original_source as written) or site (that source reduced to its contributor or web site); both fall back to clip.
+    folds: int = 0
+    group: str = "source"
+    # The recipe this run came from (name); its resolved settings are recorded in run.json["recipe"].
+    recipe: str | None = None
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.patience < 1 or self.frames_per_clip < 1:
@@ -70,6 +77,10 @@ class TrainConfig:
             raise ConfigError(f"augment is {self.augment!r}; allowed: {', '.join(AUGMENTS)}")
         if self.size is not None and not 16 <= self.size <= 1024:
             raise ConfigError(f"size is {self.size}; expected 16..1024 pixels")
+        if self.folds == 1 or self.folds < 0 or self.folds > 20:
+            raise ConfigError(f"folds is {self.folds}; give 2..20 for cross-validation or 0 for one split")
+        if self.group not in ("clip", "source", "site"):
+            raise ConfigError(f"group is {self.group!r}; allowed: clip, source, site")
 
 
 def package_versions(*names: str) -> dict[str, str]:
@@ -291,6 +302,41 @@ def _distill(student: Any, teacher: Any, task: str, t: float) -> Any:
     return F.binary_cross_entropy_with_logits(student / t, torch.sigmoid(teacher / t)) * t * t
 
 
+def dist_info() -> tuple[int, int]:
+    """(rank, world size) of a torchrun process group, initialising it on first use (gloo on CPU, NCCL
+    on GPU); (0, 1) outside torchrun."""
+    import os
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1
+    import torch
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+    return dist.get_rank(), dist.get_world_size()
+
+
+def _sync_buffers(model: Any) -> None:
+    import torch.distributed as dist
+
+    for buf in model.buffers():
+        dist.broadcast(buf, src=0)
+
+
+def _agreed_stop(stop: bool, world: int) -> bool:
+    """Rank 0 decides early stopping for all: every process must run the same number of steps."""
+    if world <= 1:
+        return stop
+    import torch
+    import torch.distributed as dist
+
+    flag = torch.tensor([1 if stop else 0], dtype=torch.int64)
+    dist.broadcast(flag, src=0)
+    return bool(flag.item())
+
+
 def fit(
     model: Any,
     p: _Prepared,
@@ -321,22 +367,38 @@ def fit(
     mean_t = torch.tensor(spec.mean, dtype=torch.float32).view(1, -1, 1, 1)
     std_t = torch.tensor(spec.std, dtype=torch.float32).view(1, -1, 1, 1)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
-    steps_per_epoch = max(1, int(np.ceil(len(p.xtr) / batch_size)))
+    rank, world = dist_info()
+    gen = torch.Generator().manual_seed(seed + rank)  # each process augments its own shard differently
+    net: Any = model
+    sampler: Any = None
+    if world > 1:
+        # One process per shard (torchrun): DistributedDataParallel averages the gradients, so a global batch
+        # of `batch_size` is split over the processes and the schedule matches a single-process run.
+        from torch.nn.parallel import DistributedDataParallel
+        from torch.utils.data import DistributedSampler
+
+        net = DistributedDataParallel(model)
+        sampler = DistributedSampler(range(len(p.xtr)), num_replicas=world, rank=rank, shuffle=True, seed=seed)  # type: ignore[arg-type]
+        batch_size = max(2, batch_size // world)
+    steps_per_epoch = max(1, int(np.ceil((len(sampler) if sampler is not None else len(p.xtr)) / batch_size)))
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=epochs * steps_per_epoch, pct_start=0.15)
-    gen = torch.Generator().manual_seed(seed)
     history: list[dict[str, Any]] = []
     best = (-1.0, 0, copy.deepcopy(model.state_dict()))
     best_loss = float("inf")
     for epoch in range(epochs):
         model.train()
-        perm = torch.randperm(len(p.xtr), generator=gen)
+        if sampler is not None:
+            sampler.set_epoch(epoch)
+            perm = torch.tensor(list(sampler), dtype=torch.int64)
+        else:
+            perm = torch.randperm(len(p.xtr), generator=gen)
         total = 0.0
-        for i in range(0, len(p.xtr), batch_size):
+        for i in range(0, len(perm), batch_size):
             idx = perm[i : i + batch_size]
             if len(idx) < 2:
-                continue  # BatchNorm cannot train on one sample
+                continue  # BatchNorm cannot train on one sample (shards have equal lengths: every process skips alike)
             xb = (_augment(p.xtr[idx].float() * spec.scale, p.profile, gen) - mean_t) / std_t
-            out = model(xb)
+            out = net(xb)
             loss = loss_fn(out, ytr[idx])
             if teacher is not None:
                 with torch.no_grad():
@@ -347,12 +409,14 @@ def fit(
             opt.step()
             sched.step()
             total += loss.item() * len(idx)
+        if world > 1:
+            _sync_buffers(model)  # BatchNorm statistics: rank 0's, so that every process validates the same model
         lv = torch_logits(model, p.xva)
         auc = _macro_auc(probabilities(lv, ds.task), yva, ds.task, p.positive)
         with torch.no_grad():
             vloss = float(loss_fn(torch.from_numpy(lv), yva_t))
         auc_or_none = None if np.isnan(auc) else auc
-        history.append({"epoch": epoch + 1, "loss": total / len(p.xtr), "val_auc": auc_or_none, "val_loss": vloss})
+        history.append({"epoch": epoch + 1, "loss": total / max(1, len(perm)), "val_auc": auc_or_none, "val_loss": vloss})
         # Validation AUC decides; on a tie (small or easy sets saturate at 1.0) the lower validation loss.
         auc_cmp = -1.0 if auc_or_none is None else auc
         if auc_cmp > best[0] + 1e-4 or (auc_cmp >= best[0] - 1e-4 and vloss < best_loss):
@@ -360,7 +424,7 @@ def fit(
             best_loss = vloss
         if on_epoch is not None:
             on_epoch({**history[-1], "epochs": epochs, "best_epoch": best[1], "best_val_auc": best[0]})
-        if epoch + 1 - best[1] >= patience:
+        if _agreed_stop(epoch + 1 - best[1] >= patience, world):
             log.info("early stop at epoch %d (best val AUC %.4f at %d)", epoch + 1, best[0], best[1])
             break
     model.load_state_dict(best[2])
@@ -400,20 +464,49 @@ def save_run(out: Path, model: Any, p: _Prepared, meta: dict[str, Any], record: 
     (out / "run.json").write_text(json.dumps(record, indent=2, allow_nan=False))
 
 
-def train(cfg: TrainConfig, *, on_epoch: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+def train(cfg: TrainConfig, *, on_epoch: Callable[[dict[str, Any]], None] | None = None,
+          recipe: dict[str, Any] | None = None) -> dict[str, Any]:
     """Train, calibrate and record; returns the run record (also written to `<out>/run.json`).
 
     `on_epoch` receives each epoch's record plus the best so far (the CLI draws its progress bar
-    from it; the library itself never prints).
+    from it; the library itself never prints). With `cfg.folds` it cross-validates (`cross_validate`).
+    `recipe` (see `edgeclf.recipes`) is recorded as run.json["recipe"] and copied as recipe.toml.
+
+    Under torchrun (WORLD_SIZE > 1) every process trains on its shard of each batch and only rank 0
+    writes the folder; the others return {"rank": r, "world_size": w}.
     """
+    if cfg.folds:
+        return cross_validate(cfg, on_epoch=on_epoch, recipe=recipe)
+    t_start = time.time()
+    ds = load_dataset(cfg.data, classes=cfg.classes, seed=cfg.seed, frames_per_clip=cfg.frames_per_clip)
+    record, model, p = _train_on(ds, cfg, on_epoch=on_epoch, recipe=recipe)
+    rank, world = dist_info()
+    record["seconds"] = round(time.time() - t_start, 1)
+    if world > 1:
+        record["distributed"] = {"world_size": world, "backend": _backend_name()}
+    if rank != 0:
+        return {"rank": rank, "world_size": world}
+    save_run(Path(cfg.out), model, p, record.pop("_meta"), record)
+    if recipe is not None and recipe.get("_text"):
+        (Path(cfg.out) / "recipe.toml").write_text(recipe["_text"])
+    return record
+
+
+def _backend_name() -> str | None:
+    import torch.distributed as dist
+
+    return dist.get_backend() if dist.is_initialized() else None
+
+
+def _train_on(ds: Dataset, cfg: TrainConfig, *, on_epoch: Callable[[dict[str, Any]], None] | None,
+              recipe: dict[str, Any] | None) -> tuple[dict[str, Any], Any, _Prepared]:
+    """Fit, calibrate and measure on a loaded data set; returns (record with its "_meta", model, prepared data)."""
     import torch
 
     from edgeclf.models import create_model, model_info, normalization
     from edgeclf.runtime.backends import default_threads
 
-    t_start = time.time()
     info = model_info(cfg.model)
-    ds = load_dataset(cfg.data, classes=cfg.classes, seed=cfg.seed, frames_per_clip=cfg.frames_per_clip)
     for s in ("train", "val"):
         if len(ds.splits.get(s, [])) == 0:
             raise DataError(f"data set {cfg.data} has an empty {s} split; it needs train and val images")
@@ -436,6 +529,12 @@ def train(cfg: TrainConfig, *, on_epoch: Callable[[dict[str, Any]], None] | None
                               patience=cfg.patience, seed=cfg.seed, on_epoch=on_epoch)
     temperature, rule, metrics = calibrate_and_measure(model, p, target_sensitivity=cfg.target_sensitivity, seed=cfg.seed,
                                                        operating_point=cfg.operating_point)
+    if ds.kind == "clips" and len(ds.splits.get("test", [])):
+        from edgeclf.metrics import clip_metrics
+
+        pt = probabilities(torch_logits(model, p.pre.batch(ds.splits["test"].images)), ds.task, temperature)
+        metrics["test_clips"] = clip_metrics(pt, ds.splits["test"].labels, ds.splits["test"].ids, rule, ds.labels,
+                                             n_boot=1000, seed=cfg.seed)
     meta = {
         "architecture": cfg.model,
         "num_outputs": n_out,
@@ -446,7 +545,7 @@ def train(cfg: TrainConfig, *, on_epoch: Callable[[dict[str, Any]], None] | None
         "decision": rule.to_dict(),
         "pretrained": cfg.pretrained,
     }
-    record = {
+    record: dict[str, Any] = {
         "config": asdict(cfg),
         "data": {"spec": ds.spec, "kind": ds.kind, "hash": ds.data_hash, "licence": ds.licence, "classes": cfg.classes,
                  "sizes": {s: len(v) for s, v in ds.splits.items()}, "notes": ds.notes, "augment": p.profile},
@@ -455,8 +554,86 @@ def train(cfg: TrainConfig, *, on_epoch: Callable[[dict[str, Any]], None] | None
         "history": history,
         "metrics": metrics,
         "threads": threads,
+        "packages": package_versions(),
+        "_meta": meta,
+    }
+    if ds.kind == "clips":
+        record["data"]["clips"] = {s: len({i.split("#", 1)[0] for i in v.ids}) for s, v in ds.splits.items()}
+    if recipe is not None:
+        record["recipe"] = {k: v for k, v in recipe.items() if not k.startswith("_")}
+    return record, model, p
+
+
+def cross_validate(cfg: TrainConfig, *, on_epoch: Callable[[dict[str, Any]], None] | None = None,
+                   recipe: dict[str, Any] | None = None) -> dict[str, Any]:
+    """K-fold cross-validation over a folder data set, grouped by clip or by source (clips.csv
+    `original_source`, reduced to its site), stratified by class. Each fold is an ordinary training folder
+    (`<out>/fold-<i>`, its test split the held-out fold, its recorded spec `...?folds=K&fold=i` rebuilding
+    exactly that split); `<out>/cv.json` holds the pooled out-of-fold figures (each fold's own temperature
+    and operating point), clip-level for clip data sets, with bootstrap intervals."""
+    import dataclasses
+
+    from edgeclf.data import load_folds
+    from edgeclf.metrics import clip_metrics, decision_metrics
+
+    if dist_info()[1] > 1:
+        raise ConfigError("--folds runs its folds one after another in one process; run it without torchrun")
+    t_start = time.time()
+    datasets = load_folds(cfg.data, cfg.folds, classes=cfg.classes, seed=cfg.seed, frames_per_clip=cfg.frames_per_clip,
+                          group=cfg.group)
+    out = Path(cfg.out)
+    folds, probs, labels, ids, fold_of, rules = [], [], [], [], [], []
+    for i, ds in enumerate(datasets):
+        fcfg = dataclasses.replace(cfg, data=ds.spec, out=str(out / f"fold-{i}"), folds=0)
+
+        def tagged(rec: dict[str, Any], i: int = i) -> None:
+            if on_epoch is not None:
+                on_epoch({**rec, "fold": i, "folds": cfg.folds})
+
+        t0 = time.time()
+        record, model, p = _train_on(ds, fcfg, on_epoch=tagged, recipe=recipe)
+        record["seconds"] = round(time.time() - t0, 1)
+        save_run(Path(fcfg.out), model, p, record.pop("_meta"), record)
+        test = ds.splits["test"]
+        temperature = record["model"]["temperature"]
+        probs.append(probabilities(torch_logits(model, p.pre.batch(test.images)), ds.task, temperature))
+        labels.append(test.labels)
+        ids += list(test.ids)
+        fold_of += [i] * len(test)
+        rules.append(DecisionRule.from_dict(record["model"]["decision"]))
+        held = sorted({x.split("#", 1)[0] for x in test.ids})
+        folds.append({"fold": i, "out": fcfg.out, "spec": ds.spec, "test_items": len(test), "test_clips": len(held),
+                      "test_sources": sorted({ds.sources.get(c, c) for c in held}) if ds.sources else None,
+                      "sizes": record["data"]["sizes"], "best_epoch": record["best_epoch"], "seconds": record["seconds"],
+                      "test": {k: record["metrics"]["test"].get(k) for k in ("accuracy", "balanced_accuracy")}})
+        del model
+    ds0 = datasets[0]
+    pr, y = np.concatenate(probs), np.concatenate(labels)
+    fold_arr = np.array(fold_of)
+    pooled: dict[str, Any] = {"items": int(len(y)), "task": ds0.task, "labels": ds0.labels}
+    if ds0.kind == "clips":
+        pooled.update(clip_metrics(pr, y, ids, rules, ds0.labels, folds=fold_of, n_boot=2000, seed=cfg.seed))
+    else:
+        from edgeclf.runtime.postprocess import decide
+
+        dec = np.concatenate([decide(pr[fold_arr == f], r) for f, r in enumerate(rules)])
+        order = np.concatenate([np.flatnonzero(fold_arr == f) for f in range(len(rules))])
+        pooled["decisions"] = decision_metrics(y[order], dec, ds0.labels, n_boot=2000, seed=cfg.seed)
+    auc = _macro_auc(pr, y, ds0.task, _positive_index(ds0, cfg.positive))
+    pooled["frame_auc_macro"] = None if np.isnan(auc) else auc
+    result = {
+        "config": asdict(cfg),
+        "data": {"spec": cfg.data, "name": ds0.name.split("?", 1)[0], "hash": ds0.data_hash, "kind": ds0.kind,
+                 "grouped_by": cfg.group, "notes": ds0.notes},
+        "folds": folds,
+        "pooled_out_of_fold": pooled,
         "seconds": round(time.time() - t_start, 1),
         "packages": package_versions(),
     }
-    save_run(Path(cfg.out), model, p, meta, record)
-    return record
+    if recipe is not None:
+        result["recipe"] = {k: v for k, v in recipe.items() if not k.startswith("_")}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "cv.json").write_text(json.dumps(result, indent=2))
+    if recipe is not None and recipe.get("_text"):
+        (out / "recipe.toml").write_text(recipe["_text"])
+    return result

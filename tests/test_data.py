@@ -735,3 +735,156 @@ def test_dataset_name_carries_no_workstation_path(tmp_path: Path) -> None:
     ds = load_dataset(str(root) + "/")
     assert Path(ds.spec).is_absolute() and ds.name == "pocus"
     assert str(tmp_path) not in ds.name
+
+
+# -- folder options: near-copy dedup, committed split lists, folds, sector crop ------------------------
+
+from edgeclf.data import FolderOptions, make_split_list, split_spec, with_options  # noqa: E402
+
+
+def _textured(seed: int, size: int = 64) -> np.ndarray:
+    """A smooth random image (structure at thumbnail scale, so the difference hash sees it)."""
+    small = np.random.default_rng(seed).integers(0, 256, (8, 8), dtype=np.uint8)
+    return cv2.resize(small, (size, size), interpolation=cv2.INTER_CUBIC)
+
+
+def test_spec_options_parse_and_canonical_query() -> None:
+    base, opts = split_spec("/d/busi?test=0.2&dedup=near")
+    assert base == "/d/busi" and opts == FolderOptions(dedup="near", test=0.2)
+    assert with_options("/d/busi?test=0.2&dedup=near") == "/d/busi?dedup=near&test=0.2"
+    assert with_options("/d/busi", dedup="exact") == "/d/busi"  # defaults leave no query
+    assert with_options("/d/p?folds=5&fold=1&group=source", fold=3) == "/d/p?folds=5&fold=3&group=source"
+    for bad in ("/d?dedup=fuzzy", "/d?colour=1", "/d?near=x", "/d?folds=5&fold=5", "/d?split=a&folds=3", "/d?roi=box"):
+        with pytest.raises(DataError) as exc:
+            split_spec(bad)
+        _one_line(exc)
+
+
+def test_options_refused_on_npz_and_images(tmp_path: Path) -> None:
+    np.savez(tmp_path / "m.npz", **_medmnist_arrays({"train": 6, "val": 4, "test": 4}))
+    with pytest.raises(DataError) as exc:
+        load_dataset(str(tmp_path / "m.npz") + "?dedup=near")
+    assert "apply to folders" in _one_line(exc)
+    _image_tree(tmp_path / "imgs", {"a": 4, "b": 4})
+    with pytest.raises(DataError) as exc:
+        load_dataset(str(tmp_path / "imgs") + "?roi=sector")
+    assert "clip data sets" in _one_line(exc)
+
+
+def test_near_copies_grouped_exact_copies_dropped(tmp_path: Path) -> None:
+    root = tmp_path / "imgs"
+    for cls, seeds in {"a": range(0, 12), "b": range(100, 112)}.items():
+        for s in seeds:
+            _write(root / cls / f"i{s}.png", _textured(s))
+    base = _textured(0)
+    _write(root / "a" / "near_bright.png", np.clip(base.astype(int) + 6, 0, 255).astype(np.uint8))
+    _write(root / "a" / "near_crop.png", cv2.resize(base[2:62, 2:62], (64, 64)))
+    (root / "a" / "z_copy.png").write_bytes((root / "a" / "i0.png").read_bytes())  # sorts after i0: i0 is kept
+    for seed in range(4):
+        ds = load_dataset(f"{root}?dedup=near&test=0.25&val=0.25", seed=seed)
+        where = _split_of(ds)
+        assert "a/z_copy.png" not in where and len(where) == 26  # the exact copy is dropped, the rest kept
+        assert where["a/i0.png"] == where["a/near_bright.png"] == where["a/near_crop.png"]
+        assert any("dropped 1 exact" in n for n in ds.notes)
+    # Distinct images are not merged: more than 20 groups remain.
+    rows, _ = make_split_list(f"{root}?dedup=near&test=0.25&val=0.25")
+    assert len({r[3] for r in rows}) >= 20
+    assert {r[0]: r[2] for r in rows}["a/z_copy.png"] == "duplicate"
+    assert {r[0]: r[3] for r in rows}["a/z_copy.png"] == {r[0]: r[3] for r in rows}["a/i0.png"]
+
+
+def test_committed_split_list_round_trip(tmp_path: Path) -> None:
+    import csv
+
+    root = tmp_path / "imgs"
+    _image_tree(root, {"a": 10, "b": 10})
+    rows, _ = make_split_list(f"{root}?dedup=near&test=0.2&val=0.2", seed=1)
+    lst = tmp_path / "list.csv"
+    with open(lst, "w", newline="") as f:
+        f.write("# a comment line\n")
+        w = csv.writer(f)
+        w.writerow(["path", "sha256", "split", "group"])
+        w.writerows(rows)
+    ds = load_dataset(f"{root}?split={lst}")
+    assert _split_of(ds) == {r[0]: r[2] for r in rows}
+    assert ds.name == f"imgs?split={lst}"
+    # A new file is left out (never trained on silently), with a note; a changed file is refused.
+    _write(root / "a" / "new.png", _gray(999))
+    ds2 = load_dataset(f"{root}?split={lst}")
+    assert "a/new.png" not in _split_of(ds2) and any("does not name" in n for n in ds2.notes)
+    assert ds2.data_hash != ds.data_hash
+    _write(root / "a" / "img0.png", _gray(998))
+    with pytest.raises(DataError) as exc:
+        load_dataset(f"{root}?split={lst}")
+    assert "changed since split list" in _one_line(exc)
+    with pytest.raises(DataError) as exc:
+        load_dataset(f"{root}?split=no-such-list")
+    assert "committed" in _one_line(exc)
+
+
+def _clip_tree(root: Path, per_class: int = 4, n_frames: int = 6) -> Path:
+    """root/<class>/c<k>.avi plus a clips.csv naming one source site per clip index."""
+    lines = ["file,label,license,original_source"]
+    for cls in ("covid19", "pneumonia", "regular"):
+        for k in range(per_class):
+            _write_clip(root / cls / f"c{k}.avi", n_frames)
+            src = f"Data contributed by Site A, video{k}.avi" if k < 2 else f"https://www.site{k}.org/page{k}"
+            lines.append(f'{cls}/c{k}.avi,{cls},CC BY 4.0,"{src}"')
+    (root / "clips.csv").write_text("\n".join(lines) + "\n")
+    return root
+
+
+def test_site_of_original_source() -> None:
+    from edgeclf.data import _site
+
+    assert _site("Data contributed by Northumbria Specialist Emergency Care Hospital, Image004.avi") == \
+        "northumbria specialist emergency care hospital"
+    assert _site("http://www.thepocusatlas.com/covid19 (Day3)") == "thepocusatlas.com"
+    assert _site("https://litfl.com/pneumonia-case-004/") == "litfl.com"
+    assert _site("charlotte") == "charlotte" and _site("") == "unknown"
+
+
+def test_folds_grouped_by_source(tmp_path: Path) -> None:
+    from edgeclf.data import load_folds
+
+    root = _clip_tree(tmp_path / "pocus")
+    # As written, Site A's two clips are two sources; reduced to sites they are one group.
+    by_source = load_folds(str(root), 3, frames_per_clip=2, group="source")
+    assert by_source[0].spec.endswith("group=source")
+    dss = load_folds(str(root), 3, frames_per_clip=2, group="site")
+    seen: dict[str, int] = {}
+    for i, ds in enumerate(dss):
+        assert ds.spec == f"{root}?folds=3&fold={i}&group=site"
+        test_clips = {x.split("#")[0] for x in ds.splits["test"].ids}
+        rest = {x.split("#")[0] for s in ("train", "val") for x in ds.splits[s].ids}
+        assert test_clips and not test_clips & rest
+        for c in test_clips:
+            assert c not in seen
+            seen[c] = i
+        # No site on both sides.
+        assert not {ds.sources[c] for c in test_clips} & {ds.sources[c] for c in rest}
+        # The recorded spec rebuilds the same fold alone.
+        assert load_dataset(ds.spec, frames_per_clip=2).split_lists() == ds.split_lists()
+    assert len(seen) == 12  # every clip held out exactly once
+
+
+def test_sector_crop_of_clips(tmp_path: Path) -> None:
+    from edgeclf.runtime.sources import open_source
+
+    with open_source("synthetic:ultrasound?frames=24&size=128&seed=1") as s:
+        frames = [f.image for f in s]
+    root = tmp_path / "us"
+    for cls in ("a", "b"):
+        for k in range(3):
+            path = root / cls / f"c{k}.avi"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            vw = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 10, (128, 128))
+            for f in frames:
+                vw.write(cv2.cvtColor(f, cv2.COLOR_GRAY2BGR))
+            vw.release()
+    plain = load_dataset(str(root), frames_per_clip=3)
+    cropped = load_dataset(f"{root}?roi=sector&frames=3")
+    assert cropped.spec.endswith("?frames=3&roi=sector")
+    assert all(im.shape[:2] == (128, 128) for im in plain.split("all").images)
+    shapes = {im.shape[:2] for im in cropped.split("all").images}
+    assert len(cropped.split("all")) == 18 and all(h < 128 and w < 128 for h, w in shapes), shapes

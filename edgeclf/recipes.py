@@ -1,0 +1,242 @@
+"""Recipes: tested, versioned answers to a point-of-care task, as small TOML files.
+
+A recipe (``edgeclf/recipe_files/<name>.toml``) holds the training settings (any `TrainConfig` field), the
+data options added to the data spec (dedup, committed split list, sector crop, frames per clip), the
+compression settings `edgeclf export` applies, and the published figures it is compared with::
+
+    name = "brain-mri"
+    version = 1
+    description = "..."
+
+    [data]                 # folder options appended to --data as its query (see edgeclf.data.FolderOptions)
+    split = "brain-mri"    # a committed split list under edgeclf/recipe_files/splits/
+
+    [train]                # TrainConfig fields
+    model = "efficientnet_lite0"
+    pretrained = true
+
+    [export]               # ExportConfig fields `edgeclf export --model RUN` takes from run.json["recipe"]["export"]
+    precision = "auto"
+
+    [variants.breastmnist] # applied when --data names this data set (its file or folder stem)
+    data = {}              # a variant's data table replaces the recipe's
+    train = { size = 32 }  # and its train/export tables update the recipe's
+
+    [splits]               # how the committed split list was made (python -m edgeclf.recipes splits NAME --data DIR)
+    dedup = "near"
+
+    [reference]            # published figures, for the results table
+    text = "..."
+
+Precedence: TrainConfig defaults < recipe < explicit CLI flags. The training folder records the
+resolved recipe in run.json["recipe"] (name, version, sha256 of the file, variant, data options,
+train, export, evaluate, reference) and a copy of the file as recipe.toml.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import sys
+from pathlib import Path
+from typing import Any
+
+from edgeclf.errors import ConfigError
+
+__all__ = ["Recipe", "RECIPE_DIR", "EXPORT_FIELDS", "list_recipes", "load_recipe", "resolve_recipe", "recipe_data_spec"]
+
+RECIPE_DIR = Path(__file__).resolve().parent / "recipe_files"
+# The ExportConfig fields a recipe may set (the rest are about the data or the output, not the recipe).
+EXPORT_FIELDS = ("precision", "max_drop", "min_agreement", "calibration", "calibration_n", "qat_epochs", "device",
+                 "target_sensitivity")
+_TOP_KEYS = {"name", "version", "description", "data", "train", "export", "evaluate", "variants", "splits", "reference"}
+_EVALUATE_KEYS = {"aggregate"}
+_SPLIT_KEYS = {"dedup", "near", "test", "val", "seed"}
+
+
+def _toml() -> Any:
+    if sys.version_info >= (3, 11):
+        import tomllib
+
+        return tomllib
+    try:
+        import tomli
+    except ImportError:
+        raise ConfigError("reading a recipe needs tomllib (Python 3.11+) or the tomli package; pip install tomli") from None
+    return tomli
+
+
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+    name: str
+    version: int
+    description: str
+    path: Path
+    text: str
+    data: dict[str, Any]
+    train: dict[str, Any]
+    export: dict[str, Any]
+    evaluate: dict[str, Any]
+    variants: dict[str, dict[str, Any]]
+    splits: dict[str, Any]
+    reference: dict[str, Any]
+
+    @property
+    def sha256(self) -> str:
+        return hashlib.sha256(self.text.encode()).hexdigest()
+
+
+def list_recipes() -> list[str]:
+    return sorted(p.stem for p in RECIPE_DIR.glob("*.toml"))
+
+
+def _train_fields() -> dict[str, Any]:
+    from edgeclf.train import TrainConfig
+
+    return {f.name: f for f in dataclasses.fields(TrainConfig) if f.name not in ("data", "out", "recipe")}
+
+
+def _check_table(where: str, table: Any, allowed: dict[str, Any] | set[str] | tuple[str, ...]) -> dict[str, Any]:
+    if not isinstance(table, dict):
+        raise ConfigError(f"{where} must be a table, got {type(table).__name__}")
+    bad = sorted(set(table) - set(allowed))
+    if bad:
+        raise ConfigError(f"{where}.{bad[0]} is not a known setting; allowed: {', '.join(sorted(allowed))}")
+    return dict(table)
+
+
+def _check_train_types(where: str, table: dict[str, Any]) -> None:
+    fields = _train_fields()
+    for k, v in table.items():
+        want = str(fields[k].type)
+        ok = (("bool" in want and isinstance(v, bool)) or ("int" in want and isinstance(v, int) and not isinstance(v, bool))
+              or ("float" in want and isinstance(v, (int, float)) and not isinstance(v, bool))
+              or ("str" in want and isinstance(v, str)))
+        if not ok:
+            raise ConfigError(f"{where}.{k} is {v!r}; expected {want.replace(' | None', '')}")
+
+
+def load_recipe(name: str) -> Recipe:
+    """A recipe by name (`edgeclf/recipe_files/NAME.toml`) or by path to a .toml file, validated."""
+    p = Path(name).expanduser()
+    path = p if p.suffix == ".toml" and p.is_file() else RECIPE_DIR / f"{name}.toml"
+    if not path.is_file():
+        raise ConfigError(f"recipe {name!r} is unknown; allowed: {', '.join(list_recipes())} or a path to a .toml file")
+    text = path.read_text(encoding="utf-8")
+    try:
+        doc = _toml().loads(text)
+    except Exception as exc:  # tomllib.TOMLDecodeError
+        raise ConfigError(f"recipe {path} is not valid TOML ({exc}); fix the file") from None
+    where = f"recipe {path.stem}"
+    _check_table(where, doc, _TOP_KEYS)
+    fields = _train_fields()
+    train = _check_table(f"{where}: train", doc.get("train", {}), fields)
+    _check_train_types(f"{where}: train", train)
+    export = _check_table(f"{where}: export", doc.get("export", {}), EXPORT_FIELDS)
+    evaluate = _check_table(f"{where}: evaluate", doc.get("evaluate", {}), _EVALUATE_KEYS)
+    data = _check_table(f"{where}: data", doc.get("data", {}), _data_keys())
+    splits = _check_table(f"{where}: splits", doc.get("splits", {}), _SPLIT_KEYS)
+    variants = _check_table(f"{where}: variants", doc.get("variants", {}), set(doc.get("variants", {})))
+    for vname, v in variants.items():
+        vw = f"{where}: variants.{vname}"
+        _check_table(vw, v, {"data", "train", "export", "splits", "reference"})
+        _check_train_types(f"{vw}.train", _check_table(f"{vw}.train", v.get("train", {}), fields))
+        _check_table(f"{vw}.export", v.get("export", {}), EXPORT_FIELDS)
+        _check_table(f"{vw}.data", v.get("data", {}), _data_keys())
+    version = doc.get("version", 1)
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise ConfigError(f"{where}.version is {version!r}; expected an integer")
+    return Recipe(name=str(doc.get("name", path.stem)), version=version, description=str(doc.get("description", "")),
+                  path=path, text=text, data=data, train=train, export=export, evaluate=evaluate, variants=variants,
+                  splits=splits, reference=dict(doc.get("reference", {})))
+
+
+def _data_keys() -> set[str]:
+    from edgeclf.data import FolderOptions
+
+    return {f.name for f in dataclasses.fields(FolderOptions)}
+
+
+def _variant_name(recipe: Recipe, data: str) -> str | None:
+    base = data.partition("?")[0].rstrip("/")
+    stem = Path(base).stem.lower() if not base.startswith("synthetic:") else base.split(":", 1)[1].split("?")[0]
+    return stem if stem in recipe.variants else None
+
+
+def recipe_data_spec(data: str, options: dict[str, Any]) -> str:
+    """The data spec with the recipe's folder options added; options the spec already names win."""
+    if not options or data.startswith("synthetic:"):
+        return data
+    from edgeclf.data import split_spec, with_options
+
+    base, given = split_spec(data)
+    query = data.partition("?")[2]
+    named = {kv.split("=", 1)[0] for kv in query.split("&") if kv}
+    merged = {k: v for k, v in options.items() if k not in named}
+    return with_options(data, **merged) if merged else data
+
+
+def resolve_recipe(recipe: Recipe, data: str, cli: dict[str, Any]) -> tuple[dict[str, Any], str, dict[str, Any]]:
+    """Merge defaults < recipe (< its variant for this data) < explicit CLI values. Returns (TrainConfig keyword
+    arguments without data/out, the data spec with the recipe's options, the record for run.json["recipe"])."""
+    variant = _variant_name(recipe, data)
+    v = recipe.variants.get(variant, {}) if variant else {}
+    train = {**recipe.train, **v.get("train", {})}
+    export = {**recipe.export, **v.get("export", {})}
+    options = dict(v["data"]) if "data" in v else dict(recipe.data)
+    spec = recipe_data_spec(data, options)
+    kwargs = {**train, **cli}
+    record = {
+        "name": recipe.name, "version": recipe.version, "sha256": recipe.sha256, "variant": variant,
+        "data_options": options, "train": train, "export": export, "evaluate": dict(recipe.evaluate),
+        "overridden": sorted(k for k in cli if k in train and cli[k] != train[k]),
+        "reference": {**recipe.reference, **v.get("reference", {})}, "_text": recipe.text,
+    }
+    return kwargs, spec, record
+
+
+def _main(argv: list[str] | None = None) -> int:
+    """`python -m edgeclf.recipes list | splits NAME --data DIR [--out CSV] [--variant V]`: list recipes or
+    (re)write a committed split list with the recipe's [splits] settings."""
+    import argparse
+
+    from edgeclf.data import make_split_list, with_options
+
+    ap = argparse.ArgumentParser(prog="python -m edgeclf.recipes")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    sub.add_parser("list")
+    sp = sub.add_parser("splits")
+    sp.add_argument("name")
+    sp.add_argument("--data", required=True)
+    sp.add_argument("--out", default=None)
+    a = ap.parse_args(argv)
+    if a.cmd == "list":
+        for n in list_recipes():
+            r = load_recipe(n)
+            print(f"{n}  v{r.version}  {r.description}")
+        return 0
+    r = load_recipe(a.name)
+    variant = _variant_name(r, a.data)
+    cfg = {**r.splits, **(r.variants.get(variant, {}).get("splits", {}) if variant else {})}
+    seed = int(cfg.pop("seed", 0))
+    spec = with_options(a.data.partition("?")[0], **cfg)
+    rows, notes = make_split_list(spec, seed=seed)
+    name = ((r.variants.get(variant, {}) if variant else {}).get("data") or r.data).get("split") or a.name
+    out = Path(a.out) if a.out else RECIPE_DIR / "splits" / f"{name}.csv"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    counts = {s: sum(1 for x in rows if x[2] == s) for s in ("train", "val", "test", "duplicate")}
+    head = [f"# edgeclf split list for recipe {r.name}: data {Path(a.data.partition('?')[0]).name}, options {spec.partition('?')[2]}, seed {seed}",
+            f"# {'; '.join(notes)}", f"# counts: {counts}", "# sha256 is a prefix of the file's sha256; group ties near copies together",
+            "path,sha256,split,group"]
+    import csv
+    import io
+
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerows(rows)
+    out.write_text("\n".join(head) + "\n" + buf.getvalue())
+    print(f"wrote {out}: {counts}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(_main())

@@ -1,0 +1,104 @@
+"""Clip-level aggregation (edgeclf.runtime.clips): mean probability and majority vote, abstained frames excluded."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from edgeclf.errors import ConfigError
+from edgeclf.runtime.clips import aggregate_clip, aggregate_records, group_frames
+from edgeclf.runtime.postprocess import DecisionRule
+
+
+def test_mean_and_vote_can_disagree() -> None:
+    # Two frames mildly for class 0, one frame strongly for class 1: the vote says 0, the mean says 1.
+    probs = [[0.55, 0.45, 0.0], [0.55, 0.45, 0.0], [0.0, 1.0, 0.0]]
+    r = aggregate_clip(probs)
+    assert r.vote == 0 and r.mean == 1
+    assert r.votes == (2, 1, 0) and r.frames == 3 and r.used == 3 and r.abstained == 0
+    assert r.mean_probs is not None and r.mean_probs[1] == pytest.approx(1.9 / 3)
+
+
+def test_abstained_frames_are_excluded() -> None:
+    probs = [None, [0.1, 0.9], None, [0.2, 0.8]]
+    r = aggregate_clip(probs)
+    assert r.used == 2 and r.abstained == 2 and r.mean == 1 and r.vote == 1
+    assert r.mean_probs == pytest.approx((0.15, 0.85))
+    # Below min_confidence a frame abstains too: only the confident frame is left.
+    r = aggregate_clip([[0.6, 0.4], [0.05, 0.95]], min_confidence=0.9)
+    assert r.used == 1 and r.mean == 1 and r.vote == 1
+
+
+def test_all_abstained_has_no_decision() -> None:
+    r = aggregate_clip([None, None], labels=["a", "b"])
+    assert r.mean is None and r.vote is None and r.used == 0 and r.abstained == 2
+    assert r.to_dict()["mean_label"] is None
+
+
+def test_vote_tie_goes_to_higher_mean_then_lower_index() -> None:
+    r = aggregate_clip([[0.6, 0.4], [0.1, 0.9]])
+    assert r.votes == (1, 1) and r.vote == 1  # mean 0.35 vs 0.65
+    r = aggregate_clip([[0.7, 0.3], [0.3, 0.7]])
+    assert r.vote == 0  # equal means: lower index
+    assert aggregate_clip([[0.3, 0.7], [0.7, 0.3]]).vote == 0  # order does not matter
+
+
+def test_decision_rule_is_applied_to_frames_and_mean() -> None:
+    # Binary with a low operating point on the positive class 1: 0.3 already counts as positive.
+    rule = DecisionRule(kind="threshold", thresholds=(0.25,), positive=1)
+    r = aggregate_clip([[0.7, 0.3], [0.8, 0.2], [0.72, 0.28]], rule=rule)
+    assert r.votes == (1, 2) and r.vote == 1 and r.mean == 1  # argmax would say 0 everywhere
+    mr = DecisionRule(kind="max-ratio", thresholds=(0.9, 0.1))
+    assert aggregate_clip([[0.8, 0.2]], rule=mr).mean == 1
+
+
+def test_records_match_arrays() -> None:
+    labels = ["covid19", "pneumonia", "regular"]
+    recs = [
+        {"frame": 0, "probs": {"covid19": 0.2, "pneumonia": 0.7, "regular": 0.1}, "abstain": True, "abstain_reason": "settling"},
+        {"frame": 1, "probs": None, "abstain": True, "abstain_reason": "dark"},
+        {"frame": 2, "probs": {"covid19": 0.6, "pneumonia": 0.3, "regular": 0.1}, "abstain": False},
+    ]
+    a = aggregate_records(recs, labels)
+    b = aggregate_clip([[0.2, 0.7, 0.1], None, [0.6, 0.3, 0.1]], labels=labels)
+    assert a == b and a.used == 2  # "settling" is the smoother's, not the frame's: the frame counts
+    d = a.to_dict()
+    assert d["mean_label"] == "pneumonia" and d["votes"] == {"covid19": 1, "pneumonia": 1, "regular": 0}
+    with pytest.raises(ConfigError, match="lack class"):
+        aggregate_records([{"probs": {"a": 1.0}}], labels)
+
+
+def test_errors_are_one_line() -> None:
+    with pytest.raises(ConfigError):
+        aggregate_clip([[0.5, 0.5], [0.2, 0.3, 0.5]])
+    with pytest.raises(ConfigError):
+        aggregate_clip([[0.5, 0.5]], min_confidence=1.5)
+    with pytest.raises(ConfigError):
+        aggregate_clip([[0.5, 0.5]], rule=DecisionRule(kind="multilabel", thresholds=(0.5, 0.5)))
+
+
+def test_group_frames() -> None:
+    assert group_frames(["a.mp4#0", "b.mp4#0", "a.mp4#1", "c.png"]) == {"a.mp4": [0, 2], "b.mp4": [1], "c.png": [3]}
+
+
+def test_no_torch_import() -> None:
+    code = "import sys, edgeclf.runtime.clips; assert 'torch' not in sys.modules, 'torch imported'"
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def test_incremental_aggregator_matches_and_keeps_no_frames() -> None:
+    import numpy as np
+
+    from edgeclf.runtime.clips import ClipAggregator
+
+    rng = np.random.default_rng(0)
+    probs = [None if i % 7 == 0 else list(rng.dirichlet([1, 1, 1])) for i in range(500)]
+    agg = ClipAggregator(labels=["a", "b", "c"], min_confidence=0.4)
+    for p in probs:
+        agg.add(p)
+        if p is not None:
+            assert agg.result().used <= agg.frames
+    assert agg.result() == aggregate_clip(probs, labels=["a", "b", "c"], min_confidence=0.4)
+    # Constant memory: only running sums and counts are held, whatever the clip's length.
+    assert not any(isinstance(v, list) for v in vars(agg).values())

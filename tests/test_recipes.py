@@ -1,0 +1,119 @@
+"""Recipes: packaged TOML files load and resolve; precedence defaults < recipe < CLI; the run records its recipe."""
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+from collections import defaultdict
+from pathlib import Path
+
+import pytest
+
+from edgeclf.errors import ConfigError, EdgeclfError
+from edgeclf.recipes import RECIPE_DIR, list_recipes, load_recipe, resolve_recipe
+from tests.conftest import run_cli, shared
+
+RECIPES = ["brain-mri", "breast-us", "chest-xray", "lung-pocus"]
+
+
+def test_packaged_recipes_load_and_build_configs() -> None:
+    from edgeclf.train import TrainConfig
+
+    assert set(RECIPES) <= set(list_recipes())
+    datas = {"brain-mri": ["/d/brain_mri"], "breast-us": ["/d/busi", "/d/medmnist/breastmnist.npz"],
+             "chest-xray": ["/d/medmnist/pneumoniamnist.npz"], "lung-pocus": ["/d/pocus"]}
+    for name in RECIPES:
+        r = load_recipe(name)
+        assert r.name == name and r.version >= 1 and r.description and len(r.sha256) == 64
+        for data in datas[name]:
+            kwargs, spec, rec = resolve_recipe(r, data, {})
+            TrainConfig(data=spec, out="x", **kwargs)  # every value passes TrainConfig's validation
+            assert rec["name"] == name and rec["export"].get("precision") in ("auto", "fp32")
+            assert spec.startswith(data)
+    # The variant follows the data: BreastMNIST takes the compact CNN and no folder options.
+    kwargs, spec, rec = resolve_recipe(load_recipe("breast-us"), "/d/breastmnist.npz", {})
+    assert spec == "/d/breastmnist.npz" and kwargs["model"] == "compact" and rec["variant"] == "breastmnist"
+    kwargs, spec, rec = resolve_recipe(load_recipe("breast-us"), "/d/busi", {})
+    assert spec == "/d/busi?split=busi" and kwargs["model"] == "efficientnet_lite0" and rec["variant"] is None
+    kwargs, spec, _ = resolve_recipe(load_recipe("lung-pocus"), "/d/pocus", {})
+    assert spec == "/d/pocus?frames=8&roi=sector" and kwargs["folds"] == 5 and kwargs["group"] == "site"
+    assert "viral" not in kwargs["classes"]
+
+
+def test_cli_values_win_and_options_given_win() -> None:
+    r = load_recipe("lung-pocus")
+    kwargs, spec, rec = resolve_recipe(r, "/d/pocus?frames=4", {"epochs": 2, "size": 64})
+    assert kwargs["epochs"] == 2 and kwargs["size"] == 64 and kwargs["model"] == "efficientnet_lite0"
+    assert spec == "/d/pocus?frames=4&roi=sector"  # the spec's own frames=4 wins over the recipe's
+    assert rec["overridden"] == ["epochs", "size"]
+
+
+def test_bad_recipes_are_one_line_errors(tmp_path: Path) -> None:
+    cases = {
+        "unknown.toml": 'name = "x"\n[train]\nepochz = 3\n',
+        "type.toml": '[train]\nepochs = "many"\n',
+        "top.toml": 'colour = 1\n',
+        "export.toml": '[export]\nprecision = "auto"\nmagic = 1\n',
+        "broken.toml": '[train\n',
+    }
+    for fname, text in cases.items():
+        (tmp_path / fname).write_text(text)
+        with pytest.raises(ConfigError) as exc:
+            load_recipe(str(tmp_path / fname))
+        msg = str(exc.value)
+        assert msg and "\n" not in msg, msg
+    with pytest.raises(ConfigError) as exc:
+        load_recipe(str(tmp_path / "unknown.toml"))
+    assert "train.epochz" in str(exc.value)
+    with pytest.raises(EdgeclfError, match="allowed: brain-mri"):
+        load_recipe("no-such-recipe")
+
+
+def test_train_with_recipe_records_it(tmp_path: Path) -> None:
+    pytest.importorskip("torch")
+    recipe = tmp_path / "tiny.toml"
+    recipe.write_text('name = "tiny"\nversion = 3\ndescription = "test"\n[train]\nmodel = "compact"\nsize = 32\nepochs = 3\n'
+                      'patience = 2\nlr = 0.004\n[export]\nprecision = "int8"\nmax_drop = 0.05\n')
+    out = tmp_path / "run"
+    res = run_cli("train", "--recipe", str(recipe), "--data", "synthetic:ultrasound?n=120&size=48&seed=1", "--out", str(out),
+                  "--epochs", "1", "--threads", "1", "--json")
+    assert res.returncode == 0, res.stderr
+    run = json.loads((out / "run.json").read_text())
+    assert run["config"]["epochs"] == 1  # CLI flag wins over the recipe's 3
+    assert run["config"]["size"] == 32 and run["config"]["lr"] == 0.004  # recipe over defaults
+    assert run["config"]["patience"] == 2 and run["config"]["recipe"] == "tiny"
+    assert run["recipe"]["export"] == {"precision": "int8", "max_drop": 0.05}
+    assert run["recipe"]["version"] == 3 and run["recipe"]["overridden"] == ["epochs"]
+    assert run["recipe"]["sha256"] == hashlib.sha256(recipe.read_bytes()).hexdigest()
+    assert (out / "recipe.toml").read_text() == recipe.read_text()
+
+
+def _read_list(name: str) -> list[dict[str, str]]:
+    with open(RECIPE_DIR / "splits" / f"{name}.csv", newline="") as f:
+        return list(csv.DictReader(line for line in f if not line.startswith("#")))
+
+
+@pytest.mark.parametrize("name", ["brain-mri", "busi"])
+def test_committed_split_lists_are_consistent(name: str) -> None:
+    rows = _read_list(name)
+    assert len({r["path"] for r in rows}) == len(rows)
+    by_group: dict[str, set[str]] = defaultdict(set)
+    for r in rows:
+        assert r["split"] in ("train", "val", "test", "duplicate") and len(r["sha256"]) == 16
+        if r["split"] != "duplicate":
+            by_group[r["group"]].add(r["split"])
+    assert all(len(s) == 1 for s in by_group.values())  # no group of near copies straddles splits
+    kept = [r for r in rows if r["split"] != "duplicate"]
+    assert len({r["sha256"] for r in kept}) == len(kept)  # no exact copies left
+    test_share = sum(r["split"] == "test" for r in kept) / len(kept)
+    assert 0.17 < test_share < 0.23
+
+
+@pytest.mark.shared_data
+@pytest.mark.parametrize(("name", "folder", "n"), [("brain-mri", "brain_mri", 5708), ("busi", "busi", 624)])
+def test_committed_split_lists_match_the_data(name: str, folder: str, n: int) -> None:
+    root = shared(folder)
+    rows = _read_list(name)
+    assert len(rows) == n
+    for r in rows:
+        assert hashlib.sha256((root / r["path"]).read_bytes()).hexdigest().startswith(r["sha256"]), r["path"]
