@@ -64,3 +64,35 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture
+def notify_socket():
+    """A systemd-style notify socket (unix datagram) to receive sd_notify messages in tests."""
+    import shutil
+    import socket
+    import tempfile
+
+    # A short folder: unix socket paths are limited to about 107 bytes, pytest's tmp_path can be longer.
+    folder = tempfile.mkdtemp(prefix="sdn")
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    s.bind(str(Path(folder) / "notify"))
+    s.settimeout(2)
+    try:
+        yield s
+    finally:
+        s.close()
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def notify_messages(s) -> list[str]:
+    """Every message waiting on a notify socket, in order (stops after 0.2 s of silence)."""
+    import socket
+
+    out = []
+    s.settimeout(0.2)
+    try:
+        while True:
+            out.append(s.recv(4096).decode())
+    except (socket.timeout, BlockingIOError):
+        return out

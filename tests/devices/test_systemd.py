@@ -5,39 +5,14 @@ import re
 import shutil
 import socket
 import subprocess
-import tempfile
 from pathlib import Path
-from typing import Iterator, List
 
 import pytest
 
 from edgeclf.devices.systemd import Notifier, sd_notify
+from tests.conftest import notify_messages
 
 DEPLOY = Path(__file__).resolve().parents[2] / "devices" / "deploy"
-
-
-@pytest.fixture
-def notify_socket() -> Iterator[socket.socket]:
-    # A short folder: unix socket paths are limited to about 107 bytes, pytest's tmp_path can be longer.
-    folder = tempfile.mkdtemp(prefix="sdn")
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    s.bind(str(Path(folder) / "notify"))
-    s.settimeout(2)
-    try:
-        yield s
-    finally:
-        s.close()
-        shutil.rmtree(folder, ignore_errors=True)
-
-
-def _received(s: socket.socket) -> List[str]:
-    out = []
-    s.settimeout(0.2)
-    try:
-        while True:
-            out.append(s.recv(4096).decode())
-    except (socket.timeout, BlockingIOError):
-        return out
 
 
 def test_sd_notify_sends_the_state(notify_socket: socket.socket):
@@ -79,7 +54,7 @@ def test_notifier_pings_at_half_the_watchdog_interval(notify_socket: socket.sock
     n.stopping()
     assert sent == [True, False, False, True, False, True]
     assert n.pings == 3
-    assert _received(notify_socket) == ["READY=1\nSTATUS=classifying", "WATCHDOG=1", "WATCHDOG=1", "WATCHDOG=1", "STOPPING=1"]
+    assert notify_messages(notify_socket) == ["READY=1\nSTATUS=classifying", "WATCHDOG=1", "WATCHDOG=1", "WATCHDOG=1", "STOPPING=1"]
 
 
 def test_notifier_is_inert_outside_systemd_and_for_other_pids(notify_socket: socket.socket):

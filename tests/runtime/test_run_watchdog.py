@@ -2,48 +2,25 @@
 unix datagram socket; a watched folder keeps pinging while it waits, a silent camera does not."""
 from __future__ import annotations
 
-import shutil
 import socket
-import tempfile
 from pathlib import Path
-from typing import Iterator, List, Optional
+from typing import List, Optional
 
 import pytest
 
 from edgeclf.devices.systemd import Notifier
 from edgeclf.runtime import app
+from tests.conftest import notify_messages
 from tests.runtime.tiny_bundle import make_tiny_bundle
 
 
-@pytest.fixture
-def listener() -> Iterator[socket.socket]:
-    folder = tempfile.mkdtemp(prefix="sdn")
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    s.bind(str(Path(folder) / "notify"))
-    try:
-        yield s
-    finally:
-        s.close()
-        shutil.rmtree(folder, ignore_errors=True)
-
-
-def _drain(s: socket.socket) -> List[str]:
-    s.settimeout(0.2)
-    out = []
-    try:
-        while True:
-            out.append(s.recv(4096).decode())
-    except socket.timeout:
-        return out
-
-
-def test_run_notifies_ready_watchdog_and_stopping(tmp_path: Path, listener: socket.socket):
+def test_run_notifies_ready_watchdog_and_stopping(tmp_path: Path, notify_socket: socket.socket):
     pytest.importorskip("cv2")
     bundle = make_tiny_bundle(tmp_path / "b")
     # WATCHDOG_USEC 2 us: every frame may ping (half the interval has always passed).
-    n = Notifier(env={"NOTIFY_SOCKET": listener.getsockname(), "WATCHDOG_USEC": "2"})
+    n = Notifier(env={"NOTIFY_SOCKET": notify_socket.getsockname(), "WATCHDOG_USEC": "2"})
     s = app.run_bundle(str(bundle), "synthetic:ultrasound?frames=6&size=64", notifier=n, reconnect=False)
-    got = _drain(listener)
+    got = notify_messages(notify_socket)
     # The status names the kind of source, never its URI (a path may carry a patient's name).
     assert got[0].startswith("READY=1\nSTATUS=classifying a synthetic source") and got[-1] == "STOPPING=1"
     assert "ultrasound?frames" not in got[0]
