@@ -232,9 +232,32 @@ def evaluate(target: str, data_spec, split, classes, precision, out, threads, as
 def export(model, from_onnx, from_torch, weights, data_spec, classes, split, out, no_samples, labels, task, size, channels, mean, std,
            target_sensitivity, positive, overwrite, precision, max_drop, min_agreement, calibration, calibration_n, qat_epochs, device,
            as_json: bool) -> None:
-    """Export ONNX (opset 17), check parity on real images, and write a verified bundle."""
+    """Export ONNX (opset 17), check parity on real images, and write a verified bundle.
+
+    A training folder made from a recipe brings the recipe's [export] settings (precision, gate, calibration);
+    flags given here override them."""
     from edgeclf.export.bundle_writer import ExportConfig, export_bundle
 
+    if model:
+        from click.core import ParameterSource
+
+        from edgeclf.recipes import recorded_export
+
+        found = recorded_export(model)
+        if found:
+            ctx = click.get_current_context()
+            name, settings = found
+            applied = {k: v for k, v in settings.items() if ctx.get_parameter_source(k) != ParameterSource.COMMANDLINE}
+            if applied:
+                values = {"precision": precision, "max_drop": max_drop, "min_agreement": min_agreement, "calibration": calibration,
+                          "calibration_n": calibration_n, "qat_epochs": qat_epochs, "device": device,
+                          "target_sensitivity": target_sensitivity, **applied}
+                precision, max_drop, min_agreement, calibration = (values[k] for k in ("precision", "max_drop", "min_agreement", "calibration"))
+                calibration_n, qat_epochs, device, target_sensitivity = (values[k] for k in ("calibration_n", "qat_epochs", "device",
+                                                                                             "target_sensitivity"))
+                if not as_json:
+                    shown = ", ".join(f"{k}={v}" for k, v in applied.items())
+                    click.echo(f"recipe {name}: export settings {shown} (a flag on this command line overrides one)", err=True)
     cfg = ExportConfig(out=out, model=model, from_onnx=from_onnx, from_torch=from_torch, weights=weights, data=data_spec,
                        classes=classes, split=split, samples=not no_samples, labels=labels, task=task, size=size,
                        channels=int(channels) if channels else None, mean=mean, std=std, target_sensitivity=target_sensitivity,
@@ -814,6 +837,10 @@ def _print_run(s: dict[str, Any]) -> None:
     clip = s.get("clip") or {}
     if clip.get("majority_label") is not None:
         click.echo(f"clip: majority {clip['majority_label']}, abstain rate {clip.get('abstain_rate', 0):.3f}")
+    dec = clip.get("decision") or {}
+    if dec.get("frames"):
+        click.echo(f"clip decision (as `edgeclf evaluate` aggregates): mean probability {dec['mean_label']}, majority vote "
+                   f"{dec['vote_label']}, over {dec['used']} of {dec['frames']} frames ({dec['abstained']} abstained)")
     src = s.get("source_stats") or {}
     lost = {k: v for k, v in src.items() if k in ("dropped", "skipped", "reconnects", "timeouts") and v}
     if lost:

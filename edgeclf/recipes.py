@@ -42,7 +42,8 @@ from typing import Any
 
 from edgeclf.errors import ConfigError
 
-__all__ = ["Recipe", "RECIPE_DIR", "EXPORT_FIELDS", "list_recipes", "load_recipe", "resolve_recipe", "recipe_data_spec"]
+__all__ = ["Recipe", "RECIPE_DIR", "EXPORT_FIELDS", "list_recipes", "load_recipe", "resolve_recipe", "recipe_data_spec",
+           "recorded_export"]
 
 RECIPE_DIR = Path(__file__).resolve().parent / "recipe_files"
 # The ExportConfig fields a recipe may set (the rest are about the data or the output, not the recipe).
@@ -192,6 +193,21 @@ def resolve_recipe(recipe: Recipe, data: str, cli: dict[str, Any]) -> tuple[dict
         "reference": {**recipe.reference, **v.get("reference", {})}, "_text": recipe.text,
     }
     return kwargs, spec, record
+
+
+def recorded_export(model_dir: str | Path) -> tuple[str, dict[str, Any]] | None:
+    """(recipe name, its [export] settings) recorded in a training folder's run.json, or None when the folder
+    was not trained from a recipe. A pruned folder carries its parent's record."""
+    import json
+
+    path = Path(model_dir) / "run.json"
+    if not path.is_file():
+        return None
+    rec = json.loads(path.read_text()).get("recipe")
+    if not isinstance(rec, dict):
+        return None
+    export = {k: v for k, v in (rec.get("export") or {}).items() if k in EXPORT_FIELDS}
+    return str(rec.get("name")), export
 
 
 def _main(argv: list[str] | None = None) -> int:

@@ -181,6 +181,8 @@ def export_bundle(cfg: ExportConfig) -> dict[str, Any]:
         cfg_rec = dict(tm.run.get("config") or {})
         cfg_rec.pop("data", None), cfg_rec.pop("out", None)  # workstation paths stay on the workstation
         provenance.update(source="trained", training={"config": cfg_rec, **{k: tm.run.get(k) for k in ("best_epoch", "seconds", "packages")}})
+        if tm.run.get("recipe"):
+            provenance["recipe"] = {k: tm.run["recipe"].get(k) for k in ("name", "version", "sha256", "variant", "export")}
         if tm.run.get("pruning"):
             pr = tm.run["pruning"]
             provenance["pruning"] = {k: pr.get(k) for k in ("target_macs", "macs", "params", "latency_ms", "pays", "verdict", "parent")}

@@ -562,6 +562,7 @@ def prune_trained(cfg: PruneConfig, *, on_epoch: Optional[Callable[[Dict[str, An
     meta = {**tm.meta, "temperature": temperature, "decision": rule.to_dict(), "pruned": True}
     record = {
         **{k: run.get(k) for k in ("config", "data")},
+        **({"recipe": run["recipe"]} if run.get("recipe") else {}),  # export keeps applying the recipe's settings
         "model": {**meta, "parameters": params1},
         "best_epoch": steps[-1]["best_epoch"],
         "history": history,

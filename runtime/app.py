@@ -213,7 +213,13 @@ def run_bundle(
     b = load_bundle(bundle_path, trusted_key=trusted_key)
     m = b.manifest
     sinks: List[Sink] = list(extra_sinks or [])
-    clip = SummarySink(summary_path, labels=list(m.labels))
+    aggregator = None
+    if m.task != "multilabel":
+        from edgeclf.runtime.clips import ClipAggregator
+
+        floor = m.min_confidence if opts.min_confidence is None else float(opts.min_confidence)
+        aggregator = ClipAggregator(rule=m.decision, min_confidence=floor, labels=list(m.labels))
+    clip = SummarySink(summary_path, labels=list(m.labels), aggregator=aggregator)
     stop = threading.Event()
     # Source and backend first: a typo in --source must not truncate an earlier results file.
     be, variant = open_backend(b, backend, precision=precision, threads=threads, options=bopts)

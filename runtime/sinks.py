@@ -29,6 +29,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from edgeclf.errors import ConfigError, DataError, EdgeclfError
+from edgeclf.runtime.clips import ClipAggregator
 
 __all__ = [
     "Sink",
@@ -546,7 +547,7 @@ class SummarySink(Sink):
 
     def __init__(
         self, path: Union[str, os.PathLike[str], None] = None, *, labels: Optional[Sequence[str]] = None,
-        max_gap_s: float = 1.0,
+        max_gap_s: float = 1.0, aggregator: Optional[ClipAggregator] = None,
     ) -> None:
         self.path = None if path is None else os.fspath(path)
         self.labels = None if labels is None else tuple(str(x) for x in labels)
@@ -557,20 +558,31 @@ class SummarySink(Sink):
         self._acc = _ClipAccumulator(self.labels, self.max_gap_s)
         self._closed = False
         self.result: Optional[Dict[str, Any]] = None  # summary().to_dict(), set at close()
+        # The clip decision `edgeclf evaluate` computes offline (mean probability and majority vote of the
+        # frames' own predictions), from the same records: on-device and offline clip figures agree.
+        self.aggregator = aggregator
 
     def write(self, record: Dict[str, Any], image: Optional[NDArray[np.uint8]] = None) -> None:
         keys, reason = _keys_of(record)
         self._acc.add(_timestamp(record), keys, reason, not keys and reason is None and "labels" not in record)
+        if self.aggregator is not None:
+            self.aggregator.add_record(record)
         self.written += 1
 
     def summary(self) -> ClipSummary:
         return self._acc.result()
+
+    def decision(self) -> Optional[Dict[str, Any]]:
+        """The aggregated clip decision (ClipDecision.to_dict()), or None without an aggregator."""
+        return None if self.aggregator is None else self.aggregator.result().to_dict()
 
     def close(self) -> None:
         if self._closed:
             return
         self._closed = True
         self.result = self.summary().to_dict()
+        if self.aggregator is not None:
+            self.result["decision"] = self.decision()
         if self.path is not None:
             tmp = self.path + ".tmp"
             try:

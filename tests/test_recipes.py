@@ -73,7 +73,7 @@ def test_train_with_recipe_records_it(tmp_path: Path) -> None:
     pytest.importorskip("torch")
     recipe = tmp_path / "tiny.toml"
     recipe.write_text('name = "tiny"\nversion = 3\ndescription = "test"\n[train]\nmodel = "compact"\nsize = 32\nepochs = 3\n'
-                      'patience = 2\nlr = 0.004\n[export]\nprecision = "int8"\nmax_drop = 0.05\n')
+                      'patience = 2\nlr = 0.004\n[export]\nprecision = "fp16"\nmax_drop = 0.05\n')
     out = tmp_path / "run"
     res = run_cli("train", "--recipe", str(recipe), "--data", "synthetic:ultrasound?n=120&size=48&seed=1", "--out", str(out),
                   "--epochs", "1", "--threads", "1", "--json")
@@ -82,10 +82,23 @@ def test_train_with_recipe_records_it(tmp_path: Path) -> None:
     assert run["config"]["epochs"] == 1  # CLI flag wins over the recipe's 3
     assert run["config"]["size"] == 32 and run["config"]["lr"] == 0.004  # recipe over defaults
     assert run["config"]["patience"] == 2 and run["config"]["recipe"] == "tiny"
-    assert run["recipe"]["export"] == {"precision": "int8", "max_drop": 0.05}
+    assert run["recipe"]["export"] == {"precision": "fp16", "max_drop": 0.05}
     assert run["recipe"]["version"] == 3 and run["recipe"]["overridden"] == ["epochs"]
     assert run["recipe"]["sha256"] == hashlib.sha256(recipe.read_bytes()).hexdigest()
     assert (out / "recipe.toml").read_text() == recipe.read_text()
+
+    # export --model RUN applies the recorded [export] table without being told again ...
+    res = run_cli("export", "--model", str(out), "--out", str(tmp_path / "b1"))
+    assert res.returncode == 0, res.stderr
+    assert "recipe tiny: export settings precision=fp16, max_drop=0.05" in res.stderr
+    m1 = json.loads((tmp_path / "b1" / "manifest.json").read_text())
+    assert [v["precision"] for v in m1["variants"]] == ["fp16"]
+    assert m1["provenance"]["recipe"]["name"] == "tiny" and m1["provenance"]["recipe"]["export"]["max_drop"] == 0.05
+    # ... and a flag on the command line wins over it.
+    res = run_cli("export", "--model", str(out), "--out", str(tmp_path / "b2"), "--precision", "fp32", "--json")
+    assert res.returncode == 0, res.stderr
+    m2 = json.loads((tmp_path / "b2" / "manifest.json").read_text())
+    assert m2["variants"] == [] and m2["deploy"]["precision"] == "fp32"
 
 
 def _read_list(name: str) -> list[dict[str, str]]:

@@ -60,6 +60,26 @@ def test_run_bundle_writes_as_many_lines_as_frames(bundle_dir: Path, tmp_path: P
     assert s["frame_count_claimed"] == 25
 
 
+def test_run_clip_decision_equals_offline_aggregation_of_its_records(bundle_dir: Path, tmp_path: Path) -> None:
+    from edgeclf.runtime.clips import aggregate_records
+    from edgeclf.runtime.synthetic import write_cine
+
+    video = tmp_path / "c.mp4"
+    write_cine(video, timeline=[(0, 10), (1, 10), (2, 10)], size=96, fps=10)
+    m = load_bundle(bundle_dir).manifest
+    for floor in (0.0, 0.999):  # every frame used; every frame below the confidence floor (this model is unsure)
+        out, clip = tmp_path / f"r{floor}.jsonl", tmp_path / f"clip{floor}.json"
+        s = run_bundle(str(bundle_dir), str(video), out=str(out), summary_path=str(clip), min_confidence=floor)
+        records = [json.loads(line) for line in out.read_text().splitlines()]
+        offline = aggregate_records(records, m.labels, rule=m.decision, min_confidence=floor).to_dict()
+        assert s["clip"]["decision"] == offline == json.loads(clip.read_text())["decision"]
+        assert offline["frames"] == 30 and sum(offline["votes"].values()) == offline["used"]
+        if floor == 0.0:
+            assert offline["used"] == 30 and offline["mean_label"] in m.labels and offline["vote_label"] in m.labels
+        else:
+            assert offline["abstained"] == 30 and offline["mean_label"] is None
+
+
 def test_verify_bundle_rechecks_reference_outputs(bundle_dir: Path) -> None:
     r = verify_bundle(str(bundle_dir))
     assert r["reference"]["n"] > 0 and r["reference"]["max_abs_diff"] < 1e-4
