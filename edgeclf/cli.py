@@ -238,33 +238,34 @@ def export(model, from_onnx, from_torch, weights, data_spec, classes, split, out
     flags given here override them."""
     from edgeclf.export.bundle_writer import ExportConfig, export_bundle
 
+    settings = {"precision": precision, "max_drop": max_drop, "min_agreement": min_agreement, "calibration": calibration,
+                "calibration_n": calibration_n, "qat_epochs": qat_epochs, "device": device, "target_sensitivity": target_sensitivity}
     if model:
-        from click.core import ParameterSource
-
-        from edgeclf.recipes import recorded_export
-
-        found = recorded_export(model)
-        if found:
-            ctx = click.get_current_context()
-            name, settings = found
-            applied = {k: v for k, v in settings.items() if ctx.get_parameter_source(k) != ParameterSource.COMMANDLINE}
-            if applied:
-                values = {"precision": precision, "max_drop": max_drop, "min_agreement": min_agreement, "calibration": calibration,
-                          "calibration_n": calibration_n, "qat_epochs": qat_epochs, "device": device,
-                          "target_sensitivity": target_sensitivity, **applied}
-                precision, max_drop, min_agreement, calibration = (values[k] for k in ("precision", "max_drop", "min_agreement", "calibration"))
-                calibration_n, qat_epochs, device, target_sensitivity = (values[k] for k in ("calibration_n", "qat_epochs", "device",
-                                                                                             "target_sensitivity"))
-                if not as_json:
-                    shown = ", ".join(f"{k}={v}" for k, v in applied.items())
-                    click.echo(f"recipe {name}: export settings {shown} (a flag on this command line overrides one)", err=True)
+        settings.update(_recipe_export_settings(model, quiet=as_json))
     cfg = ExportConfig(out=out, model=model, from_onnx=from_onnx, from_torch=from_torch, weights=weights, data=data_spec,
                        classes=classes, split=split, samples=not no_samples, labels=labels, task=task, size=size,
-                       channels=int(channels) if channels else None, mean=mean, std=std, target_sensitivity=target_sensitivity,
-                       positive=positive, overwrite=overwrite, precision=precision, max_drop=max_drop, min_agreement=min_agreement,
-                       calibration=calibration, calibration_n=calibration_n, qat_epochs=qat_epochs, device=device)
+                       channels=int(channels) if channels else None, mean=mean, std=std, positive=positive, overwrite=overwrite,
+                       **settings)
     manifest = export_bundle(cfg)
     _emit(as_json, manifest, _print_export)
+
+
+def _recipe_export_settings(model: str, *, quiet: bool) -> dict[str, Any]:
+    """The [export] settings of the recipe a training folder records, less those typed on this command line."""
+    from click.core import ParameterSource
+
+    from edgeclf.recipes import recorded_export
+
+    found = recorded_export(model)
+    if not found:
+        return {}
+    ctx = click.get_current_context()
+    name, settings = found
+    applied = {k: v for k, v in settings.items() if ctx.get_parameter_source(k) != ParameterSource.COMMANDLINE}
+    if applied and not quiet:
+        shown = ", ".join(f"{k}={v}" for k, v in applied.items())
+        click.echo(f"recipe {name}: export settings {shown} (a flag on this command line overrides one)", err=True)
+    return applied
 
 
 @cli.command()
