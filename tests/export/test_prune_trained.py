@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -14,10 +15,17 @@ pytest.importorskip("torch_pruning")
 def test_prune_fine_tune_record_and_export(trained_dir: Path, tmp_path: Path) -> None:
     from edgeclf.export.bundle_writer import ExportConfig, export_bundle
     from edgeclf.export.prune import PruneConfig, prune_trained
+    from edgeclf.recipes import recorded_export
     from edgeclf.train import load_trained
 
+    # A folder trained from a recipe: the pruned folder carries the record, so export keeps applying it.
+    parent = tmp_path / "parent"
+    shutil.copytree(trained_dir, parent)
+    run = json.loads((parent / "run.json").read_text())
+    (parent / "run.json").write_text(json.dumps({**run, "recipe": {"name": "tiny", "version": 1, "export": {"max_drop": 0.02}}}))
     out = tmp_path / "pruned"
-    rec = prune_trained(PruneConfig(model=str(trained_dir), out=str(out), target_macs=0.5, steps=2, finetune_epochs=1))
+    rec = prune_trained(PruneConfig(model=str(parent), out=str(out), target_macs=0.5, steps=2, finetune_epochs=1))
+    assert recorded_export(out) == ("tiny", {"max_drop": 0.02})
     pr = rec["pruning"]
     assert pr["macs"]["ratio"] <= 0.5 and pr["params"]["after"] < pr["params"]["before"]
     assert [s["step"] for s in pr["steps"]] == [1, 2] and pr["steps"][0]["macs_ratio"] > pr["steps"][1]["macs_ratio"]
