@@ -217,8 +217,7 @@ def run_bundle(
     if m.task != "multilabel":
         from edgeclf.runtime.clips import ClipAggregator
 
-        floor = m.min_confidence if opts.min_confidence is None else float(opts.min_confidence)
-        aggregator = ClipAggregator(rule=m.decision, min_confidence=floor, labels=list(m.labels))
+        aggregator = ClipAggregator(rule=m.decision, min_confidence=opts.confidence_floor(m), labels=list(m.labels))
     clip = SummarySink(summary_path, labels=list(m.labels), aggregator=aggregator)
     stop = threading.Event()
     # Source and backend first: a typo in --source must not truncate an earlier results file.

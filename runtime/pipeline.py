@@ -18,7 +18,7 @@ import numpy as np
 
 from edgeclf.errors import ConfigError
 from edgeclf.runtime.backends import Backend
-from edgeclf.runtime.bundle import Bundle
+from edgeclf.runtime.bundle import Bundle, Manifest
 from edgeclf.runtime.postprocess import decide, probabilities
 from edgeclf.runtime.preprocess import Preprocessor
 from edgeclf.runtime.sinks import Sink
@@ -83,6 +83,10 @@ class RunOptions:
         if self.min_confidence is not None and not 0.0 <= self.min_confidence < 1.0:
             raise ConfigError(f"min confidence is {self.min_confidence}; allowed: 0 (never abstain) up to below 1")
         parse_roi(self.roi)
+
+    def confidence_floor(self, manifest: Manifest) -> float:
+        """The top probability below which a frame abstains: this run's, else the bundle's."""
+        return float(manifest.min_confidence if self.min_confidence is None else self.min_confidence)
 
 
 WINDOW = 8192  # frames whose stage times give the percentiles: bounded memory over hours
@@ -241,7 +245,7 @@ def run_pipeline(
         opts = dataclasses.replace(options, min_confidence=min_confidence)
     m = bundle.manifest
     pre = Preprocessor(m.preprocess)
-    floor = m.min_confidence if opts.min_confidence is None else float(opts.min_confidence)
+    floor = opts.confidence_floor(m)
     multilabel = m.task == "multilabel"
 
     roi_mode, roi_box = parse_roi(opts.roi)
