@@ -111,7 +111,8 @@ def main() -> None:
     export_cfg = (rec.get("recipe") or {}).get("export") or {}
     if "pooled_out_of_fold" in rec:
         pooled = rec["pooled_out_of_fold"]
-        summary["cv"] = {"folds": [{k: f[k] for k in ("fold", "test_clips", "test_sources", "test")} for f in rec["folds"]],
+        summary["cv"] = {"folds": [{k: f[k] for k in ("fold", "test_clips", "test_sources", "test", "val")} for f in rec["folds"]],
+                         "inner_validation_mean": rec["inner_validation_mean"],
                          **{k: pooled.get(k) for k in ("clips", "frames", "frame_auc_macro")},
                          **{k: {m: pooled[k].get(m) for m in ("accuracy", "accuracy_ci95", "balanced_accuracy", "balanced_accuracy_ci95",
                                                             "per_class")} for k in ("clip_mean", "clip_vote", "frame") if k in pooled}}
@@ -127,6 +128,9 @@ def main() -> None:
         summary["test"]["auc_ci95"] = rec["metrics"]["test"]["auc"]["macro_ci95"]
         summary["test"]["per_class"] = rec["metrics"]["test"]["per_class"]
         summary["best_epoch"] = rec["best_epoch"]
+        # What a choice between configurations may look at.
+        summary["val"] = {k: rec["metrics"]["val"].get(k) for k in ("n", "accuracy", "balanced_accuracy")}
+        summary["val"]["auc"] = rec["metrics"]["val"]["auc"]["macro"]
         if not a.no_export:
             summary["deployed"] = export_and_compare(run, out / "bundle", export_cfg)
     out.mkdir(parents=True, exist_ok=True)

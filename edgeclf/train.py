@@ -564,6 +564,12 @@ def _train_on(ds: Dataset, cfg: TrainConfig, *, on_epoch: Callable[[dict[str, An
     return record, model, p
 
 
+def _val_figures(m: dict[str, Any]) -> dict[str, Any]:
+    """A fold's validation accuracy, balanced accuracy and macro AUC (None where undefined)."""
+    auc = m.get("auc") or {}
+    return {"accuracy": m.get("accuracy"), "balanced_accuracy": m.get("balanced_accuracy"), "auc_macro": auc.get("macro"), "n": m.get("n")}
+
+
 def cross_validate(cfg: TrainConfig, *, on_epoch: Callable[[dict[str, Any]], None] | None = None,
                    recipe: dict[str, Any] | None = None) -> dict[str, Any]:
     """K-fold cross-validation over a folder data set, grouped by clip or by source (clips.csv
@@ -605,7 +611,8 @@ def cross_validate(cfg: TrainConfig, *, on_epoch: Callable[[dict[str, Any]], Non
         folds.append({"fold": i, "out": fcfg.out, "spec": ds.spec, "test_items": len(test), "test_clips": len(held),
                       "test_sources": sorted({ds.sources.get(c, c) for c in held}) if ds.sources else None,
                       "sizes": record["data"]["sizes"], "best_epoch": record["best_epoch"], "seconds": record["seconds"],
-                      "test": {k: record["metrics"]["test"].get(k) for k in ("accuracy", "balanced_accuracy")}})
+                      "test": {k: record["metrics"]["test"].get(k) for k in ("accuracy", "balanced_accuracy")},
+                      "val": _val_figures(record["metrics"]["val"])})
         del model
     ds0 = datasets[0]
     pr, y = np.concatenate(probs), np.concatenate(labels)
@@ -621,12 +628,17 @@ def cross_validate(cfg: TrainConfig, *, on_epoch: Callable[[dict[str, Any]], Non
         pooled["decisions"] = decision_metrics(y[order], dec, ds0.labels, n_boot=2000, seed=cfg.seed)
     auc = _macro_auc(pr, y, ds0.task, _positive_index(ds0, cfg.positive))
     pooled["frame_auc_macro"] = None if np.isnan(auc) else auc
+    # What a choice between settings may look at: the folds' own validation splits (frames of training
+    # clips), never the out-of-fold figures above.
+    inner = {k: [f["val"][k] for f in folds if f["val"].get(k) is not None] for k in ("accuracy", "balanced_accuracy", "auc_macro")}
+    inner_mean = {k: (float(np.mean(v)) if v else None) for k, v in inner.items()}
     result = {
         "config": asdict(cfg),
         "data": {"spec": cfg.data, "name": ds0.name.split("?", 1)[0], "hash": ds0.data_hash, "kind": ds0.kind,
                  "grouped_by": cfg.group, "notes": ds0.notes},
         "folds": folds,
         "pooled_out_of_fold": pooled,
+        "inner_validation_mean": inner_mean,
         "seconds": round(time.time() - t_start, 1),
         "packages": package_versions(),
     }

@@ -81,6 +81,14 @@ def test_cross_validation_pooled_out_of_fold(clip_root: Path, tmp_path: Path) ->
     assert all(len(h) == 1 for h in held) and len(set.union(*held)) == 3  # 3 sites, one per fold
     lo, hi = pooled["clip_mean"]["balanced_accuracy_ci95"]
     assert lo <= pooled["clip_mean"]["balanced_accuracy"] <= hi
+    # Settings are compared on the folds' own validation splits: recorded per fold, from the fold's run.json, and averaged.
+    for f in res["folds"]:
+        run_val = json.loads((Path(f["out"]) / "run.json").read_text())["metrics"]["val"]
+        assert f["val"]["n"] == run_val["n"] > 0 and f["val"]["accuracy"] == run_val["accuracy"]
+        assert f["val"]["auc_macro"] == run_val["auc"]["macro"]
+    inner = res["inner_validation_mean"]
+    assert inner["accuracy"] == pytest.approx(np.mean([f["val"]["accuracy"] for f in res["folds"]]))
+    assert 0.0 <= inner["balanced_accuracy"] <= 1.0
     # Each fold is an ordinary training folder whose recorded spec rebuilds its held-out fold.
     for f in res["folds"]:
         rep = evaluate(f["out"], split="test", n_boot=0)
