@@ -128,10 +128,13 @@ def data_synth(kind: str, out: str, n: int, size: int | None, seed: int, as_json
 @click.option("--group", type=click.Choice(["site", "source", "clip"]), default="source", show_default=True,
               help="--folds: keep in one fold each site (clips.csv original_source reduced to its contributor or web site), "
                    "each source as written, or only each clip (or copy group).")
+@click.option("--tta", type=click.Choice(["none", "hflip"]), default="none", show_default=True,
+              help="Test-time augmentation baked into the model and its bundle: hflip averages the image and its mirror "
+                   "(twice the compute; not for chest films). run.json keeps the validation figures without it.")
 @json_option
 @click.pass_context
 def train(ctx: click.Context, data_spec: str, model: str, out: str, size, channels, pretrained, epochs, batch_size, lr, patience, seed,
-          classes, positive, target_sensitivity, operating_point, augment, frames_per_clip, threads, recipe, folds, group,
+          classes, positive, target_sensitivity, operating_point, augment, frames_per_clip, threads, recipe, folds, group, tta,
           as_json: bool) -> None:
     """Train a classifier, calibrate it and fit its operating points on the validation split.
 
@@ -144,7 +147,7 @@ def train(ctx: click.Context, data_spec: str, model: str, out: str, size, channe
     values = dict(model=model, size=size, channels=int(channels) if channels else None, pretrained=pretrained, epochs=epochs,
                   batch_size=batch_size, lr=lr, patience=patience, seed=seed, classes=classes, positive=positive,
                   target_sensitivity=target_sensitivity, operating_point=operating_point, augment=augment,
-                  frames_per_clip=frames_per_clip, threads=threads, folds=folds, group=group)
+                  frames_per_clip=frames_per_clip, threads=threads, folds=folds, group=group, tta=tta)
     record_recipe = None
     if recipe:
         from edgeclf.recipes import load_recipe, resolve_recipe

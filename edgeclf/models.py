@@ -51,7 +51,14 @@ __all__ = [
     "lite0_weight_file",
     "DEFAULT_MEAN",
     "DEFAULT_STD",
+    "TTA_MODES",
+    "with_tta",
 ]
+
+# Test-time augmentation baked into the model (and so into its ONNX graph): "hflip" averages the logits
+# of the image and its left-right mirror. Fit for data without a left-right convention (axial MRI,
+# ultrasound); not for chest films, whose heart side is anatomy.
+TTA_MODES = ("none", "hflip")
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -171,6 +178,32 @@ def create_model(name: str, *, num_outputs: int, in_chans: int = 1, pretrained: 
     else:
         model = _build_lite0(in_chans, num_outputs, pretrained)
     return model.eval()
+
+
+def with_tta(model: torch.nn.Module, tta: Optional[str]) -> torch.nn.Module:
+    """`model` itself for tta None/"none"; for "hflip" a module averaging its logits over the image and
+    its mirror, in one forward pass of twice the batch (one engine call on a GPU, not two)."""
+    if tta in (None, "none"):
+        return model
+    if tta != "hflip":
+        raise ConfigError(f"tta is {tta!r}; allowed: {', '.join(TTA_MODES)}")
+    import torch
+
+    class FlipAverage(torch.nn.Module):
+        def __init__(self, net: torch.nn.Module) -> None:
+            super().__init__()
+            self.net = net
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = self.net(torch.cat([x, torch.flip(x, dims=(3,))], dim=0))
+            return (y[: x.shape[0]] + y[x.shape[0] :]) * 0.5
+
+    return FlipAverage(model).eval()
+
+
+def unwrap_tta(model: torch.nn.Module) -> torch.nn.Module:
+    """The network inside a `with_tta` wrapper (its weights are the run's), or `model` itself."""
+    return getattr(model, "net", model) if type(model).__name__ == "FlipAverage" else model
 
 
 # --------------------------------------------------------------------------------------- compact

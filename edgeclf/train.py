@@ -57,6 +57,8 @@ class TrainConfig:
     group: str = "source"
     # The recipe this run came from (name); its resolved settings are recorded in run.json["recipe"].
     recipe: str | None = None
+    # Test-time augmentation baked into the model after training (see edgeclf.models.TTA_MODES).
+    tta: str = "none"
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.patience < 1 or self.frames_per_clip < 1:
@@ -81,6 +83,10 @@ class TrainConfig:
             raise ConfigError(f"folds is {self.folds}; give 2..20 for cross-validation or 0 for one split")
         if self.group not in ("clip", "source", "site"):
             raise ConfigError(f"group is {self.group!r}; allowed: clip, source, site")
+        from edgeclf.models import TTA_MODES
+
+        if self.tta not in TTA_MODES:
+            raise ConfigError(f"tta is {self.tta!r}; allowed: {', '.join(TTA_MODES)}")
 
 
 def package_versions(*names: str) -> dict[str, str]:
@@ -132,7 +138,7 @@ class TrainedModel:
     def __init__(self, folder: Path) -> None:
         from safetensors.torch import load_file
 
-        from edgeclf.models import create_model
+        from edgeclf.models import create_model, with_tta
 
         meta_path = folder / "model.json"
         if not meta_path.is_file():
@@ -154,7 +160,9 @@ class TrainedModel:
         else:
             self.model = base
             self.model.load_state_dict(load_file(str(folder / "model.safetensors")))
-        self.model.eval()
+        self.tta: str = self.meta.get("tta", "none")  # absent in runs written before the field existed
+        self.net = self.model.eval()  # the network alone (pruning, fine-tuning); `model` is what is deployed
+        self.model = with_tta(self.net, self.tta)
         run_path = folder / "run.json"
         self.run = json.loads(run_path.read_text()) if run_path.is_file() else {}
 
@@ -433,8 +441,8 @@ def fit(
 
 
 def calibrate_and_measure(model: Any, p: _Prepared, *, target_sensitivity: float, seed: int = 0,
-                          operating_point: str = "sensitivity") -> tuple[float, Any, dict[str, Any]]:
-    """Fit temperature and operating points on val; measure val (and test, if any). Returns (T, rule, metrics)."""
+                          operating_point: str = "sensitivity", test: bool = True) -> tuple[float, Any, dict[str, Any]]:
+    """Fit temperature and operating points on val; measure val (and test, if any and `test`). Returns (T, rule, metrics)."""
     from edgeclf.calibration import fit_decision_rule, fit_temperature
     from edgeclf.metrics import evaluate_predictions
 
@@ -444,7 +452,7 @@ def calibrate_and_measure(model: Any, p: _Prepared, *, target_sensitivity: float
     pv = probabilities(lv, ds.task, temperature)
     rule = fit_decision_rule(pv, yva, ds.task, target_sensitivity=target_sensitivity, positive=p.positive, objective=operating_point)
     metrics = {"val": evaluate_predictions(pv, yva, ds.task, rule, ds.labels, n_boot=500, seed=seed)}
-    if len(ds.splits.get("test", [])):
+    if test and len(ds.splits.get("test", [])):
         lt = torch_logits(model, p.pre.batch(ds.splits["test"].images))
         metrics["test"] = evaluate_predictions(
             probabilities(lt, ds.task, temperature), ds.splits["test"].labels, ds.task, rule, ds.labels, n_boot=1000, seed=seed
@@ -457,7 +465,10 @@ def save_run(out: Path, model: Any, p: _Prepared, meta: dict[str, Any], record: 
     from safetensors.torch import save_file
 
     (out / "splits").mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out / "model.safetensors"))
+    from edgeclf.models import unwrap_tta
+
+    # The network's own weights: a test-time-augmentation wrapper is rebuilt from model.json["tta"].
+    save_file({k: v.contiguous() for k, v in unwrap_tta(model).state_dict().items()}, str(out / "model.safetensors"))
     for name, ids in p.ds.split_lists().items():
         (out / "splits" / f"{name}.txt").write_text("".join(f"{i}\n" for i in ids))
     (out / "model.json").write_text(json.dumps(meta, indent=2))
@@ -527,8 +538,18 @@ def _train_on(ds: Dataset, cfg: TrainConfig, *, on_epoch: Callable[[dict[str, An
     p = _prepare(ds, spec, cfg.augment, positive)
     history, best_epoch = fit(model, p, epochs=cfg.epochs, lr=cfg.lr, batch_size=cfg.batch_size, weight_decay=cfg.weight_decay,
                               patience=cfg.patience, seed=cfg.seed, on_epoch=on_epoch)
+    val_plain = None
+    if cfg.tta != "none":
+        from edgeclf.models import with_tta
+
+        # The same weights without it, on validation only: what the augmentation bought, for choosing it.
+        val_plain = calibrate_and_measure(model, p, target_sensitivity=cfg.target_sensitivity, seed=cfg.seed,
+                                          operating_point=cfg.operating_point, test=False)[2]["val"]
+        model = with_tta(model, cfg.tta)
     temperature, rule, metrics = calibrate_and_measure(model, p, target_sensitivity=cfg.target_sensitivity, seed=cfg.seed,
                                                        operating_point=cfg.operating_point)
+    if val_plain is not None:
+        metrics["val_without_tta"] = val_plain
     if ds.kind == "clips" and len(ds.splits.get("test", [])):
         from edgeclf.metrics import clip_metrics
 
@@ -544,6 +565,7 @@ def _train_on(ds: Dataset, cfg: TrainConfig, *, on_epoch: Callable[[dict[str, An
         "temperature": temperature,
         "decision": rule.to_dict(),
         "pretrained": cfg.pretrained,
+        "tta": cfg.tta,
     }
     record: dict[str, Any] = {
         "config": asdict(cfg),

@@ -181,6 +181,8 @@ def export_bundle(cfg: ExportConfig) -> dict[str, Any]:
         cfg_rec = dict(tm.run.get("config") or {})
         cfg_rec.pop("data", None), cfg_rec.pop("out", None)  # workstation paths stay on the workstation
         provenance.update(source="trained", training={"config": cfg_rec, **{k: tm.run.get(k) for k in ("best_epoch", "seconds", "packages")}})
+        if tm.tta != "none":  # the graph runs the network on the image and its mirror: twice the compute
+            provenance["test_time_augmentation"] = tm.tta
         if tm.run.get("recipe"):
             provenance["recipe"] = {k: tm.run["recipe"].get(k) for k in ("name", "version", "sha256", "variant", "export")}
         if tm.run.get("pruning"):

@@ -526,11 +526,13 @@ def prune_trained(cfg: PruneConfig, *, on_epoch: Optional[Callable[[Dict[str, An
     positive = tm.decision.positive if tm.decision.positive is not None else 1
     p = _prepare(ds, tm.preprocess, str(tcfg.get("augment", "auto")), positive)
     torch.manual_seed(seed)
-    model = tm.model
+    from edgeclf.models import with_tta
+
+    model = tm.net  # pruned and fine-tuned alone; measured as deployed, with the run's test-time augmentation
     parent = copy.deepcopy(model).eval()
     example = torch.zeros(1, tm.preprocess.channels, *tm.preprocess.size)
     macs0, params0 = count_macs(model, example)
-    _, _, before = calibrate_and_measure(parent, p, target_sensitivity=tm.decision.target_sensitivity or 0.9, seed=seed,
+    _, _, before = calibrate_and_measure(with_tta(parent, tm.tta), p, target_sensitivity=tm.decision.target_sensitivity or 0.9, seed=seed,
                                         operating_point=str(tcfg.get("operating_point", "sensitivity")))
     steps: List[Dict[str, Any]] = []
     history: List[Dict[str, Any]] = []
@@ -544,7 +546,7 @@ def prune_trained(cfg: PruneConfig, *, on_epoch: Optional[Callable[[Dict[str, An
         history += [{**e, "step": i} for e in h]
         steps.append({"step": i, "macs_ratio": count_macs(model, example)[0] / macs0, "best_epoch": best,
                       "val_auc": h[best - 1]["val_auc"] if best else None, **{k: info[k] for k in ("channel_ratio",)}})
-    temperature, rule, after = calibrate_and_measure(model, p, target_sensitivity=tm.decision.target_sensitivity or 0.9, seed=seed,
+    temperature, rule, after = calibrate_and_measure(with_tta(model, tm.tta), p, target_sensitivity=tm.decision.target_sensitivity or 0.9, seed=seed,
                                         operating_point=str(tcfg.get("operating_point", "sensitivity")))
     macs1, params1 = count_macs(model, example)
     lat = ort_latency(parent, model, (tm.preprocess.channels, *tm.preprocess.size))

@@ -130,3 +130,15 @@ def test_committed_split_lists_match_the_data(name: str, folder: str, n: int) ->
     assert len(rows) == n
     for r in rows:
         assert hashlib.sha256((root / r["path"]).read_bytes()).hexdigest().startswith(r["sha256"]), r["path"]
+
+
+def test_recipe_can_ask_for_test_time_augmentation(tmp_path: Path) -> None:
+    from edgeclf.cli import train as train_cmd
+    from edgeclf.models import TTA_MODES
+
+    path = tmp_path / "t.toml"
+    path.write_text('name = "t"\nversion = 1\ndescription = "x"\n[train]\nmodel = "compact"\ntta = "hflip"\n')
+    kwargs, _, _ = resolve_recipe(load_recipe(str(path)), "/d/x", {})
+    assert kwargs["tta"] == "hflip"
+    choices = next(p for p in train_cmd.params if p.name == "tta").type.choices  # type: ignore[attr-defined]
+    assert tuple(choices) == TTA_MODES

@@ -69,3 +69,37 @@ def test_default_size_never_upsamples_past_the_data() -> None:
     assert default_size(64, 28, small) == 32
     assert default_size(224, 32, small) == 32
     assert default_size(64, 28, big) == 64
+
+
+def test_flip_tta_is_trained_recorded_and_exported_into_the_graph(tmp_path: Path) -> None:
+    import torch
+
+    from edgeclf.export.bundle_writer import ExportConfig, export_bundle
+    from edgeclf.models import unwrap_tta, with_tta
+    from edgeclf.runtime.backends import OrtBackend
+    from edgeclf.train import load_trained
+
+    rec = train(TrainConfig(data="synthetic:ultrasound?n=90&size=48&seed=3", out=str(tmp_path / "m"), size=32, epochs=1,
+                            patience=1, threads=1, tta="hflip"))
+    # The same weights without the augmentation, measured on validation only (test is read once, with it).
+    assert rec["metrics"]["val_without_tta"]["n"] == rec["metrics"]["val"]["n"] > 0
+    assert "test_without_tta" not in rec["metrics"] and rec["config"]["tta"] == "hflip"
+    tm = load_trained(tmp_path / "m")
+    assert tm.tta == "hflip" and unwrap_tta(tm.model) is tm.net
+    x = np.random.default_rng(0).normal(size=(5, 1, 32, 32)).astype(np.float32)
+    with torch.inference_mode():
+        a, b = tm.net(torch.from_numpy(x)).numpy(), tm.net(torch.from_numpy(x[..., ::-1].copy())).numpy()
+    np.testing.assert_allclose(tm.logits(x), (a + b) / 2, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(tm.logits(x[..., ::-1].copy()), tm.logits(x), rtol=1e-5, atol=1e-5)  # mirror-invariant
+    # The weights on disk are the network's own: a plain load gives the unaugmented logits.
+    from safetensors.torch import load_file
+
+    assert all(not k.startswith("net.") for k in load_file(str(tmp_path / "m" / "model.safetensors")))
+    # Export bakes it into the ONNX graph: ONNX Runtime gives the averaged logits, and the bundle says so.
+    m = export_bundle(ExportConfig(out=str(tmp_path / "b"), model=str(tmp_path / "m")))
+    assert m["provenance"]["test_time_augmentation"] == "hflip" and m["parity"]["decision_agreement"] == 1.0
+    with OrtBackend(str(tmp_path / "b" / "model.onnx"), (1, 32, 32), m["model"]["output_shape"][1], threads=1) as be:
+        np.testing.assert_allclose(be.infer(x), (a + b) / 2, rtol=1e-4, atol=1e-4)
+    assert with_tta(tm.net, "none") is tm.net
+    with pytest.raises(ConfigError, match="tta is 'vflip'; allowed: none, hflip"):
+        TrainConfig(data="x", out="y", tta="vflip")
