@@ -313,9 +313,11 @@ def run_pipeline(
             t_main = time.perf_counter()
             probs_row: Optional[np.ndarray] = None
             decision = None
+            t3 = t_main
             if x is not None:
                 try:
                     logits = backend.infer(x)
+                    t3 = time.perf_counter()
                 except Exception as exc:  # noqa: BLE001 - recorded on the frame, counted, re-raised when it persists
                     backend_errors += 1
                     errors_in_a_row += 1
@@ -326,6 +328,7 @@ def run_pipeline(
                     if errors_in_a_row >= MAX_BACKEND_ERRORS:
                         raise
                     reasons = (BACKEND_ERROR,)
+                    t3 = time.perf_counter()
                 else:
                     if errors_in_a_row and on_event is not None:
                         on_event("recovery", f"inference works again after {errors_in_a_row} failed frame(s)", {"frame": frame.index})
@@ -333,7 +336,7 @@ def run_pipeline(
                     probs = probabilities(logits, m.task, m.temperature)
                     probs_row = probs[0]
                     decision = decide(probs, m.decision)
-            t3 = time.perf_counter()
+            # Postprocess is timed from t3, right after infer: probabilities, decision, smoothing and the record.
             # timestamp: monotonic capture time (for latency); time: wall clock of the result (for people).
             record: Dict[str, Any] = {"frame": frame.index, "timestamp": round(frame.timestamp, 6), "time": round(time.time(), 3)}
             if multilabel:

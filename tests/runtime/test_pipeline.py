@@ -39,6 +39,30 @@ def test_every_frame_gives_one_whole_record(bundle_dir: Path, tmp_path: Path) ->
     assert set(stats) == set(STAGES) | {"latency"} and all(v["n"] == 25 for v in stats.values())
 
 
+def test_stage_times_put_inference_alone_in_infer(bundle_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import time
+
+    import edgeclf.runtime.pipeline as pl
+
+    real = pl.probabilities
+
+    def slow_probabilities(*a, **k):  # type: ignore[no-untyped-def]
+        time.sleep(0.02)
+        return real(*a, **k)
+
+    def slow_infer(x: np.ndarray) -> np.ndarray:
+        time.sleep(0.04)
+        return np.zeros((len(x), 3), np.float32)
+
+    monkeypatch.setattr(pl, "probabilities", slow_probabilities)
+    with FakeBackend((1, 32, 32), 3, fn=slow_infer) as be, open_source("synthetic:ultrasound?frames=3") as src:
+        mem = ListSink()
+        run_pipeline(load_bundle(bundle_dir), src, be, [mem])
+    # Softmax, temperature and the decision are postprocessing, not inference.
+    for r in mem.records:
+        assert 40 <= r["latency_ms"]["infer"] < 60 and r["latency_ms"]["postprocess"] >= 20
+
+
 def test_fake_backend_logits_drive_the_decision(bundle_dir: Path) -> None:
     b = load_bundle(bundle_dir)
     # Class 2 ("mass") always wins by a wide margin.
