@@ -111,8 +111,9 @@ def main() -> None:
     export_cfg = (rec.get("recipe") or {}).get("export") or {}
     if "pooled_out_of_fold" in rec:
         pooled = rec["pooled_out_of_fold"]
-        summary["cv"] = {"folds": [{k: f[k] for k in ("fold", "test_clips", "test_sources", "test", "val")} for f in rec["folds"]],
-                         "inner_validation_mean": rec["inner_validation_mean"],
+        summary["cv"] = {"folds": [{k: f[k] for k in ("fold", "test_clips", "test_sources", "test", "val", "val_without_tta") if k in f}
+                                   for f in rec["folds"]],
+                         **{k: rec[k] for k in ("inner_validation_mean", "inner_validation_mean_without_tta") if k in rec},
                          **{k: pooled.get(k) for k in ("clips", "frames", "frame_auc_macro")},
                          **{k: {m: pooled[k].get(m) for m in ("accuracy", "accuracy_ci95", "balanced_accuracy", "balanced_accuracy_ci95",
                                                             "per_class")} for k in ("clip_mean", "clip_vote", "frame") if k in pooled}}
@@ -131,6 +132,9 @@ def main() -> None:
         # What a choice between configurations may look at.
         summary["val"] = {k: rec["metrics"]["val"].get(k) for k in ("n", "accuracy", "balanced_accuracy")}
         summary["val"]["auc"] = rec["metrics"]["val"]["auc"]["macro"]
+        if "val_without_tta" in rec["metrics"]:
+            v = rec["metrics"]["val_without_tta"]
+            summary["val_without_tta"] = {"accuracy": v["accuracy"], "balanced_accuracy": v["balanced_accuracy"], "auc": v["auc"]["macro"]}
         if not a.no_export:
             summary["deployed"] = export_and_compare(run, out / "bundle", export_cfg)
     out.mkdir(parents=True, exist_ok=True)

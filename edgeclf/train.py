@@ -634,7 +634,9 @@ def cross_validate(cfg: TrainConfig, *, on_epoch: Callable[[dict[str, Any]], Non
                       "test_sources": sorted({ds.sources.get(c, c) for c in held}) if ds.sources else None,
                       "sizes": record["data"]["sizes"], "best_epoch": record["best_epoch"], "seconds": record["seconds"],
                       "test": {k: record["metrics"]["test"].get(k) for k in ("accuracy", "balanced_accuracy")},
-                      "val": _val_figures(record["metrics"]["val"])})
+                      "val": _val_figures(record["metrics"]["val"]),
+                      **({"val_without_tta": _val_figures(record["metrics"]["val_without_tta"])}
+                         if "val_without_tta" in record["metrics"] else {})})
         del model
     ds0 = datasets[0]
     pr, y = np.concatenate(probs), np.concatenate(labels)
@@ -652,15 +654,17 @@ def cross_validate(cfg: TrainConfig, *, on_epoch: Callable[[dict[str, Any]], Non
     pooled["frame_auc_macro"] = None if np.isnan(auc) else auc
     # What a choice between settings may look at: the folds' own validation splits (frames of training
     # clips), never the out-of-fold figures above.
-    inner = {k: [f["val"][k] for f in folds if f["val"].get(k) is not None] for k in ("accuracy", "balanced_accuracy", "auc_macro")}
-    inner_mean = {k: (float(np.mean(v)) if v else None) for k, v in inner.items()}
+    def inner_mean(key: str) -> dict[str, Any]:
+        vals = {k: [f[key][k] for f in folds if f[key].get(k) is not None] for k in ("accuracy", "balanced_accuracy", "auc_macro")}
+        return {k: (float(np.mean(v)) if v else None) for k, v in vals.items()}
     result = {
         "config": asdict(cfg),
         "data": {"spec": cfg.data, "name": ds0.name.split("?", 1)[0], "hash": ds0.data_hash, "kind": ds0.kind,
                  "grouped_by": cfg.group, "notes": ds0.notes},
         "folds": folds,
         "pooled_out_of_fold": pooled,
-        "inner_validation_mean": inner_mean,
+        "inner_validation_mean": inner_mean("val"),
+        **({"inner_validation_mean_without_tta": inner_mean("val_without_tta")} if cfg.tta != "none" else {}),
         "seconds": round(time.time() - t_start, 1),
         "packages": package_versions(),
     }

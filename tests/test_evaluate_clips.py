@@ -98,6 +98,19 @@ def test_cross_validation_pooled_out_of_fold(clip_root: Path, tmp_path: Path) ->
         assert {p["clip"]: p["mean"] for p in mine} == {p["clip"]: p["mean"] for p in rep["clips"]["per_clip"]}
 
 
+def test_cross_validation_with_tta_keeps_both_validation_figures(clip_root: Path, tmp_path: Path) -> None:
+    from edgeclf.train import TrainConfig, train
+
+    res = train(TrainConfig(data=f"{clip_root}?frames=2", out=str(tmp_path / "cv"), size=32, epochs=1, patience=1, threads=1, folds=3,
+                            group="site", tta="hflip"))
+    for f in res["folds"]:
+        run = json.loads((Path(f["out"]) / "run.json").read_text())
+        assert f["val_without_tta"]["accuracy"] == run["metrics"]["val_without_tta"]["accuracy"]
+        assert json.loads((Path(f["out"]) / "model.json").read_text())["tta"] == "hflip"
+    plain = res["inner_validation_mean_without_tta"]
+    assert plain["accuracy"] == pytest.approx(np.mean([f["val_without_tta"]["accuracy"] for f in res["folds"]]))
+
+
 def test_decision_metrics_cluster_bootstrap() -> None:
     from edgeclf.metrics import decision_metrics
 
