@@ -190,6 +190,8 @@ def with_tta(model: torch.nn.Module, tta: Optional[str]) -> torch.nn.Module:
     import torch
 
     class FlipAverage(torch.nn.Module):
+        tta = "hflip"  # what unwrap_tta looks for
+
         def __init__(self, net: torch.nn.Module) -> None:
             super().__init__()
             self.net = net
@@ -203,7 +205,7 @@ def with_tta(model: torch.nn.Module, tta: Optional[str]) -> torch.nn.Module:
 
 def unwrap_tta(model: torch.nn.Module) -> torch.nn.Module:
     """The network inside a `with_tta` wrapper (its weights are the run's), or `model` itself."""
-    return getattr(model, "net", model) if type(model).__name__ == "FlipAverage" else model
+    return getattr(model, "net", model) if getattr(model, "tta", None) in TTA_MODES else model
 
 
 # --------------------------------------------------------------------------------------- compact
