@@ -36,6 +36,7 @@ def test_run_record_is_complete_and_loadable_without_pickle(trained_dir: Path) -
     run = json.loads((trained_dir / "run.json").read_text())
     assert {"config", "data", "history", "metrics", "packages", "best_epoch"} <= set(run)
     assert run["data"]["hash"] and run["data"]["sizes"]["train"] > 0
+    assert run["host"]["cpu"] and run["host"]["torch_cpu_capability"] and run["host"]["torch_threads"] >= 1
     assert sorted(p.name for p in (trained_dir / "splits").iterdir()) == ["test.txt", "train.txt", "val.txt"]
     head = (trained_dir / "model.safetensors").read_bytes()[:8]
     assert int.from_bytes(head, "little") > 0  # safetensors header length, not a pickle opcode
