@@ -5,8 +5,8 @@
     python benchmarks/recipes.py chest-xray --data ... --out /tmp/recipes/chest-xray-rerun --no-export   # reproduce check
 
 Steps: `edgeclf train --recipe R` (1 torch thread), then for each training folder (one, or one per fold)
-`edgeclf export` with the recipe's [export] settings (passed as flags: export does not read run.json's recipe
-yet), `edgeclf evaluate` of the fp32 training folder and of the deployed bundle on the held-out split (read
+`edgeclf export` with the recipe's [export] settings (also passed as flags, so the figures do not depend on
+export reading run.json's record, which it now does), `edgeclf evaluate` of the fp32 training folder and of the deployed bundle on the held-out split (read
 once per configuration), and ONNX Runtime latency (batch 1, 1 thread, median of 200 after 20 warm-up runs)
 of fp32 and of the deployed model. Writes OUT/summary.json; prints it.
 """
