@@ -53,6 +53,7 @@ __all__ = [
     "DEFAULT_STD",
     "TTA_MODES",
     "with_tta",
+    "unwrap_tta",
 ]
 
 # Test-time augmentation baked into the model (and so into its ONNX graph): "hflip" averages the logits
