@@ -129,12 +129,12 @@ def main() -> None:
         summary["test"]["auc_ci95"] = rec["metrics"]["test"]["auc"]["macro_ci95"]
         summary["test"]["per_class"] = rec["metrics"]["test"]["per_class"]
         summary["best_epoch"] = rec["best_epoch"]
-        # What a choice between configurations may look at.
-        summary["val"] = {k: rec["metrics"]["val"].get(k) for k in ("n", "accuracy", "balanced_accuracy")}
-        summary["val"]["auc"] = rec["metrics"]["val"]["auc"]["macro"]
-        if "val_without_tta" in rec["metrics"]:
-            v = rec["metrics"]["val_without_tta"]
-            summary["val_without_tta"] = {"accuracy": v["accuracy"], "balanced_accuracy": v["balanced_accuracy"], "auc": v["auc"]["macro"]}
+        # What a choice between configurations may look at (the same figures cross-validation keeps per fold).
+        from edgeclf.train import _val_figures
+
+        for key in ("val", "val_without_tta"):
+            if key in rec["metrics"]:
+                summary[key] = _val_figures(rec["metrics"][key])
         if not a.no_export:
             summary["deployed"] = export_and_compare(run, out / "bundle", export_cfg)
     out.mkdir(parents=True, exist_ok=True)
