@@ -22,10 +22,9 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
-from numpy.typing import NDArray
 
 from edgeclf.errors import ConfigError
-from edgeclf.runtime.postprocess import DecisionRule, decide
+from edgeclf.runtime.postprocess import DecisionRule, decide, decide_frame
 
 __all__ = ["AGGREGATIONS", "ClipAggregator", "ClipDecision", "aggregate_clip", "aggregate_records", "group_frames"]
 
@@ -87,8 +86,9 @@ class ClipAggregator:
         self.rule = rule
         self.min_confidence = float(min_confidence)
         self.labels = None if labels is None else tuple(str(x) for x in labels)
-        self._sum: Optional[NDArray[np.float64]] = None
-        self._votes: Optional[NDArray[np.int64]] = None
+        # Plain lists: one frame's update is a few additions, cheaper than numpy calls on a live run.
+        self._sum: Optional[List[float]] = None
+        self._votes: Optional[List[int]] = None
         self.frames = 0
         self.used = 0
 
@@ -97,18 +97,20 @@ class ClipAggregator:
         self.frames += 1
         if probs is None:
             return
-        a = np.asarray(probs, dtype=np.float64).reshape(-1)
-        k = a.shape[0] if self._sum is None else self._sum.shape[0]
-        if a.shape[0] != k:
-            raise ConfigError(f"frame probabilities have {a.shape[0]} classes after {k}; every frame of a clip needs the same classes")
+        a = [float(v) for v in probs] if isinstance(probs, (tuple, list)) else np.asarray(probs, np.float64).reshape(-1).tolist()
+        k = len(a) if self._sum is None else len(self._sum)
+        if len(a) != k:
+            raise ConfigError(f"frame probabilities have {len(a)} classes after {k}; every frame of a clip needs the same classes")
         if self.labels is not None and len(self.labels) != k:
             raise ConfigError(f"{len(self.labels)} label names for {k} classes; pass the bundle's labels")
-        if self.min_confidence > 0 and float(a.max()) < self.min_confidence:
+        if self.min_confidence > 0 and max(a) < self.min_confidence:
             return
         if self._sum is None or self._votes is None:
-            self._sum, self._votes = np.zeros(k, np.float64), np.zeros(k, np.int64)
-        dec = int(decide(a[None, :], self.rule)[0]) if self.rule is not None else int(np.argmax(a))
-        self._sum += a
+            self._sum, self._votes = [0.0] * k, [0] * k
+        dec = decide_frame(a, self.rule) if self.rule is not None else max(range(k), key=a.__getitem__)
+        sums = self._sum
+        for j in range(k):
+            sums[j] += a[j]
         self._votes[dec] += 1
         self.used += 1
 
@@ -128,11 +130,11 @@ class ClipAggregator:
     def result(self) -> ClipDecision:
         n, names = self.frames, self.labels
         if self._sum is None or self._votes is None or self.used == 0:
-            k = 0 if self._sum is None else self._sum.shape[0]
+            k = 0 if self._sum is None else len(self._sum)
             return ClipDecision(None, None, None, tuple([0] * (k or (len(names) if names else 0))), n, 0, n, names)
-        mean = self._sum / self.used
+        mean = np.asarray(self._sum, np.float64) / self.used
         mean_dec = int(decide(mean[None, :], self.rule)[0]) if self.rule is not None else int(np.argmax(mean))
-        votes = self._votes
+        votes = np.asarray(self._votes, np.int64)
         tied = np.flatnonzero(votes == votes.max())
         # Ties: the higher mean probability, then the lower index (np.argmax takes the first).
         vote = int(tied[int(np.argmax(mean[tied]))])

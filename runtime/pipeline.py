@@ -19,7 +19,7 @@ import numpy as np
 from edgeclf.errors import ConfigError
 from edgeclf.runtime.backends import Backend
 from edgeclf.runtime.bundle import Bundle, Manifest
-from edgeclf.runtime.postprocess import decide, probabilities
+from edgeclf.runtime.postprocess import decide, decide_frame, frame_probabilities, probabilities
 from edgeclf.runtime.preprocess import Preprocessor
 from edgeclf.runtime.sinks import Sink
 from edgeclf.runtime.sources import FrameSource
@@ -311,8 +311,8 @@ def run_pipeline(
                 break
             frame, x, reasons, cap_s, pre_s = item
             t_main = time.perf_counter()
-            probs_row: Optional[np.ndarray] = None
-            decision = None
+            probs_row: Optional[Tuple[float, ...]] = None
+            decision: Any = None
             t3 = t_main
             if x is not None:
                 try:
@@ -333,9 +333,13 @@ def run_pipeline(
                     if errors_in_a_row and on_event is not None:
                         on_event("recovery", f"inference works again after {errors_in_a_row} failed frame(s)", {"frame": frame.index})
                     errors_in_a_row = 0
-                    probs = probabilities(logits, m.task, m.temperature)
-                    probs_row = probs[0]
-                    decision = decide(probs, m.decision)
+                    if multilabel:
+                        probs = probabilities(logits, m.task, m.temperature)
+                        probs_row = tuple(probs[0].tolist())
+                        decision = decide(probs, m.decision)[0]
+                    else:  # one frame: plain floats, the same numbers as probabilities()/decide() on arrays
+                        probs_row = frame_probabilities(logits, m.task, m.temperature)
+                        decision = decide_frame(probs_row, m.decision)
             # Postprocess is timed from t3, right after infer: probabilities, decision, smoothing and the record.
             # timestamp: monotonic capture time (for latency); time: wall clock of the result (for people).
             record: Dict[str, Any] = {"frame": frame.index, "timestamp": round(frame.timestamp, 6), "time": round(time.time(), 3)}
@@ -343,15 +347,15 @@ def run_pipeline(
                 if decision is None:
                     record.update(label=None, labels=None, abstain=True, abstain_reason=",".join(reasons), confidence=None)
                 else:
-                    present = [m.labels[k] for k in np.flatnonzero(decision[0])]
+                    present = [m.labels[k] for k in np.flatnonzero(decision)]
                     record.update(label=None, labels=present, abstain=False, abstain_reason=None, confidence=None)
                 record["frame_label"] = None
             else:
                 assert smoother is not None
                 res = smoother.update(probs_row, quality_ok=not reasons, reasons=reasons)
                 record.update(smoother.record_fields(res))
-                record["frame_label"] = None if decision is None else m.labels[int(decision[0])]
-            record["probs"] = None if probs_row is None else {n: round(float(p), 6) for n, p in zip(m.labels, probs_row)}
+                record["frame_label"] = None if decision is None else m.labels[decision]
+            record["probs"] = None if probs_row is None else {n: round(p, 6) for n, p in zip(m.labels, probs_row)}
             record["quality"] = [r for r in reasons if r != BACKEND_ERROR]
             t4 = time.perf_counter()
             record["latency_ms"] = {

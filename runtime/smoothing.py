@@ -242,13 +242,16 @@ class CineSmoother:
         else:
             self._pos = -1
             self._t = 0.0
-            self._th = np.asarray(rule.thresholds, dtype=np.float64)
+        # Plain floats, not arrays: per frame this is arithmetic on a handful of numbers, where numpy's
+        # per-call cost would be most of the time (the results are the same float64 operations).
+        self._th: Tuple[float, ...] = tuple(float(v) for v in rule.thresholds)
         if self._pos >= 0:
-            prior = np.empty(2, np.float64)
+            prior = [0.0, 0.0]
             prior[self._pos], prior[1 - self._pos] = self._t, 1.0 - self._t
         else:
-            prior = self._th / self._th.sum()
-        self._prior = prior
+            total = float(np.sum(np.asarray(self._th, np.float64)))
+            prior = [v / total for v in self._th]
+        self._prior: Tuple[float, ...] = tuple(prior)
         #: Counts since construction (reset() keeps them): frames; abstains by kind (quality_failed,
         #: low_confidence, settling); label_changes (the committed label switched); resets.
         self.counts: Dict[str, int] = {"frames": 0, "quality_failed": 0, "low_confidence": 0, "settling": 0,
@@ -270,7 +273,7 @@ class CineSmoother:
 
     def reset(self) -> None:
         """Forget the average, the shown label and the dwell (call when the source changes or reconnects)."""
-        self._avg: NDArray[np.float64] = self._prior.copy()
+        self._avg: Tuple[float, ...] = self._prior
         self._shown: Optional[int] = None
         self._candidate: Optional[int] = None
         self._streak = 0
@@ -283,12 +286,13 @@ class CineSmoother:
 
     # ----------------------------------------------------------------- decision
 
-    def _decide(self, p: NDArray[np.float64]) -> int:
+    def _decide(self, p: Sequence[float]) -> int:
         if self._pos >= 0:
             return self._pos if p[self._pos] >= self._t else 1 - self._pos
-        return int(np.argmax(p / self._th))
+        ratios = [v / t for v, t in zip(p, self._th)]
+        return max(range(len(ratios)), key=ratios.__getitem__)  # the first of equal maxima, as np.argmax
 
-    def _clears_margin(self, p: NDArray[np.float64], c: int, s: int) -> bool:
+    def _clears_margin(self, p: Sequence[float], c: int, s: int) -> bool:
         h = self.config.hysteresis
         if self._pos >= 0:  # the binary band around the operating point (see the module docstring)
             if c == self._pos:
@@ -297,11 +301,15 @@ class CineSmoother:
         excess = p[c] - p[s] * self._th[c] / self._th[s]
         return bool(excess >= h)
 
-    def _check_probs(self, probs: Optional[npt.ArrayLike]) -> NDArray[np.float64]:
+    def _check_probs(self, probs: Optional[npt.ArrayLike]) -> Tuple[float, ...]:
         if probs is None:
             raise DataError("smoothing got no probabilities for a frame that passed the quality gate; pass them")
-        p = np.asarray(probs, dtype=np.float64)
         k = len(self.labels)
+        if isinstance(probs, tuple) and len(probs) == k and all(type(v) is float for v in probs):
+            q = probs  # the pipeline's own frame_probabilities: no array round trip
+            if all(-_PROB_TOLERANCE <= v <= 1 + _PROB_TOLERANCE for v in q) and abs(math.fsum(q) - 1.0) <= _PROB_TOLERANCE * k:
+                return q
+        p = np.asarray(probs, dtype=np.float64)
         if p.ndim == 2 and p.shape[0] == 1:
             p = p[0]
         if p.shape != (k,):
@@ -315,7 +323,7 @@ class CineSmoother:
                 f"smoothing expects probabilities in [0, 1] summing to 1, got {np.round(p, 4).tolist()}; "
                 "pass probabilities(logits, task), not logits"
             )
-        return p
+        return tuple(p.tolist())
 
     def update(
         self, probs: Optional[npt.ArrayLike], quality_ok: bool = True,
@@ -340,7 +348,8 @@ class CineSmoother:
                 why = ",".join(str(r) for r in (reasons or ()))
             return self._result(None, True, why or ABSTAIN_QUALITY)
 
-        avg = cfg.alpha * p + (1.0 - cfg.alpha) * self._avg
+        a, b = cfg.alpha, 1.0 - cfg.alpha
+        avg = tuple(a * v + b * o for v, o in zip(p, self._avg))
         self._avg = avg
         c = self._decide(avg)
         s = self._shown
@@ -360,7 +369,7 @@ class CineSmoother:
                 logger.debug("smoothed label %s -> %s", self.labels[s], self.labels[c])
             self._shown, self._candidate, self._streak = c, None, 0
 
-        if float(avg.max()) < cfg.min_confidence:
+        if max(avg) < cfg.min_confidence:
             self.counts["low_confidence"] += 1
             return self._result(None, True, ABSTAIN_LOW_CONFIDENCE)
         if self._shown is None:
@@ -376,7 +385,7 @@ class CineSmoother:
         return SmoothedResult(
             shown_label=label,
             shown_confidence=None if shown is None else float(avg[shown]),
-            smoothed_probs=avg.copy(),
+            smoothed_probs=np.array(avg, np.float64),
             abstain=abstain,
             abstain_reason=reason,
             changed=changed,
@@ -389,6 +398,6 @@ class CineSmoother:
         if result.abstain:
             out["abstain_reason"] = result.abstain_reason
         out["confidence"] = None if result.shown_confidence is None else round(result.shown_confidence, ndigits)
-        out["smoothed_probs"] = {n: round(float(v), ndigits) for n, v in zip(self.labels, result.smoothed_probs)}
+        out["smoothed_probs"] = {n: round(v, ndigits) for n, v in zip(self.labels, result.smoothed_probs.tolist())}
         out["label_changed"] = result.changed
         return out

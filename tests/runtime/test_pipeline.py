@@ -44,7 +44,7 @@ def test_stage_times_put_inference_alone_in_infer(bundle_dir: Path, monkeypatch:
 
     import edgeclf.runtime.pipeline as pl
 
-    real = pl.probabilities
+    real = pl.frame_probabilities  # the per-frame softmax of a multiclass bundle
 
     def slow_probabilities(*a, **k):  # type: ignore[no-untyped-def]
         time.sleep(0.02)
@@ -54,7 +54,7 @@ def test_stage_times_put_inference_alone_in_infer(bundle_dir: Path, monkeypatch:
         time.sleep(0.04)
         return np.zeros((len(x), 3), np.float32)
 
-    monkeypatch.setattr(pl, "probabilities", slow_probabilities)
+    monkeypatch.setattr(pl, "frame_probabilities", slow_probabilities)
     with FakeBackend((1, 32, 32), 3, fn=slow_infer) as be, open_source("synthetic:ultrasound?frames=3") as src:
         mem = ListSink()
         run_pipeline(load_bundle(bundle_dir), src, be, [mem])

@@ -10,7 +10,15 @@ import numpy as np
 import pytest
 
 from edgeclf.errors import ConfigError, DataError
-from edgeclf.runtime.postprocess import TASKS, DecisionRule, decide, probabilities, rule_kind_for_task
+from edgeclf.runtime.postprocess import (
+    TASKS,
+    DecisionRule,
+    decide,
+    decide_frame,
+    frame_probabilities,
+    probabilities,
+    rule_kind_for_task,
+)
 
 
 def _sig(x: float) -> float:
@@ -239,3 +247,49 @@ def test_rule_validation(kwargs: dict, match: str) -> None:  # type: ignore[type
 def test_rule_from_dict_names_the_bad_key(d: object, match: str) -> None:
     with pytest.raises(ConfigError, match=match):
         DecisionRule.from_dict(d)  # type: ignore[arg-type]
+
+
+# ---------------------------------------------------------------- the per-frame path
+
+
+@pytest.mark.parametrize("k", [1, 2, 3, 5, 8, 11])
+def test_frame_probabilities_and_decision_equal_the_batch_path_bit_for_bit(k: int) -> None:
+    # The live pipeline decides each frame with plain floats; `edgeclf evaluate` uses arrays. The clip figures
+    # of the two must agree, so the numbers must be the same, not merely close.
+    rng = np.random.default_rng(k)
+    task = "binary" if k == 1 else "multiclass"
+    for scale, temperature in ((0.3, 1.0), (4.0, 0.7), (60.0, 19.99)):
+        z = rng.normal(0.0, scale, (200, k)).astype(np.float32)
+        batch = probabilities(z, task, temperature)
+        if k == 1:
+            rule = DecisionRule("threshold", (0.37,), positive=1)
+        else:
+            rule = DecisionRule("max-ratio", tuple(rng.uniform(0.1, 1.0, k)))
+        decided = decide(batch, rule)
+        for i in range(len(z)):
+            row = frame_probabilities(z[i], task, temperature)
+            assert row == tuple(batch[i].tolist())
+            assert frame_probabilities(z[i : i + 1], task, temperature) == row  # (1, K) as well as (K,)
+            assert decide_frame(row, rule) == int(decided[i])
+
+
+def test_decide_frame_breaks_ties_to_the_first_class_as_argmax() -> None:
+    rule = DecisionRule("max-ratio", (0.5, 0.25, 0.25))
+    assert decide_frame((0.5, 0.25, 0.25), rule) == 0 == int(decide(np.array([[0.5, 0.25, 0.25]]), rule)[0])
+    assert decide_frame((0.2, 0.4, 0.4), rule) == 1
+
+
+def test_frame_probabilities_rejects_what_probabilities_rejects() -> None:
+    with pytest.raises(DataError, match="NaN or infinity"):
+        frame_probabilities(np.array([0.0, np.nan, 1.0], np.float32), "multiclass")
+    with pytest.raises(ConfigError, match="temperature"):
+        frame_probabilities(np.array([0.0, 1.0], np.float32), "multiclass", 0.0)
+    with pytest.raises(ConfigError, match="binary logits"):
+        frame_probabilities(np.array([0.0, 1.0], np.float32), "binary")
+    with pytest.raises(ConfigError, match="unknown task"):
+        frame_probabilities(np.array([0.0, 1.0], np.float32), "regression")
+    # Multilabel has no single-frame fast path but gives the same numbers.
+    z = np.array([[0.3, -2.0]], np.float32)
+    assert frame_probabilities(z, "multilabel") == tuple(probabilities(z, "multilabel")[0].tolist())
+    with pytest.raises(ConfigError, match="decide_frame needs"):
+        decide_frame((0.2, 0.8), DecisionRule("multilabel", (0.5, 0.5)))
