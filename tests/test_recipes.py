@@ -36,7 +36,7 @@ def test_packaged_recipes_load_and_build_configs() -> None:
     kwargs, spec, rec = resolve_recipe(load_recipe("breast-us"), "/d/busi", {})
     assert spec == "/d/busi?split=busi" and kwargs["model"] == "efficientnet_lite0" and rec["variant"] is None
     kwargs, spec, _ = resolve_recipe(load_recipe("lung-pocus"), "/d/pocus", {})
-    assert spec == "/d/pocus?frames=12&roi=sector" and kwargs["folds"] == 5 and kwargs["group"] == "source"
+    assert spec == "/d/pocus?frames=24&roi=sector" and kwargs["folds"] == 5 and kwargs["group"] == "source"
     assert "viral" not in kwargs["classes"]
 
 
