@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import os
 import platform
 import time
 from dataclasses import asdict, dataclass
@@ -101,6 +102,9 @@ def package_versions(*names: str) -> dict[str, str]:
     return out
 
 
+KERNEL_PIN_VARIABLES = ("ATEN_CPU_CAPABILITY", "MKL_CBWR", "MKL_ENABLE_INSTRUCTIONS", "ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA")
+
+
 def host_info() -> dict[str, Any]:
     """The CPU a run trained on: the same seed reproduces bit for bit on one host, not across CPUs whose
     math libraries pick other kernels (lung-pocus: 0.729 on an Intel Xeon, 0.698 on an AMD EPYC)."""
@@ -112,8 +116,11 @@ def host_info() -> dict[str, Any]:
             cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
     except OSError:
         pass  # not Linux: platform's answer stands
+    # Variables that pin the math libraries' kernels (set before torch loads): with them two CPUs can run the
+    # same code paths; without them a rerun elsewhere is a different computation (see benchmarks/recipes.md).
+    pins = {k: os.environ[k] for k in KERNEL_PIN_VARIABLES if os.environ.get(k)}
     return {"cpu": cpu, "machine": platform.machine(), "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
-            "torch_threads": torch.get_num_threads()}
+            "torch_threads": torch.get_num_threads(), "kernel_pins": pins}
 
 
 def default_size(model_default: int, model_min: int, images: list[np.ndarray]) -> int:

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from edgeclf.errors import ConfigError, DataError
-from edgeclf.train import TrainConfig, default_size, train
+from edgeclf.train import KERNEL_PIN_VARIABLES, TrainConfig, default_size, train
 
 pytest.importorskip("torch")
 
@@ -37,10 +37,22 @@ def test_run_record_is_complete_and_loadable_without_pickle(trained_dir: Path) -
     assert {"config", "data", "history", "metrics", "packages", "best_epoch"} <= set(run)
     assert run["data"]["hash"] and run["data"]["sizes"]["train"] > 0
     assert run["host"]["cpu"] and run["host"]["torch_cpu_capability"] and run["host"]["torch_threads"] >= 1
+    assert set(run["host"]["kernel_pins"]) <= set(KERNEL_PIN_VARIABLES)
     assert sorted(p.name for p in (trained_dir / "splits").iterdir()) == ["test.txt", "train.txt", "val.txt"]
     head = (trained_dir / "model.safetensors").read_bytes()[:8]
     assert int.from_bytes(head, "little") > 0  # safetensors header length, not a pickle opcode
     assert not (trained_dir / "model.safetensors").read_bytes().startswith(b"\x80")
+
+
+def test_host_records_the_kernel_pins_that_are_set(monkeypatch: pytest.MonkeyPatch) -> None:
+    from edgeclf.train import host_info
+
+    for k in KERNEL_PIN_VARIABLES:
+        monkeypatch.delenv(k, raising=False)
+    assert host_info()["kernel_pins"] == {}
+    monkeypatch.setenv("MKL_CBWR", "AVX2")
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "")  # empty: not a pin
+    assert host_info()["kernel_pins"] == {"MKL_CBWR": "AVX2"}
 
 
 def test_val_split_without_a_class_is_refused_before_training(tmp_path: Path) -> None:
