@@ -154,6 +154,15 @@ def markdown(doc: dict) -> str:
             lines.append(f"| {model} | backend only | {t} | {bo:.1f} | {bo / nv:.2f}x | 1.00x | | |")
             lines.append(f"| {model} | pipeline | {t} | {pl['fps']:.1f} | {pl['fps'] / nv:.2f}x | {pl['fps'] / bo:.2f}x | "
                          f"{pl['pre_quality_post_sink_ms']:.3f} | {pl['latency_p90_ms']:.2f} |")
+    lines += ["", "Ratios within each round (the modes of a round ran back to back, so drift between rounds cancels); "
+              "median and per-round values:", "", "| model | threads | pipeline / naive | pipeline / backend only |", "|---|---|---|---|"]
+    for model, r in res.items():
+        for t in doc["threads"]:
+            pl, nv, bo = r[f"pipeline_t{t}"]["fps_runs"], r["naive"]["fps_runs"], r[f"backend_t{t}"]["fps_runs"]
+            vs_naive = [a / b for a, b in zip(pl, nv)]
+            vs_backend = [a / b for a, b in zip(pl, bo)]
+            lines.append(f"| {model} | {t} | {np.median(vs_naive):.2f}x ({', '.join(f'{v:.2f}' for v in vs_naive)}) | "
+                         f"{np.median(vs_backend):.2f}x ({', '.join(f'{v:.2f}' for v in vs_backend)}) |")
     lines += ["", "Pipeline per-stage medians (ms):", "", "| model | threads | " + " | ".join(doc["stages"]) + " |",
               "|---|---|" + "---|" * len(doc["stages"])]
     for model, r in res.items():
