@@ -97,7 +97,10 @@ class ClipAggregator:
         self.frames += 1
         if probs is None:
             return
-        a = [float(v) for v in probs] if isinstance(probs, (tuple, list)) else np.asarray(probs, np.float64).reshape(-1).tolist()
+        if isinstance(probs, (tuple, list)) and all(isinstance(v, float) for v in probs):
+            a = [float(v) for v in probs]
+        else:  # arrays, (1, K) nested lists, integers
+            a = np.asarray(probs, np.float64).reshape(-1).tolist()
         k = len(a) if self._sum is None else len(self._sum)
         if len(a) != k:
             raise ConfigError(f"frame probabilities have {len(a)} classes after {k}; every frame of a clip needs the same classes")

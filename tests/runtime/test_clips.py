@@ -103,3 +103,18 @@ def test_incremental_aggregator_matches_and_keeps_no_frames() -> None:
     # Constant memory: only running sums and counts are held (K entries each), whatever the clip's length.
     held = [v for v in vars(agg).values() if isinstance(v, (list, tuple, dict, np.ndarray)) and v is not agg.labels]
     assert held and all(len(v) == 3 for v in held)
+
+
+def test_aggregator_takes_arrays_nested_rows_and_integers_alike() -> None:
+    import numpy as np
+
+    from edgeclf.runtime.clips import ClipAggregator
+
+    forms = [(0.2, 0.7, 0.1), [0.2, 0.7, 0.1], np.array([0.2, 0.7, 0.1]), np.array([[0.2, 0.7, 0.1]]), [[0.2, 0.7, 0.1]]]
+    results = []
+    for p in forms:
+        agg = ClipAggregator(labels=["a", "b", "c"])
+        agg.add(p)
+        agg.add([0, 1, 0])
+        results.append(agg.result())
+    assert all(r == results[0] for r in results) and results[0].votes == (0, 2, 0)
