@@ -91,7 +91,8 @@ def pipeline(bundle: Path, video: Path, threads: int, out: Path) -> dict:
     s = run_bundle(str(bundle), str(video), out=str(out), threads=threads)
     stages = {k: v["median"] for k, v in s["stages_ms"].items()}
     overhead = stages["preprocess"] + stages["postprocess"] + stages["sink"]
-    return {"fps": s["fps"], "frames": s["frames"], "written": s["written"], "stages_ms": stages,
+    parts = {k: v["median"] for k, v in s["preprocess_parts_ms"].items()}
+    return {"fps": s["fps"], "frames": s["frames"], "written": s["written"], "stages_ms": stages, "preprocess_parts_ms": parts,
             "pre_quality_post_sink_ms": overhead, "latency_p90_ms": s["stages_ms"]["latency"]["p90"]}
 
 
@@ -169,6 +170,13 @@ def markdown(doc: dict) -> str:
         for t in doc["threads"]:
             st = r[f"pipeline_t{t}"]["stages_ms"]
             lines.append(f"| {model} | {t} | " + " | ".join(f"{st[s]:.3f}" for s in doc["stages"]) + " |")
+    if all("preprocess_parts_ms" in r[f"pipeline_t{t}"] for r in res.values() for t in doc["threads"]):
+        lines += ["", "Inside the preprocess stage (medians, ms; the quality gate and the model input are timed apart):", "",
+                  "| model | threads | quality gate | model input (resize, normalise, layout) |", "|---|---|---|---|"]
+        for model, r in res.items():
+            for t in doc["threads"]:
+                pp = r[f"pipeline_t{t}"]["preprocess_parts_ms"]
+                lines.append(f"| {model} | {t} | {pp['quality']:.3f} | {pp['model_input']:.3f} |")
     return "\n".join(lines) + "\n"
 
 

@@ -24,10 +24,13 @@ from edgeclf.runtime.preprocess import Preprocessor
 from edgeclf.runtime.sinks import Sink
 from edgeclf.runtime.sources import FrameSource
 
-__all__ = ["STAGES", "RunOptions", "RunSummary", "run_pipeline", "stage_stats", "parse_roi"]
+__all__ = ["STAGES", "PREPROCESS_PARTS", "RunOptions", "RunSummary", "run_pipeline", "stage_stats", "parse_roi"]
 
 log = logging.getLogger(__name__)
 STAGES = ("capture", "preprocess", "infer", "postprocess", "sink")
+# What the preprocess stage is made of, timed apart in the summary (not in each record): the sector
+# detector and mask, the quality gate, and the model input (resize, normalisation, layout).
+PREPROCESS_PARTS = ("sector", "quality", "model_input")
 SMOOTHING_CHOICES = ("auto", "cine", "off")
 BACKEND_ERROR = "backend_error"  # abstain reason of a frame whose inference raised
 MAX_BACKEND_ERRORS = 5  # failures in a row that end the run: a backend that is gone, not a hiccup
@@ -131,6 +134,7 @@ class RunSummary:
     label_counts: Dict[str, int] = field(default_factory=dict)
     abstain_reasons: Dict[str, int] = field(default_factory=dict)
     timings_ms: Dict[str, StageTimes] = field(default_factory=lambda: {s: StageTimes() for s in STAGES + ("latency",)})
+    preprocess_parts_ms: Dict[str, StageTimes] = field(default_factory=lambda: {s: StageTimes() for s in PREPROCESS_PARTS})
     extra: Dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> Dict[str, Any]:
@@ -145,6 +149,7 @@ class RunSummary:
             "stopped_by": self.stopped_by,
             "label_counts": dict(self.label_counts),
             "stages_ms": {k: v.stats() for k, v in self.timings_ms.items()},
+            "preprocess_parts_ms": {k: v.stats() for k, v in self.preprocess_parts_ms.items()},
             **self.extra,
         }
 
@@ -272,8 +277,8 @@ def run_pipeline(
     summary.extra["smoothing"] = "cine" if smoother is not None and smoother.config.min_dwell_frames > 1 else "off"
     t_start = time.perf_counter()
     def produce() -> Any:
-        """Read one frame and prepare it: (frame, x or None, reasons, capture s, preprocess s), None at the
-        end of the source, or IDLE while a live source has nothing new."""
+        """Read one frame and prepare it: (frame, x or None, reasons, capture s, preprocess s, (sector s,
+        gate s, model input s)), None at the end of the source, or IDLE while a live source has nothing new."""
         t0 = time.perf_counter()
         # Live sources are read with a timeout so that a stop request is seen while no frame comes.
         frame = source.read(0.5) if live else source.read()
@@ -288,11 +293,14 @@ def run_pipeline(
             sector = detector.update(image)
             mask = sector.mask if sector.kind != "full" else None
             image = apply_sector(image, sector)
+        t2 = time.perf_counter()
         reasons: Tuple[str, ...] = ()
         if gate is not None:
             reasons = gate.check(frame.image, mask).reasons  # the gate subsamples before any colour conversion
+        t3 = time.perf_counter()
         x = pre(image) if not reasons else None
-        return frame, x, reasons, t1 - t0, time.perf_counter() - t1
+        t4 = time.perf_counter()
+        return frame, x, reasons, t1 - t0, t4 - t1, (t2 - t1, t3 - t2, t4 - t3)
 
     # Pipelined: a feeder thread reads and prepares frame n+1 while this thread infers frame n (OpenCV and
     # numpy release the GIL). It holds at most 2 prepared frames, so a live frame waits at most that long.
@@ -309,7 +317,7 @@ def run_pipeline(
                 continue
             if item is None:
                 break
-            frame, x, reasons, cap_s, pre_s = item
+            frame, x, reasons, cap_s, pre_s, parts_s = item
             t_main = time.perf_counter()
             probs_row: Optional[Tuple[float, ...]] = None
             decision: Any = None
@@ -389,6 +397,8 @@ def run_pipeline(
             for stage, ms in zip(STAGES, (cap_s, pre_s, (t3 - t_main), (t4 - t3), (t5 - t4))):
                 summary.timings_ms[stage].append(ms * 1e3)
             summary.timings_ms["latency"].append(record["latency_ms"]["total"])
+            for part, sec in zip(PREPROCESS_PARTS, parts_s):
+                summary.preprocess_parts_ms[part].append(sec * 1e3)
             log.debug("frame %d -> %s", frame.index, key)
             if any(s.stop_requested for s in sinks):
                 summary.stopped_by = "sink"

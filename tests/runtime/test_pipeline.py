@@ -350,3 +350,25 @@ def test_a_signal_ends_the_run_cleanly_with_everything_written(bundle_dir: Path,
     records, torn = read_jsonl(out)
     assert result["stopped_by"] == "signal" and torn == 0 and len(records) == result["frames"] == result["written"] >= 20
     assert json.loads(summary.read_text())["frames"] == result["frames"]
+
+
+def test_preprocess_parts_are_timed_apart(bundle_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import time
+
+    import edgeclf.runtime.quality as quality
+
+    real = quality.QualityGate.check
+
+    def slow_check(self, *a, **k):  # type: ignore[no-untyped-def]
+        time.sleep(0.01)
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(quality.QualityGate, "check", slow_check)
+    with FakeBackend((1, 32, 32), 3) as be, open_source("synthetic:ultrasound?frames=6") as src:
+        s = run_pipeline(load_bundle(bundle_dir), src, be, [ListSink()])
+    d = s.to_dict()
+    parts, pre = d["preprocess_parts_ms"], d["stages_ms"]["preprocess"]
+    assert set(parts) == {"sector", "quality", "model_input"} and all(v["n"] == 6 for v in parts.values())
+    # The gate's 10 ms sit in "quality", inside the preprocess stage; no sector detector ran.
+    assert parts["quality"]["median"] >= 10 and pre["median"] >= parts["quality"]["median"]
+    assert parts["sector"]["max"] < 1 and 0 < parts["model_input"]["median"] < 10
