@@ -18,6 +18,7 @@ same frames. Multiclass and binary tasks only. Python 3.8 compatible, numpy only
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
@@ -106,11 +107,17 @@ class ClipAggregator:
             raise ConfigError(f"frame probabilities have {len(a)} classes after {k}; every frame of a clip needs the same classes")
         if self.labels is not None and len(self.labels) != k:
             raise ConfigError(f"{len(self.labels)} label names for {k} classes; pass the bundle's labels")
-        if self.min_confidence > 0 and max(a) < self.min_confidence:
+        finite = all(math.isfinite(v) for v in a)
+        top = max(a) if finite else float(np.max(a))  # NaN rows as before: numpy's max and argmax propagate NaN
+        if self.min_confidence > 0 and top < self.min_confidence:
             return
         if self._sum is None or self._votes is None:
             self._sum, self._votes = [0.0] * k, [0] * k
-        dec = decide_frame(a, self.rule) if self.rule is not None else max(range(k), key=a.__getitem__)
+        if not finite:
+            row = np.asarray(a, np.float64)[None, :]
+            dec = int(decide(row, self.rule)[0]) if self.rule is not None else int(np.argmax(row))
+        else:
+            dec = decide_frame(a, self.rule) if self.rule is not None else max(range(k), key=a.__getitem__)
         sums = self._sum
         for j in range(k):
             sums[j] += a[j]

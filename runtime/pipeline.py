@@ -300,7 +300,10 @@ def run_pipeline(
         t3 = time.perf_counter()
         x = pre(image) if not reasons else None
         t4 = time.perf_counter()
-        return frame, x, reasons, t1 - t0, t4 - t1, (t2 - t1, t3 - t2, t4 - t3)
+        # A part that did not run is not timed (no zeros diluting the medians).
+        parts = (t2 - t1 if detector is not None else None, t3 - t2 if gate is not None else None,
+                 t4 - t3 if x is not None else None)
+        return frame, x, reasons, t1 - t0, t4 - t1, parts
 
     # Pipelined: a feeder thread reads and prepares frame n+1 while this thread infers frame n (OpenCV and
     # numpy release the GIL). It holds at most 2 prepared frames, so a live frame waits at most that long.
@@ -398,7 +401,8 @@ def run_pipeline(
                 summary.timings_ms[stage].append(ms * 1e3)
             summary.timings_ms["latency"].append(record["latency_ms"]["total"])
             for part, sec in zip(PREPROCESS_PARTS, parts_s):
-                summary.preprocess_parts_ms[part].append(sec * 1e3)
+                if sec is not None:
+                    summary.preprocess_parts_ms[part].append(sec * 1e3)
             log.debug("frame %d -> %s", frame.index, key)
             if any(s.stop_requested for s in sinks):
                 summary.stopped_by = "sink"

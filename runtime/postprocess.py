@@ -114,7 +114,10 @@ def frame_probabilities(logits: npt.ArrayLike, task: str, temperature: float = 1
     (multilabel: use :func:`probabilities`). Raises as :func:`probabilities` does."""
     if task == "multilabel" or task not in TASKS:
         return tuple(probabilities(np.asarray(logits).reshape(1, -1), task, temperature)[0].tolist())
-    z = np.asarray(logits).reshape(-1).tolist()
+    arr = np.asarray(logits)
+    if arr.ndim > 2 or (arr.ndim == 2 and arr.shape[0] != 1):
+        raise ConfigError(f"frame_probabilities takes one frame's logits, (K,) or (1, K), got shape {arr.shape}; use probabilities() for a batch")
+    z = arr.reshape(-1).tolist()
     k = len(z)
     if (task == "binary" and k != 1) or (task == "multiclass" and k < 2) \
             or isinstance(temperature, bool) or not isinstance(temperature, (int, float, np.floating, np.integer)) \

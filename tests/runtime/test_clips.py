@@ -118,3 +118,15 @@ def test_aggregator_takes_arrays_nested_rows_and_integers_alike() -> None:
         agg.add([0, 1, 0])
         results.append(agg.result())
     assert all(r == results[0] for r in results) and results[0].votes == (0, 2, 0)
+
+
+def test_aggregator_treats_a_nan_row_as_numpy_does() -> None:
+    import numpy as np
+
+    from edgeclf.runtime.clips import ClipAggregator
+
+    nan = float("nan")
+    for row in ([0.1, nan, 0.5], [0.6, nan, 0.3]):
+        agg = ClipAggregator(labels=["a", "b", "c"])
+        agg.add(row)
+        assert agg.result().votes == tuple(int(i == int(np.argmax(np.array(row)))) for i in range(3))

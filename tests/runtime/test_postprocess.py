@@ -293,3 +293,8 @@ def test_frame_probabilities_rejects_what_probabilities_rejects() -> None:
     assert frame_probabilities(z, "multilabel") == tuple(probabilities(z, "multilabel")[0].tolist())
     with pytest.raises(ConfigError, match="decide_frame needs"):
         decide_frame((0.2, 0.8), DecisionRule("multilabel", (0.5, 0.5)))
+
+
+def test_frame_probabilities_refuses_a_batch() -> None:
+    with pytest.raises(ConfigError, match="one frame"):
+        frame_probabilities(np.zeros((2, 3), np.float32), "multiclass")
