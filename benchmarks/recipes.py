@@ -4,7 +4,7 @@
     python benchmarks/recipes.py lung-pocus --data ../shared/data/pocus --out /tmp/recipes/lung-pocus
     python benchmarks/recipes.py chest-xray --data ... --out /tmp/recipes/chest-xray-rerun --no-export   # reproduce check
 
-Steps: `edgeclf train --recipe R` (1 torch thread), then for each training folder (one, or one per fold)
+Steps: `edgeclf train --recipe R` (the recipe's thread count: the computation depends on it), then for each training folder (one, or one per fold)
 `edgeclf export` with the recipe's [export] settings (also passed as flags, so the figures do not depend on
 export reading run.json's record, which it now does), `edgeclf evaluate` of the fp32 training folder and of the deployed bundle on the held-out split (read
 once per configuration), and ONNX Runtime latency (batch 1, 1 thread, median of 200 after 20 warm-up runs)
@@ -105,9 +105,9 @@ def main() -> None:
     a = ap.parse_args()
     out = Path(a.out)
     run = out / "run"
-    rec, t_train = cli("train", "--recipe", a.recipe, "--data", a.data, "--out", str(run), "--threads", "1", *a.extra)
+    rec, t_train = cli("train", "--recipe", a.recipe, "--data", a.data, "--out", str(run), *a.extra)
     summary: dict[str, Any] = {"recipe": a.recipe, "data": a.data, "train_seconds": t_train, "seed": rec["config"]["seed"],
-                               "command": f"edgeclf train --recipe {a.recipe} --data {a.data} --out {run} --threads 1 {' '.join(a.extra)}"}
+                               "command": f"edgeclf train --recipe {a.recipe} --data {a.data} --out {run} {' '.join(a.extra)}"}
     export_cfg = (rec.get("recipe") or {}).get("export") or {}
     if "pooled_out_of_fold" in rec:
         pooled = rec["pooled_out_of_fold"]

@@ -29,6 +29,9 @@ def test_packaged_recipes_load_and_build_configs() -> None:
             kwargs, spec, rec = resolve_recipe(r, data, {})
             TrainConfig(data=spec, out="x", **kwargs)  # every value passes TrainConfig's validation
             assert rec["name"] == name and rec["export"].get("precision") in ("auto", "fp32")
+            # The thread count is part of the computation: each recipe names the one its figure used.
+            assert isinstance(kwargs["threads"], int) and kwargs["threads"] >= 1
+            assert resolve_recipe(r, data, {"threads": 4})[0]["threads"] == 4  # the CLI still overrides it
             assert spec.startswith(data)
     # The variant follows the data: BreastMNIST takes the compact CNN and no folder options.
     kwargs, spec, rec = resolve_recipe(load_recipe("breast-us"), "/d/breastmnist.npz", {})
