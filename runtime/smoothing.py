@@ -55,7 +55,7 @@ import numpy.typing as npt
 from numpy.typing import NDArray
 
 from edgeclf.errors import ConfigError, DataError
-from edgeclf.runtime.postprocess import DecisionRule
+from edgeclf.runtime.postprocess import DecisionRule, decide_frame
 
 if TYPE_CHECKING:  # only for annotations: bundle is not needed to smooth
     from edgeclf.runtime.bundle import Manifest
@@ -287,10 +287,7 @@ class CineSmoother:
     # ----------------------------------------------------------------- decision
 
     def _decide(self, p: Sequence[float]) -> int:
-        if self._pos >= 0:
-            return self._pos if p[self._pos] >= self._t else 1 - self._pos
-        ratios = [v / t for v, t in zip(p, self._th)]
-        return max(range(len(ratios)), key=ratios.__getitem__)  # the first of equal maxima, as np.argmax
+        return decide_frame(p, self.rule)
 
     def _clears_margin(self, p: Sequence[float], c: int, s: int) -> bool:
         h = self.config.hysteresis
