@@ -623,7 +623,8 @@ def _dedup(scan: _Scan, opts: FolderOptions) -> tuple[list[_Row], list[str]]:
 
 def _fold_split(rows: list[_Row], n_classes: int, opts: FolderOptions, sources: dict[str, str], *, seed: int,
                 val_frac: float) -> dict[str, Split]:
-    """Test = fold `opts.fold` of `opts.folds` (stratified, grouped by clip or source); val by group from the rest."""
+    """Test = fold `opts.fold` of `opts.folds`, val from the rest: both stratified and grouped by the fold key
+    (clip, source or site)."""
     from sklearn.model_selection import StratifiedGroupKFold
 
     if opts.group == "site":
@@ -638,10 +639,23 @@ def _fold_split(rows: list[_Row], n_classes: int, opts: FolderOptions, sources: 
     cv = StratifiedGroupKFold(n_splits=opts.folds, shuffle=True, random_state=seed)
     folds = list(cv.split(np.zeros(len(rows)), y, g))
     test_idx = set(folds[opts.fold][1].tolist())
-    rest = [r for i, r in enumerate(rows) if i not in test_idx]
-    parts = _grouped_split(rest, n_classes, seed=seed, val_frac=val_frac, test_frac=0.0)
-    parts["test"] = _to_split([r for i, r in enumerate(rows) if i in test_idx])
-    return parts
+    rest = [i for i in range(len(rows)) if i not in test_idx]
+    # Validation is grouped by the same key as the test fold: early stopping, the temperature and the
+    # operating point must not be chosen on clips whose source also trains the model.
+    n_rest = len(set(g[rest].tolist()))
+    if n_rest < 2:
+        raise DataError(f"{n_rest} {opts.group} group outside the test fold leaves none for validation; "
+                        "use fewer folds or group=clip")
+    n_val = max(2, min(round(1 / val_frac), n_rest))
+    inner = list(StratifiedGroupKFold(n_splits=n_val, shuffle=True, random_state=seed).split(np.zeros(len(rest)), y[rest], g[rest]))
+    # The inner fold closest to the asked share (one large source can make a fold several times too big).
+    val_pos = min(inner, key=lambda f: (abs(len(f[1]) - val_frac * len(rest)), f[1].tolist()))[1]
+    val_idx = {rest[j] for j in val_pos.tolist()}
+    return {
+        "train": _to_split([rows[i] for i in rest if i not in val_idx]),
+        "val": _to_split([rows[i] for i in rest if i in val_idx]),
+        "test": _to_split([r for i, r in enumerate(rows) if i in test_idx]),
+    }
 
 
 def _load_folder(root: Path, class_map, *, seed: int, val_frac: float, test_frac: float, frames_per_clip: int,

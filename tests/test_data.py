@@ -845,12 +845,16 @@ def test_site_of_original_source() -> None:
 
 
 def test_folds_grouped_by_source(tmp_path: Path) -> None:
-    from edgeclf.data import load_folds
+    from edgeclf.data import _clip_sources, load_folds
 
     root = _clip_tree(tmp_path / "pocus")
     # As written, Site A's two clips are two sources; reduced to sites they are one group.
     by_source = load_folds(str(root), 3, frames_per_clip=2, group="source")
     assert by_source[0].spec.endswith("group=source")
+    src = _clip_sources(root)
+    for ds in by_source:
+        val, train = ({src[x.split("#")[0]] for x in ds.splits[s].ids} for s in ("val", "train"))
+        assert val and train and not val & train
     dss = load_folds(str(root), 3, frames_per_clip=2, group="site")
     seen: dict[str, int] = {}
     for i, ds in enumerate(dss):
@@ -861,8 +865,12 @@ def test_folds_grouped_by_source(tmp_path: Path) -> None:
         for c in test_clips:
             assert c not in seen
             seen[c] = i
-        # No site on both sides.
+        # No site on both sides, also between validation (early stopping, temperature) and training.
         assert not {ds.sources[c] for c in test_clips} & {ds.sources[c] for c in rest}
+        val_clips = {x.split("#")[0] for x in ds.splits["val"].ids}
+        train_clips = {x.split("#")[0] for x in ds.splits["train"].ids}
+        assert val_clips and train_clips
+        assert not {ds.sources[c] for c in val_clips} & {ds.sources[c] for c in train_clips}
         # The recorded spec rebuilds the same fold alone.
         assert load_dataset(ds.spec, frames_per_clip=2).split_lists() == ds.split_lists()
     assert len(seen) == 12  # every clip held out exactly once
