@@ -101,7 +101,10 @@ def spec_name(spec: str) -> str:
         return spec
     base, _, query = spec.partition("?")
     name = Path(base).name or base
-    return f"{name}?{query}" if query else name
+    # An option may name a file too (split=/data/PATIENT_X/list.csv): keep only its last component.
+    parts = [f"{k}={v.replace(chr(92), '/').rsplit('/', 1)[-1]}" if ("/" in v or chr(92) in v) else f"{k}{eq}{v}"
+             for k, eq, v in (p.partition("=") for p in query.split("&") if p)]
+    return f"{name}?{'&'.join(parts)}" if parts else name
 
 
 def parse_class_map(text: str | None) -> list[tuple[str, list[str]]] | None:
@@ -726,7 +729,10 @@ def load_folds(spec: str, folds: int, *, classes: str | None = None, seed: int =
     path = Path(base).expanduser().resolve()
     if not path.is_dir():
         raise DataError(f"--folds needs a folder data set (images or clips); {spec} is not a folder")
-    opts = dataclasses.replace(opts, folds=folds, fold=0, group=group if opts.folds == 0 else opts.group)
+    if opts.folds and opts.group != group:
+        raise DataError(f"data spec {spec_name(spec)} groups its folds by {opts.group} but the run asks for group {group}; "
+                        "give the grouping once (group= in the spec, or drop folds= from the spec)")
+    opts = dataclasses.replace(opts, folds=folds, fold=0, group=group)
     class_map = parse_class_map(classes)
     scan = _scan_folder(path, class_map, opts, frames_per_clip)
     return [

@@ -254,5 +254,18 @@ def _main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def main(argv: list[str] | None = None) -> int:
+    """`_main` with the CLI's error contract: a mistake the user can fix is one line and exit code 2."""
+    import sys
+
+    from edgeclf.errors import EdgeclfError
+
+    try:
+        return _main(argv)
+    except EdgeclfError as exc:
+        print(f"python -m edgeclf.recipes: error: {exc}", file=sys.stderr)
+        return 2
+
+
 if __name__ == "__main__":
-    raise SystemExit(_main())
+    raise SystemExit(main())

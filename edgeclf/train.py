@@ -625,7 +625,7 @@ def cross_validate(cfg: TrainConfig, *, on_epoch: Callable[[dict[str, Any]], Non
     and operating point), clip-level for clip data sets, with bootstrap intervals."""
     import dataclasses
 
-    from edgeclf.data import load_folds
+    from edgeclf.data import load_folds, split_spec
     from edgeclf.metrics import clip_metrics, decision_metrics
 
     if dist_info()[1] > 1:
@@ -684,7 +684,7 @@ def cross_validate(cfg: TrainConfig, *, on_epoch: Callable[[dict[str, Any]], Non
     result = {
         "config": asdict(cfg),
         "data": {"spec": cfg.data, "name": ds0.name.split("?", 1)[0], "hash": ds0.data_hash, "kind": ds0.kind,
-                 "grouped_by": cfg.group, "notes": ds0.notes},
+                 "grouped_by": split_spec(ds0.spec)[1].group, "notes": ds0.notes},
         "folds": folds,
         "pooled_out_of_fold": pooled,
         "inner_validation_mean": inner_mean("val"),

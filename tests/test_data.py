@@ -874,6 +874,11 @@ def test_folds_grouped_by_source(tmp_path: Path) -> None:
         # The recorded spec rebuilds the same fold alone.
         assert load_dataset(ds.spec, frames_per_clip=2).split_lists() == ds.split_lists()
     assert len(seen) == 12  # every clip held out exactly once
+    # A spec that already names its folds' grouping must not be silently regrouped (or misrecorded).
+    with pytest.raises(DataError) as exc:
+        load_folds(f"{root}?folds=3", 3, frames_per_clip=2, group="source")
+    assert "groups its folds by clip" in _one_line(exc)
+    assert load_folds(f"{root}?folds=3&group=site", 3, frames_per_clip=2, group="site")[0].spec.endswith("group=site")
 
 
 def test_sector_crop_of_clips(tmp_path: Path) -> None:
@@ -896,3 +901,14 @@ def test_sector_crop_of_clips(tmp_path: Path) -> None:
     assert all(im.shape[:2] == (128, 128) for im in plain.split("all").images)
     shapes = {im.shape[:2] for im in cropped.split("all").images}
     assert len(cropped.split("all")) == 18 and all(h < 128 and w < 128 for h, w in shapes), shapes
+
+
+def test_spec_name_keeps_no_workstation_path() -> None:
+    from edgeclf.data import spec_name
+
+    assert spec_name("/data/PATIENT_Doe_Jane/imgs?split=/data/PATIENT_Doe_Jane/splits.csv&test=0.2") == \
+        "imgs?split=splits.csv&test=0.2"
+    assert spec_name("/x/imgs?split=D:\\PATIENT_Doe\\l.csv") == "imgs?split=l.csv"
+    assert spec_name("/x/imgs?split=brain-mri") == "imgs?split=brain-mri"
+    assert spec_name("/x/pocus?frames=12&group=source") == "pocus?frames=12&group=source"
+    assert spec_name("synthetic:ultrasound?n=60") == "synthetic:ultrasound?n=60"

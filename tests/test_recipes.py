@@ -145,3 +145,32 @@ def test_recipe_can_ask_for_test_time_augmentation(tmp_path: Path) -> None:
     assert kwargs["tta"] == "hflip"
     choices = next(p for p in train_cmd.params if p.name == "tta").type.choices  # type: ignore[attr-defined]
     assert tuple(choices) == TTA_MODES
+
+
+@pytest.mark.shared_data
+@pytest.mark.parametrize(("name", "recipe", "folder"), [("brain-mri", "brain-mri", "brain_mri"), ("busi", "breast-us", "busi")])
+def test_no_near_copy_crosses_the_committed_split(name: str, recipe: str, folder: str) -> None:
+    """Recomputed from the images: no two files on different sides lie within the recipe's `near` bits."""
+    import numpy as np
+
+    from edgeclf.data import _read_image, near_hash
+
+    root = shared(folder)
+    near = int(load_recipe(recipe).splits["near"])
+    rows = [r for r in _read_list(name) if r["split"] != "duplicate"]
+    h = np.stack([np.frombuffer(near_hash(_read_image(root / r["path"])), np.uint8) for r in rows])
+    split = np.array([r["split"] for r in rows])
+    bits = np.array([bin(i).count("1") for i in range(256)], np.uint8)
+    for i in range(len(rows) - 1):
+        close = np.flatnonzero(bits[np.bitwise_xor(h[i + 1 :], h[i])].sum(1, dtype=np.int32) <= near) + i + 1
+        assert (split[close] == split[i]).all(), (rows[i]["path"], [rows[j]["path"] for j in close if split[j] != split[i]])
+
+
+def test_split_list_command_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from edgeclf.recipes import main
+
+    assert main(["splits", "no-such-recipe", "--data", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("python -m edgeclf.recipes: error:") and "allowed: brain-mri" in err and "\n" not in err
+    assert main(["splits", "breast-us", "--data", str(tmp_path / "nowhere")]) == 2
+    assert "\n" not in capsys.readouterr().err.strip()
