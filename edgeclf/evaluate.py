@@ -100,7 +100,7 @@ def evaluate(
         "target": str(path),
         "evaluated_with": source,
         "data": {"spec": data_spec, "split": split, "n": len(sp), "hash": ds.data_hash},
-        "metrics": evaluate_predictions(probs, sp.labels, task, rule, labels, n_boot=n_boot, seed=0),
+        "metrics": evaluate_predictions(probs, sp.labels, task, rule, labels, n_boot=n_boot, seed=0, groups=sp.groups),
     }
     if ds.kind == "clips" and task != "multilabel":
         from edgeclf.metrics import clip_metrics

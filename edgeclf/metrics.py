@@ -105,18 +105,22 @@ def _weighted_auc(
 
 
 def _bootstrap_macro_auc(
-    columns: list[tuple[NDArray[np.float64], NDArray[np.bool_]]], n: int, n_boot: int, seed: int
+    columns: list[tuple[NDArray[np.float64], NDArray[np.bool_]]], n: int, n_boot: int, seed: int,
+    group_of: NDArray[np.int64] | None = None,
 ) -> NDArray[np.float64]:
-    """Macro AUC of each bootstrap resample over samples; resamples where a class is absent are dropped."""
+    """Macro AUC of each bootstrap resample over samples, or over groups when `group_of` (N,) gives each
+    sample's group index (a cluster bootstrap: every sample weighs as often as its group was drawn);
+    resamples where a class is absent are dropped."""
     rng = np.random.default_rng(seed)
+    m = n if group_of is None else int(group_of.max()) + 1
     chunk = max(1, _BOOT_CELLS // max(n, 1))
     kept = []
     done = 0
     while done < n_boot:
         b = min(chunk, n_boot - done)
-        idx = rng.integers(0, n, size=(b, n))
-        counts = np.bincount((idx + (np.arange(b) * n)[:, None]).ravel(), minlength=b * n)
-        counts_f = counts.reshape(b, n).astype(np.float64)
+        idx = rng.integers(0, m, size=(b, m))
+        counts = np.bincount((idx + (np.arange(b) * m)[:, None]).ravel(), minlength=b * m).reshape(b, m)
+        counts_f = (counts if group_of is None else counts[:, group_of]).astype(np.float64)
         aucs = np.stack([_weighted_auc(s, p, counts_f) for s, p in columns], axis=1)  # (b, classes)
         macro = aucs.mean(axis=1)
         kept.append(macro[np.isfinite(macro)])
@@ -133,6 +137,7 @@ def evaluate_predictions(
     *,
     n_boot: int = 1000,
     seed: int = 0,
+    groups: Sequence[str] | None = None,
 ) -> dict[str, Any]:
     """Metrics of probabilities `probs` against `labels`, with decisions made by `rule`.
 
@@ -144,9 +149,10 @@ def evaluate_predictions(
             labels of (sensitivity + specificity) / 2);
         auc: {macro, macro_ci95: [lo, hi] | None, n_boot, n_boot_used, per_class: {name: auc}}; one-vs-rest
             per class (binary: only the positive class, which is also the macro); the CI is a percentile
-            bootstrap over samples, skipping resamples where a class lacks positives or negatives
-            (n_boot_used counts the rest); classes whose AUC is undefined on the full data are left out
-            of macro;
+            bootstrap over samples, or over `groups` when given (frames of one clip, near copies of one
+            image: not independent), skipping resamples where a class lacks positives or negatives
+            (n_boot_used counts the rest; bootstrap_unit says which); classes whose AUC is undefined on
+            the full data are left out of macro;
         per_class: {name: {sensitivity, specificity, support}} at the rule's decisions;
         confusion_matrix: rows true, columns predicted, (K, K) (binary: 2 x 2); multilabel: one
             [[tn, fp], [fn, tp]] per label, (K, 2, 2);
@@ -234,7 +240,12 @@ def evaluate_predictions(
     ci: list[float] | None = None
     used = 0
     if defined and n_boot > 0:
-        boots = _bootstrap_macro_auc(defined, n, n_boot, seed)
+        group_of = None
+        if groups is not None:
+            if len(groups) != n:
+                raise ConfigError(f"{len(groups)} groups for {n} samples; give one group per sample")
+            group_of = np.unique(np.asarray(groups), return_inverse=True)[1].reshape(-1).astype(np.int64)
+        boots = _bootstrap_macro_auc(defined, n, n_boot, seed, group_of)
         used = int(boots.shape[0])
         if used >= 2:
             lo, hi = np.percentile(boots, [2.5, 97.5])
@@ -246,6 +257,7 @@ def evaluate_predictions(
         "macro_ci95": ci,
         "n_boot": int(n_boot),
         "n_boot_used": used,
+        "bootstrap_unit": "group" if groups is not None else "item",
         "per_class": auc_per,
     }
     out["per_class"] = per_class

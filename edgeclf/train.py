@@ -474,11 +474,13 @@ def calibrate_and_measure(model: Any, p: _Prepared, *, target_sensitivity: float
     temperature = fit_temperature(lv, yva, ds.task)
     pv = probabilities(lv, ds.task, temperature)
     rule = fit_decision_rule(pv, yva, ds.task, target_sensitivity=target_sensitivity, positive=p.positive, objective=operating_point)
-    metrics = {"val": evaluate_predictions(pv, yva, ds.task, rule, ds.labels, n_boot=500, seed=seed)}
+    # Intervals resample groups (a clip's frames, an image's near copies), not items.
+    metrics = {"val": evaluate_predictions(pv, yva, ds.task, rule, ds.labels, n_boot=500, seed=seed, groups=ds.splits["val"].groups)}
     if test and len(ds.splits.get("test", [])):
         lt = torch_logits(model, p.pre.batch(ds.splits["test"].images))
         metrics["test"] = evaluate_predictions(
-            probabilities(lt, ds.task, temperature), ds.splits["test"].labels, ds.task, rule, ds.labels, n_boot=1000, seed=seed
+            probabilities(lt, ds.task, temperature), ds.splits["test"].labels, ds.task, rule, ds.labels, n_boot=1000, seed=seed,
+            groups=ds.splits["test"].groups,
         )
     return temperature, rule, metrics
 

@@ -137,6 +137,25 @@ def test_auc_ci_contains_estimate_and_narrows_with_n() -> None:
     assert widths[1] < 0.6 * widths[0]  # ~ 1 / sqrt(10) expected
 
 
+def test_auc_ci_resamples_groups_when_given() -> None:
+    """40 clips of 24 identical frames: the interval must be the 40-clip interval, not a 960-item one."""
+    rule = DecisionRule("max-ratio", (0.5, 0.5, 0.5))
+    probs, y = _multiclass_case(40, seed=6)
+    frames = np.repeat(np.arange(40), 24)
+    clip = evaluate_predictions(probs, y, "multiclass", rule, NAMES3, n_boot=400, seed=1)
+    naive = evaluate_predictions(probs[frames], y[frames], "multiclass", rule, NAMES3, n_boot=400, seed=1)
+    grouped = evaluate_predictions(probs[frames], y[frames], "multiclass", rule, NAMES3, n_boot=400, seed=1,
+                                   groups=[f"c{i}" for i in frames])
+    width = {k: m["auc"]["macro_ci95"][1] - m["auc"]["macro_ci95"][0] for k, m in
+             (("clip", clip), ("naive", naive), ("grouped", grouped))}
+    assert width["naive"] < 0.5 * width["clip"]  # the defect: frames counted as independent
+    assert 0.7 * width["clip"] < width["grouped"] < 1.4 * width["clip"]
+    assert grouped["auc"]["bootstrap_unit"] == "group" and naive["auc"]["bootstrap_unit"] == "item"
+    assert grouped["auc"]["macro"] == naive["auc"]["macro"]
+    with pytest.raises(ConfigError):
+        evaluate_predictions(probs, y, "multiclass", rule, NAMES3, n_boot=10, groups=["a"])
+
+
 def test_bootstrap_skips_resamples_without_a_class() -> None:
     # One positive in 60 samples: about (59/60)^60 = 36 % of resamples lack it and are skipped.
     rng = np.random.default_rng(3)
