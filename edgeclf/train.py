@@ -356,6 +356,15 @@ def _sync_buffers(model: Any) -> None:
         dist.broadcast(buf, src=0)
 
 
+def _sum_over_ranks(total: float, count: int) -> tuple[float, int]:
+    import torch
+    import torch.distributed as dist
+
+    t = torch.tensor([total, float(count)], dtype=torch.float64)
+    dist.all_reduce(t)
+    return float(t[0]), int(t[1])
+
+
 def _agreed_stop(stop: bool, world: int) -> bool:
     """Rank 0 decides early stopping for all: every process must run the same number of steps."""
     if world <= 1:
@@ -424,10 +433,12 @@ def fit(
         else:
             perm = torch.randperm(len(p.xtr), generator=gen)
         total = 0.0
+        seen = 0
         for i in range(0, len(perm), batch_size):
             idx = perm[i : i + batch_size]
             if len(idx) < 2:
                 continue  # BatchNorm cannot train on one sample (shards have equal lengths: every process skips alike)
+            seen += len(idx)
             xb = (_augment(p.xtr[idx].float() * spec.scale, p.profile, gen) - mean_t) / std_t
             out = net(xb)
             loss = loss_fn(out, ytr[idx])
@@ -442,12 +453,13 @@ def fit(
             total += loss.item() * len(idx)
         if world > 1:
             _sync_buffers(model)  # BatchNorm statistics: rank 0's, so that every process validates the same model
+            total, seen = _sum_over_ranks(total, seen)  # the recorded loss is over every shard, not rank 0's
         lv = torch_logits(model, p.xva)
         auc = _macro_auc(probabilities(lv, ds.task), yva, ds.task, p.positive)
         with torch.no_grad():
             vloss = float(loss_fn(torch.from_numpy(lv), yva_t))
         auc_or_none = None if np.isnan(auc) else auc
-        history.append({"epoch": epoch + 1, "loss": total / max(1, len(perm)), "val_auc": auc_or_none, "val_loss": vloss})
+        history.append({"epoch": epoch + 1, "loss": total / max(1, seen), "val_auc": auc_or_none, "val_loss": vloss})
         # Validation AUC decides; on a tie (small or easy sets saturate at 1.0) the lower validation loss.
         auc_cmp = -1.0 if auc_or_none is None else auc
         if auc_cmp > best[0] + 1e-4 or (auc_cmp >= best[0] - 1e-4 and vloss < best_loss):
@@ -519,7 +531,10 @@ def train(cfg: TrainConfig, *, on_epoch: Callable[[dict[str, Any]], None] | None
     rank, world = dist_info()
     record["seconds"] = round(time.time() - t_start, 1)
     if world > 1:
-        record["distributed"] = {"world_size": world, "backend": _backend_name()}
+        # DistributedSampler pads each epoch to a multiple of the world size by repeating a few samples.
+        n_train = len(ds.splits["train"])
+        record["distributed"] = {"world_size": world, "backend": _backend_name(),
+                                 "samples_repeated_per_epoch": (-n_train) % world}
     if rank != 0:
         return {"rank": rank, "world_size": world}
     save_run(Path(cfg.out), model, p, record.pop("_meta"), record)

@@ -27,7 +27,9 @@ def test_torchrun_two_processes_match_one(tmp_path: Path) -> None:
     assert ddp.returncode == 0, ddp.stderr[-3000:]
     rec = json.loads(ddp.stdout)  # exactly one JSON document: rank 1 printed nothing
     one = json.loads(single.stdout)
-    assert rec["distributed"] == {"world_size": 2, "backend": "gloo"} and "distributed" not in one
+    n_train = len((tmp_path / "single" / "splits" / "train.txt").read_text().split())
+    assert rec["distributed"] == {"world_size": 2, "backend": "gloo", "samples_repeated_per_epoch": n_train % 2}
+    assert "distributed" not in one
     saved = json.loads((tmp_path / "ddp" / "run.json").read_text())
     assert saved["distributed"]["world_size"] == 2 and saved["data"]["hash"] == one["data"]["hash"]
     assert sorted(p.name for p in (tmp_path / "ddp").iterdir()) == sorted(p.name for p in (tmp_path / "single").iterdir())
