@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import datetime as _dt
 import importlib
+import inspect
 import json
 import logging
+import os
 import shutil
 import sys
 import tempfile
@@ -28,6 +30,8 @@ MAX_REFERENCE = 64
 
 
 TIE_TOLERANCE = 1e-6  # logits this close: float rounding, not an unfaithful export
+# fp32 ONNX Runtime vs torch agree to ~1e-5; compressed variants are held to the accuracy gate instead.
+PARITY_TOLERANCE = 1e-3  # on probabilities, and on logits relative to max(1, |torch logit|)
 
 
 @dataclass(frozen=True)
@@ -114,7 +118,17 @@ def _load_torch_factory(target: str, weights: str):
         raise ModelError(f"--from-torch {target!r} could not be imported ({exc}); check the module path and PYTHONPATH") from None
     finally:
         sys.path.pop(0)
+    try:  # a factory that needs arguments is a usage mistake; a TypeError inside its body stays a bug
+        inspect.signature(factory).bind()
+    except TypeError as exc:
+        raise ModelError(f"--from-torch {target} must build the model with no arguments ({exc}); "
+                         "point it at a function that takes none") from None
+    except ValueError:  # no signature to inspect (a builtin): just call it
+        pass
     model = factory()
+    if not isinstance(model, torch.nn.Module):
+        raise ModelError(f"--from-torch {target} returned a {type(model).__name__}, not a torch.nn.Module; "
+                         "the factory must return the (untrained) model")
     wpath = Path(weights)
     if not wpath.is_file():
         raise ModelError(f"weights file {weights} does not exist")
@@ -127,11 +141,32 @@ def _load_torch_factory(target: str, weights: str):
             state = torch.load(str(wpath), map_location="cpu", weights_only=True)  # never unpickle code
         except Exception as exc:
             raise ModelError(f"weights file {weights} is not a tensors-only state dict ({str(exc).splitlines()[0]})") from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ModelError(f"weights file {weights} holds a {type(state).__name__}, not a state dict of named tensors")
+    _check_fit(model.state_dict(), state, weights, target)
     try:
         model.load_state_dict(state)
     except RuntimeError as exc:
-        raise ModelError(f"weights {weights} do not fit {target}: {str(exc).splitlines()[0]}") from None
+        lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+        raise ModelError(f"weights {weights} do not fit {target}: {(lines[1:] or lines)[0][:300]}") from None
     return model.eval()
+
+
+def _few(names: list[str], k: int = 3) -> str:
+    return ", ".join(names[:k]) + (f" and {len(names) - k} more" if len(names) > k else "")
+
+
+def _check_fit(expected: dict[str, Any], state: dict[str, Any], weights: str, target: str) -> None:
+    """One line naming a few missing, unexpected or mis-shaped keys (torch's own message spans many lines)."""
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(expected[k].shape)}" for k in sorted(set(state) & set(expected))
+              if tuple(state[k].shape) != tuple(expected[k].shape)]
+    parts = ([f"missing keys {_few(missing)}"] if missing else []) + ([f"unexpected keys {_few(unexpected)}"] if unexpected else []) + (
+        [f"shape mismatch {_few(shapes)}"] if shapes else [])
+    if parts:
+        raise ModelError(f"weights {weights} do not fit {target}: {'; '.join(parts)}; "
+                         "give the weights saved from this model's state_dict()")
 
 
 def _ort_logits(path: Path, x: np.ndarray) -> np.ndarray:
@@ -187,7 +222,8 @@ def export_bundle(cfg: ExportConfig) -> dict[str, Any]:
             provenance["recipe"] = {k: tm.run["recipe"].get(k) for k in ("name", "version", "sha256", "variant", "export")}
         if tm.run.get("pruning"):
             pr = tm.run["pruning"]
-            provenance["pruning"] = {k: pr.get(k) for k in ("target_macs", "macs", "params", "latency_ms", "pays", "verdict", "parent")}
+            provenance["pruning"] = {k: pr.get(k) for k in ("target_macs", "macs", "params", "latency_ms", "pays", "verdict", "parent",
+                                                          "metrics_before")}  # the unpruned model's figures: pruning's accuracy cost
         train_metrics = tm.run.get("metrics", {})
     else:
         task = str(cfg.task)
@@ -211,7 +247,14 @@ def export_bundle(cfg: ExportConfig) -> dict[str, Any]:
             provenance.update(source="onnx", file=Path(str(cfg.from_onnx)).name)
     if not data_spec:
         raise ConfigError("no --data given and the training folder does not record its data; pass --data SPEC")
-    ds: Dataset = load_dataset(data_spec, classes=classes, seed=seed)
+    # Clip models: sample the frames they were trained and validated on (as train, prune and evaluate do).
+    fpc = int((tm.run.get("config") or {}).get("frames_per_clip", 8)) if tm is not None else 8
+    ds: Dataset = load_dataset(data_spec, classes=classes, seed=seed, frames_per_clip=fpc)
+    if tm is not None and recorded.get("hash") and ds.data_hash != recorded["hash"] and (
+            cfg.data is None or ds.name == (recorded.get("name") or spec_name(str(recorded.get("spec", ""))))):
+        # Changed data re-draws the split: export's "val" (gate, parity, metrics) would hold training images.
+        raise DataError(f"data {ds.name} changed since the model was trained (its hash differs), so its val split is no longer "
+                        "the one held out in training; restore the data as it was or retrain")
     if ds.task != task or ds.labels != labels:
         raise DataError(f"data {ds.name} is a {ds.task} set with labels {ds.labels}; the model is {task} with labels {labels} "
                         "(same names, same order); use --classes to map the data or fix --labels")
@@ -259,6 +302,13 @@ def export_bundle(cfg: ExportConfig) -> dict[str, Any]:
                 raise ExportError(
                     f"ONNX Runtime disagrees with torch on {round((1 - parity['decision_agreement']) * parity['n'])} of {parity['n']} "
                     f"{cfg.split} images (max logit diff {parity['max_abs_diff_logits']:.2e}); the export is not faithful, so no bundle was written"
+                )
+            parity["tolerance"] = PARITY_TOLERANCE
+            if parity["max_abs_diff_probs"] > PARITY_TOLERANCE or parity["max_rel_diff_logits"] > PARITY_TOLERANCE:
+                raise ExportError(
+                    f"ONNX Runtime's outputs differ from torch's on the {cfg.split} images (max probability diff "
+                    f"{parity['max_abs_diff_probs']:.2e}, max logit diff {parity['max_abs_diff_logits']:.2e}) beyond the fp32 tolerance "
+                    f"{PARITY_TOLERANCE:g}; the export is not faithful, so no bundle was written"
                 )
         else:
             provenance["parity"] = "not measured: the source is ONNX, there is no torch reference to compare with"
@@ -319,6 +369,7 @@ def export_bundle(cfg: ExportConfig) -> dict[str, Any]:
         write_checksums(stage)
         # What a device does (checksums, schema, reference outputs); not signed yet: `bundle sign` comes after export.
         verify_bundle(str(stage), require_signature=False)
+        _permissions_per_umask(stage)
         _swap_into_place(stage, out)
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
@@ -358,8 +409,22 @@ def _copy_onnx(src: Path, dst: Path) -> tuple[dict[str, Any], str, str]:
     dim0 = inputs[0].type.tensor_type.shape.dim[0] if inputs[0].type.tensor_type.shape.dim else None
     if dim0 is not None and dim0.HasField("dim_value"):
         info["batch"] = int(dim0.dim_value)  # a fixed batch: the runtime feeds it exactly that many
-    shutil.copyfile(src, dst)
+    # Saved from the loaded proto as one file: a copy would leave an external-data side file behind.
+    try:
+        onnx.save_model(proto, str(dst), save_as_external_data=False)
+    except ValueError as exc:  # over protobuf's 2 GB limit
+        raise ModelError(f"{src.name} cannot be stored as one ONNX file ({str(exc).splitlines()[0][:200]}); a bundle holds a single-file model") from None
     return info, inputs[0].name, proto.graph.output[0].name
+
+
+def _permissions_per_umask(stage: Path) -> None:
+    """mkdtemp makes the folder owner-only (0700): give it, and its files, the modes a plain mkdir/open would,
+    so a service running as another user (the systemd unit's User=edgeclf) can read a copied bundle."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(stage, 0o777 & ~mask)
+    for p in stage.rglob("*"):
+        os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~mask)
 
 
 def _swap_into_place(stage: Path, out: Path) -> None:

@@ -1,10 +1,12 @@
 """The accuracy gate for compressed variants: each candidate against its own fp32 parent, paired.
 
 Both models see the same validation inputs, so every comparison is paired: the bootstrap resamples
-images once and recomputes parent and candidate figures on the same resample. A drop counts only
+images once and recomputes parent and candidate figures on the same resample. A drop counts
 when it exceeds the limit *and* its paired 95% interval excludes zero, so one flipped case among a
-few dozen does not decide alone; the numbers are reported either way. Decisions must also agree
-with the parent's on at least `min_agreement` of the images (a plain floor).
+few dozen does not decide alone; a drop above the hard ceiling (`ceiling`) fails whatever its
+interval, because with three or fewer flips in one direction ~5% of resamples miss them all and the
+interval touches zero however large the drop. The numbers are reported either way. Decisions must
+also agree with the parent's on at least `min_agreement` of the images (a plain floor).
 """
 from __future__ import annotations
 
@@ -16,7 +18,14 @@ import numpy as np
 from edgeclf.metrics import _weighted_auc
 from edgeclf.runtime.postprocess import DecisionRule, decide, probabilities
 
-__all__ = ["gate_candidate"]
+__all__ = ["gate_candidate", "ceiling"]
+
+EPS = 1e-9  # k/n computed in floats: a drop of exactly the ceiling must not fail on rounding
+
+
+def ceiling(max_drop: float) -> float:
+    """The point drop that fails regardless of its interval: max(5 * max_drop, 0.05)."""
+    return max(5.0 * max_drop, 0.05)
 
 
 def _columns(probs: np.ndarray, labels: np.ndarray, task: str, rule: DecisionRule) -> list[tuple[int, np.ndarray, np.ndarray]]:
@@ -79,7 +88,8 @@ def gate_candidate(
     cols_p, cols_c = _columns(pp, labels, task, rule), _columns(pc, labels, task, rule)
     auc_p = np.nanmean(np.stack([_weighted_auc(s, y, counts) for _, s, y in cols_p], axis=1), axis=1)
     auc_c = np.nanmean(np.stack([_weighted_auc(s, y, counts) for _, s, y in cols_c], axis=1), axis=1)
-    checks: list[dict[str, Any]] = [_drop("auc_macro", auc_p, auc_c, max_drop)]
+    cap = ceiling(max_drop)
+    checks: list[dict[str, Any]] = [_drop("auc_macro", auc_p, auc_c, max_drop, cap)]
     # Every class's sensitivity (binary: both classes, so the negative class's sensitivity is the
     # positive's specificity); multilabel: each label's sensitivity and specificity. A shifted
     # candidate that calls everything positive keeps its AUC but fails here.
@@ -88,7 +98,7 @@ def gate_candidate(
             continue
         support = counts @ member.astype(np.float64)
         with np.errstate(invalid="ignore", divide="ignore"):
-            checks.append(_drop(name, (counts @ hit_p) / support, (counts @ hit_c) / support, max_drop))
+            checks.append(_drop(name, (counts @ hit_p) / support, (counts @ hit_c) / support, max_drop, cap))
     # Decision-level parity: a point floor, not a significance test. On a few dozen validation images a
     # candidate can flip a quarter of its decisions and still show no "significant" sensitivity drop.
     agree = (counts @ same.astype(np.float64)) / n if n else np.ones(len(counts))
@@ -98,6 +108,7 @@ def gate_candidate(
     failed = [c["metric"] for c in checks if not c["passed"]]
     return {
         "max_drop": max_drop,
+        "ceiling": cap,
         "n": int(n),
         "decision_agreement": float(same.mean()) if n else 1.0,
         "disagreements": [ids[i] for i in np.flatnonzero(~same)],
@@ -106,12 +117,13 @@ def gate_candidate(
         "failed_on": failed,
         "min_agreement": min_agreement,
         "rule": "fail when drop > max_drop and the paired bootstrap 95% interval of the drop excludes 0, "
+                "or when drop > ceiling (max(5 * max_drop, 0.05)) whatever the interval, "
                 "or when decision agreement with the parent is below min_agreement",
         "n_boot": n_boot,
     }
 
 
-def _drop(metric: str, parent: np.ndarray, cand: np.ndarray, max_drop: float) -> dict[str, Any]:
+def _drop(metric: str, parent: np.ndarray, cand: np.ndarray, max_drop: float, cap: float) -> dict[str, Any]:
     """Row 0 holds the point estimates, the rest the paired bootstrap resamples."""
     d = parent - cand
     boot = d[1:][np.isfinite(d[1:])]
@@ -125,5 +137,5 @@ def _drop(metric: str, parent: np.ndarray, cand: np.ndarray, max_drop: float) ->
         "candidate": float(cand[0]),
         "drop": drop,
         "drop_ci95": [lo, hi],
-        "passed": not undefined and not (drop > max_drop and significant),
+        "passed": not undefined and not (drop > max_drop and significant) and not drop > cap + EPS,
     }

@@ -70,5 +70,7 @@ def parity_report(
         "decision_agreement": float(agree.mean()) if len(a) else 1.0,
         "max_abs_diff_logits": float(np.abs(a - b).max()) if len(a) else 0.0,
         "max_abs_diff_probs": float(np.abs(pa - pb).max()) if len(a) else 0.0,
+        # Logit differences relative to the reference's size, floored at 1: large logits carry more float error.
+        "max_rel_diff_logits": float((np.abs(a - b) / np.maximum(1.0, np.abs(a))).max()) if len(a) else 0.0,
         "min_cosine": float(cos.min()) if len(a) else 1.0,
     }

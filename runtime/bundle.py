@@ -162,6 +162,10 @@ def sha256_file(path: PathLike) -> str:
     return h.hexdigest()
 
 
+def _raise(exc: OSError) -> None:
+    raise exc
+
+
 def _bundle_files(root: Path) -> List[str]:
     """Every file of the bundle (relative posix names, sorted), except the checksum and signature files.
 
@@ -169,7 +173,8 @@ def _bundle_files(root: Path) -> List[str]:
     or block the reader, and a copied bundle would not carry them.
     """
     files = []
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
+    # onerror: an unreadable folder is an error, not a folder without files (os.walk skips it silently).
+    for dirpath, dirnames, filenames in os.walk(root, onerror=_raise, followlinks=False):
         for name in sorted(dirnames + filenames):
             full = os.path.join(dirpath, name)
             rel = Path(full).relative_to(root).as_posix()
@@ -728,6 +733,14 @@ def load_bundle(
     Order: checksums, signature, then the manifest: nothing reads the model before all of them pass.
     """
     root = Path(path)
+    try:
+        return _load(root, verify, trusted_key, require_signature)
+    except OSError as exc:
+        # A bundle copied with owner-only permissions, read by a service running as another user.
+        raise BundleError(f"bundle {root} cannot be read ({type(exc).__name__}); check its permissions") from None
+
+
+def _load(root: Path, verify: bool, trusted_key: Optional[KeyLike], require_signature: Optional[bool]) -> Bundle:
     _check_folder(root)
     key = trusted_key if trusted_key is not None else _trusted_key_from_env()
     required = (key is not None) if require_signature is None else bool(require_signature)

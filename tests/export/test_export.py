@@ -143,3 +143,121 @@ def test_failed_overwrite_keeps_the_old_bundle(trained_dir: Path, tmp_path: Path
 def test_bundle_carries_no_workstation_paths(bundle_dir: Path, trained_dir: Path) -> None:
     text = (bundle_dir / "manifest.json").read_text()
     assert str(trained_dir) not in text and str(Path.home()) + "/" not in text and "/tmp/" not in text
+
+
+def _copy_trained(trained_dir: Path, tmp_path: Path, edit) -> Path:
+    import shutil
+
+    dst = tmp_path / "trained"
+    shutil.copytree(trained_dir, dst)
+    run = json.loads((dst / "run.json").read_text())
+    edit(run)
+    (dst / "run.json").write_text(json.dumps(run))
+    return dst
+
+
+def test_data_changed_since_training_is_refused(trained_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from edgeclf.errors import DataError
+    from edgeclf.export import bundle_writer
+
+    def edit(run: dict) -> None:
+        run["data"]["hash"] = "0" * 64  # as if images were added to the folder after training
+        run["config"]["frames_per_clip"] = 5
+
+    src = _copy_trained(trained_dir, tmp_path, edit)
+    seen: list[int] = []
+    real = bundle_writer.load_dataset
+
+    def spy(*args, **kw):
+        seen.append(kw.get("frames_per_clip"))
+        return real(*args, **kw)
+
+    monkeypatch.setattr(bundle_writer, "load_dataset", spy)
+    with pytest.raises(DataError, match="changed since the model was trained .* restore the data as it was or retrain"):
+        export_bundle(ExportConfig(out=str(tmp_path / "b"), model=str(src)))
+    assert seen == [5]  # clip models are gated on the frames they were validated on
+    assert not (tmp_path / "b").exists() and not list(tmp_path.glob(".b.*"))
+
+
+@pytest.mark.parametrize("skew", [5.0, 0.01])
+def test_parity_checks_outputs_not_only_decisions(trained_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, skew: float) -> None:
+    import edgeclf.train as train_mod
+    from edgeclf.export.onnx_export import ExportError
+    from edgeclf.runtime.postprocess import decide, probabilities
+
+    real, tm = train_mod.torch_logits, train_mod.load_trained(str(trained_dir))
+
+    def skewed(model, x):  # raise each decided class's logit: same decisions, different outputs
+        out = real(model, x).astype(np.float32)
+        out[np.arange(len(out)), decide(probabilities(out, tm.task, tm.temperature), tm.decision)] += skew
+        return out
+
+    monkeypatch.setattr(train_mod, "torch_logits", skewed)
+    with pytest.raises(ExportError, match="beyond the fp32 tolerance 0.001"):
+        export_bundle(ExportConfig(out=str(tmp_path / "b"), model=str(trained_dir)))
+    assert not (tmp_path / "b").exists()
+
+
+def test_bundle_is_readable_by_other_users_and_records_pruning_cost(trained_dir: Path, tmp_path: Path) -> None:
+    import os
+    import stat
+
+    before = {"auc_macro": 0.9, "balanced_accuracy": 0.8}
+    src = _copy_trained(trained_dir, tmp_path, lambda run: run.update(
+        pruning={"target_macs": 0.5, "macs": {"ratio": 0.5}, "pays": False, "verdict": "v", "parent": "p", "metrics_before": before}))
+    old = os.umask(0o022)
+    try:
+        m = export_bundle(ExportConfig(out=str(tmp_path / "b"), model=str(src)))
+    finally:
+        os.umask(old)
+    out = tmp_path / "b"
+    assert stat.S_IMODE(out.stat().st_mode) == 0o755  # mkdtemp's 0700 would shut out the service user
+    assert {stat.S_IMODE(p.stat().st_mode) for p in out.iterdir()} == {0o644}
+    assert m["provenance"]["pruning"]["metrics_before"] == before
+    assert json.loads((out / "manifest.json").read_text())["provenance"]["pruning"]["metrics_before"] == before
+
+
+def test_from_onnx_with_external_data_is_stored_as_one_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import onnx
+
+    src = _user_model(tmp_path, monkeypatch)
+    ext = tmp_path / "ext"
+    ext.mkdir()
+    onnx.save_model(onnx.load(str(src)), str(ext / "user.onnx"), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location="user.onnx.data", size_threshold=0)
+    m = export_bundle(ExportConfig(out=str(tmp_path / "b"), from_onnx=str(ext / "user.onnx"), labels="normal,cyst,mass",
+                                   task="multiclass", size=32, channels=1, data=TINY_DATA))
+    assert m["provenance"]["source"] == "onnx"
+    assert not any(t.data_location == onnx.TensorProto.EXTERNAL for t in onnx.load(str(tmp_path / "b" / "model.onnx")).graph.initializer)
+    assert sorted(p.name for p in (tmp_path / "b").iterdir()) == ["checksums.sha256", "manifest.json", "model.onnx", "reference.npz"]
+
+
+def test_from_torch_user_mistakes_are_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    torch = pytest.importorskip("torch")
+    from safetensors.torch import save_file
+
+    pkg = tmp_path / "usermistakes"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text(
+        "import torch\n"
+        "def needs_args(num_classes):\n"
+        "    return torch.nn.Linear(4, num_classes)\n"
+        "def not_a_module():\n"
+        "    return {'weight': torch.zeros(3, 4)}\n"
+        "def make():\n"
+        "    return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(1024, 3))\n"
+    )
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    save_file({"weight": torch.zeros(3, 1024), "bias": torch.zeros(3)}, str(tmp_path / "w.safetensors"))
+    common = dict(labels="normal,cyst,mass", task="multiclass", size=32, channels=1, data=TINY_DATA, weights=str(tmp_path / "w.safetensors"))
+    cases = [("needs_args", "with no arguments .*num_classes"), ("not_a_module", "returned a dict, not a torch.nn.Module"),
+             ("make", "do not fit .*missing keys 1.bias, 1.weight; unexpected keys bias, weight")]
+    for fn, match in cases:
+        with pytest.raises(ModelError, match=match) as info:
+            export_bundle(ExportConfig(out=str(tmp_path / "x"), from_torch=f"usermistakes:{fn}", **common))
+        assert "\n" not in str(info.value)
+    save_file({"1.weight": torch.zeros(3, 100), "1.bias": torch.zeros(3)}, str(tmp_path / "s.safetensors"))
+    with pytest.raises(ModelError, match=r"shape mismatch 1.weight \(3, 100\) vs \(3, 1024\)"):
+        export_bundle(ExportConfig(out=str(tmp_path / "x"), from_torch="usermistakes:make", **{**common, "weights": str(tmp_path / "s.safetensors")}))
+    assert not (tmp_path / "x").exists()

@@ -82,3 +82,36 @@ def test_agreement_floor_fails_a_candidate_whose_metrics_pass() -> None:
     assert agree["metric"] == "decision_agreement" and agree["candidate"] == pytest.approx(0.9)
     assert not g["passed"] and g["failed_on"] == ["decision_agreement"]
     assert gate_candidate(z, c, y, "multiclass", 1.0, rule, ["a", "b"], max_drop=0.5, min_agreement=0.9)["passed"]
+
+
+def _few_flips(npos: int, flips: int, n: int = 200) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A small positive class with `flips` positives just above the threshold that the candidate moves just below."""
+    y = np.zeros(n, np.int64)
+    y[:npos] = 1
+    rng = np.random.default_rng(0)
+    parent = np.where(y == 1, 0.5 + rng.random(n) * 3, -3 - rng.random(n) * 3).reshape(-1, 1)
+    parent[:flips, 0] = 0.05
+    cand = parent.copy()
+    cand[:flips, 0] = -0.05
+    return parent, cand, y
+
+
+@pytest.mark.parametrize("npos", [10, 5])
+def test_a_large_drop_fails_even_when_its_interval_touches_zero(npos: int) -> None:
+    # 3 flips in one direction: ~5% of resamples miss all of them, so the interval's lower end is 0.
+    parent, cand, y = _few_flips(npos, 3)
+    g = gate_candidate(parent, cand, y, "binary", 1.0, RULE, ["neg", "pos"], max_drop=0.01, min_agreement=0.98)
+    sens = next(c for c in g["checks"] if c["metric"] == "sensitivity[pos]")
+    assert sens["drop"] == pytest.approx(3 / npos) and sens["drop_ci95"][0] <= 0
+    assert g["decision_agreement"] >= 0.98 and not g["passed"] and g["failed_on"] == ["sensitivity[pos]"]
+    assert g["ceiling"] == pytest.approx(0.05) and "ceiling" in g["rule"]
+
+
+def test_one_flip_in_a_large_class_still_passes() -> None:
+    parent, cand, y = _few_flips(100, 1)  # sensitivity 1.0 -> 0.99 among 200 images: noise, under the ceiling
+    g = gate_candidate(parent, cand, y, "binary", 1.0, RULE, ["neg", "pos"], max_drop=0.001, min_agreement=0.98)
+    sens = next(c for c in g["checks"] if c["metric"] == "sensitivity[pos]")
+    assert sens["drop"] == pytest.approx(0.01) and g["passed"]
+    assert g["ceiling"] == pytest.approx(0.05)
+    # The ceiling scales with a loose limit: 5 * max_drop.
+    assert gate_candidate(parent, cand, y, "binary", 1.0, RULE, ["neg", "pos"], max_drop=0.5)["ceiling"] == pytest.approx(2.5)

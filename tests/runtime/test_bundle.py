@@ -369,3 +369,25 @@ def test_preprocessing_that_overflows_float32_is_refused(bundle_copy: Path, key:
     _rewrite_manifest(bundle_copy, lambda m: m["preprocess"].update({key: value}))
     with pytest.raises(BundleError, match="finite in float32"):
         load_bundle(bundle_copy)
+
+
+@pytest.mark.parametrize("where", ["folder", "walk"])
+def test_an_owner_only_bundle_is_one_line_not_a_traceback(bundle_copy: Path, monkeypatch: pytest.MonkeyPatch, where: str) -> None:
+    # A 0700 folder owned by another user: stat() of any file inside fails with EACCES (root ignores modes, so patched).
+    import errno
+
+    denied = PermissionError(errno.EACCES, os.strerror(errno.EACCES))
+    if where == "folder":
+        real_is_file = Path.is_file
+
+        def is_file(self: Path) -> bool:
+            if self.name == "manifest.json":
+                raise denied
+            return real_is_file(self)
+
+        monkeypatch.setattr(Path, "is_file", is_file)
+    else:  # os.walk used to skip an unreadable folder silently: every file then looked "missing"
+        monkeypatch.setattr(os, "scandir", lambda *a, **k: (_ for _ in ()).throw(denied))
+    with pytest.raises(BundleError, match=r"cannot be read \(PermissionError\); check its permissions") as info:
+        load_bundle(bundle_copy)
+    assert "\n" not in str(info.value)
