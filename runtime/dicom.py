@@ -5,7 +5,7 @@ Every frame comes out uint8 (H, W) gray or (H, W, 3) RGB, like every other sourc
 - MONOCHROME1 / MONOCHROME2, BitsAllocated 8: the stored values as they are (display-ready, like the
   video frames models are trained on); MONOCHROME1 is inverted (255 - v).
 - MONOCHROME1 / MONOCHROME2, more than 8 bits: Modality LUT or rescale (slope/intercept, also from
-  enhanced multi-frame functional groups), then the VOI: a VOI LUT (pydicom `apply_voi_lut`) or the
+  enhanced multi-frame functional groups), then the VOI: a VOI LUT (looked up here, any entry size) or the
   first WindowCenter/WindowWidth (DICOM LINEAR, LINEAR_EXACT or SIGMOID, straight to 0..255). Without a
   VOI: min-max over **all frames of the file** (one scale per file, so that a cine does not flicker;
   each file of a folder gets its own scale, since a folder's files need not share an acquisition).
@@ -22,8 +22,8 @@ one-line SourceError naming the transfer syntax and the package that decodes it.
 Frame meta never carries names, IDs or dates: it is built from a whitelist (`META_KEYS`): modality,
 photometric interpretation, bits, the frame's index in its file, the transfer syntax and a short sha256
 of the SOPInstanceUID. Header values are copied only when they have the form their VR allows (a
-Modality that is not a short code, a transfer syntax that is not a UID, becomes None), so that a
-misfiled value (a name typed into the wrong field) cannot ride along. Errors name files by their index
+Modality that is not a DICOM-defined modality code, a transfer syntax that is not a UID, becomes None),
+so that a misfiled value (a name typed into the wrong field) cannot ride along. Errors name files by their index
 in the series, never by name (file names may carry patient names).
 
 Python 3.8 compatible; pydicom (2.4 or 3.x) is imported inside the functions that need it.
@@ -42,7 +42,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from edgeclf.errors import SourceError, require
-from edgeclf.runtime.sources import BaseSource, Image, Size, _dicom_marker, _short_hash, natural_key
+from edgeclf.runtime.sources import BaseSource, Image, Size, _dicom_marker, _listdir, _short_hash, natural_key
 
 __all__ = [
     "DicomSource",
@@ -62,7 +62,19 @@ META_KEYS: Tuple[str, ...] = (
     "bits_allocated", "bits_stored", "transfer_syntax", "sop_uid_hash", "voi",
 )
 _UID_FORM = re.compile(r"[0-9]+(\.[0-9]+)*")
-_CODE_FORM = re.compile(r"[A-Z0-9_ ]{1,16}")  # DICOM CS (e.g. Modality "US", "CR", "MR")
+# Modality (0008,0060): the DICOM defined terms (PS3.3 C.7.3.1.1.1), retired ones included for old files.
+# A list, not a pattern: a name typed into Modality ("ZYQUIST ORVILLE") has the form of a CS value too.
+_MODALITIES = frozenset({
+    "AR", "ASMT", "AU", "BDUS", "BI", "BMD", "CFM", "CR", "CT", "CTPROTOCOL", "DG", "DMS", "DOC", "DX",
+    "ECG", "EEG", "EMG", "EOG", "EPS", "ES", "FID", "GM", "HC", "HD", "IO", "IOL", "IVOCT", "IVUS", "KER",
+    "KO", "LEN", "LS", "M3D", "MG", "MR", "NM", "OAM", "OCT", "OP", "OPM", "OPT", "OPTBSV", "OPTENF", "OPV",
+    "OSS", "OT", "PLAN", "POS", "PR", "PT", "PX", "REG", "RESP", "RF", "RG", "RTDOSE", "RTIMAGE",
+    "RTINTENT", "RTPLAN", "RTRAD", "RTRECORD", "RTSEGANN", "RTSTRUCT", "RWV", "SEG", "SM", "SMR", "SR",
+    "SRF", "STAIN", "TEXTUREMAP", "TG", "US", "VA", "XA", "XAPROTOCOL", "XC",
+    # retired
+    "AS", "CD", "CF", "CP", "CS", "DD", "DF", "DM", "DS", "EC", "FA", "FS", "LP", "MA", "MS", "OPR", "ST",
+    "VF",
+})
 _MONO = ("MONOCHROME1", "MONOCHROME2")
 _RGB_LIKE = ("RGB", "YBR_FULL", "YBR_FULL_422", "YBR_RCT", "YBR_ICT")
 _SUPPORTED_PI = _MONO + _RGB_LIKE + ("PALETTE COLOR",)
@@ -92,21 +104,29 @@ _VIDEO_SYNTAX_PREFIX = "1.2.840.10008.1.2.4.10"  # MPEG-2, MPEG-4 AVC/H.264, HEV
 
 
 class _WithholdValues(logging.Filter):
-    """pydicom quotes header values it finds invalid ("Invalid value for VR IS: 'DOE^JOHN'"): the record
-    is kept, the value is not (a name typed into the wrong field must not reach a log)."""
-
-    _INVALID = re.compile(r"(Invalid value for VR \w*: ).*?(\. Please see|$)", re.S)
-    _QUOTED = re.compile(r"'(?:[^'\\]|\\.)*'|\"(?:[^\"\\]|\\.)*\"")
+    """pydicom quotes header values it finds invalid ("Invalid value for VR IS: 'DOE^JOHN'") and names the
+    file it read ("... in file /data/DOE^JOHN/IM1"): the record is kept, the value and the path are not
+    (a name typed into the wrong field, or a folder named after the patient, must not reach a log)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         try:
             msg = record.getMessage()
         except Exception:  # noqa: BLE001 - a malformed record is left to logging itself
             return True
-        out = self._QUOTED.sub("'<withheld>'", self._INVALID.sub(r"\1<withheld>\2", msg))
+        out = _withhold(msg)
         if out != msg:
             record.msg, record.args = out, None
         return True
+
+
+_INVALID = re.compile(r"(Invalid value for VR \w*: ).*?(\. Please see|$)", re.S)
+_QUOTED = re.compile(r"'(?:[^'\\]|\\.)*'|\"(?:[^\"\\]|\\.)*\"")
+_IN_FILE = re.compile(r"( in file ).*", re.S)  # pydicom's "<problem> in file <path>": the path runs to the end
+
+
+def _withhold(text: str) -> str:
+    """`text` (a pydicom message) without the header values and file paths it may quote."""
+    return _IN_FILE.sub(r"\1<withheld>", _QUOTED.sub("'<withheld>'", _INVALID.sub(r"\1<withheld>\2", text)))
 
 
 _HYGIENE: List[bool] = []
@@ -117,8 +137,10 @@ def _pydicom() -> Any:
     if not _HYGIENE:  # once per process, at the first DICOM file
         _HYGIENE.append(True)
         logging.getLogger("pydicom").addFilter(_WithholdValues())
-        # The same complaint as a warning would print the value to stderr: the log record (above) is enough.
-        warnings.filterwarnings("ignore", message=r"Invalid value for VR", category=UserWarning, module=r"pydicom\.")
+        # The same complaints as warnings would print the value or the path to stderr, and a warning's text
+        # cannot be rewritten: pydicom 3 also logs them (filtered above), pydicom 2 then says nothing.
+        for message in (r"Invalid value for VR", r"(?s).* in file "):
+            warnings.filterwarnings("ignore", message=message, category=UserWarning, module=r"pydicom\.")
     return mod
 
 
@@ -182,10 +204,10 @@ def _uid_or_none(value: Any) -> Optional[str]:
     return text if len(text) <= 64 and _UID_FORM.fullmatch(text) else None
 
 
-def _code_or_none(value: Any) -> Optional[str]:
-    """A coded string (CS) when it looks like one, else None: free text never reaches the meta."""
+def _modality_or_none(value: Any) -> Optional[str]:
+    """A DICOM-defined modality code, else None: free text never reaches the meta."""
     text = str(value).strip() if value is not None else ""
-    return text if _CODE_FORM.fullmatch(text) else None
+    return text if text in _MODALITIES else None
 
 
 def _whitelisted(meta: Dict[str, Any]) -> Dict[str, Any]:
@@ -283,6 +305,25 @@ def _damaged_header(where: str, exc: BaseException) -> SourceError:
                        "check it with a DICOM toolkit (e.g. dcmdump) or export it again")
 
 
+def _sop_class(ds: Any) -> Optional[str]:
+    """The file's SOP class UID (file meta first: it comes first in the file), or None."""
+    meta = getattr(ds, "file_meta", None)
+    return _uid_or_none((meta.get("MediaStorageSOPClassUID") if meta is not None else None) or ds.get("SOPClassUID"))
+
+
+def _image_class(ds: Any) -> bool:
+    """Whether the file's SOP class is an image storage class, whose files always hold pixel data (unlike
+    a DICOMDIR, report or presentation state)."""
+    uid = _sop_class(ds)
+    if uid is None:
+        return False
+    try:
+        name = str(_pydicom().uid.UID(uid).name)
+    except Exception:  # noqa: BLE001 - an unknown class is not known to be an image
+        return False
+    return "Image Storage" in name
+
+
 def _to_u8(values: NDArray[Any]) -> Image:
     out: Image = np.clip(np.rint(values), 0, 255).astype(np.uint8)
     return out
@@ -310,7 +351,7 @@ class DicomFile:
         self.bits_allocated: int = int(_number(ds.get("BitsAllocated")) or 0)
         self.bits_stored: int = int(_number(ds.get("BitsStored")) or self.bits_allocated)
         self.signed: bool = int(_number(ds.get("PixelRepresentation")) or 0) == 1
-        self.modality: Optional[str] = _code_or_none(ds.get("Modality"))
+        self.modality: Optional[str] = _modality_or_none(ds.get("Modality"))
         self.instance_number: Optional[int] = (
             int(_number(ds.get("InstanceNumber")) or 0) if _number(ds.get("InstanceNumber")) is not None else None
         )
@@ -330,7 +371,8 @@ class DicomFile:
 
         `force` also tries files without the Part 10 preamble (a .dcm file named as such by the user).
         A DICOM file without pixel data (DICOMDIR, report) raises SourceError, or gives None with
-        `images_only` (folders, where such files are skipped). Unusable images raise SourceError.
+        `images_only` (folders, where such files are skipped). Unusable images, and files with the 'DICM'
+        marker that are damaged or cut short (an image SOP class without pixel data), raise SourceError.
         """
         pydicom = _pydicom()
         where = where or "DICOM file"
@@ -341,10 +383,19 @@ class DicomFile:
             ds = pydicom.dcmread(path, defer_size=1024, force=force)
         except OSError as exc:
             raise SourceError(f"{where} could not be read ({type(exc).__name__}); check that it is readable") from None
-        except Exception:  # noqa: BLE001 - pydicom raises many types for a file that is not DICOM
+        except Exception as exc:  # noqa: BLE001 - pydicom raises many types for a file that is not DICOM
+            if is_dicom_file(path):  # says it is DICOM but cannot be parsed: damaged, not to be skipped
+                raise _damaged_header(where, exc) from None
             return None
         try:
             if not any(k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
+                # pydicom stops quietly at the end of a half-copied file, and reads garbage after a
+                # 'DICM' marker as an empty data set: both are damaged files, not files to skip
+                if _image_class(ds) or (_sop_class(ds) is None and is_dicom_file(path)):
+                    raise SourceError(
+                        f"{where} is a DICOM file cut short or damaged (an image without its Pixel Data, or no "
+                        "readable header; e.g. a half-finished copy); supported: complete files; copy or export it again"
+                    )
                 if images_only or ("SOPClassUID" not in ds and "Rows" not in ds):
                     return None  # a DICOMDIR/report in a folder, or what a forced read makes of another file
                 raise SourceError(
@@ -418,7 +469,7 @@ class DicomFile:
             except SourceError:
                 raise
             except Exception as exc:  # noqa: BLE001 - LUT helpers raise ValueError, IndexError, ...
-                first = " ".join(str(exc).split())[:200]
+                first = _withhold(" ".join(str(exc).split()))[:200]  # a decoder may name the path
                 raise SourceError(
                     f"{self.where} frame {i} could not be converted to 8 bits ({type(exc).__name__}: {first}); "
                     f"photometric {self.photometric}, {self.bits_stored} bits stored; the file's LUTs may be damaged"
@@ -463,7 +514,7 @@ class DicomFile:
         except MemoryError:
             raise SourceError(f"{self.where} is too large to decode in memory; split or downsample it") from None
         except Exception as exc:  # noqa: BLE001 - decoder plugins raise anything
-            first = " ".join(str(exc).split())[:200]
+            first = _withhold(" ".join(str(exc).split()))[:200]  # a decoder may name the path
             raise SourceError(
                 f"{self.where} could not be decoded ({type(exc).__name__}: {first}); transfer syntax "
                 f"{_syntax_name(self.transfer_syntax)}; the file may be damaged or need another decoder"
@@ -561,11 +612,7 @@ class DicomFile:
     ) -> Tuple[Image, str]:
         values = self._modality(raw, ds, k)
         if ds.get("VOILUTSequence"):
-            item = ds.VOILUTSequence[0]
-            lut_in = np.rint(values).astype(np.int64)  # a LUT is indexed by the (integer) modality value
-            out = np.asarray(_utils().apply_voi_lut(lut_in, ds, index=0, prefer_lut=True), np.float64)
-            desc = item.get("LUTDescriptor")
-            bits = int(desc[2]) if desc is not None and len(desc) == 3 else 16
+            out, bits = self._voi_lut(values, ds)
             top = float(2 ** max(1, min(bits, 16)) - 1)
             return _to_u8(out * (255.0 / top)), "lut"
         center = _number(_fg_value(ds, k, "FrameVOILUTSequence", "WindowCenter"))
@@ -577,6 +624,36 @@ class DicomFile:
         if hi <= lo:
             return np.zeros(values.shape, np.uint8), "minmax"
         return _to_u8((values - lo) * (255.0 / (hi - lo))), "minmax"
+
+    def _voi_lut(self, values: NDArray[np.float64], ds: Any) -> Tuple[NDArray[np.float64], int]:
+        """The first VOI LUT applied to modality values: (output values, bits per LUT entry).
+
+        Looked up here rather than by pydicom's apply_voi_lut, which builds its index in the LUT entries'
+        dtype (uint8 for 8-bit entries), so that inputs over 255 wrap around to wrong pixels."""
+        item = ds.VOILUTSequence[0]
+        desc = item.get("LUTDescriptor")
+        if desc is None or len(desc) != 3 or "LUTData" not in item:
+            raise SourceError(f"{self.where} has a VOI LUT without a 3-value LUT Descriptor or LUT Data; "
+                              "the file's LUTs may be damaged; export it again")
+        entries = int(desc[0]) or 65536  # 0 means 2**16 entries
+        first = int(desc[1])
+        if self.signed and first >= 32768:  # read as US where the file meant SS
+            first -= 65536
+        bits = int(desc[2])
+        raw = item.LUTData
+        if isinstance(raw, (bytes, bytearray)):  # OW: 16-bit words, in the data set's byte order
+            order = ">" if getattr(ds, "is_little_endian", True) is False else "<"
+            if len(raw) == entries and bits <= 8:  # some writers pack 8-bit entries one per byte
+                lut = np.frombuffer(bytes(raw), np.uint8).astype(np.float64)
+            else:
+                lut = np.frombuffer(bytes(raw[: len(raw) // 2 * 2]), order + "u2").astype(np.float64)
+        else:  # US: one number or a list of them
+            lut = np.asarray(raw if hasattr(raw, "__len__") else [raw], np.float64).ravel()
+        if lut.size < entries:
+            raise SourceError(f"{self.where} has a VOI LUT with {lut.size} entries where its descriptor says "
+                              f"{entries}; the file's LUTs may be damaged; export it again")
+        index = np.clip(np.rint(values).astype(np.int64) - first, 0, entries - 1)
+        return lut[index], bits
 
 
 def _utils() -> Any:
@@ -598,7 +675,7 @@ def _series_files(folder: str) -> Tuple[List[str], int]:
     """Candidate files of a folder (not hidden, regular) and how many were left out as hidden."""
     names = []
     hidden = 0
-    for name in os.listdir(folder):
+    for name in _listdir(folder):
         path = os.path.join(folder, name)
         if not os.path.isfile(path):
             continue
@@ -614,7 +691,8 @@ class DicomSource(BaseSource):
 
     Folder: files sorted by InstanceNumber, then by name (natural sort); hidden files, files that are
     not DICOM (no 'DICM' marker and not named .dcm/.dicom) and DICOM files without pixel data
-    (DICOMDIR, reports) are skipped and counted in `skipped`. A multi-frame file (cine) yields each frame. `frame_count` is the sum of
+    (DICOMDIR, reports) are skipped and counted in `skipped`; a damaged or cut-short DICOM file is an
+    error, never skipped (a series must not lose a file without a word). A multi-frame file (cine) yields each frame. `frame_count` is the sum of
     NumberOfFrames, `fps` the first file's FrameTime / CineRate / RecommendedDisplayFrameRate, `size`
     the first file's (width, height). Every file is checked when the source opens (photometric
     interpretation, bits, an installed decoder for its transfer syntax), so that an unusable file

@@ -566,21 +566,35 @@ def _dicom_marker(path: str) -> bool:
     return head[128:132] == b"DICM"
 
 
-def _has_dicom(folder: str) -> bool:
-    """Whether a folder holds a .dcm/.dicom file or a file with the DICM marker (not hidden)."""
-    for name in sorted(os.listdir(folder)):
+def _listdir(folder: str) -> List[str]:
+    """os.listdir; a folder that cannot be listed is a one-line SourceError that does not name it (a
+    folder may be named after the patient)."""
+    try:
+        return os.listdir(folder)
+    except OSError as exc:
+        raise SourceError(
+            f"the source folder could not be listed ({type(exc).__name__}: {exc.strerror or 'error'}); "
+            "supported: a folder the user running edgeclf may read; fix its permissions (read and execute)"
+        ) from None
+
+
+def _count_dicom(folder: str) -> int:
+    """How many files of a folder (not hidden) are .dcm/.dicom files or have the DICM marker."""
+    n = 0
+    for name in _listdir(folder):
         path = os.path.join(folder, name)
         if name.startswith(".") or not os.path.isfile(path):
             continue
-        if os.path.splitext(name)[1].lower() in _DICOM_EXTENSIONS or _dicom_marker(path):
-            return True
-    return False
+        ext = os.path.splitext(name)[1].lower()
+        if ext in _DICOM_EXTENSIONS or (ext not in IMAGE_EXTENSIONS and _dicom_marker(path)):
+            n += 1
+    return n
 
 
 def _image_files_in(folder: str) -> List[str]:
     names = [
         n
-        for n in os.listdir(folder)
+        for n in _listdir(folder)
         if not n.startswith(".")  # hidden files, e.g. macOS '._x.png' resource forks
         and os.path.splitext(n)[1].lower() in IMAGE_EXTENSIONS
         and os.path.isfile(os.path.join(folder, n))
@@ -986,8 +1000,14 @@ def _open_path(text: str, loop: bool, size: Optional[Size], sid: str) -> BaseSou
     ext = os.path.splitext(path)[1].lower()
     if os.path.isdir(path):
         files = _image_files_in(path)
+        dicoms = _count_dicom(path)
+        if files and dicoms:  # e.g. a series with a preview.jpg: reading either kind alone loses the other
+            raise SourceError(
+                f"the source folder holds {len(files)} image files and {dicoms} DICOM files; supported: one kind "
+                "per folder; point --source at one kind (move the other files to their own folder)"
+            )
         if not files:
-            if _has_dicom(path):
+            if dicoms:
                 from edgeclf.runtime.dicom import DicomSource
 
                 return DicomSource(path, loop=loop, size=size, source_id=sid)

@@ -11,7 +11,8 @@ When is a file new and complete?
   into place are picked up on the next poll after the rename.
 - Any other file is read once its size and mtime are the same on two consecutive polls (and it is
   not empty). A file that still fails to decode (e.g. a writer that stalled longer than a poll) is
-  recorded as failed under its (size, mtime), so it is tried again only when it changes.
+  recorded as failed under its (size, mtime), so it is tried again only when it changes. A file that
+  cannot be opened (permissions not yet set, a share's lock) is not recorded: it is tried at every poll.
 
 Exactly once, across restarts: a state file (default FOLDER/.edgeclf-watch.json, or `state_path`)
 records each file's identity, a sha256 of name + size + mtime (never the name, never contents), with
@@ -147,6 +148,7 @@ class WatchFolderSource:
         self._queue: List[_Entry] = []
         self._inflight: Dict[str, _Entry] = {}
         self._ignored: Set[str] = set()
+        self._unreadable: Set[str] = set()  # keys that could not be opened: said once at INFO, then DEBUG
         self._current: Optional[Tuple[_Entry, Iterator[Tuple[Image, Dict[str, Any]]]]] = None
         self._next_index = 0
         self._next_poll = 0.0
@@ -345,7 +347,7 @@ class WatchFolderSource:
         if ready:
             ready.sort(key=lambda en: (en.mtime_ns, natural_key(os.path.basename(en.path))))
             self._queue.extend(ready)
-            self._counts["files_seen"] += len(ready)
+            self._counts["files_seen"] += sum(1 for en in ready if en.key not in self._unreadable)  # retries: once
             self._last_activity = time.monotonic()
 
     def _known(self, key: str) -> bool:
@@ -364,15 +366,23 @@ class WatchFolderSource:
             saved = self._state.get(entry.key, {})
             entry.start = int(saved.get("acked", 0)) if saved.get("status") == "partial" else 0
         try:
+            # Opened here first: the decoders turn OSError into SourceError ("failed" for good), but a file
+            # that is briefly unreadable (permissions set after writing, a share's lock) is retried.
+            with open(entry.path, "rb") as f:
+                f.read(1)
             frames = self._open_frames(entry, where)
         except SourceError as exc:
             logger.warning("watch %s: %s; it is skipped until it changes", self.source_id, exc)
             with self._lock:
                 self._finish(entry, "failed")
             return
-        except OSError as exc:  # vanished or unreadable between the listing and now
-            logger.info("watch %s: %s could not be read (%s); skipped", self.source_id, where, type(exc).__name__)
+        except OSError as exc:  # vanished or unreadable between the listing and now: not recorded, retried
+            level = logging.DEBUG if entry.key in self._unreadable else logging.INFO
+            self._unreadable.add(entry.key)
+            logger.log(level, "watch %s: %s could not be read (%s); retrying at the next poll", self.source_id,
+                       where, type(exc).__name__)
             return
+        self._unreadable.discard(entry.key)
         if frames is None:
             with self._lock:
                 self._ignored.add(entry.key)
@@ -482,7 +492,21 @@ class WatchFolderSource:
             raise SourceError(
                 f"watch state {path!r} has version {data.get('version')!r}; supported: {_STATE_VERSION}; {fix}"
             )
-        return {str(k): dict(v) for k, v in files.items() if isinstance(v, dict)}
+        out = {str(k): dict(v) for k, v in files.items() if isinstance(v, dict)}
+        for entry in out.values():  # hand-edited or damaged values would fail later, as a traceback
+            bad = [
+                f"{key}={entry.get(key)!r}"[:40]
+                for key, none_ok in (("acked", False), ("frames", True))
+                if key in entry and not _count_or_none(entry[key], none_ok)
+            ]
+            if entry.get("status") not in ("done", "failed", "partial"):
+                bad.append(f"status={entry.get('status')!r}"[:40])
+            if bad:
+                raise SourceError(
+                    f"watch state {path!r} has a bad entry ({', '.join(bad)}); allowed: status done, failed or "
+                    f"partial, acked and frames whole numbers >= 0; {fix}"
+                )
+        return out
 
     def _save(self) -> None:
         path = self.state_path
@@ -531,6 +555,13 @@ class WatchFolderSource:
         f, self._lock_file = self._lock_file, None
         if f is not None:
             f.close()  # closing the descriptor releases the flock
+
+
+def _count_or_none(value: Any, none_ok: bool) -> bool:
+    """A whole number >= 0 (not a bool), or None where `none_ok`."""
+    if value is None:
+        return none_ok
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def _fsync_dir(folder: str) -> None:

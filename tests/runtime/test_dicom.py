@@ -42,6 +42,7 @@ def write_dicom(
     sop_uid: Optional[str] = None,
     no_pixels: bool = False,
     modality: str = "US",
+    sop_class: Optional[str] = None,
 ) -> Path:
     """A small DICOM Part 10 file. `pixels`: (rows, cols[, 3]) or (frames, rows, cols[, 3])."""
     from pydicom.dataset import Dataset, FileDataset, FileMetaDataset
@@ -51,7 +52,8 @@ def write_dicom(
     frames = pixels.shape[0] if pixels.ndim == (4 if color else 3) else 1
     rows, cols = (pixels.shape[-3], pixels.shape[-2]) if color else (pixels.shape[-2], pixels.shape[-1])
     meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.7"  # secondary capture
+    # secondary capture image; without pixels a Basic Text SR (an image class always has pixel data)
+    meta.MediaStorageSOPClassUID = sop_class or ("1.2.840.10008.5.1.4.1.1.88.11" if no_pixels else "1.2.840.10008.5.1.4.1.1.7")
     uid = sop_uid or generate_uid()
     meta.MediaStorageSOPInstanceUID = uid
     meta.TransferSyntaxUID = syntax or ExplicitVRLittleEndian
@@ -197,6 +199,54 @@ def test_signed_16bit(tmp_path: Path) -> None:
     assert frame.image.tolist() == [[0, 128, 255]]
 
 
+def _with_voi_lut(path: Path, descriptor: list, data: Any, vr: str = "US") -> Path:
+    from pydicom.dataset import Dataset
+    from pydicom.sequence import Sequence as DicomSequence
+
+    ds = pydicom.dcmread(str(path))
+    item = Dataset()
+    item.LUTDescriptor = descriptor
+    item.LUTData = data
+    item["LUTData"].VR = vr
+    ds.VOILUTSequence = DicomSequence([item])
+    _save(ds, path)
+    return path
+
+
+def test_voi_lut_with_8bit_entries_indexes_inputs_over_255(tmp_path: Path) -> None:
+    # pydicom's apply_voi_lut indexes an 8-bit LUT with uint8, so 1024 wrapped to 0 ([0 0 0 15])
+    stored = np.array([[0, 1024, 2048, 4095]], np.uint16)
+    path = write_dicom(tmp_path / "lut8.dcm", stored, bits_stored=12)
+    _with_voi_lut(path, [4096, 0, 8], [v >> 4 for v in range(4096)])
+    (frame,) = _frames(DicomSource(str(path)))
+    assert frame.image.tolist() == [[0, 64, 128, 255]] and frame.meta["voi"] == "lut"
+    # OW data (16-bit words), a first mapped value and 0 entries meaning 65536
+    lut = (np.arange(65536) >> 8).astype("<u2")
+    path = write_dicom(tmp_path / "lutow.dcm", stored, bits_stored=12)
+    _with_voi_lut(path, [0, 1000, 8], lut.tobytes(), vr="OW")
+    (frame,) = _frames(DicomSource(str(path)))
+    assert frame.image.tolist() == [[0, 0, 4, 12]]  # below 1000 -> entry 0; 4095 -> entry 3095 -> 12
+
+
+def test_voi_lut_with_16bit_entries_matches_pydicom(tmp_path: Path) -> None:
+    stored = np.array([[0, 100, 1024, 2048, 4095]], np.uint16)
+    path = write_dicom(tmp_path / "lut12.dcm", stored, bits_stored=12)
+    _with_voi_lut(path, [2048, 512, 12], [min(4095, 2 * v) for v in range(2048)])
+    (frame,) = _frames(DicomSource(str(path)))
+    utils = pydicom.pixels if PYDICOM3 else pydicom.pixel_data_handlers.util
+    ds = pydicom.dcmread(str(path))
+    ref = utils.apply_voi_lut(stored.astype(np.int64), ds, index=0, prefer_lut=True)
+    assert frame.image.tolist() == np.rint(ref * 255.0 / 4095).astype(np.uint8).tolist() == [[0, 0, 64, 191, 255]]
+
+
+def test_voi_lut_shorter_than_its_descriptor_is_one_line(tmp_path: Path) -> None:
+    path = write_dicom(tmp_path / "short.dcm", np.array([[0, 4095]], np.uint16), bits_stored=12)
+    _with_voi_lut(path, [4096, 0, 8], list(range(16)))
+    with pytest.raises(SourceError, match="VOI LUT with 16 entries where its descriptor says 4096") as exc:
+        _frames(DicomSource(str(path)))
+    assert "\n" not in str(exc.value)
+
+
 def test_rgb_and_ybr_full_become_rgb(tmp_path: Path) -> None:
     rgb = np.zeros((2, 3, 3), np.uint8)
     rgb[0, 0] = (255, 0, 0)
@@ -245,7 +295,7 @@ def test_folder_sorted_by_instance_number_then_name_skipping_non_dicom(tmp_path:
     write_dicom(tmp_path / "IM10", img(20), instance=2)  # no extension, DICM marker
     write_dicom(tmp_path / "IM9", img(19), instance=2)  # same InstanceNumber: name order (natural)
     write_dicom(tmp_path / "z.dcm", img(99))  # no InstanceNumber: last
-    write_dicom(tmp_path / "DICOMDIR", img(0), no_pixels=True)  # DICOM without pixels
+    write_dicom(tmp_path / "DICOMDIR", img(0), no_pixels=True, sop_class="1.2.840.10008.1.3.10")  # no pixels
     (tmp_path / "notes.txt").write_text("not dicom")
     (tmp_path / "fake.dcm").write_bytes(b"\0" * 200)
     (tmp_path / ".hidden.dcm").write_bytes(b"\0" * 10)
@@ -326,6 +376,43 @@ def test_no_pixels_and_not_dicom(tmp_path: Path) -> None:
         DicomSource(str(other))
     _one_line(exc)
     assert not is_dicom_file(str(other)) and is_dicom_file(str(path))
+
+
+def _series_with_a_damaged_file(folder: Path) -> Path:
+    folder.mkdir()
+    for i in (1, 2, 3):
+        write_dicom(folder / f"DOE^JANE_{i}.dcm", np.full((8, 8), i, np.uint8), instance=i)
+    return folder / "DOE^JANE_2.dcm"
+
+
+def test_a_cut_short_file_in_a_series_is_an_error_not_skipped(tmp_path: Path) -> None:
+    bad = _series_with_a_damaged_file(tmp_path / "series")
+    bad.write_bytes(bad.read_bytes()[:400])  # a half-finished copy: cut in the header
+    with pytest.raises(SourceError, match=r"DICOM file 1 of 3 .* cut short or damaged") as exc:
+        open_source(str(tmp_path / "series"))
+    assert "DOE" not in _one_line(exc) and "series" not in str(exc.value)
+    bad.write_bytes(b"\0" * 128 + b"DICM" + bytes(range(256)) * 4)  # the marker, then garbage
+    with pytest.raises(SourceError, match=r"DICOM file 1 of 3 .* cut short or damaged"):
+        open_source(str(tmp_path / "series"))
+
+
+def test_a_dicm_file_pydicom_cannot_parse_is_a_damaged_header_error(tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    bad = _series_with_a_damaged_file(tmp_path / "series")
+    real = pydicom.dcmread
+
+    def dcmread(fp: Any, *args: Any, **kwargs: Any) -> Any:
+        if str(fp) == str(bad):
+            raise NotImplementedError("a damaged element")
+        return real(fp, *args, **kwargs)
+
+    monkeypatch.setattr(pydicom, "dcmread", dcmread)
+    with pytest.raises(SourceError, match=r"DICOM file 1 of 3 .* damaged header element \(NotImplementedError\)") as exc:
+        open_source(str(tmp_path / "series"))
+    assert "DOE" not in _one_line(exc)
+    bad.write_bytes(b"not dicom at all" * 20)  # no marker, but named .dcm: still skipped as before
+    with open_source(str(tmp_path / "series")) as src:
+        assert src.frame_count == 2 and src.skipped == 1
 
 
 def test_unsupported_photometric(tmp_path: Path) -> None:

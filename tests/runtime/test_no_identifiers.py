@@ -200,6 +200,26 @@ def test_a_misfiled_value_in_a_coded_field_is_dropped(tmp_path: Path) -> None:
     assert meta["modality"] is None and not _leaks(repr(meta))
 
 
+@pytest.mark.parametrize("typed", ["ZYQUIST ORVILLE", "ZYQUIST", "QX48213"])
+def test_an_uppercase_name_in_modality_is_dropped(tmp_path: Path, typed: str) -> None:
+    """An uppercase name has the form of a CS value: only DICOM-defined modality codes are kept."""
+    from edgeclf.runtime.sources import open_source
+
+    path = tmp_path / "x.dcm"
+    _write(path, np.zeros((32, 32), np.uint8), SOP_UIDS[0])
+    ds = pydicom.dcmread(str(path))
+    ds.Modality = typed
+    ds.save_as(str(path))
+    with open_source(str(path)) as src:
+        meta = dict(next(iter(src)).meta)
+    assert meta["modality"] is None and not _leaks(repr(meta))
+    for code in ("MR", "IVUS", "CF"):  # defined (CF: retired) codes are kept
+        ds.Modality = code
+        ds.save_as(str(path))
+        with open_source(str(path)) as src:
+            assert dict(next(iter(src)).meta)["modality"] == code
+
+
 def test_image_names_are_hashed_or_indexed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import cv2
 
@@ -243,3 +263,38 @@ def test_pydicom_complaints_quoting_a_header_value_are_withheld(bundle_dir: Path
     assert p.returncode == 0, p.stderr
     assert "Invalid value for VR IS: <withheld>" in p.stderr  # the complaint is kept, the value is not
     _check_outputs(out, p.stdout, p.stderr)
+
+
+def test_pydicom_naming_a_damaged_file_by_its_path_is_withheld(tmp_path: Path) -> None:
+    """A half-copied file: pydicom says "... in file <path>" as a log record and as a warning; the folder is
+    named after the patient, so neither may reach stderr at the default verbosity."""
+    from pydicom.encaps import encapsulate
+    from pydicom.uid import JPEGBaseline8Bit
+
+    folder = tmp_path / f"{NAME}_{PATIENT_ID}"
+    folder.mkdir()
+    path = folder / "IM1.dcm"
+    _write(path, np.zeros((32, 32), np.uint8), SOP_UIDS[0])
+    ds = pydicom.dcmread(str(path))
+    ds.PixelData = encapsulate([b"\xff\xd8" + b"\0" * 2000 + b"\xff\xd9"])
+    ds["PixelData"].VR = "OB"
+    ds.file_meta.TransferSyntaxUID = JPEGBaseline8Bit
+    ds.save_as(str(path))
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) - 1000])  # cut inside the encapsulated pixel data
+    code = (
+        "import logging, sys\n"
+        "logging.basicConfig(level=logging.WARNING)\n"
+        "from edgeclf.errors import SourceError\n"
+        "from edgeclf.runtime.sources import open_source\n"
+        "try:\n"
+        "    open_source(sys.argv[1]).close()\n"
+        "except SourceError as exc:\n"
+        "    print('SourceError', exc)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONWARNINGS": "default"}
+    p = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, env=env, cwd=REPO,
+                       timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert "in file <withheld>" in p.stderr  # the complaint is kept (logged), its path is not
+    _check_outputs(tmp_path / "none", p.stdout, p.stderr)

@@ -440,3 +440,46 @@ def test_pocus_clips_decode_to_the_listed_frames(caplog: pytest.LogCaptureFixtur
     assert not problems, "\n".join(problems)
     assert claims == CLAIM_DIFFERS
     logging.getLogger(__name__).info("decoded %d POCUS clips in %.1f s", len(rows), elapsed)
+
+
+def test_a_folder_of_images_and_dicom_files_is_refused(tmp_path: Path) -> None:
+    """A series with a preview.jpg used to open as one image, dropping the series without a word."""
+    folder = tmp_path / "ZYQUIST^ORVILLE"
+    folder.mkdir()
+    dicm = b"\0" * 128 + b"DICM" + b"\0" * 16
+    for name in ("IM0001", "IM0002", "IM0003.dcm"):  # modalities often write no extension
+        (folder / name).write_bytes(dicm)
+    cv2.imwrite(str(folder / "preview.jpg"), np.zeros((8, 8), np.uint8))
+    (folder / "notes.txt").write_text("neither")
+    with pytest.raises(SourceError, match="holds 1 image files and 3 DICOM files; .* point --source at one kind") as exc:
+        open_source(str(folder))
+    assert "\n" not in str(exc.value) and "ZYQUIST" not in str(exc.value)
+    for name in ("IM0001", "IM0002", "IM0003.dcm"):
+        (folder / name).unlink()
+    with open_source(str(folder)) as src:  # images alone still open
+        assert src.kind == "images" and src.frame_count == 1
+
+
+def test_an_unreadable_folder_is_one_line_without_its_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    folder = tmp_path / "ZYQUIST^ORVILLE_QX48213"
+    folder.mkdir()
+    (folder / "IM0001.dcm").write_bytes(b"\0" * 132)
+    real = os.listdir
+
+    def listdir(path: str = ".") -> list:
+        if os.fspath(path) == str(folder):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real(path)
+
+    monkeypatch.setattr(os, "listdir", listdir)
+    opens = [open_source]
+    if pytest.importorskip("pydicom", reason="pydicom (the 'dicom' extra) reads DICOM"):
+        from edgeclf.runtime.dicom import DicomSource
+
+        opens.append(DicomSource)
+    for open_ in opens:
+        with pytest.raises(SourceError, match=r"could not be listed \(PermissionError: Permission denied\); .*permissions") as exc:
+            open_(str(folder))
+        assert "\n" not in str(exc.value) and "ZYQUIST" not in str(exc.value) and "QX48213" not in str(exc.value)

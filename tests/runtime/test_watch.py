@@ -232,3 +232,67 @@ def test_a_dropping_reader_is_refused(tmp_path: Path) -> None:
         reader.ack(frame)
         assert src.stats()["files_done"] == 1
         reader.close()
+
+
+@pytest.mark.parametrize("kind", ["png", "dcm"])
+def test_a_briefly_unreadable_file_is_retried_not_failed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                         kind: str) -> None:
+    """Permissions set after writing, or a share's lock: the first open fails, the file is classified later
+    (once), and nothing is recorded as failed (the state would keep it from ever being read)."""
+    import builtins
+
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    path = _png(inbox / "a.png", 5) if kind == "png" else _dicom(inbox / "a.dcm", [5])
+    real_open = builtins.open
+    refused: List[str] = []
+
+    def flaky_open(file: Any, *args: Any, **kwargs: Any) -> Any:
+        if os.fspath(file) == str(path) and not refused:
+            refused.append("once")
+            raise PermissionError(13, "Permission denied")
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", flaky_open)
+    results: List[int] = []
+    src = _consume(inbox, results)
+    assert refused and results == [5]
+    stats = src.stats()
+    assert stats["files_failed"] == 0 and stats["files_done"] == 1 and stats["files_seen"] == 1
+    state = json.loads((inbox / STATE_NAME).read_text())
+    assert [v["status"] for v in state["files"].values()] == ["done"]
+
+
+@pytest.mark.parametrize("entry", [
+    {"status": "partial", "frames": 1, "acked": None},
+    {"status": "partial", "frames": 2, "acked": -1},
+    {"status": "partial", "frames": 2, "acked": "1"},
+    {"status": "done", "frames": "two", "acked": 2},
+    {"status": "done", "frames": 1, "acked": True},
+    {"status": 7, "frames": 1, "acked": 1},
+])
+def test_a_bad_value_in_the_state_file_is_one_line_not_a_traceback(tmp_path: Path, entry: dict) -> None:
+    from edgeclf.runtime.watch import _identity
+
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    png = _png(inbox / "a.png", 1)
+    st = png.stat()
+    state = {"format": "edgeclf-watch-state", "version": 1,
+             "files": {_identity("a.png", st.st_size, st.st_mtime_ns): entry}}
+    (inbox / STATE_NAME).write_text(json.dumps(state))
+    with pytest.raises(SourceError, match=r"has a bad entry .*allowed: .*move .* away") as exc:
+        _consume(inbox, [])
+    assert "\n" not in str(exc.value)
+
+
+def test_a_failed_entry_without_frames_is_a_valid_state(tmp_path: Path) -> None:
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    state = {"format": "edgeclf-watch-state", "version": 1,
+             "files": {"0" * 20: {"status": "failed", "frames": None, "acked": 0}}}
+    (inbox / STATE_NAME).write_text(json.dumps(state))
+    results: List[int] = []
+    _png(inbox / "b.png", 4)
+    _consume(inbox, results)
+    assert results == [4]
