@@ -36,7 +36,10 @@ def _install_stop_handlers(stop: threading.Event) -> Callable[[], None]:
     previous = {}
 
     def handler(signum: int, _frame: Any) -> None:
-        log.warning("signal %d: stopping after the current frame", signum)
+        if stop.is_set():  # a second Ctrl-C while files close must not cut them (or the audit log) short
+            log.warning("signal %d: already stopping; finishing the results files first", signum)
+        else:
+            log.warning("signal %d: stopping after the current frame", signum)
         stop.set()
 
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -192,10 +195,19 @@ def run_bundle(
     (PEM) the bundle must be signed with (default: $EDGECLF_TRUSTED_KEY).
     """
     from edgeclf.devices.systemd import Notifier
-    from edgeclf.runtime.sinks import SummarySink
+    from edgeclf.runtime.sinks import SummarySink, VideoRecorderSink, check_output_path, check_video_path
 
     if max_frames is not None and max_frames < 1:
         raise ConfigError(f"max frames is {max_frames}; give a positive number or leave it out for the whole source")
+    # Output paths first: a typo must fail in a second, before a bundle loads or an engine builds, and
+    # before any earlier output file is truncated.
+    if out:
+        check_output_path(out, option="--out", example="results.jsonl")
+    if record:
+        check_video_path(record)
+        check_output_path(record, option="--record", example="run.mp4")
+    if summary_path:
+        check_output_path(summary_path, option="--summary", example="clip.json")
     opts = options or RunOptions(min_confidence=min_confidence)
     if min_confidence is not None and opts.min_confidence is None:
         opts = dataclasses.replace(opts, min_confidence=min_confidence)
@@ -223,71 +235,83 @@ def run_bundle(
     # Source and backend first: a typo in --source must not truncate an earlier results file.
     be, variant = open_backend(b, backend, precision=precision, threads=threads, options=bopts)
     alog = None
-    with be, _open(source_uri, realtime, reconnect) as opened:
-        src: Any = _ProgressSource(opened, _watchdog_hook(notify, getattr(opened, "kind", ""))) if notify.active else opened
-        if audit:
-            alog = _start_audit(audit, b, device, fsync_every, audit_digest_every, {
-                "source": source_fact(source_uri), "backend": be.name, "model": variant, "threads": getattr(be, "threads", threads),
-                "precision": precision, "max_frames": max_frames, "realtime": realtime, "fsync_every": fsync_every,
-                "options": dataclasses.asdict(opts), "chosen_by": chosen})
-            if hasattr(opened, "on_event"):  # a live source that reconnects: its disconnects and reopens go on record
-                opened.on_event = _audit_source_events(alog)
-        restore = _install_stop_handlers(stop)
-        # Never the URI: a file or folder name may carry a patient's name, and STATUS= lands in the journal.
-        notify.ready(f"classifying a {getattr(opened, 'kind', 'source')} source with {b.path.name} on {be.name}")
-        # OpenCV's own worker pool would put resize and colour conversion on every core, on top of the
-        # feeder thread and ONNX Runtime's threads: one OpenCV thread, the pipeline parallelises by stage.
-        cv2 = _cv.cv2()
-        cv_threads = cv2.getNumThreads()
-        cv2.setNumThreads(1)
-        try:
-            if out:
-                sinks.append(JsonlSink(out, fsync_every=fsync_every))
-            if alog is not None:
-                sinks.append(AuditSink(alog))  # after the results file: digests cover only results it holds
-            if show:
-                from edgeclf.runtime.overlay import OverlayWindow
+    restore: Callable[[], None] = lambda: None  # noqa: E731
+    try:
+        with be, _open(source_uri, realtime, reconnect) as opened:
+            src: Any = _ProgressSource(opened, _watchdog_hook(notify, getattr(opened, "kind", ""))) if notify.active else opened
+            if audit:
+                alog = _start_audit(audit, b, device, fsync_every, audit_digest_every, source_uri, {
+                    "source": source_fact(source_uri), "backend": be.name, "model": variant, "threads": getattr(be, "threads", threads),
+                    "precision": precision, "max_frames": max_frames, "realtime": realtime, "fsync_every": fsync_every,
+                    "options": dataclasses.asdict(opts), "chosen_by": chosen})
+                if hasattr(opened, "on_event"):  # a live source that reconnects: its disconnects and reopens go on record
+                    opened.on_event = _audit_source_events(alog)
+            # Restored only in the outer finally: after every sink closed and the audit log ended.
+            restore = _install_stop_handlers(stop)
+            # Never the URI: a file or folder name may carry a patient's name, and STATUS= lands in the journal.
+            notify.ready(f"classifying a {getattr(opened, 'kind', 'source')} source with {b.path.name} on {be.name}")
+            # OpenCV's own worker pool would put resize and colour conversion on every core, on top of the
+            # feeder thread and ONNX Runtime's threads: one OpenCV thread, the pipeline parallelises by stage.
+            cv2 = _cv.cv2()
+            cv_threads = cv2.getNumThreads()
+            cv2.setNumThreads(1)
+            drawn: List[Sink] = []
+            failed = True
+            try:
+                # Window and recorder before the results file: a bad --show or --record must not truncate it.
+                if show:
+                    from edgeclf.runtime.overlay import OverlayWindow
 
-                sinks.append(OverlayWindow())
-            if record:
-                from edgeclf.runtime.sinks import VideoRecorderSink
-
-                size = src.size or (m.preprocess.size[0], m.preprocess.size[1])
-                sinks.append(VideoRecorderSink(record, float(src.fps or 15.0), size))
-            sinks.append(clip)
-            on_fault = None if alog is None else _audit_pipeline_events(alog)
-            summary = run_pipeline(b, src, be, sinks, max_frames=max_frames, options=opts, stop=stop, on_event=on_fault)
-        except BaseException as exc:
-            if alog is not None:
-                _end_audit_on_error(alog, exc)
-            raise
-        finally:
-            notify.stopping()
-            restore()
-            cv2.setNumThreads(cv_threads)
-            _close_all(sinks)
-        result = summary.to_dict()
-        result.update(
-            bundle=str(b.path), bundle_checksum=b.checksum, source_kind=src.kind, backend=be.name, model=variant,
-            frame_count_claimed=src.frame_count, out=out, clip=clip.result, threads=getattr(be, "threads", threads),
-            device=device, chosen_by=chosen,
-        )
-        if notify.active:
-            result["systemd"] = {"notify_socket": notify.socket_path, "watchdog_s": notify.watchdog_s, "pings": notify.pings}
-        engine = getattr(be, "record", None)
-        if engine is not None:
-            result["engine"] = {"path": str(engine.path), "built": engine.built, "key": engine.key.fields()}
-    if alog is not None:
-        alog.end("signal" if result.get("stopped_by") == "signal" else "ok",
-                 summary={k: result.get(k) for k in ("frames", "written", "abstained", "abstain_reasons", "backend_errors",
-                                                     "stopped_by", "source_stats", "read_not_classified")})
-        result["audit"] = {"path": alog.path, "head": alog.head, "records": alog.records}
-        alog.close()
+                    drawn.append(OverlayWindow())
+                if record:
+                    size = src.size or (m.preprocess.size[0], m.preprocess.size[1])
+                    drawn.append(VideoRecorderSink(record, float(src.fps or 15.0), size))
+                if out:
+                    sinks.append(JsonlSink(out, fsync_every=fsync_every))
+                if alog is not None:
+                    sinks.append(AuditSink(alog))  # after the results file: digests cover only results it holds
+                sinks.extend(drawn)
+                sinks.append(clip)
+                on_fault = None if alog is None else _audit_pipeline_events(alog)
+                summary = run_pipeline(b, src, be, sinks, max_frames=max_frames, options=opts, stop=stop, on_event=on_fault)
+                failed = False
+            finally:
+                notify.stopping()
+                cv2.setNumThreads(cv_threads)
+                try:
+                    _close_all(sinks + [s for s in drawn if s not in sinks])
+                except BaseException:
+                    if not failed:
+                        raise
+                    # else: already logged by _close_all; the run's own error is the one to report
+            result = summary.to_dict()
+            result.update(
+                bundle=str(b.path), bundle_checksum=b.checksum, source_kind=src.kind, backend=be.name, model=variant,
+                frame_count_claimed=src.frame_count, out=out, clip=clip.result, threads=getattr(be, "threads", threads),
+                device=device, chosen_by=chosen,
+            )
+            if notify.active:
+                result["systemd"] = {"notify_socket": notify.socket_path, "watchdog_s": notify.watchdog_s, "pings": notify.pings}
+            engine = getattr(be, "record", None)
+            if engine is not None:
+                result["engine"] = {"path": str(engine.path), "built": engine.built, "key": engine.key.fields()}
+        if alog is not None:
+            alog.end("signal" if result.get("stopped_by") == "signal" else "ok",
+                     summary={k: result.get(k) for k in ("frames", "written", "abstained", "abstain_reasons", "backend_errors",
+                                                         "stopped_by", "source_stats", "read_not_classified")})
+            result["audit"] = {"path": alog.path, "head": alog.head, "records": alog.records}
+            alog.close()
+    except BaseException as exc:
+        if alog is not None:  # whatever failed (the run, a sink's close, the source's): the log gets its end
+            _end_audit_on_error(alog, exc)
+        raise
+    finally:
+        restore()
     return result
 
 
 def _start_audit(path: str, b: Bundle, device: Optional[str], fsync_every: Optional[float], digest_every: int,
-                 config: Dict[str, Any]) -> Any:
+                 source_uri: str, config: Dict[str, Any]) -> Any:
     from edgeclf.runtime.audit import AuditLog
 
     profile = None
@@ -295,7 +319,8 @@ def _start_audit(path: str, b: Bundle, device: Optional[str], fsync_every: Optio
         from edgeclf.devices import load_profile
 
         profile = load_profile(device).to_dict()
-    alog = AuditLog(path, fsync_every=fsync_every, digest_every=digest_every)
+    # source: error texts quote the URI they failed on; the log replaces it by <source>.
+    alog = AuditLog(path, fsync_every=fsync_every, digest_every=digest_every, source=source_uri)
     try:
         alog.start(bundle_checksum=b.checksum, bundle_signature=b.signature, device_profile=profile, config=config)
     except BaseException:
@@ -324,6 +349,8 @@ def _end_audit_on_error(alog: Any, exc: BaseException) -> None:
     status = "signal" if isinstance(exc, KeyboardInterrupt) else "error"
     text = " ".join(str(exc).split())[:500] or type(exc).__name__
     try:
+        if alog.ended or alog.failed is not None:  # the end is on record (or the log's disk failed): just close
+            return
         alog.fault("run", text)
         alog.end(status, error=text)
     except EdgeclfError as log_exc:
@@ -339,8 +366,8 @@ def _close_all(sinks: List[Sink]) -> None:
     for s in sinks:
         try:
             s.close()
-        except Exception as exc:  # noqa: BLE001 - re-raised below, after the other sinks closed
-            log.error("closing %s failed: %s", type(s).__name__, exc)
+        except BaseException as exc:  # noqa: BLE001 - also KeyboardInterrupt: re-raised below, after the others closed
+            log.error("closing %s failed: %s", type(s).__name__, " ".join(str(exc).split()) or type(exc).__name__)
             first = first or exc
     if first is not None:
         raise first

@@ -29,7 +29,9 @@ Records are written whole (one ``os.write`` of the full line) and fsynced on the
 `fsync_every` seconds (0: every record; None: never), and always for ``start``, ``fault`` and ``end``.
 A log is never overwritten: an existing path is refused, a folder gets a new uniquely named log.
 No patient identifiers: the caller records bundle, device and configuration facts, never source paths;
-:func:`source_fact` describes a source URI without naming it.
+:func:`source_fact` describes a source URI without naming it, and every fault, recovery, event and end
+text has the run's source (``AuditLog(source=...)``) and any URL replaced by ``<source>``
+(:func:`scrub_source`): error messages quote the URI they failed on.
 
 Python 3.8 compatible, stdlib only.
 """
@@ -42,6 +44,7 @@ import logging
 import math
 import os
 import platform
+import re
 import sys
 import threading
 import time
@@ -62,6 +65,8 @@ __all__ = [
     "verify_audit",
     "package_versions",
     "source_fact",
+    "scrub_source",
+    "SOURCE_PLACEHOLDER",
     "result_line",
     "STATES",
 ]
@@ -147,6 +152,65 @@ def source_fact(uri: str) -> Dict[str, str]:
     return {"kind": kind, "uri_sha256": hashlib.sha256(text.encode("utf-8", "surrogateescape")).hexdigest()[:16]}
 
 
+SOURCE_PLACEHOLDER = "<source>"
+_URL = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*://[^\s'\"<>]+")
+_USERINFO = re.compile(r"^([A-Za-z][A-Za-z0-9+.\-]*://)[^/@]*@")  # as edgeclf.runtime.sources.redact_uri
+_SCHEME = re.compile(r"^(?:watch|synthetic|file|dicom):(?://)?", re.IGNORECASE)
+_TOKEN_END = frozenset(" \t\r\n'\"()[]<>,;")
+_MIN_FORM = 4  # shorter forms ("0": a camera index) name nobody and would mangle every number in the text
+_MIN_PREFIX = 16  # messages clip long texts: this much of a form's start is enough to recognise it
+
+
+def _source_forms(uri: str) -> List[str]:
+    """How a source URI shows up in messages: as given, with user:password redacted, without its scheme,
+    absolute, its last path part, and each as repr() quotes it; longest first."""
+    text = str(uri).strip()
+    forms = {text, _USERINFO.sub(r"\1***@", text)}
+    bare = _SCHEME.sub("", text)
+    if bare and "://" not in bare:  # a path (a file, a watched folder): also absolute and its file name
+        forms.update({bare, os.path.abspath(bare), os.path.basename(bare.rstrip("/\\"))})
+    forms.update([repr(f)[1:-1] for f in list(forms)])
+    return sorted((f for f in forms if len(f) >= _MIN_FORM), key=len, reverse=True)
+
+
+def _cut_form(text: str, form: str) -> str:
+    head = form[:_MIN_PREFIX]
+    out: List[str] = []
+    i = 0
+    while True:
+        j = text.find(head, i)
+        if j < 0:
+            out.append(text[i:])
+            return "".join(out)
+        k = j + len(head)
+        while k < len(text) and k - j < len(form) and text[k] == form[k - j]:  # as far as the form goes
+            k += 1
+        while k < len(text) and text[k] not in _TOKEN_END:  # and the rest of that word (a file in the folder)
+            k += 1
+        out.append(text[i:j] + SOURCE_PLACEHOLDER)
+        i = k
+
+
+def scrub_source(text: str, uri: Optional[str] = None) -> str:
+    """`text` with the source URI (see :func:`_source_forms`; also when a message clipped it) and any
+    other URL replaced by ``<source>``: for texts the audit log keeps, which must name no patient."""
+    out = str(text)
+    if uri:
+        for form in _source_forms(uri):
+            out = _cut_form(out, form)
+    return _URL.sub(SOURCE_PLACEHOLDER, out)
+
+
+def _scrub_payload(value: Any, uri: Optional[str]) -> Any:
+    if isinstance(value, str):
+        return scrub_source(value, uri)
+    if isinstance(value, dict):
+        return {k: _scrub_payload(v, uri) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_scrub_payload(v, uri) for v in value]
+    return value
+
+
 class AuditLog:
     """Write one run's audit log. A context manager: leaving it writes ``end`` if the caller did not
     (status "error" with the exception's message when one is propagating), then closes.
@@ -156,19 +220,24 @@ class AuditLog:
     fsync_every: seconds between fsyncs (0: every record; None: never); ``start``, ``fault`` and
         ``end`` are always fsynced. Use the results file's value.
     digest_every: results per ``digest`` record (>= 1).
+    source: the run's source URI; it (and any URL) never reaches the log: fault, recovery, event and end
+        texts have it replaced by ``<source>`` (:func:`scrub_source`). The start record names the source
+        by :func:`source_fact` only.
 
     Thread-safe: faults may be recorded from a reader thread while results come from the run loop.
     Writing failures (a full disk) raise EdgeclfError naming the log and how many records it holds;
     the file keeps only whole records.
     """
 
-    def __init__(self, path: PathLike, *, fsync_every: Optional[float] = 1.0, digest_every: int = 1000) -> None:
+    def __init__(self, path: PathLike, *, fsync_every: Optional[float] = 1.0, digest_every: int = 1000,
+                 source: Optional[str] = None) -> None:
         if fsync_every is not None and (isinstance(fsync_every, bool) or not isinstance(fsync_every, (int, float))
                                         or not (fsync_every >= 0 and math.isfinite(fsync_every))):
             raise ConfigError(f"audit fsync_every is {fsync_every!r}; allowed: seconds >= 0 (0 = every record) or None")
         if isinstance(digest_every, bool) or not isinstance(digest_every, int) or digest_every < 1:
             raise ConfigError(f"audit digest_every is {digest_every!r}; allowed: an integer >= 1 (results per digest)")
         self.session = uuid.uuid4().hex
+        self._source = source
         target = os.fspath(path)
         if target.endswith(("/", os.sep)):  # "logs/": a folder, made if missing
             try:
@@ -231,8 +300,11 @@ class AuditLog:
                 raise EdgeclfError(f"audit log {self.path} is already closed")
             if self.ended:
                 raise EdgeclfError(f"audit log {self.path} already has its end record; start a new log for a new run")
+            body = _clean(payload)
+            if rtype not in ("start", "digest"):  # free texts (error messages) may quote the source
+                body = _scrub_payload(body, self._source)
             rec: Dict[str, Any] = {"seq": self.records, "time": round(time.time(), 3), "type": rtype,
-                                   "payload": _clean(payload), "prev": self.head}
+                                   "payload": body, "prev": self.head}
             rec["hash"] = _record_hash(rec)
             data = (_canonical(rec) + "\n").encode("ascii")
             try:

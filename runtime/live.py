@@ -27,6 +27,7 @@ from typing import Any, Callable, Dict, Iterator, Optional, Tuple
 import numpy as np
 
 from edgeclf.errors import SourceError
+from edgeclf.runtime.audit import scrub_source
 from edgeclf.runtime.sources import Frame, FrameSource, Size
 
 __all__ = ["LatestFrameReader", "ReconnectingSource", "open_reconnecting", "DROP_POLICIES", "valid_frame"]
@@ -426,6 +427,8 @@ class ReconnectingSource:
         self.fps: Optional[float] = None
         self.size: Optional[Size] = None
         self.frame_count: Optional[int] = None
+        # The wrapped source's kind ("camera", "stream", ...): the pipeline judges this source by it.
+        self.inner_kind: Optional[str] = None
         if connect_now:
             self._connect(raise_errors=True)
 
@@ -576,6 +579,7 @@ class ReconnectingSource:
         self._connection += 1
         self.fps = getattr(source, "fps", None) if self.fps is None else self.fps
         self.size = getattr(source, "size", None) if self.size is None else self.size
+        self.inner_kind = getattr(source, "kind", None) if self.inner_kind is None else self.inner_kind
         self._capture = _Capture(
             source, self.drop, read_timeout=self._read_timeout, none_means_end=True, stop=self._stop,
             name="edgeclf-reconnecting",
@@ -594,7 +598,8 @@ class ReconnectingSource:
         if cap is None:
             return
         self._counts["disconnects"] += 1
-        logger.warning("%s: disconnected: %s; reopening in %.2fs", self._label(), why, self._backoff)
+        # A stream's error text quotes its URI, which may carry a patient's name: never on stderr.
+        logger.warning("%s: disconnected: %s; reopening in %.2fs", self._label(), scrub_source(why), self._backoff)
         self._emit("fault", why)
         self._drop_capture(cap)
         self._next_attempt = self._clock() + self._backoff

@@ -16,7 +16,7 @@ from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 import numpy as np
 
-from edgeclf.errors import ConfigError
+from edgeclf.errors import ConfigError, DataError
 from edgeclf.runtime.backends import Backend
 from edgeclf.runtime.bundle import Bundle, Manifest
 from edgeclf.runtime.postprocess import decide, decide_frame, frame_probabilities, probabilities
@@ -33,7 +33,8 @@ STAGES = ("capture", "preprocess", "infer", "postprocess", "sink")
 PREPROCESS_PARTS = ("sector", "quality", "model_input")
 SMOOTHING_CHOICES = ("auto", "cine", "off")
 BACKEND_ERROR = "backend_error"  # abstain reason of a frame whose inference raised
-MAX_BACKEND_ERRORS = 5  # failures in a row that end the run: a backend that is gone, not a hiccup
+INVALID_OUTPUT = "invalid_output"  # abstain reason of a frame whose outputs were not finite (NaN, inf)
+MAX_BACKEND_ERRORS = 5  # failures in a row (either kind) that end the run: a backend that is gone, not a hiccup
 
 
 def stage_stats(values_ms: Sequence[float]) -> Dict[str, float]:
@@ -165,6 +166,7 @@ class _Feeder:
         self._produce = produce
         self._q: "queue.Queue[Tuple[str, Any]]" = queue.Queue(maxsize=depth)  # noqa: UP037 (3.8: no generic at runtime)
         self._stop = threading.Event()
+        self._refused = 0  # frames read and prepared, then not handed over because the run stopped
         self._thread = threading.Thread(target=self._run, name="edgeclf-feeder", daemon=True)
         self._thread.start()
 
@@ -175,6 +177,8 @@ class _Feeder:
                 return True
             except queue.Full:
                 continue
+        if item[0] == "item" and item[1] is not None:
+            self._refused += 1
         return False
 
     def _run(self) -> None:
@@ -200,21 +204,24 @@ class _Feeder:
         return value
 
     def close(self) -> int:
-        """Stop the thread; returns how many prepared frames were left unclassified."""
+        """Stop the thread; returns how many frames it had read and not handed over (queued or held)."""
         self._stop.set()
-        left = 0
+        # Join first: a `_put` still running could otherwise slip its frame into the queue after the drain.
+        self._thread.join(timeout=2.0)
+        left = self._refused
         while True:
             try:
                 kind, value = self._q.get_nowait()
             except queue.Empty:
                 break
             left += int(kind == "item" and value is not None)
-        self._thread.join(timeout=2.0)
         return left
 
 
 def _video_like(source: FrameSource) -> bool:
     kind = getattr(source, "kind", "")
+    if kind == "reconnecting":  # a ReconnectingSource (camera, stream): judged by what it wraps, video if not yet known
+        kind = getattr(source, "inner_kind", None) or "video"
     if kind == "dicom":
         return bool((getattr(source, "frame_count", None) or 0) > 1)
     return kind in ("video", "camera", "stream", "synthetic", "gstreamer")
@@ -243,7 +250,9 @@ def run_pipeline(
     `stop` (set by a signal handler) or a sink's ``stop_requested`` ends the run after the current frame.
     A backend error on a frame (a GPU hiccup) does not end the run: that frame's record abstains with reason
     "backend_error", the summary counts it, and `on_event("fault" | "recovery", message, details)` is told
-    (the audit log); MAX_BACKEND_ERRORS failures in a row end the run with the last error.
+    (the audit log). Non-finite outputs (NaN, inf: e.g. an fp16 overflow) are treated alike, with reason
+    "invalid_output". MAX_BACKEND_ERRORS failures in a row (either kind) end the run with the last error,
+    raised after that frame's abstain record is written.
     """
     opts = options or RunOptions(min_confidence=min_confidence)
     if min_confidence is not None and options is not None and options.min_confidence is None:
@@ -309,7 +318,7 @@ def run_pipeline(
     # numpy release the GIL). It holds at most 2 prepared frames, so a live frame waits at most that long.
     feeder = _Feeder(produce, depth=2) if opts.pipelined else None
     unprocessed = 0
-    backend_errors = errors_in_a_row = 0
+    backend_errors = invalid_outputs = errors_in_a_row = 0
     try:
         while max_frames is None or summary.frames < max_frames:
             if stop is not None and stop.is_set():
@@ -324,33 +333,47 @@ def run_pipeline(
             t_main = time.perf_counter()
             probs_row: Optional[Tuple[float, ...]] = None
             decision: Any = None
+            fault: Optional[str] = None  # BACKEND_ERROR or INVALID_OUTPUT: this frame abstains with it
+            fatal: Optional[BaseException] = None  # the failure that ends the run, raised once the frame is recorded
             t3 = t_main
             if x is not None:
                 try:
                     logits = backend.infer(x)
                     t3 = time.perf_counter()
                 except Exception as exc:  # noqa: BLE001 - recorded on the frame, counted, re-raised when it persists
-                    backend_errors += 1
-                    errors_in_a_row += 1
-                    text = f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}"
-                    log.warning("frame %d: inference failed (%s); the frame abstains", frame.index, text)
-                    if on_event is not None:
-                        on_event("fault", text, {"frame": frame.index, "in_a_row": errors_in_a_row})
-                    if errors_in_a_row >= MAX_BACKEND_ERRORS:
-                        raise
-                    reasons = (BACKEND_ERROR,)
+                    fault, fatal = BACKEND_ERROR, exc
                     t3 = time.perf_counter()
                 else:
+                    try:
+                        if multilabel:
+                            probs = probabilities(logits, m.task, m.temperature)
+                            probs_row = tuple(probs[0].tolist())
+                            decision = decide(probs, m.decision)[0]
+                        else:  # one frame: plain floats, the same numbers as probabilities()/decide() on arrays
+                            probs_row = frame_probabilities(logits, m.task, m.temperature)
+                            decision = decide_frame(probs_row, m.decision)
+                    except DataError as exc:  # a NaN or infinite logit (e.g. an fp16 overflow): this frame only
+                        fault, fatal = INVALID_OUTPUT, exc
+                        probs_row = decision = None
+                if fault is None:
                     if errors_in_a_row and on_event is not None:
                         on_event("recovery", f"inference works again after {errors_in_a_row} failed frame(s)", {"frame": frame.index})
                     errors_in_a_row = 0
-                    if multilabel:
-                        probs = probabilities(logits, m.task, m.temperature)
-                        probs_row = tuple(probs[0].tolist())
-                        decision = decide(probs, m.decision)[0]
-                    else:  # one frame: plain floats, the same numbers as probabilities()/decide() on arrays
-                        probs_row = frame_probabilities(logits, m.task, m.temperature)
-                        decision = decide_frame(probs_row, m.decision)
+                else:
+                    assert fatal is not None
+                    if fault == BACKEND_ERROR:
+                        backend_errors += 1
+                    else:
+                        invalid_outputs += 1
+                    errors_in_a_row += 1
+                    text = f"{type(fatal).__name__}: {' '.join(str(fatal).split())[:300]}"
+                    log.warning("frame %d: %s (%s); the frame abstains", frame.index,
+                                "inference failed" if fault == BACKEND_ERROR else "the model's output is not finite", text)
+                    if on_event is not None:
+                        on_event("fault", text, {"frame": frame.index, "in_a_row": errors_in_a_row, "reason": fault})
+                    if errors_in_a_row < MAX_BACKEND_ERRORS:
+                        fatal = None
+                    reasons = (fault,)
             # Postprocess is timed from t3, right after infer: probabilities, decision, smoothing and the record.
             # timestamp: monotonic capture time (for latency); time: wall clock of the result (for people).
             record: Dict[str, Any] = {"frame": frame.index, "timestamp": round(frame.timestamp, 6), "time": round(time.time(), 3)}
@@ -366,8 +389,10 @@ def run_pipeline(
                 res = smoother.update(probs_row, quality_ok=not reasons, reasons=reasons)
                 record.update(smoother.record_fields(res))
                 record["frame_label"] = None if decision is None else m.labels[decision]
-            record["probs"] = None if probs_row is None else {n: round(p, 6) for n, p in zip(m.labels, probs_row)}
-            record["quality"] = [r for r in reasons if r != BACKEND_ERROR]
+            # Unrounded: the clip aggregator and offline aggregation of the results file use the very numbers
+            # this frame's frame_label came from (rounding flipped near-ties); JSON keeps floats exactly.
+            record["probs"] = None if probs_row is None else dict(zip(m.labels, probs_row))
+            record["quality"] = [] if fault is not None else list(reasons)
             t4 = time.perf_counter()
             record["latency_ms"] = {
                 "capture": round(cap_s * 1e3, 3),
@@ -383,6 +408,8 @@ def run_pipeline(
                     sink.write(record)
             if ack is not None:
                 ack(frame)  # only after every sink holds the record: a crash before this redoes the frame
+            if fatal is not None:
+                raise fatal  # MAX_BACKEND_ERRORS failures in a row: the run ends, this frame's record written
             t5 = time.perf_counter()
             summary.frames += 1
             if record.get("abstain"):
@@ -394,7 +421,7 @@ def run_pipeline(
                 key = "+".join(record["labels"]) or "(none)"
             else:
                 key = str(record["label"])
-            if reasons and reasons != (BACKEND_ERROR,):
+            if reasons and fault is None:
                 summary.quality_flagged += 1
             summary.label_counts[key] = summary.label_counts.get(key, 0) + 1
             for stage, ms in zip(STAGES, (cap_s, pre_s, (t3 - t_main), (t4 - t3), (t5 - t4))):
@@ -415,6 +442,7 @@ def run_pipeline(
     # Frames the feeder had read and prepared when the run stopped early (max frames, a signal): counted.
     summary.extra["read_not_classified"] = unprocessed
     summary.extra["backend_errors"] = backend_errors
+    summary.extra["invalid_outputs"] = invalid_outputs
     if detector is not None:
         sec = detector.sector
         summary.extra["sector"] = {"stats": detector.stats, "kind": sec.kind if sec is not None else None,

@@ -12,6 +12,7 @@ Sinks are context managers; ``close()`` is idempotent.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
 import json
@@ -42,12 +43,51 @@ __all__ = [
     "SummarySink",
     "summarize",
     "StdoutSink",
+    "check_output_path",
+    "check_video_path",
 ]
 
 logger = logging.getLogger(__name__)
 
 #: Container extension -> the FourCC the recorder uses (pip OpenCV has no H.264 encoder).
 VIDEO_FOURCC: Dict[str, str] = {".mp4": "mp4v", ".m4v": "mp4v", ".mov": "mp4v", ".mkv": "mp4v", ".avi": "MJPG"}
+
+
+def check_output_path(path: Union[str, os.PathLike[str]], *, option: str, example: str) -> str:
+    """Raise ConfigError (one line) when `path` cannot become a file: it is a folder, or the nearest existing
+    folder above it is a file or not writable. Checked before a run starts, so a bad path fails in a second
+    instead of after the whole run (and before any other output file is truncated). Returns the path."""
+    p = os.fspath(path)
+    if not p or p.endswith(("/", os.sep)) or os.path.isdir(p):
+        raise ConfigError(f"{option} {p} is a folder; {option} takes a file name, e.g. {os.path.join(p, example)}")
+    probe = os.path.dirname(os.path.abspath(p))
+    while not os.path.exists(probe):  # missing folders are made at open: what matters is the nearest existing one
+        up = os.path.dirname(probe)
+        if up == probe:
+            break
+        probe = up
+    if not os.path.isdir(probe):
+        raise ConfigError(f"{option} {p}: {probe} is a file, not a folder; choose another path for {option}")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise ConfigError(f"{option} {p}: folder {probe} is not writable; choose a writable folder for {option}")
+    return p
+
+
+def check_video_path(path: Union[str, os.PathLike[str]], fourcc: Optional[str] = None) -> str:
+    """The FourCC for recording to `path` (`fourcc` wins when given); ConfigError for an extension the
+    recorder does not know (checked before anything is opened: a typo must cost nothing)."""
+    p = os.fspath(path)
+    ext = os.path.splitext(p)[1].lower()
+    if fourcc is None:
+        if ext not in VIDEO_FOURCC:
+            raise ConfigError(
+                f"cannot record video to {p}: extension {ext or '(none)'!r} is not one of "
+                f"{', '.join(VIDEO_FOURCC)}; name the file e.g. run.mp4 or run.avi"
+            )
+        fourcc = VIDEO_FOURCC[ext]
+    if not isinstance(fourcc, str) or len(fourcc) != 4:
+        raise ConfigError(f"video fourcc is {fourcc!r}; allowed: 4 characters, e.g. 'mp4v' or 'MJPG'")
+    return fourcc
 
 
 class Sink:
@@ -291,16 +331,7 @@ class VideoRecorderSink(Sink):
         from edgeclf.runtime.overlay import FpsMeter
 
         self.path = os.fspath(path)
-        ext = os.path.splitext(self.path)[1].lower()
-        if fourcc is None:
-            if ext not in VIDEO_FOURCC:
-                raise ConfigError(
-                    f"cannot record video to {self.path}: extension {ext or '(none)'!r} is not one of "
-                    f"{', '.join(VIDEO_FOURCC)}; name the file e.g. run.mp4 or run.avi"
-                )
-            fourcc = VIDEO_FOURCC[ext]
-        if not isinstance(fourcc, str) or len(fourcc) != 4:
-            raise ConfigError(f"video fourcc is {fourcc!r}; allowed: 4 characters, e.g. 'mp4v' or 'MJPG'")
+        fourcc = check_video_path(self.path, fourcc)
         if isinstance(fps, bool) or not isinstance(fps, (int, float)) or not (fps > 0 and math.isfinite(fps)):
             raise ConfigError(
                 f"recording frame rate is {fps!r}; allowed: a number > 0; the source reports none, so give one "
@@ -549,7 +580,10 @@ class SummarySink(Sink):
         self, path: Union[str, os.PathLike[str], None] = None, *, labels: Optional[Sequence[str]] = None,
         max_gap_s: float = 1.0, aggregator: Optional[ClipAggregator] = None,
     ) -> None:
-        self.path = None if path is None else os.fspath(path)
+        # A folder or unwritable place must fail now, not in close() after the whole run.
+        self.path = None if path is None else check_output_path(path, option="--summary", example="clip.json")
+        if self.path is not None and os.path.isdir(self.path + ".tmp"):
+            raise ConfigError(f"--summary {self.path}: {self.path}.tmp is a folder in the way; remove it or choose another path")
         self.labels = None if labels is None else tuple(str(x) for x in labels)
         if isinstance(max_gap_s, bool) or not isinstance(max_gap_s, (int, float)) or not max_gap_s > 0:
             raise ConfigError(f"summary max_gap_s is {max_gap_s!r}; allowed: seconds > 0, e.g. 1.0")
@@ -592,6 +626,8 @@ class SummarySink(Sink):
                     f.write("\n")
                 os.replace(tmp, self.path)
             except OSError as exc:
+                with contextlib.suppress(OSError):  # no half-written .tmp left behind
+                    os.remove(tmp)
                 raise EdgeclfError(f"cannot write the clip summary to {self.path}: {exc.strerror}; choose another path") from None
 
 

@@ -18,7 +18,15 @@ from click.testing import CliRunner
 from edgeclf.cli_integrity import AUDIT_EXIT_CODES, audit
 from edgeclf.errors import ConfigError, DataError, EdgeclfError
 from edgeclf.runtime import audit as audit_mod
-from edgeclf.runtime.audit import GENESIS, AuditLog, AuditSink, result_line, source_fact, verify_audit
+from edgeclf.runtime.audit import (
+    GENESIS,
+    AuditLog,
+    AuditSink,
+    result_line,
+    scrub_source,
+    source_fact,
+    verify_audit,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -362,3 +370,40 @@ def test_a_path_ending_in_a_slash_is_a_folder_made_if_missing(tmp_path) -> None:
         log.end()
     made = list(folder.glob("audit-*.jsonl"))
     assert len(made) == 1 and made[0] == __import__("pathlib").Path(log.path)
+
+
+# ------------------------------------------------------------------------------------ no identifiers
+
+URI = "http://user:pw@127.0.0.1:18731/c.mp4?patient=DOE_JOHN_MRN123"
+
+
+@pytest.mark.parametrize("text", [
+    f"a read failed (SourceError: stream {URI!r} delivered no frame after 0 frames)",
+    "a read failed (SourceError: stream 'http://***@127.0.0.1:18731/c.mp4?patient=DOE_JOHN_MRN123' delivered no frame)",
+    "a read failed (SourceError: stream 'http://***@127.0.0.1:18731/c.mp4?patient=DOE_JO)",  # clipped at 200 chars
+])
+def test_scrub_source_removes_the_uri_in_every_form_a_message_quotes_it(text: str) -> None:
+    out = scrub_source(text, URI)
+    assert "DOE_JO" not in out and "127.0.0.1" not in out and "<source>" in out
+    assert out.startswith("a read failed (SourceError: stream ")
+
+
+def test_scrub_source_paths_and_what_it_leaves_alone() -> None:
+    assert scrub_source("video /data/SMITH^ANNA/clip.mp4: frame 3 unreadable", "/data/SMITH^ANNA/clip.mp4") == \
+        "video <source> frame 3 unreadable"
+    assert "SMITH" not in scrub_source("DICOM /incoming/SMITH^ANNA.dcm: bad", "watch:/incoming")  # a file in the watched folder
+    assert scrub_source("camera 0 failed after 10 tries", "0") == "camera 0 failed after 10 tries"
+    assert scrub_source("opening rtsp://cam.local/live failed", None) == "opening <source> failed"
+
+
+def test_fault_recovery_and_end_texts_never_carry_the_source(tmp_path: Path) -> None:
+    path = tmp_path / "a.jsonl"
+    with AuditLog(path, fsync_every=None, source=URI) as log:
+        log.start(bundle_checksum="ab" * 32, config={"source": source_fact(URI)})
+        for _ in range(3):
+            log.fault("source", f"a read failed (SourceError: stream {URI!r} delivered no frame)", counts={"disconnects": 1})
+        log.recovery("source", "reconnected (connection 2)")
+        log.end("error", error=f"stream {URI!r} could not be reopened")
+    text = path.read_text()
+    assert "DOE_JOHN" not in text and "127.0.0.1" not in text and text.count("<source>") == 4
+    assert verify_audit(path).state == "intact"

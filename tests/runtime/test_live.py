@@ -205,6 +205,16 @@ def test_open_reconnecting_over_open_source() -> None:
     src.close()
 
 
+def test_the_wrapped_sources_kind_is_exposed() -> None:
+    # The pipeline judges a reconnecting source (cine smoothing or not) by what it wraps.
+    with ReconnectingSource(lambda: FlakyCamera(_Shared(every=10**9, limit=10)), **_fast()) as src:
+        assert src.kind == "reconnecting" and src.inner_kind == "camera"
+    later = ReconnectingSource(lambda: SyntheticSource(cine_size=32, frames=3), drop="none", connect_now=False)
+    assert later.inner_kind is None
+    assert later.read() is not None and later.inner_kind == "synthetic"
+    later.close()
+
+
 # -------------------------------------------------------------------------------- LatestFrameReader
 
 
@@ -314,3 +324,26 @@ def test_each_disconnect_and_reopen_is_reported_to_on_event() -> None:
     assert kinds == ["fault", "recovery"] * stats["disconnects"] and stats["disconnects"] >= 5
     assert "camera unplugged" in " ".join(m for _, m, _ in events)
     assert [n for k, _, n in events if k == "fault"] == list(range(1, stats["disconnects"] + 1))
+
+
+class _StreamWithPatientUri(FlakyCamera):
+    """A stream whose errors quote its URI, as OpenCV/ffmpeg failures do."""
+
+    kind = "stream"
+
+    def read(self, timeout: Optional[float] = None) -> Optional[Frame]:
+        raise SourceError("stream http://10.0.0.5/c.mp4?patient=DOE_JOHN_MRN123 stopped")
+
+
+def test_a_disconnect_warning_names_no_uri(caplog: pytest.LogCaptureFixture) -> None:
+    src = ReconnectingSource(lambda: _StreamWithPatientUri(_Shared(every=10**9, limit=10)), drop="none", **_fast())
+    events: List[Any] = []
+    src.on_event = lambda kind, msg, counts: events.append(msg)
+    with caplog.at_level("WARNING", logger="edgeclf.runtime.live"):
+        deadline = time.monotonic() + 5.0
+        while not events and time.monotonic() < deadline:
+            src.read(timeout=0.2)
+    src.close()
+    assert events, "no disconnect seen"
+    text = caplog.text
+    assert "disconnected" in text and "DOE_JOHN" not in text and "<source>" in text

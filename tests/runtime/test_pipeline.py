@@ -373,3 +373,168 @@ def test_preprocess_parts_are_timed_apart(bundle_dir: Path, monkeypatch: pytest.
     assert parts["quality"]["n"] == 6 and parts["quality"]["median"] >= 10 and pre["median"] >= parts["quality"]["median"]
     assert parts["sector"]["n"] == 0 and 0 < parts["model_input"]["median"] < 10
     assert parts["model_input"]["n"] == 6 - d["quality_flagged"]  # a frame the gate stopped gets no model input
+
+
+# --------------------------------------------------------------- tiny bundle (no training): review fixes
+
+TINY = "synthetic:ultrasound?frames={}&size=32"
+
+
+def _tiny(tmp_path: Path):  # type: ignore[no-untyped-def]
+    from tests.runtime.tiny_bundle import make_tiny_bundle
+
+    return load_bundle(make_tiny_bundle(tmp_path / "tiny"))
+
+
+def test_auto_smoothing_is_cine_for_a_reconnecting_live_source(tmp_path: Path) -> None:
+    from edgeclf.runtime.live import ReconnectingSource
+    from edgeclf.runtime.pipeline import RunOptions
+
+    b = _tiny(tmp_path)
+    uri = TINY.format(30)
+
+    def fn(x: np.ndarray) -> np.ndarray:  # one odd frame ("mass") among "normal" ones
+        fn.i += 1  # type: ignore[attr-defined]
+        return np.array([[-9, -9, 9]] if fn.i == 20 else [[9, -9, -9]], np.float32)  # type: ignore[attr-defined]
+
+    # run_bundle wraps cameras and streams like this; also before the first connection (kind not known yet).
+    for make in (lambda: ReconnectingSource(lambda: open_source(uri), drop="none"),
+                 lambda: ReconnectingSource(lambda: open_source(uri), drop="none", connect_now=False)):
+        fn.i = -1  # type: ignore[attr-defined]
+        with make() as src, FakeBackend((1, 8, 8), 3, fn=fn) as be:
+            mem = ListSink()
+            s = run_pipeline(b, src, be, [mem], options=RunOptions(quality=False))  # smoothing "auto"
+        assert s.extra["smoothing"] == "cine" and s.frames == 30
+        assert mem.records[20]["frame_label"] == "mass" and mem.records[20]["label"] == "normal"
+
+
+def test_non_finite_outputs_abstain_on_their_frame_and_the_run_goes_on(tmp_path: Path) -> None:
+    from edgeclf.runtime.pipeline import INVALID_OUTPUT, RunOptions
+
+    b = _tiny(tmp_path)
+    bad = {3: np.nan, 7: np.inf}
+
+    def fn(x: np.ndarray) -> np.ndarray:  # e.g. an fp16 overflow on two frames
+        fn.i += 1  # type: ignore[attr-defined]
+        return np.array([[bad.get(fn.i, 3.0), 1, 2]], np.float32)  # type: ignore[attr-defined]
+
+    fn.i = -1  # type: ignore[attr-defined]
+    events: list = []
+    with open_source(TINY.format(12)) as src, FakeBackend((1, 8, 8), 3, fn=fn) as be:
+        mem = ListSink()
+        s = run_pipeline(b, src, be, [mem], options=RunOptions(quality=False, smoothing="off"),
+                         on_event=lambda kind, msg, d: events.append((kind, d)))
+    assert s.frames == len(mem.records) == 12 and [r["frame"] for r in mem.records] == list(range(12))
+    for r in mem.records:
+        if r["frame"] in bad:
+            assert r["abstain"] and r["abstain_reason"] == INVALID_OUTPUT and r["probs"] is None
+            assert r["frame_label"] is None and r["quality"] == []
+        else:
+            assert not r["abstain"] and r["frame_label"] == "normal"
+    assert s.extra["invalid_outputs"] == 2 and s.extra["backend_errors"] == 0 and s.quality_flagged == 0
+    assert s.abstain_reasons == {INVALID_OUTPUT: 2} and s.to_dict()["abstain_reasons"] == {INVALID_OUTPUT: 2}
+    assert [(k, d["frame"]) for k, d in events] == [("fault", 3), ("recovery", 4), ("fault", 7), ("recovery", 8)]
+    assert events[0][1]["reason"] == INVALID_OUTPUT
+
+
+@pytest.mark.parametrize("mixed", [False, True])
+def test_the_failure_that_ends_the_run_keeps_its_frames_record(tmp_path: Path, mixed: bool) -> None:
+    from edgeclf.errors import BackendError
+    from edgeclf.runtime.pipeline import BACKEND_ERROR, INVALID_OUTPUT, MAX_BACKEND_ERRORS, RunOptions
+
+    b = _tiny(tmp_path)
+
+    def fn(x: np.ndarray) -> np.ndarray:  # mixed: failures of both kinds in turn count as one run of failures
+        fn.i += 1  # type: ignore[attr-defined]
+        if not mixed or fn.i % 2 == 0:  # type: ignore[attr-defined]
+            raise BackendError("device lost")
+        return np.array([[np.nan, 0, 0]], np.float32)
+
+    fn.i = -1  # type: ignore[attr-defined]
+    acked: list = []
+
+    class Acking:
+        def __init__(self, src) -> None:  # type: ignore[no-untyped-def]
+            self.src, self.kind, self.fps, self.size, self.frame_count, self.live = src, "images", None, None, None, False
+
+        def read(self, timeout=None):  # type: ignore[no-untyped-def]
+            return self.src.read()
+
+        def ack(self, frame) -> None:  # type: ignore[no-untyped-def]
+            acked.append(frame.index)
+
+    with open_source(TINY.format(12)) as src, FakeBackend((1, 8, 8), 3, fn=fn) as be:
+        mem = ListSink()
+        with pytest.raises(BackendError, match="device lost"):
+            run_pipeline(b, Acking(src), be, [mem], options=RunOptions(quality=False))
+    # Every frame delivered has its record, the last one (whose failure ended the run) included.
+    assert [r["frame"] for r in mem.records] == acked == list(range(MAX_BACKEND_ERRORS))
+    want = [BACKEND_ERROR, INVALID_OUTPUT] * 2 + [BACKEND_ERROR] if mixed else [BACKEND_ERROR] * MAX_BACKEND_ERRORS
+    assert [r["abstain_reason"] for r in mem.records] == want
+
+
+class _Counting:
+    """Counts the frames a source delivers."""
+
+    def __init__(self, src) -> None:  # type: ignore[no-untyped-def]
+        self.src, self.reads = src, 0
+
+    def read(self, timeout=None):  # type: ignore[no-untyped-def]
+        f = self.src.read()
+        self.reads += f is not None
+        return f
+
+    def __getattr__(self, name: str):  # type: ignore[no-untyped-def]
+        return getattr(self.src, name)
+
+
+def test_frames_read_ahead_are_all_counted_when_a_run_stops_early(tmp_path: Path) -> None:
+    import threading
+    import time
+
+    from edgeclf.runtime.pipeline import RunOptions
+
+    b = _tiny(tmp_path)
+
+    def slow(x: np.ndarray) -> np.ndarray:  # the feeder runs ahead and holds a frame as the run stops
+        time.sleep(0.01)
+        return np.zeros((len(x), 3), np.float32)
+
+    class Stopping(ListSink):
+        def write(self, record, image=None) -> None:  # type: ignore[no-untyped-def]
+            super().write(record)
+            if record["frame"] == 6:
+                stop.set()
+
+    for _ in range(3):
+        for how in ("max_frames", "signal"):
+            stop = threading.Event()
+            with open_source(TINY.format(200)) as s0, FakeBackend((1, 8, 8), 3, fn=slow) as be:
+                src = _Counting(s0)
+                s = run_pipeline(b, src, be, [Stopping()], options=RunOptions(quality=False), stop=stop,
+                                 max_frames=5 if how == "max_frames" else None)
+                assert s.frames == (5 if how == "max_frames" else 7)
+                assert src.reads == s.frames + s.extra["read_not_classified"], how
+
+
+def test_the_live_clip_decision_uses_the_numbers_of_each_frame_label(tmp_path: Path) -> None:
+    from edgeclf.runtime.clips import ClipAggregator, aggregate_clip, aggregate_records
+    from edgeclf.runtime.pipeline import RunOptions
+    from edgeclf.runtime.postprocess import probabilities
+    from edgeclf.runtime.sinks import SummarySink, read_jsonl
+
+    b = _tiny(tmp_path)
+    m = b.manifest
+    logit = np.array([[0.0, 4e-7, -30.0]], np.float32)  # "cyst" ahead of "normal" by ~1e-7: a tie at 6 digits
+    agg = ClipAggregator(rule=m.decision, min_confidence=m.min_confidence, labels=list(m.labels))
+    clip, mem, out = SummarySink(labels=list(m.labels), aggregator=agg), ListSink(), tmp_path / "r.jsonl"
+    with open_source(TINY.format(10)) as src, FakeBackend((1, 8, 8), 3, fn=lambda x: logit) as be, JsonlSink(out) as js:
+        run_pipeline(b, src, be, [mem, js, clip], options=RunOptions(quality=False))
+    assert [r["frame_label"] for r in mem.records] == ["cyst"] * 10
+    live = clip.decision()
+    assert live is not None and live["mean_label"] == live["vote_label"] == "cyst" and live["votes"]["cyst"] == 10
+    # The same as `edgeclf evaluate` on these frames, and as offline aggregation of the results file.
+    offline = aggregate_clip(list(probabilities(np.repeat(logit, 10, 0), m.task, m.temperature)),
+                             rule=m.decision, min_confidence=m.min_confidence, labels=list(m.labels))
+    records, _ = read_jsonl(out)
+    assert offline.to_dict() == live == aggregate_records(records, m.labels, rule=m.decision, min_confidence=m.min_confidence).to_dict()

@@ -79,8 +79,8 @@ def test_a_backend_that_keeps_failing_ends_the_run_with_its_error(tmp_path: Path
     out = tmp_path / "r.jsonl"
     with open_source(SRC) as src, JsonlSink(str(out)) as sink, pytest.raises(BackendError, match="device lost"):
         run_pipeline(b, src, FakeBackend((1, 8, 8), 3, fn=broken), [sink], options=RunOptions(quality=False))
-    recs = _lines(out)  # the frames before the last failure are on record, each an abstain
-    assert len(recs) == MAX_BACKEND_ERRORS - 1 and all(r["abstain_reason"] == "backend_error" for r in recs)
+    recs = _lines(out)  # every frame is on record, the last failure too, each an abstain
+    assert len(recs) == MAX_BACKEND_ERRORS and all(r["abstain_reason"] == "backend_error" for r in recs)
 
 
 def test_a_failed_run_ends_its_audit_log_with_the_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -98,3 +98,47 @@ def test_a_failed_run_ends_its_audit_log_with_the_error(tmp_path: Path, monkeypa
     recs = [json.loads(ln) for ln in log.read_text().splitlines()]
     assert rep.state == "intact" and recs[-1]["type"] == "end" and recs[-1]["payload"]["status"] == "error"
     assert "device lost" in recs[-1]["payload"]["error"] and rep.faults >= MAX_BACKEND_ERRORS
+
+
+class _DroppingStream:
+    """A reconnecting stream as run_bundle sees it: on_event hears of disconnects, whose text quotes the URI
+    (edgeclf.runtime.live builds it from the source's own error)."""
+
+    kind = "stream"
+    live = True
+
+    def __init__(self, uri: str) -> None:
+        self._src = open_source(SRC)
+        self._uri = uri
+        self.on_event: Any = None
+        self.fps, self.size, self.frame_count = self._src.fps, self._src.size, None
+
+    def read(self, *a: Any, **k: Any) -> Any:
+        frame = self._src.read(*a, **k)
+        if frame is not None and frame.index % 4 == 1 and self.on_event is not None:
+            self.on_event("fault", f"a read failed (SourceError: stream {self._uri!r} delivered no frame after 0 frames)",
+                          {"disconnects": frame.index})
+            self.on_event("recovery", "reconnected (connection 2)", {"reconnects": frame.index})
+        return frame
+
+    def close(self) -> None:
+        self._src.close()
+
+    def __enter__(self) -> Any:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def test_source_faults_in_the_audit_log_name_no_patient(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    uri = "http://127.0.0.1:18731/c.mp4?patient=DOE_JOHN_MRN123"
+    monkeypatch.setattr(app, "_open", lambda u, realtime, reconnect: _DroppingStream(u))
+    log = tmp_path / "audit.jsonl"
+    s = app.run_bundle(str(make_tiny_bundle(tmp_path / "b")), uri, out=str(tmp_path / "r.jsonl"), audit=str(log))
+    text = log.read_text()
+    rep = verify_audit(log)
+    assert rep.state == "intact" and rep.faults == 3 and s["frames"] == 12
+    assert "DOE_JOHN" not in text and "127.0.0.1" not in text
+    faults = [r for r in _lines(log) if r["type"] == "fault"]
+    assert all("stream '<source>' delivered no frame" in r["payload"]["message"] for r in faults)

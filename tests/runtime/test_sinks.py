@@ -249,6 +249,48 @@ def test_summary_counts_frames_time_and_abstains(tmp_path: Path) -> None:
     sink.close()  # idempotent
 
 
+
+def test_a_summary_path_that_cannot_be_written_is_refused_at_construction(tmp_path: Path) -> None:
+    # A folder used to fail only in close(), after the whole run, leaving the .tmp behind.
+    (tmp_path / "sums").mkdir()
+    with pytest.raises(ConfigError, match=r"--summary .*sums is a folder.*clip\.json") as err:
+        SummarySink(tmp_path / "sums")
+    assert "\n" not in str(err.value)
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(ConfigError, match="is a file, not a folder"):
+        SummarySink(tmp_path / "afile" / "deeper" / "clip.json")
+    (tmp_path / "c.json.tmp").mkdir()
+    with pytest.raises(ConfigError, match=r"c\.json\.tmp is a folder in the way"):
+        SummarySink(tmp_path / "c.json")
+    SummarySink(tmp_path / "new" / "sub" / "clip.json").close()  # missing folders are still made
+    assert (tmp_path / "new" / "sub" / "clip.json").exists()
+
+
+def test_check_output_path_refuses_a_folder_that_is_not_writable(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sinks_mod.os, "access", lambda p, mode: False)  # root may write anywhere: pretend
+    with pytest.raises(ConfigError, match="is not writable; choose a writable folder for --out"):
+        sinks_mod.check_output_path(tmp_path / "r.jsonl", option="--out", example="r.jsonl")
+
+
+def test_a_summary_that_fails_at_close_leaves_no_tmp_behind(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    sink = SummarySink(tmp_path / "clip.json")
+    sink.write(_rec(0))
+
+    def refuse(src: Any, dst: Any) -> None:
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(sinks_mod.os, "replace", refuse)
+    with pytest.raises(EdgeclfError, match="cannot write the clip summary"):
+        sink.close()
+    assert os.listdir(tmp_path) == []
+
+
+def test_recorder_extension_is_checked_without_opening_anything(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"extension '\.mp44'.*run\.mp4"):
+        sinks_mod.check_video_path(tmp_path / "run.mp44")
+    assert sinks_mod.check_video_path("a.AVI") == "MJPG" and sinks_mod.check_video_path("a.gif", "mp4v") == "mp4v"
+    assert os.listdir(tmp_path) == []
+
 def test_summary_time_share_follows_timestamps_not_frame_counts() -> None:
     # 10 frames of "normal" at 10 fps, then 20 of "cyst" at 100 fps: cyst has more frames, normal more time
     recs = [_rec(i, "normal", ts=i * 0.1) for i in range(10)]

@@ -1,0 +1,165 @@
+"""`run_bundle`: a second Ctrl-C while files close, and bad output options that must cost nothing."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+from pathlib import Path
+from typing import Any, List
+
+import pytest
+
+from edgeclf.errors import ConfigError, EdgeclfError
+from edgeclf.runtime import app
+from edgeclf.runtime.audit import verify_audit
+from edgeclf.runtime.sinks import Sink
+from tests.conftest import run_cli
+from tests.runtime.tiny_bundle import make_tiny_bundle
+
+pytest.importorskip("cv2")
+pytest.importorskip("onnxruntime")
+SRC = "synthetic:ultrasound?frames=12&size=64"
+LONG_SRC = "synthetic:ultrasound?frames=100000&size=32"
+PREVIOUS = '{"frame":0,"label":"cyst"}\n'
+
+main_thread_only = pytest.mark.skipif(threading.current_thread() is not threading.main_thread(),
+                                      reason="signal handlers are installed only from the main thread")
+
+
+def _ctrl_c() -> None:
+    os.kill(os.getpid(), signal.SIGINT)
+
+
+class CtrlCTwice(Sink):
+    """Ctrl-C on the third frame (stop), and again while the run closes its sinks (a slow mp4 or fsync)."""
+
+    def __init__(self) -> None:
+        self.written = 0
+        self.closed = False
+
+    def write(self, record: Any, image: Any = None) -> None:
+        self.written += 1
+        if self.written == 3:
+            _ctrl_c()
+
+    def close(self) -> None:
+        _ctrl_c()
+        threading.Event().wait(0.05)  # the handler runs here; the default one would raise KeyboardInterrupt
+        self.closed = True
+
+
+class FailsToClose(Sink):
+    def __init__(self, exc: BaseException) -> None:
+        self.exc, self.written = exc, 0
+
+    def write(self, record: Any, image: Any = None) -> None:
+        self.written += 1
+
+    def close(self) -> None:
+        raise self.exc
+
+
+class Closes(Sink):
+    def __init__(self) -> None:
+        self.written, self.closed = 0, False
+
+    def write(self, record: Any, image: Any = None) -> None:
+        self.written += 1
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def _lines(path: Path) -> List[dict]:
+    return [json.loads(ln) for ln in path.read_text().splitlines()]
+
+
+@main_thread_only
+def test_a_second_ctrl_c_while_sinks_close_still_closes_them_all_and_ends_the_audit(tmp_path: Path) -> None:
+    bundle = make_tiny_bundle(tmp_path / "b")
+    out, clip, log = tmp_path / "r.jsonl", tmp_path / "clip.json", tmp_path / "audit.jsonl"
+    before = signal.getsignal(signal.SIGINT)
+    slow = CtrlCTwice()
+    s = app.run_bundle(str(bundle), LONG_SRC, out=str(out), summary_path=str(clip), audit=str(log), extra_sinks=[slow])
+    assert slow.closed and s["stopped_by"] == "signal"
+    assert clip.exists() and json.loads(clip.read_text())["frames"] == s["frames"] == len(_lines(out))
+    rep = verify_audit(log, results=out)
+    assert rep.state == "intact" and rep.end is not None and rep.end["status"] == "signal", rep.reason
+    assert signal.getsignal(signal.SIGINT) is before  # put back once everything is closed
+
+
+def test_close_all_closes_every_sink_after_a_keyboard_interrupt_and_raises_the_first() -> None:
+    later = Closes()
+    with pytest.raises(KeyboardInterrupt):
+        app._close_all([FailsToClose(KeyboardInterrupt()), FailsToClose(EdgeclfError("second")), later])
+    assert later.closed
+
+
+def test_a_sink_that_fails_to_close_still_gets_the_audit_log_its_end(tmp_path: Path) -> None:
+    bundle = make_tiny_bundle(tmp_path / "b")
+    log, clip = tmp_path / "audit.jsonl", tmp_path / "clip.json"
+    before = signal.getsignal(signal.SIGINT)
+    with pytest.raises(EdgeclfError, match="disk went away"):
+        app.run_bundle(str(bundle), SRC, out=str(tmp_path / "r.jsonl"), summary_path=str(clip), audit=str(log),
+                       extra_sinks=[FailsToClose(EdgeclfError("disk went away"))], reconnect=False)
+    assert clip.exists()  # the sinks after the failing one still closed
+    rep = verify_audit(log)
+    assert rep.state == "intact" and rep.end is not None and rep.end["status"] == "error", rep.reason
+    assert "disk went away" in str(rep.end["error"])
+    assert signal.getsignal(signal.SIGINT) is before
+
+
+@pytest.mark.parametrize("bad", ["record", "show"])
+def test_a_bad_record_or_show_leaves_an_earlier_results_file_alone(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                  bad: str) -> None:
+    bundle = make_tiny_bundle(tmp_path / "b")
+    out = tmp_path / "r.jsonl"
+    out.write_text(PREVIOUS)
+    kwargs: dict = {}
+    if bad == "record":
+        kwargs["record"] = str(tmp_path / "run.mp44")  # a typo
+    else:
+        from edgeclf.runtime import overlay
+
+        monkeypatch.setattr(overlay, "display_problem", lambda: "no DISPLAY or WAYLAND_DISPLAY is set")
+        kwargs["show"] = True
+    with pytest.raises(ConfigError) as err:
+        app.run_bundle(str(bundle), SRC, out=str(out), reconnect=False, **kwargs)
+    assert "\n" not in str(err.value)
+    assert out.read_text() == PREVIOUS
+
+
+def test_a_record_typo_fails_before_the_bundle_is_even_loaded(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"run\.mp44.*run\.mp4"):
+        app.run_bundle(str(tmp_path / "no-such-bundle"), SRC, record=str(tmp_path / "run.mp44"))
+
+
+@pytest.mark.parametrize("where", ["folder", "under_a_file"])
+def test_a_summary_path_that_cannot_be_written_fails_before_the_run(tmp_path: Path, where: str) -> None:
+    bundle = make_tiny_bundle(tmp_path / "b")
+    out = tmp_path / "r.jsonl"
+    out.write_text(PREVIOUS)
+    if where == "folder":
+        summary = tmp_path / "sums"
+        summary.mkdir()
+    else:
+        (tmp_path / "afile").write_text("x")
+        summary = tmp_path / "afile" / "clip.json"
+    with pytest.raises(ConfigError, match="--summary") as err:
+        app.run_bundle(str(bundle), SRC, out=str(out), summary_path=str(summary), reconnect=False)
+    assert "\n" not in str(err.value)
+    assert out.read_text() == PREVIOUS  # failed up front: nothing ran, nothing was truncated
+    assert not Path(str(summary) + ".tmp").exists()
+
+
+def test_cli_summary_to_a_folder_is_one_line_and_exit_code_2(tmp_path: Path) -> None:
+    bundle = make_tiny_bundle(tmp_path / "b")
+    out = tmp_path / "r.jsonl"
+    out.write_text(PREVIOUS)
+    (tmp_path / "sums").mkdir()
+    r = run_cli("run", "--bundle", str(bundle), "--source", SRC, "--out", str(out), "--summary", str(tmp_path / "sums"))
+    assert r.returncode == 2, r.stderr
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "--summary" in lines[0] and "folder" in lines[0]
+    assert out.read_text() == PREVIOUS
