@@ -630,6 +630,8 @@ def _fold_split(rows: list[_Row], n_classes: int, opts: FolderOptions, sources: 
     (clip, source or site)."""
     from sklearn.model_selection import StratifiedGroupKFold
 
+    if not 0 < val_frac < 1:
+        raise DataError(f"split fraction val={val_frac} must be in (0, 1); e.g. val=0.15")
     if opts.group == "site":
         keys = [_site(sources[r[0]]) if r[0] in sources else r[1] for r in rows]
     else:
@@ -649,7 +651,8 @@ def _fold_split(rows: list[_Row], n_classes: int, opts: FolderOptions, sources: 
     if n_rest < 2:
         raise DataError(f"{n_rest} {opts.group} group outside the test fold leaves none for validation; "
                         "use fewer folds or group=clip")
-    n_val = max(2, min(round(1 / val_frac), n_rest))
+    # StratifiedGroupKFold needs n_splits <= the largest class's count (small sets: fewer, larger inner folds).
+    n_val = max(2, min(round(1 / val_frac), n_rest, int(np.bincount(y[rest]).max())))
     inner = list(StratifiedGroupKFold(n_splits=n_val, shuffle=True, random_state=seed).split(np.zeros(len(rest)), y[rest], g[rest]))
     # The inner fold closest to the asked share (one large source can make a fold several times too big).
     val_pos = min(inner, key=lambda f: (abs(len(f[1]) - val_frac * len(rest)), f[1].tolist()))[1]
@@ -729,10 +732,9 @@ def load_folds(spec: str, folds: int, *, classes: str | None = None, seed: int =
     path = Path(base).expanduser().resolve()
     if not path.is_dir():
         raise DataError(f"--folds needs a folder data set (images or clips); {spec} is not a folder")
-    if opts.folds and opts.group != group:
-        raise DataError(f"data spec {spec_name(spec)} groups its folds by {opts.group} but the run asks for group {group}; "
-                        "give the grouping once (group= in the spec, or drop folds= from the spec)")
-    opts = dataclasses.replace(opts, folds=folds, fold=0, group=group)
+    if opts.folds and opts.group != group:  # the spec's own grouping wins; cv.json records it (not the request)
+        log.warning("data spec %s groups its folds by %s: the requested group %s is not used", spec_name(spec), opts.group, group)
+    opts = dataclasses.replace(opts, folds=folds, fold=0, group=group if opts.folds == 0 else opts.group)
     class_map = parse_class_map(classes)
     scan = _scan_folder(path, class_map, opts, frames_per_clip)
     return [

@@ -65,7 +65,7 @@ def _open(uri: str, realtime: bool, reconnect: bool) -> FrameSource:
         def reopen() -> FrameSource:
             return first.pop() if first else open_source(uri)
 
-        return ReconnectingSource(reopen, drop="latest")
+        return ReconnectingSource(reopen, drop="latest", source=uri)
     if realtime and not getattr(src, "live", False):
         if not src.fps:
             src.close()
@@ -297,7 +297,7 @@ def run_bundle(
                 result["engine"] = {"path": str(engine.path), "built": engine.built, "key": engine.key.fields()}
         if alog is not None:
             alog.end("signal" if result.get("stopped_by") == "signal" else "ok",
-                     summary={k: result.get(k) for k in ("frames", "written", "abstained", "abstain_reasons", "backend_errors",
+                     summary={k: result.get(k) for k in ("frames", "written", "abstained", "abstain_reasons", "backend_errors", "invalid_outputs",
                                                          "stopped_by", "source_stats", "read_not_classified")})
             result["audit"] = {"path": alog.path, "head": alog.head, "records": alog.records}
             alog.close()

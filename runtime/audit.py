@@ -154,7 +154,6 @@ def source_fact(uri: str) -> Dict[str, str]:
 
 SOURCE_PLACEHOLDER = "<source>"
 _URL = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*://[^\s'\"<>]+")
-_USERINFO = re.compile(r"^([A-Za-z][A-Za-z0-9+.\-]*://)[^/@]*@")  # as edgeclf.runtime.sources.redact_uri
 _SCHEME = re.compile(r"^(?:watch|synthetic|file|dicom):(?://)?", re.IGNORECASE)
 _TOKEN_END = frozenset(" \t\r\n'\"()[]<>,;")
 _MIN_FORM = 4  # shorter forms ("0": a camera index) name nobody and would mangle every number in the text
@@ -165,7 +164,9 @@ def _source_forms(uri: str) -> List[str]:
     """How a source URI shows up in messages: as given, with user:password redacted, without its scheme,
     absolute, its last path part, and each as repr() quotes it; longest first."""
     text = str(uri).strip()
-    forms = {text, _USERINFO.sub(r"\1***@", text)}
+    from edgeclf.runtime.sources import redact_uri
+
+    forms = {text, redact_uri(text)}
     bare = _SCHEME.sub("", text)
     if bare and "://" not in bare:  # a path (a file, a watched folder): also absolute and its file name
         forms.update({bare, os.path.abspath(bare), os.path.basename(bare.rstrip("/\\"))})

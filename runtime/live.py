@@ -386,6 +386,7 @@ class ReconnectingSource:
         clock: Callable[[], float] = time.monotonic,
         sleep: Optional[Callable[[float], None]] = None,
         name: str = "",
+        source: Optional[str] = None,
     ) -> None:
         self.drop = _check_drop(drop)
         if not (read_timeout > 0) or not (0 < backoff_initial <= backoff_max) or not (backoff_factor >= 1):
@@ -406,6 +407,7 @@ class ReconnectingSource:
         self._stop = threading.Event()
         self._sleep: Callable[[float], None] = sleep if sleep is not None else self._interruptible_sleep
         self.name = name
+        self._source = source  # the URI or pipeline, kept out of the warnings (see _disconnect)
         self._closed = False
         self._ended = False
         self._capture: Optional[_Capture] = None
@@ -599,7 +601,7 @@ class ReconnectingSource:
             return
         self._counts["disconnects"] += 1
         # A stream's error text quotes its URI, which may carry a patient's name: never on stderr.
-        logger.warning("%s: disconnected: %s; reopening in %.2fs", self._label(), scrub_source(why), self._backoff)
+        logger.warning("%s: disconnected: %s; reopening in %.2fs", self._label(), scrub_source(why, self._source), self._backoff)
         self._emit("fault", why)
         self._drop_capture(cap)
         self._next_attempt = self._clock() + self._backoff

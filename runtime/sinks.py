@@ -60,6 +60,8 @@ def check_output_path(path: Union[str, os.PathLike[str]], *, option: str, exampl
     p = os.fspath(path)
     if not p or p.endswith(("/", os.sep)) or os.path.isdir(p):
         raise ConfigError(f"{option} {p} is a folder; {option} takes a file name, e.g. {os.path.join(p, example)}")
+    if os.path.isfile(p) and os.access(p, os.W_OK):
+        return p  # an existing writable file (a service's pre-made results file in a read-only folder)
     probe = os.path.dirname(os.path.abspath(p))
     while not os.path.exists(probe):  # missing folders are made at open: what matters is the nearest existing one
         up = os.path.dirname(probe)

@@ -807,7 +807,7 @@ def test_committed_split_list_round_trip(tmp_path: Path) -> None:
         w.writerows(rows)
     ds = load_dataset(f"{root}?split={lst}")
     assert _split_of(ds) == {r[0]: r[2] for r in rows}
-    assert ds.name == f"imgs?split={lst}"
+    assert ds.name == "imgs?split=list.csv"  # no workstation path in provenance
     # A new file is left out (never trained on silently), with a note; a changed file is refused.
     _write(root / "a" / "new.png", _gray(999))
     ds2 = load_dataset(f"{root}?split={lst}")
@@ -874,11 +874,12 @@ def test_folds_grouped_by_source(tmp_path: Path) -> None:
         # The recorded spec rebuilds the same fold alone.
         assert load_dataset(ds.spec, frames_per_clip=2).split_lists() == ds.split_lists()
     assert len(seen) == 12  # every clip held out exactly once
-    # A spec that already names its folds' grouping must not be silently regrouped (or misrecorded).
+    # A spec that names its folds' grouping keeps it, and says so in its spec (what cv.json records).
+    assert load_folds(f"{root}?folds=3&group=site", 3, frames_per_clip=2, group="source")[0].spec.endswith("group=site")
+    assert load_folds(f"{root}?folds=3", 3, frames_per_clip=2, group="source")[0].spec.endswith("group=clip")
     with pytest.raises(DataError) as exc:
-        load_folds(f"{root}?folds=3", 3, frames_per_clip=2, group="source")
-    assert "groups its folds by clip" in _one_line(exc)
-    assert load_folds(f"{root}?folds=3&group=site", 3, frames_per_clip=2, group="site")[0].spec.endswith("group=site")
+        load_folds(f"{root}?val=0", 3, frames_per_clip=2, group="site")
+    assert "val=0" in _one_line(exc)
 
 
 def test_sector_crop_of_clips(tmp_path: Path) -> None:

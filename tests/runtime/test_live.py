@@ -347,3 +347,23 @@ def test_a_disconnect_warning_names_no_uri(caplog: pytest.LogCaptureFixture) -> 
     assert events, "no disconnect seen"
     text = caplog.text
     assert "disconnected" in text and "DOE_JOHN" not in text and "<source>" in text
+
+
+class _PipelineNamingAPath(FlakyCamera):
+    kind = "gstreamer"
+
+    def read(self, timeout: Optional[float] = None) -> Optional[Frame]:
+        raise SourceError("stream 'filesrc location=/data/DOE_JOHN/clip.mp4 ! decodebin ! appsink' delivered no frame")
+
+
+def test_a_disconnect_warning_names_no_gstreamer_path(caplog: pytest.LogCaptureFixture) -> None:
+    pipe = "filesrc location=/data/DOE_JOHN/clip.mp4 ! decodebin ! appsink"
+    src = ReconnectingSource(lambda: _PipelineNamingAPath(_Shared(every=10**9, limit=10)), drop="none", source=pipe, **_fast())
+    events: List[Any] = []
+    src.on_event = lambda kind, msg, counts: events.append(msg)
+    with caplog.at_level("WARNING", logger="edgeclf.runtime.live"):
+        deadline = time.monotonic() + 5.0
+        while not events and time.monotonic() < deadline:
+            src.read(timeout=0.2)
+    src.close()
+    assert events and "disconnected" in caplog.text and "DOE_JOHN" not in caplog.text
