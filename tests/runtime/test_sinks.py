@@ -272,6 +272,15 @@ def test_check_output_path_refuses_a_folder_that_is_not_writable(tmp_path: Path,
         sinks_mod.check_output_path(tmp_path / "r.jsonl", option="--out", example="r.jsonl")
 
 
+def test_check_output_path_accepts_a_writable_file_in_a_read_only_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    made = tmp_path / "r.jsonl"
+    made.write_text("")  # a service's pre-made results file; its folder is read-only
+    monkeypatch.setattr(sinks_mod.os, "access", lambda p, mode: os.fspath(p) == str(made))
+    assert sinks_mod.check_output_path(made, option="--out", example="r.jsonl") == str(made)
+    with pytest.raises(ConfigError, match="is not writable"):
+        sinks_mod.check_output_path(tmp_path / "new.jsonl", option="--out", example="r.jsonl")
+
+
 def test_a_summary_that_fails_at_close_leaves_no_tmp_behind(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     sink = SummarySink(tmp_path / "clip.json")
     sink.write(_rec(0))
