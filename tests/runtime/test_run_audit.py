@@ -111,10 +111,12 @@ class _DroppingStream:
         self._src = open_source(SRC)
         self._uri = uri
         self.on_event: Any = None
+        self.ended = False  # a live source that has ended: the pipeline stops instead of waiting for more
         self.fps, self.size, self.frame_count = self._src.fps, self._src.size, None
 
     def read(self, *a: Any, **k: Any) -> Any:
         frame = self._src.read(*a, **k)
+        self.ended = frame is None
         if frame is not None and frame.index % 4 == 1 and self.on_event is not None:
             self.on_event("fault", f"a read failed (SourceError: stream {self._uri!r} delivered no frame after 0 frames)",
                           {"disconnects": frame.index})
