@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import re
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -94,6 +95,9 @@ class Dataset:
         return {name: list(s.ids) for name, s in self.splits.items()}
 
 
+_PATH_SEP = re.compile(r"[/\\]")  # either separator: a list path typed on Windows too
+
+
 def spec_name(spec: str) -> str:
     """A data spec without workstation paths, for provenance: `synthetic:...` as given, else the last
     path component (`breastmnist.npz`, `pocus`)."""
@@ -102,8 +106,7 @@ def spec_name(spec: str) -> str:
     base, _, query = spec.partition("?")
     name = Path(base).name or base
     # An option may name a file too (split=/data/PATIENT_X/list.csv): keep only its last component.
-    parts = [f"{k}={v.replace(chr(92), '/').rsplit('/', 1)[-1]}" if ("/" in v or chr(92) in v) else f"{k}{eq}{v}"
-             for k, eq, v in (p.partition("=") for p in query.split("&") if p)]
+    parts = [k + eq + _PATH_SEP.split(v)[-1] for k, eq, v in (p.partition("=") for p in query.split("&") if p)]
     return f"{name}?{'&'.join(parts)}" if parts else name
 
 
