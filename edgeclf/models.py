@@ -405,4 +405,8 @@ def _build_lite0(in_chans: int, num_outputs: int, pretrained: bool) -> torch.nn.
     model: torch.nn.Module = timm.create_model("tf_efficientnet_lite0", pretrained=False, in_chans=in_chans, num_classes=num_outputs)
     if state is not None:
         _load_adapted(model, state, "conv_stem", "classifier", in_chans)
+        # timm initialises this head for training from scratch, uniform within 1/sqrt(outputs): +-0.58 for 3
+        # classes, logits of std ~6 and a first loss near 10, whose gradients overwrite the pretrained features.
+        # PyTorch's Linear default (within 1/sqrt(1280)) starts fine-tuning near uniform probabilities.
+        model.classifier.reset_parameters()  # type: ignore[operator]
     return model

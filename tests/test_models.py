@@ -1,6 +1,7 @@
 """edgeclf.models: registry, shapes, pretrained loading (offline), stem adaptation, ONNX parity."""
 from __future__ import annotations
 
+import math
 import os
 import subprocess
 import sys
@@ -206,6 +207,21 @@ def test_lite0_pretrained_matches_timm_and_is_not_random():
         rand_feats = random_init.forward_head(random_init.forward_features(x), pre_logits=True)
     assert torch.equal(feats, ref_feats)
     assert (feats - rand_feats).abs().max() > 0.1
+
+
+def test_lite0_pretrained_head_starts_near_uniform():
+    """Fine-tuning starts from small logits: timm's from-scratch head init (uniform within 1/sqrt(classes))
+    gave logits of std ~6 and a first loss near 10 on 3 classes, whose gradients wrecked the pretrained features."""
+    torch.manual_seed(0)
+    model = create_model("efficientnet_lite0", num_outputs=3, in_chans=1, pretrained=True).eval()
+    bound = 1 / 1280 ** 0.5  # PyTorch's Linear default for 1280 inputs
+    assert model.classifier.weight.abs().max() <= bound
+    x = torch.rand(8, 1, 96, 96) * 2 - 1
+    with torch.no_grad():
+        logits = model(x)
+    assert logits.std() < 1.0
+    loss = torch.nn.functional.cross_entropy(logits, torch.tensor([0, 1, 2, 0, 1, 2, 0, 1]))
+    assert abs(loss.item() - math.log(3)) < 0.5
 
 
 def test_lite0_pretrained_recognises_a_photo():
