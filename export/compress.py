@@ -173,8 +173,12 @@ def _refusal(c: dict[str, Any], max_drop: float) -> str:
     metrics = [ch for ch in failing if ch["metric"] != "decision_agreement"]
     if metrics:
         worst = max(metrics, key=lambda ch: ch["drop"])
+        cap = c["gate"].get("ceiling")
+        # Past the hard ceiling a drop fails whatever its interval (which can touch zero on a few flips): say so.
+        limit = (f"over the gate's hard ceiling {cap:g} (max(5 x --max-drop, 0.05)), whatever its interval"
+                 if cap is not None and worst["drop"] > cap else f"over --max-drop {max_drop}")
         text = (f"{c['id']} fails the gate: {worst['metric']} drops by {worst['drop']:.4f} (paired 95% CI "
-                f"{worst['drop_ci95'][0]:.4f} to {worst['drop_ci95'][1]:.4f}) against the fp32 parent, over --max-drop {max_drop}; ")
+                f"{worst['drop_ci95'][0]:.4f} to {worst['drop_ci95'][1]:.4f}) against the fp32 parent, {limit}; ")
     else:
         worst = failing[0]
         text = (f"{c['id']} fails the gate: decision_agreement with the fp32 parent is {worst['candidate']:.3f} of the "

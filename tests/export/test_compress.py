@@ -137,3 +137,19 @@ def test_cli_refusal_is_one_line_exit_2_and_writes_nothing(trained_dir: Path, tm
     lines = r.stderr.strip().splitlines()
     assert r.returncode == 2 and len(lines) == 1 and "fails the gate" in lines[0] and "no bundle was written" in lines[0], r.stderr
     assert not out.exists() and not list(tmp_path.glob(".b*"))
+
+
+def _candidate(drop: float, lo: float, ceiling: float) -> dict:
+    check = {"metric": "benign", "drop": drop, "drop_ci95": [lo, drop + 0.1], "passed": False}
+    return {"id": "int8-cpu", "gate": {"ceiling": ceiling, "checks": [check]}}
+
+
+def test_refusal_names_the_limit_that_failed() -> None:
+    from edgeclf.export.compress import _refusal
+
+    # Over the ceiling with an interval touching zero (three flips): the ceiling decided, not --max-drop.
+    text = _refusal(_candidate(0.3, 0.0, 0.05), 0.01)
+    assert "hard ceiling 0.05" in text and "whatever its interval" in text and "over --max-drop" not in text
+    # Under the ceiling, interval clear of zero: --max-drop decided.
+    text = _refusal(_candidate(0.03, 0.01, 0.05), 0.01)
+    assert "over --max-drop 0.01" in text and "ceiling" not in text
