@@ -408,5 +408,5 @@ def _build_lite0(in_chans: int, num_outputs: int, pretrained: bool) -> torch.nn.
         # timm initialises this head for training from scratch, uniform within 1/sqrt(outputs): +-0.58 for 3
         # classes, logits of std ~6 and a first loss near 10, whose gradients overwrite the pretrained features.
         # PyTorch's Linear default (within 1/sqrt(1280)) starts fine-tuning near uniform probabilities.
-        model.classifier.reset_parameters()  # type: ignore[operator]
+        model.classifier.reset_parameters()  # type: ignore[union-attr,operator]
     return model
