@@ -287,7 +287,8 @@ class VideoFileSource(BaseSource):
     can hide samples the .mov still counts; MPEG-PS has no count and OpenCV estimates one from the
     duration): the stream ends when decoding ends, never at the claimed count. A read that fails before the claimed count is retried once (grab); if that
     fails too the stream ends with a WARNING saying how many frames were read against the claim.
-    `frames_read` counts decoded frames (over all passes when looping).
+    `frames_read` counts decoded frames and `frames_skipped` the undecodable ones passed over (both over all
+    passes when looping); a frame's `file_frame` is its index in the file, so it counts skipped frames too.
     """
 
     kind = "video"
@@ -324,8 +325,10 @@ class VideoFileSource(BaseSource):
         )
         self.backend: str = str(self._cap.getBackendName())
         self.frames_read = 1
+        self.frames_skipped = 0
         self.passes = 1
         self._pass_read = 1
+        self._pass_pos = 1  # frames advanced in this pass, skipped ones included: the next file_frame
         self._pending: Optional[Any] = first
         self._last_pos = -1.0
         logger.info(
@@ -379,7 +382,7 @@ class VideoFileSource(BaseSource):
             "source": "video",
             "source_id": self.source_id,
             "pos_ms": pos,  # presentation time in the file, None where the backend does not know it
-            "file_frame": self._pass_read - 1,
+            "file_frame": self._pass_pos - 1,
             "pass": self.passes - 1,
         }
         return _bgr_to_rgb(raw), meta
@@ -387,7 +390,7 @@ class VideoFileSource(BaseSource):
     def _decode_next(self) -> Optional[Any]:
         ok, raw = self._cap.read()
         claimed = self.frame_count
-        if (not ok or raw is None) and claimed is not None and self._pass_read < claimed:
+        if (not ok or raw is None) and claimed is not None and self._pass_pos < claimed:
             # Ended before the container's count: a damaged frame or a wrong claim. Try once more.
             ok = bool(self._cap.grab())
             if ok:
@@ -395,8 +398,10 @@ class VideoFileSource(BaseSource):
             log = logger.warning if self.passes == 1 else logger.debug  # once, not on every loop
             if ok and raw is not None:
                 log(
-                    "video %s: frame %d could not be decoded and was skipped", self.source_id, self._pass_read
+                    "video %s: frame %d could not be decoded and was skipped", self.source_id, self._pass_pos
                 )
+                self.frames_skipped += 1
+                self._pass_pos += 1
             else:
                 log(
                     "video %s: decoding ended after %d frames but the container claims %d "
@@ -408,13 +413,19 @@ class VideoFileSource(BaseSource):
         if not ok or raw is None:
             return None
         self._pass_read += 1
+        self._pass_pos += 1
         self.frames_read += 1
         return raw
+
+    def stats(self) -> Dict[str, int]:
+        """Decoded frames, undecodable frames skipped, and passes (for the run summary)."""
+        return {"decoded": self.frames_read, "skipped": self.frames_skipped, "passes": self.passes}
 
     def _restart(self) -> None:
         self._cap.release()
         self._cap = self._open(self._path)
         self._pass_read = 0
+        self._pass_pos = 0
         self._last_pos = -1.0
         self.passes += 1
         logger.debug("video %s: looping, pass %d", self.source_id, self.passes)

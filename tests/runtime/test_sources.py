@@ -109,8 +109,11 @@ def test_video_damaged_frame_mid_file_is_skipped_with_warning(
     with caplog.at_level(logging.WARNING, logger="edgeclf.runtime.sources"), open_source(str(path)) as src:
         frames = list(src)
         assert src.frame_count == 10 and src.frames_read == 9 == len(frames)
+        assert src.stats() == {"decoded": 9, "skipped": 1, "passes": 1}
     assert "frame 5 could not be decoded and was skipped" in caplog.text
     assert frames[5].image.mean() == pytest.approx(120, abs=8)  # frame 6 (gray 120) follows frame 4
+    # file_frame is the index in the file: the frame after the skipped one keeps its own number
+    assert [f.meta["file_frame"] for f in frames] == [0, 1, 2, 3, 4, 6, 7, 8, 9]
 
 
 def test_video_cut_short_ends_with_warning(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
