@@ -131,11 +131,14 @@ def data_synth(kind: str, out: str, n: int, size: int | None, seed: int, as_json
 @click.option("--tta", type=click.Choice(["none", "hflip"]), default="none", show_default=True,
               help="Test-time augmentation baked into the model and its bundle: hflip averages the image and its mirror "
                    "(twice the compute; not for chest films). run.json keeps the validation figures without it.")
+@click.option("--probe-epochs", type=click.IntRange(min=0), default=0, show_default=True,
+              help="With --pretrained: first train only the new head for this many epochs on the frozen network, then "
+                   "fine-tune all of it (LP-FT: the pretrained features move less, which holds up better on other sites' data).")
 @json_option
 @click.pass_context
 def train(ctx: click.Context, data_spec: str, model: str, out: str, size, channels, pretrained, epochs, batch_size, lr, patience, seed,
           classes, positive, target_sensitivity, operating_point, augment, frames_per_clip, threads, recipe, folds, group, tta,
-          as_json: bool) -> None:
+          probe_epochs, as_json: bool) -> None:
     """Train a classifier, calibrate it and fit its operating points on the validation split.
 
     Runs unchanged under torchrun (one process per shard, gloo on CPU, NCCL on GPU; rank 0 writes)."""
@@ -147,7 +150,8 @@ def train(ctx: click.Context, data_spec: str, model: str, out: str, size, channe
     values = dict(model=model, size=size, channels=int(channels) if channels else None, pretrained=pretrained, epochs=epochs,
                   batch_size=batch_size, lr=lr, patience=patience, seed=seed, classes=classes, positive=positive,
                   target_sensitivity=target_sensitivity, operating_point=operating_point, augment=augment,
-                  frames_per_clip=frames_per_clip, threads=threads, folds=folds, group=group, tta=tta)
+                  frames_per_clip=frames_per_clip, threads=threads, folds=folds, group=group, tta=tta,
+                  probe_epochs=probe_epochs)
     record_recipe = None
     if recipe:
         from edgeclf.recipes import load_recipe, resolve_recipe
@@ -711,7 +715,10 @@ def _train_progress(show: bool) -> Iterator[Callable[[dict[str, Any]], None] | N
             state["prog"].start()
             state["bar"] = state["prog"].add_task("train", total=e["epochs"], status="")
         auc = "n/a" if e["val_auc"] is None else f"{e['val_auc']:.3f}"
-        state["prog"].update(state["bar"], completed=e["epoch"],
+        if e.get("probe"):  # the head-only epochs before fine-tuning (--probe-epochs)
+            state["prog"].update(state["bar"], completed=0, status=f"head only {e['epoch']}/{e['epochs']}: loss {e['loss']:.3f} val AUC {auc}")
+            return
+        state["prog"].update(state["bar"], completed=e["epoch"], total=e["epochs"],
                              status=f"loss {e['loss']:.3f} val AUC {auc} (best {e['best_val_auc']:.3f} @ {e['best_epoch']})")
 
     try:

@@ -44,6 +44,7 @@ if TYPE_CHECKING:  # pragma: no cover
 __all__ = [
     "ModelInfo",
     "create_model",
+    "head_module",
     "list_models",
     "model_info",
     "normalization",
@@ -179,6 +180,20 @@ def create_model(name: str, *, num_outputs: int, in_chans: int = 1, pretrained: 
     else:
         model = _build_lite0(in_chans, num_outputs, pretrained)
     return model.eval()
+
+
+def head_module(model: torch.nn.Module) -> torch.nn.Module:
+    """The classification head (what a linear probe trains): timm's get_classifier(), torchvision's fc or classifier."""
+    get = getattr(model, "get_classifier", None)
+    if callable(get):
+        head: torch.nn.Module = get()
+        return head
+    for attr in ("fc", "classifier"):
+        m = getattr(model, attr, None)
+        if m is not None and hasattr(m, "parameters"):
+            return m  # type: ignore[no-any-return]
+    raise ConfigError(f"{type(model).__name__} has no head this tool knows (get_classifier, fc or classifier); "
+                      "train it without --probe-epochs")
 
 
 def with_tta(model: torch.nn.Module, tta: Optional[str]) -> torch.nn.Module:

@@ -28,6 +28,9 @@ __all__ = ["TrainConfig", "train", "cross_validate", "default_size", "load_train
 
 log = logging.getLogger(__name__)
 AUGMENTS = ("auto", "ultrasound", "xray", "generic", "none")
+# The head-only (probe) epochs' constant rate, as a multiple of the fine-tuning peak rate: a linear head on
+# fixed features takes larger steps than the whole network can.
+PROBE_LR_FACTOR = 10.0
 
 
 @dataclass(frozen=True)
@@ -60,6 +63,8 @@ class TrainConfig:
     recipe: str | None = None
     # Test-time augmentation baked into the model after training (see edgeclf.models.TTA_MODES).
     tta: str = "none"
+    # LP-FT: epochs that train only the new head on the frozen pretrained network before fine-tuning.
+    probe_epochs: int = 0
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.patience < 1 or self.frames_per_clip < 1:
@@ -84,6 +89,10 @@ class TrainConfig:
             raise ConfigError(f"folds is {self.folds}; give 2..20 for cross-validation or 0 for one split")
         if self.group not in ("clip", "source", "site"):
             raise ConfigError(f"group is {self.group!r}; allowed: clip, source, site")
+        if self.probe_epochs < 0:
+            raise ConfigError(f"probe-epochs is {self.probe_epochs}; give 0 (off) or a positive number of epochs")
+        if self.probe_epochs and not self.pretrained:
+            raise ConfigError("probe-epochs trains a head on pretrained features; add --pretrained or give --probe-epochs 0")
         from edgeclf.models import TTA_MODES
 
         if self.tta not in TTA_MODES:
@@ -391,11 +400,17 @@ def fit(
     teacher: Any | None = None,
     kd_weight: float = 0.5,
     kd_temperature: float = 4.0,
+    probe_epochs: int = 0,
 ) -> tuple[list[dict[str, Any]], int]:
     """Train `model` in place with early stopping on validation AUC (ties: validation loss); the best
     epoch's weights are loaded at the end. Returns (history, best epoch). Also used to fine-tune
     pruned models: with `teacher` (their unpruned parent) the loss mixes in distillation, the usual
-    way to recover accuracy after pruning on a small data set."""
+    way to recover accuracy after pruning on a small data set.
+
+    `probe_epochs` > 0 first trains only the classification head for that many epochs on the frozen
+    network (LP-FT, Kumar et al., ICLR 2022: fine-tuning from a fitted head moves the pretrained features
+    less, which holds up better on data from elsewhere); those epochs are in the history with "probe": True
+    and are not candidates for the best epoch."""
     import torch
 
     ds, spec = p.ds, p.spec
@@ -406,27 +421,25 @@ def fit(
     yva_t = _targets(ds.task, yva)
     mean_t = torch.tensor(spec.mean, dtype=torch.float32).view(1, -1, 1, 1)
     std_t = torch.tensor(spec.std, dtype=torch.float32).view(1, -1, 1, 1)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     rank, world = dist_info()
     gen = torch.Generator().manual_seed(seed + rank)  # each process augments its own shard differently
-    net: Any = model
     sampler: Any = None
     if world > 1:
         # One process per shard (torchrun): DistributedDataParallel averages the gradients, so a global batch
         # of `batch_size` is split over the processes and the schedule matches a single-process run.
-        from torch.nn.parallel import DistributedDataParallel
         from torch.utils.data import DistributedSampler
 
-        net = DistributedDataParallel(model)
         sampler = DistributedSampler(range(len(p.xtr)), num_replicas=world, rank=rank, shuffle=True, seed=seed)  # type: ignore[arg-type]
         batch_size = max(2, batch_size // world)
-    steps_per_epoch = max(1, int(np.ceil((len(sampler) if sampler is not None else len(p.xtr)) / batch_size)))
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=epochs * steps_per_epoch, pct_start=0.15)
-    history: list[dict[str, Any]] = []
-    best = (-1.0, 0, copy.deepcopy(model.state_dict()))
-    best_loss = float("inf")
-    for epoch in range(epochs):
-        model.train()
+
+    def wrap() -> Any:
+        # Built after (un)freezing: DistributedDataParallel registers the parameters that need gradients then.
+        from torch.nn.parallel import DistributedDataParallel
+
+        return DistributedDataParallel(model) if world > 1 else model
+
+    def run_epoch(net: Any, opt: Any, sched: Any, epoch: int, train_mode: bool) -> float:
+        model.train(train_mode)
         if sampler is not None:
             sampler.set_epoch(epoch)
             perm = torch.tensor(list(sampler), dtype=torch.int64)
@@ -449,17 +462,54 @@ def fit(
             opt.zero_grad()
             loss.backward()
             opt.step()
-            sched.step()
+            if sched is not None:
+                sched.step()
             total += loss.item() * len(idx)
         if world > 1:
             _sync_buffers(model)  # BatchNorm statistics: rank 0's, so that every process validates the same model
             total, seen = _sum_over_ranks(total, seen)  # the recorded loss is over every shard, not rank 0's
+        return total / max(1, seen)
+
+    def validate() -> tuple[float | None, float]:
         lv = torch_logits(model, p.xva)
         auc = _macro_auc(probabilities(lv, ds.task), yva, ds.task, p.positive)
         with torch.no_grad():
             vloss = float(loss_fn(torch.from_numpy(lv), yva_t))
-        auc_or_none = None if np.isnan(auc) else auc
-        history.append({"epoch": epoch + 1, "loss": total / max(1, seen), "val_auc": auc_or_none, "val_loss": vloss})
+        return (None if np.isnan(auc) else auc), vloss
+
+    history: list[dict[str, Any]] = []
+    if probe_epochs > 0:
+        from edgeclf.models import head_module
+
+        head = {id(q) for q in head_module(model).parameters()}
+        frozen = [q for q in model.parameters() if q.requires_grad and id(q) not in head]
+        for q in frozen:
+            q.requires_grad_(False)
+        # A linear head on fixed features: a constant rate PROBE_LR_FACTOR times the fine-tuning peak.
+        popt = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=lr * PROBE_LR_FACTOR,
+                                 weight_decay=weight_decay)
+        pnet = wrap()
+        for epoch in range(probe_epochs):
+            # eval mode: the pretrained BatchNorm statistics stay as they are (and dropout is off)
+            loss_e = run_epoch(pnet, popt, None, epoch, train_mode=False)
+            auc_or_none, vloss = validate()
+            history.append({"epoch": epoch + 1, "probe": True, "loss": loss_e, "val_auc": auc_or_none, "val_loss": vloss})
+            if on_epoch is not None:
+                on_epoch({**history[-1], "epochs": probe_epochs})
+        for q in frozen:
+            q.requires_grad_(True)
+        del pnet, popt
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    net = wrap()
+    steps_per_epoch = max(1, int(np.ceil((len(sampler) if sampler is not None else len(p.xtr)) / batch_size)))
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=epochs * steps_per_epoch, pct_start=0.15)
+    best = (-1.0, 0, copy.deepcopy(model.state_dict()))
+    best_loss = float("inf")
+    for epoch in range(epochs):
+        loss_e = run_epoch(net, opt, sched, probe_epochs + epoch, train_mode=True)
+        auc_or_none, vloss = validate()
+        auc = float("nan") if auc_or_none is None else auc_or_none
+        history.append({"epoch": epoch + 1, "loss": loss_e, "val_auc": auc_or_none, "val_loss": vloss})
         # Validation AUC decides; on a tie (small or easy sets saturate at 1.0) the lower validation loss.
         auc_cmp = -1.0 if auc_or_none is None else auc
         if auc_cmp > best[0] + 1e-4 or (auc_cmp >= best[0] - 1e-4 and vloss < best_loss):
@@ -577,7 +627,7 @@ def _train_on(ds: Dataset, cfg: TrainConfig, *, on_epoch: Callable[[dict[str, An
     model = create_model(cfg.model, num_outputs=n_out, in_chans=channels, pretrained=cfg.pretrained)
     p = _prepare(ds, spec, cfg.augment, positive)
     history, best_epoch = fit(model, p, epochs=cfg.epochs, lr=cfg.lr, batch_size=cfg.batch_size, weight_decay=cfg.weight_decay,
-                              patience=cfg.patience, seed=cfg.seed, on_epoch=on_epoch)
+                              patience=cfg.patience, seed=cfg.seed, on_epoch=on_epoch, probe_epochs=cfg.probe_epochs)
     val_plain = None
     if cfg.tta != "none":
         from edgeclf.models import with_tta

@@ -116,3 +116,47 @@ def test_flip_tta_is_trained_recorded_and_exported_into_the_graph(tmp_path: Path
     assert with_tta(tm.net, "none") is tm.net
     with pytest.raises(ConfigError, match="tta is 'vflip'; allowed: none, hflip"):
         TrainConfig(data="x", out="y", tta="vflip")
+
+
+def test_probe_epochs_train_only_the_head_then_fine_tune_everything(tmp_path: Path) -> None:
+    """LP-FT: during the head-only epochs the pretrained weights and BatchNorm statistics stay exactly as
+    loaded; the fine-tuning epochs after them move the whole network and alone compete for the best epoch."""
+    import torch
+
+    pytest.importorskip("timm")
+    from edgeclf.data import load_dataset
+    from edgeclf.models import create_model, head_module, normalization
+    from edgeclf.runtime.preprocess import PreprocessSpec
+    from edgeclf.train import _prepare, fit
+
+    torch.manual_seed(0)
+    model = create_model("efficientnet_lite0", num_outputs=3, in_chans=1, pretrained=True)
+    torch.set_num_threads(1)
+    ds = load_dataset("synthetic:ultrasound?n=60&size=48&seed=4")
+    mean, std = normalization("efficientnet_lite0", 1, True)
+    p = _prepare(ds, PreprocessSpec(channels=1, size=(32, 32), mean=tuple(mean), std=tuple(std)), "ultrasound", 0)
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    head = {k for k, _ in model.named_parameters() if k.startswith("classifier.")}
+    assert head == {"classifier.weight", "classifier.bias"}
+    assert {id(q) for q in head_module(model).parameters()} == {id(model.classifier.weight), id(model.classifier.bias)}
+    after_probe: dict = {}
+
+    def on_epoch(e: dict) -> None:
+        if e.get("probe") and e["epoch"] == 2:
+            after_probe.update({k: v.clone() for k, v in model.state_dict().items()})
+
+    history, best = fit(model, p, epochs=2, lr=1e-3, batch_size=16, patience=2, seed=0, on_epoch=on_epoch, probe_epochs=2)
+    assert [(h["epoch"], h.get("probe", False)) for h in history] == [(1, True), (2, True), (1, False), (2, False)]
+    assert best in (1, 2)
+    moved = {k for k in start if not torch.equal(start[k], after_probe[k])}
+    assert moved == head  # weights, BatchNorm running statistics and counters untouched by the probe
+    assert all(q.requires_grad for q in model.parameters())  # unfrozen again for fine-tuning
+    final = model.state_dict()
+    assert not torch.equal(final["conv_stem.weight"], start["conv_stem.weight"])
+
+
+def test_probe_epochs_need_a_pretrained_network() -> None:
+    with pytest.raises(ConfigError, match="probe-epochs trains a head on pretrained features; add --pretrained"):
+        TrainConfig(data="x", out="y", probe_epochs=2)
+    with pytest.raises(ConfigError, match="probe-epochs is -1"):
+        TrainConfig(data="x", out="y", probe_epochs=-1, pretrained=True)
