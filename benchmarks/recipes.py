@@ -3,6 +3,7 @@
     python benchmarks/recipes.py chest-xray --data ../shared/data/medmnist/pneumoniamnist.npz --out /tmp/recipes/chest-xray
     python benchmarks/recipes.py lung-pocus --data ../shared/data/pocus --out /tmp/recipes/lung-pocus
     python benchmarks/recipes.py chest-xray --data ... --out /tmp/recipes/chest-xray-rerun --no-export   # reproduce check
+    python benchmarks/recipes.py breast-us --data ... --out /tmp/recipes/busi --run /tmp/cand/busi-lr1e-3   # a run trained before
 
 Steps: `edgeclf train --recipe R` (the recipe's thread count: the computation depends on it), then for each training folder (one, or one per fold)
 `edgeclf export` with the recipe's [export] settings (also passed as flags, so the figures do not depend on
@@ -101,13 +102,23 @@ def main() -> None:
     ap.add_argument("--data", required=True)
     ap.add_argument("--out", required=True)
     ap.add_argument("--no-export", action="store_true", help="train (and for CV pool) only: a reproduce check")
+    ap.add_argument("--run", default=None, help="an existing training folder of this recipe (e.g. the candidate chosen on "
+                    "validation): export and evaluate it instead of training again")
     ap.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="more `edgeclf train` flags (overrides)")
     a = ap.parse_args()
     out = Path(a.out)
-    run = out / "run"
-    rec, t_train = cli("train", "--recipe", a.recipe, "--data", a.data, "--out", str(run), *a.extra)
+    if a.run:
+        run = Path(a.run).resolve()
+        rec = json.loads((run / ("cv.json" if (run / "cv.json").exists() else "run.json")).read_text())
+        if (rec.get("recipe") or {}).get("name") != a.recipe:
+            raise SystemExit(f"{run} was not trained with recipe {a.recipe!r} (its record says {(rec.get('recipe') or {}).get('name')!r})")
+        t_train, command = rec.get("seconds"), f"(trained before: {run}, config {json.dumps(rec['config'])})"
+    else:
+        run = out / "run"
+        rec, t_train = cli("train", "--recipe", a.recipe, "--data", a.data, "--out", str(run), *a.extra)
+        command = f"edgeclf train --recipe {a.recipe} --data {a.data} --out {run} {' '.join(a.extra)}"
     summary: dict[str, Any] = {"recipe": a.recipe, "data": a.data, "train_seconds": t_train, "seed": rec["config"]["seed"],
-                               "command": f"edgeclf train --recipe {a.recipe} --data {a.data} --out {run} {' '.join(a.extra)}"}
+                               "command": command}
     export_cfg = (rec.get("recipe") or {}).get("export") or {}
     if "pooled_out_of_fold" in rec:
         pooled = rec["pooled_out_of_fold"]
