@@ -511,10 +511,9 @@ def fit(
     for epoch in range(epochs):
         loss_e = run_epoch(net, opt, sched, probe_epochs + epoch, train_mode=True)
         auc_or_none, vloss = validate()
-        auc = float("nan") if auc_or_none is None else auc_or_none
         history.append({"epoch": epoch + 1, "loss": loss_e, "val_auc": auc_or_none, "val_loss": vloss})
         # Validation AUC decides; on a tie (small or easy sets saturate at 1.0) the lower validation loss.
-        auc_cmp = -1.0 if auc_or_none is None else auc
+        auc_cmp = -1.0 if auc_or_none is None else auc_or_none
         if auc_cmp > best[0] + 1e-4 or (auc_cmp >= best[0] - 1e-4 and vloss < best_loss):
             best = (max(auc_cmp, best[0]), epoch + 1, copy.deepcopy(model.state_dict()))
             best_loss = vloss
