@@ -481,13 +481,12 @@ def fit(
     if probe_epochs > 0:
         from edgeclf.models import head_module
 
-        head = {id(q) for q in head_module(model).parameters()}
-        frozen = [q for q in model.parameters() if q.requires_grad and id(q) not in head]
+        head = head_module(model)
+        in_head = {id(q) for q in head.parameters()}
+        frozen = [q for q in model.parameters() if q.requires_grad and id(q) not in in_head]
         for q in frozen:
             q.requires_grad_(False)
-        # A linear head on fixed features: a constant rate PROBE_LR_FACTOR times the fine-tuning peak.
-        popt = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=lr * PROBE_LR_FACTOR,
-                                 weight_decay=weight_decay)
+        popt = torch.optim.AdamW(head.parameters(), lr=lr * PROBE_LR_FACTOR, weight_decay=weight_decay)
         pnet = wrap()
         for epoch in range(probe_epochs):
             # Training mode, as fine-tuning will run: BatchNorm normalises by batch statistics (and re-estimates its
