@@ -122,6 +122,9 @@ def main() -> None:
     export_cfg = (rec.get("recipe") or {}).get("export") or {}
     if "pooled_out_of_fold" in rec:
         pooled = rec["pooled_out_of_fold"]
+        if pooled is None:
+            raise SystemExit(f"{run} was trained with --no-test: its held-out folds were not read; rerun the chosen setting "
+                             "without --no-test (same seed, same host and threads: the same folds and weights)")
         summary["cv"] = {"folds": [{k: f[k] for k in ("fold", "test_clips", "test_sources", "test", "val", "val_without_tta") if k in f}
                                    for f in rec["folds"]],
                          **{k: rec[k] for k in ("inner_validation_mean", "inner_validation_mean_without_tta") if k in rec},
@@ -135,10 +138,14 @@ def main() -> None:
             summary["deployed"] = {"per_fold": per_fold,
                                    "clip_agreement_pooled": sum(x * n for x, n in zip(agree, n_clips)) / max(1, sum(n_clips))}
     else:
-        summary["test"] = {k: rec["metrics"]["test"].get(k) for k in ("n", "accuracy", "balanced_accuracy")}
-        summary["test"]["auc"] = rec["metrics"]["test"]["auc"]["macro"]
-        summary["test"]["auc_ci95"] = rec["metrics"]["test"]["auc"]["macro_ci95"]
-        summary["test"]["per_class"] = rec["metrics"]["test"]["per_class"]
+        if "test" in rec["metrics"]:
+            test = rec["metrics"]["test"]
+        else:  # trained with --no-test (chosen on validation): the test split is read now, once
+            test = cli("evaluate", "--model", str(run), "--split", "test", "--threads", "1")[0]["metrics"]
+        summary["test"] = {k: test.get(k) for k in ("n", "accuracy", "balanced_accuracy")}
+        summary["test"]["auc"] = test["auc"]["macro"]
+        summary["test"]["auc_ci95"] = test["auc"]["macro_ci95"]
+        summary["test"]["per_class"] = test["per_class"]
         summary["best_epoch"] = rec["best_epoch"]
         # What a choice between configurations may look at (the same figures cross-validation keeps per fold).
         from edgeclf.train import _val_figures

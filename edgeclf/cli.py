@@ -134,11 +134,14 @@ def data_synth(kind: str, out: str, n: int, size: int | None, seed: int, as_json
 @click.option("--probe-epochs", type=click.IntRange(min=0), default=0, show_default=True,
               help="With --pretrained: first train only the new head for this many epochs on the frozen network, then "
                    "fine-tune all of it (LP-FT: the pretrained features move less, which holds up better on other sites' data).")
+@click.option("--no-test", is_flag=True,
+              help="Leave the test split (with --folds: each held-out fold) unread: report validation only, for choosing between "
+                   "settings; then `edgeclf evaluate --model OUT --split test` on the chosen run (folds: rerun it without this flag).")
 @json_option
 @click.pass_context
 def train(ctx: click.Context, data_spec: str, model: str, out: str, size, channels, pretrained, epochs, batch_size, lr, patience, seed,
           classes, positive, target_sensitivity, operating_point, augment, frames_per_clip, threads, recipe, folds, group, tta,
-          probe_epochs, as_json: bool) -> None:
+          probe_epochs, no_test: bool, as_json: bool) -> None:
     """Train a classifier, calibrate it and fit its operating points on the validation split.
 
     Runs unchanged under torchrun (one process per shard, gloo on CPU, NCCL on GPU; rank 0 writes)."""
@@ -161,7 +164,7 @@ def train(ctx: click.Context, data_spec: str, model: str, out: str, size, channe
         kwargs, data_spec, record_recipe = resolve_recipe(load_recipe(recipe), data_spec, given)
         values = {**values, **kwargs}
         values["recipe"] = record_recipe["name"]
-    cfg = TrainConfig(data=data_spec, out=out, **values)
+    cfg = TrainConfig(data=data_spec, out=out, read_test=not no_test, **values)
     from edgeclf.models import model_info
 
     model_info(cfg.model)  # unknown names fail before any data is read
@@ -173,7 +176,8 @@ def train(ctx: click.Context, data_spec: str, model: str, out: str, size, channe
     if cfg.folds:
         _emit(as_json, record, _print_cv)
         return
-    _emit(as_json, record, lambda r: _print_metrics(r["metrics"], f"trained {cfg.model} -> {out} (best epoch {r['best_epoch']}, {r['seconds']} s)"))
+    _emit(as_json, record, lambda r: _print_metrics(r["metrics"], f"trained {cfg.model} -> {out} (best epoch {r['best_epoch']}, {r['seconds']} s)"
+                                                    + ("" if cfg.read_test else "; test split not read (--no-test)")))
 
 
 @cli.command()
@@ -826,10 +830,19 @@ def _print_clips(c: dict[str, Any], title: str = "") -> None:
 
 def _print_cv(r: dict[str, Any]) -> None:
     pooled = r["pooled_out_of_fold"]
+    title = f"{len(r['folds'])}-fold cross-validation grouped by {r['data']['grouped_by']} ({r['seconds']} s)"
+    if pooled is None:  # --no-test: each fold's validation split only
+        rows = [[f["fold"], f["sizes"].get("val"), _num(f["val"].get("accuracy")), _num(f["val"].get("balanced_accuracy")),
+                 _num(f["val"].get("auc_macro"))] for f in r["folds"]]
+        click.echo(_table(["fold", "val items", "accuracy", "balanced acc", "macro AUC"], rows,
+                          title + "; held-out folds not read (--no-test), validation inside each fold"))
+        mean = r["inner_validation_mean"]
+        click.echo(f"inner validation mean: accuracy {_num(mean.get('accuracy'))}, balanced accuracy "
+                   f"{_num(mean.get('balanced_accuracy'))}, macro AUC {_num(mean.get('auc_macro'))}")
+        return
     rows = [[f["fold"], f["test_items"], f.get("test_clips"), _num(f["test"].get("accuracy")),
              _num(f["test"].get("balanced_accuracy")), ", ".join(f.get("test_sources") or [])[:60]] for f in r["folds"]]
-    click.echo(_table(["fold", "test items", "clips", "accuracy", "balanced acc", "held-out sources"], rows,
-                      f"{len(r['folds'])}-fold cross-validation grouped by {r['data']['grouped_by']} ({r['seconds']} s)"))
+    click.echo(_table(["fold", "test items", "clips", "accuracy", "balanced acc", "held-out sources"], rows, title))
     if "clip_mean" in pooled:
         _print_clips(pooled, f"pooled out-of-fold: {pooled['clips']} clips, {pooled['frames']} frames (bootstrap over clips)")
     else:

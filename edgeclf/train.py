@@ -65,6 +65,9 @@ class TrainConfig:
     tta: str = "none"
     # LP-FT: epochs that train only the new head on the frozen pretrained network before fine-tuning.
     probe_epochs: int = 0
+    # False: the test split (for --folds, each held-out fold) is not evaluated, so settings can be chosen on
+    # validation without a test figure in sight; `edgeclf evaluate --split test` reads it for the chosen run.
+    read_test: bool = True
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.patience < 1 or self.frames_per_clip < 1:
@@ -638,10 +641,10 @@ def _train_on(ds: Dataset, cfg: TrainConfig, *, on_epoch: Callable[[dict[str, An
                                           operating_point=cfg.operating_point, test=False)[2]["val"]
         model = with_tta(model, cfg.tta)
     temperature, rule, metrics = calibrate_and_measure(model, p, target_sensitivity=cfg.target_sensitivity, seed=cfg.seed,
-                                                       operating_point=cfg.operating_point)
+                                                       operating_point=cfg.operating_point, test=cfg.read_test)
     if val_plain is not None:
         metrics["val_without_tta"] = val_plain
-    if ds.kind == "clips" and len(ds.splits.get("test", [])):
+    if cfg.read_test and ds.kind == "clips" and len(ds.splits.get("test", [])):
         from edgeclf.metrics import clip_metrics
 
         pt = probabilities(torch_logits(model, p.pre.batch(ds.splits["test"].images)), ds.task, temperature)
@@ -715,35 +718,39 @@ def cross_validate(cfg: TrainConfig, *, on_epoch: Callable[[dict[str, Any]], Non
         record["seconds"] = round(time.time() - t0, 1)
         save_run(Path(fcfg.out), model, p, record.pop("_meta"), record)
         test = ds.splits["test"]
-        temperature = record["model"]["temperature"]
-        probs.append(probabilities(torch_logits(model, p.pre.batch(test.images)), ds.task, temperature))
-        labels.append(test.labels)
-        ids += list(test.ids)
-        fold_of += [i] * len(test)
-        rules.append(DecisionRule.from_dict(record["model"]["decision"]))
+        if cfg.read_test:
+            temperature = record["model"]["temperature"]
+            probs.append(probabilities(torch_logits(model, p.pre.batch(test.images)), ds.task, temperature))
+            labels.append(test.labels)
+            ids += list(test.ids)
+            fold_of += [i] * len(test)
+            rules.append(DecisionRule.from_dict(record["model"]["decision"]))
         held = sorted({x.split("#", 1)[0] for x in test.ids})
         folds.append({"fold": i, "out": fcfg.out, "spec": ds.spec, "test_items": len(test), "test_clips": len(held),
                       "test_sources": sorted({ds.sources.get(c, c) for c in held}) if ds.sources else None,
                       "sizes": record["data"]["sizes"], "best_epoch": record["best_epoch"], "seconds": record["seconds"],
-                      "test": {k: record["metrics"]["test"].get(k) for k in ("accuracy", "balanced_accuracy")},
+                      "test": ({k: record["metrics"]["test"].get(k) for k in ("accuracy", "balanced_accuracy")}
+                               if cfg.read_test else None),
                       "val": _val_figures(record["metrics"]["val"]),
                       **({"val_without_tta": _val_figures(record["metrics"]["val_without_tta"])}
                          if "val_without_tta" in record["metrics"] else {})})
         del model
     ds0 = datasets[0]
-    pr, y = np.concatenate(probs), np.concatenate(labels)
-    fold_arr = np.array(fold_of)
-    pooled: dict[str, Any] = {"items": int(len(y)), "task": ds0.task, "labels": ds0.labels}
-    if ds0.kind == "clips":
-        pooled.update(clip_metrics(pr, y, ids, rules, ds0.labels, folds=fold_of, n_boot=2000, seed=cfg.seed))
-    else:
-        from edgeclf.runtime.postprocess import decide
+    pooled: dict[str, Any] | None = None
+    if cfg.read_test:
+        pr, y = np.concatenate(probs), np.concatenate(labels)
+        fold_arr = np.array(fold_of)
+        pooled = {"items": int(len(y)), "task": ds0.task, "labels": ds0.labels}
+        if ds0.kind == "clips":
+            pooled.update(clip_metrics(pr, y, ids, rules, ds0.labels, folds=fold_of, n_boot=2000, seed=cfg.seed))
+        else:
+            from edgeclf.runtime.postprocess import decide
 
-        dec = np.concatenate([decide(pr[fold_arr == f], r) for f, r in enumerate(rules)])
-        order = np.concatenate([np.flatnonzero(fold_arr == f) for f in range(len(rules))])
-        pooled["decisions"] = decision_metrics(y[order], dec, ds0.labels, n_boot=2000, seed=cfg.seed)
-    auc = _macro_auc(pr, y, ds0.task, _positive_index(ds0, cfg.positive))
-    pooled["frame_auc_macro"] = None if np.isnan(auc) else auc
+            dec = np.concatenate([decide(pr[fold_arr == f], r) for f, r in enumerate(rules)])
+            order = np.concatenate([np.flatnonzero(fold_arr == f) for f in range(len(rules))])
+            pooled["decisions"] = decision_metrics(y[order], dec, ds0.labels, n_boot=2000, seed=cfg.seed)
+        auc = _macro_auc(pr, y, ds0.task, _positive_index(ds0, cfg.positive))
+        pooled["frame_auc_macro"] = None if np.isnan(auc) else auc
     # What a choice between settings may look at: the folds' own validation splits (frames of training
     # clips), never the out-of-fold figures above.
     def inner_mean(key: str) -> dict[str, Any]:

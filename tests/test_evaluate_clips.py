@@ -122,3 +122,27 @@ def test_decision_metrics_cluster_bootstrap() -> None:
     assert m["per_class"]["a"]["sensitivity"] == 0.5 and m["confusion_matrix"][0] == [1, 1, 0]
     g = decision_metrics(y, d, ["a", "b", "c"], groups=["x", "x", "y", "y", "y", "z"], n_boot=200, seed=0)
     assert g["bootstrap_unit"] == "group" and g["accuracy"] == m["accuracy"]
+
+
+def test_cross_validation_without_test_reads_no_held_out_fold(clip_root: Path, tmp_path: Path) -> None:
+    """--no-test: the folds train exactly as before, only their validation figures are reported, none of the held-out folds'."""
+    from click.testing import CliRunner
+
+    from edgeclf.cli import cli
+    from edgeclf.train import TrainConfig, train
+
+    kw = dict(size=32, epochs=1, patience=1, threads=1, folds=3, group="site")
+    full = train(TrainConfig(data=f"{clip_root}?frames=2", out=str(tmp_path / "full"), **kw))
+    blind = train(TrainConfig(data=f"{clip_root}?frames=2", out=str(tmp_path / "blind"), read_test=False, **kw))
+    assert blind["pooled_out_of_fold"] is None and json.loads((tmp_path / "blind" / "cv.json").read_text())["pooled_out_of_fold"] is None
+    assert all(f["test"] is None for f in blind["folds"])
+    assert [f["val"] for f in blind["folds"]] == [f["val"] for f in full["folds"]]
+    assert blind["inner_validation_mean"] == full["inner_validation_mean"]
+    for f in blind["folds"]:
+        metrics = json.loads((Path(f["out"]) / "run.json").read_text())["metrics"]
+        assert "test" not in metrics and "test_clips" not in metrics and "val" in metrics
+    res = CliRunner().invoke(cli, ["train", "--data", f"{clip_root}?frames=2", "--out", str(tmp_path / "cli"), "--size", "32",
+                                   "--epochs", "1", "--patience", "1", "--threads", "1", "--folds", "3", "--group", "site", "--no-test"])
+    assert res.exit_code == 0, res.output
+    assert "held-out folds not read (--no-test)" in res.output and "inner validation mean" in res.output
+    assert "pooled out-of-fold" not in res.output

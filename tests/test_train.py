@@ -158,6 +158,31 @@ def test_probe_epochs_train_only_the_head_then_fine_tune_everything(tmp_path: Pa
     assert not torch.equal(final["conv_stem.weight"], start["conv_stem.weight"])
 
 
+def test_no_test_trains_the_same_and_leaves_the_test_split_unread(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from edgeclf.cli import cli
+    from edgeclf.evaluate import evaluate
+
+    data = "synthetic:ultrasound?n=90&size=48&seed=4"
+    full = train(TrainConfig(data=data, out=str(tmp_path / "full"), size=32, epochs=2, patience=2, threads=1))
+    blind = train(TrainConfig(data=data, out=str(tmp_path / "blind"), size=32, epochs=2, patience=2, threads=1, read_test=False))
+    assert "test" in full["metrics"] and set(blind["metrics"]) == {"val"}
+    assert blind["config"]["read_test"] is False
+    assert blind["metrics"]["val"] == full["metrics"]["val"] and blind["history"] == full["history"]
+    assert (tmp_path / "blind" / "model.safetensors").read_bytes() == (tmp_path / "full" / "model.safetensors").read_bytes()
+    # The chosen run's test figure, read afterwards, is the one training would have reported.
+    later = evaluate(str(tmp_path / "blind"), split="test", n_boot=0)["metrics"]
+    assert later["accuracy"] == pytest.approx(full["metrics"]["test"]["accuracy"])
+    assert later["auc"]["macro"] == pytest.approx(full["metrics"]["test"]["auc"]["macro"])
+    res = CliRunner().invoke(cli, ["train", "--data", data, "--out", str(tmp_path / "cli"), "--size", "32", "--epochs", "1",
+                                   "--patience", "1", "--threads", "1", "--no-test"])
+    assert res.exit_code == 0, res.output
+    assert "test split not read (--no-test)" in res.output
+    assert not any(line.startswith(("test ", "[test]")) for line in res.output.splitlines())
+    assert any(line.startswith("val ") for line in res.output.splitlines())
+
+
 def test_probe_epochs_need_a_pretrained_network() -> None:
     with pytest.raises(ConfigError, match="probe-epochs trains a head on pretrained features; add --pretrained"):
         TrainConfig(data="x", out="y", probe_epochs=2)
