@@ -134,6 +134,9 @@ def data_synth(kind: str, out: str, n: int, size: int | None, seed: int, as_json
 @click.option("--probe-epochs", type=click.IntRange(min=0), default=0, show_default=True,
               help="With --pretrained: first train only the new head for this many epochs on the frozen network, then "
                    "fine-tune all of it (LP-FT: the pretrained features move less, which holds up better on other sites' data).")
+@click.option("--ema", type=click.FloatRange(min=0.0, max=1.0, max_open=True), default=0.0, show_default=True,
+              help="Exponential moving average of the weights while fine-tuning (decay, e.g. 0.99; 0 = off): the average is "
+                   "validated, early-stopped on and saved.")
 @click.option("--no-test", is_flag=True,
               help="Leave the test split (with --folds: each held-out fold) unread: report validation only, for choosing between "
                    "settings; then `edgeclf evaluate --model OUT --split test` on the chosen run (folds: rerun it without this flag).")
@@ -141,7 +144,7 @@ def data_synth(kind: str, out: str, n: int, size: int | None, seed: int, as_json
 @click.pass_context
 def train(ctx: click.Context, data_spec: str, model: str, out: str, size, channels, pretrained, epochs, batch_size, lr, patience, seed,
           classes, positive, target_sensitivity, operating_point, augment, frames_per_clip, threads, recipe, folds, group, tta,
-          probe_epochs, no_test: bool, as_json: bool) -> None:
+          probe_epochs, ema, no_test: bool, as_json: bool) -> None:
     """Train a classifier, calibrate it and fit its operating points on the validation split.
 
     Runs unchanged under torchrun (one process per shard, gloo on CPU, NCCL on GPU; rank 0 writes)."""
@@ -154,7 +157,7 @@ def train(ctx: click.Context, data_spec: str, model: str, out: str, size, channe
                   batch_size=batch_size, lr=lr, patience=patience, seed=seed, classes=classes, positive=positive,
                   target_sensitivity=target_sensitivity, operating_point=operating_point, augment=augment,
                   frames_per_clip=frames_per_clip, threads=threads, folds=folds, group=group, tta=tta,
-                  probe_epochs=probe_epochs)
+                  probe_epochs=probe_epochs, ema=ema)
     record_recipe = None
     if recipe:
         from edgeclf.recipes import load_recipe, resolve_recipe

@@ -65,6 +65,9 @@ class TrainConfig:
     tta: str = "none"
     # LP-FT: epochs that train only the new head on the frozen pretrained network before fine-tuning.
     probe_epochs: int = 0
+    # Exponential moving average of the weights (timm's ModelEmaV3, with warm-up) during fine-tuning, 0 = off: the
+    # averaged weights are validated, early-stopped on and saved (the usual smoothing of a noisy small-data run).
+    ema: float = 0.0
     # False: the test split (for --folds, each held-out fold) is not evaluated, so settings can be chosen on
     # validation without a test figure in sight; `edgeclf evaluate --split test` reads it for the chosen run.
     read_test: bool = True
@@ -94,6 +97,8 @@ class TrainConfig:
             raise ConfigError(f"group is {self.group!r}; allowed: clip, source, site")
         if self.probe_epochs < 0:
             raise ConfigError(f"probe-epochs is {self.probe_epochs}; give 0 (off) or a positive number of epochs")
+        if not 0.0 <= self.ema < 1.0:
+            raise ConfigError(f"ema is {self.ema}; give 0 (off) or a decay below 1, e.g. 0.99")
         if self.probe_epochs and not self.pretrained:
             raise ConfigError("probe-epochs trains a head on pretrained features; add --pretrained or give --probe-epochs 0")
         from edgeclf.models import TTA_MODES
@@ -404,6 +409,7 @@ def fit(
     kd_weight: float = 0.5,
     kd_temperature: float = 4.0,
     probe_epochs: int = 0,
+    ema: float = 0.0,
 ) -> tuple[list[dict[str, Any]], int]:
     """Train `model` in place with early stopping on validation AUC (ties: validation loss); the best
     epoch's weights are loaded at the end. Returns (history, best epoch). Also used to fine-tune
@@ -413,7 +419,10 @@ def fit(
     `probe_epochs` > 0 first trains only the classification head for that many epochs on the frozen
     network, BatchNorm statistics re-estimated on this data (LP-FT, Kumar et al., ICLR 2022: fine-tuning from a fitted head moves the pretrained features
     less, which holds up better on data from elsewhere); those epochs are in the history with "probe": True
-    and are not candidates for the best epoch."""
+    and are not candidates for the best epoch.
+
+    `ema` > 0 keeps an exponential moving average of the weights over the fine-tuning steps (timm's ModelEmaV3,
+    decay warming up to `ema`); the average is what is validated, chosen as the best epoch and loaded at the end."""
     import torch
 
     ds, spec = p.ds, p.spec
@@ -441,6 +450,8 @@ def fit(
 
         return DistributedDataParallel(model) if world > 1 else model
 
+    averaged: Any = None  # the ModelEmaV3 once fine-tuning starts, with ema > 0
+
     def run_epoch(net: Any, opt: Any, sched: Any, epoch: int, train_mode: bool) -> float:
         model.train(train_mode)
         if sampler is not None:
@@ -467,6 +478,8 @@ def fit(
             opt.step()
             if sched is not None:
                 sched.step()
+                if averaged is not None:
+                    averaged.update(model, step=sched.last_epoch)
             total += loss.item() * len(idx)
         if world > 1:
             _sync_buffers(model)  # BatchNorm statistics: rank 0's, so that every process validates the same model
@@ -474,7 +487,7 @@ def fit(
         return total / max(1, seen)
 
     def validate() -> tuple[float | None, float]:
-        lv = torch_logits(model, p.xva)
+        lv = torch_logits(model if averaged is None else averaged.module, p.xva)
         auc = _macro_auc(probabilities(lv, ds.task), yva, ds.task, p.positive)
         with torch.no_grad():
             vloss = float(loss_fn(torch.from_numpy(lv), yva_t))
@@ -505,6 +518,10 @@ def fit(
             q.requires_grad_(True)
         del pnet, popt
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    if ema > 0:
+        from timm.utils import ModelEmaV3
+
+        averaged = ModelEmaV3(model, decay=ema, use_warmup=True)
     net = wrap()
     steps_per_epoch = max(1, int(np.ceil((len(sampler) if sampler is not None else len(p.xtr)) / batch_size)))
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=epochs * steps_per_epoch, pct_start=0.15)
@@ -517,7 +534,7 @@ def fit(
         # Validation AUC decides; on a tie (small or easy sets saturate at 1.0) the lower validation loss.
         auc_cmp = -1.0 if auc_or_none is None else auc_or_none
         if auc_cmp > best[0] + 1e-4 or (auc_cmp >= best[0] - 1e-4 and vloss < best_loss):
-            best = (max(auc_cmp, best[0]), epoch + 1, copy.deepcopy(model.state_dict()))
+            best = (max(auc_cmp, best[0]), epoch + 1, copy.deepcopy((model if averaged is None else averaged.module).state_dict()))
             best_loss = vloss
         if on_epoch is not None:
             on_epoch({**history[-1], "epochs": epochs, "best_epoch": best[1], "best_val_auc": best[0]})
@@ -631,7 +648,7 @@ def _train_on(ds: Dataset, cfg: TrainConfig, *, on_epoch: Callable[[dict[str, An
     model = create_model(cfg.model, num_outputs=n_out, in_chans=channels, pretrained=cfg.pretrained)
     p = _prepare(ds, spec, cfg.augment, positive)
     history, best_epoch = fit(model, p, epochs=cfg.epochs, lr=cfg.lr, batch_size=cfg.batch_size, weight_decay=cfg.weight_decay,
-                              patience=cfg.patience, seed=cfg.seed, on_epoch=on_epoch, probe_epochs=cfg.probe_epochs)
+                              patience=cfg.patience, seed=cfg.seed, on_epoch=on_epoch, probe_epochs=cfg.probe_epochs, ema=cfg.ema)
     val_plain = None
     if cfg.tta != "none":
         from edgeclf.models import with_tta

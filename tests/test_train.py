@@ -183,6 +183,42 @@ def test_no_test_trains_the_same_and_leaves_the_test_split_unread(tmp_path: Path
     assert any(line.startswith("val ") for line in res.output.splitlines())
 
 
+def test_ema_validates_and_keeps_the_averaged_weights_without_changing_training() -> None:
+    import torch
+
+    from edgeclf.data import load_dataset
+    from edgeclf.models import create_model
+    from edgeclf.runtime.preprocess import PreprocessSpec
+    from edgeclf.train import _prepare, fit
+
+    torch.set_num_threads(1)
+    ds = load_dataset("synthetic:ultrasound?n=60&size=48&seed=4")
+    p = _prepare(ds, PreprocessSpec(channels=1, size=(32, 32), mean=(0.5,), std=(0.25,)), "ultrasound", 0)
+
+    def run(ema: float) -> tuple[list, int, dict, list]:
+        torch.manual_seed(0)
+        model = create_model("compact", num_outputs=3, in_chans=1)
+        raw: list = []
+        history, best = fit(model, p, epochs=3, lr=3e-3, batch_size=16, patience=3, seed=0, ema=ema,
+                            on_epoch=lambda e: raw.append({k: v.clone() for k, v in model.state_dict().items()}))
+        return history, best, model.state_dict(), raw
+
+    h0, b0, w0, raw0 = run(0.0)
+    h1, b1, w1, raw1 = run(0.9)
+    # The average never feeds back into training: the same losses, the same raw weights epoch by epoch.
+    assert [h["loss"] for h in h1] == [h["loss"] for h in h0]
+    assert all(torch.equal(a[k], b[k]) for a, b in zip(raw0, raw1) for k in a)
+    # What is validated and kept is the average, not the raw weights.
+    assert [h["val_loss"] for h in h1] != [h["val_loss"] for h in h0]
+    assert all(torch.equal(w0[k], raw0[b0 - 1][k]) for k in w0)
+    assert not torch.equal(w1["stage1.conv.weight"], raw1[b1 - 1]["stage1.conv.weight"])
+    # A decay of ~0 averages nothing: the same run as without it, bit for bit.
+    h2, b2, w2, _ = run(1e-12)
+    assert h2 == h0 and b2 == b0 and all(torch.equal(w2[k], w0[k]) for k in w0)
+    with pytest.raises(ConfigError, match="ema is 1.0"):
+        TrainConfig(data="x", out="y", ema=1.0)
+
+
 def test_probe_epochs_need_a_pretrained_network() -> None:
     with pytest.raises(ConfigError, match="probe-epochs trains a head on pretrained features; add --pretrained"):
         TrainConfig(data="x", out="y", probe_epochs=2)
