@@ -452,6 +452,10 @@ def fit(
 
     averaged: Any = None  # the ModelEmaV3 once fine-tuning starts, with ema > 0
 
+    def judged() -> Any:
+        """The weights validated and kept: the running average when there is one."""
+        return model if averaged is None else averaged.module
+
     def run_epoch(net: Any, opt: Any, sched: Any, epoch: int, train_mode: bool) -> float:
         model.train(train_mode)
         if sampler is not None:
@@ -478,8 +482,8 @@ def fit(
             opt.step()
             if sched is not None:
                 sched.step()
-                if averaged is not None:
-                    averaged.update(model, step=sched.last_epoch)
+            if averaged is not None:  # only while fine-tuning, which counts its steps in the schedule
+                averaged.update(model, step=sched.last_epoch)
             total += loss.item() * len(idx)
         if world > 1:
             _sync_buffers(model)  # BatchNorm statistics: rank 0's, so that every process validates the same model
@@ -487,7 +491,7 @@ def fit(
         return total / max(1, seen)
 
     def validate() -> tuple[float | None, float]:
-        lv = torch_logits(model if averaged is None else averaged.module, p.xva)
+        lv = torch_logits(judged(), p.xva)
         auc = _macro_auc(probabilities(lv, ds.task), yva, ds.task, p.positive)
         with torch.no_grad():
             vloss = float(loss_fn(torch.from_numpy(lv), yva_t))
@@ -534,7 +538,7 @@ def fit(
         # Validation AUC decides; on a tie (small or easy sets saturate at 1.0) the lower validation loss.
         auc_cmp = -1.0 if auc_or_none is None else auc_or_none
         if auc_cmp > best[0] + 1e-4 or (auc_cmp >= best[0] - 1e-4 and vloss < best_loss):
-            best = (max(auc_cmp, best[0]), epoch + 1, copy.deepcopy((model if averaged is None else averaged.module).state_dict()))
+            best = (max(auc_cmp, best[0]), epoch + 1, copy.deepcopy(judged().state_dict()))
             best_loss = vloss
         if on_epoch is not None:
             on_epoch({**history[-1], "epochs": epochs, "best_epoch": best[1], "best_val_auc": best[0]})
