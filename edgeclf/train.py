@@ -417,9 +417,9 @@ def fit(
     way to recover accuracy after pruning on a small data set.
 
     `probe_epochs` > 0 first trains only the classification head for that many epochs on the frozen
-    network, BatchNorm statistics re-estimated on this data (LP-FT, Kumar et al., ICLR 2022: fine-tuning from a fitted head moves the pretrained features
-    less, which holds up better on data from elsewhere); those epochs are in the history with "probe": True
-    and are not candidates for the best epoch.
+    network, BatchNorm statistics re-estimated on this data (LP-FT, Kumar et al., ICLR 2022: fine-tuning
+    from a fitted head moves the pretrained features less, which holds up better on data from elsewhere);
+    those epochs are in the history with "probe": True and are not candidates for the best epoch.
 
     `ema` > 0 keeps an exponential moving average of the weights over the fine-tuning steps (timm's ModelEmaV3,
     decay warming up to `ema`); the average is what is validated, chosen as the best epoch and loaded at the end."""
