@@ -137,6 +137,9 @@ def data_synth(kind: str, out: str, n: int, size: int | None, seed: int, as_json
 @click.option("--ema", type=click.FloatRange(min=0.0, max=1.0, max_open=True), default=0.0, show_default=True,
               help="Exponential moving average of the weights while fine-tuning (decay, e.g. 0.99; 0 = off): the average is "
                    "validated, early-stopped on and saved.")
+@click.option("--ensemble", type=click.IntRange(min=1, max=16), default=1, show_default=True,
+              help="Train this many members alike with seeds SEED, SEED+1, ... on the same split and deploy them as one "
+                   "model averaging their probabilities (N times the training time, the compute and the bundle's size).")
 @click.option("--no-test", is_flag=True,
               help="Leave the test split (with --folds: each held-out fold) unread: report validation only, for choosing between "
                    "settings; then `edgeclf evaluate --model OUT --split test` on the chosen run (folds: rerun it without this flag).")
@@ -144,7 +147,7 @@ def data_synth(kind: str, out: str, n: int, size: int | None, seed: int, as_json
 @click.pass_context
 def train(ctx: click.Context, data_spec: str, model: str, out: str, size, channels, pretrained, epochs, batch_size, lr, patience, seed,
           classes, positive, target_sensitivity, operating_point, augment, frames_per_clip, threads, recipe, folds, group, tta,
-          probe_epochs, ema, no_test: bool, as_json: bool) -> None:
+          probe_epochs, ema, ensemble, no_test: bool, as_json: bool) -> None:
     """Train a classifier, calibrate it and fit its operating points on the validation split.
 
     Runs unchanged under torchrun (one process per shard, gloo on CPU, NCCL on GPU; rank 0 writes)."""
@@ -157,7 +160,7 @@ def train(ctx: click.Context, data_spec: str, model: str, out: str, size, channe
                   batch_size=batch_size, lr=lr, patience=patience, seed=seed, classes=classes, positive=positive,
                   target_sensitivity=target_sensitivity, operating_point=operating_point, augment=augment,
                   frames_per_clip=frames_per_clip, threads=threads, folds=folds, group=group, tta=tta,
-                  probe_epochs=probe_epochs, ema=ema)
+                  probe_epochs=probe_epochs, ema=ema, ensemble=ensemble)
     record_recipe = None
     if recipe:
         from edgeclf.recipes import load_recipe, resolve_recipe
@@ -179,8 +182,43 @@ def train(ctx: click.Context, data_spec: str, model: str, out: str, size, channe
     if cfg.folds:
         _emit(as_json, record, _print_cv)
         return
-    _emit(as_json, record, lambda r: _print_metrics(r["metrics"], f"trained {cfg.model} -> {out} (best epoch {r['best_epoch']}, {r['seconds']} s)"
-                                                    + ("" if cfg.read_test else "; test split not read (--no-test)")))
+    what = f"{cfg.model}" if cfg.ensemble == 1 else f"an ensemble of {cfg.ensemble} {cfg.model}"
+    epochs = "best epoch" if cfg.ensemble == 1 else "best epochs"
+    def human(r: dict) -> None:
+        _print_members(r)
+        _print_metrics(r["metrics"], f"trained {what} -> {out} ({epochs} {r['best_epoch']}, {r['seconds']} s)"
+                       + ("" if cfg.read_test else "; test split not read (--no-test)"))
+
+    _emit(as_json, record, human)
+
+
+def _print_members(record: dict) -> None:
+    """An ensemble's members, each alone on validation (nothing for one model)."""
+    members = (record.get("ensemble") or {}).get("members")
+    if not members:
+        return
+    rows = [[m["member"], m["seed"], m["best_epoch"], _num(m["val"].get("accuracy")), _num(m["val"].get("balanced_accuracy")),
+             _num(m["val"].get("auc_macro"))] for m in members]
+    click.echo(_table(["member", "seed", "best epoch", "val accuracy", "balanced acc", "macro AUC"], rows,
+                      "each member alone on validation (its own temperature and operating point)"))
+
+
+@cli.command()
+@click.option("--member", "members", multiple=True, required=True,
+              help="A training folder; give it once per member (at least 2), all trained on one split with one model and input.")
+@click.option("--out", required=True, help="The ensemble's training folder to write (export it like any other).")
+@click.option("--no-test", is_flag=True, help="Leave the test split unread: report validation only.")
+@json_option
+def ensemble(members: tuple, out: str, no_test: bool, as_json: bool) -> None:
+    """Combine finished trainings (e.g. other seeds) into one model averaging their probabilities, recalibrated on validation."""
+    from edgeclf.train import ensemble_runs
+
+    record = ensemble_runs(list(members), out, read_test=not no_test)
+    def human(r: dict) -> None:
+        _print_members(r)
+        _print_metrics(r["metrics"], f"ensemble of {len(members)} -> {out}" + ("" if not no_test else "; test split not read (--no-test)"))
+
+    _emit(as_json, record, human)
 
 
 @cli.command()
@@ -722,11 +760,13 @@ def _train_progress(show: bool) -> Iterator[Callable[[dict[str, Any]], None] | N
             state["prog"].start()
             state["bar"] = state["prog"].add_task("train", total=e["epochs"], status="")
         auc = "n/a" if e["val_auc"] is None else f"{e['val_auc']:.3f}"
+        who = f"member {e['member'] + 1}/{e['members']}: " if "members" in e else ""  # --ensemble
         if e.get("probe"):  # the head-only epochs before fine-tuning (--probe-epochs)
-            state["prog"].update(state["bar"], completed=0, status=f"head only {e['epoch']}/{e['epochs']}: loss {e['loss']:.3f} val AUC {auc}")
+            state["prog"].update(state["bar"], completed=0,
+                                 status=f"{who}head only {e['epoch']}/{e['epochs']}: loss {e['loss']:.3f} val AUC {auc}")
             return
         state["prog"].update(state["bar"], completed=e["epoch"], total=e["epochs"],
-                             status=f"loss {e['loss']:.3f} val AUC {auc} (best {e['best_val_auc']:.3f} @ {e['best_epoch']})")
+                             status=f"{who}loss {e['loss']:.3f} val AUC {auc} (best {e['best_val_auc']:.3f} @ {e['best_epoch']})")
 
     try:
         yield on_epoch

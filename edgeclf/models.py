@@ -59,6 +59,7 @@ __all__ = [
     "TTA_MODES",
     "with_tta",
     "unwrap_tta",
+    "ensemble_of",
 ]
 
 # Test-time augmentation baked into the model (and so into its ONNX graph): "hflip" averages the logits
@@ -231,6 +232,38 @@ def with_tta(model: torch.nn.Module, tta: Optional[str]) -> torch.nn.Module:
 def unwrap_tta(model: torch.nn.Module) -> torch.nn.Module:
     """The network inside a `with_tta` wrapper (its weights are the run's), or `model` itself."""
     return getattr(model, "net", model) if getattr(model, "tta", None) in TTA_MODES else model
+
+
+def ensemble_of(members: List[torch.nn.Module], task: str) -> torch.nn.Module:
+    """One module running every member on the same input and combining their outputs, so that training,
+    evaluation and the exported ONNX graph all see one model (the runtime needs no change).
+
+    multiclass: log of the mean of the members' softmax probabilities (logsumexp of their log-softmax, less
+    log N: finite where a probability underflows), so softmax of the output is the averaged probability.
+    binary and multilabel (sigmoid outputs): the mean of the logits. Compute and size grow N times."""
+    import math
+
+    import torch
+
+    if len(members) < 2:
+        raise ConfigError(f"an ensemble needs at least 2 members, got {len(members)}")
+    if task not in ("multiclass", "binary", "multilabel"):
+        raise ConfigError(f"task is {task!r}; allowed: multiclass, binary, multilabel")
+
+    class Ensemble(torch.nn.Module):
+        def __init__(self, nets: List[torch.nn.Module]) -> None:
+            super().__init__()
+            self.members = torch.nn.ModuleList(nets)
+            self.task = task
+            self._log_n = math.log(len(nets))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            outs = torch.stack([m(x) for m in self.members], dim=0)
+            if self.task == "multiclass":
+                return torch.logsumexp(torch.log_softmax(outs, dim=2), dim=0) - self._log_n
+            return outs.mean(dim=0)
+
+    return Ensemble(members).eval()
 
 
 # --------------------------------------------------------------------------------------- compact

@@ -23,7 +23,7 @@ from edgeclf.errors import ConfigError, DataError, ModelError
 from edgeclf.runtime.postprocess import DecisionRule, probabilities
 from edgeclf.runtime.preprocess import Preprocessor, PreprocessSpec
 
-__all__ = ["TrainConfig", "train", "cross_validate", "default_size", "load_trained", "TrainedModel", "package_versions", "AUGMENTS",
+__all__ = ["TrainConfig", "train", "cross_validate", "ensemble_runs", "default_size", "load_trained", "TrainedModel", "package_versions", "AUGMENTS",
            "dist_info"]
 
 log = logging.getLogger(__name__)
@@ -71,6 +71,9 @@ class TrainConfig:
     # False: the test split (for --folds, each held-out fold) is not evaluated, so settings can be chosen on
     # validation without a test figure in sight; `edgeclf evaluate --split test` reads it for the chosen run.
     read_test: bool = True
+    # Seed ensemble: this many members trained alike with seeds seed, seed+1, ... on the same split (member 0 is the
+    # plain run), deployed as one model averaging their probabilities (edgeclf.models.ensemble_of): N times the compute.
+    ensemble: int = 1
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.patience < 1 or self.frames_per_clip < 1:
@@ -99,6 +102,8 @@ class TrainConfig:
             raise ConfigError(f"probe-epochs is {self.probe_epochs}; give 0 (off) or a positive number of epochs")
         if not 0.0 <= self.ema < 1.0:
             raise ConfigError(f"ema is {self.ema}; give 0 (off) or a decay below 1, e.g. 0.99")
+        if not 1 <= self.ensemble <= 16:
+            raise ConfigError(f"ensemble is {self.ensemble}; give 1 (one model) up to 16 members")
         if self.probe_epochs and not self.pretrained:
             raise ConfigError("probe-epochs trains a head on pretrained features; add --pretrained or give --probe-epochs 0")
         from edgeclf.models import TTA_MODES
@@ -178,7 +183,7 @@ class TrainedModel:
     def __init__(self, folder: Path) -> None:
         from safetensors.torch import load_file
 
-        from edgeclf.models import create_model, with_tta
+        from edgeclf.models import create_model, ensemble_of, with_tta
 
         meta_path = folder / "model.json"
         if not meta_path.is_file():
@@ -190,9 +195,10 @@ class TrainedModel:
         self.preprocess = PreprocessSpec.from_dict(self.meta["preprocess"])
         self.temperature = float(self.meta["temperature"])
         self.decision = DecisionRule.from_dict(self.meta["decision"])
-        base = create_model(
-            self.meta["architecture"], num_outputs=self.meta["num_outputs"], in_chans=self.preprocess.channels, pretrained=False
-        )
+        members = int(self.meta.get("ensemble", 1))  # absent: one model
+        nets = [create_model(self.meta["architecture"], num_outputs=self.meta["num_outputs"], in_chans=self.preprocess.channels,
+                             pretrained=False) for _ in range(members)]
+        base = nets[0] if members == 1 else ensemble_of(nets, self.task)
         if (folder / "pruned.json").is_file():  # a pruned model: rebuild its channel structure first
             from edgeclf.export.prune import load_pruned
 
@@ -201,6 +207,7 @@ class TrainedModel:
             self.model = base
             self.model.load_state_dict(load_file(str(folder / "model.safetensors")))
         self.tta: str = self.meta.get("tta", "none")  # absent in runs written before the field existed
+        self.members = members
         self.net = self.model.eval()  # the network alone (pruning, fine-tuning); `model` is what is deployed
         self.model = with_tta(self.net, self.tta)
         run_path = folder / "run.json"
@@ -598,6 +605,9 @@ def train(cfg: TrainConfig, *, on_epoch: Callable[[dict[str, Any]], None] | None
     Under torchrun (WORLD_SIZE > 1) every process trains on its shard of each batch and only rank 0
     writes the folder; the others return {"rank": r, "world_size": w}.
     """
+    if cfg.ensemble > 1 and dist_info()[1] > 1:
+        raise ConfigError("--ensemble trains its members one after another in one process; run it without torchrun, or train "
+                          "each member under torchrun with its own --seed and combine them with `edgeclf ensemble`")
     if cfg.folds:
         return cross_validate(cfg, on_epoch=on_epoch, recipe=recipe)
     t_start = time.time()
@@ -651,8 +661,32 @@ def _train_on(ds: Dataset, cfg: TrainConfig, *, on_epoch: Callable[[dict[str, An
     n_out = _num_outputs(ds.task, ds.labels)
     model = create_model(cfg.model, num_outputs=n_out, in_chans=channels, pretrained=cfg.pretrained)
     p = _prepare(ds, spec, cfg.augment, positive)
-    history, best_epoch = fit(model, p, epochs=cfg.epochs, lr=cfg.lr, batch_size=cfg.batch_size, weight_decay=cfg.weight_decay,
-                              patience=cfg.patience, seed=cfg.seed, on_epoch=on_epoch, probe_epochs=cfg.probe_epochs, ema=cfg.ema)
+    history, best = fit(model, p, epochs=cfg.epochs, lr=cfg.lr, batch_size=cfg.batch_size, weight_decay=cfg.weight_decay,
+                        patience=cfg.patience, seed=cfg.seed, on_epoch=_tag(on_epoch, 0, cfg.ensemble), probe_epochs=cfg.probe_epochs,
+                        ema=cfg.ema)
+    best_epoch: int | list[int] = best  # an ensemble's: one per member
+    members_record: list[dict[str, Any]] | None = None
+    if cfg.ensemble > 1:
+        from edgeclf.models import ensemble_of
+
+        # Member k is seeded as a plain run with --seed seed+k would be (same weights on a fixed split list).
+        nets, best_epochs, members_record = [model], [best], []
+        history = [{**h, "member": 0} for h in history]
+        for k in range(1, cfg.ensemble):
+            torch.manual_seed(cfg.seed + k)
+            np.random.seed(cfg.seed + k)
+            net = create_model(cfg.model, num_outputs=n_out, in_chans=channels, pretrained=cfg.pretrained)
+            h, b = fit(net, p, epochs=cfg.epochs, lr=cfg.lr, batch_size=cfg.batch_size, weight_decay=cfg.weight_decay,
+                       patience=cfg.patience, seed=cfg.seed + k, on_epoch=_tag(on_epoch, k, cfg.ensemble), probe_epochs=cfg.probe_epochs,
+                       ema=cfg.ema)
+            nets.append(net)
+            best_epochs.append(b)
+            history += [{**e, "member": k} for e in h]
+        for k, net in enumerate(nets):  # each member alone, calibrated on validation: what the ensemble adds
+            alone = calibrate_and_measure(net, p, target_sensitivity=cfg.target_sensitivity, seed=cfg.seed,
+                                          operating_point=cfg.operating_point, test=False)[2]["val"]
+            members_record.append({"member": k, "seed": cfg.seed + k, "best_epoch": best_epochs[k], "val": _val_figures(alone)})
+        model, best_epoch = ensemble_of(nets, ds.task), best_epochs
     val_plain = None
     if cfg.tta != "none":
         from edgeclf.models import with_tta
@@ -681,6 +715,7 @@ def _train_on(ds: Dataset, cfg: TrainConfig, *, on_epoch: Callable[[dict[str, An
         "decision": rule.to_dict(),
         "pretrained": cfg.pretrained,
         "tta": cfg.tta,
+        **({"ensemble": cfg.ensemble} if cfg.ensemble > 1 else {}),
     }
     record: dict[str, Any] = {
         "config": asdict(cfg),
@@ -695,11 +730,20 @@ def _train_on(ds: Dataset, cfg: TrainConfig, *, on_epoch: Callable[[dict[str, An
         "host": host_info(),
         "_meta": meta,
     }
+    if members_record is not None:
+        record["ensemble"] = {"members": members_record, "combined": "mean probability" if ds.task == "multiclass" else "mean logit"}
     if ds.kind == "clips":
         record["data"]["clips"] = {s: len({i.split("#", 1)[0] for i in v.ids}) for s, v in ds.splits.items()}
     if recipe is not None:
         record["recipe"] = {k: v for k, v in recipe.items() if not k.startswith("_")}
     return record, model, p
+
+
+def _tag(on_epoch: Callable[[dict[str, Any]], None] | None, member: int, members: int) -> Callable[[dict[str, Any]], None] | None:
+    """The progress callback with the ensemble member added to each epoch's record (unchanged for one model)."""
+    if on_epoch is None or members == 1:
+        return on_epoch
+    return lambda rec: on_epoch({**rec, "member": member, "members": members})
 
 
 def _val_figures(m: dict[str, Any]) -> dict[str, Any]:
@@ -796,3 +840,84 @@ def cross_validate(cfg: TrainConfig, *, on_epoch: Callable[[dict[str, Any]], Non
     if recipe is not None and recipe.get("_text"):
         (out / "recipe.toml").write_text(recipe["_text"])
     return result
+
+
+def ensemble_runs(folders: list[str], out: str, *, read_test: bool = True) -> dict[str, Any]:
+    """Combine finished training folders (same data split, architecture, input and labels; e.g. the same settings
+    with other seeds) into one ensemble training folder, as `--ensemble` would have written it: temperature and
+    operating point refit on validation, validation (and, with `read_test`, test) measured, each member's own
+    validation figures recorded. Their data split must be the same: each member was early-stopped on it."""
+    if len(folders) < 2:
+        raise ConfigError(f"an ensemble needs at least 2 training folders, got {len(folders)}")
+    import dataclasses
+
+    from edgeclf.models import ensemble_of, with_tta
+
+    runs = [load_trained(f) for f in folders]
+    first = runs[0]
+    for f, tm in zip(folders, runs):
+        if (tm.folder / "pruned.json").is_file() or tm.members > 1:
+            raise ConfigError(f"{f} is a pruned model or an ensemble already; combine plain training folders")
+        if not tm.run.get("config"):
+            raise ConfigError(f"{f} has no run.json config; combine folders written by `edgeclf train`")
+        same = (tm.meta["architecture"], tm.meta["num_outputs"], tm.task, tm.labels, tm.meta["preprocess"], tm.tta)
+        if same != (first.meta["architecture"], first.meta["num_outputs"], first.task, first.labels, first.meta["preprocess"], first.tta):
+            raise ConfigError(f"{f} differs from {folders[0]} in architecture, outputs, labels, input or tta; "
+                              "an ensemble combines runs of one model on one input")
+        if tm.run["config"].get("data") != first.run["config"].get("data") or tm.run["data"].get("hash") != first.run["data"].get("hash"):
+            raise ConfigError(f"{f} was trained on other data than {folders[0]}; combine runs of one data set")
+        for name in ("train", "val", "test"):
+            mine, theirs = tm.folder / "splits" / f"{name}.txt", first.folder / "splits" / f"{name}.txt"
+            if mine.is_file() != theirs.is_file() or (mine.is_file() and mine.read_text() != theirs.read_text()):
+                raise ConfigError(f"{f} has another {name} split than {folders[0]} (the seed chose the split?); "
+                                  "fix the split (a committed split list) and retrain")
+    if Path(out).resolve() in {tm.folder.resolve() for tm in runs}:
+        raise ConfigError(f"--out {out} is one of the members; give a new folder")
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    cfg = TrainConfig(**{**{k: v for k, v in first.run["config"].items() if k in known}, "out": out, "read_test": read_test,
+                         "ensemble": len(runs)})
+    t_start = time.time()
+    ds = load_dataset(cfg.data, classes=cfg.classes, seed=cfg.seed, frames_per_clip=cfg.frames_per_clip)
+    for name, ids in ds.split_lists().items():
+        recorded = first.folder / "splits" / f"{name}.txt"
+        if recorded.is_file() and recorded.read_text().splitlines() != [str(i) for i in ids]:
+            raise DataError(f"the data at {cfg.data} no longer gives the {name} split {folders[0]} was trained on; "
+                            "point to the same data")
+    p = _prepare(ds, first.preprocess, cfg.augment, _positive_index(ds, cfg.positive))
+    members = []
+    for k, tm in enumerate(runs):
+        alone = calibrate_and_measure(tm.net, p, target_sensitivity=cfg.target_sensitivity, seed=cfg.seed,
+                                      operating_point=cfg.operating_point, test=False)[2]["val"]
+        members.append({"member": k, "folder": str(tm.folder), "seed": tm.run["config"].get("seed"),
+                        "best_epoch": tm.run.get("best_epoch"), "val": _val_figures(alone)})
+    net = ensemble_of([tm.net for tm in runs], ds.task)
+    model = with_tta(net, first.tta)
+    temperature, rule, metrics = calibrate_and_measure(model, p, target_sensitivity=cfg.target_sensitivity, seed=cfg.seed,
+                                                       operating_point=cfg.operating_point, test=read_test)
+    if read_test and ds.kind == "clips" and len(ds.splits.get("test", [])):
+        from edgeclf.metrics import clip_metrics
+
+        pt = probabilities(torch_logits(model, p.pre.batch(ds.splits["test"].images)), ds.task, temperature)
+        metrics["test_clips"] = clip_metrics(pt, ds.splits["test"].labels, ds.splits["test"].ids, rule, ds.labels,
+                                             n_boot=1000, seed=cfg.seed)
+    meta = {**first.meta, "temperature": temperature, "decision": rule.to_dict(), "ensemble": len(runs)}
+    record: dict[str, Any] = {
+        "config": asdict(dataclasses.replace(cfg)),
+        "data": first.run["data"],
+        "model": {**meta, "parameters": int(sum(t.numel() for t in net.parameters()))},
+        "best_epoch": [m["best_epoch"] for m in members],
+        "history": [{**e, "member": k} for k, tm in enumerate(runs) for e in tm.run.get("history", [])],
+        "metrics": metrics,
+        "ensemble": {"members": members, "combined": "mean probability" if ds.task == "multiclass" else "mean logit",
+                     "from_folders": True},
+        "threads": first.run.get("threads"),
+        "packages": package_versions(),
+        "host": host_info(),
+        "seconds": round(time.time() - t_start, 1),
+    }
+    if first.run.get("recipe") is not None:
+        record["recipe"] = first.run["recipe"]
+    save_run(Path(out), net, p, meta, record)
+    if (first.folder / "recipe.toml").is_file():  # export takes its compression settings from the recipe
+        (Path(out) / "recipe.toml").write_text((first.folder / "recipe.toml").read_text())
+    return record

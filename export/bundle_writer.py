@@ -218,6 +218,10 @@ def export_bundle(cfg: ExportConfig) -> dict[str, Any]:
         provenance.update(source="trained", training={"config": cfg_rec, **{k: tm.run.get(k) for k in ("best_epoch", "seconds", "packages")}})
         if tm.tta != "none":  # the graph runs the network on the image and its mirror: twice the compute
             provenance["test_time_augmentation"] = tm.tta
+        if tm.members > 1:  # the graph runs every member: N times the compute; each member's own figures recorded
+            ens = tm.run.get("ensemble") or {}
+            provenance["ensemble"] = {"members": tm.members, "combined": ens.get("combined"),
+                                      "members_val": [{"seed": m.get("seed"), **(m.get("val") or {})} for m in ens.get("members", [])]}
         if tm.run.get("recipe"):
             provenance["recipe"] = {k: tm.run["recipe"].get(k) for k in ("name", "version", "sha256", "variant", "export")}
         if tm.run.get("pruning"):

@@ -514,6 +514,9 @@ def prune_trained(cfg: PruneConfig, *, on_epoch: Optional[Callable[[Dict[str, An
 
     t0 = time.time()
     tm = load_trained(cfg.model)
+    if tm.members > 1:
+        raise ConfigError(f"{cfg.model} is an ensemble of {tm.members}; prune each member's training folder and combine the "
+                          "pruned runs' settings by retraining, or export the ensemble unpruned")
     run = tm.run
     recorded = run.get("data", {})
     tcfg = run.get("config", {})

@@ -224,3 +224,85 @@ def test_probe_epochs_need_a_pretrained_network() -> None:
         TrainConfig(data="x", out="y", probe_epochs=2)
     with pytest.raises(ConfigError, match="probe-epochs is -1"):
         TrainConfig(data="x", out="y", probe_epochs=-1, pretrained=True)
+
+
+def test_ensemble_members_are_the_seeded_plain_runs_and_export_as_one_graph(tmp_path: Path) -> None:
+    """--ensemble N trains member k exactly as a plain run with --seed seed+k (same split), deploys the mean of
+    their probabilities, and `edgeclf ensemble` combining those plain runs gives the same model and figures."""
+    import torch
+    from click.testing import CliRunner
+    from safetensors.torch import load_file
+
+    from edgeclf.cli import cli
+    from edgeclf.export.bundle_writer import ExportConfig, export_bundle
+    from edgeclf.runtime.backends import OrtBackend
+    from edgeclf.train import ensemble_runs, load_trained
+
+    data = "synthetic:ultrasound?n=90&size=48&seed=4"
+    kw = dict(data=data, size=32, epochs=2, patience=2, threads=1)
+    ens = train(TrainConfig(out=str(tmp_path / "ens"), ensemble=2, **kw))
+    plain = [train(TrainConfig(out=str(tmp_path / f"s{k}"), seed=k, **kw)) for k in (0, 1)]
+    weights = load_file(str(tmp_path / "ens" / "model.safetensors"))
+    for k in (0, 1):
+        alone = load_file(str(tmp_path / f"s{k}" / "model.safetensors"))
+        assert set(alone) == {key.split(".", 2)[2] for key in weights if key.startswith(f"members.{k}.")}
+        assert all(torch.equal(v, weights[f"members.{k}.{key}"]) for key, v in alone.items())
+        assert ens["ensemble"]["members"][k]["seed"] == k and ens["ensemble"]["members"][k]["best_epoch"] == plain[k]["best_epoch"]
+        assert ens["ensemble"]["members"][k]["val"]["accuracy"] == pytest.approx(plain[k]["metrics"]["val"]["accuracy"])
+    assert any(not torch.equal(weights[f"members.0.{key}"], weights[f"members.1.{key}"]) for key in alone)
+    assert ens["best_epoch"] == [plain[0]["best_epoch"], plain[1]["best_epoch"]]
+    assert {h["member"] for h in ens["history"]} == {0, 1}
+    # The deployed output: log of the mean softmax, so softmax(output) is the averaged probability.
+    tm, m0, m1 = load_trained(tmp_path / "ens"), load_trained(tmp_path / "s0"), load_trained(tmp_path / "s1")
+    assert tm.members == 2 and tm.meta["ensemble"] == 2 and tm.run["ensemble"]["combined"] == "mean probability"
+    x = np.random.default_rng(0).normal(size=(6, 1, 32, 32)).astype(np.float32)
+    soft = lambda z: np.exp(z - z.max(1, keepdims=True)) / np.exp(z - z.max(1, keepdims=True)).sum(1, keepdims=True)  # noqa: E731
+    want = (soft(m0.logits(x)) + soft(m1.logits(x))) / 2
+    np.testing.assert_allclose(soft(tm.logits(x)), want, rtol=1e-5, atol=1e-6)
+    # Combining the plain runs afterwards: the same weights and validation figures as training the ensemble.
+    res = CliRunner().invoke(cli, ["ensemble", "--member", str(tmp_path / "s0"), "--member", str(tmp_path / "s1"),
+                                   "--out", str(tmp_path / "comb"), "--no-test"])
+    assert res.exit_code == 0, res.output
+    assert "each member alone on validation" in res.output and not any(ln.startswith("test ") for ln in res.output.splitlines())
+    assert (tmp_path / "comb" / "model.safetensors").read_bytes() == (tmp_path / "ens" / "model.safetensors").read_bytes()
+    comb = json.loads((tmp_path / "comb" / "run.json").read_text())
+    assert comb["metrics"]["val"] == ens["metrics"]["val"] and set(comb["metrics"]) == {"val"}
+    assert comb["model"]["temperature"] == pytest.approx(ens["model"]["temperature"])
+    # Exported: one ONNX graph running both members; ONNX Runtime gives the same averaged probabilities.
+    man = export_bundle(ExportConfig(out=str(tmp_path / "b"), model=str(tmp_path / "ens")))
+    assert man["provenance"]["ensemble"]["members"] == 2 and len(man["provenance"]["ensemble"]["members_val"]) == 2
+    assert man["parity"]["decision_agreement"] == 1.0
+    with OrtBackend(str(tmp_path / "b" / "model.onnx"), (1, 32, 32), man["model"]["output_shape"][1], threads=1) as be:
+        np.testing.assert_allclose(soft(be.infer(x)), want, rtol=1e-4, atol=1e-5)
+    # What cannot be combined is refused with the reason.
+    with pytest.raises(ConfigError, match="at least 2"):
+        ensemble_runs([str(tmp_path / "s0")], str(tmp_path / "x"))
+    with pytest.raises(ConfigError, match="is one of the members"):
+        ensemble_runs([str(tmp_path / "s0"), str(tmp_path / "s1")], str(tmp_path / "s1"))
+    with pytest.raises(ConfigError, match="pruned model or an ensemble"):
+        ensemble_runs([str(tmp_path / "s0"), str(tmp_path / "ens")], str(tmp_path / "x"))
+    train(TrainConfig(out=str(tmp_path / "other"), **{**kw, "data": "synthetic:ultrasound?n=90&size=48&seed=5"}))
+    with pytest.raises(ConfigError, match="other data"):
+        ensemble_runs([str(tmp_path / "s0"), str(tmp_path / "other")], str(tmp_path / "x"))
+    train(TrainConfig(out=str(tmp_path / "big"), **{**kw, "size": 40}))
+    with pytest.raises(ConfigError, match="differs from"):
+        ensemble_runs([str(tmp_path / "s0"), str(tmp_path / "big")], str(tmp_path / "x"))
+
+
+def test_ensemble_settings_are_checked() -> None:
+    with pytest.raises(ConfigError, match="ensemble is 0; give 1"):
+        TrainConfig(data="x", out="y", ensemble=0)
+    with pytest.raises(ConfigError, match="ensemble is 17"):
+        TrainConfig(data="x", out="y", ensemble=17)
+    from edgeclf.models import ensemble_of
+
+    with pytest.raises(ConfigError, match="at least 2 members"):
+        ensemble_of([], "multiclass")
+
+
+def test_ensemble_is_refused_under_torchrun(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    import edgeclf.train as tr
+
+    monkeypatch.setattr(tr, "dist_info", lambda: (0, 2))
+    with pytest.raises(ConfigError, match="without torchrun"):
+        tr.train(TrainConfig(data="synthetic:ultrasound?n=90&size=48&seed=4", out=str(tmp_path / "m"), ensemble=2))

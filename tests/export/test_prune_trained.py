@@ -70,3 +70,14 @@ def test_a_pruning_that_buys_no_time_says_so(trained_dir: Path, tmp_path: Path, 
     rec = prune_mod.prune_trained(prune_mod.PruneConfig(model=str(trained_dir), out=str(tmp_path / "p"), steps=1, finetune_epochs=1))
     pr = rec["pruning"]
     assert pr["pays"] is False and "saves MACs but not time" in pr["verdict"] and "keep the unpruned model" in pr["verdict"]
+
+
+def test_an_ensemble_is_not_pruned(tmp_path: Path) -> None:
+    from edgeclf.errors import ConfigError
+    from edgeclf.export.prune import PruneConfig, prune_trained
+    from edgeclf.train import TrainConfig, train
+
+    train(TrainConfig(data="synthetic:ultrasound?n=90&size=48&seed=4", out=str(tmp_path / "ens"), size=32, epochs=1, patience=1,
+                      threads=1, ensemble=2))
+    with pytest.raises(ConfigError, match="is an ensemble of 2"):
+        prune_trained(PruneConfig(model=str(tmp_path / "ens"), out=str(tmp_path / "p"), target_macs=0.5, steps=1, finetune_epochs=1))
