@@ -559,7 +559,8 @@ def fit(
 
 def calibrate_and_measure(model: Any, p: _Prepared, *, target_sensitivity: float, seed: int = 0,
                           operating_point: str = "sensitivity", test: bool = True) -> tuple[float, Any, dict[str, Any]]:
-    """Fit temperature and operating points on val; measure val (and test, if any and `test`). Returns (T, rule, metrics)."""
+    """Fit temperature and operating points on val; measure val (and test, if any and `test`; clip data sets also per
+    clip). Returns (T, rule, metrics)."""
     from edgeclf.calibration import fit_decision_rule, fit_temperature
     from edgeclf.metrics import evaluate_predictions
 
@@ -572,10 +573,14 @@ def calibrate_and_measure(model: Any, p: _Prepared, *, target_sensitivity: float
     metrics = {"val": evaluate_predictions(pv, yva, ds.task, rule, ds.labels, n_boot=500, seed=seed, groups=ds.splits["val"].groups)}
     if test and len(ds.splits.get("test", [])):
         lt = torch_logits(model, p.pre.batch(ds.splits["test"].images))
-        metrics["test"] = evaluate_predictions(
-            probabilities(lt, ds.task, temperature), ds.splits["test"].labels, ds.task, rule, ds.labels, n_boot=1000, seed=seed,
-            groups=ds.splits["test"].groups,
-        )
+        pt = probabilities(lt, ds.task, temperature)
+        metrics["test"] = evaluate_predictions(pt, ds.splits["test"].labels, ds.task, rule, ds.labels, n_boot=1000, seed=seed,
+                                               groups=ds.splits["test"].groups)
+        if ds.kind == "clips":  # and at the level a clinician reads: the clip
+            from edgeclf.metrics import clip_metrics
+
+            metrics["test_clips"] = clip_metrics(pt, ds.splits["test"].labels, ds.splits["test"].ids, rule, ds.labels,
+                                                 n_boot=1000, seed=seed)
     return temperature, rule, metrics
 
 
@@ -699,12 +704,6 @@ def _train_on(ds: Dataset, cfg: TrainConfig, *, on_epoch: Callable[[dict[str, An
                                                        operating_point=cfg.operating_point, test=cfg.read_test)
     if val_plain is not None:
         metrics["val_without_tta"] = val_plain
-    if cfg.read_test and ds.kind == "clips" and len(ds.splits.get("test", [])):
-        from edgeclf.metrics import clip_metrics
-
-        pt = probabilities(torch_logits(model, p.pre.batch(ds.splits["test"].images)), ds.task, temperature)
-        metrics["test_clips"] = clip_metrics(pt, ds.splits["test"].labels, ds.splits["test"].ids, rule, ds.labels,
-                                             n_boot=1000, seed=cfg.seed)
     meta = {
         "architecture": cfg.model,
         "num_outputs": n_out,
@@ -894,12 +893,6 @@ def ensemble_runs(folders: list[str], out: str, *, read_test: bool = True) -> di
     model = with_tta(net, first.tta)
     temperature, rule, metrics = calibrate_and_measure(model, p, target_sensitivity=cfg.target_sensitivity, seed=cfg.seed,
                                                        operating_point=cfg.operating_point, test=read_test)
-    if read_test and ds.kind == "clips" and len(ds.splits.get("test", [])):
-        from edgeclf.metrics import clip_metrics
-
-        pt = probabilities(torch_logits(model, p.pre.batch(ds.splits["test"].images)), ds.task, temperature)
-        metrics["test_clips"] = clip_metrics(pt, ds.splits["test"].labels, ds.splits["test"].ids, rule, ds.labels,
-                                             n_boot=1000, seed=cfg.seed)
     meta = {**first.meta, "temperature": temperature, "decision": rule.to_dict(), "ensemble": len(runs)}
     record: dict[str, Any] = {
         "config": asdict(dataclasses.replace(cfg)),
