@@ -863,7 +863,9 @@ def ensemble_runs(folders: list[str], out: str, *, read_test: bool = True) -> di
         if same != (first.meta["architecture"], first.meta["num_outputs"], first.task, first.labels, first.meta["preprocess"], first.tta):
             raise ConfigError(f"{f} differs from {folders[0]} in architecture, outputs, labels, input or tta; "
                               "an ensemble combines runs of one model on one input")
-        if tm.run["config"].get("data") != first.run["config"].get("data") or tm.run["data"].get("hash") != first.run["data"].get("hash"):
+        # The data's content hash, not its spec: one folder is often given by other paths (../data, /work/data).
+        if (tm.run.get("data", {}).get("hash") or tm.run["config"].get("data")) != (first.run.get("data", {}).get("hash")
+                                                                                  or first.run["config"].get("data")):
             raise ConfigError(f"{f} was trained on other data than {folders[0]}; combine runs of one data set")
         for name in ("train", "val", "test"):
             mine, theirs = tm.folder / "splits" / f"{name}.txt", first.folder / "splits" / f"{name}.txt"
