@@ -36,8 +36,10 @@ def test_packaged_recipes_load_and_build_configs() -> None:
     # The variant follows the data: BreastMNIST takes the compact CNN and no folder options.
     kwargs, spec, rec = resolve_recipe(load_recipe("breast-us"), "/d/breastmnist.npz", {})
     assert spec == "/d/breastmnist.npz" and kwargs["model"] == "compact" and rec["variant"] == "breastmnist"
+    assert kwargs["ensemble"] == 1  # the variant's figure is one model's: it does not inherit BUSI's ensemble
     kwargs, spec, rec = resolve_recipe(load_recipe("breast-us"), "/d/busi", {})
     assert spec == "/d/busi?split=busi" and kwargs["model"] == "efficientnet_lite0" and rec["variant"] is None
+    assert kwargs["ensemble"] == 5
     kwargs, spec, _ = resolve_recipe(load_recipe("lung-pocus"), "/d/pocus", {})
     assert spec == "/d/pocus?frames=24&roi=sector" and kwargs["folds"] == 5 and kwargs["group"] == "source"
     assert "viral" not in kwargs["classes"]
