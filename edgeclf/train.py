@@ -666,6 +666,7 @@ def _train_on(ds: Dataset, cfg: TrainConfig, *, on_epoch: Callable[[dict[str, An
     n_out = _num_outputs(ds.task, ds.labels)
     model = create_model(cfg.model, num_outputs=n_out, in_chans=channels, pretrained=cfg.pretrained)
     p = _prepare(ds, spec, cfg.augment, positive)
+    t_fit = time.time()
     history, best = fit(model, p, epochs=cfg.epochs, lr=cfg.lr, batch_size=cfg.batch_size, weight_decay=cfg.weight_decay,
                         patience=cfg.patience, seed=cfg.seed, on_epoch=_tag(on_epoch, 0, cfg.ensemble), probe_epochs=cfg.probe_epochs,
                         ema=cfg.ema)
@@ -675,9 +676,10 @@ def _train_on(ds: Dataset, cfg: TrainConfig, *, on_epoch: Callable[[dict[str, An
         from edgeclf.models import ensemble_of
 
         # Member k is seeded as a plain run with --seed seed+k would be (same weights on a fixed split list).
-        nets, best_epochs, members_record = [model], [best], []
+        nets, best_epochs, seconds, members_record = [model], [best], [round(time.time() - t_fit, 1)], []
         history = [{**h, "member": 0} for h in history]
         for k in range(1, cfg.ensemble):
+            t_fit = time.time()
             torch.manual_seed(cfg.seed + k)
             np.random.seed(cfg.seed + k)
             net = create_model(cfg.model, num_outputs=n_out, in_chans=channels, pretrained=cfg.pretrained)
@@ -686,11 +688,13 @@ def _train_on(ds: Dataset, cfg: TrainConfig, *, on_epoch: Callable[[dict[str, An
                        ema=cfg.ema)
             nets.append(net)
             best_epochs.append(b)
+            seconds.append(round(time.time() - t_fit, 1))
             history += [{**e, "member": k} for e in h]
         for k, net in enumerate(nets):  # each member alone, calibrated on validation: what the ensemble adds
             alone = calibrate_and_measure(net, p, target_sensitivity=cfg.target_sensitivity, seed=cfg.seed,
                                           operating_point=cfg.operating_point, test=False)[2]["val"]
-            members_record.append({"member": k, "seed": cfg.seed + k, "best_epoch": best_epochs[k], "val": _val_figures(alone)})
+            members_record.append({"member": k, "seed": cfg.seed + k, "best_epoch": best_epochs[k], "seconds": seconds[k],
+                                   "val": _val_figures(alone)})
         model, best_epoch = ensemble_of(nets, ds.task), best_epochs
     val_plain = None
     if cfg.tta != "none":
@@ -730,12 +734,17 @@ def _train_on(ds: Dataset, cfg: TrainConfig, *, on_epoch: Callable[[dict[str, An
         "_meta": meta,
     }
     if members_record is not None:
-        record["ensemble"] = {"members": members_record, "combined": "mean probability" if ds.task == "multiclass" else "mean logit"}
+        record["ensemble"] = {"members": members_record, "combined": _combined(ds.task)}
     if ds.kind == "clips":
         record["data"]["clips"] = {s: len({i.split("#", 1)[0] for i in v.ids}) for s, v in ds.splits.items()}
     if recipe is not None:
         record["recipe"] = {k: v for k, v in recipe.items() if not k.startswith("_")}
     return record, model, p
+
+
+def _combined(task: str) -> str:
+    """How edgeclf.models.ensemble_of combines its members' outputs for this task."""
+    return "mean probability" if task == "multiclass" else "mean logit"
 
 
 def _tag(on_epoch: Callable[[dict[str, Any]], None] | None, member: int, members: int) -> Callable[[dict[str, Any]], None] | None:
@@ -890,21 +899,20 @@ def ensemble_runs(folders: list[str], out: str, *, read_test: bool = True) -> di
         alone = calibrate_and_measure(tm.net, p, target_sensitivity=cfg.target_sensitivity, seed=cfg.seed,
                                       operating_point=cfg.operating_point, test=False)[2]["val"]
         members.append({"member": k, "folder": str(tm.folder), "seed": tm.run["config"].get("seed"),
-                        "best_epoch": tm.run.get("best_epoch"), "val": _val_figures(alone)})
+                        "best_epoch": tm.run.get("best_epoch"), "seconds": tm.run.get("seconds"), "val": _val_figures(alone)})
     net = ensemble_of([tm.net for tm in runs], ds.task)
     model = with_tta(net, first.tta)
     temperature, rule, metrics = calibrate_and_measure(model, p, target_sensitivity=cfg.target_sensitivity, seed=cfg.seed,
                                                        operating_point=cfg.operating_point, test=read_test)
     meta = {**first.meta, "temperature": temperature, "decision": rule.to_dict(), "ensemble": len(runs)}
     record: dict[str, Any] = {
-        "config": asdict(dataclasses.replace(cfg)),
+        "config": asdict(cfg),
         "data": first.run["data"],
         "model": {**meta, "parameters": int(sum(t.numel() for t in net.parameters()))},
         "best_epoch": [m["best_epoch"] for m in members],
         "history": [{**e, "member": k} for k, tm in enumerate(runs) for e in tm.run.get("history", [])],
         "metrics": metrics,
-        "ensemble": {"members": members, "combined": "mean probability" if ds.task == "multiclass" else "mean logit",
-                     "from_folders": True},
+        "ensemble": {"members": members, "combined": _combined(ds.task), "from_folders": True},
         "threads": first.run.get("threads"),
         "packages": package_versions(),
         "host": host_info(),
