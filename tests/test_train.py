@@ -289,6 +289,21 @@ def test_ensemble_members_are_the_seeded_plain_runs_and_export_as_one_graph(tmp_
         ensemble_runs([str(tmp_path / "s0"), str(tmp_path / "big")], str(tmp_path / "x"))
 
 
+def test_train_cli_ensemble_reports_each_member(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from edgeclf.cli import cli
+
+    res = CliRunner().invoke(cli, ["train", "--data", "synthetic:ultrasound?n=90&size=48&seed=4", "--out", str(tmp_path / "e"),
+                                   "--size", "32", "--epochs", "1", "--patience", "1", "--threads", "1", "--ensemble", "2"])
+    assert res.exit_code == 0, res.output
+    assert "trained an ensemble of 2 compact" in res.output and "best epochs [1, 1]" in res.output
+    rows = [ln.split() for ln in res.output.splitlines() if ln[:2] in ("0 ", "1 ")]
+    assert [r[:3] for r in rows] == [["0", "0", "1"], ["1", "1", "1"]]  # member, seed, best epoch
+    rec = json.loads((tmp_path / "e" / "run.json").read_text())
+    assert [m["seed"] for m in rec["ensemble"]["members"]] == [0, 1] and all(m["seconds"] > 0 for m in rec["ensemble"]["members"])
+
+
 def test_ensemble_settings_are_checked() -> None:
     with pytest.raises(ConfigError, match="ensemble is 0; give 1"):
         TrainConfig(data="x", out="y", ensemble=0)
