@@ -367,3 +367,27 @@ def test_onnx_parity_others(tmp_path, name):
     pretrained = name in LITES
     model = create_model(name, num_outputs=2, in_chans=1, pretrained=pretrained)
     assert _onnx_parity(model, 1, 64, tmp_path / "m.onnx") < 1e-4
+
+
+def test_ensemble_of_averages_probabilities_or_logits_by_task() -> None:
+    import torch
+
+    from edgeclf.models import ensemble_of
+
+    torch.manual_seed(0)
+    a, b = torch.nn.Linear(4, 3), torch.nn.Linear(4, 3)
+    x = torch.randn(5, 4)
+    with torch.inference_mode():
+        multi = ensemble_of([a, b], "multiclass")(x)
+        want = (torch.softmax(a(x), 1) + torch.softmax(b(x), 1)) / 2
+        torch.testing.assert_close(torch.softmax(multi, 1), want)
+        torch.testing.assert_close(multi.exp().sum(1), torch.ones(5))  # log-probabilities already
+        for task in ("binary", "multilabel"):
+            torch.testing.assert_close(ensemble_of([a, b], task)(x), (a(x) + b(x)) / 2)
+        # Far-apart logits: a probability underflows to 0 in float32, the output stays finite.
+        big = torch.nn.Linear(4, 3)
+        big.weight.data.zero_()
+        big.bias.data = torch.tensor([0.0, 200.0, -200.0])
+        assert torch.isfinite(ensemble_of([big, big], "multiclass")(x)).all()
+    with pytest.raises(ConfigError, match="task is 'regression'"):
+        ensemble_of([a, b], "regression")
