@@ -238,7 +238,7 @@ def ensemble_of(members: List[torch.nn.Module], task: str) -> torch.nn.Module:
     """One module running every member on the same input and combining their outputs, so that training,
     evaluation and the exported ONNX graph all see one model (the runtime needs no change).
 
-    multiclass: log of the mean of the members' softmax probabilities (logsumexp of their log-softmax, less
+    multiclass: log of the mean of the members' softmax probabilities (log-sum-exp of their log-softmax, less
     log N: finite where a probability underflows), so softmax of the output is the averaged probability.
     binary and multilabel (sigmoid outputs): the mean of the logits. Compute and size grow N times."""
     import math
@@ -260,7 +260,12 @@ def ensemble_of(members: List[torch.nn.Module], task: str) -> torch.nn.Module:
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             outs = torch.stack([m(x) for m in self.members], dim=0)
             if self.task == "multiclass":
-                return torch.logsumexp(torch.log_softmax(outs, dim=2), dim=0) - self._log_n
+                # log-sum-exp spelled out with its maximum taken first: in the exported graph the exponent is never
+                # positive and one term is exp(0), whatever a runtime's own ReduceLogSumExp does (some compute it
+                # naively, which overflows or gives log 0 = -inf for confident members).
+                lp = torch.log_softmax(outs, dim=2)
+                top = lp.amax(dim=0)
+                return top + torch.log(torch.exp(lp - top).sum(dim=0)) - self._log_n
             return outs.mean(dim=0)
 
     return Ensemble(members).eval()

@@ -391,3 +391,33 @@ def test_ensemble_of_averages_probabilities_or_logits_by_task() -> None:
         assert torch.isfinite(ensemble_of([big, big], "multiclass")(x)).all()
     with pytest.raises(ConfigError, match="task is 'regression'"):
         ensemble_of([a, b], "regression")
+
+
+def test_exported_ensemble_stays_finite_for_confident_members(tmp_path: Path) -> None:
+    """The exported graph spells log-sum-exp out with its maximum first (no ReduceLogSumExp, which some runtimes
+    compute naively): members certain of different classes still give finite outputs through ONNX Runtime."""
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+    import torch
+
+    from edgeclf.export.onnx_export import export_onnx
+    from edgeclf.models import ensemble_of
+
+    class Fixed(torch.nn.Module):  # an image model whose logits are its bias: as confident as wanted
+        def __init__(self, bias: list) -> None:
+            super().__init__()
+            self.bias = torch.nn.Parameter(torch.tensor(bias))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x.mean(dim=(1, 2, 3))[:, None] * 0 + self.bias
+
+    ens = ensemble_of([Fixed([0.0, 300.0, -300.0]), Fixed([300.0, 0.0, -300.0])], "multiclass")
+    export_onnx(ens, np.zeros((1, 1, 8, 8), np.float32), tmp_path / "e.onnx")
+    ops = {n.op_type for n in onnx.load(str(tmp_path / "e.onnx")).graph.node}
+    assert "ReduceLogSumExp" not in ops
+    out = ort.InferenceSession(str(tmp_path / "e.onnx"), providers=["CPUExecutionProvider"]).run(
+        None, {"input": np.zeros((2, 1, 8, 8), np.float32)})[0]
+    assert np.isfinite(out).all()
+    p = np.exp(out - out.max(1, keepdims=True))
+    np.testing.assert_allclose(p / p.sum(1, keepdims=True), [[0.5, 0.5, 0.0]] * 2, atol=1e-6)
