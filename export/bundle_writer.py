@@ -221,6 +221,8 @@ def export_bundle(cfg: ExportConfig) -> dict[str, Any]:
         if tm.members > 1:  # the graph runs every member: N times the compute; each member's own figures recorded
             ens = tm.run.get("ensemble") or {}
             provenance["ensemble"] = {"members": tm.members, "combined": ens.get("combined"),
+                                      # combined afterwards by `edgeclf ensemble`: the recipe recorded is the first member's
+                                      "from_folders": bool(ens.get("from_folders")),
                                       "members_val": [{"seed": m.get("seed"), **(m.get("val") or {})} for m in ens.get("members", [])]}
         if tm.run.get("recipe"):
             provenance["recipe"] = {k: tm.run["recipe"].get(k) for k in ("name", "version", "sha256", "variant", "export")}

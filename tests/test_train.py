@@ -271,6 +271,7 @@ def test_ensemble_members_are_the_seeded_plain_runs_and_export_as_one_graph(tmp_
     # Exported: one ONNX graph running both members; ONNX Runtime gives the same averaged probabilities.
     man = export_bundle(ExportConfig(out=str(tmp_path / "b"), model=str(tmp_path / "ens")))
     assert man["provenance"]["ensemble"]["members"] == 2 and len(man["provenance"]["ensemble"]["members_val"]) == 2
+    assert man["provenance"]["ensemble"]["from_folders"] is False
     assert man["parity"]["decision_agreement"] == 1.0
     with OrtBackend(str(tmp_path / "b" / "model.onnx"), (1, 32, 32), man["model"]["output_shape"][1], threads=1) as be:
         np.testing.assert_allclose(soft(be.infer(x)), want, rtol=1e-4, atol=1e-5)
