@@ -12,6 +12,9 @@ weights), on a 640x480 mp4 of synthetic ultrasound with burned-in text:
 - naive: the loop a user would write: `cv2.VideoCapture.read`, numpy preprocessing, `session.run`
   with ONNX Runtime's default settings, one thread of Python.
 
+With `--batches 1,8` (the default) the pipeline and backend-only also run 8 frames per inference call
+(`edgeclf run --batch 8`, for recorded files); backend-only at a batch is the ceiling for the pipeline at it.
+
 Rounds interleave every mode (A B C A B C ...) so drift on this shared machine hits all alike; the
 figure is the median over rounds. Pipeline and backend-only run with 1 and 2 intra-op threads.
 Writes benchmarks/results/runtime.{json,md}. A benchmark, not a test: its figures describe this machine.
@@ -68,27 +71,30 @@ def make_bundle(model: str, work: Path) -> Path:
     return bundle
 
 
-def backend_only(bundle: Path, frames: int, threads: int) -> dict:
+def backend_only(bundle: Path, frames: int, threads: int, batch: int = 1) -> dict:
     from edgeclf.runtime.backends import OrtBackend
     from edgeclf.runtime.bundle import load_bundle
     from edgeclf.runtime.preprocess import Preprocessor
 
     m = load_bundle(bundle).manifest
-    x = Preprocessor(m.preprocess)(np.zeros((480, 640, 3), np.uint8))
+    x = np.repeat(Preprocessor(m.preprocess)(np.zeros((480, 640, 3), np.uint8)), batch, axis=0)
+    calls = max(1, frames // batch)
     with OrtBackend(str(bundle / m.raw["model"]["file"]), (3, 224, 224), m.num_outputs, threads=threads) as be:
         for _ in range(5):
             be.infer(x)
         t0 = time.perf_counter()
-        for _ in range(frames):
+        for _ in range(calls):
             be.infer(x)
         wall = time.perf_counter() - t0
-    return {"fps": frames / wall, "ms_per_frame": wall / frames * 1e3}
+    return {"fps": calls * batch / wall, "ms_per_frame": wall / (calls * batch) * 1e3}
 
 
-def pipeline(bundle: Path, video: Path, threads: int, out: Path) -> dict:
+def pipeline(bundle: Path, video: Path, threads: int, out: Path, batch: int = 1) -> dict:
     from edgeclf.runtime.app import run_bundle
+    from edgeclf.runtime.pipeline import RunOptions
 
-    s = run_bundle(str(bundle), str(video), out=str(out), threads=threads)
+    s = run_bundle(str(bundle), str(video), out=str(out), threads=threads, options=RunOptions(batch=batch))
+    assert s["batch"] == batch and s["frames"] == s["written"]
     stages = {k: v["median"] for k, v in s["stages_ms"].items()}
     overhead = stages["preprocess"] + stages["postprocess"] + stages["sink"]
     parts = {k: v["median"] for k, v in s["preprocess_parts_ms"].items()}
@@ -139,44 +145,53 @@ def machine() -> dict:
             "onnxruntime": onnxruntime.__version__, "opencv": cv2.__version__}
 
 
+def _key(mode: str, threads: int, batch: int) -> str:
+    return f"{mode}_t{threads}" + (f"_b{batch}" if batch > 1 else "")
+
+
 def markdown(doc: dict) -> str:
     info, res = doc["machine"], doc["results"]
+    batches = doc.get("batches", [1])
+    combos = [(t, bt) for t in doc["threads"] for bt in batches]
     lines = [f"Machine: {info['cpu']}, {info['cores']} cores, ONNX Runtime {info['onnxruntime']}, OpenCV {info['opencv']}, "
              f"Python {info['python']}. {doc['frames']} frames of 640x480 mp4 per run, {doc['rounds']} interleaved rounds, "
              "medians over rounds. Command: `python benchmarks/runtime.py`.", "",
-             "| model | mode | threads | frames/s | vs naive | vs backend only (same threads) | pre+quality+post+sink ms | "
-             "capture-to-result p90 ms |", "|---|---|---|---|---|---|---|---|"]
+             "| model | mode | threads | batch | frames/s | vs naive | vs backend only (same threads, batch) | "
+             "pre+quality+post+sink ms | capture-to-result p90 ms |", "|---|---|---|---|---|---|---|---|---|"]
     for model, r in res.items():
         nv = r["naive"]["fps"]
-        lines.append(f"| {model} | naive loop | ORT default | {nv:.1f} | 1.00x | | | |")
-        for t in doc["threads"]:
-            bo = r[f"backend_t{t}"]["fps"]
-            pl = r[f"pipeline_t{t}"]
-            lines.append(f"| {model} | backend only | {t} | {bo:.1f} | {bo / nv:.2f}x | 1.00x | | |")
-            lines.append(f"| {model} | pipeline | {t} | {pl['fps']:.1f} | {pl['fps'] / nv:.2f}x | {pl['fps'] / bo:.2f}x | "
+        lines.append(f"| {model} | naive loop | ORT default | 1 | {nv:.1f} | 1.00x | | | |")
+        for t, bt in combos:
+            bo = r[_key("backend", t, bt)]["fps"]
+            pl = r[_key("pipeline", t, bt)]
+            lines.append(f"| {model} | backend only | {t} | {bt} | {bo:.1f} | {bo / nv:.2f}x | 1.00x | | |")
+            lines.append(f"| {model} | pipeline | {t} | {bt} | {pl['fps']:.1f} | {pl['fps'] / nv:.2f}x | {pl['fps'] / bo:.2f}x | "
                          f"{pl['pre_quality_post_sink_ms']:.3f} | {pl['latency_p90_ms']:.2f} |")
     lines += ["", "Ratios within each round (the modes of a round ran back to back, so drift between rounds cancels); "
-              "median and per-round values:", "", "| model | threads | pipeline / naive | pipeline / backend only |", "|---|---|---|---|"]
+              "median and per-round values:", "",
+              "| model | threads | batch | pipeline / naive | pipeline / backend only | pre+quality+post+sink ms |", "|---|---|---|---|---|---|"]
     for model, r in res.items():
-        for t in doc["threads"]:
-            pl, nv, bo = r[f"pipeline_t{t}"]["fps_runs"], r["naive"]["fps_runs"], r[f"backend_t{t}"]["fps_runs"]
+        for t, bt in combos:
+            pk = _key("pipeline", t, bt)
+            pl, nv, bo = r[pk]["fps_runs"], r["naive"]["fps_runs"], r[_key("backend", t, bt)]["fps_runs"]
             vs_naive = [a / b for a, b in zip(pl, nv)]
             vs_backend = [a / b for a, b in zip(pl, bo)]
-            lines.append(f"| {model} | {t} | {np.median(vs_naive):.2f}x ({', '.join(f'{v:.2f}' for v in vs_naive)}) | "
-                         f"{np.median(vs_backend):.2f}x ({', '.join(f'{v:.2f}' for v in vs_backend)}) |")
-    lines += ["", "Pipeline per-stage medians (ms):", "", "| model | threads | " + " | ".join(doc["stages"]) + " |",
-              "|---|---|" + "---|" * len(doc["stages"])]
+            ov = r[pk].get("overhead_runs", [])
+            lines.append(f"| {model} | {t} | {bt} | {np.median(vs_naive):.2f}x ({', '.join(f'{v:.2f}' for v in vs_naive)}) | "
+                         f"{np.median(vs_backend):.2f}x ({', '.join(f'{v:.2f}' for v in vs_backend)}) | "
+                         f"{np.median(ov):.3f} ({', '.join(f'{v:.3f}' for v in ov)}) |")
+    lines += ["", "Pipeline per-stage medians (ms; with a batch, infer is each frame's share of its call):", "",
+              "| model | threads | batch | " + " | ".join(doc["stages"]) + " |", "|---|---|---|" + "---|" * len(doc["stages"])]
     for model, r in res.items():
-        for t in doc["threads"]:
-            st = r[f"pipeline_t{t}"]["stages_ms"]
-            lines.append(f"| {model} | {t} | " + " | ".join(f"{st[s]:.3f}" for s in doc["stages"]) + " |")
-    if all("preprocess_parts_ms" in r[f"pipeline_t{t}"] for r in res.values() for t in doc["threads"]):
-        lines += ["", "Inside the preprocess stage (medians, ms; the quality gate and the model input are timed apart):", "",
-                  "| model | threads | quality gate | model input (resize, normalise, layout) |", "|---|---|---|---|"]
-        for model, r in res.items():
-            for t in doc["threads"]:
-                pp = r[f"pipeline_t{t}"]["preprocess_parts_ms"]
-                lines.append(f"| {model} | {t} | {pp['quality']:.3f} | {pp['model_input']:.3f} |")
+        for t, bt in combos:
+            st = r[_key("pipeline", t, bt)]["stages_ms"]
+            lines.append(f"| {model} | {t} | {bt} | " + " | ".join(f"{st[s]:.3f}" for s in doc["stages"]) + " |")
+    lines += ["", "Inside the preprocess stage (medians, ms; the quality gate and the model input are timed apart):", "",
+              "| model | threads | batch | quality gate | model input (resize, normalise, layout) |", "|---|---|---|---|---|"]
+    for model, r in res.items():
+        for t, bt in combos:
+            pp = r[_key("pipeline", t, bt)]["preprocess_parts_ms"]
+            lines.append(f"| {model} | {t} | {bt} | {pp['quality']:.3f} | {pp['model_input']:.3f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -184,6 +199,8 @@ def _median(runs: list[dict]) -> dict:
     out = dict(runs[int(np.argsort([r["fps"] for r in runs])[len(runs) // 2])])
     out["fps"] = float(np.median([r["fps"] for r in runs]))
     out["fps_runs"] = [round(r["fps"], 2) for r in runs]
+    if "pre_quality_post_sink_ms" in runs[0]:
+        out["overhead_runs"] = [round(r["pre_quality_post_sink_ms"], 4) for r in runs]
     return out
 
 
@@ -192,9 +209,11 @@ def main() -> None:
     ap.add_argument("--frames", type=int, default=300)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", default="1,2")
+    ap.add_argument("--batches", default="1,8", help="frames per inference call for pipeline and backend-only")
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
     args = ap.parse_args()
     threads = [int(t) for t in args.threads.split(",")]
+    batches = [int(b) for b in args.batches.split(",")]
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         video = work / "us640x480.mp4"
@@ -205,13 +224,14 @@ def main() -> None:
             for m, b in bundles.items():
                 runs[m].setdefault("naive", []).append(naive(b, video))
                 for t in threads:
-                    runs[m].setdefault(f"backend_t{t}", []).append(backend_only(b, args.frames, t))
-                    runs[m].setdefault(f"pipeline_t{t}", []).append(pipeline(b, video, t, work / "r.jsonl"))
+                    for bt in batches:
+                        runs[m].setdefault(_key("backend", t, bt), []).append(backend_only(b, args.frames, t, bt))
+                        runs[m].setdefault(_key("pipeline", t, bt), []).append(pipeline(b, video, t, work / "r.jsonl", bt))
             print(f"round {rnd + 1}/{args.rounds} done", flush=True)
     results = {m: {k: _median(v) for k, v in r.items()} for m, r in runs.items()}
     from edgeclf.runtime.pipeline import STAGES
 
-    doc = {"machine": machine(), "frames": args.frames, "rounds": args.rounds, "threads": threads,
+    doc = {"machine": machine(), "frames": args.frames, "rounds": args.rounds, "threads": threads, "batches": batches,
            "stages": list(STAGES) + ["latency"], "results": results}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

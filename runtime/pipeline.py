@@ -34,6 +34,7 @@ PREPROCESS_PARTS = ("sector", "quality", "model_input")
 SMOOTHING_CHOICES = ("auto", "cine", "off")
 BACKEND_ERROR = "backend_error"  # abstain reason of a frame whose inference raised
 INVALID_OUTPUT = "invalid_output"  # abstain reason of a frame whose outputs were not finite (NaN, inf)
+MAX_BATCH = 64  # frames per inference call: beyond this only memory grows
 MAX_BACKEND_ERRORS = 5  # failures in a row (either kind) that end the run: a backend that is gone, not a hiccup
 
 
@@ -72,6 +73,10 @@ class RunOptions:
     roi: "none", "sector" (ultrasound: detect the fan or image area, lock it, mask and crop) or a fixed
         "x0,y0,x1,y1" box.
     quality: run the per-frame quality gate (frozen, dark, saturated, empty sector).
+    batch: frames per inference call for sources that are neither live nor paced (recorded files, folders,
+        DICOM): more frames/s where the model runs faster on batches, each result later by up to a batch.
+        Live sources and --realtime always infer one frame at a time (the newest frame, at once). Records,
+        smoothing and order are those of batch 1; probabilities may differ in the last float digits.
     """
 
     min_confidence: Optional[float] = None
@@ -80,6 +85,7 @@ class RunOptions:
     quality: bool = True
     # Read and prepare the next frame in a feeder thread while this one is inferred.
     pipelined: bool = True
+    batch: int = 1
 
     def __post_init__(self) -> None:
         if self.smoothing not in SMOOTHING_CHOICES:
@@ -87,6 +93,8 @@ class RunOptions:
         if self.min_confidence is not None and not 0.0 <= self.min_confidence < 1.0:
             raise ConfigError(f"min confidence is {self.min_confidence}; allowed: 0 (never abstain) up to below 1")
         parse_roi(self.roi)
+        if not 1 <= self.batch <= MAX_BATCH:
+            raise ConfigError(f"batch is {self.batch}; allowed: 1 to {MAX_BATCH} frames per inference")
 
     def confidence_floor(self, manifest: Manifest) -> float:
         """The top probability below which a frame abstains: this run's, else the bundle's."""
@@ -314,135 +322,172 @@ def run_pipeline(
                  t4 - t3 if x is not None else None)
         return frame, x, reasons, t1 - t0, t4 - t1, parts
 
+    # Recorded files (not live, not paced) may be inferred several frames per call: more frames/s, later results.
+    batch = opts.batch if not live else 1
     # Pipelined: a feeder thread reads and prepares frame n+1 while this thread infers frame n (OpenCV and
-    # numpy release the GIL). It holds at most 2 prepared frames, so a live frame waits at most that long.
-    feeder = _Feeder(produce, depth=2) if opts.pipelined else None
+    # numpy release the GIL). It holds at most max(2, batch) prepared frames, so a live frame waits at most 2.
+    feeder = _Feeder(produce, depth=max(2, batch)) if opts.pipelined else None
     unprocessed = 0
+    held = 0  # frames of the current batch read and prepared but not yet recorded (counted if the run stops)
     backend_errors = invalid_outputs = errors_in_a_row = 0
+    ended = False
     try:
-        while max_frames is None or summary.frames < max_frames:
+        while not ended and (max_frames is None or summary.frames < max_frames):
             if stop is not None and stop.is_set():
                 summary.stopped_by = "signal"
                 break
-            item = feeder.get(0.5) if feeder is not None else produce()
-            if item is _IDLE:
-                continue
-            if item is None:
-                break
-            frame, x, reasons, cap_s, pre_s, parts_s = item
-            t_main = time.perf_counter()
-            probs_row: Optional[Tuple[float, ...]] = None
-            decision: Any = None
-            fault: Optional[str] = None  # BACKEND_ERROR or INVALID_OUTPUT: this frame abstains with it
-            fatal: Optional[BaseException] = None  # the failure that ends the run, raised once the frame is recorded
-            t3 = t_main
-            if x is not None:
+            want = batch if max_frames is None else min(batch, max_frames - summary.frames)
+            items: list = []
+            while len(items) < want:
+                item = feeder.get(0.5) if feeder is not None else produce()
+                if item is _IDLE:
+                    if items:
+                        break
+                    if stop is not None and stop.is_set():
+                        break
+                    continue
+                if item is None:
+                    ended = True
+                    break
+                items.append(item)
+            if not items:
+                continue  # the source ended (the loop test sees it) or a stop was requested (seen above)
+            held = len(items)
+            # One inference call for the batch's classified frames (gated frames are not inferred).
+            todo = [k for k, it in enumerate(items) if it[1] is not None]
+            logits_of: Dict[int, Any] = {}  # item position -> its logits (1, K), or the exception its inference raised
+            infer_s = 0.0
+            if todo:
+                t_inf = time.perf_counter()
                 try:
-                    logits = backend.infer(x)
-                    t3 = time.perf_counter()
+                    xs = items[todo[0]][1] if len(todo) == 1 else np.concatenate([items[k][1] for k in todo])
+                    out = backend.infer(xs)  # the backend checks it returns one row per input
+                    logits_of = {k: out[j : j + 1] for j, k in enumerate(todo)}
                 except Exception as exc:  # noqa: BLE001 - recorded on the frame, counted, re-raised when it persists
-                    fault, fatal = BACKEND_ERROR, exc
-                    t3 = time.perf_counter()
-                else:
-                    try:
-                        if multilabel:
-                            probs = probabilities(logits, m.task, m.temperature)
-                            probs_row = tuple(probs[0].tolist())
-                            decision = decide(probs, m.decision)[0]
-                        else:  # one frame: plain floats, the same numbers as probabilities()/decide() on arrays
-                            probs_row = frame_probabilities(logits, m.task, m.temperature)
-                            decision = decide_frame(probs_row, m.decision)
-                    except DataError as exc:  # a NaN or infinite logit (e.g. an fp16 overflow): this frame only
-                        fault, fatal = INVALID_OUTPUT, exc
-                        probs_row = decision = None
-                if fault is None:
-                    if errors_in_a_row and on_event is not None:
-                        on_event("recovery", f"inference works again after {errors_in_a_row} failed frame(s)", {"frame": frame.index})
-                    errors_in_a_row = 0
-                else:
-                    assert fatal is not None
-                    if fault == BACKEND_ERROR:
-                        backend_errors += 1
+                    if len(todo) == 1:
+                        logits_of = {todo[0]: exc}
+                    else:  # a hiccup must not fail a whole batch: each frame once more on its own
+                        for k in todo:
+                            try:
+                                logits_of[k] = backend.infer(items[k][1])
+                            except Exception as one:  # noqa: BLE001 - as above
+                                logits_of[k] = one
+                infer_s = (time.perf_counter() - t_inf) / len(todo)  # each frame's share of the call
+            for pos, (frame, x, reasons, cap_s, pre_s, parts_s) in enumerate(items):
+                t_main = time.perf_counter()
+                probs_row: Optional[Tuple[float, ...]] = None
+                decision: Any = None
+                fault: Optional[str] = None  # BACKEND_ERROR or INVALID_OUTPUT: this frame abstains with it
+                fatal: Optional[BaseException] = None  # the failure that ends the run, raised once the frame is recorded
+                t3 = t_main
+                if x is not None:
+                    logits = logits_of[pos]
+                    if isinstance(logits, BaseException):
+                        fault, fatal = BACKEND_ERROR, logits
                     else:
-                        invalid_outputs += 1
-                    errors_in_a_row += 1
-                    text = f"{type(fatal).__name__}: {' '.join(str(fatal).split())[:300]}"
-                    log.warning("frame %d: %s (%s); the frame abstains", frame.index,
-                                "inference failed" if fault == BACKEND_ERROR else "the model's output is not finite", text)
-                    if on_event is not None:
-                        on_event("fault", text, {"frame": frame.index, "in_a_row": errors_in_a_row, "reason": fault})
-                    if errors_in_a_row < MAX_BACKEND_ERRORS:
-                        fatal = None
-                    reasons = (fault,)
-            # Postprocess is timed from t3, right after infer: probabilities, decision, smoothing and the record.
-            # timestamp: monotonic capture time (for latency); time: wall clock of the result (for people).
-            record: Dict[str, Any] = {"frame": frame.index, "timestamp": round(frame.timestamp, 6), "time": round(time.time(), 3)}
-            if multilabel:
-                if decision is None:
-                    record.update(label=None, labels=None, abstain=True, abstain_reason=",".join(reasons), confidence=None)
+                        try:
+                            if multilabel:
+                                probs = probabilities(logits, m.task, m.temperature)
+                                probs_row = tuple(probs[0].tolist())
+                                decision = decide(probs, m.decision)[0]
+                            else:  # one frame: plain floats, the same numbers as probabilities()/decide() on arrays
+                                probs_row = frame_probabilities(logits, m.task, m.temperature)
+                                decision = decide_frame(probs_row, m.decision)
+                        except DataError as exc:  # a NaN or infinite logit (e.g. an fp16 overflow): this frame only
+                            fault, fatal = INVALID_OUTPUT, exc
+                            probs_row = decision = None
+                    if fault is None:
+                        if errors_in_a_row and on_event is not None:
+                            on_event("recovery", f"inference works again after {errors_in_a_row} failed frame(s)", {"frame": frame.index})
+                        errors_in_a_row = 0
+                    else:
+                        assert fatal is not None
+                        if fault == BACKEND_ERROR:
+                            backend_errors += 1
+                        else:
+                            invalid_outputs += 1
+                        errors_in_a_row += 1
+                        text = f"{type(fatal).__name__}: {' '.join(str(fatal).split())[:300]}"
+                        log.warning("frame %d: %s (%s); the frame abstains", frame.index,
+                                    "inference failed" if fault == BACKEND_ERROR else "the model's output is not finite", text)
+                        if on_event is not None:
+                            on_event("fault", text, {"frame": frame.index, "in_a_row": errors_in_a_row, "reason": fault})
+                        if errors_in_a_row < MAX_BACKEND_ERRORS:
+                            fatal = None
+                        reasons = (fault,)
+                # Postprocess is timed from t3, right after infer: probabilities, decision, smoothing and the record.
+                # timestamp: monotonic capture time (for latency); time: wall clock of the result (for people).
+                record: Dict[str, Any] = {"frame": frame.index, "timestamp": round(frame.timestamp, 6), "time": round(time.time(), 3)}
+                if multilabel:
+                    if decision is None:
+                        record.update(label=None, labels=None, abstain=True, abstain_reason=",".join(reasons), confidence=None)
+                    else:
+                        present = [m.labels[k] for k in np.flatnonzero(decision)]
+                        record.update(label=None, labels=present, abstain=False, abstain_reason=None, confidence=None)
+                    record["frame_label"] = None
                 else:
-                    present = [m.labels[k] for k in np.flatnonzero(decision)]
-                    record.update(label=None, labels=present, abstain=False, abstain_reason=None, confidence=None)
-                record["frame_label"] = None
-            else:
-                assert smoother is not None
-                res = smoother.update(probs_row, quality_ok=not reasons, reasons=reasons)
-                record.update(smoother.record_fields(res))
-                record["frame_label"] = None if decision is None else m.labels[decision]
-            # Unrounded: the clip aggregator and offline aggregation of the results file use the very numbers
-            # this frame's frame_label came from (rounding flipped near-ties); JSON keeps floats exactly.
-            record["probs"] = None if probs_row is None else dict(zip(m.labels, probs_row))
-            record["quality"] = [] if fault is not None else list(reasons)
-            t4 = time.perf_counter()
-            record["latency_ms"] = {
-                "capture": round(cap_s * 1e3, 3),
-                "preprocess": round(pre_s * 1e3, 3),
-                "infer": round((t3 - t_main) * 1e3, 3),
-                "postprocess": round((t4 - t3) * 1e3, 3),
-                "total": round((time.monotonic() - frame.timestamp) * 1e3, 3),
-            }
-            for sink in sinks:
-                if sink.needs_image:
-                    sink.write(record, image=frame.image)
+                    assert smoother is not None
+                    res = smoother.update(probs_row, quality_ok=not reasons, reasons=reasons)
+                    record.update(smoother.record_fields(res))
+                    record["frame_label"] = None if decision is None else m.labels[decision]
+                # Unrounded: the clip aggregator and offline aggregation of the results file use the very numbers
+                # this frame's frame_label came from (rounding flipped near-ties); JSON keeps floats exactly.
+                record["probs"] = None if probs_row is None else dict(zip(m.labels, probs_row))
+                record["quality"] = [] if fault is not None else list(reasons)
+                t4 = time.perf_counter()
+                record["latency_ms"] = {
+                    "capture": round(cap_s * 1e3, 3),
+                    "preprocess": round(pre_s * 1e3, 3),
+                    "infer": round(infer_s * 1e3, 3) if x is not None else 0.0,
+                    "postprocess": round((t4 - t3) * 1e3, 3),
+                    "total": round((time.monotonic() - frame.timestamp) * 1e3, 3),
+                }
+                for sink in sinks:
+                    if sink.needs_image:
+                        sink.write(record, image=frame.image)
+                    else:
+                        sink.write(record)
+                if ack is not None:
+                    ack(frame)  # only after every sink holds the record: a crash before this redoes the frame
+                if fatal is not None:
+                    raise fatal  # MAX_BACKEND_ERRORS failures in a row: the run ends, this frame's record written
+                t5 = time.perf_counter()
+                summary.frames += 1
+                held -= 1
+                if record.get("abstain"):
+                    summary.abstained += 1
+                    why = str(record.get("abstain_reason") or "")
+                    summary.abstain_reasons[why] = summary.abstain_reasons.get(why, 0) + 1
+                    key = "(abstain)"
+                elif multilabel:
+                    key = "+".join(record["labels"]) or "(none)"
                 else:
-                    sink.write(record)
-            if ack is not None:
-                ack(frame)  # only after every sink holds the record: a crash before this redoes the frame
-            if fatal is not None:
-                raise fatal  # MAX_BACKEND_ERRORS failures in a row: the run ends, this frame's record written
-            t5 = time.perf_counter()
-            summary.frames += 1
-            if record.get("abstain"):
-                summary.abstained += 1
-                why = str(record.get("abstain_reason") or "")
-                summary.abstain_reasons[why] = summary.abstain_reasons.get(why, 0) + 1
-                key = "(abstain)"
-            elif multilabel:
-                key = "+".join(record["labels"]) or "(none)"
-            else:
-                key = str(record["label"])
-            if reasons and fault is None:
-                summary.quality_flagged += 1
-            summary.label_counts[key] = summary.label_counts.get(key, 0) + 1
-            for stage, ms in zip(STAGES, (cap_s, pre_s, (t3 - t_main), (t4 - t3), (t5 - t4))):
-                summary.timings_ms[stage].append(ms * 1e3)
-            summary.timings_ms["latency"].append(record["latency_ms"]["total"])
-            for part, sec in zip(PREPROCESS_PARTS, parts_s):
-                if sec is not None:
-                    summary.preprocess_parts_ms[part].append(sec * 1e3)
-            log.debug("frame %d -> %s", frame.index, key)
-            if any(s.stop_requested for s in sinks):
-                summary.stopped_by = "sink"
+                    key = str(record["label"])
+                if reasons and fault is None:
+                    summary.quality_flagged += 1
+                summary.label_counts[key] = summary.label_counts.get(key, 0) + 1
+                for stage, ms in zip(STAGES, (cap_s, pre_s, infer_s if x is not None else 0.0, (t4 - t3), (t5 - t4))):
+                    summary.timings_ms[stage].append(ms * 1e3)
+                summary.timings_ms["latency"].append(record["latency_ms"]["total"])
+                for part, sec in zip(PREPROCESS_PARTS, parts_s):
+                    if sec is not None:
+                        summary.preprocess_parts_ms[part].append(sec * 1e3)
+                log.debug("frame %d -> %s", frame.index, key)
+                if any(s.stop_requested for s in sinks):
+                    summary.stopped_by = "sink"
+                    break
+            if summary.stopped_by == "sink":
                 break
     finally:
-        if feeder is not None:
-            unprocessed = feeder.close()
+        # Frames read and prepared but not recorded when the run stopped early: the rest of a batch, the feeder's.
+        unprocessed = held + (feeder.close() if feeder is not None else 0)
     summary.wall_s = time.perf_counter() - t_start
     summary.written = min((s.written for s in sinks), default=summary.frames)
-    # Frames the feeder had read and prepared when the run stopped early (max frames, a signal): counted.
+    # Frames read and prepared when the run stopped early (max frames, a signal, a sink): counted.
     summary.extra["read_not_classified"] = unprocessed
     summary.extra["backend_errors"] = backend_errors
     summary.extra["invalid_outputs"] = invalid_outputs
+    summary.extra["batch"] = batch  # frames per inference call: 1 for live and paced sources whatever was asked
     if detector is not None:
         sec = detector.sector
         summary.extra["sector"] = {"stats": detector.stats, "kind": sec.kind if sec is not None else None,

@@ -109,8 +109,16 @@ def test_human_output_renders_for_bundle_run_and_evaluate(bundle_dir: Path) -> N
 
 def test_out_of_range_numbers_are_refused(bundle_dir: Path, tmp_path: Path) -> None:
     _one_line_error(run_cli("run", "--bundle", str(bundle_dir), "--source", "synthetic:ultrasound", "--max-frames", "0"), "max-frames")
+    _one_line_error(run_cli("run", "--bundle", str(bundle_dir), "--source", "synthetic:ultrasound", "--batch", "0"), "batch")
     _one_line_error(run_cli("train", "--data", "synthetic:ultrasound", "--out", str(tmp_path), "--batch-size", "1"), "batch-size")
     _one_line_error(run_cli("train", "--data", "synthetic:ultrasound", "--out", str(tmp_path), "--threads", "-1"), "threads")
+
+
+def test_run_batch_reaches_the_pipeline_and_is_reported(bundle_dir: Path) -> None:
+    r = run_cli("run", "--bundle", str(bundle_dir), "--source", "synthetic:ultrasound?frames=9", "--batch", "4", "--json")
+    assert r.returncode == 0, r.stderr
+    doc = json.loads(r.stdout)
+    assert doc["batch"] == 4 and doc["frames"] == 9 and doc["read_not_classified"] == 0
 
 
 def test_low_confidence_frames_abstain_and_are_counted(bundle_dir: Path, tmp_path: Path) -> None:

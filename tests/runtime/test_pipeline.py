@@ -538,3 +538,153 @@ def test_the_live_clip_decision_uses_the_numbers_of_each_frame_label(tmp_path: P
                              rule=m.decision, min_confidence=m.min_confidence, labels=list(m.labels))
     records, _ = read_jsonl(out)
     assert offline.to_dict() == live == aggregate_records(records, m.labels, rule=m.decision, min_confidence=m.min_confidence).to_dict()
+
+
+def _input_logits(calls: list):  # type: ignore[no-untyped-def]
+    """A backend function whose logits depend on each input (so a frame's row cannot be swapped unseen)."""
+
+    def fn(x: np.ndarray) -> np.ndarray:
+        calls.append(len(x))
+        v = x.reshape(len(x), -1).mean(axis=1)
+        return np.stack([np.sin(37 * v), np.cos(53 * v), v], axis=1).astype(np.float32)
+
+    return fn
+
+
+def _same_results(a: list, b: list) -> None:
+    drop = ("time", "timestamp", "latency_ms")  # clocks and timings differ from run to run
+    assert [{k: v for k, v in r.items() if k not in drop} for r in a] == [{k: v for k, v in r.items() if k not in drop} for r in b]
+
+
+@pytest.mark.parametrize("pipelined", [True, False])
+def test_batched_inference_gives_the_records_of_one_frame_at_a_time(tmp_path: Path, pipelined: bool) -> None:
+    from edgeclf.runtime.pipeline import RunOptions
+
+    b = _tiny(tmp_path)
+    runs = {}
+    for batch in (1, 4):
+        calls: list = []
+        # frames=30: 7 full batches and a last one of 2; the quality gate on, so some batches lose gated frames.
+        with open_source(TINY.format(30)) as src, FakeBackend((1, 8, 8), 3, fn=_input_logits(calls)) as be:
+            mem = ListSink()
+            s = run_pipeline(b, src, be, [mem], options=RunOptions(batch=batch, pipelined=pipelined))
+        runs[batch] = (mem.records, calls, s)
+    (one, calls1, s1), (four, calls4, s4) = runs[1], runs[4]
+    assert s1.frames == s4.frames == 30 and s4.extra["read_not_classified"] == 0
+    assert set(calls1) == {1} and max(calls4) == 4 and sum(calls4) == sum(calls1)
+    assert len(calls4) < len(calls1)
+    _same_results(one, four)  # labels, smoothing, abstains, probabilities: all the same, in frame order
+    assert all(r["latency_ms"]["infer"] >= 0 for r in four)
+
+
+def test_live_sources_are_inferred_one_frame_at_a_time_whatever_the_batch(tmp_path: Path) -> None:
+    from edgeclf.runtime.live import ReconnectingSource
+    from edgeclf.runtime.pipeline import RunOptions
+
+    b = _tiny(tmp_path)
+    calls: list = []
+    with ReconnectingSource(lambda: open_source(TINY.format(20)), drop="none") as src, \
+            FakeBackend((1, 8, 8), 3, fn=_input_logits(calls)) as be:
+        s = run_pipeline(b, src, be, [ListSink()], options=RunOptions(batch=8, quality=False))
+    assert s.frames == 20 and calls == [1] * 20  # the newest frame at once, never held back for a batch
+
+
+def test_a_failed_batch_is_retried_frame_by_frame(tmp_path: Path) -> None:
+    from edgeclf.errors import BackendError
+    from edgeclf.runtime.pipeline import BACKEND_ERROR, RunOptions
+
+    b = _tiny(tmp_path)
+    calls: list = []
+    good = _input_logits(calls)
+
+    def fn(x: np.ndarray) -> np.ndarray:  # call 1: the second batch (a hiccup); call 2: its first frame alone
+        fn.i += 1  # type: ignore[attr-defined]
+        if fn.i in (1, 2):  # type: ignore[attr-defined]
+            raise BackendError("hiccup")
+        return good(x)
+
+    fn.i = -1  # type: ignore[attr-defined]
+    with open_source(TINY.format(12)) as src, FakeBackend((1, 8, 8), 3, fn=fn) as be:
+        mem = ListSink()
+        s = run_pipeline(b, src, be, [mem], options=RunOptions(batch=4, quality=False, smoothing="off"))
+    assert s.frames == 12 and [r["frame"] for r in mem.records] == list(range(12))
+    # Frames 4-7: their batch failed; each was retried alone and only the first retry failed again.
+    assert [r.get("abstain_reason") for r in mem.records[4:8]] == [BACKEND_ERROR, None, None, None]
+    assert s.extra["backend_errors"] == 1 and sum(not r["abstain"] for r in mem.records) == 11
+
+
+def test_a_dead_backend_still_ends_a_batched_run_after_the_same_failures_in_a_row(tmp_path: Path) -> None:
+    from edgeclf.errors import BackendError
+    from edgeclf.runtime.pipeline import BACKEND_ERROR, MAX_BACKEND_ERRORS, RunOptions
+
+    b = _tiny(tmp_path)
+
+    def dead(x: np.ndarray) -> np.ndarray:
+        raise BackendError("device lost")
+
+    with open_source(TINY.format(40)) as src, FakeBackend((1, 8, 8), 3, fn=dead) as be:
+        mem = ListSink()
+        with pytest.raises(BackendError, match="device lost"):
+            run_pipeline(b, src, be, [mem], options=RunOptions(batch=8, quality=False))
+    assert [r["abstain_reason"] for r in mem.records] == [BACKEND_ERROR] * MAX_BACKEND_ERRORS
+
+
+@pytest.mark.parametrize("how", ["max_frames", "signal"])
+def test_a_batched_run_that_stops_early_counts_every_frame_it_read(tmp_path: Path, how: str) -> None:
+    import threading
+
+    from edgeclf.runtime.pipeline import RunOptions
+
+    b = _tiny(tmp_path)
+    stop = threading.Event()
+
+    class Stopping(ListSink):
+        def write(self, record, image=None) -> None:  # type: ignore[no-untyped-def]
+            super().write(record)
+            if record["frame"] == 9:  # in the middle of the third batch of 4
+                stop.set()
+
+    with open_source(TINY.format(100)) as s0, FakeBackend((1, 8, 8), 3) as be:
+        src = _Counting(s0)
+        s = run_pipeline(b, src, be, [Stopping()], options=RunOptions(batch=4, quality=False), stop=stop,
+                         max_frames=10 if how == "max_frames" else None)
+    # max frames: batches of 4, 4 and 2; a signal: seen between batches, so the third batch (8-11) completes.
+    assert s.frames == (10 if how == "max_frames" else 12)
+    assert src.reads == s.frames + s.extra["read_not_classified"]
+
+
+def test_batch_option_is_checked() -> None:
+    from edgeclf.errors import ConfigError
+    from edgeclf.runtime.pipeline import MAX_BATCH, RunOptions
+
+    for bad in (0, MAX_BATCH + 1):
+        with pytest.raises(ConfigError, match="batch"):
+            RunOptions(batch=bad)
+
+
+def test_batched_onnx_runtime_matches_one_frame_at_a_time(bundle_dir: Path, tmp_path: Path) -> None:
+    import onnxruntime as ort
+
+    from edgeclf.runtime.pipeline import RunOptions
+    from edgeclf.runtime.sinks import read_jsonl
+    from edgeclf.runtime.synthetic import write_cine
+
+    m = load_bundle(bundle_dir).manifest
+    batch_axis = ort.InferenceSession(str(bundle_dir / m.raw["model"]["file"])).get_inputs()[0].shape[0]
+    assert isinstance(batch_axis, str)  # exported with a free batch axis: batch 8 runs as one call, not 8
+    video = tmp_path / "c.mp4"
+    write_cine(video, timeline=[(0, 10), (1, 11)], size=96, fps=10)
+    res = {}
+    for batch in (1, 8):
+        out = tmp_path / f"b{batch}.jsonl"
+        s = run_bundle(str(bundle_dir), str(video), out=str(out), options=RunOptions(batch=batch))
+        res[batch] = (read_jsonl(out)[0], s)
+    (one, s1), (eight, s8) = res[1], res[8]
+    timing = ("duration_s", "span_s")
+    assert s1["frames"] == s8["frames"] == 21
+    assert {k: v for k, v in s1["clip"].items() if k not in timing} == {k: v for k, v in s8["clip"].items() if k not in timing}
+    assert [r["frame_label"] for r in one] == [r["frame_label"] for r in eight]
+    assert [r["label"] for r in one] == [r["label"] for r in eight]
+    for r1, r8 in zip(one, eight):  # a batched kernel may round differently in the last digits, no more
+        if r1["probs"] is not None:
+            assert max(abs(r1["probs"][k] - r8["probs"][k]) for k in r1["probs"]) < 1e-5
