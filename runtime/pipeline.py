@@ -235,6 +235,18 @@ def _video_like(source: FrameSource) -> bool:
     return kind in ("video", "camera", "stream", "synthetic", "gstreamer")
 
 
+def _stack(xs: Sequence[np.ndarray], ring: Optional[np.ndarray]) -> np.ndarray:
+    """One (N, C, H, W) input from per-frame (1, C, H, W) inputs: a view when they lie in consecutive ring slots
+    (the usual case), else a copy (a batch that wraps around the ring's end or skips a gated frame's slot)."""
+    if len(xs) == 1:
+        return xs[0]
+    if ring is not None and all(x.base is ring for x in xs):
+        first = (xs[0].ctypes.data - ring.ctypes.data) // ring[0].nbytes
+        if first + len(xs) <= len(ring) and all(x.ctypes.data == ring[first + k].ctypes.data for k, x in enumerate(xs)):
+            return ring[first : first + len(xs)]
+    return np.concatenate(xs)
+
+
 def run_pipeline(
     bundle: Bundle,
     source: FrameSource,
@@ -293,6 +305,15 @@ def run_pipeline(
     summary = RunSummary()
     summary.extra["smoothing"] = "cine" if smoother is not None and smoother.config.min_dwell_frames > 1 else "off"
     t_start = time.perf_counter()
+    # Recorded files (not live, not paced) may be inferred several frames per call: more frames/s, later results.
+    batch = opts.batch if not live else 1
+    ring: Optional[np.ndarray] = None
+    slot = [0]  # the feeder's next ring slot
+    if batch > 1:
+        # Slots in use at once: a batch held here, a queue of `batch` and one being prepared: 2 * batch + 1.
+        spec = m.preprocess
+        ring = np.empty((3 * batch, spec.channels, spec.size[0], spec.size[1]), np.float32)
+
     def produce() -> Any:
         """Read one frame and prepare it: (frame, x or None, reasons, capture s, preprocess s, (sector s,
         gate s, model input s)), None at the end of the source, or IDLE while a live source has nothing new."""
@@ -315,15 +336,20 @@ def run_pipeline(
         if gate is not None:
             reasons = gate.check(frame.image, mask).reasons  # the gate subsamples before any colour conversion
         t3 = time.perf_counter()
-        x = pre(image) if not reasons else None
+        x = None
+        if not reasons:
+            if ring is None:
+                x = pre(image)
+            else:  # straight into the next slot of the ring, so that a batch is a view of it, not a copy
+                k = slot[0]
+                x = pre(image, ring[k : k + 1])
+                slot[0] = (k + 1) % len(ring)
         t4 = time.perf_counter()
         # A part that did not run is not timed (no zeros diluting the medians).
         parts = (t2 - t1 if detector is not None else None, t3 - t2 if gate is not None else None,
                  t4 - t3 if x is not None else None)
         return frame, x, reasons, t1 - t0, t4 - t1, parts
 
-    # Recorded files (not live, not paced) may be inferred several frames per call: more frames/s, later results.
-    batch = opts.batch if not live else 1
     # Pipelined: a feeder thread reads and prepares frame n+1 while this thread infers frame n (OpenCV and
     # numpy release the GIL). It holds at most max(2, batch) prepared frames, so a live frame waits at most 2.
     feeder = _Feeder(produce, depth=max(2, batch)) if opts.pipelined else None
@@ -356,11 +382,13 @@ def run_pipeline(
             # One inference call for the batch's classified frames (gated frames are not inferred).
             todo = [k for k, it in enumerate(items) if it[1] is not None]
             logits_of: Dict[int, Any] = {}  # item position -> its logits (1, K), or the exception its inference raised
-            infer_s = 0.0
+            infer_s = stack_s = 0.0
             if todo:
+                t_stack = time.perf_counter()
+                xs = _stack([items[k][1] for k in todo], ring)
                 t_inf = time.perf_counter()
+                stack_s = (t_inf - t_stack) / len(todo)  # layout work: each frame's share goes to its preprocess time
                 try:
-                    xs = items[todo[0]][1] if len(todo) == 1 else np.concatenate([items[k][1] for k in todo])
                     out = backend.infer(xs)  # the backend checks it returns one row per input
                     logits_of = {k: out[j : j + 1] for j, k in enumerate(todo)}
                 except Exception as exc:  # noqa: BLE001 - recorded on the frame, counted, re-raised when it persists
@@ -374,6 +402,9 @@ def run_pipeline(
                                 logits_of[k] = one
                 infer_s = (time.perf_counter() - t_inf) / len(todo)  # each frame's share of the call
             for pos, (frame, x, reasons, cap_s, pre_s, parts_s) in enumerate(items):
+                if x is not None and stack_s:
+                    pre_s += stack_s
+                    parts_s = (parts_s[0], parts_s[1], parts_s[2] + stack_s)
                 t_main = time.perf_counter()
                 probs_row: Optional[Tuple[float, ...]] = None
                 decision: Any = None

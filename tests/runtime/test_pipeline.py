@@ -688,3 +688,29 @@ def test_batched_onnx_runtime_matches_one_frame_at_a_time(bundle_dir: Path, tmp_
     for r1, r8 in zip(one, eight):  # a batched kernel may round differently in the last digits, no more
         if r1["probs"] is not None:
             assert max(abs(r1["probs"][k] - r8["probs"][k]) for k in r1["probs"]) < 1e-5
+
+
+def test_a_batch_in_consecutive_ring_slots_is_a_view_and_any_other_a_copy() -> None:
+    from edgeclf.runtime.pipeline import _stack
+
+    ring = np.random.default_rng(0).random((6, 3, 4, 4)).astype(np.float32)
+    view = _stack([ring[k : k + 1] for k in (2, 3, 4)], ring)
+    assert np.shares_memory(view, ring) and np.array_equal(view, ring[2:5])
+    for slots in ((4, 5, 0), (1, 3)):  # wraps around the end; skips a slot
+        copy = _stack([ring[k : k + 1] for k in slots], ring)
+        assert not np.shares_memory(copy, ring) and np.array_equal(copy, ring[list(slots)])
+    loose = [np.ones((1, 3, 4, 4), np.float32), np.zeros((1, 3, 4, 4), np.float32)]
+    assert np.array_equal(_stack(loose, ring), np.concatenate(loose)) and _stack(loose[:1], None) is loose[0]
+
+
+def test_preprocessing_into_a_given_array_gives_the_same_input(bundle_dir: Path) -> None:
+    from edgeclf.runtime.preprocess import Preprocessor
+
+    pre = Preprocessor(load_bundle(bundle_dir).manifest.preprocess)
+    image = np.random.default_rng(1).integers(0, 256, (120, 160, 3), np.uint8)
+    want = pre(image)
+    out = np.full((2,) + want.shape[1:], np.nan, np.float32)
+    got = pre(image, out[1:2])
+    assert np.shares_memory(got, out) and np.array_equal(out[1:2], want) and np.isnan(out[0]).all()
+    with pytest.raises(ValueError, match="C-contiguous float32"):
+        pre(image, np.empty((1, 1, 2, 2), np.float32))
