@@ -237,7 +237,7 @@ def _video_like(source: FrameSource) -> bool:
 
 def _stack(xs: Sequence[np.ndarray], ring: Optional[np.ndarray]) -> np.ndarray:
     """One (N, C, H, W) input from per-frame (1, C, H, W) inputs: a view when they lie in consecutive ring slots
-    (the usual case), else a copy (a batch that wraps around the ring's end or skips a gated frame's slot)."""
+    (the usual case: gated frames take no slot), else a copy (a batch that wraps around the ring's end)."""
     if len(xs) == 1:
         return xs[0]
     if ring is not None and all(x.base is ring for x in xs):
