@@ -77,7 +77,7 @@ def _open(uri: str, realtime: bool, reconnect: bool) -> FrameSource:
 class _ProgressSource:
     """Wraps a source so that every read tells `on_read` (the systemd watchdog) the frame loop is alive.
 
-    The pipeline reads ahead at most two frames, so reads stop when inference or a sink hangs, too.
+    The pipeline reads ahead at most max(2, batch) frames, so reads stop when inference or a sink hangs, too.
     Everything else is the wrapped source's."""
 
     def __init__(self, src: FrameSource, on_read: Callable[[Optional[Frame]], None]) -> None:

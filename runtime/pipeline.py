@@ -267,7 +267,9 @@ def run_pipeline(
     when not classified), "probs" (this frame's calibrated probabilities, None when not classified), "quality"
     (list of reasons, empty when fine), "latency_ms": {stage: ms, "total": capture-to-result}}.
     Sources with ``ack`` (watched folders) are acknowledged after every sink wrote the frame's record.
-    `stop` (set by a signal handler) or a sink's ``stop_requested`` ends the run after the current frame.
+    `stop` (set by a signal handler) or a sink's ``stop_requested`` ends the run after the current frame (the
+    current batch for a signal, with `options.batch` > 1; frames read and not recorded are counted).
+    A source error in the middle of a batch is raised after the frames read before it are recorded.
     A backend error on a frame (a GPU hiccup) does not end the run: that frame's record abstains with reason
     "backend_error", the summary counts it, and `on_event("fault" | "recovery", message, details)` is told
     (the audit log). Non-finite outputs (NaN, inf: e.g. an fp16 overflow) are treated alike, with reason
@@ -355,7 +357,7 @@ def run_pipeline(
     feeder = _Feeder(produce, depth=max(2, batch)) if opts.pipelined else None
     unprocessed = 0
     held = 0  # frames of the current batch read and prepared but not yet recorded (counted if the run stops)
-    backend_errors = invalid_outputs = errors_in_a_row = 0
+    backend_errors = invalid_outputs = errors_in_a_row = batch_retries = 0
     ended = False
     try:
         while not ended and (max_frames is None or summary.frames < max_frames):
@@ -364,8 +366,15 @@ def run_pipeline(
                 break
             want = batch if max_frames is None else min(batch, max_frames - summary.frames)
             items: list = []
+            source_error: Optional[BaseException] = None  # raised once the frames read before it are recorded
             while len(items) < want:
-                item = feeder.get(0.5) if feeder is not None else produce()
+                try:
+                    item = feeder.get(0.5) if feeder is not None else produce()
+                except Exception as exc:  # noqa: BLE001 - re-raised below, after this batch's earlier frames
+                    if not items:
+                        raise
+                    source_error = exc
+                    break
                 if item is _IDLE:
                     if items:
                         break
@@ -388,18 +397,26 @@ def run_pipeline(
                 xs = _stack([items[k][1] for k in todo], ring)
                 t_inf = time.perf_counter()
                 stack_s = (t_inf - t_stack) / len(todo)  # layout work: each frame's share goes to its preprocess time
+                alone: Sequence[int] = ()  # frames inferred once more on their own
                 try:
                     out = backend.infer(xs)  # the backend checks it returns one row per input
                     logits_of = {k: out[j : j + 1] for j, k in enumerate(todo)}
+                    if len(todo) > 1:  # a row that is not finite: that frame alone, as batch 1 would have seen it
+                        alone = [k for j, k in enumerate(todo) if not np.isfinite(out[j]).all()]
                 except Exception as exc:  # noqa: BLE001 - recorded on the frame, counted, re-raised when it persists
                     if len(todo) == 1:
                         logits_of = {todo[0]: exc}
-                    else:  # a hiccup must not fail a whole batch: each frame once more on its own
-                        for k in todo:
-                            try:
-                                logits_of[k] = backend.infer(items[k][1])
-                            except Exception as one:  # noqa: BLE001 - as above
-                                logits_of[k] = one
+                    else:  # a hiccup must not fail a whole batch
+                        alone = todo
+                        log.warning("inference of a batch of %d frames failed (%s: %s); each frame is inferred on its own",
+                                    len(todo), type(exc).__name__, " ".join(str(exc).split())[:200])
+                if alone:
+                    batch_retries += 1
+                    for k in alone:
+                        try:
+                            logits_of[k] = np.array(backend.infer(items[k][1]))  # a copy: runners may reuse buffers
+                        except Exception as one:  # noqa: BLE001 - as above
+                            logits_of[k] = one
                 infer_s = (time.perf_counter() - t_inf) / len(todo)  # each frame's share of the call
             for pos, (frame, x, reasons, cap_s, pre_s, parts_s) in enumerate(items):
                 if x is not None and stack_s:
@@ -509,6 +526,8 @@ def run_pipeline(
                     break
             if summary.stopped_by == "sink":
                 break
+            if source_error is not None:
+                raise source_error
     finally:
         # Frames read and prepared but not recorded when the run stopped early: the rest of a batch, the feeder's.
         unprocessed = held + (feeder.close() if feeder is not None else 0)
@@ -519,6 +538,7 @@ def run_pipeline(
     summary.extra["backend_errors"] = backend_errors
     summary.extra["invalid_outputs"] = invalid_outputs
     summary.extra["batch"] = batch  # frames per inference call: 1 for live and paced sources whatever was asked
+    summary.extra["batch_retries"] = batch_retries  # batches (some of) whose frames were inferred again one by one
     if detector is not None:
         sec = detector.sector
         summary.extra["sector"] = {"stats": detector.stats, "kind": sec.kind if sec is not None else None,

@@ -66,7 +66,8 @@ class TrtBackend(Backend):
                 result: Dict[str, Any] = self._runner.infer(feed_dict={self._input: x[i : i + self.max_batch]})
             except Exception as exc:
                 raise BackendError(f"TensorRT failed on an input of shape {x[i : i + self.max_batch].shape}: {exc}") from None
-            outs.append(np.asarray(next(iter(result.values())), dtype=np.float32))
+            # A copy: Polygraphy's runners reuse their host output buffers from one call to the next.
+            outs.append(np.array(next(iter(result.values())), dtype=np.float32))
         return np.concatenate(outs) if len(outs) != 1 else outs[0]
 
     def _close(self) -> None:

@@ -714,3 +714,50 @@ def test_preprocessing_into_a_given_array_gives_the_same_input(bundle_dir: Path)
     assert np.shares_memory(got, out) and np.array_equal(out[1:2], want) and np.isnan(out[0]).all()
     with pytest.raises(ValueError, match="C-contiguous float32"):
         pre(image, np.empty((1, 1, 2, 2), np.float32))
+
+
+@pytest.mark.parametrize("pipelined", [True, False])
+def test_a_source_error_in_a_batch_comes_after_the_frames_read_before_it(tmp_path: Path, pipelined: bool) -> None:
+    from edgeclf.errors import SourceError
+    from edgeclf.runtime.pipeline import RunOptions
+
+    b = _tiny(tmp_path)
+
+    class Breaking(_Counting):  # the 7th read fails (an undecodable file in a folder)
+        def read(self, timeout=None):  # type: ignore[no-untyped-def]
+            if self.reads == 6:
+                raise SourceError("file 6 is damaged")
+            return super().read(timeout)
+
+    with open_source(TINY.format(20)) as s0, FakeBackend((1, 8, 8), 3) as be:
+        mem = ListSink()
+        with pytest.raises(SourceError, match="damaged"):
+            run_pipeline(b, Breaking(s0), be, [mem], options=RunOptions(batch=4, quality=False, pipelined=pipelined))
+    assert [r["frame"] for r in mem.records] == list(range(6))  # as batch 1 would: every frame read is recorded
+
+
+def test_a_batch_with_non_finite_rows_infers_those_frames_again_alone(tmp_path: Path) -> None:
+    from edgeclf.runtime.pipeline import RunOptions
+
+    b = _tiny(tmp_path)
+    calls: list = []
+    good = _input_logits(calls)
+    shared = np.zeros((8, 3), np.float32)
+
+    def fn(x: np.ndarray) -> np.ndarray:  # the first batch overflows (fp16, say); answers reuse one buffer
+        out = good(x)
+        if len(calls) == 1:
+            out[:] = np.nan
+        shared[: len(x)] = out
+        return shared[: len(x)]
+
+    runs = {}
+    for batch in (1, 4):
+        calls.clear()
+        with open_source(TINY.format(12)) as src, FakeBackend((1, 8, 8), 3, fn=fn if batch == 4 else good) as be:
+            mem = ListSink()
+            s = run_pipeline(b, src, be, [mem], options=RunOptions(batch=batch, quality=False))
+        runs[batch] = (mem.records, s)
+    (one, s1), (four, s4) = runs[1], runs[4]
+    assert s4.extra["batch_retries"] == 1 and s4.extra["invalid_outputs"] == 0 and s4.abstained == s1.abstained
+    _same_results(one, four)  # each retried frame kept its own logits, though the backend reused its buffer

@@ -165,3 +165,23 @@ def test_multilabel_agreement_counts_whole_rows():
 
 def test_no_tensorrt_module_was_imported_by_these_tests():
     assert tensorrt_missing() is None or "tensorrt" not in sys.modules
+
+
+def test_trt_outputs_are_copied_before_the_runner_reuses_its_buffer():
+    from edgeclf.runtime.trt import TrtBackend
+
+    class Runner:  # like Polygraphy's TrtRunner: the same host output buffer on every call
+        buf = np.zeros((2, 3), np.float32)
+
+        def infer(self, feed_dict):
+            x = next(iter(feed_dict.values()))
+            self.buf[: len(x)] = x.reshape(len(x), -1)
+            return {"logits": self.buf[: len(x)]}
+
+    be = object.__new__(TrtBackend)  # no engine here: only the chunking and copying of _infer
+    be._runner, be._input, be.max_batch = Runner(), "input", 2
+    x = np.arange(12, dtype=np.float32).reshape(4, 3, 1, 1)
+    assert np.array_equal(be._infer(x), x.reshape(4, 3))  # chunks of the engine's max batch, each kept
+    first = be._infer(x[:2])
+    be._infer(x[2:])
+    assert np.array_equal(first, x[:2].reshape(2, 3))
