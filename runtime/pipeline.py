@@ -12,7 +12,7 @@ import queue
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -365,7 +365,7 @@ def run_pipeline(
                 summary.stopped_by = "signal"
                 break
             want = batch if max_frames is None else min(batch, max_frames - summary.frames)
-            items: list = []
+            items: List[Any] = []
             source_error: Optional[BaseException] = None  # raised once the frames read before it are recorded
             while len(items) < want:
                 try:
