@@ -363,7 +363,7 @@ def prune(model: str, out: str, target_macs: float, steps: int, finetune_epochs:
               help="Which model of the bundle to run [default: the bundle's deploy choice].")
 @click.option("--threads", type=click.IntRange(min=1, max=256), default=None, help="Inference threads [default: the cores available].")
 @click.option("--realtime", is_flag=True, help="Files: pace to the file's frame rate, dropping (and counting) late frames.")
-@click.option("--batch", type=click.IntRange(min=1, max=64), default=1, show_default=True,
+@click.option("--batch", type=click.IntRange(min=1), default=1, show_default=True,
               help="Recorded files, folders, DICOM: frames per inference call (more frames/s, each result later); "
                    "live sources and --realtime always use 1.")
 @click.option("--roi", default="none", show_default=True,

@@ -65,7 +65,8 @@ class Backend:
         self._closed = False
 
     def infer(self, x: NDArray[np.float32]) -> NDArray[np.float32]:
-        """(N, C, H, W) float32 -> (N, K) float32 logits."""
+        """(N, C, H, W) float32 -> (N, K) float32 logits, an array the caller owns: a backend whose runner reuses
+        its output buffers (Polygraphy's) copies, so results of earlier calls stay as they were."""
         if self._closed:
             raise BackendError(f"{self.name} backend is closed")
         if x.dtype != np.float32 or x.ndim != 4 or tuple(x.shape[1:]) != self.input_shape:

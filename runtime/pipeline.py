@@ -414,7 +414,7 @@ def run_pipeline(
                     batch_retries += 1
                     for k in alone:
                         try:
-                            logits_of[k] = np.array(backend.infer(items[k][1]))  # a copy: runners may reuse buffers
+                            logits_of[k] = backend.infer(items[k][1])
                         except Exception as one:  # noqa: BLE001 - as above
                             logits_of[k] = one
                 infer_s = (time.perf_counter() - t_inf) / len(todo)  # each frame's share of the call
