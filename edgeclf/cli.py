@@ -417,6 +417,8 @@ def run(bundle: str, source: str, out, max_frames, min_confidence, backend, devi
 @click.option("--warmup", type=click.IntRange(min=0), default=50, show_default=True, help="Frames per target excluded as warm-up.")
 @click.option("--chunk", type=click.IntRange(min=1), default=50, show_default=True, help="Frames per turn when interleaving targets.")
 @click.option("--threads", type=click.IntRange(min=1, max=256), default=None, help="Inference threads [default: the cores available].")
+@click.option("--batch", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Frames per inference call, as `run --batch` (recorded sources only; live sources run at 1); times stay per frame.")
 @click.option("--bootstrap", type=click.IntRange(min=0), default=1000, show_default=True, help="Resamples for the 95% intervals (0: none).")
 @click.option("--no-quality", is_flag=True, help="Skip the per-frame quality gate (as `run --no-quality`).")
 @click.option("--report", "report_dir", default=None, help="Folder for report.md and PNG plots (needs matplotlib).")
@@ -425,7 +427,7 @@ def run(bundle: str, source: str, out, max_frames, min_confidence, backend, devi
                    "PyTorch to the comparison, after checking it gives the bundle's reference outputs.")
 @json_option
 @click.pass_context
-def profile(ctx: click.Context, bundles, source, backends, device, engine_cache, precisions, frames, warmup, chunk, threads, bootstrap,
+def profile(ctx: click.Context, bundles, source, backends, device, engine_cache, precisions, frames, warmup, chunk, threads, batch, bootstrap,
             no_quality, report_dir, vs_torch, as_json: bool) -> None:
     """Per-stage latency on this device (median, p90, p99 with 95% intervals), several targets side by side.
 
@@ -454,7 +456,7 @@ def profile(ctx: click.Context, bundles, source, backends, device, engine_cache,
         threads = load_profile(device).threads  # defaults < device profile < flags, as in `run`
     targets = [ProfileTarget(b, backend=bk, precision=p) for b in bundles for bk in backends for p in (precisions or (None,))]
     opts = ProfileOptions(source=source, frames=frames, warmup=warmup, chunk=chunk, threads=threads, bootstrap=bootstrap,
-                          run_options=RunOptions(quality=not no_quality))
+                          run_options=RunOptions(quality=not no_quality, batch=batch))
     factory = profile_backend_factory(BackendOptions(device=device, engine_cache=engine_cache))
     if vs_torch:
         from edgeclf.torch_backend import TORCH_BACKEND, TorchBackend
@@ -515,7 +517,8 @@ def _print_profile(d: dict[str, Any]) -> None:
             p99_ci = f" ({ci['p99'][0]:.3f}-{ci['p99'][1]:.3f})" if ci.get("p99") else ""
             rows.append([stage, _ms(s["median"]) + med_ci, _ms(s["p90"]), _ms(s["p99"]) + p99_ci, _ms(s["max"]), _ms(s["std"]),
                          _ms(s["throughput_per_s"], ".1f"), ratio if t.get("ratio_to_first") else "-"])
-        title = (f"{t['name']} ({t['model']} on {t['backend']}): {t['frames']} steady frames, {_ms(t['fps'], '.1f')} fps; "
+        at = f", batch {t['batch']}" if t.get("batch", 1) > 1 else ""
+        title = (f"{t['name']} ({t['model']} on {t['backend']}{at}): {t['frames']} steady frames, {_ms(t['fps'], '.1f')} fps; "
                  f"ms per frame, 95% bootstrap intervals")
         click.echo(_table(["stage", "median (95% CI)", "p90", "p99 (95% CI)", "max", "std", "per s", "ratio to first"], rows, title))
         c, w = t["cold_start"], t["warmup"]["stages_ms"].get("latency") or {}

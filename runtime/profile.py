@@ -63,7 +63,8 @@ __all__ = [
 log = logging.getLogger(__name__)
 SCHEMA_VERSION = 1
 #: Pipeline stages; frame: their sum (the pipeline's time per frame); latency: from the frame's capture
-#: timestamp (as its source sets it) to the result; infer_only: `backend.infer` alone on one preprocessed frame.
+#: timestamp (as its source sets it) to the result; infer_only: `backend.infer` alone on one preprocessed frame
+#: (at batch N: one call on N copies of it, divided by N, one value per call).
 PROFILE_STAGES: Tuple[str, ...] = STAGES + ("frame", "latency", "infer_only")
 _QUANTILES = (50.0, 90.0, 99.0)
 _QNAMES = ("median", "p90", "p99")
@@ -442,6 +443,7 @@ class _TargetRun:
         self.sink = _TimedSink(JsonlSink(self.jsonl, fsync_every=1.0), self._record)
         self.backend: Optional[Backend] = None
         self.x: Optional[np.ndarray] = None
+        self.batch: Optional[int] = None  # frames per inference call the pipeline used (1 for live sources)
 
     def _record(self, stages: Dict[str, float]) -> None:
         if self.first_result_wall is None:
@@ -481,6 +483,7 @@ class _TargetRun:
                 self.steady_wall_s += time.perf_counter() - t0
                 self.steady_frames += s.frames
             left -= s.frames
+            self.batch = int(s.extra.get("batch", 1))
             self.summary_check = {"pipeline_sink_mean_ms": s.timings_ms["sink"].stats()["mean"]}
             if left > 0:  # the source ended: rewind by reopening it
                 src.close()
@@ -496,18 +499,24 @@ class _TargetRun:
                 frame = src.read()
             if frame is None:
                 raise SourceError(f"source {self.uri} gives no frames; give a source with at least one frame")
-            self.x = self.pre(frame.image)
+            x = self.pre(frame.image)
+            # The batch the pipeline ran at, so infer_only is comparable with its infer stage.
+            b = self.batch or 1
+            self.x = np.ascontiguousarray(np.repeat(x, b, axis=0)) if b > 1 else x
         return self.x
 
     def infer_only(self, n: int) -> None:
+        """n frames' worth of `backend.infer` on a prepared input: n calls at batch 1, ceil(n / batch) calls
+        at batch N, each recorded as its time per frame."""
         assert self.backend is not None
         x = self._input()
+        b = x.shape[0]
         out = self.series["infer_only"]
         t_start = time.perf_counter()
-        for _ in range(n):
+        for _ in range(-(-n // b)):
             t0 = time.perf_counter()
             self.backend.infer(x)
-            out.append((time.perf_counter() - t0) * 1e3)
+            out.append((time.perf_counter() - t0) * 1e3 / b)
         if self.phase == "steady":
             self.infer_only_wall_s += time.perf_counter() - t_start
 
@@ -647,6 +656,7 @@ def _document(runs: List[_TargetRun], opts: ProfileOptions, uri: str, sampler: _
             "precision": r.target.precision,
             "model": r.variant,
             "threads": getattr(r.backend, "threads", opts.threads),
+            "batch": r.batch or 1,
             "frames": r.steady_frames,
             "wall_s": r.steady_wall_s,
             "fps": r.steady_frames / r.steady_wall_s if r.steady_wall_s > 0 else None,
@@ -678,7 +688,7 @@ def _document(runs: List[_TargetRun], opts: ProfileOptions, uri: str, sampler: _
         "host": {"edgeclf": _version(), "python": platform.python_version(), "platform": platform.platform(),
                  "machine": platform.machine(), "cpu_count": os.cpu_count()},
         "config": {"source": _source_text(uri), "frames": opts.frames, "warmup": opts.warmup, "chunk": opts.chunk, "threads": opts.threads,
-                   "bootstrap": opts.bootstrap, "seed": opts.seed, "sample_interval_s": opts.sample_interval_s,
+                   "batch": opts.run_options.batch, "bootstrap": opts.bootstrap, "seed": opts.seed, "sample_interval_s": opts.sample_interval_s,
                    "infer_only": opts.infer_only, "smoothing": opts.run_options.smoothing, "roi": opts.run_options.roi,
                    "quality": opts.run_options.quality},
         "cold_start": cold,
@@ -843,6 +853,11 @@ def compare_profiles(old: Dict[str, Any], new: Dict[str, Any], *, max_regression
     if not pairs:
         raise ConfigError(f"the profiles share no target (old: {sorted(old_t)}, new: {sorted(new_t)}); "
                           "profile the same bundle/backend/precision in both")
+    for name, ot, nt in pairs:
+        ob, nb = int(ot.get("batch", 1)), int(nt.get("batch", 1))  # profiles before --batch ran at 1
+        if ob != nb:
+            raise ConfigError(f"target {name} ran at batch {ob} in the old profile and {nb} in the new one; per-frame times "
+                              "at different batches are not comparable: profile both with the same --batch")
     rows: List[Dict[str, Any]] = []
     for name, ot, nt in pairs:
         for stage in PROFILE_STAGES:
@@ -938,7 +953,8 @@ def render_markdown(doc: Dict[str, Any], images: Sequence[str] = ()) -> str:
              f"{doc['config']['warmup']} warm-up frames, interleaved in chunks of {doc['config']['chunk']}.",
              f"Host: {doc['host']['platform']}, Python {doc['host']['python']}, edgeclf {doc['host']['edgeclf']}.", ""]
     for t in doc["targets"]:
-        lines += [f"## {t['name']}", "", f"Model {t['model']} on {t['backend']}, {t['frames']} frames, {_f(t['fps'], '.1f')} fps.", "",
+        lines += [f"## {t['name']}", "", f"Model {t['model']} on {t['backend']}, batch {t.get('batch', 1)}, {t['frames']} frames, "
+                  f"{_f(t['fps'], '.1f')} fps; times per frame.", "",
                   "| stage | median ms (95% CI) | p90 ms | p99 ms (95% CI) | max ms | std ms | per s | ratio to first (95% CI) |",
                   "|---|---|---|---|---|---|---|---|"]
         for stage, s in t["stages_ms"].items():

@@ -16,6 +16,7 @@ import pytest
 
 from edgeclf.errors import ConfigError
 from edgeclf.runtime.backends import FakeBackend
+from edgeclf.runtime.pipeline import RunOptions
 from edgeclf.runtime.profile import (
     PROFILE_STAGES,
     SCHEMA_VERSION,
@@ -129,6 +130,42 @@ def test_compare_catches_a_slowed_stage(bundle_dir: Path, tmp_path: Path) -> Non
     assert p.returncode == 2 and "not an edgeclf profile" in p.stderr
 
 
+def test_batch_profile_infers_batches_and_reports_per_frame_times(bundle_dir: Path) -> None:
+    calls: list = []
+
+    def fn(x: np.ndarray) -> np.ndarray:
+        calls.append(len(x))
+        time.sleep(0.02)  # per call, whatever its size: at batch 4 each frame's share is a quarter
+        return np.tile(np.array([[0.1, 0.2, 0.3]], np.float32), (len(x), 1))
+
+    def make(bundle, path, target, threads):  # type: ignore[no-untyped-def]
+        return FakeBackend((1, 32, 32), 3, fn=fn)
+
+    opts = ProfileOptions(source=SOURCE, frames=20, warmup=4, chunk=8, bootstrap=0, sample_interval_s=0.02,
+                          run_options=RunOptions(batch=4))
+    res = profile_bundles([ProfileTarget(str(bundle_dir), label="a")], opts, backend_factory=make)
+    doc = json.loads(json.dumps(res.doc, allow_nan=False))
+    _validate(doc)
+    t = doc["targets"][0]
+    assert doc["config"]["batch"] == 4 and t["batch"] == 4
+    assert t["frames"] == 20 and t["stages_ms"]["infer"]["n"] == 20  # pipeline stages stay one value per frame
+    # 24 frames through the pipeline (batches end early at the source's end and skip gated frames) and 24 infer-only
+    # frames in 6 calls of 4: far fewer calls than frames
+    assert max(calls) == 4 and calls.count(4) >= 6 and len(calls) < 24
+    io = t["stages_ms"]["infer_only"]
+    assert io["n"] == 5  # steady chunks of 8, 8, 4 frames: 2 + 2 + 1 calls, one value each
+    assert 5.0 <= io["median"] < 20.0  # a 20 ms call over 4 frames: at least 5 ms a frame, not the whole call
+    # a profile at another batch is not a baseline for this one
+    base = _profile(bundle_dir, frames=8, bootstrap=0).doc
+    assert base["targets"][0]["batch"] == 1
+    with pytest.raises(ConfigError, match="batch 1 in the old profile and 4 in the new"):
+        compare_profiles(base, doc)
+    legacy = json.loads(json.dumps(base))
+    del legacy["targets"][0]["batch"], legacy["config"]["batch"]  # profiles written before --batch ran at 1
+    _validate(legacy)
+    assert compare_profiles(legacy, base)["rows"]
+
+
 def test_report_writes_labelled_plots_and_markdown(bundle_dir: Path, tmp_path: Path) -> None:
     pytest.importorskip("matplotlib")
     res = _profile(bundle_dir, labels=["a", "b"], frames=16, bootstrap=0)
@@ -201,8 +238,16 @@ def test_cli_profile_json_on_onnx_runtime(bundle_dir: Path) -> None:
     doc = json.loads(p.stdout)  # stdout holds the one document and nothing else
     _validate(doc)
     t = doc["targets"][0]
-    assert t["backend"] == "ort-cpu" and t["threads"] == 1 and t["cold_start"]["session_ms"] > 0
+    assert t["backend"] == "ort-cpu" and t["threads"] == 1 and t["cold_start"]["session_ms"] > 0 and t["batch"] == 1
     assert doc["cold_start"]["process_start_to_first_result_ms"] >= doc["cold_start"]["cli_entry_to_first_result_ms"] > 0
+    p = run_cli("profile", "--bundle", str(bundle_dir), "--frames", "8", "--warmup", "4", "--chunk", "8", "--threads", "1",
+                "--bootstrap", "0", "--batch", "4", "--source", SOURCE, "--json", timeout=120)
+    assert p.returncode == 0, p.stderr
+    doc = json.loads(p.stdout)
+    _validate(doc)
+    assert doc["config"]["batch"] == 4 and doc["targets"][0]["batch"] == 4 and doc["targets"][0]["frames"] == 8
+    p = run_cli("profile", "--bundle", str(bundle_dir), "--batch", "65", timeout=60)
+    assert p.returncode == 2 and "1 to 64" in p.stderr and "Traceback" not in p.stderr
     p = run_cli("profile", timeout=60)
     assert p.returncode == 2 and "--bundle" in p.stderr
 
