@@ -341,12 +341,20 @@ def clip_metrics(
     `edgeclf.runtime.clips.aggregate_clip` (mean probability and majority vote, abstained frames excluded),
     with frame-level figures beside them (bootstrapped over clips). Pooled out-of-fold predictions pass
     one rule per fold and each frame's fold in `folds`."""
-    from edgeclf.runtime.clips import aggregate_clip, group_frames
+    from edgeclf.runtime.clips import aggregate_clip, clip_of, group_frames
 
     p = np.asarray(probs, dtype=np.float64)
     y = np.asarray(labels, dtype=np.int64).reshape(-1)
     rule_list = [rules] if isinstance(rules, DecisionRule) else list(rules)
-    fold = np.zeros(len(y), np.int64) if folds is None else np.asarray(folds, np.int64)
+    if len(frame_ids) != len(y):
+        raise ConfigError(f"{len(frame_ids)} frame ids for {len(y)} labels; give one id per frame")
+    # Each frame must name one of the rules: a fold without a rule would leave its frames at -1 (counted as
+    # abstained) and give its clips another fold's operating point (rule_list[-1]), silently.
+    if folds is None and len(rule_list) != 1:
+        raise ConfigError(f"{len(rule_list)} decision rules without folds; pass each frame's fold (an index into the rules)")
+    fold = np.zeros(len(y), np.int64) if folds is None else np.asarray(folds, np.int64).reshape(-1)
+    if len(fold) != len(y) or (len(fold) and (fold.min() < 0 or fold.max() >= len(rule_list))):
+        raise ConfigError(f"folds must give each of the {len(y)} frames a fold in 0..{len(rule_list) - 1} (one per rule)")
     frame_dec = np.full(len(y), -1, np.int64)
     for f, rule in enumerate(rule_list):
         sel = fold == f
@@ -355,12 +363,14 @@ def clip_metrics(
     if min_confidence > 0:
         frame_dec[p.max(1) < min_confidence] = -1
     clips = group_frames(frame_ids)
-    clip_ids = [str(i).split("#", 1)[0] for i in frame_ids]
+    clip_ids = [clip_of(i) for i in frame_ids]
     per_clip, cy, cmean, cvote = [], [], [], []
     for cid, rows in clips.items():
         labs = set(y[rows].tolist())
         if len(labs) != 1:
             raise DataError(f"clip {cid} has frames of several classes {sorted(labs)}; clip labels must be one class")
+        if len(set(fold[rows].tolist())) != 1:  # its frames were decided by several rules: the clip has no one rule
+            raise DataError(f"clip {cid} has frames in several folds {sorted(set(fold[rows].tolist()))}; a clip is held out whole")
         res = aggregate_clip(list(p[rows]), rule=rule_list[int(fold[rows[0]])], min_confidence=min_confidence)
         cy.append(int(y[rows[0]]))
         cmean.append(-1 if res.mean is None else res.mean)

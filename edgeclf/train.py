@@ -20,6 +20,7 @@ import numpy as np
 
 from edgeclf.data import Dataset, Split, load_dataset
 from edgeclf.errors import ConfigError, DataError, ModelError
+from edgeclf.runtime.clips import clip_of
 from edgeclf.runtime.postprocess import DecisionRule, probabilities
 from edgeclf.runtime.preprocess import Preprocessor, PreprocessSpec
 
@@ -736,7 +737,7 @@ def _train_on(ds: Dataset, cfg: TrainConfig, *, on_epoch: Callable[[dict[str, An
     if members_record is not None:
         record["ensemble"] = {"members": members_record, "combined": _combined(ds.task)}
     if ds.kind == "clips":
-        record["data"]["clips"] = {s: len({i.split("#", 1)[0] for i in v.ids}) for s, v in ds.splits.items()}
+        record["data"]["clips"] = {s: len({clip_of(i) for i in v.ids}) for s, v in ds.splits.items()}
     if recipe is not None:
         record["recipe"] = {k: v for k, v in recipe.items() if not k.startswith("_")}
     return record, model, p
@@ -798,7 +799,7 @@ def cross_validate(cfg: TrainConfig, *, on_epoch: Callable[[dict[str, Any]], Non
             ids += list(test.ids)
             fold_of += [i] * len(test)
             rules.append(DecisionRule.from_dict(record["model"]["decision"]))
-        held = sorted({x.split("#", 1)[0] for x in test.ids})
+        held = sorted({clip_of(x) for x in test.ids})
         folds.append({"fold": i, "out": fcfg.out, "spec": ds.spec, "test_items": len(test), "test_clips": len(held),
                       "test_sources": sorted({ds.sources.get(c, c) for c in held}) if ds.sources else None,
                       "sizes": record["data"]["sizes"], "best_epoch": record["best_epoch"], "seconds": record["seconds"],

@@ -27,7 +27,7 @@ import numpy as np
 from edgeclf.errors import ConfigError
 from edgeclf.runtime.postprocess import DecisionRule, decide, decide_frame
 
-__all__ = ["AGGREGATIONS", "ClipAggregator", "ClipDecision", "aggregate_clip", "aggregate_records", "group_frames"]
+__all__ = ["AGGREGATIONS", "ClipAggregator", "ClipDecision", "aggregate_clip", "aggregate_records", "clip_of", "group_frames"]
 
 AGGREGATIONS: Tuple[str, ...] = ("mean", "vote")
 
@@ -184,9 +184,17 @@ def aggregate_records(
     return agg.result()
 
 
+def clip_of(frame_id: str) -> str:
+    """The clip of a frame id ``clip#j`` (a plain id is its own clip). Only a trailing ``#<digits>`` is the
+    frame: a '#' in the clip's own file name (``pt#1.avi#0``) must not merge it with other clips."""
+    s = str(frame_id)
+    head, sep, tail = s.rpartition("#")
+    return head if sep and tail.isdigit() else s
+
+
 def group_frames(clip_ids: Sequence[str]) -> Dict[str, List[int]]:
     """Frame ids ``clip#j`` (or plain clip ids) -> {clip: [row indices]}, in first-seen order."""
     out: Dict[str, List[int]] = {}
     for i, cid in enumerate(clip_ids):
-        out.setdefault(str(cid).split("#", 1)[0], []).append(i)
+        out.setdefault(clip_of(cid), []).append(i)
     return out

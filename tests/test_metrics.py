@@ -300,3 +300,53 @@ def test_plot_confusion_writes_png(tmp_path) -> None:  # type: ignore[no-untyped
     with pytest.raises(DataError, match="does not fit 2 label names"):
         plot_confusion([[1, 2, 3], [4, 5, 6], [7, 8, 9]], ["a", "b"], tmp_path / "bad.png")
     assert not (tmp_path / "bad.png").exists()
+
+
+# ---------------------------------------------------------------- clip-level figures
+
+
+def test_clip_names_with_a_hash_stay_separate_clips() -> None:
+    """Frame ids are `<clip path>#<frame>`: a '#' in the clip's own file name must not merge clips."""
+    from edgeclf.data import _to_split
+    from edgeclf.metrics import clip_metrics
+    from edgeclf.runtime.clips import group_frames
+
+    img = np.zeros((4, 4), np.uint8)
+    sp = _to_split([("pt#1.avi", "pt#1.avi", 1, [img, img]), ("pt#2.avi", "pt#2.avi", 1, [img, img]),
+                    ("pt#3.avi", "pt#3.avi", 0, [img])])
+    assert group_frames(sp.ids) == {"pt#1.avi": [0, 1], "pt#2.avi": [2, 3], "pt#3.avi": [4]}
+    p = _binary_probs([0.9, 0.8, 0.1, 0.2, 0.3])
+    m = clip_metrics(p, sp.labels, sp.ids, DecisionRule("threshold", (0.5,), positive=1), ["neg", "pos"], n_boot=0)
+    assert m["clips"] == 3 and [c["mean"] for c in m["per_clip"]] == ["pos", "neg", "neg"]
+    assert m["clip_mean"]["accuracy"] == pytest.approx(2 / 3)
+
+
+def test_clip_metrics_applies_each_folds_rule_and_refuses_a_mismatch() -> None:
+    from edgeclf.metrics import clip_metrics
+
+    lo = DecisionRule("threshold", (0.2,), positive=1)
+    hi = DecisionRule("threshold", (0.9,), positive=1)
+    p, y, ids = _binary_probs([0.3] * 4), np.ones(4, int), ["a#0", "a#1", "b#0", "b#1"]
+    m = clip_metrics(p, y, ids, [lo, hi], ["neg", "pos"], folds=[0, 0, 1, 1], n_boot=0)
+    assert [(c["clip"], c["fold"], c["mean"]) for c in m["per_clip"]] == [("a", 0, "pos"), ("b", 1, "neg")]
+    assert m["frame"]["confusion_matrix"] == [[0, 0], [2, 2]] and m["frame"]["abstained"] == 0
+    with pytest.raises(ConfigError, match="folds"):  # two rules, no folds: the second was silently ignored
+        clip_metrics(p, y, ids, [lo, hi], ["neg", "pos"], n_boot=0)
+    with pytest.raises(ConfigError, match="fold"):  # fold -1: its frames counted as abstained, its clip given rule -1
+        clip_metrics(p, y, ids, [lo, hi], ["neg", "pos"], folds=[0, 0, -1, -1], n_boot=0)
+    with pytest.raises(ConfigError, match="fold"):
+        clip_metrics(p, y, ids, [lo, hi], ["neg", "pos"], folds=[0, 0, 1], n_boot=0)
+    with pytest.raises(DataError, match="several folds"):  # one clip, two operating points: which is its decision?
+        clip_metrics(p, y, ids, [lo, hi], ["neg", "pos"], folds=[0, 1, 0, 1], n_boot=0)
+
+
+def test_clip_whose_frames_all_abstain_is_counted() -> None:
+    from edgeclf.metrics import clip_metrics
+
+    rule = DecisionRule("threshold", (0.5,), positive=1)
+    p, y = _binary_probs([0.45, 0.52, 0.9, 0.95]), np.ones(4, int)
+    m = clip_metrics(p, y, ["a#0", "a#1", "b#0", "b#1"], rule, ["neg", "pos"], min_confidence=0.8, n_boot=20)
+    assert m["clips"] == 2 and m["per_clip"][0]["used"] == 0 and m["per_clip"][0]["mean"] is None
+    for key in ("clip_mean", "clip_vote"):
+        assert m[key]["n"] == 1 and m[key]["abstained"] == 1 and m[key]["accuracy"] == 1.0
+    assert m["frame"]["n"] == 2 and m["frame"]["abstained"] == 2

@@ -80,6 +80,9 @@ def test_errors_are_one_line() -> None:
 
 def test_group_frames() -> None:
     assert group_frames(["a.mp4#0", "b.mp4#0", "a.mp4#1", "c.png"]) == {"a.mp4": [0, 2], "b.mp4": [1], "c.png": [3]}
+    # Only a trailing "#<digits>" is the frame: a '#' in the clip's own name must not merge clips.
+    assert group_frames(["pt#1.avi#0", "pt#2.avi#0", "pt#1.avi#1", "pt#3.avi"]) == {
+        "pt#1.avi": [0, 2], "pt#2.avi": [1], "pt#3.avi": [3]}
 
 
 def test_no_torch_import() -> None:
