@@ -872,8 +872,9 @@ def _print_clips(c: dict[str, Any], title: str = "") -> None:
     for name, key in (("clip, mean probability", "clip_mean"), ("clip, majority vote", "clip_vote"), ("frame", "frame")):
         m = c[key]
         sens = ", ".join(f"{k} {_num(v['sensitivity'], '.2f')}" for k, v in m.get("per_class", {}).items())
-        rows.append([name, m["n"], _ci(m, "accuracy"), _ci(m, "balanced_accuracy"), sens])
-    click.echo(_table(["level", "n", "accuracy (95% CI)", "balanced acc (95% CI)", "sensitivity"], rows,
+        rows.append([name, m["n"], m.get("abstained", 0), _ci(m, "accuracy"), _ci(m, "balanced_accuracy"), sens])
+    # n counts decided clips (frames); abstained ones are not in the figures, so they are shown beside them
+    click.echo(_table(["level", "n", "abstained", "accuracy (95% CI)", "balanced acc (95% CI)", "sensitivity"], rows,
                       title or f"{c['clips']} clips, {c['frames']} frames (intervals: bootstrap over clips)"))
 
 
@@ -911,7 +912,7 @@ def _print_run(s: dict[str, Any]) -> None:
         click.echo("abstained because: " + ", ".join(f"{k} {v}" for k, v in sorted(s["abstain_reasons"].items())))
     clip = s.get("clip") or {}
     if clip.get("majority_label") is not None:
-        click.echo(f"clip: majority {clip['majority_label']}, abstain rate {clip.get('abstain_rate', 0):.3f}")
+        click.echo(f"shown labels (after smoothing): most frames {clip['majority_label']}, abstain rate {clip.get('abstain_rate', 0):.3f}")
     dec = clip.get("decision") or {}
     if dec.get("frames"):
         click.echo(f"clip decision (as `edgeclf evaluate` aggregates): mean probability {dec['mean_label']}, majority vote "

@@ -256,3 +256,21 @@ def test_run_on_a_device_profile_falls_back_to_what_runs_here(tiny_bundle: Path)
     doc = json.loads(r.stdout)
     assert doc["backend"] == "ort-cpu" and doc["threads"] == 6 and "passed over trt" in doc["chosen_by"]["backend"]
     assert "WARNING" in r.stderr and "prefers trt, falling back" in r.stderr
+
+
+def test_clip_table_shows_abstained_clips_and_run_names_the_shown_label_majority(capsys: pytest.CaptureFixture[str]) -> None:
+    from edgeclf.cli import _print_clips, _print_run
+
+    m = {"n": 8, "abstained": 2, "accuracy": 0.75, "balanced_accuracy": 0.7, "per_class": {"a": {"sensitivity": 0.5}}}
+    _print_clips({"clips": 10, "frames": 100, "clip_mean": m, "clip_vote": m, "frame": dict(m, n=90, abstained=10)})
+    out = capsys.readouterr().out
+    assert "abstained" in out.splitlines()[1]  # the header: figures over n decided, the rest counted beside them
+    rows = [ln.split() for ln in out.splitlines() if ln.startswith(("clip,", "frame"))]
+    assert [r[4] if r[0] == "clip," else r[2] for r in rows] == ["2", "2", "10"]  # after the 3-word level and n
+    stage = {"median": 1.0, "p90": 1.0, "p99": 1.0, "max": 1.0}
+    _print_run({"frames": 3, "wall_s": 0.1, "fps": 30, "written": 3, "abstained": 0, "stages_ms": {"infer": stage},
+                "label_counts": {"a": 3}, "clip": {"majority_label": "a", "abstain_rate": 0.0,
+                                                   "decision": {"frames": 3, "used": 3, "abstained": 0, "mean_label": "a",
+                                                                "vote_label": "a"}}})
+    out = capsys.readouterr().out
+    assert "shown labels (after smoothing): most frames a" in out and "clip decision (as `edgeclf evaluate`" in out
