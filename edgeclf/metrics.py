@@ -313,13 +313,18 @@ def decision_metrics(
         rng = np.random.default_rng(seed)
         uniq, inv = np.unique(g, return_inverse=True)
         members = [np.flatnonzero(inv == j) for j in range(len(uniq))]
+        present = np.unique(y)
         acc, bal = [], []
         for _ in range(n_boot):
             idx = np.concatenate([members[j] for j in rng.integers(0, len(uniq), len(uniq))])
             acc.append(np.mean(y[idx] == d[idx]))
-            bal.append(_balanced(y[idx], d[idx], k))
+            # A resample missing a class would average fewer sensitivities (another statistic): left out and
+            # counted, as the AUC bootstrap does.
+            if len(np.unique(y[idx])) == len(present):
+                bal.append(_balanced(y[idx], d[idx], k))
         out["accuracy_ci95"] = [float(np.quantile(acc, 0.025)), float(np.quantile(acc, 0.975))]
-        out["balanced_accuracy_ci95"] = [float(np.nanquantile(bal, 0.025)), float(np.nanquantile(bal, 0.975))]
+        out["balanced_accuracy_ci95"] = [float(np.quantile(bal, 0.025)), float(np.quantile(bal, 0.975))] if bal else None
+        out["balanced_accuracy_n_boot_used"] = len(bal)
         out["n_boot"] = int(n_boot)
         out["bootstrap_unit"] = "group" if groups is not None else "item"
     return out

@@ -350,3 +350,16 @@ def test_clip_whose_frames_all_abstain_is_counted() -> None:
     for key in ("clip_mean", "clip_vote"):
         assert m[key]["n"] == 1 and m[key]["abstained"] == 1 and m[key]["accuracy"] == 1.0
     assert m["frame"]["n"] == 2 and m["frame"]["abstained"] == 2
+
+
+def test_balanced_accuracy_interval_leaves_out_resamples_missing_a_class() -> None:
+    from edgeclf.metrics import decision_metrics
+
+    # Every resample holding all three classes has balanced accuracy 2/3, 5/6 or 1 (only class 2 errs); one
+    # missing class 1 would average two sensitivities and could reach 0.5, a figure of another statistic.
+    y, d = [0, 0, 1, 1, 2, 2], [0, 0, 1, 1, 2, 0]
+    m = decision_metrics(y, d, ["a", "b", "c"], n_boot=1000, seed=0)
+    assert m["balanced_accuracy"] == pytest.approx(5 / 6)
+    assert 0 < m["balanced_accuracy_n_boot_used"] < 1000
+    assert m["balanced_accuracy_ci95"][0] >= 2 / 3 - 1e-9
+    assert m["n_boot"] == 1000 and len(m["accuracy_ci95"]) == 2  # accuracy needs no class: every resample counts
