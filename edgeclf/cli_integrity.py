@@ -74,7 +74,8 @@ def audit_verify(ctx: click.Context, log: str, results: Optional[str], head: Opt
         line = f"tampered: {log}: {rep.reason}"
     check = rep.results_check
     if check and check.get("state") == "match":
-        line += f"; results file matches ({check['checked']} results digested, {check['undigested']} after the last digest)"
+        line += f"; results file matches ({check['checked']} results digested, {check['undigested']} after the last digest"
+        line += ", a torn last line ignored)" if check.get("torn") else ")"
     _emit(as_json, doc, line)
     ctx.exit(AUDIT_EXIT_CODES[rep.state])
 

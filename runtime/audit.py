@@ -168,8 +168,15 @@ def _source_forms(uri: str) -> List[str]:
 
     forms = {text, redact_uri(text)}
     bare = _SCHEME.sub("", text)
-    if bare and "://" not in bare:  # a path (a file, a watched folder): also absolute and its file name
-        forms.update({bare, os.path.abspath(bare), os.path.basename(bare.rstrip("/\\"))})
+    paths = [bare]
+    if text.lower().startswith("watch:"):
+        # open_watch splits watch:FOLDER?poll=..&state=PATH at "?": messages quote FOLDER and PATH, never
+        # the URI with its options (a short folder would otherwise match no form at all).
+        bare, _, query = bare.partition("?")
+        paths = [bare] + [item[len("state="):] for item in query.split("&") if item.startswith("state=")]
+    for path in paths:
+        if path and "://" not in path:  # a path (a file, a watched folder): also absolute and its file name
+            forms.update({path, os.path.abspath(path), os.path.basename(path.rstrip("/\\"))})
     forms.update([repr(f)[1:-1] for f in list(forms)])
     return sorted((f for f in forms if len(f) >= _MIN_FORM), key=len, reverse=True)
 
@@ -574,7 +581,8 @@ def verify_audit(path: PathLike, *, results: Optional[PathLike] = None, expected
 
     results: a results file (JSON lines) to check against the digests: every digested result must be
         in it, in order, byte for byte (``results_check``: "match", or "mismatch" making the log's state
-        "tampered"; results after the last digest are counted as "undigested").
+        "tampered"; results after the last digest are counted as "undigested", a cut-short last line as
+        "torn").
     expected_head: the head hash recorded elsewhere at the end of the run; a log whose last record has
         another hash was cut or rewritten (tampered).
     Raises DataError only when the file cannot be read.
@@ -660,18 +668,22 @@ def verify_audit(path: PathLike, *, results: Optional[PathLike] = None, expected
     return rep
 
 
-def _result_lines(path: PathLike) -> Iterator[bytes]:
-    """Whole lines of a results file, newline included (a torn last line is left out)."""
+def _result_lines(path: PathLike, torn: List[bytes]) -> Iterator[bytes]:
+    """Whole lines of a results file, newline included; a torn last line is left out and put in `torn`
+    (so that it is counted, as read_jsonl counts it)."""
     with open(path, "rb") as f:
         for raw in f:
             if raw.endswith(b"\n"):
                 yield raw
+            else:
+                torn.append(raw)
 
 
 def _check_results(digests: List[Dict[str, Any]], results: PathLike) -> Dict[str, Any]:
     p = os.fspath(results)
     try:
-        lines = _result_lines(p)
+        torn: List[bytes] = []
+        lines = _result_lines(p, torn)
         checked = 0
         for n, d in enumerate(digests):
             h = hashlib.sha256()
@@ -692,4 +704,4 @@ def _check_results(digests: List[Dict[str, Any]], results: PathLike) -> Dict[str
         undigested = sum(1 for _ in lines)
     except OSError as exc:
         raise DataError(f"cannot read results file {p}: {exc.strerror}; check the path") from None
-    return {"state": "match", "checked": checked, "undigested": undigested, "reason": ""}
+    return {"state": "match", "checked": checked, "undigested": undigested, "torn": len(torn), "reason": ""}

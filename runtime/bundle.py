@@ -21,6 +21,7 @@ Python 3.8 compatible; `cryptography` is imported only inside the functions that
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import json
 import logging
@@ -355,13 +356,21 @@ def _signature_doc(doc: Mapping[str, Any]) -> bytes:
 
 def _write_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(str(tmp), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
     try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(str(tmp), str(path))
+        fd = os.open(str(tmp), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+        try:
+            os.write(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(str(tmp), str(path))
+    except OSError as exc:
+        # A full disk or a read-only folder: one line, and no .tmp left in the bundle (an uncovered file
+        # that every later load would refuse).
+        with contextlib.suppress(OSError):  # never created, or the folder refuses that too: the load then names it
+            os.unlink(str(tmp))
+        raise BundleError(f"cannot write {path} ({exc.strerror or type(exc).__name__}); free space or make the bundle "
+                          "folder writable, then sign again") from None
 
 
 def generate_keypair(private_path: PathLike, public_path: PathLike, *, passphrase: Optional[bytes] = None) -> str:
@@ -513,8 +522,10 @@ class Variant:
     def from_dict(cls, d: Mapping[str, Any], where: str) -> Variant:
         _check_fields(d, _VARIANT_SPEC, where, closed=False)
         name = str(d["file"])
-        if "/" in name or "\\" in name or name.startswith(".") or name == "model.onnx" or not name or any(ord(c) < 32 for c in name):
-            raise BundleError(f"{where}.file is {_short(name)}; a variant is a plain file name inside the bundle, not the fp32 model")
+        # Like model.file, never the checksum or signature file: the signature is the one file no checksum covers.
+        if ("/" in name or "\\" in name or name.startswith(".") or name in ("model.onnx", CHECKSUM_FILE, SIGNATURE_FILE)
+                or not name or any(ord(c) < 32 for c in name)):
+            raise BundleError(f"{where}.file is {_short(name)}; a variant is a plain file name inside the bundle, not the fp32 model nor the checksum or signature file")
         precision, flavour = str(d["precision"]), d.get("flavour")
         if precision not in PRECISIONS:
             raise BundleError(f"{where}.precision is {_short(precision)}; allowed: {', '.join(PRECISIONS)}")

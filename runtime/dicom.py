@@ -671,6 +671,14 @@ def _utils() -> Any:
 # -------------------------------------------------------------------------------------------- source
 
 
+def _ext_label(ext: str) -> str:
+    """A file's extension for messages: only a known one. What splitext calls the extension of "Jane.Doe"
+    or "DOE.JOHN.1" is part of a name."""
+    if not ext:
+        return "no extension"
+    return ext if ext in DICOM_EXTENSIONS else "another extension"
+
+
 def _series_files(folder: str) -> Tuple[List[str], int]:
     """Candidate files of a folder (not hidden, regular) and how many were left out as hidden."""
     names = []
@@ -753,7 +761,7 @@ class DicomSource(BaseSource):
         candidates.sort(key=lambda p: natural_key(os.path.basename(p)))
         for i, p in enumerate(candidates):
             ext = os.path.splitext(p)[1].lower()
-            where = f"DICOM file {i} of {count} ({ext or 'no extension'}, 0-based in name order)"
+            where = f"DICOM file {i} of {count} ({_ext_label(ext)}, 0-based in name order)"
             if count == 1:
                 where = "DICOM file"
             force = explicit or ext in DICOM_EXTENSIONS
@@ -768,7 +776,7 @@ class DicomSource(BaseSource):
                         "supported: DICOM Part 10 files; check the file"
                     )
                 self.skipped += 1
-                logger.debug("skipped a file that is not DICOM (%s)", ext or "no extension")
+                logger.debug("skipped a file that is not DICOM (%s)", _ext_label(ext))
                 continue
             order = df.instance_number
             found.append(((order is None, order if order is not None else 0, natural_key(os.path.basename(p))), df))

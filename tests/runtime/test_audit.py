@@ -159,7 +159,8 @@ def test_results_file_is_checked_against_the_digests(tmp_path: Path) -> None:
         sink.close()  # digests the 2 pending results, does not end the log
         assert log.records == 4 and not log.ended
     rep = verify_audit(log_path, results=results)
-    assert rep.state == "intact" and rep.results_check == {"state": "match", "checked": 10, "undigested": 0, "reason": ""}
+    assert rep.state == "intact" and rep.results_check == {"state": "match", "checked": 10, "undigested": 0, "torn": 0,
+                                                           "reason": ""}
     lines = results.read_bytes().splitlines(keepends=True)
     results.write_bytes(b"".join(lines[:3] + [lines[3].replace(b"cyst", b"mass")] + lines[4:]))
     rep = verify_audit(log_path, results=results)
@@ -407,3 +408,34 @@ def test_fault_recovery_and_end_texts_never_carry_the_source(tmp_path: Path) -> 
     text = path.read_text()
     assert "DOE_JOHN" not in text and "127.0.0.1" not in text and text.count("<source>") == 4
     assert verify_audit(path).state == "intact"
+
+
+@pytest.mark.parametrize("uri", ["watch:/in/ZQ^ORV?poll=1", "watch:/in/ZQ^ORV?poll=0.5&state=/var/ZQ^ORV.json",
+                                 "watch:ZQ^ORV?idle_exit=5"])
+def test_a_watched_folder_with_options_is_scrubbed_like_one_without(uri: str) -> None:
+    # open_watch takes the folder (and the state file) out of the URI's query: messages quote those paths,
+    # never the URI with its ?options, so the forms must be the paths themselves (short ones included).
+    folder = "/in/ZQ^ORV" if uri.startswith("watch:/") else os.path.abspath("ZQ^ORV")
+    for text in (f"watch state '{folder}/.edgeclf-watch.json' cannot be written (OSError: No space left on device)",
+                 f"watch folder {folder!r} does not exist or is not a folder", "watch state '/var/ZQ^ORV.json' is in use"):
+        if "/var/" in text and "state=" not in uri:
+            continue
+        out = scrub_source(text, uri)
+        assert "ZQ^ORV" not in out and "<source>" in out, out
+
+
+def test_a_torn_last_results_line_is_counted_not_dropped(tmp_path: Path) -> None:
+    # kill -9 mid-write leaves a cut-short last result: like read_jsonl, the check says so instead of
+    # reporting a clean match that silently leaves a (partial) result out.
+    log_path, results = tmp_path / "a.jsonl", tmp_path / "r.jsonl"
+    records = [_result(i) for i in range(5)]
+    with AuditLog(log_path, digest_every=2) as log:
+        log.start(bundle_checksum="0" * 64)
+        for r in records[:4]:
+            log.result(r)
+    results.write_bytes(b"".join(result_line(r) for r in records[:4]) + result_line(records[4])[:20])
+    rep = verify_audit(log_path, results=results)
+    assert rep.state == "intact"
+    assert rep.results_check == {"state": "match", "checked": 4, "undigested": 0, "torn": 1, "reason": ""}
+    res = CliRunner().invoke(audit, ["verify", str(log_path), "--results", str(results)])
+    assert res.exit_code == 0 and "a torn last line ignored" in res.output

@@ -391,3 +391,40 @@ def test_an_owner_only_bundle_is_one_line_not_a_traceback(bundle_copy: Path, mon
     with pytest.raises(BundleError, match=r"cannot be read \(PermissionError\); check its permissions") as info:
         load_bundle(bundle_copy)
     assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("name", [CHECKSUM_FILE, SIGNATURE_FILE])
+def test_a_variant_cannot_name_the_checksum_or_signature_file(tmp_path: Path, name: str) -> None:
+    # The signature file is the one file the checksums do not cover; model.file already refuses both names.
+    from tests.runtime.tiny_bundle import make_tiny_bundle
+
+    bundle = make_tiny_bundle(tmp_path / "b", variants=["fp16"])
+    (bundle / "model.fp16.onnx").unlink()
+    _rewrite_manifest(bundle, lambda m: m["variants"][0].update(file=name))
+    with pytest.raises(BundleError, match=r"manifest.variants\[0\].file") as info:
+        load_bundle(bundle)
+    assert "\n" not in str(info.value)
+
+
+def test_signing_that_cannot_write_is_one_line_and_leaves_the_bundle_loadable(tmp_path: Path,
+                                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    # A full disk or a read-only bundle folder: a user's problem, one line; and no half-written
+    # .checksums.sha256.sig.tmp left behind, which the next load would refuse as a file not covered.
+    import errno
+
+    from edgeclf.runtime.bundle import sign_bundle
+    from tests.runtime.tiny_bundle import make_tiny_bundle
+
+    bundle = make_tiny_bundle(tmp_path / "b")
+    priv, _ = _keys(tmp_path)
+
+    def no_space(fd: int) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "fsync", no_space)
+    with pytest.raises(BundleError, match=r"cannot write .*No space left on device") as info:
+        sign_bundle(bundle, priv)
+    assert "\n" not in str(info.value)
+    monkeypatch.undo()
+    assert sorted(p.name for p in bundle.iterdir()) == sorted([CHECKSUM_FILE, "manifest.json", "model.onnx", "reference.npz"])
+    assert load_bundle(bundle).signature is None

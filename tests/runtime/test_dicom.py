@@ -396,6 +396,23 @@ def test_a_cut_short_file_in_a_series_is_an_error_not_skipped(tmp_path: Path) ->
         open_source(str(tmp_path / "series"))
 
 
+def test_an_extension_made_of_a_name_is_not_quoted(tmp_path: Path) -> None:
+    # "Jane.Doe" (no real extension): splitext calls ".Doe" its extension; errors name files by index only.
+    folder = tmp_path / "series"
+    folder.mkdir()
+    for i in (1, 2):
+        write_dicom(folder / f"IM{i}", np.full((8, 8), i, np.uint8), instance=i)
+    bad = write_dicom(folder / "Jane.Doe", np.full((8, 8), 3, np.uint8), instance=3)
+    bad.write_bytes(bad.read_bytes()[:400])
+    with pytest.raises(SourceError, match=r"DICOM file \d of 3 .* cut short or damaged") as exc:
+        open_source(str(folder))
+    assert "doe" not in _one_line(exc).lower()
+    path = write_dicom(tmp_path / "John.Smith", np.zeros((2, 2, 3), np.uint8), photometric="HSV")
+    with pytest.raises(SourceError) as exc:
+        DicomSource([str(path), str(tmp_path / "series" / "IM1")])
+    assert "smith" not in _one_line(exc).lower()
+
+
 def test_a_dicm_file_pydicom_cannot_parse_is_a_damaged_header_error(tmp_path: Path,
                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     bad = _series_with_a_damaged_file(tmp_path / "series")
