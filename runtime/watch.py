@@ -336,10 +336,13 @@ class WatchFolderSource:
                 self._counts["files_ignored"] += 1
                 logger.info(
                     "watch %s: ignoring file %s (%s, %d bytes): not an image or DICOM file",
-                    self.source_id, key, ext or "no extension", ident[0],
+                    self.source_id, key, "another extension" if ext else "no extension", ident[0],
                 )
                 continue
-            ready.append(_Entry(key=key, path=path, ext=ext, size=ident[0], mtime_ns=ident[1], kind=kind))
+            # What splitext calls the extension of "Jane.Doe" (a DICOM found by its marker) is part of a
+            # name: only a known extension reaches messages and result records.
+            known = ext if ext in IMAGE_EXTENSIONS or ext in _DICOM_EXTENSIONS else ""
+            ready.append(_Entry(key=key, path=path, ext=known, size=ident[0], mtime_ns=ident[1], kind=kind))
         self._seen = current
         self._unstable = unstable
         if unstable:

@@ -296,3 +296,24 @@ def test_a_failed_entry_without_frames_is_a_valid_state(tmp_path: Path) -> None:
     _png(inbox / "b.png", 4)
     _consume(inbox, results)
     assert results == [4]
+
+
+def test_a_name_that_looks_like_an_extension_stays_out_of_records_and_logs(tmp_path: Path,
+                                                                         caplog: pytest.LogCaptureFixture) -> None:
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    _dicom(inbox / "Jane.Doe", [7])  # DICOM found by its marker; splitext calls ".doe" its extension
+    _png(inbox / "b.png", 8)
+    (inbox / "John.Smith").write_text("not an image")  # ignored, logged
+    caplog.set_level("DEBUG")
+    src = WatchFolderSource(str(inbox), poll=POLL, idle_exit=IDLE)
+    metas = []
+    try:
+        for frame in src:
+            metas.append(dict(frame.meta))
+            src.ack(frame)
+    finally:
+        src.close()
+    assert sorted(m["ext"] for m in metas) == ["", ".png"]
+    text = json.dumps(metas, default=str) + caplog.text
+    assert "doe" not in text.lower() and "smith" not in text.lower() and "jane" not in text.lower()
