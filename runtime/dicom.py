@@ -130,13 +130,26 @@ def _withhold(text: str) -> str:
 
 
 _HYGIENE: List[bool] = []
+_WITHHOLD = _WithholdValues()
+
+
+def _filter_pydicom_loggers() -> None:
+    """A logger's filter sees only records logged on that logger, not those its children propagate, and
+    pydicom logs from modules' own loggers too (pydicom.pixels.*, imported when pixels are first decoded):
+    every pydicom logger that exists gets the filter (addFilter skips one it already has)."""
+    logging.getLogger("pydicom").addFilter(_WITHHOLD)
+    for name in list(logging.Logger.manager.loggerDict):
+        if name.startswith("pydicom."):
+            lg = logging.getLogger(name)
+            if _WITHHOLD not in lg.filters:
+                lg.addFilter(_WITHHOLD)
 
 
 def _pydicom() -> Any:
     mod = require("pydicom", "dicom")
+    _filter_pydicom_loggers()  # every call: a pydicom module imported since has its own logger
     if not _HYGIENE:  # once per process, at the first DICOM file
         _HYGIENE.append(True)
-        logging.getLogger("pydicom").addFilter(_WithholdValues())
         # The same complaints as warnings would print the value or the path to stderr, and a warning's text
         # cannot be rewritten: pydicom 3 also logs them (filtered above), pydicom 2 then says nothing.
         for message in (r"Invalid value for VR", r"(?s).* in file "):

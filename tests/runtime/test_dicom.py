@@ -540,3 +540,16 @@ def test_a_damaged_header_element_is_one_line_not_a_traceback(tmp_path: Path) ->
     with pytest.raises(SourceError, match="damaged header element") as info:
         open_source(str(path))
     assert "\n" not in str(info.value)
+
+
+def test_pydicom_module_loggers_withhold_values_too(caplog: pytest.LogCaptureFixture) -> None:
+    pytest.importorskip("pydicom", reason="pydicom (the 'dicom' extra) reads DICOM")
+    import logging
+
+    from edgeclf.runtime import dicom as d
+
+    d._pydicom()
+    child = logging.getLogger("pydicom.pixels.decoders.base")  # a module logger: records propagate past the parent's filter
+    with caplog.at_level(logging.DEBUG, logger="pydicom"):
+        child.warning("could not decode: Invalid value for VR PN: 'DOE^JANE' in file /data/DOE^JANE/IM1")
+    assert caplog.records and "DOE" not in caplog.text and "<withheld>" in caplog.text
