@@ -390,7 +390,8 @@ _OPTION_TYPES = {"split": str, "dedup": str, "near": int, "test": float, "val": 
 
 def _parse_options(query: str, spec: str) -> FolderOptions:
     try:
-        pairs = parse_qsl(query, strict_parsing=True, keep_blank_values=False)
+        # Blank values kept: `split=` must be refused, not read as "no split list".
+        pairs = parse_qsl(query, strict_parsing=True, keep_blank_values=True)
     except ValueError:
         raise DataError(f"data spec {spec!r} has a malformed query; use e.g. DIR?dedup=near&test=0.2") from None
     bad = sorted({k for k, _ in pairs} - set(_OPTION_TYPES))
@@ -398,10 +399,20 @@ def _parse_options(query: str, spec: str) -> FolderOptions:
         raise DataError(f"data spec {spec!r} has unknown option(s) {bad}; allowed: {', '.join(_OPTION_TYPES)}")
     kw = {}
     for k, v in pairs:
+        if k in kw:
+            raise DataError(f"data spec {spec!r} names option {k} twice; give it once")
+        if not v.strip():
+            raise DataError(f"data spec {spec!r}: option {k}= is empty; give a value or leave the option out")
         try:
             kw[k] = _OPTION_TYPES[k](v)
         except ValueError:
             raise DataError(f"data spec {spec!r}: option {k}={v!r} is not a {_OPTION_TYPES[k].__name__}") from None
+    # Options that would be ignored (and dropped from the recorded spec) are refused instead.
+    if not kw.get("folds") and ({"fold", "group"} & set(kw)):
+        raise DataError(f"data spec {spec!r}: options fold and group apply to cross-validation; add folds=K (K >= 2) "
+                        "or leave them out (edgeclf train --folds K --group G)")
+    if "near" in kw and kw.get("dedup") != "near":
+        raise DataError(f"data spec {spec!r}: option near applies with dedup=near; add dedup=near or leave near out")
     return FolderOptions(**kw)
 
 
@@ -505,7 +516,18 @@ def read_split_list(name: str) -> dict[str, tuple[str, str, str]]:
         rows = [r for r in csv.DictReader(line for line in f if not line.startswith("#"))]
     if not rows or not {"path", "sha256", "split", "group"} <= set(rows[0]):
         raise DataError(f"split list {path} lacks the columns path, sha256, split, group; regenerate it with python -m edgeclf.recipes splits")
-    return {r["path"]: (r["sha256"], r["split"], r["group"]) for r in rows}
+    out: dict[str, tuple[str, str, str]] = {}
+    for n, r in enumerate(rows, 1):
+        where = f"split list {path}, row {n}"
+        if not all((r.get(c) or "").strip() for c in ("path", "sha256", "split", "group")):
+            raise DataError(f"{where} has an empty or missing path, sha256, split or group; regenerate the list")
+        # Any other split name would be dropped like a duplicate: a typo must not lose files silently.
+        if r["split"] not in (*SPLITS, "duplicate"):
+            raise DataError(f"{where}: split {r['split']!r} is unknown; allowed: {', '.join(SPLITS)}, duplicate")
+        if r["path"] in out:
+            raise DataError(f"{where} names {r['path']} a second time; each file once")
+        out[r["path"]] = (r["sha256"], r["split"], r["group"])
+    return out
 
 
 # (relative id, group key, label, frames)
@@ -552,11 +574,15 @@ def _scan_folder(root: Path, class_map, opts: FolderOptions, frames_per_clip: in
     rows: list[_Row] = []
     assigned: dict[str, str] = {}  # rel -> split, from split folders or the list
     digest = hashlib.sha256(repr(class_map).encode())
-    skipped = unlisted = 0
+    skipped = unlisted = list_dupes = 0
+    left_out: dict[str, int] = defaultdict(int)  # class folders the class map does not name: files per folder
+    short: list[int] = []  # clips that gave fewer than k frames: their frame counts
+    no_lock = [0]  # roi=sector: clips in which the sector detector never locked
     for top in tops:
         split_name = top.name if split_dirs else "pool"
         for d in _class_dirs(top):
             if d.name not in lookup:
+                left_out[d.name] += sum(1 for f in all_files[d] if (f.suffix.lower() in VIDEO_EXTS) == is_clips)
                 continue
             for f in all_files[d]:
                 is_video = f.suffix.lower() in VIDEO_EXTS
@@ -576,9 +602,12 @@ def _scan_folder(root: Path, class_map, opts: FolderOptions, frames_per_clip: in
                         raise DataError(f"{rel} changed since split list {opts.split!r} was written (its sha256 differs); "
                                         "restore the file or regenerate the list (python -m edgeclf.recipes splits)")
                     if entry[1] not in SPLITS:
+                        list_dupes += 1
                         continue  # a duplicate the list dropped
                     split_name = entry[1]
-                frames = _sample_clip(f, k, roi=opts.roi) if is_clips else [_read_image(f)]
+                frames = _sample_clip(f, k, roi=opts.roi, no_lock=no_lock) if is_clips else [_read_image(f)]
+                if is_clips and len(frames) < k:
+                    short.append(len(frames))
                 # Exact copies share a group so that they land on one side of the split.
                 group = rel if is_clips else (listed[rel][2] if listed is not None else h)
                 rows.append((rel, group, lookup[d.name], frames))
@@ -587,8 +616,23 @@ def _scan_folder(root: Path, class_map, opts: FolderOptions, frames_per_clip: in
     if skipped:
         notes.append(f"ignored {skipped} {'image' if is_clips else 'video'} file(s) in a {'clip' if is_clips else 'image'} data set")
         log.warning(notes[-1])
+    if left_out:
+        what = "clip(s)" if is_clips else "image(s)"
+        shown = ", ".join(f"{name} ({n})" for name, n in left_out.items())
+        notes.append(f"left out {sum(left_out.values())} {what} in class folder(s) the class map does not name: {shown}")
+        log.warning(notes[-1])
     if unlisted:
         notes.append(f"left out {unlisted} file(s) that split list {opts.split!r} does not name (new files are never trained on silently)")
+        log.warning(notes[-1])
+    if list_dupes:
+        notes.append(f"left out {list_dupes} file(s) that split list {opts.split!r} marks as duplicates of kept files")
+        log.warning(notes[-1])
+    if short:
+        notes.append(f"{len(short)} clip(s) gave fewer than {k} frames ({min(short)}-{max(short)}"
+                     f"{' after the sector lock' if opts.roi == 'sector' else ''}): all of their frames are used")
+        log.warning(notes[-1])
+    if no_lock[0]:
+        notes.append(f"{no_lock[0]} clip(s) with no sector found: their frames are kept whole")
         log.warning(notes[-1])
     if listed is not None:
         missing = len([r for r, e in listed.items() if e[1] in SPLITS and r.split("/", 1)[0] in lookup]) - len(rows)
@@ -682,6 +726,13 @@ def _load_folder(root: Path, class_map, *, seed: int, val_frac: float, test_frac
         rows, more = _dedup(scan, opts)
         notes += more
         if opts.folds:
+            if opts.group != "clip":
+                alone = sum(1 for r in rows if r[0] not in scan.sources)
+                if alone:
+                    what = "clip(s)" if scan.is_clips else "image(s) (or copy groups)"
+                    notes.append(f"group={opts.group}: {alone} {what} without a clips.csv original_source, each grouped "
+                                 "alone as with group=clip")
+                    log.warning(notes[-1])
             splits = _fold_split(rows, len(names), opts, scan.sources, seed=seed, val_frac=val_frac)
         else:
             splits = _grouped_split(rows, len(names), seed=seed, val_frac=val_frac, test_frac=test_frac)
@@ -747,7 +798,7 @@ def load_folds(spec: str, folds: int, *, classes: str | None = None, seed: int =
     ]
 
 
-def _sample_clip(path: Path, k: int, roi: str = "none") -> list[np.ndarray]:
+def _sample_clip(path: Path, k: int, roi: str = "none", no_lock: list[int] | None = None) -> list[np.ndarray]:
     """k frames evenly spaced over the clip, decoded through the runtime's own video source. With
     roi="sector" every frame goes through the runtime's SectorDetector as `edgeclf run --roi sector` feeds it,
     and the frames are sampled from the first lock on (before it the runtime shows the whole screen)."""
@@ -769,6 +820,8 @@ def _sample_clip(path: Path, k: int, roi: str = "none") -> list[np.ndarray]:
         first = next((i for i, s in enumerate(sectors) if s.locked), None)
         if first is None:
             log.warning("clip %s: no sector found; its frames stay whole", path.name)
+            if no_lock is not None:
+                no_lock[0] += 1  # counted in the data set's notes
         start = first or 0
     idx = start + np.unique(np.linspace(0, len(frames) - 1 - start, num=min(k, len(frames) - start)).round().astype(int))
     if sectors is None:

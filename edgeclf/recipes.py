@@ -49,9 +49,14 @@ RECIPE_DIR = Path(__file__).resolve().parent / "recipe_files"
 # The ExportConfig fields a recipe may set (the rest are about the data or the output, not the recipe).
 EXPORT_FIELDS = ("precision", "max_drop", "min_agreement", "calibration", "calibration_n", "qat_epochs", "device",
                  "target_sensitivity")
+# Their types (ExportConfig's; tests/test_recipes.py keeps the two in step).
+_EXPORT_TYPES: dict[str, type] = {"precision": str, "max_drop": float, "min_agreement": float, "calibration": str,
+                                  "calibration_n": int, "qat_epochs": int, "device": str, "target_sensitivity": float}
 _TOP_KEYS = {"name", "version", "description", "data", "train", "export", "evaluate", "variants", "splits", "reference"}
 _EVALUATE_KEYS = {"aggregate"}
+_AGGREGATES = ("mean", "vote")  # edgeclf.runtime.clips: the clip decision a recipe's figure is read from
 _SPLIT_KEYS = {"dedup", "near", "test", "val", "seed"}
+_SPLIT_TYPES: dict[str, type] = {"dedup": str, "near": int, "test": float, "val": float, "seed": int}
 
 
 def _toml() -> Any:
@@ -105,6 +110,47 @@ def _check_table(where: str, table: Any, allowed: dict[str, Any] | set[str] | tu
     return dict(table)
 
 
+def _check_types(where: str, table: dict[str, Any], types: dict[str, type]) -> None:
+    """Each value of the type its key wants (an integer passes for a float, a boolean for nothing else)."""
+    for k, v in table.items():
+        want = types[k]
+        ok = isinstance(v, want) and not isinstance(v, bool) if want is not bool else isinstance(v, bool)
+        if want is float and isinstance(v, int) and not isinstance(v, bool):
+            ok = True
+        if not ok:
+            raise ConfigError(f"{where}.{k} is {v!r}; expected {want.__name__}")
+
+
+def _check_data(where: str, table: dict[str, Any]) -> None:
+    """A [data] table: known options of the right types and values (checked here, not when a data set is read)."""
+    from edgeclf.data import _OPTION_TYPES, FolderOptions
+    from edgeclf.errors import DataError
+
+    _check_types(where, table, _OPTION_TYPES)
+    try:
+        FolderOptions(**table)
+    except DataError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+
+
+def _check_splits(where: str, table: Any) -> dict[str, Any]:
+    table = _check_table(where, table, _SPLIT_KEYS)
+    _check_types(where, table, _SPLIT_TYPES)
+    return table
+
+
+def _check_export(where: str, table: Any) -> dict[str, Any]:
+    table = _check_table(where, table, EXPORT_FIELDS)
+    _check_types(where, table, _EXPORT_TYPES)
+    return table
+
+
+def _check_reference(where: str, table: Any) -> dict[str, Any]:
+    if not isinstance(table, dict):
+        raise ConfigError(f"{where} must be a table (e.g. text = \"...\"), got {type(table).__name__}")
+    return dict(table)
+
+
 def _check_train_types(where: str, table: dict[str, Any]) -> None:
     fields = _train_fields()
     for k, v in table.items():
@@ -132,23 +178,30 @@ def load_recipe(name: str) -> Recipe:
     fields = _train_fields()
     train = _check_table(f"{where}: train", doc.get("train", {}), fields)
     _check_train_types(f"{where}: train", train)
-    export = _check_table(f"{where}: export", doc.get("export", {}), EXPORT_FIELDS)
+    export = _check_export(f"{where}: export", doc.get("export", {}))
     evaluate = _check_table(f"{where}: evaluate", doc.get("evaluate", {}), _EVALUATE_KEYS)
+    if "aggregate" in evaluate and evaluate["aggregate"] not in _AGGREGATES:
+        raise ConfigError(f"{where}: evaluate.aggregate is {evaluate['aggregate']!r}; allowed: {', '.join(_AGGREGATES)}")
     data = _check_table(f"{where}: data", doc.get("data", {}), _data_keys())
-    splits = _check_table(f"{where}: splits", doc.get("splits", {}), _SPLIT_KEYS)
-    variants = _check_table(f"{where}: variants", doc.get("variants", {}), set(doc.get("variants", {})))
+    _check_data(f"{where}: data", data)
+    splits = _check_splits(f"{where}: splits", doc.get("splits", {}))
+    reference = _check_reference(f"{where}: reference", doc.get("reference", {}))
+    vs = doc.get("variants", {})
+    variants = _check_table(f"{where}: variants", vs, set(vs) if isinstance(vs, dict) else set())
     for vname, v in variants.items():
         vw = f"{where}: variants.{vname}"
         _check_table(vw, v, {"data", "train", "export", "splits", "reference"})
         _check_train_types(f"{vw}.train", _check_table(f"{vw}.train", v.get("train", {}), fields))
-        _check_table(f"{vw}.export", v.get("export", {}), EXPORT_FIELDS)
-        _check_table(f"{vw}.data", v.get("data", {}), _data_keys())
+        _check_export(f"{vw}.export", v.get("export", {}))
+        _check_data(f"{vw}.data", _check_table(f"{vw}.data", v.get("data", {}), _data_keys()))
+        _check_splits(f"{vw}.splits", v.get("splits", {}))
+        _check_reference(f"{vw}.reference", v.get("reference", {}))
     version = doc.get("version", 1)
     if not isinstance(version, int) or isinstance(version, bool):
         raise ConfigError(f"{where}.version is {version!r}; expected an integer")
     return Recipe(name=str(doc.get("name", path.stem)), version=version, description=str(doc.get("description", "")),
                   path=path, text=text, data=data, train=train, export=export, evaluate=evaluate, variants=variants,
-                  splits=splits, reference=dict(doc.get("reference", {})))
+                  splits=splits, reference=reference)
 
 
 def _data_keys() -> set[str]:
@@ -158,9 +211,11 @@ def _data_keys() -> set[str]:
 
 
 def _variant_name(recipe: Recipe, data: str) -> str | None:
+    """The variant whose name is the data's file or folder stem, compared without case (`[variants.BreastMNIST]`
+    applies to breastmnist.npz too)."""
     base = data.partition("?")[0].rstrip("/")
-    stem = Path(base).stem.lower() if not base.startswith("synthetic:") else base.split(":", 1)[1].split("?")[0]
-    return stem if stem in recipe.variants else None
+    stem = Path(base).stem if not base.startswith("synthetic:") else base.split(":", 1)[1]
+    return {v.lower(): v for v in recipe.variants}.get(stem.lower())
 
 
 def recipe_data_spec(data: str, options: dict[str, Any]) -> str:
@@ -176,6 +231,15 @@ def recipe_data_spec(data: str, options: dict[str, Any]) -> str:
     return with_options(data, **merged) if merged else data
 
 
+def _spec_frames(spec: str) -> int | None:
+    """The frames=N option of a folder spec (None when it names none, or for synthetic data)."""
+    if spec.startswith("synthetic:"):
+        return None
+    from edgeclf.data import split_spec
+
+    return split_spec(spec)[1].frames
+
+
 def resolve_recipe(recipe: Recipe, data: str, cli: dict[str, Any]) -> tuple[dict[str, Any], str, dict[str, Any]]:
     """Merge defaults < recipe (< its variant for this data) < explicit CLI values. Returns (TrainConfig keyword
     arguments without data/out, the data spec with the recipe's options, the record for run.json["recipe"])."""
@@ -185,11 +249,26 @@ def resolve_recipe(recipe: Recipe, data: str, cli: dict[str, Any]) -> tuple[dict
     export = {**recipe.export, **v.get("export", {})}
     options = dict(v["data"]) if "data" in v else dict(recipe.data)
     spec = recipe_data_spec(data, options)
+    # The data spec's own options win over the recipe's: recorded as overrides ("data.frames"), like CLI flags.
+    data_over = []
+    if options and not data.startswith("synthetic:"):
+        from edgeclf.data import split_spec
+
+        given = split_spec(data)[1]
+        named = {kv.split("=", 1)[0] for kv in data.partition("?")[2].split("&") if kv}
+        data_over = [f"data.{k}" for k in options if k in named and getattr(given, k) != options[k]]
+    # The recipe's frames per clip live in the spec (frames=N), where they beat --frames-per-clip: a different
+    # value given on the command line would be recorded in the config but not used. Refused, with the way to say it.
+    frames = _spec_frames(spec)
+    if "frames" in options and frames is not None and "frames_per_clip" in cli and cli["frames_per_clip"] != frames:
+        raise ConfigError(f"--frames-per-clip {cli['frames_per_clip']} would be ignored: the data spec samples {frames} frames "
+                          f"per clip (data option frames={frames}, recipe {recipe.name}); give it in the data spec instead: "
+                          f"--data \"{data.partition('?')[0]}?frames={cli['frames_per_clip']}\"")
     kwargs = {**train, **cli}
     record = {
         "name": recipe.name, "version": recipe.version, "sha256": recipe.sha256, "variant": variant,
         "data_options": options, "train": train, "export": export, "evaluate": dict(recipe.evaluate),
-        "overridden": sorted(k for k in cli if k in train and cli[k] != train[k]),
+        "overridden": sorted([k for k in cli if k in train and cli[k] != train[k]] + data_over),
         "reference": {**recipe.reference, **v.get("reference", {})}, "_text": recipe.text,
     }
     return kwargs, spec, record
@@ -236,7 +315,8 @@ def _main(argv: list[str] | None = None) -> int:
     seed = int(cfg.pop("seed", 0))
     spec = with_options(a.data.partition("?")[0], **cfg)
     rows, notes = make_split_list(spec, seed=seed)
-    name = ((r.variants.get(variant, {}) if variant else {}).get("data") or r.data).get("split") or a.name
+    v = r.variants.get(variant, {}) if variant else {}
+    name = v.get("data", r.data).get("split") or a.name  # a variant's data table replaces the recipe's
     out = Path(a.out) if a.out else RECIPE_DIR / "splits" / f"{name}.csv"
     out.parent.mkdir(parents=True, exist_ok=True)
     counts = {s: sum(1 for x in rows if x[2] == s) for s in ("train", "val", "test", "duplicate")}

@@ -913,3 +913,77 @@ def test_spec_name_keeps_no_workstation_path() -> None:
     assert spec_name("/x/imgs?split=brain-mri") == "imgs?split=brain-mri"
     assert spec_name("/x/pocus?frames=12&group=source") == "pocus?frames=12&group=source"
     assert spec_name("synthetic:ultrasound?n=60") == "synthetic:ultrasound?n=60"
+
+
+# -- review: nothing ignored or dropped without a word --------------------------------------------------
+
+
+@pytest.mark.parametrize(("spec", "words"), [
+    ("/d?split=", "is empty"),  # was read as "no split list": the whole folder split afresh
+    ("/d?dedup=near&near=", "is empty"),
+    ("/d?frames=2&frames=3", "twice"),  # was: the last one silently
+    ("/d?fold=2", "cross-validation"),  # was: dropped from the spec, one plain split
+    ("/d?group=site", "cross-validation"),
+    ("/d?near=30", "dedup=near"),  # was: dropped from the spec, exact dedup
+])
+def test_spec_options_that_would_be_ignored_are_refused(spec: str, words: str) -> None:
+    with pytest.raises(DataError) as exc:
+        split_spec(spec)
+    assert words in _one_line(exc)
+    # What the recorded specs hold still parses.
+    assert split_spec("/d?folds=5&fold=2&group=source")[1].fold == 2
+    assert split_spec("/d?dedup=near&near=30")[1].near == 30
+
+
+def test_split_list_with_an_unknown_split_is_refused(tmp_path: Path) -> None:
+    import csv
+
+    root = tmp_path / "imgs"
+    _image_tree(root, {"a": 6, "b": 6})
+    rows, _ = make_split_list(f"{root}?test=0.2&val=0.2")
+    for bad in ([(*rows[0][:2], "tset", rows[0][3])], [rows[0]]):  # a typo (was: dropped like a duplicate); a row twice
+        lst = tmp_path / "list.csv"
+        with open(lst, "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["path", "sha256", "split", "group"])
+            w.writerows(rows[1:] + bad if bad[0][2] == "tset" else rows + bad)
+        with pytest.raises(DataError) as exc:
+            load_dataset(f"{root}?split={lst}")
+        _one_line(exc)
+
+
+def test_split_list_duplicates_are_counted(tmp_path: Path) -> None:
+    root = tmp_path / "imgs"
+    _image_tree(root, {"a": 8, "b": 8})
+    (root / "a" / "z_copy.png").write_bytes((root / "a" / "img0.png").read_bytes())
+    rows, _ = make_split_list(f"{root}?dedup=near&test=0.25&val=0.25")
+    lst = tmp_path / "list.csv"
+    lst.write_text("path,sha256,split,group\n" + "".join(",".join(r) + "\n" for r in rows))
+    ds = load_dataset(f"{root}?split={lst}")
+    assert "a/z_copy.png" not in _split_of(ds) and len(_split_of(ds)) == 16
+    assert any("1 file(s) that split list" in n and "duplicates" in n for n in ds.notes), ds.notes
+
+
+def test_classes_left_out_by_the_class_map_are_counted(tmp_path: Path) -> None:
+    _image_tree(tmp_path, {"bacterial_pneumonia": 4, "covid19": 4, "regular": 4, "viral_pneumonia": 3})
+    ds = load_dataset(str(tmp_path), classes="covid19,pneumonia=bacterial_pneumonia,regular")
+    assert len(ds.split("all")) == 12
+    assert any("left out 3 image(s)" in n and "viral_pneumonia (3)" in n for n in ds.notes), ds.notes
+
+
+def test_short_clips_are_counted(clips_root: Path) -> None:
+    ds = load_dataset(str(clips_root), frames_per_clip=10)  # covid/clip3 has 7 frames, regular/clip1 9
+    assert len(ds.split("all")) == 9 * 10 + 7 + 9  # sampling unchanged: every frame of a short clip once
+    assert any(n.startswith("2 clip(s) gave fewer than 10 frames (7-9)") for n in ds.notes), ds.notes
+    assert load_dataset(str(clips_root), frames_per_clip=4).notes == []
+
+
+def test_fold_groups_without_a_source_are_counted(tmp_path: Path) -> None:
+    from edgeclf.data import load_folds
+
+    root = _clip_tree(tmp_path / "pocus")
+    lines = (root / "clips.csv").read_text().splitlines()
+    (root / "clips.csv").write_text("\n".join(ln for ln in lines if not ln.startswith("regular/c3.avi")) + "\n")
+    for ds in load_folds(str(root), 3, frames_per_clip=2, group="source"):
+        assert any("group=source: 1 clip(s) without a clips.csv original_source" in n for n in ds.notes), ds.notes
+    assert not any("original_source" in n for n in load_folds(str(root), 3, frames_per_clip=2, group="clip")[0].notes)

@@ -50,7 +50,7 @@ def test_cli_values_win_and_options_given_win() -> None:
     kwargs, spec, rec = resolve_recipe(r, "/d/pocus?frames=4", {"epochs": 2, "size": 64})
     assert kwargs["epochs"] == 2 and kwargs["size"] == 64 and kwargs["model"] == "efficientnet_lite0"
     assert spec == "/d/pocus?frames=4&roi=sector"  # the spec's own frames=4 wins over the recipe's
-    assert rec["overridden"] == ["epochs", "size"]
+    assert rec["overridden"] == ["data.frames", "epochs", "size"]  # the spec overrode the recipe's frames=24
 
 
 def test_bad_recipes_are_one_line_errors(tmp_path: Path) -> None:
@@ -176,3 +176,82 @@ def test_split_list_command_errors_are_one_line(tmp_path: Path, capsys: pytest.C
     assert err.startswith("python -m edgeclf.recipes: error:") and "allowed: brain-mri" in err and "\n" not in err
     assert main(["splits", "breast-us", "--data", str(tmp_path / "nowhere")]) == 2
     assert "\n" not in capsys.readouterr().err.strip()
+
+
+def test_recipe_tables_are_type_checked_when_loaded(tmp_path: Path) -> None:
+    """[data], [splits], [export], [evaluate], [reference] and the variants' tables: a wrong type or an unknown key
+    is one ConfigError line when the recipe is read (was: a TypeError traceback later, or nothing at all)."""
+    cases = {
+        "data_type.toml": ('[data]\nframes = "24"\n', "data.frames"),
+        "data_value.toml": ('[data]\ndedup = "nearr"\n', "dedup"),
+        "splits_type.toml": ('[splits]\nnear = "30"\n', "splits.near"),
+        "export_type.toml": ('[export]\nqat_epochs = "4"\n', "export.qat_epochs"),
+        "evaluate_value.toml": ('[evaluate]\naggregate = "median"\n', "aggregate"),
+        "reference.toml": ('reference = "a paper"\n', "reference"),
+        "variant_splits.toml": ('[variants.x]\nsplits = { bogus = 1 }\n', "variants.x.splits.bogus"),
+        "variant_data.toml": ('[variants.x]\ndata = { frames = "3" }\n', "variants.x.data.frames"),
+        "variant_reference.toml": ('[variants.x]\nreference = "x"\n', "variants.x.reference"),
+        "variants_list.toml": ('variants = [{ a = 1 }]\n', "variants must be a table"),  # was: unhashable dict TypeError
+    }
+    for fname, (text, words) in cases.items():
+        (tmp_path / fname).write_text(text)
+        with pytest.raises(ConfigError) as exc:
+            load_recipe(str(tmp_path / fname))
+        msg = str(exc.value)
+        assert words in msg and "\n" not in msg, (fname, msg)
+    (tmp_path / "ok.toml").write_text('[export]\nmax_drop = 0\nprecision = "auto"\n[splits]\ntest = 0.2\nseed = 1\n')
+    assert load_recipe(str(tmp_path / "ok.toml")).export["max_drop"] == 0  # an integer passes for a float
+
+
+def test_export_types_follow_export_config() -> None:
+    import dataclasses
+
+    from edgeclf.export.bundle_writer import ExportConfig
+    from edgeclf.recipes import _EXPORT_TYPES, EXPORT_FIELDS
+
+    fields = {f.name: str(f.type) for f in dataclasses.fields(ExportConfig)}
+    assert set(_EXPORT_TYPES) == set(EXPORT_FIELDS)
+    for k, t in _EXPORT_TYPES.items():
+        assert fields[k].split(" |")[0] == t.__name__, k
+
+
+def test_frames_per_clip_flag_is_not_silently_beaten_by_the_recipe() -> None:
+    """lung-pocus puts frames=24 in the spec, which beats --frames-per-clip: a different flag was recorded in the
+    config while 24 frames were sampled. It is refused now, naming the spec option that says it."""
+    r = load_recipe("lung-pocus")
+    with pytest.raises(ConfigError) as exc:
+        resolve_recipe(r, "/d/pocus", {"frames_per_clip": 12})
+    assert '/d/pocus?frames=12' in str(exc.value) and "\n" not in str(exc.value)
+    assert resolve_recipe(r, "/d/pocus", {"frames_per_clip": 24})[1] == "/d/pocus?frames=24&roi=sector"
+    kwargs, spec, rec = resolve_recipe(r, "/d/pocus?frames=12", {"frames_per_clip": 12})
+    assert spec == "/d/pocus?frames=12&roi=sector" and rec["overridden"] == ["data.frames"]
+    # Recipes without a frames option and synthetic data are unaffected.
+    assert resolve_recipe(load_recipe("chest-xray"), "synthetic:ultrasound", {"frames_per_clip": 3})[0]["frames_per_clip"] == 3
+
+
+def test_variant_names_match_without_case(tmp_path: Path) -> None:
+    path = tmp_path / "v.toml"
+    path.write_text('[train]\nsize = 64\n[variants.BreastMNIST]\ntrain = { size = 32 }\n')
+    kwargs, _, rec = resolve_recipe(load_recipe(str(path)), "/d/breastmnist.npz", {})
+    assert kwargs["size"] == 32 and rec["variant"] == "BreastMNIST"
+    assert resolve_recipe(load_recipe("breast-us"), "/d/BreastMNIST.npz", {})[2]["variant"] == "breastmnist"
+
+
+def test_split_list_command_names_the_list_from_the_variant(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A variant whose data table is empty names no list: the command writes NAME.csv, not over the recipe's list."""
+    import numpy as np
+
+    cv2 = pytest.importorskip("cv2")
+    import edgeclf.recipes as recipes
+
+    for cls in ("a", "b"):
+        for i in range(6):
+            (tmp_path / "small" / cls).mkdir(parents=True, exist_ok=True)
+            img = np.random.default_rng(i + (10 if cls == "b" else 0)).integers(0, 256, (16, 16), dtype=np.uint8)
+            cv2.imwrite(str(tmp_path / "small" / cls / f"{i}.png"), img)
+    path = tmp_path / "r.toml"
+    path.write_text('name = "r"\n[data]\nsplit = "big"\n[splits]\ntest = 0.2\n[variants.small]\ndata = {}\n')
+    monkeypatch.setattr(recipes, "RECIPE_DIR", tmp_path / "pkg")
+    assert recipes.main(["splits", str(path), "--data", str(tmp_path / "small")]) == 0
+    assert not (tmp_path / "pkg" / "splits" / "big.csv").exists()  # was: the variant's list written over big.csv
+    assert Path(f"{path}.csv").is_file()  # named after the recipe argument (a path here)
