@@ -107,10 +107,12 @@ def data_synth(kind: str, out: str, n: int, size: int | None, seed: int, as_json
 @click.option("--out", required=True, help="Training folder to write.")
 @click.option("--size", type=int, default=None, help="Input side in px [default: the model's, capped at the data's native size rounded up to 8].")
 @click.option("--channels", type=click.Choice(["1", "3"]), default=None, help="Input channels [default: 1 for gray data].")
-@click.option("--pretrained", is_flag=True, help="Start from ImageNet weights (offline for efficientnet_lite0/1/2).")
+@click.option("--pretrained/--no-pretrained", default=False, show_default=True,
+              help="Start from ImageNet weights (offline for efficientnet_lite0/1/2); --no-pretrained overrides a recipe's.")
 @click.option("--epochs", type=click.IntRange(min=1), default=40, show_default=True)
 @click.option("--batch-size", type=click.IntRange(min=2), default=64, show_default=True, help="At least 2 (BatchNorm).")
 @click.option("--lr", type=float, default=3e-3, show_default=True)
+@click.option("--weight-decay", type=click.FloatRange(min=0.0), default=1e-4, show_default=True, help="AdamW weight decay.")
 @click.option("--patience", type=click.IntRange(min=1), default=10, show_default=True, help="Early stopping on validation AUC.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--classes", default=None, help="Class map, e.g. covid19,pneumonia=bacterial_pneumonia+viral_pneumonia,regular.")
@@ -140,14 +142,15 @@ def data_synth(kind: str, out: str, n: int, size: int | None, seed: int, as_json
 @click.option("--ensemble", type=click.IntRange(min=1, max=16), default=1, show_default=True,
               help="Train this many members alike with seeds SEED, SEED+1, ... on the same split and deploy them as one "
                    "model averaging their probabilities (N times the training time, the compute and the bundle's size).")
-@click.option("--no-test", is_flag=True,
-              help="Leave the test split (with --folds: each held-out fold) unread: report validation only, for choosing between "
-                   "settings; then `edgeclf evaluate --model OUT --split test` on the chosen run (folds: rerun it without this flag).")
+@click.option("--test/--no-test", "read_test", default=True, show_default=True,
+              help="--no-test: leave the test split (with --folds: each held-out fold) unread: report validation only, for choosing "
+                   "between settings; then `edgeclf evaluate --model OUT --split test` on the chosen run (folds: rerun it without "
+                   "this flag). --test overrides a recipe that says read_test = false.")
 @json_option
 @click.pass_context
-def train(ctx: click.Context, data_spec: str, model: str, out: str, size, channels, pretrained, epochs, batch_size, lr, patience, seed,
-          classes, positive, target_sensitivity, operating_point, augment, frames_per_clip, threads, recipe, folds, group, tta,
-          probe_epochs, ema, ensemble, no_test: bool, as_json: bool) -> None:
+def train(ctx: click.Context, data_spec: str, model: str, out: str, size, channels, pretrained, epochs, batch_size, lr, weight_decay,
+          patience, seed, classes, positive, target_sensitivity, operating_point, augment, frames_per_clip, threads, recipe, folds,
+          group, tta, probe_epochs, ema, ensemble, read_test: bool, as_json: bool) -> None:
     """Train a classifier, calibrate it and fit its operating points on the validation split.
 
     Runs unchanged under torchrun (one process per shard, gloo on CPU, NCCL on GPU; rank 0 writes)."""
@@ -157,10 +160,10 @@ def train(ctx: click.Context, data_spec: str, model: str, out: str, size, channe
     from edgeclf.train import train as run_train
 
     values = dict(model=model, size=size, channels=int(channels) if channels else None, pretrained=pretrained, epochs=epochs,
-                  batch_size=batch_size, lr=lr, patience=patience, seed=seed, classes=classes, positive=positive,
-                  target_sensitivity=target_sensitivity, operating_point=operating_point, augment=augment,
+                  batch_size=batch_size, lr=lr, weight_decay=weight_decay, patience=patience, seed=seed, classes=classes,
+                  positive=positive, target_sensitivity=target_sensitivity, operating_point=operating_point, augment=augment,
                   frames_per_clip=frames_per_clip, threads=threads, folds=folds, group=group, tta=tta,
-                  probe_epochs=probe_epochs, ema=ema, ensemble=ensemble)
+                  probe_epochs=probe_epochs, ema=ema, ensemble=ensemble, read_test=read_test)
     record_recipe = None
     if recipe:
         from edgeclf.recipes import load_recipe, resolve_recipe
@@ -170,7 +173,7 @@ def train(ctx: click.Context, data_spec: str, model: str, out: str, size, channe
         kwargs, data_spec, record_recipe = resolve_recipe(load_recipe(recipe), data_spec, given)
         values = {**values, **kwargs}
         values["recipe"] = record_recipe["name"]
-    cfg = TrainConfig(data=data_spec, out=out, read_test=not no_test, **values)
+    cfg = TrainConfig(data=data_spec, out=out, **values)
     from edgeclf.models import model_info
 
     model_info(cfg.model)  # unknown names fail before any data is read

@@ -106,6 +106,35 @@ def test_train_with_recipe_records_it(tmp_path: Path) -> None:
     assert m2["variants"] == [] and m2["deploy"]["precision"] == "fp32"
 
 
+def test_every_training_field_has_a_flag() -> None:
+    """The issue's rule: any recipe field overridable from the CLI (data, out and recipe are not settings)."""
+    import dataclasses
+
+    from edgeclf.cli import cli
+    from edgeclf.train import TrainConfig
+
+    params = {p.name: p for p in cli.commands["train"].params}
+    fields = {f.name for f in dataclasses.fields(TrainConfig)} - {"data", "out", "recipe"}
+    assert fields <= set(params), sorted(fields - set(params))
+    assert "--no-pretrained" in params["pretrained"].secondary_opts  # a recipe's pretrained = true can be undone
+    assert "--test" in params["read_test"].opts and "--no-test" in params["read_test"].secondary_opts
+
+
+def test_flags_override_a_recipes_read_test_and_weight_decay(tmp_path: Path) -> None:
+    pytest.importorskip("torch")
+    recipe = tmp_path / "quiet.toml"
+    recipe.write_text('name = "quiet"\n[train]\nmodel = "compact"\nsize = 32\nepochs = 1\nread_test = false\nweight_decay = 0.5\n'
+                      'pretrained = false\n')
+    out = tmp_path / "run"
+    res = run_cli("train", "--recipe", str(recipe), "--data", "synthetic:ultrasound?n=90&size=40&seed=2", "--out", str(out),
+                  "--threads", "1", "--test", "--weight-decay", "0.01", "--no-pretrained", "--json")
+    assert res.returncode == 0, res.stderr
+    run = json.loads((out / "run.json").read_text())
+    assert run["config"]["read_test"] is True and run["config"]["weight_decay"] == 0.01 and run["config"]["pretrained"] is False
+    assert run["recipe"]["overridden"] == ["read_test", "weight_decay"]  # --no-pretrained says what the recipe says
+    assert run["metrics"].get("test")  # the recipe's read_test = false was overridden: the test split was read
+
+
 def _read_list(name: str) -> list[dict[str, str]]:
     with open(RECIPE_DIR / "splits" / f"{name}.csv", newline="") as f:
         return list(csv.DictReader(line for line in f if not line.startswith("#")))
