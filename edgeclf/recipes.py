@@ -282,7 +282,11 @@ def recorded_export(model_dir: str | Path) -> tuple[str, dict[str, Any]] | None:
     path = Path(model_dir) / "run.json"
     if not path.is_file():
         return None
-    rec = json.loads(path.read_text()).get("recipe")
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path} is not readable JSON ({exc}); give a training folder written by `edgeclf train`") from None
+    rec = doc.get("recipe") if isinstance(doc, dict) else None
     if not isinstance(rec, dict):
         return None
     export = {k: v for k, v in (rec.get("export") or {}).items() if k in EXPORT_FIELDS}

@@ -284,3 +284,14 @@ def test_split_list_command_names_the_list_from_the_variant(tmp_path: Path, monk
     assert recipes.main(["splits", str(path), "--data", str(tmp_path / "small")]) == 0
     assert not (tmp_path / "pkg" / "splits" / "big.csv").exists()  # was: the variant's list written over big.csv
     assert Path(f"{path}.csv").is_file()  # named after the recipe argument (a path here)
+
+
+def test_a_corrupt_run_json_is_one_line(tmp_path: Path) -> None:
+    from edgeclf.recipes import recorded_export
+
+    (tmp_path / "run.json").write_text('{"recipe": {"name": "x"')  # cut short
+    with pytest.raises(ConfigError, match="not readable JSON") as exc:
+        recorded_export(tmp_path)
+    assert "\n" not in str(exc.value)
+    (tmp_path / "run.json").write_text("[1, 2]")  # JSON, but not a run record
+    assert recorded_export(tmp_path) is None
