@@ -643,6 +643,26 @@ def _scan_folder(root: Path, class_map, opts: FolderOptions, frames_per_clip: in
     return _Scan(rows, names, is_clips, digest.hexdigest(), assigned, notes, bool(split_dirs), sources)
 
 
+def _mixed_groups(rows: list[_Row], names: list[str]) -> list[str]:
+    """A note when copy groups hold images filed under different classes: the same picture with two labels
+    (BUSI has lesions filed as both benign and malignant), or near copies chained. The group still stays on
+    one side of the split; its labels disagree, which a reader of the figures should know."""
+    labels: dict[str, set[int]] = defaultdict(set)
+    for _, g, y, _ in rows:
+        labels[g].add(int(y))
+    mixed = [ys for ys in labels.values() if len(ys) > 1]
+    if not mixed:
+        return []
+    kinds = defaultdict(int)
+    for ys in mixed:
+        kinds[" + ".join(names[y] for y in sorted(ys))] += 1
+    note = (f"{len(mixed)} copy group(s) hold images of different classes ("
+            + ", ".join(f"{k}: {n}" for k, n in sorted(kinds.items())) + "): the same picture under two labels, or near "
+            "copies chained; each group stays on one side of the split")
+    log.warning(note)
+    return [note]
+
+
 def _dedup(scan: _Scan, opts: FolderOptions) -> tuple[list[_Row], list[str]]:
     """Apply `opts.dedup` to an image scan without a split list: returns (rows, notes)."""
     rows: list[_Row] = scan.rows
@@ -722,9 +742,13 @@ def _load_folder(root: Path, class_map, *, seed: int, val_frac: float, test_frac
         for row in scan.rows:
             parts[scan.assigned[row[0]]].append(row)
         splits = {s: _to_split(parts[s]) for s in SPLITS}
+        if opts.split:
+            notes += _mixed_groups(scan.rows, names)
     else:
         rows, more = _dedup(scan, opts)
         notes += more
+        if opts.dedup != "none" and not scan.is_clips:
+            notes += _mixed_groups(rows, names)
         if opts.folds:
             if opts.group != "clip":
                 alone = sum(1 for r in rows if r[0] not in scan.sources)

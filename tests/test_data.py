@@ -987,3 +987,12 @@ def test_fold_groups_without_a_source_are_counted(tmp_path: Path) -> None:
     for ds in load_folds(str(root), 3, frames_per_clip=2, group="source"):
         assert any("group=source: 1 clip(s) without a clips.csv original_source" in n for n in ds.notes), ds.notes
     assert not any("original_source" in n for n in load_folds(str(root), 3, frames_per_clip=2, group="clip")[0].notes)
+
+
+def test_copies_filed_under_two_classes_are_noted(tmp_path: Path) -> None:
+    files = _image_tree(tmp_path / "d", {"benign": 8, "malignant": 8})
+    shutil.copy(files["benign"][0], tmp_path / "d" / "malignant" / "same.png")  # one picture, two labels
+    ds = load_dataset(f"{tmp_path / 'd'}?dedup=exact&test=0.25&val=0.25", seed=0)
+    assert any("1 copy group(s) hold images of different classes (benign + malignant: 1)" in n for n in ds.notes), ds.notes
+    clean = load_dataset(f"{tmp_path / 'd'}?dedup=none&test=0.25&val=0.25", seed=0)  # no groups, nothing to say
+    assert not any("different classes" in n for n in clean.notes)
