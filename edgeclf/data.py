@@ -653,7 +653,7 @@ def _mixed_groups(rows: list[_Row], names: list[str]) -> list[str]:
     mixed = [ys for ys in labels.values() if len(ys) > 1]
     if not mixed:
         return []
-    kinds = defaultdict(int)
+    kinds: dict[str, int] = defaultdict(int)
     for ys in mixed:
         kinds[" + ".join(names[y] for y in sorted(ys))] += 1
     note = (f"{len(mixed)} copy group(s) hold images of different classes ("
