@@ -898,6 +898,12 @@ def _print_cv(r: dict[str, Any]) -> None:
     click.echo(_table(["fold", "test items", "clips", "accuracy", "balanced acc", "held-out sources"], rows, title))
     if "clip_mean" in pooled:
         _print_clips(pooled, f"pooled out-of-fold: {pooled['clips']} clips, {pooled['frames']} frames (bootstrap over clips)")
+        for key, name in (("clip_mean", "mean probability"), ("clip_vote", "majority vote")):
+            c = pooled[key].get("clustered")
+            if c and c.get("balanced_accuracy_ci95"):
+                lo, hi = c["balanced_accuracy_ci95"]
+                click.echo(f"clip balanced accuracy ({name}), 95% bootstrap over the {c['clusters']} {c['unit']}s instead: "
+                           f"{lo:.3f}-{hi:.3f} (clips of one {c['unit']} are not independent)")
     else:
         m = pooled["decisions"]
         click.echo(f"pooled out-of-fold: accuracy {_ci(m, 'accuracy')}, balanced accuracy {_ci(m, 'balanced_accuracy')}")

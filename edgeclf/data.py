@@ -71,6 +71,8 @@ class Dataset:
     notes: list[str] = field(default_factory=list)
     # clips: clip id -> where it came from (clips.csv original_source, reduced to its site)
     sources: dict[str, str] = field(default_factory=dict)
+    # clips: clip id -> clips.csv original_source as written (the unit of group=source)
+    clip_source: dict[str, str] = field(default_factory=dict)
 
     @property
     def name(self) -> str:
@@ -771,6 +773,7 @@ def _load_folder(root: Path, class_map, *, seed: int, val_frac: float, test_frac
         labels=names, splits=splits, data_hash=data_hash, licence=licence, channels_hint=channels,
         modality="ultrasound" if scan.is_clips else "generic", notes=notes,
         sources={r[0]: _site(scan.sources[r[0]]) if r[0] in scan.sources else r[0] for r in scan.rows} if scan.is_clips else {},
+        clip_source={r[0]: scan.sources.get(r[0], r[0]) for r in scan.rows} if scan.is_clips else {},
     )
 
 

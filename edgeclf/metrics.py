@@ -11,7 +11,7 @@ import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import numpy as np
 import numpy.typing as npt
@@ -341,11 +341,17 @@ def clip_metrics(
     min_confidence: float = 0.0,
     n_boot: int = 1000,
     seed: int = 0,
+    clusters: Mapping[str, str] | None = None,
+    cluster_unit: str = "source",
 ) -> dict[str, Any]:
     """Clip-level figures from frame probabilities (N, K) and frame ids `clip#j`, aggregated by
     `edgeclf.runtime.clips.aggregate_clip` (mean probability and majority vote, abstained frames excluded),
     with frame-level figures beside them (bootstrapped over clips). Pooled out-of-fold predictions pass
-    one rule per fold and each frame's fold in `folds`."""
+    one rule per fold and each frame's fold in `folds`.
+
+    clusters: clip -> where it came from (e.g. its source). Clips of one source share a scanner, a screen
+    layout and often a patient, so they are not independent: the clip figures then also carry intervals
+    bootstrapped over those clusters ("clustered"), wider and the honest ones for a new site."""
     from edgeclf.runtime.clips import aggregate_clip, clip_of, group_frames
 
     p = np.asarray(probs, dtype=np.float64)
@@ -386,7 +392,7 @@ def clip_metrics(
                          "frames": res.frames, "used": res.used,
                          "mean_probs": None if res.mean_probs is None else [round(v, 4) for v in res.mean_probs],
                          **({"fold": int(fold[rows[0]])} if folds is not None else {})})
-    return {
+    out: dict[str, Any] = {
         "clips": len(per_clip),
         "frames": int(len(y)),
         "aggregation": "mean probability (the decision rule on the mean) and majority vote; abstained frames excluded",
@@ -395,6 +401,14 @@ def clip_metrics(
         "frame": decision_metrics(y, frame_dec, label_names, groups=clip_ids, n_boot=n_boot, seed=seed),
         "per_clip": per_clip,
     }
+    if clusters is not None and n_boot > 0:
+        keys = [str(clusters.get(c["clip"], c["clip"])) for c in per_clip]  # a clip without one is its own cluster
+        for name, dec in (("clip_mean", cmean), ("clip_vote", cvote)):
+            m = decision_metrics(cy, dec, label_names, groups=keys, n_boot=n_boot, seed=seed)
+            out[name]["clustered"] = {"unit": cluster_unit, "clusters": len(set(keys)),
+                                      **{k: m.get(k) for k in ("accuracy_ci95", "balanced_accuracy_ci95",
+                                                               "balanced_accuracy_n_boot_used")}}
+    return out
 
 
 def _new_figure(width: float, height: float) -> Any:

@@ -816,7 +816,10 @@ def cross_validate(cfg: TrainConfig, *, on_epoch: Callable[[dict[str, Any]], Non
         fold_arr = np.array(fold_of)
         pooled = {"items": int(len(y)), "task": ds0.task, "labels": ds0.labels}
         if ds0.kind == "clips":
-            pooled.update(clip_metrics(pr, y, ids, rules, ds0.labels, folds=fold_of, n_boot=2000, seed=cfg.seed))
+            # Folds grouped by source or site: intervals over those too (clips of one source are not independent).
+            clusters = {"source": ds0.clip_source, "site": ds0.sources}.get(cfg.group)
+            pooled.update(clip_metrics(pr, y, ids, rules, ds0.labels, folds=fold_of, n_boot=2000, seed=cfg.seed,
+                                       clusters=clusters or None, cluster_unit=cfg.group))
         else:
             from edgeclf.runtime.postprocess import decide
 

@@ -81,6 +81,10 @@ def test_cross_validation_pooled_out_of_fold(clip_root: Path, tmp_path: Path) ->
     assert all(len(h) == 1 for h in held) and len(set.union(*held)) == 3  # 3 sites, one per fold
     lo, hi = pooled["clip_mean"]["balanced_accuracy_ci95"]
     assert lo <= pooled["clip_mean"]["balanced_accuracy"] <= hi
+    # Folds grouped by site: the clip figures also carry intervals over the 3 sites (clips of one site are not independent)
+    for key in ("clip_mean", "clip_vote"):
+        c = pooled[key]["clustered"]
+        assert c["unit"] == "site" and c["clusters"] == 3 and len(c["accuracy_ci95"]) == 2
     # Settings are compared on the folds' own validation splits: recorded per fold, from the fold's run.json, and averaged.
     for f in res["folds"]:
         run_val = json.loads((Path(f["out"]) / "run.json").read_text())["metrics"]["val"]

@@ -363,3 +363,30 @@ def test_balanced_accuracy_interval_leaves_out_resamples_missing_a_class() -> No
     assert 0 < m["balanced_accuracy_n_boot_used"] < 1000
     assert m["balanced_accuracy_ci95"][0] >= 2 / 3 - 1e-9
     assert m["n_boot"] == 1000 and len(m["accuracy_ci95"]) == 2  # accuracy needs no class: every resample counts
+
+
+def test_clip_figures_carry_intervals_over_clusters_when_given() -> None:
+    from edgeclf.metrics import clip_metrics
+    from edgeclf.runtime.postprocess import DecisionRule
+
+    # 12 clips of 2 frames in 2 classes from 3 sources; source s2's clips are all wrong: errors cluster.
+    ids, probs, labels, clusters = [], [], [], {}
+    for c in range(12):
+        y, src = c % 2, f"s{c % 3}"
+        right = src != "s2"
+        for j in range(2):
+            ids.append(f"clip{c}.mp4#{j}")
+            labels.append(y)
+            probs.append([0.9, 0.1] if (y == 0) == right else [0.1, 0.9])
+        clusters[f"clip{c}.mp4"] = src
+    rule = DecisionRule("max-ratio", (1.0, 1.0))  # the most probable class
+    plain = clip_metrics(probs, labels, ids, rule, ["a", "b"], n_boot=500)
+    assert "clustered" not in plain["clip_mean"]
+    m = clip_metrics(probs, labels, ids, rule, ["a", "b"], n_boot=500, clusters=clusters, cluster_unit="source")
+    c = m["clip_mean"]["clustered"]
+    assert c["unit"] == "source" and c["clusters"] == 3 and m["clip_vote"]["clustered"]["clusters"] == 3
+    lo_c, hi_c = c["accuracy_ci95"]
+    lo, hi = m["clip_mean"]["accuracy_ci95"]
+    assert m["clip_mean"]["accuracy"] == pytest.approx(8 / 12)
+    assert hi_c - lo_c > hi - lo  # three clusters resampled: wider than twelve independent clips
+    assert lo_c == pytest.approx(1 / 3) or lo_c < lo  # a resample of s2 twice and one other: a third right
