@@ -338,7 +338,8 @@ def export_bundle(cfg: ExportConfig) -> dict[str, Any]:
                 task=task, temperature=temperature, rule=rule, labels=labels, seed=seed,
                 qat=qat, qat_epochs=cfg.qat_epochs, qat_unavailable=qat_unavailable, device=cfg.device,
             )
-            provenance["calibration"] = compression["calibration"]
+            if compression["calibration"] is not None:  # None: no INT8 candidate, nothing was calibrated
+                provenance["calibration"] = compression["calibration"]
             compression["deploy"]["candidates"] = compression["candidates"]
         reference = None
         if cfg.samples:

@@ -171,7 +171,10 @@ def _refusal(c: dict[str, Any], max_drop: float) -> str:
     """One line: why --precision int8|fp16 wrote nothing, with the metric, the drop and the rungs tried."""
     failing = [ch for ch in c["gate"]["checks"] if not ch["passed"]]
     metrics = [ch for ch in failing if ch["metric"] != "decision_agreement"]
-    if metrics:
+    if metrics and metrics[0]["metric"] == "finite_outputs":  # gate.py: no figures to compare, the outputs are unusable
+        text = (f"{c['id']} fails the gate: it outputs NaN or infinity on {metrics[0]['n_non_finite']} of "
+                f"{c['gate']['n']} validation images; ")
+    elif metrics:
         worst = max(metrics, key=lambda ch: ch["drop"])
         cap = c["gate"].get("ceiling")
         # Past the hard ceiling a drop fails whatever its interval (which can touch zero on a few flips): say so.
@@ -221,7 +224,8 @@ def compress(
     qat_unavailable: str = "no torch model and training data to fine-tune (an imported ONNX model)",
     device: str | None = None,
 ) -> dict[str, Any]:
-    """Build, gate and (for auto) time the candidates; returns {"variants", "deploy", "candidates", "calibration"}.
+    """Build, gate and (for auto) time the candidates; returns {"variants", "deploy", "candidates", "calibration"}
+    (calibration None when no INT8 candidate was built).
 
     qat: the last INT8 rung, a callable ``qat(flavour=, out_path=, calib_x=, calib_method=, epochs=, seed=)``
     returning {"record": quantization record, "qat": fine-tuning record} (see export/qat.py::make_qat_rung);
@@ -248,8 +252,10 @@ def compress(
     wanted = {"int8": ["int8-cpu", "int8-tensorrt"], "fp16": ["fp16"], "auto": ["int8-cpu", "int8-tensorrt"]}[precision]
     if plan is not None:
         wanted = plan["candidates"]
+    # Provenance of a calibration that ran: fp16 alone calibrates nothing, and must not claim it did.
     calibration = {"n": int(len(calib_x)), "method": calib_method, "split": "train", "seed": seed,
-                   "sha256": hashlib.sha256(np.ascontiguousarray(calib_x).tobytes()).hexdigest()}
+                   "sha256": hashlib.sha256(np.ascontiguousarray(calib_x).tobytes()).hexdigest()
+                   } if any(v.startswith("int8") for v in wanted) else None
     candidates: list[dict[str, Any]] = []
     for vid in wanted:
         path = stage / VARIANT_FILES[vid]

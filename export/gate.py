@@ -20,7 +20,7 @@ from edgeclf.runtime.postprocess import DecisionRule, decide, probabilities
 
 __all__ = ["gate_candidate", "ceiling"]
 
-EPS = 1e-9  # k/n computed in floats: a drop of exactly the ceiling must not fail on rounding
+EPS = 1e-9  # k/n computed in floats: a drop of exactly max_drop or the ceiling must not fail on rounding
 
 
 def ceiling(max_drop: float) -> float:
@@ -75,6 +75,10 @@ def gate_candidate(
     95% interval; per class the sensitivity of both at the recorded operating point, the drop and its
     interval; `passed` and, when it fails, `failed_on` naming the metric.
     """
+    cand = np.asarray(cand_logits, np.float64)
+    bad = np.asarray(~np.isfinite(cand).reshape(len(cand), -1).all(axis=1))
+    if bad.any():  # e.g. an fp16 overflow: a failed gate, not a DataError that aborts `--precision auto`
+        return _non_finite(parent_logits, cand, bad, task, temperature, rule, ids, max_drop, min_agreement, n_boot)
     pp = probabilities(parent_logits, task, temperature)
     pc = probabilities(cand_logits, task, temperature)
     dp, dc = decide(pp, rule), decide(pc, rule)
@@ -123,6 +127,26 @@ def gate_candidate(
     }
 
 
+def _non_finite(parent_logits: np.ndarray, cand: np.ndarray, bad: np.ndarray, task: str, temperature: float, rule: DecisionRule,
+                ids: Sequence[str] | None, max_drop: float, min_agreement: float, n_boot: int) -> dict[str, Any]:
+    """The gate record of a candidate with NaN or infinite outputs on some images: failed on `finite_outputs`
+    (the share of images without a usable output); those images count as disagreeing with the parent."""
+    n, ok = len(bad), ~bad
+    same = np.zeros(n, bool)
+    if ok.any():
+        dp = decide(probabilities(np.asarray(parent_logits)[ok], task, temperature), rule)
+        dc = decide(probabilities(cand[ok], task, temperature), rule)
+        same[ok] = (dp == dc).all(axis=1) if dp.ndim == 2 else dp == dc
+    ids = list(ids) if ids is not None else [str(i) for i in range(n)]
+    share = float(bad.mean())
+    check = {"metric": "finite_outputs", "parent": 1.0, "candidate": 1.0 - share, "drop": share, "drop_ci95": [share, share],
+             "n_boot_used": 0, "n_non_finite": int(bad.sum()), "passed": False}
+    return {"max_drop": max_drop, "ceiling": ceiling(max_drop), "n": int(n), "decision_agreement": float(same.mean()),
+            "disagreements": [ids[i] for i in np.flatnonzero(~same)], "checks": [check], "passed": False,
+            "failed_on": ["finite_outputs"], "min_agreement": min_agreement,
+            "rule": "fail when the candidate outputs NaN or infinity on any validation image", "n_boot": n_boot}
+
+
 def _drop(metric: str, parent: np.ndarray, cand: np.ndarray, max_drop: float, cap: float) -> dict[str, Any]:
     """Row 0 holds the point estimates, the rest the paired bootstrap resamples."""
     d = parent - cand
@@ -137,5 +161,8 @@ def _drop(metric: str, parent: np.ndarray, cand: np.ndarray, max_drop: float, ca
         "candidate": float(cand[0]),
         "drop": drop,
         "drop_ci95": [lo, hi],
-        "passed": not undefined and not (drop > max_drop and significant) and not drop > cap + EPS,
+        # Resamples lacking the class (or every class) have no figure: the interval is over the rest, counted here.
+        "n_boot_used": int(boot.size),
+        # 0.95 - 0.94 is 0.010000000000000009 in floats: a drop of exactly max_drop is allowed, not failed.
+        "passed": not undefined and not (drop > max_drop + EPS and significant) and not drop > cap + EPS,
     }

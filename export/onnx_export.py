@@ -34,17 +34,22 @@ def export_onnx(model: Any, example: np.ndarray, path: Path, *, opset: int = OPS
     model = model.eval()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
-        torch.onnx.export(
-            model,
-            (torch.from_numpy(example[:1]),),
-            str(path),
-            opset_version=opset,
-            dynamo=False,
-            input_names=[INPUT_NAME],
-            output_names=[OUTPUT_NAME],
-            dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
-            do_constant_folding=True,
-        )
+        try:
+            torch.onnx.export(
+                model,
+                (torch.from_numpy(example[:1]),),
+                str(path),
+                opset_version=opset,
+                dynamo=False,
+                input_names=[INPUT_NAME],
+                output_names=[OUTPUT_NAME],
+                dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
+                do_constant_folding=True,
+            )
+        except torch.onnx.errors.OnnxExporterError as exc:  # e.g. a --from-torch model with an operator opset 17 lacks
+            first = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+            raise ExportError(f"torch cannot export this model to ONNX opset {opset} ({first}); replace that operator, "
+                              "or export the model to ONNX yourself and use --from-onnx") from None
     # One self-contained file: the TorchScript exporter never writes external data for models < 2 GB.
     proto = onnx.load(str(path), load_external_data=False)
     onnx.checker.check_model(proto, full_check=True)

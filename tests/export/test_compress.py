@@ -153,3 +153,32 @@ def test_refusal_names_the_limit_that_failed() -> None:
     # Under the ceiling, interval clear of zero: --max-drop decided.
     text = _refusal(_candidate(0.03, 0.01, 0.05), 0.01)
     assert "over --max-drop 0.01" in text and "ceiling" not in text
+
+
+def test_refusal_of_non_finite_outputs_says_so() -> None:
+    from edgeclf.export.compress import _refusal
+
+    check = {"metric": "finite_outputs", "drop": 0.05, "drop_ci95": [0.05, 0.05], "n_non_finite": 2, "passed": False}
+    text = _refusal({"id": "fp16", "gate": {"ceiling": 0.05, "n": 40, "checks": [check]}}, 0.01)
+    assert text.startswith("fp16 fails the gate: it outputs NaN or infinity on 2 of 40 validation images; ") and "\n" not in text
+
+
+def test_fp16_alone_records_no_calibration(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, scrambled_onnx: Path) -> None:
+    """Provenance names a calibration only where an INT8 model was calibrated: fp16 uses none."""
+    import edgeclf.export.quantize as q
+    from edgeclf.export.bundle_writer import _ort_logits
+    from edgeclf.export.compress import compress
+    from edgeclf.runtime.postprocess import DecisionRule
+
+    def same(fp32_path, out_path):  # a lossless stand-in for the converter
+        shutil.copyfile(fp32_path, out_path)
+        return {"precision": "fp16", "keep_io_types": True, "converter": "test"}
+
+    monkeypatch.setattr(q, "convert_fp16", same)
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(12, 1, 32, 32)).astype(np.float32)
+    y = np.arange(12) % 3
+    out = compress(tmp_path, scrambled_onnx, precision="fp16", max_drop=0.01, calib_x=x[:4], calib_method="minmax",
+                   val_x=x, val_y=y, val_ids=[f"val[{i}]" for i in range(12)], parent_logits=_ort_logits(scrambled_onnx, x),
+                   task="multiclass", temperature=1.0, rule=DecisionRule("max-ratio", (0.3, 0.3, 0.3)), labels=["a", "b", "c"])
+    assert out["calibration"] is None and [v["id"] for v in out["variants"]] == ["fp16"]

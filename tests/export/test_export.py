@@ -261,3 +261,16 @@ def test_from_torch_user_mistakes_are_one_line(tmp_path: Path, monkeypatch: pyte
     with pytest.raises(ModelError, match=r"shape mismatch 1.weight \(3, 100\) vs \(3, 1024\)"):
         export_bundle(ExportConfig(out=str(tmp_path / "x"), from_torch="usermistakes:make", **{**common, "weights": str(tmp_path / "s.safetensors")}))
     assert not (tmp_path / "x").exists()
+
+
+def test_an_operator_opset_17_lacks_is_one_line(tmp_path: Path) -> None:
+    torch = pytest.importorskip("torch")
+    from edgeclf.export.onnx_export import ExportError, export_onnx
+
+    class Median(torch.nn.Module):  # aten::median has no ONNX form at opset 17
+        def forward(self, x):  # type: ignore[no-untyped-def]
+            return torch.median(x.flatten(1), dim=1)[0][:, None].repeat(1, 3)
+
+    with pytest.raises(ExportError, match="torch cannot export this model to ONNX opset 17 .*aten::median.*--from-onnx") as info:
+        export_onnx(Median(), np.zeros((2, 1, 8, 8), np.float32), tmp_path / "m.onnx")
+    assert "\n" not in str(info.value)

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -115,3 +117,39 @@ def test_one_flip_in_a_large_class_still_passes() -> None:
     assert g["ceiling"] == pytest.approx(0.05)
     # The ceiling scales with a loose limit: 5 * max_drop.
     assert gate_candidate(parent, cand, y, "binary", 1.0, RULE, ["neg", "pos"], max_drop=0.5)["ceiling"] == pytest.approx(2.5)
+
+
+def test_a_drop_of_exactly_max_drop_passes() -> None:
+    # 0.95 - 0.94 is 0.010000000000000009 in floats: the limit itself is allowed, as the ceiling is.
+    y = np.array([1] * 500 + [0] * 500)
+    z = np.where(y == 1, 2.0, -2.0)[:, None].astype(np.float32)
+    z[:25, 0] = -0.5  # the parent misses 25 of 500 positives: sensitivity 0.95
+    c = z.copy()
+    c[25:30, 0] = -0.5  # the candidate misses 5 more, all one way: 0.94, a significant drop of exactly 0.01
+    g = gate_candidate(z, c, y, "binary", 1.0, RULE, ["neg", "pos"], max_drop=0.01)
+    sens = next(ch for ch in g["checks"] if ch["metric"] == "sensitivity[pos]")
+    assert sens["drop"] == pytest.approx(0.01) and sens["drop_ci95"][0] > 0
+    assert g["passed"] and g["failed_on"] == []
+    assert not gate_candidate(z, c, y, "binary", 1.0, RULE, ["neg", "pos"], max_drop=0.009)["passed"]
+
+
+def test_resamples_without_a_figure_are_counted() -> None:
+    # 2 positives among 200: some resamples hold none, so their sensitivity is undefined and left out, with a count.
+    parent, cand, y = _few_flips(2, 0)
+    g = gate_candidate(parent, cand, y, "binary", 1.0, RULE, ["neg", "pos"], max_drop=0.01, n_boot=400)
+    rows = {ch["metric"]: ch for ch in g["checks"]}
+    assert 300 < rows["sensitivity[pos]"]["n_boot_used"] < 400 and rows["sensitivity[neg]"]["n_boot_used"] == 400
+    assert rows["auc_macro"]["n_boot_used"] == rows["sensitivity[pos]"]["n_boot_used"]
+
+
+def test_a_candidate_with_non_finite_outputs_fails_instead_of_raising() -> None:
+    # An fp16 overflow: `--precision auto` must reject the candidate, not abort on a DataError.
+    z, y = _binary(40)
+    c = z.copy()
+    c[3, 0] = np.inf
+    c[7, 0] = np.nan
+    g = gate_candidate(z, c, y, "binary", 1.0, RULE, ["neg", "pos"], max_drop=0.5, ids=[f"img{i}" for i in range(40)])
+    assert not g["passed"] and g["failed_on"] == ["finite_outputs"]
+    assert g["checks"][0]["n_non_finite"] == 2 and g["checks"][0]["drop"] == pytest.approx(2 / 40)
+    assert {"img3", "img7"} <= set(g["disagreements"]) and g["decision_agreement"] <= 38 / 40
+    json.dumps(g, allow_nan=False)  # it goes into the manifest
