@@ -997,9 +997,15 @@ def _print_info(m: dict[str, Any]) -> None:
                      f"max |logit diff| {par.get('max_abs_diff_logits', 0):.2e}")
     else:
         lines.append("parity: not measured (no torch reference for an imported ONNX model)")
+    dep = m.get("deploy") or {}
+    variants = ", ".join(f"{v.get('precision')}{'/' + v['flavour'] if v.get('flavour') else ''} ({v.get('file')})"
+                         for v in m.get("variants") or []) or "none"
+    # What a device runs by default, beside the fp32 model above (whose figures are the metrics below).
+    lines.append(f"deploy: {dep.get('precision', mod['precision'])} ({dep.get('reason', 'not recorded')}); variants: {variants}")
     for name, met in (m.get("metrics") or {}).items():
         lines.append(f"metrics[{name}]: n {met['n']}, accuracy {_num(met['accuracy'])}, AUC {_auc(met['auc'])}")
-    lines.append(f"provenance: {prov.get('source')}, exported {prov.get('exported_at')}, data {data.get('spec')} "
+    # The manifest names the data without workstation paths ("name"), never the spec as typed.
+    lines.append(f"provenance: {prov.get('source')}, exported {prov.get('exported_at')}, data {data.get('name')} "
                  f"(sha256 {str(data.get('hash'))[:12]}..., licence {data.get('licence')})")
     click.echo("\n".join(lines))
 

@@ -99,6 +99,9 @@ def test_data_synth_writes_loadable_sets(tmp_path: Path) -> None:
 def test_human_output_renders_for_bundle_run_and_evaluate(bundle_dir: Path) -> None:
     r = run_cli("bundle", "info", str(bundle_dir))
     assert r.returncode == 0 and "parity:" in r.stdout and "metrics[val_onnx_fp32]" in r.stdout, r.stderr
+    m = json.loads((bundle_dir / "manifest.json").read_text())
+    assert f"deploy: {m['deploy']['precision']} ({m['deploy']['reason']})" in r.stdout  # what a device runs by default
+    assert f"data {m['provenance']['data']['name']} " in r.stdout and "data None" not in r.stdout
     r = run_cli("run", "--bundle", str(bundle_dir), "--source", "synthetic:ultrasound", "--max-frames", "7")
     assert r.returncode == 0 and "7 frames" in r.stdout and "infer" in r.stdout, r.stderr
     r = run_cli("evaluate", "--model", str(bundle_dir), "--split", "val")
