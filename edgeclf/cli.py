@@ -898,6 +898,12 @@ def _print_cv(r: dict[str, Any]) -> None:
     click.echo(_table(["fold", "test items", "clips", "accuracy", "balanced acc", "held-out sources"], rows, title))
     if "clip_mean" in pooled:
         _print_clips(pooled, f"pooled out-of-fold: {pooled['clips']} clips, {pooled['frames']} frames (bootstrap over clips)")
+        # A recipe names the clip decision its reported figure is read from (its [evaluate] aggregate).
+        agg = ((r.get("recipe") or {}).get("evaluate") or {}).get("aggregate")
+        if agg in ("mean", "vote"):
+            m = pooled["clip_mean" if agg == "mean" else "clip_vote"]
+            click.echo(f"reported figure (recipe {r['recipe'].get('name')}: [evaluate] aggregate = {agg}): clip balanced accuracy "
+                       f"{_ci(m, 'balanced_accuracy')}")
         for key, name in (("clip_mean", "mean probability"), ("clip_vote", "majority vote")):
             c = pooled[key].get("clustered")
             if c and c.get("balanced_accuracy_ci95"):

@@ -277,3 +277,21 @@ def test_clip_table_shows_abstained_clips_and_run_names_the_shown_label_majority
                                                                 "vote_label": "a"}}})
     out = capsys.readouterr().out
     assert "shown labels (after smoothing): most frames a" in out and "clip decision (as `edgeclf evaluate`" in out
+
+
+def test_cv_summary_names_the_recipes_reported_clip_figure(capsys: pytest.CaptureFixture[str]) -> None:
+    from edgeclf.cli import _print_cv
+
+    def fig(bal: float) -> dict:
+        return {"n": 10, "abstained": 0, "accuracy": 0.7, "accuracy_ci95": [0.5, 0.9], "balanced_accuracy": bal,
+                "balanced_accuracy_ci95": [bal - 0.1, bal + 0.1], "per_class": {}}
+
+    fold = {"fold": 0, "test_items": 40, "test_clips": 10, "test": {"accuracy": 0.7, "balanced_accuracy": 0.6}, "test_sources": ["a"]}
+    r = {"folds": [fold], "data": {"grouped_by": "source"}, "seconds": 1.0, "recipe": {"name": "lung-pocus", "evaluate": {"aggregate": "vote"}},
+         "pooled_out_of_fold": {"clips": 10, "frames": 40, "clip_mean": fig(0.61), "clip_vote": fig(0.66), "frame": fig(0.55)}}
+    _print_cv(r)
+    out = capsys.readouterr().out
+    assert "reported figure (recipe lung-pocus: [evaluate] aggregate = vote): clip balanced accuracy 0.660 (0.560-0.760)" in out
+    del r["recipe"]
+    _print_cv(r)
+    assert "reported figure" not in capsys.readouterr().out  # no recipe, nothing claimed
