@@ -133,12 +133,20 @@ _HYGIENE: List[bool] = []
 _WITHHOLD = _WithholdValues()
 
 
+_SWEPT = [-1]  # how many loggers existed at the last sweep
+
+
 def _filter_pydicom_loggers() -> None:
     """A logger's filter sees only records logged on that logger, not those its children propagate, and
     pydicom logs from modules' own loggers too (pydicom.pixels.*, imported when pixels are first decoded):
-    every pydicom logger that exists gets the filter (addFilter skips one it already has)."""
+    every pydicom logger that exists gets the filter (addFilter skips one it already has). Swept again only
+    when loggers were added: this runs for every frame decoded (through _utils)."""
+    known = logging.Logger.manager.loggerDict
+    if len(known) == _SWEPT[0]:
+        return
+    _SWEPT[0] = len(known)
     logging.getLogger("pydicom").addFilter(_WITHHOLD)
-    for name in list(logging.Logger.manager.loggerDict):
+    for name in list(known):
         if name.startswith("pydicom."):
             lg = logging.getLogger(name)
             if _WITHHOLD not in lg.filters:
@@ -147,7 +155,7 @@ def _filter_pydicom_loggers() -> None:
 
 def _pydicom() -> Any:
     mod = require("pydicom", "dicom")
-    _filter_pydicom_loggers()  # every call: a pydicom module imported since has its own logger
+    _filter_pydicom_loggers()  # a pydicom module imported since has its own logger (a no-op when none was)
     if not _HYGIENE:  # once per process, at the first DICOM file
         _HYGIENE.append(True)
         # The same complaints as warnings would print the value or the path to stderr, and a warning's text
