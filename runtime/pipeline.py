@@ -422,12 +422,11 @@ def run_pipeline(
                 if x is not None and stack_s:
                     pre_s += stack_s
                     parts_s = (parts_s[0], parts_s[1], parts_s[2] + stack_s)
-                t_main = time.perf_counter()
+                t3 = time.perf_counter()  # postprocess starts here (inference was timed for the batch above)
                 probs_row: Optional[Tuple[float, ...]] = None
                 decision: Any = None
                 fault: Optional[str] = None  # BACKEND_ERROR or INVALID_OUTPUT: this frame abstains with it
                 fatal: Optional[BaseException] = None  # the failure that ends the run, raised once the frame is recorded
-                t3 = t_main
                 if x is not None:
                     logits = logits_of[pos]
                     if isinstance(logits, BaseException):
