@@ -7,6 +7,7 @@ float rounding), so the comparison is like for like.
 """
 from __future__ import annotations
 
+import io
 from pathlib import Path
 from typing import Any, Optional, Tuple
 
@@ -49,7 +50,7 @@ class TorchBackend(Backend):
         if ref is None or not Path(ref).is_file():
             raise ConfigError(f"--vs-torch needs the bundle's reference.npz to check it is the same model; "
                               f"bundle {bundle.path.name} has none (exported with --no-samples): re-export it with samples")
-        with np.load(str(ref), allow_pickle=False) as z:
+        with np.load(io.BytesIO(bundle.read_file(ref)), allow_pickle=False) as z:  # the verified bytes
             x, want = z["inputs"].astype(np.float32), z["logits"].astype(np.float64)
         if tuple(x.shape[1:]) != self.input_shape:
             raise ConfigError(f"--vs-torch model takes {self.input_shape}, bundle {bundle.path.name} {tuple(x.shape[1:])}: "

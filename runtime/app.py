@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import io
 import logging
 import signal
 import threading
@@ -154,7 +155,7 @@ def open_backend(b: Bundle, backend: str, *, precision: Optional[str] = None, th
     model_path, variant = b.select(precision, backend)
     vprec = "int8" if variant.startswith("int8") else variant
     return create_backend(str(model_path), shape, m.num_outputs, backend=backend, threads=threads,
-                          options=dataclasses.replace(opts, precision=vprec)), variant
+                          options=dataclasses.replace(opts, precision=vprec), bundle=b), variant
 
 
 def run_bundle(
@@ -397,7 +398,7 @@ def verify_bundle(bundle_path: str, *, parity: bool = True, backend: str = "ort-
     ref = b.reference_path
     if parity and ref is not None:
         m = b.manifest
-        with np.load(str(ref), allow_pickle=False) as z:
+        with np.load(io.BytesIO(b.read_file(ref)), allow_pickle=False) as z:  # the verified bytes, not the path again
             x = z["inputs"]
             recorded = {k: z[k] for k in z.files if k.startswith("logits")}
         if "logits" not in recorded:
@@ -426,7 +427,7 @@ def verify_bundle(bundle_path: str, *, parity: bool = True, backend: str = "ort-
             else:
                 path = b.model_path if vid == "fp32" else b.path / next(v.file for v in m.variants if v.id == vid)
                 be = create_backend(str(path), (m.preprocess.channels,) + tuple(m.preprocess.size), m.num_outputs, backend=backend,
-                                    options=dataclasses.replace(options or BackendOptions(), precision=prec))
+                                    options=dataclasses.replace(options or BackendOptions(), precision=prec), bundle=b)
                 model_id, key = vid, ("logits" if vid == "fp32" else f"logits__{vid}")
             with be:
                 got = be.infer(x).astype(np.float64)
@@ -463,6 +464,7 @@ def profile_backend_factory(options: Optional[BackendOptions] = None) -> Callabl
         variant = next((v for v in m.variants if v.file == Path(model_path).name), None)
         precision = None if target.backend == "trt" else (variant.precision if variant is not None else "fp32")
         return create_backend(model_path, (m.preprocess.channels,) + tuple(m.preprocess.size), m.num_outputs,
-                              backend=target.backend, threads=threads, options=dataclasses.replace(base, precision=precision))
+                              backend=target.backend, threads=threads, options=dataclasses.replace(base, precision=precision),
+                              bundle=bundle)
 
     return factory

@@ -1,17 +1,21 @@
 """Inference backends. `Backend.infer` validates the input and times the call; subclasses implement `_infer`."""
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import logging
 import os
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 from numpy.typing import NDArray
 
 from edgeclf.errors import BackendError, require
+
+if TYPE_CHECKING:
+    from edgeclf.runtime.bundle import Bundle
 
 __all__ = ["Backend", "OrtBackend", "FakeBackend", "create_backend", "BACKENDS", "default_threads", "available_backends",
            "BackendOptions", "backend_availability", "choose_backend", "ort_provider_options"]
@@ -99,7 +103,11 @@ class Backend:
 
 
 class OrtBackend(Backend):
-    """ONNX Runtime on any execution provider."""
+    """ONNX Runtime on any execution provider.
+
+    model_bytes: the model itself (a bundle's verified bytes, `Bundle.read_model`); model_path then only names it in
+    messages. Without it the session opens model_path (a file outside any bundle, e.g. the exporter's own).
+    """
 
     name = "ort"
 
@@ -113,6 +121,7 @@ class OrtBackend(Backend):
         threads: Optional[int] = None,
         spinning: bool = False,
         provider_options: Optional[Dict[str, str]] = None,
+        model_bytes: Optional[bytes] = None,
     ) -> None:
         super().__init__(input_shape, num_outputs)
         ort: Any = require("onnxruntime", "ort")
@@ -139,7 +148,8 @@ class OrtBackend(Backend):
         self.provider_options = dict(provider_options or {})
         t0 = time.perf_counter()
         try:
-            self._session = ort.InferenceSession(str(model_path), sess_options=so, providers=providers)
+            model: Any = str(model_path) if model_bytes is None else model_bytes
+            self._session = ort.InferenceSession(model, sess_options=so, providers=providers)
         except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph types
             raise BackendError(f"onnxruntime could not load {model_path}: {str(exc).splitlines()[0]}") from None
         self.session_ms = (time.perf_counter() - t0) * 1000.0
@@ -232,16 +242,22 @@ def choose_backend(preferred: Sequence[str], availability: Dict[str, Optional[st
                       + "; ".join(skipped) + "); give --backend or install what is missing")
 
 
-def ort_provider_options(backend: str, options: Optional[BackendOptions]) -> Optional[Dict[str, str]]:
+def ort_provider_options(backend: str, options: Optional[BackendOptions], *, model_sha256: Optional[str] = None) -> Optional[Dict[str, str]]:
     """ONNX Runtime TensorRT execution provider options (onnxruntime.ai TensorRT-ExecutionProvider "Configurations"):
     fp16/int8 (int8 for the bundle's explicit-QDQ variant: TensorRT 8.x needs the flag for Q/DQ), engine and timing
-    caches under the per-user engine folder, workspace, DLA. None for the other backends."""
+    caches under the per-user engine folder, workspace, DLA. None for the other backends.
+
+    model_sha256: the model's digest, for a model handed over as bytes: its engines get a folder of their own. The
+    EP names an engine by a hash of the model's file name and node names, not its weights; with no file name two
+    models of one architecture (another bundle, the fp16 variant) would share an engine."""
     if backend != "ort-tensorrt":
         return None
     from edgeclf.runtime.engine import cache_dir
 
     o = options or BackendOptions()
     folder = cache_dir(o.engine_cache) / "ort-tensorrt"
+    if model_sha256:
+        folder = folder / model_sha256[:16]
     folder.mkdir(parents=True, exist_ok=True)
     opts = {
         "trt_fp16_enable": str(o.precision == "fp16"),
@@ -265,16 +281,30 @@ def create_backend(
     backend: str = "ort-cpu",
     threads: Optional[int] = None,
     options: Optional[BackendOptions] = None,
+    bundle: Optional[Bundle] = None,
 ) -> Backend:
-    """A backend for a model file of a bundle. trt builds (or reuses) an engine in the per-user cache."""
+    """A backend for a model file of a bundle. trt builds (or reuses) an engine in the per-user cache.
+
+    bundle: the loaded bundle the file belongs to. Give it: the model is then read once, checked against the
+    digest verified when the bundle was loaded, and those bytes are what the session is made from, so a file
+    changed after `load_bundle` is refused, never run. Without it the file is opened by path, unchecked.
+    """
     if backend not in BACKENDS:
         raise BackendError(f"backend {backend!r} is unknown; allowed: {', '.join(BACKENDS)}")
     c, h, w = (int(v) for v in input_shape)
     if backend == "trt":
         from edgeclf.runtime.trt import trt_backend_for_model
 
-        return trt_backend_for_model(bundle_model_path, (c, h, w), num_outputs, options)
-    return OrtBackend(bundle_model_path, (c, h, w), num_outputs, backend=backend, threads=threads,
-                      provider_options=ort_provider_options(backend, options))
+        return trt_backend_for_model(bundle_model_path, (c, h, w), num_outputs, options, bundle=bundle)
+    if bundle is None:
+        return OrtBackend(bundle_model_path, (c, h, w), num_outputs, backend=backend, threads=threads,
+                          provider_options=ort_provider_options(backend, options))
+    # Only the selected model's bytes, alive while the session is made (ONNX Runtime keeps its own copy of what it
+    # needs): re-hashing on use costs one more read of one model and keeps every variant out of memory otherwise.
+    data = bundle.read_model(bundle_model_path)
+    digest = hashlib.sha256(data).hexdigest() if backend == "ort-tensorrt" else None
+    return OrtBackend(bundle_model_path, (c, h, w), num_outputs, backend=backend,
+                      threads=threads, provider_options=ort_provider_options(backend, options, model_sha256=digest),
+                      model_bytes=data)
 
 

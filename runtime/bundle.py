@@ -6,6 +6,12 @@ in this order and before anything touches the model: the checksums (a changed by
 extra file is refused, naming the file), the signature when one is present or required, then the
 manifest schema (unknown, missing or mistyped fields named by their dotted key).
 
+Every byte used is a byte that was hashed (no time-of-check/time-of-use window for a writer racing the
+load): the checksum file is read once, and the signature is checked against those same bytes; the manifest
+is parsed from the bytes that were hashed; a model or the reference file is read later through
+`Bundle.read_file` / `Bundle.read_model`, which read it once, check those bytes against the digest verified
+at load and hand them over (a backend gets bytes, never a path to re-open).
+
 Signing (optional, Ed25519, `pip install 'edgeclf[sign]'`): `checksums.sha256.sig` signs the bytes of
 `checksums.sha256`, which names the digest of every other file, so one signature covers the whole bundle.
 The signature file is the only file the checksum file does not list (it is written after it); it is
@@ -28,9 +34,9 @@ import logging
 import os
 import re
 import stat
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
+from typing import Any, Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple, Union
 
 from edgeclf.errors import BundleError, ConfigError, IntegrityError, MissingExtraError
 from edgeclf.runtime.postprocess import TASKS, DecisionRule, rule_kind_for_task
@@ -163,6 +169,56 @@ def sha256_file(path: PathLike) -> str:
     return h.hexdigest()
 
 
+def _nonblocking(path: str, flags: int) -> int:
+    # A FIFO swapped in after the folder was listed must not block the reader: opened non-blocking, then refused.
+    return os.open(path, flags | getattr(os, "O_NONBLOCK", 0))
+
+
+def _read_regular(path: Path, name: str) -> bytes:
+    """All bytes of one regular file, read through one open file (OSError for the caller to word)."""
+    with open(path, "rb", opener=_nonblocking) as f:
+        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+            raise IntegrityError(f"bundle file {name!r} is not a regular file; a bundle holds regular files only, re-export it")
+        return f.read()
+
+
+# The key of an ONNX TensorProto.external_data entry (field 13, tag 0x6a) as serialized: `j <len> \n \x08 location \x12`.
+_EXTERNAL_KEY = b"\n\x08location\x12"
+
+
+def _uses_external_data(data: bytes) -> bool:
+    """Whether serialized ONNX names external data files. A node input named "location" has the same bytes but
+    follows a NodeProto's tag and length, never the 0x6a tag of an external_data entry (1- or 2-byte length)."""
+    i = data.find(_EXTERNAL_KEY)
+    while i >= 0:
+        if (i >= 2 and data[i - 2] == 0x6A and data[i - 1] < 0x80) or (
+                i >= 3 and data[i - 3] == 0x6A and data[i - 2] >= 0x80 and data[i - 1] < 0x80):
+            return True
+        i = data.find(_EXTERNAL_KEY, i + 1)
+    return False
+
+
+def _read_checked(path: Path, sha256: Optional[str], name: str, *, model: bool = False) -> bytes:
+    """A bundle file's bytes, read once and, when `sha256` is given (the digest verified at load), checked against
+    it. The caller uses exactly these bytes and never re-opens the path: whatever a writer does to the file
+    afterwards, what runs is what was verified. model: refuse ONNX that keeps weights in external data files
+    (read by path, so unverified at use; edgeclf exports self-contained models)."""
+    try:
+        data = _read_regular(path, name)
+    except OSError as exc:
+        raise BundleError(f"bundle file {name!r} cannot be read ({exc.strerror or type(exc).__name__}); check its "
+                          "permissions and the disk") from None
+    if sha256 is not None and hashlib.sha256(data).hexdigest() != sha256:
+        raise IntegrityError(f"bundle file {name!r} changed after the bundle was verified (it no longer matches "
+                             f"{CHECKSUM_FILE}): something wrote into the bundle folder while it was in use; load the "
+                             "bundle again once the copy is complete, or re-export it")
+    if model and _uses_external_data(data):
+        raise BundleError(f"bundle model {name!r} keeps its weights in external data files, which a bundle does not "
+                          "allow (every byte a backend uses must be verified); re-export it as one self-contained "
+                          "ONNX file (onnx.save_model(..., save_as_external_data=False))")
+    return data
+
+
 def _raise(exc: OSError) -> None:
     raise exc
 
@@ -238,13 +294,26 @@ def _read_checksums(r: Path) -> Tuple[Dict[str, str], bytes]:
     return listed, raw
 
 
+class _Verified(NamedTuple):
+    listed: Dict[str, str]  # file name -> sha256, as the checksum file lists it
+    raw: bytes  # the checksum file's bytes: the ones parsed and (when signed) signed
+    digest: str  # sha256 of `raw`: identifies the whole bundle
+    kept: Dict[str, bytes]  # the bytes of the files asked for, exactly as hashed
+
+
 def verify_checksums(root: PathLike) -> str:
     """Check every file against `checksums.sha256`; returns the checksum file's own digest.
 
     Raises IntegrityError naming the first file that is changed, missing or not listed.
     """
-    r = Path(root)
+    return _verify(Path(root)).digest
+
+
+def _verify(r: Path, keep: Sequence[str] = ()) -> _Verified:
+    """verify_checksums, also returning the checksum file's bytes and the bytes of the files in `keep` (small
+    ones: the manifest), hashed from the same read they are then used from."""
     listed, raw = _read_checksums(r)
+    kept: Dict[str, bytes] = {}
     present = set(_bundle_files(r))
     for name in sorted(present - set(listed)):
         raise IntegrityError(f"bundle file {name!r} is not covered by {CHECKSUM_FILE}; remove it or re-export the bundle")
@@ -252,7 +321,11 @@ def verify_checksums(root: PathLike) -> str:
         if name not in present:
             raise IntegrityError(f"bundle file {name!r} listed in {CHECKSUM_FILE} is missing; re-export the bundle")
         try:
-            actual = sha256_file(r / name)
+            if name in keep:
+                kept[name] = _read_regular(r / name, name)
+                actual = hashlib.sha256(kept[name]).hexdigest()
+            else:
+                actual = sha256_file(r / name)
         except OSError as exc:
             raise BundleError(f"bundle file {name!r} cannot be read ({exc.strerror or type(exc).__name__}); check its "
                               "permissions and the disk") from None
@@ -260,7 +333,7 @@ def verify_checksums(root: PathLike) -> str:
             raise IntegrityError(
                 f"bundle file {name!r} does not match its entry in {CHECKSUM_FILE}: one of them was changed after export; re-export the bundle"
             )
-    return hashlib.sha256(raw).hexdigest()
+    return _Verified(listed, raw, hashlib.sha256(raw).hexdigest(), kept)
 
 
 # ------------------------------------------------------------------------------------------ signing
@@ -411,12 +484,11 @@ def sign_bundle(path: PathLike, private_key: KeyLike, *, passphrase: Optional[by
     """
     root = Path(path)
     _check_folder(root)
-    digest = verify_checksums(root)
-    _parse_manifest(root)
+    # What is signed is the very checksum file read and checked here, and the manifest checked is the one hashed.
+    verified = _verify(root, keep=(MANIFEST_FILE,))
+    _parse_manifest(root, verified.kept[MANIFEST_FILE])
     priv = _load_private_key(private_key, passphrase)
-    raw_sums = (root / CHECKSUM_FILE).read_bytes()
-    if hashlib.sha256(raw_sums).hexdigest() != digest:
-        raise IntegrityError(f"{CHECKSUM_FILE} of bundle {root} changed while it was being signed; sign it again")
+    raw_sums, digest = verified.raw, verified.digest
     raw_pub = _raw_public(priv.public_key())
     doc = {
         "format": SIGNATURE_FORMAT,
@@ -447,8 +519,11 @@ def _b64(text: Any, size: int, what: str) -> bytes:
     return out
 
 
-def verify_signature(path: PathLike, trusted_key: Optional[KeyLike] = None) -> Dict[str, Any]:
+def verify_signature(path: PathLike, trusted_key: Optional[KeyLike] = None, *, checksums: Optional[bytes] = None) -> Dict[str, Any]:
     """Check `checksums.sha256.sig` against the bundle's `checksums.sha256` (call verify_checksums first).
+
+    checksums: the bytes of `checksums.sha256` that were verified (load_bundle passes them, so the signature
+    covers exactly what was checked); default: read from the folder.
 
     Without `trusted_key`, the signature is checked against the public key it names (a damaged or stale
     signature is refused; anyone could have made it); where cryptography is not installed that check is
@@ -462,7 +537,7 @@ def verify_signature(path: PathLike, trusted_key: Optional[KeyLike] = None) -> D
     try:
         with open(sig, "rb") as f:
             data = f.read(_MAX_SIGNATURE_BYTES + 1)
-        raw_sums = (root / CHECKSUM_FILE).read_bytes()
+        raw_sums = (root / CHECKSUM_FILE).read_bytes() if checksums is None else checksums
     except OSError as exc:
         raise BundleError(f"{SIGNATURE_FILE} of bundle {root} cannot be read ({exc.strerror or type(exc).__name__})") from None
     bad = f"{SIGNATURE_FILE} of bundle {root} is not a valid signature document; it was edited or damaged, sign the bundle again"
@@ -664,8 +739,44 @@ class Manifest:
 class Bundle:
     path: Path
     manifest: Manifest
-    checksum: str  # sha256 of checksums.sha256: identifies the whole bundle
+    checksum: str  # sha256 of checksums.sha256: identifies the whole bundle ("" when loaded without verification)
     signature: Optional[Dict[str, Any]] = None  # {"key_id", "checked", "trusted"} when signed, else None
+    # File name -> sha256 from the checksum file that was verified (empty without verification). Digests only:
+    # a model's bytes are read when a backend is made (read_model) and checked against these, never kept here,
+    # so a bundle with several variants holds no model in memory.
+    digests: Mapping[str, str] = field(default_factory=dict, repr=False, compare=False)
+
+    def read_file(self, file: PathLike) -> bytes:
+        """The bytes of one bundle file (a name such as "reference.npz", or a path inside the bundle as
+        `model_path`, `select` and `reference_path` give), read once. For a verified bundle the bytes must hash to
+        the digest checked at load (else IntegrityError): use them, never re-open the path, e.g.
+        `np.load(io.BytesIO(b.read_file(ref)))`."""
+        name = self._name(file)
+        return _read_checked(self.path / name, self._digest(name), name)
+
+    def read_model(self, file: PathLike) -> bytes:
+        """`read_file` for an ONNX model: the bytes to hand a backend (`InferenceSession(bytes)`, TensorRT's
+        `parse(bytes)`). Refuses models with external data files (they would be read by path, unverified)."""
+        name = self._name(file)
+        return _read_checked(self.path / name, self._digest(name), name, model=True)
+
+    def _name(self, file: PathLike) -> str:
+        p = Path(os.fspath(file))
+        with contextlib.suppress(ValueError):  # a bare name stays as it is
+            p = p.relative_to(self.path)
+        name = p.as_posix()
+        if p.is_absolute() or not _listed_name_ok(name):
+            raise BundleError(f"{_short(os.fspath(file))} is not a file of bundle {self.path}; give a file name inside the bundle")
+        return name
+
+    def _digest(self, name: str) -> Optional[str]:
+        if not self.checksum:  # loaded with verify=False: nothing to check against (the bytes are still read once)
+            return None
+        digest = self.digests.get(name)
+        if digest is None:
+            raise IntegrityError(f"bundle file {name!r} is not covered by {CHECKSUM_FILE}; give a file of the bundle or "
+                                 "re-export it")
+        return digest
 
     @property
     def model_path(self) -> Path:
@@ -711,9 +822,12 @@ def _check_folder(root: Path) -> None:
         raise BundleError(f"{root} has no {MANIFEST_FILE}, so it is not an edgeclf bundle; give the folder written by `edgeclf export`")
 
 
-def _parse_manifest(root: Path) -> Manifest:
+def _parse_manifest(root: Path, data: Optional[bytes] = None) -> Manifest:
+    """The manifest from `data` (the bytes that were hashed), else read from the folder (no verification)."""
     try:
-        raw = json.loads((root / MANIFEST_FILE).read_text(encoding="utf-8"))
+        if data is None:
+            data = (root / MANIFEST_FILE).read_bytes()
+        raw = json.loads(data.decode("utf-8"))
     except OSError as exc:
         raise BundleError(f"{root / MANIFEST_FILE} cannot be read ({exc.strerror or type(exc).__name__}); check its permissions") from None
     except (ValueError, UnicodeDecodeError) as exc:
@@ -763,15 +877,19 @@ def _load(root: Path, verify: bool, trusted_key: Optional[KeyLike], require_sign
                           "do not skip verification")
     checksum = ""
     signature: Optional[Dict[str, Any]] = None
+    digests: Dict[str, str] = {}
+    manifest_bytes: Optional[bytes] = None
     if verify:
-        checksum = verify_checksums(root)
+        # One read of each: the checksum file parsed is the one signed; the manifest hashed is the one parsed.
+        verified = _verify(root, keep=(MANIFEST_FILE,))
+        checksum, digests, manifest_bytes = verified.digest, verified.listed, verified.kept[MANIFEST_FILE]
         sig = root / SIGNATURE_FILE
         if sig.exists() or sig.is_symlink():
-            signature = verify_signature(root, key)
+            signature = verify_signature(root, key, checksums=verified.raw)
         elif required:
             raise IntegrityError(f"bundle {root} is not signed (no {SIGNATURE_FILE}) but a signature by the trusted key is "
                                  "required; sign it with `edgeclf bundle sign`")
-    manifest = _parse_manifest(root)
+    manifest = _parse_manifest(root, manifest_bytes)
     for f in [manifest.model_file] + [v.file for v in manifest.variants]:
         if not (root / f).is_file():
             raise BundleError(f"bundle {root} has no model file {f!r}; re-export the bundle")
@@ -780,4 +898,4 @@ def _load(root: Path, verify: bool, trusted_key: Optional[KeyLike], require_sign
         raise BundleError(f"bundle {root} has no reference file {ref['file']!r}; re-export the bundle")
     log.info("loaded bundle %s (%s, %d labels%s)", root, manifest.task, len(manifest.labels),
              f", signed by {signature['key_id']}" if signature else "")
-    return Bundle(path=root, manifest=manifest, checksum=checksum, signature=signature)
+    return Bundle(path=root, manifest=manifest, checksum=checksum, signature=signature, digests=digests)

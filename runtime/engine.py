@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from edgeclf.errors import BundleError, ConfigError, MissingExtraError
-from edgeclf.runtime.bundle import sha256_file
+from edgeclf.runtime.bundle import _read_checked, sha256_file
 
 __all__ = [
     "ENGINE_CACHE_ENV", "EngineKey", "EngineCache", "Lookup", "EnginePlan", "EngineRecord", "Heartbeat",
@@ -253,6 +253,9 @@ class EnginePlan:
     bundle_path: Path
     bundle_name: str
     bundle_checksum: str
+    # sha256 of the ONNX file as verified when the bundle was loaded (None: loaded without verification). The
+    # builder parses the bytes it reads only if they still hash to it: what TensorRT builds is what was verified.
+    onnx_sha256: Optional[str] = None
 
     def shapes(self) -> Dict[str, Tuple[int, ...]]:
         c, h, w = self.input_shape
@@ -273,12 +276,14 @@ def plan_engine(bundle: Any, profile: Any, *, precision: str = "auto", dla_core:
     m = bundle.manifest
     prec, source, reason = resolve_precision(precision, profile, m.variants, dla_core)
     onnx = bundle.model_path if source == "fp32" else bundle.path / next(v.file for v in m.variants if v.id == source)
+    digests: Mapping[str, str] = getattr(bundle, "digests", None) or {}
     return EnginePlan(
         device=profile.name, onnx_path=Path(onnx), source_model=source, input_name=m.input_name,
         input_shape=(int(m.preprocess.channels), int(m.preprocess.size[0]), int(m.preprocess.size[1])),
         precision=prec, precision_reason=reason, dla_core=dla_core,
         workspace_mb=int(workspace_mb or profile.workspace_mb or 1024), max_batch=max_batch, opt_batch=opt_batch,
         bundle_path=Path(bundle.path), bundle_name=str(m.raw.get("name", Path(bundle.path).name)), bundle_checksum=bundle.checksum,
+        onnx_sha256=digests.get(Path(onnx).name),
     )
 
 
@@ -398,7 +403,8 @@ def ensure_engine(plan: EnginePlan, cache: EngineCache, *, tensorrt: str, comput
     seconds = round(time.perf_counter() - t0, 1)
     info = {
         "bundle": {"path": str(plan.bundle_path), "name": plan.bundle_name, "checksum": plan.bundle_checksum},
-        "source_model": {"file": plan.onnx_path.name, "variant": plan.source_model, "sha256": sha256_file(plan.onnx_path)},
+        "source_model": {"file": plan.onnx_path.name, "variant": plan.source_model,
+                         "sha256": plan.onnx_sha256 or sha256_file(plan.onnx_path)},
         "build": {"seconds": seconds, "precision_reason": plan.precision_reason, "workspace_mb": plan.workspace_mb,
                   "input": plan.input_name, "shapes": {k: list(v) for k, v in plan.shapes().items()},
                   "timing_cache": str(timing), **report},
@@ -417,15 +423,17 @@ def ensure_engine(plan: EnginePlan, cache: EngineCache, *, tensorrt: str, comput
 def build_with_polygraphy(plan: EnginePlan, timing_cache: Path, progress: Progress) -> Tuple[bytes, Dict[str, Any]]:
     """Build with NVIDIA's Polygraphy loaders (TensorRT 8.5+ / 10.x). NOT RUN by this project's CI: no TensorRT there.
 
-    NetworkFromOnnxPath -> CreateConfig(fp16/int8, one batch profile, workspace pool, timing cache, DLA with GPU
+    NetworkFromOnnxBytes -> CreateConfig(fp16/int8, one batch profile, workspace pool, timing cache, DLA with GPU
     fallback) -> EngineBytesFromNetwork(save_timing_cache=...). INT8 comes from the QDQ model's own scales, so
     no calibrator is given. Layers that cannot run on the DLA are listed through IBuilderConfig.can_run_on_DLA.
+    The ONNX is read once and parsed from those bytes (OnnxParser.parse), after checking them against the digest
+    verified with the bundle (plan.onnx_sha256): never re-opened by path.
     """
     trt, _ = require_tensorrt()
     from polygraphy.backend.trt import (
         CreateConfig,
         EngineBytesFromNetwork,
-        NetworkFromOnnxPath,
+        NetworkFromOnnxBytes,
         PostprocessConfig,
         Profile,
     )
@@ -452,7 +460,9 @@ def build_with_polygraphy(plan: EnginePlan, timing_cache: Path, progress: Progre
                             if not cfg.can_run_on_DLA(network.get_layer(i)))
 
         config = PostprocessConfig(config, on_dla)
-    data = EngineBytesFromNetwork(NetworkFromOnnxPath(str(plan.onnx_path)), config=config, save_timing_cache=str(timing_cache))()
+    onnx_bytes = _read_checked(plan.onnx_path, plan.onnx_sha256, plan.onnx_path.name, model=True)
+    data = EngineBytesFromNetwork(NetworkFromOnnxBytes(onnx_bytes), config=config, save_timing_cache=str(timing_cache))()
+    del onnx_bytes
     import polygraphy
 
     return bytes(data), {"dla_gpu_fallback_layers": fallback, "tensorrt": trt.__version__, "polygraphy": polygraphy.__version__}

@@ -396,7 +396,7 @@ class _TimedSink(Sink):
 def _default_factory(bundle: Bundle, model_path: str, target: ProfileTarget, threads: Optional[int]) -> Backend:
     m = bundle.manifest
     return create_backend(model_path, (m.preprocess.channels,) + tuple(m.preprocess.size), m.num_outputs,
-                          backend=target.backend, threads=threads)
+                          backend=target.backend, threads=threads, bundle=bundle)
 
 
 class _Series:

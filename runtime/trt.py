@@ -7,6 +7,7 @@ choice and caching (runtime/engine.py), the error when TensorRT is missing, and 
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
@@ -41,7 +42,6 @@ class TrtBackend(Backend):
                  record: Optional[EngineRecord] = None) -> None:
         super().__init__(input_shape, num_outputs)
         require_tensorrt()
-        from polygraphy.backend.common import BytesFromPath
         from polygraphy.backend.trt import EngineFromBytes, TrtRunner
 
         self.engine_path = str(engine_path)
@@ -51,8 +51,18 @@ class TrtBackend(Backend):
         self.max_batch = int((shapes.get("max") or [max_batch])[0])
         self.threads = None  # inference runs on the GPU/DLA
         try:
-            self._runner = TrtRunner(EngineFromBytes(BytesFromPath(self.engine_path)))
+            # Read once and deserialized from these bytes: the cache lookup hashed the file, and a file changed since
+            # (another process rebuilding it) must not be what runs.
+            data = Path(self.engine_path).read_bytes()
+            want = record.meta.get("engine_sha256") if record is not None else None
+            if want is not None and hashlib.sha256(data).hexdigest() != want:
+                raise BackendError(f"the engine {self.engine_path} changed after it was checked (it no longer hashes to its "
+                                   "recorded sha256); load it again, or rebuild it with `edgeclf build-engine --rebuild`")
+            self._runner = TrtRunner(EngineFromBytes(data))
+            del data
             self._runner.activate()
+        except BackendError:
+            raise
         except Exception as exc:  # TensorRT's own errors: a corrupt or foreign engine, no GPU, out of memory
             raise BackendError(f"TensorRT could not load the engine {self.engine_path}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}; "
                                "rebuild it with `edgeclf build-engine --rebuild`") from None
@@ -101,15 +111,17 @@ def open_trt_engine(bundle: Any, options: BackendOptions, progress: Any = None) 
 
 
 def trt_backend_for_model(model_path: str, input_shape: Tuple[int, int, int], num_outputs: Optional[int],
-                          options: Optional[BackendOptions] = None) -> TrtBackend:
+                          options: Optional[BackendOptions] = None, *, bundle: Any = None) -> TrtBackend:
     """`create_backend(..., backend="trt")` from a model file inside a bundle (as `profile` passes it): the bundle
-    is its folder, the precision that of the variant the file holds (unless options name one)."""
+    is its folder (loaded and verified here unless the loaded `bundle` is given), the precision that of the variant
+    the file holds (unless options name one). An engine is built from the ONNX bytes verified with that bundle."""
     from edgeclf.runtime.bundle import load_bundle
 
     require_tensorrt()
     opts = options or BackendOptions()
     path = Path(model_path)
-    bundle = load_bundle(path.parent)
+    if bundle is None:
+        bundle = load_bundle(path.parent)
     m = bundle.manifest
     variant = next((v for v in m.variants if v.file == path.name), None)
     if variant is not None and variant.id == "int8-cpu":

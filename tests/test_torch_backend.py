@@ -38,7 +38,7 @@ def test_vs_torch_refuses_a_model_that_is_not_the_bundles(trained_dir: Path, bun
         data = {k: z[k] for k in z.files}
     data["logits"] = data["logits"] + 0.5  # as if another model had written the reference outputs
     np.savez(tmp_path / "reference.npz", **data)
-    other = SimpleNamespace(path=tmp_path, reference_path=tmp_path / "reference.npz")
+    other = SimpleNamespace(path=tmp_path, reference_path=tmp_path / "reference.npz", read_file=lambda p: Path(p).read_bytes())
     with pytest.raises(ConfigError, match="not the model of bundle"):
         be.check_matches(other)
     with pytest.raises(ConfigError, match="reference.npz"):

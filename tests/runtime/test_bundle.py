@@ -428,3 +428,77 @@ def test_signing_that_cannot_write_is_one_line_and_leaves_the_bundle_loadable(tm
     monkeypatch.undo()
     assert sorted(p.name for p in bundle.iterdir()) == sorted([CHECKSUM_FILE, "manifest.json", "model.onnx", "reference.npz"])
     assert load_bundle(bundle).signature is None
+
+
+# ------------------------------------------------------- what is used is what was hashed (no check/use window)
+
+
+def _race_after_hashing(monkeypatch: pytest.MonkeyPatch, last: str, write) -> list:
+    """A writer racing the load: once `last` (the last file hashed, names sort) has been hashed, `write()` runs,
+    as if another process rewrote the bundle between the checks and the use. Returns [] until it has run."""
+    from edgeclf.runtime import bundle as bundle_mod
+
+    real, fired = bundle_mod.sha256_file, []
+
+    def hashed_then_raced(path):
+        digest = real(path)
+        if Path(path).name == last and not fired:
+            write()
+            fired.append(True)
+        return digest
+
+    monkeypatch.setattr(bundle_mod, "sha256_file", hashed_then_raced)
+    return fired
+
+
+def test_the_manifest_used_is_the_one_that_was_hashed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from tests.runtime.tiny_bundle import LABELS, make_tiny_bundle
+
+    bundle = make_tiny_bundle(tmp_path / "b")
+    swapped = json.loads((bundle / "manifest.json").read_text())
+    swapped["labels"] = ["benign", "cyst", "malignant"]
+    fired = _race_after_hashing(monkeypatch, "reference.npz",
+                                lambda: (bundle / "manifest.json").write_text(json.dumps(swapped)))
+    b = load_bundle(bundle)
+    assert fired, "the racing write never happened: the test no longer exercises the window"
+    assert b.manifest.labels == tuple(LABELS)  # the verified manifest, not the one written after the check
+
+
+def test_the_signature_covers_the_checksum_file_that_was_verified(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Someone who can write the folder but has no key: an edited manifest with fresh checksums (the signature is now
+    # stale), then the signed checksum file put back once the files were hashed, before the signature check reads it.
+    from edgeclf.runtime.bundle import sign_bundle
+    from tests.runtime.tiny_bundle import make_tiny_bundle
+
+    bundle = make_tiny_bundle(tmp_path / "b")
+    priv, pub = _keys(tmp_path)
+    sign_bundle(bundle, priv)
+    signed_sums = (bundle / CHECKSUM_FILE).read_bytes()
+    _rewrite_manifest(bundle, lambda m: m.update(labels=["benign", "cyst", "malignant"]))
+    edited_sums = (bundle / CHECKSUM_FILE).read_bytes()
+    fired = _race_after_hashing(monkeypatch, "reference.npz", lambda: (bundle / CHECKSUM_FILE).write_bytes(signed_sums))
+    for key in (pub, None):
+        fired.clear()
+        (bundle / CHECKSUM_FILE).write_bytes(edited_sums)
+        with pytest.raises(IntegrityError, match="signs another checksums.sha256") as info:
+            load_bundle(bundle, trusted_key=key)
+        assert fired and "\n" not in str(info.value)
+
+
+def test_read_file_hands_over_the_verified_bytes_or_refuses(tmp_path: Path) -> None:
+    from tests.runtime.tiny_bundle import make_tiny_bundle
+
+    bundle = make_tiny_bundle(tmp_path / "b")
+    b = load_bundle(bundle)
+    original = (bundle / "reference.npz").read_bytes()
+    assert b.read_file(b.reference_path) == b.read_file("reference.npz") == original
+    assert b.read_model(b.model_path) == (bundle / "model.onnx").read_bytes()
+    (bundle / "reference.npz").write_bytes(original[:-1] + bytes([original[-1] ^ 1]))
+    with pytest.raises(IntegrityError, match="'reference.npz' changed after the bundle was verified") as info:
+        b.read_file(b.reference_path)
+    assert "\n" not in str(info.value)
+    for outside in (tmp_path / "elsewhere.onnx", "../b/model.onnx", CHECKSUM_FILE):
+        with pytest.raises(BundleError):
+            b.read_file(outside)
+    unverified = load_bundle(bundle, verify=False)  # nothing to compare with: the bytes as they are, read once
+    assert unverified.read_file("reference.npz") == (bundle / "reference.npz").read_bytes()

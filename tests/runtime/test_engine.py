@@ -3,6 +3,7 @@ all pure Python, tested without TensorRT. The build itself (Polygraphy) runs onl
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import subprocess
@@ -365,3 +366,59 @@ def test_trtexec_for_a_bundle_needs_no_tensorrt(tmp_path: Path):
     assert "--memPoolSize=workspace:4096M" in trtexec_for(str(b), device="x86-nvidia-gpu", tensorrt="10.7")["command"]
     with pytest.raises(ConfigError, match="no NVIDIA GPU"):
         trtexec_for(str(b), device="x86-cpu")
+
+
+# -- the ONNX TensorRT parses is the ONNX verified with the bundle (no check/use window) ---------------------------
+
+def _fake_polygraphy(monkeypatch: pytest.MonkeyPatch, parsed: List[bytes]) -> None:
+    """Polygraphy's loaders as build_with_polygraphy uses them; the network loaders record the ONNX they parse."""
+    import types
+
+    import edgeclf.runtime.engine as engine_mod
+
+    def from_bytes(data: bytes) -> str:
+        parsed.append(bytes(data))
+        return "network"
+
+    def from_path(path: str) -> str:
+        return from_bytes(Path(path).read_bytes())
+
+    class Profile:
+        def add(self, *a: Any, **k: Any) -> Profile:
+            return self
+
+    trt_mod = types.ModuleType("polygraphy.backend.trt")
+    trt_mod.__dict__.update(
+        NetworkFromOnnxBytes=from_bytes, NetworkFromOnnxPath=from_path, Profile=Profile,
+        CreateConfig=lambda **k: "config", PostprocessConfig=lambda config, fn: config,
+        EngineBytesFromNetwork=lambda network, config, save_timing_cache: (lambda: b"engine"))
+    poly = types.ModuleType("polygraphy")
+    poly.__dict__["__version__"] = "0.49"
+    backend = types.ModuleType("polygraphy.backend")
+    for name, mod in (("polygraphy", poly), ("polygraphy.backend", backend), ("polygraphy.backend.trt", trt_mod)):
+        monkeypatch.setitem(sys.modules, name, mod)
+    fake_trt = SimpleNamespace(MemoryPoolType=SimpleNamespace(WORKSPACE="workspace"), __version__="10.3.0")
+    monkeypatch.setattr(engine_mod, "require_tensorrt", lambda: (fake_trt, poly))
+
+
+def test_the_engine_is_built_from_the_verified_onnx_bytes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    from edgeclf.runtime.bundle import load_bundle
+    from edgeclf.runtime.engine import build_with_polygraphy
+
+    parsed: List[bytes] = []
+    _fake_polygraphy(monkeypatch, parsed)
+    bundle = make_tiny_bundle(tmp_path / "b", variants=["int8-tensorrt"])
+    original = (bundle / "model.int8-tensorrt.onnx").read_bytes()
+    plan = plan_engine(load_bundle(bundle), load_profile("jetson-orin-nx"), precision="int8")
+    data, report = build_with_polygraphy(plan, tmp_path / "timing.cache", lambda msg: None)
+    assert data == b"engine" and parsed == [original]
+    rec = ensure_engine(plan, EngineCache(tmp_path / "c"), tensorrt="10.3.0", compute_capability="8.7",
+                        builder=build_with_polygraphy)
+    assert rec.meta["source_model"]["sha256"] == hashlib.sha256(original).hexdigest()
+
+    # Written over after the bundle was loaded and checked (a copy still running, another tool): never parsed.
+    parsed.clear()
+    (bundle / "model.int8-tensorrt.onnx").write_bytes(make_tiny_bundle(tmp_path / "other", seed=1).joinpath("model.onnx").read_bytes())
+    with pytest.raises(EdgeclfError, match="'model.int8-tensorrt.onnx' changed after the bundle was verified") as info:
+        build_with_polygraphy(plan, tmp_path / "timing.cache", lambda msg: None)
+    assert parsed == [] and "\n" not in str(info.value)

@@ -185,3 +185,53 @@ def test_trt_outputs_are_copied_before_the_runner_reuses_its_buffer():
     first = be._infer(x[:2])
     be._infer(x[2:])
     assert np.array_equal(first, x[:2].reshape(2, 3))
+
+
+def test_an_engine_changed_after_the_cache_checked_it_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    # The cache lookup hashes the engine file; what is deserialized must be those bytes, not a file rewritten since.
+    import hashlib
+    import types
+
+    import edgeclf.runtime.trt as trt
+    from edgeclf.errors import BackendError
+    from edgeclf.runtime.engine import EngineKey, EngineRecord
+
+    loaded = []
+
+    class EngineFromBytes:  # Polygraphy's loader: bytes, or a callable giving them (lazily, on activate)
+        def __init__(self, data):
+            self.data = data
+
+    class TrtRunner:
+        def __init__(self, loader):
+            self.loader = loader
+
+        def activate(self):
+            data = self.loader.data
+            loaded.append(data() if callable(data) else data)
+
+        def get_input_metadata(self):
+            return {"input": None}
+
+        def deactivate(self):
+            pass
+
+    poly_trt = types.ModuleType("polygraphy.backend.trt")
+    poly_trt.__dict__.update(EngineFromBytes=EngineFromBytes, TrtRunner=TrtRunner)
+    common = types.ModuleType("polygraphy.backend.common")
+    common.__dict__["BytesFromPath"] = lambda path: (lambda: Path(path).read_bytes())
+    for name, mod in (("polygraphy", types.ModuleType("polygraphy")), ("polygraphy.backend", types.ModuleType("polygraphy.backend")),
+                      ("polygraphy.backend.trt", poly_trt), ("polygraphy.backend.common", common)):
+        monkeypatch.setitem(sys.modules, name, mod)
+    monkeypatch.setattr(trt, "require_tensorrt", lambda: (None, None))
+    engine = tmp_path / "e.engine"
+    engine.write_bytes(b"the engine that was checked")
+    record = EngineRecord(engine, {"engine_sha256": hashlib.sha256(b"the engine that was checked").hexdigest()},
+                          EngineKey("d", "10.3.0", "8.7", "fp16", None, "x"), built=False)
+    with trt.TrtBackend(str(engine), (1, 8, 8), 3, max_batch=2, record=record):
+        pass
+    assert loaded == [b"the engine that was checked"]
+    engine.write_bytes(b"an engine written since")
+    with pytest.raises(BackendError, match="changed after it was checked") as info:
+        trt.TrtBackend(str(engine), (1, 8, 8), 3, max_batch=2, record=record)
+    assert loaded == [b"the engine that was checked"] and "\n" not in str(info.value)
