@@ -100,6 +100,9 @@ def run_config(name: str, spec: str, model: str, size: int, opts: dict, work: Pa
                     "deployed": m["deploy"]["precision"] == precision}
             if precision == "int8" and not any(v["id"] == "int8-cpu" for v in m["variants"]):
                 c = gate["int8-cpu"]
+                if c.get("built") is False:  # could not be built: no gate figures to show
+                    rows.append({**base, "refused": f"not built: {c['error']}", "gate": None, "val_agreement": None})
+                    continue
                 rows.append({**base, "refused": f"{', '.join(c['failed_on'])}: drop {c['worst']['drop']:.3f}",
                              "gate": c["worst"], "val_agreement": c["decision_agreement"]})
                 continue
@@ -132,7 +135,7 @@ def run_config(name: str, spec: str, model: str, size: int, opts: dict, work: Pa
 
 
 def _cell_agreement(r: dict) -> str:
-    if "val_agreement" not in r:
+    if r.get("val_agreement") is None:
         return ""
     test = f" / {r['test_agreement']:.3f}" if "test_agreement" in r else ""
     return f"{r['val_agreement']:.3f}{test}"

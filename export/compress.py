@@ -10,6 +10,11 @@ preference (int8, then fp16, then fp32) and says that latency was not measured.
 An INT8 candidate that fails the gate climbs a ladder, each rung recorded in the candidate's `rungs`:
 plain INT8 -> the most harmful layers kept in float -> quantization-aware fine-tuning (export/qat.py,
 needs the torch model and its training data) -> refused (int8) or left out (auto).
+
+A candidate that cannot be built at all (BUILD_ERRORS: the converter rejects the model, e.g. an operator
+ONNX Runtime's quantizer cannot handle, or the converter is not installed) is refused by an explicit
+`--precision int8|fp16`; under auto it is recorded as not built, with the one-line reason, in the
+candidates table and the deploy reason, and the others go on (fp32 is always there).
 """
 from __future__ import annotations
 
@@ -22,7 +27,7 @@ from typing import Any, Callable, Dict
 
 import numpy as np
 
-from edgeclf.errors import ConfigError
+from edgeclf.errors import ConfigError, MissingExtraError, ModelError
 from edgeclf.export.gate import gate_candidate
 from edgeclf.export.onnx_export import ExportError
 from edgeclf.runtime.postprocess import DecisionRule
@@ -38,6 +43,14 @@ DEVICE_CANDIDATES = {"ort-cpu": ["int8-cpu"], "ort-cuda": ["int8-cpu", "fp16"], 
                      "trt": ["int8-tensorrt", "fp16"]}
 PREFERENCE = ("int8", "fp16")  # a device's stated preference among passing variants when latency cannot be measured
 QatRung = Callable[..., Dict[str, Any]]
+# "This candidate cannot be built here", as opposed to a mistake that concerns every candidate or a bug.
+# ModelError: quantize_int8/convert_fp16 wrap what ONNX Runtime's quantizer or the fp16 converter raise for a
+# model they cannot convert (an unsupported operator, nothing left to quantize, a converted model ORT cannot
+# run). MissingExtraError: this environment lacks the converter (fp16). Not caught: ConfigError and DataError
+# (the user's options or calibration data, wrong for every candidate alike: fix and rerun) and anything else
+# (TypeError, KeyError, ...: a bug, which keeps its traceback). Not bare Exception, which would record bugs
+# as "not built" and ship a bundle without the variant asked for.
+BUILD_ERRORS = (ModelError, MissingExtraError)
 
 
 def measure_latency(paths: dict[str, Path], x1: np.ndarray, *, runs: int = 200, warmup: int = 20,
@@ -69,6 +82,10 @@ def _worst(g: dict[str, Any]) -> dict[str, Any]:
     agreement has its own figure."""
     w = max((ch for ch in g["checks"] if ch["metric"] != "decision_agreement"), key=lambda ch: ch["drop"])
     return {k: w[k] for k in ("metric", "drop", "drop_ci95")}
+
+
+def _one_line(exc: BaseException) -> str:
+    return (str(exc).splitlines() or [type(exc).__name__])[0]
 
 
 def _float_fallback_ladder(fp32_path: Path, path: Path, calib_x: np.ndarray, flavour: str, method: str,
@@ -186,6 +203,8 @@ def _refusal(c: dict[str, Any], max_drop: float) -> str:
         worst = failing[0]
         text = (f"{c['id']} fails the gate: decision_agreement with the fp32 parent is {worst['candidate']:.3f} of the "
                 f"validation images, under --min-agreement {worst['floor']}; ")
+    if c.get("ladder") and c["ladder"].get("error"):
+        text += f"keeping its most sensitive layers in float could not be tried ({c['ladder']['error']}); "
     if c.get("ladder") and c["ladder"].get("rungs"):
         text += f"even with up to {len(c['ladder']['rungs'][-1]['kept_float'])} of its most sensitive layers kept in float; "
     qat = next((r for r in c.get("rungs", []) if r["rung"] == "qat"), None)
@@ -223,9 +242,17 @@ def compress(
     qat_epochs: int = 0,
     qat_unavailable: str = "no torch model and training data to fine-tune (an imported ONNX model)",
     device: str | None = None,
+    val_groups: Sequence[str] | None = None,
+    group_unit: str = "group",
 ) -> dict[str, Any]:
     """Build, gate and (for auto) time the candidates; returns {"variants", "deploy", "candidates", "calibration"}
     (calibration None when no INT8 candidate was built).
+
+    A candidate that raises one of BUILD_ERRORS while being built: `int8`/`fp16` raise ExportError naming it
+    and the reason; `auto` records it in `candidates` with "built": False and its "error", says so in the
+    deploy reason, and goes on with the others.
+    val_groups: (N,) the validation images' groups (clips, near-copy groups) for the gate's cluster bootstrap,
+    named group_unit ("clip" or "group") in each gate record; None resamples images.
 
     qat: the last INT8 rung, a callable ``qat(flavour=, out_path=, calib_x=, calib_method=, epochs=, seed=)``
     returning {"record": quantization record, "qat": fine-tuning record} (see export/qat.py::make_qat_rung);
@@ -238,7 +265,7 @@ def compress(
     def gate(path: Path) -> dict[str, Any]:
         logits = _ort_logits(path, val_x).astype(np.float32)
         return gate_candidate(parent_logits, logits, val_y, task, temperature, rule, labels, max_drop=max_drop,
-                              min_agreement=min_agreement, ids=val_ids, seed=seed)
+                              min_agreement=min_agreement, ids=val_ids, groups=val_groups, group_unit=group_unit, seed=seed)
 
     if precision not in PRECISION_CHOICES:
         raise ConfigError(f"--precision {precision!r} is unknown; allowed: {', '.join(PRECISION_CHOICES)}")
@@ -252,17 +279,23 @@ def compress(
     wanted = {"int8": ["int8-cpu", "int8-tensorrt"], "fp16": ["fp16"], "auto": ["int8-cpu", "int8-tensorrt"]}[precision]
     if plan is not None:
         wanted = plan["candidates"]
-    # Provenance of a calibration that ran: fp16 alone calibrates nothing, and must not claim it did.
-    calibration = {"n": int(len(calib_x)), "method": calib_method, "split": "train", "seed": seed,
-                   "sha256": hashlib.sha256(np.ascontiguousarray(calib_x).tobytes()).hexdigest()
-                   } if any(v.startswith("int8") for v in wanted) else None
     candidates: list[dict[str, Any]] = []
     for vid in wanted:
         path = stage / VARIANT_FILES[vid]
-        if vid == "fp16":
-            record = convert_fp16(fp32_path, path)
-        else:
-            record = quantize_int8(fp32_path, path, calib_x, flavour=vid.split("-", 1)[1], method=calib_method)
+        try:
+            if vid == "fp16":
+                record = convert_fp16(fp32_path, path)
+            else:
+                record = quantize_int8(fp32_path, path, calib_x, flavour=vid.split("-", 1)[1], method=calib_method)
+        except BUILD_ERRORS as exc:
+            path.unlink(missing_ok=True)
+            why = _one_line(exc)
+            if precision != "auto":  # asked for by name: no bundle without it
+                raise ExportError(f"{vid} could not be built: {why}; no bundle was written; export with --precision auto "
+                                  "(keeps the candidates that build, else fp32) or --precision fp32") from exc
+            log.warning("candidate %s could not be built, going on without it: %s", vid, why)
+            candidates.append({"id": vid, "built": False, "error": why, "_path": path})
+            continue
         g = gate(path)
         rungs: list[dict[str, Any]] = [{"rung": "plain", "passed": g["passed"], "failed_on": g["failed_on"], "worst": _worst(g),
                                         "decision_agreement": g["decision_agreement"]}]
@@ -270,8 +303,14 @@ def compress(
         qat_record = None
         if not g["passed"] and vid != "fp16":
             flavour = vid.split("-", 1)[1]
-            ladder = _float_fallback_ladder(fp32_path, path, calib_x, flavour, calib_method, gate)
-            if ladder.get("skipped"):
+            try:
+                ladder = _float_fallback_ladder(fp32_path, path, calib_x, flavour, calib_method, gate)
+            except BUILD_ERRORS as exc:  # a rung's model could not be built: the rung failed, say why
+                log.warning("keeping layers of %s in float failed: %s", vid, _one_line(exc))
+                ladder = {"passed": False, "error": _one_line(exc), "rungs": [], "kept_float": []}
+            if ladder.get("error"):
+                rungs.append({"rung": "float-fallback", "passed": False, "error": ladder["error"]})
+            elif ladder.get("skipped"):
                 rungs.append({"rung": "float-fallback", "passed": False, "skipped": ladder["skipped"]})
             else:
                 last = ladder["rungs"][-1] if ladder["rungs"] else {}
@@ -288,15 +327,20 @@ def compress(
                     qat_record = ran["qat"]
                     if ran["gate"]["passed"]:
                         record, g = ran["record"], ran["gate"]
-        candidates.append({"id": vid, "file": path.name, "precision": record["precision"], "flavour": record.get("flavour"),
-                           "quantization": record, "gate": g, "ladder": ladder, "rungs": rungs, "qat": qat_record,
-                           "size_bytes": path.stat().st_size, "_path": path})
-    failed = [c for c in candidates if not c["gate"]["passed"]]
+        candidates.append({"id": vid, "built": True, "file": path.name, "precision": record["precision"],
+                           "flavour": record.get("flavour"), "quantization": record, "gate": g, "ladder": ladder, "rungs": rungs,
+                           "qat": qat_record, "size_bytes": path.stat().st_size, "_path": path})
+    # Provenance of a calibration that ran: fp16 alone calibrates nothing, nor does an INT8 candidate that
+    # could not be built; neither may claim it did.
+    calibration = {"n": int(len(calib_x)), "method": calib_method, "split": "train", "seed": seed,
+                   "sha256": hashlib.sha256(np.ascontiguousarray(calib_x).tobytes()).hexdigest()
+                   } if any(c["id"].startswith("int8") and c["built"] for c in candidates) else None
+    failed = [c for c in candidates if not _passed(c)]
     if failed and precision != "auto":
         raise ExportError(_refusal(failed[0], max_drop))
     for c in failed:
         c["_path"].unlink(missing_ok=True)
-    passing = [c for c in candidates if c["gate"]["passed"]]
+    passing = [c for c in candidates if _passed(c)]
     deploy: dict[str, Any] = {"precision": "fp32", "reason": "fp32 requested"}
     if precision in ("int8", "fp16"):
         deploy = {"precision": precision, "reason": f"{precision} requested and every {precision} variant passed the gate"}
@@ -307,14 +351,22 @@ def compress(
     else:
         cpu = [c for c in passing if c["id"] == "int8-cpu"]
         if not cpu:
-            deploy["reason"] = ("the int8-cpu candidate failed the gate" if any(c["id"] == "int8-cpu" for c in failed)
-                                else "no int8-cpu candidate")
+            deploy["reason"] = next((_failure(c, "the int8-cpu candidate") for c in failed if c["id"] == "int8-cpu"),
+                                    "no int8-cpu candidate")
         else:
             deploy = _deploy_by_latency(candidates, cpu, fp32_path, val_x, "ort-cpu", "here")
+    for c in candidates:  # never silent: every candidate that could not be built is named where the choice is explained
+        if not c["built"] and not any(f"{c['id']}{w} could not be built" in deploy["reason"] for w in ("", " candidate")):
+            deploy["reason"] += f"; {_failure(c)}"
     variants = [{k: v for k, v in c.items() if not k.startswith("_")} for c in passing]
     table = []
     for c in candidates:
-        table.append({"id": c["id"], "passed": c["gate"]["passed"], "failed_on": c["gate"]["failed_on"],
+        if not c["built"]:  # no model, no figures: the reason is the record
+            table.append({"id": c["id"], "built": False, "passed": False, "failed_on": ["build"], "error": c["error"],
+                          "worst": None, "decision_agreement": None, "size_bytes": None, "kept_float": [], "qat": False,
+                          "rungs": [{"rung": "build", "passed": False, "error": c["error"]}], "latency_ms": c.get("latency_ms")})
+            continue
+        table.append({"id": c["id"], "built": True, "passed": c["gate"]["passed"], "failed_on": c["gate"]["failed_on"],
                       "worst": _worst(c["gate"]),
                       "decision_agreement": c["gate"]["decision_agreement"], "size_bytes": c["size_bytes"],
                       "kept_float": c["quantization"].get("kept_float", []), "qat": bool(c["quantization"].get("qat")),
@@ -322,6 +374,15 @@ def compress(
     deploy["max_drop"] = max_drop
     deploy["min_agreement"] = min_agreement
     return {"variants": variants, "deploy": deploy, "candidates": table, "calibration": calibration}
+
+
+def _passed(c: dict[str, Any]) -> bool:
+    return bool(c["built"] and c["gate"]["passed"])
+
+
+def _failure(c: dict[str, Any], name: str | None = None) -> str:
+    """Why a candidate is not deployable, in a few words: not built (with the reason) or failed the gate."""
+    return f"{name or c['id']} could not be built ({c['error']})" if not c["built"] else f"{name or c['id']} failed the gate"
 
 
 def _deploy_by_latency(candidates: list[dict[str, Any]], passing: list[dict[str, Any]], fp32_path: Path, val_x: np.ndarray,
@@ -349,7 +410,7 @@ def _deploy_for_device(plan: dict[str, Any], candidates: list[dict[str, Any]], p
     name, backend = plan["device"], plan["backend"]
     dev = {"device": name, "backend": backend}
     if not passing:
-        why = ", ".join(f"{c['id']} failed the gate" for c in failed) or "no candidate"
+        why = ", ".join(_failure(c) for c in failed) or "no candidate"
         return {"precision": "fp32", "reason": f"for device {name} ({backend}): {why}", **dev, "latency_measured": False}
     if plan["available"]:
         d = _deploy_by_latency(candidates, passing, fp32_path, val_x, backend, f"on {backend} here")

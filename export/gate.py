@@ -1,26 +1,33 @@
 """The accuracy gate for compressed variants: each candidate against its own fp32 parent, paired.
 
 Both models see the same validation inputs, so every comparison is paired: the bootstrap resamples
-images once and recomputes parent and candidate figures on the same resample. A drop counts
-when it exceeds the limit *and* its paired 95% interval excludes zero, so one flipped case among a
-few dozen does not decide alone; a drop above the hard ceiling (`ceiling`) fails whatever its
+once and recomputes parent and candidate figures on the same resample. The unit resampled is the image,
+or, where the caller passes `groups` (the frames of one clip, the near copies of one picture), the group:
+correlated frames drawn as if independent would make the interval too narrow. The record says which
+(`unit`: "image", "clip" or "group", and `n_units`).
+
+A drop counts when it exceeds the limit *and* its paired 95% interval excludes zero, so one flipped
+case among a few dozen does not decide alone; a drop above the hard ceiling (`ceiling`) fails whatever its
 interval, because with three or fewer flips in one direction ~5% of resamples miss them all and the
 interval touches zero however large the drop. The numbers are reported either way. Decisions must
 also agree with the parent's on at least `min_agreement` of the images (a plain floor).
 """
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
 
+from edgeclf.errors import ConfigError
 from edgeclf.metrics import _weighted_auc
 from edgeclf.runtime.postprocess import DecisionRule, decide, probabilities
 
 __all__ = ["gate_candidate", "ceiling"]
 
 EPS = 1e-9  # k/n computed in floats: a drop of exactly max_drop or the ceiling must not fail on rounding
+GROUP_UNITS = ("clip", "group")  # what a caller's groups are: the frames of a clip, or near copies (any other grouping)
 
 
 def ceiling(max_drop: float) -> float:
@@ -66,32 +73,47 @@ def gate_candidate(
     max_drop: float,
     min_agreement: float = 0.0,
     ids: Sequence[str] | None = None,
+    groups: Sequence[str] | None = None,
+    group_unit: str = "group",
     n_boot: int = 1000,
     seed: int = 0,
 ) -> dict[str, Any]:
     """Compare a candidate's validation outputs with its fp32 parent's; returns the gate record.
 
+    groups: (N,) each image's group (e.g. the data's `Split.groups`: its clip, or its near-copy group); the
+    bootstrap then resamples groups, every image weighing as often as its group is drawn (a cluster
+    bootstrap). group_unit names them in the record: "clip" or "group". Without groups, or when every group
+    holds one image, images are resampled and the unit is "image".
+
     Record: decision agreement and the disagreeing samples; macro AUC of both, the drop and its paired
     95% interval; per class the sensitivity of both at the recorded operating point, the drop and its
-    interval; `passed` and, when it fails, `failed_on` naming the metric.
+    interval; `passed` and, when it fails, `failed_on` naming the metric; `unit` and `n_units` resampled.
     """
+    n = len(labels)
+    group_of, unit = _units(groups, n, group_unit)
+    n_units = n if group_of is None else int(group_of.max()) + 1
     cand = np.asarray(cand_logits, np.float64)
     bad = np.asarray(~np.isfinite(cand).reshape(len(cand), -1).all(axis=1))
     if bad.any():  # e.g. an fp16 overflow: a failed gate, not a DataError that aborts `--precision auto`
-        return _non_finite(parent_logits, cand, bad, task, temperature, rule, ids, max_drop, min_agreement, n_boot)
+        return {**_non_finite(parent_logits, cand, bad, task, temperature, rule, ids, max_drop, min_agreement, n_boot),
+                "unit": unit, "n_units": n_units}
     pp = probabilities(parent_logits, task, temperature)
     pc = probabilities(cand_logits, task, temperature)
     dp, dc = decide(pp, rule), decide(pc, rule)
     same = (dp == dc).all(axis=1) if dp.ndim == 2 else dp == dc
-    n = len(labels)
     ids = list(ids) if ids is not None else [str(i) for i in range(n)]
     rng = np.random.default_rng(seed)
-    counts = np.stack([np.bincount(rng.integers(0, n, n), minlength=n) for _ in range(n_boot)]).astype(np.float64)
+    m = n_units
+    counts = np.stack([np.bincount(rng.integers(0, m, m), minlength=m) for _ in range(n_boot)]).astype(np.float64)
+    if group_of is not None:
+        counts = counts[:, group_of]  # each image weighs as often as its group was drawn
     counts = np.vstack([np.ones((1, n)), counts])  # row 0: the sample itself
 
     cols_p, cols_c = _columns(pp, labels, task, rule), _columns(pc, labels, task, rule)
-    auc_p = np.nanmean(np.stack([_weighted_auc(s, y, counts) for _, s, y in cols_p], axis=1), axis=1)
-    auc_c = np.nanmean(np.stack([_weighted_auc(s, y, counts) for _, s, y in cols_c], axis=1), axis=1)
+    with warnings.catch_warnings():  # a resample (or the sample) with no class to score is NaN, handled in _drop
+        warnings.simplefilter("ignore", RuntimeWarning)
+        auc_p = np.nanmean(np.stack([_weighted_auc(s, y, counts) for _, s, y in cols_p], axis=1), axis=1)
+        auc_c = np.nanmean(np.stack([_weighted_auc(s, y, counts) for _, s, y in cols_c], axis=1), axis=1)
     cap = ceiling(max_drop)
     checks: list[dict[str, Any]] = [_drop("auc_macro", auc_p, auc_c, max_drop, cap)]
     # Every class's sensitivity (binary: both classes, so the negative class's sensitivity is the
@@ -105,7 +127,8 @@ def gate_candidate(
             checks.append(_drop(name, (counts @ hit_p) / support, (counts @ hit_c) / support, max_drop, cap))
     # Decision-level parity: a point floor, not a significance test. On a few dozen validation images a
     # candidate can flip a quarter of its decisions and still show no "significant" sensitivity drop.
-    agree = (counts @ same.astype(np.float64)) / n if n else np.ones(len(counts))
+    # Divided by each resample's own weight: a resample of groups need not hold n images.
+    agree = (counts @ same.astype(np.float64)) / counts.sum(axis=1) if n else np.ones(len(counts))
     lo, hi = (float(v) for v in np.percentile(1.0 - agree[1:], [2.5, 97.5]))
     checks.append({"metric": "decision_agreement", "parent": 1.0, "candidate": float(agree[0]), "drop": float(1.0 - agree[0]),
                    "drop_ci95": [lo, hi], "floor": min_agreement, "passed": bool(agree[0] >= min_agreement - 1e-12)})
@@ -124,7 +147,23 @@ def gate_candidate(
                 "or when drop > ceiling (max(5 * max_drop, 0.05)) whatever the interval, "
                 "or when decision agreement with the parent is below min_agreement",
         "n_boot": n_boot,
+        "unit": unit,
+        "n_units": n_units,
     }
+
+
+def _units(groups: Sequence[str] | None, n: int, group_unit: str) -> tuple[np.ndarray | None, str]:
+    """(each image's group index (N,), or None to resample images; the unit's name)."""
+    if groups is None:
+        return None, "image"
+    if group_unit not in GROUP_UNITS:
+        raise ConfigError(f"group unit {group_unit!r} is unknown; allowed: {', '.join(GROUP_UNITS)}")
+    if len(groups) != n:
+        raise ConfigError(f"{len(groups)} groups for {n} validation images; give one group per image")
+    keys, group_of = np.unique(np.asarray([str(g) for g in groups]), return_inverse=True)
+    if len(keys) == n:  # one image per group: resampling groups is resampling images
+        return None, "image"
+    return group_of.reshape(-1).astype(np.int64), group_unit
 
 
 def _non_finite(parent_logits: np.ndarray, cand: np.ndarray, bad: np.ndarray, task: str, temperature: float, rule: DecisionRule,
@@ -149,6 +188,11 @@ def _non_finite(parent_logits: np.ndarray, cand: np.ndarray, bad: np.ndarray, ta
 
 def _drop(metric: str, parent: np.ndarray, cand: np.ndarray, max_drop: float, cap: float) -> dict[str, Any]:
     """Row 0 holds the point estimates, the rest the paired bootstrap resamples."""
+    if not np.isfinite(parent[0]) and not np.isfinite(cand[0]):
+        # Undefined for both (a class absent from the validation split): nothing to compare, so no drop. NaN
+        # would fail the gate on every candidate, a copy of the parent included, and is not valid JSON.
+        return {"metric": metric, "parent": None, "candidate": None, "drop": 0.0, "drop_ci95": [0.0, 0.0],
+                "n_boot_used": 0, "undefined": True, "passed": True}
     d = parent - cand
     boot = d[1:][np.isfinite(d[1:])]
     lo, hi = (float(v) for v in np.percentile(boot, [2.5, 97.5])) if boot.size else (float("nan"), float("nan"))

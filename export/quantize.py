@@ -468,10 +468,11 @@ def quantize_int8(
                 _quantize(src, raw, calib, inp.name, batch, method, s, bool(per_channel), excluded, work)
         except MemoryError:
             raise ModelError(f"{method} calibration ran out of memory on {usable} images; use fewer, or method minmax") from None
-        except EdgeclfError:
+        except (EdgeclfError, NameError):  # ours, or a typo-class bug in our own code: not "cannot be built"
             raise
         except Exception as exc:  # ORT raises ValueError/RuntimeError/its own Fail types
-            raise ModelError(f"onnxruntime could not quantize {fp32_path.name} ({method}, {flavour}): {str(exc).splitlines()[0][:200]}") from None
+            # Chained, not hidden: `--precision auto` records this as "not built", and the cause stays for a traceback.
+            raise ModelError(f"onnxruntime could not quantize {fp32_path.name} ({method}, {flavour}): {str(exc).splitlines()[0][:200]}") from exc
         finally:
             if sink.getvalue().strip():
                 log.debug("onnxruntime quantization: %s", sink.getvalue().strip())
@@ -538,7 +539,7 @@ def convert_fp16(fp32_path: Path, out_path: Path) -> dict[str, Any]:
     try:
         half = convert(proto, keep_io_types=True)
     except Exception as exc:  # converter asserts and ValueErrors
-        raise ModelError(f"{name} could not convert {fp32_path.name} to fp16: {str(exc).splitlines()[0][:200]}") from None
+        raise ModelError(f"{name} could not convert {fp32_path.name} to fp16: {str(exc).splitlines()[0][:200]}") from exc
     _toposort(half.graph)
     dims = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else 1 for d in inp.type.tensor_type.shape.dim]
     _save_single_file(half, out_path, np.zeros(dims, np.float32))

@@ -182,3 +182,135 @@ def test_fp16_alone_records_no_calibration(tmp_path: Path, monkeypatch: pytest.M
                    val_x=x, val_y=y, val_ids=[f"val[{i}]" for i in range(12)], parent_logits=_ort_logits(scrambled_onnx, x),
                    task="multiclass", temperature=1.0, rule=DecisionRule("max-ratio", (0.3, 0.3, 0.3)), labels=["a", "b", "c"])
     assert out["calibration"] is None and [v["id"] for v in out["variants"]] == ["fp16"]
+
+
+def _val_args(onnx_path: Path) -> dict:
+    """compress() keyword arguments for a 3-class model on 12 random 32 px validation images."""
+    from edgeclf.export.bundle_writer import _ort_logits
+    from edgeclf.runtime.postprocess import DecisionRule
+
+    x = np.random.default_rng(0).normal(size=(12, 1, 32, 32)).astype(np.float32)
+    return dict(max_drop=0.01, calib_x=x[:4], calib_method="minmax", val_x=x, val_y=np.arange(12) % 3,
+                val_ids=[f"val[{i}]" for i in range(12)], parent_logits=_ort_logits(onnx_path, x), task="multiclass",
+                temperature=1.0, rule=DecisionRule("max-ratio", (0.3, 0.3, 0.3)), labels=["a", "b", "c"])
+
+
+def _quantizer_failing_on(monkeypatch: pytest.MonkeyPatch, bad: set[str], exc: Exception) -> None:
+    """INT8 that raises `exc` for the flavours in `bad` and is lossless (a copy of fp32) for the others."""
+    import edgeclf.export.quantize as q
+
+    def fake(fp32_path, out_path, calib, *, flavour="cpu", method="minmax", **kw):
+        if flavour in bad:
+            raise exc
+        shutil.copyfile(fp32_path, out_path)
+        return {"precision": "int8", "flavour": flavour, "method": method}
+
+    monkeypatch.setattr(q, "quantize_int8", fake)
+
+
+UNSUPPORTED = "onnxruntime could not quantize model.onnx (minmax, tensorrt): unsupported operator FancyPool"
+
+
+def test_auto_records_a_candidate_that_cannot_be_built_and_goes_on(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                   scrambled_onnx: Path) -> None:
+    import edgeclf.export.compress as cm
+    from edgeclf.errors import ConfigError, ModelError
+
+    monkeypatch.setattr(cm, "measure_latency", lambda paths, x1, **kw: {
+        k: {"median": 1.0 if k == "fp32" else 0.5, "p90": 1.0, "runs": 1} for k in paths})
+    _quantizer_failing_on(monkeypatch, {"tensorrt"}, ModelError(UNSUPPORTED))
+    out = cm.compress(tmp_path, scrambled_onnx, precision="auto", **_val_args(scrambled_onnx))
+    assert [v["id"] for v in out["variants"]] == ["int8-cpu"] and out["deploy"]["precision"] == "int8"
+    trt = next(c for c in out["candidates"] if c["id"] == "int8-tensorrt")
+    assert trt["built"] is False and trt["passed"] is False and trt["failed_on"] == ["build"] and trt["error"] == UNSUPPORTED
+    assert trt["rungs"] == [{"rung": "build", "passed": False, "error": UNSUPPORTED}]
+    assert f"int8-tensorrt could not be built ({UNSUPPORTED})" in out["deploy"]["reason"]  # printed with the deploy line
+    assert out["calibration"] is not None and not (tmp_path / "model.int8-tensorrt.onnx").exists()
+    json.dumps(out, allow_nan=False)
+    # Only "cannot build this candidate" is caught: a wrong option or a bug still stops the export as it is.
+    _quantizer_failing_on(monkeypatch, {"tensorrt"}, ConfigError("calibration method 'foo' is unknown"))
+    with pytest.raises(ConfigError, match="'foo' is unknown"):
+        cm.compress(tmp_path, scrambled_onnx, precision="auto", **_val_args(scrambled_onnx))
+    _quantizer_failing_on(monkeypatch, {"tensorrt"}, KeyError("a bug"))
+    with pytest.raises(KeyError, match="a bug"):
+        cm.compress(tmp_path, scrambled_onnx, precision="auto", **_val_args(scrambled_onnx))
+
+
+def test_auto_with_no_buildable_candidate_keeps_fp32_and_says_why(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                  scrambled_onnx: Path) -> None:
+    from edgeclf.errors import MissingExtraError, ModelError
+    from edgeclf.export.compress import compress
+
+    _quantizer_failing_on(monkeypatch, {"cpu", "tensorrt"}, ModelError(UNSUPPORTED))
+    out = compress(tmp_path, scrambled_onnx, precision="auto", **_val_args(scrambled_onnx))
+    dep = out["deploy"]
+    assert out["variants"] == [] and dep["precision"] == "fp32" and out["calibration"] is None  # nothing was calibrated
+    assert dep["reason"].startswith(f"the int8-cpu candidate could not be built ({UNSUPPORTED})")
+    assert f"int8-tensorrt could not be built ({UNSUPPORTED})" in dep["reason"]
+    assert [(c["id"], c["built"]) for c in out["candidates"]] == [("int8-cpu", False), ("int8-tensorrt", False)]
+    # A device whose candidates include fp16, without the fp16 converter here: named per candidate, fp32 kept.
+    import edgeclf.export.quantize as q
+
+    def no_converter(fp32_path, out_path):
+        raise MissingExtraError("fp16 conversion needs onnxconverter-common; install it with: pip install onnxconverter-common")
+
+    monkeypatch.setattr(q, "convert_fp16", no_converter)
+    out = compress(tmp_path, scrambled_onnx, precision="auto", device="x86-nvidia-gpu", **_val_args(scrambled_onnx))
+    assert out["deploy"]["precision"] == "fp32" and "fp16 could not be built (fp16 conversion needs" in out["deploy"]["reason"]
+    assert "int8-tensorrt could not be built" in out["deploy"]["reason"]
+
+
+def test_explicit_int8_that_cannot_be_built_is_refused_in_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                   scrambled_onnx: Path) -> None:
+    from edgeclf.errors import ModelError
+    from edgeclf.export.compress import compress
+
+    _quantizer_failing_on(monkeypatch, {"tensorrt"}, ModelError(UNSUPPORTED))
+    with pytest.raises(ExportError, match=r"^int8-tensorrt could not be built: .*FancyPool; no bundle was written; .*--precision auto") \
+            as info:
+        compress(tmp_path, scrambled_onnx, precision="int8", **_val_args(scrambled_onnx))
+    assert "\n" not in str(info.value)
+
+
+def test_export_auto_ships_what_builds_and_records_what_did_not(trained_dir: Path, tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    import edgeclf.export.quantize as q
+    from edgeclf.errors import ModelError
+
+    real = q.quantize_int8
+
+    def trt_unsupported(fp32_path, out_path, calib, *, flavour="cpu", **kw):
+        if flavour == "tensorrt":
+            raise ModelError(UNSUPPORTED)
+        return real(fp32_path, out_path, calib, flavour=flavour, **kw)
+
+    monkeypatch.setattr(q, "quantize_int8", trt_unsupported)
+    out = tmp_path / "a"
+    m = export_bundle(ExportConfig(out=str(out), model=str(trained_dir), precision="auto", max_drop=0.5, min_agreement=0.5))
+    assert [v["id"] for v in m["variants"]] == ["int8-cpu"]
+    trt = next(c for c in m["deploy"]["candidates"] if c["id"] == "int8-tensorrt")
+    assert trt["built"] is False and trt["error"] == UNSUPPORTED and "int8-tensorrt could not be built" in m["deploy"]["reason"]
+    assert json.loads((out / "manifest.json").read_text())["deploy"]["candidates"] == m["deploy"]["candidates"]
+    assert not (out / "model.int8-tensorrt.onnx").exists()
+    verify_bundle(str(out))
+
+
+def test_export_gate_resamples_the_validation_groups(trained_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where the data's validation split has groups of several images (near copies, frames of a clip), the gate
+    draws groups; its record names the unit."""
+    from edgeclf.export import bundle_writer
+
+    real = bundle_writer.load_dataset
+
+    def paired(*args, **kw):  # the synthetic set's images are their own groups: pair them up as near copies
+        ds = real(*args, **kw)
+        val = ds.splits["val"]
+        val.groups = [val.groups[i - i % 2] for i in range(len(val.groups))]
+        return ds
+
+    monkeypatch.setattr(bundle_writer, "load_dataset", paired)
+    m = export_bundle(ExportConfig(out=str(tmp_path / "b"), model=str(trained_dir), precision="int8", max_drop=0.5, min_agreement=0.5,
+                                   qat_epochs=0))
+    n = m["metrics"]["val_onnx_fp32"]["n"]
+    for v in m["variants"]:
+        assert v["gate"]["unit"] == "group" and v["gate"]["n_units"] == (n + 1) // 2 and v["gate"]["n"] == n

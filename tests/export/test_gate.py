@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 
 import numpy as np
 import pytest
@@ -153,3 +154,61 @@ def test_a_candidate_with_non_finite_outputs_fails_instead_of_raising() -> None:
     assert g["checks"][0]["n_non_finite"] == 2 and g["checks"][0]["drop"] == pytest.approx(2 / 40)
     assert {"img3", "img7"} <= set(g["disagreements"]) and g["decision_agreement"] <= 38 / 40
     json.dumps(g, allow_nan=False)  # it goes into the manifest
+
+
+def _clips(n_clips: int, k: int, seed: int = 2) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A parent, a noisy candidate and labels for n_clips clips (one frame each)."""
+    z, y = _binary(n_clips, seed=seed)
+    noisy = z + np.random.default_rng(seed + 1).normal(scale=2.0, size=z.shape).astype(np.float32)
+    return z, noisy, y
+
+
+def test_frames_of_one_clip_are_resampled_together() -> None:
+    # 40 clips of 6 identical frames. Drawn by clip, the gate must give exactly the figures of one frame
+    # per clip; drawn by frame it treats 6 copies as 6 independent cases and narrows every interval.
+    k = 6
+    z, noisy, y = _clips(40, k)
+    one = gate_candidate(z, noisy, y, "binary", 1.0, RULE, ["neg", "pos"], max_drop=0.01)
+    zz, nz, yy = np.repeat(z, k, axis=0), np.repeat(noisy, k, axis=0), np.repeat(y, k)
+    clips = [f"clip{i:02d}.mp4" for i in range(40) for _ in range(k)]
+    ids = [f"clip{i:02d}.mp4#{j}" for i in range(40) for j in range(k)]
+    g = gate_candidate(zz, nz, yy, "binary", 1.0, RULE, ["neg", "pos"], max_drop=0.01, ids=ids, groups=clips, group_unit="clip")
+    assert g["unit"] == "clip" and g["n_units"] == 40 and g["n"] == 40 * k and one["unit"] == "image"
+    assert [c["metric"] for c in g["checks"]] == [c["metric"] for c in one["checks"]]
+    for a, b in zip(one["checks"], g["checks"]):
+        assert b["drop"] == pytest.approx(a["drop"]) and b["drop_ci95"] == pytest.approx(a["drop_ci95"]), a["metric"]
+        assert b.get("n_boot_used") == a.get("n_boot_used")
+    frames = gate_candidate(zz, nz, yy, "binary", 1.0, RULE, ["neg", "pos"], max_drop=0.01, ids=ids)
+    assert frames["unit"] == "image" and frames["n_units"] == 40 * k
+    width = [c["drop_ci95"][1] - c["drop_ci95"][0] for c in frames["checks"]]
+    assert all(w < c["drop_ci95"][1] - c["drop_ci95"][0] for w, c in zip(width, g["checks"]))
+    json.dumps(g, allow_nan=False)
+
+
+def test_groups_of_one_image_resample_images_and_bad_groups_are_refused() -> None:
+    from edgeclf.errors import ConfigError
+
+    z, noisy, y = _clips(60, 1)
+    plain = gate_candidate(z, noisy, y, "binary", 1.0, RULE, ["neg", "pos"], max_drop=0.01)
+    single = gate_candidate(z, noisy, y, "binary", 1.0, RULE, ["neg", "pos"], max_drop=0.01, groups=[f"g{i}" for i in range(60)])
+    assert single == plain and single["unit"] == "image" and single["n_units"] == 60
+    # Near-copy groups: the unit is named "group".
+    pairs = [f"g{i // 2}" for i in range(60)]
+    assert gate_candidate(z, noisy, y, "binary", 1.0, RULE, ["neg", "pos"], max_drop=0.01, groups=pairs)["unit"] == "group"
+    with pytest.raises(ConfigError, match="59 groups for 60 validation images"):
+        gate_candidate(z, noisy, y, "binary", 1.0, RULE, ["neg", "pos"], max_drop=0.01, groups=pairs[:59])
+    with pytest.raises(ConfigError, match="group unit 'patient' is unknown"):
+        gate_candidate(z, noisy, y, "binary", 1.0, RULE, ["neg", "pos"], max_drop=0.01, groups=pairs, group_unit="patient")
+
+
+def test_a_figure_undefined_for_both_models_neither_fails_the_gate_nor_writes_nan() -> None:
+    # A validation split holding one class: AUC is undefined for the parent and for any candidate alike.
+    z, _ = _binary()
+    y = np.ones(len(z), np.int64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # no "Mean of empty slice" noise either
+        g = gate_candidate(z, z.copy(), y, "binary", 1.0, RULE, ["neg", "pos"], max_drop=0.01)
+    auc = next(c for c in g["checks"] if c["metric"] == "auc_macro")
+    assert g["passed"], g["failed_on"]
+    assert auc["undefined"] and auc["parent"] is None and auc["candidate"] is None and auc["drop"] == 0.0
+    json.loads(json.dumps(g), parse_constant=lambda c: pytest.fail(f"{c} in the gate record"))

@@ -81,3 +81,19 @@ def test_an_ensemble_is_not_pruned(tmp_path: Path) -> None:
                       threads=1, ensemble=2))
     with pytest.raises(ConfigError, match="is an ensemble of 2"):
         prune_trained(PruneConfig(model=str(tmp_path / "ens"), out=str(tmp_path / "p"), target_macs=0.5, steps=1, finetune_epochs=1))
+
+
+def test_data_changed_since_training_is_refused_before_any_fine_tuning(trained_dir: Path, tmp_path: Path) -> None:
+    """Export's data-hash check: re-drawn splits of changed data would fine-tune on validation images."""
+    from edgeclf.errors import DataError
+    from edgeclf.export.prune import PruneConfig, prune_trained
+
+    src = tmp_path / "trained"
+    shutil.copytree(trained_dir, src)
+    run = json.loads((src / "run.json").read_text())
+    run["data"]["hash"] = "0" * 64  # as if images were added to the data after training
+    (src / "run.json").write_text(json.dumps(run))
+    with pytest.raises(DataError, match=r"changed since the model was trained .*train and val splits .* restore the data as it "
+                                        r"was or retrain") as info:
+        prune_trained(PruneConfig(model=str(src), out=str(tmp_path / "p"), steps=1, finetune_epochs=1))
+    assert "\n" not in str(info.value) and not (tmp_path / "p").exists() and not list(tmp_path.glob(".p.*"))
