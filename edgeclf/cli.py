@@ -45,6 +45,29 @@ _EXTRAS = {"onnxruntime": "ort", "cv2": "cv", "pydicom": "dicom", **dict.fromkey
 
 json_option = click.option("--json", "as_json", is_flag=True, help="Print one JSON document on stdout and nothing else there.")
 
+_AUTO = "auto"  # edgeclf.recipes.AUTO: not imported here, so that `edgeclf --help` stays instant
+
+
+class _AutoOr(click.ParamType):
+    """`auto` (None: chosen from the data or the machine, also over a recipe's value) or a value of `inner`."""
+
+    def __init__(self, inner: click.ParamType) -> None:
+        self.inner = inner
+        self.name = f"auto|{inner.name}"
+
+    def get_metavar(self, param: click.Parameter, ctx: click.Context | None = None) -> str | None:
+        if isinstance(self.inner, click.Choice):
+            return "[" + "|".join([_AUTO, *map(str, self.inner.choices)]) + "]"
+        return f"{_AUTO}|{self.inner.name.upper()}"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if isinstance(value, str) and value.strip().lower() == _AUTO:
+            return None
+        try:
+            return self.inner.convert(value, param, ctx)
+        except click.BadParameter as exc:
+            self.fail(f"{exc.message} Or give {_AUTO}: chosen from the data or the machine.", param, ctx)
+
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
 @click.version_option(package_name="edgeclf")
@@ -105,8 +128,10 @@ def data_synth(kind: str, out: str, n: int, size: int | None, seed: int, as_json
 @click.option("--data", "data_spec", required=True, help="Data spec: folder, MedMNIST .npz, or synthetic:ultrasound|xray.")
 @click.option("--model", default="compact", show_default=True, help="Model name (see the registry in the README).")
 @click.option("--out", required=True, help="Training folder to write.")
-@click.option("--size", type=int, default=None, help="Input side in px [default: the model's, capped at the data's native size rounded up to 8].")
-@click.option("--channels", type=click.Choice(["1", "3"]), default=None, help="Input channels [default: 1 for gray data].")
+@click.option("--size", type=_AutoOr(click.INT), default=None,
+              help="Input side in px, or auto: the model's, capped at the data's native size rounded up to 8 [default: auto].")
+@click.option("--channels", type=_AutoOr(click.Choice(["1", "3"])), default=None,
+              help="Input channels, or auto: 1 for gray data, 3 for colour [default: auto].")
 @click.option("--pretrained/--no-pretrained", default=False, show_default=True,
               help="Start from ImageNet weights (offline for efficientnet_lite0/1/2); --no-pretrained overrides a recipe's.")
 @click.option("--epochs", type=click.IntRange(min=1), default=40, show_default=True)
@@ -115,21 +140,30 @@ def data_synth(kind: str, out: str, n: int, size: int | None, seed: int, as_json
 @click.option("--weight-decay", type=click.FloatRange(min=0.0), default=1e-4, show_default=True, help="AdamW weight decay.")
 @click.option("--patience", type=click.IntRange(min=1), default=10, show_default=True, help="Early stopping on validation AUC.")
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--classes", default=None, help="Class map, e.g. covid19,pneumonia=bacterial_pneumonia+viral_pneumonia,regular.")
-@click.option("--positive", default=None, help="Binary tasks: the positive (clinically relevant) class.")
-@click.option("--target-sensitivity", type=float, default=0.9, show_default=True, help="Operating point fitted on validation data.")
+@click.option("--classes", type=_AutoOr(click.STRING), default=None,
+              help="Class map, e.g. covid19,pneumonia=bacterial_pneumonia+viral_pneumonia,regular; auto: the data's classes "
+                   "as they are [default: auto].")
+@click.option("--positive", type=_AutoOr(click.STRING), default=None,
+              help="Binary tasks: the positive (clinically relevant) class; auto: the data set's own (BreastMNIST: malignant), "
+                   "else the second class [default: auto].")
+@click.option("--target-sensitivity", type=float, default=0.9, show_default=True,
+              help="Operating point fitted on validation data (--operating-point sensitivity only).")
 @click.option("--operating-point", type=click.Choice(["sensitivity", "accuracy"]), default="sensitivity", show_default=True,
               help="sensitivity: best specificity at --target-sensitivity; accuracy: the most accurate point on validation.")
 @click.option("--augment", type=click.Choice(["auto", "ultrasound", "xray", "generic", "none"]), default="auto", show_default=True)
-@click.option("--frames-per-clip", type=click.IntRange(min=1), default=8, show_default=True, help="Clip data sets: frames sampled per clip.")
-@click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads [default: the cores available].")
+@click.option("--frames-per-clip", type=click.IntRange(min=1), default=8, show_default=True,
+              help="Clip data sets: frames sampled per clip (a data spec's frames=N wins; refused for image data).")
+@click.option("--threads", type=_AutoOr(click.IntRange(min=1)), default=None,
+              help="CPU threads, or auto: the cores available [default: auto].")
 @click.option("--recipe", default=None, help="A recipe (edgeclf/recipe_files/NAME.toml, or a .toml path): its settings, overridden by "
-              "any flag given here.")
+              "any flag given here; auto for --size, --channels, --threads, --classes or --positive resets a recipe's value "
+              "to automatic.")
 @click.option("--folds", type=click.IntRange(min=0, max=20), default=0, show_default=True,
               help="K-fold cross-validation over a folder data set (0: one train/val/test split); writes OUT/fold-i and OUT/cv.json.")
 @click.option("--group", type=click.Choice(["site", "source", "clip"]), default="source", show_default=True,
               help="--folds: keep in one fold each site (clips.csv original_source reduced to its contributor or web site), "
-                   "each source as written, or only each clip (or copy group).")
+                   "each source as written, or only each clip (or copy group). Not the default of a data spec's own "
+                   "?folds=K, which groups by clip unless it names group=; where the spec names folds, its group decides.")
 @click.option("--tta", type=click.Choice(["none", "hflip"]), default="none", show_default=True,
               help="Test-time augmentation baked into the model and its bundle: hflip averages the image and its mirror "
                    "(twice the compute; not for chest films). run.json keeps the validation figures without it.")
@@ -164,20 +198,25 @@ def train(ctx: click.Context, data_spec: str, model: str, out: str, size, channe
                   positive=positive, target_sensitivity=target_sensitivity, operating_point=operating_point, augment=augment,
                   frames_per_clip=frames_per_clip, threads=threads, folds=folds, group=group, tta=tta,
                   probe_epochs=probe_epochs, ema=ema, ensemble=ensemble, read_test=read_test)
+    # Flags given on this command line (`--size auto` too: it resets a recipe's value to automatic).
+    explicit = {k for k in values if ctx.get_parameter_source(k) == ParameterSource.COMMANDLINE}
+    typed_spec = data_spec
     record_recipe = None
     if recipe:
         from edgeclf.recipes import load_recipe, resolve_recipe
 
         # Precedence: defaults < recipe < flags given on this command line.
-        given = {k: v for k, v in values.items() if ctx.get_parameter_source(k) == ParameterSource.COMMANDLINE}
-        kwargs, data_spec, record_recipe = resolve_recipe(load_recipe(recipe), data_spec, given)
+        kwargs, data_spec, record_recipe = resolve_recipe(load_recipe(recipe), data_spec, {k: values[k] for k in explicit})
         values = {**values, **kwargs}
         values["recipe"] = record_recipe["name"]
     cfg = TrainConfig(data=data_spec, out=out, **values)
     from edgeclf.models import model_info
 
     model_info(cfg.model)  # unknown names fail before any data is read
+    grouping = _check_train_combination(cfg, explicit, record_recipe, typed_spec)
     rank = dist_info()[0] if not cfg.folds else 0
+    if grouping and not as_json and rank == 0:
+        click.echo(grouping, err=True)
     with _train_progress(not as_json and rank == 0) as on_epoch:
         record = run_train(cfg, on_epoch=on_epoch, recipe=record_recipe)
     if rank != 0:
@@ -190,9 +229,90 @@ def train(ctx: click.Context, data_spec: str, model: str, out: str, size, channe
     def human(r: dict) -> None:
         _print_members(r)
         _print_metrics(r["metrics"], f"trained {what} -> {out} ({epochs} {r['best_epoch']}, {r['seconds']} s)"
-                       + ("" if cfg.read_test else "; test split not read (--no-test)"))
+                       + ("" if cfg.read_test else "; test split not read (--no-test)") + _fold_of(r["data"]["spec"]))
 
     _emit(as_json, record, human)
+
+
+def _check_train_combination(cfg: Any, explicit: set[str], recipe: dict[str, Any] | None, typed_spec: str) -> str:
+    """Refuse settings that would have no effect together (recorded in run.json, silently not used): data spec options
+    (`edgeclf.data.check_spec_options`) and flags typed here that the rest makes moot. What a recipe sets itself is
+    never refused, only what is typed against it. Returns the line saying how folds are grouped, or ''."""
+    from edgeclf.data import check_spec_options, split_spec
+    from edgeclf.errors import ConfigError, DataError
+
+    def said(key: str) -> str:
+        v = getattr(cfg, key)
+        if key in explicit or recipe is None or key not in recipe["train"]:
+            return f"--{key.replace('_', '-')} {v}"
+        return f"recipe {recipe['name']}'s {key} = {json.dumps(v)}"
+
+    try:
+        kind = check_spec_options(cfg.data, folds=cfg.folds)
+    except DataError as exc:
+        added = (recipe or {}).get("data_options")
+        if added and cfg.data != typed_spec:
+            try:
+                check_spec_options(typed_spec, folds=cfg.folds)
+            except DataError:
+                raise exc from None
+            shown = "&".join(f"{k}={v}" for k, v in added.items())
+            raise DataError(f"{exc} ({shown} comes from recipe {recipe['name']}'s [data] table)") from None  # type: ignore[index]
+        raise
+    opts = split_spec(cfg.data)[1]
+    if cfg.folds and opts.folds and (opts.fold or opts.folds != cfg.folds):
+        raise ConfigError(f"the data spec names one fold (folds={opts.folds}&fold={opts.fold}) but {said('folds')} trains every "
+                          f"fold of a {cfg.folds}-fold cross-validation, so the spec's fold has no effect; add --folds 0 to "
+                          "train that fold alone, or leave folds and fold out of the data spec")
+    if "group" in explicit:
+        if opts.folds and opts.group != cfg.group:
+            raise ConfigError(f"--group {cfg.group} has no effect: the data spec names folds={opts.folds}, and its own group "
+                              f"({opts.group}) decides the grouping; write group={cfg.group} in the data spec, or leave --group out")
+        if not opts.folds and not cfg.folds:
+            raise ConfigError(f"--group {cfg.group} applies to cross-validation and has no effect without it; add --folds K "
+                              "(e.g. --folds 5) or leave --group out")
+    if "target_sensitivity" in explicit and cfg.operating_point == "accuracy":
+        raise ConfigError(f"--target-sensitivity {cfg.target_sensitivity} has no effect with {said('operating_point')}: the "
+                          "most accurate point on validation is used, not a sensitivity target; add --operating-point "
+                          "sensitivity to use it, or leave --target-sensitivity out")
+    if "frames_per_clip" in explicit:
+        if kind in ("synthetic", "medmnist", "images"):
+            what = {"synthetic": "synthetic images", "medmnist": "an .npz of images", "images": "a folder of images"}[kind]
+            raise ConfigError(f"--frames-per-clip applies to clip (video) data sets and has no effect on {what}; leave it out")
+        if opts.frames is not None and opts.frames != cfg.frames_per_clip:
+            raise ConfigError(f"--frames-per-clip {cfg.frames_per_clip} has no effect: the data spec's frames={opts.frames} "
+                              f"wins; give frames={cfg.frames_per_clip} in the data spec instead, or leave --frames-per-clip out")
+    if not (cfg.folds or opts.folds):
+        return ""
+    # Which grouping: a spec that names folds keeps its own (clip unless it names group=); --folds K defaults to source.
+    named = {kv.split("=", 1)[0] for kv in typed_spec.partition("?")[2].split("&") if kv} | set((recipe or {}).get("data_options") or {})
+    if opts.folds:
+        why = (f"the data spec's group={opts.group}" if "group" in named else
+               "the data spec names folds without group=, so by clip; --folds K alone would group by source")
+    elif "group" in explicit:
+        why = "--group"
+    elif recipe is not None and "group" in recipe["train"]:
+        why = f"recipe {recipe['name']}"
+    else:
+        why = "the default of --folds K (a data spec's own folds=K would group by clip)"
+    group = opts.group if opts.folds else cfg.group
+    head = (f"cross-validation: {cfg.folds} folds" if cfg.folds else
+            f"one fold of a cross-validation: fold {opts.fold} of {opts.folds} held out as the test split,")
+    fallback = "; items without a clips.csv original_source are grouped alone" if group != "clip" else ""
+    return f"{head} grouped by {group} ({why}){fallback}"
+
+
+def _fold_of(spec: str) -> str:
+    """'; fold i of K grouped by G' for a run on one fold of a spec that names folds ('' otherwise)."""
+    from edgeclf.data import split_spec
+
+    if spec.startswith("synthetic:"):
+        return ""
+    try:
+        opts = split_spec(spec)[1]
+    except EdgeclfError:
+        return ""
+    return f"; fold {opts.fold} of {opts.folds}, grouped by {opts.group}" if opts.folds else ""
 
 
 def _print_members(record: dict) -> None:
@@ -244,7 +364,13 @@ def evaluate(target: str, data_spec, split, classes, precision, out, threads, as
     report = run_eval(target, data=data_spec, split=split, classes=classes, out=out, precision=precision, threads=threads)
 
     def human(r: dict[str, Any]) -> None:
-        _print_metrics({split: r["metrics"]}, f"{r['target']} via {r['evaluated_with']}, {r['data']['n']} images")
+        m, title = r["metrics"], f"{r['target']} via {r['evaluated_with']}, {r['data']['n']} images"
+        rows = {split: m}
+        if m.get("abstained"):  # the figures are over the classified frames, as `edgeclf run` decides
+            title += (f"; {m['abstained']} abstained (top probability below min_confidence {m['min_confidence']:g}), figures over "
+                      f"the {m['n']} classified (coverage {_num(m.get('coverage'))})")
+            rows[f"{split}, all frames"] = m["all_frames"]
+        _print_metrics(rows, title)
         if r.get("clips"):
             _print_clips(r["clips"])
 
@@ -795,6 +921,9 @@ def _print_export(m: dict[str, Any]) -> None:
     dep = m.get("deploy") or {}
     rows = []
     for c in dep.get("candidates", []):
+        if c.get("built") is False:  # the converter refused the model: no gate figures
+            rows.append([c["id"], "NOT BUILT", "n/a", "n/a", "n/a", "n/a"])
+            continue
         lat = c.get("latency_ms") or {}
         w = c["worst"]
         rows.append([c["id"], "pass" if c["passed"] else "FAIL " + ",".join(c["failed_on"]), f"{c['decision_agreement']:.3f}",
@@ -804,6 +933,9 @@ def _print_export(m: dict[str, Any]) -> None:
         click.echo(_table(["variant", "gate", "agreement", "largest drop vs fp32 (paired 95% CI)", "MB", "median ms"], rows,
                           f"compressed candidates on the validation split, max drop {m['deploy'].get('max_drop', '')}".rstrip()))
     for c in dep.get("candidates", []):
+        if c.get("built") is False:
+            click.echo(f"{c['id']} could not be built: {c['error']}")
+            continue
         if len(c.get("rungs") or []) > 1:
             click.echo(f"{c['id']} ladder: " + " -> ".join(
                 f"{r['rung']} " + (f"skipped ({r['skipped']})" if r.get("skipped") else "pass" if r.get("passed") else "fail")
@@ -913,6 +1045,11 @@ def _print_cv(r: dict[str, Any]) -> None:
     else:
         m = pooled["decisions"]
         click.echo(f"pooled out-of-fold: accuracy {_ci(m, 'accuracy')}, balanced accuracy {_ci(m, 'balanced_accuracy')}")
+        c = m.get("clustered")
+        if c and c.get("balanced_accuracy_ci95"):
+            lo, hi = c["balanced_accuracy_ci95"]
+            click.echo(f"balanced accuracy, 95% bootstrap over the {c['clusters']} {c['unit']}s instead: {lo:.3f}-{hi:.3f} "
+                       f"(near copies of one image are not independent)")
 
 
 def _print_run(s: dict[str, Any]) -> None:

@@ -29,7 +29,7 @@ from edgeclf.errors import DataError, SourceError
 from edgeclf.runtime.sources import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, decode_image, natural_key
 
 __all__ = ["Dataset", "Split", "load_dataset", "load_folds", "make_split_list", "read_split_list", "with_options", "parse_class_map", "spec_name", "split_spec", "FolderOptions",
-           "near_hash", "SPLITS", "IMAGE_EXTS", "VIDEO_EXTS"]
+           "check_option_table", "check_spec_options", "near_hash", "SPLITS", "IMAGE_EXTS", "VIDEO_EXTS"]
 
 log = logging.getLogger(__name__)
 SPLITS = ("train", "val", "test")
@@ -416,6 +416,77 @@ def _parse_options(query: str, spec: str) -> FolderOptions:
     if "near" in kw and kw.get("dedup") != "near":
         raise DataError(f"data spec {spec!r}: option near applies with dedup=near; add dedup=near or leave near out")
     return FolderOptions(**kw)
+
+
+_LIST_MOOT = ("dedup", "near", "test", "val")  # what a split list (or split folders) decides instead
+
+
+def check_option_table(named: Collection[str], opts: FolderOptions, *, folds: int = 0, where: str = "data option") -> None:
+    """Refuse folder options that would have no effect in this combination (they would be recorded in the spec and
+    silently not used). `named`: the options given; `folds`: cross-validation asked for outside the spec (--folds).
+    Recorded specs are never checked here (an old run.json must keep rebuilding its data); `edgeclf train` checks
+    the spec it is given and `edgeclf.recipes` the [data] tables."""
+    named = set(named)
+    if opts.split is not None:
+        moot = [k for k in _LIST_MOOT if k in named]
+        if moot:
+            raise DataError(f"{where} {moot[0]} has no effect with split={opts.split}: the split list fixes every file's split "
+                            f"and copy group; leave {', '.join(moot)} out (they are how a list is written: python -m "
+                            "edgeclf.recipes splits, the recipe's [splits] table)")
+    if (opts.folds or folds) and "test" in named:
+        raise DataError(f"{where} test has no effect with cross-validation (folds={opts.folds or folds}): each fold is the "
+                        "test split in turn; leave test out (val still sets the validation share)")
+    if "near" in named and opts.dedup != "near":
+        raise DataError(f"{where} near applies with dedup=near; add dedup=near or leave near out")
+    if not opts.folds and ({"fold", "group"} & named):
+        raise DataError(f"{where} {sorted({'fold', 'group'} & named)[0]} applies to cross-validation; add folds=K (K >= 2) "
+                        "or leave fold and group out (edgeclf train --folds K --group G)")
+
+
+def _layout(root: Path) -> tuple[bool, bool]:
+    """(has train/ val/ test/ folders, holds clips rather than images), decided as `_scan_folder` decides it,
+    from file names only."""
+    split_dirs = [root / s for s in SPLITS if (root / s).is_dir()]
+    n_video = n_image = 0
+    for top in split_dirs or [root]:
+        for d in _class_dirs(top):
+            for f in _files(d, IMAGE_EXTS + VIDEO_EXTS):
+                if f.suffix.lower() in VIDEO_EXTS:
+                    n_video += 1
+                else:
+                    n_image += 1
+    return bool(split_dirs), n_video > n_image
+
+
+def check_spec_options(spec: str, *, folds: int = 0) -> str | None:
+    """Refuse a typed data spec whose options would have no effect (see `check_option_table`), also against the
+    data itself: options on an .npz, dedup/near/test/val beside train/ val/ test/ folders, dedup/near on clips.
+    `folds`: cross-validation asked for outside the spec. Returns the kind of data the spec names (synthetic,
+    medmnist, images, clips), or None for a path that does not exist (`load_dataset` says so)."""
+    if spec.startswith("synthetic:"):
+        return "synthetic"
+    base, opts = split_spec(spec)
+    named = [k for k, _ in parse_qsl(spec.partition("?")[2], keep_blank_values=True)]
+    where = f"data spec {spec!r}:"
+    check_option_table(named, opts, folds=folds, where=f"{where} option")
+    path = Path(base).expanduser()
+    if path.is_file():
+        if named:
+            raise DataError(f"{where} options (?{'&'.join(named)}) apply to folders; an .npz keeps its own split: leave "
+                            "them out")
+        return "medmnist" if path.suffix.lower() == ".npz" else None
+    if not path.is_dir():
+        return None
+    split_dirs, is_clips = _layout(path)
+    moot = [k for k in _LIST_MOOT if k in named]
+    if split_dirs and moot:
+        raise DataError(f"{where} option {moot[0]} has no effect: {path.name} has train/ val/ test/ folders, which fix the "
+                        f"split; leave {', '.join(moot)} out")
+    moot = [k for k in ("dedup", "near") if k in named]
+    if is_clips and moot:
+        raise DataError(f"{where} option {moot[0]} has no effect on a clip data set (clips are split whole, never searched "
+                        f"for copies); leave {', '.join(moot)} out")
+    return "clips" if is_clips else "images"
 
 
 def split_spec(spec: str) -> tuple[str, FolderOptions]:

@@ -28,6 +28,10 @@ compression settings `edgeclf export` applies, and the published figures it is c
     [reference]            # published figures, for the results table
     text = "..."
 
+A field whose default is chosen from the data or the machine (`AUTO_FIELDS`: size, channels, threads, classes,
+positive) takes "auto" to say so: a variant's `train = { size = "auto" }` undoes the recipe's size, as `--size auto`
+does on the command line; run.json's config records None for it and run.json["recipe"]["automatic"] lists them.
+
 Precedence: TrainConfig defaults < recipe < explicit CLI flags. The training folder records the
 resolved recipe in run.json["recipe"] (name, version, sha256 of the file, variant, data options,
 train, export, evaluate, reference) and a copy of the file as recipe.toml.
@@ -42,7 +46,7 @@ from typing import Any
 
 from edgeclf.errors import ConfigError
 
-__all__ = ["Recipe", "RECIPE_DIR", "EXPORT_FIELDS", "list_recipes", "load_recipe", "resolve_recipe", "recipe_data_spec",
+__all__ = ["Recipe", "RECIPE_DIR", "EXPORT_FIELDS", "AUTO", "AUTO_FIELDS", "list_recipes", "load_recipe", "resolve_recipe", "recipe_data_spec",
            "recorded_export"]
 
 RECIPE_DIR = Path(__file__).resolve().parent / "recipe_files"
@@ -52,6 +56,10 @@ EXPORT_FIELDS = ("precision", "max_drop", "min_agreement", "calibration", "calib
 # Their types (ExportConfig's; tests/test_recipes.py keeps the two in step).
 _EXPORT_TYPES: dict[str, type] = {"precision": str, "max_drop": float, "min_agreement": float, "calibration": str,
                                   "calibration_n": int, "qat_epochs": int, "device": str, "target_sensitivity": float}
+# TrainConfig fields whose default (None) means "chosen from the data or the machine": the value AUTO, in a recipe
+# or on the command line (`--size auto`), sets one back to that, also over a recipe's value (TOML has no null).
+AUTO = "auto"
+AUTO_FIELDS = ("size", "channels", "threads", "classes", "positive")
 _TOP_KEYS = {"name", "version", "description", "data", "train", "export", "evaluate", "variants", "splits", "reference"}
 _EVALUATE_KEYS = {"aggregate"}
 _AGGREGATES = ("mean", "vote")  # edgeclf.runtime.clips: the clip decision a recipe's figure is read from
@@ -122,20 +130,25 @@ def _check_types(where: str, table: dict[str, Any], types: dict[str, type]) -> N
 
 
 def _check_data(where: str, table: dict[str, Any]) -> None:
-    """A [data] table: known options of the right types and values (checked here, not when a data set is read)."""
-    from edgeclf.data import _OPTION_TYPES, FolderOptions
+    """A [data] table: known options of the right types and values, none without effect beside the others
+    (checked here, not when a data set is read)."""
+    from edgeclf.data import _OPTION_TYPES, FolderOptions, check_option_table
     from edgeclf.errors import DataError
 
     _check_types(where, table, _OPTION_TYPES)
     try:
-        FolderOptions(**table)
+        check_option_table(table, FolderOptions(**table))
     except DataError as exc:
         raise ConfigError(f"{where}: {exc}") from None
 
 
-def _check_splits(where: str, table: Any) -> dict[str, Any]:
+def _check_splits(where: str, table: Any, base: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A [splits] table (a variant's: over the recipe's `base`)."""
     table = _check_table(where, table, _SPLIT_KEYS)
     _check_types(where, table, _SPLIT_TYPES)
+    merged = {**(base or {}), **table}
+    if "near" in merged and merged.get("dedup") != "near":  # with_options would drop it: the list made without it
+        raise ConfigError(f"{where}: near applies with dedup = \"near\"; add it or leave near out")
     return table
 
 
@@ -154,12 +167,15 @@ def _check_reference(where: str, table: Any) -> dict[str, Any]:
 def _check_train_types(where: str, table: dict[str, Any]) -> None:
     fields = _train_fields()
     for k, v in table.items():
+        if k in AUTO_FIELDS and v == AUTO:
+            continue  # None: chosen from the data or the machine
         want = str(fields[k].type)
         ok = (("bool" in want and isinstance(v, bool)) or ("int" in want and isinstance(v, int) and not isinstance(v, bool))
               or ("float" in want and isinstance(v, (int, float)) and not isinstance(v, bool))
               or ("str" in want and isinstance(v, str)))
         if not ok:
-            raise ConfigError(f"{where}.{k} is {v!r}; expected {want.replace(' | None', '')}")
+            auto = f' or "{AUTO}"' if k in AUTO_FIELDS else ""
+            raise ConfigError(f"{where}.{k} is {v!r}; expected {want.replace(' | None', '')}{auto}")
 
 
 def load_recipe(name: str) -> Recipe:
@@ -194,7 +210,7 @@ def load_recipe(name: str) -> Recipe:
         _check_train_types(f"{vw}.train", _check_table(f"{vw}.train", v.get("train", {}), fields))
         _check_export(f"{vw}.export", v.get("export", {}))
         _check_data(f"{vw}.data", _check_table(f"{vw}.data", v.get("data", {}), _data_keys()))
-        _check_splits(f"{vw}.splits", v.get("splits", {}))
+        _check_splits(f"{vw}.splits", v.get("splits", {}), splits)
         _check_reference(f"{vw}.reference", v.get("reference", {}))
     version = doc.get("version", 1)
     if not isinstance(version, int) or isinstance(version, bool):
@@ -245,7 +261,7 @@ def resolve_recipe(recipe: Recipe, data: str, cli: dict[str, Any]) -> tuple[dict
     arguments without data/out, the data spec with the recipe's options, the record for run.json["recipe"])."""
     variant = _variant_name(recipe, data)
     v = recipe.variants.get(variant, {}) if variant else {}
-    train = {**recipe.train, **v.get("train", {})}
+    train = {**recipe.train, **v.get("train", {})}  # as written: "auto" stays "auto" in the record
     export = {**recipe.export, **v.get("export", {})}
     options = dict(v["data"]) if "data" in v else dict(recipe.data)
     spec = recipe_data_spec(data, options)
@@ -264,11 +280,15 @@ def resolve_recipe(recipe: Recipe, data: str, cli: dict[str, Any]) -> tuple[dict
         raise ConfigError(f"--frames-per-clip {cli['frames_per_clip']} would be ignored: the data spec samples {frames} frames "
                           f"per clip (data option frames={frames}, recipe {recipe.name}); give it in the data spec instead: "
                           f"--data \"{data.partition('?')[0]}?frames={cli['frames_per_clip']}\"")
-    kwargs = {**train, **cli}
+    resolved = {k: None if k in AUTO_FIELDS and x == AUTO else x for k, x in train.items()}
+    kwargs = {**resolved, **cli}
     record = {
         "name": recipe.name, "version": recipe.version, "sha256": recipe.sha256, "variant": variant,
         "data_options": options, "train": train, "export": export, "evaluate": dict(recipe.evaluate),
-        "overridden": sorted([k for k in cli if k in train and cli[k] != train[k]] + data_over),
+        "overridden": sorted([k for k in cli if k in resolved and cli[k] != resolved[k]] + data_over),
+        # Fields left to the data or the machine in this run (None in run.json's config), a recipe's value reset with
+        # `--size auto` included: a rerun with the recorded config chooses them again the same way.
+        "automatic": [k for k in AUTO_FIELDS if kwargs.get(k) is None],
         "reference": {**recipe.reference, **v.get("reference", {})}, "_text": recipe.text,
     }
     return kwargs, spec, record

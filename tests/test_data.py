@@ -996,3 +996,57 @@ def test_copies_filed_under_two_classes_are_noted(tmp_path: Path) -> None:
     assert any("1 copy group(s) hold images of different classes (benign + malignant: 1)" in n for n in ds.notes), ds.notes
     clean = load_dataset(f"{tmp_path / 'd'}?dedup=none&test=0.25&val=0.25", seed=0)  # no groups, nothing to say
     assert not any("different classes" in n for n in clean.notes)
+
+
+# -- options that would have no effect are refused where a spec is typed ----------------------------------
+
+
+@pytest.mark.parametrize(("query", "words"), [
+    ("split=brain-mri&test=0.2", "option test has no effect with split=brain-mri"),  # was: recorded, and the list's split used
+    ("split=brain-mri&dedup=near", "option dedup has no effect with split"),
+    ("split=brain-mri&val=0.1", "option val has no effect with split"),
+    ("folds=5&fold=1&test=0.2", "option test has no effect with cross-validation"),  # was: the fold is the test split
+])
+def test_typed_spec_options_without_effect_are_refused(query: str, words: str) -> None:
+    from edgeclf.data import check_spec_options
+
+    with pytest.raises(DataError) as exc:
+        check_spec_options(f"/no/such/folder?{query}")
+    assert words in _one_line(exc) and "leave" in str(exc.value)
+
+
+def test_typed_spec_options_checked_against_the_data(tmp_path: Path, clips_root: Path) -> None:
+    from edgeclf.data import check_spec_options
+
+    with pytest.raises(DataError) as exc:  # --folds K from the command line makes the spec's test moot too
+        check_spec_options(f"{tmp_path}/x?test=0.2", folds=5)
+    assert "folds=5" in _one_line(exc)
+    np.savez(tmp_path / "m.npz", **_medmnist_arrays({"train": 6, "val": 4, "test": 4}))
+    with pytest.raises(DataError) as exc:  # was: accepted, since dedup=exact is the default value
+        check_spec_options(f"{tmp_path / 'm.npz'}?dedup=exact")
+    assert "apply to folders" in _one_line(exc)
+    for s in SPLITS:
+        _image_tree(tmp_path / "given" / s, {"a": 3, "b": 3}, seed0=10 * SPLITS.index(s))
+    with pytest.raises(DataError) as exc:
+        check_spec_options(f"{tmp_path / 'given'}?test=0.3")
+    assert "train/ val/ test/ folders" in _one_line(exc)
+    with pytest.raises(DataError) as exc:
+        check_spec_options(f"{clips_root}?dedup=near")
+    assert "clip data set" in _one_line(exc)
+    # What has an effect passes, and the kind of data comes back for the caller's own checks.
+    _image_tree(tmp_path / "imgs", {"a": 4, "b": 4})
+    assert check_spec_options(f"{tmp_path / 'imgs'}?dedup=near&near=30&test=0.2&val=0.1") == "images"
+    assert check_spec_options(f"{tmp_path / 'imgs'}?folds=3&fold=1&val=0.2") == "images"
+    assert check_spec_options(f"{clips_root}?frames=4&roi=sector") == "clips"
+    assert check_spec_options(str(tmp_path / "m.npz")) == "medmnist"
+    assert check_spec_options("synthetic:ultrasound?n=60") == "synthetic"
+    assert check_spec_options(str(tmp_path / "absent")) is None
+    # A run.json written before the check may record such a spec: evaluate, export and prune re-read it as it is.
+    import csv
+
+    rows, _ = make_split_list(str(tmp_path / "imgs"), seed=0)
+    lst = tmp_path / "list.csv"
+    with open(lst, "w", newline="") as f:
+        csv.writer(f).writerows([["path", "sha256", "split", "group"], *rows])
+    old = load_dataset(f"{tmp_path / 'imgs'}?split={lst}&test=0.3")
+    assert _split_of(old) == _split_of(load_dataset(f"{tmp_path / 'imgs'}?split={lst}"))

@@ -295,3 +295,52 @@ def test_a_corrupt_run_json_is_one_line(tmp_path: Path) -> None:
     assert "\n" not in str(exc.value)
     (tmp_path / "run.json").write_text("[1, 2]")  # JSON, but not a run record
     assert recorded_export(tmp_path) is None
+
+
+def test_auto_in_a_recipe_means_chosen_from_the_data(tmp_path: Path) -> None:
+    """TOML has no null: "auto" sets a field back to automatic (None in TrainConfig), e.g. in a variant over the recipe."""
+    import dataclasses
+
+    from edgeclf.recipes import AUTO_FIELDS
+    from edgeclf.train import TrainConfig
+
+    # The fields that take auto are exactly those whose default is "chosen from the data or the machine".
+    assert set(AUTO_FIELDS) == {f.name for f in dataclasses.fields(TrainConfig) if f.default is None} - {"recipe"}
+    path = tmp_path / "r.toml"
+    path.write_text('name = "r"\n[train]\nsize = 96\nthreads = 2\npositive = "b"\nchannels = "auto"\n'
+                    '[variants.small]\ntrain = { size = "auto", classes = "auto" }\n')
+    r = load_recipe(str(path))
+    kwargs, _, rec = resolve_recipe(r, "/d/small", {})
+    assert kwargs["size"] is None and kwargs["classes"] is None and kwargs["channels"] is None and kwargs["threads"] == 2
+    TrainConfig(data="/d/small", out="x", **kwargs)
+    assert rec["train"]["size"] == "auto" and rec["overridden"] == []  # recorded as written
+    assert rec["automatic"] == ["size", "channels", "classes"]
+    # On the command line (--size auto reaches resolve_recipe as None) it overrides the recipe's value.
+    kwargs, _, rec = resolve_recipe(r, "/d/big", {"size": None, "threads": None, "positive": None})
+    assert kwargs["size"] is None and kwargs["threads"] is None and kwargs["positive"] is None
+    assert rec["overridden"] == ["positive", "size", "threads"] and rec["automatic"] == list(AUTO_FIELDS)
+    path.write_text('[train]\nepochs = "auto"\n')  # only the automatic fields take it
+    with pytest.raises(ConfigError, match="train.epochs is 'auto'; expected int$"):
+        load_recipe(str(path))
+    path.write_text('[train]\nsize = "big"\n')
+    with pytest.raises(ConfigError, match='expected int or "auto"'):
+        load_recipe(str(path))
+
+
+def test_recipe_data_options_without_effect_are_refused(tmp_path: Path) -> None:
+    path = tmp_path / "r.toml"
+    for table, words in [
+        ('[data]\nsplit = "busi"\ndedup = "near"\n', "dedup has no effect with split=busi"),  # was: in the spec, unused
+        ('[data]\nsplit = "busi"\ntest = 0.3\n', "test has no effect with split=busi"),
+        ('[data]\nnear = 30\n', "near applies with dedup=near"),  # was: dropped from the spec silently
+        ('[data]\nfold = 2\n', "applies to cross-validation"),
+        ('[splits]\nnear = 30\n', "near applies with dedup"),  # was: the list written with exact dedup
+        ('[variants.v]\ndata = { split = "busi", val = 0.2 }\n', "variants.v.data: data option val has no effect"),
+    ]:
+        path.write_text(table)
+        with pytest.raises(ConfigError) as exc:
+            load_recipe(str(path))
+        assert words in str(exc.value) and "\n" not in str(exc.value), table
+    # A variant's [splits] may rely on the recipe's dedup = "near" (they are merged).
+    path.write_text('[splits]\ndedup = "near"\n[variants.v]\nsplits = { near = 40 }\n')
+    assert load_recipe(str(path)).variants["v"]["splits"] == {"near": 40}

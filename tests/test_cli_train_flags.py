@@ -1,0 +1,184 @@
+"""`edgeclf train` flags: `auto` resets an automatic field (also over a recipe's value); settings that would have no
+effect together are refused in one line before any data is read; the run says how its folds are grouped.
+
+Training itself is replaced by a stub that records its config (the checks run before it), except in one tiny
+synthetic run that follows `--size auto` into run.json."""
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from click.testing import CliRunner
+
+from edgeclf.cli import cli
+from edgeclf.errors import EdgeclfError
+from tests.conftest import run_cli
+
+
+class _Stop(EdgeclfError):
+    """Raised by the stub in place of training."""
+
+
+@pytest.fixture
+def seen(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
+    """edgeclf.train.train replaced: what the CLI would train with (cfg, recipe record), then _Stop."""
+    import edgeclf.train
+
+    got: dict[str, Any] = {}
+
+    def stub(cfg: Any, *, on_epoch: Any = None, recipe: Any = None) -> dict[str, Any]:
+        got["cfg"], got["recipe"] = cfg, recipe
+        raise _Stop("stub")
+
+    monkeypatch.setattr(edgeclf.train, "train", stub)
+    return got
+
+
+def _train(*args: str) -> Any:
+    return CliRunner().invoke(cli, ["train", "--out", "/tmp/never-written", *args])
+
+
+def _refused(res: Any, *words: str) -> str:
+    """A one-line EdgeclfError (exit 2 through edgeclf.cli.main), raised before training started."""
+    assert isinstance(res.exception, EdgeclfError) and not isinstance(res.exception, _Stop), res.output
+    msg = str(res.exception)
+    assert "\n" not in msg and all(w in msg for w in words), msg
+    return msg
+
+
+def _reached_training(res: Any) -> None:
+    assert isinstance(res.exception, _Stop), (res.output, res.exception)
+
+
+# -- auto ------------------------------------------------------------------------------------------------------
+
+
+def test_auto_resets_a_recipes_values_to_automatic(seen: dict[str, Any]) -> None:
+    from edgeclf.train import TrainConfig
+
+    # brain-mri sets size, channels and threads; without auto they could only be replaced by other numbers.
+    _reached_training(_train("--recipe", "brain-mri", "--data", "/d/brain_mri", "--size", "auto", "--channels", "auto",
+                             "--threads", "AUTO"))
+    cfg, rec = seen["cfg"], seen["recipe"]
+    assert cfg.size is None and cfg.channels is None and cfg.threads is None and cfg.model == "efficientnet_lite0"
+    assert rec["overridden"] == ["channels", "size", "threads"] and {"size", "channels", "threads"} <= set(rec["automatic"])
+    assert rec["train"]["size"] == 160  # the recipe as written, beside what this run did
+    # The recorded config (run.json["config"] is asdict(cfg), as JSON) rebuilds the same automatic choice.
+    assert TrainConfig(**json.loads(json.dumps(dataclasses.asdict(cfg)))) == cfg
+    # chest-xray names its positive class, lung-pocus its class map: auto leaves them to the data.
+    _reached_training(_train("--recipe", "chest-xray", "--data", "/d/pneumoniamnist.npz", "--positive", "auto"))
+    assert seen["cfg"].positive is None and seen["recipe"]["overridden"] == ["positive"]
+    _reached_training(_train("--recipe", "lung-pocus", "--data", "/d/pocus", "--classes", "auto"))
+    assert seen["cfg"].classes is None and seen["recipe"]["overridden"] == ["classes"]
+    # Without auto the recipe's values stay.
+    _reached_training(_train("--recipe", "brain-mri", "--data", "/d/brain_mri"))
+    assert seen["cfg"].size == 160 and seen["recipe"]["overridden"] == []
+
+
+def test_auto_is_in_the_help_and_a_bad_value_names_it() -> None:
+    from edgeclf.recipes import AUTO_FIELDS
+
+    res = CliRunner().invoke(cli, ["train", "--help"], terminal_width=200)
+    for field in AUTO_FIELDS:
+        line = next(x for x in res.output.splitlines() if x.strip().startswith(f"--{field} "))
+        assert f"--{field} auto|" in line or f"--{field} [auto|" in line, line
+    res = _train("--data", "synthetic:ultrasound", "--size", "big")
+    assert res.exit_code == 2 and "Or give auto" in res.output
+
+
+def test_size_auto_is_recorded_and_chosen_from_the_data(tmp_path: Path) -> None:
+    """One tiny run: the recipe's size = 32 reset with --size auto; run.json's config says null (automatic), and the
+    model's input is what automatic gives for these 40 px images (compact's 64 capped at the data's 40)."""
+    pytest.importorskip("torch")
+    recipe = tmp_path / "tiny.toml"
+    recipe.write_text('name = "tiny"\n[train]\nmodel = "compact"\nsize = 32\nepochs = 1\npatience = 1\n')
+    out = tmp_path / "run"
+    res = run_cli("train", "--recipe", str(recipe), "--data", "synthetic:ultrasound?n=90&size=40&seed=2", "--out", str(out),
+                  "--threads", "1", "--size", "auto", "--json")
+    assert res.returncode == 0, res.stderr
+    run = json.loads((out / "run.json").read_text())
+    assert run["config"]["size"] is None and run["recipe"]["overridden"] == ["size"]
+    assert "size" in run["recipe"]["automatic"] and run["model"]["preprocess"]["size"] == [40, 40]
+
+
+# -- settings without effect ---------------------------------------------------------------------------------------
+
+
+def test_group_without_cross_validation_is_refused(seen: dict[str, Any]) -> None:
+    _refused(_train("--data", "/d/pocus", "--group", "site"), "--group site", "no effect", "--folds K")
+    # lung-pocus sets folds = 5 and group = "source": --folds 0 leaves its group unused, which is the recipe's doing.
+    _reached_training(_train("--recipe", "lung-pocus", "--data", "/d/pocus", "--folds", "0"))
+    _refused(_train("--recipe", "lung-pocus", "--data", "/d/pocus", "--folds", "0", "--group", "site"), "--group site")
+    _reached_training(_train("--data", "/d/pocus", "--folds", "3", "--group", "site"))
+
+
+def test_group_against_the_specs_own_folds_is_refused(seen: dict[str, Any]) -> None:
+    """load_folds keeps a spec's own grouping (it was only logged): a different --group was recorded and not used."""
+    _refused(_train("--data", "/d/pocus?folds=3", "--folds", "3", "--group", "site"), "its own group (clip)", "group=site")
+    _refused(_train("--data", "/d/pocus?folds=3&fold=1&group=source", "--group", "site"), "--group site has no effect")
+    # The same grouping typed twice is harmless (a fold's recorded config says both).
+    _reached_training(_train("--data", "/d/pocus?folds=3&fold=1&group=site", "--group", "site"))
+
+
+def test_one_fold_of_a_spec_with_cross_validation_is_refused(seen: dict[str, Any]) -> None:
+    """--folds trains every fold: a spec's fold=2 (or another fold count) was dropped without a word."""
+    _refused(_train("--data", "/d/pocus?folds=5&fold=2", "--folds", "5"), "fold has no effect", "--folds 0")
+    _refused(_train("--recipe", "lung-pocus", "--data", "/d/pocus?folds=5&fold=2"), "recipe lung-pocus's folds = 5")
+    _refused(_train("--data", "/d/pocus?folds=3", "--folds", "5"), "folds=3&fold=0")
+    _reached_training(_train("--data", "/d/pocus?folds=5&fold=2"))  # that fold alone
+    _reached_training(_train("--data", "/d/pocus?folds=5&group=site", "--folds", "5"))  # all five, grouped by the spec
+
+
+def test_target_sensitivity_with_the_accuracy_operating_point_is_refused(seen: dict[str, Any]) -> None:
+    _refused(_train("--data", "synthetic:ultrasound", "--operating-point", "accuracy", "--target-sensitivity", "0.95"),
+             "--target-sensitivity 0.95 has no effect with --operating-point accuracy")
+    _refused(_train("--recipe", "brain-mri", "--data", "/d/brain_mri", "--target-sensitivity", "0.95"),
+             "recipe brain-mri's operating_point = \"accuracy\"", "--operating-point sensitivity")
+    _reached_training(_train("--recipe", "brain-mri", "--data", "/d/brain_mri", "--target-sensitivity", "0.95",
+                             "--operating-point", "sensitivity"))
+
+
+def test_frames_per_clip_without_clips_is_refused(seen: dict[str, Any], tmp_path: Path) -> None:
+    import numpy as np
+
+    cv2 = pytest.importorskip("cv2")
+    _refused(_train("--data", "synthetic:ultrasound", "--frames-per-clip", "4"), "synthetic images")
+    for cls in ("a", "b"):
+        (tmp_path / "imgs" / cls).mkdir(parents=True)
+        cv2.imwrite(str(tmp_path / "imgs" / cls / "0.png"), np.full((8, 8), 9 if cls == "a" else 99, np.uint8))
+    _refused(_train("--data", str(tmp_path / "imgs"), "--frames-per-clip", "4"), "a folder of images", "leave it out")
+    # A spec's frames=N wins over the flag: a different flag was recorded and not used (the recipe case was refused).
+    _refused(_train("--data", "/d/pocus?frames=12", "--frames-per-clip", "4"), "frames=12 wins", "frames=4")
+    _reached_training(_train("--data", "/d/pocus?frames=12", "--frames-per-clip", "12"))
+
+
+def test_data_options_against_a_recipes_split_list_name_the_recipe(seen: dict[str, Any]) -> None:
+    msg = _refused(_train("--recipe", "breast-us", "--data", "/d/busi?test=0.3"), "option test has no effect with split=busi")
+    assert msg.endswith("(split=busi comes from recipe breast-us's [data] table)")
+    _refused(_train("--data", "/d/busi?split=busi&dedup=near"), "dedup has no effect")
+    _refused(_train("--data", "/d/pocus?test=0.2", "--folds", "5"), "test has no effect with cross-validation")
+    # What the recipes produce themselves (breast-us's BreastMNIST variant: no data options) is never refused.
+    for recipe, data in [("brain-mri", "/d/brain_mri"), ("breast-us", "/d/busi"), ("breast-us", "/d/medmnist/breastmnist.npz"),
+                         ("chest-xray", "/d/medmnist/pneumoniamnist.npz"), ("lung-pocus", "/d/pocus")]:
+        _reached_training(_train("--recipe", recipe, "--data", data))
+
+
+# -- which grouping -----------------------------------------------------------------------------------------------
+
+
+def test_the_run_says_how_its_folds_are_grouped(seen: dict[str, Any]) -> None:
+    res = _train("--data", "/d/pocus", "--folds", "5")
+    _reached_training(res)
+    assert "cross-validation: 5 folds grouped by source (the default of --folds K" in res.stderr
+    res = _train("--data", "/d/pocus?folds=5&fold=2")
+    assert "fold 2 of 5 held out as the test split, grouped by clip (the data spec names folds without group=" in res.stderr
+    res = _train("--data", "/d/pocus?folds=5&group=site", "--folds", "5")
+    assert "5 folds grouped by site (the data spec's group=site)" in res.stderr
+    res = _train("--recipe", "lung-pocus", "--data", "/d/pocus")
+    assert "5 folds grouped by source (recipe lung-pocus)" in res.stderr
+    res = _train("--data", "/d/pocus", "--folds", "5", "--json")
+    assert "grouped" not in res.stderr  # --json: nothing but the document (cv.json records data.grouped_by)
+    assert "grouped" not in _train("--data", "/d/pocus").stderr
