@@ -32,6 +32,35 @@ def _with_recorded_options(data_spec: str, recorded: dict[str, Any]) -> str:
     return f"{data_spec.rstrip('/')}?{query}"
 
 
+def _frame_metrics(probs: np.ndarray, y: np.ndarray, task: str, rule: Any, labels: list[str], groups: list[str],
+                   min_confidence: float, n_boot: int) -> dict[str, Any]:
+    """Frame figures as `edgeclf run` decides: over the classified frames, those whose top probability reaches the
+    bundle's `min_confidence` (probs (N, K) float, y (N,) or (N, K)), with abstained, coverage (classified / N) and
+    min_confidence beside them. With frames abstained, `all_frames` holds the figures at 100% coverage (every frame
+    decided, the floor ignored); when every frame abstained the figures are None (undefined)."""
+    from edgeclf.metrics import abstained_frames, evaluate_predictions
+
+    kept = ~abstained_frames(probs, min_confidence)
+    n, n_kept = len(kept), int(kept.sum())
+    beside = {"abstained": n - n_kept, "coverage": n_kept / n if n else None, "min_confidence": float(min_confidence)}
+    if n_kept == n:
+        return {**evaluate_predictions(probs, y, task, rule, labels, n_boot=n_boot, seed=0, groups=groups), **beside}
+    log.info("%d of %d frames abstained (top probability below min_confidence %.3f): figures over the %d classified",
+             n - n_kept, n, min_confidence, n_kept)
+    every = evaluate_predictions(probs, y, task, rule, labels, n_boot=n_boot, seed=0, groups=groups)
+    if n_kept:
+        figures = evaluate_predictions(probs[kept], y[kept], task, rule, labels, n_boot=n_boot, seed=0,
+                                       groups=[g for g, k in zip(groups, kept) if k])
+    else:  # nothing classified: every figure is undefined, the layout stays the same
+        k = len(every["confusion_matrix"])
+        figures = {**every, "n": 0, "accuracy": None, "balanced_accuracy": None, "ece": None,
+                   "auc": {**every["auc"], "macro": None, "macro_ci95": None, "n_boot_used": 0,
+                           "per_class": {name: None for name in every["auc"]["per_class"]}},
+                   "per_class": {name: {"sensitivity": None, "specificity": None, "support": 0} for name in every["per_class"]},
+                   "confusion_matrix": [[0] * k for _ in range(k)]}
+    return {**figures, **beside, "all_frames": every}
+
+
 def evaluate(
     target: str,
     *,
@@ -44,7 +73,7 @@ def evaluate(
     threads: int | None = None,
 ) -> dict[str, Any]:
     """Evaluate a training folder or a bundle on a data split; writes metrics.json and PNGs into `out`."""
-    from edgeclf.metrics import evaluate_predictions, plot_confusion, plot_roc
+    from edgeclf.metrics import abstained_frames, plot_confusion, plot_roc
 
     path = Path(target)
     if (path / MANIFEST_FILE).is_file():
@@ -61,7 +90,8 @@ def evaluate(
         def infer(x: np.ndarray) -> np.ndarray:
             from edgeclf.runtime.backends import OrtBackend
 
-            with OrtBackend(str(model_path), (spec.channels, *spec.size), m.num_outputs, threads=threads) as be:
+            with OrtBackend(str(model_path), (spec.channels, *spec.size), m.num_outputs, threads=threads,
+                            model_bytes=bundle.read_model(model_path)) as be:  # the bytes verified at load
                 return np.concatenate([be.infer(x[i : i + 64]) for i in range(0, len(x), 64)])
     else:
         from edgeclf.train import load_trained
@@ -96,11 +126,15 @@ def evaluate(
     pre = Preprocessor(spec)
     x = pre.batch(sp.images)
     probs = probabilities(infer(x), task, temperature)
+    if task == "multilabel" and min_confidence > 0:
+        # `edgeclf run` applies the floor to binary and multiclass models only (one top probability per frame).
+        log.info("the bundle's min_confidence %.3f does not apply to a multilabel model: every frame is classified", min_confidence)
+        min_confidence = 0.0
     report: dict[str, Any] = {
         "target": str(path),
         "evaluated_with": source,
         "data": {"spec": data_spec, "split": split, "n": len(sp), "hash": ds.data_hash},
-        "metrics": evaluate_predictions(probs, sp.labels, task, rule, labels, n_boot=n_boot, seed=0, groups=sp.groups),
+        "metrics": _frame_metrics(probs, sp.labels, task, rule, labels, sp.groups, min_confidence, n_boot),
     }
     if ds.kind == "clips" and task != "multilabel":
         from edgeclf.metrics import clip_metrics
@@ -111,7 +145,17 @@ def evaluate(
         o = Path(out)
         o.mkdir(parents=True, exist_ok=True)
         (o / "metrics.json").write_text(json.dumps(report, indent=2))
-        plot_roc(probs, sp.labels, task, labels, o / "roc.png", positive=rule.positive if rule.positive is not None else 1)
-        plot_confusion(report["metrics"]["confusion_matrix"], labels, o / "confusion.png", title=f"{path.name} on {split}")
-        report["files"] = [str(o / f) for f in ("metrics.json", "roc.png", "confusion.png")]
+        # The figures' frames: the classified ones (all of them without a confidence floor).
+        kept = ~abstained_frames(probs, min_confidence)
+        files = ["metrics.json"]
+        if kept.any():
+            plot_roc(probs[kept], sp.labels[kept], task, labels, o / "roc.png", positive=rule.positive if rule.positive is not None else 1)
+            files.append("roc.png")
+        else:
+            log.warning("every frame abstained (top probability below min_confidence %.3f): no roc.png", min_confidence)
+        n_abs = report["metrics"]["abstained"]
+        plot_confusion(report["metrics"]["confusion_matrix"], labels, o / "confusion.png",
+                       title=f"{path.name} on {split}" + (f" ({n_abs} abstained)" if n_abs else ""))
+        files.append("confusion.png")
+        report["files"] = [str(o / f) for f in files]
     return report

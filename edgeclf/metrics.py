@@ -22,7 +22,7 @@ from edgeclf.errors import ConfigError, DataError
 from edgeclf.runtime.postprocess import DecisionRule, decide, rule_kind_for_task
 
 __all__ = ["evaluate_predictions", "expected_calibration_error", "plot_roc", "plot_confusion", "ECE_BINS", "decision_metrics",
-           "clip_metrics"]
+           "clip_metrics", "abstained_frames"]
 
 logger = logging.getLogger(__name__)
 
@@ -267,6 +267,24 @@ def evaluate_predictions(
     return out
 
 
+def abstained_frames(probs: npt.ArrayLike, min_confidence: float) -> NDArray[np.bool_]:
+    """(N,) bool: the frames `edgeclf run` abstains on, those whose top probability (probs (N, K)) is below
+    `min_confidence` (0 = none), the rule of edgeclf.runtime.clips.ClipAggregator."""
+    p = np.asarray(probs, dtype=np.float64)
+    if min_confidence <= 0 or p.shape[0] == 0:
+        return np.zeros(p.shape[0], bool)
+    return np.asarray(p.max(axis=1) < min_confidence)
+
+
+def _clustered(labels: npt.ArrayLike, decisions: npt.ArrayLike, label_names: Sequence[str], clusters: Sequence[str], unit: str,
+               *, n_boot: int, seed: int) -> dict[str, Any]:
+    """The intervals of decision_metrics bootstrapped over `clusters` (one key per item: its source, its copy group),
+    for the "clustered" entry beside the per-item intervals."""
+    m = decision_metrics(labels, decisions, label_names, groups=clusters, n_boot=n_boot, seed=seed)
+    return {"unit": unit, "clusters": len(set(clusters)),
+            **{k: m.get(k) for k in ("accuracy_ci95", "balanced_accuracy_ci95", "balanced_accuracy_n_boot_used")}}
+
+
 def _balanced(y: NDArray[np.int64], pred: NDArray[np.int64], k: int) -> float:
     sens = [np.mean(pred[y == c] == c) for c in range(k) if (y == c).any()]
     return float(np.mean(sens)) if sens else float("nan")
@@ -371,8 +389,7 @@ def clip_metrics(
         sel = fold == f
         if sel.any():
             frame_dec[sel] = decide(p[sel], rule)
-    if min_confidence > 0:
-        frame_dec[p.max(1) < min_confidence] = -1
+    frame_dec[abstained_frames(p, min_confidence)] = -1
     clips = group_frames(frame_ids)
     clip_ids = [clip_of(i) for i in frame_ids]
     per_clip, cy, cmean, cvote = [], [], [], []
@@ -404,10 +421,7 @@ def clip_metrics(
     if clusters is not None and n_boot > 0:
         keys = [str(clusters.get(c["clip"], c["clip"])) for c in per_clip]  # a clip without one is its own cluster
         for name, dec in (("clip_mean", cmean), ("clip_vote", cvote)):
-            m = decision_metrics(cy, dec, label_names, groups=keys, n_boot=n_boot, seed=seed)
-            out[name]["clustered"] = {"unit": cluster_unit, "clusters": len(set(keys)),
-                                      **{k: m.get(k) for k in ("accuracy_ci95", "balanced_accuracy_ci95",
-                                                               "balanced_accuracy_n_boot_used")}}
+            out[name]["clustered"] = _clustered(cy, dec, label_names, keys, cluster_unit, n_boot=n_boot, seed=seed)
     return out
 
 

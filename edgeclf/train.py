@@ -761,6 +761,24 @@ def _val_figures(m: dict[str, Any]) -> dict[str, Any]:
     return {"accuracy": m.get("accuracy"), "balanced_accuracy": m.get("balanced_accuracy"), "auc_macro": auc.get("macro"), "n": m.get("n")}
 
 
+def _pooled_decisions(probs: np.ndarray, labels: np.ndarray, folds: np.ndarray, rules: list[DecisionRule],
+                      label_names: list[str], groups: list[str], *, n_boot: int, seed: int) -> dict[str, Any]:
+    """Pooled out-of-fold decision figures of an image data set: probs (N, K), labels (N,), each item's fold (N,)
+    and `rules[fold]` deciding it. Intervals bootstrap over images; where `groups` (N,) puts several images in one
+    copy group (near or exact copies) they are not independent, so the figures also carry intervals bootstrapped over
+    those groups ("clustered", unit "copy group"), as the clip figures do over sources."""
+    from edgeclf.metrics import _clustered, decision_metrics
+    from edgeclf.runtime.postprocess import decide
+
+    dec = np.concatenate([decide(probs[folds == f], r) for f, r in enumerate(rules)])
+    order = np.concatenate([np.flatnonzero(folds == f) for f in range(len(rules))])
+    out = decision_metrics(labels[order], dec, label_names, n_boot=n_boot, seed=seed)
+    keys = [str(groups[i]) for i in order]
+    if n_boot > 0 and len(set(keys)) < len(keys):
+        out["clustered"] = _clustered(labels[order], dec, label_names, keys, "copy group", n_boot=n_boot, seed=seed)
+    return out
+
+
 def cross_validate(cfg: TrainConfig, *, on_epoch: Callable[[dict[str, Any]], None] | None = None,
                    recipe: dict[str, Any] | None = None) -> dict[str, Any]:
     """K-fold cross-validation over a folder data set, grouped by clip or by source (clips.csv
@@ -771,7 +789,7 @@ def cross_validate(cfg: TrainConfig, *, on_epoch: Callable[[dict[str, Any]], Non
     import dataclasses
 
     from edgeclf.data import load_folds, split_spec
-    from edgeclf.metrics import clip_metrics, decision_metrics
+    from edgeclf.metrics import clip_metrics
 
     if dist_info()[1] > 1:
         raise ConfigError("--folds runs its folds one after another in one process; run it without torchrun")
@@ -817,15 +835,16 @@ def cross_validate(cfg: TrainConfig, *, on_epoch: Callable[[dict[str, Any]], Non
         pooled = {"items": int(len(y)), "task": ds0.task, "labels": ds0.labels}
         if ds0.kind == "clips":
             # Folds grouped by source or site: intervals over those too (clips of one source are not independent).
-            clusters = {"source": ds0.clip_source, "site": ds0.sources}.get(cfg.group)
+            # The grouping the folds were made with (a spec's own group= wins over cfg.group), as "grouped_by" says.
+            grouped_by = split_spec(ds0.spec)[1].group
+            clusters = {"source": ds0.clip_source, "site": ds0.sources}.get(grouped_by)
             pooled.update(clip_metrics(pr, y, ids, rules, ds0.labels, folds=fold_of, n_boot=2000, seed=cfg.seed,
-                                       clusters=clusters or None, cluster_unit=cfg.group))
+                                       clusters=clusters or None, cluster_unit=grouped_by))
         else:
-            from edgeclf.runtime.postprocess import decide
-
-            dec = np.concatenate([decide(pr[fold_arr == f], r) for f, r in enumerate(rules)])
-            order = np.concatenate([np.flatnonzero(fold_arr == f) for f in range(len(rules))])
-            pooled["decisions"] = decision_metrics(y[order], dec, ds0.labels, n_boot=2000, seed=cfg.seed)
+            # Each held-out image's copy group (exact or near copies, data.py): copies are not independent.
+            copy_group = {i: g for ds in datasets for i, g in zip(ds.splits["test"].ids, ds.splits["test"].groups)}
+            pooled["decisions"] = _pooled_decisions(pr, y, fold_arr, rules, ds0.labels, [copy_group.get(i, i) for i in ids],
+                                                    n_boot=2000, seed=cfg.seed)
         auc = _macro_auc(pr, y, ds0.task, _positive_index(ds0, cfg.positive))
         pooled["frame_auc_macro"] = None if np.isnan(auc) else auc
     # What a choice between settings may look at: the folds' own validation splits (frames of training

@@ -150,3 +150,30 @@ def test_cross_validation_without_test_reads_no_held_out_fold(clip_root: Path, t
     assert res.exit_code == 0, res.output
     assert "held-out folds not read (--no-test)" in res.output and "inner validation mean" in res.output
     assert "pooled out-of-fold" not in res.output
+
+
+def test_cross_validation_intervals_cluster_by_the_grouping_the_folds_used(clip_root: Path, tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """A spec's own group= decides the folds over the run's group setting (a recipe's "source"); the clustered
+    intervals must name and use that grouping, as cv.json's grouped_by does. Training is stubbed."""
+    import types
+
+    import edgeclf.train as tr
+    from edgeclf.train import TrainConfig
+
+    def fake_train_on(ds, cfg, *, on_epoch=None, recipe=None):  # noqa: ANN001, ANN202
+        rule = {"kind": "max-ratio", "thresholds": [1.0, 1.0, 1.0], "positive": None}
+        record = {"data": {"sizes": {s: len(v) for s, v in ds.splits.items()}}, "best_epoch": 1, "_meta": {},
+                  "metrics": {"test": {"accuracy": None, "balanced_accuracy": None}, "val": {"n": len(ds.splits["val"])}},
+                  "model": {"temperature": 1.0, "decision": rule}}
+        pre = types.SimpleNamespace(batch=lambda ims: np.array([[float(np.mean(im)) / 50.0, 1.0, 2.0] for im in ims]))
+        return record, object(), types.SimpleNamespace(pre=pre)
+
+    monkeypatch.setattr(tr, "_train_on", fake_train_on)
+    monkeypatch.setattr(tr, "save_run", lambda *a, **k: None)
+    monkeypatch.setattr(tr, "torch_logits", lambda model, x: x)
+    res = tr.cross_validate(TrainConfig(data=f"{clip_root}?frames=3&folds=3&group=site", out=str(tmp_path / "cv"), folds=3, group="source"))
+    assert res["data"]["grouped_by"] == "site"
+    for key in ("clip_mean", "clip_vote"):
+        c = res["pooled_out_of_fold"][key]["clustered"]
+        assert c["unit"] == "site" and c["clusters"] == 3

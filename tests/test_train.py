@@ -322,3 +322,61 @@ def test_ensemble_is_refused_under_torchrun(monkeypatch: pytest.MonkeyPatch, tmp
     monkeypatch.setattr(tr, "dist_info", lambda: (0, 2))
     with pytest.raises(ConfigError, match="without torchrun"):
         tr.train(TrainConfig(data="synthetic:ultrasound?n=90&size=48&seed=4", out=str(tmp_path / "m"), ensemble=2))
+
+
+def test_cross_validation_on_images_with_copies_adds_intervals_over_copy_groups(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Pooled out-of-fold figures of an image folder whose images come in exact copies (one copy group each): beside the
+    per-image intervals, intervals bootstrapped over the copy groups (copies are not independent). Training is stubbed:
+    each fold's "model" scores an image by its mean intensity."""
+    cv2 = pytest.importorskip("cv2")
+    import types
+
+    import edgeclf.train as tr
+
+    rng = np.random.default_rng(3)
+    for cls, level in (("a", 110), ("b", 140)):  # overlapping intensities: some errors
+        (tmp_path / "d" / cls).mkdir(parents=True)
+        for g in range(8):
+            im = np.clip(rng.normal(level + rng.normal(0, 20), 5, (16, 16)), 0, 255).astype(np.uint8)
+            for c in range(3):  # three byte-identical copies: one copy group (dedup=exact, the default)
+                cv2.imwrite(str(tmp_path / "d" / cls / f"{g}_{c}.png"), im)
+
+    def fake_train_on(ds, cfg, *, on_epoch=None, recipe=None):  # noqa: ANN001, ANN202
+        rule = {"kind": "threshold", "thresholds": [0.5], "positive": 1}
+        record = {"data": {"sizes": {s: len(v) for s, v in ds.splits.items()}}, "best_epoch": 1, "_meta": {},
+                  "metrics": {"test": {"accuracy": None, "balanced_accuracy": None}, "val": {"n": len(ds.splits["val"])}},
+                  "model": {"temperature": 1.0, "decision": rule}}
+        pre = types.SimpleNamespace(batch=lambda ims: np.array([[float(np.mean(im))] for im in ims]))
+        return record, object(), types.SimpleNamespace(pre=pre)
+
+    monkeypatch.setattr(tr, "_train_on", fake_train_on)
+    monkeypatch.setattr(tr, "save_run", lambda *a, **k: None)
+    monkeypatch.setattr(tr, "torch_logits", lambda model, x: (x - 125.0) / 10.0)
+    res = tr.cross_validate(TrainConfig(data=str(tmp_path / "d"), out=str(tmp_path / "cv"), folds=3))
+    pooled = res["pooled_out_of_fold"]
+    assert pooled["items"] == 48
+    d = pooled["decisions"]
+    assert d["n"] == 48 and d["bootstrap_unit"] == "item"
+    c = d["clustered"]
+    assert c["unit"] == "copy group" and c["clusters"] == 16
+    # Three identical copies per group: resampling groups gives the wider, honest interval.
+    width = d["balanced_accuracy_ci95"][1] - d["balanced_accuracy_ci95"][0]
+    assert c["balanced_accuracy_ci95"][1] - c["balanced_accuracy_ci95"][0] > 1.2 * width
+    lo, hi = c["accuracy_ci95"]
+    assert lo <= d["accuracy"] <= hi
+    assert json.loads((tmp_path / "cv" / "cv.json").read_text())["pooled_out_of_fold"]["decisions"]["clustered"] == c
+
+
+def test_pooled_image_decisions_without_copies_carry_no_clustered_interval() -> None:
+    """Every image its own group: an interval over groups would be the per-image one again, so none is added."""
+    from edgeclf.runtime.postprocess import DecisionRule
+    from edgeclf.train import _pooled_decisions
+
+    rng = np.random.default_rng(0)
+    y = np.repeat([0, 1], 20)
+    p1 = np.clip(0.3 + 0.4 * y + rng.normal(0, 0.2, 40), 0.01, 0.99)
+    probs = np.stack([1 - p1, p1], axis=1)
+    folds = np.arange(40) % 2
+    rules = [DecisionRule("threshold", (0.5,), positive=1)] * 2
+    d = _pooled_decisions(probs, y, folds, rules, ["a", "b"], [str(i) for i in range(40)], n_boot=200, seed=0)
+    assert d["n"] == 40 and "clustered" not in d and d["accuracy_ci95"] is not None
