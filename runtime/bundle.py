@@ -182,19 +182,73 @@ def _read_regular(path: Path, name: str) -> bytes:
         return f.read()
 
 
-# The key of an ONNX TensorProto.external_data entry (field 13, tag 0x6a) as serialized: `j <len> \n \x08 location \x12`.
-_EXTERNAL_KEY = b"\n\x08location\x12"
+# ONNX protobuf field numbers (onnx.proto3), for finding tensors without the onnx package (the device may lack it).
+# message -> {field: message it holds}; TensorProto's data_location (14) = 1 means EXTERNAL.
+_ONNX_MESSAGES: Dict[str, Dict[int, str]] = {
+    "model": {7: "graph", 25: "function"},
+    "function": {7: "node"},
+    "graph": {1: "node", 5: "tensor", 15: "sparse"},
+    "node": {5: "attribute"},
+    "attribute": {5: "tensor", 6: "graph", 10: "tensor", 11: "graph", 22: "sparse", 23: "sparse"},
+    "sparse": {1: "tensor", 2: "tensor"},
+}
+_TENSOR_EXTERNAL_DATA, _TENSOR_DATA_LOCATION, _EXTERNAL = 13, 14, 1
+
+
+def _varint(buf: memoryview, i: int) -> Tuple[int, int]:
+    shift = value = 0
+    while True:
+        if i >= len(buf) or shift > 63:
+            raise ValueError("truncated varint")
+        b = buf[i]
+        i += 1
+        value |= (b & 0x7F) << shift
+        if b < 0x80:
+            return value, i
+        shift += 7
+
+
+def _onnx_fields(buf: memoryview) -> Any:
+    """(field number, wire type, varint value or length-delimited payload) of one protobuf message."""
+    i = 0
+    while i < len(buf):
+        key, i = _varint(buf, i)
+        field_no, wire = key >> 3, key & 7
+        if wire == 0:
+            value, i = _varint(buf, i)
+            yield field_no, wire, value
+        elif wire == 2:
+            n, i = _varint(buf, i)
+            if i + n > len(buf):
+                raise ValueError("truncated field")
+            yield field_no, wire, buf[i:i + n]
+            i += n
+        elif wire in (1, 5):
+            i += 8 if wire == 1 else 4
+        else:
+            raise ValueError(f"wire type {wire}")
 
 
 def _uses_external_data(data: bytes) -> bool:
-    """Whether serialized ONNX names external data files. A node input named "location" has the same bytes but
-    follows a NodeProto's tag and length, never the 0x6a tag of an external_data entry (1- or 2-byte length)."""
-    i = data.find(_EXTERNAL_KEY)
-    while i >= 0:
-        if (i >= 2 and data[i - 2] == 0x6A and data[i - 1] < 0x80) or (
-                i >= 3 and data[i - 3] == 0x6A and data[i - 2] >= 0x80 and data[i - 1] < 0x80):
-            return True
-        i = data.find(_EXTERNAL_KEY, i + 1)
+    """Whether serialized ONNX keeps any tensor (initializer, Constant or attribute tensor, in any subgraph or
+    function) in external data files: a walk of the protobuf message tree, weights skipped by length. A model
+    that does not parse is left to the backend to refuse."""
+    stack = [("model", memoryview(data), 0)]
+    try:
+        while stack:
+            kind, buf, depth = stack.pop()
+            for field_no, wire, value in _onnx_fields(buf):
+                if kind == "tensor":
+                    if field_no == _TENSOR_EXTERNAL_DATA and wire == 2:
+                        return True
+                    if field_no == _TENSOR_DATA_LOCATION and wire == 0 and value == _EXTERNAL:
+                        return True
+                    continue
+                inner = _ONNX_MESSAGES[kind].get(field_no)
+                if inner is not None and wire == 2 and depth < 64:
+                    stack.append((inner, value, depth + 1))
+    except ValueError:
+        return False
     return False
 
 

@@ -92,6 +92,34 @@ def test_a_model_with_external_data_is_refused_and_a_tensor_named_location_is_no
         assert np.allclose(be.infer(np.ones((1, 1, 8, 8), np.float32)), 64.0)
 
 
+def test_external_data_is_found_by_walking_the_model_not_by_matching_bytes() -> None:
+    pytest.importorskip("onnx")
+    from onnx import TensorProto, helper, numpy_helper
+    from onnx.external_data_helper import set_external_data
+
+    from edgeclf.runtime.bundle import _uses_external_data
+
+    def model(value_info=(), nodes=(), inits=()):
+        g = helper.make_graph(list(nodes) or [helper.make_node("Identity", ["input"], ["logits"])], "g",
+                              [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 3])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, 3])],
+                              initializer=list(inits), value_info=list(value_info))
+        return helper.make_model(g).SerializeToString()
+
+    # value_info (GraphProto field 13, the tag of TensorProto.external_data) for a tensor named "location".
+    assert not _uses_external_data(model(value_info=[helper.make_tensor_value_info("location", TensorProto.FLOAT, [1, 3])]))
+    # An initializer, and a Constant node's tensor inside an If branch, kept in an external file.
+    t = numpy_helper.from_array(np.ones(3, np.float32), "w")
+    set_external_data(t, location="w.bin")
+    t.data_location = TensorProto.EXTERNAL
+    assert _uses_external_data(model(inits=[t]))
+    branch = helper.make_graph([helper.make_node("Constant", [], ["c"], value=t)], "b", [],
+                               [helper.make_tensor_value_info("c", TensorProto.FLOAT, [3])])
+    cond = helper.make_node("If", ["input"], ["logits"], then_branch=branch, else_branch=branch)
+    assert _uses_external_data(model(nodes=[cond]))
+    assert not _uses_external_data(b"\xff\xff not a model")  # left to the backend to refuse
+
+
 def test_tensorrt_ep_engines_of_a_model_given_as_bytes_are_kept_per_model(tmp_path: Path):
     # The EP names an engine by the model file's name and node names, never its weights: without a file name two
     # models of one architecture (two bundles, or the fp16 variant) would share an engine.
