@@ -335,6 +335,18 @@ def _cache_supported() -> bool:
     return "calibration_cache_path" in inspect.signature(quantize_static).parameters
 
 
+def _raised_in_onnx_tooling(exc: BaseException) -> bool:
+    """Whether `exc` passed through onnxruntime's or onnx's own code (the converter rejecting a model), as
+    opposed to an error raised in edgeclf's glue alone (a bug: it must keep its traceback)."""
+    tb = exc.__traceback__
+    while tb is not None:
+        parts = Path(tb.tb_frame.f_code.co_filename).parts
+        if "onnxruntime" in parts or "onnx" in parts:
+            return True
+        tb = tb.tb_next
+    return False
+
+
 def _quantize(src: Path, raw: Path, calib: np.ndarray, input_name: str, batch: int, method: str,
               s: dict[str, Any], per_channel: bool, excluded: list[str], work: Path) -> None:
     """Calibrate with ORT's calibrators in bounded chunks, then ORT's quantize_static (QDQ) on those ranges.
@@ -468,9 +480,11 @@ def quantize_int8(
                 _quantize(src, raw, calib, inp.name, batch, method, s, bool(per_channel), excluded, work)
         except MemoryError:
             raise ModelError(f"{method} calibration ran out of memory on {usable} images; use fewer, or method minmax") from None
-        except (EdgeclfError, NameError):  # ours, or a typo-class bug in our own code: not "cannot be built"
+        except EdgeclfError:
             raise
         except Exception as exc:  # ORT raises ValueError/RuntimeError/its own Fail types
+            if not _raised_in_onnx_tooling(exc):  # a bug in our own glue keeps its traceback: it is not "cannot be built"
+                raise
             # Chained, not hidden: `--precision auto` records this as "not built", and the cause stays for a traceback.
             raise ModelError(f"onnxruntime could not quantize {fp32_path.name} ({method}, {flavour}): {str(exc).splitlines()[0][:200]}") from exc
         finally:

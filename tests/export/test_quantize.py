@@ -303,3 +303,40 @@ def test_fp16_without_a_converter_names_the_package(model: dict[str, Any], monke
     with pytest.raises(MissingExtraError, match="pip install onnxconverter-common"):
         Q.convert_fp16(model["fp32"], model["dir"] / "never.onnx")
     assert not (model["dir"] / "never.onnx").exists()
+
+
+def test_only_errors_from_onnx_tooling_count_as_cannot_be_built() -> None:
+    # ORT rejecting its input: the converter's verdict, recorded as "not built" under --precision auto.
+    with pytest.raises(Exception) as from_ort:
+        ort.InferenceSession(b"not a model")
+    assert Q._raised_in_onnx_tooling(from_ort.value)
+
+    def ours() -> None:
+        raise KeyError("calibration_data_reader")  # a bug in edgeclf's own glue
+
+    with pytest.raises(KeyError) as from_us:
+        ours()
+    assert not Q._raised_in_onnx_tooling(from_us.value)
+
+
+def test_a_bug_in_our_quantization_glue_keeps_its_traceback_under_auto(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import edgeclf.export.compress as cm
+    from edgeclf.export.bundle_writer import _ort_logits
+    from edgeclf.export.onnx_export import export_onnx
+    from edgeclf.models import create_model
+    from edgeclf.runtime.postprocess import DecisionRule
+
+    torch.manual_seed(0)
+    onnx_path = tmp_path / "m.onnx"
+    export_onnx(create_model("compact", num_outputs=3, in_chans=1), np.zeros((1, 1, 32, 32), np.float32), onnx_path)
+
+    def buggy(*a: Any, **kw: Any) -> None:
+        raise KeyError("calibration_data_reader")
+
+    monkeypatch.setattr(Q, "_quantize", buggy)
+    x = np.random.default_rng(0).normal(size=(12, 1, 32, 32)).astype(np.float32)
+    with pytest.raises(KeyError):  # not swallowed into "int8-cpu could not be built" with fp32 deployed
+        cm.compress(tmp_path, onnx_path, precision="auto", max_drop=0.01, calib_x=x[:4], calib_method="minmax",
+                    val_x=x, val_y=np.arange(12) % 3, val_ids=[str(i) for i in range(12)],
+                    parent_logits=_ort_logits(onnx_path, x), task="multiclass", temperature=1.0,
+                    rule=DecisionRule("max-ratio", (0.3, 0.3, 0.3)), labels=["a", "b", "c"])
