@@ -238,6 +238,8 @@ def _check_train_combination(cfg: Any, explicit: set[str], recipe: dict[str, Any
     """Refuse settings that would have no effect together (recorded in run.json, silently not used): data spec options
     (`edgeclf.data.check_spec_options`) and flags typed here that the rest makes moot. What a recipe sets itself is
     never refused, only what is typed against it. Returns the line saying how folds are grouped, or ''."""
+    from urllib.parse import parse_qsl
+
     from edgeclf.data import check_spec_options, split_spec
     from edgeclf.errors import ConfigError, DataError
 
@@ -260,7 +262,9 @@ def _check_train_combination(cfg: Any, explicit: set[str], recipe: dict[str, Any
             raise DataError(f"{exc} ({shown} comes from recipe {recipe['name']}'s [data] table)") from None  # type: ignore[index]
         raise
     opts = split_spec(cfg.data)[1]
-    if cfg.folds and opts.folds and (opts.fold or opts.folds != cfg.folds):
+    # Whether fold= is named, not its value: fold 0's recorded spec says fold=0, the default.
+    names_fold = "fold" in {k for k, _ in parse_qsl(cfg.data.partition("?")[2], keep_blank_values=True)}
+    if cfg.folds and opts.folds and (names_fold or opts.folds != cfg.folds):
         raise ConfigError(f"the data spec names one fold (folds={opts.folds}&fold={opts.fold}) but {said('folds')} trains every "
                           f"fold of a {cfg.folds}-fold cross-validation, so the spec's fold has no effect; add --folds 0 to "
                           "train that fold alone, or leave folds and fold out of the data spec")

@@ -129,7 +129,7 @@ def _check_types(where: str, table: dict[str, Any], types: dict[str, type]) -> N
             raise ConfigError(f"{where}.{k} is {v!r}; expected {want.__name__}")
 
 
-def _check_data(where: str, table: dict[str, Any]) -> None:
+def _check_data(where: str, table: dict[str, Any], folds: Any = 0) -> None:
     """A [data] table: known options of the right types and values, none without effect beside the others
     (checked here, not when a data set is read)."""
     from edgeclf.data import _OPTION_TYPES, FolderOptions, check_option_table
@@ -137,7 +137,8 @@ def _check_data(where: str, table: dict[str, Any]) -> None:
 
     _check_types(where, table, _OPTION_TYPES)
     try:
-        check_option_table(table, FolderOptions(**table))
+        # folds: the [train] table's (cross-validation asked for beside the data options)
+        check_option_table(table, FolderOptions(**table), folds=folds if isinstance(folds, int) else 0)
     except DataError as exc:
         raise ConfigError(f"{where}: {exc}") from None
 
@@ -199,7 +200,7 @@ def load_recipe(name: str) -> Recipe:
     if "aggregate" in evaluate and evaluate["aggregate"] not in _AGGREGATES:
         raise ConfigError(f"{where}: evaluate.aggregate is {evaluate['aggregate']!r}; allowed: {', '.join(_AGGREGATES)}")
     data = _check_table(f"{where}: data", doc.get("data", {}), _data_keys())
-    _check_data(f"{where}: data", data)
+    _check_data(f"{where}: data", data, train.get("folds", 0))
     splits = _check_splits(f"{where}: splits", doc.get("splits", {}))
     reference = _check_reference(f"{where}: reference", doc.get("reference", {}))
     vs = doc.get("variants", {})
@@ -209,7 +210,8 @@ def load_recipe(name: str) -> Recipe:
         _check_table(vw, v, {"data", "train", "export", "splits", "reference"})
         _check_train_types(f"{vw}.train", _check_table(f"{vw}.train", v.get("train", {}), fields))
         _check_export(f"{vw}.export", v.get("export", {}))
-        _check_data(f"{vw}.data", _check_table(f"{vw}.data", v.get("data", {}), _data_keys()))
+        _check_data(f"{vw}.data", _check_table(f"{vw}.data", v.get("data", {}), _data_keys()),
+                    {**train, **v.get("train", {})}.get("folds", 0))
         _check_splits(f"{vw}.splits", v.get("splits", {}), splits)
         _check_reference(f"{vw}.reference", v.get("reference", {}))
     version = doc.get("version", 1)

@@ -126,6 +126,9 @@ def test_group_against_the_specs_own_folds_is_refused(seen: dict[str, Any]) -> N
 def test_one_fold_of_a_spec_with_cross_validation_is_refused(seen: dict[str, Any]) -> None:
     """--folds trains every fold: a spec's fold=2 (or another fold count) was dropped without a word."""
     _refused(_train("--data", "/d/pocus?folds=5&fold=2", "--folds", "5"), "fold has no effect", "--folds 0")
+    # fold 0 is the default value, but named it is fold 0's recorded spec: refused alike, not all five folds trained.
+    _refused(_train("--data", "/d/pocus?folds=5&fold=0&group=source", "--folds", "5"), "fold has no effect", "--folds 0")
+    _refused(_train("--recipe", "lung-pocus", "--data", "/d/pocus?folds=5&fold=0&group=source"), "fold has no effect")
     _refused(_train("--recipe", "lung-pocus", "--data", "/d/pocus?folds=5&fold=2"), "recipe lung-pocus's folds = 5")
     _refused(_train("--data", "/d/pocus?folds=3", "--folds", "5"), "folds=3&fold=0")
     _reached_training(_train("--data", "/d/pocus?folds=5&fold=2"))  # that fold alone

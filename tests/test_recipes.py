@@ -336,6 +336,9 @@ def test_recipe_data_options_without_effect_are_refused(tmp_path: Path) -> None:
         ('[data]\nfold = 2\n', "applies to cross-validation"),
         ('[splits]\nnear = 30\n', "near applies with dedup"),  # was: the list written with exact dedup
         ('[variants.v]\ndata = { split = "busi", val = 0.2 }\n', "variants.v.data: data option val has no effect"),
+        # [train] folds beside [data] test: refused when the recipe loads, not only at `edgeclf train`.
+        ('[data]\ntest = 0.3\n[train]\nfolds = 5\n', "test has no effect with cross-validation (folds=5)"),
+        ('[train]\nfolds = 5\n[variants.v]\ndata = { test = 0.3 }\n', "variants.v.data: data option test has no effect"),
     ]:
         path.write_text(table)
         with pytest.raises(ConfigError) as exc:
