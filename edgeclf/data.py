@@ -29,7 +29,7 @@ from edgeclf.errors import DataError, SourceError
 from edgeclf.runtime.sources import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, decode_image, natural_key
 
 __all__ = ["Dataset", "Split", "load_dataset", "load_folds", "make_split_list", "read_split_list", "with_options", "parse_class_map", "spec_name", "split_spec", "FolderOptions",
-           "check_option_table", "check_spec_options", "near_hash", "SPLITS", "IMAGE_EXTS", "VIDEO_EXTS"]
+           "check_option_table", "check_spec_options", "require_training_data", "near_hash", "SPLITS", "IMAGE_EXTS", "VIDEO_EXTS"]
 
 log = logging.getLogger(__name__)
 SPLITS = ("train", "val", "test")
@@ -487,6 +487,18 @@ def check_spec_options(spec: str, *, folds: int = 0) -> str | None:
         raise DataError(f"{where} option {moot[0]} has no effect on a clip data set (clips are split whole, never searched "
                         f"for copies); leave {', '.join(moot)} out")
     return "clips" if is_clips else "images"
+
+
+def require_training_data(ds: Dataset, recorded: dict, *, data_given: str | None, use: str,
+                          fix: str = "restore the data as it was or retrain") -> None:
+    """DataError when `ds` is the data set a training run recorded (no --data, or --data naming the same set)
+    but its hash differs: re-drawing the splits of changed data can put training images into the held-out
+    ones. `use` completes "so ..." in the message (what the splits feed), `fix` says what to do. Shared by
+    export, prune and evaluate. Another data set given with --data is the caller's choice and passes; a run
+    without a recorded hash too."""
+    same_set = data_given is None or ds.name == (recorded.get("name") or spec_name(str(recorded.get("spec", ""))))
+    if recorded.get("hash") and ds.data_hash != recorded["hash"] and same_set:
+        raise DataError(f"data {ds.name} changed since the model was trained (its hash differs), so {use}; {fix}")
 
 
 def split_spec(spec: str) -> tuple[str, FolderOptions]:

@@ -8,8 +8,8 @@ from typing import Any
 
 import numpy as np
 
-from edgeclf.data import load_dataset
-from edgeclf.errors import ConfigError, DataError
+from edgeclf.data import load_dataset, require_training_data
+from edgeclf.errors import ConfigError
 from edgeclf.runtime.bundle import MANIFEST_FILE, load_bundle
 from edgeclf.runtime.postprocess import probabilities
 from edgeclf.runtime.preprocess import Preprocessor
@@ -88,10 +88,10 @@ def evaluate(
         source = f"bundle (onnxruntime, {variant})"
 
         def infer(x: np.ndarray) -> np.ndarray:
-            from edgeclf.runtime.backends import OrtBackend
+            from edgeclf.runtime.backends import create_backend
 
-            with OrtBackend(str(model_path), (spec.channels, *spec.size), m.num_outputs, threads=threads,
-                            model_bytes=bundle.read_model(model_path)) as be:  # the bytes verified at load
+            # bundle=: the session is made from the bytes verified at load
+            with create_backend(str(model_path), (spec.channels, *spec.size), m.num_outputs, threads=threads, bundle=bundle) as be:
                 return np.concatenate([be.infer(x[i : i + 64]) for i in range(0, len(x), 64)])
     else:
         from edgeclf.train import load_trained
@@ -113,13 +113,9 @@ def evaluate(
     data_spec = _with_recorded_options(data_spec, recorded)
     ds = load_dataset(data_spec, classes=classes if classes is not None else recorded.get("classes"), seed=seed,
                       frames_per_clip=int(train_cfg.get("frames_per_clip", 8)))
-    same_set = data is None or ds.name == (recorded.get("name") or Path(str(recorded.get("spec", ""))).name)
-    if same_set and recorded.get("hash") and ds.data_hash != recorded["hash"] and split != "all":
-        # Re-splitting changed data can move training images into the test split.
-        raise DataError(
-            f"data {ds.name} changed since the model was trained (its hash differs), so its {split} split is no longer the one "
-            "held out in training; evaluate with --split all on new data, or retrain"
-        )
+    if split != "all":  # re-splitting changed data can move training images into the held-out split
+        require_training_data(ds, recorded, data_given=data, use=f"its {split} split is no longer the one held out in training",
+                              fix="evaluate with --split all on new data, or retrain")
     if ds.labels != labels or ds.task != task:
         raise ConfigError(f"data {data_spec} has {ds.task} labels {ds.labels}; the model has {task} labels {labels}; use --classes to map them")
     sp = ds.split(split)

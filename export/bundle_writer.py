@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from edgeclf.data import Dataset, load_dataset, spec_name
+from edgeclf.data import Dataset, load_dataset, require_training_data, spec_name
 from edgeclf.errors import ConfigError, DataError, ModelError
 from edgeclf.export.onnx_export import INPUT_NAME, OPSET, OUTPUT_NAME, ExportError, export_onnx, parity_report
 from edgeclf.runtime.bundle import FORMAT, MANIFEST_FILE, SCHEMA_VERSION, write_checksums
@@ -184,17 +184,6 @@ def _data_record(ds: Dataset, classes: str | None) -> dict[str, Any]:
             "sizes": {s: len(v) for s, v in ds.splits.items()}}
 
 
-def _require_training_data(ds: Dataset, recorded: dict[str, Any], *, data_given: str | None, use: str) -> None:
-    """DataError when `ds` is the data set a training run recorded (no --data, or --data naming the same set)
-    but its hash differs: re-drawing the splits of changed data can put training images into the held-out
-    ones. `use` completes "so ..." in the message: what the splits feed here. Shared by export and prune.
-    Another data set given with --data is the caller's choice and passes; a run without a recorded hash too."""
-    same_set = data_given is None or ds.name == (recorded.get("name") or spec_name(str(recorded.get("spec", ""))))
-    if recorded.get("hash") and ds.data_hash != recorded["hash"] and same_set:
-        raise DataError(f"data {ds.name} changed since the model was trained (its hash differs), so {use}; "
-                        "restore the data as it was or retrain")
-
-
 def export_bundle(cfg: ExportConfig) -> dict[str, Any]:
     """Write a bundle into a temporary sibling folder, verify it as a device would, then move it into place.
 
@@ -268,7 +257,7 @@ def export_bundle(cfg: ExportConfig) -> dict[str, Any]:
     fpc = int((tm.run.get("config") or {}).get("frames_per_clip", 8)) if tm is not None else 8
     ds: Dataset = load_dataset(data_spec, classes=classes, seed=seed, frames_per_clip=fpc)
     if tm is not None:  # changed data re-draws the split: export's "val" (gate, parity, metrics) would hold training images
-        _require_training_data(ds, recorded, data_given=cfg.data,
+        require_training_data(ds, recorded, data_given=cfg.data,
                                use="its val split is no longer the one held out in training")
     if ds.task != task or ds.labels != labels:
         raise DataError(f"data {ds.name} is a {ds.task} set with labels {ds.labels}; the model is {task} with labels {labels} "

@@ -523,11 +523,11 @@ def prune_trained(cfg: PruneConfig, *, on_epoch: Optional[Callable[[Dict[str, An
     seed = int(tcfg.get("seed", 0))
     ds = load_dataset(cfg.data or recorded.get("spec", ""), classes=recorded.get("classes"), seed=seed,
                       frames_per_clip=int(tcfg.get("frames_per_clip", 8)))
-    from edgeclf.export.bundle_writer import _require_training_data
+    from edgeclf.data import require_training_data
 
     # Export's check (one function): fine-tuning re-draws train and val from the data; changed data would
     # fine-tune on validation images and fit the operating point and the reported figures on training ones.
-    _require_training_data(ds, recorded, data_given=cfg.data,
+    require_training_data(ds, recorded, data_given=cfg.data,
                            use="its train and val splits are no longer the ones the model was trained and validated on "
                                "(fine-tuning would learn validation images)")
     if ds.labels != tm.labels:
