@@ -2,8 +2,11 @@
 from __future__ import annotations
 
 import dataclasses
+import glob
 import io
 import logging
+import os
+import re
 import signal
 import threading
 from pathlib import Path
@@ -21,7 +24,7 @@ from edgeclf.runtime.postprocess import decide, probabilities
 from edgeclf.runtime.sinks import JsonlSink, Sink
 from edgeclf.runtime.sources import Frame, FrameSource, open_source
 
-__all__ = ["run_bundle", "verify_bundle", "resolve_backend", "open_backend", "profile_backend_factory", "PARITY_TOLERANCE",
+__all__ = ["run_bundle", "check_distinct_outputs", "verify_bundle", "resolve_backend", "open_backend", "profile_backend_factory", "PARITY_TOLERANCE",
            "VARIANT_TOLERANCE"]
 
 log = logging.getLogger(__name__)
@@ -158,6 +161,78 @@ def open_backend(b: Bundle, backend: str, *, precision: Optional[str] = None, th
                           options=dataclasses.replace(opts, precision=vprec), bundle=b), variant
 
 
+_GLOB_MAGIC = re.compile(r"[*?[]")
+
+
+def _source_paths(uri: str) -> Tuple[List[str], List[str]]:
+    """(files the source reads or keeps, folders it consumes) named by a source URI: the file itself, the files
+    a glob matches, a watched folder and its state file. Nothing for cameras, streams and synthetic sources."""
+    text = uri.strip() if isinstance(uri, str) else ""
+    if text.lower().startswith("watch:"):
+        folder, _, query = text[len("watch:"):].partition("?")
+        state = [v for k, _, v in (item.partition("=") for item in query.split("&")) if k == "state" and v]
+        return [os.path.expanduser(p) for p in state], [os.path.expanduser(folder)] if folder else []
+    if not text or text.lower().startswith("synthetic:"):
+        return [], []
+    path = os.path.expanduser(text)
+    if os.path.isfile(path):
+        return [path], []
+    if _GLOB_MAGIC.search(path) and not os.path.exists(path):
+        try:
+            return [p for p in glob.glob(path) if os.path.isfile(p)], []
+        except (OSError, ValueError):  # a pattern no file can match (a NUL byte): the source fails on its own
+            return [], []
+    return [], []
+
+
+def _same_file(a: str, b: str) -> bool:
+    try:
+        # hard links: samefile; it raises OSError while either does not exist
+        return os.path.realpath(a) == os.path.realpath(b) or os.path.samefile(a, b)
+    except (OSError, ValueError):  # ValueError: a NUL byte (no such file can exist)
+        return False
+
+
+def _inside(path: str, folder: str) -> bool:
+    try:
+        p, f = os.path.realpath(path), os.path.realpath(folder)
+        return os.path.commonpath([p, f]) == f
+    except (OSError, ValueError):  # another drive (Windows), a NUL byte
+        return False
+
+
+def check_distinct_outputs(source_uri: str, outputs: Dict[str, Optional[str]]) -> None:
+    """Raise ConfigError (one line) when two output options name the same file, when one is the source file
+    (or a file it keeps: a watch state), or when one lies inside a watched folder being consumed. Checked
+    before anything is opened: such a run would overwrite the recording it classifies or mix its outputs.
+    Paths are compared resolved (os.path.realpath; symlinks and hard links count as the same file). An
+    --audit folder (an existing one, or a path ending in '/') only matters for the watched-folder check.
+    No path is quoted: a source path may carry a patient's name."""
+    named = [(opt, os.fspath(p)) for opt, p in outputs.items() if p]
+    files, folders = _source_paths(source_uri)
+    for i, (opt, p) in enumerate(named):
+        for folder in folders:
+            if _inside(p, folder):
+                raise ConfigError(
+                    f"{opt} lies inside the watched folder of --source; allowed: outputs outside a folder being "
+                    f"consumed (new files there are read as incoming ones); give {opt} a path outside that folder"
+                )
+        is_folder = opt == "--audit" and (p.endswith(("/", os.sep)) or os.path.isdir(p))
+        if is_folder:
+            continue  # a new, uniquely named log inside it
+        if any(_same_file(p, src) for src in files):
+            raise ConfigError(
+                f"{opt} is the source file itself (or its watch state); allowed: an output path that is not an input; "
+                f"give {opt} another path"
+            )
+        for opt2, p2 in named[i + 1:]:
+            if _same_file(p, p2):
+                raise ConfigError(
+                    f"{opt} and {opt2} name the same file; allowed: a file of its own for each output; "
+                    f"give {opt2} another path"
+                )
+
+
 def run_bundle(
     bundle_path: str,
     source_uri: str,
@@ -209,6 +284,7 @@ def run_bundle(
         check_output_path(record, option="--record", example="run.mp4")
     if summary_path:
         check_output_path(summary_path, option="--summary", example="clip.json")
+    check_distinct_outputs(source_uri, {"--out": out, "--record": record, "--summary": summary_path, "--audit": audit})
     opts = options or RunOptions(min_confidence=min_confidence)
     if min_confidence is not None and opts.min_confidence is None:
         opts = dataclasses.replace(opts, min_confidence=min_confidence)
@@ -299,7 +375,7 @@ def run_bundle(
         if alog is not None:
             alog.end("signal" if result.get("stopped_by") == "signal" else "ok",
                      summary={k: result.get(k) for k in ("frames", "written", "abstained", "abstain_reasons", "backend_errors", "invalid_outputs",
-                                                         "stopped_by", "source_stats", "read_not_classified")})
+                                                         "frame_errors", "stopped_by", "source_stats", "read_not_classified")})
             result["audit"] = {"path": alog.path, "head": alog.head, "records": alog.records}
             alog.close()
     except BaseException as exc:

@@ -741,6 +741,9 @@ class DicomSource(BaseSource):
         self.skipped = 0
         files = self._collect(path)
         self._files = files
+        # Frames of each file, in order: a folder of single-frame films is independent images, a file with
+        # several frames a cine (the pipeline smooths only cines).
+        self.file_frames: Tuple[int, ...] = tuple(int(f.frames) for f in files)
         self._loop = loop
         self._file_pos = 0
         self._frames: Optional[Iterator[Tuple[Image, Dict[str, Any]]]] = None

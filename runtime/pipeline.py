@@ -24,7 +24,8 @@ from edgeclf.runtime.preprocess import Preprocessor
 from edgeclf.runtime.sinks import Sink
 from edgeclf.runtime.sources import FrameSource
 
-__all__ = ["STAGES", "PREPROCESS_PARTS", "RunOptions", "RunSummary", "run_pipeline", "stage_stats", "parse_roi"]
+__all__ = ["STAGES", "PREPROCESS_PARTS", "FRAME_ERROR", "RECORD_META", "RunOptions", "RunSummary", "run_pipeline",
+           "stage_stats", "parse_roi"]
 
 log = logging.getLogger(__name__)
 STAGES = ("capture", "preprocess", "infer", "postprocess", "sink")
@@ -34,6 +35,16 @@ PREPROCESS_PARTS = ("sector", "quality", "model_input")
 SMOOTHING_CHOICES = ("auto", "cine", "off")
 BACKEND_ERROR = "backend_error"  # abstain reason of a frame whose inference raised
 INVALID_OUTPUT = "invalid_output"  # abstain reason of a frame whose outputs were not finite (NaN, inf)
+# Abstain reason of a frame the sector or quality stage could not handle (a DataError on that frame's data, e.g. a
+# sector mask too thin to judge): that frame abstains and is counted; the run goes on.
+FRAME_ERROR = "frame_error"
+_FRAME_ERROR_REASONS = (FRAME_ERROR,)
+_FRAME_ERRORS_LOGGED = 5  # frame errors logged at WARNING; later ones at DEBUG (a stream failing on every frame)
+# Source meta copied into each record (when the source gives them): which file and which frame of it a record
+# is, so that a repeat after a crash can be recognised (watched folders). Identifier-free: an index, a frame
+# number, and watch.py's watch_key (a hash of name, size and mtime, never the name). Nothing else of the meta
+# (no name hashes: a short hash of a name alone can be looked up from a list of names).
+RECORD_META = ("file_index", "file_frame", "watch_key")
 MAX_BATCH = 64  # frames per inference call: beyond this only memory grows
 MAX_BACKEND_ERRORS = 5  # failures in a row (either kind) that end the run: a backend that is gone, not a hiccup
 
@@ -231,6 +242,12 @@ def _video_like(source: FrameSource) -> bool:
     if kind == "reconnecting":  # a ReconnectingSource (camera, stream): judged by what it wraps, video if not yet known
         kind = getattr(source, "inner_kind", None) or "video"
     if kind == "dicom":
+        # A cine only when one file holds several frames: a folder of single-frame files is independent images
+        # (X-rays), whatever their sum. A wrapper that hides DicomSource.file_frames (realtime pacing) falls back
+        # to the sum, and the pipeline still shows single-frame files as decided (see run_pipeline).
+        per_file = getattr(source, "file_frames", None)
+        if isinstance(per_file, tuple):
+            return any(n > 1 for n in per_file)
         return bool((getattr(source, "frame_count", None) or 0) > 1)
     return kind in ("video", "camera", "stream", "synthetic", "gstreamer")
 
@@ -261,12 +278,19 @@ def run_pipeline(
 ) -> RunSummary:
     """Classify every frame of `source`, writing one record per frame to each sink.
 
-    Record: {"frame", "timestamp" (monotonic capture time), "time" (wall clock), "label" (the shown label: smoothed
+    Record: {"frame", "timestamp" (monotonic capture time), "time" (wall clock), the source's RECORD_META fields it
+    gives ("file_index", "file_frame", "watch_key": which file and frame of it), "label" (the shown label: smoothed
     for cine; None on abstain or multilabel), "labels" (multilabel), "abstain", "abstain_reason" (quality reasons
-    joined by ",", "low_confidence" or "settling"), "confidence", "frame_label" (this frame's own decision, None
-    when not classified), "probs" (this frame's calibrated probabilities, None when not classified), "quality"
-    (list of reasons, empty when fine), "latency_ms": {stage: ms, "total": capture-to-result}}.
-    Sources with ``ack`` (watched folders) are acknowledged after every sink wrote the frame's record.
+    joined by ",", "low_confidence", "settling", "backend_error", "invalid_output" or "frame_error"), "confidence",
+    "frame_label" (this frame's own decision, None when not classified), "probs" (this frame's calibrated
+    probabilities, None when not classified), "quality" (list of reasons, empty when fine), "latency_ms": {stage: ms, "total": capture-to-result}}.
+    Sources with ``ack`` (watched folders) are acknowledged after every sink wrote the frame's record; for those
+    that need acks, every sink's ``sync()`` (flush and fsync) runs first, so a file marked done has its results
+    on disk. A DataError of the sector or quality stage on one frame (its data: e.g. a sector mask too thin to
+    judge) does not end the run: that frame abstains with reason "frame_error" and is counted
+    (summary.extra["frame_errors"]); any other exception there still ends the run.
+    DICOM under cine smoothing: the smoother starts afresh at each multi-frame file (one cine does not bleed into
+    the next); under "auto", single-frame files of a folder holding a cine are shown as decided.
     `stop` (set by a signal handler) or a sink's ``stop_requested`` ends the run after the current frame (the
     current batch for a signal, with `options.batch` > 1; frames read and not recorded are counted).
     A source error in the middle of a batch is raised after the frames read before it are recorded.
@@ -296,12 +320,23 @@ def run_pipeline(
 
         gate = QualityGate()
     smoother = None
+    still = None  # --smoothing auto on DICOM with a cine: single-frame files are shown as decided, by this one
+    per_file = False  # cine smoothing of DICOM: each multi-frame file (cine) starts afresh
     if not multilabel:
         from edgeclf.runtime.smoothing import CINE, SINGLE_IMAGE, CineSmoother
 
         cine = opts.smoothing == "cine" or (opts.smoothing == "auto" and _video_like(source))
         smoother = CineSmoother.from_manifest(m, config=CINE if cine else SINGLE_IMAGE, min_confidence=floor)
+        per_file = cine and getattr(source, "kind", "") == "dicom"
+        if per_file and opts.smoothing == "auto":
+            still = CineSmoother.from_manifest(m, config=SINGLE_IMAGE, min_confidence=floor)
+    last_file: List[Any] = [None, False]  # file_index of the last DICOM frame, and whether that file is a cine
     ack = getattr(source, "ack", None)
+    # Sources that need acks (watched folders) mark a file done durably at the ack: the results must be on disk
+    # first (flushed and fsynced), whatever the sinks' own fsync interval, or a power loss loses them for good.
+    syncs: List[Callable[[], None]] = []
+    if ack is not None and (getattr(source, "needs_ack", False) or getattr(source, "kind", "") == "watch"):
+        syncs = [fn for fn in (getattr(sk, "sync", None) for sk in sinks) if callable(fn)]
     live = bool(getattr(source, "live", False))
 
     summary = RunSummary()
@@ -316,6 +351,16 @@ def run_pipeline(
         spec = m.preprocess
         ring = np.empty((3 * batch, spec.channels, spec.size[0], spec.size[1]), np.float32)
 
+    frame_errors = [0]  # counted in the feeder thread, read after it stopped
+
+    def frame_error(index: int, stage: str, exc: BaseException) -> Tuple[str, ...]:
+        """Count and log a DataError of one frame's sector or quality stage; that frame abstains with FRAME_ERROR."""
+        frame_errors[0] += 1
+        level = log.warning if frame_errors[0] <= _FRAME_ERRORS_LOGGED else log.debug
+        level("frame %d: the %s stage failed on it (%s); the frame abstains with reason %s", index, stage,
+              " ".join(str(exc).split())[:300], FRAME_ERROR)
+        return _FRAME_ERROR_REASONS
+
     def produce() -> Any:
         """Read one frame and prepare it: (frame, x or None, reasons, capture s, preprocess s, (sector s,
         gate s, model input s)), None at the end of the source, or IDLE while a live source has nothing new."""
@@ -329,14 +374,20 @@ def run_pipeline(
             return None
         image = frame.image
         mask = None
-        if detector is not None:
-            sector = detector.update(image)
-            mask = sector.mask if sector.kind != "full" else None
-            image = apply_sector(image, sector)
-        t2 = time.perf_counter()
         reasons: Tuple[str, ...] = ()
-        if gate is not None:
-            reasons = gate.check(frame.image, mask).reasons  # the gate subsamples before any colour conversion
+        t2 = t1
+        stage = "sector"
+        try:
+            if detector is not None:
+                sector = detector.update(image)
+                mask = sector.mask if sector.kind != "full" else None
+                image = apply_sector(image, sector)
+            t2 = time.perf_counter()
+            stage = "quality"
+            if gate is not None:
+                reasons = gate.check(frame.image, mask).reasons  # the gate subsamples before any colour conversion
+        except DataError as exc:  # this frame's data (not the code): the frame abstains, the run goes on
+            reasons = frame_error(frame.index, stage, exc)
         t3 = time.perf_counter()
         x = None
         if not reasons:
@@ -425,7 +476,8 @@ def run_pipeline(
                 t3 = time.perf_counter()  # postprocess starts here (inference was timed for the batch above)
                 probs_row: Optional[Tuple[float, ...]] = None
                 decision: Any = None
-                fault: Optional[str] = None  # BACKEND_ERROR or INVALID_OUTPUT: this frame abstains with it
+                # BACKEND_ERROR, INVALID_OUTPUT or FRAME_ERROR: this frame abstains with it (not a quality reason)
+                fault: Optional[str] = FRAME_ERROR if reasons is _FRAME_ERROR_REASONS else None
                 fatal: Optional[BaseException] = None  # the failure that ends the run, raised once the frame is recorded
                 if x is not None:
                     logits = logits_of[pos]
@@ -465,6 +517,11 @@ def run_pipeline(
                 # Postprocess is timed from t3, right after infer: probabilities, decision, smoothing and the record.
                 # timestamp: monotonic capture time (for latency); time: wall clock of the result (for people).
                 record: Dict[str, Any] = {"frame": frame.index, "timestamp": round(frame.timestamp, 6), "time": round(time.time(), 3)}
+                meta = frame.meta
+                for key in RECORD_META:
+                    value = meta.get(key)
+                    if isinstance(value, (int, str)) and not isinstance(value, bool):
+                        record[key] = value
                 if multilabel:
                     if decision is None:
                         record.update(label=None, labels=None, abstain=True, abstain_reason=",".join(reasons), confidence=None)
@@ -474,8 +531,18 @@ def run_pipeline(
                     record["frame_label"] = None
                 else:
                     assert smoother is not None
-                    res = smoother.update(probs_row, quality_ok=not reasons, reasons=reasons)
-                    record.update(smoother.record_fields(res))
+                    sm = smoother
+                    if per_file and meta.get("source") == "dicom":
+                        multi = (meta.get("file_frames") or 1) > 1
+                        index = meta.get("file_index")
+                        if index != last_file[0]:
+                            if last_file[0] is not None and (multi or last_file[1]):
+                                smoother.reset()  # a new cine: nothing carried over from the file before
+                            last_file[0], last_file[1] = index, multi
+                        if still is not None and not multi:
+                            sm = still
+                    res = sm.update(probs_row, quality_ok=not reasons, reasons=reasons)
+                    record.update(sm.record_fields(res))
                     record["frame_label"] = None if decision is None else m.labels[decision]
                 # Unrounded: the clip aggregator and offline aggregation of the results file use the very numbers
                 # this frame's frame_label came from (rounding flipped near-ties); JSON keeps floats exactly.
@@ -495,6 +562,8 @@ def run_pipeline(
                     else:
                         sink.write(record)
                 if ack is not None:
+                    for sync in syncs:
+                        sync()  # the record on disk before the source marks the frame done (watched folders)
                     ack(frame)  # only after every sink holds the record: a crash before this redoes the frame
                 if fatal is not None:
                     raise fatal  # MAX_BACKEND_ERRORS failures in a row: the run ends, this frame's record written
@@ -536,6 +605,7 @@ def run_pipeline(
     summary.extra["read_not_classified"] = unprocessed
     summary.extra["backend_errors"] = backend_errors
     summary.extra["invalid_outputs"] = invalid_outputs
+    summary.extra["frame_errors"] = frame_errors[0]  # frames the sector or quality stage failed on (abstained)
     summary.extra["batch"] = batch  # frames per inference call: 1 for live and paced sources whatever was asked
     summary.extra["batch_retries"] = batch_retries  # batches (some of) whose frames were inferred again one by one
     if detector is not None:
@@ -545,7 +615,12 @@ def run_pipeline(
     if gate is not None:
         summary.extra["quality"] = gate.stats
     if smoother is not None:
-        summary.extra["smoother"] = dict(smoother.counts)
+        counts = dict(smoother.counts)
+        if still is not None and still.counts.get("frames"):
+            for what, n in still.counts.items():
+                if what != "resets":
+                    counts[what] = counts.get(what, 0) + n
+        summary.extra["smoother"] = counts
     stats = getattr(source, "stats", None)
     if callable(stats):
         summary.extra["source_stats"] = stats()

@@ -8,6 +8,9 @@ frame, a strided view) inside the sector mask when one is given, and returns a
 Reasons (QUALITY_REASONS) and the default thresholds, calibrated on the 91 POCUS clips in
 ``../shared/data/pocus`` (gray levels 0-255, on the sector):
 
+* ``"too_small"``: a side of the frame is below MIN_SIDE (8) pixels (a thumbnail, a scout image, a
+  damaged file): too few pixels to judge, and to classify. The other checks are skipped; the frame
+  does not touch the frozen run or the texture baseline.
 * ``"blank"``: the image is black: mean <= 10 and 99th percentile <= 40 (a frozen-to-black output,
   a fade-in). Real clips reach these only on black frames.
 * ``"saturated"``: >= 20% of the pixels at >= 250 (gain far too high). Real clips stay below 2%.
@@ -41,12 +44,15 @@ from numpy.typing import NDArray
 from edgeclf.errors import ConfigError, DataError
 from edgeclf.runtime import _cv
 
-__all__ = ["QUALITY_REASONS", "QualityConfig", "QualityGate", "QualityResult"]
+__all__ = ["MIN_SIDE", "QUALITY_REASONS", "QualityConfig", "QualityGate", "QualityResult"]
 
 logger = logging.getLogger(__name__)
 
-QUALITY_REASONS: Tuple[str, ...] = ("blank", "saturated", "empty", "frozen")
+QUALITY_REASONS: Tuple[str, ...] = ("too_small", "blank", "saturated", "empty", "frozen")
 _STEP = 4  # subsampling: every _STEP-th pixel of every _STEP-th row
+# Smallest side (pixels) the gate judges: the subsampled frame then holds >= 2x2 pixels (a horizontal pair
+# for the texture). Smaller frames are flagged "too_small".
+MIN_SIDE = 2 * _STEP
 _BASELINE_FRAMES = 32
 _BASELINE_MIN = 8
 
@@ -112,7 +118,8 @@ class QualityResult:
 
     ``figures``: mean, p99 (computed only when the mean is <= blank_mean, else -1), saturated
     (share), dark (share), texture, diff (to the previous frame; -1 for the first), frozen_run
-    (consecutive near-identical frames), baseline (running texture median; -1 until known).
+    (consecutive near-identical frames), baseline (running texture median; -1 until known); for a
+    "too_small" frame only width and height.
     """
 
     ok: bool
@@ -204,12 +211,23 @@ class QualityGate:
             sub = cv2.cvtColor(np.ascontiguousarray(sub[:, :, :3]), cv2.COLOR_RGB2GRAY) if sub.shape[2] >= 3 else sub[:, :, 0]
         return np.ascontiguousarray(sub)
 
+    def _too_small(self, gray: NDArray[Any]) -> QualityResult:
+        """A frame with a side below MIN_SIDE: flagged, nothing else measured; the stream's state is kept."""
+        self._counts["frames"] += 1
+        self._counts["flagged"] += 1
+        self._counts["too_small"] += 1
+        h, w = gray.shape[0], gray.shape[1]
+        logger.debug("frame of %dx%d flagged too_small (a side below %d px)", w, h, MIN_SIDE)
+        return QualityResult(False, ("too_small",), {"width": float(w), "height": float(h)})
+
     def check(self, gray: NDArray[Any], sector_mask: Optional[NDArray[Any]] = None) -> QualityResult:
         """Check one frame; see QualityResult."""
         cv2 = self._cv2
         cfg = self.config
         if gray.dtype != np.uint8 or gray.ndim not in (2, 3):
             raise DataError(f"frame of shape {gray.shape} and dtype {gray.dtype} is not supported; expected (H, W) uint8")
+        if min(gray.shape[0], gray.shape[1]) < MIN_SIDE:
+            return self._too_small(gray)
         small = self._subsample(gray)
         mask, pairs = self._masks(sector_mask, (small.shape[0], small.shape[1]), (gray.shape[0], gray.shape[1]))
 
@@ -237,7 +255,7 @@ class QualityGate:
             or (baseline > 0 and texture <= cfg.empty_ratio * baseline)
         )
         frozen = not blank and self._run >= cfg.frozen_frames
-        reasons = tuple(r for r, hit in zip(QUALITY_REASONS, (blank, sat, empty, frozen)) if hit)
+        reasons = tuple(r for r, hit in zip(QUALITY_REASONS[1:], (blank, sat, empty, frozen)) if hit)
         if not reasons:
             self._textures.append(texture)
             self._fresh += 1

@@ -32,6 +32,8 @@ one is trusted only when found on 3 checks in a row: a deep field that turns bla
 (lost contact, air) looks the same, and the old sector still holds the whole image meanwhile.
 
 A fixed ROI (``roi=(x0, y0, x1, y1)``) skips detection altogether: a rectangle sector, always locked.
+A frame with a side below MIN_DETECT_SIDE (8 px, a thumbnail) gets the whole frame, unlocked, and changes
+nothing in the detector (no warm-up, no re-detection of the locked sector).
 
 Python 3.8 compatible, never imports torch; OpenCV is imported inside the functions that use it.
 """
@@ -50,7 +52,7 @@ from numpy.typing import NDArray
 from edgeclf.errors import ConfigError, DataError
 from edgeclf.runtime import _cv
 
-__all__ = ["SECTOR_KINDS", "Sector", "SectorConfig", "SectorDetector", "apply_sector", "detect_sector"]
+__all__ = ["MIN_DETECT_SIDE", "SECTOR_KINDS", "Sector", "SectorConfig", "SectorDetector", "apply_sector", "detect_sector"]
 
 logger = logging.getLogger(__name__)
 
@@ -73,6 +75,9 @@ _SHRINK_SIGHTINGS = 3  # a smaller sector inside the old one must be found on th
 
 # Layout-change checks, on every _CHECK_SCALE-th pixel of every _CHECK_SCALE-th row (a strided view).
 _CHECK_SCALE = 4
+# Frames with a side below this (pixels) are not detected on: too few pixels to find an image area (and the
+# subsampled checks would be empty). update() gives them the whole frame and leaves the detector's state alone.
+MIN_DETECT_SIDE = 2 * _CHECK_SCALE
 _OUT_DELTA = 25  # gray levels: an outside pixel that changed this much changed
 _OUT_SHARE = 0.03  # share of changed outside pixels that looks like a new layout
 _DARK_LEVEL = 4  # at or below: black
@@ -607,7 +612,7 @@ class SectorDetector:
         self._shrink_seen = 0
         self._counts: Dict[str, int] = {
             "frames": 0, "detections": 0, "redetections": 0, "false_alarms": 0, "deferred": 0, "checks": 0,
-            "failed": 0,
+            "failed": 0, "too_small": 0,
         }  # fmt: skip
 
     @classmethod
@@ -634,7 +639,8 @@ class SectorDetector:
     def stats(self) -> Dict[str, int]:
         """frames seen, detections (locks), redetections (a changed layout replaced the sector),
         false_alarms (re-detected the same sector), deferred (a smaller sector seen once and not yet
-        trusted), checks (layout checks run), failed (warm-ups that found no image)."""
+        trusted), checks (layout checks run), failed (warm-ups that found no image), too_small (frames with a
+        side below MIN_DETECT_SIDE, given the whole frame)."""
         return dict(self._counts)
 
     def reset(self) -> None:
@@ -645,6 +651,9 @@ class SectorDetector:
         """Feed one frame ((H, W) gray or (H, W, 3) RGB, uint8); returns the sector to apply to it."""
         self._counts["frames"] += 1
         h, w = frame.shape[:2]
+        if min(h, w) < MIN_DETECT_SIDE and self.config.roi is None:
+            self._counts["too_small"] += 1
+            return Sector.full(w, h)  # (a frame with no pixels at all: DataError, from Sector)
         if self.config.roi is not None:
             if self._sector is None or self._sector.mask.shape != (h, w):
                 self._sector = Sector.from_box(self.config.roi, w, h, locked=True)

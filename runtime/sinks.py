@@ -8,7 +8,8 @@ here, ``edgeclf.runtime.overlay.OverlayWindow``) have ``needs_image = True`` and
 the others are called as ``sink.write(record)``. A sink may set ``stop_requested`` to ask the pipeline to
 stop (the overlay window's q/Esc, a closed stdout pipe).
 
-Sinks are context managers; ``close()`` is idempotent.
+Sinks are context managers; ``close()`` is idempotent. ``sync()`` makes what a sink wrote durable (the
+results file: fsync); the pipeline calls it before acknowledging a frame of a watched folder.
 """
 from __future__ import annotations
 
@@ -106,6 +107,11 @@ class Sink:
     def write(self, record: Dict[str, Any], image: Optional[NDArray[np.uint8]] = None) -> None:
         raise NotImplementedError
 
+    def sync(self) -> None:
+        """Make every record written so far durable (flushed and on disk). The pipeline calls it before it
+        acknowledges a frame to a source that needs acks (a watched folder marks the file done on disk).
+        A no-op for sinks that keep nothing that must survive a power loss."""
+
     def close(self) -> None:
         pass
 
@@ -133,6 +139,8 @@ class JsonlSink(Sink):
     line is cut off again (the file keeps whole lines only), the sink remembers the failure (``failed``)
     and raises EdgeclfError naming the file and how many results it holds against how many were
     produced; every later write raises the same, and close() does not raise it a second time.
+    ``sync()`` fsyncs now when lines are unsynced, whatever `fsync_every` says (even None): the pipeline calls
+    it before a watched folder marks a file done, one fsync per file at X-ray rates.
     Counts: ``written`` lines, ``fsyncs`` done, ``unsynced`` lines written since the last fsync.
     """
 
@@ -225,6 +233,20 @@ class JsonlSink(Sink):
                 self._sync(f)
             except OSError as exc:
                 self._fail(f, exc, "sync")
+
+    def sync(self) -> None:
+        """fsync the lines written since the last fsync (nothing to do when none are): each line already
+        went to the OS whole in an unbuffered write, so this puts them on the disk. A failure raises
+        EdgeclfError (as a failed write does) and every later write raises it again."""
+        if self.failed is not None:
+            raise EdgeclfError(self.failed)
+        f = self._f
+        if f is None or not self.unsynced:
+            return
+        try:
+            self._sync(f)
+        except OSError as exc:
+            self._fail(f, exc, "sync")
 
     def close(self) -> None:
         f = self._f

@@ -163,3 +163,70 @@ def test_cli_summary_to_a_folder_is_one_line_and_exit_code_2(tmp_path: Path) -> 
     lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and "--summary" in lines[0] and "folder" in lines[0]
     assert out.read_text() == PREVIOUS
+
+
+# -------------------------------------------------------------------------- outputs that collide
+
+
+def test_out_that_is_the_source_video_is_refused_and_the_recording_kept(tmp_path: Path) -> None:
+    # `--source exam.mp4 --out exam.mp4` truncated the recording it was about to classify.
+    from edgeclf.runtime.synthetic import write_cine
+
+    bundle = make_tiny_bundle(tmp_path / "b")
+    video = tmp_path / "exam.mp4"
+    write_cine(video, timeline=[(0, 20)], size=64, fps=10)
+    data = video.read_bytes()
+    link = tmp_path / "link.mp4"
+    link.symlink_to(video)
+    for option, path in (("out", video), ("record", video), ("summary_path", link), ("out", link)):
+        with pytest.raises(ConfigError, match="is the source file itself") as err:
+            app.run_bundle(str(bundle), str(video), **{option: str(path)})
+        assert "\n" not in str(err.value) and str(tmp_path) not in str(err.value)  # no path: it may name a patient
+        assert video.read_bytes() == data
+
+
+@pytest.mark.parametrize("other", ["summary_path", "audit", "record"])
+def test_two_outputs_on_one_file_are_refused_before_anything_is_written(tmp_path: Path, other: str) -> None:
+    # --summary or --audit equal to --out replaced or mixed the results file.
+    bundle = make_tiny_bundle(tmp_path / "b")
+    out = tmp_path / ("r.mp4" if other == "record" else "r.jsonl")
+    out.write_text(PREVIOUS)
+    with pytest.raises(ConfigError, match=r"--out and --\w+ name the same file"):
+        app.run_bundle(str(bundle), SRC, out=str(out), **{other: str(tmp_path / "." / out.name)})
+    assert out.read_text() == PREVIOUS
+
+
+def test_an_output_inside_the_watched_folder_is_refused(tmp_path: Path) -> None:
+    bundle = make_tiny_bundle(tmp_path / "b")
+    inbox = tmp_path / "in"
+    inbox.mkdir()
+    state = tmp_path / "state.json"
+    for kw in ({"out": str(inbox / "r.jsonl")}, {"audit": str(inbox) + "/"}, {"summary_path": str(inbox / "sub" / "c.json")}):
+        with pytest.raises(ConfigError, match="inside the watched folder"):
+            app.run_bundle(str(bundle), f"watch:{inbox}?poll=0.05&idle_exit=0.2", **kw)
+    with pytest.raises(ConfigError, match="is the source file itself"):  # the watch state kept elsewhere
+        app.run_bundle(str(bundle), f"watch:{inbox}?idle_exit=0.2&state={state}", out=str(state))
+    assert list(inbox.iterdir()) == [] and not state.exists()
+
+
+def test_distinct_outputs_beside_the_source_run(tmp_path: Path) -> None:
+    from edgeclf.runtime.synthetic import write_cine
+
+    bundle = make_tiny_bundle(tmp_path / "b")
+    video = tmp_path / "exam.mp4"
+    write_cine(video, timeline=[(0, 6)], size=64, fps=10)
+    (tmp_path / "logs").mkdir()
+    s = app.run_bundle(str(bundle), str(video), out=str(tmp_path / "exam.jsonl"), summary_path=str(tmp_path / "clip.json"),
+                       audit=str(tmp_path / "logs"))
+    assert s["frames"] == 6 and len(_lines(tmp_path / "exam.jsonl")) == 6 and (tmp_path / "clip.json").is_file()
+
+
+def test_cli_out_equal_to_summary_is_one_line_and_exit_code_2(tmp_path: Path) -> None:
+    bundle = make_tiny_bundle(tmp_path / "b")
+    out = tmp_path / "r.jsonl"
+    out.write_text(PREVIOUS)
+    r = run_cli("run", "--bundle", str(bundle), "--source", SRC, "--out", str(out), "--summary", str(out))
+    assert r.returncode == 2, r.stderr
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "--out and --summary name the same file" in lines[0], lines
+    assert out.read_text() == PREVIOUS

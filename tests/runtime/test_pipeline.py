@@ -758,3 +758,150 @@ def test_a_batch_with_non_finite_rows_infers_those_frames_again_alone(tmp_path: 
     (one, s1), (four, s4) = runs[1], runs[4]
     assert s4.extra["batch_retries"] == 1 and s4.extra["invalid_outputs"] == 0 and s4.abstained == s1.abstained
     _same_results(one, four)  # each retried frame has its own logits
+
+
+# ------------------------------------------------------------------------- per-frame failures, files, smoothing
+
+
+def _png(path: Path, shape: tuple, seed: int = 0) -> None:
+    cv2 = pytest.importorskip("cv2")
+    cv2.imwrite(str(path), np.random.default_rng(seed).integers(30, 200, size=shape, dtype=np.uint8))
+
+
+@pytest.mark.parametrize("roi", ["none", "sector"])
+@pytest.mark.parametrize("shape", [(2, 2, 3), (6, 6)])
+def test_a_tiny_image_gives_a_too_small_abstain_not_a_crash(tmp_path: Path, shape: tuple, roi: str) -> None:
+    # A valid 6x6 PNG raised DataError "sector mask is empty" and a 2x2 RGB one a raw cv2.error: the run ended.
+    from edgeclf.runtime.pipeline import RunOptions
+    from tests.runtime.tiny_bundle import make_tiny_bundle
+
+    b = load_bundle(make_tiny_bundle(tmp_path / "b"))
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    _png(folder / "1.png", shape)
+    _png(folder / "2.png", (64, 64))
+    mem = ListSink()
+    with FakeBackend((1, 8, 8), 3) as be, open_source(str(folder)) as src:
+        s = run_pipeline(b, src, be, [mem], options=RunOptions(roi=roi))
+    assert s.frames == 2 and len(mem.records) == 2
+    first, second = mem.records
+    assert first["abstain"] and first["abstain_reason"] == "too_small" and first["quality"] == ["too_small"]
+    assert first["probs"] is None and second["probs"] is not None
+    assert s.quality_flagged == 1 and s.extra["quality"]["too_small"] == 1 and s.extra["frame_errors"] == 0
+
+
+@pytest.mark.parametrize("pipelined", [True, False])
+@pytest.mark.parametrize("stage", ["quality", "sector"])
+def test_a_data_error_on_one_frame_abstains_that_frame_and_the_run_goes_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, pipelined: bool, stage: str
+) -> None:
+    from edgeclf.errors import DataError
+    from edgeclf.runtime import quality, sector
+    from edgeclf.runtime.pipeline import FRAME_ERROR, RunOptions
+    from tests.runtime.tiny_bundle import make_tiny_bundle
+
+    b = load_bundle(make_tiny_bundle(tmp_path / "b"))
+    owner, name = (quality.QualityGate, "check") if stage == "quality" else (sector.SectorDetector, "update")
+    real = getattr(owner, name)
+    calls = [0]
+
+    def flaky(self, *a, **k):  # type: ignore[no-untyped-def]
+        calls[0] += 1
+        if calls[0] == 3:
+            raise DataError("sector mask is empty (or thinner than 8 px); pass None to check the whole frame")
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(owner, name, flaky)
+    mem = ListSink()
+    opts = RunOptions(roi="sector", pipelined=pipelined, smoothing="off")
+    with FakeBackend((1, 8, 8), 3) as be, open_source("synthetic:ultrasound?frames=6&size=64") as src:
+        s = run_pipeline(b, src, be, [mem], options=opts)
+    assert s.frames == 6 and [r["frame"] for r in mem.records] == list(range(6))
+    bad = mem.records[2]
+    assert bad["abstain"] and bad["abstain_reason"] == FRAME_ERROR and bad["quality"] == [] and bad["probs"] is None
+    assert s.extra["frame_errors"] == 1 and s.abstain_reasons.get(FRAME_ERROR) == 1 and s.quality_flagged == 0
+    assert all(r["probs"] is not None for k, r in enumerate(mem.records) if k != 2)
+
+
+@pytest.mark.parametrize("pipelined", [True, False])
+def test_a_programming_error_in_the_gate_still_ends_the_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                             pipelined: bool) -> None:
+    from edgeclf.runtime import quality
+    from edgeclf.runtime.pipeline import RunOptions
+    from tests.runtime.tiny_bundle import make_tiny_bundle
+
+    b = load_bundle(make_tiny_bundle(tmp_path / "b"))
+
+    def broken(self, *a, **k):  # type: ignore[no-untyped-def]
+        raise TypeError("a bug, not the frame's data")
+
+    monkeypatch.setattr(quality.QualityGate, "check", broken)
+    with FakeBackend((1, 8, 8), 3) as be, open_source("synthetic:ultrasound?frames=4&size=64") as src, \
+            pytest.raises(TypeError, match="a bug"):
+        run_pipeline(b, src, be, [ListSink()], options=RunOptions(pipelined=pipelined))
+
+
+def _by_brightness(x: np.ndarray) -> np.ndarray:
+    """Class 0 for dark images, class 2 for bright ones: each image's own decision is unambiguous."""
+    m = x.reshape(len(x), -1).mean(axis=1)
+    out = np.zeros((len(x), 3), np.float32)
+    out[:, 0] = np.where(m < 0, 9.0, -9.0)
+    out[:, 2] = np.where(m < 0, -9.0, 9.0)
+    return out
+
+
+def _dicom_run(b, folder: Path, smoothing: str = "auto"):  # type: ignore[no-untyped-def]
+    from edgeclf.runtime.pipeline import RunOptions
+
+    mem = ListSink()
+    with FakeBackend((1, 8, 8), 3, fn=_by_brightness) as be, open_source(str(folder)) as src:
+        s = run_pipeline(b, src, be, [mem], options=RunOptions(quality=False, smoothing=smoothing))
+    return s, mem.records
+
+
+def _film(rng: np.random.Generator, level: int, frames: int = 1) -> np.ndarray:
+    shape = (frames, 32, 32) if frames > 1 else (32, 32)
+    return np.clip(rng.normal(level, 5, size=shape), 0, 255).astype(np.uint8)
+
+
+def test_a_folder_of_single_frame_dicom_images_is_not_smoothed_as_a_cine(tmp_path: Path) -> None:
+    # The summed frame count made six X-ray films one "cine": every film came out "abstain: settling" or
+    # showed the film before it.
+    pytest.importorskip("pydicom")
+    from tests.runtime.test_dicom import write_dicom
+    from tests.runtime.tiny_bundle import make_tiny_bundle
+
+    b = load_bundle(make_tiny_bundle(tmp_path / "b"))
+    rng = np.random.default_rng(0)
+    folder = tmp_path / "dcm"
+    folder.mkdir()
+    for i, level in enumerate([40, 40, 40, 220, 220, 40]):
+        write_dicom(folder / f"im{i}.dcm", _film(rng, level), instance=i + 1)
+    s, recs = _dicom_run(b, folder)
+    assert [r["label"] for r in recs] == [r["frame_label"] for r in recs] == ["normal"] * 3 + ["mass"] * 2 + ["normal"]
+    assert s.extra["smoothing"] == "off"
+    # each record says which file (and frame of it) it is
+    assert [(r["file_index"], r["file_frame"]) for r in recs] == [(i, 0) for i in range(6)]
+
+
+def test_two_cines_in_one_dicom_folder_are_smoothed_each_on_its_own(tmp_path: Path) -> None:
+    pytest.importorskip("pydicom")
+    from tests.runtime.test_dicom import write_dicom
+    from tests.runtime.tiny_bundle import make_tiny_bundle
+
+    b = load_bundle(make_tiny_bundle(tmp_path / "b"))
+    rng = np.random.default_rng(1)
+    folder = tmp_path / "dcm"
+    folder.mkdir()
+    write_dicom(folder / "a.dcm", _film(rng, 40, 12), instance=1, frame_time=33.3)
+    write_dicom(folder / "b.dcm", _film(rng, 220, 12), instance=2, frame_time=33.3)
+    write_dicom(folder / "c.dcm", _film(rng, 40), instance=3)  # a still of the same study
+    s, recs = _dicom_run(b, folder)
+    assert s.extra["smoothing"] == "cine" and s.frames == 25
+    first, second, still = recs[:12], recs[12:24], recs[24]
+    assert first[-1]["label"] == "normal"
+    # the second cine starts afresh: it never shows the first cine's label while it settles
+    assert all(r["label"] in (None, "mass") for r in second) and second[0]["abstain_reason"] == "settling"
+    assert second[-1]["label"] == "mass"
+    assert still["label"] == still["frame_label"] == "normal" and not still["abstain"]  # a still: shown as decided
+    assert [(r["file_index"], r["file_frame"]) for r in recs[11:14]] == [(0, 11), (1, 0), (1, 1)]

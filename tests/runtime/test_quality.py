@@ -103,6 +103,28 @@ def test_whole_frame_without_mask_and_rgb() -> None:
         gate.check(np.zeros((8, 8), np.float32))
 
 
+@pytest.mark.parametrize("shape", [(6, 6), (2, 2, 3), (1, 50), (7, 640), (640, 7, 3), (1, 1)])
+def test_a_tiny_frame_is_flagged_too_small_not_an_error(shape) -> None:
+    # A thumbnail or scout image (a valid PNG, just small) raised "sector mask is empty" (a side < 7 px) or a raw
+    # cv2.error (a 2x2 RGB frame), which ended the whole run.
+    from edgeclf.runtime.quality import MIN_SIDE
+
+    cine = UltrasoundCine(size=64, seed=3)
+    gate = QualityGate(frozen_frames=2)
+    assert gate.check(cine.frame(0)).ok
+    tiny = np.random.default_rng(0).integers(30, 200, size=shape, dtype=np.uint8)
+    for _ in range(3):  # repeated: never "frozen", and the stream's state is left alone
+        q = gate.check(tiny)
+        assert not q.ok and q.reasons == ("too_small",) and min(shape[:2]) < MIN_SIDE
+        assert q.figures == {"width": float(shape[1]), "height": float(shape[0])}
+    nxt = gate.check(cine.frame(1))
+    assert nxt.ok and nxt.figures["diff"] > 0  # compared with the frame before the tiny ones
+    st = gate.stats
+    assert st["too_small"] == 3 and st["flagged"] == 3 and st["frames"] == 5
+    # the smallest frame judged in full
+    assert gate.check(np.random.default_rng(1).integers(30, 200, size=(MIN_SIDE, MIN_SIDE), dtype=np.uint8)).reasons != ("too_small",)
+
+
 def test_config() -> None:
     assert QualityGate().config == QualityConfig()
     with pytest.raises(ConfigError, match="quality.frozen_frames"):
@@ -115,7 +137,7 @@ def test_config() -> None:
         QualityConfig.from_dict({"blank": 3})
     cfg = QualityConfig.from_dict({"frozen_frames": 30, "empty_ratio": 0.2})
     assert QualityGate.from_config(cfg).config == cfg
-    assert set(QUALITY_REASONS) == {"blank", "saturated", "empty", "frozen"}
+    assert set(QUALITY_REASONS) == {"too_small", "blank", "saturated", "empty", "frozen"}
 
 
 # ----------------------------------------------------------------------------------------- real data

@@ -100,6 +100,26 @@ def test_locked_sector_is_reused_without_looking_at_frames() -> None:
     assert det.stats["checks"] == 0
 
 
+@pytest.mark.parametrize("shape", [(2, 2, 3), (6, 6), (1, 50), (40, 2)])
+def test_a_tiny_frame_gets_the_whole_frame_and_leaves_the_lock_alone(shape) -> None:
+    # A frame with a side < 3 px raised a raw cv2.error (dilate of an empty subsampled mask) at the lock.
+    from edgeclf.runtime.sector import MIN_DETECT_SIDE
+
+    tiny = np.random.default_rng(0).integers(30, 200, size=shape, dtype=np.uint8)
+    det = SectorDetector(warmup=2, recheck_every=1)
+    for _ in range(4):
+        s = det.update(tiny)
+        assert s.kind == "full" and not s.locked and s.size == (shape[1], shape[0]) and min(shape[:2]) < MIN_DETECT_SIDE
+        assert apply_sector(tiny, s) is tiny
+    assert det.sector is None and det.stats["too_small"] == 4
+    cine = UltrasoundCine(size=128, seed=5, loop=True)
+    for i in range(8):
+        locked = det.update(cine.frame(i))
+    assert locked.locked and locked.kind == "fan"
+    assert det.update(tiny).kind == "full"  # one thumbnail in the stream: no re-detection
+    assert det.update(cine.frame(8)) is locked and det.stats["redetections"] == 0
+
+
 def test_no_false_redetection_on_a_steady_stream() -> None:
     cine = UltrasoundCine(size=192, seed=6, loop=True)
     det = SectorDetector(warmup=8, recheck_every=20)

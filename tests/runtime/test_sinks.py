@@ -101,6 +101,44 @@ def test_jsonl_fsync_modes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> N
         JsonlSink(tmp_path / "e.jsonl", fsync_every=-1)
 
 
+@pytest.mark.parametrize("every", [None, 1.0, 0])
+def test_jsonl_sync_puts_every_line_on_disk_now_whatever_the_interval(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                      every: Any) -> None:
+    # Before a watched folder marks a file done, its result must be on disk (the pipeline calls sync()).
+    calls: List[int] = []
+    real = os.fsync
+    monkeypatch.setattr(sinks_mod.os, "fsync", lambda fd: (calls.append(fd), real(fd))[1])
+    monkeypatch.setattr(sinks_mod.time, "monotonic", lambda: 100.0)  # the interval never passes
+    sink = JsonlSink(tmp_path / "r.jsonl", fsync_every=every)
+    sink.write(_rec(0))
+    sink.write(_rec(1))
+    before = sink.fsyncs
+    sink.sync()
+    assert sink.unsynced == 0 and sink.fsyncs == before + (every != 0)
+    n = len(calls)
+    sink.sync()  # nothing new: no fsync
+    assert len(calls) == n
+    sink.close()
+    sink.sync()  # after close: nothing to do, no error
+    Sink().sync()
+    ListSink().sync()  # sinks that keep nothing on disk: a no-op
+
+
+def test_a_failing_sync_is_reported_and_sticks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    sink = JsonlSink(tmp_path / "r.jsonl")
+    sink.write(_rec(0))
+
+    def failing_fsync(fd: int) -> None:
+        raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+    monkeypatch.setattr(sinks_mod.os, "fsync", failing_fsync)
+    with pytest.raises(EdgeclfError, match=r"syncing .*r.jsonl to disk failed .*the last 1 may not survive"):
+        sink.sync()
+    with pytest.raises(EdgeclfError, match="syncing"):
+        sink.write(_rec(1))
+    sink.close()
+
+
 def _write(path: Path, n: int) -> bytes:
     with JsonlSink(path) as sink:
         for i in range(n):

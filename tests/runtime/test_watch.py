@@ -317,3 +317,94 @@ def test_a_name_that_looks_like_an_extension_stays_out_of_records_and_logs(tmp_p
     assert sorted(m["ext"] for m in metas) == ["", ".png"]
     text = json.dumps(metas, default=str) + caplog.text
     assert "doe" not in text.lower() and "smith" not in text.lower() and "jane" not in text.lower()
+
+
+# ------------------------------------------------------------------------------------- through the pipeline
+
+
+def _pipeline_png(path: Path, shape: tuple, mtime: float) -> None:
+    cv2.imwrite(str(path), np.random.default_rng(0).integers(30, 200, size=shape, dtype=np.uint8))
+    os.utime(path, (mtime, mtime))
+
+
+def _run_watch(tmp_path: Path, inbox: Path, sinks: List[Any], src: Optional[WatchFolderSource] = None) -> Any:
+    from edgeclf.runtime.backends import FakeBackend
+    from edgeclf.runtime.bundle import load_bundle
+    from edgeclf.runtime.pipeline import run_pipeline
+    from tests.runtime.tiny_bundle import make_tiny_bundle
+
+    b = load_bundle(make_tiny_bundle(tmp_path / "b"))
+    src = src or WatchFolderSource(str(inbox), poll=POLL, idle_exit=IDLE)
+    try:
+        with FakeBackend((1, 8, 8), 3) as be:
+            return run_pipeline(b, src, be, sinks), src
+    finally:
+        src.close()
+
+
+def test_a_tiny_image_is_abstained_and_acked_not_the_end_of_the_service(tmp_path: Path) -> None:
+    # A 6x6 thumbnail raised DataError in the quality gate: the run ended, the file was never acked, and the
+    # service died on the same file at every restart.
+    from edgeclf.runtime.sinks import ListSink
+
+    inbox = tmp_path / "in"
+    inbox.mkdir()
+    now = time.time() - 100
+    _pipeline_png(inbox / "a_small.png", (6, 6), now)
+    _pipeline_png(inbox / "b_big.png", (64, 64), now + 1)
+    mem = ListSink()
+    s, src = _run_watch(tmp_path, inbox, [mem])
+    assert s.frames == 2 and [r.get("abstain_reason") for r in mem.records][0] == "too_small"
+    assert src.stats()["files_done"] == 2
+    again = ListSink()
+    s2, _ = _run_watch(tmp_path, inbox, [again])  # a restart: both files are done
+    assert s2.frames == 0 and again.records == []
+
+
+def test_a_file_is_marked_done_only_once_its_result_is_on_disk(tmp_path: Path) -> None:
+    # The state (fsynced at every ack) said "done" while the result line waited up to --fsync-every (1 s) for
+    # its fsync: a power loss then lost the result for good.
+    from edgeclf.runtime.sinks import JsonlSink
+
+    inbox = tmp_path / "in"
+    inbox.mkdir()
+    for i in range(3):
+        _pipeline_png(inbox / f"x{i}.png", (64, 64), time.time() - 100 + i)
+    out = JsonlSink(tmp_path / "r.jsonl", fsync_every=None)  # even a sink told never to fsync
+    unsynced_at_ack: List[int] = []
+
+    class Watched(WatchFolderSource):
+        def ack(self, frame: Any) -> None:
+            unsynced_at_ack.append(out.unsynced)
+            super().ack(frame)
+
+    try:
+        _run_watch(tmp_path, inbox, [out], Watched(str(inbox), poll=POLL, idle_exit=IDLE))
+    finally:
+        out.close()
+    assert unsynced_at_ack == [0, 0, 0] and out.fsyncs >= 3
+
+
+def test_result_lines_say_which_file_and_frame_they_are_without_naming_it(tmp_path: Path) -> None:
+    # watch.py promises meta["watch_key"] and meta["file_frame"] so that a repeat after a crash can be dropped;
+    # the records carried neither.
+    from edgeclf.runtime.sinks import JsonlSink, read_jsonl
+
+    inbox = tmp_path / "in"
+    inbox.mkdir()
+    _pipeline_png(inbox / "ZYQUIST_ORVILLE.png", (64, 64), time.time() - 100)
+    _dicom(inbox / "QUILLFEATHER_MARGOLINE.dcm", [10, 20, 30])
+    os.utime(inbox / "QUILLFEATHER_MARGOLINE.dcm", (time.time() - 99,) * 2)
+    out = JsonlSink(tmp_path / "r.jsonl")
+    try:
+        _run_watch(tmp_path, inbox, [out])
+    finally:
+        out.close()
+    recs, _ = read_jsonl(tmp_path / "r.jsonl")
+    assert [r["file_frame"] for r in recs] == [0, 0, 1, 2]
+    keys = [r["watch_key"] for r in recs]
+    assert len(set(keys)) == 2 and keys[1] == keys[2] == keys[3]
+    assert all(len(k) == 20 and int(k, 16) >= 0 for k in keys)  # watch.py's hash of name, size and mtime
+    text = (tmp_path / "r.jsonl").read_text().lower()
+    assert not any(w in text for w in ("zyquist", "orville", "quillfeather", "margoline"))
+    assert all("name_hash" not in r and "source_id" not in r for r in recs)
