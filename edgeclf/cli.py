@@ -775,7 +775,7 @@ def _check_backend_name(backend: str | None) -> None:
 @click.option("--dla", "dla_core", type=click.IntRange(min=0), default=None, help="Build for this DLA core with GPU fallback (refused on "
               "profiles without DLA).")
 @click.option("--workspace", "workspace_mb", type=click.IntRange(min=1), default=None, help="Builder workspace in MiB [default: the profile's].")
-@click.option("--max-batch", type=click.IntRange(min=1), default=8, show_default=True, help="Largest batch of the optimisation profile (min and opt 1).")
+@click.option("--max-batch", type=click.IntRange(min=1), default=8, show_default=True, help="Largest batch of the optimisation profile (min and opt 1); a DLA engine (--dla) has one fixed batch of 1.")
 @click.option("--cache", "cache", default=None, help="Engine folder [default: $EDGECLF_ENGINE_CACHE, else $XDG_CACHE_HOME/edgeclf/engines].")
 @click.option("--rebuild", is_flag=True, help="Build even when a valid engine is cached.")
 @click.option("--print-trtexec", is_flag=True, help="Print the equivalent trtexec command for the profile's TensorRT and build nothing.")

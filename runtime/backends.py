@@ -5,6 +5,7 @@ import hashlib
 import importlib.util
 import logging
 import os
+import re
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence, Tuple
@@ -122,8 +123,11 @@ class OrtBackend(Backend):
         spinning: bool = False,
         provider_options: Optional[Dict[str, str]] = None,
         model_bytes: Optional[bytes] = None,
+        max_batch: Optional[int] = None,
     ) -> None:
         super().__init__(input_shape, num_outputs)
+        # The largest batch per run() (the TensorRT EP's profile max): larger batches are split, never a rebuild.
+        self.max_batch = int(max_batch) if max_batch else None
         ort: Any = require("onnxruntime", "ort")
         if backend not in _PROVIDERS:
             raise BackendError(f"backend {backend!r} is not an ONNX Runtime backend; allowed: {', '.join(_PROVIDERS)}")
@@ -161,7 +165,7 @@ class OrtBackend(Backend):
         self.fixed_batch: Optional[int] = inp.shape[0] if isinstance(inp.shape[0], int) and inp.shape[0] > 0 else None
 
     def _infer(self, x: NDArray[np.float32]) -> NDArray[np.float32]:
-        step = self.fixed_batch or len(x)
+        step = self.fixed_batch or (min(len(x), self.max_batch) if self.max_batch else len(x))
         if self.fixed_batch is not None and len(x) % step:
             raise BackendError(f"this model takes batches of exactly {step}; got {len(x)} inputs")
         outs = []
@@ -242,25 +246,58 @@ def choose_backend(preferred: Sequence[str], availability: Dict[str, Optional[st
                       + "; ".join(skipped) + "); give --backend or install what is missing")
 
 
-def ort_provider_options(backend: str, options: Optional[BackendOptions], *, model_sha256: Optional[str] = None) -> Optional[Dict[str, str]]:
+def _version_tuple(version: str) -> Tuple[int, ...]:
+    """(1, 17, 0) from "1.17.0", "1.17.0rc1", "1.17.0+cu118"."""
+    parts: List[int] = []
+    for p in str(version).split(".")[:3]:
+        digits = re.match(r"\d+", p)
+        if digits is None:
+            break
+        parts.append(int(digits.group()))
+    return tuple(parts)
+
+
+# trt_profile_{min,opt,max}_shapes came with onnxruntime PR #15546 (1.15); 1.16 is the floor edgeclf[ort] asks for.
+# An option the EP does not know is not ignored: the Python binding raises "Invalid TensorRT EP option" and the session
+# silently falls back to the CUDA EP, hence the version gate.
+ORT_PROFILE_SHAPES_SINCE = (1, 16)
+
+
+def ort_provider_options(backend: str, options: Optional[BackendOptions], *, model_sha256: Optional[str] = None,
+                         input_name: Optional[str] = None, input_shape: Optional[Sequence[int]] = None,
+                         ort_version: Optional[str] = None) -> Optional[Dict[str, str]]:
     """ONNX Runtime TensorRT execution provider options (onnxruntime.ai TensorRT-ExecutionProvider "Configurations"):
-    fp16/int8 (int8 for the bundle's explicit-QDQ variant: TensorRT 8.x needs the flag for Q/DQ), engine and timing
-    caches under the per-user engine folder, workspace, DLA. None for the other backends.
+    fp16/int8 (int8 for the bundle's explicit-QDQ variant: TensorRT 8.x needs the flag for Q/DQ; fp16 with it, so
+    that layers left unquantized do not run in fp32), engine and timing caches under the per-user engine folder (the
+    EP keeps its timing cache in trt_engine_cache_path unless trt_timing_cache_path, an option only from 1.17, says
+    otherwise), workspace, DLA, and an explicit batch profile. None for the other backends.
+
+    DLA is checked as for --backend trt (the profile has the core; fp16 or int8, Q/DQ int8 only from TensorRT 10): the
+    EP itself ignores trt_dla_enable without fp16/int8 and takes core 0 for a core it does not have, both silently.
+
+    input_name, input_shape (C, H, W): the model's dynamic-batch input. With them the EP gets trt_profile_min/opt/max
+    _shapes ("input:1x3x224x224", batch 1 .. max_batch; DLA: batch 1 fixed, DLA has no dynamic shapes) and builds its
+    engine when the session is made, not at the first run() nor again when a larger batch arrives. Without them
+    (a model outside a bundle, a fixed-batch model) none are given.
 
     model_sha256: the model's digest, for a model handed over as bytes: its engines get a folder of their own. The
     EP names an engine by a hash of the model's file name and node names, not its weights; with no file name two
     models of one architecture (another bundle, the fp16 variant) would share an engine."""
     if backend != "ort-tensorrt":
         return None
-    from edgeclf.runtime.engine import cache_dir
+    from edgeclf.runtime.engine import cache_dir, check_dla, check_dla_precision, profile_for
 
     o = options or BackendOptions()
+    if o.dla_core is not None:
+        prof = profile_for(o.device, "--backend ort-tensorrt --dla")
+        check_dla(prof, o.dla_core)
+        check_dla_precision(o.precision, o.dla_core, prof.tensorrt, backend="ort-tensorrt")
     folder = cache_dir(o.engine_cache) / "ort-tensorrt"
     if model_sha256:
         folder = folder / model_sha256[:16]
     folder.mkdir(parents=True, exist_ok=True)
     opts = {
-        "trt_fp16_enable": str(o.precision == "fp16"),
+        "trt_fp16_enable": str(o.precision in ("fp16", "int8")),
         "trt_int8_enable": str(o.precision == "int8"),
         "trt_engine_cache_enable": "True",
         "trt_engine_cache_path": str(folder),
@@ -270,7 +307,27 @@ def ort_provider_options(backend: str, options: Optional[BackendOptions], *, mod
         opts["trt_max_workspace_size"] = str(int(o.workspace_mb) << 20)
     if o.dla_core is not None:
         opts.update(trt_dla_enable="True", trt_dla_core=str(int(o.dla_core)))
+    if input_name and input_shape is not None:
+        if ort_version is None:
+            ort_version = str(require("onnxruntime", "ort").__version__)
+        if any(ch in input_name for ch in ",:"):
+            log.warning("input name %r cannot be written in trt_profile_*_shapes; the TensorRT EP builds its engine at the first run",
+                        input_name)
+        elif _version_tuple(ort_version) < ORT_PROFILE_SHAPES_SINCE:
+            log.warning("onnxruntime %s predates trt_profile_*_shapes (%s): the TensorRT EP builds its engine at the first run "
+                        "and again for a larger batch", ort_version, ".".join(map(str, ORT_PROFILE_SHAPES_SINCE)))
+        else:
+            c, h, w = (int(v) for v in input_shape)
+            top = 1 if o.dla_core is not None else max(1, int(o.max_batch))
+            opts.update(trt_profile_min_shapes=f"{input_name}:1x{c}x{h}x{w}", trt_profile_opt_shapes=f"{input_name}:1x{c}x{h}x{w}",
+                        trt_profile_max_shapes=f"{input_name}:{top}x{c}x{h}x{w}")
     return opts
+
+
+def _profile_batch(opts: Optional[Dict[str, str]]) -> Optional[int]:
+    """The batch the EP profile allows at most (None: no explicit profile)."""
+    shape = (opts or {}).get("trt_profile_max_shapes")
+    return int(shape.rsplit(":", 1)[1].split("x")[0]) if shape else None
 
 
 def create_backend(
@@ -297,14 +354,20 @@ def create_backend(
 
         return trt_backend_for_model(bundle_model_path, (c, h, w), num_outputs, options, bundle=bundle)
     if bundle is None:
+        provider_options = ort_provider_options(backend, options)
         return OrtBackend(bundle_model_path, (c, h, w), num_outputs, backend=backend, threads=threads,
-                          provider_options=ort_provider_options(backend, options))
+                          provider_options=provider_options, max_batch=_profile_batch(provider_options))
+    m = bundle.manifest
     # Only the selected model's bytes, alive while the session is made (ONNX Runtime keeps its own copy of what it
     # needs): re-hashing on use costs one more read of one model and keeps every variant out of memory otherwise.
     data = bundle.read_model(bundle_model_path)
     digest = hashlib.sha256(data).hexdigest() if backend == "ort-tensorrt" else None
+    batch_dim = ((m.raw.get("model") or {}).get("input_shape") or [None])[0]
+    dynamic = not isinstance(batch_dim, int)  # an int: exported with a fixed batch, nothing to profile
+    provider_options = ort_provider_options(backend, options, model_sha256=digest, input_name=m.input_name if dynamic else None,
+                                            input_shape=(c, h, w))
     return OrtBackend(bundle_model_path, (c, h, w), num_outputs, backend=backend,
-                      threads=threads, provider_options=ort_provider_options(backend, options, model_sha256=digest),
-                      model_bytes=data)
+                      threads=threads, provider_options=provider_options, model_bytes=data,
+                      max_batch=_profile_batch(provider_options))
 
 

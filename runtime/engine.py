@@ -5,8 +5,9 @@ the cache folder, the cache key and its invalidation, precision and DLA choices,
 command per TensorRT version, progress output. TensorRT and Polygraphy are imported only inside the functions
 that build or load an engine; importing this module imports neither.
 
-Cache key: (device profile, TensorRT version, compute capability, precision, DLA core, bundle checksum). The
-engine file's name holds the key's digest and a metadata JSON beside it records the key and the engine's sha256;
+Cache key: (device profile, TensorRT version, compute capability, GPU name, precision, DLA core, bundle checksum).
+The GPU name is that of CUDA device 0, the one TensorRT builds on and runs on: two card models of one compute
+capability (an RTX A2000 and an RTX 3090) never share an engine. The engine file's name holds the key's digest and a metadata JSON beside it records the key and the engine's sha256;
 an engine whose metadata names another key, or whose bytes no longer hash to the recorded value, is rebuilt
 with a message, never loaded.
 """
@@ -29,14 +30,15 @@ from edgeclf.runtime.bundle import _read_checked, sha256_file
 
 __all__ = [
     "ENGINE_CACHE_ENV", "EngineKey", "EngineCache", "Lookup", "EnginePlan", "EngineRecord", "Heartbeat",
-    "cache_dir", "plan_engine", "resolve_precision", "check_dla", "trtexec_command", "ensure_engine",
+    "cache_dir", "plan_engine", "resolve_precision", "check_dla", "check_dla_precision", "builder_flags", "trtexec_command",
+    "ensure_engine", "profile_for", "cuda_device_name",
     "build_engine", "build_with_polygraphy", "require_tensorrt", "tensorrt_missing", "TENSORRT_INSTALL_HINT", "trtexec_for",
 ]
 
 log = logging.getLogger(__name__)
 ENGINE_CACHE_ENV = "EDGECLF_ENGINE_CACHE"
 FORMAT = "edgeclf-engine"
-KEY_FIELDS = ("device", "tensorrt", "compute_capability", "precision", "dla_core", "bundle_checksum")
+KEY_FIELDS = ("device", "tensorrt", "compute_capability", "gpu", "precision", "dla_core", "bundle_checksum")
 TENSORRT_INSTALL_HINT = (
     "install TensorRT's Python bindings (on a Jetson JetPack's python3-libnvinfer: `sudo apt install python3-libnvinfer`, "
     "for the system python3; on x86 `pip install tensorrt`) and `pip install polygraphy`"
@@ -89,7 +91,8 @@ def cache_dir(flag: Optional[str] = None, env: Optional[Mapping[str, str]] = Non
 
 @dataclass(frozen=True)
 class EngineKey:
-    """Everything an engine is only valid for. dla_core None: GPU only."""
+    """Everything an engine is only valid for. dla_core None: GPU only. gpu: the CUDA device's name ("" when it could
+    not be read: an engine recorded without one is rebuilt once)."""
 
     device: str
     tensorrt: str
@@ -97,6 +100,7 @@ class EngineKey:
     precision: str
     dla_core: Optional[int]
     bundle_checksum: str
+    gpu: str = ""
 
     def fields(self) -> Dict[str, Any]:
         return {k: getattr(self, k) for k in KEY_FIELDS}
@@ -205,20 +209,56 @@ def check_dla(profile: Any, dla_core: Optional[int]) -> None:
         raise ConfigError(f"--dla {dla_core}: device profile {profile.name} has DLA cores 0-{profile.dla_cores - 1}; give one of them")
 
 
-def resolve_precision(requested: str, profile: Any, variants: Sequence[Any], dla_core: Optional[int] = None) -> Tuple[str, str, str]:
+def _trt_major(version: Optional[str]) -> Optional[int]:
+    try:
+        return int(str(version).split(".")[0]) if version else None
+    except ValueError:
+        return None
+
+
+def dla_runs_qdq_int8(tensorrt: Optional[str]) -> bool:
+    """Whether DLA runs an explicitly quantized (Q/DQ) INT8 network on this TensorRT (True when the version is unknown).
+    Before TensorRT 10 (JetPack 5) DLA INT8 came from calibration or per-tensor dynamic ranges only, so NVIDIA's
+    Deep-Learning-Accelerator-SW ships a qdq-translator that strips Q/DQ nodes into a calibration cache for DLA
+    (and names JetPack 6's DLA stack as its minimum); a Q/DQ network's layers then run on the GPU instead."""
+    major = _trt_major(tensorrt)
+    return major is None or major >= 10
+
+
+def check_dla_precision(precision: Optional[str], dla_core: Optional[int], tensorrt: Optional[str], *, backend: str = "trt") -> None:
+    """Refuse DLA requests whose layers would silently run on the GPU: DLA runs fp16 or int8 only (ONNX Runtime's
+    TensorRT EP ignores trt_dla_enable without fp16/int8), and not a Q/DQ int8 model before TensorRT 10."""
+    if dla_core is None:
+        return
+    if precision not in ("fp16", "int8"):
+        raise ConfigError(f"--dla {dla_core} with {precision or 'fp32'} on {backend}: DLA runs fp16 or int8 only (the layers would "
+                          "silently run on the GPU); give --precision fp16 or int8")
+    if precision == "int8" and not dla_runs_qdq_int8(tensorrt):
+        raise ConfigError(f"--dla {dla_core} with int8 on TensorRT {tensorrt}: DLA runs the bundle's explicitly quantized (Q/DQ) "
+                          "int8 model only from TensorRT 10 (JetPack 6); here it would silently run on the GPU: give --precision "
+                          "fp16 for the DLA, or leave --dla out for int8 on the GPU")
+
+
+def resolve_precision(requested: str, profile: Any, variants: Sequence[Any], dla_core: Optional[int] = None,
+                      tensorrt: Optional[str] = None) -> Tuple[str, str, str]:
     """(precision, source model id, reason). fp32 and fp16 build from the fp32 ONNX (TensorRT chooses fp16 kernels);
     int8 builds from the bundle's symmetric QDQ variant (explicit quantization: the calibration edgeclf did on
     real data, no TensorRT calibrator). auto: int8 when the bundle has that variant and the profile runs int8,
-    else fp16 where supported, else fp32. DLA runs fp16 or int8 only."""
+    else fp16 where supported, else fp32. DLA runs fp16 or int8 only, and Q/DQ int8 only from TensorRT 10
+    (`tensorrt`: the version the engine is for; None: not known yet)."""
     allowed = ("fp32", "fp16", "int8", "auto")
     if requested not in allowed:
         raise ConfigError(f"--precision {requested!r} is unknown; allowed: {', '.join(allowed)}")
     has_qdq = any(getattr(v, "id", None) == "int8-tensorrt" for v in variants)
+    dla_no_qdq = dla_core is not None and not dla_runs_qdq_int8(tensorrt)
     if requested == "auto":
-        if has_qdq and "int8" in profile.precisions:
+        if has_qdq and "int8" in profile.precisions and not dla_no_qdq:
             precision, reason = "int8", "auto: the bundle has a gated int8-tensorrt variant and the profile runs int8"
         elif "fp16" in profile.precisions:
-            precision, reason = "fp16", "auto: " + ("no int8-tensorrt variant in the bundle; " if not has_qdq else "") + "fp16 on this profile"
+            why = ("no int8-tensorrt variant in the bundle; " if not has_qdq
+                   else f"DLA on TensorRT {tensorrt} does not run the Q/DQ int8 variant; " if dla_no_qdq and "int8" in profile.precisions
+                   else "")
+            precision, reason = "fp16", "auto: " + why + "fp16 on this profile"
         else:
             precision, reason = "fp32", f"auto: profile {profile.name} runs neither int8 nor fp16 through TensorRT"
     else:
@@ -232,7 +272,16 @@ def resolve_precision(requested: str, profile: Any, variants: Sequence[Any], dla
         if requested == "auto":
             raise ConfigError(f"--dla {dla_core}: DLA runs fp16 or int8 and profile {profile.name} offers neither; leave --dla out")
         raise ConfigError(f"--dla {dla_core} with --precision fp32: DLA runs fp16 or int8; give --precision fp16 or int8")
+    check_dla_precision(precision, dla_core, tensorrt)
     return precision, ("int8-tensorrt" if precision == "int8" else "fp32"), reason
+
+
+def builder_flags(precision: str) -> Dict[str, bool]:
+    """The builder precision flags for one precision, shared by the Polygraphy build, the trtexec command and the
+    engine record. int8 also enables fp16: the builder flags allow precisions, and layers the Q/DQ model leaves
+    unquantized would otherwise run in fp32, which DLA cannot run (GPU fallback). TF32 stays off (Polygraphy's
+    CreateConfig clears it unless asked; trtexec enables it unless --noTF32): an fp32 engine computes in fp32."""
+    return {"fp16": precision in ("fp16", "int8"), "int8": precision == "int8", "tf32": False}
 
 
 @dataclass(frozen=True)
@@ -258,13 +307,20 @@ class EnginePlan:
     onnx_sha256: Optional[str] = None
 
     def shapes(self) -> Dict[str, Tuple[int, ...]]:
+        """The batch profile. DLA has no dynamic dimensions (its min, opt and max must be equal): a DLA engine has one
+        fixed batch, opt_batch (1 unless asked), and the backend pads a smaller batch and splits a larger one."""
         c, h, w = self.input_shape
+        if self.dla_core is not None:
+            fixed = (self.opt_batch, c, h, w)
+            return {"min": fixed, "opt": fixed, "max": fixed}
         return {"min": (1, c, h, w), "opt": (self.opt_batch, c, h, w), "max": (self.max_batch, c, h, w)}
 
 
 def plan_engine(bundle: Any, profile: Any, *, precision: str = "auto", dla_core: Optional[int] = None,
-                workspace_mb: Optional[int] = None, max_batch: int = 8, opt_batch: int = 1) -> EnginePlan:
-    """Decide everything about an engine without TensorRT (validates --dla, --precision, --workspace, batch)."""
+                workspace_mb: Optional[int] = None, max_batch: int = 8, opt_batch: int = 1,
+                tensorrt: Optional[str] = None) -> EnginePlan:
+    """Decide everything about an engine without TensorRT (validates --dla, --precision, --workspace, batch).
+    tensorrt: the TensorRT version the engine is for, where known (DLA runs Q/DQ int8 only from 10)."""
     if profile.accelerator not in ("jetson", "nvidia-gpu"):
         raise ConfigError(f"device profile {profile.name} has no NVIDIA GPU ({profile.accelerator}); TensorRT engines are built on "
                           "jetson-* and x86-nvidia-gpu devices; give --device with --print-trtexec to see the command for one")
@@ -274,7 +330,7 @@ def plan_engine(bundle: Any, profile: Any, *, precision: str = "auto", dla_core:
     if max_batch < 1 or not 1 <= opt_batch <= max_batch:
         raise ConfigError(f"batch profile 1/{opt_batch}/{max_batch} (min/opt/max) is not ordered; give 1 <= opt <= max")
     m = bundle.manifest
-    prec, source, reason = resolve_precision(precision, profile, m.variants, dla_core)
+    prec, source, reason = resolve_precision(precision, profile, m.variants, dla_core, tensorrt)
     onnx = bundle.model_path if source == "fp32" else bundle.path / next(v.file for v in m.variants if v.id == source)
     digests: Mapping[str, str] = getattr(bundle, "digests", None) or {}
     return EnginePlan(
@@ -298,8 +354,10 @@ def trtexec_command(plan: EnginePlan, *, tensorrt: str, save_engine: str, timing
       10.x drops `--workspace` and takes a unit suffix, default MiB, so `workspace:NM` is explicit.
     - `--fp16`, `--int8` "enable ... in addition to fp32". The 8.x developer guide requires the INT8 flag for
       any quantized (Q/DQ) network; 10.x honours Q/DQ either way and still accepts `--int8` (deprecated in favour
-      of `--stronglyTyped` only in late 10.x), so it is passed for both.
-    - DLA: `--useDLACore=N --allowGPUFallback` (README example 2).
+      of `--stronglyTyped` only in late 10.x), so it is passed for both. int8 also gets `--fp16` (`builder_flags`).
+    - `--noTF32` "Disable tf32 precision (default is to enable tf32, in addition to fp32)": Polygraphy's
+      CreateConfig clears TF32 unless asked, so the command builds what `build-engine` builds.
+    - DLA: `--useDLACore=N --allowGPUFallback` (README example 2); min=opt=max shapes (DLA has no dynamic shapes).
     - `--minShapes/--optShapes/--maxShapes=input:BxCxHxW` for the batch axis (README example 3).
     - `--saveEngine=<file>`, `--timingCacheFile=<file>` (save/load the timing cache).
     No `--skipInference`: 8.4 names it `--buildOnly`; trtexec then also times the engine, which is harmless.
@@ -314,10 +372,10 @@ def trtexec_command(plan: EnginePlan, *, tensorrt: str, save_engine: str, timing
     cmd = ["trtexec", f"--onnx={plan.onnx_path}"]
     for which in ("min", "opt", "max"):
         cmd.append(f"--{which}Shapes={plan.input_name}:{'x'.join(str(v) for v in shapes[which])}")
-    if plan.precision == "fp16":
-        cmd.append("--fp16")
-    elif plan.precision == "int8":
-        cmd.append("--int8")
+    flags = builder_flags(plan.precision)
+    cmd += [f"--{name}" for name in ("fp16", "int8") if flags[name]]
+    if not flags["tf32"]:
+        cmd.append("--noTF32")
     cmd.append(f"--memPoolSize=workspace:{plan.workspace_mb}" + ("M" if major >= 10 else ""))
     if plan.dla_core is not None:
         cmd += [f"--useDLACore={plan.dla_core}", "--allowGPUFallback"]
@@ -375,10 +433,13 @@ Builder = Callable[[EnginePlan, Path, Progress], Tuple[bytes, Dict[str, Any]]]
 
 
 def ensure_engine(plan: EnginePlan, cache: EngineCache, *, tensorrt: str, compute_capability: str, builder: Builder,
-                  rebuild: bool = False, progress: Optional[Progress] = None) -> EngineRecord:
-    """The cached engine for `plan` when it is valid, else a freshly built one (with a message saying why)."""
+                  rebuild: bool = False, progress: Optional[Progress] = None, gpu: str = "") -> EngineRecord:
+    """The cached engine for `plan` when it is valid, else a freshly built one (with a message saying why).
+    gpu: the name of the CUDA device the engine is for (part of the key)."""
     say = progress or (lambda msg: log.info("%s", msg))
-    key = EngineKey(plan.device, str(tensorrt), str(compute_capability), plan.precision, plan.dla_core, plan.bundle_checksum)
+    check_dla_precision(plan.precision, plan.dla_core, str(tensorrt))
+    key = EngineKey(plan.device, str(tensorrt), str(compute_capability), plan.precision, plan.dla_core, plan.bundle_checksum,
+                    str(gpu))
     found = cache.lookup(key)
     messages: List[str] = []
     if found.status == "hit" and not rebuild:
@@ -395,8 +456,11 @@ def ensure_engine(plan: EnginePlan, cache: EngineCache, *, tensorrt: str, comput
     say(why)
     timing = cache.timing_cache_path(str(tensorrt), str(compute_capability))
     cache.root.mkdir(parents=True, exist_ok=True)
+    shapes = plan.shapes()
     say(f"building {plan.precision} engine for {plan.device} (TensorRT {tensorrt}, compute {compute_capability}"
-        + (f", DLA core {plan.dla_core} with GPU fallback" if plan.dla_core is not None else "") + f") from {plan.onnx_path.name}")
+        + (f", {gpu}" if gpu else "")
+        + (f", DLA core {plan.dla_core} with GPU fallback, fixed batch {shapes['opt'][0]}" if plan.dla_core is not None else "")
+        + f") from {plan.onnx_path.name}")
     t0 = time.perf_counter()
     with Heartbeat(say, "building the engine (TensorRT times kernels; minutes on a Jetson)"):
         data, report = builder(plan, timing, say)
@@ -406,14 +470,17 @@ def ensure_engine(plan: EnginePlan, cache: EngineCache, *, tensorrt: str, comput
         "source_model": {"file": plan.onnx_path.name, "variant": plan.source_model,
                          "sha256": plan.onnx_sha256 or sha256_file(plan.onnx_path)},
         "build": {"seconds": seconds, "precision_reason": plan.precision_reason, "workspace_mb": plan.workspace_mb,
-                  "input": plan.input_name, "shapes": {k: list(v) for k, v in plan.shapes().items()},
-                  "timing_cache": str(timing), **report},
+                  "flags": builder_flags(plan.precision), "input": plan.input_name,
+                  "shapes": {k: list(v) for k, v in shapes.items()}, "timing_cache": str(timing), **report},
     }
     path, meta = cache.store(key, data, info)
-    fell_back = report.get("dla_gpu_fallback_layers") or []
     if plan.dla_core is not None:
-        msg = (f"DLA core {plan.dla_core}: {len(fell_back)} layer(s) fell back to the GPU: {', '.join(fell_back[:10])}"
-               + (" ..." if len(fell_back) > 10 else "") if fell_back else f"DLA core {plan.dla_core}: every layer runs on the DLA")
+        # can_run_on_DLA judges a layer by its type and parameters; where the built engine placed it is not read back.
+        ineligible = report.get("dla_ineligible_layers") or []
+        head = f"DLA core {plan.dla_core}: "
+        msg = (head + f"{len(ineligible)} layer(s) cannot run on the DLA and fall back to the GPU: {', '.join(ineligible[:10])}"
+               + (" ..." if len(ineligible) > 10 else "") if ineligible
+               else head + "every layer is eligible for the DLA by type (TensorRT's can_run_on_DLA); placement not verified")
         messages.append(msg)
         say(msg)
     say(f"engine written: {path} ({len(data) / 1e6:.1f} MB, {seconds} s)")
@@ -423,11 +490,12 @@ def ensure_engine(plan: EnginePlan, cache: EngineCache, *, tensorrt: str, comput
 def build_with_polygraphy(plan: EnginePlan, timing_cache: Path, progress: Progress) -> Tuple[bytes, Dict[str, Any]]:
     """Build with NVIDIA's Polygraphy loaders (TensorRT 8.5+ / 10.x). NOT RUN by this project's CI: no TensorRT there.
 
-    NetworkFromOnnxBytes -> CreateConfig(fp16/int8, one batch profile, workspace pool, timing cache, DLA with GPU
-    fallback) -> EngineBytesFromNetwork(save_timing_cache=...). INT8 comes from the QDQ model's own scales, so
-    no calibrator is given. Layers that cannot run on the DLA are listed through IBuilderConfig.can_run_on_DLA.
-    The ONNX is read once and parsed from those bytes (OnnxParser.parse), after checking them against the digest
-    verified with the bundle (plan.onnx_sha256): never re-opened by path.
+    NetworkFromOnnxBytes -> CreateConfig(tf32/fp16/int8 from `builder_flags`, one batch profile (fixed for DLA),
+    workspace pool, timing cache, DLA with GPU fallback) -> EngineBytesFromNetwork(save_timing_cache=...). INT8 comes
+    from the QDQ model's own scales, so no calibrator is given. Layers IBuilderConfig.can_run_on_DLA rejects are
+    listed (eligibility by layer type, not the placement in the built engine). The ONNX is read once and parsed
+    from those bytes (OnnxParser.parse), after checking them against the digest verified with the bundle
+    (plan.onnx_sha256): never re-opened by path.
     """
     trt, _ = require_tensorrt()
     from polygraphy.backend.trt import (
@@ -440,8 +508,9 @@ def build_with_polygraphy(plan: EnginePlan, timing_cache: Path, progress: Progre
 
     shapes = plan.shapes()
     profile = Profile().add(plan.input_name, min=shapes["min"], opt=shapes["opt"], max=shapes["max"])
+    flags = builder_flags(plan.precision)
     kwargs: Dict[str, Any] = dict(
-        fp16=plan.precision == "fp16", int8=plan.precision == "int8", profiles=[profile],
+        tf32=flags["tf32"], fp16=flags["fp16"], int8=flags["int8"], profiles=[profile],
         memory_pool_limits={trt.MemoryPoolType.WORKSPACE: int(plan.workspace_mb) << 20},
         load_timing_cache=str(timing_cache) if timing_cache.is_file() else None,
         use_dla=plan.dla_core is not None, allow_gpu_fallback=plan.dla_core is not None,
@@ -450,14 +519,14 @@ def build_with_polygraphy(plan: EnginePlan, timing_cache: Path, progress: Progre
     if monitor is not None:
         kwargs["progress_monitor"] = monitor
     config: Any = CreateConfig(**kwargs)
-    fallback: List[str] = []
+    ineligible: List[str] = []
     if plan.dla_core is not None:
         core = int(plan.dla_core)
 
         def on_dla(_builder: Any, network: Any, cfg: Any) -> None:
             cfg.DLA_core = core  # CreateConfig(use_dla=True) always picks core 0
-            fallback.extend(network.get_layer(i).name for i in range(network.num_layers)
-                            if not cfg.can_run_on_DLA(network.get_layer(i)))
+            ineligible.extend(network.get_layer(i).name for i in range(network.num_layers)
+                              if not cfg.can_run_on_DLA(network.get_layer(i)))
 
         config = PostprocessConfig(config, on_dla)
     onnx_bytes = _read_checked(plan.onnx_path, plan.onnx_sha256, plan.onnx_path.name, model=True)
@@ -465,7 +534,10 @@ def build_with_polygraphy(plan: EnginePlan, timing_cache: Path, progress: Progre
     del onnx_bytes
     import polygraphy
 
-    return bytes(data), {"dla_gpu_fallback_layers": fallback, "tensorrt": trt.__version__, "polygraphy": polygraphy.__version__}
+    report: Dict[str, Any] = {"tensorrt": trt.__version__, "polygraphy": polygraphy.__version__}
+    if plan.dla_core is not None:
+        report.update(dla_ineligible_layers=ineligible, dla_placement="not verified")
+    return bytes(data), report
 
 
 def _progress_monitor(trt: Any, progress: Progress) -> Any:
@@ -491,21 +563,61 @@ def _progress_monitor(trt: Any, progress: Progress) -> Any:
     return _Monitor()
 
 
-def tensorrt_runtime_facts(profile: Any) -> Tuple[str, str]:
-    """(installed TensorRT version, compute capability): the profile's capability, else the GPU's via NVML."""
+def cuda_device_name() -> Optional[str]:
+    """The name of CUDA device 0, the device TensorRT builds on and runs on (CUDA_VISIBLE_DEVICES and CUDA_DEVICE_ORDER
+    applied as for TensorRT), through the CUDA driver API (cuInit, cuDeviceGet, cuDeviceGetName in libcuda, which every
+    NVIDIA driver and JetPack installs). None where it cannot be read."""
+    import ctypes
+
+    try:
+        cuda = ctypes.CDLL("libcuda.so.1")
+        dev = ctypes.c_int()
+        name = ctypes.create_string_buffer(256)
+        if cuda.cuInit(0) != 0 or cuda.cuDeviceGet(ctypes.byref(dev), 0) != 0 or cuda.cuDeviceGetName(name, 256, dev) != 0:
+            return None
+    except (OSError, AttributeError):
+        return None
+    return name.value.decode("utf-8", "replace").strip() or None
+
+
+def tensorrt_runtime_facts(profile: Any) -> Tuple[str, str, str]:
+    """(installed TensorRT version, compute capability, GPU name): the profile's capability, else the GPU's via NVML;
+    the name of CUDA device 0 (driver API), else NVML's first GPU."""
     trt, _ = require_tensorrt()
     cc = profile.compute_capability
-    if cc is None:
+    gpu = cuda_device_name()
+    if cc is None or gpu is None:
         from edgeclf.devices.detect import query_gpus
 
         gpus, how = query_gpus()
-        cc = next((g["compute_capability"] for g in gpus if g.get("compute_capability")), None)
+        if cc is None:
+            cc = next((g["compute_capability"] for g in gpus if g.get("compute_capability")), None)
+        if gpu is None:
+            gpu = next((str(g["name"]) for g in gpus if g.get("name")), None)
+            if gpu is None:
+                log.warning("the GPU's name is unknown (%s); engines are keyed without it", how)
         if cc is None:
             from edgeclf.errors import BackendError
 
             raise BackendError(f"the GPU's compute capability is unknown ({how}); engines are keyed by it: install pynvml or a "
                                "driver whose nvidia-smi reports compute_cap")
-    return str(trt.__version__), str(cc)
+    return str(trt.__version__), str(cc), gpu or ""
+
+
+def profile_for(device: Optional[str], what: str = "--backend trt") -> Any:
+    """The device profile named by --device, else the one detected here (ConfigError naming --device when none is)."""
+    from edgeclf.devices import load_profile
+
+    if device:
+        return load_profile(device)
+    from edgeclf.devices.detect import detect
+
+    found = detect()
+    if found.profile is None:
+        raise ConfigError(f"{what} needs a device profile and none was detected here (" + "; ".join(found.reasons[-2:])
+                          + "); give --device NAME (see `edgeclf devices list`)")
+    log.info("device profile %s (detected): %s", found.profile, "; ".join(found.reasons))
+    return load_profile(found.profile)
 
 
 def build_engine(bundle_path: str, *, device: str, precision: str = "auto", dla_core: Optional[int] = None,
@@ -516,10 +628,12 @@ def build_engine(bundle_path: str, *, device: str, precision: str = "auto", dla_
     from edgeclf.runtime.bundle import load_bundle
 
     profile = load_profile(device)
-    plan = plan_engine(load_bundle(bundle_path), profile, precision=precision, dla_core=dla_core, workspace_mb=workspace_mb,
-                       max_batch=max_batch)
-    version, cc = tensorrt_runtime_facts(profile)
-    return ensure_engine(plan, EngineCache(cache_dir(cache)), tensorrt=version, compute_capability=cc,
+    bundle = load_bundle(bundle_path)
+    args: Dict[str, Any] = dict(precision=precision, dla_core=dla_core, workspace_mb=workspace_mb, max_batch=max_batch)
+    plan_engine(bundle, profile, **args)  # a request that cannot be built is refused before TensorRT is looked for
+    version, cc, gpu = tensorrt_runtime_facts(profile)
+    plan = plan_engine(bundle, profile, tensorrt=version, **args)
+    return ensure_engine(plan, EngineCache(cache_dir(cache)), tensorrt=version, compute_capability=cc, gpu=gpu,
                          builder=builder or build_with_polygraphy, rebuild=rebuild, progress=progress)
 
 
@@ -532,12 +646,12 @@ def trtexec_for(bundle_path: str, *, device: str, precision: str = "auto", dla_c
     from edgeclf.runtime.bundle import load_bundle
 
     prof = load_profile(device)
-    plan = plan_engine(load_bundle(bundle_path), prof, precision=precision, dla_core=dla_core, workspace_mb=workspace_mb,
-                       max_batch=max_batch)
     version = tensorrt or prof.tensorrt
+    plan = plan_engine(load_bundle(bundle_path), prof, precision=precision, dla_core=dla_core, workspace_mb=workspace_mb,
+                       max_batch=max_batch, tensorrt=version)
     if version is None:
         raise ConfigError(f"device profile {device} names no TensorRT version; give --trt-version (e.g. 8.6 or 10.3)")
-    cc = prof.compute_capability or "unknown"  # x86-nvidia-gpu: the GPU's, known only on the machine
+    cc = prof.compute_capability or "unknown"  # x86-nvidia-gpu: the GPU's, known only on the machine (so is its name)
     cache_ = EngineCache(cache_dir(cache))
     key = EngineKey(device, version, cc, plan.precision, dla_core, plan.bundle_checksum)
     cmd = trtexec_command(plan, tensorrt=version, save_engine=str(cache_.paths(key)[0]),

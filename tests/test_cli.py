@@ -200,7 +200,10 @@ def test_build_engine_prints_trtexec_for_the_profiles_tensorrt(tiny_bundle: Path
     assert r.returncode == 0, r.stderr
     (line,) = r.stdout.splitlines()
     assert line.startswith(f"trtexec --onnx={tiny_bundle / 'model.int8-tensorrt.onnx'} --minShapes=input:1x1x8x8 ")
-    assert " --int8 --memPoolSize=workspace:2048M --useDLACore=1 --allowGPUFallback --saveEngine=/tmp/engines/jetson-orin-nx-int8-dla1-" in line
+    # int8 builds enable fp16 too (DLA runs fp16/int8 only; layers without Q/DQ would fall back to fp32 on the GPU),
+    # TF32 off as Polygraphy builds it, and a DLA engine has one fixed batch (DLA has no dynamic shapes).
+    assert " --fp16 --int8 --noTF32 --memPoolSize=workspace:2048M --useDLACore=1 --allowGPUFallback --saveEngine=/tmp/engines/jetson-orin-nx-int8-dla1-" in line
+    assert "--maxShapes=input:1x1x8x8" in line
     assert line.endswith("--timingCacheFile=/tmp/engines/timing-trt10.3-sm87.cache")
     assert "TensorRT 10.3" in r.stderr
     r = run_cli("build-engine", "--bundle", str(tiny_bundle), "--device", "jetson-xavier-nx", "--precision", "fp16", "--print-trtexec",

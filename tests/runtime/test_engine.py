@@ -56,7 +56,8 @@ def test_cache_dir_precedence(tmp_path: Path):
 # -- keys --------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("field,value", [("device", "jetson-agx-orin"), ("tensorrt", "10.3.1"), ("compute_capability", "8.6"),
-                                         ("precision", "int8"), ("dla_core", 0), ("bundle_checksum", "cd" * 32)])
+                                         ("gpu", "NVIDIA RTX A2000"), ("precision", "int8"), ("dla_core", 0),
+                                         ("bundle_checksum", "cd" * 32)])
 def test_every_key_part_changes_the_digest_and_the_file(field: str, value: Any):
     other = dataclasses.replace(KEY, **{field: value})
     assert other.digest() != KEY.digest()
@@ -143,14 +144,14 @@ def _plan(tmp_path: Path, **kw: Any) -> EnginePlan:
 
 
 class Builder:
-    def __init__(self, fallback: List[str] = ()) -> None:  # type: ignore[assignment]
+    def __init__(self, ineligible: List[str] = ()) -> None:  # type: ignore[assignment]
         self.calls = 0
-        self.fallback = list(fallback)
+        self.ineligible = list(ineligible)
 
     def __call__(self, plan: EnginePlan, timing: Path, say: Any) -> Tuple[bytes, Dict[str, Any]]:
         self.calls += 1
         timing.write_bytes(b"timing")
-        return f"engine-{self.calls}".encode(), {"dla_gpu_fallback_layers": self.fallback}
+        return f"engine-{self.calls}".encode(), {"dla_ineligible_layers": self.ineligible}
 
 
 def test_ensure_builds_once_then_reuses(tmp_path: Path):
@@ -176,27 +177,32 @@ def test_a_tampered_engine_is_rebuilt_with_a_message_never_loaded(tmp_path: Path
     assert "rebuilding" in caplog.text
 
 
-@pytest.mark.parametrize("change", [{"tensorrt": "10.3.1"}, {"compute_capability": "8.6"}])
+@pytest.mark.parametrize("change", [{"tensorrt": "10.3.1"}, {"compute_capability": "8.6"},
+                                    {"gpu": "NVIDIA RTX A4000"}])  # same compute capability 8.6, another card
 def test_new_tensorrt_or_gpu_builds_a_new_engine(tmp_path: Path, change: Dict[str, str]):
     cache, builder, said = EngineCache(tmp_path / "c"), Builder(), []
     plan = _plan(tmp_path)
-    first = ensure_engine(plan, cache, tensorrt="10.3.0", compute_capability="8.7", builder=builder)
-    args = {"tensorrt": "10.3.0", "compute_capability": "8.7", **change}
+    first = ensure_engine(plan, cache, tensorrt="10.3.0", compute_capability="8.7", gpu="NVIDIA RTX A2000", builder=builder)
+    args = {"tensorrt": "10.3.0", "compute_capability": "8.7", "gpu": "NVIDIA RTX A2000", **change}
     second = ensure_engine(plan, cache, builder=builder, progress=said.append, **args)
     assert second.built and second.path != first.path and builder.calls == 2
     assert "does not fit" in said[0]
 
 
-def test_rebuild_flag_and_dla_fallback_report(tmp_path: Path):
+def test_rebuild_flag_and_dla_eligibility_report(tmp_path: Path):
     cache, said = EngineCache(tmp_path / "c"), []
     plan = _plan(tmp_path, dla_core=1)
     rec = ensure_engine(plan, cache, tensorrt="10.3.0", compute_capability="8.7", builder=Builder(["Softmax_3", "Gemm_2"]),
                         progress=said.append)
-    assert "DLA core 1: 2 layer(s) fell back to the GPU: Softmax_3, Gemm_2" in said
-    assert rec.meta["build"]["dla_gpu_fallback_layers"] == ["Softmax_3", "Gemm_2"] and rec.key.dla_core == 1
+    assert "DLA core 1: 2 layer(s) cannot run on the DLA and fall back to the GPU: Softmax_3, Gemm_2" in said
+    assert rec.meta["build"]["dla_ineligible_layers"] == ["Softmax_3", "Gemm_2"] and rec.key.dla_core == 1
+    assert any("DLA core 1 with GPU fallback, fixed batch 1" in m for m in said)
     again = ensure_engine(plan, cache, tensorrt="10.3.0", compute_capability="8.7", builder=Builder(), rebuild=True,
                           progress=said.append)
-    assert again.built and "rebuilding as asked (--rebuild)" in said and "DLA core 1: every layer runs on the DLA" in said
+    # can_run_on_DLA judges layer types; it does not say where the built engine put them: never "runs on the DLA".
+    assert again.built and "rebuilding as asked (--rebuild)" in said
+    assert ("DLA core 1: every layer is eligible for the DLA by type (TensorRT's can_run_on_DLA); placement not verified" in said)
+    assert not any("runs on the DLA" in m for m in said)
 
 
 def test_heartbeat_speaks_during_a_long_step():
@@ -276,25 +282,31 @@ def _cmd(version: str, **kw: Any) -> str:
 
 
 SHAPES = "--minShapes=input:1x3x224x224 --optShapes=input:1x3x224x224 --maxShapes=input:8x3x224x224"
+# DLA has no dynamic dimensions: min = opt = max (dla-layer-restrictions: "the profile's min, max, and opt values must be equal").
+DLA_SHAPES = "--minShapes=input:1x3x224x224 --optShapes=input:1x3x224x224 --maxShapes=input:1x3x224x224"
 
 
 @pytest.mark.parametrize(("version", "kw", "want"), [
     ("8.6", {"precision": "fp16"},
-     f"trtexec --onnx=/b/model.onnx {SHAPES} --fp16 --memPoolSize=workspace:1024 --saveEngine=/e/m.engine --timingCacheFile=/e/t.cache"),
+     f"trtexec --onnx=/b/model.onnx {SHAPES} --fp16 --noTF32 --memPoolSize=workspace:1024 --saveEngine=/e/m.engine "
+     "--timingCacheFile=/e/t.cache"),
     ("8.6", {"precision": "int8"},
-     f"trtexec --onnx=/b/model.onnx {SHAPES} --int8 --memPoolSize=workspace:1024 --saveEngine=/e/m.engine --timingCacheFile=/e/t.cache"),
+     f"trtexec --onnx=/b/model.onnx {SHAPES} --fp16 --int8 --noTF32 --memPoolSize=workspace:1024 --saveEngine=/e/m.engine "
+     "--timingCacheFile=/e/t.cache"),
     ("8.6", {"precision": "fp16", "dla_core": 1},
-     f"trtexec --onnx=/b/model.onnx {SHAPES} --fp16 --memPoolSize=workspace:1024 --useDLACore=1 --allowGPUFallback "
+     f"trtexec --onnx=/b/model.onnx {DLA_SHAPES} --fp16 --noTF32 --memPoolSize=workspace:1024 --useDLACore=1 --allowGPUFallback "
      "--saveEngine=/e/m.engine --timingCacheFile=/e/t.cache"),
     ("10.3", {"precision": "fp16"},
-     f"trtexec --onnx=/b/model.onnx {SHAPES} --fp16 --memPoolSize=workspace:1024M --saveEngine=/e/m.engine --timingCacheFile=/e/t.cache"),
+     f"trtexec --onnx=/b/model.onnx {SHAPES} --fp16 --noTF32 --memPoolSize=workspace:1024M --saveEngine=/e/m.engine "
+     "--timingCacheFile=/e/t.cache"),
     ("10.3", {"precision": "int8"},
-     f"trtexec --onnx=/b/model.onnx {SHAPES} --int8 --memPoolSize=workspace:1024M --saveEngine=/e/m.engine --timingCacheFile=/e/t.cache"),
+     f"trtexec --onnx=/b/model.onnx {SHAPES} --fp16 --int8 --noTF32 --memPoolSize=workspace:1024M --saveEngine=/e/m.engine "
+     "--timingCacheFile=/e/t.cache"),
     ("10.3.0", {"precision": "int8", "dla_core": 0},
-     f"trtexec --onnx=/b/model.onnx {SHAPES} --int8 --memPoolSize=workspace:1024M --useDLACore=0 --allowGPUFallback "
-     "--saveEngine=/e/m.engine --timingCacheFile=/e/t.cache"),
+     f"trtexec --onnx=/b/model.onnx {DLA_SHAPES} --fp16 --int8 --noTF32 --memPoolSize=workspace:1024M --useDLACore=0 "
+     "--allowGPUFallback --saveEngine=/e/m.engine --timingCacheFile=/e/t.cache"),
     ("8.5.2", {"precision": "fp32"},
-     f"trtexec --onnx=/b/model.onnx {SHAPES} --memPoolSize=workspace:1024 --saveEngine=/e/m.engine --timingCacheFile=/e/t.cache"),
+     f"trtexec --onnx=/b/model.onnx {SHAPES} --noTF32 --memPoolSize=workspace:1024 --saveEngine=/e/m.engine --timingCacheFile=/e/t.cache"),
 ])
 def test_trtexec_command(version: str, kw: Dict[str, Any], want: str):
     assert _cmd(version, **kw) == want
@@ -370,8 +382,10 @@ def test_trtexec_for_a_bundle_needs_no_tensorrt(tmp_path: Path):
 
 # -- the ONNX TensorRT parses is the ONNX verified with the bundle (no check/use window) ---------------------------
 
-def _fake_polygraphy(monkeypatch: pytest.MonkeyPatch, parsed: List[bytes]) -> None:
-    """Polygraphy's loaders as build_with_polygraphy uses them; the network loaders record the ONNX they parse."""
+def _fake_polygraphy(monkeypatch: pytest.MonkeyPatch, parsed: List[bytes], calls: Any = None) -> None:
+    """Polygraphy's loaders as build_with_polygraphy uses them; the network loaders record the ONNX they parse, and
+    `calls` (a dict) what Profile.add and CreateConfig were given."""
+    calls = {} if calls is None else calls
     import types
 
     import edgeclf.runtime.engine as engine_mod
@@ -384,13 +398,18 @@ def _fake_polygraphy(monkeypatch: pytest.MonkeyPatch, parsed: List[bytes]) -> No
         return from_bytes(Path(path).read_bytes())
 
     class Profile:
-        def add(self, *a: Any, **k: Any) -> Profile:
+        def add(self, name: str, **k: Any) -> Profile:
+            calls["profile"] = (name, k)
             return self
+
+    def create_config(**k: Any) -> str:
+        calls["config"] = k
+        return "config"
 
     trt_mod = types.ModuleType("polygraphy.backend.trt")
     trt_mod.__dict__.update(
         NetworkFromOnnxBytes=from_bytes, NetworkFromOnnxPath=from_path, Profile=Profile,
-        CreateConfig=lambda **k: "config", PostprocessConfig=lambda config, fn: config,
+        CreateConfig=create_config, PostprocessConfig=lambda config, fn: config,
         EngineBytesFromNetwork=lambda network, config, save_timing_cache: (lambda: b"engine"))
     poly = types.ModuleType("polygraphy")
     poly.__dict__["__version__"] = "0.49"
@@ -422,3 +441,119 @@ def test_the_engine_is_built_from_the_verified_onnx_bytes(tmp_path: Path, monkey
     with pytest.raises(EdgeclfError, match="'model.int8-tensorrt.onnx' changed after the bundle was verified") as info:
         build_with_polygraphy(plan, tmp_path / "timing.cache", lambda msg: None)
     assert parsed == [] and "\n" not in str(info.value)
+
+
+# -- DLA: fixed shapes, precisions it runs; builder flags; the GPU in the key -----------------------------------------
+
+def test_a_dla_build_has_one_fixed_batch_and_int8_also_enables_fp16(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    from edgeclf.runtime.bundle import load_bundle
+    from edgeclf.runtime.engine import build_with_polygraphy
+
+    calls: Dict[str, Any] = {}
+    _fake_polygraphy(monkeypatch, [], calls)
+    b = load_bundle(make_tiny_bundle(tmp_path / "b", variants=["int8-tensorrt"]))
+    plan = plan_engine(b, load_profile("jetson-agx-orin"), precision="int8", dla_core=1, max_batch=8, tensorrt="10.3.0")
+    assert plan.shapes() == {"min": (1, 1, 8, 8), "opt": (1, 1, 8, 8), "max": (1, 1, 8, 8)}  # DLA: no dynamic dimensions
+    _, report = build_with_polygraphy(plan, tmp_path / "timing.cache", lambda msg: None)
+    assert calls["profile"] == ("input", {"min": (1, 1, 8, 8), "opt": (1, 1, 8, 8), "max": (1, 1, 8, 8)})
+    cfg = calls["config"]
+    assert (cfg["int8"], cfg["fp16"], cfg["tf32"], cfg["use_dla"], cfg["allow_gpu_fallback"]) == (True, True, False, True, True)
+    assert report["dla_placement"] == "not verified" and report["dla_ineligible_layers"] == []
+    gpu = plan_engine(b, load_profile("jetson-agx-orin"), precision="fp16", max_batch=8)
+    assert gpu.shapes()["max"] == (8, 1, 8, 8)
+    build_with_polygraphy(gpu, tmp_path / "timing.cache", lambda msg: None)
+    assert (calls["config"]["fp16"], calls["config"]["int8"], calls["config"]["tf32"]) == (True, False, False)
+
+
+def test_the_engine_record_names_its_builder_flags(tmp_path: Path):
+    rec = ensure_engine(_plan(tmp_path, precision="int8", source_model="int8-tensorrt"), EngineCache(tmp_path / "c"),
+                        tensorrt="10.3.0", compute_capability="8.7", builder=Builder())
+    assert rec.meta["build"]["flags"] == {"fp16": True, "int8": True, "tf32": False}  # trtexec: --fp16 --int8 --noTF32
+
+
+def test_dla_int8_is_refused_before_tensorrt_10_and_auto_takes_fp16():
+    # TensorRT 8.x DLA takes INT8 from calibration/dynamic ranges, not Q/DQ: the layers would quietly run on the GPU.
+    xavier = load_profile("jetson-xavier-nx")  # JetPack 5.1.2, TensorRT 8.5.2
+    with pytest.raises(ConfigError) as info:
+        resolve_precision("int8", xavier, [V_QDQ], dla_core=0, tensorrt="8.5.2")
+    assert "only from TensorRT 10" in str(info.value) and "\n" not in str(info.value)
+    prec, source, reason = resolve_precision("auto", xavier, [V_QDQ], dla_core=0, tensorrt="8.5.2")
+    assert (prec, source) == ("fp16", "fp32") and "DLA on TensorRT 8.5.2 does not run the Q/DQ int8 variant" in reason
+    assert resolve_precision("auto", load_profile("jetson-agx-orin"), [V_QDQ], dla_core=0, tensorrt="10.3.0")[0] == "int8"
+    assert resolve_precision("int8", xavier, [V_QDQ], tensorrt="8.5.2")[0] == "int8"  # on the GPU: fine
+
+
+def test_ensure_engine_refuses_a_dla_int8_engine_on_tensorrt_8(tmp_path: Path):
+    builder = Builder()
+    with pytest.raises(ConfigError, match="only from TensorRT 10"):
+        ensure_engine(_plan(tmp_path, precision="int8", dla_core=0), EngineCache(tmp_path / "c"), tensorrt="8.6.2",
+                      compute_capability="8.7", builder=builder)
+    assert builder.calls == 0
+
+
+def test_trtexec_for_dla_on_jetpack_5(tmp_path: Path):
+    from edgeclf.runtime.engine import trtexec_for
+
+    b = make_tiny_bundle(tmp_path / "b", variants=["int8-tensorrt"])
+    with pytest.raises(ConfigError, match="only from TensorRT 10"):
+        trtexec_for(str(b), device="jetson-xavier-nx", precision="int8", dla_core=0)
+    doc = trtexec_for(str(b), device="jetson-xavier-nx", dla_core=0, cache=str(tmp_path / "c"))
+    assert doc["precision"] == "fp16" and "--useDLACore=0" in doc["command"] and "--maxShapes=input:1x1x8x8" in doc["command"]
+
+
+def test_an_engine_recorded_without_the_gpu_name_is_rebuilt(tmp_path: Path):
+    cache = EngineCache(tmp_path / "c")
+    named = dataclasses.replace(KEY, gpu="NVIDIA RTX A2000")
+    engine, meta = _store(cache, named)
+    doc = json.loads(meta.read_text())
+    del doc["key"]["gpu"]  # written before the key had it
+    meta.write_text(json.dumps(doc))
+    found = cache.lookup(named)
+    assert found.status == "stale" and "gpu: None -> 'NVIDIA RTX A2000'" in found.reason
+
+
+def test_runtime_facts_name_the_cuda_device(monkeypatch: pytest.MonkeyPatch):
+    import edgeclf.devices.detect as detect_mod
+    import edgeclf.runtime.engine as engine_mod
+
+    monkeypatch.setattr(engine_mod, "require_tensorrt", lambda: (SimpleNamespace(__version__="10.3.0"), None))
+    monkeypatch.setattr(engine_mod, "cuda_device_name", lambda: "NVIDIA RTX A2000 12GB")
+    monkeypatch.setattr(detect_mod, "query_gpus", lambda: ([{"name": "NVIDIA GeForce RTX 3090", "compute_capability": "8.6"}], "NVML"))
+    x86 = load_profile("x86-nvidia-gpu")
+    assert engine_mod.tensorrt_runtime_facts(x86) == ("10.3.0", "8.6", "NVIDIA RTX A2000 12GB")
+    monkeypatch.setattr(engine_mod, "cuda_device_name", lambda: None)  # no driver API: NVML's name
+    assert engine_mod.tensorrt_runtime_facts(x86) == ("10.3.0", "8.6", "NVIDIA GeForce RTX 3090")
+    monkeypatch.setattr(detect_mod, "query_gpus", lambda: ([], "no NVML"))
+    assert engine_mod.tensorrt_runtime_facts(load_profile("jetson-orin-nx")) == ("10.3.0", "8.7", "")
+
+
+def test_cuda_device_name_without_a_driver_is_none(monkeypatch: pytest.MonkeyPatch):
+    import ctypes
+
+    from edgeclf.runtime.engine import cuda_device_name
+
+    def no_lib(name: str) -> Any:
+        raise OSError(f"{name}: cannot open shared object file")
+
+    monkeypatch.setattr(ctypes, "CDLL", no_lib)
+    assert cuda_device_name() is None
+
+
+def test_cuda_device_name_reads_device_0_through_the_driver_api(monkeypatch: pytest.MonkeyPatch):
+    import ctypes
+
+    from edgeclf.runtime.engine import cuda_device_name
+
+    asked: List[Any] = []
+
+    def get_name(buf: Any, size: int, dev: Any) -> int:
+        asked.append(("name", size))
+        buf.value = b"Orin"
+        return 0
+
+    lib = SimpleNamespace(cuInit=lambda flags: asked.append(("init", flags)) or 0,
+                          cuDeviceGet=lambda ref, ordinal: asked.append(("get", ordinal)) or 0, cuDeviceGetName=get_name)
+    monkeypatch.setattr(ctypes, "CDLL", lambda name: lib if name == "libcuda.so.1" else None)
+    assert cuda_device_name() == "Orin" and asked == [("init", 0), ("get", 0), ("name", 256)]
+    lib.cuInit = lambda flags: 100  # CUDA_ERROR_NO_DEVICE
+    assert cuda_device_name() is None
