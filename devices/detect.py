@@ -31,10 +31,16 @@ _MODULES: Tuple[Tuple[str, str], ...] = (
     ("p3767-0004", "jetson-orin-nano"), ("p3767-0005", "jetson-orin-nano"), ("p3701", "jetson-agx-orin"),
     ("p3668", "jetson-xavier-nx"), ("p2888", "jetson-agx-xavier"),
 )
-# Jetson Linux release -> JetPack (NVIDIA's JetPack archive). Unknown releases are reported by L4T major only.
-_JETPACK = {"35.1": "5.0.2", "35.2.1": "5.1", "35.3.1": "5.1.1", "35.4.1": "5.1.2", "35.5.0": "5.1.3", "35.6.0": "5.1.4",
-            "36.2": "6.0 DP", "36.3": "6.0", "36.4": "6.1", "36.4.3": "6.2"}
-_JETPACK_MAJOR = {"32": "4", "35": "5", "36": "6"}
+# Jetson Linux release -> JetPack, exact releases only (trailing ".0" dropped: /etc/nv_tegra_release says
+# "R36 ... REVISION: 4.0" for the release NVIDIA calls 36.4). Sources: NVIDIA's JetPack and Jetson Linux archives
+# (developer.nvidia.com/embedded/jetpack-archive, docs.nvidia.com/jetson/archives: JetPack 6.2.1 = Jetson Linux
+# 36.4.4, 6.2 = 36.4.3, 6.1 = 36.4, 7.0 = 38.2/38.2.1, 7.1 = 38.4); 35.6.1/35.6.2 -> 5.1.5 and 36.4.7 -> 6.2.1 as
+# NVIDIA's jetson-containers (l4t_version.py) maps them. A release not listed is reported by major only, saying so.
+_JETPACK = {"35.1": "5.0.2", "35.2.1": "5.1", "35.3.1": "5.1.1", "35.4.1": "5.1.2", "35.5": "5.1.3", "35.6": "5.1.4",
+            "35.6.1": "5.1.5", "35.6.2": "5.1.5",
+            "36.2": "6.0 DP", "36.3": "6.0", "36.4": "6.1", "36.4.3": "6.2", "36.4.4": "6.2.1", "36.4.7": "6.2.1",
+            "38.2": "7.0", "38.2.1": "7.0", "38.4": "7.1"}
+_JETPACK_MAJOR = {"32": "4", "35": "5", "36": "6", "38": "7"}
 
 
 @dataclass(frozen=True)
@@ -75,13 +81,23 @@ def parse_tegra_release(text: str) -> Optional[str]:
     return f"{m.group(1)}.{m.group(2).rstrip('.')}" if m else None
 
 
+def _release_key(l4t: str) -> str:
+    """'36.4.0' -> '36.4', '35.1.0' -> '35.1', '36.4.4' unchanged: the release as NVIDIA names it."""
+    parts = l4t.split(".")
+    while len(parts) > 2 and parts[-1].strip("0") == "":
+        parts.pop()
+    return ".".join(parts)
+
+
 def jetpack_for_l4t(l4t: str) -> Optional[str]:
-    """JetPack for a Jetson Linux release: exact ('35.4.1' -> '5.1.2') or by major ('35.9' -> '5.x')."""
-    for key in (l4t, ".".join(l4t.split(".")[:2])):
-        if key in _JETPACK:
-            return _JETPACK[key]
+    """JetPack for a Jetson Linux release: exact ('35.4.1' -> '5.1.2', '36.4.0' -> '6.1'); a release not in the
+    table by major, saying so ('36.4.9' -> '6.x (L4T 36.4.9 not in the table)'), never a neighbouring release's
+    JetPack (36.4.4 is 6.2.1, not 36.4's 6.1); None for an unknown major."""
+    key = _release_key(l4t)
+    if key in _JETPACK:
+        return _JETPACK[key]
     major = _JETPACK_MAJOR.get(l4t.split(".")[0])
-    return f"{major}.x" if major else None
+    return f"{major}.x (L4T {l4t} not in the table)" if major else None
 
 
 def board_profile(model: str, compatible: str = "") -> Optional[str]:

@@ -10,6 +10,9 @@ pipeline's own StageTimes keeps only a window for its percentiles).
 
 While it runs, a background thread samples process CPU % and RSS (psutil, else /proc), GPU utilisation,
 memory and power through NVML (pynvml, optional) and, on a Jetson, tegrastats (power rails, temperatures).
+Each tegrastats reading is credited to the target and phase in force when it arrived (every change is recorded
+with its monotonic time); energy per inference uses only the readings inside a target's own steady pipeline
+chunks, so it resolves nothing shorter than the tegrastats interval (the reading count is reported).
 
 The result is one JSON document (`runtime/profile_schema.json`, schema_version 1); `compare_profiles`
 checks two of them for regressions and `write_report` writes report.md and PNG plots (matplotlib).
@@ -567,6 +570,14 @@ def profile_bundles(
     factory = backend_factory or _default_factory
     runs: List[_TargetRun] = []
     state: Dict[str, Any] = {"frames": 0, "target": None, "phase": "setup"}
+    # Every change of target or phase with its monotonic time: a tegrastats reading is credited to the state in
+    # force when it arrived (see _target_power), not to the last process sample, which sample_now() takes at the
+    # end of a chunk and which would carry the finished target into the next one's chunk.
+    timeline: List[Tuple[float, Optional[int], str]] = []
+
+    def set_state(target: Optional[int], phase: str) -> None:
+        state.update(target=target, phase=phase)
+        timeline.append((time.monotonic(), target, phase))
 
     def current() -> Tuple[int, Optional[int], str]:
         return int(state["frames"]), state["target"], str(state["phase"])
@@ -578,15 +589,16 @@ def profile_bundles(
     t_wall0 = time.time()
     with tempfile.TemporaryDirectory(prefix="edgeclf-profile-") as tmp:
         try:
+            set_state(None, "setup")
             tegra.start()
             sampler.start()
             # Set-up and warm-up, one target after the other: the first target's first result is the cold start.
             for i, t in enumerate(targets):
                 r = _TargetRun(t, i, uri, opts, tmp)
                 runs.append(r)
-                state.update(target=i, phase="setup")
+                set_state(i, "setup")
                 r.setup(factory)
-                state.update(target=r.index, phase="warmup")
+                set_state(r.index, "warmup")
                 r.phase = "warmup"
                 if opts.warmup:
                     r.run_frames(opts.warmup)
@@ -601,25 +613,25 @@ def profile_bundles(
             while left > 0:
                 n = min(opts.chunk, left)
                 for r in runs:
-                    state.update(target=r.index, phase="steady")
+                    set_state(r.index, "steady")
                     r.run_frames(n)
                     state["frames"] = int(state["frames"]) + n
                     sampler.sample_now()
                     if opts.infer_only:
-                        state["phase"] = "steady_infer_only"
+                        set_state(r.index, "steady_infer_only")
                         r.infer_only(n)
                 left -= n
                 if on_round is not None:
-                    state["phase"] = "external"
+                    set_state(None, "external")
                     on_round(rnd)
                 rnd += 1
-            state.update(target=None, phase="done")
+            set_state(None, "done")
         finally:
             sampler.close()
             tegra.close()
             for r in runs:
                 r.close()
-    doc = _document(runs, opts, uri, sampler, tegra, t_wall0, started_at)
+    doc = _document(runs, opts, uri, sampler, tegra, t_wall0, started_at, timeline)
     doc["system"]["jetson"] = jetson_settings() if tegra.executable else {
         "nvpmodel": {"available": False, "mode": None, "reason": "not a Jetson (no tegrastats)"},
         "jetson_clocks": {"available": False, "locked": None, "reason": "not a Jetson (no tegrastats)"}}
@@ -639,7 +651,8 @@ def _source_text(uri: str) -> str:
 
 
 def _document(runs: List[_TargetRun], opts: ProfileOptions, uri: str, sampler: _Sampler, tegra: Any,
-              t_wall0: float, started_at: Optional[float]) -> Dict[str, Any]:
+              t_wall0: float, started_at: Optional[float],
+              timeline: Sequence[Tuple[float, Optional[int], str]] = ()) -> Dict[str, Any]:
     nb = opts.bootstrap
     targets: List[Dict[str, Any]] = []
     steady: List[Dict[str, List[float]]] = []
@@ -680,7 +693,7 @@ def _document(runs: List[_TargetRun], opts: ProfileOptions, uri: str, sampler: _
         if first is not None and first.first_result_wall is not None and started_at is not None else None,
         "process_start_source": how,
     }
-    system = _system_section(runs, targets, opts, sampler, tegra)
+    system = _system_section(runs, targets, opts, sampler, tegra, timeline)
     return {
         "schema_version": SCHEMA_VERSION,
         "kind": "edgeclf-profile",
@@ -704,7 +717,7 @@ def _mean(values: Sequence[Optional[float]]) -> Optional[float]:
 
 
 def _system_section(runs: List[_TargetRun], targets: List[Dict[str, Any]], opts: ProfileOptions, sampler: _Sampler,
-                    tegra: Any) -> Dict[str, Any]:
+                    tegra: Any, timeline: Sequence[Tuple[float, Optional[int], str]] = ()) -> Dict[str, Any]:
     samples = list(sampler.samples)
     steady = [s for s in samples if s["phase"] in ("steady", "steady_infer_only")]
     rss_steady = [(s["frames"], s["rss_mb"]) for s in steady if s["rss_mb"] is not None]
@@ -730,18 +743,33 @@ def _system_section(runs: List[_TargetRun], targets: List[Dict[str, Any]], opts:
                    power_mw_mean=_mean([s["gpu_power_mw"] for s in steady]))
     # Per target: CPU %, GPU % and energy per inference from the samples taken while it ran its pipeline.
     tsamples = tegra.snapshot() if tegra.available else []
-    ptimes = [(s["t"], s["target"], s["phase"]) for s in samples]
+    interval_ms = getattr(tegra, "interval_ms", None)
+    bursty = _bursty(tsamples, interval_ms)
     for r, t in zip(runs, targets):
         mine = [s for s in samples if s["target"] == r.index and s["phase"] == "steady"]
         energy: Dict[str, Any] = {"available": False, "source": None, "energy_per_inference_mj": None, "power_mw_mean": None,
                                   "reason": "no power readings (needs tegrastats on a Jetson or NVML power on a GPU)"}
-        power = _target_power(tsamples, ptimes, r.index)
-        src = "tegrastats total input power"
-        if power is None and sampler.nvml.available:
-            power, src = _mean([s["gpu_power_mw"] for s in mine]), "NVML GPU board power"
         fps = t["fps"]
-        if power is not None and fps:
-            energy = {"available": True, "source": src, "power_mw_mean": power, "energy_per_inference_mj": power / fps, "reason": None}
+        if tsamples and bursty is not None:
+            energy["reason"] = bursty
+        elif tsamples:
+            power, figures = _target_power(tsamples, timeline, r.index)
+            if power is not None and fps:
+                module_input = all(f.module_input for f in figures)
+                energy = {"available": True, "source": f"tegrastats {figures[0].label}", "power_mw_mean": power,
+                          "energy_per_inference_mj": power / fps, "reason": None, "module_input_power": module_input,
+                          "rails": list(figures[0].rails), "samples": len(figures), "interval_ms": interval_ms,
+                          "attribution": "each tegrastats reading goes to the target and phase in force when it arrived; "
+                                         "only readings inside this target's steady pipeline chunks count; time "
+                                         "resolution: the tegrastats interval"}
+            elif power is None:
+                energy["reason"] = (f"no tegrastats reading arrived while this target ran its steady pipeline chunks "
+                                    f"(interval {interval_ms} ms): raise --frames or --chunk")
+        elif sampler.nvml.available:
+            power = _mean([s["gpu_power_mw"] for s in mine])
+            if power is not None and fps:
+                energy = {"available": True, "source": "NVML GPU board power", "power_mw_mean": power,
+                          "energy_per_inference_mj": power / fps, "reason": None}
         t["system"] = {"cpu_percent_mean": _mean([s["cpu_percent"] for s in mine]),
                        "gpu_util_percent_mean": _mean([s["gpu_util"] for s in mine]), "energy": energy}
     teg: Dict[str, Any] = {"available": bool(tegra.available), "reason": tegra.reason, "samples": len(tsamples)}
@@ -762,6 +790,7 @@ def _system_section(runs: List[_TargetRun], targets: List[Dict[str, Any]], opts:
                                        for i in range(max(len(s.cpu_percent) for _, s in tsamples))],
             temperatures_c_max=temps,
             total_power_mw_mean=_mean([total_power_mw(s) for _, s in tsamples]),
+            power_figure=_figure_of(tsamples),
             rails_mw_mean={k: _mean([s.rails_mw[k][0] if k in s.rails_mw else None for _, s in tsamples])
                            for k in sorted({k for _, s in tsamples for k in s.rails_mw})},
             last=tsamples[-1][1].to_dict(),
@@ -769,20 +798,54 @@ def _system_section(runs: List[_TargetRun], targets: List[Dict[str, Any]], opts:
     return {"process": proc, "gpu": gpu, "tegrastats": teg, "throttle_temp_c": opts.throttle_temp_c}
 
 
-def _target_power(tsamples: List[Any], ptimes: List[Tuple[float, Optional[int], str]], index: int) -> Optional[float]:
-    """Mean tegrastats input power over the samples taken while target `index` ran its steady pipeline chunks
-    (each tegrastats sample goes to the target and phase of the nearest earlier process sample)."""
-    if not tsamples or not ptimes:
-        return None
-    from edgeclf.runtime.tegrastats import total_power_mw  # noqa: PLC0415
+def _target_power(tsamples: List[Any], timeline: Sequence[Tuple[float, Optional[int], str]],
+                  index: int) -> Tuple[Optional[float], List[Any]]:
+    """Mean tegrastats power (see tegrastats.power_figure) over the readings that arrived while target `index`
+    ran its steady pipeline chunks, and the figures used.
 
-    times = np.asarray([t for t, _, _ in ptimes])
-    vals: List[Optional[float]] = []
+    Each reading is credited to the entry of `timeline` (every change of target or phase, with its monotonic
+    time) in force when the reader received it. A reading is the power monitor's latest conversion when
+    tegrastats read it (a window of milliseconds), not an average over the tegrastats interval, so a reading
+    whose interval spans a change of target is credited by the moment it was taken, not split. The figure thus
+    follows the work to within the pipe's delivery delay; what it cannot resolve is anything shorter than the
+    interval: a target whose chunks are shorter than the interval gets few readings (their count is reported)."""
+    if not tsamples or not timeline:
+        return None, []
+    from edgeclf.runtime.tegrastats import power_figure  # noqa: PLC0415
+
+    times = np.asarray([t for t, _, _ in timeline])
+    figures: List[Any] = []
     for t, s in tsamples:
         k = int(np.searchsorted(times, t, side="right")) - 1
-        if k >= 0 and ptimes[k][1] == index and ptimes[k][2] == "steady":
-            vals.append(total_power_mw(s))
-    return _mean(vals)
+        if k >= 0 and timeline[k][1] == index and timeline[k][2] == "steady":
+            f = power_figure(s)
+            if f is not None:
+                figures.append(f)
+    return (float(np.mean([f.mw for f in figures])) if figures else None), figures
+
+
+def _bursty(tsamples: List[Any], interval_ms: Optional[int]) -> Optional[str]:
+    """Why arrival times cannot place readings in time (None: they can). Lines that arrive in bursts, far closer
+    together than the interval, were held in a buffer: their arrival says nothing about when they were taken."""
+    if not interval_ms or len(tsamples) < 5:
+        return None
+    gaps = np.diff(np.asarray([t for t, _ in tsamples], np.float64)) * 1e3
+    median = float(np.median(gaps))
+    if median >= interval_ms / 4:
+        return None
+    return (f"tegrastats lines arrived in bursts (median gap {median:.1f} ms for a {interval_ms} ms interval): its "
+            "output was buffered, so a line's arrival time does not say which target ran when it was measured")
+
+
+def _figure_of(tsamples: List[Any]) -> Optional[Dict[str, Any]]:
+    """What the run's power figure is (the first sample with rails): which rails, whether it is module input."""
+    from edgeclf.runtime.tegrastats import power_figure  # noqa: PLC0415
+
+    for _, s in tsamples:
+        f = power_figure(s)
+        if f is not None:
+            return {"rails": list(f.rails), "module_input": f.module_input, "label": f.label}
+    return None
 
 
 def _warn(doc: Dict[str, Any]) -> None:
@@ -800,6 +863,16 @@ def _warn(doc: Dict[str, Any]) -> None:
     steady = sum(int(t["frames"]) for t in doc["targets"])
     if slope is not None and slope > 10.0 and steady >= 2000:  # shorter runs: allocator noise, not a trend
         w.append(f"memory: RSS grows {slope:.1f} MB per 10,000 frames after warm-up: a possible leak; profile a longer run")
+    energies = [(t["name"], (t.get("system") or {}).get("energy") or {}) for t in doc["targets"]]
+    for name, e in energies:
+        n = e.get("samples")
+        if e.get("available") and n is not None and n < 10:
+            w.append(f"energy: {name}'s power rests on {n} tegrastats reading(s) {e.get('interval_ms')} ms apart: "
+                     "raise --frames for a steadier figure")
+    summed = next((e for _, e in energies if e.get("available") and e.get("module_input_power") is False), None)
+    if summed is not None:
+        w.append(f"energy: the power figure is the sum of rails {', '.join(summed.get('rails') or [])}, not the module's "
+                 "input power (this board reports no VDD_IN or POM_5V_IN rail): compare it only between runs on this board")
     for t in doc["targets"]:
         lat = t["stages_ms"].get("latency") or {}
         if lat.get("n") and lat["n"] < 100:

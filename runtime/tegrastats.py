@@ -10,7 +10,18 @@ L4T 35 / JetPack 5, L4T 36 / JetPack 6); which fields appear depends on the boar
 - temperatures ``NAME@T C`` (``CPU@29.5C``, ``tj@43.781C``; -256C means the sensor is off and is dropped)
 - power rails: JetPack 4 ``NAME cur/avg`` in mW without a unit (``POM_5V_IN 2410/2410``, ``GPU 0/0``);
   JetPack 5 and 6 ``NAME curmW/avgmW`` (``VDD_IN 4783mW/4783mW``, ``VDD_CPU_GPU_CV 517mW/517mW``)
-- JetPack 5/6 lines start with a date and time (``11-23-2023 12:07:49``).
+- JetPack 5/6 lines start with a date and time (``11-23-2023 12:07:49``), to the second only: too coarse to
+  tell which sub-second stretch of work a line belongs to, so the reader stamps each line with
+  ``time.monotonic()`` as it arrives.
+
+Power: a rail's first number is its current reading (the INA3221 power monitor's latest conversion when
+tegrastats reads it, an average over the monitor's conversion window of milliseconds, not over the tegrastats
+interval), the second the average since tegrastats started. Which figure stands for "the board's power" depends
+on the board: VDD_IN (Orin NX/Nano, Xavier NX) and POM_5V_IN (Nano, TX) measure the module's input; AGX Orin
+(VDD_GPU_SOC, VDD_CPU_CV, VIN_SYS_5V0, VDDQ_VDD2_1V8AO) and AGX Xavier (GPU, CPU, SOC, CV, VDDRQ, SYS5V) report
+no input rail. There `power_figure` gives the sum of the rails and says so (`module_input` False): the rails
+measure separate supply domains, and their sum may miss regulator losses or count a rail fed from another
+twice (on AGX Orin, VDDQ_VDD2_1V8AO may be fed from VIN_SYS_5V0), so it is not labelled module input power.
 
 Python 3.8 compatible, stdlib only.
 """
@@ -29,6 +40,8 @@ __all__ = [
     "TegraSample",
     "parse_tegrastats_line",
     "total_power_mw",
+    "PowerFigure",
+    "power_figure",
     "TegrastatsReader",
     "nvpmodel_mode",
     "clocks_locked",
@@ -82,6 +95,7 @@ class TegraSample:
             "temperatures_c": dict(self.temperatures_c),
             "rails_mw": {k: {"current": v[0], "average": v[1]} for k, v in self.rails_mw.items()},
             "total_power_mw": total_power_mw(self),
+            "power_figure": _figure_dict(power_figure(self)),
         }
 
 
@@ -130,18 +144,50 @@ def parse_tegrastats_line(line: str) -> Optional[TegraSample]:
     return s if found else None
 
 
-def total_power_mw(sample: TegraSample) -> Optional[float]:
-    """The module's input power in mW: VDD_IN / POM_5V_IN where present, else the sum of the rails (None: no rails)."""
+@dataclass(frozen=True)
+class PowerFigure:
+    """One power figure of a tegrastats sample and what it is. mw: the current reading(s) in mW; rails: the rails
+    it comes from; module_input: True when it is a rail that measures the module's input (VDD_IN, POM_5V_IN),
+    False when it is the sum of the rails of a board that reports no such rail (AGX Orin, AGX Xavier)."""
+
+    mw: float
+    rails: Tuple[str, ...]
+    module_input: bool
+
+    @property
+    def label(self) -> str:
+        if self.module_input:
+            return f"{self.rails[0]} (module input power)"
+        return (f"sum of rails {', '.join(self.rails)} (not module input power: no VDD_IN or POM_5V_IN rail on this "
+                "board; a sum of supply domains may miss regulator losses or count one rail twice)")
+
+
+def power_figure(sample: TegraSample) -> Optional[PowerFigure]:
+    """The module's input rail (VDD_IN / POM_5V_IN) where the board reports one; else the sum of its rails,
+    marked as not module input power; None without rails."""
     for name in TOTAL_RAILS:
         if name in sample.rails_mw:
-            return float(sample.rails_mw[name][0])
+            return PowerFigure(float(sample.rails_mw[name][0]), (name,), True)
     if not sample.rails_mw:
         return None
-    return float(sum(cur for cur, _ in sample.rails_mw.values()))
+    return PowerFigure(float(sum(cur for cur, _ in sample.rails_mw.values())), tuple(sample.rails_mw), False)
+
+
+def _figure_dict(f: Optional[PowerFigure]) -> Optional[Dict[str, Any]]:
+    return None if f is None else {"mw": f.mw, "rails": list(f.rails), "module_input": f.module_input, "label": f.label}
+
+
+def total_power_mw(sample: TegraSample) -> Optional[float]:
+    """`power_figure(sample).mw` (None: no rails): the module input rail where there is one, else the sum of the
+    rails, which is not module input power; `power_figure` says which."""
+    f = power_figure(sample)
+    return None if f is None else f.mw
 
 
 class TegrastatsReader:
-    """Runs `tegrastats --interval MS` in the background, parsing each line with a monotonic timestamp.
+    """Runs `tegrastats --interval MS` in the background, parsing each line with a monotonic timestamp taken
+    when the line arrives (`samples`: (time.monotonic(), TegraSample)); a reading is thus placed in time to within
+    the pipe's delivery delay, and readings are `interval_ms` apart.
 
     A context manager; `available` is False (with `reason`) where tegrastats is not on PATH.
     """

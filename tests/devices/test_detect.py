@@ -119,12 +119,25 @@ def test_empty_root_is_a_cpu_machine_with_unreadable_cpuinfo(tmp_path: Path):
     ("# R35 (release), REVISION: 4.1, GCID: 33958178, BOARD: t186ref, EABI: aarch64", "35.4.1", "5.1.2"),
     ("# R36 (release), REVISION: 4.3, GCID: 1, BOARD: generic", "36.4.3", "6.2"),
     ("# R36 (release), REVISION: 3.0, GCID: 1", "36.3.0", "6.0"),
-    ("# R35 (release), REVISION: 9.9, GCID: 1", "35.9.9", "5.x"),
-    ("# R32 (release), REVISION: 7.4, GCID: 1", "32.7.4", "4.x"),
+    ("# R35 (release), REVISION: 9.9, GCID: 1", "35.9.9", "5.x (L4T 35.9.9 not in the table)"),
+    ("# R32 (release), REVISION: 7.4, GCID: 1", "32.7.4", "4.x (L4T 32.7.4 not in the table)"),
+    # Jetson Linux 36.4.4 ships with JetPack 6.2.1 (NVIDIA's JetPack archive), not 36.4's 6.1.
+    ("# R36 (release), REVISION: 4.4, GCID: 41062509, BOARD: generic, EABI: aarch64", "36.4.4", "6.2.1"),
+    ("# R36 (release), REVISION: 4.0, GCID: 1", "36.4.0", "6.1"),
+    ("# R35 (release), REVISION: 6.1, GCID: 1", "35.6.1", "5.1.5"),
+    ("# R38 (release), REVISION: 2.1, GCID: 1", "38.2.1", "7.0"),
+    ("# R38 (release), REVISION: 4.0, GCID: 1", "38.4.0", "7.1"),
 ])
 def test_release_line_parsing(text, l4t, jetpack):
     assert parse_tegra_release(text) == l4t
     assert jetpack_for_l4t(l4t) == jetpack
+
+
+@pytest.mark.parametrize("l4t", ["36.4.9", "36.4.5", "36.5.0", "35.6.9"])
+def test_patch_release_not_in_the_table_is_not_given_a_neighbours_jetpack(l4t):
+    # The old lookup fell back from 36.4.N to the 36.4 entry and reported JetPack 6.1 with confidence.
+    major = l4t.split(".")[0]
+    assert jetpack_for_l4t(l4t) == f"{int(major) - 30}.x (L4T {l4t} not in the table)"
 
 
 def test_release_garbage_is_none():

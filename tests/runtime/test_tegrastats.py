@@ -20,6 +20,7 @@ from edgeclf.runtime.tegrastats import (
     clocks_locked,
     nvpmodel_mode,
     parse_tegrastats_line,
+    power_figure,
     total_power_mw,
 )
 
@@ -156,3 +157,54 @@ def test_profile_reports_jetson_figures_with_stand_in_tools(bundle_dir: Path, tm
     assert e["energy_per_inference_mj"] == pytest.approx(5000.0 / doc["targets"][0]["fps"])
     assert any(w.startswith("thermal: tj reached 91.5") for w in doc["warnings"])
     assert any("jetson_clocks" in w for w in doc["warnings"])
+
+
+def test_power_figure_says_whether_it_is_module_input_power() -> None:
+    """VDD_IN / POM_5V_IN measure the module's input. AGX Orin reports no input rail: its figure is the sum of its
+    rails, labelled as such and not as input power (the old label called every figure "total input power")."""
+    nano = power_figure(parse_tegrastats_line(JP6_ORIN_NANO))  # type: ignore[arg-type]
+    assert nano is not None and nano.module_input and nano.rails == ("VDD_IN",) and nano.mw == 4783.0
+    assert nano.label == "VDD_IN (module input power)"
+    jp4 = power_figure(parse_tegrastats_line(JP4_NANO))  # type: ignore[arg-type]
+    assert jp4 is not None and jp4.module_input and jp4.rails == ("POM_5V_IN",)
+    s = parse_tegrastats_line(JP5_ORIN)
+    assert s is not None
+    agx = power_figure(s)
+    assert agx is not None and not agx.module_input
+    assert agx.rails == ("VDD_GPU_SOC", "VDD_CPU_CV", "VIN_SYS_5V0", "VDDQ_VDD2_1V8AO") and agx.mw == 2384 + 397 + 2321 + 302
+    assert agx.label.startswith("sum of rails VDD_GPU_SOC, VDD_CPU_CV, VIN_SYS_5V0, VDDQ_VDD2_1V8AO (not module input power")
+    d = json.loads(json.dumps(s.to_dict()))["power_figure"]
+    assert d["module_input"] is False and d["rails"][2] == "VIN_SYS_5V0"
+    no_rails = parse_tegrastats_line("RAM 1/2MB")
+    assert no_rails is not None and power_figure(no_rails) is None and total_power_mw(no_rails) is None
+
+
+def test_profile_on_agx_orin_does_not_call_the_rail_sum_input_power(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import time
+
+    from edgeclf.runtime.backends import FakeBackend
+    from edgeclf.runtime.profile import ProfileOptions, ProfileTarget, profile_bundles
+    from tests.runtime.tiny_bundle import make_tiny_bundle
+
+    tools = tmp_path / "bin"
+    tools.mkdir()
+    _tool(tools, "tegrastats", f'while true; do echo "{JP5_ORIN}"; sleep 0.02; done')
+    monkeypatch.setenv("PATH", f"{tools}{os.pathsep}{os.environ.get('PATH', '')}")
+    bundle = make_tiny_bundle(tmp_path / "b")
+
+    def slow(x: np.ndarray) -> np.ndarray:
+        time.sleep(0.005)
+        return np.zeros((len(x), 3), np.float32)
+
+    def factory(b, path, target, threads):  # type: ignore[no-untyped-def]
+        return FakeBackend((1, 8, 8), 3, fn=slow)
+
+    opts = ProfileOptions(source="synthetic:ultrasound?frames=80&size=64", frames=60, warmup=2, chunk=60, bootstrap=0,
+                          sample_interval_s=0.02, infer_only=False)
+    doc = profile_bundles([ProfileTarget(str(bundle))], opts, backend_factory=factory).doc
+    e = doc["targets"][0]["system"]["energy"]
+    assert e["available"] and e["module_input_power"] is False
+    assert e["source"].startswith("tegrastats sum of rails VDD_GPU_SOC") and "input power" not in e["source"].split("(")[0]
+    assert e["power_mw_mean"] == 2384 + 397 + 2321 + 302
+    assert doc["system"]["tegrastats"]["power_figure"]["module_input"] is False
+    assert any("not the module's input power" in w for w in doc["warnings"])
