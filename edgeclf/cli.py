@@ -483,7 +483,10 @@ def prune(model: str, out: str, target_macs: float, steps: int, finetune_epochs:
 @click.option("--source", required=True,
               help="Video file, image folder or glob, watch:DIR, DICOM file or folder, camera index or /dev/videoN, "
                    "rtsp:// or http(s):// stream, GStreamer pipeline, synthetic:ultrasound.")
-@click.option("--out", default=None, help="Results as JSON lines (one per frame).")
+@click.option("--out", default=None, help="Results as JSON lines (one per frame); an existing file is replaced unless --append.")
+@click.option("--append", is_flag=True,
+              help="Add to an existing --out instead of replacing it (a service restarting onto one file): a torn last line "
+                   "left by a power loss is cut off first and counted; each line carries this run's id as \"run\".")
 @click.option("--max-frames", type=click.IntRange(min=1), default=None, help="Stop after this many frames.")
 @click.option("--min-confidence", type=click.FloatRange(0, 1, max_open=True), default=None,
               help="Abstain when the top probability is below this [default: the bundle's, 0 = never].")
@@ -514,7 +517,7 @@ def prune(model: str, out: str, target_macs: float, steps: int, finetune_epochs:
 @click.option("--key", "trusted_key", default=None,
               help="Ed25519 public key (PEM): refuse the bundle unless it is signed by it [default: $EDGECLF_TRUSTED_KEY].")
 @json_option
-def run(bundle: str, source: str, out, max_frames, min_confidence, backend, device, dla_core, engine_cache, precision, threads, realtime,
+def run(bundle: str, source: str, out, append: bool, max_frames, min_confidence, backend, device, dla_core, engine_cache, precision, threads, realtime,
         batch, roi, smoothing, no_quality, record, show, summary_path, fsync_every, audit_path, trusted_key, as_json: bool) -> None:
     """Classify frames from a source with a verified bundle; one JSON line per frame.
 
@@ -530,7 +533,7 @@ def run(bundle: str, source: str, out, max_frames, min_confidence, backend, devi
                          precision=precision, options=opts, realtime=realtime, record=record, show=show,
                          summary_path=summary_path, fsync_every=fsync_every, device=device,
                          backend_options=BackendOptions(device=device, dla_core=dla_core, engine_cache=engine_cache),
-                         audit=audit_path, trusted_key=trusted_key)
+                         audit=audit_path, trusted_key=trusted_key, append=append)
     _emit(as_json, summary, _print_run)
 
 

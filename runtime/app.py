@@ -9,6 +9,7 @@ import os
 import re
 import signal
 import threading
+import uuid
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
@@ -21,7 +22,7 @@ from edgeclf.runtime.backends import Backend, BackendOptions, create_backend
 from edgeclf.runtime.bundle import Bundle, load_bundle
 from edgeclf.runtime.pipeline import RunOptions, run_pipeline
 from edgeclf.runtime.postprocess import decide, probabilities
-from edgeclf.runtime.sinks import JsonlSink, Sink
+from edgeclf.runtime.sinks import JsonlSink, Sink, check_append_tail, tag_run
 from edgeclf.runtime.sources import Frame, FrameSource, open_source
 
 __all__ = ["run_bundle", "check_distinct_outputs", "verify_bundle", "resolve_backend", "open_backend", "profile_backend_factory", "PARITY_TOLERANCE",
@@ -257,6 +258,7 @@ def run_bundle(
     audit: Optional[str] = None,
     audit_digest_every: int = 1000,
     trusted_key: Optional[str] = None,
+    append: bool = False,
 ) -> Dict[str, Any]:
     """Verify and load the bundle, open the source, classify every frame; returns the run summary.
 
@@ -269,6 +271,10 @@ def run_bundle(
     profile, config, package versions), digests of the results the results file holds, source and backend
     faults and recoveries, and an end record with the run's status. `trusted_key`: an Ed25519 public key
     (PEM) the bundle must be signed with (default: $EDGECLF_TRUSTED_KEY).
+    `append`: add to an existing `out` instead of replacing it (a service restarting onto one file): a torn
+    last line a power loss left is cut off first, counted and logged (``JsonlSink(append=True)``); every line
+    of this run carries ``"run"``, a random id also in the summary (``run``, with ``append``: what was
+    repaired) and the audit log, so the runs one file holds can be told apart.
     """
     from edgeclf.devices.systemd import Notifier
     from edgeclf.runtime.sinks import SummarySink, VideoRecorderSink, check_output_path, check_video_path
@@ -277,8 +283,12 @@ def run_bundle(
         raise ConfigError(f"max frames is {max_frames}; give a positive number or leave it out for the whole source")
     # Output paths first: a typo must fail in a second, before a bundle loads or an engine builds, and
     # before any earlier output file is truncated.
+    if append and not out:
+        raise ConfigError("--append adds to the --out results file; give --out FILE or leave --append out")
     if out:
         check_output_path(out, option="--out", example="results.jsonl")
+        if append:
+            check_append_tail(out)  # an edited or foreign file is refused now, not after the engine built
     if record:
         check_video_path(record)
         check_output_path(record, option="--record", example="run.mp4")
@@ -308,6 +318,7 @@ def run_bundle(
 
         aggregator = ClipAggregator(rule=m.decision, min_confidence=opts.confidence_floor(m), labels=list(m.labels))
     clip = SummarySink(summary_path, labels=list(m.labels), aggregator=aggregator)
+    run_id = uuid.uuid4().hex[:12] if append else None
     stop = threading.Event()
     # Source and backend first: a typo in --source must not truncate an earlier results file.
     be, variant = open_backend(b, backend, precision=precision, threads=threads, options=bopts)
@@ -317,10 +328,13 @@ def run_bundle(
         with be, _open(source_uri, realtime, reconnect) as opened:
             src: Any = _ProgressSource(opened, _watchdog_hook(notify, getattr(opened, "kind", ""))) if notify.active else opened
             if audit:
-                alog = _start_audit(audit, b, device, fsync_every, audit_digest_every, source_uri, {
+                config = {
                     "source": source_fact(source_uri), "backend": be.name, "model": variant, "threads": getattr(be, "threads", threads),
                     "precision": precision, "max_frames": max_frames, "realtime": realtime, "fsync_every": fsync_every,
-                    "options": dataclasses.asdict(opts), "chosen_by": chosen})
+                    "options": dataclasses.asdict(opts), "chosen_by": chosen}
+                if run_id is not None:
+                    config.update(append=True, run=run_id)
+                alog = _start_audit(audit, b, device, fsync_every, audit_digest_every, source_uri, config)
                 if hasattr(opened, "on_event"):  # a live source that reconnects: its disconnects and reopens go on record
                     opened.on_event = _audit_source_events(alog)
             # Restored only in the outer finally: after every sink closed and the audit log ended.
@@ -343,10 +357,15 @@ def run_bundle(
                 if record:
                     size = src.size or (m.preprocess.size[0], m.preprocess.size[1])
                     drawn.append(VideoRecorderSink(record, float(src.fps or 15.0), size))
+                jsonl: Optional[JsonlSink] = None
                 if out:
-                    sinks.append(JsonlSink(out, fsync_every=fsync_every))
+                    jsonl = JsonlSink(out, fsync_every=fsync_every, append=append, run_id=run_id)
+                    sinks.append(jsonl)
+                    if alog is not None and (jsonl.torn_cut or jsonl.newline_restored):
+                        alog.event("results_file_repaired", torn_cut=jsonl.torn_cut, newline_restored=jsonl.newline_restored)
                 if alog is not None:
-                    sinks.append(AuditSink(alog))  # after the results file: digests cover only results it holds
+                    # After the results file: digests cover only results it holds, spelt as it holds them.
+                    sinks.append(AuditSink(alog) if run_id is None else _RunAuditSink(alog, run_id))
                 sinks.extend(drawn)
                 sinks.append(clip)
                 on_fault = None if alog is None else _audit_pipeline_events(alog)
@@ -367,6 +386,9 @@ def run_bundle(
                 frame_count_claimed=src.frame_count, out=out, clip=clip.result, threads=getattr(be, "threads", threads),
                 device=device, chosen_by=chosen,
             )
+            if jsonl is not None and run_id is not None:
+                result["run"] = run_id
+                result["append"] = {"torn_cut": jsonl.torn_cut, "newline_restored": jsonl.newline_restored}
             if notify.active:
                 result["systemd"] = {"notify_socket": notify.socket_path, "watchdog_s": notify.watchdog_s, "pings": notify.pings}
             engine = getattr(be, "record", None)
@@ -385,6 +407,17 @@ def run_bundle(
     finally:
         restore()
     return result
+
+
+class _RunAuditSink(AuditSink):
+    """The audit digests of an appending run: each result as the results file holds it, with its ``run`` id."""
+
+    def __init__(self, log: Any, run_id: str) -> None:
+        super().__init__(log)
+        self.run_id = run_id
+
+    def write(self, record: Dict[str, Any], image: Any = None) -> None:
+        super().write(tag_run(record, self.run_id), image)
 
 
 def _start_audit(path: str, b: Bundle, device: Optional[str], fsync_every: Optional[float], digest_every: int,

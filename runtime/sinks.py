@@ -20,6 +20,7 @@ import json
 import logging
 import math
 import os
+import stat
 import statistics
 import sys
 import time
@@ -38,6 +39,8 @@ __all__ = [
     "JsonlSink",
     "ListSink",
     "read_jsonl",
+    "check_append_tail",
+    "tag_run",
     "VideoRecorderSink",
     "VIDEO_FOURCC",
     "ClipSummary",
@@ -142,10 +145,21 @@ class JsonlSink(Sink):
     ``sync()`` fsyncs now when lines are unsynced, whatever `fsync_every` says (even None): the pipeline calls
     it before a watched folder marks a file done, one fsync per file at X-ray rates.
     Counts: ``written`` lines, ``fsyncs`` done, ``unsynced`` lines written since the last fsync.
+
+    append: keep what the file holds and add after it (a service that restarts writes one file across runs);
+        default: the file is replaced. Before the first line is added, the end of the file is checked as
+        :func:`read_jsonl` reads it: a torn last line that a power loss left (cut short, or NUL bytes where
+        data never reached the disk) is cut off, counted in ``torn_cut`` and logged as a warning; a whole last
+        result that only lost its newline is kept and the newline restored (``newline_restored``). An end that
+        is not a torn write (an edited or foreign file) raises DataError and nothing is written. Only the
+        file's end is read, so opening a large file stays fast.
+    run_id: written as ``"run"`` first in every line (:func:`tag_run`), so that the runs one file holds can be
+        told apart (frame numbers start again at each run).
     """
 
     def __init__(
         self, path: Union[str, os.PathLike[str]], *, fsync: bool = False, fsync_every: Optional[float] = None,
+        append: bool = False, run_id: Optional[str] = None,
     ) -> None:
         self.path = os.fspath(path)
         if fsync_every is not None and (isinstance(fsync_every, bool) or not isinstance(fsync_every, (int, float))
@@ -160,13 +174,48 @@ class JsonlSink(Sink):
         self._bytes = 0  # size of the whole lines written: where a failed write is cut back to
         self._last_sync = time.monotonic()
         self._dir_synced = False
+        self.append = bool(append)
+        self.run_id = run_id
+        self.torn_cut = 0  # torn lines cut off the end of the existing file (append)
+        self.newline_restored = False  # the existing file's last result got back its newline (append)
         parent = os.path.dirname(os.path.abspath(self.path))
         try:
             os.makedirs(parent, exist_ok=True)
-            # Unbuffered: a line is in the OS or not at all, never half in a Python buffer.
-            self._f: Optional[Any] = open(self.path, "wb", buffering=0)  # noqa: SIM115 (held open across writes)
+            # Unbuffered: a line is in the OS or not at all, never half in a Python buffer. "a+b": every write
+            # goes to the end (O_APPEND); reading and truncating the end stay possible.
+            self._f: Optional[Any] = open(self.path, "a+b" if self.append else "wb", buffering=0)  # noqa: SIM115
         except OSError as exc:
             raise EdgeclfError(f"cannot write results to {self.path}: {exc.strerror}; choose another --out") from None
+        if self.append:
+            try:
+                self._bytes = self._repair_end(self._f)
+            except OSError as exc:
+                self._f.close()
+                self._f = None
+                raise EdgeclfError(f"cannot append results to {self.path}: {exc.strerror}; check the disk or choose another --out") from None
+            except BaseException:
+                self._f.close()
+                self._f = None
+                raise
+
+    def _repair_end(self, f: Any) -> int:
+        """Make the existing file end in a whole line before anything is appended; returns its size then."""
+        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+            return 0  # a pipe or device: nothing to repair, and it cannot be cut
+        size = os.fstat(f.fileno()).st_size
+        keep, torn, add_newline = _plan_end(f, size, self.path)
+        if keep < size:
+            f.truncate(keep)
+            self.torn_cut = torn
+            logger.warning("results file %s: cut off %d torn line(s) (%d bytes) at its end, left by a power loss, "
+                           "before appending", self.path, torn, size - keep)
+        if add_newline:
+            f.write(b"\n")
+            keep += 1
+            self.newline_restored = True
+            logger.warning("results file %s: its last result had lost its newline (power loss); restored it before appending",
+                           self.path)
+        return keep
 
     @property
     def unsynced(self) -> int:
@@ -197,9 +246,10 @@ class JsonlSink(Sink):
             logger.debug("could not cut a partial line from %s", self.path)
         why = exc.strerror or str(exc) or type(exc).__name__
         if doing == "write":
+            earlier = " after the earlier runs' results" if self.append else ""
             self.failed = (
                 f"writing result {self.written + 1} to {self.path} failed ({why}); the file holds {self.written} "
-                f"whole results of the {self.written + 1} produced so far and the run stopped there; free space "
+                f"whole results of the {self.written + 1} produced so far{earlier} and the run stopped there; free space "
                 "or choose another --out"
             )
         else:
@@ -215,7 +265,8 @@ class JsonlSink(Sink):
         f = self._f
         if f is None:
             raise EdgeclfError(f"results file {self.path} is already closed")
-        data = (json.dumps(record, separators=(",", ":")) + "\n").encode("utf-8")
+        line = record if self.run_id is None else tag_run(record, self.run_id)
+        data = (json.dumps(line, separators=(",", ":")) + "\n").encode("utf-8")
         try:
             view = memoryview(data)
             while view:
@@ -267,6 +318,99 @@ class JsonlSink(Sink):
                 f.close()
             except OSError:  # nothing is buffered; a close error changes nothing that was written
                 logger.debug("closing %s failed", self.path)
+
+
+def tag_run(record: Dict[str, Any], run_id: str) -> Dict[str, Any]:
+    """The record as an appending run writes it: ``{"run": run_id, ...record}``. A reader keeps one run's
+    results with ``r.get("run") == run_id`` (lines from a run without a run id have none)."""
+    return {"run": run_id, **{k: v for k, v in record.items() if k != "run"}}
+
+
+_END_WINDOW = 1 << 16  # bytes read from a results file's end at first; grown until a whole result is found
+
+
+def _has_data(raw: bytes) -> bool:
+    return bool(raw.strip(b" \t\r\x00"))
+
+
+def _is_record(raw: bytes) -> bool:
+    try:
+        return isinstance(json.loads(raw.decode("utf-8")), dict)
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        return False
+
+
+def _plan_window(data: bytes, whole_file: bool, start: int, path: str) -> Optional[Tuple[int, int, bool]]:
+    """(bytes of the file to keep, torn lines after them, whether the last kept line lacks its newline), judged
+    as :func:`read_jsonl` judges lines; None when `data` (the file from byte `start`) holds no whole record."""
+    lines = data.split(b"\n")  # the last piece is the unterminated rest (b"" when data ends with a newline)
+    end = len(data)
+    torn = 0
+    torn_data = False
+    # Without the file's start, the window's first piece may be the cut-off end of a line: it is not judged.
+    for i in range(len(lines) - 1, -1 if whole_file else 0, -1):
+        raw = lines[i]
+        terminated = i < len(lines) - 1
+        seg_start = end - len(raw) - (1 if terminated else 0)
+        if not raw.strip(b" \t\r"):
+            pass  # blank: not a result
+        elif not _has_data(raw):  # only NUL bytes: the size grew but the data never reached the disk
+            if torn_data:
+                raise _damaged(path, start + end)
+            torn += 1
+        elif _is_record(raw):
+            return start + end, torn, not terminated
+        elif torn_data or (terminated and b"\x00" not in raw):
+            raise _damaged(path, start + end)
+        else:  # the last line with data, cut short or NUL-padded: a torn write
+            torn_data = True
+            torn += 1
+        end = seg_start
+    return (0, torn, False) if whole_file else None
+
+
+def _damaged(path: str, at: int) -> DataError:
+    return DataError(
+        f"results file {path}: the line ending at byte {at} is neither a whole result nor a torn last line (the file was "
+        "edited or is not an edgeclf results file); --append only cuts a torn last line; move the file away or choose another --out"
+    )
+
+
+def _plan_end(f: Any, size: int, path: str) -> Tuple[int, int, bool]:
+    """How to make the results file `f` (`size` bytes) end in a whole line: (bytes to keep, torn lines cut, whether
+    to restore the last result's newline). Reads only the file's end. DataError when the end is damaged."""
+    window = _END_WINDOW
+    while True:
+        start = max(0, size - window)
+        f.seek(start)
+        chunks: List[bytes] = []
+        want = size - start
+        while want > 0:
+            chunk = f.read(want)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            want -= len(chunk)
+        plan = _plan_window(b"".join(chunks), start == 0, start, path)
+        if plan is not None:
+            return plan
+        window *= 4
+
+
+def check_append_tail(path: Union[str, os.PathLike[str]]) -> Tuple[int, int, bool]:
+    """What ``JsonlSink(path, append=True)`` will do to the end of an existing results file, without changing
+    it: (bytes kept, torn lines to cut, newline to restore). DataError (one line) when its end is damaged, so
+    that a run can refuse before it loads a bundle. A file that does not exist or is not a regular file: (0, 0, False)."""
+    p = os.fspath(path)
+    try:
+        if not stat.S_ISREG(os.stat(p).st_mode):
+            return 0, 0, False  # a pipe or device (opening a FIFO to read it would wait for a writer)
+        with open(p, "rb") as f:
+            return _plan_end(f, os.fstat(f.fileno()).st_size, p)
+    except FileNotFoundError:
+        return 0, 0, False
+    except OSError as exc:
+        raise DataError(f"cannot read results file {p} to append to it: {exc.strerror}; check the path") from None
 
 
 def read_jsonl(path: Union[str, os.PathLike[str]]) -> Tuple[List[Dict[str, Any]], int]:

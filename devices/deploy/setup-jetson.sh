@@ -19,6 +19,10 @@ PACKAGE="edgeclf[ort,dicom]"
 ORT_GPU_WHEEL=""
 SERVICE_USER=edgeclf
 MAKE_USER=1
+# The unit's CacheDirectory=edgeclf and StateDirectory=edgeclf, and its EDGECLF_ENGINE_CACHE.
+CACHE_DIR=/var/cache/edgeclf
+STATE_DIR=/var/lib/edgeclf
+ENGINE_CACHE=$CACHE_DIR/engines
 
 die() { echo "setup-jetson: $*" >&2; exit 2; }
 
@@ -36,6 +40,9 @@ while [ $# -gt 0 ]; do
 done
 
 [ "$(id -u)" -eq 0 ] || die "run as root (sudo): it installs apt packages and writes $PREFIX"
+if [ "$MAKE_USER" -eq 0 ] && ! id "$SERVICE_USER" >/dev/null 2>&1; then
+  die "--no-service-user: user $SERVICE_USER does not exist; create it first, or leave --no-service-user out"
+fi
 [ -r /etc/nv_tegra_release ] || die "/etc/nv_tegra_release is missing: this is not a Jetson with JetPack (on x86: pip install 'edgeclf[ort,cv]')"
 release=$(head -n1 /etc/nv_tegra_release)
 echo "setup-jetson: $release"
@@ -75,12 +82,18 @@ if [ "$MAKE_USER" -eq 1 ] && ! id "$SERVICE_USER" >/dev/null 2>&1; then
   # video: /dev/video* and the Jetson GPU nodes; render where the release has that group.
   groups=video
   if getent group render >/dev/null; then groups=video,render; fi
-  useradd --system --home-dir /var/lib/edgeclf --shell /usr/sbin/nologin --groups "$groups" "$SERVICE_USER"
+  useradd --system --home-dir "$STATE_DIR" --shell /usr/sbin/nologin --groups "$groups" "$SERVICE_USER"
 fi
 install -d -m 0755 "$PREFIX"
+# systemd makes the unit's cache and state folders only when the service starts; the build-engine step below
+# runs before that, as the service user: make them now, owned as systemd would (User=, its primary group).
+install -d -m 0755 -o "$SERVICE_USER" -g "$(id -gn "$SERVICE_USER")" "$CACHE_DIR" "$ENGINE_CACHE" "$STATE_DIR"
 
 "$PREFIX/venv/bin/edgeclf" devices detect || true
 echo "setup-jetson: done. Next: copy your bundle to $PREFIX/bundle, then"
-echo "  sudo -u $SERVICE_USER EDGECLF_ENGINE_CACHE=/var/cache/edgeclf/engines $PREFIX/venv/bin/edgeclf build-engine --bundle $PREFIX/bundle"
+echo "  sudo -u $SERVICE_USER EDGECLF_ENGINE_CACHE=$ENGINE_CACHE $PREFIX/venv/bin/edgeclf build-engine --bundle $PREFIX/bundle"
 echo "  $PREFIX/venv/bin/edgeclf bundle check $PREFIX/bundle --backend trt"
 echo "  install devices/deploy/edgeclf-run.service (see its header)"
+if [ "$SERVICE_USER" != edgeclf ]; then
+  echo "  and set User=$SERVICE_USER in it (systemctl edit edgeclf-run)"
+fi

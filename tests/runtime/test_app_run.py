@@ -230,3 +230,67 @@ def test_cli_out_equal_to_summary_is_one_line_and_exit_code_2(tmp_path: Path) ->
     lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and "--out and --summary name the same file" in lines[0], lines
     assert out.read_text() == PREVIOUS
+
+
+def _runs(path: Path) -> List[Any]:
+    """The run id of every line, in order (None for a line without one)."""
+    return [rec.get("run") for rec in _lines(path)]
+
+
+def test_append_keeps_the_results_of_earlier_runs_and_tells_them_apart(tmp_path: Path) -> None:
+    """A service restarts (crash, watchdog, reboot) onto the same --out: every start must keep the earlier results."""
+    bundle = make_tiny_bundle(tmp_path / "b")
+    out = tmp_path / "r.jsonl"
+    out.write_text(PREVIOUS)  # a line written before the service used --append
+    first = app.run_bundle(str(bundle), SRC, out=str(out), append=True, reconnect=False)
+    with out.open("ab") as f:
+        f.write(b'{"run":"' + first["run"].encode() + b'","frame":12,"lab')  # power loss mid-line
+    second = app.run_bundle(str(bundle), SRC, out=str(out), append=True, reconnect=False)
+    assert first["run"] != second["run"] and len(first["run"]) == 12
+    assert first["append"] == {"torn_cut": 0, "newline_restored": False}
+    assert second["append"] == {"torn_cut": 1, "newline_restored": False}
+    assert _runs(out) == [None] + [first["run"]] * 12 + [second["run"]] * 12
+    assert [r["frame"] for r in _lines(out)[1:]] == list(range(12)) * 2
+    assert out.read_text().startswith(PREVIOUS)
+    # Without --append the file is replaced, as before, and lines carry no run id.
+    plain = app.run_bundle(str(bundle), SRC, out=str(out), reconnect=False)
+    assert "run" not in plain and "append" not in plain and _runs(out) == [None] * 12
+
+
+def test_append_needs_out_and_a_damaged_results_file_is_refused_before_the_bundle_loads(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="--append adds to the --out results file"):
+        app.run_bundle(str(tmp_path / "no-bundle"), SRC, append=True)
+    out = tmp_path / "r.jsonl"
+    out.write_text(PREVIOUS + "edited by hand\n")
+    with pytest.raises(EdgeclfError, match="neither a whole result nor a torn last line"):
+        app.run_bundle(str(tmp_path / "no-bundle"), SRC, out=str(out), append=True)  # not "no bundle": checked first
+    assert out.read_text() == PREVIOUS + "edited by hand\n"
+
+
+def test_cli_append_without_out_is_one_line_and_exit_code_2(tmp_path: Path) -> None:
+    bundle = make_tiny_bundle(tmp_path / "b")
+    r = run_cli("run", "--bundle", str(bundle), "--source", SRC, "--append")
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert r.returncode == 2 and len(lines) == 1 and "--append" in lines[0] and "--out" in lines[0], r.stderr
+
+
+def test_each_appending_run_verifies_against_its_own_lines_of_the_shared_file(tmp_path: Path) -> None:
+    bundle = make_tiny_bundle(tmp_path / "b")
+    out = tmp_path / "r.jsonl"
+    logs = []
+    for k in range(2):
+        res = app.run_bundle(str(bundle), SRC, out=str(out), append=True, reconnect=False, audit=str(tmp_path / f"a{k}.jsonl"),
+                             audit_digest_every=5)
+        logs.append((res["run"], tmp_path / f"a{k}.jsonl"))
+        with out.open("ab") as f:
+            f.write(b'{"frame":99,"lab')  # torn: the next start cuts it off and puts that on the audit record
+    for k, (run_id, log) in enumerate(logs):
+        records = [json.loads(ln) for ln in log.read_text().splitlines()]
+        assert records[0]["payload"]["config"]["run"] == run_id and records[0]["payload"]["config"]["append"] is True
+        repaired = [r["payload"] for r in records if r["type"] == "event" and r["payload"]["name"] == "results_file_repaired"]
+        assert repaired == ([{"name": "results_file_repaired", "torn_cut": 1, "newline_restored": False}] if k else [])
+        mine = tmp_path / f"run{k}.jsonl"  # as the README says: grep '^{"run":"ID",' results.jsonl > run.jsonl
+        mine.write_bytes(b"".join(ln for ln in out.read_bytes().splitlines(keepends=True)
+                                  if ln.startswith(b'{"run":"' + run_id.encode() + b'",')))
+        rep = verify_audit(log, results=mine)
+        assert rep.state == "intact" and rep.results_check is not None and rep.results_check["checked"] == 12, rep.to_dict()

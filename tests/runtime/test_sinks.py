@@ -21,8 +21,10 @@ from edgeclf.runtime.sinks import (
     StdoutSink,
     SummarySink,
     VideoRecorderSink,
+    check_append_tail,
     read_jsonl,
     summarize,
+    tag_run,
 )
 
 
@@ -508,3 +510,91 @@ def test_cli_reports_a_full_disk_in_one_line(bundle_dir: Path) -> None:
     assert p.returncode == 2, p.stderr
     lines = p.stderr.strip().splitlines()
     assert len(lines) == 1 and "/dev/full" in lines[0] and "No space left on device" in lines[0], p.stderr
+
+
+# ------------------------------------------------------------------------------------------- append
+
+
+def _tails(data: bytes) -> Dict[str, bytes]:
+    """What a power loss can leave at the end of a results file `data` (whole lines), by name."""
+    last = data.rstrip(b"\n").rfind(b"\n") + 1
+    return {
+        "whole": data,
+        "cut_short": data[:-25],
+        "nul_padded_size": data + b"\x00" * 300,
+        "half_line_then_nuls": data[:-40] + b"\x00" * 100 + b"\n",
+        "nul_line_then_nuls": data + b"\x00" * 50 + b"\n" + b"\x00" * 20,
+        "newline_lost": data[:-1],
+        "only_the_last_line_cut": data[: last + 3],
+        "empty": b"",
+        "only_a_torn_line": data[:30],
+    }
+
+
+@pytest.mark.parametrize("window", [1 << 16, 8])  # 8: the end is found by growing the window over long lines
+@pytest.mark.parametrize("tail", list(_tails(b"x\n")))
+def test_append_keeps_every_earlier_result_and_cuts_only_a_torn_last_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                           caplog: pytest.LogCaptureFixture, tail: str,
+                                                                           window: int) -> None:
+    monkeypatch.setattr(sinks_mod, "_END_WINDOW", window)
+    path = tmp_path / "r.jsonl"
+    before = _tails(_write(path, 6))[tail]
+    path.write_bytes(before)
+    kept, torn_before = read_jsonl(path)
+    keep, torn_planned, _ = check_append_tail(path)
+    assert torn_planned == torn_before and path.read_bytes() == before  # the check changes nothing
+    caplog.set_level("WARNING", logger=sinks_mod.__name__)
+    caplog.clear()
+    with JsonlSink(path, append=True, run_id="r2") as sink:
+        sink.write(_rec(100))
+        sink.write(_rec(101))
+    assert sink.torn_cut == torn_before and sink.newline_restored == (tail == "newline_lost")
+    recs, torn = read_jsonl(path)
+    assert torn == 0 and recs[:len(kept)] == kept  # nothing earlier lost, nothing invented
+    assert [(r.get("run"), r["frame"]) for r in recs[len(kept):]] == [("r2", 100), ("r2", 101)]
+    assert path.read_bytes().startswith(before[:keep])  # appended after, never rewritten
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    if torn_before:
+        assert any(f"cut off {torn_before} torn line(s)" in m for m in warned), warned
+    else:
+        assert not any("cut off" in m for m in warned), warned
+
+
+def test_append_refuses_an_end_that_is_not_a_torn_write_and_leaves_the_file_alone(tmp_path: Path) -> None:
+    path = tmp_path / "r.jsonl"
+    data = _write(path, 4)
+    for bad in (data + b"not json\n", data + b"[1, 2]\n", data + b"\x00\x00\n" + b'{"frame": 9, "la'):
+        path.write_bytes(bad)
+        with pytest.raises(DataError) as info:
+            read_jsonl(path)  # the reader calls it damaged too
+        with pytest.raises(DataError, match="neither a whole result nor a torn last line") as info:
+            JsonlSink(path, append=True)
+        assert "\n" not in str(info.value) and path.read_bytes() == bad
+
+
+def test_without_append_the_results_file_is_replaced_as_before(tmp_path: Path) -> None:
+    path = tmp_path / "r.jsonl"
+    _write(path, 5)
+    _write(path, 2)
+    recs, _ = read_jsonl(path)
+    assert [r["frame"] for r in recs] == [0, 1] and all("run" not in r for r in recs)
+
+
+def test_a_full_disk_while_appending_cuts_back_only_this_runs_partial_line(tmp_path: Path) -> None:
+    out = tmp_path / "r.jsonl"
+    earlier = _write(out, 3)
+    sink = JsonlSink(out, fsync_every=0, append=True, run_id="r2")
+    sink._f = _FailingFile(sink._f, ok=1)
+    sink.write(_rec(10))
+    with pytest.raises(EdgeclfError, match="holds 1 whole results of the 2 produced so far after the earlier runs"):
+        sink.write(_rec(11))
+    sink.close()
+    recs, torn = read_jsonl(out)
+    assert torn == 0 and out.read_bytes().startswith(earlier) and [r["frame"] for r in recs] == [0, 1, 2, 10]
+
+
+def test_tag_run_puts_the_run_first_and_changes_nothing_else() -> None:
+    rec = _rec(3)
+    tagged = tag_run(rec, "abc")
+    assert list(tagged)[0] == "run" and tagged["run"] == "abc" and {k: v for k, v in tagged.items() if k != "run"} == rec
+    assert "run" not in rec
