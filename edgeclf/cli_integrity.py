@@ -75,7 +75,10 @@ def audit_verify(ctx: click.Context, log: str, results: Optional[str], head: Opt
     check = rep.results_check
     if check and check.get("state") == "match":
         line += f"; results file matches ({check['checked']} results digested, {check['undigested']} after the last digest"
-        line += ", a torn last line ignored)" if check.get("torn") else ")"
+        line += ", a torn last line ignored" if check.get("torn") else ""
+        if check.get("run"):  # a file several appending runs share: this run's lines only
+            line += f"; run {check['run']}'s lines, {check['other_runs_lines']} of other runs not checked"
+        line += ")"
     _emit(as_json, doc, line)
     ctx.exit(AUDIT_EXIT_CODES[rep.state])
 

@@ -524,7 +524,7 @@ class AuditReport:
 
     state: "intact", "unterminated" or "tampered". records: whole records that verified (the chain up
     to the first bad one). bad_line / bad_seq / reason: the first bad record (tampered only); reason is one
-    line. torn: partial last lines ignored (0 or 1). head: hash of the last good record. session, results,
+    line. torn: partial last lines ignored (0 or 1). head: hash of the last good record. session, run, results,
     abstained, faults: from the records. end: the end record's payload. results_check: with `results=`,
     what the results file showed against the digests.
     """
@@ -538,6 +538,7 @@ class AuditReport:
     bad_line: Optional[int] = None
     bad_seq: Optional[int] = None
     session: Optional[str] = None
+    run: Optional[str] = None  # the run id of an appending run (its results are the lines tagged with it)
     results: int = 0
     abstained: int = 0
     faults: int = 0
@@ -551,7 +552,7 @@ class AuditReport:
 
     def to_dict(self) -> Dict[str, Any]:
         return {"path": self.path, "state": self.state, "records": self.records, "torn": self.torn, "head": self.head,
-                "reason": self.reason, "bad_line": self.bad_line, "bad_seq": self.bad_seq, "session": self.session,
+                "reason": self.reason, "bad_line": self.bad_line, "bad_seq": self.bad_seq, "session": self.session, "run": self.run,
                 "results": self.results, "abstained": self.abstained, "faults": self.faults, "end": self.end,
                 "results_check": self.results_check}
 
@@ -639,6 +640,9 @@ def verify_audit(path: PathLike, *, results: Optional[PathLike] = None, expected
             if rec["type"] != "start" or payload.get("format") != AUDIT_FORMAT:
                 return bad(line_no, seq, "the first record is not an edgeclf audit start record")
             rep.session = str(payload.get("session"))
+            cfg = payload.get("config")
+            run = cfg.get("run") if isinstance(cfg, dict) else None
+            rep.run = run if isinstance(run, str) and run else None
         elif rec["type"] == "start":
             return bad(line_no, seq, "a second start record (two logs spliced together)")
         if rec["type"] == "digest":
@@ -661,29 +665,37 @@ def verify_audit(path: PathLike, *, results: Optional[PathLike] = None, expected
         rep.state, rep.bad_line, rep.bad_seq = "tampered", rep.records, rep.records - 1 if rep.records else None
         rep.reason = f"the last record's hash {rep.head[:16]}... is not the expected head {str(expected_head)[:16]}... (the log was cut or rewritten)"
     if results is not None:
-        rep.results_check = _check_results(rep.digests, results)
+        rep.results_check = _check_results(rep.digests, results, run=rep.run)
         if rep.results_check["state"] == "mismatch" and rep.state != "tampered":
             rep.state = "tampered"
             rep.reason = f"results file: {rep.results_check['reason']}"
     return rep
 
 
-def _result_lines(path: PathLike, torn: List[bytes]) -> Iterator[bytes]:
+def _result_lines(path: PathLike, torn: List[bytes], run: Optional[str] = None, others: Optional[List[int]] = None) -> Iterator[bytes]:
     """Whole lines of a results file, newline included; a torn last line is left out and put in `torn`
-    (so that it is counted, as read_jsonl counts it)."""
+    (so that it is counted, as read_jsonl counts it). run: only the lines of that run (`edgeclf run --append`
+    writes ``{"run":"<id>",...`` first in each), the others counted in `others`[0]."""
+    prefix = None if run is None else ('{"run":' + json.dumps(run) + ",").encode("ascii")
     with open(path, "rb") as f:
         for raw in f:
-            if raw.endswith(b"\n"):
-                yield raw
-            else:
+            if not raw.endswith(b"\n"):
                 torn.append(raw)
+            elif prefix is not None and not raw.startswith(prefix):
+                if others is not None:
+                    others[0] += 1
+            else:
+                yield raw
 
 
-def _check_results(digests: List[Dict[str, Any]], results: PathLike) -> Dict[str, Any]:
+def _check_results(digests: List[Dict[str, Any]], results: PathLike, *, run: Optional[str] = None) -> Dict[str, Any]:
+    """run: the audited run's id (its start record's config, written by `edgeclf run --append`): a results file
+    that several runs appended to is checked on that run's lines only; the other runs' lines are counted."""
     p = os.fspath(results)
+    others = [0]
     try:
         torn: List[bytes] = []
-        lines = _result_lines(p, torn)
+        lines = _result_lines(p, torn, run, others)
         checked = 0
         for n, d in enumerate(digests):
             h = hashlib.sha256()
@@ -704,4 +716,7 @@ def _check_results(digests: List[Dict[str, Any]], results: PathLike) -> Dict[str
         undigested = sum(1 for _ in lines)
     except OSError as exc:
         raise DataError(f"cannot read results file {p}: {exc.strerror}; check the path") from None
-    return {"state": "match", "checked": checked, "undigested": undigested, "torn": len(torn), "reason": ""}
+    out: Dict[str, Any] = {"state": "match", "checked": checked, "undigested": undigested, "torn": len(torn), "reason": ""}
+    if run is not None:
+        out.update(run=run, other_runs_lines=others[0])
+    return out

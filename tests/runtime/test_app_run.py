@@ -294,3 +294,7 @@ def test_each_appending_run_verifies_against_its_own_lines_of_the_shared_file(tm
                                   if ln.startswith(b'{"run":"' + run_id.encode() + b'",')))
         rep = verify_audit(log, results=mine)
         assert rep.state == "intact" and rep.results_check is not None and rep.results_check["checked"] == 12, rep.to_dict()
+        # The shared file itself: the log's start record names the run, and only its lines are checked.
+        rep = verify_audit(log, results=out)
+        assert rep.state == "intact" and rep.run == run_id, rep.to_dict()
+        assert rep.results_check["checked"] == 12 and rep.results_check["other_runs_lines"] == 12, rep.results_check
