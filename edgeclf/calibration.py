@@ -101,6 +101,21 @@ def _nll(z: NDArray[np.float64], y: NDArray[np.int64], task: str, temperature: f
     return float(np.mean(np.sum(np.logaddexp(0.0, s) - yy * s, axis=1)))
 
 
+def _separated(z: NDArray[np.float64], y: NDArray[np.int64], task: str) -> bool:
+    """Whether every validation item is classified with a positive margin: its true class's logit above every other
+    class's (softmax), or each logit's sign agreeing with its label (sigmoid: binary, every multilabel entry). Exactly
+    then the NLL keeps falling towards 0 as T -> 0; one item at or past the boundary keeps it from 0 (or sends it to
+    infinity), so a fit at the lower bound is then a real optimum, not a sign of an easy set."""
+    if task == "multiclass":
+        rows = np.arange(z.shape[0])
+        true = z[rows, y]
+        other = z.copy()
+        other[rows, y] = -np.inf
+        return bool(np.all(true > other.max(axis=1)))
+    yy = y[:, None] if task == "binary" else y
+    return bool(np.all(np.where(yy == 1, z, -z) > 0))
+
+
 def fit_temperature(logits: npt.ArrayLike, labels: npt.ArrayLike, task: str) -> float:
     """The temperature T > 0 that minimises the validation negative log-likelihood of softmax/sigmoid(z / T).
 
@@ -108,9 +123,10 @@ def fit_temperature(logits: npt.ArrayLike, labels: npt.ArrayLike, task: str) -> 
     but never the ranking (AUC) or the argmax. The search is a bounded 1-D minimisation (scipy
     ``minimize_scalar``, method "bounded") over log T in log(TEMPERATURE_BOUNDS) = [log 0.05, log 20];
     the NLL is convex in 1/T, so the minimum in the interval is the global one there. A result at the
-    lower bound means perfectly separated validation data (the NLL falls as T -> 0): then 1.0 is
-    returned with a warning rather than an overconfident T. A result at the upper bound is returned
-    and logged.
+    lower bound on perfectly separated validation data (every item's true-class margin > 0, see
+    `_separated`: the NLL falls towards 0 as T -> 0) returns 1.0 with a warning rather than an
+    overconfident T; on data that is not separated (a very underconfident model) the bound is
+    returned, with a warning. A result at the upper bound is returned and logged.
 
     Returns 1.0 (no scaling) on degenerate input, logging why: binary/multiclass labels with a single
     class present; multilabel labels where no label has both values. Raises DataError for empty or
@@ -153,6 +169,17 @@ def fit_temperature(logits: npt.ArrayLike, labels: npt.ArrayLike, task: str) -> 
     if after > before:  # cannot happen for a converged search on a convex objective; be safe anyway
         logger.warning("fit_temperature: search did not improve on T = 1 (NLL %.4f); keeping 1.0", before)
         return 1.0
+    if abs(float(res.x) - lo) < 1e-3 and not _separated(z, y, task):
+        # A real optimum at or below the bound: the model is far too unsure of itself (e.g. near-zero logits
+        # from an early best epoch). The bound itself is the best temperature on offer (the NLL rises with T above
+        # an optimum below it); T = 1 would be the worst.
+        t = float(TEMPERATURE_BOUNDS[0])
+        logger.warning(
+            "fit_temperature: T = %g is the lower edge of the search interval [%g, %g] (validation NLL %.4f -> %.4f): "
+            "the model's logits are far too small; the validation set is not separated, so the bound is used",
+            t, *TEMPERATURE_BOUNDS, before, _nll(z, y, task, t),
+        )
+        return t
     if abs(float(res.x) - lo) < 1e-3:
         # Perfectly separated validation data: the NLL keeps falling as T -> 0, so the "fit" only says
         # the set is too easy to calibrate on. Sharpening would make the model claim certainty on

@@ -187,7 +187,7 @@ def train(ctx: click.Context, data_spec: str, model: str, out: str, size, channe
           group, tta, probe_epochs, ema, ensemble, read_test: bool, as_json: bool) -> None:
     """Train a classifier, calibrate it and fit its operating points on the validation split.
 
-    Runs unchanged under torchrun (one process per shard, gloo on CPU, NCCL on GPU; rank 0 writes)."""
+    Runs unchanged under torchrun (one CPU process per shard, gloo; rank 0 writes). Training runs on the CPU."""
     from click.core import ParameterSource
 
     from edgeclf.train import TrainConfig, dist_info

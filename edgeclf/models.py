@@ -193,7 +193,12 @@ def create_model(name: str, *, num_outputs: int, in_chans: int = 1, pretrained: 
 
 
 def head_module(model: torch.nn.Module) -> torch.nn.Module:
-    """The classification head (what a linear probe trains): timm's get_classifier(), torchvision's fc or classifier."""
+    """The classification head (what a linear probe trains): timm's get_classifier(), else the model's fc or
+    classifier; where that is a Sequential (torchvision's MobileNetV3: Linear 576->1024, Hardswish, Dropout, Linear;
+    EfficientNet: Dropout, Linear) its last Linear, the layer `create_model` replaces: the layers before it are
+    pretrained ImageNet layers, not the new head."""
+    import torch
+
     get = getattr(model, "get_classifier", None)
     if callable(get):
         head: torch.nn.Module = get()
@@ -201,6 +206,10 @@ def head_module(model: torch.nn.Module) -> torch.nn.Module:
     for attr in ("fc", "classifier"):
         m = getattr(model, attr, None)
         if m is not None and hasattr(m, "parameters"):
+            if isinstance(m, torch.nn.Sequential):
+                linears = [c for c in m if isinstance(c, torch.nn.Linear)]
+                if linears:
+                    return linears[-1]
             return m  # type: ignore[no-any-return]
     raise ConfigError(f"{type(model).__name__} has no head this tool knows (get_classifier, fc or classifier); "
                       "train it without --probe-epochs")

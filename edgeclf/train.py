@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import math
 import os
 import platform
 import time
@@ -32,6 +33,7 @@ AUGMENTS = ("auto", "ultrasound", "xray", "generic", "none")
 # The head-only (probe) epochs' constant rate, as a multiple of the fine-tuning peak rate: a linear head on
 # fixed features takes larger steps than the whole network can.
 PROBE_LR_FACTOR = 10.0
+SEED_MAX = 2**32 - 1  # numpy's global seed (np.random.seed) takes 0..2**32-1
 
 
 @dataclass(frozen=True)
@@ -105,6 +107,13 @@ class TrainConfig:
             raise ConfigError(f"ema is {self.ema}; give 0 (off) or a decay below 1, e.g. 0.99")
         if not 1 <= self.ensemble <= 16:
             raise ConfigError(f"ensemble is {self.ensemble}; give 1 (one model) up to 16 members")
+        # numpy's global seed (np.random.seed) takes 0..2**32-1, and ensemble member k is seeded with seed + k.
+        if not 0 <= self.seed <= SEED_MAX - (self.ensemble - 1):
+            raise ConfigError(f"seed is {self.seed}; give 0..{SEED_MAX - (self.ensemble - 1)}"
+                              + (f" (member {self.ensemble - 1} of the ensemble is seeded with seed + {self.ensemble - 1})"
+                                 if self.ensemble > 1 else ""))
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            raise ConfigError(f"weight-decay is {self.weight_decay}; give a finite value >= 0, e.g. 1e-4 (0 = off)")
         if self.probe_epochs and not self.pretrained:
             raise ConfigError("probe-epochs trains a head on pretrained features; add --pretrained or give --probe-epochs 0")
         from edgeclf.models import TTA_MODES
@@ -359,18 +368,19 @@ def _distill(student: Any, teacher: Any, task: str, t: float) -> Any:
 
 
 def dist_info() -> tuple[int, int]:
-    """(rank, world size) of a torchrun process group, initialising it on first use (gloo on CPU, NCCL
-    on GPU); (0, 1) outside torchrun."""
+    """(rank, world size) of a torchrun process group, initialising it on first use; (0, 1) outside torchrun.
+
+    The group is gloo, on every host: training runs on the CPU (the model and data are CPU tensors, even where
+    CUDA is visible), and NCCL carries CUDA tensors only. GPU training is not implemented."""
     import os
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return 0, 1
-    import torch
     import torch.distributed as dist
 
     if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+        dist.init_process_group(backend="gloo")
     return dist.get_rank(), dist.get_world_size()
 
 
@@ -535,7 +545,10 @@ def fit(
 
         averaged = ModelEmaV3(model, decay=ema, use_warmup=True)
     net = wrap()
-    steps_per_epoch = max(1, int(np.ceil((len(sampler) if sampler is not None else len(p.xtr)) / batch_size)))
+    # The steps run_epoch actually takes: a final batch of one image is skipped (BatchNorm), so it is not counted,
+    # or with n % batch_size == 1 the one-cycle schedule would end before its annealing did.
+    per_epoch = len(sampler) if sampler is not None else len(p.xtr)
+    steps_per_epoch = max(1, per_epoch // batch_size + (1 if per_epoch % batch_size >= 2 else 0))
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=epochs * steps_per_epoch, pct_start=0.15)
     best = (-1.0, 0, copy.deepcopy(model.state_dict()))
     best_loss = float("inf")

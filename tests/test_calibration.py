@@ -92,6 +92,27 @@ def test_fit_temperature_separable_data_keeps_logits_unscaled(caplog: pytest.Log
     assert "perfectly separated" in caplog.text
 
 
+def test_fit_temperature_underconfident_overlapping_data_gets_the_lower_bound(caplog: pytest.LogCaptureFixture) -> None:
+    # Overlapping classes with logits 50x too small: the NLL optimum lies below 0.05, but the set is not separated,
+    # so the bound is a real improvement (NLL ~0.52 against log 2 at T = 1), not a sign of a too-easy set.
+    rng = np.random.default_rng(0)
+    y = np.array([0, 1] * 200)
+    z = (0.02 * (np.where(y == 1, 1.0, -1.0) + rng.normal(0, 1.0, len(y))))[:, None]
+    lo = TEMPERATURE_BOUNDS[0]
+    with caplog.at_level(logging.WARNING, logger="edgeclf.calibration"):
+        t = fit_temperature(z, y, "binary")
+    assert t == lo
+    assert _nll(z, y, "binary", t) < _nll(z, y, "binary", 1.0) - 0.1
+    assert "lower edge" in caplog.text and "not separated" in caplog.text
+    # Multiclass: the same with softmax; one item whose true class is not strictly ahead breaks separation.
+    zm = np.tile(np.array([[0.01, 0.0, 0.0], [0.0, 0.01, 0.0], [0.0, 0.0, 0.01]]), (20, 1))
+    ym = np.tile(np.arange(3), 20)
+    assert fit_temperature(zm, ym, "multiclass") == 1.0  # separated: every true class ahead by 0.01
+    zm[0] = [0.0, 0.0, 0.0]  # a tie: not ahead
+    zm[1] = [0.01, 0.0, 0.0]  # wrong class ahead
+    assert fit_temperature(zm, ym, "multiclass") == lo
+
+
 @pytest.mark.parametrize(
     ("logits", "labels", "task", "error", "match"),
     [

@@ -40,3 +40,22 @@ def test_torchrun_two_processes_match_one(tmp_path: Path) -> None:
     assert a["auc"]["macro"] > 0.85 and b["auc"]["macro"] > 0.85
     assert abs(a["auc"]["macro"] - b["auc"]["macro"]) <= 0.05
     assert abs(a["accuracy"] - b["accuracy"]) <= 0.15
+
+
+def test_torchrun_uses_gloo_even_where_cuda_is_visible(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Training keeps the model and data on the CPU, and NCCL carries CUDA tensors only: a CUDA-visible host must not
+    get an NCCL group (it failed at the first collective)."""
+    import torch
+    import torch.distributed as dist
+
+    import edgeclf.train as tr
+
+    seen = {}
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(dist, "init_process_group", lambda backend=None, **kw: seen.setdefault("backend", backend))
+    monkeypatch.setattr(dist, "get_rank", lambda: 1)
+    monkeypatch.setattr(dist, "get_world_size", lambda: 2)
+    assert tr.dist_info() == (1, 2)
+    assert seen["backend"] == "gloo"

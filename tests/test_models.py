@@ -421,3 +421,15 @@ def test_exported_ensemble_stays_finite_for_confident_members(tmp_path: Path) ->
     assert np.isfinite(out).all()
     p = np.exp(out - out.max(1, keepdims=True))
     np.testing.assert_allclose(p / p.sum(1, keepdims=True), [[0.5, 0.5, 0.0]] * 2, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["mobilenet_v3_small", "mobilenet_v3_large", "efficientnet_b0", "resnet18"])
+def test_head_module_is_only_the_replaced_layer(name: str) -> None:
+    """--probe-epochs trains only the new head: for MobileNetV3 not the pretrained 576->1024 Linear in front of it."""
+    from edgeclf.models import _TV_LAYOUT, head_module
+
+    model = create_model(name, num_outputs=2, in_chans=1)
+    ids = {id(q) for q in head_module(model).parameters()}
+    trained = {n for n, q in model.named_parameters() if id(q) in ids}
+    new = _TV_LAYOUT[name][1]
+    assert trained == {f"{new}.weight", f"{new}.bias"}, sorted(trained)

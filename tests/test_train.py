@@ -76,6 +76,66 @@ def test_config_validation() -> None:
         TrainConfig(data="x", out="y", augment="mixup")
 
 
+def test_seed_and_weight_decay_are_checked() -> None:
+    """np.random.seed takes 0..2**32-1 (member k of an ensemble gets seed + k), AdamW a finite weight decay >= 0:
+    anything else was a traceback from deep inside training."""
+    for seed, ensemble in [(-1, 1), (2**32, 1), (2**32 - 2, 3)]:
+        with pytest.raises(ConfigError, match=f"seed is {seed}; give 0"):
+            TrainConfig(data="x", out="y", seed=seed, ensemble=ensemble)
+    TrainConfig(data="x", out="y", seed=2**32 - 1)
+    TrainConfig(data="x", out="y", seed=2**32 - 3, ensemble=3)
+    for wd in (-0.1, float("nan"), float("inf")):
+        with pytest.raises(ConfigError, match="weight-decay is"):
+            TrainConfig(data="x", out="y", weight_decay=wd)
+    TrainConfig(data="x", out="y", weight_decay=0.0)
+
+
+def test_bad_seed_or_recipe_weight_decay_exit_2_with_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from edgeclf.cli import main
+
+    base = ["train", "--data", "synthetic:ultrasound?n=90&size=48&seed=4", "--size", "32", "--epochs", "1", "--threads", "1"]
+    recipe = tmp_path / "mine.toml"
+    recipe.write_text('name = "mine"\nversion = 1\n[train]\nweight_decay = -0.1\n')
+    for extra, says in [(["--seed", "-1"], "seed is -1"), (["--recipe", str(recipe)], "weight-decay is -0.1")]:
+        with pytest.raises(SystemExit) as e:
+            main([*base, "--out", str(tmp_path / "o"), *extra])
+        assert e.value.code == 2
+        err = capsys.readouterr().err.strip()
+        assert says in err and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "o").exists()
+
+
+def test_one_cycle_schedule_completes_when_a_batch_of_one_is_skipped(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With n % batch_size == 1 the final one-image batch is skipped (BatchNorm); the schedule counts only the steps
+    taken, so the learning rate still anneals to its end (it was sized ceil(n / batch) and stopped mid-anneal)."""
+    import torch
+
+    from edgeclf.data import load_dataset
+    from edgeclf.models import create_model
+    from edgeclf.runtime.preprocess import PreprocessSpec
+    from edgeclf.train import _prepare, fit
+
+    torch.set_num_threads(1)
+    ds = load_dataset("synthetic:ultrasound?n=90&size=48&seed=4")
+    p = _prepare(ds, PreprocessSpec(channels=1, size=(32, 32), mean=(0.5,), std=(0.25,)), "ultrasound", 0)
+    n = len(p.xtr)
+    made = []
+    real = torch.optim.lr_scheduler.OneCycleLR
+
+    def spy(*a, **k):  # noqa: ANN002, ANN003, ANN202
+        made.append(real(*a, **k))
+        return made[-1]
+
+    monkeypatch.setattr(torch.optim.lr_scheduler, "OneCycleLR", spy)
+    for batch in (n - 1, n - 3):  # n % batch == 1: one step an epoch; n % batch == 3: two, as before (ceil(n / batch))
+        torch.manual_seed(0)
+        history, _ = fit(create_model("compact", num_outputs=3, in_chans=1), p, epochs=2, lr=3e-3, batch_size=batch,
+                         patience=2, seed=0)
+        s = made[-1]
+        assert len(history) == 2 and s.last_epoch == s.total_steps, (batch, s.last_epoch, s.total_steps)
+    assert made[0].total_steps == 2 and made[1].total_steps == 4
+
+
 def test_default_size_never_upsamples_past_the_data() -> None:
     small = [np.zeros((28, 28), np.uint8)] * 5
     big = [np.zeros((256, 300), np.uint8)] * 5
