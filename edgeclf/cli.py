@@ -460,7 +460,8 @@ def _recipe_export_settings(model: str, *, quiet: bool) -> dict[str, Any]:
               help="Fraction of the original MACs to keep.")
 @click.option("--steps", type=click.IntRange(min=1), default=3, show_default=True, help="Prune-then-fine-tune rounds.")
 @click.option("--finetune-epochs", type=click.IntRange(min=1), default=6, show_default=True)
-@click.option("--lr", type=float, default=1e-3, show_default=True, help="Fine-tuning learning rate.")
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=1e-3, show_default=True,
+              help="Fine-tuning learning rate (above 0).")
 @click.option("--data", "data_spec", default=None, help="Data spec [default: the one the model records].")
 @click.option("--no-distill", is_flag=True, help="Fine-tune on the labels only, without the unpruned parent as teacher.")
 @json_option

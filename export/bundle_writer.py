@@ -19,6 +19,7 @@ import numpy as np
 from edgeclf.data import Dataset, load_dataset, require_training_data, spec_name
 from edgeclf.errors import ConfigError, DataError, ModelError
 from edgeclf.export.onnx_export import INPUT_NAME, OPSET, OUTPUT_NAME, ExportError, export_onnx, parity_report
+from edgeclf.export.prune import TRAINING_FACTS
 from edgeclf.runtime.bundle import FORMAT, MANIFEST_FILE, SCHEMA_VERSION, write_checksums
 from edgeclf.runtime.postprocess import TASKS, probabilities
 from edgeclf.runtime.preprocess import Preprocessor, PreprocessSpec
@@ -81,6 +82,8 @@ class ExportConfig:
             raise ConfigError(f"--precision {self.precision!r} is unknown; allowed: {', '.join(PRECISION_CHOICES)}")
         if self.task is not None and self.task not in TASKS:
             raise ConfigError(f"--task {self.task!r} is unknown; allowed: {', '.join(TASKS)}")
+        if self.positive and self.task is not None and self.task != "binary":
+            raise ConfigError(f"--positive applies to binary tasks only; this is a {self.task} task: leave --positive out")
         if self.qat_epochs < 0:
             raise ConfigError(f"--qat-epochs is {self.qat_epochs}; give 0 (off) or more")
         if self.device is not None:
@@ -152,6 +155,34 @@ def _load_torch_factory(target: str, weights: str):
     return model.eval()
 
 
+def _describe(out: Any) -> str:
+    """What a model returned, briefly: 'a tuple of (Tensor (1, 3), Tensor (1, 4))', 'a Tensor (1, 3, 2)'."""
+    shape = getattr(out, "shape", None)
+    if shape is not None:
+        return f"a {type(out).__name__} {tuple(shape)}"
+    if isinstance(out, (tuple, list)):
+        parts = [f"{type(v).__name__} {tuple(v.shape)}" if hasattr(v, "shape") else type(v).__name__ for v in out[:4]]
+        return f"a {type(out).__name__} of ({', '.join(parts)}{', ...' if len(out) > 4 else ''})"
+    if isinstance(out, dict):
+        return f"a {type(out).__name__} with keys {_few([str(k) for k in out])}"
+    return f"a {type(out).__name__}"
+
+
+def _check_torch_output(model: Any, x: np.ndarray, target: str) -> None:
+    """A --from-torch model must return one logits tensor (N, K): a tuple (logits, features), a dict or an
+    aux-head output cannot be exported as a classifier. Checked on one input before anything is exported."""
+    import torch
+
+    try:
+        with torch.inference_mode():
+            out = model(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)))
+    except RuntimeError as exc:
+        raise ModelError(f"the model rejects inputs of shape {x.shape[1:]}: {str(exc).splitlines()[0]}; check --size/--channels") from None
+    if not isinstance(out, torch.Tensor) or out.ndim != 2:
+        raise ModelError(f"--from-torch {target} returns {_describe(out)}; a classifier must return one logits tensor (N, K): "
+                         "wrap the model so that forward returns the logits only")
+
+
 def _few(names: list[str], k: int = 3) -> str:
     return ", ".join(names[:k]) + (f" and {len(names) - k} more" if len(names) > k else "")
 
@@ -193,7 +224,7 @@ def export_bundle(cfg: ExportConfig) -> dict[str, Any]:
     from edgeclf.calibration import fit_decision_rule, fit_temperature
     from edgeclf.metrics import evaluate_predictions
     from edgeclf.runtime.app import verify_bundle
-    from edgeclf.train import load_trained, package_versions, torch_logits
+    from edgeclf.train import _positive_index, load_trained, package_versions, torch_logits
 
     out = Path(cfg.out)
     replaceable = cfg.overwrite and (out / MANIFEST_FILE).is_file()
@@ -215,7 +246,13 @@ def export_bundle(cfg: ExportConfig) -> dict[str, Any]:
         arch = tm.meta["architecture"]
         cfg_rec = dict(tm.run.get("config") or {})
         cfg_rec.pop("data", None), cfg_rec.pop("out", None)  # workstation paths stay on the workstation
-        provenance.update(source="trained", training={"config": cfg_rec, **{k: tm.run.get(k) for k in ("best_epoch", "seconds", "packages")}})
+        pr = tm.run.get("pruning") or {}
+        # This run's best epoch, seconds and packages: its training's, or for a pruned run its fine-tuning's.
+        own = {k: tm.run.get(k) for k in TRAINING_FACTS}
+        # A pruned run records its parent's training config and, under pruning.training, that training's own facts
+        # (a run pruned before they were recorded no longer knows them: null, never the fine-tuning's).
+        trained = (pr.get("training") or dict.fromkeys(TRAINING_FACTS)) if pr else own
+        provenance.update(source="trained", training={"config": cfg_rec, **{k: trained.get(k) for k in TRAINING_FACTS}})
         if tm.tta != "none":  # the graph runs the network on the image and its mirror: twice the compute
             provenance["test_time_augmentation"] = tm.tta
         if tm.members > 1:  # the graph runs every member: N times the compute; each member's own figures recorded
@@ -226,10 +263,14 @@ def export_bundle(cfg: ExportConfig) -> dict[str, Any]:
                                       "members_val": [{"seed": m.get("seed"), **(m.get("val") or {})} for m in ens.get("members", [])]}
         if tm.run.get("recipe"):
             provenance["recipe"] = {k: tm.run["recipe"].get(k) for k in ("name", "version", "sha256", "variant", "export")}
-        if tm.run.get("pruning"):
-            pr = tm.run["pruning"]
-            provenance["pruning"] = {k: pr.get(k) for k in ("target_macs", "macs", "params", "latency_ms", "pays", "verdict", "parent",
-                                                          "metrics_before")}  # the unpruned model's figures: pruning's accuracy cost
+        if pr:
+            provenance["pruning"] = {
+                **{k: pr.get(k) for k in ("target_macs", "macs", "params", "latency_ms", "pays", "verdict", "parent",
+                                          "metrics_before")},  # the unpruned model's figures: pruning's accuracy cost
+                # How the deployed weights were fine-tuned after pruning (per step: MACs, best epoch, val AUC).
+                **{k: pr.get(k) for k in ("steps", "finetune_epochs", "lr", "distill", "round_to")},
+                **own,
+            }
         train_metrics = tm.run.get("metrics", {})
     else:
         task = str(cfg.task)
@@ -277,6 +318,9 @@ def export_bundle(cfg: ExportConfig) -> dict[str, Any]:
     try:
         onnx_path = stage / "model.onnx"
         if torch_model is not None:
+            if cfg.from_torch:
+                _check_torch_output(torch_model, xv[:1] if len(xv) else np.zeros((1, spec.channels, *spec.size), np.float32),
+                                    str(cfg.from_torch))
             try:
                 ref = torch_logits(torch_model, xp)
             except RuntimeError as exc:
@@ -291,7 +335,8 @@ def export_bundle(cfg: ExportConfig) -> dict[str, Any]:
         if lv.ndim != 2 or lv.shape[1] != n_out:
             raise ModelError(f"the model outputs shape {lv.shape}; a {task} model with {len(labels)} labels must output (N, {n_out}) logits")
         if rule is None:  # imported models: calibrate on the validation split, whatever --split is
-            positive = labels.index(cfg.positive) if cfg.positive else 1
+            # The data set's clinically positive class unless --positive names one, as `edgeclf train` does.
+            positive = _positive_index(ds, cfg.positive)
             temperature = fit_temperature(lv, yv, task)
             rule = fit_decision_rule(probabilities(lv, task, temperature), yv, task,
                                      target_sensitivity=cfg.target_sensitivity, positive=positive)

@@ -39,7 +39,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from torch import nn
 
 __all__ = ["PruneConfig", "prune_trained", "count_macs", "prune_step", "save_pruned", "load_pruned", "ort_latency", "IMPORTANCES",
-           "PRUNED_JSON", "WEIGHTS_FILE", "FORMAT"]
+           "PRUNED_JSON", "WEIGHTS_FILE", "FORMAT", "TRAINING_FACTS"]
 
 _TRAIN_EXTRA = "train"
 IMPORTANCES = ("l2", "l1")
@@ -465,6 +465,14 @@ def ort_latency(before: nn.Module, after: nn.Module, example_size: Tuple[int, in
 
 
 # ------------------------------------------------------------------ prune a training folder
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+# What run.json records about how a model's weights were trained; a pruned run keeps its parent's under pruning.training.
+TRAINING_FACTS = ("best_epoch", "seconds", "packages")
+
+
 @dataclass(frozen=True)
 class PruneConfig:
     model: str  # a training folder (pruned or not)
@@ -480,10 +488,16 @@ class PruneConfig:
     min_speedup: float = 1.1
 
     def __post_init__(self) -> None:
-        if not 0.0 < self.target_macs < 1.0:
-            raise ConfigError(f"--target-macs is {self.target_macs}; give the fraction of MACs to keep, e.g. 0.5")
-        if self.steps < 1 or self.finetune_epochs < 1:
-            raise ConfigError("--steps and --finetune-epochs must be at least 1")
+        # Refused here, before any data is loaded: a NaN passes every comparison, a negative lr reaches AdamW.
+        if not _is_number(self.target_macs) or not 0.0 < self.target_macs < 1.0:
+            raise ConfigError(f"--target-macs is {self.target_macs!r}; give the fraction of MACs to keep, above 0 and below 1, e.g. 0.5")
+        for flag, n in (("--steps", self.steps), ("--finetune-epochs", self.finetune_epochs), ("round_to", self.round_to)):
+            if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+                raise ConfigError(f"{flag} is {n!r}; give a whole number of at least 1")
+        if not _is_number(self.lr) or not math.isfinite(self.lr) or self.lr <= 0:
+            raise ConfigError(f"--lr is {self.lr!r}; give the fine-tuning learning rate as a finite number above 0, e.g. 1e-3")
+        if not _is_number(self.min_speedup) or not math.isfinite(self.min_speedup) or self.min_speedup <= 0:
+            raise ConfigError(f"min_speedup is {self.min_speedup!r}; give a finite speed-up above 0, e.g. 1.1")
         out = Path(self.out)
         if out.resolve() == Path(self.model).resolve():
             raise ConfigError("--out is the --model folder; write the pruned model to a new folder so its parent survives")
@@ -533,6 +547,8 @@ def prune_trained(cfg: PruneConfig, *, on_epoch: Optional[Callable[[Dict[str, An
     if ds.labels != tm.labels:
         raise ConfigError(f"data {ds.name} has labels {ds.labels}; the model has {tm.labels}")
     _require_every_class(ds, "val")
+    # A run trained with --no-test never reads its test split; neither does pruning it (export copies these figures).
+    read_test = bool(tcfg.get("read_test", True))
     positive = tm.decision.positive if tm.decision.positive is not None else 1
     p = _prepare(ds, tm.preprocess, str(tcfg.get("augment", "auto")), positive)
     torch.manual_seed(seed)
@@ -543,7 +559,7 @@ def prune_trained(cfg: PruneConfig, *, on_epoch: Optional[Callable[[Dict[str, An
     example = torch.zeros(1, tm.preprocess.channels, *tm.preprocess.size)
     macs0, params0 = count_macs(model, example)
     _, _, before = calibrate_and_measure(with_tta(parent, tm.tta), p, target_sensitivity=tm.decision.target_sensitivity or 0.9, seed=seed,
-                                        operating_point=str(tcfg.get("operating_point", "sensitivity")))
+                                        operating_point=str(tcfg.get("operating_point", "sensitivity")), test=read_test)
     steps: List[Dict[str, Any]] = []
     history: List[Dict[str, Any]] = []
     for i in range(1, cfg.steps + 1):
@@ -557,7 +573,7 @@ def prune_trained(cfg: PruneConfig, *, on_epoch: Optional[Callable[[Dict[str, An
         steps.append({"step": i, "macs_ratio": count_macs(model, example)[0] / macs0, "best_epoch": best,
                       "val_auc": h[best - 1]["val_auc"] if best else None, **{k: info[k] for k in ("channel_ratio",)}})
     temperature, rule, after = calibrate_and_measure(with_tta(model, tm.tta), p, target_sensitivity=tm.decision.target_sensitivity or 0.9, seed=seed,
-                                        operating_point=str(tcfg.get("operating_point", "sensitivity")))
+                                        operating_point=str(tcfg.get("operating_point", "sensitivity")), test=read_test)
     macs1, params1 = count_macs(model, example)
     lat = ort_latency(parent, model, (tm.preprocess.channels, *tm.preprocess.size))
     pays = lat["speedup"] >= cfg.min_speedup
@@ -570,6 +586,10 @@ def prune_trained(cfg: PruneConfig, *, on_epoch: Optional[Callable[[Dict[str, An
         "params": {"before": params0, "after": params1, "ratio": params1 / params0},
         "latency_ms": lat, "pays": pays, "verdict": verdict,
         "metrics_before": {k: v for k, v in before.items()}, "parent": Path(cfg.model).name,
+        # The unpruned model's own training (best epoch, seconds, packages): this run's top-level ones are the fine-tuning's.
+        # A parent pruned before this field existed no longer knows them.
+        "training": ((run["pruning"].get("training") or dict.fromkeys(TRAINING_FACTS)) if run.get("pruning")
+                     else {k: run.get(k) for k in TRAINING_FACTS}),
     }
     meta = {**tm.meta, "temperature": temperature, "decision": rule.to_dict(), "pruned": True}
     record = {

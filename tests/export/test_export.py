@@ -246,13 +246,26 @@ def test_from_torch_user_mistakes_are_one_line(tmp_path: Path, monkeypatch: pyte
         "    return {'weight': torch.zeros(3, 4)}\n"
         "def make():\n"
         "    return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(1024, 3))\n"
+        "class Pair(torch.nn.Linear):\n"
+        "    def forward(self, x):\n"
+        "        return super().forward(x.flatten(1)), x\n"
+        "class Named(torch.nn.Linear):\n"
+        "    def forward(self, x):\n"
+        "        return {'logits': super().forward(x.flatten(1))}\n"
+        "def with_features():\n"
+        "    return Pair(1024, 3)\n"
+        "def as_dict():\n"
+        "    return Named(1024, 3)\n"
     )
     monkeypatch.chdir(tmp_path)
     monkeypatch.syspath_prepend(str(tmp_path))
     save_file({"weight": torch.zeros(3, 1024), "bias": torch.zeros(3)}, str(tmp_path / "w.safetensors"))
     common = dict(labels="normal,cyst,mass", task="multiclass", size=32, channels=1, data=TINY_DATA, weights=str(tmp_path / "w.safetensors"))
     cases = [("needs_args", "with no arguments .*num_classes"), ("not_a_module", "returned a dict, not a torch.nn.Module"),
-             ("make", "do not fit .*missing keys 1.bias, 1.weight; unexpected keys bias, weight")]
+             ("make", "do not fit .*missing keys 1.bias, 1.weight; unexpected keys bias, weight"),
+             # forward must return the logits alone: checked on one image before anything is exported
+             ("with_features", r"returns a tuple of \(Tensor \(1, 3\), Tensor \(1, 1, 32, 32\)\); .*\(N, K\).*logits only"),
+             ("as_dict", r"returns a dict with keys logits; .*wrap the model")]
     for fn, match in cases:
         with pytest.raises(ModelError, match=match) as info:
             export_bundle(ExportConfig(out=str(tmp_path / "x"), from_torch=f"usermistakes:{fn}", **common))
@@ -273,4 +286,40 @@ def test_an_operator_opset_17_lacks_is_one_line(tmp_path: Path) -> None:
 
     with pytest.raises(ExportError, match="torch cannot export this model to ONNX opset 17 .*aten::median.*--from-onnx") as info:
         export_onnx(Median(), np.zeros((2, 1, 8, 8), np.float32), tmp_path / "m.onnx")
+    assert "\n" not in str(info.value)
+
+
+def test_imported_binary_model_decides_for_the_datas_positive_class(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """As `edgeclf train` does: BreastMNIST's positive class is malignant (index 0), not labels[1]; --positive overrides."""
+    torch = pytest.importorskip("torch")
+    from safetensors.torch import save_file
+
+    rng = np.random.default_rng(0)
+    arrays = {}
+    for split, n in (("train", 16), ("val", 24), ("test", 8)):
+        arrays[f"{split}_images"] = rng.integers(0, 256, (n, 28, 28), dtype=np.uint8)
+        arrays[f"{split}_labels"] = (np.arange(n) % 2).reshape(n, 1)
+    data = tmp_path / "breastmnist.npz"  # a MedMNIST file name: labels malignant, normal_or_benign; positive malignant
+    np.savez(data, **arrays)
+    pkg = tmp_path / "binmodels"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text(
+        "import torch\n"
+        "def make():\n"
+        "    return torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),\n"
+        "                               torch.nn.Flatten(), torch.nn.Linear(4, 1))\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    from binmodels import make
+
+    torch.manual_seed(0)
+    save_file(make().state_dict(), str(tmp_path / "w.safetensors"))
+    common = dict(from_torch="binmodels:make", weights=str(tmp_path / "w.safetensors"), labels="malignant,normal_or_benign",
+                  task="binary", size=28, channels=1, data=str(data), samples=False)
+    m = export_bundle(ExportConfig(out=str(tmp_path / "b"), **common))
+    assert m["postprocess"]["decision"]["positive"] == 0
+    m = export_bundle(ExportConfig(out=str(tmp_path / "b2"), positive="normal_or_benign", **common))
+    assert m["postprocess"]["decision"]["positive"] == 1
+    with pytest.raises(ConfigError, match="--positive applies to binary tasks only") as info:
+        ExportConfig(out=str(tmp_path / "x"), **{**common, "task": "multiclass", "positive": "malignant"})
     assert "\n" not in str(info.value)

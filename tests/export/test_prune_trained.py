@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import run_cli
+from tests.conftest import TINY_DATA, run_cli
 
 pytest.importorskip("torch_pruning")
 
@@ -39,6 +40,52 @@ def test_prune_fine_tune_record_and_export(trained_dir: Path, tmp_path: Path) ->
     assert tm.meta["pruned"] and json.loads((out / "run.json").read_text())["pruning"]["target_macs"] == 0.5
     m = export_bundle(ExportConfig(out=str(tmp_path / "b"), model=str(out)))
     assert m["parity"]["decision_agreement"] == 1.0
+    # Provenance: the training entry is the parent's (its config with its own best epoch, seconds and packages),
+    # the pruning entry how the deployed weights were pruned and fine-tuned.
+    tr, prov = m["provenance"]["training"], m["provenance"]["pruning"]
+    assert tr["config"]["epochs"] == run["config"]["epochs"] and tr["config"]["lr"] == run["config"]["lr"]
+    assert {k: tr[k] for k in ("best_epoch", "seconds", "packages")} == {k: run[k] for k in ("best_epoch", "seconds", "packages")}
+    assert {k: prov[k] for k in ("finetune_epochs", "lr", "distill", "round_to")} == {"finetune_epochs": 1, "lr": 1e-3, "distill": True,
+                                                                                     "round_to": 8}
+    assert [s["step"] for s in prov["steps"]] == [1, 2] and prov["best_epoch"] == rec["best_epoch"] == pr["steps"][-1]["best_epoch"]
+    assert prov["seconds"] == rec["seconds"] and "torch-pruning" in prov["packages"]
+    written = json.loads((out / "run.json").read_text())
+    assert prov["metrics_before"] == written["pruning"]["metrics_before"] and m["metrics"]["test_training"] == written["metrics"]["test"]
+
+
+def test_a_run_trained_without_test_is_pruned_and_exported_without_reading_test(tmp_path: Path) -> None:
+    """`train --no-test` leaves the test split unread: pruning it measures validation only, and export carries no test figures."""
+    from edgeclf.export.bundle_writer import ExportConfig, export_bundle
+    from edgeclf.export.prune import PruneConfig, prune_trained
+    from edgeclf.train import TrainConfig, train
+
+    parent = tmp_path / "parent"
+    train(TrainConfig(data=TINY_DATA, out=str(parent), model="compact", size=32, epochs=1, patience=1, seed=0, threads=1,
+                      read_test=False))
+    rec = prune_trained(PruneConfig(model=str(parent), out=str(tmp_path / "p"), target_macs=0.6, steps=1, finetune_epochs=1))
+    assert rec["config"]["read_test"] is False
+    assert set(rec["pruning"]["metrics_before"]) == {"val"} and set(rec["metrics"]) == {"val"}
+    m = export_bundle(ExportConfig(out=str(tmp_path / "b"), model=str(tmp_path / "p")))
+    assert "test_training" not in m["metrics"] and set(m["provenance"]["pruning"]["metrics_before"]) == {"val"}
+    # Pruned again: still no test split, and the training facts stay the unpruned parent's.
+    rec2 = prune_trained(PruneConfig(model=str(tmp_path / "p"), out=str(tmp_path / "p2"), target_macs=0.8, steps=1, finetune_epochs=1))
+    assert set(rec2["metrics"]) == {"val"} and rec2["pruning"]["training"] == rec["pruning"]["training"]
+    parent_run = json.loads((parent / "run.json").read_text())
+    assert rec["pruning"]["training"] == {k: parent_run[k] for k in ("best_epoch", "seconds", "packages")}
+
+
+@pytest.mark.parametrize(("field", "value", "flag"), [
+    ("lr", -1e-3, "--lr"), ("lr", 0.0, "--lr"), ("lr", math.nan, "--lr"), ("lr", math.inf, "--lr"),
+    ("target_macs", math.nan, "--target-macs"), ("steps", 0, "--steps"), ("finetune_epochs", 1.5, "--finetune-epochs"),
+    ("round_to", 0, "round_to"), ("min_speedup", math.nan, "min_speedup"),
+])
+def test_bad_numbers_are_refused_before_any_data_is_loaded(tmp_path: Path, field: str, value: float, flag: str) -> None:
+    from edgeclf.errors import ConfigError
+    from edgeclf.export.prune import PruneConfig
+
+    with pytest.raises(ConfigError, match=f"^{flag} is ") as info:
+        PruneConfig(model=str(tmp_path / "m"), out=str(tmp_path / "p"), **{field: value})
+    assert "\n" not in str(info.value)
 
 
 def test_prune_cli_reports_and_refuses_bad_targets(trained_dir: Path, tmp_path: Path) -> None:
@@ -47,6 +94,10 @@ def test_prune_cli_reports_and_refuses_bad_targets(trained_dir: Path, tmp_path: 
     assert "of its MACs" in r.stdout and "ONNX Runtime" in r.stdout and "val AUC" in r.stdout
     r = run_cli("prune", "--model", str(trained_dir), "--out", str(tmp_path / "q"), "--target-macs", "1.5")
     assert r.returncode == 2 and "target-macs" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    for lr in ("-1e-3", "nan"):  # refused before any data is loaded, never AdamW's traceback
+        r = run_cli("prune", "--model", str(trained_dir), "--out", str(tmp_path / "q"), "--lr", lr)
+        assert r.returncode == 2 and "--lr" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert not (tmp_path / "q").exists()
 
 
 def test_prune_never_overwrites_a_training_folder(trained_dir: Path, tmp_path: Path) -> None:
