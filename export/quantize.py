@@ -336,15 +336,22 @@ def _cache_supported() -> bool:
 
 
 def _raised_in_onnx_tooling(exc: BaseException) -> bool:
-    """Whether `exc` passed through onnxruntime's or onnx's own code (the converter rejecting a model), as
-    opposed to an error raised in edgeclf's glue alone (a bug: it must keep its traceback)."""
-    tb = exc.__traceback__
+    """Whether `exc` was raised by onnxruntime's or onnx's own code (the converter rejecting a model), as opposed
+    to our code, even when ours runs inside theirs (ORT's calibrator calls our data reader): the verdict is the
+    innermost frame that is theirs or ours; other installed packages (numpy called by ORT) do not decide it."""
+    verdict, tb = False, exc.__traceback__
     while tb is not None:
-        parts = Path(tb.tb_frame.f_code.co_filename).parts
-        if "onnxruntime" in parts or "onnx" in parts:
-            return True
+        module = str(tb.tb_frame.f_globals.get("__name__", ""))
+        if module.split(".")[0] in ("onnx", "onnxruntime"):
+            verdict = True
+        elif module.split(".")[0] == "edgeclf":
+            verdict = False
+        else:
+            parts = Path(tb.tb_frame.f_code.co_filename).parts
+            if "site-packages" not in parts and "dist-packages" not in parts:
+                verdict = False  # not an installed package: a caller's code (a plugin, a test)
         tb = tb.tb_next
-    return False
+    return verdict
 
 
 def _quantize(src: Path, raw: Path, calib: np.ndarray, input_name: str, batch: int, method: str,

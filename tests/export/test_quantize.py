@@ -319,6 +319,28 @@ def test_only_errors_from_onnx_tooling_count_as_cannot_be_built() -> None:
     assert not Q._raised_in_onnx_tooling(from_us.value)
 
 
+def test_a_bug_in_our_reader_called_by_onnxruntime_is_not_cannot_be_built(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # ORT's calibrator calls our data reader: an error raised there is ours, though ORT's frames lie above it.
+    from tests.runtime.tiny_bundle import make_tiny_bundle
+
+    b = make_tiny_bundle(tmp_path / "b")
+    real = Q._make_reader
+
+    def buggy(*a: Any, **kw: Any) -> Any:
+        r = real(*a, **kw)
+
+        def get_next() -> None:
+            raise KeyError("a typo in edgeclf's own reader")
+
+        r.get_next = get_next
+        return r
+
+    monkeypatch.setattr(Q, "_make_reader", buggy)
+    x = np.random.default_rng(0).normal(size=(8, 1, 8, 8)).astype(np.float32)
+    with pytest.raises(KeyError, match="own reader"):
+        Q.quantize_int8(b / "model.onnx", tmp_path / "q.onnx", x)
+
+
 def test_a_bug_in_our_quantization_glue_keeps_its_traceback_under_auto(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import edgeclf.export.compress as cm
     from edgeclf.export.bundle_writer import _ort_logits
