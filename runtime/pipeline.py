@@ -335,7 +335,7 @@ def run_pipeline(
     # Sources that need acks (watched folders) mark a file done durably at the ack: the results must be on disk
     # first (flushed and fsynced), whatever the sinks' own fsync interval, or a power loss loses them for good.
     syncs: List[Callable[[], None]] = []
-    if ack is not None and (getattr(source, "needs_ack", False) or getattr(source, "kind", "") == "watch"):
+    if ack is not None and getattr(source, "needs_ack", False):
         syncs = [fn for fn in (getattr(sk, "sync", None) for sk in sinks) if callable(fn)]
     live = bool(getattr(source, "live", False))
 

@@ -743,7 +743,7 @@ def _system_section(runs: List[_TargetRun], targets: List[Dict[str, Any]], opts:
                    power_mw_mean=_mean([s["gpu_power_mw"] for s in steady]))
     # Per target: CPU %, GPU % and energy per inference from the samples taken while it ran its pipeline.
     tsamples = tegra.snapshot() if tegra.available else []
-    interval_ms = getattr(tegra, "interval_ms", None)
+    interval_ms = tegra.interval_ms
     bursty = _bursty(tsamples, interval_ms)
     for r, t in zip(runs, targets):
         mine = [s for s in samples if s["target"] == r.index and s["phase"] == "steady"]

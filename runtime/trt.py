@@ -88,7 +88,7 @@ class TrtBackend(Backend):
 
     def _infer(self, x: NDArray[np.float32]) -> NDArray[np.float32]:
         outs = []
-        fixed = getattr(self, "fixed_batch", None)
+        fixed = self.fixed_batch
         for i in range(0, len(x), self.max_batch):
             chunk = x[i : i + self.max_batch]
             n = len(chunk)
@@ -107,13 +107,10 @@ class TrtBackend(Backend):
         del self._runner, self._engine, self._trt_runtime  # the engine before the runtime that made it
 
 
-_profile_for = profile_for
-
-
 def open_trt_engine(bundle: Any, options: BackendOptions, progress: Any = None) -> EngineRecord:
     """The engine for a bundle on this device (building it into the cache when missing or stale)."""
     require_tensorrt()  # before anything else: the one line that names what to install
-    profile = _profile_for(options.device)
+    profile = profile_for(options.device)
     check_dla(profile, options.dla_core)
     version, cc, gpu = tensorrt_runtime_facts(profile)
     plan = plan_engine(bundle, profile, precision=options.precision or "auto", dla_core=options.dla_core,

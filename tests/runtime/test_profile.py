@@ -274,6 +274,7 @@ class _PowerFollowsTheEngine:
         import threading
 
         self.available, self.executable, self.reason = True, "/stand-in/tegrastats", None
+        self.interval_ms = 10  # what _loop does, whatever was asked
         self._samples: list = []
         self._stop = threading.Event()
         self._t = threading.Thread(target=self._loop, daemon=True)

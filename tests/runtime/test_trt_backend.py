@@ -199,7 +199,7 @@ def test_trt_without_device_and_nothing_detected(tiny: Path, monkeypatch: pytest
     monkeypatch.setattr(trt, "require_tensorrt", lambda: (None, None))
     monkeypatch.setattr(detect_mod, "detect", lambda probe=None: detect_mod.Detection(None, ("machine riscv64 ...", "no profile")))
     with pytest.raises(ConfigError, match="give --device NAME"):
-        trt._profile_for(None)
+        trt.profile_for(None)
 
 
 # -- bundle check (parity on the device) -----------------------------------------------------------------------
@@ -259,7 +259,7 @@ def test_trt_outputs_are_copied_before_the_runner_reuses_its_buffer():
             return {"logits": self.buf[: len(x)]}
 
     be = object.__new__(TrtBackend)  # no engine here: only the chunking and copying of _infer
-    be._runner, be._input, be.max_batch = Runner(), "input", 2
+    be._runner, be._input, be.max_batch, be.fixed_batch = Runner(), "input", 2, None
     x = np.arange(12, dtype=np.float32).reshape(4, 3, 1, 1)
     assert np.array_equal(be._infer(x), x.reshape(4, 3))  # chunks of the engine's max batch, each kept
     first = be._infer(x[:2])
