@@ -10,6 +10,11 @@ Steps: `edgeclf train --recipe R` (the recipe's thread count: the computation de
 export reading run.json's record, which it now does), `edgeclf evaluate` of the fp32 training folder and of the deployed bundle on the held-out split (read
 once per configuration), and ONNX Runtime latency (batch 1, 1 thread, median of 200 after 20 warm-up runs)
 of fp32 and of the deployed model. Writes OUT/summary.json; prints it.
+
+Relative --data, --out and --run paths are taken from the folder you run this in (made absolute, and every `edgeclf`
+step runs there too). Trained with `--extra ... --no-test`, the test split stays unread: the summary says so
+(`test_unread`), keeps the validation figures, and the export is gated and timed without test figures. With --run
+the figures come from that run's recorded data: --data may be left out, and the summary records the run's spec.
 """
 from __future__ import annotations
 
@@ -30,10 +35,24 @@ _FLAGS = {"precision": "--precision", "max_drop": "--max-drop", "min_agreement":
 def cli(*args: str) -> tuple[dict[str, Any], float]:
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     t = time.time()
-    res = subprocess.run([sys.executable, "-m", "edgeclf", *args, "--json"], capture_output=True, text=True, cwd=REPO, env=env)
+    # In the user's folder, as typed: a relative path in --extra (or a data option) means what it meant to the user.
+    res = subprocess.run([sys.executable, "-m", "edgeclf", *args, "--json"], capture_output=True, text=True, cwd=os.getcwd(), env=env)
     if res.returncode != 0:
         raise SystemExit(f"edgeclf {' '.join(args)} failed:\n{res.stderr[-4000:]}")
     return json.loads(res.stdout), round(time.time() - t, 1)
+
+
+def absolute_spec(spec: str) -> str:
+    """A data spec with its path made absolute from the current folder (`synthetic:...` as it is; options kept)."""
+    if spec.startswith("synthetic:"):
+        return spec
+    base, sep, query = spec.partition("?")
+    return os.path.abspath(os.path.expanduser(base)) + sep + query
+
+
+def _data_path(spec: str) -> str:
+    """The data a spec names, without its options (a recipe adds its own to the recorded spec)."""
+    return spec if spec.startswith("synthetic:") else str(Path(spec.partition("?")[0]).expanduser().resolve())
 
 
 def latency(bundle: Path, precision: str | None, data_x: Any) -> float:
@@ -68,15 +87,18 @@ def summarise_eval(rep: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def export_and_compare(run: Path, bundle: Path, export_cfg: dict[str, Any]) -> dict[str, Any]:
+def export_and_compare(run: Path, bundle: Path, export_cfg: dict[str, Any], read_test: bool = True) -> dict[str, Any]:
+    """Export `run`, evaluate fp32 and deployed on the test split and time both; with read_test=False the test split
+    is not read: no figures, and the latency input comes from the validation split."""
     import numpy as np
 
     flags = [x for k, v in export_cfg.items() if k in _FLAGS for x in (_FLAGS[k], str(v))]
     manifest, t_export = cli("export", "--model", str(run), "--out", str(bundle), "--overwrite", *flags)
     run_rec = json.loads((run / "run.json").read_text())
-    fp32, _ = cli("evaluate", "--model", str(run), "--split", "test", "--threads", "1")
-    # A bundle keeps no workstation paths: the data is named again (the recorded spec, options included).
-    deployed, _ = cli("evaluate", "--model", str(bundle), "--data", run_rec["data"]["spec"], "--split", "test", "--threads", "1")
+    if read_test:
+        fp32, _ = cli("evaluate", "--model", str(run), "--split", "test", "--threads", "1")
+        # A bundle keeps no workstation paths: the data is named again (the recorded spec, options included).
+        deployed, _ = cli("evaluate", "--model", str(bundle), "--data", run_rec["data"]["spec"], "--split", "test", "--threads", "1")
     deploy = manifest.get("deploy") or {}
     from edgeclf.data import load_dataset
     from edgeclf.runtime.bundle import load_bundle
@@ -84,13 +106,16 @@ def export_and_compare(run: Path, bundle: Path, export_cfg: dict[str, Any]) -> d
 
     ds = load_dataset(run_rec["data"]["spec"], classes=run_rec["data"].get("classes"), seed=run_rec["config"]["seed"],
                       frames_per_clip=run_rec["config"]["frames_per_clip"])
-    x = Preprocessor(load_bundle(bundle).manifest.preprocess).batch(ds.splits["test"].images[:4])
-    out = {"export_seconds": t_export, "deploy": {"precision": deploy.get("precision"), "reason": deploy.get("reason")},
-           "fp32": summarise_eval(fp32), "deployed": summarise_eval(deployed),
-           "latency_ms": {"fp32": latency(bundle, "fp32", x)}}
+    x = Preprocessor(load_bundle(bundle).manifest.preprocess).batch(ds.splits["test" if read_test else "val"].images[:4])
+    out: dict[str, Any] = {"export_seconds": t_export, "deploy": {"precision": deploy.get("precision"), "reason": deploy.get("reason")}}
+    if read_test:
+        out.update(fp32=summarise_eval(fp32), deployed=summarise_eval(deployed))
+    else:
+        out["test_unread"] = "trained with --no-test: no test figures; latency timed on validation images"
+    out["latency_ms"] = {"fp32": latency(bundle, "fp32", x)}
     if deploy.get("precision") not in (None, "fp32"):
         out["latency_ms"]["deployed"] = latency(bundle, None, x)
-    if "clips" in out["fp32"]:
+    if "clips" in out.get("fp32", {}):
         a, b = out["fp32"]["clips"]["per_clip"], out["deployed"]["clips"]["per_clip"]
         out["clip_agreement"] = float(np.mean([a[k] == b.get(k) for k in a]))
     return out
@@ -99,25 +124,39 @@ def export_and_compare(run: Path, bundle: Path, export_cfg: dict[str, Any]) -> d
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("recipe")
-    ap.add_argument("--data", required=True)
+    ap.add_argument("--data", default=None, help="the data spec to train on (not with --run: the run's recorded data is used)")
     ap.add_argument("--out", required=True)
     ap.add_argument("--no-export", action="store_true", help="train (and for CV pool) only: a reproduce check")
     ap.add_argument("--run", default=None, help="an existing training folder of this recipe (e.g. the candidate chosen on "
                     "validation): export and evaluate it instead of training again")
     ap.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="more `edgeclf train` flags (overrides)")
     a = ap.parse_args()
-    out = Path(a.out)
+    # Paths as the user typed them, from the user's folder (not the repository's).
+    out = Path(os.path.abspath(os.path.expanduser(a.out)))
     if a.run:
-        run = Path(a.run).resolve()
-        rec = json.loads((run / ("cv.json" if (run / "cv.json").exists() else "run.json")).read_text())
+        if a.extra:
+            raise SystemExit(f"--extra ({' '.join(a.extra)}) sets training flags; with --run nothing is trained: leave it out")
+        run = Path(os.path.abspath(os.path.expanduser(a.run)))
+        rec_file = run / ("cv.json" if (run / "cv.json").exists() else "run.json")
+        if not rec_file.is_file():
+            raise SystemExit(f"--run {run} is not a training folder (no run.json or cv.json); give the --out of `edgeclf train`")
+        rec = json.loads(rec_file.read_text())
         if (rec.get("recipe") or {}).get("name") != a.recipe:
             raise SystemExit(f"{run} was not trained with recipe {a.recipe!r} (its record says {(rec.get('recipe') or {}).get('name')!r})")
+        # The figures come from the run's own recorded data: that is what the summary names.
+        data = (rec.get("data") or {}).get("spec")
+        if a.data is not None and _data_path(a.data) != _data_path(str(data)):
+            raise SystemExit(f"--data {a.data} is not the data {run} was trained on ({data}), which its figures come from; "
+                             "leave --data out with --run")
         t_train, command = rec.get("seconds"), f"(trained before: {run}, config {json.dumps(rec['config'])})"
     else:
+        if a.data is None:
+            raise SystemExit("--data is required to train (or give --run RUN, a folder trained before)")
+        data = absolute_spec(a.data)
         run = out / "run"
-        rec, t_train = cli("train", "--recipe", a.recipe, "--data", a.data, "--out", str(run), *a.extra)
-        command = f"edgeclf train --recipe {a.recipe} --data {a.data} --out {run} {' '.join(a.extra)}"
-    summary: dict[str, Any] = {"recipe": a.recipe, "data": a.data, "train_seconds": t_train, "seed": rec["config"]["seed"],
+        rec, t_train = cli("train", "--recipe", a.recipe, "--data", data, "--out", str(run), *a.extra)
+        command = f"edgeclf train --recipe {a.recipe} --data {data} --out {run} {' '.join(a.extra)}"
+    summary: dict[str, Any] = {"recipe": a.recipe, "data": data, "train_seconds": t_train, "seed": rec["config"]["seed"],
                                "command": command}
     export_cfg = (rec.get("recipe") or {}).get("export") or {}
     if "pooled_out_of_fold" in rec:
@@ -133,19 +172,29 @@ def main() -> None:
                                                             "per_class")} for k in ("clip_mean", "clip_vote", "frame") if k in pooled}}
         if not a.no_export:
             per_fold = [export_and_compare(Path(f["out"]), out / f"bundle-{f['fold']}", export_cfg) for f in rec["folds"]]
-            agree = [v for pf in per_fold for v in [pf.get("clip_agreement")] if v is not None]
-            n_clips = [pf["fp32"]["clips"]["n"] for pf in per_fold]
-            summary["deployed"] = {"per_fold": per_fold,
-                                   "clip_agreement_pooled": sum(x * n for x, n in zip(agree, n_clips)) / max(1, sum(n_clips))}
+            summary["deployed"] = {"per_fold": per_fold}
+            # Clip figures only where the folds hold clips (an image data set has none).
+            with_clips = [(pf["clip_agreement"], pf["fp32"]["clips"]["n"]) for pf in per_fold if "clip_agreement" in pf]
+            if with_clips:
+                summary["deployed"]["clip_agreement_pooled"] = (sum(x * n for x, n in with_clips) /
+                                                                max(1, sum(n for _, n in with_clips)))
     else:
+        # Trained here with --no-test (chosen on validation): the test split stays unread, as for cross-validation.
+        # A run trained before (--run, the chosen candidate) has its test split read now, once.
+        read_test = "test" in rec["metrics"] or bool(a.run)
         if "test" in rec["metrics"]:
             test = rec["metrics"]["test"]
-        else:  # trained with --no-test (chosen on validation): the test split is read now, once
+        elif read_test:
             test = cli("evaluate", "--model", str(run), "--split", "test", "--threads", "1")[0]["metrics"]
-        summary["test"] = {k: test.get(k) for k in ("n", "accuracy", "balanced_accuracy")}
-        summary["test"]["auc"] = test["auc"]["macro"]
-        summary["test"]["auc_ci95"] = test["auc"]["macro_ci95"]
-        summary["test"]["per_class"] = test["per_class"]
+        if read_test:
+            summary["test"] = {k: test.get(k) for k in ("n", "accuracy", "balanced_accuracy")}
+            summary["test"]["auc"] = test["auc"]["macro"]
+            summary["test"]["auc_ci95"] = test["auc"]["macro_ci95"]
+            summary["test"]["per_class"] = test["per_class"]
+        else:
+            summary["test"] = None
+            summary["test_unread"] = (f"trained with --no-test: the test split was not read (nor by the export step); to read it "
+                                      f"once for the chosen setting: python benchmarks/recipes.py {a.recipe} --out DIR --run {run}")
         summary["best_epoch"] = rec["best_epoch"]
         # What a choice between configurations may look at (the same figures cross-validation keeps per fold).
         from edgeclf.train import _val_figures
@@ -154,7 +203,7 @@ def main() -> None:
             if key in rec["metrics"]:
                 summary[key] = _val_figures(rec["metrics"][key])
         if not a.no_export:
-            summary["deployed"] = export_and_compare(run, out / "bundle", export_cfg)
+            summary["deployed"] = export_and_compare(run, out / "bundle", export_cfg, read_test=read_test)
     out.mkdir(parents=True, exist_ok=True)
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     print(json.dumps(summary, indent=2))

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import shutil
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -65,7 +67,90 @@ def _plot_timeline(predicted: list[str], timeline: dict[str, Any], classes: list
     plt.close(fig)
 
 
+# What the demo writes into its --out folder: folders (walked) and files. Nothing else there is its own.
+DEMO_DIRS = ("model", "bundle", "evaluation")
+DEMO_FILES = ("cine.mp4", "cine.timeline.json", "results.jsonl", "timeline.png", "demo.json")
+# Written first into a folder the demo takes: a rerun after a run that failed or was stopped (no demo.json yet)
+# recognises the folder as the demo's own.
+MARKER = ".edgeclf-demo"
+
+
+def _is_demo_folder(o: Path) -> bool:
+    return (o / "demo.json").is_file() or (o / MARKER).is_file()
+
+
+def _prepare_out(o: Path) -> None:
+    """Check, before a minute of training, that `o` can take the demo's artifacts; raise ConfigError (one line) if not.
+
+    `o` must be a new or empty folder, or a previous demo's (it holds demo.json or MARKER): the demo's own artifacts there
+    (DEMO_DIRS, DEMO_FILES) are then removed, demo.json first, before anything is written (a rerun that fails
+    leaves no demo.json beside artifacts it did not describe); anything else there is left alone and not listed."""
+    from edgeclf.errors import ConfigError, require
+    from edgeclf.runtime import _cv
+
+    _cv.cv2()  # the cine loop is written and read back through OpenCV
+    require("matplotlib", "train")  # timeline.png
+    if o.exists() and not o.is_dir():
+        raise ConfigError(f"--out {o} is a file; the demo writes a folder of artifacts: give a new folder, e.g. --out edgeclf-demo")
+    try:
+        _check_contents(o)
+        o.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"--out {o} cannot be used as the demo's folder ({exc.strerror or exc}); choose a writable folder") from None
+    if not os.access(o, os.W_OK | os.X_OK):
+        raise ConfigError(f"--out {o} is not writable; choose a writable folder")
+    if _is_demo_folder(o):
+        log.warning("%s holds a previous demo: its artifacts (%s) are removed and written again; other files there are "
+                    "left alone", o, ", ".join([*(d + "/" for d in DEMO_DIRS), *DEMO_FILES]))
+        try:  # demo.json first: a rerun that fails leaves no record describing artifacts it did not write
+            for name in ("demo.json", *DEMO_FILES, *DEMO_DIRS):
+                q = o / name
+                if q.is_dir() and not q.is_symlink():
+                    shutil.rmtree(q)
+                elif q.exists() or q.is_symlink():
+                    q.unlink()
+        except OSError as exc:
+            raise ConfigError(f"cannot remove the previous demo's {q} ({exc.strerror or exc}); remove it or choose another --out") from None
+    (o / MARKER).write_text("a folder written by `edgeclf demo`; a rerun replaces the demo's own artifacts here\n")
+
+
+def _check_contents(o: Path) -> None:
+    from edgeclf.errors import ConfigError
+    from edgeclf.runtime.bundle import MANIFEST_FILE
+
+    if o.is_dir():
+        if any(o.iterdir()) and not _is_demo_folder(o):
+            raise ConfigError(f"--out {o} is a folder that is not empty and holds no demo.json (not a previous demo's); "
+                              "give a new or empty folder, or a previous demo's to replace its artifacts")
+        for name in DEMO_DIRS:
+            if (o / name).exists() and not (o / name).is_dir():
+                raise ConfigError(f"{o / name} is a file where the demo writes its {name}/ folder; move it away or choose another --out")
+        for name in DEMO_FILES:
+            if (o / name).is_dir():
+                raise ConfigError(f"{o / name} is a folder where the demo writes its file {name}; move it away or choose another --out")
+        # A previous demo's folders are replaced: each must be what the demo wrote there (a bundle, as `edgeclf export
+        # --overwrite` requires; a training folder; an evaluation), never someone's other files.
+        if (o / MARKER).is_file():  # the demo took this folder (a stopped run may have left a half-written model/)
+            return
+        for name, marker, what in (("bundle", MANIFEST_FILE, "a bundle"), ("model", "run.json", "a training folder"),
+                                   ("evaluation", "metrics.json", "an evaluation")):
+            d = o / name
+            if d.is_dir() and any(d.iterdir()) and not (d / marker).is_file():
+                raise ConfigError(f"{d} is not empty and is not {what} (no {marker}); the demo replaces only its own "
+                                  f"{name}/: move it away or choose another --out")
+
+
+def _written(o: Path) -> list[str]:
+    """The demo's own files under `o` (relative paths), not whatever else the folder holds."""
+    files = [p for d in DEMO_DIRS for p in (o / d).rglob("*") if p.is_file()]
+    files += [o / f for f in DEMO_FILES if (o / f).is_file()]
+    return sorted(str(p.relative_to(o)) for p in files)
+
+
 def run_demo(out: str = "edgeclf-demo", *, seed: int = 0, on_epoch: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """Run the demo into the folder `out` (new, empty, or a previous demo's: see `_prepare_out`); returns demo.json's
+    content. `seconds` times each step; `cine_s` (writing the synthetic cine loop) is kept apart from `run_s`
+    (the runtime on it)."""
     from edgeclf.evaluate import evaluate
     from edgeclf.export.bundle_writer import ExportConfig, export_bundle
     from edgeclf.runtime.app import run_bundle, verify_bundle
@@ -74,7 +159,7 @@ def run_demo(out: str = "edgeclf-demo", *, seed: int = 0, on_epoch: Callable[[di
     from edgeclf.train import TrainConfig, train
 
     o = Path(out)
-    o.mkdir(parents=True, exist_ok=True)
+    _prepare_out(o)
     t0 = time.perf_counter()
     steps: dict[str, float] = {}
     data_spec = f"synthetic:ultrasound?n=900&size=128&seed={seed}"
@@ -99,6 +184,9 @@ def run_demo(out: str = "edgeclf-demo", *, seed: int = 0, on_epoch: Callable[[di
     t = time.perf_counter()
     cine = o / "cine.mp4"
     timeline = write_cine(cine, seed=seed + 1)
+    steps["cine_s"] = time.perf_counter() - t
+
+    t = time.perf_counter()
     sink = ListSink()
     summary = run_bundle(str(bundle_dir), str(cine), out=str(o / "results.jsonl"), extra_sinks=[sink])
     steps["run_s"] = time.perf_counter() - t
@@ -127,7 +215,7 @@ def run_demo(out: str = "edgeclf-demo", *, seed: int = 0, on_epoch: Callable[[di
                     "stages_ms": {k: {"median": v["median"], "p90": v["p90"]} for k, v in summary["stages_ms"].items()}},
         "training": {"best_epoch": record["best_epoch"], "seconds": record["seconds"]},
         "seconds": {**{k: round(v, 1) for k, v in steps.items()}, "total": round(time.perf_counter() - t0, 1)},
-        "files": sorted(str(p.relative_to(o)) for p in o.rglob("*") if p.is_file()),
+        "files": sorted({*_written(o), "demo.json"}),
     }
     (o / "demo.json").write_text(json.dumps(result, indent=2))
     return result

@@ -33,23 +33,24 @@ def _with_recorded_options(data_spec: str, recorded: dict[str, Any]) -> str:
 
 
 def _frame_metrics(probs: np.ndarray, y: np.ndarray, task: str, rule: Any, labels: list[str], groups: list[str],
-                   min_confidence: float, n_boot: int) -> dict[str, Any]:
+                   min_confidence: float, n_boot: int, seed: int = 0) -> dict[str, Any]:
     """Frame figures as `edgeclf run` decides: over the classified frames, those whose top probability reaches the
     bundle's `min_confidence` (probs (N, K) float, y (N,) or (N, K)), with abstained, coverage (classified / N) and
     min_confidence beside them. With frames abstained, `all_frames` holds the figures at 100% coverage (every frame
-    decided, the floor ignored); when every frame abstained the figures are None (undefined)."""
+    decided, the floor ignored); when every frame abstained the figures are None (undefined). `seed` seeds the
+    bootstrap intervals (evaluate passes the model's training seed, so that training's own test figures come out the same)."""
     from edgeclf.metrics import abstained_frames, evaluate_predictions
 
     kept = ~abstained_frames(probs, min_confidence)
     n, n_kept = len(kept), int(kept.sum())
     beside = {"abstained": n - n_kept, "coverage": n_kept / n if n else None, "min_confidence": float(min_confidence)}
     if n_kept == n:
-        return {**evaluate_predictions(probs, y, task, rule, labels, n_boot=n_boot, seed=0, groups=groups), **beside}
+        return {**evaluate_predictions(probs, y, task, rule, labels, n_boot=n_boot, seed=seed, groups=groups), **beside}
     log.info("%d of %d frames abstained (top probability below min_confidence %.3f): figures over the %d classified",
              n - n_kept, n, min_confidence, n_kept)
-    every = evaluate_predictions(probs, y, task, rule, labels, n_boot=n_boot, seed=0, groups=groups)
+    every = evaluate_predictions(probs, y, task, rule, labels, n_boot=n_boot, seed=seed, groups=groups)
     if n_kept:
-        figures = evaluate_predictions(probs[kept], y[kept], task, rule, labels, n_boot=n_boot, seed=0,
+        figures = evaluate_predictions(probs[kept], y[kept], task, rule, labels, n_boot=n_boot, seed=seed,
                                        groups=[g for g, k in zip(groups, kept) if k])
     else:  # nothing classified: every figure is undefined, the layout stays the same
         k = len(every["confusion_matrix"])
@@ -130,13 +131,14 @@ def evaluate(
         "target": str(path),
         "evaluated_with": source,
         "data": {"spec": data_spec, "split": split, "n": len(sp), "hash": ds.data_hash},
-        "metrics": _frame_metrics(probs, sp.labels, task, rule, labels, sp.groups, min_confidence, n_boot),
+        # Bootstrap seeded with the model's training seed (as training's own test figures are): one model, one interval.
+        "metrics": _frame_metrics(probs, sp.labels, task, rule, labels, sp.groups, min_confidence, n_boot, seed=seed),
     }
     if ds.kind == "clips" and task != "multilabel":
         from edgeclf.metrics import clip_metrics
 
         # Clip-level figures: the aggregation `edgeclf run` applies at the end of a clip (edgeclf.runtime.clips).
-        report["clips"] = clip_metrics(probs, sp.labels, sp.ids, rule, labels, min_confidence=min_confidence, n_boot=n_boot, seed=0)
+        report["clips"] = clip_metrics(probs, sp.labels, sp.ids, rule, labels, min_confidence=min_confidence, n_boot=n_boot, seed=seed)
     if out:
         o = Path(out)
         o.mkdir(parents=True, exist_ok=True)

@@ -31,3 +31,152 @@ def test_demo_meets_its_acceptance(tmp_path: Path) -> None:
     for f in ("bundle/manifest.json", "results.jsonl", "timeline.png", "evaluation/roc.png", "evaluation/confusion.png", "demo.json"):
         assert (tmp_path / "demo" / f).is_file(), f
     assert json.loads((tmp_path / "demo" / "demo.json").read_text())["cine"]["agreement"] == r["cine"]["agreement"]
+    assert {"cine.mp4", "bundle/manifest.json", "model/run.json", "demo.json"} <= set(r["files"]) and r["seconds"]["cine_s"] > 0
+
+
+# -- the --out folder and the step timings, with the slow steps replaced by fakes that write what they would -----
+
+def _fake_steps(monkeypatch: pytest.MonkeyPatch, calls: list[str], cine_delay: float = 0.0) -> None:
+    """Replace training, export, evaluation, the cine writer and the runtime with fast fakes writing their files."""
+    import time
+
+    import edgeclf.demo as demo
+    import edgeclf.evaluate as ev
+    import edgeclf.export.bundle_writer as bw
+    import edgeclf.runtime.app as app
+    import edgeclf.runtime.synthetic as syn
+    import edgeclf.train as tr
+
+    def train(cfg, on_epoch=None):  # type: ignore[no-untyped-def]
+        calls.append("train")
+        Path(cfg.out).mkdir(parents=True, exist_ok=True)
+        (Path(cfg.out) / "run.json").write_text("{}")
+        return {"best_epoch": 1, "seconds": 0.0}
+
+    def export_bundle(cfg):  # type: ignore[no-untyped-def]
+        Path(cfg.out).mkdir(parents=True, exist_ok=True)
+        (Path(cfg.out) / "manifest.json").write_text("{}")
+        return {}
+
+    def evaluate(target, data=None, split="test", out=None):  # type: ignore[no-untyped-def]
+        Path(out).mkdir(parents=True, exist_ok=True)
+        (Path(out) / "metrics.json").write_text("{}")
+        return {"data": {"n": 6}, "metrics": {"per_class": {"normal": {"sensitivity": 1.0}}, "accuracy": 1.0, "auc": {"macro": 1.0}}}
+
+    def write_cine(path, seed=0):  # type: ignore[no-untyped-def]
+        time.sleep(cine_delay)
+        Path(path).write_bytes(b"mp4")
+        Path(path).with_suffix(".timeline.json").write_text(json.dumps(TIMELINE))
+        return TIMELINE
+
+    def run_bundle(bundle, source, out=None, extra_sinks=()):  # type: ignore[no-untyped-def]
+        Path(out).write_text("")
+        for s in extra_sinks:
+            for label in ["normal"] * 3 + ["cyst"] * 3:
+                s.write({"frame_label": label, "label": label, "abstain": False})
+        return {"frames": 6, "written": 6, "fps": 30.0, "stages_ms": {}}
+
+    monkeypatch.setattr(tr, "train", train)
+    monkeypatch.setattr(bw, "export_bundle", export_bundle)
+    monkeypatch.setattr(app, "verify_bundle", lambda b: {"checksum": "x", "reference": {}})
+    monkeypatch.setattr(ev, "evaluate", evaluate)
+    monkeypatch.setattr(syn, "write_cine", write_cine)
+    monkeypatch.setattr(app, "run_bundle", run_bundle)
+    monkeypatch.setattr(demo, "_plot_timeline", lambda p, t, c, path: Path(path).write_bytes(b"png"))
+
+
+def test_demo_lists_its_own_files_and_times_the_cine_apart(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from edgeclf.demo import run_demo
+
+    calls: list[str] = []
+    _fake_steps(monkeypatch, calls, cine_delay=0.6)
+    out = tmp_path / "demo"
+    out.mkdir()
+    # A previous demo's folder with a user's file beside it: reused, the old record removed, the user's file kept, unlisted.
+    (out / "demo.json").write_text('{"stale": true}')
+    (out / "notes.txt").write_text("mine")
+    (out / "evaluation").mkdir()
+    (out / "evaluation" / "metrics.json").write_text("{}")
+    (out / "evaluation" / "old.png").write_bytes(b"from the previous demo")
+    r = run_demo(str(out))
+    assert r["files"] == ["bundle/manifest.json", "cine.mp4", "cine.timeline.json", "demo.json", "evaluation/metrics.json",
+                          "model/run.json", "results.jsonl", "timeline.png"]
+    assert (out / "notes.txt").read_text() == "mine" and not (out / "evaluation" / "old.png").exists()
+    assert json.loads((out / "demo.json").read_text())["files"] == r["files"]
+    # Writing the cine loop (0.6 s here) is its own step, not part of the runtime's time on it.
+    s = r["seconds"]
+    assert s["cine_s"] >= 0.6 and s["run_s"] < 0.6, s
+
+
+@pytest.mark.parametrize("case", ["file", "under_a_file", "foreign_folder", "not_a_bundle", "model_is_a_file"])
+def test_unusable_out_refused_before_training(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, case: str) -> None:
+    from edgeclf.demo import run_demo
+    from edgeclf.errors import ConfigError
+
+    calls: list[str] = []
+    _fake_steps(monkeypatch, calls)
+    out = tmp_path / "demo"
+    if case == "file":
+        out.write_text("")
+    elif case == "under_a_file":
+        out.write_text("")
+        out = out / "sub"
+    elif case == "foreign_folder":  # e.g. --out ~: never walked, never written into
+        out.mkdir()
+        (out / "notes.txt").write_text("mine")
+    else:  # a previous demo's folder with something else where the demo writes
+        out.mkdir()
+        (out / "demo.json").write_text("{}")
+        if case == "not_a_bundle":
+            (out / "bundle").mkdir()
+            (out / "bundle" / "notes.txt").write_text("mine")
+        else:
+            (out / "model").write_text("mine")
+    before = sorted(str(p) for p in tmp_path.rglob("*"))
+    with pytest.raises(ConfigError):
+        run_demo(str(out))
+    assert calls == [], "trained before refusing the folder"
+    assert sorted(str(p) for p in tmp_path.rglob("*")) == before  # nothing removed or written
+
+
+def test_failed_rerun_leaves_no_stale_record(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import edgeclf.train as tr
+    from edgeclf.demo import run_demo
+
+    (tmp_path / "demo.json").write_text('{"stale": true}')
+
+    def fail(*a, **k):  # type: ignore[no-untyped-def]
+        raise RuntimeError("training failed")
+
+    monkeypatch.setattr(tr, "train", fail)
+    with pytest.raises(RuntimeError):
+        run_demo(str(tmp_path))
+    assert not (tmp_path / "demo.json").exists()
+    # A rerun into the folder the failed (or stopped) run left behind is the demo's own folder, not refused.
+    (tmp_path / "model").mkdir(exist_ok=True)
+    (tmp_path / "model" / "half-written.bin").write_bytes(b"x")
+    with pytest.raises(RuntimeError, match="training failed"):  # got past the folder checks to training again
+        run_demo(str(tmp_path))
+
+
+def test_missing_opencv_refused_before_training(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    from edgeclf.demo import run_demo
+    from edgeclf.errors import MissingExtraError
+
+    calls: list[str] = []
+    _fake_steps(monkeypatch, calls)
+    monkeypatch.setitem(sys.modules, "cv2", None)  # import cv2 raises ImportError
+    with pytest.raises(MissingExtraError, match="cv"):
+        run_demo(str(tmp_path / "demo"))
+    assert calls == []
+
+
+def test_cli_out_a_file_is_one_line(tmp_path: Path) -> None:
+    from tests.conftest import run_cli
+
+    (tmp_path / "afile").write_text("")
+    r = run_cli("demo", "--out", str(tmp_path / "afile"), timeout=120)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-500:]
+    assert r.stderr.strip().count("\n") == 0 and "is a file" in r.stderr

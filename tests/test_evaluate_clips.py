@@ -66,6 +66,24 @@ def test_clip_level_evaluate_beside_frame_level(clip_root: Path, tmp_path: Path)
     assert {p["clip"] for p in rep2["clips"]["per_clip"]} == clips
 
 
+def test_evaluate_bootstrap_uses_the_training_seed(clip_root: Path, tmp_path: Path) -> None:
+    """One model, one interval: evaluate's bootstrap is seeded with the model's recorded training seed, so its frame and
+    clip intervals on the held-out split are the ones training recorded (seed 1 here; evaluate used seed 0 before)."""
+    from edgeclf.evaluate import evaluate
+    from edgeclf.train import TrainConfig, train
+
+    rec = train(TrainConfig(data=f"{clip_root}?frames=3&test=0.34&val=0.34", out=str(tmp_path / "m"), size=32, epochs=1,
+                            patience=1, threads=1, seed=1))
+    rep = evaluate(str(tmp_path / "m"), split="test")  # n_boot 1000, as training's test figures
+    frame, clips = rec["metrics"]["test"], rec["metrics"]["test_clips"]
+    lo, hi = frame["auc"]["macro_ci95"]
+    assert lo < hi, "a degenerate interval would not tell the seeds apart"
+    assert rep["metrics"]["auc"]["macro_ci95"] == pytest.approx(frame["auc"]["macro_ci95"])
+    for level in ("clip_mean", "clip_vote", "frame"):
+        for key in ("accuracy_ci95", "balanced_accuracy_ci95"):
+            assert rep["clips"][level][key] == pytest.approx(clips[level][key]), (level, key)
+
+
 def test_cross_validation_pooled_out_of_fold(clip_root: Path, tmp_path: Path) -> None:
     from edgeclf.evaluate import evaluate
     from edgeclf.train import TrainConfig, train

@@ -1,0 +1,104 @@
+"""benchmarks/recipes.py run as a user runs it (its own folder, relative paths) on tiny data: the chest-xray recipe, one
+epoch, a noisy PneumoniaMNIST-shaped .npz (so that intervals are not degenerate) or a folder of PNGs."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from tests.conftest import REPO
+
+pytest.importorskip("torch")
+pytest.importorskip("onnxruntime")
+cv2 = pytest.importorskip("cv2")
+
+pytestmark = pytest.mark.slow
+SCRIPT = REPO / "benchmarks" / "recipes.py"
+
+
+def _images(n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Noisy 28 px frames; class 1 has a faint bright blob: learnable, never perfectly in one epoch."""
+    y = rng.integers(0, 2, n)
+    x = rng.normal(110, 40, (n, 28, 28))
+    x[y == 1, 9:19, 9:19] += rng.normal(25, 30, (int((y == 1).sum()), 1, 1))
+    return np.clip(x, 0, 255).astype(np.uint8), y
+
+
+def _recipes(cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.run([sys.executable, str(SCRIPT), "chest-xray", *args], capture_output=True, text=True, cwd=cwd, env=env,
+                          timeout=600)
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A user's folder holding pneumoniamnist.npz (its name gives the recipe's classes) and images/<class>/*.png."""
+    work = tmp_path_factory.mktemp("user")
+    rng = np.random.default_rng(0)
+    arrays: dict[str, Any] = {}
+    for split, n in (("train", 160), ("val", 60), ("test", 60)):
+        x, y = _images(n, rng)
+        arrays[f"{split}_images"], arrays[f"{split}_labels"] = x, y[:, None]
+    np.savez(work / "pneumoniamnist.npz", **arrays)
+    x, y = _images(60, rng)
+    for i, (im, label) in enumerate(zip(x, y)):
+        d = work / "images" / ("normal", "pneumonia")[label]
+        d.mkdir(parents=True, exist_ok=True)
+        cv2.imwrite(str(d / f"im{i}.png"), im)
+    return work
+
+
+@pytest.fixture(scope="module")
+def relative_run(work: Path) -> dict[str, Any]:
+    """Relative --data and --out, given from the user's folder (the repository is not the current folder)."""
+    res = _recipes(work, "--data", "pneumoniamnist.npz", "--out", "rel/out", "--extra", "--epochs", "1", "--seed", "1")
+    stray = REPO / "rel"
+    assert not stray.exists(), "wrote into the repository instead of the user's folder"
+    assert res.returncode == 0, res.stderr[-2000:]
+    return json.loads((work / "rel" / "out" / "summary.json").read_text())
+
+
+def test_relative_paths_are_the_users(work: Path, relative_run: dict[str, Any]) -> None:
+    s = relative_run
+    assert s["data"] == str(work / "pneumoniamnist.npz")
+    assert (work / "rel" / "out" / "run" / "run.json").is_file() and (work / "rel" / "out" / "bundle" / "manifest.json").is_file()
+    # One model, one interval: training's test AUC interval (seed 1) is the one `edgeclf evaluate` gives the same fp32 model.
+    lo, hi = s["test"]["auc_ci95"]
+    assert s["seed"] == 1 and lo < hi
+    assert s["deployed"]["fp32"]["auc_ci95"] == pytest.approx(s["test"]["auc_ci95"])
+
+
+def test_run_needs_no_data_and_records_the_runs(work: Path, relative_run: dict[str, Any]) -> None:
+    run = work / "rel" / "out" / "run"
+    res = _recipes(work, "--run", "rel/out/run", "--out", "again", "--no-export")
+    assert res.returncode == 0, res.stderr[-2000:]
+    s = json.loads((work / "again" / "summary.json").read_text())
+    assert s["data"] == json.loads((run / "run.json").read_text())["data"]["spec"] == str(work / "pneumoniamnist.npz")
+    assert s["test"]["auc_ci95"] == relative_run["test"]["auc_ci95"]
+    # Other data than the run's is refused, not recorded beside figures that do not come from it.
+    (work / "other.npz").write_bytes((work / "pneumoniamnist.npz").read_bytes())
+    res = _recipes(work, "--run", "rel/out/run", "--data", "other.npz", "--out", "again2", "--no-export")
+    assert res.returncode != 0 and "leave --data out" in res.stderr and not (work / "again2").exists()
+
+
+def test_no_test_leaves_the_test_split_unread(work: Path) -> None:
+    res = _recipes(work, "--data", "pneumoniamnist.npz", "--out", "nt", "--extra", "--epochs", "1", "--no-test")
+    assert res.returncode == 0, res.stderr[-2000:]
+    s = json.loads((work / "nt" / "summary.json").read_text())
+    assert s["test"] is None and "--no-test" in s["test_unread"] and s["val"]["n"] == 60
+    d = s["deployed"]
+    assert "fp32" not in d and "deployed" not in d and "test_unread" in d and d["latency_ms"]["fp32"] > 0
+
+
+def test_cross_validation_on_images_has_no_clip_figures(work: Path) -> None:
+    res = _recipes(work, "--data", "images", "--out", "cv", "--extra", "--epochs", "1", "--folds", "2")
+    assert res.returncode == 0, res.stderr[-2000:]
+    s = json.loads((work / "cv" / "summary.json").read_text())
+    assert len(s["deployed"]["per_fold"]) == 2 and "clip_agreement_pooled" not in s["deployed"]
+    assert all("clips" not in pf["fp32"] for pf in s["deployed"]["per_fold"])
