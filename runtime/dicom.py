@@ -3,7 +3,8 @@
 Every frame comes out uint8 (H, W) gray or (H, W, 3) RGB, like every other source. Per frame:
 
 - MONOCHROME1 / MONOCHROME2, BitsAllocated 8: the stored values as they are (display-ready, like the
-  video frames models are trained on); MONOCHROME1 is inverted (255 - v).
+  video frames models are trained on), scaled by 255 / (2**BitsStored - 1) when fewer than 8 bits are
+  stored (1-bit data: 0/255); MONOCHROME1 is then inverted (255 - v), so its top stored value is black.
 - MONOCHROME1 / MONOCHROME2, more than 8 bits: Modality LUT or rescale (slope/intercept, also from
   enhanced multi-frame functional groups), then the VOI: a VOI LUT (looked up here, any entry size) or the
   first WindowCenter/WindowWidth (DICOM LINEAR, LINEAR_EXACT or SIGMOID, straight to 0..255). Without a
@@ -17,7 +18,14 @@ Every frame comes out uint8 (H, W) gray or (H, W, 3) RGB, like every other sourc
 
 Compressed transfer syntaxes decode where a decoder is installed (`edgeclf[dicom]` brings Pillow for
 JPEG baseline and pylibjpeg-openjpeg for JPEG 2000); otherwise the source refuses to open with a
-one-line SourceError naming the transfer syntax and the package that decodes it.
+one-line SourceError naming the transfer syntax and the package that decodes it. 12-bit JPEG Extended
+(X-rays) needs pylibjpeg-libjpeg or gdcm: Pillow decodes 8-bit samples only.
+
+Frames are decoded one at a time, with pydicom 3 (iter_pixels) and pydicom 2 (each frame handed to it
+as a one-frame data set): a cine's memory is one decoded frame plus, for compressed data, the file's
+compressed pixel data. A Deflated Explicit VR Little Endian file is inflated whole in memory (its pixel
+data cannot be read in place); a file whose data set is not encoded as its transfer syntax says (an
+implicit VR data set under a JPEG syntax, as some writers made) is read whole by dcmread, as pydicom does.
 
 Frame meta never carries names, IDs or dates: it is built from a whitelist (`META_KEYS`): modality,
 photometric interpretation, bits, the frame's index in its file, the transfer syntax and a short sha256
@@ -26,7 +34,8 @@ Modality that is not a DICOM-defined modality code, a transfer syntax that is no
 so that a misfiled value (a name typed into the wrong field) cannot ride along. Errors name files by their index
 in the series, never by name (file names may carry patient names).
 
-Python 3.8 compatible; pydicom (2.4 or 3.x) is imported inside the functions that need it.
+Python 3.8 compatible; pydicom (2.4 or 3.x; pydicom 3 needs Python 3.10, so Python 3.8 on JetPack 5 has
+pydicom 2.4) is imported inside the functions that need it.
 """
 
 from __future__ import annotations
@@ -78,12 +87,17 @@ _MODALITIES = frozenset({
 _MONO = ("MONOCHROME1", "MONOCHROME2")
 _RGB_LIKE = ("RGB", "YBR_FULL", "YBR_FULL_422", "YBR_RCT", "YBR_ICT")
 _SUPPORTED_PI = _MONO + _RGB_LIKE + ("PALETTE COLOR",)
+# Every PhotometricInterpretation DICOM defines (PS3.3 C.7.6.3.1.2, retired ones included): only these are
+# echoed in an error; anything else may be free text typed into the field (a name), and is not.
+_KNOWN_PI = frozenset(_SUPPORTED_PI + ("HSV", "ARGB", "CMYK", "YBR_PARTIAL_422", "YBR_PARTIAL_420"))
 _UNCOMPRESSED = (
     "1.2.840.10008.1.2",  # Implicit VR Little Endian
     "1.2.840.10008.1.2.1",  # Explicit VR Little Endian
     "1.2.840.10008.1.2.1.99",  # Deflated Explicit VR Little Endian
     "1.2.840.10008.1.2.2",  # Explicit VR Big Endian
 )
+_DEFLATED = "1.2.840.10008.1.2.1.99"  # the whole data set is deflated: pixel data cannot be read in place
+_JPEG_EXTENDED = "1.2.840.10008.1.2.4.51"  # 8 or 12 bits per sample; Pillow decodes only 8
 _J2K = "pylibjpeg pylibjpeg-openjpeg (part of edgeclf[dicom])"
 _LIBJPEG = "pylibjpeg pylibjpeg-libjpeg (GPL-3.0) or python-gdcm"
 _DECODER_PACKAGES: Dict[str, str] = {
@@ -245,8 +259,12 @@ def _syntax_name(uid: str) -> str:
     return f"{name} ({uid})" if name != uid else uid
 
 
-def _decoder_problem(uid: str) -> Optional[str]:
-    """Why pixel data in transfer syntax `uid` cannot be decoded here, or None when it can."""
+def _decoder_problem(uid: str, bits_stored: int = 8, bits_allocated: int = 8) -> Optional[str]:
+    """Why pixel data in transfer syntax `uid` cannot be decoded here, or None when it can.
+
+    JPEG Extended with samples other than 8 bits (12-bit X-rays): pydicom lists Pillow as its decoder, but
+    Pillow refuses such data at the first frame (pydicom 3 when BitsStored != 8, pydicom 2 when
+    BitsAllocated != 8); another plugin (pylibjpeg-libjpeg, gdcm) must be there, or the file fails here."""
     if uid in _UNCOMPRESSED:
         return None
     name = _syntax_name(uid)
@@ -262,13 +280,23 @@ def _decoder_problem(uid: str) -> Optional[str]:
             decoder = pydicom.pixels.get_decoder(uid)
         except (NotImplementedError, ValueError):
             return f"transfer syntax {name} is not supported by pydicom {pydicom.__version__}; install {hint}"
+        plugins = set(getattr(decoder, "available_plugins", ()) or ())
+        if uid == _JPEG_EXTENDED and bits_stored != 8:
+            if plugins - {"pillow"}:
+                return None
+            return _twelve_bit_problem(name, bits_stored, plugins)
         if decoder.is_available:
             return None
         return f"no installed decoder handles transfer syntax {name}; install {hint}"
+    pillow_fails = uid == _JPEG_EXTENDED and bits_allocated != 8
+    pillow_there = False
     handlers = getattr(pydicom.config, "pixel_data_handlers", [])
     for handler in handlers:
         try:
             if not (handler.is_available() and handler.supports_transfer_syntax(uid)):
+                continue
+            if pillow_fails and str(getattr(handler, "__name__", "")).endswith("pillow_handler"):
+                pillow_there = True
                 continue
             if str(getattr(handler, "__name__", "")).endswith("pylibjpeg_handler"):
                 # pydicom 2 claims every pylibjpeg syntax once pylibjpeg is there; the plugin decides
@@ -285,7 +313,14 @@ def _decoder_problem(uid: str) -> Optional[str]:
             return None
         except Exception:  # noqa: BLE001 - a broken optional handler is just not available
             continue
+    if pillow_fails:
+        return _twelve_bit_problem(name, bits_stored, {"pillow"} if pillow_there else set())
     return f"no installed decoder handles transfer syntax {name}; install {hint}"
+
+
+def _twelve_bit_problem(name: str, bits_stored: int, plugins: Any) -> str:
+    only = "Pillow, the decoder installed, decodes only 8-bit samples" if "pillow" in plugins else "no decoder is installed"
+    return (f"transfer syntax {name} with {bits_stored} bits stored: {only}; install {_LIBJPEG}")
 
 
 def _fg_value(ds: Any, frame: int, sequence: str, keyword: str) -> Any:
@@ -435,8 +470,11 @@ class DicomFile:
         """Raise SourceError when the frames cannot be produced here (photometric, bits, decoder)."""
         where = self.where
         if self.photometric not in _SUPPORTED_PI:
+            # only a value DICOM defines is echoed: free text there (a name typed into it) is not
+            shown = repr(self.photometric) if self.photometric in _KNOWN_PI else (
+                "'(none)'" if not self.photometric else "(not a DICOM-defined value)")
             raise SourceError(
-                f"{where} has PhotometricInterpretation {self.photometric or '(none)'!r}; supported: "
+                f"{where} has PhotometricInterpretation {shown}; supported: "
                 + ", ".join(_SUPPORTED_PI)
                 + "; convert it with a DICOM toolkit"
             )
@@ -445,7 +483,7 @@ class DicomFile:
                 f"{where} has {self.bits_allocated} bits allocated and {self.cols}x{self.rows} pixels; "
                 "supported: 8, 16 or 32 bits and a non-empty image; the file may be damaged"
             )
-        problem = _decoder_problem(self.transfer_syntax)
+        problem = _decoder_problem(self.transfer_syntax, self.bits_stored, self.bits_allocated)
         if problem is not None:
             raise SourceError(f"{where} cannot be decoded: {problem}")
 
@@ -513,21 +551,15 @@ class DicomFile:
         return True
 
     def _raw_frames(self, start: int) -> Iterator[Tuple[int, NDArray[Any]]]:
-        """(index, decoded array) per frame, colour already RGB for RGB/YBR data."""
+        """(index, decoded array) per frame, colour already RGB for RGB/YBR data. One frame at a time
+        (pydicom 2 too): a long cine is never decoded whole."""
         if start >= self.frames:
             return
         try:
             if _major() >= 3:
-                gen: Any = _utils().iter_pixels(self._v3_source(), indices=range(start, self.frames), raw=False)
-                try:
-                    for k, arr in enumerate(gen):
-                        yield start + k, arr
-                finally:
-                    gen.close()
-                return
-            arr = self._v2_array()
-            for k in range(start, self.frames):
-                yield k, arr[k]
+                yield from self._v3_frames(start)
+            else:
+                yield from self._v2_frames(start)
         except SourceError:
             raise
         except GeneratorExit:
@@ -541,40 +573,157 @@ class DicomFile:
                 f"{_syntax_name(self.transfer_syntax)}; the file may be damaged or need another decoder"
             ) from None
 
+    def _v3_frames(self, start: int) -> Iterator[Tuple[int, NDArray[Any]]]:
+        """pydicom 3: frames read from the file one by one (pydicom's iter_pixels on the path).
+
+        iter_pixels on a path reads the data set in the encoding its transfer syntax names, while dcmread
+        also copes with files that break it (an implicit VR data set under a JPEG syntax, as some writers
+        made): when reading from the path fails before the first frame, the frames are decoded once more
+        from the data set dcmread makes of the file (pixel data in memory, as compressed in the file)."""
+        source = self._v3_source()
+        yielded = False
+        try:
+            for item in self._v3_iter(source, start):
+                yielded = True
+                yield item
+        except MemoryError:
+            raise
+        except Exception:  # noqa: BLE001 - whatever iter_pixels raised: dcmread may still read the file
+            if yielded or not isinstance(source, str):
+                raise
+            logger.debug("%s: read again as a whole data set after reading it in place failed", self.where)
+            yield from self._v3_iter(self._whole_data_set(), start)
+
+    def _v3_iter(self, source: Any, start: int) -> Iterator[Tuple[int, NDArray[Any]]]:
+        gen: Any = _utils().iter_pixels(source, indices=range(start, self.frames), raw=False)
+        try:
+            for k, arr in enumerate(gen):
+                yield start + k, arr
+        finally:
+            gen.close()
+
     def _v3_source(self) -> Any:
-        """What pydicom 3 decodes from: the path (read frame by frame), or for a file without the
-        Part 10 header (a bare data set named .dcm) the data set with its transfer syntax filled in."""
-        if _dicom_marker(self.path):
+        """What pydicom 3 decodes from: the path (read frame by frame), or the data set read whole for a
+        deflated file (iter_pixels reads a path as it lies on disk, and a deflated data set must be
+        inflated first: the file is inflated in memory) or for a file without the Part 10 header (a bare
+        data set named .dcm: its transfer syntax filled in)."""
+        if _dicom_marker(self.path) and self.transfer_syntax != _DEFLATED:
             return self.path
+        return self._whole_data_set()
+
+    def _whole_data_set(self) -> Any:
+        """The data set read whole by dcmread, a bare data set given the transfer syntax it was read as."""
         pydicom = _pydicom()
         ds = pydicom.dcmread(self.path, force=True)
+        self._fill_syntax(ds)
+        return ds
+
+    @staticmethod
+    def _fill_syntax(ds: Any) -> None:
+        pydicom = _pydicom()
         meta = getattr(ds, "file_meta", None)
-        if meta is None or "TransferSyntaxUID" not in meta:
+        if meta is not None and "TransferSyntaxUID" in meta:
+            return
+        uid = pydicom.uid
+        if _major() >= 3:
             implicit, little = getattr(ds, "original_encoding", (True, True))
-            uid = pydicom.uid
             syntax = uid.ImplicitVRLittleEndian if implicit else (
                 uid.ExplicitVRLittleEndian if little else uid.ExplicitVRBigEndian
             )
-            ds.file_meta = pydicom.dataset.FileMetaDataset()
-            ds.file_meta.TransferSyntaxUID = syntax
-        return ds
+        else:
+            syntax = uid.ImplicitVRLittleEndian if ds.is_implicit_VR else uid.ExplicitVRLittleEndian
+        ds.file_meta = pydicom.dataset.FileMetaDataset() if meta is None else meta
+        ds.file_meta.TransferSyntaxUID = syntax
 
-    def _v2_array(self) -> NDArray[Any]:
-        """pydicom 2: every frame at once as (frames, rows, cols[, 3]), YBR_FULL* converted to RGB."""
+    def _v2_frames(self, start: int) -> Iterator[Tuple[int, NDArray[Any]]]:
+        """pydicom 2 (Python 3.8, JetPack 5: pydicom 3 needs Python 3.10): one frame at a time as well.
+
+        pydicom 2 decodes only all frames at once (ds.pixel_array), so each frame is handed to it as a data
+        set of its own: the file's header with one frame's pixel data. Native data is read from the file
+        frame by frame (the Pixel Data stays on disk, except in a deflated file, inflated in memory);
+        encapsulated data is read whole as compressed in the file and split into its frames. A single frame,
+        1-bit frames that do not end on a byte, and odd-length big endian frames are decoded whole."""
         pydicom = _pydicom()
-        from pydicom.pixel_data_handlers.util import convert_color_space
+        from pydicom.pixel_data_handlers.util import get_expected_length
 
-        ds = pydicom.dcmread(self.path, force=True)
-        if "TransferSyntaxUID" not in getattr(ds, "file_meta", {}):  # a bare data set: what it was read as
-            ds.file_meta = pydicom.dataset.FileMetaDataset()
-            ds.file_meta.TransferSyntaxUID = (
-                pydicom.uid.ImplicitVRLittleEndian if ds.is_implicit_VR else pydicom.uid.ExplicitVRLittleEndian
-            )
+        native = self.transfer_syntax in _UNCOMPRESSED
+        ds = pydicom.dcmread(self.path, force=True, defer_size=None if self.transfer_syntax == _DEFLATED else 1024)
+        self._fill_syntax(ds)
+        if self.frames == 1 or "PixelData" not in ds:
+            yield from self._v2_whole(ds, start)
+            return
+        # pydicom 2's raw element: value None and value_tell (its offset in the file) when read deferred.
+        # (Dataset.get_item would read it: the element is taken from the data set's dict, as pydicom 2.4,
+        # the last pydicom 2, keeps it.)
+        elem = getattr(ds, "_dict", {}).get(0x7FE00010)
+        if native:
+            ds.NumberOfFrames = 1
+            frame_len = int(get_expected_length(ds, "bytes"))
+            ds.NumberOfFrames = self.frames
+            in_memory = getattr(elem, "value", None)  # bytes, or None when left on disk
+            offset = getattr(elem, "value_tell", None)
+            total = int(getattr(elem, "length", 0) or 0)
+            bits = self.rows * self.cols * self.samples * self.bits_allocated
+            if (
+                (in_memory is None and not isinstance(offset, int))
+                or not frame_len * self.frames <= total < 0xFFFFFFFF
+                or (self.bits_allocated == 1 and bits % 8 != 0)
+                or (not getattr(ds, "is_little_endian", True) and frame_len % 2 != 0)
+            ):
+                yield from self._v2_whole(ds, start)  # pydicom 2's own checks and errors
+                return
+            del ds[0x7FE00010]  # setting a deferred element's value would read it whole first
+            ds.NumberOfFrames = 1
+            with open(self.path, "rb") as f:
+                for k in range(start, self.frames):
+                    if in_memory is not None:
+                        data = bytes(in_memory[k * frame_len:(k + 1) * frame_len])
+                    else:
+                        f.seek(int(offset or 0) + k * frame_len)
+                        data = f.read(frame_len)
+                    yield k, self._v2_one(ds, data, "OW" if self.bits_allocated > 8 else "OB", False)
+            return
+        from pydicom.encaps import encapsulate, generate_pixel_data_frame
+
+        stream = ds.PixelData  # as compressed in the file
+        ds.NumberOfFrames = 1
+        found = 0
+        for k, frame in enumerate(generate_pixel_data_frame(stream, self.frames)):
+            if k >= self.frames:
+                break
+            found = k + 1
+            if k >= start:
+                yield k, self._v2_one(ds, encapsulate([frame]), "OB", True)
+        if found < self.frames:
+            raise ValueError(f"the pixel data holds {found} frames where Number of Frames says {self.frames}")
+
+    def _v2_one(self, ds: Any, data: bytes, vr: str, encapsulated: bool) -> NDArray[Any]:
+        """One frame's pixels through pydicom 2, colour as RGB. `data` is a new object while the previous
+        frame's is still the data set's value: pydicom 2 caches pixel_array by the id of the Pixel Data, and
+        two live objects never share an id."""
+        ds.PixelData = data
+        ds["PixelData"].VR = vr
+        if encapsulated:
+            ds["PixelData"].is_undefined_length = True
+        arr: NDArray[Any] = ds.pixel_array
+        out: NDArray[Any] = self._v2_color(arr[None])[0]
+        return out
+
+    def _v2_whole(self, ds: Any, start: int) -> Iterator[Tuple[int, NDArray[Any]]]:
         arr: NDArray[Any] = ds.pixel_array
         if self.frames == 1:
             arr = arr[None]
+        arr = self._v2_color(arr)
+        for k in range(start, self.frames):
+            yield k, arr[k]
+
+    def _v2_color(self, arr: NDArray[Any]) -> NDArray[Any]:
+        """(frames, rows, cols[, 3]) with YBR_FULL* converted to RGB (pydicom 2 leaves it to the caller)."""
         if self.photometric in ("YBR_FULL", "YBR_FULL_422") and arr.ndim == 4:
-            arr = convert_color_space(arr, self.photometric, "RGB", per_frame=True)
+            from pydicom.pixel_data_handlers.util import convert_color_space
+
+            out: NDArray[Any] = convert_color_space(arr, self.photometric, "RGB", per_frame=True)
+            return out
         return arr
 
     def _modality(self, raw: NDArray[Any], ds: Any, k: int) -> NDArray[np.float64]:
@@ -599,9 +748,14 @@ class DicomFile:
             if raw.ndim != 2:
                 raw = raw.reshape(raw.shape[0], raw.shape[1])
             if not self._mono_voi:
-                image = raw.astype(np.uint8)
-                if self.bits_allocated == 1 or raw.dtype == np.bool_:
-                    image = image * np.uint8(255)
+                # 8 bits allocated: the stored values, scaled from 0..2**BitsStored-1 to 0..255 when fewer
+                # than 8 bits are stored (1-bit data: 0/1 -> 0/255), so that the top stored value is white
+                # (MONOCHROME2) or, inverted below, black (MONOCHROME1; PS3.3 C.7.6.3.1.2)
+                bits = 1 if (self.bits_allocated == 1 or raw.dtype == np.bool_) else self.bits_stored
+                if 1 <= bits < 8:
+                    image = _to_u8(raw.astype(np.float64) * (255.0 / (2 ** bits - 1)))
+                else:
+                    image = raw.astype(np.uint8)
                 voi = "none"
             else:
                 image, voi = self._voi(raw, ds, k, lo_hi)
@@ -776,7 +930,8 @@ class DicomSource(BaseSource):
             explicit = False
         elif isinstance(path, str):
             if not os.path.isfile(path):
-                raise SourceError(f"DICOM file {path!r} does not exist; check the path")
+                # the path is not quoted: file and folder names may carry a patient's name
+                raise SourceError("the DICOM file given does not exist; check the path")
             candidates, explicit = [path], True
         else:
             candidates, explicit = list(path), True
@@ -806,7 +961,7 @@ class DicomSource(BaseSource):
             found.append(((order is None, order if order is not None else 0, natural_key(os.path.basename(p))), df))
         if not found:
             raise SourceError(
-                f"folder {path!r} has no DICOM images ({self.skipped} files skipped: hidden, not DICOM or no pixel data); "
+                f"the source folder has no DICOM images ({self.skipped} files skipped: hidden, not DICOM or no pixel data); "
                 "supported: a folder of DICOM Part 10 image files (.dcm or with the 'DICM' marker); point at the series"
             )
         found.sort(key=lambda item: item[0])

@@ -1023,7 +1023,7 @@ def _open_path(text: str, loop: bool, size: Optional[Size], sid: str) -> BaseSou
 
                 return DicomSource(path, loop=loop, size=size, source_id=sid)
             raise SourceError(
-                f"folder {text!r} has no image or DICOM files; supported: a folder of {' '.join(IMAGE_EXTENSIONS)} "
+                f"the source folder has no image or DICOM files; supported: a folder of {' '.join(IMAGE_EXTENSIONS)} "
                 "images or of DICOM files; point at the folder that holds the frames"
             )
         return ImageSource(files, loop=loop, size=size, source_id=sid)
