@@ -1,12 +1,15 @@
 """Draw the result onto a frame, and show it in a window when the machine has a display.
 
 :func:`draw_overlay` draws a banner across the top of a *copy* of the frame: the shown label and a
-confidence bar (or ``ABSTAIN: reason`` in amber), and on the right the frame rate and the capture-to-result
-latency. The banner darkens the image under it instead of hiding it. It costs well under a millisecond
+confidence bar (or ``ABSTAIN: reason`` in amber), and on the right the frame rate and the capture-to-display
+latency ("cap-to-disp N ms": now minus the frame's capture timestamp, measured when drawn, so sinks that ran
+before the display count; the recorded latency_ms["total"] is capture-to-result). The banner darkens the image under it instead of hiding it. It costs well under a millisecond
 at 640x480 (plain OpenCV drawing: a copy, one darkened strip, a rectangle or two, three strings).
 
 :class:`OverlayWindow` is a sink that shows the annotated frames with ``cv2.imshow``; 'q' or Esc (or
-closing the window) sets ``stop_requested`` for the pipeline. Without a display, or with an OpenCV that
+closing the window) sets ``stop_requested`` for the pipeline. When a live source stalls, the pipeline calls
+its ``mark_stale(idle_s)``: the last frame is shown dimmed with "NO SIGNAL: no frame for N.N s" (:func:`draw_stale`)
+instead of its label, until the next frame. Without a display, or with an OpenCV that
 has no GUI backend (pip ``opencv-python-headless``), it raises a one-line ConfigError at construction,
 before the run starts, that points to ``--record FILE``.
 
@@ -27,7 +30,8 @@ from edgeclf.errors import ConfigError, DataError
 from edgeclf.runtime import _cv
 from edgeclf.runtime.sinks import Sink
 
-__all__ = ["draw_overlay", "to_bgr", "FpsMeter", "OverlayWindow", "display_problem", "NO_DISPLAY"]
+__all__ = ["draw_overlay", "draw_stale", "latency_text", "to_bgr", "FpsMeter", "OverlayWindow", "display_problem",
+           "NO_DISPLAY", "NO_SIGNAL"]
 
 logger = logging.getLogger(__name__)
 
@@ -77,14 +81,30 @@ def _confidence(record: Dict[str, Any], label: Any) -> Optional[float]:
     return None if conf is None else min(max(conf, 0.0), 1.0)
 
 
+def latency_text(record: Dict[str, Any], now: Optional[float] = None) -> Optional[str]:
+    """The latency shown on the banner: capture-to-display, ``now`` (monotonic s; None: now) minus the record's
+    capture "timestamp", as "cap-to-disp N ms" (it includes every sink that ran before the display); without a
+    usable timestamp, the recorded capture-to-result latency_ms["total"] as "cap-to-result N ms"; else None."""
+    ts = _number(record.get("timestamp"))
+    if ts is not None:
+        d = (time.monotonic() if now is None else now) - ts
+        if d >= 0:
+            return f"cap-to-disp {d * 1e3:.0f} ms"
+    lat = record.get("latency_ms")
+    total = _number(lat.get("total")) if isinstance(lat, dict) else None
+    return None if total is None else f"cap-to-result {total:.0f} ms"
+
+
 def draw_overlay(
     image: NDArray[np.uint8], record: Dict[str, Any], *, fps: Optional[float] = None, order: str = "rgb",
+    now: Optional[float] = None,
 ) -> NDArray[np.uint8]:
     """The frame with the result drawn on a banner across the top; `image` is not modified.
 
     image: uint8 (H, W) gray or (H, W, 3) RGB (the pipeline's frame). record: a per-frame record; read are
     "label" (or "labels" for multilabel), "abstain", "abstain_reason", "confidence" (else
-    probs[label]) and latency_ms["total"]. fps: shown when given. order: "rgb" or "bgr", the channel order
+    probs[label]), "timestamp" and latency_ms["total"] (see :func:`latency_text`: capture-to-display, measured
+    when drawn, at `now`). fps: shown when given. order: "rgb" or "bgr", the channel order
     of the returned uint8 (H, W, 3) image ("bgr" for cv2.imshow / VideoWriter, saving a conversion).
     """
     if order not in ("rgb", "bgr"):
@@ -117,10 +137,9 @@ def draw_overlay(
     right = []
     if fps is not None and _number(fps) is not None:
         right.append(f"{fps:.1f} fps")
-    lat = record.get("latency_ms")
-    total = _number(lat.get("total")) if isinstance(lat, dict) else None
-    if total is not None:
-        right.append(f"{total:.0f} ms")
+    lat_text = latency_text(record, now)
+    if lat_text is not None:
+        right.append(lat_text)
     x_right = w - pad
     if right:
         text = "  ".join(right)
@@ -154,6 +173,31 @@ def draw_overlay(
             if fill > 0:
                 cv2.rectangle(out, (x0 + 1, y0 + 1), (x0 + 1 + fill - 1, y1 - 1), col(_BAR), -1)
             cv2.putText(out, pct, (x0 + bar_w + pad, y), font, scale * 0.85, col(_WHITE), 1, line)
+    return out
+
+
+NO_SIGNAL = "NO SIGNAL"
+
+
+def draw_stale(shown: NDArray[np.uint8], idle_s: float, *, order: str = "rgb") -> NDArray[np.uint8]:
+    """A copy of an annotated frame from :func:`draw_overlay` (`order` as it was drawn) marked stale: the whole
+    image dimmed to half and the banner replaced by "NO SIGNAL: no frame for N.N s" in amber, so an old label is
+    never read as the current one."""
+    if order not in ("rgb", "bgr"):
+        raise ConfigError(f"overlay order is {order!r}; allowed: 'rgb', 'bgr'")
+    cv2 = _cv.cv2()
+    img = _check_image(shown)
+    out: NDArray[np.uint8] = np.right_shift(img, 1)  # a new array: dimmed to half
+    if out.ndim == 2:
+        out = cv2.cvtColor(out, cv2.COLOR_GRAY2BGR if order == "bgr" else cv2.COLOR_GRAY2RGB)
+    h = out.shape[0]
+    bh = min(h, max(14, int(round(h * 0.075))))
+    out[:bh] = 0
+    scale = max(0.3, bh / 58.0)
+    amber = (_AMBER[2], _AMBER[1], _AMBER[0]) if order == "bgr" else _AMBER
+    text = f"{NO_SIGNAL}: no frame for {max(0.0, float(idle_s)):.1f} s"
+    cv2.putText(out, text, (max(3, bh // 6), int(round(bh * 0.5 + 9.5 * scale))), cv2.FONT_HERSHEY_SIMPLEX, scale,
+                amber, 1 if scale < 0.9 else 2, cv2.LINE_AA)
     return out
 
 
@@ -239,21 +283,37 @@ class OverlayWindow(Sink):
             raise ConfigError(f"{NO_DISPLAY}: cv2 cannot open a window ({_short(exc)}); {_FIX}") from None
         self._open = True
         self._visible_works: Optional[bool] = None
+        self._last: Optional[NDArray[np.uint8]] = None  # the last annotated frame shown (BGR)
+        self.stale = False  # the window shows "NO SIGNAL" (see mark_stale)
 
     def write(self, record: Dict[str, Any], image: Optional[NDArray[np.uint8]] = None) -> None:
         if not self._open:
             raise ConfigError(f"overlay window {self.title!r} is already closed")
         if image is None:
             raise TypeError("OverlayWindow.write needs the frame: call write(record, image=frame.image)")
-        cv2 = self._cv2
         shown = draw_overlay(image, record, fps=self._meter.update(record.get("timestamp")), order="bgr")
+        self._last = shown  # drawn afresh for this window: kept (no copy) to be marked stale if the source stalls
+        self.stale = False
+        self._show(shown, count=True)
+
+    def mark_stale(self, idle_s: float) -> None:
+        """The source gave no frame for `idle_s` seconds (the pipeline calls this while it stalls): show the last
+        frame dimmed with "NO SIGNAL: no frame for N.N s" instead of its label; the next frame replaces it."""
+        if not self._open or self._last is None:
+            return
+        self.stale = True
+        self._show(draw_stale(self._last, idle_s, order="bgr"))
+
+    def _show(self, shown: NDArray[np.uint8], count: bool = False) -> None:
+        cv2 = self._cv2
         try:
             cv2.imshow(self.title, shown)
             key = int(cv2.waitKey(self.wait_ms)) & 0xFF
             visible = float(cv2.getWindowProperty(self.title, cv2.WND_PROP_VISIBLE))
         except cv2.error as exc:
             raise ConfigError(f"{NO_DISPLAY}: cv2 cannot show the frame ({_short(exc)}); {_FIX}") from None
-        self.written += 1
+        if count:
+            self.written += 1
         if key in _QUIT_KEYS and not self.stop_requested:
             self.stop_requested, self.stop_reason = True, "key " + ("Esc" if key == 27 else chr(key))
             logger.info("overlay window: %s pressed after %d frames; asking the pipeline to stop", self.stop_reason,

@@ -47,6 +47,12 @@ _FRAME_ERRORS_LOGGED = 5  # frame errors logged at WARNING; later ones at DEBUG 
 RECORD_META = ("file_index", "file_frame", "watch_key")
 MAX_BATCH = 64  # frames per inference call: beyond this only memory grows
 MAX_BACKEND_ERRORS = 5  # failures in a row (either kind) that end the run: a backend that is gone, not a hiccup
+# A live source that gives no frame for max(STALE_MIN_S, STALE_FRAMES frame periods) has stalled: the display is
+# marked stale (sinks with ``mark_stale(idle_s)``, e.g. the overlay window's "NO SIGNAL") and the smoother is reset,
+# so the label from before the stall is never shown as current. No record is written (a stall is not a frame
+# result); the summary counts stalls (extra["stalls"]). Seen at the pipeline's 0.5 s read poll.
+STALE_MIN_S = 0.5
+STALE_FRAMES = 3
 
 
 def stage_stats(values_ms: Sequence[float]) -> Dict[str, float]:
@@ -283,14 +289,18 @@ def run_pipeline(
     for cine; None on abstain or multilabel), "labels" (multilabel), "abstain", "abstain_reason" (quality reasons
     joined by ",", "low_confidence", "settling", "backend_error", "invalid_output" or "frame_error"), "confidence",
     "frame_label" (this frame's own decision, None when not classified), "probs" (this frame's calibrated
-    probabilities, None when not classified), "quality" (list of reasons, empty when fine), "latency_ms": {stage: ms, "total": capture-to-result}}.
+    probabilities, None when not classified), "quality" (list of reasons, empty when fine), "latency_ms": {stage: ms,
+    "total": capture-to-result, taken before any sink runs (the overlay shows its own capture-to-display)}}.
     Sources with ``ack`` (watched folders) are acknowledged after every sink wrote the frame's record; for those
     that need acks, every sink's ``sync()`` (flush and fsync) runs first, so a file marked done has its results
     on disk. A DataError of the sector or quality stage on one frame (its data: e.g. a sector mask too thin to
     judge) does not end the run: that frame abstains with reason "frame_error" and is counted
     (summary.extra["frame_errors"]); any other exception there still ends the run.
     DICOM under cine smoothing: the smoother starts afresh at each multi-frame file (one cine does not bleed into
-    the next); under "auto", single-frame files of a folder holding a cine are shown as decided.
+    the next); under "auto", single-frame files of a folder holding a cine are shown as decided. Likewise the smoother
+    starts afresh at each new connection of a reconnecting live source (meta "connection"), and after a live source
+    stalled (no frame for max(STALE_MIN_S, STALE_FRAMES frame periods)): then sinks with ``mark_stale(idle_s)`` (the
+    overlay window) are told, no record is written, and summary.extra["stalls"] counts it.
     `stop` (set by a signal handler) or a sink's ``stop_requested`` ends the run after the current frame (the
     current batch for a signal, with `options.batch` > 1; frames read and not recorded are counted).
     A source error in the middle of a batch is raised after the frames read before it are recorded.
@@ -330,7 +340,8 @@ def run_pipeline(
         per_file = cine and getattr(source, "kind", "") == "dicom"
         if per_file and opts.smoothing == "auto":
             still = CineSmoother.from_manifest(m, config=SINGLE_IMAGE, min_confidence=floor)
-    last_file: List[Any] = [None, False]  # file_index of the last DICOM frame, and whether that file is a cine
+    # The segment of the last frame (("file", DICOM file_index) or ("connection", n)), and whether it is a cine.
+    last_file: List[Any] = [None, False]
     ack = getattr(source, "ack", None)
     # Sources that need acks (watched folders) mark a file done durably at the ack: the results must be on disk
     # first (flushed and fsynced), whatever the sinks' own fsync interval, or a power loss loses them for good.
@@ -410,6 +421,31 @@ def run_pipeline(
     held = 0  # frames of the current batch read and prepared but not yet recorded (counted if the run stops)
     backend_errors = invalid_outputs = errors_in_a_row = batch_retries = 0
     ended = False
+    last_seen: List[Optional[float]] = [None]  # monotonic time of the last frame recorded (live sources)
+    stale = [False]  # whether the current stall was already counted and the smoother reset
+    stalls = [0]
+
+    def stalled() -> None:
+        """No frame from a live source for a while: past the threshold, reset and mark the display stale."""
+        if last_seen[0] is None:
+            return  # nothing shown yet
+        idle = time.monotonic() - last_seen[0]
+        fps = getattr(source, "fps", None)
+        after = max(STALE_MIN_S, STALE_FRAMES / fps) if isinstance(fps, (int, float)) and fps > 0 else STALE_MIN_S
+        if idle < after:
+            return
+        if not stale[0]:
+            stale[0] = True
+            stalls[0] += 1
+            log.info("no frame from the live source for %.1fs: the display is marked stale and smoothing restarts", idle)
+            for sm_ in (smoother, still):
+                if sm_ is not None:
+                    sm_.reset()
+        for sink in sinks:
+            mark = getattr(sink, "mark_stale", None)
+            if callable(mark):
+                mark(idle)
+
     try:
         while not ended and (max_frames is None or summary.frames < max_frames):
             if stop is not None and stop.is_set():
@@ -429,6 +465,11 @@ def run_pipeline(
                 if item is _IDLE:
                     if items:
                         break
+                    if live:
+                        stalled()
+                        if stale[0] and any(s.stop_requested for s in sinks):  # e.g. 'q' on a "no signal" window
+                            summary.stopped_by = "sink"
+                            break
                     if stop is not None and stop.is_set():
                         break
                     continue
@@ -437,6 +478,8 @@ def run_pipeline(
                     break
                 items.append(item)
             if not items:
+                if summary.stopped_by == "sink":
+                    break
                 continue  # the source ended (the loop test sees it) or a stop was requested (seen above)
             held = len(items)
             # One inference call for the batch's classified frames (gated frames are not inferred).
@@ -532,15 +575,21 @@ def run_pipeline(
                 else:
                     assert smoother is not None
                     sm = smoother
+                    # One reset mechanism for a new segment of frames: a new DICOM file (cine smoothing) or a new
+                    # connection of a reconnecting live source (meta "connection"). Nothing carries over to it.
+                    multi = True
+                    segment: Any = None
                     if per_file and meta.get("source") == "dicom":
                         multi = (meta.get("file_frames") or 1) > 1
-                        index = meta.get("file_index")
-                        if index != last_file[0]:
-                            if last_file[0] is not None and (multi or last_file[1]):
-                                smoother.reset()  # a new cine: nothing carried over from the file before
-                            last_file[0], last_file[1] = index, multi
-                        if still is not None and not multi:
-                            sm = still
+                        segment = ("file", meta.get("file_index"))
+                    elif "connection" in meta:
+                        segment = ("connection", meta["connection"])
+                    if segment is not None and segment != last_file[0]:
+                        if last_file[0] is not None and (multi or last_file[1]):
+                            smoother.reset()  # a new cine or connection: nothing carried over from the one before
+                        last_file[0], last_file[1] = segment, multi
+                    if still is not None and not multi:
+                        sm = still
                     res = sm.update(probs_row, quality_ok=not reasons, reasons=reasons)
                     record.update(sm.record_fields(res))
                     record["frame_label"] = None if decision is None else m.labels[decision]
@@ -568,6 +617,8 @@ def run_pipeline(
                 if fatal is not None:
                     raise fatal  # MAX_BACKEND_ERRORS failures in a row: the run ends, this frame's record written
                 t5 = time.perf_counter()
+                if live:
+                    last_seen[0], stale[0] = time.monotonic(), False
                 summary.frames += 1
                 held -= 1
                 if record.get("abstain"):
@@ -607,6 +658,7 @@ def run_pipeline(
     summary.extra["invalid_outputs"] = invalid_outputs
     summary.extra["frame_errors"] = frame_errors[0]  # frames the sector or quality stage failed on (abstained)
     summary.extra["batch"] = batch  # frames per inference call: 1 for live and paced sources whatever was asked
+    summary.extra["stalls"] = stalls[0]  # times a live source gave no frame past the stale threshold
     summary.extra["batch_retries"] = batch_retries  # batches (some of) whose frames were inferred again one by one
     if detector is not None:
         sec = detector.sector

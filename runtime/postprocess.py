@@ -63,7 +63,8 @@ def probabilities(logits: npt.ArrayLike, task: str, temperature: float = 1.0) ->
 
     binary: (N, 2) [1 - p, p] with p = sigmoid(logit / T) (K must be 1); multiclass: softmax(logits / T)
     (N, K), numerically stable; multilabel: sigmoid(logits / T) (N, K). Raises ConfigError for a wrong
-    task, shape or temperature and DataError for non-finite logits.
+    task, shape or temperature and DataError for logits that are not finite
+    after dividing by the temperature (NaN, inf, or finite but overflowing under a tiny temperature).
     """
     _check_task(task)
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float, np.floating, np.integer)):
@@ -90,11 +91,14 @@ def probabilities(logits: npt.ArrayLike, task: str, temperature: float = 1.0) ->
         )
     if task == "multilabel" and k < 1:
         raise ConfigError(f"multilabel logits need K >= 1 columns, got shape {z.shape}")
+    with np.errstate(over="ignore", invalid="ignore"):
+        z = z / t
+    # Checked after scaling: finite huge logits over a tiny temperature overflow to infinity (then NaN).
     if not np.all(np.isfinite(z)):
         raise DataError(
-            "logits contain NaN or infinity; all logits must be finite; check the model and its input"
+            "logits (divided by the temperature) contain NaN or infinity; all must be finite; check the model, "
+            "its input and the temperature"
         )
-    z = z / t
     if task == "binary":
         p, q = _sigmoid_pair(z[:, 0])
         return np.stack([q, p], axis=1)
@@ -121,7 +125,8 @@ def frame_probabilities(logits: npt.ArrayLike, task: str, temperature: float = 1
     k = len(z)
     if (task == "binary" and k != 1) or (task == "multiclass" and k < 2) \
             or isinstance(temperature, bool) or not isinstance(temperature, (int, float, np.floating, np.integer)) \
-            or not (math.isfinite(float(temperature)) and float(temperature) > 0) or not all(math.isfinite(v) for v in z):
+            or not (math.isfinite(float(temperature)) and float(temperature) > 0) \
+            or not all(math.isfinite(v / float(temperature)) for v in z):  # after scaling, as probabilities()
         return tuple(probabilities(np.asarray(logits, np.float64).reshape(1, -1), task, temperature)[0].tolist())  # raises
     t = float(temperature)
     if task == "binary":

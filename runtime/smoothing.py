@@ -24,10 +24,13 @@ probabilities into the label a clinician is shown, in four steps per frame:
    margin against every other label for the same count; until then the result abstains with
    ``"settling"`` (also while two classes stay within the margin of each other from the start).
 
-Finally, a frame abstains with ``"low_confidence"`` when the top smoothed probability is below
-``min_confidence`` (the pipeline's per-frame rule, applied to the smoothed probabilities). An abstaining
-result has ``shown_label=None``; the label the smoother has committed to is kept, so a short run of bad
-frames does not restart the dwell.
+Finally, a frame abstains with ``"low_confidence"`` when the smoothed probability of the label that would
+be shown (the committed one, which hysteresis may hold while another leads; before the first label, the top
+one) is below ``min_confidence``. An abstaining result has ``shown_label=None``; the label the smoother has
+committed to is kept, so a short run of bad frames does not restart the dwell. A longer run of gate-failed
+frames, more than ``min_dwell_frames`` in a row (a probe lifted off), resets the smoother (counted in
+``counts["resets"]``): the first good frame after it abstains with ``"settling"`` instead of showing the
+label from before the gap as current.
 
 Single-frame outliers: from a steady state in which the shown label wins, one outlying frame can keep
 another label ahead by the margin for at most :func:`max_outlier_lead` ``(alpha, hysteresis)`` frames
@@ -110,7 +113,8 @@ class SmoothingConfig:
     alpha: weight of the newest frame in the running average, in (0, 1]; 1 = no smoothing.
     hysteresis: margin in probability units a new label must clear, in [0, 1).
     min_dwell_frames: consecutive frames a new label must lead before it is shown, >= 1.
-    min_confidence: abstain "low_confidence" below this top smoothed probability, in [0, 1); 0 = never.
+    min_confidence: abstain "low_confidence" below this smoothed probability of the shown label, in [0, 1);
+        0 = never.
     """
 
     alpha: float = 0.3
@@ -257,6 +261,7 @@ class CineSmoother:
         self.counts: Dict[str, int] = {"frames": 0, "quality_failed": 0, "low_confidence": 0, "settling": 0,
                                        "label_changes": 0, "resets": 0}
         self._last_shown: Optional[str] = None
+        self._gate_failed = 0  # consecutive gate-failed frames (reset() keeps it: one reset per gap)
         self.reset()
         self.counts["resets"] = 0
 
@@ -339,12 +344,17 @@ class CineSmoother:
         cfg = self.config
         if not quality_ok:
             self.counts["quality_failed"] += 1
+            self._gate_failed += 1
+            if self._gate_failed == cfg.min_dwell_frames + 1:
+                # A long gap (probe lifted): what was shown before it is no longer current; settle afresh.
+                self.reset()
             if isinstance(reasons, str):
                 why = reasons
             else:
                 why = ",".join(str(r) for r in (reasons or ()))
             return self._result(None, True, why or ABSTAIN_QUALITY)
 
+        self._gate_failed = 0
         a, b = cfg.alpha, 1.0 - cfg.alpha
         avg = tuple(a * v + b * o for v, o in zip(p, self._avg))
         self._avg = avg
@@ -366,7 +376,9 @@ class CineSmoother:
                 logger.debug("smoothed label %s -> %s", self.labels[s], self.labels[c])
             self._shown, self._candidate, self._streak = c, None, 0
 
-        if max(avg) < cfg.min_confidence:
+        # The floor applies to what is shown: the committed label's smoothed probability (hysteresis may hold it
+        # while another label leads); before the first label, to the top one.
+        if (max(avg) if self._shown is None else avg[self._shown]) < cfg.min_confidence:
             self.counts["low_confidence"] += 1
             return self._result(None, True, ABSTAIN_LOW_CONFIDENCE)
         if self._shown is None:

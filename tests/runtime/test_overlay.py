@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any, Dict, List, Sequence
 
 import numpy as np
@@ -9,7 +10,7 @@ import pytest
 
 from edgeclf.errors import ConfigError, DataError
 from edgeclf.runtime import overlay as overlay_mod
-from edgeclf.runtime.overlay import FpsMeter, OverlayWindow, display_problem, draw_overlay, to_bgr
+from edgeclf.runtime.overlay import FpsMeter, OverlayWindow, display_problem, draw_overlay, draw_stale, latency_text, to_bgr
 
 cv2 = pytest.importorskip("cv2")
 
@@ -44,8 +45,8 @@ def test_overlay_draws_in_the_banner_on_a_copy() -> None:
 
 def test_overlay_orders_gray_and_abstain() -> None:
     img = _image()
-    rgb = draw_overlay(img, REC, fps=30.0)
-    bgr = draw_overlay(img, REC, fps=30.0, order="bgr")
+    rgb = draw_overlay(img, REC, fps=30.0, now=1.05)  # the same moment: the same capture-to-display text
+    bgr = draw_overlay(img, REC, fps=30.0, order="bgr", now=1.05)
     np.testing.assert_array_equal(bgr, rgb[..., ::-1])
     g = _image(gray=True)
     out = draw_overlay(g, ABSTAIN)
@@ -189,3 +190,40 @@ def test_window_closed_by_the_user_stops(monkeypatch: pytest.MonkeyPatch) -> Non
     with pytest.raises(TypeError, match="image="):
         win.write(REC)
     win.close()
+
+
+def test_the_overlay_latency_is_capture_to_display_measured_when_drawn() -> None:
+    # A slow sink ahead of the display: the recorded total (capture-to-result, 23.4 ms) is too small; the overlay
+    # measures now minus the capture timestamp itself, and says which figure it shows.
+    assert latency_text(REC, now=1.25) == "cap-to-disp 250 ms"
+    assert latency_text({**REC, "timestamp": time.monotonic() - 0.1}).startswith("cap-to-disp 1")  # ~100 ms
+    assert latency_text({"latency_ms": {"total": 23.4}}) == "cap-to-result 23 ms"  # no capture timestamp
+    assert latency_text({**REC, "timestamp": 5.0}, now=1.0) == "cap-to-result 23 ms"  # another clock: not negative
+    assert latency_text({}) is None
+    img = _image()
+    assert not np.array_equal(draw_overlay(img, REC, now=1.02), draw_overlay(img, REC, now=1.9))
+
+
+def test_a_stale_frame_is_dimmed_and_says_no_signal() -> None:
+    shown = draw_overlay(_image(), REC, now=1.02, order="bgr")
+    stale = draw_stale(shown, 2.5, order="bgr")
+    bh = _banner_rows(480)
+    np.testing.assert_array_equal(stale[bh:], shown[bh:] >> 1)  # dimmed
+    assert not np.any(np.all(stale[:bh] > 240, axis=2))  # the white label is gone
+    amber = (stale[:bh, :, 2] > 200) & (stale[:bh, :, 1] > 140) & (stale[:bh, :, 0] < 80)  # BGR of 255, 191, 0
+    assert amber.sum() > 50
+
+
+def test_window_marks_the_last_frame_stale_until_the_next_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    fake = _FakeGui([])
+    monkeypatch.setattr(overlay_mod._cv, "cv2", lambda: fake)
+    monkeypatch.setattr(overlay_mod, "display_problem", lambda: None)
+    with OverlayWindow("test") as win:
+        win.mark_stale(1.0)  # nothing shown yet: nothing to mark
+        assert not fake.shown and not win.stale
+        win.write(REC, image=_image(120, 160))
+        win.mark_stale(0.7)
+        assert win.stale and len(fake.shown) == 2 and win.written == 1
+        np.testing.assert_array_equal(fake.shown[1][20:], fake.shown[0][20:] >> 1)
+        win.write(REC, image=_image(120, 160))
+        assert not win.stale and win.written == 2

@@ -3,6 +3,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from typing import Any, Optional
 from pathlib import Path
 
 import numpy as np
@@ -905,3 +906,127 @@ def test_two_cines_in_one_dicom_folder_are_smoothed_each_on_its_own(tmp_path: Pa
     assert second[-1]["label"] == "mass"
     assert still["label"] == still["frame_label"] == "normal" and not still["abstain"]  # a still: shown as decided
     assert [(r["file_index"], r["file_frame"]) for r in recs[11:14]] == [(0, 11), (1, 0), (1, 1)]
+
+
+def test_logits_that_overflow_under_the_bundles_temperature_abstain_as_invalid_output(tmp_path: Path) -> None:
+    import dataclasses
+
+    from edgeclf.errors import DataError
+    from edgeclf.runtime.pipeline import INVALID_OUTPUT, RunOptions
+
+    b = _tiny(tmp_path)
+    b = dataclasses.replace(b, manifest=dataclasses.replace(b.manifest, temperature=1e-300))  # a valid temperature
+    logits = np.array([[3e38, 0.0, 0.0]], np.float32)  # finite: logit / T is not
+    mem = ListSink()
+    with open_source(TINY.format(6)) as src, FakeBackend((1, 8, 8), 3, fn=lambda x: logits) as be:
+        with pytest.raises(DataError, match="NaN or infinity"):  # MAX_BACKEND_ERRORS in a row: the run ends
+            run_pipeline(b, src, be, [mem], options=RunOptions(quality=False, smoothing="cine"))
+    assert len(mem.records) == 5 and all(r["abstain"] and r["abstain_reason"] == INVALID_OUTPUT and r["probs"] is None for r in mem.records)
+
+
+class _Cam:
+    """A live camera double: frames of one grey level; raises after `n` frames (a pulled cable); may stall once."""
+
+    kind, live, fps, size, frame_count = "camera", True, 30.0, (16, 16), None
+
+    def __init__(self, value: int, n: Optional[int] = None, stall_after: Optional[int] = None,
+                 stall_s: float = 0.0) -> None:
+        self.value, self.n, self.k, self.closed = value, n, 0, False
+        self.stall_after, self.stall_s = stall_after, stall_s
+
+    def read(self, timeout: Optional[float] = None) -> Any:
+        import time
+
+        from edgeclf.runtime.sources import Frame
+
+        if self.closed:
+            return None
+        if self.n is not None and self.k >= self.n:
+            raise IOError("cable pulled")
+        if self.stall_after is not None and self.k == self.stall_after:
+            time.sleep(self.stall_s)
+        time.sleep(0.002)
+        self.k += 1
+        return Frame(image=np.full((16, 16), self.value, np.uint8), index=self.k - 1, timestamp=time.monotonic(), meta={})
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def _by_level(x: np.ndarray) -> np.ndarray:  # a bright frame -> mass, a dark one -> normal
+    z = np.full((len(x), 3), -9.0, np.float32)
+    for i in range(len(x)):
+        z[i, 2 if x[i].mean() > 0 else 0] = 9.0
+    return z
+
+
+def test_a_new_connection_starts_smoothing_afresh(tmp_path: Path) -> None:
+    from edgeclf.runtime.live import ReconnectingSource
+    from edgeclf.runtime.pipeline import RunOptions
+
+    b = _tiny(tmp_path)
+    cams = iter([_Cam(250, n=30), _Cam(5)])
+    with FakeBackend((1, 8, 8), 3, fn=_by_level) as be, ReconnectingSource(
+            lambda: next(cams), drop="none", read_timeout=1.0, backoff_initial=0.001, backoff_max=0.002) as src:
+        mem = ListSink()
+        s = run_pipeline(b, src, be, [mem], max_frames=32, options=RunOptions(smoothing="cine", quality=False))
+    assert mem.records[29]["label"] == "mass"
+    first = mem.records[30]  # the first frame of the new connection: the old connection's label is not shown
+    assert first["frame_label"] == "normal" and first["abstain"] and first["abstain_reason"] == "settling"
+    assert s.extra["smoother"]["resets"] == 1
+
+
+def test_a_live_stall_marks_the_display_stale_and_restarts_smoothing(tmp_path: Path) -> None:
+    from edgeclf.runtime.live import LatestFrameReader
+    from edgeclf.runtime.pipeline import STALE_MIN_S, RunOptions
+
+    b = _tiny(tmp_path)
+    marks: list = []
+
+    class Display(ListSink):
+        def mark_stale(self, idle_s: float) -> None:
+            marks.append((len(self.records), idle_s))
+
+    src = LatestFrameReader(_Cam(250, stall_after=20, stall_s=1.6))
+    mem = Display()
+    try:
+        with FakeBackend((1, 8, 8), 3, fn=_by_level) as be:
+            s = run_pipeline(b, src, be, [mem], max_frames=25, options=RunOptions(smoothing="cine", quality=False))
+    finally:
+        src.close()
+    assert s.frames == len(mem.records) == 25  # no record invented for the stall
+    assert mem.records[19]["label"] == "mass"
+    assert marks and all(n == 20 and idle >= STALE_MIN_S for n, idle in marks)  # told while stalled, not after
+    assert s.extra["stalls"] == 1 and s.extra["smoother"]["resets"] == 1
+    after = mem.records[20]  # the first frame after the stall: settling, not the old label as current
+    assert after["abstain"] and after["abstain_reason"] == "settling"
+    # A steady source never stalls.
+    with open_source(TINY.format(10)) as src2, FakeBackend((1, 8, 8), 3, fn=_by_level) as be:
+        s2 = run_pipeline(b, src2, be, [ListSink()], options=RunOptions(smoothing="cine", quality=False))
+    assert s2.extra["stalls"] == 0
+
+
+def test_the_displayed_latency_counts_a_slow_sink_before_the_display(tmp_path: Path) -> None:
+    import time
+
+    from edgeclf.runtime.overlay import latency_text
+    from edgeclf.runtime.pipeline import RunOptions
+
+    b = _tiny(tmp_path)
+    seen: list = []
+
+    class SlowLog(ListSink):  # e.g. a results file fsyncing
+        def write(self, record: Any, image: Any = None) -> None:
+            time.sleep(0.1)
+
+    class Display(ListSink):
+        needs_image = True
+
+        def write(self, record: Any, image: Any = None) -> None:
+            seen.append((latency_text(record), record["latency_ms"]["total"]))
+
+    with FakeBackend((1, 8, 8), 3, fn=_by_level) as be, open_source(TINY.format(3)) as src:
+        run_pipeline(b, src, be, [SlowLog(), Display()], options=RunOptions(smoothing="cine", quality=False))
+    text, total = seen[-1]
+    shown = float(text.split()[1])
+    assert text.startswith("cap-to-disp ") and shown - total >= 90  # the recorded total is capture-to-result

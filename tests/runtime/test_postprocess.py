@@ -298,3 +298,14 @@ def test_frame_probabilities_rejects_what_probabilities_rejects() -> None:
 def test_frame_probabilities_refuses_a_batch() -> None:
     with pytest.raises(ConfigError, match="one frame"):
         frame_probabilities(np.zeros((2, 3), np.float32), "multiclass")
+
+
+@pytest.mark.parametrize("task,logits", [("multiclass", [3e38, 0.0]), ("binary", [3e38]), ("multiclass", [-3e38, 0.0])])
+def test_finite_logits_that_overflow_under_a_tiny_temperature_raise_data_error(task: str, logits: list) -> None:  # type: ignore[type-arg]
+    # Finite float32 logits, a temperature the manifest accepts: logit / T is infinite. Both paths must refuse
+    # (DataError, so the pipeline's frame abstains "invalid_output") instead of giving NaN probabilities.
+    z = np.array([logits], np.float32)
+    with pytest.raises(DataError, match="NaN or infinity"):
+        probabilities(z, task, 1e-300)
+    with pytest.raises(DataError, match="NaN or infinity"):
+        frame_probabilities(z[0], task, 1e-300)

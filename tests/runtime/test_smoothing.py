@@ -122,7 +122,8 @@ def test_hysteresis_band_is_in_probability_units() -> None:
 
 
 def test_quality_failed_frames_abstain_with_the_gates_reason_and_leave_the_state() -> None:
-    sm = CineSmoother(LABELS, min_dwell_frames=2)
+    sm = CineSmoother(LABELS, min_dwell_frames=3)  # 3 gate-failed frames in a row: not more than the dwell, kept
+    sm.update([0.8, 0.1, 0.1])
     sm.update([0.8, 0.1, 0.1])
     r = sm.update([0.8, 0.1, 0.1])
     assert r.shown_label == "normal"
@@ -135,7 +136,7 @@ def test_quality_failed_frames_abstain_with_the_gates_reason_and_leave_the_state
     back = sm.update([0.8, 0.1, 0.1])
     assert back.shown_label == "normal" and back.changed and not back.abstain
     np.testing.assert_allclose(back.smoothed_probs, 0.3 * np.array([0.8, 0.1, 0.1]) + 0.7 * before)
-    assert sm.counts["quality_failed"] == 3 and sm.counts["frames"] == 6
+    assert sm.counts["quality_failed"] == 3 and sm.counts["frames"] == 7 and sm.counts["resets"] == 0
 
 
 def test_binary_shows_the_operating_point_not_argmax() -> None:
@@ -245,3 +246,44 @@ def test_bad_inputs_are_one_line_errors() -> None:
     with pytest.raises(DataError, match="no probabilities"):
         sm.update(None)
     assert sm.counts["frames"] == 0
+
+
+def test_confidence_floor_applies_to_the_shown_label_not_the_top_one() -> None:
+    # Hysteresis holds "a" while "b" leads by less than the margin: "a" at 46% must not be shown over a 0.5 floor.
+    sm = CineSmoother(["a", "b"], min_confidence=0.5)
+    for _ in range(30):
+        r = sm.update([1.0, 0.0])
+    assert r.shown_label == "a"
+    for _ in range(200):
+        r = sm.update([0.46, 0.54])  # b leads by 0.08 < hysteresis 0.1: "a" stays committed
+    assert sm.committed_label == "a"
+    assert r.abstain and r.abstain_reason == "low_confidence" and r.shown_label is None
+    # Above the floor the held label is shown with its own probability.
+    sm2 = CineSmoother(["a", "b"], min_confidence=0.4)
+    for p in [[1.0, 0.0]] * 30 + [[0.46, 0.54]] * 200:
+        r = sm2.update(p)
+    assert r.shown_label == "a" and r.shown_confidence == pytest.approx(0.46)
+
+
+def test_a_long_gate_failed_gap_resets_so_the_old_label_is_not_shown_as_current() -> None:
+    sm = CineSmoother(LABELS)  # CINE: dwell 5
+    for _ in range(30):
+        r = sm.update([0.0, 0.0, 1.0])
+    assert r.shown_label == "mass"
+    for _ in range(30 * 60):  # probe lifted for a minute at 30 fps
+        assert sm.update(None, quality_ok=False, reasons=["blank"]).abstain_reason == "blank"
+    assert sm.counts["resets"] == 1  # once per gap, not once per frame
+    r = sm.update([1.0, 0.0, 0.0])  # probe back on: the pre-lift label is not current
+    assert r.abstain and r.abstain_reason == "settling" and sm.committed_label is None
+
+
+def test_a_short_gate_failed_run_keeps_the_label() -> None:
+    sm = CineSmoother(LABELS)
+    for _ in range(30):
+        sm.update([0.0, 0.0, 1.0])
+    for _ in range(sm.config.min_dwell_frames):  # up to min_dwell_frames in a row: kept (a shadow, a speckle burst)
+        sm.update(None, quality_ok=False, reasons=["blank"])
+    assert sm.update([0.0, 0.0, 1.0]).shown_label == "mass" and sm.counts["resets"] == 0
+    for _ in range(sm.config.min_dwell_frames + 1):  # one more: reset
+        sm.update(None, quality_ok=False, reasons=["blank"])
+    assert sm.committed_label is None and sm.counts["resets"] == 1
