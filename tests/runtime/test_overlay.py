@@ -10,7 +10,15 @@ import pytest
 
 from edgeclf.errors import ConfigError, DataError
 from edgeclf.runtime import overlay as overlay_mod
-from edgeclf.runtime.overlay import FpsMeter, OverlayWindow, display_problem, draw_overlay, draw_stale, latency_text, to_bgr
+from edgeclf.runtime.overlay import (
+    FpsMeter,
+    OverlayWindow,
+    display_problem,
+    draw_overlay,
+    draw_stale,
+    latency_text,
+    to_bgr,
+)
 
 cv2 = pytest.importorskip("cv2")
 

@@ -3,8 +3,8 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from typing import Any, Optional
 from pathlib import Path
+from typing import Any, Optional
 
 import numpy as np
 import pytest
@@ -918,9 +918,9 @@ def test_logits_that_overflow_under_the_bundles_temperature_abstain_as_invalid_o
     b = dataclasses.replace(b, manifest=dataclasses.replace(b.manifest, temperature=1e-300))  # a valid temperature
     logits = np.array([[3e38, 0.0, 0.0]], np.float32)  # finite: logit / T is not
     mem = ListSink()
-    with open_source(TINY.format(6)) as src, FakeBackend((1, 8, 8), 3, fn=lambda x: logits) as be:
-        with pytest.raises(DataError, match="NaN or infinity"):  # MAX_BACKEND_ERRORS in a row: the run ends
-            run_pipeline(b, src, be, [mem], options=RunOptions(quality=False, smoothing="cine"))
+    with open_source(TINY.format(6)) as src, FakeBackend((1, 8, 8), 3, fn=lambda x: logits) as be, \
+            pytest.raises(DataError, match="NaN or infinity"):  # MAX_BACKEND_ERRORS in a row: the run ends
+        run_pipeline(b, src, be, [mem], options=RunOptions(quality=False, smoothing="cine"))
     assert len(mem.records) == 5 and all(r["abstain"] and r["abstain_reason"] == INVALID_OUTPUT and r["probs"] is None for r in mem.records)
 
 
@@ -942,7 +942,7 @@ class _Cam:
         if self.closed:
             return None
         if self.n is not None and self.k >= self.n:
-            raise IOError("cable pulled")
+            raise OSError("cable pulled")
         if self.stall_after is not None and self.k == self.stall_after:
             time.sleep(self.stall_s)
         time.sleep(0.002)
