@@ -24,6 +24,12 @@ probabilities into the label a clinician is shown, in four steps per frame:
    margin against every other label for the same count; until then the result abstains with
    ``"settling"`` (also while two classes stay within the margin of each other from the start).
 
+No label is held against the rule for ever: when the rule's winner on the smoothed probabilities has been one
+other label for ``HOLD_LIMIT`` x ``min_dwell_frames`` consecutive frames, that label is shown even if it never
+clears the margin (with max-ratio thresholds a rare class can win by ratio with a probability below the margin,
+and hysteresis then held the old label while a third class led it by far). A single outlier frame cannot do this
+unless the two labels' steady averages lie within about 3e-4 of each other (cine defaults), where either is honest.
+
 Finally, a frame abstains with ``"low_confidence"`` when the smoothed probability of the label that would
 be shown (the committed one, which hysteresis may hold while another leads; before the first label, the top
 one) is below ``min_confidence``. An abstaining result has ``shown_label=None``; the label the smoother has
@@ -81,6 +87,7 @@ ABSTAIN_LOW_CONFIDENCE = "low_confidence"
 ABSTAIN_SETTLING = "settling"
 ABSTAIN_QUALITY = "quality"  # used only when the gate failed a frame without giving a reason
 _PROB_TOLERANCE = 1e-3  # how far from [0, 1] / sum 1 a probability vector may stray (float32 models)
+HOLD_LIMIT = 4  # x min_dwell_frames: frames the rule may pick another label before it is shown (module doc)
 
 
 def _num(x: object) -> bool:
@@ -282,6 +289,7 @@ class CineSmoother:
         self._shown: Optional[int] = None
         self._candidate: Optional[int] = None
         self._streak = 0
+        self._overruled: Tuple[Optional[int], int] = (None, 0)  # the rule's winner other than the shown label, frames in a row
         self.counts["resets"] += 1
 
     @property
@@ -370,11 +378,16 @@ class CineSmoother:
             self._streak += 1
         else:
             self._candidate, self._streak = c, 1
+        # The rule's winner other than the shown one, and for how many frames in a row (HOLD_LIMIT, module doc).
+        held = (c, self._overruled[1] + 1 if self._overruled[0] == c else 1) if s is not None and c != s else (None, 0)
+        self._overruled = held
+        if held[1] >= HOLD_LIMIT * cfg.min_dwell_frames:
+            self._candidate, self._streak = c, cfg.min_dwell_frames
         if self._candidate is not None and self._streak >= cfg.min_dwell_frames:
             if s is not None:
                 self.counts["label_changes"] += 1
                 logger.debug("smoothed label %s -> %s", self.labels[s], self.labels[c])
-            self._shown, self._candidate, self._streak = c, None, 0
+            self._shown, self._candidate, self._streak, self._overruled = c, None, 0, (None, 0)
 
         # The floor applies to what is shown: the committed label's smoothed probability (hysteresis may hold it
         # while another label leads); before the first label, to the top one.
