@@ -6,10 +6,9 @@ import csv
 import hashlib
 import logging
 import os
+import warnings
 from pathlib import Path
 from typing import Any, Optional, Sequence
-
-import warnings
 
 import numpy as np
 import pytest
