@@ -582,8 +582,8 @@ def verify_audit(path: PathLike, *, results: Optional[PathLike] = None, expected
 
     results: a results file (JSON lines) to check against the digests: every digested result must be
         in it, in order, byte for byte (``results_check``: "match", or "mismatch" making the log's state
-        "tampered"; results after the last digest are counted as "undigested", a cut-short last line as
-        "torn").
+        "tampered"; results after the last digest are counted as "undigested", a mismatch when the log has
+        its end record, which digests every result; a cut-short last line is counted as "torn").
     expected_head: the head hash recorded elsewhere at the end of the run; a log whose last record has
         another hash was cut or rewritten (tampered).
     Raises DataError only when the file cannot be read.
@@ -614,6 +614,8 @@ def verify_audit(path: PathLike, *, results: Optional[PathLike] = None, expected
             except (UnicodeDecodeError, ValueError, RecursionError):
                 rec = None
         if not isinstance(rec, dict):
+            if ended:  # end is fsynced and nothing follows it: a cut-short line after it is no power-loss tear
+                return bad(line_no, None, "data after the end record (appended after the run ended)")
             if last and _is_torn(raw, unterminated):
                 rep.torn = 1
                 break
@@ -665,7 +667,7 @@ def verify_audit(path: PathLike, *, results: Optional[PathLike] = None, expected
         rep.state, rep.bad_line, rep.bad_seq = "tampered", rep.records, rep.records - 1 if rep.records else None
         rep.reason = f"the last record's hash {rep.head[:16]}... is not the expected head {str(expected_head)[:16]}... (the log was cut or rewritten)"
     if results is not None:
-        rep.results_check = _check_results(rep.digests, results, run=rep.run)
+        rep.results_check = _check_results(rep.digests, results, run=rep.run, end=rep.end if ended else None)
         if rep.results_check["state"] == "mismatch" and rep.state != "tampered":
             rep.state = "tampered"
             rep.reason = f"results file: {rep.results_check['reason']}"
@@ -688,9 +690,12 @@ def _result_lines(path: PathLike, torn: List[bytes], run: Optional[str] = None, 
                 yield raw
 
 
-def _check_results(digests: List[Dict[str, Any]], results: PathLike, *, run: Optional[str] = None) -> Dict[str, Any]:
+def _check_results(digests: List[Dict[str, Any]], results: PathLike, *, run: Optional[str] = None,
+                   end: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
     """run: the audited run's id (its start record's config, written by `edgeclf run --append`): a results file
-    that several runs appended to is checked on that run's lines only; the other runs' lines are counted."""
+    that several runs appended to is checked on that run's lines only; the other runs' lines are counted.
+    end: the end record's payload of an ended log. end() digests every pending result first, so with it a
+    result after the last digest, or a result count other than the lines checked, is a mismatch."""
     p = os.fspath(results)
     others = [0]
     try:
@@ -717,6 +722,12 @@ def _check_results(digests: List[Dict[str, Any]], results: PathLike, *, run: Opt
     except OSError as exc:
         raise DataError(f"cannot read results file {p}: {exc.strerror}; check the path") from None
     out: Dict[str, Any] = {"state": "match", "checked": checked, "undigested": undigested, "torn": len(torn), "reason": ""}
+    if end is not None and undigested:
+        out.update(state="mismatch", reason=f"{undigested} results after line {checked} are in no digest, but the log "
+                   "ended, and its end digests every result (results were appended after the run)")
+    elif end is not None and "results" in end and (type(end["results"]) is not int or end["results"] != checked):
+        out.update(state="mismatch", reason=f"the end record counts {repr(end['results'])[:40]} results but the digests cover "
+                   f"{checked} (the end record or the digests do not belong to these results)")
     if run is not None:
         out.update(run=run, other_runs_lines=others[0])
     return out

@@ -439,3 +439,71 @@ def test_a_torn_last_results_line_is_counted_not_dropped(tmp_path: Path) -> None
     assert rep.results_check == {"state": "match", "checked": 4, "undigested": 0, "torn": 1, "reason": ""}
     res = CliRunner().invoke(audit, ["verify", str(log_path), "--results", str(results)])
     assert res.exit_code == 0 and "a torn last line ignored" in res.output
+
+
+def test_results_appended_after_an_ended_log_are_a_mismatch(tmp_path: Path) -> None:
+    # end() digests every pending result, so an ended log leaves no result undigested: a line after the last
+    # digest was added later (a made-up result), not one the run wrote.
+    log_path, results = tmp_path / "a.jsonl", tmp_path / "r.jsonl"
+    records = [_result(i) for i in range(6)]
+    with AuditLog(log_path, digest_every=4) as log:
+        log.start(bundle_checksum="0" * 64)
+        sink = AuditSink(log)
+        for r in records:
+            sink.write(r)
+        log.end("ok")
+    forged = dict(_result(6), label="mass")
+    results.write_bytes(b"".join(result_line(r) for r in records) + result_line(forged))
+    rep = verify_audit(log_path, results=results)
+    assert rep.state == "tampered" and rep.results_check is not None
+    assert rep.results_check["state"] == "mismatch" and rep.results_check["undigested"] == 1
+    assert "after line 6" in rep.reason and "\n" not in rep.reason
+    res = CliRunner().invoke(audit, ["verify", str(log_path), "--results", str(results)])
+    assert res.exit_code == AUDIT_EXIT_CODES["tampered"] == 4, res.output
+
+
+def test_undigested_results_of_a_log_without_end_are_counted_not_a_mismatch(tmp_path: Path) -> None:
+    # Cut off before end (kill -9): results written after the last digest are honest, and counted.
+    log_path, results = tmp_path / "a.jsonl", tmp_path / "r.jsonl"
+    records = [_result(i) for i in range(6)]
+    log = AuditLog(log_path, digest_every=4)
+    log.start(bundle_checksum="0" * 64)
+    for r in records:
+        log.result(r)
+    log.close()  # no end: 2 results pending
+    results.write_bytes(b"".join(result_line(r) for r in records))
+    rep = verify_audit(log_path, results=results)
+    assert rep.state == "unterminated"
+    assert rep.results_check == {"state": "match", "checked": 4, "undigested": 2, "torn": 0, "reason": ""}
+
+
+def test_an_end_record_counting_other_results_than_the_digests_is_a_mismatch(tmp_path: Path) -> None:
+    log_path, results = tmp_path / "a.jsonl", tmp_path / "r.jsonl"
+    records = [_result(i) for i in range(5)]
+    with AuditLog(log_path, digest_every=2) as log:
+        log.start(bundle_checksum="0" * 64)
+        for r in records:
+            log.result(r)
+    results.write_bytes(b"".join(result_line(r) for r in records))
+    assert verify_audit(log_path, results=results).results_check["state"] == "match"
+    # a re-hashed end record (the chain still holds: it is the last record) that claims 7 results
+    lines = log_path.read_bytes().splitlines(keepends=True)
+    end = json.loads(lines[-1])
+    end["payload"]["results"] = 7
+    end["hash"] = audit_mod._record_hash(end)
+    log_path.write_bytes(b"".join(lines[:-1]) + (audit_mod._canonical(end) + "\n").encode("ascii"))
+    rep = verify_audit(log_path, results=results)
+    assert verify_audit(log_path).state == "intact"  # alone, the log cannot tell
+    assert rep.state == "tampered" and rep.results_check is not None and rep.results_check["state"] == "mismatch"
+    assert "counts 7 results but the digests cover 5" in rep.reason
+
+
+def test_bytes_after_the_end_record_are_tampering_even_without_a_newline(tmp_path: Path) -> None:
+    # The end record is fsynced and nothing is written after it: a cut-short line there is no power-loss tear.
+    path = tmp_path / "a.jsonl"
+    whole = b"".join(_finished_log(path))
+    for tail in (b'{"note":"added later"}\n', b'{"note":"added later"', b"\x00" * 40):
+        path.write_bytes(whole + tail)
+        rep = verify_audit(path)
+        assert rep.state == "tampered" and rep.torn == 0, (tail, rep.state, rep.reason)
+        assert "after the end record" in rep.reason and rep.bad_line == whole.count(b"\n") + 1
