@@ -12,7 +12,11 @@ When is a file new and complete?
 - Any other file is read once its size and mtime are the same on two consecutive polls (and it is
   not empty). A file that still fails to decode (e.g. a writer that stalled longer than a poll) is
   recorded as failed under its (size, mtime), so it is tried again only when it changes. A file that
-  cannot be opened (permissions not yet set, a share's lock) is not recorded: it is tried at every poll.
+  cannot be opened (permissions not yet set, a share's lock) is not recorded: it is tried at every poll
+  (counted in `files_unreadable` while it stays so; its retries do not keep `idle_exit` from ending).
+- A file whose size or mtime changed between the listing and its read (replaced under the same name) is
+  not classified under the identity it was listed with: it is put back and read under its new identity
+  once two listings agree again (counted in `files_changed`).
 
 Exactly once, across restarts: a state file (default FOLDER/.edgeclf-watch.json, or `state_path`)
 records each file's identity, a sha256 of name + size + mtime (never the name, never contents), with
@@ -154,7 +158,8 @@ class WatchFolderSource:
         self._next_poll = 0.0
         self._last_activity = time.monotonic()
         self._counts: Dict[str, int] = dict.fromkeys(
-            ("files_seen", "files_done", "files_failed", "files_ignored", "frames_read", "frames_acked"), 0
+            ("files_seen", "files_done", "files_failed", "files_ignored", "files_changed", "frames_read",
+             "frames_acked"), 0
         )
         self._lock_file: Optional[IO[str]] = None
         self._take_lock()
@@ -218,6 +223,9 @@ class WatchFolderSource:
                 and now - self._last_activity >= self.idle_exit
             ):
                 logger.info("watch %s: idle for %.1fs, ending", self.source_id, self.idle_exit)
+                if self._unreadable:  # still there, never classified: say so (stats() counts them too)
+                    logger.warning("watch %s: ending with %d files that could not be read; they are tried again at "
+                                   "the next run", self.source_id, len(self._unreadable))
                 self._ended = True
                 return None
             wake = self._next_poll
@@ -257,9 +265,11 @@ class WatchFolderSource:
                 self._save()
 
     def stats(self) -> Dict[str, int]:
-        """files_seen, files_done, files_failed, files_ignored, frames_read, frames_acked, pending."""
+        """files_seen, files_done, files_failed, files_ignored, files_changed (re-read under a new identity),
+        files_unreadable (in the folder, could not be opened at the last try), frames_read, frames_acked, pending."""
         with self._lock:
             out = dict(self._counts)
+            out["files_unreadable"] = len(self._unreadable)
             out["pending"] = len(self._queue) + len(self._inflight) + self._unstable
             return out
 
@@ -302,6 +312,7 @@ class WatchFolderSource:
             logger.warning("watch %s: folder cannot be listed (%s); retrying", self.source_id, type(exc).__name__)
             return
         current: Dict[str, Tuple[int, int]] = {}
+        listed: Set[str] = set()
         ready: List[_Entry] = []
         unstable = 0
         for e in entries:
@@ -318,6 +329,7 @@ class WatchFolderSource:
             ident = (int(st.st_size), int(st.st_mtime_ns))
             current[name] = ident
             key = _identity(name, ident[0], ident[1])
+            listed.add(key)
             if self._known(key):
                 continue
             if self._seen.get(name) != ident:
@@ -345,13 +357,16 @@ class WatchFolderSource:
             ready.append(_Entry(key=key, path=path, ext=known, size=ident[0], mtime_ns=ident[1], kind=kind))
         self._seen = current
         self._unstable = unstable
+        self._unreadable &= listed  # gone or changed: no longer an unread file of this folder
         if unstable:
             self._last_activity = time.monotonic()
         if ready:
             ready.sort(key=lambda en: (en.mtime_ns, natural_key(os.path.basename(en.path))))
             self._queue.extend(ready)
-            self._counts["files_seen"] += sum(1 for en in ready if en.key not in self._unreadable)  # retries: once
-            self._last_activity = time.monotonic()
+            fresh = sum(1 for en in ready if en.key not in self._unreadable)
+            self._counts["files_seen"] += fresh  # retries: once
+            if fresh:  # retrying a file that stays unreadable is no activity: it must not hold idle_exit off
+                self._last_activity = time.monotonic()
 
     def _known(self, key: str) -> bool:
         with self._lock:
@@ -372,9 +387,16 @@ class WatchFolderSource:
             # Opened here first: the decoders turn OSError into SourceError ("failed" for good), but a file
             # that is briefly unreadable (permissions set after writing, a share's lock) is retried.
             with open(entry.path, "rb") as f:
+                opened = os.fstat(f.fileno())
                 f.read(1)
+            if (int(opened.st_size), int(opened.st_mtime_ns)) != (entry.size, entry.mtime_ns):
+                self._put_back(entry, where)
+                return
             frames = self._open_frames(entry, where)
         except SourceError as exc:
+            if self._changed(entry):  # replaced while decoding: the error is not the listed file's
+                self._put_back(entry, where)
+                return
             logger.warning("watch %s: %s; it is skipped until it changes", self.source_id, exc)
             with self._lock:
                 self._finish(entry, "failed")
@@ -386,6 +408,12 @@ class WatchFolderSource:
                        where, type(exc).__name__)
             return
         self._unreadable.discard(entry.key)
+        if frames is not None and self._changed(entry):  # decoded by path: maybe the new file's content
+            close = getattr(frames, "close", None)
+            if close is not None:
+                close()
+            self._put_back(entry, where)
+            return
         if frames is None:
             with self._lock:
                 self._ignored.add(entry.key)
@@ -403,6 +431,25 @@ class WatchFolderSource:
             "watch %s: %s, %s frames%s", self.source_id, where, entry.frames,
             f", resuming at frame {entry.start}" if entry.start else "",
         )
+
+    def _changed(self, entry: _Entry) -> bool:
+        """Whether the file at entry.path no longer has the (size, mtime) it was listed with. A file that
+        vanished cannot be told: False (what was read is taken as the listed file's)."""
+        try:
+            st = os.stat(entry.path)
+        except OSError:
+            return False
+        return (int(st.st_size), int(st.st_mtime_ns)) != (entry.size, entry.mtime_ns)
+
+    def _put_back(self, entry: _Entry, where: str) -> None:
+        """The file changed since the listing: nothing is recorded under the listed identity; the next
+        listings find it under its new one (two equal listings first, like any new file)."""
+        self._unreadable.discard(entry.key)
+        with self._lock:
+            self._counts["files_changed"] += 1
+        self._last_activity = time.monotonic()
+        logger.info("watch %s: %s changed while it was being read; it is read again once it is stable",
+                    self.source_id, where)
 
     def _open_frames(self, entry: _Entry, where: str) -> Optional[Iterator[Tuple[Image, Dict[str, Any]]]]:
         if entry.kind == "image":

@@ -263,6 +263,100 @@ def test_a_briefly_unreadable_file_is_retried_not_failed(tmp_path: Path, monkeyp
     assert [v["status"] for v in state["files"].values()] == ["done"]
 
 
+@pytest.mark.parametrize("when", ["before_open", "while_decoding"])
+def test_a_file_replaced_between_listing_and_read_is_read_once_under_its_new_identity(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, when: str) -> None:
+    """The modality re-sends a study under the same name just as it is picked up: its new content was read and
+    acked under the old (size, mtime) identity, then classified again under the new one."""
+    import builtins
+
+    import edgeclf.runtime.watch as watch
+
+    inbox = tmp_path / "in"
+    inbox.mkdir()
+    path = _png(inbox / "QUIMBY_study.png", 1)
+    replaced: List[bool] = []
+
+    def replace() -> None:
+        if not replaced:
+            replaced.append(True)
+            img = np.full((40, 8), 7, np.uint8)  # another size: another identity
+            img[0, 0] = 2
+            path.write_bytes(cv2.imencode(".png", img)[1].tobytes())
+            t = time.time() + 5
+            os.utime(path, (t, t))
+
+    if when == "before_open":
+        real_open = builtins.open
+
+        def replacing_open(file: Any, *args: Any, **kwargs: Any) -> Any:
+            if os.fspath(file) == str(path):
+                replace()
+            return real_open(file, *args, **kwargs)
+
+        monkeypatch.setattr(builtins, "open", replacing_open)
+    else:
+        real_decode = watch.decode_image
+
+        def replacing_decode(file: str, where: Optional[str] = None) -> Any:
+            replace()
+            return real_decode(file, where)
+
+        monkeypatch.setattr(watch, "decode_image", replacing_decode)
+    caplog.set_level("DEBUG")
+    results: List[int] = []
+    src = _consume(inbox, results, state=str(tmp_path / "state.json"))
+    assert replaced and results == [2]
+    stats = src.stats()
+    assert stats["files_changed"] == 1 and stats["files_done"] == 1 and stats["files_failed"] == 0
+    assert "changed while it was being read" in caplog.text and "quimby" not in caplog.text.lower()
+    (entry,) = json.loads((tmp_path / "state.json").read_text())["files"].values()  # the new identity only
+    assert entry["status"] == "done"
+
+
+def test_a_file_that_stays_unreadable_lets_idle_exit_end_and_is_counted(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """Every poll re-queued the unreadable file and called that activity: a batch run with idle_exit never ended."""
+    import builtins
+
+    inbox = tmp_path / "in"
+    inbox.mkdir()
+    bad = _png(inbox / "locked.png", 1)
+    _png(inbox / "fine.png", 2)
+    real_open = builtins.open
+
+    def locked_open(file: Any, *args: Any, **kwargs: Any) -> Any:
+        if os.fspath(file) == str(bad):
+            raise PermissionError(13, "Permission denied")
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", locked_open)
+    results: List[int] = []
+    src = WatchFolderSource(str(inbox), poll=POLL, idle_exit=0.3, state_path=str(tmp_path / "s.json"))
+
+    def consume() -> None:
+        for frame in src:
+            results.append(int(frame.image[0, 0]))
+            src.ack(frame)
+
+    t = threading.Thread(target=consume, daemon=True)
+    t.start()
+    try:
+        t.join(5.0)
+        assert not t.is_alive(), "idle_exit=0.3 s: still watching after 5 s because of one unreadable file"
+    finally:
+        src.close()
+        t.join(2.0)
+    assert results == [2]
+    stats = src.stats()
+    assert stats["files_unreadable"] == 1 and stats["files_seen"] == 2 and stats["files_done"] == 1
+    assert stats["files_failed"] == 0 and "1 files that could not be read" in caplog.text
+    # not recorded: tried again at the next run, and classified once it can be read
+    monkeypatch.setattr(builtins, "open", real_open)
+    src = _consume(inbox, results, state=str(tmp_path / "s.json"))
+    assert results == [2, 1] and src.stats()["files_unreadable"] == 0
+
+
 @pytest.mark.parametrize("entry", [
     {"status": "partial", "frames": 1, "acked": None},
     {"status": "partial", "frames": 2, "acked": -1},
