@@ -89,11 +89,12 @@ def evaluate(
         source = f"bundle (onnxruntime, {variant})"
 
         def infer(x: np.ndarray) -> np.ndarray:
+            from edgeclf.export.bundle_writer import infer_all
             from edgeclf.runtime.backends import create_backend
 
             # bundle=: the session is made from the bytes verified at load
             with create_backend(str(model_path), (spec.channels, *spec.size), m.num_outputs, threads=threads, bundle=bundle) as be:
-                return np.concatenate([be.infer(x[i : i + 64]) for i in range(0, len(x), 64)])
+                return infer_all(be, x)  # a fixed-batch model: the last chunk padded, the padding's outputs dropped
     else:
         from edgeclf.train import load_trained
 

@@ -6,6 +6,7 @@ import importlib
 import inspect
 import json
 import logging
+import math
 import os
 import shutil
 import sys
@@ -24,7 +25,7 @@ from edgeclf.runtime.bundle import FORMAT, MANIFEST_FILE, SCHEMA_VERSION, write_
 from edgeclf.runtime.postprocess import TASKS, probabilities
 from edgeclf.runtime.preprocess import Preprocessor, PreprocessSpec
 
-__all__ = ["ExportConfig", "export_bundle"]
+__all__ = ["ExportConfig", "export_bundle", "infer_all"]
 
 log = logging.getLogger(__name__)
 MAX_REFERENCE = 64
@@ -84,6 +85,9 @@ class ExportConfig:
             raise ConfigError(f"--task {self.task!r} is unknown; allowed: {', '.join(TASKS)}")
         if self.positive and self.task is not None and self.task != "binary":
             raise ConfigError(f"--positive applies to binary tasks only; this is a {self.task} task: leave --positive out")
+        for flag, text in (("--mean", self.mean), ("--std", self.std)):  # imported models: checked before any data is read
+            if not self.model:
+                _floats(text, self.channels or 3, 0.0, flag)
         if self.qat_epochs < 0:
             raise ConfigError(f"--qat-epochs is {self.qat_epochs}; give 0 (off) or more")
         if self.device is not None:
@@ -94,17 +98,20 @@ class ExportConfig:
                 raise ConfigError(f"--device {self.device} chooses among compressed candidates: give it with --precision auto")
 
 
-def _floats(text: str | None, n: int, default: float) -> tuple[float, ...]:
+def _floats(text: str | None, n: int, default: float, flag: str) -> tuple[float, ...]:
+    """`flag`'s comma-separated values, one per channel (one value: every channel)."""
     if not text:
         return (default,) * n
     try:
         vals = tuple(float(v) for v in text.split(","))
     except ValueError:
-        raise ConfigError(f"{text!r} is not a comma-separated list of numbers") from None
+        raise ConfigError(f"{flag} {text!r} is not a comma-separated list of numbers; give e.g. {flag} 0.5 or 0.5,0.5,0.5") from None
+    if not all(math.isfinite(v) for v in vals):  # float() takes nan and inf; the model's logits would carry them
+        raise ConfigError(f"{flag} {text!r} holds a value that is not finite; give finite numbers, e.g. {flag} 0.5")
     if len(vals) == 1:
         vals = vals * n
     if len(vals) != n:
-        raise ConfigError(f"{text!r} has {len(vals)} values; the model has {n} input channel(s)")
+        raise ConfigError(f"{flag} {text!r} has {len(vals)} values; the model has {n} input channel(s): give 1 or {n}")
     return vals
 
 
@@ -200,13 +207,43 @@ def _check_fit(expected: dict[str, Any], state: dict[str, Any], weights: str, ta
                          "give the weights saved from this model's state_dict()")
 
 
+def infer_all(be: Any, x: np.ndarray, chunk: int = 64) -> np.ndarray:
+    """Outputs (N, K) of every row of x through backend `be`, about `chunk` rows per call.
+
+    A fixed-batch model (`be.fixed_batch`) refuses a short last chunk: it is padded by repeating its last image,
+    and the padding's outputs are dropped.
+    """
+    fixed = getattr(be, "fixed_batch", None)
+    step = fixed * max(1, chunk // fixed) if fixed else chunk
+    outs = []
+    for i in range(0, len(x), step):
+        part = x[i : i + step]
+        pad = (-len(part)) % fixed if fixed else 0
+        if pad:
+            part = np.concatenate([part, np.repeat(part[-1:], pad, axis=0)])
+        outs.append(be.infer(part)[: len(part) - pad])
+    return np.concatenate(outs)
+
+
 def _ort_logits(path: Path, x: np.ndarray) -> np.ndarray:
     """Raw ONNX Runtime outputs (N, K) of any model file, through the runtime's own backend."""
     from edgeclf.runtime.backends import OrtBackend
 
     with OrtBackend(str(path), (int(x.shape[1]), int(x.shape[2]), int(x.shape[3])), None) as be:
-        step = be.fixed_batch or 64
-        return np.concatenate([be.infer(x[i : i + step]) for i in range(0, len(x), step)])
+        return infer_all(be, x)
+
+
+def _reference_rows(n: int, fixed: int | None) -> np.ndarray:
+    """Indices of the reference samples among n images: the first MAX_REFERENCE, in whole batches for a fixed-batch
+    model, which `verify_bundle` re-runs as they are; fewer images than one batch: the last one repeated."""
+    k = min(MAX_REFERENCE, n)
+    if not fixed or k % fixed == 0:
+        return np.arange(k)
+    if k >= fixed:
+        log.info("reference samples: %d of %d images, whole batches of %d", k - k % fixed, k, fixed)
+        return np.arange(k - k % fixed)
+    log.info("reference samples: %d images, the last repeated to fill one batch of %d", k, fixed)
+    return np.concatenate([np.arange(k), np.full(fixed - k, k - 1)])
 
 
 def _data_record(ds: Dataset, classes: str | None) -> dict[str, Any]:
@@ -279,7 +316,8 @@ def export_bundle(cfg: ExportConfig) -> dict[str, Any]:
             raise ConfigError(f"--labels {cfg.labels!r} does not fit a {task} task")
         ch = cfg.channels or 3
         side = int(cfg.size or 0)  # validated by ExportConfig
-        spec = PreprocessSpec(channels=ch, size=(side, side), mean=_floats(cfg.mean, ch, 0.5), std=_floats(cfg.std, ch, 0.25))
+        spec = PreprocessSpec(channels=ch, size=(side, side), mean=_floats(cfg.mean, ch, 0.5, "--mean"),
+                              std=_floats(cfg.std, ch, 0.25, "--std"))
         data_spec, classes, seed = cfg.data, cfg.classes, 0
         arch = "user"
         temperature, rule = 1.0, None
@@ -388,13 +426,14 @@ def export_bundle(cfg: ExportConfig) -> dict[str, Any]:
             compression["deploy"]["candidates"] = compression["candidates"]
         reference = None
         if cfg.samples:
-            k = min(MAX_REFERENCE, len(xp))
+            rows = _reference_rows(len(xp), info.get("batch"))
+            xr = xp[rows]
             # Preprocessed tensors only: no file names, no metadata. Each variant's own outputs too,
             # so a device re-checks every model it may run.
-            per_variant = {f"logits__{v['id']}": _ort_logits(stage / v["file"], xp[:k]) for v in compression["variants"]}
-            arrays: dict[str, Any] = {"inputs": xp[:k], "logits": lp[:k], **per_variant}
+            per_variant = {f"logits__{v['id']}": _ort_logits(stage / v["file"], xr) for v in compression["variants"]}
+            arrays: dict[str, Any] = {"inputs": xr, "logits": lp[rows], **per_variant}
             np.savez_compressed(stage / "reference.npz", **arrays)
-            reference = {"file": "reference.npz", "count": k, "split": cfg.split}
+            reference = {"file": "reference.npz", "count": len(rows), "split": cfg.split}
         manifest = {
             "schema_version": SCHEMA_VERSION,
             "format": FORMAT,

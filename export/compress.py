@@ -18,7 +18,6 @@ candidates table and the deploy reason, and the others go on (fp32 is always the
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 import time
 from collections.abc import Sequence
@@ -53,25 +52,40 @@ QatRung = Callable[..., Dict[str, Any]]
 BUILD_ERRORS = (ModelError, MissingExtraError)
 
 
-def measure_latency(paths: dict[str, Path], x1: np.ndarray, *, runs: int = 200, warmup: int = 20,
-                    threads: int | None = None, backend: str = "ort-cpu") -> dict[str, dict[str, float]]:
-    """Batch-1 ONNX Runtime latency of several models, interleaved (A B A B ...) so drift hits all alike."""
+def measure_latency(paths: dict[str, Path], x: np.ndarray, *, batch: int = 1, runs: int = 200, warmup: int = 20,
+                    threads: int | None = None, backend: str = "ort-cpu") -> dict[str, dict[str, Any]]:
+    """ONNX Runtime latency per image of several models, all on the same batch, interleaved (A B A B ...) so drift
+    hits all alike.
+
+    The batch is `batch` images, or the models' fixed batch where they take one (a fixed-batch model refuses any
+    other), drawn from x's first rows, repeated when x holds fewer. Each call's time is divided by the batch, so at
+    batch 1 it is the time per call. Returns {id: {"median", "p90" (ms per image), "runs", "batch"}}.
+    """
     from edgeclf.runtime.backends import OrtBackend
 
-    shape = (int(x1.shape[1]), int(x1.shape[2]), int(x1.shape[3]))
-    backends = {k: OrtBackend(str(p), shape, None, threads=threads, backend=backend) for k, p in paths.items()}
+    shape = (int(x.shape[1]), int(x.shape[2]), int(x.shape[3]))
+    backends: dict[str, Any] = {}
     try:
+        for k, p in paths.items():
+            backends[k] = OrtBackend(str(p), shape, None, threads=threads, backend=backend)
+        fixed = {be.fixed_batch for be in backends.values()} - {None}
+        if len(fixed) > 1:
+            raise ModelError(f"the models to time take different fixed batches ({', '.join(map(str, sorted(fixed)))}); "
+                             "they cannot be timed side by side on the same input")
+        n = fixed.pop() if fixed else int(batch)
+        xb = np.ascontiguousarray(x[np.arange(n) % len(x)])
         times: dict[str, list[float]] = {k: [] for k in paths}
         for i in range(warmup + runs):
             for k, be in backends.items():
                 t0 = time.perf_counter()
-                be.infer(x1)
+                be.infer(xb)
                 if i >= warmup:
-                    times[k].append((time.perf_counter() - t0) * 1e3)
+                    times[k].append((time.perf_counter() - t0) * 1e3 / n)
     finally:
         for be in backends.values():
             be.close()
-    return {k: {"median": float(np.median(v)), "p90": float(np.percentile(v, 90)), "runs": runs} for k, v in times.items()}
+    return {k: {"median": float(np.median(v)), "p90": float(np.percentile(v, 90)), "runs": runs, "batch": n}
+            for k, v in times.items()}
 
 
 MAX_LADDER_NODES = 64  # one quantization per layer: beyond this the analysis costs more than it saves
@@ -330,11 +344,7 @@ def compress(
         candidates.append({"id": vid, "built": True, "file": path.name, "precision": record["precision"],
                            "flavour": record.get("flavour"), "quantization": record, "gate": g, "ladder": ladder, "rungs": rungs,
                            "qat": qat_record, "size_bytes": path.stat().st_size, "_path": path})
-    # Provenance of a calibration that ran: fp16 alone calibrates nothing, nor does an INT8 candidate that
-    # could not be built; neither may claim it did.
-    calibration = {"n": int(len(calib_x)), "method": calib_method, "split": "train", "seed": seed,
-                   "sha256": hashlib.sha256(np.ascontiguousarray(calib_x).tobytes()).hexdigest()
-                   } if any(c["id"].startswith("int8") and c["built"] for c in candidates) else None
+    calibration = _calibration_record(candidates, calib_x, calib_method, seed)
     failed = [c for c in candidates if not _passed(c)]
     if failed and precision != "auto":
         raise ExportError(_refusal(failed[0], max_drop))
@@ -376,6 +386,25 @@ def compress(
     return {"variants": variants, "deploy": deploy, "candidates": table, "calibration": calibration}
 
 
+def _calibration_record(candidates: list[dict[str, Any]], calib_x: np.ndarray, method: str, seed: int) -> dict[str, Any] | None:
+    """Provenance of the calibration that ran: the images the quantizer read (a fixed-batch model reads whole batches
+    only), as its records say. None when none ran: fp16 alone calibrates nothing, nor does an INT8 candidate that
+    could not be built. `offered` keeps the size of the sample handed in when fewer were used; `per_variant` appears
+    only if the candidates read different images (the QAT rung quantizes a re-exported model)."""
+    used: dict[str, dict[str, Any]] = {
+        c["id"]: {"n": int(c["quantization"]["calibration_n"]), "sha256": str(c["quantization"]["calibration_sha256"])}
+        for c in candidates if c["id"].startswith("int8") and c["built"]}
+    if not used:
+        return None
+    first = next(iter(used.values()))
+    rec: dict[str, Any] = {"n": first["n"], "method": method, "split": "train", "seed": seed, "sha256": first["sha256"]}
+    if any(u["n"] < len(calib_x) for u in used.values()):
+        rec["offered"] = int(len(calib_x))
+    if any(u != first for u in used.values()):
+        rec["per_variant"] = used
+    return rec
+
+
 def _passed(c: dict[str, Any]) -> bool:
     return bool(c["built"] and c["gate"]["passed"])
 
@@ -388,19 +417,21 @@ def _failure(c: dict[str, Any], name: str | None = None) -> str:
 def _deploy_by_latency(candidates: list[dict[str, Any]], passing: list[dict[str, Any]], fp32_path: Path, val_x: np.ndarray,
                        backend: str, where: str) -> dict[str, Any]:
     """Time fp32 and the passing candidates on `backend`; deploy the fastest if it beats fp32 by 5%."""
-    lat = measure_latency({"fp32": fp32_path, **{c["id"]: c["_path"] for c in passing}}, val_x[:1], backend=backend)
+    # Batch 1, or the model's fixed batch (every candidate keeps its parent's): all timed on the same batch.
+    lat = measure_latency({"fp32": fp32_path, **{c["id"]: c["_path"] for c in passing}}, val_x, backend=backend)
     for c in candidates:
         c["latency_ms"] = lat.get(c["id"])
     best = min(passing, key=lambda c: lat[c["id"]]["median"])
     b, f = lat[best["id"]]["median"], lat["fp32"]["median"]
     speedup = f / b
     prec = best["precision"]
+    unit = f"ms median per image, batch {lat['fp32']['batch']}"
     if speedup > 1.05:
         deploy = {"precision": prec, "reason": f"{prec} passed the gate and ran {speedup:.2f}x faster than fp32 {where} "
-                  f"({b:.2f} vs {f:.2f} ms median, batch 1)"}
+                  f"({b:.2f} vs {f:.2f} {unit})"}
     else:
         deploy = {"precision": "fp32", "reason": f"{prec} passed the gate but was not faster {where} ({b:.2f} vs "
-                  f"{f:.2f} ms median, batch 1): fp32 kept"}
+                  f"{f:.2f} {unit}): fp32 kept"}
     deploy["latency_ms"] = lat
     return deploy
 

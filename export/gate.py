@@ -88,6 +88,8 @@ def gate_candidate(
     Record: decision agreement and the disagreeing samples; macro AUC of both, the drop and its paired
     95% interval; per class the sensitivity of both at the recorded operating point, the drop and its
     interval; `passed` and, when it fails, `failed_on` naming the metric; `unit` and `n_units` resampled.
+    A check with no figure for either model (a class absent from the split: "support": 0) is recorded with
+    "undefined": true, parent and candidate null, and passes: not judged, never left out.
     """
     n = len(labels)
     group_of, unit = _units(groups, n, group_unit)
@@ -120,7 +122,8 @@ def gate_candidate(
     # positive's specificity); multilabel: each label's sensitivity and specificity. A shifted
     # candidate that calls everything positive keeps its AUC but fails here.
     for name, member, hit_p, hit_c in _per_class(dp, dc, labels, task, label_names):
-        if not member.any():
+        if not member.any():  # no image to judge it on: recorded as not checked, never dropped from the record
+            checks.append({**_undefined(name), "support": 0})
             continue
         support = counts @ member.astype(np.float64)
         with np.errstate(invalid="ignore", divide="ignore"):
@@ -186,13 +189,18 @@ def _non_finite(parent_logits: np.ndarray, cand: np.ndarray, bad: np.ndarray, ta
             "rule": "fail when the candidate outputs NaN or infinity on any validation image", "n_boot": n_boot}
 
 
+def _undefined(metric: str) -> dict[str, Any]:
+    """A check that could not be judged (no figure for either model): passed, marked undefined, zero drop."""
+    return {"metric": metric, "parent": None, "candidate": None, "drop": 0.0, "drop_ci95": [0.0, 0.0],
+            "n_boot_used": 0, "undefined": True, "passed": True}
+
+
 def _drop(metric: str, parent: np.ndarray, cand: np.ndarray, max_drop: float, cap: float) -> dict[str, Any]:
     """Row 0 holds the point estimates, the rest the paired bootstrap resamples."""
     if not np.isfinite(parent[0]) and not np.isfinite(cand[0]):
         # Undefined for both (a class absent from the validation split): nothing to compare, so no drop. NaN
         # would fail the gate on every candidate, a copy of the parent included, and is not valid JSON.
-        return {"metric": metric, "parent": None, "candidate": None, "drop": 0.0, "drop_ci95": [0.0, 0.0],
-                "n_boot_used": 0, "undefined": True, "passed": True}
+        return _undefined(metric)
     d = parent - cand
     boot = d[1:][np.isfinite(d[1:])]
     lo, hi = (float(v) for v in np.percentile(boot, [2.5, 97.5])) if boot.size else (float("nan"), float("nan"))

@@ -440,7 +440,8 @@ def quantize_int8(
     CALIB_BATCH, a fixed batch B in batches of B (n is cut to a multiple of B).
 
     Returns {"precision": "int8", "flavour", "method", "per_channel", "activation_type",
-    "weight_type", "reduce_range", "symmetric", "excluded", "calibration_n", "preprocessed",
+    "weight_type", "reduce_range", "symmetric", "excluded", "calibration_n", "calibration_sha256" (sha256 of the
+    calibration_n images used, ``calib[:calibration_n].tobytes()``), "preprocessed",
     "bias" (int32 or float32), "float_outputs" (graph outputs left unquantized), "onnxruntime"}.
     The graph outputs (logits) stay float: see `_float_outputs`.
     """
@@ -516,6 +517,7 @@ def quantize_int8(
         "symmetric": s["symmetric"],
         "excluded": excluded,
         "calibration_n": int(usable),
+        "calibration_sha256": hashlib.sha256(calib.tobytes()).hexdigest(),  # what was read, not what was handed in
         "preprocessed": preprocessed,
         "bias": "float32" if s["extra"].get("QuantizeBias") is False else "int32",
         "float_outputs": float_out,

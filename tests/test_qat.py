@@ -12,6 +12,7 @@ import pytest
 from edgeclf.export.bundle_writer import ExportConfig, export_bundle
 from edgeclf.export.onnx_export import ExportError
 from tests.conftest import TINY_DATA
+from tests.export import _calibrated_on
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("onnxruntime.quantization")
@@ -124,7 +125,7 @@ def _quantizer(monkeypatch: pytest.MonkeyPatch, scrambled: Path, *, qat_fixes: b
             parent.append(Path(fp32_path))
         ok = qat_fixes and Path(fp32_path).name == "qat.fp32.onnx"
         shutil.copyfile(parent[0] if ok else scrambled, out_path)
-        return {"precision": "int8", "flavour": flavour, "method": method}
+        return {"precision": "int8", "flavour": flavour, "method": method, **_calibrated_on(calib)}
 
     monkeypatch.setattr(q, "quantize_int8", fake)
     return seen

@@ -14,6 +14,7 @@ from edgeclf.export.onnx_export import ExportError
 from edgeclf.export.quantize import calibration_indices
 from edgeclf.runtime.app import run_bundle, verify_bundle
 from edgeclf.runtime.bundle import load_bundle
+from tests.export import _calibrated_on
 
 pytest.importorskip("onnxruntime.quantization")
 
@@ -53,7 +54,7 @@ def _broken_quantizer(monkeypatch: pytest.MonkeyPatch, other_onnx: Path) -> None
 
     def fake(fp32_path, out_path, calib, *, flavour="cpu", method="minmax", **kw):
         shutil.copyfile(other_onnx, out_path)
-        return {"precision": "int8", "flavour": flavour, "method": method}
+        return {"precision": "int8", "flavour": flavour, "method": method, **_calibrated_on(calib)}
 
     monkeypatch.setattr(q, "quantize_int8", fake)
 
@@ -114,7 +115,7 @@ def test_ladder_keeps_the_one_harmful_layer_in_float(trained_dir: Path, tmp_path
         bad = real_nodes(fp32_path)[1]
         calls.append(list(nodes_to_exclude))
         shutil.copyfile(fp32_path if bad in nodes_to_exclude else scrambled_onnx, out_path)
-        return {"precision": "int8", "flavour": flavour, "method": method}
+        return {"precision": "int8", "flavour": flavour, "method": method, **_calibrated_on(calib)}
 
     monkeypatch.setattr(q, "quantize_int8", fake)
     m = export_bundle(ExportConfig(out=str(tmp_path / "b"), model=str(trained_dir), precision="int8", max_drop=0.01))
@@ -203,7 +204,7 @@ def _quantizer_failing_on(monkeypatch: pytest.MonkeyPatch, bad: set[str], exc: E
         if flavour in bad:
             raise exc
         shutil.copyfile(fp32_path, out_path)
-        return {"precision": "int8", "flavour": flavour, "method": method}
+        return {"precision": "int8", "flavour": flavour, "method": method, **_calibrated_on(calib)}
 
     monkeypatch.setattr(q, "quantize_int8", fake)
 
@@ -217,7 +218,7 @@ def test_auto_records_a_candidate_that_cannot_be_built_and_goes_on(tmp_path: Pat
     from edgeclf.errors import ConfigError, ModelError
 
     monkeypatch.setattr(cm, "measure_latency", lambda paths, x1, **kw: {
-        k: {"median": 1.0 if k == "fp32" else 0.5, "p90": 1.0, "runs": 1} for k in paths})
+        k: {"median": 1.0 if k == "fp32" else 0.5, "p90": 1.0, "runs": 1, "batch": 1} for k in paths})
     _quantizer_failing_on(monkeypatch, {"tensorrt"}, ModelError(UNSUPPORTED))
     out = cm.compress(tmp_path, scrambled_onnx, precision="auto", **_val_args(scrambled_onnx))
     assert [v["id"] for v in out["variants"]] == ["int8-cpu"] and out["deploy"]["precision"] == "int8"
@@ -314,3 +315,93 @@ def test_export_gate_resamples_the_validation_groups(trained_dir: Path, tmp_path
     n = m["metrics"]["val_onnx_fp32"]["n"]
     for v in m["variants"]:
         assert v["gate"]["unit"] == "group" and v["gate"]["n_units"] == (n + 1) // 2 and v["gate"]["n"] == n
+
+
+def _fixed_batch_onnx(path: Path, batch: int) -> None:
+    """`compact` exported with no dynamic axes: it takes batches of exactly `batch` (as users' ONNX files may)."""
+    import warnings
+
+    torch = pytest.importorskip("torch")
+    from edgeclf.models import create_model
+
+    torch.manual_seed(0)
+    m = create_model("compact", num_outputs=3, in_chans=1).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(m, (torch.zeros(batch, 1, 32, 32),), str(path), opset_version=17, dynamo=False,
+                          input_names=["input"], output_names=["logits"])
+
+
+def _fixed_batch_args(path: Path, calib_n: int) -> dict:
+    """compress() keyword arguments for a fixed-batch-4 model on 12 validation images (3 whole batches)."""
+    from edgeclf.export.bundle_writer import _ort_logits
+    from edgeclf.runtime.postprocess import DecisionRule
+
+    _fixed_batch_onnx(path, 4)
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(12, 1, 32, 32)).astype(np.float32)
+    calib = rng.normal(size=(calib_n, 1, 32, 32)).astype(np.float32)
+    return dict(max_drop=0.99, min_agreement=0.0, calib_x=calib, calib_method="minmax", val_x=x, val_y=np.arange(12) % 3,
+                val_ids=[str(i) for i in range(12)], parent_logits=_ort_logits(path, x), task="multiclass", temperature=1.0,
+                rule=DecisionRule("max-ratio", (0.3, 0.3, 0.3)), labels=["a", "b", "c"])
+
+
+def test_calibration_record_names_the_images_the_quantizer_used(tmp_path: Path) -> None:
+    """6 calibration images, batches of exactly 4: 4 are read, and provenance must describe those 4."""
+    import hashlib
+
+    from edgeclf.export.compress import compress
+
+    args = _fixed_batch_args(tmp_path / "model.onnx", 6)
+    out = compress(tmp_path, tmp_path / "model.onnx", precision="int8", **args)
+    calib = args["calib_x"]
+    for v in out["variants"]:
+        assert v["quantization"]["calibration_n"] == 4
+    assert out["calibration"] == {"n": 4, "method": "minmax", "split": "train", "seed": 0, "offered": 6,
+                                  "sha256": hashlib.sha256(np.ascontiguousarray(calib[:4]).tobytes()).hexdigest()}
+
+
+def test_auto_times_a_fixed_batch_model_on_a_full_batch_per_image(tmp_path: Path) -> None:
+    from edgeclf.export.compress import compress
+
+    args = _fixed_batch_args(tmp_path / "model.onnx", 8)
+    out = compress(tmp_path, tmp_path / "model.onnx", precision="auto", **args)
+    lat = out["deploy"]["latency_ms"]
+    assert set(lat) == {"fp32", "int8-cpu"} and all(v["batch"] == 4 and v["median"] > 0 for v in lat.values())
+    assert "ms median per image, batch 4" in out["deploy"]["reason"]
+    assert next(c for c in out["candidates"] if c["id"] == "int8-cpu")["latency_ms"] == lat["int8-cpu"]
+
+
+def test_measure_latency_is_per_image_on_one_shared_batch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A fixed batch of 4 from 3 images: every model gets the same 4 rows, and 8 ms a call is 2 ms an image."""
+    import types
+
+    import edgeclf.export.compress as cm
+    import edgeclf.runtime.backends as backends
+    from edgeclf.errors import ModelError
+
+    fed: list[tuple[str, tuple[int, ...]]] = []
+
+    class Fake:
+        def __init__(self, path: str, shape, num_outputs, **kw) -> None:  # noqa: ANN001
+            self.path, self.fixed_batch = path, 4 if "fixed" in path else None
+
+        def infer(self, x: np.ndarray) -> np.ndarray:
+            fed.append((self.path, x.shape))
+            return np.zeros((len(x), 3), np.float32)
+
+        def close(self) -> None:
+            pass
+
+    clock = iter(range(10**6))
+    monkeypatch.setattr(backends, "OrtBackend", Fake)
+    monkeypatch.setattr(cm, "time", types.SimpleNamespace(perf_counter=lambda: next(clock) * 0.008))
+    x = np.zeros((3, 1, 8, 8), np.float32)
+    lat = cm.measure_latency({"a": Path("fixed-a"), "b": Path("dynamic-b")}, x, runs=5, warmup=1)
+    assert lat == {k: {"median": pytest.approx(2.0), "p90": pytest.approx(2.0), "runs": 5, "batch": 4} for k in ("a", "b")}
+    assert {s for _, s in fed} == {(4, 1, 8, 8)}
+    lat = cm.measure_latency({"b": Path("dynamic-b")}, x, runs=5, warmup=1)  # no fixed batch: batch 1, per call
+    assert lat["b"]["batch"] == 1 and lat["b"]["median"] == pytest.approx(8.0)
+    monkeypatch.setattr(Fake, "__init__", lambda self, path, *a, **kw: setattr(self, "fixed_batch", 2 if "2" in path else 4))
+    with pytest.raises(ModelError, match="different fixed batches"):
+        cm.measure_latency({"a": Path("m2"), "b": Path("m4")}, x, runs=1, warmup=0)

@@ -13,6 +13,7 @@ from edgeclf.errors import ConfigError
 from edgeclf.export.bundle_writer import ExportConfig, export_bundle
 from edgeclf.runtime.bundle import load_bundle
 from tests.conftest import run_cli
+from tests.export import _calibrated_on
 
 pytest.importorskip("onnxruntime.quantization")
 
@@ -71,7 +72,7 @@ def test_device_preference_falls_to_fp16_when_int8_fails(trained_dir: Path, tmp_
 
     def broken(fp32_path, out_path, calib, *, flavour="cpu", method="minmax", **kw):
         shutil.copyfile(other, out_path)
-        return {"precision": "int8", "flavour": flavour, "method": method}
+        return {"precision": "int8", "flavour": flavour, "method": method, **_calibrated_on(calib)}
 
     monkeypatch.setattr(q, "quantize_int8", broken)
     m = export_bundle(ExportConfig(out=str(tmp_path / "a"), model=str(trained_dir), precision="auto", max_drop=0.0001,
@@ -95,7 +96,7 @@ def test_device_gpu_with_its_backend_times_there(trained_dir: Path, tmp_path: Pa
     def timed(paths, x1, *, backend="ort-cpu", **kw):
         calls.append((list(paths), backend))
         ms = {"fp32": 2.0, "int8-tensorrt": 1.5, "fp16": 1.0}
-        return {k: {"median": ms[k], "p90": ms[k], "runs": 1} for k in paths}
+        return {k: {"median": ms[k], "p90": ms[k], "runs": 1, "batch": 1} for k in paths}
 
     monkeypatch.setattr(cm, "measure_latency", timed)
     m = export_bundle(ExportConfig(out=str(tmp_path / "a"), model=str(trained_dir), precision="auto", max_drop=0.5, min_agreement=0.5,

@@ -85,15 +85,16 @@ def test_manifest_records_provenance(bundle_dir: Path, trained_dir: Path) -> Non
     assert m["postprocess"]["temperature"] == pytest.approx(run["model"]["temperature"])
 
 
-def _user_model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """A 3-class torch model exported by the user to ONNX (fixed batch of 1, output named 'scores')."""
+def _user_model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, batch: int = 1, dynamic: bool = False) -> Path:
+    """A 3-class torch model exported by the user to ONNX (fixed batch of `batch` unless dynamic, output named 'scores')."""
     torch = pytest.importorskip("torch")
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
                               torch.nn.Linear(4, 3))
-    path = tmp_path / "user.onnx"
-    torch.onnx.export(net, (torch.zeros(1, 1, 32, 32),), str(path), opset_version=17, dynamo=False,
-                      input_names=["pixels"], output_names=["scores"])
+    path = tmp_path / ("user-dynamic.onnx" if dynamic else f"user-{batch}.onnx" if batch != 1 else "user.onnx")
+    axes = {"pixels": {0: "batch"}, "scores": {0: "batch"}} if dynamic else None
+    torch.onnx.export(net, (torch.zeros(batch, 1, 32, 32),), str(path), opset_version=17, dynamo=False,
+                      input_names=["pixels"], output_names=["scores"], dynamic_axes=axes)
     return path
 
 
@@ -109,6 +110,37 @@ def test_imported_onnx_with_fixed_batch_runs_and_is_honest_about_parity(tmp_path
     # Calibration always uses the validation split, whatever split feeds parity and the samples.
     m2 = export_bundle(ExportConfig(out=str(tmp_path / "b2"), from_onnx=str(src), split="test", **common))
     assert m2["postprocess"] == m["postprocess"] and m2["reference"]["split"] == "test"
+
+
+def test_ort_logits_handles_a_split_not_a_multiple_of_the_fixed_batch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from edgeclf.export.bundle_writer import _ort_logits
+
+    fixed, dynamic = _user_model(tmp_path, monkeypatch, batch=4), _user_model(tmp_path, monkeypatch, dynamic=True)
+    x = np.random.default_rng(0).normal(size=(6, 1, 32, 32)).astype(np.float32)  # a last chunk of 2 for a batch of 4
+    out = _ort_logits(fixed, x)
+    assert out.shape == (6, 3)  # the padding's outputs are dropped
+    np.testing.assert_allclose(out, _ort_logits(dynamic, x), rtol=1e-5, atol=1e-6)
+
+
+def test_imported_onnx_with_a_fixed_batch_not_dividing_the_splits(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """36 val and 36 test images, batches of exactly 5: export, its reference check and evaluate all run."""
+    src = _user_model(tmp_path, monkeypatch, batch=5)
+    m = export_bundle(ExportConfig(out=str(tmp_path / "b"), from_onnx=str(src), labels="normal,cyst,mass", task="multiclass",
+                                   size=32, channels=1, data=TINY_DATA))
+    assert m["model"]["input_shape"][0] == 5 and m["metrics"]["val_onnx_fp32"]["n"] == 36
+    # The device re-runs the reference inputs on the model as they are: whole batches only.
+    assert m["reference"]["count"] == 35
+    r = evaluate(str(tmp_path / "b"), split="test", n_boot=50)
+    assert r["data"]["n"] == 36 and r["metrics"]["n"] == 36
+
+
+def test_reference_rows_are_whole_fixed_batches() -> None:
+    from edgeclf.export.bundle_writer import _reference_rows
+
+    assert list(_reference_rows(36, None)) == list(range(36)) and len(_reference_rows(100, None)) == 64
+    assert list(_reference_rows(36, 5)) == list(range(35)) and len(_reference_rows(100, 5)) == 60
+    assert list(_reference_rows(3, 4)) == [0, 1, 2, 2]  # fewer than one batch: the last image repeated
+    assert list(_reference_rows(0, 4)) == []
 
 
 def test_imported_labels_must_match_the_data_in_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -323,3 +355,34 @@ def test_imported_binary_model_decides_for_the_datas_positive_class(tmp_path: Pa
     with pytest.raises(ConfigError, match="--positive applies to binary tasks only") as info:
         ExportConfig(out=str(tmp_path / "x"), **{**common, "task": "multiclass", "positive": "malignant"})
     assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("flag, value", [("--mean", "nan"), ("--std", "0.25,inf,0.25")])
+def test_non_finite_mean_or_std_is_refused_naming_the_flag(tmp_path: Path, flag: str, value: str) -> None:
+    """A flag's mistake is named as such, before any data is read, not blamed on the model's logits later."""
+    from edgeclf.export.bundle_writer import _floats
+
+    with pytest.raises(ConfigError, match=f"^{flag} .*finite.*") as info:
+        ExportConfig(out=str(tmp_path / "b"), from_onnx=str(tmp_path / "m.onnx"), labels="a,b,c", task="multiclass", size=32,
+                     data=TINY_DATA, **{flag[2:]: value})
+    assert "\n" not in str(info.value)
+    assert _floats("0.5,1e3", 2, 0.0, "--mean") == (0.5, 1000.0)
+    with pytest.raises(ConfigError, match="^--std 'x' is not a comma-separated list of numbers"):
+        _floats("x", 1, 0.25, "--std")
+
+
+def test_cli_non_finite_mean_is_one_line_naming_the_flag(tmp_path: Path) -> None:
+    torch = pytest.importorskip("torch")
+    from edgeclf.export.onnx_export import export_onnx
+    from edgeclf.models import create_model
+    from tests.conftest import run_cli
+
+    torch.manual_seed(0)
+    onnx_path = tmp_path / "m.onnx"
+    export_onnx(create_model("compact", num_outputs=3, in_chans=1), np.zeros((1, 1, 32, 32), np.float32), onnx_path)
+    r = run_cli("export", "--from-onnx", str(onnx_path), "--labels", "normal,cyst,mass", "--task", "multiclass", "--size", "32",
+                "--channels", "1", "--mean", "nan", "--data", TINY_DATA, "--out", str(tmp_path / "b"))
+    assert r.returncode == 2, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("edgeclf: error: --mean 'nan'") and "finite" in lines[0], r.stderr
+    assert not (tmp_path / "b").exists()

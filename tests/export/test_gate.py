@@ -212,3 +212,28 @@ def test_a_figure_undefined_for_both_models_neither_fails_the_gate_nor_writes_na
     assert g["passed"], g["failed_on"]
     assert auc["undefined"] and auc["parent"] is None and auc["candidate"] is None and auc["drop"] == 0.0
     json.loads(json.dumps(g), parse_constant=lambda c: pytest.fail(f"{c} in the gate record"))
+
+
+def test_a_class_absent_from_validation_is_recorded_as_unchecked() -> None:
+    """No validation image of class c: its sensitivity cannot be judged; the record says so instead of dropping it."""
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, 60)  # classes a and b only
+    z = rng.normal(size=(60, 3)).astype(np.float32)
+    z[np.arange(60), y] += 2
+    cand = z.copy()
+    cand[:, 2] += 50.0  # the candidate calls every image "c"
+    g = gate_candidate(z, cand, y, "multiclass", 1.0, DecisionRule("max-ratio", (0.3, 0.3, 0.3)), ["a", "b", "c"],
+                       max_drop=0.01, min_agreement=0.0)
+    assert [c["metric"] for c in g["checks"]] == ["auc_macro", "sensitivity[a]", "sensitivity[b]", "sensitivity[c]",
+                                                  "decision_agreement"]
+    c = next(c for c in g["checks"] if c["metric"] == "sensitivity[c]")
+    assert c == {"metric": "sensitivity[c]", "parent": None, "candidate": None, "drop": 0.0, "drop_ci95": [0.0, 0.0],
+                 "n_boot_used": 0, "undefined": True, "support": 0, "passed": True}
+    assert "sensitivity[c]" not in g["failed_on"] and "sensitivity[a]" in g["failed_on"]  # a and b are still judged
+    json.loads(json.dumps(g), parse_constant=lambda v: pytest.fail(f"{v} in the gate record"))
+    # Multilabel: a label with no negatives has no specificity to check; recorded the same way.
+    ym = (rng.random((60, 3)) < 0.4).astype(np.uint8)
+    ym[:, 1] = 1
+    g = gate_candidate(z, z, ym, "multilabel", 1.0, DecisionRule("multilabel", (0.5, 0.5, 0.5)), ["a", "b", "c"], max_drop=0.0)
+    spec_b = next(c for c in g["checks"] if c["metric"] == "specificity[b]")
+    assert g["passed"] and spec_b["undefined"] and spec_b["support"] == 0 and len(g["checks"]) == 8

@@ -150,7 +150,7 @@ def test_cpu_flavour_uint8_activations_int8_per_channel_weights(model: dict[str,
     assert rec == {
         "precision": "int8", "flavour": "cpu", "method": "minmax", "per_channel": True, "activation_type": "uint8",
         "weight_type": "int8", "reduce_range": True, "symmetric": False, "excluded": [], "calibration_n": 32,
-        "preprocessed": True, "bias": "int32", "float_outputs": ["logits"], "onnxruntime": ort.__version__,
+        "calibration_sha256": model["hash"], "preprocessed": True, "bias": "int32", "float_outputs": ["logits"], "onnxruntime": ort.__version__,
     }
     proto, inits, producer = _graph(path)
     ops = [n.op_type for n in proto.graph.node]
@@ -241,6 +241,8 @@ def test_fixed_batch_model_calibrates_in_whole_batches(model: dict[str, Any]) ->
     onnx.save(proto, str(fixed))
     rec = Q.quantize_int8(fixed, model["dir"] / "fixed4-int8.onnx", model["calib"][:10])
     assert rec["calibration_n"] == 8
+    # The hash names the 8 images calibrated on, not the 10 handed in.
+    assert rec["calibration_sha256"] == hashlib.sha256(np.ascontiguousarray(model["calib"][:8]).tobytes()).hexdigest()
     with pytest.raises(DataError, match="exactly 4"):
         Q.quantize_int8(fixed, model["dir"] / "x.onnx", model["calib"][:3])
 
