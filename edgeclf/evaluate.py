@@ -11,7 +11,7 @@ import numpy as np
 from edgeclf.data import load_dataset, require_training_data
 from edgeclf.errors import ConfigError
 from edgeclf.runtime.bundle import MANIFEST_FILE, load_bundle
-from edgeclf.runtime.postprocess import probabilities
+from edgeclf.runtime.postprocess import decide, probabilities
 from edgeclf.runtime.preprocess import Preprocessor
 
 __all__ = ["evaluate"]
@@ -32,21 +32,30 @@ def _with_recorded_options(data_spec: str, recorded: dict[str, Any]) -> str:
     return f"{data_spec.rstrip('/')}?{query}"
 
 
+def _abstained(probs: np.ndarray, task: str, rule: Any, min_confidence: float) -> np.ndarray:
+    """(N,) bool: the frames `edgeclf run` abstains on (metrics.abstained_frames on the rule's decisions)."""
+    from edgeclf.metrics import abstained_frames
+
+    if task == "multilabel" or min_confidence <= 0:
+        return abstained_frames(probs, min_confidence)
+    return abstained_frames(probs, min_confidence, decide(probs, rule))
+
+
 def _frame_metrics(probs: np.ndarray, y: np.ndarray, task: str, rule: Any, labels: list[str], groups: list[str],
                    min_confidence: float, n_boot: int, seed: int = 0) -> dict[str, Any]:
-    """Frame figures as `edgeclf run` decides: over the classified frames, those whose top probability reaches the
+    """Frame figures as `edgeclf run` decides: over the classified frames, those whose decided class's probability reaches the
     bundle's `min_confidence` (probs (N, K) float, y (N,) or (N, K)), with abstained, coverage (classified / N) and
     min_confidence beside them. With frames abstained, `all_frames` holds the figures at 100% coverage (every frame
     decided, the floor ignored); when every frame abstained the figures are None (undefined). `seed` seeds the
     bootstrap intervals (evaluate passes the model's training seed, so that training's own test figures come out the same)."""
-    from edgeclf.metrics import abstained_frames, evaluate_predictions
+    from edgeclf.metrics import evaluate_predictions
 
-    kept = ~abstained_frames(probs, min_confidence)
+    kept = ~_abstained(probs, task, rule, min_confidence)
     n, n_kept = len(kept), int(kept.sum())
     beside = {"abstained": n - n_kept, "coverage": n_kept / n if n else None, "min_confidence": float(min_confidence)}
     if n_kept == n:
         return {**evaluate_predictions(probs, y, task, rule, labels, n_boot=n_boot, seed=seed, groups=groups), **beside}
-    log.info("%d of %d frames abstained (top probability below min_confidence %.3f): figures over the %d classified",
+    log.info("%d of %d frames abstained (decided class's probability below min_confidence %.3f): figures over the %d classified",
              n - n_kept, n, min_confidence, n_kept)
     every = evaluate_predictions(probs, y, task, rule, labels, n_boot=n_boot, seed=seed, groups=groups)
     if n_kept:
@@ -74,7 +83,7 @@ def evaluate(
     threads: int | None = None,
 ) -> dict[str, Any]:
     """Evaluate a training folder or a bundle on a data split; writes metrics.json and PNGs into `out`."""
-    from edgeclf.metrics import abstained_frames, plot_confusion, plot_roc
+    from edgeclf.metrics import plot_confusion, plot_roc
 
     path = Path(target)
     if (path / MANIFEST_FILE).is_file():
@@ -125,7 +134,7 @@ def evaluate(
     x = pre.batch(sp.images)
     probs = probabilities(infer(x), task, temperature)
     if task == "multilabel" and min_confidence > 0:
-        # `edgeclf run` applies the floor to binary and multiclass models only (one top probability per frame).
+        # `edgeclf run` applies the floor to binary and multiclass models only (one decided class per frame).
         log.info("the bundle's min_confidence %.3f does not apply to a multilabel model: every frame is classified", min_confidence)
         min_confidence = 0.0
     report: dict[str, Any] = {
@@ -145,13 +154,13 @@ def evaluate(
         o.mkdir(parents=True, exist_ok=True)
         (o / "metrics.json").write_text(json.dumps(report, indent=2))
         # The figures' frames: the classified ones (all of them without a confidence floor).
-        kept = ~abstained_frames(probs, min_confidence)
+        kept = ~_abstained(probs, task, rule, min_confidence)
         files = ["metrics.json"]
         if kept.any():
             plot_roc(probs[kept], sp.labels[kept], task, labels, o / "roc.png", positive=rule.positive if rule.positive is not None else 1)
             files.append("roc.png")
         else:
-            log.warning("every frame abstained (top probability below min_confidence %.3f): no roc.png", min_confidence)
+            log.warning("every frame abstained (decided class's probability below min_confidence %.3f): no roc.png", min_confidence)
         n_abs = report["metrics"]["abstained"]
         plot_confusion(report["metrics"]["confusion_matrix"], labels, o / "confusion.png",
                        title=f"{path.name} on {split}" + (f" ({n_abs} abstained)" if n_abs else ""))

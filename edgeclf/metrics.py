@@ -267,13 +267,22 @@ def evaluate_predictions(
     return out
 
 
-def abstained_frames(probs: npt.ArrayLike, min_confidence: float) -> NDArray[np.bool_]:
-    """(N,) bool: the frames `edgeclf run` abstains on, those whose top probability (probs (N, K)) is below
-    `min_confidence` (0 = none), the rule of edgeclf.runtime.clips.ClipAggregator."""
+def abstained_frames(probs: npt.ArrayLike, min_confidence: float, decisions: npt.ArrayLike | None = None) -> NDArray[np.bool_]:
+    """(N,) bool: the frames `edgeclf run` abstains on, those whose decided class's probability is below
+    `min_confidence` (0 = none): the label shown must itself reach the floor, as on the run's display
+    (edgeclf.runtime.smoothing) and in its clip summary (edgeclf.runtime.clips.ClipAggregator). `decisions` (N,) are
+    the frames' decided classes under the bundle's rule; without them, the argmax (an argmax rule's decision). With a
+    threshold operating point below the floor, the calls between the two abstain. probs (N, K); for multilabel
+    probabilities (no one decided class) pass no decisions: the top probability is used."""
     p = np.asarray(probs, dtype=np.float64)
     if min_confidence <= 0 or p.shape[0] == 0:
         return np.zeros(p.shape[0], bool)
-    return np.asarray(p.max(axis=1) < min_confidence)
+    if decisions is None:
+        return np.asarray(p.max(axis=1) < min_confidence)
+    d = np.asarray(decisions, dtype=np.int64).reshape(-1)
+    if d.shape[0] != p.shape[0] or (len(d) and (d.min() < 0 or d.max() >= p.shape[1])):
+        raise ConfigError(f"decisions must give each of the {p.shape[0]} frames a class in 0..{p.shape[1] - 1}")
+    return np.asarray(p[np.arange(len(d)), d] < min_confidence)
 
 
 def _clustered(labels: npt.ArrayLike, decisions: npt.ArrayLike, label_names: Sequence[str], clusters: Sequence[str], unit: str,
@@ -389,7 +398,7 @@ def clip_metrics(
         sel = fold == f
         if sel.any():
             frame_dec[sel] = decide(p[sel], rule)
-    frame_dec[abstained_frames(p, min_confidence)] = -1
+    frame_dec[abstained_frames(p, min_confidence, frame_dec)] = -1
     clips = group_frames(frame_ids)
     clip_ids = [clip_of(i) for i in frame_ids]
     per_clip, cy, cmean, cvote = [], [], [], []

@@ -7,8 +7,9 @@ Two aggregations, both over the frames that were classified (abstained frames ar
 - ``vote``: the majority of the frames' own decisions; a tie goes to the tied class with the higher
   mean probability, then to the lower class index, so the result never depends on frame order.
 
-A frame is abstained when it has no probabilities (the quality gate stopped it: ``None``) or when its
-top probability is below ``min_confidence`` (0 = never). A clip whose frames all abstained has no
+A frame is abstained when it has no probabilities (the quality gate stopped it: ``None``) or when the
+probability of the class it decides is below ``min_confidence`` (0 = never), the floor the run's display applies
+to the label it shows. A clip whose frames all abstained has no
 decision (``None``) and counts as abstained.
 
 The same functions serve ``edgeclf evaluate`` (offline, sampled frames) and ``edgeclf run``'s end-of-clip
@@ -108,16 +109,15 @@ class ClipAggregator:
         if self.labels is not None and len(self.labels) != k:
             raise ConfigError(f"{len(self.labels)} label names for {k} classes; pass the bundle's labels")
         finite = all(math.isfinite(v) for v in a)
-        top = max(a) if finite else float(np.max(a))  # NaN rows as before: numpy's max and argmax propagate NaN
-        if self.min_confidence > 0 and top < self.min_confidence:
-            return
-        if self._sum is None or self._votes is None:
-            self._sum, self._votes = [0.0] * k, [0] * k
-        if not finite:
+        if not finite:  # NaN rows as before: numpy's argmax propagates NaN
             row = np.asarray(a, np.float64)[None, :]
             dec = int(decide(row, self.rule)[0]) if self.rule is not None else int(np.argmax(row))
         else:
             dec = decide_frame(a, self.rule) if self.rule is not None else max(range(k), key=a.__getitem__)
+        if self.min_confidence > 0 and a[dec] < self.min_confidence:
+            return  # a NaN probability fails no comparison: it is kept, as before
+        if self._sum is None or self._votes is None:
+            self._sum, self._votes = [0.0] * k, [0] * k
         sums = self._sum
         for j in range(k):
             sums[j] += a[j]

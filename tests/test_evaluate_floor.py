@@ -122,3 +122,14 @@ def test_the_cli_table_names_the_abstained_frames_and_shows_all_frames_beside(cl
     assert r.returncode == 0, r.stderr
     assert f"{n_abs} abstained (top probability below min_confidence 0.8), figures over the {len(y) - n_abs} classified" in r.stdout
     assert "all, all frames" in r.stdout  # the 100%-coverage row, beside
+
+
+def test_frame_figures_abstain_on_the_decided_class_as_the_run_does() -> None:
+    # Positive at p >= 0.2, floor 0.6: [0.7, 0.3] is a positive call with p 0.3, which the run's display abstains on.
+    from edgeclf.evaluate import _frame_metrics
+    from edgeclf.runtime.postprocess import DecisionRule
+
+    rule = DecisionRule("threshold", (0.2,), positive=1)
+    probs = np.array([[0.7, 0.3], [0.9, 0.1], [0.2, 0.8]])
+    m = _frame_metrics(probs, np.array([1, 0, 1]), "binary", rule, ["n", "p"], ["a", "b", "c"], 0.6, n_boot=0)
+    assert m["abstained"] == 1 and m["coverage"] == pytest.approx(2 / 3)

@@ -352,6 +352,29 @@ def test_clip_whose_frames_all_abstain_is_counted() -> None:
     assert m["frame"]["n"] == 2 and m["frame"]["abstained"] == 2
 
 
+def test_abstained_frames_judges_the_decided_class() -> None:
+    from edgeclf.metrics import abstained_frames
+    from edgeclf.runtime.smoothing import SINGLE_IMAGE, CineSmoother
+
+    # Positive at p >= 0.2, floor 0.6: [0.7, 0.3] is decided positive with p 0.3 and abstains on the run's display;
+    # evaluate must count it abstained too (its top probability, 0.7, would keep it).
+    rule = DecisionRule("threshold", (0.2,), positive=1)
+    p = np.array([[0.7, 0.3], [0.9, 0.1], [0.3, 0.7]])
+    got = abstained_frames(p, 0.6, decide(p, rule))
+    assert got.tolist() == [True, False, False]
+    shown = [CineSmoother(["n", "p"], rule=rule, config=SINGLE_IMAGE, min_confidence=0.6).update(row).abstain for row in p]
+    assert shown == got.tolist()
+    assert abstained_frames(p, 0.6).tolist() == [False, False, False]  # argmax decisions: the top probability
+    assert abstained_frames(p, 0.0, decide(p, rule)).tolist() == [False] * 3
+    with pytest.raises(ConfigError, match="decisions"):
+        abstained_frames(p, 0.6, [0, 1])
+    # clip_metrics frames follow the same rule
+    from edgeclf.metrics import clip_metrics
+
+    m = clip_metrics(p, np.ones(3, int), ["a#0", "a#1", "a#2"], rule, ["n", "p"], min_confidence=0.6, n_boot=0)
+    assert m["frame"]["abstained"] == 1
+
+
 def test_balanced_accuracy_interval_leaves_out_resamples_missing_a_class() -> None:
     from edgeclf.metrics import decision_metrics
 

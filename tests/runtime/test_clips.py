@@ -4,6 +4,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from edgeclf.errors import ConfigError
@@ -133,3 +134,18 @@ def test_aggregator_treats_a_nan_row_as_numpy_does() -> None:
         agg = ClipAggregator(labels=["a", "b", "c"])
         agg.add(row)
         assert agg.result().votes == tuple(int(i == int(np.argmax(np.array(row)))) for i in range(3))
+
+
+def test_the_floor_applies_to_the_decided_class_as_on_the_run_display() -> None:
+    # A high-sensitivity binary operating point (positive at p >= 0.2) under a floor of 0.6: the frame is decided
+    # positive with p 0.3, so it abstains, as the run's display does (its top probability 0.7 would not).
+    from edgeclf.runtime.smoothing import SINGLE_IMAGE, CineSmoother
+
+    rule = DecisionRule("threshold", (0.2,), positive=1)
+    r = aggregate_clip([[0.7, 0.3], [0.1, 0.9]], rule=rule, min_confidence=0.6)
+    assert r.used == 1 and r.abstained == 1 and r.vote == 1
+    shown = CineSmoother(["normal", "pneumonia"], rule=rule, config=SINGLE_IMAGE, min_confidence=0.6).update(np.array([0.7, 0.3]))
+    assert shown.abstain
+    # A confident negative call (p_neg 0.9) is kept: the floor judges the class decided, not the positive one.
+    r = aggregate_clip([[0.9, 0.1]], rule=rule, min_confidence=0.6)
+    assert r.used == 1 and r.vote == 0
