@@ -166,14 +166,18 @@ class OrtBackend(Backend):
 
     def _infer(self, x: NDArray[np.float32]) -> NDArray[np.float32]:
         step = self.fixed_batch or (min(len(x), self.max_batch) if self.max_batch else len(x))
-        if self.fixed_batch is not None and len(x) % step:
-            raise BackendError(f"this model takes batches of exactly {step}; got {len(x)} inputs")
         outs = []
         for i in range(0, len(x), max(step, 1)):
+            chunk = x[i : i + step]
+            n = len(chunk)
+            if self.fixed_batch is not None and n < step:
+                # A fixed-batch model takes exactly its batch (a single frame on a cart, a short last chunk): pad with
+                # zeros and drop the padding's outputs, as the TensorRT backend does; inference is per image.
+                chunk = np.concatenate([chunk, np.zeros((step - n,) + chunk.shape[1:], dtype=chunk.dtype)])
             try:
-                outs.append(self._session.run([self._output], {self._input: x[i : i + step]})[0])
+                outs.append(self._session.run([self._output], {self._input: chunk})[0][:n])
             except Exception as exc:  # onnxruntime's own error types: shape, type, provider failures
-                raise BackendError(f"onnxruntime failed on an input of shape {x[i : i + step].shape}: {str(exc).splitlines()[0]}") from None
+                raise BackendError(f"onnxruntime failed on an input of shape {chunk.shape}: {str(exc).splitlines()[0]}") from None
         out: NDArray[np.float32] = np.concatenate(outs) if len(outs) != 1 else outs[0]
         return out
 

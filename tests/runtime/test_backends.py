@@ -151,3 +151,27 @@ def test_the_runtime_and_evaluate_open_models_through_the_verified_bytes(tmp_pat
                  lambda: _default_factory(b, str(b.model_path), target, 1)):
         with pytest.raises(IntegrityError, match="'model.onnx' changed after the bundle was verified"):
             make()
+
+
+def test_a_fixed_batch_model_gets_padded_chunks_and_drops_the_padding(tmp_path: Path) -> None:
+    # A model exported with batch 4 fixed: one frame (a cart's call) or 6 inputs must still be classified,
+    # each row the same as when it is fed in a full batch.
+    import onnx
+    from onnx import TensorProto, helper
+
+    w = np.arange(2 * 8 * 8, dtype=np.float32).reshape(64, 2) / 100.0
+    graph = helper.make_graph(
+        [helper.make_node("Flatten", ["input"], ["f"]), helper.make_node("MatMul", ["f", "w"], ["logits"])], "fixed",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, [4, 1, 8, 8])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [4, 2])],
+        [helper.make_tensor("w", TensorProto.FLOAT, w.shape, w.ravel())])
+    path = tmp_path / "fixed.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    x = np.random.default_rng(0).random((6, 1, 8, 8), dtype=np.float32)
+    with create_backend(str(path), (1, 8, 8), 2) as be:
+        assert be.fixed_batch == 4
+        one, six = be.infer(x[:1]), be.infer(x)
+    expected = x.reshape(6, 64) @ w
+    assert one.shape == (1, 2) and six.shape == (6, 2)
+    np.testing.assert_allclose(six, expected, rtol=1e-5)
+    np.testing.assert_allclose(one, expected[:1], rtol=1e-5)
