@@ -348,6 +348,59 @@ def ensemble(members: tuple, out: str, no_test: bool, as_json: bool) -> None:
     _emit(as_json, record, human)
 
 
+def _trained_on_sector(target: str) -> tuple[bool, dict[str, Any]]:
+    """(whether the model at `target` was trained on sector crops, its recorded data) from its manifest or
+    model.json and run.json; (False, {}) when they cannot be read (evaluate then says what is wrong)."""
+    from pathlib import Path
+
+    from edgeclf.data import split_spec
+    from edgeclf.runtime.bundle import MANIFEST_FILE, Manifest
+    from edgeclf.runtime.preprocess import PreprocessSpec
+
+    path = Path(target)
+    try:
+        if (path / MANIFEST_FILE).is_file():
+            m = Manifest.from_dict(json.loads((path / MANIFEST_FILE).read_text()))
+            return m.trained_on_sector, dict(m.raw["provenance"].get("data") or {})
+        pre = PreprocessSpec.from_dict(json.loads((path / "model.json").read_text())["preprocess"])
+        run_path = path / "run.json"
+        recorded = dict(json.loads(run_path.read_text()).get("data") or {}) if run_path.is_file() else {}
+        spec = str(recorded.get("spec") or "")
+        return pre.sector or (bool(spec) and split_spec(spec)[1].roi == "sector"), recorded
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, EdgeclfError):
+        return False, {}
+
+
+def _sector_data_spec(target: str, data_spec: str | None) -> str | None:
+    """--data for a model trained on sector crops: a clip folder that names no roi is cropped to the sector as in
+    training and as `edgeclf run` feeds the model (whole screens would measure another input than the one
+    deployed). An explicit roi=none is kept, with a warning; images (no sector crop for them) are warned about."""
+    if not data_spec or data_spec.startswith("synthetic:"):
+        return data_spec
+    sector, recorded = _trained_on_sector(target)
+    if not sector:
+        return data_spec
+    from urllib.parse import parse_qsl
+
+    from edgeclf.data import check_spec_options, split_spec, with_options
+    from edgeclf.evaluate import _with_recorded_options
+
+    spec = _with_recorded_options(data_spec, recorded)  # what evaluate itself would read: the recorded split options
+    if "roi" in {k for k, _ in parse_qsl(spec.partition("?")[2], keep_blank_values=True)}:
+        if split_spec(spec)[1].roi != "sector":
+            log.warning("%s was trained on sector crops; data spec roi=%s evaluates it on whole frames, which it never saw "
+                        "in training", target, split_spec(spec)[1].roi)
+        return spec
+    kind = check_spec_options(spec)
+    if kind == "clips":
+        log.info("%s was trained on sector crops: the clips are cropped to the sector (roi=sector) as in training", target)
+        return with_options(spec, roi="sector")
+    if kind == "images":
+        log.warning("%s was trained on sector crops of clips; %s holds images, which are evaluated whole (roi=sector "
+                    "applies to clips); evaluate on the clips or on images cropped to the sector", target, data_spec)
+    return data_spec
+
+
 @cli.command()
 @click.option("--model", "target", required=True, help="A training folder or a bundle folder.")
 @click.option("--data", "data_spec", default=None, help="Data spec [default: the one the model records].")
@@ -362,9 +415,11 @@ def evaluate(target: str, data_spec, split, classes, precision, out, threads, as
     """Accuracy, balanced accuracy, ROC AUC with a 95% interval, sensitivity/specificity at the operating points, ECE.
 
     On a clips data set also clip-level figures: frame predictions aggregated per clip (mean probability and
-    majority vote, abstained frames excluded), beside the frame-level ones."""
+    majority vote, abstained frames excluded), beside the frame-level ones. A model trained on sector crops
+    gets its clips cropped to the sector (roi=sector) unless --data names a roi, as `edgeclf run` feeds it."""
     from edgeclf.evaluate import evaluate as run_eval
 
+    data_spec = _sector_data_spec(target, data_spec)
     report = run_eval(target, data=data_spec, split=split, classes=classes, out=out, precision=precision, threads=threads)
 
     def human(r: dict[str, Any]) -> None:
@@ -484,7 +539,8 @@ def prune(model: str, out: str, target_macs: float, steps: int, finetune_epochs:
 @click.option("--source", required=True,
               help="Video file, image folder or glob, watch:DIR, DICOM file or folder, camera index or /dev/videoN, "
                    "rtsp:// or http(s):// stream, GStreamer pipeline, synthetic:ultrasound.")
-@click.option("--out", default=None, help="Results as JSON lines (one per frame); an existing file is replaced unless --append.")
+@click.option("--out", default=None, help="Results as JSON lines (one per frame); an existing file is replaced unless --append. "
+              "Required with watch:DIR (each file is marked done once classified).")
 @click.option("--append", is_flag=True,
               help="Add to an existing --out instead of replacing it (a service restarting onto one file): a torn last line "
                    "left by a power loss is cut off first and counted; each line carries this run's id as \"run\".")
@@ -503,8 +559,10 @@ def prune(model: str, out: str, target_macs: float, steps: int, finetune_epochs:
 @click.option("--batch", type=click.IntRange(min=1), default=1, show_default=True,
               help="Recorded files, folders, DICOM: frames per inference call (more frames/s, each result later); "
                    "live sources and --realtime always use 1.")
-@click.option("--roi", default="none", show_default=True,
-              help="none, sector (ultrasound: detect and lock the fan, mask what is outside) or x0,y0,x1,y1.")
+@click.option("--roi", default=None,
+              help="none, sector (ultrasound: detect and lock the fan, mask what is outside) or x0,y0,x1,y1 "
+                   "[default: the bundle's: sector for a model trained on sector crops, else none; anything else "
+                   "on such a model is warned about and noted in the summary].")
 @click.option("--smoothing", type=click.Choice(["auto", "cine", "off"]), default="auto", show_default=True,
               help="cine: smoothed label with hysteresis and minimum dwell; auto: cine for video-like sources.")
 @click.option("--no-quality", is_flag=True, help="Skip the per-frame quality gate (frozen, dark, saturated, empty sector).")
@@ -1081,6 +1139,11 @@ def _print_run(s: dict[str, Any]) -> None:
     lost = {k: v for k, v in src.items() if k in ("dropped", "skipped", "reconnects", "timeouts") and v}
     if lost:
         click.echo("source: " + ", ".join(f"{k} {v}" for k, v in lost.items()))
+    roi = s.get("roi") or {}
+    if roi.get("warning"):
+        click.echo(f"WARNING roi {roi['mode']}: {roi['warning']}")
+    elif roi.get("mode") == "sector" and roi.get("chosen_by") == "bundle":
+        click.echo("roi sector: the bundle's (its model was trained on sector crops)")
     if s.get("stopped_by"):
         click.echo(f"stopped by {s['stopped_by']}; everything before it was written")
     if s.get("device"):

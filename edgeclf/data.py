@@ -75,6 +75,12 @@ class Dataset:
     clip_source: dict[str, str] = field(default_factory=dict)
 
     @property
+    def sector_crops(self) -> bool:
+        """Whether every frame was cropped to the ultrasound sector (clips `?roi=sector`): a model trained on it must
+        be fed sector crops too (recorded as `preprocess.sector`)."""
+        return self.kind == "clips" and split_spec(self.spec)[1].roi == "sector"
+
+    @property
     def name(self) -> str:
         """The spec without workstation paths (see `spec_name`); `spec` stays absolute for export and evaluate."""
         return spec_name(self.spec)
@@ -339,7 +345,8 @@ class FolderOptions:
         within `near` bits) | none.
     test, val: held-out fractions (seeded, stratified over groups) when there is no list and no folds.
     frames: clips, frames sampled per clip (overrides the caller's frames_per_clip).
-    roi: clips, `sector` crops every frame with the runtime's own sector detector (`edgeclf run --roi sector`).
+    roi: clips, `sector` crops every frame with the runtime's own sector detector (`edgeclf run --roi sector`);
+        a model trained so records `preprocess.sector`, and `run` then crops by default.
     folds, fold, group: cross-validation: the test split is fold `fold` of `folds`, grouped by clip, by
         source (`original_source` in clips.csv as written) or by site (that source reduced to its contributor
         or web site: `_site`); val is drawn from the rest by group.

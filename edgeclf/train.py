@@ -672,7 +672,8 @@ def _train_on(ds: Dataset, cfg: TrainConfig, *, on_epoch: Callable[[dict[str, An
     if size < info.min_size:
         raise ConfigError(f"size {size} is below {cfg.model}'s minimum of {info.min_size} px; use --size {info.min_size} or more")
     mean, std = normalization(cfg.model, channels, cfg.pretrained)
-    spec = PreprocessSpec(channels=channels, size=(size, size), mean=tuple(mean), std=tuple(std))
+    # sector: the runtime must crop as this data was cropped (run defaults to --roi sector for such a bundle).
+    spec = PreprocessSpec(channels=channels, size=(size, size), mean=tuple(mean), std=tuple(std), sector=ds.sector_crops)
     threads = cfg.threads or default_threads()
     torch.set_num_threads(threads)
     torch.manual_seed(cfg.seed)

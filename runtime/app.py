@@ -20,12 +20,12 @@ from edgeclf.runtime import _cv
 from edgeclf.runtime.audit import AuditSink, source_fact
 from edgeclf.runtime.backends import Backend, BackendOptions, create_backend
 from edgeclf.runtime.bundle import Bundle, load_bundle
-from edgeclf.runtime.pipeline import RunOptions, run_pipeline
+from edgeclf.runtime.pipeline import WAITING_KINDS, RunOptions, run_pipeline
 from edgeclf.runtime.postprocess import decide, probabilities
 from edgeclf.runtime.sinks import JsonlSink, Sink, check_append_tail, tag_run
 from edgeclf.runtime.sources import Frame, FrameSource, open_source
 
-__all__ = ["run_bundle", "check_distinct_outputs", "verify_bundle", "resolve_backend", "open_backend", "profile_backend_factory", "PARITY_TOLERANCE",
+__all__ = ["run_bundle", "check_distinct_outputs", "check_consumed_results", "verify_bundle", "resolve_backend", "open_backend", "profile_backend_factory", "PARITY_TOLERANCE",
            "VARIANT_TOLERANCE"]
 
 log = logging.getLogger(__name__)
@@ -113,7 +113,7 @@ class _ProgressSource:
 def _watchdog_hook(notifier: Any, kind: str) -> Callable[[Optional[Frame]], None]:
     """Ping on every frame; a watched folder (portable X-ray) also pings while it waits, since waiting is its job.
     A camera or stream that delivers nothing stops the pings, and systemd restarts the service."""
-    idle_ok = kind == "watch"
+    idle_ok = kind in WAITING_KINDS
 
     def on_read(frame: Optional[Frame]) -> None:
         if frame is not None or idle_ok:
@@ -234,6 +234,24 @@ def check_distinct_outputs(source_uri: str, outputs: Dict[str, Optional[str]]) -
                 )
 
 
+def _durable(sink: Sink) -> bool:
+    """Whether a sink keeps the results on disk: its own ``sync`` (flush and fsync, as JsonlSink). The audit log's
+    digests, the clip summary, a video or a window hold no frame's result a later run could use."""
+    return type(sink).sync is not Sink.sync
+
+
+def check_consumed_results(source_uri: str, out: Optional[str], extra_sinks: Optional[List[Sink]] = None) -> None:
+    """ConfigError unless the results of a source that consumes its input (a watched folder marks each file done
+    for good once classified) are kept somewhere durable: --out, or a sink of the caller's with its own sync."""
+    if not source_uri.strip().lower().startswith("watch:") or out or any(_durable(s) for s in extra_sinks or []):
+        return
+    raise ConfigError(
+        "--source watch: marks each file done for good once it is classified, but without --out no result is kept "
+        "(a later run would skip those files); allowed: watch: with --out FILE; give --out results.jsonl (with --append "
+        "for a service), or copy a few files to a folder of images and run on that to try it out"
+    )
+
+
 def run_bundle(
     bundle_path: str,
     source_uri: str,
@@ -275,6 +293,8 @@ def run_bundle(
     last line a power loss left is cut off first, counted and logged (``JsonlSink(append=True)``); every line
     of this run carries ``"run"``, a random id also in the summary (``run``, with ``append``: what was
     repaired) and the audit log, so the runs one file holds can be told apart.
+    A watched folder (``watch:``) marks each file done for good: it needs `out` (or an `extra_sinks` sink with its
+    own ``sync``), else ConfigError before anything is opened.
     """
     from edgeclf.devices.systemd import Notifier
     from edgeclf.runtime.sinks import SummarySink, VideoRecorderSink, check_output_path, check_video_path
@@ -295,6 +315,7 @@ def run_bundle(
     if summary_path:
         check_output_path(summary_path, option="--summary", example="clip.json")
     check_distinct_outputs(source_uri, {"--out": out, "--record": record, "--summary": summary_path, "--audit": audit})
+    check_consumed_results(source_uri, out, extra_sinks)
     opts = options or RunOptions(min_confidence=min_confidence)
     if min_confidence is not None and opts.min_confidence is None:
         opts = dataclasses.replace(opts, min_confidence=min_confidence)

@@ -682,6 +682,16 @@ class Manifest:
     variants: Tuple[Variant, ...] = ()
     deploy_precision: str = "fp32"  # what `run` uses unless told otherwise
 
+    @property
+    def trained_on_sector(self) -> bool:
+        """Whether the model was trained on ultrasound sector crops: preprocess.sector, or, for bundles exported
+        before that field existed, a training data spec with roi=sector (provenance.data.name)."""
+        if self.preprocess.sector:
+            return True
+        data = self.raw.get("provenance", {}).get("data")
+        name = data.get("name") if isinstance(data, dict) else None
+        return isinstance(name, str) and "roi=sector" in name.partition("?")[2].split("&")
+
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> Manifest:
         """Validate a parsed manifest.json; BundleError names the first bad field by its dotted key."""

@@ -25,7 +25,7 @@ from edgeclf.runtime.sinks import Sink
 from edgeclf.runtime.sources import FrameSource
 
 __all__ = ["STAGES", "PREPROCESS_PARTS", "FRAME_ERROR", "RECORD_META", "RunOptions", "RunSummary", "run_pipeline",
-           "stage_stats", "parse_roi"]
+           "stage_stats", "parse_roi", "waits_by_design", "WAITING_KINDS"]
 
 log = logging.getLogger(__name__)
 STAGES = ("capture", "preprocess", "infer", "postprocess", "sink")
@@ -53,6 +53,14 @@ MAX_BACKEND_ERRORS = 5  # failures in a row (either kind) that end the run: a ba
 # result); the summary counts stalls (extra["stalls"]). Seen at the pipeline's 0.5 s read poll.
 STALE_MIN_S = 0.5
 STALE_FRAMES = 3
+# Live sources that wait for their next input by design (a watched folder: the next X-ray may come in an hour):
+# their silence is neither a stall (the shown result stays current) nor a hung service (the watchdog is fed).
+WAITING_KINDS = ("watch",)
+
+
+def waits_by_design(source: Any) -> bool:
+    """Whether a live source's silence is its normal state (WAITING_KINDS), not a stall."""
+    return getattr(source, "kind", "") in WAITING_KINDS
 
 
 def stage_stats(values_ms: Sequence[float]) -> Dict[str, float]:
@@ -88,7 +96,7 @@ class RunOptions:
         "off" (each frame shown as decided), "auto" (cine for video-like sources, off for images,
         watched folders and single DICOM images).
     roi: "none", "sector" (ultrasound: detect the fan or image area, lock it, mask and crop) or a fixed
-        "x0,y0,x1,y1" box.
+        "x0,y0,x1,y1" box; None: the bundle's (sector for a model trained on sector crops, else none).
     quality: run the per-frame quality gate (frozen, dark, saturated, empty sector).
     batch: frames per inference call for sources that are neither live nor paced (recorded files, folders,
         DICOM): more frames/s where the model runs faster on batches, each result later by up to a batch.
@@ -98,7 +106,7 @@ class RunOptions:
 
     min_confidence: Optional[float] = None
     smoothing: str = "auto"
-    roi: str = "none"
+    roi: Optional[str] = None
     quality: bool = True
     # Read and prepare the next frame in a feeder thread while this one is inferred.
     pipelined: bool = True
@@ -109,7 +117,8 @@ class RunOptions:
             raise ConfigError(f"smoothing {self.smoothing!r} is unknown; allowed: {', '.join(SMOOTHING_CHOICES)}")
         if self.min_confidence is not None and not 0.0 <= self.min_confidence < 1.0:
             raise ConfigError(f"min confidence is {self.min_confidence}; allowed: 0 (never abstain) up to below 1")
-        parse_roi(self.roi)
+        if self.roi is not None:
+            parse_roi(self.roi)
         if not 1 <= self.batch <= MAX_BATCH:
             raise ConfigError(f"batch is {self.batch}; allowed: 1 to {MAX_BATCH} frames per inference")
 
@@ -270,6 +279,19 @@ def _stack(xs: Sequence[np.ndarray], ring: Optional[np.ndarray]) -> np.ndarray:
     return np.concatenate(xs)
 
 
+def _choose_roi(text: Optional[str], m: Manifest) -> Tuple[str, Optional[Tuple[int, int, int, int]], Dict[str, Any]]:
+    """(mode, box, summary record) of the run's ROI: the one asked for, else the bundle's. A model trained on sector
+    crops and run on something else is allowed (a known layout, a test) but warned about and recorded."""
+    trained = "sector" if m.trained_on_sector else "none"
+    mode, box = parse_roi(trained if text is None else text)
+    record: Dict[str, Any] = {"mode": mode, "chosen_by": "bundle" if text is None else "argument", "bundle": trained}
+    if trained == "sector" and mode != "sector":
+        record["warning"] = ("the model was trained on sector crops; this run feeds it " +
+                             ("whole frames" if mode == "none" else "a fixed box") + ", which it never saw in training")
+        log.warning("--roi %s: %s (leave --roi out to crop the sector as in training)", text, record["warning"])
+    return mode, box, record
+
+
 def run_pipeline(
     bundle: Bundle,
     source: FrameSource,
@@ -300,7 +322,10 @@ def run_pipeline(
     the next); under "auto", single-frame files of a folder holding a cine are shown as decided. Likewise the smoother
     starts afresh at each new connection of a reconnecting live source (meta "connection"), and after a live source
     stalled (no frame for max(STALE_MIN_S, STALE_FRAMES frame periods)): then sinks with ``mark_stale(idle_s)`` (the
-    overlay window) are told, no record is written, and summary.extra["stalls"] counts it.
+    overlay window) are told, no record is written, and summary.extra["stalls"] counts it. A source that waits by
+    design (``waits_by_design``: a watched folder between files) never stalls: its last result stays shown.
+    ROI: `options.roi`, else the bundle's (``Manifest.trained_on_sector``); summary.extra["roi"] says which, with a
+    "warning" when a model trained on sector crops is fed anything else.
     `stop` (set by a signal handler) or a sink's ``stop_requested`` ends the run after the current frame (the
     current batch for a signal, with `options.batch` > 1; frames read and not recorded are counted).
     A source error in the middle of a batch is raised after the frames read before it are recorded.
@@ -318,7 +343,7 @@ def run_pipeline(
     floor = opts.confidence_floor(m)
     multilabel = m.task == "multilabel"
 
-    roi_mode, roi_box = parse_roi(opts.roi)
+    roi_mode, roi_box, roi_record = _choose_roi(opts.roi, m)
     detector = None
     if roi_mode != "none":
         from edgeclf.runtime.sector import SectorDetector, apply_sector
@@ -349,8 +374,10 @@ def run_pipeline(
     if ack is not None and getattr(source, "needs_ack", False):
         syncs = [fn for fn in (getattr(sk, "sync", None) for sk in sinks) if callable(fn)]
     live = bool(getattr(source, "live", False))
+    watch_stalls = live and not waits_by_design(source)  # a watched folder waiting for its next file is no stall
 
     summary = RunSummary()
+    summary.extra["roi"] = roi_record
     summary.extra["smoothing"] = "cine" if smoother is not None and smoother.config.min_dwell_frames > 1 else "off"
     t_start = time.perf_counter()
     # Recorded files (not live, not paced) may be inferred several frames per call: more frames/s, later results.
@@ -465,7 +492,7 @@ def run_pipeline(
                 if item is _IDLE:
                     if items:
                         break
-                    if live:
+                    if watch_stalls:
                         stalled()
                         if stale[0] and any(s.stop_requested for s in sinks):  # e.g. 'q' on a "no signal" window
                             summary.stopped_by = "sink"

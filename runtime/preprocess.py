@@ -6,6 +6,7 @@ Two steps so training can cache the geometry and augment before normalising:
 """
 from __future__ import annotations
 
+import numbers
 from dataclasses import asdict, dataclass
 from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 
@@ -24,7 +25,7 @@ RESIZE_MODES = ("stretch", "letterbox")
 # fast path, then finishes with INTER_LINEAR (about 0.2-0.4 ms, still anti-aliased). Enlarging is
 # INTER_LINEAR either way. Manifests written before the field existed mean "area".
 INTERPOLATIONS = ("fast-area", "area")
-_KEYS = {"channels", "size", "resize", "roi", "scale", "mean", "std", "layout", "dtype", "interpolation"}
+_KEYS = {"channels", "size", "resize", "roi", "scale", "mean", "std", "layout", "dtype", "interpolation", "sector"}
 
 
 @dataclass(frozen=True)
@@ -42,6 +43,10 @@ class PreprocessSpec:
     layout: str = "NCHW"
     dtype: str = "float32"
     interpolation: str = "fast-area"
+    # Trained on ultrasound sector crops (clips data `?roi=sector`): the runtime detects, masks and crops the
+    # sector before this geometry (`edgeclf run` defaults to --roi sector). Written only when true, so that
+    # manifests of other models (and their checksums) stay as they were.
+    sector: bool = False
 
     def __post_init__(self) -> None:
         where = "preprocess"
@@ -61,14 +66,25 @@ class PreprocessSpec:
             raise ConfigError(f"{where}.layout/dtype must be NCHW/float32, got {self.layout}/{self.dtype}")
         if self.roi is not None:
             box = self.roi.get("box")
+            allowed = "allowed: null or {\"mode\": \"fixed\", \"box\": [x, y, w, h]} with integer pixels, w > 0 and h > 0"
             if self.roi.get("mode") != "fixed" or not isinstance(box, (list, tuple)) or len(box) != 4:
-                raise ConfigError(f"{where}.roi is {self.roi!r}; allowed: null or {{\"mode\": \"fixed\", \"box\": [x, y, w, h]}}")
+                raise ConfigError(f"{where}.roi is {self.roi!r}; {allowed}")
+            # Integers only: a float or bool would be truncated into another box than the one written.
+            if not all(isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in box) or box[2] <= 0 or box[3] <= 0:
+                raise ConfigError(f"{where}.roi box is {list(box)!r}; {allowed}; fix the box")
+        if not isinstance(self.sector, bool):
+            raise ConfigError(f"{where}.sector is {self.sector!r}; allowed: true or false (leave it out for false)")
+        if self.sector and self.roi is not None:
+            raise ConfigError(f"{where} has both sector and roi; allowed: one of them (a model is trained on sector crops "
+                              "or on a fixed box); remove one")
 
     def to_dict(self) -> Dict[str, Any]:
         d = asdict(self)
         d["size"] = list(self.size)
         d["mean"] = list(self.mean)
         d["std"] = list(self.std)
+        if not self.sector:
+            del d["sector"]  # absent means false: manifests written before the field existed hash the same
         return d
 
     @classmethod
@@ -91,6 +107,7 @@ class PreprocessSpec:
                 layout=str(d.get("layout", "NCHW")),
                 dtype=str(d.get("dtype", "float32")),
                 interpolation=str(d.get("interpolation", "area")),
+                sector=d.get("sector", False),  # checked as a bool, not coerced: "false" must not read as true
             )
         except (TypeError, ValueError, IndexError) as exc:
             raise ConfigError(f"preprocess has a value of the wrong type ({exc})") from None
@@ -126,9 +143,13 @@ class Preprocessor:
             raise ConfigError(f"image shape {img.shape} is not supported; expected (H, W) or (H, W, 3)")
         if self.spec.roi is not None:
             x, y, w, h = (int(v) for v in self.spec.roi["box"])
-            img = img[max(y, 0) : y + h, max(x, 0) : x + w]
-            if img.size == 0:
-                raise ConfigError(f"preprocess.roi box {self.spec.roi['box']} lies outside the {image.shape[1]}x{image.shape[0]} frame")
+            # Clipped to the frame by hand: a negative slice end would count from the far edge (another region).
+            x0, y0 = max(x, 0), max(y, 0)
+            x1, y1 = min(x + w, img.shape[1]), min(y + h, img.shape[0])
+            if x1 <= x0 or y1 <= y0:
+                raise ConfigError(f"preprocess.roi box {list(self.spec.roi['box'])} lies outside the {image.shape[1]}x{image.shape[0]} "
+                                  "frame; allowed: a box [x, y, w, h] overlapping the frame; fix the bundle's roi box")
+            img = img[y0:y1, x0:x1]
         if self.spec.channels == 1 and img.ndim == 3:
             img = cv2.cvtColor(img, cv2.COLOR_RGB2GRAY)
         elif self.spec.channels == 3 and img.ndim == 2:

@@ -298,3 +298,82 @@ def test_cv_summary_names_the_recipes_reported_clip_figure(capsys: pytest.Captur
     del r["recipe"]
     _print_cv(r)
     assert "reported figure" not in capsys.readouterr().out  # no recipe, nothing claimed
+
+
+def _edgeclf(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
+    """`edgeclf ARGS` in this process (main: the user's exit codes and one-line errors): (code, stdout, stderr)."""
+    from edgeclf.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(list(args))
+    out, err = capsys.readouterr()
+    return int(exc.value.code or 0), out, err
+
+
+def test_run_watch_without_out_is_one_line_exit_2_and_consumes_nothing(tmp_path: Path,
+                                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    cv2 = pytest.importorskip("cv2")
+    from tests.runtime.tiny_bundle import make_tiny_bundle
+
+    bundle = make_tiny_bundle(tmp_path / "b")
+    inbox = tmp_path / "in"
+    inbox.mkdir()
+    cv2.imwrite(str(inbox / "x.png"), np.full((32, 32), 90, np.uint8))
+    state = tmp_path / "state.json"
+    code, out, err = _edgeclf(capsys, "run", "--bundle", str(bundle), "--source", f"watch:{inbox}?idle_exit=0.3&state={state}",
+                              "--audit", str(tmp_path / "audit.jsonl"))
+    lines = err.strip().splitlines()
+    assert code == 2 and out == "" and len(lines) == 1, err
+    assert lines[0].startswith("edgeclf: error: --source watch:") and "give --out results.jsonl" in lines[0]
+    assert not state.exists() and not (tmp_path / "audit.jsonl").exists()
+
+
+def _sector_tiny_bundle(folder: Path) -> Path:
+    from edgeclf.runtime.bundle import write_checksums
+    from tests.runtime.tiny_bundle import make_tiny_bundle
+
+    make_tiny_bundle(folder)
+    m = json.loads((folder / "manifest.json").read_text())
+    m["preprocess"]["sector"] = True
+    m["provenance"]["data"] = {"name": "pocus?frames=8&roi=sector", "kind": "clips"}
+    (folder / "manifest.json").write_text(json.dumps(m))
+    write_checksums(folder)
+    return folder
+
+
+def test_run_without_roi_crops_a_sector_bundle_and_says_so(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    pytest.importorskip("onnxruntime")
+    bundle = str(_sector_tiny_bundle(tmp_path / "b"))
+    code, out, _ = _edgeclf(capsys, "run", "--bundle", bundle, "--source", "synthetic:ultrasound?frames=6&size=64", "--json")
+    s = json.loads(out)
+    assert code == 0 and s["roi"]["mode"] == "sector" and s["preprocess_parts_ms"]["sector"]["n"] == 6
+    code, out, err = _edgeclf(capsys, "run", "--bundle", bundle, "--source", "synthetic:ultrasound?frames=6&size=64", "--roi", "none")
+    assert code == 0 and "WARNING roi none: the model was trained on sector crops" in out, out
+
+
+def _clip_folder(root: Path) -> Path:
+    for cls in ("normal", "cyst", "mass"):
+        (root / cls).mkdir(parents=True)
+        (root / cls / "c0.avi").write_bytes(b"")  # the layout is judged by file names
+    return root
+
+
+def test_evaluate_crops_the_clips_of_a_sector_model_unless_the_data_names_a_roi(tmp_path: Path,
+                                                                               caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+
+    from edgeclf.cli import _sector_data_spec
+
+    bundle = str(_sector_tiny_bundle(tmp_path / "b"))
+    other = _clip_folder(tmp_path / "new_site")  # not the training folder's name: no recorded options apply
+    assert _sector_data_spec(bundle, str(other)) == f"{other}?roi=sector"
+    assert _sector_data_spec(bundle, f"{other}?frames=4") == f"{other}?frames=4&roi=sector"
+    same = _clip_folder(tmp_path / "pocus")  # the training folder's name: its recorded options, roi=sector among them
+    assert _sector_data_spec(bundle, str(same)) == f"{same}?frames=8&roi=sector"
+    with caplog.at_level(logging.WARNING):
+        assert _sector_data_spec(bundle, f"{other}?roi=none") == f"{other}?roi=none"  # asked for: kept, with a warning
+    assert any("trained on sector crops" in r.getMessage() for r in caplog.records)
+    from tests.runtime.tiny_bundle import make_tiny_bundle
+
+    plain = str(make_tiny_bundle(tmp_path / "plain"))
+    assert _sector_data_spec(plain, str(other)) == str(other)  # a model of whole frames: the data as given

@@ -902,6 +902,8 @@ def test_sector_crop_of_clips(tmp_path: Path) -> None:
     assert all(im.shape[:2] == (128, 128) for im in plain.split("all").images)
     shapes = {im.shape[:2] for im in cropped.split("all").images}
     assert len(cropped.split("all")) == 18 and all(h < 128 and w < 128 for h, w in shapes), shapes
+    # What training records as preprocess.sector, so that the runtime crops alike.
+    assert cropped.sector_crops and not plain.sector_crops
 
 
 def test_spec_name_keeps_no_workstation_path() -> None:

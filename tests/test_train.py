@@ -440,3 +440,43 @@ def test_pooled_image_decisions_without_copies_carry_no_clustered_interval() -> 
     rules = [DecisionRule("threshold", (0.5,), positive=1)] * 2
     d = _pooled_decisions(probs, y, folds, rules, ["a", "b"], [str(i) for i in range(40)], n_boot=200, seed=0)
     assert d["n"] == 40 and "clustered" not in d and d["accuracy_ci95"] is not None
+
+
+def test_a_model_trained_on_sector_crops_says_so_from_training_to_run_and_evaluate(tmp_path: Path,
+                                                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    """Training on `clips?roi=sector` records preprocess.sector; export carries it into the manifest; `run` without
+    --roi then crops the sector, and `evaluate` on clips of another folder name crops them as training did."""
+    import shutil
+
+    cv2 = pytest.importorskip("cv2")
+    from edgeclf.cli import main
+    from edgeclf.export.bundle_writer import ExportConfig, export_bundle
+    from edgeclf.runtime.app import run_bundle
+    from edgeclf.runtime.bundle import load_bundle
+    from edgeclf.runtime.sources import open_source
+
+    with open_source("synthetic:ultrasound?frames=24&size=96&seed=1") as s:
+        frames = [f.image for f in s]
+    root = tmp_path / "us"
+    for cls in ("a", "b"):
+        for k in range(3):
+            path = root / cls / f"c{k}.avi"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            vw = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 10, (96, 96))
+            for f in frames:
+                vw.write(cv2.cvtColor(f, cv2.COLOR_GRAY2BGR))
+            vw.release()
+    train(TrainConfig(data=f"{root}?roi=sector&frames=2", out=str(tmp_path / "m"), model="compact", size=32, epochs=1,
+                      patience=1, threads=1))
+    assert json.loads((tmp_path / "m" / "model.json").read_text())["preprocess"]["sector"] is True
+    export_bundle(ExportConfig(out=str(tmp_path / "b"), model=str(tmp_path / "m")))
+    m = load_bundle(tmp_path / "b").manifest
+    assert m.raw["preprocess"]["sector"] is True and m.preprocess.sector and m.trained_on_sector
+    s = run_bundle(str(tmp_path / "b"), "synthetic:ultrasound?frames=12&size=96")
+    assert s["roi"] == {"mode": "sector", "chosen_by": "bundle", "bundle": "sector"} and s["preprocess_parts_ms"]["sector"]["n"] == 12
+    shutil.copytree(root, tmp_path / "site2")  # the same clips under another folder name: no recorded options apply
+    with pytest.raises(SystemExit) as exc:
+        main(["evaluate", "--model", str(tmp_path / "b"), "--data", str(tmp_path / "site2"), "--split", "all", "--json"])
+    assert exc.value.code == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["data"]["spec"] == f"{tmp_path / 'site2'}?roi=sector"

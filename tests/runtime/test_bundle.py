@@ -502,3 +502,28 @@ def test_read_file_hands_over_the_verified_bytes_or_refuses(tmp_path: Path) -> N
             b.read_file(outside)
     unverified = load_bundle(bundle, verify=False)  # nothing to compare with: the bytes as they are, read once
     assert unverified.read_file("reference.npz") == (bundle / "reference.npz").read_bytes()
+
+
+@pytest.mark.parametrize("edit, sector", [
+    (lambda m: None, False),
+    (lambda m: m["preprocess"].update(sector=True), True),
+    # exported before preprocess.sector existed: the training data spec says it
+    (lambda m: m["provenance"].update(data={"name": "pocus?frames=8&roi=sector", "kind": "clips"}), True),
+    (lambda m: m["provenance"].update(data={"name": "pocus?frames=8", "kind": "clips"}), False),
+    (lambda m: m["provenance"].update(data={"name": "roi=sector", "kind": "images"}), False),  # a folder's name, not an option
+])
+def test_a_bundle_says_whether_its_model_was_trained_on_sector_crops(tmp_path: Path, edit, sector: bool) -> None:
+    from tests.runtime.tiny_bundle import make_tiny_bundle
+
+    folder = make_tiny_bundle(tmp_path / "b")
+    m = json.loads((folder / "manifest.json").read_text())
+    edit(m)
+    (folder / "manifest.json").write_text(json.dumps(m))
+    write_checksums(folder)
+    assert load_bundle(folder).manifest.trained_on_sector is sector
+
+
+def test_a_manifest_without_sector_reserialises_without_it(bundle_dir: Path) -> None:
+    """preprocess.sector is written only when true: bundles of other models keep their bytes and checksums."""
+    b = load_bundle(bundle_dir)
+    assert "sector" not in b.manifest.raw["preprocess"] and b.manifest.preprocess.to_dict() == b.manifest.raw["preprocess"]

@@ -1030,3 +1030,88 @@ def test_the_displayed_latency_counts_a_slow_sink_before_the_display(tmp_path: P
     text, total = seen[-1]
     shown = float(text.split()[1])
     assert text.startswith("cap-to-disp ") and shown - total >= 90  # the recorded total is capture-to-result
+
+
+def test_a_watched_folder_waiting_for_the_next_xray_is_not_a_stall(tmp_path: Path) -> None:
+    """A watched folder waits for its next file by design: the X-ray's result stays shown (no NO SIGNAL), no stall."""
+    import os
+    import time
+
+    cv2 = pytest.importorskip("cv2")
+    from edgeclf.runtime.watch import WatchFolderSource
+
+    inbox = tmp_path / "in"
+    inbox.mkdir()
+    p = inbox / "x.png"
+    cv2.imwrite(str(p), np.random.default_rng(0).integers(30, 200, size=(64, 64), dtype=np.uint8))
+    t = time.time() - 100
+    os.utime(p, (t, t))
+    marks: list = []
+
+    class Display(ListSink):
+        def mark_stale(self, idle_s: float) -> None:
+            marks.append(idle_s)
+
+    src = WatchFolderSource(str(inbox), poll=0.05, idle_exit=1.5, state_path=str(tmp_path / "state.json"))
+    mem = Display()
+    try:
+        with FakeBackend((1, 8, 8), 3) as be:
+            s = run_pipeline(_tiny(tmp_path), src, be, [mem])  # ~1.5 s of waiting after the one file: 3 x STALE_MIN_S
+    finally:
+        src.close()
+    assert s.frames == 1 and len(mem.records) == 1
+    assert marks == [] and s.extra["stalls"] == 0 and s.extra["smoother"]["resets"] == 0
+
+
+def _sector_bundle(tmp_path: Path, how: str):  # type: ignore[no-untyped-def]
+    """The tiny bundle as exported from sector crops: preprocess.sector, or (older exports) only the data name."""
+    from edgeclf.runtime.bundle import write_checksums
+    from tests.runtime.tiny_bundle import make_tiny_bundle
+
+    folder = make_tiny_bundle(tmp_path / how)
+    m = json.loads((folder / "manifest.json").read_text())
+    if how == "field":
+        m["preprocess"]["sector"] = True
+    else:
+        m["provenance"]["data"] = {"name": "pocus?frames=8&roi=sector", "kind": "clips"}
+    (folder / "manifest.json").write_text(json.dumps(m))
+    write_checksums(folder)
+    return load_bundle(folder)
+
+
+@pytest.mark.parametrize("how", ["field", "provenance"])
+def test_a_sector_bundle_is_cropped_to_the_sector_by_default(tmp_path: Path, how: str, caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+
+    from edgeclf.runtime.pipeline import RunOptions
+
+    b = _sector_bundle(tmp_path, how)
+    with caplog.at_level(logging.WARNING), FakeBackend((1, 8, 8), 3) as be, open_source(TINY.format(12)) as src:
+        s = run_pipeline(b, src, be, [ListSink()], options=RunOptions())
+    assert s.extra["roi"] == {"mode": "sector", "chosen_by": "bundle", "bundle": "sector"}
+    assert s.to_dict()["preprocess_parts_ms"]["sector"]["n"] == 12 and not caplog.records
+
+
+@pytest.mark.parametrize("roi", ["none", "2,2,30,30"])
+def test_another_roi_on_a_sector_bundle_runs_with_a_warning_on_record(tmp_path: Path, roi: str,
+                                                                      caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+
+    from edgeclf.runtime.pipeline import RunOptions
+
+    b = _sector_bundle(tmp_path, "field")
+    with caplog.at_level(logging.WARNING), FakeBackend((1, 8, 8), 3) as be, open_source(TINY.format(5)) as src:
+        s = run_pipeline(b, src, be, [ListSink()], options=RunOptions(roi=roi))
+    rec = s.to_dict()["roi"]
+    assert rec["mode"] == ("none" if roi == "none" else "fixed") and rec["chosen_by"] == "argument"
+    assert "trained on sector crops" in rec["warning"]
+    assert [r for r in caplog.records if r.levelname == "WARNING" and "trained on sector crops" in r.getMessage()]
+
+
+def test_a_bundle_not_trained_on_sectors_runs_whole_frames_by_default(tmp_path: Path) -> None:
+    from edgeclf.runtime.pipeline import RunOptions
+
+    with FakeBackend((1, 8, 8), 3) as be, open_source(TINY.format(5)) as src:
+        s = run_pipeline(_tiny(tmp_path), src, be, [ListSink()], options=RunOptions())
+    assert s.extra["roi"] == {"mode": "none", "chosen_by": "bundle", "bundle": "none"}
+    assert s.to_dict()["preprocess_parts_ms"]["sector"]["n"] == 0

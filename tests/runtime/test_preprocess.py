@@ -45,6 +45,46 @@ def test_fixed_roi_and_16_bit() -> None:
         Preprocessor(spec(roi={"mode": "fixed", "box": [100, 100, 5, 5]})).geometry(img)
 
 
+@pytest.mark.parametrize("box", [
+    [0, -20, 10, 10],  # wholly above the frame: y + h = -10 (a slice end counting from the bottom)
+    [-30, 0, 10, 10],  # wholly left of it: x + w = -20
+    [100, 0, 10, 10],  # wholly right of it
+])
+def test_a_roi_box_outside_the_frame_is_refused_not_read_from_the_far_edge(box: list) -> None:
+    img = (np.arange(100 * 100) % 251).astype(np.uint8).reshape(100, 100)
+    with pytest.raises(ConfigError, match="lies outside the 100x100 frame") as exc:
+        Preprocessor(spec(size=(16, 16), roi={"mode": "fixed", "box": box})).geometry(img)
+    assert "\n" not in str(exc.value)
+
+
+@pytest.mark.parametrize("box", [[0, 0, -5, 10], [0, 0, 10, 0], [0, 0, 10.5, 10], [0, 0, True, 10], ["0", 0, 10, 10]])
+def test_a_roi_box_without_a_positive_integer_size_is_refused(box: list) -> None:
+    with pytest.raises(ConfigError, match="w > 0 and h > 0"):
+        spec(roi={"mode": "fixed", "box": box})
+
+
+def test_a_roi_box_partly_outside_is_clipped_to_the_frame() -> None:
+    img = (np.arange(100 * 100) % 251).astype(np.uint8).reshape(100, 100)
+    # [x, y, w, h] = [-5, -4, 21, 12]: the part inside is img[0:8, 0:16], the model's size (no resize)
+    out = Preprocessor(spec(size=(8, 16), roi={"mode": "fixed", "box": [-5, -4, 21, 12]})).geometry(img)
+    np.testing.assert_array_equal(out[:, :, 0], img[0:8, 0:16])
+    # Past the right and bottom edges likewise: img[92:100, 84:100]
+    out = Preprocessor(spec(size=(8, 16), roi={"mode": "fixed", "box": [84, 92, 30, 30]})).geometry(img)
+    np.testing.assert_array_equal(out[:, :, 0], img[92:100, 84:100])
+
+
+def test_sector_is_recorded_only_when_true() -> None:
+    plain = spec()
+    assert "sector" not in plain.to_dict() and not plain.sector  # manifests without it stay byte-identical
+    assert PreprocessSpec.from_dict(plain.to_dict()) == plain
+    cropped = spec(sector=True)
+    assert cropped.to_dict()["sector"] is True and PreprocessSpec.from_dict(cropped.to_dict()) == cropped
+    with pytest.raises(ConfigError, match="sector is 'false'; allowed: true or false"):
+        PreprocessSpec.from_dict({**plain.to_dict(), "sector": "false"})
+    with pytest.raises(ConfigError, match="both sector and roi"):
+        spec(sector=True, roi={"mode": "fixed", "box": [0, 0, 10, 10]})
+
+
 def test_16_bit_uses_the_sources_rounding_not_a_shift() -> None:
     from edgeclf.runtime.sources import to_uint8
 
