@@ -34,6 +34,8 @@ MAX_REFERENCE = 64
 TIE_TOLERANCE = 1e-6  # logits this close: float rounding, not an unfaithful export
 # fp32 ONNX Runtime vs torch agree to ~1e-5; compressed variants are held to the accuracy gate instead.
 TORCH_ONNX_TOLERANCE = 1e-3  # on probabilities, and on logits relative to max(1, |torch logit|)
+# One float32 rounding of l[1] - l[0] through a sigmoid (slope <= 1/4): far below this on any probability.
+TWO_LOGIT_TOLERANCE = 1e-5
 
 
 @dataclass(frozen=True)
@@ -264,12 +266,11 @@ def export_bundle(cfg: ExportConfig) -> dict[str, Any]:
     from edgeclf.train import _positive_index, load_trained, package_versions, torch_logits
 
     out = Path(cfg.out)
-    replaceable = cfg.overwrite and (out / MANIFEST_FILE).is_file()
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not replaceable:
-        raise ConfigError(f"output folder {out} is not empty; choose a new --out or pass --overwrite to replace a bundle")
+    _check_out(out, cfg.overwrite)
     provenance: dict[str, Any] = {"exported_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
     torch_model = None
     tm = None
+    user_onnx: tuple[Any, dict[str, Any], str, str] | None = None
     train_metrics: dict[str, Any] = {}
     if cfg.model:
         tm = load_trained(cfg.model)
@@ -329,6 +330,8 @@ def export_bundle(cfg: ExportConfig) -> dict[str, Any]:
         else:
             if not Path(str(cfg.from_onnx)).is_file():
                 raise ModelError(f"ONNX file {cfg.from_onnx} does not exist")
+            # Read and checked against --size/--channels before the data: a wrong flag costs no data loading.
+            user_onnx = _read_onnx(Path(str(cfg.from_onnx)), ch, side)
             provenance.update(source="onnx", file=Path(str(cfg.from_onnx)).name)
     if not data_spec:
         raise ConfigError("no --data given and the training folder does not record its data; pass --data SPEC")
@@ -338,6 +341,11 @@ def export_bundle(cfg: ExportConfig) -> dict[str, Any]:
     if tm is not None:  # changed data re-draws the split: export's "val" (gate, parity, metrics) would hold training images
         require_training_data(ds, recorded, data_given=cfg.data,
                                use="its val split is no longer the one held out in training")
+    if ds.task != task and tm is None:  # --task is the user's: name it (--classes can merge classes, never add them)
+        merge = task == "binary" and ds.task == "multiclass" and ds.kind != "synthetic"
+        raise DataError(f"data {ds.name} is a {ds.task} set; the model was given --task {task}: give --task {ds.task}"
+                        + (" (a binary model may output (N, 1) or (N, 2) logits)" if ds.task == "binary" else "")
+                        + (f", or merge the data's classes onto --labels {','.join(labels)} with --classes" if merge else ""))
     if ds.task != task or ds.labels != labels:
         raise DataError(f"data {ds.name} is a {ds.task} set with labels {ds.labels}; the model is {task} with labels {labels} "
                         "(same names, same order); use --classes to map the data or fix --labels")
@@ -366,12 +374,22 @@ def export_bundle(cfg: ExportConfig) -> dict[str, Any]:
             info = export_onnx(torch_model, xp, onnx_path)
             in_name, out_name = INPUT_NAME, OUTPUT_NAME
         else:
-            info, in_name, out_name = _copy_onnx(Path(str(cfg.from_onnx)), onnx_path)
+            assert user_onnx is not None
+            proto, info, in_name, out_name = user_onnx
+            _save_onnx(proto, onnx_path, Path(str(cfg.from_onnx)).name)
             ref = None
         lv = _ort_logits(onnx_path, xv).astype(np.float32)
         n_out = 1 if task == "binary" else len(labels)
+        if user_onnx is not None and task == "binary" and lv.ndim == 2 and lv.shape[1] == 2:
+            lv, out_name, provenance["two_logit_binary"] = _binary_from_two_logits(onnx_path, xv, lv, out_name, labels)
         if lv.ndim != 2 or lv.shape[1] != n_out:
-            raise ModelError(f"the model outputs shape {lv.shape}; a {task} model with {len(labels)} labels must output (N, {n_out}) logits")
+            want = f"(N, {n_out}) logits"
+            if task == "binary" and user_onnx is not None:
+                want = "(N, 1) logits (of the second label) or (N, 2) logits (in --labels order)"
+            elif task == "binary":  # a torch model is exported as it is: its forward must give the one logit
+                want += " (of the second label; a 2-logit model: return logits[:, 1:] - logits[:, :1])"
+            raise ModelError(f"the model outputs shape {lv.shape}; a {task} model with {len(labels)} labels must output {want}: "
+                             "give a model with that output, or the --task and --labels it was trained for")
         if rule is None:  # imported models: calibrate on the validation split, whatever --split is
             # The data set's clinically positive class unless --positive names one, as `edgeclf train` does.
             positive = _positive_index(ds, cfg.positive)
@@ -482,8 +500,30 @@ def _qat_rung(cfg: ExportConfig, tm: Any, ds: Dataset) -> tuple[Any, str]:
     return make_qat_rung(tm, ds), ""
 
 
-def _copy_onnx(src: Path, dst: Path) -> tuple[dict[str, Any], str, str]:
-    """Check a user's ONNX file and copy it; returns ({opset, ir_version[, batch]}, input name, output name)."""
+def _check_out(out: Path, overwrite: bool) -> None:
+    """Refuse an --out that holds anything but a bundle --overwrite may replace, saying what is there."""
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise ConfigError(f"--out {out} is a file, not a folder; a bundle is a folder (--overwrite replaces only a previous "
+                          "bundle): choose another --out")
+    if not any(out.iterdir()):
+        return
+    if not (out / MANIFEST_FILE).is_file():
+        if overwrite:
+            raise ConfigError(f"--out {out} holds other files, not a bundle (no {MANIFEST_FILE}); --overwrite replaces only a "
+                              "previous bundle: choose another --out")
+        raise ConfigError(f"--out {out} is a folder that is not empty and holds no bundle (no {MANIFEST_FILE}); "
+                          "choose another --out (a new or empty folder)")
+    if not overwrite:
+        raise ConfigError(f"--out {out} already holds a bundle; pass --overwrite to replace it or choose another --out")
+
+
+def _read_onnx(src: Path, channels: int, side: int) -> tuple[Any, dict[str, Any], str, str]:
+    """Check a user's ONNX file; returns (proto, {opset, ir_version[, batch]}, input name, output name).
+
+    The input's static dimensions must be (channels, side, side): a mismatch is the user's flags, named before any run.
+    """
     import onnx
 
     try:
@@ -498,15 +538,87 @@ def _copy_onnx(src: Path, dst: Path) -> tuple[dict[str, Any], str, str]:
     if opset > OPSET:
         log.warning("ONNX opset %d is above %d: TensorRT 8.6 (JetPack 5) cannot parse it", opset, OPSET)
     info: dict[str, Any] = {"opset": opset, "ir_version": int(proto.ir_version)}
-    dim0 = inputs[0].type.tensor_type.shape.dim[0] if inputs[0].type.tensor_type.shape.dim else None
-    if dim0 is not None and dim0.HasField("dim_value"):
-        info["batch"] = int(dim0.dim_value)  # a fixed batch: the runtime feeds it exactly that many
-    # Saved from the loaded proto as one file: a copy would leave an external-data side file behind.
+    tt = inputs[0].type.tensor_type
+    dims = list(tt.shape.dim) if tt.HasField("shape") else []
+    if dims and dims[0].HasField("dim_value"):
+        info["batch"] = int(dims[0].dim_value)  # a fixed batch: the runtime feeds it exactly that many
+    _check_input_dims(src.name, dims, channels, side)
+    return proto, info, inputs[0].name, proto.graph.output[0].name
+
+
+def _check_input_dims(name: str, dims: list[Any], channels: int, side: int) -> None:
+    """The model's declared input against --channels/--size; dynamic (named or unset) dimensions take any value."""
+    if not dims:  # no shape declared: onnxruntime's own check is all there is
+        return
+    declared = [int(d.dim_value) if d.HasField("dim_value") else None for d in dims]
+    shown = ", ".join(str(v) if v is not None else (d.dim_param or "?") for v, d in zip(declared, dims))
+    if len(dims) != 4:
+        raise ModelError(f"{name} takes inputs ({shown}); a bundle's model takes images (N, C, H, W): export it with a 4-D input")
+    c, h, w = declared[1:]
+    if h is not None and w is not None and h != w:
+        raise ModelError(f"{name} takes inputs ({shown}), {h}x{w} images; --size gives square images only: export the model "
+                         "with a square (or dynamic) input")
+    want_c, want_side = c or channels, h or w or side
+    if (want_c, want_side) == (channels, side):
+        return
+    batch = shown.split(", ")[0]
+    raise ModelError(f"{name} takes inputs ({shown}); --size {side} --channels {channels} give ({batch}, {channels}, {side}, {side}): "
+                     f"give --size {want_side} --channels {want_c}")
+
+
+def _save_onnx(proto: Any, dst: Path, name: str) -> None:
+    """Saved from the loaded proto as one file: a copy would leave an external-data side file behind."""
+    import onnx
+
     try:
         onnx.save_model(proto, str(dst), save_as_external_data=False)
     except ValueError as exc:  # over protobuf's 2 GB limit
-        raise ModelError(f"{src.name} cannot be stored as one ONNX file ({str(exc).splitlines()[0][:200]}); a bundle holds a single-file model") from None
-    return info, inputs[0].name, proto.graph.output[0].name
+        raise ModelError(f"{name} cannot be stored as one ONNX file ({str(exc).splitlines()[0][:200]}); a bundle holds a single-file model") from None
+
+
+def _binary_from_two_logits(path: Path, xv: np.ndarray, lv: np.ndarray, out_name: str,
+                            labels: list[str]) -> tuple[np.ndarray, str, dict[str, Any]]:
+    """A 2-logit binary model (softmax over `labels` in order) -> the bundle's one binary logit, in place at `path`.
+
+    A binary bundle's logit is always that of labels[1] (runtime/postprocess.py; `positive` only picks the class the
+    threshold is on), so one MatMul by [[-1], [1]] appends l[1] - l[0]: softmax(l)[1] == sigmoid(l[1] - l[0]) exactly,
+    and the products by +-1 round nothing. Checked against the original softmax on the validation images.
+    Returns (new logits, new output name, the provenance record).
+    """
+    import onnx
+    from onnx import helper, numpy_helper
+
+    if np.all(lv >= 0) and np.allclose(lv.sum(axis=1), 1.0, atol=1e-4):  # l[1] - l[0] of probabilities is no logit
+        raise ModelError(f"the model's 2 outputs look like probabilities (every row is >= 0 and sums to 1 on the {len(lv)} "
+                         "validation images); a bundle needs logits: export the model without its final softmax")
+    proto = onnx.load(str(path))
+    old = proto.graph.output[0]
+    names = {t for n in proto.graph.node for t in (*n.input, *n.output)} | {t.name for t in proto.graph.initializer}
+    new_name = f"{out_name}_binary_logit"
+    while new_name in names:
+        new_name += "_"
+    elem = old.type.tensor_type.elem_type or onnx.TensorProto.FLOAT
+    weights = np.array([[-1.0], [1.0]], dtype=helper.tensor_dtype_to_np_dtype(elem))
+    w_name = f"{new_name}_weights"
+    proto.graph.initializer.append(numpy_helper.from_array(weights, w_name))
+    proto.graph.node.append(helper.make_node("MatMul", [out_name, w_name], [new_name], name="edgeclf_two_logits_to_binary"))
+    dims = list(old.type.tensor_type.shape.dim)
+    batch: int | str = (dims[0].dim_value if dims[0].HasField("dim_value") else dims[0].dim_param or "batch") if dims else "batch"
+    del proto.graph.output[:]
+    proto.graph.output.append(helper.make_tensor_value_info(new_name, elem, [batch, 1]))
+    onnx.checker.check_model(proto)
+    _save_onnx(proto, path, path.name)
+    new = _ort_logits(path, xv).astype(np.float32)
+    diff = float(np.max(np.abs(probabilities(new, "binary")[:, 1] - probabilities(lv, "multiclass")[:, 1]), initial=0.0))
+    if not diff <= TWO_LOGIT_TOLERANCE:  # `not <=`: a NaN fails too
+        raise ExportError(f"the converted binary logit's probabilities differ from the model's own softmax by {diff:.2e} on "
+                          f"the validation images (tolerance {TWO_LOGIT_TOLERANCE:g}); no bundle was written")
+    record = {"outputs": 2, "binary_logit": "output[1] - output[0]", "logit_of": {"output_index": 1, "label": labels[1]},
+              "node": "MatMul by [[-1], [1]] appended to the model's output",
+              "parity": {"reference": "the imported model's softmax", "split": "val", "n": int(len(lv)),
+                         "max_abs_diff_probs": diff, "tolerance": TWO_LOGIT_TOLERANCE}}
+    log.info("2-logit binary model: bundle logit = output[1] - output[0] (max probability diff %.2e)", diff)
+    return new, new_name, record
 
 
 def _permissions_per_umask(stage: Path) -> None:

@@ -36,7 +36,7 @@ def test_no_samples_and_overwrite(trained_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "b"
     export_bundle(ExportConfig(out=str(out), model=str(trained_dir), samples=False))
     assert not (out / "reference.npz").exists() and load_bundle(out).manifest.raw["reference"] is None
-    with pytest.raises(ConfigError, match="not empty"):
+    with pytest.raises(ConfigError, match="already holds a bundle; pass --overwrite to replace it"):
         export_bundle(ExportConfig(out=str(out), model=str(trained_dir)))
     export_bundle(ExportConfig(out=str(out), model=str(trained_dir), overwrite=True))
     assert (out / "reference.npz").exists()
