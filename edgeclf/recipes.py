@@ -284,6 +284,8 @@ def resolve_recipe(recipe: Recipe, data: str, cli: dict[str, Any]) -> tuple[dict
                           f"--data \"{data.partition('?')[0]}?frames={cli['frames_per_clip']}\"")
     resolved = {k: None if k in AUTO_FIELDS and x == AUTO else x for k, x in train.items()}
     kwargs = {**resolved, **cli}
+    if frames is not None and "frames_per_clip" not in cli:
+        kwargs["frames_per_clip"] = frames  # the config records the frames the spec samples, not the unused default
     record = {
         "name": recipe.name, "version": recipe.version, "sha256": recipe.sha256, "variant": variant,
         "data_options": options, "train": train, "export": export, "evaluate": dict(recipe.evaluate),

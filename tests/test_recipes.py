@@ -43,6 +43,7 @@ def test_packaged_recipes_load_and_build_configs() -> None:
     kwargs, spec, _ = resolve_recipe(load_recipe("lung-pocus"), "/d/pocus", {})
     assert spec == "/d/pocus?frames=24&roi=sector" and kwargs["folds"] == 5 and kwargs["group"] == "source"
     assert "viral" not in kwargs["classes"]
+    assert kwargs["frames_per_clip"] == 24  # run.json's config records the frames sampled, not the default 8
 
 
 def test_cli_values_win_and_options_given_win() -> None:
@@ -50,6 +51,7 @@ def test_cli_values_win_and_options_given_win() -> None:
     kwargs, spec, rec = resolve_recipe(r, "/d/pocus?frames=4", {"epochs": 2, "size": 64})
     assert kwargs["epochs"] == 2 and kwargs["size"] == 64 and kwargs["model"] == "efficientnet_lite0"
     assert spec == "/d/pocus?frames=4&roi=sector"  # the spec's own frames=4 wins over the recipe's
+    assert kwargs["frames_per_clip"] == 4
     assert rec["overridden"] == ["data.frames", "epochs", "size"]  # the spec overrode the recipe's frames=24
 
 
