@@ -143,7 +143,7 @@ def _withhold(text: str) -> str:
     return _IN_FILE.sub(r"\1<withheld>", _QUOTED.sub("'<withheld>'", _INVALID.sub(r"\1<withheld>\2", text)))
 
 
-_HYGIENE: List[bool] = []
+_PYDICOM_MODULES = r"pydicom(\.|$)"
 _WITHHOLD = _WithholdValues()
 
 
@@ -170,13 +170,19 @@ def _filter_pydicom_loggers() -> None:
 def _pydicom() -> Any:
     mod = require("pydicom", "dicom")
     _filter_pydicom_loggers()  # a pydicom module imported since has its own logger (a no-op when none was)
-    if not _HYGIENE:  # once per process, at the first DICOM file
-        _HYGIENE.append(True)
-        # The same complaints as warnings would print the value or the path to stderr, and a warning's text
-        # cannot be rewritten: pydicom 3 also logs them (filtered above), pydicom 2 then says nothing.
-        for message in (r"Invalid value for VR", r"(?s).* in file "):
-            warnings.filterwarnings("ignore", message=message, category=UserWarning, module=r"pydicom\.")
+    _quiet_pydicom_warnings()
     return mod
+
+
+def _quiet_pydicom_warnings() -> None:
+    """pydicom's warnings quote header values ("Invalid value for VR PN: 'DOE^JOHN'", "Unknown encoding
+    'DOE^JOHN'") and paths, on stderr, and a warning's text cannot be rewritten: none is shown. pydicom 3
+    logs each one too (warn_and_log; filtered above), pydicom 2 then says nothing. Checked at every call,
+    not once: a catch_warnings() block around the first read would take a once-set filter away with it."""
+    for action, _, category, module, _ in warnings.filters:
+        if action == "ignore" and category is UserWarning and module is not None and module.pattern == _PYDICOM_MODULES:
+            return
+    warnings.filterwarnings("ignore", category=UserWarning, module=_PYDICOM_MODULES)
 
 
 def _major() -> int:
@@ -869,13 +875,21 @@ def _series_files(folder: str) -> Tuple[List[str], int]:
     return names, hidden
 
 
+def _empty(path: str) -> bool:
+    try:
+        return os.path.getsize(path) == 0
+    except OSError:
+        return False  # unreadable: probe says so
+
+
 class DicomSource(BaseSource):
     """A DICOM file or a folder of DICOM files (a series); every frame of every file, in order.
 
     Folder: files sorted by InstanceNumber, then by name (natural sort); hidden files, files that are
     not DICOM (no 'DICM' marker and not named .dcm/.dicom) and DICOM files without pixel data
-    (DICOMDIR, reports) are skipped and counted in `skipped`; a damaged or cut-short DICOM file is an
-    error, never skipped (a series must not lose a file without a word). A multi-frame file (cine) yields each frame. `frame_count` is the sum of
+    (DICOMDIR, reports) are skipped and counted in `skipped` (and `stats()`, for the run summary); a
+    damaged or cut-short DICOM file (an empty .dcm too) is an error, never skipped (a series must not
+    lose a file without a word). A multi-frame file (cine) yields each frame. `frame_count` is the sum of
     NumberOfFrames, `fps` the first file's FrameTime / CineRate / RecommendedDisplayFrameRate, `size`
     the first file's (width, height). Every file is checked when the source opens (photometric
     interpretation, bits, an installed decoder for its transfer syntax), so that an unusable file
@@ -923,6 +937,10 @@ class DicomSource(BaseSource):
             first.photometric,
         )
 
+    def stats(self) -> Dict[str, int]:
+        """Files read, files skipped (hidden, not DICOM, no pixel data) and passes (for the run summary)."""
+        return {"files": len(self._files), "skipped": self.skipped, "passes": self.passes}
+
     def _collect(self, path: Union[str, Sequence[str]]) -> List[DicomFile]:
         if isinstance(path, str) and os.path.isdir(path):
             candidates, hidden = _series_files(path)
@@ -944,6 +962,12 @@ class DicomSource(BaseSource):
             if count == 1:
                 where = "DICOM file"
             force = explicit or ext in DICOM_EXTENSIONS
+            if force and _empty(p):
+                # a copy that never got its bytes: cut short, not "not DICOM" (it would be skipped)
+                raise SourceError(
+                    f"{where} is empty (0 bytes; e.g. a half-finished copy); supported: complete DICOM files; "
+                    "copy or export it again"
+                )
             try:
                 df = DicomFile.probe(p, where, force=force, images_only=not explicit)
             except SourceError:

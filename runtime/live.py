@@ -12,8 +12,9 @@
   Corrupt frames (no image, empty, wrong dtype or shape) are skipped and counted. Frame indexes keep
   counting across reconnects. Same `drop` policies.
 
-Both hand-offs hold at most one frame (bounded). Both expose `stats()` and pass `ack(frame)` on to the
-source they wrap (see `edgeclf.runtime.watch`). Python 3.8 compatible; no OpenCV import here.
+Both hand-offs hold at most one frame (bounded). Both expose `stats()` (with the wrapped source's own
+counts, e.g. a video's undecodable frames) and pass `ack(frame)` on to the source they wrap (see
+`edgeclf.runtime.watch`). Python 3.8 compatible; no OpenCV import here.
 """
 
 from __future__ import annotations
@@ -193,6 +194,21 @@ class _Capture:
         return not self._thread.is_alive()
 
 
+def _source_stats(source: Any) -> Dict[str, int]:
+    """The wrapped source's own counts (a video's decoded/skipped frames, a DICOM series' skipped files), {}
+    when it has no stats()."""
+    stats = getattr(source, "stats", None)
+    return dict(stats()) if callable(stats) else {}
+
+
+def _merged(own: Dict[str, int], inner: Dict[str, int]) -> Dict[str, int]:
+    """`own` plus the wrapped source's counts: the run summary sees only the outermost stats(). A key both
+    have keeps the wrapper's meaning; the source's value goes under "source_<key>" (lost neither way)."""
+    out = {("source_" + k if k in own else k): v for k, v in inner.items()}
+    out.update(own)
+    return out
+
+
 def _close_quietly(source: Any, wait: float) -> None:
     """Close `source` from a helper thread (a hung capture may block close); wait up to `wait` s."""
 
@@ -309,14 +325,17 @@ class LatestFrameReader:
             ack(frame)
 
     def stats(self) -> Dict[str, int]:
-        """captured (frames read from the source), delivered (handed to the consumer), dropped."""
+        """captured (frames read from the source), delivered (handed to the consumer), dropped, and the
+        source's own stats() (see `_merged`: a clashing key of the source's comes as "source_<key>")."""
         if self._capture is None:
-            return {"captured": self._direct_captured, "delivered": self._delivered, "dropped": 0}
-        return {
-            "captured": self._capture.captured,
-            "delivered": self._delivered,
-            "dropped": self._capture.mailbox.dropped,
-        }
+            own = {"captured": self._direct_captured, "delivered": self._delivered, "dropped": 0}
+        else:
+            own = {
+                "captured": self._capture.captured,
+                "delivered": self._delivered,
+                "dropped": self._capture.mailbox.dropped,
+            }
+        return _merged(own, _source_stats(self.source))
 
     def __iter__(self) -> Iterator[Frame]:
         while True:
@@ -366,7 +385,8 @@ class ReconnectingSource:
     a timeout (watched folders). `clock` and `sleep` (the backoff wait) can be injected for tests.
     `stats()`: captured, delivered, dropped, skipped (corrupt frames), reconnects (successful reopens),
     disconnects, errors (reads that raised), timeouts (hung reads), empty (None from a live source),
-    open_failures.
+    open_failures; and the wrapped sources' own stats(), summed over connections (a clashing key of
+    theirs comes as "source_<key>", e.g. "source_skipped" beside the corrupt frames' "skipped").
     """
 
     kind = "reconnecting"
@@ -426,6 +446,7 @@ class ReconnectingSource:
         )
         self._old_captured = 0
         self._old_dropped = 0
+        self._old_inner: Dict[str, int] = {}  # stats() of the sources of earlier connections, summed
         self.fps: Optional[float] = None
         self.size: Optional[Size] = None
         self.frame_count: Optional[int] = None
@@ -513,7 +534,10 @@ class ReconnectingSource:
         cap = self._capture
         out["captured"] = self._old_captured + (cap.captured if cap is not None else 0)
         out["dropped"] = self._old_dropped + (cap.mailbox.dropped if cap is not None else 0)
-        return out
+        inner = dict(self._old_inner)
+        for k, v in (_source_stats(cap.source) if cap is not None else {}).items():
+            inner[k] = inner.get(k, 0) + v
+        return _merged(out, inner)
 
     def __iter__(self) -> Iterator[Frame]:
         while True:
@@ -612,6 +636,8 @@ class ReconnectingSource:
         cap.cancel()
         self._old_captured += cap.captured
         self._old_dropped += cap.mailbox.dropped
+        for k, v in _source_stats(cap.source).items():
+            self._old_inner[k] = self._old_inner.get(k, 0) + v
         _close_quietly(cap.source, 0.0 if self._closed is False else _JOIN_S)
         if self._closed:
             cap.join(_JOIN_S)

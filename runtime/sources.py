@@ -17,7 +17,9 @@ Rules kept here:
   EDGECLF_SOURCE_NAMES=index by their index alone (a short unsalted hash of a guessable name can be
   matched against a list of names).
 - A decode failure never silently ends or shortens a stream: video files log a WARNING with how
-  many frames were read against how many the container claims, images raise SourceError.
+  many frames were read against how many the container claims, images raise SourceError (so does a
+  multi-page TIFF, whose pages past the first OpenCV would drop).
+- OpenCV gets no name that is not valid UTF-8 (it crashes the interpreter on one): SourceError.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import hashlib
 import logging
 import os
 import re
+import struct
 import sys
 import threading
 import time
@@ -154,6 +157,20 @@ def source_name_policy() -> str:
         raise SourceError(f"{SOURCE_NAMES_ENV} is {value[:20]!r}; allowed: {', '.join(_NAME_POLICIES)}; "
                           "fix or unset the environment variable")
     return value
+
+
+def _cv_text(text: str, what: str) -> str:
+    """`text` (a path, URI or pipeline) as OpenCV may take it. OpenCV converts a str to UTF-8 without a
+    check: a surrogate-escaped name (bytes that are not UTF-8, e.g. a Latin-1 name from a USB stick)
+    kills the interpreter (SIGSEGV). The name is not echoed: its undecodable bytes cannot be shown."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise SourceError(
+            f"the {what} name is not valid UTF-8 (e.g. a Latin-1 name from a USB stick or a Windows share) and "
+            f"OpenCV cannot open it; supported: UTF-8 names; rename the {what} (or copy it to a UTF-8 name)"
+        ) from None
+    return text
 
 
 def _short_hash(text: str) -> str:
@@ -344,6 +361,7 @@ class VideoFileSource(BaseSource):
     @staticmethod
     def _open(path: str) -> Any:
         cv2 = _cv2()
+        _cv_text(path, "video file")
         cap = None
         for api in (getattr(cv2, "CAP_FFMPEG", None), cv2.CAP_ANY):
             if api is None:
@@ -452,12 +470,54 @@ def to_uint8(image: NDArray[Any]) -> Image:
     return out
 
 
+_TIFF_REDUCED = 1  # NewSubfileType bit 0: a reduced-resolution copy (a thumbnail) of another page
+
+
+def _tiff_pages(data: Any) -> int:
+    """Full-resolution pages in a TIFF's IFD chain (bytes or a uint8 array): 1 for anything that is not a
+    TIFF, or whose chain cannot be followed (what OpenCV decodes decides then). A thumbnail is no page."""
+    head = bytes(data[:16])
+    if head[:4] in (b"II*\0", b"MM\0*"):
+        big = False
+    elif head[:4] in (b"II+\0", b"MM\0+") and len(head) == 16:
+        big = True
+    else:
+        return 1
+    o = "<" if head[:2] == b"II" else ">"
+    count_fmt, entry_size, value_at = (o + "Q", 20, 12) if big else (o + "H", 12, 8)
+    offset = struct.unpack_from(o + ("Q" if big else "I"), head, 8 if big else 4)[0]
+    size = len(data)
+    pages = 0
+    seen = set()
+    while offset and offset not in seen:
+        seen.add(offset)  # a chain that points back (damaged) ends here
+        try:
+            entries = struct.unpack_from(count_fmt, data, offset)[0]
+            start = offset + struct.calcsize(count_fmt)
+            if start + entries * entry_size > size:
+                break
+            reduced = False
+            for k in range(entries):
+                at = start + k * entry_size
+                tag, kind = struct.unpack_from(o + "HH", data, at)
+                if tag == 254 and kind in (3, 4, 16):  # SHORT, LONG or LONG8, left-justified in the field
+                    fmt = o + {3: "H", 4: "I", 16: "Q"}[kind]
+                    reduced = bool(struct.unpack_from(fmt, data, at + value_at)[0] & _TIFF_REDUCED)
+            pages += not reduced
+            offset = struct.unpack_from(o + ("Q" if big else "I"), data, start + entries * entry_size)[0]
+        except struct.error:
+            break
+    return max(pages, 1)
+
+
 def decode_image(path: str, where: Optional[str] = None) -> Tuple[Image, int]:
     """Read one image file as uint8 gray (H, W) or RGB (H, W, 3); returns it and its bit depth.
 
     16-bit files go through `to_uint8`, alpha is dropped, BGR becomes RGB. A file that cannot be
     read or decoded raises a one-line SourceError starting with `where` (default: "image (.ext)",
-    which does not name the file; a caller that may name it passes its own).
+    which does not name the file; a caller that may name it passes its own). So does a multi-page
+    TIFF (thumbnails aside): OpenCV would give its first page only, and a file here is one image
+    (one frame of a folder, one labelled image of a training set).
     """
     cv2 = _cv2()
     ext = os.path.splitext(path)[1].lower()
@@ -475,6 +535,13 @@ def decode_image(path: str, where: Optional[str] = None) -> Tuple[Image, int]:
         raise SourceError(
             f"{where} could not be decoded; supported: {' '.join(IMAGE_EXTENSIONS)} images; "
             "replace or remove that file"
+        )
+    pages = _tiff_pages(buf)
+    if pages > 1:
+        raise SourceError(
+            f"{where} has {pages} pages; supported: single-page images (only the first page would be read); "
+            "split it into one file per page, e.g. `convert IN.tif page_%03d.png` (ImageMagick), "
+            "or save a cine as a video or DICOM file"
         )
     if raw.dtype == np.uint16:
         raw = to_uint8(raw)
@@ -505,8 +572,8 @@ class ImageSource(BaseSource):
     """A sorted list of image files (a folder's images, a glob's matches, or one file).
 
     Gray files stay (H, W); colour files become RGB; 16-bit files are scaled to 8-bit; alpha is
-    dropped. A file that cannot be decoded raises SourceError naming its index: a frame is never
-    skipped. `size` is the first image's (images may differ; frames are not resized unless a size
+    dropped. A file that cannot be decoded, or a multi-page TIFF, raises SourceError naming its
+    index: a frame is never skipped. `size` is the first image's (images may differ; frames are not resized unless a size
     was requested).
     """
 
@@ -651,6 +718,8 @@ class CameraSource(BaseSource):
         )
         if isinstance(device, str) and not os.path.exists(device):
             raise SourceError(hint)
+        if isinstance(device, str):
+            _cv_text(device, "camera device")
         if isinstance(device, str) and sys.platform.startswith("linux"):
             cap = cv2.VideoCapture(device, cv2.CAP_V4L2)
         else:
@@ -754,6 +823,7 @@ class StreamSource(BaseSource):
         source_id: str = "",
     ) -> None:
         cv2 = _cv2()
+        _cv_text(uri, "GStreamer pipeline" if gstreamer else "stream address")
         shown = redact_uri(uri)
         self._shown = shown
         if gstreamer:
@@ -965,8 +1035,9 @@ def open_source(
 ) -> FrameSource:
     """Open a frame source from a URI.
 
-    - "0", "1", ... or /dev/videoN (or /dev/v4l/...) -> camera (`loop` is ignored; V4L2 cameras are
-      asked for `fourcc`, MJPG by default, None keeps the device's format)
+    - "0", "1", ... (where no such file or folder exists: a folder named 20240101 is a folder) or
+      /dev/videoN (or /dev/v4l/...) -> camera (`loop` is ignored; V4L2 cameras are asked for `fourcc`,
+      MJPG by default, None keeps the device's format)
     - rtsp://, rtsps://, rtmp://, http(s):// -> network stream through FFmpeg (live)
     - a GStreamer pipeline ('... ! appsink', or starting with v4l2src, nvarguscamerasrc, ...) -> stream
       through CAP_GSTREAMER, where OpenCV was built with GStreamer (live)
@@ -986,7 +1057,7 @@ def open_source(
     lower = text.lower()
 
     sid = _short_hash(text)
-    if text.isdigit() and text.isascii():
+    if text.isdigit() and text.isascii() and not os.path.exists(os.path.expanduser(text)):
         return CameraSource(int(text), size=target, fourcc=fourcc, source_id=sid)
     if _CAMERA_PATH.match(text):
         return CameraSource(text, size=target, fourcc=fourcc, source_id=sid)

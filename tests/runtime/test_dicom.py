@@ -695,3 +695,44 @@ def test_pydicom2_decodes_a_cine_one_frame_at_a_time(tmp_path: Path, monkeypatch
         assert [f.image[0, 0].tolist() for f in frames] == [[i, 2 * i, 3 * i] for i in range(4)]
         assert [f.meta["file_frame"] for f in frames] == [0, 1, 2, 3]
     assert seen and set(seen) == {1}, seen
+
+
+def test_skipped_files_reach_the_source_stats(tmp_path: Path) -> None:
+    """The run summary takes a source's counts from stats() only (pipeline: source_stats)."""
+    write_dicom(tmp_path / "1.dcm", np.full((4, 4), 1, np.uint8), instance=1)
+    (tmp_path / "notes.txt").write_text("not dicom")
+    (tmp_path / ".hidden.dcm").write_bytes(b"\0" * 10)
+    write_dicom(tmp_path / "3.dcm", np.full((4, 4), 3, np.uint8), instance=3)
+    with open_source(str(tmp_path), loop=True) as src:
+        assert [src.read() is not None for _ in range(3)] == [True] * 3
+        assert src.stats() == {"files": 2, "skipped": 2, "passes": 2}
+
+
+def test_an_empty_dcm_file_in_a_series_is_an_error_not_skipped(tmp_path: Path) -> None:
+    """A zero-byte .dcm is a copy that never got its bytes: cut short, so an error, as the docstring says."""
+    bad = _series_with_a_damaged_file(tmp_path / "series")
+    bad.write_bytes(b"")
+    with pytest.raises(SourceError, match=r"DICOM file 1 of 3 \(\.dcm.* is empty \(0 bytes") as exc:
+        open_source(str(tmp_path / "series"))
+    assert "DOE" not in _one_line(exc) and "series" not in str(exc.value)
+    with pytest.raises(SourceError, match=r"^DICOM file is empty \(0 bytes"):
+        open_source(str(bad))
+
+
+def test_a_header_value_in_a_pydicom_warning_never_reaches_stderr(tmp_path: Path) -> None:
+    """pydicom's 'Unknown encoding' UserWarning quotes Specific Character Set verbatim (a name typed into it);
+    a fresh interpreter, since warnings print once per place and pytest captures them."""
+    import subprocess
+    import sys
+
+    p = write_dicom(tmp_path / "cs.dcm", np.zeros((4, 4), np.uint8))
+    ds = pydicom.dcmread(p)
+    ds.SpecificCharacterSet = "ZYQUIST^ORVILLE"
+    _save(ds, p)
+    repo = str(Path(__file__).resolve().parents[2])
+    code = (f"import sys; sys.path.insert(0, {repo!r})\n"
+            "from edgeclf.runtime.sources import open_source\n"
+            f"s = open_source({str(p)!r}); print(len(list(s))); s.close()\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and proc.stdout.strip() == "1", proc.stderr[-300:]
+    assert "ZYQUIST" not in proc.stderr, proc.stderr.strip()[:200]

@@ -355,3 +355,40 @@ def test_a_disconnect_warning_names_no_uri_or_path(caplog: pytest.LogCaptureFixt
     src.close()
     assert events, "no disconnect seen"
     assert "disconnected" in caplog.text and "DOE_JOHN" not in caplog.text and "<source>" in caplog.text
+
+
+class _Counting(FlakyCamera):
+    """A FlakyCamera with its own stats(), one key of which ("skipped") a wrapper counts too."""
+
+    def stats(self) -> Dict[str, int]:
+        return {"decoded": self._k, "skipped": 1}
+
+
+def test_realtime_reader_keeps_the_videos_decode_counts(tmp_path: Any) -> None:
+    """--realtime wraps the video in LatestFrameReader, and the run summary takes stats() from the wrapper."""
+    cv2 = pytest.importorskip("cv2", reason="OpenCV (the 'cv' extra) writes and reads the video")
+    from edgeclf.runtime.sources import open_source
+
+    path = str(tmp_path / "c.avi")
+    w = cv2.VideoWriter(path, cv2.VideoWriter_fourcc(*"MJPG"), 200, (32, 24))
+    for i in range(6):
+        w.write(np.full((24, 32, 3), i * 40, np.uint8))
+    w.release()
+    with LatestFrameReader(open_source(path), drop="none", realtime=True) as reader:
+        assert sum(1 for _ in reader) == 6
+        stats = reader.stats()
+    assert stats == {"captured": 6, "delivered": 6, "dropped": 0, "decoded": 6, "skipped": 0, "passes": 1}
+
+
+def test_a_wrapped_sources_stats_are_kept_and_a_clash_is_prefixed() -> None:
+    with LatestFrameReader(_Counting(_Shared(every=10**9, limit=3)), drop="none") as reader:
+        assert [reader.read(timeout=2.0) is not None for _ in range(3)] == [True] * 3
+        stats = reader.stats()
+    assert stats["decoded"] == 3 and stats["skipped"] == 1 and stats["delivered"] == 3
+    shared = _Shared(every=4, limit=6)  # every 4th read fails: reconnects in between
+    with ReconnectingSource(lambda: _Counting(shared), drop="none", **_fast()) as src:
+        assert [src.read(timeout=2.0) is not None for _ in range(6)] == [True] * 6
+        stats = src.stats()
+    # summed over every connection; the source's "skipped" beside the wrapper's own (corrupt frames)
+    assert stats["decoded"] == 6 and stats["source_skipped"] == shared.opens and stats["skipped"] == 0
+    assert stats["reconnects"] == shared.opens - 1 >= 1

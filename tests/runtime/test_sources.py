@@ -486,3 +486,103 @@ def test_an_unreadable_folder_is_one_line_without_its_path(tmp_path: Path, monke
         with pytest.raises(SourceError, match=r"could not be listed \(PermissionError: Permission denied\); .*permissions") as exc:
             open_(str(folder))
         assert "\n" not in str(exc.value) and "ZYQUIST" not in str(exc.value) and "QX48213" not in str(exc.value)
+
+
+# ------------------------------------------------------------------- names OpenCV cannot take, TIFF
+
+
+_OPEN_IN_A_CHILD = (
+    "import os, sys\n"
+    "sys.path.insert(0, {repo!r})\n"
+    "from edgeclf.errors import SourceError\n"
+    "from edgeclf.runtime.sources import open_source\n"
+    "p = os.fsdecode({target!r})  # what sys.argv / click hand over for such a name\n"
+    "try:\n"
+    "    with open_source(p) as s:\n"
+    "        print('frames', sum(1 for _ in s))\n"
+    "except SourceError as e:\n"
+    "    print('refused', e)\n"
+)
+
+
+@pytest.mark.parametrize("kind", ["video", "stream"])
+def test_a_name_that_is_not_utf8_is_refused_not_a_crash(tmp_path: Path, kind: str) -> None:
+    """OpenCV cannot convert a surrogate-escaped str (a Latin-1 name from a USB stick, from sys.argv) and
+    kills the interpreter (SIGSEGV): run in a child so that a crash fails the test, not the session."""
+    import os
+    import subprocess
+    import sys
+
+    if kind == "video":
+        target = os.path.join(os.fsencode(str(tmp_path)), b"clip\xe9.avi")  # 'clipé' in Latin-1
+        os.replace(str(_write_video(tmp_path / "x.avi", "MJPG", n=5)), target)
+    else:
+        target = b"rtsp://127.0.0.1:1/cam\xe9ra"
+    repo = str(Path(__file__).resolve().parents[2])
+    proc = subprocess.run([sys.executable, "-c", _OPEN_IN_A_CHILD.format(repo=repo, target=target)],
+                          capture_output=True, text=True, timeout=60, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, f"the interpreter died with {proc.returncode}: {proc.stderr[-300:]}"
+    out = proc.stdout.strip()
+    assert out.startswith("refused") and "not valid UTF-8" in out and "rename" in out, out
+    assert "\n" not in out and "\\udce9" not in out and "\udce9" not in out
+
+
+def _multipage(path: Path, values: tuple) -> Path:
+    assert cv2.imwritemulti(str(path), [np.full((8, 8), v, np.uint8) for v in values])
+    return path
+
+
+def test_a_multipage_tiff_is_refused_not_cut_to_its_first_page(tmp_path: Path) -> None:
+    """A cine or stack saved as one TIFF used to give its first page only, with frame_count 1."""
+    one = _multipage(tmp_path / "DOE_JANE.tif", (10, 20, 30))
+    with pytest.raises(SourceError, match=r"image 0 of 1 \(\.tif.*has 3 pages; supported: single-page") as exc:
+        open_source(str(one))
+    assert "DOE" not in _one_line(exc) and "split" in str(exc.value)
+    folder = tmp_path / "series"
+    folder.mkdir()
+    _write(folder / "a.png", np.zeros((8, 8), np.uint8))
+    _multipage(folder / "b.tiff", (1, 2))
+    src = open_source(str(folder))
+    assert src.read() is not None
+    with pytest.raises(SourceError, match=r"image 1 of 2 .* has 2 pages"):  # as an undecodable file: never skipped
+        src.read()
+    src.close()
+    _write(tmp_path / "single.tif", np.full((8, 8), 7, np.uint8))
+    assert [int(f.image[0, 0]) for f in open_source(str(tmp_path / "single.tif"))] == [7]
+
+
+def _tiff(ifds: list, big_endian: bool = False) -> bytes:
+    """A classic TIFF whose IFDs hold only NewSubfileType (254) with the given values (None: no such tag)."""
+    import struct
+
+    o = ">" if big_endian else "<"
+    out = bytearray((b"MM" if big_endian else b"II") + struct.pack(o + "HI", 42, 8))
+    for k, subfile in enumerate(ifds):
+        entries = [] if subfile is None else [struct.pack(o + "HHII", 254, 4, 1, subfile)]
+        nxt = 0 if k == len(ifds) - 1 else len(out) + 2 + 12 * len(entries) + 4
+        out += struct.pack(o + "H", len(entries)) + b"".join(entries) + struct.pack(o + "I", nxt)
+    return bytes(out)
+
+
+def test_tiff_page_count_leaves_out_reduced_resolution_pages() -> None:
+    from edgeclf.runtime.sources import _tiff_pages as tiff_pages
+
+    assert tiff_pages(_tiff([None])) == 1
+    assert tiff_pages(_tiff([None, None, 0])) == 3
+    assert tiff_pages(_tiff([0, 1], big_endian=True)) == 1  # a page and its thumbnail: one image
+    assert tiff_pages(b"\x89PNG\r\n\x1a\n" + b"\0" * 20) == 1  # not a TIFF
+    looped = bytearray(_tiff([None, None]))
+    looped[-4:] = (8).to_bytes(4, "little")  # the last IFD points back at the first
+    assert tiff_pages(bytes(looped)) == 2
+    assert tiff_pages(_tiff([None])[:12]) == 1  # cut short: what OpenCV decodes decides
+
+
+def test_an_existing_folder_named_with_digits_is_a_folder_not_a_camera(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    folder = tmp_path / "20240101"  # a study date, an accession number
+    folder.mkdir()
+    _write(folder / "a.png", np.zeros((4, 4), np.uint8))
+    monkeypatch.chdir(tmp_path)
+    with open_source("20240101") as src:
+        assert src.kind == "images" and src.frame_count == 1
