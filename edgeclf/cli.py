@@ -110,12 +110,14 @@ def data() -> None:
 
 @data.command("synth")
 @click.argument("kind", type=click.Choice(["ultrasound", "xray", "cine"]))
-@click.option("--out", required=True, help="Output folder (ultrasound: class folders of PNGs; xray: an .npz; cine: an .mp4 + timeline).")
-@click.option("--n", default=900, show_default=True, type=int, help="Images to generate (ultrasound, xray).")
+@click.option("--out", required=True, help="A new or empty output folder (ultrasound: class folders of PNGs; xray: an .npz; cine: an "
+              ".mp4 + timeline, or a new .mp4 path).")
+@click.option("--n", default=None, type=int, help="Images to generate, at least 30 (ultrasound and xray only: a cine loop's "
+              "length is fixed) [default: 900].")
 @click.option("--size", default=None, type=int, help="Image side in px [default: 128; cine 256].")
 @click.option("--seed", default=0, show_default=True, type=int)
 @json_option
-def data_synth(kind: str, out: str, n: int, size: int | None, seed: int, as_json: bool) -> None:
+def data_synth(kind: str, out: str, n: int | None, size: int | None, seed: int, as_json: bool) -> None:
     """Write seeded synthetic phantoms: B-mode ultrasound, multilabel chest X-ray, or a cine loop."""
     from edgeclf.synth_cli import synth
 
@@ -127,7 +129,9 @@ def data_synth(kind: str, out: str, n: int, size: int | None, seed: int, as_json
 @cli.command()
 @click.option("--data", "data_spec", required=True, help="Data spec: folder, MedMNIST .npz, or synthetic:ultrasound|xray.")
 @click.option("--model", default="compact", show_default=True, help="Model name (see the registry in the README).")
-@click.option("--out", required=True, help="Training folder to write.")
+@click.option("--out", required=True, help="Training folder to write: a new or empty one (see --overwrite).")
+@click.option("--overwrite", is_flag=True, help="Replace the previous training at --out: only its own files (run.json, model, "
+              "splits, recipe.toml, cv.json, fold-i/); refused if anything else is there.")
 @click.option("--size", type=_AutoOr(click.INT), default=None,
               help="Input side in px, or auto: the model's, capped at the data's native size rounded up to 8 [default: auto].")
 @click.option("--channels", type=_AutoOr(click.Choice(["1", "3"])), default=None,
@@ -182,7 +186,7 @@ def data_synth(kind: str, out: str, n: int, size: int | None, seed: int, as_json
                    "this flag). --test overrides a recipe that says read_test = false.")
 @json_option
 @click.pass_context
-def train(ctx: click.Context, data_spec: str, model: str, out: str, size, channels, pretrained, epochs, batch_size, lr, weight_decay,
+def train(ctx: click.Context, data_spec: str, model: str, out: str, overwrite: bool, size, channels, pretrained, epochs, batch_size, lr, weight_decay,
           patience, seed, classes, positive, target_sensitivity, operating_point, augment, frames_per_clip, threads, recipe, folds,
           group, tta, probe_epochs, ema, ensemble, read_test: bool, as_json: bool) -> None:
     """Train a classifier, calibrate it and fit its operating points on the validation split.
@@ -190,7 +194,7 @@ def train(ctx: click.Context, data_spec: str, model: str, out: str, size, channe
     Runs unchanged under torchrun (one CPU process per shard, gloo; rank 0 writes). Training runs on the CPU."""
     from click.core import ParameterSource
 
-    from edgeclf.train import TrainConfig, dist_info
+    from edgeclf.train import TrainConfig, check_out, dist_info
     from edgeclf.train import train as run_train
 
     values = dict(model=model, size=size, channels=int(channels) if channels else None, pretrained=pretrained, epochs=epochs,
@@ -213,12 +217,13 @@ def train(ctx: click.Context, data_spec: str, model: str, out: str, size, channe
     from edgeclf.models import model_info
 
     model_info(cfg.model)  # unknown names fail before any data is read
+    check_out(cfg.out, overwrite=overwrite)  # every torchrun rank checks here; rank 0 writes only when training ends
     grouping = _check_train_combination(cfg, explicit, record_recipe, typed_spec)
     rank = dist_info()[0] if not cfg.folds else 0
     if grouping and not as_json and rank == 0:
         click.echo(grouping, err=True)
     with _train_progress(not as_json and rank == 0) as on_epoch:
-        record = run_train(cfg, on_epoch=on_epoch, recipe=record_recipe)
+        record = run_train(cfg, on_epoch=on_epoch, recipe=record_recipe, overwrite=overwrite)
     if rank != 0:
         return  # torchrun: rank 0 reports
     if cfg.folds:
@@ -333,14 +338,16 @@ def _print_members(record: dict) -> None:
 @cli.command()
 @click.option("--member", "members", multiple=True, required=True,
               help="A training folder; give it once per member (at least 2), all trained on one split with one model and input.")
-@click.option("--out", required=True, help="The ensemble's training folder to write (export it like any other).")
+@click.option("--out", required=True, help="The ensemble's training folder to write (export it like any other): a new or empty one.")
+@click.option("--overwrite", is_flag=True, help="Replace the previous training at --out: only its own files; refused if anything "
+              "else is there.")
 @click.option("--no-test", is_flag=True, help="Leave the test split unread: report validation only.")
 @json_option
-def ensemble(members: tuple, out: str, no_test: bool, as_json: bool) -> None:
+def ensemble(members: tuple, out: str, overwrite: bool, no_test: bool, as_json: bool) -> None:
     """Combine finished trainings (e.g. other seeds) into one model averaging their probabilities, recalibrated on validation."""
     from edgeclf.train import ensemble_runs
 
-    record = ensemble_runs(list(members), out, read_test=not no_test)
+    record = ensemble_runs(list(members), out, read_test=not no_test, overwrite=overwrite)
     def human(r: dict) -> None:
         _print_members(r)
         _print_metrics(r["metrics"], f"ensemble of {len(members)} -> {out}" + ("" if not no_test else "; test split not read (--no-test)"))
@@ -417,8 +424,14 @@ def evaluate(target: str, data_spec, split, classes, precision, out, threads, as
     On a clips data set also clip-level figures: frame predictions aggregated per clip (mean probability and
     majority vote, abstained frames excluded), beside the frame-level ones. A model trained on sector crops
     gets its clips cropped to the sector (roi=sector) unless --data names a roi, as `edgeclf run` feeds it."""
+    from pathlib import Path
+
     from edgeclf.evaluate import evaluate as run_eval
 
+    if out is not None and Path(out).exists() and not Path(out).is_dir():
+        from edgeclf.errors import ConfigError
+
+        raise ConfigError(f"--out {out} is a file; evaluate writes a folder (metrics.json, roc.png, confusion.png): give a folder")
     data_spec = _sector_data_spec(target, data_spec)
     report = run_eval(target, data=data_spec, split=split, classes=classes, out=out, precision=precision, threads=threads)
 
@@ -426,7 +439,7 @@ def evaluate(target: str, data_spec, split, classes, precision, out, threads, as
         m, title = r["metrics"], f"{r['target']} via {r['evaluated_with']}, {r['data']['n']} images"
         rows = {split: m}
         if m.get("abstained"):  # the figures are over the classified frames, as `edgeclf run` decides
-            title += (f"; {m['abstained']} abstained (top probability below min_confidence {m['min_confidence']:g}), figures over "
+            title += (f"; {m['abstained']} abstained (decided class's probability below min_confidence {m['min_confidence']:g}), figures over "
                       f"the {m['n']} classified (coverage {_num(m.get('coverage'))})")
             rows[f"{split}, all frames"] = m["all_frames"]
         _print_metrics(rows, title)
@@ -446,14 +459,16 @@ def evaluate(target: str, data_spec, split, classes, precision, out, threads, as
 @click.option("--split", default="val", show_default=True, type=click.Choice(["val", "test", "train", "all"]))
 @click.option("--out", required=True, help="Bundle folder to write.")
 @click.option("--no-samples", is_flag=True, help="Leave reference.npz out of the bundle.")
-@click.option("--labels", default=None, help="Imported models: comma-separated class names.")
-@click.option("--task", default=None, type=click.Choice(["binary", "multiclass", "multilabel"]))
-@click.option("--size", type=int, default=None, help="Imported models: input side in px.")
-@click.option("--channels", type=click.Choice(["1", "3"]), default=None)
-@click.option("--mean", default=None, help="Imported models: per-channel mean in [0,1] scale, e.g. 0.485,0.456,0.406.")
-@click.option("--std", default=None, help="Imported models: per-channel std in [0,1] scale.")
-@click.option("--target-sensitivity", type=float, default=0.9, show_default=True)
-@click.option("--positive", default=None, help="Imported binary models: the positive class.")
+@click.option("--labels", default=None, help="Comma-separated class names (--from-onnx/--from-torch only).")
+@click.option("--task", default=None, type=click.Choice(["binary", "multiclass", "multilabel"]), help="The model's task (--from-onnx/--from-torch only).")
+@click.option("--size", type=int, default=None, help="Input side in px (--from-onnx/--from-torch only).")
+@click.option("--channels", type=click.Choice(["1", "3"]), default=None, help="Input channels (--from-onnx/--from-torch only).")
+@click.option("--mean", default=None, help="Per-channel mean in [0,1] scale, e.g. 0.485,0.456,0.406 (--from-onnx/--from-torch only).")
+@click.option("--std", default=None, help="Per-channel std in [0,1] scale (--from-onnx/--from-torch only).")
+@click.option("--target-sensitivity", type=float, default=0.9, show_default=True,
+              help="Sensitivity the operating point is fitted for on --split (--from-onnx/--from-torch only); a trained model's was fitted at "
+                   "training (`edgeclf train --target-sensitivity`).")
+@click.option("--positive", default=None, help="Binary tasks: the positive class (--from-onnx/--from-torch only).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing bundle at --out.")
 @click.option("--precision", type=click.Choice(["fp32", "fp16", "int8", "auto"]), default="fp32", show_default=True,
               help="int8/fp16: add gated variants or refuse; auto: keep the fastest variant that passes, else fp32.")
@@ -478,6 +493,8 @@ def export(model, from_onnx, from_torch, weights, data_spec, classes, split, out
     flags given here override them."""
     from edgeclf.export.bundle_writer import ExportConfig, export_bundle
 
+    if model:
+        _refuse_import_options()
     settings = {"precision": precision, "max_drop": max_drop, "min_agreement": min_agreement, "calibration": calibration,
                 "calibration_n": calibration_n, "qat_epochs": qat_epochs, "device": device, "target_sensitivity": target_sensitivity}
     if model:
@@ -488,6 +505,27 @@ def export(model, from_onnx, from_torch, weights, data_spec, classes, split, out
                        **settings)
     manifest = export_bundle(cfg)
     _emit(as_json, manifest, _print_export)
+
+
+# export's options that describe an imported model (--from-onnx, --from-torch); a trained model records them itself.
+_IMPORT_ONLY = ("labels", "task", "size", "channels", "mean", "std", "target_sensitivity", "positive")
+
+
+def _refuse_import_options() -> None:
+    """export --model: refuse the options that only describe an imported model (they would be silently unused)."""
+    from click.core import ParameterSource
+
+    from edgeclf.errors import ConfigError
+
+    ctx = click.get_current_context()
+    given = [f"--{k.replace('_', '-')}" for k in _IMPORT_ONLY if ctx.get_parameter_source(k) == ParameterSource.COMMANDLINE]
+    if not given:
+        return
+    why = ("; a trained model's operating point was fitted at training: retrain with `edgeclf train --target-sensitivity`"
+           if "--target-sensitivity" in given else "; a trained model records its own")
+    raise ConfigError(f"{', '.join(given)} {'applies' if len(given) == 1 else 'apply'} to imported models (--from-onnx, "
+                      f"--from-torch) and {'has' if len(given) == 1 else 'have'} no effect with --model{why}; leave "
+                      f"{'it' if len(given) == 1 else 'them'} out")
 
 
 def _recipe_export_settings(model: str, *, quiet: bool) -> dict[str, Any]:
@@ -546,12 +584,13 @@ def prune(model: str, out: str, target_macs: float, steps: int, finetune_epochs:
                    "left by a power loss is cut off first and counted; each line carries this run's id as \"run\".")
 @click.option("--max-frames", type=click.IntRange(min=1), default=None, help="Stop after this many frames.")
 @click.option("--min-confidence", type=click.FloatRange(0, 1, max_open=True), default=None,
-              help="Abstain when the top probability is below this [default: the bundle's, 0 = never].")
+              help="Abstain when the probability of the class decided is below this [default: the bundle's, 0 = never].")
 @click.option("--backend", default=None, help="ort-cpu, ort-cuda, ort-tensorrt or trt (a TensorRT engine, built on first use) "
               "[default: the device profile's first that can run here, else ort-cpu].")
 @click.option("--device", default=None, help="Device profile (`edgeclf devices list`): default backend, threads, engine settings.")
 @click.option("--dla", "dla_core", type=click.IntRange(min=0), default=None, help="trt, ort-tensorrt: run on this DLA core (Jetson), GPU fallback.")
-@click.option("--engine-cache", default=None, help="TensorRT engine folder [default: $EDGECLF_ENGINE_CACHE or ~/.cache/edgeclf/engines].")
+@click.option("--engine-cache", default=None, help="TensorRT engine folder [default: $EDGECLF_ENGINE_CACHE, else $XDG_CACHE_HOME/edgeclf/engines, else "
+              "~/.cache/edgeclf/engines].")
 @click.option("--precision", type=click.Choice(["fp32", "fp16", "int8"]), default=None,
               help="Which model of the bundle to run [default: the bundle's deploy choice].")
 @click.option("--threads", type=click.IntRange(min=1, max=256), default=None, help="Inference threads [default: the cores available].")
@@ -605,7 +644,8 @@ def run(bundle: str, source: str, out, append: bool, max_frames, min_confidence,
               help="ort-cpu, ort-cuda, ort-tensorrt or trt; repeat to compare [default: the --device profile's first that can run here, "
                    "else ort-cpu].")
 @click.option("--device", default=None, help="Device profile: default backend and engine settings (`edgeclf devices list`).")
-@click.option("--engine-cache", default=None, help="TensorRT engine folder [default: $EDGECLF_ENGINE_CACHE or ~/.cache/edgeclf/engines].")
+@click.option("--engine-cache", default=None, help="TensorRT engine folder [default: $EDGECLF_ENGINE_CACHE, else $XDG_CACHE_HOME/edgeclf/engines, else "
+              "~/.cache/edgeclf/engines].")
 @click.option("--precision", "precisions", multiple=True, type=click.Choice(["fp32", "fp16", "int8"]),
               help="Model of the bundle; repeat to compare [default: the bundle's deploy choice].")
 @click.option("--frames", type=click.IntRange(min=1), default=500, show_default=True, help="Steady-state frames per target.")
@@ -904,7 +944,8 @@ def bundle_verify(path: str, parity: bool, backend: str, trusted_key, as_json: b
 @click.option("--precision", type=click.Choice(["fp32", "fp16", "int8"]), default=None,
               help="Check only this model [default: every model the backend runs; trt: the engine build-engine makes by default].")
 @click.option("--dla", "dla_core", type=click.IntRange(min=0), default=None, help="trt, ort-tensorrt: on this DLA core.")
-@click.option("--engine-cache", default=None, help="TensorRT engine folder [default: $EDGECLF_ENGINE_CACHE or ~/.cache/edgeclf/engines].")
+@click.option("--engine-cache", default=None, help="TensorRT engine folder [default: $EDGECLF_ENGINE_CACHE, else $XDG_CACHE_HOME/edgeclf/engines, else "
+              "~/.cache/edgeclf/engines].")
 @json_option
 def bundle_check(path: str, backend, device, precision, dla_core, engine_cache, as_json: bool) -> None:
     """Parity on this device: reference.npz through BACKEND, against the outputs recorded at export.
@@ -996,7 +1037,7 @@ def _print_export(m: dict[str, Any]) -> None:
                      f"{w['metric']} {w['drop']:+.4f} ({_num(w['drop_ci95'][0], '+.4f')} to {_num(w['drop_ci95'][1], '+.4f')})",
                      f"{c['size_bytes'] / 1e6:.2f}", _num(lat.get("median"), ".2f")])
     if rows:
-        click.echo(_table(["variant", "gate", "agreement", "largest drop vs fp32 (paired 95% CI)", "MB", "median ms"], rows,
+        click.echo(_table(["variant", "gate", "agreement", "largest drop vs fp32 (paired 95% CI)", "MB", "median ms/image"], rows,
                           f"compressed candidates on the validation split, max drop {m['deploy'].get('max_drop', '')}".rstrip()))
     for c in dep.get("candidates", []):
         if c.get("built") is False:
@@ -1054,6 +1095,9 @@ def _auc(auc: dict[str, Any]) -> str:
 
 
 def _print_metrics(by_split: dict[str, Any], title: str) -> None:
+    # A clip data set's training adds clip-level figures (e.g. "test_clips"): their own table, after the frames'.
+    clips = {k: m for k, m in by_split.items() if "clip_mean" in m}
+    by_split = {k: m for k, m in by_split.items() if k not in clips}
     rows = []
     for split, m in by_split.items():
         rows.append([split, m["n"], _num(m["accuracy"]), _num(m["balanced_accuracy"]), _auc(m["auc"]), _num(m["ece"])])
@@ -1061,6 +1105,8 @@ def _print_metrics(by_split: dict[str, Any], title: str) -> None:
     for split, m in by_split.items():
         pc = ", ".join(f"{k}: sens {_num(v['sensitivity'], '.2f')} spec {_num(v['specificity'], '.2f')}" for k, v in m["per_class"].items())
         click.echo(f"[{split}] at the recorded operating points: {pc}")
+    for split, c in clips.items():
+        _print_clips(c, f"[{split}] {c['clips']} clips, {c['frames']} frames (intervals: bootstrap over clips)")
 
 
 def _ci(m: dict[str, Any], key: str) -> str:
@@ -1136,7 +1182,9 @@ def _print_run(s: dict[str, Any]) -> None:
         click.echo(f"clip decision (as `edgeclf evaluate` aggregates): mean probability {dec['mean_label']}, majority vote "
                    f"{dec['vote_label']}, over {dec['used']} of {dec['frames']} frames ({dec['abstained']} abstained)")
     src = s.get("source_stats") or {}
-    lost = {k: v for k, v in src.items() if k in ("dropped", "skipped", "reconnects", "timeouts") and v}
+    # Frames a source lost; a watched folder also counts files it could not read, or that changed while read.
+    lost = {k: v for k, v in src.items()
+            if k in ("dropped", "skipped", "reconnects", "timeouts", "files_unreadable", "files_changed") and v}
     if lost:
         click.echo("source: " + ", ".join(f"{k} {v}" for k, v in lost.items()))
     roi = s.get("roi") or {}

@@ -783,10 +783,12 @@ def _dedup(scan: _Scan, opts: FolderOptions) -> tuple[list[_Row], list[str]]:
     return out, notes
 
 
-def _fold_split(rows: list[_Row], n_classes: int, opts: FolderOptions, sources: dict[str, str], *, seed: int,
+def _fold_split(rows: list[_Row], names: list[str], opts: FolderOptions, sources: dict[str, str], *, seed: int,
                 val_frac: float) -> dict[str, Split]:
     """Test = fold `opts.fold` of `opts.folds`, val from the rest: both stratified and grouped by the fold key
-    (clip, source or site)."""
+    (clip, source or site). Every class must reach both training and validation, else DataError saying how to fix it."""
+    import warnings
+
     from sklearn.model_selection import StratifiedGroupKFold
 
     if not 0 < val_frac < 1:
@@ -800,10 +802,27 @@ def _fold_split(rows: list[_Row], n_classes: int, opts: FolderOptions, sources: 
         raise DataError(f"{len(uniq)} {opts.group} group(s) cannot fill {opts.folds} folds; use fewer folds or group=clip")
     y = np.array([r[2] for r in rows])
     g = np.array([uniq.index(k) for k in keys])
-    cv = StratifiedGroupKFold(n_splits=opts.folds, shuffle=True, random_state=seed)
-    folds = list(cv.split(np.zeros(len(rows)), y, g))
+    with warnings.catch_warnings():
+        # sklearn warns when a class has fewer items than folds: it then misses some folds, which is checked below
+        # where it matters (training and validation need every class) and said in edgeclf's words.
+        warnings.filterwarnings("ignore", message="The least populated class in y", category=UserWarning)
+        folds = list(StratifiedGroupKFold(n_splits=opts.folds, shuffle=True, random_state=seed).split(np.zeros(len(rows)), y, g))
     test_idx = set(folds[opts.fold][1].tolist())
     rest = [i for i in range(len(rows)) if i not in test_idx]
+
+    def too_few(c: int, left: int) -> DataError:
+        mine = y == c
+        fixes = ["group by clip (--group clip, or group=clip in a data spec that names folds)"] if opts.group != "clip" else []
+        fixes += [f"add {names[c]} data from more {opts.group}s", f"merge {names[c]} into another class or drop it with --classes "
+                  "(NAME=A+B merges; classes not named are dropped)"]
+        return DataError(f"class {names[c]} has {int(mine.sum())} item(s) in {len(set(g[mine].tolist()))} {opts.group} group(s); "
+                         f"fold {opts.fold} of the {opts.folds}-fold split leaves {left} of them outside its test fold, and "
+                         f"training and validation need one each; " + ", or ".join(fixes))
+
+    for c in range(len(names)):
+        left = len(set(g[rest][y[rest] == c].tolist()))
+        if left < 2:
+            raise too_few(c, left)
     # Validation is grouped by the same key as the test fold: early stopping, the temperature and the
     # operating point must not be chosen on clips whose source also trains the model.
     n_rest = len(set(g[rest].tolist()))
@@ -812,10 +831,21 @@ def _fold_split(rows: list[_Row], n_classes: int, opts: FolderOptions, sources: 
                         "use fewer folds or group=clip")
     # StratifiedGroupKFold needs n_splits <= the largest class's count (small sets: fewer, larger inner folds).
     n_val = max(2, min(round(1 / val_frac), n_rest, int(np.bincount(y[rest]).max())))
-    inner = list(StratifiedGroupKFold(n_splits=n_val, shuffle=True, random_state=seed).split(np.zeros(len(rest)), y[rest], g[rest]))
-    # The inner fold closest to the asked share (one large source can make a fold several times too big).
-    val_pos = min(inner, key=lambda f: (abs(len(f[1]) - val_frac * len(rest)), f[1].tolist()))[1]
-    val_idx = {rest[j] for j in val_pos.tolist()}
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The least populated class in y", category=UserWarning)
+        inner = list(StratifiedGroupKFold(n_splits=n_val, shuffle=True, random_state=seed).split(np.zeros(len(rest)), y[rest], g[rest]))
+    present = set(y[rest].tolist())
+
+    def lacks(f: tuple[np.ndarray, np.ndarray]) -> bool:
+        return set(y[rest][f[0]].tolist()) != present or set(y[rest][f[1]].tolist()) != present
+
+    # The inner fold closest to the asked share (one large source can make a fold several times too big), among
+    # those that leave every class in training and validation (where one does: the choice is otherwise unchanged).
+    best = min(inner, key=lambda f: (lacks(f), abs(len(f[1]) - val_frac * len(rest)), f[1].tolist()))
+    if lacks(best):
+        c = min(present - set(y[rest][best[1]].tolist()) or present - set(y[rest][best[0]].tolist()))
+        raise too_few(c, len(set(g[rest][y[rest] == c].tolist())))
+    val_idx = {rest[j] for j in best[1].tolist()}
     return {
         "train": _to_split([rows[i] for i in rest if i not in val_idx]),
         "val": _to_split([rows[i] for i in rest if i in val_idx]),
@@ -849,7 +879,7 @@ def _load_folder(root: Path, class_map, *, seed: int, val_frac: float, test_frac
                     notes.append(f"group={opts.group}: {alone} {what} without a clips.csv original_source, each grouped "
                                  "alone as with group=clip")
                     log.warning(notes[-1])
-            splits = _fold_split(rows, len(names), opts, scan.sources, seed=seed, val_frac=val_frac)
+            splits = _fold_split(rows, names, opts, scan.sources, seed=seed, val_frac=val_frac)
         else:
             splits = _grouped_split(rows, len(names), seed=seed, val_frac=val_frac, test_frac=test_frac)
     licence = _clip_licences(root) if scan.is_clips else None

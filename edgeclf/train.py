@@ -6,12 +6,15 @@ export the model), `run.json` (config, data hash, split lists, history, metrics)
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
 import math
 import os
 import platform
+import re
+import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -26,7 +29,7 @@ from edgeclf.runtime.postprocess import DecisionRule, probabilities
 from edgeclf.runtime.preprocess import Preprocessor, PreprocessSpec
 
 __all__ = ["TrainConfig", "train", "cross_validate", "ensemble_runs", "default_size", "load_trained", "TrainedModel", "package_versions", "AUGMENTS",
-           "dist_info"]
+           "dist_info", "check_out"]
 
 log = logging.getLogger(__name__)
 AUGMENTS = ("auto", "ultrasound", "xray", "generic", "none")
@@ -598,6 +601,72 @@ def calibrate_and_measure(model: Any, p: _Prepared, *, target_sensitivity: float
     return temperature, rule, metrics
 
 
+# A training folder's own files (save_run, train, cross_validate; a pruned run adds pruned.json): what --overwrite
+# replaces. Anything else there (an evaluation, a bundle, notes) is the user's.
+RUN_FILES = ("run.json", "model.json", "model.safetensors", "recipe.toml", "cv.json", "pruned.json")
+_FOLD_DIR = re.compile(r"fold-\d+")
+
+
+def _own(entry: Path) -> bool:
+    if entry.is_symlink():
+        return False
+    if entry.is_file():
+        return entry.name in RUN_FILES
+    if entry.name == "splits":
+        return entry.is_dir() and all(f.is_file() and f.suffix == ".txt" for f in entry.iterdir())
+    return bool(_FOLD_DIR.fullmatch(entry.name)) and (entry / "run.json").is_file()
+
+
+def _foreign(folder: Path) -> list[str]:
+    """What in `folder` no training wrote (names relative to it); a cross-validation's fold folders are looked into."""
+    found: list[str] = []
+    for e in sorted(folder.iterdir()):
+        if not _own(e):
+            found.append(e.name + ("/" if e.is_dir() and not e.is_symlink() else ""))
+        elif _FOLD_DIR.fullmatch(e.name):
+            found += [f"{e.name}/{n}" for n in _foreign(e)]
+    return found
+
+
+def check_out(out: str, *, overwrite: bool = False) -> None:
+    """Before any work: --out must be a new or empty folder, or, with `overwrite`, a previous training folder that
+    holds only its own files (its evaluation or bundle left beside a new model would describe the old one)."""
+    o = Path(out)
+    if o.exists() and not o.is_dir():
+        raise ConfigError(f"--out {out} is a file; training writes a folder: give a new folder")
+    if not o.is_dir() or not any(o.iterdir()):
+        return
+    if not overwrite:
+        raise ConfigError(f"--out {out} is not empty; give a new or empty folder, or add --overwrite to replace the "
+                          "previous training there")
+    if not ((o / "run.json").is_file() or (o / "cv.json").is_file()):
+        raise ConfigError(f"--out {out} is not empty and is not a training folder (no run.json or cv.json); --overwrite "
+                          "replaces only a previous training: give a new or empty folder")
+    foreign = _foreign(o)
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+        raise ConfigError(f"--out {out} also holds {shown}, which training did not write (they would describe the old model); "
+                          "--overwrite replaces only a training's own files: move them away or give a new folder")
+
+
+def _clear_run(out: Path) -> None:
+    """Remove a previous training's own files (see check_out) just before the new one is written, so that none of it
+    (another recipe.toml, a longer cross-validation's fold-4/) stays beside the new run; anything else is left alone."""
+    if not out.is_dir():
+        return
+    for e in out.iterdir():
+        if not _own(e):
+            continue
+        if e.is_file():
+            e.unlink()
+        elif _FOLD_DIR.fullmatch(e.name):
+            _clear_run(e)
+            with contextlib.suppress(OSError):  # not empty: something else appeared there meanwhile, kept
+                e.rmdir()
+        else:
+            shutil.rmtree(e)
+
+
 def save_run(out: Path, model: Any, p: _Prepared, meta: dict[str, Any], record: dict[str, Any]) -> None:
     """Write the run folder: weights (safetensors), model.json, run.json, split lists."""
     from safetensors.torch import save_file
@@ -614,7 +683,7 @@ def save_run(out: Path, model: Any, p: _Prepared, meta: dict[str, Any], record: 
 
 
 def train(cfg: TrainConfig, *, on_epoch: Callable[[dict[str, Any]], None] | None = None,
-          recipe: dict[str, Any] | None = None) -> dict[str, Any]:
+          recipe: dict[str, Any] | None = None, overwrite: bool = False) -> dict[str, Any]:
     """Train, calibrate and record; returns the run record (also written to `<out>/run.json`).
 
     `on_epoch` receives each epoch's record plus the best so far (the CLI draws its progress bar
@@ -623,12 +692,16 @@ def train(cfg: TrainConfig, *, on_epoch: Callable[[dict[str, Any]], None] | None
 
     Under torchrun (WORLD_SIZE > 1) every process trains on its shard of each batch and only rank 0
     writes the folder; the others return {"rank": r, "world_size": w}.
+
+    `cfg.out` must be new or empty, or with `overwrite` a previous training folder (`check_out`): every rank checks it
+    before training, and rank 0 replaces the previous training's own files only when the new one is written.
     """
+    check_out(cfg.out, overwrite=overwrite)
     if cfg.ensemble > 1 and dist_info()[1] > 1:
         raise ConfigError("--ensemble trains its members one after another in one process; run it without torchrun, or train "
                           "each member under torchrun with its own --seed and combine them with `edgeclf ensemble`")
     if cfg.folds:
-        return cross_validate(cfg, on_epoch=on_epoch, recipe=recipe)
+        return cross_validate(cfg, on_epoch=on_epoch, recipe=recipe, overwrite=overwrite)
     t_start = time.time()
     ds = load_dataset(cfg.data, classes=cfg.classes, seed=cfg.seed, frames_per_clip=cfg.frames_per_clip)
     record, model, p = _train_on(ds, cfg, on_epoch=on_epoch, recipe=recipe)
@@ -641,6 +714,7 @@ def train(cfg: TrainConfig, *, on_epoch: Callable[[dict[str, Any]], None] | None
                                  "samples_repeated_per_epoch": (-n_train) % world}
     if rank != 0:
         return {"rank": rank, "world_size": world}
+    _clear_run(Path(cfg.out))
     save_run(Path(cfg.out), model, p, record.pop("_meta"), record)
     if recipe is not None and recipe.get("_text"):
         (Path(cfg.out) / "recipe.toml").write_text(recipe["_text"])
@@ -794,7 +868,7 @@ def _pooled_decisions(probs: np.ndarray, labels: np.ndarray, folds: np.ndarray, 
 
 
 def cross_validate(cfg: TrainConfig, *, on_epoch: Callable[[dict[str, Any]], None] | None = None,
-                   recipe: dict[str, Any] | None = None) -> dict[str, Any]:
+                   recipe: dict[str, Any] | None = None, overwrite: bool = False) -> dict[str, Any]:
     """K-fold cross-validation over a folder data set, grouped by clip or by source (clips.csv
     `original_source`, reduced to its site), stratified by class. Each fold is an ordinary training folder
     (`<out>/fold-<i>`, its test split the held-out fold, its recorded spec `...?folds=K&fold=i` rebuilding
@@ -807,6 +881,7 @@ def cross_validate(cfg: TrainConfig, *, on_epoch: Callable[[dict[str, Any]], Non
 
     if dist_info()[1] > 1:
         raise ConfigError("--folds runs its folds one after another in one process; run it without torchrun")
+    check_out(cfg.out, overwrite=overwrite)
     t_start = time.time()
     datasets = load_folds(cfg.data, cfg.folds, classes=cfg.classes, seed=cfg.seed, frames_per_clip=cfg.frames_per_clip,
                           group=cfg.group)
@@ -822,6 +897,8 @@ def cross_validate(cfg: TrainConfig, *, on_epoch: Callable[[dict[str, Any]], Non
         t0 = time.time()
         record, model, p = _train_on(ds, fcfg, on_epoch=tagged, recipe=recipe)
         record["seconds"] = round(time.time() - t0, 1)
+        if i == 0:  # the first write: a previous run's own files go (a longer one's last folds too)
+            _clear_run(out)
         save_run(Path(fcfg.out), model, p, record.pop("_meta"), record)
         test = ds.splits["test"]
         if cfg.read_test:
@@ -887,7 +964,7 @@ def cross_validate(cfg: TrainConfig, *, on_epoch: Callable[[dict[str, Any]], Non
     return result
 
 
-def ensemble_runs(folders: list[str], out: str, *, read_test: bool = True) -> dict[str, Any]:
+def ensemble_runs(folders: list[str], out: str, *, read_test: bool = True, overwrite: bool = False) -> dict[str, Any]:
     """Combine finished training folders (same data split, architecture, input and labels; e.g. the same settings
     with other seeds) into one ensemble training folder, as `--ensemble` would have written it: temperature and
     operating point refit on validation, validation (and, with `read_test`, test) measured, each member's own
@@ -895,11 +972,29 @@ def ensemble_runs(folders: list[str], out: str, *, read_test: bool = True) -> di
     if len(folders) < 2:
         raise ConfigError(f"an ensemble needs at least 2 training folders, got {len(folders)}")
     import dataclasses
+    import hashlib
+
+    if Path(out).resolve() in {Path(f).resolve() for f in folders}:
+        raise ConfigError(f"--out {out} is one of the members; give a new folder")
+    check_out(out, overwrite=overwrite)
+    # One model twice is that model at twice the compute, not an ensemble: by path, then by weights (a copy).
+    given: dict[Path, str] = {}
+    for f in folders:
+        if Path(f).resolve() in given:
+            raise ConfigError(f"--member {f} is given twice (also as {given[Path(f).resolve()]}); give each training folder once")
+        given[Path(f).resolve()] = f
 
     from edgeclf.models import ensemble_of, with_tta
 
     runs = [load_trained(f) for f in folders]
     first = runs[0]
+    weights: dict[str, str] = {}
+    for f, tm in zip(folders, runs):
+        digest = hashlib.sha256((tm.folder / "model.safetensors").read_bytes()).hexdigest()
+        if digest in weights:
+            raise ConfigError(f"--member {f} has the same weights as --member {weights[digest]} (a copy of one training); "
+                              "combine trainings with other seeds (`edgeclf train --seed`)")
+        weights[digest] = f
     for f, tm in zip(folders, runs):
         if (tm.folder / "pruned.json").is_file() or tm.members > 1:
             raise ConfigError(f"{f} is a pruned model or an ensemble already; combine plain training folders")
@@ -918,8 +1013,6 @@ def ensemble_runs(folders: list[str], out: str, *, read_test: bool = True) -> di
             if mine.is_file() != theirs.is_file() or (mine.is_file() and mine.read_text() != theirs.read_text()):
                 raise ConfigError(f"{f} has another {name} split than {folders[0]} (the seed chose the split?); "
                                   "fix the split (a committed split list) and retrain")
-    if Path(out).resolve() in {tm.folder.resolve() for tm in runs}:
-        raise ConfigError(f"--out {out} is one of the members; give a new folder")
     known = {f.name for f in dataclasses.fields(TrainConfig)}
     cfg = TrainConfig(**{**{k: v for k, v in first.run["config"].items() if k in known}, "out": out, "read_test": read_test,
                          "ensemble": len(runs)})
@@ -957,6 +1050,7 @@ def ensemble_runs(folders: list[str], out: str, *, read_test: bool = True) -> di
     }
     if first.run.get("recipe") is not None:
         record["recipe"] = first.run["recipe"]
+    _clear_run(Path(out))
     save_run(Path(out), net, p, meta, record)
     if (first.folder / "recipe.toml").is_file():  # export takes its compression settings from the recipe
         (Path(out) / "recipe.toml").write_text((first.folder / "recipe.toml").read_text())

@@ -377,3 +377,95 @@ def test_evaluate_crops_the_clips_of_a_sector_model_unless_the_data_names_a_roi(
 
     plain = str(make_tiny_bundle(tmp_path / "plain"))
     assert _sector_data_spec(plain, str(other)) == str(other)  # a model of whole frames: the data as given
+
+
+# -- outputs are never replaced or mixed silently; options without effect are refused ---------------------------
+
+def _refused_in_one_line(res, *words: str) -> str:  # type: ignore[no-untyped-def]
+    from edgeclf.errors import EdgeclfError
+
+    assert isinstance(res.exception, EdgeclfError), (res.output, res.exception)
+    msg = str(res.exception)
+    assert "\n" not in msg and all(w in msg for w in words), msg
+    return msg
+
+
+def test_data_synth_refuses_a_used_out_a_file_and_size_0(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from edgeclf.cli import cli
+
+    def synth(*args: str):  # type: ignore[no-untyped-def]
+        return CliRunner().invoke(cli, ["data", "synth", *args])
+
+    assert synth("ultrasound", "--out", str(tmp_path / "us"), "--n", "30", "--size", "32").exit_code == 0
+    _refused_in_one_line(synth("ultrasound", "--out", str(tmp_path / "us"), "--n", "30", "--size", "32"), "not empty")
+    assert sum(1 for p in (tmp_path / "us").rglob("*.png")) == 30  # nothing mixed in
+    (tmp_path / "afile.txt").write_text("mine")
+    for kind in ("ultrasound", "xray", "cine"):
+        _refused_in_one_line(synth(kind, "--out", str(tmp_path / "afile.txt")), "is a file")
+    assert (tmp_path / "afile.txt").read_text() == "mine"
+    _refused_in_one_line(synth("ultrasound", "--out", str(tmp_path / "z"), "--size", "0"), "size=0")
+    _refused_in_one_line(synth("cine", "--out", str(tmp_path / "c"), "--n", "5"), "--n", "ultrasound", "xray")
+    _refused_in_one_line(synth("cine", "--out", str(tmp_path / "us")), "not empty")
+    (tmp_path / "c.mp4").write_text("")
+    _refused_in_one_line(synth("cine", "--out", str(tmp_path / "c.mp4")), "exists")
+    help_text = " ".join(CliRunner().invoke(cli, ["data", "synth", "--help"], terminal_width=200).output.split())
+    assert "ultrasound and xray only" in help_text
+
+
+def test_evaluate_refuses_an_out_that_is_a_file_before_evaluating(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from click.testing import CliRunner
+
+    import edgeclf.evaluate
+    from edgeclf.cli import cli
+
+    monkeypatch.setattr(edgeclf.evaluate, "evaluate", lambda *a, **k: pytest.fail("evaluated before --out was checked"))
+    (tmp_path / "afile.txt").write_text("")
+    res = CliRunner().invoke(cli, ["evaluate", "--model", str(tmp_path), "--data", "synthetic:ultrasound", "--out",
+                                   str(tmp_path / "afile.txt")])
+    _refused_in_one_line(res, "--out", "is a file")
+
+
+@pytest.mark.parametrize("flag", [["--target-sensitivity", "0.8"], ["--positive", "cyst"], ["--size", "64"], ["--channels", "1"],
+                                  ["--labels", "a,b"], ["--task", "binary"], ["--mean", "0.5"], ["--std", "0.5"]])
+def test_export_of_a_trained_model_refuses_the_import_only_options(flag: list[str], tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    from click.testing import CliRunner
+
+    import edgeclf.export.bundle_writer as bw
+    from edgeclf.cli import cli
+
+    monkeypatch.setattr(bw, "export_bundle", lambda cfg: pytest.fail("exported with an option that has no effect"))
+    res = CliRunner().invoke(cli, ["export", "--model", str(tmp_path), "--out", str(tmp_path / "b"), *flag])
+    msg = _refused_in_one_line(res, flag[0], "--from-onnx")
+    if flag[0] == "--target-sensitivity":
+        assert "edgeclf train --target-sensitivity" in msg
+    help_text = " ".join(CliRunner().invoke(cli, ["export", "--help"], terminal_width=300).output.split())
+    assert help_text.count("(--from-onnx/--from-torch only)") == 8
+
+
+def test_export_of_a_trained_model_with_defaults_reaches_the_export(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from click.testing import CliRunner
+
+    import edgeclf.export.bundle_writer as bw
+    from edgeclf.cli import cli
+
+    seen = {}
+
+    def stub(cfg):  # type: ignore[no-untyped-def]
+        seen["cfg"] = cfg
+        raise SystemExit(0)
+
+    monkeypatch.setattr(bw, "export_bundle", stub)
+    CliRunner().invoke(cli, ["export", "--model", str(tmp_path), "--out", str(tmp_path / "b")])
+    assert seen["cfg"].target_sensitivity == 0.9 and seen["cfg"].size is None
+
+
+def test_train_and_ensemble_refuse_an_out_that_is_a_file(tmp_path: Path) -> None:
+    (tmp_path / "afile.txt").write_text("mine")
+    r = run_cli("train", "--data", "synthetic:ultrasound?n=90&size=32", "--out", str(tmp_path / "afile.txt"), "--epochs", "1")
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "is a file" in r.stderr, r.stderr
+    r = run_cli("ensemble", "--member", str(tmp_path / "a"), "--member", str(tmp_path / "b"), "--out", str(tmp_path / "afile.txt"))
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "is a file" in r.stderr, r.stderr
+    assert (tmp_path / "afile.txt").read_text() == "mine"

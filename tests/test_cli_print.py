@@ -24,3 +24,77 @@ def test_image_cross_validation_prints_the_copy_group_interval(capsys: pytest.Ca
     cli._print_cv(r)
     out = capsys.readouterr().out
     assert "bootstrap over the 40 copy groups instead: 0.550-0.900" in out
+
+
+def _clips(n: int) -> dict:
+    level = {"n": n, "abstained": 0, "accuracy": 0.5, "accuracy_ci95": [0.2, 0.8], "balanced_accuracy": 0.5,
+             "balanced_accuracy_ci95": [0.2, 0.8], "per_class": {"a": {"sensitivity": 1.0}, "b": {"sensitivity": 0.0}}}
+    return {"clips": 4, "frames": 8, "clip_mean": level, "clip_vote": level, "frame": {**level, "n": 8}}
+
+
+def test_training_metrics_with_clip_figures_print_them_as_clips(capsys: pytest.CaptureFixture[str]) -> None:
+    m = {"n": 8, "accuracy": 0.5, "balanced_accuracy": 0.5, "auc": {"macro": 0.6, "macro_ci95": [0.4, 0.8]}, "ece": 0.1,
+         "per_class": {"a": {"sensitivity": 1.0, "specificity": 0.0}}}
+    cli._print_metrics({"val": m, "test": m, "test_clips": _clips(4)}, "trained")
+    out = capsys.readouterr().out
+    assert "[test_clips]" in out and "4 clips, 8 frames" in out and "clip, mean probability" in out
+    assert "at the recorded operating points" in out
+
+
+def test_export_candidates_give_latency_per_image(capsys: pytest.CaptureFixture[str]) -> None:
+    c = {"id": "int8-cpu", "passed": True, "decision_agreement": 1.0, "size_bytes": 1e6, "latency_ms": {"median": 1.5},
+         "worst": {"metric": "auc", "drop": 0.0, "drop_ci95": [0.0, 0.0]}}
+    cli._print_export({"name": "b", "model": {"architecture": "compact"}, "task": "binary", "parity": None,
+                       "provenance": {"parity": "skipped"}, "deploy": {"precision": "fp32", "candidates": [c]}})
+    assert "median ms/image" in capsys.readouterr().out
+
+
+def test_run_summary_counts_the_watched_folders_lost_files(capsys: pytest.CaptureFixture[str]) -> None:
+    s = {"stages_ms": {}, "frames": 3, "wall_s": 1, "fps": 3, "written": 3, "abstained": 0, "label_counts": {"a": 3},
+         "source_stats": {"files_unreadable": 2, "files_changed": 1, "files_done": 3, "dropped": 0}}
+    cli._print_run(s)
+    out = capsys.readouterr().out
+    assert "source: files_unreadable 2, files_changed 1" in out
+
+
+def test_evaluate_title_names_the_decided_class_probability(monkeypatch: pytest.MonkeyPatch) -> None:
+    from click.testing import CliRunner
+
+    import edgeclf.evaluate
+
+    m = {"n": 8, "accuracy": 0.5, "balanced_accuracy": 0.5, "auc": {"macro": 0.6}, "ece": 0.1, "per_class": {},
+         "abstained": 2, "min_confidence": 0.6, "coverage": 0.8}
+    report = {"target": "b", "evaluated_with": "ort", "data": {"n": 10}, "metrics": {**m, "all_frames": {**m, "n": 10}}}
+    monkeypatch.setattr(edgeclf.evaluate, "evaluate", lambda *a, **k: report)
+    res = CliRunner().invoke(cli.cli, ["evaluate", "--model", "b", "--data", "synthetic:ultrasound"])
+    assert res.exit_code == 0, res.output
+    assert "decided class's probability below min_confidence 0.6" in res.output
+
+
+@pytest.mark.parametrize("cmd", [["run"], ["profile"], ["bundle", "check"]])
+def test_engine_cache_help_names_xdg_cache_home(cmd: list[str]) -> None:
+    from click.testing import CliRunner
+
+    out = " ".join(CliRunner().invoke(cli.cli, [*cmd, "--help"], terminal_width=200).output.split())
+    assert "$EDGECLF_ENGINE_CACHE, else $XDG_CACHE_HOME/edgeclf/engines, else ~/.cache/edgeclf/engines" in out
+
+
+def test_min_confidence_help_judges_the_decided_class() -> None:
+    from click.testing import CliRunner
+
+    out = " ".join(CliRunner().invoke(cli.cli, ["run", "--help"], terminal_width=200).output.split())
+    assert "Abstain when the probability of the class decided is below this" in out
+
+
+def test_train_on_clips_prints_its_clip_figures(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    pytest.importorskip("torch")
+    pytest.importorskip("cv2")
+    from click.testing import CliRunner
+
+    from tests.test_evaluate_clips import _phantom_clips
+
+    root = _phantom_clips(tmp_path / "clips", per_class=4, n_frames=3, size=32)
+    res = CliRunner().invoke(cli.cli, ["train", "--data", f"{root}?test=0.34&val=0.34", "--out", str(tmp_path / "m"), "--size", "32",
+                                       "--epochs", "1", "--frames-per-clip", "2", "--threads", "1"])
+    assert res.exit_code == 0, (res.output, res.exception)
+    assert "[test_clips]" in res.output and "clip, majority vote" in res.output

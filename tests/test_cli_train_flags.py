@@ -29,8 +29,8 @@ def seen(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
 
     got: dict[str, Any] = {}
 
-    def stub(cfg: Any, *, on_epoch: Any = None, recipe: Any = None) -> dict[str, Any]:
-        got["cfg"], got["recipe"] = cfg, recipe
+    def stub(cfg: Any, *, on_epoch: Any = None, recipe: Any = None, overwrite: bool = False) -> dict[str, Any]:
+        got["cfg"], got["recipe"], got["overwrite"] = cfg, recipe, overwrite
         raise _Stop("stub")
 
     monkeypatch.setattr(edgeclf.train, "train", stub)
@@ -185,3 +185,11 @@ def test_the_run_says_how_its_folds_are_grouped(seen: dict[str, Any]) -> None:
     res = _train("--data", "/d/pocus", "--folds", "5", "--json")
     assert "grouped" not in res.stderr  # --json: nothing but the document (cv.json records data.grouped_by)
     assert "grouped" not in _train("--data", "/d/pocus").stderr
+
+
+def test_overwrite_reaches_training_and_a_used_out_is_refused_first(seen: dict[str, Any], tmp_path: Path) -> None:
+    (tmp_path / "run.json").write_text("{}")  # a previous training's
+    res = CliRunner().invoke(cli, ["train", "--data", "synthetic:ultrasound", "--out", str(tmp_path)])
+    _refused(res, "not empty", "--overwrite")
+    _reached_training(CliRunner().invoke(cli, ["train", "--data", "synthetic:ultrasound", "--out", str(tmp_path), "--overwrite"]))
+    assert seen["overwrite"] is True

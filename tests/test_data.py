@@ -1052,3 +1052,32 @@ def test_typed_spec_options_checked_against_the_data(tmp_path: Path, clips_root:
         csv.writer(f).writerows([["path", "sha256", "split", "group"], *rows])
     old = load_dataset(f"{tmp_path / 'imgs'}?split={lst}&test=0.3")
     assert _split_of(old) == _split_of(load_dataset(f"{tmp_path / 'imgs'}?split={lst}"))
+
+
+def _thin_class_tree(root: Path) -> Path:
+    """Three classes of 6 clips on 6 sites; `rare` has 4 clips from only 2 sites (the POCUS viral_pneumonia case)."""
+    lines = ["file,label,license,original_source"]
+    for cls, n, sites in (("common", 6, 6), ("other", 6, 6), ("rare", 4, 2)):
+        for k in range(n):
+            _write_clip(root / cls / f"c{k}.avi", 3)
+            lines.append(f"{cls}/c{k}.avi,{cls},CC BY 4.0,https://www.{cls}{k % sites}.org/case")
+    (root / "clips.csv").write_text("\n".join(lines) + "\n")
+    return root
+
+
+def test_folds_that_leave_a_class_out_of_training_say_how_to_fix_it(tmp_path: Path) -> None:
+    import warnings
+
+    from edgeclf.data import load_folds
+
+    root = _thin_class_tree(tmp_path / "thin")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # sklearn's n_splits warning is not the user's business: our own message is
+        with pytest.raises(DataError) as exc:
+            load_folds(str(root), 2, frames_per_clip=2, group="source")
+        msg = _one_line(exc)
+        assert "rare" in msg and "2 source group(s)" in msg and "--group clip" in msg and "--classes" in msg
+        # Grouped by clip, its 4 clips reach training and validation in every fold (no warning either).
+        for ds in load_folds(str(root), 2, frames_per_clip=2, group="clip"):
+            for s in ("train", "val"):
+                assert set(ds.splits[s].labels.tolist()) == {0, 1, 2}

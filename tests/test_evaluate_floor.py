@@ -120,7 +120,7 @@ def test_the_cli_table_names_the_abstained_frames_and_shows_all_frames_beside(cl
     n_abs = int((probs.max(axis=1) < 0.8).sum())
     r = run_cli("evaluate", "--model", str(b), "--data", str(clip_root), "--split", "all")
     assert r.returncode == 0, r.stderr
-    assert f"{n_abs} abstained (top probability below min_confidence 0.8), figures over the {len(y) - n_abs} classified" in r.stdout
+    assert f"{n_abs} abstained (decided class's probability below min_confidence 0.8), figures over the {len(y) - n_abs} classified" in r.stdout
     assert "all, all frames" in r.stdout  # the 100%-coverage row, beside
 
 

@@ -480,3 +480,86 @@ def test_a_model_trained_on_sector_crops_says_so_from_training_to_run_and_evalua
     assert exc.value.code == 0
     report = json.loads(capsys.readouterr().out)
     assert report["data"]["spec"] == f"{tmp_path / 'site2'}?roi=sector"
+
+
+# -- --out: never replaced silently --------------------------------------------------------------------------
+
+_SMALL = "synthetic:ultrasound?n=90&size=32&seed=4"
+
+
+def _no_data(*a: object, **k: object) -> None:
+    raise AssertionError("data was read: --out must be checked before any work")
+
+
+@pytest.mark.parametrize("folds", [0, 2])
+def test_train_refuses_a_used_out_before_reading_data(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, folds: int) -> None:
+    import edgeclf.data
+    import edgeclf.train as tr
+
+    monkeypatch.setattr(tr, "load_dataset", _no_data)
+    monkeypatch.setattr(edgeclf.data, "load_folds", _no_data)
+    (tmp_path / "used").mkdir()
+    (tmp_path / "used" / "notes.txt").write_text("mine")
+    (tmp_path / "afile.txt").write_text("mine")
+    with pytest.raises(ConfigError) as exc:
+        train(TrainConfig(data=_SMALL, out=str(tmp_path / "used"), folds=folds))
+    assert "not empty" in str(exc.value) and "\n" not in str(exc.value)
+    with pytest.raises(ConfigError) as exc:
+        train(TrainConfig(data=_SMALL, out=str(tmp_path / "used"), folds=folds), overwrite=True)
+    assert "not a training folder" in str(exc.value)  # --overwrite replaces a previous training, nothing else
+    with pytest.raises(ConfigError, match="is a file"):
+        train(TrainConfig(data=_SMALL, out=str(tmp_path / "afile.txt"), folds=folds))
+    assert (tmp_path / "used" / "notes.txt").read_text() == (tmp_path / "afile.txt").read_text() == "mine"
+
+
+def test_every_torchrun_rank_checks_out_before_training(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Only rank 0 writes, at the end; every rank checks at the start, so no rank trains for nothing or races a write."""
+    import edgeclf.train as tr
+
+    monkeypatch.setattr(tr, "load_dataset", _no_data)
+    monkeypatch.setattr(tr, "dist_info", lambda: (1, 2))
+    (tmp_path / "x").write_text("")
+    with pytest.raises(ConfigError, match="not empty"):
+        tr.train(TrainConfig(data=_SMALL, out=str(tmp_path)))
+
+
+def test_overwrite_replaces_only_a_previous_trainings_own_files(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    cfg = TrainConfig(data=_SMALL, out=str(out), size=32, epochs=1, threads=1)
+    train(cfg)
+    # What an older run of another kind left: a recipe copy and a cross-validation's fold and summary.
+    (out / "recipe.toml").write_text("name = 'other'\n")
+    (out / "cv.json").write_text("{}")
+    train(TrainConfig(data=_SMALL, out=str(out / "fold-0"), size=32, epochs=1, threads=1))
+    (out / "eval").mkdir()
+    (out / "eval" / "metrics.json").write_text("{}")
+    with pytest.raises(ConfigError) as exc:  # its evaluation would describe the old model: moved away by the user
+        train(cfg, overwrite=True)
+    assert "eval" in str(exc.value) and "\n" not in str(exc.value)
+    (out / "eval" / "metrics.json").unlink()
+    (out / "eval").rmdir()
+    before = (out / "run.json").stat().st_mtime_ns
+    train(cfg, overwrite=True)
+    assert sorted(p.name for p in out.iterdir()) == ["model.json", "model.safetensors", "run.json", "splits"]
+    assert (out / "run.json").stat().st_mtime_ns != before
+
+
+def test_ensemble_refuses_the_same_member_twice_and_a_used_out(trained_dir: Path, tmp_path: Path) -> None:
+    import shutil
+
+    from edgeclf.train import ensemble_runs
+
+    with pytest.raises(ConfigError) as exc:
+        ensemble_runs([str(trained_dir), str(trained_dir) + "/."], str(tmp_path / "e"))
+    assert "twice" in str(exc.value) and "\n" not in str(exc.value)
+    copy = tmp_path / "copy"
+    shutil.copytree(trained_dir, copy)
+    with pytest.raises(ConfigError) as exc:
+        ensemble_runs([str(trained_dir), str(copy)], str(tmp_path / "e"))
+    assert "same weights" in str(exc.value) and "\n" not in str(exc.value)
+    (tmp_path / "afile.txt").write_text("")
+    with pytest.raises(ConfigError, match="is a file"):
+        ensemble_runs([str(trained_dir), str(copy)], str(tmp_path / "afile.txt"))
+    with pytest.raises(ConfigError, match="not empty"):
+        ensemble_runs([str(trained_dir), str(copy)], str(tmp_path))
+    assert not (tmp_path / "e").exists()
