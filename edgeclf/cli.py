@@ -720,15 +720,20 @@ def profile(ctx: click.Context, bundles, source, backends, device, engine_cache,
               help="Largest allowed slow-down of any stage's median, as a fraction (0.1 = 10%).")
 @click.option("--min-delta-ms", type=click.FloatRange(min=0), default=0.0, show_default=True,
               help="Ignore slow-downs smaller than this many ms (sub-millisecond stages are noisy).")
+@click.option("--allow-other-host", is_flag=True,
+              help="Compare profiles measured on different machines (refused otherwise; the result then lists the differences).")
 @json_option
 @click.pass_context
-def profile_compare(ctx: click.Context, old: str, new: str, max_regression: float, min_delta_ms: float, as_json: bool) -> None:
+def profile_compare(ctx: click.Context, old: str, new: str, max_regression: float, min_delta_ms: float, allow_other_host: bool,
+                    as_json: bool) -> None:
     """Compare two `profile --json` outputs; exit 1 when a stage's median got slower than allowed."""
     from edgeclf.runtime.profile import compare_profiles, load_profile_json
 
     result = compare_profiles(load_profile_json(old), load_profile_json(new), max_regression=max_regression,
-                              min_delta_ms=min_delta_ms)
+                              min_delta_ms=min_delta_ms, allow_other_host=allow_other_host)
     _emit(as_json, result, _print_compare)
+    for w in result.get("warnings", []):
+        click.echo(f"warning: {w}", err=True)
     for r in result["regressions"]:
         click.echo(f"REGRESSION {r['target']} {r['stage']}: median {r['old_median_ms']:.3f} -> {r['new_median_ms']:.3f} ms "
                    f"({_ms(r['change'], '+.1%')} > {max_regression:.0%})", err=True)

@@ -5,7 +5,8 @@ the cache folder, the cache key and its invalidation, precision and DLA choices,
 command per TensorRT version, progress output. TensorRT and Polygraphy are imported only inside the functions
 that build or load an engine; importing this module imports neither.
 
-Cache key: (device profile, TensorRT version, compute capability, GPU name, precision, DLA core, bundle checksum).
+Cache key: (device profile, TensorRT version, compute capability, GPU name, precision, DLA core, bundle checksum,
+batch profile min/opt/max, workspace MiB).
 The GPU name is that of CUDA device 0, the one TensorRT builds on and runs on: two card models of one compute
 capability (an RTX A2000 and an RTX 3090) never share an engine. The engine file's name holds the key's digest and a metadata JSON beside it records the key and the engine's sha256;
 an engine whose metadata names another key, or whose bytes no longer hash to the recorded value, is rebuilt
@@ -38,7 +39,9 @@ __all__ = [
 log = logging.getLogger(__name__)
 ENGINE_CACHE_ENV = "EDGECLF_ENGINE_CACHE"
 FORMAT = "edgeclf-engine"
-KEY_FIELDS = ("device", "tensorrt", "compute_capability", "gpu", "precision", "dla_core", "bundle_checksum")
+# batch_profile and workspace_mb: an engine serves batches up to its max only, and was tuned within its workspace.
+KEY_FIELDS = ("device", "tensorrt", "compute_capability", "gpu", "precision", "dla_core", "bundle_checksum", "batch_profile",
+              "workspace_mb")
 TENSORRT_INSTALL_HINT = (
     "install TensorRT's Python bindings (on a Jetson JetPack's python3-libnvinfer: `sudo apt install python3-libnvinfer`, "
     "for the system python3; on x86 `pip install tensorrt`) and `pip install polygraphy`"
@@ -92,7 +95,8 @@ def cache_dir(flag: Optional[str] = None, env: Optional[Mapping[str, str]] = Non
 @dataclass(frozen=True)
 class EngineKey:
     """Everything an engine is only valid for. dla_core None: GPU only. gpu: the CUDA device's name ("" when it could
-    not be read: an engine recorded without one is rebuilt once)."""
+    not be read: an engine recorded without one is rebuilt once). batch_profile: "min/opt/max" batch of its
+    optimisation profile; workspace_mb: the builder's workspace (an engine recorded without them is rebuilt once)."""
 
     device: str
     tensorrt: str
@@ -101,6 +105,8 @@ class EngineKey:
     dla_core: Optional[int]
     bundle_checksum: str
     gpu: str = ""
+    batch_profile: str = ""
+    workspace_mb: int = 0
 
     def fields(self) -> Dict[str, Any]:
         return {k: getattr(self, k) for k in KEY_FIELDS}
@@ -315,6 +321,15 @@ class EnginePlan:
             return {"min": fixed, "opt": fixed, "max": fixed}
         return {"min": (1, c, h, w), "opt": (self.opt_batch, c, h, w), "max": (self.max_batch, c, h, w)}
 
+    def batch_profile(self) -> str:
+        """The engine key's "min/opt/max" batch (DLA: the one fixed batch three times)."""
+        shapes = self.shapes()
+        return "/".join(str(shapes[k][0]) for k in ("min", "opt", "max"))
+
+    def key(self, tensorrt: str, compute_capability: str, gpu: str = "") -> EngineKey:
+        return EngineKey(self.device, str(tensorrt), str(compute_capability), self.precision, self.dla_core,
+                         self.bundle_checksum, str(gpu), self.batch_profile(), int(self.workspace_mb))
+
 
 def plan_engine(bundle: Any, profile: Any, *, precision: str = "auto", dla_core: Optional[int] = None,
                 workspace_mb: Optional[int] = None, max_batch: int = 8, opt_batch: int = 1,
@@ -438,8 +453,7 @@ def ensure_engine(plan: EnginePlan, cache: EngineCache, *, tensorrt: str, comput
     gpu: the name of the CUDA device the engine is for (part of the key)."""
     say = progress or (lambda msg: log.info("%s", msg))
     check_dla_precision(plan.precision, plan.dla_core, str(tensorrt))
-    key = EngineKey(plan.device, str(tensorrt), str(compute_capability), plan.precision, plan.dla_core, plan.bundle_checksum,
-                    str(gpu))
+    key = plan.key(str(tensorrt), str(compute_capability), str(gpu))
     found = cache.lookup(key)
     messages: List[str] = []
     if found.status == "hit" and not rebuild:
@@ -653,7 +667,7 @@ def trtexec_for(bundle_path: str, *, device: str, precision: str = "auto", dla_c
         raise ConfigError(f"device profile {device} names no TensorRT version; give --trt-version (e.g. 8.6 or 10.3)")
     cc = prof.compute_capability or "unknown"  # x86-nvidia-gpu: the GPU's, known only on the machine (so is its name)
     cache_ = EngineCache(cache_dir(cache))
-    key = EngineKey(device, version, cc, plan.precision, dla_core, plan.bundle_checksum)
+    key = plan.key(version, cc)
     cmd = trtexec_command(plan, tensorrt=version, save_engine=str(cache_.paths(key)[0]),
                           timing_cache=str(cache_.timing_cache_path(version, cc)))
     return {"command": cmd, "tensorrt": version, "precision": plan.precision, "precision_reason": plan.precision_reason,

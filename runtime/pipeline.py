@@ -312,7 +312,11 @@ def run_pipeline(
     joined by ",", "low_confidence", "settling", "backend_error", "invalid_output" or "frame_error"), "confidence",
     "frame_label" (this frame's own decision, None when not classified), "probs" (this frame's calibrated
     probabilities, None when not classified), "quality" (list of reasons, empty when fine), "latency_ms": {stage: ms,
-    "total": capture-to-result, taken before any sink runs (the overlay shows its own capture-to-display)}}.
+    "total": capture-to-result, taken before any sink runs (the overlay shows its own capture-to-display)}; "infer" is
+    None for a frame that was not inferred (quality gate, frame error)}.
+    Stage statistics (summary "stages_ms") are each over the frames that went through that stage: "infer" over the
+    inferred frames only (its "n"; frames turned away are counted in "quality_flagged" and "frame_errors"), every
+    other stage and "latency" over every recorded frame (a gated frame is still read, checked, decided and written).
     Sources with ``ack`` (watched folders) are acknowledged after every sink wrote the frame's record; for those
     that need acks, every sink's ``sync()`` (flush and fsync) runs first, so a file marked done has its results
     on disk. A DataError of the sector or quality stage on one frame (its data: e.g. a sector mask too thin to
@@ -628,7 +632,7 @@ def run_pipeline(
                 record["latency_ms"] = {
                     "capture": round(cap_s * 1e3, 3),
                     "preprocess": round(pre_s * 1e3, 3),
-                    "infer": round(infer_s * 1e3, 3) if x is not None else 0.0,
+                    "infer": round(infer_s * 1e3, 3) if x is not None else None,  # None: not inferred (gated)
                     "postprocess": round((t4 - t3) * 1e3, 3),
                     "total": round((time.monotonic() - frame.timestamp) * 1e3, 3),
                 }
@@ -660,8 +664,9 @@ def run_pipeline(
                 if reasons and fault is None:
                     summary.quality_flagged += 1
                 summary.label_counts[key] = summary.label_counts.get(key, 0) + 1
-                for stage, ms in zip(STAGES, (cap_s, pre_s, infer_s if x is not None else 0.0, (t4 - t3), (t5 - t4))):
-                    summary.timings_ms[stage].append(ms * 1e3)
+                for stage, ms in zip(STAGES, (cap_s, pre_s, infer_s if x is not None else None, (t4 - t3), (t5 - t4))):
+                    if ms is not None:  # a gated frame was not inferred: no 0 ms in the infer statistics
+                        summary.timings_ms[stage].append(ms * 1e3)
                 summary.timings_ms["latency"].append(record["latency_ms"]["total"])
                 for part, sec in zip(PREPROCESS_PARTS, parts_s):
                     if sec is not None:

@@ -5,12 +5,14 @@
 preprocessed frame). Targets are interleaved in chunks (A B A B ...), so drift of the machine (clocks,
 heat, other load) falls on every target alike. The first `warmup` frames of each target are reported
 apart from the steady state; cold start (bundle load, session creation, time to the first result, and
-process start to the first result) on its own. Each record's per-stage times are kept in full (the
+process start to the first result) on its own: each target's on its own first frame (with warmup 0, one frame
+run for it alone and left out of every other figure). Each record's per-stage times are kept in full (the
 pipeline's own StageTimes keeps only a window for its percentiles).
 
 While it runs, a background thread samples process CPU % and RSS (psutil, else /proc), GPU utilisation,
 memory and power through NVML (pynvml, optional) and, on a Jetson, tegrastats (power rails, temperatures).
-Each tegrastats reading is credited to the target and phase in force when it arrived (every change is recorded
+Process and NVML samples are also taken at every change of target or phase, so each covers one state's interval
+and is credited to it (means weighted by interval). Each tegrastats reading is credited to the target and phase in force when it arrived (every change is recorded
 with its monotonic time); energy per inference uses only the readings inside a target's own steady pipeline
 chunks, so it resolves nothing shorter than the tegrastats interval (the reading count is reported).
 
@@ -67,7 +69,9 @@ log = logging.getLogger(__name__)
 SCHEMA_VERSION = 1
 #: Pipeline stages; frame: their sum (the pipeline's time per frame); latency: from the frame's capture
 #: timestamp (as its source sets it) to the result; infer_only: `backend.infer` alone on one preprocessed frame
-#: (at batch N: one call on N copies of it, divided by N, one value per call).
+#: (at batch N: one call on N copies of it, divided by N, one value per call). Each stage's statistics are over
+#: the frames that went through it: infer over the inferred frames only (frames the quality gate turned away are
+#: counted in the target's "frames_not_inferred"), every other pipeline stage, frame and latency over all frames.
 PROFILE_STAGES: Tuple[str, ...] = STAGES + ("frame", "latency", "infer_only")
 _QUANTILES = (50.0, 90.0, 99.0)
 _QNAMES = ("median", "p90", "p99")
@@ -124,12 +128,13 @@ class ProfileOptions:
 
 @dataclass
 class ProfileResult:
-    """doc: the JSON document; series: per target, per stage, every frame's ms (warm-up first);
-    warmup: per target, how many leading values of each series are warm-up."""
+    """doc: the JSON document; series: per target, per stage, every value in ms (warm-up first);
+    warmup: per target, per stage, how many leading values of that series are warm-up (at batch N infer_only
+    holds one value per call, so its count differs from the pipeline stages')."""
 
     doc: Dict[str, Any]
     series: Dict[str, Dict[str, List[float]]]
-    warmup: Dict[str, int]
+    warmup: Dict[str, Dict[str, int]]
 
 
 # ---------------------------------------------------------------------------------------------- statistics
@@ -337,7 +342,11 @@ class _Nvml:
 
 
 class _Sampler:
-    """Background thread: every `interval` s, one sample of process, GPU and the current target/phase."""
+    """Background thread: every `interval` s, one sample of process, GPU and the current target/phase.
+
+    A sample's CPU % covers the interval since the previous sample ("dt" s). profile_bundles takes a sample under
+    `lock` just before every change of target or phase, so each interval lies within one state, the one the
+    sample names; means are weighted by dt (the samples at changes close intervals of any length)."""
 
     def __init__(self, interval: float, state: Callable[[], Tuple[int, Optional[int], str]]) -> None:
         self.interval = interval
@@ -346,18 +355,21 @@ class _Sampler:
         self.nvml = _Nvml()
         self.samples: List[Dict[str, Any]] = []
         self._stop = threading.Event()
-        self._lock = threading.Lock()
+        self.lock = threading.RLock()  # held across a sample and a change of state (see profile_bundles)
+        self._last_t = time.monotonic()
         self._thread = threading.Thread(target=self._loop, name="profile-sampler", daemon=True)
 
     def start(self) -> None:
         self._thread.start()
 
     def sample_now(self) -> None:
-        frames, target, phase = self._state()
-        s: Dict[str, Any] = {"t": time.monotonic(), "frames": frames, "target": target, "phase": phase,
-                             "cpu_percent": self.proc.cpu_percent(), "rss_mb": self.proc.rss_mb()}
-        s.update(self.nvml.sample())
-        with self._lock:
+        with self.lock:
+            frames, target, phase = self._state()
+            now = time.monotonic()
+            s: Dict[str, Any] = {"t": now, "dt": now - self._last_t, "frames": frames, "target": target, "phase": phase,
+                                 "cpu_percent": self.proc.cpu_percent(), "rss_mb": self.proc.rss_mb()}
+            self._last_t = now
+            s.update(self.nvml.sample())
             self.samples.append(s)
 
     def _loop(self) -> None:
@@ -386,8 +398,10 @@ class _TimedSink(Sink):
         sink_ms = (time.perf_counter() - t0) * 1e3
         lat = record["latency_ms"]
         self.written += 1
-        stages = {"capture": float(lat["capture"]), "preprocess": float(lat["preprocess"]), "infer": float(lat["infer"]),
+        stages = {"capture": float(lat["capture"]), "preprocess": float(lat["preprocess"]),
                   "postprocess": float(lat["postprocess"]), "sink": sink_ms}
+        if lat.get("infer") is not None:  # None: the frame was not inferred (gated); infer holds inferred frames only
+            stages["infer"] = float(lat["infer"])
         stages["frame"] = sum(stages.values())
         stages["latency"] = float(lat["total"])
         self._on_record(stages)
@@ -426,6 +440,9 @@ class _Series:
     def __getitem__(self, sl: slice) -> List[float]:
         return self._buf[: self._n][sl].tolist()  # type: ignore[no-any-return]
 
+    def clear(self) -> None:
+        self._n = 0
+
 
 class _TargetRun:
     def __init__(self, target: ProfileTarget, index: int, uri: str, opts: ProfileOptions, tmp: str) -> None:
@@ -438,6 +455,7 @@ class _TargetRun:
         self.first_result_perf: Optional[float] = None
         self.steady_wall_s = 0.0
         self.steady_frames = 0
+        self.steady_not_inferred = 0  # steady frames the pipeline did not infer (quality gate, frame error)
         self.infer_only_wall_s = 0.0
         self.source: Optional[FrameSource] = None
         self.reopened = 0
@@ -451,8 +469,14 @@ class _TargetRun:
     def _record(self, stages: Dict[str, float]) -> None:
         if self.first_result_wall is None:
             self.first_result_wall, self.first_result_perf = time.time(), time.perf_counter()
+        if self.phase == "steady" and "infer" not in stages:
+            self.steady_not_inferred += 1
         for k, v in stages.items():
             self.series[k].append(v)
+
+    def clear_series(self) -> None:
+        for v in self.series.values():
+            v.clear()
 
     def setup(self, factory: BackendFactory) -> None:
         t0 = time.perf_counter()
@@ -571,13 +595,15 @@ def profile_bundles(
     runs: List[_TargetRun] = []
     state: Dict[str, Any] = {"frames": 0, "target": None, "phase": "setup"}
     # Every change of target or phase with its monotonic time: a tegrastats reading is credited to the state in
-    # force when it arrived (see _target_power), not to the last process sample, which sample_now() takes at the
-    # end of a chunk and which would carry the finished target into the next one's chunk.
+    # force when it arrived (see _target_power). Process samples close their interval at each change (set_state).
     timeline: List[Tuple[float, Optional[int], str]] = []
 
     def set_state(target: Optional[int], phase: str) -> None:
-        state.update(target=target, phase=phase)
-        timeline.append((time.monotonic(), target, phase))
+        # A sample closes the interval of the state ending here, so its CPU % is credited to that state alone.
+        with sampler.lock:
+            sampler.sample_now()
+            state.update(target=target, phase=phase)
+            timeline.append((time.monotonic(), target, phase))
 
     def current() -> Tuple[int, Optional[int], str]:
         return int(state["frames"]), state["target"], str(state["phase"])
@@ -604,8 +630,12 @@ def profile_bundles(
                     r.run_frames(opts.warmup)
                     if opts.infer_only:
                         r.infer_only(opts.warmup)
+                else:
+                    # No warm-up: one frame of its own gives this target's cold start (else its first result would come
+                    # after the other targets' steady chunks); it is left out of every other figure.
+                    r.run_frames(1)
+                    r.clear_series()
                 r.warm_n = {k: len(v) for k, v in r.series.items()}
-                sampler.sample_now()
             # Steady state, interleaved in chunks: A B A B ...
             for r in runs:
                 r.phase = "steady"
@@ -616,7 +646,6 @@ def profile_bundles(
                     set_state(r.index, "steady")
                     r.run_frames(n)
                     state["frames"] = int(state["frames"]) + n
-                    sampler.sample_now()
                     if opts.infer_only:
                         set_state(r.index, "steady_infer_only")
                         r.infer_only(n)
@@ -637,7 +666,7 @@ def profile_bundles(
         "jetson_clocks": {"available": False, "locked": None, "reason": "not a Jetson (no tegrastats)"}}
     _warn(doc)
     series = {r.target.name: {k: list(v) for k, v in r.series.items()} for r in runs}
-    warm = {r.target.name: opts.warmup for r in runs}
+    warm = {r.target.name: dict(r.warm_n) for r in runs}
     return ProfileResult(doc=doc, series=series, warmup=warm)
 
 
@@ -671,11 +700,14 @@ def _document(runs: List[_TargetRun], opts: ProfileOptions, uri: str, sampler: _
             "threads": getattr(r.backend, "threads", opts.threads),
             "batch": r.batch or 1,
             "frames": r.steady_frames,
+            "frames_not_inferred": r.steady_not_inferred,
             "wall_s": r.steady_wall_s,
             "fps": r.steady_frames / r.steady_wall_s if r.steady_wall_s > 0 else None,
             "source_reopened": r.reopened,
             "cold_start": {"bundle_load_ms": r.bundle_load_ms, "backend_create_ms": r.backend_create_ms,
-                           "session_ms": r.session_ms, "time_to_first_result_ms": first_ms},
+                           "session_ms": r.session_ms, "time_to_first_result_ms": first_ms,
+                           "first_result_frame": "first warm-up frame" if opts.warmup else
+                           "a frame run for the cold start alone (warmup 0), left out of every other figure"},
             "warmup": {"frames": opts.warmup, "stages_ms": {k: _warmup_stats(v) for k, v in wu.items() if k != "infer_only" or opts.infer_only}},
             "stages_ms": {k: latency_stats(v, n_boot=nb, seed=opts.seed) for k, v in st.items() if k != "infer_only" or opts.infer_only},
             "ratio_to_first": None,
@@ -699,7 +731,7 @@ def _document(runs: List[_TargetRun], opts: ProfileOptions, uri: str, sampler: _
         "kind": "edgeclf-profile",
         "created": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(t_wall0)),
         "host": {"edgeclf": _version(), "python": platform.python_version(), "platform": platform.platform(),
-                 "machine": platform.machine(), "cpu_count": os.cpu_count()},
+                 "machine": platform.machine(), "cpu": _cpu_model(), "cpu_count": os.cpu_count()},
         "config": {"source": _source_text(uri), "frames": opts.frames, "warmup": opts.warmup, "chunk": opts.chunk, "threads": opts.threads,
                    "batch": opts.run_options.batch, "bootstrap": opts.bootstrap, "seed": opts.seed, "sample_interval_s": opts.sample_interval_s,
                    "infer_only": opts.infer_only, "smoothing": opts.run_options.smoothing, "roi": opts.run_options.roi,
@@ -716,6 +748,16 @@ def _mean(values: Sequence[Optional[float]]) -> Optional[float]:
     return float(np.mean(v)) if v else None
 
 
+def _wmean(samples: Sequence[Dict[str, Any]], key: str) -> Optional[float]:
+    """Mean of a sampler quantity weighted by each sample's interval (dt): samples at changes of state close
+    intervals of any length, and a 1 ms interval must not weigh as much as a full sampling period."""
+    pairs = [(float(s[key]), float(s.get("dt") or 0.0)) for s in samples if s.get(key) is not None]
+    total = sum(w for _, w in pairs)
+    if total <= 0:
+        return _mean([v for v, _ in pairs])
+    return sum(v * w for v, w in pairs) / total
+
+
 def _system_section(runs: List[_TargetRun], targets: List[Dict[str, Any]], opts: ProfileOptions, sampler: _Sampler,
                     tegra: Any, timeline: Sequence[Tuple[float, Optional[int], str]] = ()) -> Dict[str, Any]:
     samples = list(sampler.samples)
@@ -727,8 +769,10 @@ def _system_section(runs: List[_TargetRun], targets: List[Dict[str, Any]], opts:
         "method": sampler.proc.method,
         "reason": None if rss_all else (sampler.proc.reason or "no samples (the run was shorter than one sampling period)"),
         "samples": len(samples),
-        "cpu_percent_mean": _mean([s["cpu_percent"] for s in steady]),
-        "cpu_percent_max": max((s["cpu_percent"] for s in steady if s["cpu_percent"] is not None), default=None),
+        "cpu_percent_mean": _wmean(steady, "cpu_percent"),
+        # Over whole sampling periods: a few-ms interval closed at a change of state is too short for a peak.
+        "cpu_percent_max": max((s["cpu_percent"] for s in steady if s["cpu_percent"] is not None
+                                and s.get("dt", opts.sample_interval_s) >= opts.sample_interval_s / 2), default=None),
         "rss_mb_start": rss_all[0] if rss_all else None,
         "rss_mb_end": rss_all[-1] if rss_all else None,
         "rss_mb_max": max(rss_all) if rss_all else None,
@@ -737,10 +781,10 @@ def _system_section(runs: List[_TargetRun], targets: List[Dict[str, Any]], opts:
     }
     gpu: Dict[str, Any] = {"available": sampler.nvml.available, "reason": sampler.nvml.reason, "name": sampler.nvml.name}
     if sampler.nvml.available:
-        gpu.update(util_percent_mean=_mean([s["gpu_util"] for s in steady]),
+        gpu.update(util_percent_mean=_wmean(steady, "gpu_util"),
                    util_percent_max=max((s["gpu_util"] for s in steady if s["gpu_util"] is not None), default=None),
                    memory_mb_max=max((s["gpu_mem_mb"] for s in samples if s["gpu_mem_mb"] is not None), default=None),
-                   power_mw_mean=_mean([s["gpu_power_mw"] for s in steady]))
+                   power_mw_mean=_wmean(steady, "gpu_power_mw"))
     # Per target: CPU %, GPU % and energy per inference from the samples taken while it ran its pipeline.
     tsamples = tegra.snapshot() if tegra.available else []
     interval_ms = tegra.interval_ms
@@ -766,12 +810,12 @@ def _system_section(runs: List[_TargetRun], targets: List[Dict[str, Any]], opts:
                 energy["reason"] = (f"no tegrastats reading arrived while this target ran its steady pipeline chunks "
                                     f"(interval {interval_ms} ms): raise --frames or --chunk")
         elif sampler.nvml.available:
-            power = _mean([s["gpu_power_mw"] for s in mine])
+            power = _wmean(mine, "gpu_power_mw")
             if power is not None and fps:
                 energy = {"available": True, "source": "NVML GPU board power", "power_mw_mean": power,
                           "energy_per_inference_mj": power / fps, "reason": None}
-        t["system"] = {"cpu_percent_mean": _mean([s["cpu_percent"] for s in mine]),
-                       "gpu_util_percent_mean": _mean([s["gpu_util"] for s in mine]), "energy": energy}
+        t["system"] = {"cpu_percent_mean": _wmean(mine, "cpu_percent"),
+                       "gpu_util_percent_mean": _wmean(mine, "gpu_util"), "energy": energy}
     teg: Dict[str, Any] = {"available": bool(tegra.available), "reason": tegra.reason, "samples": len(tsamples)}
     if tegra.available and not tsamples:
         teg["reason"] = "tegrastats printed no parseable line during the run"
@@ -908,11 +952,46 @@ def load_profile_json(path: str) -> Dict[str, Any]:
     return doc
 
 
+# The facts that make another machine; "platform" (OS and kernel release) is not one: a kernel update on the same
+# cart changes it, so a difference there is a warning only. A fact one profile does not record is not compared.
+_HOST_FIELDS = ("machine", "cpu", "cpu_count")
+
+
+def _cpu_model() -> Optional[str]:
+    """The CPU's model name (/proc/cpuinfo; platform.processor() elsewhere), or None."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip().lower() in ("model name", "hardware"):
+                    return value.strip() or None
+    except OSError:
+        pass  # not Linux: the platform module's answer below
+    return platform.processor() or None
+
+
+def _host_differences(old: Dict[str, Any], new: Dict[str, Any]) -> List[str]:
+    """'field: old -> new' for each recorded fact of the machine that differs (host fields, NVML GPU name)."""
+    oh, nh = old.get("host") or {}, new.get("host") or {}
+    diffs = [f"{k}: {oh.get(k)!r} -> {nh.get(k)!r}" for k in _HOST_FIELDS
+             if k in oh and k in nh and oh.get(k) != nh.get(k)]
+    og = ((old.get("system") or {}).get("gpu") or {}).get("name")
+    ng = ((new.get("system") or {}).get("gpu") or {}).get("name")
+    if (og or ng) and og != ng:
+        diffs.append(f"GPU: {og!r} -> {ng!r}")
+    return diffs
+
+
 def compare_profiles(old: Dict[str, Any], new: Dict[str, Any], *, max_regression: float = 0.1,
-                     min_delta_ms: float = 0.0) -> Dict[str, Any]:
+                     min_delta_ms: float = 0.0, allow_other_host: bool = False) -> Dict[str, Any]:
     """Compare the steady-state medians of every stage of every target present in both (matched by name,
     else by position when each holds one target). A stage regressed when its new median exceeds the old by
-    more than `max_regression` (a fraction) and by more than `min_delta_ms`."""
+    more than `max_regression` (a fraction) and by more than `min_delta_ms`.
+
+    Only like configurations compare: a target at another batch or thread count is refused (ConfigError), and so
+    are profiles from another machine (machine, platform, CPU count or GPU name differ) unless `allow_other_host`,
+    which then says so in the result's "warnings" and "host_differences": the changes are the machines', not a
+    regression of one."""
     if not max_regression >= 0:
         raise ConfigError(f"max regression is {max_regression}; allowed: a fraction >= 0 (0.1 = 10% slower)")
     if not min_delta_ms >= 0:
@@ -931,6 +1010,24 @@ def compare_profiles(old: Dict[str, Any], new: Dict[str, Any], *, max_regression
         if ob != nb:
             raise ConfigError(f"target {name} ran at batch {ob} in the old profile and {nb} in the new one; per-frame times "
                               "at different batches are not comparable: profile both with the same --batch")
+        othr, nthr = ot.get("threads"), nt.get("threads")
+        if othr != nthr:
+            raise ConfigError(f"target {name} ran with threads {othr if othr is not None else 'default'} in the old profile and "
+                              f"{nthr if nthr is not None else 'default'} in the new one; times at different thread counts are "
+                              "not comparable: profile both with the same --threads")
+    host = _host_differences(old, new)
+    warnings: List[str] = []
+    if host and not allow_other_host:
+        raise ConfigError(f"the profiles come from different machines ({'; '.join(host)}); a change between machines is not "
+                          "a regression: compare profiles from one machine, or allow it explicitly (--allow-other-host)")
+    if host:
+        warnings.append(f"the profiles come from different machines ({'; '.join(host)}): the changes below are between "
+                        "machines, not a regression of one")
+        log.warning("%s", warnings[-1])
+    op, np_ = (old.get("host") or {}).get("platform"), (new.get("host") or {}).get("platform")
+    if op and np_ and op != np_:
+        warnings.append(f"the operating system or kernel changed ({op} -> {np_}): it can change timings too")
+        log.warning("%s", warnings[-1])
     rows: List[Dict[str, Any]] = []
     for name, ot, nt in pairs:
         for stage in PROFILE_STAGES:
@@ -945,7 +1042,7 @@ def compare_profiles(old: Dict[str, Any], new: Dict[str, Any], *, max_regression
                          "regressed": regressed})
     regressions = [r for r in rows if r["regressed"]]
     return {"max_regression": max_regression, "min_delta_ms": min_delta_ms, "rows": rows,
-            "regressions": regressions, "regressed": bool(regressions)}
+            "regressions": regressions, "regressed": bool(regressions), "host_differences": host, "warnings": warnings}
 
 
 # --------------------------------------------------------------------------------------------------- report
@@ -972,7 +1069,8 @@ def build_figures(result: ProfileResult) -> Dict[str, Any]:
     Figure = _matplotlib_figure()
     figs: Dict[str, Any] = {}
     for stage in PROFILE_STAGES:
-        data = {n: np.asarray(s.get(stage, [])[result.warmup.get(n, 0):], np.float64) for n, s in result.series.items()}
+        data = {n: np.asarray(s.get(stage, [])[result.warmup.get(n, {}).get(stage, 0):], np.float64)
+                for n, s in result.series.items()}
         data = {n: v for n, v in data.items() if v.size}
         if not data:
             continue
@@ -999,7 +1097,7 @@ def build_figures(result: ProfileResult) -> Dict[str, Any]:
         v = np.asarray(s.get("latency", []), np.float64)
         if not v.size:
             continue
-        warm = max(warm, result.warmup.get(n, 0))
+        warm = max(warm, result.warmup.get(n, {}).get("latency", 0))
         idx = np.arange(v.size)
         dots = ax.plot(idx, v, ".", markersize=2, alpha=0.4, label=f"{n}: per frame")[0]
         colour = dots.get_color()

@@ -269,13 +269,33 @@ def nvpmodel_mode(text: str) -> Optional[str]:
     return m.group(1).strip() if m else None
 
 
+_CLOCK_LINE = re.compile(r"^\s*(\S+?):?\s.*?MinFreq=(\d+)\s+MaxFreq=(\d+)(?:\s+CurrentFreq=(\d+))?(?:\s+FreqOverride=(\d+))?")
+# jetson_clocks shows these engines but never sets them: their MinFreq stays below MaxFreq on a locked board.
+_NOT_LOCKED_BY_JETSON_CLOCKS = ("DLA", "PVA", "CVNAS")
+
+
 def clocks_locked(text: str) -> Optional[bool]:
-    """From `jetson_clocks --show`: True when every listed clock runs with MinFreq == MaxFreq (locked at
-    its maximum), None when the output lists no frequencies."""
-    pairs = re.findall(r"MinFreq=(\d+)\s+MaxFreq=(\d+)", text)
-    if not pairs:
-        return None
-    return all(int(lo) == int(hi) for lo, hi in pairs)
+    """From `jetson_clocks --show`: True when every clock jetson_clocks locks runs at its maximum, None when the
+    output lists no frequencies. As NVIDIA's jetson_clocks script sets and shows them: CPUs and the GPU lock with
+    MinFreq raised to MaxFreq (offline CPUs, Online=0, are skipped); the EMC locks through the BPMP override
+    (mrq_rate_locked), so its MinFreq stays low and it counts as locked with FreqOverride=1 and CurrentFreq ==
+    MaxFreq; DLA, PVA and CVNAS lines are skipped (jetson_clocks leaves them alone)."""
+    seen = False
+    for line in text.splitlines():
+        m = _CLOCK_LINE.match(line)
+        if m is None:
+            continue
+        name, lo, hi, cur, override = m.group(1), int(m.group(2)), int(m.group(3)), m.group(4), m.group(5)
+        if name.upper().startswith(_NOT_LOCKED_BY_JETSON_CLOCKS) or re.search(r"\bOnline=0\b", line):
+            continue
+        seen = True
+        if name.upper() == "EMC" and override is not None:
+            locked = override == "1" and cur is not None and int(cur) == hi
+        else:
+            locked = lo == hi
+        if not locked:
+            return False
+    return True if seen else None
 
 
 def jetson_settings() -> Dict[str, Any]:

@@ -469,3 +469,17 @@ def test_train_and_ensemble_refuse_an_out_that_is_a_file(tmp_path: Path) -> None
     r = run_cli("ensemble", "--member", str(tmp_path / "a"), "--member", str(tmp_path / "b"), "--out", str(tmp_path / "afile.txt"))
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "is a file" in r.stderr, r.stderr
     assert (tmp_path / "afile.txt").read_text() == "mine"
+
+
+def test_profile_compare_of_two_machines_is_one_line_unless_allowed(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from tests.runtime.test_profile import _doc
+
+    old, new = tmp_path / "old.json", tmp_path / "new.json"
+    old.write_text(json.dumps(_doc(4, "x86_64", 2.0)))
+    new.write_text(json.dumps(_doc(4, "aarch64", 2.0)))
+    code, out, err = _edgeclf(capsys, "profile", "compare", str(old), str(new))
+    lines = err.strip().splitlines()
+    assert code == 2 and out == "" and len(lines) == 1 and "different machines" in lines[0] and "--allow-other-host" in lines[0]
+    code, out, err = _edgeclf(capsys, "profile", "compare", str(old), str(new), "--allow-other-host", "--json")
+    assert code == 0 and json.loads(out)["host_differences"] == ["machine: 'x86_64' -> 'aarch64'"]
+    assert "warning: the profiles come from different machines" in err

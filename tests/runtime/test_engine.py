@@ -557,3 +557,34 @@ def test_cuda_device_name_reads_device_0_through_the_driver_api(monkeypatch: pyt
     assert cuda_device_name() == "Orin" and asked == [("init", 0), ("get", 0), ("name", 256)]
     lib.cuInit = lambda flags: 100  # CUDA_ERROR_NO_DEVICE
     assert cuda_device_name() is None
+
+
+def test_a_larger_max_batch_is_not_served_by_a_smaller_cached_engine(tmp_path: Path) -> None:
+    cache, builder, said = EngineCache(tmp_path / "c"), Builder(), []
+    ensure_engine(_plan(tmp_path, max_batch=4), cache, tensorrt="10.3.0", compute_capability="8.7", builder=builder)
+    rec = ensure_engine(_plan(tmp_path, max_batch=16), cache, tensorrt="10.3.0", compute_capability="8.7", builder=builder,
+                        progress=said.append)
+    assert rec.built and builder.calls == 2 and rec.meta["build"]["shapes"]["max"][0] == 16
+    assert rec.meta["key"]["batch_profile"] == "1/1/16"
+    assert any("batch_profile: '1/1/4' -> '1/1/16'" in m for m in said), said  # says why the cached one does not fit
+    # Both stay cached: asking for max batch 4 again reuses the first engine.
+    again = ensure_engine(_plan(tmp_path, max_batch=4), cache, tensorrt="10.3.0", compute_capability="8.7", builder=builder)
+    assert not again.built and again.meta["build"]["shapes"]["max"][0] == 4 and builder.calls == 2
+
+
+def test_another_workspace_is_not_served_silently(tmp_path: Path) -> None:
+    cache, builder = EngineCache(tmp_path / "c"), Builder()
+    ensure_engine(_plan(tmp_path, workspace_mb=256), cache, tensorrt="10.3.0", compute_capability="8.7", builder=builder)
+    rec = ensure_engine(_plan(tmp_path, workspace_mb=4096), cache, tensorrt="10.3.0", compute_capability="8.7", builder=builder)
+    assert rec.built and rec.meta["build"]["workspace_mb"] == 4096 and rec.meta["key"]["workspace_mb"] == 4096
+    assert any("workspace_mb: 256 -> 4096" in m for m in rec.messages), rec.messages
+
+
+def test_an_engine_recorded_before_the_batch_profile_was_keyed_is_rebuilt_with_a_message(tmp_path: Path) -> None:
+    cache, builder = EngineCache(tmp_path / "c"), Builder()
+    plan = _plan(tmp_path)
+    key = plan.key("10.3.0", "8.7")
+    old = EngineKey(**{k: v for k, v in key.fields().items() if k not in ("batch_profile", "workspace_mb")})
+    cache.store(old, b"old", {"build": {"shapes": {"max": [8, 1, 8, 8]}}})
+    rec = ensure_engine(plan, cache, tensorrt="10.3.0", compute_capability="8.7", builder=builder)
+    assert rec.built and any("batch_profile: '' -> '1/1/8'" in m for m in rec.messages), rec.messages

@@ -180,6 +180,12 @@ def test_quality_failures_abstain_without_inference_and_keep_their_line(bundle_d
     for r in recs[20:25]:
         assert r["abstain"] and r["abstain_reason"] == "blank" and r["probs"] is None and r["quality"] == ["blank"]
     assert s.quality_flagged == 5 and s.abstain_reasons
+    # Each stage's statistics are over the frames that went through it: the 5 gated frames were never inferred,
+    # so they are not 0 ms infer times (which pulled the infer median down); every other stage has all 40.
+    assert all(r["latency_ms"]["infer"] is None for r in recs[20:25])
+    assert all(r["latency_ms"]["infer"] is not None for r in recs[:20] + recs[25:])
+    st = s.to_dict()["stages_ms"]
+    assert st["infer"]["n"] == 35 and all(st[k]["n"] == 40 for k in ("capture", "preprocess", "postprocess", "sink", "latency"))
 
 
 def test_shown_label_never_flips_on_one_odd_frame(bundle_dir: Path) -> None:

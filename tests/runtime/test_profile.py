@@ -354,3 +354,131 @@ def test_readings_that_arrive_in_bursts_are_not_attributed() -> None:
     assert _bursty(steady, 100) is None and _bursty(steady, None) is None
     why = _bursty(burst, 100)
     assert why is not None and "bursts" in why and "buffered" in why
+
+
+# ------------------------------------------------------------------------------- review fixes (figures, compare)
+
+def _fake(delays: Dict[str, float], cpu: Any = None) -> Any:
+    """A backend factory: target label -> seconds per inference call; `cpu`: a stand-in process clock charged
+    with target "a"'s inference time."""
+    def make(b, path, target, threads):  # type: ignore[no-untyped-def]
+        delay = delays.get(target.label or "", 0.0)
+
+        def fn(x: np.ndarray) -> np.ndarray:
+            if delay:
+                time.sleep(delay)
+                if cpu is not None and target.label == "a":
+                    cpu[0] += delay
+            return np.tile(np.linspace(0.1, 0.3, b.manifest.num_outputs, dtype=np.float32), (len(x), 1))
+        m = b.manifest
+        return FakeBackend((m.preprocess.channels,) + tuple(m.preprocess.size), m.num_outputs, fn=fn)
+    return make
+
+
+def test_infer_only_histogram_holds_every_steady_value_at_batch_4(bundle_dir: Path) -> None:
+    pytest.importorskip("matplotlib")
+    opts = ProfileOptions(source="synthetic:ultrasound?frames=40&size=64", frames=32, warmup=8, chunk=8, bootstrap=0,
+                          sample_interval_s=0.05, run_options=RunOptions(batch=4))
+    res = profile_bundles([ProfileTarget(str(bundle_dir), label="a")], opts, backend_factory=_fake({}))
+    assert res.warmup["a"]["infer_only"] == 2 and res.warmup["a"]["latency"] == 8  # 8 frames = 2 calls of 4
+    figs = build_figures(res)
+    for stage in ("infer_only", "latency"):
+        n_doc = res.doc["targets"][0]["stages_ms"][stage]["n"]
+        n_plotted = int(sum(p.get_height() for p in figs[f"hist_{stage}.png"].axes[0].patches))
+        assert n_plotted == n_doc, (stage, n_plotted, n_doc)
+
+
+def test_infer_stage_statistics_hold_only_inferred_frames(bundle_dir: Path, tmp_path: Path) -> None:
+    import cv2
+
+    from edgeclf.runtime.synthetic import make_ultrasound
+
+    imgs, _ = make_ultrasound(6, size=64, seed=0)
+    folder = tmp_path / "frames"
+    folder.mkdir()
+    for i in range(12):  # every other frame blank (probe lifted): gated, not inferred
+        cv2.imwrite(str(folder / f"f{i:02d}.png"), imgs[i // 2] if i % 2 == 0 else np.zeros((64, 64), np.uint8))
+    opts = ProfileOptions(source=str(folder), frames=24, warmup=0, chunk=12, bootstrap=0, sample_interval_s=0.05)
+    res = profile_bundles([ProfileTarget(str(bundle_dir), label="a")], opts, backend_factory=_fake({"a": 0.005}))
+    t = res.doc["targets"][0]
+    infer = t["stages_ms"]["infer"]
+    assert t["frames"] == 24 and t["frames_not_inferred"] == 12  # the gated frames are counted, not timed as 0 ms
+    assert infer["n"] == 12 and infer["min"] >= 5.0 and infer["median"] >= 5.0, infer
+    assert t["stages_ms"]["latency"]["n"] == 24 and t["stages_ms"]["capture"]["n"] == 24  # other stages: every frame
+
+
+def test_second_targets_time_to_first_result_is_its_own_with_warmup_0(bundle_dir: Path) -> None:
+    opts = ProfileOptions(source="synthetic:ultrasound?frames=40&size=64", frames=20, warmup=0, chunk=20, bootstrap=0,
+                          sample_interval_s=0.05, infer_only=False)
+    doc = profile_bundles([ProfileTarget(str(bundle_dir), label="a"), ProfileTarget(str(bundle_dir), label="b")], opts,
+                          backend_factory=_fake({"a": 0.02})).doc
+    a, b = doc["targets"]
+    # b's own set-up and one instant frame take a few ms; a's chunk of 20 frames x 20 ms = 400 ms is not b's cold start
+    assert b["cold_start"]["time_to_first_result_ms"] < 200, b["cold_start"]
+    assert "left out" in b["cold_start"]["first_result_frame"]
+    assert a["frames"] == b["frames"] == 20 and a["stages_ms"]["latency"]["n"] == 20  # the cold frame is in no other figure
+    assert a["warmup"]["stages_ms"]["latency"]["n"] == 0
+
+
+def test_an_idle_target_is_not_credited_with_the_busy_targets_cpu(bundle_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cpu = [0.0]
+    monkeypatch.setitem(sys.modules, "psutil", None)  # the stdlib probe: process_time deltas
+    # A stand-in process clock: only target a's inference burns CPU (a wall second of a's work = a CPU second).
+    monkeypatch.setattr(time, "process_time", lambda: cpu[0])
+    opts = ProfileOptions(source="synthetic:ultrasound?frames=200&size=32", frames=60, warmup=2, chunk=10, bootstrap=0,
+                          sample_interval_s=0.03)
+    doc = profile_bundles([ProfileTarget(str(bundle_dir), label="a"), ProfileTarget(str(bundle_dir), label="b")], opts,
+                          backend_factory=_fake({"a": 0.01, "b": 0.01}, cpu)).doc
+    got = {t["name"]: t["system"]["cpu_percent_mean"] for t in doc["targets"]}
+    assert got["a"] > 20 and got["b"] < 5, got  # b used no CPU on this clock: the first sample of its chunk is not a's tail
+
+
+def _doc(threads: Any, machine: str, median: float, gpu: Any = None) -> Dict[str, Any]:
+    stats = {"n": 500, "median": median}
+    return {"schema_version": 1, "kind": "edgeclf-profile",
+            "host": {"platform": f"Linux-{machine}", "machine": machine, "cpu_count": 8, "python": "3.10", "edgeclf": "x"},
+            "config": {"threads": threads, "batch": 1}, "system": {"gpu": {"name": gpu}},
+            "targets": [{"name": "tiny:ort-cpu:deploy", "batch": 1, "threads": threads, "backend": "ort-cpu",
+                         "stages_ms": {"infer": dict(stats), "latency": dict(stats)}}]}
+
+
+def test_compare_refuses_other_thread_counts() -> None:
+    with pytest.raises(ConfigError, match="threads 4 in the old profile and 1 in the new one.*same --threads"):
+        compare_profiles(_doc(4, "x86_64", 2.0), _doc(1, "x86_64", 6.0))  # 3x slower on 1 thread: not a regression
+    with pytest.raises(ConfigError, match="threads default"):
+        compare_profiles(_doc(None, "x86_64", 2.0), _doc(4, "x86_64", 2.0))
+
+
+def test_compare_refuses_another_machine_unless_allowed_and_then_says_so() -> None:
+    old, new = _doc(4, "x86_64", 2.0), _doc(4, "aarch64", 6.0)  # workstation baseline vs a Jetson run
+    with pytest.raises(ConfigError, match=r"different machines \(machine: 'x86_64' -> 'aarch64'.*--allow-other-host"):
+        compare_profiles(old, new)
+    with pytest.raises(ConfigError, match="GPU: 'NVIDIA A2' -> 'NVIDIA L4'"):
+        compare_profiles(_doc(4, "x86_64", 2.0, "NVIDIA A2"), _doc(4, "x86_64", 2.0, "NVIDIA L4"))
+    r = compare_profiles(old, new, allow_other_host=True)
+    assert r["regressed"] and r["host_differences"] and "different machines" in r["warnings"][0]
+    same = compare_profiles(old, _doc(4, "x86_64", 2.0))
+    assert same["host_differences"] == [] and same["warnings"] == []
+
+
+def test_compare_tells_machines_apart_by_cpu_and_takes_a_kernel_update_as_a_warning() -> None:
+    def doc(cpu: Any, plat: str) -> Dict[str, Any]:
+        d = _doc(4, "x86_64", 2.0)
+        d["host"].update(cpu=cpu, platform=plat)
+        return d
+
+    with pytest.raises(ConfigError, match="cpu: 'AMD EPYC 7B13' -> 'Intel Xeon'"):
+        compare_profiles(doc("AMD EPYC 7B13", "Linux-6.1"), doc("Intel Xeon", "Linux-6.1"))
+    r = compare_profiles(doc("AMD EPYC 7B13", "Linux-6.1"), doc("AMD EPYC 7B13", "Linux-6.8"))  # same cart, new kernel
+    assert r["host_differences"] == [] and "kernel" in r["warnings"][0]
+    old = _doc(4, "x86_64", 2.0)  # recorded before the CPU model was: that fact is not compared
+    assert compare_profiles(old, doc("AMD EPYC 7B13", "Linux-x86_64"))["host_differences"] == []
+
+
+def test_a_profile_records_the_cpu_model() -> None:
+    from edgeclf.runtime.profile import _cpu_model
+
+    m = _cpu_model()
+    assert m is None or (isinstance(m, str) and m)
+    if Path("/proc/cpuinfo").is_file() and "model name" in Path("/proc/cpuinfo").read_text():
+        assert m and m in Path("/proc/cpuinfo").read_text()

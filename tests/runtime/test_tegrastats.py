@@ -208,3 +208,44 @@ def test_profile_on_agx_orin_does_not_call_the_rail_sum_input_power(tmp_path: Pa
     assert e["power_mw_mean"] == 2384 + 397 + 2321 + 302
     assert doc["system"]["tegrastats"]["power_figure"]["module_input"] is False
     assert any("not the module's input power" in w for w in doc["warnings"])
+
+
+# The line formats of NVIDIA's jetson_clocks script (2015-2023, tegra234 branch; a copy at e.g.
+# https://github.com/rbonghi/jetson_stats/issues/323 quotes its do_emc paths): `sudo jetson_clocks` raises each CPU's
+# and the GPU's MinFreq to MaxFreq, but locks the EMC through /sys/kernel/debug/bpmp/debug/clk/emc/mrq_rate_locked
+# (shown as FreqOverride) and writes its max to `rate`, leaving its MinFreq low; DLA/PVA lines are shown, never set.
+# Captured, unlocked (Orin, JetPack 5.0 DP; first lines, trailing blanks dropped), from
+# https://github.com/rbonghi/jetson_stats/issues/381:
+UNLOCKED_ORIN_CAPTURED = """SOC family:tegra234  Machine:NVIDIA Orin Jetson-Small Developer Kit
+Online CPUs: 0-11
+cpu0: Online=1 Governor=schedutil MinFreq=115200 MaxFreq=2201600 CurrentFreq=2112000 IdleStates: WFI=1 c7=1
+cpu1: Online=1 Governor=schedutil MinFreq=115200 MaxFreq=2201600 CurrentFreq=2201600 IdleStates: WFI=1 c7=1
+"""
+# Locked: written after the script's echo lines (no captured locked output was found); values of an AGX Orin.
+LOCKED_ORIN = """SOC family:tegra234  Machine:Jetson AGX Orin Developer Kit
+Online CPUs: 0-11
+cpu0: Online=1 Governor=schedutil MinFreq=2201600 MaxFreq=2201600 CurrentFreq=2201600 IdleStates: WFI=0 c7=0
+cpu1: Online=1 Governor=schedutil MinFreq=2201600 MaxFreq=2201600 CurrentFreq=2201600 IdleStates: WFI=0 c7=0
+GPU MinFreq=1300500000 MaxFreq=1300500000 CurrentFreq=1300500000
+EMC MinFreq=204000000 MaxFreq=3199000000 CurrentFreq=3199000000 FreqOverride=1
+DLA0_CORE:   Online=1 MinFreq=0 MaxFreq=1600000000 CurrentFreq=1600000000
+PVA0_VPS0: Online=1 MinFreq=0 MaxFreq=1152000000 CurrentFreq=1152000000
+FAN Dynamic Speed control=active hwmon4_pwm=255
+NV Power Mode: MAXN
+"""
+
+
+def test_locked_emc_override_counts_as_locked() -> None:
+    assert clocks_locked(LOCKED_ORIN) is True
+
+
+def test_unlocked_emc_and_cpus_are_not_locked() -> None:
+    assert clocks_locked(UNLOCKED_ORIN_CAPTURED) is False
+    unlocked_emc = LOCKED_ORIN.replace("CurrentFreq=3199000000 FreqOverride=1", "CurrentFreq=665600000 FreqOverride=0")
+    assert clocks_locked(unlocked_emc) is False
+    assert clocks_locked(LOCKED_ORIN.replace("FreqOverride=1", "FreqOverride=0")) is False  # at max now, not held there
+
+
+def test_offline_cpus_are_skipped() -> None:
+    offline = LOCKED_ORIN.replace("cpu1: Online=1 Governor=schedutil MinFreq=2201600", "cpu1: Online=0 Governor=schedutil MinFreq=115200")
+    assert clocks_locked(offline) is True
