@@ -98,4 +98,3 @@ def test_train_on_clips_prints_its_clip_figures(tmp_path) -> None:  # type: igno
                                        "--epochs", "1", "--frames-per-clip", "2", "--threads", "1"])
     assert res.exit_code == 0, (res.output, res.exception)
     assert "[test_clips]" in res.output and "clip, majority vote" in res.output
-
