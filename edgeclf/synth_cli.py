@@ -38,7 +38,11 @@ def synth(kind: str, out: str, *, n: int | None = None, size: int | None = None,
         for c in syn.ULTRASOUND_CLASSES:
             (o / c).mkdir(exist_ok=True)
         for i, (im, y) in enumerate(zip(images, labels)):
-            cv2.imwrite(str(o / syn.ULTRASOUND_CLASSES[int(y)] / f"{i:05d}.png"), im)
+            # Encoded here and written by Python: cv2.imwrite dies (SIGSEGV) on a folder name that is not UTF-8.
+            ok, png = cv2.imencode(".png", im)
+            if not ok:
+                raise RuntimeError(f"OpenCV could not encode phantom image {i} as PNG")
+            (o / syn.ULTRASOUND_CLASSES[int(y)] / f"{i:05d}.png").write_bytes(png.tobytes())
         return {"kind": kind, "folder": str(o), "images": count, "classes": list(syn.ULTRASOUND_CLASSES)}
     if kind == "xray":
         images, labels = syn.make_xray(count, size=size, seed=seed)

@@ -524,6 +524,7 @@ class VideoRecorderSink(Sink):
         except OSError as exc:
             raise ConfigError(f"cannot record video to {self.path}: {exc.strerror}; choose another --record") from None
         cv2 = self._cv2
+        _cv.utf8_path(self.path, "--record file", ConfigError)
         self._vw: Any = cv2.VideoWriter(self.path, cv2.VideoWriter_fourcc(*fourcc), self.fps, self.size, True)
         if not self._vw.isOpened():
             self._vw.release()

@@ -160,17 +160,8 @@ def source_name_policy() -> str:
 
 
 def _cv_text(text: str, what: str) -> str:
-    """`text` (a path, URI or pipeline) as OpenCV may take it. OpenCV converts a str to UTF-8 without a
-    check: a surrogate-escaped name (bytes that are not UTF-8, e.g. a Latin-1 name from a USB stick)
-    kills the interpreter (SIGSEGV). The name is not echoed: its undecodable bytes cannot be shown."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        raise SourceError(
-            f"the {what} name is not valid UTF-8 (e.g. a Latin-1 name from a USB stick or a Windows share) and "
-            f"OpenCV cannot open it; supported: UTF-8 names; rename the {what} (or copy it to a UTF-8 name)"
-        ) from None
-    return text
+    """`text` as OpenCV may take it, or a SourceError (_cv.utf8_path: OpenCV dies on names that are not UTF-8)."""
+    return _cv.utf8_path(text, what, SourceError)
 
 
 def _short_hash(text: str) -> str:

@@ -944,7 +944,7 @@ def write_cine(
             f"cannot write {str(target)!r}: folder {str(target.parent)!r} does not exist; create it first"
         )
     fourcc = cv2.VideoWriter.fourcc(*"mp4v")
-    writer = cv2.VideoWriter(str(target), fourcc, float(fps), (cine.size, cine.size), True)
+    writer = cv2.VideoWriter(_cv.utf8_path(str(target), "cine file", ConfigError), fourcc, float(fps), (cine.size, cine.size), True)
     if not writer.isOpened():
         raise DataError(
             f"OpenCV could not open a video writer for {str(target)!r} with codec 'mp4v'; "

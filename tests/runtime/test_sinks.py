@@ -598,3 +598,42 @@ def test_tag_run_puts_the_run_first_and_changes_nothing_else() -> None:
     tagged = tag_run(rec, "abc")
     assert list(tagged)[0] == "run" and tagged["run"] == "abc" and {k: v for k, v in tagged.items() if k != "run"} == rec
     assert "run" not in rec
+
+
+_WRITE_IN_A_CHILD = (
+    "import os, sys\n"
+    "sys.path.insert(0, {repo!r})\n"
+    "from edgeclf.errors import ConfigError\n"
+    "name = os.fsdecode({target!r})\n"
+    "try:\n"
+    "    {call}\n"
+    "    print('written')\n"
+    "except ConfigError as e:\n"
+    "    print('refused', e)\n"
+)
+
+
+@pytest.mark.parametrize("what", ["record", "cine", "synth"])
+def test_a_target_name_that_is_not_utf8_is_refused_not_a_crash(tmp_path: Path, what: str) -> None:
+    """cv2.VideoWriter and cv2.imwrite die (SIGSEGV) on a surrogate-escaped name (a Latin-1 folder from sys.argv):
+    run in a child so that a crash fails the test, not the session."""
+    import os
+    import subprocess
+    import sys
+
+    base = os.fsencode(str(tmp_path))
+    call = {
+        "record": "from edgeclf.runtime.sinks import VideoRecorderSink; VideoRecorderSink(name, 10.0, (32, 32), fourcc='MJPG').close()",
+        "cine": "from edgeclf.runtime.synthetic import write_cine; write_cine(name, size=64, seed=0)",
+        "synth": "from edgeclf.synth_cli import synth; synth('ultrasound', name, n=30, size=32)",
+    }[what]
+    target = os.path.join(base, {"record": b"rec\xe9.avi", "cine": b"cine\xe9.mp4", "synth": b"ph\xe9"}[what])
+    repo = str(Path(__file__).resolve().parents[2])
+    proc = subprocess.run([sys.executable, "-c", _WRITE_IN_A_CHILD.format(repo=repo, target=target, call=call)],
+                          capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, f"the interpreter died with {proc.returncode}: {proc.stderr[-300:]}"
+    out = proc.stdout.strip()
+    if what == "synth":  # written by Python, not OpenCV: any name the file system takes is fine
+        assert out == "written" and len(os.listdir(target)) == 3, out
+    else:
+        assert out.startswith("refused") and "not valid UTF-8" in out and "\n" not in out, out
