@@ -451,7 +451,7 @@ def evaluate(target: str, data_spec, split, classes, precision, out, threads, as
 
 @cli.command()
 @click.option("--model", default=None, help="A training folder written by `edgeclf train`.")
-@click.option("--from-onnx", default=None, help="Your own ONNX classifier (one input NCHW, one output of logits).")
+@click.option("--from-onnx", default=None, help="Your own ONNX classifier (one input NCHW, one output of logits; binary: (N, 1) or (N, 2)).")
 @click.option("--from-torch", default=None, help="Your own torch model as package.module:factory.")
 @click.option("--weights", default=None, help="With --from-torch: a .safetensors or tensors-only state dict.")
 @click.option("--data", "data_spec", default=None, help="Real images for parity, calibration and reference samples [default: the training data].")
@@ -1189,7 +1189,7 @@ def _print_run(s: dict[str, Any]) -> None:
     src = s.get("source_stats") or {}
     # Frames a source lost; a watched folder also counts files it could not read, or that changed while read.
     lost = {k: v for k, v in src.items()
-            if k in ("dropped", "skipped", "reconnects", "timeouts", "files_unreadable", "files_changed") and v}
+            if k in ("dropped", "skipped", "reconnects", "timeouts", "files_unreadable", "files_changed", "source_skipped") and v}
     if lost:
         click.echo("source: " + ", ".join(f"{k} {v}" for k, v in lost.items()))
     roi = s.get("roi") or {}

@@ -55,6 +55,9 @@ def test_run_summary_counts_the_watched_folders_lost_files(capsys: pytest.Captur
     cli._print_run(s)
     out = capsys.readouterr().out
     assert "source: files_unreadable 2, files_changed 1" in out
+    # A wrapped video's undecodable frames (--realtime: the reader's stats carry the video's as source_*)
+    cli._print_run({**s, "source_stats": {"captured": 9, "dropped": 0, "source_skipped": 2}})
+    assert "source: source_skipped 2" in capsys.readouterr().out
 
 
 def test_evaluate_title_names_the_decided_class_probability(monkeypatch: pytest.MonkeyPatch) -> None:
