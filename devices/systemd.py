@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import socket
 import time
 from typing import Callable, Mapping, Optional
@@ -15,6 +16,8 @@ from typing import Callable, Mapping, Optional
 __all__ = ["sd_notify", "Notifier"]
 
 log = logging.getLogger(__name__)
+# Control characters (C0, DEL): a newline in free text would start another VAR=value assignment of the datagram.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
 def sd_notify(state: str, *, socket_path: Optional[str] = None, env: Optional[Mapping[str, str]] = None) -> bool:
@@ -26,7 +29,7 @@ def sd_notify(state: str, *, socket_path: Optional[str] = None, env: Optional[Ma
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
             s.connect(addr)
-            s.sendall(state.encode("utf-8"))
+            s.sendall(state.encode("utf-8", "replace"))  # a non-UTF-8 folder name (lone surrogates) becomes "?"
         return True
     except OSError as exc:  # a vanished socket must never stop the frame loop
         log.warning("sd_notify(%s) to %s failed: %s", state.split("=")[0], path, exc)
@@ -57,6 +60,9 @@ class Notifier:
         return self.active and sd_notify(state, socket_path=self.socket_path)
 
     def ready(self, status: str = "") -> bool:
+        """READY=1 with a STATUS= line; `status` is free text (it names the bundle folder): each control
+        character becomes "?", so it stays one assignment."""
+        status = _CONTROL.sub("?", status)
         return self._send("READY=1" + (f"\nSTATUS={status}" if status else ""))
 
     def ping(self) -> bool:

@@ -1245,32 +1245,50 @@ def _print_detection(d: dict[str, Any]) -> None:
         click.echo(f"  ! {w}")
 
 
+def _fig(v: Any, spec: str = ".3f") -> str:
+    """A figure from an open manifest object (parity, metrics): load checks only that the object is one."""
+    return format(v, spec) if isinstance(v, (int, float)) and not isinstance(v, bool) else "n/a"
+
+
+def _info_auc(auc: Any) -> str:
+    if not isinstance(auc, dict):
+        return "n/a"
+    ci = auc.get("macro_ci95")
+    lo, hi = ci if isinstance(ci, list) and len(ci) == 2 else (None, None)
+    return f"{_fig(auc.get('macro'))} ({_fig(lo)}-{_fig(hi)})"
+
+
 def _print_info(m: dict[str, Any]) -> None:
-    mod, pre, par = m["model"], m["preprocess"], m.get("parity") or {}
-    d = m["postprocess"]["decision"]
+    from edgeclf.runtime.bundle import Manifest
+
+    # The validated view (load_bundle accepted this dict): defaults filled in, types certain. model and deploy are
+    # type-checked at load; parity, metrics and provenance are open objects whose members are only shown.
+    v = Manifest.from_dict(m)
+    mod, pre, d = m["model"], v.preprocess, v.decision
+    par = m.get("parity") or {}
     prov = m["provenance"]
-    data = prov.get("data") or {}
+    data = prov.get("data") if isinstance(prov.get("data"), dict) else {}
     lines = [
-        f"{m['name']}  {m['task']}  labels: {', '.join(m['labels'])}",
+        f"{m['name']}  {v.task}  labels: {', '.join(v.labels)}",
         f"model: {mod['file']} ({mod.get('architecture')}, {mod['precision']}, opset {mod['opset']}, IR {mod['ir_version']}), "
         f"input {mod['input_shape']} -> {mod['output_shape']}",
-        f"preprocess: {pre['channels']} ch, {pre['size'][0]}x{pre['size'][1]} {pre['resize']}, mean {pre['mean']} std {pre['std']}",
-        f"postprocess: temperature {m['postprocess']['temperature']:.3f}, rule {d['kind']} thresholds "
-        f"{[round(t, 4) for t in d['thresholds']]} ("
-        + (f"target sensitivity {d['target_sensitivity']})" if d.get("target_sensitivity") else "most accurate on validation)"),
+        f"preprocess: {pre.channels} ch, {pre.size[0]}x{pre.size[1]} {pre.resize}, mean {list(pre.mean)} std {list(pre.std)}",
+        f"postprocess: temperature {v.temperature:.3f}, rule {d.kind} thresholds "
+        f"{[round(t, 4) for t in d.thresholds]} ("
+        + (f"target sensitivity {d.target_sensitivity})" if d.target_sensitivity else "most accurate on validation)"),
     ]
     if par:
         lines.append(f"parity: {par.get('n')} {par.get('split')} images, agreement {par.get('decision_agreement')}, "
-                     f"max |logit diff| {par.get('max_abs_diff_logits', 0):.2e}")
+                     f"max |logit diff| {_fig(par.get('max_abs_diff_logits'), '.2e')}")
     else:
         lines.append("parity: not measured (no torch reference for an imported ONNX model)")
     dep = m.get("deploy") or {}
-    variants = ", ".join(f"{v.get('precision')}{'/' + v['flavour'] if v.get('flavour') else ''} ({v.get('file')})"
-                         for v in m.get("variants") or []) or "none"
+    variants = ", ".join(f"{x.precision}{'/' + x.flavour if x.flavour else ''} ({x.file})" for x in v.variants) or "none"
     # What a device runs by default, beside the fp32 model above (whose figures are the metrics below).
     lines.append(f"deploy: {dep.get('precision', mod['precision'])} ({dep.get('reason', 'not recorded')}); variants: {variants}")
     for name, met in (m.get("metrics") or {}).items():
-        lines.append(f"metrics[{name}]: n {met['n']}, accuracy {_num(met['accuracy'])}, AUC {_auc(met['auc'])}")
+        met = met if isinstance(met, dict) else {}
+        lines.append(f"metrics[{name}]: n {met.get('n', 'n/a')}, accuracy {_fig(met.get('accuracy'))}, AUC {_info_auc(met.get('auc'))}")
     # The manifest names the data without workstation paths ("name"), never the spec as typed.
     lines.append(f"provenance: {prov.get('source')}, exported {prov.get('exported_at')}, data {data.get('name')} "
                  f"(sha256 {str(data.get('hash'))[:12]}..., licence {data.get('licence')})")

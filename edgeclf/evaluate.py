@@ -91,8 +91,11 @@ def evaluate(
         m = bundle.manifest
         model_path, variant = bundle.select(precision, "ort-cpu")
         task, labels, spec, temperature, rule = m.task, list(m.labels), m.preprocess, m.temperature, m.decision
-        recorded = m.raw["provenance"].get("data") or {}
-        train_cfg = (m.raw["provenance"].get("training") or {}).get("config") or {}
+        # provenance is an open object: its members are checked for type here, not at load.
+        rec, training = m.raw["provenance"].get("data"), m.raw["provenance"].get("training")
+        config = training.get("config") if isinstance(training, dict) else None
+        recorded: dict[str, Any] = rec if isinstance(rec, dict) else {}
+        train_cfg: dict[str, Any] = config if isinstance(config, dict) else {}
         seed = train_cfg.get("seed", 0)
         min_confidence = float(getattr(m, "min_confidence", 0.0) or 0.0)
         source = f"bundle (onnxruntime, {variant})"

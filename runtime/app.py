@@ -516,6 +516,30 @@ def _agreement(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.mean(np.all(same, axis=tuple(range(1, same.ndim))) if same.ndim > 1 else same))
 
 
+def _read_reference(b: Bundle, ref: Path) -> Tuple[np.ndarray, Dict[str, np.ndarray]]:
+    """The reference file's inputs and recorded outputs ("logits", "logits__<variant>"), shapes checked against
+    the manifest; BundleError (one line) when it is not such an npz."""
+    m = b.manifest
+    data = b.read_file(ref)  # the verified bytes, not the path again
+    x: Any = None
+    recorded: Dict[str, np.ndarray] = {}
+    try:
+        z = np.load(io.BytesIO(data), allow_pickle=False)
+        if isinstance(z, np.lib.npyio.NpzFile):  # else one .npy array: not a reference file either
+            with z:
+                x = z["inputs"] if "inputs" in z.files else None
+                recorded = {k: z[k] for k in z.files if k.startswith("logits")}
+    except Exception:  # noqa: BLE001 - any failure to parse these bytes (not a zip, a bad member, pickled objects) means the same
+        x = None
+    n_in = (m.preprocess.channels, *m.preprocess.size)
+    ok = (isinstance(x, np.ndarray) and x.dtype.kind == "f" and x.ndim == 4 and tuple(x.shape[1:]) == n_in
+          and all(v.dtype.kind == "f" and v.shape == (len(x), m.num_outputs) for v in recorded.values()))
+    if not ok:
+        raise BundleError(f"bundle {b.path.name}: reference file {ref.name!r} is not an npz with inputs {list(n_in)} and "
+                          f"logits [n, {m.num_outputs}]; re-export the bundle")
+    return x, recorded
+
+
 def verify_bundle(bundle_path: str, *, parity: bool = True, backend: str = "ort-cpu", precision: Optional[str] = None,
                   options: Optional[BackendOptions] = None, trusted_key: Optional[str] = None,
                   require_signature: Optional[bool] = None) -> Dict[str, Any]:
@@ -528,11 +552,9 @@ def verify_bundle(bundle_path: str, *, parity: bool = True, backend: str = "ort-
     ref = b.reference_path
     if parity and ref is not None:
         m = b.manifest
-        with np.load(io.BytesIO(b.read_file(ref)), allow_pickle=False) as z:  # the verified bytes, not the path again
-            x = z["inputs"]
-            recorded = {k: z[k] for k in z.files if k.startswith("logits")}
+        x, recorded = _read_reference(b, ref)
         if "logits" not in recorded:
-            raise IntegrityError(f"bundle {Path(bundle_path)}: reference.npz has no fp32 outputs; re-export the bundle")
+            raise IntegrityError(f"bundle {Path(bundle_path)}: {ref.name} has no fp32 outputs; re-export the bundle")
         fp32_want = recorded["logits"].astype(np.float64)
         fp32_dec = _decisions(m, fp32_want)
         if backend == "trt":

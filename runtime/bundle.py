@@ -515,18 +515,31 @@ def generate_keypair(private_path: PathLike, public_path: PathLike, *, passphras
     enc = ser.BestAvailableEncryption(passphrase) if passphrase else ser.NoEncryption()
     priv_pem = priv.private_bytes(ser.Encoding.PEM, ser.PrivateFormat.PKCS8, enc)
     pub_pem = priv.public_key().public_bytes(ser.Encoding.PEM, ser.PublicFormat.SubjectPublicKeyInfo)
-    for p, data, mode in ((priv_p, priv_pem, 0o600), (pub_p, pub_pem, 0o644)):
-        try:
-            if p.parent and not p.parent.exists():
-                p.parent.mkdir(parents=True)
-            fd = os.open(str(p), os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-        except OSError as exc:
-            raise ConfigError(f"cannot write the key {p}: {exc.strerror}; choose another path") from None
-        try:
-            os.write(fd, data)
-            os.fsync(fd)
-        finally:
+    # Both files are created (O_EXCL) before either is written, and on any failure the ones this call created are
+    # removed: never a private key without its public key, which a retry would refuse to overwrite.
+    created: List[Tuple[Path, int]] = []
+    done = False
+    try:
+        for p, mode in ((priv_p, 0o600), (pub_p, 0o644)):
+            try:
+                if p.parent and not p.parent.exists():
+                    p.parent.mkdir(parents=True)
+                created.append((p, os.open(str(p), os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)))
+            except OSError as exc:
+                raise ConfigError(f"cannot write the key {p}: {exc.strerror}; choose another path") from None
+        for (p, fd), data in zip(created, (priv_pem, pub_pem)):
+            try:
+                os.write(fd, data)
+                os.fsync(fd)
+            except OSError as exc:
+                raise ConfigError(f"cannot write the key {p}: {exc.strerror}; free space or choose another path") from None
+        done = True
+    finally:
+        for p, fd in created:
             os.close(fd)
+            if not done:
+                with contextlib.suppress(OSError):  # ours (O_EXCL): a pre-existing file is never among them
+                    os.unlink(str(p))
     return public_key_id(_raw_public(priv.public_key()))
 
 
@@ -779,7 +792,11 @@ class Manifest:
         ref = d.get("reference")
         if ref is not None:
             _check_fields(ref, _REFERENCE_SPEC, "manifest.reference")
-            _plain_name(ref["file"], "manifest.reference.file")
+            ref_file = _plain_name(ref["file"], "manifest.reference.file")
+            # Its own file: verify would otherwise read the manifest or a model as the reference npz.
+            if ref_file in {MANIFEST_FILE, model_file, *(v.file for v in variants)}:
+                raise BundleError(f"manifest.reference.file is {_short(ref_file)}, the manifest's or a model's file; the reference "
+                                  "is its own .npz file (reference.npz); re-export the bundle")
             if ref["count"] < 0:
                 raise BundleError(f"manifest.reference.count is {ref['count']}; expected 0 or more")
         return cls(

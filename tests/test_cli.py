@@ -483,3 +483,69 @@ def test_profile_compare_of_two_machines_is_one_line_unless_allowed(tmp_path: Pa
     code, out, err = _edgeclf(capsys, "profile", "compare", str(old), str(new), "--allow-other-host", "--json")
     assert code == 0 and json.loads(out)["host_differences"] == ["machine: 'x86_64' -> 'aarch64'"]
     assert "warning: the profiles come from different machines" in err
+
+
+# ---------------------------------------------------------------- bundle info / verify on manifests load accepts
+
+
+def _edit_manifest(b: Path, **fields: object) -> None:
+    from edgeclf.runtime.bundle import write_checksums
+
+    m = json.loads((b / "manifest.json").read_text())
+    m.update(fields)
+    (b / "manifest.json").write_text(json.dumps(m))
+    write_checksums(b)
+
+
+def test_bundle_info_fills_in_optional_preprocess_fields(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from tests.runtime.tiny_bundle import make_tiny_bundle
+
+    b = make_tiny_bundle(tmp_path / "b")  # preprocess without "resize": optional, "stretch" by default
+    code, out, err = _edgeclf(capsys, "bundle", "info", str(b))
+    assert code == 0, err
+    assert "preprocess: 1 ch, 8x8 stretch" in out
+
+
+@pytest.mark.parametrize("key, value, shown", [
+    ("provenance", {"source": "tests", "data": "ultrasound"}, "data None (sha256 None..."),  # data: a string, not an object
+    ("metrics", {"val": 0.93}, "metrics[val]: n n/a, accuracy n/a, AUC n/a"),              # an entry: a number
+    ("metrics", {"val": {"n": 5, "accuracy": "high", "auc": {"macro": 0.9, "macro_ci95": "x"}}},
+     "metrics[val]: n 5, accuracy n/a, AUC 0.900 (n/a-n/a)"),
+    ("parity", {"n": 6, "max_abs_diff_logits": "small"}, "max |logit diff| n/a"),             # a figure: a string
+])
+def test_bundle_info_shows_mistyped_informational_fields_as_na(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                                key: str, value: object, shown: str) -> None:
+    from edgeclf.runtime.bundle import load_bundle
+    from tests.runtime.tiny_bundle import make_tiny_bundle
+
+    b = make_tiny_bundle(tmp_path / "b")
+    _edit_manifest(b, **{key: value})
+    load_bundle(b)  # open objects: accepted at load, so info must print them
+    code, out, err = _edgeclf(capsys, "bundle", "info", str(b))
+    assert code == 0 and "Traceback" not in err, err
+    assert shown in out, out
+
+
+def test_bundle_verify_with_a_reference_without_inputs_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from edgeclf.runtime.bundle import write_checksums
+    from tests.runtime.tiny_bundle import make_tiny_bundle
+
+    pytest.importorskip("onnxruntime")
+    b = make_tiny_bundle(tmp_path / "b")
+    np.savez(b / "reference.npz", logits=np.zeros((6, 3), np.float32))
+    write_checksums(b)  # a valid checksum: only the content is wrong
+    code, out, err = _edgeclf(capsys, "bundle", "verify", str(b))
+    lines = err.strip().splitlines()
+    assert code == 2 and out == "" and len(lines) == 1, err
+    assert lines[0].startswith("edgeclf: error: ") and "'reference.npz' is not an npz with inputs" in lines[0]
+
+
+def test_bundle_verify_refuses_a_reference_that_names_the_model(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from tests.runtime.tiny_bundle import make_tiny_bundle
+
+    b = make_tiny_bundle(tmp_path / "b")
+    _edit_manifest(b, reference={"file": "model.onnx", "count": 6})
+    code, out, err = _edgeclf(capsys, "bundle", "verify", str(b))
+    lines = err.strip().splitlines()
+    assert code == 2 and out == "" and len(lines) == 1, err
+    assert "manifest.reference.file is 'model.onnx'" in lines[0]

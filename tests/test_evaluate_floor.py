@@ -133,3 +133,19 @@ def test_frame_figures_abstain_on_the_decided_class_as_the_run_does() -> None:
     probs = np.array([[0.7, 0.3], [0.9, 0.1], [0.2, 0.8]])
     m = _frame_metrics(probs, np.array([1, 0, 1]), "binary", rule, ["n", "p"], ["a", "b", "c"], 0.6, n_boot=0)
     assert m["abstained"] == 1 and m["coverage"] == pytest.approx(2 / 3)
+
+
+@pytest.mark.parametrize("provenance", [{"source": "tests", "data": "clips", "training": "yes"},
+                                        {"source": "tests", "data": ["x"], "training": {"config": "seed=3"}}])
+def test_a_bundle_whose_provenance_members_are_not_objects_evaluates_on_given_data(clip_root: Path, tmp_path: Path,
+                                                                                  provenance: dict) -> None:
+    from edgeclf.evaluate import evaluate
+    from edgeclf.runtime.bundle import write_checksums
+
+    b = _bundle(tmp_path / "b", min_confidence=0.0)
+    m = json.loads((b / "manifest.json").read_text())
+    m["provenance"] = provenance  # an open object: load_bundle accepts any members
+    (b / "manifest.json").write_text(json.dumps(m))
+    write_checksums(b)
+    r = evaluate(str(b), data=str(clip_root), split="all", n_boot=0)
+    assert r["metrics"]["n"] == r["data"]["n"] > 0

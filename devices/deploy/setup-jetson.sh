@@ -15,7 +15,7 @@
 set -euo pipefail
 
 PREFIX=/opt/edgeclf
-PACKAGE="edgeclf[ort,dicom]"
+PACKAGE="edgeclf[ort,dicom,sign]"  # sign: the unit may require signed bundles (EDGECLF_TRUSTED_KEY)
 ORT_GPU_WHEEL=""
 SERVICE_USER=edgeclf
 MAKE_USER=1
@@ -28,7 +28,7 @@ die() { echo "setup-jetson: $*" >&2; exit 2; }
 
 while [ $# -gt 0 ]; do
   case "$1" in
-    --source) [ $# -ge 2 ] || die "--source needs a folder"; PACKAGE="$2[ort,dicom]"; shift 2 ;;
+    --source) [ $# -ge 2 ] || die "--source needs a folder"; PACKAGE="$2[ort,dicom,sign]"; shift 2 ;;
     --package) [ $# -ge 2 ] || die "--package needs a pip spec"; PACKAGE="$2"; shift 2 ;;
     --ort-gpu-wheel) [ $# -ge 2 ] || die "--ort-gpu-wheel needs a wheel file or URL"; ORT_GPU_WHEEL="$2"; shift 2 ;;
     --prefix) [ $# -ge 2 ] || die "--prefix needs a folder"; PREFIX="$2"; shift 2 ;;

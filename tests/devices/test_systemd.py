@@ -111,7 +111,7 @@ def test_setup_script_is_valid_bash_and_keeps_the_system_opencv():
     assert r.returncode == 0, r.stderr
     text = script.read_text(encoding="utf-8")
     assert "--system-site-packages" in text and "python3-libnvinfer" in text and "polygraphy" in text
-    assert 'PACKAGE="edgeclf[ort,dicom]"' in text and "[cv" not in text.replace("no [cv] extra", "").replace("No [cv] extra", "")
+    assert 'PACKAGE="edgeclf[ort,dicom,sign]"' in text and "[cv" not in text.replace("no [cv] extra", "").replace("No [cv] extra", "")
     assert "Jetson_Zoo" in text  # where onnxruntime-gpu wheels for JetPack come from
     help_text = subprocess.run(["bash", str(script), "--help"], capture_output=True, text=True, timeout=30)
     assert help_text.returncode == 0 and "Usage:" in help_text.stdout
@@ -342,3 +342,28 @@ ls {r['env']['EDGECLF_ENGINE_CACHE']}/k > {tmp_path}/engine.out
     assert [(o[0], o[1], o[2]) for o in owners] == [(user, group, "755")] * 3, owners
     assert (tmp_path / "engine.out").read_text().split() == ["e.plan"]  # the printed step ran as the user and wrote its engine
     assert not Path("/etc/nv_tegra_release").exists()  # the host's /etc was never touched
+
+
+@pytest.mark.parametrize("name", ["breast\nSTOPPING=1", "breast\r\nSTOPPING=1", "a\x00b\x1b[2Jc\x7f"])
+def test_ready_status_with_control_characters_stays_one_assignment(notify_socket: socket.socket, name: str):
+    n = Notifier(env={"NOTIFY_SOCKET": notify_socket.getsockname()})
+    assert n.ready(f"classifying a camera source with {name} on ort-cpu")  # the bundle folder's name (runtime/app.py)
+    msg = notify_socket.recv(4096).decode()
+    assert [ln.split("=", 1)[0] for ln in msg.split("\n")] == ["READY", "STATUS"], msg
+    assert msg.startswith("READY=1\nSTATUS=classifying a camera source with ") and msg.endswith(" on ort-cpu")
+    assert not any(ord(c) < 32 and c != "\n" or c == "\x7f" for c in msg), msg
+
+
+def test_ready_status_with_undecodable_bytes_is_still_sent(notify_socket: socket.socket):
+    name = os.fsdecode(b"breast-\xff")  # a folder name that is not UTF-8 comes as a lone surrogate
+    assert Notifier(env={"NOTIFY_SOCKET": notify_socket.getsockname()}).ready(f"with {name}")
+    assert notify_socket.recv(4096).decode() == "READY=1\nSTATUS=with breast-?"
+
+
+def test_unit_shows_how_to_require_signed_bundles():
+    from edgeclf.runtime.bundle import TRUSTED_KEY_ENV
+
+    line = f"#Environment={TRUSTED_KEY_ENV}=/opt/edgeclf/signing.pub.pem"
+    assert line in _unit().splitlines()  # commented out: unsigned bundles run until the deployer sets a key
+    r = _render(f"[Service]\n{line[1:]}\n")
+    assert r["env"][TRUSTED_KEY_ENV] == "/opt/edgeclf/signing.pub.pem" and r["env"]["CART_PROFILE"] == "jetson-orin-nx"

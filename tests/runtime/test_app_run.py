@@ -1,4 +1,5 @@
-"""`run_bundle`: a second Ctrl-C while files close, and bad output options that must cost nothing."""
+"""`run_bundle`: a second Ctrl-C while files close, and bad output options that must cost nothing; `verify_bundle`
+with a reference file that is not the npz it expects."""
 from __future__ import annotations
 
 import json
@@ -8,9 +9,10 @@ import threading
 from pathlib import Path
 from typing import Any, List
 
+import numpy as np
 import pytest
 
-from edgeclf.errors import ConfigError, EdgeclfError
+from edgeclf.errors import BundleError, ConfigError, EdgeclfError
 from edgeclf.runtime import app
 from edgeclf.runtime.audit import verify_audit
 from edgeclf.runtime.sinks import Sink
@@ -353,3 +355,39 @@ def test_a_watched_folder_may_run_with_a_durable_sink_of_the_callers(tmp_path: P
     sink = Durable()
     s = app.run_bundle(str(bundle), f"watch:{inbox}?poll=0.05&idle_exit=0.5&state={tmp_path / 's.json'}", extra_sinks=[sink])
     assert s["frames"] == 1 and len(sink.records) == 1 and sink.syncs >= 1
+
+
+# ------------------------------------------------------------------ verify_bundle: the reference file's content
+
+
+def _reference(b: Path, kind: str) -> None:
+    from edgeclf.runtime.bundle import write_checksums
+
+    x, logits = np.zeros((6, 1, 8, 8), np.float32), np.zeros((6, 3), np.float32)
+    ref = b / "reference.npz"
+    if kind == "no inputs":
+        np.savez(ref, logits=logits)
+    elif kind == "inputs of another shape":
+        np.savez(ref, inputs=np.zeros((6, 3, 8, 8), np.float32), logits=logits)
+    elif kind == "logits of another shape":
+        np.savez(ref, inputs=x, logits=np.zeros((6, 2), np.float32))
+    elif kind == "pickled objects":
+        np.savez(ref, inputs=np.array([{"a": 1}] * 6, dtype=object), logits=logits)
+    elif kind == "one npy array":
+        with open(ref, "wb") as f:
+            np.save(f, x)
+    elif kind == "not a zip":
+        ref.write_bytes(b"PK\x03\x04 not really a zip")
+    write_checksums(b)  # valid checksums: only the content is wrong
+
+
+@pytest.mark.parametrize("kind", ["no inputs", "inputs of another shape", "logits of another shape", "pickled objects",
+                                  "one npy array", "not a zip"])
+def test_verify_with_an_unusable_reference_is_one_bundle_error(tmp_path: Path, kind: str) -> None:
+    b = make_tiny_bundle(tmp_path / "b")
+    _reference(b, kind)
+    with pytest.raises(BundleError, match="reference file 'reference.npz' is not an npz with inputs \\[1, 8, 8\\] and logits "
+                                          "\\[n, 3\\]; re-export the bundle") as info:
+        app.verify_bundle(str(b))
+    assert "\n" not in str(info.value)
+    assert app.verify_bundle(str(b), parity=False)["reference"] is None  # without parity the file is not read

@@ -231,6 +231,8 @@ def test_checksums_are_checked_before_any_session_is_created(bundle_copy: Path, 
         (lambda m: m["model"].update(file="../model.onnx"), "manifest.model.file"),
         (lambda m: m["reference"].update(file="/etc/passwd"), "manifest.reference.file"),
         (lambda m: m["reference"].pop("count"), "manifest.reference is missing the required field 'count'"),
+        (lambda m: m["reference"].update(file="model.onnx"), "manifest.reference.file is 'model.onnx', the manifest's or a model's"),
+        (lambda m: m["reference"].update(file="manifest.json"), "manifest.reference.file is 'manifest.json'"),
         (lambda m: m["postprocess"].update(temperature=float("nan")), "temperature"),
         (lambda m: m["postprocess"].update(temperature=True), "temperature"),
         (lambda m: m.update(schema_version=True), "schema_version"),
@@ -321,6 +323,44 @@ def test_signing_refuses_a_damaged_bundle_and_handles_encrypted_keys(bundle_copy
     (bundle_copy / "extra.txt").unlink()
     sign_bundle(bundle_copy, priv, passphrase=b"correct horse")
     assert load_bundle(bundle_copy, trusted_key=pub).signature["trusted"]
+
+
+def test_reference_file_may_not_be_a_variants_model(tmp_path: Path) -> None:
+    from tests.runtime.tiny_bundle import make_tiny_bundle
+
+    b = make_tiny_bundle(tmp_path / "b", variants=["fp16"])
+    _rewrite_manifest(b, lambda m: m["reference"].update(file="model.fp16.onnx"))
+    with pytest.raises(BundleError, match="manifest.reference.file is 'model.fp16.onnx', the manifest's or a model's file"):
+        load_bundle(b)
+
+
+@pytest.mark.parametrize("blocked", ["parent-is-a-file", "public-exists-as-dangling-link"])
+def test_keygen_that_cannot_write_the_public_key_leaves_no_private_key(tmp_path: Path, blocked: str) -> None:
+    pytest.importorskip("cryptography")
+    from edgeclf.runtime.bundle import generate_keypair
+
+    priv = tmp_path / "k.pem"
+    if blocked == "parent-is-a-file":
+        (tmp_path / "not-a-dir").write_text("x")
+        pub = tmp_path / "not-a-dir" / "k.pub.pem"
+    else:
+        pub = tmp_path / "k.pub.pem"
+        pub.symlink_to(tmp_path / "nowhere" / "k.pub.pem")  # exists() is False; O_EXCL still refuses it
+    with pytest.raises(ConfigError, match="cannot write the key"):
+        generate_keypair(priv, pub)
+    assert not priv.exists(), "a private key left without its public key"
+    generate_keypair(priv, tmp_path / "ok.pub.pem")  # so a retry with a good public path works
+    assert priv.stat().st_size > 0 and (tmp_path / "ok.pub.pem").stat().st_size > 0
+
+
+def test_keygen_never_removes_a_key_it_did_not_create(tmp_path: Path) -> None:
+    pytest.importorskip("cryptography")
+    from edgeclf.runtime.bundle import generate_keypair
+
+    (tmp_path / "old.pem").write_text("someone's key")
+    with pytest.raises(ConfigError, match="exists"):
+        generate_keypair(tmp_path / "new.pem", tmp_path / "old.pem")
+    assert (tmp_path / "old.pem").read_text() == "someone's key" and not (tmp_path / "new.pem").exists()
 
 
 def test_cli_keygen_sign_and_verify_signature(bundle_copy: Path, tmp_path: Path) -> None:
