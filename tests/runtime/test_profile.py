@@ -317,7 +317,9 @@ def test_tegrastats_power_goes_to_the_target_running_when_it_was_read(tmp_path: 
             return np.tile(np.array([[0.1, 0.2, 0.3]], np.float32), (len(x), 1))
         return FakeBackend((1, 8, 8), 3, fn=fn)
 
-    opts = ProfileOptions(source="synthetic:ultrasound?frames=2000&size=64", frames=400, warmup=10, chunk=50, bootstrap=0)
+    # Chunks of 150: a chunk starts with the other engine's power until its first inference (the fake, like a board,
+    # lags), a share that grows when the host is loaded (a CI run beside other work read 1172 mW with chunks of 50).
+    opts = ProfileOptions(source="synthetic:ultrasound?frames=2000&size=64", frames=450, warmup=10, chunk=150, bootstrap=0)
     doc = profile_bundles([ProfileTarget(str(bundle), label="a"), ProfileTarget(str(bundle), label="b")], opts,
                           backend_factory=factory).doc
     got = {t["name"]: t["system"]["energy"] for t in doc["targets"]}
