@@ -1,15 +1,17 @@
 """Draw the result onto a frame, and show it in a window when the machine has a display.
 
 :func:`draw_overlay` draws a banner across the top of a *copy* of the frame: the shown label and a
-confidence bar (or ``ABSTAIN: reason`` in amber), and on the right the frame rate and the capture-to-display
+confidence bar with the confidence rounded down (only 1.0 reads 100%), or ``ABSTAIN: reason`` in amber, and on
+the right, in the room the label and its confidence leave (shortened to the latency or the fps, or left out, on
+narrow frames; never drawn over the label), the frame rate and the capture-to-display
 latency ("cap-to-disp N ms": now minus the frame's capture timestamp, measured when drawn, so sinks that ran
 before the display count; the recorded latency_ms["total"] is capture-to-result). The banner darkens the image under it instead of hiding it. It costs well under a millisecond
 at 640x480 (plain OpenCV drawing: a copy, one darkened strip, a rectangle or two, three strings).
 
 :class:`OverlayWindow` is a sink that shows the annotated frames with ``cv2.imshow``; 'q' or Esc (or
 closing the window) sets ``stop_requested`` for the pipeline. When a live source stalls, the pipeline calls
-its ``mark_stale(idle_s)``: the last frame is shown dimmed with "NO SIGNAL: no frame for N.N s" (:func:`draw_stale`)
-instead of its label, until the next frame. Without a display, or with an OpenCV that
+its ``mark_stale(idle_s)``: the last frame is shown dimmed with "NO SIGNAL: no frame for N.N s" (:func:`draw_stale`;
+"NO SIGNAL for N.N s" where that does not fit, e.g. 128 px) instead of its label, until the next frame. Without a display, or with an OpenCV that
 has no GUI backend (pip ``opencv-python-headless``), it raises a one-line ConfigError at construction,
 before the run starts, that points to ``--record FILE``.
 
@@ -21,14 +23,14 @@ import logging
 import os
 import sys
 import time
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, Optional, Set, Tuple
 
 import numpy as np
 from numpy.typing import NDArray
 
 from edgeclf.errors import ConfigError, DataError
 from edgeclf.runtime import _cv
-from edgeclf.runtime.sinks import Sink
+from edgeclf.runtime.sinks import Sink, percent_text
 
 __all__ = ["draw_overlay", "draw_stale", "latency_text", "to_bgr", "FpsMeter", "OverlayWindow", "display_problem",
            "NO_DISPLAY", "NO_SIGNAL"]
@@ -43,6 +45,7 @@ _AMBER = (255, 191, 0)
 _BAR = (0, 200, 255)
 _GREY = (200, 200, 200)
 _QUIT_KEYS = (ord("q"), ord("Q"), 27)
+_MIN_SCALE = 0.3  # the smallest text scale drawn where it fits (~6 px capitals)
 
 
 def _check_image(image: Any) -> NDArray[np.uint8]:
@@ -104,7 +107,8 @@ def draw_overlay(
     image: uint8 (H, W) gray or (H, W, 3) RGB (the pipeline's frame). record: a per-frame record; read are
     "label" (or "labels" for multilabel), "abstain", "abstain_reason", "confidence" (else
     probs[label]), "timestamp" and latency_ms["total"] (see :func:`latency_text`: capture-to-display, measured
-    when drawn, at `now`). fps: shown when given. order: "rgb" or "bgr", the channel order
+    when drawn, at `now`). fps: shown when given and there is room. The label is drawn whole (shrunk if wider than
+    the frame); the confidence bar only where it fits, then fps/latency where they fit. order: "rgb" or "bgr", the channel order
     of the returned uint8 (H, W, 3) image ("bgr" for cv2.imshow / VideoWriter, saving a conversion).
     """
     if order not in ("rgb", "bgr"):
@@ -127,53 +131,82 @@ def draw_overlay(
     banner = out[:bh]
     np.right_shift(banner, 2, out=banner)  # darken to 1/4: the image stays visible under the text
     font = cv2.FONT_HERSHEY_SIMPLEX
-    scale = max(0.3, bh / 58.0)
-    thick = 1 if scale < 0.9 else 2
+    scale = max(_MIN_SCALE, bh / 58.0)
     pad = max(3, bh // 6)
     y = int(round(bh * 0.5 + 9.5 * scale))  # text baseline: the cap height of HERSHEY_SIMPLEX is ~19 px at scale 1
     line = cv2.LINE_AA
 
-    # right: fps and latency (drawn first so the left part can stop short of it)
-    right = []
-    if fps is not None and _number(fps) is not None:
-        right.append(f"{fps:.1f} fps")
-    lat_text = latency_text(record, now)
-    if lat_text is not None:
-        right.append(lat_text)
-    x_right = w - pad
-    if right:
-        text = "  ".join(right)
-        (tw, _), _ = cv2.getTextSize(text, font, scale * 0.85, 1)
-        x_right = max(pad, w - pad - tw)
-        cv2.putText(out, text, (x_right, y), font, scale * 0.85, col(_GREY), 1, line)
-
-    # left: the label and its confidence bar, or the abstain reason
+    # One line of text, in order of importance: the label (or the abstain reason), whole; then its confidence;
+    # then fps and latency in what is left, shortened or left out, never drawn over the label.
+    conf: Optional[float] = None
     if record.get("abstain"):
-        text = f"ABSTAIN: {record.get('abstain_reason') or 'unspecified'}"
-        cv2.putText(out, text, (pad, y), font, scale, col(_AMBER), thick, line)
-        return out
-    label = record.get("label")
-    if label is None and isinstance(record.get("labels"), (list, tuple)):
-        text = "+".join(str(x) for x in record["labels"]) or "(none)"
-        conf = None
+        text, colour = f"ABSTAIN: {record.get('abstain_reason') or 'unspecified'}", _AMBER
     else:
-        text = str(label)
-        conf = _confidence(record, label)
-    (tw, _), _ = cv2.getTextSize(text, font, scale, thick)
-    cv2.putText(out, text, (pad, y), font, scale, col(_WHITE), thick, line)
+        label = record.get("label")
+        colour = _WHITE
+        if label is None and isinstance(record.get("labels"), (list, tuple)):
+            text = "+".join(str(x) for x in record["labels"]) or "(none)"
+        else:
+            text = str(label)
+            conf = _confidence(record, label)
+    s = _fit(cv2, text, font, scale, w - 2 * pad)
+    (tw, _), _ = cv2.getTextSize(text, font, s, _thickness(s))
+    cv2.putText(out, text, (pad, y), font, s, col(colour), _thickness(s), line)
+    x_used = pad + tw  # where the drawn text ends
     if conf is not None:
-        x0 = pad * 3 + tw
+        x0 = x_used + 2 * pad
         bar_w = max(20, w // 6)
-        pct = f"{100 * conf:.0f}%"
+        pct = percent_text(conf)
         (pw, _), _ = cv2.getTextSize(pct, font, scale * 0.85, 1)
-        if x0 + bar_w + pad + pw < x_right - pad:  # room for the bar: draw it, else leave it out
+        if x0 + bar_w + pad + pw <= w - pad:  # room for the bar: draw it, else leave it out
             y0, y1 = int(bh * 0.3), int(bh * 0.7)
             cv2.rectangle(out, (x0, y0), (x0 + bar_w, y1), col(_GREY), 1)
             fill = int(round(conf * (bar_w - 2)))
             if fill > 0:
                 cv2.rectangle(out, (x0 + 1, y0 + 1), (x0 + 1 + fill - 1, y1 - 1), col(_BAR), -1)
             cv2.putText(out, pct, (x0 + bar_w + pad, y), font, scale * 0.85, col(_WHITE), 1, line)
+            x_used = x0 + bar_w + pad + pw
+
+    # right: fps and latency, right-aligned; both, else the latency (how old the image is), else the fps
+    fps_text = f"{fps:.1f} fps" if fps is not None and _number(fps) is not None else None
+    lat_text = latency_text(record, now)
+    both = "  ".join(t for t in (fps_text, lat_text) if t is not None)
+    for cand in (both, lat_text, fps_text):
+        if not cand:
+            continue
+        (rw, _), _ = cv2.getTextSize(cand, font, scale * 0.85, 1)
+        if w - pad - rw >= x_used + 2 * pad:
+            cv2.putText(out, cand, (w - pad - rw, y), font, scale * 0.85, col(_GREY), 1, line)
+            break
+    else:
+        if both:
+            _log_once(f"overlay: frames {w} px wide leave no room for the fps/latency text beside the label: left out "
+                      "(the results keep latency_ms)")
     return out
+
+
+def _thickness(scale: float) -> int:
+    return 1 if scale < 0.9 else 2
+
+
+def _fit(cv2: Any, text: str, font: int, scale: float, width: int) -> float:
+    """`scale`, or the largest smaller one at which `text` is at most `width` px wide (never cut off at the edge)."""
+    s = scale
+    for _ in range(60):
+        (tw, _), _ = cv2.getTextSize(text, font, s, _thickness(s))
+        if tw <= width or s < 0.05:
+            break
+        s = s * max(0.5, min(0.97, width / max(tw, 1)))
+    return s
+
+
+_logged: Set[str] = set()
+
+
+def _log_once(msg: str) -> None:
+    if msg not in _logged:
+        _logged.add(msg)
+        logger.info("%s", msg)
 
 
 NO_SIGNAL = "NO SIGNAL"
@@ -181,8 +214,9 @@ NO_SIGNAL = "NO SIGNAL"
 
 def draw_stale(shown: NDArray[np.uint8], idle_s: float, *, order: str = "rgb") -> NDArray[np.uint8]:
     """A copy of an annotated frame from :func:`draw_overlay` (`order` as it was drawn) marked stale: the whole
-    image dimmed to half and the banner replaced by "NO SIGNAL: no frame for N.N s" in amber, so an old label is
-    never read as the current one."""
+    image dimmed to half and the banner replaced by "NO SIGNAL: no frame for N.N s" in amber (shrunk to fit the
+    width; "NO SIGNAL for N.N s" where it would be smaller than readable), so an old label is never read as the
+    current one."""
     if order not in ("rgb", "bgr"):
         raise ConfigError(f"overlay order is {order!r}; allowed: 'rgb', 'bgr'")
     cv2 = _cv.cv2()
@@ -190,14 +224,22 @@ def draw_stale(shown: NDArray[np.uint8], idle_s: float, *, order: str = "rgb") -
     out: NDArray[np.uint8] = np.right_shift(img, 1)  # a new array: dimmed to half
     if out.ndim == 2:
         out = cv2.cvtColor(out, cv2.COLOR_GRAY2BGR if order == "bgr" else cv2.COLOR_GRAY2RGB)
-    h = out.shape[0]
+    h, w = out.shape[:2]
     bh = min(h, max(14, int(round(h * 0.075))))
     out[:bh] = 0
-    scale = max(0.3, bh / 58.0)
+    font = cv2.FONT_HERSHEY_SIMPLEX
+    scale = max(_MIN_SCALE, bh / 58.0)
+    pad = max(3, bh // 6)
     amber = (_AMBER[2], _AMBER[1], _AMBER[0]) if order == "bgr" else _AMBER
-    text = f"{NO_SIGNAL}: no frame for {max(0.0, float(idle_s)):.1f} s"
-    cv2.putText(out, text, (max(3, bh // 6), int(round(bh * 0.5 + 9.5 * scale))), cv2.FONT_HERSHEY_SIMPLEX, scale,
-                amber, 1 if scale < 0.9 else 2, cv2.LINE_AA)
+    idle = max(0.0, float(idle_s))
+    # Shrunk to fit the width, down to the smallest readable size; past that the short form (a 128 px frame),
+    # itself shrunk if need be: the idle time is never cut off at the edge.
+    text = f"{NO_SIGNAL}: no frame for {idle:.1f} s"
+    s = _fit(cv2, text, font, scale, w - 2 * pad)
+    if s < _MIN_SCALE:
+        text = f"{NO_SIGNAL} for {idle:.1f} s"
+        s = _fit(cv2, text, font, scale, w - 2 * pad)
+    cv2.putText(out, text, (pad, int(round(bh * 0.5 + 9.5 * s))), font, s, amber, _thickness(s), cv2.LINE_AA)
     return out
 
 

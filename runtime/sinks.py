@@ -47,6 +47,7 @@ __all__ = [
     "SummarySink",
     "summarize",
     "StdoutSink",
+    "percent_text",
     "check_output_path",
     "check_video_path",
 ]
@@ -631,6 +632,19 @@ def _keys_of(record: Dict[str, Any]) -> Tuple[Tuple[str, ...], Optional[str]]:
     return (), None
 
 
+def percent_text(conf: float, decimals: int = 0) -> str:
+    """A confidence (a fraction) as the user sees it, e.g. "99%": rounded *down*, so only 1.0 reads 100% (0.996 is
+    "99%", never "100%"). Not finite: printed as it is ("nan%")."""
+    if not math.isfinite(conf):
+        return f"{100 * conf:.{decimals}f}%"
+    unit = 10 ** decimals
+    # the epsilon keeps 0.29 at 29% (0.29 * 100 is 28.999999999999996 in binary floating point)
+    v = math.floor(conf * 100 * unit + 1e-6)
+    if conf < 1.0:
+        v = min(v, 100 * unit - 1)  # ... but no nearly-1 value is lifted to 100%
+    return f"{v / unit:.{decimals}f}%"
+
+
 def _timestamp(record: Dict[str, Any]) -> Optional[float]:
     ts = record.get("timestamp")
     if isinstance(ts, bool) or not isinstance(ts, (int, float)) or not math.isfinite(ts):
@@ -841,7 +855,7 @@ class StdoutSink(Sink):
                     probs = record.get("probs")
                     conf = probs.get(label) if isinstance(probs, dict) else None
                 if isinstance(conf, (int, float)):
-                    parts.append(f"{100 * conf:5.1f}%")
+                    parts.append(f"{percent_text(float(conf), 1):>6}")
         lat = record.get("latency_ms")
         total = lat.get("total") if isinstance(lat, dict) else None
         if isinstance(total, (int, float)):

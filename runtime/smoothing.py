@@ -42,8 +42,8 @@ Single-frame outliers: from a steady state in which the shown label wins, one ou
 another label ahead by the margin for at most :func:`max_outlier_lead` ``(alpha, hysteresis)`` frames
 (whatever the thresholds), so with ``min_dwell_frames`` above that it never changes the shown label,
 nor picks the first one after a reset. The cine defaults (alpha 0.3, hysteresis 0.1, dwell 5; lead at
-most 4) satisfy this; a sustained clear change of class (0.9 -> 0.9 elsewhere) shows on the 8th frame,
-~0.27 s at 30 fps and ~0.53 s at 15 fps
+most 4) satisfy this; a sustained clear change of class (0.9 -> 0.9 elsewhere) shows on the 7th frame,
+~0.23 s at 30 fps and ~0.47 s at 15 fps
 (:meth:`SmoothingConfig.for_fps` derives the values from a frame rate and a time constant instead).
 Single images (portable X-ray, one image per exam) use :data:`SINGLE_IMAGE`: alpha 1, dwell 1,
 hysteresis 0, which makes the shown label exactly ``decide(probs, rule)`` of each image.

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from typing import Any, Dict, List, Sequence
+from typing import Any, Dict, List, Sequence, Tuple
 
 import numpy as np
 import pytest
@@ -235,3 +235,80 @@ def test_window_marks_the_last_frame_stale_until_the_next_one(monkeypatch: pytes
         np.testing.assert_array_equal(fake.shown[1][20:], fake.shown[0][20:] >> 1)
         win.write(REC, image=_image(120, 160))
         assert not win.stale and win.written == 2
+
+
+# ------------------------------------------------------------------------------------------- text placement
+
+
+def _spy(monkeypatch: pytest.MonkeyPatch) -> List[Tuple[str, int, int]]:
+    """Record (text, x_start, x_end) of every string the overlay draws."""
+    calls: List[Tuple[str, int, int]] = []
+    orig = cv2.putText
+
+    def put(img: Any, text: str, org: Any, font: int, scale: float, color: Any, thick: int = 1, *a: Any) -> Any:
+        (tw, _), _ = cv2.getTextSize(text, font, scale, thick)
+        calls.append((text, int(org[0]), int(org[0]) + tw))
+        return orig(img, text, org, font, scale, color, thick, *a)
+
+    monkeypatch.setattr(overlay_mod._cv, "cv2", lambda: _Spy(put))
+    return calls
+
+
+class _Spy:
+    def __init__(self, put: Any) -> None:
+        self.putText = put  # noqa: N815 (cv2's name)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(cv2, name)
+
+
+@pytest.mark.parametrize("conf", [0.995, 0.996, 0.999])
+def test_confidence_below_one_is_never_shown_as_100_percent(monkeypatch: pytest.MonkeyPatch, conf: float) -> None:
+    calls = _spy(monkeypatch)
+    draw_overlay(np.zeros((480, 640, 3), np.uint8), {"label": "pneumothorax", "abstain": False, "confidence": conf})
+    texts = [t for t, _, _ in calls]
+    assert "99%" in texts and "100%" not in texts, f"confidence {conf} drawn as {texts}"
+    calls.clear()
+    draw_overlay(np.zeros((480, 640, 3), np.uint8), {"label": "pneumothorax", "abstain": False, "confidence": 1.0})
+    assert "100%" in [t for t, _, _ in calls]
+
+
+SMALL_RECS = [
+    {"label": "pneumothorax", "abstain": False, "confidence": 0.8, "timestamp": 0.0},
+    {"label": None, "abstain": True, "abstain_reason": "low_confidence", "timestamp": 0.0},
+]
+
+
+@pytest.mark.parametrize("size", [128, 160, 256])
+@pytest.mark.parametrize("rec", SMALL_RECS)
+def test_label_not_overdrawn_by_fps_and_latency_on_small_frames(monkeypatch: pytest.MonkeyPatch, size: int,
+                                                                 rec: Dict[str, Any]) -> None:
+    calls = _spy(monkeypatch)
+    draw_overlay(np.zeros((size, size), np.uint8), rec, fps=30.0, now=0.033)
+    label = "pneumothorax" if rec["label"] else "ABSTAIN: low_confidence"
+    assert label in [t for t, _, _ in calls]  # the label is always drawn, whole
+    # one line of text: no two strings overlap, and every one lies inside the frame
+    spans = sorted((x0, x1, t) for t, x0, x1 in calls)
+    assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:])), f"{size}x{size}: drawn over each other: {spans}"
+    assert all(x0 >= 0 and x1 <= size for x0, x1, _ in spans), spans
+
+
+def test_fps_and_latency_stay_in_full_where_there_is_room(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = _spy(monkeypatch)
+    draw_overlay(np.zeros((480, 640), np.uint8), {**REC, "timestamp": 0.0}, fps=30.0, now=0.033)
+    assert [t for t, _, _ in calls] == ["cyst", "90%", "30.0 fps  cap-to-disp 33 ms"]
+    calls.clear()  # at 128 px a short label leaves room for the latency alone, never a cut-off string
+    draw_overlay(np.zeros((128, 128), np.uint8), {**REC, "timestamp": 0.0}, fps=30.0, now=0.033)
+    texts = [t for t, _, _ in calls]
+    assert "cyst" in texts and "30.0 fps  cap-to-disp 33 ms" not in texts
+
+
+@pytest.mark.parametrize("size, idle", [(128, 2.0), (128, 125.3), (160, 2.0), (640, 2.0), (64, 2.0)])
+def test_no_signal_text_fits_the_frame(monkeypatch: pytest.MonkeyPatch, size: int, idle: float) -> None:
+    calls = _spy(monkeypatch)
+    draw_stale(np.zeros((size, size, 3), np.uint8), idle)
+    (text, x0, x1), = calls
+    assert text.startswith("NO SIGNAL") and f"{idle:.1f} s" in text
+    assert x0 >= 0 and x1 <= size, f"{text!r} spans x={x0}..{x1} on a {size} px frame: the idle time is cut off"
+    if size >= 160:
+        assert text == f"NO SIGNAL: no frame for {idle:.1f} s"

@@ -637,3 +637,19 @@ def test_a_target_name_that_is_not_utf8_is_refused_not_a_crash(tmp_path: Path, w
         assert out == "written" and len(os.listdir(target)) == 3, out
     else:
         assert out.startswith("refused") and "not valid UTF-8" in out and "\n" not in out, out
+
+
+@pytest.mark.parametrize("conf, text", [(0.9996, " 99.9%"), (0.999, " 99.9%"), (1.0, "100.0%"), (0.29, " 29.0%"),
+                                        (0.0, "  0.0%")])
+def test_stdout_confidence_is_rounded_down_so_only_certainty_reads_100_percent(conf: float, text: str) -> None:
+    line = StdoutSink.format({"frame": 1, "label": "cyst", "abstain": False, "confidence": conf})
+    assert line.endswith("  " + text), line
+
+
+def test_percent_text_rounds_down_but_not_below_the_decimal_value() -> None:
+    from edgeclf.runtime.sinks import percent_text
+
+    assert [percent_text(c) for c in (0.995, 0.996, 0.999, 0.9999999999, 1.0)] == ["99%", "99%", "99%", "99%", "100%"]
+    # 0.29 * 100 is 28.999999999999996 in binary floating point: still 29%, not 28%
+    assert [percent_text(c) for c in (0.29, 0.57, 0.0)] == ["29%", "57%", "0%"]
+    assert percent_text(0.12345, 1) == "12.3%" and percent_text(float("nan"), 1) == "nan%"

@@ -312,3 +312,24 @@ def test_a_short_gate_failed_run_keeps_the_label() -> None:
     for _ in range(sm.config.min_dwell_frames + 1):  # one more: reset
         sm.update(None, quality_ok=False, reasons=["blank"])
     assert sm.committed_label is None and sm.counts["resets"] == 1
+
+
+def _frame_the_change_shows(labels: List[str], steady: List[float], new: List[float]) -> Optional[int]:
+    sm = CineSmoother(labels, config=CINE)
+    for _ in range(60):
+        sm.update(steady)
+    assert sm.committed_label == labels[0]
+    for n in range(1, 30):
+        if sm.update(new).shown_label == labels[1]:
+            return n
+    return None
+
+
+def test_the_documented_delay_of_a_clear_change_is_the_measured_one() -> None:
+    import edgeclf.runtime.smoothing as smoothing_mod
+
+    got = [_frame_the_change_shows(["a", "b"], [0.9, 0.1], [0.1, 0.9]),
+           _frame_the_change_shows(["a", "b", "c"], [0.9, 0.05, 0.05], [0.05, 0.9, 0.05])]
+    assert got == [7, 7]
+    doc = " ".join(str(smoothing_mod.__doc__).split())
+    assert "shows on the 7th frame, ~0.23 s at 30 fps and ~0.47 s at 15 fps" in doc
