@@ -1026,7 +1026,8 @@ def _print_export(m: dict[str, Any]) -> None:
     p = m.get("parity")
     click.echo(f"bundle written and verified: {m['name']} ({m['model']['architecture']}, {m['task']})")
     if p:
-        click.echo(f"parity on {p['n']} {p['split']} images: decisions agree {p['decision_agreement']:.1%}, "
+        # As a count: 2499 of 2500 printed as a percentage reads "100.0%"
+        click.echo(f"parity on {p['n']} {p['split']} images: decisions agree on {round(p['decision_agreement'] * p['n'])} of {p['n']}, "
                    f"max |logit diff| {p['max_abs_diff_logits']:.2e}, min cosine {p['min_cosine']:.6f}")
     else:
         click.echo(f"parity: {m['provenance'].get('parity')}")
@@ -1081,6 +1082,9 @@ def _print_demo(r: dict[str, Any]) -> None:
                       f"cine loop through OpenCV: {c['frames_predicted']} of {c['frames_in_timeline']} frames, per-frame agreement "
                       f"{c['agreement']:.3f}; smoothed shown label {c.get('shown_label_agreement', float('nan')):.3f} "
                       f"({c.get('abstained', 0)} frames settling or abstained)"))
+    lost = {k: c[k] for k in ("frames_unclassified", "frames_missing") if c.get(k)}
+    if lost:  # counted as disagreements above; the demo fails on missing frames before printing
+        click.echo("cine frames " + ", ".join(f"{k.split('_', 1)[1]} {v}" for k, v in lost.items()))
     click.echo()
     rows = [[k, f"{v['median']:.2f}", f"{v['p90']:.2f}"] for k, v in r["runtime"]["stages_ms"].items()]
     click.echo(_table(["stage", "median ms", "p90 ms"], rows, f"runtime latency per stage ({r['runtime']['fps']} fps end to end)"))

@@ -10,42 +10,62 @@ import logging
 import os
 import shutil
 import time
+from collections import Counter
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 
-__all__ = ["run_demo", "timeline_agreement"]
+__all__ = ["run_demo", "timeline_agreement", "UNCLASSIFIED"]
 
 log = logging.getLogger(__name__)
 
 
-def timeline_agreement(predicted: list[str], timeline: dict[str, Any]) -> dict[str, Any]:
-    """Frame-level agreement with a ground-truth timeline, and per segment (majority label, agreement)."""
+UNCLASSIFIED = "(not classified)"
+
+
+def timeline_agreement(predicted: Sequence[str | None] | Mapping[int, str | None], timeline: dict[str, Any]) -> dict[str, Any]:
+    """Frame-level agreement with a ground-truth timeline, and per segment (majority label, agreement).
+
+    predicted: each result's label by its frame's place in the file ({file frame: label}; a list is frames 0, 1, ...);
+    None: the frame was not classified (failed the quality gate, a frame error), counted in "frames_unclassified"
+    and as a disagreement. Timeline frames with no result are counted in "frames_missing" (listed, up to 20, in
+    "missing_frames"), results outside the timeline in "frames_outside"; agreement is over the frames compared."""
+    pred = dict(enumerate(predicted)) if not isinstance(predicted, Mapping) else dict(predicted)
     truth = [""] * timeline["frames"]
     for seg in timeline["segments"]:
         for i in range(seg["start"], seg["end"]):
             truth[i] = seg["label"]
-    n = min(len(predicted), len(truth))
+    compared = [i for i in range(len(truth)) if i in pred]
+    missing = [i for i in range(len(truth)) if i not in pred]
     segments = []
     for seg in timeline["segments"]:
-        pred = predicted[seg["start"] : min(seg["end"], n)]
-        labels, counts = np.unique(pred, return_counts=True) if pred else (np.array([""]), np.array([0]))
+        got = [UNCLASSIFIED if pred[i] is None else str(pred[i]) for i in range(seg["start"], seg["end"]) if i in pred]
+        counts = Counter(got)
         segments.append({
             "label": seg["label"], "start": seg["start"], "end": seg["end"],
-            "majority": str(labels[int(np.argmax(counts))]),
-            "agreement": float(np.mean([p == seg["label"] for p in pred])) if pred else 0.0,
+            # ties: the alphabetically first, as np.unique gave
+            "majority": min(counts, key=lambda k: (-counts[k], k)) if got else "",
+            "agreement": float(np.mean([p == seg["label"] for p in got])) if got else 0.0,
+            "unclassified": counts[UNCLASSIFIED],
+            "missing": sum(1 for i in range(seg["start"], seg["end"]) if i not in pred),
         })
     return {
-        "frames_compared": n,
+        "frames_compared": len(compared),
         "frames_in_timeline": len(truth),
-        "frames_predicted": len(predicted),
-        "agreement": float(np.mean([p == t for p, t in zip(predicted[:n], truth[:n])])) if n else 0.0,
+        "frames_predicted": len(pred),
+        "frames_unclassified": sum(1 for i in compared if pred[i] is None),
+        "frames_missing": len(missing),
+        "missing_frames": missing[:20],
+        "frames_outside": sum(1 for i in pred if not 0 <= i < len(truth)),
+        "agreement": float(np.mean([pred[i] == truth[i] for i in compared])) if compared else 0.0,
         "segments": segments,
     }
 
 
-def _plot_timeline(predicted: list[str], timeline: dict[str, Any], classes: list[str], path: Path) -> None:
+def _plot_timeline(predicted: Mapping[int, str | None], timeline: dict[str, Any], classes: list[str], path: Path) -> None:
+    """Truth and each frame's label at its place in the file; a frame not classified is drawn below the classes."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -57,7 +77,8 @@ def _plot_timeline(predicted: list[str], timeline: dict[str, Any], classes: list
         truth[seg["start"] : seg["end"]] = idx[seg["label"]]
     fig, ax = plt.subplots(figsize=(9, 2.6), dpi=110)
     ax.step(range(len(truth)), truth, where="post", lw=3, alpha=0.5, label="ground truth")
-    ax.plot(range(len(predicted)), [idx.get(p, -1) for p in predicted], ".", ms=3, label="runtime")
+    frames = sorted(predicted)
+    ax.plot(frames, [idx.get(str(predicted[i]), -1) for i in frames], ".", ms=3, label="runtime")
     ax.set_yticks(range(len(classes)), classes)
     ax.set_xlabel("frame")
     ax.legend(loc="upper right", fontsize=8)
@@ -191,12 +212,15 @@ def run_demo(out: str = "edgeclf-demo", *, seed: int = 0, on_epoch: Callable[[di
     summary = run_bundle(str(bundle_dir), str(cine), out=str(o / "results.jsonl"), extra_sinks=[sink])
     steps["run_s"] = time.perf_counter() - t
     # Each frame's own decision is what is compared with the truth; the shown (smoothed) label lags
-    # a change by design, so its agreement is reported beside it.
-    predicted = [r["frame_label"] for r in sink.records]
+    # a change by design, so its agreement is reported beside it. Frames are matched by their place in the
+    # file: a frame the source skipped must not shift every later comparison.
+    place = [r.get("file_frame", r["frame"]) for r in sink.records]
+    predicted = dict(zip(place, (r["frame_label"] for r in sink.records)))
     agreement = timeline_agreement(predicted, timeline)
-    shown = timeline_agreement([r["label"] or "(abstain)" for r in sink.records], timeline)
+    shown = timeline_agreement(dict(zip(place, (r["label"] or "(abstain)" for r in sink.records))), timeline)
     agreement["shown_label_agreement"] = shown["agreement"]
     agreement["abstained"] = sum(1 for r in sink.records if r["abstain"])
+    agreement["frames_repeated"] = len(place) - len(predicted)
     _plot_timeline(predicted, timeline, list(ULTRASOUND_CLASSES), o / "timeline.png")
 
     per_class = {k: v["sensitivity"] for k, v in test_eval["metrics"]["per_class"].items()}
@@ -218,4 +242,12 @@ def run_demo(out: str = "edgeclf-demo", *, seed: int = 0, on_epoch: Callable[[di
         "files": sorted({*_written(o), "demo.json"}),
     }
     (o / "demo.json").write_text(json.dumps(result, indent=2))
+    # The demo writes its own cine: every frame of it must come back once, each at its own place.
+    incomplete = {k: agreement[k] for k in ("frames_missing", "frames_outside", "frames_repeated") if agreement[k]}
+    if incomplete:
+        from edgeclf.errors import DataError
+
+        raise DataError(f"the runtime did not return every frame of the demo's cine ({agreement['frames_in_timeline']} "
+                        f"frames): {', '.join(f'{k} {v}' for k, v in incomplete.items())}, missing frames "
+                        f"{agreement['missing_frames']}; see {o / 'demo.json'} and {o / 'results.jsonl'}")
     return result

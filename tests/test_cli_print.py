@@ -101,3 +101,22 @@ def test_train_on_clips_prints_its_clip_figures(tmp_path) -> None:  # type: igno
                                        "--epochs", "1", "--frames-per-clip", "2", "--threads", "1"])
     assert res.exit_code == 0, (res.output, res.exception)
     assert "[test_clips]" in res.output and "clip, majority vote" in res.output
+
+
+def test_demo_printout_counts_unclassified_cine_frames(capsys: pytest.CaptureFixture[str]) -> None:
+    seg = {"start": 0, "end": 3, "label": "normal", "majority": "normal", "agreement": 2 / 3}
+    r = {"held_out_test": {"n": 3, "per_class_accuracy": {"normal": 1.0}}, "out": "o",
+         "cine": {"segments": [seg], "frames_predicted": 3, "frames_in_timeline": 3, "agreement": 2 / 3,
+                  "shown_label_agreement": 2 / 3, "abstained": 1, "frames_unclassified": 1, "frames_missing": 0},
+         "runtime": {"fps": 30, "stages_ms": {"infer": {"median": 1.0, "p90": 2.0}}}, "seconds": {"total": 1.0}}
+    cli._print_demo(r)
+    out = capsys.readouterr().out
+    assert "cine frames unclassified 1" in out and "missing" not in out
+
+
+def test_export_parity_agreement_is_a_count_not_a_rounded_percentage(capsys: pytest.CaptureFixture[str]) -> None:
+    m = {"name": "b", "model": {"architecture": "compact"}, "task": "binary",
+         "parity": {"n": 2500, "split": "val", "decision_agreement": 2499 / 2500, "max_abs_diff_logits": 1e-6, "min_cosine": 1.0}}
+    cli._print_export(m)
+    out = capsys.readouterr().out
+    assert "decisions agree on 2499 of 2500" in out and "100.0%" not in out

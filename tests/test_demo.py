@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -72,8 +73,8 @@ def _fake_steps(monkeypatch: pytest.MonkeyPatch, calls: list[str], cine_delay: f
     def run_bundle(bundle, source, out=None, extra_sinks=()):  # type: ignore[no-untyped-def]
         Path(out).write_text("")
         for s in extra_sinks:
-            for label in ["normal"] * 3 + ["cyst"] * 3:
-                s.write({"frame_label": label, "label": label, "abstain": False})
+            for i, label in enumerate(["normal"] * 3 + ["cyst"] * 3):
+                s.write({"frame": i, "file_frame": i, "frame_label": label, "label": label, "abstain": False})
         return {"frames": 6, "written": 6, "fps": 30.0, "stages_ms": {}}
 
     monkeypatch.setattr(tr, "train", train)
@@ -180,3 +181,58 @@ def test_cli_out_a_file_is_one_line(tmp_path: Path) -> None:
     r = run_cli("demo", "--out", str(tmp_path / "afile"), timeout=120)
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-500:]
     assert r.stderr.strip().count("\n") == 0 and "is a file" in r.stderr
+
+
+# -- the cine comparison: frames that were not classified, or never came back -----------------------------------
+
+def _runtime(records: list[dict[str, Any]]) -> Any:
+    def run_bundle(bundle, source, out=None, extra_sinks=()):  # type: ignore[no-untyped-def]
+        Path(out).write_text("")
+        for s in extra_sinks:
+            for r in records:
+                s.write(r)
+        return {"frames": len(records), "written": len(records), "fps": 30.0, "stages_ms": {}}
+    return run_bundle
+
+
+def test_a_gated_frame_does_not_crash_the_demo(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import edgeclf.runtime.app as app
+    from edgeclf.demo import UNCLASSIFIED, run_demo
+
+    _fake_steps(monkeypatch, [])
+    # no file_frame (a source that does not give it): the runtime's frame index places each frame
+    recs = [{"frame": i, "frame_label": lab, "label": lab, "abstain": False}
+            for i, lab in enumerate(["normal"] * 3 + ["cyst"] * 3)]
+    # frame 1 failed the quality gate: the pipeline records frame_label None (not inferred) and abstains with the reason
+    recs[1] = {"frame": 1, "frame_label": None, "label": None, "abstain": True, "abstain_reason": "frozen"}
+    monkeypatch.setattr(app, "run_bundle", _runtime(recs))
+    r = run_demo(str(tmp_path / "demo"))  # was a TypeError in np.unique, after training and export
+    c = r["cine"]
+    assert c["agreement"] == pytest.approx(5 / 6) and c["frames_unclassified"] == 1 and c["frames_missing"] == 0
+    assert c["segments"][0]["unclassified"] == 1 and c["abstained"] == 1
+    assert json.loads((tmp_path / "demo" / "demo.json").read_text())["cine"]["frames_unclassified"] == 1
+    # a segment most of whose frames were not classified says so, instead of naming a class
+    most = timeline_agreement([None, None, "normal", "cyst", "cyst", "cyst"], TIMELINE)
+    assert most["segments"][0]["majority"] == UNCLASSIFIED and most["frames_unclassified"] == 2
+
+
+def test_agreement_aligns_frames_by_their_place_in_the_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import edgeclf.runtime.app as app
+    from edgeclf.demo import run_demo
+    from edgeclf.errors import DataError
+
+    _fake_steps(monkeypatch, [])
+    truth = ["normal"] * 3 + ["cyst"] * 3
+    # The video source skipped undecodable frame 2: records keep their file_frame (RECORD_META), every label correct.
+    recs = [{"frame": k, "file_frame": f, "frame_label": truth[f], "label": truth[f], "abstain": False}
+            for k, f in enumerate([0, 1, 3, 4, 5])]
+    monkeypatch.setattr(app, "run_bundle", _runtime(recs))
+    # The demo's own cine must decode whole: a missing frame fails it loudly, after recording the comparison.
+    with pytest.raises(DataError, match=r"frames_missing 1, missing frames \[2\]"):
+        run_demo(str(tmp_path / "demo"))
+    c = json.loads((tmp_path / "demo" / "demo.json").read_text())["cine"]
+    assert c["agreement"] == 1.0 and c["frames_compared"] == 5 and c["frames_missing"] == 1, c
+    assert c["missing_frames"] == [2] and c["segments"][0]["missing"] == 1
+    # Labels given by file frame; a result past the end of the timeline is counted, not compared.
+    r = timeline_agreement({0: "normal", 1: "normal", 3: "cyst", 4: "cyst", 5: "cyst", 9: "cyst"}, TIMELINE)
+    assert r["agreement"] == 1.0 and r["frames_missing"] == 1 and r["frames_outside"] == 1
