@@ -187,7 +187,7 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
 def render(r: Dict[str, Any]) -> str:
     slope = r["rss_slope_mb_per_10k_frames"]
     verdict = "n/a (too few samples after warm-up)" if slope is None else (
-        f"{slope:+.3f} MB per 10,000 frames ({'under' if abs(slope) < 1.0 else 'OVER'} the 1 MB budget)")
+        f"{slope:+.3f} MB per 10,000 frames ({'under' if abs(slope) < RSS_BUDGET_MB_PER_10K else 'OVER'} the 1 MB budget)")
     lines = [
         "# Soak: synthetic frames through the full pipeline",
         "",
@@ -243,8 +243,37 @@ def main(argv: Optional[List[str]] = None) -> int:
     (out / "soak.md").write_text(render(r))
     print(render(r).split("RSS and throughput")[0].rstrip())
     print(f"wrote {out / 'soak.json'} and {out / 'soak.md'}")
-    ok = r["lost_results"] == 0 and r["torn_lines"] == 0 and r["audit"]["state"] == "intact"
-    return 0 if ok else 1
+    failed = failures(r)
+    for f in failed:
+        print(f"FAILED: {f}")
+    return 1 if failed else 0
+
+
+RSS_BUDGET_MB_PER_10K = 1.0
+
+
+def failures(r: Dict[str, Any]) -> List[str]:
+    """What the soak found wrong: lost, torn or out-of-order results, an audit log that does not verify, RSS growing
+    faster than the budget after warm-up, open files or threads growing after warm-up. Empty: it passed."""
+    out = []
+    if r["lost_results"]:
+        out.append(f"{r['lost_results']} results lost")
+    if r["torn_lines"]:
+        out.append(f"{r['torn_lines']} torn result lines")
+    if r["frame_gaps"]:
+        out.append(f"{r['frame_gaps']} frame gaps in the results")
+    if r["audit"]["state"] != "intact":
+        out.append(f"audit log {r['audit']['state']}")
+    slope = r["rss_slope_mb_per_10k_frames"]
+    if slope is not None and abs(slope) >= RSS_BUDGET_MB_PER_10K:
+        out.append(f"RSS slope {slope:+.3f} MB per 10,000 frames, over the {RSS_BUDGET_MB_PER_10K:g} MB budget")
+    # After warm-up: the pipeline's own threads and files open as it starts, before the first steady sample.
+    steady = [x for x in r["samples"] if x["frames"] >= r["warmup_frames"]]
+    for key in ("fds", "threads"):
+        seen = [x[key] for x in steady if x.get(key) is not None]
+        if len(seen) >= 2 and seen[-1] > seen[0]:
+            out.append(f"{key} grew after warm-up: {seen[0]} -> {seen[-1]}")
+    return out
 
 
 if __name__ == "__main__":

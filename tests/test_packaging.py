@@ -72,3 +72,19 @@ def test_cli_names_the_extra_for_a_missing_workstation_module(tmp_path: Path) ->
     assert r.returncode == 2, r.stderr
     assert r.stderr.strip().splitlines() == ["edgeclf: error: this command needs torch, which is not installed; "
                                              "install it with: pip install 'edgeclf[train]'"]
+
+
+def test_ci_runs_the_readmes_test_command_and_stops_when_it_fails() -> None:
+    import re
+
+    readme = (REPO / "README.md").read_text()
+    ci = (REPO / ".ci" / "run").read_text()
+    # The README's command 2: the venv, the install and pytest, as one && list.
+    cmd = re.search(r"^# 2\. set up and run the tests\n(.+)$", readme, re.M)
+    assert cmd is not None, "README lost its second command"
+    line = next((ln for ln in ci.splitlines() if ln.startswith(cmd.group(1))), None)
+    assert line is not None, f"{cmd.group(1)!r} is not in .ci/run"
+    # set -e does not stop at a failed install inside an && list: the line itself must end the script.
+    assert line.rstrip().endswith("|| exit 1"), line
+    out = subprocess.run(["bash", "-c", "set -euo pipefail; false && true || exit 1; echo continued"], capture_output=True, text=True)
+    assert out.returncode == 1 and "continued" not in out.stdout

@@ -1,0 +1,56 @@
+"""benchmarks/soak.py fails (exit 1) on what it measures: lost, torn or out-of-order results, an audit log that does not
+verify, RSS over its budget, open files or threads growing after warm-up; a clean soak passes."""
+from __future__ import annotations
+
+import importlib.util
+from typing import Any
+
+import pytest
+
+from tests.conftest import REPO
+
+
+def _soak() -> Any:
+    spec = importlib.util.spec_from_file_location("soak_bench", REPO / "benchmarks" / "soak.py")
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _clean() -> dict[str, Any]:
+    samples = [{"frames": f, "fds": 6 if f == 0 else 11, "threads": 2 if f == 0 else 5} for f in range(0, 1100, 100)]
+    return {"lost_results": 0, "torn_lines": 0, "frame_gaps": 0, "audit": {"state": "intact"},
+            "rss_slope_mb_per_10k_frames": 0.006, "warmup_frames": 100, "samples": samples}
+
+
+@pytest.mark.parametrize("change, says", [
+    ({"frame_gaps": 2}, "2 frame gaps"),
+    ({"rss_slope_mb_per_10k_frames": 192.3}, "over the 1 MB budget"),
+    ({"lost_results": 1}, "1 results lost"),
+    ({"torn_lines": 1}, "torn"),
+    ({"audit": {"state": "tampered"}}, "audit log tampered"),
+])
+def test_each_problem_fails_the_soak(change: dict[str, Any], says: str) -> None:
+    soak = _soak()
+    assert soak.failures(_clean()) == []  # the pipeline's threads and files open before warm-up ends: not growth
+    got = soak.failures({**_clean(), **change})
+    assert len(got) == 1 and says in got[0], got
+
+
+def test_files_or_threads_growing_after_warm_up_fail_it() -> None:
+    soak = _soak()
+    r = _clean()
+    r["samples"][-1] = {**r["samples"][-1], "fds": 40}
+    assert soak.failures(r) == ["fds grew after warm-up: 11 -> 40"]
+
+
+def test_main_exits_1_and_names_the_failure(monkeypatch: pytest.MonkeyPatch, tmp_path: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    soak = _soak()
+    leak = {**_clean(), "rss_slope_mb_per_10k_frames": 192.3}
+    monkeypatch.setattr(soak, "run", lambda args: leak)
+    monkeypatch.setattr(soak, "render", lambda r: "soak\nRSS and throughput\n")
+    assert soak.main(["--frames", "100", "--out-dir", str(tmp_path)]) == 1
+    assert "FAILED: RSS slope +192.300" in capsys.readouterr().out
+    monkeypatch.setattr(soak, "run", lambda args: _clean())
+    assert soak.main(["--frames", "100", "--out-dir", str(tmp_path)]) == 0
