@@ -33,6 +33,7 @@ __all__ = ["Dataset", "Split", "load_dataset", "load_folds", "make_split_list", 
 
 log = logging.getLogger(__name__)
 SPLITS = ("train", "val", "test")
+FRAMES_PER_CLIP = 8  # clips: frames sampled per clip unless the caller or the spec (frames=N) says otherwise
 # The runtime sources' extensions: a data set reads exactly the files a device can be fed.
 IMAGE_EXTS = IMAGE_EXTENSIONS
 VIDEO_EXTS = VIDEO_EXTENSIONS
@@ -73,6 +74,9 @@ class Dataset:
     sources: dict[str, str] = field(default_factory=dict)
     # clips: clip id -> clips.csv original_source as written (the unit of group=source)
     clip_source: dict[str, str] = field(default_factory=dict)
+    # The hash this data had before a split list's assignments and frames_per_clip were hashed (None where it
+    # is data_hash): a run recorded then still matches it (`require_training_data`).
+    former_hash: str | None = None
 
     @property
     def sector_crops(self) -> bool:
@@ -167,7 +171,7 @@ def load_dataset(
     seed: int = 0,
     val_frac: float = 0.15,
     test_frac: float = 0.15,
-    frames_per_clip: int = 8,
+    frames_per_clip: int = FRAMES_PER_CLIP,
 ) -> Dataset:
     class_map = parse_class_map(classes)
     if frames_per_clip < 1:
@@ -281,8 +285,14 @@ def _load_npz(path: Path, class_map) -> Dataset:
         if len(imgs) != len(ys[s]):
             raise DataError(f"{path}: {s}_images has {len(imgs)} items but {s}_labels {len(ys[s])}")
         splits[s] = Split(images=list(imgs), labels=ys[s], ids=[f"{s}/{i}" for i in range(len(imgs))], groups=[f"{s}/{i}" for i in range(len(imgs))])
+    notes: list[str] = []
     if class_map is not None:
         new_names, lookup = _apply_class_map(names, class_map, str(path))
+        dropped = {n: sum(int((sp.labels == i).sum()) for sp in splits.values()) for i, n in enumerate(names) if n not in lookup}
+        if sum(dropped.values()):
+            notes.append(f"left out {sum(dropped.values())} item(s) of class(es) the class map does not name: "
+                         + ", ".join(f"{n} ({k})" for n, k in dropped.items()))
+            log.warning(notes[-1])
         for s, sp in splits.items():
             keep = [i for i, y in enumerate(sp.labels) if names[y] in lookup]
             splits[s] = Split(
@@ -300,7 +310,7 @@ def _load_npz(path: Path, class_map) -> Dataset:
     return Dataset(
         spec=str(path), kind="medmnist", task=task, labels=names, splits=splits, data_hash=digest,
         positive=positive, licence=licence, channels_hint=channels,
-        modality="xray" if "pneumonia" in stem or "chest" in stem else "generic",
+        modality="xray" if "pneumonia" in stem or "chest" in stem else "generic", notes=notes,
     )
 
 
@@ -310,12 +320,19 @@ def _class_dirs(root: Path) -> list[Path]:
     return sorted((p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")), key=lambda p: natural_key(p.name))
 
 
-def _files(d: Path, exts: Collection[str]) -> list[Path]:
-    # Hidden files (macOS "._x.png" forks, editor droppings) are not images of the data set.
-    return sorted(
-        (p for p in d.rglob("*") if p.is_file() and p.suffix.lower() in exts and not p.name.startswith(".")),
-        key=lambda p: natural_key(str(p)),
-    )
+def _files(d: Path, exts: Collection[str], hidden: list[int] | None = None) -> list[Path]:
+    """Files under `d` with one of `exts`. Hidden files and folders (macOS "._x.png" forks, .AppleDouble/,
+    .thumbnails/, .ipynb_checkpoints/) are not images of the data set: skipped, and counted in `hidden[0]`."""
+    out = []
+    for p in d.rglob("*"):
+        if not p.is_file() or p.suffix.lower() not in exts:
+            continue
+        if any(part.startswith(".") for part in p.relative_to(d).parts):
+            if hidden is not None:
+                hidden[0] += 1
+            continue
+        out.append(p)
+    return sorted(out, key=lambda p: natural_key(str(p)))
 
 
 def _read_image(path: Path) -> np.ndarray:
@@ -504,8 +521,15 @@ def require_training_data(ds: Dataset, recorded: dict, *, data_given: str | None
     export, prune and evaluate. Another data set given with --data is the caller's choice and passes; a run
     without a recorded hash too."""
     same_set = data_given is None or ds.name == (recorded.get("name") or spec_name(str(recorded.get("spec", ""))))
-    if recorded.get("hash") and ds.data_hash != recorded["hash"] and same_set:
+    if not recorded.get("hash") or not same_set or recorded["hash"] == ds.data_hash:
+        return
+    if recorded["hash"] != ds.former_hash:
         raise DataError(f"data {ds.name} changed since the model was trained (its hash differs), so {use}; {fix}")
+    # Recorded before split lists and frames_per_clip were hashed: the files and options match. Frames come from the
+    # run's own config; a split list cannot be checked against such a run.
+    if split_spec(ds.spec)[1].split:
+        log.warning("%s was recorded before split-list contents were part of the data hash: its files match, but a "
+                    "regenerated split list cannot be told apart; retrain to record it", ds.name)
 
 
 def split_spec(spec: str) -> tuple[str, FolderOptions]:
@@ -636,6 +660,10 @@ class _Scan:
     notes: list[str]
     split_dirs: bool
     sources: dict[str, str]
+    # a split list's assignments of the files read (None without a list): part of the data hash
+    list_hash: str | None = None
+    # copies a split list drops, as (rel, group, label, []): checked for labels that disagree with their kept copy
+    list_dropped: list[_Row] = field(default_factory=list)
 
 
 def _scan_folder(root: Path, class_map, opts: FolderOptions, frames_per_clip: int) -> _Scan:
@@ -652,7 +680,8 @@ def _scan_folder(root: Path, class_map, opts: FolderOptions, frames_per_clip: in
                 class_names.append(d.name)
     if len(class_names) < 2:
         raise DataError(f"{root} holds {len(class_names)} class folder(s); expected one folder per class (at least 2)")
-    all_files = {d: _files(d, IMAGE_EXTS + VIDEO_EXTS) for top in tops for d in _class_dirs(top)}
+    hidden = [0]
+    all_files = {d: _files(d, IMAGE_EXTS + VIDEO_EXTS, hidden) for top in tops for d in _class_dirs(top)}
     n_video = sum(1 for fs in all_files.values() for f in fs if f.suffix.lower() in VIDEO_EXTS)
     n_image = sum(1 for fs in all_files.values() for f in fs if f.suffix.lower() in IMAGE_EXTS)
     if n_video == 0 and n_image == 0:
@@ -666,7 +695,10 @@ def _scan_folder(root: Path, class_map, opts: FolderOptions, frames_per_clip: in
     rows: list[_Row] = []
     assigned: dict[str, str] = {}  # rel -> split, from split folders or the list
     digest = hashlib.sha256(repr(class_map).encode())
-    skipped = unlisted = list_dupes = 0
+    listing = hashlib.sha256()  # the list's split and group of every file read: a regenerated list changes it
+    list_dropped: list[_Row] = []
+    first_clip: dict[str, str] = {}  # clip sha256 -> the first clip with those bytes (the group of its copies)
+    skipped = unlisted = list_dupes = clip_copies = 0
     left_out: dict[str, int] = defaultdict(int)  # class folders the class map does not name: files per folder
     short: list[int] = []  # clips that gave fewer than k frames: their frame counts
     no_lock = [0]  # roi=sector: clips in which the sector detector never locked
@@ -687,6 +719,7 @@ def _scan_folder(root: Path, class_map, opts: FolderOptions, frames_per_clip: in
                 digest.update(f"{rel}:{h}:{d.name}\n".encode())
                 if listed is not None:
                     entry = listed.get(rel)
+                    listing.update(f"{rel}:{entry[1]}:{entry[2]}\n".encode() if entry else f"{rel}:-\n".encode())
                     if entry is None:
                         unlisted += 1
                         continue
@@ -695,16 +728,29 @@ def _scan_folder(root: Path, class_map, opts: FolderOptions, frames_per_clip: in
                                         "restore the file or regenerate the list (python -m edgeclf.recipes splits)")
                     if entry[1] not in SPLITS:
                         list_dupes += 1
+                        list_dropped.append((rel, entry[2], lookup[d.name], []))
                         continue  # a duplicate the list dropped
                     split_name = entry[1]
                 frames = _sample_clip(f, k, roi=opts.roi, no_lock=no_lock) if is_clips else [_read_image(f)]
                 if is_clips and len(frames) < k:
                     short.append(len(frames))
-                # Exact copies share a group so that they land on one side of the split.
-                group = rel if is_clips else (listed[rel][2] if listed is not None else h)
+                # Exact copies share a group so that they land on one side of the split; a clip's group is the
+                # name of the first clip with its bytes (clip figures are read by name).
+                if is_clips:
+                    group = first_clip.setdefault(h, rel)
+                    clip_copies += group != rel
+                else:
+                    group = listed[rel][2] if listed is not None else h
                 rows.append((rel, group, lookup[d.name], frames))
                 assigned[rel] = split_name
     notes = []
+    if hidden[0]:
+        notes.append(f"skipped {hidden[0]} hidden file(s) (a name or folder starting with '.': resource forks, thumbnails, "
+                     "checkpoints)")
+        log.warning(notes[-1])
+    if clip_copies:
+        notes.append(f"{clip_copies} clip(s) byte-identical to another clip grouped with it (one side of every split)")
+        log.warning(notes[-1])
     if skipped:
         notes.append(f"ignored {skipped} {'image' if is_clips else 'video'} file(s) in a {'clip' if is_clips else 'image'} data set")
         log.warning(notes[-1])
@@ -732,7 +778,8 @@ def _scan_folder(root: Path, class_map, opts: FolderOptions, frames_per_clip: in
             notes.append(f"{missing} file(s) named by split list {opts.split!r} are absent")
             log.warning(notes[-1])
     sources = _clip_sources(root) if is_clips else {}
-    return _Scan(rows, names, is_clips, digest.hexdigest(), assigned, notes, bool(split_dirs), sources)
+    return _Scan(rows, names, is_clips, digest.hexdigest(), assigned, notes, bool(split_dirs), sources,
+                 listing.hexdigest() if listed is not None else None, list_dropped)
 
 
 def _mixed_groups(rows: list[_Row], names: list[str]) -> list[str]:
@@ -755,19 +802,20 @@ def _mixed_groups(rows: list[_Row], names: list[str]) -> list[str]:
     return [note]
 
 
-def _dedup(scan: _Scan, opts: FolderOptions) -> tuple[list[_Row], list[str]]:
-    """Apply `opts.dedup` to an image scan without a split list: returns (rows, notes)."""
+def _dedup(scan: _Scan, opts: FolderOptions) -> tuple[list[_Row], list[str], list[_Row]]:
+    """Apply `opts.dedup` to an image scan without a split list: returns (rows, notes, every file's row with its
+    copy group, dropped copies included: what `_mixed_groups` checks; [] with dedup=none)."""
     rows: list[_Row] = scan.rows
     notes: list[str] = []
     if scan.is_clips or opts.split:
-        return rows, notes
+        return rows, notes, rows
     if opts.dedup == "none":
-        return [(rel, rel, y, fr) for rel, _, y, fr in rows], notes
+        return [(rel, rel, y, fr) for rel, _, y, fr in rows], notes, []
     n_dupes = len(rows) - len({g for _, g, _, _ in rows})
     if opts.dedup == "exact":
         if n_dupes:
             notes.append(f"{n_dupes} exact duplicate file(s) grouped with their copies before splitting")
-        return rows, notes
+        return rows, notes, rows
     seen: set[str] = set()
     kept = []
     for r in rows:
@@ -780,7 +828,28 @@ def _dedup(scan: _Scan, opts: FolderOptions) -> tuple[list[_Row], list[str]]:
     n_groups = len(set(roots))
     notes.append(f"dropped {n_dupes} exact duplicate file(s); grouped {len(kept) - n_groups} near copies "
                  f"(difference hash within {opts.near} bits) into {n_groups} groups before splitting")
-    return out, notes
+    # A dropped copy keeps its label in the check: filed under another class, it is the same picture with two labels.
+    group_of = {r[1]: kept[roots[i]][0] for i, r in enumerate(kept)}
+    return out, notes, [(rel, group_of[h], y, []) for rel, h, y, _ in rows]
+
+
+def _split_folder_copies(parts: dict[str, list[_Row]]) -> list[str]:
+    """A note when a file in train/ val/ test/ has a byte-identical copy in an earlier split folder (rows share a
+    content group): kept where the folders put it (public sets ship such copies), but its held-out figures then
+    count an image also trained or validated on."""
+    first: dict[str, str] = {}
+    pairs: dict[str, int] = defaultdict(int)
+    for s in SPLITS:
+        for g in [r[1] for r in parts[s]]:
+            if first.setdefault(g, s) != s:
+                pairs[f"{first[g]}/{s}"] += 1
+    if not pairs:
+        return []
+    note = (f"{sum(pairs.values())} file(s) in a split folder duplicate a file in an earlier one byte for byte ("
+            + ", ".join(f"{k}: {n}" for k, n in pairs.items()) + "): kept where the folders put them, so held-out "
+            "figures count images also used in training or validation")
+    log.warning(note)
+    return [note]
 
 
 def _fold_split(rows: list[_Row], names: list[str], opts: FolderOptions, sources: dict[str, str], *, seed: int,
@@ -865,12 +934,13 @@ def _load_folder(root: Path, class_map, *, seed: int, val_frac: float, test_frac
             parts[scan.assigned[row[0]]].append(row)
         splits = {s: _to_split(parts[s]) for s in SPLITS}
         if opts.split:
-            notes += _mixed_groups(scan.rows, names)
+            notes += _mixed_groups(scan.rows + scan.list_dropped, names)
+        else:
+            notes += _split_folder_copies(parts)
     else:
-        rows, more = _dedup(scan, opts)
+        rows, more, check = _dedup(scan, opts)
         notes += more
-        if opts.dedup != "none" and not scan.is_clips:
-            notes += _mixed_groups(rows, names)
+        notes += _mixed_groups(check, names)
         if opts.folds:
             if opts.group != "clip":
                 alone = sum(1 for r in rows if r[0] not in scan.sources)
@@ -883,10 +953,21 @@ def _load_folder(root: Path, class_map, *, seed: int, val_frac: float, test_frac
         else:
             splits = _grouped_split(rows, len(names), seed=seed, val_frac=val_frac, test_frac=test_frac)
     licence = _clip_licences(root) if scan.is_clips else None
-    channels = 3 if any(im.ndim == 3 for s in splits.values() for im in s.images[:200]) else 1
+    # From the images the model learns and is tuned on, every one of them: never from the held-out test split.
+    channels = 3 if any(im.ndim == 3 for s in ("train", "val") for im in splits[s].images) else 1
     q = opts.query()
     # Options change the split, so they are part of the data's identity; plain folders keep their old hash.
-    data_hash = scan.file_hash if not q else _hash_bytes(scan.file_hash.encode(), q.encode())
+    former_hash = scan.file_hash if not q else _hash_bytes(scan.file_hash.encode(), q.encode())
+    # Frames sampled and a split list's assignments are the data too. Added only where they are not the default
+    # (frames_per_clip hashes as frames=N does), so the data hashed before keeps its hash where they are.
+    hq = q
+    if scan.is_clips and opts.frames is None and frames_per_clip != FRAMES_PER_CLIP:
+        import dataclasses
+
+        hq = dataclasses.replace(opts, frames=frames_per_clip).query()
+    data_hash = scan.file_hash if not hq else _hash_bytes(scan.file_hash.encode(), hq.encode())
+    if scan.list_hash is not None:
+        data_hash = _hash_bytes(data_hash.encode(), b"split list", scan.list_hash.encode())
     return Dataset(
         spec=f"{root}?{q}" if q else str(root), kind="clips" if scan.is_clips else "images",
         task="binary" if len(names) == 2 else "multiclass",
@@ -894,6 +975,7 @@ def _load_folder(root: Path, class_map, *, seed: int, val_frac: float, test_frac
         modality="ultrasound" if scan.is_clips else "generic", notes=notes,
         sources={r[0]: _site(scan.sources[r[0]]) if r[0] in scan.sources else r[0] for r in scan.rows} if scan.is_clips else {},
         clip_source={r[0]: scan.sources.get(r[0], r[0]) for r in scan.rows} if scan.is_clips else {},
+        former_hash=former_hash if former_hash != data_hash else None,
     )
 
 
@@ -909,7 +991,7 @@ def make_split_list(spec: str, *, seed: int = 0) -> tuple[list[tuple[str, str, s
     if scan.is_clips or scan.split_dirs:
         raise DataError(f"{root} holds clips or split folders; split lists are for image folders without train/ val/ test/")
     sha = {rel: g for rel, g, _, _ in scan.rows}
-    rows, notes = _dedup(scan, opts)
+    rows, notes, _ = _dedup(scan, opts)
     parts = _grouped_split(rows, len(scan.names), seed=seed, val_frac=opts.val if opts.val is not None else 0.15,
                            test_frac=opts.test if opts.test is not None else 0.15)
     out, group_of_sha = [], {}
@@ -924,7 +1006,7 @@ def make_split_list(spec: str, *, seed: int = 0) -> tuple[list[tuple[str, str, s
 
 
 def load_folds(spec: str, folds: int, *, classes: str | None = None, seed: int = 0, val_frac: float = 0.15,
-               frames_per_clip: int = 8, group: str = "clip") -> list[Dataset]:
+               frames_per_clip: int = FRAMES_PER_CLIP, group: str = "clip") -> list[Dataset]:
     """The K data sets of a cross-validation over a folder, decoded once; each one's `spec` is the
     query spec (`...?folds=K&fold=i`) that rebuilds it alone with `load_dataset`."""
     base, opts = split_spec(spec)

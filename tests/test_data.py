@@ -4,6 +4,7 @@ Every data set here is built in tmp_path (cv2.imwrite, cv2.VideoWriter MJPG .avi
 """
 from __future__ import annotations
 
+import itertools
 import shutil
 from pathlib import Path
 
@@ -53,10 +54,14 @@ def _image_tree(
     return out
 
 
+_CLIP_FPS = itertools.count()
+
+
 def _write_clip(path: Path, n_frames: int, size: tuple[int, int] = (32, 24)) -> Path:
-    """MJPG .avi whose frame j is uniformly 20 + 20 * j (recoverable from the decoded mean)."""
+    """MJPG .avi whose frame j is uniformly 20 + 20 * j (recoverable from the decoded mean). Each clip written gets
+    its own frame rate, so that no two are byte-identical (identical clips are one group: one side of a split)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    vw = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 10, size)
+    vw = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 5 + next(_CLIP_FPS) % 500, size)
     assert vw.isOpened()
     for j in range(n_frames):
         vw.write(np.full((size[1], size[0], 3), 20 + 20 * j, np.uint8))
@@ -296,7 +301,8 @@ def test_split_folders_used_as_given(tmp_path: Path) -> None:
         for i, y in zip(sp.ids, sp.labels):
             assert i.split("/")[1] == ds.labels[y]
     assert "test/neg/copy.png" in ds.splits["test"].ids
-    assert ds.notes == []  # no regrouping, no duplicate note
+    copy_note = "1 file(s) in a split folder duplicate a file in an earlier one byte for byte (train/test: 1)"
+    assert len(ds.notes) == 1 and ds.notes[0].startswith(copy_note)  # kept where it is, but said
     assert load_dataset(str(tmp_path), seed=7).split_lists() == ds.split_lists()
 
 
@@ -1081,3 +1087,148 @@ def test_folds_that_leave_a_class_out_of_training_say_how_to_fix_it(tmp_path: Pa
         for ds in load_folds(str(root), 2, frames_per_clip=2, group="clip"):
             for s in ("train", "val"):
                 assert set(ds.splits[s].labels.tolist()) == {0, 1, 2}
+
+
+# -- provenance and held-out data: what the data hash covers, copies across splits, hidden folders ------------
+
+
+def _write_list(rows, path: Path) -> Path:
+    import csv
+
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["path", "sha256", "split", "group"])
+        w.writerows(rows)
+    return path
+
+
+def test_regenerated_split_list_changes_the_data_hash(tmp_path: Path) -> None:
+    from edgeclf.data import require_training_data
+
+    root = tmp_path / "d"
+    _image_tree(root, {"a": 10, "b": 10})
+    rows, _ = make_split_list(f"{root}?test=0.2&val=0.2")
+    lst = _write_list(rows, tmp_path / "list.csv")
+    trained = load_dataset(f"{root}?split={lst}")
+    recorded = {"spec": trained.spec, "name": trained.name, "hash": trained.data_hash}
+    # Regenerated (another seed or threshold): train and test swap, the image files unchanged.
+    swap = {"train": "test", "test": "train", "val": "val", "duplicate": "duplicate"}
+    _write_list([(p, h, swap[s], g) for p, h, s, g in rows], lst)
+    later = load_dataset(f"{root}?split={lst}")
+    assert set(later.splits["test"].ids) & set(trained.splits["train"].ids)
+    assert later.data_hash != trained.data_hash
+    with pytest.raises(DataError) as exc:
+        require_training_data(later, recorded, data_given=None, use="x")
+    assert "changed since the model was trained" in _one_line(exc)
+    # A run recorded before the list's contents were hashed still matches the unchanged list (former_hash),
+    # and is not refused for it.
+    _write_list(rows, lst)
+    again = load_dataset(f"{root}?split={lst}")
+    assert again.data_hash == trained.data_hash and again.former_hash and again.former_hash != again.data_hash
+    require_training_data(again, {**recorded, "hash": again.former_hash}, data_given=None, use="x")
+    # Plain folders keep their hash and have no former one.
+    assert load_dataset(str(root)).former_hash is None
+
+
+def test_frames_per_clip_is_part_of_the_data_hash(tmp_path: Path) -> None:
+    root = tmp_path / "clips"
+    for cls in ("covid", "regular"):
+        for k in range(4):
+            _write_clip(root / cls / f"c{k}.avi", 8)
+    kw2, kw4, kw8 = (load_dataset(str(root), frames_per_clip=k) for k in (2, 4, 8))
+    assert len(kw2.split("all")) == 16 and len(kw4.split("all")) == 32
+    assert len({kw2.data_hash, kw4.data_hash, kw8.data_hash}) == 3
+    # The same frames as the spec option frames=N: the same data, the same hash.
+    assert kw2.data_hash == load_dataset(f"{root}?frames=2").data_hash
+    assert kw8.former_hash is None and kw2.former_hash == kw4.former_hash == kw8.data_hash  # the default kept its hash
+    assert load_dataset(f"{root}?frames=2", frames_per_clip=4).data_hash == kw2.data_hash  # the option wins
+
+
+def test_near_dedup_notes_an_exact_copy_under_two_classes(tmp_path: Path) -> None:
+    files = _image_tree(tmp_path / "d", {"benign": 10, "malignant": 10})
+    shutil.copy(files["benign"][0], tmp_path / "d" / "malignant" / "same_lesion.png")
+    for query in ("dedup=exact", "dedup=near"):
+        ds = load_dataset(f"{tmp_path / 'd'}?{query}")
+        assert any("1 copy group(s) hold images of different classes (benign + malignant: 1)" in n for n in ds.notes), \
+            (query, ds.notes)
+
+
+def test_split_list_duplicate_under_another_class_is_noted(tmp_path: Path) -> None:
+    files = _image_tree(tmp_path / "d", {"benign": 8, "malignant": 8})
+    shutil.copy(files["benign"][0], tmp_path / "d" / "malignant" / "same_lesion.png")
+    rows, _ = make_split_list(f"{tmp_path / 'd'}?dedup=near&test=0.25&val=0.25")
+    ds = load_dataset(f"{tmp_path / 'd'}?split={_write_list(rows, tmp_path / 'list.csv')}")
+    assert any("1 file(s) that split list" in n for n in ds.notes), ds.notes  # the copy the list dropped ...
+    assert any("(benign + malignant: 1)" in n for n in ds.notes), ds.notes  # ... had another label
+
+
+def test_npz_class_map_counts_what_it_drops(tmp_path: Path) -> None:
+    arrays = _medmnist_arrays({"train": 30, "val": 9, "test": 9}, n_classes=3)
+    np.savez(tmp_path / "three.npz", label_names=np.array(["a", "b", "c"]), **arrays)
+    ds = load_dataset(str(tmp_path / "three.npz"), classes="a,b")
+    assert len(ds.split("all")) == 32
+    assert any("left out 16 item(s) of class(es) the class map does not name: c (16)" in n for n in ds.notes), ds.notes
+    assert load_dataset(str(tmp_path / "three.npz")).notes == []
+
+
+def test_copy_in_two_split_folders_is_noted(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    root = tmp_path / "d"
+    _image_tree(root / "train", {"a": 6, "b": 6})
+    _image_tree(root / "val", {"a": 2, "b": 2}, seed0=100)
+    _image_tree(root / "test", {"a": 2, "b": 2}, seed0=200)
+    assert not any("copies" in n for n in load_dataset(str(root)).notes)
+    shutil.copy(root / "train" / "a" / "img0.png", root / "test" / "a" / "img9.png")
+    shutil.copy(root / "train" / "b" / "img1.png", root / "test" / "b" / "img9.png")
+    shutil.copy(root / "val" / "a" / "img0.png", root / "train" / "a" / "img9.png")
+    with caplog.at_level("WARNING", logger="edgeclf.data"):
+        ds = load_dataset(str(root))  # kept as given (the public Kaggle brain MRI layout has such copies), but said
+    assert len(ds.split("test")) == 6
+    note = "3 file(s) in a split folder duplicate a file in an earlier one byte for byte (train/val: 1, train/test: 2)"
+    assert any(n.startswith(note) for n in ds.notes), ds.notes
+    assert note in caplog.text
+
+
+@pytest.mark.parametrize("hidden", [".thumbnails", ".AppleDouble", ".ipynb_checkpoints"])
+def test_files_in_hidden_subfolders_are_skipped_and_counted(tmp_path: Path, hidden: str) -> None:
+    root = tmp_path / "d"
+    _image_tree(root, {"a": 10, "b": 10})
+    _write(root / "a" / hidden / "img3.png", _gray(999, 8, 8))
+    (root / "b" / hidden).mkdir()
+    (root / "b" / hidden / "img0.png").write_bytes(b"\x00\x05\x16\x07" + b"\x00" * 60)  # an AppleDouble header
+    ds = load_dataset(str(root))
+    assert len(ds.split("all")) == 20 and not [i for i in ds.split("all").ids if "/." in i]
+    assert any(n.startswith("skipped 2 hidden file(s)") for n in ds.notes), ds.notes
+
+
+def test_byte_identical_clips_share_a_group(tmp_path: Path) -> None:
+    from edgeclf.data import load_folds
+
+    root = tmp_path / "clips"
+    for cls in ("covid", "regular"):
+        for k in range(6):
+            _write_clip(root / cls / f"c{k}.avi", 4 + k)
+    for k in range(6):  # the same recording saved twice (exported again, renamed)
+        shutil.copy(root / "covid" / f"c{k}.avi", root / "covid" / f"copy_of_c{k}.avi")
+
+    def side(ds: Dataset, rel: str) -> set[str]:
+        return {s for s, sp in ds.splits.items() for i in sp.ids if i.split("#")[0] == rel}
+
+    ds = load_dataset(str(root), frames_per_clip=2)
+    for d in (ds, *load_folds(str(root), 3, frames_per_clip=2)):
+        assert all(side(d, f"covid/c{k}.avi") == side(d, f"covid/copy_of_c{k}.avi") for k in range(6)), d.spec
+    # The group is the first copy's name (clip figures are read by name), and the grouping is said.
+    groups = {i.split("#")[0]: g for i, g in zip(ds.split("all").ids, ds.split("all").groups)}
+    assert groups["covid/copy_of_c3.avi"] == groups["covid/c3.avi"] == "covid/c3.avi"
+    assert groups["regular/c3.avi"] == "regular/c3.avi"
+    assert any(n.startswith("6 clip(s) byte-identical to another clip") for n in ds.notes), ds.notes
+
+
+def test_channels_hint_ignores_the_test_split(tmp_path: Path) -> None:
+    root = tmp_path / "d"
+    _image_tree(root / "train", {"a": 6, "b": 6})
+    _image_tree(root / "val", {"a": 2, "b": 2}, seed0=100)
+    _image_tree(root / "test", {"a": 2, "b": 2}, seed0=200)
+    _write(root / "test" / "a" / "colour.png", np.stack([_gray(300), _gray(301), _gray(302)], -1))
+    assert load_dataset(str(root)).channels_hint == 1  # a held-out image does not choose the model's input
+    _write(root / "val" / "b" / "colour.png", np.stack([_gray(303), _gray(304), _gray(305)], -1))
+    assert load_dataset(str(root)).channels_hint == 3

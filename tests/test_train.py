@@ -463,7 +463,7 @@ def test_a_model_trained_on_sector_crops_says_so_from_training_to_run_and_evalua
             path = root / cls / f"c{k}.avi"
             path.parent.mkdir(parents=True, exist_ok=True)
             vw = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 10, (96, 96))
-            for f in frames:
+            for f in frames[3 * (cls == "b") + k:]:  # six different clips: byte-identical ones are one group
                 vw.write(cv2.cvtColor(f, cv2.COLOR_GRAY2BGR))
             vw.release()
     train(TrainConfig(data=f"{root}?roi=sector&frames=2", out=str(tmp_path / "m"), model="compact", size=32, epochs=1,
