@@ -327,7 +327,16 @@ def run_bundle(
 
         prof = load_profile(device)
         if threads is None and prof.threads:
-            threads, chosen["threads"] = prof.threads, f"device profile {device}"
+            from edgeclf.runtime.backends import default_threads
+
+            # The profile's count is the board's cores; a cpuset, taskset or CPUAffinity= may leave fewer to this
+            # process, and more threads than cores ran 3x slower here.
+            usable = default_threads()
+            threads, chosen["threads"] = min(prof.threads, usable), f"device profile {device}"
+            if prof.threads > usable:
+                chosen["threads"] += f" ({prof.threads}, capped at the {usable} cores this process may use)"
+                log.warning("device profile %s asks for %d threads; this process may use %d cores: %d threads",
+                            device, prof.threads, usable, usable)
     bopts = dataclasses.replace(backend_options or BackendOptions(), device=device or (backend_options.device if backend_options else None))
     notify = notifier if notifier is not None else Notifier()
     b = load_bundle(bundle_path, trusted_key=trusted_key)

@@ -158,6 +158,16 @@ class OrtBackend(Backend):
             raise BackendError(f"onnxruntime could not load {model_path}: {str(exc).splitlines()[0]}") from None
         self.session_ms = (time.perf_counter() - t0) * 1000.0
         self.providers: List[str] = list(self._session.get_providers())
+        if not self.providers or self.providers[0] != wanted[0]:
+            # ORT lists a provider it was built with even when its libraries (CUDA, cuDNN, TensorRT) cannot load, and
+            # then runs on the next one with only a warning: figures would carry this backend's name for a CPU run.
+            got = self.providers[0] if self.providers else "none"
+            del self._session
+            raise BackendError(
+                f"backend {backend} asked onnxruntime for {wanted[0]}, but the session runs on {got} (the provider's "
+                f"libraries did not load, or it refused its options; onnxruntime's warning above says which); "
+                "fix the install, or use --backend ort-cpu"
+            )
         inp = self._session.get_inputs()[0]
         self._input = inp.name
         self._output = self._session.get_outputs()[0].name

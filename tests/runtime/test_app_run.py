@@ -391,3 +391,14 @@ def test_verify_with_an_unusable_reference_is_one_bundle_error(tmp_path: Path, k
         app.verify_bundle(str(b))
     assert "\n" not in str(info.value)
     assert app.verify_bundle(str(b), parity=False)["reference"] is None  # without parity the file is not read
+
+
+def test_device_profile_threads_are_capped_by_the_cores_the_process_may_use(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    from tests.runtime.tiny_bundle import make_tiny_bundle
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})  # a cpuset or CPUAffinity= leaves 2 cores
+    s = app.run_bundle(str(make_tiny_bundle(tmp_path / "b")), "synthetic:ultrasound?frames=3&size=32", device="jetson-orin-nano",
+                       backend="ort-cpu", reconnect=False)
+    assert s["threads"] == 2 and "capped at the 2 cores" in s["chosen_by"]["threads"], s["chosen_by"]

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edgeclf.errors import BundleError, IntegrityError
+from edgeclf.errors import BackendError, BundleError, IntegrityError
 from edgeclf.runtime.backends import BackendOptions, create_backend, ort_provider_options
 from edgeclf.runtime.bundle import load_bundle, write_checksums
 from tests.runtime.tiny_bundle import make_tiny_bundle
@@ -175,3 +175,20 @@ def test_a_fixed_batch_model_gets_padded_chunks_and_drops_the_padding(tmp_path: 
     assert one.shape == (1, 2) and six.shape == (6, 2)
     np.testing.assert_allclose(six, expected, rtol=1e-5)
     np.testing.assert_allclose(one, expected[:1], rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend, listed", [
+    ("ort-cuda", ["CUDAExecutionProvider", "CPUExecutionProvider"]),
+    ("ort-tensorrt", ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]),
+])
+def test_a_provider_the_session_dropped_is_refused_not_run_under_its_name(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                          backend: str, listed: list) -> None:
+    # onnxruntime-gpu lists CUDA/TensorRT whenever it was built with them; when their libraries cannot load, the
+    # session warns and runs on the CPU. This CPU-only build, told to list them, is in that state.
+    import onnxruntime as ort
+
+    monkeypatch.setattr(ort, "get_available_providers", lambda: list(listed))
+    monkeypatch.setenv("EDGECLF_ENGINE_CACHE", str(tmp_path / "engines"))
+    b = load_bundle(str(make_tiny_bundle(tmp_path / "b")))
+    with pytest.raises(BackendError, match=f"asked onnxruntime for {listed[0]}, but the session runs on CPUExecutionProvider"):
+        create_backend(str(b.path / b.manifest.raw["model"]["file"]), (1, 8, 8), 3, backend=backend, bundle=b)
