@@ -1030,7 +1030,7 @@ def load_folds(spec: str, folds: int, *, classes: str | None = None, seed: int =
 def _sample_clip(path: Path, k: int, roi: str = "none", no_lock: list[int] | None = None) -> list[np.ndarray]:
     """k frames evenly spaced over the clip, decoded through the runtime's own video source. With
     roi="sector" every frame goes through the runtime's SectorDetector as `edgeclf run --roi sector` feeds it,
-    and the frames are sampled from the first lock on (before it the runtime shows the whole screen)."""
+    and the frames are sampled from the first lock on (before it the runtime abstains with sector_warmup)."""
     from edgeclf.runtime.sources import open_source
 
     try:

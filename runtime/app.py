@@ -427,7 +427,7 @@ def run_bundle(
         if alog is not None:
             alog.end("signal" if result.get("stopped_by") == "signal" else "ok",
                      summary={k: result.get(k) for k in ("frames", "written", "abstained", "abstain_reasons", "backend_errors", "invalid_outputs",
-                                                         "frame_errors", "stopped_by", "source_stats", "read_not_classified")})
+                                                         "frame_errors", "sector_warmup", "stopped_by", "source_stats", "read_not_classified")})
             result["audit"] = {"path": alog.path, "head": alog.head, "records": alog.records}
             alog.close()
     except BaseException as exc:

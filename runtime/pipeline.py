@@ -12,7 +12,7 @@ import queue
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -24,7 +24,7 @@ from edgeclf.runtime.preprocess import Preprocessor
 from edgeclf.runtime.sinks import Sink
 from edgeclf.runtime.sources import FrameSource
 
-__all__ = ["STAGES", "PREPROCESS_PARTS", "FRAME_ERROR", "RECORD_META", "RunOptions", "RunSummary", "run_pipeline",
+__all__ = ["STAGES", "PREPROCESS_PARTS", "FRAME_ERROR", "SECTOR_WARMUP", "RECORD_META", "RunOptions", "RunSummary", "run_pipeline",
            "stage_stats", "parse_roi", "waits_by_design", "WAITING_KINDS"]
 
 log = logging.getLogger(__name__)
@@ -39,6 +39,10 @@ INVALID_OUTPUT = "invalid_output"  # abstain reason of a frame whose outputs wer
 # sector mask too thin to judge): that frame abstains and is counted; the run goes on.
 FRAME_ERROR = "frame_error"
 _FRAME_ERROR_REASONS = (FRAME_ERROR,)
+# Abstain reason of a frame that came before the sector locked (--roi sector: the first frames of a stream, segment
+# or frame size): only the whole frame, text and UI included, is known then, an input a sector model never saw.
+SECTOR_WARMUP = "sector_warmup"
+_WARMUP_REASONS = (SECTOR_WARMUP,)
 _FRAME_ERRORS_LOGGED = 5  # frame errors logged at WARNING; later ones at DEBUG (a stream failing on every frame)
 # Source meta copied into each record (when the source gives them): which file and which frame of it a record
 # is, so that a repeat after a crash can be recognised (watched folders). Identifier-free: an index, a frame
@@ -267,6 +271,16 @@ def _video_like(source: FrameSource) -> bool:
     return kind in ("video", "camera", "stream", "synthetic", "gstreamer")
 
 
+def _segment(meta: Mapping[str, Any], dicom: bool) -> Tuple[Any, bool]:
+    """(segment, cine) of a frame: ("file", file_index) of a DICOM file (when `dicom`), ("connection", n) of a
+    reconnecting live source, else None; cine: whether the segment holds several frames."""
+    if dicom and meta.get("source") == "dicom":
+        return ("file", meta.get("file_index")), (meta.get("file_frames") or 1) > 1
+    if "connection" in meta:
+        return ("connection", meta["connection"]), True
+    return None, True
+
+
 def _stack(xs: Sequence[np.ndarray], ring: Optional[np.ndarray]) -> np.ndarray:
     """One (N, C, H, W) input from per-frame (1, C, H, W) inputs: a view when they lie in consecutive ring slots
     (the usual case: gated frames take no slot), else a copy (a batch that wraps around the ring's end)."""
@@ -309,7 +323,8 @@ def run_pipeline(
     Record: {"frame", "timestamp" (monotonic capture time), "time" (wall clock), the source's RECORD_META fields it
     gives ("file_index", "file_frame", "watch_key": which file and frame of it), "label" (the shown label: smoothed
     for cine; None on abstain or multilabel), "labels" (multilabel), "abstain", "abstain_reason" (quality reasons
-    joined by ",", "low_confidence", "settling", "backend_error", "invalid_output" or "frame_error"), "confidence",
+    joined by ",", "low_confidence", "settling", "backend_error", "invalid_output", "frame_error" or "sector_warmup"),
+    "confidence",
     "frame_label" (this frame's own decision, None when not classified), "probs" (this frame's calibrated
     probabilities, None when not classified), "quality" (list of reasons, empty when fine), "latency_ms": {stage: ms,
     "total": capture-to-result, taken before any sink runs (the overlay shows its own capture-to-display)}; "infer" is
@@ -329,7 +344,10 @@ def run_pipeline(
     overlay window) are told, no record is written, and summary.extra["stalls"] counts it. A source that waits by
     design (``waits_by_design``: a watched folder between files) never stalls: its last result stays shown.
     ROI: `options.roi`, else the bundle's (``Manifest.trained_on_sector``); summary.extra["roi"] says which, with a
-    "warning" when a model trained on sector crops is fed anything else.
+    "warning" when a model trained on sector crops is fed anything else. Under roi "sector", a frame that comes before
+    the sector locks (the first frames of a stream, a segment or a frame size) is not inferred: it abstains with
+    "sector_warmup" (counted in summary.extra["sector_warmup"], not in "quality_flagged"). A new segment (DICOM cine,
+    connection) also resets the sector detector and the quality gate: a new scanner gets its own sector.
     `stop` (set by a signal handler) or a sink's ``stop_requested`` ends the run after the current frame (the
     current batch for a signal, with `options.batch` > 1; frames read and not recorded are counted).
     A source error in the middle of a batch is raised after the frames read before it are recorded.
@@ -394,6 +412,10 @@ def run_pipeline(
         ring = np.empty((3 * batch, spec.channels, spec.size[0], spec.size[1]), np.float32)
 
     frame_errors = [0]  # counted in the feeder thread, read after it stopped
+    warmups = [0]  # frames that abstained with SECTOR_WARMUP (counted in the feeder thread)
+    # The feeder's segment (see _segment) of the last frame read, and whether it was a cine: the sector detector and
+    # the gate run in that thread, so they are reset there.
+    feed_segment: List[Any] = [None, False]
 
     def frame_error(index: int, stage: str, exc: BaseException) -> Tuple[str, ...]:
         """Count and log a DataError of one frame's sector or quality stage; that frame abstains with FRAME_ERROR."""
@@ -415,18 +437,33 @@ def run_pipeline(
                 return _IDLE  # nothing new yet (a watched folder, a stream reconnecting)
             return None
         image = frame.image
+        segment, cine_ = _segment(frame.meta, dicom=True)
+        if segment is not None and segment != feed_segment[0]:
+            if feed_segment[0] is not None and (cine_ or feed_segment[1]):
+                # A new cine or connection (another scanner, layout or patient): its own sector and gate baseline.
+                if detector is not None:
+                    detector.reset()
+                if gate is not None:
+                    gate.reset()
+            feed_segment[0], feed_segment[1] = segment, cine_
         mask = None
         reasons: Tuple[str, ...] = ()
         t2 = t1
         stage = "sector"
+        gated = False
         try:
             if detector is not None:
                 sector = detector.update(image)
-                mask = sector.mask if sector.kind != "full" else None
-                image = apply_sector(image, sector)
+                if roi_mode == "sector" and detector.provisional:
+                    reasons = _WARMUP_REASONS  # not locked yet: no crop to classify (nor to judge the quality of)
+                    warmups[0] += 1
+                else:
+                    mask = sector.mask if sector.kind != "full" else None
+                    image = apply_sector(image, sector)
             t2 = time.perf_counter()
             stage = "quality"
-            if gate is not None:
+            if gate is not None and not reasons:
+                gated = True
                 reasons = gate.check(frame.image, mask).reasons  # the gate subsamples before any colour conversion
         except DataError as exc:  # this frame's data (not the code): the frame abstains, the run goes on
             reasons = frame_error(frame.index, stage, exc)
@@ -441,7 +478,7 @@ def run_pipeline(
                 slot[0] = (k + 1) % len(ring)
         t4 = time.perf_counter()
         # A part that did not run is not timed (no zeros diluting the medians).
-        parts = (t2 - t1 if detector is not None else None, t3 - t2 if gate is not None else None,
+        parts = (t2 - t1 if detector is not None else None, t3 - t2 if gated else None,
                  t4 - t3 if x is not None else None)
         return frame, x, reasons, t1 - t0, t4 - t1, parts
 
@@ -550,8 +587,10 @@ def run_pipeline(
                 t3 = time.perf_counter()  # postprocess starts here (inference was timed for the batch above)
                 probs_row: Optional[Tuple[float, ...]] = None
                 decision: Any = None
-                # BACKEND_ERROR, INVALID_OUTPUT or FRAME_ERROR: this frame abstains with it (not a quality reason)
-                fault: Optional[str] = FRAME_ERROR if reasons is _FRAME_ERROR_REASONS else None
+                # BACKEND_ERROR, INVALID_OUTPUT, FRAME_ERROR or SECTOR_WARMUP: this frame abstains with it (not a quality
+                # reason)
+                fault: Optional[str] = (FRAME_ERROR if reasons is _FRAME_ERROR_REASONS else
+                                        SECTOR_WARMUP if reasons is _WARMUP_REASONS else None)
                 fatal: Optional[BaseException] = None  # the failure that ends the run, raised once the frame is recorded
                 if x is not None:
                     logits = logits_of[pos]
@@ -608,13 +647,8 @@ def run_pipeline(
                     sm = smoother
                     # One reset mechanism for a new segment of frames: a new DICOM file (cine smoothing) or a new
                     # connection of a reconnecting live source (meta "connection"). Nothing carries over to it.
-                    multi = True
-                    segment: Any = None
-                    if per_file and meta.get("source") == "dicom":
-                        multi = (meta.get("file_frames") or 1) > 1
-                        segment = ("file", meta.get("file_index"))
-                    elif "connection" in meta:
-                        segment = ("connection", meta["connection"])
+                    # (The sector detector and the gate are reset alike in produce(), the thread they run in.)
+                    segment, multi = _segment(meta, dicom=per_file)
                     if segment is not None and segment != last_file[0]:
                         if last_file[0] is not None and (multi or last_file[1]):
                             smoother.reset()  # a new cine or connection: nothing carried over from the one before
@@ -689,6 +723,7 @@ def run_pipeline(
     summary.extra["backend_errors"] = backend_errors
     summary.extra["invalid_outputs"] = invalid_outputs
     summary.extra["frame_errors"] = frame_errors[0]  # frames the sector or quality stage failed on (abstained)
+    summary.extra["sector_warmup"] = warmups[0]  # frames before the sector locked (abstained, not inferred)
     summary.extra["batch"] = batch  # frames per inference call: 1 for live and paced sources whatever was asked
     summary.extra["stalls"] = stalls[0]  # times a live source gave no frame past the stale threshold
     summary.extra["batch_retries"] = batch_retries  # batches (some of) whose frames were inferred again one by one

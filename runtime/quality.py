@@ -15,9 +15,12 @@ Reasons (QUALITY_REASONS) and the default thresholds, calibrated on the 91 POCUS
   a fade-in). Real clips reach these only on black frames.
 * ``"saturated"``: >= 20% of the pixels at >= 250 (gain far too high). Real clips stay below 2%.
 * ``"empty"`` (probe lifted, lost contact): not blank, but >= 90% of the pixels at <= 12, or the mean
-  absolute difference of horizontal neighbours ("texture") <= 1.0, or below 0.3x the median texture
-  of the last 32 accepted frames (refreshed every 8). Live speckle has a texture of 2-13 on these
-  clips and never fell below 0.37x its running median.
+  absolute difference of horizontal pairs ("texture") <= 1.0, or below 0.3x the median texture of the
+  last 32 accepted frames (refreshed every 8). The pairs lie sector width / 128 pixels apart (at least
+  4), so that a bigger capture of the same scan measures the same texture. Per clip, the median texture
+  of live speckle is 1.6-13 on these clips (1.5-9.1 captured at 2x), and never fell below 0.37x its
+  running median. 12 frames in a row flagged by that ratio alone (the image live and textured, only
+  softer: another patient, preset or gain) re-seed the baseline from them, so the gate never locks out.
 * ``"frozen"``: the mean absolute difference to the previous frame stays <= 0.25 for >= 15
   consecutive frames (not reported for blank frames). Re-encoded clips repeat frames: near-identical
   runs (difference 0-0.1) of up to 9 frames occur in the 60 fps ``Cov_denault`` clips and up to 4 in
@@ -25,7 +28,8 @@ Reasons (QUALITY_REASONS) and the default thresholds, calibrated on the 91 POCUS
   The GIF clips repeat no frame (their dithering alone changes >= 0.5 per frame).
 
 Pass the sector mask (see :mod:`edgeclf.runtime.sector`): without one the whole frame is used, and
-the black screen around a fan makes "empty" fire on a normal image.
+the black screen around a fan makes "empty" fire on a normal image. ``reset()`` on a new segment
+(connection, file): the previous frame and the baseline belong to the one before.
 
 Python 3.8 compatible, numpy at import time, OpenCV inside the functions that use it, never torch.
 """
@@ -55,6 +59,12 @@ _STEP = 4  # subsampling: every _STEP-th pixel of every _STEP-th row
 MIN_SIDE = 2 * _STEP
 _BASELINE_FRAMES = 32
 _BASELINE_MIN = 8
+# Texture is measured between pixels sector width / _TEXTURE_SAMPLES apart (at least _STEP): the same scan captured
+# at 2x gives the same texture (a fixed pixel distance measured finer detail, and less of it, on bigger captures).
+_TEXTURE_SAMPLES = 128
+# Frames in a row that only the baseline ratio flagged "empty" (all else fine) after which the baseline is re-seeded
+# from them: a softer live image (another patient, preset, gain) must not lock the gate out for the session.
+_RESEED_FRAMES = 12
 
 
 @dataclass(frozen=True)
@@ -150,26 +160,36 @@ class QualityGate:
         return cls(**config.to_dict())
 
     def _clear(self) -> None:
+        self._counts: Dict[str, int] = {"frames": 0, "flagged": 0}
+        self._counts.update({r: 0 for r in QUALITY_REASONS})
+        self._counts.update(resets=0, reseeds=0)
+        self._clear_state()
+
+    def _clear_state(self) -> None:
         self._prev: Optional[NDArray[np.uint8]] = None
         self._mask_src: Optional[NDArray[Any]] = None
         self._mask: Optional[NDArray[np.uint8]] = None  # subsampled, 0/255
-        self._pairs: Optional[NDArray[np.uint8]] = None  # horizontal neighbours both inside
+        self._pairs: Optional[NDArray[np.uint8]] = None  # horizontal pairs _gap apart, both inside
+        self._pairs2: Optional[NDArray[np.uint8]] = None  # ... _gap + 1 apart (None when _blend is 0)
+        self._gap = 1  # texture pair distance in subsampled pixels (with _blend, see _texture)
+        self._blend = 0.0
         self._count = 1.0  # pixels in the subsampled mask
         self._shape: Tuple[int, int] = (0, 0)
         self._run = 0
         self._textures: Deque[float] = deque(maxlen=_BASELINE_FRAMES)
         self._baseline = -1.0  # median of _textures, refreshed every _BASELINE_MIN accepted frames
         self._fresh = 0
-        self._counts: Dict[str, int] = {"frames": 0, "flagged": 0}
-        self._counts.update({r: 0 for r in QUALITY_REASONS})
+        self._low: Deque[float] = deque(maxlen=_RESEED_FRAMES)  # textures of frames only the ratio flagged, in a row
 
     def reset(self) -> None:
-        """Forget the previous frame and the baseline (a new stream or a new sector)."""
-        self._clear()
+        """Forget the previous frame and the baseline (a new stream or segment); the counts in `stats` go on."""
+        self._clear_state()
+        self._counts["resets"] += 1
 
     @property
     def stats(self) -> Dict[str, int]:
-        """Frames checked, frames flagged, and frames per reason."""
+        """Frames checked, frames flagged, frames per reason, resets, and reseeds (of the texture baseline);
+        counted over every reset."""
         return dict(self._counts)
 
     def _masks(
@@ -190,6 +210,17 @@ class QualityGate:
         if not m[:, 1:].any() or not np.any(m[:, 1:] & m[:, :-1]):
             raise DataError("sector mask is empty (or thinner than 8 px); pass None to check the whole frame")
         pairs: NDArray[np.uint8] = cv2.bitwise_and(m[:, 1:], m[:, :-1])
+        # The texture's pair distance follows the sector's width (capture size), between two whole gaps: blended.
+        cols = np.flatnonzero(m.any(axis=0))
+        width = float(cols[-1] - cols[0] + 1) * _STEP  # the sector's width in frame pixels
+        d = max(1.0, width / _TEXTURE_SAMPLES / _STEP)  # the pair distance in subsampled pixels
+        gap, blend = int(d), d - int(d)
+        far = cv2.bitwise_and(m[:, gap:], m[:, :-gap]) if gap > 1 else pairs
+        far2 = cv2.bitwise_and(m[:, gap + 1 :], m[:, : -gap - 1]) if blend > 0 else None
+        if not far.any() or (far2 is not None and not far2.any()):
+            far, far2, gap, blend = pairs, None, 1, 0.0  # too thin for the wider gap
+        self._gap, self._blend, self._pairs2 = gap, blend, far2
+        pairs = far
         self._mask_src, self._mask, self._pairs, self._shape = sector_mask, m, pairs, small_shape
         self._count = float(np.count_nonzero(m))
         if self._prev is not None and self._prev.shape != small_shape:
@@ -237,7 +268,11 @@ class QualityGate:
         saturated = cv2.countNonZero(cv2.bitwise_and(cv2.compare(small, cfg.saturated_level, cv2.CMP_GE), mask)) / n
         # The 99th percentile only matters for "blank", which needs a dark mean: skip it otherwise.
         p99 = float(np.percentile(small[mask > 0], 99)) if mean <= cfg.blank_mean else -1.0
-        texture = float(cv2.mean(cv2.absdiff(small[:, 1:], small[:, :-1]), mask=pairs)[0])
+        g = self._gap
+        texture = float(cv2.mean(cv2.absdiff(small[:, g:], small[:, :-g]), mask=pairs)[0])
+        if self._pairs2 is not None:  # linear in the gap between g and g + 1 subsampled pixels
+            far = float(cv2.mean(cv2.absdiff(small[:, g + 1 :], small[:, : -g - 1]), mask=self._pairs2)[0])
+            texture += self._blend * (far - texture)
         if self._prev is None:
             diff = -1.0
             self._run = 0
@@ -249,13 +284,24 @@ class QualityGate:
 
         blank = mean <= cfg.blank_mean and 0.0 <= p99 <= cfg.blank_p99
         sat = saturated >= cfg.saturated_share
-        empty = not blank and not sat and (
-            dark >= cfg.empty_dark_share
-            or texture <= cfg.empty_texture
-            or (baseline > 0 and texture <= cfg.empty_ratio * baseline)
-        )
+        absolute = dark >= cfg.empty_dark_share or texture <= cfg.empty_texture
+        relative = baseline > 0 and texture <= cfg.empty_ratio * baseline
+        empty = not blank and not sat and (absolute or relative)
         frozen = not blank and self._run >= cfg.frozen_frames
         reasons = tuple(r for r, hit in zip(QUALITY_REASONS[1:], (blank, sat, empty, frozen)) if hit)
+        if reasons == ("empty",) and not absolute:
+            self._low.append(texture)
+            if len(self._low) >= _RESEED_FRAMES:
+                # A steady, softer live image, not a lifted probe (dark or textureless): it becomes the baseline.
+                self._textures = deque(self._low, maxlen=_BASELINE_FRAMES)
+                self._baseline = float(np.median(np.asarray(self._textures)))
+                self._fresh = 0
+                self._low.clear()
+                self._counts["reseeds"] += 1
+                logger.info("texture baseline re-seeded at %.2f after %d frames below %.0f%% of it",
+                            self._baseline, _RESEED_FRAMES, 100 * cfg.empty_ratio)
+        else:
+            self._low.clear()
         if not reasons:
             self._textures.append(texture)
             self._fresh += 1

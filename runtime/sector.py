@@ -580,7 +580,8 @@ class SectorDetector:
             sector = detector.update(frame.image)      # (H, W) gray or (H, W, 3) RGB uint8
             image = apply_sector(frame.image, sector)  # masked, cropped to sector.bbox
 
-    Until the first lock `update` returns a provisional full-frame sector (``locked=False``); while
+    Until the first lock `update` returns a provisional full-frame sector (``locked=False``,
+    ``provisional`` True: not a crop, a sector-trained model must not see it); while
     re-detecting after a suspected layout change, the previous sector with ``locked=False``. After the
     lock a frame costs nothing but a counter (~1 us), except every `recheck_every`-th: a check on
     every 4th pixel of every 4th row (~0.1-0.2 ms at 640x480). `roi` (x0, y0, x1, y1), x1/y1
@@ -600,8 +601,16 @@ class SectorDetector:
         self._clear()
 
     def _clear(self) -> None:
+        self._counts: Dict[str, int] = {
+            "frames": 0, "detections": 0, "redetections": 0, "false_alarms": 0, "deferred": 0, "checks": 0,
+            "failed": 0, "too_small": 0, "resets": 0,
+        }  # fmt: skip
+        self._clear_state()
+
+    def _clear_state(self) -> None:
         self._sector: Optional[Sector] = None
         self._shown: Optional[Sector] = None  # what update() returns while (re-)warming
+        self._shown_full = False  # _shown is the provisional full frame
         self._warming = True
         self._maps: Optional[_Maps] = None
         self._smalls: List[U8] = []
@@ -610,10 +619,8 @@ class SectorDetector:
         self._pending = False
         self._shrink: Optional[Sector] = None  # a smaller sector inside the locked one, not yet trusted
         self._shrink_seen = 0
-        self._counts: Dict[str, int] = {
-            "frames": 0, "detections": 0, "redetections": 0, "false_alarms": 0, "deferred": 0, "checks": 0,
-            "failed": 0, "too_small": 0,
-        }  # fmt: skip
+        self._locks = 0  # locks since the last reset: the first is a detection, later ones re-detections
+        self._was_provisional = False  # whether the last update() returned the provisional full frame
 
     @classmethod
     def from_config(cls, config: SectorConfig) -> SectorDetector:
@@ -640,16 +647,24 @@ class SectorDetector:
         """frames seen, detections (locks), redetections (a changed layout replaced the sector),
         false_alarms (re-detected the same sector), deferred (a smaller sector seen once and not yet
         trusted), checks (layout checks run), failed (warm-ups that found no image), too_small (frames with a
-        side below MIN_DETECT_SIDE, given the whole frame)."""
+        side below MIN_DETECT_SIDE, given the whole frame), resets; counted over every reset."""
         return dict(self._counts)
 
+    @property
+    def provisional(self) -> bool:
+        """Whether the last `update` returned the provisional full frame: no sector known yet for this
+        stream and frame size (warming up), not a crop a sector-trained model has seen."""
+        return self._was_provisional
+
     def reset(self) -> None:
-        """Forget the sector and start over (a new stream)."""
-        self._clear()
+        """Forget the sector and start over (a new stream or segment); the counts in `stats` go on."""
+        self._clear_state()
+        self._counts["resets"] += 1
 
     def update(self, frame: NDArray[Any]) -> Sector:
         """Feed one frame ((H, W) gray or (H, W, 3) RGB, uint8); returns the sector to apply to it."""
         self._counts["frames"] += 1
+        self._was_provisional = False
         h, w = frame.shape[:2]
         if min(h, w) < MIN_DETECT_SIDE and self.config.roi is None:
             self._counts["too_small"] += 1
@@ -673,6 +688,7 @@ class SectorDetector:
         self._maps = None
         self._smalls = []
         self._shown = shown
+        self._shown_full = False
         self._pending = False
 
     def _warm(self, frame: NDArray[Any]) -> Sector:
@@ -702,11 +718,12 @@ class SectorDetector:
             self._shrink, self._shrink_seen = None, 0
             result = dataclasses.replace(found, locked=True)
             self._counts["detections"] += 1
-            if old is not None or self._counts["detections"] > 1:
+            self._locks += 1
+            if old is not None or self._locks > 1:
                 self._counts["redetections"] += 1
             logger.info(
                 "sector %s: %s, bbox %s, %.0f%% of the %dx%d frame",
-                "re-detected" if self._counts["detections"] > 1 else "locked",
+                "re-detected" if self._locks > 1 else "locked",
                 result.kind,
                 result.bbox,
                 100.0 * result.area_fraction,
@@ -754,6 +771,8 @@ class SectorDetector:
     def _provisional(self, w: int, h: int) -> Sector:
         if self._shown is None or self._shown.mask.shape != (h, w):
             self._shown = Sector.full(w, h)
+            self._shown_full = True
+        self._was_provisional = self._shown_full  # not while re-detecting: the previous sector is shown then
         return self._shown
 
     def _watch_frame(self, sector: Sector, frame: NDArray[Any]) -> Sector:

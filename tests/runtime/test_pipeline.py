@@ -794,7 +794,11 @@ def test_a_tiny_image_gives_a_too_small_abstain_not_a_crash(tmp_path: Path, shap
     assert s.frames == 2 and len(mem.records) == 2
     first, second = mem.records
     assert first["abstain"] and first["abstain_reason"] == "too_small" and first["quality"] == ["too_small"]
-    assert first["probs"] is None and second["probs"] is not None
+    assert first["probs"] is None
+    if roi == "sector":  # one image gives no sector to lock: it abstains, never classified uncropped
+        assert second["abstain_reason"] == "sector_warmup" and second["probs"] is None and s.extra["sector_warmup"] == 1
+    else:
+        assert second["probs"] is not None
     assert s.quality_flagged == 1 and s.extra["quality"]["too_small"] == 1 and s.extra["frame_errors"] == 0
 
 
@@ -821,7 +825,7 @@ def test_a_data_error_on_one_frame_abstains_that_frame_and_the_run_goes_on(
 
     monkeypatch.setattr(owner, name, flaky)
     mem = ListSink()
-    opts = RunOptions(roi="sector", pipelined=pipelined, smoothing="off")
+    opts = RunOptions(roi="4,4,60,60", pipelined=pipelined, smoothing="off")  # a fixed box: no warm-up
     with FakeBackend((1, 8, 8), 3) as be, open_source("synthetic:ultrasound?frames=6&size=64") as src:
         s = run_pipeline(b, src, be, [mem], options=opts)
     assert s.frames == 6 and [r["frame"] for r in mem.records] == list(range(6))
@@ -1122,3 +1126,94 @@ def test_a_bundle_not_trained_on_sectors_runs_whole_frames_by_default(tmp_path: 
         s = run_pipeline(_tiny(tmp_path), src, be, [ListSink()], options=RunOptions())
     assert s.extra["roi"] == {"mode": "none", "chosen_by": "bundle", "bundle": "none"}
     assert s.to_dict()["preprocess_parts_ms"]["sector"]["n"] == 0
+
+
+class _CineCam:
+    """A live camera double showing one synthetic scanner; raises after `n` frames (a pulled cable)."""
+
+    kind, live, fps, frame_count = "camera", True, 30.0, None
+
+    def __init__(self, seed: int, n: Optional[int] = None) -> None:
+        from edgeclf.runtime.synthetic import UltrasoundCine
+
+        self.cine = UltrasoundCine(size=128, seed=seed, loop=True)
+        self.size = (128, 128)
+        self.n, self.k, self.closed = n, 0, False
+
+    def read(self, timeout: Optional[float] = None) -> Any:
+        import time
+
+        from edgeclf.runtime.sources import Frame
+
+        if self.closed:
+            return None
+        if self.n is not None and self.k >= self.n:
+            raise OSError("cable pulled")
+        time.sleep(0.001)
+        self.k += 1
+        return Frame(image=self.cine.frame(self.k), index=self.k - 1, timestamp=time.monotonic(), meta={})
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def _mask_iou(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.count_nonzero(a & b)) / max(1, int(np.count_nonzero(a | b)))
+
+
+def test_a_new_connection_gets_its_own_sector(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("cv2")
+    import edgeclf.runtime.sector as sec
+    from edgeclf.runtime.live import ReconnectingSource
+    from edgeclf.runtime.pipeline import RunOptions
+
+    used: list = []
+    real = sec.SectorDetector.update
+
+    def spy(self, frame):  # type: ignore[no-untyped-def]
+        used.append(real(self, frame))
+        return used[-1]
+
+    monkeypatch.setattr(sec.SectorDetector, "update", spy)
+    first, second = _CineCam(0, n=40), _CineCam(1)  # another probe: IoU of the fans ~0.65
+    cams = iter([first, second])
+    with FakeBackend((1, 8, 8), 3) as be, ReconnectingSource(
+            lambda: next(cams), drop="none", read_timeout=1.0, backoff_initial=0.001, backoff_max=0.002) as src:
+        s = run_pipeline(_tiny(tmp_path), src, be, [ListSink()], max_frames=70, options=RunOptions(roi="sector"))
+    assert len(used) >= 70
+    fan_a, fan_b = first.cine._probe.fan, second.cine._probe.fan
+    assert used[39].locked and _mask_iou(used[39].mask, fan_a) >= 0.9  # the first scanner's fan, locked
+    assert not used[40].locked  # the new connection warms up afresh: nothing carried over
+    late = used[60]  # 20 frames into the new connection (after a warm-up of 8): its own fan
+    assert late.locked and _mask_iou(late.mask, fan_b) >= 0.9, (
+        f"IoU {_mask_iou(late.mask, fan_b):.2f} to the new connection's fan, {_mask_iou(late.mask, fan_a):.2f} to the old")
+    st = s.extra["sector"]["stats"]
+    assert st["resets"] == 1 and st["detections"] == 2 and st["redetections"] == 0  # a new lock, not a re-detection
+    assert s.extra["quality"]["resets"] == 1  # the gate's baseline and previous frame too
+
+
+def test_no_frame_of_a_sector_bundle_is_inferred_uncropped(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Before the sector locks, a sector bundle's frames abstain ("sector_warmup"), never inferred whole."""
+    pytest.importorskip("cv2")
+    import edgeclf.runtime.pipeline as pl
+    from edgeclf.runtime.pipeline import SECTOR_WARMUP, RunOptions
+
+    seen: list = []
+
+    class Spy(pl.Preprocessor):  # type: ignore[misc, name-defined]
+        def __call__(self, image, out=None):  # type: ignore[no-untyped-def]
+            seen.append(image.shape[:2])
+            return super().__call__(image, out)
+
+    monkeypatch.setattr(pl, "Preprocessor", Spy)
+    mem = ListSink()
+    with FakeBackend((1, 8, 8), 3) as be, open_source("synthetic:ultrasound?frames=20&size=128") as src:
+        s = run_pipeline(_sector_bundle(tmp_path, "field"), src, be, [mem], options=RunOptions(quality=False))
+    assert s.extra["roi"]["mode"] == "sector"
+    inferred_full = [i for i, shape in enumerate(seen) if shape == (128, 128)]
+    assert not inferred_full, f"frames {inferred_full} inferred on the whole 128x128 frame; shapes {sorted(set(seen))}"
+    warm = [r for r in mem.records if r.get("abstain_reason") == SECTOR_WARMUP]
+    assert len(warm) == 7 and [r["frame"] for r in warm] == list(range(7))  # the lock comes on the 8th frame
+    assert all(r["probs"] is None and r["latency_ms"]["infer"] is None and r["quality"] == [] for r in warm)
+    assert len(seen) == 13 and s.abstain_reasons.get(SECTOR_WARMUP) == 7
+    assert s.extra["sector_warmup"] == 7 and s.quality_flagged == 0  # counted apart from the quality gate

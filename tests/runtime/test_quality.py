@@ -180,6 +180,74 @@ def test_real_clips_are_mostly_not_flagged() -> None:
     assert flagged_total / total < 0.005, (flagged_total, total, reasons)
 
 
+HIGH_TEXTURE = "bacterial_pneumonia/Pneu_Basal-pneumonia-RUQ_crop.mp4"  # texture ~13
+LOW_TEXTURE = "regular/Reg_northumbria_0409_set3_vid2.avi"  # texture ~1.6, 502x502, never flagged on its own
+
+
+def _locked(clip: str, scale: float = 1.0):
+    """(gray, sector mask) of each frame of a real clip after the sector locked, the frame resized by `scale`."""
+    det = SectorDetector(warmup=8, recheck_every=30)
+    with open_source(str(shared("pocus", *clip.split("/")))) as src:
+        for frame in src:
+            gray = cv2.cvtColor(frame.image, cv2.COLOR_RGB2GRAY)
+            if scale != 1:
+                gray = cv2.resize(gray, None, fx=scale, fy=scale, interpolation=cv2.INTER_LINEAR)
+            s = det.update(gray)
+            if s.locked:
+                yield gray, s.mask
+
+
+@pytest.mark.shared_data
+def test_the_texture_baseline_recovers_after_the_scene_changes() -> None:
+    gate = QualityGate()  # one gate for both clips: the same stream, no reset
+    assert all(gate.check(g, m).ok for g, m in _locked(HIGH_TEXTURE))
+    res = [gate.check(g, m) for g, m in _locked(LOW_TEXTURE)]
+    flagged = sum(not r.ok for r in res)
+    assert 0 < flagged < 0.2 * len(res) and not any(not r.ok for r in res[-40:]), f"{flagged} of {len(res)} flagged"
+    assert gate.stats["reseeds"] == 1
+
+
+def test_a_softer_live_image_is_not_flagged_empty_forever() -> None:
+    cine = UltrasoundCine(size=256, seed=3, loop=True)
+    fan = cine._probe.fan
+    gate = QualityGate()
+    for i in range(40):
+        assert gate.check(cine.frame(i), fan).ok
+    res = []
+    for i in range(40, 240):  # the operator lowers the gain / turns speckle reduction on: a live, softer image
+        f = cine.frame(i).astype(np.float32)
+        f[fan] = 20 + 0.25 * f[fan]
+        res.append(gate.check(np.clip(f, 0, 255).astype(np.uint8), fan))
+    assert min(r.figures["texture"] for r in res) > 1.0  # above the absolute floor: a live image
+    assert sum(not r.ok for r in res) <= 12 and all(r.ok for r in res[-100:])  # re-seeded after 12 frames
+    # A lifted probe (no texture) is never re-seeded: it stays flagged.
+    dead = cine.frame(0).copy()
+    dead[fan] = 40
+    assert not any(gate.check(dead + np.uint8(i % 2), fan).ok for i in range(40))
+
+
+def test_reset_forgets_the_baseline_and_keeps_the_counts() -> None:
+    cine = UltrasoundCine(size=128, seed=3, loop=True)
+    gate = QualityGate()
+    for i in range(20):
+        gate.check(cine.frame(i), cine._probe.fan)
+    assert gate.check(cine.frame(20), cine._probe.fan).figures["baseline"] > 0
+    gate.reset()
+    q = gate.check(cine.frame(21), cine._probe.fan)
+    assert q.figures["baseline"] == -1 and q.figures["diff"] == -1
+    assert gate.stats["frames"] == 22 and gate.stats["resets"] == 1
+
+
+@pytest.mark.shared_data
+@pytest.mark.parametrize("scale", [1, 2])
+def test_the_same_clip_captured_at_2x_is_not_flagged(scale: float) -> None:
+    gate = QualityGate()
+    res = [gate.check(g, m) for g, m in _locked(LOW_TEXTURE, scale)]
+    flagged = [r.reasons for r in res if not r.ok]
+    assert len(flagged) < 0.05 * len(res), f"{len(flagged)} of {len(res)} frames flagged at {scale}x: {flagged[:3]}"
+    assert 1.3 < float(np.median([r.figures["texture"] for r in res])) < 2.0  # alike at both sizes
+
+
 @pytest.mark.parametrize("shape", [(480, 640, 3), (480, 640), (482, 641, 3), (120, 160, 4), (481, 640)])
 def test_subsample_takes_the_strided_pixels_whatever_the_path(shape) -> None:
     # The fast path (OpenCV nearest-exact resize) must pick exactly the pixels of the strided slice.
