@@ -177,6 +177,7 @@ def test_a_fixed_batch_model_gets_padded_chunks_and_drops_the_padding(tmp_path: 
     np.testing.assert_allclose(one, expected[:1], rtol=1e-5)
 
 
+@pytest.mark.filterwarnings("ignore:Specified provider")  # onnxruntime's own warning: the state under test
 @pytest.mark.parametrize("backend, listed", [
     ("ort-cuda", ["CUDAExecutionProvider", "CPUExecutionProvider"]),
     ("ort-tensorrt", ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]),
