@@ -210,21 +210,9 @@ def _check_fit(expected: dict[str, Any], state: dict[str, Any], weights: str, ta
 
 
 def infer_all(be: Any, x: np.ndarray, chunk: int = 64) -> np.ndarray:
-    """Outputs (N, K) of every row of x through backend `be`, about `chunk` rows per call.
-
-    A fixed-batch model (`be.fixed_batch`) refuses a short last chunk: it is padded by repeating its last image,
-    and the padding's outputs are dropped.
-    """
-    fixed = getattr(be, "fixed_batch", None)
-    step = fixed * max(1, chunk // fixed) if fixed else chunk
-    outs = []
-    for i in range(0, len(x), step):
-        part = x[i : i + step]
-        pad = (-len(part)) % fixed if fixed else 0
-        if pad:
-            part = np.concatenate([part, np.repeat(part[-1:], pad, axis=0)])
-        outs.append(be.infer(part)[: len(part) - pad])
-    return np.concatenate(outs)
+    """Outputs (N, K) of every row of x through backend `be`, `chunk` rows per call (a fixed-batch model's backend
+    pads a short chunk itself and drops the padding's outputs)."""
+    return np.concatenate([be.infer(x[i : i + chunk]) for i in range(0, len(x), chunk)])
 
 
 def _ort_logits(path: Path, x: np.ndarray) -> np.ndarray:
@@ -233,19 +221,6 @@ def _ort_logits(path: Path, x: np.ndarray) -> np.ndarray:
 
     with OrtBackend(str(path), (int(x.shape[1]), int(x.shape[2]), int(x.shape[3])), None) as be:
         return infer_all(be, x)
-
-
-def _reference_rows(n: int, fixed: int | None) -> np.ndarray:
-    """Indices of the reference samples among n images: the first MAX_REFERENCE, in whole batches for a fixed-batch
-    model, which `verify_bundle` re-runs as they are; fewer images than one batch: the last one repeated."""
-    k = min(MAX_REFERENCE, n)
-    if not fixed or k % fixed == 0:
-        return np.arange(k)
-    if k >= fixed:
-        log.info("reference samples: %d of %d images, whole batches of %d", k - k % fixed, k, fixed)
-        return np.arange(k - k % fixed)
-    log.info("reference samples: %d images, the last repeated to fill one batch of %d", k, fixed)
-    return np.concatenate([np.arange(k), np.full(fixed - k, k - 1)])
 
 
 def _data_record(ds: Dataset, classes: str | None) -> dict[str, Any]:
@@ -444,7 +419,7 @@ def export_bundle(cfg: ExportConfig) -> dict[str, Any]:
             compression["deploy"]["candidates"] = compression["candidates"]
         reference = None
         if cfg.samples:
-            rows = _reference_rows(len(xp), info.get("batch"))
+            rows = np.arange(min(MAX_REFERENCE, len(xp)))  # any count: a fixed-batch backend pads a short call
             xr = xp[rows]
             # Preprocessed tensors only: no file names, no metadata. Each variant's own outputs too,
             # so a device re-checks every model it may run.

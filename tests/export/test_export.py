@@ -128,19 +128,13 @@ def test_imported_onnx_with_a_fixed_batch_not_dividing_the_splits(tmp_path: Path
     m = export_bundle(ExportConfig(out=str(tmp_path / "b"), from_onnx=str(src), labels="normal,cyst,mass", task="multiclass",
                                    size=32, channels=1, data=TINY_DATA))
     assert m["model"]["input_shape"][0] == 5 and m["metrics"]["val_onnx_fp32"]["n"] == 36
-    # The device re-runs the reference inputs on the model as they are: whole batches only.
-    assert m["reference"]["count"] == 35
+    # The device re-runs the 36 reference inputs as they are: its backend pads the last call of 1 to a batch of 5.
+    assert m["reference"]["count"] == 36
+    from edgeclf.runtime.app import verify_bundle
+
+    assert verify_bundle(str(tmp_path / "b"))["reference"]["n"] == 36
     r = evaluate(str(tmp_path / "b"), split="test", n_boot=50)
     assert r["data"]["n"] == 36 and r["metrics"]["n"] == 36
-
-
-def test_reference_rows_are_whole_fixed_batches() -> None:
-    from edgeclf.export.bundle_writer import _reference_rows
-
-    assert list(_reference_rows(36, None)) == list(range(36)) and len(_reference_rows(100, None)) == 64
-    assert list(_reference_rows(36, 5)) == list(range(35)) and len(_reference_rows(100, 5)) == 60
-    assert list(_reference_rows(3, 4)) == [0, 1, 2, 2]  # fewer than one batch: the last image repeated
-    assert list(_reference_rows(0, 4)) == []
 
 
 def test_imported_labels_must_match_the_data_in_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
