@@ -355,59 +355,6 @@ def ensemble(members: tuple, out: str, overwrite: bool, no_test: bool, as_json: 
     _emit(as_json, record, human)
 
 
-def _trained_on_sector(target: str) -> tuple[bool, dict[str, Any]]:
-    """(whether the model at `target` was trained on sector crops, its recorded data) from its manifest or
-    model.json and run.json; (False, {}) when they cannot be read (evaluate then says what is wrong)."""
-    from pathlib import Path
-
-    from edgeclf.data import split_spec
-    from edgeclf.runtime.bundle import MANIFEST_FILE, Manifest
-    from edgeclf.runtime.preprocess import PreprocessSpec
-
-    path = Path(target)
-    try:
-        if (path / MANIFEST_FILE).is_file():
-            m = Manifest.from_dict(json.loads((path / MANIFEST_FILE).read_text()))
-            return m.trained_on_sector, dict(m.raw["provenance"].get("data") or {})
-        pre = PreprocessSpec.from_dict(json.loads((path / "model.json").read_text())["preprocess"])
-        run_path = path / "run.json"
-        recorded = dict(json.loads(run_path.read_text()).get("data") or {}) if run_path.is_file() else {}
-        spec = str(recorded.get("spec") or "")
-        return pre.sector or (bool(spec) and split_spec(spec)[1].roi == "sector"), recorded
-    except (OSError, ValueError, KeyError, TypeError, AttributeError, EdgeclfError):
-        return False, {}
-
-
-def _sector_data_spec(target: str, data_spec: str | None) -> str | None:
-    """--data for a model trained on sector crops: a clip folder that names no roi is cropped to the sector as in
-    training and as `edgeclf run` feeds the model (whole screens would measure another input than the one
-    deployed). An explicit roi=none is kept, with a warning; images (no sector crop for them) are warned about."""
-    if not data_spec or data_spec.startswith("synthetic:"):
-        return data_spec
-    sector, recorded = _trained_on_sector(target)
-    if not sector:
-        return data_spec
-    from urllib.parse import parse_qsl
-
-    from edgeclf.data import check_spec_options, split_spec, with_options
-    from edgeclf.evaluate import _with_recorded_options
-
-    spec = _with_recorded_options(data_spec, recorded)  # what evaluate itself would read: the recorded split options
-    if "roi" in {k for k, _ in parse_qsl(spec.partition("?")[2], keep_blank_values=True)}:
-        if split_spec(spec)[1].roi != "sector":
-            log.warning("%s was trained on sector crops; data spec roi=%s evaluates it on whole frames, which it never saw "
-                        "in training", target, split_spec(spec)[1].roi)
-        return spec
-    kind = check_spec_options(spec)
-    if kind == "clips":
-        log.info("%s was trained on sector crops: the clips are cropped to the sector (roi=sector) as in training", target)
-        return with_options(spec, roi="sector")
-    if kind == "images":
-        log.warning("%s was trained on sector crops of clips; %s holds images, which are evaluated whole (roi=sector "
-                    "applies to clips); evaluate on the clips or on images cropped to the sector", target, data_spec)
-    return data_spec
-
-
 @cli.command()
 @click.option("--model", "target", required=True, help="A training folder or a bundle folder.")
 @click.option("--data", "data_spec", default=None, help="Data spec [default: the one the model records].")
@@ -432,7 +379,6 @@ def evaluate(target: str, data_spec, split, classes, precision, out, threads, as
         from edgeclf.errors import ConfigError
 
         raise ConfigError(f"--out {out} is a file; evaluate writes a folder (metrics.json, roc.png, confusion.png): give a folder")
-    data_spec = _sector_data_spec(target, data_spec)
     report = run_eval(target, data=data_spec, split=split, classes=classes, out=out, precision=precision, threads=threads)
 
     def human(r: dict[str, Any]) -> None:

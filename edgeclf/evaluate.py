@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from edgeclf.data import load_dataset, require_training_data
+from edgeclf.data import load_dataset, require_training_data, split_spec
 from edgeclf.errors import ConfigError
 from edgeclf.runtime.bundle import MANIFEST_FILE, load_bundle
 from edgeclf.runtime.postprocess import decide, probabilities
@@ -30,6 +30,32 @@ def _with_recorded_options(data_spec: str, recorded: dict[str, Any]) -> str:
     if Path(data_spec.rstrip("/")).name != base:
         return data_spec
     return f"{data_spec.rstrip('/')}?{query}"
+
+
+def _sector_spec(spec: str, target: str) -> str:
+    """The data spec for a model trained on sector crops: a clip folder that names no roi is cropped to the sector as
+    in training and as `edgeclf run` feeds the model (whole screens would measure another input than the one
+    deployed). An explicit roi is kept, with a warning unless it is sector; images (no sector crop for them) are
+    warned about."""
+    from urllib.parse import parse_qsl
+
+    from edgeclf.data import check_spec_options, with_options
+
+    if spec.startswith("synthetic:"):
+        return spec
+    if "roi" in {k for k, _ in parse_qsl(spec.partition("?")[2], keep_blank_values=True)}:
+        if split_spec(spec)[1].roi != "sector":
+            log.warning("%s was trained on sector crops; data spec roi=%s evaluates it on whole frames, which it never saw "
+                        "in training", target, split_spec(spec)[1].roi)
+        return spec
+    kind = check_spec_options(spec)
+    if kind == "clips":
+        log.info("%s was trained on sector crops: the clips are cropped to the sector (roi=sector) as in training", target)
+        return with_options(spec, roi="sector")
+    if kind == "images":
+        log.warning("%s was trained on sector crops of clips; %s holds images, which are evaluated whole (roi=sector "
+                    "applies to clips); evaluate on the clips or on images cropped to the sector", target, spec)
+    return spec
 
 
 def _abstained(probs: np.ndarray, task: str, rule: Any, min_confidence: float) -> np.ndarray:
@@ -99,6 +125,7 @@ def evaluate(
         seed = train_cfg.get("seed", 0)
         min_confidence = float(getattr(m, "min_confidence", 0.0) or 0.0)
         source = f"bundle (onnxruntime, {variant})"
+        sector = m.trained_on_sector
 
         def infer(x: np.ndarray) -> np.ndarray:
             from edgeclf.export.bundle_writer import infer_all
@@ -120,11 +147,15 @@ def evaluate(
         min_confidence = 0.0
         source = "training folder (torch)"
         infer = tm.logits
+        # Runs from before preprocess.sector was recorded say it in their data spec.
+        sector = spec.sector or (bool(recorded.get("spec")) and split_spec(str(recorded["spec"]))[1].roi == "sector")
     # Bundles name their data without workstation paths: a synthetic spec is its own name.
     data_spec = data or recorded.get("spec") or (recorded.get("name") if str(recorded.get("name", "")).startswith("synthetic:") else None)
     if not data_spec:
         raise ConfigError(f"{target} does not say where its data is (bundles keep no workstation paths); pass --data SPEC")
     data_spec = _with_recorded_options(data_spec, recorded)
+    if sector:
+        data_spec = _sector_spec(data_spec, str(target))
     ds = load_dataset(data_spec, classes=classes if classes is not None else recorded.get("classes"), seed=seed,
                       frames_per_clip=int(train_cfg.get("frames_per_clip", 8)))
     if split != "all":  # re-splitting changed data can move training images into the held-out split

@@ -366,7 +366,13 @@ def test_evaluate_crops_the_clips_of_a_sector_model_unless_the_data_names_a_roi(
                                                                                caplog: pytest.LogCaptureFixture) -> None:
     import logging
 
-    from edgeclf.cli import _sector_data_spec
+    from edgeclf.evaluate import _sector_spec, _with_recorded_options
+    from edgeclf.runtime.bundle import load_bundle
+
+    def _sector_data_spec(target: str, data: str) -> str:  # the spec evaluate() reads for this bundle and --data
+        m = load_bundle(target).manifest
+        spec = _with_recorded_options(data, m.raw["provenance"].get("data") or {})
+        return _sector_spec(spec, target) if m.trained_on_sector else spec
 
     bundle = str(_sector_tiny_bundle(tmp_path / "b"))
     other = _clip_folder(tmp_path / "new_site")  # not the training folder's name: no recorded options apply

@@ -480,6 +480,9 @@ def test_a_model_trained_on_sector_crops_says_so_from_training_to_run_and_evalua
     assert exc.value.code == 0
     report = json.loads(capsys.readouterr().out)
     assert report["data"]["spec"] == f"{tmp_path / 'site2'}?roi=sector"
+    from edgeclf.evaluate import evaluate  # the library call crops alike, not only the CLI
+
+    assert evaluate(str(tmp_path / "b"), data=str(tmp_path / "site2"), split="all", n_boot=0)["data"]["spec"] == report["data"]["spec"]
 
 
 # -- --out: never replaced silently --------------------------------------------------------------------------
