@@ -187,7 +187,7 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
 def render(r: Dict[str, Any]) -> str:
     slope = r["rss_slope_mb_per_10k_frames"]
     verdict = "n/a (too few samples after warm-up)" if slope is None else (
-        f"{slope:+.3f} MB per 10,000 frames ({'under' if abs(slope) < RSS_BUDGET_MB_PER_10K else 'OVER'} the 1 MB budget)")
+        f"{slope:+.3f} MB per 10,000 frames ({'under' if abs(slope) < RSS_BUDGET_MB_PER_10K else 'OVER'} the {RSS_BUDGET_MB_PER_10K:g} MB budget)")
     lines = [
         "# Soak: synthetic frames through the full pipeline",
         "",

@@ -989,9 +989,10 @@ def compare_profiles(old: Dict[str, Any], new: Dict[str, Any], *, max_regression
     more than `max_regression` (a fraction) and by more than `min_delta_ms`.
 
     Only like configurations compare: a target at another batch or thread count is refused (ConfigError), and so
-    are profiles from another machine (machine, platform, CPU count or GPU name differ) unless `allow_other_host`,
-    which then says so in the result's "warnings" and "host_differences": the changes are the machines', not a
-    regression of one."""
+    are profiles from another machine (machine, CPU model, core count or GPU name differ; a fact one profile does not
+    record is not compared) unless `allow_other_host`, which then says so in the result's "warnings" and
+    "host_differences": the changes are the machines', not a regression of one. A changed platform (OS, kernel) is
+    a warning only."""
     if not max_regression >= 0:
         raise ConfigError(f"max regression is {max_regression}; allowed: a fraction >= 0 (0.1 = 10% slower)")
     if not min_delta_ms >= 0:
