@@ -281,6 +281,26 @@ def _segment(meta: Mapping[str, Any], dicom: bool) -> Tuple[Any, bool]:
     return None, True
 
 
+class _SegmentWatch:
+    """Says when a frame starts a new segment, a new DICOM cine or a new connection of a live source, after which
+    nothing carries over (a single-frame file after another starts none: stills are not smoothed together). One per
+    thread that keeps per-segment state: the smoother in the consumer, the sector detector and gate in the feeder."""
+
+    def __init__(self, dicom: bool) -> None:
+        self.dicom = dicom
+        self._last: Any = None
+        self._cine = False
+
+    def update(self, meta: Mapping[str, Any]) -> Tuple[bool, bool]:
+        """(whether this frame starts a new segment, whether its segment is a cine)."""
+        segment, cine = _segment(meta, dicom=self.dicom)
+        new = False
+        if segment is not None and segment != self._last:
+            new = self._last is not None and (cine or self._cine)
+            self._last, self._cine = segment, cine
+        return new, cine
+
+
 def _stack(xs: Sequence[np.ndarray], ring: Optional[np.ndarray]) -> np.ndarray:
     """One (N, C, H, W) input from per-frame (1, C, H, W) inputs: a view when they lie in consecutive ring slots
     (the usual case: gated frames take no slot), else a copy (a batch that wraps around the ring's end)."""
@@ -387,8 +407,7 @@ def run_pipeline(
         per_file = cine and getattr(source, "kind", "") == "dicom"
         if per_file and opts.smoothing == "auto":
             still = CineSmoother.from_manifest(m, config=SINGLE_IMAGE, min_confidence=floor)
-    # The segment of the last frame (("file", DICOM file_index) or ("connection", n)), and whether it is a cine.
-    last_file: List[Any] = [None, False]
+    consumer_segments = _SegmentWatch(dicom=per_file)
     ack = getattr(source, "ack", None)
     # Sources that need acks (watched folders) mark a file done durably at the ack: the results must be on disk
     # first (flushed and fsynced), whatever the sinks' own fsync interval, or a power loss loses them for good.
@@ -415,7 +434,7 @@ def run_pipeline(
     warmups = [0]  # frames that abstained with SECTOR_WARMUP (counted in the feeder thread)
     # The feeder's segment (see _segment) of the last frame read, and whether it was a cine: the sector detector and
     # the gate run in that thread, so they are reset there.
-    feed_segment: List[Any] = [None, False]
+    feed_segments = _SegmentWatch(dicom=True)
 
     def frame_error(index: int, stage: str, exc: BaseException) -> Tuple[str, ...]:
         """Count and log a DataError of one frame's sector or quality stage; that frame abstains with FRAME_ERROR."""
@@ -437,15 +456,12 @@ def run_pipeline(
                 return _IDLE  # nothing new yet (a watched folder, a stream reconnecting)
             return None
         image = frame.image
-        segment, cine_ = _segment(frame.meta, dicom=True)
-        if segment is not None and segment != feed_segment[0]:
-            if feed_segment[0] is not None and (cine_ or feed_segment[1]):
-                # A new cine or connection (another scanner, layout or patient): its own sector and gate baseline.
-                if detector is not None:
-                    detector.reset()
-                if gate is not None:
-                    gate.reset()
-            feed_segment[0], feed_segment[1] = segment, cine_
+        if feed_segments.update(frame.meta)[0]:
+            # A new cine or connection (another scanner, layout or patient): its own sector and gate baseline.
+            if detector is not None:
+                detector.reset()
+            if gate is not None:
+                gate.reset()
         mask = None
         reasons: Tuple[str, ...] = ()
         t2 = t1
@@ -645,14 +661,11 @@ def run_pipeline(
                 else:
                     assert smoother is not None
                     sm = smoother
-                    # One reset mechanism for a new segment of frames: a new DICOM file (cine smoothing) or a new
-                    # connection of a reconnecting live source (meta "connection"). Nothing carries over to it.
-                    # (The sector detector and the gate are reset alike in produce(), the thread they run in.)
-                    segment, multi = _segment(meta, dicom=per_file)
-                    if segment is not None and segment != last_file[0]:
-                        if last_file[0] is not None and (multi or last_file[1]):
-                            smoother.reset()  # a new cine or connection: nothing carried over from the one before
-                        last_file[0], last_file[1] = segment, multi
+                    # A new segment (_SegmentWatch): the smoother starts afresh, as the sector detector and the gate
+                    # do in produce(), the thread they run in.
+                    new_segment, multi = consumer_segments.update(meta)
+                    if new_segment:
+                        smoother.reset()
                     if still is not None and not multi:
                         sm = still
                     res = sm.update(probs_row, quality_ok=not reasons, reasons=reasons)
