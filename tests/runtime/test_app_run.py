@@ -17,7 +17,7 @@ from edgeclf.runtime import app
 from edgeclf.runtime.audit import verify_audit
 from edgeclf.runtime.sinks import Sink
 from tests.conftest import run_cli
-from tests.runtime.tiny_bundle import make_tiny_bundle
+from tests.runtime.tiny_bundle import inbox_with_one_xray, make_tiny_bundle
 
 pytest.importorskip("cv2")
 pytest.importorskip("onnxruntime")
@@ -302,28 +302,13 @@ def test_each_appending_run_verifies_against_its_own_lines_of_the_shared_file(tm
         assert rep.results_check["checked"] == 12 and rep.results_check["other_runs_lines"] == 12, rep.results_check
 
 
-def _inbox_with_one_xray(tmp_path: Path) -> Path:
-    import time
-
-    import numpy as np
-
-    cv2 = pytest.importorskip("cv2")
-    inbox = tmp_path / "in"
-    inbox.mkdir()
-    p = inbox / "chest.png"
-    cv2.imwrite(str(p), np.random.default_rng(0).integers(30, 200, size=(64, 64), dtype=np.uint8))
-    t = time.time() - 100  # long complete
-    os.utime(p, (t, t))
-    return inbox
-
-
 @pytest.mark.parametrize("kw", [{}, {"audit": "audit.jsonl"}, {"summary_path": "clip.json"}])
 def test_a_watched_folder_without_out_is_refused_before_any_file_is_consumed(tmp_path: Path, kw: dict) -> None:
     """Each watched file is marked done for good: without a results file a try-out would use the inbox up."""
     from edgeclf.runtime.sinks import ListSink, read_jsonl
 
     bundle = make_tiny_bundle(tmp_path / "b")
-    inbox = _inbox_with_one_xray(tmp_path)
+    inbox = inbox_with_one_xray(tmp_path)
     state = tmp_path / "state.json"
     uri = f"watch:{inbox}?poll=0.05&idle_exit=0.5&state={state}"
     kw = {k: str(tmp_path / v) for k, v in kw.items()}
@@ -351,7 +336,7 @@ def test_a_watched_folder_may_run_with_a_durable_sink_of_the_callers(tmp_path: P
             self.syncs += 1
 
     bundle = make_tiny_bundle(tmp_path / "b")
-    inbox = _inbox_with_one_xray(tmp_path)
+    inbox = inbox_with_one_xray(tmp_path)
     sink = Durable()
     s = app.run_bundle(str(bundle), f"watch:{inbox}?poll=0.05&idle_exit=0.5&state={tmp_path / 's.json'}", extra_sinks=[sink])
     assert s["frames"] == 1 and len(sink.records) == 1 and sink.syncs >= 1

@@ -1045,18 +1045,10 @@ def test_the_displayed_latency_counts_a_slow_sink_before_the_display(tmp_path: P
 
 def test_a_watched_folder_waiting_for_the_next_xray_is_not_a_stall(tmp_path: Path) -> None:
     """A watched folder waits for its next file by design: the X-ray's result stays shown (no NO SIGNAL), no stall."""
-    import os
-    import time
-
-    cv2 = pytest.importorskip("cv2")
     from edgeclf.runtime.watch import WatchFolderSource
+    from tests.runtime.tiny_bundle import inbox_with_one_xray
 
-    inbox = tmp_path / "in"
-    inbox.mkdir()
-    p = inbox / "x.png"
-    cv2.imwrite(str(p), np.random.default_rng(0).integers(30, 200, size=(64, 64), dtype=np.uint8))
-    t = time.time() - 100
-    os.utime(p, (t, t))
+    inbox = inbox_with_one_xray(tmp_path)
     marks: list = []
 
     class Display(ListSink):

@@ -59,3 +59,19 @@ def make_tiny_bundle(folder: Path, *, variants: Sequence[str] = (), n_ref: int =
     (folder / "manifest.json").write_text(json.dumps(manifest), encoding="utf-8")
     write_checksums(folder)
     return folder
+
+
+def inbox_with_one_xray(tmp_path: Path) -> Path:
+    """tmp_path/in holding one gray 64 px PNG whose mtime lies well in the past, so a watched folder takes it as
+    complete at once."""
+    import os
+    import time
+
+    cv2 = pytest.importorskip("cv2")
+    inbox = tmp_path / "in"
+    inbox.mkdir()
+    p = inbox / "chest.png"
+    cv2.imwrite(str(p), np.random.default_rng(0).integers(30, 200, size=(64, 64), dtype=np.uint8))
+    t = time.time() - 100
+    os.utime(p, (t, t))
+    return inbox
