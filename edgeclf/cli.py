@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import numbers
 import sys
 from typing import Any, Callable, Iterator
 
@@ -1040,13 +1041,17 @@ def _print_demo(r: dict[str, Any]) -> None:
 
 
 def _num(v: Any, spec: str = ".3f") -> str:
-    """Metrics may be None where they are undefined (one class present, a tiny split)."""
-    return "n/a" if v is None else format(v, spec)
+    """Metrics may be None where they are undefined (one class present, a tiny split); a bundle's open objects
+    (parity, metrics) may hold anything: whatever is not a number prints as n/a."""
+    return format(v, spec) if isinstance(v, numbers.Real) and not isinstance(v, bool) else "n/a"
 
 
-def _auc(auc: dict[str, Any]) -> str:
-    ci = auc.get("macro_ci95") or (None, None)
-    return f"{_num(auc.get('macro'))} ({_num(ci[0])}-{_num(ci[1])})"
+def _auc(auc: Any) -> str:
+    if not isinstance(auc, dict):
+        return "n/a"
+    ci = auc.get("macro_ci95")
+    lo, hi = ci if isinstance(ci, (list, tuple)) and len(ci) == 2 else (None, None)
+    return f"{_num(auc.get('macro'))} ({_num(lo)}-{_num(hi)})"
 
 
 def _print_metrics(by_split: dict[str, Any], title: str) -> None:
@@ -1195,19 +1200,6 @@ def _print_detection(d: dict[str, Any]) -> None:
         click.echo(f"  ! {w}")
 
 
-def _fig(v: Any, spec: str = ".3f") -> str:
-    """A figure from an open manifest object (parity, metrics): load checks only that the object is one."""
-    return format(v, spec) if isinstance(v, (int, float)) and not isinstance(v, bool) else "n/a"
-
-
-def _info_auc(auc: Any) -> str:
-    if not isinstance(auc, dict):
-        return "n/a"
-    ci = auc.get("macro_ci95")
-    lo, hi = ci if isinstance(ci, list) and len(ci) == 2 else (None, None)
-    return f"{_fig(auc.get('macro'))} ({_fig(lo)}-{_fig(hi)})"
-
-
 def _print_info(m: dict[str, Any]) -> None:
     from edgeclf.runtime.bundle import Manifest
 
@@ -1229,7 +1221,7 @@ def _print_info(m: dict[str, Any]) -> None:
     ]
     if par:
         lines.append(f"parity: {par.get('n')} {par.get('split')} images, agreement {par.get('decision_agreement')}, "
-                     f"max |logit diff| {_fig(par.get('max_abs_diff_logits'), '.2e')}")
+                     f"max |logit diff| {_num(par.get('max_abs_diff_logits'), '.2e')}")
     else:
         lines.append("parity: not measured (no torch reference for an imported ONNX model)")
     dep = m.get("deploy") or {}
@@ -1238,7 +1230,7 @@ def _print_info(m: dict[str, Any]) -> None:
     lines.append(f"deploy: {dep.get('precision', mod['precision'])} ({dep.get('reason', 'not recorded')}); variants: {variants}")
     for name, met in (m.get("metrics") or {}).items():
         met = met if isinstance(met, dict) else {}
-        lines.append(f"metrics[{name}]: n {met.get('n', 'n/a')}, accuracy {_fig(met.get('accuracy'))}, AUC {_info_auc(met.get('auc'))}")
+        lines.append(f"metrics[{name}]: n {met.get('n', 'n/a')}, accuracy {_num(met.get('accuracy'))}, AUC {_auc(met.get('auc'))}")
     # The manifest names the data without workstation paths ("name"), never the spec as typed.
     lines.append(f"provenance: {prov.get('source')}, exported {prov.get('exported_at')}, data {data.get('name')} "
                  f"(sha256 {str(data.get('hash'))[:12]}..., licence {data.get('licence')})")
