@@ -165,8 +165,8 @@ def _cpu(root: Path) -> Dict[str, Any]:
             cores += 1
         elif key in ("flags", "features") and not flags:  # x86 "flags", arm64 "Features"
             flags = value.split()
-        elif key == "model name" and model is None:
-            model = value.strip()
+        elif key in ("model name", "hardware") and model is None:  # arm64 kernels may name the SoC in "Hardware"
+            model = value.strip() or None
     vnni = [f for f in ("avx512_vnni", "avx_vnni") if f in flags]
     return {"model": model, "logical_cores": cores or None, "avx2": "avx2" in flags, "avx512f": "avx512f" in flags,
             "vnni": vnni, "asimddp": "asimddp" in flags, "read": bool(text)}

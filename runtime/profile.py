@@ -958,16 +958,10 @@ _HOST_FIELDS = ("machine", "cpu", "cpu_count")
 
 
 def _cpu_model() -> Optional[str]:
-    """The CPU's model name (/proc/cpuinfo; platform.processor() elsewhere), or None."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
-            for line in f:
-                key, _, value = line.partition(":")
-                if key.strip().lower() in ("model name", "hardware"):
-                    return value.strip() or None
-    except OSError:
-        pass  # not Linux: the platform module's answer below
-    return platform.processor() or None
+    """The CPU's model name as `edgeclf devices detect` reads it (/proc/cpuinfo), else platform.processor(), or None."""
+    from edgeclf.devices.detect import _cpu
+
+    return _cpu(Path("/"))["model"] or platform.processor() or None
 
 
 def _host_differences(old: Dict[str, Any], new: Dict[str, Any]) -> List[str]:
