@@ -27,6 +27,9 @@ state's dedupe this is exactly once as long as the consumer writes the result be
 between the write and the ack can repeat that one frame: records carry `meta["watch_key"]` and
 `meta["file_frame"]`, so a downstream consumer can drop such a repeat. The state is written atomically
 (temp file, fsync, os.replace) on every ack; a lock file keeps a second process off the same state.
+The state keeps an entry for each file in the folder, and for a file gone from it for `forget` seconds
+(default 30 days) no longer: it stays bounded on a cart that archives its inbox. A gone file put back
+unchanged after that (same name, size and mtime) is classified again, a repeat with the same `watch_key`.
 
 `read(timeout)` returns None when `timeout` passes without a frame (a live source); `ended` says
 whether the stream is over (closed, or `idle_exit` seconds passed with no new file and nothing being
@@ -69,7 +72,8 @@ PARTIAL_SUFFIXES: Tuple[str, ...] = (
 _DICOM_EXTENSIONS = (".dcm", ".dicom")
 _STATE_FORMAT = "edgeclf-watch-state"
 _STATE_VERSION = 1
-_OPTIONS = ("poll", "idle_exit", "state")
+_OPTIONS = ("poll", "idle_exit", "state", "forget")
+FORGET_DEFAULT = 30 * 24 * 3600.0  # seconds a file is gone from the folder before its state entry is dropped
 
 
 def _identity(name: str, size: int, mtime_ns: int) -> str:
@@ -106,6 +110,8 @@ class WatchFolderSource:
       (batch runs and tests); None (default) watches until closed.
     - `state_path`: where to keep the state (default FOLDER/.edgeclf-watch.json); give one when the
       folder is read-only or shared.
+    - `forget`: seconds a file must be gone from the folder before its entry leaves the state (default
+      30 days; None keeps every entry for good).
     - `size`: (width, height) to resize every frame to (files in a folder often differ in size).
     """
 
@@ -122,6 +128,7 @@ class WatchFolderSource:
         poll: float = 0.5,
         idle_exit: Optional[float] = None,
         state_path: Optional[str] = None,
+        forget: Optional[float] = FORGET_DEFAULT,
         size: Optional[Size] = None,
         source_id: str = "",
     ) -> None:
@@ -131,14 +138,16 @@ class WatchFolderSource:
                 f"watch folder {folder!r} does not exist or is not a folder; create it or fix the path "
                 "(watch:FOLDER)"
             )
-        if not (poll > 0) or (idle_exit is not None and not (idle_exit > 0)):
+        if (not (poll > 0) or (idle_exit is not None and not (idle_exit > 0))
+                or (forget is not None and not (0 < forget < float("inf")))):
             raise SourceError(
-                f"watch options poll={poll!r} idle_exit={idle_exit!r} are not valid; allowed: poll > 0 seconds, "
-                "idle_exit > 0 seconds or None; fix them"
+                f"watch options poll={poll!r} idle_exit={idle_exit!r} forget={forget!r} are not valid; allowed: "
+                "poll > 0 seconds, idle_exit > 0 seconds or None, forget > 0 seconds or None; fix them"
             )
         self.folder = folder
         self.poll = float(poll)
         self.idle_exit = None if idle_exit is None else float(idle_exit)
+        self.forget = None if forget is None else float(forget)
         self.state_path = os.path.abspath(os.path.expanduser(state_path or os.path.join(folder, STATE_NAME)))
         self.size: Optional[Size] = size
         self.source_id = source_id or _short_hash("watch:" + os.path.abspath(folder))
@@ -158,8 +167,8 @@ class WatchFolderSource:
         self._next_poll = 0.0
         self._last_activity = time.monotonic()
         self._counts: Dict[str, int] = dict.fromkeys(
-            ("files_seen", "files_done", "files_failed", "files_ignored", "files_changed", "frames_read",
-             "frames_acked"), 0
+            ("files_seen", "files_done", "files_failed", "files_ignored", "files_changed", "files_forgotten",
+             "frames_read", "frames_acked"), 0
         )
         self._lock_file: Optional[IO[str]] = None
         self._take_lock()
@@ -358,6 +367,7 @@ class WatchFolderSource:
         self._seen = current
         self._unstable = unstable
         self._unreadable &= listed  # gone or changed: no longer an unread file of this folder
+        self._age_out(listed)
         if unstable:
             self._last_activity = time.monotonic()
         if ready:
@@ -367,6 +377,32 @@ class WatchFolderSource:
             self._counts["files_seen"] += fresh  # retries: once
             if fresh:  # retrying a file that stays unreadable is no activity: it must not hold idle_exit off
                 self._last_activity = time.monotonic()
+
+    def _age_out(self, listed: Set[str]) -> None:
+        """Stamp state entries whose file is no longer listed (wall-clock time: it must hold across restarts),
+        clear the stamp of one that is back, and drop those gone for `forget` seconds. Writes the state only
+        when something changed; a listing that fails never gets here."""
+        now = time.time()
+        changed = forgotten = 0
+        with self._lock:
+            for key in list(self._state):
+                entry = self._state[key]
+                if key in listed or key in self._inflight:
+                    if "gone" in entry:
+                        del entry["gone"]
+                        changed += 1
+                elif "gone" not in entry:
+                    entry["gone"] = int(now)
+                    changed += 1
+                elif self.forget is not None and now - entry["gone"] >= self.forget:
+                    del self._state[key]
+                    forgotten += 1
+            if forgotten:
+                self._counts["files_forgotten"] += forgotten
+                logger.info("watch %s: forgot %d files gone from the folder for %.0f s or more", self.source_id,
+                            forgotten, self.forget)
+            if changed or forgotten:
+                self._save()
 
     def _known(self, key: str) -> bool:
         with self._lock:
@@ -546,7 +582,7 @@ class WatchFolderSource:
         for entry in out.values():  # hand-edited or damaged values would fail later, as a traceback
             bad = [
                 f"{key}={entry.get(key)!r}"[:40]
-                for key, none_ok in (("acked", False), ("frames", True))
+                for key, none_ok in (("acked", False), ("frames", True), ("gone", False))
                 if key in entry and not _count_or_none(entry[key], none_ok)
             ]
             if entry.get("status") not in ("done", "failed", "partial"):
@@ -554,7 +590,7 @@ class WatchFolderSource:
             if bad:
                 raise SourceError(
                     f"watch state {path!r} has a bad entry ({', '.join(bad)}); allowed: status done, failed or "
-                    f"partial, acked and frames whole numbers >= 0; {fix}"
+                    f"partial, acked, frames and gone whole numbers >= 0; {fix}"
                 )
         return out
 
@@ -629,7 +665,7 @@ def _fsync_dir(folder: str) -> None:
 
 
 def open_watch(uri: str, *, size: Optional[Size] = None, source_id: str = "") -> WatchFolderSource:
-    """`watch:FOLDER[?poll=0.5&idle_exit=10&state=PATH]` -> WatchFolderSource."""
+    """`watch:FOLDER[?poll=0.5&idle_exit=10&state=PATH&forget=SECONDS]` -> WatchFolderSource."""
     rest = uri[len("watch:") :]
     folder, _, query = rest.partition("?")
     if not folder:
@@ -639,7 +675,8 @@ def open_watch(uri: str, *, size: Optional[Size] = None, source_id: str = "") ->
         key, eq, value = item.partition("=")
         if key not in _OPTIONS or not eq or not value:
             raise SourceError(
-                f"bad watch option {item!r} in {uri!r}; allowed: poll=SECONDS, idle_exit=SECONDS, state=PATH; "
+                f"bad watch option {item!r} in {uri!r}; allowed: poll=SECONDS, idle_exit=SECONDS, state=PATH, "
+                "forget=SECONDS; "
                 "e.g. watch:/data/incoming?poll=0.5&state=/var/lib/edgeclf/incoming.json"
             )
         params[key] = value
@@ -664,6 +701,7 @@ def open_watch(uri: str, *, size: Optional[Size] = None, source_id: str = "") ->
         poll=0.5 if poll is None else poll,
         idle_exit=seconds("idle_exit", None),
         state_path=params.get("state"),
+        forget=seconds("forget", FORGET_DEFAULT),
         size=size,
         source_id=source_id,
     )

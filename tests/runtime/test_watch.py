@@ -502,3 +502,91 @@ def test_result_lines_say_which_file_and_frame_they_are_without_naming_it(tmp_pa
     text = (tmp_path / "r.jsonl").read_text().lower()
     assert not any(w in text for w in ("zyquist", "orville", "quillfeather", "margoline"))
     assert all("name_hash" not in r and "source_id" not in r for r in recs)
+
+
+def _state_entries(folder: Path) -> dict:
+    return json.loads((folder / STATE_NAME).read_text())["files"]
+
+
+def _drain(folder: Path, results: List[int], **kw: Any) -> dict:
+    with WatchFolderSource(str(folder), poll=POLL, idle_exit=IDLE, **kw) as src:
+        for frame in src:
+            results.append(int(frame.image[0, 0]))
+            src.ack(frame)
+        return src.stats()
+
+
+def test_the_state_forgets_a_file_gone_for_forget_seconds_and_keeps_the_rest(tmp_path: Path) -> None:
+    """A cart that archives its inbox: the state must not keep an entry per file ever seen, for good."""
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    results: List[int] = []
+    for day in range(6):  # each "day" one new file arrives and yesterday's is archived
+        if day:
+            (inbox / f"{day - 1}.png").unlink()
+        _png(inbox / f"{day}.png", day + 1)
+        _drain(inbox, results, forget=0.1)
+    assert results == [1, 2, 3, 4, 5, 6]  # each file once: forgetting never re-reads a file still there
+    entries = _state_entries(inbox)
+    # today's file, and at most yesterday's (gone less than forget when the last run listed the folder)
+    assert 1 <= len(entries) <= 2, entries
+
+
+def test_a_file_back_before_forget_is_not_read_again_and_loses_its_gone_stamp(tmp_path: Path) -> None:
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    png = _png(inbox / "a.png", 5)
+    results: List[int] = []
+    _drain(inbox, results)
+    st = png.stat()
+    kept = png.read_bytes()
+    png.unlink()
+    stats = _drain(inbox, results)  # default forget (30 days): the entry stays, stamped gone
+    (entry,) = _state_entries(inbox).values()
+    assert isinstance(entry.get("gone"), int) and stats["files_forgotten"] == 0
+    png.write_bytes(kept)
+    os.utime(png, ns=(st.st_atime_ns, st.st_mtime_ns))  # put back unchanged (mv from an archive keeps mtime)
+    _drain(inbox, results)
+    assert results == [5]
+    (entry,) = _state_entries(inbox).values()
+    assert "gone" not in entry and entry["status"] == "done"
+
+
+def test_forget_none_keeps_every_entry_and_a_forgotten_file_back_is_read_again(tmp_path: Path) -> None:
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    png = _png(inbox / "a.png", 7)
+    results: List[int] = []
+    _drain(inbox, results)
+    st, kept = png.stat(), png.read_bytes()
+    png.unlink()
+    _drain(inbox, results, forget=None)
+    assert len(_state_entries(inbox)) == 1
+    stats = _drain(inbox, results, forget=0.05)
+    assert stats["files_forgotten"] == 1 and _state_entries(inbox) == {}
+    png.write_bytes(kept)
+    os.utime(png, ns=(st.st_atime_ns, st.st_mtime_ns))
+    _drain(inbox, results)
+    assert results == [7, 7]  # documented: a forgotten file put back is a repeat (same watch_key)
+
+
+def test_forget_option_in_the_uri(tmp_path: Path) -> None:
+    with open_source(f"watch:{tmp_path}?forget=86400") as src:
+        assert isinstance(src, WatchFolderSource) and src.forget == 86400.0
+    with open_source(f"watch:{tmp_path}") as src:
+        assert src.forget == 30 * 24 * 3600
+    for bad in ("forget=0", "forget=-1", "forget=inf", "forget=soon"):
+        with pytest.raises(SourceError, match="forget") as exc:
+            open_source(f"watch:{tmp_path}?{bad}")
+        assert "\n" not in str(exc.value)
+    with pytest.raises(SourceError, match="forget"):
+        WatchFolderSource(str(tmp_path), forget=float("nan"))
+
+
+def test_a_bad_gone_stamp_in_the_state_is_one_line(tmp_path: Path) -> None:
+    state = {"format": "edgeclf-watch-state", "version": 1,
+             "files": {"0" * 20: {"status": "done", "frames": 1, "acked": 1, "gone": "yesterday"}}}
+    (tmp_path / STATE_NAME).write_text(json.dumps(state))
+    with pytest.raises(SourceError, match=r"bad entry \(gone=.*allowed: .*gone whole numbers") as exc:
+        WatchFolderSource(str(tmp_path))
+    assert "\n" not in str(exc.value)
