@@ -11,7 +11,9 @@ at 640x480 (plain OpenCV drawing: a copy, one darkened strip, a rectangle or two
 :class:`OverlayWindow` is a sink that shows the annotated frames with ``cv2.imshow``; 'q' or Esc (or
 closing the window) sets ``stop_requested`` for the pipeline. When a live source stalls, the pipeline calls
 its ``mark_stale(idle_s)``: the last frame is shown dimmed with "NO SIGNAL: no frame for N.N s" (:func:`draw_stale`;
-"NO SIGNAL for N.N s" where that does not fit, e.g. 128 px) instead of its label, until the next frame. Without a display, or with an OpenCV that
+"NO SIGNAL for N.N s" where that does not fit, e.g. 128 px) instead of its label, until the next frame. While a
+source waits by design (a watched folder between files) the pipeline calls ``refresh()`` instead, so the window
+keeps painting and 'q' still works. Without a display, or with an OpenCV that
 has no GUI backend (pip ``opencv-python-headless``), it raises a one-line ConfigError at construction,
 before the run starts, that points to ``--record FILE``.
 
@@ -346,11 +348,18 @@ class OverlayWindow(Sink):
         self.stale = True
         self._show(draw_stale(self._last, idle_s, order="bgr"))
 
-    def _show(self, shown: NDArray[np.uint8], count: bool = False) -> None:
+    def refresh(self) -> None:
+        """Let the window paint and see keys while no frame comes (a watched folder between files): without
+        this the window stops responding and 'q' or closing it takes effect only at the next file."""
+        if self._open and self._last is not None:
+            self._show(None)
+
+    def _show(self, shown: Optional[NDArray[np.uint8]], count: bool = False) -> None:
         cv2 = self._cv2
         try:
-            cv2.imshow(self.title, shown)
-            key = int(cv2.waitKey(self.wait_ms)) & 0xFF
+            if shown is not None:
+                cv2.imshow(self.title, shown)
+            key = int(cv2.waitKey(self.wait_ms if shown is not None else 1)) & 0xFF
             visible = float(cv2.getWindowProperty(self.title, cv2.WND_PROP_VISIBLE))
         except cv2.error as exc:
             raise ConfigError(f"{NO_DISPLAY}: cv2 cannot show the frame ({_short(exc)}); {_FIX}") from None

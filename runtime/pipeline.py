@@ -551,9 +551,14 @@ def run_pipeline(
                         break
                     if watch_stalls:
                         stalled()
-                        if stale[0] and any(s.stop_requested for s in sinks):  # e.g. 'q' on a "no signal" window
-                            summary.stopped_by = "sink"
-                            break
+                    if not stale[0]:  # a marked-stale display was just redrawn; any other is kept responsive
+                        for sink in sinks:
+                            refresh = getattr(sink, "refresh", None)
+                            if callable(refresh):
+                                refresh()
+                    if any(s.stop_requested for s in sinks):  # e.g. 'q' on a window while no frame comes
+                        summary.stopped_by = "sink"
+                        break
                     if stop is not None and stop.is_set():
                         break
                     continue

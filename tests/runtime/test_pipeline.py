@@ -1066,6 +1066,37 @@ def test_a_watched_folder_waiting_for_the_next_xray_is_not_a_stall(tmp_path: Pat
     assert marks == [] and s.extra["stalls"] == 0 and s.extra["smoother"]["resets"] == 0
 
 
+def test_a_window_quit_while_a_watched_folder_waits_stops_the_run(tmp_path: Path) -> None:
+    """'q' pressed between files: the display is refreshed while no frame comes, and the run stops then,
+    not at the next file (which may be hours away on a cart)."""
+    import threading
+    import time
+
+    from edgeclf.runtime.watch import WatchFolderSource
+    from tests.runtime.tiny_bundle import inbox_with_one_xray
+
+    inbox = inbox_with_one_xray(tmp_path)
+    refreshes: list = []
+
+    class Window(ListSink):
+        def refresh(self) -> None:
+            refreshes.append(time.monotonic())
+            if len(refreshes) == 2:
+                self.stop_requested = True  # as OverlayWindow does when waitKey returns 'q'
+
+    src = WatchFolderSource(str(inbox), poll=0.05, state_path=str(tmp_path / "state.json"))  # no idle_exit
+    win = Window()
+    out: dict = {}
+    with FakeBackend((1, 8, 8), 3) as be:
+        t = threading.Thread(target=lambda: out.update(s=run_pipeline(_tiny(tmp_path), src, be, [win])), daemon=True)
+        t.start()
+        t.join(20)
+    src.close()
+    assert not t.is_alive(), "a watched folder with no idle_exit: 'q' between files did not stop the run"
+    assert out["s"].frames == 1 and len(win.records) == 1 and out["s"].stopped_by == "sink"
+    assert len(refreshes) == 2
+
+
 def _sector_bundle(tmp_path: Path, how: str):  # type: ignore[no-untyped-def]
     """The tiny bundle as exported from sector crops: preprocess.sector, or (older exports) only the data name."""
     from edgeclf.runtime.bundle import write_checksums
