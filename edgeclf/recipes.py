@@ -286,15 +286,19 @@ def resolve_recipe(recipe: Recipe, data: str, cli: dict[str, Any]) -> tuple[dict
     kwargs = {**resolved, **cli}
     if frames is not None and "frames_per_clip" not in cli:
         kwargs["frames_per_clip"] = frames  # the config records the frames the spec samples, not the unused default
+    synthetic = data.startswith("synthetic:")
     record = {
         "name": recipe.name, "version": recipe.version, "sha256": recipe.sha256, "variant": variant,
-        "data_options": options, "train": train, "export": export, "evaluate": dict(recipe.evaluate),
+        # Synthetic data takes no folder options: recorded apart, so the record says only what was applied.
+        "data_options": {} if synthetic else options, "train": train, "export": export, "evaluate": dict(recipe.evaluate),
         "overridden": sorted([k for k in cli if k in resolved and cli[k] != resolved[k]] + data_over),
         # Fields left to the data or the machine in this run (None in run.json's config), a recipe's value reset with
         # `--size auto` included: a rerun with the recorded config chooses them again the same way.
         "automatic": [k for k in AUTO_FIELDS if kwargs.get(k) is None],
         "reference": {**recipe.reference, **v.get("reference", {})}, "_text": recipe.text,
     }
+    if synthetic and options:
+        record["data_options_not_applied"] = options
     return kwargs, spec, record
 
 

@@ -55,6 +55,15 @@ def test_cli_values_win_and_options_given_win() -> None:
     assert rec["overridden"] == ["data.frames", "epochs", "size"]  # the spec overrode the recipe's frames=24
 
 
+def test_synthetic_data_records_the_recipe_data_options_as_not_applied() -> None:
+    """run.json must say what was applied: synthetic data takes no folder options (no sector crop, no frames=N)."""
+    _, spec, rec = resolve_recipe(load_recipe("lung-pocus"), "synthetic:ultrasound", {})
+    assert spec == "synthetic:ultrasound"
+    assert rec["data_options"] == {} and rec["data_options_not_applied"] == {"roi": "sector", "frames": 24}
+    _, _, rec = resolve_recipe(load_recipe("lung-pocus"), "/d/pocus", {})
+    assert rec["data_options"] == {"roi": "sector", "frames": 24} and "data_options_not_applied" not in rec
+
+
 def test_bad_recipes_are_one_line_errors(tmp_path: Path) -> None:
     cases = {
         "unknown.toml": 'name = "x"\n[train]\nepochz = 3\n',
