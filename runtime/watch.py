@@ -16,7 +16,9 @@ When is a file new and complete?
   (counted in `files_unreadable` while it stays so; its retries do not keep `idle_exit` from ending).
 - A file whose size or mtime changed between the listing and its read (replaced under the same name) is
   not classified under the identity it was listed with: it is put back and read under its new identity
-  once two listings agree again (counted in `files_changed`).
+  once two listings agree again (counted in `files_changed`). The same holds while a multi-frame DICOM's
+  frames are read (they are read lazily): the frames handed out before the change stay, the rest are not
+  taken from the new content, and the new file is read whole.
 
 Exactly once, across restarts: a state file (default FOLDER/.edgeclf-watch.json, or `state_path`)
 records each file's identity, a sha256 of name + size + mtime (never the name, never contents), with
@@ -477,6 +479,17 @@ class WatchFolderSource:
             return False
         return (int(st.st_size), int(st.st_mtime_ns)) != (entry.size, entry.mtime_ns)
 
+    def _abandon_if_changed(self, entry: _Entry) -> bool:
+        """If the file being read changed since its listing: stop reading it, forget it as in flight (acks of its
+        frames already handed out are then ignored; those frames were the listed file's) and put it back."""
+        if not self._changed(entry):
+            return False
+        self._close_current()
+        with self._lock:
+            self._inflight.pop(entry.key, None)
+        self._put_back(entry, f"watched file {entry.key} ({entry.ext or 'no extension'})")
+        return True
+
     def _put_back(self, entry: _Entry, where: str) -> None:
         """The file changed since the listing: nothing is recorded under the listed identity; the next
         listings find it under its new one (two equal listings first, like any new file)."""
@@ -516,10 +529,17 @@ class WatchFolderSource:
             self._current = None
             return None
         except SourceError as exc:
+            if self._abandon_if_changed(entry):  # the error is the new file's, read under the old identity
+                return None
             self._current = None
             logger.warning("watch %s: %s; the rest of the file is skipped until it changes", self.source_id, exc)
             with self._lock:
                 self._finish(entry, "failed")
+            return None
+        # A DICOM's frames are read lazily from its path: a file re-sent in place partway through would give its
+        # later frames from the new content under the old identity. Checked after decoding, so a frame decoded
+        # before the change is kept and one that may be the new file's is not handed out.
+        if entry.kind == "dicom" and self._abandon_if_changed(entry):
             return None
         if self.size is not None and (image.shape[1], image.shape[0]) != tuple(self.size):
             from edgeclf.runtime import _cv

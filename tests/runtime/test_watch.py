@@ -590,3 +590,35 @@ def test_a_bad_gone_stamp_in_the_state_is_one_line(tmp_path: Path) -> None:
     with pytest.raises(SourceError, match=r"bad entry \(gone=.*allowed: .*gone whole numbers") as exc:
         WatchFolderSource(str(tmp_path))
     assert "\n" not in str(exc.value)
+
+
+def test_a_multi_frame_dicom_replaced_partway_is_not_finished_from_the_new_file(tmp_path: Path) -> None:
+    """Frames are decoded lazily: a cine re-sent under the same name while its frames were being read must not
+    have its remaining frames taken from the new file under the old identity. The frames read before stay (they
+    are the old file's); the new file is read whole under its own identity."""
+    pytest.importorskip("pydicom", reason="pydicom (the 'dicom' extra) reads DICOM")
+    from tests.runtime.test_dicom import write_dicom
+
+    def cine(values: List[int]) -> np.ndarray:  # frames larger than a read buffer, so that reading is really lazy
+        frames = np.full((len(values), 256, 256), 7, np.uint8)
+        frames[:, 0, 0] = values
+        return frames
+
+    inbox = tmp_path / "in"
+    inbox.mkdir()
+    path = write_dicom(inbox / "cine.dcm", cine([10, 11, 12, 13]))
+    got: List[tuple] = []
+    with WatchFolderSource(str(inbox), poll=POLL, idle_exit=IDLE, state_path=str(tmp_path / "s.json")) as src:
+        for frame in src:
+            got.append((frame.meta["watch_key"], int(frame.image[0, 0])))
+            src.ack(frame)
+            if len(got) == 2:
+                write_dicom(path, cine([20, 21, 22, 23, 24]))  # re-sent in place: another size, another identity
+                t = time.time() + 5
+                os.utime(path, (t, t))
+        stats = src.stats()
+    old, new = got[0][0], got[-1][0]
+    assert old != new
+    assert [v for k, v in got if k == old] == [10, 11], got  # nothing of the new file under the old identity
+    assert [v for k, v in got if k == new] == [20, 21, 22, 23, 24], got
+    assert stats["files_changed"] == 1
