@@ -1004,20 +1004,31 @@ def ensemble_runs(folders: list[str], out: str, *, read_test: bool = True, overw
         if same != (first.meta["architecture"], first.meta["num_outputs"], first.task, first.labels, first.meta["preprocess"], first.tta):
             raise ConfigError(f"{f} differs from {folders[0]} in architecture, outputs, labels, input or tta; "
                               "an ensemble combines runs of one model on one input")
-        # The data's content hash, not its spec: one folder is often given by other paths (../data, /work/data).
-        if (tm.run.get("data", {}).get("hash") or tm.run["config"].get("data")) != (first.run.get("data", {}).get("hash")
-                                                                                  or first.run["config"].get("data")):
+        # Runs without a recorded hash: their specs must match (runs with one are checked against the data below).
+        if not (tm.run.get("data", {}).get("hash") and first.run.get("data", {}).get("hash")) and (
+                tm.run["config"].get("data") != first.run["config"].get("data")):
             raise ConfigError(f"{f} was trained on other data than {folders[0]}; combine runs of one data set")
-        for name in ("train", "val", "test"):
-            mine, theirs = tm.folder / "splits" / f"{name}.txt", first.folder / "splits" / f"{name}.txt"
-            if mine.is_file() != theirs.is_file() or (mine.is_file() and mine.read_text() != theirs.read_text()):
-                raise ConfigError(f"{f} has another {name} split than {folders[0]} (the seed chose the split?); "
-                                  "fix the split (a committed split list) and retrain")
     known = {f.name for f in dataclasses.fields(TrainConfig)}
     cfg = TrainConfig(**{**{k: v for k, v in first.run["config"].items() if k in known}, "out": out, "read_test": read_test,
                          "ensemble": len(runs)})
     t_start = time.time()
     ds = load_dataset(cfg.data, classes=cfg.classes, seed=cfg.seed, frames_per_clip=cfg.frames_per_clip)
+    # The data's content hash, not its spec: one folder is often given by other paths (../data, /work/data). A member
+    # recorded before split lists were hashed carries the data's former hash: the same files, so it combines.
+    hashes = [(f, tm.run.get("data", {}).get("hash")) for f, tm in zip(folders, runs)]
+    if any(h for _, h in hashes):
+        for k, (f, h) in enumerate(hashes):
+            if not h or h not in (ds.data_hash, ds.former_hash):
+                if k == 0:
+                    raise DataError(f"the data at {cfg.data} changed since {f} was trained (its hash differs); restore "
+                                    "the data as it was or retrain the members")
+                raise ConfigError(f"{f} was trained on other data than {folders[0]}; combine runs of one data set")
+    for f, tm in zip(folders, runs):
+        for name in ("train", "val", "test"):
+            mine, theirs = tm.folder / "splits" / f"{name}.txt", first.folder / "splits" / f"{name}.txt"
+            if mine.is_file() != theirs.is_file() or (mine.is_file() and mine.read_text() != theirs.read_text()):
+                raise ConfigError(f"{f} has another {name} split than {folders[0]} (the seed chose the split?); "
+                                  "fix the split (a committed split list) and retrain")
     for name, ids in ds.split_lists().items():
         recorded = first.folder / "splits" / f"{name}.txt"
         if recorded.is_file() and recorded.read_text().splitlines() != [str(i) for i in ids]:

@@ -566,3 +566,38 @@ def test_ensemble_refuses_the_same_member_twice_and_a_used_out(trained_dir: Path
     with pytest.raises(ConfigError, match="not empty"):
         ensemble_runs([str(trained_dir), str(copy)], str(tmp_path))
     assert not (tmp_path / "e").exists()
+
+
+def test_ensemble_combines_a_member_recorded_before_split_lists_were_hashed(tmp_path: Path) -> None:
+    """A member whose run.json carries the data's former hash (recorded before split-list contents were part of
+    the hash; the same files and list) combines with one trained now; another data set is still refused."""
+    import csv
+
+    from edgeclf.data import load_dataset, make_split_list
+    from edgeclf.train import ensemble_runs
+    from tests.test_data import _image_tree
+
+    root = tmp_path / "d"
+    _image_tree(root, {"a": 12, "b": 12})
+    rows, _ = make_split_list(f"{root}?test=0.25&val=0.25")
+    lst = tmp_path / "list.csv"
+    with open(lst, "w", newline="") as f:
+        csv.writer(f).writerows([["path", "sha256", "split", "group"], *rows])
+    spec = f"{root}?split={lst}"
+    ds = load_dataset(spec)
+    assert ds.former_hash and ds.former_hash != ds.data_hash
+    kw = dict(data=spec, model="compact", size=32, epochs=1, patience=1, threads=1)
+    for k in (0, 1):
+        train(TrainConfig(out=str(tmp_path / f"m{k}"), seed=k, **kw))
+    run = json.loads((tmp_path / "m0" / "run.json").read_text())
+    run["data"]["hash"] = ds.former_hash  # as recorded by an edgeclf from before the split-list hash
+    (tmp_path / "m0" / "run.json").write_text(json.dumps(run))
+    rec = ensemble_runs([str(tmp_path / "m0"), str(tmp_path / "m1")], str(tmp_path / "e"), read_test=False)
+    assert rec["ensemble"]["from_folders"] and len(rec["ensemble"]["members"]) == 2
+    run["data"]["hash"] = "0" * 64  # another data set's hash
+    (tmp_path / "m0" / "run.json").write_text(json.dumps(run))
+    with pytest.raises(DataError, match="changed since") as exc:
+        ensemble_runs([str(tmp_path / "m0"), str(tmp_path / "m1")], str(tmp_path / "e2"), read_test=False)
+    assert "\n" not in str(exc.value)
+    with pytest.raises(ConfigError, match="other data"):
+        ensemble_runs([str(tmp_path / "m1"), str(tmp_path / "m0")], str(tmp_path / "e3"), read_test=False)
