@@ -54,3 +54,18 @@ def test_main_exits_1_and_names_the_failure(monkeypatch: pytest.MonkeyPatch, tmp
     assert "FAILED: RSS slope +192.300" in capsys.readouterr().out
     monkeypatch.setattr(soak, "run", lambda args: _clean())
     assert soak.main(["--frames", "100", "--out-dir", str(tmp_path)]) == 0
+
+
+def test_a_slope_over_budget_from_a_short_runs_small_rise_is_not_a_failure() -> None:
+    """A 3,000-frame run fitted +0.795 MB per 10k frames from allocator noise (0.2 MB); the same slope over 100k frames
+    (8 MB) is a leak, and so is a large slope on a short run."""
+    soak = _soak()
+    short = {**_clean(), "rss_slope_mb_per_10k_frames": 1.5,
+             "samples": [{"frames": f, "fds": 11, "threads": 5} for f in range(300, 3100, 100)], "warmup_frames": 300}
+    assert soak.failures(short) == []
+    long = {**short, "samples": [{"frames": f, "fds": 11, "threads": 5} for f in range(10_000, 100_001, 1000)],
+            "warmup_frames": 10_000}
+    (got,) = soak.failures(long)
+    assert "over the 1 MB budget (13.5 MB over the 90000 frames" in got
+    planted = {**short, "rss_slope_mb_per_10k_frames": 192.3}
+    assert len(soak.failures(planted)) == 1
