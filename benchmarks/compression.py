@@ -150,7 +150,7 @@ def markdown(rows: list[dict], info: dict) -> str:
              "Speedup is against the unpruned fp32 model of the same row group. Pruned: 50% of the MACs in "
              f"{PRUNE['steps']} prune-then-fine-tune steps of {PRUNE['finetune_epochs']} epochs (brain MRI: 2 of 4), distilled from "
              "the unpruned parent. "
-             "INT8: ONNX Runtime static QDQ, cpu flavour (per-channel weights, unsigned reduced-range activations), gated "
+             "INT8: ONNX Runtime static QDQ, cpu flavour (unsigned activations, per-channel weights with reduced (7-bit) range), gated "
              "against its own fp32 parent on validation with --max-drop 0.01; `(deployed)` marks what `--precision auto` chose. "
              "Brain MRI: exact copies are grouped before the split, near copies are not, so its figures may flatter. "
              "Row groups re-run with `--only` keep their own options (in compression.json); the brain MRI group ran after "

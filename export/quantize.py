@@ -433,7 +433,7 @@ def quantize_int8(
 ) -> dict[str, Any]:
     """ORT static quantization in QDQ format, calibrated on `calib`; writes one self-contained file.
 
-    flavour: ``cpu`` (QUInt8 activations + reduce_range, QInt8 weights) or ``tensorrt`` (symmetric
+    flavour: ``cpu`` (QUInt8 activations, QInt8 weights with reduce_range) or ``tensorrt`` (symmetric
     QInt8 everywhere, zero point 0). method: minmax | entropy | percentile. nodes_to_exclude: node
     names (see `quantizable_nodes`) kept in float. The model must have been exported with one
     float32 (N, C, H, W) input; a dynamic batch axis calibrates in equal batches of up to
