@@ -365,12 +365,15 @@ def ensemble(members: tuple, out: str, overwrite: bool, no_test: bool, as_json: 
               help="Bundle model to evaluate [default: the bundle's deploy choice].")
 @click.option("--out", default=None, help="Folder for metrics.json, roc.png, confusion.png.")
 @click.option("--threads", type=click.IntRange(min=1), default=None)
+@click.option("--no-quality", is_flag=True, help="Clips: classify the frames the per-frame quality gate would stop (as `run --no-quality`).")
 @json_option
-def evaluate(target: str, data_spec, split, classes, precision, out, threads, as_json: bool) -> None:
+def evaluate(target: str, data_spec, split, classes, precision, out, threads, no_quality: bool, as_json: bool) -> None:
     """Accuracy, balanced accuracy, ROC AUC with a 95% interval, sensitivity/specificity at the operating points, ECE.
 
     On a clips data set also clip-level figures: frame predictions aggregated per clip (mean probability and
-    majority vote, abstained frames excluded), beside the frame-level ones. A model trained on sector crops
+    majority vote, abstained frames excluded), beside the frame-level ones, over frames sampled evenly per clip
+    (`edgeclf run` aggregates every frame). Frames `run` would not classify abstain: those its quality gate stops
+    (unless --no-quality) and, cropped to the sector, those before the sector locks. A model trained on sector crops
     gets its clips cropped to the sector (roi=sector) unless --data names a roi, as `edgeclf run` feeds it."""
     from pathlib import Path
 
@@ -380,13 +383,14 @@ def evaluate(target: str, data_spec, split, classes, precision, out, threads, as
         from edgeclf.errors import ConfigError
 
         raise ConfigError(f"--out {out} is a file; evaluate writes a folder (metrics.json, roc.png, confusion.png): give a folder")
-    report = run_eval(target, data=data_spec, split=split, classes=classes, out=out, precision=precision, threads=threads)
+    report = run_eval(target, data=data_spec, split=split, classes=classes, out=out, precision=precision, threads=threads,
+                      quality=not no_quality)
 
     def human(r: dict[str, Any]) -> None:
         m, title = r["metrics"], f"{r['target']} via {r['evaluated_with']}, {r['data']['n']} images"
         rows = {split: m}
         if m.get("abstained"):  # the figures are over the classified frames, as `edgeclf run` decides
-            title += (f"; {m['abstained']} abstained (decided class's probability below min_confidence {m['min_confidence']:g}), figures over "
+            title += (f"; {m['abstained']} abstained ({_abstain_why(m)}), figures over "
                       f"the {m['n']} classified (coverage {_num(m.get('coverage'))})")
             rows[f"{split}, all frames"] = m["all_frames"]
         _print_metrics(rows, title)
@@ -830,7 +834,8 @@ def _check_backend_name(backend: str | None) -> None:
               "profiles without DLA).")
 @click.option("--workspace", "workspace_mb", type=click.IntRange(min=1), default=None, help="Builder workspace in MiB [default: the profile's].")
 @click.option("--max-batch", type=click.IntRange(min=1), default=8, show_default=True, help="Largest batch of the optimisation profile (min and opt 1); a DLA engine (--dla) has one fixed batch of 1.")
-@click.option("--cache", "cache", default=None, help="Engine folder [default: $EDGECLF_ENGINE_CACHE, else $XDG_CACHE_HOME/edgeclf/engines].")
+@click.option("--cache", "cache", default=None, help="Engine folder [default: $EDGECLF_ENGINE_CACHE, else $XDG_CACHE_HOME/edgeclf/engines, else "
+              "~/.cache/edgeclf/engines].")
 @click.option("--rebuild", is_flag=True, help="Build even when a valid engine is cached.")
 @click.option("--print-trtexec", is_flag=True, help="Print the equivalent trtexec command for the profile's TensorRT and build nothing.")
 @click.option("--trt-version", default=None, help="With --print-trtexec: the TensorRT version to write flags for [default: the profile's].")
@@ -839,8 +844,8 @@ def build_engine(bundle_path: str, device, precision: str, dla_core, workspace_m
                  print_trtexec: bool, trt_version, as_json: bool) -> None:
     """Build (or reuse) a TensorRT engine for a bundle on this device, in the per-user engine cache.
 
-    Engines are keyed by device profile, TensorRT version, compute capability, precision, DLA core and the
-    bundle's checksum; one built for anything else is rebuilt, never loaded.
+    Engines are keyed by device profile, TensorRT version, compute capability, GPU name, precision, DLA core, the
+    bundle's checksum, batch profile (min/opt/max) and workspace; one built for anything else is rebuilt, never loaded.
     """
     from edgeclf.runtime.engine import build_engine as run_build
     from edgeclf.runtime.engine import trtexec_for
@@ -1074,6 +1079,15 @@ def _ci(m: dict[str, Any], key: str) -> str:
     return _num(v) + (f" ({ci[0]:.3f}-{ci[1]:.3f})" if ci else "")
 
 
+def _abstain_why(m: dict[str, Any]) -> str:
+    """Why frames abstained, from a frame report's abstain_reasons (the confidence floor alone: said in words)."""
+    floor = f"decided class's probability below min_confidence {m['min_confidence']:g}"
+    reasons = m.get("abstain_reasons") or {}
+    if set(reasons) <= {"low_confidence"}:
+        return floor
+    return ", ".join(f"{n} {floor if k == 'low_confidence' else k}" for k, n in reasons.items())
+
+
 def _print_clips(c: dict[str, Any], title: str = "") -> None:
     rows = []
     for name, key in (("clip, mean probability", "clip_mean"), ("clip, majority vote", "clip_vote"), ("frame", "frame")):
@@ -1081,8 +1095,11 @@ def _print_clips(c: dict[str, Any], title: str = "") -> None:
         sens = ", ".join(f"{k} {_num(v['sensitivity'], '.2f')}" for k, v in m.get("per_class", {}).items())
         rows.append([name, m["n"], m.get("abstained", 0), _ci(m, "accuracy"), _ci(m, "balanced_accuracy"), sens])
     # n counts decided clips (frames); abstained ones are not in the figures, so they are shown beside them
+    # evaluate's frames are sampled: its figures are not over the frames run's clip decision aggregates
+    sampled = (f"{c['frames_per_clip']} sampled evenly per clip; `edgeclf run` aggregates every frame; "
+               if c.get("frames_per_clip") else "")
     click.echo(_table(["level", "n", "abstained", "accuracy (95% CI)", "balanced acc (95% CI)", "sensitivity"], rows,
-                      title or f"{c['clips']} clips, {c['frames']} frames (intervals: bootstrap over clips)"))
+                      title or f"{c['clips']} clips, {c['frames']} frames ({sampled}intervals: bootstrap over clips)"))
 
 
 def _print_cv(r: dict[str, Any]) -> None:

@@ -77,6 +77,11 @@ class Dataset:
     # The hash this data had before a split list's assignments and frames_per_clip were hashed (None where it
     # is data_hash): a run recorded then still matches it (`require_training_data`).
     former_hash: str | None = None
+    # clips: frame id -> why `edgeclf run` would abstain on that frame before classifying it, as its records'
+    # abstain_reason ("sector_warmup"; with load_dataset(quality=True) also the quality gate's reasons or
+    # "frame_error"); frames it classifies are absent. Evaluate abstains on them; training ignores it and learns
+    # from every sampled frame, as before (the frames and the data hash do not depend on it).
+    abstain: dict[str, str] = field(default_factory=dict)
 
     @property
     def sector_crops(self) -> bool:
@@ -172,7 +177,10 @@ def load_dataset(
     val_frac: float = 0.15,
     test_frac: float = 0.15,
     frames_per_clip: int = FRAMES_PER_CLIP,
+    quality: bool = False,
 ) -> Dataset:
+    """The data set of `spec`. `quality`: clips, run `edgeclf run`'s quality gate over each clip's frames and record
+    the frames it would stop in `Dataset.abstain` (evaluate; training needs no gate)."""
     class_map = parse_class_map(classes)
     if frames_per_clip < 1:
         raise DataError(f"frames per clip is {frames_per_clip}; sample at least 1 frame per clip")
@@ -190,7 +198,7 @@ def load_dataset(
             raise DataError(f"data file {spec} is not a MedMNIST .npz; give an .npz, a folder, or synthetic:ultrasound|xray")
         return _load_npz(path, class_map)
     return _load_folder(path, class_map, seed=seed, val_frac=val_frac, test_frac=test_frac, frames_per_clip=frames_per_clip,
-                        opts=opts)
+                        opts=opts, quality=quality)
 
 
 # -- synthetic ---------------------------------------------------------------------------------
@@ -664,9 +672,11 @@ class _Scan:
     list_hash: str | None = None
     # copies a split list drops, as (rel, group, label, []): checked for labels that disagree with their kept copy
     list_dropped: list[_Row] = field(default_factory=list)
+    # frame id -> why `edgeclf run` would not classify it (Dataset.abstain)
+    abstain: dict[str, str] = field(default_factory=dict)
 
 
-def _scan_folder(root: Path, class_map, opts: FolderOptions, frames_per_clip: int) -> _Scan:
+def _scan_folder(root: Path, class_map, opts: FolderOptions, frames_per_clip: int, quality: bool = False) -> _Scan:
     split_dirs = [root / s for s in SPLITS if (root / s).is_dir()]
     if split_dirs and not (root / "train").is_dir():
         raise DataError(f"{root} has {', '.join(p.name for p in split_dirs)} but no train/ folder; add it or remove the split folders")
@@ -702,6 +712,7 @@ def _scan_folder(root: Path, class_map, opts: FolderOptions, frames_per_clip: in
     left_out: dict[str, int] = defaultdict(int)  # class folders the class map does not name: files per folder
     short: list[int] = []  # clips that gave fewer than k frames: their frame counts
     no_lock = [0]  # roi=sector: clips in which the sector detector never locked
+    abstain: dict[str, str] = {}
     for top in tops:
         split_name = top.name if split_dirs else "pool"
         for d in _class_dirs(top):
@@ -731,7 +742,9 @@ def _scan_folder(root: Path, class_map, opts: FolderOptions, frames_per_clip: in
                         list_dropped.append((rel, entry[2], lookup[d.name], []))
                         continue  # a duplicate the list dropped
                     split_name = entry[1]
-                frames = _sample_clip(f, k, roi=opts.roi, no_lock=no_lock) if is_clips else [_read_image(f)]
+                frames, why = _sample_clip(f, k, roi=opts.roi, no_lock=no_lock, quality=quality) if is_clips \
+                    else ([_read_image(f)], [""])
+                abstain.update((fid, w) for fid, w in zip(_frame_ids(rel, len(frames)), why) if w)
                 if is_clips and len(frames) < k:
                     short.append(len(frames))
                 # Exact copies share a group so that they land on one side of the split; a clip's group is the
@@ -770,7 +783,8 @@ def _scan_folder(root: Path, class_map, opts: FolderOptions, frames_per_clip: in
                      f"{' after the sector lock' if opts.roi == 'sector' else ''}): all of their frames are used")
         log.warning(notes[-1])
     if no_lock[0]:
-        notes.append(f"{no_lock[0]} clip(s) with no sector found: their frames are kept whole")
+        notes.append(f"{no_lock[0]} clip(s) with no sector found: their frames are kept whole (evaluate abstains on them, "
+                     "sector_warmup, as `edgeclf run` does)")
         log.warning(notes[-1])
     if listed is not None:
         missing = len([r for r, e in listed.items() if e[1] in SPLITS and r.split("/", 1)[0] in lookup]) - len(rows)
@@ -779,7 +793,7 @@ def _scan_folder(root: Path, class_map, opts: FolderOptions, frames_per_clip: in
             log.warning(notes[-1])
     sources = _clip_sources(root) if is_clips else {}
     return _Scan(rows, names, is_clips, digest.hexdigest(), assigned, notes, bool(split_dirs), sources,
-                 listing.hexdigest() if listed is not None else None, list_dropped)
+                 listing.hexdigest() if listed is not None else None, list_dropped, abstain)
 
 
 def _mixed_groups(rows: list[_Row], names: list[str]) -> list[str]:
@@ -923,8 +937,8 @@ def _fold_split(rows: list[_Row], names: list[str], opts: FolderOptions, sources
 
 
 def _load_folder(root: Path, class_map, *, seed: int, val_frac: float, test_frac: float, frames_per_clip: int,
-                 opts: FolderOptions = _DEFAULT_OPTIONS, scan: _Scan | None = None) -> Dataset:
-    scan = scan or _scan_folder(root, class_map, opts, frames_per_clip)
+                 opts: FolderOptions = _DEFAULT_OPTIONS, scan: _Scan | None = None, quality: bool = False) -> Dataset:
+    scan = scan or _scan_folder(root, class_map, opts, frames_per_clip, quality)
     names, notes = scan.names, list(scan.notes)
     val_frac = opts.val if opts.val is not None else val_frac
     test_frac = opts.test if opts.test is not None else test_frac
@@ -975,7 +989,7 @@ def _load_folder(root: Path, class_map, *, seed: int, val_frac: float, test_frac
         modality="ultrasound" if scan.is_clips else "generic", notes=notes,
         sources={r[0]: _site(scan.sources[r[0]]) if r[0] in scan.sources else r[0] for r in scan.rows} if scan.is_clips else {},
         clip_source={r[0]: scan.sources.get(r[0], r[0]) for r in scan.rows} if scan.is_clips else {},
-        former_hash=former_hash if former_hash != data_hash else None,
+        former_hash=former_hash if former_hash != data_hash else None, abstain=scan.abstain,
     )
 
 
@@ -1027,10 +1041,16 @@ def load_folds(spec: str, folds: int, *, classes: str | None = None, seed: int =
     ]
 
 
-def _sample_clip(path: Path, k: int, roi: str = "none", no_lock: list[int] | None = None) -> list[np.ndarray]:
+def _sample_clip(path: Path, k: int, roi: str = "none", no_lock: list[int] | None = None,
+                 quality: bool = False) -> tuple[list[np.ndarray], list[str]]:
     """k frames evenly spaced over the clip, decoded through the runtime's own video source. With
     roi="sector" every frame goes through the runtime's SectorDetector as `edgeclf run --roi sector` feeds it,
-    and the frames are sampled from the first lock on (before it the runtime abstains with sector_warmup)."""
+    and the frames are sampled from the first lock on (before it the runtime abstains with sector_warmup).
+
+    Returns (frames, reasons): per sampled frame, the abstain_reason `edgeclf run`'s records would give it before
+    classifying it, "" where run classifies it: "sector_warmup" while the detector is provisional (a clip that never
+    locks: every frame); with `quality`, run's default QualityGate's reasons joined by "," or "frame_error"."""
+    from edgeclf.runtime.pipeline import FRAME_ERROR, SECTOR_WARMUP
     from edgeclf.runtime.sources import open_source
 
     try:
@@ -1041,32 +1061,60 @@ def _sample_clip(path: Path, k: int, roi: str = "none", no_lock: list[int] | Non
     if not frames:
         raise DataError(f"clip {path} has no decodable frames; remove or re-encode it")
     start, sectors = 0, None
+    why = [""] * len(frames)
     if roi == "sector":
         from edgeclf.runtime.sector import SectorDetector
 
         det = SectorDetector()
-        sectors = [det.update(f) for f in frames]
+        sectors = []
+        for i, f in enumerate(frames):
+            sectors.append(det.update(f))
+            if det.provisional:  # pipeline.produce(): no crop yet, not classified nor gated
+                why[i] = SECTOR_WARMUP
         first = next((i for i, s in enumerate(sectors) if s.locked), None)
         if first is None:
-            log.warning("clip %s: no sector found; its frames stay whole", path.name)
+            log.warning("clip %s: no sector found; its frames stay whole (evaluate abstains on them: %s)", path.name,
+                        SECTOR_WARMUP)
             if no_lock is not None:
                 no_lock[0] += 1  # counted in the data set's notes
         start = first or 0
     idx = start + np.unique(np.linspace(0, len(frames) - 1 - start, num=min(k, len(frames) - start)).round().astype(int))
+    if quality:
+        from edgeclf.runtime.quality import QualityGate
+
+        gate = QualityGate()  # run's defaults; one per clip, as run resets it at each new segment
+        # Every frame up to the last sampled one, in order, as pipeline.produce() feeds the gate: its frozen run and
+        # texture baseline depend on the frames between the sampled ones. The whole frame, with the sector's mask.
+        for i in range(int(idx[-1]) + 1):
+            if why[i]:
+                continue
+            mask = sectors[i].mask if sectors is not None and sectors[i].kind != "full" else None
+            try:
+                why[i] = ",".join(gate.check(frames[i], mask).reasons)
+            except DataError as exc:  # run: this frame abstains with frame_error, the clip goes on
+                log.warning("clip %s, frame %d: the quality gate failed on it (%s); it abstains with %s", path.name, i,
+                            " ".join(str(exc).split())[:300], FRAME_ERROR)
+                why[i] = FRAME_ERROR
+    reasons = [why[i] for i in idx]
     if sectors is None:
-        return [_gray_if_equal(frames[i]) for i in idx]
+        return [_gray_if_equal(frames[i]) for i in idx], reasons
     from edgeclf.runtime.sector import apply_sector
 
-    return [_gray_if_equal(np.ascontiguousarray(apply_sector(frames[i], sectors[i]))) for i in idx]
+    return [_gray_if_equal(np.ascontiguousarray(apply_sector(frames[i], sectors[i]))) for i in idx], reasons
+
+
+def _frame_ids(rel: str, n: int) -> list[str]:
+    """The frame ids of a row of `n` frames: its relative path alone for one frame, else `rel#j`."""
+    return [rel] if n == 1 else [f"{rel}#{j}" for j in range(n)]
 
 
 def _to_split(rows: list[tuple[str, str, int, list[np.ndarray]]]) -> Split:
     images, labels, ids, groups = [], [], [], []
     for rel, group, label, frames in rows:
-        for j, im in enumerate(frames):
+        for fid, im in zip(_frame_ids(rel, len(frames)), frames):
             images.append(im)
             labels.append(label)
-            ids.append(rel if len(frames) == 1 else f"{rel}#{j}")
+            ids.append(fid)
             groups.append(group)
     return Split(images=images, labels=np.asarray(labels, np.int64), ids=ids, groups=groups)
 

@@ -68,21 +68,31 @@ def _abstained(probs: np.ndarray, task: str, rule: Any, min_confidence: float) -
 
 
 def _frame_metrics(probs: np.ndarray, y: np.ndarray, task: str, rule: Any, labels: list[str], groups: list[str],
-                   min_confidence: float, n_boot: int, seed: int = 0) -> dict[str, Any]:
-    """Frame figures as `edgeclf run` decides: over the classified frames, those whose decided class's probability reaches the
-    bundle's `min_confidence` (probs (N, K) float, y (N,) or (N, K)), with abstained, coverage (classified / N) and
-    min_confidence beside them. With frames abstained, `all_frames` holds the figures at 100% coverage (every frame
-    decided, the floor ignored); when every frame abstained the figures are None (undefined). `seed` seeds the
-    bootstrap intervals (evaluate passes the model's training seed, so that training's own test figures come out the same)."""
+                   min_confidence: float, n_boot: int, seed: int = 0, why: list[str] | None = None) -> dict[str, Any]:
+    """Frame figures as `edgeclf run` decides: over the classified frames, those run does not stop before classifying
+    (`why`: per frame its abstain reason, "" for none: see Dataset.abstain) and whose decided class's probability
+    reaches the bundle's `min_confidence` (probs (N, K) float, y (N,) or (N, K)), with abstained, abstain_reasons
+    (frames per reason, as run's summary counts them), coverage (classified / N) and min_confidence beside them. With
+    frames abstained, `all_frames` holds the figures at 100% coverage (every frame decided, the gate and the floor
+    ignored); when every frame abstained the figures are None (undefined). `seed` seeds the bootstrap intervals
+    (evaluate passes the model's training seed, so that training's own test figures come out the same)."""
     from edgeclf.metrics import evaluate_predictions
+    from edgeclf.runtime.smoothing import ABSTAIN_LOW_CONFIDENCE
 
-    kept = ~_abstained(probs, task, rule, min_confidence)
+    why = why if why is not None else [""] * len(probs)
+    gated = np.array([bool(w) for w in why], bool)
+    low = _abstained(probs, task, rule, min_confidence) & ~gated
+    kept = ~(gated | low)
     n, n_kept = len(kept), int(kept.sum())
-    beside = {"abstained": n - n_kept, "coverage": n_kept / n if n else None, "min_confidence": float(min_confidence)}
+    reasons: dict[str, int] = {}
+    for w in [w for w in why if w] + [ABSTAIN_LOW_CONFIDENCE] * int(low.sum()):
+        reasons[w] = reasons.get(w, 0) + 1
+    beside = {"abstained": n - n_kept, "abstain_reasons": reasons, "coverage": n_kept / n if n else None,
+              "min_confidence": float(min_confidence)}
     if n_kept == n:
         return {**evaluate_predictions(probs, y, task, rule, labels, n_boot=n_boot, seed=seed, groups=groups), **beside}
-    log.info("%d of %d frames abstained (decided class's probability below min_confidence %.3f): figures over the %d classified",
-             n - n_kept, n, min_confidence, n_kept)
+    log.info("%d of %d frames abstained (%s): figures over the %d classified", n - n_kept, n,
+             ", ".join(f"{k} {v}" for k, v in reasons.items()), n_kept)
     every = evaluate_predictions(probs, y, task, rule, labels, n_boot=n_boot, seed=seed, groups=groups)
     if n_kept:
         figures = evaluate_predictions(probs[kept], y[kept], task, rule, labels, n_boot=n_boot, seed=seed,
@@ -107,8 +117,12 @@ def evaluate(
     precision: str | None = None,
     n_boot: int = 1000,
     threads: int | None = None,
+    quality: bool = True,
 ) -> dict[str, Any]:
-    """Evaluate a training folder or a bundle on a data split; writes metrics.json and PNGs into `out`."""
+    """Evaluate a training folder or a bundle on a data split; writes metrics.json and PNGs into `out`.
+
+    On clips, the frames `edgeclf run` would not classify abstain here too: before the sector locks (roi=sector) and,
+    with `quality` (on by default, as in run; off as `run --no-quality`), those its quality gate stops."""
     from edgeclf.metrics import plot_confusion, plot_roc
 
     path = Path(target)
@@ -156,14 +170,17 @@ def evaluate(
     data_spec = _with_recorded_options(data_spec, recorded)
     if sector:
         data_spec = _sector_spec(data_spec, str(target))
+    fpc = int(train_cfg.get("frames_per_clip", 8))
     ds = load_dataset(data_spec, classes=classes if classes is not None else recorded.get("classes"), seed=seed,
-                      frames_per_clip=int(train_cfg.get("frames_per_clip", 8)))
+                      frames_per_clip=fpc, quality=quality)
     if split != "all":  # re-splitting changed data can move training images into the held-out split
         require_training_data(ds, recorded, data_given=data, use=f"its {split} split is no longer the one held out in training",
                               fix="evaluate with --split all on new data, or retrain")
     if ds.labels != labels or ds.task != task:
         raise ConfigError(f"data {data_spec} has {ds.task} labels {ds.labels}; the model has {task} labels {labels}; use --classes to map them")
     sp = ds.split(split)
+    why = [ds.abstain.get(i, "") for i in sp.ids]  # frames run would not classify: abstained here too
+    stopped = np.array([bool(w) for w in why], bool)
     pre = Preprocessor(spec)
     x = pre.batch(sp.images)
     probs = probabilities(infer(x), task, temperature)
@@ -176,25 +193,29 @@ def evaluate(
         "evaluated_with": source,
         "data": {"spec": data_spec, "split": split, "n": len(sp), "hash": ds.data_hash},
         # Bootstrap seeded with the model's training seed (as training's own test figures are): one model, one interval.
-        "metrics": _frame_metrics(probs, sp.labels, task, rule, labels, sp.groups, min_confidence, n_boot, seed=seed),
+        "metrics": _frame_metrics(probs, sp.labels, task, rule, labels, sp.groups, min_confidence, n_boot, seed=seed, why=why),
     }
     if ds.kind == "clips" and task != "multilabel":
         from edgeclf.metrics import clip_metrics
 
         # Clip-level figures: the aggregation `edgeclf run` applies at the end of a clip (edgeclf.runtime.clips).
-        report["clips"] = clip_metrics(probs, sp.labels, sp.ids, rule, labels, min_confidence=min_confidence, n_boot=n_boot, seed=seed)
+        report["clips"] = clip_metrics(probs, sp.labels, sp.ids, rule, labels, min_confidence=min_confidence, n_boot=n_boot, seed=seed,
+                                       stopped=stopped)
+        # Sampled frames, not every frame as run's clip decision: said beside the figures (short clips give all theirs).
+        report["clips"]["frames_per_clip"] = split_spec(ds.spec)[1].frames or fpc
     if out:
         o = Path(out)
         o.mkdir(parents=True, exist_ok=True)
         (o / "metrics.json").write_text(json.dumps(report, indent=2))
-        # The figures' frames: the classified ones (all of them without a confidence floor).
-        kept = ~_abstained(probs, task, rule, min_confidence)
+        # The figures' frames: the classified ones (all of them without a confidence floor or a stopped frame).
+        kept = ~_abstained(probs, task, rule, min_confidence) & ~stopped
         files = ["metrics.json"]
         if kept.any():
             plot_roc(probs[kept], sp.labels[kept], task, labels, o / "roc.png", positive=rule.positive if rule.positive is not None else 1)
             files.append("roc.png")
         else:
-            log.warning("every frame abstained (decided class's probability below min_confidence %.3f): no roc.png", min_confidence)
+            log.warning("every frame abstained (%s): no roc.png",
+                        ", ".join(f"{k} {v}" for k, v in report["metrics"]["abstain_reasons"].items()))
         n_abs = report["metrics"]["abstained"]
         plot_confusion(report["metrics"]["confusion_matrix"], labels, o / "confusion.png",
                        title=f"{path.name} on {split}" + (f" ({n_abs} abstained)" if n_abs else ""))

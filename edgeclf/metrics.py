@@ -370,6 +370,7 @@ def clip_metrics(
     seed: int = 0,
     clusters: Mapping[str, str] | None = None,
     cluster_unit: str = "source",
+    stopped: npt.ArrayLike | None = None,
 ) -> dict[str, Any]:
     """Clip-level figures from frame probabilities (N, K) and frame ids `clip#j`, aggregated by
     `edgeclf.runtime.clips.aggregate_clip` (mean probability and majority vote, abstained frames excluded),
@@ -378,7 +379,10 @@ def clip_metrics(
 
     clusters: clip -> where it came from (e.g. its source). Clips of one source share a scanner, a screen
     layout and often a patient, so they are not independent: the clip figures then also carry intervals
-    bootstrapped over those clusters ("clustered"), wider and the honest ones for a new site."""
+    bootstrapped over those clusters ("clustered"), wider and the honest ones for a new site.
+
+    stopped: per frame, whether `edgeclf run` would not classify it (its quality gate, a sector not locked yet):
+    abstained, in the frame figure and in its clip's aggregation (a None frame), whatever its probabilities."""
     from edgeclf.runtime.clips import aggregate_clip, clip_of, group_frames
 
     p = np.asarray(probs, dtype=np.float64)
@@ -398,7 +402,10 @@ def clip_metrics(
         sel = fold == f
         if sel.any():
             frame_dec[sel] = decide(p[sel], rule)
-    frame_dec[abstained_frames(p, min_confidence, frame_dec)] = -1
+    gate = np.zeros(len(y), bool) if stopped is None else np.asarray(stopped, bool).reshape(-1)
+    if len(gate) != len(y):
+        raise ConfigError(f"{len(gate)} stopped flags for {len(y)} frames; give one per frame")
+    frame_dec[abstained_frames(p, min_confidence, frame_dec) | gate] = -1
     clips = group_frames(frame_ids)
     clip_ids = [clip_of(i) for i in frame_ids]
     per_clip, cy, cmean, cvote = [], [], [], []
@@ -408,7 +415,8 @@ def clip_metrics(
             raise DataError(f"clip {cid} has frames of several classes {sorted(labs)}; clip labels must be one class")
         if len(set(fold[rows].tolist())) != 1:  # its frames were decided by several rules: the clip has no one rule
             raise DataError(f"clip {cid} has frames in several folds {sorted(set(fold[rows].tolist()))}; a clip is held out whole")
-        res = aggregate_clip(list(p[rows]), rule=rule_list[int(fold[rows[0]])], min_confidence=min_confidence)
+        res = aggregate_clip([None if gate[r] else p[r] for r in rows], rule=rule_list[int(fold[rows[0]])],
+                             min_confidence=min_confidence)
         cy.append(int(y[rows[0]]))
         cmean.append(-1 if res.mean is None else res.mean)
         cvote.append(-1 if res.vote is None else res.vote)

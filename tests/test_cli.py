@@ -286,6 +286,61 @@ def test_clip_table_shows_abstained_clips_and_run_names_the_shown_label_majority
     assert "shown labels (after smoothing): most frames a" in out and "clip decision (as `edgeclf evaluate`" in out
 
 
+def test_evaluate_clip_table_names_the_sampling(tmp_path: Path) -> None:
+    """`edgeclf evaluate` aggregates k frames sampled per clip, `edgeclf run` every frame: the printed clip table and its
+    JSON must say so, else the two printed figures read as one aggregation over the same frames."""
+    cv2 = pytest.importorskip("cv2")
+    from click.testing import CliRunner
+
+    from edgeclf.cli import cli
+    from tests.runtime.tiny_bundle import make_tiny_bundle
+
+    rng = np.random.default_rng(0)
+    b = make_tiny_bundle(tmp_path / "b")
+    labels = json.loads((b / "manifest.json").read_text())["labels"]
+    for c in labels:
+        (tmp_path / "clips" / c).mkdir(parents=True)
+        vw = cv2.VideoWriter(str(tmp_path / "clips" / c / "a.avi"), cv2.VideoWriter_fourcc(*"MJPG"), 10, (64, 64))
+        for _ in range(40):
+            vw.write(cv2.cvtColor(rng.integers(30, 220, (64, 64), dtype=np.uint8), cv2.COLOR_GRAY2BGR))
+        vw.release()
+    args = ["evaluate", "--model", str(b), "--data", str(tmp_path / "clips"), "--split", "all", "--classes", ",".join(labels)]
+    res = CliRunner().invoke(cli, args)
+    assert res.exit_code == 0, res.output
+    assert f"{len(labels)} clips, 24 frames (8 sampled evenly per clip; `edgeclf run` aggregates every frame" in res.output
+    res = CliRunner().invoke(cli, [*args, "--json"])
+    assert res.exit_code == 0 and json.loads(res.output)["clips"]["frames_per_clip"] == 8, res.output
+
+
+def test_clip_table_without_a_sampling_says_none(capsys: pytest.CaptureFixture[str]) -> None:
+    """Reports that record no frames_per_clip (cross-validation's pooled figures, older metrics.json) keep their title."""
+    from edgeclf.cli import _abstain_why, _print_clips
+
+    m = {"n": 8, "abstained": 0, "accuracy": 0.75, "balanced_accuracy": 0.7, "per_class": {"a": {"sensitivity": 0.5}}}
+    _print_clips({"clips": 8, "frames": 64, "clip_mean": m, "clip_vote": m, "frame": m})
+    assert capsys.readouterr().out.startswith("8 clips, 64 frames (intervals: bootstrap over clips)")
+    # The frame table's title names why frames abstained: the floor in words, the gate's reasons as run counts them.
+    assert _abstain_why({"min_confidence": 0.8, "abstain_reasons": {"low_confidence": 3}}) == \
+        "decided class's probability below min_confidence 0.8"
+    assert _abstain_why({"min_confidence": 0.8, "abstain_reasons": {"blank": 4, "low_confidence": 1}}) == \
+        "4 blank, 1 decided class's probability below min_confidence 0.8"
+
+
+def test_build_engine_help_names_the_whole_cache_key_and_default_folder() -> None:
+    """The help must say what runtime/engine.py keys engines by (GPU name, batch profile and workspace too) and where
+    they go without $EDGECLF_ENGINE_CACHE and $XDG_CACHE_HOME (~/.cache/edgeclf/engines)."""
+    from edgeclf.runtime.engine import KEY_FIELDS
+
+    r = run_cli("build-engine", "--help")
+    assert r.returncode == 0, r.stderr
+    text = " ".join(r.stdout.split())
+    for part in ("device profile", "TensorRT version", "compute capability", "GPU name", "precision", "DLA core",
+                 "bundle's checksum", "batch profile", "workspace"):
+        assert part in text, part
+    assert len(KEY_FIELDS) == 9  # one named above per key field: a new one must be named in the help too
+    assert "$XDG_CACHE_HOME/edgeclf/engines, else ~/.cache/edgeclf/engines" in text
+
+
 def test_cv_summary_names_the_recipes_reported_clip_figure(capsys: pytest.CaptureFixture[str]) -> None:
     from edgeclf.cli import _print_cv
 

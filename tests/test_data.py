@@ -912,6 +912,102 @@ def test_sector_crop_of_clips(tmp_path: Path) -> None:
     assert cropped.sector_crops and not plain.sector_crops
 
 
+def _video(path: Path, frames: list[np.ndarray]) -> Path:
+    """MJPG .avi of gray frames, as given."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    h, w = frames[0].shape
+    vw = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 10, (w, h))
+    for f in frames:
+        vw.write(cv2.cvtColor(f, cv2.COLOR_GRAY2BGR))
+    vw.release()
+    return path
+
+
+def _speckle(rng: np.random.Generator, n: int) -> list[np.ndarray]:
+    return [rng.integers(30, 220, (64, 64), dtype=np.uint8) for _ in range(n)]
+
+
+def _fan(rng: np.random.Generator, black: bool = False) -> np.ndarray:
+    """A speckle rectangle on a black screen (the sector detector locks on it after its 8-frame warm-up); `black`: the
+    rectangle gone dark (a frozen-to-black output)."""
+    f = np.zeros((96, 96), np.uint8)
+    if not black:
+        f[16:80, 24:72] = rng.integers(40, 220, (64, 48), dtype=np.uint8)
+    return f
+
+
+def test_clip_frames_the_quality_gate_stops_are_flagged_for_evaluation(tmp_path: Path) -> None:
+    """`edgeclf run` does not classify the frames its quality gate stops (4 black frames of a fade-in: "blank"); evaluate
+    must know them to abstain on them too. Only a load asked to gate (evaluate) flags them: training's frames, their
+    flags and the data hash are unchanged."""
+    from edgeclf.data import _sample_clip
+
+    rng = np.random.default_rng(2)
+    root = tmp_path / "clips"
+    clip = _video(root / "a" / "x.avi", [np.zeros((64, 64), np.uint8)] * 4 + _speckle(rng, 4))
+    _video(root / "b" / "y.avi", _speckle(rng, 8))
+    frames, why = _sample_clip(clip, 8, quality=True)
+    assert len(frames) == 8 and why == ["blank"] * 4 + [""] * 4
+    assert _sample_clip(clip, 8)[1] == [""] * 8  # no gate asked (training, evaluate --no-quality)
+    gated, plain = load_dataset(str(root), quality=True), load_dataset(str(root))
+    assert gated.abstain == {f"a/x.avi#{j}": "blank" for j in range(4)} and plain.abstain == {}
+    assert gated.data_hash == plain.data_hash and gated.split_lists() == plain.split_lists()
+
+
+def test_the_gate_sees_every_frame_of_the_clip_not_only_the_sampled_ones(tmp_path: Path) -> None:
+    """A still clip (20 identical frames) is "frozen" for run's gate from its 16th frame on: the gate's frozen run counts
+    every frame between two sampled ones, as run feeds them. Fed the 2 sampled frames alone it would see none."""
+    from edgeclf.data import _sample_clip
+
+    clip = _video(tmp_path / "still.avi", _speckle(np.random.default_rng(0), 1) * 20)
+    assert _sample_clip(clip, 2, quality=True)[1] == ["", "frozen"]
+
+
+def test_sector_clip_flags_match_the_frames_run_does_not_classify(tmp_path: Path) -> None:
+    """Frame by frame, the reasons a sector clip's frames get are those of `edgeclf run --roi sector`'s records: warm-up
+    before the lock (not sampled), "blank" for frames gone black inside the locked sector (the gate judges the sector,
+    through its mask), nothing for the classified ones."""
+    import json
+
+    from edgeclf.data import _sample_clip
+    from edgeclf.runtime.app import run_bundle
+    from edgeclf.runtime.bundle import write_checksums
+    from tests.runtime.tiny_bundle import make_tiny_bundle
+
+    rng = np.random.default_rng(0)
+    clip = _video(tmp_path / "fan.avi", [_fan(rng) for _ in range(15)] + [_fan(rng, True) for _ in range(4)]
+                  + [_fan(rng) for _ in range(3)])
+    b = make_tiny_bundle(tmp_path / "b")
+    m = json.loads((b / "manifest.json").read_text())
+    m["preprocess"]["sector"] = True
+    (b / "manifest.json").write_text(json.dumps(m))
+    write_checksums(b)
+    run_bundle(str(b), str(clip), out=str(tmp_path / "run.jsonl"))
+    recs = [json.loads(line) for line in (tmp_path / "run.jsonl").read_text().splitlines()]
+    run_why = [r["abstain_reason"] if r["probs"] is None else "" for r in recs]
+    start = run_why.count("sector_warmup")
+    assert start == 7 and run_why[:start] == ["sector_warmup"] * start
+    frames, why = _sample_clip(clip, 100, roi="sector", quality=True)  # every frame from the lock on
+    assert len(frames) == len(recs) - start and why == run_why[start:] and why.count("blank") == 4
+
+
+def test_sector_clip_that_never_locks_is_flagged_sector_warmup(tmp_path: Path) -> None:
+    """A clip shorter than the detector's warm-up never locks: run abstains on every frame (sector_warmup). Its frames
+    stay whole for training (as before), flagged so that evaluate abstains on them with that reason, gate or not."""
+    from edgeclf.data import _sample_clip
+
+    rng = np.random.default_rng(0)
+    root = tmp_path / "clips"
+    short = _video(root / "a" / "short.avi", [_fan(rng) for _ in range(6)])
+    _video(root / "b" / "long.avi", [_fan(rng) for _ in range(15)])
+    for quality in (False, True):
+        frames, why = _sample_clip(short, 4, roi="sector", quality=quality)
+        assert why == ["sector_warmup"] * 4 and all(f.shape[:2] == (96, 96) for f in frames)  # whole
+    ds = load_dataset(f"{root}?roi=sector&frames=4")
+    assert ds.abstain == {f"a/short.avi#{j}": "sector_warmup" for j in range(4)}
+    assert any("1 clip(s) with no sector found" in n and "sector_warmup" in n for n in ds.notes), ds.notes
+
+
 def test_spec_name_keeps_no_workstation_path() -> None:
     from edgeclf.data import spec_name
 

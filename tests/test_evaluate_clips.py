@@ -195,3 +195,131 @@ def test_cross_validation_intervals_cluster_by_the_grouping_the_folds_used(clip_
     for key in ("clip_mean", "clip_vote"):
         c = res["pooled_out_of_fold"][key]["clustered"]
         assert c["unit"] == "site" and c["clusters"] == 3
+
+
+# -- evaluate abstains on the frames `edgeclf run` does not classify ---------------------------------------------------
+
+_LABELS = ["normal", "cyst", "mass"]
+
+
+def _video(path: Path, frames: list[np.ndarray]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    h, w = frames[0].shape
+    vw = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 10, (w, h))
+    for f in frames:
+        vw.write(cv2.cvtColor(f, cv2.COLOR_GRAY2BGR))
+    vw.release()
+    return path
+
+
+def _fan(rng: np.random.Generator, n: int) -> list[np.ndarray]:
+    """A speckle rectangle on a black screen: the sector detector locks on it after its 8-frame warm-up."""
+    out = []
+    for _ in range(n):
+        f = np.zeros((96, 96), np.uint8)
+        f[16:80, 24:72] = rng.integers(40, 220, (64, 48), dtype=np.uint8)
+        out.append(f)
+    return out
+
+
+def _tiny_bundle(folder: Path, *, sector: bool = False, seed: int = 0) -> Path:
+    from edgeclf.runtime.bundle import write_checksums
+    from tests.runtime.tiny_bundle import make_tiny_bundle
+
+    b = make_tiny_bundle(folder, seed=seed)
+    m = json.loads((b / "manifest.json").read_text())
+    m["preprocess"]["sector"] = sector
+    (b / "manifest.json").write_text(json.dumps(m))
+    write_checksums(b)
+    return b
+
+
+def _offline_and_run(b: Path, root: Path, clip: Path, tmp: Path, **kw: object) -> tuple[dict, dict, dict]:
+    """(evaluate's report on the whole folder, 8 frames per clip; its per-clip entry for `clip`; `edgeclf run`'s
+    summary on `clip`)."""
+    from edgeclf.evaluate import evaluate
+    from edgeclf.runtime.app import run_bundle
+
+    rep = evaluate(str(b), data=f"{root}?frames=8", split="all", classes=",".join(_LABELS), n_boot=0, **kw)  # type: ignore[arg-type]
+    mine = {p["clip"]: p for p in rep["clips"]["per_clip"]}[clip.relative_to(root).as_posix()]
+    return rep, mine, run_bundle(str(b), str(clip), out=str(tmp / "run.jsonl"))
+
+
+def _gated_clips(tmp_path: Path) -> tuple[Path, Path, Path]:
+    """4 black frames (a fade-in: the gate's "blank") then 4 live ones: 8 frames, as many as evaluate samples, so
+    that evaluate and run see the very same frames."""
+    rng = np.random.default_rng(2)
+    root = tmp_path / "clips"
+    clip = _video(root / "normal" / "a.avi", [np.zeros((64, 64), np.uint8)] * 4
+                  + [rng.integers(30, 220, (64, 64), dtype=np.uint8) for _ in range(4)])
+    for c in _LABELS[1:]:
+        _video(root / c / "f.avi", [rng.integers(30, 220, (64, 64), dtype=np.uint8) for _ in range(8)])
+    return _tiny_bundle(tmp_path / "b", seed=2), root, clip
+
+
+def test_evaluate_abstains_on_the_frames_runs_quality_gate_stops(tmp_path: Path) -> None:
+    """`edgeclf run` abstains on the 4 black frames (its quality gate: "blank"), so evaluate's frame figures count them
+    as abstained, with run's reason; with --no-quality (as `run --no-quality`) they are classified."""
+    from edgeclf.evaluate import evaluate
+
+    b, root, clip = _gated_clips(tmp_path)
+    rep, mine, s = _offline_and_run(b, root, clip, tmp_path)
+    assert s["abstain_reasons"].get("blank") == 4
+    m = rep["metrics"]
+    assert m["abstained"] == 4 and m["abstain_reasons"] == {"blank": 4} and m["n"] == 20 and m["all_frames"]["n"] == 24
+    assert mine["frames"] == 8
+    ungated = evaluate(str(b), data=f"{root}?frames=8", split="all", classes=",".join(_LABELS), n_boot=0, quality=False)
+    assert ungated["metrics"]["abstained"] == 0 and ungated["metrics"]["abstain_reasons"] == {}
+
+
+def test_evaluate_clip_decision_leaves_out_the_gated_frames_as_run_does(tmp_path: Path) -> None:
+    """Same bundle, same video, same 8 frames: the clip decision comes from run's 4 classified frames."""
+    b, root, clip = _gated_clips(tmp_path)
+    _, mine, s = _offline_and_run(b, root, clip, tmp_path)
+    dev = s["clip"]["decision"]
+    assert dev["used"] == 4
+    assert (mine["mean"], mine["vote"], mine["used"]) == (dev["mean_label"], dev["vote_label"], dev["used"])
+    assert mine["mean_probs"] == pytest.approx(list(dev["mean_probs"].values()), abs=1e-4)
+
+
+def _sector_clips(tmp_path: Path) -> tuple[Path, Path, Path, Path]:
+    """A sector-trained bundle; normal/short.avi (6 frames, shorter than the warm-up: never locks), and 15-frame clips
+    that lock at their 8th frame."""
+    rng = np.random.default_rng(0)
+    root = tmp_path / "clips"
+    short = _video(root / "normal" / "short.avi", _fan(rng, 6))
+    long = _video(root / "normal" / "long.avi", _fan(rng, 15))
+    for c in _LABELS[1:]:
+        _video(root / c / "f.avi", _fan(rng, 15))
+    return _tiny_bundle(tmp_path / "b", sector=True), root, short, long
+
+
+def test_evaluate_abstains_on_a_clip_whose_sector_never_locks(tmp_path: Path) -> None:
+    """Run abstains on every frame of a clip whose sector never locks (sector_warmup: no crop a sector model has seen);
+    evaluate no longer feeds those whole frames to the model: they are abstained, with that reason. A clip that locks
+    is classified from the lock on, as run classifies it."""
+    b, root, short, long = _sector_clips(tmp_path)
+    rep, mine, s = _offline_and_run(b, root, short, tmp_path)
+    assert s["sector_warmup"] == 6 and s["clip"]["decision"]["used"] == 0
+    m = rep["metrics"]
+    assert m["abstain_reasons"] == {"sector_warmup": 6} and m["abstained"] == 6 and mine["frames"] == 6
+    rep, mine, s = _offline_and_run(b, root, long, tmp_path)
+    dev = s["clip"]["decision"]
+    assert s["sector_warmup"] == 7 and dev["used"] == 8 and mine["used"] == 8
+    assert mine["mean_probs"] == pytest.approx(list(dev["mean_probs"].values()), abs=1e-4)
+
+
+def test_evaluate_gives_no_clip_decision_where_the_sector_never_locks(tmp_path: Path) -> None:
+    b, root, short, _ = _sector_clips(tmp_path)
+    _, mine, s = _offline_and_run(b, root, short, tmp_path)
+    dev = s["clip"]["decision"]
+    assert dev["mean_label"] is None
+    assert (mine["mean"], mine["vote"], mine["used"]) == (dev["mean_label"], dev["vote_label"], dev["used"]) == (None, None, 0)
+
+
+def test_evaluate_clip_report_says_its_frames_are_sampled(tmp_path: Path) -> None:
+    """Run's clip decision is over every frame; evaluate's over k sampled per clip: the report records k."""
+    from edgeclf.evaluate import evaluate
+
+    b, root, _ = _gated_clips(tmp_path)
+    assert evaluate(str(b), data=f"{root}?frames=3", split="all", classes=",".join(_LABELS), n_boot=0)["clips"]["frames_per_clip"] == 3
