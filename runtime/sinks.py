@@ -140,7 +140,8 @@ class JsonlSink(Sink):
         a second and loses at most about a second of results; :func:`read_jsonl` tolerates the torn
         last line such a loss can leave.
     A write or fsync that fails (a full disk: ENOSPC, a failing one: EIO) is never skipped: the partial
-    line is cut off again (the file keeps whole lines only), the sink remembers the failure (``failed``)
+    line is cut off again (the file keeps whole lines only; a line whose own fsync failed is cut off and not
+    counted too, as the sinks after this one never get that result), the sink remembers the failure (``failed``)
     and raises EdgeclfError naming the file and how many results it holds against how many were
     produced; every later write raises the same, and close() does not raise it a second time.
     ``sync()`` fsyncs now when lines are unsynced, whatever `fsync_every` says (even None): the pipeline calls
@@ -223,7 +224,8 @@ class JsonlSink(Sink):
         """Lines written since the last fsync (all of them when fsync is off)."""
         return self.written - self._synced
 
-    def _sync(self, f: Any) -> None:
+    def _sync(self, f: Any, lines: Optional[int] = None) -> None:
+        """fsync `f`; on success `lines` (default: ``written``) are the lines on disk."""
         os.fsync(f.fileno())
         if not self._dir_synced:  # the new file's directory entry must survive too
             self._dir_synced = True
@@ -236,22 +238,34 @@ class JsonlSink(Sink):
             except OSError:  # not supported everywhere (e.g. Windows); the file's own fsync still holds
                 logger.debug("directory fsync not supported for %s", self.path)
         self.fsyncs += 1
-        self._synced = self.written
+        self._synced = self.written if lines is None else lines
         self._last_sync = time.monotonic()
 
     def _fail(self, f: Any, exc: OSError, doing: str) -> None:
-        """Cut a partly written line off, remember the failure and raise it as one line."""
+        """Cut a partly written (or written but unsynced) line off, remember the failure and raise it as one line.
+
+        doing: "write" (the line did not go out whole), "sync line" (it went out but its fsync failed: it is cut
+        off too, so the file never holds a result the sinks after this one did not get) or "sync" (sync())."""
+        cut = ""
         try:
             f.truncate(self._bytes)
-        except (OSError, ValueError, AttributeError):  # /dev/full and pipes cannot be truncated
-            logger.debug("could not cut a partial line from %s", self.path)
+        except (OSError, ValueError, AttributeError) as cut_exc:  # /dev/full and pipes cannot be truncated
+            logger.debug("could not cut a partial line from %s: %s", self.path, cut_exc)
+            cut = f" (it could not be cut off again: result {self.written + 1} may be in the file too)"
         why = exc.strerror or str(exc) or type(exc).__name__
+        earlier = " after the earlier runs' results" if self.append else ""
         if doing == "write":
-            earlier = " after the earlier runs' results" if self.append else ""
             self.failed = (
                 f"writing result {self.written + 1} to {self.path} failed ({why}); the file holds {self.written} "
                 f"whole results of the {self.written + 1} produced so far{earlier} and the run stopped there; free space "
                 "or choose another --out"
+            )
+        elif doing == "sync line":
+            unsafe = f" (the last {self.unsynced} may not survive a power loss)" if self.unsynced else ""
+            self.failed = (
+                f"syncing result {self.written + 1} to {self.path} to disk failed ({why}); the file holds {self.written} "
+                f"whole results{unsafe} of the {self.written + 1} produced so far{earlier}{cut} and the run stopped "
+                "there; check the disk or choose another --out"
             )
         else:
             self.failed = (
@@ -277,14 +291,16 @@ class JsonlSink(Sink):
                 view = view[n:]
         except OSError as exc:
             self._fail(f, exc, "write")
-        self._bytes += len(data)
-        self.written += 1
         every = self.fsync_every
         if every is not None and (every == 0.0 or time.monotonic() - self._last_sync >= every):
             try:
-                self._sync(f)
+                self._sync(f, self.written + 1)
             except OSError as exc:
-                self._fail(f, exc, "sync")
+                # Not counted and cut off again: a raise here means the sinks after this one never see the
+                # result, so the file must not keep it either (the audit log would read it as appended later).
+                self._fail(f, exc, "sync line")
+        self._bytes += len(data)
+        self.written += 1
 
     def sync(self) -> None:
         """fsync the lines written since the last fsync (nothing to do when none are): each line already

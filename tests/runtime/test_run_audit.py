@@ -1,20 +1,23 @@
 """`run --audit`: the run's own hash-chained record, and a backend that fails on a frame without ending the run."""
 from __future__ import annotations
 
+import errno
 import json
+import os
 from pathlib import Path
 from typing import Any, List
 
 import numpy as np
 import pytest
 
-from edgeclf.errors import BackendError
+from edgeclf.errors import BackendError, EdgeclfError
 from edgeclf.runtime import app
+from edgeclf.runtime import sinks as sinks_mod
 from edgeclf.runtime.audit import verify_audit
 from edgeclf.runtime.backends import FakeBackend
 from edgeclf.runtime.bundle import load_bundle
 from edgeclf.runtime.pipeline import MAX_BACKEND_ERRORS, RunOptions, run_pipeline
-from edgeclf.runtime.sinks import JsonlSink
+from edgeclf.runtime.sinks import JsonlSink, read_jsonl
 from edgeclf.runtime.sources import open_source
 from tests.conftest import run_cli
 from tests.runtime.tiny_bundle import make_tiny_bundle
@@ -144,3 +147,37 @@ def test_source_faults_in_the_audit_log_name_no_patient(tmp_path: Path, monkeypa
     assert "DOE_JOHN" not in text and "127.0.0.1" not in text
     faults = [r for r in _lines(log) if r["type"] == "fault"]
     assert all("stream '<source>' delivered no frame" in r["payload"]["message"] for r in faults)
+
+
+def test_a_failed_fsync_leaves_the_results_file_and_the_audit_log_in_agreement(tmp_path: Path,
+                                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """The results file's fsync fails (EIO) mid-run: the audit sink and the clip summary after it never get that
+    result, so the results file must not keep it either; otherwise verify calls a plain disk error tampering."""
+    bundle = make_tiny_bundle(tmp_path / "b")
+    out, log, clip = tmp_path / "r.jsonl", tmp_path / "audit.jsonl", tmp_path / "clip.json"
+    real_fsync = os.fsync
+    calls = [0]
+
+    def fsync(fd: int) -> None:
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            target = ""
+        if target == str(out):
+            calls[0] += 1
+            if calls[0] == 6:  # the disk starts failing at the 6th line
+                raise OSError(errno.EIO, os.strerror(errno.EIO))
+        real_fsync(fd)
+
+    if not os.path.isdir("/proc/self/fd"):
+        pytest.skip("needs /proc/self/fd to tell the results file's fsync apart")
+    monkeypatch.setattr(sinks_mod.os, "fsync", fsync)
+    with pytest.raises(EdgeclfError, match="syncing result 6 .*holds 5 whole results of the 6 produced"):
+        app.run_bundle(str(bundle), "synthetic:ultrasound?frames=40&size=64", out=str(out), audit=str(log),
+                       summary_path=str(clip), fsync_every=0, reconnect=False)
+    monkeypatch.undo()
+    recs, torn = read_jsonl(out)
+    rep = verify_audit(log, results=out)
+    assert torn == 0 and len(recs) == 5 == json.loads(clip.read_text())["frames"]
+    assert rep.end is not None and rep.end["status"] == "error"
+    assert rep.state != "tampered", rep.reason

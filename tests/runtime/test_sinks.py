@@ -459,16 +459,50 @@ def test_a_full_disk_stops_the_sink_with_whole_lines_and_the_counts(tmp_path: Pa
 
 
 def test_a_failing_fsync_is_reported_not_ignored(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A line whose own fsync fails is reported like a failed write: the sinks after this one never get that
+    result, so it is cut off again and not counted (the file holds only results every sink saw)."""
     out = tmp_path / "r.jsonl"
     sink = JsonlSink(out, fsync_every=0)
+    sink.write(_rec(0))
 
     def failing_fsync(fd: int) -> None:
         raise OSError(errno.EIO, os.strerror(errno.EIO))
 
     monkeypatch.setattr(sinks_mod.os, "fsync", failing_fsync)
-    with pytest.raises(EdgeclfError, match=r"syncing .*r.jsonl to disk failed .*1 results were written"):
-        sink.write(_rec(0))
+    with pytest.raises(EdgeclfError) as info:
+        sink.write(_rec(1))
+    msg = str(info.value)
+    assert msg.startswith("syncing result 2 to ") and str(out) in msg and "to disk failed (Input/output error)" in msg
+    assert "holds 1 whole results of the 2 produced" in msg and "\n" not in msg and sink.failed == msg
+    assert sink.written == 1 and sink.unsynced == 0
+    with pytest.raises(EdgeclfError, match="syncing result 2"):  # never silently resumed
+        sink.write(_rec(2))
     sink.close()
+    recs, torn = read_jsonl(out)
+    assert torn == 0 and [r["frame"] for r in recs] == [0]
+
+
+def test_a_failing_interval_fsync_cuts_only_its_own_line_and_names_the_unsynced_ones(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With an fsync interval, the lines written since the last fsync stay (every sink saw them) but the message
+    says they may not survive a power loss; the line whose write triggered the failing fsync is cut off."""
+    clock = [1000.0]
+    monkeypatch.setattr(sinks_mod.time, "monotonic", lambda: clock[0])
+    out = tmp_path / "r.jsonl"
+    sink = JsonlSink(out, fsync_every=1.0)
+    for i in range(3):  # within the interval: no fsync
+        sink.write(_rec(i))
+
+    def failing_fsync(fd: int) -> None:
+        raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+    monkeypatch.setattr(sinks_mod.os, "fsync", failing_fsync)
+    clock[0] += 1.5
+    with pytest.raises(EdgeclfError, match=r"holds 3 whole results \(the last 3 may not survive a power loss\) of the 4 produced"):
+        sink.write(_rec(3))
+    assert sink.written == 3
+    sink.close()
+    assert [r["frame"] for r in read_jsonl(out)[0]] == [0, 1, 2]
 
 
 @pytest.mark.skipif(not os.path.exists("/dev/full"), reason="/dev/full is Linux-only")
