@@ -71,7 +71,9 @@ class _Mailbox:
 
     "latest": `put_frame` never blocks and replaces a frame not yet taken (counted in `dropped`).
     "none": `put_frame` blocks until the slot is free. The final item ("error", exc) or ("end", None)
-    is delivered after the frame before it. `cancel()` wakes everyone; puts then return False.
+    is delivered after the frame before it. `cancel()` wakes everyone; puts then return False. Every frame
+    put and never taken is counted in `dropped`: one replaced, one refused after `cancel()`, one left in
+    the slot at `cancel()`, one the capture gave up on (`discard()`).
     """
 
     def __init__(self, drop: str) -> None:
@@ -88,6 +90,7 @@ class _Mailbox:
                 while self._frame is not None and not self.cancelled:
                     self._cond.wait(_POLL_S)
             if self.cancelled:
+                self.dropped += 1  # captured, never to be delivered
                 return False
             if self._frame is not None:
                 self.dropped += 1
@@ -116,9 +119,17 @@ class _Mailbox:
                     return None
                 self._cond.wait(left)
 
+    def discard(self) -> None:
+        """Count a captured frame that is never put (the capture stopped while pacing it)."""
+        with self._cond:
+            self.dropped += 1
+
     def cancel(self) -> None:
         with self._cond:
             self.cancelled = True
+            if self._frame is not None:  # captured, never taken: nothing may vanish uncounted
+                self.dropped += 1
+                self._frame = None
             self._cond.notify_all()
 
 
@@ -164,9 +175,9 @@ class _Capture:
                     frame = self.source.read(self._read_timeout)
                 finally:
                     self.reading_since = None
-                if self.mailbox.cancelled:
-                    return
                 if frame is None:
+                    if self.mailbox.cancelled:
+                        return
                     if self._none_means_end or _ended(self.source):
                         self.mailbox.put_final("end", None)
                         return
@@ -179,6 +190,7 @@ class _Capture:
                     due = anchor + k * period
                     k += 1
                     if due > now and self._stop.wait(due - now):
+                        self.mailbox.discard()
                         return
                     frame = dataclasses.replace(frame, timestamp=time.monotonic())
                 if not self.mailbox.put_frame(frame):
@@ -431,6 +443,9 @@ class ReconnectingSource:
         self._closed = False
         self._ended = False
         self._capture: Optional[_Capture] = None
+        # Guards _closed against _capture: close() may run in another thread while read() reopens. Reentrant:
+        # on_event runs under it, and a caller may close from there.
+        self._lock = threading.RLock()
         self._backoff = self._backoff_initial
         self._next_attempt = clock()
         self._failures = 0  # consecutive failed opens
@@ -530,13 +545,14 @@ class ReconnectingSource:
             ack(frame)
 
     def stats(self) -> Dict[str, int]:
-        out = dict(self._counts)
-        cap = self._capture
-        out["captured"] = self._old_captured + (cap.captured if cap is not None else 0)
-        out["dropped"] = self._old_dropped + (cap.mailbox.dropped if cap is not None else 0)
-        inner = dict(self._old_inner)
-        for k, v in (_source_stats(cap.source) if cap is not None else {}).items():
-            inner[k] = inner.get(k, 0) + v
+        with self._lock:  # not halfway through folding a dropped capture into the totals
+            out = dict(self._counts)
+            cap = self._capture
+            out["captured"] = self._old_captured + (cap.captured if cap is not None else 0)
+            out["dropped"] = self._old_dropped + (cap.mailbox.dropped if cap is not None else 0)
+            inner = dict(self._old_inner)
+            for k, v in (_source_stats(cap.source) if cap is not None else {}).items():
+                inner[k] = inner.get(k, 0) + v
         return _merged(out, inner)
 
     def __iter__(self) -> Iterator[Frame]:
@@ -549,11 +565,12 @@ class ReconnectingSource:
             yield frame
 
     def close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        self._stop.set()
-        cap = self._capture
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            self._stop.set()
+            cap = self._capture
         if cap is not None:
             self._drop_capture(cap)
 
@@ -598,21 +615,28 @@ class ReconnectingSource:
             self._next_attempt = self._clock() + delay
             logger.info("%s: reopen failed (%s); next try in %.2fs", self._label(), type(exc).__name__, delay)
             return
-        self._failures = 0
-        if self._opened_once:
-            self._counts["reconnects"] += 1
-        self._opened_once = True
-        self._connection += 1
-        self.fps = getattr(source, "fps", None) if self.fps is None else self.fps
-        self.size = getattr(source, "size", None) if self.size is None else self.size
-        self.inner_kind = getattr(source, "kind", None) if self.inner_kind is None else self.inner_kind
-        self._capture = _Capture(
-            source, self.drop, read_timeout=self._read_timeout, none_means_end=True, stop=self._stop,
-            name="edgeclf-reconnecting",
-        )
-        if self._connection > 1:
-            logger.info("%s: reconnected (connection %d)", self._label(), self._connection)
-            self._emit("recovery", f"reconnected (connection {self._connection})")
+        with self._lock:
+            if not self._closed:
+                self._failures = 0
+                if self._opened_once:
+                    self._counts["reconnects"] += 1
+                self._opened_once = True
+                self._connection += 1
+                self.fps = getattr(source, "fps", None) if self.fps is None else self.fps
+                self.size = getattr(source, "size", None) if self.size is None else self.size
+                self.inner_kind = getattr(source, "kind", None) if self.inner_kind is None else self.inner_kind
+                self._capture = _Capture(
+                    source, self.drop, read_timeout=self._read_timeout, none_means_end=True, stop=self._stop,
+                    name="edgeclf-reconnecting",
+                )
+                if self._connection > 1:
+                    logger.info("%s: reconnected (connection %d)", self._label(), self._connection)
+                    self._emit("recovery", f"reconnected (connection {self._connection})")
+                return
+        # close() ran while the (slow) open was in flight: the new source is ours to close, and no capture
+        # thread may start reading it.
+        logger.debug("%s: closed while reopening; closing the source just opened", self._label())
+        _close_quietly(source, _JOIN_S)
 
     def _emit(self, kind: str, message: str) -> None:
         """Tell `on_event` (the audit log) of a disconnect ("fault") or a reopen ("recovery")."""
@@ -620,26 +644,34 @@ class ReconnectingSource:
             self.on_event(kind, message, dict(self._counts))
 
     def _disconnect(self, why: str) -> None:
-        cap = self._capture
-        if cap is None:
-            return
-        self._counts["disconnects"] += 1
-        # A stream's error text quotes its URI, which may carry a patient's name: never on stderr.
-        logger.warning("%s: disconnected: %s; reopening in %.2fs", self._label(), scrub_source(why, self._source), self._backoff)
-        self._emit("fault", why)
+        with self._lock:
+            cap = self._capture
+            if cap is None or self._closed:  # close() takes the capture down: no disconnect to report
+                return
+            self._counts["disconnects"] += 1
+            # A stream's error text quotes its URI, which may carry a patient's name: never on stderr.
+            logger.warning("%s: disconnected: %s; reopening in %.2fs", self._label(), scrub_source(why, self._source),
+                           self._backoff)
+            self._emit("fault", why)
         self._drop_capture(cap)
         self._next_attempt = self._clock() + self._backoff
         self._backoff = min(self._backoff * self._backoff_factor, self._backoff_max)
 
     def _drop_capture(self, cap: _Capture) -> None:
-        self._capture = None
-        cap.cancel()
-        self._old_captured += cap.captured
-        self._old_dropped += cap.mailbox.dropped
-        for k, v in _source_stats(cap.source).items():
-            self._old_inner[k] = self._old_inner.get(k, 0) + v
-        _close_quietly(cap.source, 0.0 if self._closed is False else _JOIN_S)
-        if self._closed:
+        """Stop `cap`, fold its counts into the totals and close its source, once (close() and the reader's
+        disconnect may both get here)."""
+        with self._lock:
+            if self._capture is not cap:
+                return
+            self._capture = None
+            cap.cancel()  # counts a frame left in its slot as dropped
+            self._old_captured += cap.captured
+            self._old_dropped += cap.mailbox.dropped
+            for k, v in _source_stats(cap.source).items():
+                self._old_inner[k] = self._old_inner.get(k, 0) + v
+        closing = self._closed
+        _close_quietly(cap.source, _JOIN_S if closing else 0.0)
+        if closing:
             cap.join(_JOIN_S)
 
 
@@ -658,6 +690,7 @@ def open_reconnecting(
     """`ReconnectingSource` over `open_source(uri, size=size)`, for cameras and streams."""
     from edgeclf.runtime.sources import open_source
 
+    kwargs.setdefault("source", uri)  # scrubbed from the disconnect warnings (a pipeline's path, a URL's query)
     return ReconnectingSource(
         lambda: open_source(uri, size=size), drop=drop, read_timeout=read_timeout, **kwargs
     )

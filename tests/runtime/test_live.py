@@ -392,3 +392,128 @@ def test_a_wrapped_sources_stats_are_kept_and_a_clash_is_prefixed() -> None:
     # summed over every connection; the source's "skipped" beside the wrapper's own (corrupt frames)
     assert stats["decoded"] == 6 and stats["source_skipped"] == shared.opens and stats["skipped"] == 0
     assert stats["reconnects"] == shared.opens - 1 >= 1
+
+
+# ------------------------------------------------------------------------------ close while busy, counts at close
+
+
+class _SlowCam:
+    """A live camera double at 20 fps that sends `limit` frames and then idles (reads return None)."""
+
+    kind = "camera"
+    live = True
+    fps = 100.0
+    size = (3, 2)
+    frame_count = None
+
+    def __init__(self, limit: int = 3, fail: bool = False) -> None:
+        self.n = 0
+        self.reads = 0
+        self.limit = limit
+        self.fail = fail
+        self.closed = False
+
+    def read(self, timeout: Optional[float] = None) -> Optional[Frame]:
+        self.reads += 1
+        if self.fail:
+            raise SourceError("camera unplugged")
+        if self.n >= self.limit:
+            time.sleep(min(timeout or 0.05, 0.05))
+            return None
+        time.sleep(0.05)
+        self.n += 1
+        return Frame(image=np.zeros((2, 3), np.uint8), index=self.n, timestamp=time.monotonic())
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def _settle(cond: Any, timeout: float = 3.0) -> None:
+    end = time.monotonic() + timeout
+    while not cond() and time.monotonic() < end:
+        time.sleep(0.01)
+
+
+def test_a_source_opened_while_close_runs_is_closed_and_its_thread_stops() -> None:
+    """close() from the main thread while the feeder thread reopens (a slow RTSP open): the source that open
+    returns afterwards is closed, gets no capture thread, and no "recovery" is reported after close()."""
+    opened: List[_SlowCam] = []
+    in_open, release = threading.Event(), threading.Event()
+
+    def open_fn() -> _SlowCam:
+        if opened:
+            in_open.set()
+            release.wait(5)
+        cam = _SlowCam(limit=10**9, fail=not opened)
+        opened.append(cam)
+        return cam
+
+    rs = ReconnectingSource(open_fn, read_timeout=1.0, backoff_initial=0.001, backoff_max=0.001)
+    events: List[str] = []
+    rs.on_event = lambda kind, msg, counts: events.append(kind)
+    got: List[Optional[Frame]] = []
+    reader = threading.Thread(target=lambda: got.append(rs.read(0.5)), daemon=True)
+    reader.start()
+    assert in_open.wait(5), "the reader never tried to reopen"
+    rs.close()
+    release.set()
+    reader.join(5)
+    assert not reader.is_alive() and got == [None]
+    late = opened[1]
+    _settle(lambda: late.closed)
+    reads_then = late.reads
+    time.sleep(0.2)
+    assert late.closed and late.reads == reads_then == 0
+    assert not [t for t in threading.enumerate() if t.name == "edgeclf-reconnecting"]
+    assert events == ["fault"] and rs.stats()["reconnects"] == 0
+
+
+def test_latest_reader_counts_the_frame_left_in_the_slot_at_close() -> None:
+    """A frame captured into the hand-off slot and never taken when the reader closes is counted as dropped."""
+    r = LatestFrameReader(_SlowCam(limit=3), drop="latest", read_timeout=0.05)
+    first = r.read(2.0)
+    assert first is not None and first.index == 1
+    _settle(lambda: r.stats()["captured"] == 3)
+    r.close()
+    s = r.stats()
+    assert s["captured"] == 3 == s["delivered"] + s["dropped"], s
+
+
+def test_reconnecting_source_counts_the_frame_left_in_the_slot_at_close() -> None:
+    rs = ReconnectingSource(lambda: _SlowCam(limit=3), drop="latest", read_timeout=5.0)
+    first = rs.read(2.0)
+    assert first is not None and first.meta["source_index"] == 1
+    _settle(lambda: rs.stats()["captured"] == 3)
+    rs.close()
+    s = rs.stats()
+    assert s["captured"] == 3 == s["delivered"] + s["dropped"] + s["skipped"], s
+
+
+def test_a_frame_the_pacing_gives_up_on_at_close_is_counted() -> None:
+    """realtime pacing holds a captured frame until its time; closing then must not lose it uncounted."""
+    r = LatestFrameReader(SyntheticSource(cine_size=32, frames=10, fps=2.0), realtime=True)
+    assert r.read(2.0) is not None
+    _settle(lambda: r.stats()["captured"] == 2)  # frame 2 waits ~0.5 s for its time
+    r.close()
+    s = r.stats()
+    assert s["captured"] == 2 and s["delivered"] == 1 and s["dropped"] == 1, s
+
+
+def test_open_reconnecting_scrubs_the_uri_from_its_disconnect_warning(caplog: pytest.LogCaptureFixture,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """The public helper must keep a GStreamer pipeline's file path (or a URL's query) off stderr, as run_bundle does."""
+    from edgeclf.runtime import sources as sources_mod
+
+    pipeline = "filesrc location=/data/DOE_JOHN_MRN123/clip.mp4 ! decodebin ! videoconvert ! appsink"
+    text = f"stream {pipeline!r} delivered no frame after 0 frames"
+    monkeypatch.setattr(sources_mod, "open_source",
+                        lambda uri, size=None: _FailingWithText(_Shared(every=10**9, limit=10), "gstreamer", text))
+    src = open_reconnecting(pipeline, read_timeout=0.05, backoff_initial=0.001, backoff_max=0.002)
+    events: List[str] = []
+    src.on_event = lambda kind, msg, counts: events.append(msg)
+    with caplog.at_level("WARNING", logger="edgeclf.runtime.live"):
+        deadline = time.monotonic() + 5
+        while not events and time.monotonic() < deadline:
+            src.read(timeout=0.2)
+    src.close()
+    assert "disconnected" in caplog.text and "DOE_JOHN" not in caplog.text and "<source>" in caplog.text
