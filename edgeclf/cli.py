@@ -1155,9 +1155,22 @@ def _print_run(s: dict[str, Any]) -> None:
     if clip.get("majority_label") is not None:
         click.echo(f"shown labels (after smoothing): most frames {clip['majority_label']}, abstain rate {clip.get('abstain_rate', 0):.3f}")
     dec = clip.get("decision") or {}
+    per_file = clip.get("decisions") or []
+    how = "(as `edgeclf evaluate` aggregates)"
     if dec.get("frames"):
-        click.echo(f"clip decision (as `edgeclf evaluate` aggregates): mean probability {dec['mean_label']}, majority vote "
+        click.echo(f"clip decision {how}: mean probability {dec['mean_label']}, majority vote "
                    f"{dec['vote_label']}, over {dec['used']} of {dec['frames']} frames ({dec['abstained']} abstained)")
+    elif per_file:  # several files: one decision each, none over all of them (other patients, other views)
+        total = int(clip.get("decisions_total") or len(per_file))
+        click.echo(f"clip decisions {how}, one per file ({total} clips; no decision over several files):")
+        for d in per_file[-20:]:
+            which = f"file {d['file_index']}" if "file_index" in d else f"watched file {d.get('watch_key')}"
+            click.echo(f"  {which}: mean probability {d['mean_label']}, majority vote {d['vote_label']}, "
+                       f"over {d['used']} of {d['frames']} frames ({d['abstained']} abstained)")
+        if total > 20:
+            click.echo(f"  (the last 20 shown; the --summary file keeps the last {len(per_file)}, the results file all {total})")
+    if clip.get("stills"):
+        click.echo(f"{clip['stills']} single-frame file(s): each decided by its own result, no clip decision")
     src = s.get("source_stats") or {}
     # Frames a source lost; a watched folder also counts files it could not read, or that changed while read.
     lost = {k: v for k, v in src.items()

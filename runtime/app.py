@@ -344,9 +344,10 @@ def run_bundle(
     sinks: List[Sink] = list(extra_sinks or [])
     aggregator = None
     if m.task != "multilabel":
-        from edgeclf.runtime.clips import ClipAggregator
+        from edgeclf.runtime.clips import FileClipAggregator
 
-        aggregator = ClipAggregator(rule=m.decision, min_confidence=opts.confidence_floor(m), labels=list(m.labels))
+        # One clip decision per file: a folder of cines is several clips, as the smoother sees it.
+        aggregator = FileClipAggregator(rule=m.decision, min_confidence=opts.confidence_floor(m), labels=list(m.labels))
     clip = SummarySink(summary_path, labels=list(m.labels), aggregator=aggregator)
     run_id = uuid.uuid4().hex[:12] if append else None
     stop = threading.Event()

@@ -14,7 +14,9 @@ decision (``None``) and counts as abstained.
 
 The same functions serve ``edgeclf evaluate`` (offline, sampled frames) and ``edgeclf run``'s end-of-clip
 summary (every frame, from the result records: :func:`aggregate_records`), so the two agree on the
-same frames. Multiclass and binary tasks only. Python 3.8 compatible, numpy only, never torch.
+same frames. A run over several files (a DICOM folder of cines, an image folder, a watched folder) holds
+several clips: :class:`FileClipAggregator` and :func:`aggregate_files` give one decision per file, as
+``evaluate`` gives one per clip. Multiclass and binary tasks only. Python 3.8 compatible, numpy only, never torch.
 """
 
 from __future__ import annotations
@@ -28,7 +30,10 @@ import numpy as np
 from edgeclf.errors import ConfigError
 from edgeclf.runtime.postprocess import DecisionRule, decide, decide_frame
 
-__all__ = ["AGGREGATIONS", "ClipAggregator", "ClipDecision", "aggregate_clip", "aggregate_records", "clip_of", "group_frames"]
+__all__ = [
+    "AGGREGATIONS", "ClipAggregator", "ClipDecision", "FileClipAggregator", "aggregate_clip", "aggregate_files",
+    "aggregate_records", "clip_of", "file_of", "group_frames",
+]
 
 AGGREGATIONS: Tuple[str, ...] = ("mean", "vote")
 
@@ -152,6 +157,95 @@ class ClipAggregator:
                             n - self.used, names)
 
 
+#: The record fields that name the file a result came from (see :func:`file_of`).
+FILE_KEYS: Tuple[str, ...] = ("run", "file_index", "watch_key")
+
+
+def file_of(record: Mapping[str, Any]) -> Tuple[Any, ...]:
+    """Which file of which run a result record came from: its (run, file_index, watch_key), each None where the
+    record has none (all None: a video, camera or stream, one clip). The pipeline's smoother, sector detector and
+    quality gate start afresh at a new file of a DICOM folder (pipeline._SegmentWatch): a new clip."""
+    return tuple(record.get(k) for k in FILE_KEYS)
+
+
+class FileClipAggregator:
+    """Clip decisions of a run, one per file: consecutive records of one file (:func:`file_of`) are one clip,
+    and the next file starts a new :class:`ClipAggregator`, so no decision mixes the frames of two cines.
+
+    A file that gave one frame (an X-ray, a still image) is no clip: its own record is its decision; it is only
+    counted (`stills`). Memory: a few numbers per clip held, none per frame. ``result()`` at any time:
+
+    - records without a file (a video, camera or stream): ``{"decision": ...}``, one clip, as before;
+    - records of files: ``{"decision", "decisions", "decisions_total", "stills"}``: ``decisions`` lists each clip of
+      two or more frames in order (the last MAX_DECISIONS of ``decisions_total``), its ``file_index``
+      (``watch_key``, ``run`` where the records have them) beside the :meth:`ClipDecision.to_dict` fields; ``decision`` is that of the only clip when the run covered one file,
+      else None: there is no one decision over several patients' or views' files.
+    """
+
+    MAX_DECISIONS = 1000
+
+    def __init__(
+        self,
+        *,
+        rule: Optional[DecisionRule] = None,
+        min_confidence: float = 0.0,
+        labels: Optional[Sequence[str]] = None,
+    ) -> None:
+        self._settings: Dict[str, Any] = {"rule": rule, "min_confidence": min_confidence, "labels": labels}
+        self._current = ClipAggregator(**self._settings)  # checks the settings now
+        self._key: Optional[Tuple[Any, ...]] = None
+        self._clips: List[Dict[str, Any]] = []  # finished files of two or more frames (the last MAX_DECISIONS)
+        self.clips_total = 0  # finished files of two or more frames, all of them
+        self.stills = 0  # finished files of one frame
+        self.per_file = False  # whether the records name files
+
+    @classmethod
+    def like(cls, agg: ClipAggregator) -> FileClipAggregator:
+        """One with the settings (rule, floor, labels) of `agg`; the frames `agg` holds are not taken."""
+        return cls(rule=agg.rule, min_confidence=agg.min_confidence, labels=agg.labels)
+
+    def add_record(self, record: Mapping[str, Any]) -> None:
+        """One `edgeclf run` result record (see :meth:`ClipAggregator.add_record`)."""
+        key = file_of(record)
+        if self._key is not None and key != self._key:
+            self._finish()
+        self._key = key
+        if any(v is not None for v in key):
+            self.per_file = True
+        self._current.add_record(record)
+
+    def _entry(self) -> Optional[Dict[str, Any]]:
+        """The current file's clip decision, None while it holds fewer than two frames."""
+        if self._key is None or self._current.frames < 2:
+            return None
+        named = {k: v for k, v in zip(FILE_KEYS, self._key) if v is not None}
+        return {**named, **self._current.result().to_dict()}
+
+    def _finish(self) -> None:
+        entry = self._entry()
+        if entry is not None:
+            self._clips.append(entry)
+            self.clips_total += 1
+            if len(self._clips) > self.MAX_DECISIONS:  # a cart's watched folder runs for months: bounded, counted
+                del self._clips[0]
+        elif self._current.frames:
+            self.stills += 1
+        self._current = ClipAggregator(**self._settings)
+
+    def result(self) -> Dict[str, Any]:
+        if not self.per_file:
+            return {"decision": self._current.result().to_dict()}
+        entry = self._entry()
+        clips = (self._clips + ([entry] if entry is not None else []))[-self.MAX_DECISIONS:]
+        stills = self.stills + int(entry is None and self._current.frames > 0)
+        total = self.clips_total + int(entry is not None)
+        only = clips[0] if total == 1 and not stills else None
+        decision = None if only is None else {k: v for k, v in only.items() if k not in FILE_KEYS}
+        # decisions_total counts every clip; decisions holds the last MAX_DECISIONS (each file's frames are in the
+        # results file, from which aggregate_files gives them all)
+        return {"decision": decision, "decisions": clips, "decisions_total": total, "stills": stills}
+
+
 def aggregate_clip(
     frame_probs: Sequence[Optional[Sequence[float]]],
     *,
@@ -177,8 +271,38 @@ def aggregate_records(
 ) -> ClipDecision:
     """Aggregate `edgeclf run` result records (the JSONL lines) of one clip. Each record's ``probs``
     (a {label: p} dict, or None when the quality gate stopped the frame) is what counts; the smoothed
-    ``label`` and the smoother's own abstentions ("settling") are not frame decisions and are ignored."""
+    ``label`` and the smoother's own abstentions ("settling") are not frame decisions and are ignored.
+    Records of several files or runs (:func:`file_of`) are several clips: ConfigError, never one decision
+    that mixes them; :func:`aggregate_files` gives one per file."""
     agg = ClipAggregator(rule=rule, min_confidence=min_confidence, labels=labels)
+    first: Optional[Tuple[Any, ...]] = None
+    for r in records:
+        key = file_of(r)
+        if first is None:
+            first = key
+        elif key != first:
+            raise ConfigError(
+                f"the records come from more than one file or run ({_key_text(first)}, then {_key_text(key)}); "
+                "one clip decision over them would mix clips; use aggregate_files for one decision per file"
+            )
+        agg.add_record(r)
+    return agg.result()
+
+
+def _key_text(key: Tuple[Any, ...]) -> str:
+    return ", ".join(f"{k} {v}" for k, v in zip(FILE_KEYS, key) if v is not None) or "no file"
+
+
+def aggregate_files(
+    records: Iterable[Mapping[str, Any]],
+    labels: Sequence[str],
+    *,
+    rule: Optional[DecisionRule] = None,
+    min_confidence: float = 0.0,
+) -> Dict[str, Any]:
+    """The clip decisions of a run's result records, one per file: what ``edgeclf run``'s clip summary holds
+    (its ``decision``, and for files ``decisions`` and ``stills``; see :class:`FileClipAggregator`)."""
+    agg = FileClipAggregator(rule=rule, min_confidence=min_confidence, labels=labels)
     for r in records:
         agg.add_record(r)
     return agg.result()

@@ -32,7 +32,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from edgeclf.errors import ConfigError, DataError, EdgeclfError
-from edgeclf.runtime.clips import ClipAggregator
+from edgeclf.runtime.clips import ClipAggregator, FileClipAggregator
 
 __all__ = [
     "Sink",
@@ -773,11 +773,15 @@ def summarize(
 class SummarySink(Sink):
     """Collects a clip-level :class:`ClipSummary`; ``summary()`` at any time, and at close() it is written
     as JSON to `path` when one is given (atomically: a temporary file renamed into place). `labels` (the
-    bundle's) keeps classes that never showed in the summary with 0."""
+    bundle's) keeps classes that never showed in the summary with 0.
+
+    aggregator: the clip decision (as ``edgeclf evaluate`` aggregates), one per file of a multi-file source
+    (:class:`FileClipAggregator`; a :class:`ClipAggregator` given here lends its settings): the JSON's
+    ``decision``, and for files ``decisions`` (one per clip) and ``stills`` (files of one frame)."""
 
     def __init__(
         self, path: Union[str, os.PathLike[str], None] = None, *, labels: Optional[Sequence[str]] = None,
-        max_gap_s: float = 1.0, aggregator: Optional[ClipAggregator] = None,
+        max_gap_s: float = 1.0, aggregator: Union[ClipAggregator, FileClipAggregator, None] = None,
     ) -> None:
         # A folder or unwritable place must fail now, not in close() after the whole run.
         self.path = None if path is None else check_output_path(path, option="--summary", example="clip.json")
@@ -792,8 +796,10 @@ class SummarySink(Sink):
         self._closed = False
         self.result: Optional[Dict[str, Any]] = None  # summary().to_dict(), set at close()
         # The clip decision `edgeclf evaluate` computes offline (mean probability and majority vote of the
-        # frames' own predictions), from the same records: on-device and offline clip figures agree.
-        self.aggregator = aggregator
+        # frames' own predictions), from the same records: on-device and offline clip figures agree. Per file:
+        # a new cine restarts the smoother, sector detector and gate, and must restart its clip decision too.
+        self.aggregator: Optional[FileClipAggregator] = (
+            FileClipAggregator.like(aggregator) if isinstance(aggregator, ClipAggregator) else aggregator)
 
     def write(self, record: Dict[str, Any], image: Optional[NDArray[np.uint8]] = None) -> None:
         keys, reason = _keys_of(record)
@@ -806,8 +812,17 @@ class SummarySink(Sink):
         return self._acc.result()
 
     def decision(self) -> Optional[Dict[str, Any]]:
-        """The aggregated clip decision (ClipDecision.to_dict()), or None without an aggregator."""
-        return None if self.aggregator is None else self.aggregator.result().to_dict()
+        """The clip decision (ClipDecision.to_dict()) of the run's one clip; None without an aggregator, or
+        when the run covered several files (see :meth:`decisions`) or only a still."""
+        return None if self.aggregator is None else self.aggregator.result()["decision"]
+
+    def decisions(self) -> Optional[List[Dict[str, Any]]]:
+        """One clip decision per file (see :class:`FileClipAggregator`); None for a source without files (a
+        video, camera or stream: :meth:`decision`) or without an aggregator."""
+        if self.aggregator is None:
+            return None
+        per_file: Optional[List[Dict[str, Any]]] = self.aggregator.result().get("decisions")
+        return per_file
 
     def close(self) -> None:
         if self._closed:
@@ -815,7 +830,7 @@ class SummarySink(Sink):
         self._closed = True
         self.result = self.summary().to_dict()
         if self.aggregator is not None:
-            self.result["decision"] = self.decision()
+            self.result.update(self.aggregator.result())
         if self.path is not None:
             tmp = self.path + ".tmp"
             try:

@@ -120,3 +120,22 @@ def test_export_parity_agreement_is_a_count_not_a_rounded_percentage(capsys: pyt
     cli._print_export(m)
     out = capsys.readouterr().out
     assert "decisions agree on 2499 of 2500" in out and "100.0%" not in out
+
+
+def test_a_multi_file_run_prints_one_clip_decision_per_file_and_counts_the_stills(capsys: pytest.CaptureFixture[str]) -> None:
+    """Several cines (or a watched folder's files) are several clips: the end-of-run print gives each its decision and
+    none over all of them; single-frame files are counted, each decided by its own result."""
+    from edgeclf.cli import _print_run
+
+    stage = {"median": 1.0, "p90": 1.0, "p99": 1.0, "max": 1.0}
+    one = {"frames": 12, "used": 12, "abstained": 0}
+    s = {"frames": 26, "wall_s": 0.1, "fps": 30, "written": 26, "abstained": 0, "stages_ms": {"infer": stage},
+         "label_counts": {"a": 26},
+         "clip": {"majority_label": "a", "abstain_rate": 0.0, "decision": None, "stills": 2,
+                  "decisions": [{**one, "file_index": 0, "mean_label": "normal", "vote_label": "normal"},
+                                {**one, "file_index": 1, "mean_label": "mass", "vote_label": "mass"}]}}
+    _print_run(s)
+    out = capsys.readouterr().out
+    assert "one per file (2 clips; no decision over several files)" in out
+    assert "file 0: mean probability normal" in out and "file 1: mean probability mass, majority vote mass" in out
+    assert "2 single-frame file(s)" in out and "clip decision (as" not in out

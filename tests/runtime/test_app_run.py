@@ -387,3 +387,85 @@ def test_device_profile_threads_are_capped_by_the_cores_the_process_may_use(tmp_
     s = app.run_bundle(str(make_tiny_bundle(tmp_path / "b")), "synthetic:ultrasound?frames=3&size=32", device="jetson-orin-nano",
                        backend="ort-cpu", reconnect=False)
     assert s["threads"] == 2 and "capped at the 2 cores" in s["chosen_by"]["threads"], s["chosen_by"]
+
+
+# ------------------------------------------------------------------------------------------- clip decisions per file
+
+
+def _two_cines_and_a_still(folder: Path) -> None:
+    from tests.runtime.test_dicom import write_dicom
+    from tests.runtime.test_pipeline import _film
+
+    rng = np.random.default_rng(1)
+    folder.mkdir()
+    write_dicom(folder / "a.dcm", _film(rng, 40, 12), instance=1, frame_time=33.3)   # every frame "normal"
+    write_dicom(folder / "b.dcm", _film(rng, 220, 12), instance=2, frame_time=33.3)  # every frame "mass"
+    write_dicom(folder / "c.dcm", _film(rng, 40), instance=3)  # a still of the same study
+
+
+def test_a_second_cine_is_not_aggregated_into_the_first_cines_clip_decision(tmp_path: Path) -> None:
+    """Wired as run_bundle wires it (a ClipAggregator handed to the SummarySink): each cine of a DICOM folder is
+    its own clip, as `edgeclf evaluate` aggregates each clip on its own and the smoother restarts at each."""
+    pytest.importorskip("pydicom")
+    from edgeclf.runtime.backends import FakeBackend
+    from edgeclf.runtime.bundle import load_bundle
+    from edgeclf.runtime.clips import ClipAggregator
+    from edgeclf.runtime.pipeline import RunOptions, run_pipeline
+    from edgeclf.runtime.sinks import ListSink, SummarySink
+    from edgeclf.runtime.sources import open_source
+    from tests.runtime.test_pipeline import _by_brightness
+
+    b = load_bundle(make_tiny_bundle(tmp_path / "b"))
+    m = b.manifest
+    _two_cines_and_a_still(tmp_path / "dcm")
+    clip = SummarySink(labels=list(m.labels), aggregator=ClipAggregator(rule=m.decision, min_confidence=m.min_confidence,
+                                                                       labels=list(m.labels)))
+    mem = ListSink()
+    with FakeBackend((1, 8, 8), 3, fn=_by_brightness) as be, open_source(str(tmp_path / "dcm")) as src:
+        s = run_pipeline(b, src, be, [mem, clip], options=RunOptions(quality=False))
+    assert s.extra["smoothing"] == "cine" and s.frames == 25
+    assert [r["file_index"] for r in mem.records] == [0] * 12 + [1] * 12 + [2]
+    assert clip.decision() is None  # several files: no one decision that mixes them
+    per_file = clip.decisions()
+    assert per_file is not None
+    assert [(d["file_index"], d["frames"], d["mean_label"], d["vote_label"], d["votes"]["normal"], d["votes"]["mass"])
+            for d in per_file] == [(0, 12, "normal", "normal", 12, 0), (1, 12, "mass", "mass", 0, 12)]
+
+
+def test_run_summary_holds_one_clip_decision_per_file_and_offline_agrees(tmp_path: Path) -> None:
+    """`edgeclf run` on a DICOM folder: the clip summary lists each cine's decision (the still is counted, its own
+    record is its decision), and re-aggregating the results file offline gives the same."""
+    pytest.importorskip("pydicom")
+    from edgeclf.runtime.bundle import load_bundle
+    from edgeclf.runtime.clips import aggregate_files
+    from edgeclf.runtime.sinks import read_jsonl
+
+    bundle = make_tiny_bundle(tmp_path / "b")
+    m = load_bundle(bundle).manifest
+    _two_cines_and_a_still(tmp_path / "dcm")
+    out, path = tmp_path / "r.jsonl", tmp_path / "clip.json"
+    s = app.run_bundle(str(bundle), str(tmp_path / "dcm"), out=str(out), summary_path=str(path))
+    clip = json.loads(path.read_text())
+    assert s["clip"] == clip and s["frames"] == clip["frames"] == 25
+    assert clip["decision"] is None and clip["stills"] == 1
+    assert [(d["file_index"], d["frames"]) for d in clip["decisions"]] == [(0, 12), (1, 12)]
+    offline = aggregate_files(read_jsonl(out)[0], m.labels, rule=m.decision, min_confidence=m.min_confidence)
+    assert offline == {k: clip[k] for k in ("decision", "decisions", "decisions_total", "stills")}
+
+
+def test_a_folder_of_single_images_has_no_clip_decision_and_a_video_keeps_its_one(tmp_path: Path) -> None:
+    """Each X-ray of a folder is decided on its own (its record); a "clip decision" over unrelated images would be
+    noise. A single video's summary is as before: one decision, no per-file list."""
+    import cv2
+
+    folder = tmp_path / "xrays"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(4):
+        cv2.imwrite(str(folder / f"im{i}.png"), rng.integers(0, 255, (48, 48), dtype=np.uint8))
+    bundle = make_tiny_bundle(tmp_path / "b")
+    s = app.run_bundle(str(bundle), str(folder), out=str(tmp_path / "r.jsonl"))
+    assert s["frames"] == 4 and s["clip"]["decision"] is None
+    assert s["clip"]["decisions"] == [] and s["clip"]["stills"] == 4
+    v = app.run_bundle(str(bundle), SRC, out=str(tmp_path / "v.jsonl"))
+    assert v["clip"]["decision"]["frames"] == 12 and "decisions" not in v["clip"] and "stills" not in v["clip"]

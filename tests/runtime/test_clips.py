@@ -149,3 +149,73 @@ def test_the_floor_applies_to_the_decided_class_as_on_the_run_display() -> None:
     # A confident negative call (p_neg 0.9) is kept: the floor judges the class decided, not the positive one.
     r = aggregate_clip([[0.9, 0.1]], rule=rule, min_confidence=0.6)
     assert r.used == 1 and r.vote == 0
+
+
+def _file_records(file_index: int, probs: list, **extra: object) -> list:
+    return [{"frame": i, "file_index": file_index, "probs": dict(zip("abc", p)), **extra} for i, p in enumerate(probs)]
+
+
+A, C = [0.9, 0.05, 0.05], [0.05, 0.05, 0.9]
+
+
+def test_each_file_of_a_multi_file_run_is_its_own_clip() -> None:
+    """A folder of cines is several clips (the smoother restarts at each): no decision mixes two files' frames;
+    a file of one frame (a still) is its own record's decision, counted, not a clip."""
+    from edgeclf.runtime.clips import FileClipAggregator, aggregate_files
+
+    recs = _file_records(0, [A] * 4) + _file_records(1, [C] * 3) + _file_records(2, [A])
+    agg = FileClipAggregator(labels=["a", "b", "c"])
+    for r in recs:
+        agg.add_record(r)
+    res = agg.result()
+    assert res["decision"] is None and res["stills"] == 1  # no one decision over several files
+    assert [(d["file_index"], d["frames"], d["mean_label"], d["vote_label"], d["votes"]) for d in res["decisions"]] == [
+        (0, 4, "a", "a", {"a": 4, "b": 0, "c": 0}), (1, 3, "c", "c", {"a": 0, "b": 0, "c": 3})]
+    assert res["decisions"][1] == {"file_index": 1, **aggregate_records(recs[4:7], ["a", "b", "c"]).to_dict()}
+    assert aggregate_files(recs, ["a", "b", "c"]) == res  # offline re-aggregation of a results file agrees
+    assert agg.result() == res  # result() changes nothing
+
+
+def test_a_single_file_or_a_video_keeps_one_clip_decision() -> None:
+    from edgeclf.runtime.clips import aggregate_files
+
+    labels = ["a", "b", "c"]
+    video = [{"frame": i, "probs": dict(zip("abc", A))} for i in range(5)]
+    assert aggregate_files(video, labels) == {"decision": aggregate_records(video, labels).to_dict()}  # as before
+    cine = _file_records(0, [A, A, C])
+    assert aggregate_files(cine, labels) == {"decision": aggregate_records(cine, labels).to_dict(),
+                                             "decisions": [{"file_index": 0, **aggregate_records(cine, labels).to_dict()}],
+                                             "decisions_total": 1, "stills": 0}
+    stills = _file_records(0, [A]) + _file_records(1, [C]) + _file_records(2, [A])  # a folder of X-rays
+    assert aggregate_files(stills, labels) == {"decision": None, "decisions": [], "decisions_total": 0, "stills": 3}
+    assert aggregate_files([], labels)["decision"]["frames"] == 0
+
+
+def test_aggregate_records_refuses_records_of_several_files_or_runs() -> None:
+    """One clip's records only: a results file of two cines (or of two appending runs) must not become one
+    decision that mixes them."""
+    labels = ["a", "b", "c"]
+    with pytest.raises(ConfigError, match="more than one file or run .*file_index 0, then file_index 1.*aggregate_files"):
+        aggregate_records(_file_records(0, [A]) + _file_records(1, [C]), labels)
+    with pytest.raises(ConfigError, match="run r1, then run r2"):
+        aggregate_records([{"run": "r1", "probs": dict(zip("abc", A))}, {"run": "r2", "probs": dict(zip("abc", C))}], labels)
+    assert aggregate_records(_file_records(3, [A, C]), labels).frames == 2
+
+
+def test_a_new_run_in_an_appended_results_file_starts_a_new_clip() -> None:
+    from edgeclf.runtime.clips import aggregate_files
+
+    recs = [{"run": r, "frame": i, "probs": dict(zip("abc", p))} for r, p in (("r1", A), ("r2", C)) for i in range(2)]
+    res = aggregate_files(recs, ["a", "b", "c"])
+    assert res["decision"] is None and [(d["run"], d["mean_label"]) for d in res["decisions"]] == [("r1", "a"), ("r2", "c")]
+
+
+def test_the_per_file_decisions_kept_are_bounded_and_counted(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A watched folder of cines runs for months: the summary keeps the last MAX_DECISIONS clips and counts them all."""
+    from edgeclf.runtime.clips import FileClipAggregator, aggregate_files
+
+    monkeypatch.setattr(FileClipAggregator, "MAX_DECISIONS", 3)
+    recs = [r for k in range(5) for r in _file_records(k, [A, C])]
+    res = aggregate_files(recs, ["a", "b", "c"])
+    assert res["decisions_total"] == 5 and [d["file_index"] for d in res["decisions"]] == [2, 3, 4]
+    assert res["decision"] is None
