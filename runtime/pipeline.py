@@ -272,19 +272,23 @@ def _video_like(source: FrameSource) -> bool:
 
 
 def _segment(meta: Mapping[str, Any], dicom: bool) -> Tuple[Any, bool]:
-    """(segment, cine) of a frame: ("file", file_index) of a DICOM file (when `dicom`), ("connection", n) of a
-    reconnecting live source, else None; cine: whether the segment holds several frames."""
+    """(segment, cine) of a frame: ("file", file_index) of a DICOM file or ("watch", watch_key) of a watched folder's
+    file (when `dicom`: per-file sources), ("connection", n) of a reconnecting live source, else None; cine: whether
+    the segment holds several frames."""
     if dicom and meta.get("source") == "dicom":
         return ("file", meta.get("file_index")), (meta.get("file_frames") or 1) > 1
+    if dicom and meta.get("source") == "watch" and meta.get("watch_key") is not None:
+        return ("watch", meta["watch_key"]), (meta.get("file_frames") or 1) > 1
     if "connection" in meta:
         return ("connection", meta["connection"]), True
     return None, True
 
 
 class _SegmentWatch:
-    """Says when a frame starts a new segment, a new DICOM cine or a new connection of a live source, after which
-    nothing carries over (a single-frame file after another starts none: stills are not smoothed together). One per
-    thread that keeps per-segment state: the smoother in the consumer, the sector detector and gate in the feeder."""
+    """Says when a frame starts a new segment, a new DICOM cine (of a folder or a watched folder) or a new connection
+    of a live source, after which nothing carries over (a single-frame file after another starts none: stills are not
+    smoothed together). One per thread that keeps per-segment state: the smoother in the consumer, the sector
+    detector and gate in the feeder."""
 
     def __init__(self, dicom: bool) -> None:
         self.dicom = dicom
@@ -398,13 +402,13 @@ def run_pipeline(
         gate = QualityGate()
     smoother = None
     still = None  # --smoothing auto on DICOM with a cine: single-frame files are shown as decided, by this one
-    per_file = False  # cine smoothing of DICOM: each multi-frame file (cine) starts afresh
+    per_file = False  # cine smoothing of DICOM or a watched folder: each multi-frame file (cine) starts afresh
     if not multilabel:
         from edgeclf.runtime.smoothing import CINE, SINGLE_IMAGE, CineSmoother
 
         cine = opts.smoothing == "cine" or (opts.smoothing == "auto" and _video_like(source))
         smoother = CineSmoother.from_manifest(m, config=CINE if cine else SINGLE_IMAGE, min_confidence=floor)
-        per_file = cine and getattr(source, "kind", "") == "dicom"
+        per_file = cine and getattr(source, "kind", "") in ("dicom", "watch")
         if per_file and opts.smoothing == "auto":
             still = CineSmoother.from_manifest(m, config=SINGLE_IMAGE, min_confidence=floor)
     consumer_segments = _SegmentWatch(dicom=per_file)

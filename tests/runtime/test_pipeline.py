@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -917,6 +918,35 @@ def test_two_cines_in_one_dicom_folder_are_smoothed_each_on_its_own(tmp_path: Pa
     assert second[-1]["label"] == "mass"
     assert still["label"] == still["frame_label"] == "normal" and not still["abstain"]  # a still: shown as decided
     assert [(r["file_index"], r["file_frame"]) for r in recs[11:14]] == [(0, 11), (1, 0), (1, 1)]
+
+
+def test_two_cines_dropped_in_a_watched_folder_are_smoothed_each_on_its_own(tmp_path: Path) -> None:
+    """A cart's scanner drops cine loops into a watched folder: each is its own clip, as in a DICOM folder; the second
+    must not show the first one's label while it settles, and its clip decision is its own."""
+    pytest.importorskip("pydicom")
+    from edgeclf.runtime.pipeline import RunOptions
+    from edgeclf.runtime.watch import WatchFolderSource
+    from tests.runtime.test_dicom import write_dicom
+    from tests.runtime.tiny_bundle import make_tiny_bundle
+
+    b = load_bundle(make_tiny_bundle(tmp_path / "b"))
+    rng = np.random.default_rng(1)
+    inbox = tmp_path / "in"
+    inbox.mkdir()
+    a = write_dicom(inbox / "a.dcm", _film(rng, 40, 12), instance=1, frame_time=33.3)
+    second = write_dicom(inbox / "b.dcm", _film(rng, 220, 12), instance=2, frame_time=33.3)
+    os.utime(second, (a.stat().st_mtime + 5, a.stat().st_mtime + 5))  # read after a.dcm
+    mem = ListSink()
+    src = WatchFolderSource(str(inbox), poll=0.02, idle_exit=0.5, state_path=str(tmp_path / "s.json"))
+    try:
+        with FakeBackend((1, 8, 8), 3, fn=_by_brightness) as be:
+            s = run_pipeline(b, src, be, [mem], options=RunOptions(quality=False, smoothing="cine"))
+    finally:
+        src.close()
+    recs = mem.records
+    assert s.frames == 24 and recs[11]["label"] == "normal"
+    assert all(r["label"] in (None, "mass") for r in recs[12:]) and recs[12]["abstain_reason"] == "settling"
+    assert s.extra["smoother"]["resets"] == 1
 
 
 def test_logits_that_overflow_under_the_bundles_temperature_abstain_as_invalid_output(tmp_path: Path) -> None:
