@@ -44,8 +44,11 @@ KEY_FIELDS = ("device", "tensorrt", "compute_capability", "gpu", "precision", "d
               "workspace_mb")
 TENSORRT_INSTALL_HINT = (
     "install TensorRT's Python bindings (on a Jetson JetPack's python3-libnvinfer: `sudo apt install python3-libnvinfer`, "
-    "for the system python3; on x86 `pip install tensorrt`) and `pip install polygraphy`"
+    "for the system python3; on x86 `pip install \"tensorrt<11\"`) and `pip install polygraphy`"
 )
+# TensorRT 11 removed the weak-typing builder flags (BuilderFlag.FP16, BuilderFlag.INT8) and trtexec's --fp16/--int8
+# that edgeclf's fp16 and int8 builds use; 8.x is JetPack 5, 10.x JetPack 6 and current x86 (9.x was a short release).
+TENSORRT_MAJORS = (8, 9, 10)
 Progress = Callable[[str], None]
 
 
@@ -70,11 +73,25 @@ def require_tensorrt() -> Tuple[Any, Any]:
         try:
             import polygraphy
             import tensorrt as trt
-
-            return trt, polygraphy
         except (ImportError, OSError) as exc:  # bindings present but libnvinfer missing or mismatched
             why = f"importing it failed ({str(exc).splitlines()[0]})"
+        else:
+            _check_tensorrt_version(str(getattr(trt, "__version__", "")))
+            return trt, polygraphy
     raise MissingExtraError(f"TensorRT is not available here ({why}); {TENSORRT_INSTALL_HINT}")
+
+
+def _check_tensorrt_version(version: str) -> None:
+    """MissingExtraError unless `version` is a TensorRT major edgeclf builds with (TENSORRT_MAJORS)."""
+    try:
+        major = int(version.split(".")[0])
+    except ValueError:
+        major = -1
+    if major not in TENSORRT_MAJORS:
+        raise MissingExtraError(
+            f"TensorRT {version or '(no version)'} is installed; edgeclf builds engines with TensorRT 8.x or 10.x (TensorRT 11 "
+            f"removed the fp16 and int8 builder flags its builds use); {TENSORRT_INSTALL_HINT}"
+        )
 
 
 # -- cache folder and key --------------------------------------------------------------------------------
@@ -381,7 +398,7 @@ def trtexec_command(plan: EnginePlan, *, tensorrt: str, save_engine: str, timing
         major = int(str(tensorrt).split(".")[0])
     except ValueError:
         raise ConfigError(f"TensorRT version {tensorrt!r} is not a version; give e.g. 8.6 or 10.3") from None
-    if major < 8:
+    if major not in TENSORRT_MAJORS:  # 11 has no --fp16/--int8 any more: the command would fail or build fp32
         raise ConfigError(f"TensorRT {tensorrt}: edgeclf writes trtexec commands for 8.x and 10.x (JetPack 5 and 6)")
     shapes = plan.shapes()
     cmd = ["trtexec", f"--onnx={plan.onnx_path}"]

@@ -320,6 +320,8 @@ def test_trtexec_never_uses_the_removed_workspace_flag():
 def test_trtexec_versions_outside_8_and_10_are_refused():
     with pytest.raises(ConfigError, match="8.x and 10.x"):
         _cmd("7.1")
+    with pytest.raises(ConfigError, match="8.x and 10.x"):  # TensorRT 11's trtexec has no --fp16/--int8
+        _cmd("11.4")
     with pytest.raises(ConfigError, match="not a version"):
         _cmd("latest")
 
@@ -333,7 +335,29 @@ def test_missing_tensorrt_is_one_line_naming_what_to_install(monkeypatch: pytest
         require_tensorrt()
     msg = str(info.value)
     assert isinstance(info.value, EdgeclfError) and "\n" not in msg
-    assert "python3-libnvinfer" in msg and "pip install tensorrt" in msg and "polygraphy" in msg
+    assert "python3-libnvinfer" in msg and 'pip install "tensorrt<11"' in msg and "polygraphy" in msg
+
+
+@pytest.mark.parametrize("version", ["11.4.0.106", "7.2.3", ""])
+def test_a_tensorrt_edgeclf_cannot_build_with_is_one_line_naming_the_pin(monkeypatch: pytest.MonkeyPatch, version: str):
+    """`pip install tensorrt` now gives 11.x, which removed BuilderFlag.FP16/INT8: Polygraphy's CreateConfig then raises a
+    raw PolygraphyException on every fp16 or int8 build. Refused up front, naming the pin."""
+    from types import ModuleType
+
+    import edgeclf.runtime.engine as engine_mod
+
+    monkeypatch.setattr(engine_mod, "tensorrt_missing", lambda: None)
+    trt = ModuleType("tensorrt")
+    if version:
+        trt.__dict__["__version__"] = version
+    monkeypatch.setitem(sys.modules, "tensorrt", trt)
+    monkeypatch.setitem(sys.modules, "polygraphy", ModuleType("polygraphy"))
+    with pytest.raises(MissingExtraError) as info:
+        require_tensorrt()
+    msg = str(info.value)
+    assert "\n" not in msg and "8.x or 10.x" in msg and 'pip install "tensorrt<11"' in msg
+    trt.__dict__["__version__"] = "10.3.0"
+    assert require_tensorrt()[0] is trt
 
 
 @pytest.mark.parametrize("module", ["edgeclf.runtime", "edgeclf.runtime.engine", "edgeclf.runtime.trt", "edgeclf.runtime.backends",
