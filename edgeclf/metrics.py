@@ -247,7 +247,10 @@ def evaluate_predictions(
             group_of = np.unique(np.asarray(groups), return_inverse=True)[1].reshape(-1).astype(np.int64)
         boots = _bootstrap_macro_auc(defined, n, n_boot, seed, group_of)
         used = int(boots.shape[0])
-        if used >= 2:
+        # One unit (one clip, one group): every resample is the sample itself, a zero-width "interval" that says
+        # nothing about how the figure varies between units. None, as for too few usable resamples.
+        units = n if group_of is None else int(group_of.max()) + 1
+        if used >= 2 and units >= 2:
             lo, hi = np.percentile(boots, [2.5, 97.5])
             ci = [float(lo), float(hi)]
         if used < n_boot:
@@ -349,8 +352,10 @@ def decision_metrics(
             # counted, as the AUC bootstrap does.
             if len(np.unique(y[idx])) == len(present):
                 bal.append(_balanced(y[idx], d[idx], k))
-        out["accuracy_ci95"] = [float(np.quantile(acc, 0.025)), float(np.quantile(acc, 0.975))]
-        out["balanced_accuracy_ci95"] = [float(np.quantile(bal, 0.025)), float(np.quantile(bal, 0.975))] if bal else None
+        one = len(uniq) < 2  # one unit: every resample is the sample itself, no interval (see evaluate_predictions)
+        out["accuracy_ci95"] = None if one else [float(np.quantile(acc, 0.025)), float(np.quantile(acc, 0.975))]
+        out["balanced_accuracy_ci95"] = ([float(np.quantile(bal, 0.025)), float(np.quantile(bal, 0.975))]
+                                         if bal and not one else None)
         out["balanced_accuracy_n_boot_used"] = len(bal)
         out["n_boot"] = int(n_boot)
         out["bootstrap_unit"] = "group" if groups is not None else "item"

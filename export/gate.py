@@ -112,10 +112,16 @@ def gate_candidate(
     counts = np.vstack([np.ones((1, n)), counts])  # row 0: the sample itself
 
     cols_p, cols_c = _columns(pp, labels, task, rule), _columns(pc, labels, task, rule)
-    with warnings.catch_warnings():  # a resample (or the sample) with no class to score is NaN, handled in _drop
+    # The macro over the classes scorable on the whole validation set, a plain mean: a resample missing one of them
+    # is NaN (skipped and counted in _drop). A nanmean there would score that resample on the other classes only,
+    # another statistic that shows no drop where a rare class was harmed and pulls the interval's low end to 0.
+    with warnings.catch_warnings():  # a resample (or the sample) with no class to score is NaN
         warnings.simplefilter("ignore", RuntimeWarning)
-        auc_p = np.nanmean(np.stack([_weighted_auc(s, y, counts) for _, s, y in cols_p], axis=1), axis=1)
-        auc_c = np.nanmean(np.stack([_weighted_auc(s, y, counts) for _, s, y in cols_c], axis=1), axis=1)
+        ap = np.stack([_weighted_auc(s, y, counts) for _, s, y in cols_p], axis=1)
+        ac = np.stack([_weighted_auc(s, y, counts) for _, s, y in cols_c], axis=1)
+    defined = np.isfinite(ap[0]) & np.isfinite(ac[0])
+    auc_p = ap[:, defined].mean(axis=1) if defined.any() else np.full(len(counts), np.nan)
+    auc_c = ac[:, defined].mean(axis=1) if defined.any() else np.full(len(counts), np.nan)
     cap = ceiling(max_drop)
     checks: list[dict[str, Any]] = [_drop("auc_macro", auc_p, auc_c, max_drop, cap)]
     # Every class's sensitivity (binary: both classes, so the negative class's sensitivity is the

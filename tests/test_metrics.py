@@ -20,6 +20,8 @@ from sklearn.metrics import (
 from edgeclf.errors import ConfigError, DataError
 from edgeclf.metrics import (
     _weighted_auc,
+    clip_metrics,
+    decision_metrics,
     evaluate_predictions,
     expected_calibration_error,
     plot_confusion,
@@ -413,3 +415,38 @@ def test_clip_figures_carry_intervals_over_clusters_when_given() -> None:
     assert m["clip_mean"]["accuracy"] == pytest.approx(8 / 12)
     assert hi_c - lo_c > hi - lo  # three clusters resampled: wider than twelve independent clips
     assert lo_c == pytest.approx(1 / 3) or lo_c < lo  # a resample of s2 twice and one other: a third right
+
+
+# -- one resampling unit: no interval ------------------------------------------------------------------------------
+# With one clip or one group every resample is the sample itself: a zero-width "95% interval" (e.g. `evaluate
+# --split all` on one clip printed frame accuracy 0.725 (0.725-0.725)) says nothing; None, as for too few resamples.
+_ONE_UNIT_RULE = DecisionRule("threshold", (0.5,), positive=1)
+
+
+
+def _one_unit_data(n: int = 40):
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, n)
+    s = np.clip(0.3 * y + 0.7 * rng.random(n), 0, 1)
+    return np.stack([1 - s, s], 1), y
+
+
+def test_auc_interval_over_one_group_is_not_a_point() -> None:
+    p, y = _one_unit_data()
+    m = evaluate_predictions(p, y, "binary", _ONE_UNIT_RULE, ["a", "b"], n_boot=100, groups=["clip0"] * len(y))
+    assert m["auc"]["macro_ci95"] is None, m["auc"]  # got [0.803, 0.803]
+
+
+def test_accuracy_interval_over_one_group_is_not_a_point() -> None:
+    p, y = _one_unit_data()
+    m = decision_metrics(y, (p[:, 1] >= 0.5).astype(int), ["a", "b"], groups=["clip0"] * len(y), n_boot=100)
+    assert m["accuracy_ci95"] is None, m["accuracy_ci95"]  # got [0.725, 0.725]
+
+
+def test_one_clip_gives_no_frame_or_clip_interval() -> None:
+    p, y = _one_unit_data()
+    y[:] = 1  # one clip, one label
+    ids = [f"scan.mp4#{j}" for j in range(len(y))]
+    m = clip_metrics(p, y, ids, _ONE_UNIT_RULE, ["a", "b"], n_boot=100)
+    assert m["frame"]["accuracy_ci95"] is None, m["frame"]["accuracy_ci95"]
+    assert m["clip_mean"]["accuracy_ci95"] is None, m["clip_mean"]["accuracy_ci95"]

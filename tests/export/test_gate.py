@@ -5,9 +5,10 @@ import warnings
 
 import numpy as np
 import pytest
+from sklearn.metrics import roc_auc_score
 
 from edgeclf.export.gate import gate_candidate
-from edgeclf.runtime.postprocess import DecisionRule
+from edgeclf.runtime.postprocess import DecisionRule, probabilities
 
 RULE = DecisionRule("threshold", (0.5,), positive=1, target_sensitivity=0.9)
 
@@ -237,3 +238,61 @@ def test_a_class_absent_from_validation_is_recorded_as_unchecked() -> None:
     g = gate_candidate(z, z, ym, "multilabel", 1.0, DecisionRule("multilabel", (0.5, 0.5, 0.5)), ["a", "b", "c"], max_drop=0.0)
     spec_b = next(c for c in g["checks"] if c["metric"] == "specificity[b]")
     assert g["passed"] and spec_b["undefined"] and spec_b["support"] == 0 and len(g["checks"]) == 8
+
+
+# -- the macro AUC over resamples that lack a class ---------------------------------------------------------------
+# Found by a review: the gate took a nanmean over classes, so a resample with no image of a rare class scored the
+# macro over the other classes (no drop) and pulled the interval's low end to 0: a significant drop passed.
+_RARE_N_BOOT, _RARE_SEED = 1000, 0
+
+
+
+def _rare_class_case():
+    # 60 validation images: 29 a, 29 b, 2 c (a rare class). Parent separates everything (macro AUC 1.0).
+    n = 60
+    y = np.array([0] * 29 + [1] * 29 + [2] * 2)
+    z = np.zeros((n, 3))
+    z[np.arange(n), y] = 3.0
+    z[:29, 0] += np.linspace(0, 0.5, 29)
+    z[29:58, 1] += np.linspace(0, 0.5, 29)
+    cand = z.copy()
+    cand[58:] = [0.0, 0.0, 0.3]   # both c images still decided c (p_c 0.40), but ...
+    cand[:6] = [2.0, 0.0, 1.9]    # ... six a images now carry p_c 0.44 (still decided a): class c's AUC drops to 0.90
+    return z, cand, y
+
+
+def _paired_macro_auc_reference(z, cand, y):
+    pp, pc = probabilities(z, "multiclass"), probabilities(cand, "multiclass")
+    n = len(y)
+    rng = np.random.default_rng(_RARE_SEED)  # the gate's own draws, so both sides see the same resamples
+    drops = []
+    for _ in range(_RARE_N_BOOT):
+        idx = rng.integers(0, n, n)
+        yy = y[idx]
+        if any((yy == k).all() or not (yy == k).any() for k in range(3)):
+            continue  # a class without positives (or negatives): no macro AUC over the three classes
+        mp = np.mean([roc_auc_score(yy == k, pp[idx, k]) for k in range(3)])
+        mc = np.mean([roc_auc_score(yy == k, pc[idx, k]) for k in range(3)])
+        drops.append(mp - mc)
+    point = np.mean([roc_auc_score(y == k, pp[:, k]) for k in range(3)]) - np.mean([roc_auc_score(y == k, pc[:, k]) for k in range(3)])
+    return point, np.percentile(drops, [2.5, 97.5]), len(drops)
+
+
+def test_macro_auc_drop_interval_matches_paired_reference() -> None:
+    z, cand, y = _rare_class_case()
+    rule = DecisionRule("max-ratio", (1 / 3, 1 / 3, 1 / 3))
+    g = gate_candidate(z, cand, y, "multiclass", 1.0, rule, ["a", "b", "c"], max_drop=0.01, n_boot=_RARE_N_BOOT, seed=_RARE_SEED)
+    auc = next(c for c in g["checks"] if c["metric"] == "auc_macro")
+    point, (lo, hi), used = _paired_macro_auc_reference(z, cand, y)
+    assert auc["drop"] == np.float64(point)  # 0.0345: 3.4x max_drop, under the 0.05 ceiling
+    assert auc["n_boot_used"] == used, (auc["n_boot_used"], used)
+    assert np.allclose(auc["drop_ci95"], [lo, hi]), (auc["drop_ci95"], [lo, hi])
+
+
+def test_a_significant_macro_auc_drop_fails_the_gate() -> None:
+    z, cand, y = _rare_class_case()
+    rule = DecisionRule("max-ratio", (1 / 3, 1 / 3, 1 / 3))
+    g = gate_candidate(z, cand, y, "multiclass", 1.0, rule, ["a", "b", "c"], max_drop=0.01, n_boot=_RARE_N_BOOT, seed=_RARE_SEED)
+    _, (lo, _), _ = _paired_macro_auc_reference(z, cand, y)
+    assert lo > 0  # the reference interval excludes 0: drop 0.034 > max_drop 0.01 is significant
+    assert "auc_macro" in g["failed_on"], g["checks"][0]
