@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import errno
 import hashlib
 import json
 import logging
@@ -36,7 +37,7 @@ import re
 import stat
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple, Union
+from typing import IO, Any, Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple, Union
 
 from edgeclf.errors import BundleError, ConfigError, IntegrityError, MissingExtraError
 from edgeclf.runtime.postprocess import TASKS, DecisionRule, rule_kind_for_task
@@ -77,6 +78,7 @@ SIGNATURE_VERSION = 1
 _SIGNED_PREFIX = b"edgeclf-bundle-signature-v1\0"
 _MAX_CHECKSUM_BYTES = 1 << 20  # a bundle lists a handful of files; more is not a checksum file
 _MAX_SIGNATURE_BYTES = 4096
+_MAX_MANIFEST_BYTES = 16 << 20  # export writes a few KiB; a bigger one is not read into memory
 PathLike = Union[str, "os.PathLike[str]"]
 KeyLike = Union[str, bytes, "os.PathLike[str]"]
 
@@ -161,25 +163,55 @@ def _plain_name(name: str, where: str) -> str:
     return name
 
 
-def sha256_file(path: PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _nonblocking(path: str, flags: int) -> int:
     # A FIFO swapped in after the folder was listed must not block the reader: opened non-blocking, then refused.
     return os.open(path, flags | getattr(os, "O_NONBLOCK", 0))
 
 
-def _read_regular(path: Path, name: str) -> bytes:
-    """All bytes of one regular file, read through one open file (OSError for the caller to word)."""
-    with open(path, "rb", opener=_nonblocking) as f:
-        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+def _open_regular(path: PathLike, name: str) -> Tuple[IO[bytes], int]:
+    """(open file, size) of one regular file, for the caller to close: every bundle file is opened this way
+    (OSError for the caller to word)."""
+    f = open(path, "rb", opener=_nonblocking)  # noqa: SIM115 - returned open, the caller closes it
+    try:
+        st = os.fstat(f.fileno())
+        if not stat.S_ISREG(st.st_mode):
             raise IntegrityError(f"bundle file {name!r} is not a regular file; a bundle holds regular files only, re-export it")
-        return f.read()
+    except BaseException:
+        f.close()
+        raise
+    return f, st.st_size
+
+
+def _hash_regular(path: PathLike, name: str) -> Tuple[str, int]:
+    """(sha256, number of bytes hashed) of one regular file, streamed."""
+    h = hashlib.sha256()
+    size = 0
+    f, expected = _open_regular(path, name)
+    with f:
+        step = min(max(expected + 1, 1 << 16), 1 << 20)  # small files: no 1 MiB buffer per read
+        for chunk in iter(lambda: f.read(step), b""):
+            h.update(chunk)
+            size += len(chunk)
+    return h.hexdigest(), size
+
+
+def sha256_file(path: PathLike) -> str:
+    """sha256 of a regular file (a FIFO or device is refused with IntegrityError, never waited on)."""
+    return _hash_regular(path, Path(path).name)[0]
+
+
+def _read_regular(path: Path, name: str, limit: int) -> bytes:
+    """All bytes of one regular file of at most `limit` bytes, read through one open file (OSError for the caller
+    to word). Never more than limit + 1 bytes are read: a huge (or sparse) file is refused, not loaded."""
+    f, size = _open_regular(path, name)
+    with f:
+        data = f.read(min(size, limit) + 1)  # sized by fstat: a limit-sized buffer for a small file is slow
+        if size < len(data) <= limit:  # it grew since fstat: read on, up to the limit
+            data += f.read(limit + 1 - len(data))
+    if len(data) > limit:
+        raise IntegrityError(f"bundle file {name!r} is over {limit} bytes, far more than edgeclf writes; the bundle was "
+                             "edited or damaged, re-export it")
+    return data
 
 
 # ONNX protobuf field numbers (onnx.proto3), for finding tensors without the onnx package (the device may lack it).
@@ -252,29 +284,39 @@ def _uses_external_data(data: bytes) -> bool:
     return False
 
 
-def _read_checked(path: Path, sha256: Optional[str], name: str, *, model: bool = False) -> bytes:
+def _changed_after_verification(name: str) -> IntegrityError:
+    return IntegrityError(f"bundle file {name!r} changed after the bundle was verified (it no longer matches "
+                          f"{CHECKSUM_FILE}): something wrote into the bundle folder while it was in use; load the "
+                          "bundle again once the copy is complete, or re-export it")
+
+
+def _read_checked(path: Path, sha256: Optional[str], name: str, *, model: bool = False,
+                  size: Optional[int] = None) -> bytes:
     """A bundle file's bytes, read once and, when `sha256` is given (the digest verified at load), checked against
     it. The caller uses exactly these bytes and never re-opens the path: whatever a writer does to the file
-    afterwards, what runs is what was verified. model: refuse ONNX that keeps weights in external data files
-    (read by path, so unverified at use; edgeclf exports self-contained models)."""
+    afterwards, what runs is what was verified. size: the byte count verified at load, compared before reading (a
+    file swapped for a huge one is refused, never read into memory). model: refuse ONNX that keeps weights in
+    external data files (read by path, so unverified at use; edgeclf exports self-contained models)."""
+    actual = 0
     try:
-        data = _read_regular(path, name)
+        f, actual = _open_regular(path, name)
+        with f:
+            if size is not None and actual != size:
+                raise _changed_after_verification(name)
+            data = f.read(-1 if size is None else size + 1)
     except OSError as exc:
         raise BundleError(f"bundle file {name!r} cannot be read ({exc.strerror or type(exc).__name__}); check its "
                           "permissions and the disk") from None
+    except MemoryError:  # no verified size to compare first (verify=False, or a caller without it): one line
+        raise BundleError(f"bundle file {name!r} ({actual} bytes) is too large to read into memory; re-export the "
+                          "bundle") from None
     if sha256 is not None and hashlib.sha256(data).hexdigest() != sha256:
-        raise IntegrityError(f"bundle file {name!r} changed after the bundle was verified (it no longer matches "
-                             f"{CHECKSUM_FILE}): something wrote into the bundle folder while it was in use; load the "
-                             "bundle again once the copy is complete, or re-export it")
+        raise _changed_after_verification(name)
     if model and _uses_external_data(data):
         raise BundleError(f"bundle model {name!r} keeps its weights in external data files, which a bundle does not "
                           "allow (every byte a backend uses must be verified); re-export it as one self-contained "
                           "ONNX file (onnx.save_model(..., save_as_external_data=False))")
     return data
-
-
-def _raise(exc: OSError) -> None:
-    raise exc
 
 
 def _bundle_files(root: Path) -> List[str]:
@@ -284,21 +326,33 @@ def _bundle_files(root: Path) -> List[str]:
     or block the reader, and a copied bundle would not carry them.
     """
     files = []
-    # onerror: an unreadable folder is an error, not a folder without files (os.walk skips it silently).
-    for dirpath, dirnames, filenames in os.walk(root, onerror=_raise, followlinks=False):
-        for name in sorted(dirnames + filenames):
-            full = os.path.join(dirpath, name)
-            rel = Path(full).relative_to(root).as_posix()
-            mode = os.lstat(full).st_mode
-            if stat.S_ISLNK(mode):
-                raise IntegrityError(f"bundle {root} holds {rel!r}, a symbolic link; a bundle holds regular files only; "
-                                     "remove it or re-export the bundle")
-            if stat.S_ISDIR(mode):
-                continue
-            if not stat.S_ISREG(mode):
-                raise IntegrityError(f"bundle {root} holds {rel!r}, which is not a regular file; remove it or re-export the bundle")
-            if rel not in (CHECKSUM_FILE, SIGNATURE_FILE):
+    # Folders to list (relative posix names, "" the bundle): a stack, not recursion, so a tree of any depth is
+    # listed (its stray files then refused by name) rather than exhausting Python's stack as os.walk does.
+    stack = [""]
+    while stack:
+        folder = stack.pop()
+        try:  # an unreadable folder is an error (OSError), not a folder without files
+            with os.scandir(root / folder if folder else root) as it:
+                entries = sorted(it, key=lambda e: e.name)
+        except OSError as exc:
+            if exc.errno != errno.ENAMETOOLONG:
+                raise
+            raise IntegrityError(f"bundle {root} holds folders nested too deeply to list (under {_short(folder.split('/')[0])}); "
+                                 "remove them or re-export the bundle") from None
+        subfolders = []
+        for entry in entries:
+            rel = f"{folder}/{entry.name}" if folder else entry.name
+            if entry.is_symlink():
+                raise IntegrityError(f"bundle {root} holds {_short(rel, 200)}, a symbolic link; a bundle holds regular files "
+                                     "only; remove it or re-export the bundle")
+            if entry.is_dir(follow_symlinks=False):
+                subfolders.append(rel)
+            elif not entry.is_file(follow_symlinks=False):
+                raise IntegrityError(f"bundle {root} holds {_short(rel, 200)}, which is not a regular file; remove it or "
+                                     "re-export the bundle")
+            elif rel not in (CHECKSUM_FILE, SIGNATURE_FILE):
                 files.append(rel)
+        stack.extend(reversed(subfolders))  # visited in name order
     return sorted(files)
 
 
@@ -327,9 +381,7 @@ def _read_checksums(r: Path) -> Tuple[Dict[str, str], bytes]:
     if sums.is_symlink() or not sums.is_file():
         raise IntegrityError(f"bundle {r} has no {CHECKSUM_FILE}; re-export it with `edgeclf export`")
     try:
-        if sums.stat().st_size > _MAX_CHECKSUM_BYTES:
-            raise IntegrityError(f"{CHECKSUM_FILE} of bundle {r} is over {_MAX_CHECKSUM_BYTES} bytes; the bundle was edited, re-export it")
-        raw = sums.read_bytes()
+        raw = _read_regular(sums, CHECKSUM_FILE, _MAX_CHECKSUM_BYTES)
     except OSError as exc:
         raise BundleError(f"{CHECKSUM_FILE} of bundle {r} cannot be read ({exc.strerror or type(exc).__name__}); check its "
                           "permissions and the disk") from None
@@ -350,6 +402,7 @@ def _read_checksums(r: Path) -> Tuple[Dict[str, str], bytes]:
 
 class _Verified(NamedTuple):
     listed: Dict[str, str]  # file name -> sha256, as the checksum file lists it
+    sizes: Dict[str, int]  # file name -> number of bytes hashed
     raw: bytes  # the checksum file's bytes: the ones parsed and (when signed) signed
     digest: str  # sha256 of `raw`: identifies the whole bundle
     kept: Dict[str, bytes]  # the bytes of the files asked for, exactly as hashed
@@ -368,18 +421,20 @@ def _verify(r: Path, keep: Sequence[str] = ()) -> _Verified:
     ones: the manifest), hashed from the same read they are then used from."""
     listed, raw = _read_checksums(r)
     kept: Dict[str, bytes] = {}
+    sizes: Dict[str, int] = {}
     present = set(_bundle_files(r))
     for name in sorted(present - set(listed)):
-        raise IntegrityError(f"bundle file {name!r} is not covered by {CHECKSUM_FILE}; remove it or re-export the bundle")
+        raise IntegrityError(f"bundle file {_short(name, 200)} is not covered by {CHECKSUM_FILE}; remove it or re-export "
+                             "the bundle")
     for name, digest in sorted(listed.items()):
         if name not in present:
             raise IntegrityError(f"bundle file {name!r} listed in {CHECKSUM_FILE} is missing; re-export the bundle")
         try:
             if name in keep:
-                kept[name] = _read_regular(r / name, name)
-                actual = hashlib.sha256(kept[name]).hexdigest()
+                kept[name] = _read_regular(r / name, name, _MAX_MANIFEST_BYTES)
+                actual, sizes[name] = hashlib.sha256(kept[name]).hexdigest(), len(kept[name])
             else:
-                actual = sha256_file(r / name)
+                actual, sizes[name] = _hash_regular(r / name, name)
         except OSError as exc:
             raise BundleError(f"bundle file {name!r} cannot be read ({exc.strerror or type(exc).__name__}); check its "
                               "permissions and the disk") from None
@@ -387,7 +442,7 @@ def _verify(r: Path, keep: Sequence[str] = ()) -> _Verified:
             raise IntegrityError(
                 f"bundle file {name!r} does not match its entry in {CHECKSUM_FILE}: one of them was changed after export; re-export the bundle"
             )
-    return _Verified(listed, raw, hashlib.sha256(raw).hexdigest(), kept)
+    return _Verified(listed, sizes, raw, hashlib.sha256(raw).hexdigest(), kept)
 
 
 # ------------------------------------------------------------------------------------------ signing
@@ -602,9 +657,10 @@ def verify_signature(path: PathLike, trusted_key: Optional[KeyLike] = None, *, c
     if sig.is_symlink() or not sig.is_file():
         raise IntegrityError(f"bundle {root} is not signed (no {SIGNATURE_FILE}); sign it with `edgeclf bundle sign`")
     try:
-        with open(sig, "rb") as f:
-            data = f.read(_MAX_SIGNATURE_BYTES + 1)
-        raw_sums = (root / CHECKSUM_FILE).read_bytes() if checksums is None else checksums
+        f, _ = _open_regular(sig, SIGNATURE_FILE)
+        with f:
+            data = f.read(_MAX_SIGNATURE_BYTES + 1)  # more is refused below as not a signature document
+        raw_sums = _read_regular(root / CHECKSUM_FILE, CHECKSUM_FILE, _MAX_CHECKSUM_BYTES) if checksums is None else checksums
     except OSError as exc:
         raise BundleError(f"{SIGNATURE_FILE} of bundle {root} cannot be read ({exc.strerror or type(exc).__name__})") from None
     bad = f"{SIGNATURE_FILE} of bundle {root} is not a valid signature document; it was edited or damaged, sign the bundle again"
@@ -826,6 +882,8 @@ class Bundle:
     # a model's bytes are read when a backend is made (read_model) and checked against these, never kept here,
     # so a bundle with several variants holds no model in memory.
     digests: Mapping[str, str] = field(default_factory=dict, repr=False, compare=False)
+    # File name -> size in bytes when verified: read_file compares it before reading (a huge swap is never read).
+    sizes: Mapping[str, int] = field(default_factory=dict, repr=False, compare=False)
 
     def read_file(self, file: PathLike) -> bytes:
         """The bytes of one bundle file (a name such as "reference.npz", or a path inside the bundle as
@@ -833,13 +891,13 @@ class Bundle:
         the digest checked at load (else IntegrityError): use them, never re-open the path, e.g.
         `np.load(io.BytesIO(b.read_file(ref)))`."""
         name = self._name(file)
-        return _read_checked(self.path / name, self._digest(name), name)
+        return _read_checked(self.path / name, self._digest(name), name, size=self.sizes.get(name))
 
     def read_model(self, file: PathLike) -> bytes:
         """`read_file` for an ONNX model: the bytes to hand a backend (`InferenceSession(bytes)`, TensorRT's
         `parse(bytes)`). Refuses models with external data files (they would be read by path, unverified)."""
         name = self._name(file)
-        return _read_checked(self.path / name, self._digest(name), name, model=True)
+        return _read_checked(self.path / name, self._digest(name), name, model=True, size=self.sizes.get(name))
 
     def _name(self, file: PathLike) -> str:
         p = Path(os.fspath(file))
@@ -907,7 +965,7 @@ def _parse_manifest(root: Path, data: Optional[bytes] = None) -> Manifest:
     """The manifest from `data` (the bytes that were hashed), else read from the folder (no verification)."""
     try:
         if data is None:
-            data = (root / MANIFEST_FILE).read_bytes()
+            data = _read_regular(root / MANIFEST_FILE, MANIFEST_FILE, _MAX_MANIFEST_BYTES)
         raw = json.loads(data.decode("utf-8"))
     except OSError as exc:
         raise BundleError(f"{root / MANIFEST_FILE} cannot be read ({exc.strerror or type(exc).__name__}); check its permissions") from None
@@ -959,11 +1017,13 @@ def _load(root: Path, verify: bool, trusted_key: Optional[KeyLike], require_sign
     checksum = ""
     signature: Optional[Dict[str, Any]] = None
     digests: Dict[str, str] = {}
+    sizes: Dict[str, int] = {}
     manifest_bytes: Optional[bytes] = None
     if verify:
         # One read of each: the checksum file parsed is the one signed; the manifest hashed is the one parsed.
         verified = _verify(root, keep=(MANIFEST_FILE,))
         checksum, digests, manifest_bytes = verified.digest, verified.listed, verified.kept[MANIFEST_FILE]
+        sizes = verified.sizes
         sig = root / SIGNATURE_FILE
         if sig.exists() or sig.is_symlink():
             signature = verify_signature(root, key, checksums=verified.raw)
@@ -979,4 +1039,4 @@ def _load(root: Path, verify: bool, trusted_key: Optional[KeyLike], require_sign
         raise BundleError(f"bundle {root} has no reference file {ref['file']!r}; re-export the bundle")
     log.info("loaded bundle %s (%s, %d labels%s)", root, manifest.task, len(manifest.labels),
              f", signed by {signature['key_id']}" if signature else "")
-    return Bundle(path=root, manifest=manifest, checksum=checksum, signature=signature, digests=digests)
+    return Bundle(path=root, manifest=manifest, checksum=checksum, signature=signature, digests=digests, sizes=sizes)

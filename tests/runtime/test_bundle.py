@@ -2,6 +2,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -392,14 +394,14 @@ def test_an_unreadable_file_is_one_line_naming_it(bundle_copy: Path, monkeypatch
 
     from edgeclf.runtime import bundle as bundle_mod
 
-    real = bundle_mod.sha256_file
+    real = bundle_mod._hash_regular
 
-    def denied(path):
-        if Path(path).name == "model.onnx":
+    def denied(path, name):
+        if name == "model.onnx":
             raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
-        return real(path)
+        return real(path, name)
 
-    monkeypatch.setattr(bundle_mod, "sha256_file", denied)
+    monkeypatch.setattr(bundle_mod, "_hash_regular", denied)
     with pytest.raises(BundleError, match="'model.onnx' cannot be read \\(Permission denied\\)"):
         load_bundle(bundle_copy)
 
@@ -478,16 +480,16 @@ def _race_after_hashing(monkeypatch: pytest.MonkeyPatch, last: str, write) -> li
     as if another process rewrote the bundle between the checks and the use. Returns [] until it has run."""
     from edgeclf.runtime import bundle as bundle_mod
 
-    real, fired = bundle_mod.sha256_file, []
+    real, fired = bundle_mod._hash_regular, []
 
-    def hashed_then_raced(path):
-        digest = real(path)
-        if Path(path).name == last and not fired:
+    def hashed_then_raced(path, name):
+        digest_and_size = real(path, name)
+        if name == last and not fired:
             write()
             fired.append(True)
-        return digest
+        return digest_and_size
 
-    monkeypatch.setattr(bundle_mod, "sha256_file", hashed_then_raced)
+    monkeypatch.setattr(bundle_mod, "_hash_regular", hashed_then_raced)
     return fired
 
 
@@ -567,3 +569,198 @@ def test_a_manifest_without_sector_reserialises_without_it(bundle_dir: Path) -> 
     """preprocess.sector is written only when true: bundles of other models keep their bytes and checksums."""
     b = load_bundle(bundle_dir)
     assert "sector" not in b.manifest.raw["preprocess"] and b.manifest.preprocess.to_dict() == b.manifest.raw["preprocess"]
+
+
+# ------------------------------------------- what an attacker with write access to the folder can do: one line each
+
+
+def _make_deep_tree(root: Path, depth: int, name: str, leaf: bytes) -> None:
+    """root/name/name/... (`depth` folders) with a file x at the bottom, made through folder fds (no path too long)."""
+    fd = os.open(str(root), os.O_RDONLY)
+    try:
+        for _ in range(depth):
+            os.mkdir(name, dir_fd=fd)
+            below = os.open(name, os.O_RDONLY, dir_fd=fd)
+            os.close(fd)
+            fd = below
+        out = os.open("x", os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=fd)
+        os.write(out, leaf)
+        os.close(out)
+    finally:
+        os.close(fd)
+
+
+def _remove_deep_tree(root: Path, name: str) -> None:
+    """Remove root/name and all below it, bottom up through folder fds: shutil.rmtree (so pytest's cleanup) recurses."""
+    fd, depth = os.open(str(root), os.O_RDONLY), 0
+    try:
+        while True:
+            try:
+                below = os.open(name, os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+            except FileNotFoundError:
+                break
+            os.close(fd)
+            fd, depth = below, depth + 1
+        for leaf in os.listdir(fd) if depth else ():  # the bottom folder's files (x), never root's
+            os.unlink(leaf, dir_fd=fd)
+        for _ in range(depth):
+            above = os.open("..", os.O_RDONLY, dir_fd=fd)
+            os.close(fd)
+            fd = above
+            os.rmdir(name, dir_fd=fd)
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.parametrize("depth, name, match", [
+    (1100, "d", "is not covered by"),  # deeper than Python's recursion limit
+    (17, "n" * 250, "nested too deeply to list"),  # a path longer than PATH_MAX (4096), without 2000 slow rmdirs
+])
+def test_a_deep_folder_tree_in_the_bundle_is_refused_in_one_line(tmp_path: Path, depth: int, name: str, match: str) -> None:
+    """A stray file at the bottom of a deep folder tree (left by a careless copy or put there on purpose) is refused
+    in one line naming it, not a RecursionError from the listing (os.walk recursed); a tree too deep for a path
+    (over PATH_MAX) says so, rather than that the bundle is unreadable. Listing is unchanged: once checksummed,
+    the deep file is a file of the bundle like any other."""
+    from tests.conftest import run_cli
+    from tests.runtime.tiny_bundle import make_tiny_bundle
+
+    bundle = make_tiny_bundle(tmp_path / "b")
+    _make_deep_tree(bundle, depth, name, b"stray")
+    try:
+        with pytest.raises(IntegrityError, match=match) as info:
+            load_bundle(bundle)
+        assert "\n" not in str(info.value) and len(str(info.value)) < 600
+        if name == "d":
+            res = run_cli("bundle", "verify", "--no-parity", str(bundle), timeout=120)
+            assert res.returncode == 2 and len(res.stderr.strip().splitlines()) == 1, res.stderr[-400:]
+            write_checksums(bundle)  # the same listing semantics: a deep file is a file of the bundle, covered once listed
+            assert load_bundle(bundle).digests[f"{name}/" * depth + "x"]
+    finally:
+        _remove_deep_tree(bundle, name)
+
+
+def _run_with_memory_limit(*args: str) -> subprocess.CompletedProcess[str]:
+    """python ARGS in a child with a 6 GiB address-space limit: should a regression read a 1 TB file whole, it
+    fails fast instead of exhausting this machine (where memory overcommit would allow the allocation)."""
+    from tests.conftest import REPO
+
+    def limit() -> None:
+        import resource
+
+        resource.setrlimit(resource.RLIMIT_AS, (6 << 30, 6 << 30))
+
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=str(REPO), env=env,
+                          preexec_fn=limit, timeout=120)
+
+
+def test_a_huge_manifest_is_refused_in_one_line_not_a_memory_error(tmp_path: Path) -> None:
+    """manifest.json replaced by a 1 TB sparse file (no disk used): the manifest was read whole before its hash
+    was compared, so MemoryError; now at most 16 MiB + 1 byte is read and the file is refused by name, with or
+    without verification (exit code 2 through the CLI)."""
+    from tests.runtime.tiny_bundle import make_tiny_bundle
+
+    bundle = make_tiny_bundle(tmp_path / "b")
+    os.truncate(bundle / "manifest.json", 1 << 40)
+    try:
+        res = _run_with_memory_limit(
+            "-c",
+            "from edgeclf.errors import IntegrityError\n"
+            "from edgeclf.runtime.bundle import load_bundle\n"
+            "for verify in (True, False):\n"
+            "    try:\n"
+            f"        load_bundle({str(bundle)!r}, verify=verify)\n"
+            "    except IntegrityError as exc:\n"
+            "        print(exc)\n"
+        )
+        cli = _run_with_memory_limit("-m", "edgeclf", "bundle", "verify", "--no-parity", str(bundle))
+    finally:
+        (bundle / "manifest.json").unlink()  # no 1 TB (sparse) file left behind
+    lines = res.stdout.splitlines()
+    assert res.returncode == 0 and len(lines) == 2, (res.stdout + res.stderr)[-600:]
+    assert all("'manifest.json' is over 16777216 bytes" in line for line in lines), lines
+    assert cli.returncode == 2 and cli.stderr.strip().splitlines() == [cli.stderr.strip()], cli.stderr[-400:]
+    assert "manifest.json" in cli.stderr
+
+
+def test_a_model_swapped_for_a_huge_file_after_load_is_refused_in_one_line(tmp_path: Path) -> None:
+    """After load_bundle, model.onnx replaced by a 1 TB sparse file: read_model compares the size verified at load
+    before reading, so the usual "changed after the bundle was verified", never a 1 TB read and MemoryError.
+    Loaded unverified (no size to compare), a file too big for memory is one line as well."""
+    from tests.runtime.tiny_bundle import make_tiny_bundle
+
+    bundle = make_tiny_bundle(tmp_path / "b")
+    res = _run_with_memory_limit(
+        "-c",
+        "import os\n"
+        "from edgeclf.errors import BundleError\n"
+        "from edgeclf.runtime.bundle import load_bundle\n"
+        f"verified, unverified = load_bundle({str(bundle)!r}), load_bundle({str(bundle)!r}, verify=False)\n"
+        "os.truncate(verified.model_path, 1 << 40)\n"
+        "for b in (verified, unverified):\n"
+        "    try:\n"
+        "        b.read_model(b.model_path)\n"
+        "    except BundleError as exc:\n"
+        "        print(type(exc).__name__, exc)\n"
+    )
+    (bundle / "model.onnx").unlink()  # no 1 TB (sparse) file left behind (tmp_path is kept a while)
+    lines = res.stdout.splitlines()
+    assert res.returncode == 0 and len(lines) == 2, (res.stdout + res.stderr)[-600:]
+    assert lines[0].startswith("IntegrityError bundle file 'model.onnx' changed after the bundle was verified"), lines
+    assert lines[1].startswith("BundleError bundle file 'model.onnx' (1099511627776 bytes) is too large"), lines
+
+
+@pytest.mark.parametrize("name", ["model.onnx", "reference.npz", CHECKSUM_FILE, SIGNATURE_FILE])
+def test_a_fifo_swapped_in_for_a_bundle_file_is_refused_not_waited_on(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                      name: str) -> None:
+    """A writer replaces a file by a FIFO after the folder was listed (or after the checksum or signature file was
+    checked with is_file): a blocking open would wait forever for a writer to the FIFO. Every file of the bundle
+    is opened non-blocking and refused unless it is a regular file."""
+    import threading
+
+    from edgeclf.runtime import bundle as bundle_mod
+    from tests.runtime.tiny_bundle import make_tiny_bundle
+
+    bundle = make_tiny_bundle(tmp_path / "b")
+    target = bundle / name
+    if name == SIGNATURE_FILE:
+        target.write_text("{}\n")  # refused as a FIFO before anything parses it
+    listed_first = name not in (CHECKSUM_FILE, SIGNATURE_FILE)
+    real_files, real_is_file = bundle_mod._bundle_files, Path.is_file
+
+    def swap() -> None:
+        target.unlink()
+        os.mkfifo(target)
+
+    def listed_then_swapped(root: Path) -> list:
+        names = real_files(root)
+        if listed_first:
+            swap()
+        return names
+
+    def checked_then_swapped(self: Path) -> bool:
+        ok = real_is_file(self)
+        if not listed_first and self == target and ok:
+            swap()
+        return ok
+
+    monkeypatch.setattr(bundle_mod, "_bundle_files", listed_then_swapped)
+    monkeypatch.setattr(Path, "is_file", checked_then_swapped)
+    outcome: dict = {}
+
+    def load() -> None:
+        try:
+            outcome["loaded"] = load_bundle(bundle)
+        except Exception as exc:  # noqa: BLE001 - checked below
+            outcome["error"] = exc
+
+    t = threading.Thread(target=load, daemon=True)
+    t.start()
+    t.join(5.0)
+    blocked = t.is_alive()
+    if blocked:  # never leave a thread blocked: open the FIFO's write end and close it (the reader sees EOF)
+        os.close(os.open(str(target), os.O_WRONLY | os.O_NONBLOCK))
+        t.join(5.0)
+    assert not blocked, f"load_bundle blocked opening {name} as a FIFO"
+    assert isinstance(outcome.get("error"), IntegrityError), outcome
+    assert f"{name!r} is not a regular file" in str(outcome["error"])
