@@ -63,7 +63,30 @@ def tensorrt_missing() -> Optional[str]:
             return True
 
     missing = [m for m in ("tensorrt", "polygraphy") if absent(m)]
-    return f"{' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} not importable" if missing else None
+    if missing:
+        return f"{' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} not importable"
+    # A pip-installed TensorRT edgeclf cannot build with (11.x): not usable, so automatic backend choice moves on.
+    # JetPack's apt bindings carry no pip metadata: judged at import (require_tensorrt).
+    try:
+        from importlib.metadata import PackageNotFoundError, version
+    except ImportError:  # pragma: no cover - Python 3.8 has it
+        return None
+    for dist in ("tensorrt", "tensorrt-cu12", "tensorrt-cu11"):
+        try:
+            installed = version(dist)
+        except PackageNotFoundError:
+            continue
+        if _tensorrt_major(installed) not in TENSORRT_MAJORS:
+            return f"TensorRT {installed} is installed; edgeclf builds with 8.x or 10.x"
+        return None
+    return None
+
+
+def _tensorrt_major(version: str) -> int:
+    try:
+        return int(version.split(".")[0])
+    except ValueError:
+        return -1
 
 
 def require_tensorrt() -> Tuple[Any, Any]:
@@ -83,11 +106,7 @@ def require_tensorrt() -> Tuple[Any, Any]:
 
 def _check_tensorrt_version(version: str) -> None:
     """MissingExtraError unless `version` is a TensorRT major edgeclf builds with (TENSORRT_MAJORS)."""
-    try:
-        major = int(version.split(".")[0])
-    except ValueError:
-        major = -1
-    if major not in TENSORRT_MAJORS:
+    if _tensorrt_major(version) not in TENSORRT_MAJORS:
         raise MissingExtraError(
             f"TensorRT {version or '(no version)'} is installed; edgeclf builds engines with TensorRT 8.x or 10.x (TensorRT 11 "
             f"removed the fp16 and int8 builder flags its builds use); {TENSORRT_INSTALL_HINT}"

@@ -612,3 +612,33 @@ def test_an_engine_recorded_before_the_batch_profile_was_keyed_is_rebuilt_with_a
     cache.store(old, b"old", {"build": {"shapes": {"max": [8, 1, 8, 8]}}})
     rec = ensure_engine(plan, cache, tensorrt="10.3.0", compute_capability="8.7", builder=builder)
     assert rec.built and any("batch_profile: '' -> '1/1/8'" in m for m in rec.messages), rec.messages
+
+
+def test_a_pip_tensorrt_11_is_reported_unusable_so_backend_choice_moves_on(monkeypatch: pytest.MonkeyPatch):
+    """require_tensorrt refuses 11.x; availability must say so too, or a profile preferring trt picks it and the run
+    fails instead of falling back to ort-cuda / ort-cpu."""
+    import importlib.machinery
+    import importlib.metadata
+    from types import ModuleType
+
+    from edgeclf.runtime.app import resolve_backend
+    from edgeclf.runtime.backends import backend_availability
+
+    for name in ("tensorrt", "polygraphy"):
+        mod = ModuleType(name)
+        mod.__spec__ = importlib.machinery.ModuleSpec(name, None)
+        monkeypatch.setitem(sys.modules, name, mod)
+    real = importlib.metadata.version
+
+    def version(dist: str) -> str:
+        if dist == "tensorrt":
+            return installed[0]
+        return real(dist)
+
+    installed = ["11.4.0.106"]
+    monkeypatch.setattr(importlib.metadata, "version", version)
+    assert "11.4.0.106" in str(tensorrt_missing()) and backend_availability()["trt"] is not None
+    chosen, _, _ = resolve_backend(None, "x86-nvidia-gpu")
+    assert chosen != "trt"
+    installed[0] = "10.3.0"
+    assert tensorrt_missing() is None and backend_availability()["trt"] is None
