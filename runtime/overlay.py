@@ -350,9 +350,19 @@ class OverlayWindow(Sink):
 
     def refresh(self) -> None:
         """Let the window paint and see keys while no frame comes (a watched folder between files): without
-        this the window stops responding and 'q' or closing it takes effect only at the next file."""
-        if self._open and self._last is not None:
+        this the window stops responding and 'q' or closing it takes effect only at the next file. Before the first
+        frame only keys are read: some backends call a window not yet shown invisible, which would turn the close
+        check off for good (see _show)."""
+        if not self._open:
+            return
+        if self._last is not None:
             self._show(None)
+            return
+        try:
+            key = int(self._cv2.waitKey(1)) & 0xFF
+        except self._cv2.error as exc:
+            raise ConfigError(f"{NO_DISPLAY}: cv2 cannot read the window's keys ({_short(exc)}); {_FIX}") from None
+        self._key(key)
 
     def _show(self, shown: Optional[NDArray[np.uint8]], count: bool = False) -> None:
         cv2 = self._cv2
@@ -365,15 +375,18 @@ class OverlayWindow(Sink):
             raise ConfigError(f"{NO_DISPLAY}: cv2 cannot show the frame ({_short(exc)}); {_FIX}") from None
         if count:
             self.written += 1
-        if key in _QUIT_KEYS and not self.stop_requested:
-            self.stop_requested, self.stop_reason = True, "key " + ("Esc" if key == 27 else chr(key))
-            logger.info("overlay window: %s pressed after %d frames; asking the pipeline to stop", self.stop_reason,
-                        self.written)
+        self._key(key)
         if self._visible_works is None:  # some backends do not report visibility: then never infer a close
             self._visible_works = visible >= 1
         elif visible < 1 and self._visible_works and not self.stop_requested:
             self.stop_requested, self.stop_reason = True, "window closed"
             logger.info("overlay window closed after %d frames; asking the pipeline to stop", self.written)
+
+    def _key(self, key: int) -> None:
+        if key in _QUIT_KEYS and not self.stop_requested:
+            self.stop_requested, self.stop_reason = True, "key " + ("Esc" if key == 27 else chr(key))
+            logger.info("overlay window: %s pressed after %d frames; asking the pipeline to stop", self.stop_reason,
+                        self.written)
 
     def close(self) -> None:
         if self._open:

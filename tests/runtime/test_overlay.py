@@ -239,17 +239,22 @@ def test_window_marks_the_last_frame_stale_until_the_next_one(monkeypatch: pytes
 
 def test_window_refresh_pumps_keys_without_redrawing(monkeypatch: pytest.MonkeyPatch) -> None:
     """Between a watched folder's files no frame comes: refresh() lets the window see 'q' and closing."""
-    fake = _FakeGui([-1, ord("q")])
+    fake = _FakeGui([-1, -1, ord("q")])
     monkeypatch.setattr(overlay_mod._cv, "cv2", lambda: fake)
     monkeypatch.setattr(overlay_mod, "display_problem", lambda: None)
     with OverlayWindow("test") as win:
-        win.refresh()  # nothing shown yet: nothing to keep alive, no key consumed
-        assert fake.keys == [-1, ord("q")] and not fake.shown
+        win.refresh()  # nothing shown yet: keys are read (no redraw, no visibility check), here none pressed
+        assert fake.keys == [-1, ord("q")] and not fake.shown and not win.stop_requested
         win.write(REC, image=_image(120, 160))
         assert not win.stop_requested
         win.refresh()
         assert win.stop_requested and win.stop_reason == "key q"
         assert len(fake.shown) == 1 and win.written == 1  # refreshed, not redrawn nor counted as a frame
+    empty = _FakeGui([ord("q")], visible=[0.0])  # an empty inbox: 'q' before any frame, a backend calling it invisible
+    monkeypatch.setattr(overlay_mod._cv, "cv2", lambda: empty)
+    with OverlayWindow("test") as win:
+        win.refresh()
+        assert win.stop_requested and win.stop_reason == "key q" and not empty.shown
     closed = _FakeGui([], visible=[1.0, 0.0])
     monkeypatch.setattr(overlay_mod._cv, "cv2", lambda: closed)
     with OverlayWindow("test") as win:
