@@ -1018,7 +1018,10 @@ def ensemble_runs(folders: list[str], out: str, *, read_test: bool = True, overw
     hashes = [(f, tm.run.get("data", {}).get("hash")) for f, tm in zip(folders, runs)]
     if any(h for _, h in hashes):
         for k, (f, h) in enumerate(hashes):
-            if not h or h not in (ds.data_hash, ds.former_hash):
+            if not h:
+                raise ConfigError(f"{f} records no data hash while other members do, so it cannot be shown to have trained "
+                                  "on the same data; retrain it with this edgeclf to combine it")
+            if h not in (ds.data_hash, ds.former_hash):
                 if k == 0:
                     raise DataError(f"the data at {cfg.data} changed since {f} was trained (its hash differs); restore "
                                     "the data as it was or retrain the members")

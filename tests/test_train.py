@@ -601,3 +601,7 @@ def test_ensemble_combines_a_member_recorded_before_split_lists_were_hashed(tmp_
     assert "\n" not in str(exc.value)
     with pytest.raises(ConfigError, match="other data"):
         ensemble_runs([str(tmp_path / "m1"), str(tmp_path / "m0")], str(tmp_path / "e3"), read_test=False)
+    del run["data"]["hash"]  # a member recorded without any hash, beside one with
+    (tmp_path / "m0" / "run.json").write_text(json.dumps(run))
+    with pytest.raises(ConfigError, match="records no data hash"):
+        ensemble_runs([str(tmp_path / "m0"), str(tmp_path / "m1")], str(tmp_path / "e4"), read_test=False)
