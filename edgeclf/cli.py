@@ -1071,7 +1071,7 @@ def _print_metrics(by_split: dict[str, Any], title: str) -> None:
         pc = ", ".join(f"{k}: sens {_num(v['sensitivity'], '.2f')} spec {_num(v['specificity'], '.2f')}" for k, v in m["per_class"].items())
         click.echo(f"[{split}] at the recorded operating points: {pc}")
     for split, c in clips.items():
-        _print_clips(c, f"[{split}] {c['clips']} clips, {c['frames']} frames (intervals: bootstrap over clips)")
+        _print_clips(c, f"[{split}] {c['clips']} clips, {c['frames']} frames ({_TRAIN_CLIPS}; intervals: bootstrap over clips)")
 
 
 def _ci(m: dict[str, Any], key: str) -> str:
@@ -1086,6 +1086,11 @@ def _abstain_why(m: dict[str, Any]) -> str:
     if set(reasons) <= {"low_confidence"}:
         return floor
     return ", ".join(f"{n} {floor if k == 'low_confidence' else k}" for k, n in reasons.items())
+
+
+# Training's clip figures score every sampled frame; `edgeclf evaluate` (and run) leave out the frames run would not
+# classify (quality gate, sector warm-up): said where training prints them, since the two can differ.
+_TRAIN_CLIPS = "every sampled frame scored, no quality gate or sector warm-up abstention, unlike `edgeclf evaluate`"
 
 
 def _print_clips(c: dict[str, Any], title: str = "") -> None:
@@ -1118,7 +1123,8 @@ def _print_cv(r: dict[str, Any]) -> None:
              _num(f["test"].get("balanced_accuracy")), ", ".join(f.get("test_sources") or [])[:60]] for f in r["folds"]]
     click.echo(_table(["fold", "test items", "clips", "accuracy", "balanced acc", "held-out sources"], rows, title))
     if "clip_mean" in pooled:
-        _print_clips(pooled, f"pooled out-of-fold: {pooled['clips']} clips, {pooled['frames']} frames (bootstrap over clips)")
+        _print_clips(pooled, f"pooled out-of-fold: {pooled['clips']} clips, {pooled['frames']} frames ({_TRAIN_CLIPS}; "
+                             "bootstrap over clips)")
         # A recipe names the clip decision its reported figure is read from (its [evaluate] aggregate).
         agg = ((r.get("recipe") or {}).get("evaluate") or {}).get("aggregate")
         if agg in ("mean", "vote"):

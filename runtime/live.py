@@ -239,7 +239,8 @@ class LatestFrameReader:
     """Read `source` without lag: see the module doc.
 
     `drop`: "latest" (default; live cameras/streams) keeps only the newest frame, counting the ones a
-    slow consumer never saw in `stats()["dropped"]`; "none" never drops (the capture waits).
+    slow consumer never saw in `stats()["dropped"]`; "none" never drops while the reader is open (the capture
+    waits); a frame captured but not yet taken when it closes is counted in "dropped" too.
     `realtime`: pace a file to `fps` (default: the source's fps) in a capture thread, as a camera
     would deliver it. A live source always gets a capture thread; a file without `realtime` is read
     directly. Frames keep the source's index (a gap = dropped frames); with `realtime` their

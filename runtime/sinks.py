@@ -796,8 +796,9 @@ class SummarySink(Sink):
         self._closed = False
         self.result: Optional[Dict[str, Any]] = None  # summary().to_dict(), set at close()
         # The clip decision `edgeclf evaluate` computes offline (mean probability and majority vote of the
-        # frames' own predictions), from the same records: on-device and offline clip figures agree. Per file:
-        # a new cine restarts the smoother, sector detector and gate, and must restart its clip decision too.
+        # frames' own predictions), from the same records: on-device and offline clip figures agree. Per file: a new
+        # file (another cine, patient or view) is another clip. A live source's reconnection restarts the smoother,
+        # sector detector and gate but stays one clip (the same scan, resumed).
         self.aggregator: Optional[FileClipAggregator] = (
             FileClipAggregator.like(aggregator) if isinstance(aggregator, ClipAggregator) else aggregator)
 

@@ -39,6 +39,8 @@ def test_training_metrics_with_clip_figures_print_them_as_clips(capsys: pytest.C
     out = capsys.readouterr().out
     assert "[test_clips]" in out and "4 clips, 8 frames" in out and "clip, mean probability" in out
     assert "at the recorded operating points" in out
+    # training scores every sampled frame; evaluate and run leave out the frames run would not classify: said
+    assert "no quality gate or sector warm-up abstention, unlike `edgeclf evaluate`" in out
 
 
 def test_export_candidates_give_latency_per_image(capsys: pytest.CaptureFixture[str]) -> None:

@@ -398,7 +398,8 @@ def test_a_wrapped_sources_stats_are_kept_and_a_clash_is_prefixed() -> None:
 
 
 class _SlowCam:
-    """A live camera double at 20 fps that sends `limit` frames and then idles (reads return None)."""
+    """A live camera double that delivers a frame every 50 ms (its fps attribute says 100), `limit` of them, then idles
+    (reads return None)."""
 
     kind = "camera"
     live = True
