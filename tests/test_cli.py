@@ -220,7 +220,7 @@ def test_build_engine_refuses_dla_on_orin_nano_in_one_line(tiny_bundle: Path) ->
 def test_build_engine_and_run_trt_without_tensorrt_name_what_to_install(tiny_bundle: Path) -> None:
     _no_tensorrt()
     _one_line_error(run_cli("build-engine", "--bundle", str(tiny_bundle), "--device", "jetson-orin-nx"),
-                    "TensorRT is not available here", "python3-libnvinfer", "pip install tensorrt", "polygraphy")
+                    "TensorRT is not available here", "python3-libnvinfer", 'pip install "tensorrt<11"', "polygraphy")
     _one_line_error(run_cli("run", "--bundle", str(tiny_bundle), "--source", "synthetic:ultrasound", "--backend", "trt"),
                     "TensorRT is not available here", "python3-libnvinfer", "polygraphy")
     _one_line_error(run_cli("bundle", "check", str(tiny_bundle), "--backend", "trt", "--device", "jetson-orin-nano"),
