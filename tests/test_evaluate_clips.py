@@ -203,13 +203,9 @@ _LABELS = ["normal", "cyst", "mass"]
 
 
 def _video(path: Path, frames: list[np.ndarray]) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    h, w = frames[0].shape
-    vw = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 10, (w, h))
-    for f in frames:
-        vw.write(cv2.cvtColor(f, cv2.COLOR_GRAY2BGR))
-    vw.release()
-    return path
+    from tests.test_data import _video as gray_mjpg  # the same MJPG writer the sampling tests use
+
+    return gray_mjpg(path, frames)
 
 
 def _fan(rng: np.random.Generator, n: int) -> list[np.ndarray]:
