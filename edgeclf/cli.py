@@ -1159,7 +1159,10 @@ def _print_run(s: dict[str, Any]) -> None:
         click.echo("abstained because: " + ", ".join(f"{k} {v}" for k, v in sorted(s["abstain_reasons"].items())))
     clip = s.get("clip") or {}
     if clip.get("majority_label") is not None:
-        click.echo(f"shown labels (after smoothing): most frames {clip['majority_label']}, abstain rate {clip.get('abstain_rate', 0):.3f}")
+        files = int(clip.get("decisions_total") or len(clip.get("decisions") or [])) + int(clip.get("stills") or 0)
+        over = f", over all {files} files (not a decision)" if files > 1 else ""  # the per-file decisions follow
+        click.echo(f"shown labels (after smoothing){over}: most frames {clip['majority_label']}, abstain rate "
+                   f"{clip.get('abstain_rate', 0):.3f}")
     dec = clip.get("decision") or {}
     per_file = clip.get("decisions") or []
     how = "(as `edgeclf evaluate` aggregates)"

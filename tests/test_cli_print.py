@@ -141,3 +141,5 @@ def test_a_multi_file_run_prints_one_clip_decision_per_file_and_counts_the_still
     assert "one per file (2 clips; no decision over several files)" in out
     assert "file 0: mean probability normal" in out and "file 1: mean probability mass, majority vote mass" in out
     assert "2 single-frame file(s)" in out and "clip decision (as" not in out
+    # the run-wide shown-label count spans the files: said, beside the per-file decisions
+    assert "shown labels (after smoothing), over all 4 files (not a decision): most frames a" in out
