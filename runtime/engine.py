@@ -413,10 +413,9 @@ def trtexec_command(plan: EnginePlan, *, tensorrt: str, save_engine: str, timing
     - `--saveEngine=<file>`, `--timingCacheFile=<file>` (save/load the timing cache).
     No `--skipInference`: 8.4 names it `--buildOnly`; trtexec then also times the engine, which is harmless.
     """
-    try:
-        major = int(str(tensorrt).split(".")[0])
-    except ValueError:
-        raise ConfigError(f"TensorRT version {tensorrt!r} is not a version; give e.g. 8.6 or 10.3") from None
+    major = _tensorrt_major(str(tensorrt))
+    if major < 0:
+        raise ConfigError(f"TensorRT version {tensorrt!r} is not a version; give e.g. 8.6 or 10.3")
     if major not in TENSORRT_MAJORS:  # 11 has no --fp16/--int8 any more: the command would fail or build fp32
         raise ConfigError(f"TensorRT {tensorrt}: edgeclf writes trtexec commands for 8.x and 10.x (JetPack 5 and 6)")
     shapes = plan.shapes()
