@@ -1066,6 +1066,10 @@ def _print_metrics(by_split: dict[str, Any], title: str) -> None:
     rows = []
     for split, m in by_split.items():
         rows.append([split, m["n"], _num(m["accuracy"]), _num(m["balanced_accuracy"]), _auc(m["auc"]), _num(m["ece"])])
+    # Training's test figures leave out the clip frames run would not classify: said, as evaluate's title says it.
+    moot = [f"[{k}] {m['abstained']} abstained ({_abstain_why(m)})" for k, m in by_split.items() if m.get("abstained")]
+    if moot and "abstained" not in title:
+        title += "; " + ", ".join(moot) + ", figures over the classified"
     click.echo(_table(["split", "n", "accuracy", "balanced acc", "AUC (95% CI)", "ECE"], rows, title))
     for split, m in by_split.items():
         pc = ", ".join(f"{k}: sens {_num(v['sensitivity'], '.2f')} spec {_num(v['specificity'], '.2f')}" for k, v in m["per_class"].items())
@@ -1088,9 +1092,9 @@ def _abstain_why(m: dict[str, Any]) -> str:
     return ", ".join(f"{n} {floor if k == 'low_confidence' else k}" for k, n in reasons.items())
 
 
-# Training's clip figures score every sampled frame; `edgeclf evaluate` (and run) leave out the frames run would not
-# classify (quality gate, sector warm-up): said where training prints them, since the two can differ.
-_TRAIN_CLIPS = "every sampled frame scored, no quality gate or sector warm-up abstention, unlike `edgeclf evaluate`"
+# Training's clip figures, like evaluate's, are over frames sampled per clip (run aggregates every frame) and leave out
+# those run would not classify (quality gate, sector warm-up): said where training prints them.
+_TRAIN_CLIPS = "frames sampled per clip, those `edgeclf run` would not classify abstained, as in `edgeclf evaluate`"
 
 
 def _print_clips(c: dict[str, Any], title: str = "") -> None:

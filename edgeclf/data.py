@@ -79,8 +79,8 @@ class Dataset:
     former_hash: str | None = None
     # clips: frame id -> why `edgeclf run` would abstain on that frame before classifying it, as its records'
     # abstain_reason ("sector_warmup"; with load_dataset(quality=True) also the quality gate's reasons or
-    # "frame_error"); frames it classifies are absent. Evaluate abstains on them; training ignores it and learns
-    # from every sampled frame, as before (the frames and the data hash do not depend on it).
+    # "frame_error"); frames it classifies are absent. Evaluate and training's test figures abstain on them; training
+    # still learns from every sampled frame (the frames and the data hash do not depend on it).
     abstain: dict[str, str] = field(default_factory=dict)
 
     @property
@@ -180,7 +180,7 @@ def load_dataset(
     quality: bool = False,
 ) -> Dataset:
     """The data set of `spec`. `quality`: clips, run `edgeclf run`'s quality gate over each clip's frames and record
-    the frames it would stop in `Dataset.abstain` (evaluate; training needs no gate)."""
+    the frames it would stop in `Dataset.abstain` (evaluate, and training where it reads its test split)."""
     class_map = parse_class_map(classes)
     if frames_per_clip < 1:
         raise DataError(f"frames per clip is {frames_per_clip}; sample at least 1 frame per clip")
@@ -1020,7 +1020,7 @@ def make_split_list(spec: str, *, seed: int = 0) -> tuple[list[tuple[str, str, s
 
 
 def load_folds(spec: str, folds: int, *, classes: str | None = None, seed: int = 0, val_frac: float = 0.15,
-               frames_per_clip: int = FRAMES_PER_CLIP, group: str = "clip") -> list[Dataset]:
+               frames_per_clip: int = FRAMES_PER_CLIP, group: str = "clip", quality: bool = False) -> list[Dataset]:
     """The K data sets of a cross-validation over a folder, decoded once; each one's `spec` is the
     query spec (`...?folds=K&fold=i`) that rebuilds it alone with `load_dataset`."""
     base, opts = split_spec(spec)
@@ -1033,7 +1033,7 @@ def load_folds(spec: str, folds: int, *, classes: str | None = None, seed: int =
         log.warning("data spec %s groups its folds by %s: the requested group %s is not used", spec_name(spec), opts.group, group)
     opts = dataclasses.replace(opts, folds=folds, fold=0, group=group if opts.folds == 0 else opts.group)
     class_map = parse_class_map(classes)
-    scan = _scan_folder(path, class_map, opts, frames_per_clip)
+    scan = _scan_folder(path, class_map, opts, frames_per_clip, quality)
     return [
         _load_folder(path, class_map, seed=seed, val_frac=val_frac, test_frac=0.15, frames_per_clip=frames_per_clip,
                      opts=dataclasses.replace(opts, fold=i), scan=scan)

@@ -75,8 +75,8 @@ def _frame_metrics(probs: np.ndarray, y: np.ndarray, task: str, rule: Any, label
     (frames per reason, as run's summary counts them), coverage (classified / N) and min_confidence beside them. With
     frames abstained, `all_frames` holds the figures at 100% coverage (every frame decided, the gate and the floor
     ignored); when every frame abstained the figures are None (undefined). `seed` seeds the bootstrap intervals
-    (evaluate passes the model's training seed, so that training's own test figures come out the same where no frame
-    is stopped: training scores every sampled frame of a clip, evaluate not those run would not classify)."""
+    (evaluate passes the model's training seed, so that training's own test figures, computed here too, come out the
+    same)."""
     from edgeclf.metrics import evaluate_predictions
     from edgeclf.runtime.smoothing import ABSTAIN_LOW_CONFIDENCE
 

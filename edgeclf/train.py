@@ -589,15 +589,21 @@ def calibrate_and_measure(model: Any, p: _Prepared, *, target_sensitivity: float
     # Intervals resample groups (a clip's frames, an image's near copies), not items.
     metrics = {"val": evaluate_predictions(pv, yva, ds.task, rule, ds.labels, n_boot=500, seed=seed, groups=ds.splits["val"].groups)}
     if test and len(ds.splits.get("test", [])):
-        lt = torch_logits(model, p.pre.batch(ds.splits["test"].images))
+        from edgeclf.evaluate import _frame_metrics
+
+        ts = ds.splits["test"]
+        lt = torch_logits(model, p.pre.batch(ts.images))
         pt = probabilities(lt, ds.task, temperature)
-        metrics["test"] = evaluate_predictions(pt, ds.splits["test"].labels, ds.task, rule, ds.labels, n_boot=1000, seed=seed,
-                                               groups=ds.splits["test"].groups)
+        # As `edgeclf evaluate` scores them: the frames `edgeclf run` would not classify (the sector not locked, the
+        # quality gate: Dataset.abstain, filled where the data was loaded with quality=True) abstain.
+        why = [ds.abstain.get(i, "") for i in ts.ids]
+        metrics["test"] = _frame_metrics(pt, ts.labels, ds.task, rule, ds.labels, ts.groups, 0.0, n_boot=1000, seed=seed,
+                                         why=why)
         if ds.kind == "clips":  # and at the level a clinician reads: the clip
             from edgeclf.metrics import clip_metrics
 
-            metrics["test_clips"] = clip_metrics(pt, ds.splits["test"].labels, ds.splits["test"].ids, rule, ds.labels,
-                                                 n_boot=1000, seed=seed)
+            metrics["test_clips"] = clip_metrics(pt, ts.labels, ts.ids, rule, ds.labels, n_boot=1000, seed=seed,
+                                                 stopped=np.array([bool(w) for w in why], bool))
     return temperature, rule, metrics
 
 
@@ -703,7 +709,9 @@ def train(cfg: TrainConfig, *, on_epoch: Callable[[dict[str, Any]], None] | None
     if cfg.folds:
         return cross_validate(cfg, on_epoch=on_epoch, recipe=recipe, overwrite=overwrite)
     t_start = time.time()
-    ds = load_dataset(cfg.data, classes=cfg.classes, seed=cfg.seed, frames_per_clip=cfg.frames_per_clip)
+    # quality: the test figures leave out the clip frames run's quality gate would stop (as evaluate does)
+    ds = load_dataset(cfg.data, classes=cfg.classes, seed=cfg.seed, frames_per_clip=cfg.frames_per_clip,
+                      quality=cfg.read_test)
     record, model, p = _train_on(ds, cfg, on_epoch=on_epoch, recipe=recipe)
     rank, world = dist_info()
     record["seconds"] = round(time.time() - t_start, 1)
@@ -884,9 +892,9 @@ def cross_validate(cfg: TrainConfig, *, on_epoch: Callable[[dict[str, Any]], Non
     check_out(cfg.out, overwrite=overwrite)
     t_start = time.time()
     datasets = load_folds(cfg.data, cfg.folds, classes=cfg.classes, seed=cfg.seed, frames_per_clip=cfg.frames_per_clip,
-                          group=cfg.group)
+                          group=cfg.group, quality=cfg.read_test)
     out = Path(cfg.out)
-    folds, probs, labels, ids, fold_of, rules = [], [], [], [], [], []
+    folds, probs, labels, ids, fold_of, rules, stopped = [], [], [], [], [], [], []
     for i, ds in enumerate(datasets):
         fcfg = dataclasses.replace(cfg, data=ds.spec, out=str(out / f"fold-{i}"), folds=0)
 
@@ -907,6 +915,7 @@ def cross_validate(cfg: TrainConfig, *, on_epoch: Callable[[dict[str, Any]], Non
             labels.append(test.labels)
             ids += list(test.ids)
             fold_of += [i] * len(test)
+            stopped += [bool(ds.abstain.get(x)) for x in test.ids]  # frames run would not classify, as in evaluate
             rules.append(DecisionRule.from_dict(record["model"]["decision"]))
         held = sorted({clip_of(x) for x in test.ids})
         folds.append({"fold": i, "out": fcfg.out, "spec": ds.spec, "test_items": len(test), "test_clips": len(held),
@@ -930,13 +939,14 @@ def cross_validate(cfg: TrainConfig, *, on_epoch: Callable[[dict[str, Any]], Non
             grouped_by = split_spec(ds0.spec)[1].group
             clusters = {"source": ds0.clip_source, "site": ds0.sources}.get(grouped_by)
             pooled.update(clip_metrics(pr, y, ids, rules, ds0.labels, folds=fold_of, n_boot=2000, seed=cfg.seed,
-                                       clusters=clusters or None, cluster_unit=grouped_by))
+                                       clusters=clusters or None, cluster_unit=grouped_by, stopped=stopped))
         else:
             # Each held-out image's copy group (exact or near copies, data.py): copies are not independent.
             copy_group = {i: g for ds in datasets for i, g in zip(ds.splits["test"].ids, ds.splits["test"].groups)}
             pooled["decisions"] = _pooled_decisions(pr, y, fold_arr, rules, ds0.labels, [copy_group.get(i, i) for i in ids],
                                                     n_boot=2000, seed=cfg.seed)
-        auc = _macro_auc(pr, y, ds0.task, _positive_index(ds0, cfg.positive))
+        kept = ~np.array(stopped, bool)
+        auc = _macro_auc(pr[kept], y[kept], ds0.task, _positive_index(ds0, cfg.positive)) if kept.any() else float("nan")
         pooled["frame_auc_macro"] = None if np.isnan(auc) else auc
     # What a choice between settings may look at: the folds' own validation splits (frames of training
     # clips), never the out-of-fold figures above.
@@ -1012,7 +1022,8 @@ def ensemble_runs(folders: list[str], out: str, *, read_test: bool = True, overw
     cfg = TrainConfig(**{**{k: v for k, v in first.run["config"].items() if k in known}, "out": out, "read_test": read_test,
                          "ensemble": len(runs)})
     t_start = time.time()
-    ds = load_dataset(cfg.data, classes=cfg.classes, seed=cfg.seed, frames_per_clip=cfg.frames_per_clip)
+    ds = load_dataset(cfg.data, classes=cfg.classes, seed=cfg.seed, frames_per_clip=cfg.frames_per_clip,
+                      quality=read_test)
     # The data's content hash, not its spec: one folder is often given by other paths (../data, /work/data). A member
     # recorded before split lists were hashed carries the data's former hash: the same files, so it combines.
     hashes = [(f, tm.run.get("data", {}).get("hash")) for f, tm in zip(folders, runs)]

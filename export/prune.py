@@ -535,8 +535,10 @@ def prune_trained(cfg: PruneConfig, *, on_epoch: Optional[Callable[[Dict[str, An
     recorded = run.get("data", {})
     tcfg = run.get("config", {})
     seed = int(tcfg.get("seed", 0))
+    # A run trained with --no-test never reads its test split; neither does pruning it (export copies these figures).
+    read_test = bool(tcfg.get("read_test", True))
     ds = load_dataset(cfg.data or recorded.get("spec", ""), classes=recorded.get("classes"), seed=seed,
-                      frames_per_clip=int(tcfg.get("frames_per_clip", 8)))
+                      frames_per_clip=int(tcfg.get("frames_per_clip", 8)), quality=read_test)
     from edgeclf.data import require_training_data
 
     # Export's check (one function): fine-tuning re-draws train and val from the data; changed data would
@@ -547,8 +549,6 @@ def prune_trained(cfg: PruneConfig, *, on_epoch: Optional[Callable[[Dict[str, An
     if ds.labels != tm.labels:
         raise ConfigError(f"data {ds.name} has labels {ds.labels}; the model has {tm.labels}")
     _require_every_class(ds, "val")
-    # A run trained with --no-test never reads its test split; neither does pruning it (export copies these figures).
-    read_test = bool(tcfg.get("read_test", True))
     positive = tm.decision.positive if tm.decision.positive is not None else 1
     p = _prepare(ds, tm.preprocess, str(tcfg.get("augment", "auto")), positive)
     torch.manual_seed(seed)

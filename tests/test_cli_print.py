@@ -39,8 +39,16 @@ def test_training_metrics_with_clip_figures_print_them_as_clips(capsys: pytest.C
     out = capsys.readouterr().out
     assert "[test_clips]" in out and "4 clips, 8 frames" in out and "clip, mean probability" in out
     assert "at the recorded operating points" in out
-    # training scores every sampled frame; evaluate and run leave out the frames run would not classify: said
-    assert "no quality gate or sector warm-up abstention, unlike `edgeclf evaluate`" in out
+    # training's clip figures, like evaluate's, leave out the frames run would not classify: said
+    assert "those `edgeclf run` would not classify abstained, as in `edgeclf evaluate`" in out
+
+
+def test_training_test_figures_say_how_many_frames_abstained(capsys: pytest.CaptureFixture[str]) -> None:
+    m = {"n": 8, "accuracy": 0.5, "balanced_accuracy": 0.5, "auc": {"macro": 0.6, "macro_ci95": [0.4, 0.8]}, "ece": 0.1,
+         "per_class": {"a": {"sensitivity": 1.0, "specificity": 0.0}}}
+    gated = {**m, "abstained": 2, "abstain_reasons": {"blank": 2}, "min_confidence": 0.0}
+    cli._print_metrics({"val": m, "test": gated}, "trained")
+    assert "[test] 2 abstained (2 blank)" in capsys.readouterr().out
 
 
 def test_export_candidates_give_latency_per_image(capsys: pytest.CaptureFixture[str]) -> None:

@@ -11,8 +11,9 @@ pytest.importorskip("torch")
 cv2 = pytest.importorskip("cv2")
 
 
-def _phantom_clips(root: Path, per_class: int = 6, n_frames: int = 5, size: int = 64) -> Path:
-    """root/<class>/c<k>.avi: each clip's frames are phantoms of its class; clips.csv names 3 sites."""
+def _phantom_clips(root: Path, per_class: int = 6, n_frames: int = 5, size: int = 64, blank: int = 0) -> Path:
+    """root/<class>/c<k>.avi: each clip's frames are phantoms of its class, after `blank` black frames (a fade-in:
+    run's quality gate stops them as "blank"); clips.csv names 3 sites."""
     from edgeclf.runtime.synthetic import ULTRASOUND_CLASSES, make_ultrasound
 
     images, labels = make_ultrasound(per_class * n_frames * 3 * 2, size=size, seed=5)
@@ -23,6 +24,8 @@ def _phantom_clips(root: Path, per_class: int = 6, n_frames: int = 5, size: int 
             path = root / cls / f"c{k}.avi"
             path.parent.mkdir(parents=True, exist_ok=True)
             vw = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 10, (size, size))
+            for _ in range(blank):
+                vw.write(np.zeros((size, size, 3), np.uint8))
             for _ in range(n_frames):
                 vw.write(cv2.cvtColor(next(pool), cv2.COLOR_GRAY2BGR))
             vw.release()
@@ -276,6 +279,29 @@ def test_evaluate_clip_decision_leaves_out_the_gated_frames_as_run_does(tmp_path
     assert dev["used"] == 4
     assert (mine["mean"], mine["vote"], mine["used"]) == (dev["mean_label"], dev["vote_label"], dev["used"])
     assert mine["mean_probs"] == pytest.approx(list(dev["mean_probs"].values()), abs=1e-4)
+
+
+def test_training_test_figures_leave_out_the_frames_run_would_not_classify(tmp_path: Path) -> None:
+    """Training's own test and out-of-fold figures (the recipe figures) score the clips as evaluate and run do: each
+    clip's 2 black fade-in frames, stopped by run's quality gate, abstain (they used to be scored, and a clip's decision
+    averaged them in)."""
+    from edgeclf.evaluate import evaluate
+    from edgeclf.train import TrainConfig, train
+
+    root = _phantom_clips(tmp_path / "phantoms", per_class=3, n_frames=3, blank=2)
+    rec = train(TrainConfig(data=f"{root}?frames=5&test=0.34&val=0.34", out=str(tmp_path / "m"), size=32, epochs=1,
+                            patience=1, threads=1))
+    t, tc = rec["metrics"]["test"], rec["metrics"]["test_clips"]
+    assert t["abstain_reasons"] == {"blank": 2 * tc["clips"]} and t["n"] == 3 * tc["clips"]
+    assert all(p["used"] == 3 for p in tc["per_clip"])
+    rep = evaluate(str(tmp_path / "m"), split="test")
+    assert rep["clips"]["per_clip"] == tc["per_clip"]
+    assert rep["metrics"]["accuracy"] == pytest.approx(t["accuracy"]) and rep["metrics"]["abstained"] == t["abstained"]
+    res = train(TrainConfig(data=f"{root}?frames=5", out=str(tmp_path / "cv"), size=32, epochs=1, patience=1, threads=1,
+                            folds=3, group="site"))
+    pooled = res["pooled_out_of_fold"]
+    assert pooled["clips"] == 9 and all(p["used"] == 3 for p in pooled["per_clip"])
+    assert pooled["frame"]["abstained"] == 18
 
 
 def _sector_clips(tmp_path: Path) -> tuple[Path, Path, Path, Path]:
