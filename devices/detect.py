@@ -212,6 +212,7 @@ def detect(probe: Optional[Probe] = None) -> Detection:
                                + (f"; /proc/device-tree/compatible -> {name}" if name else ""))
             if release is not None:
                 reasons.append(f"/etc/nv_tegra_release: L4T {l4t} (JetPack {facts['jetpack'] or 'unknown'})" if l4t
+                               else "/etc/nv_tegra_release is empty" if not release.strip("\x00 \t\r\n")
                                else f"/etc/nv_tegra_release is present but unreadable as a release line: {release.splitlines()[0][:80]!r}")
             reasons.append(_cpu_line(cpu, "aarch64"))  # every Jetson is arm64, also when --root reads one elsewhere
             if "p3767-0001" in compatible.lower():

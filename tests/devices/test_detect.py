@@ -115,6 +115,15 @@ def test_empty_root_is_a_cpu_machine_with_unreadable_cpuinfo(tmp_path: Path):
     assert d.profile == "x86-cpu" and "CPU: /proc/cpuinfo is not readable" in d.reasons
 
 
+@pytest.mark.parametrize("content", [b"", b"\n", b"\x00", b"  \n\n"])
+def test_an_empty_release_file_is_a_reason_not_a_crash(tmp_path: Path, content: bytes):
+    """A container that touches /etc/nv_tegra_release or mounts a truncated one: said, no IndexError."""
+    (tmp_path / "etc").mkdir()
+    (tmp_path / "etc" / "nv_tegra_release").write_bytes(content)
+    d = detect(Probe(root=tmp_path, machine="aarch64", gpu_query=no_gpu))
+    assert d.profile is None and "/etc/nv_tegra_release is empty" in d.reasons
+
+
 @pytest.mark.parametrize(("text", "l4t", "jetpack"), [
     ("# R35 (release), REVISION: 4.1, GCID: 33958178, BOARD: t186ref, EABI: aarch64", "35.4.1", "5.1.2"),
     ("# R36 (release), REVISION: 4.3, GCID: 1, BOARD: generic", "36.4.3", "6.2"),
