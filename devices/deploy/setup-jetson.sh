@@ -15,7 +15,8 @@
 set -euo pipefail
 
 PREFIX=/opt/edgeclf
-PACKAGE="edgeclf[ort,dicom,sign]"  # sign: the unit may require signed bundles (EDGECLF_TRUSTED_KEY)
+SOURCE=edgeclf   # --source DIR installs that folder instead
+PACKAGE=""       # --package SPEC: installed as given (its extras are the caller's)
 ORT_GPU_WHEEL=""
 SERVICE_USER=edgeclf
 MAKE_USER=1
@@ -28,7 +29,7 @@ die() { echo "setup-jetson: $*" >&2; exit 2; }
 
 while [ $# -gt 0 ]; do
   case "$1" in
-    --source) [ $# -ge 2 ] || die "--source needs a folder"; PACKAGE="$2[ort,dicom,sign]"; shift 2 ;;
+    --source) [ $# -ge 2 ] || die "--source needs a folder"; SOURCE="$2"; shift 2 ;;
     --package) [ $# -ge 2 ] || die "--package needs a pip spec"; PACKAGE="$2"; shift 2 ;;
     --ort-gpu-wheel) [ $# -ge 2 ] || die "--ort-gpu-wheel needs a wheel file or URL"; ORT_GPU_WHEEL="$2"; shift 2 ;;
     --prefix) [ $# -ge 2 ] || die "--prefix needs a folder"; PREFIX="$2"; shift 2 ;;
@@ -50,6 +51,12 @@ case "$release" in
   *R35*|*R36*) ;;
   *) die "this L4T is not JetPack 5 or 6 (edgeclf needs Python 3.8+ and TensorRT 8.5+): $release" ;;
 esac
+
+# sign: the unit may require signed bundles (EDGECLF_TRUSTED_KEY). No [ort] with an onnxruntime-gpu wheel: the CPU
+# onnxruntime is another distribution owning the same onnxruntime/ folder, and pip would write it over the GPU one.
+if [ -z "$PACKAGE" ]; then
+  if [ -n "$ORT_GPU_WHEEL" ]; then PACKAGE="$SOURCE[dicom,sign]"; else PACKAGE="$SOURCE[ort,dicom,sign]"; fi
+fi
 
 export DEBIAN_FRONTEND=noninteractive
 apt-get update
@@ -73,10 +80,29 @@ if [ -n "$ORT_GPU_WHEEL" ]; then
   "$PREFIX/venv/bin/pip" install "$ORT_GPU_WHEEL"
 fi
 # No [cv] extra: opencv-python-headless from PyPI has no GStreamer and would shadow the system OpenCV.
-"$PREFIX/venv/bin/pip" install "$PACKAGE" polygraphy
+# numpy<2: JetPack's OpenCV and TensorRT bindings are built against numpy 1.x; without the pin, onnxruntime's
+# numpy>=1.21.6 makes pip put numpy 2 in the venv (JetPack 6's system numpy is 1.21.5) and cv2 stops importing there.
+"$PREFIX/venv/bin/pip" install "$PACKAGE" polygraphy "numpy<2"
 if "$PREFIX/venv/bin/pip" show opencv-python-headless opencv-python >/dev/null 2>&1; then
   echo "setup-jetson: warning: a pip OpenCV is installed in the venv and shadows the system one; pip uninstall it" >&2
 fi
+# What the service will import, from the venv: JetPack's cv2 and tensorrt next to the venv's numpy, and with a GPU
+# wheel its execution providers (a later pip step may have replaced it).
+EDGECLF_ORT_GPU="$ORT_GPU_WHEEL" "$PREFIX/venv/bin/python" - <<'PY'
+import os, sys
+try:
+    import cv2, numpy, tensorrt
+except ImportError as exc:
+    sys.exit(f"setup-jetson: the venv cannot import JetPack's OpenCV or TensorRT ({exc}); numpy there is a pip one? "
+             "(pip install 'numpy<2' in the venv)")
+print(f"setup-jetson: venv sees OpenCV {cv2.__version__}, TensorRT {tensorrt.__version__}, numpy {numpy.__version__}")
+if os.environ.get("EDGECLF_ORT_GPU"):
+    import onnxruntime
+    have = onnxruntime.get_available_providers()
+    if "CUDAExecutionProvider" not in have:
+        sys.exit(f"setup-jetson: onnxruntime in the venv has {have}, not the GPU wheel's providers: a CPU onnxruntime was "
+                 "installed over it (pip uninstall onnxruntime onnxruntime-gpu, then re-run with --ort-gpu-wheel)")
+PY
 
 if [ "$MAKE_USER" -eq 1 ] && ! id "$SERVICE_USER" >/dev/null 2>&1; then
   # video: /dev/video* and the Jetson GPU nodes; render where the release has that group.

@@ -111,7 +111,7 @@ def test_setup_script_is_valid_bash_and_keeps_the_system_opencv():
     assert r.returncode == 0, r.stderr
     text = script.read_text(encoding="utf-8")
     assert "--system-site-packages" in text and "python3-libnvinfer" in text and "polygraphy" in text
-    assert 'PACKAGE="edgeclf[ort,dicom,sign]"' in text and "[cv" not in text.replace("no [cv] extra", "").replace("No [cv] extra", "")
+    assert 'PACKAGE="$SOURCE[ort,dicom,sign]"' in text and "[cv" not in text.replace("no [cv] extra", "").replace("No [cv] extra", "")
     assert "Jetson_Zoo" in text  # where onnxruntime-gpu wheels for JetPack come from
     help_text = subprocess.run(["bash", str(script), "--help"], capture_output=True, text=True, timeout=30)
     assert help_text.returncode == 0 and "Usage:" in help_text.stdout
@@ -314,9 +314,11 @@ def test_setup_script_makes_the_units_cache_and_state_folders_so_its_next_step_r
         '#!/bin/sh\nif [ "$1" = - ]; then cat >/dev/null; exit 0; fi\n'
         'if [ "$1" = -m ] && [ "$2" = venv ]; then d="$4"; mkdir -p "$d/bin"\n'
         '  printf \'#!/bin/sh\\n[ "$1" = show ] && exit 1\\nexit 0\\n\' > "$d/bin/pip"\n'
+        # the venv's python reads the script's import check from stdin
+        '  printf \'#!/bin/sh\\ncat >/dev/null\\nexit 0\\n\' > "$d/bin/python"\n'
         # the real build-engine writes its engine into $EDGECLF_ENGINE_CACHE
         '  printf \'#!/bin/sh\\n[ "$1" = build-engine ] || exit 0\\nmkdir -p "$EDGECLF_ENGINE_CACHE/k" && touch "$EDGECLF_ENGINE_CACHE/k/e.plan"\\n\''
-        ' > "$d/bin/edgeclf"\n  chmod +x "$d/bin/pip" "$d/bin/edgeclf"; exit 0; fi\nexit 1\n')
+        ' > "$d/bin/edgeclf"\n  chmod +x "$d/bin/pip" "$d/bin/python" "$d/bin/edgeclf"; exit 0; fi\nexit 1\n')
     for stub in stubs.iterdir():
         stub.chmod(0o755)
     (tmp_path / "upper").mkdir()
@@ -367,3 +369,41 @@ def test_unit_shows_how_to_require_signed_bundles():
     assert line in _unit().splitlines()  # commented out: unsigned bundles run until the deployer sets a key
     r = _render(f"[Service]\n{line[1:]}\n")
     assert r["env"][TRUSTED_KEY_ENV] == "/opt/edgeclf/signing.pub.pem" and r["env"]["CART_PROFILE"] == "jetson-orin-nx"
+
+
+# setup-jetson.sh's pip steps, run without root through stubs (tests/devices/setup_harness.py)
+_R36 = "# R36 (release), REVISION: 4.0, GCID: 1, BOARD: generic, EABI: aarch64"
+
+
+def _brings_cpu_onnxruntime(arg: str) -> bool:
+    m = re.match(r"^(?P<name>[^\[<>=!~; ]+)(\[(?P<extras>[^\]]*)\])?", arg)
+    if m is None:
+        return False
+    extras = {e.strip() for e in (m.group("extras") or "").split(",")}
+    return m.group("name").lower().replace("_", "-") == "onnxruntime" or bool(extras & {"ort", "all"})
+
+
+def test_setup_with_an_ort_gpu_wheel_never_installs_the_cpu_onnxruntime_over_it(tmp_path: Path):
+    """onnxruntime (CPU) and onnxruntime-gpu are two distributions owning one onnxruntime/ folder: `edgeclf[ort]` after
+    the GPU wheel wrote the CPU build over it, and the TensorRT and CUDA providers were gone."""
+    from tests.devices.setup_harness import pip_installs, run_setup
+
+    wheel = "/wheels/onnxruntime_gpu-1.19.0-cp310-cp310-linux_aarch64.whl"
+    installs = pip_installs(run_setup(tmp_path, _R36, "--ort-gpu-wheel", wheel))
+    at = next(i for i, a in enumerate(installs) if wheel in a)
+    later = [arg for a in installs[at + 1:] for arg in a if not arg.startswith("-")]
+    assert later and not [arg for arg in later if _brings_cpu_onnxruntime(arg)], later
+    assert any(arg.startswith("edgeclf[") for arg in later)
+
+
+def test_setup_keeps_numpy_1_and_imports_cv2_in_the_venv(tmp_path: Path):
+    """JetPack 6: onnxruntime asks for numpy>=1.21.6 over the system's 1.21.5; unpinned, pip puts numpy 2 in the venv,
+    which JetPack's OpenCV was not built for. The venv's own python then imports what the service will."""
+    from tests.devices.setup_harness import pip_installs, run_setup
+
+    calls = run_setup(tmp_path, _R36)
+    installs = pip_installs(calls)
+    assert any(re.search(r"numpy\s*<\s*2", arg) for a in installs for arg in a)
+    assert any(arg.startswith("edgeclf[ort,") for a in installs for arg in a)  # without a GPU wheel: the CPU one
+    last_pip = max(i for i, c in enumerate(calls) if c[:2] == ["venv-pip", "install"])
+    assert any(c[0] == "venv-python" for c in calls[last_pip + 1:])
