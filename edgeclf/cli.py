@@ -910,13 +910,15 @@ def bundle_check(path: str, backend, device, precision, dla_core, engine_cache, 
     Reports max/mean absolute error and decision agreement per model, and against the fp32 outputs; fails
     (exit 2) when a model is outside its tolerance. The same check a Jetson runs with --backend trt.
     """
-    from edgeclf.runtime.app import resolve_backend, verify_bundle
+    from edgeclf.runtime.app import resolve_backend, verify_bundle, with_profile_fallback
     from edgeclf.runtime.backends import BackendOptions
 
     _check_backend_name(backend)
     chosen, why, _ = resolve_backend(backend, device)
-    result = verify_bundle(path, parity=True, backend=chosen, precision=precision,
-                           options=BackendOptions(device=device, dla_core=dla_core, engine_cache=engine_cache))
+    opts = BackendOptions(device=device, dla_core=dla_core, engine_cache=engine_cache)
+    result, chosen, why = with_profile_fallback(
+        chosen, why, device, bool(backend),
+        lambda bk: verify_bundle(path, parity=True, backend=bk, precision=precision, options=opts))
     if result["reference"] is None:
         from edgeclf.errors import BundleError
 

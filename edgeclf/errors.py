@@ -53,6 +53,11 @@ class BackendError(EdgeclfError):
     """An inference backend that cannot be created or run."""
 
 
+class ProviderUnavailableError(BackendError):
+    """An onnxruntime execution provider this build lists but whose libraries did not load here (the session ran on
+    another one): a device profile's choice moves on to its next backend."""
+
+
 class MissingExtraError(EdgeclfError):
     """An optional dependency is not installed."""
 

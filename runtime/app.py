@@ -25,7 +25,7 @@ from edgeclf.runtime.postprocess import decide, probabilities
 from edgeclf.runtime.sinks import JsonlSink, Sink, check_append_tail, tag_run
 from edgeclf.runtime.sources import Frame, FrameSource, open_source
 
-__all__ = ["run_bundle", "check_distinct_outputs", "check_consumed_results", "verify_bundle", "resolve_backend", "open_backend", "profile_backend_factory", "PARITY_TOLERANCE",
+__all__ = ["run_bundle", "check_distinct_outputs", "check_consumed_results", "verify_bundle", "resolve_backend", "with_profile_fallback", "open_backend", "profile_backend_factory", "PARITY_TOLERANCE",
            "VARIANT_TOLERANCE"]
 
 log = logging.getLogger(__name__)
@@ -138,6 +138,33 @@ def resolve_backend(backend: Optional[str], device: Optional[str]) -> Tuple[str,
         log.warning("device profile %s prefers %s, falling back: %s", device, line.split(":")[0], line)
     why = f"device profile {device} (first of {', '.join(prof.preferred_backends)} available here"
     return chosen, why + (f"; passed over {'; '.join(skipped)})" if skipped else ")"), device
+
+
+def with_profile_fallback(backend: str, how: str, device: Optional[str], explicit: bool,
+                          attempt: Callable[[str], Any]) -> Tuple[Any, str, str]:
+    """(attempt(backend), the backend it ran with, why). A backend a device profile chose (not --backend) whose
+    onnxruntime provider is listed but does not load here (pip onnxruntime-gpu without TensorRT's libraries lists the
+    TensorRT provider) gives way to the profile's next backend that can run, with a warning, as resolve_backend does
+    for one that is not installed at all."""
+    from edgeclf.errors import ProviderUnavailableError
+
+    while True:
+        try:
+            return attempt(backend), backend, how
+        except ProviderUnavailableError as exc:
+            if explicit or device is None:
+                raise
+            from edgeclf.devices import load_profile
+            from edgeclf.runtime.backends import backend_availability
+
+            prefs = list(load_profile(device).preferred_backends)
+            have = backend_availability()
+            rest = [bk for bk in prefs[prefs.index(backend) + 1:] if have.get(bk) is None] if backend in prefs else []
+            if not rest:
+                raise
+            log.warning("device profile %s prefers %s, falling back to %s: %s", device, backend, rest[0], exc)
+            how += f"; {backend} did not load here, fell back to {rest[0]}"
+            backend = rest[0]
 
 
 def open_backend(b: Bundle, backend: str, *, precision: Optional[str] = None, threads: Optional[int] = None,
@@ -321,6 +348,7 @@ def run_bundle(
         opts = dataclasses.replace(opts, min_confidence=min_confidence)
     # Precedence: defaults < device profile < explicit arguments (the CLI's flags).
     chosen = {"backend": "argument" if backend else "default", "threads": "argument" if threads else "default"}
+    explicit = bool(backend)
     backend, chosen["backend"], _ = resolve_backend(backend, device)
     if device is not None:
         from edgeclf.devices import load_profile
@@ -352,7 +380,9 @@ def run_bundle(
     run_id = uuid.uuid4().hex[:12] if append else None
     stop = threading.Event()
     # Source and backend first: a typo in --source must not truncate an earlier results file.
-    be, variant = open_backend(b, backend, precision=precision, threads=threads, options=bopts)
+    (be, variant), backend, chosen["backend"] = with_profile_fallback(
+        backend, chosen["backend"], device, explicit,
+        lambda bk: open_backend(b, bk, precision=precision, threads=threads, options=bopts))
     alog = None
     restore: Callable[[], None] = lambda: None  # noqa: E731
     try:

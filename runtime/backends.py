@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence,
 import numpy as np
 from numpy.typing import NDArray
 
-from edgeclf.errors import BackendError, require
+from edgeclf.errors import BackendError, ProviderUnavailableError, require
 
 if TYPE_CHECKING:
     from edgeclf.runtime.bundle import Bundle
@@ -163,7 +163,7 @@ class OrtBackend(Backend):
             # then runs on the next one with only a warning: figures would carry this backend's name for a CPU run.
             got = self.providers[0] if self.providers else "none"
             del self._session
-            raise BackendError(
+            raise ProviderUnavailableError(
                 f"backend {backend} asked onnxruntime for {wanted[0]}, but the session runs on {got} (the provider's "
                 f"libraries did not load, or it refused its options; onnxruntime's warning above says which); "
                 "fix the install, or use --backend ort-cpu"
