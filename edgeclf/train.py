@@ -16,7 +16,7 @@ import platform
 import re
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -703,6 +703,11 @@ def train(cfg: TrainConfig, *, on_epoch: Callable[[dict[str, Any]], None] | None
     before training, and rank 0 replaces the previous training's own files only when the new one is written.
     """
     check_out(cfg.out, overwrite=overwrite)
+    from edgeclf.data import split_spec
+
+    spec_frames = split_spec(cfg.data)[1].frames
+    if spec_frames is not None and spec_frames != cfg.frames_per_clip:  # the spec's frames= wins: record what is sampled
+        cfg = replace(cfg, frames_per_clip=spec_frames)
     if cfg.ensemble > 1 and dist_info()[1] > 1:
         raise ConfigError("--ensemble trains its members one after another in one process; run it without torchrun, or train "
                           "each member under torchrun with its own --seed and combine them with `edgeclf ensemble`")

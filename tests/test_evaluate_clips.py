@@ -77,6 +77,8 @@ def test_evaluate_bootstrap_uses_the_training_seed(clip_root: Path, tmp_path: Pa
 
     rec = train(TrainConfig(data=f"{clip_root}?frames=3&test=0.34&val=0.34", out=str(tmp_path / "m"), size=32, epochs=1,
                             patience=1, threads=1, seed=1))
+    # The config records the frames the spec samples (frames=3), not TrainConfig's unused default (8).
+    assert rec["config"]["frames_per_clip"] == 3
     rep = evaluate(str(tmp_path / "m"), split="test")  # n_boot 1000, as training's test figures
     frame, clips = rec["metrics"]["test"], rec["metrics"]["test_clips"]
     lo, hi = frame["auc"]["macro_ci95"]
