@@ -713,6 +713,11 @@ def train(cfg: TrainConfig, *, on_epoch: Callable[[dict[str, Any]], None] | None
                           "each member under torchrun with its own --seed and combine them with `edgeclf ensemble`")
     if cfg.folds:
         return cross_validate(cfg, on_epoch=on_epoch, recipe=recipe, overwrite=overwrite)
+    world = dist_info()[1]
+    if world > 1 and (cfg.batch_size % world or cfg.batch_size < 2 * world):
+        # Each process takes batch_size / world: an uneven split would change the batch run.json records.
+        raise ConfigError(f"--batch-size {cfg.batch_size} does not split into {world} processes of at least 2; give a multiple "
+                          f"of {world} of at least {2 * world} (e.g. {max(2 * world, cfg.batch_size - cfg.batch_size % world)})")
     t_start = time.time()
     # quality: the test figures leave out the clip frames run's quality gate would stop (as evaluate does)
     ds = load_dataset(cfg.data, classes=cfg.classes, seed=cfg.seed, frames_per_clip=cfg.frames_per_clip,
@@ -723,7 +728,7 @@ def train(cfg: TrainConfig, *, on_epoch: Callable[[dict[str, Any]], None] | None
     if world > 1:
         # DistributedSampler pads each epoch to a multiple of the world size by repeating a few samples.
         n_train = len(ds.splits["train"])
-        record["distributed"] = {"world_size": world, "backend": _backend_name(),
+        record["distributed"] = {"world_size": world, "backend": _backend_name(), "batch_per_process": cfg.batch_size // world,
                                  "samples_repeated_per_epoch": (-n_train) % world}
     if rank != 0:
         return {"rank": rank, "world_size": world}

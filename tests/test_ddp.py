@@ -28,7 +28,8 @@ def test_torchrun_two_processes_match_one(tmp_path: Path) -> None:
     rec = json.loads(ddp.stdout)  # exactly one JSON document: rank 1 printed nothing
     one = json.loads(single.stdout)
     n_train = len((tmp_path / "single" / "splits" / "train.txt").read_text().split())
-    assert rec["distributed"] == {"world_size": 2, "backend": "gloo", "samples_repeated_per_epoch": n_train % 2}
+    assert rec["distributed"] == {"world_size": 2, "backend": "gloo", "batch_per_process": 16,
+                                  "samples_repeated_per_epoch": n_train % 2}
     assert "distributed" not in one
     saved = json.loads((tmp_path / "ddp" / "run.json").read_text())
     assert saved["distributed"]["world_size"] == 2 and saved["data"]["hash"] == one["data"]["hash"]
@@ -59,3 +60,14 @@ def test_torchrun_uses_gloo_even_where_cuda_is_visible(monkeypatch: pytest.Monke
     monkeypatch.setattr(dist, "get_world_size", lambda: 2)
     assert tr.dist_info() == (1, 2)
     assert seen["backend"] == "gloo"
+
+
+@pytest.mark.parametrize("batch", [33, 3])
+def test_torchrun_refuses_a_batch_that_does_not_split_evenly(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, batch: int) -> None:
+    """Each process takes batch / world: 33 over 2 ran 2 x 16 = 32 (and 3 ran 2 x 2 = 4) while run.json said 33 (3)."""
+    import edgeclf.train as tr
+    from edgeclf.errors import ConfigError
+
+    monkeypatch.setattr(tr, "dist_info", lambda: (0, 2))
+    with pytest.raises(ConfigError, match=f"--batch-size {batch} does not split into 2 processes"):
+        tr.train(tr.TrainConfig(data=DATA, out=str(tmp_path / "m"), size=32, epochs=1, batch_size=batch, threads=1))
