@@ -6,6 +6,7 @@ command imports its heavy modules itself.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import numbers
@@ -28,6 +29,28 @@ def _emit(as_json: bool, doc: Any, human: Any = None) -> None:
         human(doc)
     else:
         click.echo(human if human is not None else json.dumps(doc, indent=2, default=str))
+
+
+def _writable_folder(path: str | None, option: str = "--out") -> None:
+    """ConfigError (one line) when `path` can never become a folder this process writes into: a file on the way, or
+    the nearest existing folder not writable. Checked before the work (a training, an export), not after it."""
+    import os
+
+    from edgeclf.errors import ConfigError
+
+    if path is None:
+        return
+    p = os.path.abspath(path)
+    probe = p
+    while not os.path.exists(probe):  # missing folders are made: what matters is the nearest existing one
+        up = os.path.dirname(probe)
+        if up == probe:
+            break
+        probe = up
+    if probe != p and not os.path.isdir(probe):
+        raise ConfigError(f"{option} {path}: {probe} is a file, not a folder; choose another path for {option}")
+    if os.path.isdir(probe) and not os.access(probe, os.W_OK | os.X_OK):
+        raise ConfigError(f"{option} {path}: folder {probe} is not writable; choose a writable folder for {option}")
 
 
 def _table(headers: list[str], rows: list[list[str]], title: str = "") -> str:
@@ -97,6 +120,7 @@ def demo(out: str, seed: int, as_json: bool) -> None:
     """Synthesize data, train, export, verify and run a bundle on a cine loop, all offline."""
     from edgeclf.demo import run_demo
 
+    _writable_folder(out)
     with _train_progress(not as_json) as on_epoch:
         result = run_demo(out, seed=seed, on_epoch=on_epoch)
     _emit(as_json, result, _print_demo)
@@ -122,6 +146,7 @@ def data_synth(kind: str, out: str, n: int | None, size: int | None, seed: int, 
     """Write seeded synthetic phantoms: B-mode ultrasound, multilabel chest X-ray, or a cine loop."""
     from edgeclf.synth_cli import synth
 
+    _writable_folder(out)
     _emit(as_json, synth(kind, out, n=n, size=size, seed=seed))
 
 
@@ -218,6 +243,7 @@ def train(ctx: click.Context, data_spec: str, model: str, out: str, overwrite: b
     from edgeclf.models import model_info
 
     model_info(cfg.model)  # unknown names fail before any data is read
+    _writable_folder(cfg.out)
     check_out(cfg.out, overwrite=overwrite)  # every torchrun rank checks here; rank 0 writes only when training ends
     grouping = _check_train_combination(cfg, explicit, record_recipe, typed_spec)
     rank = dist_info()[0] if not cfg.folds else 0
@@ -348,6 +374,7 @@ def ensemble(members: tuple, out: str, overwrite: bool, no_test: bool, as_json: 
     """Combine finished trainings (e.g. other seeds) into one model averaging their probabilities, recalibrated on validation."""
     from edgeclf.train import ensemble_runs
 
+    _writable_folder(out)
     record = ensemble_runs(list(members), out, read_test=not no_test, overwrite=overwrite)
     def human(r: dict) -> None:
         _print_members(r)
@@ -383,6 +410,7 @@ def evaluate(target: str, data_spec, split, classes, precision, out, threads, no
         from edgeclf.errors import ConfigError
 
         raise ConfigError(f"--out {out} is a file; evaluate writes a folder (metrics.json, roc.png, confusion.png): give a folder")
+    _writable_folder(out)
     report = run_eval(target, data=data_spec, split=split, classes=classes, out=out, precision=precision, threads=threads,
                       quality=not no_quality)
 
@@ -444,6 +472,7 @@ def export(model, from_onnx, from_torch, weights, data_spec, classes, split, out
     flags given here override them."""
     from edgeclf.export.bundle_writer import ExportConfig, export_bundle
 
+    _writable_folder(out)
     if model:
         _refuse_import_options()
     settings = {"precision": precision, "max_drop": max_drop, "min_agreement": min_agreement, "calibration": calibration,
@@ -514,6 +543,7 @@ def prune(model: str, out: str, target_macs: float, steps: int, finetune_epochs:
     """Structured channel pruning (Torch-Pruning) to a MAC budget, fine-tuned, recalibrated and timed."""
     from edgeclf.export.prune import PruneConfig, prune_trained
 
+    _writable_folder(out)
     cfg = PruneConfig(model=model, out=out, target_macs=target_macs, steps=steps, finetune_epochs=finetune_epochs, lr=lr, data=data_spec,
                       distill=not no_distill)
     with _train_progress(not as_json) as on_epoch:
@@ -625,6 +655,14 @@ def profile(ctx: click.Context, bundles, source, backends, device, engine_cache,
     if ctx.invoked_subcommand is not None:
         return
     t_entry = time.time()
+    if report_dir is not None:  # before profiling: a report that cannot be written must not cost the measurements
+        from pathlib import Path
+
+        from edgeclf.errors import ConfigError
+
+        if Path(report_dir).exists() and not Path(report_dir).is_dir():
+            raise ConfigError(f"--report {report_dir} is a file; --report takes a folder (report.md and plots): give a folder")
+        _writable_folder(report_dir, "--report")
     if not bundles:
         raise click.UsageError("give at least one --bundle (or a subcommand: compare)", ctx=ctx)
     from edgeclf.runtime.app import profile_backend_factory, resolve_backend
@@ -789,7 +827,10 @@ def devices_detect(ctx: click.Context, root: str, as_json: bool) -> None:
     from pathlib import Path
 
     from edgeclf.devices.detect import Probe, detect
+    from edgeclf.errors import ConfigError
 
+    if not Path(root).is_dir():  # a typo would answer for an empty machine, confidently
+        raise ConfigError(f"--root {root} is not a folder; give the root of a copied file system (with proc/ and etc/), or leave --root out")
     found = detect(Probe(root=Path(root)))
     _emit(as_json, found.to_dict(), _print_detection)
     if found.profile is None:
@@ -1316,7 +1357,27 @@ def main(argv: list[str] | None = None) -> None:
     except click.exceptions.Abort:
         click.echo("edgeclf: aborted", err=True)
         sys.exit(130)
+    except OSError as exc:
+        fix = _OS_FIXES.get(exc.errno or 0)
+        if fix is None:
+            raise  # not the disk's or the permissions' doing: a bug, keep the traceback
+        where = f" ({exc.filename})" if exc.filename else ""
+        click.echo(f"edgeclf: error: {exc.strerror or exc}{where}; {fix}", err=True)
+        sys.exit(2)
     sys.exit(rv if isinstance(rv, int) else 0)
+
+
+# Errors of the machine a command runs on, not of edgeclf: one line naming the file (the commands check --out before
+# their work; these are what remains, e.g. a disk filling up during a training).
+_OS_FIXES = {
+    errno.ENOSPC: "free disk space or write elsewhere, then run the command again",
+    errno.EDQUOT: "free space within your disk quota or write elsewhere, then run the command again",
+    errno.EFBIG: "the file size limit (ulimit -f) or the file system's was reached; raise it or write elsewhere",
+    errno.EACCES: "fix the permissions of that path or choose another one",
+    errno.EPERM: "fix the permissions of that path or choose another one",
+    errno.EROFS: "that file system is read-only; choose a writable path",
+    errno.ENOTDIR: "a part of that path is a file, not a folder; choose another path",
+}
 
 
 if __name__ == "__main__":

@@ -190,6 +190,17 @@ def cache_split(split: Split, pre: Preprocessor) -> np.ndarray:
     return np.stack([pre.geometry(im) for im in split.images])
 
 
+def _json_object(path: Path) -> dict[str, Any]:
+    """A training folder's JSON file as a dict; ModelError (one line) when it is unreadable or not an object."""
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise ModelError(f"{path} could not be read ({type(exc).__name__}: {exc}); restore the training folder or retrain") from None
+    if not isinstance(doc, dict):
+        raise ModelError(f"{path} does not hold a JSON object; restore the training folder or retrain")
+    return doc
+
+
 class TrainedModel:
     """A training folder, loaded: the torch model in eval mode plus its recorded metadata."""
 
@@ -202,29 +213,41 @@ class TrainedModel:
         if not meta_path.is_file():
             raise ModelError(f"{folder} is not a training folder (no model.json); give the --out folder of `edgeclf train`")
         self.folder = folder
-        self.meta = json.loads(meta_path.read_text())
-        self.task: str = self.meta["task"]
-        self.labels: list[str] = self.meta["labels"]
-        self.preprocess = PreprocessSpec.from_dict(self.meta["preprocess"])
-        self.temperature = float(self.meta["temperature"])
-        self.decision = DecisionRule.from_dict(self.meta["decision"])
-        members = int(self.meta.get("ensemble", 1))  # absent: one model
-        nets = [create_model(self.meta["architecture"], num_outputs=self.meta["num_outputs"], in_chans=self.preprocess.channels,
-                             pretrained=False) for _ in range(members)]
+        self.meta = _json_object(meta_path)
+        fix = "restore the training folder or retrain"
+        try:
+            self.task: str = self.meta["task"]
+            self.labels: list[str] = self.meta["labels"]
+            self.preprocess = PreprocessSpec.from_dict(self.meta["preprocess"])
+            self.temperature = float(self.meta["temperature"])
+            self.decision = DecisionRule.from_dict(self.meta["decision"])
+            members = int(self.meta.get("ensemble", 1))  # absent: one model
+            arch, outputs = self.meta["architecture"], int(self.meta["num_outputs"])
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise ModelError(f"{meta_path} is damaged ({type(exc).__name__}: {exc}); {fix}") from None
+        nets = [create_model(arch, num_outputs=outputs, in_chans=self.preprocess.channels, pretrained=False)
+                for _ in range(members)]
         base = nets[0] if members == 1 else ensemble_of(nets, self.task)
-        if (folder / "pruned.json").is_file():  # a pruned model: rebuild its channel structure first
-            from edgeclf.export.prune import load_pruned
+        from safetensors import SafetensorError
 
-            self.model = load_pruned(base, folder)
-        else:
-            self.model = base
-            self.model.load_state_dict(load_file(str(folder / "model.safetensors")))
+        try:
+            if (folder / "pruned.json").is_file():  # a pruned model: rebuild its channel structure first
+                from edgeclf.export.prune import load_pruned
+
+                self.model = load_pruned(base, folder)
+            else:
+                self.model = base
+                self.model.load_state_dict(load_file(str(folder / "model.safetensors")))
+        except (OSError, SafetensorError, RuntimeError, KeyError, ValueError) as exc:
+            # Missing, cut short or not matching model.json: the folder's files, not the code.
+            raise ModelError(f"{folder}: the weights could not be loaded ({type(exc).__name__}: "
+                             f"{' '.join(str(exc).split())[:200]}); {fix}") from None
         self.tta: str = self.meta.get("tta", "none")  # absent in runs written before the field existed
         self.members = members
         self.net = self.model.eval()  # the network alone (pruning, fine-tuning); `model` is what is deployed
         self.model = with_tta(self.net, self.tta)
         run_path = folder / "run.json"
-        self.run = json.loads(run_path.read_text()) if run_path.is_file() else {}
+        self.run = _json_object(run_path) if run_path.is_file() else {}
 
     def logits(self, x: np.ndarray) -> np.ndarray:
         """(N, C, H, W) float32 -> (N, K) float32."""
@@ -678,10 +701,20 @@ def save_run(out: Path, model: Any, p: _Prepared, meta: dict[str, Any], record: 
     from safetensors.torch import save_file
 
     (out / "splits").mkdir(parents=True, exist_ok=True)
+    from safetensors import SafetensorError
+
     from edgeclf.models import unwrap_tta
 
     # The network's own weights: a test-time-augmentation wrapper is rebuilt from model.json["tta"].
-    save_file({k: v.contiguous() for k, v in unwrap_tta(model).state_dict().items()}, str(out / "model.safetensors"))
+    weights = out / "model.safetensors"
+    try:
+        save_file({k: v.contiguous() for k, v in unwrap_tta(model).state_dict().items()}, str(weights))
+    except SafetensorError as exc:  # an I/O error (disk full) comes as "... (os error 28)": an OSError, for main's one line
+        code = re.search(r"os error (\d+)", str(exc))
+        if code is None:
+            raise
+        n = int(code.group(1))
+        raise OSError(n, os.strerror(n), str(weights)) from None
     for name, ids in p.ds.split_lists().items():
         (out / "splits" / f"{name}.txt").write_text("".join(f"{i}\n" for i in ids))
     (out / "model.json").write_text(json.dumps(meta, indent=2))
