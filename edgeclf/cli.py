@@ -306,7 +306,8 @@ def _check_train_combination(cfg: Any, explicit: set[str], recipe: dict[str, Any
                               f"({opts.group}) decides the grouping; write group={cfg.group} in the data spec, or leave --group out")
         if not opts.folds and not cfg.folds:
             raise ConfigError(f"--group {cfg.group} applies to cross-validation and has no effect without it; add --folds K "
-                              "(e.g. --folds 5) or leave --group out")
+                              f"(e.g. --folds 5), or write group={cfg.group} in the data spec to group the single split, or "
+                              "leave --group out")
     if "target_sensitivity" in explicit and cfg.operating_point == "accuracy":
         raise ConfigError(f"--target-sensitivity {cfg.target_sensitivity} has no effect with {said('operating_point')}: the "
                           "most accurate point on validation is used, not a sensitivity target; add --operating-point "

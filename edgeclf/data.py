@@ -5,11 +5,12 @@ Specs:
 - a MedMNIST `.npz` (its official train/val/test split).
 - a class-per-folder image tree, with optional `train/ val/ test/` folders; otherwise a seeded,
   stratified split in which byte-identical files are grouped so copies never straddle splits.
-- a class-per-folder tree of video clips: clip-level labels, frames sampled per clip, split by clip.
+- a class-per-folder tree of video clips: clip-level labels, frames sampled per clip, split by clip (or, with
+  `group=source|site`, by clips.csv source).
 
 Folder specs take options as a query, so that a training run's recorded spec rebuilds exactly its split
 everywhere (evaluate, export, prune): `DIR?dedup=near&test=0.2&val=0.1`, `DIR?split=brain-mri` (a
-committed split list), `DIR?roi=sector&frames=16` (clips), `DIR?folds=5&fold=2&group=source`. See
+committed split list), `DIR?roi=sector&frames=16` (clips), `DIR?group=source` (clips), `DIR?folds=5&fold=2&group=source`. See
 `FolderOptions`.
 """
 from __future__ import annotations
@@ -70,7 +71,9 @@ class Dataset:
     channels_hint: int = 1
     modality: str = "generic"  # ultrasound | xray | generic: picks the augmentation
     notes: list[str] = field(default_factory=list)
-    # clips: clip id -> where it came from (clips.csv original_source, reduced to its site)
+    # clips: clip id -> where it came from (clips.csv original_source, reduced to its site; the unit of group=site).
+    # Both maps join byte-identical clips with their copy's source (sources joined by " + "; `_units`), so that
+    # intervals resample the units the split keeps whole; a clip without a source: its copy group.
     sources: dict[str, str] = field(default_factory=dict)
     # clips: clip id -> clips.csv original_source as written (the unit of group=source)
     clip_source: dict[str, str] = field(default_factory=dict)
@@ -372,9 +375,10 @@ class FolderOptions:
     frames: clips, frames sampled per clip (overrides the caller's frames_per_clip).
     roi: clips, `sector` crops every frame with the runtime's own sector detector (`edgeclf run --roi sector`);
         a model trained so records `preprocess.sector`, and `run` then crops by default.
-    folds, fold, group: cross-validation: the test split is fold `fold` of `folds`, grouped by clip, by
-        source (`original_source` in clips.csv as written) or by site (that source reduced to its contributor
-        or web site: `_site`); val is drawn from the rest by group.
+    folds, fold: cross-validation: the test split is fold `fold` of `folds`; val is drawn from the rest by group.
+    group: what stays on one side of the split (folds, or clips' plain train/val/test split): clip, source
+        (`original_source` in clips.csv as written) or site (that source reduced to its contributor or web site:
+        `_site`). Byte-identical clips join their copy's source or site (`_units`).
     """
 
     split: str | None = None
@@ -403,13 +407,16 @@ class FolderOptions:
             raise DataError(f"data option frames={self.frames}; sample at least 1 frame per clip")
         if self.split is not None and self.folds:
             raise DataError("data options split and folds exclude each other; a split list fixes the test split, folds rotate it")
+        if self.split is not None and self.group != "clip":
+            raise DataError(f"data options split and group={self.group} exclude each other; a split list fixes every file's "
+                            "split, group applies to a split edgeclf draws: leave group out")
 
     def query(self) -> str:
         """The canonical query ('' when every option is the default)."""
         out = []
         for f in ("split", "dedup", "near", "test", "val", "frames", "roi", "folds", "fold", "group"):
             v = getattr(self, f)
-            if f in ("fold", "group") and self.folds:
+            if (f in ("fold", "group") and self.folds) or (f == "group" and v != "clip"):
                 out.append(f"{f}={v}")  # always named with folds: the spec says which fold it is
             elif v != getattr(_DEFAULT_OPTIONS, f) and not (f == "near" and self.dedup != "near") \
                     and f not in ("fold", "group"):
@@ -442,9 +449,9 @@ def _parse_options(query: str, spec: str) -> FolderOptions:
         except ValueError:
             raise DataError(f"data spec {spec!r}: option {k}={v!r} is not a {_OPTION_TYPES[k].__name__}") from None
     # Options that would be ignored (and dropped from the recorded spec) are refused instead.
-    if not kw.get("folds") and ({"fold", "group"} & set(kw)):
-        raise DataError(f"data spec {spec!r}: options fold and group apply to cross-validation; add folds=K (K >= 2) "
-                        "or leave them out (edgeclf train --folds K --group G)")
+    if not kw.get("folds") and "fold" in kw:
+        raise DataError(f"data spec {spec!r}: option fold applies to cross-validation; add folds=K (K >= 2) or leave fold "
+                        "out (edgeclf train --folds K)")
     if "near" in kw and kw.get("dedup") != "near":
         raise DataError(f"data spec {spec!r}: option near applies with dedup=near; add dedup=near or leave near out")
     return FolderOptions(**kw)
@@ -470,9 +477,17 @@ def check_option_table(named: Collection[str], opts: FolderOptions, *, folds: in
                         "test split in turn; leave test out (val still sets the validation share)")
     if "near" in named and opts.dedup != "near":
         raise DataError(f"{where} near applies with dedup=near; add dedup=near or leave near out")
-    if not opts.folds and ({"fold", "group"} & named):
-        raise DataError(f"{where} {sorted({'fold', 'group'} & named)[0]} applies to cross-validation; add folds=K (K >= 2) "
-                        "or leave fold and group out (edgeclf train --folds K --group G)")
+    if not opts.folds and "fold" in named:
+        raise DataError(f"{where} fold applies to cross-validation; add folds=K (K >= 2) or leave fold out (edgeclf train "
+                        "--folds K --group G)")
+    if not opts.folds and "group" in named:
+        if opts.split is not None:
+            raise DataError(f"{where} group has no effect with split={opts.split}: the split list fixes every file's split; "
+                            "leave group out")
+        if folds:  # the grouping of --folds K is --group's (a recipe's [train] group), not this option's
+            raise DataError(f"{where} group without folds= groups the single train/val/test split, not cross-validation "
+                            f"(folds={folds}); leave it out and use --group (a recipe's [train] group), or write "
+                            f"folds={folds}&group={opts.group} in the data spec")
 
 
 def _layout(root: Path) -> tuple[bool, bool]:
@@ -514,6 +529,13 @@ def check_spec_options(spec: str, *, folds: int = 0) -> str | None:
     if split_dirs and moot:
         raise DataError(f"{where} option {moot[0]} has no effect: {path.name} has train/ val/ test/ folders, which fix the "
                         f"split; leave {', '.join(moot)} out")
+    if "group" in named and not (opts.folds or folds):
+        if split_dirs:
+            raise DataError(f"{where} option group has no effect: {path.name} has train/ val/ test/ folders, which fix the "
+                            "split; leave group out")
+        if not is_clips:
+            raise DataError(f"{where} option group has no effect on a folder of images without folds (images have no "
+                            "clips.csv sources; byte-identical copies are always kept together); leave group out")
     moot = [k for k in ("dedup", "near") if k in named]
     if is_clips and moot:
         raise DataError(f"{where} option {moot[0]} has no effect on a clip data set (clips are split whole, never searched "
@@ -680,8 +702,9 @@ def _scan_folder(root: Path, class_map, opts: FolderOptions, frames_per_clip: in
     split_dirs = [root / s for s in SPLITS if (root / s).is_dir()]
     if split_dirs and not (root / "train").is_dir():
         raise DataError(f"{root} has {', '.join(p.name for p in split_dirs)} but no train/ folder; add it or remove the split folders")
-    if split_dirs and (opts.split or opts.folds):
-        raise DataError(f"{root} has train/ val/ test/ folders, which fix the split; leave out the split and folds options")
+    if split_dirs and (opts.split or opts.folds or opts.group != "clip"):
+        raise DataError(f"{root} has train/ val/ test/ folders, which fix the split; leave out the split, folds and group "
+                        "options")
     tops = split_dirs or [root]
     class_names: list[str] = []
     for top in tops:
@@ -699,6 +722,9 @@ def _scan_folder(root: Path, class_map, opts: FolderOptions, frames_per_clip: in
     is_clips = n_video > n_image
     if not is_clips and (opts.roi != "none" or opts.frames is not None):
         raise DataError(f"data options roi and frames apply to clip data sets; {root} holds images")
+    if not is_clips and opts.group != "clip" and not opts.folds:
+        raise DataError(f"data option group={opts.group} without folds applies to clip data sets (clips.csv sources); "
+                        f"{root} holds images: leave group out")
     k = opts.frames or frames_per_clip
     names, lookup = _apply_class_map(class_names, class_map, str(root))
     listed = read_split_list(opts.split) if opts.split else None
@@ -866,20 +892,57 @@ def _split_folder_copies(parts: dict[str, list[_Row]]) -> list[str]:
     return [note]
 
 
-def _fold_split(rows: list[_Row], names: list[str], opts: FolderOptions, sources: dict[str, str], *, seed: int,
+def _units(rows: list[_Row], key: dict[str, str]) -> dict[str, str]:
+    """Each row's unit for group=source|site: `key` (rel -> source or site) joined with the copy group (row[1]) by
+    union-find, so that byte-identical clips under two sources, or a copy without a clips.csv row, are one unit with
+    their original. Returns rel -> unit name: its keys joined by " + ", or the copy group where no member has a key."""
+    parent: dict[str, str] = {}
+
+    def find(x: str) -> str:
+        parent.setdefault(x, x)
+        while parent[x] != x:
+            parent[x] = parent[parent[x]]
+            x = parent[x]
+        return x
+
+    for rel, g, _, _ in rows:
+        if rel in key:
+            a, b = find("g:" + g), find("k:" + key[rel])  # prefixed: a source may read like a clip's path
+            if a != b:
+                parent[max(a, b)] = min(a, b)
+    members: dict[str, set[str]] = defaultdict(set)
+    for rel, g, _, _ in rows:
+        if rel in key:
+            members[find("g:" + g)].add(key[rel])
+    return {rel: " + ".join(sorted(members[find("g:" + g)])) or g for rel, g, _, _ in rows}
+
+
+def _shared_sources(rows: list[_Row], side: list[str], unit: dict[str, str]) -> list[str]:
+    """A note when a plain clip split (grouped by clip) puts val or test clips beside a training clip of the same
+    clips.csv source: often one patient, site or scanner, so their figures may be optimistic."""
+    trained = {unit[r[0]] for r, s in zip(rows, side) if s == "train"}
+    count = {s: (sum(1 for r, t in zip(rows, side) if t == s and unit[r[0]] in trained), side.count(s)) for s in ("test", "val")}
+    if not count["test"][0] and not count["val"][0]:
+        return []
+    note = (f"{count['test'][0]} of {count['test'][1]} test and {count['val'][0]} of {count['val'][1]} val clip(s) share "
+            "their clips.csv original_source with a training clip (the split is by clip; a source is often one patient, "
+            "site or scanner, so held-out figures may be optimistic); group=source in the data spec keeps each source on "
+            "one side")
+    log.warning(note)
+    return [note]
+
+
+def _fold_split(rows: list[_Row], names: list[str], opts: FolderOptions, keys: list[str], *, seed: int,
                 val_frac: float) -> dict[str, Split]:
     """Test = fold `opts.fold` of `opts.folds`, val from the rest: both stratified and grouped by the fold key
-    (clip, source or site). Every class must reach both training and validation, else DataError saying how to fix it."""
+    `keys` (per row: its clip's copy group, or its `_units` source or site). Every class must reach both training and
+    validation, else DataError saying how to fix it."""
     import warnings
 
     from sklearn.model_selection import StratifiedGroupKFold
 
     if not 0 < val_frac < 1:
         raise DataError(f"split fraction val={val_frac} must be in (0, 1); e.g. val=0.15")
-    if opts.group == "site":
-        keys = [_site(sources[r[0]]) if r[0] in sources else r[1] for r in rows]
-    else:
-        keys = [sources.get(r[0], r[1]) if opts.group == "source" else r[1] for r in rows]
     uniq = sorted(set(keys))
     if len(uniq) < opts.folds:
         raise DataError(f"{len(uniq)} {opts.group} group(s) cannot fill {opts.folds} folds; use fewer folds or group=clip")
@@ -940,6 +1003,9 @@ def _load_folder(root: Path, class_map, *, seed: int, val_frac: float, test_frac
                  opts: FolderOptions = _DEFAULT_OPTIONS, scan: _Scan | None = None, quality: bool = False) -> Dataset:
     scan = scan or _scan_folder(root, class_map, opts, frames_per_clip, quality)
     names, notes = scan.names, list(scan.notes)
+    # rel -> clips.csv source or site: joined with copy groups (`_units`) it is what group=source|site splits by and
+    # what intervals resample.
+    key_of = {"source": scan.sources, "site": {k: _site(v) for k, v in scan.sources.items()}}
     val_frac = opts.val if opts.val is not None else val_frac
     test_frac = opts.test if opts.test is not None else test_frac
     if scan.split_dirs or opts.split:
@@ -955,17 +1021,49 @@ def _load_folder(root: Path, class_map, *, seed: int, val_frac: float, test_frac
         rows, more, check = _dedup(scan, opts)
         notes += more
         notes += _mixed_groups(check, names)
+        # Over the rows as deduplicated: an image's copy group is then its near group (or itself with dedup=none).
+        unit = _units(rows, key_of[opts.group]) if opts.group != "clip" else None
+        if unit is not None:
+            key, keyed = key_of[opts.group], defaultdict[str, set[str]](set)  # unit -> the sources (sites) in it
+            for rel, *_ in rows:
+                ks = keyed[unit[rel]]
+                if rel in key:
+                    ks.add(key[rel])
+            alone = sum(1 for r in rows if not keyed[unit[r[0]]])
+            if alone:
+                what = "clip(s)" if scan.is_clips else "image(s) (or copy groups)"
+                notes.append(f"group={opts.group}: {alone} {what} without a clips.csv original_source, each grouped "
+                             "alone as with group=clip")
+                log.warning(notes[-1])
+            joined = [ks for ks in keyed.values() if len(ks) > 1]
+            if joined:
+                notes.append(f"group={opts.group}: byte-identical clips listed under different {opts.group}s join "
+                             f"{sum(map(len, joined))} of them into {len(joined)} group(s), each kept on one side of the split")
+                log.warning(notes[-1])
+        keys = [unit[r[0]] for r in rows] if unit is not None else [r[1] for r in rows]
         if opts.folds:
-            if opts.group != "clip":
-                alone = sum(1 for r in rows if r[0] not in scan.sources)
-                if alone:
-                    what = "clip(s)" if scan.is_clips else "image(s) (or copy groups)"
-                    notes.append(f"group={opts.group}: {alone} {what} without a clips.csv original_source, each grouped "
-                                 "alone as with group=clip")
-                    log.warning(notes[-1])
-            splits = _fold_split(rows, names, opts, scan.sources, seed=seed, val_frac=val_frac)
+            splits = _fold_split(rows, names, opts, keys, seed=seed, val_frac=val_frac)
         else:
-            splits = _grouped_split(rows, len(names), seed=seed, val_frac=val_frac, test_frac=test_frac)
+            side = _grouped_assign(rows, len(names), seed=seed, val_frac=val_frac, test_frac=test_frac,
+                                   keys=keys if unit is not None else None)
+            if unit is not None:  # as with folds: training and validation (early stopping, calibration) need every class
+                have = {(r[2], s) for r, s in zip(rows, side)}
+                for c, name in enumerate(names):
+                    lack = [s for s in ("train", "val") if (c, s) not in have]
+                    if any(r[2] == c for r in rows) and lack:
+                        n = len({unit[r[0]] for r in rows if r[2] == c})
+                        raise DataError(f"group={opts.group}: the {name} clips' {n} {opts.group}(s) leave none of them in "
+                                        f"the {lack[0]} split; use another seed, add {name} clips from more "
+                                        f"{opts.group}s, {'use group=source (finer), ' if opts.group == 'site' else ''}"
+                                        "or leave group out (clips are then split alone)")
+            elif scan.is_clips and scan.sources:
+                # "unknown": a clips.csv row with no original_source, which says nothing about where clips came from
+                known = {k: v for k, v in scan.sources.items() if v != "unknown"}
+                notes += _shared_sources(rows, side, _units(rows, known))
+            drawn: dict[str, list] = {s: [] for s in SPLITS}
+            for r, s in zip(rows, side):
+                drawn[s].append(r)
+            splits = {s: _to_split(drawn[s]) for s in SPLITS}
     licence = _clip_licences(root) if scan.is_clips else None
     # From the images the model learns and is tuned on, every one of them: never from the held-out test split.
     channels = 3 if any(im.ndim == 3 for s in ("train", "val") for im in splits[s].images) else 1
@@ -987,8 +1085,8 @@ def _load_folder(root: Path, class_map, *, seed: int, val_frac: float, test_frac
         task="binary" if len(names) == 2 else "multiclass",
         labels=names, splits=splits, data_hash=data_hash, licence=licence, channels_hint=channels,
         modality="ultrasound" if scan.is_clips else "generic", notes=notes,
-        sources={r[0]: _site(scan.sources[r[0]]) if r[0] in scan.sources else r[0] for r in scan.rows} if scan.is_clips else {},
-        clip_source={r[0]: scan.sources.get(r[0], r[0]) for r in scan.rows} if scan.is_clips else {},
+        sources=_units(scan.rows, key_of["site"]) if scan.is_clips else {},
+        clip_source=_units(scan.rows, key_of["source"]) if scan.is_clips else {},
         former_hash=former_hash if former_hash != data_hash else None, abstain=scan.abstain,
     )
 
@@ -1029,9 +1127,11 @@ def load_folds(spec: str, folds: int, *, classes: str | None = None, seed: int =
     path = Path(base).expanduser().resolve()
     if not path.is_dir():
         raise DataError(f"--folds needs a folder data set (images or clips); {spec} is not a folder")
-    if opts.folds and opts.group != group:  # the spec's own grouping wins; cv.json records it (not the request)
-        log.warning("data spec %s groups its folds by %s: the requested group %s is not used", spec_name(spec), opts.group, group)
-    opts = dataclasses.replace(opts, folds=folds, fold=0, group=group if opts.folds == 0 else opts.group)
+    # The spec's own grouping wins (folds=K, or group= without folds); cv.json records it (not the request).
+    named = bool(opts.folds) or opts.group != "clip"
+    if named and opts.group != group:
+        log.warning("data spec %s groups by %s: the requested group %s is not used", spec_name(spec), opts.group, group)
+    opts = dataclasses.replace(opts, folds=folds, fold=0, group=opts.group if named else group)
     class_map = parse_class_map(classes)
     scan = _scan_folder(path, class_map, opts, frames_per_clip, quality)
     return [
@@ -1121,29 +1221,54 @@ def _to_split(rows: list[tuple[str, str, int, list[np.ndarray]]]) -> Split:
 
 def _grouped_split(rows, n_classes: int, *, seed: int, val_frac: float, test_frac: float) -> dict[str, Split]:
     """Stratified by class over groups (duplicate sets or clips), seeded."""
+    side = _grouped_assign(rows, n_classes, seed=seed, val_frac=val_frac, test_frac=test_frac)
+    parts: dict[str, list] = {s: [] for s in SPLITS}
+    for row, s in zip(rows, side):
+        parts[s].append(row)
+    return {s: _to_split(parts[s]) for s in SPLITS}
+
+
+def _grouped_assign(rows, n_classes: int, *, seed: int, val_frac: float, test_frac: float,
+                    keys: list[str] | None = None) -> list[str]:
+    """Each row's split, stratified by class over groups (row[1], or `keys` per row: sources or sites), seeded. A
+    keyed group of several classes counts under its most frequent one (row[1] groups: their first row's, as always),
+    and keyed groups fill the held-out shares by rows, not by groups: sources differ in size."""
     if not 0 < val_frac < 1 or not 0 <= test_frac < 1 or val_frac + test_frac >= 1:
         raise DataError(f"split fractions val={val_frac} test={test_frac} must be in (0, 1) and sum below 1")
     rng = np.random.default_rng(seed)
+    key = keys if keys is not None else [r[1] for r in rows]
     by_group: dict[str, list[int]] = defaultdict(list)
-    for i, (_, g, _, _) in enumerate(rows):
+    for i, g in enumerate(key):
         by_group[g].append(i)
     by_class: dict[int, list[str]] = defaultdict(list)
     for g, idx in sorted(by_group.items()):
-        by_class[rows[idx[0]][2]].append(g)
+        ys = [rows[i][2] for i in idx]
+        by_class[max(ys, key=ys.count) if keys is not None else ys[0]].append(g)
     assign: dict[str, str] = {}
     for c in range(n_classes):
         gs = by_class.get(c, [])
         order = [gs[i] for i in rng.permutation(len(gs))]
+        if keys is not None:
+            size = {g: len(by_group[g]) for g in order}
+            want = {"test": test_frac * sum(size.values()), "val": val_frac * sum(size.values())}
+            got = dict.fromkeys(want, 0)
+            for g in order:  # in the seeded order, each group to the first share it brings nearer its target
+                s = next((s for s in ("test", "val") if got[s] + size[g] / 2 < want[s]), "train")
+                assign[g] = s
+                got[s] = got.get(s, 0) + size[g]
+            for s in ("test", "val") if len(gs) >= 3 else ():
+                left = [g for g in order if assign[g] == "train"]
+                if not got[s] and want[s] > 0 and len(left) > 1:  # all too large for the share: the smallest, not the last
+                    g = min(left, key=size.__getitem__)
+                    assign[g], got[s] = s, size[g]
+            continue
         n_test = int(round(len(gs) * test_frac))
         n_val = int(round(len(gs) * val_frac))
         if len(gs) >= 3:
             n_test, n_val = max(n_test, 1 if test_frac > 0 else 0), max(n_val, 1)
         for j, g in enumerate(order):
             assign[g] = "test" if j < n_test else "val" if j < n_test + n_val else "train"
-    parts: dict[str, list] = {s: [] for s in SPLITS}
-    for row in rows:
-        parts[assign[row[1]]].append(row)
-    return {s: _to_split(parts[s]) for s in SPLITS}
+    return [assign[g] for g in key]
 
 
 def _clip_licences(root: Path) -> str | None:

@@ -1027,7 +1027,7 @@ def test_spec_name_keeps_no_workstation_path() -> None:
     ("/d?dedup=near&near=", "is empty"),
     ("/d?frames=2&frames=3", "twice"),  # was: the last one silently
     ("/d?fold=2", "cross-validation"),  # was: dropped from the spec, one plain split
-    ("/d?group=site", "cross-validation"),
+    ("/d?split=busi&group=site", "exclude each other"),  # group without folds groups a clip folder's split, never a list's
     ("/d?near=30", "dedup=near"),  # was: dropped from the spec, exact dedup
 ])
 def test_spec_options_that_would_be_ignored_are_refused(spec: str, words: str) -> None:
