@@ -531,13 +531,13 @@ def _recipe_export_settings(model: str, *, quiet: bool) -> dict[str, Any]:
 @click.option("--model", required=True, help="A training folder written by `edgeclf train` (or an earlier prune).")
 @click.option("--out", required=True, help="The pruned training folder to write (export it like any other).")
 @click.option("--target-macs", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.5, show_default=True,
-              help="Fraction of the original MACs to keep.")
+              help="Fraction of the --model folder's MACs to keep (of a pruned folder's: of its MACs).")
 @click.option("--steps", type=click.IntRange(min=1), default=3, show_default=True, help="Prune-then-fine-tune rounds.")
 @click.option("--finetune-epochs", type=click.IntRange(min=1), default=6, show_default=True)
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=1e-3, show_default=True,
               help="Fine-tuning learning rate (above 0).")
 @click.option("--data", "data_spec", default=None, help="Data spec [default: the one the model records].")
-@click.option("--no-distill", is_flag=True, help="Fine-tune on the labels only, without the unpruned parent as teacher.")
+@click.option("--no-distill", is_flag=True, help="Fine-tune on the labels only, without the parent (the --model folder) as teacher.")
 @json_option
 def prune(model: str, out: str, target_macs: float, steps: int, finetune_epochs: int, lr: float, data_spec, no_distill: bool,
           as_json: bool) -> None:
@@ -1065,6 +1065,10 @@ def _print_prune(r: dict[str, Any]) -> None:
         if split in before and split in after:
             rows.append([f"{split} AUC", _auc(before[split]["auc"]), _auc(after[split]["auc"])])
     click.echo(_table(["", "before", "after"], rows, f"pruned {pr['parent']} to {pr['macs']['ratio']:.0%} of its MACs"))
+    orig = pr.get("original") or {}
+    if pr.get("previous") and orig.get("macs"):  # a pruned model pruned again: say what is left of the unpruned one
+        click.echo(f"{pr['parent']} was itself pruned: this model keeps {pr['macs']['ratio_of_original']:.0%} of the "
+                   f"unpruned {orig.get('model') or 'model'}'s {orig['macs'] / 1e6:.1f} M MACs")
     click.echo(pr["verdict"])
 
 

@@ -278,8 +278,12 @@ def export_bundle(cfg: ExportConfig) -> dict[str, Any]:
             provenance["recipe"] = {k: tm.run["recipe"].get(k) for k in ("name", "version", "sha256", "variant", "export")}
         if pr:
             provenance["pruning"] = {
+                # metrics_before: the figures of the model the last pass pruned (its parent): that pass's accuracy cost.
+                # original: the unpruned model's (name, MACs, parameters, metrics): the whole pruning's cost (null for a
+                # run pruned by an edgeclf that did not record it). previous: the parent's own pruning, if it was pruned.
                 **{k: pr.get(k) for k in ("target_macs", "macs", "params", "latency_ms", "pays", "verdict", "parent",
-                                          "metrics_before")},  # the unpruned model's figures: pruning's accuracy cost
+                                          "metrics_before", "original")},
+                **({"previous": pr["previous"]} if pr.get("previous") else {}),
                 # How the deployed weights were fine-tuned after pruning (per step: MACs, best epoch, val AUC).
                 **{k: pr.get(k) for k in ("steps", "finetune_epochs", "lr", "distill", "round_to")},
                 **own,

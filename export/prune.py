@@ -477,7 +477,8 @@ TRAINING_FACTS = ("best_epoch", "seconds", "packages")
 class PruneConfig:
     model: str  # a training folder (pruned or not)
     out: str
-    target_macs: float = 0.5  # keep this fraction of the original MACs
+    # Keep this fraction of the --model folder's MACs: for a pruned folder, of its MACs (pruning.original has the unpruned model's).
+    target_macs: float = 0.5
     steps: int = 3  # prune-then-fine-tune rounds, MACs falling linearly to the target
     finetune_epochs: int = 6
     lr: float = 1e-3
@@ -505,11 +506,38 @@ class PruneConfig:
             raise ConfigError(f"--out {out} is not empty; choose a new folder")
 
 
+def _original(tm: Any, example: torch.Tensor, prev: Dict[str, Any]) -> Dict[str, Any]:
+    """The unpruned model of a pruned folder `tm` whose pruning record is `prev`: {"model", "macs", "params", "metrics"}.
+
+    MACs and parameters are counted on the registry model, which is the unpruned one (load_pruned reshapes it), so they
+    are right whatever the records say. Name and metrics come from the records: prev["original"], else prev itself when it
+    pruned the unpruned model (its macs.before is those MACs); a record that chains to neither (a folder pruned more than
+    once by an edgeclf that kept no "original") leaves them None.
+    """
+    from edgeclf.models import create_model
+
+    unpruned = create_model(tm.meta["architecture"], num_outputs=tm.meta["num_outputs"], in_chans=tm.preprocess.channels,
+                            pretrained=False)
+    macs, params = count_macs(unpruned, example)
+    rec = prev.get("original")
+    if isinstance(rec, dict):
+        name, metrics = rec.get("model"), rec.get("metrics")
+    elif (prev.get("macs") or {}).get("before") == macs:
+        name, metrics = prev.get("parent"), prev.get("metrics_before")
+    else:
+        name, metrics = None, None
+    return {"model": name, "macs": macs, "params": params, "metrics": metrics}
+
+
 def prune_trained(cfg: PruneConfig, *, on_epoch: Optional[Callable[[Dict[str, Any]], None]] = None) -> Dict[str, Any]:
     """Iteratively prune and fine-tune a trained model, recalibrate it, and write a new training folder.
 
     The record holds MACs, parameters, measured ONNX Runtime latency (same input, same threads) and
     validation/test metrics before and after, and says plainly when fewer MACs bought no time.
+
+    "before" (macs.before, metrics_before, latency) is the --model folder, which may itself be pruned: pruning an
+    already pruned folder keeps that folder's pruning record under "previous" (a chain back to the first pass), and
+    every record has "original" (the unpruned model: name, MACs, parameters, metrics) and macs/params.ratio_of_original.
     """
     import time
 
@@ -563,7 +591,7 @@ def prune_trained(cfg: PruneConfig, *, on_epoch: Optional[Callable[[Dict[str, An
     steps: List[Dict[str, Any]] = []
     history: List[Dict[str, Any]] = []
     for i in range(1, cfg.steps + 1):
-        goal = 1.0 - (1.0 - cfg.target_macs) * i / cfg.steps  # of the original MACs
+        goal = 1.0 - (1.0 - cfg.target_macs) * i / cfg.steps  # of the --model folder's MACs
         macs_now, _ = count_macs(model, example)
         info = prune_step(model, example, target_macs_ratio=min(1.0 - 1e-6, goal * macs0 / macs_now), round_to=cfg.round_to)
         h, best = fit(model, p, epochs=cfg.finetune_epochs, lr=cfg.lr, batch_size=int(tcfg.get("batch_size", 64)),
@@ -577,19 +605,34 @@ def prune_trained(cfg: PruneConfig, *, on_epoch: Optional[Callable[[Dict[str, An
     macs1, params1 = count_macs(model, example)
     lat = ort_latency(parent, model, (tm.preprocess.channels, *tm.preprocess.size))
     pays = lat["speedup"] >= cfg.min_speedup
-    verdict = (f"pruning to {macs1 / macs0:.0%} of the MACs made ONNX Runtime {lat['speedup']:.2f}x faster here"
-               + ("" if pays else f": it saves MACs but not time (below {cfg.min_speedup}x); keep the unpruned model"))
+    prev = run.get("pruning") or None
+    original: Dict[str, Any] = _original(tm, example, prev) if prev else {
+        "model": Path(cfg.model).name, "macs": macs0, "params": params0, "metrics": {k: v for k, v in before.items()}}
+    if prev is None:
+        verdict = f"pruning to {macs1 / macs0:.0%} of the MACs made ONNX Runtime {lat['speedup']:.2f}x faster here"
+    else:  # the latency compares with the pruned parent: say so, and where the model stands against the unpruned one
+        verdict = (f"pruning the pruned {Path(cfg.model).name} to {macs1 / macs0:.0%} of its MACs "
+                   f"({macs1 / original['macs']:.0%} of the unpruned model's) made ONNX Runtime {lat['speedup']:.2f}x faster here")
+    if not pays:
+        verdict += (f": it saves MACs but not time (below {cfg.min_speedup}x); "
+                    + ("keep the unpruned model" if prev is None else f"keep {Path(cfg.model).name}"))
     pruning = {
         "target_macs": cfg.target_macs, "steps": steps, "round_to": cfg.round_to, "finetune_epochs": cfg.finetune_epochs, "lr": cfg.lr,
         "distill": cfg.distill,
-        "macs": {"before": macs0, "after": macs1, "ratio": macs1 / macs0},
-        "params": {"before": params0, "after": params1, "ratio": params1 / params0},
+        # before and ratio: against the --model folder (this pass); ratio_of_original: against the unpruned model.
+        "macs": {"before": macs0, "after": macs1, "ratio": macs1 / macs0, "ratio_of_original": macs1 / original["macs"]},
+        "params": {"before": params0, "after": params1, "ratio": params1 / params0,
+                   "ratio_of_original": params1 / original["params"]},
         "latency_ms": lat, "pays": pays, "verdict": verdict,
+        # The --model folder's figures: this pass's accuracy cost (the whole pruning's is against original["metrics"]).
         "metrics_before": {k: v for k, v in before.items()}, "parent": Path(cfg.model).name,
+        "original": original,
         # The unpruned model's own training (best epoch, seconds, packages): this run's top-level ones are the fine-tuning's.
         # A parent pruned before this field existed no longer knows them.
         "training": ((run["pruning"].get("training") or dict.fromkeys(TRAINING_FACTS)) if run.get("pruning")
                      else {k: run.get(k) for k in TRAINING_FACTS}),
+        # The parent's own pruning record, which chains to the first pass: its settings, MACs and figures.
+        **({"previous": prev} if prev else {}),
     }
     meta = {**tm.meta, "temperature": temperature, "decision": rule.to_dict(), "pruned": True}
     record = {

@@ -151,3 +151,12 @@ def test_a_multi_file_run_prints_one_clip_decision_per_file_and_counts_the_still
     assert "2 single-frame file(s)" in out and "clip decision (as" not in out
     # the run-wide shown-label count spans the files: said, beside the per-file decisions
     assert "shown labels (after smoothing), over all 4 files (not a decision): most frames a" in out
+
+
+def test_a_model_pruned_twice_says_what_is_left_of_the_unpruned_one(capsys: pytest.CaptureFixture[str]) -> None:
+    lat = {"median": 1.0}
+    pr = {"parent": "p1", "macs": {"before": 11.3e6, "after": 5.5e6, "ratio": 0.49, "ratio_of_original": 0.23},
+          "params": {"before": 1e6, "after": 5e5}, "latency_ms": {"before": lat, "after": lat}, "metrics_before": {},
+          "verdict": "v", "previous": {"parent": "trained"}, "original": {"model": "trained", "macs": 24.2e6}}
+    cli._print_prune({"pruning": pr, "metrics": {}})
+    assert "p1 was itself pruned: this model keeps 23% of the unpruned trained's 24.2 M MACs" in capsys.readouterr().out

@@ -148,3 +148,56 @@ def test_data_changed_since_training_is_refused_before_any_fine_tuning(trained_d
                                         r"was or retrain") as info:
         prune_trained(PruneConfig(model=str(src), out=str(tmp_path / "p"), steps=1, finetune_epochs=1))
     assert "\n" not in str(info.value) and not (tmp_path / "p").exists() and not list(tmp_path.glob(".p.*"))
+
+
+def test_a_model_pruned_twice_records_the_whole_pruning(trained_dir: Path, tmp_path: Path) -> None:
+    """Pruning a pruned folder keeps the first pass (previous) and the unpruned model (original) in the record and
+    the bundle: the second pass's own figures alone say ~0.5 of the MACs of a model that keeps ~0.25 of the trained one's."""
+    import torch
+
+    from edgeclf.export.bundle_writer import ExportConfig, export_bundle
+    from edgeclf.export.prune import PruneConfig, count_macs, prune_trained
+    from edgeclf.train import load_trained
+
+    rec1 = prune_trained(PruneConfig(model=str(trained_dir), out=str(tmp_path / "p1"), target_macs=0.5, steps=1, finetune_epochs=1))
+    rec2 = prune_trained(PruneConfig(model=str(tmp_path / "p1"), out=str(tmp_path / "p2"), target_macs=0.5, steps=1, finetune_epochs=1))
+    macs, params = count_macs(load_trained(trained_dir).net, torch.zeros(1, 1, 32, 32))
+    pr1, pr2 = rec1["pruning"], rec2["pruning"]
+    # Once pruned: only additive keys; original is the parent itself.
+    assert "previous" not in pr1 and pr1["macs"]["before"] == macs and pr1["macs"]["ratio_of_original"] == pr1["macs"]["ratio"]
+    assert pr1["original"] == {"model": trained_dir.name, "macs": macs, "params": params, "metrics": pr1["metrics_before"]}
+    # Twice: this pass against p1 (its figures are p1's), the whole pruning against the trained model.
+    assert pr2["parent"] == "p1" and pr2["macs"]["before"] == pr1["macs"]["after"] and pr2["metrics_before"] == rec1["metrics"]
+    assert pr2["previous"] == pr1 and pr2["original"] == pr1["original"]
+    assert pr2["macs"]["ratio_of_original"] == pytest.approx(pr2["macs"]["after"] / macs) and pr2["macs"]["ratio_of_original"] < 0.3
+    assert pr2["params"]["ratio_of_original"] == pytest.approx(pr2["params"]["after"] / params)
+    assert "of the unpruned model's" in pr2["verdict"]
+    m = export_bundle(ExportConfig(out=str(tmp_path / "b"), model=str(tmp_path / "p2")))
+    prov = m["provenance"]["pruning"]
+    assert prov["original"] == pr1["original"] and prov["previous"] == pr1 and prov["macs"] == pr2["macs"]
+    assert prov["metrics_before"] == rec1["metrics"]
+
+
+
+def test_the_unpruned_model_of_a_pruned_parent_comes_from_its_records_or_is_counted() -> None:
+    """original: from the parent's record where it has one; from its macs.before / metrics_before where that pass pruned
+    the unpruned model (a record from before original existed); MACs always counted on the unpruned registry model."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from edgeclf.export.prune import _original, count_macs
+    from edgeclf.models import create_model
+
+    x = torch.zeros(1, 1, 32, 32)
+    macs, params = count_macs(create_model("compact", num_outputs=3, in_chans=1), x)
+    tm = SimpleNamespace(meta={"architecture": "compact", "num_outputs": 3}, preprocess=SimpleNamespace(channels=1))
+    figures = {"val": {"auc": 0.9}}
+    chained = {"macs": {"before": macs // 2}, "parent": "p1", "metrics_before": {"val": {"auc": 0.8}},
+               "original": {"model": "t", "macs": macs, "params": params, "metrics": figures}}
+    assert _original(tm, x, chained) == {"model": "t", "macs": macs, "params": params, "metrics": figures}
+    first = {"macs": {"before": macs}, "parent": "t", "metrics_before": figures}
+    assert _original(tm, x, first) == {"model": "t", "macs": macs, "params": params, "metrics": figures}
+    # pruned twice by an edgeclf without original: its macs.before is the once-pruned model's; name and figures unknown
+    second = {"macs": {"before": macs // 2}, "parent": "p1", "metrics_before": {"val": {"auc": 0.8}}}
+    assert _original(tm, x, second) == {"model": None, "macs": macs, "params": params, "metrics": None}
