@@ -311,6 +311,8 @@ def compress(
             candidates.append({"id": vid, "built": False, "error": why, "_path": path})
             continue
         g = gate(path)
+        # The size of the model `g` judges: later rungs overwrite `path`, and a failed ladder reports plain INT8's figures.
+        size = path.stat().st_size
         rungs: list[dict[str, Any]] = [{"rung": "plain", "passed": g["passed"], "failed_on": g["failed_on"], "worst": _worst(g),
                                         "decision_agreement": g["decision_agreement"]}]
         ladder = None
@@ -332,6 +334,7 @@ def compress(
                               "tried": len(ladder["rungs"]), "worst": last.get("worst")})
             if ladder["passed"]:
                 record, g = ladder.pop("record"), ladder.pop("gate")
+                size = path.stat().st_size
             else:
                 ladder.pop("record", None), ladder.pop("gate", None)
                 figures, ran = _qat_rung(qat, qat_unavailable, qat_epochs, flavour=flavour, path=path, calib_x=calib_x,
@@ -341,9 +344,10 @@ def compress(
                     qat_record = ran["qat"]
                     if ran["gate"]["passed"]:
                         record, g = ran["record"], ran["gate"]
+                        size = path.stat().st_size
         candidates.append({"id": vid, "built": True, "file": path.name, "precision": record["precision"],
                            "flavour": record.get("flavour"), "quantization": record, "gate": g, "ladder": ladder, "rungs": rungs,
-                           "qat": qat_record, "size_bytes": path.stat().st_size, "_path": path})
+                           "qat": qat_record, "size_bytes": size, "_path": path})
     calibration = _calibration_record(candidates, calib_x, calib_method, seed)
     failed = [c for c in candidates if not _passed(c)]
     if failed and precision != "auto":

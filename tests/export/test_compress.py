@@ -405,3 +405,52 @@ def test_measure_latency_is_per_image_on_one_shared_batch(tmp_path: Path, monkey
     monkeypatch.setattr(Fake, "__init__", lambda self, path, *a, **kw: setattr(self, "fixed_batch", 2 if "2" in path else 4))
     with pytest.raises(ModelError, match="different fixed batches"):
         cm.measure_latency({"a": Path("m2"), "b": Path("m4")}, x, runs=1, warmup=0)
+
+
+def test_a_failed_candidates_size_is_that_of_the_model_its_figures_are_from(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A candidate that fails every rung is reported with plain INT8's gate figures: its size is plain INT8's too,
+    not that of the last rung's model (a QAT model here), which overwrote the file before it was deleted."""
+    import edgeclf.export.compress as cm
+    from edgeclf.export.onnx_export import export_onnx
+
+    torch = pytest.importorskip("torch")
+
+    def biased(width: int, cls: int) -> torch.nn.Module:  # a network whose decision is `cls` on any image
+        head = torch.nn.Linear(width, 3)
+        with torch.no_grad():
+            head.bias.copy_(torch.eye(3)[cls] * 5)
+        return torch.nn.Sequential(torch.nn.Conv2d(1, width, 3), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
+                                   head).eval()
+
+    x1 = np.zeros((1, 1, 32, 32), np.float32)
+    parent, plain, wide = tmp_path / "parent.onnx", tmp_path / "plain.onnx", tmp_path / "wide.onnx"
+    export_onnx(biased(4, 0), x1, parent)
+    export_onnx(biased(8, 2), x1, plain)  # what plain INT8 writes: it fails the gate
+    export_onnx(biased(64, 1), x1, wide)  # what the QAT rung writes: fails too, and is of another size
+    assert wide.stat().st_size != plain.stat().st_size
+    _broken_quantizer(monkeypatch, plain)
+    monkeypatch.setattr(cm, "MAX_LADDER_NODES", 0)  # no float-fallback rung: straight to QAT
+
+    def qat(*, flavour, out_path, calib_x, **kw):
+        shutil.copyfile(wide, out_path)
+        return {"record": {"precision": "int8", "flavour": flavour, "qat": True, **_calibrated_on(calib_x)}, "qat": {"epochs": 1}}
+
+    out = cm.compress(tmp_path, parent, precision="auto", qat=qat, qat_epochs=1, **_val_args(parent))
+    assert out["variants"] == [] and out["deploy"]["precision"] == "fp32"
+    for row in out["candidates"]:
+        assert not row["passed"] and [r["rung"] for r in row["rungs"]] == ["plain", "float-fallback", "qat"]
+        assert row["worst"] == row["rungs"][0]["worst"] and not row["qat"]  # plain INT8's figures ...
+        assert row["size_bytes"] == plain.stat().st_size  # ... and plain INT8's size
+    # A QAT model that passes is what ships: its figures, its size.
+    monkeypatch.setattr(cm, "measure_latency", lambda paths, x, **kw: {
+        k: {"median": 1.0 if k == "fp32" else 0.5, "p90": 1.0, "runs": 1, "batch": 1} for k in paths})
+
+    def faithful_qat(*, flavour, out_path, calib_x, **kw):
+        shutil.copyfile(parent, out_path)
+        return {"record": {"precision": "int8", "flavour": flavour, "qat": True, **_calibrated_on(calib_x)}, "qat": {"epochs": 1}}
+
+    out = cm.compress(tmp_path, parent, precision="auto", qat=faithful_qat, qat_epochs=1, **_val_args(parent))
+    assert [v["id"] for v in out["variants"]] == ["int8-cpu", "int8-tensorrt"]
+    for row, v in zip(out["candidates"], out["variants"]):
+        assert row["passed"] and row["qat"] and row["size_bytes"] == v["size_bytes"] == parent.stat().st_size
+        assert (tmp_path / v["file"]).stat().st_size == parent.stat().st_size
