@@ -437,10 +437,11 @@ def run_bundle(
                 cv2.setNumThreads(cv_threads)
                 try:
                     _close_all(sinks + [s for s in drawn if s not in sinks])
-                except BaseException:
+                except BaseException as exc:
                     if not failed:
                         raise
-                    # else: already logged by _close_all; the run's own error is the one to report
+                    # the run's own error is the one to report; this one is said, not lost
+                    log.error("closing an output failed too: %s", " ".join(str(exc).split()) or type(exc).__name__)
             result = summary.to_dict()
             result.update(
                 bundle=str(b.path), bundle_checksum=b.checksum, source_kind=src.kind, backend=be.name, model=variant,
@@ -532,13 +533,14 @@ def _end_audit_on_error(alog: Any, exc: BaseException) -> None:
 
 def _close_all(sinks: List[Sink]) -> None:
     """Close every sink, also when one fails to (the clip summary must still be written); the first
-    failure is raised after all were tried."""
+    failure is raised after all were tried (its caller reports it), later ones are logged here."""
     first: Optional[BaseException] = None
     for s in sinks:
         try:
             s.close()
         except BaseException as exc:  # noqa: BLE001 - also KeyboardInterrupt: re-raised below, after the others closed
-            log.error("closing %s failed: %s", type(s).__name__, " ".join(str(exc).split()) or type(exc).__name__)
+            if first is not None:
+                log.error("closing %s failed: %s", type(s).__name__, " ".join(str(exc).split()) or type(exc).__name__)
             first = first or exc
     if first is not None:
         raise first

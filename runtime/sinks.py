@@ -20,6 +20,7 @@ import json
 import logging
 import math
 import os
+import re
 import stat
 import statistics
 import sys
@@ -65,8 +66,10 @@ def check_output_path(path: Union[str, os.PathLike[str]], *, option: str, exampl
     p = os.fspath(path)
     if not p or p.endswith(("/", os.sep)) or os.path.isdir(p):
         raise ConfigError(f"{option} {p} is a folder; {option} takes a file name, e.g. {os.path.join(p, example)}")
-    if os.path.isfile(p) and os.access(p, os.W_OK):
-        return p  # an existing writable file (a service's pre-made results file in a read-only folder)
+    if os.path.exists(p) and os.access(p, os.W_OK):
+        # an existing writable file (a service's pre-made results file in a read-only folder), or a pipe or
+        # device such as /dev/stdout (written in place, never replaced: see SummarySink)
+        return p
     probe = os.path.dirname(os.path.abspath(p))
     while not os.path.exists(probe):  # missing folders are made at open: what matters is the nearest existing one
         up = os.path.dirname(probe)
@@ -95,6 +98,35 @@ def check_video_path(path: Union[str, os.PathLike[str]], fourcc: Optional[str] =
     if not isinstance(fourcc, str) or len(fourcc) != 4:
         raise ConfigError(f"video fourcc is {fourcc!r}; allowed: 4 characters, e.g. 'mp4v' or 'MJPG'")
     return fourcc
+
+
+def _full_disk_cause(path: str) -> Optional[str]:
+    """Why writing `path` stopped short, where this machine shows it: this process's file size limit
+    (``ulimit -f``) reached, or the disk's free space gone; None when neither shows (then it is only a guess)."""
+    try:
+        size = os.path.getsize(path)
+    except OSError:
+        size = -1
+    try:
+        import resource  # POSIX only
+
+        soft = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+        if soft != resource.RLIM_INFINITY and size >= soft:
+            return f"the file reached this process's file size limit (ulimit -f) of {soft} bytes"
+    except (ImportError, OSError, ValueError):
+        pass
+    try:
+        st = os.statvfs(os.path.dirname(os.path.abspath(path)))
+    except (AttributeError, OSError):  # no statvfs on Windows
+        return None
+    root = getattr(os, "geteuid", lambda: -1)() == 0
+    free = (st.f_bfree if root else st.f_bavail) * st.f_frsize  # root may also fill the reserved blocks
+    if free < _FULL_BELOW:
+        return f"the disk is full ({free} bytes free)"
+    return None
+
+
+_FULL_BELOW = 1 << 20  # free bytes under which a write that stopped short is put down to a full disk
 
 
 class Sink:
@@ -517,6 +549,10 @@ class VideoRecorderSink(Sink):
 
         self.path = os.fspath(path)
         fourcc = check_video_path(self.path, fourcc)
+        if os.path.exists(self.path) and not (os.path.isfile(self.path) or os.path.isdir(self.path)):
+            # the container is finished by seeking back to its start: a pipe or device cannot take it
+            raise ConfigError(f"--record {self.path} is not a regular file (a pipe or device); --record takes a video "
+                              "file name, e.g. run.mp4")
         if isinstance(fps, bool) or not isinstance(fps, (int, float)) or not (fps > 0 and math.isfinite(fps)):
             raise ConfigError(
                 f"recording frame rate is {fps!r}; allowed: a number > 0; the source reports none, so give one "
@@ -572,10 +608,56 @@ class VideoRecorderSink(Sink):
         self.written += 1
 
     def close(self) -> None:
+        """Finish the file and read it back: OpenCV reports no failed write, so a full disk shows only here, as a
+        file that holds fewer frames than were recorded (an .mp4 cut short has no index and plays none). Raises
+        EdgeclfError (one line) then; the check costs an open and one seek, whatever the length."""
         if self._vw is not None:
             vw, self._vw = self._vw, None
             vw.release()
+            self._check_complete()
             logger.info("recorded %d frames to %s (%d resized)", self.written, self.path, self.resized)
+
+    def _check_complete(self) -> None:
+        cv2 = self._cv2
+        api = getattr(cv2, "CAP_FFMPEG", None)
+        has_backend = getattr(getattr(cv2, "videoio_registry", None), "hasBackend", None)  # OpenCV >= 4.2
+        if not self.written or api is None or (has_backend is not None and not has_backend(api)):
+            # what the frame count and seek say is only known to be exact for FFmpeg: no false alarms elsewhere
+            return
+        cap = cv2.VideoCapture(self.path, api)
+        try:
+            # An .avi cut short claims 0 frames, an .mkv all of them but has no last frame: both are checked.
+            complete = (cap.isOpened() and cap.get(cv2.CAP_PROP_FRAME_COUNT) >= self.written
+                        and cap.set(cv2.CAP_PROP_POS_FRAMES, self.written - 1) and cap.grab())
+        finally:
+            cap.release()
+        if complete:
+            return
+        readable, whole = self._count_readable(api)
+        if whole and readable >= self.written:  # every frame decodes: only the seek or the count was off
+            logger.debug("recording %s: frame count or seek disagrees, but all %d frames decode", self.path, readable)
+            return
+        shown = str(readable) if whole else f"{readable} or more"
+        why = _full_disk_cause(self.path) or "the disk was full or the file not writable"
+        raise EdgeclfError(
+            f"--record {self.path} is incomplete: {self.written} frames were recorded but only {shown} can be "
+            f"read back ({why}); free space or choose another --record"
+        )
+
+    def _count_readable(self, api: int, budget_s: float = 5.0) -> Tuple[int, bool]:
+        """(frames that decode from the start, whether all were counted): only after a failed check, and
+        within `budget_s` (hours of video cut short must not hold up the end of a run for minutes)."""
+        cap = self._cv2.VideoCapture(self.path, api)
+        n = 0
+        try:
+            end = time.monotonic() + budget_s
+            while cap.isOpened() and n < self.written and cap.grab():
+                n += 1
+                if time.monotonic() > end:
+                    return n, False
+        finally:
+            cap.release()
+        return n, True
 
 
 # --------------------------------------------------------------------------------------------- summary
@@ -770,6 +852,31 @@ def summarize(
     return acc.result()
 
 
+_FD_LINK = re.compile(r"/(?:dev|proc/[^/]+)/fd/\d+")
+
+
+def _summary_target(path: str) -> Tuple[str, bool]:
+    """(the file to write, whether to write it in place). A file is replaced atomically (a temporary file renamed
+    onto it); through a symlink, the file it names (the link stays). Written in place: what exists but is not a
+    regular file (a pipe, terminal or device: /dev/stdout piped on, /dev/null), which a rename would replace (as
+    root, the device node itself), and an open stream (/dev/stdout or /dev/fd/N redirected to a file: the shell
+    holds that file open, so it is appended to, not replaced)."""
+    try:
+        regular = stat.S_ISREG(os.stat(path).st_mode)
+    except OSError:
+        regular = True  # nothing there yet (or a dangling link): a new file
+    if not regular:
+        return path, True
+    link, hops = os.path.abspath(path), 0
+    while os.path.islink(link) and hops < 40:  # 40: the kernel's own limit on links in a row
+        if _FD_LINK.fullmatch(link):
+            return path, True
+        link, hops = os.path.normpath(os.path.join(os.path.dirname(link), os.readlink(link))), hops + 1
+    if _FD_LINK.fullmatch(link):
+        return path, True
+    return (os.path.realpath(path) if hops else path), False
+
+
 class SummarySink(Sink):
     """Collects a clip-level :class:`ClipSummary`; ``summary()`` at any time, and at close() it is written
     as JSON to `path` when one is given (atomically: a temporary file renamed into place). `labels` (the
@@ -785,8 +892,10 @@ class SummarySink(Sink):
     ) -> None:
         # A folder or unwritable place must fail now, not in close() after the whole run.
         self.path = None if path is None else check_output_path(path, option="--summary", example="clip.json")
-        if self.path is not None and os.path.isdir(self.path + ".tmp"):
-            raise ConfigError(f"--summary {self.path}: {self.path}.tmp is a folder in the way; remove it or choose another path")
+        if self.path is not None:
+            dest, in_place = _summary_target(self.path)
+            if not in_place and os.path.isdir(dest + ".tmp"):
+                raise ConfigError(f"--summary {self.path}: {dest}.tmp is a folder in the way; remove it or choose another path")
         self.labels = None if labels is None else tuple(str(x) for x in labels)
         if isinstance(max_gap_s, bool) or not isinstance(max_gap_s, (int, float)) or not max_gap_s > 0:
             raise ConfigError(f"summary max_gap_s is {max_gap_s!r}; allowed: seconds > 0, e.g. 1.0")
@@ -833,13 +942,21 @@ class SummarySink(Sink):
         if self.aggregator is not None:
             self.result.update(self.aggregator.result())
         if self.path is not None:
-            tmp = self.path + ".tmp"
+            text = json.dumps(self.result, indent=2) + "\n"
+            dest, in_place = _summary_target(self.path)
+            if in_place:
+                try:
+                    with open(dest, "a", encoding="utf-8") as f:  # append: a redirected stdout keeps what it holds
+                        f.write(text)
+                except OSError as exc:
+                    raise EdgeclfError(f"cannot write the clip summary to {self.path}: {exc.strerror}; choose another path") from None
+                return
+            tmp = dest + ".tmp"
             try:
-                os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+                os.makedirs(os.path.dirname(os.path.abspath(dest)), exist_ok=True)
                 with open(tmp, "w", encoding="utf-8") as f:
-                    json.dump(self.result, f, indent=2)
-                    f.write("\n")
-                os.replace(tmp, self.path)
+                    f.write(text)
+                os.replace(tmp, dest)
             except OSError as exc:
                 with contextlib.suppress(OSError):  # no half-written .tmp left behind
                     os.remove(tmp)
