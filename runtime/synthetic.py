@@ -16,6 +16,7 @@ numpy is the only import-time dependency; OpenCV is imported (via `_cv`) where i
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -910,6 +911,23 @@ class UltrasoundCine:
                 return
 
 
+def _read_back(cv2: Any, path: Path, size: int) -> Tuple[int, bool]:
+    """(frames that decode, whether all are size x size)."""
+    cap = cv2.VideoCapture(str(path))
+    read = 0
+    shape_ok = True
+    try:
+        while cap.isOpened():
+            ok, got = cap.read()
+            if not ok:
+                break
+            shape_ok = shape_ok and got.shape[:2] == (size, size)
+            read += 1
+    finally:
+        cap.release()
+    return read, shape_ok
+
+
 def write_cine(
     path: str | os.PathLike[str],
     *,
@@ -921,7 +939,8 @@ def write_cine(
     """Write the cine as an mp4 (OpenCV, fourcc 'mp4v', 3-channel BGR) plus `<path stem>.timeline.json`.
 
     The JSON is ``{"fps", "frames", "size": [H, W], "classes", "segments": [{"label", "start", "end"}]}``
-    with `end` exclusive; it is also returned. The video is read back to check its frame count.
+    with `end` exclusive; it is also returned. The video is read back to check its frame count (OpenCV reports no
+    failed write: a full disk shows only there); when anything fails, what was written is removed again.
     """
     cv2 = _cv.cv2()
 
@@ -951,41 +970,52 @@ def write_cine(
             "the path must be writable and OpenCV built with FFmpeg (pip opencv-python-headless is); "
             "check the path or the OpenCV build"
         )
+    timeline_path = target.with_suffix(".timeline.json")
+    written = [target]  # removed again unless everything was written
     try:
-        for img in cine:
-            writer.write(cv2.cvtColor(img, cv2.COLOR_GRAY2BGR))
-    finally:
-        writer.release()
+        try:
+            for img in cine:
+                writer.write(cv2.cvtColor(img, cv2.COLOR_GRAY2BGR))
+        finally:
+            writer.release()
+        read, shape_ok = _read_back(cv2, target, cine.size)
+        back = f"it reads back {read} of {n} frames of {cine.size}x{cine.size} (codec 'mp4v') and was removed"
+        if read > n or (read == n and not shape_ok):  # all there, but not as written
+            raise DataError(f"{str(target)!r} reads back {read} frames, expected {n} of {cine.size}x{cine.size} (codec "
+                            "'mp4v'), and was removed; the OpenCV video backend is incomplete; use an OpenCV build with FFmpeg")
+        if read < n:
+            # OpenCV reports no failed write: a full disk shows only as a file cut short. Said first when this
+            # machine shows it; an OpenCV that writes what it cannot read is the rarer cause.
+            from edgeclf.runtime.sinks import _full_disk_cause
 
-    cap = cv2.VideoCapture(str(target))
-    read = 0
-    shape_ok = True
-    try:
-        while cap.isOpened():
-            ok, got = cap.read()
-            if not ok:
-                break
-            shape_ok = shape_ok and got.shape[:2] == (cine.size, cine.size)
-            read += 1
+            cause = _full_disk_cause(str(target))
+            if cause is not None:
+                raise DataError(f"{str(target)!r} could not be written completely ({cause}): {back}; free space or "
+                                "choose another path")
+            raise DataError(f"{str(target)!r} could not be written completely (disk full or not writable?): {back}; "
+                            "free space or choose another path; if there is space, the OpenCV video backend is "
+                            "incomplete: use an OpenCV build with FFmpeg")
+        segments = []
+        start = 0
+        for lab, k in cine.timeline:
+            segments.append({"label": ULTRASOUND_CLASSES[lab], "start": start, "end": start + k})
+            start += k
+        meta: Dict[str, Any] = {
+            "fps": float(fps),
+            "frames": n,
+            "size": [cine.size, cine.size],
+            "classes": list(ULTRASOUND_CLASSES),
+            "segments": segments,
+        }
+        written.append(timeline_path)
+        try:
+            timeline_path.write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+        except OSError as exc:
+            raise DataError(f"cannot write the cine's timeline {str(timeline_path)!r}: {exc.strerror}; the cine was "
+                            "removed; free space or choose another path") from None
+        written = []
     finally:
-        cap.release()
-    if read != n or not shape_ok:
-        raise DataError(
-            f"{str(target)!r} reads back {read} frames, expected {n} of {cine.size}x{cine.size} (codec 'mp4v'); "
-            "the OpenCV video backend is incomplete; use an OpenCV build with FFmpeg"
-        )
-
-    segments = []
-    start = 0
-    for lab, k in cine.timeline:
-        segments.append({"label": ULTRASOUND_CLASSES[lab], "start": start, "end": start + k})
-        start += k
-    meta: Dict[str, Any] = {
-        "fps": float(fps),
-        "frames": n,
-        "size": [cine.size, cine.size],
-        "classes": list(ULTRASOUND_CLASSES),
-        "segments": segments,
-    }
-    target.with_suffix(".timeline.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+        for p in written:  # a cut-short video (or one without its timeline) would only block a rerun: --out exists
+            with contextlib.suppress(OSError):
+                p.unlink()
     return meta
