@@ -319,6 +319,9 @@ def _check_train_combination(cfg: Any, explicit: set[str], recipe: dict[str, Any
         if opts.frames is not None and opts.frames != cfg.frames_per_clip:
             raise ConfigError(f"--frames-per-clip {cfg.frames_per_clip} has no effect: the data spec's frames={opts.frames} "
                               f"wins; give frames={cfg.frames_per_clip} in the data spec instead, or leave --frames-per-clip out")
+    if cfg.folds and kind in ("synthetic", "medmnist"):  # before the grouping line below is printed
+        raise ConfigError(f"--folds needs a folder data set (images or clips); {cfg.data} is not a folder: give a folder, "
+                          "or leave --folds out")
     if not (cfg.folds or opts.folds):
         return ""
     # Which grouping: a spec that names folds keeps its own (clip unless it names group=); --folds K defaults to source.

@@ -193,3 +193,15 @@ def test_overwrite_reaches_training_and_a_used_out_is_refused_first(seen: dict[s
     _refused(res, "not empty", "--overwrite")
     _reached_training(CliRunner().invoke(cli, ["train", "--data", "synthetic:ultrasound", "--out", str(tmp_path), "--overwrite"]))
     assert seen["overwrite"] is True
+
+
+@pytest.mark.parametrize("data", ["synthetic:ultrasound", "npz"])
+def test_folds_on_data_that_is_not_a_folder_is_refused_before_the_grouping_line(seen: dict[str, Any], data: str,
+                                                                               tmp_path: Path) -> None:
+    """It printed "cross-validation: 3 folds grouped by source ..." and then the error: two lines, the first untrue."""
+    if data == "npz":
+        (tmp_path / "b.npz").write_bytes(b"")  # the kind is read from the name; nothing is loaded before the refusal
+        data = str(tmp_path / "b.npz")
+    res = _train("--folds", "3", "--data", data)
+    _refused(res, "--folds needs a folder data set")
+    assert "grouped by" not in res.output
