@@ -17,11 +17,12 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import re
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Collection
+from typing import IO, Collection
 from urllib.parse import parse_qsl
 
 import numpy as np
@@ -192,9 +193,10 @@ def load_dataset(
     base, opts = split_spec(spec)
     # Recorded as an absolute path so that export and evaluate find the data from any folder.
     path = Path(base).expanduser().resolve()
-    if not path.exists():
-        raise DataError(f"data path {spec} does not exist; give an image folder, a clips folder, a MedMNIST .npz or synthetic:ultrasound|xray")
-    if path.is_file():
+    kind = _path_kind(path)
+    if kind is None:
+        raise DataError(f"data path {_shown(spec)} does not exist; give an image folder, a clips folder, a MedMNIST .npz or synthetic:ultrasound|xray")
+    if kind == "file":
         if opts != _DEFAULT_OPTIONS:
             raise DataError(f"data spec {spec!r}: options (?...) apply to folders; an .npz keeps its own split")
         if path.suffix.lower() != ".npz":
@@ -254,6 +256,8 @@ def _load_npz(path: Path, class_map) -> Dataset:
     try:
         npz = np.load(path, allow_pickle=False)
         arrays = {k: npz[k] for k in npz.files}
+    except PermissionError as exc:
+        raise DataError(f"cannot read {_shown(path)} ({exc.strerror}); fix its permissions or give another .npz") from None
     except Exception as exc:  # zipfile.BadZipFile, ValueError (pickled object arrays), OSError
         raise DataError(f"{path} could not be read as an .npz ({exc}); give a MedMNIST .npz") from None
     need = [f"{s}_{w}" for s in SPLITS for w in ("images", "labels")]
@@ -327,29 +331,115 @@ def _load_npz(path: Path, class_map) -> Dataset:
 
 # -- folders -------------------------------------------------------------------------------------
 
+def _shown(path: str | Path) -> str:
+    """`path` as text that prints and writes anywhere: bytes of a name that are not UTF-8 (which Python carries as
+    surrogate escapes on POSIX, e.g. a Latin-1 name from a USB stick) shown as \\xNN; a UTF-8 name is unchanged.
+    It is also a file's id in a data set (splits, split lists, the data hash), so such a file stays usable."""
+    text = str(path)
+    try:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:  # a lone surrogate that is no escaped byte: never from a file system, but never a traceback
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _is_utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _unreadable(path: str | Path, exc: OSError, what: str = "folder") -> DataError:
+    """The one line for a part of a data set the user cannot read (permissions, a damaged disk): never skipped."""
+    why = exc.strerror or type(exc).__name__
+    return DataError(f"cannot read {what} {_shown(path)} ({why}); fix its permissions or move it out of the data set")
+
+
+def _path_kind(path: Path) -> str | None:
+    """"dir", "file" (anything else that exists) or None (absent) for a data path; a path whose folders the user
+    cannot search is one line (pathlib raises PermissionError there, where it reads absent paths as False)."""
+    try:
+        return "dir" if path.is_dir() else "file" if path.exists() else None
+    except OSError as exc:
+        raise DataError(f"cannot read data path {_shown(path)} ({exc.strerror or type(exc).__name__}); fix the "
+                        "permissions of its folders or give another path") from None
+
+
+def _open_text(path: Path) -> IO[str]:
+    """A CSV of the data set (clips.csv, a split list) opened for reading; unreadable is one line."""
+    try:
+        return open(path, newline="", encoding="utf-8")
+    except OSError as exc:
+        raise _unreadable(path, exc, "file") from None
+
+
+def _is_dir(p: Path) -> bool:
+    try:
+        return p.is_dir()
+    except OSError as exc:
+        raise _unreadable(p.parent, exc) from None
+
+
 def _class_dirs(root: Path) -> list[Path]:
-    return sorted((p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")), key=lambda p: natural_key(p.name))
+    """The class folders of `root` (hidden ones skipped), in natural order. A folder the user cannot list is one
+    line, and so is a class folder whose name is not UTF-8: its name is the class's label everywhere."""
+    try:
+        with os.scandir(root) as it:
+            names = [e.name for e in it]
+    except OSError as exc:
+        raise _unreadable(root, exc) from None
+    out = [root / n for n in names if not n.startswith(".") and _is_dir(root / n)]
+    for p in out:
+        if not _is_utf8(p.name):
+            raise DataError(f"class folder {_shown(p)}: its name is not valid UTF-8 (e.g. a Latin-1 name from a USB stick "
+                            "or a Windows share) and a folder's name is its class's label; supported: UTF-8 names; rename "
+                            "the folder (e.g. convmv -f latin1 -t utf8)")
+    return sorted(out, key=lambda p: natural_key(p.name))
 
 
 def _files(d: Path, exts: Collection[str], hidden: list[int] | None = None) -> list[Path]:
     """Files under `d` with one of `exts`. Hidden files and folders (macOS "._x.png" forks, .AppleDouble/,
-    .thumbnails/, .ipynb_checkpoints/) are not images of the data set: skipped, and counted in `hidden[0]`."""
+    .thumbnails/, .ipynb_checkpoints/) are not images of the data set: skipped, and counted in `hidden[0]`.
+    A folder (or file) the user cannot read is a DataError, never skipped (pathlib's rglob skips such folders
+    silently); one inside a hidden folder is skipped with it. Symlinked folders are not descended into, as with
+    rglob; the order is natural over the whole path."""
+
+    def is_hidden(p: Path) -> bool:
+        return any(part.startswith(".") for part in p.relative_to(d).parts)
+
+    def failed(exc: OSError) -> None:
+        where = Path(exc.filename) if exc.filename else d
+        if not is_hidden(where):
+            raise _unreadable(where, exc) from None
+
     out = []
-    for p in d.rglob("*"):
-        if not p.is_file() or p.suffix.lower() not in exts:
-            continue
-        if any(part.startswith(".") for part in p.relative_to(d).parts):
-            if hidden is not None:
-                hidden[0] += 1
-            continue
-        out.append(p)
+    for folder, _, names in os.walk(d, onerror=failed):
+        for name in names:
+            p = Path(folder, name)
+            if p.suffix.lower() not in exts:
+                continue
+            hide = is_hidden(p)
+            try:
+                is_file = p.is_file()
+            except OSError as exc:  # e.g. its folder can be listed (r) but not searched (x)
+                if not hide:
+                    raise _unreadable(p, exc, "file") from None
+                is_file = False
+            if not is_file:
+                continue
+            if hide:
+                if hidden is not None:
+                    hidden[0] += 1
+                continue
+            out.append(p)
     return sorted(out, key=lambda p: natural_key(str(p)))
 
 
 def _read_image(path: Path) -> np.ndarray:
     """Decoded by the runtime's image source (16-bit scaling, alpha, RGB order), gray kept 1-channel."""
     try:
-        img, _ = decode_image(str(path), where=f"image {path}")
+        img, _ = decode_image(str(path), where=f"image {_shown(path)}")
     except SourceError as exc:
         raise DataError(str(exc)) from None
     return _gray_if_equal(img)
@@ -493,7 +583,7 @@ def check_option_table(named: Collection[str], opts: FolderOptions, *, folds: in
 def _layout(root: Path) -> tuple[bool, bool]:
     """(has train/ val/ test/ folders, holds clips rather than images), decided as `_scan_folder` decides it,
     from file names only."""
-    split_dirs = [root / s for s in SPLITS if (root / s).is_dir()]
+    split_dirs = [root / s for s in SPLITS if _is_dir(root / s)]
     n_video = n_image = 0
     for top in split_dirs or [root]:
         for d in _class_dirs(top):
@@ -517,12 +607,13 @@ def check_spec_options(spec: str, *, folds: int = 0) -> str | None:
     where = f"data spec {spec!r}:"
     check_option_table(named, opts, folds=folds, where=f"{where} option")
     path = Path(base).expanduser()
-    if path.is_file():
+    kind = _path_kind(path)
+    if kind == "file":
         if named:
             raise DataError(f"{where} options (?{'&'.join(named)}) apply to folders; an .npz keeps its own split: leave "
                             "them out")
         return "medmnist" if path.suffix.lower() == ".npz" else None
-    if not path.is_dir():
+    if kind is None:
         return None
     split_dirs, is_clips = _layout(path)
     moot = [k for k in _LIST_MOOT if k in named]
@@ -564,6 +655,9 @@ def require_training_data(ds: Dataset, recorded: dict, *, data_given: str | None
 
 def split_spec(spec: str) -> tuple[str, FolderOptions]:
     """`DIR?opts` -> (DIR, options). Specs without a query get the defaults."""
+    if not spec.partition("?")[0].strip():  # not the current folder: an unset variable or a missing value, most likely
+        raise DataError(f"the data spec {spec!r} names no data; give an image folder, a clips folder, a MedMNIST .npz or "
+                        "synthetic:ultrasound|xray (. for the current folder)")
     if spec.startswith("synthetic:") or "?" not in spec:
         return spec, _DEFAULT_OPTIONS
     base, _, query = spec.partition("?")
@@ -602,7 +696,7 @@ def _clip_sources(root: Path) -> dict[str, str]:
     csv_path = root / "clips.csv"
     if not csv_path.is_file():
         return {}
-    with open(csv_path, newline="", encoding="utf-8") as f:
+    with _open_text(csv_path) as f:
         return {row["file"]: " ".join((row.get("original_source") or "").split()) or "unknown"
                 for row in csv.DictReader(f) if row.get("file")}
 
@@ -658,7 +752,7 @@ def read_split_list(name: str) -> dict[str, tuple[str, str, str]]:
     import csv
 
     path = _split_list_path(name)
-    with open(path, newline="", encoding="utf-8") as f:
+    with _open_text(path) as f:
         rows = [r for r in csv.DictReader(line for line in f if not line.startswith("#"))]
     if not rows or not {"path", "sha256", "split", "group"} <= set(rows[0]):
         raise DataError(f"split list {path} lacks the columns path, sha256, split, group; regenerate it with python -m edgeclf.recipes splits")
@@ -699,7 +793,7 @@ class _Scan:
 
 
 def _scan_folder(root: Path, class_map, opts: FolderOptions, frames_per_clip: int, quality: bool = False) -> _Scan:
-    split_dirs = [root / s for s in SPLITS if (root / s).is_dir()]
+    split_dirs = [root / s for s in SPLITS if _is_dir(root / s)]
     if split_dirs and not (root / "train").is_dir():
         raise DataError(f"{root} has {', '.join(p.name for p in split_dirs)} but no train/ folder; add it or remove the split folders")
     if split_dirs and (opts.split or opts.folds or opts.group != "clip"):
@@ -739,6 +833,7 @@ def _scan_folder(root: Path, class_map, opts: FolderOptions, frames_per_clip: in
     short: list[int] = []  # clips that gave fewer than k frames: their frame counts
     no_lock = [0]  # roi=sector: clips in which the sector detector never locked
     abstain: dict[str, str] = {}
+    seen: dict[str, Path] = {}  # id -> file: two names can show alike (`_shown`)
     for top in tops:
         split_name = top.name if split_dirs else "pool"
         for d in _class_dirs(top):
@@ -750,8 +845,18 @@ def _scan_folder(root: Path, class_map, opts: FolderOptions, frames_per_clip: in
                 if is_video != is_clips:
                     skipped += 1
                     continue
-                rel = f.relative_to(root).as_posix()
-                raw = f.read_bytes()
+                # A name that is not UTF-8 is its bytes shown as \xNN (`_shown`): text that splits, split lists, run
+                # records and the hash take as they are; UTF-8 names (all of them before) are unchanged.
+                rel = _shown(f.relative_to(root).as_posix())
+                if rel in seen:
+                    raise DataError(f"files {_shown(seen[rel])} and {_shown(f)} show as the same name (one name is not "
+                                    "UTF-8 and shows its bytes as \\xNN); supported: distinct names; rename one of them")
+                seen[rel] = f
+                what = "clip" if is_video else "image"
+                try:
+                    raw = f.read_bytes()
+                except OSError as exc:
+                    raise _unreadable(f, exc, what) from None
                 h = _hash_bytes(raw)
                 digest.update(f"{rel}:{h}:{d.name}\n".encode())
                 if listed is not None:
@@ -768,6 +873,10 @@ def _scan_folder(root: Path, class_map, opts: FolderOptions, frames_per_clip: in
                         list_dropped.append((rel, entry[2], lookup[d.name], []))
                         continue  # a duplicate the list dropped
                     split_name = entry[1]
+                if is_clips and not _is_utf8(str(f)):  # OpenCV cannot open it (runtime `utf8_path`)
+                    raise DataError(f"clip {_shown(f)}: its path is not valid UTF-8 (e.g. a Latin-1 name from a USB stick "
+                                    "or a Windows share) and OpenCV cannot open it; supported: UTF-8 names; rename it "
+                                    "(e.g. convmv -f latin1 -t utf8)")
                 frames, why = _sample_clip(f, k, roi=opts.roi, no_lock=no_lock, quality=quality) if is_clips \
                     else ([_read_image(f)], [""])
                 abstain.update((fid, w) for fid, w in zip(_frame_ids(rel, len(frames)), why) if w)
@@ -1097,7 +1206,7 @@ def make_split_list(spec: str, *, seed: int = 0) -> tuple[list[tuple[str, str, s
     with their kept copy's group), near copies grouped. Returns (rows sorted by path, notes)."""
     base, opts = split_spec(spec)
     root = Path(base).expanduser().resolve()
-    if not root.is_dir() or opts.split or opts.folds:
+    if _path_kind(root) != "dir" or opts.split or opts.folds:
         raise DataError(f"a split list is made from an image folder without split or folds options; got {spec}")
     scan = _scan_folder(root, None, opts, 1)
     if scan.is_clips or scan.split_dirs:
@@ -1125,7 +1234,7 @@ def load_folds(spec: str, folds: int, *, classes: str | None = None, seed: int =
     import dataclasses
 
     path = Path(base).expanduser().resolve()
-    if not path.is_dir():
+    if _path_kind(path) != "dir":
         raise DataError(f"--folds needs a folder data set (images or clips); {spec} is not a folder")
     # The spec's own grouping wins (folds=K, or group= without folds); cv.json records it (not the request).
     named = bool(opts.folds) or opts.group != "clip"
@@ -1277,6 +1386,6 @@ def _clip_licences(root: Path) -> str | None:
         return None
     import csv
 
-    with open(csv_path, newline="", encoding="utf-8") as f:
+    with _open_text(csv_path) as f:
         lic = sorted({(row.get("license") or "").strip() for row in csv.DictReader(f)} - {""})
     return "per clip: " + "; ".join(lic) if lic else None
