@@ -15,9 +15,16 @@ weights), on a 640x480 mp4 of synthetic ultrasound with burned-in text:
 With `--batches 1,8` (the default) the pipeline and backend-only also run 8 frames per inference call
 (`edgeclf run --batch 8`, for recorded files); backend-only at a batch is the ceiling for the pipeline at it.
 
-Rounds interleave every mode (A B C A B C ...) so drift on this shared machine hits all alike; the
-figure is the median over rounds. Pipeline and backend-only run with 1 and 2 intra-op threads.
-Writes benchmarks/results/runtime.{json,md}. A benchmark, not a test: its figures describe this machine.
+Rounds interleave every mode (A B C A B C ...) so drift on this shared machine hits all alike; every
+figure is its own median over rounds (runtime.json keeps each round's record beside them). Pipeline and
+backend-only run with 1 and 2 intra-op threads. Writes benchmarks/results/runtime.{json,md}; with
+`--markdown-from runtime.json`, only rewrites runtime.md from a run's results and judges them.
+
+Exit 1, with one line per failure, when a target is missed by more than the noise (`failures`):
+pre+quality+post+sink per frame over 0.5 ms (the README's target), and the runtime issue's ratios that
+runtime-notes.md reads the figures against: resnet18 pipeline under 0.85x backend-only, mobilenet_v3_small
+pipeline under 1.2x the naive loop (ratios: medians of the per-round ratios). A benchmark, not a test:
+its figures describe this machine.
 """
 from __future__ import annotations
 
@@ -25,14 +32,27 @@ import argparse
 import json
 import os
 import platform
+import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 MODELS = ("mobilenet_v3_small", "resnet18")
+
+# Targets. The README: "the 0.5 ms this project aims for" (preprocess + quality gate + postprocess + sink per frame,
+# inside the pipeline); the ratios are the runtime issue's, as runtime-notes.md reads them. A model without a ratio
+# target here has none (mobilenet_v3_small against backend-only: decoding and preprocessing are a third of its frame).
+OVERHEAD_TARGET_MS = 0.5
+PIPELINE_VS_BACKEND_MIN = {"resnet18": 0.85}
+PIPELINE_VS_NAIVE_MIN = {"mobilenet_v3_small": 1.2}
+# A target fails only when missed by more than this share: in three runs on the same quiet host (runtime-notes.md,
+# 2026-12-06, seventh session) the 2-thread batch-1 medians spread about 9% either side of their mean (overhead,
+# mobilenet_v3_small 0.491-0.582 ms; its pipeline / naive 1.22-1.45x).
+NOISE = 0.10
 
 
 def make_video(path: Path, frames: int) -> None:
@@ -166,20 +186,18 @@ def markdown(doc: dict) -> str:
             pl = r[_key("pipeline", t, bt)]
             lines.append(f"| {model} | backend only | {t} | {bt} | {bo:.1f} | {bo / nv:.2f}x | 1.00x | | |")
             lines.append(f"| {model} | pipeline | {t} | {bt} | {pl['fps']:.1f} | {pl['fps'] / nv:.2f}x | {pl['fps'] / bo:.2f}x | "
-                         f"{pl['pre_quality_post_sink_ms']:.3f} | {pl['latency_p90_ms']:.2f} |")
+                         f"{_overhead(pl):.3f} | {pl['latency_p90_ms']:.2f} |")
     lines += ["", "Ratios within each round (the modes of a round ran back to back, so drift between rounds cancels); "
               "median and per-round values:", "",
               "| model | threads | batch | pipeline / naive | pipeline / backend only | pre+quality+post+sink ms |", "|---|---|---|---|---|---|"]
     for model, r in res.items():
         for t, bt in combos:
             pk = _key("pipeline", t, bt)
-            pl, nv, bo = r[pk]["fps_runs"], r["naive"]["fps_runs"], r[_key("backend", t, bt)]["fps_runs"]
-            vs_naive = [a / b for a, b in zip(pl, nv)]
-            vs_backend = [a / b for a, b in zip(pl, bo)]
+            vs_naive, vs_backend = _round_ratios(r, t, bt)
             ov = r[pk].get("overhead_runs", [])
             lines.append(f"| {model} | {t} | {bt} | {np.median(vs_naive):.2f}x ({', '.join(f'{v:.2f}' for v in vs_naive)}) | "
                          f"{np.median(vs_backend):.2f}x ({', '.join(f'{v:.2f}' for v in vs_backend)}) | "
-                         f"{np.median(ov):.3f} ({', '.join(f'{v:.3f}' for v in ov)}) |")
+                         f"{_overhead(r[pk]):.3f} ({', '.join(f'{v:.3f}' for v in ov)}) |")
     lines += ["", "Pipeline per-stage medians (ms; with a batch, infer is each frame's share of its call):", "",
               "| model | threads | batch | " + " | ".join(doc["stages"]) + " |", "|---|---|---|" + "---|" * len(doc["stages"])]
     for model, r in res.items():
@@ -192,26 +210,111 @@ def markdown(doc: dict) -> str:
         for t, bt in combos:
             pp = r[_key("pipeline", t, bt)]["preprocess_parts_ms"]
             lines.append(f"| {model} | {t} | {bt} | {pp['quality']:.3f} | {pp['model_input']:.3f} |")
-    return "\n".join(lines) + "\n"
+    if any(_legacy(e) for r in res.values() for k, e in r.items() if k.startswith("pipeline")):
+        lines += ["", "This runtime.json was written before every figure was a median over rounds: it keeps per-round values "
+                  "of frames/s and of pre+quality+post+sink only, so those are medians over rounds here, while the "
+                  "capture-to-result p90, the per-stage and the preprocess-part figures are those of the one round whose "
+                  "frames/s was the median."]
+    failed = failures(doc)
+    lines += ["", f"Targets (missed by more than {NOISE:.0%}, the run-to-run noise of the medians, fails the run): "
+              f"pre+quality+post+sink <= {OVERHEAD_TARGET_MS:g} ms per frame; "
+              + "; ".join(f"{m} pipeline / backend only >= {v:g}x" for m, v in PIPELINE_VS_BACKEND_MIN.items()) + "; "
+              + "; ".join(f"{m} pipeline / naive >= {v:g}x" for m, v in PIPELINE_VS_NAIVE_MIN.items())
+              + " (ratios: medians of the per-round ratios). "
+              + ("All held." if not failed else f"{len(failed)} missed:"), ""]
+    lines += [f"- FAILED: {f}" for f in failed]
+    return "\n".join(lines).rstrip("\n") + "\n"
 
 
-def _median(runs: list[dict]) -> dict:
-    out = dict(runs[int(np.argsort([r["fps"] for r in runs])[len(runs) // 2])])
-    out["fps"] = float(np.median([r["fps"] for r in runs]))
+def _med(values: List[Any]) -> Any:
+    """The median of one figure over rounds; dicts key by key; None when a round has none; counts stay ints."""
+    if isinstance(values[0], dict):
+        return {k: _med([v[k] for v in values]) for k in values[0]}
+    if any(v is None for v in values):
+        return None
+    m = float(np.median(values))
+    return int(m) if all(isinstance(v, int) for v in values) and m.is_integer() else m
+
+
+def _median(runs: List[dict]) -> dict:
+    """One mode's rounds as one record: every figure its own median over the rounds (not the figures of the round
+    whose frames/s was the median), the per-round frames/s and overhead, and each round's record under "runs"."""
+    out = {k: _med([r[k] for r in runs]) for k in runs[0]}
     out["fps_runs"] = [round(r["fps"], 2) for r in runs]
     if "pre_quality_post_sink_ms" in runs[0]:
         out["overhead_runs"] = [round(r["pre_quality_post_sink_ms"], 4) for r in runs]
+    out["runs"] = [dict(r) for r in runs]
     return out
 
 
-def main() -> None:
+def _legacy(entry: dict) -> bool:
+    """A runtime.json written before per-figure medians: only frames/s and the overhead have per-round values, and its
+    other figures are those of the round with the median frames/s."""
+    return "runs" not in entry
+
+
+def _overhead(entry: dict) -> float:
+    """pre+quality+post+sink ms per frame, the median over rounds (from the per-round values in an older runtime.json)."""
+    if _legacy(entry) and entry.get("overhead_runs"):
+        return float(np.median(entry["overhead_runs"]))
+    return float(entry["pre_quality_post_sink_ms"])
+
+
+def _round_ratios(r: dict, threads: int, batch: int) -> Tuple[List[float], List[float]]:
+    """Pipeline / naive and pipeline / backend-only within each round (the modes of a round ran back to back)."""
+    pl, nv = r[_key("pipeline", threads, batch)]["fps_runs"], r["naive"]["fps_runs"]
+    bo = r[_key("backend", threads, batch)]["fps_runs"]
+    return [a / b for a, b in zip(pl, nv)], [a / b for a, b in zip(pl, bo)]
+
+
+def failures(doc: dict) -> List[str]:
+    """The targets missed by more than NOISE, one line each; empty: every target held."""
+    out = []
+    for model, r in doc["results"].items():
+        for t in doc["threads"]:
+            for bt in doc.get("batches", [1]):
+                where = f"{model}, {t} thread{'s' if t != 1 else ''}, batch {bt}"
+                ov = _overhead(r[_key("pipeline", t, bt)])
+                if ov > OVERHEAD_TARGET_MS * (1 + NOISE):
+                    out.append(f"{where}: pre+quality+post+sink {ov:.3f} ms per frame (median over rounds), over the "
+                               f"{OVERHEAD_TARGET_MS:g} ms target by more than {NOISE:.0%}")
+                vs_naive, vs_backend = _round_ratios(r, t, bt)
+                for name, ratios, targets in (("naive loop", vs_naive, PIPELINE_VS_NAIVE_MIN),
+                                              ("backend only", vs_backend, PIPELINE_VS_BACKEND_MIN)):
+                    floor = targets.get(model)
+                    if floor is not None and ratios and float(np.median(ratios)) < floor * (1 - NOISE):
+                        out.append(f"{where}: pipeline / {name} {float(np.median(ratios)):.2f}x (median of the per-round "
+                                   f"ratios), under the {floor:g}x target by more than {NOISE:.0%}")
+    return out
+
+
+def main(argv: Optional[List[str]] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--frames", type=int, default=300)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", default="1,2")
     ap.add_argument("--batches", default="1,8", help="frames per inference call for pipeline and backend-only")
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
-    args = ap.parse_args()
+    ap.add_argument("--markdown-from", default=None, metavar="JSON",
+                    help="Run nothing: write runtime.md in --out from this runtime.json and judge its results.")
+    args = ap.parse_args(argv)
+    out = Path(args.out)
+    if args.markdown_from:
+        doc: Dict[str, Any] = json.loads(Path(args.markdown_from).read_text())
+    else:
+        doc = run(args)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "runtime.json").write_text(json.dumps(doc, indent=2))
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "runtime.md").write_text(markdown(doc))
+    print(markdown(doc))
+    failed = failures(doc)
+    for f in failed:
+        print(f"FAILED: {f}")
+    return 1 if failed else 0
+
+
+def run(args: argparse.Namespace) -> Dict[str, Any]:
     threads = [int(t) for t in args.threads.split(",")]
     batches = [int(b) for b in args.batches.split(",")]
     with tempfile.TemporaryDirectory() as tmp:
@@ -231,14 +334,9 @@ def main() -> None:
     results = {m: {k: _median(v) for k, v in r.items()} for m, r in runs.items()}
     from edgeclf.runtime.pipeline import STAGES
 
-    doc = {"machine": machine(), "frames": args.frames, "rounds": args.rounds, "threads": threads, "batches": batches,
-           "stages": list(STAGES) + ["latency"], "results": results}
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "runtime.json").write_text(json.dumps(doc, indent=2))
-    (out / "runtime.md").write_text(markdown(doc))
-    print(markdown(doc))
+    return {"machine": machine(), "frames": args.frames, "rounds": args.rounds, "threads": threads, "batches": batches,
+            "stages": list(STAGES) + ["latency"], "results": results}
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
