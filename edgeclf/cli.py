@@ -966,7 +966,12 @@ def bundle_check(path: str, backend, device, precision, dla_core, engine_cache, 
         lambda bk: verify_bundle(path, parity=True, backend=bk, precision=precision, options=opts))
     if result["reference"] is None:
         from edgeclf.errors import BundleError
+        from edgeclf.runtime.bundle import load_bundle
 
+        note = (load_bundle(path).manifest.raw.get("provenance") or {}).get("reference")
+        if isinstance(note, str) and note.startswith("not written: "):  # export left it out, and says why
+            raise BundleError(f"bundle {path} has no reference.npz, so there is nothing to check parity against: export "
+                              f"left it out: {note[len('not written: '):]}")
         raise BundleError(f"bundle {path} has no reference.npz, so there is nothing to check parity against; re-export it without --no-samples")
     result["reference"]["chosen_by"] = why
     _emit(as_json, result, _print_check)

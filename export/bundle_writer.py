@@ -229,6 +229,28 @@ def _data_record(ds: Dataset, classes: str | None) -> dict[str, Any]:
             "sizes": {s: len(v) for s, v in ds.splits.items()}}
 
 
+def _classified(ds: Dataset, ids: list[str]) -> np.ndarray:
+    """Rows of the frames `ids` that `edgeclf run` classifies: those without a reason in `Dataset.abstain`
+    (sector_warmup: a sector model's frame before its clip's sector locked, or of a clip that never locks)."""
+    return np.asarray([i for i, f in enumerate(ids) if not ds.abstain.get(f)], dtype=np.int64)
+
+
+def _abstained(ds: Dataset, ids: list[str]) -> str:
+    """How many of `ids` run abstains on, per reason: 'sector_warmup: 8'."""
+    why: dict[str, int] = {}
+    for f in ids:
+        if ds.abstain.get(f):
+            why[ds.abstain[f]] = why.get(ds.abstain[f], 0) + 1
+    return ", ".join(f"{k}: {v}" for k, v in sorted(why.items()))
+
+
+def _none_classified(ds: Dataset, ids: list[str], split: str) -> str:
+    """'none of the 8 val frames is one `edgeclf run` classifies (it abstains on every one: sector_warmup: 8; ...)'."""
+    what = "; uncropped frames: their clip's ultrasound sector had not locked" if all(
+        ds.abstain.get(f) == "sector_warmup" for f in ids) else ""
+    return f"none of the {len(ids)} {split} frames is one `edgeclf run` classifies (it abstains on every one: {_abstained(ds, ids)}{what})"
+
+
 def export_bundle(cfg: ExportConfig) -> dict[str, Any]:
     """Write a bundle into a temporary sibling folder, verify it as a device would, then move it into place.
 
@@ -331,6 +353,8 @@ def export_bundle(cfg: ExportConfig) -> dict[str, Any]:
     pre = Preprocessor(spec)
     xv, yv = pre.batch(ds.split("val").images), ds.split("val").labels
     xp = xv if cfg.split == "val" else pre.batch(ds.split(cfg.split).images)
+    val_ids, val_groups = ds.split("val").ids, ds.split("val").groups
+    split_ids = ds.split(cfg.split).ids  # "all" joins the splits in the order pre.batch read them
     if cfg.model is None:
         provenance["data"] = _data_record(ds, classes)
     else:  # the training data, as run.json recorded it, less its workstation path
@@ -406,15 +430,26 @@ def export_bundle(cfg: ExportConfig) -> dict[str, Any]:
             from edgeclf.export.quantize import calibration_indices
 
             tr = ds.split("train")
-            idx = calibration_indices(tr.labels, cfg.calibration_n, seed)
+            # Frames `edgeclf run` never classifies (a sector model's frames before its clip's sector locked: whole,
+            # uncropped) neither set the INT8 ranges nor judge the gate: they are not what the deployed model sees.
+            ct, cv = _classified(ds, tr.ids), _classified(ds, val_ids)
+            if not len(cv):
+                raise ExportError(f"--precision {cfg.precision}: {_none_classified(ds, val_ids, 'val')}, so the accuracy gate has "
+                                  "nothing to judge a compressed model on; no bundle was written; export with --precision fp32, "
+                                  "or with clips long enough for the sector to lock")
+            if not len(ct) and cfg.precision != "fp16":
+                raise ExportError(f"--precision {cfg.precision}: {_none_classified(ds, tr.ids, 'train')}, so there is nothing to "
+                                  "calibrate INT8 on; no bundle was written; export with --precision fp32 or fp16, or with clips "
+                                  "long enough for the sector to lock")
+            idx = ct[calibration_indices(tr.labels[ct], cfg.calibration_n, seed)] if len(ct) else ct
             qat, qat_unavailable = _qat_rung(cfg, tm, ds)
             compression = compress(
                 stage, onnx_path, precision=cfg.precision, max_drop=cfg.max_drop, min_agreement=cfg.min_agreement,
                 calib_x=pre.batch([tr.images[i] for i in idx]), calib_method=cfg.calibration,
                 # Indices into the training folder's splits/val.txt, never file names.
-                val_x=xv, val_y=yv, val_ids=[f"val[{i}]" for i in range(len(yv))], parent_logits=lv,
+                val_x=xv[cv], val_y=yv[cv], val_ids=[f"val[{i}]" for i in cv], parent_logits=lv[cv],
                 # The gate resamples these (frames of a clip, near copies) rather than images, where a group holds more.
-                val_groups=ds.split("val").groups, group_unit="clip" if ds.kind == "clips" else "group",
+                val_groups=[val_groups[i] for i in cv], group_unit="clip" if ds.kind == "clips" else "group",
                 task=task, temperature=temperature, rule=rule, labels=labels, seed=seed,
                 qat=qat, qat_epochs=cfg.qat_epochs, qat_unavailable=qat_unavailable, device=cfg.device,
             )
@@ -422,8 +457,20 @@ def export_bundle(cfg: ExportConfig) -> dict[str, Any]:
                 provenance["calibration"] = compression["calibration"]
             compression["deploy"]["candidates"] = compression["candidates"]
         reference = None
-        if cfg.samples:
-            rows = np.arange(min(MAX_REFERENCE, len(xp)))  # any count: a fixed-batch backend pads a short call
+        # Only frames `edgeclf run` classifies: a sector model's frames before its clip's sector locked are whole,
+        # the scanner's burned-in text included, and parity on the device never needs them.
+        keep = _classified(ds, split_ids) if cfg.samples else np.arange(0)
+        if cfg.samples and len(keep) < len(xp):
+            if not len(keep):
+                why = f"{_none_classified(ds, split_ids, cfg.split)}: such frames stay out of a bundle, so there is nothing to re-check parity on"
+                provenance["reference"] = f"not written: {why}"
+                log.warning("reference.npz not written: %s; `edgeclf bundle check` cannot run on this bundle", why)
+            else:
+                left_out = f"{len(xp) - len(keep)} {cfg.split} frames `edgeclf run` does not classify ({_abstained(ds, split_ids)})"
+                provenance["reference"] = f"{cfg.split} frames `edgeclf run` classifies only; left out: {left_out}"
+                log.info("reference samples: left out %s", left_out)
+        if len(keep):
+            rows = keep[:MAX_REFERENCE]  # any count: a fixed-batch backend pads a short call
             xr = xp[rows]
             # Preprocessed tensors only: no file names, no metadata. Each variant's own outputs too,
             # so a device re-checks every model it may run.
