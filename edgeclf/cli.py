@@ -710,26 +710,39 @@ def profile(ctx: click.Context, bundles, source, backends, device, engine_cache,
 @click.argument("old")
 @click.argument("new")
 @click.option("--max-regression", type=click.FloatRange(min=0), default=0.1, show_default=True,
-              help="Largest allowed slow-down of any stage's median, as a fraction (0.1 = 10%).")
+              help="Largest allowed slow-down of any stage's median, as a fraction (0.1 = 10%). A slower median fails only "
+                   "when its 95% interval lies wholly above the old one's; overlapping intervals are reported as "
+                   "inconclusive (more --frames narrow them). Profiles without intervals (--bootstrap 0): medians alone.")
 @click.option("--min-delta-ms", type=click.FloatRange(min=0), default=0.0, show_default=True,
               help="Ignore slow-downs smaller than this many ms (sub-millisecond stages are noisy).")
 @click.option("--allow-other-host", is_flag=True,
               help="Compare profiles measured on different machines (refused otherwise; the result then lists the differences).")
+@click.option("--allow-other-config", is_flag=True,
+              help="Compare profiles of different pipeline settings: source, quality gate, ROI, smoothing, OpenCV threads "
+                   "(refused otherwise; the result then lists the differences).")
+@click.option("--allow-missing", is_flag=True,
+              help="Pass although a target or stage measured in the old profile is missing from the new one (listed either way).")
 @json_option
 @click.pass_context
 def profile_compare(ctx: click.Context, old: str, new: str, max_regression: float, min_delta_ms: float, allow_other_host: bool,
-                    as_json: bool) -> None:
-    """Compare two `profile --json` outputs; exit 1 when a stage's median got slower than allowed."""
+                    allow_other_config: bool, allow_missing: bool, as_json: bool) -> None:
+    """Compare two `profile --json` outputs; exit 1 when a stage's median got slower than allowed (its interval above
+    the old one's), or a target or stage measured in the old profile is missing from the new one."""
     from edgeclf.runtime.profile import compare_profiles, load_profile_json
 
     result = compare_profiles(load_profile_json(old), load_profile_json(new), max_regression=max_regression,
-                              min_delta_ms=min_delta_ms, allow_other_host=allow_other_host)
+                              min_delta_ms=min_delta_ms, allow_other_host=allow_other_host,
+                              allow_other_config=allow_other_config, allow_missing=allow_missing)
     _emit(as_json, result, _print_compare)
     for w in result.get("warnings", []):
         click.echo(f"warning: {w}", err=True)
     for r in result["regressions"]:
         click.echo(f"REGRESSION {r['target']} {r['stage']}: median {r['old_median_ms']:.3f} -> {r['new_median_ms']:.3f} ms "
                    f"({_ms(r['change'], '+.1%')} > {max_regression:.0%})", err=True)
+    if not allow_missing:
+        for m in result.get("missing", []):
+            click.echo(f"MISSING {m['target']}" + (f" {m['stage']}" if m["stage"] else "") + ": measured in the old profile, "
+                       "not in the new one", err=True)
     if result["regressed"]:
         ctx.exit(1)
 
@@ -785,10 +798,13 @@ def _print_profile(d: dict[str, Any]) -> None:
 
 def _print_compare(r: dict[str, Any]) -> None:
     rows = [[x["target"], x["stage"], f"{x['old_median_ms']:.3f}", f"{x['new_median_ms']:.3f}", _ms(x["change"], "+.1%"),
-             "REGRESSED" if x["regressed"] else "ok"] for x in r["rows"]]
+             {"regressed": "REGRESSED", "inconclusive": "inconclusive"}.get(x.get("status", ""), "REGRESSED" if x["regressed"] else "ok")]
+            for x in r["rows"]]
     click.echo(_table(["target", "stage", "old median ms", "new median ms", "change", ""], rows,
                       f"steady-state medians, allowed slow-down {r['max_regression']:.0%}"))
-    click.echo(f"{len(r['regressions'])} stage(s) regressed" if r["regressed"] else "no regression")
+    missing = len(r.get("missing", []))
+    tail = (f", {len(r['inconclusive'])} inconclusive" if r.get("inconclusive") else "") + (f", {missing} missing" if missing else "")
+    click.echo((f"{len(r['regressions'])} stage(s) regressed" if r["regressions"] else "no regression") + tail)
 
 
 # -- devices ----------------------------------------------------------------------------------------------

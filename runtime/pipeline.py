@@ -12,7 +12,7 @@ import queue
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -24,8 +24,13 @@ from edgeclf.runtime.preprocess import Preprocessor
 from edgeclf.runtime.sinks import Sink
 from edgeclf.runtime.sources import FrameSource
 
+if TYPE_CHECKING:
+    from edgeclf.runtime.quality import QualityGate
+    from edgeclf.runtime.sector import SectorDetector
+    from edgeclf.runtime.smoothing import CineSmoother
+
 __all__ = ["STAGES", "PREPROCESS_PARTS", "FRAME_ERROR", "SECTOR_WARMUP", "RECORD_META", "RunOptions", "RunSummary", "run_pipeline",
-           "stage_stats", "parse_roi", "waits_by_design", "WAITING_KINDS"]
+           "PipelineState", "stage_stats", "parse_roi", "waits_by_design", "WAITING_KINDS"]
 
 log = logging.getLogger(__name__)
 STAGES = ("capture", "preprocess", "infer", "postprocess", "sink")
@@ -330,6 +335,56 @@ def _choose_roi(text: Optional[str], m: Manifest) -> Tuple[str, Optional[Tuple[i
     return mode, box, record
 
 
+class _Stages(NamedTuple):
+    """The stages of a run that keep state from frame to frame, and the segment watches that reset them."""
+
+    detector: Optional[SectorDetector]
+    gate: Optional[QualityGate]
+    smoother: Optional[CineSmoother]
+    still: Optional[CineSmoother]  # --smoothing auto on DICOM with a cine: single-frame files shown as decided
+    consumer_segments: _SegmentWatch
+    feed_segments: _SegmentWatch
+
+
+class PipelineState:
+    """The stateful stages of one stream (sector detector, quality gate, smoothers and the segment watches that reset
+    them) for a caller that runs that stream in several `run_pipeline` calls (`edgeclf profile`'s interleaved chunks):
+    passed to each call, they carry over as in one continuous run (the sector locks once, smoothing goes on). The
+    first call makes them; later calls must use the same bundle, options and kind of source (else ValueError)."""
+
+    def __init__(self) -> None:
+        self.key: Any = None
+        self.stages: Optional[_Stages] = None
+
+
+def _make_stages(m: Manifest, opts: RunOptions, source: FrameSource, roi_mode: str,
+                 roi_box: Optional[Tuple[int, int, int, int]], floor: float, multilabel: bool) -> _Stages:
+    detector = None
+    if roi_mode != "none":
+        from edgeclf.runtime.sector import SectorDetector
+
+        detector = SectorDetector(roi=roi_box)
+    gate = None
+    if opts.quality:
+        from edgeclf.runtime.quality import QualityGate
+
+        gate = QualityGate()
+    smoother = None
+    still = None
+    per_file = False  # cine smoothing of DICOM or a watched folder: each multi-frame file (cine) starts afresh
+    if not multilabel:
+        from edgeclf.runtime.smoothing import CINE, SINGLE_IMAGE, CineSmoother
+
+        cine = opts.smoothing == "cine" or (opts.smoothing == "auto" and _video_like(source))
+        smoother = CineSmoother.from_manifest(m, config=CINE if cine else SINGLE_IMAGE, min_confidence=floor)
+        per_file = cine and getattr(source, "kind", "") in ("dicom", "watch")
+        if per_file and opts.smoothing == "auto":
+            still = CineSmoother.from_manifest(m, config=SINGLE_IMAGE, min_confidence=floor)
+    # feed_segments: the feeder's segment (see _segment) of the last frame read, and whether it was a cine: the sector
+    # detector and the gate run in that thread, so they are reset there.
+    return _Stages(detector, gate, smoother, still, _SegmentWatch(dicom=per_file), _SegmentWatch(dicom=True))
+
+
 def run_pipeline(
     bundle: Bundle,
     source: FrameSource,
@@ -341,6 +396,7 @@ def run_pipeline(
     options: Optional[RunOptions] = None,
     stop: Optional[threading.Event] = None,
     on_event: Optional[Callable[[str, str, Dict[str, Any]], None]] = None,
+    state: Optional[PipelineState] = None,
 ) -> RunSummary:
     """Classify every frame of `source`, writing one record per frame to each sink.
 
@@ -380,6 +436,8 @@ def run_pipeline(
     (the audit log). Non-finite outputs (NaN, inf: e.g. an fp16 overflow) are treated alike, with reason
     "invalid_output". MAX_BACKEND_ERRORS failures in a row (either kind) end the run with the last error,
     raised after that frame's abstain record is written.
+    `state` (a PipelineState): the stateful stages carry over from the previous call given the same object, as
+    though this call went on from where it stopped (one stream in several calls); None: a fresh start.
     """
     opts = options or RunOptions(min_confidence=min_confidence)
     if min_confidence is not None and options is not None and options.min_confidence is None:
@@ -390,28 +448,20 @@ def run_pipeline(
     multilabel = m.task == "multilabel"
 
     roi_mode, roi_box, roi_record = _choose_roi(opts.roi, m)
-    detector = None
     if roi_mode != "none":
-        from edgeclf.runtime.sector import SectorDetector, apply_sector
-
-        detector = SectorDetector(roi=roi_box)
-    gate = None
-    if opts.quality:
-        from edgeclf.runtime.quality import QualityGate
-
-        gate = QualityGate()
-    smoother = None
-    still = None  # --smoothing auto on DICOM with a cine: single-frame files are shown as decided, by this one
-    per_file = False  # cine smoothing of DICOM or a watched folder: each multi-frame file (cine) starts afresh
-    if not multilabel:
-        from edgeclf.runtime.smoothing import CINE, SINGLE_IMAGE, CineSmoother
-
-        cine = opts.smoothing == "cine" or (opts.smoothing == "auto" and _video_like(source))
-        smoother = CineSmoother.from_manifest(m, config=CINE if cine else SINGLE_IMAGE, min_confidence=floor)
-        per_file = cine and getattr(source, "kind", "") in ("dicom", "watch")
-        if per_file and opts.smoothing == "auto":
-            still = CineSmoother.from_manifest(m, config=SINGLE_IMAGE, min_confidence=floor)
-    consumer_segments = _SegmentWatch(dicom=per_file)
+        from edgeclf.runtime.sector import apply_sector
+    state_key = (id(m), roi_mode, roi_box, opts.quality, opts.smoothing, floor, getattr(source, "kind", ""))
+    if state is not None and state.stages is not None:
+        if state.key != state_key:
+            raise ValueError("a PipelineState carries one stream's stages: pass it only to calls with the same bundle, "
+                             "options and kind of source")
+        stages = state.stages
+    else:
+        stages = _make_stages(m, opts, source, roi_mode, roi_box, floor, multilabel)
+        if state is not None:
+            state.key, state.stages = state_key, stages
+    detector, gate, smoother, still = stages.detector, stages.gate, stages.smoother, stages.still
+    consumer_segments, feed_segments = stages.consumer_segments, stages.feed_segments
     ack = getattr(source, "ack", None)
     # Sources that need acks (watched folders) mark a file done durably at the ack: the results must be on disk
     # first (flushed and fsynced), whatever the sinks' own fsync interval, or a power loss loses them for good.
@@ -436,9 +486,6 @@ def run_pipeline(
 
     frame_errors = [0]  # counted in the feeder thread, read after it stopped
     warmups = [0]  # frames that abstained with SECTOR_WARMUP (counted in the feeder thread)
-    # The feeder's segment (see _segment) of the last frame read, and whether it was a cine: the sector detector and
-    # the gate run in that thread, so they are reset there.
-    feed_segments = _SegmentWatch(dicom=True)
 
     def frame_error(index: int, stage: str, exc: BaseException) -> Tuple[str, ...]:
         """Count and log a DataError of one frame's sector or quality stage; that frame abstains with FRAME_ERROR."""

@@ -3,10 +3,12 @@
 `profile_bundles(targets, options)` runs each target (a bundle on a backend at a precision) through
 `run_pipeline` with a JSONL sink to a temporary file, and times inference alone (`backend.infer` on one
 preprocessed frame). Targets are interleaved in chunks (A B A B ...), so drift of the machine (clocks,
-heat, other load) falls on every target alike. The first `warmup` frames of each target are reported
-apart from the steady state; cold start (bundle load, session creation, time to the first result, and
-process start to the first result) on its own: each target's on its own first frame (with warmup 0, one frame
-run for it alone and left out of every other figure). Each record's per-stage times are kept in full (the
+heat, other load) falls on every target alike; each target's stateful stages (sector lock, quality gate,
+smoothing) carry over from one of its chunks to the next, as in one continuous run, and OpenCV runs one
+thread, as `edgeclf run` sets it. The first `warmup` frames of each target are reported apart from the
+steady state; cold start (bundle load, session creation, time to the first result, and process start to
+the first result) on its own: each target's on its own first frame (with warmup 0, one frame run for it
+alone and left out of every other figure). Each record's per-stage times are kept in full (the
 pipeline's own StageTimes keeps only a window for its percentiles).
 
 While it runs, a background thread samples process CPU % and RSS (psutil, else /proc), GPU utilisation,
@@ -23,9 +25,11 @@ Python 3.8 compatible; numpy at import; psutil, pynvml and matplotlib inside the
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import json
 import logging
+import math
 import os
 import platform
 import tempfile
@@ -38,15 +42,17 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tupl
 import numpy as np
 
 from edgeclf.errors import ConfigError, MissingExtraError, SourceError
+from edgeclf.runtime import _cv
 from edgeclf.runtime.backends import Backend, create_backend
 from edgeclf.runtime.bundle import Bundle, load_bundle
-from edgeclf.runtime.pipeline import STAGES, RunOptions, run_pipeline
+from edgeclf.runtime.pipeline import STAGES, PipelineState, RunOptions, run_pipeline
 from edgeclf.runtime.preprocess import Preprocessor
 from edgeclf.runtime.sinks import JsonlSink, Sink
 from edgeclf.runtime.sources import FrameSource, open_source
 
 __all__ = [
     "SCHEMA_VERSION",
+    "FRAME_STAGE",
     "PROFILE_STAGES",
     "ProfileTarget",
     "ProfileOptions",
@@ -67,12 +73,18 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 SCHEMA_VERSION = 1
-#: Pipeline stages; frame: their sum (the pipeline's time per frame); latency: from the frame's capture
-#: timestamp (as its source sets it) to the result; infer_only: `backend.infer` alone on one preprocessed frame
-#: (at batch N: one call on N copies of it, divided by N, one value per call). Each stage's statistics are over
-#: the frames that went through it: infer over the inferred frames only (frames the quality gate turned away are
-#: counted in the target's "frames_not_inferred"), every other pipeline stage, frame and latency over all frames.
+#: Pipeline stages; frame: the pipeline's time per frame as its consumer sees it, the interval between consecutive
+#: results (at batch N: the interval spanning the last N results, over N; a chunk's first results: since the chunk
+#: began, the pipeline's start included), so its mean is about 1000 / fps. It is not the stages' sum: pipelined (the
+#: default), capture and preprocess run in the feeder thread while the previous frame is inferred, and overlap.
+#: latency: from the frame's capture timestamp (as its source sets it) to the result; infer_only: `backend.infer`
+#: alone on one preprocessed frame (at batch N: one call on N copies of it, divided by N, one value per call). Each
+#: stage's statistics are over the frames that went through it: infer over the inferred frames only (frames the
+#: quality gate turned away are counted in the target's "frames_not_inferred"), every other pipeline stage, frame
+#: and latency over all frames.
 PROFILE_STAGES: Tuple[str, ...] = STAGES + ("frame", "latency", "infer_only")
+#: What "frame" is, recorded in the config: profiles without it (older) hold the stages' sum there, not comparable.
+FRAME_STAGE = "result_interval"
 _QUANTILES = (50.0, 90.0, 99.0)
 _QNAMES = ("median", "p90", "p99")
 
@@ -386,23 +398,39 @@ class _Sampler:
 # ------------------------------------------------------------------------------------------------ the run
 
 class _TimedSink(Sink):
-    """Wraps the real sink: times its write (the "sink" stage) and keeps every record's stage times."""
+    """Wraps the real sink: times its write (the "sink" stage), the interval since the previous result (the "frame"
+    stage, see PROFILE_STAGES) and keeps every record's stage times."""
 
     def __init__(self, inner: Sink, on_record: Callable[[Dict[str, float]], None]) -> None:
         self.inner = inner
         self._on_record = on_record
+        self._start = time.perf_counter()
+        self._ends: "collections.deque[float]" = collections.deque(maxlen=1)  # noqa: UP037 (3.8: no generic at runtime)
+
+    def begin(self, t0: float, batch: int) -> None:
+        """A run_pipeline call (a chunk) starts at t0: results before it (another target's turn between) do not count.
+        At batch N a result comes N at a time, so one frame's time is the span of the last N results over N."""
+        self._start = t0
+        self._ends = collections.deque(maxlen=max(1, batch))
 
     def write(self, record: Dict[str, Any], image: Optional[Any] = None) -> None:
         t0 = time.perf_counter()
         self.inner.write(record)
-        sink_ms = (time.perf_counter() - t0) * 1e3
+        t1 = time.perf_counter()
+        sink_ms = (t1 - t0) * 1e3
+        ends = self._ends
+        if len(ends) == ends.maxlen:
+            frame_ms = (t1 - ends[0]) * 1e3 / len(ends)
+        else:  # the chunk's first results: no N results before them in this chunk
+            frame_ms = (t1 - self._start) * 1e3 / (len(ends) + 1)
+        ends.append(t1)
         lat = record["latency_ms"]
         self.written += 1
         stages = {"capture": float(lat["capture"]), "preprocess": float(lat["preprocess"]),
                   "postprocess": float(lat["postprocess"]), "sink": sink_ms}
         if lat.get("infer") is not None:  # None: the frame was not inferred (gated); infer holds inferred frames only
             stages["infer"] = float(lat["infer"])
-        stages["frame"] = sum(stages.values())
+        stages["frame"] = frame_ms
         stages["latency"] = float(lat["total"])
         self._on_record(stages)
 
@@ -465,6 +493,9 @@ class _TargetRun:
         self.backend: Optional[Backend] = None
         self.x: Optional[np.ndarray] = None
         self.batch: Optional[int] = None  # frames per inference call the pipeline used (1 for live sources)
+        # The sector lock, quality gate and smoothing carry over from chunk to chunk: a fresh start at every chunk
+        # would abstain the sector's warm-up frames again each time (not inferred), a cost `edgeclf run` pays once.
+        self.state = PipelineState()
 
     def _record(self, stages: Dict[str, float]) -> None:
         if self.first_result_wall is None:
@@ -505,7 +536,9 @@ class _TargetRun:
         while left > 0:
             src = self._open()
             t0 = time.perf_counter()
-            s = run_pipeline(self.bundle, src, self.backend, [self.sink], max_frames=left, options=self.opts.run_options)
+            self.sink.begin(t0, self.batch or self.opts.run_options.batch)
+            s = run_pipeline(self.bundle, src, self.backend, [self.sink], max_frames=left, options=self.opts.run_options,
+                             state=self.state)
             if self.phase == "steady":
                 self.steady_wall_s += time.perf_counter() - t0
                 self.steady_frames += s.frames
@@ -554,6 +587,24 @@ class _TargetRun:
         self.sink.close()
         if self.backend is not None:
             self.backend.close()
+
+
+@contextlib.contextmanager
+def _one_opencv_thread() -> Iterator[Optional[int]]:
+    """OpenCV at one thread, as `edgeclf run` sets it around its pipeline (its default pool on every core, beside the
+    feeder thread and the backend's threads, is a configuration run never uses); restored after. Yields the count
+    set (None: OpenCV is not installed, nothing set)."""
+    try:
+        cv2 = _cv.cv2()
+    except MissingExtraError:
+        yield None
+        return
+    before = cv2.getNumThreads()
+    cv2.setNumThreads(1)
+    try:
+        yield 1
+    finally:
+        cv2.setNumThreads(before)
 
 
 def _default_source(opts: ProfileOptions) -> str:
@@ -613,7 +664,7 @@ def profile_bundles(
     sampler = _Sampler(opts.sample_interval_s, current)
     tegra = TegrastatsReader(interval_ms=max(10, int(opts.sample_interval_s * 1000)))
     t_wall0 = time.time()
-    with tempfile.TemporaryDirectory(prefix="edgeclf-profile-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="edgeclf-profile-") as tmp, _one_opencv_thread() as cv_threads:
         try:
             set_state(None, "setup")
             tegra.start()
@@ -661,6 +712,8 @@ def profile_bundles(
             for r in runs:
                 r.close()
     doc = _document(runs, opts, uri, sampler, tegra, t_wall0, started_at, timeline)
+    doc["config"]["opencv_threads"] = cv_threads
+    doc["config"]["frame_stage"] = FRAME_STAGE
     doc["system"]["jetson"] = jetson_settings() if tegra.executable else {
         "nvpmodel": {"available": False, "mode": None, "reason": "not a Jetson (no tegrastats)"},
         "jetson_clocks": {"available": False, "locked": None, "reason": "not a Jetson (no tegrastats)"}}
@@ -971,22 +1024,77 @@ def _host_differences(old: Dict[str, Any], new: Dict[str, Any]) -> List[str]:
              if k in oh and k in nh and oh.get(k) != nh.get(k)]
     og = ((old.get("system") or {}).get("gpu") or {}).get("name")
     ng = ((new.get("system") or {}).get("gpu") or {}).get("name")
-    if (og or ng) and og != ng:
+    if og and ng and og != ng:  # a name only one records: NVML (pynvml) missing on one run, not another GPU
         diffs.append(f"GPU: {og!r} -> {ng!r}")
     return diffs
 
 
-def compare_profiles(old: Dict[str, Any], new: Dict[str, Any], *, max_regression: float = 0.1,
-                     min_delta_ms: float = 0.0, allow_other_host: bool = False) -> Dict[str, Any]:
-    """Compare the steady-state medians of every stage of every target present in both (matched by name,
-    else by position when each holds one target). A stage regressed when its new median exceeds the old by
-    more than `max_regression` (a fraction) and by more than `min_delta_ms`.
+# What else a profile's times depend on besides the target's batch and threads: another value of any of these is
+# other work (the quality gate on or off, another ROI, smoothing, frame size or OpenCV thread count), not the same
+# code faster or slower.
+_CONFIG_FIELDS = ("source", "quality", "roi", "smoothing", "opencv_threads")
 
-    Only like configurations compare: a target at another batch or thread count is refused (ConfigError), and so
-    are profiles from another machine (machine, CPU model, core count or GPU name differ; a fact one profile does not
-    record is not compared) unless `allow_other_host`, which then says so in the result's "warnings" and
-    "host_differences": the changes are the machines', not a regression of one. A changed platform (OS, kernel) is
-    a warning only."""
+
+def _source_key(text: Any) -> Any:
+    """A recorded source as compared: a synthetic URI without its frame count (--frames sets the default's; it changes
+    how often the source is reopened, not a frame's work); anything else as recorded."""
+    if isinstance(text, str) and text.startswith("synthetic:"):
+        head, _, query = text.partition("?")
+        params = sorted(p for p in query.split("&") if p and not p.startswith("frames="))
+        return head + ("?" + "&".join(params) if params else "")
+    return text
+
+
+def _config_differences(old: Dict[str, Any], new: Dict[str, Any]) -> List[str]:
+    """'field: old -> new' for each recorded pipeline setting (_CONFIG_FIELDS) that differs; one not recorded in both
+    profiles (written before it was) is not compared."""
+    oc, nc = old.get("config") or {}, new.get("config") or {}
+    diffs: List[str] = []
+    for k in _CONFIG_FIELDS:
+        if k not in oc or k not in nc:
+            continue
+        a, b = (_source_key(oc[k]), _source_key(nc[k])) if k == "source" else (oc[k], nc[k])
+        if a != b:
+            diffs.append(f"{k}: {oc[k]!r} -> {nc[k]!r}")
+    return diffs
+
+
+def _median_ci(stats: Dict[str, Any]) -> Optional[Tuple[float, float]]:
+    """A stage's recorded 95% interval of its median, None when the profile has none (--bootstrap 0)."""
+    ci = (stats.get("ci95") or {}).get("median")
+    if not isinstance(ci, (list, tuple)) or len(ci) != 2 or ci[0] is None or ci[1] is None:
+        return None
+    lo, hi = float(ci[0]), float(ci[1])
+    return (lo, hi) if math.isfinite(lo) and math.isfinite(hi) else None
+
+
+def _pct(change: Optional[float]) -> str:
+    return "n/a" if change is None else format(change, "+.1%")
+
+
+def compare_profiles(old: Dict[str, Any], new: Dict[str, Any], *, max_regression: float = 0.1,
+                     min_delta_ms: float = 0.0, allow_other_host: bool = False, allow_other_config: bool = False,
+                     allow_missing: bool = False) -> Dict[str, Any]:
+    """Compare the steady-state medians of every stage of every target present in both (matched by name,
+    else by position when each holds one target).
+
+    A stage regressed when its new median exceeds the old by more than `max_regression` (a fraction) and by more
+    than `min_delta_ms`, and the 95% intervals of the two medians do not overlap (new low above old high). A slow-down
+    past the limit whose intervals overlap is "inconclusive": said in "warnings" and the row's "status", not a
+    regression (the run's own noise covers it; more --frames narrow the intervals). Where either profile has no
+    intervals (--bootstrap 0), the medians alone decide.
+
+    What the old profile measured and the new one lacks fails the comparison as a regression does ("regressed" is
+    True), listed in "missing" and "warnings", unless `allow_missing`: a target absent from the new profile, or a stage
+    with an old median and none now (e.g. a gate that turns every frame away: no infer, and every other stage looks
+    faster). A larger share of steady frames not inferred than before is a warning.
+
+    Only like configurations compare: a target at another batch or thread count is refused (ConfigError); so are
+    another pipeline configuration (source, quality gate, ROI, smoothing, OpenCV threads differ) unless
+    `allow_other_config`, and profiles from another machine (machine, CPU model, core count or GPU name differ)
+    unless `allow_other_host`; allowed, each is said in "warnings" (and "config_differences", "host_differences"):
+    the changes are the configurations' or the machines', not a regression of the code. A fact one profile does not
+    record is not compared. A changed platform (OS, kernel) is a warning only."""
     if not max_regression >= 0:
         raise ConfigError(f"max regression is {max_regression}; allowed: a fraction >= 0 (0.1 = 10% slower)")
     if not min_delta_ms >= 0:
@@ -994,9 +1102,10 @@ def compare_profiles(old: Dict[str, Any], new: Dict[str, Any], *, max_regression
     old_t = {t["name"]: t for t in old.get("targets", [])}
     new_t = {t["name"]: t for t in new.get("targets", [])}
     pairs = [(n, old_t[n], new_t[n]) for n in old_t if n in new_t]
+    missing_targets = [n for n in old_t if n not in new_t]
     if not pairs and len(old_t) == 1 and len(new_t) == 1:
         (on, ot), (nn, nt) = next(iter(old_t.items())), next(iter(new_t.items()))
-        pairs = [(f"{on} -> {nn}", ot, nt)]
+        pairs, missing_targets = [(f"{on} -> {nn}", ot, nt)], []
     if not pairs:
         raise ConfigError(f"the profiles share no target (old: {sorted(old_t)}, new: {sorted(new_t)}); "
                           "profile the same bundle/backend/precision in both")
@@ -1015,29 +1124,66 @@ def compare_profiles(old: Dict[str, Any], new: Dict[str, Any], *, max_regression
     if host and not allow_other_host:
         raise ConfigError(f"the profiles come from different machines ({'; '.join(host)}); a change between machines is not "
                           "a regression: compare profiles from one machine, or allow it explicitly (--allow-other-host)")
+    config = _config_differences(old, new)
+    if config and not allow_other_config:
+        raise ConfigError(f"the profiles ran different pipelines ({'; '.join(config)}); a change of configuration is not a "
+                          "regression: profile both with the same settings, or allow it explicitly (--allow-other-config)")
     if host:
         warnings.append(f"the profiles come from different machines ({'; '.join(host)}): the changes below are between "
                         "machines, not a regression of one")
-        log.warning("%s", warnings[-1])
+    if config:
+        warnings.append(f"the profiles ran different pipelines ({'; '.join(config)}): the changes below include the "
+                        "configuration's, not only the code's")
     op, np_ = (old.get("host") or {}).get("platform"), (new.get("host") or {}).get("platform")
     if op and np_ and op != np_:
         warnings.append(f"the operating system or kernel changed ({op} -> {np_}): it can change timings too")
-        log.warning("%s", warnings[-1])
+    missing: List[Dict[str, Any]] = [{"target": n, "stage": None} for n in missing_targets]
+    for n in missing_targets:
+        warnings.append(f"target {n} of the old profile is missing from the new one: nothing of it was compared")
+    frame_kinds = [(d.get("config") or {}).get("frame_stage", "sum") for d in (old, new)]
     rows: List[Dict[str, Any]] = []
     for name, ot, nt in pairs:
+        of, nf = ot.get("frames"), nt.get("frames")
+        oni, nni = ot.get("frames_not_inferred"), nt.get("frames_not_inferred")
+        if of and nf and oni is not None and nni is not None and nni / nf > oni / of:
+            warnings.append(f"target {name}: {nni} of {nf} steady frames were not inferred (quality gate, sector warm-up, "
+                            f"frame errors), {oni} of {of} before: stages over every frame are cheaper by the inference "
+                            "skipped")
         for stage in PROFILE_STAGES:
             a = (ot.get("stages_ms") or {}).get(stage) or {}
             b = (nt.get("stages_ms") or {}).get(stage) or {}
-            if a.get("median") is None or b.get("median") is None:
+            if a.get("median") is None:
+                continue
+            if stage == "frame" and frame_kinds[0] != frame_kinds[1]:
+                warnings.append(f"target {name}: stage frame is not compared: one profile holds the sum of the stages there "
+                                "(written before frame became the interval between results); profile the baseline again")
+                continue
+            if b.get("median") is None:
+                missing.append({"target": name, "stage": stage})
+                warnings.append(f"target {name}: stage {stage} had a median of {float(a['median']):.3f} ms in the old profile "
+                                "and has none in the new one (not run, or no frame went through it)")
                 continue
             om, nm = float(a["median"]), float(b["median"])
             change: Optional[float] = (nm - om) / om if om > 0 else None  # None: nothing to scale by (0 ms before)
-            regressed = (nm - om) > min_delta_ms and (change is None and nm > om or change is not None and change > max_regression)
+            slower = (nm - om) > min_delta_ms and (change is None and nm > om or change is not None and change > max_regression)
+            oci, nci = _median_ci(a), _median_ci(b)
+            status = "ok"
+            if slower:
+                # Without intervals on both sides (--bootstrap 0) the medians alone decide, as they always did.
+                status = "regressed" if oci is None or nci is None or nci[0] > oci[1] else "inconclusive"
+            if status == "inconclusive":
+                assert oci is not None and nci is not None
+                warnings.append(f"target {name} stage {stage}: median {om:.3f} -> {nm:.3f} ms ({_pct(change)}) is inconclusive: "
+                                f"the 95% intervals overlap ({oci[0]:.3f}-{oci[1]:.3f} vs {nci[0]:.3f}-{nci[1]:.3f}); "
+                                "profile more --frames to decide")
             rows.append({"target": name, "stage": stage, "old_median_ms": om, "new_median_ms": nm, "change": change,
-                         "regressed": regressed})
+                         "old_ci95": list(oci) if oci else None, "new_ci95": list(nci) if nci else None,
+                         "status": status, "regressed": status == "regressed"})
     regressions = [r for r in rows if r["regressed"]]
     return {"max_regression": max_regression, "min_delta_ms": min_delta_ms, "rows": rows,
-            "regressions": regressions, "regressed": bool(regressions), "host_differences": host, "warnings": warnings}
+            "regressions": regressions, "inconclusive": [r for r in rows if r["status"] == "inconclusive"],
+            "missing": missing, "regressed": bool(regressions) or bool(missing and not allow_missing),
+            "host_differences": host, "config_differences": config, "warnings": warnings}
 
 
 # --------------------------------------------------------------------------------------------------- report
