@@ -29,7 +29,8 @@ Records are written whole (one ``os.write`` of the full line) and fsynced on the
 `fsync_every` seconds (0: every record; None: never), and always for ``start``, ``fault`` and ``end``.
 A log is never overwritten: an existing path is refused, a folder gets a new uniquely named log.
 No patient identifiers: the caller records bundle, device and configuration facts, never source paths;
-:func:`source_fact` describes a source URI without naming it, and every fault, recovery, event and end
+:func:`source_fact` describes a source URI without naming it (its kind and a keyed hash, ``uri_hmac``, with the
+``key_id`` of the key that made it), and every fault, recovery, event and end
 text has the run's source (``AuditLog(source=...)``) and any URL replaced by ``<source>``
 (:func:`scrub_source`): error messages quote the URI they failed on.
 
@@ -133,8 +134,18 @@ def package_versions() -> Dict[str, str]:
 
 
 def source_fact(uri: str) -> Dict[str, str]:
-    """What the audit records about a source: its kind and a short hash of the URI, never the URI
-    (paths and stream addresses may carry patient names or credentials)."""
+    """What the audit records about a source: its kind and a keyed hash of the URI, never the URI (paths and
+    stream addresses may carry patient names or credentials).
+
+    ``uri_hmac``: the first 16 hex of HMAC-SHA256(key, URI as given, stripped) under the install's source key
+    (:func:`edgeclf.runtime.sources.source_hash`; the key file is ``sources.source_key_path()``, 0600, per user;
+    ``$EDGECLF_SOURCE_KEY`` names another). Its first 12 hex are the ``source_id`` of the run's log lines. A plain
+    hash of a path named after a patient or an MRN could be matched against a list of them in a second; this one
+    only with the key. ``key_id``: the first 8 hex of sha256(key), saying which key made it; ``key_scope``:
+    "install" (an auditor with the key file recomputes the hash, e.g. with this function under the same
+    ``EDGECLF_SOURCE_KEY``) or "process" (no key could be kept: nobody can recompute it)."""
+    from edgeclf.runtime.sources import source_hash, source_key_info  # noqa: PLC0415 - sources imports numpy
+
     text = str(uri).strip()
     lower = text.lower()
     if lower.startswith("synthetic:"):
@@ -149,7 +160,7 @@ def source_fact(uri: str) -> Dict[str, str]:
         kind = "gstreamer"
     else:
         kind = "path"
-    return {"kind": kind, "uri_sha256": hashlib.sha256(text.encode("utf-8", "surrogateescape")).hexdigest()[:16]}
+    return {"kind": kind, "uri_hmac": source_hash(text, 16), **source_key_info()}
 
 
 SOURCE_PLACEHOLDER = "<source>"

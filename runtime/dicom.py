@@ -45,7 +45,7 @@ import logging
 import os
 import re
 import warnings
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, FrozenSet, Iterator, List, Optional, Sequence, Set, Tuple, Union
 
 import numpy as np
 from numpy.typing import NDArray
@@ -118,29 +118,198 @@ _VIDEO_SYNTAX_PREFIX = "1.2.840.10008.1.2.4.10"  # MPEG-2, MPEG-4 AVC/H.264, HEV
 
 
 class _WithholdValues(logging.Filter):
-    """pydicom quotes header values it finds invalid ("Invalid value for VR IS: 'DOE^JOHN'") and names the
-    file it read ("... in file /data/DOE^JOHN/IM1"): the record is kept, the value and the path are not
-    (a name typed into the wrong field, or a folder named after the patient, must not reach a log)."""
+    """pydicom quotes header values it finds invalid ("Invalid value for VR IS: 'DOE^JOHN'"), lists them
+    unquoted ("... does not allow code extensions, ignoring: DOE JOHN") and names the file it read ("... in file
+    /data/DOE^JOHN/IM1"): the record is kept, its values and path are not (`_withhold`: a name typed into the
+    wrong field, or a folder named after the patient, must not reach a log). A traceback attached to the record
+    (its exception's text may quote a value too) is dropped; a record that cannot be formatted is replaced."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         try:
             msg = record.getMessage()
-        except Exception:  # noqa: BLE001 - a malformed record is left to logging itself
-            return True
-        out = _withhold(msg)
-        if out != msg:
-            record.msg, record.args = out, None
+        except Exception:  # noqa: BLE001 - logging would print the raw message and its arguments
+            msg = "pydicom logged a message that could not be formatted"
+        record.msg, record.args = _withhold(msg), None
+        if record.exc_info or record.exc_text or record.stack_info:
+            exc = record.exc_info[1] if record.exc_info else None
+            record.msg = f"{record.msg} ({type(exc).__name__})" if exc is not None else record.msg
+            record.exc_info, record.exc_text, record.stack_info = None, None, None
         return True
 
 
-_INVALID = re.compile(r"(Invalid value for VR \w*: ).*?(\. Please see|$)", re.S)
-_QUOTED = re.compile(r"'(?:[^'\\]|\\.)*'|\"(?:[^\"\\]|\\.)*\"")
-_IN_FILE = re.compile(r"( in file ).*", re.S)  # pydicom's "<problem> in file <path>": the path runs to the end
+_WITHHELD = "<withheld>"
+_IN_FILE = re.compile(r" in file .*", re.S)  # pydicom's "<problem> in file <path>": the path runs to the end
+_SEE = re.compile(r"(.*?)( Please see <https://dicom\.nema\.org/[^<>\s]*> for allowed values for each VR\.)", re.S)
+_VRS = frozenset((
+    "AE", "AS", "AT", "CS", "DA", "DS", "DT", "FL", "FD", "IS", "LO", "LT", "OB", "OD", "OF", "OL", "OV", "OW",
+    "PN", "SH", "SL", "SQ", "SS", "ST", "SV", "TM", "UC", "UI", "UL", "UN", "UR", "US", "UT", "UV",
+))
+# Specific Character Set defined terms (PS3.3 C.12.1.1.2) and the Python codecs pydicom maps them to: the
+# only character-set values a message may repeat (anything else in that element may be a misfiled name).
+_CHARSETS = frozenset(
+    [f"ISO_IR {n}" for n in (6, 13, 100, 101, 109, 110, 126, 127, 138, 144, 148, 166, 192)]
+    + [f"ISO 2022 IR {n}" for n in (6, 13, 58, 87, 100, 101, 109, 110, 126, 127, 138, 144, 148, 149, 159, 166)]
+    + ["GB18030", "GBK", "ISO 2022 GBK", "ISO 2022 58"]
+    + ["iso8859", "shift_jis", "latin_1", "iso8859_2", "iso8859_3", "iso8859_4", "iso_ir_126", "iso_ir_127",
+       "iso_ir_138", "iso_ir_144", "iso_ir_148", "iso_ir_166", "iso2022_jp", "euc_kr", "iso2022_jp_2", "iso_ir_58",
+       "UTF8", "utf_8", "GB2312", "ascii"]
+)
+_NUMBER = re.compile(r"-?(?:0x)?[0-9A-Fa-f]{1,20}")
+_TAG = re.compile(r"\([0-9A-Fa-f]{4}, ?[0-9A-Fa-f]{4}\)")
+
+
+def _is_charsets(text: str) -> bool:
+    return all(item.strip() in _CHARSETS for item in text.split(","))
+
+
+# What a placeholder of a known message may be shown as; any other text in its place is withheld.
+_SAFE_VALUE: Dict[str, Callable[[str], bool]] = {
+    "v": lambda t: False,  # a header value: always withheld
+    "n": lambda t: bool(_NUMBER.fullmatch(t)),  # a length, count or file position pydicom computed
+    "vr": lambda t: t in _VRS,
+    "tag": lambda t: bool(_TAG.fullmatch(t)),
+    "cs": _is_charsets,
+    "pi": lambda t: t in _KNOWN_PI,
+    "ie": lambda t: t in ("implicit", "explicit"),
+    "plugin": lambda t: t in ("pillow", "pylibjpeg", "gdcm", "pyjpegls", "numpy"),
+}
+# pydicom's messages (3.x; 2.4 words most of them alike) that carry header values, as fixed text with {kind}
+# placeholders. A message none of them matches is cut at its first text that is not plain words (`_prefix`).
+_KNOWN_MESSAGES: Tuple[str, ...] = (
+    "Invalid value for VR {vr}: {v}.",
+    "Invalid value for VR {vr}: {v}",
+    "The value length ({n}) exceeds the maximum length of {n} allowed for VR {vr}.",
+    "The value length ({n}) exceeds the maximum length of {n} allowed for VR {vr}. Invalid value for VR {vr}: {v}.",
+    "The PN component length ({n}) exceeds the maximum allowed length of {n}.",
+    "The number of PN components length ({n}) exceeds the maximum allowed number of {n}.",
+    "Invalid value: a value for a tag with VR {vr} must be between {n} and {n}.",
+    "Invalid value length {n}: the value length for a tag with VR {vr} must be a multiple of {n}.",
+    'Value "{v}" is not valid for elements with a VR of {vr}',
+    "Unknown encoding '{cs}' - using default encoding instead",
+    "Incorrect value for Specific Character Set '{v}' - assuming '{cs}'",
+    "Value '{cs}' for Specific Character Set does not allow code extensions, ignoring: {cs}",
+    "Failed to decode byte string with encoding '{cs}' - using replacement characters in decoded string",
+    "Failed to decode byte string with encodings: {cs} - using replacement characters in decoded string",
+    "Found unknown escape sequence in encoded string value - using encoding {cs}",
+    "Failed to encode value with encodings: {cs} - using replacement characters in encoded string",
+    "Unknown DICOM tag {tag} - setting VR to 'UN'",
+    "Unknown VR '0x{n}' assuming implicit VR encoding",
+    "Unknown VR '{v}' assuming explicit VR encoding with 2-byte length",
+    "Expected {ie} VR, but found {ie} VR - using {ie} VR for reading",
+    "Expected 0x00000000 after delimiter, found 0x{n}, at position 0x{n}",
+    "Expected 0x00000000 after delimiter, found 0x{n}, at data position 0x{n}",
+    "Expected sequence item with tag {tag} at file position 0x{n}",
+    "Expected length to be multiple of 4 for VR 'AT', got length {n}",
+    "Expected length between {n} and {n}, got length {n}",
+    "A value of '{v}' for (0028,0008) 'Number of Frames' is invalid, assuming 1 frame",
+    "A value of {v} for (0028,0008) 'Number of Frames' is non-conformant. It's recommended that this value be "
+    "changed to 1",
+    "The (0028,0004) 'Photometric Interpretation' value is '{pi}' however the encoded image's codestream uses "
+    "component IDs that indicate it should be 'RGB'",
+    "The (0028,0004) 'Photometric Interpretation' value is '{pi}' however the encoded image's codestream contains "
+    "a JFIF APP marker which indicates it should be '{pi}'",
+    "The decoding plugin '{plugin}' failed to decode the frame at index {n}",
+    "The pixel data is {n} bytes long, which indicates it contains {n} bytes of excess padding to be removed",
+    "The decoded RLE segment contains non-conformant padding - {n} vs. {n} bytes expected",
+    "'datetime.datetime' doesn't allow a value of '60' for the seconds component, changing to '59'",
+    "'datetime.time' doesn't allow a value of '60' for the seconds component, changing to '59'",
+)
+_PLACEHOLDER = re.compile(r"\{(\w+)\}")
+
+
+def _compile_message(template: str) -> Tuple[Any, List[str]]:
+    """(regex of the whole message, its fixed parts and placeholder kinds alternating)."""
+    parts = _PLACEHOLDER.split(template)  # fixed, kind, fixed, kind, ..., fixed
+    pattern = "".join(re.escape(p) if i % 2 == 0 else "(.*?)" for i, p in enumerate(parts))
+    return re.compile(pattern, re.S), parts
+
+
+_KNOWN = [_compile_message(t) for t in sorted(_KNOWN_MESSAGES, key=len, reverse=True)]  # the longest form first
+# Plain text a message may keep up to where it is cut: spaces and punctuation, words (don't, non-conformant,
+# EOI/EOC), tags, and quoted text (kept only when it is a DICOM element or UID name, see _prefix).
+_TOKEN = re.compile(
+    r"[ \t\r\n,.;]+|-(?= )|[A-Za-z]+(?:'[a-z]{1,2}(?![A-Za-z]))?(?:[-/_][A-Za-z]+)*|\([0-9A-Fa-f]{4}, ?[0-9A-Fa-f]{4}\)"
+    r"|'[^\r\n]{1,80}?'(?=[\s,.;:)]|$)"
+)
+# Capitalised words of pydicom's own text; any other word in capitals may be a name (DICOM writes names so).
+_ACRONYMS = frozenset((
+    "A", "I", "DICOM", "DICOMDIR", "VR", "UID", "UIDs", "JPEG", "JPEG-LS", "RLE", "JFIF", "APP", "EOI", "EOC", "SOI",
+    "LUT", "VOI", "RGB", "YBR", "FULL", "ICC", "BOT", "EOT", "ID", "IDs", "ASCII", "UTF", "OK", "NOT", "OB", "OW",
+))
+_NAMES: List[FrozenSet[str]] = []  # [set of DICOM element names, keywords and UID names], built on first use
+
+
+def _dicom_names() -> FrozenSet[str]:
+    if not _NAMES:
+        names: Set[str] = set()
+        try:
+            import pydicom.datadict
+            import pydicom.uid
+
+            elements: Dict[Any, Any] = getattr(pydicom.datadict, "DicomDictionary", {})
+            uids: Dict[Any, Any] = getattr(pydicom.uid, "UID_dictionary", {})
+            names.update(str(v[2]) for v in elements.values())
+            names.update(str(v[4]) for v in elements.values())
+            names.update(str(v[0]) for v in uids.values())
+        except Exception:  # noqa: BLE001 - without the dictionary no quoted text is kept
+            pass
+        names.update(_KNOWN_PI)
+        _NAMES.append(frozenset(n for n in names if n))
+    return _NAMES[0]
+
+
+def _plain_word(word: str) -> bool:
+    for part in re.split(r"[-/_']", word):
+        if len(part) > 1 and part.isupper() and part not in _ACRONYMS and part not in _VRS:
+            return False
+    return True
+
+
+def _prefix(text: str) -> str:
+    """`text` up to its first part that is not plain text (a number, a colon, an equals sign, quoted text other
+    than a DICOM element or UID name, a word in capitals that is not pydicom's own), then "<withheld>"."""
+    i = 0
+    while i < len(text):
+        m = _TOKEN.match(text, i)
+        if m is None:
+            break
+        tok = m.group(0)
+        if tok.startswith("'") and tok[1:-1] not in _dicom_names():
+            break
+        if tok[0].isalpha() and not _plain_word(tok):
+            break
+        i = m.end()
+    if i >= len(text):
+        return text
+    kept = text[:i].rstrip(" \t\r\n,;-")
+    return f"{kept} {_WITHHELD}" if kept else _WITHHELD
 
 
 def _withhold(text: str) -> str:
-    """`text` (a pydicom message) without the header values and file paths it may quote."""
-    return _IN_FILE.sub(r"\1<withheld>", _QUOTED.sub("'<withheld>'", _INVALID.sub(r"\1<withheld>\2", text)))
+    """`text` (a pydicom message or a decoder's error text) without the header values and file paths it may
+    carry. A message pydicom is known to word so keeps its fixed text, with each value withheld unless it has a
+    form no name has (a VR, a tag, a number pydicom computed, a character set's defined term); any other message
+    is cut at its first part that is not plain text (`_prefix`). A path after " in file " is withheld."""
+    tail = ""
+    m = _IN_FILE.search(text)
+    if m is not None:
+        text, tail = text[: m.start()], f" in file {_WITHHELD}"
+    see = _SEE.fullmatch(text)
+    if see is not None:
+        text, tail = see.group(1), see.group(2) + tail
+    for pattern, parts in _KNOWN:
+        got = pattern.fullmatch(text)
+        if got is None:
+            continue
+        out: List[str] = []
+        for i, part in enumerate(parts):
+            if i % 2 == 0:
+                out.append(part)
+                continue
+            value = got.group(i // 2 + 1)
+            out.append(value if _SAFE_VALUE.get(part, _SAFE_VALUE["v"])(value) else _WITHHELD)
+        return "".join(out) + tail
+    return _prefix(text) + tail
 
 
 _PYDICOM_MODULES = r"pydicom(\.|$)"

@@ -51,7 +51,7 @@ _WARMUP_REASONS = (SECTOR_WARMUP,)
 _FRAME_ERRORS_LOGGED = 5  # frame errors logged at WARNING; later ones at DEBUG (a stream failing on every frame)
 # Source meta copied into each record (when the source gives them): which file and which frame of it a record
 # is, so that a repeat after a crash can be recognised (watched folders). Identifier-free: an index, a frame
-# number, and watch.py's watch_key (a hash of name, size and mtime, never the name). Nothing else of the meta
+# number, and watch.py's watch_key (a keyed hash (HMAC) of name, size and mtime, never the name). Nothing else of the meta
 # (no name hashes: a short hash of a name alone can be looked up from a list of names).
 RECORD_META = ("file_index", "file_frame", "watch_key")
 MAX_BATCH = 64  # frames per inference call: beyond this only memory grows

@@ -551,14 +551,14 @@ class _TargetRun:
                 self.reopened += 1
                 empty_in_a_row = empty_in_a_row + 1 if s.frames == 0 else 0
                 if empty_in_a_row >= 2:
-                    raise SourceError(f"source {self.uri} gives no frames; give a source with at least one frame")
+                    raise SourceError(f"the source ({_source_text(self.uri)}) gives no frames; give a source with at least one frame")
 
     def _input(self) -> np.ndarray:
         if self.x is None:
             with open_source(self.uri) as src:
                 frame = src.read()
             if frame is None:
-                raise SourceError(f"source {self.uri} gives no frames; give a source with at least one frame")
+                raise SourceError(f"the source ({_source_text(self.uri)}) gives no frames; give a source with at least one frame")
             x = self.pre(frame.image)
             # The batch the pipeline ran at, so infer_only is comparable with its infer stage.
             b = self.batch or 1
@@ -729,7 +729,7 @@ def _source_text(uri: str) -> str:
     from edgeclf.runtime.audit import source_fact  # noqa: PLC0415
 
     fact = source_fact(uri)
-    return uri if fact["kind"] == "synthetic" else f"{fact['kind']}:sha256:{fact['uri_sha256']}"
+    return uri if fact["kind"] == "synthetic" else f"{fact['kind']}:hmac:{fact['uri_hmac']}"
 
 
 def _document(runs: List[_TargetRun], opts: ProfileOptions, uri: str, sampler: _Sampler, tegra: Any,

@@ -13,9 +13,15 @@ Rules kept here:
 - Python 3.8 compatible (JetPack 5); numpy at import time, OpenCV only inside the functions that
   need it (through `edgeclf.errors.require`), never torch.
 - Frame.meta never carries file names (they may carry patient names): images are named by their
-  index in the folder, their extension and a short hash of the name; with the environment variable
-  EDGECLF_SOURCE_NAMES=index by their index alone (a short unsalted hash of a guessable name can be
-  matched against a list of names).
+  index in the folder, their extension and a short keyed hash of the name; with the environment variable
+  EDGECLF_SOURCE_NAMES=index by their index alone.
+- Messages and logs never quote a source path, glob or stream path either: a source is named by its kind
+  and extension (`_ext_label`), a stream by scheme and host, and in logs by `source_id`.
+- Every hash of a name or path (`source_id`, `name_hash`, the audit's `uri_hmac`) is an HMAC-SHA256 under a
+  random per-install key (`source_hash`; the key file is `source_key_path()`: $EDGECLF_SOURCE_KEY, else
+  $STATE_DIRECTORY, $XDG_STATE_HOME/edgeclf or ~/.local/state/edgeclf, made 0600 on first use): a plain short
+  hash of a guessable name (DOE^JOHN, an MRN) can be matched against a list of names in a second; this one
+  only by whoever can read the key. Where the key cannot be read or kept, a per-process key is used (DEBUG).
 - A decode failure never silently ends or shortens a stream: video files log a WARNING with how
   many frames were read against how many the container claims, images raise SourceError (so does a
   multi-page TIFF, whose pages past the first OpenCV would drop).
@@ -24,8 +30,10 @@ Rules kept here:
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import hashlib
+import hmac
 import logging
 import os
 import re
@@ -76,6 +84,10 @@ __all__ = [
     "IMAGE_EXTENSIONS",
     "SOURCE_NAMES_ENV",
     "source_name_policy",
+    "SOURCE_KEY_ENV",
+    "source_key_path",
+    "source_key_info",
+    "source_hash",
 ]
 
 logger = logging.getLogger(__name__)
@@ -104,6 +116,56 @@ _SUPPORTED = (
     + "), a DICOM file or folder (.dcm), a camera ('0' or /dev/videoN), rtsp:// or http(s):// streams, "
     "a GStreamer pipeline ('... ! appsink'), watch:FOLDER or synthetic:ultrasound"
 )
+
+# Extensions a message may name besides edgeclf's own: common files given as a source by mistake. Anything else that
+# splitext calls an extension ("Jane.Doe", "DOE.JOHN.1", ".MRN7730142") may be part of a name, and is not repeated.
+_OTHER_EXTENSIONS: Tuple[str, ...] = (
+    ".pdf", ".txt", ".csv", ".json", ".xml", ".html", ".htm", ".zip", ".gz", ".tgz", ".tar", ".7z", ".rar",
+    ".jp2", ".j2k", ".jpx", ".jxl", ".webp", ".heic", ".heif", ".svg", ".ico", ".raw", ".dat", ".bin", ".img",
+    ".iso", ".nii", ".nrrd", ".mha", ".mhd", ".npy", ".npz", ".h5", ".hdf5", ".doc", ".docx", ".xls", ".xlsx",
+    ".ppt", ".pptx", ".wmv", ".flv", ".3gp", ".ts", ".mts", ".m2ts", ".vob", ".ogv", ".ogg", ".dv", ".wav",
+    ".mp3", ".exe", ".sh", ".py", ".onnx", ".engine", ".plan", ".log", ".jsonl",
+)
+# Schemes an "unknown source scheme" message may name; any other text before a ':' may be a name.
+_NAMED_SCHEMES: Tuple[str, ...] = (
+    "ftp", "ftps", "sftp", "scp", "ssh", "s3", "gs", "az", "abfs", "hdfs", "file", "smb", "cifs", "nfs",
+    "webdav", "dav", "dicom", "dicomweb", "wado", "dimse", "pacs", "tcp", "udp", "rtp", "srt", "mms", "mmsh",
+    "rtmps", "rtspt", "rtspu", "ws", "wss", "camera", "cam", "webcam", "video", "device", "v4l2", "usb", "data",
+    "blob",
+)
+
+
+def _ext_label(path: str) -> str:
+    """A file's extension as a message may show it: a known one (lower case), "no extension" or "another
+    extension". Messages name a source by its kind and extension, never by its path: file and folder names
+    (a PACS export's DOE^JOHN_<MRN>/DOE^JOHN.mp4) may carry a patient's name."""
+    ext = os.path.splitext(path.rstrip("/\\"))[1].lower()
+    if not ext:
+        return "no extension"
+    if ext in VIDEO_EXTENSIONS or ext in IMAGE_EXTENSIONS or ext in _DICOM_EXTENSIONS or ext in _OTHER_EXTENSIONS:
+        return ext
+    return "another extension"
+
+
+_URI_PARTS = re.compile(r"^([A-Za-z][A-Za-z0-9+.\-]*://)([^/?#]*)(.*)$", re.S)
+
+
+def _stream_label(uri: str) -> str:
+    """A stream address as messages show it: scheme and host (user:password masked), the path and query cut to
+    "/...": a WADO or HLS address may carry study UIDs or a patient's name."""
+    m = _URI_PARTS.match(redact_uri(uri.strip()))
+    if m is None:
+        return "(an address)"
+    host = m.group(2)
+    return f"{m.group(1)}{host}{'/...' if m.group(3) else ''}"
+
+
+def _pipeline_label(text: str) -> str:
+    """A GStreamer pipeline as messages show it: its first element's name, when it is a known one (a filesrc
+    location= may name a patient's file)."""
+    first = text.strip().split(None, 1)[0].split("=", 1)[0].lower() if text.strip() else ""
+    return f"GStreamer pipeline starting with {first}" if first in GSTREAMER_ELEMENTS else "GStreamer pipeline"
+
 
 Image = NDArray[np.uint8]
 _S = TypeVar("_S", bound="BaseSource")
@@ -149,9 +211,9 @@ _NAME_POLICIES = ("hash", "index")
 
 
 def source_name_policy() -> str:
-    """How frame meta names source files: "hash" (index, extension and a short hash of the name; the
-    default) or "index" (index and extension only), from the environment variable EDGECLF_SOURCE_NAMES.
-    Never the name itself."""
+    """How frame meta names source files: "hash" (index, extension and a short keyed hash of the name,
+    `source_hash`; the default) or "index" (index and extension only), from the environment variable
+    EDGECLF_SOURCE_NAMES. Never the name itself."""
     value = os.environ.get(SOURCE_NAMES_ENV, "").strip().lower() or "hash"
     if value not in _NAME_POLICIES:
         raise SourceError(f"{SOURCE_NAMES_ENV} is {value[:20]!r}; allowed: {', '.join(_NAME_POLICIES)}; "
@@ -164,8 +226,142 @@ def _cv_text(text: str, what: str) -> str:
     return _cv.utf8_path(text, what, SourceError)
 
 
+# ------------------------------------------------------------------------------------- keyed hashes
+
+SOURCE_KEY_ENV = "EDGECLF_SOURCE_KEY"
+SOURCE_KEY_NAME = "source-key"
+_KEY_FORM = re.compile(r"[0-9a-f]{64}")
+_KEY_LOCK = threading.Lock()
+_KEYS: Dict[str, Tuple[bytes, str]] = {}  # key file path ("" for none) -> (key, scope)
+
+
+def source_key_path() -> Optional[str]:
+    """The file that holds this install's source key: $EDGECLF_SOURCE_KEY, else $STATE_DIRECTORY/source-key
+    (systemd's StateDirectory=, e.g. /var/lib/edgeclf for the cart unit), else $XDG_STATE_HOME/edgeclf/source-key,
+    else ~/.local/state/edgeclf/source-key. None when no home folder is known."""
+    given = os.environ.get(SOURCE_KEY_ENV, "").strip()
+    if given:
+        return os.path.abspath(os.path.expanduser(given))
+    systemd = os.environ.get("STATE_DIRECTORY", "").split(":")[0].strip()
+    if systemd and os.path.isabs(systemd):
+        return os.path.join(systemd, SOURCE_KEY_NAME)
+    xdg = os.path.expanduser(os.environ.get("XDG_STATE_HOME", "").strip())
+    if xdg and os.path.isabs(xdg):
+        return os.path.join(xdg, "edgeclf", SOURCE_KEY_NAME)
+    home = os.path.expanduser("~")
+    if not home or home == "~" or not os.path.isabs(home):
+        return None
+    return os.path.join(home, ".local", "state", "edgeclf", SOURCE_KEY_NAME)
+
+
+def _read_key(path: str) -> Optional[bytes]:
+    """The key in `path`; None when there is no such file. OSError when it cannot be read, ValueError when it
+    holds no key (64 hex digits)."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read(256)
+    except FileNotFoundError:
+        return None
+    text = data.decode("ascii", "replace").strip()
+    if not _KEY_FORM.fullmatch(text):
+        raise ValueError("not 64 lowercase hex digits")
+    return bytes.fromhex(text)
+
+
+def _create_key(path: str) -> None:
+    """Write a new random key to `path` (0600, in a 0700 folder made if missing), unless one is there already:
+    two processes starting at once end up with the same key (the first link wins)."""
+    os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+    data = (os.urandom(32).hex() + "\n").encode("ascii")
+    tmp = f"{path}.{os.getpid()}.{threading.get_ident()}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        try:
+            os.write(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        try:
+            os.link(tmp, path)  # create-if-absent, whole: a reader never sees a half-written key
+        except FileExistsError:
+            pass
+        except OSError:  # no hard links here (FAT, some shares): create it directly, still never overwriting
+            try:
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            except FileExistsError:
+                return
+            try:
+                os.write(fd, data)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+
+
+def _load_key(path: Optional[str]) -> Tuple[bytes, str]:
+    """(key, scope): the install's key from `path` (made there on first use), scope "install"; or a random key
+    for this process alone, scope "process", when none can be read or kept (its hashes cannot be recomputed)."""
+    if path is None:
+        logger.debug("no home folder for the source key; source hashes use a per-process key (set %s to a "
+                     "writable file to keep one)", SOURCE_KEY_ENV)
+        return os.urandom(32), "process"
+    try:
+        key = _read_key(path)
+        if key is None:
+            _create_key(path)
+            key = _read_key(path)
+        if key is not None:
+            return key, "install"
+        why = "it vanished after it was made"
+    except ValueError as exc:  # there, but not a key: never overwritten (it may be an auditor's copy)
+        logger.warning("the source key file %s holds no key (%s); source hashes in this process use a per-process "
+                       "key; move the file away to have a new key made, or point %s at the right one",
+                       path, exc, SOURCE_KEY_ENV)
+        return os.urandom(32), "process"
+    except OSError as exc:
+        why = f"{type(exc).__name__}: {exc.strerror or exc}"
+        if os.path.isfile(path):  # there but unreadable (permissions): hashes would silently differ from the key's
+            logger.warning("the source key file %s cannot be read (%s); source hashes in this process use a "
+                           "per-process key; fix its permissions or point %s at a key this user may read",
+                           path, why, SOURCE_KEY_ENV)
+            return os.urandom(32), "process"
+    logger.debug("the source key file %s cannot be read or made (%s); source hashes in this process use a "
+                 "per-process key, not comparable with other runs; set %s to a writable file to keep one",
+                 path, why, SOURCE_KEY_ENV)
+    return os.urandom(32), "process"
+
+
+def _source_key() -> Tuple[bytes, str]:
+    path = source_key_path()
+    with _KEY_LOCK:
+        got = _KEYS.get(path or "")
+        if got is None:
+            got = _load_key(path)
+            _KEYS[path or ""] = got
+        return got
+
+
+def source_key_info() -> Dict[str, str]:
+    """Which key `source_hash` uses: {"key_id": first 8 hex of sha256(key), "key_scope": "install" (kept in
+    `source_key_path()`, so hashes can be recomputed with it) or "process" (random, gone with the process)}."""
+    key, scope = _source_key()
+    return {"key_id": hashlib.sha256(key).hexdigest()[:8], "key_scope": scope}
+
+
+def source_hash(text: str, length: int = 12) -> str:
+    """HMAC-SHA256 of `text` (UTF-8) under this install's source key (`source_key_path()`), `length` hex digits.
+
+    Names sources and files in logs, frame meta and the audit. Unlike a plain hash of a path, it cannot be matched
+    against a list of patient names or record numbers without the key; whoever holds the key (0600, per user) can
+    recompute it: `printf '%s' TEXT | openssl dgst -sha256 -mac HMAC -macopt hexkey:$(cat KEYFILE)`."""
+    key, _ = _source_key()
+    return hmac.new(key, text.encode("utf-8", "surrogateescape"), hashlib.sha256).hexdigest()[:length]
+
+
 def _short_hash(text: str) -> str:
-    return hashlib.sha256(text.encode("utf-8", "surrogateescape")).hexdigest()[:12]
+    return source_hash(text, 12)
 
 
 def natural_key(text: str) -> Tuple[Tuple[int, Union[int, str]], ...]:
@@ -204,7 +400,7 @@ class BaseSource:
         self.size = target_size if target_size is not None else size
         self.frame_count = frame_count
         self.live = live
-        self.source_id = source_id  # short hash of the URI: names the source in logs and meta
+        self.source_id = source_id  # short keyed hash of the URI (source_hash): names the source in logs and meta
         self._target_size = target_size
         self._next_index = 0
         self._closed = False
@@ -317,7 +513,7 @@ class VideoFileSource(BaseSource):
         if not ok or first is None:
             self._cap.release()
             raise SourceError(
-                f"video {path!r} opened but its first frame could not be decoded; supported: "
+                f"the source video ({_ext_label(path)}) opened but its first frame could not be decoded; supported: "
                 f"{' '.join(VIDEO_EXTENSIONS)} files that OpenCV/FFmpeg can decode; re-encode it, "
                 "e.g. `ffmpeg -i IN -c:v libx264 -pix_fmt yuv420p OUT.mp4`"
             )
@@ -362,7 +558,8 @@ class VideoFileSource(BaseSource):
                 return cap
             cap.release()
         raise SourceError(
-            f"video {path!r} could not be opened by OpenCV (not a video, damaged, or a codec it lacks); "
+            f"the source video ({_ext_label(path)}) could not be opened by OpenCV (not a video, damaged, or a codec "
+            "it lacks); "
             f"supported: {' '.join(VIDEO_EXTENSIONS)} files that OpenCV/FFmpeg can decode; check it with "
             "`ffprobe` or re-encode it, e.g. `ffmpeg -i IN -c:v libx264 -pix_fmt yuv420p OUT.mp4`"
         )
@@ -511,9 +708,8 @@ def decode_image(path: str, where: Optional[str] = None) -> Tuple[Image, int]:
     (one frame of a folder, one labelled image of a training set).
     """
     cv2 = _cv2()
-    ext = os.path.splitext(path)[1].lower()
     if where is None:
-        where = f"image ({ext})"
+        where = f"image ({_ext_label(path)})"
     try:
         # np.fromfile + imdecode rather than imread: works with any file name on every OS.
         buf = np.fromfile(path, dtype=np.uint8)
@@ -555,8 +751,7 @@ def decode_image(path: str, where: Optional[str] = None) -> Tuple[Image, int]:
 
 def _decode_image(path: str, index: int, count: int) -> Tuple[Image, int]:
     """`decode_image`, with errors naming the file by its index only (never by its name)."""
-    ext = os.path.splitext(path)[1].lower()
-    return decode_image(path, f"image {index} of {count} ({ext}, 0-based in natural sort order)")
+    return decode_image(path, f"image {index} of {count} ({_ext_label(path)}, 0-based in natural sort order)")
 
 
 class ImageSource(BaseSource):
@@ -815,17 +1010,17 @@ class StreamSource(BaseSource):
     ) -> None:
         cv2 = _cv2()
         _cv_text(uri, "GStreamer pipeline" if gstreamer else "stream address")
-        shown = redact_uri(uri)
+        shown = _pipeline_label(uri) if gstreamer else f"stream {_stream_label(uri)}"
         self._shown = shown
         if gstreamer:
             if not gstreamer_available():
                 raise SourceError(
-                    f"GStreamer pipeline {shown!r} cannot be opened: this OpenCV was built without GStreamer "
+                    f"the {shown} cannot be opened: this OpenCV was built without GStreamer "
                     "(pip wheels are); on Jetson use the system OpenCV from JetPack, or give a device path/URL instead"
                 )
             if "appsink" not in uri:
                 raise SourceError(
-                    f"GStreamer pipeline {shown!r} has no appsink; OpenCV reads frames from one; end it with "
+                    f"the {shown} has no appsink; OpenCV reads frames from one; end it with "
                     "'! videoconvert ! video/x-raw,format=BGR ! appsink drop=true max-buffers=1'"
                 )
             cap = cv2.VideoCapture(uri, cv2.CAP_GSTREAMER)
@@ -839,7 +1034,7 @@ class StreamSource(BaseSource):
             hint = "check the address, credentials and that the stream plays with `ffprobe URL`"
         if not cap.isOpened():
             cap.release()
-            raise SourceError(f"stream {shown!r} could not be opened (unreachable, refused, or a codec OpenCV lacks); {hint}")
+            raise SourceError(f"the {shown} could not be opened (unreachable, refused, or a codec OpenCV lacks); {hint}")
         self._cap = cap
         self._uri = uri
         fps = float(cap.get(cv2.CAP_PROP_FPS) or 0.0)
@@ -861,7 +1056,7 @@ class StreamSource(BaseSource):
         ok, raw = self._cap.read()
         if not ok or raw is None:
             raise SourceError(
-                f"stream {self._shown!r} delivered no frame after {self.frames_read} frames (ended, dropped, "
+                f"the {self._shown} delivered no frame after {self.frames_read} frames (ended, dropped, "
                 "or slower than the read timeout); reopen it, e.g. through edgeclf.runtime.live.ReconnectingSource"
             )
         self.frames_read += 1
@@ -1095,18 +1290,27 @@ def _open_path(text: str, loop: bool, size: Optional[Size], sid: str) -> BaseSou
         return DicomSource(path, loop=loop, size=size, source_id=sid)
     if os.path.exists(path):
         if not os.path.isfile(path):
-            raise SourceError(f"{text!r} is not a regular file or folder; supported: {_SUPPORTED}")
+            raise SourceError(
+                "the source path is not a regular file or folder (a device, pipe or socket); "
+                f"supported: {_SUPPORTED}; give a file or a folder"
+            )
         if ext in VIDEO_EXTENSIONS:
             if os.path.getsize(path) == 0:
                 raise SourceError(
-                    f"video {text!r} is empty (0 bytes); supported: {_SUPPORTED}; copy it again"
+                    f"the source video ({ext}) is empty (0 bytes; e.g. a half-finished copy); supported: complete "
+                    f"video files ({' '.join(VIDEO_EXTENSIONS)}); copy it again"
                 )
             return VideoFileSource(path, loop=loop, size=size, source_id=sid)
         if ext in IMAGE_EXTENSIONS:
             return ImageSource([path], loop=loop, size=size, source_id=sid)
+        label = _ext_label(path)
+        what = (
+            "has no extension" if label == "no extension"
+            else f"has an unsupported extension {label!r}" if label.startswith(".")
+            else "has an unsupported extension"
+        )
         raise SourceError(
-            f"{text!r} has an unsupported extension {ext or '(none)'!r}; supported: {_SUPPORTED}; "
-            "rename or convert it"
+            f"the source file {what} and no DICOM marker; supported: {_SUPPORTED}; rename or convert it"
         )
     if _GLOB_MAGIC.search(path):
         matches = [p for p in glob.glob(path, recursive=True) if os.path.isfile(p)]
@@ -1114,12 +1318,17 @@ def _open_path(text: str, loop: bool, size: Optional[Size], sid: str) -> BaseSou
         if not files:
             found = f"{len(matches)} files but no images" if matches else "nothing"
             raise SourceError(
-                f"pattern {text!r} matched {found}; supported: a glob of {' '.join(IMAGE_EXTENSIONS)} "
+                f"the source pattern matched {found}; supported: a glob of {' '.join(IMAGE_EXTENSIONS)} "
                 "images, e.g. 'frames/*.png'; check the pattern"
             )
         files.sort(key=natural_key)
         return ImageSource(files, loop=loop, size=size, source_id=sid)
     scheme = _SCHEME.match(text)
     if scheme:
-        raise SourceError(f"unknown source scheme '{scheme.group(1)}:' in {text!r}; supported: {_SUPPORTED}")
-    raise SourceError(f"{text!r} does not exist; supported: {_SUPPORTED}; check the path")
+        name = scheme.group(1).lower()
+        shown = f"'{name}:'" if name in _NAMED_SCHEMES else "(the text before ':')"
+        raise SourceError(f"unknown source scheme {shown}; supported: {_SUPPORTED}; give a supported address or a path")
+    raise SourceError(
+        f"the source path given ({_ext_label(path)}) does not exist; supported: {_SUPPORTED}; check the path "
+        "(not repeated here: file and folder names may carry a patient's name)"
+    )

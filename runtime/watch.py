@@ -22,12 +22,19 @@ When is a file new and complete?
 
 Exactly once, across restarts: a state file (default FOLDER/.edgeclf-watch.json, or `state_path`)
 records each file's identity, a sha256 of name + size + mtime (never the name, never contents), with
-how many of its frames were acknowledged. A file counts as processed only when the consumer calls
+how many of its frames were acknowledged. That identity stays in the state file: records and logs name a
+file by its `watch_key`, an HMAC of the identity under the install's source key
+(`edgeclf.runtime.sources.source_hash`), which a list of names cannot be matched against without the key.
+The state does not depend on the key: a new or lost key never makes the folder's files classified again
+(only the `watch_key` of a file's records changes with it, e.g. where no key can be kept and every process
+uses its own). A file counts as processed only when the consumer calls
 `ack(frame)` for its frames, after its result was written (sinks flushed). Frames handed out but not
 acknowledged before a crash are handed out again after a restart (at-least-once delivery); with the
 state's dedupe this is exactly once as long as the consumer writes the result before it acks. A crash
 between the write and the ack can repeat that one frame: records carry `meta["watch_key"]` and
-`meta["file_frame"]`, so a downstream consumer can drop such a repeat. The state is written atomically
+`meta["file_frame"]`, so a downstream consumer can drop such a repeat (the same key as long as the source
+key is the same). Messages never quote the folder, a file or the state path: a folder may be named after
+a patient. The state is written atomically
 (temp file, fsync, os.replace) on every ack; a lock file keeps a second process off the same state.
 The state keeps an entry for each file in the folder, and for a file gone from it for `forget` seconds
 (default 30 days) no longer: it stays bounded on a cart that archives its inbox. A gone file put back
@@ -46,6 +53,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import threading
 import time
 from dataclasses import dataclass, field
@@ -61,6 +69,7 @@ from edgeclf.runtime.sources import (
     _short_hash,
     decode_image,
     natural_key,
+    source_hash,
 )
 
 __all__ = ["WatchFolderSource", "open_watch", "STATE_NAME", "PARTIAL_SUFFIXES"]
@@ -75,18 +84,27 @@ _DICOM_EXTENSIONS = (".dcm", ".dicom")
 _STATE_FORMAT = "edgeclf-watch-state"
 _STATE_VERSION = 1
 _OPTIONS = ("poll", "idle_exit", "state", "forget")
+_NUMBERISH = re.compile(r"[0-9.eE+\-]{1,16}|[+\-]?(?i:nan|inf|infinity)")  # option values a message may repeat
 FORGET_DEFAULT = 30 * 24 * 3600.0  # seconds a file is gone from the folder before its state entry is dropped
 
 
 def _identity(name: str, size: int, mtime_ns: int) -> str:
-    """A file's identity: sha256 of name, size and mtime (20 hex). Names never reach the state file."""
+    """A file's identity: sha256 of name, size and mtime (20 hex), the state file's key. Names never reach the
+    state file; the identity itself never leaves it (records and logs carry `_watch_key` of it)."""
     text = f"{name}\0{size}\0{mtime_ns}"
     return hashlib.sha256(text.encode("utf-8", "surrogateescape")).hexdigest()[:20]
 
 
+def _watch_key(identity: str) -> str:
+    """What records and logs call a file: a keyed hash (HMAC, `source_hash`) of its identity, 20 hex. A name's
+    plain hash with a guessable size and a whole-second mtime can be matched against a list of names."""
+    return source_hash(identity, 20)
+
+
 @dataclass
 class _Entry:
-    key: str
+    key: str  # the identity: the state file's key, never logged or exported
+    wkey: str  # _watch_key(key): records' watch_key, and how messages name the file
     path: str
     ext: str
     size: int
@@ -137,8 +155,8 @@ class WatchFolderSource:
         folder = os.path.expanduser(folder)
         if not os.path.isdir(folder):
             raise SourceError(
-                f"watch folder {folder!r} does not exist or is not a folder; create it or fix the path "
-                "(watch:FOLDER)"
+                "the watched folder (watch:FOLDER) does not exist or is not a folder; create it or fix the path "
+                "(not repeated here: a folder may be named after a patient)"
             )
         if (not (poll > 0) or (idle_exit is not None and not (idle_exit > 0))
                 or (forget is not None and not (0 < forget < float("inf")))):
@@ -151,6 +169,10 @@ class WatchFolderSource:
         self.idle_exit = None if idle_exit is None else float(idle_exit)
         self.forget = None if forget is None else float(forget)
         self.state_path = os.path.abspath(os.path.expanduser(state_path or os.path.join(folder, STATE_NAME)))
+        # how messages name the state file: never by its path (the default one is in the watched folder)
+        self._state_label = (
+            "the watch state file (state=PATH)" if state_path else f"the watch state file ({STATE_NAME} in the watched folder)"
+        )
         self.size: Optional[Size] = size
         self.source_id = source_id or _short_hash("watch:" + os.path.abspath(folder))
         self._lock = threading.RLock()  # state, in-flight files, counters (read and ack may be two threads)
@@ -255,17 +277,18 @@ class WatchFolderSource:
         frame is handed out again after a restart). A file is done when all its frames are acked;
         the state is written (atomically, fsynced) before this returns.
         """
-        key = frame.meta.get("watch_key")
+        wkey = frame.meta.get("watch_key")
         k = frame.meta.get("file_frame")
-        if not isinstance(key, str) or not isinstance(k, int):
+        if not isinstance(wkey, str) or not isinstance(k, int):
             return
         with self._lock:
             if self._closed:
                 logger.debug("watch %s: ack after close ignored", self.source_id)
                 return
-            entry = self._inflight.get(key)
+            entry = next((en for en in self._inflight.values() if en.wkey == wkey), None)
             if entry is None or k in entry.acked:
                 return
+            key = entry.key
             entry.acked.add(k)
             self._counts["frames_acked"] += 1
             prefix = entry.acked_prefix()
@@ -359,13 +382,14 @@ class WatchFolderSource:
                 self._counts["files_ignored"] += 1
                 logger.info(
                     "watch %s: ignoring file %s (%s, %d bytes): not an image or DICOM file",
-                    self.source_id, key, "another extension" if ext else "no extension", ident[0],
+                    self.source_id, _watch_key(key), "another extension" if ext else "no extension", ident[0],
                 )
                 continue
             # What splitext calls the extension of "Jane.Doe" (a DICOM found by its marker) is part of a
             # name: only a known extension reaches messages and result records.
             known = ext if ext in IMAGE_EXTENSIONS or ext in _DICOM_EXTENSIONS else ""
-            ready.append(_Entry(key=key, path=path, ext=known, size=ident[0], mtime_ns=ident[1], kind=kind))
+            ready.append(_Entry(key=key, wkey=_watch_key(key), path=path, ext=known, size=ident[0], mtime_ns=ident[1],
+                                kind=kind))
         self._seen = current
         self._unstable = unstable
         self._unreadable &= listed  # gone or changed: no longer an unread file of this folder
@@ -417,7 +441,7 @@ class WatchFolderSource:
 
     def _start_next(self) -> None:
         entry = self._queue.pop(0)
-        where = f"watched file {entry.key} ({entry.ext or 'no extension'})"
+        where = f"watched file {entry.wkey} ({entry.ext or 'no extension'})"
         with self._lock:
             saved = self._state.get(entry.key, {})
             entry.start = int(saved.get("acked", 0)) if saved.get("status") == "partial" else 0
@@ -487,7 +511,7 @@ class WatchFolderSource:
         self._close_current()
         with self._lock:
             self._inflight.pop(entry.key, None)
-        self._put_back(entry, f"watched file {entry.key} ({entry.ext or 'no extension'})")
+        self._put_back(entry, f"watched file {entry.wkey} ({entry.ext or 'no extension'})")
         return True
 
     def _put_back(self, entry: _Entry, where: str) -> None:
@@ -553,7 +577,7 @@ class WatchFolderSource:
                 "source_id": self.source_id,
                 "format": "dicom" if entry.kind == "dicom" else "image",
                 "ext": entry.ext,
-                "watch_key": entry.key,
+                "watch_key": entry.wkey,
             }
         )
         frame = Frame(image=image, index=self._next_index, timestamp=time.monotonic(), meta=out_meta)
@@ -581,22 +605,23 @@ class WatchFolderSource:
 
     def _load(self) -> Dict[str, Dict[str, Any]]:
         path = self.state_path
+        label = self._state_label
         if not os.path.exists(path):
             return {}
-        fix = f"move {path!r} away to classify every file in the folder again"
+        fix = "move it away to classify every file in the folder again"
         try:
             with open(path, encoding="utf-8") as f:
                 data = json.load(f)
         except (OSError, ValueError) as exc:
-            raise SourceError(f"watch state {path!r} cannot be read ({type(exc).__name__}); {fix}") from None
+            raise SourceError(f"{label} cannot be read ({type(exc).__name__}); {fix}") from None
         files = data.get("files") if isinstance(data, dict) else None
         if not isinstance(data, dict) or data.get("format") != _STATE_FORMAT or not isinstance(files, dict):
             raise SourceError(
-                f"watch state {path!r} is not an edgeclf watch state (format {_STATE_FORMAT!r}); {fix}"
+                f"{label} is not an edgeclf watch state (format {_STATE_FORMAT!r}); {fix}"
             )
         if data.get("version") != _STATE_VERSION:
             raise SourceError(
-                f"watch state {path!r} has version {data.get('version')!r}; supported: {_STATE_VERSION}; {fix}"
+                f"{label} has version {str(data.get('version'))[:20]!r}; supported: {_STATE_VERSION}; {fix}"
             )
         out = {str(k): dict(v) for k, v in files.items() if isinstance(v, dict)}
         for entry in out.values():  # hand-edited or damaged values would fail later, as a traceback
@@ -609,7 +634,7 @@ class WatchFolderSource:
                 bad.append(f"status={entry.get('status')!r}"[:40])
             if bad:
                 raise SourceError(
-                    f"watch state {path!r} has a bad entry ({', '.join(bad)}); allowed: status done, failed or "
+                    f"{label} has a bad entry ({', '.join(bad)}); allowed: status done, failed or "
                     f"partial, acked, frames and gone whole numbers >= 0; {fix}"
                 )
         return out
@@ -627,7 +652,7 @@ class WatchFolderSource:
             _fsync_dir(os.path.dirname(path))
         except OSError as exc:
             raise SourceError(
-                f"watch state {path!r} cannot be written ({type(exc).__name__}: {exc.strerror}); "
+                f"{self._state_label} cannot be written ({type(exc).__name__}: {exc.strerror}); "
                 "free space or fix permissions, or keep it elsewhere with watch:FOLDER?state=PATH"
             ) from None
 
@@ -639,7 +664,7 @@ class WatchFolderSource:
             f = open(lock_path, "a+", encoding="utf-8")  # noqa: SIM115 - held open until close()
         except OSError as exc:
             raise SourceError(
-                f"watch state folder {os.path.dirname(self.state_path)!r} is not writable ({type(exc).__name__}); "
+                f"the folder of {self._state_label} is not writable ({type(exc).__name__}); "
                 "fix permissions, or keep the state elsewhere with watch:FOLDER?state=PATH"
             ) from None
         try:
@@ -652,7 +677,7 @@ class WatchFolderSource:
         except OSError:
             f.close()
             raise SourceError(
-                f"watch state {self.state_path!r} is in use by another edgeclf process; supported: one "
+                f"{self._state_label} is in use by another edgeclf process; supported: one "
                 "watcher per folder; stop the other one or give this one its own state=PATH and folder"
             ) from None
         self._lock_file = f
@@ -689,13 +714,15 @@ def open_watch(uri: str, *, size: Optional[Size] = None, source_id: str = "") ->
     rest = uri[len("watch:") :]
     folder, _, query = rest.partition("?")
     if not folder:
-        raise SourceError(f"watch source {uri!r} names no folder; e.g. watch:/data/incoming?poll=0.5")
+        raise SourceError("the watch source names no folder; supported: watch:FOLDER; e.g. watch:/data/incoming?poll=0.5")
     params: Dict[str, str] = {}
     for item in filter(None, query.split("&")):
         key, eq, value = item.partition("=")
         if key not in _OPTIONS or not eq or not value:
+            shown = f"{key!r}" if key in _OPTIONS else "(not repeated here)"
             raise SourceError(
-                f"bad watch option {item!r} in {uri!r}; allowed: poll=SECONDS, idle_exit=SECONDS, state=PATH, "
+                f"bad watch option {shown} in the watch source (an unknown option, or one without a value); allowed: "
+                "poll=SECONDS, idle_exit=SECONDS, state=PATH, "
                 "forget=SECONDS; "
                 "e.g. watch:/data/incoming?poll=0.5&state=/var/lib/edgeclf/incoming.json"
             )
@@ -709,8 +736,10 @@ def open_watch(uri: str, *, size: Optional[Size] = None, source_id: str = "") ->
         except ValueError:
             value = float("nan")
         if not (value > 0) or value == float("inf"):
+            given = params[key]
+            shown = repr(given) if _NUMBERISH.fullmatch(given) else "(not a number)"
             raise SourceError(
-                f"watch option {key}={params[key]!r} in {uri!r} is not valid; allowed: a number of seconds > 0; "
+                f"watch option {key}={shown} in the watch source is not valid; allowed: a number of seconds > 0; "
                 "fix it in the URI"
             )
         return value

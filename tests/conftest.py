@@ -4,11 +4,14 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+# Source hashes are keyed with a per-install key (runtime/sources.py): tests keep theirs out of the user's home.
+os.environ.setdefault("EDGECLF_SOURCE_KEY", str(Path(tempfile.mkdtemp(prefix="edgeclf-key-")) / "source-key"))
 SHARED_DATA = Path(os.environ.get("EDGECLF_SHARED_DATA", REPO.parent / "shared" / "data"))
 TINY_DATA = "synthetic:ultrasound?n=240&size=64&seed=3"
 
