@@ -1117,6 +1117,7 @@ def _load_folder(root: Path, class_map, *, seed: int, val_frac: float, test_frac
     key_of = {"source": scan.sources, "site": {k: _site(v) for k, v in scan.sources.items()}}
     val_frac = opts.val if opts.val is not None else val_frac
     test_frac = opts.test if opts.test is not None else test_frac
+    joined_copies = False  # copies under two sources now one unit: a split earlier code drew otherwise
     if scan.split_dirs or opts.split:
         parts: dict[str, list] = {s: [] for s in SPLITS}
         for row in scan.rows:
@@ -1144,6 +1145,12 @@ def _load_folder(root: Path, class_map, *, seed: int, val_frac: float, test_frac
                 notes.append(f"group={opts.group}: {alone} {what} without a clips.csv original_source, each grouped "
                              "alone as with group=clip")
                 log.warning(notes[-1])
+            # Earlier code keyed each row by its own source (else its copy group): where a copy group spans two such
+            # keys the split moved, and the hash must say so (a run recorded then would read training clips as held out).
+            before: dict[str, set[str]] = defaultdict(set)
+            for rel, g, *_ in rows:
+                before[g].add(key.get(rel, g))
+            joined_copies = any(len(ks) > 1 for ks in before.values())
             joined = [ks for ks in keyed.values() if len(ks) > 1]
             if joined:
                 notes.append(f"group={opts.group}: byte-identical clips listed under different {opts.group}s join "
@@ -1186,6 +1193,8 @@ def _load_folder(root: Path, class_map, *, seed: int, val_frac: float, test_frac
         import dataclasses
 
         hq = dataclasses.replace(opts, frames=frames_per_clip).query()
+    if joined_copies:
+        hq += "&units=joined"
     data_hash = scan.file_hash if not hq else _hash_bytes(scan.file_hash.encode(), hq.encode())
     if scan.list_hash is not None:
         data_hash = _hash_bytes(data_hash.encode(), b"split list", scan.list_hash.encode())
@@ -1196,7 +1205,7 @@ def _load_folder(root: Path, class_map, *, seed: int, val_frac: float, test_frac
         modality="ultrasound" if scan.is_clips else "generic", notes=notes,
         sources=_units(scan.rows, key_of["site"]) if scan.is_clips else {},
         clip_source=_units(scan.rows, key_of["source"]) if scan.is_clips else {},
-        former_hash=former_hash if former_hash != data_hash else None, abstain=scan.abstain,
+        former_hash=former_hash if former_hash != data_hash and not joined_copies else None, abstain=scan.abstain,
     )
 
 

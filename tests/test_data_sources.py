@@ -89,6 +89,24 @@ def test_clip_copies_never_straddle_source_grouped_folds(tmp_path: Path, group: 
         assert not val & {unit[c] for c, s in side.items() if s == "train"}, ds.spec
 
 
+def test_a_fold_split_moved_by_joined_copies_does_not_keep_the_hash_recorded_before(tmp_path: Path) -> None:
+    """Earlier code split a rowless copy by its own copy group: joined to its original's source now, its folds moved,
+    and a run recorded then must not pass require_training_data on the moved split (it would score training clips as
+    held out). The same files with the copies listed under their originals' sources moved nothing: hash as before."""
+    from edgeclf.data import require_training_data
+
+    a = _copies_tree(tmp_path / "a")
+    b = shutil.copytree(a, tmp_path / "b")  # the same bytes; its clips.csv lists each copy under its original's source
+    rows = [(f"{cls}/c{k}.avi", f"https://www.site{cls}{k % 6}.org/p{k}") for cls in ("covid19", "regular") for k in range(12)]
+    _csv(b, rows + [(f"covid19/copy_of_c{k}.avi", f"https://www.sitecovid19{k}.org/p{k}") for k in range(6)])
+    apart = load_dataset(f"{a}?folds=3&fold=0&group=source", frames_per_clip=2)
+    kept = load_dataset(f"{b}?folds=3&fold=0&group=source", frames_per_clip=2)
+    assert apart.data_hash != kept.data_hash and apart.former_hash is None
+    old = {"hash": kept.data_hash, "name": apart.name}  # what a run over the same files recorded before the change
+    with pytest.raises(DataError, match="changed since the model was trained"):
+        require_training_data(apart, old, data_given=None, use="its test split moved", fix="retrain")
+
+
 def test_bootstrap_clusters_follow_the_copy_groups(tmp_path: Path) -> None:
     """clip_source / sources (the clusters of cv.json's intervals) give a copy its original's unit."""
     ds = load_dataset(str(_copies_tree(tmp_path / "a")), frames_per_clip=1)
