@@ -877,6 +877,24 @@ def _summary_target(path: str) -> Tuple[str, bool]:
     return (os.path.realpath(path) if hops else path), False
 
 
+_ANY_FD = re.compile(r"/(?:dev|proc/([^/]+))/fd/(\d+)")
+
+
+def _own_fd(path: str) -> Optional[int]:
+    """N when `path` is, or links through, one of this process's own descriptors (/dev/stdout -> /proc/self/fd/1):
+    written through N itself, whose offset the process's later output shares. Opening the path again would start a
+    new offset there, and what the process prints next (the run's table) would overwrite the summary."""
+    link, hops = os.path.abspath(path), 0
+    while hops <= 40:
+        m = _ANY_FD.fullmatch(link)
+        if m and m.group(1) in (None, "self", "thread-self", str(os.getpid())):
+            return int(m.group(2))
+        if not os.path.islink(link):
+            return None
+        link, hops = os.path.normpath(os.path.join(os.path.dirname(link), os.readlink(link))), hops + 1
+    return None
+
+
 class SummarySink(Sink):
     """Collects a clip-level :class:`ClipSummary`; ``summary()`` at any time, and at close() it is written
     as JSON to `path` when one is given (atomically: a temporary file renamed into place). `labels` (the
@@ -946,8 +964,17 @@ class SummarySink(Sink):
             dest, in_place = _summary_target(self.path)
             if in_place:
                 try:
-                    with open(dest, "a", encoding="utf-8") as f:  # append: a redirected stdout keeps what it holds
-                        f.write(text)
+                    fd = _own_fd(dest)
+                    if fd is None:
+                        with open(dest, "a", encoding="utf-8") as f:  # append: a redirected stream keeps what it holds
+                            f.write(text)
+                    else:
+                        for stream in (sys.stdout, sys.stderr):  # what was printed before comes before the summary
+                            with contextlib.suppress(OSError, ValueError):  # closed or broken: the write below says so
+                                stream.flush()
+                        data = text.encode("utf-8")
+                        while data:
+                            data = data[os.write(fd, data):]
                 except OSError as exc:
                     raise EdgeclfError(f"cannot write the clip summary to {self.path}: {exc.strerror}; choose another path") from None
                 return

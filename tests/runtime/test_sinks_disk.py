@@ -246,6 +246,27 @@ def test_summary_onto_a_pipe_writes_through_it(tmp_path: Path, via_link: bool) -
 
 
 @pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs /proc/self/fd (Linux)")
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs /proc/self/fd (Linux)")
+def test_summary_onto_a_redirected_stdout_survives_what_is_printed_after_it(tmp_path: Path) -> None:
+    """`edgeclf run --summary /dev/stdout > run.log`: the summary opened again through /dev/stdout got an offset of
+    its own, and the run's table, printed after the outputs close, was written over it."""
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    code = ("from edgeclf.runtime.sinks import SummarySink\nprint('before', flush=True)\n"
+            "s = SummarySink('/dev/stdout', labels=['a', 'b'])\ns.close()\nprint('after')\n")
+    log = tmp_path / "run.log"
+    with open(log, "w") as f:  # the shell's `>`: truncated, not O_APPEND
+        r = subprocess.run([sys.executable, "-c", code], stdout=f, stderr=subprocess.PIPE, text=True, timeout=120,
+                           env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert r.returncode == 0, r.stderr
+    text = log.read_text()
+    assert text.startswith("before\n") and text.endswith("after\n"), text
+    assert json.loads(text[len("before\n"):-len("after\n")])["frames"] == 0, text
+
+
 @pytest.mark.parametrize("via_link", [False, True])
 def test_summary_onto_a_redirected_stdout_appends_to_the_file(tmp_path: Path, via_link: bool) -> None:
     """`--summary /dev/stdout > run.log`: /dev/stdout is a link to /proc/self/fd/1, a regular file the shell holds
