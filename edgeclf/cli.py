@@ -1388,8 +1388,8 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(130)
     except OSError as exc:
         fix = _OS_FIXES.get(exc.errno or 0)
-        if fix is None:
-            raise  # not the disk's or the permissions' doing: a bug, keep the traceback
+        if fix is None or not (exc.filename or exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)):
+            raise  # not the disk's or a named path's doing: a bug, keep the traceback
         where = f" ({exc.filename})" if exc.filename else ""
         click.echo(f"edgeclf: error: {exc.strerror or exc}{where}; {fix}", err=True)
         sys.exit(2)

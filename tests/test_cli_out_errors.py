@@ -120,3 +120,17 @@ def test_a_damaged_training_folder_is_one_line(damage: str, trained_dir: Path, t
     _DAMAGE[damage](d)
     _one_line(*_main(["evaluate", "--model", str(d), "--data", TINY_DATA, "--split", "all"]),
               "restore the training folder or retrain")
+
+
+def test_a_permission_error_naming_no_path_keeps_its_traceback(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The one-line form is for the disk and for a path the error names; an EACCES without one is likelier a bug."""
+    import errno
+
+    import edgeclf.cli
+
+    def boom(*a: Any, **k: Any) -> None:
+        raise PermissionError(errno.EACCES, "Permission denied")
+
+    monkeypatch.setattr(edgeclf.cli.cli, "main", boom)
+    with pytest.raises(PermissionError):
+        edgeclf.cli.main(["--help"])
