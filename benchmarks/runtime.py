@@ -175,7 +175,7 @@ def markdown(doc: dict) -> str:
     combos = [(t, bt) for t in doc["threads"] for bt in batches]
     lines = [f"Machine: {info['cpu']}, {info['cores']} cores, ONNX Runtime {info['onnxruntime']}, OpenCV {info['opencv']}, "
              f"Python {info['python']}. {doc['frames']} frames of 640x480 mp4 per run, {doc['rounds']} interleaved rounds, "
-             "medians over rounds. Command: `python benchmarks/runtime.py`.", "",
+             f"medians over rounds. Command: `python benchmarks/runtime.py --rounds {doc['rounds']}`.", "",
              "| model | mode | threads | batch | frames/s | vs naive | vs backend only (same threads, batch) | "
              "pre+quality+post+sink ms | capture-to-result p90 ms |", "|---|---|---|---|---|---|---|---|---|"]
     for model, r in res.items():
