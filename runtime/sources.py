@@ -274,27 +274,24 @@ def _create_key(path: str) -> None:
     os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
     data = (os.urandom(32).hex() + "\n").encode("ascii")
     tmp = f"{path}.{os.getpid()}.{threading.get_ident()}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
+
+    def write_new(target: str) -> None:  # O_EXCL: never over an existing file
+        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
             os.write(fd, data)
             os.fsync(fd)
         finally:
             os.close(fd)
+
+    try:
+        write_new(tmp)
         try:
             os.link(tmp, path)  # create-if-absent, whole: a reader never sees a half-written key
         except FileExistsError:
             pass
         except OSError:  # no hard links here (FAT, some shares): create it directly, still never overwriting
-            try:
-                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            except FileExistsError:
-                return
-            try:
-                os.write(fd, data)
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            with contextlib.suppress(FileExistsError):
+                write_new(path)
     finally:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
