@@ -205,7 +205,7 @@ def data_synth(kind: str, out: str, n: int | None, size: int | None, seed: int, 
                    "validated, early-stopped on and saved.")
 @click.option("--ensemble", type=click.IntRange(min=1, max=16), default=1, show_default=True,
               help="Train this many members alike with seeds SEED, SEED+1, ... on the same split and deploy them as one "
-                   "model averaging their probabilities (N times the training time, the compute and the bundle's size).")
+                   "model averaging them (multiclass: their probabilities; binary and multilabel: their logits) (N times the training time, the compute and the bundle's size).")
 @click.option("--test/--no-test", "read_test", default=True, show_default=True,
               help="--no-test: leave the test split (with --folds: each held-out fold) unread: report validation only, for choosing "
                    "between settings; then `edgeclf evaluate --model OUT --split test` on the chosen run (folds: rerun it without "
@@ -375,7 +375,7 @@ def _print_members(record: dict) -> None:
 @click.option("--no-test", is_flag=True, help="Leave the test split unread: report validation only.")
 @json_option
 def ensemble(members: tuple, out: str, overwrite: bool, no_test: bool, as_json: bool) -> None:
-    """Combine finished trainings (e.g. other seeds) into one model averaging their probabilities, recalibrated on validation."""
+    """Combine finished trainings (e.g. other seeds) into one model averaging them (multiclass: probabilities; binary, multilabel: logits), recalibrated on validation."""
     from edgeclf.train import ensemble_runs
 
     _writable_folder(out)

@@ -421,7 +421,10 @@ _LITE_PREFIXES = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_
 
 def lite_weight_file(name: str = "efficientnet_lite0") -> str:
     """Path of the ImageNet weights of `name` (efficientnet_lite0/1/2) shipped by its pip package."""
-    module, cls = _LITE_PACKAGES[model_info(name).name]
+    canonical = model_info(name).name
+    if canonical not in _LITE_PACKAGES:
+        raise ModelError(f"{name} has no pip-shipped ImageNet weights; those are for {', '.join(sorted(_LITE_PACKAGES))}")
+    module, cls = _LITE_PACKAGES[canonical]
     pkg = require(module, _TRAIN_EXTRA)
     path = str(getattr(pkg, cls).get_model_file_path())
     if not os.path.isfile(path):

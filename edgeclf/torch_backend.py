@@ -52,9 +52,14 @@ class TorchBackend(Backend):
                               f"bundle {bundle.path.name} has none (exported with --no-samples): re-export it with samples")
         with np.load(io.BytesIO(bundle.read_file(ref)), allow_pickle=False) as z:  # the verified bytes
             x, want = z["inputs"].astype(np.float32), z["logits"].astype(np.float64)
-        if tuple(x.shape[1:]) != self.input_shape:
-            raise ConfigError(f"--vs-torch model takes {self.input_shape}, bundle {bundle.path.name} {tuple(x.shape[1:])}: "
-                              "give the training folder this bundle was exported from")
+        # What the training folder's model takes and gives (not the shape this backend was built for: the bundle's).
+        pre = self._trained.preprocess
+        takes = (int(pre.channels), *(int(v) for v in pre.size))
+        gives = int(self._trained.meta.get("num_outputs", want.shape[-1]))
+        if tuple(x.shape[1:]) != self.input_shape or takes != tuple(x.shape[1:]) or gives != want.shape[-1]:
+            raise ConfigError(f"--vs-torch model takes {takes} and gives {gives} outputs, bundle {bundle.path.name} takes "
+                              f"{tuple(x.shape[1:])} and gives {want.shape[-1]}: give the training folder this bundle was "
+                              "exported from")
         got = self.infer(x).astype(np.float64)
         err = float(np.max(np.abs(got - want))) if got.size else 0.0
         if got.shape != want.shape or err > PARITY_ATOL * max(1.0, float(np.max(np.abs(want)))):

@@ -78,7 +78,7 @@ class TrainConfig:
     # validation without a test figure in sight; `edgeclf evaluate --split test` reads it for the chosen run.
     read_test: bool = True
     # Seed ensemble: this many members trained alike with seeds seed, seed+1, ... on the same split (member 0 is the
-    # plain run), deployed as one model averaging their probabilities (edgeclf.models.ensemble_of): N times the compute.
+    # plain run), deployed as one model averaging them (probabilities, or logits for binary and multilabel: edgeclf.models.ensemble_of): N times the compute.
     ensemble: int = 1
 
     def __post_init__(self) -> None:
@@ -1102,6 +1102,9 @@ def ensemble_runs(folders: list[str], out: str, *, read_test: bool = True, overw
     model = with_tta(net, first.tta)
     temperature, rule, metrics = calibrate_and_measure(model, p, target_sensitivity=cfg.target_sensitivity, seed=cfg.seed,
                                                        operating_point=cfg.operating_point, test=read_test)
+    if first.tta != "none":  # as train --ensemble records it: the same weights without the augmentation
+        metrics["val_without_tta"] = calibrate_and_measure(net, p, target_sensitivity=cfg.target_sensitivity, seed=cfg.seed,
+                                                           operating_point=cfg.operating_point, test=False)[2]["val"]
     meta = {**first.meta, "temperature": temperature, "decision": rule.to_dict(), "ensemble": len(runs)}
     record: dict[str, Any] = {
         "config": asdict(cfg),
