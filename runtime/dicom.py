@@ -555,6 +555,25 @@ def _image_class(ds: Any) -> bool:
     return "Image Storage" in name
 
 
+def _fit_stored(arr: NDArray[Any], bits_stored: int, signed: bool) -> NDArray[Any]:
+    """Integer pixels of `bits_stored` bits in a wider sample (12 of 16): signed data sign-extended from its
+    top stored bit (the unused high bits may be left zero, PS3.5 8.1.1: pydicom 2 does not extend them, so
+    stored -2048 would read as 2048), unsigned data masked to its stored bits. Data already extended (pydicom
+    3) or with zero high bits comes back unchanged; anything not an integer array is returned as it is."""
+    if arr.dtype.kind not in "iu":
+        return arr
+    width = arr.dtype.itemsize * 8
+    if not 0 < bits_stored < width:
+        return arr
+    if signed:
+        as_signed = arr.astype(np.dtype(arr.dtype.str.replace("u", "i")), copy=False)
+        shift = as_signed.dtype.type(width - bits_stored)
+        extended: NDArray[Any] = np.right_shift(np.left_shift(as_signed, shift), shift)
+        return extended
+    masked: NDArray[Any] = np.bitwise_and(arr, arr.dtype.type((1 << bits_stored) - 1))
+    return masked
+
+
 def _to_u8(values: NDArray[Any]) -> Image:
     out: Image = np.clip(np.rint(values), 0, 255).astype(np.uint8)
     return out
@@ -730,11 +749,14 @@ class DicomFile:
         (pydicom 2 too): a long cine is never decoded whole."""
         if start >= self.frames:
             return
+        # monochrome samples wider than their stored bits: sign-extended or masked here, under pydicom 2 and 3
+        # alike, so that the value range read before the first frame sees the same values as the frames
+        fit = self.photometric in _MONO and self.bits_allocated > 1 and 0 < self.bits_stored < self.bits_allocated
+        frames: Any = None
         try:
-            if _major() >= 3:
-                yield from self._v3_frames(start)
-            else:
-                yield from self._v2_frames(start)
+            frames = self._v3_frames(start) if _major() >= 3 else self._v2_frames(start)
+            for k, arr in frames:
+                yield k, (_fit_stored(arr, self.bits_stored, self.signed) if fit else arr)
         except SourceError:
             raise
         except GeneratorExit:
@@ -747,6 +769,9 @@ class DicomFile:
                 f"{self.where} could not be decoded ({type(exc).__name__}: {first}); transfer syntax "
                 f"{_syntax_name(self.transfer_syntax)}; the file may be damaged or need another decoder"
             ) from None
+        finally:
+            if frames is not None:
+                frames.close()  # the decoder's generator closed with this one (a source closed early)
 
     def _v3_frames(self, start: int) -> Iterator[Tuple[int, NDArray[Any]]]:
         """pydicom 3: frames read from the file one by one (pydicom's iter_pixels on the path).
@@ -769,7 +794,23 @@ class DicomFile:
             logger.debug("%s: read again as a whole data set after reading it in place failed", self.where)
             yield from self._v3_iter(self._whole_data_set(), start)
 
+    def _v3_whole(self) -> bool:
+        """Native multi-frame data that pydicom 3.0's iter_pixels cannot split into frames (it fails with
+        "cannot reshape"), while its pixel_array decodes the whole: YBR_FULL_422 (2 bytes a pixel on disk)
+        and 1-bit frames that do not end on a byte."""
+        if self.frames <= 1 or self.transfer_syntax not in _UNCOMPRESSED:
+            return False
+        if self.photometric == "YBR_FULL_422":
+            return True
+        return self.bits_allocated == 1 and (self.rows * self.cols * self.samples) % 8 != 0
+
     def _v3_iter(self, source: Any, start: int) -> Iterator[Tuple[int, NDArray[Any]]]:
+        if self._v3_whole():
+            # decoded whole, as pydicom 2's path does for such data; colour converted as iter_pixels does
+            arr: NDArray[Any] = _utils().pixel_array(source, raw=False)
+            for k in range(start, self.frames):
+                yield k, arr[k]
+            return
         gen: Any = _utils().iter_pixels(source, indices=range(start, self.frames), raw=False)
         try:
             for k, arr in enumerate(gen):
