@@ -676,8 +676,20 @@ def profile(ctx: click.Context, bundles, source, backends, device, engine_cache,
 
     for bk in backends:
         _check_backend_name(bk)
-    if not backends:
-        backends = (resolve_backend(None, device)[0],)  # the profile's first that can run here, fallbacks logged
+    if not backends:  # the profile's first that can run here, fallbacks logged
+        chosen, why, _ = resolve_backend(None, device)
+        if device is not None:
+            from edgeclf.runtime.app import open_backend, with_profile_fallback
+            from edgeclf.runtime.bundle import load_bundle
+
+            def opens(bk: str) -> str:  # as run and bundle check: a provider that does not load gives way to the next
+                be, _ = open_backend(load_bundle(bundles[0]), bk, threads=1,
+                                     options=BackendOptions(device=device, engine_cache=engine_cache))
+                be.close()
+                return bk
+
+            chosen = with_profile_fallback(chosen, why, device, False, opens)[1]
+        backends = (chosen,)
     if device is not None and threads is None:
         from edgeclf.devices import load_profile
 

@@ -79,3 +79,20 @@ def test_bundle_check_with_a_profile_moves_past_it_too(gpu_cart: None, tmp_path:
     r = CliRunner().invoke(cli, ["bundle", "check", str(bundle), "--device", "x86-nvidia-gpu", "--json"])
     assert r.exit_code == 0, r.output
     assert '"backend": "ort-cuda"' in r.output and "fell back to ort-cuda" in r.output
+
+
+def test_profile_with_a_device_moves_past_it_too(gpu_cart: None, tmp_path: Path) -> None:
+    import json
+
+    from click.testing import CliRunner
+
+    from edgeclf.cli import cli
+    from tests.runtime.tiny_bundle import make_tiny_bundle
+
+    bundle = make_tiny_bundle(tmp_path / "b")
+    r = CliRunner().invoke(cli, ["profile", "--bundle", str(bundle), "--device", "x86-nvidia-gpu", "--source",
+                                 "synthetic:ultrasound?frames=12&size=32", "--frames", "6", "--warmup", "2",
+                                 "--bootstrap", "0", "--json"])
+    assert r.exit_code == 0, (r.output, r.exception)
+    doc = json.loads(r.output[r.output.index("{"):])
+    assert [t["backend"] for t in doc["targets"]] == ["ort-cuda"]
