@@ -3,7 +3,6 @@ reference infer is `backend.infer` alone, as the pipeline's infer stage (probabi
 pipeline's postprocess stage). Timed on a virtual clock, so the figures do not depend on this machine's load."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import sys
 import time
@@ -13,18 +12,14 @@ from typing import Any, Callable
 import numpy as np
 import pytest
 
-from tests.conftest import REPO
+from tests.conftest import load_benchmark
 from tests.runtime.tiny_bundle import make_tiny_bundle
 
 INFER_MS, POSTPROCESS_MS = 50.0, 30.0  # virtual: far above the microseconds the real calls take
 
 
 def _bench() -> Any:
-    spec = importlib.util.spec_from_file_location("profile_accuracy_bench", REPO / "benchmarks" / "profile_accuracy.py")
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark("profile_accuracy")
 
 
 class _Clock:

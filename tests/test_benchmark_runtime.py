@@ -4,7 +4,6 @@ resnet18's pipeline against backend-only and mobilenet_v3_small's against the na
 and monkeypatched modes: nothing here times anything."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -12,17 +11,13 @@ from typing import Any, Dict
 
 import pytest
 
-from tests.conftest import REPO
+from tests.conftest import REPO, load_benchmark
 
 RESULTS = REPO / "benchmarks" / "results"
 
 
 def _bench() -> Any:
-    spec = importlib.util.spec_from_file_location("runtime_bench", REPO / "benchmarks" / "runtime.py")
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark("runtime")
 
 
 def _pipeline(fps: float, overhead: float, p90: float = 10.0, infer: float = 2.0) -> Dict[str, Any]:

@@ -2,20 +2,15 @@
 verify, RSS over its budget, open files or threads growing after warm-up; a clean soak passes."""
 from __future__ import annotations
 
-import importlib.util
 from typing import Any
 
 import pytest
 
-from tests.conftest import REPO
+from tests.conftest import load_benchmark
 
 
 def _soak() -> Any:
-    spec = importlib.util.spec_from_file_location("soak_bench", REPO / "benchmarks" / "soak.py")
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark("soak")
 
 
 def _clean() -> dict[str, Any]:
