@@ -28,8 +28,11 @@ data cannot be read in place); a file whose data set is not encoded as its trans
 implicit VR data set under a JPEG syntax, as some writers made) is read whole by dcmread, as pydicom does.
 
 Frame meta never carries names, IDs or dates: it is built from a whitelist (`META_KEYS`): modality,
-photometric interpretation, bits, the frame's index in its file, the transfer syntax and a short sha256
-of the SOPInstanceUID. Header values are copied only when they have the form their VR allows (a
+photometric interpretation, bits, the frame's index in its file, the transfer syntax, `sop_uid_hash` (12 hex of
+the HMAC-SHA256 of the SOPInstanceUID under the install's source key, `sources.source_hash`: a plain hash of a UID
+could be matched against a PACS export's UID list, or UIDs enumerated from their root and timestamp; the key's
+holder recomputes it to find the instance) and `key_id`, which key that is (as in the audit's source fact).
+Header values are copied only when they have the form their VR allows (a
 Modality that is not a DICOM-defined modality code, a transfer syntax that is not a UID, becomes None),
 so that a misfiled value (a name typed into the wrong field) cannot ride along. Errors name files by their index
 in the series, never by name (file names may carry patient names).
@@ -40,7 +43,6 @@ pydicom 2.4) is imported inside the functions that need it.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import re
@@ -51,7 +53,17 @@ import numpy as np
 from numpy.typing import NDArray
 
 from edgeclf.errors import SourceError, require
-from edgeclf.runtime.sources import BaseSource, Image, Size, _dicom_marker, _listdir, _short_hash, natural_key
+from edgeclf.runtime.sources import (
+    BaseSource,
+    Image,
+    Size,
+    _dicom_marker,
+    _listdir,
+    _short_hash,
+    natural_key,
+    source_hash,
+    source_key_info,
+)
 
 __all__ = [
     "DicomSource",
@@ -65,10 +77,11 @@ logger = logging.getLogger(__name__)
 
 DICOM_EXTENSIONS: Tuple[str, ...] = (".dcm", ".dicom")
 
-# Everything a DICOM frame's meta may hold: no names, IDs, dates or raw UIDs (a UID only as a short hash).
+# Everything a DICOM frame's meta may hold: no names, IDs, dates or raw UIDs (a UID only as a short keyed hash,
+# with the key_id of its key).
 META_KEYS: Tuple[str, ...] = (
     "source", "source_id", "file_index", "pass", "file_frame", "file_frames", "modality", "photometric",
-    "bits_allocated", "bits_stored", "transfer_syntax", "sop_uid_hash", "voi",
+    "bits_allocated", "bits_stored", "transfer_syntax", "sop_uid_hash", "key_id", "voi",
 )
 _UID_FORM = re.compile(r"[0-9]+(\.[0-9]+)*")
 # Modality (0008,0060): the DICOM defined terms (PS3.3 C.7.3.1.1.1), retired ones included for old files.
@@ -363,9 +376,10 @@ def _major() -> int:
 
 
 def _uid_hash(uid: Any) -> Optional[str]:
+    """12 hex of the keyed hash (`source_hash`) of a UID: a plain sha256 could be matched against a UID list."""
     if not uid:
         return None
-    return hashlib.sha256(str(uid).encode("ascii", "replace")).hexdigest()[:12]
+    return source_hash(str(uid), 12)
 
 
 def is_dicom_file(path: str) -> bool:
@@ -606,6 +620,7 @@ class DicomFile:
             int(_number(ds.get("InstanceNumber")) or 0) if _number(ds.get("InstanceNumber")) is not None else None
         )
         self.sop_hash: Optional[str] = _uid_hash(ds.get("SOPInstanceUID"))
+        self.key_id: str = source_key_info()["key_id"]  # the key of sop_hash and source_id
         self.fps: Optional[float] = _fps_of(ds)
 
     @property
@@ -692,6 +707,7 @@ class DicomFile:
             "bits_stored": self.bits_stored,
             "transfer_syntax": _uid_or_none(self.transfer_syntax),
             "sop_uid_hash": self.sop_hash,
+            "key_id": self.key_id,
             "voi": voi,
         })
 

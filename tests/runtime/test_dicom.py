@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import hmac
 import logging
 import os
 import warnings
@@ -140,9 +141,29 @@ def test_monochrome2_8bit_passes_through_and_meta_has_no_identifiers(tmp_path: P
     m = frame.meta
     assert m["source"] == "dicom" and m["modality"] == "US" and m["photometric"] == "MONOCHROME2"
     assert m["bits_stored"] == 8 and m["file_frame"] == 0 and m["voi"] == "none"
-    assert m["sop_uid_hash"] == hashlib.sha256(uid.encode()).hexdigest()[:12]
+    assert m["sop_uid_hash"] == _keyed(uid)
     _no_identifiers(dict(m))
     assert "a.dcm" not in repr(dict(m))
+
+
+def _source_key() -> bytes:
+    """The source key the runtime uses in tests (tests/conftest.py points EDGECLF_SOURCE_KEY at a temp file)."""
+    return bytes.fromhex(Path(os.environ["EDGECLF_SOURCE_KEY"]).read_text().strip())
+
+
+def _keyed(text: str) -> str:
+    return hmac.new(_source_key(), text.encode("utf-8"), hashlib.sha256).hexdigest()[:12]
+
+
+def test_sop_uid_hash_is_keyed_and_names_its_key(tmp_path: Path) -> None:
+    # An unkeyed sha256 of a UID can be matched against a PACS export's UID list; the HMAC only with the key.
+    uid = "1.2.826.0.1.3680043.8.498.20240101093015.7"
+    path = write_dicom(tmp_path / "k.dcm", np.zeros((8, 8), np.uint8), sop_uid=uid)
+    (frame,) = _frames(open_source(str(path)))
+    m = dict(frame.meta)
+    assert m["sop_uid_hash"] == _keyed(uid) != hashlib.sha256(uid.encode()).hexdigest()[:12]
+    assert m["key_id"] == hashlib.sha256(_source_key()).hexdigest()[:8]  # which key: the audit's key_id
+    assert uid not in repr(m) and uid.rsplit(".", 1)[0] not in repr(m)
 
 
 def test_monochrome1_is_inverted(tmp_path: Path) -> None:

@@ -3,6 +3,8 @@ and in their file and folder names are run through the runtime (CLI, watched fol
 every file the runs write, their stdout and their debug log are searched for those identifiers."""
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 import os
 import subprocess
@@ -183,6 +185,11 @@ def test_dicom_meta_is_whitelisted_and_hashes_the_uid(patient_folder: Path) -> N
     assert len(metas) == 6 and all(set(m) <= set(META_KEYS) for m in metas)
     assert not _leaks(repr(metas))
     assert all(m["sop_uid_hash"] and len(m["sop_uid_hash"]) == 12 for m in metas) and metas[0]["modality"] == "US"
+    # keyed (HMAC under the source key, tests/conftest.py): a list of the export's UIDs cannot be matched against it
+    key = bytes.fromhex(Path(os.environ["EDGECLF_SOURCE_KEY"]).read_text().strip())
+    want = [hmac.new(key, uid.encode(), hashlib.sha256).hexdigest()[:12] for uid in SOP_UIDS]
+    assert [m["sop_uid_hash"] for m in metas] == [want[0]] * 4 + want[1:]
+    assert not {hashlib.sha256(uid.encode()).hexdigest()[:12] for uid in SOP_UIDS} & {m["sop_uid_hash"] for m in metas}
 
 
 def test_a_misfiled_value_in_a_coded_field_is_dropped(tmp_path: Path) -> None:
