@@ -230,18 +230,29 @@ class TrainedModel:
         base = nets[0] if members == 1 else ensemble_of(nets, self.task)
         from safetensors import SafetensorError
 
+        def unloadable(exc: BaseException) -> ModelError:
+            return ModelError(f"{folder}: the weights could not be loaded ({type(exc).__name__}: "
+                              f"{' '.join(str(exc).split())[:200]}); {fix}")
+
+        # Only the folder's files become a one-line ModelError (missing, cut short, not matching model.json);
+        # any other error is a bug and keeps its traceback.
         try:
             if (folder / "pruned.json").is_file():  # a pruned model: rebuild its channel structure first
                 from edgeclf.export.prune import load_pruned
 
+                # ModelError itself for a damaged pruned.json or weights that do not fit it
                 self.model = load_pruned(base, folder)
             else:
+                state = load_file(str(folder / "model.safetensors"))
                 self.model = base
-                self.model.load_state_dict(load_file(str(folder / "model.safetensors")))
-        except (OSError, SafetensorError, RuntimeError, KeyError, ValueError) as exc:
-            # Missing, cut short or not matching model.json: the folder's files, not the code.
-            raise ModelError(f"{folder}: the weights could not be loaded ({type(exc).__name__}: "
-                             f"{' '.join(str(exc).split())[:200]}); {fix}") from None
+                try:
+                    self.model.load_state_dict(state)
+                except RuntimeError as exc:
+                    if not str(exc).startswith("Error(s) in loading state_dict"):  # torch's missing/unexpected/size
+                        raise
+                    raise unloadable(exc) from None
+        except (OSError, SafetensorError) as exc:
+            raise unloadable(exc) from None
         self.tta: str = self.meta.get("tta", "none")  # absent in runs written before the field existed
         self.members = members
         self.net = self.model.eval()  # the network alone (pruning, fine-tuning); `model` is what is deployed

@@ -605,3 +605,52 @@ def test_ensemble_combines_a_member_recorded_before_split_lists_were_hashed(tmp_
     (tmp_path / "m0" / "run.json").write_text(json.dumps(run))
     with pytest.raises(ConfigError, match="records no data hash"):
         ensemble_runs([str(tmp_path / "m0"), str(tmp_path / "m1")], str(tmp_path / "e4"), read_test=False)
+
+
+def _copy_of(trained_dir: Path, to: Path) -> Path:
+    import shutil
+
+    shutil.copytree(trained_dir, to)
+    return to
+
+
+def test_a_bug_inside_load_pruned_keeps_its_traceback(trained_dir: Path, tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    import edgeclf.export.prune as prune
+    from edgeclf.train import load_trained
+
+    folder = _copy_of(trained_dir, tmp_path / "m")
+    (folder / "pruned.json").write_text("{}")
+
+    def broken(model: object, where: Path) -> object:
+        raise RuntimeError("a bug in the rebuild code")  # not the folder's files: must not become a one-line ModelError
+
+    monkeypatch.setattr(prune, "load_pruned", broken)
+    with pytest.raises(RuntimeError, match="a bug in the rebuild code"):
+        load_trained(folder)
+
+
+def test_weights_that_are_not_this_models_are_a_one_line_model_error(trained_dir: Path, tmp_path: Path) -> None:
+    import json as _json
+
+    from safetensors.torch import save_file
+
+    from edgeclf.errors import ModelError
+    from edgeclf.models import create_model
+    from edgeclf.train import load_trained
+
+    meta = _json.loads((trained_dir / "model.json").read_text())
+    other = _copy_of(trained_dir, tmp_path / "other")  # weights of another architecture
+    net = create_model("mobilenet_v3_small", num_outputs=int(meta["num_outputs"]), in_chans=1)
+    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(other / "model.safetensors"))
+    cut = _copy_of(trained_dir, tmp_path / "cut")  # cut short by a copy
+    data = (cut / "model.safetensors").read_bytes()
+    (cut / "model.safetensors").write_bytes(data[: len(data) // 2])
+    gone = _copy_of(trained_dir, tmp_path / "gone")
+    (gone / "model.safetensors").unlink()
+    damaged = _copy_of(trained_dir, tmp_path / "damaged")  # a pruned.json that is not JSON
+    (damaged / "pruned.json").write_text("{not json")
+    for folder, why in ((other, "Error"), (cut, "Error"), (gone, "Error"), (damaged, "pruned.json")):
+        with pytest.raises(ModelError, match=why) as exc:
+            load_trained(folder)
+        assert "\n" not in str(exc.value), folder.name
