@@ -8,7 +8,8 @@ Builds a tiny bundle the way the tests do (the compact CNN on synthetic ultrasou
 `synthetic:ultrasound?frames=N` with a JSONL results file (fsync every second, as `run` defaults to), the
 clip summary and an audit log (a digest every 1,000 results). A probe sink samples, every
 `--sample-every` frames: RSS (psutil), open file descriptors and threads, and the throughput over the
-last interval. At the end it counts the results file's lines against the frames the source delivered,
+last interval. At the end it counts the results file's lines against the frames the source delivered
+and the results that decided a label (a soak where every frame abstains exercised no decision: it fails),
 checks the audit log against the results file, and fits the RSS slope after warm-up (least squares, MB
 per 10,000 frames). Writes benchmarks/results/soak.{json,md} (`--out-dir`). A benchmark, not a test:
 its figures describe this machine.
@@ -34,14 +35,16 @@ import sys
 from edgeclf.export.bundle_writer import ExportConfig, export_bundle
 from edgeclf.train import TrainConfig, train
 folder, bundle = sys.argv[1], sys.argv[2]
-train(TrainConfig(data="synthetic:ultrasound?n=240&size=64&seed=3", out=folder, model="compact", size=32,
-                  epochs=3, patience=3, seed=0))
+train(TrainConfig(data="synthetic:ultrasound?n=600&size=64&seed=3", out=folder, model="compact", size=32,
+                  epochs=15, patience=15, seed=0))
 export_bundle(ExportConfig(out=bundle, model=folder))
 """
 
 
 def make_bundle(work: Path) -> Path:
-    """The tests' tiny bundle: the compact CNN, 3 epochs on 240 synthetic ultrasound images, 32 px.
+    """A tiny bundle: the compact CNN, 15 epochs on 600 synthetic ultrasound images, 32 px (about 20 s). Trained
+    enough to decide on the cine's frames: the tests' 3-epoch model gives near-uniform probabilities, so every result
+    abstains ("settling") and the decision path, smoothing and label changes would go unexercised.
 
     Built in a child process, so that torch is never loaded into the process being measured (a device
     runs without torch)."""
@@ -115,8 +118,10 @@ def _theil_sen(samples: List[Dict[str, Any]], warmup: int) -> Optional[float]:
 
 
 def count_results(path: Path) -> Dict[str, Any]:
-    """Stream the results file: whole lines, torn lines, and whether frames run 0..n-1 without a gap."""
-    lines = torn = 0
+    """Stream the results file: whole lines, torn lines, whether frames run 0..n-1 without a gap, and how many results
+    decided a label against how many abstained, per reason."""
+    lines = torn = decided = 0
+    reasons: Dict[str, int] = {}
     expected = 0
     gaps = 0
     with open(path, "rb") as f:
@@ -128,7 +133,12 @@ def count_results(path: Path) -> Dict[str, Any]:
             gaps += int(rec["frame"] != expected)
             expected = rec["frame"] + 1
             lines += 1
-    return {"lines": lines, "torn": torn, "frame_gaps": gaps}
+            if rec.get("abstain"):
+                why = str(rec.get("abstain_reason") or "unknown")
+                reasons[why] = reasons.get(why, 0) + 1
+            else:
+                decided += 1
+    return {"lines": lines, "torn": torn, "frame_gaps": gaps, "decided": decided, "abstained_by_reason": reasons}
 
 
 def run(args: argparse.Namespace) -> Dict[str, Any]:
@@ -168,7 +178,8 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
         "threads_start": probe.samples[0]["threads"], "threads_end": probe.samples[-1]["threads"],
         "audit": {"state": audit.state, "records": audit.records, "results": audit.results,
                   "results_check": audit.results_check},
-        "abstained": summary["abstained"], "stages_ms": {k: {m: round(v, 3) for m, v in st.items()}
+        "abstained": summary["abstained"], "frames_decided": counted["decided"],
+        "abstained_by_reason": counted["abstained_by_reason"], "stages_ms": {k: {m: round(v, 3) for m, v in st.items()}
                                                          for k, st in summary["stages_ms"].items()},
         "config": {"source": uri, "sample_every": args.sample_every, "threads": summary.get("threads"),
                    "backend": summary.get("backend"), "bundle": "given" if args.bundle else "tiny compact CNN, 32 px"},
@@ -207,6 +218,8 @@ def render(r: Dict[str, Any]) -> str:
         f"| frames delivered by the source | {r['frames_delivered']} |",
         f"| result lines in the JSONL file | {r['result_lines']} (torn {r['torn_lines']}, frame gaps {r['frame_gaps']}) |",
         f"| lost results | {r['lost_results']} |",
+        f"| results deciding a label | {r.get('frames_decided')} of {r['result_lines']}; abstained: "
+        f"{', '.join(f'{k} {v}' for k, v in sorted((r.get('abstained_by_reason') or {}).items())) or 'none'} |",
         f"| audit log | {r['audit']['state']}, {r['audit']['records']} records, results file "
         f"{(r['audit']['results_check'] or {}).get('state')} ({(r['audit']['results_check'] or {}).get('checked')} digested) |",
         f"| wall time | {r['wall_s']} s, mean {r['fps_mean']} frames/s (intervals {r['fps_min_interval']} - {r['fps_max_interval']}) |",
@@ -280,6 +293,10 @@ def failures(r: Dict[str, Any]) -> List[str]:
         out.append(f"{r['torn_lines']} torn result lines")
     if r["frame_gaps"]:
         out.append(f"{r['frame_gaps']} frame gaps in the results")
+    if r["result_lines"] and r.get("frames_decided") == 0:
+        why = ", ".join(f"{k} {v}" for k, v in sorted((r.get("abstained_by_reason") or {}).items()))
+        out.append(f"no result decided a label (every one abstained: {why}): the decision path was not exercised; "
+                   "give a bundle that decides on these frames")
     if r["audit"]["state"] != "intact":
         out.append(f"audit log {r['audit']['state']}")
     slope, rise, span = _rss_rise(r)

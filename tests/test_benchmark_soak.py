@@ -16,6 +16,7 @@ def _soak() -> Any:
 def _clean() -> dict[str, Any]:
     samples = [{"frames": f, "fds": 6 if f == 0 else 11, "threads": 2 if f == 0 else 5} for f in range(0, 1100, 100)]
     return {"lost_results": 0, "torn_lines": 0, "frame_gaps": 0, "audit": {"state": "intact"},
+            "result_lines": 1000, "frames_decided": 990, "abstained_by_reason": {"settling": 10},
             "rss_slope_mb_per_10k_frames": 0.006, "warmup_frames": 100, "samples": samples}
 
 
@@ -25,6 +26,7 @@ def _clean() -> dict[str, Any]:
     ({"lost_results": 1}, "1 results lost"),
     ({"torn_lines": 1}, "torn"),
     ({"audit": {"state": "tampered"}}, "audit log tampered"),
+    ({"frames_decided": 0, "abstained_by_reason": {"settling": 1000}}, "every one abstained: settling 1000"),
 ])
 def test_each_problem_fails_the_soak(change: dict[str, Any], says: str) -> None:
     soak = _soak()
@@ -64,3 +66,17 @@ def test_a_slope_over_budget_from_a_short_runs_small_rise_is_not_a_failure() -> 
     assert "over the 1 MB budget (13.5 MB over the 90000 frames" in got
     planted = {**short, "rss_slope_mb_per_10k_frames": 192.3}
     assert len(soak.failures(planted)) == 1
+
+
+def test_count_results_counts_decisions_and_abstentions_by_reason(tmp_path: Any) -> None:
+    """A soak whose every result abstains has not exercised the decision path: the counts say so."""
+    import json
+
+    rows = [{"frame": 0, "abstain": True, "abstain_reason": "settling", "label": None},
+            {"frame": 1, "abstain": False, "label": "cyst"},
+            {"frame": 2, "abstain": True, "abstain_reason": "dark", "label": None},
+            {"frame": 3, "abstain": True, "abstain_reason": "settling", "label": None}]
+    path = tmp_path / "results.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"frame": 4, "abs')
+    got = _soak().count_results(path)
+    assert got == {"lines": 4, "torn": 1, "frame_gaps": 0, "decided": 1, "abstained_by_reason": {"settling": 2, "dark": 1}}
