@@ -16,13 +16,14 @@ committed split list), `DIR?roi=sector&frames=16` (clips), `DIR?group=source` (c
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import re
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Collection
+from typing import IO, Any, Collection
 from urllib.parse import parse_qsl
 
 import numpy as np
@@ -78,12 +79,13 @@ class Dataset:
     sources: dict[str, str] = field(default_factory=dict)
     # clips: clip id -> clips.csv original_source as written (the unit of group=source)
     clip_source: dict[str, str] = field(default_factory=dict)
-    # The hash this data had before a split list's assignments and frames_per_clip were hashed (None where it
-    # is data_hash): a run recorded then still matches it (`require_training_data`).
+    # The hash this data had before a split list's assignments and frames_per_clip were hashed, or (group=source|site
+    # with a clips.csv) before its sources were (None where it is data_hash): a run recorded then still matches it
+    # (`require_training_data`).
     former_hash: str | None = None
-    # clips: frame id -> why `edgeclf run` would abstain on that frame before classifying it, as its records'
-    # abstain_reason ("sector_warmup"; with load_dataset(quality=True) also the quality gate's reasons or
-    # "frame_error"); frames it classifies are absent. Evaluate and training's test figures abstain on them; training
+    # clips and image folders: frame (image) id -> why `edgeclf run` would abstain on it before classifying it, as its
+    # records' abstain_reason (clips: "sector_warmup"; with load_dataset(quality=True) also the quality gate's reasons
+    # or "frame_error"); frames it classifies are absent. Evaluate and training's test figures abstain on them; training
     # still learns from every sampled frame (the frames and the data hash do not depend on it).
     abstain: dict[str, str] = field(default_factory=dict)
 
@@ -183,8 +185,9 @@ def load_dataset(
     frames_per_clip: int = FRAMES_PER_CLIP,
     quality: bool = False,
 ) -> Dataset:
-    """The data set of `spec`. `quality`: clips, run `edgeclf run`'s quality gate over each clip's frames and record
-    the frames it would stop in `Dataset.abstain` (evaluate, and training where it reads its test split)."""
+    """The data set of `spec`. `quality`: run `edgeclf run`'s quality gate over each clip's frames (folders of images:
+    over each folder's images, as run reads them) and record the frames it would stop in `Dataset.abstain` (evaluate,
+    and training where it reads its test split)."""
     class_map = parse_class_map(classes)
     if frames_per_clip < 1:
         raise DataError(f"frames per clip is {frames_per_clip}; sample at least 1 frame per clip")
@@ -374,6 +377,21 @@ def _open_text(path: Path) -> IO[str]:
         raise _unreadable(path, exc, "file") from None
 
 
+def _read_text(path: Path, what: str) -> IO[str]:
+    """A CSV of the data set (clips.csv, a split list) read whole, as a file to iterate: unreadable, or not UTF-8 (a
+    byte that fails while the rows are read), is one line; `what` names the file as the user knows it."""
+    import io
+
+    with _open_text(path) as f:
+        try:
+            text = f.read()
+        except UnicodeDecodeError as exc:
+            line = exc.object[:exc.start].count(b"\n") + 1
+            raise DataError(f"{what} is not UTF-8 text (byte 0x{exc.object[exc.start]:02x} on line {line}); supported: "
+                            "UTF-8 (or ASCII); save it as UTF-8 (e.g. iconv -f latin1 -t utf-8)") from None
+    return io.StringIO(text, newline="")
+
+
 def _is_dir(p: Path) -> bool:
     try:
         return p.is_dir()
@@ -436,13 +454,57 @@ def _files(d: Path, exts: Collection[str], hidden: list[int] | None = None) -> l
     return sorted(out, key=lambda p: natural_key(str(p)))
 
 
-def _read_image(path: Path) -> np.ndarray:
-    """Decoded by the runtime's image source (16-bit scaling, alpha, RGB order), gray kept 1-channel."""
+def _listed(d: Path) -> list[Path] | None:
+    """`_files` of a class folder, or None where it cannot be listed (a folder the class map may drop)."""
+    try:
+        return _files(d, IMAGE_EXTS + VIDEO_EXTS)
+    except DataError:
+        return None
+
+
+def _decoded(path: Path) -> np.ndarray:
+    """Decoded by the runtime's image source (16-bit scaling, alpha, RGB order): the frame `edgeclf run` reads."""
     try:
         img, _ = decode_image(str(path), where=f"image {_shown(path)}")
     except SourceError as exc:
         raise DataError(str(exc)) from None
-    return _gray_if_equal(img)
+    return img
+
+
+def _read_image(path: Path) -> np.ndarray:
+    """`_decoded`, gray kept 1-channel."""
+    return _gray_if_equal(_decoded(path))
+
+
+def _gate_image(gates: dict[Path, Any], path: Path, img: np.ndarray) -> str:
+    """`edgeclf run`'s quality gate on one image of a folder, as run gates a folder of images: one stream
+    (ImageSource starts no new segment between files, so its gate is never reset: a frozen run and the texture
+    baseline carry from image to image), read in natural order. Hence one gate per folder (a class folder, or a
+    sub-folder: what run can be pointed at), fed every image of it in that order, as decoded (before
+    `_gray_if_equal`). A DataError of the gate is run's frame_error: that image abstains."""
+    from edgeclf.runtime.pipeline import FRAME_ERROR
+    from edgeclf.runtime.quality import QualityGate
+
+    gate = gates.get(path.parent)
+    if gate is None:
+        gate = gates[path.parent] = QualityGate()  # run's defaults
+    try:
+        return ",".join(gate.check(img, None).reasons)
+    except DataError as exc:
+        log.warning("image %s: the quality gate failed on it (%s); it abstains with %s", _shown(path.name),
+                    " ".join(str(exc).split())[:300], FRAME_ERROR)
+        return FRAME_ERROR
+
+
+def _gate_left_out(gates: dict[Path, Any], path: Path) -> None:
+    """An image a split list leaves out through `_gate_image` (run reads it with the rest of its folder). One that
+    cannot be decoded is not in the data set, and run would stop at it: it is left out of the gate's stream too."""
+    try:
+        img = _decoded(path)
+    except DataError as exc:
+        log.warning("%s; it is not in the data set, so the quality gate goes on without it", exc)
+        return
+    _gate_image(gates, path, img)
 
 
 def _gray_if_equal(img: np.ndarray) -> np.ndarray:
@@ -587,7 +649,9 @@ def _layout(root: Path) -> tuple[bool, bool]:
     n_video = n_image = 0
     for top in split_dirs or [root]:
         for d in _class_dirs(top):
-            for f in _files(d, IMAGE_EXTS + VIDEO_EXTS):
+            # A class folder that cannot be listed may be one --classes drops (no part of the data set): load_dataset
+            # refuses it, with its one line, where the class map keeps it.
+            for f in _listed(d) or []:
                 if f.suffix.lower() in VIDEO_EXTS:
                     n_video += 1
                 else:
@@ -646,11 +710,16 @@ def require_training_data(ds: Dataset, recorded: dict, *, data_given: str | None
         return
     if recorded["hash"] != ds.former_hash:
         raise DataError(f"data {ds.name} changed since the model was trained (its hash differs), so {use}; {fix}")
-    # Recorded before split lists and frames_per_clip were hashed: the files and options match. Frames come from the
-    # run's own config; a split list cannot be checked against such a run.
-    if split_spec(ds.spec)[1].split:
+    # Recorded before split lists, frames_per_clip or clips.csv sources were hashed: the files and options match.
+    # Frames come from the run's own config; a split list or the sources cannot be checked against such a run.
+    base, opts = split_spec(ds.spec)
+    if opts.split:
         log.warning("%s was recorded before split-list contents were part of the data hash: its files match, but a "
                     "regenerated split list cannot be told apart; retrain to record it", ds.name)
+    if opts.group != "clip" and ds.kind == "clips" and (Path(base) / "clips.csv").is_file():
+        log.warning("%s was recorded before the clips.csv sources that group=%s splits by were part of the data hash: its "
+                    "files match, but sources edited since (a re-drawn split) cannot be told apart; retrain to record "
+                    "them", ds.name, opts.group)
 
 
 def split_spec(spec: str) -> tuple[str, FolderOptions]:
@@ -696,7 +765,7 @@ def _clip_sources(root: Path) -> dict[str, str]:
     csv_path = root / "clips.csv"
     if not csv_path.is_file():
         return {}
-    with _open_text(csv_path) as f:
+    with _read_text(csv_path, f"clips.csv of {_shown(root)}") as f:
         return {row["file"]: " ".join((row.get("original_source") or "").split()) or "unknown"
                 for row in csv.DictReader(f) if row.get("file")}
 
@@ -752,7 +821,7 @@ def read_split_list(name: str) -> dict[str, tuple[str, str, str]]:
     import csv
 
     path = _split_list_path(name)
-    with _open_text(path) as f:
+    with _read_text(path, f"split list {name!r}") as f:
         rows = [r for r in csv.DictReader(line for line in f if not line.startswith("#"))]
     if not rows or not {"path", "sha256", "split", "group"} <= set(rows[0]):
         raise DataError(f"split list {path} lacks the columns path, sha256, split, group; regenerate it with python -m edgeclf.recipes splits")
@@ -807,8 +876,13 @@ def _scan_folder(root: Path, class_map, opts: FolderOptions, frames_per_clip: in
                 class_names.append(d.name)
     if len(class_names) < 2:
         raise DataError(f"{root} holds {len(class_names)} class folder(s); expected one folder per class (at least 2)")
+    names, lookup = _apply_class_map(class_names, class_map, str(root))
     hidden = [0]
-    all_files = {d: _files(d, IMAGE_EXTS + VIDEO_EXTS, hidden) for top in tops for d in _class_dirs(top)}
+    all_files = {d: _files(d, IMAGE_EXTS + VIDEO_EXTS, hidden) for top in tops for d in _class_dirs(top) if d.name in lookup}
+    # A folder the class map drops is no part of the data set: its files are counted for the notes where it can be
+    # listed, and its permissions do not matter (None: it could not be listed).
+    dropped = {d: _listed(d) for top in tops for d in _class_dirs(top) if d.name not in lookup}
+    all_files.update({d: fs for d, fs in dropped.items() if fs is not None})
     n_video = sum(1 for fs in all_files.values() for f in fs if f.suffix.lower() in VIDEO_EXTS)
     n_image = sum(1 for fs in all_files.values() for f in fs if f.suffix.lower() in IMAGE_EXTS)
     if n_video == 0 and n_image == 0:
@@ -820,7 +894,6 @@ def _scan_folder(root: Path, class_map, opts: FolderOptions, frames_per_clip: in
         raise DataError(f"data option group={opts.group} without folds applies to clip data sets (clips.csv sources); "
                         f"{root} holds images: leave group out")
     k = opts.frames or frames_per_clip
-    names, lookup = _apply_class_map(class_names, class_map, str(root))
     listed = read_split_list(opts.split) if opts.split else None
     rows: list[_Row] = []
     assigned: dict[str, str] = {}  # rel -> split, from split folders or the list
@@ -830,15 +903,22 @@ def _scan_folder(root: Path, class_map, opts: FolderOptions, frames_per_clip: in
     first_clip: dict[str, str] = {}  # clip sha256 -> the first clip with those bytes (the group of its copies)
     skipped = unlisted = list_dupes = clip_copies = 0
     left_out: dict[str, int] = defaultdict(int)  # class folders the class map does not name: files per folder
+    unread: list[str] = []  # ... those that could not be listed
     short: list[int] = []  # clips that gave fewer than k frames: their frame counts
     no_lock = [0]  # roi=sector: clips in which the sector detector never locked
     abstain: dict[str, str] = {}
     seen: dict[str, Path] = {}  # id -> file: two names can show alike (`_shown`)
+    # quality, images: folder -> run's quality gate over it (`_gate_image`). Run reads every image of a folder, those a
+    # split list leaves out too: they pass through the gate (its frozen run and baseline), not into the data set.
+    gates: dict[Path, Any] | None = {} if quality and not is_clips else None
     for top in tops:
         split_name = top.name if split_dirs else "pool"
         for d in _class_dirs(top):
             if d.name not in lookup:
-                left_out[d.name] += sum(1 for f in all_files[d] if (f.suffix.lower() in VIDEO_EXTS) == is_clips)
+                if dropped[d] is None:
+                    unread.append(d.relative_to(root).as_posix())
+                else:
+                    left_out[d.name] += sum(1 for f in all_files[d] if (f.suffix.lower() in VIDEO_EXTS) == is_clips)
                 continue
             for f in all_files[d]:
                 is_video = f.suffix.lower() in VIDEO_EXTS
@@ -862,6 +942,8 @@ def _scan_folder(root: Path, class_map, opts: FolderOptions, frames_per_clip: in
                 if listed is not None:
                     entry = listed.get(rel)
                     listing.update(f"{rel}:{entry[1]}:{entry[2]}\n".encode() if entry else f"{rel}:-\n".encode())
+                    if gates is not None and (entry is None or entry[1] not in SPLITS):
+                        _gate_left_out(gates, f)
                     if entry is None:
                         unlisted += 1
                         continue
@@ -877,8 +959,11 @@ def _scan_folder(root: Path, class_map, opts: FolderOptions, frames_per_clip: in
                     raise DataError(f"clip {_shown(f)}: its path is not valid UTF-8 (e.g. a Latin-1 name from a USB stick "
                                     "or a Windows share) and OpenCV cannot open it; supported: UTF-8 names; rename it "
                                     "(e.g. convmv -f latin1 -t utf8)")
-                frames, why = _sample_clip(f, k, roi=opts.roi, no_lock=no_lock, quality=quality) if is_clips \
-                    else ([_read_image(f)], [""])
+                if is_clips:
+                    frames, why = _sample_clip(f, k, roi=opts.roi, no_lock=no_lock, quality=quality)
+                else:
+                    img = _decoded(f)
+                    frames, why = [_gray_if_equal(img)], [_gate_image(gates, f, img) if gates is not None else ""]
                 abstain.update((fid, w) for fid, w in zip(_frame_ids(rel, len(frames)), why) if w)
                 if is_clips and len(frames) < k:
                     short.append(len(frames))
@@ -902,10 +987,12 @@ def _scan_folder(root: Path, class_map, opts: FolderOptions, frames_per_clip: in
     if skipped:
         notes.append(f"ignored {skipped} {'image' if is_clips else 'video'} file(s) in a {'clip' if is_clips else 'image'} data set")
         log.warning(notes[-1])
-    if left_out:
+    if left_out or unread:
         what = "clip(s)" if is_clips else "image(s)"
-        shown = ", ".join(f"{name} ({n})" for name, n in left_out.items())
-        notes.append(f"left out {sum(left_out.values())} {what} in class folder(s) the class map does not name: {shown}")
+        shown = ", ".join([f"{name} ({n})" for name, n in left_out.items()] + [f"{rel} (unreadable: not counted)"
+                                                                               for rel in unread])
+        notes.append(f"left out {f'{sum(left_out.values())} {what} in ' if left_out else ''}class folder(s) the class "
+                     f"map does not name: {shown}")
         log.warning(notes[-1])
     if unlisted:
         notes.append(f"left out {unlisted} file(s) that split list {opts.split!r} does not name (new files are never trained on silently)")
@@ -1198,6 +1285,16 @@ def _load_folder(root: Path, class_map, *, seed: int, val_frac: float, test_frac
     data_hash = scan.file_hash if not hq else _hash_bytes(scan.file_hash.encode(), hq.encode())
     if scan.list_hash is not None:
         data_hash = _hash_bytes(data_hash.encode(), b"split list", scan.list_hash.encode())
+    former = former_hash if former_hash != data_hash and not joined_copies else None
+    if opts.group != "clip" and scan.sources:
+        # clips.csv decides this split: the source (site) of every clip read is the data too, else an edited clips.csv
+        # re-draws the split under the same hash. A run recorded before they were hashed has the hash computed so far
+        # (the same files and options): it is the former one (`require_training_data` warns that its sources are
+        # unchecked); runs recorded before frames were hashed (the former hash until now) no longer match here.
+        key = key_of[opts.group]
+        read = sorted((rel, key[rel]) for rel, *_ in scan.rows if rel in key)
+        former = data_hash
+        data_hash = _hash_bytes(data_hash.encode(), b"sources", json.dumps(read).encode())
     return Dataset(
         spec=f"{root}?{q}" if q else str(root), kind="clips" if scan.is_clips else "images",
         task="binary" if len(names) == 2 else "multiclass",
@@ -1205,7 +1302,7 @@ def _load_folder(root: Path, class_map, *, seed: int, val_frac: float, test_frac
         modality="ultrasound" if scan.is_clips else "generic", notes=notes,
         sources=_units(scan.rows, key_of["site"]) if scan.is_clips else {},
         clip_source=_units(scan.rows, key_of["source"]) if scan.is_clips else {},
-        former_hash=former_hash if former_hash != data_hash and not joined_copies else None, abstain=scan.abstain,
+        former_hash=former, abstain=scan.abstain,
     )
 
 
@@ -1395,6 +1492,6 @@ def _clip_licences(root: Path) -> str | None:
         return None
     import csv
 
-    with _open_text(csv_path) as f:
+    with _read_text(csv_path, f"clips.csv of {_shown(root)}") as f:
         lic = sorted({(row.get("license") or "").strip() for row in csv.DictReader(f)} - {""})
     return "per clip: " + "; ".join(lic) if lic else None

@@ -13,6 +13,7 @@ import pytest
 
 from edgeclf.data import SPLITS, Dataset, load_dataset, parse_class_map
 from edgeclf.errors import DataError, EdgeclfError
+from edgeclf.runtime.sources import natural_key
 
 cv2 = pytest.importorskip("cv2")
 
@@ -1328,3 +1329,142 @@ def test_channels_hint_ignores_the_test_split(tmp_path: Path) -> None:
     assert load_dataset(str(root)).channels_hint == 1  # a held-out image does not choose the model's input
     _write(root / "val" / "b" / "colour.png", np.stack([_gray(303), _gray(304), _gray(305)], -1))
     assert load_dataset(str(root)).channels_hint == 3
+
+
+# -- a CSV that is not UTF-8, an unreadable folder the class map drops, images through run's quality gate ----------
+
+
+def test_clips_csv_that_is_not_utf8_is_one_line(clips_root: Path) -> None:
+    """A clips.csv saved as Latin-1 (an accented contributor's name) was a UnicodeDecodeError traceback."""
+    (clips_root / "clips.csv").write_bytes(b"file,label,license,original_source\ncovid/clip0.avi,covid,CC BY 4.0,"
+                                           b"Data contributed by Dr. Ram\xedrez\n")
+    for spec in (str(clips_root), f"{clips_root}?folds=2&group=source"):
+        with pytest.raises(DataError) as exc:
+            load_dataset(spec, frames_per_clip=1)
+        msg = _one_line(exc)
+        assert "clips.csv" in msg and "UTF-8" in msg and "line 2" in msg, msg
+
+
+def test_split_list_that_is_not_utf8_is_one_line(tmp_path: Path) -> None:
+    from edgeclf.data import read_split_list
+
+    lst = tmp_path / "list.csv"
+    lst.write_bytes(b"# r\xe9sum\xe9\npath,sha256,split,group\na/img0.png,00,train,g\n")
+    with pytest.raises(DataError) as exc:
+        read_split_list(str(lst))
+    msg = _one_line(exc)
+    assert "split list" in msg and "list.csv" in msg and "UTF-8" in msg and "line 1" in msg, msg
+
+
+def _unlistable(monkeypatch: pytest.MonkeyPatch, folder: Path) -> None:
+    """Listing `folder` fails as it does for a user without read permission on it (the tests run as root, which reads
+    anything: chmod 000 would not stop it)."""
+    import os
+
+    real = os.scandir
+
+    def scandir(path="."):  # type: ignore[no-untyped-def]
+        if Path(os.fsdecode(path)) == folder:
+            raise PermissionError(13, "Permission denied", os.fsdecode(path))
+        return real(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+
+
+def test_an_unreadable_class_folder_the_class_map_drops_is_not_read(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """--classes that leaves a folder out: the data set does not hold it, so its permissions must not stop training (the
+    spec check `edgeclf train` runs first included); a folder the map keeps is still refused, with its one line."""
+    from edgeclf.data import check_spec_options
+
+    _image_tree(tmp_path, {"a": 6, "b": 6, "c": 6})
+    _unlistable(monkeypatch, tmp_path / "c")
+    assert check_spec_options(str(tmp_path)) == "images"
+    ds = load_dataset(str(tmp_path), classes="a,b")
+    assert ds.labels == ["a", "b"] and len(ds.split("all")) == 12
+    assert any("class map does not name" in n and "c (" in n for n in ds.notes), ds.notes
+    for classes in (None, "a,c", "a,b=b+c"):
+        with pytest.raises(DataError) as exc:
+            load_dataset(str(tmp_path), classes=classes)
+        assert _one_line(exc).startswith(f"cannot read folder {tmp_path / 'c'} (Permission denied)")
+
+
+def _runs_quality_reasons(tmp_path: Path, folder: Path) -> list[str]:
+    """The abstain reason `edgeclf run` records for each image of `folder` (in its order), "" where it classifies it."""
+    import json
+
+    from edgeclf.runtime.app import run_bundle
+    from tests.runtime.tiny_bundle import make_tiny_bundle
+
+    b = tmp_path / "bundle"
+    if not b.is_dir():
+        make_tiny_bundle(b)
+    out = tmp_path / f"run-{folder.name}.jsonl"
+    run_bundle(str(b), str(folder), out=str(out))
+    return [r["abstain_reason"] if r["probs"] is None else "" for r in map(json.loads, out.read_text().splitlines())]
+
+
+def test_images_the_quality_gate_stops_are_flagged_as_run_flags_them(tmp_path: Path) -> None:
+    """`edgeclf run` on a folder of images does not classify the ones its quality gate stops (a black image: "blank", a
+    saturated one); evaluate must abstain on them too. Only a load asked to gate flags them; the data and hash stay."""
+    rng = np.random.default_rng(0)
+    root = tmp_path / "imgs"
+    for i, img in enumerate(_speckle(rng, 6)):
+        _write(root / "a" / f"img{i}.png", img)
+        _write(root / "b" / f"img{i}.png", 255 - img)
+    _write(root / "a" / "img6.png", np.zeros((64, 64), np.uint8))
+    _write(root / "b" / "img6.png", np.full((64, 64, 3), 255, np.uint8))
+    gated, plain = load_dataset(str(root), quality=True), load_dataset(str(root))
+    assert gated.abstain == {"a/img6.png": "blank", "b/img6.png": "saturated"} and plain.abstain == {}
+    assert gated.data_hash == plain.data_hash and gated.split_lists() == plain.split_lists()
+    for cls in ("a", "b"):
+        run = _runs_quality_reasons(tmp_path, root / cls)
+        assert run == [gated.abstain.get(f"{cls}/img{i}.png", "") for i in range(7)], run
+
+
+def test_image_folders_are_gated_as_one_stream_as_run_gates_them(tmp_path: Path) -> None:
+    """Run reads a folder of images as one stream: its gate is not reset between images, so two identical X-rays in a
+    row are not "frozen" (15 in a row after the first are), and each folder (a class, a sub-folder: what run is pointed
+    at) is its own stream. Offline, the gate is fed the same images in the same order: the same reasons, image by image."""
+    rng = np.random.default_rng(1)
+    root = tmp_path / "imgs"
+    same = _speckle(rng, 1)[0]
+    for i in range(18):  # img0..img17 identical: run calls img15 on frozen (its 15th near-identical one in a row)
+        _write(root / "a" / f"img{i}.png", same)
+    for i, img in enumerate(_speckle(rng, 4)):
+        _write(root / "a" / "more" / f"img{i}.png", img)  # a folder of its own: a new stream for run
+        _write(root / "b" / f"img{i}.png", img // 2)
+    _write(root / "b" / "img4.png", np.zeros((64, 64), np.uint8))
+    _write(root / "b" / "img5.png", np.zeros((64, 64), np.uint8))  # two identical black images: blank, not frozen
+    ds = load_dataset(str(root), quality=True)
+    ids = {f"{f.parent.relative_to(root).as_posix()}": sorted((p for p in f.parent.glob("*.png")), key=lambda p: int(p.stem[3:]))
+           for f in root.rglob("*.png")}
+    for folder, files in ids.items():
+        run = _runs_quality_reasons(tmp_path, root / folder)
+        assert run == [ds.abstain.get(p.relative_to(root).as_posix(), "") for p in files], (folder, run)
+    assert ds.abstain == {**{f"a/img{i}.png": "frozen" for i in (15, 16, 17)}, "b/img4.png": "blank", "b/img5.png": "blank"}
+
+
+def test_images_a_split_list_leaves_out_still_pass_through_the_gate_as_in_run(tmp_path: Path) -> None:
+    """Run reads every image of a folder, also the copies a split list leaves out: they count in its gate's frozen run.
+    img1..img16 (copies of img0, left out) make img17 (one pixel apart: kept) the 17th near-identical image in a row."""
+    from edgeclf.data import make_split_list
+
+    rng = np.random.default_rng(3)
+    root = tmp_path / "imgs"
+    same = _speckle(rng, 1)[0]
+    for i in range(17):
+        _write(root / "a" / f"img{i}.png", same)
+    near = same.copy()
+    near[0, 0] ^= 1
+    _write(root / "a" / "img17.png", near)
+    for i, img in enumerate(_speckle(rng, 8)):
+        _write(root / ("a" if i < 4 else "b") / f"z{i}.png", img)
+    rows, _ = make_split_list(f"{root}?dedup=near")
+    assert sum(r[2] == "duplicate" for r in rows) == 16
+    lst = tmp_path / "list.csv"
+    lst.write_text("path,sha256,split,group\n" + "".join(",".join(r) + "\n" for r in rows))
+    ds = load_dataset(f"{root}?split={lst}", quality=True)
+    assert ds.abstain == {"a/img17.png": "frozen"}, ds.abstain
+    run = _runs_quality_reasons(tmp_path, root / "a")
+    files = sorted((p.name for p in (root / "a").iterdir()), key=natural_key)
+    assert run[files.index("img17.png")] == "frozen" and run.count("frozen") == 3

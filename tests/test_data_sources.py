@@ -101,8 +101,9 @@ def test_a_fold_split_moved_by_joined_copies_does_not_keep_the_hash_recorded_bef
     _csv(b, rows + [(f"covid19/copy_of_c{k}.avi", f"https://www.sitecovid19{k}.org/p{k}") for k in range(6)])
     apart = load_dataset(f"{a}?folds=3&fold=0&group=source", frames_per_clip=2)
     kept = load_dataset(f"{b}?folds=3&fold=0&group=source", frames_per_clip=2)
-    assert apart.data_hash != kept.data_hash and apart.former_hash is None
-    old = {"hash": kept.data_hash, "name": apart.name}  # what a run over the same files recorded before the change
+    # kept's former hash: what a run over the same files recorded before the change (and before sources were hashed)
+    old = {"hash": kept.former_hash, "name": apart.name}
+    assert apart.data_hash != kept.data_hash and old["hash"] not in (apart.data_hash, apart.former_hash)
     with pytest.raises(DataError, match="changed since the model was trained"):
         require_training_data(apart, old, data_given=None, use="its test split moved", fix="retrain")
 
@@ -289,3 +290,67 @@ def test_group_without_folds_is_refused_where_it_has_no_effect(tmp_path: Path) -
     assert split_spec("/d?group=source")[1].group == "source"
     assert with_options("/d?frames=4", group="site") == "/d?frames=4&group=site"
     assert with_options("/d?group=site", group="clip") == "/d"
+
+
+# -- clips.csv sources are part of the data hash where they decide the split --------------------------------------
+
+
+def _edit_source(root: Path, clip: str, source: str) -> None:
+    text = (root / "clips.csv").read_text()
+    old = next(line for line in text.splitlines() if line.startswith(clip + ","))
+    (root / "clips.csv").write_text(text.replace(old, old.rsplit(",", 1)[0] + f',"{source}"'))
+
+
+@pytest.mark.parametrize("query", ["group={}", "folds=3&fold=0&group={}"])
+def test_an_edited_clips_csv_source_changes_the_hash_where_it_decides_the_split(tmp_path: Path, query: str) -> None:
+    """group=source|site splits by clips.csv: an edited source re-draws the split, so the hash must change (it did not,
+    and export, evaluate and prune re-drew a split in which training clips became held-out ones). group=clip (the
+    default) does not read the sources for its split: its hash stays."""
+    root = _hospitals_tree(tmp_path / "clips", per_source=2)
+
+    def hashes() -> dict[str, str]:
+        return {g: load_dataset(f"{root}?{query.format(g)}", frames_per_clip=1).data_hash for g in ("source", "site")} | {
+            "clip": load_dataset(str(root), frames_per_clip=1).data_hash}
+
+    before = hashes()
+    _edit_source(root, "covid19/c0.avi", "https://www.hospital-covid190.org/other-page")  # same site, another source
+    same_site = hashes()
+    assert same_site["source"] != before["source"]
+    assert same_site["site"] == before["site"] and same_site["clip"] == before["clip"]
+    _edit_source(root, "covid19/c0.avi", "https://www.hospital-covid193.org/lung-cases")  # another site too
+    moved = hashes()
+    assert moved["source"] != same_site["source"] and moved["site"] != same_site["site"]
+    assert moved["clip"] == before["clip"]
+
+
+def test_a_run_recorded_before_sources_were_hashed_is_accepted_with_a_warning(tmp_path: Path,
+                                                                            caplog: pytest.LogCaptureFixture) -> None:
+    """The hash earlier code gave (it did not read clips.csv: the same as the hash of the folder without one) stays the
+    former hash, so runs recorded then are still accepted, with a warning that their sources could not be checked; a
+    run recorded with the sources is refused once clips.csv is edited."""
+    from edgeclf.data import require_training_data
+
+    root = _hospitals_tree(tmp_path / "clips", per_source=2)
+    bare = shutil.copytree(root, tmp_path / "bare")
+    (bare / "clips.csv").unlink()
+    for query in ("frames=1&group=source", "frames=1&folds=3&fold=0&group=site"):
+        ds = load_dataset(f"{root}?{query}")
+        earlier = load_dataset(f"{bare}?{query}")
+        assert ds.former_hash == earlier.data_hash != ds.data_hash and earlier.former_hash is None
+        with caplog.at_level("WARNING", logger="edgeclf.data"):
+            caplog.clear()
+            require_training_data(ds, {"hash": ds.former_hash, "name": ds.name}, data_given=None, use="x")
+        assert "clips.csv sources" in caplog.text and "retrain to record them" in caplog.text, caplog.text
+        caplog.clear()
+        require_training_data(ds, {"hash": ds.data_hash, "name": ds.name}, data_given=None, use="x")
+        assert "clips.csv" not in caplog.text
+    # Without clips.csv (or grouped by clip) the hash is the one earlier code gave, and no former one is kept.
+    assert load_dataset(f"{root}?frames=1").former_hash is None
+    recorded = load_dataset(f"{root}?frames=1&group=source")
+    _edit_source(root, "regular/c5.avi", "https://www.hospital-regular0.org/lung-cases")
+    edited = load_dataset(f"{root}?frames=1&group=source")
+    assert edited.former_hash == recorded.former_hash  # the files are unchanged: earlier code could not tell
+    with pytest.raises(DataError) as exc:
+        require_training_data(edited, {"hash": recorded.data_hash, "name": recorded.name}, data_given=None,
+                              use="its test split would be re-drawn")
+    assert "changed since the model was trained" in _one_line(exc)

@@ -35,8 +35,8 @@ from edgeclf.data import check_spec_options, load_dataset
 from edgeclf.errors import EdgeclfError
 try:
     kind = check_spec_options(sys.argv[1]) if sys.argv[2] == "check" else None
-    ds = load_dataset(sys.argv[1])
-    print(json.dumps({"kind": kind, "ids": sorted(i for s in ds.splits.values() for i in s.ids)}))
+    ds = load_dataset(sys.argv[1], classes=sys.argv[3] if len(sys.argv) > 3 else None)
+    print(json.dumps({"kind": kind, "ids": sorted(i for s in ds.splits.values() for i in s.ids), "notes": ds.notes}))
 except EdgeclfError as exc:
     print(json.dumps({"error": str(exc), "type": type(exc).__name__}))
 """
@@ -67,11 +67,11 @@ def permissions_apply(tmp_path_factory: pytest.TempPathFactory) -> None:
         pytest.skip(f"file permissions do not apply to a child process here ({r.stderr.strip()[-200:] or 'it read the file'})")
 
 
-def _load_as_user(spec: str, *, check: bool = False) -> dict:
-    """load_dataset(spec) (after check_spec_options(spec) with `check`) in a child process without root's override:
-    {"ids": [...]} or {"error": one line}; anything else (a traceback) fails the test."""
-    r = subprocess.run(_as_user(sys.executable, "-c", _LOAD, spec, "check" if check else "-"), capture_output=True,
-                       text=True, env=_env(), timeout=300)
+def _load_as_user(spec: str, *, check: bool = False, classes: str | None = None) -> dict:
+    """load_dataset(spec, classes=classes) (after check_spec_options(spec) with `check`) in a child process without
+    root's override: {"ids": [...], "notes": [...]} or {"error": one line}; anything else (a traceback) fails the test."""
+    r = subprocess.run(_as_user(sys.executable, "-c", _LOAD, spec, "check" if check else "-", *([classes] if classes else [])),
+                       capture_output=True, text=True, env=_env(), timeout=300)
     assert r.returncode == 0 and r.stdout.strip(), f"rc {r.returncode}: {r.stderr[-2500:]}"
     return json.loads(r.stdout.strip().splitlines()[-1])
 
@@ -141,6 +141,21 @@ def test_unreadable_class_folder_is_named_not_called_empty(tmp_path: Path, permi
         (root / "cyst").chmod(0o755)
     # before: "the val split of ds has no images of cyst; add images of every class": the wrong reason and fix
     _error(out, f"cannot read folder {root / 'cyst'}", "Permission denied")
+
+
+def test_unreadable_class_folder_the_class_map_drops_is_not_read(tmp_path: Path, permissions_apply: None) -> None:
+    """--classes that leaves the unreadable folder out: no part of the data set, so it loads (after the spec check that
+    `edgeclf train` runs first), and the note says the folder was not counted; kept, it is refused as before."""
+    root = _tree(tmp_path / "ds", classes=("benign", "cyst", "normal"))
+    (root / "cyst").chmod(0)
+    try:
+        dropped = _load_as_user(str(root), check=True, classes="benign,normal")
+        kept = _load_as_user(str(root), check=True, classes="benign,cyst")
+    finally:
+        (root / "cyst").chmod(0o755)
+    assert "ids" in dropped and len(dropped["ids"]) == 16, dropped
+    assert any("cyst (unreadable: not counted)" in n for n in dropped["notes"]), dropped["notes"]
+    _error(kept, f"cannot read folder {root / 'cyst'}", "Permission denied")
 
 
 def test_unreadable_data_folder_is_one_line(tmp_path: Path, permissions_apply: None) -> None:
