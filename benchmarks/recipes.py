@@ -8,7 +8,7 @@
 Steps: `edgeclf train --recipe R` (the recipe's thread count: the computation depends on it), then for each training folder (one, or one per fold)
 `edgeclf export` with the recipe's [export] settings (also passed as flags, so the figures do not depend on
 export reading run.json's record, which it now does), `edgeclf evaluate` of the fp32 training folder and of the deployed bundle on the held-out split (read
-once per configuration), and ONNX Runtime latency (batch 1, 1 thread, median of 200 after 20 warm-up runs)
+once per configuration), and ONNX Runtime latency (batch 1, 1 thread, median of 200 after 20 warm-up runs; fp32 and the deployed model interleaved in 5 rounds of 40)
 of fp32 and of the deployed model. Writes OUT/summary.json; prints it.
 
 Relative --data, --out and --run paths are taken from the folder you run this in (made absolute, and every `edgeclf`
@@ -55,25 +55,34 @@ def _data_path(spec: str) -> str:
     return spec if spec.startswith("synthetic:") else str(Path(spec.partition("?")[0]).expanduser().resolve())
 
 
-def latency(bundle: Path, precision: str | None, data_x: Any) -> float:
+def latency(bundle: Path, precisions: list[str | None], data_x: Any, *, rounds: int = 5, runs: int = 40) -> list[float]:
+    """Median ms per call (batch 1, 1 thread) of each precision's model in `bundle` (None: the deployed one). With
+    several, their runs interleave (`rounds` rounds of `runs` calls each, after 20 warm-up calls each), so a shared
+    machine's load falls on all of them alike and the comparison is side by side."""
+    import contextlib
+
     import numpy as np
 
     from edgeclf.runtime.backends import OrtBackend
     from edgeclf.runtime.bundle import load_bundle
 
     b = load_bundle(bundle)
-    path, _ = b.select(precision, "ort-cpu")
     m = b.manifest
     x = data_x[:1]
-    with OrtBackend(str(path), (m.preprocess.channels, *m.preprocess.size), m.num_outputs, threads=1) as be:
-        for _ in range(20):
-            be.infer(x)
-        ts = []
-        for _ in range(200):
-            t = time.perf_counter()
-            be.infer(x)
-            ts.append(time.perf_counter() - t)
-    return round(float(np.median(ts)) * 1e3, 3)
+    with contextlib.ExitStack() as stack:
+        backends = [stack.enter_context(OrtBackend(str(b.select(p, "ort-cpu")[0]), (m.preprocess.channels, *m.preprocess.size),
+                                                   m.num_outputs, threads=1)) for p in precisions]
+        for be in backends:
+            for _ in range(20):
+                be.infer(x)
+        ts: list[list[float]] = [[] for _ in backends]
+        for _ in range(rounds):
+            for be, t_be in zip(backends, ts):
+                for _ in range(runs):
+                    t = time.perf_counter()
+                    be.infer(x)
+                    t_be.append(time.perf_counter() - t)
+    return [round(float(np.median(t_be)) * 1e3, 3) for t_be in ts]
 
 
 def summarise_eval(rep: dict[str, Any]) -> dict[str, Any]:
@@ -112,9 +121,9 @@ def export_and_compare(run: Path, bundle: Path, export_cfg: dict[str, Any], read
         out.update(fp32=summarise_eval(fp32), deployed=summarise_eval(deployed))
     else:
         out["test_unread"] = "trained with --no-test: no test figures; latency timed on validation images"
-    out["latency_ms"] = {"fp32": latency(bundle, "fp32", x)}
-    if deploy.get("precision") not in (None, "fp32"):
-        out["latency_ms"]["deployed"] = latency(bundle, None, x)
+    both = deploy.get("precision") not in (None, "fp32")
+    times = latency(bundle, ["fp32", None] if both else ["fp32"], x)
+    out["latency_ms"] = dict(zip(["fp32", "deployed"], times))
     if "clips" in out.get("fp32", {}):
         a, b = out["fp32"]["clips"]["per_clip"], out["deployed"]["clips"]["per_clip"]
         out["clip_agreement"] = float(np.mean([a[k] == b.get(k) for k in a]))

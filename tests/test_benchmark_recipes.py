@@ -102,3 +102,45 @@ def test_cross_validation_on_images_has_no_clip_figures(work: Path) -> None:
     s = json.loads((work / "cv" / "summary.json").read_text())
     assert len(s["deployed"]["per_fold"]) == 2 and "clip_agreement_pooled" not in s["deployed"]
     assert all("clips" not in pf["fp32"] for pf in s["deployed"]["per_fold"])
+
+
+def test_latency_interleaves_the_models_it_compares(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """fp32 and the deployed model are timed in alternating rounds (a shared machine's load falls on both), one median
+    per model."""
+    from tests.conftest import load_benchmark
+
+    recipes = load_benchmark("recipes")
+    calls: list[str] = []
+
+    class FakeBundle:
+        class manifest:
+            class preprocess:
+                channels, size = 1, (8, 8)
+            num_outputs = 2
+
+        def select(self, precision: str | None, backend: str) -> tuple[str, str]:
+            return ("fp32.onnx" if precision == "fp32" else "int8.onnx"), backend
+
+    class FakeBackend:
+        def __init__(self, path: str, *a: Any, **k: Any) -> None:
+            self.path = path
+
+        def __enter__(self) -> FakeBackend:
+            return self
+
+        def __exit__(self, *a: Any) -> None:
+            pass
+
+        def infer(self, x: Any) -> None:
+            calls.append(self.path)
+
+    import edgeclf.runtime.backends as backends
+    import edgeclf.runtime.bundle as bundle
+
+    monkeypatch.setattr(bundle, "load_bundle", lambda p: FakeBundle())
+    monkeypatch.setattr(backends, "OrtBackend", FakeBackend)
+    got = recipes.latency(tmp_path, ["fp32", None], np.zeros((4, 1, 8, 8), np.float32), rounds=3, runs=5)
+    assert len(got) == 2 and all(t >= 0 for t in got)
+    timed = calls[40:]  # after 20 warm-up calls each
+    blocks = [timed[i:i + 5] for i in range(0, len(timed), 5)]
+    assert [b[0] for b in blocks] == ["fp32.onnx", "int8.onnx"] * 3 and all(len(set(b)) == 1 for b in blocks)
