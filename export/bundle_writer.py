@@ -231,7 +231,8 @@ def _data_record(ds: Dataset, classes: str | None) -> dict[str, Any]:
 
 def _classified(ds: Dataset, ids: list[str]) -> np.ndarray:
     """Rows of the frames `ids` that `edgeclf run` classifies: those without a reason in `Dataset.abstain`
-    (sector_warmup: a sector model's frame before its clip's sector locked, or of a clip that never locks)."""
+    (sector_warmup: a sector model's frame before its clip's sector locked, or of a clip that never locks; the
+    quality gate's reasons, as export loads the data with quality=True)."""
     return np.asarray([i for i, f in enumerate(ids) if not ds.abstain.get(f)], dtype=np.int64)
 
 
@@ -251,6 +252,14 @@ def _none_classified(ds: Dataset, ids: list[str], split: str) -> str:
     return f"none of the {len(ids)} {split} frames is one `edgeclf run` classifies (it abstains on every one: {_abstained(ds, ids)}{what})"
 
 
+def _fix(ds: Dataset, ids: list[str]) -> str:
+    """What gives run frames to classify: longer clips where every frame waits for the sector, else frames its
+    quality gate passes."""
+    if all(ds.abstain.get(f) == "sector_warmup" for f in ids):
+        return "export with clips long enough for the sector to lock"
+    return "export with data whose frames `edgeclf run` classifies (clips whose sector locks, frames its quality gate passes)"
+
+
 def export_bundle(cfg: ExportConfig) -> dict[str, Any]:
     """Write a bundle into a temporary sibling folder, verify it as a device would, then move it into place.
 
@@ -258,7 +267,7 @@ def export_bundle(cfg: ExportConfig) -> dict[str, Any]:
     --overwrite survives a failed export.
     """
     from edgeclf.calibration import fit_decision_rule, fit_temperature
-    from edgeclf.metrics import evaluate_predictions
+    from edgeclf.evaluate import _frame_metrics
     from edgeclf.runtime.app import verify_bundle
     from edgeclf.train import _positive_index, load_trained, package_versions, torch_logits
 
@@ -338,7 +347,9 @@ def export_bundle(cfg: ExportConfig) -> dict[str, Any]:
         raise ConfigError("no --data given and the training folder does not record its data; pass --data SPEC")
     # Clip models: sample the frames they were trained and validated on (as train, prune and evaluate do).
     fpc = int((tm.run.get("config") or {}).get("frames_per_clip", 8)) if tm is not None else 8
-    ds: Dataset = load_dataset(data_spec, classes=classes, seed=seed, frames_per_clip=fpc)
+    # quality: the frames `edgeclf run`'s quality gate stops are known too (Dataset.abstain), as evaluate knows them:
+    # the figures, the imported model's calibration and the compression gate leave out every frame run does not classify.
+    ds: Dataset = load_dataset(data_spec, classes=classes, seed=seed, frames_per_clip=fpc, quality=True)
     if tm is not None:  # changed data re-draws the split: export's "val" (gate, parity, metrics) would hold training images
         require_training_data(ds, recorded, data_given=cfg.data,
                                use="its val split is no longer the one held out in training")
@@ -393,14 +404,20 @@ def export_bundle(cfg: ExportConfig) -> dict[str, Any]:
                 want += " (of the second label; a 2-logit model: return logits[:, 1:] - logits[:, :1])"
             raise ModelError(f"the model outputs shape {lv.shape}; a {task} model with {len(labels)} labels must output {want}: "
                              "give a model with that output, or the --task and --labels it was trained for")
+        cv = _classified(ds, val_ids)  # the validation frames `edgeclf run` classifies
         if rule is None:  # imported models: calibrate on the validation split, whatever --split is
+            if not len(cv):
+                raise ExportError(f"{_none_classified(ds, val_ids, 'val')}, so there is nothing to fit the imported model's "
+                                  f"temperature and decision rule on; no bundle was written; {_fix(ds, val_ids)}")
             # The data set's clinically positive class unless --positive names one, as `edgeclf train` does.
             positive = _positive_index(ds, cfg.positive)
-            temperature = fit_temperature(lv, yv, task)
-            rule = fit_decision_rule(probabilities(lv, task, temperature), yv, task,
+            # On the frames run classifies only: those it abstains on never meet the threshold on a device.
+            temperature = fit_temperature(lv[cv], yv[cv], task)
+            rule = fit_decision_rule(probabilities(lv[cv], task, temperature), yv[cv], task,
                                      target_sensitivity=cfg.target_sensitivity, positive=positive)
         lp = lv if cfg.split == "val" else _ort_logits(onnx_path, xp).astype(np.float32)
         parity: dict[str, Any] | None = None
+        # Parity on every frame, abstained ones too: it compares two implementations of one model, not a figure.
         if ref is not None:
             parity = parity_report(ref, lp, task, temperature, rule)
             parity.update(reference="torch", split=cfg.split, precision="fp32")
@@ -420,8 +437,12 @@ def export_bundle(cfg: ExportConfig) -> dict[str, Any]:
                 )
         else:
             provenance["parity"] = "not measured: the source is ONNX, there is no torch reference to compare with"
-        metrics = {"val_onnx_fp32": evaluate_predictions(probabilities(lv, task, temperature), yv, task, rule, labels, n_boot=500,
-                                                         groups=ds.split("val").groups)}
+        # As `edgeclf evaluate` reports them: over the frames run classifies, the others counted per reason beside the
+        # figures (abstained, abstain_reasons, coverage), and with some left out, the every-frame figures as all_frames.
+        metrics = {"val_onnx_fp32": _frame_metrics(probabilities(lv, task, temperature), yv, task, rule, labels, val_groups,
+                                                   0.0, n_boot=500, why=[ds.abstain.get(f, "") for f in val_ids])}
+        if not len(cv):
+            log.warning("%s: the validation figures are undefined", _none_classified(ds, val_ids, "val"))
         if "test" in train_metrics:
             metrics["test_training"] = train_metrics["test"]
         compression: dict[str, Any] = {"variants": [], "deploy": {"precision": "fp32", "reason": "fp32 requested"}}
@@ -431,16 +452,17 @@ def export_bundle(cfg: ExportConfig) -> dict[str, Any]:
 
             tr = ds.split("train")
             # Frames `edgeclf run` never classifies (a sector model's frames before its clip's sector locked: whole,
-            # uncropped) neither set the INT8 ranges nor judge the gate: they are not what the deployed model sees.
-            ct, cv = _classified(ds, tr.ids), _classified(ds, val_ids)
+            # uncropped; those its quality gate stops) neither set the INT8 ranges nor judge the gate: they are not what
+            # the deployed model sees.
+            ct = _classified(ds, tr.ids)
             if not len(cv):
                 raise ExportError(f"--precision {cfg.precision}: {_none_classified(ds, val_ids, 'val')}, so the accuracy gate has "
                                   "nothing to judge a compressed model on; no bundle was written; export with --precision fp32, "
-                                  "or with clips long enough for the sector to lock")
+                                  f"or {_fix(ds, val_ids)}")
             if not len(ct) and cfg.precision != "fp16":
                 raise ExportError(f"--precision {cfg.precision}: {_none_classified(ds, tr.ids, 'train')}, so there is nothing to "
-                                  "calibrate INT8 on; no bundle was written; export with --precision fp32 or fp16, or with clips "
-                                  "long enough for the sector to lock")
+                                  "calibrate INT8 on; no bundle was written; export with --precision fp32 or fp16, or "
+                                  f"{_fix(ds, tr.ids)}")
             idx = ct[calibration_indices(tr.labels[ct], cfg.calibration_n, seed)] if len(ct) else ct
             qat, qat_unavailable = _qat_rung(cfg, tm, ds)
             compression = compress(
