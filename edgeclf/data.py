@@ -186,7 +186,7 @@ def load_dataset(
     quality: bool = False,
 ) -> Dataset:
     """The data set of `spec`. `quality`: run `edgeclf run`'s quality gate over each clip's frames (folders of images:
-    over each folder's images, as run reads them) and record the frames it would stop in `Dataset.abstain` (evaluate,
+    on each image alone, as run judges a still) and record the frames it would stop in `Dataset.abstain` (evaluate,
     and training where it reads its test split)."""
     class_map = parse_class_map(classes)
     if frames_per_clip < 1:
@@ -476,35 +476,19 @@ def _read_image(path: Path) -> np.ndarray:
     return _gray_if_equal(_decoded(path))
 
 
-def _gate_image(gates: dict[Path, Any], path: Path, img: np.ndarray) -> str:
-    """`edgeclf run`'s quality gate on one image of a folder, as run gates a folder of images: one stream
-    (ImageSource starts no new segment between files, so its gate is never reset: a frozen run and the texture
-    baseline carry from image to image), read in natural order. Hence one gate per folder (a class folder, or a
-    sub-folder: what run can be pointed at), fed every image of it in that order, as decoded (before
-    `_gray_if_equal`). A DataError of the gate is run's frame_error: that image abstains."""
+def _gate_image(gate: Any, path: Path, img: np.ndarray) -> str:
+    """`edgeclf run`'s quality gate (a QualityGate with run's defaults) on one image, as run gates an image of a
+    folder: a still, judged on its own (no frozen run or texture baseline from the images before it, so neither the
+    order nor the images a split list leaves out matter), the whole image as decoded (before `_gray_if_equal`). A
+    DataError of the gate is run's frame_error: that image abstains."""
     from edgeclf.runtime.pipeline import FRAME_ERROR
-    from edgeclf.runtime.quality import QualityGate
 
-    gate = gates.get(path.parent)
-    if gate is None:
-        gate = gates[path.parent] = QualityGate()  # run's defaults
     try:
-        return ",".join(gate.check(img, None).reasons)
+        return ",".join(gate.check(img, None, still=True).reasons)
     except DataError as exc:
         log.warning("image %s: the quality gate failed on it (%s); it abstains with %s", _shown(path.name),
                     " ".join(str(exc).split())[:300], FRAME_ERROR)
         return FRAME_ERROR
-
-
-def _gate_left_out(gates: dict[Path, Any], path: Path) -> None:
-    """An image a split list leaves out through `_gate_image` (run reads it with the rest of its folder). One that
-    cannot be decoded is not in the data set, and run would stop at it: it is left out of the gate's stream too."""
-    try:
-        img = _decoded(path)
-    except DataError as exc:
-        log.warning("%s; it is not in the data set, so the quality gate goes on without it", exc)
-        return
-    _gate_image(gates, path, img)
 
 
 def _gray_if_equal(img: np.ndarray) -> np.ndarray:
@@ -805,15 +789,24 @@ def _near_groups(hashes: list[bytes], threshold: int) -> list[int]:
     return [find(i) for i in range(len(h))]
 
 
+_COMMITTED_SPLITS = Path(__file__).resolve().parent / "recipe_files" / "splits"
+
+
 def _split_list_path(name: str) -> Path:
+    """A split list given as a .csv path, or by the name of a committed one (`recipe_files/splits/NAME.csv`)."""
     p = Path(name).expanduser()
     if p.suffix == ".csv" and p.is_file():
         return p
-    packaged = Path(__file__).resolve().parent / "recipe_files" / "splits" / f"{name}.csv"
+    packaged = _COMMITTED_SPLITS / f"{name}.csv"
     if packaged.is_file():
         return packaged
-    have = sorted(q.stem for q in packaged.parent.glob("*.csv")) if packaged.parent.is_dir() else []
-    raise DataError(f"split list {name!r} is neither a .csv file nor a committed list; committed: {', '.join(have) or 'none'}")
+    # The committed folder itself: `packaged.parent` is the folder of an absolute or nested `name`, not this one.
+    have = sorted(q.stem for q in _COMMITTED_SPLITS.glob("*.csv")) if _COMMITTED_SPLITS.is_dir() else []
+    committed = ", ".join(have) or "none"
+    if p.suffix == ".csv":
+        raise DataError(f"split list file {name!r} does not exist (or is not a file); give the path of an existing .csv "
+                        f"file, or the name of a committed list: {committed}")
+    raise DataError(f"split list {name!r} is neither a .csv file nor a committed list; committed: {committed}")
 
 
 def read_split_list(name: str) -> dict[str, tuple[str, str, str]]:
@@ -908,9 +901,12 @@ def _scan_folder(root: Path, class_map, opts: FolderOptions, frames_per_clip: in
     no_lock = [0]  # roi=sector: clips in which the sector detector never locked
     abstain: dict[str, str] = {}
     seen: dict[str, Path] = {}  # id -> file: two names can show alike (`_shown`)
-    # quality, images: folder -> run's quality gate over it (`_gate_image`). Run reads every image of a folder, those a
-    # split list leaves out too: they pass through the gate (its frozen run and baseline), not into the data set.
-    gates: dict[Path, Any] | None = {} if quality and not is_clips else None
+    # quality, images: run's quality gate, each image judged on its own (`_gate_image`).
+    gate: Any = None
+    if quality and not is_clips:
+        from edgeclf.runtime.quality import QualityGate
+
+        gate = QualityGate()  # run's defaults
     for top in tops:
         split_name = top.name if split_dirs else "pool"
         for d in _class_dirs(top):
@@ -942,8 +938,6 @@ def _scan_folder(root: Path, class_map, opts: FolderOptions, frames_per_clip: in
                 if listed is not None:
                     entry = listed.get(rel)
                     listing.update(f"{rel}:{entry[1]}:{entry[2]}\n".encode() if entry else f"{rel}:-\n".encode())
-                    if gates is not None and (entry is None or entry[1] not in SPLITS):
-                        _gate_left_out(gates, f)
                     if entry is None:
                         unlisted += 1
                         continue
@@ -963,7 +957,7 @@ def _scan_folder(root: Path, class_map, opts: FolderOptions, frames_per_clip: in
                     frames, why = _sample_clip(f, k, roi=opts.roi, no_lock=no_lock, quality=quality)
                 else:
                     img = _decoded(f)
-                    frames, why = [_gray_if_equal(img)], [_gate_image(gates, f, img) if gates is not None else ""]
+                    frames, why = [_gray_if_equal(img)], [_gate_image(gate, f, img) if gate is not None else ""]
                 abstain.update((fid, w) for fid, w in zip(_frame_ids(rel, len(frames)), why) if w)
                 if is_clips and len(frames) < k:
                     short.append(len(frames))

@@ -122,8 +122,9 @@ def evaluate(
 ) -> dict[str, Any]:
     """Evaluate a training folder or a bundle on a data split; writes metrics.json and PNGs into `out`.
 
-    On clips, the frames `edgeclf run` would not classify abstain here too: before the sector locks (roi=sector) and,
-    with `quality` (on by default, as in run; off as `run --no-quality`), those its quality gate stops."""
+    The frames and images `edgeclf run` would not classify abstain here too: on clips, frames before the sector locks
+    (roi=sector); with `quality` (on by default, as in run; off as `run --no-quality`), the clip frames and the images
+    its quality gate stops (an image judged on its own, as run judges a still)."""
     from edgeclf.metrics import plot_confusion, plot_roc
 
     path = Path(target)

@@ -1,7 +1,9 @@
 """The per-frame pipeline: source -> sector -> quality -> preprocess -> infer -> postprocess -> sinks.
 
 Every frame the source delivers gives exactly one result record, also when it is not classified (a
-frame failing the quality gate is recorded as an abstain with its reason, without inference).
+frame failing the quality gate is recorded as an abstain with its reason, without inference). The
+quality gate judges a still (an image file, a single-frame DICOM) on its own and a cine's frames as a
+stream (see `run_pipeline`).
 Every stage is timed; capture-to-result latency is measured from the frame's capture timestamp.
 """
 from __future__ import annotations
@@ -106,7 +108,8 @@ class RunOptions:
         watched folders and single DICOM images).
     roi: "none", "sector" (ultrasound: detect the fan or image area, lock it, mask and crop) or a fixed
         "x0,y0,x1,y1" box; None: the bundle's (sector for a model trained on sector crops, else none).
-    quality: run the per-frame quality gate (frozen, dark, saturated, empty sector).
+    quality: run the per-frame quality gate (frozen, dark, saturated, empty sector; a still is judged on its
+        own: never frozen, never empty by comparison with other images, see run_pipeline).
     batch: frames per inference call for sources that are neither live nor paced (recorded files, folders,
         DICOM): more frames/s where the model runs faster on batches, each result later by up to a batch.
         Live sources and --realtime always infer one frame at a time (the newest frame, at once). Records,
@@ -276,6 +279,17 @@ def _video_like(source: FrameSource) -> bool:
     return kind in ("video", "camera", "stream", "synthetic", "gstreamer")
 
 
+def _still(meta: Mapping[str, Any], video_like: bool) -> bool:
+    """Whether a frame is a still, which the quality gate judges on its own: a frame of a file that holds one frame
+    (meta "file_frames" of a DICOM folder's or a watched folder's file: an X-ray, an image file), else any frame of a
+    source that is not video-like (image files, a folder of single-frame DICOM files). A cine's frames are not."""
+    if meta.get("source") in ("dicom", "watch"):
+        n = meta.get("file_frames")
+        if isinstance(n, int) and not isinstance(n, bool):
+            return n == 1
+    return not video_like
+
+
 def _segment(meta: Mapping[str, Any], dicom: bool) -> Tuple[Any, bool]:
     """(segment, cine) of a frame: ("file", file_index) of a DICOM file or ("watch", watch_key) of a watched folder's
     file (when `dicom`: per-file sources), ("connection", n) of a reconnecting live source, else None; cine: whether
@@ -427,7 +441,13 @@ def run_pipeline(
     "warning" when a model trained on sector crops is fed anything else. Under roi "sector", a frame that comes before
     the sector locks (the first frames of a stream, a segment or a frame size) is not inferred: it abstains with
     "sector_warmup" (counted in summary.extra["sector_warmup"], not in "quality_flagged"). A new segment (DICOM cine,
-    connection) also resets the sector detector and the quality gate: a new scanner gets its own sector.
+    connection) also resets the sector detector and, when it is a cine, the quality gate: a new scanner gets its own
+    sector. Stills are judged by the quality gate each on its own (``QualityGate.check(still=True)``: blank,
+    saturated, too small, empty by their own figures; never "frozen", never "empty" against other images' texture):
+    every frame of a source that is not video-like (image files, a folder of single-frame DICOM files) and, in a DICOM
+    folder or a watched folder, every frame of a file holding one frame. They neither read nor change the gate's
+    stream state, so a cine around them is judged as though they were not there (summary.extra["quality"]["stills"]
+    counts them). The sector detector treats them as before: stills share its lock.
     `stop` (set by a signal handler) or a sink's ``stop_requested`` ends the run after the current frame (the
     current batch for a signal, with `options.batch` > 1; frames read and not recorded are counted).
     A source error in the middle of a batch is raised after the frames read before it are recorded.
@@ -469,6 +489,7 @@ def run_pipeline(
     if ack is not None and getattr(source, "needs_ack", False):
         syncs = [fn for fn in (getattr(sk, "sync", None) for sk in sinks) if callable(fn)]
     live = bool(getattr(source, "live", False))
+    video_like = _video_like(source)  # frames of a source that is not are stills to the quality gate (_still)
     watch_stalls = live and not waits_by_design(source)  # a watched folder waiting for its next file is no stall
 
     summary = RunSummary()
@@ -507,11 +528,13 @@ def run_pipeline(
                 return _IDLE  # nothing new yet (a watched folder, a stream reconnecting)
             return None
         image = frame.image
+        still = _still(frame.meta, video_like)
         if feed_segments.update(frame.meta)[0]:
-            # A new cine or connection (another scanner, layout or patient): its own sector and gate baseline.
+            # A new cine or connection (another scanner, layout or patient): its own sector and gate baseline. A still
+            # leaves the gate's stream state alone: nothing to reset for it.
             if detector is not None:
                 detector.reset()
-            if gate is not None:
+            if gate is not None and not still:
                 gate.reset()
         mask = None
         reasons: Tuple[str, ...] = ()
@@ -531,7 +554,8 @@ def run_pipeline(
             stage = "quality"
             if gate is not None and not reasons:
                 gated = True
-                reasons = gate.check(frame.image, mask).reasons  # the gate subsamples before any colour conversion
+                # The gate subsamples before any colour conversion; a still is judged on its own.
+                reasons = gate.check(frame.image, mask, still=still).reasons
         except DataError as exc:  # this frame's data (not the code): the frame abstains, the run goes on
             reasons = frame_error(frame.index, stage, exc)
         t3 = time.perf_counter()

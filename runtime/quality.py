@@ -1,4 +1,4 @@
-"""Per-frame quality gate for ultrasound streams: frozen, blank, saturated and empty-sector frames.
+"""Per-frame quality gate: frozen, blank, saturated and empty-sector frames of streams; blank, saturated and empty stills.
 
 :class:`QualityGate` looks at every 4th pixel of every 4th row of a gray frame (160x120 of a 640x480
 frame, a strided view) inside the sector mask when one is given, and returns a
@@ -15,21 +15,29 @@ Reasons (QUALITY_REASONS) and the default thresholds, calibrated on the 91 POCUS
   a fade-in). Real clips reach these only on black frames.
 * ``"saturated"``: >= 20% of the pixels at >= 250 (gain far too high). Real clips stay below 2%.
 * ``"empty"`` (probe lifted, lost contact): not blank, but >= 90% of the pixels at <= 12, or the mean
-  absolute difference of horizontal pairs ("texture") <= 1.0, or below 0.3x the median texture of the
-  last 32 accepted frames (refreshed every 8). The pairs lie sector width / 128 pixels apart (at least
+  absolute difference of horizontal pairs ("texture") <= 1.0, or (streams only) below 0.3x the median
+  texture of the last 32 accepted frames (refreshed every 8). The pairs lie sector width / 128 pixels apart (at least
   4), so that a bigger capture of the same scan measures the same texture. Per clip, the median texture
   of live speckle is 1.6-13 on these clips (1.5-9.1 captured at 2x), and never fell below 0.37x its
   running median. 12 frames in a row flagged by that ratio alone (the image live and textured, only
   softer: another patient, preset or gain) re-seed the baseline from them, so the gate never locks out.
-* ``"frozen"``: the mean absolute difference to the previous frame stays <= 0.25 for >= 15
+* ``"frozen"`` (streams only): the mean absolute difference to the previous frame stays <= 0.25 for >= 15
   consecutive frames (not reported for blank frames). Re-encoded clips repeat frames: near-identical
   runs (difference 0-0.1) of up to 9 frames occur in the 60 fps ``Cov_denault`` clips and up to 4 in
   the ``prospective`` ones; new frames of slow, live clips differ by >= 0.2 (1st percentile ~0.3).
   The GIF clips repeat no frame (their dithering alone changes >= 0.5 per frame).
 
+Stills (``check(..., still=True)``: an image file, a single-frame DICOM such as an X-ray exposure) are each
+judged on their own: only "too_small", "blank", "saturated" and the absolute "empty" (dark share, texture
+<= empty_texture) apply. A still neither reads nor changes the stream's state (previous frame, frozen run,
+texture baseline, re-seeding): two alike X-rays in a row are two exposures, not a frozen scanner, and a
+soft image after sharper ones (another patient) is not a lifted probe. Stills are counted in `stats`
+("frames", "flagged", each reason, and "stills"); a cine checked around them goes on as though they were
+never checked.
+
 Pass the sector mask (see :mod:`edgeclf.runtime.sector`): without one the whole frame is used, and
 the black screen around a fan makes "empty" fire on a normal image. ``reset()`` on a new segment
-(connection, file): the previous frame and the baseline belong to the one before.
+(connection, cine file): the previous frame and the baseline belong to the one before.
 
 Python 3.8 compatible, numpy at import time, OpenCV inside the functions that use it, never torch.
 """
@@ -128,8 +136,8 @@ class QualityResult:
 
     ``figures``: mean, p99 (computed only when the mean is <= blank_mean, else -1), saturated
     (share), dark (share), texture, diff (to the previous frame; -1 for the first), frozen_run
-    (consecutive near-identical frames), baseline (running texture median; -1 until known); for a
-    "too_small" frame only width and height.
+    (consecutive near-identical frames), baseline (running texture median; -1 until known); a still
+    has diff -1, frozen_run 0 and baseline -1 (none is used); a "too_small" frame only width and height.
     """
 
     ok: bool
@@ -140,9 +148,10 @@ class QualityResult:
 class QualityGate:
     """Check frames one by one; keeps the previous frame and a texture baseline (one gate per stream).
 
-    ``check(gray, sector_mask)``: `gray` (H, W) uint8 (an (H, W, 3) RGB frame is converted after
-    subsampling); `sector_mask` (H, W) bool/uint8 or None for the whole frame. The mask is subsampled
-    once and cached while the same array object is passed.
+    ``check(gray, sector_mask, still=False)``: `gray` (H, W) uint8 (an (H, W, 3) RGB frame is converted
+    after subsampling); `sector_mask` (H, W) bool/uint8 or None for the whole frame. The mask is
+    subsampled once and cached while the same array object is passed. ``still=True``: the frame is judged
+    on its own (see the module docstring), the stream's state left as it was.
     """
 
     def __init__(self, **thresholds: Any) -> None:
@@ -162,7 +171,7 @@ class QualityGate:
     def _clear(self) -> None:
         self._counts: Dict[str, int] = {"frames": 0, "flagged": 0}
         self._counts.update({r: 0 for r in QUALITY_REASONS})
-        self._counts.update(resets=0, reseeds=0)
+        self._counts.update(stills=0, resets=0, reseeds=0)
         self._clear_state()
 
     def _clear_state(self) -> None:
@@ -188,8 +197,8 @@ class QualityGate:
 
     @property
     def stats(self) -> Dict[str, int]:
-        """Frames checked, frames flagged, frames per reason, resets, and reseeds (of the texture baseline);
-        counted over every reset."""
+        """Frames checked (stills included), frames flagged, frames per reason, stills (frames checked as
+        stills), resets, and reseeds (of the texture baseline); counted over every reset."""
         return dict(self._counts)
 
     def _masks(
@@ -223,8 +232,6 @@ class QualityGate:
         pairs = far
         self._mask_src, self._mask, self._pairs, self._shape = sector_mask, m, pairs, small_shape
         self._count = float(np.count_nonzero(m))
-        if self._prev is not None and self._prev.shape != small_shape:
-            self._prev = None
         return m, pairs
 
     def _subsample(self, image: NDArray[np.uint8]) -> NDArray[np.uint8]:
@@ -251,12 +258,15 @@ class QualityGate:
         logger.debug("frame of %dx%d flagged too_small (a side below %d px)", w, h, MIN_SIDE)
         return QualityResult(False, ("too_small",), {"width": float(w), "height": float(h)})
 
-    def check(self, gray: NDArray[Any], sector_mask: Optional[NDArray[Any]] = None) -> QualityResult:
-        """Check one frame; see QualityResult."""
+    def check(self, gray: NDArray[Any], sector_mask: Optional[NDArray[Any]] = None, *, still: bool = False) -> QualityResult:
+        """Check one frame; see QualityResult. `still`: judge it on its own (an image, not a frame of a stream): no
+        "frozen", no "empty" by the baseline ratio, and the stream's state (previous frame, baseline) untouched."""
         cv2 = self._cv2
         cfg = self.config
         if gray.dtype != np.uint8 or gray.ndim not in (2, 3):
             raise DataError(f"frame of shape {gray.shape} and dtype {gray.dtype} is not supported; expected (H, W) uint8")
+        if still:
+            self._counts["stills"] += 1
         if min(gray.shape[0], gray.shape[1]) < MIN_SIDE:
             return self._too_small(gray)
         small = self._subsample(gray)
@@ -273,6 +283,16 @@ class QualityGate:
         if self._pairs2 is not None:  # linear in the gap between g and g + 1 subsampled pixels
             far = float(cv2.mean(cv2.absdiff(small[:, g + 1 :], small[:, : -g - 1]), mask=self._pairs2)[0])
             texture += self._blend * (far - texture)
+        blank = mean <= cfg.blank_mean and 0.0 <= p99 <= cfg.blank_p99
+        sat = saturated >= cfg.saturated_share
+        absolute = dark >= cfg.empty_dark_share or texture <= cfg.empty_texture
+        if still:  # on its own: nothing to compare with, and nothing kept for the stream
+            reasons = tuple(r for r, hit in zip(QUALITY_REASONS[1:4], (blank, sat, not blank and not sat and absolute)) if hit)
+            figures = {"mean": mean, "p99": p99, "saturated": saturated, "dark": dark, "texture": texture,
+                       "diff": -1.0, "frozen_run": 0.0, "baseline": -1.0}
+            return self._result(reasons, figures)
+        if self._prev is not None and self._prev.shape != small.shape:
+            self._prev = None  # another frame size: nothing to compare with
         if self._prev is None:
             diff = -1.0
             self._run = 0
@@ -282,9 +302,6 @@ class QualityGate:
         self._prev = small
         baseline = self._baseline
 
-        blank = mean <= cfg.blank_mean and 0.0 <= p99 <= cfg.blank_p99
-        sat = saturated >= cfg.saturated_share
-        absolute = dark >= cfg.empty_dark_share or texture <= cfg.empty_texture
         relative = baseline > 0 and texture <= cfg.empty_ratio * baseline
         empty = not blank and not sat and (absolute or relative)
         frozen = not blank and self._run >= cfg.frozen_frames
@@ -308,15 +325,18 @@ class QualityGate:
             if self._fresh >= _BASELINE_MIN:  # a median every few frames keeps the check cheap
                 self._baseline = float(np.median(np.asarray(self._textures)))
                 self._fresh = 0
+        figures = {
+            "mean": mean, "p99": p99, "saturated": saturated, "dark": dark, "texture": texture,
+            "diff": diff, "frozen_run": float(self._run), "baseline": baseline,
+        }  # fmt: skip
+        return self._result(reasons, figures)
+
+    def _result(self, reasons: Tuple[str, ...], figures: Dict[str, float]) -> QualityResult:
+        """Count a judged frame and wrap it up."""
         self._counts["frames"] += 1
         if reasons:
             self._counts["flagged"] += 1
             for r in reasons:
                 self._counts[r] += 1
-        figures = {
-            "mean": mean, "p99": p99, "saturated": saturated, "dark": dark, "texture": texture,
-            "diff": diff, "frozen_run": float(self._run), "baseline": baseline,
-        }  # fmt: skip
-        if reasons:
             logger.debug("frame flagged %s: %s", reasons, figures)
         return QualityResult(not reasons, reasons, figures)

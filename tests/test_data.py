@@ -13,7 +13,6 @@ import pytest
 
 from edgeclf.data import SPLITS, Dataset, load_dataset, parse_class_map
 from edgeclf.errors import DataError, EdgeclfError
-from edgeclf.runtime.sources import natural_key
 
 cv2 = pytest.importorskip("cv2")
 
@@ -1421,17 +1420,18 @@ def test_images_the_quality_gate_stops_are_flagged_as_run_flags_them(tmp_path: P
         assert run == [gated.abstain.get(f"{cls}/img{i}.png", "") for i in range(7)], run
 
 
-def test_image_folders_are_gated_as_one_stream_as_run_gates_them(tmp_path: Path) -> None:
-    """Run reads a folder of images as one stream: its gate is not reset between images, so two identical X-rays in a
-    row are not "frozen" (15 in a row after the first are), and each folder (a class, a sub-folder: what run is pointed
-    at) is its own stream. Offline, the gate is fed the same images in the same order: the same reasons, image by image."""
+def test_image_folders_are_gated_image_by_image_as_run_gates_them(tmp_path: Path) -> None:
+    """Run judges each image of a folder on its own (a still): 18 identical X-rays in a row are never "frozen", and a
+    soft (low-texture, not empty) image after sharper ones is not "empty" for want of the others' texture; a black
+    one is still "blank". Offline the same, image by image, whatever folder (a class, a sub-folder) run is pointed at."""
     rng = np.random.default_rng(1)
     root = tmp_path / "imgs"
     same = _speckle(rng, 1)[0]
-    for i in range(18):  # img0..img17 identical: run calls img15 on frozen (its 15th near-identical one in a row)
+    for i in range(18):  # img0..img17 identical: a stream would call img15..img17 frozen
         _write(root / "a" / f"img{i}.png", same)
+    _write(root / "a" / "img18.png", (100 + rng.integers(0, 8, (64, 64))).astype(np.uint8))  # texture ~2.6 of ~63
     for i, img in enumerate(_speckle(rng, 4)):
-        _write(root / "a" / "more" / f"img{i}.png", img)  # a folder of its own: a new stream for run
+        _write(root / "a" / "more" / f"img{i}.png", img)
         _write(root / "b" / f"img{i}.png", img // 2)
     _write(root / "b" / "img4.png", np.zeros((64, 64), np.uint8))
     _write(root / "b" / "img5.png", np.zeros((64, 64), np.uint8))  # two identical black images: blank, not frozen
@@ -1441,12 +1441,12 @@ def test_image_folders_are_gated_as_one_stream_as_run_gates_them(tmp_path: Path)
     for folder, files in ids.items():
         run = _runs_quality_reasons(tmp_path, root / folder)
         assert run == [ds.abstain.get(p.relative_to(root).as_posix(), "") for p in files], (folder, run)
-    assert ds.abstain == {**{f"a/img{i}.png": "frozen" for i in (15, 16, 17)}, "b/img4.png": "blank", "b/img5.png": "blank"}
+    assert ds.abstain == {"b/img4.png": "blank", "b/img5.png": "blank"}
 
 
-def test_images_a_split_list_leaves_out_still_pass_through_the_gate_as_in_run(tmp_path: Path) -> None:
-    """Run reads every image of a folder, also the copies a split list leaves out: they count in its gate's frozen run.
-    img1..img16 (copies of img0, left out) make img17 (one pixel apart: kept) the 17th near-identical image in a row."""
+def test_images_a_split_list_leaves_out_do_not_change_how_the_kept_ones_are_gated(tmp_path: Path) -> None:
+    """Run reads every image of a folder, also the copies a split list leaves out, but judges each alone: img1..img16
+    (copies of img0, left out) do not make img17 (one pixel apart: kept) "frozen", offline or in run."""
     from edgeclf.data import make_split_list
 
     rng = np.random.default_rng(3)
@@ -1464,7 +1464,22 @@ def test_images_a_split_list_leaves_out_still_pass_through_the_gate_as_in_run(tm
     lst = tmp_path / "list.csv"
     lst.write_text("path,sha256,split,group\n" + "".join(",".join(r) + "\n" for r in rows))
     ds = load_dataset(f"{root}?split={lst}", quality=True)
-    assert ds.abstain == {"a/img17.png": "frozen"}, ds.abstain
+    assert ds.abstain == {} and "a/img17.png" in ds.split("all").ids
     run = _runs_quality_reasons(tmp_path, root / "a")
-    files = sorted((p.name for p in (root / "a").iterdir()), key=natural_key)
-    assert run[files.index("img17.png")] == "frozen" and run.count("frozen") == 3
+    assert run == [""] * len(run) and len(run) == 22
+
+
+def test_a_missing_split_list_file_names_the_committed_lists(tmp_path: Path) -> None:
+    """A .csv path that does not exist listed the .csv files of ITS folder as the "committed" lists ("none" where it
+    had none): the committed lists are those under edgeclf/recipe_files/splits."""
+    from edgeclf.data import read_split_list
+
+    (tmp_path / "other.csv").write_text("path,sha256,split,group\n")
+    for missing in (tmp_path / "typo.csv", tmp_path / "gone" / "list.csv"):
+        with pytest.raises(DataError) as exc:
+            read_split_list(str(missing))
+        msg = _one_line(exc)
+        assert "does not exist" in msg and "brain-mri" in msg and "busi" in msg and "other" not in msg, msg
+    with pytest.raises(DataError) as exc:
+        read_split_list("no-such-list")
+    assert "committed: brain-mri, busi" in _one_line(exc)

@@ -1270,3 +1270,136 @@ def test_no_frame_of_a_sector_bundle_is_inferred_uncropped(tmp_path: Path, monke
     assert all(r["probs"] is None and r["latency_ms"]["infer"] is None and r["quality"] == [] for r in warm)
     assert len(seen) == 13 and s.abstain_reasons.get(SECTOR_WARMUP) == 7
     assert s.extra["sector_warmup"] == 7 and s.quality_flagged == 0  # counted apart from the quality gate
+
+
+# ------------------------------------------------------------- stills: each judged on its own by the quality gate
+
+STILLS = ("images", "dicom", "watch")  # an image folder, a folder of single-frame DICOM files, image files dropped in
+CINES = ("video", "dicom_cine", "watch_cine")  # a video stream, a multi-frame DICOM, one dropped in a watched folder
+
+
+def _textured(seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).integers(30, 200, size=(64, 64), dtype=np.uint8)  # texture ~57
+
+
+def _soft(seed: int = 0) -> np.ndarray:
+    """Low texture (~2.6): above the gate's absolute floor (1.0), below 0.3x a textured image's."""
+    return (100 + np.random.default_rng(seed).integers(0, 8, size=(64, 64))).astype(np.uint8)
+
+
+class _Video:
+    """The frames as a video stream (kind "video"): one stream to the gate."""
+
+    kind, fps, live = "video", 25.0, False
+
+    def __init__(self, frames: list) -> None:
+        self.frames, self.size, self.frame_count, self.k = frames, (64, 64), len(frames), 0
+
+    def read(self, timeout: Optional[float] = None) -> Any:
+        from edgeclf.runtime.sources import Frame
+
+        if self.k >= len(self.frames):
+            return None
+        self.k += 1
+        return Frame(image=self.frames[self.k - 1].copy(), index=self.k - 1, timestamp=__import__("time").monotonic(),
+                     meta={"source": "video"})
+
+    def close(self) -> None:
+        pass
+
+
+def _quality_of(tmp_path: Path, how: str, frames: list) -> list:
+    """Each frame's record["quality"] from a run over `frames` delivered as `how` (STILLS or CINES)."""
+    cv2 = pytest.importorskip("cv2")
+    from edgeclf.runtime.pipeline import RunOptions
+    from edgeclf.runtime.watch import WatchFolderSource
+    from tests.runtime.tiny_bundle import make_tiny_bundle
+
+    b = load_bundle(make_tiny_bundle(tmp_path / "b"))
+    folder = tmp_path / how
+    folder.mkdir()
+    if how in ("dicom", "dicom_cine", "watch_cine"):
+        pytest.importorskip("pydicom")
+        from tests.runtime.test_dicom import write_dicom
+
+        if how == "dicom":
+            for i, f in enumerate(frames):
+                write_dicom(folder / f"im{i}.dcm", f, instance=i + 1)
+        else:
+            write_dicom(folder / "cine.dcm", np.stack(frames), instance=1, frame_time=33.3)
+    elif how in ("images", "watch"):
+        t0 = 1_700_000_000
+        for i, f in enumerate(frames):
+            cv2.imwrite(str(folder / f"{i}.png"), f)
+            os.utime(folder / f"{i}.png", (t0 + i, t0 + i))  # a watched folder reads by mtime
+    mem = ListSink()
+    opts = RunOptions(smoothing="off", roi="none")
+    with FakeBackend((1, 8, 8), 3) as be:
+        if how.startswith("watch"):
+            src: Any = WatchFolderSource(str(folder), poll=0.02, idle_exit=0.5, state_path=str(tmp_path / "state.json"))
+        elif how == "video":
+            src = _Video(frames)
+        else:
+            src = open_source(str(folder))
+        try:
+            s = run_pipeline(b, src, be, [mem], options=opts)
+        finally:
+            src.close()
+    assert s.frames == len(frames) == len(mem.records)
+    return [r["quality"] for r in mem.records]
+
+
+@pytest.mark.parametrize("how", STILLS + CINES)
+def test_identical_stills_are_never_frozen_while_a_cine_of_them_is(tmp_path: Path, how: str) -> None:
+    """Two X-rays alike in a row (a repeat exposure, the same file sent twice) are two stills, never "frozen" however
+    many follow each other; the same frames as a cine are a frozen scanner from the 16th on (15 unchanged after it)."""
+    same = _textured(0)
+    near = same.copy()
+    near[2, 2] ^= 1  # near-identical: one (sampled) pixel apart
+    frames = [same if i % 2 == 0 else near for i in range(20)]
+    got = _quality_of(tmp_path, how, frames)
+    assert got == ([[]] * 20 if how in STILLS else [[]] * 15 + [["frozen"]] * 5), got
+
+
+@pytest.mark.parametrize("how", STILLS + CINES)
+def test_a_soft_still_after_textured_ones_is_not_empty_while_in_a_cine_it_is(tmp_path: Path, how: str) -> None:
+    """A low-texture image (not empty on its own) after many highly textured ones: as a still (another patient, another
+    exposure) it is judged alone and passes; in a cine the sudden loss of texture is a lifted probe: "empty"."""
+    frames = [_textured(i) for i in range(12)] + [_soft()]
+    got = _quality_of(tmp_path, how, frames)
+    assert got == [[]] * 12 + [[] if how in STILLS else ["empty"]], got
+
+
+@pytest.mark.parametrize("how", STILLS)
+def test_a_blank_saturated_or_empty_still_is_still_stopped(tmp_path: Path, how: str) -> None:
+    """The gate's checks of a frame on its own still stop a still: black ("blank"), gain far too high ("saturated"),
+    nearly all dark with a bright strip ("empty": >= 90% dark, not blank); among 16 identical images (no "frozen")."""
+    same = _textured(3)
+    dark = np.zeros((64, 64), np.uint8)
+    dark[:8, :40] = 200  # 20 of the 256 sampled pixels bright: mean ~16 (not blank), 92% dark
+    frames = [same] * 16 + [np.zeros((64, 64), np.uint8), np.full((64, 64), 255, np.uint8), dark, _textured(4)]
+    got = _quality_of(tmp_path, how, frames)
+    assert got == [[]] * 16 + [["blank"], ["saturated"], ["empty"], []], got
+
+
+def test_a_still_between_cines_leaves_the_cines_gate_alone(tmp_path: Path) -> None:
+    """A DICOM folder holding a cine, then stills: the stills are judged alone (no "frozen", no "empty" from the cine's
+    baseline) and the gate counts them, with no reset for them."""
+    pytest.importorskip("pydicom")
+    from edgeclf.runtime.pipeline import RunOptions
+    from tests.runtime.test_dicom import write_dicom
+    from tests.runtime.tiny_bundle import make_tiny_bundle
+
+    b = load_bundle(make_tiny_bundle(tmp_path / "b"))
+    folder = tmp_path / "dcm"
+    folder.mkdir()
+    cine = [_textured(i) for i in range(12)]
+    write_dicom(folder / "a.dcm", np.stack(cine), instance=1, frame_time=33.3)
+    for i in range(17):
+        write_dicom(folder / f"s{i}.dcm", _soft(), instance=2 + i)  # the same soft still, 17 times
+    mem = ListSink()
+    with FakeBackend((1, 8, 8), 3) as be, open_source(str(folder)) as src:
+        s = run_pipeline(b, src, be, [mem], options=RunOptions(smoothing="off", roi="none"))
+    assert [r["quality"] for r in mem.records] == [[]] * (12 + 17)
+    q = s.extra["quality"]
+    assert q["frames"] == 29 and q["stills"] == 17 and q["flagged"] == 0 and q["resets"] == 0, q

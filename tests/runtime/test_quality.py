@@ -260,3 +260,42 @@ def test_subsample_takes_the_strided_pixels_whatever_the_path(shape) -> None:
     got = QualityGate()._subsample(img)
     assert got.flags.c_contiguous and got.dtype == np.uint8
     np.testing.assert_array_equal(got, sub)
+
+
+# ----------------------------------------------------------------------------------------- stills
+
+
+def test_a_still_is_judged_on_its_own_and_leaves_the_stream_alone() -> None:
+    """check(still=True): only the checks of the frame itself (blank, saturated, absolute empty, too_small); it neither
+    reads nor changes the previous frame, the frozen run or the texture baseline, and is counted in the stats."""
+    cine = UltrasoundCine(size=128, seed=3, loop=True)
+    fan = cine._probe.fan
+    gate = QualityGate(frozen_frames=4)
+    for i in range(20):
+        assert gate.check(cine.frame(i), fan).ok
+    before = gate.check(cine.frame(20), fan).figures
+    assert before["baseline"] > 0
+    f0 = cine.frame(0)
+    stills = [gate.check(f0, fan, still=True) for _ in range(10)]  # one image ten times: never frozen
+    assert all(q.ok for q in stills)
+    assert all(q.figures["diff"] == -1 and q.figures["frozen_run"] == 0 and q.figures["baseline"] == -1 for q in stills)
+    soft = cine.frame(21).astype(np.float32)
+    soft[fan] = 20 + 0.25 * soft[fan]
+    soft_u8 = np.clip(soft, 0, 255).astype(np.uint8)
+    q = gate.check(soft_u8, fan, still=True)
+    assert q.ok and 1.0 < q.figures["texture"] < 0.3 * before["baseline"]  # the stream's baseline would flag it
+    black, white = np.zeros_like(f0), np.full_like(f0, 255)
+    assert gate.check(black, fan, still=True).reasons == ("blank",)
+    assert gate.check(white, fan, still=True).reasons == ("saturated",)
+    assert gate.check(np.zeros((4, 4), np.uint8), still=True).reasons == ("too_small",)
+    # The stream goes on from its own last frame and baseline, as though the stills were never checked.
+    nxt = gate.check(cine.frame(21), fan)
+    ref = QualityGate(frozen_frames=4)
+    for i in range(21):
+        ref.check(cine.frame(i), fan)
+    want = ref.check(cine.frame(21), fan)
+    assert nxt.reasons == want.reasons and nxt.figures == want.figures
+    assert gate.check(soft_u8, fan).reasons == ("empty",)  # ... in the stream, the same soft frame is empty
+    st = gate.stats
+    assert st["frames"] == 22 + 10 + 1 + 3 + 1 and st["stills"] == 14 and st["resets"] == 0
+    assert st["blank"] == 1 and st["saturated"] == 1 and st["too_small"] == 1 and st["frozen"] == 0
