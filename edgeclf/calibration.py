@@ -192,7 +192,12 @@ def fit_temperature(logits: npt.ArrayLike, labels: npt.ArrayLike, task: str) -> 
         )
         return t
     if abs(float(res.x) - hi) < 1e-3:
-        logger.warning("fit_temperature: T = %.3g is at the upper edge of the search interval [%g, %g]", t, *TEMPERATURE_BOUNDS)
+        logger.warning(
+            "fit_temperature: T = %.3g is at the upper edge of the search interval [%g, %g] (validation NLL %.4f -> %.4f): "
+            "the model's scores barely tell the validation classes apart, so every probability is flattened towards "
+            "uniform and most frames will sit near the decision threshold (borderline, often abstaining); train longer "
+            "or on more data, or check that the validation labels match the images",
+            t, *TEMPERATURE_BOUNDS, before, after)
     logger.info("fit_temperature: T = %.4f, validation NLL %.4f -> %.4f (n = %d)", t, before, after, n)
     return t
 

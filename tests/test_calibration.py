@@ -422,3 +422,18 @@ def test_accuracy_objective_multiclass_is_argmax():
 def test_unknown_objective_is_a_config_error():
     with pytest.raises(ConfigError, match="allowed: sensitivity, accuracy"):
         fit_decision_rule(np.array([[0.5, 0.5]]), np.array([1]), "binary", objective="youden")
+
+
+def test_a_fit_at_the_upper_edge_says_what_it_means_and_what_to_do(caplog: pytest.LogCaptureFixture) -> None:
+    """Logits that do not tell the classes apart push T to the upper bound: the warning says the probabilities will be
+    flattened (borderline frames) and what to do, not only where T landed."""
+    from edgeclf.calibration import TEMPERATURE_BOUNDS
+
+    rng = np.random.default_rng(0)
+    z = rng.normal(0, 3, (400, 3)).astype(np.float32)
+    y = rng.integers(0, 3, 400)
+    with caplog.at_level(logging.WARNING, logger="edgeclf.calibration"):
+        t = fit_temperature(z, y, "multiclass")
+    assert t == pytest.approx(TEMPERATURE_BOUNDS[1], rel=1e-2)
+    (msg,) = [r.getMessage() for r in caplog.records if "upper edge" in r.getMessage()]
+    assert "barely tell the validation classes apart" in msg and "train longer" in msg
