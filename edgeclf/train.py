@@ -1,5 +1,6 @@
 """Training on the workstation: seeded, class-weighted, early-stopped on validation AUC, then
-calibrated (temperature) and given an explicit operating point per class on the validation split.
+calibrated (temperature) and given an explicit operating point per class on the validation frames
+`edgeclf run` classifies (as export and evaluate count them).
 
 The run folder holds `model.safetensors` (no pickle), `model.json` (everything needed to rebuild and
 export the model), `run.json` (config, data hash, split lists, history, metrics) and `splits/*.txt`.
@@ -22,7 +23,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from edgeclf.data import Dataset, Split, load_dataset
+from edgeclf.data import Dataset, Split, load_dataset, require_training_data
 from edgeclf.errors import ConfigError, DataError, ModelError
 from edgeclf.runtime.clips import clip_of
 from edgeclf.runtime.postprocess import DecisionRule, probabilities
@@ -331,6 +332,46 @@ def _require_every_class(ds: Dataset, split: str) -> None:
         )
 
 
+def _abstain_counts(ds: Dataset, ids: list[str]) -> str:
+    """How many of `ids` `edgeclf run` abstains on, per reason: 'blank: 4, sector_warmup: 8'."""
+    why: dict[str, int] = {}
+    for i in ids:
+        if ds.abstain.get(i):
+            why[ds.abstain[i]] = why.get(ds.abstain[i], 0) + 1
+    return ", ".join(f"{k}: {v}" for k, v in sorted(why.items()))
+
+
+def _classified_val(ds: Dataset) -> np.ndarray:
+    """(N,) bool over the val frames: those `edgeclf run` classifies (no reason in Dataset.abstain: the sector locked, the
+    quality gate passed them), the only ones a deployed threshold ever meets. DataError (one line) when there are none,
+    or when a class has none of them: no temperature or operating point can be fitted. Run before training, so that a
+    refusal costs no training."""
+    from edgeclf.runtime.pipeline import SECTOR_WARMUP
+
+    va = ds.splits["val"]
+    kept = np.array([not ds.abstain.get(i) for i in va.ids], bool)
+    if kept.all():
+        return kept
+    warmup = all(ds.abstain.get(i) in ("", None, SECTOR_WARMUP) for i in va.ids)
+    fix = ("give clips long enough for the ultrasound sector to lock" if warmup else
+           "give val clips or images whose frames `edgeclf run` classifies (clips whose sector locks, frames its quality gate passes)")
+    if not kept.any():
+        what = "; uncropped frames: their clip's ultrasound sector had not locked" if warmup else ""
+        raise DataError(f"none of the {len(va)} val frames of {ds.name} is one `edgeclf run` classifies (it abstains on every "
+                        f"one: {_abstain_counts(ds, va.ids)}{what}), so there is nothing to fit the model's temperature and "
+                        f"decision rule on; {fix}")
+    y = va.labels[kept]
+    if ds.task == "multilabel":
+        missing = [ds.labels[k] for k in range(y.shape[1]) if y[:, k].sum() == 0]
+    else:
+        missing = [ds.labels[k] for k in range(len(ds.labels)) if not (y == k).any()]
+    if missing:
+        raise DataError(f"the val frames of {ds.name} that `edgeclf run` classifies hold no images of {', '.join(missing)} "
+                        f"(it abstains on {int((~kept).sum())} of {len(va)}: {_abstain_counts(ds, va.ids)}), so no operating "
+                        f"point can be fitted for it; {fix}")
+    return kept
+
+
 def _macro_auc(probs: np.ndarray, labels: np.ndarray, task: str, positive: int) -> float:
     from sklearn.metrics import roc_auc_score
 
@@ -546,6 +587,8 @@ def fit(
         return total / max(1, seen)
 
     def validate() -> tuple[float | None, float]:
+        # Over every val frame, those `edgeclf run` abstains on too: only the best epoch is picked here; the deployed
+        # temperature, operating point and reported figures (calibrate_and_measure) leave those frames out.
         lv = torch_logits(judged(), p.xva)
         auc = _macro_auc(probabilities(lv, ds.task), yva, ds.task, p.positive)
         with torch.no_grad():
@@ -610,26 +653,30 @@ def fit(
 
 def calibrate_and_measure(model: Any, p: _Prepared, *, target_sensitivity: float, seed: int = 0,
                           operating_point: str = "sensitivity", test: bool = True) -> tuple[float, Any, dict[str, Any]]:
-    """Fit temperature and operating points on val; measure val (and test, if any and `test`; clip data sets also per
-    clip). Returns (T, rule, metrics)."""
+    """Fit temperature and operating points on the val frames `edgeclf run` classifies (Dataset.abstain: load the data
+    with quality=True); measure val as `edgeclf evaluate` and export do (`_frame_metrics`: over those frames, the others
+    counted per reason beside the figures, every frame's figures as all_frames), and test, if any and `test` (clip data
+    sets also per clip). Returns (T, rule, metrics). DataError when no val frame is classified."""
     from edgeclf.calibration import fit_decision_rule, fit_temperature
-    from edgeclf.metrics import evaluate_predictions
+    from edgeclf.evaluate import _frame_metrics
 
-    ds, yva = p.ds, p.ds.splits["val"].labels
+    ds, va = p.ds, p.ds.splits["val"]
+    kept = _classified_val(ds)
     lv = torch_logits(model, p.xva)
-    temperature = fit_temperature(lv, yva, ds.task)
+    # Frames run abstains on never meet the threshold on a device: they would pull the fit towards frames it never decides.
+    temperature = fit_temperature(lv[kept], va.labels[kept], ds.task)
     pv = probabilities(lv, ds.task, temperature)
-    rule = fit_decision_rule(pv, yva, ds.task, target_sensitivity=target_sensitivity, positive=p.positive, objective=operating_point)
+    rule = fit_decision_rule(pv[kept], va.labels[kept], ds.task, target_sensitivity=target_sensitivity, positive=p.positive,
+                             objective=operating_point)
     # Intervals resample groups (a clip's frames, an image's near copies), not items.
-    metrics = {"val": evaluate_predictions(pv, yva, ds.task, rule, ds.labels, n_boot=500, seed=seed, groups=ds.splits["val"].groups)}
+    metrics = {"val": _frame_metrics(pv, va.labels, ds.task, rule, ds.labels, va.groups, 0.0, n_boot=500, seed=seed,
+                                     why=[ds.abstain.get(i, "") for i in va.ids])}
     if test and len(ds.splits.get("test", [])):
-        from edgeclf.evaluate import _frame_metrics
-
         ts = ds.splits["test"]
         lt = torch_logits(model, p.pre.batch(ts.images))
         pt = probabilities(lt, ds.task, temperature)
         # As `edgeclf evaluate` scores them: the frames `edgeclf run` would not classify (the sector not locked, the
-        # quality gate: Dataset.abstain, filled where the data was loaded with quality=True) abstain.
+        # quality gate: Dataset.abstain) abstain.
         why = [ds.abstain.get(i, "") for i in ts.ids]
         metrics["test"] = _frame_metrics(pt, ts.labels, ds.task, rule, ds.labels, ts.groups, 0.0, n_boot=1000, seed=seed,
                                          why=why)
@@ -763,9 +810,9 @@ def train(cfg: TrainConfig, *, on_epoch: Callable[[dict[str, Any]], None] | None
         raise ConfigError(f"--batch-size {cfg.batch_size} does not split into {world} processes of at least 2; give a multiple "
                           f"of {world} of at least {2 * world} (e.g. {max(2 * world, cfg.batch_size - cfg.batch_size % world)})")
     t_start = time.time()
-    # quality: the test figures leave out the clip frames run's quality gate would stop (as evaluate does)
-    ds = load_dataset(cfg.data, classes=cfg.classes, seed=cfg.seed, frames_per_clip=cfg.frames_per_clip,
-                      quality=cfg.read_test)
+    # quality: the frames run's quality gate would stop are known (Dataset.abstain), with or without the test split
+    # read: calibration and the val figures leave them out, as the test figures, evaluate and export do.
+    ds = load_dataset(cfg.data, classes=cfg.classes, seed=cfg.seed, frames_per_clip=cfg.frames_per_clip, quality=True)
     record, model, p = _train_on(ds, cfg, on_epoch=on_epoch, recipe=recipe)
     rank, world = dist_info()
     record["seconds"] = round(time.time() - t_start, 1)
@@ -803,6 +850,7 @@ def _train_on(ds: Dataset, cfg: TrainConfig, *, on_epoch: Callable[[dict[str, An
             raise DataError(f"data set {cfg.data} has an empty {s} split; it needs train and val images")
     positive = _positive_index(ds, cfg.positive)
     _require_every_class(ds, "val")
+    _classified_val(ds)  # what calibrate_and_measure fits on, checked before any training
     channels = cfg.channels or ds.channels_hint
     size = cfg.size or default_size(info.default_size, info.min_size, ds.splits["train"].images)
     if size < info.min_size:
@@ -906,9 +954,11 @@ def _tag(on_epoch: Callable[[dict[str, Any]], None] | None, member: int, members
 
 
 def _val_figures(m: dict[str, Any]) -> dict[str, Any]:
-    """A fold's validation accuracy, balanced accuracy and macro AUC (None where undefined)."""
+    """A fold's validation accuracy, balanced accuracy and macro AUC (None where undefined), over its n classified frames,
+    with the frames `edgeclf run` abstains on beside them (None in a record from before they were counted)."""
     auc = m.get("auc") or {}
-    return {"accuracy": m.get("accuracy"), "balanced_accuracy": m.get("balanced_accuracy"), "auc_macro": auc.get("macro"), "n": m.get("n")}
+    return {"accuracy": m.get("accuracy"), "balanced_accuracy": m.get("balanced_accuracy"), "auc_macro": auc.get("macro"), "n": m.get("n"),
+            "abstained": m.get("abstained")}
 
 
 def _pooled_decisions(probs: np.ndarray, labels: np.ndarray, folds: np.ndarray, rules: list[DecisionRule],
@@ -945,8 +995,12 @@ def cross_validate(cfg: TrainConfig, *, on_epoch: Callable[[dict[str, Any]], Non
         raise ConfigError("--folds runs its folds one after another in one process; run it without torchrun")
     check_out(cfg.out, overwrite=overwrite)
     t_start = time.time()
+    # quality: as train loads its data (each fold's calibration and val figures leave out what run does not classify)
     datasets = load_folds(cfg.data, cfg.folds, classes=cfg.classes, seed=cfg.seed, frames_per_clip=cfg.frames_per_clip,
-                          group=cfg.group, quality=cfg.read_test)
+                          group=cfg.group, quality=True)
+    for ds in datasets:  # every fold checked before the first one trains
+        _require_every_class(ds, "val")
+        _classified_val(ds)
     out = Path(cfg.out)
     folds, probs, labels, ids, fold_of, rules, stopped = [], [], [], [], [], [], []
     for i, ds in enumerate(datasets):
@@ -1076,21 +1130,25 @@ def ensemble_runs(folders: list[str], out: str, *, read_test: bool = True, overw
     cfg = TrainConfig(**{**{k: v for k, v in first.run["config"].items() if k in known}, "out": out, "read_test": read_test,
                          "ensemble": len(runs)})
     t_start = time.time()
-    ds = load_dataset(cfg.data, classes=cfg.classes, seed=cfg.seed, frames_per_clip=cfg.frames_per_clip,
-                      quality=read_test)
+    # quality: as train loads it (the temperature, operating point and val figures leave out what run does not classify)
+    ds = load_dataset(cfg.data, classes=cfg.classes, seed=cfg.seed, frames_per_clip=cfg.frames_per_clip, quality=True)
     # The data's content hash, not its spec: one folder is often given by other paths (../data, /work/data). A member
-    # recorded before split lists were hashed carries the data's former hash: the same files, so it combines.
+    # recorded before split lists were hashed carries the data's former hash: the same files, so it combines, with the
+    # warning export and prune give such a run (require_training_data; once, whichever member carries that hash).
     hashes = [(f, tm.run.get("data", {}).get("hash")) for f, tm in zip(folders, runs)]
     if any(h for _, h in hashes):
+        warned = False
         for k, (f, h) in enumerate(hashes):
             if not h:
                 raise ConfigError(f"{f} records no data hash while other members do, so it cannot be shown to have trained "
                                   "on the same data; retrain it with this edgeclf to combine it")
-            if h not in (ds.data_hash, ds.former_hash):
-                if k == 0:
-                    raise DataError(f"the data at {cfg.data} changed since {f} was trained (its hash differs); restore "
-                                    "the data as it was or retrain the members")
+            if k and h not in (ds.data_hash, ds.former_hash):
                 raise ConfigError(f"{f} was trained on other data than {folders[0]}; combine runs of one data set")
+            if h != ds.data_hash and not warned:  # member 0's changed data is its DataError; a former hash, its warning
+                require_training_data(ds, runs[k].run["data"], data_given=None,
+                                      use=f"its splits are no longer those {f} was trained and early-stopped on",
+                                      fix="restore the data as it was or retrain the members")
+                warned = True
     for f, tm in zip(folders, runs):
         for name in ("train", "val", "test"):
             mine, theirs = tm.folder / "splits" / f"{name}.txt", first.folder / "splits" / f"{name}.txt"

@@ -529,19 +529,6 @@ def _original(tm: Any, example: torch.Tensor, prev: Dict[str, Any]) -> Dict[str,
     return {"model": name, "macs": macs, "params": params, "metrics": metrics}
 
 
-def _val_figures(model: Any, p: Any, temperature: float, rule: Any, seed: int) -> Dict[str, Any]:
-    """The validation figures of `model` at (temperature, rule) as export and evaluate report them: over the frames
-    `edgeclf run` classifies, those it abstains on (Dataset.abstain) counted per reason beside them."""
-    from edgeclf.evaluate import _frame_metrics
-    from edgeclf.runtime.postprocess import probabilities
-    from edgeclf.train import torch_logits
-
-    ds, va = p.ds, p.ds.splits["val"]
-    probs = probabilities(torch_logits(model, p.xva), ds.task, temperature)
-    return _frame_metrics(probs, va.labels, ds.task, rule, ds.labels, va.groups, 0.0, n_boot=500, seed=seed,
-                          why=[ds.abstain.get(i, "") for i in va.ids])
-
-
 def prune_trained(cfg: PruneConfig, *, on_epoch: Optional[Callable[[Dict[str, Any]], None]] = None) -> Dict[str, Any]:
     """Iteratively prune and fine-tune a trained model, recalibrate it, and write a new training folder.
 
@@ -578,8 +565,8 @@ def prune_trained(cfg: PruneConfig, *, on_epoch: Optional[Callable[[Dict[str, An
     seed = int(tcfg.get("seed", 0))
     # A run trained with --no-test never reads its test split; neither does pruning it (export copies these figures).
     read_test = bool(tcfg.get("read_test", True))
-    # quality: the frames `edgeclf run`'s quality gate stops (Dataset.abstain) are left out of the validation figures as
-    # well as the test ones, whether or not the test split is read; fine-tuning still learns from every frame.
+    # quality: as train loads it. The frames `edgeclf run` does not classify (Dataset.abstain) are left out of the
+    # recalibration and of the val and test figures (calibrate_and_measure); fine-tuning still learns from every frame.
     ds = load_dataset(cfg.data or recorded.get("spec", ""), classes=recorded.get("classes"), seed=seed,
                       frames_per_clip=int(tcfg.get("frames_per_clip", 8)), quality=True)
     from edgeclf.data import require_training_data
@@ -601,12 +588,9 @@ def prune_trained(cfg: PruneConfig, *, on_epoch: Optional[Callable[[Dict[str, An
     parent = copy.deepcopy(model).eval()
     example = torch.zeros(1, tm.preprocess.channels, *tm.preprocess.size)
     macs0, params0 = count_macs(model, example)
-    # Temperature and rule fitted on every val frame, as training fits them; the val figures leave out what run does.
-    deployed = with_tta(parent, tm.tta)
-    t_before, rule_before, before = calibrate_and_measure(deployed, p, target_sensitivity=tm.decision.target_sensitivity or 0.9,
-                                                          seed=seed, operating_point=str(tcfg.get("operating_point", "sensitivity")),
-                                                          test=read_test)
-    before["val"] = _val_figures(deployed, p, t_before, rule_before, seed)
+    # Refitted as training fits them (on the val frames run classifies): this pass's before and after compare alike.
+    _, _, before = calibrate_and_measure(with_tta(parent, tm.tta), p, target_sensitivity=tm.decision.target_sensitivity or 0.9,
+                                         seed=seed, operating_point=str(tcfg.get("operating_point", "sensitivity")), test=read_test)
     steps: List[Dict[str, Any]] = []
     history: List[Dict[str, Any]] = []
     for i in range(1, cfg.steps + 1):
@@ -619,10 +603,9 @@ def prune_trained(cfg: PruneConfig, *, on_epoch: Optional[Callable[[Dict[str, An
         history += [{**e, "step": i} for e in h]
         steps.append({"step": i, "macs_ratio": count_macs(model, example)[0] / macs0, "best_epoch": best,
                       "val_auc": h[best - 1]["val_auc"] if best else None, **{k: info[k] for k in ("channel_ratio",)}})
-    deployed = with_tta(model, tm.tta)
-    temperature, rule, after = calibrate_and_measure(deployed, p, target_sensitivity=tm.decision.target_sensitivity or 0.9, seed=seed,
-                                                     operating_point=str(tcfg.get("operating_point", "sensitivity")), test=read_test)
-    after["val"] = _val_figures(deployed, p, temperature, rule, seed)
+    temperature, rule, after = calibrate_and_measure(with_tta(model, tm.tta), p, target_sensitivity=tm.decision.target_sensitivity or 0.9,
+                                                     seed=seed, operating_point=str(tcfg.get("operating_point", "sensitivity")),
+                                                     test=read_test)
     macs1, params1 = count_macs(model, example)
     lat = ort_latency(parent, model, (tm.preprocess.channels, *tm.preprocess.size))
     pays = lat["speedup"] >= cfg.min_speedup

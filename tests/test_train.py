@@ -568,10 +568,13 @@ def test_ensemble_refuses_the_same_member_twice_and_a_used_out(trained_dir: Path
     assert not (tmp_path / "e").exists()
 
 
-def test_ensemble_combines_a_member_recorded_before_split_lists_were_hashed(tmp_path: Path) -> None:
+def test_ensemble_combines_a_member_recorded_before_split_lists_were_hashed(tmp_path: Path,
+                                                                           caplog: pytest.LogCaptureFixture) -> None:
     """A member whose run.json carries the data's former hash (recorded before split-list contents were part of
-    the hash; the same files and list) combines with one trained now; another data set is still refused."""
+    the hash; the same files and list) combines with one trained now, with export's warning that a regenerated split
+    list cannot be told apart (once, whichever member carries it); another data set is still refused."""
     import csv
+    import logging
 
     from edgeclf.data import load_dataset, make_split_list
     from edgeclf.train import ensemble_runs
@@ -592,8 +595,13 @@ def test_ensemble_combines_a_member_recorded_before_split_lists_were_hashed(tmp_
     run = json.loads((tmp_path / "m0" / "run.json").read_text())
     run["data"]["hash"] = ds.former_hash  # as recorded by an edgeclf from before the split-list hash
     (tmp_path / "m0" / "run.json").write_text(json.dumps(run))
-    rec = ensemble_runs([str(tmp_path / "m0"), str(tmp_path / "m1")], str(tmp_path / "e"), read_test=False)
-    assert rec["ensemble"]["from_folders"] and len(rec["ensemble"]["members"]) == 2
+    warning = "recorded before split-list contents were part of the data hash"
+    for k, members in enumerate((["m0", "m1"], ["m1", "m0"])):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="edgeclf.data"):
+            rec = ensemble_runs([str(tmp_path / m) for m in members], str(tmp_path / f"e{k}"), read_test=False)
+        assert rec["ensemble"]["from_folders"] and len(rec["ensemble"]["members"]) == 2
+        assert sum(warning in r.getMessage() for r in caplog.records) == 1, members
     run["data"]["hash"] = "0" * 64  # another data set's hash
     (tmp_path / "m0" / "run.json").write_text(json.dumps(run))
     with pytest.raises(DataError, match="changed since") as exc:
@@ -654,3 +662,143 @@ def test_weights_that_are_not_this_models_are_a_one_line_model_error(trained_dir
         with pytest.raises(ModelError, match=why) as exc:
             load_trained(folder)
         assert "\n" not in str(exc.value), folder.name
+
+
+# -- calibration over the frames `edgeclf run` classifies -----------------------------------------------------------
+
+def _fits(folder: Path, ids: list[str], images: list[np.ndarray], y: np.ndarray,
+          abstain: dict[str, str]) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """A training folder's model on these frames: (temperature, *thresholds) fitted on the frames `edgeclf run` classifies
+    (as export fits an imported model), and fitted on every frame."""
+    from edgeclf.calibration import fit_decision_rule, fit_temperature
+    from edgeclf.runtime.postprocess import probabilities
+    from edgeclf.runtime.preprocess import Preprocessor
+    from edgeclf.train import load_trained
+
+    tm = load_trained(folder)
+    lv = tm.logits(Preprocessor(tm.preprocess).batch(images))
+    positive = tm.decision.positive if tm.decision.positive is not None else 1
+
+    def fitted(rows: np.ndarray) -> tuple[float, ...]:
+        t = fit_temperature(lv[rows], y[rows], tm.task)
+        return (t, *fit_decision_rule(probabilities(lv[rows], tm.task, t), y[rows], tm.task, target_sensitivity=0.9,
+                                      positive=positive).thresholds)
+
+    kept = np.array([not abstain.get(i) for i in ids])
+    return fitted(kept), fitted(np.ones(len(kept), bool))
+
+
+def _calibrated_on(folder: Path, fit: tuple[float, ...]) -> bool:
+    from edgeclf.train import load_trained
+
+    tm = load_trained(folder)
+    return (tm.temperature, *tm.decision.thresholds) == pytest.approx(fit, rel=1e-6, abs=1e-9)
+
+
+def test_temperature_rule_and_val_figures_leave_out_the_frames_run_does_not_classify(tmp_path: Path) -> None:
+    """Val frames run's quality gate stops (blank, with both labels) neither calibrate the model nor count in run.json's
+    val figures, as export and evaluate treat them; trained without its test split, so no test read turns the gate on."""
+    from edgeclf.data import load_dataset
+    from edgeclf.evaluate import evaluate
+    from tests.export.test_export_gated import BLANK, write_gated_clips
+
+    data = write_gated_clips(tmp_path / "clips")
+    out = tmp_path / "m"
+    rec = train(TrainConfig(data=data, out=str(out), model="compact", size=32, epochs=1, patience=1, seed=0, threads=1,
+                            read_test=False, frames_per_clip=4))
+    ds = load_dataset(data, frames_per_clip=4, quality=True)
+    va = ds.split("val")
+    kept, every = _fits(out, va.ids, va.images, va.labels, ds.abstain)
+    assert kept != pytest.approx(every, rel=1e-6), "the blank frames must move a fit over every frame"
+    assert _calibrated_on(out, kept)
+    val = rec["metrics"]["val"]
+    assert val["n"] == 24 - BLANK and val["all_frames"]["n"] == 24
+    assert val["abstained"] == BLANK and val["abstain_reasons"] == {"blank": BLANK}
+    # The figures a reviewer reads in run.json are those `edgeclf evaluate` gives the folder on its val split.
+    ev = evaluate(str(out), split="val", n_boot=500)["metrics"]
+    for k in ("n", "accuracy", "balanced_accuracy", "confusion_matrix", "abstained", "abstain_reasons"):
+        assert val[k] == ev[k], k
+
+
+def _blank_ended_clips(root: Path, per_class: int = 8) -> str:
+    """A pooled clip folder (no split folders, so it cross-validates), class b brighter; every clip of b turns black
+    half-way (run's quality gate: "blank"): frames labelled b that look like nothing of b."""
+    cv2 = pytest.importorskip("cv2")
+    from edgeclf.runtime.sources import open_source
+
+    with open_source("synthetic:ultrasound?frames=200&size=64&seed=2") as s:
+        frames = [f.image for f in s]
+    k = 0
+    for cls, gain in (("a", 1.0), ("b", 1.3)):
+        for j in range(per_class):
+            clip = [np.clip(f * gain, 0, 255).astype(np.uint8) for f in frames[k:k + 8]]
+            k += 8
+            if cls == "b":
+                clip = clip[:4] + [np.zeros_like(f) for f in clip[4:]]
+            path = root / cls / f"c{j}.avi"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            vw = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 10, (64, 64))
+            for f in clip:
+                vw.write(cv2.cvtColor(f, cv2.COLOR_GRAY2BGR))
+            vw.release()
+    return f"{root}?frames=4"
+
+
+def test_cross_validation_folds_calibrate_on_the_frames_run_classifies(tmp_path: Path) -> None:
+    """Each fold's inner validation split: the frames run's quality gate stops are counted beside its figures, left out of
+    them and of its temperature, with or without the held-out folds read."""
+    from edgeclf.data import load_folds
+
+    data = _blank_ended_clips(tmp_path / "clips")
+    res = train(TrainConfig(data=data, out=str(tmp_path / "cv"), model="compact", size=32, epochs=1, patience=1, seed=0,
+                            threads=1, folds=2, group="clip", read_test=False))
+    folds = load_folds(data, 2, seed=0, frames_per_clip=4, group="clip", quality=True)
+    moved = 0
+    for f, ds in zip(res["folds"], folds):
+        va = ds.split("val")
+        blank = sum(1 for i in va.ids if ds.abstain.get(i))
+        run = json.loads((Path(f["out"]) / "run.json").read_text())
+        assert run["metrics"]["val"]["abstained"] == f["val"]["abstained"] == blank
+        assert run["metrics"]["val"]["n"] == f["val"]["n"] == len(va) - blank
+        kept, every = _fits(Path(f["out"]), va.ids, va.images, va.labels, ds.abstain)
+        assert _calibrated_on(Path(f["out"]), kept)
+        moved += kept != pytest.approx(every, rel=1e-6)
+    assert moved, "in some fold the blank frames must move a fit over every frame"
+
+
+def _blank_val_images(root: Path, blank: tuple[str, ...] = ("a", "b")) -> str:
+    """Images in train/ val/ test/ folders; the val images of the classes `blank` black (run's quality gate: "blank"),
+    each one distinct."""
+    cv2 = pytest.importorskip("cv2")
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 6), ("val", 3), ("test", 2)):
+        for cls in ("a", "b"):
+            (root / split / cls).mkdir(parents=True)
+            for i in range(n):
+                top = 6 if split == "val" and cls in blank else 256
+                cv2.imwrite(str(root / split / cls / f"{i}.png"), rng.integers(0, top, (32, 32), np.uint8))
+    return str(root)
+
+
+def test_no_val_frame_run_classifies_is_refused_in_one_line_before_training(tmp_path: Path) -> None:
+    data = _blank_val_images(tmp_path / "d")
+    epochs: list[dict] = []
+    with pytest.raises(DataError) as exc:
+        train(TrainConfig(data=data, out=str(tmp_path / "m"), model="compact", size=32, epochs=1, patience=1, threads=1),
+              on_epoch=epochs.append)
+    msg = str(exc.value)
+    assert "\n" not in msg and not epochs and not (tmp_path / "m").exists()
+    assert "none of the 6 val frames" in msg and "is one `edgeclf run` classifies (it abstains on every one: blank: 6)" in msg
+    assert "nothing to fit the model's temperature and decision rule on" in msg and "quality gate passes" in msg
+
+
+def test_a_class_with_no_val_frame_run_classifies_is_refused_in_one_line_before_training(tmp_path: Path) -> None:
+    """Every val image of b is one run's quality gate stops: no operating point for b can be fitted on what run classifies."""
+    data = _blank_val_images(tmp_path / "d", blank=("b",))
+    epochs: list[dict] = []
+    with pytest.raises(DataError) as exc:
+        train(TrainConfig(data=data, out=str(tmp_path / "m"), model="compact", size=32, epochs=1, patience=1, threads=1),
+              on_epoch=epochs.append)
+    msg = str(exc.value)
+    assert "\n" not in msg and not epochs and not (tmp_path / "m").exists()
+    assert "that `edgeclf run` classifies hold no images of b (it abstains on 3 of 6: blank: 3)" in msg
