@@ -212,6 +212,12 @@ class TrainedModel:
 
         meta_path = folder / "model.json"
         if not meta_path.is_file():
+            if (folder / "cv.json").is_file():  # `train --folds K`: one model per fold, in fold-0 .. fold-(K-1)
+                folds = sorted((d.name for d in folder.glob("fold-*") if (d / "model.json").is_file()),
+                               key=lambda n: int(n.rpartition("-")[2]) if n.rpartition("-")[2].isdigit() else 0)
+                raise ModelError(f"{folder} is a cross-validation folder (cv.json): it holds one model per fold "
+                                 f"({', '.join(folds) or 'none complete'}), not one model; give a fold's folder, e.g. "
+                                 f"{folder / (folds[0] if folds else 'fold-0')}")
             raise ModelError(f"{folder} is not a training folder (no model.json); give the --out folder of `edgeclf train`")
         self.folder = folder
         self.meta = _json_object(meta_path)
@@ -1113,14 +1119,24 @@ def ensemble_runs(folders: list[str], out: str, *, read_test: bool = True, overw
             raise ConfigError(f"--member {f} has the same weights as --member {weights[digest]} (a copy of one training); "
                               "combine trainings with other seeds (`edgeclf train --seed`)")
         weights[digest] = f
+    def facts(t: TrainedModel) -> dict[str, Any]:  # what members must share
+        return {"architecture": t.meta["architecture"], "outputs": t.meta["num_outputs"], "task": t.task,
+                "labels": t.labels, "input": t.meta["preprocess"], "tta": t.tta}
+
     for f, tm in zip(folders, runs):
         if (tm.folder / "pruned.json").is_file() or tm.members > 1:
             raise ConfigError(f"{f} is a pruned model or an ensemble already; combine plain training folders")
         if not tm.run.get("config"):
             raise ConfigError(f"{f} has no run.json config; combine folders written by `edgeclf train`")
-        same = (tm.meta["architecture"], tm.meta["num_outputs"], tm.task, tm.labels, tm.meta["preprocess"], tm.tta)
-        if same != (first.meta["architecture"], first.meta["num_outputs"], first.task, first.labels, first.meta["preprocess"], first.tta):
-            raise ConfigError(f"{f} differs from {folders[0]} in architecture, outputs, labels, input or tta; "
+        have, want = facts(tm), facts(first)
+        differ = [k for k in have if have[k] != want[k]]
+        if differ:
+            fact = differ[0]
+            this, that = have[fact], want[fact]
+            if isinstance(this, dict) and isinstance(that, dict):  # the input spec: only its fields that differ
+                keys = [x for x in {**that, **this} if this.get(x) != that.get(x)]
+                this, that = {x: this.get(x) for x in keys}, {x: that.get(x) for x in keys}
+            raise ConfigError(f"{f} differs from {folders[0]} in {', '.join(differ)} ({fact}: {this!r} against {that!r}); "
                               "an ensemble combines runs of one model on one input")
         # Runs without a recorded hash: their specs must match (runs with one are checked against the data below).
         if not (tm.run.get("data", {}).get("hash") and first.run.get("data", {}).get("hash")) and (

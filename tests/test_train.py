@@ -346,7 +346,7 @@ def test_ensemble_members_are_the_seeded_plain_runs_and_export_as_one_graph(tmp_
     with pytest.raises(ConfigError, match="other data"):
         ensemble_runs([str(tmp_path / "s0"), str(tmp_path / "other")], str(tmp_path / "x"))
     train(TrainConfig(out=str(tmp_path / "big"), **{**kw, "size": 40}))
-    with pytest.raises(ConfigError, match="differs from"):
+    with pytest.raises(ConfigError, match=r"differs from .* in input \(input: \{'size': \[40, 40\]\} against \{'size': \[32, 32\]\}\)"):
         ensemble_runs([str(tmp_path / "s0"), str(tmp_path / "big")], str(tmp_path / "x"))
 
 
@@ -802,3 +802,22 @@ def test_a_class_with_no_val_frame_run_classifies_is_refused_in_one_line_before_
     msg = str(exc.value)
     assert "\n" not in msg and not epochs and not (tmp_path / "m").exists()
     assert "that `edgeclf run` classifies hold no images of b (it abstains on 3 of 6: blank: 3)" in msg
+
+
+def test_a_cross_validation_folder_given_as_a_model_names_its_fold_folders(tmp_path: Path) -> None:
+    """`train --folds K` writes one model per fold under its --out; giving that --out to export/evaluate/prune says so
+    and names a fold folder, instead of telling the user to give the --out folder they just gave."""
+    from edgeclf.errors import ModelError
+    from edgeclf.train import load_trained
+
+    cv = tmp_path / "cv"
+    (cv / "fold-1").mkdir(parents=True)
+    (cv / "fold-10").mkdir()
+    (cv / "fold-0").mkdir()
+    for d in ("fold-0", "fold-1", "fold-10"):
+        (cv / d / "model.json").write_text("{}")
+    (cv / "cv.json").write_text("{}")
+    with pytest.raises(ModelError, match=r"cross-validation folder \(cv.json\).*\(fold-0, fold-1, fold-10\).*e\.g\. .*fold-0$"):
+        load_trained(cv)
+    with pytest.raises(ModelError, match="is not a training folder"):
+        load_trained(tmp_path)
