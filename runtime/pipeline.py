@@ -31,7 +31,7 @@ if TYPE_CHECKING:
     from edgeclf.runtime.sector import SectorDetector
     from edgeclf.runtime.smoothing import CineSmoother
 
-__all__ = ["STAGES", "PREPROCESS_PARTS", "FRAME_ERROR", "SECTOR_WARMUP", "RECORD_META", "RunOptions", "RunSummary", "run_pipeline",
+__all__ = ["STAGES", "PREPROCESS_PARTS", "FRAME_ERROR", "SECTOR_WARMUP", "NO_SECTOR_STILL", "RECORD_META", "RunOptions", "RunSummary", "run_pipeline",
            "PipelineState", "stage_stats", "parse_roi", "waits_by_design", "WAITING_KINDS"]
 
 log = logging.getLogger(__name__)
@@ -50,6 +50,11 @@ _FRAME_ERROR_REASONS = (FRAME_ERROR,)
 # or frame size): only the whole frame, text and UI included, is known then, an input a sector model never saw.
 SECTOR_WARMUP = "sector_warmup"
 _WARMUP_REASONS = (SECTOR_WARMUP,)
+# Abstain reason of a still (an image file, a single-frame DICOM: see _still) under --roi sector: the sector is found
+# from speckle moving over a cine's frames, so a still never has one, and its whole frame is an input a sector model
+# never saw. Not warm-up: no later frame brings a lock. The run logs one warning saying what to do instead.
+NO_SECTOR_STILL = "no_sector_still"
+_NO_SECTOR_STILL_REASONS = (NO_SECTOR_STILL,)
 _FRAME_ERRORS_LOGGED = 5  # frame errors logged at WARNING; later ones at DEBUG (a stream failing on every frame)
 # Source meta copied into each record (when the source gives them): which file and which frame of it a record
 # is, so that a repeat after a crash can be recognised (watched folders). Identifier-free: an index, a frame
@@ -349,6 +354,18 @@ def _choose_roi(text: Optional[str], m: Manifest) -> Tuple[str, Optional[Tuple[i
     return mode, box, record
 
 
+def _no_sector_still_warning(m: Manifest) -> str:
+    """What a run under roi sector says once when a still comes: why it is not classified and what to pass instead."""
+    why = ("a still image (an image file, a single-frame DICOM) has no ultrasound sector to crop: the sector is found "
+           "from speckle moving over a cine's frames")
+    if m.trained_on_sector:
+        return (f"the model was trained on sector crops and {why}, so stills abstain ({NO_SECTOR_STILL}); to classify "
+                "them pass --roi x0,y0,x1,y1 with the image area of the stills (the crop the model saw), or --roi none "
+                "(whole frames, text and UI included, which the model never saw in training: expect worse results)")
+    return (f"--roi sector: {why}, so stills abstain ({NO_SECTOR_STILL}); leave --roi out to classify them whole, as "
+            "this model was trained, or pass --roi x0,y0,x1,y1 with their image area")
+
+
 class _Stages(NamedTuple):
     """The stages of a run that keep state from frame to frame, and the segment watches that reset them."""
 
@@ -417,8 +434,8 @@ def run_pipeline(
     Record: {"frame", "timestamp" (monotonic capture time), "time" (wall clock), the source's RECORD_META fields it
     gives ("file_index", "file_frame", "watch_key": which file and frame of it), "label" (the shown label: smoothed
     for cine; None on abstain or multilabel), "labels" (multilabel), "abstain", "abstain_reason" (quality reasons
-    joined by ",", "low_confidence", "settling", "backend_error", "invalid_output", "frame_error" or "sector_warmup"),
-    "confidence",
+    joined by ",", "low_confidence", "settling", "backend_error", "invalid_output", "frame_error", "sector_warmup" or
+    "no_sector_still"), "confidence",
     "frame_label" (this frame's own decision, None when not classified), "probs" (this frame's calibrated
     probabilities, None when not classified), "quality" (list of reasons, empty when fine), "latency_ms": {stage: ms,
     "total": capture-to-result, taken before any sink runs (the overlay shows its own capture-to-display)}; "infer" is
@@ -440,14 +457,17 @@ def run_pipeline(
     ROI: `options.roi`, else the bundle's (``Manifest.trained_on_sector``); summary.extra["roi"] says which, with a
     "warning" when a model trained on sector crops is fed anything else. Under roi "sector", a frame that comes before
     the sector locks (the first frames of a stream, a segment or a frame size) is not inferred: it abstains with
-    "sector_warmup" (counted in summary.extra["sector_warmup"], not in "quality_flagged"). A new segment (DICOM cine,
-    connection) also resets the sector detector and, when it is a cine, the quality gate: a new scanner gets its own
-    sector. Stills are judged by the quality gate each on its own (``QualityGate.check(still=True)``: blank,
+    "sector_warmup" (counted in summary.extra["sector_warmup"], not in "quality_flagged"). A still (see below) has no
+    sector to lock under roi "sector" and the detector never sees it: unless the gate stops it (too_small, blank...),
+    it is not inferred and abstains with "no_sector_still" (counted in summary.extra["no_sector_still"]), and the run
+    logs one warning and puts it in summary.extra["roi"]["warning"]: pass a fixed box, or roi "none". A new segment
+    (DICOM cine, connection) also resets the sector detector and, when it is a cine, the quality gate: a new scanner
+    gets its own sector. Stills are judged by the quality gate each on its own (``QualityGate.check(still=True)``: blank,
     saturated, too small, empty by their own figures; never "frozen", never "empty" against other images' texture):
     every frame of a source that is not video-like (image files, a folder of single-frame DICOM files) and, in a DICOM
     folder or a watched folder, every frame of a file holding one frame. They neither read nor change the gate's
     stream state, so a cine around them is judged as though they were not there (summary.extra["quality"]["stills"]
-    counts them). The sector detector treats them as before: stills share its lock.
+    counts them).
     `stop` (set by a signal handler) or a sink's ``stop_requested`` ends the run after the current frame (the
     current batch for a signal, with `options.batch` > 1; frames read and not recorded are counted).
     A source error in the middle of a batch is raised after the frames read before it are recorded.
@@ -507,6 +527,8 @@ def run_pipeline(
 
     frame_errors = [0]  # counted in the feeder thread, read after it stopped
     warmups = [0]  # frames that abstained with SECTOR_WARMUP (counted in the feeder thread)
+    sectorless = [0]  # stills that abstained with NO_SECTOR_STILL (counted in the feeder thread)
+    stills_warning = _no_sector_still_warning(m) if roi_mode == "sector" else ""
 
     def frame_error(index: int, stage: str, exc: BaseException) -> Tuple[str, ...]:
         """Count and log a DataError of one frame's sector or quality stage; that frame abstains with FRAME_ERROR."""
@@ -541,8 +563,11 @@ def run_pipeline(
         t2 = t1
         stage = "sector"
         gated = False
+        # A still has no sector to find (one frame, nothing moving) and is never fed to the detector: a "sector" locked
+        # from unrelated images would be none of theirs. The gate still judges it on its own (too_small, blank first).
+        sectorless_still = roi_mode == "sector" and still
         try:
-            if detector is not None:
+            if detector is not None and not sectorless_still:
                 sector = detector.update(image)
                 if roi_mode == "sector" and detector.provisional:
                     reasons = _WARMUP_REASONS  # not locked yet: no crop to classify (nor to judge the quality of)
@@ -558,6 +583,11 @@ def run_pipeline(
                 reasons = gate.check(frame.image, mask, still=still).reasons
         except DataError as exc:  # this frame's data (not the code): the frame abstains, the run goes on
             reasons = frame_error(frame.index, stage, exc)
+        if sectorless_still and not reasons:
+            reasons = _NO_SECTOR_STILL_REASONS
+            sectorless[0] += 1
+            if sectorless[0] == 1:  # once per run: a watched folder of stills would say it for ever
+                log.warning("%s", stills_warning)
         t3 = time.perf_counter()
         x = None
         if not reasons:
@@ -569,7 +599,7 @@ def run_pipeline(
                 slot[0] = (k + 1) % len(ring)
         t4 = time.perf_counter()
         # A part that did not run is not timed (no zeros diluting the medians).
-        parts = (t2 - t1 if detector is not None else None, t3 - t2 if gated else None,
+        parts = (t2 - t1 if detector is not None and not sectorless_still else None, t3 - t2 if gated else None,
                  t4 - t3 if x is not None else None)
         return frame, x, reasons, t1 - t0, t4 - t1, parts
 
@@ -683,10 +713,11 @@ def run_pipeline(
                 t3 = time.perf_counter()  # postprocess starts here (inference was timed for the batch above)
                 probs_row: Optional[Tuple[float, ...]] = None
                 decision: Any = None
-                # BACKEND_ERROR, INVALID_OUTPUT, FRAME_ERROR or SECTOR_WARMUP: this frame abstains with it (not a quality
-                # reason)
+                # BACKEND_ERROR, INVALID_OUTPUT, FRAME_ERROR, SECTOR_WARMUP or NO_SECTOR_STILL: this frame abstains with
+                # it (not a quality reason)
                 fault: Optional[str] = (FRAME_ERROR if reasons is _FRAME_ERROR_REASONS else
-                                        SECTOR_WARMUP if reasons is _WARMUP_REASONS else None)
+                                        SECTOR_WARMUP if reasons is _WARMUP_REASONS else
+                                        NO_SECTOR_STILL if reasons is _NO_SECTOR_STILL_REASONS else None)
                 fatal: Optional[BaseException] = None  # the failure that ends the run, raised once the frame is recorded
                 if x is not None:
                     logits = logits_of[pos]
@@ -817,6 +848,12 @@ def run_pipeline(
     summary.extra["invalid_outputs"] = invalid_outputs
     summary.extra["frame_errors"] = frame_errors[0]  # frames the sector or quality stage failed on (abstained)
     summary.extra["sector_warmup"] = warmups[0]  # frames before the sector locked (abstained, not inferred)
+    summary.extra["no_sector_still"] = sectorless[0]  # stills under roi sector (abstained, not inferred)
+    if sectorless[0] and not roi_record.get("warning"):
+        roi_record["warning"] = (f"{sectorless[0]} still image(s) abstained ({NO_SECTOR_STILL}): a still has no sector to "
+                                 "crop; pass --roi x0,y0,x1,y1 with their image area" +
+                                 (", or --roi none (whole frames, which the model never saw in training)"
+                                  if m.trained_on_sector else ", or leave --roi out"))
     summary.extra["batch"] = batch  # frames per inference call: 1 for live and paced sources whatever was asked
     summary.extra["stalls"] = stalls[0]  # times a live source gave no frame past the stale threshold
     summary.extra["batch_retries"] = batch_retries  # batches (some of) whose frames were inferred again one by one

@@ -22,13 +22,16 @@ probabilities into the label a clinician is shown, in four steps per frame:
 4. **Minimum dwell.** The same candidate must qualify on ``min_dwell_frames`` consecutive (gate-passing)
    frames before the shown label changes. The first label (after construction or a reset) must clear the
    margin against every other label for the same count; until then the result abstains with
-   ``"settling"`` (also while two classes stay within the margin of each other from the start).
+   ``"settling"`` (also while two classes stay within the margin of each other, up to the limit below).
 
 No label is held against the rule for ever: when the rule's winner on the smoothed probabilities has been one
 other label for ``HOLD_LIMIT`` x ``min_dwell_frames`` consecutive frames, that label is shown even if it never
 clears the margin (with max-ratio thresholds a rare class can win by ratio with a probability below the margin,
-and hysteresis then held the old label while a third class led it by far). A single outlier frame cannot do this
-unless the two labels' steady averages lie within about 3e-4 of each other (cine defaults), where either is honest.
+and hysteresis then held the old label while a third class led it by far). The same bound applies to the first
+label: a stream the rule decides the same way on every frame, just beside the operating point (0.507 against a
+0.5067 threshold), shows that label after ``HOLD_LIMIT`` x ``min_dwell_frames`` frames instead of settling for ever.
+A single outlier frame cannot do this unless the two labels' steady averages lie within about 3e-4 of each other
+(cine defaults), where either is honest.
 
 Finally, a frame abstains with ``"low_confidence"`` when the smoothed probability of the label that would
 be shown (the committed one, which hysteresis may hold while another leads; before the first label, the top
@@ -378,8 +381,9 @@ class CineSmoother:
             self._streak += 1
         else:
             self._candidate, self._streak = c, 1
-        # The rule's winner other than the shown one, and for how many frames in a row (HOLD_LIMIT, module doc).
-        held = (c, self._overruled[1] + 1 if self._overruled[0] == c else 1) if s is not None and c != s else (None, 0)
+        # The rule's winner other than the shown one (or before the first label, the winner), and for how many frames
+        # in a row (HOLD_LIMIT, module doc): the bound holds for the first label as for a change.
+        held = (c, self._overruled[1] + 1 if self._overruled[0] == c else 1) if c != s else (None, 0)
         self._overruled = held
         if held[1] >= HOLD_LIMIT * cfg.min_dwell_frames:
             self._candidate, self._streak = c, cfg.min_dwell_frames

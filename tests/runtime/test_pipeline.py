@@ -796,8 +796,8 @@ def test_a_tiny_image_gives_a_too_small_abstain_not_a_crash(tmp_path: Path, shap
     first, second = mem.records
     assert first["abstain"] and first["abstain_reason"] == "too_small" and first["quality"] == ["too_small"]
     assert first["probs"] is None
-    if roi == "sector":  # one image gives no sector to lock: it abstains, never classified uncropped
-        assert second["abstain_reason"] == "sector_warmup" and second["probs"] is None and s.extra["sector_warmup"] == 1
+    if roi == "sector":  # a still gives no sector to lock: it abstains, never classified uncropped
+        assert second["abstain_reason"] == "no_sector_still" and second["probs"] is None and s.extra["no_sector_still"] == 1
     else:
         assert second["probs"] is not None
     assert s.quality_flagged == 1 and s.extra["quality"]["too_small"] == 1 and s.extra["frame_errors"] == 0
@@ -1407,3 +1407,87 @@ def test_a_still_between_cines_leaves_the_cines_gate_alone(tmp_path: Path) -> No
     assert [r["quality"] for r in mem.records] == [[]] * (12 + 17)
     q = s.extra["quality"]
     assert q["frames"] == 29 and q["stills"] == 17 and q["flagged"] == 0 and q["resets"] == 0, q
+
+
+# ------------------------------------------------------------- stills under --roi sector: no sector to lock
+
+def _sector_stills_run(tmp_path: Path, how: str, frames: list, roi: Optional[str] = None, cine: Optional[list] = None):  # type: ignore[no-untyped-def]
+    """(summary, records) of a sector bundle's run over `frames` as stills delivered as `how` (STILLS), after
+    `cine` (a multi-frame DICOM in the same folder) when given."""
+    cv2 = pytest.importorskip("cv2")
+    from edgeclf.runtime.pipeline import RunOptions
+    from edgeclf.runtime.watch import WatchFolderSource
+
+    b = _sector_bundle(tmp_path, "field")
+    folder = tmp_path / how
+    folder.mkdir()
+    if how == "dicom":
+        pytest.importorskip("pydicom")
+        from tests.runtime.test_dicom import write_dicom
+
+        if cine is not None:
+            write_dicom(folder / "a.dcm", np.stack(cine), instance=1, frame_time=33.3)
+        for i, f in enumerate(frames):
+            write_dicom(folder / f"s{i}.dcm", f, instance=i + 2)
+    else:
+        t0 = 1_700_000_000
+        for i, f in enumerate(frames):
+            cv2.imwrite(str(folder / f"{i}.png"), f)
+            os.utime(folder / f"{i}.png", (t0 + i, t0 + i))
+    mem = ListSink()
+    with FakeBackend((1, 8, 8), 3) as be:
+        if how == "watch":
+            src: Any = WatchFolderSource(str(folder), poll=0.02, idle_exit=0.5, state_path=str(tmp_path / "state.json"))
+        else:
+            src = open_source(str(folder))
+        try:
+            s = run_pipeline(b, src, be, [mem], options=RunOptions(roi=roi))
+        finally:
+            src.close()
+    return s, mem.records
+
+
+NO_SECTOR_STILL = "no_sector_still"  # the reason's name is part of the results format (evaluate, readers)
+
+
+@pytest.mark.parametrize("how", STILLS)
+def test_a_still_under_roi_sector_abstains_with_its_own_reason_and_one_warning(tmp_path: Path, how: str,
+                                                                             caplog: pytest.LogCaptureFixture) -> None:
+    """A sector model never classifies a still (no sector can be found in one frame, and never will: not a warm-up):
+    each still abstains "no_sector_still", is not inferred, and the run says once what to pass instead."""
+    import logging
+
+    n = 12  # more than the detector's warm-up (8): stills never lock a sector, however many come
+    with caplog.at_level(logging.WARNING):
+        s, recs = _sector_stills_run(tmp_path, how, [_textured(i) for i in range(n)])
+    assert len(recs) == n
+    assert [r.get("abstain_reason") for r in recs] == [NO_SECTOR_STILL] * n
+    assert all(r["probs"] is None and r["latency_ms"]["infer"] is None and r["quality"] == [] for r in recs)
+    d = s.to_dict()
+    assert d["abstain_reasons"] == {NO_SECTOR_STILL: n} and d["no_sector_still"] == n and d["sector_warmup"] == 0
+    assert s.quality_flagged == 0  # not the gate's verdict
+    said = [r.getMessage() for r in caplog.records if r.levelname == "WARNING" and NO_SECTOR_STILL in r.getMessage()]
+    assert len(said) == 1, said  # once per run, not per still
+    assert "--roi x0,y0,x1,y1" in said[0] and "--roi none" in said[0] and "never saw" in said[0]
+    assert "--roi x0,y0,x1,y1" in d["roi"]["warning"] and f"{n} still image(s)" in d["roi"]["warning"]
+
+
+def test_a_cine_under_roi_sector_is_unchanged_and_stills_beside_it_abstain(tmp_path: Path) -> None:
+    """A DICOM folder with a cine and stills: the cine warms up, locks and is classified as before; the stills abstain."""
+    from edgeclf.runtime.pipeline import SECTOR_WARMUP
+    from edgeclf.runtime.synthetic import UltrasoundCine
+
+    us = UltrasoundCine(size=64, seed=0)
+    cine = [us.frame(i) for i in range(14)]
+    cine = [f if f.ndim == 2 else f[..., 0] for f in cine]
+    s, recs = _sector_stills_run(tmp_path, "dicom", [_textured(i) for i in range(3)], cine=cine)
+    why = [r.get("abstain_reason") if r["probs"] is None else "classified" for r in recs]
+    assert why == [SECTOR_WARMUP] * 7 + ["classified"] * 7 + [NO_SECTOR_STILL] * 3, why
+    assert s.extra["sector_warmup"] == 7 and s.extra["no_sector_still"] == 3
+
+
+@pytest.mark.parametrize("roi", ["0,0,64,64", "none"])
+def test_stills_on_a_sector_bundle_are_classified_with_a_box_or_roi_none(tmp_path: Path, roi: str) -> None:
+    """What the warning advises works: a fixed box (or the whole frame) classifies every still."""
+    s, recs = _sector_stills_run(tmp_path, "images", [_textured(i) for i in range(3)], roi=roi)
+    assert all(r["probs"] is not None for r in recs) and not s.extra.get("no_sector_still")

@@ -106,11 +106,20 @@ def test_hysteresis_stops_oscillation_between_two_close_classes() -> None:
     raw = _run(flicker, rows)
     changes_raw = sum(x != y for x, y in zip(raw, raw[1:]))
     assert changes_raw > 100  # per-frame decisions flicker
-    for kwargs in ({"alpha": 1.0, "min_dwell_frames": 1, "hysteresis": 0.1}, {}):
-        sm = CineSmoother(("a", "b"), **kwargs)  # type: ignore[arg-type]
-        shown = _run(sm, rows)
-        assert sm.counts["label_changes"] == 0
-        assert sum(x != y for x, y in zip(shown, shown[1:])) <= 1  # at most the first appearance
+    sm = CineSmoother(("a", "b"))  # the cine defaults
+    shown = _run(sm, rows)
+    assert sm.counts["label_changes"] == 0
+    assert sum(x != y for x, y in zip(shown, shown[1:])) <= 1  # at most the first appearance
+    # The margin alone (no smoothing, dwell 1): a change needs the margin, or the rule's pick on HOLD_LIMIT x 1 frames
+    # in a row; far fewer changes than per frame, each after the new label won its last HOLD_LIMIT frames.
+    from edgeclf.runtime.smoothing import HOLD_LIMIT
+
+    sm = CineSmoother(("a", "b"), alpha=1.0, min_dwell_frames=1, hysteresis=0.1)
+    shown = _run(sm, rows)
+    changes = [i for i in range(1, len(shown)) if shown[i] != shown[i - 1]]
+    assert len(changes) * 3 < changes_raw
+    won = ["a" if r[0] >= r[1] else "b" for r in rows]
+    assert all(won[i - HOLD_LIMIT + 1 : i + 1] == [shown[i]] * HOLD_LIMIT for i in changes)
 
 
 def test_hysteresis_band_is_in_probability_units() -> None:
@@ -333,3 +342,31 @@ def test_the_documented_delay_of_a_clear_change_is_the_measured_one() -> None:
     assert got == [7, 7]
     doc = " ".join(str(smoothing_mod.__doc__).split())
     assert "shows on the 7th frame, ~0.23 s at 30 fps and ~0.47 s at 15 fps" in doc
+
+
+@pytest.mark.parametrize("how", ["binary", "multiclass", "dwell 3", "after a reset"])
+def test_a_borderline_first_label_is_shown_within_the_hold_limit(how: str) -> None:
+    """The rule picks one class on every frame, always too close to the boundary to clear the margin (a clip at
+    0.507-0.508 against a 0.5067 threshold): the first label is the rule's pick after HOLD_LIMIT x dwell frames at
+    most, as a change of a shown label is, not "settling" for ever."""
+    from edgeclf.runtime.smoothing import HOLD_LIMIT
+
+    if how == "multiclass":
+        sm = CineSmoother(LABELS)
+        rows, want = [[0.34, 0.33, 0.33]] * 60, "normal"
+    else:
+        sm = CineSmoother(("benign", "malignant"), rule=DecisionRule("threshold", (0.5067,), positive=1),
+                          min_dwell_frames=3 if how == "dwell 3" else None)
+        rows, want = [[1 - p, p] for p in np.linspace(0.5070, 0.5080, 60)], "malignant"
+    if how == "after a reset":
+        for _ in range(30):
+            sm.update([0.9, 0.1])
+        assert sm.committed_label == "benign"
+        sm.reset()
+    bound = HOLD_LIMIT * sm.config.min_dwell_frames
+    results = [sm.update(r) for r in rows]
+    shown = [r.shown_label for r in results]
+    first = shown.index(want)  # raises if never shown
+    assert first <= bound - 1, f"first shown on frame {first + 1}, bound {bound}"
+    assert all(r.abstain_reason == "settling" for r in results[:first])
+    assert set(shown[first:]) == {want} and sm.counts["label_changes"] == 0
