@@ -414,6 +414,10 @@ def evaluate(target: str, data_spec, split, classes, precision, out, threads, no
         from edgeclf.errors import ConfigError
 
         raise ConfigError(f"--out {out} is a file; evaluate writes a folder (metrics.json, roc.png, confusion.png): give a folder")
+    if out is not None and (Path(target) / "manifest.json").is_file():  # a bundle: a file added to it stops it loading
+        from edgeclf.runtime.app import check_outside_bundle
+
+        check_outside_bundle(target, {"--out": out})
     _writable_folder(out)
     report = run_eval(target, data=data_spec, split=split, classes=classes, out=out, precision=precision, threads=threads,
                       quality=not no_quality)
@@ -562,11 +566,14 @@ def prune(model: str, out: str, target_macs: float, steps: int, finetune_epochs:
 @click.option("--source", required=True,
               help="Video file, image folder or glob, watch:DIR, DICOM file or folder, camera index or /dev/videoN, "
                    "rtsp:// or http(s):// stream, GStreamer pipeline, synthetic:ultrasound.")
-@click.option("--out", default=None, help="Results as JSON lines (one per frame); an existing file is replaced unless --append. "
-              "Required with watch:DIR (each file is marked done once classified).")
+@click.option("--out", default=None, help="Results as JSON lines (one per frame); an existing file is refused unless --append or "
+              "--overwrite. Required with watch:DIR (each file is marked done once classified). Not inside the --source folder "
+              "or the bundle folder.")
 @click.option("--append", is_flag=True,
               help="Add to an existing --out instead of replacing it (a service restarting onto one file): a torn last line "
                    "left by a power loss is cut off first and counted; each line carries this run's id as \"run\".")
+@click.option("--overwrite", is_flag=True,
+              help="Replace an existing --out (never the results of a watched folder's done files: those need --append).")
 @click.option("--max-frames", type=click.IntRange(min=1), default=None, help="Stop after this many frames.")
 @click.option("--min-confidence", type=click.FloatRange(0, 1, max_open=True), default=None,
               help="Abstain when the probability of the class decided is below this [default: the bundle's, 0 = never].")
@@ -600,7 +607,7 @@ def prune(model: str, out: str, target_macs: float, steps: int, finetune_epochs:
 @click.option("--key", "trusted_key", default=None,
               help="Ed25519 public key (PEM): refuse the bundle unless it is signed by it [default: $EDGECLF_TRUSTED_KEY].")
 @json_option
-def run(bundle: str, source: str, out, append: bool, max_frames, min_confidence, backend, device, dla_core, engine_cache, precision, threads, realtime,
+def run(bundle: str, source: str, out, append: bool, overwrite: bool, max_frames, min_confidence, backend, device, dla_core, engine_cache, precision, threads, realtime,
         batch, roi, smoothing, no_quality, record, show, summary_path, fsync_every, audit_path, trusted_key, as_json: bool) -> None:
     """Classify frames from a source with a verified bundle; one JSON line per frame.
 
@@ -616,7 +623,7 @@ def run(bundle: str, source: str, out, append: bool, max_frames, min_confidence,
                          precision=precision, options=opts, realtime=realtime, record=record, show=show,
                          summary_path=summary_path, fsync_every=fsync_every, device=device,
                          backend_options=BackendOptions(device=device, dla_core=dla_core, engine_cache=engine_cache),
-                         audit=audit_path, trusted_key=trusted_key, append=append)
+                         audit=audit_path, trusted_key=trusted_key, append=append, overwrite=overwrite)
     _emit(as_json, summary, _print_run)
 
 
@@ -669,6 +676,10 @@ def profile(ctx: click.Context, bundles, source, backends, device, engine_cache,
         _writable_folder(report_dir, "--report")
     if not bundles:
         raise click.UsageError("give at least one --bundle (or a subcommand: compare)", ctx=ctx)
+    from edgeclf.runtime.app import check_outside_bundle
+
+    for b in bundles:  # before profiling: a file added to a bundle stops it loading
+        check_outside_bundle(b, {"--report": report_dir, "--engine-cache": engine_cache})
     from edgeclf.runtime.app import profile_backend_factory, resolve_backend
     from edgeclf.runtime.backends import BackendOptions
     from edgeclf.runtime.pipeline import RunOptions
@@ -920,9 +931,11 @@ def build_engine(bundle_path: str, device, precision: str, dla_core, workspace_m
     Engines are keyed by device profile, TensorRT version, compute capability, GPU name, precision, DLA core, the
     bundle's checksum, batch profile (min/opt/max) and workspace; one built for anything else is rebuilt, never loaded.
     """
+    from edgeclf.runtime.app import check_outside_bundle
     from edgeclf.runtime.engine import build_engine as run_build
     from edgeclf.runtime.engine import trtexec_for
 
+    check_outside_bundle(bundle_path, {"--cache": cache})
     name = _detected_device(device)
     if print_trtexec:
         import shlex
@@ -983,10 +996,16 @@ def bundle_check(path: str, backend, device, precision, dla_core, engine_cache, 
     Reports max/mean absolute error and decision agreement per model, and against the fp32 outputs; fails
     (exit 2) when a model is outside its tolerance. The same check a Jetson runs with --backend trt.
     """
-    from edgeclf.runtime.app import resolve_backend, verify_bundle, with_profile_fallback
+    from edgeclf.runtime.app import (
+        check_outside_bundle,
+        resolve_backend,
+        verify_bundle,
+        with_profile_fallback,
+    )
     from edgeclf.runtime.backends import BackendOptions
 
     _check_backend_name(backend)
+    check_outside_bundle(path, {"--engine-cache": engine_cache})
     chosen, why, _ = resolve_backend(backend, device)
     opts = BackendOptions(device=device, dla_core=dla_core, engine_cache=engine_cache)
     result, chosen, why = with_profile_fallback(
@@ -1238,7 +1257,9 @@ def _print_cv(r: dict[str, Any]) -> None:
 def _print_run(s: dict[str, Any]) -> None:
     rows = [[stage, f"{st['median']:.2f}", f"{st['p90']:.2f}", f"{st['p99']:.2f}", f"{st['max']:.2f}"]
             for stage, st in s["stages_ms"].items()]
-    title = f"{s['frames']} frames in {s['wall_s']} s ({s['fps']} fps), {s['written']} results written, {s['abstained']} abstained"
+    # Without --out the results reach only this summary: "written" would promise a file that does not exist.
+    kept = "written" if s.get("out") else "not kept (no --out)"
+    title = f"{s['frames']} frames in {s['wall_s']} s ({s['fps']} fps), {s['written']} results {kept}, {s['abstained']} abstained"
     if s.get("batch", 1) > 1:
         title += f"; inferred {s['batch']} frames per call (infer = each frame's share)"
     click.echo(_table(["stage", "median ms", "p90 ms", "p99 ms", "max ms"], rows, title))
@@ -1246,10 +1267,18 @@ def _print_run(s: dict[str, Any]) -> None:
     if s.get("abstain_reasons"):
         click.echo("abstained because: " + ", ".join(f"{k} {v}" for k, v in sorted(s["abstain_reasons"].items())))
     clip = s.get("clip") or {}
-    if clip.get("majority_label") is not None:
+    if s.get("task") == "multilabel":
+        # Each label is decided on its own and nothing is smoothed: no "most frames" pick (several labels may be
+        # present in every frame), only how often each one was.
+        present = ", ".join(f"{k} {v}" for k, v in (clip.get("label_frames") or {}).items())
+        if present:
+            click.echo(f"frames with each label present: {present} of {clip.get('frames', s['frames'])} frames, abstain rate "
+                       f"{clip.get('abstain_rate', 0):.3f}")
+    elif clip.get("majority_label") is not None:
         files = int(clip.get("decisions_total") or len(clip.get("decisions") or [])) + int(clip.get("stills") or 0)
         over = f", over all {files} files (not a decision)" if files > 1 else ""  # the per-file decisions follow
-        click.echo(f"shown labels (after smoothing){over}: most frames {clip['majority_label']}, abstain rate "
+        how = "" if s.get("smoothing") == "off" else " (after smoothing)"
+        click.echo(f"shown labels{how}{over}: most frames {clip['majority_label']}, abstain rate "
                    f"{clip.get('abstain_rate', 0):.3f}")
     dec = clip.get("decision") or {}
     per_file = clip.get("decisions") or []

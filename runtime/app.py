@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 import glob
 import io
 import logging
 import os
 import re
 import signal
+import stat
 import threading
 import uuid
 from pathlib import Path
@@ -25,7 +27,7 @@ from edgeclf.runtime.postprocess import decide, probabilities
 from edgeclf.runtime.sinks import JsonlSink, Sink, check_append_tail, tag_run
 from edgeclf.runtime.sources import Frame, FrameSource, open_source
 
-__all__ = ["run_bundle", "check_distinct_outputs", "check_consumed_results", "verify_bundle", "resolve_backend", "with_profile_fallback", "open_backend", "profile_backend_factory", "PARITY_TOLERANCE",
+__all__ = ["run_bundle", "check_distinct_outputs", "check_outside_bundle", "check_results_file", "check_consumed_results", "verify_bundle", "resolve_backend", "with_profile_fallback", "open_backend", "profile_backend_factory", "PARITY_TOLERANCE",
            "VARIANT_TOLERANCE"]
 
 log = logging.getLogger(__name__)
@@ -192,25 +194,39 @@ def open_backend(b: Bundle, backend: str, *, precision: Optional[str] = None, th
 _GLOB_MAGIC = re.compile(r"[*?[]")
 
 
-def _source_paths(uri: str) -> Tuple[List[str], List[str]]:
-    """(files the source reads or keeps, folders it consumes) named by a source URI: the file itself, the files
-    a glob matches, a watched folder and its state file. Nothing for cameras, streams and synthetic sources."""
+class _SourcePaths:
+    """What a source URI names on disk: `files` it reads or keeps (the file itself, a glob's files, a watch state),
+    `folders` it reads everything of (a folder of images or DICOM, a watched folder), and a glob's `pattern`."""
+
+    def __init__(self, files: Optional[List[str]] = None, folders: Optional[List[str]] = None,
+                 pattern: Optional[str] = None, watched: bool = False) -> None:
+        self.files = files or []
+        self.folders = folders or []
+        self.pattern = pattern
+        self.watched = watched
+
+
+def _source_paths(uri: str) -> _SourcePaths:
+    """The files and folders a source URI names (see _SourcePaths). Nothing for cameras, streams and synthetic
+    sources."""
     text = uri.strip() if isinstance(uri, str) else ""
     if text.lower().startswith("watch:"):
         folder, _, query = text[len("watch:"):].partition("?")
         state = [v for k, _, v in (item.partition("=") for item in query.split("&")) if k == "state" and v]
-        return [os.path.expanduser(p) for p in state], [os.path.expanduser(folder)] if folder else []
+        return _SourcePaths([os.path.expanduser(p) for p in state], [os.path.expanduser(folder)] if folder else [], watched=True)
     if not text or text.lower().startswith("synthetic:"):
-        return [], []
+        return _SourcePaths()
     path = os.path.expanduser(text)
     if os.path.isfile(path):
-        return [path], []
+        return _SourcePaths([path])
+    if os.path.isdir(path):  # as open_source: a folder of that name wins over a camera index
+        return _SourcePaths(folders=[path])
     if _GLOB_MAGIC.search(path) and not os.path.exists(path):
         try:
-            return [p for p in glob.glob(path) if os.path.isfile(p)], []
+            return _SourcePaths([p for p in glob.glob(path, recursive=True) if os.path.isfile(p)], pattern=path)
         except (OSError, ValueError):  # a pattern no file can match (a NUL byte): the source fails on its own
-            return [], []
-    return [], []
+            return _SourcePaths()
+    return _SourcePaths()
 
 
 def _same_file(a: str, b: str) -> bool:
@@ -229,29 +245,61 @@ def _inside(path: str, folder: str) -> bool:
         return False
 
 
+def _pattern_reads(pattern: str, path: str) -> bool:
+    """Whether the image source of glob `pattern` would read `path` (once it exists) as a frame: an image file
+    the pattern matches, compared as given and with symlinks resolved (fnmatch's '*' also spans '/': it errs on
+    the side of refusing)."""
+    from edgeclf.runtime.sources import IMAGE_EXTENSIONS
+
+    if os.path.splitext(path)[1].lower() not in IMAGE_EXTENSIONS:
+        return False
+    pat = os.path.abspath(pattern)
+    head = pat
+    while _GLOB_MAGIC.search(head):  # the folder before the first wildcard, resolved: the pattern as the disk sees it
+        head = os.path.dirname(head)
+    pats = {pat, os.path.join(os.path.realpath(head), os.path.relpath(pat, head))}
+    try:
+        names = {os.path.abspath(path), os.path.realpath(path)}
+    except (OSError, ValueError):
+        return False
+    return any(fnmatch.fnmatchcase(n, p) for n in names for p in pats)
+
+
 def check_distinct_outputs(source_uri: str, outputs: Dict[str, Optional[str]]) -> None:
     """Raise ConfigError (one line) when two output options name the same file, when one is the source file
-    (or a file it keeps: a watch state), or when one lies inside a watched folder being consumed. Checked
-    before anything is opened: such a run would overwrite the recording it classifies or mix its outputs.
-    Paths are compared resolved (os.path.realpath; symlinks and hard links count as the same file). An
-    --audit folder (an existing one, or a path ending in '/') only matters for the watched-folder check.
+    (or a file it keeps: a watch state, a file a glob source matches or would match), or when one lies inside
+    a folder the source reads (a folder of images or DICOM, a watched folder being consumed). Checked before
+    anything is opened: such a run would overwrite the recording it classifies or mix its outputs. Paths are
+    compared resolved (os.path.realpath; symlinks and hard links count as the same file). An --audit folder
+    (an existing one, or a path ending in '/') only matters for the folder checks.
     No path is quoted: a source path may carry a patient's name."""
     named = [(opt, os.fspath(p)) for opt, p in outputs.items() if p]
-    files, folders = _source_paths(source_uri)
+    src = _source_paths(source_uri)
     for i, (opt, p) in enumerate(named):
-        for folder in folders:
-            if _inside(p, folder):
+        for folder in src.folders:
+            if not _inside(p, folder):
+                continue
+            if src.watched:
                 raise ConfigError(
                     f"{opt} lies inside the watched folder of --source; allowed: outputs outside a folder being "
                     f"consumed (new files there are read as incoming ones); give {opt} a path outside that folder"
                 )
+            raise ConfigError(
+                f"{opt} lies inside the source folder (--source); allowed: outputs outside the folder being classified "
+                f"(a file there would be overwritten, or read as a frame by the next run); give {opt} a path outside it"
+            )
         is_folder = opt == "--audit" and (p.endswith(("/", os.sep)) or os.path.isdir(p))
         if is_folder:
             continue  # a new, uniquely named log inside it
-        if any(_same_file(p, src) for src in files):
+        if any(_same_file(p, f) for f in src.files):
             raise ConfigError(
                 f"{opt} is the source file itself (or its watch state); allowed: an output path that is not an input; "
                 f"give {opt} another path"
+            )
+        if src.pattern is not None and _pattern_reads(src.pattern, p):
+            raise ConfigError(
+                f"{opt} matches the --source pattern (the next run on it would read that file as a frame); allowed: an "
+                f"output the pattern does not match; give {opt} another path"
             )
         for opt2, p2 in named[i + 1:]:
             if _same_file(p, p2):
@@ -259,6 +307,50 @@ def check_distinct_outputs(source_uri: str, outputs: Dict[str, Optional[str]]) -
                     f"{opt} and {opt2} name the same file; allowed: a file of its own for each output; "
                     f"give {opt2} another path"
                 )
+
+
+def check_outside_bundle(bundle_path: str, outputs: Dict[str, Optional[str]]) -> None:
+    """ConfigError (one line) when an output (file or folder) lies inside the bundle folder: a bundle holds only the
+    files its checksums list, so any other file there makes it refuse to load from then on. Paths are compared
+    resolved (symlinks, relative paths)."""
+    for opt, p in outputs.items():
+        if p and _inside(os.fspath(p), bundle_path):
+            raise ConfigError(
+                f"{opt} lies inside the bundle folder; allowed: outputs outside it (a bundle holds only the files its "
+                f"checksums.sha256 lists: any other file there makes it refuse to load); give {opt} a path outside the bundle"
+            )
+
+
+def check_results_file(source_uri: str, out: Optional[str], *, append: bool, overwrite: Optional[bool]) -> None:
+    """ConfigError (one line) before a run replaces an --out that holds results: always when the source is a watched
+    folder whose state marks files done (they are never classified again: their results would be lost for good),
+    and, with `overwrite` False (the CLI's default), for any non-empty file. `overwrite` None: replaced (the
+    library's default, as before). What is not a regular file (/dev/stdout, a pipe) is never refused."""
+    if not out or append:
+        return
+    try:
+        st = os.stat(out)
+    except (OSError, ValueError):
+        return  # nothing there yet (or no such path can exist): check_output_path has judged it
+    if not stat.S_ISREG(st.st_mode) or st.st_size == 0:
+        return
+    if source_uri.strip().lower().startswith("watch:"):
+        from edgeclf.runtime.watch import STATE_NAME, watch_state_of
+
+        state, done = watch_state_of(source_uri)
+        if done:
+            where = "the state=PATH file" if state else f"{STATE_NAME} in the watched folder"
+            raise ConfigError(
+                f"--out already holds results and the watch state marks {done} file(s) of the watched folder done, which "
+                "are never classified again: replacing it would lose their results for good; allowed: --append (keeps "
+                f"them and adds the new files'); add --append, or to start over move the results file and the watch state "
+                f"({where}) away"
+            )
+    if overwrite is False:
+        raise ConfigError(
+            f"--out already holds results (an existing file of {st.st_size} bytes); allowed: a new file, --append to add "
+            "this run's results to it, or --overwrite to replace it; add one of them or give --out another path"
+        )
 
 
 def _durable(sink: Sink) -> bool:
@@ -304,6 +396,7 @@ def run_bundle(
     audit_digest_every: int = 1000,
     trusted_key: Optional[str] = None,
     append: bool = False,
+    overwrite: Optional[bool] = None,
 ) -> Dict[str, Any]:
     """Verify and load the bundle, open the source, classify every frame; returns the run summary.
 
@@ -320,8 +413,13 @@ def run_bundle(
     last line a power loss left is cut off first, counted and logged (``JsonlSink(append=True)``); every line
     of this run carries ``"run"``, a random id also in the summary (``run``, with ``append``: what was
     repaired) and the audit log, so the runs one file holds can be told apart.
+    `overwrite`: False refuses (ConfigError, before anything is opened) to replace an `out` that holds anything,
+    unless `append`; True replaces it; None (the library's default) replaces it, as True. The CLI passes False
+    unless --overwrite. Whatever it says, an `out` holding results of a watched folder whose state marks files done
+    is replaced only by starting over (see check_results_file).
     A watched folder (``watch:``) marks each file done for good: it needs `out` (or an `extra_sinks` sink with its
-    own ``sync``), else ConfigError before anything is opened.
+    own ``sync``), else ConfigError before anything is opened. No output may lie inside a folder the source reads
+    or inside the bundle folder (check_distinct_outputs, check_outside_bundle).
     """
     from edgeclf.devices.systemd import Notifier
     from edgeclf.runtime.sinks import SummarySink, VideoRecorderSink, check_output_path, check_video_path
@@ -332,6 +430,10 @@ def run_bundle(
     # before any earlier output file is truncated.
     if append and not out:
         raise ConfigError("--append adds to the --out results file; give --out FILE or leave --append out")
+    if overwrite and not out:
+        raise ConfigError("--overwrite replaces the --out results file; give --out FILE or leave --overwrite out")
+    if overwrite and append:
+        raise ConfigError("--append adds to the --out results file, --overwrite replaces it; give one of them")
     if out:
         check_output_path(out, option="--out", example="results.jsonl")
         if append:
@@ -341,8 +443,11 @@ def run_bundle(
         check_output_path(record, option="--record", example="run.mp4")
     if summary_path:
         check_output_path(summary_path, option="--summary", example="clip.json")
-    check_distinct_outputs(source_uri, {"--out": out, "--record": record, "--summary": summary_path, "--audit": audit})
+    outputs = {"--out": out, "--record": record, "--summary": summary_path, "--audit": audit}
+    check_distinct_outputs(source_uri, outputs)
+    check_outside_bundle(bundle_path, {**outputs, "--engine-cache": backend_options.engine_cache if backend_options else None})
     check_consumed_results(source_uri, out, extra_sinks)
+    check_results_file(source_uri, out, append=append, overwrite=overwrite)
     opts = options or RunOptions(min_confidence=min_confidence)
     if min_confidence is not None and opts.min_confidence is None:
         opts = dataclasses.replace(opts, min_confidence=min_confidence)
@@ -444,7 +549,7 @@ def run_bundle(
                     log.error("closing an output failed too: %s", " ".join(str(exc).split()) or type(exc).__name__)
             result = summary.to_dict()
             result.update(
-                bundle=str(b.path), bundle_checksum=b.checksum, source_kind=src.kind, backend=be.name, model=variant,
+                bundle=str(b.path), bundle_checksum=b.checksum, task=m.task, source_kind=src.kind, backend=be.name, model=variant,
                 frame_count_claimed=src.frame_count, out=out, clip=clip.result, threads=getattr(be, "threads", threads),
                 device=device, chosen_by=chosen,
             )
@@ -459,7 +564,7 @@ def run_bundle(
         if alog is not None:
             alog.end("signal" if result.get("stopped_by") == "signal" else "ok",
                      summary={k: result.get(k) for k in ("frames", "written", "abstained", "abstain_reasons", "backend_errors", "invalid_outputs",
-                                                         "frame_errors", "sector_warmup", "stopped_by", "source_stats", "read_not_classified")})
+                                                         "frame_errors", "sector_warmup", "no_sector_still", "stopped_by", "source_stats", "read_not_classified")})
             result["audit"] = {"path": alog.path, "head": alog.head, "records": alog.records}
             alog.close()
     except BaseException as exc:

@@ -72,7 +72,7 @@ from edgeclf.runtime.sources import (
     source_hash,
 )
 
-__all__ = ["WatchFolderSource", "open_watch", "STATE_NAME", "PARTIAL_SUFFIXES"]
+__all__ = ["WatchFolderSource", "open_watch", "watch_state_of", "STATE_NAME", "PARTIAL_SUFFIXES"]
 
 logger = logging.getLogger(__name__)
 
@@ -707,6 +707,30 @@ def _fsync_dir(folder: str) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def watch_state_of(uri: str) -> Tuple[bool, int]:
+    """(whether `uri` names its own state=PATH, how many files its state records as handled: done, failed, or with
+    frames acknowledged), read without opening the source or taking its lock. A run on that folder never hands
+    those files out again, so results written for them exist only where that run wrote them. (False, 0) without a
+    state file, or with one that cannot be read as a state (opening the source says what is wrong with it)."""
+    rest = uri.strip()[len("watch:"):]
+    folder, _, query = rest.partition("?")
+    given = [v for k, _, v in (item.partition("=") for item in query.split("&")) if k == "state" and v]
+    path = os.path.abspath(os.path.expanduser(given[-1] if given else os.path.join(os.path.expanduser(folder), STATE_NAME)))
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, ValueError):
+        return bool(given), 0
+    files = data.get("files") if isinstance(data, dict) and data.get("format") == _STATE_FORMAT else None
+    if not isinstance(files, dict):
+        return bool(given), 0
+    handled = sum(
+        1 for e in files.values()
+        if isinstance(e, dict) and (e.get("status") in ("done", "failed") or _count_or_none(e.get("acked"), False) and e["acked"] > 0)
+    )
+    return bool(given), handled
 
 
 def open_watch(uri: str, *, size: Optional[Size] = None, source_id: str = "") -> WatchFolderSource:
