@@ -23,7 +23,7 @@ import re
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any, Collection
+from typing import IO, Any, Callable, Collection, Mapping
 from urllib.parse import parse_qsl
 
 import numpy as np
@@ -32,7 +32,8 @@ from edgeclf.errors import DataError, SourceError
 from edgeclf.runtime.sources import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, decode_image, natural_key
 
 __all__ = ["Dataset", "Split", "load_dataset", "load_folds", "make_split_list", "read_split_list", "with_options", "parse_class_map", "spec_name", "split_spec", "FolderOptions",
-           "check_option_table", "check_spec_options", "require_training_data", "near_hash", "SPLITS", "IMAGE_EXTS", "VIDEO_EXTS"]
+           "check_option_table", "check_spec_options", "require_training_data", "load_training_data", "defines_split",
+           "recorded_options", "near_hash", "SPLITS", "IMAGE_EXTS", "VIDEO_EXTS"]
 
 log = logging.getLogger(__name__)
 SPLITS = ("train", "val", "test")
@@ -682,28 +683,119 @@ def check_spec_options(spec: str, *, folds: int = 0) -> str | None:
     return "clips" if is_clips else "images"
 
 
-def require_training_data(ds: Dataset, recorded: dict, *, data_given: str | None, use: str,
-                          fix: str = "restore the data as it was or retrain") -> None:
-    """DataError when `ds` is the data set a training run recorded (no --data, or --data naming the same set)
-    but its hash differs: re-drawing the splits of changed data can put training images into the held-out
-    ones. `use` completes "so ..." in the message (what the splits feed), `fix` says what to do. Shared by
-    export, prune and evaluate. Another data set given with --data is the caller's choice and passes; a run
-    without a recorded hash too."""
-    same_set = data_given is None or ds.name == (recorded.get("name") or spec_name(str(recorded.get("spec", ""))))
-    if not recorded.get("hash") or not same_set or recorded["hash"] == ds.data_hash:
+_FIX_CHANGED = "restore the data as it was or retrain"
+_OWN_SPLIT = "give data with its own split (train/ val/ test/ folders, a split list, a MedMNIST .npz)"
+
+
+def recorded_options(recorded: Mapping[str, Any]) -> str:
+    """The options (query) a run recorded for its data: its spec's (run.json), else its name's (a bundle keeps no
+    paths: an option naming a file, split=/x/list.csv, keeps only list.csv)."""
+    spec = str(recorded.get("spec") or recorded.get("name") or "")
+    return "" if spec.startswith("synthetic:") else spec.partition("?")[2]
+
+
+def defines_split(spec: str) -> bool:
+    """Whether the data at `spec` brings its own train/val/test split (a MedMNIST .npz, train/ val/ test/ folders, a
+    split list, synthetic data) rather than one edgeclf draws from it (seeded shares, folds)."""
+    if spec.startswith("synthetic:"):
+        return True
+    base, opts = split_spec(spec)
+    path = Path(base).expanduser()
+    kind = _path_kind(path)
+    return opts.split is not None or kind == "file" or (kind == "dir" and any(_is_dir(path / s) for s in SPLITS))
+
+
+def _not_training_data(name: str, recorded: Mapping[str, Any], use: str, new_data: str, tried: str) -> DataError:
+    rec = recorded.get("name") or spec_name(str(recorded.get("spec", "")))
+    q = recorded_options(recorded)
+    ways = [w for w in (new_data, q and f"give the training data with the options it was trained with (--data DIR?{q})",
+                        _OWN_SPLIT) if w]
+    what = ", ".join(ways[:-1]) + f" or {ways[-1]}" if len(ways) > 1 else ways[0]
+    return DataError(f"data {name} is not, by content, the data the model was trained on ({rec}): the hashes differ{tried}, "
+                     f"and its splits would be drawn anew, where training images can land in any split, so {use}; {what}")
+
+
+def require_training_data(ds: Dataset, recorded: Mapping[str, Any], *, data_given: str | None, use: str,
+                          fix: str = _FIX_CHANGED, new_data: str = "") -> None:
+    """DataError unless `ds` may feed the held-out splits of a model trained on the data `recorded` (run.json's
+    data record, or a bundle's provenance.data): re-drawing the splits of other data can put training images into
+    the held-out ones. Identity is the content hash (files, options, split list), never a folder name: the
+    training data passes (the hash it had before split lists, frames or sources were hashed too, with a warning);
+    other data passes only where it brings its own split (`defines_split`). The recorded data itself (no --data,
+    or --data of its recorded name) with another hash has changed: refused even with its own split. `use`
+    completes "so ..." (what the splits feed), `fix` says what to do with changed data, `new_data` (optional) with new data.
+    A run without a recorded hash passes. `load_training_data` reads a renamed copy with its recorded options."""
+    if not recorded.get("hash") or recorded["hash"] == ds.data_hash:
         return
-    if recorded["hash"] != ds.former_hash:
+    if recorded["hash"] == ds.former_hash:
+        # Recorded before split lists, frames_per_clip or clips.csv sources were hashed: the files and options match.
+        # Frames come from the run's own config; a split list or the sources cannot be checked against such a run.
+        base, opts = split_spec(ds.spec)
+        if opts.split:
+            log.warning("%s was recorded before split-list contents were part of the data hash: its files match, but a "
+                        "regenerated split list cannot be told apart; retrain to record it", ds.name)
+        if opts.group != "clip" and ds.kind == "clips" and (Path(base) / "clips.csv").is_file():
+            log.warning("%s was recorded before the clips.csv sources that group=%s splits by were part of the data hash: "
+                        "its files match, but sources edited since (a re-drawn split) cannot be told apart; retrain to "
+                        "record them", ds.name, opts.group)
+        return
+    if data_given is None or ds.name == (recorded.get("name") or spec_name(str(recorded.get("spec", "")))):
         raise DataError(f"data {ds.name} changed since the model was trained (its hash differs), so {use}; {fix}")
-    # Recorded before split lists, frames_per_clip or clips.csv sources were hashed: the files and options match.
-    # Frames come from the run's own config; a split list or the sources cannot be checked against such a run.
-    base, opts = split_spec(ds.spec)
-    if opts.split:
-        log.warning("%s was recorded before split-list contents were part of the data hash: its files match, but a "
-                    "regenerated split list cannot be told apart; retrain to record it", ds.name)
-    if opts.group != "clip" and ds.kind == "clips" and (Path(base) / "clips.csv").is_file():
-        log.warning("%s was recorded before the clips.csv sources that group=%s splits by were part of the data hash: its "
-                    "files match, but sources edited since (a re-drawn split) cannot be told apart; retrain to record "
-                    "them", ds.name, opts.group)
+    if not defines_split(ds.spec):
+        raise _not_training_data(ds.name, recorded, use, new_data, "")
+
+
+class _Held(logging.Handler):
+    """Log records kept back while a reading may be discarded (`load_training_data`)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+def load_training_data(spec: str, recorded: Mapping[str, Any], load: Callable[[str], Dataset], *,
+                       data_given: str | None, use: str, fix: str = _FIX_CHANGED,
+                       new_data: str = "") -> Dataset:
+    """`load(spec)` for a use of the held-out splits of a model trained on the data `recorded`, checked by
+    `require_training_data`. A plain folder (--data DIR, no options) whose content read with the recorded options
+    has the recorded hash is the training data under another path or name (another machine, a copy): it is read
+    so, and its splits are training's. Otherwise the folder reads as given, or is refused without being read again
+    where that reading would be refused (no split of its own). `load` reads a spec with the caller's settings."""
+    q = recorded_options(recorded) if recorded.get("hash") else ""
+    if not q or "?" in spec or spec.startswith("synthetic:") or _path_kind(Path(spec).expanduser()) != "dir":
+        ds = load(spec)
+        require_training_data(ds, recorded, data_given=data_given, use=use, fix=fix, new_data=new_data)
+        return ds
+    optioned = f"{spec.rstrip('/') or spec}?{q}"
+    # The reading's notes and warnings are kept back until it is known to be the one used: those of a discarded
+    # reading (new data read with another set's split list: "left out N files") would only mislead.
+    held, root = _Held(), logging.getLogger("edgeclf")
+    propagate, root.propagate = root.propagate, False
+    root.addHandler(held)
+    try:
+        try:
+            trial: Dataset | None = load(optioned)
+            tried = f" (also read with the recorded options ?{q})"
+        except DataError as exc:  # not readable so: not the training data as recorded; said below if refused
+            trial, tried = None, f" (read with the recorded options ?{q}: {exc})"
+    finally:
+        root.removeHandler(held)
+        root.propagate = propagate
+    if trial is not None and recorded["hash"] in (trial.data_hash, trial.former_hash):
+        for r in held.records:
+            logging.getLogger(r.name).handle(r)
+        log.info("%s has the content of the training data %s: read with its recorded options ?%s (its held-out splits "
+                 "are training's)", spec_name(spec), recorded.get("name") or spec_name(str(recorded.get("spec", ""))), q)
+        require_training_data(trial, recorded, data_given=data_given, use=use, fix=fix, new_data=new_data)
+        return trial
+    if not defines_split(spec):
+        raise _not_training_data(spec_name(spec), recorded, use, new_data, tried)
+    ds = load(spec)  # new data with its own split
+    require_training_data(ds, recorded, data_given=data_given, use=use, fix=fix, new_data=new_data)
+    return ds
 
 
 def split_spec(spec: str) -> tuple[str, FolderOptions]:

@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from edgeclf.data import load_dataset, require_training_data, split_spec
+from edgeclf.data import Dataset, load_dataset, load_training_data, split_spec
 from edgeclf.errors import ConfigError
 from edgeclf.runtime.bundle import MANIFEST_FILE, load_bundle
 from edgeclf.runtime.postprocess import decide, probabilities
@@ -17,19 +17,6 @@ from edgeclf.runtime.preprocess import Preprocessor
 __all__ = ["evaluate"]
 
 log = logging.getLogger(__name__)
-
-
-def _with_recorded_options(data_spec: str, recorded: dict[str, Any]) -> str:
-    """A bundle or folder trained on `DIR?options` (a split list, dedup, folds, sector crop) evaluated with a
-    plain `--data DIR` of the same name gets the recorded options, so that its test split is the held-out one."""
-    rec = str(recorded.get("name") or Path(str(recorded.get("spec", "")).partition("?")[0]).name + (
-        "?" + str(recorded.get("spec", "")).partition("?")[2] if "?" in str(recorded.get("spec", "")) else ""))
-    base, _, query = rec.partition("?")
-    if not query or "?" in data_spec or data_spec.startswith("synthetic:"):
-        return data_spec
-    if Path(data_spec.rstrip("/")).name != base:
-        return data_spec
-    return f"{data_spec.rstrip('/')}?{query}"
 
 
 def _sector_spec(spec: str, target: str) -> str:
@@ -169,15 +156,22 @@ def evaluate(
     data_spec = data or recorded.get("spec") or (recorded.get("name") if str(recorded.get("name", "")).startswith("synthetic:") else None)
     if not data_spec:
         raise ConfigError(f"{target} does not say where its data is (bundles keep no workstation paths); pass --data SPEC")
-    data_spec = _with_recorded_options(data_spec, recorded)
-    if sector:
-        data_spec = _sector_spec(data_spec, str(target))
     fpc = int(train_cfg.get("frames_per_clip", 8))
-    ds = load_dataset(data_spec, classes=classes if classes is not None else recorded.get("classes"), seed=seed,
-                      frames_per_clip=fpc, quality=quality)
-    if split != "all":  # re-splitting changed data can move training images into the held-out split
-        require_training_data(ds, recorded, data_given=data, use=f"its {split} split is no longer the one held out in training",
-                              fix="evaluate with --split all on new data, or retrain")
+    read: list[str] = []  # the spec read last: the one reported
+
+    def load(s: str) -> Dataset:
+        read.append(_sector_spec(s, str(target)) if sector else s)
+        return load_dataset(read[-1], classes=classes if classes is not None else recorded.get("classes"), seed=seed,
+                            frames_per_clip=fpc, quality=quality)
+
+    if split == "all":  # the data whole, as given: no held-out split to keep apart from training
+        ds = load(data_spec)
+    else:  # the training data by content, read as trained (another folder name too); other data only with its own split
+        ds = load_training_data(data_spec, recorded, load, data_given=data,
+                                use=f"its {split} split is no longer the one held out in training",
+                                fix="evaluate with --split all on new data, or retrain",
+                                new_data="evaluate new data with --split all")
+    data_spec = read[-1]
     if ds.labels != labels or ds.task != task:
         raise ConfigError(f"data {data_spec} has {ds.task} labels {ds.labels}; the model has {task} labels {labels}; use --classes to map them")
     sp = ds.split(split)

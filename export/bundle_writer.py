@@ -17,11 +17,18 @@ from typing import Any
 
 import numpy as np
 
-from edgeclf.data import Dataset, load_dataset, require_training_data, spec_name
+from edgeclf.data import Dataset, load_dataset, load_training_data, spec_name
 from edgeclf.errors import ConfigError, DataError, ModelError
 from edgeclf.export.onnx_export import INPUT_NAME, OPSET, OUTPUT_NAME, ExportError, export_onnx, parity_report
 from edgeclf.export.prune import TRAINING_FACTS
-from edgeclf.runtime.bundle import FORMAT, MANIFEST_FILE, SCHEMA_VERSION, write_checksums
+from edgeclf.runtime.bundle import (
+    CHECKSUM_FILE,
+    FORMAT,
+    MANIFEST_FILE,
+    SCHEMA_VERSION,
+    SIGNATURE_FILE,
+    write_checksums,
+)
 from edgeclf.runtime.postprocess import TASKS, probabilities
 from edgeclf.runtime.preprocess import Preprocessor, PreprocessSpec
 
@@ -347,12 +354,17 @@ def export_bundle(cfg: ExportConfig) -> dict[str, Any]:
         raise ConfigError("no --data given and the training folder does not record its data; pass --data SPEC")
     # Clip models: sample the frames they were trained and validated on (as train, prune and evaluate do).
     fpc = int((tm.run.get("config") or {}).get("frames_per_clip", 8)) if tm is not None else 8
-    # quality: the frames `edgeclf run`'s quality gate stops are known too (Dataset.abstain), as evaluate knows them:
-    # the figures, the imported model's calibration and the compression gate leave out every frame run does not classify.
-    ds: Dataset = load_dataset(data_spec, classes=classes, seed=seed, frames_per_clip=fpc, quality=True)
-    if tm is not None:  # changed data re-draws the split: export's "val" (gate, parity, metrics) would hold training images
-        require_training_data(ds, recorded, data_given=cfg.data,
-                               use="its val split is no longer the one held out in training")
+    def load(s: str) -> Dataset:
+        # quality: the frames `edgeclf run`'s quality gate stops are known too (Dataset.abstain), as evaluate knows them:
+        # the figures, the imported model's calibration and the compression gate leave out every frame run does not classify.
+        return load_dataset(s, classes=classes, seed=seed, frames_per_clip=fpc, quality=True)
+
+    if tm is not None:  # other data re-draws the split: export's "val" (gate, parity, metrics) would hold training images
+        # The training data is known by content: a copy under another name is read with the recorded options.
+        ds = load_training_data(str(data_spec), recorded, load, data_given=cfg.data,
+                                use="its val split is no longer the one held out in training")
+    else:
+        ds = load(str(data_spec))
     if ds.task != task and tm is None:  # --task is the user's: name it (--classes can merge classes, never add them)
         merge = task == "binary" and ds.task == "multiclass" and ds.kind != "synthetic"
         raise DataError(f"data {ds.name} is a {ds.task} set; the model was given --task {task}: give --task {ds.task}"
@@ -565,6 +577,37 @@ def _check_out(out: Path, overwrite: bool) -> None:
                           "choose another --out (a new or empty folder)")
     if not overwrite:
         raise ConfigError(f"--out {out} already holds a bundle; pass --overwrite to replace it or choose another --out")
+    _refuse_other_files(out)
+
+
+def _other_files(out: Path) -> list[str]:
+    """What a previous bundle's folder holds besides that bundle: entries its checksums.sha256 does not list (all but
+    the manifest where there is none), shown from the top (`eval/` for a folder of them). The swap replaces the whole
+    folder, so these would be deleted with it (notes, an evaluation, run outputs kept beside the bundle)."""
+    own = {MANIFEST_FILE, CHECKSUM_FILE, SIGNATURE_FILE}
+    try:
+        for line in (out / CHECKSUM_FILE).read_text(encoding="utf-8").splitlines():
+            own.add(line.partition("  ")[2])
+    except (OSError, UnicodeDecodeError):
+        pass  # no readable list: every file but the manifest counts as other, and is named
+    found: list[str] = []
+    for top in sorted(out.iterdir()):
+        if top.is_dir() and not top.is_symlink():
+            inner = [p for p in top.rglob("*") if not p.is_dir() or p.is_symlink()]
+            if not inner or any(p.relative_to(out).as_posix() not in own for p in inner):
+                found.append(top.name + "/")
+        elif top.name not in own or top.is_symlink():
+            found.append(top.name)
+    return found
+
+
+def _refuse_other_files(out: Path) -> None:
+    other = _other_files(out)
+    if other:
+        shown = ", ".join(other[:4]) + (f" and {len(other) - 4} more" if len(other) > 4 else "")
+        raise ConfigError(f"--out {out} also holds {shown}, which are not the previous bundle's files (not in its "
+                          f"{CHECKSUM_FILE}); --overwrite replaces only a previous bundle and would delete them: move them "
+                          "away or choose another --out")
 
 
 def _read_onnx(src: Path, channels: int, side: int) -> tuple[Any, dict[str, Any], str, str]:
@@ -683,6 +726,7 @@ def _swap_into_place(stage: Path, out: Path) -> None:
     """Replace `out` by `stage` with renames, so an old bundle is gone only once the new one is whole."""
     old = None
     if out.exists():
+        _refuse_other_files(out)  # again: files put beside the old bundle while this one was made
         old = out.with_name(f".{out.name}.old")
         shutil.rmtree(old, ignore_errors=True)
         out.rename(old)

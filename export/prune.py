@@ -567,15 +567,18 @@ def prune_trained(cfg: PruneConfig, *, on_epoch: Optional[Callable[[Dict[str, An
     read_test = bool(tcfg.get("read_test", True))
     # quality: as train loads it. The frames `edgeclf run` does not classify (Dataset.abstain) are left out of the
     # recalibration and of the val and test figures (calibrate_and_measure); fine-tuning still learns from every frame.
-    ds = load_dataset(cfg.data or recorded.get("spec", ""), classes=recorded.get("classes"), seed=seed,
-                      frames_per_clip=int(tcfg.get("frames_per_clip", 8)), quality=True)
-    from edgeclf.data import require_training_data
+    from edgeclf.data import Dataset, load_training_data
 
-    # Export's check (one function): fine-tuning re-draws train and val from the data; changed data would
-    # fine-tune on validation images and fit the operating point and the reported figures on training ones.
-    require_training_data(ds, recorded, data_given=cfg.data,
-                           use="its train and val splits are no longer the ones the model was trained and validated on "
-                               "(fine-tuning would learn validation images)")
+    def load(spec: str) -> Dataset:
+        return load_dataset(spec, classes=recorded.get("classes"), seed=seed, frames_per_clip=int(tcfg.get("frames_per_clip", 8)),
+                            quality=True)
+
+    # Export's check (one function): fine-tuning re-draws train and val from the data; changed data would fine-tune on
+    # validation images and fit the operating point and the reported figures on training ones. The training data under
+    # another name or path (a copy, another machine) is known by its content and read with its recorded options.
+    ds = load_training_data(cfg.data or recorded.get("spec", ""), recorded, load, data_given=cfg.data,
+                            use="its train and val splits are no longer the ones the model was trained and validated on "
+                                "(fine-tuning would learn validation images)")
     if ds.labels != tm.labels:
         raise ConfigError(f"data {ds.name} has labels {ds.labels}; the model has {tm.labels}")
     _require_every_class(ds, "val")

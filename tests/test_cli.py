@@ -423,20 +423,18 @@ def test_evaluate_crops_the_clips_of_a_sector_model_unless_the_data_names_a_roi(
                                                                                caplog: pytest.LogCaptureFixture) -> None:
     import logging
 
-    from edgeclf.evaluate import _sector_spec, _with_recorded_options
+    from edgeclf.evaluate import _sector_spec
     from edgeclf.runtime.bundle import load_bundle
 
-    def _sector_data_spec(target: str, data: str) -> str:  # the spec evaluate() reads for this bundle and --data
-        m = load_bundle(target).manifest
-        spec = _with_recorded_options(data, m.raw["provenance"].get("data") or {})
-        return _sector_spec(spec, target) if m.trained_on_sector else spec
+    # The spec evaluate() reads for this bundle and --data (the training data's recorded options, when the data is the
+    # training data by content, are tested in tests/test_evaluate_training_data.py).
+    def _sector_data_spec(target: str, data: str) -> str:
+        return _sector_spec(data, target) if load_bundle(target).manifest.trained_on_sector else data
 
     bundle = str(_sector_tiny_bundle(tmp_path / "b"))
-    other = _clip_folder(tmp_path / "new_site")  # not the training folder's name: no recorded options apply
+    other = _clip_folder(tmp_path / "new_site")
     assert _sector_data_spec(bundle, str(other)) == f"{other}?roi=sector"
     assert _sector_data_spec(bundle, f"{other}?frames=4") == f"{other}?frames=4&roi=sector"
-    same = _clip_folder(tmp_path / "pocus")  # the training folder's name: its recorded options, roi=sector among them
-    assert _sector_data_spec(bundle, str(same)) == f"{same}?frames=8&roi=sector"
     with caplog.at_level(logging.WARNING):
         assert _sector_data_spec(bundle, f"{other}?roi=none") == f"{other}?roi=none"  # asked for: kept, with a warning
     assert any("trained on sector crops" in r.getMessage() for r in caplog.records)

@@ -63,7 +63,7 @@ def test_clip_level_evaluate_beside_frame_level(clip_root: Path, tmp_path: Path)
     assert len(clips) == 6 and all(p["used"] == 4 for p in c["per_clip"])
     # Training measured the same clip-level figures on the same held-out clips.
     assert c["per_clip"] == rec["metrics"]["test_clips"]["per_clip"]
-    # A plain --data of the same name gets the recorded options back (same held-out clips).
+    # A plain --data of the same content gets the recorded options back (same held-out clips).
     rep2 = evaluate(str(tmp_path / "m"), data=str(clip_root), split="test", n_boot=0)
     assert rep2["data"]["spec"] == f"{clip_root}?test=0.34&val=0.34&frames=4"
     assert {p["clip"] for p in rep2["clips"]["per_clip"]} == clips
