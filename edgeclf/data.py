@@ -188,7 +188,7 @@ def load_dataset(
 ) -> Dataset:
     """The data set of `spec`. `quality`: run `edgeclf run`'s quality gate over each clip's frames (folders of images:
     on each image alone, as run judges a still) and record the frames it would stop in `Dataset.abstain` (evaluate,
-    and training where it reads its test split)."""
+    train, export and prune: their calibration, gates and figures leave those frames out)."""
     class_map = parse_class_map(classes)
     if frames_per_clip < 1:
         raise DataError(f"frames per clip is {frames_per_clip}; sample at least 1 frame per clip")
