@@ -567,8 +567,8 @@ def prune(model: str, out: str, target_macs: float, steps: int, finetune_epochs:
               help="Video file, image folder or glob, watch:DIR, DICOM file or folder, camera index or /dev/videoN, "
                    "rtsp:// or http(s):// stream, GStreamer pipeline, synthetic:ultrasound.")
 @click.option("--out", default=None, help="Results as JSON lines (one per frame); an existing file is refused unless --append or "
-              "--overwrite. Required with watch:DIR (each file is marked done once classified). Not inside the --source folder "
-              "or the bundle folder.")
+              "--overwrite. Required with watch:DIR (each file is marked done once classified). Not inside a watched folder or "
+              "the bundle folder, nor an image or DICOM name inside a --source folder.")
 @click.option("--append", is_flag=True,
               help="Add to an existing --out instead of replacing it (a service restarting onto one file): a torn last line "
                    "left by a power loss is cut off first and counted; each line carries this run's id as \"run\".")
@@ -676,10 +676,10 @@ def profile(ctx: click.Context, bundles, source, backends, device, engine_cache,
         _writable_folder(report_dir, "--report")
     if not bundles:
         raise click.UsageError("give at least one --bundle (or a subcommand: compare)", ctx=ctx)
-    from edgeclf.runtime.app import check_outside_bundle
+    from edgeclf.runtime.app import check_outside_bundle, engine_cache_output
 
     for b in bundles:  # before profiling: a file added to a bundle stops it loading
-        check_outside_bundle(b, {"--report": report_dir, "--engine-cache": engine_cache})
+        check_outside_bundle(b, {"--report": report_dir, **engine_cache_output(engine_cache)})
     from edgeclf.runtime.app import profile_backend_factory, resolve_backend
     from edgeclf.runtime.backends import BackendOptions
     from edgeclf.runtime.pipeline import RunOptions
@@ -931,11 +931,11 @@ def build_engine(bundle_path: str, device, precision: str, dla_core, workspace_m
     Engines are keyed by device profile, TensorRT version, compute capability, GPU name, precision, DLA core, the
     bundle's checksum, batch profile (min/opt/max) and workspace; one built for anything else is rebuilt, never loaded.
     """
-    from edgeclf.runtime.app import check_outside_bundle
+    from edgeclf.runtime.app import check_outside_bundle, engine_cache_output
     from edgeclf.runtime.engine import build_engine as run_build
     from edgeclf.runtime.engine import trtexec_for
 
-    check_outside_bundle(bundle_path, {"--cache": cache})
+    check_outside_bundle(bundle_path, engine_cache_output(cache, "--cache"))  # $EDGECLF_ENGINE_CACHE too
     name = _detected_device(device)
     if print_trtexec:
         import shlex
@@ -998,6 +998,7 @@ def bundle_check(path: str, backend, device, precision, dla_core, engine_cache, 
     """
     from edgeclf.runtime.app import (
         check_outside_bundle,
+        engine_cache_output,
         resolve_backend,
         verify_bundle,
         with_profile_fallback,
@@ -1005,7 +1006,7 @@ def bundle_check(path: str, backend, device, precision, dla_core, engine_cache, 
     from edgeclf.runtime.backends import BackendOptions
 
     _check_backend_name(backend)
-    check_outside_bundle(path, {"--engine-cache": engine_cache})
+    check_outside_bundle(path, engine_cache_output(engine_cache))
     chosen, why, _ = resolve_backend(backend, device)
     opts = BackendOptions(device=device, dla_core=dla_core, engine_cache=engine_cache)
     result, chosen, why = with_profile_fallback(

@@ -27,7 +27,7 @@ from edgeclf.runtime.postprocess import decide, probabilities
 from edgeclf.runtime.sinks import JsonlSink, Sink, check_append_tail, tag_run
 from edgeclf.runtime.sources import Frame, FrameSource, open_source
 
-__all__ = ["run_bundle", "check_distinct_outputs", "check_outside_bundle", "check_results_file", "check_consumed_results", "verify_bundle", "resolve_backend", "with_profile_fallback", "open_backend", "profile_backend_factory", "PARITY_TOLERANCE",
+__all__ = ["run_bundle", "check_distinct_outputs", "check_outside_bundle", "engine_cache_output", "watch_state_output", "check_results_file", "check_consumed_results", "verify_bundle", "resolve_backend", "with_profile_fallback", "open_backend", "profile_backend_factory", "PARITY_TOLERANCE",
            "VARIANT_TOLERANCE"]
 
 log = logging.getLogger(__name__)
@@ -195,15 +195,18 @@ _GLOB_MAGIC = re.compile(r"[*?[]")
 
 
 class _SourcePaths:
-    """What a source URI names on disk: `files` it reads or keeps (the file itself, a glob's files, a watch state),
-    `folders` it reads everything of (a folder of images or DICOM, a watched folder), and a glob's `pattern`."""
+    """What a source URI names on disk: `files` it reads or keeps (the file itself, the images a glob matches, a
+    watch state), `folders` it reads files of (a folder of images or DICOM; a watched folder, `watched`, reads
+    every new file), a glob's `pattern`, and `states`: the watch state files it writes (state=PATH, or the default
+    one in the watched folder)."""
 
     def __init__(self, files: Optional[List[str]] = None, folders: Optional[List[str]] = None,
-                 pattern: Optional[str] = None, watched: bool = False) -> None:
+                 pattern: Optional[str] = None, watched: bool = False, states: Optional[List[str]] = None) -> None:
         self.files = files or []
         self.folders = folders or []
         self.pattern = pattern
         self.watched = watched
+        self.states = states or []
 
 
 def _source_paths(uri: str) -> _SourcePaths:
@@ -212,8 +215,12 @@ def _source_paths(uri: str) -> _SourcePaths:
     text = uri.strip() if isinstance(uri, str) else ""
     if text.lower().startswith("watch:"):
         folder, _, query = text[len("watch:"):].partition("?")
-        state = [v for k, _, v in (item.partition("=") for item in query.split("&")) if k == "state" and v]
-        return _SourcePaths([os.path.expanduser(p) for p in state], [os.path.expanduser(folder)] if folder else [], watched=True)
+        from edgeclf.runtime.watch import STATE_NAME
+
+        state = [os.path.expanduser(v) for k, _, v in (item.partition("=") for item in query.split("&")) if k == "state" and v]
+        folders = [os.path.expanduser(folder)] if folder else []
+        states = state or [os.path.join(f, STATE_NAME) for f in folders]
+        return _SourcePaths(state, folders, watched=True, states=states)
     if not text or text.lower().startswith("synthetic:"):
         return _SourcePaths()
     path = os.path.expanduser(text)
@@ -223,10 +230,49 @@ def _source_paths(uri: str) -> _SourcePaths:
         return _SourcePaths(folders=[path])
     if _GLOB_MAGIC.search(path) and not os.path.exists(path):
         try:
-            return _SourcePaths([p for p in glob.glob(path, recursive=True) if os.path.isfile(p)], pattern=path)
+            # only the images: the source reads nothing else a glob matches (a glob of DICOM files is refused)
+            return _SourcePaths([p for p in glob.glob(path, recursive=True) if os.path.isfile(p) and _is_image_name(p)],
+                                pattern=path)
         except (OSError, ValueError):  # a pattern no file can match (a NUL byte): the source fails on its own
             return _SourcePaths()
     return _SourcePaths()
+
+
+def _is_image_name(path: str) -> bool:
+    from edgeclf.runtime.sources import IMAGE_EXTENSIONS
+
+    return os.path.splitext(path)[1].lower() in IMAGE_EXTENSIONS
+
+
+def _names(path: str) -> List[str]:
+    """`path` as the disk sees it: resolved, and its own name in its resolved folder (a symlink there is read by
+    that name, and written through to its target)."""
+    try:
+        return [os.path.realpath(path), os.path.join(os.path.realpath(os.path.dirname(os.path.abspath(path))),
+                                                     os.path.basename(os.path.abspath(path)))]
+    except (OSError, ValueError):
+        return []
+
+
+def _named_inside(path: str, folder: str) -> bool:
+    """Whether `path` lies inside `folder`, by either of its _names (a symlink in the folder counts)."""
+    try:
+        f = os.path.realpath(folder)
+        return any(os.path.commonpath([n, f]) == f for n in _names(path))
+    except (OSError, ValueError):  # another drive (Windows), a NUL byte
+        return False
+
+
+def _folder_reads(path: str) -> bool:
+    """Whether a folder source (images or DICOM) would read `path`, or its next run trip over it: a name with an
+    image or DICOM extension (a folder holding both kinds is refused), or an existing file with the DICM marker.
+    Anything else is skipped: an image folder lists only images, a DICOM folder counts it in source_stats.skipped.
+    Checked at any depth inside the folder (the sources do not recurse: this errs on the side of refusing)."""
+    from edgeclf.runtime.dicom import DICOM_EXTENSIONS, is_dicom_file
+
+    names = _names(path)
+    return (any(_is_image_name(n) or os.path.splitext(n)[1].lower() in DICOM_EXTENSIONS for n in names)
+            or (bool(names) and is_dicom_file(names[0])))
 
 
 def _same_file(a: str, b: str) -> bool:
@@ -267,28 +313,32 @@ def _pattern_reads(pattern: str, path: str) -> bool:
 
 def check_distinct_outputs(source_uri: str, outputs: Dict[str, Optional[str]]) -> None:
     """Raise ConfigError (one line) when two output options name the same file, when one is the source file
-    (or a file it keeps: a watch state, a file a glob source matches or would match), or when one lies inside
-    a folder the source reads (a folder of images or DICOM, a watched folder being consumed). Checked before
-    anything is opened: such a run would overwrite the recording it classifies or mix its outputs. Paths are
-    compared resolved (os.path.realpath; symlinks and hard links count as the same file). An --audit folder
-    (an existing one, or a path ending in '/') only matters for the folder checks.
+    (or a file it keeps: a watch state, an image a glob source matches or would match), when one lies inside a
+    watched folder (new files there are consumed as input), or when one inside a folder of images or DICOM is
+    a file that folder reads or would read (see _folder_reads; results, summary, a video record or an --audit
+    folder beside the images are allowed: the source skips them). Checked before anything is opened: such a
+    run would overwrite the recording it classifies or mix its outputs. Paths are compared resolved
+    (os.path.realpath; symlinks and hard links count as the same file). An --audit folder (an existing one, or
+    a path ending in '/') only matters for the watched-folder check.
     No path is quoted: a source path may carry a patient's name."""
     named = [(opt, os.fspath(p)) for opt, p in outputs.items() if p]
     src = _source_paths(source_uri)
     for i, (opt, p) in enumerate(named):
+        is_folder = opt == "--audit" and (p.endswith(("/", os.sep)) or os.path.isdir(p))
         for folder in src.folders:
-            if not _inside(p, folder):
+            if not _named_inside(p, folder):
                 continue
             if src.watched:
                 raise ConfigError(
                     f"{opt} lies inside the watched folder of --source; allowed: outputs outside a folder being "
                     f"consumed (new files there are read as incoming ones); give {opt} a path outside that folder"
                 )
-            raise ConfigError(
-                f"{opt} lies inside the source folder (--source); allowed: outputs outside the folder being classified "
-                f"(a file there would be overwritten, or read as a frame by the next run); give {opt} a path outside it"
-            )
-        is_folder = opt == "--audit" and (p.endswith(("/", os.sep)) or os.path.isdir(p))
+            if not is_folder and _folder_reads(p):
+                raise ConfigError(
+                    f"{opt} lies inside the source folder (--source) and is a file it reads (an image or DICOM file, by "
+                    f"its name or its DICM marker: it would be overwritten, or read by the next run); allowed: other "
+                    f"files there (results.jsonl, summary.json, a video) or a path outside it; give {opt} another name"
+                )
         if is_folder:
             continue  # a new, uniquely named log inside it
         if any(_same_file(p, f) for f in src.files):
@@ -307,6 +357,32 @@ def check_distinct_outputs(source_uri: str, outputs: Dict[str, Optional[str]]) -
                     f"{opt} and {opt2} name the same file; allowed: a file of its own for each output; "
                     f"give {opt2} another path"
                 )
+
+
+def engine_cache_output(flag: Optional[str], option: str = "--engine-cache") -> Dict[str, Optional[str]]:
+    """The engine cache folder a TensorRT build would write into, for check_outside_bundle, named by where it came
+    from: `option` (the flag given), else $EDGECLF_ENGINE_CACHE, else $XDG_CACHE_HOME's or ~/.cache's folder."""
+    from edgeclf.runtime.engine import ENGINE_CACHE_ENV, cache_dir
+
+    if flag:
+        return {option: flag}
+    if os.environ.get(ENGINE_CACHE_ENV):
+        label = f"${ENGINE_CACHE_ENV}"
+    elif os.environ.get("XDG_CACHE_HOME"):
+        label = "the engine cache in $XDG_CACHE_HOME (edgeclf/engines; set $EDGECLF_ENGINE_CACHE or give " + option + ")"
+    else:
+        label = "the engine cache (~/.cache/edgeclf/engines; set $EDGECLF_ENGINE_CACHE or give " + option + ")"
+    return {label: str(cache_dir(None))}
+
+
+def watch_state_output(source_uri: str) -> Dict[str, Optional[str]]:
+    """The watch state file(s) a watched folder source writes at every start, for check_outside_bundle."""
+    src = _source_paths(source_uri)
+    if not src.watched:
+        return {}
+    label = "the watch state (state=PATH of --source)" if src.files else \
+        "the watch state (.edgeclf-watch.json in the watched folder; or give state=PATH)"
+    return {label if n == 0 else f"{label} #{n + 1}": p for n, p in enumerate(src.states)}
 
 
 def check_outside_bundle(bundle_path: str, outputs: Dict[str, Optional[str]]) -> None:
@@ -418,8 +494,9 @@ def run_bundle(
     unless --overwrite. Whatever it says, an `out` holding results of a watched folder whose state marks files done
     is replaced only by starting over (see check_results_file).
     A watched folder (``watch:``) marks each file done for good: it needs `out` (or an `extra_sinks` sink with its
-    own ``sync``), else ConfigError before anything is opened. No output may lie inside a folder the source reads
-    or inside the bundle folder (check_distinct_outputs, check_outside_bundle).
+    own ``sync``), else ConfigError before anything is opened. No output may be a file the source reads or would read,
+    lie inside a watched folder, or lie inside the bundle folder, nor may the watch state or the engine cache
+    ($EDGECLF_ENGINE_CACHE included) (check_distinct_outputs, check_outside_bundle).
     """
     from edgeclf.devices.systemd import Notifier
     from edgeclf.runtime.sinks import SummarySink, VideoRecorderSink, check_output_path, check_video_path
@@ -445,7 +522,9 @@ def run_bundle(
         check_output_path(summary_path, option="--summary", example="clip.json")
     outputs = {"--out": out, "--record": record, "--summary": summary_path, "--audit": audit}
     check_distinct_outputs(source_uri, outputs)
-    check_outside_bundle(bundle_path, {**outputs, "--engine-cache": backend_options.engine_cache if backend_options else None})
+    # and what the run writes without an option: the watch state, the engine cache (a TensorRT backend may be chosen later)
+    check_outside_bundle(bundle_path, {**outputs, **watch_state_output(source_uri),
+                                       **engine_cache_output(backend_options.engine_cache if backend_options else None)})
     check_consumed_results(source_uri, out, extra_sinks)
     check_results_file(source_uri, out, append=append, overwrite=overwrite)
     opts = options or RunOptions(min_confidence=min_confidence)

@@ -94,6 +94,40 @@ def test_run_out_on_a_file_of_the_source_folder_is_refused(tmp_path: Path) -> No
     assert (folder / "a.png").read_bytes() == data
 
 
+def test_run_restarts_with_results_beside_the_images_of_a_glob_or_folder_source(tmp_path: Path) -> None:
+    """The reviewer's cart unit: `--source 'case/*' --append --out case/results.jsonl` ran once, then every restart
+    was refused (exit 2: a restart loop under systemd); `--source exam42/` with the same outputs was refused outright."""
+    cv2 = pytest.importorskip("cv2")
+    pytest.importorskip("onnxruntime")
+    bundle = str(make_tiny_bundle(tmp_path / "b"))
+    folder = tmp_path / "case"
+    folder.mkdir()
+    cv2.imwrite(str(folder / "f1.png"), np.full((32, 32), 100, np.uint8))
+    data = (folder / "f1.png").read_bytes()
+    for source in (str(folder / "*"), str(folder) + "/"):
+        for _start in (1, 2):
+            code, _, err = _main("run", "--bundle", bundle, "--source", source, "--append", "--out", str(folder / "results.jsonl"),
+                                 "--summary", str(folder / "summary.json"))
+            assert code == 0, err[-2000:]
+    assert len((folder / "results.jsonl").read_text().splitlines()) == 4 and (folder / "f1.png").read_bytes() == data
+
+
+def test_an_engine_cache_from_the_environment_inside_the_bundle_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """$EDGECLF_ENGINE_CACHE (the cart unit's way to name it) counts as --engine-cache does: an engine built into the
+    bundle folder makes it fail its checksums at the next start."""
+    pytest.importorskip("onnx")
+    import edgeclf.runtime.profile
+
+    monkeypatch.setattr(edgeclf.runtime.profile, "profile_bundles", _never("profiling"))
+    bundle = make_tiny_bundle(tmp_path / "b")
+    monkeypatch.setenv("EDGECLF_ENGINE_CACHE", str(bundle / "engines"))
+    for argv in (("run", "--bundle", str(bundle), "--source", SRC), ("build-engine", "--bundle", str(bundle)),
+                 ("bundle", "check", str(bundle)), ("profile", "--bundle", str(bundle))):
+        line = _one_line(_main(*argv), "$EDGECLF_ENGINE_CACHE", "inside the bundle folder")
+        assert str(tmp_path) not in line
+    assert not (bundle / "engines").exists()
+
+
 def test_run_out_inside_the_bundle_folder_is_refused(tmp_path: Path) -> None:
     pytest.importorskip("onnx")
     bundle = make_tiny_bundle(tmp_path / "b")

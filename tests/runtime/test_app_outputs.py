@@ -44,22 +44,45 @@ def _lines(path: Path) -> List[Dict[str, Any]]:
 
 # -- finding: --out naming a file inside a source FOLDER overwrote that file ------------------------------------
 
-def test_an_output_inside_a_source_folder_is_refused_and_its_files_stay(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_an_output_a_source_folder_reads_is_refused_and_its_files_stay(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     bundle = make_tiny_bundle(tmp_path / "b")
     folder = tmp_path / "exam"
     before = _folder_of_images(folder)
     (tmp_path / "link").symlink_to(folder)
+    (tmp_path / "elsewhere.json").write_text("{}")
+    (folder / "alias.json").symlink_to(folder / "img1.png")  # a name the source skips, resolving to one it reads
+    (folder / "frame.png").symlink_to(tmp_path / "elsewhere.json")  # read by the source (its name), kept elsewhere
+    before = {p: p.read_bytes() for p in folder.iterdir()}
     monkeypatch.chdir(tmp_path)
     for kw in ({"out": str(folder / "img0.png")},  # the reviewer's case: the PNG was replaced by result lines
-               {"out": "exam/../exam/results.jsonl"},  # relative, not normalised
+               {"out": "exam/../exam/new.jpg"},  # relative, not normalised; the next run would read it as a frame
                {"summary_path": str(tmp_path / "link" / "img1.png")},  # through a symlink to the folder
-               {"summary_path": str(folder / "sub" / "clip.json")},
-               {"record": str(folder / "run.mp4")},
-               {"audit": str(folder) + "/"}):
+               {"summary_path": str(folder / "alias.json")},
+               {"out": str(folder / "frame.png")},
+               {"out": str(folder / "new.dcm")},  # the next run: a folder of images and DICOM, refused
+               {"audit": str(folder / "audit.TIFF")}):
         for source in (str(folder), "link", "exam/"):
             msg = _refused("inside the source folder", str(bundle), source, **kw)
             assert str(tmp_path) not in msg and "exam" not in msg  # no path: a folder may be named after a patient
     assert {p: p.read_bytes() for p in folder.iterdir()} == before
+
+
+def test_results_summary_record_and_audit_beside_the_images_of_a_folder_source_run_and_rerun(tmp_path: Path,
+                                                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """`--source exam42/ --out exam42/results.jsonl` was refused though the image source never reads a .jsonl (the
+    glob 'exam42/*.png' over the same files passed): outputs the source does not read may lie beside its images."""
+    bundle = make_tiny_bundle(tmp_path / "b")
+    folder = tmp_path / "exam42"
+    before = _folder_of_images(folder)
+    monkeypatch.chdir(tmp_path)
+    kw: Dict[str, Any] = {"out": "exam42/results.jsonl", "summary_path": str(folder / "summary.json"),
+                          "record": str(folder / "run.mp4"), "audit": str(folder) + "/", "append": True}
+    for run in (1, 2):  # the restart reads the same two images, nothing it wrote
+        s = app.run_bundle(str(bundle), "exam42/", **kw)
+        assert s["frames"] == 2 and len(_lines(folder / "results.jsonl")) == 2 * run
+    assert {p: p.read_bytes() for p in before} == before
+    assert (folder / "summary.json").exists() and (folder / "run.mp4").exists()
+    assert len(list(folder.glob("audit-*.jsonl"))) == 2
 
 
 def test_an_output_inside_a_dicom_source_folder_is_refused(tmp_path: Path) -> None:
@@ -70,9 +93,47 @@ def test_an_output_inside_a_dicom_source_folder_is_refused(tmp_path: Path) -> No
     folder = tmp_path / "dcm"
     folder.mkdir()
     write_dicom(folder / "US1.dcm", np.full((32, 32), 90, np.uint8))
-    data = (folder / "US1.dcm").read_bytes()
-    _refused("inside the source folder", str(bundle), str(folder), out=str(folder / "US1.dcm"))
-    assert (folder / "US1.dcm").read_bytes() == data
+    write_dicom(folder / "IM2", np.full((32, 32), 60, np.uint8))  # no extension: read for its DICM marker
+    before = {p: p.read_bytes() for p in folder.iterdir()}
+    for kw in ({"out": str(folder / "US1.dcm")}, {"summary_path": str(folder / "IM2")},
+               {"out": str(folder / "new.DICOM")}, {"out": str(folder / "new.png")}):  # .png: a folder of both, refused
+        _refused("inside the source folder", str(bundle), str(folder), **kw)
+    assert {p: p.read_bytes() for p in folder.iterdir()} == before
+
+
+def test_results_beside_a_dicom_series_run_and_the_restart_counts_them_as_skipped(tmp_path: Path) -> None:
+    """A DICOM folder reads .dcm/.dicom files and files with the DICM marker: the results and summary written there
+    have neither, so the restart skips them, and says so (source_stats.skipped)."""
+    pytest.importorskip("pydicom")
+    from tests.runtime.test_dicom import write_dicom
+
+    bundle = make_tiny_bundle(tmp_path / "b")
+    folder = tmp_path / "dcm"
+    folder.mkdir()
+    write_dicom(folder / "US1.dcm", np.full((32, 32), 90, np.uint8))
+    write_dicom(folder / "IM2", np.full((32, 32), 60, np.uint8))
+    data = {p: p.read_bytes() for p in folder.iterdir()}
+    kw: Dict[str, Any] = {"out": str(folder / "results.jsonl"), "summary_path": str(folder / "summary.json"), "append": True}
+    first = app.run_bundle(str(bundle), str(folder), **kw)
+    second = app.run_bundle(str(bundle), str(folder), **kw)
+    assert first["frames"] == second["frames"] == 2 and len(_lines(folder / "results.jsonl")) == 4
+    assert first["source_stats"]["skipped"] == 0 and second["source_stats"]["skipped"] == 2
+    assert {p: p.read_bytes() for p in data} == data
+
+
+def test_a_broad_glob_source_restarts_onto_the_results_it_wrote_beside_its_images(tmp_path: Path) -> None:
+    """The reviewer's case: `--source 'case/*' --append --out case/results.jsonl` ran once, then every restart was
+    refused ('is the source file itself'): the glob's files counted results.jsonl, which the image source never reads."""
+    bundle = make_tiny_bundle(tmp_path / "b")
+    case = tmp_path / "case"
+    before = _folder_of_images(case)
+    pattern = str(case / "*")
+    kw: Dict[str, Any] = {"out": str(case / "results.jsonl"), "summary_path": str(case / "summary.json"), "append": True}
+    for run in (1, 2):
+        s = app.run_bundle(str(bundle), pattern, **kw)
+        assert s["frames"] == 2 and len(_lines(case / "results.jsonl")) == 2 * run
+    assert {p: p.read_bytes() for p in before} == before
+    _refused("is the source file itself", str(bundle), pattern, out=str(case / "img0.png"))  # an image it reads
 
 
 def test_a_glob_source_refuses_its_files_and_any_output_the_pattern_would_read(tmp_path: Path) -> None:
@@ -118,6 +179,39 @@ def test_an_engine_cache_inside_the_bundle_folder_is_refused(tmp_path: Path) -> 
     bundle = make_tiny_bundle(tmp_path / "b")
     _refused("--engine-cache lies inside the bundle folder", str(bundle), SRC,
              backend_options=BackendOptions(engine_cache=str(bundle / "engines")))
+    load_bundle(bundle)
+
+
+def test_a_watch_state_inside_the_bundle_folder_is_refused(tmp_path: Path) -> None:
+    """The state (and its lock file) is written at every start: inside the bundle, the next start fails its checksums."""
+    bundle = make_tiny_bundle(tmp_path / "b")
+    inbox = inbox_with_one_xray(tmp_path)
+    (tmp_path / "blink").symlink_to(bundle)
+    for uri in (f"watch:{inbox}?idle_exit=0.2&state={bundle / 'watch.json'}",
+                f"watch:{inbox}?idle_exit=0.2&state={tmp_path / 'blink' / 'watch.json'}",
+                f"watch:{bundle}?idle_exit=0.2"):  # the default state, .edgeclf-watch.json in the watched folder
+        msg = _refused("inside the bundle folder", str(bundle), uri, out=str(tmp_path / "w.jsonl"))
+        assert "state" in msg and str(tmp_path) not in msg
+    load_bundle(bundle)
+    assert not (tmp_path / "w.jsonl").exists()
+
+
+def test_an_engine_cache_from_the_environment_inside_the_bundle_folder_is_refused(tmp_path: Path,
+                                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """The cart unit names its cache with $EDGECLF_ENGINE_CACHE, not --engine-cache: the folder actually used counts."""
+    from edgeclf.runtime.backends import BackendOptions
+
+    bundle = make_tiny_bundle(tmp_path / "b")
+    monkeypatch.setenv("EDGECLF_ENGINE_CACHE", str(bundle / "engines"))
+    msg = _refused("EDGECLF_ENGINE_CACHE lies inside the bundle folder", str(bundle), SRC, out=str(tmp_path / "r.jsonl"))
+    assert str(tmp_path) not in msg
+    monkeypatch.delenv("EDGECLF_ENGINE_CACHE")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(bundle))  # the default: $XDG_CACHE_HOME/edgeclf/engines
+    _refused("XDG_CACHE_HOME.* lies inside the bundle folder", str(bundle), SRC)
+    monkeypatch.setenv("EDGECLF_ENGINE_CACHE", str(bundle / "engines"))
+    # --engine-cache outside the bundle is the folder used, whatever the environment says
+    s = app.run_bundle(str(bundle), SRC, backend_options=BackendOptions(engine_cache=str(tmp_path / "engines")))
+    assert s["frames"] == 4
     load_bundle(bundle)
 
 
