@@ -84,6 +84,13 @@ class Dataset:
     # with a clips.csv) before its sources were (None where it is data_hash): a run recorded then still matches it
     # (`require_training_data`).
     former_hash: str | None = None
+    # A split list given as a file: the hash its data had while the list's path (as typed) was hashed beside its
+    # contents (None otherwise). Now only the contents are (the same list elsewhere is the same data); a run recorded
+    # then matches it, its list's contents checked (`require_training_data`).
+    path_hash: str | None = None
+    # Folders: the hash of the files alone (names, bytes, classes; the scan's hash before options and split lists), which
+    # run.json and bundles record as data.files_hash: the training files under another split are known by it.
+    files_hash: str | None = None
     # clips and image folders: frame (image) id -> why `edgeclf run` would abstain on it before classifying it, as its
     # records' abstain_reason (clips: "sector_warmup"; with load_dataset(quality=True) also the quality gate's reasons
     # or "frame_error"); frames it classifies are absent. Evaluate and training's test figures abstain on them; training
@@ -705,11 +712,36 @@ def defines_split(spec: str) -> bool:
     return opts.split is not None or kind == "file" or (kind == "dir" and any(_is_dir(path / s) for s in SPLITS))
 
 
-def _not_training_data(name: str, recorded: Mapping[str, Any], use: str, new_data: str, tried: str) -> DataError:
-    rec = recorded.get("name") or spec_name(str(recorded.get("spec", "")))
+def _recorded_name(recorded: Mapping[str, Any]) -> str:
+    return str(recorded.get("name") or spec_name(str(recorded.get("spec", ""))))
+
+
+def _as_trained(base: str, recorded: Mapping[str, Any]) -> str:
+    """The --data that reads the folder `base` as the model was trained: with its recorded options, where a split list
+    given as a file that is not here (a bundle records only its file name) is a path to fill in."""
     q = recorded_options(recorded)
-    ways = [w for w in (new_data, q and f"give the training data with the options it was trained with (--data DIR?{q})",
-                        _OWN_SPLIT) if w]
+    parts = []
+    for k, eq, v in (p.partition("=") for p in q.split("&") if p):
+        if k == "split" and not _committed_split(v) and not Path(v).expanduser().is_file():
+            v = f"/path/to/{_PATH_SEP.split(v)[-1]}"
+        parts.append(k + eq + v)
+    return f"--data '{base}?{'&'.join(parts)}'" if parts else f"--data {base}"
+
+
+def _list_missing(recorded: Mapping[str, Any]) -> str | None:
+    """The file name of the split list the recorded options name where it is not here (as given, or a committed
+    one), else None."""
+    for k, _, v in (p.partition("=") for p in recorded_options(recorded).split("&") if p):
+        if k == "split" and not _committed_split(v) and not Path(v).expanduser().is_file():
+            return _PATH_SEP.split(v)[-1]
+    return None
+
+
+def _not_training_data(name: str, recorded: Mapping[str, Any], use: str, new_data: str, tried: str) -> DataError:
+    rec = _recorded_name(recorded)
+    q = recorded_options(recorded)
+    ways = [w for w in (new_data, q and f"give the training data with the options it was trained with "
+                                        f"({_as_trained('DIR', recorded)})", _OWN_SPLIT) if w]
     what = ", ".join(ways[:-1]) + f" or {ways[-1]}" if len(ways) > 1 else ways[0]
     return DataError(f"data {name} is not, by content, the data the model was trained on ({rec}): the hashes differ{tried}, "
                      f"and its splits would be drawn anew, where training images can land in any split, so {use}; {what}")
@@ -725,8 +757,8 @@ def require_training_data(ds: Dataset, recorded: Mapping[str, Any], *, data_give
     or --data of its recorded name) with another hash has changed: refused even with its own split. `use`
     completes "so ..." (what the splits feed), `fix` says what to do with changed data, `new_data` (optional) with new data.
     A run without a recorded hash passes. `load_training_data` reads a renamed copy with its recorded options."""
-    if not recorded.get("hash") or recorded["hash"] == ds.data_hash:
-        return
+    if not recorded.get("hash") or recorded["hash"] in (ds.data_hash, ds.path_hash):
+        return  # path_hash: recorded while a split list's path was hashed too; its contents match
     if recorded["hash"] == ds.former_hash:
         # Recorded before split lists, frames_per_clip or clips.csv sources were hashed: the files and options match.
         # Frames come from the run's own config; a split list or the sources cannot be checked against such a run.
@@ -739,8 +771,15 @@ def require_training_data(ds: Dataset, recorded: Mapping[str, Any], *, data_give
                         "its files match, but sources edited since (a re-drawn split) cannot be told apart; retrain to "
                         "record them", ds.name, opts.group)
         return
-    if data_given is None or ds.name == (recorded.get("name") or spec_name(str(recorded.get("spec", "")))):
+    if data_given is None or ds.name == _recorded_name(recorded):
         raise DataError(f"data {ds.name} changed since the model was trained (its hash differs), so {use}; {fix}")
+    listed = split_spec(ds.spec)[1].split
+    if recorded.get("files_hash") and recorded["files_hash"] == ds.files_hash and listed is not None:
+        # The training files under another split list: its own split, but its held-out splits can hold training images.
+        # (Runs recorded before files_hash: as before, other data with its own split.)
+        raise DataError(f"data {ds.name} holds the files the model was trained on ({_recorded_name(recorded)}), but split "
+                        f"list {_PATH_SEP.split(listed)[-1]} splits them otherwise than training did, so {use}; give them "
+                        f"as trained ({_as_trained(split_spec(data_given)[0], recorded)}) or {fix}")
     if not defines_split(ds.spec):
         raise _not_training_data(ds.name, recorded, use, new_data, "")
 
@@ -763,39 +802,66 @@ def load_training_data(spec: str, recorded: Mapping[str, Any], load: Callable[[s
     `require_training_data`. A plain folder (--data DIR, no options) whose content read with the recorded options
     has the recorded hash is the training data under another path or name (another machine, a copy): it is read
     so, and its splits are training's. Otherwise the folder reads as given, or is refused without being read again
-    where that reading would be refused (no split of its own). `load` reads a spec with the caller's settings."""
+    where that reading would be refused (no split of its own). Where the run recorded its files' hash, a folder of
+    other files is known before any decoding and read once, as given. `load` reads a spec with the caller's settings."""
     q = recorded_options(recorded) if recorded.get("hash") else ""
     if not q or "?" in spec or spec.startswith("synthetic:") or _path_kind(Path(spec).expanduser()) != "dir":
         ds = load(spec)
         require_training_data(ds, recorded, data_given=data_given, use=use, fix=fix, new_data=new_data)
         return ds
-    optioned = f"{spec.rstrip('/') or spec}?{q}"
-    # The reading's notes and warnings are kept back until it is known to be the one used: those of a discarded
-    # reading (new data read with another set's split list: "left out N files") would only mislead.
-    held, root = _Held(), logging.getLogger("edgeclf")
-    propagate, root.propagate = root.propagate, False
-    root.addHandler(held)
-    try:
+    same = _same_files(spec, recorded)
+    trial: Dataset | None = None
+    held, failed = _Held(), ""
+    if same is False:  # other files: under no options the training data, so not read with its options
+        tried = " (its files are not the training data's)"
+    else:
+        optioned = f"{spec.rstrip('/') or spec}?{q}"
+        # The reading's notes and warnings are kept back until it is known to be the one used: those of a discarded
+        # reading (new data read with another set's split list: "left out N files") would only mislead.
+        root = logging.getLogger("edgeclf")
+        propagate, root.propagate = root.propagate, False
+        root.addHandler(held)
         try:
-            trial: Dataset | None = load(optioned)
-            tried = f" (also read with the recorded options ?{q})"
-        except DataError as exc:  # not readable so: not the training data as recorded; said below if refused
-            trial, tried = None, f" (read with the recorded options ?{q}: {exc})"
-    finally:
-        root.removeHandler(held)
-        root.propagate = propagate
-    if trial is not None and recorded["hash"] in (trial.data_hash, trial.former_hash):
+            try:
+                trial = load(optioned)
+                tried = f" (also read with the recorded options ?{q})"
+            except DataError as exc:  # not readable so: not the training data as recorded; said below if refused
+                trial, failed = None, str(exc)
+                tried = f" (read with the recorded options ?{q}: {exc})"
+        finally:
+            root.removeHandler(held)
+            root.propagate = propagate
+    if trial is not None and recorded["hash"] in (trial.data_hash, trial.former_hash, trial.path_hash):
         for r in held.records:
             logging.getLogger(r.name).handle(r)
         log.info("%s has the content of the training data %s: read with its recorded options ?%s (its held-out splits "
-                 "are training's)", spec_name(spec), recorded.get("name") or spec_name(str(recorded.get("spec", ""))), q)
+                 "are training's)", spec_name(spec), _recorded_name(recorded), q)
         require_training_data(trial, recorded, data_given=data_given, use=use, fix=fix, new_data=new_data)
         return trial
     if not defines_split(spec):
+        if same:  # the training files, not readable as trained here
+            lst = _list_missing(recorded)
+            why = (f"but the split list it was trained with ({lst}) is not found here" if lst else
+                   f"but they do not read as trained with the recorded options ?{q} ({failed or 'the hashes differ'})")
+            raise DataError(f"data {spec_name(spec)} holds the files the model was trained on ({_recorded_name(recorded)}) "
+                            f"{why}, so {use}; give them as trained: {_as_trained(spec, recorded)}")
         raise _not_training_data(spec_name(spec), recorded, use, new_data, tried)
     ds = load(spec)  # new data with its own split
     require_training_data(ds, recorded, data_given=data_given, use=use, fix=fix, new_data=new_data)
     return ds
+
+
+def _same_files(spec: str, recorded: Mapping[str, Any]) -> bool | None:
+    """Whether the plain folder `spec` holds the files of the training data `recorded` (its files_hash, under its
+    class map), hashed without decoding; None where the run recorded no files_hash or the folder is no data set
+    (the reading says why)."""
+    if not recorded.get("files_hash"):
+        return None
+    try:
+        root = Path(spec).expanduser().resolve()
+        return _files_hash(root, parse_class_map(recorded.get("classes"))) == recorded["files_hash"]
+    except DataError:
+        return None
 
 
 def split_spec(spec: str) -> tuple[str, FolderOptions]:
@@ -901,6 +967,12 @@ def _split_list_path(name: str) -> Path:
     raise DataError(f"split list {name!r} is neither a .csv file nor a committed list; committed: {committed}")
 
 
+def _committed_split(name: str) -> bool:
+    """Whether split list `name` is a committed one named by its name (`split=busi`), not a .csv file."""
+    p = Path(name).expanduser()
+    return not (p.suffix == ".csv" and p.is_file()) and (_COMMITTED_SPLITS / f"{name}.csv").is_file()
+
+
 def read_split_list(name: str) -> dict[str, tuple[str, str, str]]:
     """A committed split list: rel path -> (sha256 prefix, split, group)."""
     import csv
@@ -946,11 +1018,26 @@ class _Scan:
     abstain: dict[str, str] = field(default_factory=dict)
 
 
-def _scan_folder(root: Path, class_map, opts: FolderOptions, frames_per_clip: int, quality: bool = False) -> _Scan:
+@dataclass
+class _Files:
+    """The files of a folder data set, as `_scan_folder` reads them (`_folder_files`)."""
+
+    tops: list[Path]  # the split folders, or [root]
+    names: list[str]
+    lookup: dict[str, int]
+    files: dict[Path, list[Path]]  # class folder -> its files (of folders the class map drops too, where listable)
+    dropped: dict[Path, list[Path] | None]  # class folders the class map drops -> their files (None: unlistable)
+    hidden: int
+    is_clips: bool
+
+
+def _folder_files(root: Path, class_map, opts: FolderOptions | None = None) -> _Files:
+    """The class folders and files of a folder data set, named only (nothing read); `opts` checked against its split
+    folders where given."""
     split_dirs = [root / s for s in SPLITS if _is_dir(root / s)]
     if split_dirs and not (root / "train").is_dir():
         raise DataError(f"{root} has {', '.join(p.name for p in split_dirs)} but no train/ folder; add it or remove the split folders")
-    if split_dirs and (opts.split or opts.folds or opts.group != "clip"):
+    if split_dirs and opts is not None and (opts.split or opts.folds or opts.group != "clip"):
         raise DataError(f"{root} has train/ val/ test/ folders, which fix the split; leave out the split, folds and group "
                         "options")
     tops = split_dirs or [root]
@@ -972,7 +1059,35 @@ def _scan_folder(root: Path, class_map, opts: FolderOptions, frames_per_clip: in
     n_image = sum(1 for fs in all_files.values() for f in fs if f.suffix.lower() in IMAGE_EXTS)
     if n_video == 0 and n_image == 0:
         raise DataError(f"{root} has class folders but no images ({', '.join(sorted(IMAGE_EXTS))}) or videos in them")
-    is_clips = n_video > n_image
+    return _Files(tops, names, lookup, all_files, dropped, hidden[0], n_video > n_image)
+
+
+def _files_hash(root: Path, class_map) -> str:
+    """`Dataset.files_hash` of a folder without decoding it: its files' names and bytes hashed as `_scan_folder` hashes
+    them (a cheap check that a folder holds, or does not hold, a model's training files)."""
+    fl = _folder_files(root, class_map)
+    digest = hashlib.sha256(repr(class_map).encode())
+    for top in fl.tops:
+        for d in _class_dirs(top):
+            if d.name not in fl.lookup:
+                continue
+            for f in fl.files[d]:
+                if (f.suffix.lower() in VIDEO_EXTS) != fl.is_clips:
+                    continue
+                try:
+                    with open(f, "rb") as fh:
+                        h = hashlib.file_digest(fh, "sha256").hexdigest()
+                except OSError as exc:
+                    raise _unreadable(f, exc, "clip" if fl.is_clips else "image") from None
+                digest.update(f"{_shown(f.relative_to(root).as_posix())}:{h}:{d.name}\n".encode())
+    return digest.hexdigest()
+
+
+def _scan_folder(root: Path, class_map, opts: FolderOptions, frames_per_clip: int, quality: bool = False) -> _Scan:
+    fl = _folder_files(root, class_map, opts)
+    tops, names, lookup, all_files, dropped, is_clips = fl.tops, fl.names, fl.lookup, fl.files, fl.dropped, fl.is_clips
+    split_dirs = fl.tops if fl.tops != [root] else []
+    hidden = [fl.hidden]
     if not is_clips and (opts.roi != "none" or opts.frames is not None):
         raise DataError(f"data options roi and frames apply to clip data sets; {root} holds images")
     if not is_clips and opts.group != "clip" and not opts.folds:
@@ -1361,16 +1476,22 @@ def _load_folder(root: Path, class_map, *, seed: int, val_frac: float, test_frac
     former_hash = scan.file_hash if not q else _hash_bytes(scan.file_hash.encode(), q.encode())
     # Frames sampled and a split list's assignments are the data too. Added only where they are not the default
     # (frames_per_clip hashes as frames=N does), so the data hashed before keeps its hash where they are.
-    hq = q
-    if scan.is_clips and opts.frames is None and frames_per_clip != FRAMES_PER_CLIP:
-        import dataclasses
+    import dataclasses
 
-        hq = dataclasses.replace(opts, frames=frames_per_clip).query()
-    if joined_copies:
-        hq += "&units=joined"
-    data_hash = scan.file_hash if not hq else _hash_bytes(scan.file_hash.encode(), hq.encode())
-    if scan.list_hash is not None:
-        data_hash = _hash_bytes(data_hash.encode(), b"split list", scan.list_hash.encode())
+    hopts = opts
+    if scan.is_clips and opts.frames is None and frames_per_clip != FRAMES_PER_CLIP:
+        hopts = dataclasses.replace(opts, frames=frames_per_clip)
+
+    def hashed(o: FolderOptions) -> str:
+        hq = o.query() + ("&units=joined" if joined_copies else "")
+        h = scan.file_hash if not hq else _hash_bytes(scan.file_hash.encode(), hq.encode())
+        return h if scan.list_hash is None else _hash_bytes(h.encode(), b"split list", scan.list_hash.encode())
+
+    # A split list given as a file enters by its contents (list_hash) alone: its path differs between machines and
+    # folders. A committed list keeps its name in the hash (the same everywhere), so its data keeps the hash it had.
+    by_path = opts.split is not None and not _committed_split(opts.split)
+    data_hash = hashed(dataclasses.replace(hopts, split=None) if by_path else hopts)
+    path_hash = hashed(hopts) if by_path else None
     former = former_hash if former_hash != data_hash and not joined_copies else None
     if opts.group != "clip" and scan.sources:
         # clips.csv decides this split: the source (site) of every clip read is the data too, else an edited clips.csv
@@ -1388,7 +1509,7 @@ def _load_folder(root: Path, class_map, *, seed: int, val_frac: float, test_frac
         modality="ultrasound" if scan.is_clips else "generic", notes=notes,
         sources=_units(scan.rows, key_of["site"]) if scan.is_clips else {},
         clip_source=_units(scan.rows, key_of["source"]) if scan.is_clips else {},
-        former_hash=former, abstain=scan.abstain,
+        former_hash=former, path_hash=path_hash, files_hash=scan.file_hash, abstain=scan.abstain,
     )
 
 

@@ -927,7 +927,9 @@ def _train_on(ds: Dataset, cfg: TrainConfig, *, on_epoch: Callable[[dict[str, An
     }
     record: dict[str, Any] = {
         "config": asdict(cfg),
-        "data": {"spec": ds.spec, "kind": ds.kind, "hash": ds.data_hash, "licence": ds.licence, "classes": cfg.classes,
+        # files_hash: the training files known under another split list too (require_training_data)
+        "data": {"spec": ds.spec, "kind": ds.kind, "hash": ds.data_hash, "files_hash": ds.files_hash, "licence": ds.licence,
+                 "classes": cfg.classes,
                  "sizes": {s: len(v) for s, v in ds.splits.items()}, "notes": ds.notes, "augment": p.profile},
         "model": {**meta, "parameters": int(sum(t.numel() for t in model.parameters()))},
         "best_epoch": best_epoch,
@@ -968,9 +970,11 @@ def _val_figures(m: dict[str, Any]) -> dict[str, Any]:
 
 
 def _pooled_decisions(probs: np.ndarray, labels: np.ndarray, folds: np.ndarray, rules: list[DecisionRule],
-                      label_names: list[str], groups: list[str], *, n_boot: int, seed: int) -> dict[str, Any]:
+                      label_names: list[str], groups: list[str], *, n_boot: int, seed: int,
+                      stopped: np.ndarray | None = None) -> dict[str, Any]:
     """Pooled out-of-fold decision figures of an image data set: probs (N, K), labels (N,), each item's fold (N,)
-    and `rules[fold]` deciding it. Intervals bootstrap over images; where `groups` (N,) puts several images in one
+    and `rules[fold]` deciding it; `stopped` (N,): images `edgeclf run` does not classify (its quality gate),
+    abstained (-1) as the folds' own test figures and evaluate count them. Intervals bootstrap over images; where `groups` (N,) puts several images in one
     copy group (near or exact copies) they are not independent, so the figures also carry intervals bootstrapped over
     those groups ("clustered", unit "copy group"), as the clip figures do over sources."""
     from edgeclf.metrics import _clustered, decision_metrics
@@ -978,6 +982,8 @@ def _pooled_decisions(probs: np.ndarray, labels: np.ndarray, folds: np.ndarray, 
 
     dec = np.concatenate([decide(probs[folds == f], r) for f, r in enumerate(rules)])
     order = np.concatenate([np.flatnonzero(folds == f) for f in range(len(rules))])
+    if stopped is not None:
+        dec[np.asarray(stopped, bool)[order]] = -1
     out = decision_metrics(labels[order], dec, label_names, n_boot=n_boot, seed=seed)
     keys = [str(groups[i]) for i in order]
     if n_boot > 0 and len(set(keys)) < len(keys):
@@ -1058,7 +1064,7 @@ def cross_validate(cfg: TrainConfig, *, on_epoch: Callable[[dict[str, Any]], Non
             # Each held-out image's copy group (exact or near copies, data.py): copies are not independent.
             copy_group = {i: g for ds in datasets for i, g in zip(ds.splits["test"].ids, ds.splits["test"].groups)}
             pooled["decisions"] = _pooled_decisions(pr, y, fold_arr, rules, ds0.labels, [copy_group.get(i, i) for i in ids],
-                                                    n_boot=2000, seed=cfg.seed)
+                                                    n_boot=2000, seed=cfg.seed, stopped=np.array(stopped, bool))
         kept = ~np.array(stopped, bool)
         auc = _macro_auc(pr[kept], y[kept], ds0.task, _positive_index(ds0, cfg.positive)) if kept.any() else float("nan")
         pooled["frame_auc_macro"] = None if np.isnan(auc) else auc
@@ -1158,9 +1164,9 @@ def ensemble_runs(folders: list[str], out: str, *, read_test: bool = True, overw
             if not h:
                 raise ConfigError(f"{f} records no data hash while other members do, so it cannot be shown to have trained "
                                   "on the same data; retrain it with this edgeclf to combine it")
-            if k and h not in (ds.data_hash, ds.former_hash):
+            if k and h not in (ds.data_hash, ds.former_hash, ds.path_hash):
                 raise ConfigError(f"{f} was trained on other data than {folders[0]}; combine runs of one data set")
-            if h != ds.data_hash and not warned:  # member 0's changed data is its DataError; a former hash, its warning
+            if h not in (ds.data_hash, ds.path_hash) and not warned:  # member 0's changed data is its DataError; a former hash, its warning
                 require_training_data(ds, runs[k].run["data"], data_given=None,
                                       use=f"its splits are no longer those {f} was trained and early-stopped on",
                                       fix="restore the data as it was or retrain the members")

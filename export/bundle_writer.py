@@ -232,7 +232,8 @@ def _ort_logits(path: Path, x: np.ndarray) -> np.ndarray:
 
 def _data_record(ds: Dataset, classes: str | None) -> dict[str, Any]:
     """What a bundle says about its data: a name and a hash, never a workstation path."""
-    return {"name": ds.name, "kind": ds.kind, "hash": ds.data_hash, "licence": ds.licence, "classes": classes,
+    return {"name": ds.name, "kind": ds.kind, "hash": ds.data_hash, "files_hash": ds.files_hash, "licence": ds.licence,
+            "classes": classes,
             "sizes": {s: len(v) for s, v in ds.splits.items()}}
 
 
@@ -381,7 +382,7 @@ def export_bundle(cfg: ExportConfig) -> dict[str, Any]:
     if cfg.model is None:
         provenance["data"] = _data_record(ds, classes)
     else:  # the training data, as run.json recorded it, less its workstation path
-        provenance["data"] = {**{k: recorded.get(k) for k in ("kind", "hash", "licence", "classes", "sizes")},
+        provenance["data"] = {**{k: recorded.get(k) for k in ("kind", "hash", "files_hash", "licence", "classes", "sizes")},
                               "name": spec_name(str(recorded.get("spec", "")))}
     provenance["export_data"] = {"name": ds.name, "hash": ds.data_hash, "split": cfg.split}
 

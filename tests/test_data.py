@@ -1483,3 +1483,197 @@ def test_a_missing_split_list_file_names_the_committed_lists(tmp_path: Path) -> 
     with pytest.raises(DataError) as exc:
         read_split_list("no-such-list")
     assert "committed: brain-mri, busi" in _one_line(exc)
+
+
+# -- the training data's identity: a split list by content, the files alone ------------------------------------------
+
+def _listed_tree(root: Path, lst: Path, seed: int = 0, seed0: int = 0) -> Path:
+    """An image tree under root (images from `seed0` on) and a split list of it (drawn with `seed`) at `lst`."""
+    _image_tree(root, {"benign": 10, "malignant": 10}, seed0=seed0)
+    rows, _ = make_split_list(str(root), seed=seed)
+    lst.parent.mkdir(parents=True, exist_ok=True)
+    return _write_list(rows, lst)
+
+
+def test_a_split_list_file_is_the_same_data_at_another_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                            caplog: pytest.LogCaptureFixture) -> None:
+    """The list's path as typed was part of the data hash: the same files and the same list elsewhere (another machine,
+    or the list given relative from another folder) were refused as changed data. A bundle records only the list's
+    file name, so its model could never be evaluated, exported or pruned elsewhere."""
+    import logging
+
+    from edgeclf.data import load_training_data, require_training_data, spec_name
+
+    ws = tmp_path / "workstation" / "busi"
+    lst = _listed_tree(ws, tmp_path / "workstation" / "lists" / "busi.csv")
+    trained = load_dataset(f"{ws}?split={lst}")
+    dev = shutil.copytree(ws, tmp_path / "device" / "busi")
+    lst2 = tmp_path / "device" / "lists" / "busi.csv"
+    lst2.parent.mkdir(parents=True)
+    shutil.copy(lst, lst2)
+    monkeypatch.chdir(tmp_path / "device")
+    for given in (f"{dev}?split={lst2}", "busi?split=lists/busi.csv"):
+        ds = load_dataset(given)
+        assert ds.data_hash == trained.data_hash and ds.split("test").ids == trained.split("test").ids
+        for recorded in ({"name": spec_name(trained.spec), "hash": trained.data_hash},  # a bundle's record
+                         {"spec": trained.spec, "name": trained.name, "hash": trained.data_hash}):  # run.json's
+            assert load_training_data(given, recorded, load_dataset, data_given=given, use="x").data_hash == ds.data_hash
+    # Another list's content under the same name is still other data.
+    _write_list([(p, h, {"train": "test", "test": "train"}.get(s, s), g) for p, h, s, g in
+                 make_split_list(str(ws), seed=0)[0]], lst2)
+    assert load_dataset(f"{dev}?split={lst2}").data_hash != trained.data_hash
+    # A run recorded while the path was hashed too (its list's contents with it) still matches, with no warning.
+    again = load_dataset(f"{ws}?split={lst}")
+    assert again.path_hash and again.path_hash != again.data_hash
+    with caplog.at_level(logging.WARNING, logger="edgeclf"):
+        require_training_data(again, {"name": again.name, "hash": again.path_hash}, data_given=None, use="x")
+    assert not caplog.records
+
+
+def _bmp(path: Path, img: np.ndarray) -> None:
+    """An 8-bit gray BMP written byte for byte here (no encoder version in its bytes): a hash over it can be pinned."""
+    import struct
+
+    h, w = img.shape
+    row = (w + 3) // 4 * 4
+    pixels = b"".join(img[y].tobytes() + b"\0" * (row - w) for y in range(h - 1, -1, -1))
+    palette = b"".join(bytes((i, i, i, 0)) for i in range(256))
+    off = 14 + 40 + len(palette)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"BM" + struct.pack("<IHHI", off + len(pixels), 0, 0, off)
+                     + struct.pack("<IiiHHIIiiII", 40, w, h, 1, 8, 0, len(pixels), 2835, 2835, 256, 0) + palette + pixels)
+
+
+def test_a_committed_split_list_keeps_the_data_hash_recorded_before(tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """A list named by its committed name (`split=busi`) is the same everywhere: its data keeps the hash the committed
+    recipes' runs and bundles recorded (pinned: computed by edgeclf before split lists were hashed by content)."""
+    import edgeclf.data as data
+
+    for c, cls in enumerate(("benign", "malignant")):
+        for i in range(6):
+            _bmp(tmp_path / "d" / cls / f"case{i}.bmp", _gray(100 * c + i, 8, 8))
+    rows, _ = make_split_list(str(tmp_path / "d"), seed=0)
+    monkeypatch.setattr(data, "_COMMITTED_SPLITS", tmp_path / "splits")
+    (tmp_path / "splits").mkdir()
+    _write_list(rows, tmp_path / "splits" / "mine.csv")
+    ds = load_dataset(f"{tmp_path / 'd'}?split=mine")
+    assert ds.data_hash == "930aae90e8124b9b13cdd59f06a5b94d69192c8827cff9100f7b6dc7a00bf2f1"
+
+
+def _record(ds: Dataset, classes: str | None = None) -> dict[str, object]:
+    """What run.json records of a model's data (the parts identity is told by)."""
+    return {"spec": ds.spec, "name": ds.name, "hash": ds.data_hash, "files_hash": ds.files_hash, "classes": classes}
+
+
+def test_the_training_files_under_another_split_list_are_refused_for_a_held_out_split(tmp_path: Path) -> None:
+    """A model trained on busi's seeded split, evaluated with `--data busi?split=other.csv`, passed as other data with
+    its own split, though that list's test split holds training images: the files are known by their own hash."""
+    from edgeclf.data import require_training_data
+
+    root = tmp_path / "busi"
+    lst = _listed_tree(root, tmp_path / "other.csv", seed=7)
+    trained = load_dataset(str(root), seed=0)  # as `edgeclf train --data busi`
+    given = f"{root}?split={lst}"
+    ds = load_dataset(given)
+    assert set(ds.split("test").ids) & set(trained.split("train").ids)  # the list's test split holds training images
+    with pytest.raises(DataError) as exc:
+        require_training_data(ds, _record(trained), data_given=given, use="its test split is not the held-out one")
+    msg = _one_line(exc)
+    assert "holds the files the model was trained on" in msg and "other.csv" in msg, msg
+    assert f"--data {root})" in msg, msg  # how to evaluate on the held-out split as trained
+    # Trained with a list: another list over its files is refused too, and the way back names the list to give.
+    trained2 = load_dataset(given)
+    other = _write_list(make_split_list(str(root), seed=3)[0], tmp_path / "third.csv")
+    with pytest.raises(DataError) as exc:
+        require_training_data(load_dataset(f"{root}?split={other}"), _record(trained2), data_given=f"{root}?split={other}",
+                              use="x")
+    assert f"--data '{root}?split={lst}')" in _one_line(exc)  # run.json's list path, where it still is
+    # A run recorded before files_hash: as before, other data with its own split.
+    require_training_data(ds, {k: v for k, v in _record(trained).items() if k != "files_hash"}, data_given=given, use="x")
+    # Other files with a list of their own: passed.
+    new = tmp_path / "new"
+    lst_new = _listed_tree(new, tmp_path / "new.csv", seed0=500)
+    require_training_data(load_dataset(f"{new}?split={lst_new}"), _record(trained), data_given=str(new), use="x")
+
+
+def test_new_data_with_its_own_split_is_read_once(tmp_path: Path) -> None:
+    """A model trained with options, given new data with its own train/ val/ test/ folders plainly: the folder was read
+    twice (a trial with the recorded options, thrown away; for clips each reading decodes every clip). Where the run
+    recorded its files' hash, other files are known without decoding. The training files under another name are still
+    read once, with the recorded options, clips and a class map that drops a folder included."""
+    from edgeclf.data import load_training_data
+
+    calls: list[str] = []
+
+    def counting(classes: str | None = None):  # noqa: ANN202
+        def load(spec: str) -> Dataset:
+            calls.append(spec)
+            return load_dataset(spec, classes=classes)
+        return load
+
+    # Images, trained with shares.
+    busi = tmp_path / "busi"
+    _image_tree(busi, {"a": 8, "b": 8})
+    recorded = _record(load_dataset(f"{busi}?test=0.3&val=0.3"))
+    ext = tmp_path / "ext"
+    for s in SPLITS:
+        _image_tree(ext / s, {"a": 2, "b": 2}, seed0=500 + 10 * len(s))
+    ds = load_training_data(str(ext), recorded, counting(), data_given=str(ext), use="x")
+    assert calls == [str(ext)] and ds.split("test").ids
+    calls.clear()
+    copy = shutil.copytree(busi, tmp_path / "copy")
+    ds = load_training_data(str(copy), recorded, counting(), data_given=str(copy), use="x")
+    assert calls == [f"{copy}?test=0.3&val=0.3"] and ds.data_hash == recorded["hash"]
+    # Clips, trained with frames=2 and a class map that leaves a class out; a hidden file beside them.
+    clips = tmp_path / "clips"
+    for cls in ("covid", "regular", "other"):
+        for k in range(3):
+            _write_clip(clips / cls / f"c{k}.avi", 4)
+    _write_clip(clips / "covid" / ".c9.avi", 4)
+    classes = "covid,regular"
+    recorded = _record(load_dataset(f"{clips}?frames=2", classes=classes), classes)
+    calls.clear()
+    copy = shutil.copytree(clips, tmp_path / "clips-copy")
+    ds = load_training_data(str(copy), recorded, counting(classes), data_given=str(copy), use="x")
+    assert calls == [f"{copy}?frames=2"] and ds.data_hash == recorded["hash"]
+    calls.clear()
+    ext = tmp_path / "clips-ext"
+    for s in SPLITS:
+        for cls in ("covid", "regular"):
+            _write_clip(ext / s / cls / "c.avi", 4)
+    load_training_data(str(ext), recorded, counting(classes), data_given=str(ext), use="x")
+    assert calls == [str(ext)]
+    # New data without a split of its own: refused, never decoded.
+    calls.clear()
+    plain = tmp_path / "plain"
+    _image_tree(plain, {"a": 4, "b": 4}, seed0=900)
+    with pytest.raises(DataError) as exc:
+        load_training_data(str(plain), _record(load_dataset(f"{busi}?test=0.3&val=0.3")), counting(), data_given=str(plain),
+                           use="x")
+    assert "not, by content, the data the model was trained on" in _one_line(exc) and calls == []
+
+
+def test_the_training_files_whose_split_list_is_not_here_say_how_to_give_it(tmp_path: Path) -> None:
+    """A bundle records its split list by file name (split=busi.csv): on another machine the folder given plainly cannot
+    be read as trained without the list. The refusal says to give the list's path."""
+    from edgeclf.data import load_training_data, spec_name
+
+    ws = tmp_path / "ws" / "busi"
+    lst = _listed_tree(ws, tmp_path / "ws" / "lists" / "busi.csv")
+    trained = load_dataset(f"{ws}?split={lst}")
+    dev = shutil.copytree(ws, tmp_path / "device" / "busi")
+    bundle = {"name": spec_name(trained.spec), "hash": trained.data_hash, "files_hash": trained.files_hash}
+    with pytest.raises(DataError) as exc:
+        load_training_data(str(dev), bundle, load_dataset, data_given=str(dev), use="x")
+    msg = _one_line(exc)
+    assert "holds the files the model was trained on" in msg and "busi.csv) is not found here" in msg, msg
+    assert f"--data '{dev}?split=/path/to/busi.csv'" in msg, msg
+    # An older bundle (no files_hash): the same way to give it.
+    with pytest.raises(DataError) as exc:
+        load_training_data(str(dev), {k: v for k, v in bundle.items() if k != "files_hash"}, load_dataset,
+                           data_given=str(dev), use="x")
+    assert "--data 'DIR?split=/path/to/busi.csv'" in _one_line(exc)
+    # Given so, it is the training data.
+    ds = load_training_data(f"{dev}?split={lst}", bundle, load_dataset, data_given=f"{dev}?split={lst}", use="x")
+    assert ds.split("test").ids == trained.split("test").ids

@@ -174,3 +174,76 @@ def test_prune_reads_a_renamed_copy_as_trained(trained: tuple[Path, Path], tmp_p
     recorded = json.loads((run / "run.json").read_text())["data"]
     assert ds.data_hash == recorded["hash"]  # type: ignore[attr-defined]
     assert ds.split("val").ids == _held_out(run, "val")  # type: ignore[attr-defined]
+
+
+def test_the_training_files_under_another_split_list_are_refused(trained: tuple[Path, Path], tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """`--data busi?split=other.csv` over the training files passed as other data with its own split, though that
+    list's test split holds training images. run.json and the bundle record the files' own hash, which tells them."""
+    import csv
+
+    import edgeclf.export.prune as prune
+    from edgeclf.data import make_split_list
+    from edgeclf.evaluate import evaluate
+    from edgeclf.export.bundle_writer import ExportConfig, export_bundle
+
+    run, bundle = trained
+    recorded = json.loads((run / "run.json").read_text())["data"]
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    assert len(recorded["files_hash"]) == 64 and manifest["provenance"]["data"]["files_hash"] == recorded["files_hash"]
+    busi = run.parent / "busi"
+    lst = tmp_path / "other.csv"
+    with open(lst, "w", newline="") as f:
+        csv.writer(f).writerows([("path", "sha256", "split", "group"), *make_split_list(str(busi), seed=7)[0]])
+    given = f"{busi}?split={lst}"
+    for target in (run, bundle):
+        with pytest.raises(DataError) as exc:
+            evaluate(str(target), data=given, split="test", n_boot=0)
+        msg = _one_line(exc)
+        assert "holds the files the model was trained on" in msg and f"--data '{busi}?{OPTIONS}'" in msg, msg
+    assert evaluate(str(bundle), data=given, split="all", n_boot=0)["data"]["n"] == 28  # all of it: no held-out claim
+    with pytest.raises(DataError, match="holds the files the model was trained on"):
+        export_bundle(ExportConfig(out=str(tmp_path / "b"), model=str(run), data=given))
+    with pytest.raises(DataError, match="holds the files the model was trained on"):
+        prune.prune_trained(prune.PruneConfig(model=str(run), out=str(tmp_path / "pruned"), data=given))
+    # A run recorded before files_hash: as before.
+    old = shutil.copytree(run, tmp_path / "old-run")
+    rec = json.loads((old / "run.json").read_text())
+    del rec["data"]["files_hash"]
+    (old / "run.json").write_text(json.dumps(rec))
+    assert evaluate(str(old), data=given, split="test", n_boot=0)["data"]["spec"] == given
+
+
+def test_a_model_trained_with_a_split_list_file_evaluates_and_exports_elsewhere(tmp_path: Path) -> None:
+    """The list's path was part of the data hash: the same files and list on another machine were refused as changed,
+    and a bundle (which records only the list's file name) could not be evaluated anywhere but the workstation."""
+    import csv
+
+    from edgeclf.data import make_split_list
+    from edgeclf.evaluate import evaluate
+    from edgeclf.export.bundle_writer import ExportConfig, export_bundle
+    from edgeclf.train import TrainConfig, train
+
+    ws = _image_tree(tmp_path / "ws" / "busi", 10, 300)
+    lst = tmp_path / "ws" / "lists" / "busi.csv"
+    lst.parent.mkdir(parents=True)
+    with open(lst, "w", newline="") as f:
+        csv.writer(f).writerows([("path", "sha256", "split", "group"), *make_split_list(str(ws), seed=0)[0]])
+    run = tmp_path / "ws" / "run"
+    train(TrainConfig(data=f"{ws}?split={lst}", out=str(run), model="compact", size=32, epochs=1, patience=1, threads=1))
+    export_bundle(ExportConfig(out=str(tmp_path / "ws" / "bundle"), model=str(run)))
+    dev = shutil.copytree(ws, tmp_path / "cart" / "data" / "busi")
+    lst2 = tmp_path / "cart" / "busi.csv"
+    shutil.copy(lst, lst2)
+    shutil.rmtree(lst.parent)  # the workstation's list is not on the cart
+    bundle = shutil.copytree(tmp_path / "ws" / "bundle", tmp_path / "cart" / "bundle")
+    given = f"{dev}?split={lst2}"
+    for target in (run, bundle):
+        rep = evaluate(str(target), data=given, split="test", n_boot=0)
+        assert rep["data"]["n"] == len(_held_out(run))
+    m = export_bundle(ExportConfig(out=str(tmp_path / "cart" / "b2"), model=str(run), data=given))
+    assert m["provenance"]["export_data"]["hash"] == json.loads((run / "run.json").read_text())["data"]["hash"]
+    # Given plainly, the list cannot be found: the refusal says how to give it.
+    with pytest.raises(DataError) as exc:
+        evaluate(str(bundle), data=str(dev), split="test", n_boot=0)
+    assert f"--data '{dev}?split=/path/to/busi.csv'" in _one_line(exc)

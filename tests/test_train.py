@@ -442,6 +442,80 @@ def test_pooled_image_decisions_without_copies_carry_no_clustered_interval() -> 
     assert d["n"] == 40 and "clustered" not in d and d["accuracy_ci95"] is not None
 
 
+def test_pooled_image_decisions_abstain_on_the_images_run_does_not_classify(tmp_path: Path,
+                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """Cross-validation of an image folder: the images `edgeclf run`'s quality gate stops (here black ones) are abstained
+    in the pooled out-of-fold decisions, as the folds' own test figures, frame_auc_macro and evaluate leave them out
+    (they were counted as classified). Training is stubbed: each fold's "model" scores an image by its mean intensity."""
+    cv2 = pytest.importorskip("cv2")
+    import types
+
+    import edgeclf.train as tr
+    from edgeclf.data import load_folds
+
+    rng = np.random.default_rng(3)
+    for cls, level in (("a", 100), ("b", 150)):
+        (tmp_path / "d" / cls).mkdir(parents=True)
+        for g in range(9):
+            im = np.clip(rng.normal(level, 30, (64, 64)), 0, 255).astype(np.uint8)
+            cv2.imwrite(str(tmp_path / "d" / cls / f"{g}.png"), im)
+        for g in range(3):  # black images (run: "blank"), each distinct
+            cv2.imwrite(str(tmp_path / "d" / cls / f"dark{g}.png"), rng.integers(0, 6, (64, 64), dtype=np.uint8))
+
+    def fake_train_on(ds, cfg, *, on_epoch=None, recipe=None):  # noqa: ANN001, ANN202
+        rule = {"kind": "threshold", "thresholds": [0.5], "positive": 1}
+        record = {"data": {"sizes": {s: len(v) for s, v in ds.splits.items()}}, "best_epoch": 1, "_meta": {},
+                  "metrics": {"test": {"accuracy": None, "balanced_accuracy": None}, "val": {"n": len(ds.splits["val"])}},
+                  "model": {"temperature": 1.0, "decision": rule}}
+        pre = types.SimpleNamespace(batch=lambda ims: np.array([[float(np.mean(im))] for im in ims]))
+        return record, object(), types.SimpleNamespace(pre=pre)
+
+    monkeypatch.setattr(tr, "_train_on", fake_train_on)
+    monkeypatch.setattr(tr, "save_run", lambda *a, **k: None)
+    monkeypatch.setattr(tr, "torch_logits", lambda model, x: (x - 125.0) / 10.0)
+    monkeypatch.setattr(tr, "_classified_val", lambda ds: None)  # the stub needs no calibration
+    res = tr.cross_validate(TrainConfig(data=str(tmp_path / "d"), out=str(tmp_path / "cv"), folds=3))
+    folds = load_folds(str(tmp_path / "d"), 3, seed=0, quality=True)
+    stopped = sum(1 for ds in folds for i in ds.splits["test"].ids if ds.abstain.get(i))
+    assert stopped == 6  # the six black images, each held out once
+    d = res["pooled_out_of_fold"]["decisions"]
+    assert res["pooled_out_of_fold"]["items"] == 24
+    assert d["abstained"] == stopped and d["n"] == 24 - stopped
+    # The black images (mean ~2) would all have been "a": counted, they raised a's sensitivity.
+    assert sum(d["confusion_matrix"][0]) == 9 and sum(d["confusion_matrix"][1]) == 9
+
+
+def test_pooled_clip_figures_abstain_on_the_frames_run_does_not_classify(tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Cross-validation of clips (the same stub as above): the frames run's quality gate stops are abstained in the
+    pooled frame figure and left out of their clips' aggregation, as evaluate does."""
+    import types
+
+    import edgeclf.train as tr
+    from edgeclf.data import load_folds
+
+    def fake_train_on(ds, cfg, *, on_epoch=None, recipe=None):  # noqa: ANN001, ANN202
+        rule = {"kind": "threshold", "thresholds": [0.5], "positive": 1}
+        record = {"data": {"sizes": {s: len(v) for s, v in ds.splits.items()}}, "best_epoch": 1, "_meta": {},
+                  "metrics": {"test": {"accuracy": None, "balanced_accuracy": None}, "val": {"n": len(ds.splits["val"])}},
+                  "model": {"temperature": 1.0, "decision": rule}}
+        pre = types.SimpleNamespace(batch=lambda ims: np.array([[float(np.mean(im))] for im in ims]))
+        return record, object(), types.SimpleNamespace(pre=pre)
+
+    monkeypatch.setattr(tr, "_train_on", fake_train_on)
+    monkeypatch.setattr(tr, "save_run", lambda *a, **k: None)
+    monkeypatch.setattr(tr, "torch_logits", lambda model, x: (x - 1.0) * 10.0)  # every frame not black: "b"
+    monkeypatch.setattr(tr, "_classified_val", lambda ds: None)
+    data = _blank_ended_clips(tmp_path / "clips")
+    res = tr.cross_validate(TrainConfig(data=data, out=str(tmp_path / "cv"), folds=2, group="clip", frames_per_clip=4))
+    folds = load_folds(data, 2, seed=0, frames_per_clip=4, group="clip", quality=True)
+    stopped = sum(1 for ds in folds for i in ds.splits["test"].ids if ds.abstain.get(i))
+    pooled = res["pooled_out_of_fold"]
+    assert stopped > 0 and pooled["frame"]["abstained"] == stopped
+    # b's black frames would have been "a": left out, every b clip is decided "b" from its frames run classifies.
+    assert pooled["clip_vote"]["per_class"]["b"]["sensitivity"] == 1.0
+
+
 def test_a_model_trained_on_sector_crops_says_so_from_training_to_run_and_evaluate(tmp_path: Path,
                                                                                   capsys: pytest.CaptureFixture[str]) -> None:
     """Training on `clips?roi=sector` records preprocess.sector; export carries it into the manifest; `run` without
