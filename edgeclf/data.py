@@ -33,7 +33,8 @@ from edgeclf.runtime.sources import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, decode_i
 
 __all__ = ["Dataset", "Split", "load_dataset", "load_folds", "make_split_list", "read_split_list", "with_options", "parse_class_map", "spec_name", "split_spec", "FolderOptions",
            "check_option_table", "check_spec_options", "require_training_data", "load_training_data", "defines_split",
-           "recorded_options", "near_hash", "SPLITS", "IMAGE_EXTS", "VIDEO_EXTS"]
+           "recorded_options", "near_hash", "classified_rows", "abstain_counts", "none_classified", "classify_fix",
+           "SPLITS", "IMAGE_EXTS", "VIDEO_EXTS"]
 
 log = logging.getLogger(__name__)
 SPLITS = ("train", "val", "test")
@@ -745,6 +746,39 @@ def _not_training_data(name: str, recorded: Mapping[str, Any], use: str, new_dat
     what = ", ".join(ways[:-1]) + f" or {ways[-1]}" if len(ways) > 1 else ways[0]
     return DataError(f"data {name} is not, by content, the data the model was trained on ({rec}): the hashes differ{tried}, "
                      f"and its splits would be drawn anew, where training images can land in any split, so {use}; {what}")
+
+
+def classified_rows(ds: Dataset, ids: list[str]) -> np.ndarray:
+    """Rows of the frames `ids` that `edgeclf run` classifies: those without a reason in `Dataset.abstain` (the sector
+    locked; with load_dataset(quality=True), the quality gate passed them)."""
+    return np.asarray([i for i, f in enumerate(ids) if not ds.abstain.get(f)], dtype=np.int64)
+
+
+def abstain_counts(ds: Dataset, ids: list[str]) -> str:
+    """How many of `ids` `edgeclf run` abstains on, per reason: 'blank: 4, sector_warmup: 8'."""
+    why: dict[str, int] = {}
+    for f in ids:
+        if ds.abstain.get(f):
+            why[ds.abstain[f]] = why.get(ds.abstain[f], 0) + 1
+    return ", ".join(f"{k}: {v}" for k, v in sorted(why.items()))
+
+
+def _all_warmup(ds: Dataset, ids: list[str]) -> bool:
+    return all(ds.abstain.get(f) in ("", None, "sector_warmup") for f in ids)
+
+
+def none_classified(ds: Dataset, ids: list[str], split: str) -> str:
+    """'none of the 8 val frames is one `edgeclf run` classifies (it abstains on every one: sector_warmup: 8; ...)'."""
+    what = "; uncropped frames: their clip's ultrasound sector had not locked" if _all_warmup(ds, ids) else ""
+    return f"none of the {len(ids)} {split} frames is one `edgeclf run` classifies (it abstains on every one: {abstain_counts(ds, ids)}{what})"
+
+
+def classify_fix(ds: Dataset, ids: list[str]) -> str:
+    """What gives run frames to classify: longer clips where the frames only wait for the sector, else frames its
+    quality gate passes."""
+    if _all_warmup(ds, ids):
+        return "give clips long enough for the ultrasound sector to lock"
+    return "give clips or images whose frames `edgeclf run` classifies (clips whose sector locks, frames its quality gate passes)"
 
 
 def require_training_data(ds: Dataset, recorded: Mapping[str, Any], *, data_given: str | None, use: str,

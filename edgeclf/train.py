@@ -338,34 +338,20 @@ def _require_every_class(ds: Dataset, split: str) -> None:
         )
 
 
-def _abstain_counts(ds: Dataset, ids: list[str]) -> str:
-    """How many of `ids` `edgeclf run` abstains on, per reason: 'blank: 4, sector_warmup: 8'."""
-    why: dict[str, int] = {}
-    for i in ids:
-        if ds.abstain.get(i):
-            why[ds.abstain[i]] = why.get(ds.abstain[i], 0) + 1
-    return ", ".join(f"{k}: {v}" for k, v in sorted(why.items()))
-
-
 def _classified_val(ds: Dataset) -> np.ndarray:
     """(N,) bool over the val frames: those `edgeclf run` classifies (no reason in Dataset.abstain: the sector locked, the
     quality gate passed them), the only ones a deployed threshold ever meets. DataError (one line) when there are none,
     or when a class has none of them: no temperature or operating point can be fitted. Run before training, so that a
     refusal costs no training."""
-    from edgeclf.runtime.pipeline import SECTOR_WARMUP
+    from edgeclf.data import abstain_counts, classify_fix, none_classified
 
     va = ds.splits["val"]
     kept = np.array([not ds.abstain.get(i) for i in va.ids], bool)
     if kept.all():
         return kept
-    warmup = all(ds.abstain.get(i) in ("", None, SECTOR_WARMUP) for i in va.ids)
-    fix = ("give clips long enough for the ultrasound sector to lock" if warmup else
-           "give val clips or images whose frames `edgeclf run` classifies (clips whose sector locks, frames its quality gate passes)")
     if not kept.any():
-        what = "; uncropped frames: their clip's ultrasound sector had not locked" if warmup else ""
-        raise DataError(f"none of the {len(va)} val frames of {ds.name} is one `edgeclf run` classifies (it abstains on every "
-                        f"one: {_abstain_counts(ds, va.ids)}{what}), so there is nothing to fit the model's temperature and "
-                        f"decision rule on; {fix}")
+        raise DataError(f"{ds.name}: {none_classified(ds, va.ids, 'val')}, so there is nothing to fit the model's "
+                        f"temperature and decision rule on; {classify_fix(ds, va.ids)}")
     y = va.labels[kept]
     if ds.task == "multilabel":
         missing = [ds.labels[k] for k in range(y.shape[1]) if y[:, k].sum() == 0]
@@ -373,8 +359,8 @@ def _classified_val(ds: Dataset) -> np.ndarray:
         missing = [ds.labels[k] for k in range(len(ds.labels)) if not (y == k).any()]
     if missing:
         raise DataError(f"the val frames of {ds.name} that `edgeclf run` classifies hold no images of {', '.join(missing)} "
-                        f"(it abstains on {int((~kept).sum())} of {len(va)}: {_abstain_counts(ds, va.ids)}), so no operating "
-                        f"point can be fitted for it; {fix}")
+                        f"(it abstains on {int((~kept).sum())} of {len(va)}: {abstain_counts(ds, va.ids)}), so no operating "
+                        f"point can be fitted for it; {classify_fix(ds, va.ids)}")
     return kept
 
 

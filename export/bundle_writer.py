@@ -17,7 +17,16 @@ from typing import Any
 
 import numpy as np
 
-from edgeclf.data import Dataset, load_dataset, load_training_data, spec_name
+from edgeclf.data import (
+    Dataset,
+    abstain_counts,
+    classified_rows,
+    classify_fix,
+    load_dataset,
+    load_training_data,
+    none_classified,
+    spec_name,
+)
 from edgeclf.errors import ConfigError, DataError, ModelError
 from edgeclf.export.onnx_export import INPUT_NAME, OPSET, OUTPUT_NAME, ExportError, export_onnx, parity_report
 from edgeclf.export.prune import TRAINING_FACTS
@@ -237,37 +246,6 @@ def _data_record(ds: Dataset, classes: str | None) -> dict[str, Any]:
             "sizes": {s: len(v) for s, v in ds.splits.items()}}
 
 
-def _classified(ds: Dataset, ids: list[str]) -> np.ndarray:
-    """Rows of the frames `ids` that `edgeclf run` classifies: those without a reason in `Dataset.abstain`
-    (sector_warmup: a sector model's frame before its clip's sector locked, or of a clip that never locks; the
-    quality gate's reasons, as export loads the data with quality=True)."""
-    return np.asarray([i for i, f in enumerate(ids) if not ds.abstain.get(f)], dtype=np.int64)
-
-
-def _abstained(ds: Dataset, ids: list[str]) -> str:
-    """How many of `ids` run abstains on, per reason: 'sector_warmup: 8'."""
-    why: dict[str, int] = {}
-    for f in ids:
-        if ds.abstain.get(f):
-            why[ds.abstain[f]] = why.get(ds.abstain[f], 0) + 1
-    return ", ".join(f"{k}: {v}" for k, v in sorted(why.items()))
-
-
-def _none_classified(ds: Dataset, ids: list[str], split: str) -> str:
-    """'none of the 8 val frames is one `edgeclf run` classifies (it abstains on every one: sector_warmup: 8; ...)'."""
-    what = "; uncropped frames: their clip's ultrasound sector had not locked" if all(
-        ds.abstain.get(f) == "sector_warmup" for f in ids) else ""
-    return f"none of the {len(ids)} {split} frames is one `edgeclf run` classifies (it abstains on every one: {_abstained(ds, ids)}{what})"
-
-
-def _fix(ds: Dataset, ids: list[str]) -> str:
-    """What gives run frames to classify: longer clips where every frame waits for the sector, else frames its
-    quality gate passes."""
-    if all(ds.abstain.get(f) == "sector_warmup" for f in ids):
-        return "export with clips long enough for the sector to lock"
-    return "export with data whose frames `edgeclf run` classifies (clips whose sector locks, frames its quality gate passes)"
-
-
 def export_bundle(cfg: ExportConfig) -> dict[str, Any]:
     """Write a bundle into a temporary sibling folder, verify it as a device would, then move it into place.
 
@@ -417,11 +395,11 @@ def export_bundle(cfg: ExportConfig) -> dict[str, Any]:
                 want += " (of the second label; a 2-logit model: return logits[:, 1:] - logits[:, :1])"
             raise ModelError(f"the model outputs shape {lv.shape}; a {task} model with {len(labels)} labels must output {want}: "
                              "give a model with that output, or the --task and --labels it was trained for")
-        cv = _classified(ds, val_ids)  # the validation frames `edgeclf run` classifies
+        cv = classified_rows(ds, val_ids)  # the validation frames `edgeclf run` classifies
         if rule is None:  # imported models: calibrate on the validation split, whatever --split is
             if not len(cv):
-                raise ExportError(f"{_none_classified(ds, val_ids, 'val')}, so there is nothing to fit the imported model's "
-                                  f"temperature and decision rule on; no bundle was written; {_fix(ds, val_ids)}")
+                raise ExportError(f"{none_classified(ds, val_ids, 'val')}, so there is nothing to fit the imported model's "
+                                  f"temperature and decision rule on; no bundle was written; {classify_fix(ds, val_ids)}")
             # The data set's clinically positive class unless --positive names one, as `edgeclf train` does.
             positive = _positive_index(ds, cfg.positive)
             # On the frames run classifies only: those it abstains on never meet the threshold on a device.
@@ -455,7 +433,7 @@ def export_bundle(cfg: ExportConfig) -> dict[str, Any]:
         metrics = {"val_onnx_fp32": _frame_metrics(probabilities(lv, task, temperature), yv, task, rule, labels, val_groups,
                                                    0.0, n_boot=500, why=[ds.abstain.get(f, "") for f in val_ids])}
         if not len(cv):
-            log.warning("%s: the validation figures are undefined", _none_classified(ds, val_ids, "val"))
+            log.warning("%s: the validation figures are undefined", none_classified(ds, val_ids, "val"))
         if "test" in train_metrics:
             metrics["test_training"] = train_metrics["test"]
         compression: dict[str, Any] = {"variants": [], "deploy": {"precision": "fp32", "reason": "fp32 requested"}}
@@ -467,15 +445,15 @@ def export_bundle(cfg: ExportConfig) -> dict[str, Any]:
             # Frames `edgeclf run` never classifies (a sector model's frames before its clip's sector locked: whole,
             # uncropped; those its quality gate stops) neither set the INT8 ranges nor judge the gate: they are not what
             # the deployed model sees.
-            ct = _classified(ds, tr.ids)
+            ct = classified_rows(ds, tr.ids)
             if not len(cv):
-                raise ExportError(f"--precision {cfg.precision}: {_none_classified(ds, val_ids, 'val')}, so the accuracy gate has "
+                raise ExportError(f"--precision {cfg.precision}: {none_classified(ds, val_ids, 'val')}, so the accuracy gate has "
                                   "nothing to judge a compressed model on; no bundle was written; export with --precision fp32, "
-                                  f"or {_fix(ds, val_ids)}")
+                                  f"or {classify_fix(ds, val_ids)}")
             if not len(ct) and cfg.precision != "fp16":
-                raise ExportError(f"--precision {cfg.precision}: {_none_classified(ds, tr.ids, 'train')}, so there is nothing to "
+                raise ExportError(f"--precision {cfg.precision}: {none_classified(ds, tr.ids, 'train')}, so there is nothing to "
                                   "calibrate INT8 on; no bundle was written; export with --precision fp32 or fp16, or "
-                                  f"{_fix(ds, tr.ids)}")
+                                  f"{classify_fix(ds, tr.ids)}")
             idx = ct[calibration_indices(tr.labels[ct], cfg.calibration_n, seed)] if len(ct) else ct
             qat, qat_unavailable = _qat_rung(cfg, tm, ds)
             compression = compress(
@@ -494,14 +472,14 @@ def export_bundle(cfg: ExportConfig) -> dict[str, Any]:
         reference = None
         # Only frames `edgeclf run` classifies: a sector model's frames before its clip's sector locked are whole,
         # the scanner's burned-in text included, and parity on the device never needs them.
-        keep = _classified(ds, split_ids) if cfg.samples else np.arange(0)
+        keep = classified_rows(ds, split_ids) if cfg.samples else np.arange(0)
         if cfg.samples and len(keep) < len(xp):
             if not len(keep):
-                why = f"{_none_classified(ds, split_ids, cfg.split)}: such frames stay out of a bundle, so there is nothing to re-check parity on"
+                why = f"{none_classified(ds, split_ids, cfg.split)}: such frames stay out of a bundle, so there is nothing to re-check parity on"
                 provenance["reference"] = f"not written: {why}"
                 log.warning("reference.npz not written: %s; `edgeclf bundle check` cannot run on this bundle", why)
             else:
-                left_out = f"{len(xp) - len(keep)} {cfg.split} frames `edgeclf run` does not classify ({_abstained(ds, split_ids)})"
+                left_out = f"{len(xp) - len(keep)} {cfg.split} frames `edgeclf run` does not classify ({abstain_counts(ds, split_ids)})"
                 provenance["reference"] = f"{cfg.split} frames `edgeclf run` classifies only; left out: {left_out}"
                 log.info("reference samples: left out %s", left_out)
         if len(keep):
