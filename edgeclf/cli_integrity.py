@@ -13,13 +13,14 @@ from typing import Any, Optional
 
 import click
 
-from edgeclf.errors import ConfigError
+from edgeclf.errors import ConfigError, DataError
 
 __all__ = ["audit", "audit_verify", "bundle_sign", "bundle_keygen", "bundle_verify_signature", "integrity",
            "AUDIT_EXIT_CODES"]
 
-# `audit verify` exit codes: scripts tell the three states apart without parsing output.
-AUDIT_EXIT_CODES = {"intact": 0, "unterminated": 3, "tampered": 4}
+# `audit verify` exit codes: scripts tell the three states apart without parsing output. A file that is no
+# audit log is the user's mistake, not an integrity finding: a one-line error, exit 2 like every other.
+AUDIT_EXIT_CODES = {"intact": 0, "unterminated": 3, "tampered": 4, "not_audit": 2}
 
 
 def _emit(as_json: bool, doc: Any, human: str) -> None:
@@ -54,15 +55,19 @@ def audit() -> None:
 @audit.command("verify")
 @click.argument("log")
 @click.option("--results", default=None, help="The run's results file (JSON lines): check it against the log's digests.")
-@click.option("--head", default=None, metavar="SHA256", help="The log's head hash recorded elsewhere (e.g. the run summary).")
+@click.option("--head", default=None, metavar="SHA256",
+              help="The log's head hash recorded elsewhere (the run summary's audit head): all 64 hex characters.")
 @_json
 @click.pass_context
 def audit_verify(ctx: click.Context, log: str, results: Optional[str], head: Optional[str], as_json: bool) -> None:
     """Verify an audit log: intact (exit 0), unterminated (exit 3: cut off by power loss or kill -9) or
-    tampered (exit 4: a record edited, removed, inserted or moved; the first bad one is named)."""
+    tampered (exit 4: a record edited, removed, inserted or moved; the first bad one is named). A file that
+    is no audit log (a results file given by mistake) or a malformed --head is an error (exit 2)."""
     from edgeclf.runtime.audit import verify_audit
 
     rep = verify_audit(log, results=results, expected_head=head)
+    if rep.state == "not_audit":
+        raise DataError(f"not an audit log: {log}: {rep.reason}")
     doc = rep.to_dict()
     if rep.state == "intact":
         line = f"intact: {log}: {rep.records} records, {rep.results} results ({rep.abstained} abstained), {rep.faults} faults"

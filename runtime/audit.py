@@ -20,7 +20,9 @@ that record, and :func:`verify_audit` names it. Record types:
 
 A log whose chain is whole and ends in ``end`` is *intact*. A log whose chain is whole up to its last
 whole record but has no ``end`` (power loss, kill -9) is *unterminated*; a torn last line (cut mid-write)
-is ignored and counted. Anything else is *tampered*, naming the first record that fails. A chain proves
+is ignored and counted; an empty file is a run cut off before its first record (the writer creates the file,
+then writes ``start``). Anything else is *tampered*, naming the first record that fails, unless the file holds
+no audit record at all (a results file given by mistake): that is *not_audit*, no log. A chain proves
 order and completeness up to its head, not who wrote it: someone who rewrites the tail and recomputes
 every hash after it is caught only against a head hash kept elsewhere (``expected_head=``; the run's
 summary carries :attr:`AuditLog.head` for that).
@@ -46,6 +48,7 @@ import math
 import os
 import platform
 import re
+import stat
 import sys
 import threading
 import time
@@ -77,10 +80,14 @@ logger = logging.getLogger(__name__)
 AUDIT_FORMAT = "edgeclf-audit"
 AUDIT_VERSION = 1
 GENESIS = "0" * 64
-STATES = ("intact", "unterminated", "tampered")
+STATES = ("intact", "unterminated", "tampered", "not_audit")
 _TYPES = ("start", "digest", "fault", "recovery", "event", "end")
 _KEYS = ("hash", "payload", "prev", "seq", "time", "type")
 _MAX_LINE = 1 << 20  # a record is small; a longer line is not one of ours
+_RECORD_START = b'{"hash":"'  # every record's canonical spelling starts so (sorted keys)
+_HEAD = re.compile(r"[0-9a-fA-F]{64}")
+_WHAT_A_LOG_IS = ("an audit log is the hash-chained JSON-lines file `edgeclf run --audit` writes "
+                  "(audit-<UTC>-<id>.jsonl in the --audit folder): give that file")
 PathLike = Union[str, "os.PathLike[str]"]
 
 
@@ -533,7 +540,8 @@ class AuditSink(Sink):
 class AuditReport:
     """What :func:`verify_audit` found.
 
-    state: "intact", "unterminated" or "tampered". records: whole records that verified (the chain up
+    state: "intact", "unterminated", "tampered" or "not_audit" (no audit log at all: a results file or
+    anything else given by mistake; reason says what it is). records: whole records that verified (the chain up
     to the first bad one). bad_line / bad_seq / reason: the first bad record (tampered only); reason is one
     line. torn: partial last lines ignored (0 or 1). head: hash of the last good record. session, run, results,
     abstained, faults: from the records. end: the end record's payload. results_check: with `results=`,
@@ -588,27 +596,64 @@ def _is_torn(raw: bytes, unterminated: bool) -> bool:
     return unterminated or b"\x00" in raw
 
 
+def _record_like(raw: bytes) -> bool:
+    """Whether a line is, or was before an edit, an audit record (results and other JSON lines have no such pair)."""
+    return b'"hash"' in raw and b'"prev"' in raw
+
+
+def _torn_record(raw: bytes) -> bool:
+    """Whether a cut-short first line is the beginning of a record (or zeros where it never reached the disk)."""
+    text = raw.strip(b"\x00")
+    return not text or text.startswith(_RECORD_START) or _RECORD_START.startswith(text)
+
+
+def _not_audit_reason(first: Any) -> str:
+    """What a file with no audit record in it is, when it can be told, and what to give instead."""
+    if isinstance(first, dict) and "frame" in first and ({"probs", "label", "abstain"} & set(first)):
+        return ("this is a results file (line 1 is a result); give the audit log (--audit of edgeclf run), "
+                "and this file as --results to check it against the log")
+    return f"line 1 is not an edgeclf audit record and no line is one; {_WHAT_A_LOG_IS}"
+
+
+def _expected_head(value: str) -> str:
+    text = str(value).strip()
+    if not _HEAD.fullmatch(text):
+        raise ConfigError(f"the expected head hash (--head) is {text[:80]!r} ({len(text)} characters); allowed: a SHA256 in 64 hex "
+                          "characters, the run summary's audit head; copy it whole")
+    return text.lower()  # hexdigest() spells it in lower case
+
+
 def verify_audit(path: PathLike, *, results: Optional[PathLike] = None, expected_head: Optional[str] = None) -> AuditReport:
-    """Check an audit log; returns an AuditReport (never raises for a damaged log: that is its state).
+    """Check an audit log; returns an AuditReport (never raises for a damaged log: that is its state; a file
+    that holds no audit record at all, or empty input that is not a regular file, is state "not_audit").
 
     results: a results file (JSON lines) to check against the digests: every digested result must be
         in it, in order, byte for byte (``results_check``: "match", or "mismatch" making the log's state
         "tampered"; results after the last digest are counted as "undigested", a mismatch when the log has
         its end record, which digests every result; a cut-short last line is counted as "torn").
     expected_head: the head hash recorded elsewhere at the end of the run; a log whose last record has
-        another hash was cut or rewritten (tampered).
-    Raises DataError only when the file cannot be read.
+        another hash was cut or rewritten (tampered); 64 hex characters, any case.
+    Raises DataError only when the file cannot be read, ConfigError for an `expected_head` that is no SHA256.
     """
     p = os.fspath(path)
+    head = None if expected_head is None else _expected_head(expected_head)
     try:
         with open(p, "rb") as f:
+            regular = stat.S_ISREG(os.fstat(f.fileno()).st_mode)
             data = f.read()
     except OSError as exc:
         raise DataError(f"cannot read audit log {p}: {exc.strerror}; check the path") from None
     rep = AuditReport(path=p, state="unterminated")
+    if not data and not regular:  # /dev/null, a pipe that gave nothing: a run only ever writes regular files
+        rep.state, rep.reason = "not_audit", f"empty, and not a regular file; {_WHAT_A_LOG_IS}"
+        return rep
     lines, unterminated = _split_lines(data)
     prev = GENESIS
     ended = False
+
+    def not_audit(first: Any) -> AuditReport:
+        rep.state, rep.reason = "not_audit", _not_audit_reason(first)
+        return rep
 
     def bad(line_no: int, seq: Optional[int], why: str) -> AuditReport:
         rep.state, rep.bad_line, rep.bad_seq = "tampered", line_no, seq
@@ -628,13 +673,19 @@ def verify_audit(path: PathLike, *, results: Optional[PathLike] = None, expected
             if ended:  # end is fsynced and nothing follows it: a cut-short line after it is no power-loss tear
                 return bad(line_no, None, "data after the end record (appended after the run ended)")
             if last and _is_torn(raw, unterminated):
+                if line_no == 1 and not _torn_record(raw):  # one unfinished line that never began as a record
+                    return not_audit(rec)
                 rep.torn = 1
                 break
+            if line_no == 1 and not any(_record_like(x) for x in lines):
+                return not_audit(rec)
             return bad(line_no, None, "not a whole audit record (edited, or a line was inserted)")
         seq = rec.get("seq") if isinstance(rec.get("seq"), int) and not isinstance(rec.get("seq"), bool) else None
         if ended:
             return bad(line_no, seq, "a record after the end record (appended after the run ended)")
         if tuple(sorted(rec)) != _KEYS or not isinstance(rec.get("payload"), dict) or rec.get("type") not in _TYPES:
+            if line_no == 1 and not any(_record_like(x) for x in lines):
+                return not_audit(rec)
             return bad(line_no, seq, "not an edgeclf audit record (fields or type changed)")
         try:
             canonical = _canonical(rec).encode("ascii")
@@ -671,12 +722,15 @@ def verify_audit(path: PathLike, *, results: Optional[PathLike] = None, expected
         rep.records += 1
         rep.head = prev
     rep.state = "intact" if ended else "unterminated"
-    if rep.state == "unterminated":
+    if rep.state == "unterminated" and not lines:
+        rep.reason = ("empty: no record at all: the run was cut off before its first record (power loss, kill -9, or its "
+                      "start record could not be written), or this is not an audit log")
+    elif rep.state == "unterminated":
         rep.reason = (f"no end record after {rep.records} whole records" + (", a torn last line ignored" if rep.torn else "")
                       + ": the run was cut off (power loss, kill -9) before it ended")
-    if expected_head is not None and expected_head != rep.head:
+    if head is not None and head != rep.head:
         rep.state, rep.bad_line, rep.bad_seq = "tampered", rep.records, rep.records - 1 if rep.records else None
-        rep.reason = f"the last record's hash {rep.head[:16]}... is not the expected head {str(expected_head)[:16]}... (the log was cut or rewritten)"
+        rep.reason = f"the last record's hash {rep.head[:16]}... is not the expected head {head[:16]}... (the log was cut or rewritten)"
     if results is not None:
         rep.results_check = _check_results(rep.digests, results, run=rep.run, end=rep.end if ended else None)
         if rep.results_check["state"] == "mismatch" and rep.state != "tampered":

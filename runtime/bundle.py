@@ -519,7 +519,8 @@ def _load_private_key(key: KeyLike, passphrase: Optional[bytes]) -> Any:
     try:
         priv = crypto.serialization.load_pem_private_key(data, password=passphrase)
     except TypeError:
-        hint = "it is encrypted: give its passphrase" if passphrase is None else "it is not encrypted: give no passphrase"
+        hint = ("it is encrypted: give its passphrase (`--passphrase-env VAR`, VAR an environment variable holding it; "
+                "passphrase= in Python)" if passphrase is None else "it is not encrypted: give no passphrase")
         raise ConfigError(f"{name} could not be opened: {hint}") from None
     except ValueError:
         raise ConfigError(f"{name} is not a PEM private key, or the passphrase is wrong; give the key written by "

@@ -507,3 +507,87 @@ def test_bytes_after_the_end_record_are_tampering_even_without_a_newline(tmp_pat
         rep = verify_audit(path)
         assert rep.state == "tampered" and rep.torn == 0, (tail, rep.state, rep.reason)
         assert "after the end record" in rep.reason and rep.bad_line == whole.count(b"\n") + 1
+
+
+# -- user mistakes are not integrity findings: a file that is no audit log, a malformed --head
+
+
+def _main_cli(*args: str) -> subprocess.CompletedProcess:
+    """`edgeclf` through its real entry point (one-line errors on stderr, exit 2)."""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.run([sys.executable, "-c", "import sys; from edgeclf.cli import main; main(sys.argv[1:])", *args],
+                          capture_output=True, text=True, env=env, timeout=120)
+
+
+def test_a_results_file_given_as_the_log_is_a_user_error_saying_so(tmp_path: Path) -> None:
+    results = tmp_path / "results.jsonl"
+    results.write_bytes(b"".join(result_line(_result(i)) for i in range(5)))
+    rep = verify_audit(results)
+    assert rep.state == "not_audit" and not rep.ok and "results file" in rep.reason
+    p = _main_cli("audit", "verify", str(results))
+    assert p.returncode == 2 and p.stdout == "" and p.stderr.count("\n") == 1, p
+    assert p.stderr.startswith("edgeclf: error: not an audit log: ") and "results file" in p.stderr
+    assert "--audit" in p.stderr and "tampered" not in p.stderr
+
+
+def test_a_file_with_no_audit_record_is_a_user_error_not_tampering(tmp_path: Path) -> None:
+    other = tmp_path / "summary.json"
+    other.write_text(json.dumps({"frames": 12, "fps": 30.0}, indent=2) + "\n")
+    rep = verify_audit(other)
+    assert rep.state == "not_audit" and "results file" not in rep.reason and "edgeclf run --audit" in rep.reason
+    res = CliRunner().invoke(audit, ["verify", str(other), "--json"])
+    assert isinstance(res.exception, DataError) and "not an audit log" in str(res.exception)
+    one_line = tmp_path / "one.jsonl"  # no newline: not a torn record either, it does not start like one
+    one_line.write_bytes(result_line(_result(0)).rstrip(b"\n"))
+    assert verify_audit(one_line).state == "not_audit"
+
+
+def test_a_log_with_a_later_bad_line_or_a_torn_first_record_is_still_judged(tmp_path: Path) -> None:
+    path = tmp_path / "a.jsonl"
+    lines = _finished_log(path)
+    path.write_bytes(lines[0] + result_line(_result(0)) + b"".join(lines[1:]))  # a result spliced into the log
+    rep = verify_audit(path)
+    assert rep.state == "tampered" and rep.bad_line == 2
+    path.write_bytes(b"garbage\n" + b"".join(lines[1:]))  # the first record replaced: the rest are records
+    assert verify_audit(path).state == "tampered"
+    path.write_bytes(lines[0][:40])  # power loss in the first record
+    rep = verify_audit(path)
+    assert rep.state == "unterminated" and rep.torn == 1
+    path.write_bytes(b"\x00" * 300)  # its blocks never reached the disk
+    assert verify_audit(path).state == "unterminated"
+
+
+def test_an_empty_regular_file_is_a_run_cut_off_before_its_first_record_but_an_empty_stream_is_no_log(
+        tmp_path: Path) -> None:
+    # AuditLog creates (and syncs) the empty file before writing start: power loss in between leaves it empty.
+    path = tmp_path / "a.jsonl"
+    AuditLog(path).close()
+    rep = verify_audit(path)
+    assert rep.state == "unterminated" and rep.records == 0
+    assert "before its first record" in rep.reason and "not an audit log" in rep.reason
+    if os.path.exists(os.devnull) and not os.path.isfile(os.devnull):
+        assert verify_audit(os.devnull).state == "not_audit"
+        p = _main_cli("audit", "verify", os.devnull)
+        assert p.returncode == 2 and "empty" in p.stderr and "not an audit log" in p.stderr, p
+
+
+@pytest.mark.parametrize("head", ["deadbeef", "ab" * 33, "zz" * 32, ""])
+def test_a_head_that_is_no_sha256_is_a_user_error_naming_the_form(tmp_path: Path, head: str) -> None:
+    path = tmp_path / "a.jsonl"
+    _finished_log(path)
+    with pytest.raises(ConfigError, match="64 hex characters"):
+        verify_audit(path, expected_head=head)
+    res = CliRunner().invoke(audit, ["verify", str(path), "--head", head])
+    assert isinstance(res.exception, ConfigError) and "64 hex characters" in str(res.exception)
+
+
+def test_a_whole_head_is_checked_whatever_its_case(tmp_path: Path) -> None:
+    path = tmp_path / "a.jsonl"
+    _finished_log(path)
+    head = verify_audit(path).head
+    assert verify_audit(path, expected_head=head.upper()).state == "intact"
+    res = CliRunner().invoke(audit, ["verify", str(path), "--head", f" {head} "])
+    assert res.exit_code == 0, res.output
+    other = ("0" if head[0] != "0" else "1") + head[1:]
+    res = CliRunner().invoke(audit, ["verify", str(path), "--head", other])
+    assert res.exit_code == AUDIT_EXIT_CODES["tampered"] and "expected head" in res.output
