@@ -147,7 +147,16 @@ def data_synth(kind: str, out: str, n: int | None, size: int | None, seed: int, 
     from edgeclf.synth_cli import synth
 
     _writable_folder(out)
-    _emit(as_json, synth(kind, out, n=n, size=size, seed=seed))
+    _emit(as_json, synth(kind, out, n=n, size=size, seed=seed), _print_synth)
+
+
+def _print_synth(d: dict[str, Any]) -> None:
+    if d["kind"] == "cine":
+        click.echo(f"wrote a synthetic cine loop of {d['frames']} frames to {d['video']} (timeline {d['timeline']})")
+    elif d["kind"] == "xray":
+        click.echo(f"wrote {d['images']} synthetic chest X-rays ({d['task']}: {', '.join(d['labels'])}) to {d['npz']}")
+    else:
+        click.echo(f"wrote {d['images']} synthetic {d['kind']} images (classes {', '.join(d['classes'])}) to {d['folder']}")
 
 
 # -- train / evaluate / export -------------------------------------------------------------------------
@@ -246,9 +255,11 @@ def train(ctx: click.Context, data_spec: str, model: str, out: str, overwrite: b
     _writable_folder(cfg.out)
     check_out(cfg.out, overwrite=overwrite)  # every torchrun rank checks here; rank 0 writes only when training ends
     grouping = _check_train_combination(cfg, explicit, record_recipe, typed_spec)
+    cfg, split_note = _single_split_group(cfg, record_recipe)
     rank = dist_info()[0] if not cfg.folds else 0
-    if grouping and not as_json and rank == 0:
-        click.echo(grouping, err=True)
+    for line in (grouping, split_note):
+        if line and not as_json and rank == 0:
+            click.echo(line, err=True)
     with _train_progress(not as_json and rank == 0) as on_epoch:
         record = run_train(cfg, on_epoch=on_epoch, recipe=record_recipe, overwrite=overwrite)
     if rank != 0:
@@ -340,6 +351,47 @@ def _check_train_combination(cfg: Any, explicit: set[str], recipe: dict[str, Any
             f"one fold of a cross-validation: fold {opts.fold} of {opts.folds} held out as the test split,")
     fallback = "; items without a clips.csv original_source are grouped alone" if group != "clip" else ""
     return f"{head} grouped by {group} ({why}){fallback}"
+
+
+def _single_split_group(cfg: Any, recipe: dict[str, Any] | None) -> tuple[Any, str]:
+    """Without --folds K, run.json's config.group must be the grouping of the split actually drawn: the spec's group
+    (clip unless it names group=). A recipe's [train] group, written for its folds, groups a clip data set's single
+    split too (added to the spec as group=, so the spec records it); where it cannot (images, an .npz, a split list,
+    train/ val/ test/ folders) the config records the split's own grouping. Returns (config, a line to print or '')."""
+    import dataclasses
+
+    from edgeclf.data import check_spec_options, split_spec, with_options
+    from edgeclf.errors import DataError
+
+    if cfg.folds:
+        return cfg, ""
+    synthetic = cfg.data.startswith("synthetic:")
+    opts = None if synthetic else split_spec(cfg.data)[1]
+    used = opts.group if opts is not None else "clip"
+    wanted = (recipe or {}).get("train", {}).get("group")
+    named = {kv.split("=", 1)[0] for kv in cfg.data.partition("?")[2].split("&") if kv}
+    if not wanted or wanted == "clip" or (opts is not None and (opts.folds or "group" in named)):
+        return dataclasses.replace(cfg, group=used), ""  # (explicit --group without folds was refused earlier)
+    name = recipe["name"]  # type: ignore[index]
+    kind = check_spec_options(cfg.data, folds=0)  # passed already in _check_train_combination
+    if kind is None:
+        return dataclasses.replace(cfg, group=used), ""  # missing data: load_dataset says so
+    if kind == "clips":
+        spec = with_options(cfg.data, group=wanted)
+        try:
+            check_spec_options(spec, folds=0)
+        except DataError:
+            kind = "fixed"  # a split list or train/ val/ test/ folders fix the split
+    if kind == "clips":
+        return dataclasses.replace(cfg, data=spec, group=wanted), (
+            f"one train/val/test split grouped by {wanted} (recipe {name}'s group, written for its folds, applied to the "
+            f"single split of --folds 0 as the data spec's group={wanted}); give ?group=clip in the data spec to split by clip")
+    why = {"synthetic": "synthetic data has no sources", "medmnist": "an .npz keeps its own split",
+           "images": "images have no clips.csv sources", "fixed": "the data's own split (a split list or train/ val/ test/ "
+           "folders) fixes it"}[kind]
+    return dataclasses.replace(cfg, group=used), (
+        f"recipe {name}'s group = {wanted} is not used: without cross-validation it groups only a clip data set's split, "
+        f"and {why}; recorded as group={used}")
 
 
 def _fold_of(spec: str) -> str:
@@ -777,6 +829,8 @@ def _ms(v: Any, spec: str = ".3f") -> str:
 def _print_profile(d: dict[str, Any]) -> None:
     for t in d["targets"]:
         rows = []
+        # --bootstrap 0 records no intervals: plain medians then, not empty "(95% CI)" columns.
+        boot = any(s.get("ci95") for s in t["stages_ms"].values())
         for stage, s in t["stages_ms"].items():
             ci = s.get("ci95") or {}
             r = (t.get("ratio_to_first") or {}).get(stage) or {}
@@ -788,8 +842,9 @@ def _print_profile(d: dict[str, Any]) -> None:
                          _ms(s["throughput_per_s"], ".1f"), ratio if t.get("ratio_to_first") else "-"])
         at = f", batch {t['batch']}" if t.get("batch", 1) > 1 else ""
         title = (f"{t['name']} ({t['model']} on {t['backend']}{at}): {t['frames']} steady frames, {_ms(t['fps'], '.1f')} fps; "
-                 f"ms per frame, 95% bootstrap intervals")
-        click.echo(_table(["stage", "median (95% CI)", "p90", "p99 (95% CI)", "max", "std", "per s", "ratio to first"], rows, title))
+                 "ms per frame, " + ("95% bootstrap intervals" if boot else "no intervals (--bootstrap 0)"))
+        ci_head = " (95% CI)" if boot else ""
+        click.echo(_table(["stage", f"median{ci_head}", "p90", f"p99{ci_head}", "max", "std", "per s", "ratio to first"], rows, title))
         c, w = t["cold_start"], t["warmup"]["stages_ms"].get("latency") or {}
         click.echo(f"cold start: bundle load {_ms(c['bundle_load_ms'], '.1f')} ms, backend {_ms(c['backend_create_ms'], '.1f')} ms "
                    f"(session {_ms(c['session_ms'], '.1f')} ms), first result {_ms(c['time_to_first_result_ms'], '.1f')} ms; "
@@ -1084,6 +1139,7 @@ def _print_export(m: dict[str, Any]) -> None:
     else:
         click.echo(f"parity: {m['provenance'].get('parity')}")
     dep = m.get("deploy") or {}
+    max_drop = dep.get("max_drop")
     rows = []
     for c in dep.get("candidates", []):
         if c.get("built") is False:  # the converter refused the model: no gate figures
@@ -1091,12 +1147,19 @@ def _print_export(m: dict[str, Any]) -> None:
             continue
         lat = c.get("latency_ms") or {}
         w = c["worst"]
-        rows.append([c["id"], "pass" if c["passed"] else "FAIL " + ",".join(c["failed_on"]), f"{c['decision_agreement']:.3f}",
+        # A drop above --max-drop passes while its interval reaches 0 (not shown to be a loss): say so on the row.
+        over = max_drop is not None and w["drop"] > max_drop + 1e-12
+        verdict = ("pass (interval reaches 0)" if over else "pass") if c["passed"] else "FAIL " + ",".join(c["failed_on"])
+        rows.append([c["id"], verdict, f"{c['decision_agreement']:.3f}",
                      f"{w['metric']} {w['drop']:+.4f} ({_num(w['drop_ci95'][0], '+.4f')} to {_num(w['drop_ci95'][1], '+.4f')})",
                      f"{c['size_bytes'] / 1e6:.2f}", _num(lat.get("median"), ".2f")])
     if rows:
+        from edgeclf.export.gate import ceiling
+
         click.echo(_table(["variant", "gate", "agreement", "largest drop vs fp32 (paired 95% CI)", "MB", "median ms/image"], rows,
-                          f"compressed candidates on the validation split, max drop {m['deploy'].get('max_drop', '')}".rstrip()))
+                          "compressed candidates on the validation split" + ("" if max_drop is None else
+                          f"; the gate fails a drop above {max_drop:g} whose interval excludes 0, or any drop above "
+                          f"{ceiling(max_drop):g}")))
     for c in dep.get("candidates", []):
         if c.get("built") is False:
             click.echo(f"{c['id']} could not be built: {c['error']}")

@@ -98,6 +98,14 @@ def test_data_synth_writes_loadable_sets(tmp_path: Path) -> None:
     assert Path(doc["video"]).is_file() and tl["frames"] == doc["frames"] == tl["segments"][-1]["end"]
 
 
+def test_data_synth_prints_a_summary_without_json(tmp_path: Path) -> None:
+    """It printed the JSON document with or without --json."""
+    r = run_cli("data", "synth", "ultrasound", "--out", str(tmp_path / "us"), "--n", "30", "--size", "32")
+    assert r.returncode == 0, r.stderr
+    assert not r.stdout.lstrip().startswith("{"), r.stdout
+    assert r.stdout.startswith(f"wrote 30 synthetic ultrasound images (classes normal, cyst, mass) to {tmp_path / 'us'}"), r.stdout
+
+
 def test_human_output_renders_for_bundle_run_and_evaluate(bundle_dir: Path) -> None:
     r = run_cli("bundle", "info", str(bundle_dir))
     assert r.returncode == 0 and "parity:" in r.stdout and "metrics[val_onnx_fp32]" in r.stdout, r.stderr

@@ -160,3 +160,45 @@ def test_a_model_pruned_twice_says_what_is_left_of_the_unpruned_one(capsys: pyte
           "verdict": "v", "previous": {"parent": "trained"}, "original": {"model": "trained", "macs": 24.2e6}}
     cli._print_prune({"pruning": pr, "metrics": {}})
     assert "p1 was itself pruned: this model keeps 23% of the unpruned trained's 24.2 M MACs" in capsys.readouterr().out
+
+
+def test_export_gate_states_its_rule_and_why_a_large_drop_passed(capsys: pytest.CaptureFixture[str]) -> None:
+    """A drop above --max-drop fails only when its interval excludes zero (or it exceeds the ceiling): a row that
+    passed with a larger drop printed only "pass" under a header saying "max drop 0.01"."""
+    def cand(i: str, drop: float, lo: float) -> dict:
+        return {"id": i, "passed": True, "failed_on": [], "decision_agreement": 0.99, "size_bytes": 1e6, "latency_ms": {},
+                "worst": {"metric": "sensitivity[normal]", "drop": drop, "drop_ci95": [lo, 0.04]}}
+    cli._print_export({"name": "b", "model": {"architecture": "compact"}, "task": "binary", "parity": None,
+                       "provenance": {"parity": "skipped"},
+                       "deploy": {"precision": "int8", "max_drop": 0.01,
+                                  "candidates": [cand("int8-tensorrt", 0.0148, 0.0), cand("fp16-tensorrt", 0.004, -0.01)]}})
+    out = capsys.readouterr().out
+    assert "fails a drop above 0.01 whose interval excludes 0, or any drop above 0.05" in out, out
+    rows = {ln.split()[0]: ln for ln in out.splitlines() if ln.startswith(("int8-", "fp16-"))}
+    assert "pass (interval reaches 0)" in rows["int8-tensorrt"]
+    assert "interval reaches" not in rows["fp16-tensorrt"]  # within --max-drop: a plain pass
+
+
+def _profile_target(ci: bool) -> dict:
+    stage = {"median": 1.0, "p90": 1.2, "p99": 1.5, "max": 2.0, "std": 0.1, "throughput_per_s": 1000.0,
+             "ci95": {"median": [0.9, 1.1], "p99": [1.4, 1.6]} if ci else None}
+    return {"name": "a", "model": "compact", "backend": "onnxruntime-cpu", "frames": 100, "fps": 900.0,
+            "stages_ms": {"latency": stage}, "ratio_to_first": None,
+            "cold_start": {"bundle_load_ms": 1.0, "backend_create_ms": 1.0, "session_ms": 1.0, "time_to_first_result_ms": 1.0},
+            "warmup": {"frames": 5, "stages_ms": {}}, "system": {"energy": {"available": False, "reason": "none"}}}
+
+
+def test_profile_without_bootstrap_prints_plain_medians(capsys: pytest.CaptureFixture[str]) -> None:
+    """--bootstrap 0 printed "95% bootstrap intervals" and "median (95% CI)" columns with no intervals in them."""
+    def doc(ci: bool) -> dict:
+        off = {"available": False, "reason": "none"}
+        return {"targets": [_profile_target(ci)], "warnings": [],
+                "cold_start": {"process_start_to_first_result_ms": 9.0, "cli_entry_to_first_result_ms": 8.0},
+                "system": {"process": {"cpu_percent_mean": 50.0, "rss_mb_start": 1.0, "rss_mb_end": 1.0,
+                                       "rss_slope_mb_per_10k_frames": 0.0}, "gpu": off, "tegrastats": off}}
+    cli._print_profile(doc(ci=False))
+    out = capsys.readouterr().out
+    assert "95%" not in out and "CI" not in out and "no intervals (--bootstrap 0)" in out, out
+    cli._print_profile(doc(ci=True))
+    out = capsys.readouterr().out
+    assert "95% bootstrap intervals" in out and "median (95% CI)" in out and "(0.900-1.100)" in out

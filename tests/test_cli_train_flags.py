@@ -109,7 +109,8 @@ def test_size_auto_is_recorded_and_chosen_from_the_data(tmp_path: Path) -> None:
 
 def test_group_without_cross_validation_is_refused(seen: dict[str, Any]) -> None:
     _refused(_train("--data", "/d/pocus", "--group", "site"), "--group site", "no effect", "--folds K")
-    # lung-pocus sets folds = 5 and group = "source": --folds 0 leaves its group unused, which is the recipe's doing.
+    # lung-pocus sets folds = 5 and group = "source": under --folds 0 its group is the recipe's doing, not refused (it
+    # groups a clip data set's single split: test_without_folds_the_recorded_group_is_the_one_the_split_used).
     _reached_training(_train("--recipe", "lung-pocus", "--data", "/d/pocus", "--folds", "0"))
     _refused(_train("--recipe", "lung-pocus", "--data", "/d/pocus", "--folds", "0", "--group", "site"), "--group site")
     _reached_training(_train("--data", "/d/pocus", "--folds", "3", "--group", "site"))
@@ -185,6 +186,42 @@ def test_the_run_says_how_its_folds_are_grouped(seen: dict[str, Any]) -> None:
     res = _train("--data", "/d/pocus", "--folds", "5", "--json")
     assert "grouped" not in res.stderr  # --json: nothing but the document (cv.json records data.grouped_by)
     assert "grouped" not in _train("--data", "/d/pocus").stderr
+
+
+def _folder(root: Path, ext: str) -> Path:
+    """Class folders of (empty) files: whether a folder holds clips or images is decided from file names alone."""
+    for c in ("covid19", "regular"):
+        (root / c).mkdir(parents=True)
+        (root / c / f"a{ext}").write_bytes(b"")
+    return root
+
+
+def test_without_folds_the_recorded_group_is_the_one_the_split_used(seen: dict[str, Any], tmp_path: Path) -> None:
+    """lung-pocus's group = "source" under --folds 0 was recorded in run.json while the single split was drawn by clip."""
+    clips, images = _folder(tmp_path / "clips", ".mp4"), _folder(tmp_path / "images", ".png")
+    # Clips: the recipe's group groups the single split too, written into the spec the run records.
+    res = _train("--recipe", "lung-pocus", "--data", str(clips), "--folds", "0")
+    _reached_training(res)
+    cfg = seen["cfg"]
+    assert cfg.group == "source" and "group=source" in cfg.data.partition("?")[2], cfg.data
+    assert "one train/val/test split grouped by source (recipe lung-pocus" in res.stderr, res.stderr
+    # The spec's own group= wins, and the config says it.
+    _reached_training(_train("--recipe", "lung-pocus", "--data", f"{clips}?group=site", "--folds", "0"))
+    assert seen["cfg"].group == "site" and "group=site" in seen["cfg"].data
+    # Images have no sources: the split is by copy group, recorded as clip, and the run says the recipe's group is unused.
+    res = _train("--recipe", "lung-pocus", "--data", str(images), "--folds", "0")
+    _reached_training(res)
+    assert seen["cfg"].group == "clip" and "group=" not in seen["cfg"].data
+    assert "recipe lung-pocus's group = source is not used" in res.stderr, res.stderr
+    # No recipe: --group's default (source, for --folds K) is not recorded for a plain split by clip; nothing printed.
+    res = _train("--data", str(clips))
+    _reached_training(res)
+    assert seen["cfg"].group == "clip" and "group=" not in seen["cfg"].data and "group" not in res.stderr
+    _reached_training(_train("--data", f"{clips}?group=source"))
+    assert seen["cfg"].group == "source"
+    # Cross-validation keeps its grouping.
+    _reached_training(_train("--recipe", "lung-pocus", "--data", str(clips)))
+    assert seen["cfg"].group == "source" and seen["cfg"].folds == 5 and "group=" not in seen["cfg"].data
 
 
 def test_overwrite_reaches_training_and_a_used_out_is_refused_first(seen: dict[str, Any], tmp_path: Path) -> None:
