@@ -436,7 +436,10 @@ def export_bundle(cfg: ExportConfig) -> dict[str, Any]:
             log.warning("%s: the validation figures are undefined", none_classified(ds, val_ids, "val"))
         if "test" in train_metrics:
             metrics["test_training"] = train_metrics["test"]
-        compression: dict[str, Any] = {"variants": [], "deploy": {"precision": "fp32", "reason": "fp32 requested"}}
+        precision_from = _precision_origin(cfg, tm.run if tm is not None else None)
+        fp32_reason = (f"fp32 set by {precision_from}" if precision_from != "the default" else
+                       "fp32, the default precision (--precision int8, fp16 or auto adds gated compressed variants)")
+        compression: dict[str, Any] = {"variants": [], "deploy": {"precision": "fp32", "reason": fp32_reason}}
         if cfg.precision != "fp32":
             from edgeclf.export.compress import compress
             from edgeclf.export.quantize import calibration_indices
@@ -465,6 +468,7 @@ def export_bundle(cfg: ExportConfig) -> dict[str, Any]:
                 val_groups=[val_groups[i] for i in cv], group_unit="clip" if ds.kind == "clips" else "group",
                 task=task, temperature=temperature, rule=rule, labels=labels, seed=seed,
                 qat=qat, qat_epochs=cfg.qat_epochs, qat_unavailable=qat_unavailable, device=cfg.device,
+                precision_from=precision_from,
             )
             if compression["calibration"] is not None:  # None: no INT8 candidate, nothing was calibrated
                 provenance["calibration"] = compression["calibration"]
@@ -524,6 +528,22 @@ def export_bundle(cfg: ExportConfig) -> dict[str, Any]:
         shutil.rmtree(stage, ignore_errors=True)
         raise
     return manifest
+
+
+def _precision_origin(cfg: ExportConfig, run: dict[str, Any] | None) -> str:
+    """What set cfg.precision, for the deploy reason: the recipe's [export] settings recorded in the training run
+    (`edgeclf export` applies them unless --precision is typed), --precision, or "the default".
+
+    ExportConfig does not say which: a precision equal to the recorded recipe's is the recipe's (typing the same
+    value changes nothing), one that differs was given; with no recipe precision, fp32 is the default."""
+    rec = (run or {}).get("recipe")
+    asked = ((rec.get("export") or {}).get("precision") if isinstance(rec, dict) else None)
+    if asked is not None and isinstance(rec, dict):
+        recipe = f"recipe {rec.get('name')}'s [export] settings"
+        if asked == cfg.precision:
+            return f"{recipe}, as the training run recorded them"
+        return f"--precision, over {recipe} (precision {asked})"
+    return "the default" if cfg.precision == "fp32" else "--precision"
 
 
 def _qat_rung(cfg: ExportConfig, tm: Any, ds: Dataset) -> tuple[Any, str]:

@@ -91,10 +91,14 @@ def measure_latency(paths: dict[str, Path], x: np.ndarray, *, batch: int = 1, ru
 MAX_LADDER_NODES = 64  # one quantization per layer: beyond this the analysis costs more than it saves
 
 
-def _worst(g: dict[str, Any]) -> dict[str, Any]:
+def _worst(g: dict[str, Any], *, failing: bool = False) -> dict[str, Any] | None:
     """The accuracy check (AUC or a class rate) with the largest drop: {metric, drop, drop_ci95}; decision
-    agreement has its own figure."""
-    w = max((ch for ch in g["checks"] if ch["metric"] != "decision_agreement"), key=lambda ch: ch["drop"])
+    agreement has its own figure. failing: among the checks that failed only (None when none did): the largest
+    drop may pass (its interval touching zero) while a smaller one fails."""
+    pool = [ch for ch in g["checks"] if ch["metric"] != "decision_agreement" and not (failing and ch["passed"])]
+    if not pool:
+        return None
+    w = max(pool, key=lambda ch: ch["drop"])
     return {k: w[k] for k in ("metric", "drop", "drop_ci95")}
 
 
@@ -161,7 +165,7 @@ def _qat_rung(qat: QatRung | None, unavailable: str, epochs: int, *, flavour: st
     g = gate(path)
     rec = out.get("qat", {})
     figures = {
-        "rung": "qat", "passed": g["passed"], "failed_on": g["failed_on"], "worst": _worst(g),
+        "rung": "qat", "passed": g["passed"], "failed_on": g["failed_on"], "worst": _worst(g), "worst_failing": _worst(g, failing=True),
         "decision_agreement": g["decision_agreement"],
         **{k: rec.get(k) for k in ("epochs", "lr", "best_epoch", "val_auc_fake_quant_before", "val_auc_fake_quant_best",
                                    "layers")},
@@ -198,29 +202,41 @@ def device_plan(device: str) -> dict[str, Any]:
             "candidates": list(DEVICE_CANDIDATES[backend]), "available": bool(available), "provider": provider}
 
 
+def _is_drop(metric: str) -> bool:
+    """An accuracy drop judged against --max-drop (AUC or a class rate), as opposed to the agreement floor or
+    unusable outputs."""
+    return metric not in ("decision_agreement", "finite_outputs")
+
+
 def _refusal(c: dict[str, Any], max_drop: float) -> str:
-    """One line: why --precision int8|fp16 wrote nothing, with the metric, the drop and the rungs tried."""
-    failing = [ch for ch in c["gate"]["checks"] if not ch["passed"]]
-    metrics = [ch for ch in failing if ch["metric"] != "decision_agreement"]
-    if metrics and metrics[0]["metric"] == "finite_outputs":  # gate.py: no figures to compare, the outputs are unusable
-        text = (f"{c['id']} fails the gate: it outputs NaN or infinity on {metrics[0]['n_non_finite']} of "
-                f"{c['gate']['n']} validation images; ")
-    elif metrics:
-        worst = max(metrics, key=lambda ch: ch["drop"])
-        cap = c["gate"].get("ceiling")
+    """One line: why --precision int8|fp16 wrote nothing: what failed (each drop over its limit, the agreement
+    floor), the rungs tried and what still failed after QAT, and the knobs of the checks that failed."""
+    g = c["gate"]
+    failing = [ch for ch in g["checks"] if not ch["passed"]]
+    drops = [ch for ch in failing if _is_drop(ch["metric"])]
+    agree = next((ch for ch in failing if ch["metric"] == "decision_agreement"), None)
+    finite = next((ch for ch in failing if ch["metric"] == "finite_outputs"), None)
+    why = []
+    if finite is not None:  # gate.py: no figures to compare, the outputs are unusable
+        why.append(f"it outputs NaN or infinity on {finite['n_non_finite']} of {g['n']} validation images")
+    if drops:
+        worst = max(drops, key=lambda ch: ch["drop"])
+        cap = g.get("ceiling")
         # Past the hard ceiling a drop fails whatever its interval (which can touch zero on a few flips): say so.
         limit = (f"over the gate's hard ceiling {cap:g} (max(5 x --max-drop, 0.05)), whatever its interval"
                  if cap is not None and worst["drop"] > cap else f"over --max-drop {max_drop}")
-        text = (f"{c['id']} fails the gate: {worst['metric']} drops by {worst['drop']:.4f} (paired 95% CI "
-                f"{worst['drop_ci95'][0]:.4f} to {worst['drop_ci95'][1]:.4f}) against the fp32 parent, {limit}; ")
-    else:
-        worst = failing[0]
-        text = (f"{c['id']} fails the gate: decision_agreement with the fp32 parent is {worst['candidate']:.3f} of the "
-                f"validation images, under --min-agreement {worst['floor']}; ")
+        why.append(f"{worst['metric']} drops by {worst['drop']:.4f} (paired 95% CI {worst['drop_ci95'][0]:.4f} to "
+                   f"{worst['drop_ci95'][1]:.4f}) against the fp32 parent, {limit}")
+    if agree is not None:
+        why.append(f"decision_agreement with the fp32 parent is {agree['candidate']:.3f} of the validation images, under "
+                   f"--min-agreement {agree['floor']}")
+    if not why:  # a check this function does not know: name it rather than say nothing
+        why.append(f"failed on {', '.join(g.get('failed_on') or [ch['metric'] for ch in failing])}")
+    text = f"{c['id']} fails the gate: {' and '.join(why)}; "
     if c.get("ladder") and c["ladder"].get("error"):
         text += f"keeping its most sensitive layers in float could not be tried ({c['ladder']['error']}); "
     if c.get("ladder") and c["ladder"].get("rungs"):
-        text += f"even with up to {len(c['ladder']['rungs'][-1]['kept_float'])} of its most sensitive layers kept in float; "
+        text += f"it still fails with up to {len(c['ladder']['rungs'][-1]['kept_float'])} of its most sensitive layers kept in float; "
     qat = next((r for r in c.get("rungs", []) if r["rung"] == "qat"), None)
     if qat is not None:
         if qat.get("skipped"):
@@ -228,10 +244,58 @@ def _refusal(c: dict[str, Any], max_drop: float) -> str:
         elif qat.get("error"):
             text += f"quantization-aware fine-tuning failed ({qat['error']}); "
         else:
+            text += f"after {qat['epochs']} epoch(s) of quantization-aware fine-tuning {_after_qat(qat, g, max_drop)}; "
+    return text + "no bundle was written; " + _advice(c, max_drop)
+
+
+def _after_qat(qat: dict[str, Any], g: dict[str, Any], max_drop: float) -> str:
+    """What still fails after the QAT rung (its own gate's failed_on), and which of plain INT8's failures it fixed."""
+    before = [ch["metric"] for ch in g["checks"] if not ch["passed"]]
+    after = list(qat.get("failed_on") or [])
+    still = []
+    if "finite_outputs" in after:
+        still.append("it still outputs NaN or infinity" if "finite_outputs" in before else "it outputs NaN or infinity")
+    dropped = [m for m in after if _is_drop(m)]
+    if dropped:
+        w = qat.get("worst_failing")  # the largest failing drop; absent from records written before it was kept
+        if w is None and qat.get("worst", {}).get("metric") in dropped:
             w = qat["worst"]
-            text += (f"and after {qat['epochs']} epoch(s) of quantization-aware fine-tuning {w['metric']} still drops by "
-                     f"{w['drop']:.4f}; ")
-    return text + "no bundle was written; raise --max-drop, try --calibration entropy or percentile, or export fp32"
+        if w is not None:
+            lead = "still " if w["metric"] in before else ""
+            still.append(f"{w['metric']} {lead}drops by {w['drop']:.4f}, over --max-drop {max_drop}")
+        else:
+            still.append(f"{', '.join(dropped)} {'still ' if set(dropped) & set(before) else ''}fail(s) --max-drop {max_drop}")
+    if "decision_agreement" in after:
+        lead = "still " if "decision_agreement" in before else ""
+        floor = g.get("min_agreement")
+        still.append(f"decision_agreement is {lead}{qat['decision_agreement']:.3f}"
+                     + (f", under --min-agreement {floor}" if floor is not None else ", under --min-agreement"))
+    fixed = [m for m in before if m not in after]
+    text = " and ".join(still) if still else "it still fails the gate"
+    if fixed:
+        text = f"{', '.join(fixed)} {'passes' if len(fixed) == 1 else 'pass'} but {text}"
+    elif "decision_agreement" in after and not dropped and "finite_outputs" not in after:
+        text += " (its accuracy checks pass)"
+    return text
+
+
+def _advice(c: dict[str, Any], max_drop: float) -> str:
+    """The fixes for the checks plain INT8/fp16 failed: --max-drop for a drop, --min-agreement for the agreement
+    floor (both, when both failed: each alone leaves the other failing), another INT8 calibration, or fp32."""
+    failing = [ch for ch in c["gate"]["checks"] if not ch["passed"]]
+    knobs = []
+    if any(_is_drop(ch["metric"]) for ch in failing):
+        knobs.append(f"raise --max-drop (now {max_drop})")
+    agree = next((ch for ch in failing if ch["metric"] == "decision_agreement"), None)
+    if agree is not None:
+        knobs.append(f"lower --min-agreement (now {agree['floor']})")
+    options = [" and ".join(knobs)] if knobs else []
+    if c["id"].startswith("int8"):  # fp16 calibrates nothing
+        from edgeclf.export.quantize import CALIBRATION_METHODS
+
+        tried = (c.get("quantization") or {}).get("method")
+        options.append(f"try --calibration {' or '.join(m for m in CALIBRATION_METHODS if m != tried)}")
+    return f"{options[0]} or export fp32" if len(options) == 1 else ", ".join(options + ["or export fp32"])
 
 
 def compress(
@@ -258,6 +322,7 @@ def compress(
     device: str | None = None,
     val_groups: Sequence[str] | None = None,
     group_unit: str = "group",
+    precision_from: str = "--precision",
 ) -> dict[str, Any]:
     """Build, gate and (for auto) time the candidates; returns {"variants", "deploy", "candidates", "calibration"}
     (calibration None when no INT8 candidate was built).
@@ -272,6 +337,7 @@ def compress(
     returning {"record": quantization record, "qat": fine-tuning record} (see export/qat.py::make_qat_rung);
     None skips the rung with `qat_unavailable` as the reason. qat_epochs 0 turns it off.
     device: a device profile name (auto only): build that profile's backend's candidates and choose for it.
+    precision_from: what set `precision` (the flag, a recipe's [export] settings), named in the int8/fp16 deploy reason.
     """
     from edgeclf.export.bundle_writer import _ort_logits
     from edgeclf.export.quantize import convert_fp16, quantize_int8
@@ -355,9 +421,10 @@ def compress(
     for c in failed:
         c["_path"].unlink(missing_ok=True)
     passing = [c for c in candidates if _passed(c)]
-    deploy: dict[str, Any] = {"precision": "fp32", "reason": "fp32 requested"}
+    deploy: dict[str, Any]
     if precision in ("int8", "fp16"):
-        deploy = {"precision": precision, "reason": f"{precision} requested and every {precision} variant passed the gate"}
+        deploy = {"precision": precision,
+                  "reason": f"{precision} set by {precision_from}, and every {precision} variant passed the gate"}
         if precision == "fp16":
             deploy["reason"] += "; fp16 is for GPU backends: it brings no speed on a CPU, where run keeps fp32 unless asked"
     elif plan is not None:
@@ -365,8 +432,8 @@ def compress(
     else:
         cpu = [c for c in passing if c["id"] == "int8-cpu"]
         if not cpu:
-            deploy["reason"] = next((_failure(c, "the int8-cpu candidate") for c in failed if c["id"] == "int8-cpu"),
-                                    "no int8-cpu candidate")
+            deploy = {"precision": "fp32", "reason": next((_failure(c, "the int8-cpu candidate") for c in failed
+                                                           if c["id"] == "int8-cpu"), "no int8-cpu candidate")}
         else:
             deploy = _deploy_by_latency(candidates, cpu, fp32_path, val_x, "ort-cpu", "here")
     for c in candidates:  # never silent: every candidate that could not be built is named where the choice is explained

@@ -454,3 +454,50 @@ def test_a_failed_candidates_size_is_that_of_the_model_its_figures_are_from(tmp_
     for row, v in zip(out["candidates"], out["variants"]):
         assert row["passed"] and row["qat"] and row["size_bytes"] == v["size_bytes"] == parent.stat().st_size
         assert (tmp_path / v["file"]).stat().st_size == parent.stat().st_size
+
+
+def _agreement_only_refusal() -> dict:
+    """Plain INT8 fails only the agreement floor (1.0); after QAT it still does, its accuracy drops all passing."""
+    checks = [{"metric": "auc_macro", "drop": 0.001, "drop_ci95": [-0.002, 0.004], "passed": True},
+              {"metric": "sensitivity[normal]", "drop": 0.0074, "drop_ci95": [-0.001, 0.02], "passed": True},
+              {"metric": "decision_agreement", "candidate": 0.993, "drop": 0.007, "drop_ci95": [0.0, 0.013], "floor": 1.0,
+               "passed": False}]
+    qat = {"rung": "qat", "passed": False, "failed_on": ["decision_agreement"], "decision_agreement": 0.996, "epochs": 1,
+           "worst": {"metric": "sensitivity[normal]", "drop": 0.0074, "drop_ci95": [-0.001, 0.02]}}
+    gate = {"ceiling": 0.05, "n": 150, "min_agreement": 1.0, "checks": checks, "failed_on": ["decision_agreement"]}
+    return {"id": "int8-tensorrt", "quantization": {"method": "minmax"}, "gate": gate,
+            "rungs": [{"rung": "plain", "passed": False, "failed_on": ["decision_agreement"]}, qat]}
+
+
+def test_refusal_on_agreement_alone_advises_the_agreement_floor_not_max_drop() -> None:
+    from edgeclf.export.compress import _refusal
+
+    text = _refusal(_agreement_only_refusal(), 0.01)
+    assert "decision_agreement with the fp32 parent is 0.993" in text and "\n" not in text
+    assert "--max-drop" not in text  # no drop failed: raising it changes nothing
+    assert "lower --min-agreement" in text
+    # The QAT clause says what still fails after fine-tuning, not a passing drop as if it failed.
+    after = text.split("quantization-aware fine-tuning", 1)[1]
+    assert "0.0074" not in text and "decision_agreement is still 0.996" in after
+
+
+def test_refusal_on_a_drop_advises_max_drop_and_the_other_calibrations() -> None:
+    from edgeclf.export.compress import _refusal
+
+    c = _candidate(0.03, 0.01, 0.05)
+    c["quantization"] = {"method": "entropy"}
+    text = _refusal(c, 0.01)
+    assert "raise --max-drop" in text and "--min-agreement" not in text
+    assert "--calibration minmax or percentile" in text  # entropy already ran
+
+
+def test_refusal_after_qat_names_what_qat_fixed_and_what_still_fails() -> None:
+    from edgeclf.export.compress import _refusal
+
+    c = _candidate(0.03, 0.01, 0.05)
+    c["gate"]["min_agreement"] = 0.98
+    c["rungs"] = [{"rung": "qat", "passed": False, "epochs": 2, "failed_on": ["decision_agreement"], "decision_agreement": 0.97,
+                   "worst": {"metric": "benign", "drop": 0.004, "drop_ci95": [-0.01, 0.02]}}]
+    after = _refusal(c, 0.01).split("quantization-aware fine-tuning", 1)[1]
+    assert "decision_agreement is 0.970, under --min-agreement 0.98" in after and "benign passes" in after
+    assert "0.004" not in after

@@ -380,3 +380,23 @@ def test_cli_non_finite_mean_is_one_line_naming_the_flag(tmp_path: Path) -> None
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("edgeclf: error: --mean 'nan'") and "finite" in lines[0], r.stderr
     assert not (tmp_path / "b").exists()
+
+
+def test_deploy_reason_names_the_recipe_that_chose_the_precision(trained_dir: Path, tmp_path: Path) -> None:
+    """A recipe's [export] precision, recorded in run.json, is no user's request: the reason says where it came from."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(trained_dir, run)
+    doc = json.loads((run / "run.json").read_text())
+    doc["recipe"] = {"name": "tiny-recipe", "version": 1, "export": {"precision": "fp32", "max_drop": 0.01}}
+    (run / "run.json").write_text(json.dumps(doc))
+    m = export_bundle(ExportConfig(out=str(tmp_path / "b"), model=str(run), samples=False))
+    reason = m["deploy"]["reason"]
+    assert m["deploy"]["precision"] == "fp32" and "recipe tiny-recipe's [export] settings" in reason
+    assert "requested" not in reason and "--precision" not in reason
+
+
+def test_deploy_reason_of_the_default_precision_says_default(bundle_dir: Path) -> None:
+    reason = load_bundle(bundle_dir).manifest.raw["deploy"]["reason"]
+    assert "default" in reason and "requested" not in reason and "recipe" not in reason
