@@ -36,6 +36,18 @@ def load_benchmark(name: str) -> Any:
     return mod
 
 
+def write_gray_clip(path: Path, frames: list[Any], fps: float = 10) -> None:
+    """Write gray uint8 frames as an MJPG .avi (what OpenCV's pip wheels can encode), creating its folder."""
+    import cv2
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    h, w = frames[0].shape[:2]
+    vw = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), fps, (w, h))
+    for f in frames:
+        vw.write(cv2.cvtColor(f, cv2.COLOR_GRAY2BGR))
+    vw.release()
+
+
 def run_cli(*args: str, cwd: Path | None = None, timeout: float = 600) -> subprocess.CompletedProcess[str]:
     """Run `python -m edgeclf ARGS` in a fresh interpreter, as a user would."""
     env = {**os.environ, "PYTHONPATH": str(REPO)}

@@ -8,6 +8,7 @@ import pytest
 
 from edgeclf.errors import ConfigError, DataError
 from edgeclf.train import KERNEL_PIN_VARIABLES, TrainConfig, default_size, train
+from tests.conftest import write_gray_clip
 
 pytest.importorskip("torch")
 
@@ -797,7 +798,7 @@ def test_temperature_rule_and_val_figures_leave_out_the_frames_run_does_not_clas
 def _blank_ended_clips(root: Path, per_class: int = 8) -> str:
     """A pooled clip folder (no split folders, so it cross-validates), class b brighter; every clip of b turns black
     half-way (run's quality gate: "blank"): frames labelled b that look like nothing of b."""
-    cv2 = pytest.importorskip("cv2")
+    pytest.importorskip("cv2")
     from edgeclf.runtime.sources import open_source
 
     with open_source("synthetic:ultrasound?frames=200&size=64&seed=2") as s:
@@ -809,12 +810,7 @@ def _blank_ended_clips(root: Path, per_class: int = 8) -> str:
             k += 8
             if cls == "b":
                 clip = clip[:4] + [np.zeros_like(f) for f in clip[4:]]
-            path = root / cls / f"c{j}.avi"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            vw = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 10, (64, 64))
-            for f in clip:
-                vw.write(cv2.cvtColor(f, cv2.COLOR_GRAY2BGR))
-            vw.release()
+            write_gray_clip(root / cls / f"c{j}.avi", clip)
     return f"{root}?frames=4"
 
 

@@ -10,6 +10,7 @@ import pytest
 
 from edgeclf.export.bundle_writer import ExportConfig, _ort_logits, export_bundle
 from edgeclf.export.onnx_export import ExportError
+from tests.conftest import write_gray_clip
 
 onnx = pytest.importorskip("onnx")
 cv2 = pytest.importorskip("cv2")
@@ -36,12 +37,7 @@ def write_gated_clips(root: Path) -> str:
                 clip = [np.clip(f * gain, 0, 255).astype(np.uint8) for f in clip]
                 if split == "val" and j == 0:
                     clip = clip[:4] + [np.zeros_like(f) for f in clip[4:]]
-                path = root / split / cls / f"c{j}.avi"
-                path.parent.mkdir(parents=True, exist_ok=True)
-                vw = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 10, (64, 64))
-                for f in clip:
-                    vw.write(cv2.cvtColor(f, cv2.COLOR_GRAY2BGR))
-                vw.release()
+                write_gray_clip(root / split / cls / f"c{j}.avi", clip)
     return f"{root}?frames=4"
 
 

@@ -7,6 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests.conftest import write_gray_clip
+
 pytest.importorskip("torch_pruning")
 BLANK = 4  # val frames the quality gate stops, all of class b
 
@@ -15,7 +17,7 @@ def _clips_with_blank_b_val(root: Path) -> str:
     """Clips in train/ val/ test/ folders, 8 frames each, class b brighter; two val clips of b turn black half-way (run's
     quality gate: "blank"), frames a model reads as class a: labelled b, they pull a fit over every frame. Sampled 4
     frames per clip: 24 val frames, BLANK of them stopped."""
-    cv2 = pytest.importorskip("cv2")
+    pytest.importorskip("cv2")
     from edgeclf.runtime.sources import open_source
 
     with open_source("synthetic:ultrasound?frames=200&size=64&seed=1") as s:
@@ -29,12 +31,7 @@ def _clips_with_blank_b_val(root: Path) -> str:
                 k += 8
                 if split == "val" and cls == "b" and j < 2:
                     clip = clip[:4] + [np.zeros_like(f) for f in clip[4:]]
-                path = root / split / cls / f"c{j}.avi"
-                path.parent.mkdir(parents=True, exist_ok=True)
-                vw = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 10, (64, 64))
-                for f in clip:
-                    vw.write(cv2.cvtColor(f, cv2.COLOR_GRAY2BGR))
-                vw.release()
+                write_gray_clip(root / split / cls / f"c{j}.avi", clip)
     return f"{root}?frames=4"
 
 
