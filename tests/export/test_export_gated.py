@@ -3,7 +3,7 @@ count in the bundle's validation figures nor calibrate an imported model nor jud
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import pytest
@@ -18,9 +18,13 @@ SIZE = 32
 BLANK = 4  # val frames the quality gate stops: the last two sampled frames of one clip per class
 
 
-def write_gated_clips(root: Path) -> str:
-    """Clips in train/ val/ test/ folders, 3 of 8 frames per class and split, class b brighter than a on the whole; in
-    val, one clip per class turns black half-way (run's quality gate: "blank"). Sampled 4 frames per clip: 24 val
+def _first_val_clip(split: str, cls: str, j: int) -> bool:
+    return split == "val" and j == 0
+
+
+def write_gated_clips(root: Path, blanked: Callable[[str, str, int], bool] = _first_val_clip) -> str:
+    """Clips in train/ val/ test/ folders, 3 of 8 frames per class and split, class b brighter than a on the whole; the
+    clips `blanked(split, cls, j)` names (by default in val, one clip per class) turn black half-way (run's quality gate: "blank"). Sampled 4 frames per clip: 24 val
     frames, BLANK of them stopped."""
     from edgeclf.runtime.sources import open_source
 
@@ -35,7 +39,7 @@ def write_gated_clips(root: Path) -> str:
                 # Brightness per clip: class b brighter on the whole, with an overlap (no split is perfectly separated).
                 gain = {"a": (1.0, 1.3, 1.15), "b": (1.1, 1.25, 1.4)}[cls][j]
                 clip = [np.clip(f * gain, 0, 255).astype(np.uint8) for f in clip]
-                if split == "val" and j == 0:
+                if blanked(split, cls, j):
                     clip = clip[:4] + [np.zeros_like(f) for f in clip[4:]]
                 write_gray_clip(root / split / cls / f"c{j}.avi", clip)
     return f"{root}?frames=4"

@@ -7,32 +7,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.conftest import write_gray_clip
-
 pytest.importorskip("torch_pruning")
 BLANK = 4  # val frames the quality gate stops, all of class b
 
 
 def _clips_with_blank_b_val(root: Path) -> str:
-    """Clips in train/ val/ test/ folders, 8 frames each, class b brighter; two val clips of b turn black half-way (run's
-    quality gate: "blank"), frames a model reads as class a: labelled b, they pull a fit over every frame. Sampled 4
-    frames per clip: 24 val frames, BLANK of them stopped."""
+    """write_gated_clips's clips, but two val clips of b turn black half-way (run's quality gate: "blank"): frames a
+    model reads as class a, labelled b, they pull a fit over every frame. 24 val frames, BLANK of them stopped."""
     pytest.importorskip("cv2")
-    from edgeclf.runtime.sources import open_source
+    from tests.export.test_export_gated import write_gated_clips
 
-    with open_source("synthetic:ultrasound?frames=200&size=64&seed=1") as s:
-        frames = [f.image for f in s]
-    k = 0
-    for split in ("train", "val", "test"):
-        for cls in ("a", "b"):
-            for j in range(3):
-                gain = {"a": (1.0, 1.3, 1.15), "b": (1.1, 1.25, 1.4)}[cls][j]
-                clip = [np.clip(f * gain, 0, 255).astype(np.uint8) for f in frames[k:k + 8]]
-                k += 8
-                if split == "val" and cls == "b" and j < 2:
-                    clip = clip[:4] + [np.zeros_like(f) for f in clip[4:]]
-                write_gray_clip(root / split / cls / f"c{j}.avi", clip)
-    return f"{root}?frames=4"
+    return write_gated_clips(root, blanked=lambda split, cls, j: split == "val" and cls == "b" and j < 2)
 
 
 def test_pruning_calibrates_and_measures_on_the_frames_run_classifies(tmp_path: Path, one_torch_thread: None) -> None:
