@@ -1,7 +1,9 @@
 """Shared fixtures: a tiny trained model and its bundle (built once per session), real-data paths."""
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -12,7 +14,11 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 # Source hashes are keyed with a per-install key (runtime/sources.py): tests keep theirs out of the user's home.
-os.environ.setdefault("EDGECLF_SOURCE_KEY", str(Path(tempfile.mkdtemp(prefix="edgeclf-key-")) / "source-key"))
+if "EDGECLF_SOURCE_KEY" not in os.environ:
+    _KEY_DIR = tempfile.mkdtemp(prefix="edgeclf-key-")
+    os.environ["EDGECLF_SOURCE_KEY"] = str(Path(_KEY_DIR) / "source-key")
+    # Removed when the session ends (each run used to leave one behind in /tmp).
+    atexit.register(shutil.rmtree, _KEY_DIR, ignore_errors=True)
 SHARED_DATA = Path(os.environ.get("EDGECLF_SHARED_DATA", REPO.parent / "shared" / "data"))
 TINY_DATA = "synthetic:ultrasound?n=240&size=64&seed=3"
 
