@@ -35,7 +35,7 @@ import platform
 import tempfile
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
@@ -620,6 +620,28 @@ def _version() -> str:
         return "unknown"
 
 
+def _told_apart(targets: Sequence[ProfileTarget]) -> List[ProfileTarget]:
+    """Unlabelled targets are named by their bundle's folder; bundles in different folders of one name (runs/a/bundle,
+    runs/b/bundle) get as many parent folders in their names as tell them apart. One folder given twice keeps one name
+    (a repeat)."""
+    out = list(targets)
+    groups: Dict[str, List[int]] = {}
+    for i, t in enumerate(out):
+        if t.label is None:
+            groups.setdefault(t.name, []).append(i)
+    for idx in groups.values():
+        parts = {i: Path(os.path.abspath(out[i].bundle)).parts for i in idx}
+        if len(idx) < 2 or len(set(parts.values())) < 2:
+            continue
+        k = 2
+        while len({p[-k:] for p in set(parts.values())}) < len(set(parts.values())):
+            k += 1
+        for i in idx:
+            t = out[i]
+            out[i] = replace(t, label=f"{'/'.join(parts[i][-k:])}:{t.backend}:{t.precision or 'deploy'}")
+    return out
+
+
 def profile_bundles(
     targets: Sequence[ProfileTarget],
     options: Optional[ProfileOptions] = None,
@@ -638,6 +660,7 @@ def profile_bundles(
     if not targets:
         raise ConfigError("no bundle to profile; give at least one --bundle")
     opts = options or ProfileOptions()
+    targets = _told_apart(targets)
     names = [t.name for t in targets]
     if len(set(names)) != len(names):
         raise ConfigError(f"targets repeat: {names}; give each bundle/backend/precision combination once")

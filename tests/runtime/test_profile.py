@@ -484,3 +484,19 @@ def test_a_profile_records_the_cpu_model() -> None:
     assert m is None or (isinstance(m, str) and m)
     if Path("/proc/cpuinfo").is_file() and "model name" in Path("/proc/cpuinfo").read_text():
         assert m and m in Path("/proc/cpuinfo").read_text()
+
+
+def test_bundles_in_folders_of_one_name_are_told_apart_not_refused(bundle_dir: Path, tmp_path: Path) -> None:
+    # runs/a/bundle and runs/b/bundle is the usual layout; their names used to collide ("targets repeat").
+    import shutil
+
+    a, b = tmp_path / "a" / "bundle", tmp_path / "b" / "bundle"
+    shutil.copytree(bundle_dir, a)
+    shutil.copytree(bundle_dir, b)
+    opts = ProfileOptions(source=SOURCE, frames=4, warmup=1, chunk=4, bootstrap=0, sample_interval_s=0.02)
+    doc = profile_bundles([ProfileTarget(str(a)), ProfileTarget(str(b))], opts, backend_factory=_factory()).doc
+    assert [t["name"] for t in doc["targets"]] == ["a/bundle:ort-cpu:deploy", "b/bundle:ort-cpu:deploy"]
+    # One folder given twice is still a repeat, by whatever path it was given.
+    with pytest.raises(ConfigError, match="repeat"):
+        profile_bundles([ProfileTarget(str(a)), ProfileTarget(str(tmp_path / "b" / ".." / "a" / "bundle"))], opts,
+                        backend_factory=_factory())
