@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import hmac
+import json
 import logging
 import os
 import warnings
@@ -19,7 +20,8 @@ pydicom = pytest.importorskip("pydicom", reason="pydicom (the 'dicom' extra) is 
 from edgeclf.errors import SourceError  # noqa: E402
 from edgeclf.runtime.dicom import DicomFile, DicomSource, is_dicom_file  # noqa: E402
 from edgeclf.runtime.sources import open_source  # noqa: E402
-from tests.conftest import shared  # noqa: E402
+from tests.conftest import SHARED_DATA, shared  # noqa: E402
+from tests.runtime.pydicom2 import pydicom2_tree_fixture, run_under_pydicom2  # noqa: E402, F401 - the fixture
 
 PYDICOM3 = int(pydicom.__version__.split(".")[0]) >= 3
 PATIENT = "DOE^JANE"
@@ -484,10 +486,10 @@ def _manifest() -> list:
 
 
 def _shared_rows() -> list:
-    root = Path(os.environ.get("EDGECLF_SHARED_DATA", Path(__file__).resolve().parents[3] / "shared" / "data"))
-    path = root / "dicom" / "MANIFEST.csv"
+    path = SHARED_DATA / "dicom" / "MANIFEST.csv"  # at collection: shared() would skip the whole module
     if not path.exists():
-        return [pytest.param(None, marks=pytest.mark.skip(reason=f"real data {path} is absent"))]
+        reason = f"real data {path} is absent (it lives in ../shared/data beside a development checkout)"
+        return [pytest.param(None, marks=pytest.mark.skip(reason=reason))]
     with open(path, newline="") as f:
         return [pytest.param(row, id=row["file"]) for row in csv.DictReader(f)]
 
@@ -688,19 +690,30 @@ def test_implicit_vr_data_set_under_a_jpeg_syntax_decodes_as_pydicom_does() -> N
     assert np.array_equal(frame.image, ref)
 
 
-@pytest.mark.skipif(PYDICOM3, reason="pydicom 2 (Python 3.8, JetPack 5) only: pydicom 3 has iter_pixels")
-def test_pydicom2_decodes_a_cine_one_frame_at_a_time(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    # pydicom 2 decoded every frame of a file at once (~1.4 GB for 1000 frames of 800x600 RGB)
-    from pydicom.dataset import Dataset
+PYDICOM2_FRAMES = r"""
+import json, sys
+from pydicom.dataset import Dataset
+from edgeclf.runtime.dicom import DicomSource
 
-    seen: list = []
-    real = Dataset.convert_pixel_data
+seen = []  # NumberOfFrames of every data set pydicom 2 decodes
+real = Dataset.convert_pixel_data
 
-    def convert(self: Any, *args: Any, **kwargs: Any) -> Any:
-        seen.append(int(self.get("NumberOfFrames") or 1))
-        return real(self, *args, **kwargs)
+def convert(self, *args, **kwargs):
+    seen.append(int(self.get("NumberOfFrames") or 1))
+    return real(self, *args, **kwargs)
 
-    monkeypatch.setattr(Dataset, "convert_pixel_data", convert)
+Dataset.convert_pixel_data = convert
+files = []
+for path in sys.argv[1:]:
+    with DicomSource(path) as src:
+        files.append([[f.image[0, 0].tolist(), f.meta["file_frame"]] for f in src])
+print(json.dumps({"files": files, "seen": seen}))
+"""
+
+
+def test_pydicom2_decodes_a_cine_one_frame_at_a_time(tmp_path: Path, pydicom2_tree: Path) -> None:
+    # pydicom 2 (Python 3.8, JetPack 5) decoded every frame of a file at once (~1.4 GB for 1000 frames of
+    # 800x600 RGB); run under pydicom 2 whatever is installed here (pydicom 3 decodes with iter_pixels)
     mono = np.stack([np.full((4, 6), 10 * i, np.uint16) for i in range(5)])
     rgb = np.stack([np.full((4, 6, 3), (i, 2 * i, 3 * i), np.uint8) for i in range(4)])
     native = write_dicom(tmp_path / "m.dcm", mono, bits_stored=12, window=(20, 41))
@@ -709,13 +722,12 @@ def test_pydicom2_decodes_a_cine_one_frame_at_a_time(tmp_path: Path, monkeypatch
     ds = pydicom.dcmread(str(color))
     ds.compress(pydicom.uid.RLELossless)
     ds.save_as(str(rle))
-    frames = _frames(DicomSource(str(native)))
-    assert [int(f.image[0, 0]) for f in frames] == [3, 67, 131, 194, 255]  # LINEAR window 20/41
-    for path in (color, rle):
-        frames = _frames(DicomSource(str(path)))
-        assert [f.image[0, 0].tolist() for f in frames] == [[i, 2 * i, 3 * i] for i in range(4)]
-        assert [f.meta["file_frame"] for f in frames] == [0, 1, 2, 3]
-    assert seen and set(seen) == {1}, seen
+    out = json.loads(run_under_pydicom2(pydicom2_tree, PYDICOM2_FRAMES, str(native), str(color), str(rle)))
+    mono_frames, *colour_files = out["files"]
+    assert [v for v, _ in mono_frames] == [3, 67, 131, 194, 255]  # LINEAR window 20/41
+    for frames in colour_files:
+        assert frames == [[[i, 2 * i, 3 * i], i] for i in range(4)]  # (first pixel, file_frame)
+    assert out["seen"] and set(out["seen"]) == {1}, out["seen"]
 
 
 def test_skipped_files_reach_the_source_stats(tmp_path: Path) -> None:

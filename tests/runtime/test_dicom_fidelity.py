@@ -3,17 +3,14 @@
 - signed monochrome pixels with BitsStored < BitsAllocated whose unused high bits are left zero (PS3.5 8.1.1
   allows it): pydicom 2.4 does not sign-extend them (stored -2048 read as 2048, shown white); pydicom 3 does.
   The helper and its use in DicomFile._raw_frames are tested under whatever pydicom is installed; the
-  pydicom 2 path itself runs in a subprocess when a pydicom 2.4 tree is at hand (EDGECLF_PYDICOM2, or
-  /tmp/s25/h12/pyd2), and is skipped otherwise: nothing is installed for it.
+  pydicom 2 path itself runs in a subprocess under pydicom 2.4 (tests/runtime/pydicom2.py installs it once a
+  session).
 - pydicom 3.0's iter_pixels cannot split a native YBR_FULL_422 cine nor a 1-bit cine whose frames do not end
   on a byte ("cannot reshape"); its pixel_array decodes both.
 """
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any, Iterator, Tuple
 
@@ -24,10 +21,8 @@ pydicom = pytest.importorskip("pydicom", reason="pydicom (the 'dicom' extra) is 
 
 from edgeclf.runtime import dicom as dicom_mod  # noqa: E402
 from edgeclf.runtime.dicom import DicomFile, DicomSource  # noqa: E402
+from tests.runtime.pydicom2 import pydicom2_tree_fixture, run_under_pydicom2  # noqa: E402, F401 - the fixture
 from tests.runtime.test_dicom import PYDICOM3, _save, write_dicom  # noqa: E402
-
-REPO = Path(__file__).resolve().parents[2]
-PYD2 = os.environ.get("EDGECLF_PYDICOM2", "/tmp/s25/h12/pyd2")
 
 
 def _read(path: Path) -> np.ndarray:
@@ -115,8 +110,7 @@ def test_correctly_stored_12_of_16_bits_unchanged(tmp_path: Path, signed: bool) 
 
 
 SCRIPT = r"""
-import sys, numpy as np, pydicom
-assert pydicom.__version__.startswith("2."), pydicom.__version__
+import sys, numpy as np
 from edgeclf.runtime.dicom import DicomSource
 with DicomSource(sys.argv[1]) as s:
     out = np.stack([f.image for f in s])
@@ -124,16 +118,15 @@ np.save(sys.argv[2], out)
 """
 
 
-@pytest.mark.skipif(not os.path.isdir(PYD2), reason=f"no pydicom 2.4 tree at {PYD2} (set EDGECLF_PYDICOM2)")
 @pytest.mark.parametrize("frames", [1, 2])
 @pytest.mark.parametrize("window", [True, False])
-def test_signed_12_of_16_bits_zero_high_bits_pydicom2(tmp_path: Path, frames: int, window: bool) -> None:
+def test_signed_12_of_16_bits_zero_high_bits_pydicom2(tmp_path: Path, pydicom2_tree: Path, frames: int,
+                                                      window: bool) -> None:
     vals, stored = _signed_12_of_16(frames)
     pix = stored if frames > 1 else stored[0]
     p = write_dicom(tmp_path / "s12.dcm", pix, bits_stored=12, signed=True, window=(0, 4096) if window else None)
     out = tmp_path / "out.npy"
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([PYD2, str(REPO)]), OMP_NUM_THREADS="1")
-    subprocess.run([sys.executable, "-c", SCRIPT, str(p), str(out)], check=True, env=env, cwd=str(REPO))
+    run_under_pydicom2(pydicom2_tree, SCRIPT, str(p), str(out))
     got = np.load(out).astype(float)
     expected = _expected_window(vals) if window else (vals.astype(float) + 2048) * (255.0 / 4095.0)
     assert got[0, 0, 0] == 0, f"-2048 shown as {got[0, 0, 0]}"

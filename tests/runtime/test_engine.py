@@ -11,7 +11,7 @@ import sys
 import time
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import pytest
 
@@ -406,35 +406,81 @@ def test_trtexec_for_a_bundle_needs_no_tensorrt(tmp_path: Path):
 
 # -- the ONNX TensorRT parses is the ONNX verified with the bundle (no check/use window) ---------------------------
 
-def _fake_polygraphy(monkeypatch: pytest.MonkeyPatch, parsed: List[bytes], calls: Any = None) -> None:
-    """Polygraphy's loaders as build_with_polygraphy uses them; the network loaders record the ONNX they parse, and
-    `calls` (a dict) what Profile.add and CreateConfig were given."""
+class _Layer:  # trt.ILayer: name
+    def __init__(self, name: str, dla_ok: bool = True) -> None:
+        self.name, self.dla_ok = name, dla_ok
+
+
+class _Network:  # trt.INetworkDefinition: num_layers, get_layer(i)
+    def __init__(self, layers: List[_Layer]) -> None:
+        self._layers = layers
+        self.num_layers = len(layers)
+
+    def get_layer(self, i: int) -> _Layer:
+        return self._layers[i]
+
+
+class _BuilderConfig:  # trt.IBuilderConfig: DLA_core, can_run_on_DLA(layer)
+    def __init__(self, use_dla: bool) -> None:
+        self.DLA_core = 0 if use_dla else -1  # Polygraphy's CreateConfig(use_dla=True) sets core 0
+
+    def can_run_on_DLA(self, layer: _Layer) -> bool:
+        return layer.dla_ok
+
+
+def _fake_polygraphy(monkeypatch: pytest.MonkeyPatch, parsed: List[bytes], calls: Any = None,
+                     layers: Optional[List[_Layer]] = None) -> None:
+    """Polygraphy's loaders as documented (polygraphy.backend.trt, 0.49): NetworkFromOnnxBytes(bytes)() -> (builder,
+    network, parser); CreateConfig(<keywords>)(builder, network) -> IBuilderConfig, with only the keywords edgeclf
+    passes (a misspelt one fails here as it would on a board); PostprocessConfig(config, func)(builder, network)
+    makes the config and calls func(builder, network, config), which edits it in place; EngineBytesFromNetwork(
+    network, config=None, save_timing_cache=None)() makes the config from (builder, network) and builds. The network
+    loader records the ONNX it parses; `calls` (a dict) what Profile.add and CreateConfig were given ("profile",
+    "config") and the IBuilderConfig the engine was built with ("built_with")."""
     calls = {} if calls is None else calls
     import types
 
     import edgeclf.runtime.engine as engine_mod
 
-    def from_bytes(data: bytes) -> str:
-        parsed.append(bytes(data))
-        return "network"
+    network = _Network(layers or [_Layer("Conv_0")])
 
-    def from_path(path: str) -> str:
-        return from_bytes(Path(path).read_bytes())
+    def from_bytes(data: bytes) -> Any:
+        parsed.append(bytes(data))
+        return lambda: (SimpleNamespace(), network, SimpleNamespace())
 
     class Profile:
-        def add(self, name: str, **k: Any) -> Profile:
-            calls["profile"] = (name, k)
+        def add(self, name: str, min: Any, opt: Any, max: Any) -> Profile:  # noqa: A002 - Polygraphy's names
+            calls["profile"] = (name, {"min": min, "opt": opt, "max": max})
             return self
 
-    def create_config(**k: Any) -> str:
-        calls["config"] = k
-        return "config"
+    def create_config(*, tf32: Any = None, fp16: Any = None, int8: Any = None, profiles: Any = None,
+                      load_timing_cache: Any = None, use_dla: Any = None, allow_gpu_fallback: Any = None,
+                      memory_pool_limits: Any = None, progress_monitor: Any = None) -> Any:
+        calls["config"] = dict(tf32=tf32, fp16=fp16, int8=int8, profiles=profiles, load_timing_cache=load_timing_cache,
+                               use_dla=use_dla, allow_gpu_fallback=allow_gpu_fallback,
+                               memory_pool_limits=memory_pool_limits, progress_monitor=progress_monitor)
+        return lambda builder, net: _BuilderConfig(bool(use_dla))
+
+    def postprocess_config(config: Any, func: Any) -> Any:
+        assert callable(func)
+
+        def make(builder: Any, net: Any) -> Any:
+            cfg = config(builder, net) if callable(config) else config
+            func(builder, net, cfg)
+            return cfg
+        return make
+
+    def engine_bytes(network: Any, config: Any = None, save_timing_cache: Any = None) -> Any:
+        def build() -> bytes:
+            builder, net, _parser = network() if callable(network) else network
+            calls["built_with"] = config(builder, net)
+            return b"engine"
+        return build
 
     trt_mod = types.ModuleType("polygraphy.backend.trt")
     trt_mod.__dict__.update(
-        NetworkFromOnnxBytes=from_bytes, NetworkFromOnnxPath=from_path, Profile=Profile,
-        CreateConfig=create_config, PostprocessConfig=lambda config, fn: config,
-        EngineBytesFromNetwork=lambda network, config, save_timing_cache: (lambda: b"engine"))
+        NetworkFromOnnxBytes=from_bytes, Profile=Profile, CreateConfig=create_config,
+        PostprocessConfig=postprocess_config, EngineBytesFromNetwork=engine_bytes)
     poly = types.ModuleType("polygraphy")
     poly.__dict__["__version__"] = "0.49"
     backend = types.ModuleType("polygraphy.backend")
@@ -474,7 +520,8 @@ def test_a_dla_build_has_one_fixed_batch_and_int8_also_enables_fp16(tmp_path: Pa
     from edgeclf.runtime.engine import build_with_polygraphy
 
     calls: Dict[str, Any] = {}
-    _fake_polygraphy(monkeypatch, [], calls)
+    layers = [_Layer("Conv_0"), _Layer("Softmax_3", dla_ok=False), _Layer("Relu_1"), _Layer("Gemm_2", dla_ok=False)]
+    _fake_polygraphy(monkeypatch, [], calls, layers)
     b = load_bundle(make_tiny_bundle(tmp_path / "b", variants=["int8-tensorrt"]))
     plan = plan_engine(b, load_profile("jetson-agx-orin"), precision="int8", dla_core=1, max_batch=8, tensorrt="10.3.0")
     assert plan.shapes() == {"min": (1, 1, 8, 8), "opt": (1, 1, 8, 8), "max": (1, 1, 8, 8)}  # DLA: no dynamic dimensions
@@ -482,11 +529,15 @@ def test_a_dla_build_has_one_fixed_batch_and_int8_also_enables_fp16(tmp_path: Pa
     assert calls["profile"] == ("input", {"min": (1, 1, 8, 8), "opt": (1, 1, 8, 8), "max": (1, 1, 8, 8)})
     cfg = calls["config"]
     assert (cfg["int8"], cfg["fp16"], cfg["tf32"], cfg["use_dla"], cfg["allow_gpu_fallback"]) == (True, True, False, True, True)
-    assert report["dla_placement"] == "not verified" and report["dla_ineligible_layers"] == []
+    assert calls["built_with"].DLA_core == 1  # the core asked for, not the 0 CreateConfig(use_dla=True) sets
+    # eligibility as TensorRT judges it for this config, in network order
+    assert report["dla_placement"] == "not verified" and report["dla_ineligible_layers"] == ["Softmax_3", "Gemm_2"]
     gpu = plan_engine(b, load_profile("jetson-agx-orin"), precision="fp16", max_batch=8)
     assert gpu.shapes()["max"] == (8, 1, 8, 8)
-    build_with_polygraphy(gpu, tmp_path / "timing.cache", lambda msg: None)
+    _, report = build_with_polygraphy(gpu, tmp_path / "timing.cache", lambda msg: None)
     assert (calls["config"]["fp16"], calls["config"]["int8"], calls["config"]["tf32"]) == (True, False, False)
+    assert (calls["config"]["use_dla"], calls["config"]["allow_gpu_fallback"]) == (False, False)
+    assert calls["built_with"].DLA_core == -1 and "dla_ineligible_layers" not in report  # no DLA: config untouched
 
 
 def test_the_engine_record_names_its_builder_flags(tmp_path: Path):
