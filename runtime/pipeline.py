@@ -402,14 +402,15 @@ def _make_stages(m: Manifest, opts: RunOptions, source: FrameSource, roi_mode: s
         gate = QualityGate()
     smoother = None
     still = None
-    per_file = False  # cine smoothing of DICOM or a watched folder: each multi-frame file (cine) starts afresh
+    # DICOM or a watched folder: each multi-frame file (cine) starts afresh, smoothed or not (even shown as decided,
+    # its first gate-failed frames would otherwise show the last file's average: another patient's).
+    per_file = getattr(source, "kind", "") in ("dicom", "watch")
     if not multilabel:
         from edgeclf.runtime.smoothing import CINE, SINGLE_IMAGE, CineSmoother
 
         cine = opts.smoothing == "cine" or (opts.smoothing == "auto" and _video_like(source))
         smoother = CineSmoother.from_manifest(m, config=CINE if cine else SINGLE_IMAGE, min_confidence=floor)
-        per_file = cine and getattr(source, "kind", "") in ("dicom", "watch")
-        if per_file and opts.smoothing == "auto":
+        if cine and per_file and opts.smoothing == "auto":
             still = CineSmoother.from_manifest(m, config=SINGLE_IMAGE, min_confidence=floor)
     # feed_segments: the feeder's segment (see _segment) of the last frame read, and whether it was a cine: the sector
     # detector and the gate run in that thread, so they are reset there.
@@ -435,7 +436,10 @@ def run_pipeline(
     gives ("file_index", "file_frame", "watch_key": which file and frame of it), "label" (the shown label: smoothed
     for cine; None on abstain or multilabel), "labels" (multilabel), "abstain", "abstain_reason" (quality reasons
     joined by ",", "low_confidence", "settling", "backend_error", "invalid_output", "frame_error", "sector_warmup" or
-    "no_sector_still"), "confidence",
+    "no_sector_still"), "confidence", "smoothed_probs" ({label: p}, the smoother's average after this frame: for a
+    cine frame the gate stopped, the average its clip holds through the gap; None for a still that was not
+    classified), "label_changed" (the shown label differs from the previous frame's of the same stream; a still has
+    none before it: true when it shows a label),
     "frame_label" (this frame's own decision, None when not classified), "probs" (this frame's calibrated
     probabilities, None when not classified), "quality" (list of reasons, empty when fine), "latency_ms": {stage: ms,
     "total": capture-to-result, taken before any sink runs (the overlay shows its own capture-to-display)}; "infer" is
@@ -448,8 +452,12 @@ def run_pipeline(
     on disk. A DataError of the sector or quality stage on one frame (its data: e.g. a sector mask too thin to
     judge) does not end the run: that frame abstains with reason "frame_error" and is counted
     (summary.extra["frame_errors"]); any other exception there still ends the run.
-    DICOM under cine smoothing: the smoother starts afresh at each multi-frame file (one cine does not bleed into
-    the next); under "auto", single-frame files of a folder holding a cine are shown as decided. Likewise the smoother
+    DICOM and watched folders: the smoother starts afresh at each multi-frame file, smoothed or not (one cine does not
+    bleed into the next, nor do its first gate-failed frames show the file before's average); under "auto",
+    single-frame files of a folder holding a cine are shown as decided. A still (see `_still`) shown as decided is
+    independent of every other frame (``CineSmoother.update_still``): nothing carries over to or from it, and one the
+    gate stopped has "smoothed_probs" None and "label_changed" false; only an explicit "cine" smooths stills as one
+    cine (a cine exported one file per frame). Likewise the smoother
     starts afresh at each new connection of a reconnecting live source (meta "connection"), and after a live source
     stalled (no frame for max(STALE_MIN_S, STALE_FRAMES frame periods)): then sinks with ``mark_stale(idle_s)`` (the
     overlay window) are told, no record is written, and summary.extra["stalls"] counts it. A source that waits by
@@ -514,7 +522,8 @@ def run_pipeline(
 
     summary = RunSummary()
     summary.extra["roi"] = roi_record
-    summary.extra["smoothing"] = "cine" if smoother is not None and smoother.config.min_dwell_frames > 1 else "off"
+    cine_run = smoother is not None and smoother.config.min_dwell_frames > 1
+    summary.extra["smoothing"] = "cine" if cine_run else "off"
     t_start = time.perf_counter()
     # Recorded files (not live, not paced) may be inferred several frames per call: more frames/s, later results.
     batch = opts.batch if not live else 1
@@ -779,7 +788,12 @@ def run_pipeline(
                         smoother.reset()
                     if still is not None and not multi:
                         sm = still
-                    res = sm.update(probs_row, quality_ok=not reasons, reasons=reasons)
+                    # A still shown as decided (not under cine smoothing the user asked for: frames of one cine exported
+                    # one per file) is independent of every other frame: nothing carries over to or from it.
+                    if sm is still or (not cine_run and _still(meta, video_like)):
+                        res = sm.update_still(probs_row, quality_ok=not reasons, reasons=reasons)
+                    else:
+                        res = sm.update(probs_row, quality_ok=not reasons, reasons=reasons)
                     record.update(sm.record_fields(res))
                     record["frame_label"] = None if decision is None else m.labels[decision]
                 # Unrounded: the clip aggregator and offline aggregation of the results file use the very numbers

@@ -49,7 +49,10 @@ most 4) satisfy this; a sustained clear change of class (0.9 -> 0.9 elsewhere) s
 ~0.23 s at 30 fps and ~0.47 s at 15 fps
 (:meth:`SmoothingConfig.for_fps` derives the values from a frame rate and a time constant instead).
 Single images (portable X-ray, one image per exam) use :data:`SINGLE_IMAGE`: alpha 1, dwell 1,
-hysteresis 0, which makes the shown label exactly ``decide(probs, rule)`` of each image.
+hysteresis 0, which makes the shown label exactly ``decide(probs, rule)`` of each image. Independent images
+(two films may be two patients) go through :meth:`CineSmoother.update_still`: each is decided as the first frame of
+a fresh smoother and shares no state with any other, so an image the gate stopped has no smoothed probabilities
+(None) and no label change, never the image's before it.
 
 Multilabel bundles are not smoothed by this class (there is no single shown label).
 Python 3.8 compatible, numpy only.
@@ -57,6 +60,7 @@ Python 3.8 compatible, numpy only.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from dataclasses import dataclass
@@ -185,17 +189,19 @@ class SmoothedResult:
 
     shown_label: the label to show, None when abstaining.
     shown_confidence: the smoothed probability of `shown_label`; None when abstaining.
-    smoothed_probs: (K,) float64, the running average after this frame (unchanged by a gate-failed frame;
-        the rule's neutral point before the first gate-passing frame).
+    smoothed_probs: (K,) float64, the running average after this frame (unchanged by a gate-failed frame of
+        a cine: the average its clip holds through the gap; the rule's neutral point before the first
+        gate-passing frame); None for a gate-failed still (:meth:`CineSmoother.update_still`).
     abstain / abstain_reason: "low_confidence", "settling", or the quality gate's reason(s) joined by
         ","; None when not abstaining.
     changed: `shown_label` differs from the previous result's (abstaining counts as None; a reset does not
-        forget the previous result); False on the very first frame when it abstains.
+        forget the previous result); False on the very first frame when it abstains. A still has no previous
+        result: True when it shows a label, False when it abstains.
     """
 
     shown_label: Optional[str]
     shown_confidence: Optional[float]
-    smoothed_probs: NDArray[np.float64]
+    smoothed_probs: Optional[NDArray[np.float64]]
     abstain: bool
     abstain_reason: Optional[str]
     changed: bool
@@ -403,6 +409,33 @@ class CineSmoother:
             return self._result(None, True, ABSTAIN_SETTLING)
         return self._result(self._shown, False, None)
 
+    def update_still(
+        self, probs: Optional[npt.ArrayLike], quality_ok: bool = True,
+        reasons: Union[str, Sequence[str], None] = (),
+    ) -> SmoothedResult:
+        """Add one independent image (an X-ray film, an image file, a single-frame file of a folder): its result
+        is the one a fresh smoother gives for it as its first frame (with :data:`SINGLE_IMAGE` settings
+        ``decide(probs, rule)``, or a low_confidence abstain), and this smoother's stream state (average,
+        committed label, dwell, gap count, previous result) is neither read nor changed, so nothing of one
+        image reaches another's result, nor a cine's around it. An image the gate stopped (`quality_ok`
+        False) has ``smoothed_probs`` None and ``changed`` False. Counted in `counts` as a frame (never as a
+        reset or a label change). Arguments and errors as :meth:`update`.
+        """
+        stream = (self._avg, self._shown, self._candidate, self._streak, self._overruled, self._last_shown,
+                  self._gate_failed)
+        resets = self.counts["resets"]
+        self._avg, self._shown, self._candidate, self._streak, self._overruled = self._prior, None, None, 0, (None, 0)
+        self._last_shown, self._gate_failed = None, 0
+        try:
+            res = self.update(probs, quality_ok, reasons)
+        finally:
+            (self._avg, self._shown, self._candidate, self._streak, self._overruled, self._last_shown,
+             self._gate_failed) = stream
+            self.counts["resets"] = resets
+        if not quality_ok:  # not inferred: the fresh average is only the rule's neutral point, not this image's
+            res = dataclasses.replace(res, smoothed_probs=None)
+        return res
+
     def _result(self, shown: Optional[int], abstain: bool, reason: Optional[str]) -> SmoothedResult:
         avg = self._avg
         label = None if shown is None else self.labels[shown]
@@ -419,11 +452,12 @@ class CineSmoother:
 
     def record_fields(self, result: SmoothedResult, *, ndigits: int = 6) -> Dict[str, Any]:
         """The per-frame record fields for `result` (JSON-ready): label, abstain, abstain_reason (only when
-        abstaining), confidence, smoothed_probs {label: p}, label_changed."""
+        abstaining), confidence, smoothed_probs {label: p} (None for a still the gate stopped), label_changed."""
         out: Dict[str, Any] = {"label": result.shown_label, "abstain": result.abstain}
         if result.abstain:
             out["abstain_reason"] = result.abstain_reason
         out["confidence"] = None if result.shown_confidence is None else round(result.shown_confidence, ndigits)
-        out["smoothed_probs"] = {n: round(v, ndigits) for n, v in zip(self.labels, result.smoothed_probs.tolist())}
+        sp = result.smoothed_probs
+        out["smoothed_probs"] = None if sp is None else {n: round(v, ndigits) for n, v in zip(self.labels, sp.tolist())}
         out["label_changed"] = result.changed
         return out

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import math
-from typing import List, Optional
+import os
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional
 
 import numpy as np
 import pytest
@@ -370,3 +374,192 @@ def test_a_borderline_first_label_is_shown_within_the_hold_limit(how: str) -> No
     assert first <= bound - 1, f"first shown on frame {first + 1}, bound {bound}"
     assert all(r.abstain_reason == "settling" for r in results[:first])
     assert set(shown[first:]) == {want} and sm.counts["label_changes"] == 0
+
+
+# -- independent images (X-rays, image files, watched files) never share smoothing state ------------------------
+# The pipeline's source kinds: a still is decided on its own, as by a fresh smoother, and one that was not inferred
+# says nothing about any other image; a cine's frames (video, DICOM cine, live) keep the documented stream behaviour.
+
+
+def test_a_still_is_decided_as_by_a_fresh_smoother_and_leaves_the_stream_state_alone() -> None:
+    sm = CineSmoother(LABELS, config=SINGLE_IMAGE, min_confidence=0.5)
+    first = sm.update_still([0.7, 0.2, 0.1])
+    assert first.shown_label == "normal" and first.changed and not first.abstain
+    np.testing.assert_allclose(first.smoothed_probs, [0.7, 0.2, 0.1])  # type: ignore[arg-type]
+    # The next patient's image, blank (the gate stopped it, no inference): nothing of the image before on its line.
+    blank = sm.update_still(None, quality_ok=False, reasons=("blank",))
+    assert blank.abstain and blank.abstain_reason == "blank" and blank.shown_label is None
+    assert blank.smoothed_probs is None and blank.changed is False
+    f = sm.record_fields(blank)
+    assert f["smoothed_probs"] is None and f["label_changed"] is False and f["confidence"] is None
+    # Same label as the image before: still its own first result (changed), never a "change" of a committed label.
+    again = sm.update_still([0.6, 0.3, 0.1])
+    assert again.shown_label == "normal" and again.changed
+    low = sm.update_still([0.4, 0.35, 0.25])  # below the floor: inferred, so it has its (own) smoothed value
+    assert low.abstain_reason == "low_confidence" and not low.changed
+    np.testing.assert_allclose(low.smoothed_probs, [0.4, 0.35, 0.25])  # type: ignore[arg-type]
+    assert sm.counts == {"frames": 4, "quality_failed": 1, "low_confidence": 1, "settling": 0, "label_changes": 0,
+                         "resets": 0}
+    assert sm.committed_label is None  # no stream state was touched
+
+
+def test_stills_between_cine_frames_do_not_disturb_the_cine() -> None:
+    rows = [[0.1, 0.8, 0.1]] * 8 + [[0.2, 0.7, 0.1]] * 4
+    plain = CineSmoother(LABELS)
+    want = [plain.update(r) for r in rows]
+    mixed = CineSmoother(LABELS)
+    got = []
+    for k, r in enumerate(rows):
+        if k in (3, 9):
+            mixed.update_still([0.9, 0.05, 0.05])
+            mixed.update_still(None, quality_ok=False, reasons="blank")
+        got.append(mixed.update(r))
+    assert [(g.shown_label, g.abstain_reason, g.changed) for g in got] == \
+        [(w.shown_label, w.abstain_reason, w.changed) for w in want]
+    np.testing.assert_allclose(got[-1].smoothed_probs, want[-1].smoothed_probs)  # type: ignore[arg-type]
+
+
+def test_a_stills_bad_input_is_a_one_line_error_that_changes_nothing() -> None:
+    sm = CineSmoother(LABELS, config=SINGLE_IMAGE)
+    with pytest.raises(DataError, match="shape"):
+        sm.update_still([0.5, 0.5])
+    assert sm.counts["frames"] == 0
+
+
+def test_a_gate_failed_cine_frame_keeps_the_running_average_of_its_own_clip() -> None:
+    """Documented cine behaviour, kept: a short gate-failed gap inside one clip holds the committed label and the
+    average (the next frame continues from it), so its line shows that held average; label_changed says the
+    display went from the label to an abstain."""
+    sm = CineSmoother(LABELS)
+    last = [sm.update([0.1, 0.8, 0.1]) for _ in range(10)][-1]
+    assert last.shown_label == "cyst"
+    gap = sm.update(None, quality_ok=False, reasons="blank")
+    np.testing.assert_array_equal(gap.smoothed_probs, last.smoothed_probs)  # type: ignore[arg-type]
+    assert gap.changed and sm.record_fields(gap)["smoothed_probs"] == sm.record_fields(last)["smoothed_probs"]
+    assert sm.update([0.1, 0.8, 0.1]).shown_label == "cyst"
+
+
+# -- the same through `edgeclf run` (tiny ONNX bundle, no torch) --------------------------------------------------
+
+def _lines(path: Path) -> List[Dict[str, Any]]:
+    return [json.loads(ln) for ln in path.read_text().splitlines()]
+
+
+def _png(path: Path, img: np.ndarray) -> None:
+    cv2 = pytest.importorskip("cv2")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    assert cv2.imwrite(str(path), img)
+
+
+def _xray(seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(30, 200, size=(64, 64), dtype=np.uint8)
+
+
+def _edgeclf_run(tmp_path: Path, source: str, smoothing: str = "auto") -> List[Dict[str, Any]]:
+    pytest.importorskip("onnxruntime")
+    from edgeclf.runtime import app
+    from edgeclf.runtime.pipeline import RunOptions
+    from tests.runtime.tiny_bundle import make_tiny_bundle
+
+    bundle = make_tiny_bundle(tmp_path / "b")
+    out = tmp_path / "r.jsonl"
+    app.run_bundle(str(bundle), source, out=str(out), options=RunOptions(smoothing=smoothing))
+    return _lines(out)
+
+
+def _unclassified_line_is_its_own(rec: Dict[str, Any]) -> None:
+    assert rec["abstain"] is True and rec["probs"] is None
+    assert rec["smoothed_probs"] is None and rec["label_changed"] is False, rec
+
+
+def test_an_unclassified_still_does_not_carry_the_previous_images_probabilities(tmp_path: Path) -> None:
+    """(review h2, 1) A folder of X-rays of two patients: a1 is classified, a2 is blank and abstains without
+    inference; a2's line showed a1's probabilities under smoothed_probs, and label_changed true."""
+    folder = tmp_path / "exam"
+    _png(folder / "a1.png", _xray())
+    _png(folder / "a2.png", np.zeros((64, 64), np.uint8))  # blank: the gate stops it
+    _png(folder / "a3.png", _xray(1))
+    first, second, third = _edgeclf_run(tmp_path, str(folder))
+    assert first["abstain"] is False and first["smoothed_probs"] == pytest.approx(first["probs"], abs=1e-6)
+    assert second["abstain_reason"] == "blank"
+    _unclassified_line_is_its_own(second)
+    assert third["abstain"] is False and third["smoothed_probs"] == pytest.approx(third["probs"], abs=1e-6)
+
+
+def test_an_unclassified_file_in_a_watched_folder_does_not_carry_the_previous_files_probabilities(tmp_path: Path) -> None:
+    inbox = tmp_path / "in"
+    _png(inbox / "p1.png", _xray())
+    _png(inbox / "p2.png", np.zeros((64, 64), np.uint8))
+    t = time.time() - 100
+    os.utime(inbox / "p1.png", (t, t))
+    os.utime(inbox / "p2.png", (t + 5, t + 5))  # read after p1
+    recs = _edgeclf_run(tmp_path, f"watch:{inbox}?poll=0.05&idle_exit=0.5")
+    assert [r["abstain_reason"] if r["abstain"] else None for r in recs] == [None, "blank"]
+    _unclassified_line_is_its_own(recs[1])
+
+
+def _film(level: int, frames: int = 1, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    shape = (frames, 32, 32) if frames > 1 else (32, 32)
+    return np.clip(rng.normal(level, 20, size=shape), 0, 255).astype(np.uint8)
+
+
+def test_an_unclassified_single_frame_dicom_beside_a_cine_does_not_carry_the_previous_film(tmp_path: Path) -> None:
+    """A DICOM folder holding a cine and two films (auto: the cine smoothed, the films shown as decided): the blank
+    film's line has nothing of the film before it."""
+    pytest.importorskip("pydicom")
+    from tests.runtime.test_dicom import write_dicom
+
+    folder = tmp_path / "dcm"
+    folder.mkdir()
+    write_dicom(folder / "a.dcm", _film(100, 12), instance=1, frame_time=33.3)
+    write_dicom(folder / "b.dcm", _film(100, seed=1), instance=2)
+    write_dicom(folder / "c.dcm", np.zeros((32, 32), np.uint8), instance=3)
+    recs = _edgeclf_run(tmp_path, str(folder))
+    film, blank = recs[12], recs[13]
+    assert film["abstain"] is False and blank["abstain_reason"] == "blank"
+    _unclassified_line_is_its_own(blank)
+
+
+@pytest.mark.parametrize("where", ["dicom folder, smoothing off", "watched folder"])
+def test_the_first_gated_frames_of_a_cine_file_show_nothing_of_the_file_before(tmp_path: Path, where: str) -> None:
+    """Two DICOM cines (two patients), the second starting with blank frames. Without cine smoothing (--smoothing
+    off, or a watched folder under auto) each frame is shown as decided, and the second file's blank frames showed
+    the first file's last probabilities as smoothed_probs. Each file starts afresh: the neutral point."""
+    pytest.importorskip("pydicom")
+    from tests.runtime.test_dicom import write_dicom
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    second = _film(100, 8, seed=1)
+    second[:3] = 0
+    a = write_dicom(folder / "a.dcm", _film(100, 8), instance=1, frame_time=33.3)
+    b = write_dicom(folder / "b.dcm", second, instance=2, frame_time=33.3)
+    t = time.time() - 100
+    os.utime(a, (t, t))
+    os.utime(b, (t + 5, t + 5))
+    if where == "watched folder":
+        recs = _edgeclf_run(tmp_path, f"watch:{folder}?poll=0.05&idle_exit=0.5")
+    else:
+        recs = _edgeclf_run(tmp_path, str(folder), smoothing="off")
+    assert len(recs) == 16 and recs[7]["abstain"] is False
+    for r in recs[8:11]:
+        assert r["abstain_reason"] == "blank" and r["probs"] is None
+        assert r["smoothed_probs"] == pytest.approx({k: 1 / 3 for k in recs[7]["probs"]}, abs=1e-6), r
+    assert recs[11]["abstain"] is False
+
+
+def test_a_gate_failed_frame_mid_clip_shows_its_clips_running_average(tmp_path: Path) -> None:
+    """A recorded cine (auto: smoothed) with a short blank gap: the gap's lines hold the clip's own average (the
+    documented cine behaviour: the next frame continues from it)."""
+    cv2 = pytest.importorskip("cv2")
+    clip = tmp_path / "clip.avi"
+    vw = cv2.VideoWriter(str(clip), cv2.VideoWriter_fourcc(*"MJPG"), 10, (64, 64))
+    for k in range(20):
+        img = np.zeros((64, 64), np.uint8) if k in (12, 13) else _xray(0)
+        vw.write(cv2.cvtColor(img, cv2.COLOR_GRAY2BGR))
+    vw.release()
+    recs = _edgeclf_run(tmp_path, str(clip))
+    assert [k for k, r in enumerate(recs) if r["probs"] is None] == [12, 13]
+    assert recs[12]["smoothed_probs"] == recs[13]["smoothed_probs"] == recs[11]["smoothed_probs"]
+    assert recs[12]["label_changed"] is (recs[11]["label"] is not None)
