@@ -11,7 +11,7 @@ import json
 import logging
 import numbers
 import sys
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, NoReturn
 
 import click
 
@@ -651,7 +651,8 @@ def prune(model: str, out: str, target_macs: float, steps: int, finetune_epochs:
 @click.option("--no-quality", is_flag=True, help="Skip the per-frame quality gate (frozen, dark, saturated, empty sector).")
 @click.option("--record", default=None, help="Write an annotated video (.mp4 mp4v or .avi MJPG).")
 @click.option("--show", is_flag=True, help="Live overlay window (needs a display and a GUI-capable OpenCV).")
-@click.option("--summary", "summary_path", default=None, help="Write the clip-level summary as JSON.")
+@click.option("--summary", "summary_path", default=None,
+              help="Write the clip-level summary as JSON, with how the run ended (status, stopped_by, error).")
 @click.option("--fsync-every", type=click.FloatRange(min=0), default=1.0, show_default=True,
               help="Seconds between fsyncs of --out (0: every line); lines are flushed whole either way.")
 @click.option("--audit", "audit_path", default=None,
@@ -664,6 +665,8 @@ def run(bundle: str, source: str, out, append: bool, overwrite: bool, max_frames
     """Classify frames from a source with a verified bundle; one JSON line per frame.
 
     Under systemd (Type=notify, see devices/deploy/edgeclf-run.service) it reports ready and feeds the watchdog.
+    Ctrl-C (SIGINT) and SIGTERM stop it after the current frame with everything written; after Ctrl-C it ends as
+    interrupted (status 130), after SIGTERM (a service stopping) with 0.
     """
     from edgeclf.runtime.app import run_bundle
     from edgeclf.runtime.backends import BackendOptions
@@ -671,12 +674,22 @@ def run(bundle: str, source: str, out, append: bool, overwrite: bool, max_frames
 
     _check_backend_name(backend)
     opts = RunOptions(min_confidence=min_confidence, smoothing=smoothing, roi=roi, quality=not no_quality, batch=batch)
-    summary = run_bundle(bundle, source, out=out, max_frames=max_frames, backend=backend, threads=threads,
-                         precision=precision, options=opts, realtime=realtime, record=record, show=show,
-                         summary_path=summary_path, fsync_every=fsync_every, device=device,
-                         backend_options=BackendOptions(device=device, dla_core=dla_core, engine_cache=engine_cache),
-                         audit=audit_path, trusted_key=trusted_key, append=append, overwrite=overwrite)
+    try:
+        summary = run_bundle(bundle, source, out=out, max_frames=max_frames, backend=backend, threads=threads,
+                             precision=precision, options=opts, realtime=realtime, record=record, show=show,
+                             summary_path=summary_path, fsync_every=fsync_every, device=device,
+                             backend_options=BackendOptions(device=device, dla_core=dla_core, engine_cache=engine_cache),
+                             audit=audit_path, trusted_key=trusted_key, append=append, overwrite=overwrite)
+    except BaseException as exc:
+        partial = getattr(exc, "run_summary", None)
+        if as_json and isinstance(partial, dict):  # a run that failed midway: its one document still comes
+            _emit(True, partial)
+        raise
     _emit(as_json, summary, _print_run)
+    if summary.get("signal") == "SIGINT":
+        # Ctrl-C: everything is written, and the command ends as interrupted (a shell loop or script stops there);
+        # SIGTERM (systemd stopping the service) is a clean stop, exit 0.
+        click.get_current_context().exit(_INTERRUPTED)
 
 
 # -- profile ------------------------------------------------------------------------------------------------
@@ -1362,9 +1375,11 @@ def _print_run(s: dict[str, Any]) -> None:
     if clip.get("stills"):
         click.echo(f"{clip['stills']} single-frame file(s): each decided by its own result, no clip decision")
     src = s.get("source_stats") or {}
-    # Frames a source lost; a watched folder also counts files it could not read, or that changed while read.
+    # Frames a source lost; a watched folder also counts files it failed on (retried when they change), or that
+    # changed while read.
     lost = {k: v for k, v in src.items()
-            if k in ("dropped", "skipped", "reconnects", "timeouts", "files_unreadable", "files_changed", "source_skipped") and v}
+            if k in ("dropped", "skipped", "folders_skipped", "reconnects", "timeouts", "files_failed", "files_unreadable",
+                     "files_changed", "source_skipped") and v}
     if lost:
         click.echo("source: " + ", ".join(f"{k} {v}" for k, v in lost.items()))
     roi = s.get("roi") or {}
@@ -1372,8 +1387,16 @@ def _print_run(s: dict[str, Any]) -> None:
         click.echo(f"WARNING roi {roi['mode']}: {roi['warning']}")
     elif roi.get("mode") == "sector" and roi.get("chosen_by") == "bundle":
         click.echo("roi sector: the bundle's (its model was trained on sector crops)")
+    rec = s.get("record") or {}
+    if rec.get("resized"):
+        w, h = rec.get("size") or ("?", "?")
+        click.echo(f"record: {rec['resized']} of {rec.get('frames')} frames were of another size, scaled to fit {w}x{h} "
+                   "(aspect ratio kept, black bars)")
     if s.get("stopped_by"):
-        click.echo(f"stopped by {s['stopped_by']}; everything before it was written")
+        by = {"max_frames": "--max-frames", "signal": s.get("signal") or "a signal", "sink": "an output (a closed window "
+              "or pipe)"}.get(s["stopped_by"], s["stopped_by"])
+        claimed = f" of the {s['frame_count_claimed']} the source claims" if s.get("frame_count_claimed") else ""
+        click.echo(f"stopped by {by} after {s['frames']} frames{claimed}; everything before it was written")
     if s.get("device"):
         click.echo(f"backend {s['backend']} ({s['chosen_by']['backend']}), {s['threads']} threads ({s['chosen_by']['threads']})")
 
@@ -1490,7 +1513,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(2)
     except click.exceptions.Abort:
         click.echo("edgeclf: aborted", err=True)
-        sys.exit(130)
+        _end_interrupted()
     except OSError as exc:
         fix = _OS_FIXES.get(exc.errno or 0)
         if fix is None or not (exc.filename or exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)):
@@ -1498,7 +1521,29 @@ def main(argv: list[str] | None = None) -> None:
         where = f" ({exc.filename})" if exc.filename else ""
         click.echo(f"edgeclf: error: {exc.strerror or exc}{where}; {fix}", err=True)
         sys.exit(2)
+    if rv == _INTERRUPTED:
+        _end_interrupted()
     sys.exit(rv if isinstance(rv, int) else 0)
+
+
+_INTERRUPTED = 130  # the shell's status of a process ended by SIGINT (128 + 2)
+
+
+def _end_interrupted() -> NoReturn:
+    """End as Ctrl-C ends a program: killed by SIGINT (status 130 in the shell), once all output is flushed. An exit
+    code alone would not do: bash stops a loop or script at Ctrl-C only when its child died of SIGINT, and goes on
+    after one that exited, whatever its code."""
+    import os
+    import signal
+
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):  # closed or broken: nothing more can reach it
+            stream.flush()
+    logging.shutdown()
+    if os.name == "posix":
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGINT)
+    sys.exit(_INTERRUPTED)  # not POSIX (Windows kills with the signal number as code): the status itself
 
 
 # Errors of the machine a command runs on, not of edgeclf: one line naming the file (the commands check --out before

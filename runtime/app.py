@@ -22,7 +22,7 @@ from edgeclf.runtime import _cv
 from edgeclf.runtime.audit import AuditSink, source_fact
 from edgeclf.runtime.backends import Backend, BackendOptions, create_backend
 from edgeclf.runtime.bundle import Bundle, load_bundle
-from edgeclf.runtime.pipeline import WAITING_KINDS, RunOptions, run_pipeline
+from edgeclf.runtime.pipeline import WAITING_KINDS, RunOptions, RunSummary, run_pipeline
 from edgeclf.runtime.postprocess import decide, probabilities
 from edgeclf.runtime.sinks import JsonlSink, Sink, check_append_tail, tag_run
 from edgeclf.runtime.sources import Frame, FrameSource, open_source
@@ -36,13 +36,16 @@ PARITY_TOLERANCE = 1e-3
 VARIANT_TOLERANCE = 0.05  # relative to the largest reference logit
 
 
-def _install_stop_handlers(stop: threading.Event) -> Callable[[], None]:
-    """SIGINT/SIGTERM end the run after the current frame (summary written); returns the restorer."""
+def _install_stop_handlers(stop: threading.Event, received: Optional[List[int]] = None) -> Callable[[], None]:
+    """SIGINT/SIGTERM end the run after the current frame (summary written); returns the restorer. Each signal
+    that came is appended to `received` (the CLI exits as interrupted after a SIGINT, 0 after a SIGTERM)."""
     if threading.current_thread() is not threading.main_thread():
         return lambda: None
     previous = {}
 
     def handler(signum: int, _frame: Any) -> None:
+        if received is not None:
+            received.append(signum)
         if stop.is_set():  # a second Ctrl-C while files close must not cut them (or the audit log) short
             log.warning("signal %d: already stopping; finishing the results files first", signum)
         else:
@@ -476,9 +479,16 @@ def run_bundle(
 ) -> Dict[str, Any]:
     """Verify and load the bundle, open the source, classify every frame; returns the run summary.
 
-    Also a clip-level summary (per-class time share, majority label, abstain rate). `record` writes an
-    annotated video, `show` opens the overlay window (a clear error where there is no display).
-    SIGINT/SIGTERM end the run cleanly with the summary written. Under systemd (NOTIFY_SOCKET set) it sends
+    Also a clip-level summary (per-class time share, majority label, abstain rate; a recorded clip's times on its
+    own timeline, frame index / fps: see SummarySink.set_clock). `record` writes an annotated video (frames of
+    another size letterboxed, counted in ``record.resized``), `show` opens the overlay window (a clear error where
+    there is no display).
+    The summary's ``status`` says how the run ended: "ok" (the source read to its end) or "stopped" (``stopped_by``
+    "signal", "max_frames" or "sink"); ``signal`` names the first stop signal that came ("SIGINT", "SIGTERM").
+    SIGINT/SIGTERM end the run cleanly with the summary written. The `summary_path` file says the same (and
+    "error" with its text for a run that failed midway, see SummarySink.end_run). An exception raised after the
+    run started classifying carries what the run did until then as ``exc.run_summary`` (``status`` "error",
+    ``error``: its one-line text without source paths). Under systemd (NOTIFY_SOCKET set) it sends
     READY=1 once bundle, backend and source are open, WATCHDOG=1 from the frame loop and STOPPING=1 at the end
     (`notifier`: an edgeclf.devices.systemd.Notifier; default: one from the environment).
     `audit`: a hash-chained audit log (a new file, or a folder for a new one): start (bundle checksum, device
@@ -569,6 +579,8 @@ def run_bundle(
         lambda bk: open_backend(b, bk, precision=precision, threads=threads, options=bopts))
     alog = None
     restore: Callable[[], None] = lambda: None  # noqa: E731
+    received: List[int] = []  # the signals that came during the run
+    partial: Dict[str, Any] = {}  # the summary of a run that failed after it started classifying
     try:
         with be, _open(source_uri, realtime, reconnect) as opened:
             src: Any = _ProgressSource(opened, _watchdog_hook(notify, getattr(opened, "kind", ""))) if notify.active else opened
@@ -583,7 +595,9 @@ def run_bundle(
                 if hasattr(opened, "on_event"):  # a live source that reconnects: its disconnects and reopens go on record
                     opened.on_event = _audit_source_events(alog)
             # Restored only in the outer finally: after every sink closed and the audit log ended.
-            restore = _install_stop_handlers(stop)
+            restore = _install_stop_handlers(stop, received)
+            # A recorded clip's time figures follow its own timeline; a live source's the clock.
+            clip.set_clock(getattr(opened, "fps", None), bool(getattr(opened, "live", False)))
             # Never the URI: a file or folder name may carry a patient's name, and STATUS= lands in the journal.
             notify.ready(f"classifying a {getattr(opened, 'kind', 'source')} source with {b.path.name} on {be.name}")
             # OpenCV's own worker pool would put resize and colour conversion on every core, on top of the
@@ -592,7 +606,10 @@ def run_bundle(
             cv_threads = cv2.getNumThreads()
             cv2.setNumThreads(1)
             drawn: List[Sink] = []
-            failed = True
+            recorder: Optional[VideoRecorderSink] = None
+            summary: Optional[RunSummary] = None
+            run_error: Optional[BaseException] = None
+            jsonl: Optional[JsonlSink] = None
             try:
                 # Window and recorder before the results file: a bad --show or --record must not truncate it.
                 if show:
@@ -601,8 +618,8 @@ def run_bundle(
                     drawn.append(OverlayWindow())
                 if record:
                     size = src.size or (m.preprocess.size[0], m.preprocess.size[1])
-                    drawn.append(VideoRecorderSink(record, float(src.fps or 15.0), size))
-                jsonl: Optional[JsonlSink] = None
+                    recorder = VideoRecorderSink(record, float(src.fps or 15.0), size)
+                    drawn.append(recorder)
                 if out:
                     jsonl = JsonlSink(out, fsync_every=fsync_every, append=append, run_id=run_id)
                     sinks.append(jsonl)
@@ -615,22 +632,57 @@ def run_bundle(
                 sinks.append(clip)
                 on_fault = None if alog is None else _audit_pipeline_events(alog)
                 summary = run_pipeline(b, src, be, sinks, max_frames=max_frames, options=opts, stop=stop, on_event=on_fault)
-                failed = False
+                if summary.stopped_by is None and max_frames is not None and summary.frames >= max_frames:
+                    summary.stopped_by = "max_frames"  # the source may hold more: the run did not read on
+            except BaseException as exc:
+                run_error = exc
+                raise
             finally:
                 notify.stopping()
                 cv2.setNumThreads(cv_threads)
+                started = clip in sinks  # it classified (or was about to): the summary says how the run ended
+                close_error: Optional[BaseException] = None
                 try:
-                    _close_all(sinks + [s for s in drawn if s not in sinks])
-                except BaseException as exc:
-                    if not failed:
-                        raise
+                    _close_all([s for s in sinks if s is not clip] + [s for s in drawn if s not in sinks])
+                except BaseException as exc:  # noqa: BLE001 - raised below (or said, when the run failed first)
+                    close_error = exc
+                failure = run_error if run_error is not None else close_error
+                if started:
+                    # Last: told how the run ended, whatever another output's close did.
+                    stats = _source_stats(src)
+                    error = None if failure is None else _error_text(failure, source_uri)
+                    stopped_by = None if failure is not None or summary is None else summary.stopped_by
+                    clip.end_run("error" if failure is not None else ("ok" if stopped_by is None else "stopped"),
+                                 stopped_by=stopped_by, error=error, frame_count_claimed=src.frame_count,
+                                 source_stats=stats, multi_file=_multi_file(src, stats))
+                    try:
+                        clip.close()
+                    except BaseException as exc:  # noqa: BLE001 - raised below like the others
+                        if close_error is not None:
+                            log.error("closing SummarySink failed: %s", " ".join(str(exc).split()) or type(exc).__name__)
+                        close_error = close_error or exc
+                    failure = run_error if run_error is not None else close_error
+                    if failure is not None:
+                        partial = {
+                            "status": "error", "error": error or _error_text(failure, source_uri), "stopped_by": None,
+                            "frames": clip.written, "written": min((s.written for s in sinks), default=0),
+                            "signal": _signal_name(received), "frame_count_claimed": src.frame_count,
+                            "source_stats": stats, "bundle": str(b.path), "bundle_checksum": b.checksum, "task": m.task,
+                            "source_kind": src.kind, "backend": be.name, "model": variant, "out": out, "clip": clip.result,
+                            "threads": getattr(be, "threads", threads), "device": device, "chosen_by": chosen,
+                            "record": _record_stats(recorder)}
+                if close_error is not None:
+                    if run_error is None:
+                        raise close_error
                     # the run's own error is the one to report; this one is said, not lost
-                    log.error("closing an output failed too: %s", " ".join(str(exc).split()) or type(exc).__name__)
+                    log.error("closing an output failed too: %s", " ".join(str(close_error).split()) or type(close_error).__name__)
+            assert summary is not None  # run_pipeline returned
             result = summary.to_dict()
             result.update(
+                status="ok" if summary.stopped_by is None else "stopped", signal=_signal_name(received),
                 bundle=str(b.path), bundle_checksum=b.checksum, task=m.task, source_kind=src.kind, backend=be.name, model=variant,
                 frame_count_claimed=src.frame_count, out=out, clip=clip.result, threads=getattr(be, "threads", threads),
-                device=device, chosen_by=chosen,
+                device=device, chosen_by=chosen, record=_record_stats(recorder),
             )
             if jsonl is not None and run_id is not None:
                 result["run"] = run_id
@@ -649,10 +701,61 @@ def run_bundle(
     except BaseException as exc:
         if alog is not None:  # whatever failed (the run, a sink's close, the source's): the log gets its end
             _end_audit_on_error(alog, exc)
+            if partial:
+                partial["audit"] = {"path": alog.path, "head": alog.head, "records": alog.records}
+        if partial:
+            # The caller (the CLI's --json) still gets what the run did before it failed.
+            exc.run_summary = partial  # type: ignore[attr-defined]
         raise
     finally:
         restore()
     return result
+
+
+def _error_text(exc: BaseException, source_uri: str) -> str:
+    """An error as one line for the outputs (the summary file, --json): the source's path and any URL replaced by
+    <source>, as the audit log writes it (a file name may carry a patient's name)."""
+    from edgeclf.runtime.audit import scrub_source
+
+    return scrub_source(" ".join(str(exc).split())[:500] or type(exc).__name__, source_uri)
+
+
+def _signal_name(received: List[int]) -> Optional[str]:
+    """The first stop signal the run got ("SIGINT", "SIGTERM"), None without one."""
+    if not received:
+        return None
+    try:
+        return signal.Signals(received[0]).name
+    except ValueError:
+        return str(received[0])
+
+
+def _source_stats(src: Any) -> Optional[Dict[str, Any]]:
+    stats = getattr(src, "stats", None)
+    if not callable(stats):
+        return None
+    try:
+        got = stats()
+    except Exception as exc:  # noqa: BLE001 - a source that cannot count after a failure: said, and the summary has none
+        log.warning("the source's counts are not available: %s", " ".join(str(exc).split()) or type(exc).__name__)
+        return None
+    return dict(got) if isinstance(got, dict) else None
+
+
+def _multi_file(src: Any, stats: Optional[Dict[str, Any]]) -> bool:
+    """Whether the source is several files (a watched folder, a DICOM or image folder of more than one): no clip
+    decision over all of them, whatever part of them the run read."""
+    kind = getattr(src, "kind", "")
+    files = (stats or {}).get("files")
+    return kind == "watch" or (isinstance(files, int) and files > 1) or \
+        (kind == "images" and isinstance(src.frame_count, int) and src.frame_count > 1)
+
+
+def _record_stats(recorder: Any) -> Optional[Dict[str, Any]]:
+    """--record's counts: frames written, those of another size letterboxed to fit (`resized`), the video's size."""
+    if recorder is None:
+        return None
+    return {"frames": recorder.written, "resized": recorder.resized, "size": list(recorder.size)}
 
 
 class _RunAuditSink(AuditSink):

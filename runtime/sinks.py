@@ -33,7 +33,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from edgeclf.errors import ConfigError, DataError, EdgeclfError
-from edgeclf.runtime.clips import ClipAggregator, FileClipAggregator
+from edgeclf.runtime.clips import FILE_KEYS, ClipAggregator, FileClipAggregator, file_of
 
 __all__ = [
     "Sink",
@@ -531,7 +531,9 @@ class VideoRecorderSink(Sink):
     path: .mp4/.m4v/.mov/.mkv (FourCC mp4v) or .avi (MJPG); `fourcc` overrides.
     fps: the frame rate stored in the file (the source's fps), > 0.
     size: (width, height) of the video, each rounded down to an even number (the encoders need even
-        sizes and would otherwise crop); frames of another size are resized (counted in ``resized``).
+        sizes and would otherwise crop); a frame of another size (a folder of images of mixed sizes) is scaled
+        to fit it with its aspect ratio kept and black bars on the other sides (letterboxed: never stretched),
+        counted in ``resized`` and warned about once.
     annotate: draw the overlay (label, confidence bar, abstain reason, fps, latency); False = raw frames.
 
     Called as ``write(record, image=frame_image)`` with uint8 (H, W) gray or (H, W, 3) RGB; ``written``
@@ -599,9 +601,10 @@ class VideoRecorderSink(Sink):
         h, w = img.shape[:2]
         if (w, h) != self.size:
             if self.resized == 0:
-                logger.warning("recording %s: frames of %dx%d are resized to %dx%d", self.path, w, h, *self.size)
+                logger.warning("recording %s: frames of %dx%d are scaled to fit %dx%d, aspect ratio kept (black bars); "
+                               "counted in the summary's record.resized", self.path, w, h, *self.size)
             self.resized += 1
-            img = cv2.resize(img, self.size, interpolation=cv2.INTER_AREA)
+            img = _letterbox(cv2, img, self.size)
         fps = self._meter.update(record.get("timestamp"))
         out = draw_overlay(img, record, fps=fps, order="bgr") if self.annotate else to_bgr(img)
         self._vw.write(out)
@@ -660,6 +663,18 @@ class VideoRecorderSink(Sink):
         return n, True
 
 
+def _letterbox(cv2: Any, img: NDArray[np.uint8], size: Tuple[int, int]) -> NDArray[np.uint8]:
+    """`img` scaled to fit (width, height) `size` with its aspect ratio kept, centred on black."""
+    h, w = img.shape[:2]
+    scale = min(size[0] / w, size[1] / h)
+    nw, nh = min(size[0], max(1, round(w * scale))), min(size[1], max(1, round(h * scale)))
+    small = cv2.resize(img, (nw, nh), interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR)
+    out = np.zeros((size[1], size[0]) + img.shape[2:], np.uint8)
+    x0, y0 = (size[0] - nw) // 2, (size[1] - nh) // 2
+    out[y0:y0 + nh, x0:x0 + nw] = small.reshape((nh, nw) + img.shape[2:])
+    return out
+
+
 # --------------------------------------------------------------------------------------------- summary
 
 _ABSTAIN = "(abstain)"
@@ -673,14 +688,21 @@ class ClipSummary:
     share_frames: label_frames / frames. majority_label: most frames (ties: more time, then label order);
         None when every frame abstained.
     abstained, abstain_rate (of frames), abstain_reasons: {reason: frames}.
-    duration_s: summed frame durations from the capture timestamps (each frame lasts until the next one;
-        the last one the median interval); None with fewer than 2 timed frames. Intervals longer than
+    time_basis: what the time figures below measure. "clip": the clip's own timeline, frame index / `fps` (a
+        recorded video, DICOM cine or synthetic source: how long the scan showed each label, the same on every
+        run whatever the machine's speed); "capture": the frames' capture timestamps (a live source, a watched
+        folder, --realtime: time as it passed); None: not measured (a recorded source without a frame rate,
+        e.g. a folder of images), and every time figure is None.
+    fps: the frame rate of the "clip" timeline (None otherwise).
+    duration_s: summed frame durations on that basis (each frame lasts until the next one; the last one the
+        median interval); None with fewer than 2 timed frames. Intervals longer than
         `max_gap_s` (a stalled or reconnecting source) give the frame the median interval and count the
-        rest as ``gap_s`` (``gaps`` of them). span_s: last - first timestamp.
+        rest as ``gap_s`` (``gaps`` of them). span_s: last - first frame's time.
     label_time_s / share_time: per-label time and its share of duration_s (None without a duration);
         abstain_share_time: the abstaining share.
-    untimed: records without a numeric "timestamp" (counted in frames, not in time). unlabeled: records
-        with neither a label, labels nor an abstain (not expected from the pipeline).
+    untimed: records counted in frames but not in time (no numeric "timestamp", resp. "frame" for the clip
+        timeline; every record when time is not measured). unlabeled: records with neither a label, labels
+        nor an abstain (not expected from the pipeline).
     """
 
     frames: int = 0
@@ -699,6 +721,8 @@ class ClipSummary:
     gap_s: float = 0.0
     untimed: int = 0
     unlabeled: int = 0
+    time_basis: Optional[str] = "capture"
+    fps: Optional[float] = None
 
     def to_dict(self) -> Dict[str, Any]:
         def r(v: Optional[float]) -> Optional[float]:
@@ -708,7 +732,8 @@ class ClipSummary:
             return None if d is None else {k: round(v, 6) for k, v in d.items()}
 
         return {
-            "frames": self.frames, "duration_s": r(self.duration_s), "span_s": r(self.span_s),
+            "frames": self.frames, "time_basis": self.time_basis, "fps": r(self.fps),
+            "duration_s": r(self.duration_s), "span_s": r(self.span_s),
             "majority_label": self.majority_label, "label_frames": dict(self.label_frames),
             "share_frames": rd(self.share_frames), "label_time_s": rd(self.label_time_s),
             "share_time": rd(self.share_time), "abstained": self.abstained, "abstain_rate": r(self.abstain_rate),
@@ -761,12 +786,13 @@ class _ClipAccumulator:
     the rest as a gap; the last frame also gets the typical interval.
     """
 
-    def __init__(self, labels: Optional[Sequence[str]], max_gap_s: float) -> None:
+    def __init__(self, labels: Optional[Sequence[str]], max_gap_s: float, basis: Optional[str] = "capture",
+                 fps: Optional[float] = None) -> None:
         self.order: List[str] = [str(x) for x in labels] if labels else []
         self.counts: Dict[str, int] = {k: 0 for k in self.order}
         self.t_lab: Dict[str, float] = {k: 0.0 for k in self.order}
         self.max_gap_s = max_gap_s
-        self.s = ClipSummary()
+        self.s = ClipSummary(time_basis=basis, fps=fps)
         self.t_abs = 0.0
         self.total = 0.0
         self.first: Optional[float] = None
@@ -902,7 +928,16 @@ class SummarySink(Sink):
 
     aggregator: the clip decision (as ``edgeclf evaluate`` aggregates), one per file of a multi-file source
     (:class:`FileClipAggregator`; a :class:`ClipAggregator` given here lends its settings): the JSON's
-    ``decision``, and for files ``decisions`` (one per clip) and ``stills`` (files of one frame)."""
+    ``decision``, and for files ``decisions`` (one per clip) and ``stills`` (files of one frame).
+
+    The run that feeds it tells it, before the first frame, how its source keeps time (:meth:`set_clock`: a
+    recorded clip's time figures come from its own timeline, not from how fast it was decoded), and before
+    close() how the run ended (:meth:`end_run`). The file then says so: ``status`` ("ok": the source was read to
+    its end; "stopped": ``stopped_by`` "signal", "max_frames" or "sink"; "error": ``error`` holds the one-line
+    text), ``frame_count_claimed`` and ``source_stats``; a clip decision of a run that did not end "ok" that
+    covers the last frame read carries ``"complete": false`` (it covers only the frames read before the run
+    stopped). Without :meth:`end_run` (a library caller's own loop) the file holds the summary alone, as
+    :func:`summarize` gives it."""
 
     def __init__(
         self, path: Union[str, os.PathLike[str], None] = None, *, labels: Optional[Sequence[str]] = None,
@@ -919,9 +954,14 @@ class SummarySink(Sink):
             raise ConfigError(f"summary max_gap_s is {max_gap_s!r}; allowed: seconds > 0, e.g. 1.0")
         self.max_gap_s = float(max_gap_s)
         self.written = 0
+        self._fps: Optional[float] = None  # set: the clip's own timeline (frame index / fps)
+        self._basis: Optional[str] = "capture"
         self._acc = _ClipAccumulator(self.labels, self.max_gap_s)
         self._closed = False
-        self.result: Optional[Dict[str, Any]] = None  # summary().to_dict(), set at close()
+        self._end: Optional[Dict[str, Any]] = None  # how the run ended (end_run): written with the summary
+        self._multi_file = False
+        self._last_file: Optional[Tuple[Any, ...]] = None  # the file (clips.file_of) of the last record
+        self.result: Optional[Dict[str, Any]] = None  # summary().to_dict() and the run's end, set at close()
         # The clip decision `edgeclf evaluate` computes offline (mean probability and majority vote of the
         # frames' own predictions), from the same records: on-device and offline clip figures agree. Per file: a new
         # file (another cine, patient or view) is another clip. A live source's reconnection restarts the smoother,
@@ -929,11 +969,54 @@ class SummarySink(Sink):
         self.aggregator: Optional[FileClipAggregator] = (
             FileClipAggregator.like(aggregator) if isinstance(aggregator, ClipAggregator) else aggregator)
 
+    def set_clock(self, fps: Optional[float], live: bool) -> None:
+        """How the time figures are measured, from the source's `fps` and `live` (before the first write). Live
+        (a camera, stream, watched folder, or a file paced by --realtime): the capture timestamps, time as it
+        passed. Recorded with a frame rate (a video, DICOM cine, synthetic): the clip's own timeline, frame
+        index / fps (decode instants measure this machine's speed, not the scan). Recorded without one (a folder
+        of images or stills): not measured (``time_basis`` None, time figures None)."""
+        if self.written:
+            raise RuntimeError("SummarySink.set_clock must come before the first record")
+        rate = float(fps) if isinstance(fps, (int, float)) and not isinstance(fps, bool) else math.nan
+        if live:
+            self._basis, self._fps = "capture", None
+            self._acc = _ClipAccumulator(self.labels, self.max_gap_s)
+        elif math.isfinite(rate) and rate > 0:
+            self._basis, self._fps = "clip", rate
+            # frame indexes are contiguous: a frame period above max_gap_s (a slow cine) is no gap
+            self._acc = _ClipAccumulator(self.labels, max(self.max_gap_s, 1.5 / rate), "clip", rate)
+        else:
+            self._basis, self._fps = None, None
+            self._acc = _ClipAccumulator(self.labels, self.max_gap_s, None)
+
+    def end_run(self, status: str, *, stopped_by: Optional[str] = None, error: Optional[str] = None,
+                frame_count_claimed: Optional[int] = None, source_stats: Optional[Dict[str, Any]] = None,
+                multi_file: bool = False) -> None:
+        """How the run ended, written with the summary at close(). status: "ok" (the source was read to its end),
+        "stopped" (`stopped_by`: "signal", "max_frames", "sink") or "error" (`error`: its one-line text, naming no
+        source path). multi_file: the source is several files (a DICOM folder, a watched folder): ``decision``
+        stays empty whatever the run read (one decision per file, in ``decisions``)."""
+        if status not in ("ok", "stopped", "error"):
+            raise ValueError(f"run status {status!r}; allowed: ok, stopped, error")
+        self._end = {"status": status, "stopped_by": stopped_by, "error": error,
+                     "frame_count_claimed": frame_count_claimed,
+                     "source_stats": None if source_stats is None else dict(source_stats)}
+        self._multi_file = bool(multi_file)
+
+    def _time_of(self, record: Dict[str, Any]) -> Optional[float]:
+        if self._basis == "capture":
+            return _timestamp(record)
+        idx = record.get("frame")
+        if self._fps is None or isinstance(idx, bool) or not isinstance(idx, int):
+            return None
+        return idx / self._fps
+
     def write(self, record: Dict[str, Any], image: Optional[NDArray[np.uint8]] = None) -> None:
         keys, reason = _keys_of(record)
-        self._acc.add(_timestamp(record), keys, reason, not keys and reason is None and "labels" not in record)
+        self._acc.add(self._time_of(record), keys, reason, not keys and reason is None and "labels" not in record)
         if self.aggregator is not None:
             self.aggregator.add_record(record)
+        self._last_file = file_of(record)
         self.written += 1
 
     def summary(self) -> ClipSummary:
@@ -952,13 +1035,33 @@ class SummarySink(Sink):
         per_file: Optional[List[Dict[str, Any]]] = self.aggregator.result().get("decisions")
         return per_file
 
+    def _clip_result(self) -> Dict[str, Any]:
+        """The aggregator's result as the file gives it: no decision over several files, and the decision of a clip
+        the run stopped in marked ``"complete": false``."""
+        assert self.aggregator is not None
+        res = dict(self.aggregator.result())
+        if self._multi_file and "decisions" in res:
+            res["decision"] = None
+        if self._end is None or self._end["status"] == "ok":
+            return res
+        if res.get("decision") is not None:  # a single clip's decision is that of the clip being read
+            res["decision"] = {**res["decision"], "complete": False}
+        per_file = list(res.get("decisions") or [])
+        if per_file and self._last_file is not None and \
+                tuple(per_file[-1].get(k) for k in FILE_KEYS) == self._last_file:
+            per_file[-1] = {**per_file[-1], "complete": False}
+            res["decisions"] = per_file
+        return res
+
     def close(self) -> None:
         if self._closed:
             return
         self._closed = True
         self.result = self.summary().to_dict()
         if self.aggregator is not None:
-            self.result.update(self.aggregator.result())
+            self.result.update(self._clip_result())
+        if self._end is not None:
+            self.result.update(self._end)
         if self.path is not None:
             text = json.dumps(self.result, indent=2) + "\n"
             dest, in_place = _summary_target(self.path)

@@ -469,3 +469,203 @@ def test_a_folder_of_single_images_has_no_clip_decision_and_a_video_keeps_its_on
     assert s["clip"]["decisions"] == [] and s["clip"]["stills"] == 4
     v = app.run_bundle(str(bundle), SRC, out=str(tmp_path / "v.jsonl"))
     assert v["clip"]["decision"]["frames"] == 12 and "decisions" not in v["clip"] and "stills" not in v["clip"]
+
+
+# ------------------------------------------------------------------------------------------- how a run ended
+
+
+def _clip(path: Path, n: int = 40, fps: int = 10) -> Path:
+    import cv2
+
+    rng = np.random.default_rng(1)
+    vw = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), fps, (64, 64))
+    for _ in range(n):
+        vw.write(cv2.cvtColor(rng.integers(30, 200, size=(64, 64), dtype=np.uint8), cv2.COLOR_GRAY2BGR))
+    vw.release()
+    return path
+
+
+class FailsOnFrame(Sink):
+    """An output that fails on its n-th record (a full disk), with a message that quotes `text`."""
+
+    def __init__(self, n: int, text: str) -> None:
+        self.n, self.text, self.written = n, text, 0
+
+    def write(self, record: Any, image: Any = None) -> None:
+        if self.written + 1 == self.n:
+            raise EdgeclfError(self.text)
+        self.written += 1
+
+
+class SignalOnFrame(Sink):
+    def __init__(self, n: int, sig: int) -> None:
+        self.n, self.sig, self.written = n, sig, 0
+
+    def write(self, record: Any, image: Any = None) -> None:
+        self.written += 1
+        if self.written == self.n:
+            os.kill(os.getpid(), self.sig)
+
+
+def test_the_summary_file_of_a_run_cut_short_by_max_frames_says_so(tmp_path: Path) -> None:
+    """clip.json of 10 of a clip's 40 frames must not read as the whole clip's decision."""
+    bundle = make_tiny_bundle(tmp_path / "b")
+    clip = _clip(tmp_path / "clip.avi")
+    summary = tmp_path / "clip.json"
+    s = app.run_bundle(str(bundle), str(clip), max_frames=10, summary_path=str(summary))
+    assert s["frames"] == 10 and s["frame_count_claimed"] == 40
+    assert s["status"] == "stopped" and s["stopped_by"] == "max_frames"
+    written = json.loads(summary.read_text())
+    assert written["status"] == "stopped" and written["stopped_by"] == "max_frames" and written["error"] is None
+    assert written["frame_count_claimed"] == 40 and written["source_stats"]["decoded"] >= 10
+    assert written["decision"]["frames"] == 10 and written["decision"]["complete"] is False
+    whole = app.run_bundle(str(bundle), str(clip), summary_path=str(summary))
+    written = json.loads(summary.read_text())
+    assert whole["status"] == written["status"] == "ok" and written["stopped_by"] is None
+    assert written["decision"]["frames"] == 40 and "complete" not in written["decision"]
+
+
+@main_thread_only
+def test_the_summary_file_of_a_run_stopped_by_sigterm_says_so(tmp_path: Path) -> None:
+    bundle = make_tiny_bundle(tmp_path / "b")
+    summary = tmp_path / "clip.json"
+    s = app.run_bundle(str(bundle), LONG_SRC, summary_path=str(summary), extra_sinks=[SignalOnFrame(3, signal.SIGTERM)])
+    assert s["stopped_by"] == "signal" and s["signal"] == "SIGTERM" and s["status"] == "stopped"
+    written = json.loads(summary.read_text())
+    assert written["status"] == "stopped" and written["stopped_by"] == "signal" and written["frame_count_claimed"] == 100000
+    assert written["decision"]["complete"] is False and written["frames"] == s["frames"]
+
+
+def test_the_summary_file_of_a_dicom_folder_run_that_failed_says_so_and_holds_no_folder_wide_decision(tmp_path: Path) -> None:
+    """A folder of cines whose run dies in its first file (a full disk): the file says "error" with the error's
+    text (without the source's path), keeps `decision` empty as for any multi-file source, and marks the one
+    cine decision it has as incomplete."""
+    pytest.importorskip("pydicom")
+    bundle = make_tiny_bundle(tmp_path / "b")
+    folder = tmp_path / "DOE_JOHN"
+    _two_cines_and_a_still(folder)
+    summary = tmp_path / "clip.json"
+    failing = FailsOnFrame(6, f"writing to {folder / 'a.dcm'}.out failed (No space left on device)")
+    with pytest.raises(EdgeclfError, match="No space left") as err:
+        app.run_bundle(str(bundle), str(folder), summary_path=str(summary), extra_sinks=[failing])
+    text = summary.read_text()
+    written = json.loads(text)
+    assert written["status"] == "error" and "No space left on device" in written["error"] and "DOE_JOHN" not in text
+    assert written["frames"] == 5 and written["frame_count_claimed"] == 25 and written["source_stats"]["files"] == 3
+    assert written["decision"] is None
+    assert [(d["file_index"], d["frames"], d["complete"]) for d in written["decisions"]] == [(0, 5, False)]
+    # the caller (the CLI's --json) gets the same from the exception
+    partial = err.value.run_summary  # type: ignore[attr-defined]
+    assert partial["status"] == "error" and partial["frames"] == 5 and partial["clip"] == written
+    assert "DOE_JOHN" not in json.dumps(partial["error"])
+
+
+def test_a_sink_that_fails_to_close_makes_the_summary_file_say_error(tmp_path: Path) -> None:
+    bundle = make_tiny_bundle(tmp_path / "b")
+    clip = tmp_path / "clip.json"
+    with pytest.raises(EdgeclfError, match="disk went away"):
+        app.run_bundle(str(bundle), SRC, summary_path=str(clip), extra_sinks=[FailsToClose(EdgeclfError("disk went away"))],
+                       reconnect=False)
+    written = json.loads(clip.read_text())
+    assert written["status"] == "error" and written["error"] == "disk went away" and written["frames"] == 12
+
+
+def test_the_time_figures_of_a_recorded_clip_follow_the_clip_not_the_processing_speed(tmp_path: Path) -> None:
+    """40 frames at 10 fps are 4 s of scan, on every run and every machine; a folder of images has no time."""
+    import cv2
+
+    bundle = make_tiny_bundle(tmp_path / "b")
+    clip = _clip(tmp_path / "clip.avi", n=40)
+    summary = tmp_path / "clip.json"
+    app.run_bundle(str(bundle), str(clip), summary_path=str(summary))
+    written = json.loads(summary.read_text())
+    assert written["time_basis"] == "clip" and written["fps"] == 10.0
+    assert written["duration_s"] == pytest.approx(4.0) and written["span_s"] == pytest.approx(3.9)
+    assert written["share_time"] == pytest.approx(written["share_frames"])
+    folder = tmp_path / "xrays"
+    folder.mkdir()
+    for i in range(3):
+        cv2.imwrite(str(folder / f"im{i}.png"), np.random.default_rng(i).integers(30, 200, (48, 48), dtype=np.uint8))
+    s = app.run_bundle(str(bundle), str(folder))
+    assert s["clip"]["time_basis"] is None and s["clip"]["duration_s"] is None and s["clip"]["share_time"] is None
+
+
+def test_a_record_of_a_folder_of_mixed_sizes_counts_the_letterboxed_frames(tmp_path: Path) -> None:
+    import cv2
+
+    bundle = make_tiny_bundle(tmp_path / "b")
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    cv2.imwrite(str(folder / "a.png"), rng.integers(30, 200, (48, 64), dtype=np.uint8))
+    cv2.imwrite(str(folder / "b.png"), rng.integers(30, 200, (64, 64), dtype=np.uint8))
+    cv2.imwrite(str(folder / "c.png"), rng.integers(30, 200, (48, 64), dtype=np.uint8))
+    s = app.run_bundle(str(bundle), str(folder), record=str(tmp_path / "run.avi"))
+    assert s["record"] == {"frames": 3, "resized": 1, "size": [64, 48]}
+
+
+# ------------------------------------------------------------------------------------------- the CLI's ending
+
+
+def _run_and_signal(tmp_path: Path, sig: int, *extra: str) -> Any:
+    import subprocess
+    import sys
+    import time
+
+    from tests.conftest import REPO
+
+    bundle = make_tiny_bundle(tmp_path / "b")
+    out = tmp_path / "r.jsonl"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    p = subprocess.Popen([sys.executable, "-m", "edgeclf", "run", "--bundle", str(bundle), "--source", LONG_SRC, "--out", str(out),
+                          *extra], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and p.poll() is None and (not out.exists() or out.stat().st_size == 0):
+        time.sleep(0.05)
+    p.send_signal(sig)
+    stdout, stderr = p.communicate(timeout=120)
+    assert out.stat().st_size > 0, stderr[-500:]
+    return p.returncode, stdout, stderr
+
+
+def test_ctrl_c_ends_the_cli_run_as_interrupted_after_writing_everything(tmp_path: Path) -> None:
+    """`for f in clips/*; do edgeclf run ...; done`: bash leaves the loop at Ctrl-C only when the child died of SIGINT;
+    an exit 0 made every Ctrl-C start the next clip, and a script could not tell an interrupted clip from a whole one."""
+    code, stdout, stderr = _run_and_signal(tmp_path, signal.SIGINT, "--json", "--summary", str(tmp_path / "clip.json"))
+    assert code in (-signal.SIGINT, 130), (code, stderr[-300:])
+    doc = json.loads(stdout)  # the summary came out whole before the end
+    assert doc["stopped_by"] == "signal" and doc["signal"] == "SIGINT" and doc["status"] == "stopped"
+    assert json.loads((tmp_path / "clip.json").read_text())["stopped_by"] == "signal"
+    assert len((tmp_path / "r.jsonl").read_text().splitlines()) == doc["frames"]
+
+
+def test_sigterm_ends_the_cli_run_with_status_0_for_systemd(tmp_path: Path) -> None:
+    """systemd stops the service with SIGTERM: a clean stop (Restart=on-failure must not restart it)."""
+    code, stdout, stderr = _run_and_signal(tmp_path, signal.SIGTERM)
+    assert code == 0, (code, stderr[-300:])
+    assert "stopped by SIGTERM after" in stdout
+
+
+def test_cli_json_still_prints_the_partial_runs_summary_after_a_mid_run_error(tmp_path: Path) -> None:
+    """README: --json prints exactly one JSON document. A run whose results file fills up midway exits 2 with the
+    error on stderr, and its summary (what it did, how it ended) on stdout."""
+    if not os.path.exists("/dev/full"):
+        pytest.skip("needs /dev/full")
+    bundle = make_tiny_bundle(tmp_path / "b")
+    summary = tmp_path / "clip.json"
+    r = run_cli("run", "--bundle", str(bundle), "--source", SRC, "--out", "/dev/full", "--summary", str(summary), "--json")
+    assert r.returncode == 2 and "edgeclf: error:" in r.stderr and "No space left" in r.stderr, r.stderr[-500:]
+    doc = json.loads(r.stdout)
+    assert doc["status"] == "error" and "No space left" in doc["error"] and doc["frames"] == 0 and doc["written"] == 0
+    assert doc["frame_count_claimed"] == 12 and doc["clip"]["status"] == "error"
+    assert json.loads(summary.read_text())["status"] == "error"
+
+
+def test_the_printed_summary_of_a_watch_run_shows_the_files_it_failed_on(capsys: pytest.CaptureFixture[str]) -> None:
+    from edgeclf.cli import _print_run
+
+    stage = {"median": 1.0, "p90": 1.0, "p99": 1.0, "max": 1.0}
+    _print_run({"frames": 3, "wall_s": 1.0, "fps": 3.0, "written": 3, "abstained": 0, "stages_ms": {"infer": stage},
+                "label_counts": {"a": 3}, "out": "r.jsonl", "clip": {},
+                "source_stats": {"files_seen": 5, "files_done": 3, "files_failed": 2}})
+    assert "files_failed 2" in capsys.readouterr().out

@@ -245,6 +245,21 @@ def test_recorder_resizes_gray_and_odd_frames_and_counts_them(tmp_path: Path) ->
         rec.write(_rec(0), image=_frames(1)[0])
 
 
+def test_recorder_letterboxes_a_frame_of_another_shape_instead_of_stretching_it(tmp_path: Path) -> None:
+    """A folder of images of mixed sizes: a square image in a 2:1 video keeps its shape (black bars beside it)."""
+    pytest.importorskip("cv2")
+    path = tmp_path / "r.avi"
+    with VideoRecorderSink(path, fps=10, size=(64, 32), annotate=False) as rec:
+        rec.write(_rec(0), image=np.full((32, 64), 200, np.uint8))  # the video's own size
+        rec.write(_rec(1), image=np.full((40, 40, 3), 200, np.uint8))  # square: scaled to 32x32, centred
+    assert rec.written == 2 and rec.resized == 1
+    first, second = _read_video(path)
+    assert first.shape == second.shape == (32, 64, 3)
+    assert first[:, :12].mean() > 150  # the full-size frame fills the video
+    assert second[:, :12].mean() < 30 and second[:, -12:].mean() < 30  # bars beside the square
+    assert second[:, 24:40].mean() > 150  # the image itself, not stretched over the whole width
+
+
 def test_recorder_errors_are_one_line(tmp_path: Path) -> None:
     pytest.importorskip("cv2")
     with pytest.raises(ConfigError, match=r"extension '\.gif'"):
@@ -375,6 +390,86 @@ def test_summary_edge_cases() -> None:
     assert ml.label_frames == {"a": 4, "b": 2} and ml.unlabeled == 0
     with pytest.raises(ConfigError, match="max_gap_s"):
         SummarySink(max_gap_s=0)
+
+
+def test_a_recorded_clips_time_figures_come_from_its_timeline_not_its_decode_instants() -> None:
+    """40 frames at 10 fps are 4 s of scan, however fast (and unevenly) they were decoded."""
+    rng = np.random.default_rng(0)
+    stamps = np.cumsum(rng.uniform(0.0001, 0.003, 40))  # decode instants: a few ms in all, uneven
+    labels = ["normal"] * 20 + ["cyst"] * 20
+    sink = SummarySink(labels=("normal", "cyst"))
+    sink.set_clock(10.0, live=False)
+    for i, (lab, ts) in enumerate(zip(labels, stamps)):
+        sink.write(_rec(i, lab, ts=float(ts)))
+    s = sink.summary()
+    assert s.time_basis == "clip" and s.fps == 10.0
+    assert s.duration_s == pytest.approx(4.0) and s.span_s == pytest.approx(3.9)
+    assert s.share_time == {"normal": pytest.approx(0.5), "cyst": pytest.approx(0.5)} and s.gaps == 0
+    assert s.majority_label == "normal"  # a tie in frames and time: the label order, not decode noise
+    slow = SummarySink()
+    slow.set_clock(0.5, live=False)  # a slow cine: 2 s a frame is its period, not a gap
+    for i in range(3):
+        slow.write(_rec(i, "cyst", ts=i * 0.001))
+    assert slow.summary().duration_s == pytest.approx(6.0) and slow.summary().gaps == 0
+
+
+def test_time_is_not_measured_for_a_recorded_source_without_a_frame_rate_and_kept_for_a_live_one() -> None:
+    stills = SummarySink(labels=("normal", "cyst"))
+    stills.set_clock(None, live=False)  # a folder of images
+    for i, lab in enumerate(["cyst", "normal", "normal"]):
+        stills.write(_rec(i, lab, ts=i * 0.01))
+    s = stills.summary().to_dict()
+    assert s["time_basis"] is None and s["duration_s"] is None and s["share_time"] is None
+    assert s["majority_label"] == "normal" and s["untimed"] == 3
+    live = SummarySink()
+    live.set_clock(30.0, live=True)  # a camera: time as it passed
+    for i in range(5):
+        live.write(_rec(i, "cyst", ts=100 + i * 0.5))
+    assert live.summary().time_basis == "capture" and live.summary().duration_s == pytest.approx(2.5)
+    with pytest.raises(RuntimeError, match="before the first record"):
+        live.set_clock(30.0, live=False)
+
+
+def _file_rec(i: int, file_index: int, label: str = "cyst") -> Dict[str, Any]:
+    r = _rec(i, label, ts=i * 0.1)
+    r.update(file_index=file_index, probs={"normal": 0.2, "cyst": 0.8} if label == "cyst" else {"normal": 0.8, "cyst": 0.2},
+             frame_label=label)
+    return r
+
+
+def test_the_summary_file_says_how_the_run_ended_and_marks_a_clip_it_stopped_in(tmp_path: Path) -> None:
+    from edgeclf.runtime.clips import FileClipAggregator
+
+    out = tmp_path / "clip.json"
+    sink = SummarySink(out, labels=("normal", "cyst"), aggregator=FileClipAggregator(labels=["normal", "cyst"]))
+    sink.set_clock(10.0, live=False)
+    for i in range(6):  # file 0 whole (4 frames), file 1 cut after 2
+        sink.write(_file_rec(i, 0 if i < 4 else 1))
+    sink.end_run("error", error="writing result 7 failed (No space left on device)", frame_count_claimed=12,
+                 source_stats={"files": 3, "skipped": 0}, multi_file=True)
+    sink.close()
+    s = json.loads(out.read_text())
+    assert s == sink.result
+    assert s["status"] == "error" and "No space left" in s["error"] and s["stopped_by"] is None
+    assert s["frame_count_claimed"] == 12 and s["source_stats"] == {"files": 3, "skipped": 0}
+    assert s["decision"] is None  # several files: none over all of them, even when the run read only one
+    assert [(d["file_index"], d["frames"], d.get("complete")) for d in s["decisions"]] == [(0, 4, None), (1, 2, False)]
+
+
+def test_a_stopped_single_clip_decision_is_marked_incomplete_and_an_ok_one_is_unmarked(tmp_path: Path) -> None:
+    from edgeclf.runtime.clips import FileClipAggregator
+
+    for status, stopped_by in (("stopped", "max_frames"), ("ok", None)):
+        sink = SummarySink(tmp_path / f"{status}.json", aggregator=FileClipAggregator(labels=["normal", "cyst"]))
+        for i in range(5):
+            sink.write({**_file_rec(i, 0), "file_index": None})
+        sink.end_run(status, stopped_by=stopped_by, frame_count_claimed=40)
+        sink.close()
+        s = json.loads((tmp_path / f"{status}.json").read_text())
+        assert s["status"] == status and s["stopped_by"] == stopped_by and s["decision"]["frames"] == 5
+        assert s["decision"].get("complete") == (False if status == "stopped" else None)
+    with pytest.raises(ValueError, match="allowed: ok, stopped, error"):
+        SummarySink().end_run("done")
 
 
 # ------------------------------------------------------------------------------------------- stdout
