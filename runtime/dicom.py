@@ -43,6 +43,7 @@ pydicom 2.4) is imported inside the functions that need it.
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import re
@@ -60,6 +61,7 @@ from edgeclf.runtime.sources import (
     _dicom_marker,
     _listdir,
     _short_hash,
+    _warn_subfolders,
     natural_key,
     source_hash,
     source_key_info,
@@ -588,6 +590,74 @@ def _fit_stored(arr: NDArray[Any], bits_stored: int, signed: bool) -> NDArray[An
     return masked
 
 
+_PIXEL_DATA = 0x7FE00010
+_UNDEFINED = 0xFFFFFFFF
+_ITEM = b"\xfe\xff\x00\xe0"  # (FFFE,E000), little endian as every encapsulated syntax is
+_SEQUENCE_END = b"\xfe\xff\xdd\xe0"  # (FFFE,E0DD)
+
+
+def _count_items(f: Any, end: int, *, delimited: bool) -> Tuple[int, bool, bool]:
+    """(items, whether `end` comes inside an item or before the sequence delimiter, whether an item header is
+    damaged) of encapsulated pixel data read from `f`'s position on; only the 8-byte item headers are read.
+    `delimited`: the value as in the file (ends with the delimiter), else as pydicom keeps it (without)."""
+    count = 0
+    pos = f.tell()
+    while True:
+        head = f.read(8)
+        if len(head) < 8:
+            return count, delimited or len(head) > 0, False
+        if head[:4] == _SEQUENCE_END:
+            return count, False, False
+        size = int.from_bytes(head[4:], "little")
+        if head[:4] != _ITEM or size == _UNDEFINED:
+            return count, False, True
+        pos += 8 + size
+        if pos > end:
+            return count, True, False
+        f.seek(pos)
+        count += 1
+
+
+_PALETTE_DATA = (0x00281201, 0x00281202, 0x00281203)  # Red, Green, Blue Palette Color Lookup Table Data
+_SEGMENTED_DATA = (0x00281221, 0x00281222, 0x00281223)  # Segmented Red, Green, Blue Palette Color LUT Data
+
+
+def _value_length(ds: Any, tag: int) -> Optional[int]:
+    """The byte length of element `tag`'s value, without reading a value left on disk; None when absent."""
+    elem = getattr(ds, "_dict", {}).get(tag)
+    if elem is None:
+        return None
+    value = getattr(elem, "value", None)
+    if isinstance(value, (bytes, bytearray)):
+        return len(value)
+    if value is None:
+        length = getattr(elem, "length", None)
+        return int(length) if isinstance(length, int) and length != _UNDEFINED else 0
+    return 2 * len(value) if hasattr(value, "__len__") else 2  # read as US: 2 bytes an entry
+
+
+def _palette_problem(ds: Any) -> Optional[str]:
+    """What a PALETTE COLOR file lacks for pydicom's apply_color_lut (what the frames go through), or None.
+    As it reads them: the red descriptor (entries, first value, bits), then the three LUT Data of one entry
+    size (8 or 16 bits) and length, or else the three Segmented LUT Data."""
+    desc = ds.get("RedPaletteColorLookupTableDescriptor")
+    if desc is None or not hasattr(desc, "__len__") or len(desc) != 3:
+        return "no 3-value Red Palette Color Lookup Table Descriptor"
+    entries = int(desc[0]) or 65536  # 0 means 2**16 entries
+    sizes = [_value_length(ds, tag) for tag in _PALETTE_DATA]
+    if any(sizes):
+        if not all(sizes) or len(set(sizes)) != 1 or sizes[0] not in (entries, 2 * entries):
+            return (f"its Lookup Table Data hold {'/'.join(str(n or 0) for n in sizes)} bytes where the descriptor "
+                    f"says {entries} entries of 8 or 16 bits each")
+        return None
+    segmented = [_value_length(ds, tag) for tag in _SEGMENTED_DATA]
+    if not any(segmented):
+        return "no Palette Color Lookup Table Data"
+    if not all(segmented) or int(desc[2]) not in (8, 16):
+        return "its Segmented Lookup Table Data are incomplete, or not of 8 or 16 bits"
+    return None
+
+
 def _to_u8(values: NDArray[Any]) -> Image:
     out: Image = np.clip(np.rint(values), 0, 255).astype(np.uint8)
     return out
@@ -673,6 +743,12 @@ class DicomFile:
         except Exception as exc:  # noqa: BLE001 - pydicom converts values lazily: a damaged element fails here
             raise _damaged_header(where, exc) from None
         out.check()
+        try:
+            out._check_data(ds)
+        except SourceError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - a damaged LUT descriptor met while checking the palette
+            raise _damaged_header(where, exc) from None
         return out
 
     def check(self) -> None:
@@ -695,6 +771,95 @@ class DicomFile:
         problem = _decoder_problem(self.transfer_syntax, self.bits_stored, self.bits_allocated)
         if problem is not None:
             raise SourceError(f"{where} cannot be decoded: {problem}")
+
+    def _check_data(self, ds: Any) -> None:
+        """Raise SourceError when the file does not hold what its header says, found from the header and the
+        file's size without decoding (so a file cut short fails when the source opens, not after other files'
+        results were written): native pixel data shorter than frames x rows x columns x samples x bits (a file
+        that ends inside it, or a header that claims more frames), encapsulated pixel data with fewer fragments
+        than frames or a fragment the file ends inside, PALETTE COLOR without its lookup tables."""
+        if self.photometric == "PALETTE COLOR":
+            problem = _palette_problem(ds)
+            if problem is not None:
+                raise SourceError(
+                    f"{self.where} is PALETTE COLOR without its palette ({problem}); supported: PALETTE COLOR with its "
+                    "Red, Green and Blue Palette Color Lookup Table Descriptor and Data; the file may be damaged; "
+                    "export it again"
+                )
+        elem = getattr(ds, "_dict", {}).get(_PIXEL_DATA)
+        if elem is None:
+            return  # Float/Double Float Pixel Data: not checked here
+        value = getattr(elem, "value", None)
+        held = bytes(value) if isinstance(value, (bytes, bytearray)) else None
+        length = getattr(elem, "length", None)
+        offset = getattr(elem, "value_tell", None)  # where the value starts in the file (a raw element)
+        undefined = length == _UNDEFINED or bool(getattr(elem, "is_undefined_length", False))
+        if self.transfer_syntax in _UNCOMPRESSED:
+            if not undefined:
+                self._check_native(held, length, offset)
+        elif undefined:
+            self._check_fragments(held, offset)
+
+    def _check_native(self, held: Optional[bytes], length: Any, offset: Any) -> None:
+        if held is not None:
+            have, ends_inside = len(held), isinstance(length, int) and len(held) < length
+        elif isinstance(length, int) and isinstance(offset, int) and self.transfer_syntax != _DEFLATED:
+            # the value was left on disk: the file may end before the length its element header gives
+            on_disk = max(0, os.path.getsize(self.path) - offset)
+            have, ends_inside = min(length, on_disk), on_disk < length
+        else:
+            return  # a deflated file's value lies in the inflated stream: inflating it checked it
+        frame_bits = self.rows * self.cols * self.samples * self.bits_allocated
+        if self.photometric == "YBR_FULL_422" and self.samples == 3:
+            frame_bits = frame_bits // 3 * 2  # two samples a pixel on disk
+        if frame_bits <= 0 or have * 8 >= frame_bits * self.frames:  # odd lengths are padded: more is fine
+            return
+        whole = have * 8 // frame_bits
+        self._refuse_short(whole, ends_inside)
+
+    def _check_fragments(self, held: Optional[bytes], offset: Any) -> None:
+        """Encapsulated pixel data: a Basic Offset Table item, then fragments, each frame in one or more of its
+        own (PS3.5 A.4): fewer fragments than frames cannot be decoded. Only the item headers are read."""
+        if held is not None:
+            found, ends_inside, bad = _count_items(io.BytesIO(held), len(held), delimited=False)
+        elif isinstance(offset, int):
+            with open(self.path, "rb", buffering=0) as f:  # unbuffered: 8-byte reads far apart
+                f.seek(offset)
+                found, ends_inside, bad = _count_items(f, os.fstat(f.fileno()).st_size, delimited=True)
+        else:
+            return
+        if bad:
+            raise SourceError(
+                f"{self.where} has damaged encapsulated pixel data (not a sequence of items); supported: pixel data "
+                f"as its transfer syntax {_syntax_name(self.transfer_syntax)} encodes it; the file may be damaged; "
+                "copy or export it again"
+            )
+        fragments = max(0, found - 1)  # the first item is the Basic Offset Table
+        if ends_inside:
+            raise SourceError(
+                f"{self.where} is cut short: the file ends inside its pixel data, after {fragments} complete "
+                f"fragment(s) of its {self.frames} frame(s) (e.g. a half-finished copy); supported: complete files; "
+                "copy or export it again"
+            )
+        if fragments < self.frames:
+            raise SourceError(
+                f"{self.where} is damaged: its pixel data holds {fragments} fragment(s) for the {self.frames} frames "
+                f"its header says (Number of Frames; every frame has one fragment or more; "
+                f"{_syntax_name(self.transfer_syntax)}); supported: pixel data for every frame; copy or export it again"
+            )
+
+    def _refuse_short(self, whole: int, ends_inside: bool) -> None:
+        what = f"{self.cols}x{self.rows}, {self.samples} sample(s) of {self.bits_allocated} bits a pixel"
+        if ends_inside:
+            raise SourceError(
+                f"{self.where} is cut short: its pixel data holds {whole} of the {self.frames} frames its header says "
+                f"({what}; the file ends inside its pixel data, e.g. a half-finished copy); supported: complete "
+                "files; copy or export it again"
+            )
+        raise SourceError(
+            f"{self.where} is damaged: its pixel data holds {whole} of the {self.frames} frames its header says "
+            f"(Number of Frames; {what}); supported: pixel data for every frame; copy or export it again"
+        )
 
     def _meta(self, k: int, voi: str) -> Dict[str, Any]:
         return _whitelisted({
@@ -882,6 +1047,8 @@ class DicomFile:
         ds = pydicom.dcmread(self.path, force=True, defer_size=None if self.transfer_syntax == _DEFLATED else 1024)
         self._fill_syntax(ds)
         if self.frames == 1 or "PixelData" not in ds:
+            if self.frames == 1 and "NumberOfFrames" in ds:
+                ds.NumberOfFrames = 1  # a 0 there is read as 1 frame (as pydicom 3 does); pydicom 2 cannot reshape it
             yield from self._v2_whole(ds, start)
             return
         # pydicom 2's raw element: value None and value_tell (its offset in the file) when read deferred.
@@ -1086,19 +1253,21 @@ def _ext_label(ext: str) -> str:
     return ext if ext in DICOM_EXTENSIONS else "another extension"
 
 
-def _series_files(folder: str) -> Tuple[List[str], int]:
-    """Candidate files of a folder (not hidden, regular) and how many were left out as hidden."""
+def _series_files(folder: str) -> Tuple[List[str], int, int]:
+    """Candidate files of a folder (not hidden, regular), how many were left out as hidden, and how many
+    subfolders it holds (not hidden; not read: a series is the files directly in the folder)."""
     names = []
-    hidden = 0
+    hidden = folders = 0
     for name in _listdir(folder):
         path = os.path.join(folder, name)
         if not os.path.isfile(path):
+            folders += int(not name.startswith(".") and os.path.isdir(path))
             continue
         if name.startswith("."):
             hidden += 1
             continue
         names.append(path)
-    return names, hidden
+    return names, hidden, folders
 
 
 def _empty(path: str) -> bool:
@@ -1115,11 +1284,15 @@ class DicomSource(BaseSource):
     not DICOM (no 'DICM' marker and not named .dcm/.dicom) and DICOM files without pixel data
     (DICOMDIR, reports) are skipped and counted in `skipped` (and `stats()`, for the run summary); a
     damaged or cut-short DICOM file (an empty .dcm too) is an error, never skipped (a series must not
-    lose a file without a word). A multi-frame file (cine) yields each frame. `frame_count` is the sum of
+    lose a file without a word). Subfolders are not read: counted in `folders_skipped` (in `stats()` when
+    any) and warned about once, never by name. A multi-frame file (cine) yields each frame. `frame_count` is the sum of
     NumberOfFrames, `fps` the first file's FrameTime / CineRate / RecommendedDisplayFrameRate, `size`
     the first file's (width, height). Every file is checked when the source opens (photometric
-    interpretation, bits, an installed decoder for its transfer syntax), so that an unusable file
-    fails at once with a one-line SourceError, not in the middle of a run.
+    interpretation, bits, an installed decoder for its transfer syntax, and from its header and size
+    without decoding: pixel data for every frame its header says, every fragment complete, a PALETTE
+    COLOR file's lookup tables), so that an unusable file fails at once with a one-line SourceError
+    naming its index, before any frame is read, not in the middle of a run. (A file that passes can
+    still fail to decode, e.g. damaged compressed data: that error comes when its frames are read.)
     """
 
     kind = "dicom"
@@ -1133,6 +1306,7 @@ class DicomSource(BaseSource):
         source_id: str = "",
     ) -> None:
         self.skipped = 0
+        self.folders_skipped = 0
         files = self._collect(path)
         self._files = files
         # Frames of each file, in order: a folder of single-frame films is independent images, a file with
@@ -1162,14 +1336,19 @@ class DicomSource(BaseSource):
             first.rows,
             first.photometric,
         )
+        _warn_subfolders(logger, self.folders_skipped)
 
     def stats(self) -> Dict[str, int]:
-        """Files read, files skipped (hidden, not DICOM, no pixel data) and passes (for the run summary)."""
-        return {"files": len(self._files), "skipped": self.skipped, "passes": self.passes}
+        """Files read, files skipped (hidden, not DICOM, no pixel data), passes and, when there were any,
+        folders_skipped: subfolders of the folder, not read (for the run summary)."""
+        out = {"files": len(self._files), "skipped": self.skipped, "passes": self.passes}
+        if self.folders_skipped:
+            out["folders_skipped"] = self.folders_skipped
+        return out
 
     def _collect(self, path: Union[str, Sequence[str]]) -> List[DicomFile]:
         if isinstance(path, str) and os.path.isdir(path):
-            candidates, hidden = _series_files(path)
+            candidates, hidden, self.folders_skipped = _series_files(path)
             self.skipped += hidden
             explicit = False
         elif isinstance(path, str):
@@ -1210,9 +1389,11 @@ class DicomSource(BaseSource):
             order = df.instance_number
             found.append(((order is None, order if order is not None else 0, natural_key(os.path.basename(p))), df))
         if not found:
+            held = f"; it holds {self.folders_skipped} subfolder(s): subfolders are not read" if self.folders_skipped else ""
             raise SourceError(
-                f"the source folder has no DICOM images ({self.skipped} files skipped: hidden, not DICOM or no pixel data); "
-                "supported: a folder of DICOM Part 10 image files (.dcm or with the 'DICM' marker); point at the series"
+                f"the source folder has no DICOM images ({self.skipped} files skipped: hidden, not DICOM or no pixel "
+                f"data{held}); supported: a folder of DICOM Part 10 image files (.dcm or with the 'DICM' marker), "
+                "without its subfolders; point at the series"
             )
         found.sort(key=lambda item: item[0])
         ordered = [df for _, df in found]

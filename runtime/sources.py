@@ -757,17 +757,25 @@ class ImageSource(BaseSource):
     Gray files stay (H, W); colour files become RGB; 16-bit files are scaled to 8-bit; alpha is
     dropped. A file that cannot be decoded, or a multi-page TIFF, raises SourceError naming its
     index: a frame is never skipped. `size` is the first image's (images may differ; frames are not resized unless a size
-    was requested).
+    was requested). `folders_skipped`: subfolders of the folder the files were listed from, which are not read
+    (warned about once, never by name; in `stats()` when any).
     """
 
     kind = "images"
 
     def __init__(
-        self, files: List[str], *, loop: bool = False, size: Optional[Size] = None, source_id: str = ""
+        self,
+        files: List[str],
+        *,
+        loop: bool = False,
+        size: Optional[Size] = None,
+        source_id: str = "",
+        folders_skipped: int = 0,
     ) -> None:
         if not files:
             raise SourceError("no image files to read; supported: " + " ".join(IMAGE_EXTENSIONS))
         self._files = list(files)
+        self.folders_skipped = int(folders_skipped)  # subfolders of the folder the files came from: not read
         self._loop = loop
         self._pos = 0
         self.passes = 1
@@ -789,6 +797,14 @@ class ImageSource(BaseSource):
             first.shape[1],
             first.shape[0],
         )
+        _warn_subfolders(logger, self.folders_skipped)
+
+    def stats(self) -> Dict[str, int]:
+        """Files, passes and, when there were any, folders_skipped: subfolders not read (for the run summary)."""
+        out = {"files": len(self._files), "passes": self.passes}
+        if self.folders_skipped:
+            out["folders_skipped"] = self.folders_skipped
+        return out
 
     def _read(self, timeout: Optional[float]) -> Optional[Tuple[Image, Dict[str, Any]]]:
         if self._pos >= len(self._files):
@@ -850,6 +866,30 @@ def _count_dicom(folder: str) -> int:
         if ext in _DICOM_EXTENSIONS or (ext not in IMAGE_EXTENSIONS and _dicom_marker(path)):
             n += 1
     return n
+
+
+def _subfolder_count(folder: str) -> int:
+    """How many subfolders (not hidden: a USB stick's .Trashes or .Spotlight-V100 are no one's series) a folder
+    holds. Folder sources read only the files directly in the folder; these are counted and warned about."""
+    try:
+        with os.scandir(folder) as entries:  # d_type: no stat per file of a large folder
+            return sum(1 for e in entries if not e.name.startswith(".") and e.is_dir())
+    except OSError:
+        return 0  # listed a moment ago by the caller; what cannot be listed now holds nothing to count
+
+
+def _subfolders_text(n: int) -> str:
+    return f"{n} subfolder{'' if n == 1 else 's'}"
+
+
+def _warn_subfolders(
+    log: logging.Logger, n: int, what: str = "the source folder", fix: str = "give each subfolder as a source of its own"
+) -> None:
+    """One warning that `n` subfolders of `what` are not read; never their names (a folder may be named after
+    a patient)."""
+    if n > 0:
+        log.warning("%s holds %s, not read: only the files directly in it are; %s (counted in "
+                    "source_stats.folders_skipped)", what, _subfolders_text(n), fix)
 
 
 def _image_files_in(folder: str) -> List[str]:
@@ -1276,11 +1316,14 @@ def _open_path(text: str, loop: bool, size: Optional[Size], sid: str) -> BaseSou
                 from edgeclf.runtime.dicom import DicomSource
 
                 return DicomSource(path, loop=loop, size=size, source_id=sid)
+            folders = _subfolder_count(path)
+            held = f" (it holds {_subfolders_text(folders)}; subfolders are not read)" if folders else ""
             raise SourceError(
-                f"the source folder has no image or DICOM files; supported: a folder of {' '.join(IMAGE_EXTENSIONS)} "
-                "images or of DICOM files; point at the folder that holds the frames"
+                f"the source folder has no image or DICOM files{held}; supported: a folder of "
+                f"{' '.join(IMAGE_EXTENSIONS)} images or of DICOM files, without its subfolders; point at the folder "
+                "that holds the frames"
             )
-        return ImageSource(files, loop=loop, size=size, source_id=sid)
+        return ImageSource(files, loop=loop, size=size, source_id=sid, folders_skipped=_subfolder_count(path))
     if os.path.isfile(path) and (ext in _DICOM_EXTENSIONS or (ext not in VIDEO_EXTENSIONS + IMAGE_EXTENSIONS and _dicom_marker(path))):
         from edgeclf.runtime.dicom import DicomSource
 

@@ -6,6 +6,9 @@ folder (no inotify: works on network shares and every OS) and hands out the fram
 multi-frame files give one frame each).
 
 When is a file new and complete?
+- Only files directly in the folder are read: a subfolder's are not (a file is not complete until it is
+  in the folder itself). Subfolders are counted (`folders_skipped`) and warned about the first time, never
+  by name (a folder may be named after a patient).
 - Hidden files (dotfiles) and partial downloads (.part .partial .tmp .temp .crdownload .download
   .filepart .swp, or a trailing ~) are never read. Writers that write to such a name and rename it
   into place are picked up on the next poll after the rename.
@@ -67,12 +70,16 @@ from edgeclf.runtime.sources import (
     Size,
     _dicom_marker,
     _short_hash,
+    _warn_subfolders,
     decode_image,
     natural_key,
     source_hash,
 )
 
-__all__ = ["WatchFolderSource", "open_watch", "watch_state_of", "STATE_NAME", "PARTIAL_SUFFIXES"]
+__all__ = [
+    "WatchFolderSource", "open_watch", "watch_state_of", "watch_state_counts", "describe_watch_state", "STATE_NAME",
+    "PARTIAL_SUFFIXES",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -186,13 +193,14 @@ class WatchFolderSource:
         self._inflight: Dict[str, _Entry] = {}
         self._ignored: Set[str] = set()
         self._unreadable: Set[str] = set()  # keys that could not be opened: said once at INFO, then DEBUG
+        self._subfolders: Set[str] = set()  # names of subfolders seen (never read, logged or exported: counted)
         self._current: Optional[Tuple[_Entry, Iterator[Tuple[Image, Dict[str, Any]]]]] = None
         self._next_index = 0
         self._next_poll = 0.0
         self._last_activity = time.monotonic()
         self._counts: Dict[str, int] = dict.fromkeys(
             ("files_seen", "files_done", "files_failed", "files_ignored", "files_changed", "files_forgotten",
-             "frames_read", "frames_acked"), 0
+             "folders_skipped", "frames_read", "frames_acked"), 0
         )
         self._lock_file: Optional[IO[str]] = None
         self._take_lock()
@@ -300,7 +308,8 @@ class WatchFolderSource:
 
     def stats(self) -> Dict[str, int]:
         """files_seen, files_done, files_failed, files_ignored, files_changed (re-read under a new identity),
-        files_unreadable (in the folder, could not be opened at the last try), frames_read, frames_acked, pending."""
+        files_unreadable (in the folder, could not be opened at the last try), folders_skipped (subfolders seen,
+        whose files are never read), frames_read, frames_acked, pending."""
         with self._lock:
             out = dict(self._counts)
             out["files_unreadable"] = len(self._unreadable)
@@ -349,13 +358,17 @@ class WatchFolderSource:
         listed: Set[str] = set()
         ready: List[_Entry] = []
         unstable = 0
+        subfolders: List[str] = []
         for e in entries:
             name = e.name
             low = name.lower()
-            if name.startswith(".") or low.endswith(PARTIAL_SUFFIXES):
+            if name.startswith("."):
                 continue
             try:
-                if not e.is_file():
+                if e.is_dir():
+                    subfolders.append(name)
+                    continue
+                if low.endswith(PARTIAL_SUFFIXES) or not e.is_file():
                     continue
                 st = e.stat()
             except OSError:
@@ -392,6 +405,7 @@ class WatchFolderSource:
                                 kind=kind))
         self._seen = current
         self._unstable = unstable
+        self._count_subfolders(subfolders)
         self._unreadable &= listed  # gone or changed: no longer an unread file of this folder
         self._age_out(listed)
         if unstable:
@@ -403,6 +417,26 @@ class WatchFolderSource:
             self._counts["files_seen"] += fresh  # retries: once
             if fresh:  # retrying a file that stays unreadable is no activity: it must not hold idle_exit off
                 self._last_activity = time.monotonic()
+
+    def _count_subfolders(self, names: List[str]) -> None:
+        """Count subfolders never seen before (files in them are never read), and say so: a warning the first
+        time, INFO for later ones (a drop folder with a folder per study would warn at every study). Never by
+        name: a folder may be named after a patient. The state file's own folder, where state=PATH puts it
+        inside the watched folder, is not counted."""
+        own = os.path.dirname(self.state_path)
+        new = [n for n in names if n not in self._subfolders and os.path.abspath(os.path.join(self.folder, n)) != own]
+        if not new:
+            return
+        first = not self._subfolders
+        self._subfolders.update(new)
+        with self._lock:
+            self._counts["folders_skipped"] = len(self._subfolders)
+        if first:
+            _warn_subfolders(logger, len(new), f"watch {self.source_id}: the watched folder",
+                             "have the sender write into the watched folder itself, or watch each subfolder")
+        else:
+            logger.info("watch %s: %d more subfolder(s) in the watched folder, not read (%d in all)", self.source_id,
+                        len(new), len(self._subfolders))
 
     def _age_out(self, listed: Set[str]) -> None:
         """Stamp state entries whose file is no longer listed (wall-clock time: it must hold across restarts),
@@ -709,11 +743,9 @@ def _fsync_dir(folder: str) -> None:
         os.close(fd)
 
 
-def watch_state_of(uri: str) -> Tuple[bool, int]:
-    """(whether `uri` names its own state=PATH, how many files its state records as handled: done, failed, or with
-    frames acknowledged), read without opening the source or taking its lock. A run on that folder never hands
-    those files out again, so results written for them exist only where that run wrote them. (False, 0) without a
-    state file, or with one that cannot be read as a state (opening the source says what is wrong with it)."""
+def _state_files(uri: str) -> Tuple[bool, Dict[str, Any]]:
+    """(whether `uri` names its own state=PATH, the entries of its state file: {} without one, or with one that
+    cannot be read as a state), read without opening the source or taking its lock."""
     rest = uri.strip()[len("watch:"):]
     folder, _, query = rest.partition("?")
     given = [v for k, _, v in (item.partition("=") for item in query.split("&")) if k == "state" and v]
@@ -722,15 +754,53 @@ def watch_state_of(uri: str) -> Tuple[bool, int]:
         with open(path, encoding="utf-8") as f:
             data = json.load(f)
     except (OSError, ValueError):
-        return bool(given), 0
+        return bool(given), {}
     files = data.get("files") if isinstance(data, dict) and data.get("format") == _STATE_FORMAT else None
-    if not isinstance(files, dict):
-        return bool(given), 0
-    handled = sum(
-        1 for e in files.values()
-        if isinstance(e, dict) and (e.get("status") in ("done", "failed") or _count_or_none(e.get("acked"), False) and e["acked"] > 0)
-    )
-    return bool(given), handled
+    return bool(given), (files if isinstance(files, dict) else {})
+
+
+def watch_state_counts(uri: str) -> Dict[str, int]:
+    """What the state of watched folder `uri` records, read without opening the source or taking its lock:
+    `done` files (all frames classified: never handed out again), `failed` ones (could not be decoded: handed out
+    again only once they change, under a new identity), `partial` ones (some frames classified: the next run
+    resumes after them) and `with_results`, the files of these with a result written (done, or frames
+    acknowledged; a file that failed at open has none). All 0 without a state file, or with one that cannot be
+    read as a state (opening the source says what is wrong with it)."""
+    return _counts_of(_state_files(uri)[1])
+
+
+def _counts_of(files: Dict[str, Any]) -> Dict[str, int]:
+    out = dict.fromkeys(("done", "failed", "partial", "with_results"), 0)
+    for e in files.values():
+        if not isinstance(e, dict):
+            continue
+        acked = _count_or_none(e.get("acked"), False) and e["acked"] > 0
+        status = e.get("status")
+        if status in ("done", "failed") or (status == "partial" and acked):
+            out[str(status)] += 1
+            out["with_results"] += int(status == "done" or acked)
+    return out
+
+
+def describe_watch_state(counts: Dict[str, int]) -> str:
+    """`watch_state_counts` in words, for a message: what each kind of handled file becomes at the next run."""
+    parts = []
+    if counts.get("done"):
+        parts.append(f"{counts['done']} classified, never to be classified again")
+    if counts.get("partial"):
+        parts.append(f"{counts['partial']} partly classified, the next run going on after the frames classified")
+    if counts.get("failed"):
+        parts.append(f"{counts['failed']} failed to decode, read again only once they change")
+    return "; ".join(parts) if parts else "no file handled"
+
+
+def watch_state_of(uri: str) -> Tuple[bool, int]:
+    """(whether `uri` names its own state=PATH, how many files its state records as handled: done, failed, or with
+    frames acknowledged; see `watch_state_counts` for what they are), read without opening the source or taking
+    its lock. (False, 0) without a state file, or with one that cannot be read as a state."""
+    given, files = _state_files(uri)
+    counts = _counts_of(files)
+    return given, counts["done"] + counts["failed"] + counts["partial"]
 
 
 def open_watch(uri: str, *, size: Optional[Size] = None, source_id: str = "") -> WatchFolderSource:
