@@ -8,6 +8,14 @@ to 50% of its MACs (fine-tuned, recalibrated) and that one's INT8. Each is evalu
 test split (choices were made on validation only) and timed with ONNX Runtime, batch 1, fixed input
 size, 2 threads, all four interleaved in one process. Writes benchmarks/results/compression.{json,md}.
 This is a benchmark, not a test: its figures are measurements of this machine, committed with it.
+
+Targets (the compression issue's acceptance; `failures`), judged on the whole table, kept row groups included:
+each INT8 variant built stays within the gate's limits of its own fp32 parent on the test split too (AUC drop
+<= 0.01, decision agreement >= 0.98 on validation and test; the limits it was exported with); on BUSI and on brain
+MRI some compressed model is at least 3x faster than its architecture unpruned in fp32 with AUC at most 0.01 below
+it; on BreastMNIST a deployed compressed model reaches AUC >= 0.90 and accuracy >= 0.86 (the published ResNet-18 at
+28 px), AUC at most 0.01 below its unpruned fp32. A variant the gate refused is the gate at work, not a failure.
+Prints a line per target; exit 1, one FAILED line each, when one is missed (`--render` checks the committed table).
 """
 from __future__ import annotations
 
@@ -16,6 +24,7 @@ import json
 import os
 import platform
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -34,6 +43,13 @@ CONFIGS = [
     ("brain_mri", "brain_mri", "resnet18", 64, {"epochs": 8, "prune": {"steps": 2, "finetune_epochs": 4}}),
 ]
 PRUNE = {"target_macs": 0.5, "steps": 3, "finetune_epochs": 8}  # fine-tuned with the parent as teacher
+# The gate's limits every variant is exported with (ExportConfig's defaults), checked again on the test split.
+MAX_DROP, MIN_AGREEMENT = 0.01, 0.98
+EPS = 1e-9  # k/n in floats: exactly the limit passes, as in export/gate.py
+# The compression issue's acceptance: per data set, the speedup of some compressed model over its architecture
+# unpruned in fp32, and for BreastMNIST the figures of the published ResNet-18 (28 px) a deployed model must reach.
+SPEEDUP_TARGETS = {"busi": 3.0, "brain_mri": 3.0}
+FIGURE_TARGETS = {"breastmnist": {"auc": 0.90, "accuracy": 0.86}}
 
 
 def machine() -> dict:
@@ -90,7 +106,8 @@ def run_config(name: str, spec: str, model: str, size: int, opts: dict, work: Pa
     rows, paths, exports = [], {}, {}
     for folder, pruned in ((tag, False), (f"{tag}-p50", True)):
         bundle = work / f"{folder}.bundle"
-        m = export_bundle(ExportConfig(out=str(bundle), model=str(work / folder), precision="auto", max_drop=0.01, overwrite=True))
+        m = export_bundle(ExportConfig(out=str(bundle), model=str(work / folder), precision="auto", max_drop=MAX_DROP,
+                                          min_agreement=MIN_AGREEMENT, overwrite=True))
         b = load_bundle(bundle)
         gate = {c["id"]: c for c in m["deploy"]["candidates"]}
         exports[folder] = {"deploy": {k: v for k, v in m["deploy"].items() if k != "candidates"}, "candidates": m["deploy"]["candidates"]}
@@ -167,25 +184,102 @@ def markdown(rows: list[dict], info: dict) -> str:
             f"{r['accuracy']:.3f} | {r['auc']:.3f} ({ci[0]:.3f}-{ci[1]:.3f}) | {r['worst_sensitivity']:.3f} | {r['ece']:.3f} | "
             f"{r['size_mb']:.2f} | {r['latency_ms']['median']:.2f} | {r['latency_ms']['p90']:.2f} | {r['speedup']:.2f}x | "
             f"{_cell_agreement(r)} |")
+    lines += ["", "Targets (the compression issue's acceptance; `python benchmarks/compression.py` exits 1 when one is missed):", ""]
+    lines += [f"- {what}: {'met' if met else '**NOT met**'} ({shown})" for what, met, shown, _ in targets(rows)]
+    lines += [f"- FAILED: {f}" for f in failures(rows)]
     return "\n".join(lines) + "\n"
+
+
+def _label(r: dict) -> str:
+    return f"{r['dataset']} {r['model']} {r['size']} px {'pruned ' if r['pruned'] else ''}{r['precision']}"
+
+
+def targets(rows: list[dict]) -> list[tuple[str, bool, str, list[str]]]:
+    """(what, met, the figures behind the verdict, failure lines) per target, over the whole table."""
+    measured = [r for r in rows if "refused" not in r]
+    if not measured:
+        return [("rows measured", False, "none", ["no row measured: nothing to judge (no data set found, or an empty table)"])]
+    unpruned = {(r["dataset"], r["model"], r["size"]): r for r in measured if not r["pruned"] and r["precision"] == "fp32"}
+    parent = {(r["dataset"], r["model"], r["size"], r["pruned"]): r for r in measured if r["precision"] == "fp32"}
+    out: list[tuple[str, bool, str, list[str]]] = []
+    # Each INT8 variant the gate let through, against its own fp32 parent, on the test split as well.
+    gate: list[str] = []
+    int8 = [r for r in measured if r["precision"] == "int8"]
+    for r in int8:
+        fp = parent.get((r["dataset"], r["model"], r["size"], r["pruned"]))
+        if fp is not None and fp["auc"] - r["auc"] > MAX_DROP + EPS:
+            gate.append(f"{_label(r)}: test AUC {r['auc']:.3f}, {fp['auc'] - r['auc']:.3f} below its fp32 parent's "
+                        f"{fp['auc']:.3f} (limit {MAX_DROP:g})")
+        for split in ("val", "test"):
+            a = r.get(f"{split}_agreement")
+            if a is None or a < MIN_AGREEMENT - EPS:
+                gate.append(f"{_label(r)}: decision agreement with its fp32 parent "
+                            f"{'not measured' if a is None else format(a, '.3f')} on {split}, under {MIN_AGREEMENT:g}")
+    out.append((f"INT8 variants within the gate's limits of their fp32 parents on test (AUC drop <= {MAX_DROP:g}, "
+                f"agreement >= {MIN_AGREEMENT:g})", not gate, f"{len(int8)} variants, {len(gate)} missed", gate))
+
+    def kept(r: dict) -> bool:
+        """A compressed model whose AUC is at most MAX_DROP below its architecture unpruned in fp32."""
+        base = unpruned.get((r["dataset"], r["model"], r["size"]))
+        return (r["pruned"] or r["precision"] != "fp32") and base is not None and r["auc"] >= base["auc"] - MAX_DROP - EPS
+
+    for name, floor in SPEEDUP_TARGETS.items():
+        what = f"{name}: a compressed model >= {floor:g}x faster than its unpruned fp32, AUC at most {MAX_DROP:g} below it"
+        cands = sorted((r for r in measured if r["dataset"] == name and kept(r)), key=lambda r: r["speedup"])
+        if not any(r["dataset"] == name for r in measured):
+            out.append((what, True, "not judged: not run", []))
+            continue
+        best = cands[-1] if cands else None
+        shown = f"{best['speedup']:.2f}x, {_label(best)}" if best else "none"
+        met = best is not None and best["speedup"] >= floor
+        out.append((what, met, shown, [] if met else [
+            f"{name}: no compressed model is >= {floor:g}x faster than its architecture unpruned in fp32 with AUC at most "
+            f"{MAX_DROP:g} below it (fastest such: {shown})"]))
+    for name, floors in FIGURE_TARGETS.items():
+        want = " and ".join(f"{k} >= {v:g}" for k, v in floors.items()).replace("auc", "AUC")
+        what = f"{name}: a deployed compressed model with {want}, AUC at most {MAX_DROP:g} below its unpruned fp32"
+        if not any(r["dataset"] == name for r in measured):
+            out.append((what, True, "not judged: not run", []))
+            continue
+        hits = [r for r in measured if r["dataset"] == name and r.get("deployed") and kept(r)
+                and all(r[k] >= v - EPS for k, v in floors.items())]
+        shown = ", ".join(f"{_label(r)}: AUC {r['auc']:.3f}, accuracy {r['accuracy']:.3f}" for r in hits) or "none"
+        out.append((what, bool(hits), shown, [] if hits else [
+            f"{name}: no deployed compressed model reaches {want} with AUC at most {MAX_DROP:g} below its unpruned fp32"]))
+    return out
+
+
+def failures(rows: list[dict]) -> list[str]:
+    """The targets missed, one line each; empty: every target held."""
+    return [line for *_, lines in targets(rows) for line in lines]
+
+
+def report(rows: list[dict]) -> int:
+    """Print a line per target and a FAILED line per miss; the exit code."""
+    for what, met, shown, _ in targets(rows):
+        print(f"target: {what}: {'met' if met else 'NOT met'} ({shown})")
+    failed = failures(rows)
+    for f in failed:
+        print(f"FAILED: {f}")
+    return 1 if failed else 0
 
 
 def _selected(name: str, model: str, wanted: set[str] | None) -> bool:
     return wanted is None or name in wanted or f"{name}:{model}" in wanted
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--only", default=None, help="comma-separated dataset or dataset:model names; other row groups are kept")
     ap.add_argument("--work", default="/tmp/edgeclf-bench", help="scratch folder for runs and bundles")
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
-    ap.add_argument("--render", action="store_true", help="only rewrite compression.md from compression.json")
-    args = ap.parse_args()
+    ap.add_argument("--render", action="store_true", help="only rewrite compression.md from compression.json (and check its targets)")
+    args = ap.parse_args(argv)
     out = Path(args.out)
     if args.render:
         doc = json.loads((out / "compression.json").read_text())
         (out / "compression.md").write_text(markdown(doc["rows"], doc["machine"]))
-        return
+        return report(doc["rows"])
     wanted = set(args.only.split(",")) if args.only else None
     info = machine()
     done: dict[tuple, list[dict]] = {}
@@ -208,7 +302,8 @@ def main() -> None:
         (out / "compression.json").write_text(json.dumps({"machine": info, "rows": rows}, indent=2, default=float))
         (out / "compression.md").write_text(markdown(rows, info))
         print(markdown(rows, info), flush=True)
+    return report([r for c in CONFIGS for r in done.get((c[0], c[2], c[3]), [])])
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

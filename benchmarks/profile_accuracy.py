@@ -16,7 +16,8 @@ on one preprocessed frame). Both take their warm-up first.
 Pass: for each stage whose reference median is at least 1 ms (`--min-ms`; shorter stages are shown,
 not judged: a few microseconds of timer and call overhead are a large share of them), the profile's
 median within 10% and its p90 within 20% of the reference's. Prints a table and the run's RSS slope
-after warm-up; `--out FILE` also writes the figures as JSON. Exit 1 when a criterion fails.
+after warm-up; `--out FILE` also writes the figures as JSON. Exit 1 when a criterion fails, and when no stage
+reached `--min-ms` (nothing was compared).
 A benchmark, not a test: its figures describe this machine and its load at the time.
 """
 from __future__ import annotations
@@ -150,6 +151,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(hdr)
         print("\n".join(rows))
         out.append({"bundle": t["bundle"], "name": t["name"], "stages": figures})
+    # A run in which no stage reached --min-ms compared nothing: that is no evidence the profile is accurate.
+    if not any(f["judged"] for o in out for f in o["stages"].values()):
+        print(f"FAILED: no stage's reference median reached --min-ms {args.min_ms:g} ms; nothing was compared "
+              "(lower --min-ms or profile a heavier bundle)")
+        ok = False
     proc = res.doc["system"]["process"]
     slope = proc.get("rss_slope_mb_per_10k_frames")
     print(f"RSS {proc.get('rss_mb_start')} -> {proc.get('rss_mb_end')} MB; slope after warm-up: "

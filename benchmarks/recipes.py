@@ -15,6 +15,14 @@ Relative --data, --out and --run paths are taken from the folder you run this in
 step runs there too). Trained with `--extra ... --no-test`, the test split stays unread: the summary says so
 (`test_unread`), keeps the validation figures, and the export is gated and timed without test figures. With --run
 the figures come from that run's recorded data: --data may be left out, and the summary records the run's spec.
+
+Target: the recipe's [target] table (the recipes issue's acceptance, for the variant the data selects; see
+edgeclf/recipe_files/*.toml) is judged on the summary: the reported figure against its minimum (test split, or the
+pooled out-of-fold clip figure of a cross-validation run), the deployed bundle's figure within `deployed_within` of
+fp32's, and the deployed bundles' clip agreement with fp32 at least `min_clip_agreement`. A line per target, met / NOT
+met with the figure (a figure the run lacks is NOT met); parts left unread on purpose (--no-test, --no-export) are
+"not judged"; a variant without a target prints "no target". Recorded in summary.json ("target"). Exit 1 when a
+target is NOT met.
 """
 from __future__ import annotations
 
@@ -25,9 +33,10 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # run from a checkout without installing
 _FLAGS = {"precision": "--precision", "max_drop": "--max-drop", "min_agreement": "--min-agreement", "calibration": "--calibration",
           "calibration_n": "--calibration-n", "qat_epochs": "--qat-epochs", "device": "--device"}
 
@@ -130,7 +139,61 @@ def export_and_compare(run: Path, bundle: Path, export_cfg: dict[str, Any], read
     return out
 
 
-def main() -> None:
+EPS = 1e-9  # figures are k/n in floats: exactly the minimum meets it
+
+
+def check_target(summary: dict[str, Any], target: dict[str, Any], aggregate: str = "mean") -> list[tuple[str, Optional[bool]]]:
+    """(line, verdict) per part of a recipe's [target]: True met, False NOT met (a figure the run lacks included),
+    None not judged (the test split or the export left out on purpose; or no target at all)."""
+    if not target:
+        return [("no target", None)]
+    cv = "cv" in summary
+    unread = not cv and summary.get("test") is None  # --no-test
+    exported = summary.get("deployed")
+    out: list[tuple[str, Optional[bool]]] = []
+
+    def judged(what: str, fig: Any, ok: Any, shown: str) -> tuple[str, Optional[bool]]:
+        if unread:
+            return f"{what}: not judged (the test split was left unread: --no-test)", None
+        if fig is None:
+            return f"{what}: NOT met (this run has no such figure)", False
+        return f"{what}: {'met' if ok else 'NOT met'} ({shown})", bool(ok)
+
+    metric, floor = target["metric"], float(target["minimum"])
+    if metric.startswith("clip_"):
+        name = metric[len("clip_"):]
+        pooled = (summary.get("cv") or {}).get(f"clip_{aggregate}") or {}
+        fig, ci = pooled.get(name), pooled.get(f"{name}_ci95")
+        what = f"pooled out-of-fold clip {name.replace('_', ' ')} ({aggregate}) >= {floor:g}"
+    else:
+        test = summary.get("test") or {}
+        fig, ci = (None, None) if cv else (test.get(metric), test.get(f"{metric}_ci95"))
+        what = f"test {metric.replace('_', ' ')} >= {floor:g}"
+    shown = "" if fig is None else f"{fig:.3f}" + (f", 95% CI {ci[0]:.3f}-{ci[1]:.3f}" if ci else "")
+    out.append(judged(what, fig, fig is not None and fig >= floor - EPS, shown))
+    if "deployed_within" in target:
+        tol = float(target["deployed_within"])
+        what = f"deployed bundle's test {metric.replace('_', ' ')} within {tol:g} of fp32's"
+        if exported is None:
+            out.append((f"{what}: not judged (--no-export)", None))
+        else:
+            fp = (exported.get("fp32") or {}).get(metric)
+            dep = (exported.get("deployed") or {}).get(metric)
+            both = None if fp is None or dep is None else (fp, dep)
+            out.append(judged(what, both, both is not None and abs(both[1] - both[0]) <= tol + EPS,
+                              "" if both is None else f"{both[1]:.3f} against {both[0]:.3f}"))
+    if "min_clip_agreement" in target:
+        floor = float(target["min_clip_agreement"])
+        what = f"deployed bundles agree with fp32 on >= {floor:g} of clips"
+        if exported is None:
+            out.append((f"{what}: not judged (--no-export)", None))
+        else:
+            a = exported.get("clip_agreement_pooled" if cv else "clip_agreement")
+            out.append(judged(what, a, a is not None and a >= floor - EPS, "" if a is None else f"{a:.3f}"))
+    return out
+
+
+def main(argv: Optional[list[str]] = None) -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("recipe")
     ap.add_argument("--data", default=None, help="the data spec to train on (not with --run: the run's recorded data is used)")
@@ -139,7 +202,7 @@ def main() -> None:
     ap.add_argument("--run", default=None, help="an existing training folder of this recipe (e.g. the candidate chosen on "
                     "validation): export and evaluate it instead of training again")
     ap.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="more `edgeclf train` flags (overrides)")
-    a = ap.parse_args()
+    a = ap.parse_args(argv)
     # Paths as the user typed them, from the user's folder (not the repository's).
     out = Path(os.path.abspath(os.path.expanduser(a.out)))
     if a.run:
@@ -213,10 +276,20 @@ def main() -> None:
                 summary[key] = _val_figures(rec["metrics"][key])
         if not a.no_export:
             summary["deployed"] = export_and_compare(run, out / "bundle", export_cfg, read_test=read_test)
+    # The target of the recipe as it is now (the issue's acceptance), for the variant the run's data selects.
+    from edgeclf.recipes import load_recipe, recipe_target
+
+    target = recipe_target(load_recipe(a.recipe), str(data))
+    aggregate = ((rec.get("recipe") or {}).get("evaluate") or {}).get("aggregate", "mean")
+    verdicts = check_target(summary, target, aggregate)
+    summary["target"] = {"table": target, "verdicts": [{"line": line, "met": met} for line, met in verdicts]}
     out.mkdir(parents=True, exist_ok=True)
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     print(json.dumps(summary, indent=2))
+    for line, _ in verdicts:
+        print(f"target: {line}")
+    return 1 if any(met is False for _, met in verdicts) else 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -8,11 +8,13 @@ Builds a tiny bundle the way the tests do (the compact CNN on synthetic ultrasou
 `synthetic:ultrasound?frames=N` with a JSONL results file (fsync every second, as `run` defaults to), the
 clip summary and an audit log (a digest every 1,000 results). A probe sink samples, every
 `--sample-every` frames: RSS (psutil), open file descriptors and threads, and the throughput over the
-last interval. At the end it counts the results file's lines against the frames the source delivered
-and the results that decided a label (a soak where every frame abstains exercised no decision: it fails),
-checks the audit log against the results file, and fits the RSS slope after warm-up (least squares, MB
-per 10,000 frames). Writes benchmarks/results/soak.{json,md} (`--out-dir`). A benchmark, not a test:
-its figures describe this machine.
+last interval. At the end it counts the frames the source delivered against --frames, the results file's
+lines against the frames delivered, and the results that decided a label (a soak where every frame abstains
+exercised no decision: it fails), checks the audit log against the results file, and fits the RSS slope after
+warm-up (least squares, MB per 10,000 frames; fewer than 3 samples after warm-up leave it unmeasured, which
+fails the soak). Writes benchmarks/results/soak.{json,md} (`--out-dir`) and removes its work folder (a bundle it
+trained included) unless --keep, which prints where it is. Exit 1, one FAILED line each, on any failure
+(`failures`). A benchmark, not a test: its figures describe this machine.
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import sys
 import tempfile
 import time
@@ -142,11 +145,23 @@ def count_results(path: Path) -> Dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> Dict[str, Any]:
+    """The soak in a fresh temporary folder, removed afterwards unless args.keep (then recorded as "work")."""
+    work = Path(tempfile.mkdtemp(prefix="edgeclf-soak-"))
+    try:
+        out = _run(args, work)
+    finally:
+        if not args.keep:  # the trained bundle (about 4 MB) too; a --bundle the user gave lives elsewhere
+            shutil.rmtree(work)
+    if args.keep:
+        out["work"] = str(work)
+    return out
+
+
+def _run(args: argparse.Namespace, work: Path) -> Dict[str, Any]:
     from edgeclf.runtime.app import run_bundle
     from edgeclf.runtime.audit import AuditLog, AuditSink, source_fact, verify_audit
     from edgeclf.runtime.bundle import load_bundle
 
-    work = Path(tempfile.mkdtemp(prefix="edgeclf-soak-"))
     bundle = Path(args.bundle) if args.bundle else make_bundle(work)
     uri = f"synthetic:ultrasound?frames={args.frames}&size={args.size}&seed=0"
     results, clip, audit_path = work / "results.jsonl", work / "clip.json", work / "audit.jsonl"
@@ -187,11 +202,6 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
         "torch_loaded": "torch" in sys.modules,
         "samples": probe.samples,
     }
-    if not args.keep:
-        for p in (results, clip, audit_path):
-            p.unlink(missing_ok=True)
-    else:
-        out["work"] = str(work)
     return out
 
 
@@ -250,7 +260,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--threads", type=int, default=None, help="inference threads (default: as `edgeclf run`)")
     ap.add_argument("--bundle", default=None, help="a bundle to use instead of training the tiny one (needs torch)")
     ap.add_argument("--out-dir", default=str(REPO / "benchmarks" / "results"), help="where soak.json and soak.md go")
-    ap.add_argument("--keep", action="store_true", help="keep the results, clip summary and audit log (their folder is printed)")
+    ap.add_argument("--keep", action="store_true",
+                    help="keep the work folder: results, clip summary, audit log and a bundle soak trained (its path is printed)")
     args = ap.parse_args(argv)
     if args.frames < 10:
         ap.error("--frames must be at least 10")
@@ -263,6 +274,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     (out / "soak.md").write_text(render(r))
     print(render(r).split("RSS and throughput")[0].rstrip())
     print(f"wrote {out / 'soak.json'} and {out / 'soak.md'}")
+    if r.get("work"):
+        print(f"kept the results, clip summary and audit log in {r['work']}")
     failed = failures(r)
     for f in failed:
         print(f"FAILED: {f}")
@@ -284,9 +297,13 @@ def _rss_rise(r: Dict[str, Any]) -> tuple:
 
 
 def failures(r: Dict[str, Any]) -> List[str]:
-    """What the soak found wrong: lost, torn or out-of-order results, an audit log that does not verify, RSS growing
-    faster than the budget after warm-up, open files or threads growing after warm-up. Empty: it passed."""
+    """What the soak found wrong: fewer frames delivered than asked for, lost, torn or out-of-order results, an audit
+    log that does not verify, RSS growing faster than the budget after warm-up or not measured, open files or threads
+    growing after warm-up. Empty: it passed."""
     out = []
+    # Results are counted against the frames delivered: a source that stopped early would lose nothing.
+    if r["frames_delivered"] < r["frames_requested"]:
+        out.append(f"the source delivered {r['frames_delivered']} of {r['frames_requested']} frames")
     if r["lost_results"]:
         out.append(f"{r['lost_results']} results lost")
     if r["torn_lines"]:
@@ -300,7 +317,10 @@ def failures(r: Dict[str, Any]) -> List[str]:
     if r["audit"]["state"] != "intact":
         out.append(f"audit log {r['audit']['state']}")
     slope, rise, span = _rss_rise(r)
-    if slope is not None and abs(slope) >= RSS_BUDGET_MB_PER_10K and rise >= RSS_FLOOR_MB:
+    if slope is None:  # a soak's point is memory: an unmeasured slope is not a pass
+        n = sum(1 for x in r["samples"] if x["frames"] >= r["warmup_frames"])
+        out.append(f"RSS slope not measured: {n} samples after warm-up (3 needed); raise --frames or lower --sample-every")
+    elif abs(slope) >= RSS_BUDGET_MB_PER_10K and rise >= RSS_FLOOR_MB:
         out.append(f"RSS slope {slope:+.3f} MB per 10,000 frames, over the {RSS_BUDGET_MB_PER_10K:g} MB budget "
                    f"({rise:.1f} MB over the {span} frames after warm-up)")
     steady = [x for x in r["samples"] if x["frames"] >= r["warmup_frames"]]

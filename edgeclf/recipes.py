@@ -28,13 +28,21 @@ compression settings `edgeclf export` applies, and the published figures it is c
     [reference]            # published figures, for the results table
     text = "..."
 
+    [target]               # the figure the recipe must reach (benchmarks/recipes.py judges a run by it)
+    metric = "accuracy"    # TARGET_METRICS: accuracy, balanced_accuracy, auc on the test split; clip_* pooled out of fold
+    minimum = 0.95
+    deployed_within = 0.01 # optional: the deployed bundle's figure within this of fp32's (a test-split metric)
+    min_clip_agreement = 0.95  # optional: the deployed bundles agree with fp32 on at least this share of clips
+
+A variant's `target` table replaces the recipe's (`target = {}`: no target for that data set).
+
 A field whose default is chosen from the data or the machine (`AUTO_FIELDS`: size, channels, threads, classes,
 positive) takes "auto" to say so: a variant's `train = { size = "auto" }` undoes the recipe's size, as `--size auto`
 does on the command line; run.json's config records None for it and run.json["recipe"]["automatic"] lists them.
 
 Precedence: TrainConfig defaults < recipe < explicit CLI flags. The training folder records the
 resolved recipe in run.json["recipe"] (name, version, sha256 of the file, variant, data options,
-train, export, evaluate, reference) and a copy of the file as recipe.toml.
+train, export, evaluate, reference, target) and a copy of the file as recipe.toml.
 """
 from __future__ import annotations
 
@@ -46,8 +54,8 @@ from typing import Any
 
 from edgeclf.errors import ConfigError
 
-__all__ = ["Recipe", "RECIPE_DIR", "EXPORT_FIELDS", "AUTO", "AUTO_FIELDS", "list_recipes", "load_recipe", "resolve_recipe", "recipe_data_spec",
-           "recorded_export"]
+__all__ = ["Recipe", "RECIPE_DIR", "EXPORT_FIELDS", "AUTO", "AUTO_FIELDS", "TARGET_METRICS", "list_recipes", "load_recipe",
+           "resolve_recipe", "recipe_data_spec", "recipe_target", "recorded_export"]
 
 RECIPE_DIR = Path(__file__).resolve().parent / "recipe_files"
 # The ExportConfig fields a recipe may set (the rest are about the data or the output, not the recipe).
@@ -60,11 +68,15 @@ _EXPORT_TYPES: dict[str, type] = {"precision": str, "max_drop": float, "min_agre
 # or on the command line (`--size auto`), sets one back to that, also over a recipe's value (TOML has no null).
 AUTO = "auto"
 AUTO_FIELDS = ("size", "channels", "threads", "classes", "positive")
-_TOP_KEYS = {"name", "version", "description", "data", "train", "export", "evaluate", "variants", "splits", "reference"}
+_TOP_KEYS = {"name", "version", "description", "data", "train", "export", "evaluate", "variants", "splits", "reference", "target"}
 _EVALUATE_KEYS = {"aggregate"}
 _AGGREGATES = ("mean", "vote")  # edgeclf.runtime.clips: the clip decision a recipe's figure is read from
 _SPLIT_KEYS = {"dedup", "near", "test", "val", "seed"}
 _SPLIT_TYPES: dict[str, type] = {"dedup": str, "near": int, "test": float, "val": float, "seed": int}
+# A [target]'s figure: on the test split (a held-out recipe's summary["test"]), or clip_*: pooled out-of-fold clip
+# figures of a cross-validation run, read with the recipe's [evaluate] aggregate.
+TARGET_METRICS = ("accuracy", "balanced_accuracy", "auc", "clip_accuracy", "clip_balanced_accuracy")
+_TARGET_TYPES: dict[str, type] = {"metric": str, "minimum": float, "deployed_within": float, "min_clip_agreement": float}
 
 
 def _toml() -> Any:
@@ -93,6 +105,7 @@ class Recipe:
     variants: dict[str, dict[str, Any]]
     splits: dict[str, Any]
     reference: dict[str, Any]
+    target: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     @property
     def sha256(self) -> str:
@@ -165,6 +178,25 @@ def _check_reference(where: str, table: Any) -> dict[str, Any]:
     return dict(table)
 
 
+def _check_target(where: str, table: Any) -> dict[str, Any]:
+    """A [target] table: empty (no target) or a metric and its minimum, fractions all."""
+    table = _check_table(where, table, _TARGET_TYPES)
+    if not table:
+        return table
+    _check_types(where, table, _TARGET_TYPES)
+    if "metric" not in table or "minimum" not in table:
+        raise ConfigError(f"{where} needs metric and minimum (e.g. metric = \"accuracy\", minimum = 0.9), or none of it")
+    if table["metric"] not in TARGET_METRICS:
+        raise ConfigError(f"{where}.metric is {table['metric']!r}; allowed: {', '.join(TARGET_METRICS)}")
+    for k in ("minimum", "deployed_within", "min_clip_agreement"):
+        if k in table and not 0 <= table[k] <= 1:
+            raise ConfigError(f"{where}.{k} is {table[k]!r}; give a fraction between 0 and 1 (e.g. 0.9)")
+    if "deployed_within" in table and table["metric"].startswith("clip_"):
+        raise ConfigError(f"{where}: deployed_within applies to a test-split metric ({', '.join(m for m in TARGET_METRICS if not m.startswith('clip_'))}); "
+                          "for clips give min_clip_agreement")
+    return table
+
+
 def _check_train_types(where: str, table: dict[str, Any]) -> None:
     fields = _train_fields()
     for k, v in table.items():
@@ -203,23 +235,25 @@ def load_recipe(name: str) -> Recipe:
     _check_data(f"{where}: data", data, train.get("folds", 0))
     splits = _check_splits(f"{where}: splits", doc.get("splits", {}))
     reference = _check_reference(f"{where}: reference", doc.get("reference", {}))
+    target = _check_target(f"{where}: target", doc.get("target", {}))
     vs = doc.get("variants", {})
     variants = _check_table(f"{where}: variants", vs, set(vs) if isinstance(vs, dict) else set())
     for vname, v in variants.items():
         vw = f"{where}: variants.{vname}"
-        _check_table(vw, v, {"data", "train", "export", "splits", "reference"})
+        _check_table(vw, v, {"data", "train", "export", "splits", "reference", "target"})
         _check_train_types(f"{vw}.train", _check_table(f"{vw}.train", v.get("train", {}), fields))
         _check_export(f"{vw}.export", v.get("export", {}))
         _check_data(f"{vw}.data", _check_table(f"{vw}.data", v.get("data", {}), _data_keys()),
                     {**train, **v.get("train", {})}.get("folds", 0))
         _check_splits(f"{vw}.splits", v.get("splits", {}), splits)
         _check_reference(f"{vw}.reference", v.get("reference", {}))
+        _check_target(f"{vw}.target", v.get("target", {}))
     version = doc.get("version", 1)
     if not isinstance(version, int) or isinstance(version, bool):
         raise ConfigError(f"{where}.version is {version!r}; expected an integer")
     return Recipe(name=str(doc.get("name", path.stem)), version=version, description=str(doc.get("description", "")),
                   path=path, text=text, data=data, train=train, export=export, evaluate=evaluate, variants=variants,
-                  splits=splits, reference=reference)
+                  splits=splits, reference=reference, target=target)
 
 
 def _data_keys() -> set[str]:
@@ -234,6 +268,13 @@ def _variant_name(recipe: Recipe, data: str) -> str | None:
     base = data.partition("?")[0].rstrip("/")
     stem = Path(base).stem if not base.startswith("synthetic:") else base.split(":", 1)[1]
     return {v.lower(): v for v in recipe.variants}.get(stem.lower())
+
+
+def recipe_target(recipe: Recipe, data: str) -> dict[str, Any]:
+    """The [target] for this data: its variant's when that has one (an empty one: no target), else the recipe's."""
+    variant = _variant_name(recipe, data)
+    v = recipe.variants.get(variant, {}) if variant else {}
+    return dict(v["target"]) if "target" in v else dict(recipe.target)
 
 
 def recipe_data_spec(data: str, options: dict[str, Any]) -> str:
@@ -295,7 +336,7 @@ def resolve_recipe(recipe: Recipe, data: str, cli: dict[str, Any]) -> tuple[dict
         # Fields left to the data or the machine in this run (None in run.json's config), a recipe's value reset with
         # `--size auto` included: a rerun with the recorded config chooses them again the same way.
         "automatic": [k for k in AUTO_FIELDS if kwargs.get(k) is None],
-        "reference": {**recipe.reference, **v.get("reference", {})}, "_text": recipe.text,
+        "reference": {**recipe.reference, **v.get("reference", {})}, "target": recipe_target(recipe, data), "_text": recipe.text,
     }
     if synthetic and options:
         record["data_options_not_applied"] = options

@@ -75,3 +75,15 @@ def test_reference_infer_times_the_backend_alone_as_the_profile_does(monkeypatch
     assert infer["reference_p50"] == pytest.approx(INFER_MS, rel=0.05), infer  # not INFER_MS + POSTPROCESS_MS
     assert infer["pass"] and rc == 0, infer
     assert "probabilities" in calls  # the reference still does the postprocess work between frames, untimed
+
+
+def test_it_fails_when_no_stage_was_judged(tmp_path: Path) -> None:
+    """Every stage of a tiny bundle is far under --min-ms 1000, so nothing is compared: it passed (exit 0, "pass":
+    true) having compared nothing. Now that is a FAILED line and exit 1."""
+    bundle = make_tiny_bundle(tmp_path / "tiny")
+    out = tmp_path / "pa.json"
+    rc = _bench().main(["--bundle", str(bundle), "--frames", "20", "--warmup", "2", "--chunk", "10",
+                        "--source", "synthetic:ultrasound?frames=30&size=64", "--out", str(out), "--min-ms", "1000"])
+    doc = json.loads(out.read_text())
+    assert not any(s["judged"] for t in doc["targets"] for s in t["stages"].values())
+    assert rc == 1 and doc["pass"] is False

@@ -1,0 +1,136 @@
+"""Each recipe's [target] table (the recipes issue's acceptance, as data) and benchmarks/recipes.py judging a run by it:
+a line per target, met / NOT met with the figure, exit 1 when one is not met. Fast: summaries are built by hand and
+`edgeclf` is faked; tests/test_benchmark_recipes.py runs the script for real on tiny data."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from edgeclf.errors import ConfigError
+from edgeclf.recipes import load_recipe, recipe_target, resolve_recipe
+from tests.conftest import load_benchmark
+
+
+@pytest.mark.parametrize("recipe, data, want", [
+    ("lung-pocus", "/d/pocus", {"metric": "clip_balanced_accuracy", "minimum": 0.80, "min_clip_agreement": 0.95}),
+    ("brain-mri", "/d/brain_mri", {"metric": "accuracy", "minimum": 0.95, "deployed_within": 0.01}),
+    ("breast-us", "/d/busi", {"metric": "accuracy", "minimum": 0.85}),
+    ("breast-us", "/d/medmnist/breastmnist.npz", {}),  # the issue sets no target for BreastMNIST here
+    ("chest-xray", "/d/medmnist/pneumoniamnist.npz", {"metric": "auc", "minimum": 0.95, "deployed_within": 0.01}),
+])
+def test_packaged_recipes_carry_the_issues_targets(recipe: str, data: str, want: dict[str, Any]) -> None:
+    r = load_recipe(recipe)
+    assert recipe_target(r, data) == want
+    _, _, record = resolve_recipe(r, data, {})
+    assert record["target"] == want  # run.json records what the run aimed at; nothing else in the record changes
+
+
+def test_bad_target_tables_are_one_line_errors(tmp_path: Path) -> None:
+    cases = {
+        "unknown.toml": ('[target]\nmetric = "auc"\nminimum = 0.9\nmaximum = 1\n', "target.maximum is not a known setting"),
+        "metric.toml": ('[target]\nmetric = "f1"\nminimum = 0.9\n', "target.metric is 'f1'; allowed: accuracy"),
+        "type.toml": ('[target]\nmetric = "auc"\nminimum = "0.9"\n', "target.minimum is '0.9'; expected float"),
+        "range.toml": ('[target]\nmetric = "auc"\nminimum = 90\n', "target.minimum is 90; give a fraction"),
+        "missing.toml": ('[target]\nminimum = 0.9\n', "target needs metric and minimum"),
+        "clip_within.toml": ('[target]\nmetric = "clip_accuracy"\nminimum = 0.8\ndeployed_within = 0.01\n',
+                             "deployed_within applies to a test-split metric"),
+        "variant.toml": ('[variants.x]\ntarget = { metric = "auc" }\n', "variants.x.target needs metric and minimum"),
+    }
+    for fname, (text, words) in cases.items():
+        (tmp_path / fname).write_text(text)
+        with pytest.raises(ConfigError) as exc:
+            load_recipe(str(tmp_path / fname))
+        msg = str(exc.value)
+        assert words in msg and "\n" not in msg, (fname, msg)
+
+
+def _held_out(figure: float, deployed: float | None = None, metric: str = "accuracy") -> dict[str, Any]:
+    s: dict[str, Any] = {"recipe": "r", "test": {"n": 100, "accuracy": 0.5, "balanced_accuracy": 0.5, "auc": 0.5,
+                                                 "auc_ci95": [0.4, 0.6]}}
+    s["test"][metric] = figure
+    if deployed is not None:
+        fp32 = {**s["test"]}
+        s["deployed"] = {"fp32": fp32, "deployed": {**fp32, metric: deployed}}
+    return s
+
+
+def _cv(balanced: float, agreement: float | None) -> dict[str, Any]:
+    s: dict[str, Any] = {"recipe": "lung-pocus", "cv": {"clips": 112, "clip_mean": {"accuracy": 0.7, "balanced_accuracy": balanced,
+                                                                                 "balanced_accuracy_ci95": [0.528, 0.735]}}}
+    if agreement is not None:
+        s["deployed"] = {"per_fold": [], "clip_agreement_pooled": agreement}
+    return s
+
+
+def test_the_committed_lung_pocus_figure_does_not_meet_its_target() -> None:
+    """The README: v4's pooled out-of-fold clip balanced accuracy 0.631 (0.528-0.735), against 0.80."""
+    got = load_benchmark("recipes").check_target(_cv(0.631, 1.0), recipe_target(load_recipe("lung-pocus"), "/d/pocus"))
+    assert got == [("pooled out-of-fold clip balanced accuracy (mean) >= 0.8: NOT met (0.631, 95% CI 0.528-0.735)", False),
+                   ("deployed bundles agree with fp32 on >= 0.95 of clips: met (1.000)", True)]
+
+
+def test_the_committed_busi_figure_does_not_meet_its_target() -> None:
+    """breast-us v5 on BUSI: test accuracy 0.829 (102 of 123), against 0.85."""
+    got = load_benchmark("recipes").check_target(_held_out(102 / 123), recipe_target(load_recipe("breast-us"), "/d/busi"))
+    assert got == [("test accuracy >= 0.85: NOT met (0.829)", False)]
+
+
+def test_deployed_within_is_judged_both_ways() -> None:
+    bench = load_benchmark("recipes")
+    target = recipe_target(load_recipe("brain-mri"), "/d/brain_mri")
+    assert [v for _, v in bench.check_target(_held_out(0.974, 0.974), target)] == [True, True]
+    (_, met), (line, within) = bench.check_target(_held_out(0.974, 0.95), target)
+    assert met and within is False and line == "deployed bundle's test accuracy within 0.01 of fp32's: NOT met (0.950 against 0.974)"
+
+
+def test_parts_left_unread_on_purpose_are_not_judged() -> None:
+    bench = load_benchmark("recipes")
+    target = recipe_target(load_recipe("chest-xray"), "/d/pneumoniamnist.npz")
+    got = bench.check_target(_held_out(0.978, metric="auc"), target)  # --no-export
+    assert got == [("test auc >= 0.95: met (0.978, 95% CI 0.400-0.600)", True),
+                   ("deployed bundle's test auc within 0.01 of fp32's: not judged (--no-export)", None)]
+    got = bench.check_target({"recipe": "chest-xray", "test": None, "deployed": {"test_unread": "x"}}, target)  # --no-test
+    assert [v for _, v in got] == [None, None] and "not judged (the test split was left unread: --no-test)" in got[0][0]
+    assert bench.check_target(_held_out(0.5), {}) == [("no target", None)]
+
+
+def test_a_figure_the_run_does_not_have_is_not_a_pass() -> None:
+    """A clip metric on a run without clips (or a test metric on a cross-validation run): NOT met, not silently skipped."""
+    got = load_benchmark("recipes").check_target(_held_out(0.9), {"metric": "clip_accuracy", "minimum": 0.8})
+    assert got == [("pooled out-of-fold clip accuracy (mean) >= 0.8: NOT met (this run has no such figure)", False)]
+
+
+def _fake_cli(auc: float) -> Any:
+    def cli(*args: str) -> tuple[dict[str, Any], float]:
+        assert args[0] == "train"
+        test = {"n": 60, "accuracy": 0.8, "balanced_accuracy": 0.8, "auc": {"macro": auc, "macro_ci95": [auc - 0.05, auc]},
+                "per_class": {}}
+        return {"config": {"seed": 0}, "metrics": {"test": test}, "best_epoch": 1,
+                "recipe": {"name": "chest-xray", "export": {}, "evaluate": {}}}, 1.0
+    return cli
+
+
+@pytest.mark.parametrize("auc, rc, says", [(0.90, 1, "test auc >= 0.95: NOT met (0.900"), (0.97, 0, "test auc >= 0.95: met (0.970")])
+def test_main_prints_a_line_per_target_and_exits_1_when_one_is_missed(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], auc: float, rc: int, says: str) -> None:
+    bench = load_benchmark("recipes")
+    monkeypatch.setattr(bench, "cli", _fake_cli(auc))
+    out = tmp_path / "out"
+    assert bench.main(["chest-xray", "--data", str(tmp_path / "pneumoniamnist.npz"), "--out", str(out), "--no-export"]) == rc
+    printed = capsys.readouterr().out
+    assert f"target: {says}" in printed
+    assert "target: deployed bundle's test auc within 0.01 of fp32's: not judged (--no-export)" in printed
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["target"]["table"] == {"metric": "auc", "minimum": 0.95, "deployed_within": 0.01}
+    assert summary["target"]["verdicts"][0]["met"] is (rc == 0)
+
+
+def test_a_variant_without_a_target_says_so_and_passes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    bench = load_benchmark("recipes")
+    monkeypatch.setattr(bench, "cli", _fake_cli(0.5))
+    assert bench.main(["breast-us", "--data", str(tmp_path / "breastmnist.npz"), "--out", str(tmp_path / "o"), "--no-export"]) == 0
+    assert "target: no target" in capsys.readouterr().out
