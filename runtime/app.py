@@ -402,7 +402,7 @@ def check_outside_bundle(bundle_path: str, outputs: Dict[str, Optional[str]]) ->
 
 def check_results_file(source_uri: str, out: Optional[str], *, append: bool, overwrite: Optional[bool]) -> None:
     """ConfigError (one line) before a run replaces an --out that holds results: always when the source is a watched
-    folder whose state marks files done (they are never classified again: their results would be lost for good),
+    folder whose state records files with results (they are not classified again: their results would be lost for good),
     and, with `overwrite` False (the CLI's default), for any non-empty file. `overwrite` None: replaced (the
     library's default, as before). What is not a regular file (/dev/stdout, a pipe) is never refused."""
     if not out or append:
@@ -414,16 +414,17 @@ def check_results_file(source_uri: str, out: Optional[str], *, append: bool, ove
     if not stat.S_ISREG(st.st_mode) or st.st_size == 0:
         return
     if source_uri.strip().lower().startswith("watch:"):
-        from edgeclf.runtime.watch import STATE_NAME, watch_state_of
+        from edgeclf.runtime.watch import STATE_NAME, describe_watch_state, watch_state_counts, watch_state_of
 
-        state, done = watch_state_of(source_uri)
-        if done:
+        state, _ = watch_state_of(source_uri)
+        counts = watch_state_counts(source_uri)
+        if counts["with_results"]:  # files that failed at open have no results: replacing the file loses none of theirs
             where = "the state=PATH file" if state else f"{STATE_NAME} in the watched folder"
             raise ConfigError(
-                f"--out already holds results and the watch state marks {done} file(s) of the watched folder done, which "
-                "are never classified again: replacing it would lose their results for good; allowed: --append (keeps "
-                f"them and adds the new files'); add --append, or to start over move the results file and the watch state "
-                f"({where}) away"
+                f"--out already holds results and the watch state records files of the watched folder: "
+                f"{describe_watch_state(counts)}; replacing it would lose the results of {counts['with_results']} "
+                "file(s) for good; allowed: --append (keeps them and adds the new files'); add --append, or to start "
+                f"over move the results file and the watch state ({where}) away"
             )
     if overwrite is False:
         raise ConfigError(

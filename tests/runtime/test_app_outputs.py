@@ -233,6 +233,30 @@ def test_a_second_watch_run_without_append_keeps_the_earlier_results(tmp_path: P
     assert s["frames"] == 0 and out.read_text() == first
 
 
+def test_the_watch_refusal_says_what_the_state_holds_and_failed_files_alone_lose_nothing(tmp_path: Path) -> None:
+    """The refusal said the state 'marks 4 file(s) done, which are never classified again' when 1 was classified and
+    3 had failed to decode (those have no results and are read again once they change)."""
+    from edgeclf.runtime.watch import STATE_NAME
+
+    bundle = make_tiny_bundle(tmp_path / "b")
+    inbox = tmp_path / "in"
+    inbox.mkdir()
+    uri = f"watch:{inbox}?poll=0.05&idle_exit=0.3"
+    out = tmp_path / "w.jsonl"
+    out.write_text('{"frame": 0}\n')
+    files = {"a": {"status": "done", "frames": 1, "acked": 1}, "b": {"status": "failed", "frames": None, "acked": 0},
+             "c": {"status": "failed", "frames": None, "acked": 0}, "d": {"status": "failed", "frames": None, "acked": 0}}
+    state = inbox / STATE_NAME
+    state.write_text(json.dumps({"format": "edgeclf-watch-state", "version": 1, "files": files}))
+    msg = _refused("watch state", str(bundle), uri, out=str(out), overwrite=True)
+    assert "1 classified, never to be classified again" in msg and "3 failed to decode" in msg, msg
+    assert "4 file(s)" not in msg and "results of 1 file(s)" in msg, msg
+    # Only failed files: replacing the results file loses none of theirs, so --overwrite may replace it.
+    state.write_text(json.dumps({"format": "edgeclf-watch-state", "version": 1,
+                                 "files": {k: v for k, v in files.items() if k != "a"}}))
+    app.check_results_file(uri, str(out), append=False, overwrite=True)
+
+
 def test_a_watch_state_kept_elsewhere_is_found_too(tmp_path: Path) -> None:
     bundle = make_tiny_bundle(tmp_path / "b")
     inbox = inbox_with_one_xray(tmp_path)
