@@ -1361,15 +1361,16 @@ def _print_run(s: dict[str, Any]) -> None:
     per_file = clip.get("decisions") or []
     how = "(as `edgeclf evaluate` aggregates)"
     if dec.get("frames"):
-        click.echo(f"clip decision {how}: mean probability {dec['mean_label']}, majority vote "
-                   f"{dec['vote_label']}, over {dec['used']} of {dec['frames']} frames ({dec['abstained']} abstained)")
+        click.echo(f"clip decision {how}: mean probability {dec['mean_label']}, majority vote {dec['vote_label']}, over "
+                   f"{dec['used']} of {dec['frames']} frames ({dec['abstained']} left out: not classified or under the "
+                   "confidence floor)")
     elif per_file:  # several files: one decision each, none over all of them (other patients, other views)
         total = int(clip.get("decisions_total") or len(per_file))
         click.echo(f"clip decisions {how}, one per file ({total} clips; no decision over several files):")
         for d in per_file[-20:]:
             which = f"file {d['file_index']}" if "file_index" in d else f"watched file {d.get('watch_key')}"
             click.echo(f"  {which}: mean probability {d['mean_label']}, majority vote {d['vote_label']}, "
-                       f"over {d['used']} of {d['frames']} frames ({d['abstained']} abstained)")
+                       f"over {d['used']} of {d['frames']} frames ({d['abstained']} left out)")
         if total > 20:
             click.echo(f"  (the last 20 shown; the --summary file keeps the last {len(per_file)}, the results file all {total})")
     if clip.get("stills"):

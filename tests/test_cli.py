@@ -296,6 +296,19 @@ def test_clip_table_shows_abstained_clips_and_run_names_the_shown_label_majority
     assert "shown labels (after smoothing): most frames a" in out and "clip decision (as `edgeclf evaluate`" in out
 
 
+def test_the_clip_decision_line_does_not_call_settling_frames_unabstained(capsys: pytest.CaptureFixture[str]) -> None:
+    """The run's title counted 6 abstained (2 blank, 4 settling) and the decision line said '(2 abstained)': settling
+    frames are classified and count in the decision; what the decision leaves out is said as such."""
+    from edgeclf.cli import _print_run
+
+    stage = {"median": 1.0, "p90": 1.0, "p99": 1.0, "max": 1.0}
+    dec = {"frames": 20, "used": 18, "abstained": 2, "mean_label": "a", "vote_label": "a"}
+    _print_run({"frames": 20, "wall_s": 0.1, "fps": 30, "written": 20, "abstained": 6, "stages_ms": {"infer": stage},
+                "label_counts": {"a": 14}, "clip": {"majority_label": "a", "abstain_rate": 0.3, "decision": dec}})
+    line = next(ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("clip decision"))
+    assert "over 18 of 20 frames (2 left out: not classified or under the confidence floor)" in line, line
+
+
 def test_evaluate_clip_table_names_the_sampling(tmp_path: Path) -> None:
     """`edgeclf evaluate` aggregates k frames sampled per clip, `edgeclf run` every frame: the printed clip table and its
     JSON must say so, else the two printed figures read as one aggregation over the same frames."""
