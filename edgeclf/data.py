@@ -34,7 +34,7 @@ from edgeclf.runtime.sources import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, decode_i
 __all__ = ["Dataset", "Split", "load_dataset", "load_folds", "make_split_list", "read_split_list", "with_options", "parse_class_map", "spec_name", "split_spec", "FolderOptions",
            "check_option_table", "check_spec_options", "require_training_data", "load_training_data", "defines_split",
            "recorded_options", "near_hash", "classified_rows", "abstain_counts", "none_classified", "classify_fix",
-           "SPLITS", "IMAGE_EXTS", "VIDEO_EXTS"]
+           "known_npz", "SPLITS", "IMAGE_EXTS", "VIDEO_EXTS", "MODALITIES"]
 
 log = logging.getLogger(__name__)
 SPLITS = ("train", "val", "test")
@@ -42,11 +42,39 @@ FRAMES_PER_CLIP = 8  # clips: frames sampled per clip unless the caller or the s
 # The runtime sources' extensions: a data set reads exactly the files a device can be fed.
 IMAGE_EXTS = IMAGE_EXTENSIONS
 VIDEO_EXTS = VIDEO_EXTENSIONS
-# Known MedMNIST files: label names and the clinically positive class.
+MODALITIES = ("ultrasound", "xray", "generic")  # Dataset.modality; an .npz may record its own (a `modality` array)
+
+
+@dataclass(frozen=True)
+class _Known:
+    """A MedMNIST set known by its content: label names, clinically positive class, licence and modality."""
+
+    title: str
+    labels: tuple[str, ...]
+    positive: str
+    licence: str
+    modality: str
+    counts: dict[str, tuple[int, int]]  # MedMNIST v2's official split: per split, images of label 0 and of label 1
+
+
 _MEDMNIST = {
-    "breastmnist": (["malignant", "normal_or_benign"], "malignant", "MedMNIST v2 (CC BY 4.0)"),
-    "pneumoniamnist": (["normal", "pneumonia"], "pneumonia", "MedMNIST v2 (CC BY 4.0)"),
+    # Breast ultrasound, yet "generic": the augmentation BreastMNIST has always had by default, which the committed
+    # figures (README, benchmarks, test_real_data) were trained with; the breast-us recipe asks for "ultrasound".
+    "breastmnist": _Known("BreastMNIST", ("malignant", "normal_or_benign"), "malignant", "MedMNIST v2 (CC BY 4.0)",
+                          "generic", {"train": (147, 399), "val": (21, 57), "test": (42, 114)}),
+    "pneumoniamnist": _Known("PneumoniaMNIST", ("normal", "pneumonia"), "pneumonia", "MedMNIST v2 (CC BY 4.0)", "xray",
+                             {"train": (1214, 3494), "val": (135, 389), "test": (234, 390)}),
 }
+# Files known by their bytes (sha256): the copies in ../shared/data. Its PneumoniaMNIST is a class-balanced re-split,
+# which the official counts above do not match.
+_MEDMNIST_SHA256 = {
+    "5e68d79723fb3a63a399b0a66b66451799fc2eb3651f469cec0b679cfd743b68": "breastmnist",
+    "f36c2b3e34de9d60c5c734118bc6daff281eaf76b67a57d26ad958da948274b0": "pneumoniamnist",
+}
+_MEDMNIST_SIDES = (28, 64, 128, 224)  # MedMNIST v2 (28 px) and MedMNIST+ image sizes
+_NPZ_ARRAYS = tuple(f"{s}_{w}" for s in ("train", "val", "test") for w in ("images", "labels"))
+# ChestMNIST (multilabel, 14 findings): its official split's sizes, for its modality only (its labels stay unnamed).
+_CHESTMNIST_SIZES = {"train": 78468, "val": 11219, "test": 22433}
 
 
 @dataclass
@@ -264,7 +292,7 @@ def _load_synthetic(spec: str, class_map) -> Dataset:
 
 # -- MedMNIST npz ------------------------------------------------------------------------------
 
-def _load_npz(path: Path, class_map) -> Dataset:
+def _read_npz(path: Path) -> dict[str, np.ndarray]:
     try:
         npz = np.load(path, allow_pickle=False)
         arrays = {k: npz[k] for k in npz.files}
@@ -272,16 +300,24 @@ def _load_npz(path: Path, class_map) -> Dataset:
         raise DataError(f"cannot read {_shown(path)} ({exc.strerror}); fix its permissions or give another .npz") from None
     except Exception as exc:  # zipfile.BadZipFile, ValueError (pickled object arrays), OSError
         raise DataError(f"{path} could not be read as an .npz ({exc}); give a MedMNIST .npz") from None
-    need = [f"{s}_{w}" for s in SPLITS for w in ("images", "labels")]
-    missing = [k for k in need if k not in arrays]
+    missing = [k for k in _NPZ_ARRAYS if k not in arrays]
     if missing:
         raise DataError(
             f"{path} lacks the MedMNIST arrays {missing} (it has {sorted(arrays)}); expected train/val/test _images and _labels"
         )
-    stem = path.stem.lower().split("_")[0]
+    return arrays
+
+
+def _load_npz(path: Path, class_map) -> Dataset:
+    arrays = _read_npz(path)
+    file_sha, digest = _npz_hashes(path, class_map)
+    shown = _shown(path.name)  # logs name the file, never its folder
     multilabel = arrays["train_labels"].ndim == 2 and arrays["train_labels"].shape[1] > 1
     ys = {s: arrays[f"{s}_labels"] for s in SPLITS}
     given = [str(v) for v in arrays["label_names"]] if "label_names" in arrays else None
+    recorded = _recorded_modality(path, arrays)
+    known: _Known | None = None
+    from_name = False  # the known set was taken from the file name (its content is not one this package knows)
     if multilabel and class_map is not None:
         raise DataError(f"--classes does not apply to multilabel data; {path} has {ys['train'].shape[1]} label columns, leave it out")
     if multilabel:
@@ -297,10 +333,15 @@ def _load_npz(path: Path, class_map) -> Dataset:
         values = sorted(set(np.concatenate(list(ys.values())).tolist()))
         if values != list(range(len(values))):
             raise DataError(f"{path} labels are {values}; expected 0..K-1")
+        counts = {s: tuple(np.bincount(y, minlength=len(values)).tolist()) for s, y in ys.items()}
+        known = _medmnist_by_content(file_sha, arrays, counts)
+        if known is None:
+            known = _medmnist_by_name(path, counts)
+            from_name = known is not None
         if given is not None and len(given) == len(values):
             names, positive = given, None
-        elif stem in _MEDMNIST and len(_MEDMNIST[stem][0]) == len(values):
-            names, positive = list(_MEDMNIST[stem][0]), _MEDMNIST[stem][1]
+        elif known is not None:
+            names, positive = list(known.labels), known.positive
         else:
             names, positive = [str(v) for v in values], None
         task = "binary" if len(values) == 2 else "multiclass"
@@ -313,6 +354,7 @@ def _load_npz(path: Path, class_map) -> Dataset:
             raise DataError(f"{path}: {s}_images has {len(imgs)} items but {s}_labels {len(ys[s])}")
         splits[s] = Split(images=list(imgs), labels=ys[s], ids=[f"{s}/{i}" for i in range(len(imgs))], groups=[f"{s}/{i}" for i in range(len(imgs))])
     notes: list[str] = []
+    known_positive = positive
     if class_map is not None:
         new_names, lookup = _apply_class_map(names, class_map, str(path))
         dropped = {n: sum(int((sp.labels == i).sum()) for sp in splits.values()) for i, n in enumerate(names) if n not in lookup}
@@ -331,14 +373,124 @@ def _load_npz(path: Path, class_map) -> Dataset:
         positive = positive if positive in names else None
         task = "binary" if len(names) == 2 else "multiclass"
     channels = 3 if arrays["train_images"].ndim == 4 else 1
-    licence = _MEDMNIST[stem][2] if stem in _MEDMNIST else None
-    with open(path, "rb") as f:
-        digest = _hash_bytes(f.read(), repr(class_map).encode())
+    licence = known.licence if known is not None else None
+    name_hint = not recorded and known is None and _xray_by_name(path)
+    if recorded:
+        modality = recorded
+    elif known is not None:
+        modality = known.modality
+    elif _xray_by_content(arrays, multilabel, given) or name_hint:
+        modality = "xray"
+    else:
+        modality = "generic"
+    # One line when identity or augmentation came from the file name, or training would fall back to a positive class.
+    if from_name and known is not None:
+        log.warning("%s: not a MedMNIST file known by its content (neither MedMNIST v2's official split nor a known "
+                    "copy), so its class names (%s), positive class %r, licence and augmentation (%s) are %s's, taken "
+                    "from its file name: check its labels; --positive chooses the class to detect", shown,
+                    ", ".join(f"{i} = {n}" for i, n in enumerate(known.labels)), known.positive, known.modality, known.title)
+    elif task == "binary" and positive is None:
+        why = f"the class map renamed {known_positive!r}" if known_positive else "not a MedMNIST file known by its content"
+        guess = "; X-ray augmentation (no left-right flip) guessed from its file name" if name_hint else ""
+        log.warning("%s: binary data with no known clinically positive class (%s): training takes %r as the positive "
+                    "class unless --positive names another%s", shown, why, names[1], guess)
+    elif name_hint:
+        log.warning("%s: X-ray augmentation (no left-right flip) guessed from its file name; record it in the file "
+                    "(a modality array: ultrasound, xray or generic) or choose it with --augment", shown)
     return Dataset(
         spec=str(path), kind="medmnist", task=task, labels=names, splits=splits, data_hash=digest,
-        positive=positive, licence=licence, channels_hint=channels,
-        modality="xray" if "pneumonia" in stem or "chest" in stem else "generic", notes=notes,
+        positive=positive, licence=licence, channels_hint=channels, modality=modality, notes=notes,
     )
+
+
+def _npz_hashes(path: Path, class_map) -> tuple[str, str]:
+    """(sha256 of the file, the data hash: the file's bytes and the class map), read once in chunks."""
+    whole, data = hashlib.sha256(), hashlib.sha256()
+    try:
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                whole.update(chunk)
+                data.update(chunk)
+    except OSError as exc:
+        raise _unreadable(path, exc, "file") from None
+    data.update(repr(class_map).encode())
+    return whole.hexdigest(), data.hexdigest()
+
+
+def _medmnist_by_content(file_sha: str, arrays: Mapping[str, np.ndarray], counts: Mapping[str, tuple[int, ...]]) -> _Known | None:
+    """The MedMNIST set these arrays are: a known file by its bytes, or MedMNIST v2's official split (exactly its six
+    arrays, gray square images at one of its sizes, and every split's count of each label). A copy under any name is
+    the same data; the official layout with other labels (swapped, say) is not."""
+    if file_sha in _MEDMNIST_SHA256:
+        return _MEDMNIST[_MEDMNIST_SHA256[file_sha]]
+    if set(arrays) != set(_NPZ_ARRAYS):
+        return None
+    for s in SPLITS:
+        im = arrays[f"{s}_images"]
+        if im.dtype != np.uint8 or im.ndim != 3 or im.shape[1] != im.shape[2] or im.shape[1] not in _MEDMNIST_SIDES:
+            return None
+    return next((k for k in _MEDMNIST.values() if dict(counts) == k.counts), None)
+
+
+def _medmnist_by_name(path: Path, counts: Mapping[str, tuple[int, ...]]) -> _Known | None:
+    """The MedMNIST set the file name names (`breastmnist.npz`, `BreastMNIST_224.npz`), for content no table knows
+    (a re-split, a subset): how such files were always read, so runs trained on them stay readable. Not where the
+    content contradicts it: another number of classes, or the official split's sizes with other label counts."""
+    k = _MEDMNIST.get(path.stem.lower().split("_")[0])
+    if k is None or any(len(c) != len(k.labels) for c in counts.values()):
+        return None
+    if {s: sum(c) for s, c in counts.items()} == {s: sum(c) for s, c in k.counts.items()}:
+        return None  # the official images under other labels: relabelled data, not this set
+    return k
+
+
+def _recorded_modality(path: Path, arrays: Mapping[str, np.ndarray]) -> str | None:
+    """The modality an .npz records (`edgeclf data synth` writes one), None where it records none."""
+    if "modality" not in arrays:
+        return None
+    value = arrays["modality"]
+    text = str(value.item()) if value.ndim == 0 or value.size == 1 else repr(value.tolist())[:40]
+    if text not in MODALITIES:
+        raise DataError(f"{_shown(path)}: its modality array is {text!r}; allowed: {', '.join(MODALITIES)} (it picks the "
+                        "augmentation); fix the array or remove it (--augment also chooses)")
+    return text
+
+
+def _xray_by_content(arrays: Mapping[str, np.ndarray], multilabel: bool, given: list[str] | None) -> bool:
+    """X-ray data known by content without a recorded modality: `edgeclf data synth xray` files written before it
+    recorded one (its findings' names), and ChestMNIST's official split (14 findings, unnamed)."""
+    from edgeclf.runtime.synthetic import XRAY_FINDINGS
+
+    if multilabel and given == list(XRAY_FINDINGS):
+        return True
+    return (multilabel and arrays["train_labels"].shape[1] == 14
+            and all(len(arrays[f"{s}_labels"]) == n for s, n in _CHESTMNIST_SIZES.items()))
+
+
+def _xray_by_name(path: Path) -> bool:
+    """The guess from a file name no content confirms (chest_films.npz): X-ray, so that no film is mirrored."""
+    stem = path.stem.lower()
+    return "pneumonia" in stem or "chest" in stem
+
+
+def known_npz(spec: str) -> str | None:
+    """The MedMNIST set (`breastmnist`, `pneumoniamnist`) an .npz data spec holds, known as `load_dataset` knows it
+    (by content, else by a file name its content does not contradict); None for anything else, e.g. to choose a
+    recipe's variant for a renamed copy. An .npz that cannot be read raises DataError as `load_dataset` does."""
+    path = Path(split_spec(spec)[0]).expanduser()
+    if spec.startswith("synthetic:") or path.suffix.lower() != ".npz" or not path.is_file():
+        return None
+    arrays = _read_npz(path)
+    y = arrays["train_labels"]
+    if y.ndim == 2 and y.shape[1] > 1:
+        return None  # multilabel: no MedMNIST set this package names
+    ys = {s: arrays[f"{s}_labels"].reshape(len(arrays[f"{s}_labels"]), -1)[:, 0].astype(np.int64) for s in SPLITS}
+    if any(len(v) and v.min() < 0 for v in ys.values()):
+        return None
+    k = max((int(v.max()) + 1 for v in ys.values() if len(v)), default=0)
+    counts = {s: tuple(np.bincount(v, minlength=k).tolist()) for s, v in ys.items()}
+    known = _medmnist_by_content(_npz_hashes(path, None)[0], arrays, counts) or _medmnist_by_name(path, counts)
+    return next((key for key, v in _MEDMNIST.items() if v is known), None)
 
 
 # -- folders -------------------------------------------------------------------------------------

@@ -50,7 +50,7 @@ def synth(kind: str, out: str, *, n: int | None = None, size: int | None = None,
         path = o / "xray.npz"
         np.savez_compressed(path, train_images=images[:a], train_labels=labels[:a], val_images=images[a:b],
                             val_labels=labels[a:b], test_images=images[b:], test_labels=labels[b:],
-                            label_names=np.array(syn.XRAY_FINDINGS))
+                            label_names=np.array(syn.XRAY_FINDINGS), modality=np.array("xray"))  # no left-right flips
         return {"kind": kind, "npz": str(path), "images": count, "labels": list(syn.XRAY_FINDINGS), "task": "multilabel"}
     raise ConfigError(f"synthetic kind {kind!r} is unknown; allowed: ultrasound, xray, cine")
 
