@@ -264,10 +264,16 @@ def _data_keys() -> set[str]:
 
 def _variant_name(recipe: Recipe, data: str) -> str | None:
     """The variant whose name is the data's file or folder stem, compared without case (`[variants.BreastMNIST]`
-    applies to breastmnist.npz too)."""
+    applies to breastmnist.npz too), else the MedMNIST set an .npz holds by content (a renamed copy)."""
     base = data.partition("?")[0].rstrip("/")
     stem = Path(base).stem if not base.startswith("synthetic:") else base.split(":", 1)[1]
-    return {v.lower(): v for v in recipe.variants}.get(stem.lower())
+    names = {v.lower(): v for v in recipe.variants}
+    if stem.lower() in names:
+        return names[stem.lower()]
+    from edgeclf.data import known_npz
+
+    known = known_npz(data) if names else None  # a renamed MedMNIST copy: known by its content, as training knows it
+    return names.get(known) if known else None
 
 
 def recipe_target(recipe: Recipe, data: str) -> dict[str, Any]:

@@ -46,6 +46,17 @@ def test_packaged_recipes_load_and_build_configs() -> None:
     assert kwargs["frames_per_clip"] == 24  # run.json's config records the frames sampled, not the default 8
 
 
+def test_a_renamed_copy_of_breastmnist_takes_the_breastmnist_variant(tmp_path: Path) -> None:
+    """The variant went by file name: `BreastMNIST (1).npz` took BUSI's settings (folder options, a 5-model ensemble)
+    and was refused with a `?split=busi` error. The data is known by its content, so the variant is too."""
+    import shutil
+
+    copy = tmp_path / "BreastMNIST (1).npz"
+    shutil.copyfile(shared("medmnist", "breastmnist.npz"), copy)
+    kwargs, spec, rec = resolve_recipe(load_recipe("breast-us"), str(copy), {})
+    assert rec["variant"] == "breastmnist" and spec == str(copy) and kwargs["model"] == "compact", (rec, spec)
+
+
 def test_cli_values_win_and_options_given_win() -> None:
     r = load_recipe("lung-pocus")
     kwargs, spec, rec = resolve_recipe(r, "/d/pocus?frames=4", {"epochs": 2, "size": 64})
