@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 import warnings
 
 import numpy as np
@@ -172,17 +171,14 @@ def test_bootstrap_skips_resamples_without_a_class() -> None:
     assert m["auc"]["macro_ci95"] is not None
 
 
-def test_bootstrap_is_seeded_and_fast() -> None:
+def test_bootstrap_is_seeded() -> None:
+    # Reproducible for a seed, different for another; its speed is a benchmark's business, not a test's.
     probs, y = _multiclass_case(600, seed=4)
     rule = DecisionRule("max-ratio", (0.5, 0.5, 0.5))
-    evaluate_predictions(probs[:10], y[:10], "multiclass", rule, NAMES3, n_boot=2)  # warm imports
-    start = time.perf_counter()
     a = evaluate_predictions(probs, y, "multiclass", rule, NAMES3, n_boot=1000, seed=7)
-    elapsed = time.perf_counter() - start
     b = evaluate_predictions(probs, y, "multiclass", rule, NAMES3, n_boot=1000, seed=7)
     c = evaluate_predictions(probs, y, "multiclass", rule, NAMES3, n_boot=1000, seed=8)
     assert a == b and a["auc"]["macro_ci95"] != c["auc"]["macro_ci95"]
-    assert elapsed < 5.0  # about 0.3 s on one core; generous for a shared machine
 
 
 def test_class_absent_from_evaluation_set() -> None:

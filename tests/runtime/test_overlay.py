@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from typing import Any, Dict, List, Sequence, Tuple
 
 import numpy as np
@@ -200,11 +199,13 @@ def test_window_closed_by_the_user_stops(monkeypatch: pytest.MonkeyPatch) -> Non
     win.close()
 
 
-def test_the_overlay_latency_is_capture_to_display_measured_when_drawn() -> None:
+def test_the_overlay_latency_is_capture_to_display_measured_when_drawn(monkeypatch: pytest.MonkeyPatch) -> None:
     # A slow sink ahead of the display: the recorded total (capture-to-result, 23.4 ms) is too small; the overlay
     # measures now minus the capture timestamp itself, and says which figure it shows.
     assert latency_text(REC, now=1.25) == "cap-to-disp 250 ms"
-    assert latency_text({**REC, "timestamp": time.monotonic() - 0.1}).startswith("cap-to-disp 1")  # ~100 ms
+    with monkeypatch.context() as m:  # without `now`: the monotonic clock (pinned, so no stall can move the figure)
+        m.setattr(overlay_mod.time, "monotonic", lambda: 10.1)
+        assert latency_text({**REC, "timestamp": 10.0}) == "cap-to-disp 100 ms"
     assert latency_text({"latency_ms": {"total": 23.4}}) == "cap-to-result 23 ms"  # no capture timestamp
     assert latency_text({**REC, "timestamp": 5.0}, now=1.0) == "cap-to-result 23 ms"  # another clock: not negative
     assert latency_text({}) is None

@@ -46,14 +46,18 @@ def test_stage_times_put_inference_alone_in_infer(bundle_dir: Path, monkeypatch:
 
     import edgeclf.runtime.pipeline as pl
 
+    # A virtual clock: perf_counter plus the time the fakes "spend" (1 s inferring, 10 s in the softmax), no sleeping;
+    # the 9 s between the two is slack for the real overhead, however loaded the machine.
+    real_clock, spent = time.perf_counter, [0.0]
+    monkeypatch.setattr(pl.time, "perf_counter", lambda: real_clock() + spent[0])
     real = pl.frame_probabilities  # the per-frame softmax of a multiclass bundle
 
     def slow_probabilities(*a, **k):  # type: ignore[no-untyped-def]
-        time.sleep(0.02)
+        spent[0] += 10.0
         return real(*a, **k)
 
     def slow_infer(x: np.ndarray) -> np.ndarray:
-        time.sleep(0.04)
+        spent[0] += 1.0
         return np.zeros((len(x), 3), np.float32)
 
     monkeypatch.setattr(pl, "frame_probabilities", slow_probabilities)
@@ -63,7 +67,7 @@ def test_stage_times_put_inference_alone_in_infer(bundle_dir: Path, monkeypatch:
     # Softmax, temperature and the decision are postprocessing, not inference.
     assert len(mem.records) == 3  # the checks below must have records to hold for
     for r in mem.records:
-        assert 40 <= r["latency_ms"]["infer"] < 60 and r["latency_ms"]["postprocess"] >= 20
+        assert 1000 <= r["latency_ms"]["infer"] < 10000 and r["latency_ms"]["postprocess"] >= 10000, r["latency_ms"]
 
 
 def test_fake_backend_logits_drive_the_decision(bundle_dir: Path) -> None:
@@ -354,7 +358,8 @@ def test_a_signal_ends_the_run_cleanly_with_everything_written(bundle_dir: Path,
         time.sleep(0.2)
     p.send_signal(getattr(signal, sig))
     stdout, stderr = p.communicate(timeout=60)
-    assert p.returncode == 0, stderr
+    # Ctrl-C ends `run` as interrupted (killed by SIGINT, shell status 130) after writing everything; SIGTERM (systemd) 0.
+    assert p.returncode == (-signal.SIGINT if sig == "SIGINT" else 0), stderr
     result = json.loads(stdout)
     records, torn = read_jsonl(out)
     assert result["stopped_by"] == "signal" and torn == 0 and len(records) == result["frames"] == result["written"] >= 20

@@ -405,14 +405,30 @@ def test_infer_stage_statistics_hold_only_inferred_frames(bundle_dir: Path, tmp_
     assert t["stages_ms"]["latency"]["n"] == 24 and t["stages_ms"]["capture"]["n"] == 24  # other stages: every frame
 
 
-def test_second_targets_time_to_first_result_is_its_own_with_warmup_0(bundle_dir: Path) -> None:
+def test_second_targets_time_to_first_result_is_its_own_with_warmup_0(bundle_dir: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    # A virtual clock: perf_counter plus the 10 s each of a's inferences "takes" (no sleeping), so that a's chunk
+    # (20 frames, 200 s) is told from b's own set-up and first frame however slow the machine is.
+    real_clock, spent = time.perf_counter, [0.0]
+    monkeypatch.setattr(time, "perf_counter", lambda: real_clock() + spent[0])
+
+    def make(b, path, target, threads):  # type: ignore[no-untyped-def]
+        m = b.manifest
+
+        def fn(x: np.ndarray) -> np.ndarray:
+            if target.label == "a":
+                spent[0] += 10.0
+            return np.tile(np.linspace(0.1, 0.3, m.num_outputs, dtype=np.float32), (len(x), 1))
+        return FakeBackend((m.preprocess.channels,) + tuple(m.preprocess.size), m.num_outputs, fn=fn)
+
     opts = ProfileOptions(source="synthetic:ultrasound?frames=40&size=64", frames=20, warmup=0, chunk=20, bootstrap=0,
                           sample_interval_s=0.05, infer_only=False)
     doc = profile_bundles([ProfileTarget(str(bundle_dir), label="a"), ProfileTarget(str(bundle_dir), label="b")], opts,
-                          backend_factory=_fake({"a": 0.02})).doc
+                          backend_factory=make).doc
     a, b = doc["targets"]
-    # b's own set-up and one instant frame take a few ms; a's chunk of 20 frames x 20 ms = 400 ms is not b's cold start
-    assert b["cold_start"]["time_to_first_result_ms"] < 200, b["cold_start"]
+    # a's first result waited for its first (10 s) inference; b's did not wait for any of a's
+    assert a["cold_start"]["time_to_first_result_ms"] >= 10_000, a["cold_start"]
+    assert b["cold_start"]["time_to_first_result_ms"] < 10_000, b["cold_start"]
     assert "left out" in b["cold_start"]["first_result_frame"]
     assert a["frames"] == b["frames"] == 20 and a["stages_ms"]["latency"]["n"] == 20  # the cold frame is in no other figure
     assert a["warmup"]["stages_ms"]["latency"]["n"] == 0

@@ -25,6 +25,7 @@ from edgeclf.runtime.sources import (  # noqa: E402
     natural_key,
     open_source,
 )
+from tests.conftest import shared  # noqa: E402
 
 W, H = 64, 48
 RED_BGR = (0, 0, 255)
@@ -376,8 +377,6 @@ def test_synthetic_bad_uri(uri: str) -> None:
 
 # ------------------------------------------------------------------------------ real POCUS clips
 
-POCUS = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "pocus"
-
 # Files whose container's frame count (CAP_PROP_FRAME_COUNT, our `frame_count`) is not the number
 # of frames they hold; every one decodes to exactly the clips.csv count, so the stream is right.
 # - The five .mov have a QuickTime edit list that presents fewer samples than the track stores
@@ -408,9 +407,8 @@ CLAIM_DIFFERS = {
 @pytest.mark.shared_data
 @pytest.mark.slow
 def test_pocus_clips_decode_to_the_listed_frames(caplog: pytest.LogCaptureFixture) -> None:
-    if not (POCUS / "clips.csv").is_file():
-        pytest.skip(f"shared POCUS data not found at {POCUS}")
-    with (POCUS / "clips.csv").open(newline="") as fh:
+    pocus = shared("pocus", "clips.csv").parent  # honours EDGECLF_SHARED_DATA; skips, saying why, where it is absent
+    with (pocus / "clips.csv").open(newline="") as fh:
         rows = list(csv.DictReader(fh))
     assert len(rows) == 91
     problems, claims = [], {}
@@ -419,7 +417,7 @@ def test_pocus_clips_decode_to_the_listed_frames(caplog: pytest.LogCaptureFixtur
         rel = row["file"]
         caplog.clear()
         with caplog.at_level(logging.WARNING, logger="edgeclf.runtime.sources"), open_source(
-            str(POCUS / rel)
+            str(pocus / rel)
         ) as src:
             size = src.size
             fps = src.fps

@@ -8,7 +8,7 @@ import os
 import threading
 import time
 from pathlib import Path
-from typing import Any, List, Optional
+from typing import Any, Callable, List, Optional
 
 import numpy as np
 import pytest
@@ -171,16 +171,38 @@ def test_a_damaged_file_fails_once_and_is_retried_when_it_changes(tmp_path: Path
     assert results == [9]
 
 
+def _returned(call: Callable[[], Any]) -> Any:
+    """call() in a thread, its result: a read that waits for its next poll (an hour below) fails the test instead of
+    hanging it. The 60 s is no speed bound: a read that works returns in about 0.1 s."""
+    out: List[Any] = []
+
+    def run() -> None:
+        try:
+            out.append(("value", call()))
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the test's thread
+            out.append(("error", exc))
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    t.join(60.0)
+    assert out, "the read still waits: it waits for the next poll, not for its timeout or close()"
+    kind, value = out[0]
+    if kind == "error":
+        raise value
+    return value
+
+
 def test_read_timeout_idle_exit_and_close_from_another_thread(tmp_path: Path) -> None:
-    src = WatchFolderSource(str(tmp_path), poll=POLL)
+    # Polling once an hour: only the read's own timeout, or close(), can end these reads in time.
+    src = WatchFolderSource(str(tmp_path), poll=3600.0)
     assert src.live and src.needs_ack and src.kind == "watch"
     t0 = time.monotonic()
-    assert src.read(timeout=0.1) is None
-    assert 0.08 <= time.monotonic() - t0 < 1.0 and not src.ended
-    threading.Timer(0.1, src.close).start()
+    assert _returned(lambda: src.read(timeout=0.1)) is None
+    assert time.monotonic() - t0 >= 0.08 and not src.ended  # it waited for its timeout; the stream goes on
     t0 = time.monotonic()
-    assert src.read() is None  # blocks until closed
-    assert time.monotonic() - t0 < 2.0 and src.ended and src.closed
+    threading.Timer(0.1, src.close).start()
+    assert _returned(src.read) is None  # blocks until closed
+    assert time.monotonic() - t0 >= 0.08 and src.ended and src.closed
 
 
 def test_one_watcher_per_state_and_state_elsewhere(tmp_path: Path) -> None:
