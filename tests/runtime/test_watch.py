@@ -108,14 +108,15 @@ def test_fifty_files_exactly_once_across_restarts_and_a_crash(tmp_path: Path) ->
 
     dropper = threading.Thread(target=drop)
     dropper.start()
-    src = _consume(inbox, results, idle_exit=1.0)
+    _consume(inbox, results, idle_exit=1.0)
     dropper.join()
-    # run 4 (restart 2): nothing new, nothing redone
-    _consume(inbox, results)
+    # run 4 (restart 2): nothing redone (on a loaded host run 3 may idle out before the last files land: run 4 takes
+    # them then, still once each)
+    src = _consume(inbox, results)
     count = collections.Counter(results)
     assert set(count) == set(range(50)), sorted(set(range(50)) - set(count))
     assert all(n == 1 for n in count.values()), {k: n for k, n in count.items() if n != 1}
-    stats = src.stats()
+    stats = src.stats()  # the last run's: it saw every file, notes.txt among them
     assert stats["files_ignored"] == 1 and stats["pending"] == 0
     # the state holds hashes only: no file names
     text = (inbox / STATE_NAME).read_text()
