@@ -22,7 +22,7 @@ compression settings `edgeclf export` applies, and the published figures it is c
     data = {}              # a variant's data table replaces the recipe's
     train = { size = 32 }  # and its train/export tables update the recipe's
 
-    [splits]               # how the committed split list was made (python -m edgeclf.recipes splits NAME --data DIR)
+    [splits]               # how the committed split list was made (python -m edgeclf.recipes splits NAME --data DIR --out CSV)
     dedup = "near"
 
     [reference]            # published figures, for the results table
@@ -369,8 +369,8 @@ def recorded_export(model_dir: str | Path) -> tuple[str, dict[str, Any]] | None:
 
 
 def _main(argv: list[str] | None = None) -> int:
-    """`python -m edgeclf.recipes list | splits NAME --data DIR [--out CSV] [--variant V]`: list recipes or
-    (re)write a committed split list with the recipe's [splits] settings."""
+    """`python -m edgeclf.recipes list | splits NAME --data DIR --out CSV [--overwrite]`: list recipes or write a
+    split list with the recipe's [splits] settings (to replace a committed one, --out names it, with --overwrite)."""
     import argparse
 
     from edgeclf.data import make_split_list, with_options
@@ -382,21 +382,32 @@ def _main(argv: list[str] | None = None) -> int:
     sp.add_argument("name")
     sp.add_argument("--data", required=True)
     sp.add_argument("--out", default=None)
+    sp.add_argument("--overwrite", action="store_true")
     a = ap.parse_args(argv)
     if a.cmd == "list":
         for n in list_recipes():
             r = load_recipe(n)
             print(f"{n}  v{r.version}  {r.description}")
         return 0
+    from edgeclf.errors import ConfigError, DataError
+
+    if not Path(a.data.partition("?")[0]).expanduser().exists():
+        raise DataError(f"--data {a.data.partition('?')[0]} does not exist; give the data set's folder")
     r = load_recipe(a.name)
     variant = _variant_name(r, a.data)
+    v = r.variants.get(variant, {}) if variant else {}
+    name = v.get("data", r.data).get("split") or a.name  # a variant's data table replaces the recipe's
+    # The committed list defines the recipe's test set: it is rewritten only where --out names it.
+    if not a.out:
+        raise ConfigError(f"splits needs --out CSV (the committed list, {RECIPE_DIR / 'splits' / (name + '.csv')}, is "
+                          "replaced only when --out names it, with --overwrite); add --out")
+    if Path(a.out).exists() and not a.overwrite:
+        raise ConfigError(f"--out {a.out} already exists; allowed: a new file, or --overwrite to replace it")
     cfg = {**r.splits, **(r.variants.get(variant, {}).get("splits", {}) if variant else {})}
     seed = int(cfg.pop("seed", 0))
     spec = with_options(a.data.partition("?")[0], **cfg)
     rows, notes = make_split_list(spec, seed=seed)
-    v = r.variants.get(variant, {}) if variant else {}
-    name = v.get("data", r.data).get("split") or a.name  # a variant's data table replaces the recipe's
-    out = Path(a.out) if a.out else RECIPE_DIR / "splits" / f"{name}.csv"
+    out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     counts = {s: sum(1 for x in rows if x[2] == s) for s in ("train", "val", "test", "duplicate")}
     head = [f"# edgeclf split list for recipe {r.name}: data {Path(a.data.partition('?')[0]).name}, options {spec.partition('?')[2]}, seed {seed}",

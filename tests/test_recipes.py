@@ -288,8 +288,10 @@ def test_variant_names_match_without_case(tmp_path: Path) -> None:
     assert resolve_recipe(load_recipe("breast-us"), "/d/BreastMNIST.npz", {})[2]["variant"] == "breastmnist"
 
 
-def test_split_list_command_names_the_list_from_the_variant(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A variant whose data table is empty names no list: the command writes NAME.csv, not over the recipe's list."""
+def test_split_list_command_names_the_list_from_the_variant(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    """A variant whose data table is empty names no list: the command names NAME.csv, not the recipe's list (and,
+    since --out is required, writes neither)."""
     import numpy as np
 
     cv2 = pytest.importorskip("cv2")
@@ -303,9 +305,12 @@ def test_split_list_command_names_the_list_from_the_variant(tmp_path: Path, monk
     path = tmp_path / "r.toml"
     path.write_text('name = "r"\n[data]\nsplit = "big"\n[splits]\ntest = 0.2\n[variants.small]\ndata = {}\n')
     monkeypatch.setattr(recipes, "RECIPE_DIR", tmp_path / "pkg")
-    assert recipes.main(["splits", str(path), "--data", str(tmp_path / "small")]) == 0
-    assert not (tmp_path / "pkg" / "splits" / "big.csv").exists()  # was: the variant's list written over big.csv
-    assert Path(f"{path}.csv").is_file()  # named after the recipe argument (a path here)
+    assert recipes.main(["splits", str(path), "--data", str(tmp_path / "small")]) == 2
+    err = capsys.readouterr().err
+    assert "big.csv" not in err and "r.toml.csv" in err, err  # named after the recipe argument (a path here)
+    assert not (tmp_path / "pkg" / "splits").exists()
+    assert recipes.main(["splits", str(path), "--data", str(tmp_path / "small"), "--out", str(tmp_path / "s.csv")]) == 0
+    assert (tmp_path / "s.csv").is_file()
 
 
 def test_a_corrupt_run_json_is_one_line(tmp_path: Path) -> None:
@@ -369,3 +374,34 @@ def test_recipe_data_options_without_effect_are_refused(tmp_path: Path) -> None:
     # A variant's [splits] may rely on the recipe's dedup = "near" (they are merged).
     path.write_text('[splits]\ndedup = "near"\n[variants.v]\nsplits = { near = 40 }\n')
     assert load_recipe(str(path)).variants["v"]["splits"] == {"near": 40}
+
+
+def test_recipe_splits_never_replaces_a_list_unasked(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    """`splits NAME --data DIR` without --out rewrote the committed list inside the package (which defines the
+    recipe's test set), silently, and an existing --out file was replaced silently too."""
+    import shutil
+
+    import edgeclf.recipes as recipes
+    from edgeclf.synth_cli import synth
+
+    rd = tmp_path / "recipe_files"
+    shutil.copytree(recipes.RECIPE_DIR, rd)
+    monkeypatch.setattr(recipes, "RECIPE_DIR", rd)
+    committed = rd / "splits" / "busi.csv"
+    before = committed.read_bytes()
+    data = tmp_path / "other" / "busi"
+    synth("ultrasound", str(data), n=60, size=32)
+    assert recipes.main(["splits", "breast-us", "--data", str(data)]) == 2
+    assert "--out" in capsys.readouterr().err and committed.read_bytes() == before
+    mine = tmp_path / "mine.csv"
+    assert recipes.main(["splits", "breast-us", "--data", str(data), "--out", str(mine)]) == 0
+    first = mine.read_bytes()
+    mine.write_text("kept")
+    assert recipes.main(["splits", "breast-us", "--data", str(data), "--out", str(mine)]) == 2
+    err = capsys.readouterr().err
+    assert "--overwrite" in err and len(err.strip().splitlines()) == 1 and mine.read_text() == "kept"
+    assert recipes.main(["splits", "breast-us", "--data", str(data), "--out", str(mine), "--overwrite"]) == 0
+    assert mine.read_bytes() == first
+    assert recipes.main(["splits", "breast-us", "--data", str(tmp_path / "nowhere"), "--out", str(tmp_path / "x.csv")]) == 2
+    assert "does not exist" in capsys.readouterr().err
