@@ -424,17 +424,22 @@ def _print_members(record: dict) -> None:
 @click.option("--out", required=True, help="The ensemble's training folder to write (export it like any other): a new or empty one.")
 @click.option("--overwrite", is_flag=True, help="Replace the previous training at --out: only its own files; refused if anything "
               "else is there.")
-@click.option("--no-test", is_flag=True, help="Leave the test split unread: report validation only.")
+@click.option("--test/--no-test", "read_test", default=None,
+              help="--no-test: leave the test split unread; --test: read it even where a member was trained with --no-test "
+              "[default: read it only if every member read its own].")
 @json_option
-def ensemble(members: tuple, out: str, overwrite: bool, no_test: bool, as_json: bool) -> None:
+def ensemble(members: tuple, out: str, overwrite: bool, read_test: bool | None, as_json: bool) -> None:
     """Combine finished trainings (e.g. other seeds) into one model averaging them (multiclass: probabilities; binary, multilabel: logits), recalibrated on validation."""
     from edgeclf.train import ensemble_runs
 
     _writable_folder(out)
-    record = ensemble_runs(list(members), out, read_test=not no_test, overwrite=overwrite)
+    record = ensemble_runs(list(members), out, read_test=read_test, overwrite=overwrite)
+
     def human(r: dict) -> None:
         _print_members(r)
-        _print_metrics(r["metrics"], f"ensemble of {len(members)} -> {out}" + ("" if not no_test else "; test split not read (--no-test)"))
+        unread = "" if r["config"]["read_test"] else ("; test split not read (--no-test)" if read_test is False else
+                                                      "; test split not read: a member was trained with --no-test (--test reads it)")
+        _print_metrics(r["metrics"], f"ensemble of {len(members)} -> {out}{unread}")
 
     _emit(as_json, record, human)
 
@@ -505,7 +510,7 @@ def evaluate(target: str, data_spec, split, classes, precision, out, threads, no
 @click.option("--mean", default=None, help="Per-channel mean in [0,1] scale, e.g. 0.485,0.456,0.406 (--from-onnx/--from-torch only).")
 @click.option("--std", default=None, help="Per-channel std in [0,1] scale (--from-onnx/--from-torch only).")
 @click.option("--target-sensitivity", type=float, default=0.9, show_default=True,
-              help="Sensitivity the operating point is fitted for on --split (--from-onnx/--from-torch only); a trained model's was fitted at "
+              help="Sensitivity the operating point is fitted for on --data's validation split (--from-onnx/--from-torch only); a trained model's was fitted at "
                    "training (`edgeclf train --target-sensitivity`).")
 @click.option("--positive", default=None, help="Binary tasks: the positive class (--from-onnx/--from-torch only).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing bundle at --out.")

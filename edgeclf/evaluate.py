@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 
 from edgeclf.data import Dataset, load_dataset, load_training_data, split_spec
-from edgeclf.errors import ConfigError
+from edgeclf.errors import ConfigError, DataError
 from edgeclf.runtime.bundle import MANIFEST_FILE, load_bundle
 from edgeclf.runtime.postprocess import decide, probabilities
 from edgeclf.runtime.preprocess import Preprocessor
@@ -95,6 +95,61 @@ def _frame_metrics(probs: np.ndarray, y: np.ndarray, task: str, rule: Any, label
     return {**figures, **beside, "all_frames": every}
 
 
+def _model_splits(ds: Dataset, recorded: dict[str, Any], folder: Path | None, imported: bool,
+                  as_trained: Any) -> dict[str, set[str]] | None:
+    """The clips (an image is its own) of the model's train, val and test splits, where `ds` is its training data: the
+    recorded content hash, or a folder's files under other options (`--split all` reads a plain folder as given). An
+    imported model's recorded data is export's: only its val split is known (its temperature and operating point were
+    fitted there), not what the model trained on. None for other data. `as_trained()` reads the data with the recorded
+    options (a bundle keeps no split lists)."""
+    from edgeclf.runtime.clips import clip_of
+
+    rec_hash, files_hash = recorded.get("hash"), recorded.get("files_hash")
+    same_data = bool(rec_hash) and rec_hash in (ds.data_hash, ds.former_hash, ds.path_hash)
+    if not (same_data or (files_hash and files_hash == ds.files_hash)):
+        return None
+    names = ("val",) if imported else ("train", "val", "test")
+    listed = [folder / "splits" / f"{n}.txt" for n in names] if folder is not None else []
+    lists: dict[str, list[str]]
+    if listed and all(f.is_file() for f in listed):  # a training folder's own split lists
+        lists = {n: f.read_text().splitlines() for n, f in zip(names, listed)}
+    else:
+        trained = ds if same_data else as_trained()
+        if trained is None:
+            return None
+        lists = {n: list(trained.splits[n].ids) for n in names if n in trained.splits}
+    return {n: {clip_of(i) for i in ids} for n, ids in lists.items()}
+
+
+def _say_what_the_model_saw(report: dict[str, Any], target: str, ids: list[str], splits: dict[str, set[str]] | None,
+                            imported: bool, read_test: bool) -> None:
+    """Count the evaluated items in the model's own splits (report["data"]["in_model_splits"]; None: other data) and warn
+    where figures include items it was trained, early-stopped or calibrated on; note a --no-test run's unread test split."""
+    from edgeclf.runtime.clips import clip_of
+
+    if splits is None:
+        report["data"]["in_model_splits"] = None
+        return
+    clips = [clip_of(i) for i in ids]
+    counts = {n: sum(c in members for c in clips) for n, members in splits.items()}
+    report["data"]["in_model_splits"] = counts
+    seen = []
+    if counts.get("train"):
+        seen.append(f"{counts['train']} in its train split (trained on)")
+    if counts.get("val"):
+        seen.append(f"{counts['val']} in its val split (" + ("its temperature and operating point were fitted on them at export)"
+                    if imported else "early-stopped on, its temperature and operating point fitted on them)"))
+    if seen:
+        # An imported model's training data is not known: its test split is only known not to be calibrated on.
+        log.warning("%s: of the %d items evaluated, %s: these figures are optimistic, not held-out; --split test gives %s",
+                    target, len(ids), " and ".join(seen), "figures on items it was not calibrated on" if imported else
+                    "the held-out ones (--split all is for new data)")
+    if counts.get("test") and not read_test:
+        report["data"]["test_read_at_training"] = False
+        log.info("%s was trained with --no-test: %d of the items evaluated are in its test split, which its training never "
+                 "read; settings chosen after seeing these figures make them validation figures", target, counts["test"])
+
+
 def evaluate(
     target: str,
     *,
@@ -111,7 +166,11 @@ def evaluate(
 
     The frames and images `edgeclf run` would not classify abstain here too: on clips, frames before the sector locks
     (roi=sector); with `quality` (on by default, as in run; off as `run --no-quality`), the clip frames and the images
-    its quality gate stops (an image judged on its own, as run judges a still)."""
+    its quality gate stops (an image judged on its own, as run judges a still).
+
+    On the model's own data, report["data"]["in_model_splits"] counts the items evaluated per split of the model (train,
+    val, test; an imported model: its export's val split, where it was calibrated), with a warning where figures include
+    items it was trained, early-stopped or calibrated on (`--split all`, `val`, `train`); None for other data."""
     from edgeclf.metrics import plot_confusion, plot_roc
 
     path = Path(target)
@@ -129,6 +188,9 @@ def evaluate(
         min_confidence = float(getattr(m, "min_confidence", 0.0) or 0.0)
         source = f"bundle (onnxruntime, {variant})"
         sector = m.trained_on_sector
+        # An imported model's temperature and operating point were fitted at export, on the val split of its data.
+        imported = m.raw["provenance"].get("source") in ("onnx", "torch")
+        folder: Path | None = None
 
         def infer(x: np.ndarray) -> np.ndarray:
             from edgeclf.export.bundle_writer import infer_all
@@ -150,6 +212,7 @@ def evaluate(
         min_confidence = 0.0
         source = "training folder (torch)"
         infer = tm.logits
+        imported, folder = False, path
         # Runs from before preprocess.sector was recorded say it in their data spec.
         sector = spec.sector or (bool(recorded.get("spec")) and split_spec(str(recorded["spec"]))[1].roi == "sector")
     # Bundles name their data without workstation paths: a synthetic spec is its own name.
@@ -177,6 +240,23 @@ def evaluate(
     sp = ds.split(split)
     why = [ds.abstain.get(i, "") for i in sp.ids]  # frames run would not classify: abstained here too
     stopped = np.array([bool(w) for w in why], bool)
+
+    def as_trained() -> Dataset | None:
+        """The data read with its recorded options (the same files given plain), for the model's split lists."""
+        from edgeclf.data import recorded_options
+
+        q = recorded_options(recorded)
+        try:
+            trained = load_dataset(f"{split_spec(ds.spec)[0]}?{q}" if q else split_spec(ds.spec)[0],
+                                   classes=classes if classes is not None else recorded.get("classes"), seed=seed,
+                                   frames_per_clip=fpc, quality=False)
+        except DataError as exc:
+            log.warning("%s holds the model's training files, but read with the recorded options ?%s it fails (%s): which "
+                        "of them it trained on is not known here", ds.name, q, exc)
+            return None
+        return trained if recorded.get("hash") in (trained.data_hash, trained.former_hash, trained.path_hash) else None
+
+    splits_seen = _model_splits(ds, recorded, folder, imported, as_trained)
     pre = Preprocessor(spec)
     x = pre.batch(sp.images)
     probs = probabilities(infer(x), task, temperature)
@@ -191,6 +271,7 @@ def evaluate(
         # Bootstrap seeded with the model's training seed (as training's own test figures are): one model, one interval.
         "metrics": _frame_metrics(probs, sp.labels, task, rule, labels, sp.groups, min_confidence, n_boot, seed=seed, why=why),
     }
+    _say_what_the_model_saw(report, str(target), list(sp.ids), splits_seen, imported, bool(train_cfg.get("read_test", True)))
     if ds.kind == "clips" and task != "multilabel":
         from edgeclf.metrics import clip_metrics
 

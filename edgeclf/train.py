@@ -1080,11 +1080,14 @@ def cross_validate(cfg: TrainConfig, *, on_epoch: Callable[[dict[str, Any]], Non
     return result
 
 
-def ensemble_runs(folders: list[str], out: str, *, read_test: bool = True, overwrite: bool = False) -> dict[str, Any]:
+def ensemble_runs(folders: list[str], out: str, *, read_test: bool | None = None, overwrite: bool = False) -> dict[str, Any]:
     """Combine finished training folders (same data split, architecture, input and labels; e.g. the same settings
     with other seeds) into one ensemble training folder, as `--ensemble` would have written it: temperature and
     operating point refit on validation, validation (and, with `read_test`, test) measured, each member's own
-    validation figures recorded. Their data split must be the same: each member was early-stopped on it."""
+    validation figures recorded. Their data split must be the same: each member was early-stopped on it, and so must
+    the settings the refit takes (operating point, target sensitivity, positive class, class map): one is refit for all.
+    `read_test` None: the test split is read only if every member read its own (none was trained with --no-test), as
+    prune keeps a --no-test parent's unread; True reads it anyway, False never."""
     if len(folders) < 2:
         raise ConfigError(f"an ensemble needs at least 2 training folders, got {len(folders)}")
     import dataclasses
@@ -1115,6 +1118,16 @@ def ensemble_runs(folders: list[str], out: str, *, read_test: bool = True, overw
         return {"architecture": t.meta["architecture"], "outputs": t.meta["num_outputs"], "task": t.task,
                 "labels": t.labels, "input": t.meta["preprocess"], "tta": t.tta}
 
+    def settings(t: TrainedModel) -> dict[str, Any]:
+        """What the ensemble's refit takes from member 0's config: members must agree, or the member order would pick
+        the deployed decision rule. A target sensitivity counts only where the operating point uses it."""
+        c = t.run["config"]
+        op = c.get("operating_point", "sensitivity")
+        return {"operating_point": op, "target_sensitivity": c.get("target_sensitivity", 0.9) if op == "sensitivity" else None,
+                # the class the rule was fitted for (a binary task's --positive, or the data set's clinical one)
+                "positive": t.labels[t.decision.positive] if t.decision.positive is not None else None,
+                "classes": c.get("classes")}
+
     for f, tm in zip(folders, runs):
         if (tm.folder / "pruned.json").is_file() or tm.members > 1:
             raise ConfigError(f"{f} is a pruned model or an ensemble already; combine plain training folders")
@@ -1130,10 +1143,28 @@ def ensemble_runs(folders: list[str], out: str, *, read_test: bool = True, overw
                 this, that = {x: this.get(x) for x in keys}, {x: that.get(x) for x in keys}
             raise ConfigError(f"{f} differs from {folders[0]} in {', '.join(differ)} ({fact}: {this!r} against {that!r}); "
                               "an ensemble combines runs of one model on one input")
+        have, want = settings(tm), settings(first)
+        differ = [k for k in have if have[k] != want[k]]
+        # Beside an accuracy operating point there is no target sensitivity to compare: the operating point is the difference.
+        differ = [k for k in differ if not (k == "target_sensitivity" and "operating_point" in differ)]
+        if differ:
+            values = "; ".join(f"{k}: {have[k]!r} in {f}, {want[k]!r} in {folders[0]}" for k in differ)
+            flags = ", ".join("--" + k.replace("_", "-") for k in differ)
+            raise ConfigError(f"{f} was trained with another {', '.join(differ)} than {folders[0]} ({values}); the ensemble's "
+                              f"temperature and operating point are refit once for all members: combine runs trained with the "
+                              f"same {flags}")
         # Runs without a recorded hash: their specs must match (runs with one are checked against the data below).
         if not (tm.run.get("data", {}).get("hash") and first.run.get("data", {}).get("hash")) and (
                 tm.run["config"].get("data") != first.run["config"].get("data")):
             raise ConfigError(f"{f} was trained on other data than {folders[0]}; combine runs of one data set")
+    unread = [f for f, tm in zip(folders, runs) if tm.run["config"].get("read_test", True) is False]
+    if read_test is None:
+        read_test = not unread
+        if unread:
+            log.info("%s trained with --no-test: the ensemble leaves the test split unread too; `edgeclf evaluate --model %s "
+                     "--split test` reads it", ", ".join(unread), out)
+    elif read_test and unread:
+        log.info("%s trained with --no-test: the ensemble reads the test split, as asked", ", ".join(unread))
     known = {f.name for f in dataclasses.fields(TrainConfig)}
     cfg = TrainConfig(**{**{k: v for k, v in first.run["config"].items() if k in known}, "out": out, "read_test": read_test,
                          "ensemble": len(runs)})
@@ -1178,7 +1209,7 @@ def ensemble_runs(folders: list[str], out: str, *, read_test: bool = True, overw
     net = ensemble_of([tm.net for tm in runs], ds.task)
     model = with_tta(net, first.tta)
     temperature, rule, metrics = calibrate_and_measure(model, p, target_sensitivity=cfg.target_sensitivity, seed=cfg.seed,
-                                                       operating_point=cfg.operating_point, test=read_test)
+                                                       operating_point=cfg.operating_point, test=cfg.read_test)
     if first.tta != "none":  # as train --ensemble records it: the same weights without the augmentation
         metrics["val_without_tta"] = calibrate_and_measure(net, p, target_sensitivity=cfg.target_sensitivity, seed=cfg.seed,
                                                            operating_point=cfg.operating_point, test=False)[2]["val"]

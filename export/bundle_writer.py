@@ -362,7 +362,16 @@ def export_bundle(cfg: ExportConfig) -> dict[str, Any]:
     else:  # the training data, as run.json recorded it, less its workstation path
         provenance["data"] = {**{k: recorded.get(k) for k in ("kind", "hash", "files_hash", "licence", "classes", "sizes")},
                               "name": spec_name(str(recorded.get("spec", "")))}
-    provenance["export_data"] = {"name": ds.name, "hash": ds.data_hash, "split": cfg.split}
+    # split: what parity and the reference samples were measured on. An imported model's temperature and operating point
+    # are fitted on the val split whatever --split is (said as decision_fitted_on: evaluate warns on figures over it).
+    provenance["export_data"] = {"name": ds.name, "hash": ds.data_hash, "split": cfg.split,
+                                 **({"decision_fitted_on": "val"} if tm is None else {})}
+    if tm is not None and cfg.split in ("test", "all") and (tm.run.get("config") or {}).get("read_test", True) is False:
+        # As prune keeps a --no-test parent's test split unread, export reads it only when asked, and for no figure.
+        provenance["export_data"]["test_split"] = ("read for parity and reference samples only (no labels, no figures): "
+                                                   "the training ran with --no-test")
+        log.info("%s was trained with --no-test: --split %s reads its test images for parity and reference samples only "
+                 "(no labels, no figures)", cfg.model, cfg.split)
 
     out.parent.mkdir(parents=True, exist_ok=True)
     stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
