@@ -1143,6 +1143,12 @@ def ensemble_runs(folders: list[str], out: str, *, read_test: bool | None = None
                 this, that = {x: this.get(x) for x in keys}, {x: that.get(x) for x in keys}
             raise ConfigError(f"{f} differs from {folders[0]} in {', '.join(differ)} ({fact}: {this!r} against {that!r}); "
                               "an ensemble combines runs of one model on one input")
+        # Export applies the [export] settings member 0's recipe recorded: members must agree on them.
+        here, there = ((t.run.get("recipe") or {}).get("export") for t in (tm, first))
+        if here != there:
+            raise ConfigError(f"{f} was trained from a recipe that exports otherwise than {folders[0]}'s (export: {here!r} "
+                              f"in {f}, {there!r} in {folders[0]}); `edgeclf export` would apply member 0's: combine runs "
+                              "of one recipe's export settings")
         have, want = settings(tm), settings(first)
         differ = [k for k in have if have[k] != want[k]]
         # Beside an accuracy operating point there is no target sensitivity to compare: the operating point is the difference.

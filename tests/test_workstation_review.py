@@ -241,3 +241,25 @@ def test_export_of_a_no_test_run_on_the_test_split_records_that_it_read_no_label
     assert "test_training" not in m["metrics"]
     plain = export_bundle(ExportConfig(out=str(tmp_path / "p"), model=runs["blind1"]))
     assert "test_split" not in plain["provenance"]["export_data"]
+
+
+def test_ensemble_refuses_members_from_recipes_with_other_export_settings(runs: dict[str, str], tmp_path: Path) -> None:
+    """Export applies the recipe's [export] settings recorded by member 0: members of recipes that export differently
+    would make the bundle's precision depend on the member order."""
+    import shutil
+
+    from edgeclf.train import ensemble_runs
+
+    folders = []
+    for k, (src, precision) in enumerate(((runs["plain"], "fp32"), (runs["plain2"], "auto"))):
+        dst = tmp_path / f"m{k}"
+        shutil.copytree(src, dst)
+        doc = json.loads((dst / "run.json").read_text())
+        doc["recipe"] = {"name": "r", "version": 1, "export": {"precision": precision}}
+        (dst / "run.json").write_text(json.dumps(doc))
+        folders.append(str(dst))
+    for order in (folders, folders[::-1]):
+        with pytest.raises(ConfigError) as exc:
+            ensemble_runs(order, str(tmp_path / "e"))
+        msg = _one_line(exc)
+        assert "export" in msg and "'fp32'" in msg and "'auto'" in msg, msg
