@@ -1308,9 +1308,12 @@ def _print_cv(r: dict[str, Any]) -> None:
         click.echo(f"inner validation mean: accuracy {_num(mean.get('accuracy'))}, balanced accuracy "
                    f"{_num(mean.get('balanced_accuracy'))}, macro AUC {_num(mean.get('auc_macro'))}")
         return
-    rows = [[f["fold"], f["test_items"], f.get("test_clips"), _num(f["test"].get("accuracy")),
-             _num(f["test"].get("balanced_accuracy")), ", ".join(f.get("test_sources") or [])[:60]] for f in r["folds"]]
-    click.echo(_table(["fold", "test items", "clips", "accuracy", "balanced acc", "held-out sources"], rows, title))
+    clips = any(f.get("test_clips") is not None for f in r["folds"])  # an image data set has no clips nor sources
+    rows = [[f["fold"], f["test_items"], *([f.get("test_clips")] if clips else []), _num(f["test"].get("accuracy")),
+             _num(f["test"].get("balanced_accuracy")), *([", ".join(f.get("test_sources") or [])[:60]] if clips else [])]
+            for f in r["folds"]]
+    head = ["fold", "test items", *(["clips"] if clips else []), "accuracy", "balanced acc", *(["held-out sources"] if clips else [])]
+    click.echo(_table(head, rows, title))
     if "clip_mean" in pooled:
         _print_clips(pooled, f"pooled out-of-fold: {pooled['clips']} clips, {pooled['frames']} frames ({_TRAIN_CLIPS}; "
                              "bootstrap over clips)")

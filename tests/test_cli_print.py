@@ -24,6 +24,8 @@ def test_image_cross_validation_prints_the_copy_group_interval(capsys: pytest.Ca
     cli._print_cv(r)
     out = capsys.readouterr().out
     assert "bootstrap over the 40 copy groups instead: 0.550-0.900" in out
+    header = next(ln for ln in out.splitlines() if "test items" in ln)
+    assert "clips" not in header and "sources" not in header, header  # an image data set has neither
 
 
 def _clips(n: int) -> dict:
