@@ -216,6 +216,9 @@ def load_recipe(name: str) -> Recipe:
     p = Path(name).expanduser()
     path = p if p.suffix == ".toml" and p.is_file() else RECIPE_DIR / f"{name}.toml"
     if not path.is_file():
+        if p.suffix == ".toml":  # a path was meant
+            raise ConfigError(f"recipe file {name} does not exist; give the path of a .toml file, or a packaged recipe: "
+                              f"{', '.join(list_recipes())}")
         raise ConfigError(f"recipe {name!r} is unknown; allowed: {', '.join(list_recipes())} or a path to a .toml file")
     text = path.read_text(encoding="utf-8")
     try:

@@ -405,3 +405,12 @@ def test_recipe_splits_never_replaces_a_list_unasked(tmp_path: Path, monkeypatch
     assert mine.read_bytes() == first
     assert recipes.main(["splits", "breast-us", "--data", str(tmp_path / "nowhere"), "--out", str(tmp_path / "x.csv")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_a_recipe_path_that_does_not_exist_says_so(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as exc:
+        load_recipe(str(tmp_path / "mine.toml"))
+    msg = str(exc.value)
+    assert "does not exist" in msg and "mine.toml" in msg and "unknown" not in msg, msg
+    with pytest.raises(ConfigError, match="is unknown; allowed: .*breast-us"):
+        load_recipe("breast-usx")
