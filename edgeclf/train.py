@@ -173,10 +173,13 @@ def _num_outputs(task: str, labels: list[str]) -> int:
     return 1 if task == "binary" else len(labels)
 
 
-def _positive_index(ds: Dataset, positive: str | None) -> int:
+def _positive_index(ds: Dataset, positive: str | None, recipe: str | None = None) -> int:
     if ds.task != "binary":
         if positive:
-            raise ConfigError("--positive applies to binary tasks only")
+            whence = f" (typed, or set by recipe {recipe})" if recipe else ""
+            raise ConfigError(f"--positive {positive!r}{whence} applies to binary tasks only; this data set has "
+                              f"{len(ds.labels)} classes ({', '.join(ds.labels)}); give binary data, or --positive auto "
+                              "to leave it unset")
         return 1
     name = positive or ds.positive or ds.labels[1]
     if name not in ds.labels:
@@ -840,7 +843,7 @@ def _train_on(ds: Dataset, cfg: TrainConfig, *, on_epoch: Callable[[dict[str, An
     for s in ("train", "val"):
         if len(ds.splits.get(s, [])) == 0:
             raise DataError(f"data set {cfg.data} has an empty {s} split; it needs train and val images")
-    positive = _positive_index(ds, cfg.positive)
+    positive = _positive_index(ds, cfg.positive, cfg.recipe)
     _require_every_class(ds, "val")
     _classified_val(ds)  # what calibrate_and_measure fits on, checked before any training
     channels = cfg.channels or ds.channels_hint

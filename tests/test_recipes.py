@@ -414,3 +414,13 @@ def test_a_recipe_path_that_does_not_exist_says_so(tmp_path: Path) -> None:
     assert "does not exist" in msg and "mine.toml" in msg and "unknown" not in msg, msg
     with pytest.raises(ConfigError, match="is unknown; allowed: .*breast-us"):
         load_recipe("breast-usx")
+
+
+def test_a_binary_recipe_on_multiclass_data_names_the_recipe(tmp_path: Path) -> None:
+    """`--recipe chest-xray` (positive = "pneumonia") on 3-class data said only "--positive applies to binary tasks
+    only", a flag the user never typed."""
+    r = run_cli("train", "--recipe", "chest-xray", "--data", "synthetic:ultrasound?n=30&size=32", "--out",
+                str(tmp_path / "r"), "--epochs", "1")
+    assert r.returncode == 2, r.stderr
+    line = r.stderr.strip().splitlines()[-1]
+    assert "chest-xray" in line and "'pneumonia'" in line and "3 classes" in line and "--positive auto" in line, line
