@@ -5,7 +5,7 @@ frame, a strided view) inside the sector mask when one is given, and returns a
 :class:`QualityResult`: ``ok`` and the ``reasons`` a frame should not be classified, with the
 ``figures`` behind them. Its median cost on this project's
 2-core AMD EPYC host: 40 us for a 640x480 gray frame, 60 us in RGB, 160 us for a 607x607 RGB frame (a side that
-is not a multiple of 4 takes a slower copy); more on the rare frames whose white border is measured.
+is not a multiple of 4 takes a slower copy); more on the rare stills whose white border is measured.
 
 Reasons (QUALITY_REASONS) and the default thresholds, calibrated on the 91 POCUS clips in
 ``../shared/data/pocus`` (gray levels 0-255, on the sector):
@@ -15,16 +15,20 @@ Reasons (QUALITY_REASONS) and the default thresholds, calibrated on the 91 POCUS
   does not touch the frozen run or the texture baseline.
 * ``"blank"``: the image is black: mean <= 10 and 99th percentile <= 40 (a frozen-to-black output,
   a fade-in). Real clips reach these only on black frames.
-* ``"saturated"``: >= 20% of the pixels at >= 250 (gain far too high). Real clips stay below 2%. A white
-  border (a film's collimation or shutter border, a letterbox) is left out first: in a frame over the 20%, the
-  solid white (>= 250 with all 8 neighbours) connected to the frame's edge is a border if the largest region left
-  (the field) holds >= 20% of the pixels and is convex (>= 0.97 of its hull) and rectangle-like (>= 0.85 of its
-  smallest enclosing rectangle, turned or not); the share is then taken on the field ("border" in the figures).
-  Gain far too high leaves a ragged or blob-shaped remainder, or white inside the field, and stays saturated; so
-  does a frame white through and through. The CR film RG3_J2KI in ``../shared/data/dicom`` (45% white border;
-  field 0.97 of its rectangle, 0.99 of its hull) passes; of the 624 BUSI images (which fill the frame) made
-  saturated by a gain x3 / x6, 4 / 0 pass. Only frames over the 20% with white on the frame's edge pay for the
-  search (~0.05-0.08 ms at 152x152 subsampled, ~0.3 ms for a 1760x1760 film).
+* ``"saturated"``: >= 20% of the pixels at >= 250 (gain far too high). Real clips stay below 2%. In a still
+  (a film), a white border (its collimation or shutter border, a letterbox) is left out first: in a still over the
+  20%, the solid white (>= 250 with all 8 neighbours) connected to the frame's edge is a border if it is at most 75%
+  of the pixels, the largest region left (the field) holds >= 20% of them and is convex (>= 0.97 of its hull) and
+  rectangle-like (>= 0.85 of its smallest enclosing rectangle, turned or not), and the border lies on two opposite
+  sides of the field (left and right, above and below, or all round it: at least half of the strip between the
+  field's bounding box and the frame's edge, >= 2% of the frame thick); the share is then taken on the field
+  ("border" in the figures). Gain far too high leaves a ragged or blob-shaped remainder, white inside the field,
+  or white along one side (a near field burnt out) or in one corner, and stays saturated; so does a still white
+  through and through. A stream's frame is judged on its whole share: white along a cine's edge is gain. The CR
+  films RG3_J2KI/RG3_J2KR in ``../shared/data/dicom`` (45% white border, left and right; field 0.97 of its
+  rectangle, 0.99 of its hull) pass; none of the 624 BUSI images (which fill the frame) made saturated by a gain
+  x3 or x6 passes, nor any POCUS frame so made judged as a still. Only stills over the 20% with white on the
+  frame's edge pay for the search (~0.05-0.08 ms at 152x152 subsampled, ~0.3 ms for a 1760x1760 film).
 * ``"empty"`` (probe lifted, lost contact): not blank, but >= 90% of the pixels at <= 12, or the mean
   absolute difference of horizontal pairs ("texture") <= 1.0, or (streams only) below 0.3x the median
   texture of the last 32 accepted frames (refreshed every 8). The pairs lie sector width / 128 pixels apart (at least
@@ -84,13 +88,19 @@ _TEXTURE_SAMPLES = 128
 # Frames in a row that only the baseline ratio flagged "empty" (all else fine) after which the baseline is re-seeded
 # from them: a softer live image (another patient, preset, gain) must not lock the gate out for the session.
 _RESEED_FRAMES = 12
-# A white border (collimation/shutter, letterbox) is left out of "saturated" when the largest region left of the frame
-# (the field) holds at least _FIELD_MIN of the judged pixels, _FIELD_CONVEX of its convex hull and _FIELD_RECT of its
-# smallest enclosing rectangle: blades and bars leave a convex, rectangle-like field; gain far too high leaves a ragged
-# remainder, or a dark blob (a cyst, a vessel: an ellipse fills 0.79 of its rectangle).
+# A still's white border (collimation/shutter, letterbox) is left out of "saturated" when it is at most _BORDER_MAX of
+# the judged pixels, lies on two opposite sides of the field (or all round it) and the largest region left (the field)
+# holds at least _FIELD_MIN of the judged pixels, _FIELD_CONVEX of its convex hull and _FIELD_RECT of its smallest
+# enclosing rectangle: blades and bars leave a convex, rectangle-like field between them; gain far too high leaves a
+# ragged remainder, a dark blob (a cyst, a vessel: an ellipse fills 0.79 of its rectangle), or white along one side
+# (the near field) or in one corner.
+_BORDER_MAX = 0.75  # RG3_J2KI's border: 0.45; four blades in (tests): 0.68
 _FIELD_MIN = 0.20
 _FIELD_CONVEX = 0.97
 _FIELD_RECT = 0.85
+# A side of the field has the border when the strip between the field's bounding box and the frame's edge there is at
+# least _SIDE_MIN of the frame's extent across it (and a subsampled pixel) and at least half of it is border.
+_SIDE_MIN = 0.02
 _KERNEL = np.ones((3, 3), np.uint8)
 
 
@@ -154,10 +164,11 @@ class QualityResult:
     """``ok`` iff ``reasons`` is empty; ``reasons`` ordered as QUALITY_REASONS.
 
     ``figures``: mean, p99 (computed only when the mean is <= blank_mean, else -1), saturated
-    (share, of the field when a white border was left out), border (share of the pixels left out as a white
-    border; 0 when none), dark (share), texture, diff (to the previous frame; -1 for the first), frozen_run
-    (consecutive near-identical frames), baseline (running texture median; -1 until known); a still
-    has diff -1, frozen_run 0 and baseline -1 (none is used); a "too_small" frame only width and height.
+    (share, of the field when a still's white border was left out), border (share of the pixels left out as a
+    white border; 0 when none, and always for a stream's frame), dark (share), texture, diff (to the previous
+    frame; -1 for the first), frozen_run (consecutive near-identical frames), baseline (running texture median; -1
+    until known); a still has diff -1, frozen_run 0 and baseline -1 (none is used); a "too_small" frame only width
+    and height.
     """
 
     ok: bool
@@ -298,7 +309,9 @@ class QualityGate:
         white = cv2.bitwise_and(cv2.compare(small, cfg.saturated_level, cv2.CMP_GE), mask)
         saturated = cv2.countNonZero(white) / n
         border = 0.0
-        if saturated >= cfg.saturated_share:  # only then is a white border looked for: it costs ~0.05-0.3 ms
+        # A film's white border is looked for only in a still (white along a stream's edge is gain far too high) over
+        # the share: the search costs ~0.05-0.3 ms.
+        if still and saturated >= cfg.saturated_share:
             saturated, border = self._without_border(white, saturated, mask)
         # The 99th percentile only matters for "blank", which needs a dark mean: skip it otherwise.
         p99 = float(np.percentile(small[mask > 0], 99)) if mean <= cfg.blank_mean else -1.0
@@ -370,8 +383,8 @@ class QualityGate:
         border = cv2.bitwise_and(cv2.dilate(edge, _KERNEL), white)  # back to its full extent
         n = self._count
         b = cv2.countNonZero(border)
-        if b == 0 or share * n - b >= self.config.saturated_share * (n - b):
-            return share, 0.0  # no border, or saturated even without it: the frame's share stands
+        if b == 0 or b > _BORDER_MAX * n or share * n - b >= self.config.saturated_share * (n - b):
+            return share, 0.0  # no border, mostly border, or saturated even without it: the frame's share stands
         contours, _ = cv2.findContours(cv2.bitwise_and(mask, cv2.bitwise_not(border)), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
         if not contours:
             return share, 0.0  # white through and through: nothing but the border to judge
@@ -380,7 +393,29 @@ class QualityGate:
         _, (rw, rh), _ = cv2.minAreaRect(field)
         if area < _FIELD_MIN * n or area < _FIELD_CONVEX * cv2.contourArea(cv2.convexHull(field)) or area < _FIELD_RECT * rw * rh:
             return share, 0.0
+        if not self._between(border, mask, cv2.boundingRect(field)):
+            return share, 0.0
         return (share * n - b) / (n - b), b / n
+
+    @staticmethod
+    def _between(border: NDArray[np.uint8], mask: NDArray[np.uint8], box: Tuple[int, int, int, int]) -> bool:
+        """Whether the border lies on two opposite sides of the field's bounding `box` (x, y, w, h): left and right,
+        or above and below (three or four sides hold such a pair), as blades and bars do. A near field burnt white
+        lies on one side only, white in a corner on two adjacent ones."""
+        rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+        top, bottom, left, right = int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1  # the judged area
+        x, y, w, h = box
+
+        def side(strip: NDArray[np.uint8], area: NDArray[np.uint8], thickness: int, extent: int) -> bool:
+            judged = int(np.count_nonzero(area))
+            return thickness >= max(1.0, _SIDE_MIN * extent) and judged > 0 and 2 * int(np.count_nonzero(strip)) >= judged
+
+        # The strips beside the field, over the field's extent along the side.
+        above = side(border[top:y, x : x + w], mask[top:y, x : x + w], y - top, bottom - top)
+        below = side(border[y + h : bottom, x : x + w], mask[y + h : bottom, x : x + w], bottom - y - h, bottom - top)
+        before = side(border[y : y + h, left:x], mask[y : y + h, left:x], x - left, right - left)
+        after = side(border[y : y + h, x + w : right], mask[y : y + h, x + w : right], right - x - w, right - left)
+        return (above and below) or (before and after)
 
     def _result(self, reasons: Tuple[str, ...], figures: Dict[str, float]) -> QualityResult:
         """Count a judged frame and wrap it up."""
