@@ -671,30 +671,60 @@ def run(bundle: str, source: str, out, append: bool, overwrite: bool, max_frames
 
     Under systemd (Type=notify, see devices/deploy/edgeclf-run.service) it reports ready and feeds the watchdog.
     Ctrl-C (SIGINT) and SIGTERM stop it after the current frame with everything written; after Ctrl-C it ends as
-    interrupted (status 130), after SIGTERM (a service stopping) with 0.
+    interrupted (status 130), after SIGTERM (a service stopping) with 0. Ctrl-C during set-up (bundle, backend,
+    source) ends it as interrupted too.
     """
-    from edgeclf.runtime.app import run_bundle
-    from edgeclf.runtime.backends import BackendOptions
-    from edgeclf.runtime.pipeline import RunOptions
+    with _noting_sigint() as interrupted:
+        from edgeclf.runtime.app import run_bundle
+        from edgeclf.runtime.backends import BackendOptions
+        from edgeclf.runtime.pipeline import RunOptions
 
-    _check_backend_name(backend)
-    opts = RunOptions(min_confidence=min_confidence, smoothing=smoothing, roi=roi, quality=not no_quality, batch=batch)
-    try:
-        summary = run_bundle(bundle, source, out=out, max_frames=max_frames, backend=backend, threads=threads,
-                             precision=precision, options=opts, realtime=realtime, record=record, show=show,
-                             summary_path=summary_path, fsync_every=fsync_every, device=device,
-                             backend_options=BackendOptions(device=device, dla_core=dla_core, engine_cache=engine_cache),
-                             audit=audit_path, trusted_key=trusted_key, append=append, overwrite=overwrite)
-    except BaseException as exc:
-        partial = getattr(exc, "run_summary", None)
-        if as_json and isinstance(partial, dict):  # a run that failed midway: its one document still comes
-            _emit(True, partial)
-        raise
+        _check_backend_name(backend)
+        opts = RunOptions(min_confidence=min_confidence, smoothing=smoothing, roi=roi, quality=not no_quality, batch=batch)
+        try:
+            summary = run_bundle(bundle, source, out=out, max_frames=max_frames, backend=backend, threads=threads,
+                                 precision=precision, options=opts, realtime=realtime, record=record, show=show,
+                                 summary_path=summary_path, fsync_every=fsync_every, device=device,
+                                 backend_options=BackendOptions(device=device, dla_core=dla_core, engine_cache=engine_cache),
+                                 audit=audit_path, trusted_key=trusted_key, append=append, overwrite=overwrite)
+        except BaseException as exc:
+            partial = getattr(exc, "run_summary", None)
+            if as_json and isinstance(partial, dict):  # a run that failed midway: its one document still comes
+                _emit(True, partial)
+            if interrupted and not isinstance(exc, KeyboardInterrupt):
+                # Ctrl-C during set-up that came out as another error (an extension module's init turns it into
+                # ImportError("initialization failed")): the run was interrupted, that error is not the news.
+                raise click.exceptions.Abort() from exc
+            raise
     _emit(as_json, summary, _print_run)
-    if summary.get("signal") == "SIGINT":
+    if summary.get("signal") == "SIGINT" or interrupted:
         # Ctrl-C: everything is written, and the command ends as interrupted (a shell loop or script stops there);
         # SIGTERM (systemd stopping the service) is a clean stop, exit 0.
         click.get_current_context().exit(_INTERRUPTED)
+
+
+@contextlib.contextmanager
+def _noting_sigint() -> Iterator[list[int]]:
+    """Ctrl-C raises KeyboardInterrupt as ever, and is noted in the list yielded: where a library swallows it (an
+    extension module whose init was interrupted raises ImportError instead) the caller still knows it came. The run's
+    own handlers take over once it classifies (Ctrl-C then stops it after the current frame)."""
+    import signal
+    import threading
+
+    came: list[int] = []
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        yield came  # not ours to change (another thread, or SIGINT ignored or handled by the caller)
+        return
+
+    def note(signum: int, frame: Any) -> None:
+        came.append(signum)
+        signal.default_int_handler(signum, frame)
+
+    signal.signal(signal.SIGINT, note)
+    try:
+        yield came
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 # -- profile ------------------------------------------------------------------------------------------------

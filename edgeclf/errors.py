@@ -59,16 +59,40 @@ class ProviderUnavailableError(BackendError):
 
 
 class MissingExtraError(EdgeclfError):
-    """An optional dependency is not installed."""
+    """An optional dependency is not installed, or is installed but fails to import."""
 
 
 def require(module: str, extra: str):  # type: ignore[no-untyped-def]
-    """Import `module`, or raise one line naming the pip extra that provides it."""
+    """Import `module`, or raise one line naming the pip extra that provides it: "not installed" only when the module
+    (or a package above it) is not there; anything else that failed its import (a C extension that did not initialise,
+    a broken install) says so with its first line. Ctrl-C during the import stays a KeyboardInterrupt."""
     import importlib
 
     try:
         return importlib.import_module(module)
     except ImportError as exc:
+        interrupt = _interrupt_behind(exc)
+        if interrupt is not None:  # a C extension's init turns Ctrl-C into ImportError("initialization failed")
+            raise interrupt from None
+        missing = exc.name if isinstance(exc, ModuleNotFoundError) else None
+        if missing and (module == missing or module.startswith(missing + ".")):
+            raise MissingExtraError(
+                f"{module} is not installed ({exc}); install it with: pip install 'edgeclf[{extra}]'"
+            ) from None
+        first = next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
         raise MissingExtraError(
-            f"{module} is not installed ({exc}); install it with: pip install 'edgeclf[{extra}]'"
-        ) from None
+            f"{module} is installed but failed to import: {first}; reinstall it with: "
+            f"pip install --force-reinstall 'edgeclf[{extra}]'"
+        ) from exc
+
+
+def _interrupt_behind(exc: BaseException) -> BaseException | None:
+    """The KeyboardInterrupt `exc` was raised from or while handling, if any."""
+    seen: set[int] = set()
+    cur: BaseException | None = exc
+    while cur is not None and id(cur) not in seen:
+        if isinstance(cur, KeyboardInterrupt):
+            return cur
+        seen.add(id(cur))
+        cur = cur.__cause__ or cur.__context__
+    return None
