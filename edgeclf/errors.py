@@ -4,6 +4,8 @@ Kept Python 3.8 compatible: the device side (edgeclf.runtime, edgeclf.devices) i
 """
 from __future__ import annotations
 
+from typing import Set
+
 __all__ = [
     "EdgeclfError",
     "ConfigError",
@@ -88,7 +90,7 @@ def require(module: str, extra: str):  # type: ignore[no-untyped-def]
 
 def _interrupt_behind(exc: BaseException) -> BaseException | None:
     """The KeyboardInterrupt `exc` was raised from or while handling, if any."""
-    seen: set[int] = set()
+    seen: Set[int] = set()
     cur: BaseException | None = exc
     while cur is not None and id(cur) not in seen:
         if isinstance(cur, KeyboardInterrupt):
