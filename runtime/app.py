@@ -482,7 +482,7 @@ def run_bundle(
 
     Also a clip-level summary (per-class time share, majority label, abstain rate; a recorded clip's times on its
     own timeline, frame index / fps: see SummarySink.set_clock). `record` writes an annotated video (frames of
-    another size letterboxed, counted in ``record.resized``), `show` opens the overlay window (a clear error where
+    another size than the first letterboxed, counted in ``record.resized``), `show` opens the overlay window (a clear error where
     there is no display).
     The summary's ``status`` says how the run ended: "ok" (the source read to its end) or "stopped" (``stopped_by``
     "signal", "max_frames" or "sink"); ``signal`` names the first stop signal that came ("SIGINT", "SIGTERM").
@@ -633,8 +633,9 @@ def run_bundle(
                 sinks.append(clip)
                 on_fault = None if alog is None else _audit_pipeline_events(alog)
                 summary = run_pipeline(b, src, be, sinks, max_frames=max_frames, options=opts, stop=stop, on_event=on_fault)
-                if summary.stopped_by is None and max_frames is not None and summary.frames >= max_frames:
-                    summary.stopped_by = "max_frames"  # the source may hold more: the run did not read on
+                if summary.stopped_by is None and max_frames is not None and summary.frames >= max_frames \
+                        and _frames_left(opened, summary) is not False:
+                    summary.stopped_by = "max_frames"  # the source holds (or may hold) more: the run did not read on
             except BaseException as exc:
                 run_error = exc
                 raise
@@ -655,7 +656,8 @@ def run_bundle(
                     stopped_by = None if failure is not None or summary is None else summary.stopped_by
                     clip.end_run("error" if failure is not None else ("ok" if stopped_by is None else "stopped"),
                                  stopped_by=stopped_by, error=error, frame_count_claimed=src.frame_count,
-                                 source_stats=stats, multi_file=_multi_file(src, stats))
+                                 source_stats=stats, multi_file=_multi_file(src, stats),
+                                 frames_left=None if summary is None else _frames_left(opened, summary))
                     try:
                         clip.close()
                     except BaseException as exc:  # noqa: BLE001 - raised below like the others
@@ -752,8 +754,25 @@ def _multi_file(src: Any, stats: Optional[Dict[str, Any]]) -> bool:
         (kind == "images" and isinstance(src.frame_count, int) and src.frame_count > 1)
 
 
+# Sources whose frame_count is exact (a video's is what its container claims, which may be off either way).
+_EXACT_COUNT_KINDS = ("synthetic", "dicom", "images")
+
+
+def _frames_left(src: Any, summary: RunSummary) -> Optional[bool]:
+    """Whether the source had frames after the last one the run classified: True when frames read ahead were not
+    classified; False when a recorded source of an exact length was classified whole (--max-frames equal to its
+    length, a signal after its last frame); None when not known (a live source, a video)."""
+    if summary.extra.get("read_not_classified"):
+        return True
+    n = getattr(src, "frame_count", None)
+    if getattr(src, "live", False) or getattr(src, "kind", "") not in _EXACT_COUNT_KINDS or \
+            isinstance(n, bool) or not isinstance(n, int):
+        return None
+    return summary.frames < n
+
+
 def _record_stats(recorder: Any) -> Optional[Dict[str, Any]]:
-    """--record's counts: frames written, those of another size letterboxed to fit (`resized`), the video's size."""
+    """--record's counts: frames written, those of another size than the first frame's (`resized`), the video's size."""
     if recorder is None:
         return None
     return {"frames": recorder.written, "resized": recorder.resized, "size": list(recorder.size)}

@@ -172,12 +172,15 @@ class FileClipAggregator:
     """Clip decisions of a run, one per file: consecutive records of one file (:func:`file_of`) are one clip,
     and the next file starts a new :class:`ClipAggregator`, so no decision mixes the frames of two cines.
 
-    A file that gave one frame (an X-ray, a still image) is no clip: its own record is its decision; it is only
-    counted (`stills`). Memory: a few numbers per clip held, none per frame. ``result()`` at any time:
+    A file of one frame (an X-ray, a still image) is no clip: its own record is its decision; it is only counted
+    (`stills`). Which files hold one frame the records say (``file_frames``, the frames the file holds): a cine the
+    run read one frame of is a clip of one frame, not a still. Records without it (an image folder's, results files
+    written before it was recorded) are judged by the frames they hold. Memory: a few numbers per clip held, none
+    per frame. ``result()`` at any time:
 
     - records without a file (a video, camera or stream): ``{"decision": ...}``, one clip, as before;
-    - records of files: ``{"decision", "decisions", "decisions_total", "stills"}``: ``decisions`` lists each clip of
-      two or more frames in order (the last MAX_DECISIONS of ``decisions_total``), its ``file_index``
+    - records of files: ``{"decision", "decisions", "decisions_total", "stills"}``: ``decisions`` lists each clip (a
+      file of several frames, however many of them were read) in order (the last MAX_DECISIONS of ``decisions_total``), its ``file_index``
       (``watch_key``, ``run`` where the records have them) beside the :meth:`ClipDecision.to_dict` fields; ``decision`` is that of the only clip when the run covered one file,
       else None: there is no one decision over several patients' or views' files.
     """
@@ -194,8 +197,10 @@ class FileClipAggregator:
         self._settings: Dict[str, Any] = {"rule": rule, "min_confidence": min_confidence, "labels": labels}
         self._current = ClipAggregator(**self._settings)  # checks the settings now
         self._key: Optional[Tuple[Any, ...]] = None
-        self._clips: List[Dict[str, Any]] = []  # finished files of two or more frames (the last MAX_DECISIONS)
-        self.clips_total = 0  # finished files of two or more frames, all of them
+        self._file_frames: Optional[int] = None  # the frames the current file holds, where its records say
+        self._last_frame: Optional[int] = None  # the file_frame of the current file's last record
+        self._clips: List[Dict[str, Any]] = []  # finished clips (the last MAX_DECISIONS)
+        self.clips_total = 0  # finished clips, all of them
         self.stills = 0  # finished files of one frame
         self.per_file = False  # whether the records name files
 
@@ -213,10 +218,24 @@ class FileClipAggregator:
         if any(v is not None for v in key):
             self.per_file = True
         self._current.add_record(record)
+        self._file_frames, self._last_frame = _count(record.get("file_frames")), _count(record.get("file_frame"))
+
+    def current_frames_left(self) -> Optional[bool]:
+        """Whether the file of the last record has frames after it (the run stopped inside it): from the records'
+        ``file_frame`` and ``file_frames``; None where they do not say (a video, older results)."""
+        if self._file_frames is None or self._last_frame is None:
+            return None
+        return self._last_frame + 1 < self._file_frames
+
+    def _still(self) -> bool:
+        """Whether the current file is a still: it holds one frame (its records say so), else it gave one."""
+        if self._file_frames is not None:
+            return self._file_frames == 1
+        return self._current.frames < 2
 
     def _entry(self) -> Optional[Dict[str, Any]]:
-        """The current file's clip decision, None while it holds fewer than two frames."""
-        if self._key is None or self._current.frames < 2:
+        """The current file's clip decision, None for a still (or before any record)."""
+        if self._key is None or not self._current.frames or self._still():
             return None
         named = {k: v for k, v in zip(FILE_KEYS, self._key) if v is not None}
         return {**named, **self._current.result().to_dict()}
@@ -231,6 +250,7 @@ class FileClipAggregator:
         elif self._current.frames:
             self.stills += 1
         self._current = ClipAggregator(**self._settings)
+        self._file_frames = self._last_frame = None
 
     def result(self) -> Dict[str, Any]:
         if not self.per_file:
@@ -244,6 +264,11 @@ class FileClipAggregator:
         # decisions_total counts every clip; decisions holds the last MAX_DECISIONS (each file's frames are in the
         # results file, from which aggregate_files gives them all)
         return {"decision": decision, "decisions": clips, "decisions_total": total, "stills": stills}
+
+
+def _count(value: Any) -> Optional[int]:
+    """A record's frame number or count (an int, not a bool), else None."""
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
 
 
 def aggregate_clip(

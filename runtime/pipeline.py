@@ -57,10 +57,12 @@ NO_SECTOR_STILL = "no_sector_still"
 _NO_SECTOR_STILL_REASONS = (NO_SECTOR_STILL,)
 _FRAME_ERRORS_LOGGED = 5  # frame errors logged at WARNING; later ones at DEBUG (a stream failing on every frame)
 # Source meta copied into each record (when the source gives them): which file and which frame of it a record
-# is, so that a repeat after a crash can be recognised (watched folders). Identifier-free: an index, a frame
-# number, and watch.py's watch_key (a keyed hash (HMAC) of name, size and mtime, never the name). Nothing else of the meta
-# (no name hashes: a short hash of a name alone can be looked up from a list of names).
-RECORD_META = ("file_index", "file_frame", "watch_key")
+# is, so that a repeat after a crash can be recognised (watched folders), and how many frames the file holds (a
+# clip decision is of a cine or a still by the file, not by the frames read; whole when its last frame was read).
+# Identifier-free: an index, frame numbers, and watch.py's watch_key (a keyed hash (HMAC) of name, size and mtime,
+# never the name). Nothing else of the meta (no name hashes: a short hash of a name alone can be looked up from a
+# list of names).
+RECORD_META = ("file_index", "file_frame", "file_frames", "watch_key")
 MAX_BATCH = 64  # frames per inference call: beyond this only memory grows
 MAX_BACKEND_ERRORS = 5  # failures in a row (either kind) that end the run: a backend that is gone, not a hiccup
 # A live source that gives no frame for max(STALE_MIN_S, STALE_FRAMES frame periods) has stalled: the display is
@@ -433,7 +435,8 @@ def run_pipeline(
     """Classify every frame of `source`, writing one record per frame to each sink.
 
     Record: {"frame", "timestamp" (monotonic capture time), "time" (wall clock), the source's RECORD_META fields it
-    gives ("file_index", "file_frame", "watch_key": which file and frame of it), "label" (the shown label: smoothed
+    gives ("file_index", "file_frame", "watch_key": which file and frame of it; "file_frames": the frames that file
+    holds), "label" (the shown label: smoothed
     for cine; None on abstain or multilabel), "labels" (multilabel), "abstain", "abstain_reason" (quality reasons
     joined by ",", "low_confidence", "settling", "backend_error", "invalid_output", "frame_error", "sector_warmup" or
     "no_sector_still"), "confidence", "smoothed_probs" ({label: p}, the smoother's average after this frame: for a

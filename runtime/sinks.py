@@ -530,10 +530,11 @@ class VideoRecorderSink(Sink):
 
     path: .mp4/.m4v/.mov/.mkv (FourCC mp4v) or .avi (MJPG); `fourcc` overrides.
     fps: the frame rate stored in the file (the source's fps), > 0.
-    size: (width, height) of the video, each rounded down to an even number (the encoders need even
-        sizes and would otherwise crop); a frame of another size (a folder of images of mixed sizes) is scaled
-        to fit it with its aspect ratio kept and black bars on the other sides (letterboxed: never stretched),
-        counted in ``resized`` and warned about once.
+    size: (width, height) of the video (the source's frame size), each rounded down to an even number (the
+        encoders need even sizes): a frame of that size loses its odd last row or column (cropped, not scaled).
+        A frame of another size is scaled to fit the video with its aspect ratio kept and black bars on the other
+        sides (letterboxed: never stretched), warned about once; ``resized`` counts the frames whose size differs
+        from the first frame's (a folder of images of mixed sizes).
     annotate: draw the overlay (label, confidence bar, abstain reason, fps, latency); False = raw frames.
 
     Called as ``write(record, image=frame_image)`` with uint8 (H, W) gray or (H, W, 3) RGB; ``written``
@@ -571,6 +572,8 @@ class VideoRecorderSink(Sink):
         self.annotate = annotate
         self.written = 0
         self.resized = 0
+        self._first: Optional[Tuple[int, int]] = None  # the first frame's (width, height)
+        self._letterboxed = False
         self._meter = FpsMeter()
         self._cv2 = _cv.cv2()
         parent = os.path.dirname(os.path.abspath(self.path))
@@ -599,12 +602,21 @@ class VideoRecorderSink(Sink):
         cv2 = self._cv2
         img = np.asarray(image)
         h, w = img.shape[:2]
-        if (w, h) != self.size:
-            if self.resized == 0:
-                logger.warning("recording %s: frames of %dx%d are scaled to fit %dx%d, aspect ratio kept (black bars); "
-                               "counted in the summary's record.resized", self.path, w, h, *self.size)
+        if self._first is None:
+            self._first = (w, h)
+        elif (w, h) != self._first:
             self.resized += 1
-            img = _letterbox(cv2, img, self.size)
+        vw, vh = self.size
+        if (w, h) != self.size:
+            if 0 <= w - vw <= 1 and 0 <= h - vh <= 1:  # an odd size rounded down to even: crop that pixel
+                img = np.ascontiguousarray(img[:vh, :vw])
+            else:
+                if not self._letterboxed:
+                    self._letterboxed = True
+                    logger.warning("recording %s: frames of %dx%d are scaled to fit %dx%d, aspect ratio kept (black "
+                                   "bars); those of another size than the first frame are counted in the summary's "
+                                   "record.resized", self.path, w, h, vw, vh)
+                img = _letterbox(cv2, img, self.size)
         fps = self._meter.update(record.get("timestamp"))
         out = draw_overlay(img, record, fps=fps, order="bgr") if self.annotate else to_bgr(img)
         self._vw.write(out)
@@ -618,7 +630,7 @@ class VideoRecorderSink(Sink):
             vw, self._vw = self._vw, None
             vw.release()
             self._check_complete()
-            logger.info("recorded %d frames to %s (%d resized)", self.written, self.path, self.resized)
+            logger.info("recorded %d frames to %s (%d of another size)", self.written, self.path, self.resized)
 
     def _check_complete(self) -> None:
         cv2 = self._cv2
@@ -934,9 +946,10 @@ class SummarySink(Sink):
     recorded clip's time figures come from its own timeline, not from how fast it was decoded), and before
     close() how the run ended (:meth:`end_run`). The file then says so: ``status`` ("ok": the source was read to
     its end; "stopped": ``stopped_by`` "signal", "max_frames" or "sink"; "error": ``error`` holds the one-line
-    text), ``frame_count_claimed`` and ``source_stats``; a clip decision of a run that did not end "ok" that
-    covers the last frame read carries ``"complete": false`` (it covers only the frames read before the run
-    stopped). Without :meth:`end_run` (a library caller's own loop) the file holds the summary alone, as
+    text), ``frame_count_claimed`` and ``source_stats``; the clip decision of the last frame read carries
+    ``"complete": false`` when the run stopped or failed inside that clip (its file, or the source, had frames
+    left: it covers only the frames read before the run stopped); a clip read to its last frame is whole whatever
+    ended the run. Without :meth:`end_run` (a library caller's own loop) the file holds the summary alone, as
     :func:`summarize` gives it."""
 
     def __init__(
@@ -960,6 +973,7 @@ class SummarySink(Sink):
         self._closed = False
         self._end: Optional[Dict[str, Any]] = None  # how the run ended (end_run): written with the summary
         self._multi_file = False
+        self._frames_left: Optional[bool] = None  # end_run's: whether the source had frames after the last read
         self._last_file: Optional[Tuple[Any, ...]] = None  # the file (clips.file_of) of the last record
         self.result: Optional[Dict[str, Any]] = None  # summary().to_dict() and the run's end, set at close()
         # The clip decision `edgeclf evaluate` computes offline (mean probability and majority vote of the
@@ -991,17 +1005,20 @@ class SummarySink(Sink):
 
     def end_run(self, status: str, *, stopped_by: Optional[str] = None, error: Optional[str] = None,
                 frame_count_claimed: Optional[int] = None, source_stats: Optional[Dict[str, Any]] = None,
-                multi_file: bool = False) -> None:
+                multi_file: bool = False, frames_left: Optional[bool] = None) -> None:
         """How the run ended, written with the summary at close(). status: "ok" (the source was read to its end),
         "stopped" (`stopped_by`: "signal", "max_frames", "sink") or "error" (`error`: its one-line text, naming no
         source path). multi_file: the source is several files (a DICOM folder, a watched folder): ``decision``
-        stays empty whatever the run read (one decision per file, in ``decisions``)."""
+        stays empty whatever the run read (one decision per file, in ``decisions``). frames_left: whether the
+        source had frames after the last one read (None: not known); what the records say of their own file
+        (``file_frame`` and ``file_frames``) comes first."""
         if status not in ("ok", "stopped", "error"):
             raise ValueError(f"run status {status!r}; allowed: ok, stopped, error")
         self._end = {"status": status, "stopped_by": stopped_by, "error": error,
                      "frame_count_claimed": frame_count_claimed,
                      "source_stats": None if source_stats is None else dict(source_stats)}
         self._multi_file = bool(multi_file)
+        self._frames_left = frames_left
 
     def _time_of(self, record: Dict[str, Any]) -> Optional[float]:
         if self._basis == "capture":
@@ -1037,12 +1054,19 @@ class SummarySink(Sink):
 
     def _clip_result(self) -> Dict[str, Any]:
         """The aggregator's result as the file gives it: no decision over several files, and the decision of a clip
-        the run stopped in marked ``"complete": false``."""
+        the run stopped in (frames of it left unread) marked ``"complete": false``."""
         assert self.aggregator is not None
         res = dict(self.aggregator.result())
         if self._multi_file and "decisions" in res:
             res["decision"] = None
         if self._end is None or self._end["status"] == "ok":
+            return res
+        # The last file's own records say whether it was read to its last frame; else the source's end (unknown:
+        # the clip is taken as cut short, never a partial clip as whole).
+        left = self.aggregator.current_frames_left()
+        if left is None:
+            left = self._frames_left is not False
+        if not left:
             return res
         if res.get("decision") is not None:  # a single clip's decision is that of the clip being read
             res["decision"] = {**res["decision"], "complete": False}

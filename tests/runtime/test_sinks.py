@@ -245,6 +245,34 @@ def test_recorder_resizes_gray_and_odd_frames_and_counts_them(tmp_path: Path) ->
         rec.write(_rec(0), image=_frames(1)[0])
 
 
+def test_recorder_crops_the_odd_pixel_of_frames_of_its_own_odd_size_and_counts_none(tmp_path: Path) -> None:
+    """A 607x607 ultrasound export: the video is 606x606 (encoders need even sizes); its frames lose the odd row and
+    column, pixel for pixel, instead of being scaled down with a 1-px black bar, and none is "of another size"."""
+    pytest.importorskip("cv2")
+    path = tmp_path / "r.avi"
+    frame = np.full((49, 65), 100, np.uint8)
+    frame[-1, :] = frame[:, -1] = 255  # a white last row and column: cropped away, never scaled into the picture
+    with VideoRecorderSink(path, fps=10, size=(65, 49), annotate=False) as rec:
+        for i in range(3):
+            rec.write(_rec(i), image=frame)
+    assert rec.size == (64, 48) and rec.written == 3 and rec.resized == 0
+    back = _read_video(path)
+    assert len(back) == 3
+    # MJPG is lossy, within a few levels on a flat frame; a scaled frame blends the white edge into its last row
+    assert abs(back[0][-1].mean() - 100) < 6 and abs(back[0][:, -1].mean() - 100) < 6
+    assert abs(back[0].mean() - 100) < 3
+
+
+def test_recorder_counts_only_frames_whose_size_differs_from_the_first_frames(tmp_path: Path) -> None:
+    """The video's size need not be the frames' (a source that reports none gets the model's): frames of the first
+    frame's size are fitted, but only those of another size are counted as such."""
+    pytest.importorskip("cv2")
+    with VideoRecorderSink(tmp_path / "r.avi", fps=10, size=(64, 64), annotate=False) as rec:
+        for i, img in enumerate(_frames(3, 48, 64) + _frames(1, 40, 40)):
+            rec.write(_rec(i), image=img)
+    assert rec.written == 4 and rec.resized == 1
+
+
 def test_recorder_letterboxes_a_frame_of_another_shape_instead_of_stretching_it(tmp_path: Path) -> None:
     """A folder of images of mixed sizes: a square image in a 2:1 video keeps its shape (black bars beside it)."""
     pytest.importorskip("cv2")
@@ -470,6 +498,52 @@ def test_a_stopped_single_clip_decision_is_marked_incomplete_and_an_ok_one_is_un
         assert s["decision"].get("complete") == (False if status == "stopped" else None)
     with pytest.raises(ValueError, match="allowed: ok, stopped, error"):
         SummarySink().end_run("done")
+
+
+def _cine_rec(i: int, file_index: int, file_frame: int, file_frames: int) -> Dict[str, Any]:
+    return {**_file_rec(i, file_index), "file_frame": file_frame, "file_frames": file_frames}
+
+
+def test_a_clip_read_to_its_last_frame_is_complete_whatever_stopped_the_run(tmp_path: Path) -> None:
+    """The run stopped (a signal) after the last frame of its file: that decision is whole. One stopped inside a
+    file, frames of it unread, is marked incomplete."""
+    from edgeclf.runtime.clips import FileClipAggregator
+
+    for read, complete in ((3, None), (2, False)):
+        sink = SummarySink(tmp_path / "clip.json", aggregator=FileClipAggregator(labels=["normal", "cyst"]))
+        for i in range(read):
+            sink.write(_cine_rec(i, 0, i, 3))
+        sink.end_run("stopped", stopped_by="signal", multi_file=True)
+        sink.close()
+        (dec,) = json.loads((tmp_path / "clip.json").read_text())["decisions"]
+        assert dec["frames"] == read and dec.get("complete") == complete
+
+
+def test_a_cine_of_which_one_frame_was_read_is_a_clip_not_a_still(tmp_path: Path) -> None:
+    """Still or cine is the file's own frame count, not the frames the run read of it."""
+    from edgeclf.runtime.clips import FileClipAggregator
+
+    sink = SummarySink(tmp_path / "clip.json", aggregator=FileClipAggregator(labels=["normal", "cyst"]))
+    sink.write(_cine_rec(0, 0, 0, 1))  # an X-ray
+    sink.write(_cine_rec(1, 1, 0, 6))  # the first frame of a 6-frame cine, then the run stopped
+    sink.end_run("stopped", stopped_by="max_frames", multi_file=True)
+    sink.close()
+    s = json.loads((tmp_path / "clip.json").read_text())
+    assert s["stills"] == 1 and s["decisions_total"] == 1
+    assert [(d["file_index"], d["frames"], d["complete"]) for d in s["decisions"]] == [(1, 1, False)]
+
+
+def test_a_single_clip_the_source_had_no_frames_left_of_is_complete(tmp_path: Path) -> None:
+    """Records that do not say their file's length (a video): the run tells whether the source had frames left."""
+    from edgeclf.runtime.clips import FileClipAggregator
+
+    for left, complete in ((False, None), (True, False), (None, False)):
+        sink = SummarySink(tmp_path / "clip.json", aggregator=FileClipAggregator(labels=["normal", "cyst"]))
+        for i in range(4):
+            sink.write(_rec(i, "cyst"))
+        sink.end_run("stopped", stopped_by="signal", frames_left=left)
+        sink.close()
+        assert json.loads((tmp_path / "clip.json").read_text())["decision"].get("complete") == complete
 
 
 # ------------------------------------------------------------------------------------------- stdout
