@@ -14,7 +14,8 @@ each INT8 variant built stays within the gate's limits of its own fp32 parent on
 <= 0.01, decision agreement >= 0.98 on validation and test; the limits it was exported with); on BUSI and on brain
 MRI some compressed model is at least 3x faster than its architecture unpruned in fp32 with AUC at most 0.01 below
 it; on BreastMNIST a deployed compressed model reaches AUC >= 0.90 and accuracy >= 0.86 (the published ResNet-18 at
-28 px), AUC at most 0.01 below its unpruned fp32. A variant the gate refused is the gate at work, not a failure.
+28 px), AUC at most 0.01 below its unpruned fp32. A variant the gate refused is the gate at work, not a failure;
+a target whose data set has no row (its data absent, so skipped, or a table without it) is not met: "not run".
 Prints a line per target; exit 1, one FAILED line each, when one is missed (`--render` checks the committed table).
 """
 from __future__ import annotations
@@ -194,6 +195,11 @@ def _label(r: dict) -> str:
     return f"{r['dataset']} {r['model']} {r['size']} px {'pruned ' if r['pruned'] else ''}{r['precision']}"
 
 
+def _not_run(what: str, name: str) -> tuple[str, bool, str, list[str]]:
+    """A target whose data set has no measured row (its data absent, or left out): never judged, so not met."""
+    return (what, False, "not run", [f"{name}: not run (no row of it in the table); run it, e.g. --only {name}"])
+
+
 def targets(rows: list[dict]) -> list[tuple[str, bool, str, list[str]]]:
     """(what, met, the figures behind the verdict, failure lines) per target, over the whole table."""
     measured = [r for r in rows if "refused" not in r]
@@ -227,7 +233,7 @@ def targets(rows: list[dict]) -> list[tuple[str, bool, str, list[str]]]:
         what = f"{name}: a compressed model >= {floor:g}x faster than its unpruned fp32, AUC at most {MAX_DROP:g} below it"
         cands = sorted((r for r in measured if r["dataset"] == name and kept(r)), key=lambda r: r["speedup"])
         if not any(r["dataset"] == name for r in measured):
-            out.append((what, True, "not judged: not run", []))
+            out.append(_not_run(what, name))
             continue
         best = cands[-1] if cands else None
         shown = f"{best['speedup']:.2f}x, {_label(best)}" if best else "none"
@@ -239,7 +245,7 @@ def targets(rows: list[dict]) -> list[tuple[str, bool, str, list[str]]]:
         want = " and ".join(f"{k} >= {v:g}" for k, v in floors.items()).replace("auc", "AUC")
         what = f"{name}: a deployed compressed model with {want}, AUC at most {MAX_DROP:g} below its unpruned fp32"
         if not any(r["dataset"] == name for r in measured):
-            out.append((what, True, "not judged: not run", []))
+            out.append(_not_run(what, name))
             continue
         hits = [r for r in measured if r["dataset"] == name and r.get("deployed") and kept(r)
                 and all(r[k] >= v - EPS for k, v in floors.items())]

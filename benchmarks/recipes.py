@@ -19,7 +19,8 @@ the figures come from that run's recorded data: --data may be left out, and the 
 Target: the recipe's [target] table (the recipes issue's acceptance, for the variant the data selects; see
 edgeclf/recipe_files/*.toml) is judged on the summary: the reported figure against its minimum (test split, or the
 pooled out-of-fold clip figure of a cross-validation run), the deployed bundle's figure within `deployed_within` of
-fp32's, and the deployed bundles' clip agreement with fp32 at least `min_clip_agreement`. A line per target, met / NOT
+fp32's, the deployed bundles' clip agreement with fp32 at least `min_clip_agreement`, and a cross-validation run's folds
+and grouping (cv.json) those the target's `folds` / `group` name (another protocol is NOT met). A line per target, met / NOT
 met with the figure (a figure the run lacks is NOT met); parts left unread on purpose (--no-test, --no-export) are
 "not judged"; a variant without a target prints "no target". Recorded in summary.json ("target"). Exit 1 when a
 target is NOT met.
@@ -159,6 +160,18 @@ def check_target(summary: dict[str, Any], target: dict[str, Any], aggregate: str
             return f"{what}: NOT met (this run has no such figure)", False
         return f"{what}: {'met' if ok else 'NOT met'} ({shown})", bool(ok)
 
+    if "folds" in target:
+        # The protocol the figure must come from (e.g. the issue's "5 source-grouped folds"): the run's own folds and
+        # grouping, from its cv.json. A run cross-validated otherwise is not met, whatever its figure.
+        k, group = int(target["folds"]), target.get("group")
+        what = f"cross-validation with {k} folds" + (f" grouped by {group}" if group else "")
+        if not cv:
+            out.append((f"{what}: NOT met (not a cross-validation run)", False))
+        else:
+            n, by = len(summary["cv"].get("folds") or []), summary["cv"].get("grouped_by")
+            ok = n == k and (group is None or by == group)
+            shown = f"{n} folds grouped by {by}" if by else f"{n} folds, grouping not recorded"
+            out.append((f"{what}: {'met' if ok else 'NOT met'} ({shown})", ok))
     metric, floor = target["metric"], float(target["minimum"])
     if metric.startswith("clip_"):
         name = metric[len("clip_"):]
@@ -238,6 +251,8 @@ def main(argv: Optional[list[str]] = None) -> int:
                              "without --no-test (same seed, same host and threads: the same folds and weights)")
         summary["cv"] = {"folds": [{k: f[k] for k in ("fold", "test_clips", "test_sources", "test", "val", "val_without_tta") if k in f}
                                    for f in rec["folds"]],
+                         # What the folds kept together (clip, source, site): a [target]'s group is judged by it.
+                         "grouped_by": (rec.get("data") or {}).get("grouped_by"),
                          **{k: rec[k] for k in ("inner_validation_mean", "inner_validation_mean_without_tta") if k in rec},
                          **{k: pooled.get(k) for k in ("clips", "frames", "frame_auc_macro")},
                          **{k: {m: pooled[k].get(m) for m in ("accuracy", "accuracy_ci95", "balanced_accuracy", "balanced_accuracy_ci95",

@@ -33,6 +33,8 @@ compression settings `edgeclf export` applies, and the published figures it is c
     minimum = 0.95
     deployed_within = 0.01 # optional: the deployed bundle's figure within this of fp32's (a test-split metric)
     min_clip_agreement = 0.95  # optional: the deployed bundles agree with fp32 on at least this share of clips
+    folds = 5              # optional, with a clip_* metric: the figure pooled over this many cross-validation folds
+    group = "source"       # optional, with folds: grouped this way (clip, source, site)
 
 A variant's `target` table replaces the recipe's (`target = {}`: no target for that data set).
 
@@ -76,7 +78,9 @@ _SPLIT_TYPES: dict[str, type] = {"dedup": str, "near": int, "test": float, "val"
 # A [target]'s figure: on the test split (a held-out recipe's summary["test"]), or clip_*: pooled out-of-fold clip
 # figures of a cross-validation run, read with the recipe's [evaluate] aggregate.
 TARGET_METRICS = ("accuracy", "balanced_accuracy", "auc", "clip_accuracy", "clip_balanced_accuracy")
-_TARGET_TYPES: dict[str, type] = {"metric": str, "minimum": float, "deployed_within": float, "min_clip_agreement": float}
+_TARGET_TYPES: dict[str, type] = {"metric": str, "minimum": float, "deployed_within": float, "min_clip_agreement": float,
+                                  "folds": int, "group": str}
+_GROUPS = ("clip", "source", "site")  # TrainConfig.group: what one cross-validation fold keeps together
 
 
 def _toml() -> Any:
@@ -194,6 +198,18 @@ def _check_target(where: str, table: Any) -> dict[str, Any]:
     if "deployed_within" in table and table["metric"].startswith("clip_"):
         raise ConfigError(f"{where}: deployed_within applies to a test-split metric ({', '.join(m for m in TARGET_METRICS if not m.startswith('clip_'))}); "
                           "for clips give min_clip_agreement")
+    # The cross-validation protocol the figure must come from (the issue's "5 source-grouped folds").
+    if "folds" in table:
+        if not 2 <= table["folds"] <= 20:
+            raise ConfigError(f"{where}.folds is {table['folds']!r}; give 2..20 (the folds the figure is pooled over), or leave it out")
+        if not table["metric"].startswith("clip_"):
+            raise ConfigError(f"{where}: folds applies to a pooled out-of-fold metric ({', '.join(m for m in TARGET_METRICS if m.startswith('clip_'))}); "
+                              "leave folds out for a test-split metric")
+    if "group" in table:
+        if table["group"] not in _GROUPS:
+            raise ConfigError(f"{where}.group is {table['group']!r}; allowed: {', '.join(_GROUPS)}")
+        if "folds" not in table:
+            raise ConfigError(f"{where}: group applies with folds (the grouping of the cross-validation folds); add folds, e.g. folds = 5")
     return table
 
 
@@ -279,11 +295,19 @@ def _variant_name(recipe: Recipe, data: str) -> str | None:
     return names.get(known) if known else None
 
 
+def _variant(recipe: Recipe, data: str) -> tuple[str | None, dict[str, Any]]:
+    """(the variant's name, its table; {} for none). Once per command: for a renamed .npz it reads the whole file."""
+    variant = _variant_name(recipe, data)
+    return variant, (recipe.variants.get(variant, {}) if variant else {})
+
+
+def _target_of(recipe: Recipe, v: dict[str, Any]) -> dict[str, Any]:
+    return dict(v["target"]) if "target" in v else dict(recipe.target)
+
+
 def recipe_target(recipe: Recipe, data: str) -> dict[str, Any]:
     """The [target] for this data: its variant's when that has one (an empty one: no target), else the recipe's."""
-    variant = _variant_name(recipe, data)
-    v = recipe.variants.get(variant, {}) if variant else {}
-    return dict(v["target"]) if "target" in v else dict(recipe.target)
+    return _target_of(recipe, _variant(recipe, data)[1])
 
 
 def recipe_data_spec(data: str, options: dict[str, Any]) -> str:
@@ -311,8 +335,7 @@ def _spec_frames(spec: str) -> int | None:
 def resolve_recipe(recipe: Recipe, data: str, cli: dict[str, Any]) -> tuple[dict[str, Any], str, dict[str, Any]]:
     """Merge defaults < recipe (< its variant for this data) < explicit CLI values. Returns (TrainConfig keyword
     arguments without data/out, the data spec with the recipe's options, the record for run.json["recipe"])."""
-    variant = _variant_name(recipe, data)
-    v = recipe.variants.get(variant, {}) if variant else {}
+    variant, v = _variant(recipe, data)
     train = {**recipe.train, **v.get("train", {})}  # as written: "auto" stays "auto" in the record
     export = {**recipe.export, **v.get("export", {})}
     options = dict(v["data"]) if "data" in v else dict(recipe.data)
@@ -345,7 +368,7 @@ def resolve_recipe(recipe: Recipe, data: str, cli: dict[str, Any]) -> tuple[dict
         # Fields left to the data or the machine in this run (None in run.json's config), a recipe's value reset with
         # `--size auto` included: a rerun with the recorded config chooses them again the same way.
         "automatic": [k for k in AUTO_FIELDS if kwargs.get(k) is None],
-        "reference": {**recipe.reference, **v.get("reference", {})}, "target": recipe_target(recipe, data), "_text": recipe.text,
+        "reference": {**recipe.reference, **v.get("reference", {})}, "target": _target_of(recipe, v), "_text": recipe.text,
     }
     if synthetic and options:
         record["data_options_not_applied"] = options
@@ -397,8 +420,7 @@ def _main(argv: list[str] | None = None) -> int:
     if not Path(a.data.partition("?")[0]).expanduser().exists():
         raise DataError(f"--data {a.data.partition('?')[0]} does not exist; give the data set's folder")
     r = load_recipe(a.name)
-    variant = _variant_name(r, a.data)
-    v = r.variants.get(variant, {}) if variant else {}
+    variant, v = _variant(r, a.data)
     name = v.get("data", r.data).get("split") or a.name  # a variant's data table replaces the recipe's
     # The committed list defines the recipe's test set: it is rewritten only where --out names it.
     if not a.out:
@@ -406,7 +428,7 @@ def _main(argv: list[str] | None = None) -> int:
                           "replaced only when --out names it, with --overwrite); add --out")
     if Path(a.out).exists() and not a.overwrite:
         raise ConfigError(f"--out {a.out} already exists; allowed: a new file, or --overwrite to replace it")
-    cfg = {**r.splits, **(r.variants.get(variant, {}).get("splits", {}) if variant else {})}
+    cfg = {**r.splits, **v.get("splits", {})}
     seed = int(cfg.pop("seed", 0))
     spec = with_options(a.data.partition("?")[0], **cfg)
     rows, notes = make_split_list(spec, seed=seed)

@@ -89,3 +89,23 @@ def test_breastmnist_under_the_published_baseline_fails(tmp_path: Path, capsys: 
 def test_nothing_measured_fails(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     rc, out = _check(tmp_path, [], capsys)
     assert rc == 1 and "FAILED: no row measured" in out
+
+
+def test_compression_targets_not_run_are_not_a_pass(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A table without its BUSI and brain MRI rows (their data absent: the benchmark skips them): their 3x targets were
+    never judged, so they are not met (one FAILED line each, exit 1), never 'met'."""
+    rc, out = _check(tmp_path, _group("breastmnist", "compact", auc=0.91, accuracy=0.88), capsys)
+    assert rc == 1
+    assert "met (not judged" not in out, out
+    for name in ("busi", "brain_mri"):
+        assert (f"target: {name}: a compressed model >= 3x faster than its unpruned fp32, AUC at most 0.01 below it: "
+                "NOT met (not run)") in out, out
+        assert f"FAILED: {name}: not run (no row of it in the table); run it, e.g. --only {name}" in out, out
+    assert "breastmnist: a deployed compressed model" in out and "FAILED: breastmnist" not in out
+    assert "**NOT met** (not run)" in (tmp_path / "compression.md").read_text()
+
+
+def test_the_breastmnist_target_not_run_is_not_a_pass(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    rc, out = _check(tmp_path, _group("busi") + _group("brain_mri"), capsys)
+    assert rc == 1
+    assert "FAILED: breastmnist: not run (no row of it in the table); run it, e.g. --only breastmnist" in out, out

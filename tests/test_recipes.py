@@ -424,3 +424,30 @@ def test_a_binary_recipe_on_multiclass_data_names_the_recipe(tmp_path: Path) -> 
     assert r.returncode == 2, r.stderr
     line = r.stderr.strip().splitlines()[-1]
     assert "chest-xray" in line and "'pneumonia'" in line and "3 classes" in line and "--positive auto" in line, line
+
+
+def test_the_variant_of_a_renamed_npz_is_read_once_per_command(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Knowing a renamed MedMNIST copy means reading (and hashing) the whole .npz: resolve_recipe (train --recipe),
+    recipe_target and the splits command each read it once, not once for the settings and again for the target."""
+    import edgeclf.data
+    from edgeclf.recipes import _main, recipe_target
+
+    reads: list[str] = []
+
+    def known_npz(spec: str) -> str | None:  # the content reader, counted; the file is a renamed BreastMNIST
+        reads.append(spec)
+        return "breastmnist"
+
+    monkeypatch.setattr(edgeclf.data, "known_npz", known_npz)
+    monkeypatch.setattr(edgeclf.data, "make_split_list", lambda spec, seed=0: ([], ["no rows"]))
+    data = tmp_path / "BreastMNIST (1).npz"
+    data.write_bytes(b"")
+    r = load_recipe("breast-us")
+    kwargs, _, rec = resolve_recipe(r, str(data), {})
+    assert rec["variant"] == "breastmnist" and kwargs["model"] == "compact" and rec["target"] == {}
+    assert len(reads) == 1, reads
+    assert recipe_target(r, str(data)) == {} and len(reads) == 2
+    assert _main(["splits", "breast-us", "--data", str(data), "--out", str(tmp_path / "s.csv")]) == 0 and len(reads) == 3
+    # A file name that names the variant needs no read at all.
+    resolve_recipe(r, str(tmp_path / "breastmnist.npz"), {})
+    assert len(reads) == 3
