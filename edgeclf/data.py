@@ -34,7 +34,7 @@ from edgeclf.runtime.sources import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, decode_i
 __all__ = ["Dataset", "Split", "load_dataset", "load_folds", "make_split_list", "read_split_list", "with_options", "parse_class_map", "spec_name", "split_spec", "FolderOptions",
            "check_option_table", "check_spec_options", "require_training_data", "load_training_data", "defines_split",
            "recorded_options", "near_hash", "classified_rows", "abstain_counts", "none_classified", "classify_fix",
-           "known_npz", "SPLITS", "IMAGE_EXTS", "VIDEO_EXTS", "MODALITIES"]
+           "known_npz", "split_ids", "SPLITS", "IMAGE_EXTS", "VIDEO_EXTS", "MODALITIES"]
 
 log = logging.getLogger(__name__)
 SPLITS = ("train", "val", "test")
@@ -125,6 +125,9 @@ class Dataset:
     # or "frame_error"); frames it classifies are absent. Evaluate and training's test figures abstain on them; training
     # still learns from every sampled frame (the frames and the data hash do not depend on it).
     abstain: dict[str, str] = field(default_factory=dict)
+    # A binary .npz without a clinically positive class: why it has none ("not a MedMNIST file known by its content",
+    # the class map renamed it, ...), which training says where it falls back to the second class (None otherwise).
+    positive_unknown: str | None = None
 
     @property
     def sector_crops(self) -> bool:
@@ -318,6 +321,7 @@ def _load_npz(path: Path, class_map) -> Dataset:
     recorded = _recorded_modality(path, arrays)
     known: _Known | None = None
     from_name = False  # the known set was taken from the file name (its content is not one this package knows)
+    names_known = False  # the class names (and positive class) are the known set's, not the file's label_names
     if multilabel and class_map is not None:
         raise DataError(f"--classes does not apply to multilabel data; {path} has {ys['train'].shape[1]} label columns, leave it out")
     if multilabel:
@@ -329,12 +333,18 @@ def _load_npz(path: Path, class_map) -> Dataset:
         if len(names) != n_lab:
             raise DataError(f"{path}: label_names has {len(names)} entries for {n_lab} label columns")
     else:
-        ys = {s: y.reshape(len(y), -1)[:, 0].astype(np.int64) for s, y in ys.items()}
-        values = sorted(set(np.concatenate(list(ys.values())).tolist()))
-        if values != list(range(len(values))):
-            raise DataError(f"{path} labels are {values}; expected 0..K-1")
-        counts = {s: tuple(np.bincount(y, minlength=len(values)).tolist()) for s, y in ys.items()}
-        known = _medmnist_by_content(file_sha, arrays, counts)
+        ints = {s: _integer_labels(y) for s, y in ys.items()}
+        for s, y in ints.items():
+            if y is None:
+                raw = ys[s]
+                raise DataError(f"{_shown(path.name)}: {s}_labels is {raw.dtype}{raw.shape}, not integer class indices; "
+                                "expected one integer 0..K-1 per image (or 0/1 multi-hot columns); fix the labels")
+        ys = {s: y for s, y in ints.items() if y is not None}
+        counts, values = _label_counts(ys)
+        if counts is None:
+            shown_values = values[:10] + (["..."] if len(values) > 10 else [])
+            raise DataError(f"{path} labels are {shown_values}; expected 0..K-1")
+        known = _medmnist_by_content(file_sha, _heads(arrays), counts)
         if known is None:
             known = _medmnist_by_name(path, counts)
             from_name = known is not None
@@ -342,6 +352,7 @@ def _load_npz(path: Path, class_map) -> Dataset:
             names, positive = given, None
         elif known is not None:
             names, positive = list(known.labels), known.positive
+            names_known = True
         else:
             names, positive = [str(v) for v in values], None
         task = "binary" if len(values) == 2 else "multiclass"
@@ -383,23 +394,29 @@ def _load_npz(path: Path, class_map) -> Dataset:
         modality = "xray"
     else:
         modality = "generic"
-    # One line when identity or augmentation came from the file name, or training would fall back to a positive class.
-    if from_name and known is not None:
-        log.warning("%s: not a MedMNIST file known by its content (neither MedMNIST v2's official split nor a known "
-                    "copy), so its class names (%s), positive class %r, licence and augmentation (%s) are %s's, taken "
-                    "from its file name: check its labels; --positive chooses the class to detect", shown,
+    # One line when identity or augmentation came from the file name. A fallback positive class is said by training
+    # alone (`positive_unknown`), where --positive is known: evaluate and export read this file too.
+    not_known = "not a MedMNIST file known by its content (neither MedMNIST v2's official split nor a known copy)"
+    if from_name and known is not None and names_known:
+        log.warning("%s: %s, so its class names (%s), positive class %r, licence and augmentation (%s) are %s's, taken "
+                    "from its file name: check its labels; --positive chooses the class to detect", shown, not_known,
                     ", ".join(f"{i} = {n}" for i, n in enumerate(known.labels)), known.positive, known.modality, known.title)
-    elif task == "binary" and positive is None:
-        why = f"the class map renamed {known_positive!r}" if known_positive else "not a MedMNIST file known by its content"
-        guess = "; X-ray augmentation (no left-right flip) guessed from its file name" if name_hint else ""
-        log.warning("%s: binary data with no known clinically positive class (%s): training takes %r as the positive "
-                    "class unless --positive names another%s", shown, why, names[1], guess)
+    elif from_name and known is not None:
+        log.warning("%s: %s, so its licence and augmentation (%s) are %s's, taken from its file name (its class names "
+                    "are its own label_names): check them; --augment chooses the augmentation", shown, not_known,
+                    known.modality, known.title)
     elif name_hint:
         log.warning("%s: X-ray augmentation (no left-right flip) guessed from its file name; record it in the file "
                     "(a modality array: ultrasound, xray or generic) or choose it with --augment", shown)
+    unknown = None
+    if task == "binary" and positive is None:
+        unknown = (f"the class map renamed {known_positive!r}" if known_positive else
+                   f"its own label_names, not {known.title}'s" if known is not None else
+                   "not a MedMNIST file known by its content")
     return Dataset(
         spec=str(path), kind="medmnist", task=task, labels=names, splits=splits, data_hash=digest,
         positive=positive, licence=licence, channels_hint=channels, modality=modality, notes=notes,
+        positive_unknown=unknown,
     )
 
 
@@ -417,17 +434,89 @@ def _npz_hashes(path: Path, class_map) -> tuple[str, str]:
     return whole.hexdigest(), data.hexdigest()
 
 
-def _medmnist_by_content(file_sha: str, arrays: Mapping[str, np.ndarray], counts: Mapping[str, tuple[int, ...]]) -> _Known | None:
-    """The MedMNIST set these arrays are: a known file by its bytes, or MedMNIST v2's official split (exactly its six
-    arrays, gray square images at one of its sizes, and every split's count of each label). A copy under any name is
-    the same data; the official layout with other labels (swapped, say) is not."""
+def _integer_labels(y: np.ndarray) -> np.ndarray | None:
+    """(N,) or (N, 1) class labels as (N,) int64; None unless every one is a whole number (strings, fractions and NaN
+    are no class index: astype would raise or truncate them)."""
+    if y.ndim == 0 or y.size != len(y):
+        return None
+    y = y.reshape(-1)
+    if y.dtype.kind in "iub":
+        return y.astype(np.int64)
+    if y.dtype.kind == "f" and bool(np.isfinite(y).all()) and bool((y == np.round(y)).all()):
+        return y.astype(np.int64)
+    return None
+
+
+def _label_counts(ys: Mapping[str, np.ndarray]) -> tuple[dict[str, tuple[int, ...]] | None, list[int]]:
+    """(per split, its count of each label; the label values), the counts None unless the values are 0..K-1: checked
+    before counting, as bincount allocates up to the largest value (2**40 is a MemoryError)."""
+    values = np.unique(np.concatenate([np.asarray(y, np.int64) for y in ys.values()])).tolist()
+    if values != list(range(len(values))):
+        return None, values
+    return {s: tuple(np.bincount(y, minlength=len(values)).tolist()) for s, y in ys.items()}, values
+
+
+_Heads = Mapping[str, tuple[np.dtype | None, tuple[int, ...]]]  # .npz member -> (dtype, shape); None: not an array
+
+
+def _heads(arrays: Mapping[str, Any]) -> dict[str, tuple[np.dtype | None, tuple[int, ...]]]:
+    return {k: (getattr(a, "dtype", None), tuple(getattr(a, "shape", ()))) for k, a in arrays.items()}
+
+
+def _npz_heads(path: Path) -> tuple[dict[str, np.ndarray], dict[str, tuple[np.dtype | None, tuple[int, ...]]]]:
+    """The label arrays of an .npz and every member's dtype and shape, read from the .npy headers: its images are
+    never decompressed (a 224 px set holds hundreds of MB). DataError as `_read_npz` where the file is no .npz or
+    lacks the MedMNIST arrays."""
+    import zipfile
+
+    fmt = np.lib.format
+    labels: dict[str, np.ndarray] = {}
+    heads: dict[str, tuple[np.dtype | None, tuple[int, ...]]] = {}
+    try:
+        with zipfile.ZipFile(path) as zf:
+            for info in zf.infolist():
+                key = info.filename[:-4] if info.filename.endswith(".npy") else info.filename
+                if key == info.filename:  # np.load reads such a member as bytes
+                    heads[key] = (None, ())
+                    continue
+                with zf.open(info) as f:
+                    if key.endswith("_labels"):
+                        labels[key] = fmt.read_array(f, allow_pickle=False)
+                        heads[key] = (labels[key].dtype, labels[key].shape)
+                        continue
+                    version = fmt.read_magic(f)
+                    read_header = {(1, 0): fmt.read_array_header_1_0, (2, 0): fmt.read_array_header_2_0}.get(version)
+                    if read_header is None:  # a later header version: the array itself says
+                        a = fmt.read_array(f, allow_pickle=False)
+                        heads[key] = (a.dtype, a.shape)
+                        continue
+                    shape, _, dtype = read_header(f)
+                    if dtype.hasobject:
+                        raise ValueError("Object arrays cannot be loaded when allow_pickle=False")
+                    heads[key] = (dtype, tuple(shape))
+    except PermissionError as exc:
+        raise DataError(f"cannot read {_shown(path)} ({exc.strerror}); fix its permissions or give another .npz") from None
+    except Exception as exc:  # zipfile.BadZipFile, ValueError (pickled object arrays, a bad header), OSError
+        raise DataError(f"{path} could not be read as an .npz ({exc}); give a MedMNIST .npz") from None
+    missing = [k for k in _NPZ_ARRAYS if k not in heads]
+    if missing:
+        raise DataError(
+            f"{path} lacks the MedMNIST arrays {missing} (it has {sorted(heads)}); expected train/val/test _images and _labels"
+        )
+    return labels, heads
+
+
+def _medmnist_by_content(file_sha: str, heads: _Heads, counts: Mapping[str, tuple[int, ...]]) -> _Known | None:
+    """The MedMNIST set an .npz is (`heads`: its members' dtype and shape): a known file by its bytes, or MedMNIST v2's
+    official split (exactly its six arrays, gray square images at one of its sizes, and every split's count of each
+    label). A copy under any name is the same data; the official layout with other labels (swapped, say) is not."""
     if file_sha in _MEDMNIST_SHA256:
         return _MEDMNIST[_MEDMNIST_SHA256[file_sha]]
-    if set(arrays) != set(_NPZ_ARRAYS):
+    if set(heads) != set(_NPZ_ARRAYS):
         return None
     for s in SPLITS:
-        im = arrays[f"{s}_images"]
-        if im.dtype != np.uint8 or im.ndim != 3 or im.shape[1] != im.shape[2] or im.shape[1] not in _MEDMNIST_SIDES:
+        dtype, shape = heads[f"{s}_images"]
+        if dtype != np.uint8 or len(shape) != 3 or shape[1] != shape[2] or shape[1] not in _MEDMNIST_SIDES:
             return None
     return next((k for k in _MEDMNIST.values() if dict(counts) == k.counts), None)
 
@@ -480,16 +569,18 @@ def known_npz(spec: str) -> str | None:
     path = Path(split_spec(spec)[0]).expanduser()
     if spec.startswith("synthetic:") or path.suffix.lower() != ".npz" or not path.is_file():
         return None
-    arrays = _read_npz(path)
-    y = arrays["train_labels"]
+    labels, heads = _npz_heads(path)  # the labels and image headers: the images are not decompressed
+    y = labels["train_labels"]
     if y.ndim == 2 and y.shape[1] > 1:
         return None  # multilabel: no MedMNIST set this package names
-    ys = {s: arrays[f"{s}_labels"].reshape(len(arrays[f"{s}_labels"]), -1)[:, 0].astype(np.int64) for s in SPLITS}
-    if any(len(v) and v.min() < 0 for v in ys.values()):
-        return None
-    k = max((int(v.max()) + 1 for v in ys.values() if len(v)), default=0)
-    counts = {s: tuple(np.bincount(v, minlength=k).tolist()) for s, v in ys.items()}
-    known = _medmnist_by_content(_npz_hashes(path, None)[0], arrays, counts) or _medmnist_by_name(path, counts)
+    ints = {s: _integer_labels(labels[f"{s}_labels"]) for s in SPLITS}
+    ys = {s: v for s, v in ints.items() if v is not None}
+    if len(ys) != len(SPLITS):
+        return None  # not class indices: load_dataset says so
+    counts = _label_counts(ys)[0]
+    if counts is None:
+        return None  # not 0..K-1: load_dataset says so
+    known = _medmnist_by_content(_npz_hashes(path, None)[0], heads, counts) or _medmnist_by_name(path, counts)
     return next((key for key, v in _MEDMNIST.items() if v is known), None)
 
 
@@ -1269,7 +1360,16 @@ def _files_hash(root: Path, class_map) -> str:
     return digest.hexdigest()
 
 
-def _scan_folder(root: Path, class_map, opts: FolderOptions, frames_per_clip: int, quality: bool = False) -> _Scan:
+# A row's one frame where its pixels are not needed (`_scan_folder(pixels=False)`): the split and the hashes of a
+# folder come from its files' names and bytes, not from decoded frames.
+_NO_PIXELS = np.zeros((1, 1), np.uint8)
+
+
+def _scan_folder(root: Path, class_map, opts: FolderOptions, frames_per_clip: int, quality: bool = False, *,
+                 pixels: bool = True, decoded: Mapping[str, np.ndarray] | None = None) -> _Scan:
+    """The rows of a folder data set. `pixels=False`: each row holds one placeholder frame (`_NO_PIXELS`; a clip's row
+    is then the clip itself), except the images that dedup=near compares, taken from `decoded` (id -> image as read
+    here) where there, else decoded."""
     fl = _folder_files(root, class_map, opts)
     tops, names, lookup, all_files, dropped, is_clips = fl.tops, fl.names, fl.lookup, fl.files, fl.dropped, fl.is_clips
     split_dirs = fl.tops if fl.tops != [root] else []
@@ -1346,13 +1446,17 @@ def _scan_folder(root: Path, class_map, opts: FolderOptions, frames_per_clip: in
                     raise DataError(f"clip {_shown(f)}: its path is not valid UTF-8 (e.g. a Latin-1 name from a USB stick "
                                     "or a Windows share) and OpenCV cannot open it; supported: UTF-8 names; rename it "
                                     "(e.g. convmv -f latin1 -t utf8)")
-                if is_clips:
+                if not pixels:
+                    near = not is_clips and opts.dedup == "near" and listed is None
+                    img = (decoded.get(rel) if decoded is not None else None) if near else _NO_PIXELS
+                    frames, why = [img if img is not None else _read_image(f)], [""]
+                elif is_clips:
                     frames, why = _sample_clip(f, k, roi=opts.roi, no_lock=no_lock, quality=quality)
                 else:
                     img = _decoded(f)
                     frames, why = [_gray_if_equal(img)], [_gate_image(gate, f, img) if gate is not None else ""]
                 abstain.update((fid, w) for fid, w in zip(_frame_ids(rel, len(frames)), why) if w)
-                if is_clips and len(frames) < k:
+                if is_clips and pixels and len(frames) < k:
                     short.append(len(frames))
                 # Exact copies share a group so that they land on one side of the split; a clip's group is the
                 # name of the first clip with its bytes (clip figures are read by name).
@@ -1747,6 +1851,28 @@ def load_folds(spec: str, folds: int, *, classes: str | None = None, seed: int =
                      opts=dataclasses.replace(opts, fold=i), scan=scan)
         for i in range(folds)
     ]
+
+
+def split_ids(spec: str, *, classes: str | None = None, seed: int = 0, frames_per_clip: int = FRAMES_PER_CLIP,
+              like: Dataset | None = None) -> tuple[dict[str, list[str]], set[str]]:
+    """Which split `load_dataset(spec, ...)` puts each item in, without decoding what the split does not depend on:
+    (split -> its ids: an image's id, or a clip's (`clip_of` of its frames' ids); the hashes that reading is known by,
+    as `require_training_data` compares them). A folder's split comes from its files' names and bytes; only dedup=near
+    compares pixels, taken from `like` (the same folder read otherwise, e.g. plain) where it holds the image. Other
+    data is read whole."""
+    base, opts = split_spec(spec)
+    root = Path(base).expanduser().resolve()
+    if spec.startswith("synthetic:") or _path_kind(root) != "dir":
+        ds = load_dataset(spec, classes=classes, seed=seed, frames_per_clip=frames_per_clip)
+    else:
+        class_map = parse_class_map(classes)
+        decoded = ({i: im for sp in like.splits.values() for i, im in zip(sp.ids, sp.images)}
+                   if like is not None and like.kind == "images" else None)
+        scan = _scan_folder(root, class_map, opts, frames_per_clip, pixels=False, decoded=decoded)
+        ds = _load_folder(root, class_map, seed=seed, val_frac=0.15, test_frac=0.15, frames_per_clip=frames_per_clip,
+                          opts=opts, scan=scan)
+    hashes = {h for h in (ds.data_hash, ds.former_hash, ds.path_hash) if h}
+    return {n: list(sp.ids) for n, sp in ds.splits.items()}, hashes
 
 
 def _sample_clip(path: Path, k: int, roi: str = "none", no_lock: list[int] | None = None,

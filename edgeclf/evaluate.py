@@ -100,8 +100,9 @@ def _model_splits(ds: Dataset, recorded: dict[str, Any], folder: Path | None, im
     """The clips (an image is its own) of the model's train, val and test splits, where `ds` is its training data: the
     recorded content hash, or a folder's files under other options (`--split all` reads a plain folder as given). An
     imported model's recorded data is export's: only its val split is known (its temperature and operating point were
-    fitted there), not what the model trained on. None for other data. `as_trained()` reads the data with the recorded
-    options (a bundle keeps no split lists)."""
+    fitted there), not what the model trained on. None for other data. `as_trained()` gives the ids of each split of the
+    data read with the recorded options (a bundle keeps no split lists), None where that reading is not the recorded
+    data."""
     from edgeclf.runtime.clips import clip_of
 
     rec_hash, files_hash = recorded.get("hash"), recorded.get("files_hash")
@@ -114,10 +115,10 @@ def _model_splits(ds: Dataset, recorded: dict[str, Any], folder: Path | None, im
     if listed and all(f.is_file() for f in listed):  # a training folder's own split lists
         lists = {n: f.read_text().splitlines() for n, f in zip(names, listed)}
     else:
-        trained = ds if same_data else as_trained()
-        if trained is None:
+        ids = {n: list(sp.ids) for n, sp in ds.splits.items()} if same_data else as_trained()
+        if ids is None:
             return None
-        lists = {n: list(trained.splits[n].ids) for n in names if n in trained.splits}
+        lists = {n: ids[n] for n in names if n in ids}
     return {n: {clip_of(i) for i in ids} for n, ids in lists.items()}
 
 
@@ -241,20 +242,22 @@ def evaluate(
     why = [ds.abstain.get(i, "") for i in sp.ids]  # frames run would not classify: abstained here too
     stopped = np.array([bool(w) for w in why], bool)
 
-    def as_trained() -> Dataset | None:
-        """The data read with its recorded options (the same files given plain), for the model's split lists."""
-        from edgeclf.data import recorded_options
+    def as_trained() -> dict[str, list[str]] | None:
+        """The split ids of the data read with its recorded options (the same files given plain), for the model's split
+        lists: from the files' names and bytes, the pixels `ds` decoded reused where the split compares them (its
+        frames are not decoded a second time)."""
+        from edgeclf.data import recorded_options, split_ids
 
         q = recorded_options(recorded)
         try:
-            trained = load_dataset(f"{split_spec(ds.spec)[0]}?{q}" if q else split_spec(ds.spec)[0],
-                                   classes=classes if classes is not None else recorded.get("classes"), seed=seed,
-                                   frames_per_clip=fpc, quality=False)
+            ids, hashes = split_ids(f"{split_spec(ds.spec)[0]}?{q}" if q else split_spec(ds.spec)[0],
+                                    classes=classes if classes is not None else recorded.get("classes"), seed=seed,
+                                    frames_per_clip=fpc, like=ds)
         except DataError as exc:
             log.warning("%s holds the model's training files, but read with the recorded options ?%s it fails (%s): which "
                         "of them it trained on is not known here", ds.name, q, exc)
             return None
-        return trained if recorded.get("hash") in (trained.data_hash, trained.former_hash, trained.path_hash) else None
+        return ids if recorded.get("hash") in hashes else None
 
     splits_seen = _model_splits(ds, recorded, folder, imported, as_trained)
     pre = Preprocessor(spec)

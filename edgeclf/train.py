@@ -173,7 +173,10 @@ def _num_outputs(task: str, labels: list[str]) -> int:
     return 1 if task == "binary" else len(labels)
 
 
-def _positive_index(ds: Dataset, positive: str | None, recipe: str | None = None) -> int:
+def _positive_index(ds: Dataset, positive: str | None, recipe: str | None = None, *, warn: bool = False) -> int:
+    """The index of the positive class: `positive` (--positive, or the recipe's), else the data set's clinical one,
+    else the second class. `warn` (training, once): say so where it falls back to the second class of a data set that
+    records why it names none (`Dataset.positive_unknown`); export and the refits read the same data and stay quiet."""
     if ds.task != "binary":
         if positive:
             whence = f" (typed, or set by recipe {recipe})" if recipe else ""
@@ -184,6 +187,9 @@ def _positive_index(ds: Dataset, positive: str | None, recipe: str | None = None
     name = positive or ds.positive or ds.labels[1]
     if name not in ds.labels:
         raise ConfigError(f"--positive {name!r} is not a class; classes: {', '.join(ds.labels)}")
+    if warn and not (positive or ds.positive) and ds.positive_unknown:
+        log.warning("%s: binary data with no known clinically positive class (%s): training takes %r as the positive "
+                    "class unless --positive names another", ds.name, ds.positive_unknown, name)
     return ds.labels.index(name)
 
 
@@ -843,7 +849,7 @@ def _train_on(ds: Dataset, cfg: TrainConfig, *, on_epoch: Callable[[dict[str, An
     for s in ("train", "val"):
         if len(ds.splits.get(s, [])) == 0:
             raise DataError(f"data set {cfg.data} has an empty {s} split; it needs train and val images")
-    positive = _positive_index(ds, cfg.positive, cfg.recipe)
+    positive = _positive_index(ds, cfg.positive, cfg.recipe, warn=True)
     _require_every_class(ds, "val")
     _classified_val(ds)  # what calibrate_and_measure fits on, checked before any training
     channels = cfg.channels or ds.channels_hint
