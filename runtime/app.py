@@ -38,7 +38,8 @@ VARIANT_TOLERANCE = 0.05  # relative to the largest reference logit
 
 def _install_stop_handlers(stop: threading.Event, received: Optional[List[int]] = None) -> Callable[[], None]:
     """SIGINT/SIGTERM end the run after the current frame (summary written); returns the restorer. Each signal
-    that came is appended to `received` (the CLI exits as interrupted after a SIGINT, 0 after a SIGTERM)."""
+    that came is appended to `received` (the CLI exits as interrupted after a SIGINT, 0 after a SIGTERM). A signal
+    the process was started ignoring (SIGINT of a background job) stays ignored."""
     if threading.current_thread() is not threading.main_thread():
         return lambda: None
     previous = {}
@@ -53,6 +54,8 @@ def _install_stop_handlers(stop: threading.Event, received: Optional[List[int]] 
         stop.set()
 
     for sig in (signal.SIGINT, signal.SIGTERM):
+        if signal.getsignal(sig) == signal.SIG_IGN:
+            continue  # ignored since start (a background job, nohup): keep ignoring it, as every POSIX tool does
         previous[sig] = signal.signal(sig, handler)
 
     def restore() -> None:

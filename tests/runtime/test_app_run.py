@@ -739,6 +739,33 @@ def test_sigterm_ends_the_cli_run_with_status_0_for_systemd(tmp_path: Path) -> N
     assert "stopped by SIGTERM after" in stdout
 
 
+def test_a_run_started_with_sigint_ignored_keeps_ignoring_it(tmp_path: Path) -> None:
+    """A job started in the background (`edgeclf run ... &`, nohup) inherits SIGINT ignored, by POSIX convention so
+    that a Ctrl-C at the terminal leaves it alone; the run's stop handler took SIGINT over and stopped it."""
+    import subprocess
+    import sys
+    import time
+
+    from tests.conftest import REPO
+
+    bundle = make_tiny_bundle(tmp_path / "b")
+    out = tmp_path / "r.jsonl"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    p = subprocess.Popen([sys.executable, "-m", "edgeclf", "run", "--bundle", str(bundle), "--source", LONG_SRC, "--out",
+                          str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    deadline = time.time() + 120
+    while time.time() < deadline and p.poll() is None and (not out.exists() or out.stat().st_size == 0):
+        time.sleep(0.05)
+    p.send_signal(signal.SIGINT)
+    time.sleep(1.0)
+    running = p.poll() is None
+    p.send_signal(signal.SIGTERM)  # how such a job is stopped
+    _, stderr = p.communicate(timeout=120)
+    assert running, stderr[-300:]
+    assert p.returncode == 0 and "signal 2" not in stderr, (p.returncode, stderr[-300:])
+
+
 def test_cli_json_still_prints_the_partial_runs_summary_after_a_mid_run_error(tmp_path: Path) -> None:
     """README: --json prints exactly one JSON document. A run whose results file fills up midway exits 2 with the
     error on stderr, and its summary (what it did, how it ended) on stdout."""
