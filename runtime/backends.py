@@ -219,18 +219,20 @@ class FakeBackend(Backend):
 
 def backend_availability() -> Dict[str, Optional[str]]:
     """Every backend -> None when it can run here, else why not. Imports neither tensorrt nor polygraphy."""
+    from edgeclf.errors import MissingExtraError, require
     from edgeclf.runtime.engine import tensorrt_missing
 
     out: Dict[str, Optional[str]] = {}
-    if importlib.util.find_spec("onnxruntime") is None:
-        have: Optional[set] = None  # type: ignore[type-arg]
-    else:
-        import onnxruntime as ort
-
-        have = set(ort.get_available_providers())
+    have: Optional[set] = None  # type: ignore[type-arg]
+    why = "onnxruntime is not installed (pip install 'edgeclf[ort]')"
+    if importlib.util.find_spec("onnxruntime") is not None:
+        try:  # installed but broken (a C extension that did not initialise): the reason, not a traceback
+            have = set(require("onnxruntime", "ort").get_available_providers())
+        except MissingExtraError as exc:
+            why = str(exc)
     for b, providers in _PROVIDERS.items():
         if have is None:
-            out[b] = "onnxruntime is not installed (pip install 'edgeclf[ort]')"
+            out[b] = why
         else:
             out[b] = None if providers[0] in have else f"this onnxruntime has no {providers[0]} (it has {', '.join(sorted(have))})"
     missing = tensorrt_missing()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import shutil
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -193,3 +194,22 @@ def test_a_provider_the_session_dropped_is_refused_not_run_under_its_name(tmp_pa
     b = load_bundle(str(make_tiny_bundle(tmp_path / "b")))
     with pytest.raises(BackendError, match=f"asked onnxruntime for {listed[0]}, but the session runs on CPUExecutionProvider"):
         create_backend(str(b.path / b.manifest.raw["model"]["file"]), (1, 8, 8), 3, backend=backend, bundle=b)
+
+
+def test_an_onnxruntime_that_fails_to_import_is_a_reason_not_a_traceback(monkeypatch: pytest.MonkeyPatch) -> None:
+    """backend_availability imported onnxruntime directly: a broken install (a C extension that did not initialise)
+    raised out of `edgeclf devices detect` / backend choice instead of being the reason no ONNX Runtime backend runs."""
+    import importlib
+
+    from edgeclf.runtime.backends import backend_availability
+
+    real = importlib.import_module
+
+    def broken(name: str, *a: Any, **k: Any) -> Any:
+        if name == "onnxruntime":
+            raise ImportError("initialization failed")
+        return real(name, *a, **k)
+
+    monkeypatch.setattr(importlib, "import_module", broken)
+    got = backend_availability()
+    assert got["ort-cpu"] is not None and "failed to import" in got["ort-cpu"] and "initialization failed" in got["ort-cpu"]
