@@ -10,7 +10,7 @@ import logging
 import os
 import warnings
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Optional, Sequence, Union
 
 import numpy as np
 import pytest
@@ -42,13 +42,20 @@ def write_dicom(
     instance: Optional[int] = None,
     palette: Optional[Sequence[np.ndarray]] = None,
     syntax: Any = None,
-    encapsulated: Optional[bytes] = None,
+    encapsulated: Union[bytes, Sequence[bytes], None] = None,
     sop_uid: Optional[str] = None,
     no_pixels: bool = False,
     modality: str = "US",
     sop_class: Optional[str] = None,
+    bits_allocated: Optional[int] = None,
+    number_of_frames: Optional[int] = None,
+    pixel_data: Optional[bytes] = None,
 ) -> Path:
-    """A small DICOM Part 10 file. `pixels`: (rows, cols[, 3]) or (frames, rows, cols[, 3])."""
+    """A small DICOM Part 10 file. `pixels`: (rows, cols[, 3]) or (frames, rows, cols[, 3]).
+
+    `encapsulated`: one fragment or a list of them (with `syntax`); `pixel_data`: raw bytes written in place of
+    `pixels`; `number_of_frames`, `bits_allocated`: the header's values instead of those of `pixels` (files whose
+    header and pixel data disagree, 1-bit packed frames)."""
     from pydicom.dataset import Dataset, FileDataset, FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
@@ -79,12 +86,14 @@ def write_dicom(
     ds.PhotometricInterpretation = photometric
     if color:
         ds.PlanarConfiguration = 0
-    bits = pixels.dtype.itemsize * 8
+    bits = bits_allocated if bits_allocated is not None else pixels.dtype.itemsize * 8
     ds.BitsAllocated = bits
     ds.BitsStored = bits_stored or bits
     ds.HighBit = ds.BitsStored - 1
     ds.PixelRepresentation = 1 if signed else 0
-    if frames > 1 or pixels.ndim == (4 if color else 3):
+    if number_of_frames is not None:
+        ds.NumberOfFrames = number_of_frames
+    elif frames > 1 or pixels.ndim == (4 if color else 3):
         ds.NumberOfFrames = frames
     if window is not None:
         ds.WindowCenter, ds.WindowWidth = window
@@ -103,11 +112,11 @@ def write_dicom(
     if encapsulated is not None:
         from pydicom.encaps import encapsulate
 
-        ds.PixelData = encapsulate([encapsulated])
+        ds.PixelData = encapsulate([encapsulated] if isinstance(encapsulated, bytes) else list(encapsulated))
         ds["PixelData"].VR = "OB"
         ds["PixelData"].is_undefined_length = True
     else:
-        ds.PixelData = np.ascontiguousarray(pixels).tobytes()
+        ds.PixelData = pixel_data if pixel_data is not None else np.ascontiguousarray(pixels).tobytes()
         ds["PixelData"].VR = "OW" if bits > 8 else "OB"
     _save(ds, path)
     return path

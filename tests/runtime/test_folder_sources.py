@@ -8,7 +8,7 @@ import logging
 import os
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List
 
 import numpy as np
 import pytest
@@ -21,62 +21,9 @@ from edgeclf.runtime.dicom import DicomSource  # noqa: E402
 from edgeclf.runtime.sources import open_source  # noqa: E402
 from edgeclf.runtime.watch import STATE_NAME, WatchFolderSource  # noqa: E402
 from tests.runtime.pydicom2 import pydicom2_tree_fixture, run_under_pydicom2  # noqa: E402, F401 - the fixture
+from tests.runtime.test_dicom import write_dicom  # noqa: E402
 
-PATIENT = "DOE^JANE"
 RLE = "1.2.840.10008.1.2.5"
-
-
-def _write(
-    path: Path,
-    frames: np.ndarray,
-    *,
-    photometric: str = "MONOCHROME2",
-    bits: int = 8,
-    number_of_frames: Optional[int] = None,
-    palette: Optional[Sequence[np.ndarray]] = None,
-    pixel_data: Optional[bytes] = None,
-    encapsulated: Optional[List[bytes]] = None,
-) -> Path:
-    """A DICOM Part 10 file of `frames` (frames, rows, cols[, samples]); `pixel_data` or `encapsulated` (the
-    fragments, RLE Lossless) replace the pixel data written, `number_of_frames` the header's frame count."""
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
-
-    ds, fm = Dataset(), FileMetaDataset()
-    fm.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.7"
-    fm.MediaStorageSOPInstanceUID = generate_uid()
-    fm.TransferSyntaxUID = RLE if encapsulated is not None else ExplicitVRLittleEndian
-    ds.file_meta = fm
-    ds.SOPClassUID, ds.SOPInstanceUID = fm.MediaStorageSOPClassUID, fm.MediaStorageSOPInstanceUID
-    ds.PatientName, ds.Modality = PATIENT, "US"
-    ds.Rows, ds.Columns = frames.shape[1:3]
-    samples = frames.shape[3] if frames.ndim == 4 else 1
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = samples, photometric
-    if samples > 1:
-        ds.PlanarConfiguration = 0
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = bits, bits, bits - 1, 0
-    ds.NumberOfFrames = number_of_frames if number_of_frames is not None else frames.shape[0]
-    if palette is not None:
-        for color, lut in zip(("Red", "Green", "Blue"), palette):
-            setattr(ds, f"{color}PaletteColorLookupTableDescriptor", [len(lut), 0, 16])
-            setattr(ds, f"{color}PaletteColorLookupTableData", np.asarray(lut, "<u2").tobytes())
-    if encapsulated is not None:
-        from pydicom.encaps import encapsulate
-
-        ds.PixelData = encapsulate(encapsulated)
-        ds["PixelData"].VR = "OB"
-        ds["PixelData"].is_undefined_length = True
-    elif pixel_data is not None:
-        ds.PixelData = pixel_data
-    else:
-        ds.PixelData = np.ascontiguousarray(frames).tobytes()
-    ds["PixelData"].VR = "OW" if bits > 8 else "OB"
-    if int(pydicom.__version__.split(".")[0]) >= 3:
-        ds.save_as(str(path), enforce_file_format=True)
-    else:  # pragma: no cover - pydicom 2 in-process
-        ds.is_little_endian, ds.is_implicit_VR = True, False
-        ds.save_as(str(path), write_like_original=False)
-    return path
 
 
 def _cine(n: int = 6, size: int = 16) -> np.ndarray:
@@ -116,9 +63,9 @@ def test_a_cut_short_dicom_in_a_series_fails_before_any_result_is_written(tmp_pa
     folder = tmp_path / "DOE_JANE"
     folder.mkdir()
     cine = _cine(6, 64)
-    _write(folder / "a1.dcm", cine)
-    _write(folder / "a2_doe.dcm", cine)
-    _write(folder / "a3.dcm", cine[:1])
+    write_dicom(folder / "a1.dcm", cine)
+    write_dicom(folder / "a2_doe.dcm", cine)
+    write_dicom(folder / "a3.dcm", cine[:1])
     whole = (folder / "a2_doe.dcm").read_bytes()
     (folder / "a2_doe.dcm").write_bytes(whole[: len(whole) - 64 * 64 * 3])  # pixel data cut short by 3 frames
     out = tmp_path / "r.jsonl"
@@ -133,7 +80,7 @@ def test_a_cut_short_dicom_in_a_series_fails_before_any_result_is_written(tmp_pa
 def test_a_file_cut_inside_its_pixel_data_header_is_refused_at_open(tmp_path: Path) -> None:
     """The h2 reproducer: the first 2000 bytes of a 6-frame cine (the Pixel Data element's header is there,
     almost none of its bytes)."""
-    path = _write(tmp_path / "a.dcm", _cine(6, 64))
+    path = write_dicom(tmp_path / "a.dcm", _cine(6, 64))
     path.write_bytes(path.read_bytes()[:2000])
     with pytest.raises(SourceError, match=r"^DICOM file is cut short: its pixel data holds 0 of the 6 frames"):
         DicomSource(str(path))
@@ -143,7 +90,7 @@ def test_pixel_data_holding_fewer_frames_than_the_header_says_is_refused_at_open
     """The header says 5 frames, the (complete) Pixel Data element holds 3: the source opened and handed out
     three frames before it failed."""
     cine = _cine(5)
-    path = _write(tmp_path / "m.dcm", cine, pixel_data=cine[:3].tobytes())
+    path = write_dicom(tmp_path / "m.dcm", cine, pixel_data=cine[:3].tobytes())
     with pytest.raises(SourceError, match=r"holds 3 of the 5 frames its header says") as exc:
         DicomSource(str(path))
     assert "copy or export it again" in _one_line(exc)
@@ -152,14 +99,14 @@ def test_pixel_data_holding_fewer_frames_than_the_header_says_is_refused_at_open
 def test_a_palette_color_file_without_its_lookup_tables_is_refused_at_open(tmp_path: Path) -> None:
     folder = tmp_path / "series"
     folder.mkdir()
-    _write(folder / "1.dcm", _cine(2))
-    _write(folder / "2.dcm", _cine(1), photometric="PALETTE COLOR")
+    write_dicom(folder / "1.dcm", _cine(2))
+    write_dicom(folder / "2.dcm", _cine(1), photometric="PALETTE COLOR")
     with pytest.raises(SourceError, match=r"^DICOM file 1 of 2 .*PALETTE COLOR without its palette") as exc:
         DicomSource(str(folder))
     assert "Lookup Table" in _one_line(exc)
     # and one whose tables do not fit their descriptor (red has 256 entries, green 3)
     ramp = np.arange(256, dtype=np.uint16) * 257
-    _write(folder / "2.dcm", _cine(1), photometric="PALETTE COLOR", palette=[ramp, ramp[:3], ramp])
+    write_dicom(folder / "2.dcm", _cine(1), photometric="PALETTE COLOR", palette=[ramp, ramp[:3], ramp])
     with pytest.raises(SourceError, match=r"PALETTE COLOR"):
         DicomSource(str(folder))
 
@@ -168,11 +115,11 @@ def test_encapsulated_pixel_data_with_fewer_fragments_than_frames_is_refused_at_
     pytest.importorskip("pydicom.pixels.encoders", reason="pydicom 3's RLE encoder writes the test file")
     cine = _cine(5)
     frags = _rle_fragments(cine)
-    short = _write(tmp_path / "s.dcm", cine, encapsulated=frags[:3])  # NumberOfFrames 5
+    short = write_dicom(tmp_path / "s.dcm", cine, syntax=RLE, encapsulated=frags[:3])  # NumberOfFrames 5
     with pytest.raises(SourceError, match=r"holds 3 fragment\(s\) for the 5 frames its header says"):
         DicomSource(str(short))
     # cut in the middle of its last fragment (no sequence delimiter either)
-    whole = _write(tmp_path / "w.dcm", cine, encapsulated=frags).read_bytes()
+    whole = write_dicom(tmp_path / "w.dcm", cine, syntax=RLE, encapsulated=frags).read_bytes()
     (tmp_path / "cut.dcm").write_bytes(whole[: len(whole) - len(frags[-1]) // 2 - 8])
     with pytest.raises(SourceError, match=r"cut short"):
         DicomSource(str(tmp_path / "cut.dcm"))
@@ -181,15 +128,16 @@ def test_encapsulated_pixel_data_with_fewer_fragments_than_frames_is_refused_at_
 def test_complete_files_of_odd_packed_and_encapsulated_sizes_still_open_and_read_whole(tmp_path: Path) -> None:
     """The checks at open pass complete files: odd-length pixel data padded to even, 1-bit frames packed across
     byte boundaries, RLE (one fragment a frame), 16-bit, PALETTE COLOR with its tables."""
-    odd = _write(tmp_path / "odd.dcm", _cine(3, 3))  # 27 bytes, padded to 28
+    odd = write_dicom(tmp_path / "odd.dcm", _cine(3, 3))  # 27 bytes, padded to 28
     bits1 = np.random.default_rng(1).integers(0, 2, size=(3, 3, 3), dtype=np.uint8)
     from pydicom.pixels.utils import pack_bits
 
-    one_bit = _write(tmp_path / "bits1.dcm", bits1, bits=1, pixel_data=pack_bits(bits1, pad=True))  # 27 bits: 4 bytes
-    wide = _write(tmp_path / "w16.dcm", _cine(2).astype(np.uint16) * 200, bits=16)
+    # 27 one-bit pixels, packed into 4 bytes
+    one_bit = write_dicom(tmp_path / "bits1.dcm", bits1, bits_allocated=1, pixel_data=pack_bits(bits1, pad=True))
+    wide = write_dicom(tmp_path / "w16.dcm", _cine(2).astype(np.uint16) * 200)
     ramp = np.arange(256, dtype=np.uint16) * 257
-    pal = _write(tmp_path / "pal.dcm", _cine(2), photometric="PALETTE COLOR", palette=[ramp, ramp, ramp])
-    rle = _write(tmp_path / "rle.dcm", _cine(4), encapsulated=_rle_fragments(_cine(4)))
+    pal = write_dicom(tmp_path / "pal.dcm", _cine(2), photometric="PALETTE COLOR", palette=[ramp, ramp, ramp])
+    rle = write_dicom(tmp_path / "rle.dcm", _cine(4), syntax=RLE, encapsulated=_rle_fragments(_cine(4)))
     for path, n in ((odd, 3), (one_bit, 3), (wide, 2), (pal, 2), (rle, 4)):
         with DicomSource(str(path)) as src:
             assert len(list(src)) == n, path.name
@@ -219,15 +167,15 @@ print(json.dumps(out))
 def test_pydicom2_refuses_the_same_files_at_open(tmp_path: Path, pydicom2_tree: Path) -> None:
     """The same checks on the pydicom 2 path (Python 3.8, JetPack 5): no pydicom API differs between them."""
     cine = _cine(5)
-    short = _write(tmp_path / "short.dcm", cine, pixel_data=cine[:3].tobytes())
-    cut = _write(tmp_path / "cut.dcm", cine)
+    short = write_dicom(tmp_path / "short.dcm", cine, pixel_data=cine[:3].tobytes())
+    cut = write_dicom(tmp_path / "cut.dcm", cine)
     cut.write_bytes(cut.read_bytes()[:-100])
-    pal = _write(tmp_path / "pal.dcm", cine[:1], photometric="PALETTE COLOR")
+    pal = write_dicom(tmp_path / "pal.dcm", cine[:1], photometric="PALETTE COLOR")
     frags = _rle_fragments(cine)
-    enc = _write(tmp_path / "enc.dcm", cine, encapsulated=frags[:4])
-    good = _write(tmp_path / "good.dcm", cine, encapsulated=frags)
-    odd = _write(tmp_path / "odd.dcm", _cine(3, 3))
-    zero = _write(tmp_path / "zero.dcm", cine[:1], number_of_frames=0)  # read as 1 frame: pydicom 2 failed on it
+    enc = write_dicom(tmp_path / "enc.dcm", cine, syntax=RLE, encapsulated=frags[:4])
+    good = write_dicom(tmp_path / "good.dcm", cine, syntax=RLE, encapsulated=frags)
+    odd = write_dicom(tmp_path / "odd.dcm", _cine(3, 3))
+    zero = write_dicom(tmp_path / "zero.dcm", cine[:1], number_of_frames=0)  # read as 1 frame: pydicom 2 failed on it
     paths = (short, cut, pal, enc, good, odd, zero)
     out = json.loads(run_under_pydicom2(pydicom2_tree, PYDICOM2_OPEN, *map(str, paths)))
     assert [str(o).startswith("refused at open") for o in out] == [True] * 4 + [False] * 3, out
@@ -239,9 +187,9 @@ def test_a_cut_short_dicom_in_a_watched_folder_hands_out_no_frame(tmp_path: Path
     again when it changes), not after some of its frames were classified."""
     inbox = tmp_path / "in"
     inbox.mkdir()
-    cut = _write(inbox / "a.dcm", _cine(6))
+    cut = write_dicom(inbox / "a.dcm", _cine(6))
     cut.write_bytes(cut.read_bytes()[: -16 * 16 * 2])
-    _write(inbox / "b.dcm", _cine(2))
+    write_dicom(inbox / "b.dcm", _cine(2))
     old = time.time() - 100
     for p in inbox.iterdir():
         os.utime(p, (old, old))
@@ -273,9 +221,9 @@ def test_dicom_series_in_subfolders_of_a_dicom_folder_are_counted_and_warned_abo
     root = tmp_path / "export"
     for sub in ("DOE_JANE_S1", "DOE_JANE_S2"):
         (root / sub).mkdir(parents=True)
-        _write(root / sub / "a.dcm", _cine(1, 64))
+        write_dicom(root / sub / "a.dcm", _cine(1, 64))
     (root / ".Trashes").mkdir()  # hidden: not counted (a USB stick's own folders)
-    _write(root / "top.dcm", _cine(1, 64))
+    write_dicom(root / "top.dcm", _cine(1, 64))
     caplog.set_level("INFO")
     s = app.run_bundle(str(bundle), str(root))
     assert s["frames"] == 1 and s["source_stats"]["folders_skipped"] == 2, s["source_stats"]
@@ -300,7 +248,7 @@ def test_subfolders_of_an_image_folder_are_counted_and_warned_about(
 
 def test_a_folder_with_only_subfolders_says_so(tmp_path: Path) -> None:
     (tmp_path / "DOE_JANE" / "S1").mkdir(parents=True)
-    _write(tmp_path / "DOE_JANE" / "S1" / "a.dcm", _cine(1))
+    write_dicom(tmp_path / "DOE_JANE" / "S1" / "a.dcm", _cine(1))
     with pytest.raises(SourceError, match=r"1 subfolder.*not read") as exc:
         open_source(str(tmp_path / "DOE_JANE"))
     assert "DOE" not in _one_line(exc)
@@ -314,8 +262,8 @@ def test_subfolders_of_a_watched_folder_are_counted_and_warned_about_once(
     (inbox / "STUDY_DOE").mkdir(parents=True)
     (inbox / ".cache").mkdir()
     (inbox / "state").mkdir()  # the state file's own folder (state=PATH inside the watched folder): not counted
-    _write(inbox / "STUDY_DOE" / "x.dcm", _cine(1))
-    _write(inbox / "top.dcm", _cine(1))
+    write_dicom(inbox / "STUDY_DOE" / "x.dcm", _cine(1))
+    write_dicom(inbox / "top.dcm", _cine(1))
     old = time.time() - 100
     os.utime(inbox / "top.dcm", (old, old))
     caplog.set_level("INFO")
