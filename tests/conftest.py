@@ -4,6 +4,7 @@ from __future__ import annotations
 import atexit
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -19,6 +20,10 @@ if "EDGECLF_SOURCE_KEY" not in os.environ:
     os.environ["EDGECLF_SOURCE_KEY"] = str(Path(_KEY_DIR) / "source-key")
     # Removed when the session ends (each run used to leave one behind in /tmp).
     atexit.register(shutil.rmtree, _KEY_DIR, ignore_errors=True)
+# CI may start the suite as a background job, which inherits SIGINT ignored (POSIX); the tests of Ctrl-C need it as a
+# foreground run has it, in this process and (a handled signal resets at exec) in the commands they start.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 SHARED_DATA = Path(os.environ.get("EDGECLF_SHARED_DATA", REPO.parent / "shared" / "data"))
 TINY_DATA = "synthetic:ultrasound?n=240&size=64&seed=3"
 

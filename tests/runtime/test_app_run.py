@@ -610,7 +610,8 @@ def test_a_watch_service_stopped_by_sigterm_does_not_call_a_wholly_classified_ci
     """systemd stops the cart's watch service with SIGTERM after every frame of the last cine was classified (the
     state marks it done, it is never read again): its decision is whole, not "complete": false."""
     pytest.importorskip("pydicom")
-    from tests.runtime.test_folder_sources import _cine, _write
+    from tests.runtime.test_dicom import write_dicom as _write
+    from tests.runtime.test_folder_sources import _cine
 
     bundle = make_tiny_bundle(tmp_path / "b")
     inbox = tmp_path / "in"
@@ -633,7 +634,8 @@ def test_a_watch_service_stopped_by_sigterm_does_not_call_a_wholly_classified_ci
 @main_thread_only
 def test_a_watch_service_stopped_inside_a_cine_marks_that_cine_incomplete(tmp_path: Path) -> None:
     pytest.importorskip("pydicom")
-    from tests.runtime.test_folder_sources import _cine, _write
+    from tests.runtime.test_dicom import write_dicom as _write
+    from tests.runtime.test_folder_sources import _cine
 
     bundle = make_tiny_bundle(tmp_path / "b")
     inbox = tmp_path / "in"
@@ -652,7 +654,8 @@ def test_a_cine_stopped_after_its_first_frame_is_not_counted_as_a_single_frame_f
     """--max-frames 1 on a DICOM folder of 6-frame cines: one frame of an incomplete cine, not a single-frame file
     decided by its own result."""
     pytest.importorskip("pydicom")
-    from tests.runtime.test_folder_sources import _cine, _write
+    from tests.runtime.test_dicom import write_dicom as _write
+    from tests.runtime.test_folder_sources import _cine
 
     bundle = make_tiny_bundle(tmp_path / "b")
     folder = tmp_path / "series"
@@ -671,7 +674,7 @@ def test_a_record_of_an_odd_sized_clip_counts_no_frame_of_another_size(tmp_path:
     """Every frame of a 65x49 DICOM cine (607x607 ultrasound exports are common) is the source's own size: the
     recorder's even 64x48 crops the odd pixel; no frame is "of another size" nor scaled with a black bar."""
     pytest.importorskip("pydicom")
-    from tests.runtime.test_folder_sources import _write
+    from tests.runtime.test_dicom import write_dicom as _write
 
     bundle = make_tiny_bundle(tmp_path / "b")
     cine = np.random.default_rng(0).integers(30, 200, size=(12, 49, 65), dtype=np.uint8)
