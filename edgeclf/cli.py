@@ -802,9 +802,9 @@ def profile(ctx: click.Context, bundles, source, backends, device, engine_cache,
             chosen = with_profile_fallback(chosen, why, device, False, opens)[1]
         backends = (chosen,)
     if device is not None and threads is None:
-        from edgeclf.devices import load_profile
+        from edgeclf.runtime.app import device_threads
 
-        threads = load_profile(device).threads  # defaults < device profile < flags, as in `run`
+        threads = device_threads(device)[0]  # defaults < device profile < flags, capped at the usable cores, as in `run`
     targets = [ProfileTarget(b, backend=bk, precision=p) for b in bundles for bk in backends for p in (precisions or (None,))]
     opts = ProfileOptions(source=source, frames=frames, warmup=warmup, chunk=chunk, threads=threads, bootstrap=bootstrap,
                           run_options=RunOptions(quality=not no_quality, batch=batch))
@@ -1021,7 +1021,7 @@ def _check_backend_name(backend: str | None) -> None:
               "profiles without DLA).")
 @click.option("--workspace", "workspace_mb", type=click.IntRange(min=1), default=None, help="Builder workspace in MiB [default: the profile's].")
 @click.option("--max-batch", type=click.IntRange(min=1), default=8, show_default=True, help="Largest batch of the optimisation profile (min and opt 1); a DLA engine (--dla) has one fixed batch of 1.")
-@click.option("--cache", "cache", default=None, help="Engine folder [default: $EDGECLF_ENGINE_CACHE, else $XDG_CACHE_HOME/edgeclf/engines, else "
+@click.option("--cache", "--engine-cache", "cache", default=None, help="Engine folder [default: $EDGECLF_ENGINE_CACHE, else $XDG_CACHE_HOME/edgeclf/engines, else "
               "~/.cache/edgeclf/engines].")
 @click.option("--rebuild", is_flag=True, help="Build even when a valid engine is cached.")
 @click.option("--print-trtexec", is_flag=True, help="Print the equivalent trtexec command for the profile's TensorRT and build nothing.")
@@ -1438,6 +1438,11 @@ def _print_run(s: dict[str, Any]) -> None:
         click.echo(f"stopped by {by} after {s['frames']} frames{claimed}; everything before it was written")
     if s.get("device"):
         click.echo(f"backend {s['backend']} ({s['chosen_by']['backend']}), {s['threads']} threads ({s['chosen_by']['threads']})")
+    aud = s.get("audit") or {}
+    if aud.get("head"):
+        # The log's path (under the --audit folder given) and its head, for `edgeclf audit verify LOG --head SHA256`;
+        # never the source's name.
+        click.echo(f"audit: {aud['path']} head {aud['head']} ({aud.get('records')} records)")
 
 
 def _print_check(r: dict[str, Any]) -> None:

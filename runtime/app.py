@@ -454,6 +454,27 @@ def check_consumed_results(source_uri: str, out: Optional[str], extra_sinks: Opt
     )
 
 
+def device_threads(device: str) -> Tuple[Optional[int], str]:
+    """The inference threads a device profile asks for, capped at the cores this process may use, and how they were
+    chosen (for ``chosen_by``); (None, ...) when the profile names no count. `run` and `profile` both take it from
+    here, so a profile times what a run would do. The cap is logged as a warning."""
+    from edgeclf.devices import load_profile
+    from edgeclf.runtime.backends import default_threads
+
+    wanted = load_profile(device).threads
+    how = f"device profile {device}"
+    if not wanted:
+        return None, how
+    # The profile's count is the board's cores; a cpuset, taskset or CPUAffinity= may leave fewer to this
+    # process, and more threads than cores ran 3x slower here.
+    usable = default_threads()
+    if wanted > usable:
+        how += f" ({wanted}, capped at the {usable} cores this process may use)"
+        log.warning("device profile %s asks for %d threads; this process may use %d cores: %d threads",
+                    device, wanted, usable, usable)
+    return min(wanted, usable), how
+
+
 def run_bundle(
     bundle_path: str,
     source_uri: str,
@@ -551,18 +572,10 @@ def run_bundle(
     if device is not None:
         from edgeclf.devices import load_profile
 
-        prof = load_profile(device)
-        if threads is None and prof.threads:
-            from edgeclf.runtime.backends import default_threads
-
-            # The profile's count is the board's cores; a cpuset, taskset or CPUAffinity= may leave fewer to this
-            # process, and more threads than cores ran 3x slower here.
-            usable = default_threads()
-            threads, chosen["threads"] = min(prof.threads, usable), f"device profile {device}"
-            if prof.threads > usable:
-                chosen["threads"] += f" ({prof.threads}, capped at the {usable} cores this process may use)"
-                log.warning("device profile %s asks for %d threads; this process may use %d cores: %d threads",
-                            device, prof.threads, usable, usable)
+        load_profile(device)  # an unknown profile is refused whatever else was given
+        told, how = device_threads(device) if threads is None else (None, "")
+        if told is not None:
+            threads, chosen["threads"] = told, how
     bopts = dataclasses.replace(backend_options or BackendOptions(), device=device or (backend_options.device if backend_options else None))
     notify = notifier if notifier is not None else Notifier()
     b = load_bundle(bundle_path, trusted_key=trusted_key)
@@ -709,12 +722,22 @@ def run_bundle(
             _end_audit_on_error(alog, exc)
             if partial:
                 partial["audit"] = {"path": alog.path, "head": alog.head, "records": alog.records}
+                try:  # the failed run's summary file names the head too; the run's error is the one raised
+                    clip.add_audit(partial["audit"])
+                except EdgeclfError as summary_exc:
+                    log.error("the clip summary could not take the audit head: %s", summary_exc)
         if partial:
             # The caller (the CLI's --json) still gets what the run did before it failed.
             exc.run_summary = partial  # type: ignore[attr-defined]
         raise
     finally:
         restore()
+    if alog is not None:
+        try:
+            clip.add_audit(result["audit"])  # the head, for `audit verify --head`, in the --summary file too
+        except EdgeclfError as exc:
+            exc.run_summary = result  # type: ignore[attr-defined]  # the run is complete: --json still prints it
+            raise
     return result
 
 

@@ -104,7 +104,8 @@ class ProfileTarget:
     def name(self) -> str:
         if self.label:
             return self.label
-        return f"{Path(self.bundle).name}:{self.backend}:{self.precision or 'deploy'}"
+        # The absolute path's folder: `--bundle .` or `bundle/` is named as the folder it is, not ''.
+        return f"{Path(os.path.abspath(self.bundle)).name}:{self.backend}:{self.precision or 'deploy'}"
 
 
 @dataclass(frozen=True)
@@ -1025,7 +1026,71 @@ def load_profile_json(path: str) -> Dict[str, Any]:
     if doc.get("schema_version") != SCHEMA_VERSION:
         raise ConfigError(f"profile {p} has schema_version {doc.get('schema_version')!r}; this edgeclf reads {SCHEMA_VERSION}; "
                           "re-run the profile with this edgeclf")
+    check_compared_fields(doc, f"profile {p}")
     return doc
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _field_problem(doc: Dict[str, Any]) -> Optional[str]:
+    """What is wrong with a field compare_profiles reads, or None. Only those fields: a profile written before
+    others were recorded (batch, frames_not_inferred, the CPU model) still compares."""
+    for key in ("host", "config", "system"):
+        if doc.get(key) is not None and not isinstance(doc[key], dict):
+            return f"{key} is {type(doc[key]).__name__}, not an object"
+    gpu = (doc.get("system") or {}).get("gpu")
+    if gpu is not None and not isinstance(gpu, dict):
+        return "system.gpu is not an object"
+    targets = doc.get("targets", [])
+    if not isinstance(targets, list):
+        return f"targets is {json.dumps(targets)[:40]}, not a list"
+    seen = set()
+    for i, t in enumerate(targets):
+        where = f"targets[{i}]"
+        if not isinstance(t, dict):
+            return f"{where} is not an object"
+        if not isinstance(t.get("name"), str) or not t["name"]:
+            return f"{where} has no name (a text)"
+        if t["name"] in seen:
+            return f"target {t['name']} appears twice"
+        seen.add(t["name"])
+        if "batch" in t and not (_is_int(t["batch"]) and t["batch"] >= 1):
+            return f"{where}.batch is {json.dumps(t['batch'])}, not a whole number >= 1"
+        for k in ("threads", "frames", "frames_not_inferred"):
+            if t.get(k) is not None and not (_is_int(t[k]) and t[k] >= 0):
+                return f"{where}.{k} is {json.dumps(t[k])[:40]}, not a whole number >= 0 (or null)"
+        stages = t.get("stages_ms")
+        if stages is not None and not isinstance(stages, dict):
+            return f"{where}.stages_ms is not an object"
+        for stage, st in (stages or {}).items():
+            if st is None:
+                continue
+            if not isinstance(st, dict):
+                return f"{where}.stages_ms.{stage} is not an object"
+            if st.get("median") is not None and not _is_number(st["median"]):
+                return f"{where}.stages_ms.{stage}.median is {json.dumps(st['median'])[:40]}, not a number (or null)"
+            ci = st.get("ci95")
+            if ci is not None and not isinstance(ci, dict):
+                return f"{where}.stages_ms.{stage}.ci95 is not an object"
+            med = (ci or {}).get("median")
+            if med is not None and not (isinstance(med, list) and len(med) == 2 and all(v is None or _is_number(v) for v in med)):
+                return f"{where}.stages_ms.{stage}.ci95.median is {json.dumps(med)[:40]}, not two numbers"
+    return None
+
+
+def check_compared_fields(doc: Dict[str, Any], what: str) -> None:
+    """A ConfigError (one line) when a field compare_profiles reads is missing or of another type: a hand-edited or
+    half-written profile is a user's error, not a crash that exits 1 as a regression does. `what` names the profile."""
+    problem = _field_problem(doc) if isinstance(doc, dict) else "it is not a JSON object"
+    if problem is not None:
+        raise ConfigError(f"{what} is damaged: {problem}; give a file written by `edgeclf profile --json > FILE`, "
+                          "unedited (see runtime/profile_schema.json)")
 
 
 # The facts that make another machine; "platform" (OS and kernel release) is not one: a kernel update on the same
@@ -1099,7 +1164,8 @@ def compare_profiles(old: Dict[str, Any], new: Dict[str, Any], *, max_regression
                      min_delta_ms: float = 0.0, allow_other_host: bool = False, allow_other_config: bool = False,
                      allow_missing: bool = False) -> Dict[str, Any]:
     """Compare the steady-state medians of every stage of every target present in both (matched by name,
-    else by position when each holds one target).
+    else, when each holds one target, those two, said in "warnings"). A profile whose compared fields are
+    missing or of another type (hand-edited, half-written) is refused (ConfigError).
 
     A stage regressed when its new median exceeds the old by more than `max_regression` (a fraction) and by more
     than `min_delta_ms`, and the 95% intervals of the two medians do not overlap (new low above old high). A slow-down
@@ -1122,13 +1188,20 @@ def compare_profiles(old: Dict[str, Any], new: Dict[str, Any], *, max_regression
         raise ConfigError(f"max regression is {max_regression}; allowed: a fraction >= 0 (0.1 = 10% slower)")
     if not min_delta_ms >= 0:
         raise ConfigError(f"min delta is {min_delta_ms} ms; allowed: 0 or more")
+    check_compared_fields(old, "the old profile")
+    check_compared_fields(new, "the new profile")
     old_t = {t["name"]: t for t in old.get("targets", [])}
     new_t = {t["name"]: t for t in new.get("targets", [])}
     pairs = [(n, old_t[n], new_t[n]) for n in old_t if n in new_t]
     missing_targets = [n for n in old_t if n not in new_t]
+    warnings: List[str] = []
     if not pairs and len(old_t) == 1 and len(new_t) == 1:
+        # A target's name depends on the other bundles of its run (runs/a/bundle beside runs/b/bundle is
+        # 'a/bundle:...', alone 'bundle:...'): one target each is paired, and said to be.
         (on, ot), (nn, nt) = next(iter(old_t.items())), next(iter(new_t.items()))
         pairs, missing_targets = [(f"{on} -> {nn}", ot, nt)], []
+        warnings.append(f"the profiles share no target name: their only targets, {on} (old) and {nn} (new), are compared "
+                        "with each other; make sure they are the same bundle, backend and precision")
     if not pairs:
         raise ConfigError(f"the profiles share no target (old: {sorted(old_t)}, new: {sorted(new_t)}); "
                           "profile the same bundle/backend/precision in both")
@@ -1143,7 +1216,6 @@ def compare_profiles(old: Dict[str, Any], new: Dict[str, Any], *, max_regression
                               f"{nthr if nthr is not None else 'default'} in the new one; times at different thread counts are "
                               "not comparable: profile both with the same --threads")
     host = _host_differences(old, new)
-    warnings: List[str] = []
     if host and not allow_other_host:
         raise ConfigError(f"the profiles come from different machines ({'; '.join(host)}); a change between machines is not "
                           "a regression: compare profiles from one machine, or allow it explicitly (--allow-other-host)")

@@ -1105,16 +1105,33 @@ class SummarySink(Sink):
                 except OSError as exc:
                     raise EdgeclfError(f"cannot write the clip summary to {self.path}: {exc.strerror}; choose another path") from None
                 return
-            tmp = dest + ".tmp"
-            try:
-                os.makedirs(os.path.dirname(os.path.abspath(dest)), exist_ok=True)
-                with open(tmp, "w", encoding="utf-8") as f:
-                    f.write(text)
-                os.replace(tmp, dest)
-            except OSError as exc:
-                with contextlib.suppress(OSError):  # no half-written .tmp left behind
-                    os.remove(tmp)
-                raise EdgeclfError(f"cannot write the clip summary to {self.path}: {exc.strerror}; choose another path") from None
+            self._replace(dest, text)
+
+    def _replace(self, dest: str, text: str) -> None:
+        tmp = dest + ".tmp"
+        try:
+            os.makedirs(os.path.dirname(os.path.abspath(dest)), exist_ok=True)
+            with open(tmp, "w", encoding="utf-8") as f:
+                f.write(text)
+            os.replace(tmp, dest)
+        except OSError as exc:
+            with contextlib.suppress(OSError):  # no half-written .tmp left behind
+                os.remove(tmp)
+            raise EdgeclfError(f"cannot write the clip summary to {self.path}: {exc.strerror}; choose another path") from None
+
+    def add_audit(self, audit: Dict[str, Any]) -> None:
+        """After close(): the run's audit log (``path``, ``head``, ``records``) joins the summary as ``audit``, the head
+        `edgeclf audit verify --head` checks. The log ends after the summary is written (its end records how the run,
+        summary included, ended), so a summary file is replaced once more, atomically; one written in place (a pipe,
+        terminal or open stream) already holds the summary and is left alone."""
+        if not self._closed or self.result is None:
+            raise RuntimeError("SummarySink.add_audit comes after close()")
+        self.result = {**self.result, "audit": dict(audit)}  # a new dict: the run summary's "clip" stays the clip's
+        if self.path is None:
+            return
+        dest, in_place = _summary_target(self.path)
+        if not in_place:
+            self._replace(dest, json.dumps(self.result, indent=2) + "\n")
 
 
 # --------------------------------------------------------------------------------------------- stdout

@@ -856,3 +856,37 @@ def test_percent_text_rounds_down_but_not_below_the_decimal_value() -> None:
     # 0.29 * 100 is 28.999999999999996 in binary floating point: still 29%, not 28%
     assert [percent_text(c) for c in (0.29, 0.57, 0.0)] == ["29%", "57%", "0%"]
     assert percent_text(0.12345, 1) == "12.3%" and percent_text(float("nan"), 1) == "nan%"
+
+
+def test_a_summary_takes_the_audit_head_after_close(tmp_path: Path) -> None:
+    """The audit log ends after the summary is written; its head then joins the file (replaced, not appended to), and
+    a summary written in place to a stream is not written twice."""
+    audit = {"path": "aud/audit-x.jsonl", "head": "ab" * 32, "records": 7}
+    sink = SummarySink(tmp_path / "clip.json", labels=("normal", "cyst"))
+    sink.write(_rec(0))
+    sink.end_run("ok")
+    sink.close()
+    before = json.loads((tmp_path / "clip.json").read_text())
+    clip = sink.result
+    sink.add_audit(audit)
+    after = json.loads((tmp_path / "clip.json").read_text())
+    assert after == {**before, "audit": audit} and os.listdir(tmp_path) == ["clip.json"]
+    assert clip is not None and "audit" not in clip  # the run summary's "clip" stays what it was
+    r, w = os.pipe()
+    try:
+        piped = SummarySink(f"/dev/fd/{w}")
+        piped.write(_rec(0))
+        piped.close()
+        piped.add_audit(audit)
+        os.close(w)
+        w = -1
+        with os.fdopen(r, encoding="utf-8") as f:
+            r = -1
+            text = f.read()
+        assert "audit" not in json.loads(text)  # one document, as close() wrote it
+    finally:
+        for fd in (r, w):
+            if fd >= 0:
+                os.close(fd)
+    with pytest.raises(RuntimeError):
+        SummarySink().add_audit(audit)  # before close: the summary is not final yet
