@@ -111,7 +111,13 @@ def export_and_compare(run: Path, bundle: Path, export_cfg: dict[str, Any], read
     is not read: no figures, and the latency input comes from the validation split."""
     import numpy as np
 
-    flags = [x for k, v in export_cfg.items() if k in _FLAGS for x in (_FLAGS[k], str(v))]
+    from edgeclf.recipes import EXPORT_PRECISIONS
+
+    # The recipe's settings a precision never uses stay out (export refuses them typed; fp32 keeps its gate settings
+    # in the recipe for `--precision auto`).
+    precision = str(export_cfg.get("precision", "fp32"))
+    flags = [x for k, v in export_cfg.items() if k in _FLAGS and precision in EXPORT_PRECISIONS.get(k, (precision,))
+             for x in (_FLAGS[k], str(v))]
     manifest, t_export = cli("export", "--model", str(run), "--out", str(bundle), "--overwrite", *flags)
     run_rec = json.loads((run / "run.json").read_text())
     if read_test:

@@ -544,6 +544,7 @@ def export(model, from_onnx, from_torch, weights, data_spec, classes, split, out
                 "calibration_n": calibration_n, "qat_epochs": qat_epochs, "device": device, "target_sensitivity": target_sensitivity}
     if model:
         settings.update(_recipe_export_settings(model, quiet=as_json))
+    _refuse_unused_compression(settings["precision"])
     cfg = ExportConfig(out=out, model=model, from_onnx=from_onnx, from_torch=from_torch, weights=weights, data=data_spec,
                        classes=classes, split=split, samples=not no_samples, labels=labels, task=task, size=size,
                        channels=int(channels) if channels else None, mean=mean, std=std, positive=positive, overwrite=overwrite,
@@ -571,6 +572,24 @@ def _refuse_import_options() -> None:
     raise ConfigError(f"{', '.join(given)} {'applies' if len(given) == 1 else 'apply'} to imported models (--from-onnx, "
                       f"--from-torch) and {'has' if len(given) == 1 else 'have'} no effect with --model{why}; leave "
                       f"{'it' if len(given) == 1 else 'them'} out")
+
+
+def _refuse_unused_compression(precision: str) -> None:
+    """export: refuse compression flags typed on this command line that `precision` never uses (silently unused,
+    they would read as applied)."""
+    from click.core import ParameterSource
+
+    from edgeclf.errors import ConfigError
+    from edgeclf.recipes import EXPORT_PRECISIONS
+
+    ctx = click.get_current_context()
+    unused = [f"--{k.replace('_', '-')}" for k, ok in EXPORT_PRECISIONS.items()
+              if ctx.get_parameter_source(k) == ParameterSource.COMMANDLINE and precision not in ok]
+    if unused:
+        raise ConfigError(f"{', '.join(unused)} {'has' if len(unused) == 1 else 'have'} no effect at precision {precision} "
+                          f"(the gate's --max-drop/--min-agreement apply to fp16, int8 and auto; --calibration, "
+                          f"--calibration-n and --qat-epochs to int8 and auto); leave {'it' if len(unused) == 1 else 'them'} "
+                          "out, or choose a precision that uses them")
 
 
 def _recipe_export_settings(model: str, *, quiet: bool) -> dict[str, Any]:

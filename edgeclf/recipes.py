@@ -63,6 +63,11 @@ RECIPE_DIR = Path(__file__).resolve().parent / "recipe_files"
 # The ExportConfig fields a recipe may set (the rest are about the data or the output, not the recipe).
 EXPORT_FIELDS = ("precision", "max_drop", "min_agreement", "calibration", "calibration_n", "qat_epochs", "device",
                  "target_sensitivity")
+# The precisions that use each compression setting: the gate judges every candidate but fp32; calibration and the
+# QAT rung exist for INT8 alone. `edgeclf export` refuses a flag typed for a precision that never uses it.
+EXPORT_PRECISIONS: dict[str, tuple[str, ...]] = {
+    "max_drop": ("fp16", "int8", "auto"), "min_agreement": ("fp16", "int8", "auto"),
+    "calibration": ("int8", "auto"), "calibration_n": ("int8", "auto"), "qat_epochs": ("int8", "auto")}
 # Their types (ExportConfig's; tests/test_recipes.py keeps the two in step).
 _EXPORT_TYPES: dict[str, type] = {"precision": str, "max_drop": float, "min_agreement": float, "calibration": str,
                                   "calibration_n": int, "qat_epochs": int, "device": str, "target_sensitivity": float}

@@ -184,3 +184,25 @@ def test_a_variant_without_a_target_says_so_and_passes(tmp_path: Path, monkeypat
     monkeypatch.setattr(bench, "cli", _fake_cli(0.5))
     assert bench.main(["breast-us", "--data", str(tmp_path / "breastmnist.npz"), "--out", str(tmp_path / "o"), "--no-export"]) == 0
     assert "target: no target" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("precision, kept", [("fp32", ["--precision"]),
+                                              ("auto", ["--precision", "--max-drop", "--min-agreement", "--calibration",
+                                                        "--qat-epochs"])])
+def test_the_export_command_passes_only_the_settings_its_precision_uses(tmp_path: Path, precision: str,
+                                                                        kept: list[str]) -> None:
+    """export refuses a compression flag typed for a precision that never uses it: breast-us (fp32, with the gate and
+    calibration settings kept for --precision auto) would have been refused."""
+    bench = load_benchmark("recipes")
+    seen: list[tuple[str, ...]] = []
+
+    def fake_cli(*args: str) -> Any:
+        seen.append(args)
+        raise RuntimeError("stop here")
+
+    bench.cli = fake_cli
+    cfg = {"precision": precision, "max_drop": 0.01, "min_agreement": 0.98, "calibration": "percentile", "qat_epochs": 0}
+    with pytest.raises(RuntimeError, match="stop here"):
+        bench.export_and_compare(tmp_path / "run", tmp_path / "bundle", cfg)
+    flags = [a for a in seen[0] if a.startswith("--") and a not in ("--model", "--out", "--overwrite")]
+    assert flags == kept, seen[0]
