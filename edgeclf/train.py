@@ -173,10 +173,12 @@ def _num_outputs(task: str, labels: list[str]) -> int:
     return 1 if task == "binary" else len(labels)
 
 
-def _positive_index(ds: Dataset, positive: str | None, recipe: str | None = None, *, warn: bool = False) -> int:
+def _positive_index(ds: Dataset, positive: str | None, recipe: str | None = None, *, warn: bool = False,
+                    imported: bool = False) -> int:
     """The index of the positive class: `positive` (--positive, or the recipe's), else the data set's clinical one,
     else the second class. `warn` (training, once): say so where it falls back to the second class of a data set that
-    records why it names none (`Dataset.positive_unknown`); export and the refits read the same data and stay quiet."""
+    records why it names none (`Dataset.positive_unknown`); the refits read the same data and stay quiet. `imported`
+    (export of an imported model, whose operating point is fitted there): say so on every fallback to the second class."""
     if ds.task != "binary":
         if positive:
             whence = f" (typed, or set by recipe {recipe})" if recipe else ""
@@ -187,7 +189,14 @@ def _positive_index(ds: Dataset, positive: str | None, recipe: str | None = None
     name = positive or ds.positive or ds.labels[1]
     if name not in ds.labels:
         raise ConfigError(f"--positive {name!r} is not a class; classes: {', '.join(ds.labels)}")
-    if warn and not (positive or ds.positive) and ds.positive_unknown:
+    fallback = not (positive or ds.positive)
+    if imported and fallback:
+        # Class folders record no clinically positive class (and no reason): the fit would target the second one unsaid.
+        why = f" ({ds.positive_unknown})" if ds.positive_unknown else ""
+        log.warning("%s: binary data with no known clinically positive class%s: the imported model's operating point "
+                    "(--target-sensitivity) is fitted on the second class, %r, as the positive class; give --positive %s "
+                    "if that is the class to detect", ds.name, why, name, ds.labels[0])
+    elif warn and fallback and ds.positive_unknown:
         log.warning("%s: binary data with no known clinically positive class (%s): training takes %r as the positive "
                     "class unless --positive names another", ds.name, ds.positive_unknown, name)
     return ds.labels.index(name)
@@ -669,8 +678,9 @@ def calibrate_and_measure(model: Any, p: _Prepared, *, target_sensitivity: float
     pv = probabilities(lv, ds.task, temperature)
     rule = fit_decision_rule(pv[kept], va.labels[kept], ds.task, target_sensitivity=target_sensitivity, positive=p.positive,
                              objective=operating_point)
-    # Intervals resample groups (a clip's frames, an image's near copies), not items.
-    metrics = {"val": _frame_metrics(pv, va.labels, ds.task, rule, ds.labels, va.groups, 0.0, n_boot=500, seed=seed,
+    # Intervals resample groups (a clip's frames, an image's near copies), not items; as many resamples as
+    # `edgeclf evaluate` draws (its default n_boot), so that `evaluate --split val` gives this interval: one model, one interval.
+    metrics = {"val": _frame_metrics(pv, va.labels, ds.task, rule, ds.labels, va.groups, 0.0, n_boot=1000, seed=seed,
                                      why=[ds.abstain.get(i, "") for i in va.ids])}
     if test and len(ds.splits.get("test", [])):
         ts = ds.splits["test"]

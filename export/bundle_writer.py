@@ -329,6 +329,9 @@ def export_bundle(cfg: ExportConfig) -> dict[str, Any]:
             # Read and checked against --size/--channels before the data: a wrong flag costs no data loading.
             user_onnx = _read_onnx(Path(str(cfg.from_onnx)), ch, side)
             provenance.update(source="onnx", file=Path(str(cfg.from_onnx)).name)
+            cleaned = _strip_onnx_text(user_onnx[0])
+            if cleaned:  # what was removed, by count only: its contents may name a patient or a workstation path
+                provenance["onnx_cleaned"] = cleaned
     if not data_spec:
         raise ConfigError("no --data given and the training folder does not record its data; pass --data SPEC")
     # Clip models: sample the frames they were trained and validated on (as train, prune and evaluate do).
@@ -410,7 +413,7 @@ def export_bundle(cfg: ExportConfig) -> dict[str, Any]:
                 raise ExportError(f"{none_classified(ds, val_ids, 'val')}, so there is nothing to fit the imported model's "
                                   f"temperature and decision rule on; no bundle was written; {classify_fix(ds, val_ids)}")
             # The data set's clinically positive class unless --positive names one, as `edgeclf train` does.
-            positive = _positive_index(ds, cfg.positive)
+            positive = _positive_index(ds, cfg.positive, imported=True)
             # On the frames run classifies only: those it abstains on never meet the threshold on a device.
             temperature = fit_temperature(lv[cv], yv[cv], task)
             rule = fit_decision_rule(probabilities(lv[cv], task, temperature), yv[cv], task,
@@ -439,8 +442,10 @@ def export_bundle(cfg: ExportConfig) -> dict[str, Any]:
             provenance["parity"] = "not measured: the source is ONNX, there is no torch reference to compare with"
         # As `edgeclf evaluate` reports them: over the frames run classifies, the others counted per reason beside the
         # figures (abstained, abstain_reasons, coverage), and with some left out, the every-frame figures as all_frames.
+        # Its resamples (evaluate's default n_boot) and seed (the training seed; 0 for imports) too: `evaluate --split val`
+        # of the bundle gives this interval.
         metrics = {"val_onnx_fp32": _frame_metrics(probabilities(lv, task, temperature), yv, task, rule, labels, val_groups,
-                                                   0.0, n_boot=500, why=[ds.abstain.get(f, "") for f in val_ids])}
+                                                   0.0, n_boot=1000, seed=seed, why=[ds.abstain.get(f, "") for f in val_ids])}
         if not len(cv):
             log.warning("%s: the validation figures are undefined", none_classified(ds, val_ids, "val"))
         if "test" in train_metrics:
@@ -663,6 +668,34 @@ def _check_input_dims(name: str, dims: list[Any], channels: int, side: int) -> N
     batch = shown.split(", ")[0]
     raise ModelError(f"{name} takes inputs ({shown}); --size {side} --channels {channels} give ({batch}, {channels}, {side}, {side}): "
                      f"give --size {want_side} --channels {want_c}")
+
+
+def _strip_onnx_text(proto: Any) -> dict[str, int]:
+    """Clear every metadata_props and doc_string of a user's ONNX model, its graph, nodes, attributes, subgraphs and
+    functions, in place; returns the counts removed (none: {}).
+
+    Exporters and training scripts write source paths, stack traces and data locations there (tf2onnx, torch's verbose
+    export, set_model_props), and a bundle never holds workstation paths; the quantizers keep what model.onnx holds."""
+    counts = {"metadata_props": 0, "doc_strings": 0}
+
+    def walk(msg: Any) -> None:
+        for f in msg.DESCRIPTOR.fields:
+            if f.name == "doc_string" and getattr(msg, f.name):
+                msg.ClearField(f.name)
+                counts["doc_strings"] += 1
+            elif f.name == "metadata_props" and len(msg.metadata_props):
+                counts["metadata_props"] += len(msg.metadata_props)
+                msg.ClearField(f.name)
+            elif f.message_type is not None:  # message fields only: a weight's bytes are never read here
+                # protobuf 6+ says is_repeated; older ones only label
+                if getattr(f, "is_repeated", None) or getattr(f, "label", None) == getattr(f, "LABEL_REPEATED", -1):
+                    for m in getattr(msg, f.name):
+                        walk(m)
+                elif msg.HasField(f.name):  # unset ones hold nothing (and types nest without end)
+                    walk(getattr(msg, f.name))
+
+    walk(proto)
+    return {k: v for k, v in counts.items() if v}
 
 
 def _save_onnx(proto: Any, dst: Path, name: str) -> None:

@@ -109,7 +109,7 @@ def _one_line(exc: BaseException) -> str:
 def _float_fallback_ladder(fp32_path: Path, path: Path, calib_x: np.ndarray, flavour: str, method: str,
                            gate: Any) -> dict[str, Any]:
     """When plain INT8 fails the gate: quantize one layer at a time to find the harmful ones, then keep
-    the worst 1, 2, 4, ... layers in float until the gate passes (at most half the layers).
+    the worst 1, 2, 4, ... layers in float until the gate passes, the last rung half the layers.
 
     Returns {"passed", "sensitivity": [{node, worst_drop}], "rungs": [...], "kept_float", "record", "gate"};
     on success `path` holds the passing model.
@@ -130,8 +130,9 @@ def _float_fallback_ladder(fp32_path: Path, path: Path, calib_x: np.ndarray, fla
         probe.unlink(missing_ok=True)
     order = [s["node"] for s in sorted(sensitivity, key=lambda s: -s["worst_drop"])]
     rungs: list[dict[str, Any]] = []
-    k = 1
-    while k <= max(1, len(nodes) // 2):
+    half = max(1, len(nodes) // 2)
+    ks = [1 << i for i in range(half.bit_length()) if 1 << i < half] + [half]  # 1, 2, 4, ... and half itself last
+    for k in ks:
         keep = order[:k]
         record = quantize_int8(fp32_path, path, calib_x, flavour=flavour, method=method, nodes_to_exclude=keep)
         g = gate(path)
@@ -140,7 +141,6 @@ def _float_fallback_ladder(fp32_path: Path, path: Path, calib_x: np.ndarray, fla
         if g["passed"]:
             record["kept_float"] = keep
             return {"passed": True, "sensitivity": sensitivity, "rungs": rungs, "kept_float": keep, "record": record, "gate": g}
-        k *= 2
     return {"passed": False, "sensitivity": sensitivity, "rungs": rungs, "kept_float": []}
 
 
