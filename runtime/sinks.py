@@ -971,6 +971,7 @@ class SummarySink(Sink):
         self._basis: Optional[str] = "capture"
         self._acc = _ClipAccumulator(self.labels, self.max_gap_s)
         self._closed = False
+        self._write_failed = False  # close() could not write the file (its error was raised)
         self._end: Optional[Dict[str, Any]] = None  # how the run ended (end_run): written with the summary
         self._multi_file = False
         self._frames_left: Optional[bool] = None  # end_run's: whether the source had frames after the last read
@@ -1089,6 +1090,7 @@ class SummarySink(Sink):
         if self.path is not None:
             text = json.dumps(self.result, indent=2) + "\n"
             dest, in_place = _summary_target(self.path)
+            self._write_failed = True  # until written: add_audit must not retry a write the run reports as failed
             if in_place:
                 try:
                     fd = _own_fd(dest)
@@ -1104,8 +1106,10 @@ class SummarySink(Sink):
                             data = data[os.write(fd, data):]
                 except OSError as exc:
                     raise EdgeclfError(f"cannot write the clip summary to {self.path}: {exc.strerror}; choose another path") from None
+                self._write_failed = False
                 return
             self._replace(dest, text)
+            self._write_failed = False
 
     def _replace(self, dest: str, text: str) -> None:
         tmp = dest + ".tmp"
@@ -1123,11 +1127,12 @@ class SummarySink(Sink):
         """After close(): the run's audit log (``path``, ``head``, ``records``) joins the summary as ``audit``, the head
         `edgeclf audit verify --head` checks. The log ends after the summary is written (its end records how the run,
         summary included, ended), so a summary file is replaced once more, atomically; one written in place (a pipe,
-        terminal or open stream) already holds the summary and is left alone."""
+        terminal or open stream) already holds the summary and is left alone, as is one close() could not write
+        (its error is the run's)."""
         if not self._closed or self.result is None:
             raise RuntimeError("SummarySink.add_audit comes after close()")
         self.result = {**self.result, "audit": dict(audit)}  # a new dict: the run summary's "clip" stays the clip's
-        if self.path is None:
+        if self.path is None or self._write_failed:
             return
         dest, in_place = _summary_target(self.path)
         if not in_place:

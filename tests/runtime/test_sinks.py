@@ -890,3 +890,22 @@ def test_a_summary_takes_the_audit_head_after_close(tmp_path: Path) -> None:
                 os.close(fd)
     with pytest.raises(RuntimeError):
         SummarySink().add_audit(audit)  # before close: the summary is not final yet
+
+
+def test_a_summary_whose_write_failed_is_not_written_again_for_the_audit_head(tmp_path: Path,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """close() failed to write the file (the run then fails with that error): adding the audit head tried the write a
+    second time, a second error line for one problem, or a file the command had said it could not write."""
+    sink = SummarySink(tmp_path / "clip.json", labels=("normal", "cyst"))
+    sink.write(_rec(0))
+    calls = []
+
+    def failing(dest: str, text: str) -> None:
+        calls.append(dest)
+        raise EdgeclfError("cannot write the clip summary to clip.json: No space left on device; choose another path")
+
+    monkeypatch.setattr(sink, "_replace", failing)
+    with pytest.raises(EdgeclfError):
+        sink.close()
+    sink.add_audit({"path": "a.jsonl", "head": "ab" * 32, "records": 3})
+    assert len(calls) == 1 and sink.result is not None and sink.result["audit"]["records"] == 3
