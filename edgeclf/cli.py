@@ -543,7 +543,7 @@ def export(model, from_onnx, from_torch, weights, data_spec, classes, split, out
     settings = {"precision": precision, "max_drop": max_drop, "min_agreement": min_agreement, "calibration": calibration,
                 "calibration_n": calibration_n, "qat_epochs": qat_epochs, "device": device, "target_sensitivity": target_sensitivity}
     if model:
-        settings.update(_recipe_export_settings(model, quiet=as_json))
+        settings.update(_recipe_export_settings(model, precision, quiet=as_json))
     _refuse_unused_compression(settings["precision"])
     cfg = ExportConfig(out=out, model=model, from_onnx=from_onnx, from_torch=from_torch, weights=weights, data=data_spec,
                        classes=classes, split=split, samples=not no_samples, labels=labels, task=task, size=size,
@@ -592,18 +592,22 @@ def _refuse_unused_compression(precision: str) -> None:
                           "out, or choose a precision that uses them")
 
 
-def _recipe_export_settings(model: str, *, quiet: bool) -> dict[str, Any]:
-    """The [export] settings of the recipe a training folder records, less those typed on this command line."""
+def _recipe_export_settings(model: str, typed_precision: str, *, quiet: bool) -> dict[str, Any]:
+    """The [export] settings of the recipe a training folder records, less those typed on this command line and those
+    the precision used (typed, else the recipe's) never uses."""
     from click.core import ParameterSource
 
-    from edgeclf.recipes import recorded_export
+    from edgeclf.recipes import EXPORT_PRECISIONS, recorded_export
 
     found = recorded_export(model)
     if not found:
         return {}
     ctx = click.get_current_context()
     name, settings = found
-    applied = {k: v for k, v in settings.items() if ctx.get_parameter_source(k) != ParameterSource.COMMANDLINE}
+    typed = ctx.get_parameter_source("precision") == ParameterSource.COMMANDLINE
+    precision = typed_precision if typed else str(settings.get("precision", typed_precision))
+    applied = {k: v for k, v in settings.items() if ctx.get_parameter_source(k) != ParameterSource.COMMANDLINE
+               and precision in EXPORT_PRECISIONS.get(k, (precision,))}
     if applied and not quiet:
         shown = ", ".join(f"{k}={v}" for k, v in applied.items())
         click.echo(f"recipe {name}: export settings {shown} (a flag on this command line overrides one)", err=True)

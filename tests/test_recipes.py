@@ -126,6 +126,9 @@ def test_train_with_recipe_records_it(tmp_path: Path) -> None:
     assert res.returncode == 0, res.stderr
     m2 = json.loads((tmp_path / "b2" / "manifest.json").read_text())
     assert m2["variants"] == [] and m2["deploy"]["precision"] == "fp32"
+    # The recipe's gate setting is not announced as applied where the precision used never applies it.
+    res = run_cli("export", "--model", str(out), "--out", str(tmp_path / "b3"), "--precision", "fp32")
+    assert res.returncode == 0 and "max_drop" not in res.stderr, res.stderr
 
 
 def test_every_training_field_has_a_flag() -> None:
