@@ -1202,7 +1202,9 @@ def _train_progress(show: bool) -> Iterator[Callable[[dict[str, Any]], None] | N
 
 def _print_export(m: dict[str, Any]) -> None:
     p = m.get("parity")
-    click.echo(f"bundle written and verified: {m['name']} ({m['model']['architecture']}, {m['task']})")
+    pos = ((m.get("postprocess") or {}).get("decision") or {}).get("positive")
+    which = f"; positive class {m['labels'][pos]} (the operating point targets it)" if isinstance(pos, int) else ""
+    click.echo(f"bundle written and verified: {m['name']} ({m['model']['architecture']}, {m['task']}){which}")
     if p:
         # As a count: 2499 of 2500 printed as a percentage reads "100.0%"
         click.echo(f"parity on {p['n']} {p['split']} images: decisions agree on {round(p['decision_agreement'] * p['n'])} of {p['n']}, "
@@ -1527,6 +1529,7 @@ def _print_info(m: dict[str, Any]) -> None:
         f"preprocess: {pre.channels} ch, {pre.size[0]}x{pre.size[1]} {pre.resize}, mean {list(pre.mean)} std {list(pre.std)}",
         f"postprocess: temperature {v.temperature:.3f}, rule {d.kind} thresholds "
         f"{[round(t, 4) for t in d.thresholds]} ("
+        + (f"positive class {v.labels[d.positive]}, " if d.positive is not None else "")
         + (f"target sensitivity {d.target_sensitivity})" if d.target_sensitivity else "most accurate on validation)"),
     ]
     if par:

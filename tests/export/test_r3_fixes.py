@@ -207,3 +207,19 @@ def test_float_fallback_ladder_rungs(tmp_path: Path, monkeypatch, n: int, tried:
                                  "cpu", "minmax", never)
     assert not res["passed"]
     assert [len(r["kept_float"]) for r in res["rungs"]] == tried
+
+
+def test_bundle_info_and_the_export_summary_name_the_positive_class(tmp_path: Path,
+                                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    """A binary bundle's operating point targets one class; neither printout said which."""
+    from edgeclf.cli import _print_export, _print_info
+
+    src = _classifier(tmp_path / "user.onnx")
+    m = export_bundle(ExportConfig(out=str(tmp_path / "b"), from_onnx=str(src), labels=LABELS, task="binary", size=28,
+                                   channels=1, data=_folder(tmp_path), positive="malignant"))
+    capsys.readouterr()
+    _print_info(m)
+    info = capsys.readouterr().out
+    assert "positive class malignant" in info, info
+    _print_export(m)
+    assert "positive class malignant" in capsys.readouterr().out
