@@ -417,10 +417,9 @@ def check_results_file(source_uri: str, out: Optional[str], *, append: bool, ove
     if not stat.S_ISREG(st.st_mode) or st.st_size == 0:
         return
     if source_uri.strip().lower().startswith("watch:"):
-        from edgeclf.runtime.watch import STATE_NAME, describe_watch_state, watch_state_counts, watch_state_of
+        from edgeclf.runtime.watch import STATE_NAME, describe_watch_state, watch_state
 
-        state, _ = watch_state_of(source_uri)
-        counts = watch_state_counts(source_uri)
+        state, counts = watch_state(source_uri)
         if counts["with_results"]:  # files that failed at open have no results: replacing the file loses none of theirs
             where = "the state=PATH file" if state else f"{STATE_NAME} in the watched folder"
             raise ConfigError(

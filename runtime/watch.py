@@ -77,7 +77,7 @@ from edgeclf.runtime.sources import (
 )
 
 __all__ = [
-    "WatchFolderSource", "open_watch", "watch_state_of", "watch_state_counts", "describe_watch_state", "STATE_NAME",
+    "WatchFolderSource", "open_watch", "watch_state", "watch_state_of", "watch_state_counts", "describe_watch_state", "STATE_NAME",
     "PARTIAL_SUFFIXES",
 ]
 
@@ -759,6 +759,12 @@ def _state_files(uri: str) -> Tuple[bool, Dict[str, Any]]:
     return bool(given), (files if isinstance(files, dict) else {})
 
 
+def watch_state(uri: str) -> Tuple[bool, Dict[str, int]]:
+    """(whether `uri` names its own state=PATH, `watch_state_counts`), from one read of the state file."""
+    given, files = _state_files(uri)
+    return given, _counts_of(files)
+
+
 def watch_state_counts(uri: str) -> Dict[str, int]:
     """What the state of watched folder `uri` records, read without opening the source or taking its lock:
     `done` files (all frames classified: never handed out again), `failed` ones (could not be decoded: handed out
@@ -766,7 +772,7 @@ def watch_state_counts(uri: str) -> Dict[str, int]:
     resumes after them) and `with_results`, the files of these with a result written (done, or frames
     acknowledged; a file that failed at open has none). All 0 without a state file, or with one that cannot be
     read as a state (opening the source says what is wrong with it)."""
-    return _counts_of(_state_files(uri)[1])
+    return watch_state(uri)[1]
 
 
 def _counts_of(files: Dict[str, Any]) -> Dict[str, int]:
@@ -798,8 +804,7 @@ def watch_state_of(uri: str) -> Tuple[bool, int]:
     """(whether `uri` names its own state=PATH, how many files its state records as handled: done, failed, or with
     frames acknowledged; see `watch_state_counts` for what they are), read without opening the source or taking
     its lock. (False, 0) without a state file, or with one that cannot be read as a state."""
-    given, files = _state_files(uri)
-    counts = _counts_of(files)
+    given, counts = watch_state(uri)
     return given, counts["done"] + counts["failed"] + counts["partial"]
 
 
